@@ -1,0 +1,54 @@
+"""Full and causal attention as token graphs.
+
+``full(n)``: every token attends to every token of its sequence, ``j -> i`` for all ``i, j``.
+``causal(n)``: token ``i`` attends to ``j <= i`` (GPT-style decoder).
+"""
+from __future__ import annotations
+
+import torch
+from torch_geometric import EdgeIndex
+
+from ._common import Lengths, as_lengths, finalize, local_positions
+
+
+def full(n: Lengths) -> EdgeIndex:
+    """All pairs within each sequence, ``sum(L^2)`` edges.
+
+    Example:
+        >>> full(2).tolist()
+        [[0, 1, 0, 1], [0, 0, 1, 1]]
+    """
+    lengths = as_lengths(n)
+    pos, offset, length = local_positions(lengths)  # [N] each
+    dst = torch.repeat_interleave(torch.arange(pos.numel()), length)  # each target repeated L times
+    start = torch.repeat_interleave(offset, length)
+    # j runs over 0..L-1 for each target: position within the repeated block
+    first = torch.repeat_interleave(length.cumsum(0) - length, length)
+    src = start + (torch.arange(dst.numel()) - first)
+    return finalize(src, dst, pos.numel())
+
+
+def full_predicate(i: int, j: int) -> bool:
+    """Predicate twin of :func:`full` on one sequence."""
+    return True
+
+
+def causal(n: Lengths) -> EdgeIndex:
+    """``j -> i`` for ``j <= i`` within each sequence, ``sum(L(L+1)/2)`` edges.
+
+    Example:
+        >>> causal(3).tolist()
+        [[0, 0, 1, 0, 1, 2], [0, 1, 1, 2, 2, 2]]
+    """
+    lengths = as_lengths(n)
+    pos, offset, _ = local_positions(lengths)
+    count = pos + 1  # in-degree of each node
+    dst = torch.repeat_interleave(torch.arange(pos.numel()), count)
+    first = torch.repeat_interleave(count.cumsum(0) - count, count)
+    src = torch.repeat_interleave(offset, count) + (torch.arange(dst.numel()) - first)
+    return finalize(src, dst, pos.numel())
+
+
+def causal_predicate(i: int, j: int) -> bool:
+    """Predicate twin of :func:`causal`."""
+    return j <= i
