@@ -1,0 +1,129 @@
+"""Dense masks <-> token graphs: polarity, padding, round trips, multigraphs, bad input."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch_geometric import EdgeIndex
+
+from gnn_transformer.topology import causal, from_dense_mask, full, is_multigraph, to_dense_mask
+
+
+def test_polarity_mask_i_j_is_edge_j_to_i():
+    ei = torch.tensor([[0], [2]])  # 0 -> 2: query 2 attends to key 0
+    m = to_dense_mask(ei, 3, 3)
+    assert m.shape == (3, 3)
+    assert m[2, 0] and m.sum() == 1
+
+
+def test_causal_is_lower_triangular():
+    m = to_dense_mask(causal(5))
+    assert torch.equal(m, torch.ones(5, 5, dtype=torch.bool).tril())
+
+
+def test_sizes_default_from_edge_index_and_max():
+    ei = EdgeIndex(torch.tensor([[0], [1]]), sparse_size=(4, 3))
+    assert to_dense_mask(ei).shape == (3, 4)
+    assert to_dense_mask(torch.tensor([[3], [1]])).shape == (2, 4)
+    assert to_dense_mask(torch.tensor([[3], [1]]), 5, 6).shape == (6, 5)
+    assert to_dense_mask(torch.empty(2, 0, dtype=torch.long)).shape == (0, 0)
+
+
+@pytest.mark.parametrize("lengths", [[1], [3], [2, 1], [1, 4, 2], [3, 0, 2]])
+@pytest.mark.parametrize("builder", [full, causal])
+def test_padded_mask_per_sequence(lengths, builder):
+    ei = builder(lengths)
+    m = to_dense_mask(ei, lengths=lengths)
+    T = max(lengths)
+    assert m.shape == (len(lengths), T, T)
+    for b, L in enumerate(lengths):
+        assert torch.equal(m[b, :L, :L], to_dense_mask(builder(L)))
+        assert not m[b, L:].any() and not m[b, :, L:].any()
+    batch = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    if 0 not in lengths[:-1] and lengths[-1] != 0:  # a batch vector cannot express empty sequences at the end
+        assert torch.equal(to_dense_mask(ei, batch=batch), m)
+    assert torch.equal(from_dense_mask(m, lengths).as_tensor(), ei.as_tensor())
+
+
+def test_padded_cross_attention_lengths():
+    # two sequences: 2 queries over 3 keys, 1 query over 1 key, full bipartite
+    src = torch.tensor([0, 1, 2, 0, 1, 2, 3])
+    dst = torch.tensor([0, 0, 0, 1, 1, 1, 2])
+    m = to_dense_mask(torch.stack([src, dst]), lengths=[2, 1], src_lengths=[3, 1])
+    assert m.shape == (2, 2, 3)
+    assert m[0].all() and m[1, 0, 0] and m[1].sum() == 1
+    back = from_dense_mask(m, [2, 1], src_lengths=[3, 1])
+    assert back.sparse_size() == (4, 3)
+    assert torch.equal(back.as_tensor(), torch.stack([src, dst]))
+
+
+def test_cross_sequence_edge_refused_for_padded():
+    with pytest.raises(ValueError, match="within one sequence"):
+        to_dense_mask(torch.tensor([[0], [2]]), lengths=[2, 1])
+
+
+def test_multigraph_refused_unless_coalesce():
+    ei = torch.tensor([[0, 0, 1], [1, 1, 1]])
+    assert is_multigraph(ei)
+    with pytest.raises(ValueError, match="coalesce=True"):
+        to_dense_mask(ei)
+    m = to_dense_mask(ei, coalesce=True)
+    assert m.sum() == 2 and m[1, 0] and m[1, 1]
+    assert not is_multigraph(causal(4))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.zeros(3, 2, dtype=torch.long), "shape"),
+    (torch.zeros(2, 2), "integers"),
+    ([[0], [1]], "tensor"),
+])
+def test_bad_edge_index(bad, match):
+    with pytest.raises(ValueError, match=match):
+        to_dense_mask(bad)
+
+
+def test_out_of_range_and_bad_sizes():
+    with pytest.raises(ValueError, match="num_src"):
+        to_dense_mask(torch.tensor([[5], [0]]), 3, 3)
+    with pytest.raises(ValueError, match="num_dst"):
+        to_dense_mask(torch.tensor([[0], [5]]), 3, 3)
+    with pytest.raises(ValueError, match="num_src"):
+        to_dense_mask(torch.tensor([[0], [0]]), -1, 3)
+    with pytest.raises(ValueError, match="lengths"):
+        to_dense_mask(causal(3), lengths=[2, 2])
+    with pytest.raises(ValueError, match="bool"):
+        from_dense_mask(torch.ones(2, 2))
+    with pytest.raises(ValueError, match="shape"):
+        from_dense_mask(torch.ones(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="lengths"):
+        from_dense_mask(torch.ones(2, 3, 3, dtype=torch.bool), [1, 2, 3])
+
+
+def test_from_dense_mask_ignores_padding_entries():
+    m = torch.ones(2, 3, 3, dtype=torch.bool)
+    ei = from_dense_mask(m, [1, 3])
+    assert torch.equal(ei.as_tensor(), full([1, 3]).as_tensor())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 7), st.integers(1, 7), st.integers(0, 2**31 - 1))
+def test_round_trip_random_masks(t_q, t_k, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(t_q, t_k, generator=g) < 0.4
+    ei = from_dense_mask(m)
+    assert isinstance(ei, EdgeIndex) and ei.is_sorted_by_col
+    assert ei.sparse_size() == (t_k, t_q)
+    assert torch.equal(to_dense_mask(ei), m)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=4), st.integers(0, 2**31 - 1))
+def test_round_trip_batched(lengths, seed):
+    T = max(lengths)
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.zeros(len(lengths), T, T, dtype=torch.bool)
+    for b, L in enumerate(lengths):
+        valid[b, :L, :L] = True
+    m = (torch.rand(len(lengths), T, T, generator=g) < 0.5) & valid
+    ei = from_dense_mask(m, lengths)
+    assert ei.sparse_size() == (sum(lengths), sum(lengths))
+    assert torch.equal(to_dense_mask(ei, lengths=lengths), m)
