@@ -1,0 +1,289 @@
+r"""Multi-head attention as message passing on a directed token graph.
+
+An edge ``j -> i`` (``edge_index[0] = j`` the source, ``edge_index[1] = i`` the target) means
+"query ``i`` may attend to key ``j``". For each head ``h``:
+
+.. math::
+
+    s_{ji}^h = \frac{\langle q_i^h, k_j^h \rangle}{\sqrt{d}} + b_{ji}^h, \qquad
+    \alpha_{ji}^h = \frac{\exp s_{ji}^h}{\sum_{j' \in \mathcal{N}(i)} \exp s_{j'i}^h}, \qquad
+    o_i^h = \sum_{j \in \mathcal{N}(i)} \alpha_{ji}^h \, v_j^h
+
+followed by the output projection. A node with no incoming edge aggregates nothing: its attention
+output is zero (never NaN). A duplicated edge is two messages.
+
+Notation: ``N`` nodes (``N_src`` / ``N_dst`` for a bipartite graph), ``E`` edges, ``H`` query heads,
+``H_kv`` key/value heads, ``D`` head dimension, ``C`` = ``embed_dim`` = ``H * D``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric import EdgeIndex
+from torch_geometric.nn import MessagePassing
+from torch_geometric.utils import softmax
+
+BACKENDS = ("auto", "pyg", "fused", "tiled")
+
+
+def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int) -> None:
+    """Validate ``edge_index`` at the public boundary (shape, dtype, range)."""
+    if not isinstance(edge_index, Tensor):
+        raise ValueError(f"Expected 'edge_index' to be a tensor (got {type(edge_index).__name__})")
+    if edge_index.dim() != 2 or edge_index.size(0) != 2:
+        raise ValueError(f"Expected 'edge_index' to have shape [2, E] (got {list(edge_index.shape)})")
+    if edge_index.dtype not in (torch.long, torch.int32, torch.int64):
+        raise ValueError(f"Expected 'edge_index' to hold integers (got dtype {edge_index.dtype})")
+    if edge_index.numel() == 0:
+        return
+    lo = int(edge_index.min())
+    if lo < 0:
+        raise ValueError(f"Expected 'edge_index' to hold non-negative indices (found {lo})")
+    src_max, dst_max = int(edge_index[0].max()), int(edge_index[1].max())
+    if src_max >= num_src:
+        raise ValueError(f"Found source index {src_max} in 'edge_index' but there are only "
+                         f"{num_src} source nodes")
+    if dst_max >= num_dst:
+        raise ValueError(f"Found target index {dst_max} in 'edge_index' but there are only "
+                         f"{num_dst} target nodes")
+
+
+def _check_features(x: Tensor, dim: int, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"Expected '{name}' to be a tensor (got {type(x).__name__})")
+    if x.dim() != 2 or x.size(-1) != dim:
+        raise ValueError(f"Expected '{name}' to have shape [N, {dim}] (got {list(x.shape)})")
+
+
+class GraphMultiheadAttention(MessagePassing):
+    r"""Multi-head attention over the incoming edges of each node of a token graph.
+
+    Constructor and parameter names mirror :class:`torch.nn.MultiheadAttention`, so
+    ``layer.load_state_dict(mha.state_dict())`` and the reverse both work (when
+    ``num_kv_heads == num_heads``): ``in_proj_weight`` ``[3C, C]`` (or ``q_proj_weight``,
+    ``k_proj_weight``, ``v_proj_weight`` when ``kdim``/``vdim`` differ from ``embed_dim``),
+    ``in_proj_bias`` ``[3C]`` and ``out_proj``.
+
+    Args:
+        embed_dim: model dimension ``C``.
+        num_heads: number of query heads ``H``; ``embed_dim`` must be divisible by it.
+        dropout: dropout probability on the attention weights (training only). Default ``0.0``.
+        bias: add bias to the input and output projections. Default ``True``.
+        kdim: feature size of the nodes supplying keys. Default ``embed_dim``.
+        vdim: feature size of the nodes supplying values. Default ``embed_dim``.
+        num_kv_heads: key/value heads ``H_kv`` (grouped-query attention; ``1`` is multi-query).
+            ``num_heads`` must be divisible by it. Default ``num_heads``.
+        backend: ``"auto"`` (default), ``"pyg"`` (readable per-edge message passing), ``"fused"``
+            or ``"tiled"`` (kernels of :mod:`gnn_transformer.kernels`, never ``[E, H, D]``).
+
+    Example:
+        >>> import torch
+        >>> from gnn_transformer import GraphMultiheadAttention
+        >>> from gnn_transformer.topology import causal
+        >>> attn = GraphMultiheadAttention(8, 2)
+        >>> out, alpha = attn(torch.randn(3, 8), causal(3), return_attention_weights=True)
+        >>> out.shape, alpha.shape   # 6 causal edges on 3 tokens, 2 heads
+        (torch.Size([3, 8]), torch.Size([6, 2]))
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 kdim: int | None = None, vdim: int | None = None, *,
+                 num_kv_heads: int | None = None, backend: str = "auto",
+                 device=None, dtype=None) -> None:
+        super().__init__(aggr="sum", node_dim=0)
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"Expected '{name}' to be a positive int (got {value!r})")
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"Expected 'embed_dim' ({embed_dim}) to be divisible by "
+                             f"'num_heads' ({num_heads})")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads <= 0:
+            raise ValueError(f"Expected 'num_kv_heads' to be a positive int (got {num_kv_heads!r})")
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"Expected 'num_heads' ({num_heads}) to be divisible by "
+                             f"'num_kv_heads' ({num_kv_heads})")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"Expected 'dropout' in [0, 1) (got {dropout})")
+        if backend not in BACKENDS:
+            raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {backend!r})")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.kdim = embed_dim if kdim is None else kdim
+        self.vdim = embed_dim if vdim is None else vdim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = dropout
+        self.backend = backend
+        kv_dim = num_kv_heads * self.head_dim
+
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, embed_dim, **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(kv_dim, self.kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(kv_dim, self.vdim, **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self._reset_attention_parameters()
+
+    def _reset_attention_parameters(self) -> None:
+        # Same initialization as nn.MultiheadAttention._reset_parameters.
+        if self._qkv_same_embed_dim:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            nn.init.xavier_uniform_(self.q_proj_weight)
+            nn.init.xavier_uniform_(self.k_proj_weight)
+            nn.init.xavier_uniform_(self.v_proj_weight)
+        if self.in_proj_bias is not None:
+            nn.init.constant_(self.in_proj_bias, 0.0)
+            nn.init.constant_(self.out_proj.bias, 0.0)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self.out_proj.reset_parameters()
+        self._reset_attention_parameters()
+
+    # ------------------------------------------------------------------ projections
+    def projection_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The query, key and value projection matrices ``[C, C]``, ``[H_kv D, kdim]``, ``[H_kv D, vdim]``."""
+        if self._qkv_same_embed_dim:
+            kv_dim = self.num_kv_heads * self.head_dim
+            return self.in_proj_weight.split([self.embed_dim, kv_dim, kv_dim], dim=0)
+        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+
+    def projection_biases(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The query, key and value projection biases (or ``None``)."""
+        if self.in_proj_bias is None:
+            return None, None, None
+        kv_dim = self.num_kv_heads * self.head_dim
+        return self.in_proj_bias.split([self.embed_dim, kv_dim, kv_dim], dim=0)
+
+    def project(self, x_query: Tensor, x_key: Tensor, x_value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-head queries ``[N_dst, H, D]``, keys and values ``[N_src, H_kv, D]``."""
+        w_q, w_k, w_v = self.projection_weights()
+        b_q, b_k, b_v = self.projection_biases()
+        query = F.linear(x_query, w_q, b_q).view(-1, self.num_heads, self.head_dim)  # [N_dst, H, D]
+        key = F.linear(x_key, w_k, b_k).view(-1, self.num_kv_heads, self.head_dim)  # [N_src, H_kv, D]
+        value = F.linear(x_value, w_v, b_v).view(-1, self.num_kv_heads, self.head_dim)  # [N_src, H_kv, D]
+        return query, key, value
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor | tuple[Tensor, Tensor], edge_index: Tensor, *,
+                value: Tensor | None = None, edge_bias: Tensor | None = None,
+                return_attention_weights: bool = False, backend: str | None = None):
+        r"""Attend along the edges of ``edge_index``.
+
+        Args:
+            x: node features ``[N, C]``, or a pair ``(x_src, x_dst)`` for cross-attention on a
+                bipartite graph (``x_src`` ``[N_src, kdim]`` supplies keys and values, ``x_dst``
+                ``[N_dst, C]`` supplies queries).
+            edge_index: ``[2, E]`` (plain tensor or ``torch_geometric.EdgeIndex``), row 0 the
+                source ``j``, row 1 the target ``i``.
+            value: optional value features of the source nodes ``[N_src, vdim]`` when they differ
+                from the key features (``nn.MultiheadAttention`` with separate key and value).
+            edge_bias: ``[E, H]`` added to the scaled scores before the softmax (ALiBi, graph
+                biases), in the order of ``edge_index``'s columns.
+            return_attention_weights: also return the attention weights per edge ``[E, H]``.
+            backend: override the layer's backend for this call.
+
+        Returns:
+            ``out`` ``[N_dst, C]``, and ``alpha`` ``[E, H]`` when ``return_attention_weights``.
+        """
+        x_src, x_dst = (x, x) if isinstance(x, Tensor) else tuple(x)
+        _check_features(x_dst, self.embed_dim, "x" if isinstance(x, Tensor) else "x[1]")
+        _check_features(x_src, self.kdim, "x" if isinstance(x, Tensor) else "x[0]")
+        if value is not None:
+            _check_features(value, self.vdim, "value")
+            if value.size(0) != x_src.size(0):
+                raise ValueError(f"Expected 'value' to have {x_src.size(0)} rows, one per source node "
+                                 f"(got {value.size(0)})")
+        elif self.vdim != self.kdim:
+            raise ValueError(f"The layer has vdim={self.vdim} != kdim={self.kdim}: pass the value "
+                             "features with 'value='")
+        num_src, num_dst = x_src.size(0), x_dst.size(0)
+        check_edge_index(edge_index, num_src, num_dst)
+        if edge_bias is not None:
+            expected = [edge_index.size(1), self.num_heads]
+            if not isinstance(edge_bias, Tensor) or list(edge_bias.shape) != expected:
+                got = list(edge_bias.shape) if isinstance(edge_bias, Tensor) else type(edge_bias).__name__
+                raise ValueError(f"Expected 'edge_bias' to have shape {expected} (got {got})")
+
+        query, key, value_h = self.project(x_dst, x_src, x_src if value is None else value)
+        out, alpha = self.attend(query, key, value_h, edge_index, edge_bias=edge_bias,
+                                 need_weights=return_attention_weights, backend=backend)
+        out = self.out_proj(out.reshape(num_dst, self.embed_dim))  # [N_dst, C]
+        return (out, alpha) if return_attention_weights else out
+
+    def resolve_backend(self, edge_index: Tensor, device: torch.device, backend: str | None = None) -> str:
+        """The backend one call will use: ``"pyg"`` whenever attention dropout is active."""
+        backend = self.backend if backend is None else backend
+        if backend not in BACKENDS:
+            raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {backend!r})")
+        dropout_active = self.training and self.dropout > 0.0
+        if backend == "pyg" or (backend == "auto" and dropout_active):
+            return "pyg"
+        if dropout_active:
+            raise ValueError(f"backend={backend!r} has no attention dropout: use backend='pyg' or "
+                             f"'auto' while training with dropout={self.dropout}")
+        if backend == "auto":
+            from . import kernels  # lazy: the kernels sit below this layer
+            return kernels.choose_backend(edge_index, device)
+        return backend
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *,
+               edge_bias: Tensor | None = None, need_weights: bool = False,
+               backend: str | None = None) -> tuple[Tensor, Tensor | None]:
+        """Attention on already projected heads: ``[N_dst, H, D]`` out, optional ``[E, H]`` weights.
+
+        The one hook between the readable message-passing path and the fused kernels.
+        """
+        backend = self.resolve_backend(edge_index, query.device, backend)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        size = (key.size(0), query.size(0))
+        if backend == "pyg":
+            group = self.num_heads // self.num_kv_heads
+            key = key.repeat_interleave(group, dim=1)  # [N_src, H, D]
+            value = value.repeat_interleave(group, dim=1)  # [N_src, H, D]
+            alpha = self.edge_updater(edge_index, query=query, key=key, edge_bias=edge_bias,
+                                      scale=scale, size=size)  # [E, H]
+            weights = alpha
+            alpha = F.dropout(alpha, p=self.dropout, training=self.training)
+            out = self.propagate(edge_index, value=value, alpha=alpha, size=size)  # [N_dst, H, D]
+            return out, (weights if need_weights else None)
+
+        from . import kernels
+        out, lse = kernels.attend(query, key, value, edge_index, scale=scale, edge_bias=edge_bias,
+                                  backend=backend, num_dst=query.size(0), return_lse=True)
+        weights = None
+        if need_weights:
+            weights = kernels.edge_weights(query, key, edge_index, lse, scale=scale,
+                                           edge_bias=edge_bias)
+        return out, weights
+
+    # ------------------------------------------------------------------ message passing
+    def edge_update(self, query_i: Tensor, key_j: Tensor, edge_bias: Tensor | None, scale: float,
+                    index: Tensor, ptr: Tensor | None, size_i: int | None) -> Tensor:
+        alpha = (query_i * key_j).sum(dim=-1) * scale  # [E, H]
+        if edge_bias is not None:
+            alpha = alpha + edge_bias
+        return softmax(alpha, index, ptr, size_i)  # [E, H], sums to 1 over each target's edges
+
+    def message(self, value_j: Tensor, alpha: Tensor) -> Tensor:
+        return alpha.unsqueeze(-1) * value_j  # [E, H, D]
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.embed_dim}, num_heads={self.num_heads}, "
+                f"num_kv_heads={self.num_kv_heads}, backend={self.backend!r})")

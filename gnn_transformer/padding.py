@@ -1,0 +1,66 @@
+"""Between padded batches ``[B, T, ...]`` and the node features of one disjoint-union graph.
+
+A batch of variable-length sequences is one graph whose nodes are the real tokens, sequence after
+sequence; padding positions are simply absent. ``lengths`` is a list (or 1-D tensor) of ``B``
+sequence lengths.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _lengths_tensor(lengths: Sequence[int] | Tensor, batch_size: int | None, max_len: int | None,
+                    device) -> Tensor:
+    lengths = torch.as_tensor(lengths, dtype=torch.long, device=device).reshape(-1)
+    if lengths.numel() and int(lengths.min()) < 0:
+        raise ValueError(f"Expected 'lengths' to be non-negative (got {lengths.tolist()})")
+    if batch_size is not None and lengths.numel() != batch_size:
+        raise ValueError(f"Expected {batch_size} entries in 'lengths', one per sequence "
+                         f"(got {lengths.numel()})")
+    if max_len is not None and lengths.numel() and int(lengths.max()) > max_len:
+        raise ValueError(f"Found length {int(lengths.max())} in 'lengths' but the padded tensor has "
+                         f"only {max_len} positions")
+    return lengths
+
+
+def padding_mask(lengths: Sequence[int] | Tensor, max_len: int | None = None, device=None) -> Tensor:
+    """Boolean ``[B, T]``, ``True`` at real tokens (the opposite of ``key_padding_mask``)."""
+    lengths = _lengths_tensor(lengths, None, max_len, device)
+    t = int(lengths.max()) if max_len is None and lengths.numel() else (max_len or 0)
+    return torch.arange(t, device=lengths.device) < lengths.unsqueeze(1)  # [B, T]
+
+
+def from_padded(x: Tensor, lengths: Sequence[int] | Tensor) -> Tensor:
+    """Padded ``[B, T, ...]`` to node features ``[sum(lengths), ...]`` (padding dropped).
+
+    Example:
+        >>> x = torch.arange(6.).view(2, 3)
+        >>> from_padded(x, [2, 1])
+        tensor([0., 1., 3.])
+    """
+    if x.dim() < 2:
+        raise ValueError(f"Expected 'x' to be padded [B, T, ...] (got shape {list(x.shape)})")
+    mask = padding_mask(_lengths_tensor(lengths, x.size(0), x.size(1), x.device), x.size(1))
+    return x[mask]  # [N, ...], row-major: sequence after sequence
+
+
+def to_padded(x: Tensor, lengths: Sequence[int] | Tensor, max_len: int | None = None,
+              fill_value: float = 0.0) -> Tensor:
+    """Node features ``[sum(lengths), ...]`` to padded ``[B, T, ...]`` filled with ``fill_value``.
+
+    Example:
+        >>> to_padded(torch.tensor([0., 1., 3.]), [2, 1])
+        tensor([[0., 1.],
+                [3., 0.]])
+    """
+    lengths = _lengths_tensor(lengths, None, max_len, x.device)
+    if int(lengths.sum()) != x.size(0):
+        raise ValueError(f"Expected 'x' to have sum(lengths) = {int(lengths.sum())} rows "
+                         f"(got {x.size(0)})")
+    mask = padding_mask(lengths, max_len, x.device)  # [B, T]
+    out = x.new_full((*mask.shape, *x.shape[1:]), fill_value)
+    out[mask] = x
+    return out
