@@ -26,6 +26,8 @@ from torch_geometric import EdgeIndex
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import softmax
 
+from .position import RotaryEmbedding
+
 BACKENDS = ("auto", "pyg", "fused", "tiled")
 
 
@@ -78,6 +80,9 @@ class GraphMultiheadAttention(MessagePassing):
             ``num_heads`` must be divisible by it. Default ``num_heads``.
         backend: ``"auto"`` (default), ``"pyg"`` (readable per-edge message passing), ``"fused"``
             or ``"tiled"`` (kernels of :mod:`gnn_transformer.kernels`, never ``[E, H, D]``).
+        rope: rotate queries and keys by the position of their node (RoPE, Su et al. 2021) between
+            the projections and the attention; ``forward`` then needs ``pos``. Default ``False``.
+        rope_base: the base of the rotary frequencies. Default ``10000.0``.
 
     Example:
         >>> import torch
@@ -92,6 +97,7 @@ class GraphMultiheadAttention(MessagePassing):
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  kdim: int | None = None, vdim: int | None = None, *,
                  num_kv_heads: int | None = None, backend: str = "auto",
+                 rope: bool = False, rope_base: float = 10000.0,
                  device=None, dtype=None) -> None:
         super().__init__(aggr="sum", node_dim=0)
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
@@ -137,6 +143,9 @@ class GraphMultiheadAttention(MessagePassing):
         else:
             self.register_parameter("in_proj_bias", None)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        if rope and self.head_dim % 2 != 0:
+            raise ValueError(f"Expected an even head dimension for 'rope' (got {self.head_dim})")
+        self.rotary = RotaryEmbedding(self.head_dim, base=rope_base) if rope else None
         self._reset_attention_parameters()
 
     def _reset_attention_parameters(self) -> None:
@@ -171,18 +180,52 @@ class GraphMultiheadAttention(MessagePassing):
         kv_dim = self.num_kv_heads * self.head_dim
         return self.in_proj_bias.split([self.embed_dim, kv_dim, kv_dim], dim=0)
 
-    def project(self, x_query: Tensor, x_key: Tensor, x_value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-head queries ``[N_dst, H, D]``, keys and values ``[N_src, H_kv, D]``."""
-        w_q, w_k, w_v = self.projection_weights()
-        b_q, b_k, b_v = self.projection_biases()
-        query = F.linear(x_query, w_q, b_q).view(-1, self.num_heads, self.head_dim)  # [N_dst, H, D]
+    def project_query(self, x_query: Tensor) -> Tensor:
+        """Per-head queries ``[N_dst, H, D]``."""
+        w_q, _, _ = self.projection_weights()
+        b_q, _, _ = self.projection_biases()
+        return F.linear(x_query, w_q, b_q).view(-1, self.num_heads, self.head_dim)  # [N_dst, H, D]
+
+    def project_key_value(self, x_key: Tensor, x_value: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-head keys and values ``[N_src, H_kv, D]``."""
+        _, w_k, w_v = self.projection_weights()
+        _, b_k, b_v = self.projection_biases()
         key = F.linear(x_key, w_k, b_k).view(-1, self.num_kv_heads, self.head_dim)  # [N_src, H_kv, D]
         value = F.linear(x_value, w_v, b_v).view(-1, self.num_kv_heads, self.head_dim)  # [N_src, H_kv, D]
-        return query, key, value
+        return key, value
+
+    def project(self, x_query: Tensor, x_key: Tensor, x_value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-head queries ``[N_dst, H, D]``, keys and values ``[N_src, H_kv, D]``."""
+        return (self.project_query(x_query), *self.project_key_value(x_key, x_value))
+
+    def rotate(self, heads: Tensor, pos: Tensor | None, name: str = "pos") -> Tensor:
+        """Queries or keys ``[N, H, D]`` rotated by their node's position (identity without RoPE)."""
+        if self.rotary is None:
+            return heads
+        if not isinstance(pos, Tensor) or pos.dim() != 1 or pos.size(0) != heads.size(0):
+            got = list(pos.shape) if isinstance(pos, Tensor) else pos
+            raise ValueError(f"Expected '{name}' to hold one position per node, shape "
+                             f"[{heads.size(0)}] (got {got}); the layer uses RoPE")
+        return self.rotary(heads, pos)
+
+    def key_value(self, x_src: Tensor, *, value: Tensor | None = None,
+                  pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Keys (rotated when the layer uses RoPE) and values ``[N_src, H_kv, D]`` of source nodes.
+
+        What ``forward(..., kv=...)`` takes: keys and values computed once and reused by several
+        layers (cross-layer sharing) or kept in a cache while decoding.
+        """
+        _check_features(x_src, self.kdim, "x_src")
+        if value is not None:
+            _check_features(value, self.vdim, "value")
+        key, value_h = self.project_key_value(x_src, x_src if value is None else value)
+        return self.rotate(key, pos), value_h
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor | tuple[Tensor, Tensor], edge_index: Tensor, *,
                 value: Tensor | None = None, edge_bias: Tensor | None = None,
+                pos: Tensor | tuple[Tensor, Tensor] | None = None,
+                kv: tuple[Tensor, Tensor] | None = None,
                 return_attention_weights: bool = False, backend: str | None = None):
         r"""Attend along the edges of ``edge_index``.
 
@@ -196,12 +239,20 @@ class GraphMultiheadAttention(MessagePassing):
                 from the key features (``nn.MultiheadAttention`` with separate key and value).
             edge_bias: ``[E, H]`` added to the scaled scores before the softmax (ALiBi, graph
                 biases), in the order of ``edge_index``'s columns.
+            pos: positions of the nodes for RoPE: ``[N]``, or a pair ``(pos_src, pos_dst)`` for a
+                bipartite graph (only ``pos_dst`` with ``kv``). Required iff the layer uses RoPE.
+            kv: precomputed ``(key, value)`` of the source nodes, ``[N_src, H_kv, D]`` each (see
+                :meth:`key_value`); ``x`` then holds only the query nodes ``[N_dst, C]``.
             return_attention_weights: also return the attention weights per edge ``[E, H]``.
             backend: override the layer's backend for this call.
 
         Returns:
             ``out`` ``[N_dst, C]``, and ``alpha`` ``[E, H]`` when ``return_attention_weights``.
         """
+        if kv is not None:
+            return self._forward_kv(x, edge_index, kv, edge_bias=edge_bias, pos=pos,
+                                    return_attention_weights=return_attention_weights,
+                                    backend=backend)
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else tuple(x)
         _check_features(x_dst, self.embed_dim, "x" if isinstance(x, Tensor) else "x[1]")
         _check_features(x_src, self.kdim, "x" if isinstance(x, Tensor) else "x[0]")
@@ -215,14 +266,52 @@ class GraphMultiheadAttention(MessagePassing):
                              "features with 'value='")
         num_src, num_dst = x_src.size(0), x_dst.size(0)
         check_edge_index(edge_index, num_src, num_dst)
+        self._check_edge_bias(edge_bias, edge_index)
+
+        query, key, value_h = self.project(x_dst, x_src, x_src if value is None else value)
+        if self.rotary is not None:
+            pos_src, pos_dst = (pos, pos) if isinstance(x, Tensor) or pos is None else tuple(pos)
+            query = self.rotate(query, pos_dst, "pos" if isinstance(x, Tensor) else "pos[1]")
+            key = self.rotate(key, pos_src, "pos" if isinstance(x, Tensor) else "pos[0]")
+        return self._attend_and_project(query, key, value_h, edge_index, edge_bias,
+                                        return_attention_weights, backend)
+
+    def _forward_kv(self, x: Tensor, edge_index: Tensor, kv: tuple[Tensor, Tensor], *,
+                    edge_bias: Tensor | None, pos: Tensor | None, return_attention_weights: bool,
+                    backend: str | None):
+        """``forward`` with the sources' keys and values given: only the queries are projected."""
+        if not isinstance(x, Tensor):
+            raise ValueError("Expected 'x' to be the query features [N_dst, C] when 'kv' is given "
+                             f"(got {type(x).__name__})")
+        _check_features(x, self.embed_dim, "x")
+        key, value_h = kv
+        expected = [self.num_kv_heads, self.head_dim]
+        for name, t in (("kv[0]", key), ("kv[1]", value_h)):
+            if not isinstance(t, Tensor) or t.dim() != 3 or list(t.shape[1:]) != expected:
+                got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"Expected '{name}' to have shape [N_src, {expected[0]}, "
+                                 f"{expected[1]}] (got {got})")
+        if key.size(0) != value_h.size(0):
+            raise ValueError(f"Expected 'kv' keys and values for the same {key.size(0)} source "
+                             f"nodes (got {value_h.size(0)} values)")
+        check_edge_index(edge_index, key.size(0), x.size(0))
+        self._check_edge_bias(edge_bias, edge_index)
+        query = self.rotate(self.project_query(x), pos)
+        return self._attend_and_project(query, key, value_h, edge_index, edge_bias,
+                                        return_attention_weights, backend)
+
+    def _check_edge_bias(self, edge_bias: Tensor | None, edge_index: Tensor) -> None:
         if edge_bias is not None:
             expected = [edge_index.size(1), self.num_heads]
             if not isinstance(edge_bias, Tensor) or list(edge_bias.shape) != expected:
                 got = list(edge_bias.shape) if isinstance(edge_bias, Tensor) else type(edge_bias).__name__
                 raise ValueError(f"Expected 'edge_bias' to have shape {expected} (got {got})")
 
-        query, key, value_h = self.project(x_dst, x_src, x_src if value is None else value)
-        out, alpha = self.attend(query, key, value_h, edge_index, edge_bias=edge_bias,
+    def _attend_and_project(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor,
+                            edge_bias: Tensor | None, return_attention_weights: bool,
+                            backend: str | None):
+        num_dst = query.size(0)
+        out, alpha = self.attend(query, key, value, edge_index, edge_bias=edge_bias,
                                  need_weights=return_attention_weights, backend=backend)
         out = self.out_proj(out.reshape(num_dst, self.embed_dim))  # [N_dst, C]
         return (out, alpha) if return_attention_weights else out
@@ -286,4 +375,5 @@ class GraphMultiheadAttention(MessagePassing):
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.embed_dim}, num_heads={self.num_heads}, "
-                f"num_kv_heads={self.num_kv_heads}, backend={self.backend!r})")
+                f"num_kv_heads={self.num_kv_heads}, backend={self.backend!r}"
+                f"{', rope=True' if self.rotary is not None else ''})")
