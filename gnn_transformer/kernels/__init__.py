@@ -1,0 +1,283 @@
+"""Fast attention on token graphs: softmax over each target's incoming edges, never ``[E, H, D]``.
+
+For every target ``i`` with incoming edges ``j -> i``::
+
+    s_ji = scale * q_i . k_j + b_ji,   lse_i = log sum_j exp(s_ji),   out_i = sum_j exp(s_ji - lse_i) v_j
+
+and ``out_i = 0``, ``lse_i = -inf`` for a target without edges. Backends:
+
+- ``"fused"``: over the target-sorted CSR. On the GPU a Triton kernel with online softmax (backward
+  from the saved log-sum-exp, ``dK`` / ``dV`` over the source-sorted CSC, no atomics); elsewhere
+  sparse CSR products one head and one chunk of rows at a time (:mod:`.chunked`).
+- ``"tiled"``: the edge set as (query block, key block) tiles with per-tile masks, FlashAttention
+  style (:mod:`.tiling`, :mod:`.tiled_torch`, :mod:`.triton_tiled`).
+- ``"split"``: the densely filled tiles through ``tiled``, the remaining edges through ``fused``,
+  merged exactly through their log-sum-exps (:mod:`.merge`).
+- ``"auto"``: one of the above by device and block fill (:func:`choose_backend`).
+
+Example:
+    >>> import torch
+    >>> from gnn_transformer.topology import causal
+    >>> q, k, v = torch.randn(3, 2, 4), torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    >>> out = attend(q, k, v, causal(3), scale=0.5, backend="fused")
+    >>> torch.allclose(out[0], v[0])  # token 0 attends only to itself
+    True
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._graph import CSRGraph, clear_cache, prepare
+from .chunked import DEFAULT_MAX_EDGES, chunked_attention
+from .merge import merge_partials
+from .reference import attend_reference
+from .tiled_torch import DEFAULT_MAX_CELLS, tiled_attention
+from .tiling import TileList, build_tiles, tile_bias, tile_stats
+
+BACKENDS = ("auto", "fused", "tiled", "split")
+IMPLS = (None, "torch", "triton")
+
+# Cost of a tile cell relative to one edge of the fused path (per head and channel): a tile whose
+# fill (edges / cells) is at least this ratio is cheaper tiled. Measured with
+# benchmarks/bench_attention.py --calibrate (see docs/kernels.md).
+TILE_COST = {"cpu": 0.12, "cuda": 0.06}
+BLOCK_SIZE = {"cpu": 64, "cuda": 64}
+MERGE_COST_PER_NODE = 4.0  # the merge of two partial results, in edges per target
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can run (Triton importable; CPU tensors need ``TRITON_INTERPRET=1``)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _ratio(device_type: str, tile_cost: float | None) -> float:
+    return TILE_COST.get(device_type, TILE_COST["cuda"]) if tile_cost is None else float(tile_cost)
+
+
+def _device_type(device) -> str:
+    return torch.device(device).type if not isinstance(device, torch.device) else device.type
+
+
+def _use_triton(device: torch.device, impl: str | None) -> bool:
+    if impl is None:
+        return device.type == "cuda" and triton_available()
+    if impl == "triton" and not triton_available():
+        raise ValueError("impl='triton' needs the 'triton' package (pip install triton)")
+    return impl == "triton"
+
+
+def _sizes(edge_index: Tensor) -> tuple[int, int]:
+    size = edge_index.sparse_size() if callable(getattr(edge_index, "sparse_size", None)) else (None, None)
+    plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+    n_src = size[0] if size[0] is not None else (int(plain[0].max()) + 1 if plain.numel() else 0)
+    n_dst = size[1] if size[1] is not None else (int(plain[1].max()) + 1 if plain.numel() else 0)
+    return n_src, n_dst
+
+
+def _dense_tiles(graph: CSRGraph, block: int, ratio: float) -> Tensor:
+    """``[T]`` flags of the tiles (of :func:`tile_stats`) filled to at least ``ratio``."""
+    _, _, count = tile_stats(graph, block, block)  # [T]
+    return count.double() >= ratio * float(block * block)
+
+
+def _plan(graph: CSRGraph, device_type: str, block: int | None = None,
+          tile_cost: float | None = None) -> tuple[str, Tensor | None]:
+    """``(backend, dense tile flags or None)`` by the cost model ``TILE_COST``; cached."""
+    block = BLOCK_SIZE.get(device_type, 64) if block is None else block
+    ratio = _ratio(device_type, tile_cost)
+    cache_key = ("plan", block, ratio)
+    if cache_key in graph.extras:
+        return graph.extras[cache_key]
+    num_edges = graph.num_edges
+    if num_edges == 0:
+        plan = ("fused", None)
+    else:
+        _, _, count = tile_stats(graph, block, block)  # [T]
+        cells = float(block * block)
+        dense = _dense_tiles(graph, block, ratio)  # [T]
+        n_dense = int(dense.sum())
+        edges_dense = int(count[dense].sum()) if n_dense else 0
+        cost_fused = float(num_edges)
+        cost_tiled = count.numel() * cells * ratio
+        cost_split = n_dense * cells * ratio + (num_edges - edges_dense) + MERGE_COST_PER_NODE * graph.num_dst
+        best = min(cost_fused, cost_tiled, cost_split)
+        if best == cost_fused or n_dense == 0:
+            plan = ("fused", None)
+        elif best == cost_tiled or n_dense == count.numel():
+            plan = ("tiled", None)
+        else:
+            plan = ("split", dense)
+    graph.extras[cache_key] = plan
+    return plan
+
+
+def choose_backend(edge_index: Tensor, device, *, block_size: int | None = None,
+                   tile_cost: float | None = None) -> str:
+    """The backend ``"auto"`` runs for this graph on ``device``: ``"fused"``, ``"tiled"`` or ``"split"``.
+
+    A tile of ``B × B`` cells costs ``tile_cost · B²`` edge-equivalents whatever its fill; the
+    choice minimizes the total over: all edges fused, all tiles tiled, or dense tiles tiled plus
+    the remaining edges fused (plus a merge). Cached on the graph.
+    """
+    n_src, n_dst = _sizes(edge_index)
+    graph = prepare(edge_index, n_src, n_dst)
+    return _plan(graph, _device_type(device), block_size, tile_cost)[0]
+
+
+def _check_inputs(query, key, value, edge_bias, backend, num_dst, impl):
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"Expected '{name}' of shape [N, H, D] (got {shape})")
+    if key.shape != value.shape:
+        raise ValueError(f"Expected 'key' and 'value' of one shape (got {list(key.shape)} and {list(value.shape)})")
+    if key.size(-1) != query.size(-1):
+        raise ValueError(f"Expected one head dimension for 'query' and 'key' (got {query.size(-1)} and {key.size(-1)})")
+    if key.size(1) == 0 or query.size(1) % key.size(1) != 0:
+        raise ValueError(f"Expected the query heads ({query.size(1)}) to be a multiple of the key/value heads ({key.size(1)})")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"Expected one dtype for query/key/value (got {query.dtype}, {key.dtype}, {value.dtype})")
+    if backend not in BACKENDS:
+        raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {backend!r})")
+    if impl not in IMPLS:
+        raise ValueError(f"Expected 'impl' to be one of {IMPLS} (got {impl!r})")
+    if num_dst is not None and num_dst != query.size(0):
+        raise ValueError(f"'num_dst' is {num_dst} but 'query' has {query.size(0)} rows")
+
+
+def _sub_graph(graph: CSRGraph, edge_ids: Tensor) -> CSRGraph:
+    """The edges ``edge_ids`` (sorted positions) as a graph of their own, still target-sorted."""
+    src, dst = graph.src[edge_ids], graph.dst[edge_ids]
+    rowptr = torch.zeros(graph.num_dst + 1, dtype=torch.long, device=src.device)
+    rowptr[1:] = torch.bincount(dst, minlength=graph.num_dst).cumsum(0)
+    return CSRGraph(graph.num_src, graph.num_dst, src, dst, rowptr, None)
+
+
+def _fused(q, k, v, bias, graph: CSRGraph, scale, use_triton, max_edges):
+    if use_triton:
+        from .triton_csr import csr_attention
+        return csr_attention(q, k, v, bias, graph, scale)
+    return chunked_attention(q, k, v, bias, graph, scale, max_edges)
+
+
+def _tiled(q, k, v, bias, tiles: TileList, scale, use_triton, max_cells):
+    tb = tile_bias(tiles, None if bias is None else bias[tiles.edge_ids], q.size(1),
+                   torch.float64 if q.dtype == torch.float64 else torch.float32)
+    if use_triton:
+        from .triton_tiled import tiled_triton_attention
+        return tiled_triton_attention(q, k, v, tiles, tb, scale)
+    return tiled_attention(q, k, v, tiles, tb, scale, max_cells)
+
+
+def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, scale: float,
+           edge_bias: Tensor | None = None, backend: str = "auto", num_dst: int | None = None,
+           return_lse: bool = False, impl: str | None = None, block_size: int | None = None,
+           tile_cost: float | None = None, max_edges: int = DEFAULT_MAX_EDGES,
+           max_cells: int = DEFAULT_MAX_CELLS):
+    """Attention over the edges ``j -> i`` of ``edge_index``, without per-edge messages.
+
+    Args:
+        query: ``[N_dst, H, D]``.
+        key, value: ``[N_src, H_kv, D]``; query head ``h`` uses key/value head ``h // (H // H_kv)``.
+        edge_index: ``[2, E]``, row 0 the source ``j``, row 1 the target ``i``: an ``EdgeIndex``
+            sorted by column, or any ``LongTensor`` (sorted here; the sort is cached per tensor).
+        scale: factor of ``q . k`` (usually ``1 / sqrt(D)``).
+        edge_bias: ``[E, H]`` added to the scaled scores, aligned with ``edge_index``'s columns.
+        backend: ``"auto"`` (default), ``"fused"``, ``"tiled"`` or ``"split"``.
+        num_dst: number of targets, if given it must equal ``query.size(0)``.
+        return_lse: also return the log-sum-exp ``[N_dst, H]`` (float32, float64 for float64
+            inputs; ``-inf`` on empty rows).
+        impl: ``None`` (Triton on CUDA when installed, PyTorch otherwise), ``"torch"``, or
+            ``"triton"`` (also on CPU tensors under ``TRITON_INTERPRET=1``, for tests).
+        block_size: tile size of ``tiled`` / ``split`` (default by device: ``BLOCK_SIZE``).
+        tile_cost: cost of a tile cell relative to an edge (default by device: ``TILE_COST``);
+            ``split`` tiles the tiles filled to at least this ratio.
+        max_edges, max_cells: memory bounds of one chunk of the PyTorch paths.
+
+    Returns:
+        ``out [N_dst, H, D]`` in ``query``'s dtype, and ``lse`` when ``return_lse``.
+        Differentiable w.r.t. query, key, value and edge_bias; empty rows give zeros.
+
+    Example:
+        >>> import torch
+        >>> from gnn_transformer.topology import full
+        >>> q, k, v = torch.randn(4, 2, 8), torch.randn(4, 1, 8), torch.randn(4, 1, 8)
+        >>> out, lse = attend(q, k, v, full(4), scale=8 ** -0.5, return_lse=True)
+        >>> out.shape, lse.shape
+        (torch.Size([4, 2, 8]), torch.Size([4, 2]))
+    """
+    _check_inputs(query, key, value, edge_bias, backend, num_dst, impl)
+    graph = prepare(edge_index, key.size(0), query.size(0))
+    if edge_index.device != query.device or key.device != query.device or value.device != query.device:
+        raise ValueError(f"Expected query, key, value and edge_index on one device (got {query.device}, "
+                         f"{key.device}, {value.device}, {edge_index.device})")
+    bias = None
+    if edge_bias is not None:
+        if edge_bias.shape != (graph.num_edges, query.size(1)):
+            raise ValueError(f"Expected 'edge_bias' of shape [E, H] = [{graph.num_edges}, {query.size(1)}] "
+                             f"(got {list(edge_bias.shape)})")
+        bias = edge_bias if graph.perm is None else edge_bias[graph.perm]  # [E, H], target-sorted
+    use_triton = _use_triton(query.device, impl)
+    device_type = query.device.type
+    block = BLOCK_SIZE.get(device_type, 64) if block_size is None else block_size
+    dense = None
+    if backend == "auto":
+        backend, dense = _plan(graph, device_type, block, tile_cost)
+    if backend == "fused":
+        out, lse = _fused(query, key, value, bias, graph, scale, use_triton, max_edges)
+    elif backend == "tiled":
+        tiles = graph.extras.get(("tiles", block, block))
+        if tiles is None:
+            tiles = graph.extras[("tiles", block, block)] = build_tiles(graph, block, block)
+        out, lse = _tiled(query, key, value, bias, tiles, scale, use_triton, max_cells)
+    else:  # split
+        ratio = _ratio(device_type, tile_cost)
+        cache_key = ("split", block, ratio)
+        if cache_key not in graph.extras:
+            if dense is None:
+                dense = _dense_tiles(graph, block, ratio)  # [T]
+            in_dense = dense[tile_stats(graph, block, block)[1]]  # [E]
+            tiled_ids, rest_ids = in_dense.nonzero().flatten(), (~in_dense).nonzero().flatten()
+            graph.extras[cache_key] = (build_tiles(graph, block, block, tiled_ids), rest_ids,
+                                       _sub_graph(graph, rest_ids))
+        tiles, rest_ids, rest = graph.extras[cache_key]
+        out_t, lse_t = _tiled(query, key, value, bias, tiles, scale, use_triton, max_cells)
+        out_f, lse_f = _fused(query, key, value, None if bias is None else bias[rest_ids], rest,
+                              scale, use_triton, max_edges)
+        out, lse = merge_partials(out_t, lse_t, out_f, lse_f)
+    out = out.to(query.dtype)
+    if not return_lse:
+        return out
+    return out, lse.to(torch.float64 if query.dtype == torch.float64 else torch.float32)
+
+
+def edge_weights(query: Tensor, key: Tensor, edge_index: Tensor, lse: Tensor, *, scale: float,
+                 edge_bias: Tensor | None = None, chunk: int = 1 << 16) -> Tensor:
+    """Attention weights ``alpha [E, H] = exp(scale * q_i . k_j + b_ji - lse_i)`` of every edge, in
+    ``edge_index``'s column order, from the ``lse`` of :func:`attend` (chunks of ``chunk`` edges)."""
+    plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+    src, dst = plain[0].long(), plain[1].long()  # [E], [E]
+    group = query.size(1) // key.size(1)
+    cd = torch.float64 if query.dtype == torch.float64 else torch.float32
+    parts = []
+    for e0 in range(0, src.numel(), chunk):
+        s, d = src[e0:e0 + chunk], dst[e0:e0 + chunk]
+        k_j = key[s].repeat_interleave(group, dim=1).to(cd)  # [C, H, D]
+        score = (query[d].to(cd) * k_j).sum(-1) * scale  # [C, H]
+        if edge_bias is not None:
+            score = score + edge_bias[e0:e0 + chunk].to(cd)
+        parts.append(torch.exp(score - lse[d].to(cd)))
+    if not parts:
+        return query.new_zeros(0, query.size(1))
+    return torch.cat(parts).to(query.dtype)
+
+
+__all__ = [
+    "attend", "edge_weights", "choose_backend", "attend_reference", "merge_partials",
+    "triton_available", "clear_cache", "BACKENDS", "TILE_COST", "BLOCK_SIZE",
+]

@@ -1,0 +1,210 @@
+"""The ``fused`` backend off the GPU: bounded memory through sparse CSR products, one head and one
+chunk of target rows at a time.
+
+For one head ``h`` and one chunk of target rows (at most ``max_edges`` edges, whole rows), the scores
+of the chunk's edges are a sampled dense-dense product (``torch.sparse.sampled_addmm``: ``q k^T`` only
+at the edges, plus ``edge_bias``), the softmax runs over CSR segments, and the weighted sum of values
+is a sparse-dense product ``P @ V``. Nothing of size ``[E, H, D]`` or ``[E, H]`` ever exists: the
+working set is ``O(N·H·D + chunk)``. The backward pass recomputes the scores from the saved
+log-sum-exp (FlashAttention's recipe):
+
+    p_e = exp(s_e - lse_i),  dp_e = dO_i . v_j,  ds_e = p_e (dp_e - delta_i),  delta_i = dO_i . O_i - dlse_i
+    dQ = scale · DS @ K (over targets),  dK = scale · DS^T @ Q,  dV = P^T @ dO (over sources),  dbias = DS
+
+where the transposed products walk each chunk's edges sorted by source. Every product is a
+deterministic CSR kernel; half-precision inputs are computed in float32.
+
+Notation: ``E`` edges, ``R`` target rows of a chunk, ``H`` / ``H_kv`` query / key-value heads, ``D``
+head dimension; ``T`` marks head-major copies ``[H, N, D]``.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._graph import CSRGraph
+
+DEFAULT_MAX_EDGES = 1 << 22  # edges per chunk and head: 16 MiB of float32 scores
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        return torch.sparse_csr_tensor(crow, col, values, size=size, check_invariants=False)
+
+
+@dataclass(eq=False)
+class RowChunk:
+    """Whole target rows ``r0:r1`` holding the edges ``e0:e1`` of the target-sorted order."""
+
+    r0: int
+    r1: int
+    e0: int
+    e1: int
+    crow: Tensor  # [R + 1] local row pointers
+    col: Tensor  # [Ec] sources
+    row: Tensor  # [Ec] local target of each edge
+    t_crow: Tensor  # [N_src + 1] pointers of the chunk's edges sorted by source
+    t_col: Tensor  # [Ec] local target of each edge, in source order
+    t_perm: Tensor  # [Ec] source order -> chunk position
+
+
+def row_chunks(graph: CSRGraph, max_edges: int = DEFAULT_MAX_EDGES) -> list[RowChunk]:
+    """Split the targets into runs of whole rows with at most ``max_edges`` edges (a single row with
+    more edges is a chunk of its own); cached on the graph."""
+    cache_key = ("row_chunks", max_edges)
+    if cache_key in graph.extras:
+        return graph.extras[cache_key]
+    rowptr_cpu = graph.rowptr.cpu()
+    n, e_total = graph.num_dst, graph.num_edges
+    bounds = []
+    r0 = 0
+    while r0 < n:
+        e0 = int(rowptr_cpu[r0])
+        if e_total - e0 <= max_edges:
+            r1 = n
+        else:
+            r1 = int(torch.searchsorted(rowptr_cpu, e0 + max_edges, right=True)) - 1
+            r1 = max(r1, r0 + 1)
+        bounds.append((r0, r1))
+        r0 = r1
+    chunks = []
+    for r0, r1 in bounds:
+        e0, e1 = int(rowptr_cpu[r0]), int(rowptr_cpu[r1])
+        crow = graph.rowptr[r0:r1 + 1] - e0  # [R + 1]
+        col = graph.src[e0:e1]  # [Ec]
+        row = graph.dst[e0:e1] - r0  # [Ec]
+        if e0 == 0 and e1 == e_total and "csc" in graph.extras:
+            t_crow, t_perm = graph.csc()  # the whole graph: reuse the cached source-sorted view
+        else:
+            t_perm = torch.argsort(col, stable=True)  # [Ec]
+            t_crow = torch.zeros(graph.num_src + 1, dtype=torch.long, device=col.device)
+            t_crow[1:] = torch.bincount(col, minlength=graph.num_src).cumsum(0)
+        chunks.append(RowChunk(r0, r1, e0, e1, crow, col, row, t_crow, row[t_perm], t_perm))
+    graph.extras[cache_key] = chunks
+    return chunks
+
+
+def _scores(c: RowChunk, qT_h: Tensor, kT_h: Tensor, bias_h: Tensor | None, scale: float) -> Tensor:
+    """``s_e = scale * q_i . k_j + b_e`` for the chunk's edges, ``[Ec]``."""
+    n_src = kT_h.size(0)
+    if bias_h is None:
+        values = torch.zeros(c.col.numel(), dtype=qT_h.dtype, device=qT_h.device)
+    else:
+        values = bias_h.to(qT_h.dtype).contiguous()
+    sparse = _csr(c.crow, c.col, values, (c.r1 - c.r0, n_src))
+    return torch.sparse.sampled_addmm(sparse, qT_h, kT_h.t(), beta=1.0, alpha=scale).values()
+
+
+def _head_major(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.to(dtype).transpose(0, 1).contiguous()  # [N, H, D] -> [H, N, D]
+
+
+def chunked_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
+                    scale: float, max_edges: int = DEFAULT_MAX_EDGES) -> tuple[Tensor, Tensor]:
+    """``(out [N_dst, H, D] in q's dtype, lse [N_dst, H])``; bias in target-sorted edge order."""
+    cd = compute_dtype(q.dtype)
+    n_dst, num_heads, dim = q.shape
+    group = num_heads // k.size(1)
+    outT = torch.zeros(num_heads, n_dst, dim, dtype=cd, device=q.device)  # [H, N_dst, D]
+    lseT = torch.full((num_heads, n_dst), float("-inf"), dtype=cd, device=q.device)  # [H, N_dst]
+    if graph.num_edges > 0:
+        qT, kT, vT = _head_major(q, cd), _head_major(k, cd), _head_major(v, cd)
+        for c in row_chunks(graph, max_edges):
+            for h in range(num_heads):
+                hk = h // group
+                bias_h = None if bias is None else bias[c.e0:c.e1, h]
+                s = _scores(c, qT[h, c.r0:c.r1], kT[hk], bias_h, scale)  # [Ec]
+                top = torch.segment_reduce(s, "max", offsets=c.crow)  # [R], -inf on empty rows
+                top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+                e = torch.exp(s - top[c.row])  # [Ec]
+                total = torch.segment_reduce(e, "sum", offsets=c.crow)  # [R]
+                nonempty = total > 0
+                safe = torch.where(nonempty, total, torch.ones_like(total))
+                p = e / safe[c.row]  # [Ec]
+                outT[h, c.r0:c.r1] = _csr(c.crow, c.col, p, (c.r1 - c.r0, graph.num_src)) @ vT[hk]
+                lseT[h, c.r0:c.r1] = torch.where(nonempty, top + torch.log(safe),
+                                                 torch.full_like(safe, float("-inf")))
+    return outT.transpose(0, 1).to(q.dtype), lseT.t().contiguous()
+
+
+def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
+                     scale: float, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None,
+                     need_bias_grad: bool, max_edges: int = DEFAULT_MAX_EDGES):
+    """``(dq, dk, dv, dbias)`` from the saved ``out`` and ``lse``; ``dbias`` in sorted edge order."""
+    cd = compute_dtype(q.dtype)
+    n_dst, num_heads, dim = q.shape
+    n_src, num_kv = k.size(0), k.size(1)
+    group = num_heads // num_kv
+    dqT = torch.zeros(num_heads, n_dst, dim, dtype=cd, device=q.device)  # [H, N_dst, D]
+    dkT = torch.zeros(num_kv, n_src, dim, dtype=cd, device=q.device)  # [H_kv, N_src, D]
+    dvT = torch.zeros(num_kv, n_src, dim, dtype=cd, device=q.device)  # [H_kv, N_src, D]
+    dbias = None
+    if need_bias_grad:
+        dbias = torch.zeros(graph.num_edges, num_heads, dtype=cd, device=q.device)  # [E, H]
+    if graph.num_edges > 0:
+        qT, kT, vT, doT = (_head_major(x, cd) for x in (q, k, v, dout))
+        delta = (dout.to(cd) * out.to(cd)).sum(-1)  # [N_dst, H]
+        if dlse is not None:
+            delta = delta - dlse.to(cd)
+        deltaT = delta.t().contiguous()  # [H, N_dst]
+        lse_safe = lse.to(cd).t()  # [H, N_dst]
+        lse_safe = torch.where(torch.isinf(lse_safe), torch.zeros_like(lse_safe), lse_safe)
+        for c in row_chunks(graph, max_edges):
+            size, size_t = (c.r1 - c.r0, n_src), (n_src, c.r1 - c.r0)
+            zeros = torch.zeros(c.col.numel(), dtype=cd, device=q.device)
+            for h in range(num_heads):
+                hk = h // group
+                bias_h = None if bias is None else bias[c.e0:c.e1, h]
+                s = _scores(c, qT[h, c.r0:c.r1], kT[hk], bias_h, scale)  # [Ec]
+                p = torch.exp(s - lse_safe[h, c.r0:c.r1][c.row])  # [Ec]
+                dp = torch.sparse.sampled_addmm(_csr(c.crow, c.col, zeros, size), doT[h, c.r0:c.r1],
+                                                vT[hk].t()).values()  # [Ec]
+                ds = p * (dp - deltaT[h, c.r0:c.r1][c.row])  # [Ec]
+                if dbias is not None:
+                    dbias[c.e0:c.e1, h] = ds
+                dqT[h, c.r0:c.r1] = (_csr(c.crow, c.col, ds, size) @ kT[hk]) * scale
+                ds_t, p_t = ds[c.t_perm], p[c.t_perm]  # [Ec] in source order
+                dkT[hk] += (_csr(c.t_crow, c.t_col, ds_t, size_t) @ qT[h, c.r0:c.r1]) * scale
+                dvT[hk] += _csr(c.t_crow, c.t_col, p_t, size_t) @ doT[h, c.r0:c.r1]
+    dq = dqT.transpose(0, 1).to(q.dtype)
+    dk = dkT.transpose(0, 1).to(k.dtype)
+    dv = dvT.transpose(0, 1).to(v.dtype)
+    if dbias is not None:
+        dbias = dbias.to(bias.dtype)
+    return dq, dk, dv, dbias
+
+
+class ChunkedAttention(torch.autograd.Function):
+    """Autograd wrapper of :func:`chunked_forward` / :func:`chunked_backward`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, graph, scale, max_edges):
+        out, lse = chunked_forward(q, k, v, bias, graph, scale, max_edges)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.graph, ctx.scale, ctx.max_edges = graph, scale, max_edges
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        need_bias = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = chunked_backward(q, k, v, bias, ctx.graph, ctx.scale, out, lse,
+                                             dout, dlse, need_bias, ctx.max_edges)
+        return dq, dk, dv, dbias, None, None, None
+
+
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
+                      scale: float, max_edges: int = DEFAULT_MAX_EDGES) -> tuple[Tensor, Tensor]:
+    """Differentiable ``(out, lse)`` of the chunked path; ``bias`` in target-sorted edge order."""
+    return ChunkedAttention.apply(q, k, v, bias, graph, scale, max_edges)

@@ -1,0 +1,41 @@
+"""The slow twin of every backend: per-edge message passing in plain PyTorch Geometric.
+
+It materializes ``[E, H, D]`` messages, exactly like the layer's ``pyg`` path, and exists so that
+tests can compare each fast backend with it (and with a dense masked softmax).
+
+Notation: ``E`` edges, ``N_src`` / ``N_dst`` source / target nodes, ``H`` query heads, ``H_kv`` key /
+value heads, ``D`` head dimension.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch_geometric.utils import scatter, softmax
+
+
+def attend_reference(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *,
+                     scale: float, edge_bias: Tensor | None = None,
+                     return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """``out_i = sum_j softmax_j(scale * q_i . k_j + b_ji) v_j`` over the edges ``j -> i``."""
+    num_dst, num_heads = query.size(0), query.size(1)
+    group = num_heads // key.size(1)
+    plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+    src, dst = plain[0].long(), plain[1].long()  # [E], [E]
+    query_i = query[dst]  # [E, H, D]
+    key_j = key[src].repeat_interleave(group, dim=1)  # [E, H, D]
+    value_j = value[src].repeat_interleave(group, dim=1)  # [E, H, D]
+    score = (query_i * key_j).sum(dim=-1) * scale  # [E, H]
+    if edge_bias is not None:
+        score = score + edge_bias
+    alpha = softmax(score, dst, num_nodes=num_dst)  # [E, H]
+    out = scatter(alpha.unsqueeze(-1) * value_j, dst, dim=0, dim_size=num_dst, reduce="sum")  # [N_dst, H, D]
+    if not return_lse:
+        return out
+    score = score.float() if score.dtype != torch.float64 else score
+    index = dst.unsqueeze(-1).expand_as(score)  # [E, H]
+    top = torch.full((num_dst, num_heads), float("-inf"), dtype=score.dtype, device=score.device)
+    top = top.scatter_reduce(0, index, score.detach(), reduce="amax")  # [N_dst, H]
+    safe = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    total = torch.zeros_like(top).index_add_(0, dst, torch.exp(score - safe[dst]))  # [N_dst, H]
+    lse = safe + torch.log(total)  # -inf on empty rows (differentiable: ``top`` cancels out)
+    return out, lse  # float32 (float64 for float64 inputs)

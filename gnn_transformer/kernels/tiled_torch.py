@@ -1,0 +1,191 @@
+"""The ``tiled`` backend in plain PyTorch: FlashAttention's tiling of a block-structured graph.
+
+Query blocks with the same number of tiles are processed together: their key blocks are gathered
+into ``[H, G, c·Bk, D]``, scores are one batched matmul ``[H, G, Bq, c·Bk]``, partial tiles are
+masked (full tiles are not), and the softmax runs over each row of the gathered blocks. Work is
+chunked so that one chunk's scores stay below ``max_cells`` entries. The backward pass recomputes
+the scores from the saved log-sum-exp; ``dK`` / ``dV`` of a chunk are added to their key blocks.
+The same tile list drives the Triton kernels (:mod:`.triton_tiled`) on the GPU.
+
+Notation: ``G`` query blocks of a chunk, ``c`` tiles per query block, ``Bq`` / ``Bk`` block sizes,
+``H`` heads (key / value heads are repeated to ``H`` here), ``D`` head dimension.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .chunked import compute_dtype
+from .tiling import TileList
+
+DEFAULT_MAX_CELLS = 1 << 23  # score entries per chunk: 32 MiB of float32
+
+
+def _groups(tiles: TileList, num_heads: int, max_cells: int) -> list[tuple[Tensor, Tensor]]:
+    """``[(query blocks [G], tile ids [G, c])]``: query blocks with ``c`` tiles each, chunked."""
+    cache_key = ("groups", num_heads, max_cells)
+    cache = tiles.__dict__.setdefault("_groups", {})
+    if cache_key in cache:
+        return cache[cache_key]
+    per_block = (tiles.tile_ptr[1:] - tiles.tile_ptr[:-1]).cpu()  # [num_q_blocks]
+    out = []
+    for c in torch.unique(per_block).tolist():
+        if c == 0:
+            continue
+        blocks = (per_block == c).nonzero().flatten()  # [G_all]
+        step = max(1, max_cells // (num_heads * tiles.block_q * tiles.block_k * c))
+        for g0 in range(0, blocks.numel(), step):
+            qb = blocks[g0:g0 + step].to(tiles.q_block.device)
+            tids = tiles.tile_ptr[qb].unsqueeze(1) + torch.arange(c, device=qb.device)  # [G, c]
+            out.append((qb, tids))
+    cache[cache_key] = out
+    return out
+
+
+def _mask(tiles: TileList, tids: Tensor) -> Tensor | None:
+    """Boolean mask ``[G, Bq, c·Bk]`` of a chunk, or ``None`` when every tile is full."""
+    mi = tiles.mask_index[tids]  # [G, c]
+    if not bool((mi >= 0).any()):
+        return None
+    g, c = tids.shape
+    m = torch.ones(g, c, tiles.block_q, tiles.block_k, dtype=torch.bool, device=tids.device)
+    part = mi >= 0
+    m[part] = tiles.masks[mi[part]]
+    return m.permute(0, 2, 1, 3).reshape(g, tiles.block_q, c * tiles.block_k)
+
+
+def _bias(tbias: Tensor, tids: Tensor) -> Tensor:
+    """Tile biases of a chunk as ``[H_b, G, Bq, c·Bk]``."""
+    g, c = tids.shape
+    b = tbias[tids]  # [G, c, H_b, Bq, Bk]
+    return b.permute(2, 0, 3, 1, 4).reshape(b.size(2), g, b.size(3), c * b.size(4))
+
+
+def _blocked(x: Tensor, block: int, num_blocks: int, cd: torch.dtype) -> Tensor:
+    """``[N, H, D]`` -> zero-padded ``[H, num_blocks, block, D]`` in ``cd``."""
+    n, h, d = x.shape
+    out = torch.zeros(h, num_blocks * block, d, dtype=cd, device=x.device)
+    out[:, :n] = x.transpose(0, 1).to(cd)
+    return out.view(h, num_blocks, block, d)
+
+
+def _unblocked(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """``[H, num_blocks, block, D]`` -> ``[N, H, D]``."""
+    h, _, _, d = x.shape
+    return x.reshape(h, -1, d)[:, :n].transpose(0, 1).to(dtype)
+
+
+def _scores(qB, kB, tiles, tbias, qb, tids, scale):
+    g, c = tids.shape
+    q = qB[:, qb]  # [H, G, Bq, D]
+    k = kB[:, tiles.k_block[tids].flatten()].reshape(kB.size(0), g, c * tiles.block_k, -1)  # [H, G, c·Bk, D]
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [H, G, Bq, c·Bk]
+    if tbias is not None:
+        s = s + _bias(tbias, tids)
+    else:
+        mask = _mask(tiles, tids)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+    return q, k, s
+
+
+def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None, scale: float,
+                  max_cells: int = DEFAULT_MAX_CELLS) -> tuple[Tensor, Tensor]:
+    """``(out [N_dst, H, D], lse [N_dst, H])`` over the tiles."""
+    cd = compute_dtype(q.dtype)
+    n_dst, num_heads, dim = q.shape
+    group = num_heads // k.size(1)
+    nqb, nkb = tiles.num_q_blocks, tiles.num_k_blocks
+    qB = _blocked(q, tiles.block_q, nqb, cd)  # [H, nqb, Bq, D]
+    kB = _blocked(k.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd)  # [H, nkb, Bk, D]
+    vB = _blocked(v.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd)  # [H, nkb, Bk, D]
+    outB = torch.zeros_like(qB)  # [H, nqb, Bq, D]
+    lseB = torch.full(qB.shape[:3], float("-inf"), dtype=cd, device=q.device)  # [H, nqb, Bq]
+    tb = None if tbias is None else tbias.to(cd)
+    for qb, tids in _groups(tiles, num_heads, max_cells):
+        g, c = tids.shape
+        _, _, s = _scores(qB, kB, tiles, tb, qb, tids, scale)  # [H, G, Bq, c·Bk]
+        top = s.amax(-1, keepdim=True)
+        top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+        e = torch.exp(s - top)
+        total = e.sum(-1, keepdim=True)  # [H, G, Bq, 1]
+        nonempty = total > 0
+        safe = torch.where(nonempty, total, torch.ones_like(total))
+        vals = vB[:, tiles.k_block[tids].flatten()].reshape(num_heads, g, c * tiles.block_k, dim)
+        outB[:, qb] = torch.matmul(e / safe, vals)  # [H, G, Bq, D]
+        lseB[:, qb] = torch.where(nonempty, top + torch.log(safe), torch.full_like(safe, float("-inf"))).squeeze(-1)
+    lse = lseB.reshape(num_heads, -1)[:, :n_dst].t().contiguous()  # [N_dst, H]
+    return _unblocked(outB, n_dst, q.dtype), lse
+
+
+def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse,
+                   need_bias_grad: bool, max_cells: int = DEFAULT_MAX_CELLS):
+    """``(dq, dk, dv, dtile_bias)`` from the saved ``out`` and ``lse``."""
+    cd = compute_dtype(q.dtype)
+    n_dst, num_heads, dim = q.shape
+    n_src, num_kv = k.size(0), k.size(1)
+    group = num_heads // num_kv
+    nqb, nkb = tiles.num_q_blocks, tiles.num_k_blocks
+    qB = _blocked(q, tiles.block_q, nqb, cd)
+    kB = _blocked(k.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd)
+    vB = _blocked(v.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd)
+    doB = _blocked(dout, tiles.block_q, nqb, cd)  # [H, nqb, Bq, D]
+    delta = (dout.to(cd) * out.to(cd)).sum(-1)  # [N_dst, H]
+    if dlse is not None:
+        delta = delta - dlse.to(cd)
+    deltaB = _blocked(delta.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
+    lseB = _blocked(lse.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
+    lseB = torch.where(torch.isinf(lseB), torch.zeros_like(lseB), lseB)
+    dqB, dkB, dvB = torch.zeros_like(qB), torch.zeros_like(kB), torch.zeros_like(vB)
+    tb = None if tbias is None else tbias.to(cd)
+    dtb = torch.zeros_like(tb) if (need_bias_grad and tb is not None) else None
+    for qb, tids in _groups(tiles, num_heads, max_cells):
+        g, c = tids.shape
+        kb = tiles.k_block[tids].flatten()  # [G·c]
+        qg, kg, s = _scores(qB, kB, tiles, tb, qb, tids, scale)
+        p = torch.exp(s - lseB[:, qb])  # [H, G, Bq, c·Bk]
+        dog = doB[:, qb]  # [H, G, Bq, D]
+        vals = vB[:, kb].reshape(num_heads, g, c * tiles.block_k, dim)
+        dp = torch.matmul(dog, vals.transpose(-1, -2))  # [H, G, Bq, c·Bk]
+        ds = p * (dp - deltaB[:, qb])
+        dqB[:, qb] = torch.matmul(ds, kg) * scale
+        dk = (torch.matmul(ds.transpose(-1, -2), qg) * scale).reshape(num_heads, g * c, tiles.block_k, dim)
+        dv = torch.matmul(p.transpose(-1, -2), dog).reshape(num_heads, g * c, tiles.block_k, dim)
+        dkB.index_add_(1, kb, dk)
+        dvB.index_add_(1, kb, dv)
+        if dtb is not None:  # [H, G, Bq, c, Bk] -> [G·c, H, Bq, Bk]
+            d = ds.reshape(num_heads, g, tiles.block_q, c, tiles.block_k).permute(1, 3, 0, 2, 4)
+            dtb[tids.flatten()] = d.reshape(g * c, num_heads, tiles.block_q, tiles.block_k).to(dtb.dtype)
+    dq = _unblocked(dqB, n_dst, q.dtype)
+    dk = _unblocked(dkB, n_src, cd).view(n_src, num_kv, group, dim).sum(2).to(k.dtype)
+    dv = _unblocked(dvB, n_src, cd).view(n_src, num_kv, group, dim).sum(2).to(v.dtype)
+    if dtb is not None:
+        dtb = dtb.to(tbias.dtype)
+    return dq, dk, dv, dtb
+
+
+class TiledAttention(torch.autograd.Function):
+    """Autograd wrapper of :func:`tiled_forward` / :func:`tiled_backward`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, tbias, tiles, scale, max_cells):
+        out, lse = tiled_forward(q, k, v, tiles, tbias, scale, max_cells)
+        ctx.save_for_backward(q, k, v, tbias, out, lse)
+        ctx.tiles, ctx.scale, ctx.max_cells = tiles, scale, max_cells
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, tbias, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        need_bias = tbias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dtb = tiled_backward(q, k, v, ctx.tiles, tbias, ctx.scale, out, lse, dout, dlse,
+                                         need_bias, ctx.max_cells)
+        return dq, dk, dv, dtb, None, None, None
+
+
+def tiled_attention(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None, scale: float,
+                    max_cells: int = DEFAULT_MAX_CELLS) -> tuple[Tensor, Tensor]:
+    """Differentiable ``(out, lse)`` of the plain-torch tiled path."""
+    return TiledAttention.apply(q, k, v, tbias, tiles, scale, max_cells)

@@ -1,0 +1,136 @@
+"""Block structure of a token graph: the edge set as a list of (query block, key block) tiles.
+
+Targets are cut into blocks of ``block_q`` rows, sources into blocks of ``block_k`` columns. Every
+pair of blocks holding at least one edge is a tile. A tile with all ``block_q × block_k`` edges
+(each once) is *full* and needs no mask; any other tile carries a boolean mask ``[Bq, Bk]``. A graph
+with duplicated edges, or attention with ``edge_bias``, turns masks into additive tile biases
+``[T, H, Bq, Bk]`` (``-inf`` where there is no edge, ``log`` of the summed ``exp(bias)`` of parallel
+edges elsewhere), which keeps every duplicated edge a separate message.
+
+Notation: ``T`` tiles, ``P`` partial tiles, ``E`` edges, ``Bq`` / ``Bk`` block sizes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._graph import CSRGraph
+
+
+@dataclass(eq=False)
+class TileList:
+    """Tiles sorted by query block, then key block."""
+
+    block_q: int
+    block_k: int
+    num_src: int
+    num_dst: int
+    q_block: Tensor  # [T]
+    k_block: Tensor  # [T]
+    tile_ptr: Tensor  # [num_q_blocks + 1] tiles of query block b: tile_ptr[b]:tile_ptr[b + 1]
+    count: Tensor  # [T] edges per tile, with multiplicity
+    mask_index: Tensor  # [T] row of `masks` for a partial tile, -1 for a full one
+    masks: Tensor  # [P, Bq, Bk] bool
+    edge_ids: Tensor  # [E_t] positions (in the graph's target-sorted order) of the tiled edges
+    edge_cell: Tensor  # [E_t] flat cell tile * Bq * Bk + r * Bk + c of each tiled edge
+    has_duplicates: bool
+
+    @property
+    def num_tiles(self) -> int:
+        return self.q_block.numel()
+
+    @property
+    def num_q_blocks(self) -> int:
+        return -(-self.num_dst // self.block_q)
+
+    @property
+    def num_k_blocks(self) -> int:
+        return -(-self.num_src // self.block_k)
+
+    def by_key(self) -> tuple[Tensor, Tensor]:
+        """``(order [T], k_ptr [num_k_blocks + 1])``: tile ids sorted by key block, then query
+        block, for passes that walk the columns (dK / dV)."""
+        if not hasattr(self, "_by_key"):
+            order = torch.argsort(self.k_block * max(self.num_q_blocks, 1) + self.q_block, stable=True)
+            k_ptr = torch.zeros(self.num_k_blocks + 1, dtype=torch.long, device=self.q_block.device)
+            k_ptr[1:] = torch.bincount(self.k_block, minlength=self.num_k_blocks).cumsum(0)
+            self._by_key = (order, k_ptr)
+        return self._by_key
+
+
+def tile_stats(graph: CSRGraph, block_q: int, block_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(key [T], inverse [E], count [T])`` of the tiles of the whole graph (cached):
+    ``key = q_block * num_k_blocks + k_block``, ``inverse`` the tile of each edge."""
+    cache_key = ("tile_stats", block_q, block_k)
+    if cache_key not in graph.extras:
+        num_k_blocks = -(-graph.num_src // block_k)
+        key = (graph.dst // block_q) * max(num_k_blocks, 1) + graph.src // block_k  # [E]
+        graph.extras[cache_key] = torch.unique(key, return_inverse=True, return_counts=True)
+    return graph.extras[cache_key]
+
+
+def build_tiles(graph: CSRGraph, block_q: int, block_k: int, edge_ids: Tensor | None = None) -> TileList:
+    """The tile list of the edges ``edge_ids`` (all edges if ``None``) of ``graph``."""
+    device = graph.src.device
+    if edge_ids is None:
+        edge_ids = torch.arange(graph.num_edges, device=device)
+    src, dst = graph.src[edge_ids], graph.dst[edge_ids]  # [E_t]
+    num_k_blocks = max(-(-graph.num_src // block_k), 1)
+    num_q_blocks = -(-graph.num_dst // block_q)
+    cells = block_q * block_k
+    key = (dst // block_q) * num_k_blocks + src // block_k  # [E_t]
+    uniq, tile, count = torch.unique(key, return_inverse=True, return_counts=True)  # [T], [E_t], [T]
+    q_block, k_block = uniq // num_k_blocks, uniq % num_k_blocks
+    edge_cell = tile * cells + (dst % block_q) * block_k + src % block_k  # [E_t]
+    distinct_cells = torch.unique(edge_cell)  # [<= E_t]
+    has_duplicates = distinct_cells.numel() < edge_cell.numel()
+    distinct = torch.bincount(distinct_cells // cells, minlength=uniq.numel())  # [T]
+    full = (distinct == cells) & (count == cells)  # [T]
+    mask_index = torch.full_like(uniq, -1)
+    partial = (~full).nonzero().flatten()  # [P]
+    mask_index[partial] = torch.arange(partial.numel(), device=device)
+    masks = torch.zeros(partial.numel() * cells, dtype=torch.bool, device=device)
+    in_partial = mask_index[tile] >= 0  # [E_t]
+    masks[mask_index[tile[in_partial]] * cells + edge_cell[in_partial] % cells] = True
+    tile_ptr = torch.zeros(num_q_blocks + 1, dtype=torch.long, device=device)
+    tile_ptr[1:] = torch.bincount(q_block, minlength=num_q_blocks).cumsum(0)
+    return TileList(block_q, block_k, graph.num_src, graph.num_dst, q_block, k_block, tile_ptr,
+                    count, mask_index, masks.view(-1, block_q, block_k), edge_ids, edge_cell,
+                    has_duplicates)
+
+
+def cached_tiles(graph: CSRGraph, block_q: int, block_k: int) -> TileList:
+    """:func:`build_tiles` of all edges, cached on the graph."""
+    cache_key = ("tiles", block_q, block_k)
+    if cache_key not in graph.extras:
+        graph.extras[cache_key] = build_tiles(graph, block_q, block_k)
+    return graph.extras[cache_key]
+
+
+def tile_bias(tiles: TileList, edge_bias: Tensor | None, num_heads: int, dtype: torch.dtype) -> Tensor | None:
+    """Additive tile biases ``[T, H_b, Bq, Bk]`` (``H_b`` = H with ``edge_bias``, else 1), or ``None``
+    when boolean masks suffice. Differentiable w.r.t. ``edge_bias`` (``[E_t, H]``, tiled edges)."""
+    if edge_bias is None and not tiles.has_duplicates:
+        return None
+    cells = tiles.block_q * tiles.block_k
+    n_cells = tiles.num_tiles * cells
+    idx = tiles.edge_cell  # [E_t]
+    if edge_bias is None:
+        bias = torch.zeros(idx.numel(), 1, dtype=dtype, device=idx.device)  # [E_t, 1]
+    else:
+        bias = edge_bias.to(dtype)  # [E_t, H]
+    heads = bias.size(1)
+    if not tiles.has_duplicates:
+        flat = torch.full((n_cells, heads), float("-inf"), dtype=dtype, device=idx.device)
+        flat = flat.index_put((idx,), bias)  # [T * Bq * Bk, H_b]
+    else:  # log-sum-exp of the biases of parallel edges: each stays one message
+        top = torch.full((n_cells, heads), float("-inf"), dtype=dtype, device=idx.device)
+        top = top.scatter_reduce(0, idx.unsqueeze(-1).expand_as(bias), bias.detach(), reduce="amax")
+        top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+        acc = torch.zeros_like(top).index_add(0, idx, torch.exp(bias - top[idx]))  # [cells, H_b]
+        safe = torch.where(acc > 0, acc, torch.ones_like(acc))
+        flat = torch.where(acc > 0, top + torch.log(safe), torch.full_like(acc, float("-inf")))
+    out = flat.view(tiles.num_tiles, tiles.block_q, tiles.block_k, heads).permute(0, 3, 1, 2)
+    return out.contiguous()  # [T, H_b, Bq, Bk]

@@ -1,0 +1,240 @@
+"""The ``fused`` backend on the GPU: Triton kernels over the target-sorted CSR.
+
+Forward: one program per (target ``i``, head ``h``) walks the edges ``rowptr[i]:rowptr[i+1]`` in
+blocks of ``BLOCK_E``, gathers ``k_j`` / ``v_j`` by the source ids, and keeps an online softmax
+(running max ``m``, running sum ``l``, running weighted sum ``acc``); it writes ``out_i = acc / l`` and
+``lse_i = m + log l`` (``-inf`` and zeros for a row without edges).
+
+Backward (``delta_i = dO_i . O_i - dlse_i``, ``p = exp(s - lse_i)``, ``ds = p (dO_i . v_j - delta_i)``):
+
+- ``dQ`` (and ``dbias = ds``): one program per (target, head) over the CSR, like the forward;
+- ``dK`` / ``dV``: one program per (source ``j``, key/value head) over the source-sorted CSC, summing
+  the query heads of its group inside the program.
+
+Every output element is written by exactly one program: deterministic, no atomics. Half-precision
+inputs accumulate in float32, float64 inputs in float64. Importing this module needs Triton; CPU
+tensors run under ``TRITON_INTERPRET=1`` (slowly: tests only).
+
+Notation: ``E`` edges, ``H`` / ``H_kv`` query / key-value heads, ``G = H // H_kv``, ``D`` head dim.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._graph import CSRGraph
+
+
+@triton.jit
+def _csr_fwd(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, scale,
+             stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
+             H, GROUP, D,
+             HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // GROUP
+    start = tl.load(ROWPTR + i)
+    end = tl.load(ROWPTR + i + 1)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    q = tl.load(Q + i * stride_qn + h * stride_qh + offs_d, mask=dmask, other=0.0).to(ACC)  # [D]
+    m = tl.full([1], float("-inf"), ACC)
+    l = tl.zeros([1], ACC)
+    acc = tl.zeros([BLOCK_D], ACC)
+    for e0 in range(start, end, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        emask = offs_e < end
+        j = tl.load(SRC + offs_e, mask=emask, other=0)
+        kv = j[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]  # [BLOCK_E, D]
+        mask2 = emask[:, None] & dmask[None, :]
+        k = tl.load(K + kv, mask=mask2, other=0.0).to(ACC)
+        s = tl.sum(k * q[None, :], axis=1) * scale  # [BLOCK_E]
+        if HAS_BIAS:
+            s += tl.load(BIAS + offs_e * H + h, mask=emask, other=0.0).to(ACC)
+        s = tl.where(emask, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        corr = tl.exp(m - m_use)
+        p = tl.exp(s - m_use)
+        l = l * corr + tl.sum(p, axis=0)
+        v = tl.load(V + kv, mask=mask2, other=0.0).to(ACC)
+        acc = acc * corr + tl.sum(p[:, None] * v, axis=0)
+        m = m_new
+    nonempty = l > 0
+    l_safe = tl.where(nonempty, l, 1.0)
+    out = acc / l_safe
+    lse = tl.where(nonempty, m + tl.log(l_safe), float("-inf"))
+    tl.store(OUT + i * stride_on + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=dmask)
+    tl.store(LSE + i * H + h + tl.arange(0, 1), lse)
+
+
+@triton.jit
+def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, scale,
+                stride_qn, stride_qh, stride_kn, stride_kh,
+                H, GROUP, D,
+                HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr,
+                BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // GROUP
+    start = tl.load(ROWPTR + i)
+    end = tl.load(ROWPTR + i + 1)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    row = i * stride_qn + h * stride_qh + offs_d  # q, dO and dQ share one layout
+    q = tl.load(Q + row, mask=dmask, other=0.0).to(ACC)
+    do = tl.load(DO + row, mask=dmask, other=0.0).to(ACC)
+    lse = tl.load(LSE + i * H + h).to(ACC)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(DELTA + i * H + h).to(ACC)
+    dq = tl.zeros([BLOCK_D], ACC)
+    for e0 in range(start, end, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        emask = offs_e < end
+        j = tl.load(SRC + offs_e, mask=emask, other=0)
+        kv = j[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
+        mask2 = emask[:, None] & dmask[None, :]
+        k = tl.load(K + kv, mask=mask2, other=0.0).to(ACC)
+        v = tl.load(V + kv, mask=mask2, other=0.0).to(ACC)
+        s = tl.sum(k * q[None, :], axis=1) * scale
+        if HAS_BIAS:
+            s += tl.load(BIAS + offs_e * H + h, mask=emask, other=0.0).to(ACC)
+        p = tl.where(emask, tl.exp(s - lse), 0.0)
+        dp = tl.sum(v * do[None, :], axis=1)
+        ds = p * (dp - delta)  # [BLOCK_E]
+        if WRITE_DBIAS:
+            tl.store(DBIAS + offs_e * H + h, ds.to(DBIAS.dtype.element_ty), mask=emask)
+        dq += tl.sum(ds[:, None] * k, axis=0)
+    tl.store(DQ + row, (dq * scale).to(DQ.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, COLPTR, CSC_PERM, DST, scale,
+                  stride_qn, stride_qh, stride_kn, stride_kh,
+                  H, GROUP, D,
+                  HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+                  ACC: tl.constexpr):
+    j = tl.program_id(0)
+    hk = tl.program_id(1)
+    start = tl.load(COLPTR + j)
+    end = tl.load(COLPTR + j + 1)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    col = j * stride_kn + hk * stride_kh + offs_d  # k, v, dK and dV share one layout
+    k = tl.load(K + col, mask=dmask, other=0.0).to(ACC)
+    v = tl.load(V + col, mask=dmask, other=0.0).to(ACC)
+    dk = tl.zeros([BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_D], ACC)
+    for e0 in range(start, end, BLOCK_E):
+        offs = e0 + tl.arange(0, BLOCK_E)
+        emask = offs < end
+        e = tl.load(CSC_PERM + offs, mask=emask, other=0)  # edge ids, target-sorted order
+        i = tl.load(DST + e, mask=emask, other=0)
+        mask2 = emask[:, None] & dmask[None, :]
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            rows = i[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
+            q = tl.load(Q + rows, mask=mask2, other=0.0).to(ACC)  # [BLOCK_E, D]
+            do = tl.load(DO + rows, mask=mask2, other=0.0).to(ACC)
+            lse = tl.load(LSE + i * H + h, mask=emask, other=0.0).to(ACC)
+            lse = tl.where(lse == float("-inf"), 0.0, lse)
+            delta = tl.load(DELTA + i * H + h, mask=emask, other=0.0).to(ACC)
+            s = tl.sum(q * k[None, :], axis=1) * scale
+            if HAS_BIAS:
+                s += tl.load(BIAS + e * H + h, mask=emask, other=0.0).to(ACC)
+            p = tl.where(emask, tl.exp(s - lse), 0.0)
+            dp = tl.sum(do * v[None, :], axis=1)
+            ds = p * (dp - delta)
+            dv += tl.sum(p[:, None] * do, axis=0)
+            dk += tl.sum(ds[:, None] * q, axis=0)
+    tl.store(DK + col, (dk * scale).to(DK.dtype.element_ty), mask=dmask)
+    tl.store(DV + col, dv.to(DV.dtype.element_ty), mask=dmask)
+
+
+BLOCK_E = 32
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
+                scale: float) -> tuple[Tensor, Tensor]:
+    """``(out [N_dst, H, D], lse [N_dst, H])``; ``bias`` ``[E, H]`` in target-sorted edge order."""
+    n_dst, num_heads, dim = q.shape
+    group = num_heads // k.size(1)
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty_like(q)
+    lse = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)
+    if n_dst == 0:
+        return out, lse
+    bias_arg = bias.contiguous() if bias is not None else lse  # unused when HAS_BIAS is False
+    _csr_fwd[(n_dst, num_heads)](
+        q, k, v, bias_arg, out, lse, graph.rowptr, graph.src, float(scale),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
+        num_heads, group, dim,
+        HAS_BIAS=bias is not None, BLOCK_E=BLOCK_E, BLOCK_D=triton.next_power_of_2(dim),
+        ACC=_acc(q.dtype))
+    return out, lse
+
+
+def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, need_bias_grad):
+    """``(dq, dk, dv, dbias)``; ``dbias`` in target-sorted edge order."""
+    n_dst, num_heads, dim = q.shape
+    n_src, num_kv = k.size(0), k.size(1)
+    group = num_heads // num_kv
+    acc_dtype = lse.dtype
+    dout = dout.contiguous()
+    delta = (dout.to(acc_dtype) * out.to(acc_dtype)).sum(-1)  # [N_dst, H]
+    if dlse is not None:
+        delta = delta - dlse.to(acc_dtype)
+    delta = delta.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbias = torch.empty(graph.num_edges, num_heads, dtype=bias.dtype, device=q.device) if need_bias_grad else None
+    bias_arg = bias.contiguous() if bias is not None else delta
+    block_d = triton.next_power_of_2(dim)
+    if n_dst > 0:
+        _csr_bwd_dq[(n_dst, num_heads)](
+            q, k, v, bias_arg, dout, lse, delta, dq, dbias if dbias is not None else delta,
+            graph.rowptr, graph.src, float(scale),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            num_heads, group, dim,
+            HAS_BIAS=bias is not None, WRITE_DBIAS=dbias is not None,
+            BLOCK_E=BLOCK_E, BLOCK_D=block_d, ACC=_acc(q.dtype))
+    if n_src > 0:
+        colptr, csc_perm = graph.csc()
+        _csc_bwd_dkdv[(n_src, num_kv)](
+            q, k, v, bias_arg, dout, lse, delta, dk, dv, colptr, csc_perm, graph.dst, float(scale),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            num_heads, group, dim,
+            HAS_BIAS=bias is not None, BLOCK_E=BLOCK_E, BLOCK_D=block_d, ACC=_acc(q.dtype))
+    return dq, dk, dv, dbias
+
+
+class TritonCSRAttention(torch.autograd.Function):
+    """Autograd wrapper of :func:`csr_forward` / :func:`csr_backward`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, graph, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, lse = csr_forward(q, k, v, bias, graph, scale)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.graph, ctx.scale = graph, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        need_bias = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = csr_backward(q, k, v, bias, ctx.graph, ctx.scale, out, lse, dout, dlse, need_bias)
+        return dq, dk, dv, dbias, None, None
+
+
+def csr_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
+                  scale: float) -> tuple[Tensor, Tensor]:
+    """Differentiable ``(out, lse)`` of the Triton CSR kernels; ``bias`` in target-sorted order."""
+    return TritonCSRAttention.apply(q, k, v, bias, graph, scale)
