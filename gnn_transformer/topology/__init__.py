@@ -1,11 +1,39 @@
-"""Token graphs: attention patterns as explicit directed edge sets ``j -> i``."""
+"""Token graphs: attention patterns as explicit directed edge sets ``j -> i``.
+
+Every builder takes ``n`` (one sequence) or a list of lengths (a batch, disjoint union) and
+returns a ``torch_geometric.EdgeIndex`` sorted by target without duplicated edges; every builder
+has a brute-force ``*_predicate`` twin. See ``docs/topology.md`` for the catalogue.
+"""
 from ._common import as_lengths, batch_vector, ptr_vector
 from .basic import causal, causal_predicate, full, full_predicate
+from .bigbird import bigbird, bigbird_predicate
+from .combinators import difference, from_predicate, intersection, union
+from .cross import cross, cross_predicate
+from .document import document, document_lengths, document_predicate
+from .expander import expander
+from .exports import (flex_attention_available, to_block_mask, to_flex_mask_mod, to_networkx)
+from .global_tokens import global_tokens, global_tokens_predicate
+from .graph_inputs import from_graph, from_graph_predicate, read_graph
 from .masks import from_dense_mask, is_multigraph, to_dense_mask
-from .random_graphs import erdos_renyi
+from .prefix_lm import prefix_lm, prefix_lm_predicate
+from .random_graphs import edge_set_predicate, erdos_renyi, random
+from .sparse_transformer import fixed, fixed_predicate, strided, strided_predicate
+from .star import star, star_predicate
+from .windows import dilated, dilated_predicate, sliding_window, sliding_window_predicate
 
 __all__ = [
     "as_lengths", "batch_vector", "ptr_vector",
-    "full", "full_predicate", "causal", "causal_predicate", "erdos_renyi",
+    # builders and their predicate twins
+    "full", "full_predicate", "causal", "causal_predicate",
+    "sliding_window", "sliding_window_predicate", "dilated", "dilated_predicate",
+    "strided", "strided_predicate", "fixed", "fixed_predicate",
+    "global_tokens", "global_tokens_predicate", "bigbird", "bigbird_predicate",
+    "random", "erdos_renyi", "edge_set_predicate", "star", "star_predicate", "expander",
+    "document", "document_lengths", "document_predicate", "prefix_lm", "prefix_lm_predicate",
+    "cross", "cross_predicate", "from_graph", "from_graph_predicate", "read_graph",
+    # combinators
+    "union", "intersection", "difference", "from_predicate",
+    # masks and exports
     "to_dense_mask", "from_dense_mask", "is_multigraph",
+    "to_networkx", "to_flex_mask_mod", "to_block_mask", "flex_attention_available",
 ]

@@ -80,3 +80,38 @@ def coalesce_edges(src: Tensor, dst: Tensor, num_src: int, num_dst: int | None =
     s = max(num_src, 1)
     edge_index = torch.stack([key % s, key // s], dim=0)
     return EdgeIndex(edge_index, sparse_size=(num_src, num_dst), sort_order="col")
+
+
+def check_int(name: str, value: object, minimum: int | None = 0, maximum: int | None = None) -> int:
+    """Validate an integer argument, naming it and the bad value in the ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"Expected '{name}' to be an int (got {value!r})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"Expected '{name}' >= {minimum} (got {value})")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"Expected '{name}' <= {maximum} (got {value})")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Validate a boolean argument."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Expected '{name}' to be a bool (got {value!r})")
+    return value
+
+
+def expand_ranges(start: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    """For row ``r`` with ``count[r]`` items: ``(owner, value)`` where ``value`` runs ``start[r] ...
+    start[r] + count[r] - 1``; the vectorized replacement of a loop over rows."""
+    count = count.clamp(min=0)
+    owner = torch.repeat_interleave(torch.arange(count.numel(), device=count.device), count)
+    first = torch.repeat_interleave(count.cumsum(0) - count, count)
+    value = torch.repeat_interleave(start, count) + (torch.arange(owner.numel(), device=count.device) - first)
+    return owner, value
+
+
+def full_pairs(n: int) -> tuple[Tensor, Tensor]:
+    """``(src, dst)`` of all ``n * n`` pairs of one sequence, sorted by target."""
+    dst = torch.arange(n).repeat_interleave(n)
+    src = torch.arange(n).repeat(n)
+    return src, dst

@@ -1,0 +1,85 @@
+"""Packed sequences: several documents in one sequence, attention kept inside each document.
+
+Training pipelines pack short documents into one long row; attention must not cross document
+boundaries, which makes the mask block-diagonal (causal inside each block for a decoder). As a
+graph this is simply the disjoint union of the documents.
+"""
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Sequence
+from itertools import accumulate
+
+from torch_geometric import EdgeIndex
+
+from ._common import Lengths, as_lengths, check_bool, check_int
+from .basic import causal as _causal
+from .basic import full as _full
+
+DocLengths = int | Sequence[int] | Sequence[Sequence[int]]
+
+
+def _documents(length: int, docs: int | Sequence[int], where: str) -> list[int]:
+    """Document lengths of one packed sequence."""
+    if isinstance(docs, int) and not isinstance(docs, bool):
+        check_int("doc_lengths", docs, 1)
+        return [docs] * (length // docs) + ([length % docs] if length % docs else [])
+    out = as_lengths(list(docs), "doc_lengths")
+    if sum(out) != length:
+        raise ValueError(f"Expected 'doc_lengths'{where} to sum to the sequence length {length} "
+                         f"(got {out}, sum {sum(out)})")
+    return [d for d in out if d > 0]
+
+
+def document_lengths(n: Lengths, doc_lengths: DocLengths) -> list[int]:
+    """Flat list of document lengths of a (batch of) packed sequence(s)."""
+    lengths = as_lengths(n)
+    if isinstance(doc_lengths, int) and not isinstance(doc_lengths, bool):
+        per_seq = [doc_lengths] * len(lengths)
+    elif isinstance(doc_lengths, Sequence) and not isinstance(doc_lengths, (str, bytes)):
+        nested = len(doc_lengths) > 0 and all(isinstance(d, Sequence) for d in doc_lengths)
+        if isinstance(n, int) and not nested:
+            per_seq = [doc_lengths]
+        elif nested and len(doc_lengths) == len(lengths):
+            per_seq = list(doc_lengths)
+        else:
+            raise ValueError(f"Expected 'doc_lengths' to be an int, a list of ints (one sequence) or "
+                             f"one list per sequence ({len(lengths)}) (got {doc_lengths!r})")
+    else:
+        raise ValueError(f"Expected 'doc_lengths' to be an int or a list (got {doc_lengths!r})")
+    flat: list[int] = []
+    for b, (L, docs) in enumerate(zip(lengths, per_seq)):
+        flat += _documents(L, docs, f" of sequence {b}" if len(lengths) > 1 else "")
+    return flat
+
+
+def document(n: Lengths, doc_lengths: DocLengths, *, causal: bool = False) -> EdgeIndex:
+    r"""Block-diagonal attention over packed documents: ``j -> i`` iff same document (and
+    ``j <= i`` when ``causal``).
+
+    Edges: :math:`\sum_d \ell_d^2` (causal: :math:`\sum_d \ell_d (\ell_d + 1) / 2`) over document
+    lengths :math:`\ell_d`.
+
+    Args:
+        n: packed sequence length, or a list of lengths (a batch of packed rows).
+        doc_lengths: an int (documents of that length, the last one shorter), or the document
+            lengths of the sequence, or one such list per sequence of the batch.
+        causal: causal attention inside each document.
+
+    Example:
+        >>> document(3, [2, 1]).tolist()
+        [[0, 1, 0, 1, 2], [0, 0, 1, 1, 2]]
+    """
+    check_bool("causal", causal)
+    flat = document_lengths(n, doc_lengths)
+    return _causal(flat) if causal else _full(flat)
+
+
+def document_predicate(i: int, j: int, *, doc_lengths: int | Sequence[int], causal: bool = False) -> bool:
+    """Predicate twin of :func:`document` on one packed sequence."""
+    if causal and j > i:
+        return False
+    if isinstance(doc_lengths, int):
+        return i // doc_lengths == j // doc_lengths
+    ends = list(accumulate(doc_lengths))
+    return bisect_right(ends, i) == bisect_right(ends, j)

@@ -1,0 +1,232 @@
+"""Every deterministic builder equals the brute-force graph of its predicate twin, on single
+sequences, batches, and edge cases (n = 0, n = 1, n smaller than the window, a batch with a
+length-1 sequence); every output is a target-sorted EdgeIndex without duplicates."""
+import functools
+
+import networkx as nx
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch_geometric import EdgeIndex
+
+from gnn_transformer import topology as T
+
+LENGTHS = [[0], [1], [2], [5], [9], [16], [3, 1, 4], [1, 1], [7, 0, 2], [1, 12]]
+
+
+def _case(name, build, pred, **params):
+    return pytest.param(functools.partial(build, **params), functools.partial(pred, **params),
+                        id=f"{name}-" + "-".join(f"{k}={v}" for k, v in params.items()))
+
+
+CASES = (
+    [_case("full", T.full, T.full_predicate), _case("causal", T.causal, T.causal_predicate)]
+    + [_case("sliding_window", T.sliding_window, T.sliding_window_predicate, window=w, causal=c)
+       for w in (0, 1, 2, 20) for c in (False, True)]
+    + [_case("dilated", T.dilated, T.dilated_predicate, window=w, dilation=d, causal=c)
+       for w in (0, 1, 3) for d in (1, 2, 5) for c in (False, True)]
+    + [_case("strided", T.strided, T.strided_predicate, stride=s, causal=c)
+       for s in (1, 2, 3, 4, 20) for c in (True, False)]
+    + [_case("fixed", T.fixed, T.fixed_predicate, block=b, num_summary=k, causal=c)
+       for b, k in ((1, 0), (1, 1), (2, 1), (3, 0), (3, 2), (4, 4), (20, 3)) for c in (True, False)]
+    + [_case("global_tokens", T.global_tokens, T.global_tokens_predicate, num_global=g, window=w)
+       for g in (0, 1, 2, 30) for w in (None, 0, 2)]
+    + [_case("bigbird_no_random", functools.partial(T.bigbird, num_random=0), T.bigbird_predicate,
+             block=b, window=w, num_global=g)
+       for b in (1, 2, 3) for w in (0, 1) for g in (0, 1, 2)]
+    + [_case("prefix_lm", T.prefix_lm, T.prefix_lm_predicate, prefix=p) for p in (0, 1, 3, 40)]
+    + [_case("document", T.document, T.document_predicate, doc_lengths=d, causal=c)
+       for d in (1, 2, 3, 50) for c in (False, True)]
+)
+
+
+def _check_invariants(ei, num_src, num_dst=None):
+    num_dst = num_src if num_dst is None else num_dst
+    assert isinstance(ei, EdgeIndex)
+    assert ei.is_sorted_by_col
+    assert ei.sparse_size() == (num_src, num_dst)
+    assert ei.dtype == torch.long
+    plain = ei.as_tensor()
+    assert not T.is_multigraph(plain, num_src)
+    key = plain[1] * max(num_src, 1) + plain[0]
+    assert torch.equal(key, key.sort().values)  # by target, then source
+    if plain.numel():
+        assert int(plain[0].min()) >= 0 and int(plain[0].max()) < num_src
+        assert int(plain[1].min()) >= 0 and int(plain[1].max()) < num_dst
+
+
+@pytest.mark.parametrize("lengths", LENGTHS, ids=str)
+@pytest.mark.parametrize("build, pred", CASES)
+def test_builder_equals_predicate(build, pred, lengths):
+    ei = build(lengths)
+    _check_invariants(ei, sum(lengths))
+    expected = T.from_predicate(lengths, pred)
+    assert torch.equal(ei.as_tensor(), expected.as_tensor())
+    if len(lengths) == 1:  # an int and a one-element list give the same graph
+        assert torch.equal(build(lengths[0]).as_tensor(), ei.as_tensor())
+
+
+@pytest.mark.parametrize("lengths", LENGTHS, ids=str)
+@pytest.mark.parametrize("ring", [True, False])
+def test_star_equals_predicate(lengths, ring):
+    ei = T.star(lengths, ring=ring)
+    _check_invariants(ei, sum(lengths))
+    expected = T.from_predicate(lengths, lambda i, j, n: T.star_predicate(i, j, n, ring=ring),
+                                with_length=True)
+    assert torch.equal(ei.as_tensor(), expected.as_tensor())
+
+
+@pytest.mark.parametrize("L", [5, 6, 12])
+@pytest.mark.parametrize("ring", [True, False])
+def test_star_edge_count_and_two_hops(L, ring):
+    ei = T.star(L, ring=ring)
+    assert ei.size(1) == L + 4 * (L - 1) - (0 if ring else 2)
+    reach = T.to_dense_mask(ei).float()
+    two = (reach @ reach) > 0
+    assert two.all()  # any token reaches any other in two hops through the relay
+
+
+@pytest.mark.parametrize("q_len, k_len", [([0], [3]), ([1], [1]), ([3], [0]), ([2], [4]), ([4], [2]),
+                                           ([5, 1, 3], [2, 6, 3]), ([7], [7]), ([1, 9], [9, 1])])
+@pytest.mark.parametrize("mode", ["full", "window", "monotonic"])
+@pytest.mark.parametrize("window", [0, 1, 3])
+def test_cross_equals_predicate(q_len, k_len, mode, window):
+    ei = T.cross(q_len, k_len, mode=mode, window=window)
+    _check_invariants(ei, sum(k_len), sum(q_len))
+    expected = T.from_predicate(
+        q_len, lambda i, j, lq, lk: T.cross_predicate(i, j, lq, lk, mode=mode, window=window),
+        src_lengths=k_len, with_length=True)
+    assert torch.equal(ei.as_tensor(), expected.as_tensor())
+
+
+@pytest.mark.parametrize("lq, lk", [(3, 7), (7, 3), (5, 5), (1, 4)])
+def test_cross_monotonic_last_query_reads_everything(lq, lk):
+    m = T.to_dense_mask(T.cross(lq, lk, mode="monotonic"))
+    assert m[-1].all()
+    assert (m.sum(1)[1:] >= m.sum(1)[:-1]).all()  # monotone: the read prefix never shrinks
+    assert torch.equal(T.to_dense_mask(T.cross(lq, lk)), torch.ones(lq, lk, dtype=torch.bool))
+    if lq == lk:
+        assert torch.equal(T.to_dense_mask(T.cross(lq, lk, mode="window")), torch.eye(lq, dtype=torch.bool))
+
+
+GRAPHS = [nx.path_graph(4), nx.cycle_graph(5), nx.karate_club_graph(), nx.empty_graph(1), nx.empty_graph(3),
+          nx.gnp_random_graph(8, 0.3, seed=1, directed=True), nx.Graph([("a", "b"), ("b", "c")])]
+
+
+@pytest.mark.parametrize("graph", GRAPHS, ids=lambda g: f"{type(g).__name__}{g.number_of_nodes()}")
+@pytest.mark.parametrize("self_loops", [False, True])
+@pytest.mark.parametrize("virtual_node", [False, True])
+def test_from_graph_equals_predicate(graph, self_loops, virtual_node):
+    ei = T.from_graph(graph, self_loops=self_loops, virtual_node=virtual_node)
+    n = graph.number_of_nodes() + virtual_node
+    _check_invariants(ei, n)
+    pred = T.from_graph_predicate(graph, self_loops=self_loops, virtual_node=virtual_node)
+    assert torch.equal(ei.as_tensor(), T.from_predicate(n, pred).as_tensor())
+    extra = (n if self_loops else 0) + (2 * n - 1 if virtual_node else 0)
+    if not self_loops or not virtual_node:
+        arcs = graph.number_of_edges() * (1 if graph.is_directed() else 2)
+        assert ei.size(1) == arcs + extra
+
+
+def test_from_graph_batch_and_pyg_data():
+    from torch_geometric.data import Data
+    data = Data(edge_index=torch.tensor([[0, 0, 2], [1, 1, 0]]), num_nodes=3)  # duplicated edge
+    ei = T.from_graph([data, nx.path_graph(2)], virtual_node=True)
+    parts = [T.from_graph(data, virtual_node=True), T.from_graph(nx.path_graph(2), virtual_node=True)]
+    assert ei.sparse_size() == (7, 7)
+    off = parts[1].as_tensor() + 4
+    assert torch.equal(ei.as_tensor(), torch.cat([parts[0].as_tensor(), off], dim=1))
+    assert T.from_graph(data).size(1) == 2  # duplicate merged
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 12), min_size=1, max_size=4), st.integers(0, 14), st.integers(1, 5),
+       st.booleans())
+def test_dilated_hypothesis(lengths, window, dilation, causal):
+    ei = T.dilated(lengths, window, dilation, causal=causal)
+    _check_invariants(ei, sum(lengths))
+    pred = functools.partial(T.dilated_predicate, window=window, dilation=dilation, causal=causal)
+    assert torch.equal(ei.as_tensor(), T.from_predicate(lengths, pred).as_tensor())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=3), st.integers(0, 45), st.booleans())
+def test_sliding_window_edge_count_formula(lengths, w, causal):
+    ei = T.sliding_window(lengths, w, causal=causal)
+    d_range = range(0, w + 1) if causal else range(-w, w + 1)
+    assert ei.size(1) == sum(max(L - abs(d), 0) for L in lengths for d in d_range)
+
+
+@pytest.mark.parametrize("L", [1, 4, 9])
+@pytest.mark.parametrize("p", [0, 2, 12])
+def test_prefix_lm_edge_count(L, p):
+    q = min(p, L)
+    assert T.prefix_lm(L, p).size(1) == L * (L + 1) // 2 + q * (q - 1) // 2
+
+
+def test_prefix_lm_per_sequence_prefixes_and_special_cases():
+    ei = T.prefix_lm([3, 4], [1, 4])
+    assert torch.equal(T.to_dense_mask(ei, lengths=[3, 4])[1], torch.ones(4, 4, dtype=torch.bool))
+    assert torch.equal(T.prefix_lm(5, 0).as_tensor(), T.causal(5).as_tensor())
+    assert torch.equal(T.prefix_lm(5, 5).as_tensor(), T.full(5).as_tensor())
+
+
+def test_document_batches_and_explicit_lengths():
+    ei = T.document([5, 3], [[2, 3], [3]], causal=True)
+    assert torch.equal(ei.as_tensor(), T.causal([2, 3, 3]).as_tensor())
+    assert torch.equal(T.document(5, [2, 0, 3]).as_tensor(), T.full([2, 3]).as_tensor())
+    assert torch.equal(T.document([7, 3], 3).as_tensor(), T.full([3, 3, 1, 3]).as_tensor())
+    pred = functools.partial(T.document_predicate, doc_lengths=[2, 1, 3])
+    assert torch.equal(T.document(6, [2, 1, 3]).as_tensor(), T.from_predicate(6, pred).as_tensor())
+
+
+@pytest.mark.parametrize("build", [
+    lambda: T.full(16), lambda: T.causal(16), lambda: T.sliding_window(16, 2), lambda: T.strided(16, 4),
+    lambda: T.fixed(16, 4, 1), lambda: T.global_tokens(16, 1, window=1), lambda: T.prefix_lm(16, 4),
+])
+def test_known_identities(build):
+    """Patterns that coincide with simpler ones at the extremes."""
+    ei = build()
+    assert ei.size(1) > 0
+    assert torch.equal(T.sliding_window(6, 5).as_tensor(), T.full(6).as_tensor())
+    assert torch.equal(T.sliding_window(6, 9, causal=True).as_tensor(), T.causal(6).as_tensor())
+    assert torch.equal(T.strided(6, 1).as_tensor(), T.causal(6).as_tensor())
+    assert torch.equal(T.fixed(6, 6, 0, causal=False).as_tensor(), T.full(6).as_tensor())
+    assert torch.equal(T.global_tokens(6, 6).as_tensor(), T.full(6).as_tensor())
+    assert torch.equal(T.dilated(6, 2, 1).as_tensor(), T.sliding_window(6, 2).as_tensor())
+
+
+@pytest.mark.parametrize("call, arg", [
+    (lambda: T.sliding_window(5, -1), "window"),
+    (lambda: T.sliding_window(5, 1.5), "window"),
+    (lambda: T.sliding_window(5, 1, causal="yes"), "causal"),
+    (lambda: T.sliding_window(-3, 1), "'n'"),
+    (lambda: T.sliding_window("5", 1), "'n'"),
+    (lambda: T.dilated(5, 1, 0), "dilation"),
+    (lambda: T.strided(5, 0), "stride"),
+    (lambda: T.fixed(5, 2, 3), "num_summary"),
+    (lambda: T.fixed(5, 0), "block"),
+    (lambda: T.global_tokens(5, -1), "num_global"),
+    (lambda: T.global_tokens(5, 1, window=-2), "window"),
+    (lambda: T.bigbird(5, block=0), "block"),
+    (lambda: T.bigbird(5, num_random=-1), "num_random"),
+    (lambda: T.random(5, 6), "'k'"),
+    (lambda: T.random([8, 2], 3), "'k'"),
+    (lambda: T.expander(5, 3), "degree"),
+    (lambda: T.expander(5, -1), "degree"),
+    (lambda: T.star(5, ring=1), "ring"),
+    (lambda: T.document(5, [2, 2]), "doc_lengths"),
+    (lambda: T.document(5, 0), "doc_lengths"),
+    (lambda: T.document([2, 3], [[2]]), "doc_lengths"),
+    (lambda: T.prefix_lm(5, -1), "prefix"),
+    (lambda: T.prefix_lm([5, 2], [1]), "prefix"),
+    (lambda: T.cross(3, 4, mode="diagonal"), "mode"),
+    (lambda: T.cross([3, 2], [4]), "n_k"),
+    (lambda: T.cross(3, 4, window=-1), "window"),
+    (lambda: T.from_graph("graph"), "graph"),
+    (lambda: T.from_predicate(2000, lambda i, j: True), "max_pairs"),
+])
+def test_bad_input_names_the_argument(call, arg):
+    with pytest.raises(ValueError, match=arg):
+        call()
