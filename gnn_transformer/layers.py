@@ -1,0 +1,329 @@
+r"""Transformer encoder and decoder layers on token graphs, weight-compatible with ``torch.nn``.
+
+:class:`GraphTransformerEncoderLayer` and :class:`GraphTransformerDecoderLayer` take the constructor
+arguments of :class:`torch.nn.TransformerEncoderLayer` / :class:`~torch.nn.TransformerDecoderLayer`
+and have the same parameter names (``self_attn``, ``multihead_attn``, ``linear1``, ``linear2``,
+``norm1``, ``norm2``, ``norm3``), so ``load_state_dict`` works in both directions. Where ``torch.nn``
+takes a padded batch and masks, these take node features and the edges of the token graph:
+
+- self-attention: ``edge_index`` ``[2, E]`` on the ``N`` tokens (``j -> i``: ``i`` attends to ``j``);
+- cross-attention (decoder): ``memory_edge_index`` from the ``N_mem`` encoder tokens (sources) to
+  the ``N`` decoder tokens (targets), a bipartite graph.
+
+A padded batch with masks is one disjoint-union graph without the padding: the output at every
+real token equals ``torch.nn``'s (``tests/test_layers.py``).
+
+Notation: ``N`` tokens, ``E`` edges, ``C`` = ``d_model``, ``H`` heads, ``H_kv`` key/value heads,
+``D`` head dimension.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import GraphMultiheadAttention
+
+KV = tuple[Tensor, Tensor]
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU with the tanh approximation (GPT-2's ``gelu_new``)."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu, "gelu": F.gelu, "gelu_new": gelu_tanh, "gelu_tanh": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh, "silu": F.silu,
+}
+
+
+def get_activation(activation: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """An activation function by name (``"relu"``, ``"gelu"``, ``"gelu_new"``, ...) or as given."""
+    if isinstance(activation, str):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"Expected 'activation' to be one of {sorted(ACTIVATIONS)} or a callable "
+                             f"(got {activation!r})")
+        return ACTIVATIONS[activation]
+    if not callable(activation):
+        raise ValueError(f"Expected 'activation' to be a string or a callable (got {activation!r})")
+    return activation
+
+
+def _check_args(d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
+    for name, value in (("d_model", d_model), ("nhead", nhead), ("dim_feedforward", dim_feedforward)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"Expected '{name}' to be a positive int (got {value!r})")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"Expected 'dropout' in [0, 1) (got {dropout!r})")
+
+
+class _FeedForward(nn.Module):
+    """Shared constructor pieces of both layers (the feed-forward block, norms, dropouts)."""
+
+    def _build_feedforward(self, d_model, dim_feedforward, dropout, activation, layer_norm_eps,
+                           bias, norm_first, num_norms, factory) -> None:
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
+        self.norm_first = norm_first
+        for k in range(1, num_norms + 1):
+            setattr(self, f"norm{k}", nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory))
+            setattr(self, f"dropout{k}", nn.Dropout(dropout))
+        self.activation = get_activation(activation)
+
+    def _ff(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+class GraphTransformerEncoderLayer(_FeedForward):
+    r"""Self-attention on a token graph followed by a feed-forward block (``nn.TransformerEncoderLayer``).
+
+    Post-norm (``norm_first=False``): ``x = norm1(x + SA(x)); x = norm2(x + FF(x))``.
+    Pre-norm (``norm_first=True``): ``x = x + SA(norm1(x)); x = x + FF(norm2(x))``.
+    ``SA`` is :class:`~gnn_transformer.GraphMultiheadAttention` along ``edge_index``.
+
+    Args:
+        d_model, nhead, dim_feedforward (``2048``), dropout (``0.1``), activation (``F.relu``; a
+            name or a callable), layer_norm_eps (``1e-5``), norm_first (``False``), bias (``True``):
+            as in ``torch.nn.TransformerEncoderLayer``.
+        batch_first: accepted for signature compatibility; node features have no batch dimension.
+        num_kv_heads: key/value heads of the self-attention (grouped-query attention).
+        rope: rotary position embedding in the self-attention (``forward`` then needs ``pos``).
+        rope_base: base of the rotary frequencies.
+        attention: the attention class (default :class:`GraphMultiheadAttention`; see
+            :mod:`gnn_transformer.variants` for sigmoid, linear and MLP-projection attention), called
+            as ``attention(d_model, nhead, dropout=, bias=, num_kv_heads=, backend=, rope=,
+            rope_base=, device=, dtype=)``.
+        backend: attention backend (``"auto"``, ``"pyg"``, ``"fused"``, ``"tiled"``).
+
+    Example:
+        >>> layer = GraphTransformerEncoderLayer(8, 2, 16, dropout=0.0, backend="pyg")
+        >>> edge_index = torch.tensor([[0, 0, 1, 1, 2], [0, 1, 1, 2, 2]])
+        >>> layer(torch.randn(3, 8), edge_index).shape
+        torch.Size([3, 8])
+    """
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: str | Callable[[Tensor], Tensor] = F.relu, layer_norm_eps: float = 1e-5,
+                 batch_first: bool = False, norm_first: bool = False, bias: bool = True,
+                 device=None, dtype=None, *, num_kv_heads: int | None = None, rope: bool = False,
+                 rope_base: float = 10000.0,
+                 attention: Callable[..., GraphMultiheadAttention] = GraphMultiheadAttention,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        _check_args(d_model, nhead, dim_feedforward, dropout)
+        factory = {"device": device, "dtype": dtype}
+        self.self_attn = attention(d_model, nhead, dropout=dropout, bias=bias,
+                                   num_kv_heads=num_kv_heads, backend=backend, rope=rope,
+                                   rope_base=rope_base, **factory)
+        self._build_feedforward(d_model, dim_feedforward, dropout, activation, layer_norm_eps, bias,
+                                norm_first, 2, factory)
+
+    def self_kv(self, x: Tensor, *, pos: Tensor | None = None) -> KV:
+        """The keys and values ``[N, H_kv, D]`` this layer's self-attention computes from ``x``."""
+        return self.self_attn.key_value(self.norm1(x) if self.norm_first else x, pos=pos)
+
+    def forward(self, x: Tensor, edge_index: Tensor, *, edge_bias: Tensor | None = None,
+                pos: Tensor | None = None, kv: KV | None = None) -> Tensor:
+        r"""Apply the layer to node features.
+
+        Args:
+            x: node features ``[N, C]`` (query nodes only when ``kv`` is given).
+            edge_index: self-attention graph ``[2, E]`` (``j -> i``); with ``kv`` its sources index
+                the rows of ``kv``.
+            edge_bias: ``[E, H]`` added to the attention scores (ALiBi, graph biases).
+            pos: node positions ``[N]`` for RoPE.
+            kv: keys and values of the sources, e.g. from an earlier layer (cross-layer sharing)
+                or a cache (:mod:`gnn_transformer.decoding`).
+
+        Returns:
+            ``[N, C]``.
+        """
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), edge_index, edge_bias, pos, kv)
+            x = x + self._ff_block(self.norm2(x))
+        else:
+            x = self.norm1(x + self._sa_block(x, edge_index, edge_bias, pos, kv))
+            x = self.norm2(x + self._ff_block(x))
+        return x
+
+    def _sa_block(self, x, edge_index, edge_bias, pos, kv) -> Tensor:
+        return self.dropout1(self.self_attn(x, edge_index, edge_bias=edge_bias, pos=pos, kv=kv))
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        return self.dropout2(self._ff(x))
+
+
+class GraphTransformerDecoderLayer(_FeedForward):
+    r"""Self-attention, cross-attention to encoder tokens, feed-forward (``nn.TransformerDecoderLayer``).
+
+    Post-norm: ``x = norm1(x + SA(x)); x = norm2(x + CA(x, memory)); x = norm3(x + FF(x))``.
+    Pre-norm: ``x = x + SA(norm1(x)); x = x + CA(norm2(x), memory); x = x + FF(norm3(x))``.
+    ``CA`` attends along ``memory_edge_index``, a bipartite graph from the encoder tokens (sources)
+    to the decoder tokens (targets). Arguments as in :class:`GraphTransformerEncoderLayer`; RoPE,
+    ``num_kv_heads`` and ``attention`` apply to the self-attention only.
+
+    Example:
+        >>> layer = GraphTransformerDecoderLayer(8, 2, 16, dropout=0.0, backend="pyg")
+        >>> causal = torch.tensor([[0, 0, 1], [0, 1, 1]])           # 2 decoder tokens
+        >>> cross = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 0, 0, 1, 1, 1]])  # 3 encoder tokens
+        >>> layer(torch.randn(2, 8), causal, torch.randn(3, 8), cross).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: str | Callable[[Tensor], Tensor] = F.relu, layer_norm_eps: float = 1e-5,
+                 batch_first: bool = False, norm_first: bool = False, bias: bool = True,
+                 device=None, dtype=None, *, num_kv_heads: int | None = None, rope: bool = False,
+                 rope_base: float = 10000.0,
+                 attention: Callable[..., GraphMultiheadAttention] = GraphMultiheadAttention,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        _check_args(d_model, nhead, dim_feedforward, dropout)
+        factory = {"device": device, "dtype": dtype}
+        self.self_attn = attention(d_model, nhead, dropout=dropout, bias=bias,
+                                   num_kv_heads=num_kv_heads, backend=backend, rope=rope,
+                                   rope_base=rope_base, **factory)
+        self.multihead_attn = GraphMultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
+                                                      backend=backend, **factory)
+        self._build_feedforward(d_model, dim_feedforward, dropout, activation, layer_norm_eps, bias,
+                                norm_first, 3, factory)
+
+    def self_kv(self, x: Tensor, *, pos: Tensor | None = None) -> KV:
+        """The keys and values ``[N, H_kv, D]`` this layer's self-attention computes from ``x``."""
+        return self.self_attn.key_value(self.norm1(x) if self.norm_first else x, pos=pos)
+
+    def forward(self, x: Tensor, edge_index: Tensor, memory: Tensor, memory_edge_index: Tensor, *,
+                edge_bias: Tensor | None = None, memory_edge_bias: Tensor | None = None,
+                pos: Tensor | None = None, kv: KV | None = None) -> Tensor:
+        r"""Apply the layer.
+
+        Args:
+            x: decoder node features ``[N, C]``.
+            edge_index: decoder self-attention graph ``[2, E]`` on the ``N`` decoder nodes.
+            memory: encoder outputs ``[N_mem, C]``.
+            memory_edge_index: cross-attention graph ``[2, E_mem]``, row 0 indexes ``memory``,
+                row 1 the decoder nodes.
+            edge_bias, memory_edge_bias: ``[E, H]`` / ``[E_mem, H]`` score biases.
+            pos: decoder node positions ``[N]`` for RoPE.
+            kv: precomputed self-attention keys and values (see the encoder layer).
+
+        Returns:
+            ``[N, C]``.
+        """
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), edge_index, edge_bias, pos, kv)
+            x = x + self._mha_block(self.norm2(x), memory, memory_edge_index, memory_edge_bias)
+            x = x + self._ff_block(self.norm3(x))
+        else:
+            x = self.norm1(x + self._sa_block(x, edge_index, edge_bias, pos, kv))
+            x = self.norm2(x + self._mha_block(x, memory, memory_edge_index, memory_edge_bias))
+            x = self.norm3(x + self._ff_block(x))
+        return x
+
+    def _sa_block(self, x, edge_index, edge_bias, pos, kv) -> Tensor:
+        return self.dropout1(self.self_attn(x, edge_index, edge_bias=edge_bias, pos=pos, kv=kv))
+
+    def _mha_block(self, x, memory, memory_edge_index, memory_edge_bias) -> Tensor:
+        out = self.multihead_attn((memory, x), memory_edge_index, edge_bias=memory_edge_bias)
+        return self.dropout2(out)
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        return self.dropout3(self._ff(x))
+
+
+def _clones(module: nn.Module, num_layers: int) -> nn.ModuleList:
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
+        raise ValueError(f"Expected 'num_layers' to be a non-negative int (got {num_layers!r})")
+    return nn.ModuleList([copy.deepcopy(module) for _ in range(num_layers)])
+
+
+def _check_share(kv_share_every: int) -> int:
+    if isinstance(kv_share_every, bool) or not isinstance(kv_share_every, int) or kv_share_every < 1:
+        raise ValueError(f"Expected 'kv_share_every' to be a positive int (got {kv_share_every!r})")
+    return kv_share_every
+
+
+def _self_attention_kv(stacked: nn.Module, index: int, layer: nn.Module, x: Tensor,
+                       pos: Tensor | None, kv: KV | None, cache) -> KV | None:
+    """The keys and values layer ``index`` of a stack attends to (``None``: computed inside)."""
+    owner = index % stacked.kv_share_every == 0
+    if owner and cache is None and stacked.kv_share_every == 1:
+        return None  # the plain path: the layer projects its own keys and values
+    if owner:
+        kv = layer.self_kv(x, pos=pos)
+        if cache is not None:
+            kv = cache.update(index, kv)  # cached keys/values of earlier steps, then the new ones
+    return kv
+
+
+class GraphTransformerEncoder(nn.Module):
+    r"""A stack of ``num_layers`` copies of an encoder layer, then ``norm`` (``nn.TransformerEncoder``).
+
+    Parameter names ``layers.0....``, ``norm`` as in ``torch.nn``.
+
+    Args:
+        encoder_layer: a :class:`GraphTransformerEncoderLayer` (copied ``num_layers`` times).
+        num_layers: number of layers.
+        norm: optional final normalization (e.g. ``nn.LayerNorm(d_model)``).
+        enable_nested_tensor, mask_check: accepted for signature compatibility (no effect).
+        kv_share_every: cross-layer KV sharing (Brandon et al. 2024, Cross-Layer Attention): layer
+            ``l`` attends with the keys and values computed by layer ``l - l % kv_share_every``.
+            The key/value projections of the other layers are then unused. Default ``1`` (none).
+
+    ``forward(x, edge_index, *, edge_bias=None, pos=None, cache=None) -> [N, C]``: ``cache`` is a
+    key/value cache (:class:`gnn_transformer.decoding.KVCache`) for incremental decoding; ``x`` then
+    holds the new nodes and ``edge_index`` goes from all cached plus new nodes to the new ones.
+    """
+
+    def __init__(self, encoder_layer: nn.Module, num_layers: int, norm: nn.Module | None = None,
+                 enable_nested_tensor: bool = True, mask_check: bool = True, *,
+                 kv_share_every: int = 1) -> None:
+        super().__init__()
+        self.layers = _clones(encoder_layer, num_layers)
+        self.num_layers = num_layers
+        self.norm = norm
+        self.kv_share_every = _check_share(kv_share_every)
+
+    def forward(self, x: Tensor, edge_index: Tensor, *, edge_bias: Tensor | None = None,
+                pos: Tensor | None = None, cache=None) -> Tensor:
+        kv = None
+        for index, layer in enumerate(self.layers):
+            kv = _self_attention_kv(self, index, layer, x, pos, kv, cache)
+            x = layer(x, edge_index, edge_bias=edge_bias, pos=pos, kv=kv)
+        return x if self.norm is None else self.norm(x)
+
+
+class GraphTransformerDecoder(nn.Module):
+    r"""A stack of ``num_layers`` copies of a decoder layer, then ``norm`` (``nn.TransformerDecoder``).
+
+    ``forward(x, edge_index, memory, memory_edge_index, *, edge_bias=None, memory_edge_bias=None,
+    pos=None, cache=None) -> [N, C]``; ``kv_share_every`` and ``cache`` as in
+    :class:`GraphTransformerEncoder` (they concern the self-attention).
+    """
+
+    def __init__(self, decoder_layer: nn.Module, num_layers: int, norm: nn.Module | None = None, *,
+                 kv_share_every: int = 1) -> None:
+        super().__init__()
+        self.layers = _clones(decoder_layer, num_layers)
+        self.num_layers = num_layers
+        self.norm = norm
+        self.kv_share_every = _check_share(kv_share_every)
+
+    def forward(self, x: Tensor, edge_index: Tensor, memory: Tensor, memory_edge_index: Tensor, *,
+                edge_bias: Tensor | None = None, memory_edge_bias: Tensor | None = None,
+                pos: Tensor | None = None, cache=None) -> Tensor:
+        kv = None
+        for index, layer in enumerate(self.layers):
+            kv = _self_attention_kv(self, index, layer, x, pos, kv, cache)
+            x = layer(x, edge_index, memory, memory_edge_index, edge_bias=edge_bias,
+                      memory_edge_bias=memory_edge_bias, pos=pos, kv=kv)
+        return x if self.norm is None else self.norm(x)
+
+
+__all__ = ["GraphTransformerEncoderLayer", "GraphTransformerDecoderLayer", "GraphTransformerEncoder",
+           "GraphTransformerDecoder", "get_activation", "gelu_tanh"]

@@ -1,0 +1,230 @@
+r"""Whole models on token graphs.
+
+- :class:`GraphTransformer` mirrors :class:`torch.nn.Transformer` (encoder-decoder with final norms,
+  same constructor and parameter names: ``load_state_dict(nn.Transformer(...).state_dict())`` works).
+- :class:`GraphEncoderModel` (one :class:`GraphTransformerConfig`): token ids or node features in,
+  one vector per node out, through embeddings, positions, a stack of encoder layers and a head.
+  Whether it is an encoder (BERT-like) or a decoder-only LM (GPT-like) is decided by the graph it
+  is given (full or causal), not by the model.
+- :class:`GraphLM`: a :class:`GraphEncoderModel` whose head predicts the next token, with tied
+  embeddings; works with :func:`gnn_transformer.decoding.generate`.
+
+Models take ``edge_index`` (and node positions ``pos``) from the caller; building token graphs is
+the job of :mod:`gnn_transformer.topology`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import (GraphTransformerDecoder, GraphTransformerDecoderLayer, GraphTransformerEncoder,
+                     GraphTransformerEncoderLayer)
+from .position import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding, alibi_edge_bias, alibi_slopes
+from .variants import attention_class
+
+
+class GraphTransformer(nn.Module):
+    r"""Encoder-decoder transformer on token graphs (``torch.nn.Transformer``).
+
+    Args: as ``torch.nn.Transformer`` (``d_model=512, nhead=8, num_encoder_layers=6,
+    num_decoder_layers=6, dim_feedforward=2048, dropout=0.1, activation=F.relu, custom_encoder=None,
+    custom_decoder=None, layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True``);
+    ``batch_first`` has no effect (node features have no batch dimension). Keyword-only ``backend``
+    is passed to every attention layer.
+
+    Example:
+        >>> model = GraphTransformer(8, 2, 1, 1, 16, dropout=0.0, backend="pyg")
+        >>> src_ei = torch.tensor([[0, 1, 0, 1], [0, 0, 1, 1]])        # 2 source tokens, full
+        >>> tgt_ei = torch.tensor([[0, 0, 1], [0, 1, 1]])              # 2 target tokens, causal
+        >>> mem_ei = torch.tensor([[0, 1, 0, 1], [0, 0, 1, 1]])        # source -> target
+        >>> model(torch.randn(2, 8), torch.randn(2, 8), src_ei, tgt_ei, mem_ei).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(self, d_model: int = 512, nhead: int = 8, num_encoder_layers: int = 6,
+                 num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: str | Callable[[Tensor], Tensor] = F.relu,
+                 custom_encoder: nn.Module | None = None, custom_decoder: nn.Module | None = None,
+                 layer_norm_eps: float = 1e-5, batch_first: bool = False, norm_first: bool = False,
+                 bias: bool = True, device=None, dtype=None, *, backend: str = "auto") -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if custom_encoder is not None:
+            self.encoder = custom_encoder
+        else:
+            layer = GraphTransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
+                                                 layer_norm_eps, batch_first, norm_first, bias,
+                                                 backend=backend, **factory)
+            norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+            self.encoder = GraphTransformerEncoder(layer, num_encoder_layers, norm)
+        if custom_decoder is not None:
+            self.decoder = custom_decoder
+        else:
+            layer = GraphTransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
+                                                 layer_norm_eps, batch_first, norm_first, bias,
+                                                 backend=backend, **factory)
+            norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+            self.decoder = GraphTransformerDecoder(layer, num_decoder_layers, norm)
+        self.d_model, self.nhead, self.batch_first = d_model, nhead, batch_first
+        for p in self.parameters():  # as nn.Transformer._reset_parameters
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, src: Tensor, tgt: Tensor, src_edge_index: Tensor, tgt_edge_index: Tensor,
+                memory_edge_index: Tensor, *, src_edge_bias: Tensor | None = None,
+                tgt_edge_bias: Tensor | None = None, memory_edge_bias: Tensor | None = None
+                ) -> Tensor:
+        r"""Encode the source tokens, decode the target tokens.
+
+        Args:
+            src: source node features ``[N_src, C]``; tgt: target node features ``[N_tgt, C]``.
+            src_edge_index: encoder self-attention graph (``src_mask`` + ``src_key_padding_mask``).
+            tgt_edge_index: decoder self-attention graph (``tgt_mask`` + ``tgt_key_padding_mask``).
+            memory_edge_index: bipartite source -> target graph (``memory_mask`` +
+                ``memory_key_padding_mask``).
+            src_edge_bias, tgt_edge_bias, memory_edge_bias: optional ``[E, H]`` score biases.
+
+        Returns:
+            ``[N_tgt, C]``.
+        """
+        memory = self.encoder(src, src_edge_index, edge_bias=src_edge_bias)
+        return self.decoder(tgt, tgt_edge_index, memory, memory_edge_index, edge_bias=tgt_edge_bias,
+                            memory_edge_bias=memory_edge_bias)
+
+
+@dataclass
+class GraphTransformerConfig:
+    """Configuration of :class:`GraphEncoderModel` / :class:`GraphLM`."""
+
+    vocab_size: int | None = None  # token ids in (None: float node features of size input_dim)
+    input_dim: int | None = None  # node feature size when vocab_size is None
+    output_dim: int | None = None  # head output size (None: hidden states; GraphLM: vocab_size)
+    d_model: int = 128  # model width C
+    nhead: int = 4  # attention heads H
+    num_layers: int = 4  # encoder layers
+    dim_feedforward: int | None = None  # feed-forward width (None: 4 * d_model)
+    dropout: float = 0.0  # dropout everywhere (attention weights, residuals, embeddings)
+    activation: str = "gelu"  # "relu", "gelu", "gelu_new", "silu"
+    norm_first: bool = True  # pre-norm (GPT-2) or post-norm (BERT, original transformer)
+    layer_norm_eps: float = 1e-5
+    bias: bool = True  # biases in linear layers and layer norms
+    position: str = "learned"  # "none", "learned", "sinusoidal", "rope" or "alibi"
+    max_positions: int = 1024  # size of the learned position table
+    rope_base: float = 10000.0  # RoPE frequency base
+    num_kv_heads: int | None = None  # grouped-query attention (1: multi-query); None = nhead
+    attention: str = "softmax"  # "softmax", "sigmoid", "linear" or "mlp" (MLP projections)
+    kv_share_every: int = 1  # cross-layer KV sharing: layers reuse keys/values every k layers
+    tie_weights: bool = True  # GraphLM: output head shares the token embedding
+    backend: str = "auto"  # attention backend: "auto", "pyg", "fused", "tiled"
+
+
+POSITIONS = ("none", "learned", "sinusoidal", "rope", "alibi")
+
+
+class GraphEncoderModel(nn.Module):
+    r"""Embeddings + positions + a stack of :class:`GraphTransformerEncoderLayer` + final norm + head.
+
+    ``forward(x, edge_index, *, pos=None, edge_bias=None, cache=None) -> [N, output_dim or C]``:
+    ``x`` is token ids ``[N]`` (``vocab_size`` set) or node features ``[N, input_dim]``;
+    ``pos`` ``[N]`` node positions (needed unless ``position="none"``); ``edge_bias`` ``[E, H]``
+    extra score biases (added to ALiBi's); ``cache`` a :class:`~gnn_transformer.decoding.KVCache`
+    for incremental decoding.
+
+    Example:
+        >>> cfg = GraphTransformerConfig(vocab_size=11, d_model=8, nhead=2, num_layers=1,
+        ...                              backend="pyg")
+        >>> model = GraphEncoderModel(cfg)
+        >>> ei = torch.tensor([[0, 0, 1], [0, 1, 1]])
+        >>> model(torch.tensor([3, 5]), ei, pos=torch.arange(2)).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(self, config: GraphTransformerConfig) -> None:
+        super().__init__()
+        c = config
+        if c.position not in POSITIONS:
+            raise ValueError(f"Expected 'position' to be one of {POSITIONS} (got {c.position!r})")
+        if (c.vocab_size is None) == (c.input_dim is None):
+            raise ValueError("Expected exactly one of 'vocab_size' and 'input_dim' (got "
+                             f"vocab_size={c.vocab_size!r}, input_dim={c.input_dim!r})")
+        self.config = c
+        if c.vocab_size is not None:
+            self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        else:
+            self.embed = nn.Linear(c.input_dim, c.d_model, bias=c.bias)
+        if c.position == "learned":
+            self.pos_embed = LearnedPositionalEmbedding(c.max_positions, c.d_model)
+        elif c.position == "sinusoidal":
+            self.pos_embed = SinusoidalPositionalEmbedding(c.d_model)
+        else:
+            self.pos_embed = None
+        if c.position == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(c.nhead), persistent=False)
+        self.drop = nn.Dropout(c.dropout)
+        layer = GraphTransformerEncoderLayer(
+            c.d_model, c.nhead, c.dim_feedforward or 4 * c.d_model, c.dropout, c.activation,
+            c.layer_norm_eps, norm_first=c.norm_first, bias=c.bias, num_kv_heads=c.num_kv_heads,
+            rope=c.position == "rope", rope_base=c.rope_base,
+            attention=attention_class(c.attention), backend=c.backend)
+        final_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps, bias=c.bias) if c.norm_first else None
+        self.encoder = GraphTransformerEncoder(layer, c.num_layers, final_norm,
+                                               kv_share_every=c.kv_share_every)
+        self.head = self._make_head()
+
+    def _make_head(self) -> nn.Module | None:
+        c = self.config
+        return None if c.output_dim is None else nn.Linear(c.d_model, c.output_dim, bias=c.bias)
+
+    def embed_nodes(self, x: Tensor, pos: Tensor | None) -> Tensor:
+        """Input embeddings ``[N, C]``: token (or feature) embedding plus absolute position."""
+        c = self.config
+        if c.vocab_size is not None and (x.dim() != 1 or x.is_floating_point()):
+            raise ValueError(f"Expected 'x' to be token ids [N] (got {x.dtype} of shape {list(x.shape)})")
+        if c.input_dim is not None and (x.dim() != 2 or x.size(1) != c.input_dim):
+            raise ValueError(f"Expected 'x' to have shape [N, {c.input_dim}] (got {list(x.shape)})")
+        h = self.embed(x)  # [N, C]
+        if c.position != "none" and (not isinstance(pos, Tensor) or pos.shape != (x.size(0),)):
+            got = list(pos.shape) if isinstance(pos, Tensor) else pos
+            raise ValueError(f"Expected 'pos' with one position per node, shape [{x.size(0)}] "
+                             f"(got {got}); position={c.position!r}")
+        if self.pos_embed is not None:
+            h = h + self.pos_embed(pos).to(h.dtype)
+        return self.drop(h)
+
+    def forward(self, x: Tensor, edge_index: Tensor, *, pos: Tensor | None = None,
+                edge_bias: Tensor | None = None, cache=None) -> Tensor:
+        h = self.embed_nodes(x, pos)
+        if self.config.position == "alibi":
+            pos_src = pos if cache is None else cache.pos  # cache.pos: cached + new nodes
+            alibi = alibi_edge_bias(edge_index, pos_src, pos, self.alibi_slopes.to(h.dtype))
+            edge_bias = alibi if edge_bias is None else edge_bias + alibi
+        h = self.encoder(h, edge_index, edge_bias=edge_bias, pos=pos, cache=cache)
+        return h if self.head is None else self.head(h)
+
+
+class GraphLM(GraphEncoderModel):
+    """A language model on token graphs: :class:`GraphEncoderModel` with a next-token head.
+
+    Given a causal graph it is a GPT-style decoder-only model (``forward`` returns logits
+    ``[N, vocab_size]``); :func:`gnn_transformer.decoding.generate` samples from it with a key/value
+    cache. ``tie_weights`` shares the head with the token embedding.
+    """
+
+    def __init__(self, config: GraphTransformerConfig) -> None:
+        if config.vocab_size is None:
+            raise ValueError("Expected 'vocab_size' in the config of a GraphLM (got None)")
+        super().__init__(config)
+
+    def _make_head(self) -> nn.Module:
+        c = self.config
+        head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if c.tie_weights:
+            head.weight = self.embed.weight
+        return head
+
+
+__all__ = ["GraphTransformer", "GraphTransformerConfig", "GraphEncoderModel", "GraphLM"]
