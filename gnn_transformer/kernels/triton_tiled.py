@@ -1,0 +1,262 @@
+"""The ``tiled`` backend on the GPU: FlashAttention over a tile list, with per-tile masks.
+
+Forward: one program per (query block, head) walks its tiles (``tile_ptr``), loads the key / value
+block of each, computes the ``[Bq, Bk]`` scores with ``tl.dot`` (tensor cores for half precision),
+masks them only when the tile is partial (or adds the tile bias), and keeps an online softmax;
+it writes the output block and the log-sum-exp.
+
+Backward: ``dQ`` (and the tile-bias gradient) with one program per (query block, head) over the same
+tiles; ``dK`` / ``dV`` with one program per (key block, key/value head) over the tiles sorted by key
+block (:meth:`TileList.by_key`), summing its group's query heads inside the program. Deterministic,
+no atomics. Importing this module needs Triton; CPU tensors run under ``TRITON_INTERPRET=1``.
+
+Notation: ``Bq`` / ``Bk`` block sizes, ``H`` / ``H_kv`` query / key-value heads, ``D`` head dimension,
+``H_b`` heads of the tile bias (1 or ``H``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .tiling import TileList
+
+
+@triton.jit
+def _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, t, h, scale, TB_HEADS,
+                 HAS_TBIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
+    """Scores ``[Bq, Bk]`` of tile ``t`` for head ``h``: ``-inf`` where the tile has no edge."""
+    s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC) * scale
+    cells = tl.arange(0, BQ)[:, None] * BK + tl.arange(0, BK)[None, :]
+    if HAS_TBIAS:
+        s += tl.load(TBIAS + (t * TB_HEADS + h % TB_HEADS) * BQ * BK + cells).to(s.dtype)
+    else:
+        mi = tl.load(MASK_INDEX + t)
+        keep = tl.load(MASKS + mi * BQ * BK + cells, mask=(mi >= 0) & (cells >= 0), other=1)
+        s = tl.where(keep != 0, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _tiled_fwd(Q, K, V, TBIAS, MASKS, OUT, LSE, TILE_PTR, K_BLOCK, MASK_INDEX, scale,
+               stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
+               N_DST, N_SRC, H, GROUP, D, TB_HEADS,
+               HAS_TBIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr,
+               ACC: tl.constexpr):
+    qb = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // GROUP
+    offs_m = qb * BQ + tl.arange(0, BQ)
+    offs_d = tl.arange(0, BLOCK_D)
+    mmask = (offs_m[:, None] < N_DST) & (offs_d[None, :] < D)
+    q = tl.load(Q + offs_m[:, None] * stride_qn + h * stride_qh + offs_d[None, :], mask=mmask, other=0.0)
+    m_i = tl.full([BQ], float("-inf"), ACC)
+    l_i = tl.zeros([BQ], ACC)
+    acc = tl.zeros([BQ, BLOCK_D], ACC)
+    t0 = tl.load(TILE_PTR + qb)
+    t1 = tl.load(TILE_PTR + qb + 1)
+    for t in range(t0, t1):
+        kb = tl.load(K_BLOCK + t)
+        offs_n = kb * BK + tl.arange(0, BK)
+        nmask = (offs_n[:, None] < N_SRC) & (offs_d[None, :] < D)
+        kv = offs_n[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
+        k = tl.load(K + kv, mask=nmask, other=0.0)
+        s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, t, h, scale, TB_HEADS, HAS_TBIAS, BQ, BK, ACC)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        corr = tl.exp(m_i - m_use)
+        p = tl.exp(s - m_use[:, None])
+        l_i = l_i * corr + tl.sum(p, axis=1)
+        v = tl.load(V + kv, mask=nmask, other=0.0)
+        acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee", out_dtype=ACC)
+        m_i = m_new
+    nonempty = l_i > 0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(nonempty, m_i + tl.log(l_safe), float("-inf"))
+    tl.store(OUT + offs_m[:, None] * stride_on + h * stride_oh + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=mmask)
+    tl.store(LSE + offs_m * H + h, lse, mask=offs_m < N_DST)
+
+
+@triton.jit
+def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, DO, LSE, DELTA, DQ, DTBIAS, TILE_PTR, K_BLOCK, MASK_INDEX, scale,
+                  stride_qn, stride_qh, stride_kn, stride_kh,
+                  N_DST, N_SRC, H, GROUP, D, TB_HEADS,
+                  HAS_TBIAS: tl.constexpr, WRITE_DTBIAS: tl.constexpr,
+                  BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    qb = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // GROUP
+    offs_m = qb * BQ + tl.arange(0, BQ)
+    offs_d = tl.arange(0, BLOCK_D)
+    rmask = offs_m < N_DST
+    mmask = rmask[:, None] & (offs_d[None, :] < D)
+    rows = offs_m[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
+    q = tl.load(Q + rows, mask=mmask, other=0.0)
+    do = tl.load(DO + rows, mask=mmask, other=0.0)
+    lse = tl.load(LSE + offs_m * H + h, mask=rmask, other=0.0).to(ACC)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(DELTA + offs_m * H + h, mask=rmask, other=0.0).to(ACC)
+    dq = tl.zeros([BQ, BLOCK_D], ACC)
+    cells = tl.arange(0, BQ)[:, None] * BK + tl.arange(0, BK)[None, :]
+    t0 = tl.load(TILE_PTR + qb)
+    t1 = tl.load(TILE_PTR + qb + 1)
+    for t in range(t0, t1):
+        kb = tl.load(K_BLOCK + t)
+        offs_n = kb * BK + tl.arange(0, BK)
+        nmask = (offs_n[:, None] < N_SRC) & (offs_d[None, :] < D)
+        kv = offs_n[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
+        k = tl.load(K + kv, mask=nmask, other=0.0)
+        v = tl.load(V + kv, mask=nmask, other=0.0)
+        s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, t, h, scale, TB_HEADS, HAS_TBIAS, BQ, BK, ACC)
+        p = tl.exp(s - lse[:, None])  # [Bq, Bk], 0 where masked
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=ACC).to(ACC)
+        ds = p * (dp - delta[:, None])
+        if WRITE_DTBIAS:
+            tl.store(DTBIAS + (t * H + h) * BQ * BK + cells, ds.to(DTBIAS.dtype.element_ty))
+        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee", out_dtype=ACC).to(ACC)
+    tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=mmask)
+
+
+@triton.jit
+def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, DO, LSE, DELTA, DK, DV, K_PTR, ORDER, Q_BLOCK, MASK_INDEX, scale,
+                    stride_qn, stride_qh, stride_kn, stride_kh,
+                    N_DST, N_SRC, H, GROUP, D, TB_HEADS,
+                    HAS_TBIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr,
+                    ACC: tl.constexpr):
+    kb = tl.program_id(0)
+    hk = tl.program_id(1)
+    offs_n = kb * BK + tl.arange(0, BK)
+    offs_d = tl.arange(0, BLOCK_D)
+    nmask = (offs_n[:, None] < N_SRC) & (offs_d[None, :] < D)
+    cols = offs_n[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
+    k = tl.load(K + cols, mask=nmask, other=0.0)
+    v = tl.load(V + cols, mask=nmask, other=0.0)
+    dk = tl.zeros([BK, BLOCK_D], ACC)
+    dv = tl.zeros([BK, BLOCK_D], ACC)
+    i0 = tl.load(K_PTR + kb)
+    i1 = tl.load(K_PTR + kb + 1)
+    for idx in range(i0, i1):
+        t = tl.load(ORDER + idx)
+        qb = tl.load(Q_BLOCK + t)
+        offs_m = qb * BQ + tl.arange(0, BQ)
+        rmask = offs_m < N_DST
+        mmask = rmask[:, None] & (offs_d[None, :] < D)
+        for g in range(GROUP):
+            h = hk * GROUP + g
+            rows = offs_m[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
+            q = tl.load(Q + rows, mask=mmask, other=0.0)
+            do = tl.load(DO + rows, mask=mmask, other=0.0)
+            lse = tl.load(LSE + offs_m * H + h, mask=rmask, other=0.0).to(ACC)
+            lse = tl.where(lse == float("-inf"), 0.0, lse)
+            delta = tl.load(DELTA + offs_m * H + h, mask=rmask, other=0.0).to(ACC)
+            s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, t, h, scale, TB_HEADS, HAS_TBIAS, BQ, BK, ACC)
+            p = tl.exp(s - lse[:, None])  # [Bq, Bk]
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=ACC).to(ACC)
+            ds = p * (dp - delta[:, None])
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee", out_dtype=ACC).to(ACC)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee", out_dtype=ACC).to(ACC)
+    tl.store(DK + cols, (dk * scale).to(DK.dtype.element_ty), mask=nmask)
+    tl.store(DV + cols, dv.to(DV.dtype.element_ty), mask=nmask)
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _check_blocks(tiles: TileList) -> None:
+    for name, b in (("block_q", tiles.block_q), ("block_k", tiles.block_k)):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"The Triton tiled kernels need power-of-two blocks of at least 16 (got {name}={b})")
+
+
+def _common(tiles: TileList, tbias: Tensor | None, dim: int):
+    masks = tiles.masks.view(torch.uint8) if tiles.masks.numel() else \
+        torch.ones(1, dtype=torch.uint8, device=tiles.masks.device)
+    tb_heads = 1 if tbias is None else tbias.size(1)
+    return masks, tb_heads, max(16, triton.next_power_of_2(dim))
+
+
+def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None,
+                         scale: float) -> tuple[Tensor, Tensor]:
+    """``(out [N_dst, H, D], lse [N_dst, H])`` over the tiles."""
+    _check_blocks(tiles)
+    n_dst, num_heads, dim = q.shape
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty_like(q)
+    lse = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)
+    if n_dst == 0:
+        return out, lse
+    masks, tb_heads, block_d = _common(tiles, tbias, dim)
+    _tiled_fwd[(tiles.num_q_blocks, num_heads)](
+        q, k, v, tbias if tbias is not None else lse, masks, out, lse, tiles.tile_ptr, tiles.k_block,
+        tiles.mask_index, float(scale),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
+        n_dst, k.size(0), num_heads, num_heads // k.size(1), dim, tb_heads,
+        HAS_TBIAS=tbias is not None, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
+        ACC=_acc(q.dtype))
+    return out, lse
+
+
+def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse, need_bias_grad):
+    """``(dq, dk, dv, dtile_bias)``."""
+    n_dst, num_heads, dim = q.shape
+    n_src, num_kv = k.size(0), k.size(1)
+    acc_dtype = lse.dtype
+    dout = dout.contiguous()
+    delta = (dout.to(acc_dtype) * out.to(acc_dtype)).sum(-1)  # [N_dst, H]
+    if dlse is not None:
+        delta = delta - dlse.to(acc_dtype)
+    delta = delta.contiguous()
+    masks, tb_heads, block_d = _common(tiles, tbias, dim)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dtb = torch.zeros_like(tbias) if need_bias_grad else None
+    tb_arg = tbias if tbias is not None else delta
+    common = dict(HAS_TBIAS=tbias is not None, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
+                  ACC=_acc(q.dtype))
+    if n_dst > 0:
+        _tiled_bwd_dq[(tiles.num_q_blocks, num_heads)](
+            q, k, v, tb_arg, masks, dout, lse, delta, dq, dtb if dtb is not None else delta,
+            tiles.tile_ptr, tiles.k_block, tiles.mask_index, float(scale),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            n_dst, n_src, num_heads, num_heads // num_kv, dim, tb_heads,
+            WRITE_DTBIAS=dtb is not None, **common)
+    if n_src > 0:
+        order, k_ptr = tiles.by_key()
+        _tiled_bwd_dkdv[(tiles.num_k_blocks, num_kv)](
+            q, k, v, tb_arg, masks, dout, lse, delta, dk, dv, k_ptr, order, tiles.q_block,
+            tiles.mask_index, float(scale),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            n_dst, n_src, num_heads, num_heads // num_kv, dim, tb_heads, **common)
+    return dq, dk, dv, dtb
+
+
+class TritonTiledAttention(torch.autograd.Function):
+    """Autograd wrapper of :func:`tiled_triton_forward` / :func:`tiled_triton_backward`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, tbias, tiles, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        tb = None if tbias is None else tbias.contiguous()
+        out, lse = tiled_triton_forward(q, k, v, tiles, tb, scale)
+        ctx.save_for_backward(q, k, v, tb, out, lse)
+        ctx.tiles, ctx.scale = tiles, scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, tb, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        need_bias = tb is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dtb = tiled_triton_backward(q, k, v, ctx.tiles, tb, ctx.scale, out, lse, dout, dlse,
+                                                need_bias)
+        return dq, dk, dv, dtb, None, None
+
+
+def tiled_triton_attention(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None,
+                           scale: float) -> tuple[Tensor, Tensor]:
+    """Differentiable ``(out, lse)`` of the Triton tiled kernels."""
+    return TritonTiledAttention.apply(q, k, v, tbias, tiles, scale)
