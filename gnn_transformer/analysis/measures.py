@@ -1,0 +1,319 @@
+r"""Measures of attention graphs and hidden states: pure functions of tensors.
+
+An attention graph is ``edge_index`` ``[2, E]`` (row 0 the source ``j``, the key; row 1 the target
+``i``, the query) with weights ``alpha`` ``[E, H]`` that sum to 1 over the incoming edges of each
+target. Attention *received* by a token is therefore a sum over its **outgoing** edges:
+
+.. math::
+
+    r_j^h = \sum_{i : (j \to i) \in E} \alpha_{ji}^h .
+
+Notation: ``N`` nodes (``N_src`` keys, ``N_dst`` queries), ``E`` edges, ``H`` heads, ``C`` features.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def _plain(edge_index: Tensor) -> Tensor:
+    return edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+
+
+def _check_graph(edge_index: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate an attention graph; return a plain ``[2, E]`` index and ``[E, H]`` weights."""
+    if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.size(0) != 2:
+        shape = list(edge_index.shape) if isinstance(edge_index, Tensor) else type(edge_index).__name__
+        raise ValueError(f"Expected 'edge_index' to have shape [2, E] (got {shape})")
+    if not isinstance(weights, Tensor) or weights.dim() not in (1, 2):
+        shape = list(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(f"Expected 'weights' to have shape [E, H] or [E] (got {shape})")
+    if weights.size(0) != edge_index.size(1):
+        raise ValueError(f"Expected 'weights' to have one row per edge ({edge_index.size(1)} edges, "
+                         f"got {weights.size(0)} rows)")
+    weights = weights.unsqueeze(-1) if weights.dim() == 1 else weights  # [E, H]
+    return _plain(edge_index).to(weights.device).long(), weights
+
+
+def _num_nodes(edge_index: Tensor, num_nodes: int | None, row: int) -> int:
+    if num_nodes is not None:
+        return num_nodes
+    return int(edge_index[row].max()) + 1 if edge_index.numel() else 0
+
+
+# ------------------------------------------------------------------ attention received, sinks
+def received_attention(edge_index: Tensor, weights: Tensor, num_src: int | None = None, *,
+                       normalize: bool = False) -> Tensor:
+    r"""Total attention each key receives, :math:`r_j^h = \sum_i \alpha_{ji}^h` (its out-strength).
+
+    Args:
+        edge_index: ``[2, E]``, row 0 the key ``j``, row 1 the query ``i``.
+        weights: attention weights ``[E, H]`` (or ``[E]``).
+        num_src: number of key nodes (default: largest source index + 1).
+        normalize: divide by the number of queries that may attend to each key (its out-degree),
+            giving the mean attention a key receives from the queries that see it, in ``[0, 1]``.
+
+    Returns:
+        ``[N_src, H]``; keys with no outgoing edge receive 0.
+
+    Example:
+        >>> from gnn_transformer.topology import causal
+        >>> alpha = torch.tensor([[1.0], [0.9], [0.1], [0.8], [0.1], [0.1]])  # 3 causal tokens
+        >>> received_attention(causal(3), alpha).flatten().tolist()
+        [2.700000047683716, 0.20000000298023224, 0.10000000149011612]
+    """
+    edge_index, weights = _check_graph(edge_index, weights)
+    n = _num_nodes(edge_index, num_src, 0)
+    out = weights.new_zeros(n, weights.size(1)).index_add_(0, edge_index[0], weights)  # [N_src, H]
+    if normalize:
+        degree = torch.bincount(edge_index[0], minlength=n).clamp(min=1).to(weights.dtype)  # [N_src]
+        out = out / degree.unsqueeze(-1)
+    return out
+
+
+def first_tokens(num_nodes: int, batch: Tensor | None = None) -> Tensor:
+    """Boolean ``[N]``: ``True`` at the first node of each sequence of a batch (node 0 if no batch)."""
+    if batch is None:
+        is_first = torch.zeros(num_nodes, dtype=torch.bool)
+        if num_nodes:
+            is_first[0] = True
+        return is_first
+    batch = batch.reshape(-1)
+    if batch.numel() != num_nodes:
+        raise ValueError(f"Expected 'batch' to have one entry per node ({num_nodes}, got "
+                         f"{batch.numel()})")
+    is_first = torch.ones_like(batch, dtype=torch.bool)
+    is_first[1:] = batch[1:] != batch[:-1]
+    return is_first
+
+
+def sink_scores(edge_index: Tensor, weights: Tensor, batch: Tensor | None = None, *,
+                num_src: int | None = None) -> Tensor:
+    r"""Share of all attention that lands on the first token of each sequence, per head.
+
+    .. math::
+
+        \mathrm{sink}^h = \frac{\sum_{(j \to i) : j \text{ first}} \alpha_{ji}^h}
+                               {\sum_{(j \to i)} \alpha_{ji}^h}
+
+    that is, the mean over queries (with at least one key) of the weight they put on their
+    sequence's first token. ``1/L`` on a uniform full graph of length ``L``; near 1 for a sink.
+
+    Args:
+        edge_index: ``[2, E]``; weights: ``[E, H]``.
+        batch: sequence id of every *key* node ``[N_src]`` (PyG ``batch`` vector); default one
+            sequence whose first token is node 0.
+        num_src: number of key nodes (default from ``batch`` or ``edge_index``).
+
+    Returns:
+        ``[H]`` in ``[0, 1]`` (0 for a graph without edges).
+
+    Example:
+        >>> from gnn_transformer.topology import full
+        >>> sink_scores(full(4), torch.full((16, 2), 0.25)).tolist()
+        [0.25, 0.25]
+    """
+    edge_index, weights = _check_graph(edge_index, weights)
+    n = batch.numel() if batch is not None and num_src is None else _num_nodes(edge_index, num_src, 0)
+    is_first = first_tokens(n, None if batch is None else batch.cpu()).to(weights.device)  # [N_src]
+    on_first = weights[is_first[edge_index[0]]].sum(dim=0)  # [H]
+    total = weights.sum(dim=0)  # [H]
+    return torch.where(total > 0, on_first / total.clamp(min=torch.finfo(weights.dtype).tiny),
+                       torch.zeros_like(total))
+
+
+def find_sinks(edge_index: Tensor, weights: Tensor, num_src: int | None = None, *,
+               threshold: float = 0.5) -> Tensor:
+    """Keys that draw, on average, more than ``threshold`` of the attention of the queries that see
+    them (``received_attention(..., normalize=True) > threshold``), as a boolean ``[N_src, H]``.
+
+    A key that only itself attends to (the first token of a causal graph's self-loop) is not a
+    sink by this definition unless other queries see it too: keys with out-degree 1 are excluded.
+    """
+    edge_index, weights = _check_graph(edge_index, weights)
+    n = _num_nodes(edge_index, num_src, 0)
+    mean = received_attention(edge_index, weights, n, normalize=True)  # [N_src, H]
+    degree = torch.bincount(edge_index[0], minlength=n).to(weights.device)  # [N_src]
+    return (mean > threshold) & (degree > 1).unsqueeze(-1)
+
+
+def attention_entropy(edge_index: Tensor, weights: Tensor, num_dst: int | None = None) -> Tensor:
+    r"""Entropy of each query's attention distribution, :math:`-\sum_j \alpha_{ji} \log \alpha_{ji}`.
+
+    Returns ``[N_dst, H]`` in nats: 0 when a query attends to a single key, ``log(deg)`` when
+    uniform; 0 for a query without keys.
+    """
+    edge_index, weights = _check_graph(edge_index, weights)
+    n = _num_nodes(edge_index, num_dst, 1)
+    terms = -torch.special.xlogy(weights, weights)  # [E, H], 0 log 0 = 0
+    return weights.new_zeros(n, weights.size(1)).index_add_(0, edge_index[1], terms)  # [N_dst, H]
+
+
+# ------------------------------------------------------------------ centrality
+def _transition_sums(edge_index: Tensor, weights: Tensor, n: int) -> Tensor:
+    return weights.new_zeros(n, weights.size(1)).index_add_(0, edge_index[1], weights)  # [N, H]
+
+
+def attention_pagerank(edge_index: Tensor, weights: Tensor, num_nodes: int | None = None, *,
+                       damping: float = 0.85, tol: float = 1e-10, max_iter: int = 1000) -> Tensor:
+    r"""PageRank of the walk that follows attention: from a query to a key with probability
+    :math:`\alpha_{ji}` (edge ``j -> i`` read backwards), with uniform teleportation.
+
+    .. math::
+
+        \pi_j = \frac{1 - d}{N} + d \Big( \sum_{i : j \to i} \pi_i \frac{\alpha_{ji}}{s_i}
+                + \frac{1}{N} \sum_{i : s_i = 0} \pi_i \Big), \qquad s_i = \sum_{j'} \alpha_{j'i}
+
+    Keys that many (important) queries attend to rank high: attention sinks are its top nodes.
+    This is ``networkx.pagerank`` of the *reversed* attention graph (weights on edges ``i -> j``);
+    queries without keys are dangling nodes whose rank is spread uniformly, as in networkx.
+
+    Args:
+        edge_index: ``[2, E]`` of a self-attention graph; weights: ``[E, H]`` (or ``[E]``).
+        num_nodes: ``N`` (default from ``edge_index``).
+        damping: ``d``. Default ``0.85``.
+        tol: stop when the L1 change of every head is below ``N * tol``.
+        max_iter: iteration limit.
+
+    Returns:
+        ``[N, H]``, each column summing to 1 (dtype of ``weights``; computed in float64).
+
+    Example:
+        >>> from gnn_transformer.topology import full
+        >>> attention_pagerank(full(2), torch.tensor([[0.9], [0.1], [0.9], [0.1]])).flatten()
+        tensor([0.8400, 0.1600])
+    """
+    edge_index, weights = _check_graph(edge_index, weights)
+    if not 0.0 <= damping < 1.0:
+        raise ValueError(f"Expected 'damping' in [0, 1) (got {damping})")
+    n = max(_num_nodes(edge_index, num_nodes, 0), _num_nodes(edge_index, num_nodes, 1))
+    w = weights.to(torch.float64)
+    heads = w.size(1)
+    if n == 0:
+        return weights.new_zeros(0, heads)
+    s = _transition_sums(edge_index, w, n)  # [N, H] total weight leaving each query
+    p = w / s[edge_index[1]].clamp(min=1e-300)  # [E, H] transition probability query -> key
+    dangling = s <= 0  # [N, H]
+    rank = w.new_full((n, heads), 1.0 / n)  # [N, H]
+    for _ in range(max_iter):
+        spread = (rank * dangling).sum(dim=0, keepdim=True) / n  # [1, H]
+        flow = w.new_zeros(n, heads).index_add_(0, edge_index[0], p * rank[edge_index[1]])
+        new = (1.0 - damping) / n + damping * (flow + spread)  # [N, H]
+        change = (new - rank).abs().sum(dim=0)  # [H]
+        rank = new
+        if bool((change < n * tol).all()):
+            break
+    return (rank / rank.sum(dim=0, keepdim=True)).to(weights.dtype)
+
+
+def attention_hits(edge_index: Tensor, weights: Tensor, num_nodes: int | None = None, *,
+                   tol: float = 1e-10, max_iter: int = 1000) -> tuple[Tensor, Tensor]:
+    r"""HITS hub and authority scores of the attention graph (edges ``j -> i``, weights
+    :math:`\alpha_{ji}`): with ``A[j, i] = alpha_ji``, hubs are the principal eigenvector of
+    :math:`A A^\top` and authorities of :math:`A^\top A`.
+
+    Hubs are *keys* whose weight goes to many queries (sinks score high); authorities are
+    *queries* fed by strong hubs. Same as ``networkx.hits`` on the attention graph when the
+    principal eigenvalue is simple (e.g. a connected full or causal graph).
+
+    Returns:
+        ``(hubs, authorities)``, each ``[N, H]`` with columns summing to 1.
+    """
+    edge_index, weights = _check_graph(edge_index, weights)
+    n = max(_num_nodes(edge_index, num_nodes, 0), _num_nodes(edge_index, num_nodes, 1))
+    w = weights.to(torch.float64)
+    heads = w.size(1)
+    if n == 0:
+        empty = weights.new_zeros(0, heads)
+        return empty, empty
+    src, dst = edge_index[0], edge_index[1]
+    hubs = w.new_full((n, heads), 1.0 / n)  # [N, H]
+    auth = hubs
+    for _ in range(max_iter):
+        auth = w.new_zeros(n, heads).index_add_(0, dst, w * hubs[src])  # A^T h
+        new = w.new_zeros(n, heads).index_add_(0, src, w * auth[dst])  # A a
+        new = new / new.abs().amax(dim=0, keepdim=True).clamp(min=1e-300)
+        change = (new - hubs).abs().sum(dim=0)
+        hubs = new
+        if bool((change < n * tol).all()):
+            break
+    auth = w.new_zeros(n, heads).index_add_(0, dst, w * hubs[src])
+    hubs = hubs / hubs.sum(dim=0, keepdim=True).clamp(min=1e-300)
+    auth = auth / auth.sum(dim=0, keepdim=True).clamp(min=1e-300)
+    return hubs.to(weights.dtype), auth.to(weights.dtype)
+
+
+# ------------------------------------------------------------------ massive activations
+@dataclass(frozen=True)
+class ActivationStats:
+    """Magnitude profile of one hidden state ``[N, C]``.
+
+    Attributes:
+        max_abs: largest ``|h|``.
+        median_abs: median ``|h|`` over all tokens and dimensions.
+        ratio: ``max_abs / median_abs``.
+        token, dim: where ``max_abs`` sits (row, column).
+        top: the ``k`` largest magnitudes as ``(value, token, dim)``, value signed.
+    """
+
+    max_abs: float
+    median_abs: float
+    ratio: float
+    token: int
+    dim: int
+    top: tuple[tuple[float, int, int], ...]
+
+
+def _as_rows(hidden: Tensor) -> Tensor:
+    if not isinstance(hidden, Tensor) or hidden.dim() < 1:
+        raise ValueError(f"Expected 'hidden' to be a tensor [N, C] (got {hidden!r})")
+    return hidden.detach().reshape(-1, hidden.size(-1)) if hidden.dim() != 2 else hidden.detach()
+
+
+def activation_stats(hidden: Tensor, k: int = 3) -> ActivationStats:
+    """Largest magnitudes of a hidden state against its median (Sun et al., 2024).
+
+    Example:
+        >>> h = torch.ones(3, 4); h[1, 2] = -500.0
+        >>> s = activation_stats(h, k=1)
+        >>> s.ratio, s.token, s.dim, s.top
+        (500.0, 1, 2, ((-500.0, 1, 2),))
+    """
+    h = _as_rows(hidden)  # [N, C]
+    if h.numel() == 0:
+        raise ValueError(f"Expected a non-empty 'hidden' (got shape {list(hidden.shape)})")
+    mag = h.abs().flatten().float()  # [N C]
+    median = float(mag.median())
+    values, flat = mag.topk(min(k, mag.numel()))
+    c = h.size(1)
+    top = tuple((float(h.flatten()[f]), int(f) // c, int(f) % c) for f in flat.tolist())
+    max_abs = float(values[0])
+    ratio = max_abs / median if median > 0 else (float("inf") if max_abs > 0 else 1.0)
+    return ActivationStats(max_abs, median, ratio, top[0][1], top[0][2], top)
+
+
+def massive_activations(hidden: Tensor, *, min_magnitude: float = 100.0,
+                        min_ratio: float = 1000.0) -> list[tuple[int, int, float]]:
+    """Entries of a hidden state that are *massive*: ``|h| > min_magnitude`` and
+    ``|h| > min_ratio * median |h|`` (the criterion of Sun et al., 2024, "Massive Activations in
+    Large Language Models").
+
+    Returns:
+        ``(token, dim, value)`` triples, largest magnitude first.
+
+    Example:
+        >>> h = torch.randn(4, 8) * 0.1; h[0, 3] = 250.0
+        >>> massive_activations(h)
+        [(0, 3, 250.0)]
+    """
+    h = _as_rows(hidden)
+    mag = h.abs().float()  # [N, C]
+    if mag.numel() == 0:
+        return []
+    median = float(mag.median())
+    hit = (mag > min_magnitude) & (mag > min_ratio * median)
+    tokens, dims = hit.nonzero(as_tuple=True)
+    order = mag[tokens, dims].argsort(descending=True)
+    return [(int(tokens[o]), int(dims[o]), float(h[tokens[o], dims[o]])) for o in order]

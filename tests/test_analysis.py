@@ -1,0 +1,384 @@
+"""Attention-graph analytics: recording, measures against dense computations, planted sinks and
+massive activations, pre-norm versus post-norm, networkx export."""
+import math
+
+import networkx as nx
+import pytest
+import torch
+from torch import nn
+
+from gnn_transformer import GraphMultiheadAttention, dense, from_padded, to_padded
+from gnn_transformer.analysis import (activation_stats, attention_entropy, attention_hits,
+                                      attention_pagerank, compare_norm_placement, extract,
+                                      find_layers, find_sinks, massive_activations, norm_placement,
+                                      received_attention, record, sink_scores, summarize)
+from gnn_transformer.analysis.summary import format_table
+from gnn_transformer.topology import batch_vector, causal, erdos_renyi, full, to_dense_mask
+
+from .conftest import TOL
+
+C, H = 16, 2
+
+
+# ---------------------------------------------------------------- a tiny model to plant things in
+class Block(nn.Module):
+    """Pre-norm (or post-norm) self-attention + ReLU feed-forward on a token graph."""
+
+    def __init__(self, norm_first: bool = True):
+        super().__init__()
+        self.norm_first = norm_first
+        self.norm1, self.norm2 = nn.LayerNorm(C), nn.LayerNorm(C)
+        self.self_attn = GraphMultiheadAttention(C, H, backend="pyg")
+        self.linear1, self.linear2 = nn.Linear(C, 2 * C), nn.Linear(2 * C, C)
+
+    def ff(self, x):
+        return self.linear2(torch.relu(self.linear1(x)))
+
+    def forward(self, x, edge_index):
+        if self.norm_first:
+            x = x + self.self_attn(self.norm1(x), edge_index)
+            return x + self.ff(self.norm2(x))
+        x = self.norm1(x + self.self_attn(x, edge_index))
+        return self.norm2(x + self.ff(x))
+
+
+class Stack(nn.Module):
+    def __init__(self, num_layers: int = 4, norm_first: bool = True):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(norm_first) for _ in range(num_layers))
+
+    def forward(self, x, edge_index):
+        for layer in self.layers:
+            x = layer(x, edge_index)
+        return x
+
+
+def _plant_sink(attn: GraphMultiheadAttention, strength: float = 10.0) -> None:
+    """Every query reads feature 1 (constant), every key feature 0 (set only at the first token):
+    the score of key 0 is ``strength`` in every head, all other scores are 0."""
+    d = attn.head_dim
+    with torch.no_grad():
+        attn.in_proj_weight.zero_()
+        attn.in_proj_bias.zero_()
+        for h in range(attn.num_heads):
+            attn.in_proj_weight[h * d, 1] = math.sqrt(strength * math.sqrt(d))  # query
+            attn.in_proj_weight[C + h * d, 0] = math.sqrt(strength * math.sqrt(d))  # key
+        attn.in_proj_weight[2 * C:] = torch.eye(C)  # values: identity
+
+
+def _sink_inputs(lengths):
+    x = torch.randn(sum(lengths), C) * 0.1
+    x[:, 0] = 0.0
+    x[:, 1] = 1.0
+    batch = batch_vector(lengths)
+    first = torch.ones_like(batch, dtype=torch.bool)
+    first[1:] = batch[1:] != batch[:-1]
+    x[first, 0] = 1.0  # the "beginning of sequence" marker
+    return x, batch
+
+
+def _random_graph(lengths, seed=0):
+    blocks, offset = [], 0
+    for k, n in enumerate(lengths):
+        blocks.append(erdos_renyi(n, p=0.5, seed=seed + k, min_in_degree=1).as_tensor() + offset)
+        offset += n
+    return torch.cat(blocks, dim=1)
+
+
+def _graph(kind, lengths):
+    return {"full": full, "causal": causal}[kind](lengths) if kind != "random" else \
+        _random_graph(lengths)
+
+
+# ---------------------------------------------------------------- recording
+def test_record_leaves_no_state_and_returns_what_was_asked():
+    attn = GraphMultiheadAttention(C, H, backend="pyg")
+    x, ei = torch.randn(5, C), causal(5)
+    before = set(attn.__dict__)
+    hooks = (len(attn._forward_hooks), len(attn._forward_pre_hooks))
+    with record(attn) as trace:
+        out = attn(x, ei)  # weights not requested: a plain tensor comes back
+        out2, alpha = attn(x, ei, return_attention_weights=True)
+    assert isinstance(out, torch.Tensor)
+    torch.testing.assert_close(out, out2)
+    assert set(attn.__dict__) == before and "attend" not in attn.__dict__
+    assert (len(attn._forward_hooks), len(attn._forward_pre_hooks)) == hooks
+    assert len(trace.attention) == 2
+    torch.testing.assert_close(trace.attention[0].weights, alpha)
+    assert trace.attention[0].edge_index.tolist() == ei.tolist()
+    assert not trace.attention[0].cross
+
+
+def test_record_restores_on_error_and_rejects_models_without_attention():
+    model = Stack(2)
+    with pytest.raises(RuntimeError, match="boom"):
+        with record(model):
+            raise RuntimeError("boom")
+    assert all("attend" not in m.__dict__ for m in model.modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="GraphMultiheadAttention"):
+        with record(nn.Linear(2, 2)):
+            pass
+
+
+def test_hidden_states_and_layers_follow_the_stack():
+    model = Stack(3).eval()
+    x, ei = torch.randn(6, C), causal(6)
+    trace = extract(model, x, ei)
+    assert [n for n, _ in find_layers(model)] == ["layers.0", "layers.1", "layers.2"]
+    assert [g.layer for g in trace.attention] == [0, 1, 2]
+    states = trace.hidden_states
+    assert len(states) == 4
+    torch.testing.assert_close(states[0], x)
+    torch.testing.assert_close(states[-1], trace.output)
+    h = x
+    for k, layer in enumerate(model.layers):
+        h = layer(h, ei)
+        torch.testing.assert_close(states[k + 1], h)
+
+
+def test_cross_attention_is_recorded_as_bipartite():
+    attn = GraphMultiheadAttention(C, H, backend="pyg")
+    mem, tgt = torch.randn(4, C), torch.randn(3, C)
+    ei = torch.tensor([[0, 1, 2, 3, 1, 3], [0, 0, 0, 1, 2, 2]])  # query 1 sees only key 3
+    trace = extract(attn, (mem, tgt), ei)
+    g = trace.attention[0]
+    assert g.cross and (g.num_src, g.num_dst) == (4, 3)
+    graph = g.to_networkx(0)
+    assert set(graph.nodes) == {("key", j) for j in range(4)} | {("query", i) for i in range(3)}
+    assert graph[("key", 3)][("query", 1)]["weight"] == pytest.approx(1.0)
+    assert trace.self_attention() == []
+
+
+def test_networkx_export_per_head():
+    attn = GraphMultiheadAttention(C, H, backend="pyg")
+    x, ei = torch.randn(4, C), causal(4)
+    trace = extract(attn, x, ei)
+    graphs = trace.to_networkx(labels=list("abcd"))
+    assert set(graphs) == {(0, 0), (0, 1)}
+    g = graphs[(0, 1)]
+    assert isinstance(g, nx.DiGraph) and g.number_of_edges() == 10
+    alpha = trace.attention[0].weights
+    for e, (j, i) in enumerate(ei.t().tolist()):
+        assert g[j][i]["weight"] == pytest.approx(float(alpha[e, 1]))
+    assert g.nodes[2]["token"] == "c"
+    for i in range(4):  # each query's incoming weights sum to 1
+        assert sum(d["weight"] for _, _, d in g.in_edges(i, data=True)) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- measures vs dense computations
+@pytest.mark.parametrize("kind", ["full", "causal", "random"])
+@pytest.mark.parametrize("lengths", [[6], [5, 3, 4]])
+def test_measures_match_dense_attention(kind, lengths):
+    attn = GraphMultiheadAttention(C, H, backend="pyg", dtype=torch.float64).eval()
+    x = torch.randn(sum(lengths), C, dtype=torch.float64) * 2
+    ei = _graph(kind, lengths)
+    n = sum(lengths)
+    trace = extract(attn, x, ei)
+    g = trace.attention[0]
+    mask = to_dense_mask(ei, n, n, lengths=lengths)  # [B, T, T]
+    _, w = dense.multihead_attention(attn, to_padded(x, lengths), to_padded(x, lengths), mask)
+    # w: [B, H, T_q, T_k]; padded rows and columns are zero
+    tol = TOL[torch.float64]
+    received = from_padded(w.sum(dim=2).transpose(1, 2), lengths)  # [N, H]
+    torch.testing.assert_close(received_attention(g.edge_index, g.weights, n), received, **tol)
+    valid = to_dense_mask(ei, n, n, lengths=lengths).any(dim=-1)  # [B, T] queries with keys
+    sink = w[:, :, :, 0].sum(dim=(0, 2)) / valid.sum()  # [H]
+    batch = batch_vector(lengths)
+    torch.testing.assert_close(sink_scores(g.edge_index, g.weights, batch), sink, **tol)
+    ent = -torch.special.xlogy(w, w).sum(dim=-1)  # [B, H, T]
+    torch.testing.assert_close(attention_entropy(g.edge_index, g.weights, n),
+                               from_padded(ent.transpose(1, 2), lengths), **tol)
+    # the dense matrix of the recorded graph, block by block
+    full_mat = g.dense()  # [H, N, N]
+    offset = 0
+    for b, t in enumerate(lengths):
+        torch.testing.assert_close(full_mat[:, offset:offset + t, offset:offset + t],
+                                   w[b, :, :t, :t], **tol)
+        offset += t
+
+
+def _dense_pagerank(p: torch.Tensor, damping: float = 0.85, iters: int = 2000) -> torch.Tensor:
+    """Power iteration on a row-stochastic (or empty-row) query -> key matrix ``[N, N]``."""
+    n = p.size(0)
+    rows = p.sum(dim=1, keepdim=True)
+    p = torch.where(rows > 0, p / rows.clamp(min=1e-300), torch.full_like(p, 1.0 / n))
+    rank = torch.full((n,), 1.0 / n, dtype=p.dtype)
+    for _ in range(iters):
+        rank = (1 - damping) / n + damping * rank @ p
+    return rank / rank.sum()
+
+
+@pytest.mark.parametrize("kind", ["full", "causal", "random"])
+def test_pagerank_matches_dense_power_iteration_and_networkx(kind):
+    attn = GraphMultiheadAttention(C, H, backend="pyg", dtype=torch.float64).eval()
+    n = 7
+    x = torch.randn(n, C, dtype=torch.float64) * 2
+    ei = _graph(kind, [n])
+    g = extract(attn, x, ei).attention[0]
+    rank = attention_pagerank(g.edge_index, g.weights, n)  # [N, H]
+    torch.testing.assert_close(rank.sum(dim=0), torch.ones(H, dtype=torch.float64))
+    mats = g.dense()  # [H, N_q, N_k], row-stochastic
+    for h in range(H):
+        torch.testing.assert_close(rank[:, h], _dense_pagerank(mats[h]), atol=1e-9, rtol=1e-7)
+        ref = nx.pagerank(g.to_networkx(h).reverse(), weight="weight", tol=1e-12, max_iter=1000)
+        torch.testing.assert_close(rank[:, h], torch.tensor([ref[k] for k in range(n)],
+                                                            dtype=torch.float64),
+                                   atol=1e-8, rtol=1e-6)
+
+
+def test_pagerank_spreads_dangling_mass_like_networkx():
+    ei = torch.tensor([[0, 0, 1], [1, 2, 2]])  # node 0 has no keys (dangling), as a query
+    w = torch.tensor([[1.0], [0.3], [0.7]], dtype=torch.float64)
+    rank = attention_pagerank(ei, w, 3)[:, 0]
+    g = nx.DiGraph()
+    g.add_nodes_from(range(3))
+    g.add_weighted_edges_from([(1, 0, 1.0), (2, 0, 0.3), (2, 1, 0.7)])  # query -> key
+    ref = nx.pagerank(g, tol=1e-12, max_iter=1000)
+    torch.testing.assert_close(rank, torch.tensor([ref[k] for k in range(3)],
+                                                  dtype=torch.float64), atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["full", "causal"])
+def test_hits_matches_networkx(kind):
+    attn = GraphMultiheadAttention(C, H, backend="pyg", dtype=torch.float64).eval()
+    n = 6
+    g = extract(attn, torch.randn(n, C, dtype=torch.float64), _graph(kind, [n])).attention[0]
+    hubs, auth = attention_hits(g.edge_index, g.weights, n)
+    for h in range(H):
+        ref_h, ref_a = nx.hits(g.to_networkx(h), max_iter=10000, tol=1e-12)
+        torch.testing.assert_close(hubs[:, h], torch.tensor([ref_h[k] for k in range(n)],
+                                                            dtype=torch.float64), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(auth[:, h], torch.tensor([ref_a[k] for k in range(n)],
+                                                            dtype=torch.float64), atol=1e-6, rtol=1e-5)
+
+
+def test_uniform_attention_has_no_sink():
+    n = 5
+    ei = full(n)
+    w = torch.full((n * n, H), 1.0 / n)
+    torch.testing.assert_close(sink_scores(ei, w), torch.full((H,), 1.0 / n))
+    assert not find_sinks(ei, w, n).any()
+    torch.testing.assert_close(attention_pagerank(ei, w, n), torch.full((n, H), 1.0 / n))
+
+
+def test_measure_arguments_are_checked():
+    with pytest.raises(ValueError, match="edge_index"):
+        received_attention(torch.zeros(3, 2, dtype=torch.long), torch.zeros(2, 1))
+    with pytest.raises(ValueError, match="one row per edge"):
+        sink_scores(causal(3), torch.zeros(5, 1))
+    with pytest.raises(ValueError, match="damping"):
+        attention_pagerank(causal(3), torch.ones(6, 1), damping=1.0)
+
+
+# ---------------------------------------------------------------- planted phenomena
+@pytest.mark.parametrize("kind", ["full", "causal"])
+@pytest.mark.parametrize("lengths", [[8], [6, 4, 7]])
+def test_planted_sink_is_found(kind, lengths):
+    attn = GraphMultiheadAttention(C, H, backend="pyg").eval()
+    _plant_sink(attn)
+    x, batch = _sink_inputs(lengths)
+    ei = _graph(kind, lengths)
+    n = sum(lengths)
+    g = extract(attn, x, ei).attention[0]
+    first = torch.nonzero(torch.cat([torch.tensor([True]), batch[1:] != batch[:-1]])).flatten()
+    assert (sink_scores(g.edge_index, g.weights, batch) > 0.95).all()
+    sinks = find_sinks(g.edge_index, g.weights, n)  # [N, H]
+    assert torch.equal(sinks.any(dim=1).nonzero().flatten(), first)
+    received = received_attention(g.edge_index, g.weights, n)
+    for b, start in enumerate(first.tolist()):  # each sequence's first token draws the most
+        in_seq = (batch == b).nonzero().flatten()
+        assert (received[in_seq].argmax(dim=0) + in_seq[0] == start).all()
+    rank = attention_pagerank(g.edge_index, g.weights, n)
+    hubs, _ = attention_hits(g.edge_index, g.weights, n)
+    if len(lengths) == 1:
+        assert (rank.argmax(dim=0) == 0).all() and (hubs.argmax(dim=0) == 0).all()
+        assert (rank[0] > 0.5).all()
+    else:
+        assert set(rank.topk(len(lengths), dim=0).indices.flatten().tolist()) == set(first.tolist())
+
+
+def test_planted_sink_in_a_stack_is_found_in_its_layer():
+    model = Stack(3).eval()
+    with torch.no_grad():  # layer 0 adds nothing: layer 1 sees the input (its marker) unchanged
+        model.layers[0].self_attn.out_proj.weight.zero_()
+        model.layers[0].self_attn.out_proj.bias.zero_()
+        model.layers[0].linear2.weight.zero_()
+        model.layers[0].linear2.bias.zero_()
+    _plant_sink(model.layers[1].self_attn, strength=12.0)
+    x, _ = _sink_inputs([8])
+    rows = summarize(extract(model, x, full(8)))
+    assert [r.name for r in rows] == ["input", "layers.0", "layers.1", "layers.2"]
+    assert rows[0].sink == () and all(len(r.sink) == H for r in rows[1:])
+    sink = {r.name: r.mean_sink for r in rows[1:]}
+    assert sink["layers.1"] > 0.95
+    assert sink["layers.0"] < 0.5 and sink["layers.2"] < 0.5
+    assert rows[2].top_key == 0 and rows[2].pagerank_top == 0 and rows[2].top_key_share > 0.9
+
+
+def _plant_massive(block: Block, dim: int, magnitude: float = 5e4) -> None:
+    """A feed-forward unit that fires only where normalized feature 0 is large (the first token)
+    and writes ``magnitude`` into residual dimension ``dim``."""
+    with torch.no_grad():
+        block.linear1.weight[0].zero_()
+        block.linear1.weight[0, 0] = 1.0
+        block.linear1.bias[0] = -3.0  # fires where norm2(x)[:, 0] > 3: only the marked token
+        block.linear2.weight[:, 0].zero_()
+        block.linear2.weight[dim, 0] = magnitude
+
+
+def _massive_inputs(n=10):
+    x = torch.randn(n, C)
+    x[:, 0] = 0.0
+    x[0, 0] = 20.0  # normalized, token 0's feature 0 is ~sqrt(C - 1) ~ 3.9; others ~0
+    return x
+
+
+def test_planted_massive_activation_is_found_in_its_layer_and_dimension():
+    model = Stack(4).eval()
+    _plant_massive(model.layers[2], dim=5)
+    x = _massive_inputs()
+    rows = summarize(extract(model, x, causal(10)))
+    names = [r.name for r in rows]
+    assert names == ["input", "layers.0", "layers.1", "layers.2", "layers.3"]
+    found = {r.name: r.massive for r in rows}
+    assert found["input"] == found["layers.0"] == found["layers.1"] == ()
+    for name in ("layers.2", "layers.3"):  # pre-norm: the residual stream carries it on
+        assert [(t, d) for t, d, _ in found[name]] == [(0, 5)]
+        assert found[name][0][2] > 1e4
+    stats = rows[3].activations
+    assert (stats.token, stats.dim) == (0, 5) and stats.ratio > 1000
+    table = format_table(rows)
+    assert "layers.2" in table and len(table.splitlines()) == len(rows) + 2
+
+
+def test_pre_norm_versus_post_norm_on_the_same_weights():
+    model = Stack(4).eval()
+    _plant_massive(model.layers[2], dim=5)
+    x = _massive_inputs()
+    traces = compare_norm_placement(model, x, causal(10))
+    assert set(traces) == {"pre-norm", "post-norm"}
+    assert all(layer.norm_first for layer in model.layers)  # restored
+    pre, post = summarize(traces["pre-norm"]), summarize(traces["post-norm"])
+    assert pre[3].massive and not any(r.massive for r in post[1:])
+    # post-norm: every layer output is normalized, |h| <= sqrt(C - 1) up to the affine part
+    assert all(r.activations.max_abs < 2 * math.sqrt(C) for r in post[1:])
+    # the same weights: the first layer's attention input differs only by the norm placement
+    with norm_placement(model, False):
+        assert not any(layer.norm_first for layer in model.layers)
+    with pytest.raises(ValueError, match="norm_first"):
+        with norm_placement(GraphMultiheadAttention(C, H), True):
+            pass
+
+
+def test_activation_measures_on_plain_tensors():
+    h = torch.randn(6, 32) * 0.1
+    h[3, 7] = -400.0
+    h[1, 2] = 150.0  # large but below 1000x the median? median ~0.07: still massive
+    found = massive_activations(h)
+    assert [(t, d) for t, d, _ in found] == [(3, 7), (1, 2)]
+    assert massive_activations(h, min_magnitude=200.0) == [(3, 7, -400.0)]
+    s = activation_stats(h, k=2)
+    assert (s.token, s.dim, s.max_abs) == (3, 7, 400.0)
+    assert s.top[1][1:] == (1, 2) and s.ratio == pytest.approx(400.0 / float(h.abs().median()))
+    assert massive_activations(torch.ones(3, 3) * 500.0) == []  # large but not against the median
