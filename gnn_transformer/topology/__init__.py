@@ -17,6 +17,7 @@ from .graph_inputs import from_graph, from_graph_predicate, read_graph
 from .masks import from_dense_mask, is_multigraph, to_dense_mask
 from .prefix_lm import prefix_lm, prefix_lm_predicate
 from .random_graphs import edge_set_predicate, erdos_renyi, random
+from .specs import BUILDERS, Spec, build_spec, catalogue, load, read_spec
 from .sparse_transformer import fixed, fixed_predicate, strided, strided_predicate
 from .star import star, star_predicate
 from .windows import dilated, dilated_predicate, sliding_window, sliding_window_predicate
@@ -33,6 +34,8 @@ __all__ = [
     "cross", "cross_predicate", "from_graph", "from_graph_predicate", "read_graph",
     # combinators
     "union", "intersection", "difference", "from_predicate",
+    # specs (graphs/*.toml)
+    "load", "read_spec", "build_spec", "catalogue", "Spec", "BUILDERS",
     # masks and exports
     "to_dense_mask", "from_dense_mask", "is_multigraph",
     "to_networkx", "to_flex_mask_mod", "to_block_mask", "flex_attention_available",

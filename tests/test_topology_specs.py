@@ -1,0 +1,120 @@
+"""The graphs/ catalogue: every spec loads, cites a source, matches its builder; bad specs give a
+ValueError naming the file and the key."""
+import re
+
+import pytest
+import torch
+
+from gnn_transformer import topology as T
+from gnn_transformer.topology import specs
+
+NAMES = sorted(T.catalogue())
+EXPECTED = {"full", "causal", "sliding_window", "longformer", "dilated", "bigbird", "random",
+            "sparse_transformer_strided", "sparse_transformer_fixed", "star_transformer", "exphormer",
+            "prefix_lm", "document"}
+
+
+def test_catalogue_has_the_named_topologies():
+    assert EXPECTED <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_spec_cites_its_source_in_a_comment(name):
+    text = T.catalogue()[name].read_text()
+    comments = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert "Source:" in comments
+    assert re.search(r"(19|20)\d\d", comments)
+    spec = T.read_spec(name)
+    assert spec.name == name and spec.source and spec.description
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("n", [1, 7, [5, 1, 9]])
+def test_spec_builds_sorted_graph(name, n):
+    N = sum(n) if isinstance(n, list) else n
+    if name == "random" and min(n if isinstance(n, list) else [n]) < 3:
+        with pytest.raises(ValueError, match="'k'"):  # 3 distinct keys need 3 tokens
+            T.load(name, n)
+        return
+    ei = T.load(name, n)
+    assert ei.sparse_size() == (N, N) and ei.is_sorted_by_col
+    assert not T.is_multigraph(ei)
+    small = T.load(name, small=True)
+    assert small.size(1) > 0
+
+
+def test_load_matches_builder_and_accepts_paths():
+    path = T.catalogue()["longformer"]
+    assert torch.equal(T.load(path, 40).as_tensor(), T.global_tokens(40, 1, window=256).as_tensor())
+    assert torch.equal(T.load(str(path), 40).as_tensor(), T.load("longformer", 40).as_tensor())
+    assert torch.equal(T.load("longformer", 40, small=True).as_tensor(),
+                       T.global_tokens(40, 1, window=2).as_tensor())
+    assert torch.equal(T.load("bigbird", 300).as_tensor(),
+                       T.bigbird(300, block=64, window=1, num_global=2, num_random=3, seed=0).as_tensor())
+    ex = T.load("exphormer", 20)
+    assert torch.equal(ex.as_tensor(), T.union(T.expander(20, 4, self_loops=True),
+                                               T.global_tokens(20, 1)).as_tensor())
+
+
+def _write(tmp_path, text, name="spec.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text, key, message", [
+    ('builder = "sliding_window"\n[params]\nwindow = 2\nwindth = 3\n', "params.windth", "unknown parameter"),
+    ('builder = "sliding_window"\n[params]\nwindow = "2"\n', "params.window", "integer"),
+    ('builder = "sliding_window"\n[params]\nwindow = 2.5\n', "params.window", "integer"),
+    ('builder = "sliding_window"\n[params]\nwindow = -1\n', "params.window", ">= 0"),
+    ('builder = "sliding_window"\n[params]\nwindow = 2\ncausal = 1\n', "params.causal", "true or false"),
+    ('builder = "sliding_window"\n', "params.window", "missing"),
+    ('builder = "strided"\n[params]\nstride = 0\n', "params.stride", ">= 1"),
+    ('builder = "sliding_windows"\n', "builder", "unknown builder"),
+    ('builder = 3\n', "builder", "string"),
+    ('[params]\nwindow = 2\n', "builder", "missing"),
+    ('builder = "full"\ncolour = "red"\n', "colour", "unknown key"),
+    ('builder = "full"\nparams = 3\n', "params", "table"),
+    ('builder = "full"\nname = 3\n', "name", "string"),
+    ('builder = "union"\n', "parts", "non-empty"),
+    ('builder = "union"\n[[parts]]\nbuilder = "causal"\n[[parts]]\nbuilder = "bigbird"\n[parts.params]\nseed = -2\n',
+     "parts[1].params.seed", ">= 0"),
+    ('builder = "full"\n[[parts]]\nbuilder = "causal"\n', "parts", "only 'union'"),
+    ('builder = "full"\n[small]\nn = 0\n', "small.n", ">= 1"),
+    ('builder = "full"\n[small]\nm = 3\n', "small.m", "unknown key"),
+    ('builder = "sliding_window"\n[params]\nwindow = 2\n[small]\nparams = { window = -3 }\n',
+     "small.params.window", ">= 0"),
+])
+def test_bad_spec_names_file_and_key(tmp_path, text, key, message):
+    p = _write(tmp_path, text)
+    with pytest.raises(ValueError) as info:
+        T.load(p, 8)
+    msg = str(info.value)
+    assert str(p) in msg
+    assert f"key '{key}'" in msg
+    assert message in msg
+
+
+def test_invalid_toml_and_unknown_names(tmp_path):
+    p = _write(tmp_path, 'builder = "full\n')
+    with pytest.raises(ValueError, match="not valid TOML"):
+        T.load(p, 4)
+    with pytest.raises(ValueError, match="Unknown topology name"):
+        T.load("no_such_topology", 4)
+    with pytest.raises(ValueError, match="No spec file"):
+        T.load(tmp_path / "missing.toml", 4)
+    with pytest.raises(ValueError, match="'n'"):
+        T.load("causal")
+
+
+def test_build_errors_name_the_file(tmp_path):
+    p = _write(tmp_path, 'builder = "random"\n[params]\nk = 5\n')
+    with pytest.raises(ValueError, match=re.escape(str(p)) + ".*'k'"):
+        T.load(p, 3)
+
+
+def test_specs_are_data_nothing_executed(tmp_path):
+    p = _write(tmp_path, 'builder = "__import__"\n[params]\nname = "os"\n')
+    with pytest.raises(ValueError, match="unknown builder"):
+        T.load(p, 3)
+    assert set(specs.BUILDERS) >= {"full", "causal", "bigbird", "expander"}
