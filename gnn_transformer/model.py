@@ -191,8 +191,10 @@ class GraphEncoderModel(nn.Module):
             got = list(pos.shape) if isinstance(pos, Tensor) else pos
             raise ValueError(f"Expected 'pos' with one position per node, shape [{x.size(0)}] "
                              f"(got {got}); position={c.position!r}")
-        if self.pos_embed is not None:
-            h = h + self.pos_embed(pos).to(h.dtype)
+        if c.position == "sinusoidal":
+            h = h + self.pos_embed(pos, h.dtype)
+        elif c.position == "learned":
+            h = h + self.pos_embed(pos)
         return self.drop(h)
 
     def forward(self, x: Tensor, edge_index: Tensor, *, pos: Tensor | None = None,

@@ -29,8 +29,10 @@ def _check_pos(pos: Tensor, name: str = "pos") -> None:
         raise ValueError(f"Expected '{name}' to be a 1-D tensor, one position per node (got {got})")
 
 
-def sinusoidal_embedding(pos: Tensor, dim: int, base: float = 10000.0) -> Tensor:
-    r"""Sinusoidal embeddings ``[N, dim]`` of the positions ``pos`` ``[N]``.
+def sinusoidal_embedding(pos: Tensor, dim: int, base: float = 10000.0,
+                         dtype: torch.dtype | None = None) -> Tensor:
+    r"""Sinusoidal embeddings ``[N, dim]`` of the positions ``pos`` ``[N]`` (computed in float64,
+    returned in ``dtype``, default ``torch.get_default_dtype()``).
 
     Example:
         >>> sinusoidal_embedding(torch.tensor([0, 1]), 4)
@@ -40,7 +42,7 @@ def sinusoidal_embedding(pos: Tensor, dim: int, base: float = 10000.0) -> Tensor
     _check_pos(pos)
     if dim <= 0 or dim % 2:
         raise ValueError(f"Expected 'dim' to be a positive even int (got {dim})")
-    dtype = torch.get_default_dtype()
+    dtype = torch.get_default_dtype() if dtype is None else dtype
     freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)  # [C/2]
     angle = pos.to(torch.float64).unsqueeze(-1) * freq  # [N, C/2]
     out = torch.stack([angle.sin(), angle.cos()], dim=-1)  # [N, C/2, 2]: sin at even, cos at odd
@@ -62,8 +64,7 @@ class SinusoidalPositionalEmbedding(nn.Module):
         self.dim, self.base = dim, base
 
     def forward(self, pos: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        out = sinusoidal_embedding(pos, self.dim, self.base)
-        return out if dtype is None else out.to(dtype)
+        return sinusoidal_embedding(pos, self.dim, self.base, dtype)
 
 
 class LearnedPositionalEmbedding(nn.Embedding):

@@ -1,0 +1,107 @@
+"""Dense counterparts of the graph layers and models, on padded ``[B, T, C]`` tensors and masks.
+
+They read the parameters of the graph modules (same ``state_dict``) and redo the computation with
+padded matmuls: projections, RoPE (:mod:`.position`), the score function (softmax, sigmoid, linear;
+:mod:`.variants`), residuals and norms, cross-layer KV sharing, embeddings, ALiBi. Masks are
+boolean ``[B, T_q, T_k]``, ``True`` = may attend.
+
+Notation: ``B`` batch, ``T`` positions, ``H`` heads, ``H_kv`` key/value heads, ``D`` head dim.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import scaled_dot_product
+from .position import alibi_bias, apply_rope, sinusoidal_table
+from .variants import linear_attention, sigmoid_attention
+
+
+def _heads(x: Tensor, num_heads: int, head_dim: int) -> Tensor:
+    b, t, _ = x.shape
+    return x.view(b, t, num_heads, head_dim).transpose(1, 2)  # [B, H, T, D]
+
+
+def _mlp_in(layer, name: str, x: Tensor) -> Tensor:
+    hidden = getattr(layer, f"{name}_hidden", None)  # nonlinear projections (MLPProjectionAttention)
+    return x if hidden is None else layer.mlp_activation(hidden(x))
+
+
+def key_value(layer, x_key: Tensor, *, pos_key: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Keys (rotated with RoPE) and values ``[B, H_kv, T_k, D]`` of an attention layer."""
+    _, w_k, w_v = layer.projection_weights()
+    _, b_k, b_v = layer.projection_biases()
+    key = _heads(F.linear(_mlp_in(layer, "k", x_key), w_k, b_k), layer.num_kv_heads, layer.head_dim)
+    value = _heads(F.linear(_mlp_in(layer, "v", x_key), w_v, b_v), layer.num_kv_heads, layer.head_dim)
+    if layer.rotary is not None:
+        key = apply_rope(key, pos_key, layer.rotary.base)
+    return key, value
+
+
+def attention(layer, x_query: Tensor, x_key: Tensor, mask: Tensor, *, pos_query: Tensor | None = None,
+              pos_key: Tensor | None = None, bias: Tensor | None = None,
+              kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One attention layer (any variant) on padded tensors: ``out`` ``[B, T_q, C]`` and its ``kv``."""
+    w_q, _, _ = layer.projection_weights()
+    b_q, _, _ = layer.projection_biases()
+    query = _heads(F.linear(_mlp_in(layer, "q", x_query), w_q, b_q), layer.num_heads, layer.head_dim)
+    if layer.rotary is not None:
+        query = apply_rope(query, pos_query, layer.rotary.base)
+    if kv is None:
+        kv = key_value(layer, x_key, pos_key=pos_key)
+    group = layer.num_heads // layer.num_kv_heads
+    key, value = (t.repeat_interleave(group, dim=1) for t in kv)  # [B, H, T_k, D]
+    score = getattr(layer, "score_function", "softmax")
+    if score == "sigmoid":
+        out, _ = sigmoid_attention(query, key, value, mask, score_bias=layer.score_bias, bias=bias)
+    elif score == "linear":
+        out, _ = linear_attention(query, key, value, mask, eps=layer.eps)
+    else:
+        out, _ = scaled_dot_product(query, key, value, mask, bias=bias)
+    b, t_q = x_query.shape[:2]
+    out = out.transpose(1, 2).reshape(b, t_q, layer.embed_dim)  # [B, T_q, C]
+    return layer.out_proj(out), kv
+
+
+def encoder_layer(layer, x: Tensor, mask: Tensor, *, pos: Tensor | None = None,
+                  bias: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """A :class:`~gnn_transformer.GraphTransformerEncoderLayer` on padded ``x`` ``[B, T, C]``."""
+    def sa(h):
+        out, _ = attention(layer.self_attn, h, h, mask, pos_query=pos, pos_key=pos, bias=bias, kv=kv)
+        return out
+
+    def ff(h):
+        return layer.linear2(layer.activation(layer.linear1(h)))
+
+    if layer.norm_first:
+        x = x + sa(layer.norm1(x))
+        return x + ff(layer.norm2(x))
+    x = layer.norm1(x + sa(x))
+    return layer.norm2(x + ff(x))
+
+
+def encoder(stack, x: Tensor, mask: Tensor, *, pos: Tensor | None = None,
+            bias: Tensor | None = None) -> Tensor:
+    """A :class:`~gnn_transformer.GraphTransformerEncoder` (with its KV sharing) on padded ``x``."""
+    kv = None
+    for index, layer in enumerate(stack.layers):
+        if index % stack.kv_share_every == 0:
+            h = layer.norm1(x) if layer.norm_first else x
+            kv = key_value(layer.self_attn, h, pos_key=pos)
+        x = encoder_layer(layer, x, mask, pos=pos, bias=bias, kv=kv)
+    return x if stack.norm is None else stack.norm(x)
+
+
+def encoder_model(model, x: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+    """A :class:`~gnn_transformer.GraphEncoderModel` / ``GraphLM`` on padded inputs ``[B, T(, F)]``
+    with positions ``pos`` ``[B, T]``."""
+    config = model.config
+    h = model.embed(x)  # [B, T, C]
+    if config.position == "learned":
+        h = h + model.pos_embed.weight[pos]
+    elif config.position == "sinusoidal":
+        table = sinusoidal_table(int(pos.max()) + 1, config.d_model, dtype=h.dtype)
+        h = h + table[pos]
+    bias = alibi_bias(pos, pos, config.nhead, dtype=h.dtype) if config.position == "alibi" else None
+    h = encoder(model.encoder, h, mask, pos=pos, bias=bias)
+    return h if model.head is None else model.head(h)
