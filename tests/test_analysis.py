@@ -382,3 +382,88 @@ def test_activation_measures_on_plain_tensors():
     assert (s.token, s.dim, s.max_abs) == (3, 7, 400.0)
     assert s.top[1][1:] == (1, 2) and s.ratio == pytest.approx(400.0 / float(h.abs().median()))
     assert massive_activations(torch.ones(3, 3) * 500.0) == []  # large but not against the median
+
+
+# ---------------------------------------------------------------- the analyze command
+def _parse(argv):
+    import argparse
+
+    from gnn_transformer.experiments import analysis as cli_analysis
+
+    parser = argparse.ArgumentParser()
+    cli_analysis.add_arguments(parser)
+    return cli_analysis, parser.parse_args(argv)
+
+
+def _tiny_lm_checkpoint(tmp_path, *, wrapped=True, norm_first=True):
+    import dataclasses
+    import json
+
+    from gnn_transformer.model import GraphLM, GraphTransformerConfig
+
+    cfg = GraphTransformerConfig(vocab_size=13, d_model=16, nhead=2, num_layers=2,
+                                 norm_first=norm_first, backend="pyg")
+    model = GraphLM(cfg)
+    path = tmp_path / "ckpt" / "model.pt"
+    path.parent.mkdir()
+    torch.save({"model": model.state_dict(), "meta": {}} if wrapped else model.state_dict(), path)
+    (path.parent / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    return path, model
+
+
+def test_analyze_runs_on_a_saved_checkpoint(tmp_path, capsys):
+    import json
+
+    path, _ = _tiny_lm_checkpoint(tmp_path)
+    tokens = tmp_path / "ids.txt"
+    tokens.write_text("1 2 3 4 5 6\n7 8 9\n")
+    out = tmp_path / "out"
+    cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out", str(out),
+                        "--compare-norm"])
+    assert cli.run(args) == 0
+    printed = capsys.readouterr().out
+    assert "encoder.layers.0" in printed and "encoder.layers.1" in printed
+    assert "[pre-norm]" in printed and "[post-norm]" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["graph"] == "causal" and summary["lengths"] == [6, 3]
+    assert set(summary["variants"]) == {"model", "pre-norm", "post-norm"}
+    rows = summary["variants"]["model"]
+    assert [r["name"] for r in rows] == ["input", "encoder.layers.0", "encoder.layers.1"]
+    assert all(len(r["sink"]) == 2 for r in rows[1:])
+    for name in ("sink_scores.png", "activations.png", "norm_comparison.png",
+                 "attention_encoder_layers_0_self_attn.png", "arcs_encoder_layers_1_self_attn.png"):
+        assert (out / name).stat().st_size > 1000, name
+
+
+def test_analyze_checkpoint_variants_and_errors(tmp_path, capsys):
+    import json
+
+    path, model = _tiny_lm_checkpoint(tmp_path, wrapped=False, norm_first=False)
+    config = tmp_path / "elsewhere.json"
+    config.write_text(json.dumps({"model_config": json.loads(
+        (path.parent / "config.json").read_text())}))
+    (path.parent / "config.json").unlink()
+    tokens = tmp_path / "ids.txt"
+    tokens.write_text("3 1 4 1 5\n")
+    cli, args = _parse(["--checkpoint", str(path), "--config", str(config), "--tokens", str(tokens),
+                        "--out", str(tmp_path / "o"), "--graph", "full", "--no-plots"])
+    assert cli.run(args) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["summary.json"]
+    # the recorded weights are those of the model itself
+    loaded = cli.load_checkpoint_model(path, config)
+    result = cli.analyze(loaded, [[3, 1, 4, 1, 5]], graph="full")
+    g = result.traces["model"].attention[0]
+    h0 = model.embed_nodes(torch.tensor([3, 1, 4, 1, 5]), torch.arange(5))
+    _, alpha = model.encoder.layers[0].self_attn(h0, full(5), return_attention_weights=True)
+    torch.testing.assert_close(g.weights, alpha)
+    # errors are reported, not raised
+    capsys.readouterr()
+    cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out",
+                        str(tmp_path / "p")])
+    assert cli.run(args) == 2  # no config next to the checkpoint any more
+    assert "config" in capsys.readouterr().err
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 two 3\n")
+    cli, args = _parse(["--checkpoint", str(path), "--config", str(config), "--tokens", str(bad)])
+    assert cli.run(args) == 2
+    assert "line 1" in capsys.readouterr().err

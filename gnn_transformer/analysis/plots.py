@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Arc  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .capture import AttentionGraph  # noqa: E402
 from .measures import received_attention  # noqa: E402
@@ -52,8 +53,7 @@ def plot_attention_heatmaps(graph: AttentionGraph, labels: Sequence[str] | None 
     rows = math.ceil(heads / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False,
                              constrained_layout=True)
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
     image = None
     for h in range(rows * cols):
         ax = axes[h // cols][h % cols]
@@ -88,10 +88,15 @@ def plot_attention_arcs(graph: AttentionGraph, head: int | None = None,
     src, dst, w, n_src, n_dst = _crop(graph, max_tokens)
     n = max(n_src, n_dst)
     weight = w.mean(dim=1) if head is None else w[:, head]  # [E]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * n), 3.6), constrained_layout=True)
-    for j, i, a in zip(src.tolist(), dst.tolist(), weight.tolist()):
-        if j == i or a < min_weight:
-            continue
+    drawn = [(j, i, a) for j, i, a in zip(src.tolist(), dst.tolist(), weight.tolist())
+             if j != i and a >= min_weight]
+    up = max((abs(i - j) for j, i, _ in drawn if j < i), default=0) * 0.45
+    down = max((abs(i - j) for j, i, _ in drawn if j > i), default=0) * 0.45
+    label_room = 0.1 * max(n, 2) + 0.6 if labels is not None else 0.5
+    height = up + down + label_room + 0.5
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * n), min(1.0 + 0.3 * height, 6.0)),
+                           constrained_layout=True)
+    for j, i, a in drawn:
         center, width = (i + j) / 2.0, abs(i - j)
         theta = (0, 180) if j < i else (180, 360)
         ax.add_patch(Arc((center, 0.0), width, width * 0.9, theta1=theta[0], theta2=theta[1],
@@ -99,17 +104,16 @@ def plot_attention_arcs(graph: AttentionGraph, head: int | None = None,
                          color="tab:blue" if j < i else "tab:orange"))
     received = received_attention(graph.edge_index, graph.weights.float(), graph.num_src)
     received = received.mean(dim=1) if head is None else received[:, head]  # [N_src]
-    recv = received[:n].numpy() if received.numel() >= n else np.zeros(n)
+    recv = np.zeros(n)
+    recv[: min(n, received.numel())] = received[:n].numpy()
     ax.scatter(range(n), np.zeros(n), s=20 + 400 * recv / max(float(recv.max()), 1e-9),
                c="tab:red", zorder=3, edgecolors="black", linewidths=0.5)
     if labels is not None:
         for k in range(min(n, len(labels))):
-            ax.text(k, -0.06 * max(n, 2) - 0.3, str(labels[k]), rotation=90, ha="center",
-                    va="top", fontsize=7)
-    reach = max(n, 2) * 0.5
+            ax.text(k, -down - 0.45, str(labels[k]), rotation=90,
+                    ha="center", va="top", fontsize=7)
     ax.set_xlim(-1, n)
-    ax.set_ylim(-reach, reach)
-    ax.set_aspect("auto")
+    ax.set_ylim(-down - label_room, up + 0.5)
     ax.axis("off")
     which = "mean over heads" if head is None else f"head {head}"
     ax.set_title(title or f"{graph.name} ({which}): arc width = attention weight", fontsize=9)
@@ -173,5 +177,6 @@ def plot_norm_comparison(variants: Mapping[str, Sequence[LayerSummary]]) -> Figu
     right.set_ylabel("max |h| / median |h|")
     right.set_yscale("log")
     for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     return fig

@@ -1,0 +1,393 @@
+"""``gnn-transformer analyze``: attention sinks, hubs and massive activations of one model.
+
+Loads a model (a checkpoint of :class:`~gnn_transformer.model.GraphLM` /
+:class:`~gnn_transformer.model.GraphEncoderModel` with its config JSON, or a Hugging Face BERT or
+GPT-2 from a local directory), runs it once on token sequences under
+:func:`gnn_transformer.analysis.record`, prints one row of measures per layer and saves pictures.
+
+Usage::
+
+    gnn-transformer analyze --checkpoint run/model.pt --tokens ids.txt --out analysis/
+    gnn-transformer analyze --hf-dir ./gpt2 --text prompt.txt --out analysis/ --compare-norm
+
+Inputs: ``--tokens`` holds whitespace-separated integer ids, one sequence per line; ``--text`` one
+text per line, tokenized with the tokenizer saved in ``--hf-dir`` (or ``--tokenizer``). The
+sequences form one batch (a disjoint union of token graphs); sink scores use each sequence's first
+token, pictures show the first sequence.
+
+Outputs in ``--out``: ``summary.json`` (the per-layer measures), ``attention_<layer>.png`` (heat
+maps per head), ``arcs_<layer>.png`` (attention drawn on the token graph), ``sink_scores.png``,
+``activations.png`` and, with ``--compare-norm``, ``norm_comparison.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..analysis import (LayerSummary, Trace, format_table, norm_placement, record, summarize)
+from ..model import GraphEncoderModel, GraphLM, GraphTransformerConfig
+from ..topology import batch_vector, causal, full
+
+GRAPHS: dict[str, Callable[[list[int]], Tensor]] = {"causal": causal, "full": full}
+CONFIG_NAMES = ("config.json", "model_config.json")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to analyse.
+
+    Attributes:
+        model: the module (in eval mode).
+        forward: ``forward(ids [N], edge_index, pos [N]) -> output`` for a batch of sequences.
+        graph: the token graph it was trained on, ``"causal"`` or ``"full"``.
+        tokenizer: a Hugging Face tokenizer, if one was found.
+        name: a short description for titles.
+    """
+
+    model: nn.Module
+    forward: Callable[[Tensor, Tensor, Tensor], Any]
+    graph: str
+    tokenizer: Any = None
+    name: str = "model"
+
+
+@dataclass
+class Analysis:
+    """What ``analyze`` measured: traces and per-layer rows, by variant (``"model"`` and, when
+    compared, ``"pre-norm"`` / ``"post-norm"``)."""
+
+    traces: dict[str, Trace]
+    rows: dict[str, list[LayerSummary]]
+    lengths: list[int]
+    labels: list[str]
+    graph: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ loading models
+def _find_config(obj: Any) -> dict | None:
+    """The first dict (depth-first under ``model_config``/``model``/``config``) with model fields."""
+    if not isinstance(obj, dict):
+        return None
+    if "d_model" in obj and "nhead" in obj:
+        return obj
+    for key in ("model_config", "model", "config"):
+        found = _find_config(obj.get(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _config_from_dict(values: dict, source: str) -> GraphTransformerConfig:
+    names = {f.name for f in dataclasses.fields(GraphTransformerConfig)}
+    kwargs = {k: v for k, v in values.items() if k in names}
+    try:
+        return GraphTransformerConfig(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"Could not build a GraphTransformerConfig from {source}: {err}") from err
+
+
+def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = None, *,
+                          backend: str | None = None) -> LoadedModel:
+    """A :class:`GraphLM` or :class:`GraphEncoderModel` from a checkpoint and its config.
+
+    The checkpoint is a state dict, or a dict with the state dict under ``"model"`` (as written by
+    :func:`gnn_transformer.experiments.training.save_checkpoint`), read with
+    ``torch.load(weights_only=True)``. The config (fields of :class:`GraphTransformerConfig`, at
+    the top level or under ``"model_config"``/``"model"``/``"config"``) comes from ``config``, else
+    the checkpoint's ``meta``, else ``<checkpoint>.json``, ``config.json`` or
+    ``model_config.json`` next to it. A ``"class"`` entry (``"GraphLM"`` or
+    ``"GraphEncoderModel"``) picks the class; otherwise a model with a token vocabulary and a head
+    of ``vocab_size`` outputs is a ``GraphLM``.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at '--checkpoint' {str(path)!r}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        state, meta = payload["model"], payload.get("meta") or {}
+    elif isinstance(payload, dict) and all(isinstance(v, Tensor) for v in payload.values()):
+        state, meta = payload, {}
+    else:
+        raise ValueError(f"Expected a state dict (or a dict with one under 'model') in {str(path)!r}")
+
+    candidates = [Path(config)] if config is not None else []
+    if config is None:
+        candidates += [path.with_suffix(".json")] + [path.parent / n for n in CONFIG_NAMES]
+    values, source = (_find_config(meta), "the checkpoint's meta") if config is None else (None, "")
+    for candidate in candidates:
+        if values is not None:
+            break
+        if candidate.is_file():
+            loaded = json.loads(candidate.read_text())
+            values, source = _find_config(loaded), str(candidate)
+            if values is not None and isinstance(loaded, dict) and "class" in loaded:
+                values = {**values, "class": loaded["class"]}
+        elif config is not None:
+            raise FileNotFoundError(f"No config at '--config' {str(candidate)!r}")
+    if values is None:
+        raise ValueError(f"Found no model config for {str(path)!r}: pass '--config' or put "
+                         f"{' / '.join(CONFIG_NAMES)} next to the checkpoint")
+    cfg = _config_from_dict(values, source)
+    if backend is not None:
+        cfg = dataclasses.replace(cfg, backend=backend)
+    cls_name = values.get("class") or meta.get("class")
+    if cls_name is None:
+        head = state.get("head.weight")
+        is_lm = (cfg.vocab_size is not None and cfg.output_dim is None and head is not None
+                 and head.size(0) == cfg.vocab_size)
+        cls_name = "GraphLM" if is_lm else "GraphEncoderModel"
+    classes = {"GraphLM": GraphLM, "GraphEncoderModel": GraphEncoderModel}
+    if cls_name not in classes:
+        raise ValueError(f"Expected 'class' to be one of {sorted(classes)} (got {cls_name!r})")
+    model = classes[cls_name](cfg)
+    model.load_state_dict(state)
+    model.eval()
+    if cfg.vocab_size is None:
+        raise ValueError(f"The model in {str(path)!r} takes node features (vocab_size is None): "
+                         "analyze needs a token model")
+
+    def forward(ids: Tensor, edge_index: Tensor, pos: Tensor):
+        return model(ids, edge_index, pos=pos)
+
+    return LoadedModel(model, forward, "causal" if cls_name == "GraphLM" else "full", None,
+                       f"{cls_name} ({path.name})")
+
+
+def load_hf_model(directory: str | Path, *, backend: str | None = None) -> LoadedModel:
+    """A Hugging Face BERT or GPT-2 saved in a local directory, imported into a graph model with
+    :mod:`gnn_transformer.hf`, with its tokenizer when the directory has one."""
+    from .. import hf  # the import needs transformers: only when asked for
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"No directory at '--hf-dir' {str(directory)!r}")
+    kwargs = {} if backend is None else {"backend": backend}
+    imported = hf.from_pretrained(directory, **kwargs)
+    model = imported.model.eval()
+    return LoadedModel(model, imported.forward, imported.graph, _tokenizer(directory),
+                       f"{imported.kind} ({directory.name})")
+
+
+def _tokenizer(directory: str | Path):
+    """The tokenizer saved in ``directory``, or ``None``."""
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, ImportError):
+        return None
+
+
+# ------------------------------------------------------------------ inputs
+def read_token_file(path: str | Path) -> list[list[int]]:
+    """Sequences of token ids: one line per sequence, whitespace-separated integers."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No token file at '--tokens' {str(path)!r}")
+    sequences = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            sequences.append([int(t) for t in line.split()])
+        except ValueError as err:
+            raise ValueError(f"Expected integer token ids in {str(path)!r}, line {number} "
+                             f"({err})") from err
+    if not sequences:
+        raise ValueError(f"Found no tokens in {str(path)!r}")
+    return sequences
+
+
+def read_text_file(path: str | Path, tokenizer) -> list[list[int]]:
+    """Sequences of token ids: one line of text per sequence, tokenized with ``tokenizer``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No text file at '--text' {str(path)!r}")
+    if tokenizer is None:
+        raise ValueError("'--text' needs a tokenizer: save one in '--hf-dir' or pass '--tokenizer'")
+    sequences = [tokenizer(line)["input_ids"] for line in path.read_text().splitlines()
+                 if line.strip()]
+    if not sequences:
+        raise ValueError(f"Found no text in {str(path)!r}")
+    return sequences
+
+
+# ------------------------------------------------------------------ the analysis
+def analyze(loaded: LoadedModel, sequences: Sequence[Sequence[int]], *, graph: str | None = None,
+            compare_norm: bool = False, backend: str | None = None, min_magnitude: float = 100.0,
+            min_ratio: float = 1000.0) -> Analysis:
+    """Run the model once on ``sequences`` (one batch) under :func:`record` and summarize.
+
+    Args:
+        loaded: from :func:`load_checkpoint_model` or :func:`load_hf_model`.
+        sequences: token ids, one list per sequence.
+        graph: ``"causal"`` or ``"full"`` (default: the model's own).
+        compare_norm: also run with every layer's ``norm_first`` set to ``True`` and ``False``
+            (same weights), giving the ``"pre-norm"`` and ``"post-norm"`` variants.
+        backend: attention backend forced while recording.
+        min_magnitude, min_ratio: massive-activation thresholds.
+    """
+    graph = loaded.graph if graph is None else graph
+    if graph not in GRAPHS:
+        raise ValueError(f"Expected 'graph' to be one of {sorted(GRAPHS)} (got {graph!r})")
+    lengths = [len(s) for s in sequences]
+    if not lengths or min(lengths) == 0:
+        raise ValueError(f"Expected non-empty sequences (got lengths {lengths})")
+    ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long)  # [N]
+    pos = torch.cat([torch.arange(n) for n in lengths])  # [N] position within each sequence
+    edge_index = GRAPHS[graph](lengths)
+    batch = batch_vector(lengths)
+
+    def run_once() -> Trace:
+        with torch.no_grad(), record(loaded.model, backend=backend) as trace:
+            trace.output = loaded.forward(ids, edge_index, pos)
+        return trace
+
+    traces = {"model": run_once()}
+    if compare_norm:
+        for label, norm_first in (("pre-norm", True), ("post-norm", False)):
+            with norm_placement(loaded.model, norm_first):
+                traces[label] = run_once()
+    rows = {k: summarize(t, batch, min_magnitude=min_magnitude, min_ratio=min_ratio)
+            for k, t in traces.items()}
+    labels = token_labels(sequences[0], loaded.tokenizer)
+    return Analysis(traces, rows, lengths, labels, graph)
+
+
+def token_labels(ids: Sequence[int], tokenizer=None) -> list[str]:
+    """Token strings for plots (the ids themselves without a tokenizer)."""
+    if tokenizer is None:
+        return [str(t) for t in ids]
+    return [str(t) for t in tokenizer.convert_ids_to_tokens(list(ids))]
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_") or "attention"
+
+
+def write_summary(result: Analysis, out: str | Path) -> Path:
+    """Write the per-layer measures of every variant to ``out/summary.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "summary.json"
+    path.write_text(json.dumps({"graph": result.graph, "lengths": result.lengths,
+                                "tokens": result.labels,
+                                "variants": {k: [dataclasses.asdict(r) for r in rows]
+                                             for k, rows in result.rows.items()}}, indent=2))
+    return path
+
+
+def save_outputs(result: Analysis, out: str | Path, *, pictures: bool = True,
+                 max_tokens: int = 48, title: str = "") -> list[Path]:
+    """Write ``summary.json`` and (unless ``pictures=False``) the PNGs into ``out``."""
+    paths = [write_summary(result, out)]
+    if not pictures:
+        return paths
+    import matplotlib.pyplot as plt
+
+    from ..analysis import plots
+
+    out = Path(out)
+
+    def save(fig, name: str) -> None:
+        target = out / name
+        fig.savefig(target, dpi=110)
+        plt.close(fig)
+        paths.append(target)
+
+    first = min(result.lengths[0], max_tokens)  # pictures show the first sequence
+    for graph in result.traces["model"].self_attention():
+        slug = _slug(graph.name)
+        save(plots.plot_attention_heatmaps(graph, result.labels, max_tokens=first,
+                                           title=f"{title} {graph.name}".strip()),
+             f"attention_{slug}.png")
+        save(plots.plot_attention_arcs(graph, None, result.labels, max_tokens=first),
+             f"arcs_{slug}.png")
+    rows = result.rows["model"]
+    save(plots.plot_sink_scores(rows, title=f"{title} sink score".strip()), "sink_scores.png")
+    save(plots.plot_activation_magnitudes(rows, title=f"{title} hidden-state magnitudes".strip()),
+         "activations.png")
+    if "pre-norm" in result.rows:
+        variants = {k: v for k, v in result.rows.items() if k != "model"}
+        save(plots.plot_norm_comparison(variants), "norm_comparison.png")
+    return paths
+
+
+# ------------------------------------------------------------------ command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``gnn-transformer analyze``."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="PATH",
+                        help="state dict of a GraphLM/GraphEncoderModel (its config JSON next to it)")
+    source.add_argument("--hf-dir", metavar="DIR",
+                        help="local directory of a Hugging Face BERT or GPT-2 (save_pretrained)")
+    parser.add_argument("--config", metavar="JSON",
+                        help="model config of --checkpoint (default: found next to it)")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--tokens", metavar="FILE",
+                        help="token ids, whitespace-separated, one sequence per line")
+    inputs.add_argument("--text", metavar="FILE", help="text, one sequence per line")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="directory with a Hugging Face tokenizer (default: --hf-dir)")
+    parser.add_argument("--out", metavar="DIR", default="analysis",
+                        help="directory for summary.json and the PNGs (default: analysis)")
+    parser.add_argument("--graph", choices=sorted(GRAPHS),
+                        help="token graph to run on (default: causal for LMs/GPT-2, full otherwise)")
+    parser.add_argument("--compare-norm", action="store_true",
+                        help="also run the same weights pre-norm and post-norm")
+    parser.add_argument("--backend", choices=("auto", "pyg", "fused", "tiled"),
+                        help="attention backend while recording (default: the model's)")
+    parser.add_argument("--max-tokens", type=int, default=48,
+                        help="tokens shown in the pictures (default: 48)")
+    parser.add_argument("--massive-magnitude", type=float, default=100.0,
+                        help="massive activation: |h| above this (default: 100)")
+    parser.add_argument("--massive-ratio", type=float, default=1000.0,
+                        help="massive activation: |h| above this times the median (default: 1000)")
+    parser.add_argument("--no-plots", action="store_true", help="only print and write summary.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Body of ``gnn-transformer analyze``; returns the exit code."""
+    try:
+        if args.checkpoint is not None:
+            loaded = load_checkpoint_model(args.checkpoint, args.config, backend=args.backend)
+        else:
+            loaded = load_hf_model(args.hf_dir, backend=args.backend)
+        if args.tokenizer is not None:
+            loaded.tokenizer = _tokenizer(args.tokenizer)
+            if loaded.tokenizer is None:
+                raise ValueError(f"Found no tokenizer in '--tokenizer' {args.tokenizer!r}")
+        if args.tokens is not None:
+            sequences = read_token_file(args.tokens)
+        else:
+            sequences = read_text_file(args.text, loaded.tokenizer)
+        result = analyze(loaded, sequences, graph=args.graph, compare_norm=args.compare_norm,
+                         backend=args.backend, min_magnitude=args.massive_magnitude,
+                         min_ratio=args.massive_ratio)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{loaded.name}: {len(result.lengths)} sequence(s), {sum(result.lengths)} tokens, "
+          f"{result.graph} graph")
+    for label, rows in result.rows.items():
+        if label != "model":
+            print(f"\n[{label}]")
+        print(format_table(rows))
+        massive = [(r.name, m) for r in rows for m in r.massive]
+        if massive:
+            first_layer = massive[0][0]
+            dims = sorted({d for _, (_, d, _) in massive})
+            print(f"massive activations from {first_layer}, dims {dims}")
+    paths = save_outputs(result, args.out, pictures=not args.no_plots, max_tokens=args.max_tokens)
+    print(f"\nwrote {len(paths)} files to {args.out}")
+    return 0
+
