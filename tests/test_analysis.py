@@ -467,3 +467,18 @@ def test_analyze_checkpoint_variants_and_errors(tmp_path, capsys):
     cli, args = _parse(["--checkpoint", str(path), "--config", str(config), "--tokens", str(bad)])
     assert cli.run(args) == 2
     assert "line 1" in capsys.readouterr().err
+
+
+def test_analyze_on_a_catalogue_topology_and_unknown_graph(tmp_path, capsys):
+    import json
+
+    path, _ = _tiny_lm_checkpoint(tmp_path)
+    tokens = tmp_path / "ids.txt"
+    tokens.write_text("1 2 3 4 5 6 7 8 9 10\n")
+    cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out",
+                        str(tmp_path / "o"), "--graph", "sliding_window", "--no-plots"])
+    assert cli.run(args) == 0
+    assert json.loads((tmp_path / "o" / "summary.json").read_text())["graph"] == "sliding_window"
+    cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--graph", "nope"])
+    assert cli.run(args) == 2
+    assert "nope" in capsys.readouterr().err

@@ -35,9 +35,9 @@ from torch import Tensor, nn
 
 from ..analysis import (LayerSummary, Trace, format_table, norm_placement, record, summarize)
 from ..model import GraphEncoderModel, GraphLM, GraphTransformerConfig
-from ..topology import batch_vector, causal, full
+from ..topology import batch_vector
+from ..topology import load as load_topology
 
-GRAPHS: dict[str, Callable[[list[int]], Tensor]] = {"causal": causal, "full": full}
 CONFIG_NAMES = ("config.json", "model_config.json")
 
 
@@ -230,21 +230,20 @@ def analyze(loaded: LoadedModel, sequences: Sequence[Sequence[int]], *, graph: s
     Args:
         loaded: from :func:`load_checkpoint_model` or :func:`load_hf_model`.
         sequences: token ids, one list per sequence.
-        graph: ``"causal"`` or ``"full"`` (default: the model's own).
+        graph: a topology of the ``graphs/`` catalogue (``"causal"``, ``"full"``, ``"bigbird"``,
+            ...) or a ``.toml`` spec path (default: the model's own, causal or full).
         compare_norm: also run with every layer's ``norm_first`` set to ``True`` and ``False``
             (same weights), giving the ``"pre-norm"`` and ``"post-norm"`` variants.
         backend: attention backend forced while recording.
         min_magnitude, min_ratio: massive-activation thresholds.
     """
     graph = loaded.graph if graph is None else graph
-    if graph not in GRAPHS:
-        raise ValueError(f"Expected 'graph' to be one of {sorted(GRAPHS)} (got {graph!r})")
     lengths = [len(s) for s in sequences]
     if not lengths or min(lengths) == 0:
         raise ValueError(f"Expected non-empty sequences (got lengths {lengths})")
     ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long)  # [N]
     pos = torch.cat([torch.arange(n) for n in lengths])  # [N] position within each sequence
-    edge_index = GRAPHS[graph](lengths)
+    edge_index = load_topology(graph, lengths)
     batch = batch_vector(lengths)
 
     def run_once() -> Trace:
@@ -340,8 +339,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory with a Hugging Face tokenizer (default: --hf-dir)")
     parser.add_argument("--out", metavar="DIR", default="analysis",
                         help="directory for summary.json and the PNGs (default: analysis)")
-    parser.add_argument("--graph", choices=sorted(GRAPHS),
-                        help="token graph to run on (default: causal for LMs/GPT-2, full otherwise)")
+    parser.add_argument("--graph", metavar="NAME|TOML",
+                        help="token graph: a catalogue name (causal, full, bigbird, ...) or a spec "
+                             "file (default: causal for LMs and GPT-2, full otherwise)")
     parser.add_argument("--compare-norm", action="store_true",
                         help="also run the same weights pre-norm and post-norm")
     parser.add_argument("--backend", choices=("auto", "pyg", "fused", "tiled"),
