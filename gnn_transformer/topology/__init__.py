@@ -5,6 +5,8 @@ returns a ``torch_geometric.EdgeIndex`` sorted by target without duplicated edge
 has a brute-force ``*_predicate`` twin. See ``docs/topology.md`` for the catalogue.
 """
 from ._common import as_lengths, batch_vector, ptr_vector
+from .analysis import (DegreeStats, TopologyStats, diameter, hop_distances, layers_to_match,
+                       receptive_field, receptive_field_sizes, summarize)
 from .basic import causal, causal_predicate, full, full_predicate
 from .bigbird import bigbird, bigbird_predicate
 from .combinators import difference, from_predicate, intersection, union
@@ -15,6 +17,7 @@ from .exports import (flex_attention_available, to_block_mask, to_flex_mask_mod,
 from .global_tokens import global_tokens, global_tokens_predicate
 from .graph_inputs import from_graph, from_graph_predicate, read_graph
 from .masks import from_dense_mask, is_multigraph, to_dense_mask
+from .pictures import draw_receptive_field, draw_topology
 from .prefix_lm import prefix_lm, prefix_lm_predicate
 from .random_graphs import edge_set_predicate, erdos_renyi, random
 from .specs import BUILDERS, Spec, build_spec, catalogue, load, read_spec
@@ -39,4 +42,7 @@ __all__ = [
     # masks and exports
     "to_dense_mask", "from_dense_mask", "is_multigraph",
     "to_networkx", "to_flex_mask_mod", "to_block_mask", "flex_attention_available",
+    # analysis and pictures
+    "summarize", "TopologyStats", "DegreeStats", "layers_to_match", "receptive_field",
+    "receptive_field_sizes", "hop_distances", "diameter", "draw_topology", "draw_receptive_field",
 ]
