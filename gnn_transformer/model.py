@@ -207,6 +207,11 @@ class GraphEncoderModel(nn.Module):
         h = self.encoder(h, edge_index, edge_bias=edge_bias, pos=pos, cache=cache)
         return h if self.head is None else self.head(h)
 
+    def forward_graph(self, x: Tensor, edge_index: Tensor, *, pos: Tensor | None = None,
+                      cache=None) -> Tensor:
+        """``forward`` under the name :func:`gnn_transformer.decoding.generate` calls."""
+        return self(x, edge_index, pos=pos, cache=cache)
+
 
 class GraphLM(GraphEncoderModel):
     """A language model on token graphs: :class:`GraphEncoderModel` with a next-token head.

@@ -1,0 +1,172 @@
+r"""Incremental decoding on token graphs with a key/value cache.
+
+Every generated token is a new node. Its keys and values are computed once and kept in a
+:class:`KVCache`; its query attends along the edges its topology allows, from cached nodes (and
+itself) to it: ``j -> i`` for the tokens ``j`` of the same sequence with ``0 <= pos_i - pos_j``
+(causal) and ``pos_i - pos_j <= window`` (sliding window, radius as in
+:func:`gnn_transformer.topology.sliding_window`). The cache is one growing node set for the whole
+batch (node ids in order of arrival, with a sequence id and a position per node), so sequences of
+different lengths need no padding. The result equals a full recompute on the whole graph, token
+by token (``tests/test_decoding.py``).
+
+Works with any model exposing ``forward_graph(ids [Q], edge_index, *, pos [Q], cache)`` ->
+``logits [Q, V]`` whose stack passes ``cache`` on: :class:`~gnn_transformer.GraphLM` and
+:class:`~gnn_transformer.hf.GraphGPT2LMHeadModel`.
+
+Example:
+    >>> from gnn_transformer import GraphLM, GraphTransformerConfig
+    >>> lm = GraphLM(GraphTransformerConfig(vocab_size=10, d_model=8, nhead=2, num_layers=1,
+    ...                                     backend="pyg")).eval()
+    >>> generate(lm, torch.tensor([[1, 2, 3]]), max_new_tokens=4).shape
+    torch.Size([1, 7])
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+KV = tuple[Tensor, Tensor]
+
+
+class KVCache:
+    """Keys and values of every layer for all nodes seen so far, with their sequence and position.
+
+    ``seq`` / ``pos`` ``[M]`` describe the cached nodes *and* the nodes of the step being computed
+    (:meth:`add_nodes` is called before the model runs); :meth:`update` appends a layer's new keys
+    and values ``[Q, H_kv, D]`` and returns all of them ``[M, H_kv, D]``.
+    """
+
+    def __init__(self) -> None:
+        self.layers: dict[int, KV] = {}
+        self.seq: Tensor | None = None
+        self.pos: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.pos is None else self.pos.numel()
+
+    def add_nodes(self, seq: Tensor, pos: Tensor) -> None:
+        """Register new nodes (their sequence ids and positions ``[Q]``)."""
+        self.seq = seq if self.seq is None else torch.cat([self.seq, seq])
+        self.pos = pos if self.pos is None else torch.cat([self.pos, pos])
+
+    def update(self, index: int, kv: KV) -> KV:
+        """Append layer ``index``'s keys and values of the new nodes; return those of all nodes."""
+        if index in self.layers:
+            old_k, old_v = self.layers[index]
+            kv = (torch.cat([old_k, kv[0]]), torch.cat([old_v, kv[1]]))
+        self.layers[index] = kv
+        return kv
+
+
+def step_edges(seq: Tensor, pos: Tensor, num_new: int, window: int | None = None) -> Tensor:
+    """Edges ``[2, E]`` from all nodes to the last ``num_new`` nodes: same sequence, causal, and
+    within ``window`` positions when given. Sorted by target."""
+    q_seq, q_pos = seq[-num_new:], pos[-num_new:]
+    allowed = (seq.unsqueeze(0) == q_seq.unsqueeze(1)) & (pos.unsqueeze(0) <= q_pos.unsqueeze(1))
+    if window is not None:
+        allowed &= pos.unsqueeze(0) >= q_pos.unsqueeze(1) - window  # [Q, M]
+    dst, src = allowed.nonzero(as_tuple=True)  # row-major: sorted by target
+    return torch.stack([src, dst])
+
+
+def _graph(lengths: list[int], window: int | None) -> Tensor:
+    from . import topology  # the builders of the prompt graph
+
+    if window is None:
+        return topology.causal(lengths)
+    return topology.sliding_window(lengths, window, causal=True)
+
+
+def _forward(model, ids: Tensor, edge_index: Tensor, pos: Tensor, cache: KVCache | None) -> Tensor:
+    if not hasattr(model, "forward_graph"):
+        raise ValueError(f"Expected 'model' with a forward_graph method (got {type(model).__name__})")
+    return model.forward_graph(ids, edge_index, pos=pos, cache=cache)
+
+
+def _sample(logits: Tensor, greedy: bool, temperature: float, top_k: int | None,
+            generator: torch.Generator | None) -> Tensor:
+    if greedy:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True, *,
+             attention_mask: Tensor | None = None, window: int | None = None,
+             use_cache: bool = True, temperature: float = 1.0, top_k: int | None = None,
+             generator: torch.Generator | None = None, pad_token_id: int = 0,
+             return_logits: bool = False):
+    r"""Generate ``max_new_tokens`` tokens after each prompt.
+
+    Args:
+        model: a decoder-only graph model (``GraphLM``, ``GraphGPT2LMHeadModel``) in eval mode.
+        input_ids: prompts ``[B, T]``; with ``attention_mask`` the real tokens of each row (in
+            order) form its prompt, so prompts may have different lengths.
+        max_new_tokens: tokens to add to each sequence.
+        greedy: argmax (default) or sampling with ``temperature`` / ``top_k`` / ``generator``.
+        window: sliding-window radius (keys ``j`` with ``pos_i - window <= pos_j <= pos_i``);
+            ``None`` = causal.
+        use_cache: decode with the key/value cache (default); ``False`` recomputes the whole graph
+            for every new token (the reference).
+        pad_token_id: fills the end of rows shorter than the longest.
+        return_logits: also return the logits of every step, ``[max_new_tokens, B, V]``.
+
+    Returns:
+        ``[B, max(L) + max_new_tokens]``: row ``b`` holds its prompt, its new tokens, then padding.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"Expected 'max_new_tokens' to be a non-negative int (got {max_new_tokens!r})")
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        got = list(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        raise ValueError(f"Expected 'input_ids' to be an integer tensor [B, T] (got {got})")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
+        raise ValueError(f"Expected 'window' to be a non-negative int or None (got {window!r})")
+    device = input_ids.device
+    mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+            else attention_mask.bool())
+    lengths = mask.sum(1)  # [B]
+    if int(lengths.min()) == 0:
+        raise ValueError(f"Expected every prompt to have a token (got lengths {lengths.tolist()})")
+    seqs = [row[m] for row, m in zip(input_ids, mask)]  # each prompt, padding dropped
+    batch = len(seqs)
+    cache = KVCache() if use_cache else None
+    # the first step is the prompt graph: nodes sequence after sequence
+    ids = input_ids[mask]  # [N]
+    seq = torch.repeat_interleave(torch.arange(batch, device=device), lengths)  # [N]
+    pos = torch.cat([torch.arange(int(n), device=device) for n in lengths])  # [N]
+    edge_index = _graph(lengths.tolist(), window).to(device)
+    last = lengths.cumsum(0) - 1  # [B] the last node of each prompt
+    step_logits = []
+    for step in range(max_new_tokens):
+        if cache is not None:
+            cache.add_nodes(seq, pos)
+            logits = _forward(model, ids, edge_index, pos, cache)[last]  # [B, V]
+        else:  # reference: the whole graph again, nodes sequence after sequence
+            lens = [int(t.numel()) for t in seqs]
+            full_pos = torch.cat([torch.arange(n, device=device) for n in lens])
+            logits = _forward(model, torch.cat(seqs), _graph(lens, window).to(device), full_pos,
+                              None)
+            logits = logits[torch.tensor(lens, device=device).cumsum(0) - 1]  # [B, V]
+        step_logits.append(logits)
+        token = _sample(logits, greedy, temperature, top_k, generator)  # [B]
+        seqs = [torch.cat([t, new.view(1)]) for t, new in zip(seqs, token)]
+        # the next step: one new node per sequence, edges from the cache and itself
+        ids, seq, pos = token, torch.arange(batch, device=device), lengths + step
+        if cache is not None:
+            edge_index = step_edges(torch.cat([cache.seq, seq]), torch.cat([cache.pos, pos]),
+                                    batch, window)
+        last = torch.arange(batch, device=device)
+    width = max(s.numel() for s in seqs)
+    out = input_ids.new_full((batch, width), pad_token_id)
+    for b, s in enumerate(seqs):
+        out[b, : s.numel()] = s
+    if return_logits:
+        return out, torch.stack(step_logits) if step_logits else torch.empty(0, batch, 0)
+    return out
+
+
+__all__ = ["KVCache", "generate", "step_edges"]
