@@ -94,7 +94,7 @@ def edge_values_to_dense(edge_index: Tensor, values: Tensor, lengths_src: Sequen
     ptr_s = torch.cat([ls.new_zeros(1), ls.cumsum(0)])
     ptr_d = torch.cat([ld.new_zeros(1), ld.cumsum(0)])
     edge_index = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
-    src, dst = edge_index[0].cpu().long(), edge_index[1].cpu().long()
+    src, dst = edge_index[0].cpu().long().contiguous(), edge_index[1].cpu().long().contiguous()
     seq = torch.bucketize(dst, ptr_d[1:], right=True)  # [E] sequence of each target
     seq_src = torch.bucketize(src, ptr_s[1:], right=True)
     if not torch.equal(seq, seq_src):
