@@ -482,3 +482,69 @@ def test_analyze_on_a_catalogue_topology_and_unknown_graph(tmp_path, capsys):
     cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--graph", "nope"])
     assert cli.run(args) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def _save_tiny_hf(tmp_path, kind):
+    transformers = pytest.importorskip("transformers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a",
+             "dog", "ran"]
+    directory = tmp_path / kind
+    if kind == "bert":
+        cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2,
+                                      num_attention_heads=2, intermediate_size=32,
+                                      max_position_embeddings=32, attn_implementation="eager")
+        model = transformers.BertModel(cfg)
+    else:
+        cfg = transformers.GPT2Config(vocab_size=len(words), n_embd=16, n_layer=2, n_head=2,
+                                      n_positions=32, attn_implementation="eager")
+        model = transformers.GPT2LMHeadModel(cfg)
+    model.eval().save_pretrained(directory)
+    try:  # transformers >= 5 takes the vocabulary itself
+        tokenizer = transformers.BertTokenizer(vocab={w: k for k, w in enumerate(words)})
+    except TypeError:
+        vocab = tmp_path / f"{kind}_vocab.txt"
+        vocab.write_text("\n".join(words) + "\n")
+        tokenizer = transformers.BertTokenizer(vocab_file=str(vocab))
+    tokenizer.save_pretrained(directory)
+    return directory, model
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_analyze_runs_on_a_saved_hugging_face_model(tmp_path, capsys, kind):
+    import json
+
+    directory, hf_model = _save_tiny_hf(tmp_path, kind)
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat\na dog ran\n")
+    out = tmp_path / "out"
+    cli, args = _parse(["--hf-dir", str(directory), "--text", str(text), "--out", str(out)])
+    assert cli.run(args) == 0
+    printed = capsys.readouterr().out
+    assert ("BERT" if kind == "bert" else "GPT-2") in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["graph"] == ("full" if kind == "bert" else "causal")
+    assert summary["tokens"][:2] == ["[CLS]", "the"]
+    assert summary["lengths"] == [8, 5]
+    assert [r["name"] for r in summary["variants"]["model"]] == [
+        "input", "encoder.layers.0", "encoder.layers.1"]
+    assert (out / "attention_encoder_layers_1_self_attn.png").is_file()
+    # the recorded weights are Hugging Face's attention probabilities
+    loaded = cli.load_hf_model(directory)
+    result = cli.analyze(loaded, [[2, 5, 6, 7, 3]])
+    ids = torch.tensor([[2, 5, 6, 7, 3]])
+    with torch.no_grad():
+        ref = hf_model(ids, output_attentions=True)
+    g = result.traces["model"].attention[1]
+    torch.testing.assert_close(g.dense(), ref.attentions[1][0], atol=1e-5, rtol=1e-5)
+
+
+def test_analyze_reports_a_missing_tokenizer_and_directory(tmp_path, capsys):
+    path, _ = _tiny_lm_checkpoint(tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text("the cat\n")
+    cli, args = _parse(["--checkpoint", str(path), "--text", str(text)])
+    assert cli.run(args) == 2
+    assert "tokenizer" in capsys.readouterr().err
+    cli, args = _parse(["--hf-dir", str(tmp_path / "missing"), "--tokens", str(text)])
+    assert cli.run(args) == 2
+    assert "--hf-dir" in capsys.readouterr().err

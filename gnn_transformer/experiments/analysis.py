@@ -164,18 +164,26 @@ def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = No
 
 
 def load_hf_model(directory: str | Path, *, backend: str | None = None) -> LoadedModel:
-    """A Hugging Face BERT or GPT-2 saved in a local directory, imported into a graph model with
-    :mod:`gnn_transformer.hf`, with its tokenizer when the directory has one."""
-    from .. import hf  # the import needs transformers: only when asked for
+    """A Hugging Face BERT or GPT-2 saved in a local directory (``save_pretrained``), imported
+    into a graph model with :func:`gnn_transformer.hf.from_pretrained`, with its tokenizer when the
+    directory has one. BERT runs on the full graph, GPT-2 on the causal one by default."""
+    from .. import hf  # needs transformers: imported only when asked for
 
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"No directory at '--hf-dir' {str(directory)!r}")
     kwargs = {} if backend is None else {"backend": backend}
-    imported = hf.from_pretrained(directory, **kwargs)
-    model = imported.model.eval()
-    return LoadedModel(model, imported.forward, imported.graph, _tokenizer(directory),
-                       f"{imported.kind} ({directory.name})")
+    try:
+        model = hf.from_pretrained(str(directory), **kwargs).eval()
+    except OSError as err:  # transformers: no config or weights in the directory
+        raise ValueError(f"Could not load a Hugging Face model from {str(directory)!r}: {err}") from err
+    is_gpt2 = isinstance(model, hf.GraphGPT2LMHeadModel)
+
+    def forward(ids: Tensor, edge_index: Tensor, pos: Tensor):
+        return model.forward_graph(ids, edge_index, pos=pos)
+
+    return LoadedModel(model, forward, "causal" if is_gpt2 else "full", _tokenizer(directory),
+                       f"{'GPT-2' if is_gpt2 else 'BERT'} ({directory.name})")
 
 
 def _tokenizer(directory: str | Path):
