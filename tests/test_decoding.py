@@ -1,0 +1,111 @@
+"""Incremental decoding with a key/value cache equals a full recompute, token by token."""
+import pytest
+import torch
+
+from gnn_transformer import GraphLM, GraphTransformerConfig
+from gnn_transformer.decoding import KVCache, generate, step_edges
+from gnn_transformer.topology import causal, sliding_window
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _lm(**kw):
+    config = GraphTransformerConfig(**{"vocab_size": 17, "d_model": 16, "nhead": 4, "num_layers": 3,
+                                       "max_positions": 32, "backend": "pyg", **kw})
+    return GraphLM(config).eval()
+
+
+def _prompts():
+    ids = torch.randint(0, 17, (3, 6))
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] + [0] * 5])
+    return ids, mask
+
+
+@pytest.mark.parametrize("kw,window", [
+    (dict(position="learned"), None), (dict(position="rope", num_kv_heads=2), 2),
+    (dict(position="alibi"), 2), (dict(position="sinusoidal", norm_first=False), None),
+    (dict(position="rope", kv_share_every=2), None), (dict(position="learned", attention="sigmoid"), 2),
+], ids=["learned", "rope-gqa-window", "alibi-window", "sinusoidal-postnorm", "rope-cla",
+        "sigmoid-window"])
+def test_cached_generation_equals_full_recompute(kw, window):
+    model = _lm(**kw)
+    ids, mask = _prompts()
+    out, logits = generate(model, ids, 6, attention_mask=mask, window=window, return_logits=True)
+    ref, ref_logits = generate(model, ids, 6, attention_mask=mask, window=window, use_cache=False,
+                               return_logits=True)
+    torch.testing.assert_close(logits, ref_logits, **TOL)
+    assert torch.equal(out, ref)
+    assert out.shape == (3, 12) and logits.shape == (6, 3, 17)
+    assert torch.equal(out[1, :3], ids[1, :3]) and (out[2, 7:] == 0).all()
+
+
+def test_step_logits_equal_the_full_forward_at_each_position():
+    model = _lm(position="rope")
+    ids, mask = _prompts()
+    out, logits = generate(model, ids, 5, attention_mask=mask, return_logits=True)
+    lengths = mask.sum(1)
+    for b in range(3):
+        seq = out[b, : int(lengths[b]) + 5]
+        n = seq.numel()
+        full_logits = model(seq, causal(n), pos=torch.arange(n))  # [n, V]
+        torch.testing.assert_close(logits[:, b], full_logits[int(lengths[b]) - 1: n - 1], **TOL)
+
+
+def test_sliding_window_decoding_uses_the_window():
+    model = _lm(position="learned")
+    ids = torch.randint(0, 17, (1, 7))
+    _, logits = generate(model, ids, 1, return_logits=True, window=2)
+    full = model(ids[0], sliding_window(7, 2, causal=True), pos=torch.arange(7))
+    torch.testing.assert_close(logits[0, 0], full[-1], **TOL)
+    _, causal_logits = generate(model, ids, 1, return_logits=True)
+    assert not torch.allclose(logits, causal_logits)
+
+
+def test_gpt2_generation_with_cache_matches_hf():
+    transformers = pytest.importorskip("transformers")
+    from gnn_transformer import hf
+
+    config = transformers.GPT2Config(vocab_size=29, n_embd=16, n_layer=2, n_head=4, n_positions=32,
+                                     initializer_range=0.3, bos_token_id=0, eos_token_id=None)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    graph = hf.from_hf(model, backend="pyg")
+    ids, mask = torch.randint(0, 29, (2, 5)), torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])
+    out, logits = generate(graph, ids, 6, attention_mask=mask, return_logits=True)
+    ref, ref_logits = generate(graph, ids, 6, attention_mask=mask, use_cache=False,
+                               return_logits=True)
+    torch.testing.assert_close(logits, ref_logits, **TOL)
+    assert torch.equal(out, ref)
+    hf_out = model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=6, do_sample=False,
+                            pad_token_id=0, eos_token_id=None)
+    assert hf_out.shape == (1, 11) and torch.equal(out[0], hf_out[0])
+
+
+def test_sampling_is_reproducible_and_cache_bookkeeping():
+    model = _lm(position="learned")
+    ids = torch.randint(0, 17, (2, 4))
+    a = generate(model, ids, 5, greedy=False, top_k=5, generator=torch.Generator().manual_seed(1))
+    b = generate(model, ids, 5, greedy=False, top_k=5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == (2, 9)
+    cache = KVCache()
+    cache.add_nodes(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
+    k = torch.randn(3, 2, 4)
+    assert cache.update(0, (k, k))[0].shape == (3, 2, 4) and len(cache) == 3
+    cache.add_nodes(torch.tensor([0, 1]), torch.tensor([2, 1]))
+    assert cache.update(0, (k[:2], k[:2]))[0].shape == (5, 2, 4)
+    edges = step_edges(cache.seq, cache.pos, 2)
+    assert edges.tolist() == [[0, 1, 3, 2, 4], [0, 0, 0, 1, 1]]
+
+
+def test_errors():
+    model = _lm()
+    ids = torch.randint(0, 17, (2, 4))
+    with pytest.raises(ValueError, match="'max_new_tokens'.*-1"):
+        generate(model, ids, -1)
+    with pytest.raises(ValueError, match="'input_ids'"):
+        generate(model, ids[0], 2)
+    with pytest.raises(ValueError, match="'window'.*-2"):
+        generate(model, ids, 2, window=-2)
+    with pytest.raises(ValueError, match="lengths \\[4, 0\\]"):
+        generate(model, ids, 2, attention_mask=torch.tensor([[1] * 4, [0] * 4]))
+    with pytest.raises(ValueError, match="forward_graph"):
+        generate(torch.nn.Linear(2, 2), ids, 2)
