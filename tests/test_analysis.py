@@ -166,6 +166,60 @@ def test_networkx_export_per_head():
         assert sum(d["weight"] for _, _, d in g.in_edges(i, data=True)) == pytest.approx(1.0)
 
 
+def test_encoder_decoder_records_self_and_cross_attention_per_layer():
+    from gnn_transformer import GraphTransformer
+
+    model = GraphTransformer(C, H, 2, 2, 32, dropout=0.0, backend="pyg").eval()
+    src, tgt = torch.randn(5, C), torch.randn(4, C)
+    mem_ei = torch.stack([torch.arange(5).repeat(4), torch.arange(4).repeat_interleave(5)])
+    trace = extract(model, src, tgt, full(5), causal(4), mem_ei)
+    assert [layer.name for layer in trace.layers] == [
+        "encoder.layers.0", "encoder.layers.1", "decoder.layers.0", "decoder.layers.1"]
+    assert [(g.name, g.layer, g.cross) for g in trace.attention] == [
+        ("encoder.layers.0.self_attn", 0, False), ("encoder.layers.1.self_attn", 1, False),
+        ("decoder.layers.0.self_attn", 2, False), ("decoder.layers.0.multihead_attn", 2, True),
+        ("decoder.layers.1.self_attn", 3, False), ("decoder.layers.1.multihead_attn", 3, True)]
+    g = trace.attention[3]
+    assert (g.num_src, g.num_dst) == (5, 4)
+    torch.testing.assert_close(g.dense().sum(dim=-1), torch.ones(H, 4))
+    rows = summarize(trace)
+    assert [r.name for r in rows][1:] == [layer.name for layer in trace.layers]
+    assert all(len(r.sink) == H for r in rows[1:])
+
+
+@pytest.mark.parametrize("backend", ["fused", "tiled"])
+def test_recording_through_the_kernels_gives_the_same_weights(backend):
+    model = Stack(2).eval()
+    x, ei = torch.randn(9, C), causal([5, 4])
+    with torch.no_grad(), record(model, backend="pyg") as ref:
+        out_ref = model(x, ei)
+    with torch.no_grad(), record(model, backend=backend) as trace:
+        out = model(x, ei)
+    torch.testing.assert_close(out, out_ref, **TOL[torch.float32])
+    for a, b in zip(trace.attention, ref.attention):
+        torch.testing.assert_close(a.weights, b.weights, **TOL[torch.float32])
+
+
+def test_decoding_steps_are_recorded_with_the_cache_layout():
+    from gnn_transformer.decoding import generate
+    from gnn_transformer.model import GraphLM, GraphTransformerConfig
+
+    lm = GraphLM(GraphTransformerConfig(vocab_size=11, d_model=C, nhead=H, num_layers=2,
+                                        backend="pyg")).eval()
+    with record(lm) as trace:
+        out = generate(lm, torch.tensor([[1, 2, 3, 4]]), max_new_tokens=3)
+    assert len(trace.attention) == 2 * 3  # the prompt, then two one-token steps, per layer
+    last = trace.attention[-2]  # layer 0 of the last step: query node 5 over cached nodes 0..5
+    assert (last.num_src, last.num_dst, last.query_offset) == (6, 1, 5)
+    assert last.node_edge_index().tolist() == [list(range(6)), [5] * 6]
+    full_trace = extract(lm, out[0, :6], causal(6), pos=torch.arange(6))
+    ref = full_trace.attention[0]
+    into_5 = ref.edge_index[1] == 5
+    torch.testing.assert_close(last.weights, ref.weights[into_5], **TOL[torch.float32])
+    g = last.to_networkx(0)
+    assert set(g.predecessors(5)) == set(range(6)) and g.number_of_nodes() == 6
+
+
 # ---------------------------------------------------------------- measures vs dense computations
 @pytest.mark.parametrize("kind", ["full", "causal", "random"])
 @pytest.mark.parametrize("lengths", [[6], [5, 3, 4]])

@@ -61,6 +61,19 @@ class AttentionGraph:
     def num_heads(self) -> int:
         return self.weights.size(1)
 
+    @property
+    def query_offset(self) -> int:
+        """Node id of query 0 among the key nodes: ``N_src - N_dst`` for a self-attention step of
+        incremental decoding (the new nodes are the last of the cache), else 0."""
+        return 0 if self.cross else max(self.num_src - self.num_dst, 0)
+
+    def node_edge_index(self) -> Tensor:
+        """Self-attention edges with both rows indexing the same ``N_src`` nodes (queries shifted
+        by :attr:`query_offset`); cross-attention edges unchanged."""
+        if self.query_offset == 0:
+            return self.edge_index
+        return torch.stack([self.edge_index[0], self.edge_index[1] + self.query_offset])
+
     def dense(self) -> Tensor:
         """The weights as a dense ``[H, N_dst, N_src]`` matrix (rows queries, 0 where no edge)."""
         out = self.weights.new_zeros(self.num_dst, self.num_src, self.num_heads)
@@ -72,14 +85,15 @@ class AttentionGraph:
         """A weighted ``networkx.DiGraph`` of one head (``head=None``: mean over heads).
 
         Edges ``j -> i`` carry ``weight`` = :math:`\\alpha_{ji}` (duplicated edges are summed).
-        Self-attention nodes are ``0 .. N-1``; cross-attention nodes are ``("key", j)`` and
-        ``("query", i)``. ``labels`` (one per key node, and per query node for self-attention)
+        Self-attention nodes are ``0 .. N_src-1`` (a decoding step's queries are the last ones);
+        cross-attention nodes are ``("key", j)`` and ``("query", i)``. ``labels`` (one per key node, and per query node for self-attention)
         are stored as the node attribute ``token``.
         """
         if head is not None and not -self.num_heads <= head < self.num_heads:
             raise ValueError(f"Expected 'head' in [0, {self.num_heads}) (got {head})")
         w = self.weights.mean(dim=1) if head is None else self.weights[:, head]  # [E]
-        return weighted_digraph(self.edge_index, w, self.num_src, self.num_dst, cross=self.cross,
+        return weighted_digraph(self.node_edge_index(), w, self.num_src,
+                                self.num_dst if self.cross else self.num_src, cross=self.cross,
                                 labels=labels)
 
 

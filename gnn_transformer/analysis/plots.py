@@ -85,8 +85,10 @@ def plot_attention_arcs(graph: AttentionGraph, head: int | None = None,
     :math:`\\alpha_{ji}` (edges under ``min_weight`` are left out; self-loops are not drawn).
     Node area is proportional to the attention the token receives. ``head=None``: mean over heads.
     """
-    src, dst, w, n_src, n_dst = _crop(graph, max_tokens)
-    n = max(n_src, n_dst)
+    ei = graph.node_edge_index()
+    n = min(graph.num_src, max_tokens)
+    keep = (ei[0] < n) & (ei[1] < n)
+    src, dst, w = ei[0][keep], ei[1][keep], graph.weights[keep].float()
     weight = w.mean(dim=1) if head is None else w[:, head]  # [E]
     drawn = [(j, i, a) for j, i, a in zip(src.tolist(), dst.tolist(), weight.tolist())
              if j != i and a >= min_weight]

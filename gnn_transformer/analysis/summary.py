@@ -46,7 +46,8 @@ def _attention_fields(graph: AttentionGraph, batch: Tensor | None) -> dict:
     received = received_attention(ei, w, graph.num_src).sum(dim=1)  # [N_src]
     total = float(received.sum())
     top = int(received.argmax()) if received.numel() else None
-    rank = attention_pagerank(ei, w, graph.num_src).mean(dim=1) if not graph.cross else None
+    rank = None if graph.cross else attention_pagerank(graph.node_edge_index(), w,
+                                                        graph.num_src).mean(dim=1)
     use_batch = batch if batch is not None and batch.numel() == graph.num_src else None
     return dict(
         sink=tuple(float(s) for s in sink_scores(ei, w, use_batch, num_src=graph.num_src)),
