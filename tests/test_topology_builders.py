@@ -12,7 +12,7 @@ from torch_geometric import EdgeIndex
 
 from gnn_transformer import topology as T
 
-LENGTHS = [[0], [1], [2], [5], [9], [16], [3, 1, 4], [1, 1], [7, 0, 2], [1, 12]]
+LENGTHS = [[0], [1], [2], [5], [13], [3, 1, 4], [7, 0, 2], [1, 12]]
 
 
 def _case(name, build, pred, **params):
@@ -25,13 +25,13 @@ CASES = (
     + [_case("sliding_window", T.sliding_window, T.sliding_window_predicate, window=w, causal=c)
        for w in (0, 1, 2, 20) for c in (False, True)]
     + [_case("dilated", T.dilated, T.dilated_predicate, window=w, dilation=d, causal=c)
-       for w in (0, 1, 3) for d in (1, 2, 5) for c in (False, True)]
+       for w in (0, 1, 3) for d in (1, 3) for c in (False, True)]
     + [_case("strided", T.strided, T.strided_predicate, stride=s, causal=c)
-       for s in (1, 2, 3, 4, 20) for c in (True, False)]
+       for s in (1, 2, 3, 20) for c in (True, False)]
     + [_case("fixed", T.fixed, T.fixed_predicate, block=b, num_summary=k, causal=c)
        for b, k in ((1, 0), (1, 1), (2, 1), (3, 0), (3, 2), (4, 4), (20, 3)) for c in (True, False)]
     + [_case("global_tokens", T.global_tokens, T.global_tokens_predicate, num_global=g, window=w)
-       for g in (0, 1, 2, 30) for w in (None, 0, 2)]
+       for g in (0, 2, 30) for w in (None, 0, 2)]
     + [_case("bigbird_no_random", functools.partial(T.bigbird, num_random=0), T.bigbird_predicate,
              block=b, window=w, num_global=g)
        for b in (1, 2, 3) for w in (0, 1) for g in (0, 1, 2)]
@@ -140,7 +140,7 @@ def test_from_graph_batch_and_pyg_data():
     assert T.from_graph(data).size(1) == 2  # duplicate merged
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(0, 12), min_size=1, max_size=4), st.integers(0, 14), st.integers(1, 5),
        st.booleans())
 def test_dilated_hypothesis(lengths, window, dilation, causal):
@@ -150,7 +150,7 @@ def test_dilated_hypothesis(lengths, window, dilation, causal):
     assert torch.equal(ei.as_tensor(), T.from_predicate(lengths, pred).as_tensor())
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(0, 40), min_size=1, max_size=3), st.integers(0, 45), st.booleans())
 def test_sliding_window_edge_count_formula(lengths, w, causal):
     ei = T.sliding_window(lengths, w, causal=causal)
@@ -181,20 +181,15 @@ def test_document_batches_and_explicit_lengths():
     assert torch.equal(T.document(6, [2, 1, 3]).as_tensor(), T.from_predicate(6, pred).as_tensor())
 
 
-@pytest.mark.parametrize("build", [
-    lambda: T.full(16), lambda: T.causal(16), lambda: T.sliding_window(16, 2), lambda: T.strided(16, 4),
-    lambda: T.fixed(16, 4, 1), lambda: T.global_tokens(16, 1, window=1), lambda: T.prefix_lm(16, 4),
-])
-def test_known_identities(build):
+def test_known_identities():
     """Patterns that coincide with simpler ones at the extremes."""
-    ei = build()
-    assert ei.size(1) > 0
     assert torch.equal(T.sliding_window(6, 5).as_tensor(), T.full(6).as_tensor())
     assert torch.equal(T.sliding_window(6, 9, causal=True).as_tensor(), T.causal(6).as_tensor())
     assert torch.equal(T.strided(6, 1).as_tensor(), T.causal(6).as_tensor())
     assert torch.equal(T.fixed(6, 6, 0, causal=False).as_tensor(), T.full(6).as_tensor())
     assert torch.equal(T.global_tokens(6, 6).as_tensor(), T.full(6).as_tensor())
     assert torch.equal(T.dilated(6, 2, 1).as_tensor(), T.sliding_window(6, 2).as_tensor())
+    assert torch.equal(T.bigbird(9, window=9, num_random=3).as_tensor(), T.full(9).as_tensor())
 
 
 @pytest.mark.parametrize("call, arg", [
