@@ -5,6 +5,7 @@ Attention is message passing on an explicit directed token graph: query ``i`` ma
 """
 from . import dense, topology
 from .attention import GraphMultiheadAttention
+from .decoding import KVCache, generate
 from .layers import (GraphTransformerDecoder, GraphTransformerDecoderLayer, GraphTransformerEncoder,
                      GraphTransformerEncoderLayer)
 from .model import GraphEncoderModel, GraphLM, GraphTransformer, GraphTransformerConfig
@@ -22,4 +23,5 @@ __all__ = ["GraphMultiheadAttention", "from_padded", "to_padded", "padding_mask"
            "GraphEncoderModel", "GraphLM",
            "SinusoidalPositionalEmbedding", "LearnedPositionalEmbedding", "RotaryEmbedding",
            "sinusoidal_embedding", "alibi_slopes", "alibi_edge_bias",
-           "SigmoidAttention", "LinearAttention", "MLPProjectionAttention"]
+           "SigmoidAttention", "LinearAttention", "MLPProjectionAttention",
+           "KVCache", "generate"]
