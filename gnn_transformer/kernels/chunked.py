@@ -80,7 +80,7 @@ def row_chunks(graph: CSRGraph, max_edges: int = DEFAULT_MAX_EDGES) -> list[RowC
     for r0, r1 in bounds:
         e0, e1 = int(rowptr_cpu[r0]), int(rowptr_cpu[r1])
         crow = graph.rowptr[r0:r1 + 1] - e0  # [R + 1]
-        col = graph.src[e0:e1]  # [Ec]
+        col = graph.src[e0:e1].clone() if len(bounds) > 1 else graph.src  # [Ec], own storage
         row = graph.dst[e0:e1] - r0  # [Ec]
         if e0 == 0 and e1 == e_total and "csc" in graph.extras:
             t_crow, t_perm = graph.csc()  # the whole graph: reuse the cached source-sorted view
@@ -93,15 +93,22 @@ def row_chunks(graph: CSRGraph, max_edges: int = DEFAULT_MAX_EDGES) -> list[RowC
     return chunks
 
 
+def _sampled(c: RowChunk, a: Tensor, b: Tensor, values: Tensor | None, alpha: float) -> Tensor:
+    """``alpha * a_i . b_j (+ values_e)`` at the chunk's edges, ``[Ec]`` (a sampled matmul)."""
+    n_src = b.size(0)
+    if c.col.numel() > (c.r1 - c.r0) * n_src:
+        # more parallel edges than cells (a multigraph): sampled_addmm refuses, gather instead
+        out = (a[c.row] * b[c.col]).sum(-1) * alpha  # [Ec, D] per head only
+        return out if values is None else out + values.to(out.dtype)
+    if values is None:
+        values = torch.zeros(c.col.numel(), dtype=a.dtype, device=a.device)
+    sparse = _csr(c.crow, c.col, values.to(a.dtype).contiguous(), (c.r1 - c.r0, n_src))
+    return torch.sparse.sampled_addmm(sparse, a, b.t(), beta=1.0, alpha=alpha).values()
+
+
 def _scores(c: RowChunk, qT_h: Tensor, kT_h: Tensor, bias_h: Tensor | None, scale: float) -> Tensor:
     """``s_e = scale * q_i . k_j + b_e`` for the chunk's edges, ``[Ec]``."""
-    n_src = kT_h.size(0)
-    if bias_h is None:
-        values = torch.zeros(c.col.numel(), dtype=qT_h.dtype, device=qT_h.device)
-    else:
-        values = bias_h.to(qT_h.dtype).contiguous()
-    sparse = _csr(c.crow, c.col, values, (c.r1 - c.r0, n_src))
-    return torch.sparse.sampled_addmm(sparse, qT_h, kT_h.t(), beta=1.0, alpha=scale).values()
+    return _sampled(c, qT_h, kT_h, bias_h, scale)
 
 
 def _head_major(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -160,14 +167,12 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph
         lse_safe = torch.where(torch.isinf(lse_safe), torch.zeros_like(lse_safe), lse_safe)
         for c in row_chunks(graph, max_edges):
             size, size_t = (c.r1 - c.r0, n_src), (n_src, c.r1 - c.r0)
-            zeros = torch.zeros(c.col.numel(), dtype=cd, device=q.device)
             for h in range(num_heads):
                 hk = h // group
                 bias_h = None if bias is None else bias[c.e0:c.e1, h]
                 s = _scores(c, qT[h, c.r0:c.r1], kT[hk], bias_h, scale)  # [Ec]
                 p = torch.exp(s - lse_safe[h, c.r0:c.r1][c.row])  # [Ec]
-                dp = torch.sparse.sampled_addmm(_csr(c.crow, c.col, zeros, size), doT[h, c.r0:c.r1],
-                                                vT[hk].t()).values()  # [Ec]
+                dp = _sampled(c, doT[h, c.r0:c.r1], vT[hk], None, 1.0)  # [Ec]
                 ds = p * (dp - deltaT[h, c.r0:c.r1][c.row])  # [Ec]
                 if dbias is not None:
                     dbias[c.e0:c.e1, h] = ds

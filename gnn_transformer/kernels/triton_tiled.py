@@ -24,17 +24,29 @@ from .tiling import TileList
 
 
 @triton.jit
+def _dot(a, b, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` accumulated in ``ACC``; ``UPCAST`` runs bfloat16 operands in float32 (the CPU
+    interpreter has no bfloat16 matmul)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
+
+
+@triton.jit
 def _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, t, h, scale, TB_HEADS,
-                 HAS_TBIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
+                 HAS_TBIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+                 UPCAST: tl.constexpr):
     """Scores ``[Bq, Bk]`` of tile ``t`` for head ``h``: ``-inf`` where the tile has no edge."""
-    s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC) * scale
+    s = _dot(q, tl.trans(k), ACC, UPCAST) * scale
     cells = tl.arange(0, BQ)[:, None] * BK + tl.arange(0, BK)[None, :]
     if HAS_TBIAS:
         s += tl.load(TBIAS + (t * TB_HEADS + h % TB_HEADS) * BQ * BK + cells).to(s.dtype)
     else:
         mi = tl.load(MASK_INDEX + t)
-        keep = tl.load(MASKS + mi * BQ * BK + cells, mask=(mi >= 0) & (cells >= 0), other=1)
-        s = tl.where(keep != 0, s, float("-inf"))
+        if mi >= 0:  # partial tile; full tiles skip the mask
+            keep = tl.load(MASKS + mi * BQ * BK + cells)
+            s = tl.where(keep != 0, s, float("-inf"))
     return s
 
 
@@ -43,7 +55,7 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, OUT, LSE, TILE_PTR, K_BLOCK, MASK_INDEX, s
                stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
                N_DST, N_SRC, H, GROUP, D, TB_HEADS,
                HAS_TBIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr,
-               ACC: tl.constexpr):
+               ACC: tl.constexpr, UPCAST: tl.constexpr):
     qb = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // GROUP
@@ -62,14 +74,14 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, OUT, LSE, TILE_PTR, K_BLOCK, MASK_INDEX, s
         nmask = (offs_n[:, None] < N_SRC) & (offs_d[None, :] < D)
         kv = offs_n[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
         k = tl.load(K + kv, mask=nmask, other=0.0)
-        s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, t, h, scale, TB_HEADS, HAS_TBIAS, BQ, BK, ACC)
+        s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, t, h, scale, TB_HEADS, HAS_TBIAS, BQ, BK, ACC, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         corr = tl.exp(m_i - m_use)
         p = tl.exp(s - m_use[:, None])
         l_i = l_i * corr + tl.sum(p, axis=1)
         v = tl.load(V + kv, mask=nmask, other=0.0)
-        acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee", out_dtype=ACC)
+        acc = acc * corr[:, None] + _dot(p.to(v.dtype), v, ACC, UPCAST)
         m_i = m_new
     nonempty = l_i > 0
     l_safe = tl.where(nonempty, l_i, 1.0)
@@ -85,7 +97,8 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, DO, LSE, DELTA, DQ, DTBIAS, TILE_PTR, K
                   stride_qn, stride_qh, stride_kn, stride_kh,
                   N_DST, N_SRC, H, GROUP, D, TB_HEADS,
                   HAS_TBIAS: tl.constexpr, WRITE_DTBIAS: tl.constexpr,
-                  BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+                  BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+                  UPCAST: tl.constexpr):
     qb = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // GROUP
@@ -110,13 +123,13 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, DO, LSE, DELTA, DQ, DTBIAS, TILE_PTR, K
         kv = offs_n[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
         k = tl.load(K + kv, mask=nmask, other=0.0)
         v = tl.load(V + kv, mask=nmask, other=0.0)
-        s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, t, h, scale, TB_HEADS, HAS_TBIAS, BQ, BK, ACC)
+        s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, t, h, scale, TB_HEADS, HAS_TBIAS, BQ, BK, ACC, UPCAST)
         p = tl.exp(s - lse[:, None])  # [Bq, Bk], 0 where masked
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=ACC).to(ACC)
+        dp = _dot(do, tl.trans(v), ACC, UPCAST)
         ds = p * (dp - delta[:, None])
         if WRITE_DTBIAS:
             tl.store(DTBIAS + (t * H + h) * BQ * BK + cells, ds.to(DTBIAS.dtype.element_ty))
-        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee", out_dtype=ACC).to(ACC)
+        dq += _dot(ds.to(k.dtype), k, ACC, UPCAST)
     tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=mmask)
 
 
@@ -125,7 +138,7 @@ def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, DO, LSE, DELTA, DK, DV, K_PTR, ORDER,
                     stride_qn, stride_qh, stride_kn, stride_kh,
                     N_DST, N_SRC, H, GROUP, D, TB_HEADS,
                     HAS_TBIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr,
-                    ACC: tl.constexpr):
+                    ACC: tl.constexpr, UPCAST: tl.constexpr):
     kb = tl.program_id(0)
     hk = tl.program_id(1)
     offs_n = kb * BK + tl.arange(0, BK)
@@ -152,18 +165,22 @@ def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, DO, LSE, DELTA, DK, DV, K_PTR, ORDER,
             lse = tl.load(LSE + offs_m * H + h, mask=rmask, other=0.0).to(ACC)
             lse = tl.where(lse == float("-inf"), 0.0, lse)
             delta = tl.load(DELTA + offs_m * H + h, mask=rmask, other=0.0).to(ACC)
-            s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, t, h, scale, TB_HEADS, HAS_TBIAS, BQ, BK, ACC)
+            s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, t, h, scale, TB_HEADS, HAS_TBIAS, BQ, BK, ACC, UPCAST)
             p = tl.exp(s - lse[:, None])  # [Bq, Bk]
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=ACC).to(ACC)
+            dp = _dot(do, tl.trans(v), ACC, UPCAST)
             ds = p * (dp - delta[:, None])
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee", out_dtype=ACC).to(ACC)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee", out_dtype=ACC).to(ACC)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, ACC, UPCAST)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, ACC, UPCAST)
     tl.store(DK + cols, (dk * scale).to(DK.dtype.element_ty), mask=nmask)
     tl.store(DV + cols, dv.to(DV.dtype.element_ty), mask=nmask)
 
 
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _upcast(q: Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16
 
 
 def _check_blocks(tiles: TileList) -> None:
@@ -196,7 +213,7 @@ def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
         n_dst, k.size(0), num_heads, num_heads // k.size(1), dim, tb_heads,
         HAS_TBIAS=tbias is not None, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
-        ACC=_acc(q.dtype))
+        ACC=_acc(q.dtype), UPCAST=_upcast(q))
     return out, lse
 
 
@@ -215,7 +232,7 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout
     dtb = torch.zeros_like(tbias) if need_bias_grad else None
     tb_arg = tbias if tbias is not None else delta
     common = dict(HAS_TBIAS=tbias is not None, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
-                  ACC=_acc(q.dtype))
+                  ACC=_acc(q.dtype), UPCAST=_upcast(q))
     if n_dst > 0:
         _tiled_bwd_dq[(tiles.num_q_blocks, num_heads)](
             q, k, v, tb_arg, masks, dout, lse, delta, dq, dtb if dtb is not None else delta,

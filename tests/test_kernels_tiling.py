@@ -1,0 +1,85 @@
+"""Tile lists, graph caching and the split/merge plan."""
+from __future__ import annotations
+
+import torch
+
+from gnn_transformer.kernels import _graph, attend, choose_backend
+from gnn_transformer.kernels.tiling import build_tiles, tile_bias
+from gnn_transformer.topology import causal
+
+from .test_kernels_common import graph_case, make_inputs
+
+
+def _dense_from_tiles(tiles):
+    """Multiplicity matrix ``[N_dst, N_src]`` recovered from the tile list."""
+    nq, nk = tiles.num_q_blocks * tiles.block_q, tiles.num_k_blocks * tiles.block_k
+    out = torch.zeros(nq, nk, dtype=torch.bool)
+    for t in range(tiles.num_tiles):
+        qb, kb, mi = int(tiles.q_block[t]), int(tiles.k_block[t]), int(tiles.mask_index[t])
+        block = torch.ones(tiles.block_q, tiles.block_k, dtype=torch.bool) if mi < 0 else tiles.masks[mi]
+        out[qb * tiles.block_q:(qb + 1) * tiles.block_q, kb * tiles.block_k:(kb + 1) * tiles.block_k] = block
+    return out[:tiles.num_dst, :tiles.num_src]
+
+
+def test_causal_tiles():
+    graph = _graph.prepare(causal(32), 32, 32)
+    tiles = build_tiles(graph, 8, 8)
+    assert tiles.num_tiles == 4 * 5 // 2  # lower triangle of 4 x 4 blocks
+    full = tiles.mask_index < 0
+    assert int(full.sum()) == 6 and bool((tiles.q_block[~full] == tiles.k_block[~full]).all())
+    assert tiles.tile_ptr.tolist() == [0, 1, 3, 6, 10]
+    assert int(tiles.count.sum()) == graph.num_edges and not tiles.has_duplicates
+    mask = torch.ones(32, 32, dtype=torch.bool).tril()
+    assert torch.equal(_dense_from_tiles(tiles), mask)
+    order, k_ptr = tiles.by_key()
+    assert k_ptr.tolist() == [0, 4, 7, 9, 10]
+    assert bool((tiles.k_block[order][1:] >= tiles.k_block[order][:-1]).all())
+
+
+def test_ragged_blocks_and_bipartite():
+    edge_index, n_src, n_dst = graph_case("bipartite")
+    graph = _graph.prepare(edge_index, n_src, n_dst)
+    tiles = build_tiles(graph, 8, 16)
+    dense = torch.zeros(n_dst, n_src, dtype=torch.bool)
+    dense[graph.dst, graph.src] = True
+    assert torch.equal(_dense_from_tiles(tiles), dense)
+    assert (tiles.mask_index >= 0).all()  # ragged edge blocks are never full
+
+
+def test_multigraph_tile_bias_counts_duplicates():
+    src, dst = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 0, 0, 1, 1])
+    graph = _graph.prepare(torch.stack([src, dst]), 2, 2)
+    tiles = build_tiles(graph, 2, 2)
+    assert tiles.has_duplicates and tiles.num_tiles == 1
+    tb = tile_bias(tiles, None, 1, torch.float64)  # [1, 1, 2, 2]
+    expect = torch.tensor([[2.0, 1.0], [-float("inf"), 2.0]], dtype=torch.float64).log()
+    expect[1, 0] = -float("inf")
+    torch.testing.assert_close(tb[0, 0], expect)
+
+
+def test_graph_cache_is_reused_and_invalidated():
+    edge_index = torch.tensor([[1, 0, 2], [2, 0, 1]])
+    g1 = _graph.prepare(edge_index, 3, 3)
+    assert _graph.prepare(edge_index, 3, 3) is g1
+    assert g1.perm.tolist() == [1, 2, 0] and g1.rowptr.tolist() == [0, 1, 2, 3]
+    edge_index[0, 0] = 2  # in-place change: the structure is rebuilt
+    g2 = _graph.prepare(edge_index, 3, 3)
+    assert g2 is not g1 and g2.src.tolist() == [0, 2, 2]
+    ei = causal(5)
+    graph = _graph.prepare(ei, 5, 5)
+    assert graph.perm is None and "csc" in graph.extras  # EdgeIndex: PyG's cached CSR is reused
+    colptr, perm = graph.csc()
+    assert torch.equal(graph.src[perm], torch.sort(graph.src, stable=True).values)
+    assert colptr.tolist() == [0, 5, 9, 12, 14, 15]
+
+
+def test_layers_reuse_structures():
+    """Several calls on one graph (one per layer) build the tile list and the plan once."""
+    edge_index, n_src, n_dst = graph_case("window")
+    q, k, v, _ = make_inputs(n_src, n_dst, 0, bias=False)
+    attend(q, k, v, edge_index, scale=0.5, backend="auto", block_size=8)
+    graph = _graph.prepare(edge_index, n_src, n_dst)
+    before = dict(graph.extras)
+    attend(q, k, v, edge_index, scale=0.5, backend="auto", block_size=8)
+    assert all(graph.extras[key] is value for key, value in before.items())
+    assert choose_backend(edge_index, "cpu", block_size=8) == graph.extras[("plan", 8, 0.12)][0]
