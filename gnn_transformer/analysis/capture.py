@@ -99,7 +99,8 @@ class AttentionGraph:
 
 @dataclass
 class LayerState:
-    """Node features entering and leaving one layer of a stack (``[N, C]`` each)."""
+    """Node features entering and leaving one layer of a stack (``[N, C]`` each); when the model
+    runs several times under one :func:`record` (a decoding loop), those of the last call."""
 
     name: str
     input: Tensor | None

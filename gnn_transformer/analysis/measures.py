@@ -129,8 +129,8 @@ def find_sinks(edge_index: Tensor, weights: Tensor, num_src: int | None = None, 
     """Keys that draw, on average, more than ``threshold`` of the attention of the queries that see
     them (``received_attention(..., normalize=True) > threshold``), as a boolean ``[N_src, H]``.
 
-    A key that only itself attends to (the first token of a causal graph's self-loop) is not a
-    sink by this definition unless other queries see it too: keys with out-degree 1 are excluded.
+    Keys seen by a single query (the last token of a causal graph, which only attends to itself
+    there) are left out: drawing the attention of one query says nothing about sinks.
     """
     edge_index, weights = _check_graph(edge_index, weights)
     n = _num_nodes(edge_index, num_src, 0)
