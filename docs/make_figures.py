@@ -1,0 +1,60 @@
+"""Pictures of docs/topology.md: every catalogue topology at toy scale, cross attention, a
+graph-structured input, and a receptive field.
+
+Usage:
+    python docs/make_figures.py            # writes docs/img/topology_*.png
+
+Each picture is the adjacency matrix (row = query i, column = key j) beside the graph drawing.
+Runs in a few seconds on a CPU.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from gnn_transformer import topology as T
+
+OUT = Path(__file__).resolve().parent / "img"
+GRAPHS = Path(__file__).resolve().parents[1] / "graphs"
+DPI = 64
+
+
+def shrink(path: Path) -> None:
+    """Re-save as a 32-colour palette PNG (the pictures are flat colours): a few times smaller."""
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=32, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
+
+
+def main() -> list[Path]:
+    OUT.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in T.catalogue():
+        spec = T.read_spec(name)
+        path = OUT / f"topology_{name}.png"
+        T.draw_topology(T.load(name, small=True), title=f"{name} (n = {spec.small_n})", path=path, dpi=DPI)
+        written.append(path)
+    extras = {
+        "cross_window": (T.cross(6, 9, mode="window", window=1), "cross, window 1 (6 queries, 9 keys)"),
+        "cross_monotonic": (T.cross(6, 9, mode="monotonic"), "cross, monotonic (6 queries, 9 keys)"),
+        "from_graph": (T.from_graph(T.read_graph(GRAPHS / "data" / "binary_tree.edgelist"), self_loops=True,
+                                    virtual_node=True), "binary tree + self-loops + virtual node"),
+        "batch": (T.sliding_window([6, 1, 5], 1, causal=True), "causal window 1, batch [6, 1, 5]"),
+    }
+    for key, (ei, title) in extras.items():
+        path = OUT / f"topology_{key}.png"
+        T.draw_topology(ei, title=title, path=path, dpi=DPI)
+        written.append(path)
+    path = OUT / "topology_receptive_field.png"
+    T.draw_receptive_field(T.load("sliding_window", small=True), 4, title="causal window 3: receptive field",
+                           path=path, dpi=DPI)
+    written.append(path)
+    for p in written:
+        shrink(p)
+    return written
+
+
+if __name__ == "__main__":
+    for p in main():
+        print(p.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p)
