@@ -516,6 +516,11 @@ def test_analyze_checkpoint_variants_and_errors(tmp_path, capsys):
                         str(tmp_path / "p")])
     assert cli.run(args) == 2  # no config next to the checkpoint any more
     assert "config" in capsys.readouterr().err
+    small = tmp_path / "small.json"  # a config that does not fit the weights
+    small.write_text(json.dumps({"vocab_size": 13, "d_model": 8, "nhead": 2, "num_layers": 1}))
+    cli, args = _parse(["--checkpoint", str(path), "--config", str(small), "--tokens", str(tokens)])
+    assert cli.run(args) == 2
+    assert "does not fit" in capsys.readouterr().err
     bad = tmp_path / "bad.txt"
     bad.write_text("1 two 3\n")
     cli, args = _parse(["--checkpoint", str(path), "--config", str(config), "--tokens", str(bad)])

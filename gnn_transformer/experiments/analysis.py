@@ -112,9 +112,13 @@ def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = No
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at '--checkpoint' {str(path)!r}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError) as err:  # not a torch file, or unsafe contents
+        raise ValueError(f"Could not read the checkpoint {str(path)!r}: {err}") from err
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
-        state, meta = payload["model"], payload.get("meta") or {}
+        state, meta = payload["model"], payload.get("meta")
+        meta = meta if isinstance(meta, dict) else {}
     elif isinstance(payload, dict) and all(isinstance(v, Tensor) for v in payload.values()):
         state, meta = payload, {}
     else:
@@ -138,6 +142,9 @@ def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = No
         raise ValueError(f"Found no model config for {str(path)!r}: pass '--config' or put "
                          f"{' / '.join(CONFIG_NAMES)} next to the checkpoint")
     cfg = _config_from_dict(values, source)
+    if cfg.vocab_size is None:
+        raise ValueError(f"The model in {str(path)!r} takes node features (vocab_size is None): "
+                         "analyze needs a token model")
     if backend is not None:
         cfg = dataclasses.replace(cfg, backend=backend)
     cls_name = values.get("class") or meta.get("class")
@@ -150,11 +157,12 @@ def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = No
     if cls_name not in classes:
         raise ValueError(f"Expected 'class' to be one of {sorted(classes)} (got {cls_name!r})")
     model = classes[cls_name](cfg)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"The checkpoint {str(path)!r} does not fit its config ({source}): "
+                         f"{err}") from err
     model.eval()
-    if cfg.vocab_size is None:
-        raise ValueError(f"The model in {str(path)!r} takes node features (vocab_size is None): "
-                         "analyze needs a token model")
 
     def forward(ids: Tensor, edge_index: Tensor, pos: Tensor):
         return model(ids, edge_index, pos=pos)
