@@ -4,7 +4,7 @@ import torch
 
 from gnn_transformer import (GraphEncoderModel, GraphLM, GraphMultiheadAttention, GraphTransformerConfig,
                              LearnedPositionalEmbedding, RotaryEmbedding, SinusoidalPositionalEmbedding,
-                             alibi_edge_bias, alibi_slopes, dense, from_padded, padding_mask,
+                             alibi_edge_bias, alibi_slopes, dense, from_padded,
                              sinusoidal_embedding, to_padded)
 from gnn_transformer.topology import causal, full, sliding_window, to_dense_mask
 
@@ -126,7 +126,8 @@ def test_model_with_positions_matches_dense(position, kind, dtype):
                                     norm_first=position != "sinusoidal")
     model = GraphLM(config).to(dtype).eval()
     ids = torch.randint(0, 23, (sum(LENGTHS),))
-    edge_index = {"full": full, "causal": causal}.get(kind, lambda n: sliding_window(n, 2, causal=True))(LENGTHS)
+    builders = {"full": full, "causal": causal, "window": lambda n: sliding_window(n, 2, causal=True)}
+    edge_index = builders[kind](LENGTHS)
     pos = _positions(LENGTHS)
     out = model(ids, edge_index, pos=pos)
     mask = to_dense_mask(edge_index, ids.numel(), ids.numel(), lengths=LENGTHS)
@@ -151,4 +152,3 @@ def test_feature_input_model_and_errors():
         GraphEncoderModel(GraphTransformerConfig())
     with pytest.raises(ValueError, match="'dim'.*5"):
         SinusoidalPositionalEmbedding(5)
-    assert padding_mask([1]).all()
