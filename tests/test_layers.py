@@ -1,5 +1,7 @@
 """Graph encoder/decoder layers, stacks and GraphTransformer against torch.nn on padded batches."""
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -217,3 +219,22 @@ def test_bad_arguments():
     layer = GraphTransformerEncoderLayer(8, 2, backend="pyg")
     with pytest.raises(ValueError, match=r"'x'.*\[N, 8\]"):
         layer(torch.randn(3, 5), causal(3))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lengths=st.lists(st.integers(1, 6), min_size=1, max_size=4), norm_first=st.booleans(),
+       causal_mask=st.booleans(), seed=st.integers(0, 10_000))
+def test_property_encoder_layer_equals_torch(lengths, norm_first, causal_mask, seed):
+    torch.manual_seed(seed)
+    dtype = torch.float64
+    ref = _perturb(nn.TransformerEncoderLayer(8, 2, 12, activation="gelu", batch_first=True,
+                                              norm_first=norm_first, dtype=dtype)).eval()
+    layer = _load(GraphTransformerEncoderLayer(8, 2, 12, activation="gelu", norm_first=norm_first,
+                                               dtype=dtype, backend="pyg"), ref)
+    x_pad = torch.randn(len(lengths), max(lengths), 8, dtype=dtype)
+    t = max(lengths)
+    out = layer(from_padded(x_pad, lengths), causal(lengths) if causal_mask else full(lengths))
+    with torch.no_grad():
+        out_ref = ref(x_pad, src_mask=_causal_mask(t) if causal_mask else None,
+                      src_key_padding_mask=_key_padding(lengths, t))
+    torch.testing.assert_close(out, from_padded(out_ref, lengths), **TOL[dtype])
