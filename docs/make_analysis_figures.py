@@ -15,16 +15,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from gnn_transformer.analysis import compare_norm_placement, extract, summarize  # noqa: E402
-from gnn_transformer.analysis import plots  # noqa: E402
-from gnn_transformer.model import GraphLM, GraphTransformerConfig  # noqa: E402
-from gnn_transformer.topology import causal  # noqa: E402
+from gnn_transformer.analysis import compare_norm_placement, extract, plots, summarize
+from gnn_transformer.model import GraphLM, GraphTransformerConfig
+from gnn_transformer.topology import causal
 
 OUT = Path(__file__).resolve().parent / "img"
 BOS, MARKER, QUERY, MASSIVE_DIM = 0, 0, 1, 7
@@ -62,7 +57,6 @@ def planted_model() -> GraphLM:
 def save(fig, name: str) -> Path:
     path = OUT / name
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path
 
 

@@ -1,4 +1,5 @@
-"""Pictures of attention graphs and hidden states (matplotlib figures, returned, never shown).
+"""Pictures of attention graphs and hidden states: ``matplotlib.figure.Figure`` objects, built
+without pyplot (no global state, any backend), for the caller to save.
 
 - :func:`plot_attention_heatmaps`: the weights of one attention graph as a query x key matrix per
   head, non-edges grey.
@@ -14,17 +15,14 @@ import math
 from collections.abc import Mapping, Sequence
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Arc
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Arc  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from .capture import AttentionGraph  # noqa: E402
-from .measures import received_attention  # noqa: E402
-from .summary import LayerSummary  # noqa: E402
+from .capture import AttentionGraph
+from .measures import received_attention
+from .summary import LayerSummary
 
 
 def _crop(graph: AttentionGraph, max_tokens: int):
@@ -51,8 +49,8 @@ def plot_attention_heatmaps(graph: AttentionGraph, labels: Sequence[str] | None 
     heads = min(graph.num_heads, max_heads)
     cols = min(heads, 4)
     rows = math.ceil(heads / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False,
-                             constrained_layout=True)
+    fig = Figure(figsize=(3.2 * cols, 3.0 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
     image = None
     for h in range(rows * cols):
@@ -96,8 +94,8 @@ def plot_attention_arcs(graph: AttentionGraph, head: int | None = None,
     down = max((abs(i - j) for j, i, _ in drawn if j > i), default=0) * 0.45
     label_room = 0.1 * max(n, 2) + 0.6 if labels is not None else 0.5
     height = up + down + label_room + 0.5
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * n), min(1.0 + 0.3 * height, 6.0)),
-                           constrained_layout=True)
+    fig = Figure(figsize=(max(6.0, 0.35 * n), min(1.0 + 0.3 * height, 6.0)), layout="constrained")
+    ax = fig.subplots()
     for j, i, a in drawn:
         center, width = (i + j) / 2.0, abs(i - j)
         theta = (0, 180) if j < i else (180, 360)
@@ -129,8 +127,8 @@ def plot_sink_scores(rows: Sequence[LayerSummary], title: str = "sink score") ->
     mat = np.full((heads, len(rows)), np.nan)
     for k, r in enumerate(rows):
         mat[: len(r.sink), k] = r.sink
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) + 2), 0.4 * heads + 1.8),
-                           constrained_layout=True)
+    fig = Figure(figsize=(max(4.0, 0.6 * len(rows) + 2), 0.4 * heads + 1.8), layout="constrained")
+    ax = fig.subplots()
     image = ax.imshow(mat, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto")
     for k in range(len(rows)):
         for h in range(heads):
@@ -148,7 +146,8 @@ def plot_activation_magnitudes(rows: Sequence[LayerSummary],
                                title: str = "hidden-state magnitudes") -> Figure:
     """Top-3 and median ``|h|`` of each layer's output, log scale (as in Sun et al., 2024)."""
     rows = [r for r in rows if r.activations is not None]
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.5 * len(rows) + 2), 3.4), constrained_layout=True)
+    fig = Figure(figsize=(max(4.5, 0.5 * len(rows) + 2), 3.4), layout="constrained")
+    ax = fig.subplots()
     x = np.arange(len(rows))
     for rank, marker in zip(range(3), ("o", "s", "^")):
         vals = [abs(r.activations.top[rank][0]) if len(r.activations.top) > rank else np.nan
@@ -166,7 +165,8 @@ def plot_activation_magnitudes(rows: Sequence[LayerSummary],
 def plot_norm_comparison(variants: Mapping[str, Sequence[LayerSummary]]) -> Figure:
     """Mean sink score and max/median ``|h|`` across layers for several variants of one model
     (e.g. ``{"pre-norm": rows, "post-norm": rows}``)."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.4), constrained_layout=True)
+    fig = Figure(figsize=(9.0, 3.4), layout="constrained")
+    left, right = fig.subplots(1, 2)
     for label, rows in variants.items():
         att = [r for r in rows if r.sink]
         left.plot(range(len(att)), [r.mean_sink for r in att], marker="o", label=label)

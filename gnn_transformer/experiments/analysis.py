@@ -307,8 +307,6 @@ def save_outputs(result: Analysis, out: str | Path, *, pictures: bool = True,
     paths = [write_summary(result, out)]
     if not pictures:
         return paths
-    import matplotlib.pyplot as plt
-
     from ..analysis import plots
 
     out = Path(out)
@@ -316,7 +314,6 @@ def save_outputs(result: Analysis, out: str | Path, *, pictures: bool = True,
     def save(fig, name: str) -> None:
         target = out / name
         fig.savefig(target, dpi=110)
-        plt.close(fig)
         paths.append(target)
 
     first = min(result.lengths[0], max_tokens)  # pictures show the first sequence
