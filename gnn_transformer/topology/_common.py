@@ -115,3 +115,11 @@ def full_pairs(n: int) -> tuple[Tensor, Tensor]:
     dst = torch.arange(n).repeat_interleave(n)
     src = torch.arange(n).repeat(n)
     return src, dst
+
+
+def wrap_sorted(src: Tensor, dst: Tensor, num_src: int, num_dst: int | None = None) -> EdgeIndex:
+    """Wrap edges that are already sorted by target, then source, and free of duplicates (as
+    :func:`expand_ranges` produces them) as an ``EdgeIndex``, skipping :func:`finalize`'s sort."""
+    num_dst = num_src if num_dst is None else num_dst
+    edge_index = torch.stack([src.to(torch.long).reshape(-1), dst.to(torch.long).reshape(-1)], dim=0)
+    return EdgeIndex(edge_index, sparse_size=(num_src, num_dst), sort_order="col")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths, as_lengths, check_int, expand_ranges, finalize, local_positions
+from ._common import Lengths, as_lengths, check_int, expand_ranges, local_positions, wrap_sorted
 
 MODES = ("full", "window", "monotonic")
 
@@ -59,7 +59,7 @@ def cross(n_q: Lengths, n_k: Lengths, *, mode: str = "full", window: int = 0) ->
         read = -((-(pos + 1) * lk) // lq)  # ceil((i + 1) L_k / L_q)
         lo, hi = torch.zeros_like(pos), torch.minimum(read + window, lk) - 1
     dst, src = expand_ranges(lo, (hi - lo + 1).clamp(min=0))
-    return finalize(k_off[dst] + src, dst, sum(k_len), sum(q_len))
+    return wrap_sorted(k_off[dst] + src, dst, sum(k_len), sum(q_len))
 
 
 def cross_predicate(i: int, j: int, n_q: int, n_k: int, *, mode: str = "full", window: int = 0) -> bool:

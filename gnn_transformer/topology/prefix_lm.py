@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths, as_lengths, check_int, expand_ranges, finalize, local_positions
+from ._common import Lengths, as_lengths, check_int, expand_ranges, local_positions, wrap_sorted
 
 
 def prefix_lm(n: Lengths, prefix: int | Sequence[int]) -> EdgeIndex:
@@ -38,7 +38,7 @@ def prefix_lm(n: Lengths, prefix: int | Sequence[int]) -> EdgeIndex:
     seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long))
     p = torch.minimum(torch.tensor(prefixes, dtype=torch.long)[seq], length) if lengths else pos
     dst, src = expand_ranges(offset, torch.maximum(pos + 1, p))
-    return finalize(src, dst, pos.numel())
+    return wrap_sorted(src, dst, pos.numel())
 
 
 def prefix_lm_predicate(i: int, j: int, *, prefix: int) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths, as_lengths, check_bool, check_int, expand_ranges, finalize, local_positions
+from ._common import Lengths, as_lengths, check_bool, check_int, expand_ranges, local_positions, wrap_sorted
 
 
 def sliding_window(n: Lengths, window: int, *, causal: bool = False) -> EdgeIndex:
@@ -39,7 +39,7 @@ def sliding_window(n: Lengths, window: int, *, causal: bool = False) -> EdgeInde
     lo = (pos - window).clamp(min=0)
     hi = pos if causal else torch.minimum(pos + window, length - 1)
     dst, src_local = expand_ranges(lo, hi - lo + 1)  # [E]
-    return finalize(offset[dst] + src_local, dst, pos.numel())
+    return wrap_sorted(offset[dst] + src_local, dst, pos.numel())
 
 
 def sliding_window_predicate(i: int, j: int, *, window: int, causal: bool = False) -> bool:
@@ -73,7 +73,7 @@ def dilated(n: Lengths, window: int, dilation: int = 1, *, causal: bool = False)
     k_lo = torch.zeros_like(pos) if causal else -torch.clamp((length - 1 - pos) // dilation, max=window)
     dst, t = expand_ranges(torch.zeros_like(pos), k_hi - k_lo + 1)  # [E], t = 0, 1, ...
     src_local = pos[dst] - (k_hi[dst] - t) * dilation  # ascending in t
-    return finalize(offset[dst] + src_local, dst, pos.numel())
+    return wrap_sorted(offset[dst] + src_local, dst, pos.numel())
 
 
 def dilated_predicate(i: int, j: int, *, window: int, dilation: int = 1, causal: bool = False) -> bool:
