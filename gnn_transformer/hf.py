@@ -51,7 +51,7 @@ def _default_topology(name: str) -> Topology:
 
 
 def _flatten(input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
-             ) -> tuple[Tensor, Tensor, list[int]]:
+             max_positions: int) -> tuple[Tensor, Tensor, list[int]]:
     """Padded HF inputs -> real-token mask ``[B, T]``, node positions ``[N]``, lengths."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         got = list(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
@@ -67,7 +67,12 @@ def _flatten(input_ids: Tensor, attention_mask: Tensor | None, position_ids: Ten
     if position_ids is None:
         position_ids = torch.arange(t, device=input_ids.device)
     position_ids = position_ids.expand(b, t)
-    return mask, position_ids[mask], mask.sum(1).tolist()
+    pos = position_ids[mask]
+    if pos.numel() and (int(pos.max()) >= max_positions or int(pos.min()) < 0):
+        raise ValueError(f"Found position {int(pos.max()) if int(pos.min()) >= 0 else int(pos.min())} "
+                         f"but the model has position embeddings for 0..{max_positions - 1} "
+                         "(check 'input_ids' length or 'position_ids')")
+    return mask, pos, mask.sum(1).tolist()
 
 
 def _scatter_back(h: Tensor, mask: Tensor) -> Tensor:
@@ -136,7 +141,8 @@ class GraphBertModel(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, position_ids: Tensor | None = None, *,
                 topology: Topology | None = None) -> GraphModelOutput:
-        mask, pos, lengths = _flatten(input_ids, attention_mask, position_ids)
+        mask, pos, lengths = _flatten(input_ids, attention_mask, position_ids,
+                                      self.embeddings.position_embeddings.num_embeddings)
         topology = topology or self.topology or _default_topology("full")
         _check_topology(topology)
         edge_index = topology(lengths).to(input_ids.device)
@@ -229,7 +235,7 @@ class GraphGPT2LMHeadModel(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, *, topology: Topology | None = None
                 ) -> GraphModelOutput:
-        mask, pos, lengths = _flatten(input_ids, attention_mask, position_ids)
+        mask, pos, lengths = _flatten(input_ids, attention_mask, position_ids, self.wpe.num_embeddings)
         topology = topology or self.topology or _default_topology("causal")
         _check_topology(topology)
         edge_index = topology(lengths).to(input_ids.device)

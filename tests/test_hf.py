@@ -164,3 +164,12 @@ def test_errors(tmp_path):
     config = transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2, scale_attn_by_inverse_layer_idx=True)
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx=True"):
         hf.GraphGPT2LMHeadModel(config)
+
+
+def test_positions_beyond_the_embedding_table():
+    graph = hf.from_hf(_gpt2(), backend="pyg")  # n_positions=24
+    with pytest.raises(ValueError, match="position 29.*0..23"):
+        graph(input_ids=torch.zeros(1, 30, dtype=torch.long))
+    bert = hf.from_hf(_bert(), backend="pyg")  # max_position_embeddings=24
+    with pytest.raises(ValueError, match="position 24.*0..23"):
+        bert(input_ids=torch.zeros(2, 25, dtype=torch.long))
