@@ -343,28 +343,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--hf-dir", metavar="DIR",
                         help="local directory of a Hugging Face BERT or GPT-2 (save_pretrained)")
     parser.add_argument("--config", metavar="JSON",
-                        help="model config of --checkpoint (default: found next to it)")
+                        help="model config of --checkpoint (unset: the one found next to it)")
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--tokens", metavar="FILE",
                         help="token ids, whitespace-separated, one sequence per line")
     inputs.add_argument("--text", metavar="FILE", help="text, one sequence per line")
     parser.add_argument("--tokenizer", metavar="DIR",
-                        help="directory with a Hugging Face tokenizer (default: --hf-dir)")
+                        help="directory with a Hugging Face tokenizer (unset: --hf-dir)")
     parser.add_argument("--out", metavar="DIR", default="analysis",
-                        help="directory for summary.json and the PNGs (default: analysis)")
+                        help="directory for summary.json and the PNGs")
     parser.add_argument("--graph", metavar="NAME|TOML",
                         help="token graph: a catalogue name (causal, full, bigbird, ...) or a spec "
-                             "file (default: causal for LMs and GPT-2, full otherwise)")
+                             "file (unset: causal for LMs and GPT-2, full otherwise)")
     parser.add_argument("--compare-norm", action="store_true",
                         help="also run the same weights pre-norm and post-norm")
     parser.add_argument("--backend", choices=("auto", "pyg", "fused", "tiled"),
-                        help="attention backend while recording (default: the model's)")
+                        help="attention backend while recording (unset: the model's)")
     parser.add_argument("--max-tokens", type=int, default=48,
-                        help="tokens shown in the pictures (default: 48)")
+                        help="tokens shown in the pictures")
     parser.add_argument("--massive-magnitude", type=float, default=100.0,
-                        help="massive activation: |h| above this (default: 100)")
+                        help="massive activation: |h| above this")
     parser.add_argument("--massive-ratio", type=float, default=1000.0,
-                        help="massive activation: |h| above this times the median (default: 1000)")
+                        help="massive activation: |h| above this times the median")
     parser.add_argument("--no-plots", action="store_true", help="only print and write summary.json")
 
 
@@ -401,6 +401,6 @@ def run(args: argparse.Namespace) -> int:
             dims = sorted({d for _, (_, d, _) in massive})
             print(f"massive activations from {first_layer}, dims {dims}")
     paths = save_outputs(result, args.out, pictures=not args.no_plots, max_tokens=args.max_tokens)
-    print(f"\nwrote {len(paths)} files to {args.out}")
+    print(f"\nwrote {len(paths)} file{'s' if len(paths) != 1 else ''} to {args.out}")
     return 0
 
