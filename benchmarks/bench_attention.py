@@ -4,7 +4,8 @@ For each topology and size, one run times (median of ``--repeats``) the forward 
 forward + backward pass of: ``pyg`` (per-edge messages, the reference path), ``fused``, ``tiled``,
 ``auto`` (:func:`gnn_transformer.kernels.attend`), dense ``scaled_dot_product_attention`` with a
 boolean mask, and FlexAttention with a ``BlockMask`` of the same edge set. It also reports peak
-memory (CUDA: allocator peak; CPU: sampled peak resident-set growth), the largest error against a
+memory (CUDA: allocator peak; CPU: sampled peak resident-set growth, with glibc's mmap threshold
+fixed at 128 KiB so that freed buffers leave the resident set), the largest error against a
 float32 dense masked softmax (where that fits), and, separately, the time to build the graph (with
 the kernels' cached structures) or the mask.
 
@@ -20,6 +21,7 @@ import argparse
 import math
 import os
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -342,6 +344,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="CPU-sized: 4096 tokens, 3 repeats")
     parser.add_argument("--markdown", default=None, help="also write the table as markdown here")
     args = parser.parse_args(argv)
+    if argv is None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # large CPU buffers straight from mmap, back to the system when freed: the sampled
+        # resident set then follows live memory (glibc otherwise keeps and reuses freed blocks)
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072"))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

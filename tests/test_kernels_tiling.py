@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from gnn_transformer.kernels import _graph, attend, choose_backend
+from gnn_transformer.kernels import TILE_COST, _graph, attend, choose_backend
 from gnn_transformer.kernels.tiling import build_tiles, tile_bias
 from gnn_transformer.topology import causal
 
@@ -82,4 +82,4 @@ def test_layers_reuse_structures():
     before = dict(graph.extras)
     attend(q, k, v, edge_index, scale=0.5, backend="auto", block_size=8)
     assert all(graph.extras[key] is value for key, value in before.items())
-    assert choose_backend(edge_index, "cpu", block_size=8) == graph.extras[("plan", 8, 0.35)][0]
+    assert choose_backend(edge_index, "cpu", block_size=8) == graph.extras[("plan", 8, TILE_COST["cpu"])][0]

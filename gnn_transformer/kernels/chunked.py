@@ -194,6 +194,7 @@ class ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, graph, scale, max_edges):
         out, lse = chunked_forward(q, k, v, bias, graph, scale, max_edges)
+        ctx.set_materialize_grads(False)  # an unused lse sends None, not zeros
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.graph, ctx.scale, ctx.max_edges = graph, scale, max_edges
         return out, lse

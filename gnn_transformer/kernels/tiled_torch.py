@@ -20,6 +20,27 @@ from .tiling import TileList
 
 DEFAULT_MAX_CELLS = 1 << 23  # score entries per chunk: 32 MiB of float32
 
+# PyTorch's fused CPU attention returns the log-sum-exp the merge and the backward pass need; it is
+# used for float32 on CPU when present, the plain matmul path otherwise (and for float64).
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _use_flash(x: Tensor) -> bool:
+    return _FLASH is not None and _FLASH_BWD is not None and x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def _flash_mask(tiles: TileList, tb: Tensor | None, tids: Tensor, dtype) -> tuple[Tensor | None, Tensor | None]:
+    """Additive mask ``[G, H_b, Bq, c·Bk]`` (or ``None``) and the non-empty rows ``[G, H_b, Bq]``."""
+    if tb is not None:
+        mask = _bias(tb, tids).transpose(0, 1)  # [G, H_b, Bq, c·Bk]
+        return mask, torch.isfinite(mask).any(-1)
+    keep = _mask(tiles, tids)  # [G, Bq, c·Bk] or None
+    if keep is None:
+        return None, None
+    mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+    return mask.unsqueeze(1), keep.any(-1).unsqueeze(1)
+
 
 def _groups(tiles: TileList, num_heads: int, max_cells: int) -> list[tuple[Tensor, Tensor]]:
     """``[(query blocks [G], tile ids [G, c])]``: query blocks with ``c`` tiles each, chunked."""
@@ -102,8 +123,20 @@ def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tenso
     outB = torch.zeros_like(qB)  # [H, nqb, Bq, D]
     lseB = torch.full(qB.shape[:3], float("-inf"), dtype=cd, device=q.device)  # [H, nqb, Bq]
     tb = None if tbias is None else tbias.to(cd)
+    flash = _use_flash(qB)
     for qb, tids in _groups(tiles, num_heads, max_cells):
         g, c = tids.shape
+        if flash:  # [G, H, Bq, D] / [G, H, c·Bk, D] layout of the fused CPU kernel
+            kb = tiles.k_block[tids].flatten()
+            keys = kB[:, kb].reshape(num_heads, g, c * tiles.block_k, dim).transpose(0, 1)
+            vals = vB[:, kb].reshape(num_heads, g, c * tiles.block_k, dim).transpose(0, 1)
+            mask, nonempty = _flash_mask(tiles, tb, tids, cd)
+            o, lse_g = _FLASH(qB[:, qb].transpose(0, 1), keys, vals, attn_mask=mask, scale=scale)
+            if nonempty is not None:  # rows without an edge: lse = -inf (the kernel says 0)
+                lse_g = lse_g.masked_fill(~nonempty, float("-inf"))
+            outB[:, qb] = o.transpose(0, 1)
+            lseB[:, qb] = lse_g.transpose(0, 1)
+            continue
         _, _, s = _scores(qB, kB, tiles, tb, qb, tids, scale)  # [H, G, Bq, c·Bk]
         top = s.amax(-1, keepdim=True)
         top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
@@ -139,9 +172,23 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse,
     dqB, dkB, dvB = torch.zeros_like(qB), torch.zeros_like(kB), torch.zeros_like(vB)
     tb = None if tbias is None else tbias.to(cd)
     dtb = torch.zeros_like(tb) if (need_bias_grad and tb is not None) else None
+    flash = _use_flash(qB) and dtb is None and dlse is None
+    if flash:
+        outB = _blocked(out, tiles.block_q, nqb, cd)  # [H, nqb, Bq, D]
     for qb, tids in _groups(tiles, num_heads, max_cells):
         g, c = tids.shape
         kb = tiles.k_block[tids].flatten()  # [G·c]
+        if flash:
+            keys = kB[:, kb].reshape(num_heads, g, c * tiles.block_k, dim).transpose(0, 1)
+            vals = vB[:, kb].reshape(num_heads, g, c * tiles.block_k, dim).transpose(0, 1)
+            mask, _ = _flash_mask(tiles, tb, tids, cd)
+            dq, dk, dv = _FLASH_BWD(doB[:, qb].transpose(0, 1), qB[:, qb].transpose(0, 1), keys, vals,
+                                    outB[:, qb].transpose(0, 1), lseB[:, qb].squeeze(-1).transpose(0, 1),
+                                    0.0, False, attn_mask=mask, scale=scale)
+            dqB[:, qb] = dq.transpose(0, 1)
+            dkB.index_add_(1, kb, dk.transpose(0, 1).reshape(num_heads, g * c, tiles.block_k, dim))
+            dvB.index_add_(1, kb, dv.transpose(0, 1).reshape(num_heads, g * c, tiles.block_k, dim))
+            continue
         qg, kg, s = _scores(qB, kB, tiles, tb, qb, tids, scale)
         p = torch.exp(s - lseB[:, qb])  # [H, G, Bq, c·Bk]
         dog = doB[:, qb]  # [H, G, Bq, D]
@@ -170,6 +217,7 @@ class TiledAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, tbias, tiles, scale, max_cells):
         out, lse = tiled_forward(q, k, v, tiles, tbias, scale, max_cells)
+        ctx.set_materialize_grads(False)  # an unused lse sends None, not zeros
         ctx.save_for_backward(q, k, v, tbias, out, lse)
         ctx.tiles, ctx.scale, ctx.max_cells = tiles, scale, max_cells
         return out, lse

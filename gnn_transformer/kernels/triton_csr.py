@@ -220,6 +220,7 @@ class TritonCSRAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, bias, graph, scale):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out, lse = csr_forward(q, k, v, bias, graph, scale)
+        ctx.set_materialize_grads(False)  # an unused lse sends None, not zeros
         ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.graph, ctx.scale = graph, scale
         return out, lse

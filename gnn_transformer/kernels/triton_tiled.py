@@ -258,6 +258,7 @@ class TritonTiledAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         tb = None if tbias is None else tbias.contiguous()
         out, lse = tiled_triton_forward(q, k, v, tiles, tb, scale)
+        ctx.set_materialize_grads(False)  # an unused lse sends None, not zeros
         ctx.save_for_backward(q, k, v, tb, out, lse)
         ctx.tiles, ctx.scale = tiles, scale
         return out, lse
