@@ -1,0 +1,437 @@
+"""The ``gnn-transformer`` command line.
+
+Subcommands: ``compare`` (the main experiment), ``verify``, ``show``, ``train``, ``bench`` and
+``analyze``. ``gnn-transformer <command> --help`` lists the options of each.
+
+Exit codes: 0 success; 1 a check failed (``verify`` found a mismatch) or the run failed;
+2 bad usage (unknown option, bad value, missing optional dependency).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A problem with the user's request (exit code 2)."""
+
+
+def _err(message: str) -> None:
+    print(f"gnn-transformer: error: {message}", file=sys.stderr)
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Plain-text table: columns are (key, header, format)."""
+    cells = [[h for _, h, _ in columns]]
+    for row in rows:
+        cells.append([format(row[k], f) if f else str(row[k]) for k, _, f in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _sizes(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in text.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size range like 4-8 (got {text!r})") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 1 <= lo <= hi (got {text!r})")
+    return lo, hi
+
+
+# ---------------------------------------------------------------- shared options
+def _add_model_args(p: argparse.ArgumentParser, defaults) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--d-model", type=int, default=defaults.d_model, help="model width (default %(default)s)")
+    g.add_argument("--heads", type=int, default=defaults.nhead, help="attention heads (default %(default)s)")
+    g.add_argument("--layers", type=int, default=defaults.num_layers, help="encoder layers (default %(default)s)")
+    g.add_argument("--ff", type=int, default=defaults.dim_feedforward,
+                   help="feed-forward width (default %(default)s)")
+    g.add_argument("--dropout", type=float, default=defaults.dropout, help="dropout (default %(default)s)")
+    g.add_argument("--post-norm", action="store_true", help="post-norm layers as in the original paper "
+                   "(default: pre-norm)")
+    g.add_argument("--position", choices=("rope", "sinusoidal", "learned", "none"),
+                   default=defaults.position, help="token positions (default %(default)s)")
+    g.add_argument("--backend", choices=("auto", "pyg", "fused", "tiled"), default=defaults.backend,
+                   help="attention backend (default %(default)s)")
+
+
+def _add_train_args(p: argparse.ArgumentParser, defaults) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                   help="sequences/graphs/images per step and process (default %(default)s)")
+    g.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default %(default)s)")
+    g.add_argument("--optimizer", choices=("adamw", "adam"), default=defaults.optimizer,
+                   help="default %(default)s")
+    g.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="default %(default)s")
+    g.add_argument("--warmup", type=int, default=defaults.warmup, help="warmup steps (default %(default)s)")
+    g.add_argument("--schedule", choices=("cosine", "inverse_sqrt", "linear", "constant"),
+                   default=defaults.schedule, help="decay after warmup (default %(default)s)")
+    g.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
+                   help="default %(default)s")
+    g.add_argument("--clip-grad", type=float, default=defaults.clip_grad,
+                   help="max gradient norm, 0 to disable (default %(default)s)")
+    g.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
+    g.add_argument("--device", default=defaults.device, help="cpu or cuda (default %(default)s)")
+    g.add_argument("--log-every", type=int, default=defaults.log_every, help="default %(default)s")
+    g.add_argument("--eval-every", type=int, default=defaults.eval_every,
+                   help="steps between evaluations, 0 = at the end (default %(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _model_config(args):
+    from .experiments.models import EncoderConfig
+
+    return EncoderConfig(d_model=args.d_model, nhead=args.heads, num_layers=args.layers,
+                         dim_feedforward=args.ff, dropout=args.dropout,
+                         norm_first=not args.post_norm, position=args.position, backend=args.backend)
+
+
+def _train_config(args):
+    from .experiments.training import TrainConfig
+
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                       optimizer=args.optimizer, weight_decay=args.weight_decay,
+                       warmup=args.warmup, schedule=args.schedule,
+                       label_smoothing=args.label_smoothing,
+                       clip_grad=args.clip_grad or None, seed=args.seed, device=args.device,
+                       log_every=args.log_every, eval_every=args.eval_every)
+
+
+# ---------------------------------------------------------------- compare
+COMPARE_COLUMNS = [
+    ("topology", "topology", ""), ("edges_per_seq", "edges/seq", ".1f"), ("density", "density", ".2f"),
+    ("max_dense_error", "max err vs dense", ".1e"), ("final_loss", "final loss", ".3f"),
+    ("acc_test", "acc (train sizes)", ".3f"), ("acc_longer", "acc (longer)", ".3f"),
+    ("tokens_per_s", "tokens/s", ",.0f"), ("memory_mib", "memory MiB", ".1f"),
+]
+
+
+def _compare_parser(sub) -> None:
+    from .experiments.compare import CompareConfig
+    from .experiments.runs import ALL_TASKS
+    from .experiments.tasks import TASKS
+
+    d = CompareConfig()
+    p = sub.add_parser(
+        "compare", help="train one model under several topologies and compare them (main job)",
+        description="Train the same small transformer (same initial weights, same batches) under "
+        "several attention topologies on a built-in task; print a table, save results.json, "
+        "results.csv and compare.png (loss curves, accuracies, adjacency pictures) in --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", choices=sorted(TASKS), default=d.task, help="sequence task")
+    p.add_argument("--topology", dest="topologies", action="append", metavar="SPEC",
+                   help="topology spec, repeatable: a builder with arguments such as "
+                   "'sliding_window:window=3' or a catalogue name (see 'gnn-transformer show "
+                   f"--list'); default: {' '.join(d.topologies)}")
+    p.add_argument("--train-sizes", type=_sizes, help="instance sizes to train on, e.g. 6-12")
+    p.add_argument("--test-sizes", type=_sizes, help="longer sizes to test on, e.g. 13-24")
+    p.add_argument("--eval-size", type=int, default=d.eval_size, help="sequences per evaluation set")
+    p.add_argument("--out", default="runs/compare", help="output folder")
+    _add_model_args(p, d.model)
+    _add_train_args(p, d.train)
+    p.set_defaults(func=cmd_compare, all_tasks=ALL_TASKS)
+
+
+def cmd_compare(args) -> int:
+    from .experiments.compare import CompareConfig, run_compare, save_compare
+
+    config = CompareConfig(task=args.task, topologies=tuple(args.topologies or CompareConfig().topologies),
+                           train_sizes=args.train_sizes, test_sizes=args.test_sizes,
+                           model=_model_config(args), train=_train_config(args),
+                           eval_size=args.eval_size)
+    print(f"compare: task {config.task!r}, {len(config.topologies)} topologies, "
+          f"{config.train.steps} steps each, device {config.train.device}")
+
+    def report(r) -> None:
+        print(f"  {r.topology}: acc {r.acc_test:.3f} (longer {r.acc_longer:.3f}), "
+              f"{r.train_seconds:.1f} s", flush=True)
+
+    result = run_compare(config, progress=not args.no_progress, on_result=report)
+    print()
+    print(_table([r.row() for r in result.results], COMPARE_COLUMNS))
+    paths = save_compare(result, args.out)
+    print(f"\n{result.seconds:.0f} s in all. Wrote {paths['json']}, {paths['csv']}, {paths['figure']}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- verify
+def _verify_parser(sub) -> None:
+    p = sub.add_parser(
+        "verify", help="check graph attention against the dense reference on every topology",
+        description="Run every topology of the graphs/ catalogue (or the given specs) through "
+        "GraphMultiheadAttention with each backend and through the dense reference with the same "
+        "weights; print the largest output and gradient differences. Exit code 1 on any mismatch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("specs", nargs="*", metavar="SPEC",
+                   help="topology specs (default: every spec of the graphs/ catalogue)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[23, 40],
+                   help="sequence lengths of the batch each topology is built on")
+    p.add_argument("--backend", action="append", choices=("pyg", "fused", "tiled"),
+                   help="backend to check, repeatable (default: all available)")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", dest="json_path", help="also write the rows to this JSON file")
+    p.set_defaults(func=cmd_verify)
+
+
+def cmd_verify(args) -> int:
+    import torch
+
+    from .experiments.topologies import spec_names
+    from .experiments.verify import verify_topologies
+
+    specs = args.specs or spec_names()
+    if not specs:
+        raise UsageError("no topology to verify: the graphs/ catalogue is empty; pass SPEC names")
+    rows = []
+
+    def show(row) -> None:
+        rows.append(row)
+        status = "ok" if row.ok else "MISMATCH"
+        print(f"  {row.topology:<28} {row.backend:<6} {row.edges:>7} edges  "
+              f"out {row.max_out_error:.1e}  grad {row.max_grad_error:.1e}  {status}", flush=True)
+
+    print(f"verify: {len(specs)} topologies on lengths {args.lengths}, {args.dtype}")
+    verify_topologies(specs, args.lengths, backends=args.backend, dtype=getattr(torch, args.dtype),
+                      device=args.device, on_row=show)
+    bad = [r for r in rows if not r.ok]
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps([{**asdict(r), "ok": r.ok} for r in rows], indent=2))
+    print(f"\n{len(rows) - len(bad)}/{len(rows)} checks within tolerance {rows[0].tolerance:g}")
+    if bad:
+        _err(f"{len(bad)} mismatches: " + ", ".join(f"{r.topology}/{r.backend}" for r in bad))
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- show
+def _show_parser(sub) -> None:
+    p = sub.add_parser(
+        "show", help="draw a topology to PNG and print its statistics",
+        description="Build a topology (builder with arguments, e.g. 'bigbird:window=1', or a "
+        "catalogue spec name or .toml path) on one sequence of -n tokens, print its statistics "
+        "and save its adjacency matrix and graph drawing.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("spec", nargs="?", help="topology spec")
+    p.add_argument("-n", type=int, help="sequence length (default: the spec's small size, else 16)")
+    p.add_argument("--out", help="PNG path (default: <name>.png)")
+    p.add_argument("--layers", type=int, default=3, help="layers for the receptive-field sizes")
+    p.add_argument("--list", action="store_true", help="list builders and catalogue specs")
+    p.set_defaults(func=cmd_show)
+
+
+def cmd_show(args) -> int:
+    from . import topology
+    from .experiments.topologies import builder_names, label, parse_spec, spec_names, topology_fn
+
+    if args.list or not args.spec:
+        if not args.list:
+            raise UsageError("show needs a SPEC (or --list)")
+        print("builders:", " ".join(builder_names()))
+        print("catalogue specs:", " ".join(spec_names()))
+        return EXIT_OK
+    name, kwargs = parse_spec(args.spec)
+    small = not kwargs and name in spec_names()
+    if small:
+        spec = topology.read_spec(name)
+        n = args.n or spec.small_n or 16
+        edge_index = topology.build_spec(spec, n, small=args.n is None)
+        title = f"{spec.name}" + (" (small)" if args.n is None and spec.small_params else "")
+    else:
+        n = args.n or 16
+        edge_index = topology_fn(args.spec)([n])
+        title = label(args.spec)
+    if n < 1:
+        raise UsageError(f"-n must be >= 1 (got {n})")
+    stats = topology.summarize(edge_index, [n])
+    print(f"{title} on n = {n}")
+    print(f"  edges {stats.num_edges}, density {stats.density:.3f}, causal {stats.causal}")
+    print(f"  keys per query: min {stats.in_degree.min}, max {stats.in_degree.max}, "
+          f"mean {stats.in_degree.mean:.2f}; self-loops {stats.self_loops}; "
+          f"queries with no key {stats.empty_rows}")
+    sizes = topology.receptive_field_sizes(edge_index, args.layers, n)
+    for layers in range(1, args.layers + 1):
+        s = sizes[layers]
+        print(f"  receptive field after {layers} layer(s): mean {sum(s) / len(s):.1f} of {n} tokens")
+    if small:
+        if spec.source:
+            print(f"  source: {spec.source}")
+    out = Path(args.out or f"{name}.png")
+    topology.draw_topology(edge_index, title=title, path=out)
+    print(f"Wrote {out}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- train
+def _train_parser(sub) -> None:
+    from .experiments.models import EncoderConfig
+    from .experiments.runs import ALL_TASKS
+    from .experiments.training import TrainConfig
+
+    p = sub.add_parser(
+        "train", help="one training run with all options (runs under torchrun too)",
+        description="Train one model on a built-in task under one topology. Sequence tasks take "
+        "a topology spec; graph tasks (karate, shortest_path) 'graph' or 'full'; digits 'grid' or "
+        "'full'. Writes train_log.csv, train_eval.csv, train.json, loss.png and model.pt in --out. "
+        "Under 'torchrun --nproc_per_node=K -m gnn_transformer.cli train ...' it trains with "
+        "DistributedDataParallel.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", choices=ALL_TASKS, default="recall")
+    p.add_argument("--topology", default=None,
+                   help="topology spec (default: full; 'graph' for graph tasks, 'grid' for digits)")
+    p.add_argument("--train-sizes", type=_sizes, help="instance sizes to train on, e.g. 6-12")
+    p.add_argument("--test-sizes", type=_sizes, help="longer sizes to test on, e.g. 13-24")
+    p.add_argument("--pe-dim", type=int, default=4, help="graph tasks: Laplacian eigenvector PE size")
+    p.add_argument("--virtual-node", action="store_true", help="graph tasks: add a virtual node")
+    p.add_argument("--patch", type=int, default=2, help="digits: patch side in pixels")
+    p.add_argument("--out", default="runs/train", help="output folder")
+    p.add_argument("--save-all-ranks", action="store_true",
+                   help="under torchrun, every rank also writes model_rank<r>.pt")
+    _add_model_args(p, EncoderConfig())
+    _add_train_args(p, TrainConfig())
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from .experiments.distributed import from_environment
+    from .experiments.figures import loss_figure
+    from .experiments.runs import GRAPH_TASKS, RunConfig, run_training
+
+    topology = args.topology or ("graph" if args.task in GRAPH_TASKS
+                                 else "grid" if args.task == "digits" else "full")
+    config = RunConfig(task=args.task, topology=topology, train_sizes=args.train_sizes,
+                       test_sizes=args.test_sizes, pe_dim=args.pe_dim,
+                       virtual_node=args.virtual_node, patch=args.patch,
+                       model=_model_config(args), train=_train_config(args), out=args.out,
+                       save_all_ranks=args.save_all_ranks)
+    info = from_environment()
+    main = info.is_main
+    if main:
+        print(f"train: task {config.task!r}, topology {topology!r}, {config.train.steps} steps"
+              + (f", {info.world_size} processes" if info.enabled else ""), flush=True)
+    start = time.perf_counter()
+    result, _ = run_training(config, progress=main and not args.no_progress)
+    if main:
+        loss_figure(result.history, Path(args.out) / "loss.png", f"{config.task} / {topology}")
+        accs = ", ".join(f"{k} {v:.3f}" for k, v in result.final.items() if k.startswith("acc"))
+        print(f"final loss {result.final['final_loss']:.4f}, {accs}")
+        print(f"{result.tokens_per_s:,.0f} tokens/s, {time.perf_counter() - start:.1f} s; "
+              f"wrote {args.out}/model.pt and logs")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- bench
+def _bench_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="benchmark the attention backends (wraps benchmarks/bench_attention.py)",
+        description="Time forward and backward of each attention backend on several topologies "
+        "and sizes (the benchmark of benchmarks/bench_attention.py); extra options are passed on "
+        "to it.", add_help=True)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER,
+                   help="options of the benchmark script (see 'gnn-transformer bench -- --help')")
+    p.set_defaults(func=cmd_bench)
+
+
+def _load_benchmark():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
+    if not path.is_file():
+        raise UsageError(f"the benchmark script benchmarks/bench_attention.py is not available "
+                         f"(it ships with the source repository, not the installed package)")
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cmd_bench(args) -> int:
+    module = _load_benchmark()
+    extra = [a for a in args.bench_args if a != "--"]
+    if not hasattr(module, "main"):
+        raise UsageError("benchmarks/bench_attention.py has no main(argv) entry point")
+    module.main(extra)  # prints its own table
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- analyze
+def _analyze_parser(sub) -> None:
+    try:
+        from .experiments import analysis
+    except ImportError:
+        analysis = None
+    p = sub.add_parser(
+        "analyze", help="attention analytics of a trained model (entropy, distances, pictures)",
+        description="Attention analytics of a model: see gnn_transformer.experiments.analysis.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if analysis is not None and hasattr(analysis, "add_arguments"):
+        analysis.add_arguments(p)
+        p.set_defaults(func=lambda args: int(analysis.run(args) or 0))
+    else:
+        p.set_defaults(func=_analyze_missing)
+
+
+def _analyze_missing(args) -> int:
+    _err("'analyze' is not available in this installation "
+         "(gnn_transformer.experiments.analysis is missing)")
+    return EXIT_USAGE
+
+
+# ---------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="gnn-transformer",
+        description="Transformers are graph neural networks: attention as message passing on "
+        "explicit token graphs, checked against dense attention.",
+        epilog="Start with 'gnn-transformer compare'. Each command has --help.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _compare_parser(sub)
+    _verify_parser(sub)
+    _show_parser(sub)
+    _train_parser(sub)
+    _bench_parser(sub)
+    _analyze_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except UsageError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    except ValueError as e:  # the library's boundary checks name the argument and the value
+        _err(str(e))
+        return EXIT_USAGE
+    except ImportError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    except FloatingPointError as e:
+        _err(str(e))
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

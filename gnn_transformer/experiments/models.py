@@ -1,0 +1,129 @@
+"""Small graph-transformer models of the experiments, built from the layer library.
+
+One encoder (a stack of :class:`~gnn_transformer.GraphTransformerEncoderLayer`) under three heads:
+
+- :class:`SequenceModel`: token embedding + positions -> a label per token (algorithmic tasks);
+- :class:`NodeModel`: node features (+ Laplacian eigenvector PE) -> a label per node (graph tasks);
+- :class:`PatchModel`: image patches + a ``[CLS]`` token -> a label per image (ViT).
+
+The token graph is an argument of ``forward``: the same weights run under any topology.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import GraphTransformerEncoder, GraphTransformerEncoderLayer
+from ..position import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
+
+POSITIONS = ("rope", "sinusoidal", "learned", "none")
+
+
+@dataclass
+class EncoderConfig:
+    """Size of the encoder shared by every model here."""
+    d_model: int = 64  # width C of every token
+    nhead: int = 4  # attention heads
+    num_layers: int = 2  # encoder layers (hops a message can travel)
+    dim_feedforward: int = 128  # hidden width of the feed-forward block
+    dropout: float = 0.0  # dropout in attention and feed-forward (0.1 in the original paper)
+    norm_first: bool = True  # pre-norm (GPT-2, ViT) rather than post-norm (original paper)
+    activation: str = "gelu"  # feed-forward activation: "relu" or "gelu"
+    position: str = "rope"  # token positions: "rope" (rotary, in attention), "sinusoidal", "learned", "none"
+    max_positions: int = 256  # table size of learned positions
+    backend: str = "auto"  # attention backend: "auto", "pyg", "fused" or "tiled"
+
+    def __post_init__(self) -> None:
+        if self.position not in POSITIONS:
+            raise ValueError(f"Expected 'position' in {POSITIONS} (got {self.position!r})")
+        if self.d_model % self.nhead:
+            raise ValueError(f"Expected 'd_model' ({self.d_model}) divisible by 'nhead' ({self.nhead})")
+        for name in ("d_model", "nhead", "num_layers", "dim_feedforward"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Expected '{name}' >= 1 (got {getattr(self, name)})")
+
+
+def make_encoder(config: EncoderConfig) -> GraphTransformerEncoder:
+    """``num_layers`` graph encoder layers and a final norm (pre-norm models need it)."""
+    layer = GraphTransformerEncoderLayer(config.d_model, config.nhead, config.dim_feedforward,
+                                         config.dropout, config.activation,
+                                         norm_first=config.norm_first, backend=config.backend,
+                                         rope=config.position == "rope")
+    norm = nn.LayerNorm(config.d_model) if config.norm_first else None
+    return GraphTransformerEncoder(layer, config.num_layers, norm)
+
+
+def _positions(config: EncoderConfig) -> nn.Module | None:
+    if config.position == "sinusoidal":
+        return SinusoidalPositionalEmbedding(config.d_model)
+    if config.position == "learned":
+        return LearnedPositionalEmbedding(config.max_positions, config.d_model)
+    return None  # "rope" rotates queries and keys inside attention; "none" has no positions
+
+
+class SequenceModel(nn.Module):
+    """Token ids ``[N]`` (or ``[N, F]``: fields whose embeddings are summed) with their positions
+    ``[N]`` -> logits ``[N, num_classes]``."""
+
+    def __init__(self, vocab_size: int, num_classes: int, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(vocab_size, config.d_model)
+        self.pos = _positions(config)
+        self.encoder = make_encoder(config)
+        self.head = nn.Linear(config.d_model, num_classes)
+
+    def forward(self, tokens: Tensor, positions: Tensor, edge_index: Tensor) -> Tensor:
+        x = self.embed(tokens)  # [N, C] or [N, F, C]
+        if x.dim() == 3:
+            x = x.sum(dim=1)  # [N, C]
+        if self.pos is not None:
+            x = x + self.pos(positions).to(x.dtype)
+        rope_pos = positions if self.config.position == "rope" else None
+        return self.head(self.encoder(x, edge_index, pos=rope_pos))  # [N, num_classes]
+
+
+class NodeModel(nn.Module):
+    """Node features ``[N, F]`` (and optional positional encodings ``[N, P]``) -> ``[N, classes]``."""
+
+    def __init__(self, in_features: int, num_classes: int, config: EncoderConfig,
+                 pe_dim: int = 0) -> None:
+        super().__init__()
+        self.embed = nn.Linear(in_features, config.d_model)
+        self.pe = nn.Linear(pe_dim, config.d_model, bias=False) if pe_dim else None
+        self.encoder = make_encoder(config)
+        self.head = nn.Linear(config.d_model, num_classes)
+
+    def forward(self, x: Tensor, edge_index: Tensor, pe: Tensor | None = None) -> Tensor:
+        h = self.embed(x)  # [N, C]
+        if self.pe is not None:
+            if pe is None:
+                raise ValueError("This model was built with pe_dim > 0: pass 'pe'")
+            h = h + self.pe(pe)
+        return self.head(self.encoder(h, edge_index))  # [N, num_classes]
+
+
+class PatchModel(nn.Module):
+    """ViT: patches ``[B, P, patch_dim]`` -> logits ``[B, num_classes]`` read at ``[CLS]``.
+
+    Each image is ``P + 1`` nodes (``[CLS]`` first, then the patches in raster order) with
+    learned position embeddings; ``edge_index`` is the token graph of the whole batch.
+    """
+
+    def __init__(self, patch_dim: int, num_patches: int, num_classes: int,
+                 config: EncoderConfig) -> None:
+        super().__init__()
+        self.embed = nn.Linear(patch_dim, config.d_model)
+        self.cls = nn.Parameter(torch.zeros(1, 1, config.d_model))
+        self.pos = nn.Parameter(torch.randn(1, num_patches + 1, config.d_model) * 0.02)
+        self.encoder = make_encoder(config)
+        self.head = nn.Linear(config.d_model, num_classes)
+
+    def forward(self, patches: Tensor, edge_index: Tensor) -> Tensor:
+        b, p, _ = patches.shape
+        x = torch.cat([self.cls.expand(b, 1, -1), self.embed(patches)], dim=1)  # [B, P+1, C]
+        x = (x + self.pos).reshape(b * (p + 1), -1)  # [N, C], image after image
+        x = self.encoder(x, edge_index).view(b, p + 1, -1)  # [B, P+1, C]
+        return self.head(x[:, 0])  # [B, num_classes]
