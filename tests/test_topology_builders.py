@@ -68,6 +68,42 @@ def test_builder_equals_predicate(build, pred, lengths):
 
 
 @pytest.mark.parametrize("lengths", LENGTHS, ids=str)
+@pytest.mark.parametrize("block, window, num_global", [(1, 0, 1), (1, 1, 2), (2, 1, 3), (3, 0, 2), (2, 2, 5)])
+def test_bigbird_global_at_ends_equals_predicate(lengths, block, window, num_global):
+    kw = dict(block=block, window=window, num_global=num_global, global_at="ends")
+    ei = T.bigbird(lengths, num_random=0, **kw)
+    _check_invariants(ei, sum(lengths))
+    expected = T.from_predicate(lengths, lambda i, j, n: T.bigbird_predicate(i, j, n, **kw),
+                                with_length=True)
+    assert torch.equal(ei.as_tensor(), expected.as_tensor())
+
+
+@pytest.mark.parametrize("lengths", [[1], [9], [30], [20, 1, 7]], ids=str)
+def test_bigbird_global_at_ends_random_blocks(lengths):
+    kw = dict(block=2, window=1, num_global=2, global_at="ends")
+    ei = T.bigbird(lengths, num_random=2, seed=3, **kw)
+    det = T.bigbird(lengths, num_random=0, **kw)
+    _check_invariants(ei, sum(lengths))
+    assert torch.equal(T.intersection(ei, det).as_tensor(), det.as_tensor())
+    extra = T.difference(ei, det)
+    seq = T.batch_vector(lengths)
+    pos = torch.arange(sum(lengths)) - T.ptr_vector(lengths)[seq]
+    nb = (torch.tensor(lengths)[seq] + 1) // 2  # blocks per sequence, per node
+    qb, kb = pos[extra[1]] // 2, pos[extra[0]] // 2
+    last = nb[extra[1]] - 1
+    assert ((qb - kb).abs() > 1).all()  # outside the window
+    assert ((qb > 0) & (qb < last) & (kb > 0) & (kb < last)).all()  # never a global block
+    for i, length in enumerate(lengths):  # a sequence of >= 5 blocks draws some random blocks
+        if (length + 1) // 2 >= 5:
+            assert (seq[extra[1]] == i).any()
+
+
+def test_bigbird_global_at_bad_value():
+    with pytest.raises(ValueError, match="'global_at'.*'middle'"):
+        T.bigbird(8, global_at="middle")
+
+
+@pytest.mark.parametrize("lengths", LENGTHS, ids=str)
 @pytest.mark.parametrize("ring", [True, False])
 def test_star_equals_predicate(lengths, ring):
     ei = T.star(lengths, ring=ring)

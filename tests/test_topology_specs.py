@@ -50,7 +50,8 @@ def test_load_matches_builder_and_accepts_paths():
     assert torch.equal(T.load("longformer", 40, small=True).as_tensor(),
                        T.global_tokens(40, 1, window=2).as_tensor())
     assert torch.equal(T.load("bigbird", 300).as_tensor(),
-                       T.bigbird(300, block=64, window=1, num_global=2, num_random=3, seed=0).as_tensor())
+                       T.bigbird(300, block=64, window=1, num_global=2, num_random=3, seed=0,
+                                 global_at="ends").as_tensor())
     ex = T.load("exphormer", 20)
     assert torch.equal(ex.as_tensor(), T.union(T.expander(20, 4, self_loops=True),
                                                T.global_tokens(20, 1)).as_tensor())

@@ -1,14 +1,16 @@
 """BigBird attention (Zaheer et al., 2020, arXiv:2007.14062): window + global + random.
 
 Built on blocks of ``block`` tokens, like BigBird's block-sparse "ITC" implementation: query block
-``a`` attends to key block ``b`` when ``|a - b| <= window``, when either is one of the first
-``num_global`` blocks, or when ``b`` is one of ``num_random`` blocks drawn (seeded, without
-replacement) for ``a`` among the blocks it does not already see. Every query token of block ``a``
-then attends to every key token of block ``b``. ``block=1`` is the token-level pattern.
+``a`` attends to key block ``b`` when ``|a - b| <= window``, when either is a global block, or when
+``b`` is one of ``num_random`` blocks drawn (seeded, without replacement) for ``a`` among the
+blocks it does not already see. Every query token of block ``a`` then attends to every key token
+of block ``b``. ``block=1`` is the token-level pattern.
 
-Differences from the reference implementation: its global blocks are the first and the last
-block (here: the first ``num_global``); its random blocks are drawn per head and layer (here: one
-draw per call, fixed by ``seed``).
+The ``num_global`` global blocks are the first ones (``global_at="start"``), or, as in the
+reference implementation, split between both ends of the sequence (``global_at="ends"``: the first
+``ceil(g / 2)`` and the last ``floor(g / 2)`` blocks; ``g = 2`` is the first and the last block).
+One difference remains: the reference draws random blocks per head and layer, here one draw per
+call, fixed by ``seed``.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from .random_graphs import sample_distinct
 
 
 def _block_edges(lengths: list[int], block: int, window: int, num_global: int, num_random: int,
-                 seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 seed: int, global_at: str = "start",
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block graph: (src block, dst block) global block ids, plus block start and size ``[NB]``."""
     nb = [-(-L // block) for L in lengths]  # blocks per sequence (last one may be short)
     bpos, boff, blen = local_positions(nb)  # [NB]: block index in its sequence, offset, count
@@ -29,23 +32,28 @@ def _block_edges(lengths: list[int], block: int, window: int, num_global: int, n
     tok_ptr = torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(lengths, dtype=torch.long).cumsum(0)])
     start = tok_ptr[seq] + bpos * block  # [NB] first token of each block
     size = torch.minimum(seq_len - bpos * block, torch.full_like(bpos, block))  # [NB]
-    g = torch.clamp(blen, max=num_global)
+    head, tail = (num_global, 0) if global_at == "start" else (-(-num_global // 2), num_global // 2)
+    g = torch.clamp(blen, max=head)  # [NB] global blocks at the start of each block's sequence
+    gt = torch.minimum(torch.clamp(blen - g, min=0), torch.full_like(blen, tail))  # ... at the end
+    is_global = (bpos < g) | (bpos >= blen - gt)  # [NB]
     # window
     lo = (bpos - window).clamp(min=0)
     hi = torch.minimum(bpos + window, blen - 1)
     w_dst, w_src = expand_ranges(lo, hi - lo + 1)
     w_src = boff[w_dst] + w_src
-    # global: everyone <- global blocks, global blocks <- everyone
+    # global: everyone <- global blocks (first g, last gt), global blocks <- everyone
     g1_dst, g1_src = expand_ranges(boff, g)
-    g2_dst, g2_src = expand_ranges(boff, torch.where(bpos < num_global, blen, 0))
-    # random: among non-global blocks outside the window (a contiguous range of ranks, with the
-    # window's part [lo', hi'] cut out)
-    parts_src, parts_dst = [w_src, g1_src, g2_src], [w_dst, g1_dst, g2_dst]
+    g3_dst, g3_src = expand_ranges(boff + blen - gt, gt)
+    g2_dst, g2_src = expand_ranges(boff, torch.where(is_global, blen, 0))
+    # random: among non-global blocks outside the window (a contiguous range of ranks
+    # [g, blen - gt), with the window's part [lo', hi'] cut out)
+    parts_src, parts_dst = [w_src, g1_src, g3_src, g2_src], [w_dst, g1_dst, g3_dst, g2_dst]
     if num_random > 0:
         lo_c = torch.maximum(lo, g)  # window part inside the non-global range
-        cut = (hi - lo_c + 1).clamp(min=0)
-        m = (blen - g - cut).clamp(min=0)
-        m = torch.where(bpos < num_global, 0, m)  # global blocks already see everything
+        hi_c = torch.minimum(hi, blen - gt - 1)
+        cut = (hi_c - lo_c + 1).clamp(min=0)
+        m = (blen - g - gt - cut).clamp(min=0)
+        m = torch.where(is_global, 0, m)  # global blocks already see everything
         gen = torch.Generator().manual_seed(seed)
         r_dst, rank = sample_distinct(m, num_random, gen)
         local = g[r_dst] + rank
@@ -57,7 +65,7 @@ def _block_edges(lengths: list[int], block: int, window: int, num_global: int, n
 
 
 def bigbird(n: Lengths, *, block: int = 1, window: int = 1, num_global: int = 1, num_random: int = 1,
-            seed: int = 0) -> EdgeIndex:
+            seed: int = 0, global_at: str = "start") -> EdgeIndex:
     r"""BigBird: sliding window of blocks ∪ global blocks ∪ random blocks (seeded).
 
     Edge count (``block = 1``, ``L`` large): about ``L (2w + 1 + 2g + r)``; each query block gets
@@ -70,6 +78,8 @@ def bigbird(n: Lengths, *, block: int = 1, window: int = 1, num_global: int = 1,
         num_global: global blocks at the start of each sequence (BigBird-ITC: 2).
         num_random: random key blocks per query block (BigBird-ITC: 3).
         seed: seed of a private generator.
+        global_at: ``"start"`` (the first ``num_global`` blocks are global) or ``"ends"`` (the first
+            ``ceil(num_global / 2)`` and the last ``floor(num_global / 2)``, as in BigBird-ITC).
 
     Example:
         >>> g = bigbird(8, window=1, num_global=1, num_random=1, seed=0)
@@ -82,18 +92,30 @@ def bigbird(n: Lengths, *, block: int = 1, window: int = 1, num_global: int = 1,
     check_int("num_global", num_global)
     check_int("num_random", num_random)
     check_int("seed", seed, None)
-    bsrc, bdst, start, size = _block_edges(lengths, block, window, num_global, num_random, seed)
+    if global_at not in ("start", "ends"):
+        raise ValueError(f"Expected 'global_at' to be 'start' or 'ends' (got {global_at!r})")
+    bsrc, bdst, start, size = _block_edges(lengths, block, window, num_global, num_random, seed,
+                                           global_at)
     # expand each block edge to all its token pairs: first the query tokens, then the key tokens
     e, qi = expand_ranges(start[bdst], size[bdst])
     pair, kj = expand_ranges(start[bsrc[e]], size[bsrc[e]])
     return coalesce_edges(kj, qi[pair], sum(lengths))
 
 
-def bigbird_predicate(i: int, j: int, *, block: int = 1, window: int = 1, num_global: int = 1) -> bool:
+def bigbird_predicate(i: int, j: int, L: int | None = None, *, block: int = 1, window: int = 1,
+                      num_global: int = 1, global_at: str = "start") -> bool:
     """Predicate twin of the deterministic part of :func:`bigbird` (window and global blocks).
 
-    The random blocks have no rule: compare them with
-    :func:`~gnn_transformer.topology.edge_set_predicate` of the drawn graph.
+    ``L`` (the sequence length) is needed only for ``global_at="ends"``. The random blocks have no
+    rule: compare them with :func:`~gnn_transformer.topology.edge_set_predicate` of the drawn graph.
     """
     a, b = i // block, j // block
-    return abs(a - b) <= window or a < num_global or b < num_global
+    if global_at == "start":
+        head, tail, nb = num_global, 0, 0
+    else:
+        head, tail, nb = -(-num_global // 2), num_global // 2, -(-L // block)
+
+    def is_global(x: int) -> bool:
+        return x < head or (tail > 0 and x >= nb - tail)
+
+    return abs(a - b) <= window or is_global(a) or is_global(b)

@@ -73,6 +73,10 @@ def _bool(default: bool) -> Param:
     return Param(bool, default=default)
 
 
+def _choice(*choices: str) -> Param:
+    return Param(str, default=choices[0], choices=choices)
+
+
 @dataclass(frozen=True)
 class Builder:
     """A builder callable ``fn(n, **params)`` with the schema of its parameters."""
@@ -91,7 +95,8 @@ BUILDERS: dict[str, Builder] = {
                              "causal": _bool(True)}),
     "global_tokens": Builder(global_tokens, {"num_global": _int(0, 1), "window": _int(0)}),
     "bigbird": Builder(bigbird, {"block": _int(1, 1), "window": _int(0, 1), "num_global": _int(0, 1),
-                                 "num_random": _int(0, 1), "seed": _int(0, 0)}),
+                                 "num_random": _int(0, 1), "seed": _int(0, 0),
+                                 "global_at": _choice("start", "ends")}),
     "random": Builder(random, {"k": _int(0, required=True), "seed": _int(0, 0)}),
     "star": Builder(star, {"ring": _bool(True)}),
     "expander": Builder(expander, {"degree": _int(0, required=True), "seed": _int(0, 0),
@@ -162,6 +167,8 @@ def _check_params(name: str, params: dict, where: _Where, partial: bool = False)
             raise (where / key).error(f"expected an integer (got {type(value).__name__} {value!r})")
         if p.kind is bool and not isinstance(value, bool):
             raise (where / key).error(f"expected true or false (got {type(value).__name__} {value!r})")
+        if p.kind is str and (not isinstance(value, str) or value not in p.choices):
+            raise (where / key).error(f"expected one of {list(p.choices)} (got {value!r})")
         if p.kind is int and p.minimum is not None and value < p.minimum:
             raise (where / key).error(f"expected >= {p.minimum} (got {value})")
         if p.kind is int and p.maximum is not None and value > p.maximum:
