@@ -51,7 +51,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-CATALOGUE_DIR = Path(__file__).resolve().parents[2] / "graphs"
+# The catalogue: graphs/ at the top of a source checkout, gnn_transformer/graphs/ in an installed wheel.
+_INSTALLED = Path(__file__).resolve().parents[1] / "graphs"
+CATALOGUE_DIR = _INSTALLED if _INSTALLED.is_dir() else Path(__file__).resolve().parents[2] / "graphs"
 
 
 @dataclass(frozen=True)
