@@ -1,0 +1,344 @@
+"""Attention on token graphs: this project's backends against dense SDPA and FlexAttention.
+
+For each topology and size, one run times (median of ``--repeats``) the forward pass and the
+forward + backward pass of: ``pyg`` (per-edge messages, the reference path), ``fused``, ``tiled``,
+``auto`` (:func:`gnn_transformer.kernels.attend`), dense ``scaled_dot_product_attention`` with a
+boolean mask, and FlexAttention with a ``BlockMask`` of the same edge set. It also reports peak
+memory (CUDA: allocator peak; CPU: peak growth of live malloc'd bytes, glibc ``mallinfo2`` sampled
+every millisecond), the largest error against a
+float32 dense masked softmax (where that fits), and, separately, the time to build the graph (with
+the kernels' cached structures) or the mask.
+
+Command line: ``python benchmarks/bench_attention.py`` (``--quick`` for a CPU run at 4k tokens).
+:func:`run_benchmark` returns the rows (dicts); :func:`format_table` / :func:`format_markdown`
+render them. Nothing here prints: pass ``log`` to see rows as they come.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import attend, attend_reference, choose_backend, clear_cache
+
+TOPOLOGIES = ("causal", "window", "bigbird", "random")
+BACKENDS = ("pyg", "fused", "tiled", "auto", "sdpa", "flex")
+LINEAR = ("window", "bigbird", "random")  # edge count linear in N: also run at 256k-1M
+
+
+# ---------------------------------------------------------------- graphs
+def _local_window(n: int, w: int) -> torch.Tensor:
+    i = torch.arange(n).repeat_interleave(2 * w + 1)
+    j = i + torch.arange(-w, w + 1).repeat(n)
+    keep = (j >= 0) & (j < n)
+    return torch.stack([j[keep], i[keep]])
+
+
+def build_graph(topology: str, n: int, seed: int = 0):
+    """The benchmark's token graph (an ``EdgeIndex`` sorted by target where the builders exist)."""
+    try:
+        from gnn_transformer import topology as topo
+    except ImportError:  # builders not available: plain edge lists
+        topo = None
+    if topology == "causal":
+        if topo is not None:
+            return topo.causal(n)
+        i = torch.arange(n)
+        return torch.stack(torch.tril_indices(n, n)[[1, 0]]) if n else torch.zeros(2, 0, dtype=torch.long)
+    if topology == "window":  # |i - j| <= 128: 257 keys per query, a window of 256
+        if topo is not None and hasattr(topo, "sliding_window"):
+            return topo.sliding_window(n, 128)
+        return _local_window(n, 128)
+    if topology == "bigbird":  # BigBird-ITC: blocks of 64, 3 window blocks, 2 global, 3 random
+        if topo is not None and hasattr(topo, "bigbird"):
+            return topo.bigbird(n, block=64, window=1, num_global=2, num_random=3, seed=seed)
+        raise RuntimeError("bigbird needs gnn_transformer.topology.bigbird")
+    if topology == "random":  # 64 distinct random keys per query
+        if topo is not None and hasattr(topo, "random"):
+            return topo.random(n, 64, seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        src = torch.randint(0, n, (n * 64,), generator=g)
+        return torch.stack([src, torch.arange(n).repeat_interleave(64)])
+    raise ValueError(f"Expected 'topology' in {TOPOLOGIES} (got {topology!r})")
+
+
+# ---------------------------------------------------------------- measurement
+class _mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _live_bytes_fn() -> Callable[[], int]:
+    """Bytes currently allocated by malloc (glibc ``mallinfo2``), else the resident set size."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _mallinfo2
+
+        def live() -> int:
+            info = libc.mallinfo2()
+            return info.uordblks + info.hblkhd
+        live()
+        return live
+    except (OSError, AttributeError):
+        def rss() -> int:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return rss
+
+
+class _PeakHost:
+    """Peak growth of live host memory while the block runs (sampled every millisecond)."""
+
+    def __init__(self):
+        self.peak = 0
+        self._live = _live_bytes_fn()
+
+    def __enter__(self):
+        self.base = self._live()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._live())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._live())
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.base
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _measure(fn: Callable[[], None], device, repeats: int) -> tuple[float, float]:
+    """``(median seconds, peak bytes)`` of ``fn`` after one warm-up call."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with _PeakHost() as host:
+            fn()
+        peak = host.delta
+    return statistics.median(times), float(peak)
+
+
+def _dense_reference(q, k, v, src, dst, scale, chunk_heads=1):
+    """Float32 dense masked softmax ``[N, H, D]`` (heads one at a time)."""
+    n, h, d = q.shape
+    mask = torch.zeros(n, k.size(0), dtype=torch.bool, device=q.device)
+    mask[dst, src] = True
+    out = torch.empty(n, h, d, dtype=torch.float32, device=q.device)
+    for i in range(0, h, chunk_heads):
+        s = torch.einsum("nhd,mhd->hnm", q[:, i:i + chunk_heads].float(), k[:, i:i + chunk_heads].float()) * scale
+        s = s.masked_fill(~mask, float("-inf"))
+        w = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        out[:, i:i + chunk_heads] = torch.einsum("hnm,mhd->nhd", w, v[:, i:i + chunk_heads].float())
+    return out
+
+
+def _fits(n: int, num_edges: int, backend: str, h: int, d: int, budget: float, elem: int) -> str | None:
+    """A reason to skip a row that would not fit in ``budget`` bytes, else ``None``."""
+    if backend == "pyg":
+        need = 4.0 * num_edges * h * d * elem  # gathered q/k/v per edge and the messages
+    elif backend == "sdpa":
+        need = 3.0 * n * n * h * elem + n * n
+    elif backend == "reference":
+        need = 3.0 * n * n * 4 + n * n
+    else:
+        return None
+    if need > budget:
+        return f"skipped: needs ~{need / 2 ** 30:.0f} GiB"
+    return None
+
+
+def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] = (4096,),
+                  backends: Sequence[str] = BACKENDS, *, device: str | None = None,
+                  dtype: torch.dtype | None = None, heads: int = 12, head_dim: int = 64,
+                  repeats: int = 3, backward: bool = True, memory_budget: float | None = None,
+                  flex_block: int = 128, seed: int = 0, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Run the benchmark and return one row per (topology, N, backend, pass).
+
+    Row keys: ``topology, n, edges, density, backend, pass ("fwd" | "fwd+bwd"), ms, peak_mb,
+    max_err, build_ms, note``. ``build_ms`` is the graph / mask construction (not in ``ms``).
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    if memory_budget is None:
+        if torch.device(device).type == "cuda":
+            memory_budget = 0.8 * torch.cuda.get_device_properties(device).total_memory
+        else:
+            memory_budget = 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    elem = torch.tensor([], dtype=dtype).element_size()
+    scale = 1.0 / math.sqrt(head_dim)
+    rows = []
+    for topology in topologies:
+        for n in sizes:
+            t0 = time.perf_counter()
+            edge_index = build_graph(topology, n, seed)
+            t_graph = time.perf_counter() - t0
+            edge_index = edge_index.to(device)
+            plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+            src, dst = plain[0], plain[1]
+            num_edges = src.numel()
+            density = num_edges / float(n * n)
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            q, k, v = (torch.randn(n, heads, head_dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+            ref = None
+            if _fits(n, num_edges, "reference", heads, head_dim, memory_budget, 4) is None:
+                ref = _dense_reference(q, k, v, src, dst, scale)
+            grad_out = torch.randn(n, heads, head_dim, generator=g).to(device=device, dtype=dtype)
+            for backend in backends:
+                base = dict(topology=topology, n=n, edges=num_edges, density=density, backend=backend)
+                skip = _fits(n, num_edges, backend, heads, head_dim, memory_budget, elem)
+                if skip is not None:
+                    for p in ("fwd", "fwd+bwd") if backward else ("fwd",):
+                        rows.append(dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None,
+                                         build_ms=None, note=skip))
+                    continue
+                try:
+                    fn, build_s = _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block)
+                except Exception as exc:  # a backend missing on this platform: report, go on
+                    for p in ("fwd", "fwd+bwd") if backward else ("fwd",):
+                        rows.append(dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None,
+                                         build_ms=None, note=f"unavailable: {type(exc).__name__}: {exc}"[:120]))
+                    continue
+                build_ms = 1e3 * (build_s + t_graph)  # graph, then the kernels' structures or the mask
+                with torch.no_grad():
+                    out = fn(q, k, v)
+                err = None if ref is None else float((out.float() - ref).abs().max())
+                note = ""
+                if backend == "auto":
+                    note = "chose " + choose_backend(edge_index, device)
+                del out
+
+                def fwd():
+                    with torch.no_grad():
+                        fn(q, k, v)
+                t, peak = _measure(fwd, device, repeats)
+                rows.append(dict(base, **{"pass": "fwd"}, ms=1e3 * t, peak_mb=peak / 2 ** 20, max_err=err,
+                                 build_ms=build_ms, note=note))
+                if log:
+                    log(_format_row(rows[-1]))
+                if backward:
+                    qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
+
+                    def fwd_bwd():
+                        out = fn(qg, kg, vg)
+                        torch.autograd.grad(out, (qg, kg, vg), grad_out)
+                    try:
+                        t, peak = _measure(fwd_bwd, device, repeats)
+                        rows.append(dict(base, **{"pass": "fwd+bwd"}, ms=1e3 * t, peak_mb=peak / 2 ** 20,
+                                         max_err=err, build_ms=build_ms, note=note))
+                    except Exception as exc:
+                        rows.append(dict(base, **{"pass": "fwd+bwd"}, ms=None, peak_mb=None, max_err=None,
+                                         build_ms=build_ms, note=f"failed: {type(exc).__name__}"[:120]))
+                    if log:
+                        log(_format_row(rows[-1]))
+            del q, k, v, ref
+    return rows
+
+
+def _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block):
+    """``(fn(q, k, v) -> out [N, H, D], build seconds)`` for one backend."""
+    if backend in ("fused", "tiled", "auto"):
+        clear_cache()
+        t0 = time.perf_counter()
+        with torch.no_grad():  # builds and caches the CSR, CSC, tile lists and plan
+            attend(q[:, :1], k[:, :1], v[:, :1], edge_index, scale=scale, backend=backend)
+        build = time.perf_counter() - t0
+        return (lambda q, k, v: attend(q, k, v, edge_index, scale=scale, backend=backend)), build
+    if backend == "pyg":
+        return (lambda q, k, v: attend_reference(q, k, v, edge_index, scale=scale)), 0.0
+    if backend == "sdpa":
+        t0 = time.perf_counter()
+        mask = torch.zeros(n, n, dtype=torch.bool, device=q.device)
+        mask[dst, src] = True
+        build = time.perf_counter() - t0
+
+        def sdpa(q, k, v):
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask, scale=scale)
+            return out[0].transpose(0, 1)
+        return sdpa, build
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        from gnn_transformer.topology import to_block_mask
+        t0 = time.perf_counter()
+        block_mask = to_block_mask(edge_index, n, n, block_size=flex_block, device=q.device)
+        build = time.perf_counter() - t0
+        compiled = torch.compile(flex_attention)
+
+        def flex(q, k, v):
+            out = compiled(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                           v.transpose(0, 1).unsqueeze(0), block_mask=block_mask, scale=scale)
+            return out[0].transpose(0, 1)
+        return flex, build
+    raise ValueError(f"Expected 'backend' in {BACKENDS} (got {backend!r})")
+
+
+# ---------------------------------------------------------------- output
+COLUMNS = ("topology", "n", "density", "backend", "pass", "ms", "peak_mb", "max_err", "build_ms", "note")
+
+
+def _cell(key, value):
+    if value is None:
+        return "—"
+    if key == "density":
+        return f"{100 * value:.2f}%"
+    if key in ("ms", "build_ms"):
+        return f"{value:.1f}"
+    if key == "peak_mb":
+        return f"{value:.0f}"
+    if key == "max_err":
+        return f"{value:.1e}"
+    return str(value)
+
+
+def _format_row(row: dict) -> str:
+    return "  ".join(f"{_cell(c, row.get(c)):>10}" for c in COLUMNS[:-1]) + "  " + row.get("note", "")
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    """Plain-text table of the rows."""
+    head = "  ".join(f"{c:>10}" for c in COLUMNS[:-1]) + "  note"
+    return "\n".join([head] + [_format_row(r) for r in rows])
+
+
+def format_markdown(rows: Sequence[dict]) -> str:
+    """Markdown table of the rows."""
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
+    body = ["| " + " | ".join(_cell(c, r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join([head] + body)
