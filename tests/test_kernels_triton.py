@@ -103,3 +103,11 @@ def test_fused_on_cpu_defaults_to_torch(monkeypatch):
     q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), bias=False)
     attend(q, k, v, edge_index, scale=0.4, backend="fused")
     assert called
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    edge_index, n_src, n_dst = _small("single_edge")
+    q, k, v, _ = make_inputs(n_src, n_dst, 1, bias=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        attend(q, k, v, edge_index, scale=1.0, backend="fused", impl="triton")

@@ -25,6 +25,8 @@ Example:
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -68,6 +70,8 @@ def _use_triton(device: torch.device, impl: str | None) -> bool:
         return device.type == "cuda" and triton_available()
     if impl == "triton" and not triton_available():
         raise ValueError("impl='triton' needs the 'triton' package (pip install triton)")
+    if impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("impl='triton' on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1)")
     return impl == "triton"
 
 
@@ -129,7 +133,7 @@ def choose_backend(edge_index: Tensor, device, *, block_size: int | None = None,
     return _plan(graph, _device_type(device), block_size, tile_cost)[0]
 
 
-def _check_inputs(query, key, value, edge_bias, backend, num_dst, impl):
+def _check_inputs(query, key, value, backend, num_dst, impl):
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not isinstance(x, Tensor) or x.dim() != 3:
             shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -211,7 +215,7 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
         >>> out.shape, lse.shape
         (torch.Size([4, 2, 8]), torch.Size([4, 2]))
     """
-    _check_inputs(query, key, value, edge_bias, backend, num_dst, impl)
+    _check_inputs(query, key, value, backend, num_dst, impl)
     graph = prepare(edge_index, key.size(0), query.size(0))
     if edge_index.device != query.device or key.device != query.device or value.device != query.device:
         raise ValueError(f"Expected query, key, value and edge_index on one device (got {query.device}, "
