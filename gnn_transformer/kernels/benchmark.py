@@ -299,6 +299,7 @@ def _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block):
         t0 = time.perf_counter()
         block_mask = to_block_mask(edge_index, n, n, block_size=flex_block, device=q.device)
         build = time.perf_counter() - t0
+        torch._dynamo.reset()  # a fresh compile per mask: no silent fallback to eager after recompiles
         compiled = torch.compile(flex_attention)
 
         def flex(q, k, v):
