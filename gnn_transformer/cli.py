@@ -367,8 +367,10 @@ def cmd_bench(args) -> int:
 
 # ---------------------------------------------------------------- analyze
 def _analyze_parser(sub) -> None:
+    import importlib
+
     try:
-        from .experiments import analysis
+        analysis = importlib.import_module("gnn_transformer.experiments.analysis")
     except ImportError:
         analysis = None
     p = sub.add_parser(

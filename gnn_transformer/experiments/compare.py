@@ -45,7 +45,7 @@ class CompareConfig:
     test_sizes: tuple[int, int] | None = None  # override the task's longer test sizes
     model: EncoderConfig = field(default_factory=EncoderConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=600, batch_size=32, lr=2e-3, warmup=60, schedule="cosine"))
+        steps=1000, batch_size=32, lr=2e-3, warmup=100, schedule="cosine"))
     eval_size: int = 256  # sequences per evaluation set
 
 
@@ -121,6 +121,7 @@ def run_compare(config: CompareConfig, *, progress: bool = False,
     """Run every topology of ``config``; ``on_result`` sees each row as soon as it exists."""
     if not config.topologies:
         raise ValueError("Expected at least one topology in 'topologies'")
+    resolve_device(config.train.device)
     for spec in config.topologies:  # fail early on a bad spec, before any training
         topology_fn(spec)
     get_task(config.task, config.train_sizes, config.test_sizes)

@@ -31,7 +31,8 @@ class EncoderConfig:
     dropout: float = 0.0  # dropout in attention and feed-forward (0.1 in the original paper)
     norm_first: bool = True  # pre-norm (GPT-2, ViT) rather than post-norm (original paper)
     activation: str = "gelu"  # feed-forward activation: "relu" or "gelu"
-    position: str = "rope"  # token positions: "rope" (rotary, in attention), "sinusoidal", "learned", "none"
+    position: str = "rope"  # SequenceModel positions: "rope" (rotary, in attention), "sinusoidal",
+    # "learned" or "none"; NodeModel uses Laplacian PE instead, PatchModel learned patch positions
     max_positions: int = 256  # table size of learned positions
     backend: str = "auto"  # attention backend: "auto", "pyg", "fused" or "tiled"
 
@@ -45,12 +46,12 @@ class EncoderConfig:
                 raise ValueError(f"Expected '{name}' >= 1 (got {getattr(self, name)})")
 
 
-def make_encoder(config: EncoderConfig) -> GraphTransformerEncoder:
+def make_encoder(config: EncoderConfig, rope: bool = False) -> GraphTransformerEncoder:
     """``num_layers`` graph encoder layers and a final norm (pre-norm models need it)."""
     layer = GraphTransformerEncoderLayer(config.d_model, config.nhead, config.dim_feedforward,
                                          config.dropout, config.activation,
                                          norm_first=config.norm_first, backend=config.backend,
-                                         rope=config.position == "rope")
+                                         rope=rope)
     norm = nn.LayerNorm(config.d_model) if config.norm_first else None
     return GraphTransformerEncoder(layer, config.num_layers, norm)
 
@@ -72,7 +73,7 @@ class SequenceModel(nn.Module):
         self.config = config
         self.embed = nn.Embedding(vocab_size, config.d_model)
         self.pos = _positions(config)
-        self.encoder = make_encoder(config)
+        self.encoder = make_encoder(config, rope=config.position == "rope")
         self.head = nn.Linear(config.d_model, num_classes)
 
     def forward(self, tokens: Tensor, positions: Tensor, edge_index: Tensor) -> Tensor:

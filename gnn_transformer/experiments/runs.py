@@ -18,7 +18,8 @@ from .graph_tasks import GRAPH_TOPOLOGIES, KarateWorkload, ShortestPathWorkload
 from .models import EncoderConfig, NodeModel, PatchModel, SequenceModel
 from .tasks import TASKS, SequenceWorkload, get_task
 from .topologies import per_length, topology_fn
-from .training import TrainConfig, TrainResult, save_checkpoint, seed_everything, train, write_logs
+from .training import (TrainConfig, TrainResult, resolve_device, save_checkpoint, seed_everything,
+                       train, write_logs)
 from .vision_tasks import VISION_TOPOLOGIES, DigitsWorkload
 
 GRAPH_TASKS = ("karate", "shortest_path")
@@ -84,6 +85,7 @@ def run_training(config: RunConfig, *, progress: bool = False) -> tuple[TrainRes
     Writes into ``config.out``: ``train_log.csv``, ``train_eval.csv``, ``train.json`` and
     ``model.pt`` (state dict, optimizer-free, with the run's config as metadata).
     """
+    resolve_device(config.train.device)  # a clear error before anything starts
     info = distributed.from_environment()
     device = distributed.setup(info, config.train.device)
     train_config = TrainConfig(**{**asdict(config.train), "device": device})

@@ -1,0 +1,141 @@
+import json
+
+import pytest
+import torch
+
+from gnn_transformer.experiments.models import EncoderConfig, NodeModel, PatchModel, SequenceModel
+from gnn_transformer.experiments.runs import RunConfig, run_training
+from gnn_transformer.experiments.tasks import SequenceWorkload, get_task
+from gnn_transformer.experiments.topologies import per_length, topology_fn
+from gnn_transformer.experiments.training import (TrainConfig, evaluate, load_checkpoint,
+                                                  lr_lambda, save_checkpoint, seed_everything,
+                                                  step_memory, train, write_logs)
+from gnn_transformer.experiments.verify import model_dense_error, verify_topologies
+
+SMALL = EncoderConfig(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, backend="pyg")
+
+
+def _recall(spec="full", batch_size=16):
+    task = get_task("recall", train_sizes=(3, 5), test_sizes=(6, 8))
+    return task, SequenceWorkload(task, per_length(topology_fn(spec)), batch_size, eval_size=32)
+
+
+def _model(task, config=SMALL, seed=0):
+    seed_everything(seed)
+    return SequenceModel(task.vocab_size, task.num_classes, config)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "inverse_sqrt", "linear", "constant"])
+def test_warmup_then_decay(schedule):
+    f = lr_lambda(TrainConfig(steps=100, warmup=10, schedule=schedule))
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    values = [f(s) for s in range(10, 100)]
+    assert all(a >= b - 1e-12 for a, b in zip(values, values[1:]))  # never increases after warmup
+    if schedule != "constant":
+        assert values[-1] < 0.5
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(optimizer="sgd"), dict(schedule="step"),
+                                 dict(label_smoothing=1.0), dict(clip_grad=-1.0),
+                                 dict(device="tpu")])
+def test_config_errors_name_the_field(bad):
+    key = next(iter(bad))
+    with pytest.raises(ValueError, match=key):
+        TrainConfig(**bad)
+
+
+def test_training_learns_and_logs(tmp_path):
+    task, workload = _recall()
+    model = _model(task)
+    before = evaluate(model, workload, torch.device("cpu"))["acc_test"]
+    config = TrainConfig(steps=120, batch_size=16, lr=3e-3, warmup=10, log_every=10,
+                         eval_every=60, label_smoothing=0.1)
+    result = train(model, workload, config)
+    assert result.history[0]["loss"] > result.history[-1]["loss"]
+    assert result.final["acc_test"] > max(before, 0.3)
+    assert [e["step"] for e in result.evals] == [60, 120]
+    assert result.tokens_per_s > 0
+    paths = write_logs(result, tmp_path)
+    assert [p.name for p in paths] == ["train_log.csv", "train_eval.csv", "train.json"]
+    assert (tmp_path / "train_log.csv").read_text().startswith("step,")
+    assert json.loads((tmp_path / "train.json").read_text())["final"]["step"] == 120
+
+
+def test_same_seed_same_weights_and_checkpoint_roundtrip(tmp_path):
+    task, workload = _recall()
+    config = TrainConfig(steps=5, batch_size=8, warmup=2)
+    a, b = _model(task), _model(task)
+    train(a, workload, config)
+    train(b, workload, config)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    path = save_checkpoint(tmp_path / "m.pt", a, step=5, meta={"task": "recall", "sizes": [3, 5]})
+    c = _model(task, seed=1)
+    payload = load_checkpoint(path, c)  # weights_only=True inside
+    assert payload["step"] == 5 and payload["meta"]["sizes"] == [3, 5]
+    for p, q in zip(a.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="checkpoint"):
+        torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pt")
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("position", ["rope", "sinusoidal", "learned"])
+@pytest.mark.parametrize("spec", ["full", "bigbird:window=1,num_global=1,num_random=1"])
+def test_trained_model_matches_dense_reference(position, spec):
+    task, workload = _recall(spec)
+    model = _model(task, EncoderConfig(d_model=32, nhead=4, num_layers=2, dim_feedforward=64,
+                                       position=position, backend="pyg")).eval()
+    batch = workload.eval_sets()["test"][0]
+    build = workload.topology
+    err = model_dense_error(model, lambda: model(batch.tokens, batch.positions,
+                                                 build(batch.lengths)), batch.lengths)
+    assert err < 1e-5
+
+
+def test_verify_rows_within_tolerance():
+    rows = verify_topologies(["full", "causal", "sliding_window:window=2", "random:k=3"],
+                             lengths=[7, 12], backends=["pyg"])
+    assert len(rows) == 4 and all(r.ok for r in rows)
+    assert rows[0].edges == 49 + 144
+
+
+def test_step_memory_grows_with_edges():
+    task, full_w = _recall("full", batch_size=16)
+    _, win_w = _recall("sliding_window:window=1", batch_size=16)
+    model = _model(task)
+    batch = full_w.train_batch(torch.Generator().manual_seed(0))
+    m_full = step_memory(model, full_w, batch, torch.device("cpu"))
+    m_win = step_memory(model, win_w, batch, torch.device("cpu"))
+    assert m_full > m_win > 0
+
+
+def test_other_models_forward():
+    x = torch.randn(5, 3)
+    edge_index = torch.tensor([[0, 1, 2, 3, 4, 0], [1, 2, 3, 4, 0, 0]])
+    assert NodeModel(3, 4, SMALL, pe_dim=2)(x, edge_index, torch.randn(5, 2)).shape == (5, 4)
+    with pytest.raises(ValueError, match="pe"):
+        NodeModel(3, 4, SMALL, pe_dim=2)(x, edge_index)
+    vit = PatchModel(4, 3, 10, SMALL)
+    ei = torch.tensor([[0, 1, 2, 3, 0, 0, 0], [0, 1, 2, 3, 1, 2, 3]])
+    ei = torch.cat([ei, ei + 4], dim=1)
+    assert vit(torch.randn(2, 3, 4), ei).shape == (2, 10)
+
+
+@pytest.mark.parametrize("task,topology", [("karate", "graph"), ("shortest_path", "full"),
+                                           ("digits", "grid"), ("parity", "causal")])
+def test_run_training_every_kind(tmp_path, task, topology):
+    if task == "digits":
+        pytest.importorskip("sklearn")
+    config = RunConfig(task=task, topology=topology, pe_dim=2, virtual_node=task == "karate",
+                       model=SMALL, train=TrainConfig(steps=3, batch_size=4, warmup=1),
+                       out=str(tmp_path))
+    result, model = run_training(config)
+    assert 0.0 <= result.final["acc_test"] <= 1.0
+    payload = load_checkpoint(tmp_path / "model.pt", model)
+    assert payload["meta"]["run"]["task"] == task
+
+
+def test_run_training_rejects_bad_topology():
+    with pytest.raises(ValueError, match="topology"):
+        run_training(RunConfig(task="karate", topology="sliding_window:window=1"))
