@@ -171,8 +171,8 @@ def _fits(n: int, num_edges: int, backend: str, h: int, d: int, budget: float, e
     """A reason to skip a row that would not fit in ``budget`` bytes, else ``None``."""
     if backend == "pyg":
         need = 4.0 * num_edges * h * d * elem  # gathered q/k/v per edge and the messages
-    elif backend == "sdpa":
-        need = 3.0 * n * n * h * elem + n * n
+    elif backend == "sdpa":  # fused SDPA kernels: the boolean mask and an additive copy of it
+        need = n * n * (1.0 + elem)
     elif backend == "reference":
         need = 3.0 * n * n * 4 + n * n
     else:
