@@ -45,7 +45,7 @@ class CompareConfig:
     test_sizes: tuple[int, int] | None = None  # override the task's longer test sizes
     model: EncoderConfig = field(default_factory=EncoderConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=1000, batch_size=32, lr=2e-3, warmup=100, schedule="cosine"))
+        steps=800, batch_size=32, lr=2e-3, warmup=80, schedule="cosine"))
     eval_size: int = 256  # sequences per evaluation set
 
 

@@ -34,7 +34,8 @@ class EncoderConfig:
     position: str = "rope"  # SequenceModel positions: "rope" (rotary, in attention), "sinusoidal",
     # "learned" or "none"; NodeModel uses Laplacian PE instead, PatchModel learned patch positions
     max_positions: int = 256  # table size of learned positions
-    backend: str = "auto"  # attention backend: "auto", "pyg", "fused" or "tiled"
+    backend: str = "pyg"  # attention backend: "pyg" (fastest for these small CPU models), "auto",
+    # "fused" or "tiled"
 
     def __post_init__(self) -> None:
         if self.position not in POSITIONS:
