@@ -53,7 +53,7 @@ def compare_figure(result: "CompareResult", path: str | Path, length: int | None
                label=f"sizes {task.train_sizes[0]}-{task.train_sizes[1]} (as trained)")
     ax_acc.bar((xs + 0.2).tolist(), [r.acc_longer for r in result.results], width=0.4,
                label=f"sizes {task.test_sizes[0]}-{task.test_sizes[1]} (longer)")
-    ax_acc.set_xticks(xs.tolist(), [r.topology for r in result.results], fontsize=7, rotation=10)
+    ax_acc.set_xticks(xs.tolist(), [r.topology.split("(")[0] for r in result.results], fontsize=8)
     ax_acc.set_ylim(0, 1)
     ax_acc.set_ylabel("accuracy")
     ax_acc.legend(fontsize=8)
