@@ -49,7 +49,9 @@ class CSRGraph:
 
 
 _CACHE: dict[int, tuple[weakref.ref, int, tuple, CSRGraph]] = {}
-_LOCK = threading.Lock()
+# Re-entrant: a weakref callback (``_drop``) can run inside a locked section when garbage
+# collection frees another edge_index there.
+_LOCK = threading.RLock()
 
 
 def _drop(key: int) -> None:
