@@ -69,8 +69,12 @@ def _is_spec(name: str) -> bool:
     return name.endswith(".toml") or Path(name).is_file() or name in spec_names()
 
 
-def topology_fn(spec: str) -> Callable[[list[int]], Tensor]:
-    """``lengths -> edge_index`` for a spec (see the module docstring)."""
+def topology_fn(spec: str, *, small: bool = False) -> Callable[[list[int]], Tensor]:
+    """``lengths -> edge_index`` for a spec (see the module docstring).
+
+    ``small``: catalogue specs use their toy-scale ``[small]`` parameters (a window of 3 rather
+    than 4095), so that short test sequences still see the pattern.
+    """
     name, kwargs = parse_spec(spec)
     if name in topology.BUILDERS and (kwargs or name not in spec_names()):
         builder = topology.BUILDERS[name].fn
@@ -84,7 +88,7 @@ def topology_fn(spec: str) -> Callable[[list[int]], Tensor]:
         if kwargs:
             raise ValueError(f"Topology spec {name!r} takes no arguments (got {kwargs})")
         spec = topology.read_spec(name)  # validated once, built per batch
-        return lambda lengths: topology.build_spec(spec, lengths)
+        return lambda lengths: topology.build_spec(spec, lengths, small=small)
     known = sorted(set(builder_names()) | set(spec_names()))
     raise ValueError(f"Unknown topology {name!r}: expected a builder or spec among {known}, "
                      "or a path to a .toml spec")
