@@ -190,3 +190,18 @@ def test_choose_backend_by_block_fill():
     q, k, v, _ = make_inputs(512, 512, 0, heads=2, kv_heads=1, dim=8, bias=False)
     out = attend(q, k, v, edge_index, scale=0.3, backend="auto")
     torch.testing.assert_close(out, attend_reference(q, k, v, edge_index, scale=0.3), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("max_edges", [4, 1 << 20])
+def test_chunks_with_more_parallel_edges_than_cells(max_edges):
+    """Every pair three times over: a chunk can hold more edges than its dense block has cells."""
+    src = torch.arange(3).repeat(3).repeat(3)
+    dst = torch.arange(3).repeat_interleave(3).repeat(3)
+    edge_index = torch.stack([src, dst])
+    q, k, v, b = make_inputs(3, 3, edge_index.size(1))
+    out, lse = attend(q, k, v, edge_index, scale=0.3, edge_bias=b, backend="fused", return_lse=True,
+                      max_edges=max_edges)
+    ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.3, edge_bias=b, return_lse=True)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    for got, want in zip(_grads(out, lse, (q, k, v, b)), _grads(ref, ref_lse, (q, k, v, b))):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)

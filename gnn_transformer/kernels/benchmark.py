@@ -49,8 +49,7 @@ def build_graph(topology: str, n: int, seed: int = 0):
     if topology == "causal":
         if topo is not None:
             return topo.causal(n)
-        i = torch.arange(n)
-        return torch.stack(torch.tril_indices(n, n)[[1, 0]]) if n else torch.zeros(2, 0, dtype=torch.long)
+        return torch.tril_indices(n, n).flip(0)  # [j; i] with j <= i
     if topology == "window":  # |i - j| <= 128: 257 keys per query, a window of 256
         if topo is not None and hasattr(topo, "sliding_window"):
             return topo.sliding_window(n, 128)
