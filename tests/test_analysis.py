@@ -607,3 +607,36 @@ def test_analyze_reports_a_missing_tokenizer_and_directory(tmp_path, capsys):
     cli, args = _parse(["--hf-dir", str(tmp_path / "missing"), "--tokens", str(text)])
     assert cli.run(args) == 2
     assert "--hf-dir" in capsys.readouterr().err
+
+
+def test_analyze_runs_on_a_train_run_checkpoint(tmp_path, capsys):
+    """`gnn-transformer train` writes model.pt with its run config; analyze rebuilds the model,
+    draws examples of the task, and runs on the topology the model was trained on."""
+    from gnn_transformer import cli
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--task", "recall", "--topology", "sliding_window:window=2",
+                     "--out", str(run), "--steps", "2", "--batch-size", "2", "--d-model", "16",
+                     "--ff", "32", "--heads", "2", "--no-progress", "--backend", "pyg",
+                     "--warmup", "1"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "analysis"
+    assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--samples", "3",
+                     "--out", str(out), "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "recall model" in printed and "3 sequence(s)" in printed
+    assert "sliding_window:window=2 graph" in printed
+    assert (out / "summary.json").is_file()
+    # the recorded graph is the run's: a window of radius 2 gives exactly min(L, 5)-ish keys
+    from gnn_transformer.experiments.analysis import analyze, load_checkpoint_model
+    from gnn_transformer.topology import sliding_window
+    loaded = load_checkpoint_model(run / "model.pt")
+    seqs = loaded.examples(2)
+    assert len(seqs) == 2 and all(len(s) > 0 for s in seqs)
+    result = analyze(loaded, seqs)
+    recorded = result.traces["model"].attention[0].edge_index
+    expected = sliding_window([len(s) for s in seqs], 2)
+    assert torch.equal(recorded.cpu(), expected.as_tensor())
+    assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--samples", "0",
+                     "--out", str(out)]) == 2
+    assert "'--samples'" in capsys.readouterr().err

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..analysis import (LayerSummary, Trace, format_table, norm_placement, record, summarize)
 from ..model import GraphEncoderModel, GraphLM, GraphTransformerConfig
 from ..topology import batch_vector
-from ..topology import load as load_topology
+from .topologies import per_length, topology_fn
 
 CONFIG_NAMES = ("config.json", "model_config.json")
 
@@ -48,9 +48,12 @@ class LoadedModel:
     Attributes:
         model: the module (in eval mode).
         forward: ``forward(ids [N], edge_index, pos [N]) -> output`` for a batch of sequences.
-        graph: the token graph it was trained on, ``"causal"`` or ``"full"``.
+        graph: the token graph it was trained on: ``"causal"``, ``"full"``, or the topology spec of
+            a training run (``"sliding_window:window=3"``, see :mod:`.topologies`).
         tokenizer: a Hugging Face tokenizer, if one was found.
         name: a short description for titles.
+        examples: for a checkpoint of a training run, ``examples(k)`` draws ``k`` seeded sequences
+            of its task (the input when no token file is given).
     """
 
     model: nn.Module
@@ -58,6 +61,7 @@ class LoadedModel:
     graph: str
     tokenizer: Any = None
     name: str = "model"
+    examples: Callable[[int], list[list]] | None = None
 
 
 @dataclass
@@ -119,6 +123,8 @@ def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = No
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
         state, meta = payload["model"], payload.get("meta")
         meta = meta if isinstance(meta, dict) else {}
+        if config is None and isinstance(meta.get("run"), dict) and "task" in meta["run"]:
+            return _load_run_checkpoint(path, state, meta["run"], backend)
     elif isinstance(payload, dict) and all(isinstance(v, Tensor) for v in payload.values()):
         state, meta = payload, {}
     else:
@@ -169,6 +175,42 @@ def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = No
 
     return LoadedModel(model, forward, "causal" if cls_name == "GraphLM" else "full", None,
                        f"{cls_name} ({path.name})")
+
+
+def _load_run_checkpoint(path: Path, state: dict, run: dict, backend: str | None) -> LoadedModel:
+    """The model of a ``gnn-transformer train`` / ``compare`` run, rebuilt from its run config."""
+    from .models import EncoderConfig, SequenceModel
+    from .tasks import TASKS, get_task, sample_batch
+
+    name = run["task"]
+    if name not in TASKS:
+        raise ValueError(f"The checkpoint {str(path)!r} is of task {name!r}, whose model takes node "
+                         f"features or image patches: analyze needs a token model (tasks "
+                         f"{sorted(TASKS)})")
+    try:
+        model_config = EncoderConfig(**run.get("model", {}))
+        task = get_task(name, run.get("train_sizes"), run.get("test_sizes"))
+    except TypeError as err:
+        raise ValueError(f"Could not rebuild the model of {str(path)!r} from its run config: "
+                         f"{err}") from err
+    if backend is not None:
+        model_config = dataclasses.replace(model_config, backend=backend)
+    model = SequenceModel(task.vocab_size, task.num_classes, model_config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"The checkpoint {str(path)!r} does not fit its run config: {err}") from err
+    model.eval()
+
+    def forward(ids: Tensor, edge_index: Tensor, pos: Tensor):
+        return model(ids, pos, edge_index)
+
+    def examples(k: int) -> list[list]:
+        batch = sample_batch(task, k, task.train_sizes, torch.Generator().manual_seed(0))
+        return [s.tolist() for s in batch.tokens.split(batch.lengths)]
+
+    return LoadedModel(model, forward, run.get("topology", "full"), None,
+                       f"{name} model ({path.name})", examples)
 
 
 def load_hf_model(directory: str | Path, *, backend: str | None = None) -> LoadedModel:
@@ -247,7 +289,8 @@ def analyze(loaded: LoadedModel, sequences: Sequence[Sequence[int]], *, graph: s
         loaded: from :func:`load_checkpoint_model` or :func:`load_hf_model`.
         sequences: token ids, one list per sequence.
         graph: a topology of the ``graphs/`` catalogue (``"causal"``, ``"full"``, ``"bigbird"``,
-            ...) or a ``.toml`` spec path (default: the model's own, causal or full).
+            ...), a builder with arguments (``"sliding_window:window=3"``) or a ``.toml`` spec path
+            (default: the model's own: causal, full, or the topology its run trained on).
         compare_norm: also run with every layer's ``norm_first`` set to ``True`` and ``False``
             (same weights), giving the ``"pre-norm"`` and ``"post-norm"`` variants.
         backend: attention backend forced while recording.
@@ -257,9 +300,9 @@ def analyze(loaded: LoadedModel, sequences: Sequence[Sequence[int]], *, graph: s
     lengths = [len(s) for s in sequences]
     if not lengths or min(lengths) == 0:
         raise ValueError(f"Expected non-empty sequences (got lengths {lengths})")
-    ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long)  # [N]
+    ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long)  # [N] or [N, fields]
     pos = torch.cat([torch.arange(n) for n in lengths])  # [N] position within each sequence
-    edge_index = load_topology(graph, lengths)
+    edge_index = per_length(topology_fn(graph))(lengths)
     batch = batch_vector(lengths)
 
     def run_once() -> Trace:
@@ -339,15 +382,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``gnn-transformer analyze``."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="PATH",
-                        help="state dict of a GraphLM/GraphEncoderModel (its config JSON next to it)")
+                        help="model.pt of a 'train' run (sequence tasks), or a state dict of a "
+                             "GraphLM/GraphEncoderModel with its config JSON next to it")
     source.add_argument("--hf-dir", metavar="DIR",
                         help="local directory of a Hugging Face BERT or GPT-2 (save_pretrained)")
     parser.add_argument("--config", metavar="JSON",
                         help="model config of --checkpoint (unset: the one found next to it)")
-    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs = parser.add_mutually_exclusive_group()
     inputs.add_argument("--tokens", metavar="FILE",
-                        help="token ids, whitespace-separated, one sequence per line")
+                        help="token ids, whitespace-separated, one sequence per line (required "
+                             "except for a 'train' run's checkpoint, which can use its task)")
     inputs.add_argument("--text", metavar="FILE", help="text, one sequence per line")
+    parser.add_argument("--samples", type=int, default=2, metavar="K",
+                        help="with a 'train' run's checkpoint and no --tokens: K sequences of its "
+                             "task (default 2)")
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="directory with a Hugging Face tokenizer (unset: --hf-dir)")
     parser.add_argument("--out", metavar="DIR", default="analysis",
@@ -381,8 +429,15 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"Found no tokenizer in '--tokenizer' {args.tokenizer!r}")
         if args.tokens is not None:
             sequences = read_token_file(args.tokens)
-        else:
+        elif args.text is not None:
             sequences = read_text_file(args.text, loaded.tokenizer)
+        elif loaded.examples is not None:
+            if args.samples < 1:
+                raise ValueError(f"Expected '--samples' >= 1 (got {args.samples})")
+            sequences = loaded.examples(args.samples)
+        else:
+            raise ValueError("Give the input with '--tokens' or '--text' (only a 'train' run's "
+                             "checkpoint can draw examples of its task)")
         result = analyze(loaded, sequences, graph=args.graph, compare_norm=args.compare_norm,
                          backend=args.backend, min_magnitude=args.massive_magnitude,
                          min_ratio=args.massive_ratio)
