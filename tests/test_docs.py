@@ -12,22 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 FILES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 NO_RUN = "# doc: no-run"
-# Pages whose python blocks are still fragments (names defined nowhere on the page); they run, and
-# a failure is reported as xfail until the page marks them with NO_RUN or makes them runnable.
-FRAGMENT_PAGES = {"kernels.md"}
 
 
 def _blocks(path: Path) -> list[str]:
     return BLOCK.findall(path.read_text())
 
 
-def _param(path: Path):
-    marks = [pytest.mark.xfail(reason="page has illustrative fragments", strict=False)] \
-        if path.name in FRAGMENT_PAGES else []
-    return pytest.param(path, marks=marks, id=path.name)
-
-
-@pytest.mark.parametrize("path", [_param(p) for p in FILES if p.exists()])
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.name) for p in FILES if p.exists()])
 def test_python_blocks_run(path, monkeypatch):
     blocks = [b for b in _blocks(path) if not b.lstrip().startswith(NO_RUN)]
     if not blocks:
