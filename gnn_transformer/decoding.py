@@ -99,8 +99,8 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True,
              attention_mask: Tensor | None = None, window: int | None = None,
              use_cache: bool = True, temperature: float = 1.0, top_k: int | None = None,
              generator: torch.Generator | None = None, pad_token_id: int = 0,
-             return_logits: bool = False):
-    r"""Generate ``max_new_tokens`` tokens after each prompt.
+             eos_token_id: int | None = None, return_logits: bool = False):
+    r"""Generate up to ``max_new_tokens`` tokens after each prompt.
 
     Args:
         model: a decoder-only graph model (``GraphLM``, ``GraphGPT2LMHeadModel``) in eval mode.
@@ -113,10 +113,13 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True,
         use_cache: decode with the key/value cache (default); ``False`` recomputes the whole graph
             for every new token (the reference).
         pad_token_id: fills the end of rows shorter than the longest.
-        return_logits: also return the logits of every step, ``[max_new_tokens, B, V]``.
+        eos_token_id: a sequence that produces this token stops there (the token is kept): it adds
+            no more nodes to the graph. Generation ends when every sequence has stopped.
+        return_logits: also return the logits of every step, ``[steps, B, V]`` (``NaN`` in the
+            rows of sequences that had already stopped).
 
     Returns:
-        ``[B, max(L) + max_new_tokens]``: row ``b`` holds its prompt, its new tokens, then padding.
+        ``[B, width]``: row ``b`` holds its prompt, its new tokens, then ``pad_token_id``.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"Expected 'max_new_tokens' to be a non-negative int (got {max_new_tokens!r})")
@@ -125,6 +128,8 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True,
         raise ValueError(f"Expected 'input_ids' to be an integer tensor [B, T] (got {got})")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
         raise ValueError(f"Expected 'window' to be a non-negative int or None (got {window!r})")
+    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)):
+        raise ValueError(f"Expected 'eos_token_id' to be an int or None (got {eos_token_id!r})")
     device = input_ids.device
     mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
             else attention_mask.bool())
@@ -134,6 +139,8 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True,
     seqs = [row[m] for row, m in zip(input_ids, mask)]  # each prompt, padding dropped
     batch = len(seqs)
     cache = KVCache() if use_cache else None
+    active = torch.ones(batch, dtype=torch.bool, device=device)  # [B] sequences still growing
+    cur_len = lengths.clone()  # [B]
     # the first step is the prompt graph: nodes sequence after sequence
     ids = input_ids[mask]  # [N]
     seq = torch.repeat_interleave(torch.arange(batch, device=device), lengths)  # [N]
@@ -141,25 +148,36 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True,
     edge_index = _graph(lengths.tolist(), window).to(device)
     last = lengths.cumsum(0) - 1  # [B] the last node of each prompt
     step_logits = []
-    for step in range(max_new_tokens):
+    for _ in range(max_new_tokens):
+        act = active.nonzero(as_tuple=True)[0]  # [A] the growing sequences
         if cache is not None:
             cache.add_nodes(seq, pos)
-            logits = _forward(model, ids, edge_index, pos, cache)[last]  # [B, V]
+            logits = _forward(model, ids, edge_index, pos, cache)[last]  # [A, V]
         else:  # reference: the whole graph again, nodes sequence after sequence
             lens = [int(t.numel()) for t in seqs]
             full_pos = torch.cat([torch.arange(n, device=device) for n in lens])
             logits = _forward(model, torch.cat(seqs), _graph(lens, window).to(device), full_pos,
                               None)
-            logits = logits[torch.tensor(lens, device=device).cumsum(0) - 1]  # [B, V]
-        step_logits.append(logits)
-        token = _sample(logits, greedy, temperature, top_k, generator)  # [B]
-        seqs = [torch.cat([t, new.view(1)]) for t, new in zip(seqs, token)]
-        # the next step: one new node per sequence, edges from the cache and itself
-        ids, seq, pos = token, torch.arange(batch, device=device), lengths + step
+            logits = logits[torch.tensor(lens, device=device).cumsum(0) - 1][act]  # [A, V]
+        every = logits.new_full((batch, logits.size(-1)), float("nan"))
+        every[act] = logits
+        step_logits.append(every)
+        token = _sample(logits, greedy, temperature, top_k, generator)  # [A]
+        for b, new in zip(act.tolist(), token):
+            seqs[b] = torch.cat([seqs[b], new.view(1)])
+        cur_len[act] += 1
+        if eos_token_id is not None:
+            active[act[token == eos_token_id]] = False
+        if not bool(active.any()):
+            break
+        # the next step: one new node per growing sequence, edges from the cache and itself
+        keep = active[act]  # [A]
+        ids, seq = token[keep], act[keep]
+        pos = cur_len[seq] - 1
         if cache is not None:
             edge_index = step_edges(torch.cat([cache.seq, seq]), torch.cat([cache.pos, pos]),
-                                    batch, window)
-        last = torch.arange(batch, device=device)
+                                    seq.numel(), window)
+        last = torch.arange(seq.numel(), device=device)
     width = max(s.numel() for s in seqs)
     out = input_ids.new_full((batch, width), pad_token_id)
     for b, s in enumerate(seqs):

@@ -109,3 +109,31 @@ def test_errors():
         generate(model, ids, 2, attention_mask=torch.tensor([[1] * 4, [0] * 4]))
     with pytest.raises(ValueError, match="forward_graph"):
         generate(torch.nn.Linear(2, 2), ids, 2)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_eos_stops_a_sequence(use_cache):
+    """A sequence stops at its first EOS (kept), adds no more nodes, and the others go on exactly
+    as they would without the stop; padding fills the rest."""
+    model = _lm(position="rope")
+    ids, mask = _prompts()
+    free, free_logits = generate(model, ids, 8, attention_mask=mask, return_logits=True)
+    lengths = mask.sum(1)
+    new = [free[b, int(lengths[b]): int(lengths[b]) + 8] for b in range(3)]
+    eos = int(new[0][2])  # sequence 0 stops at its third new token (maybe others earlier)
+    out, logits = generate(model, ids, 8, attention_mask=mask, eos_token_id=eos,
+                           pad_token_id=-1, use_cache=use_cache, return_logits=True)
+    stops = []
+    for b in range(3):
+        hits = (new[b] == eos).nonzero()
+        stop = int(hits[0]) + 1 if hits.numel() else 8  # new tokens kept
+        stops.append(stop)
+        L = int(lengths[b])
+        assert torch.equal(out[b, : L + stop], free[b, : L + stop])
+        assert (out[b, L + stop:] == -1).all()
+        torch.testing.assert_close(logits[:stop, b], free_logits[:stop, b], **TOL)
+        assert torch.isnan(logits[stop:, b]).all()
+    assert stops[0] <= 3 and logits.size(0) == max(stops)
+    assert out.size(1) == max(int(lengths[b]) + stops[b] for b in range(3))
+    with pytest.raises(ValueError, match="'eos_token_id'.*'x'"):
+        generate(model, ids, 2, eos_token_id="x")
