@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._autograd import Kernel, kernel_attention
 from ._graph import CSRGraph
 
 DEFAULT_MAX_EDGES = 1 << 22  # edges per chunk and head: 16 MiB of float32 scores
@@ -188,29 +189,10 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph
     return dq, dk, dv, dbias
 
 
-class ChunkedAttention(torch.autograd.Function):
-    """Autograd wrapper of :func:`chunked_forward` / :func:`chunked_backward`."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, bias, graph, scale, max_edges):
-        out, lse = chunked_forward(q, k, v, bias, graph, scale, max_edges)
-        ctx.set_materialize_grads(False)  # an unused lse sends None, not zeros
-        ctx.save_for_backward(q, k, v, bias, out, lse)
-        ctx.graph, ctx.scale, ctx.max_edges = graph, scale, max_edges
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, bias, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        need_bias = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = chunked_backward(q, k, v, bias, ctx.graph, ctx.scale, out, lse,
-                                             dout, dlse, need_bias, ctx.max_edges)
-        return dq, dk, dv, dbias, None, None, None
+CHUNKED = Kernel(chunked_forward, chunked_backward)
 
 
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
                       scale: float, max_edges: int = DEFAULT_MAX_EDGES) -> tuple[Tensor, Tensor]:
     """Differentiable ``(out, lse)`` of the chunked path; ``bias`` in target-sorted edge order."""
-    return ChunkedAttention.apply(q, k, v, bias, graph, scale, max_edges)
+    return kernel_attention(CHUNKED, q, k, v, bias, graph, scale, max_edges=max_edges)

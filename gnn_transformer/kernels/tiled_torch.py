@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._autograd import Kernel, kernel_attention
 from .chunked import compute_dtype
 from .tiling import TileList
 
@@ -211,29 +212,14 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse,
     return dq, dk, dv, dtb
 
 
-class TiledAttention(torch.autograd.Function):
-    """Autograd wrapper of :func:`tiled_forward` / :func:`tiled_backward`."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, tbias, tiles, scale, max_cells):
-        out, lse = tiled_forward(q, k, v, tiles, tbias, scale, max_cells)
-        ctx.set_materialize_grads(False)  # an unused lse sends None, not zeros
-        ctx.save_for_backward(q, k, v, tbias, out, lse)
-        ctx.tiles, ctx.scale, ctx.max_cells = tiles, scale, max_cells
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, tbias, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        need_bias = tbias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dtb = tiled_backward(q, k, v, ctx.tiles, tbias, ctx.scale, out, lse, dout, dlse,
-                                         need_bias, ctx.max_cells)
-        return dq, dk, dv, dtb, None, None, None
+# the tile bias comes before the tile list in the shared kernel signature
+TILED = Kernel(
+    lambda q, k, v, tbias, tiles, scale, **o: tiled_forward(q, k, v, tiles, tbias, scale, **o),
+    lambda q, k, v, tbias, tiles, scale, *rest, **o: tiled_backward(q, k, v, tiles, tbias, scale,
+                                                                    *rest, **o))
 
 
 def tiled_attention(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None, scale: float,
                     max_cells: int = DEFAULT_MAX_CELLS) -> tuple[Tensor, Tensor]:
     """Differentiable ``(out, lse)`` of the plain-torch tiled path."""
-    return TiledAttention.apply(q, k, v, tbias, tiles, scale, max_cells)
+    return kernel_attention(TILED, q, k, v, tbias, tiles, scale, max_cells=max_cells)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._autograd import Kernel, kernel_attention
 from ._graph import CSRGraph
 
 
@@ -213,29 +214,11 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, ne
     return dq, dk, dv, dbias
 
 
-class TritonCSRAttention(torch.autograd.Function):
-    """Autograd wrapper of :func:`csr_forward` / :func:`csr_backward`."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, bias, graph, scale):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = csr_forward(q, k, v, bias, graph, scale)
-        ctx.set_materialize_grads(False)  # an unused lse sends None, not zeros
-        ctx.save_for_backward(q, k, v, bias, out, lse)
-        ctx.graph, ctx.scale = graph, scale
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, bias, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        need_bias = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = csr_backward(q, k, v, bias, ctx.graph, ctx.scale, out, lse, dout, dlse, need_bias)
-        return dq, dk, dv, dbias, None, None
+TRITON_CSR = Kernel(csr_forward, csr_backward)
 
 
 def csr_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
                   scale: float) -> tuple[Tensor, Tensor]:
     """Differentiable ``(out, lse)`` of the Triton CSR kernels; ``bias`` in target-sorted order."""
-    return TritonCSRAttention.apply(q, k, v, bias, graph, scale)
+    return kernel_attention(TRITON_CSR, q.contiguous(), k.contiguous(), v.contiguous(), bias,
+                            graph, scale)

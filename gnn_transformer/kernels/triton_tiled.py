@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._autograd import Kernel, kernel_attention
 from .tiling import TileList
 
 
@@ -250,31 +251,15 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout
     return dq, dk, dv, dtb
 
 
-class TritonTiledAttention(torch.autograd.Function):
-    """Autograd wrapper of :func:`tiled_triton_forward` / :func:`tiled_triton_backward`."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, tbias, tiles, scale):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        tb = None if tbias is None else tbias.contiguous()
-        out, lse = tiled_triton_forward(q, k, v, tiles, tb, scale)
-        ctx.set_materialize_grads(False)  # an unused lse sends None, not zeros
-        ctx.save_for_backward(q, k, v, tb, out, lse)
-        ctx.tiles, ctx.scale = tiles, scale
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, tb, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        need_bias = tb is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dtb = tiled_triton_backward(q, k, v, ctx.tiles, tb, ctx.scale, out, lse, dout, dlse,
-                                                need_bias)
-        return dq, dk, dv, dtb, None, None
+# the tile bias comes before the tile list in the shared kernel signature
+TRITON_TILED = Kernel(
+    lambda q, k, v, tb, tiles, scale: tiled_triton_forward(q, k, v, tiles, tb, scale),
+    lambda q, k, v, tb, tiles, scale, *rest: tiled_triton_backward(q, k, v, tiles, tb, scale, *rest))
 
 
 def tiled_triton_attention(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None,
                            scale: float) -> tuple[Tensor, Tensor]:
     """Differentiable ``(out, lse)`` of the Triton tiled kernels."""
-    return TritonTiledAttention.apply(q, k, v, tbias, tiles, scale)
+    tb = None if tbias is None else tbias.contiguous()
+    return kernel_attention(TRITON_TILED, q.contiguous(), k.contiguous(), v.contiguous(), tb,
+                            tiles, scale)
