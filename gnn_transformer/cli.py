@@ -336,35 +336,66 @@ def cmd_train(args) -> int:
 
 # ---------------------------------------------------------------- bench
 def _bench_parser(sub) -> None:
+    from .kernels.benchmark import BACKENDS, TOPOLOGIES
+
     p = sub.add_parser(
-        "bench", help="benchmark the attention backends (wraps benchmarks/bench_attention.py)",
-        description="Time forward and backward of each attention backend on several topologies "
-        "and sizes (the benchmark of benchmarks/bench_attention.py); extra options are passed on "
-        "to it.", add_help=True)
-    p.add_argument("bench_args", nargs=argparse.REMAINDER,
-                   help="options of the benchmark script (see 'gnn-transformer bench -- --help')")
+        "bench", help="benchmark the attention backends against dense SDPA and FlexAttention",
+        description="Time forward and forward+backward of each attention backend (pyg, fused, "
+        "tiled, auto), dense scaled_dot_product_attention with a boolean mask and FlexAttention "
+        "with a BlockMask, on the same edge sets; median time, peak memory, max error against a "
+        "float32 dense reference. Graph and mask construction are timed separately.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--topologies", nargs="+", default=list(TOPOLOGIES), choices=TOPOLOGIES)
+    p.add_argument("--sizes", nargs="+", type=int, default=None,
+                   help="token counts (unset: 4096 16384 65536, plus 262144 1048576 for the "
+                        "linear-size topologies on CUDA; 4096 with --quick)")
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--device", default=None, help="cpu or cuda (unset: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="unset: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
+    p.add_argument("--no-backward", action="store_true", help="forward passes only")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (unset: torch's)")
+    p.add_argument("--quick", action="store_true", help="CPU-sized: 4096 tokens, 3 repeats")
+    p.add_argument("--markdown", default=None, metavar="FILE",
+                   help="also write the table as markdown to FILE")
     p.set_defaults(func=cmd_bench)
 
 
-def _load_benchmark():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
-    if not path.is_file():
-        raise UsageError(f"the benchmark script benchmarks/bench_attention.py is not available "
-                         f"(it ships with the source repository, not the installed package)")
-    spec = importlib.util.spec_from_file_location("bench_attention", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def cmd_bench(args) -> int:
-    module = _load_benchmark()
-    extra = [a for a in args.bench_args if a != "--"]
-    if not hasattr(module, "main"):
-        raise UsageError("benchmarks/bench_attention.py has no main(argv) entry point")
-    module.main(extra)  # prints its own table
+    import torch
+
+    from .kernels.benchmark import LINEAR, format_markdown, format_table, run_benchmark
+
+    for name in ("heads", "head_dim", "repeats"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if args.sizes is not None and min(args.sizes) < 1:
+        raise UsageError(f"--sizes must be positive (got {args.sizes})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but CUDA is not available")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.quick:
+        sizes, repeats = args.sizes or [4096], min(args.repeats, 3)
+    else:
+        sizes, repeats = args.sizes or [4096, 16384, 65536], args.repeats
+    rows = []
+    for name in args.topologies:
+        extra = [262144, 1048576] if (args.sizes is None and not args.quick and name in LINEAR
+                                       and torch.device(device).type == "cuda") else []
+        rows += run_benchmark([name], list(sizes) + extra, args.backends, device=device,
+                              dtype=dtype, heads=args.heads, head_dim=args.head_dim,
+                              repeats=repeats, backward=not args.no_backward, log=print)
+    print()
+    print(format_table(rows))
+    if args.markdown:
+        Path(args.markdown).write_text(format_markdown(rows) + "\n")
+        print(f"Wrote {args.markdown}")
     return EXIT_OK
 
 
