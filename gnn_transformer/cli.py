@@ -408,7 +408,7 @@ def _analyze_parser(sub) -> None:
     except ImportError:
         analysis = None
     p = sub.add_parser(
-        "analyze", help="attention analytics of a trained model (entropy, distances, pictures)",
+        "analyze", help="attention analytics of a model: sinks, hubs, massive activations, pictures",
         description="Attention analytics of a model: see gnn_transformer.experiments.analysis.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if analysis is not None and hasattr(analysis, "add_arguments"):
