@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths, as_lengths, finalize, local_positions
+from ._common import Lengths, as_lengths, local_positions, wrap_sorted
 
 
 def full(n: Lengths) -> EdgeIndex:
@@ -25,7 +25,7 @@ def full(n: Lengths) -> EdgeIndex:
     # j runs over 0..L-1 for each target: position within the repeated block
     first = torch.repeat_interleave(length.cumsum(0) - length, length)
     src = start + (torch.arange(dst.numel()) - first)
-    return finalize(src, dst, pos.numel())
+    return wrap_sorted(src, dst, pos.numel())  # built in target, then source, order
 
 
 def full_predicate(i: int, j: int) -> bool:
@@ -46,7 +46,7 @@ def causal(n: Lengths) -> EdgeIndex:
     dst = torch.repeat_interleave(torch.arange(pos.numel()), count)
     first = torch.repeat_interleave(count.cumsum(0) - count, count)
     src = torch.repeat_interleave(offset, count) + (torch.arange(dst.numel()) - first)
-    return finalize(src, dst, pos.numel())
+    return wrap_sorted(src, dst, pos.numel())  # built in target, then source, order
 
 
 def causal_predicate(i: int, j: int) -> bool:
