@@ -67,7 +67,10 @@ class GraphMultiheadAttention(MessagePassing):
     ``layer.load_state_dict(mha.state_dict())`` and the reverse both work (when
     ``num_kv_heads == num_heads``): ``in_proj_weight`` ``[3C, C]`` (or ``q_proj_weight``,
     ``k_proj_weight``, ``v_proj_weight`` when ``kdim``/``vdim`` differ from ``embed_dim``),
-    ``in_proj_bias`` ``[3C]`` and ``out_proj``.
+    ``in_proj_bias`` ``[3C]`` and ``out_proj``. With ``project_kv=False`` (a layer that attends
+    with keys and values computed by another layer, as in cross-layer KV sharing) only the query
+    projection exists: ``in_proj_weight`` ``[C, C]`` (or ``q_proj_weight`` alone), ``in_proj_bias``
+    ``[C]``.
 
     Args:
         embed_dim: model dimension ``C``.
@@ -83,6 +86,9 @@ class GraphMultiheadAttention(MessagePassing):
         rope: rotate queries and keys by the position of their node (RoPE, Su et al. 2021) between
             the projections and the attention; ``forward`` then needs ``pos``. Default ``False``.
         rope_base: the base of the rotary frequencies. Default ``10000.0``.
+        project_kv: own a key/value projection. With ``False`` the layer has no key/value
+            parameters and ``forward`` needs ``kv=`` (keys and values from elsewhere, e.g. an
+            earlier layer). Default ``True``.
 
     Example:
         >>> import torch
@@ -97,7 +103,7 @@ class GraphMultiheadAttention(MessagePassing):
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  kdim: int | None = None, vdim: int | None = None, *,
                  num_kv_heads: int | None = None, backend: str = "auto",
-                 rope: bool = False, rope_base: float = 10000.0,
+                 rope: bool = False, rope_base: float = 10000.0, project_kv: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__(aggr="sum", node_dim=0)
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
@@ -116,6 +122,8 @@ class GraphMultiheadAttention(MessagePassing):
             raise ValueError(f"Expected 'dropout' in [0, 1) (got {dropout})")
         if backend not in BACKENDS:
             raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {backend!r})")
+        if not isinstance(project_kv, bool):
+            raise ValueError(f"Expected 'project_kv' to be a bool (got {project_kv!r})")
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kdim = embed_dim if kdim is None else kdim
@@ -126,20 +134,26 @@ class GraphMultiheadAttention(MessagePassing):
         self.head_dim = embed_dim // num_heads
         self.dropout = dropout
         self.backend = backend
+        self.project_kv = project_kv
         kv_dim = num_kv_heads * self.head_dim
+        kv_rows = 2 * kv_dim if project_kv else 0  # key and value rows of the in-projection
 
         if self._qkv_same_embed_dim:
-            self.in_proj_weight = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, embed_dim, **factory))
+            self.in_proj_weight = nn.Parameter(torch.empty(embed_dim + kv_rows, embed_dim, **factory))
             self.register_parameter("q_proj_weight", None)
             self.register_parameter("k_proj_weight", None)
             self.register_parameter("v_proj_weight", None)
         else:
             self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
-            self.k_proj_weight = nn.Parameter(torch.empty(kv_dim, self.kdim, **factory))
-            self.v_proj_weight = nn.Parameter(torch.empty(kv_dim, self.vdim, **factory))
+            if project_kv:
+                self.k_proj_weight = nn.Parameter(torch.empty(kv_dim, self.kdim, **factory))
+                self.v_proj_weight = nn.Parameter(torch.empty(kv_dim, self.vdim, **factory))
+            else:
+                self.register_parameter("k_proj_weight", None)
+                self.register_parameter("v_proj_weight", None)
             self.register_parameter("in_proj_weight", None)
         if bias:
-            self.in_proj_bias = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, **factory))
+            self.in_proj_bias = nn.Parameter(torch.empty(embed_dim + kv_rows, **factory))
         else:
             self.register_parameter("in_proj_bias", None)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
@@ -149,13 +163,19 @@ class GraphMultiheadAttention(MessagePassing):
         self._reset_attention_parameters()
 
     def _reset_attention_parameters(self) -> None:
-        # Same initialization as nn.MultiheadAttention._reset_parameters.
-        if self._qkv_same_embed_dim:
+        # Same initialization as nn.MultiheadAttention._reset_parameters (without key/value rows:
+        # the query rows drawn as those of the full [C + 2 H_kv D, C] matrix).
+        if self._qkv_same_embed_dim and self.project_kv:
             nn.init.xavier_uniform_(self.in_proj_weight)
+        elif self._qkv_same_embed_dim:
+            kv_dim = self.num_kv_heads * self.head_dim
+            bound = math.sqrt(6.0 / (self.embed_dim + self.embed_dim + 2 * kv_dim))
+            nn.init.uniform_(self.in_proj_weight, -bound, bound)
         else:
             nn.init.xavier_uniform_(self.q_proj_weight)
-            nn.init.xavier_uniform_(self.k_proj_weight)
-            nn.init.xavier_uniform_(self.v_proj_weight)
+            if self.project_kv:
+                nn.init.xavier_uniform_(self.k_proj_weight)
+                nn.init.xavier_uniform_(self.v_proj_weight)
         if self.in_proj_bias is not None:
             nn.init.constant_(self.in_proj_bias, 0.0)
             nn.init.constant_(self.out_proj.bias, 0.0)
@@ -165,18 +185,47 @@ class GraphMultiheadAttention(MessagePassing):
         self.out_proj.reset_parameters()
         self._reset_attention_parameters()
 
-    # ------------------------------------------------------------------ projections
-    def projection_weights(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The query, key and value projection matrices ``[C, C]``, ``[H_kv D, kdim]``, ``[H_kv D, vdim]``."""
+    def drop_key_value_projection(self) -> None:
+        """Remove the key/value projection in place, keeping the query projection's values: the
+        layer becomes what ``project_kv=False`` builds (used by the stacks' cross-layer sharing)."""
+        if not self.project_kv:
+            return
+        w_q, _, _ = self.projection_weights()
+        b_q, _, _ = self.projection_biases()
         if self._qkv_same_embed_dim:
+            grad = self.in_proj_weight.requires_grad
+            self.in_proj_weight = nn.Parameter(w_q.detach().clone(), requires_grad=grad)
+        else:
+            self.k_proj_weight = None
+            self.v_proj_weight = None
+        if b_q is not None:
+            grad = self.in_proj_bias.requires_grad
+            self.in_proj_bias = nn.Parameter(b_q.detach().clone(), requires_grad=grad)
+        self.project_kv = False
+
+    def _check_project_kv(self) -> None:
+        if not self.project_kv:
+            raise ValueError(f"{type(self).__name__} was built with project_kv=False and has no "
+                             "key/value projection: pass keys and values with 'kv='")
+
+    # ------------------------------------------------------------------ projections
+    def projection_weights(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The query, key and value projection matrices ``[C, C]``, ``[H_kv D, kdim]``, ``[H_kv D, vdim]``
+        (key and value ``None`` when the layer has no key/value projection)."""
+        if self._qkv_same_embed_dim:
+            if not self.project_kv:
+                return self.in_proj_weight, None, None
             kv_dim = self.num_kv_heads * self.head_dim
             return self.in_proj_weight.split([self.embed_dim, kv_dim, kv_dim], dim=0)
         return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
 
     def projection_biases(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """The query, key and value projection biases (or ``None``)."""
+        """The query, key and value projection biases (or ``None``; key and value are ``None``
+        when the layer has no key/value projection)."""
         if self.in_proj_bias is None:
             return None, None, None
+        if not self.project_kv:
+            return self.in_proj_bias, None, None
         kv_dim = self.num_kv_heads * self.head_dim
         return self.in_proj_bias.split([self.embed_dim, kv_dim, kv_dim], dim=0)
 
@@ -188,6 +237,7 @@ class GraphMultiheadAttention(MessagePassing):
 
     def project_key_value(self, x_key: Tensor, x_value: Tensor) -> tuple[Tensor, Tensor]:
         """Per-head keys and values ``[N_src, H_kv, D]``."""
+        self._check_project_kv()
         _, w_k, w_v = self.projection_weights()
         _, b_k, b_v = self.projection_biases()
         key = F.linear(x_key, w_k, b_k).view(-1, self.num_kv_heads, self.head_dim)  # [N_src, H_kv, D]
@@ -213,8 +263,10 @@ class GraphMultiheadAttention(MessagePassing):
         """Keys (rotated when the layer uses RoPE) and values ``[N_src, H_kv, D]`` of source nodes.
 
         What ``forward(..., kv=...)`` takes: keys and values computed once and reused by several
-        layers (cross-layer sharing) or kept in a cache while decoding.
+        layers (cross-layer sharing) or kept in a cache while decoding. Raises ``ValueError`` on a
+        layer built with ``project_kv=False`` (it has no key/value projection).
         """
+        self._check_project_kv()
         _check_features(x_src, self.kdim, "x_src")
         if value is not None:
             _check_features(value, self.vdim, "value")
@@ -242,7 +294,8 @@ class GraphMultiheadAttention(MessagePassing):
             pos: positions of the nodes for RoPE: ``[N]``, or a pair ``(pos_src, pos_dst)`` for a
                 bipartite graph (only ``pos_dst`` with ``kv``). Required iff the layer uses RoPE.
             kv: precomputed ``(key, value)`` of the source nodes, ``[N_src, H_kv, D]`` each (see
-                :meth:`key_value`); ``x`` then holds only the query nodes ``[N_dst, C]``.
+                :meth:`key_value`); ``x`` then holds only the query nodes ``[N_dst, C]``. Required
+                when the layer was built with ``project_kv=False``.
             return_attention_weights: also return the attention weights per edge ``[E, H]``.
             backend: override the layer's backend for this call.
 
@@ -253,6 +306,10 @@ class GraphMultiheadAttention(MessagePassing):
             return self._forward_kv(x, edge_index, kv, edge_bias=edge_bias, pos=pos,
                                     return_attention_weights=return_attention_weights,
                                     backend=backend)
+        if not self.project_kv:
+            raise ValueError(f"Expected 'kv' (keys and values of the source nodes) for "
+                             f"{type(self).__name__} built with project_kv=False (got None): it "
+                             "has no key/value projection")
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else tuple(x)
         _check_features(x_dst, self.embed_dim, "x" if isinstance(x, Tensor) else "x[1]")
         _check_features(x_src, self.kdim, "x" if isinstance(x, Tensor) else "x[0]")
@@ -376,4 +433,5 @@ class GraphMultiheadAttention(MessagePassing):
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.embed_dim}, num_heads={self.num_heads}, "
                 f"num_kv_heads={self.num_kv_heads}, backend={self.backend!r}"
-                f"{', rope=True' if self.rotary is not None else ''})")
+                f"{', rope=True' if self.rotary is not None else ''}"
+                f"{'' if self.project_kv else ', project_kv=False'})")

@@ -248,6 +248,17 @@ def _check_share(kv_share_every: int) -> int:
     return kv_share_every
 
 
+def _share_key_values(layers: nn.ModuleList, kv_share_every: int) -> None:
+    """Remove the key/value projection of the layers that reuse an earlier layer's keys/values."""
+    for index, layer in enumerate(layers):
+        if index % kv_share_every != 0:
+            attn = getattr(layer, "self_attn", None)
+            if not isinstance(attn, GraphMultiheadAttention):
+                raise ValueError("Expected a self-attention 'self_attn' of type GraphMultiheadAttention "
+                                 f"with kv_share_every={kv_share_every} (got {type(attn).__name__})")
+            attn.drop_key_value_projection()
+
+
 def _self_attention_kv(stacked: nn.Module, index: int, layer: nn.Module, x: Tensor,
                        pos: Tensor | None, kv: KV | None, cache) -> KV | None:
     """The keys and values layer ``index`` of a stack attends to (``None``: computed inside)."""
@@ -272,8 +283,10 @@ class GraphTransformerEncoder(nn.Module):
         norm: optional final normalization (e.g. ``nn.LayerNorm(d_model)``).
         enable_nested_tensor, mask_check: accepted for signature compatibility (no effect).
         kv_share_every: cross-layer KV sharing (Brandon et al. 2024, Cross-Layer Attention): layer
-            ``l`` attends with the keys and values computed by layer ``l - l % kv_share_every``.
-            The key/value projections of the other layers are then unused. Default ``1`` (none).
+            ``l`` attends with the keys and values computed by layer ``l - l % kv_share_every``;
+            the other layers have no key/value projection (their self-attention is built with
+            ``project_kv=False``: fewer parameters, and only the computing layers' keys and values
+            are cached while decoding). Default ``1`` (none).
 
     ``forward(x, edge_index, *, edge_bias=None, pos=None, cache=None) -> [N, C]``: ``cache`` is a
     key/value cache (:class:`gnn_transformer.decoding.KVCache`) for incremental decoding; ``x`` then
@@ -288,6 +301,7 @@ class GraphTransformerEncoder(nn.Module):
         self.num_layers = num_layers
         self.norm = norm
         self.kv_share_every = _check_share(kv_share_every)
+        _share_key_values(self.layers, self.kv_share_every)
 
     def forward(self, x: Tensor, edge_index: Tensor, *, edge_bias: Tensor | None = None,
                 pos: Tensor | None = None, cache=None) -> Tensor:
@@ -313,6 +327,7 @@ class GraphTransformerDecoder(nn.Module):
         self.num_layers = num_layers
         self.norm = norm
         self.kv_share_every = _check_share(kv_share_every)
+        _share_key_values(self.layers, self.kv_share_every)
 
     def forward(self, x: Tensor, edge_index: Tensor, memory: Tensor, memory_edge_index: Tensor, *,
                 edge_bias: Tensor | None = None, memory_edge_bias: Tensor | None = None,

@@ -117,7 +117,7 @@ class GraphTransformerConfig:
     rope_base: float = 10000.0  # RoPE frequency base
     num_kv_heads: int | None = None  # grouped-query attention (1: multi-query); None = nhead
     attention: str = "softmax"  # "softmax", "sigmoid", "linear" or "mlp" (MLP projections)
-    kv_share_every: int = 1  # cross-layer KV sharing: layers reuse keys/values every k layers
+    kv_share_every: int = 1  # cross-layer KV sharing: only every k-th layer projects keys/values
     tie_weights: bool = True  # GraphLM: output head shares the token embedding
     backend: str = "auto"  # attention backend: "auto", "pyg", "fused", "tiled"
 

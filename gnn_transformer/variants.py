@@ -120,7 +120,8 @@ class LinearAttention(_EdgeWeightAttention):
 
 class MLPProjectionAttention(GraphMultiheadAttention):
     r"""Softmax attention with nonlinear projections ``q = W_q act(W_qh x + b_qh) + b_q`` (same for
-    ``k``, ``v``); the hidden layers ``q_hidden``, ``k_hidden``, ``v_hidden`` keep the input width.
+    ``k``, ``v``); the hidden layers ``q_hidden``, ``k_hidden``, ``v_hidden`` keep the input width
+    (``q_hidden`` only with ``project_kv=False``).
 
     Args:
         *args, **kwargs: as :class:`GraphMultiheadAttention`.
@@ -134,14 +135,21 @@ class MLPProjectionAttention(GraphMultiheadAttention):
         factory = {"device": self.out_proj.weight.device, "dtype": self.out_proj.weight.dtype}
         bias = self.in_proj_bias is not None
         self.q_hidden = nn.Linear(self.embed_dim, self.embed_dim, bias=bias, **factory)
-        self.k_hidden = nn.Linear(self.kdim, self.kdim, bias=bias, **factory)
-        self.v_hidden = nn.Linear(self.vdim, self.vdim, bias=bias, **factory)
+        if self.project_kv:
+            self.k_hidden = nn.Linear(self.kdim, self.kdim, bias=bias, **factory)
+            self.v_hidden = nn.Linear(self.vdim, self.vdim, bias=bias, **factory)
         self.mlp_activation = mlp_activation
+
+    def drop_key_value_projection(self) -> None:
+        if self.project_kv:
+            del self.k_hidden, self.v_hidden
+        super().drop_key_value_projection()
 
     def project_query(self, x_query: Tensor) -> Tensor:
         return super().project_query(self.mlp_activation(self.q_hidden(x_query)))
 
     def project_key_value(self, x_key: Tensor, x_value: Tensor) -> tuple[Tensor, Tensor]:
+        self._check_project_kv()
         return super().project_key_value(self.mlp_activation(self.k_hidden(x_key)),
                                          self.mlp_activation(self.v_hidden(x_value)))
 

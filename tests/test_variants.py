@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from gnn_transformer import (GraphLM, GraphMultiheadAttention, GraphTransformerConfig,
+                             GraphTransformerDecoder, GraphTransformerDecoderLayer,
                              GraphTransformerEncoder, GraphTransformerEncoderLayer, LinearAttention,
                              MLPProjectionAttention, SigmoidAttention, dense, from_padded, to_padded)
 from gnn_transformer.topology import causal, erdos_renyi, full, to_dense_mask
@@ -133,13 +134,118 @@ def test_cross_layer_kv_sharing_matches_dense(every, rope, dtype):
     g1 = torch.autograd.grad(out.sum(), [x, *stack.parameters()], allow_unused=True)
     g2 = torch.autograd.grad(ref.sum(), [x, *stack.parameters()], allow_unused=True)
     for name, a, b in zip(names, g1, g2):
-        if a is None or b is None:
-            assert a is None and b is None, name
-            continue
+        assert a is not None and b is not None, name  # every parameter is used
         torch.testing.assert_close(a, b, **TOL[dtype], msg=name)
-    # layers that reuse keys/values leave their own key/value projections unused
-    grad_w = dict(zip(names, g1))["layers.1.self_attn.in_proj_weight"]
-    assert (grad_w[16:].abs().sum() == 0) == (every > 1)
+    # layers that reuse keys/values have only the query rows of the in-projection
+    rows = 16 if every > 1 else 16 + 2 * 2 * 4
+    assert stack.layers[1].self_attn.in_proj_weight.shape == (rows, 16)
+
+
+def _num_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("decoder", [False, True])
+@pytest.mark.parametrize("attention", ["softmax", "sigmoid", "mlp"])
+def test_kv_sharing_removes_key_value_projections(attention, decoder, num_kv_heads):
+    torch.manual_seed(0)
+    C, H, L = 16, 4, 5
+    cls = GraphTransformerDecoderLayer if decoder else GraphTransformerEncoderLayer
+    stack_cls = GraphTransformerDecoder if decoder else GraphTransformerEncoder
+    layer = cls(C, H, 24, dropout=0.0, num_kv_heads=num_kv_heads,
+                attention=attention_class(attention), backend="pyg")
+    plain, shared = stack_cls(layer, L), stack_cls(layer, L, kv_share_every=2)
+    kv_dim = num_kv_heads * (C // H)  # H_kv D
+    sharing = sum(1 for index in range(L) if index % 2 != 0)  # layers 1 and 3
+    per_layer = 2 * kv_dim * C + 2 * kv_dim  # key/value rows of in_proj_weight and in_proj_bias
+    if attention == "mlp":
+        per_layer += 2 * (C * C + C)  # and the hidden layers k_hidden, v_hidden
+    assert _num_params(plain) - _num_params(shared) == sharing * per_layer
+    for index, stacked in enumerate(shared.layers):
+        attn = stacked.self_attn
+        assert attn.project_kv == (index % 2 == 0)
+        assert attn.in_proj_weight.shape == ((C if index % 2 else C + 2 * kv_dim), C)
+        if decoder:  # cross-attention keeps its key/value projection
+            assert stacked.multihead_attn.in_proj_weight.shape == (3 * C, C)
+    # every parameter gets a nonzero gradient
+    shared = _perturbed(shared).train()
+    x = torch.randn(sum(LENGTHS), C)
+    if decoder:
+        memory = torch.randn(5, C)
+        cross = torch.stack([torch.arange(5).repeat(x.size(0)),
+                             torch.arange(x.size(0)).repeat_interleave(5)])
+        out = shared(x, causal(LENGTHS), memory, cross)
+    else:
+        out = shared(x, causal(LENGTHS))
+    (out * torch.randn_like(out)).sum().backward()
+    for name, p in shared.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_kv_sharing_config_parameter_count(position):
+    base = dict(vocab_size=11, d_model=16, nhead=4, num_layers=4, num_kv_heads=2, position=position,
+                backend="pyg")
+    plain = GraphLM(GraphTransformerConfig(**base))
+    shared = GraphLM(GraphTransformerConfig(**base, kv_share_every=2))
+    kv_dim = 2 * 4
+    assert _num_params(plain) - _num_params(shared) == 2 * (2 * kv_dim * 16 + 2 * kv_dim)
+    ids, pos = torch.randint(0, 11, (6,)), torch.arange(6)
+    shared(ids, causal(6), pos=pos).logsumexp(-1).sum().backward()
+    for name, p in shared.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("attention", ["softmax", "linear", "mlp"])
+@pytest.mark.parametrize("kdim", [None, 6])
+def test_attention_without_key_value_projection(attention, kdim):
+    cls = attention_class(attention)
+    full_layer = _perturbed(cls(8, 2, kdim=kdim, vdim=kdim, num_kv_heads=1, backend="pyg"))
+    layer = cls(8, 2, kdim=kdim, vdim=kdim, num_kv_heads=1, backend="pyg", project_kv=False)
+    if kdim is None:
+        assert layer.in_proj_weight.shape == (8, 8) and layer.in_proj_bias.shape == (8,)
+    else:
+        assert layer.q_proj_weight.shape == (8, 8) and layer.in_proj_bias.shape == (8,)
+        assert layer.k_proj_weight is None and layer.v_proj_weight is None
+    w_q, w_k, w_v = layer.projection_weights()
+    assert w_q.shape == (8, 8) and w_k is None and w_v is None
+    assert layer.projection_biases()[1:] == (None, None)
+    assert "project_kv=False" in repr(layer)
+    # the query projection of a full layer, loaded by hand, attends like the full layer with kv=
+    w_q_full, _, _ = full_layer.projection_weights()
+    b_q_full, _, _ = full_layer.projection_biases()
+    state = {k: v for k, v in full_layer.state_dict().items()
+             if not k.startswith(("in_proj", "q_proj", "k_proj", "v_proj", "k_hidden", "v_hidden"))}
+    state["in_proj_weight" if kdim is None else "q_proj_weight"] = w_q_full
+    state["in_proj_bias"] = b_q_full
+    layer.load_state_dict(state)
+    layer.eval()
+    x_src = torch.randn(4, 8 if kdim is None else 6)
+    x = torch.randn(3, 8)
+    edge_index = torch.tensor([[0, 1, 2, 3, 3], [0, 0, 1, 1, 2]])
+    kv = full_layer.key_value(x_src)
+    torch.testing.assert_close(layer(x, edge_index, kv=kv), full_layer((x_src, x), edge_index),
+                               **TOL[torch.float32])
+    with pytest.raises(ValueError, match="'kv'"):
+        layer(x, torch.tensor([[0, 1], [1, 2]]))
+    with pytest.raises(ValueError, match="no key/value projection"):
+        layer.key_value(x_src)
+    with pytest.raises(ValueError, match="no key/value projection"):
+        dense.key_value(layer, x_src.unsqueeze(0))
+    with pytest.raises(ValueError, match="'project_kv'"):
+        cls(8, 2, project_kv=None)
+
+
+def test_drop_key_value_projection_keeps_the_query():
+    layer = _perturbed(GraphMultiheadAttention(8, 2, num_kv_heads=1))
+    w_q, b_q = (t.detach().clone() for t in (layer.in_proj_weight[:8], layer.in_proj_bias[:8]))
+    layer.drop_key_value_projection()
+    assert not layer.project_kv
+    torch.testing.assert_close(layer.in_proj_weight, w_q, rtol=0, atol=0)
+    torch.testing.assert_close(layer.in_proj_bias, b_q, rtol=0, atol=0)
+    assert sorted(layer.state_dict()) == sorted(
+        GraphMultiheadAttention(8, 2, num_kv_heads=1, project_kv=False).state_dict())
 
 
 def test_kv_sharing_differs_from_no_sharing():
@@ -149,7 +255,9 @@ def test_kv_sharing_differs_from_no_sharing():
     shared = GraphLM(config).eval()
     config_plain = GraphTransformerConfig(**{**config.__dict__, "kv_share_every": 1})
     plain = GraphLM(config_plain).eval()
-    plain.load_state_dict(shared.state_dict())
+    # the sharing layers keep only the query rows of the in-projection
+    shared_state = shared.state_dict()
+    shared.load_state_dict({k: v[:shared_state[k].size(0)] for k, v in plain.state_dict().items()})
     ids, pos = torch.randint(0, 11, (6,)), torch.arange(6)
     assert not torch.allclose(shared(ids, causal(6), pos=pos), plain(ids, causal(6), pos=pos))
 

@@ -31,6 +31,9 @@ def key_value(layer, x_key: Tensor, *, pos_key: Tensor | None = None) -> tuple[T
     """Keys (rotated with RoPE) and values ``[B, H_kv, T_k, D]`` of an attention layer."""
     _, w_k, w_v = layer.projection_weights()
     _, b_k, b_v = layer.projection_biases()
+    if w_k is None:
+        raise ValueError(f"{type(layer).__name__} was built with project_kv=False and has no "
+                         "key/value projection: pass keys and values with 'kv='")
     key = _heads(F.linear(_mlp_in(layer, "k", x_key), w_k, b_k), layer.num_kv_heads, layer.head_dim)
     value = _heads(F.linear(_mlp_in(layer, "v", x_key), w_v, b_v), layer.num_kv_heads, layer.head_dim)
     if layer.rotary is not None:
