@@ -318,3 +318,10 @@ def test_relation_to_pyg_transformer_conv(dtype):
     ours = layer(x, edge_index, backend="pyg")
     theirs = layer.out_proj(conv(x, edge_index))
     torch.testing.assert_close(ours, theirs, **TOL[dtype])
+
+
+def test_dense_reference_needs_key_value_projections():
+    layer = GraphMultiheadAttention(8, 2, project_kv=False)
+    x = torch.randn(1, 3, 8)
+    with pytest.raises(ValueError, match="'layer' with key/value projections"):
+        dense.multihead_attention(layer, x, x, torch.ones(3, 3, dtype=torch.bool))

@@ -72,6 +72,9 @@ def multihead_attention(layer, x_query: Tensor, x_key: Tensor, mask: Tensor, *,
     h, h_kv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
     w_q, w_k, w_v = layer.projection_weights()
     b_q, b_k, b_v = layer.projection_biases()
+    if w_k is None:
+        raise ValueError(f"Expected a 'layer' with key/value projections (got {layer!r}, which "
+                         "reuses another layer's keys and values)")
     query = F.linear(x_query, w_q, b_q).view(b, t_q, h, d).transpose(1, 2)  # [B, H, T_q, D]
     key = F.linear(x_key, w_k, b_k).view(b, t_k, h_kv, d).transpose(1, 2)  # [B, H_kv, T_k, D]
     value = F.linear(x_value, w_v, b_v).view(b, t_k, h_kv, d).transpose(1, 2)  # [B, H_kv, T_k, D]
