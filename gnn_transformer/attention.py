@@ -28,7 +28,7 @@ from torch_geometric.utils import softmax
 
 from .position import RotaryEmbedding
 
-BACKENDS = ("auto", "pyg", "fused", "tiled")
+BACKENDS = ("auto", "pyg", "fused", "tiled", "split")
 
 
 def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int) -> None:
@@ -81,8 +81,9 @@ class GraphMultiheadAttention(MessagePassing):
         vdim: feature size of the nodes supplying values. Default ``embed_dim``.
         num_kv_heads: key/value heads ``H_kv`` (grouped-query attention; ``1`` is multi-query).
             ``num_heads`` must be divisible by it. Default ``num_heads``.
-        backend: ``"auto"`` (default), ``"pyg"`` (readable per-edge message passing), ``"fused"``
-            or ``"tiled"`` (kernels of :mod:`gnn_transformer.kernels`, never ``[E, H, D]``).
+        backend: ``"auto"`` (default), ``"pyg"`` (readable per-edge message passing), ``"fused"``,
+            ``"tiled"`` or ``"split"`` (dense tiles tiled, the other edges fused, merged through their
+            log-sum-exps) — kernels of :mod:`gnn_transformer.kernels`, never ``[E, H, D]``.
         rope: rotate queries and keys by the position of their node (RoPE, Su et al. 2021) between
             the projections and the attention; ``forward`` then needs ``pos``. Default ``False``.
         rope_base: the base of the rotary frequencies. Default ``10000.0``.

@@ -50,6 +50,8 @@ def _sizes(text: str) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- shared options
 def _add_model_args(p: argparse.ArgumentParser, defaults) -> None:
+    from .attention import BACKENDS
+
     g = p.add_argument_group("model")
     g.add_argument("--d-model", type=int, default=defaults.d_model, help="model width (default %(default)s)")
     g.add_argument("--heads", type=int, default=defaults.nhead, help="attention heads (default %(default)s)")
@@ -61,7 +63,7 @@ def _add_model_args(p: argparse.ArgumentParser, defaults) -> None:
                    "(default: pre-norm)")
     g.add_argument("--position", choices=("rope", "sinusoidal", "learned", "none"),
                    default=defaults.position, help="token positions (default %(default)s)")
-    g.add_argument("--backend", choices=("auto", "pyg", "fused", "tiled"), default=defaults.backend,
+    g.add_argument("--backend", choices=BACKENDS, default=defaults.backend,
                    help="attention backend (default %(default)s)")
 
 

@@ -13,7 +13,7 @@ from gnn_transformer.topology import causal, erdos_renyi, full, to_dense_mask
 from .conftest import TOL
 
 DTYPES = [torch.float32, torch.float64]
-BACKENDS = ["pyg", "auto", "fused", "tiled"]
+BACKENDS = ["pyg", "auto", "fused", "tiled", "split"]
 
 
 def _mha_pair(embed_dim=16, num_heads=4, dtype=torch.float32, **kw):

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..analysis import (LayerSummary, Trace, format_table, norm_placement, record, summarize)
+from ..attention import BACKENDS
 from ..model import GraphEncoderModel, GraphLM, GraphTransformerConfig
 from ..topology import batch_vector
 from .topologies import per_length, topology_fn
@@ -405,7 +406,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "file (unset: causal for LMs and GPT-2, full otherwise)")
     parser.add_argument("--compare-norm", action="store_true",
                         help="also run the same weights pre-norm and post-norm")
-    parser.add_argument("--backend", choices=("auto", "pyg", "fused", "tiled"),
+    parser.add_argument("--backend", choices=BACKENDS,
                         help="attention backend while recording (unset: the model's)")
     parser.add_argument("--max-tokens", type=int, default=48,
                         help="tokens shown in the pictures")
