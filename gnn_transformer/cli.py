@@ -179,7 +179,7 @@ def _verify_parser(sub) -> None:
                    help="topology specs (default: every spec of the graphs/ catalogue)")
     p.add_argument("--lengths", type=int, nargs="+", default=[23, 40],
                    help="sequence lengths of the batch each topology is built on")
-    p.add_argument("--backend", action="append", choices=("pyg", "fused", "tiled"),
+    p.add_argument("--backend", action="append", choices=("pyg", "fused", "tiled", "split"),
                    help="backend to check, repeatable (default: all available)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     p.add_argument("--device", default="cpu")

@@ -22,7 +22,7 @@ from .. import GraphMultiheadAttention, dense, from_padded, to_padded
 from ..topology import to_dense_mask
 from .topologies import label, topology_fn
 
-TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4}
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 @dataclass
@@ -93,7 +93,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     except ImportError:
         return backends
     if hasattr(kernels, "attend"):
-        backends += ["fused", "tiled"]
+        backends += ["fused", "tiled", "split"]
     return backends
 
 
@@ -108,7 +108,7 @@ def verify_topologies(specs: Sequence[str], lengths: Sequence[int] = (23, 40), *
         specs: topology specs (builder names with arguments, or TOML spec names/paths).
         lengths: sequence lengths of the batch each topology is built on.
         backends: backends to check (default: :func:`available_backends`).
-        dtype: ``torch.float64`` (tolerance 1e-8) or ``torch.float32`` (1e-4).
+        dtype: ``torch.float64`` (tolerance 1e-10) or ``torch.float32`` (1e-5).
         small: build catalogue specs with their toy-scale parameters (paper-scale windows would
             cover these short sequences entirely).
         on_row: called with each row as soon as it is computed.
