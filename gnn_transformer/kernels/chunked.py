@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._autograd import Kernel, kernel_attention
+from ._autograd import Kernel, kernel_attention, softmax_delta
 from ._graph import CSRGraph
 
 DEFAULT_MAX_EDGES = 1 << 22  # edges per chunk and head: 16 MiB of float32 scores
@@ -160,9 +160,7 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph
         dbias = torch.zeros(graph.num_edges, num_heads, dtype=cd, device=q.device)  # [E, H]
     if graph.num_edges > 0:
         qT, kT, vT, doT = (_head_major(x, cd) for x in (q, k, v, dout))
-        delta = (dout.to(cd) * out.to(cd)).sum(-1)  # [N_dst, H]
-        if dlse is not None:
-            delta = delta - dlse.to(cd)
+        delta = softmax_delta(out, dout, dlse, cd)  # [N_dst, H]
         deltaT = delta.t().contiguous()  # [H, N_dst]
         lse_safe = lse.to(cd).t()  # [H, N_dst]
         lse_safe = torch.where(torch.isinf(lse_safe), torch.zeros_like(lse_safe), lse_safe)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._autograd import Kernel, kernel_attention
+from ._autograd import Kernel, kernel_attention, softmax_delta
 from .chunked import compute_dtype
 from .tiling import TileList
 
@@ -164,9 +164,7 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse,
     kB = _blocked(k.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd)
     vB = _blocked(v.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd)
     doB = _blocked(dout, tiles.block_q, nqb, cd)  # [H, nqb, Bq, D]
-    delta = (dout.to(cd) * out.to(cd)).sum(-1)  # [N_dst, H]
-    if dlse is not None:
-        delta = delta - dlse.to(cd)
+    delta = softmax_delta(out, dout, dlse, cd)  # [N_dst, H]
     deltaB = _blocked(delta.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
     lseB = _blocked(lse.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
     lseB = torch.where(torch.isinf(lseB), torch.zeros_like(lseB), lseB)

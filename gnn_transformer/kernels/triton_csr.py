@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._autograd import Kernel, kernel_attention
+from ._autograd import Kernel, kernel_attention, softmax_delta
 from ._graph import CSRGraph
 
 
@@ -188,10 +188,7 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, ne
     group = num_heads // num_kv
     acc_dtype = lse.dtype
     dout = dout.contiguous()
-    delta = (dout.to(acc_dtype) * out.to(acc_dtype)).sum(-1)  # [N_dst, H]
-    if dlse is not None:
-        delta = delta - dlse.to(acc_dtype)
-    delta = delta.contiguous()
+    delta = softmax_delta(out, dout, dlse, acc_dtype).contiguous()  # [N_dst, H]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbias = torch.empty(graph.num_edges, num_heads, dtype=bias.dtype, device=q.device) if need_bias_grad else None
     bias_arg = bias.contiguous() if bias is not None else delta

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._autograd import Kernel, kernel_attention
+from ._autograd import Kernel, kernel_attention, softmax_delta
 from .tiling import TileList
 
 
@@ -224,10 +224,7 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout
     n_src, num_kv = k.size(0), k.size(1)
     acc_dtype = lse.dtype
     dout = dout.contiguous()
-    delta = (dout.to(acc_dtype) * out.to(acc_dtype)).sum(-1)  # [N_dst, H]
-    if dlse is not None:
-        delta = delta - dlse.to(acc_dtype)
-    delta = delta.contiguous()
+    delta = softmax_delta(out, dout, dlse, acc_dtype).contiguous()  # [N_dst, H]
     masks, tb_heads, block_d = _common(tiles, tbias, dim)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dtb = torch.zeros_like(tbias) if need_bias_grad else None
