@@ -32,13 +32,25 @@ BACKENDS = ("auto", "pyg", "fused", "tiled", "split")
 
 
 def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int) -> None:
-    """Validate ``edge_index`` at the public boundary (shape, dtype, range)."""
+    """Validate ``edge_index`` at the public boundary (shape, dtype, range).
+
+    A ``torch_geometric.EdgeIndex`` whose ``sparse_size`` is ``(num_src, num_dst)`` is trusted to
+    hold indices within it (as PyG does; the topology builders guarantee it, and
+    ``EdgeIndex.validate()`` checks a hand-made one), so the range scan, a device sync per layer,
+    runs only for plain tensors and ``EdgeIndex`` objects without a complete ``sparse_size``.
+    """
     if not isinstance(edge_index, Tensor):
         raise ValueError(f"Expected 'edge_index' to be a tensor (got {type(edge_index).__name__})")
     if edge_index.dim() != 2 or edge_index.size(0) != 2:
         raise ValueError(f"Expected 'edge_index' to have shape [2, E] (got {list(edge_index.shape)})")
     if edge_index.dtype not in (torch.long, torch.int32, torch.int64):
         raise ValueError(f"Expected 'edge_index' to hold integers (got dtype {edge_index.dtype})")
+    if isinstance(edge_index, EdgeIndex) and None not in edge_index.sparse_size():
+        if tuple(edge_index.sparse_size()) != (num_src, num_dst):
+            raise ValueError(f"Expected 'edge_index' of sparse_size ({num_src}, {num_dst}) for "
+                             f"{num_src} source and {num_dst} target nodes (got "
+                             f"{tuple(edge_index.sparse_size())})")
+        return
     if edge_index.numel() == 0:
         return
     lo = int(edge_index.min())

@@ -281,6 +281,14 @@ def test_bad_edge_index(edge_index, match):
         layer(torch.randn(4, 8), edge_index)
 
 
+def test_edge_index_object_with_other_sparse_size():
+    layer = GraphMultiheadAttention(8, 2)
+    with pytest.raises(ValueError, match=r"sparse_size \(4, 4\).*got \(5, 5\)"):
+        layer(torch.randn(4, 8), causal(5))
+    with pytest.raises(ValueError, match=r"sparse_size \(4, 3\)"):
+        layer((torch.randn(4, 8), torch.randn(3, 8)), erdos_renyi(4, 4, p=0.5))
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="'embed_dim' \\(10\\).*'num_heads' \\(3\\)"):
         GraphMultiheadAttention(10, 3)
