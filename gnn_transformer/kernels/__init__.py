@@ -30,6 +30,7 @@ import os
 import torch
 from torch import Tensor
 
+from . import _launch
 from ._graph import CSRGraph, clear_cache, prepare
 from .chunked import DEFAULT_MAX_EDGES, chunked_attention
 from .merge import merge_partials
@@ -70,7 +71,8 @@ def _use_triton(device: torch.device, impl: str | None) -> bool:
         return device.type == "cuda" and triton_available()
     if impl == "triton" and not triton_available():
         raise ValueError("impl='triton' needs the 'triton' package (pip install triton)")
-    if impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if (impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"
+            and not _launch.is_recording()):
         raise ValueError("impl='triton' on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1)")
     return impl == "triton"
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ._autograd import Kernel, kernel_attention, softmax_delta
 from ._graph import CSRGraph
+from ._launch import launch
 
 
 @triton.jit
@@ -172,7 +173,7 @@ def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSR
     if n_dst == 0:
         return out, lse
     bias_arg = bias.contiguous() if bias is not None else lse  # unused when HAS_BIAS is False
-    _csr_fwd[(n_dst, num_heads)](
+    launch(_csr_fwd, (n_dst, num_heads),
         q, k, v, bias_arg, out, lse, graph.rowptr, graph.src, float(scale),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
         num_heads, group, dim,
@@ -194,7 +195,7 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, ne
     bias_arg = bias.contiguous() if bias is not None else delta
     block_d = triton.next_power_of_2(dim)
     if n_dst > 0:
-        _csr_bwd_dq[(n_dst, num_heads)](
+        launch(_csr_bwd_dq, (n_dst, num_heads),
             q, k, v, bias_arg, dout, lse, delta, dq, dbias if dbias is not None else delta,
             graph.rowptr, graph.src, float(scale),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
@@ -203,7 +204,7 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, ne
             BLOCK_E=BLOCK_E, BLOCK_D=block_d, ACC=_acc(q.dtype))
     if n_src > 0:
         colptr, csc_perm = graph.csc()
-        _csc_bwd_dkdv[(n_src, num_kv)](
+        launch(_csc_bwd_dkdv, (n_src, num_kv),
             q, k, v, bias_arg, dout, lse, delta, dk, dv, colptr, csc_perm, graph.dst, float(scale),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             num_heads, group, dim,

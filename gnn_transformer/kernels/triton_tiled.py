@@ -21,6 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._autograd import Kernel, kernel_attention, softmax_delta
+from ._launch import launch
 from .tiling import TileList
 
 
@@ -180,6 +181,18 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _options(dtype: torch.dtype) -> dict:
+    """Launch options by dtype. Half precision runs on tensor cores in 4 warps with Triton's default
+    pipelining. Float32 (IEEE products, no TF32) and float64 run the ``[64, 64]`` tiles on CUDA cores:
+    with 4 warps they spill heavily, and with pipelining float64 needs more shared memory than an
+    H100 has (330 KB for the dK/dV kernel with a tile bias). 8 warps and one stage bring every kernel
+    within the H100's and A100's shared memory (``python -m gnn_transformer.kernels.compile_check``
+    prints what each specialization needs)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return dict(num_warps=4)
+    return dict(num_warps=8, num_stages=1)
+
+
 def _upcast(q: Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype == torch.bfloat16
 
@@ -208,13 +221,13 @@ def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias
     if n_dst == 0:
         return out, lse
     masks, tb_heads, block_d = _common(tiles, tbias, dim)
-    _tiled_fwd[(tiles.num_q_blocks, num_heads)](
+    launch(_tiled_fwd, (tiles.num_q_blocks, num_heads),
         q, k, v, tbias if tbias is not None else lse, masks, out, lse, tiles.tile_ptr, tiles.k_block,
         tiles.mask_index, float(scale),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
         n_dst, k.size(0), num_heads, num_heads // k.size(1), dim, tb_heads,
         HAS_TBIAS=tbias is not None, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
-        ACC=_acc(q.dtype), UPCAST=_upcast(q))
+        ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype))
     return out, lse
 
 
@@ -230,9 +243,9 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout
     dtb = torch.zeros_like(tbias) if need_bias_grad else None
     tb_arg = tbias if tbias is not None else delta
     common = dict(HAS_TBIAS=tbias is not None, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
-                  ACC=_acc(q.dtype), UPCAST=_upcast(q))
+                  ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype))
     if n_dst > 0:
-        _tiled_bwd_dq[(tiles.num_q_blocks, num_heads)](
+        launch(_tiled_bwd_dq, (tiles.num_q_blocks, num_heads),
             q, k, v, tb_arg, masks, dout, lse, delta, dq, dtb if dtb is not None else delta,
             tiles.tile_ptr, tiles.k_block, tiles.mask_index, float(scale),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
@@ -240,7 +253,7 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout
             WRITE_DTBIAS=dtb is not None, **common)
     if n_src > 0:
         order, k_ptr = tiles.by_key()
-        _tiled_bwd_dkdv[(tiles.num_k_blocks, num_kv)](
+        launch(_tiled_bwd_dkdv, (tiles.num_k_blocks, num_kv),
             q, k, v, tb_arg, masks, dout, lse, delta, dk, dv, k_ptr, order, tiles.q_block,
             tiles.mask_index, float(scale),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),

@@ -1,0 +1,252 @@
+"""Compile the Triton kernels for an NVIDIA GPU on a machine without one, and report their resources.
+
+The Triton interpreter that runs the kernels in the tests (``TRITON_INTERPRET=1``) does not check
+what only the GPU compiler checks: operand shapes ``tl.dot`` accepts on tensor cores, types that
+lower to PTX, registers, spills and shared memory. This module records the launches that
+:func:`gnn_transformer.kernels.attend` would make on a GPU (forward and backward, through the real
+wrappers; see :mod:`._launch`), then compiles each one with Triton's compiler and ``ptxas`` for a
+target architecture (``sm_90``, the H100, by default). Nothing runs; no GPU or CUDA driver is needed.
+
+Run it in a process without ``TRITON_INTERPRET=1`` (the interpreter replaces the kernels)::
+
+    python -m gnn_transformer.kernels.compile_check            # every case, sm_90
+    python -m gnn_transformer.kernels.compile_check --arch 80 --dtypes bfloat16
+
+Each row: the kernel, the case, registers per thread, spilled bytes (stores / loads), shared memory
+(flagged when over the target's per-block limit, where the launch would fail), warps and pipeline
+stages. A kernel that does not compile raises with Triton's message and the case; the command exits
+with 1 then, or when a kernel needs more shared memory than the target has.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+          "float64": torch.float64}
+BACKENDS = ("fused", "tiled", "split")
+# Shared memory one program may use, by compute capability (bytes; the opt-in maximum per block).
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+_POINTER = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+            torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention call to compile: backend, dtype, heads, head dim and whether it has an edge bias."""
+    backend: str
+    dtype: str
+    heads: int = 12
+    kv_heads: int = 4
+    head_dim: int = 64
+    bias: bool = False
+
+    def __str__(self) -> str:
+        gqa = f"{self.heads}/{self.kv_heads}" if self.kv_heads != self.heads else f"{self.heads}"
+        return (f"{self.backend} {self.dtype} H={gqa} D={self.head_dim}"
+                + (" +bias" if self.bias else ""))
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """What one kernel specialization needs on the target."""
+    kernel: str
+    case: str
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+    shared_limit: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def fits(self) -> bool:
+        """Whether the program's shared memory fits the target (else the launch fails)."""
+        return self.shared_bytes <= self.shared_limit
+
+
+def default_cases(dtypes: Iterable[str] = tuple(DTYPES), backends: Iterable[str] = ("fused", "tiled"),
+                  head_dims: Iterable[int] = (64,)) -> list[Case]:
+    """Every backend and dtype with and without an edge bias, 12 query heads on 4 key/value heads."""
+    return [Case(b, d, head_dim=hd, bias=bias)
+            for b in backends for d in dtypes for hd in head_dims for bias in (False, True)]
+
+
+def _check_environment() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("compile_check needs a process without TRITON_INTERPRET=1 (the interpreter "
+                           "replaces the kernels that are to be compiled)")
+
+
+def record_case(case: Case, num_tokens: int = 256, block_size: int = 64):
+    """The Triton launches of one forward and backward pass of ``case`` (CPU tensors stand in for the
+    GPU's; nothing runs)."""
+    from . import attend
+    from ._launch import recording
+    from ..topology import random, sliding_window, union
+
+    if case.dtype not in DTYPES:
+        raise ValueError(f"Unknown 'dtype' {case.dtype!r}; expected one of {sorted(DTYPES)}")
+    if case.backend not in BACKENDS:
+        raise ValueError(f"Unknown 'backend' {case.backend!r}; expected one of {BACKENDS}")
+    dtype = DTYPES[case.dtype]
+    # a window (full and partial tiles) plus random edges: every kernel and branch has work
+    edge_index = union(sliding_window(num_tokens, 32), random(num_tokens, 4, seed=0))
+    n = num_tokens
+    q = torch.zeros(n, case.heads, case.head_dim, dtype=dtype, requires_grad=True)
+    k = torch.zeros(n, case.kv_heads, case.head_dim, dtype=dtype, requires_grad=True)
+    v = torch.zeros(n, case.kv_heads, case.head_dim, dtype=dtype, requires_grad=True)
+    bias = None
+    if case.bias:
+        bias = torch.zeros(edge_index.size(1), case.heads, dtype=dtype, requires_grad=True)
+    with recording() as launches:
+        out = attend(q, k, v, edge_index, scale=case.head_dim ** -0.5, edge_bias=bias,
+                     backend=case.backend, impl="triton", block_size=block_size)
+        out.float().sum().backward()
+    return launches
+
+
+def _signature(kernel, args: Sequence, meta: dict) -> tuple[dict, dict, dict]:
+    """``(signature, constexprs, attrs)`` for :class:`triton.compiler.ASTSource`, specialized the
+    way a launch would be (16-byte aligned pointers, integers divisible by 16)."""
+    names = kernel.arg_names
+    constexpr_names = [p.name for p in kernel.params if p.is_constexpr]
+    signature, constexprs, attrs = {}, {}, {}
+    positional = [n for n in names if n not in constexpr_names]
+    if len(args) != len(positional):
+        raise ValueError(f"{kernel.__name__}: {len(args)} arguments for {len(positional)} parameters")
+    values = dict(zip(positional, args))
+    for index, name in enumerate(names):
+        if name in constexpr_names:
+            signature[name] = "constexpr"
+            constexprs[name] = meta[name]
+            continue
+        value = values[name]
+        divisible = False
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _POINTER[value.dtype]
+            divisible = True  # torch allocations are aligned
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+            divisible = value % 16 == 0
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.__name__}: argument {name!r} of type {type(value).__name__}")
+        if divisible:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def _innermost(err: BaseException) -> str:
+    """The message at the bottom of a chain of exceptions (Triton nests one compilation error per
+    ``@triton.jit`` function it inlines; the reason is in the last one, with its source line)."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return str(err).strip() or type(err).__name__
+
+
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
+    """``(registers, spill store bytes, spill load bytes)`` reported by ``ptxas -v``, run with the
+    options Triton's own ``ptxas`` call uses."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        result = subprocess.run([get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                                 f"--gpu-name={sm_arch_from_capability(arch)}",
+                                 src, "-o", os.path.join(tmp, "kernel.cubin")],
+                                capture_output=True, text=True, check=True)
+    log = result.stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    stores = re.search(r"(\d+) bytes spill stores", log)
+    loads = re.search(r"(\d+) bytes spill loads", log)
+    return (int(registers.group(1)) if registers else 0, int(stores.group(1)) if stores else 0,
+            int(loads.group(1)) if loads else 0)
+
+
+def compile_cases(cases: Iterable[Case], arch: int = 90) -> list[Compiled]:
+    """Compile every distinct launch of ``cases`` for ``sm_<arch>``; one row per specialization."""
+    _check_environment()
+    if arch not in SHARED_LIMIT:
+        raise ValueError(f"Unknown 'arch' {arch}; expected one of {sorted(SHARED_LIMIT)}")
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", arch, 32)
+    rows, seen = [], set()
+    for case in cases:
+        for launch in record_case(case):
+            meta = dict(launch.meta)
+            if "UPCAST" in meta:  # the interpreter's bfloat16 workaround; a GPU launch never sets it
+                meta["UPCAST"] = False
+            options = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
+            signature, constexprs, attrs = _signature(launch.kernel, launch.args, meta)
+            key = (launch.kernel.__name__, tuple(sorted(signature.items())),
+                   tuple(sorted((k, str(v)) for k, v in constexprs.items())), tuple(sorted(options.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            src = triton.compiler.ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs,
+                                            attrs=attrs)
+            try:
+                compiled = triton.compile(src, target=target, options=options)
+            except Exception as err:  # name the kernel and the case; keep the compiler's reason
+                raise RuntimeError(f"{launch.kernel.__name__} ({case}) does not compile for sm_{arch}: "
+                                   f"{_innermost(err)}") from err
+            registers, spill_stores, spill_loads = _ptxas_usage(compiled.asm["ptx"], arch)
+            rows.append(Compiled(launch.kernel.__name__, str(case), registers, spill_stores, spill_loads,
+                                 compiled.metadata.shared, SHARED_LIMIT[arch], compiled.metadata.num_warps,
+                                 compiled.metadata.num_stages))
+    return rows
+
+
+def format_rows(rows: Sequence[Compiled]) -> str:
+    """A markdown table of :func:`compile_cases`' rows."""
+    lines = ["| kernel | case | registers | spill st/ld (B) | shared (B) | warps | stages |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        shared = f"{r.shared_bytes}" if r.fits else f"**{r.shared_bytes} > {r.shared_limit}**"
+        lines.append(f"| {r.kernel} | {r.case} | {r.registers} | {r.spill_stores}/{r.spill_loads} | "
+                     f"{shared} | {r.num_warps} | {r.num_stages} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gnn_transformer.kernels.compile_check",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT),
+                        help="compute capability ×10 (90: H100, 80: A100, 86/89: RTX 30xx/40xx)")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--backends", nargs="+", default=["fused", "tiled"], choices=list(BACKENDS))
+    parser.add_argument("--head-dims", nargs="+", type=int, default=[64])
+    args = parser.parse_args(argv)
+    try:
+        rows = compile_cases(default_cases(args.dtypes, args.backends, args.head_dims), arch=args.arch)
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(format_rows(rows))
+    over = [r for r in rows if not r.fits]
+    if over:
+        print(f"error: {len(over)} kernel(s) need more shared memory than sm_{args.arch} has",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

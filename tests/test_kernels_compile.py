@@ -1,0 +1,83 @@
+"""The Triton kernels compile for NVIDIA GPUs (sm_90, sm_80) and fit their shared memory.
+
+The interpreter that runs the kernels in the other tests accepts programs the GPU compiler rejects
+(``tl.dot`` shapes, types) and says nothing about shared memory, so every launch the wrappers would
+make is compiled here with Triton and ``ptxas`` for the target, without a GPU. The compiler needs
+a process without ``TRITON_INTERPRET=1``: each test runs one."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+pytest.importorskip("triton.backends.nvidia.compiler")
+
+KERNELS = {"_csr_fwd", "_csr_bwd_dq", "_csc_bwd_dkdv", "_tiled_fwd", "_tiled_bwd_dq", "_tiled_bwd_dkdv"}
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def _rows(arch: int, dtypes: list[str]) -> list[dict]:
+    result = _run(f"""
+        import dataclasses, json
+        from gnn_transformer.kernels.compile_check import compile_cases, default_cases
+        rows = compile_cases(default_cases({dtypes!r}), arch={arch})
+        print(json.dumps([dict(dataclasses.asdict(r), fits=r.fits) for r in rows]))
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch, dtypes", [(90, ["bfloat16", "float32", "float64"]), (80, ["bfloat16"])])
+def test_every_kernel_compiles_and_fits(arch, dtypes):
+    rows = _rows(arch, dtypes)
+    assert {r["kernel"] for r in rows} == KERNELS
+    # every dtype, with and without a bias, reaches all six kernels
+    for dtype in dtypes:
+        for bias in (False, True):
+            case_rows = [r for r in rows if f" {dtype} " in r["case"] and r["case"].endswith("+bias") == bias]
+            assert {r["kernel"] for r in case_rows} == KERNELS, (dtype, bias)
+    over = [(r["kernel"], r["case"], r["shared_bytes"]) for r in rows if not r["fits"]]
+    assert not over, f"more shared memory than sm_{arch} has: {over}"
+    assert all(r["registers"] > 0 for r in rows)
+
+
+def test_a_kernel_the_gpu_rejects_is_reported():
+    """A bfloat16 ``tl.dot`` with K = 8 runs in the interpreter but not on tensor cores (K >= 16):
+    the check names the kernel and the case."""
+    result = _run("""
+        import sys
+        from gnn_transformer.kernels import compile_check, triton_tiled
+        common = triton_tiled._common
+        triton_tiled._common = lambda *a: common(*a)[:2] + (8,)   # head-dim block of 8
+        try:
+            compile_check.compile_cases([compile_check.Case("tiled", "bfloat16", head_dim=8)])
+        except RuntimeError as err:
+            print(err)
+            sys.exit(3)
+    """)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "_tiled_fwd (tiled bfloat16 H=12/4 D=8) does not compile for sm_90" in result.stdout
+    assert "K >= 16" in result.stdout
+
+
+def test_refuses_the_interpreter(monkeypatch):
+    from gnn_transformer.kernels import compile_check
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        compile_check.compile_cases([compile_check.Case("fused", "float32")])
+
+
+def test_errors_name_the_argument():
+    from gnn_transformer.kernels import compile_check
+    with pytest.raises(ValueError, match="'dtype' 'int8'"):
+        compile_check.record_case(compile_check.Case("fused", "int8"))
+    with pytest.raises(ValueError, match="'backend' 'pyg'"):
+        compile_check.record_case(compile_check.Case("pyg", "float32"))
