@@ -47,6 +47,9 @@ def test_every_kernel_compiles_and_fits(arch, dtypes):
     over = [(r["kernel"], r["case"], r["shared_bytes"]) for r in rows if not r["fits"]]
     assert not over, f"more shared memory than sm_{arch} has: {over}"
     assert all(r["registers"] > 0 for r in rows)
+    # the tiled kernels' half-precision products run on tensor cores
+    half_tiled = [r for r in rows if r["kernel"].startswith("_tiled") and "bfloat16" in r["case"]]
+    assert half_tiled and all(r["tensor_cores"] for r in half_tiled)
 
 
 def test_a_kernel_the_gpu_rejects_is_reported():

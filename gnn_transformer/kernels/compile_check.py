@@ -13,8 +13,8 @@ Run it in a process without ``TRITON_INTERPRET=1`` (the interpreter replaces the
     python -m gnn_transformer.kernels.compile_check --arch 80 --dtypes bfloat16
 
 Each row: the kernel, the case, registers per thread, spilled bytes (stores / loads), shared memory
-(flagged when over the target's per-block limit, where the launch would fail), warps and pipeline
-stages. A kernel that does not compile raises with Triton's message and the case; the command exits
+(flagged when over the target's per-block limit, where the launch would fail), warps, pipeline
+stages, and whether the code uses tensor cores (matrix instructions in the PTX). A kernel that does not compile raises with Triton's message and the case; the command exits
 with 1 then, or when a kernel needs more shared memory than the target has.
 """
 from __future__ import annotations
@@ -67,6 +67,7 @@ class Compiled:
     shared_limit: int
     num_warps: int
     num_stages: int
+    tensor_cores: bool  # the PTX holds matrix instructions (mma.sync, wgmma)
 
     @property
     def fits(self) -> bool:
@@ -149,6 +150,10 @@ def _signature(kernel, args: Sequence, meta: dict) -> tuple[dict, dict, dict]:
     return signature, constexprs, attrs
 
 
+def _uses_tensor_cores(ptx: str) -> bool:
+    return re.search(r"\b(wgmma|mma)\.", ptx) is not None
+
+
 def _innermost(err: BaseException) -> str:
     """The message at the bottom of a chain of exceptions (Triton nests one compilation error per
     ``@triton.jit`` function it inlines; the reason is in the last one, with its source line)."""
@@ -210,18 +215,18 @@ def compile_cases(cases: Iterable[Case], arch: int = 90) -> list[Compiled]:
             registers, spill_stores, spill_loads = _ptxas_usage(compiled.asm["ptx"], arch)
             rows.append(Compiled(launch.kernel.__name__, str(case), registers, spill_stores, spill_loads,
                                  compiled.metadata.shared, SHARED_LIMIT[arch], compiled.metadata.num_warps,
-                                 compiled.metadata.num_stages))
+                                 compiled.metadata.num_stages, _uses_tensor_cores(compiled.asm["ptx"])))
     return rows
 
 
 def format_rows(rows: Sequence[Compiled]) -> str:
     """A markdown table of :func:`compile_cases`' rows."""
-    lines = ["| kernel | case | registers | spill st/ld (B) | shared (B) | warps | stages |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | case | registers | spill st/ld (B) | shared (B) | warps | stages | tensor cores |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shared = f"{r.shared_bytes}" if r.fits else f"**{r.shared_bytes} > {r.shared_limit}**"
         lines.append(f"| {r.kernel} | {r.case} | {r.registers} | {r.spill_stores}/{r.spill_loads} | "
-                     f"{shared} | {r.num_warps} | {r.num_stages} |")
+                     f"{shared} | {r.num_warps} | {r.num_stages} | {'yes' if r.tensor_cores else 'no'} |")
     return "\n".join(lines)
 
 

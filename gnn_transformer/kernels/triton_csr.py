@@ -34,7 +34,7 @@ def _csr_fwd(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, scale,
              stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
              H, GROUP, D,
              HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    i = tl.program_id(0)
+    i = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
     h = tl.program_id(1)
     hk = h // GROUP
     start = tl.load(ROWPTR + i)
@@ -78,7 +78,7 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, scale,
                 H, GROUP, D,
                 HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr,
                 BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    i = tl.program_id(0)
+    i = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
     h = tl.program_id(1)
     hk = h // GROUP
     start = tl.load(ROWPTR + i)
@@ -118,7 +118,7 @@ def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, COLPTR, CSC_PERM, DST, 
                   H, GROUP, D,
                   HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
                   ACC: tl.constexpr):
-    j = tl.program_id(0)
+    j = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
     hk = tl.program_id(1)
     start = tl.load(COLPTR + j)
     end = tl.load(COLPTR + j + 1)

@@ -58,7 +58,7 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, OUT, LSE, TILE_PTR, K_BLOCK, MASK_INDEX, s
                N_DST, N_SRC, H, GROUP, D, TB_HEADS,
                HAS_TBIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr,
                ACC: tl.constexpr, UPCAST: tl.constexpr):
-    qb = tl.program_id(0)
+    qb = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
     h = tl.program_id(1)
     hk = h // GROUP
     offs_m = qb * BQ + tl.arange(0, BQ)
@@ -101,7 +101,7 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, DO, LSE, DELTA, DQ, DTBIAS, TILE_PTR, K
                   HAS_TBIAS: tl.constexpr, WRITE_DTBIAS: tl.constexpr,
                   BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
                   UPCAST: tl.constexpr):
-    qb = tl.program_id(0)
+    qb = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
     h = tl.program_id(1)
     hk = h // GROUP
     offs_m = qb * BQ + tl.arange(0, BQ)
@@ -141,7 +141,7 @@ def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, DO, LSE, DELTA, DK, DV, K_PTR, ORDER,
                     N_DST, N_SRC, H, GROUP, D, TB_HEADS,
                     HAS_TBIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr,
                     ACC: tl.constexpr, UPCAST: tl.constexpr):
-    kb = tl.program_id(0)
+    kb = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
     hk = tl.program_id(1)
     offs_n = kb * BK + tl.arange(0, BK)
     offs_d = tl.arange(0, BLOCK_D)
