@@ -1,0 +1,160 @@
+"""The compiled Triton kernels on a CUDA GPU equal the reference, forward and backward.
+
+Skipped without a GPU, and under ``TRITON_INTERPRET=1`` (which the CPU test run sets: there the
+kernels run interpreted, see ``test_kernels_triton.py``). On a GPU machine::
+
+    TRITON_INTERPRET=0 python -m pytest -q tests/test_kernels_cuda.py
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("TRITON_INTERPRET=1 would interpret the kernels; run with TRITON_INTERPRET=0",
+                allow_module_level=True)
+
+from gnn_transformer import GraphMultiheadAttention  # noqa: E402
+from gnn_transformer.kernels import attend, attend_reference, clear_cache  # noqa: E402
+from gnn_transformer.topology import bigbird, causal, random, sliding_window, to_dense_mask  # noqa: E402
+
+from .test_kernels_common import GRAPHS, graph_case, make_inputs  # noqa: E402
+
+CUDA = torch.device("cuda")
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+BACKENDS = [("fused", {}), ("tiled", {"block_size": 16}), ("tiled", {"block_size": 64}),
+            ("split", {"block_size": 16, "tile_cost": 0.25}), ("auto", {})]
+IDS = ["fused", "tiled16", "tiled64", "split", "auto"]
+
+
+def _to_cuda(*xs):
+    return [None if x is None else x.detach().to(CUDA).requires_grad_() for x in xs]
+
+
+def _loss(out, lse, w):
+    return (out * w).sum() + 0.3 * lse[torch.isfinite(lse)].sum()
+
+
+def _compare(edge_index, q, k, v, b, backend, kw, tol, scale=0.4):
+    out, lse = attend(q, k, v, edge_index, scale=scale, edge_bias=b, backend=backend, return_lse=True, **kw)
+    ref, ref_lse = attend_reference(q, k, v, edge_index, scale=scale, edge_bias=b, return_lse=True)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(lse, ref_lse.to(lse.dtype), **tol)
+    w = torch.randn(out.shape, dtype=out.dtype, device=out.device)
+    inputs = [x for x in (q, k, v, b) if x is not None]
+    got = torch.autograd.grad(_loss(out, lse, w), inputs)
+    want = torch.autograd.grad(_loss(ref, ref_lse, w), inputs)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend,kw", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("name", GRAPHS)
+def test_cuda_matches_reference(name, backend, kw, dtype):
+    edge_index, n_src, n_dst = graph_case(name, seed=3)
+    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=4, kv_heads=2, dim=8, dtype=dtype,
+                             bias=name != "bipartite")
+    _compare(edge_index.to(CUDA), *_to_cuda(q, k, v, b), backend, kw, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend,kw", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("name", ["window", "bigbird", "random", "causal"])
+def test_cuda_model_sized_heads(name, backend, kw, dtype):
+    """12 query heads on 4 key/value heads of 64 channels, 700 tokens in two sequences."""
+    lengths = [300, 400]
+    edge_index = {"window": sliding_window(lengths, 40), "causal": causal(lengths),
+                  "bigbird": bigbird(lengths, block=16, window=1, num_global=1, num_random=2),
+                  "random": random(lengths, 24)}[name]
+    n = sum(lengths)
+    q, k, v, b = make_inputs(n, n, edge_index.size(1), heads=12, kv_heads=4, dim=64, dtype=dtype)
+    _compare(edge_index.to(CUDA), *_to_cuda(q, k, v, b), backend, kw, TOL[dtype], scale=64 ** -0.5)
+
+
+def _bf16_errors(edge_index, n, heads=12, dim=64, backend="auto"):
+    """Max errors of this backend and of masked SDPA, both in bfloat16, against float32."""
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    q, k, v = (torch.randn(n, heads, dim, device=CUDA, generator=g) for _ in range(3))
+    edge_index = edge_index.to(CUDA)
+    ref = attend_reference(q, k, v, edge_index, scale=dim ** -0.5)
+    out = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), edge_index, scale=dim ** -0.5, backend=backend)
+    mask = to_dense_mask(edge_index).to(CUDA)  # [N_dst, N_src]
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        *(x.bfloat16().transpose(0, 1) for x in (q, k, v)), attn_mask=mask).transpose(0, 1)
+    # rows without edges: SDPA gives NaN, the graph gives zeros
+    has_edges = mask.any(-1)
+    return ((out.float() - ref)[has_edges].abs().max().item(),
+            (sdpa.float() - ref)[has_edges].abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["fused", "tiled", "split", "auto"])
+@pytest.mark.parametrize("name", ["window", "bigbird", "random", "causal"])
+def test_cuda_bfloat16_error_is_sdpas(name, backend):
+    """bfloat16 inputs accumulate in float32: the error against float32 is that of dense SDPA's."""
+    n = 2048
+    edge_index = {"window": sliding_window(n, 128), "causal": causal(n),
+                  "bigbird": bigbird(n, block=64, window=1, num_global=2, num_random=3),
+                  "random": random(n, 64)}[name]
+    ours, sdpa = _bf16_errors(edge_index, n, backend=backend)
+    assert ours <= 2 * sdpa + 1e-3, (ours, sdpa)
+
+
+@pytest.mark.parametrize("backend", ["fused", "tiled"])
+def test_cuda_deterministic(backend):
+    edge_index, n_src, n_dst = graph_case("hub", seed=1)
+    q, k, v, b = _to_cuda(*make_inputs(n_src, n_dst, edge_index.size(1), dtype=torch.float32))
+    edge_index = edge_index.to(CUDA)
+    runs = []
+    for _ in range(2):
+        out = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend=backend, block_size=16)
+        runs.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v, b))))
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", ["fused", "tiled", "auto"])
+def test_cuda_layer_matches_pyg(backend):
+    edge_index = bigbird([200, 120], block=8, window=1, num_global=1, num_random=2).to(CUDA)
+    torch.manual_seed(0)
+    ref = GraphMultiheadAttention(96, 6, num_kv_heads=2, backend="pyg").to(CUDA)
+    fast = copy.deepcopy(ref)
+    fast.backend = backend
+    x = torch.randn(320, 96, device=CUDA, requires_grad=True)
+    out_ref, w_ref = ref(x, edge_index, return_attention_weights=True)
+    out, w = fast(x, edge_index, return_attention_weights=True)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w, w_ref, atol=1e-5, rtol=1e-5)
+    g_ref = torch.autograd.grad(out_ref.sum(), [x, *ref.parameters()])
+    g = torch.autograd.grad(out.sum(), [x, *fast.parameters()])
+    for a, c in zip(g, g_ref):
+        torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
+
+
+def test_cuda_offsets_past_int32():
+    """N·H·D above 2**31 elements: rows at the end of the tensors are read and written where they
+    are (int32 offsets would wrap around)."""
+    heads, dim = 16, 64
+    n = (2 ** 31) // (heads * dim) + 4096  # 2,101,248 tokens
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2 ** 30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    edge_index = sliding_window(n, 2).to(CUDA)
+    q, k, v = (torch.randn(n, heads, dim, device=CUDA, dtype=torch.bfloat16) for _ in range(3))
+    for backend in ("fused", "tiled"):
+        out = attend(q, k, v, edge_index, scale=dim ** -0.5, backend=backend)
+        tail = torch.arange(n - 4096, n, device=CUDA)  # the last 4096 targets, past the int32 range
+        src = (tail[:, None] + torch.arange(-2, 3, device=CUDA)).clamp(0, n - 1)  # [4096, 5]
+        s = torch.einsum("thd,tjhd->thj", q[tail].float(), k[src].float()) * dim ** -0.5
+        valid = (tail[:, None] + torch.arange(-2, 3, device=CUDA) < n)[:, None, :]
+        s = s.masked_fill(~valid, float("-inf"))
+        want = torch.einsum("thj,tjhd->thd", s.softmax(-1), v[src].float())
+        torch.testing.assert_close(out[tail].float(), want, atol=2e-2, rtol=2e-2)
+        del out
+    clear_cache()
