@@ -127,6 +127,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _free(device) -> None:
+    """Give cached blocks back after a failed call (an out-of-memory error leaves them held)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _measure(fn: Callable[[], None], device, repeats: int) -> tuple[float, float]:
     """``(median seconds, peak bytes)`` of ``fn`` after one warm-up call."""
     fn()
@@ -233,18 +239,27 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
                                          build_ms=None, note=f"unavailable: {type(exc).__name__}: {exc}"[:120]))
                     continue
                 build_ms = 1e3 * (build_s + t_graph)  # graph, then the kernels' structures or the mask
-                with torch.no_grad():
-                    out = fn(q, k, v)
-                err = None if ref is None else float((out.float() - ref).abs().max())
                 note = ""
                 if backend == "auto":
                     note = "chose " + choose_backend(edge_index, device)
-                del out
 
                 def fwd():
                     with torch.no_grad():
                         fn(q, k, v)
-                t, peak = _measure(fwd, device, repeats)
+                try:
+                    with torch.no_grad():
+                        out = fn(q, k, v)
+                    err = None if ref is None else float((out.float() - ref).abs().max())
+                    del out
+                    t, peak = _measure(fwd, device, repeats)
+                except Exception as exc:  # out of memory, a kernel the device refuses: report, go on
+                    _free(device)
+                    for p in ("fwd", "fwd+bwd") if backward else ("fwd",):
+                        rows.append(dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None,
+                                         build_ms=build_ms, note=f"failed: {type(exc).__name__}: {exc}"[:120]))
+                        if log:
+                            log(_format_row(rows[-1]))
+                    continue
                 rows.append(dict(base, **{"pass": "fwd"}, ms=1e3 * t, peak_mb=peak / 2 ** 20, max_err=err,
                                  build_ms=build_ms, note=note))
                 if log:
@@ -260,8 +275,9 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
                         rows.append(dict(base, **{"pass": "fwd+bwd"}, ms=1e3 * t, peak_mb=peak / 2 ** 20,
                                          max_err=err, build_ms=build_ms, note=note))
                     except Exception as exc:
+                        _free(device)
                         rows.append(dict(base, **{"pass": "fwd+bwd"}, ms=None, peak_mb=None, max_err=None,
-                                         build_ms=build_ms, note=f"failed: {type(exc).__name__}"[:120]))
+                                         build_ms=build_ms, note=f"failed: {type(exc).__name__}: {exc}"[:120]))
                     if log:
                         log(_format_row(rows[-1]))
             del q, k, v, ref
