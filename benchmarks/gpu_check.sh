@@ -3,7 +3,7 @@
 # (the package from the working tree); results go to ${OUT:-gpu-results}/.
 #
 #   bash benchmarks/gpu_check.sh tests   # versions, compile check for this GPU, CUDA kernel tests
-#   bash benchmarks/gpu_check.sh bench   # the benchmark table at 4k and 16k tokens (bf16)
+#   bash benchmarks/gpu_check.sh bench   # auto's TILE_COST for the GPU; the table at 4k and 16k (bf16)
 #   bash benchmarks/gpu_check.sh large   # 64k for every topology, 256k and 1M for the linear ones
 set -uo pipefail
 stage=${1:?usage: gpu_check.sh tests|bench|large}
@@ -20,6 +20,8 @@ case "$stage" in
     python -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py 2>&1 | tee "$out/cuda_tests.txt"
     ;;
   bench)
+    python -m gnn_transformer.cli bench --device cuda --calibrate --sizes 16384 --markdown "$out/calibrate.md" \
+      2>&1 | tee "$out/calibrate.txt"
     python -m gnn_transformer.cli bench --device cuda --sizes 4096 16384 --markdown "$out/bench_16k.md" \
       2>&1 | tee "$out/bench_16k.txt"
     ;;

@@ -363,7 +363,36 @@ def _bench_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="CPU-sized: 4096 tokens, 3 repeats")
     p.add_argument("--markdown", default=None, metavar="FILE",
                    help="also write the table as markdown to FILE")
+    p.add_argument("--calibrate", action="store_true",
+                   help="instead, measure auto's TILE_COST for this device and dtype: the time of a "
+                        "tile cell of 'tiled' over that of an edge of 'fused' (sizes default to 4096)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tile size for --calibrate (unset: the device's BLOCK_SIZE)")
     p.set_defaults(func=cmd_bench)
+
+
+def _calibrate(args, device, dtype) -> int:
+    import torch
+
+    from .kernels.benchmark import CALIBRATION_COLUMNS, calibrate_tile_cost, current_tile_cost, format_markdown, \
+        format_table
+
+    if args.block_size is not None and (args.block_size < 1 or args.block_size & (args.block_size - 1)):
+        raise UsageError(f"--block-size must be a power of two (got {args.block_size})")
+    rows, suggested = calibrate_tile_cost(args.topologies, args.sizes or [4096], device=device, dtype=dtype,
+                                          heads=args.heads, head_dim=args.head_dim,
+                                          block_size=args.block_size, repeats=min(args.repeats, 3),
+                                          backward=not args.no_backward, log=print)
+    print()
+    print(format_table(rows, CALIBRATION_COLUMNS))
+    summary = ", ".join(f"{p} {value:.3f}" for p, value in suggested.items())
+    print(f"\nTILE_COST measured (median ratio over the graphs): {summary}; "
+          f"auto uses {current_tile_cost(device)} on {torch.device(device).type}")
+    if args.markdown:
+        Path(args.markdown).write_text(format_markdown(rows, CALIBRATION_COLUMNS) + "\n\n"
+                                       f"TILE_COST measured: {summary}\n")
+        print(f"Wrote {args.markdown}")
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -382,6 +411,8 @@ def cmd_bench(args) -> int:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but CUDA is not available")
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.calibrate:
+        return _calibrate(args, device, dtype)
     if args.quick:
         sizes, repeats = args.sizes or [4096], min(args.repeats, 3)
     else:

@@ -145,3 +145,16 @@ def test_bench_runs_a_tiny_benchmark(tmp_path, capsys):
     assert md.read_text().count("| window |") >= 4  # pyg, fused, sdpa rows; fwd and fwd+bwd
     assert cli.main(["bench", "--heads", "0"]) == 2
     assert "--heads" in capsys.readouterr().err
+
+
+def test_bench_calibrate(tmp_path, capsys):
+    md = tmp_path / "calibration.md"
+    assert cli.main(["bench", "--calibrate", "--topologies", "window", "random", "--sizes", "128",
+                     "--heads", "2", "--head-dim", "8", "--repeats", "1", "--device", "cpu",
+                     "--block-size", "16", "--markdown", str(md)]) == 0
+    out = capsys.readouterr().out
+    assert "TILE_COST measured (median ratio over the graphs): fwd " in out and "auto uses 0.2 on cpu" in out
+    text = md.read_text()
+    assert text.count("| window |") == 2 and text.count("| random |") == 2  # fwd, fwd+bwd
+    assert cli.main(["bench", "--calibrate", "--block-size", "24"]) == 2
+    assert "--block-size must be a power of two (got 24)" in capsys.readouterr().err

@@ -47,3 +47,22 @@ def test_run_benchmark_reports_a_failing_backend_and_goes_on(monkeypatch):
     assert [r["pass"] for r in tiled] == ["fwd", "fwd+bwd"]
     assert all(r["ms"] is None and r["note"] == "failed: RuntimeError: out of memory" for r in tiled)
     assert all(r["ms"] is not None for r in rows if r["backend"] == "fused")
+
+
+def test_calibrate_tile_cost_rows_add_up():
+    from gnn_transformer.kernels.benchmark import calibrate_tile_cost
+
+    rows, suggested = calibrate_tile_cost(["window", "random"], [96], device="cpu", heads=2, head_dim=8,
+                                          block_size=16, repeats=1)
+    assert [(r["topology"], r["pass"]) for r in rows] == [
+        ("window", "fwd"), ("window", "fwd+bwd"), ("random", "fwd"), ("random", "fwd+bwd")]
+    for r in rows:
+        assert r["edges"] > 0 and r["tiles"] > 0
+        assert abs(r["fill"] - r["edges"] / (r["tiles"] * 16 * 16)) < 1e-12
+        assert abs(r["ns_per_edge"] - 1e6 * r["fused_ms"] / r["edges"]) < 1e-6
+        assert abs(r["ratio"] - r["ns_per_cell"] / r["ns_per_edge"]) < 1e-9
+    window = rows[0]
+    assert window["edges"] == sum(min(i + 128, 95) - max(i - 128, 0) + 1 for i in range(96))  # |i-j| <= 128
+    for p in ("fwd", "fwd+bwd"):
+        ratios = sorted(r["ratio"] for r in rows if r["pass"] == p)
+        assert suggested[p] == (ratios[0] + ratios[1]) / 2  # median of two

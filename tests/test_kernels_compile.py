@@ -12,8 +12,12 @@ import textwrap
 
 import pytest
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia.compiler")
+from gnn_transformer.kernels.compile_check import MIN_TRITON  # noqa: E402
+
+if tuple(int(p) for p in triton.__version__.split(".")[:2]) < MIN_TRITON:
+    pytest.skip(f"compile_check needs Triton >= {MIN_TRITON} (got {triton.__version__})", allow_module_level=True)
 
 KERNELS = {"_csr_fwd", "_csr_bwd_dq", "_csc_bwd_dkdv", "_tiled_fwd", "_tiled_bwd_dq", "_tiled_bwd_dkdv"}
 

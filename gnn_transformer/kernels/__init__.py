@@ -43,7 +43,7 @@ IMPLS = (None, "torch", "triton")
 
 # Cost of a tile cell relative to one edge of the fused path (per head and channel): a tile whose
 # fill (edges / cells) is at least this ratio is cheaper tiled. Measured with
-# benchmarks/bench_attention.py --calibrate (see docs/kernels.md).
+# `gnn-transformer bench --calibrate` (see docs/kernels.md); the CUDA value is still an estimate.
 TILE_COST = {"cpu": 0.2, "cuda": 0.06}
 BLOCK_SIZE = {"cpu": 64, "cuda": 64}
 MERGE_COST_PER_NODE = 4.0  # the merge of two partial results, in edges per target

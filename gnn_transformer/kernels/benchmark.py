@@ -25,7 +25,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import attend, attend_reference, choose_backend, clear_cache
+from . import BLOCK_SIZE, TILE_COST, attend, attend_reference, choose_backend, clear_cache, prepare
+from .tiling import tile_stats
 
 TOPOLOGIES = ("causal", "window", "bigbird", "random")
 BACKENDS = ("pyg", "fused", "tiled", "auto", "sdpa", "flex")
@@ -325,6 +326,69 @@ def _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block):
     raise ValueError(f"Expected 'backend' in {BACKENDS} (got {backend!r})")
 
 
+# ---------------------------------------------------------------- calibration
+CALIBRATION_COLUMNS = ("topology", "n", "pass", "edges", "tiles", "fill", "fused_ms", "tiled_ms",
+                       "ns_per_edge", "ns_per_cell", "ratio")
+
+
+def calibrate_tile_cost(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] = (4096,), *,
+                        device: str | None = None, dtype: torch.dtype | None = None, heads: int = 12,
+                        head_dim: int = 64, block_size: int | None = None, repeats: int = 3,
+                        backward: bool = True, seed: int = 0,
+                        log: Callable[[str], None] | None = None) -> tuple[list[dict], dict[str, float]]:
+    """Measure what ``auto``'s cost model (:data:`TILE_COST`) assumes: the time of one tile cell of
+    the ``tiled`` backend relative to one edge of the ``fused`` backend.
+
+    For each graph, ``ns_per_edge`` is the ``fused`` time over the edges and ``ns_per_cell`` the
+    ``tiled`` time over the cells of its tiles (``tiles · B²``, whatever their fill); ``ratio`` is
+    the second over the first. Returns the rows and, per pass (``"fwd"``, ``"fwd+bwd"``), the median
+    ratio over the graphs: the value ``TILE_COST`` should hold for this device and dtype.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    block = block_size or BLOCK_SIZE.get(torch.device(device).type, 64)
+    scale = 1.0 / math.sqrt(head_dim)
+    rows = []
+    passes = ("fwd", "fwd+bwd") if backward else ("fwd",)
+    for topology in topologies:
+        for n in sizes:
+            clear_cache()
+            edge_index = build_graph(topology, n, seed).to(device)
+            graph = prepare(edge_index, n, n)
+            num_edges, num_tiles = graph.num_edges, tile_stats(graph, block, block)[2].numel()
+            g = torch.Generator(device="cpu").manual_seed(seed)
+            q, k, v = (torch.randn(n, heads, head_dim, generator=g).to(device=device, dtype=dtype)
+                       .requires_grad_() for _ in range(3))
+            grad_out = torch.randn(n, heads, head_dim, generator=g).to(device=device, dtype=dtype)
+            for p in passes:
+                ms = {}
+                for backend in ("fused", "tiled"):
+                    def call(backend=backend, p=p):
+                        if p == "fwd":
+                            with torch.no_grad():
+                                attend(q, k, v, edge_index, scale=scale, backend=backend, block_size=block)
+                        else:
+                            out = attend(q, k, v, edge_index, scale=scale, backend=backend, block_size=block)
+                            torch.autograd.grad(out, (q, k, v), grad_out)
+                    ms[backend] = 1e3 * _measure(call, device, repeats)[0]
+                cells = num_tiles * block * block
+                per_edge, per_cell = 1e6 * ms["fused"] / num_edges, 1e6 * ms["tiled"] / cells
+                rows.append(dict(topology=topology, n=n, edges=num_edges, tiles=num_tiles,
+                                 fill=num_edges / cells, fused_ms=ms["fused"], tiled_ms=ms["tiled"],
+                                 ns_per_edge=per_edge, ns_per_cell=per_cell, ratio=per_cell / per_edge,
+                                 **{"pass": p}))
+                if log:
+                    log(format_table(rows[-1:], CALIBRATION_COLUMNS).splitlines()[-1])
+            del q, k, v, grad_out
+    suggested = {p: statistics.median(r["ratio"] for r in rows if r["pass"] == p) for p in passes}
+    return rows, suggested
+
+
+def current_tile_cost(device: str) -> float:
+    """The ``TILE_COST`` that ``auto`` uses on ``device`` now."""
+    return TILE_COST.get(torch.device(device).type, TILE_COST["cuda"])
+
+
 # ---------------------------------------------------------------- output
 COLUMNS = ("topology", "n", "density", "backend", "pass", "ms", "peak_mb", "max_err", "build_ms", "note")
 
@@ -332,29 +396,32 @@ COLUMNS = ("topology", "n", "density", "backend", "pass", "ms", "peak_mb", "max_
 def _cell(key, value):
     if value is None:
         return "—"
-    if key == "density":
+    if key in ("density", "fill"):
         return f"{100 * value:.2f}%"
-    if key in ("ms", "build_ms"):
+    if key in ("ms", "build_ms", "fused_ms", "tiled_ms", "ns_per_edge", "ns_per_cell"):
         return f"{value:.1f}"
     if key == "peak_mb":
         return f"{value:.0f}"
     if key == "max_err":
         return f"{value:.1e}"
+    if key == "ratio":
+        return f"{value:.3f}"
     return str(value)
 
 
-def _format_row(row: dict) -> str:
-    return "  ".join(f"{_cell(c, row.get(c)):>10}" for c in COLUMNS[:-1]) + "  " + row.get("note", "")
+def _format_row(row: dict, columns: Sequence[str] = COLUMNS) -> str:
+    cells = "  ".join(f"{_cell(c, row.get(c)):>11}" for c in columns if c != "note")
+    return cells + ("  " + row.get("note", "") if "note" in columns else "")
 
 
-def format_table(rows: Sequence[dict]) -> str:
+def format_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
     """Plain-text table of the rows."""
-    head = "  ".join(f"{c:>10}" for c in COLUMNS[:-1]) + "  note"
-    return "\n".join([head] + [_format_row(r) for r in rows])
+    head = "  ".join(f"{c:>11}" for c in columns if c != "note") + ("  note" if "note" in columns else "")
+    return "\n".join([head] + [_format_row(r, columns) for r in rows])
 
 
-def format_markdown(rows: Sequence[dict]) -> str:
+def format_markdown(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
     """Markdown table of the rows."""
-    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
-    body = ["| " + " | ".join(_cell(c, r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns)
+    body = ["| " + " | ".join(_cell(c, r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join([head] + body)

@@ -82,10 +82,18 @@ def default_cases(dtypes: Iterable[str] = tuple(DTYPES), backends: Iterable[str]
             for b in backends for d in dtypes for hd in head_dims for bias in (False, True)]
 
 
+MIN_TRITON = (3, 3)  # the ASTSource signature / constexprs / attrs form used below
+
+
 def _check_environment() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_check needs a process without TRITON_INTERPRET=1 (the interpreter "
                            "replaces the kernels that are to be compiled)")
+    import triton
+    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    if version < MIN_TRITON:
+        raise RuntimeError(f"compile_check needs Triton >= {'.'.join(map(str, MIN_TRITON))} "
+                           f"(got {triton.__version__})")
 
 
 def record_case(case: Case, num_tokens: int = 256, block_size: int = 64):
@@ -167,11 +175,15 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     options Triton's own ``ptxas`` call uses."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
+    try:
+        ptxas = get_ptxas(arch).path
+    except TypeError:  # Triton versions whose get_ptxas takes no architecture
+        ptxas = get_ptxas().path
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        result = subprocess.run([get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+        result = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2",
                                  f"--gpu-name={sm_arch_from_capability(arch)}",
                                  src, "-o", os.path.join(tmp, "kernel.cubin")],
                                 capture_output=True, text=True, check=True)
