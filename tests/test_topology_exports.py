@@ -4,6 +4,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gnn_transformer import topology as T
 
@@ -67,11 +69,12 @@ def test_to_networkx_bipartite_cross():
 
 
 @pytest.mark.parametrize("name", list(GRAPHS))
-@pytest.mark.parametrize("lookup", ["bits", "search"])
-def test_flex_mask_mod_equals_dense_mask(name, lookup):
+@pytest.mark.parametrize("lookup, block", [("bits", None), ("search", None), ("blocks", 4), ("blocks", 5),
+                                           ("blocks", 16), ("blocks", 128)])
+def test_flex_mask_mod_equals_dense_mask(name, lookup, block):
     ei = GRAPHS[name]()
     N = ei.sparse_size(0)
-    mm = T.to_flex_mask_mod(ei, lookup=lookup)
+    mm = T.to_flex_mask_mod(ei, lookup=lookup, **({} if block is None else {"block_size": block}))
     q = torch.arange(N).repeat_interleave(N)
     kv = torch.arange(N).repeat(N)
     z = torch.zeros_like(q)
@@ -79,14 +82,24 @@ def test_flex_mask_mod_equals_dense_mask(name, lookup):
     assert torch.equal(got, T.to_dense_mask(ei))
 
 
-def test_flex_mask_mod_bipartite_and_bad_lookup():
+@pytest.mark.parametrize("lookup", ["bits", "blocks", "search"])
+def test_flex_mask_mod_bipartite_and_bad_lookup(lookup):
     ei = T.cross([2, 3], [4, 1], mode="monotonic")
-    mm = T.to_flex_mask_mod(ei)
+    mm = T.to_flex_mask_mod(ei, lookup=lookup, block_size=2)
     q = torch.arange(5).repeat_interleave(5)
     kv = torch.arange(5).repeat(5)
     assert torch.equal(mm(q, q, q, kv).view(5, 5), T.to_dense_mask(ei))
-    with pytest.raises(ValueError, match="lookup"):
+    with pytest.raises(ValueError, match="'lookup'.*'dense'"):
         T.to_flex_mask_mod(ei, lookup="dense")
+    with pytest.raises(ValueError, match="'block_size'.*0"):
+        T.to_flex_mask_mod(ei, lookup="blocks", block_size=0)
+
+
+def test_flex_mask_mod_blocks_of_empty_and_full_graphs():
+    for ei, n, want in ((T.full(12), 12, True), (T.from_dense_mask(torch.zeros(12, 12, dtype=torch.bool)), 12, False)):
+        mm = T.to_flex_mask_mod(ei, n, n, lookup="blocks", block_size=4)  # every block full, or empty
+        q, kv = torch.arange(n).repeat_interleave(n), torch.arange(n).repeat(n)
+        assert bool((mm(q, q, q, kv) == want).all())
 
 
 requires_flex = pytest.mark.skipif(not T.flex_attention_available(),
@@ -96,12 +109,13 @@ requires_flex = pytest.mark.skipif(not T.flex_attention_available(),
 @requires_flex
 @pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile.*")
 @pytest.mark.parametrize("name", list(GRAPHS))
-def test_flex_attention_with_block_mask_equals_masked_sdpa(name):
+@pytest.mark.parametrize("lookup", ["blocks", "bits"])
+def test_flex_attention_with_block_mask_equals_masked_sdpa(name, lookup):
     from torch.nn.attention.flex_attention import flex_attention
 
     ei = GRAPHS[name]()
     N = ei.sparse_size(0)
-    bm = T.to_block_mask(ei, block_size=16)
+    bm = T.to_block_mask(ei, block_size=16, lookup=lookup)
     assert bm.shape[-2:] == (N, N)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, N, 8, generator=g, dtype=torch.float64) for _ in range(3))
@@ -113,6 +127,62 @@ def test_flex_attention_with_block_mask_equals_masked_sdpa(name):
 
 
 @requires_flex
+@pytest.mark.parametrize("name", list(GRAPHS) + ["full"])
+@pytest.mark.parametrize("block", [4, 8, 16])
+def test_block_mask_equals_torchs_create_block_mask(name, block):
+    """Built from the edges, the blocks (empty, partial, full) are those torch finds by evaluating
+    the mask on every pair, boundary blocks included."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    ei = T.full(21) if name == "full" else GRAPHS[name]()
+    n = ei.sparse_size(0)
+    bm = T.to_block_mask(ei, block_size=block)
+    ref = create_block_mask(T.to_flex_mask_mod(ei), None, None, n, n, device="cpu", BLOCK_SIZE=block)
+    assert bm.shape[-2:] == ref.shape[-2:] == (n, n)
+    assert torch.equal(bm.to_dense(), ref.to_dense())
+    assert torch.equal(bm.kv_num_blocks, ref.kv_num_blocks)
+    assert torch.equal(bm.full_kv_num_blocks, ref.full_kv_num_blocks)
+    for a, b, num in ((bm.kv_indices, ref.kv_indices, ref.kv_num_blocks),
+                      (bm.full_kv_indices, ref.full_kv_indices, ref.full_kv_num_blocks)):
+        for row, count in enumerate(num.flatten().tolist()):
+            assert torch.equal(a[0, 0, row, :count], b[0, 0, row, :count])
+
+
+@requires_flex
+def test_block_mask_of_a_long_sparse_graph_needs_no_dense_mask():
+    """200k tokens: an N × N mask would take 40 GB; the blocks take a few MB."""
+    n = 200_000
+    bm = T.to_block_mask(T.sliding_window(n, 4), block_size=128)
+    num_blocks = -(-n // 128)
+    assert bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum() == 3 * num_blocks - 2  # a band
+    z = torch.zeros(4, dtype=torch.long)
+    q, kv = torch.tensor([0, 150_000, 150_000, n - 1]), torch.tensor([4, 149_996, 149_995, n - 5])
+    assert bm.mask_mod(z, z, q, kv).tolist() == [True, True, False, True]
+
+
+@requires_flex
 def test_block_mask_skips_empty_blocks():
     bm = T.to_block_mask(T.sliding_window(64, 3), block_size=16)  # 4 x 4 blocks, a band of 10
     assert bm.sparsity() == pytest.approx(100 * 6 / 16)
+
+
+@requires_flex
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.floats(0.0, 1.0), st.sampled_from([1, 3, 8, 16]),
+       st.integers(0, 2 ** 16))
+def test_block_mask_of_random_graphs(n_dst, n_src, p, block, seed):
+    """Random bipartite edge sets, densities from empty to full: the blocks equal torch's, and the
+    ``mask_mod`` is the edge set."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n_dst, n_src, generator=g) < p
+    dst, src = mask.nonzero(as_tuple=True)
+    ei = torch.stack([src, dst])
+    bm = T.to_block_mask(ei, n_src, n_dst, block_size=block)
+    ref = create_block_mask(T.to_flex_mask_mod(ei, n_src, n_dst), None, None, n_dst, n_src, device="cpu",
+                            BLOCK_SIZE=block)
+    assert torch.equal(bm.to_dense(), ref.to_dense())
+    assert torch.equal(bm.full_kv_num_blocks, ref.full_kv_num_blocks)
+    q, kv = torch.arange(n_dst).repeat_interleave(n_src), torch.arange(n_src).repeat(n_dst)
+    assert torch.equal(bm.mask_mod(q, q, q, kv).view(n_dst, n_src), mask)

@@ -1,10 +1,11 @@
 """Exports of a token graph: a networkx ``DiGraph``, and FlexAttention's ``mask_mod`` and
 ``BlockMask`` (``torch.nn.attention.flex_attention``) built from the same edge set.
 
-The ``mask_mod`` looks each ``(q_idx, kv_idx)`` pair up in a packed bitmap of the edge set
-(``N^2 / 8`` bytes, compiles), or in the sorted edge keys (``O(E)``, eager only). A batch (disjoint
-union) is one long FlexAttention sequence of ``N`` tokens; the ``BlockMask`` skips the blocks
-between sequences.
+The ``BlockMask`` is built from the edges, block by block (empty, partial or full), never from an
+``N × N`` mask. The ``mask_mod`` looks each ``(q_idx, kv_idx)`` pair up in a packed bitmap of the
+edge set (``N^2 / 8`` bytes), in bitmaps of the partially filled blocks only, or in the sorted edge
+keys (``O(E)``, eager only). A batch (disjoint union) is one long FlexAttention sequence of ``N``
+tokens; the ``BlockMask`` skips the blocks between sequences.
 """
 from __future__ import annotations
 
@@ -60,17 +61,81 @@ def _require_flex() -> None:
                            f"torch {torch.__version__}; it needs torch >= 2.5")
 
 
+LOOKUPS = ("bits", "blocks", "search")
+
+
+class _Blocks:
+    """The edge set cut into ``block × block`` blocks: which blocks are empty, full or partial, and a
+    bitmap of each partial block. ``O(E + P·block²/8 + (N/block)²)`` memory for ``P`` partial
+    blocks, never ``N²``."""
+
+    def __init__(self, src: Tensor, dst: Tensor, num_src: int, num_dst: int, block: int):
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"Expected 'block_size' to be a positive int (got {block!r})")
+        self.block = block
+        self.num_q_blocks = max(-(-num_dst // block), 1)
+        self.num_kv_blocks = max(-(-num_src // block), 1)
+        device = src.device
+        stride = max(num_src, 1)
+        keys = torch.unique(dst * stride + src)  # [E'] distinct edges, sorted
+        s, d = keys % stride, keys // stride
+        bkey = (d // block) * self.num_kv_blocks + s // block  # [E']
+        blocks, inverse, counts = torch.unique(bkey, return_inverse=True, return_counts=True)  # [T]
+        full = counts == block * block  # a boundary block is never full: its padding has no edges
+        # table [Q_blocks, KV_blocks]: -1 empty, -2 full, else the row of the partial block's bitmap
+        self.table = torch.full((self.num_q_blocks * self.num_kv_blocks,), -1, dtype=torch.int32,
+                                device=device)
+        self.table[blocks[full]] = -2
+        partial = ~full
+        self.table[blocks[partial]] = torch.arange(int(partial.sum()), dtype=torch.int32, device=device)
+        self.table = self.table.view(self.num_q_blocks, self.num_kv_blocks)
+        self.words = -(-block // 8)
+        self.bits = torch.zeros(int(partial.sum()), block, self.words, dtype=torch.uint8, device=device)
+        in_partial = partial[inverse]  # [E']
+        row = self.table.view(-1)[bkey[in_partial]].long()
+        r, c = d[in_partial] % block, s[in_partial] % block
+        one = torch.ones(1, dtype=torch.uint8, device=device)
+        # distinct edges set distinct bits, so a scatter-add of the bit values is their bitwise or
+        flat = (row * block + r) * self.words + (c >> 3)
+        self.bits.view(-1).index_add_(0, flat, one << (c & 7).to(torch.uint8))
+        self._lists = {}
+        for name, sel in (("partial", partial), ("full", full)):
+            qb, kb = blocks[sel] // self.num_kv_blocks, blocks[sel] % self.num_kv_blocks  # sorted by (qb, kb)
+            num = torch.bincount(qb, minlength=self.num_q_blocks)  # [Q_blocks]
+            start = torch.cumsum(num, 0) - num
+            idx = torch.zeros(self.num_q_blocks, self.num_kv_blocks, dtype=torch.int32, device=device)
+            idx[qb, torch.arange(qb.numel(), device=device) - start[qb]] = kb.to(torch.int32)
+            self._lists[name] = (num.to(torch.int32)[None, None], idx[None, None])  # [1, 1, Qb], [1, 1, Qb, KVb]
+
+    def mask_mod(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        block, table, bits = self.block, self.table, self.bits
+        qb = (q_idx // block).clamp(0, table.size(0) - 1)
+        kb = (kv_idx // block).clamp(0, table.size(1) - 1)
+        entry = table[qb, kb]
+        col = kv_idx % block
+        if bits.numel() == 0:  # no partial block: only empty and full ones
+            return entry == -2
+        word = bits[entry.clamp(min=0), q_idx % block, col >> 3]
+        bit = ((word >> (col & 7).to(torch.uint8)) & 1).bool()
+        return torch.where(entry >= 0, bit, entry == -2)
+
+
 def to_flex_mask_mod(edge_index: Tensor, num_src: int | None = None, num_dst: int | None = None, *,
-                     lookup: str = "bits") -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+                     lookup: str = "bits", block_size: int = 128
+                     ) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
     """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``: True iff edge ``kv_idx -> q_idx``.
 
     Args:
         edge_index: the token graph.
         num_src, num_dst: node counts (default: the ``EdgeIndex`` sparse size).
         lookup: ``"bits"``: a packed bitmap ``[N_dst, ceil(N_src / 8)]`` of ``uint8`` (``N^2 / 8``
-            bytes; works under ``torch.compile``, which fused FlexAttention needs); ``"search"``:
-            binary search in the ``E`` sorted edge keys (``O(E)`` memory; eager mode only, inductor
-            cannot lower ``searchsorted`` inside a mask).
+            bytes); ``"blocks"``: a table of the ``block_size`` blocks (empty, full, or the row of a
+            bitmap of the block) and bitmaps of the partially filled blocks only (``(N / B)^2``
+            ints plus ``B^2 / 8`` bytes per partial block: what a sparse graph of a million tokens
+            fits in); ``"search"``: binary search in the ``E`` sorted edge keys (``O(E)`` memory;
+            eager mode only, inductor cannot lower ``searchsorted`` inside a mask). ``"bits"`` and
+            ``"blocks"`` work under ``torch.compile``, which fused FlexAttention needs.
+        block_size: the block of ``"blocks"`` (use the ``BlockMask``'s).
 
     Example:
         >>> from gnn_transformer.topology import causal
@@ -79,11 +144,13 @@ def to_flex_mask_mod(edge_index: Tensor, num_src: int | None = None, num_dst: in
         >>> bool(mm(z, z, torch.tensor(2), torch.tensor(1))), bool(mm(z, z, torch.tensor(1), torch.tensor(2)))
         (True, False)
     """
-    if lookup not in ("bits", "search"):
-        raise ValueError(f"Expected 'lookup' to be 'bits' or 'search' (got {lookup!r})")
+    if lookup not in LOOKUPS:
+        raise ValueError(f"Expected 'lookup' in {LOOKUPS} (got {lookup!r})")
     src, dst = _check_edge_index(edge_index)
     num_src, num_dst = _default_sizes(edge_index, src, dst, num_src, num_dst)
     _check_range(src, dst, num_src, num_dst)
+    if lookup == "blocks":
+        return _Blocks(src, dst, num_src, num_dst, block_size).mask_mod
     if lookup == "bits":
         words = (num_src + 7) // 8
         bits = torch.zeros(num_dst, words, dtype=torch.uint8, device=src.device)  # [N_dst, W]
@@ -113,25 +180,39 @@ def to_flex_mask_mod(edge_index: Tensor, num_src: int | None = None, num_dst: in
 
 def to_block_mask(edge_index: Tensor, num_src: int | None = None, num_dst: int | None = None, *,
                   block_size: int = 128, device: str | torch.device | None = None,
-                  lookup: str = "bits"):
+                  lookup: str = "blocks"):
     """FlexAttention ``BlockMask`` of the graph (``B = H = None``: shared by batch and heads).
+
+    The blocks come from the edges (``BlockMask.from_kv_blocks``): a block holding every one of its
+    ``block_size²`` pairs is *full* (FlexAttention skips its ``mask_mod``), one holding some is
+    partial, and no ``N × N`` mask is ever built, so a sparse graph of a million tokens fits.
 
     Args:
         edge_index: the token graph.
         num_src, num_dst: node counts (default: the ``EdgeIndex`` sparse size).
         block_size: FlexAttention block size (128 by default; smaller for tiny graphs).
         device: where the mask lives (default: the device of ``edge_index``).
-        lookup: see :func:`to_flex_mask_mod`.
+        lookup: the ``mask_mod``'s lookup, see :func:`to_flex_mask_mod` (``"blocks"`` by default:
+            it shares the block structure built here).
 
     Raises:
         RuntimeError: where FlexAttention is unavailable.
     """
     _require_flex()
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import BlockMask
 
+    if lookup not in LOOKUPS:
+        raise ValueError(f"Expected 'lookup' in {LOOKUPS} (got {lookup!r})")
     src, dst = _check_edge_index(edge_index)
     num_src, num_dst = _default_sizes(edge_index, src, dst, num_src, num_dst)
+    _check_range(src, dst, num_src, num_dst)
     device = src.device if device is None else torch.device(device)
-    plain = edge_index.as_tensor() if isinstance(edge_index, EdgeIndex) else edge_index
-    mask_mod = to_flex_mask_mod(plain.to(device), num_src, num_dst, lookup=lookup)
-    return create_block_mask(mask_mod, None, None, num_dst, num_src, device=device, BLOCK_SIZE=block_size)
+    src, dst = src.to(device), dst.to(device)
+    blocks = _Blocks(src, dst, num_src, num_dst, block_size)
+    if lookup == "blocks":
+        mask_mod = blocks.mask_mod
+    else:
+        mask_mod = to_flex_mask_mod(torch.stack([src, dst]), num_src, num_dst, lookup=lookup)
+    (num, idx), (full_num, full_idx) = blocks._lists["partial"], blocks._lists["full"]
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                    seq_lengths=(num_dst, num_src))
