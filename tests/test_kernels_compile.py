@@ -43,11 +43,12 @@ def _rows(arch: int, dtypes: list[str]) -> list[dict]:
 def test_every_kernel_compiles_and_fits(arch, dtypes):
     rows = _rows(arch, dtypes)
     assert {r["kernel"] for r in rows} == KERNELS
-    # every dtype, with and without a bias, reaches all six kernels
+    # every dtype, with and without a bias, reaches all six kernels; tile biases reach the tiled ones
     for dtype in dtypes:
-        for bias in (False, True):
-            case_rows = [r for r in rows if f" {dtype} " in r["case"] and r["case"].endswith("+bias") == bias]
-            assert {r["kernel"] for r in case_rows} == KERNELS, (dtype, bias)
+        for suffix, kernels in (("D=64", KERNELS), ("+bias", KERNELS),
+                                ("+duplicates", {k for k in KERNELS if k.startswith("_tiled")})):
+            case_rows = [r for r in rows if f" {dtype} " in r["case"] and r["case"].endswith(suffix)]
+            assert {r["kernel"] for r in case_rows} == kernels, (dtype, suffix)
     over = [(r["kernel"], r["case"], r["shared_bytes"]) for r in rows if not r["fits"]]
     assert not over, f"more shared memory than sm_{arch} has: {over}"
     assert all(r["registers"] > 0 for r in rows)
@@ -63,7 +64,7 @@ def test_a_kernel_the_gpu_rejects_is_reported():
         import sys
         from gnn_transformer.kernels import compile_check, triton_tiled
         common = triton_tiled._common
-        triton_tiled._common = lambda *a: common(*a)[:2] + (8,)   # head-dim block of 8
+        triton_tiled._common = lambda *a: common(*a)[:4] + (8,)   # head-dim block of 8
         try:
             compile_check.compile_cases([compile_check.Case("tiled", "bfloat16", head_dim=8)])
         except RuntimeError as err:

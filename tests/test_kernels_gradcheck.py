@@ -52,6 +52,20 @@ def test_gradcheck_tiled(name, with_bias):
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
+@pytest.mark.parametrize("name", ["empty_rows", "causal", "bipartite"])
+def test_gradcheck_tiled_edge_bias(name):
+    """An edge bias ``[E_t, H]`` read per cell (no bias tiles), its gradient written per edge."""
+    edge_index, n_src, n_dst = _tiny(name)
+    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=3)
+    graph = _graph.prepare(edge_index, n_src, n_dst)
+    tiles = build_tiles(graph, 4, 4)
+    assert not tiles.has_duplicates
+
+    def fn(q, k, v, b):
+        return _finite(tiled_attention(q, k, v, tiles, b[tiles.edge_ids], 0.7, max_cells=64))
+    assert torch.autograd.gradcheck(fn, (q, k, v, b), fast_mode=True)
+
+
 def test_gradcheck_split_through_attend():
     edge_index, n_src, n_dst = _tiny("causal")
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=2, dim=3)

@@ -172,8 +172,11 @@ def _fused(q, k, v, bias, graph: CSRGraph, scale, use_triton, max_edges):
 
 
 def _tiled(q, k, v, bias, tiles: TileList, scale, use_triton, max_cells):
-    tb = tile_bias(tiles, None if bias is None else bias[tiles.edge_ids], q.size(1),
-                   torch.float64 if q.dtype == torch.float64 else torch.float32)
+    if bias is not None and not tiles.has_duplicates:  # [E_t, H], read per cell: no bias tiles
+        tb = bias[tiles.edge_ids]
+    else:  # boolean masks (None), or tile biases [T, H_b, Bq, Bk] that sum parallel edges
+        tb = tile_bias(tiles, None if bias is None else bias[tiles.edge_ids], q.size(1),
+                       torch.float64 if q.dtype == torch.float64 else torch.float32)
     if use_triton:
         from .triton_tiled import tiled_triton_attention
         return tiled_triton_attention(q, k, v, tiles, tb, scale)

@@ -41,18 +41,20 @@ _POINTER = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"
 
 @dataclass(frozen=True)
 class Case:
-    """One attention call to compile: backend, dtype, heads, head dim and whether it has an edge bias."""
+    """One attention call to compile: backend, dtype, heads, head dim, whether it has an edge bias,
+    and whether the graph repeats edges (the tiled kernels then take tile biases, not the edge bias)."""
     backend: str
     dtype: str
     heads: int = 12
     kv_heads: int = 4
     head_dim: int = 64
     bias: bool = False
+    duplicates: bool = False
 
     def __str__(self) -> str:
         gqa = f"{self.heads}/{self.kv_heads}" if self.kv_heads != self.heads else f"{self.heads}"
         return (f"{self.backend} {self.dtype} H={gqa} D={self.head_dim}"
-                + (" +bias" if self.bias else ""))
+                + (" +bias" if self.bias else "") + (" +duplicates" if self.duplicates else ""))
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,12 @@ class Compiled:
 
 def default_cases(dtypes: Iterable[str] = tuple(DTYPES), backends: Iterable[str] = ("fused", "tiled"),
                   head_dims: Iterable[int] = (64,)) -> list[Case]:
-    """Every backend and dtype with and without an edge bias, 12 query heads on 4 key/value heads."""
-    return [Case(b, d, head_dim=hd, bias=bias)
-            for b in backends for d in dtypes for hd in head_dims for bias in (False, True)]
+    """Every backend and dtype with and without an edge bias (and, for the tiled kernels, with an
+    edge bias on a graph with repeated edges), 12 query heads on 4 key/value heads."""
+    variants = {"fused": [(False, False), (True, False)]}
+    return [Case(b, d, head_dim=hd, bias=bias, duplicates=dup)
+            for b in backends for d in dtypes for hd in head_dims
+            for bias, dup in variants.get(b, [(False, False), (True, False), (True, True)])]
 
 
 MIN_TRITON = (3, 3)  # the ASTSource signature / constexprs / attrs form used below
@@ -110,6 +115,8 @@ def record_case(case: Case, num_tokens: int = 256, block_size: int = 64):
     dtype = DTYPES[case.dtype]
     # a window (full and partial tiles) plus random edges: every kernel and branch has work
     edge_index = union(sliding_window(num_tokens, 32), random(num_tokens, 4, seed=0))
+    if case.duplicates:
+        edge_index = torch.cat([edge_index.as_tensor(), edge_index.as_tensor()[:, ::7]], dim=1)
     n = num_tokens
     q = torch.zeros(n, case.heads, case.head_dim, dtype=dtype, requires_grad=True)
     k = torch.zeros(n, case.kv_heads, case.head_dim, dtype=dtype, requires_grad=True)

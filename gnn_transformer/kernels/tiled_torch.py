@@ -34,7 +34,7 @@ def _use_flash(x: Tensor) -> bool:
 def _flash_mask(tiles: TileList, tb: Tensor | None, tids: Tensor, dtype) -> tuple[Tensor | None, Tensor | None]:
     """Additive mask ``[G, H_b, Bq, c·Bk]`` (or ``None``) and the non-empty rows ``[G, H_b, Bq]``."""
     if tb is not None:
-        mask = _bias(tb, tids).transpose(0, 1)  # [G, H_b, Bq, c·Bk]
+        mask = _bias(tiles, tb, tids).transpose(0, 1)  # [G, H_b, Bq, c·Bk]
         return mask, torch.isfinite(mask).any(-1)
     keep = _mask(tiles, tids)  # [G, Bq, c·Bk] or None
     if keep is None:
@@ -76,11 +76,31 @@ def _mask(tiles: TileList, tids: Tensor) -> Tensor | None:
     return m.permute(0, 2, 1, 3).reshape(g, tiles.block_q, c * tiles.block_k)
 
 
-def _bias(tbias: Tensor, tids: Tensor) -> Tensor:
-    """Tile biases of a chunk as ``[H_b, G, Bq, c·Bk]``."""
+def _bias(tiles: TileList, tbias: Tensor, tids: Tensor) -> Tensor:
+    """Additive biases of a chunk as ``[H_b, G, Bq, c·Bk]``, from tile biases ``[T, H_b, Bq, Bk]``
+    or from an edge bias ``[E_t, H]`` read through the cells' edges (``-inf`` where none)."""
     g, c = tids.shape
+    if tbias.dim() == 2:
+        ce = tiles.cell_edge()[tids].long()  # [G, c, Bq, Bk]
+        b = tbias[ce.clamp(min=0)].masked_fill((ce < 0).unsqueeze(-1), float("-inf"))  # [G, c, Bq, Bk, H]
+        return b.permute(4, 0, 2, 1, 3).reshape(b.size(4), g, tiles.block_q, c * tiles.block_k)
     b = tbias[tids]  # [G, c, H_b, Bq, Bk]
     return b.permute(2, 0, 3, 1, 4).reshape(b.size(2), g, b.size(3), c * b.size(4))
+
+
+def _bias_grad(tiles: TileList, dtb: Tensor, ds: Tensor, tids: Tensor) -> None:
+    """Write the chunk's score gradients ``ds [H, G, Bq, c·Bk]`` into ``dtb``: per tile
+    ``[T, H, Bq, Bk]``, or per edge ``[E_t, H]`` (each edge owns one cell: no sums, no atomics)."""
+    h, g = ds.shape[:2]
+    c = tids.size(1)
+    d = ds.reshape(h, g, tiles.block_q, c, tiles.block_k)
+    if dtb.dim() == 2:
+        ce = tiles.cell_edge()[tids].long()  # [G, c, Bq, Bk]
+        keep = ce >= 0
+        dtb[ce[keep]] = d.permute(1, 3, 2, 4, 0)[keep].to(dtb.dtype)  # [G, c, Bq, Bk, H] at the edges
+        return
+    d = d.permute(1, 3, 0, 2, 4)  # [G, c, H, Bq, Bk]
+    dtb[tids.flatten()] = d.reshape(g * c, h, tiles.block_q, tiles.block_k).to(dtb.dtype)
 
 
 def _blocked(x: Tensor, block: int, num_blocks: int, cd: torch.dtype) -> Tensor:
@@ -103,7 +123,7 @@ def _scores(qB, kB, tiles, tbias, qb, tids, scale):
     k = kB[:, tiles.k_block[tids].flatten()].reshape(kB.size(0), g, c * tiles.block_k, -1)  # [H, G, c·Bk, D]
     s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [H, G, Bq, c·Bk]
     if tbias is not None:
-        s = s + _bias(tbias, tids)
+        s = s + _bias(tiles, tbias, tids)
     else:
         mask = _mask(tiles, tids)
         if mask is not None:
@@ -113,7 +133,8 @@ def _scores(qB, kB, tiles, tbias, qb, tids, scale):
 
 def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None, scale: float,
                   max_cells: int = DEFAULT_MAX_CELLS) -> tuple[Tensor, Tensor]:
-    """``(out [N_dst, H, D], lse [N_dst, H])`` over the tiles."""
+    """``(out [N_dst, H, D], lse [N_dst, H])`` over the tiles; ``tbias`` is tile biases
+    ``[T, H_b, Bq, Bk]`` or an edge bias ``[E_t, H]`` of the tiled edges (see :func:`_bias`)."""
     cd = compute_dtype(q.dtype)
     n_dst, num_heads, dim = q.shape
     group = num_heads // k.size(1)
@@ -154,7 +175,7 @@ def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tenso
 
 def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse,
                    need_bias_grad: bool, max_cells: int = DEFAULT_MAX_CELLS):
-    """``(dq, dk, dv, dtile_bias)`` from the saved ``out`` and ``lse``."""
+    """``(dq, dk, dv, dbias)`` from the saved ``out`` and ``lse``; ``dbias`` has ``tbias``'s shape."""
     cd = compute_dtype(q.dtype)
     n_dst, num_heads, dim = q.shape
     n_src, num_kv = k.size(0), k.size(1)
@@ -199,9 +220,8 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse,
         dv = torch.matmul(p.transpose(-1, -2), dog).reshape(num_heads, g * c, tiles.block_k, dim)
         dkB.index_add_(1, kb, dk)
         dvB.index_add_(1, kb, dv)
-        if dtb is not None:  # [H, G, Bq, c, Bk] -> [G·c, H, Bq, Bk]
-            d = ds.reshape(num_heads, g, tiles.block_q, c, tiles.block_k).permute(1, 3, 0, 2, 4)
-            dtb[tids.flatten()] = d.reshape(g * c, num_heads, tiles.block_q, tiles.block_k).to(dtb.dtype)
+        if dtb is not None:
+            _bias_grad(tiles, dtb, ds, tids)
     dq = _unblocked(dqB, n_dst, q.dtype)
     dk = _unblocked(dkB, n_src, cd).view(n_src, num_kv, group, dim).sum(2).to(k.dtype)
     dv = _unblocked(dvB, n_src, cd).view(n_src, num_kv, group, dim).sum(2).to(v.dtype)

@@ -2,10 +2,11 @@
 
 Targets are cut into blocks of ``block_q`` rows, sources into blocks of ``block_k`` columns. Every
 pair of blocks holding at least one edge is a tile. A tile with all ``block_q × block_k`` edges
-(each once) is *full* and needs no mask; any other tile carries a boolean mask ``[Bq, Bk]``. A graph
-with duplicated edges, or attention with ``edge_bias``, turns masks into additive tile biases
-``[T, H, Bq, Bk]`` (``-inf`` where there is no edge, ``log`` of the summed ``exp(bias)`` of parallel
-edges elsewhere), which keeps every duplicated edge a separate message.
+(each once) is *full* and needs no mask; any other tile carries a boolean mask ``[Bq, Bk]``. With an
+``edge_bias``, kernels read the bias of each cell through :meth:`TileList.cell_edge` (the edge of
+every cell). A graph with duplicated edges turns masks into additive tile biases ``[T, H_b, Bq, Bk]``
+(``-inf`` where there is no edge, ``log`` of the summed ``exp(bias)`` of parallel edges elsewhere),
+which keeps every duplicated edge a separate message.
 
 Notation: ``T`` tiles, ``P`` partial tiles, ``E`` edges, ``Bq`` / ``Bk`` block sizes.
 """
@@ -48,6 +49,20 @@ class TileList:
     @property
     def num_k_blocks(self) -> int:
         return -(-self.num_src // self.block_k)
+
+    def cell_edge(self) -> Tensor:
+        """``[T, Bq, Bk]`` int32: the tiled edge (its row in ``edge_ids``) of every cell, ``-1`` where
+        there is none. With it, kernels read an ``edge_bias`` ``[E_t, H]`` per cell and write its
+        gradient per edge, instead of building ``[T, H, Bq, Bk]`` bias tiles (``H`` times larger).
+        Only for graphs without duplicated edges (one edge per cell)."""
+        if self.has_duplicates:
+            raise ValueError("cell_edge needs a graph without duplicated edges")
+        if not hasattr(self, "_cell_edge"):
+            flat = torch.full((self.num_tiles * self.block_q * self.block_k,), -1, dtype=torch.int32,
+                              device=self.edge_cell.device)
+            flat[self.edge_cell] = torch.arange(self.edge_cell.numel(), dtype=torch.int32, device=flat.device)
+            self._cell_edge = flat.view(self.num_tiles, self.block_q, self.block_k)
+        return self._cell_edge
 
     def by_key(self) -> tuple[Tensor, Tensor]:
         """``(order [T], k_ptr [num_k_blocks + 1])``: tile ids sorted by key block, then query

@@ -36,14 +36,19 @@ def _dot(a, b, ACC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, t, h, scale, TB_HEADS,
-                 HAS_TBIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+def _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, TB_HEADS,
+                 BIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
                  UPCAST: tl.constexpr):
-    """Scores ``[Bq, Bk]`` of tile ``t`` for head ``h``: ``-inf`` where the tile has no edge."""
+    """Scores ``[Bq, Bk]`` of tile ``t`` for head ``h``: ``-inf`` where the tile has no edge.
+    ``BIAS``: 0 boolean masks, 1 tile biases ``[T, H_b, Bq, Bk]``, 2 an edge bias ``[E_t, H]`` read
+    through the edge of each cell (``CELL_EDGE [T, Bq, Bk]``, -1 where none)."""
     s = _dot(q, tl.trans(k), ACC, UPCAST) * scale
     cells = tl.arange(0, BQ)[:, None] * BK + tl.arange(0, BK)[None, :]
-    if HAS_TBIAS:
+    if BIAS == 1:
         s += tl.load(TBIAS + (t * TB_HEADS + h % TB_HEADS) * BQ * BK + cells).to(s.dtype)
+    elif BIAS == 2:
+        edge = tl.load(CELL_EDGE + t * BQ * BK + cells).to(tl.int64)
+        s += tl.load(TBIAS + edge * TB_HEADS + h, mask=edge >= 0, other=float("-inf")).to(s.dtype)
     else:
         mi = tl.load(MASK_INDEX + t)
         if mi >= 0:  # partial tile; full tiles skip the mask
@@ -53,10 +58,10 @@ def _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, t, h, scale, TB_HEADS,
 
 
 @triton.jit
-def _tiled_fwd(Q, K, V, TBIAS, MASKS, OUT, LSE, TILE_PTR, K_BLOCK, MASK_INDEX, scale,
+def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, TILE_PTR, K_BLOCK, MASK_INDEX, scale,
                stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
                N_DST, N_SRC, H, GROUP, D, TB_HEADS,
-               HAS_TBIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr,
+               BIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr,
                ACC: tl.constexpr, UPCAST: tl.constexpr):
     qb = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
     h = tl.program_id(1)
@@ -76,7 +81,8 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, OUT, LSE, TILE_PTR, K_BLOCK, MASK_INDEX, s
         nmask = (offs_n[:, None] < N_SRC) & (offs_d[None, :] < D)
         kv = offs_n[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
         k = tl.load(K + kv, mask=nmask, other=0.0)
-        s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, t, h, scale, TB_HEADS, HAS_TBIAS, BQ, BK, ACC, UPCAST)
+        s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, TB_HEADS, BIAS, BQ, BK, ACC,
+                         UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         corr = tl.exp(m_i - m_use)
@@ -95,10 +101,10 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, OUT, LSE, TILE_PTR, K_BLOCK, MASK_INDEX, s
 
 
 @triton.jit
-def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, DO, LSE, DELTA, DQ, DTBIAS, TILE_PTR, K_BLOCK, MASK_INDEX, scale,
+def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DQ, DTBIAS, TILE_PTR, K_BLOCK, MASK_INDEX, scale,
                   stride_qn, stride_qh, stride_kn, stride_kh,
                   N_DST, N_SRC, H, GROUP, D, TB_HEADS,
-                  HAS_TBIAS: tl.constexpr, WRITE_DTBIAS: tl.constexpr,
+                  BIAS: tl.constexpr, WRITE_DTBIAS: tl.constexpr,
                   BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
                   UPCAST: tl.constexpr):
     qb = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
@@ -125,21 +131,26 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, DO, LSE, DELTA, DQ, DTBIAS, TILE_PTR, K
         kv = offs_n[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
         k = tl.load(K + kv, mask=nmask, other=0.0)
         v = tl.load(V + kv, mask=nmask, other=0.0)
-        s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, t, h, scale, TB_HEADS, HAS_TBIAS, BQ, BK, ACC, UPCAST)
+        s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, TB_HEADS, BIAS, BQ, BK, ACC,
+                         UPCAST)
         p = tl.exp(s - lse[:, None])  # [Bq, Bk], 0 where masked
         dp = _dot(do, tl.trans(v), ACC, UPCAST)
         ds = p * (dp - delta[:, None])
         if WRITE_DTBIAS:
-            tl.store(DTBIAS + (t * H + h) * BQ * BK + cells, ds.to(DTBIAS.dtype.element_ty))
+            if BIAS == 2:  # each edge owns one cell: its gradient is written once, no atomics
+                edge = tl.load(CELL_EDGE + t * BQ * BK + cells).to(tl.int64)
+                tl.store(DTBIAS + edge * H + h, ds.to(DTBIAS.dtype.element_ty), mask=edge >= 0)
+            else:
+                tl.store(DTBIAS + (t * H + h) * BQ * BK + cells, ds.to(DTBIAS.dtype.element_ty))
         dq += _dot(ds.to(k.dtype), k, ACC, UPCAST)
     tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=mmask)
 
 
 @triton.jit
-def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, DO, LSE, DELTA, DK, DV, K_PTR, ORDER, Q_BLOCK, MASK_INDEX, scale,
+def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DK, DV, K_PTR, ORDER, Q_BLOCK, MASK_INDEX, scale,
                     stride_qn, stride_qh, stride_kn, stride_kh,
                     N_DST, N_SRC, H, GROUP, D, TB_HEADS,
-                    HAS_TBIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr,
                     ACC: tl.constexpr, UPCAST: tl.constexpr):
     kb = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
     hk = tl.program_id(1)
@@ -167,7 +178,8 @@ def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, DO, LSE, DELTA, DK, DV, K_PTR, ORDER,
             lse = tl.load(LSE + offs_m * H + h, mask=rmask, other=0.0).to(ACC)
             lse = tl.where(lse == float("-inf"), 0.0, lse)
             delta = tl.load(DELTA + offs_m * H + h, mask=rmask, other=0.0).to(ACC)
-            s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, t, h, scale, TB_HEADS, HAS_TBIAS, BQ, BK, ACC, UPCAST)
+            s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, TB_HEADS, BIAS, BQ, BK, ACC,
+                         UPCAST)
             p = tl.exp(s - lse[:, None])  # [Bq, Bk]
             dp = _dot(do, tl.trans(v), ACC, UPCAST)
             ds = p * (dp - delta[:, None])
@@ -204,15 +216,20 @@ def _check_blocks(tiles: TileList) -> None:
 
 
 def _common(tiles: TileList, tbias: Tensor | None, dim: int):
+    """``(masks, cell edges, bias heads, bias mode, head-dim block)`` of a launch; the bias mode is
+    0 (boolean masks), 1 (tile biases ``[T, H_b, Bq, Bk]``) or 2 (edge bias ``[E_t, H]``)."""
     masks = tiles.masks.view(torch.uint8) if tiles.masks.numel() else \
         torch.ones(1, dtype=torch.uint8, device=tiles.masks.device)
+    mode = 0 if tbias is None else (2 if tbias.dim() == 2 else 1)
+    cell_edge = tiles.cell_edge() if mode == 2 else masks  # unused unless mode 2
     tb_heads = 1 if tbias is None else tbias.size(1)
-    return masks, tb_heads, max(16, triton.next_power_of_2(dim))
+    return masks, cell_edge, tb_heads, mode, max(16, triton.next_power_of_2(dim))
 
 
 def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None,
                          scale: float) -> tuple[Tensor, Tensor]:
-    """``(out [N_dst, H, D], lse [N_dst, H])`` over the tiles."""
+    """``(out [N_dst, H, D], lse [N_dst, H])`` over the tiles; ``tbias`` is tile biases
+    ``[T, H_b, Bq, Bk]``, an edge bias ``[E_t, H]`` of the tiled edges, or ``None``."""
     _check_blocks(tiles)
     n_dst, num_heads, dim = q.shape
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -220,33 +237,33 @@ def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias
     lse = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)
     if n_dst == 0:
         return out, lse
-    masks, tb_heads, block_d = _common(tiles, tbias, dim)
+    masks, cell_edge, tb_heads, mode, block_d = _common(tiles, tbias, dim)
     launch(_tiled_fwd, (tiles.num_q_blocks, num_heads),
-        q, k, v, tbias if tbias is not None else lse, masks, out, lse, tiles.tile_ptr, tiles.k_block,
+        q, k, v, tbias if tbias is not None else lse, masks, cell_edge, out, lse, tiles.tile_ptr, tiles.k_block,
         tiles.mask_index, float(scale),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
         n_dst, k.size(0), num_heads, num_heads // k.size(1), dim, tb_heads,
-        HAS_TBIAS=tbias is not None, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
+        BIAS=mode, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
         ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype))
     return out, lse
 
 
 def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse, need_bias_grad):
-    """``(dq, dk, dv, dtile_bias)``."""
+    """``(dq, dk, dv, dbias)``, ``dbias`` of ``tbias``'s shape (tile or edge bias)."""
     n_dst, num_heads, dim = q.shape
     n_src, num_kv = k.size(0), k.size(1)
     acc_dtype = lse.dtype
     dout = dout.contiguous()
     delta = softmax_delta(out, dout, dlse, acc_dtype).contiguous()  # [N_dst, H]
-    masks, tb_heads, block_d = _common(tiles, tbias, dim)
+    masks, cell_edge, tb_heads, mode, block_d = _common(tiles, tbias, dim)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dtb = torch.zeros_like(tbias) if need_bias_grad else None
     tb_arg = tbias if tbias is not None else delta
-    common = dict(HAS_TBIAS=tbias is not None, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
+    common = dict(BIAS=mode, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
                   ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype))
     if n_dst > 0:
         launch(_tiled_bwd_dq, (tiles.num_q_blocks, num_heads),
-            q, k, v, tb_arg, masks, dout, lse, delta, dq, dtb if dtb is not None else delta,
+            q, k, v, tb_arg, masks, cell_edge, dout, lse, delta, dq, dtb if dtb is not None else delta,
             tiles.tile_ptr, tiles.k_block, tiles.mask_index, float(scale),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             n_dst, n_src, num_heads, num_heads // num_kv, dim, tb_heads,
@@ -254,7 +271,7 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout
     if n_src > 0:
         order, k_ptr = tiles.by_key()
         launch(_tiled_bwd_dkdv, (tiles.num_k_blocks, num_kv),
-            q, k, v, tb_arg, masks, dout, lse, delta, dk, dv, k_ptr, order, tiles.q_block,
+            q, k, v, tb_arg, masks, cell_edge, dout, lse, delta, dk, dv, k_ptr, order, tiles.q_block,
             tiles.mask_index, float(scale),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             n_dst, n_src, num_heads, num_heads // num_kv, dim, tb_heads, **common)
