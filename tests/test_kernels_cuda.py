@@ -158,3 +158,15 @@ def test_cuda_offsets_past_int32():
         torch.testing.assert_close(out[tail].float(), want, atol=2e-2, rtol=2e-2)
         del out
     clear_cache()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["fused", "tiled"])
+def test_cuda_tensors_on_another_device_than_the_current_one(backend):
+    edge_index, n_src, n_dst = graph_case("empty_rows")
+    second = torch.device("cuda", 1)
+    q, k, v, b = (x.detach().to(second).requires_grad_() for x in
+                  make_inputs(n_src, n_dst, edge_index.size(1), dtype=torch.float32))
+    with torch.cuda.device(0):
+        _compare(edge_index.to(second), q, k, v, b, backend, {"block_size": 16} if backend == "tiled" else {},
+                 TOL[torch.float32])

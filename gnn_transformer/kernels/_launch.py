@@ -11,6 +11,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+import torch
+
 
 class Launch(NamedTuple):
     """One kernel launch: the ``@triton.jit`` function, its grid, arguments and constexprs."""
@@ -28,6 +30,11 @@ def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
     record = getattr(_STATE, "record", None)
     if record is not None:
         record.append(Launch(kernel, tuple(grid), args, meta))
+        return
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    if device is not None and device.type == "cuda":
+        with torch.cuda.device(device):  # Triton launches on the current device: make it the tensors'
+            kernel[grid](*args, **meta)
         return
     kernel[grid](*args, **meta)
 
