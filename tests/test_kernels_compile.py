@@ -28,11 +28,11 @@ def _run(code: str) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
-def _rows(arch: int, dtypes: list[str]) -> list[dict]:
+def _rows(arch: int, dtypes: list[str], head_dims=(64,)) -> list[dict]:
     result = _run(f"""
         import dataclasses, json
         from gnn_transformer.kernels.compile_check import compile_cases, default_cases
-        rows = compile_cases(default_cases({dtypes!r}), arch={arch})
+        rows = compile_cases(default_cases({dtypes!r}, head_dims={list(head_dims)!r}), arch={arch})
         print(json.dumps([dict(dataclasses.asdict(r), fits=r.fits) for r in rows]))
     """)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -55,6 +55,14 @@ def test_every_kernel_compiles_and_fits(arch, dtypes):
     # the tiled kernels' half-precision products run on tensor cores
     half_tiled = [r for r in rows if r["kernel"].startswith("_tiled") and "bfloat16" in r["case"]]
     assert half_tiled and all(r["tensor_cores"] for r in half_tiled)
+
+
+def test_large_head_dims_fit_in_half_precision():
+    """Head dims 128 and 256 in bfloat16 fit an H100 (the larger one with 8 warps and one stage)."""
+    rows = _rows(90, ["bfloat16"], head_dims=(128, 256))
+    assert {r["kernel"] for r in rows} == KERNELS
+    over = [(r["kernel"], r["case"], r["shared_bytes"]) for r in rows if not r["fits"]]
+    assert not over, over
 
 
 def test_a_kernel_the_gpu_rejects_is_reported():

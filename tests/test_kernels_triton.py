@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -111,3 +112,39 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     q, k, v, _ = make_inputs(n_src, n_dst, 1, bias=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         attend(q, k, v, edge_index, scale=1.0, backend="fused", impl="triton")
+
+
+@pytest.mark.parametrize("refused", ["_tiled_fwd", "_tiled_bwd_dkdv"])
+def test_tiled_falls_back_where_the_gpu_refuses_the_launch(monkeypatch, refused):
+    """A launch the GPU refuses for want of shared memory (large head dims) runs the PyTorch tiled
+    path instead, with one warning, and the same results."""
+    from triton.runtime.errors import OutOfResources
+
+    from gnn_transformer.kernels import triton_tiled
+
+    real = triton_tiled.launch
+
+    def launch(kernel, grid, *args, **meta):
+        if kernel.__name__ == refused:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(triton_tiled, "launch", launch)
+    monkeypatch.setattr(triton_tiled, "_FELL_BACK", set())
+    edge_index, n_src, n_dst = _small("empty_rows")
+    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            out, lse = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend="tiled", block_size=16,
+                              return_lse=True, impl="triton")
+            got = torch.autograd.grad(_loss(out, lse, torch.ones_like(out)), (q, k, v, b))
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1, messages  # once, not per call
+    assert "need more shared memory than this GPU has for head dim 4" in messages[0]
+    assert "running the PyTorch tiled path instead" in messages[0]
+    ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.4, edge_bias=b, return_lse=True)
+    want = torch.autograd.grad(_loss(ref, ref_lse, torch.ones_like(ref)), (q, k, v, b))
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, **TOL[torch.float64])

@@ -13,9 +13,10 @@ Run it in a process without ``TRITON_INTERPRET=1`` (the interpreter replaces the
     python -m gnn_transformer.kernels.compile_check --arch 80 --dtypes bfloat16
 
 Each row: the kernel, the case, registers per thread, spilled bytes (stores / loads), shared memory
-(flagged when over the target's per-block limit, where the launch would fail), warps, pipeline
-stages, and whether the code uses tensor cores (matrix instructions in the PTX). A kernel that does not compile raises with Triton's message and the case; the command exits
-with 1 then, or when a kernel needs more shared memory than the target has.
+(flagged when over the target's per-block limit: the GPU would refuse that launch, and ``attend``
+runs the PyTorch tiled path instead), warps, pipeline stages, and whether the code uses tensor
+cores (matrix instructions in the PTX). A kernel that does not compile raises with the compiler's
+reason and the case, and the command exits with 1.
 """
 from __future__ import annotations
 
@@ -266,9 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_rows(rows))
     over = [r for r in rows if not r.fits]
     if over:
-        print(f"error: {len(over)} kernel(s) need more shared memory than sm_{args.arch} has",
-              file=sys.stderr)
-        return 1
+        print(f"note: {len(over)} kernel(s) need more shared memory than sm_{args.arch} has; there "
+              f"attend runs the PyTorch tiled path instead", file=sys.stderr)
     return 0
 
 

@@ -15,6 +15,8 @@ Notation: ``Bq`` / ``Bk`` block sizes, ``H`` / ``H_kv`` query / key-value heads,
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from ._autograd import Kernel, kernel_attention, softmax_delta
 from ._launch import launch
+from .tiled_torch import tiled_backward, tiled_forward
 from .tiling import TileList
 
 
@@ -193,14 +196,17 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _options(dtype: torch.dtype) -> dict:
-    """Launch options by dtype. Half precision runs on tensor cores in 4 warps with Triton's default
-    pipelining. Float32 (IEEE products, no TF32) and float64 run the ``[64, 64]`` tiles on CUDA cores:
+def _options(dtype: torch.dtype, head_dim: int) -> dict:
+    """Launch options by dtype and head dimension. Half precision runs on tensor cores in 4 warps
+    with Triton's default pipelining up to a head dimension of 128; beyond, in 8 warps and one stage
+    (a head dimension of 256 then needs 139 KB of shared memory instead of 271 KB for the dK/dV
+    kernel). Float32 (IEEE products, no TF32) and float64 run the ``[64, 64]`` tiles on CUDA cores:
     with 4 warps they spill heavily, and with pipelining float64 needs more shared memory than an
-    H100 has (330 KB for the dK/dV kernel with a tile bias). 8 warps and one stage bring every kernel
-    within the H100's and A100's shared memory (``python -m gnn_transformer.kernels.compile_check``
-    prints what each specialization needs)."""
-    if dtype in (torch.float16, torch.bfloat16):
+    H100 has (330 KB for the dK/dV kernel with a tile bias at head dim 64). 8 warps and one stage
+    bring those within the H100's and A100's shared memory
+    (``python -m gnn_transformer.kernels.compile_check`` prints what each specialization needs;
+    what still does not fit runs the PyTorch tiled path, see :func:`_falling_back`)."""
+    if dtype in (torch.float16, torch.bfloat16) and head_dim <= 128:
         return dict(num_warps=4)
     return dict(num_warps=8, num_stages=1)
 
@@ -244,7 +250,7 @@ def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
         n_dst, k.size(0), num_heads, num_heads // k.size(1), dim, tb_heads,
         BIAS=mode, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
-        ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype))
+        ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype, dim))
     return out, lse
 
 
@@ -260,7 +266,7 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout
     dtb = torch.zeros_like(tbias) if need_bias_grad else None
     tb_arg = tbias if tbias is not None else delta
     common = dict(BIAS=mode, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
-                  ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype))
+                  ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype, dim))
     if n_dst > 0:
         launch(_tiled_bwd_dq, (tiles.num_q_blocks, num_heads),
             q, k, v, tb_arg, masks, cell_edge, dout, lse, delta, dq, dtb if dtb is not None else delta,
@@ -278,10 +284,37 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout
     return dq, dk, dv, dtb
 
 
+_FELL_BACK: set = set()
+
+
+def _falling_back(triton_fn, torch_fn, what: str):
+    """``triton_fn``, or ``torch_fn`` (the PyTorch tiled path, same arguments) where the GPU refuses
+    the launch for want of resources: shared memory grows with the head dimension, and large ones
+    (256 in half precision on GPUs with 99 KB per block, 128 and up in float64) do not fit. Warns
+    once per case."""
+    from triton.runtime.errors import OutOfResources
+
+    def run(q, *args):
+        try:
+            return triton_fn(q, *args)
+        except OutOfResources as err:
+            key = (what, q.device, q.dtype, q.size(-1))
+            if key not in _FELL_BACK:
+                _FELL_BACK.add(key)
+                warnings.warn(f"The Triton tiled {what} kernels need more {err.name} than this GPU has for "
+                              f"head dim {q.size(-1)} in {q.dtype} ({err}); running the PyTorch tiled path "
+                              f"instead", RuntimeWarning, stacklevel=2)
+            return torch_fn(q, *args)
+    return run
+
+
+_forward = _falling_back(tiled_triton_forward, tiled_forward, "forward")
+_backward = _falling_back(tiled_triton_backward, tiled_backward, "backward")
+
 # the tile bias comes before the tile list in the shared kernel signature
 TRITON_TILED = Kernel(
-    lambda q, k, v, tb, tiles, scale: tiled_triton_forward(q, k, v, tiles, tb, scale),
-    lambda q, k, v, tb, tiles, scale, *rest: tiled_triton_backward(q, k, v, tiles, tb, scale, *rest))
+    lambda q, k, v, tb, tiles, scale: _forward(q, k, v, tiles, tb, scale),
+    lambda q, k, v, tb, tiles, scale, *rest: _backward(q, k, v, tiles, tb, scale, *rest))
 
 
 def tiled_triton_attention(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None,
