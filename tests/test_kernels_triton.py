@@ -116,8 +116,8 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 @pytest.mark.parametrize("refused", ["_tiled_fwd", "_tiled_bwd_dkdv"])
 def test_tiled_falls_back_where_the_gpu_refuses_the_launch(monkeypatch, refused):
-    """A launch the GPU refuses for want of shared memory (large head dims) runs the PyTorch tiled
-    path instead, with one warning, and the same results."""
+    """A launch the GPU refuses for want of shared memory (large head dims), even with lean options,
+    runs the PyTorch tiled path instead, with one warning, and the same results."""
     from triton.runtime.errors import OutOfResources
 
     from gnn_transformer.kernels import triton_tiled
@@ -130,7 +130,7 @@ def test_tiled_falls_back_where_the_gpu_refuses_the_launch(monkeypatch, refused)
         return real(kernel, grid, *args, **meta)
 
     monkeypatch.setattr(triton_tiled, "launch", launch)
-    monkeypatch.setattr(triton_tiled, "_FELL_BACK", set())
+    monkeypatch.setattr(triton_tiled, "_LEVEL", {})
     edge_index, n_src, n_dst = _small("empty_rows")
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4)
     with warnings.catch_warnings(record=True) as caught:
@@ -143,8 +143,45 @@ def test_tiled_falls_back_where_the_gpu_refuses_the_launch(monkeypatch, refused)
     assert len(messages) == 1, messages  # once, not per call
     assert "need more shared memory than this GPU has for head dim 4" in messages[0]
     assert "running the PyTorch tiled path instead" in messages[0]
+    assert sorted(triton_tiled._LEVEL.values()) == [0, 2]  # the other pass stays on Triton
     ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.4, edge_bias=b, return_lse=True)
     want = torch.autograd.grad(_loss(ref, ref_lse, torch.ones_like(ref)), (q, k, v, b))
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, **TOL[torch.float64])
+
+
+def test_tiled_retries_with_lean_options(monkeypatch):
+    """A launch refused with the default options but accepted with 8 warps and one stage (GPUs with
+    less shared memory) stays on Triton, without a warning."""
+    from triton.runtime.errors import OutOfResources
+
+    from gnn_transformer.kernels import triton_tiled
+
+    real = triton_tiled.launch
+    seen = []
+
+    def launch(kernel, grid, *args, **meta):
+        seen.append((kernel.__name__, meta.get("num_warps"), meta.get("num_stages")))
+        if kernel.__name__ == "_tiled_bwd_dkdv" and meta.get("num_stages") != 1:
+            raise OutOfResources(107_520, 101_376, "shared memory")
+        return real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(triton_tiled, "launch", launch)
+    monkeypatch.setattr(triton_tiled, "_LEVEL", {})
+    edge_index, n_src, n_dst = _small("empty_rows")
+    q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4,
+                             dtype=torch.bfloat16, bias=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            out = attend(q, k, v, edge_index, scale=0.4, backend="tiled", block_size=16, impl="triton")
+            got = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert sorted(triton_tiled._LEVEL.values()) == [0, 1]  # forward default, backward lean
+    # the second backward goes straight to the lean options
+    assert seen[-2:] == [("_tiled_bwd_dq", 8, 1), ("_tiled_bwd_dkdv", 8, 1)]
+    up = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    ref = attend_reference(*up, edge_index, scale=0.4)
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
+    for x, y in zip(got, torch.autograd.grad(ref.sum(), up)):
+        torch.testing.assert_close(x.float(), y, atol=2e-2, rtol=2e-2)

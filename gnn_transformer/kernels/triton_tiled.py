@@ -196,17 +196,17 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _options(dtype: torch.dtype, head_dim: int) -> dict:
+def _options(dtype: torch.dtype, head_dim: int, lean: bool = False) -> dict:
     """Launch options by dtype and head dimension. Half precision runs on tensor cores in 4 warps
     with Triton's default pipelining up to a head dimension of 128; beyond, in 8 warps and one stage
     (a head dimension of 256 then needs 139 KB of shared memory instead of 271 KB for the dK/dV
     kernel). Float32 (IEEE products, no TF32) and float64 run the ``[64, 64]`` tiles on CUDA cores:
     with 4 warps they spill heavily, and with pipelining float64 needs more shared memory than an
-    H100 has (330 KB for the dK/dV kernel with a tile bias at head dim 64). 8 warps and one stage
-    bring those within the H100's and A100's shared memory
-    (``python -m gnn_transformer.kernels.compile_check`` prints what each specialization needs;
-    what still does not fit runs the PyTorch tiled path, see :func:`_falling_back`)."""
-    if dtype in (torch.float16, torch.bfloat16) and head_dim <= 128:
+    H100 has (330 KB for the dK/dV kernel with a tile bias at head dim 64), so they also take 8
+    warps and one stage. ``lean`` asks for those everywhere (GPUs with less shared memory; see
+    :func:`_falling_back`). ``python -m gnn_transformer.kernels.compile_check`` prints what each
+    specialization needs."""
+    if dtype in (torch.float16, torch.bfloat16) and head_dim <= 128 and not lean:
         return dict(num_warps=4)
     return dict(num_warps=8, num_stages=1)
 
@@ -233,7 +233,7 @@ def _common(tiles: TileList, tbias: Tensor | None, dim: int):
 
 
 def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None,
-                         scale: float) -> tuple[Tensor, Tensor]:
+                         scale: float, lean: bool = False) -> tuple[Tensor, Tensor]:
     """``(out [N_dst, H, D], lse [N_dst, H])`` over the tiles; ``tbias`` is tile biases
     ``[T, H_b, Bq, Bk]``, an edge bias ``[E_t, H]`` of the tiled edges, or ``None``."""
     _check_blocks(tiles)
@@ -250,11 +250,12 @@ def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
         n_dst, k.size(0), num_heads, num_heads // k.size(1), dim, tb_heads,
         BIAS=mode, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
-        ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype, dim))
+        ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype, dim, lean))
     return out, lse
 
 
-def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse, need_bias_grad):
+def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse, need_bias_grad,
+                          lean: bool = False):
     """``(dq, dk, dv, dbias)``, ``dbias`` of ``tbias``'s shape (tile or edge bias)."""
     n_dst, num_heads, dim = q.shape
     n_src, num_kv = k.size(0), k.size(1)
@@ -266,7 +267,7 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout
     dtb = torch.zeros_like(tbias) if need_bias_grad else None
     tb_arg = tbias if tbias is not None else delta
     common = dict(BIAS=mode, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
-                  ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype, dim))
+                  ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype, dim, lean))
     if n_dst > 0:
         launch(_tiled_bwd_dq, (tiles.num_q_blocks, num_heads),
             q, k, v, tb_arg, masks, cell_edge, dout, lse, delta, dq, dtb if dtb is not None else delta,
@@ -284,27 +285,33 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout
     return dq, dk, dv, dtb
 
 
-_FELL_BACK: set = set()
+_LEVEL: dict = {}  # (pass, device, dtype, head dim, bias form) -> 0 default, 1 lean, 2 PyTorch
 
 
 def _falling_back(triton_fn, torch_fn, what: str):
-    """``triton_fn``, or ``torch_fn`` (the PyTorch tiled path, same arguments) where the GPU refuses
-    the launch for want of resources: shared memory grows with the head dimension, and large ones
-    (256 in half precision on GPUs with 99 KB per block, 128 and up in float64) do not fit. Warns
-    once per case."""
+    """``triton_fn`` with the default launch options, else with lean ones (8 warps, one stage: less
+    shared memory), else ``torch_fn`` (the PyTorch tiled path, same arguments), as far as the GPU
+    refuses launches for want of resources: shared memory grows with the head dimension and GPUs
+    differ (227 KB per block on an H100, 99 KB on an RTX 4090). The level that works is remembered
+    per case; falling back to PyTorch warns once."""
     from triton.runtime.errors import OutOfResources
 
-    def run(q, *args):
-        try:
-            return triton_fn(q, *args)
-        except OutOfResources as err:
-            key = (what, q.device, q.dtype, q.size(-1))
-            if key not in _FELL_BACK:
-                _FELL_BACK.add(key)
-                warnings.warn(f"The Triton tiled {what} kernels need more {err.name} than this GPU has for "
-                              f"head dim {q.size(-1)} in {q.dtype} ({err}); running the PyTorch tiled path "
-                              f"instead", RuntimeWarning, stacklevel=2)
-            return torch_fn(q, *args)
+    def run(q, k, v, tiles, tbias, *rest):
+        key = (what, q.device, q.dtype, q.size(-1), None if tbias is None else tbias.dim())
+        for level in range(_LEVEL.get(key, 0), 2):
+            try:
+                result = triton_fn(q, k, v, tiles, tbias, *rest, lean=level == 1)
+            except OutOfResources as err:
+                reason = err
+                continue
+            _LEVEL[key] = level
+            return result
+        if _LEVEL.get(key) != 2:
+            _LEVEL[key] = 2
+            warnings.warn(f"The Triton tiled {what} kernels need more {reason.name} than this GPU has for "
+                          f"head dim {q.size(-1)} in {q.dtype} ({reason}); running the PyTorch tiled path "
+                          f"instead", RuntimeWarning, stacklevel=2)
+        return torch_fn(q, k, v, tiles, tbias, *rest)
     return run
 
 
