@@ -333,3 +333,26 @@ def test_dense_reference_needs_key_value_projections():
     x = torch.randn(1, 3, 8)
     with pytest.raises(ValueError, match="'layer' with key/value projections"):
         dense.multihead_attention(layer, x, x, torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_auto_with_dropout_warns_once_on_large_graphs(monkeypatch):
+    """Training with attention dropout sends ``auto`` to the per-edge path; on a graph whose
+    per-edge tensors are large it says so, once."""
+    import warnings
+
+    import gnn_transformer.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "_WARNED_DROPOUT", False)
+    monkeypatch.setattr(attention_module, "DROPOUT_WARN_BYTES", 40 * 4 * 8 * 4)  # 40 edges, 4 heads of 8
+    layer = GraphMultiheadAttention(32, 4, dropout=0.1, backend="auto").train()
+    small, large = causal(6), causal(9)  # 21 and 45 edges
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert layer.resolve_backend(small, torch.device("cpu")) == "pyg"
+        assert not caught
+        for _ in range(2):
+            assert layer.resolve_backend(large, torch.device("cpu")) == "pyg"
+        layer.eval()
+        assert layer.resolve_backend(large, torch.device("cpu")) in ("fused", "tiled", "split")
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "Attention dropout (0.1) runs backend='auto' on the per-edge 'pyg'" in messages[0]
