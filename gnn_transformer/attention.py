@@ -18,7 +18,6 @@ Notation: ``N`` nodes (``N_src`` / ``N_dst`` for a bipartite graph), ``E`` edges
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +29,6 @@ from torch_geometric.utils import softmax
 from .position import RotaryEmbedding
 
 BACKENDS = ("auto", "pyg", "fused", "tiled", "split")
-# ``auto`` with attention dropout in training runs ``pyg``; past this size of one per-edge tensor
-# ``[E, H, D]`` (float32) it says so, once per process
-DROPOUT_WARN_BYTES = 1 << 28
-_WARNED_DROPOUT = False
 
 
 def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int) -> None:
@@ -391,32 +386,20 @@ class GraphMultiheadAttention(MessagePassing):
         out = self.out_proj(out.reshape(num_dst, self.embed_dim))  # [N_dst, C]
         return (out, alpha) if return_attention_weights else out
 
-    def _warn_dropout_fallback(self, edge_index: Tensor) -> None:
-        """Warn once per process when attention dropout sends ``auto`` to the per-edge path on a
-        graph whose per-edge tensors ``[E, H, D]`` take more than ``DROPOUT_WARN_BYTES``."""
-        global _WARNED_DROPOUT
-        size = edge_index.size(1) * self.num_heads * self.head_dim * 4
-        if _WARNED_DROPOUT or size < DROPOUT_WARN_BYTES:
-            return
-        _WARNED_DROPOUT = True
-        warnings.warn(f"Attention dropout ({self.dropout}) runs backend='auto' on the per-edge 'pyg' path "
-                      f"while training: the fused kernels have no dropout, and this graph's per-edge "
-                      f"tensors take {size / 2 ** 30:.1f} GiB each. Set dropout=0.0 on the attention to "
-                      f"use them.", RuntimeWarning, stacklevel=3)
-
     def resolve_backend(self, edge_index: Tensor, device: torch.device, backend: str | None = None) -> str:
-        """The backend one call will use: ``"pyg"`` whenever attention dropout is active."""
+        """The backend one call will use: ``"fused"`` for ``"auto"`` while attention dropout is
+        active (the one kernel with dropout)."""
         backend = self.backend if backend is None else backend
         if backend not in BACKENDS:
             raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {backend!r})")
         dropout_active = self.training and self.dropout > 0.0
-        if backend == "auto" and dropout_active:
-            self._warn_dropout_fallback(edge_index)
-        if backend == "pyg" or (backend == "auto" and dropout_active):
+        if backend == "pyg":
             return "pyg"
         if dropout_active:
-            raise ValueError(f"backend={backend!r} has no attention dropout: use backend='pyg' or "
-                             f"'auto' while training with dropout={self.dropout}")
+            if backend in ("tiled", "split"):
+                raise ValueError(f"backend={backend!r} has no attention dropout: use 'fused', 'auto' or "
+                                 f"'pyg' while training with dropout={self.dropout}")
+            return "fused"
         if backend == "auto":
             from . import kernels  # lazy: the kernels sit below this layer
             return kernels.choose_backend(edge_index, device)
@@ -444,8 +427,10 @@ class GraphMultiheadAttention(MessagePassing):
             return out, (weights if need_weights else None)
 
         from . import kernels
+        dropout_p = self.dropout if self.training else 0.0
         out, lse = kernels.attend(query, key, value, edge_index, scale=scale, edge_bias=edge_bias,
-                                  backend=backend, num_dst=query.size(0), return_lse=True)
+                                  backend=backend, num_dst=query.size(0), return_lse=True,
+                                  dropout_p=dropout_p)
         weights = None
         if need_weights:
             weights = kernels.edge_weights(query, key, edge_index, lse, scale=scale,

@@ -232,8 +232,30 @@ def test_dropout_on_attention_weights():
     no_dropout.load_state_dict(layer.state_dict())
     torch.testing.assert_close(layer(x, ei), no_dropout(x, ei))
     layer.train()
-    with pytest.raises(ValueError, match="dropout"):
-        layer(x, ei, backend="fused")
+    assert layer.resolve_backend(ei, x.device) == "fused"  # auto: the kernel with dropout
+    assert layer.resolve_backend(ei, x.device, "pyg") == "pyg"
+    for backend in ("tiled", "split"):
+        with pytest.raises(ValueError, match=f"backend='{backend}' has no attention dropout"):
+            layer(x, ei, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_dropout_in_the_fused_kernel_is_inverted_dropout(backend):
+    """Training with attention dropout on the kernel: the mask follows torch's seed, about ``p`` of
+    the weights go, and the mean output over many masks is the output without dropout."""
+    torch.manual_seed(0)
+    layer = GraphMultiheadAttention(16, 2, dropout=0.3, backend=backend).double()
+    x = torch.randn(40, 16, dtype=torch.float64)
+    ei = full(40)
+    torch.manual_seed(5)
+    a = layer(x, ei)
+    torch.manual_seed(5)
+    torch.testing.assert_close(layer(x, ei), a, rtol=0, atol=0)  # seeded by torch's generator
+    outs = torch.stack([layer(x, ei) for _ in range(400)])
+    layer.eval()
+    ref = layer(x, ei)
+    assert not torch.allclose(a, ref)
+    assert (outs.mean(0) - ref).abs().max() < 0.15 * ref.abs().max()
 
 
 # ---------------------------------------------------------------- property-based
@@ -333,26 +355,3 @@ def test_dense_reference_needs_key_value_projections():
     x = torch.randn(1, 3, 8)
     with pytest.raises(ValueError, match="'layer' with key/value projections"):
         dense.multihead_attention(layer, x, x, torch.ones(3, 3, dtype=torch.bool))
-
-
-def test_auto_with_dropout_warns_once_on_large_graphs(monkeypatch):
-    """Training with attention dropout sends ``auto`` to the per-edge path; on a graph whose
-    per-edge tensors are large it says so, once."""
-    import warnings
-
-    import gnn_transformer.attention as attention_module
-
-    monkeypatch.setattr(attention_module, "_WARNED_DROPOUT", False)
-    monkeypatch.setattr(attention_module, "DROPOUT_WARN_BYTES", 40 * 4 * 8 * 4)  # 40 edges, 4 heads of 8
-    layer = GraphMultiheadAttention(32, 4, dropout=0.1, backend="auto").train()
-    small, large = causal(6), causal(9)  # 21 and 45 edges
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert layer.resolve_backend(small, torch.device("cpu")) == "pyg"
-        assert not caught
-        for _ in range(2):
-            assert layer.resolve_backend(large, torch.device("cpu")) == "pyg"
-        layer.eval()
-        assert layer.resolve_backend(large, torch.device("cpu")) in ("fused", "tiled", "split")
-    messages = [str(w.message) for w in caught]
-    assert len(messages) == 1 and "Attention dropout (0.1) runs backend='auto' on the per-edge 'pyg'" in messages[0]

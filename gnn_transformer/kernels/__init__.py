@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import _launch
+from ._dropout import threshold
 from ._graph import CSRGraph, clear_cache, prepare
 from .chunked import DEFAULT_MAX_EDGES, chunked_attention
 from .merge import merge_partials
@@ -164,11 +165,11 @@ def _sub_graph(graph: CSRGraph, edge_ids: Tensor) -> CSRGraph:
     return CSRGraph(graph.num_src, graph.num_dst, src, dst, rowptr, None)
 
 
-def _fused(q, k, v, bias, graph: CSRGraph, scale, use_triton, max_edges):
+def _fused(q, k, v, bias, graph: CSRGraph, scale, use_triton, max_edges, dropout=None):
     if use_triton:
         from .triton_csr import csr_attention
-        return csr_attention(q, k, v, bias, graph, scale)
-    return chunked_attention(q, k, v, bias, graph, scale, max_edges)
+        return csr_attention(q, k, v, bias, graph, scale, dropout)
+    return chunked_attention(q, k, v, bias, graph, scale, max_edges, dropout)
 
 
 def _tiled(q, k, v, bias, tiles: TileList, scale, use_triton, max_cells):
@@ -187,7 +188,7 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
            edge_bias: Tensor | None = None, backend: str = "auto", num_dst: int | None = None,
            return_lse: bool = False, impl: str | None = None, block_size: int | None = None,
            tile_cost: float | None = None, max_edges: int = DEFAULT_MAX_EDGES,
-           max_cells: int = DEFAULT_MAX_CELLS):
+           max_cells: int = DEFAULT_MAX_CELLS, dropout_p: float = 0.0, dropout_seed: int | None = None):
     """Attention over the edges ``j -> i`` of ``edge_index``, without per-edge messages.
 
     Args:
@@ -207,6 +208,11 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
         tile_cost: cost of a tile cell relative to an edge (default by device: ``TILE_COST``);
             ``split`` tiles the tiles filled to at least this ratio.
         max_edges, max_cells: memory bounds of one chunk of the PyTorch paths.
+        dropout_p: attention dropout: each weight ``(edge, head)`` is zeroed with probability
+            ``dropout_p`` and the others scaled by ``1 / (1 - dropout_p)`` (``lse`` stays that of the
+            softmax). Runs on ``fused`` (``auto`` picks it); the mask is a hash of
+            ``(dropout_seed, edge, head)``, recomputed in the backward pass, the same on CPU and GPU.
+        dropout_seed: seed of the mask (default: drawn from torch's global generator).
 
     Returns:
         ``out [N_dst, H, D]`` in ``query``'s dtype, and ``lse`` when ``return_lse``.
@@ -232,13 +238,24 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
                              f"(got {list(edge_bias.shape)})")
         bias = edge_bias if graph.perm is None else edge_bias[graph.perm]  # [E, H], target-sorted
     use_triton = _use_triton(query.device, impl)
+    dropout = None
+    if dropout_p:
+        threshold(dropout_p)  # validates
+        if backend not in ("auto", "fused"):
+            raise ValueError(f"Attention dropout runs on backend 'fused' or 'auto' (got backend={backend!r} "
+                             f"with dropout_p={dropout_p})")
+        backend = "fused"
+        seed = int(torch.randint(0, 2 ** 31 - 1, ()).item()) if dropout_seed is None else dropout_seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 31:
+            raise ValueError(f"Expected 'dropout_seed' to be an int in [0, 2**31) (got {dropout_seed!r})")
+        dropout = (float(dropout_p), seed)
     device_type = query.device.type
     block = BLOCK_SIZE.get(device_type, 64) if block_size is None else block_size
     dense = None
     if backend == "auto":
         backend, dense = _plan(graph, device_type, block, tile_cost)
     if backend == "fused":
-        out, lse = _fused(query, key, value, bias, graph, scale, use_triton, max_edges)
+        out, lse = _fused(query, key, value, bias, graph, scale, use_triton, max_edges, dropout)
     elif backend == "tiled":
         tiles = graph.extras.get(("tiles", block, block))
         if tiles is None:

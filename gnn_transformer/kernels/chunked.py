@@ -12,7 +12,9 @@ log-sum-exp (FlashAttention's recipe):
     dQ = scale · DS @ K (over targets),  dK = scale · DS^T @ Q,  dV = P^T @ dO (over sources),  dbias = DS
 
 where the transposed products walk each chunk's edges sorted by source. Every product is a
-deterministic CSR kernel; half-precision inputs are computed in float32.
+deterministic CSR kernel; half-precision inputs are computed in float32. With attention dropout,
+``P`` is multiplied by the keep scales ``m_e`` of :mod:`._dropout` (regenerated in the backward pass):
+``out = (P∘M) V``, ``dp_e = m_e dO_i . v_j``, ``dV = (P∘M)^T dO``; ``delta`` and ``lse`` are unchanged.
 
 Notation: ``E`` edges, ``R`` target rows of a chunk, ``H`` / ``H_kv`` query / key-value heads, ``D``
 head dimension; ``T`` marks head-major copies ``[H, N, D]``.
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import Kernel, kernel_attention, softmax_delta
+from ._dropout import keep_scale
 from ._graph import CSRGraph
 
 DEFAULT_MAX_EDGES = 1 << 22  # edges per chunk and head: 16 MiB of float32 scores
@@ -116,9 +119,20 @@ def _head_major(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype).transpose(0, 1).contiguous()  # [N, H, D] -> [H, N, D]
 
 
+def _dropped(c: RowChunk, dropout: tuple[float, int] | None, h: int, x: Tensor) -> Tensor:
+    """``x [Ec]`` times the chunk's dropout scales of head ``h`` (``x`` itself without dropout)."""
+    if dropout is None:
+        return x
+    p, seed = dropout
+    edges = torch.arange(c.e0, c.e1, device=x.device)  # positions in the target-sorted order
+    return x * keep_scale(seed, edges, h, p, x.dtype)
+
+
 def chunked_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
-                    scale: float, max_edges: int = DEFAULT_MAX_EDGES) -> tuple[Tensor, Tensor]:
-    """``(out [N_dst, H, D] in q's dtype, lse [N_dst, H])``; bias in target-sorted edge order."""
+                    scale: float, max_edges: int = DEFAULT_MAX_EDGES,
+                    dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor]:
+    """``(out [N_dst, H, D] in q's dtype, lse [N_dst, H])``; bias in target-sorted edge order.
+    ``dropout = (p, seed)`` drops attention weights (``lse`` stays that of the softmax)."""
     cd = compute_dtype(q.dtype)
     n_dst, num_heads, dim = q.shape
     group = num_heads // k.size(1)
@@ -138,7 +152,8 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph:
                 nonempty = total > 0
                 safe = torch.where(nonempty, total, torch.ones_like(total))
                 p = e / safe[c.row]  # [Ec]
-                outT[h, c.r0:c.r1] = _csr(c.crow, c.col, p, (c.r1 - c.r0, graph.num_src)) @ vT[hk]
+                pd = _dropped(c, dropout, h, p)  # [Ec]
+                outT[h, c.r0:c.r1] = _csr(c.crow, c.col, pd, (c.r1 - c.r0, graph.num_src)) @ vT[hk]
                 lseT[h, c.r0:c.r1] = torch.where(nonempty, top + torch.log(safe),
                                                  torch.full_like(safe, float("-inf")))
     return outT.transpose(0, 1).to(q.dtype), lseT.t().contiguous()
@@ -146,7 +161,8 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph:
 
 def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
                      scale: float, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None,
-                     need_bias_grad: bool, max_edges: int = DEFAULT_MAX_EDGES):
+                     need_bias_grad: bool, max_edges: int = DEFAULT_MAX_EDGES,
+                     dropout: tuple[float, int] | None = None):
     """``(dq, dk, dv, dbias)`` from the saved ``out`` and ``lse``; ``dbias`` in sorted edge order."""
     cd = compute_dtype(q.dtype)
     n_dst, num_heads, dim = q.shape
@@ -171,12 +187,12 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph
                 bias_h = None if bias is None else bias[c.e0:c.e1, h]
                 s = _scores(c, qT[h, c.r0:c.r1], kT[hk], bias_h, scale)  # [Ec]
                 p = torch.exp(s - lse_safe[h, c.r0:c.r1][c.row])  # [Ec]
-                dp = _sampled(c, doT[h, c.r0:c.r1], vT[hk], None, 1.0)  # [Ec]
+                dp = _dropped(c, dropout, h, _sampled(c, doT[h, c.r0:c.r1], vT[hk], None, 1.0))  # [Ec]
                 ds = p * (dp - deltaT[h, c.r0:c.r1][c.row])  # [Ec]
                 if dbias is not None:
                     dbias[c.e0:c.e1, h] = ds
                 dqT[h, c.r0:c.r1] = (_csr(c.crow, c.col, ds, size) @ kT[hk]) * scale
-                ds_t, p_t = ds[c.t_perm], p[c.t_perm]  # [Ec] in source order
+                ds_t, p_t = ds[c.t_perm], _dropped(c, dropout, h, p)[c.t_perm]  # [Ec] in source order
                 dkT[hk] += (_csr(c.t_crow, c.t_col, ds_t, size_t) @ qT[h, c.r0:c.r1]) * scale
                 dvT[hk] += _csr(c.t_crow, c.t_col, p_t, size_t) @ doT[h, c.r0:c.r1]
     dq = dqT.transpose(0, 1).to(q.dtype)
@@ -191,6 +207,7 @@ CHUNKED = Kernel(chunked_forward, chunked_backward)
 
 
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
-                      scale: float, max_edges: int = DEFAULT_MAX_EDGES) -> tuple[Tensor, Tensor]:
+                      scale: float, max_edges: int = DEFAULT_MAX_EDGES,
+                      dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor]:
     """Differentiable ``(out, lse)`` of the chunked path; ``bias`` in target-sorted edge order."""
-    return kernel_attention(CHUNKED, q, k, v, bias, graph, scale, max_edges=max_edges)
+    return kernel_attention(CHUNKED, q, k, v, bias, graph, scale, max_edges=max_edges, dropout=dropout)

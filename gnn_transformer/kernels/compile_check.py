@@ -51,11 +51,13 @@ class Case:
     head_dim: int = 64
     bias: bool = False
     duplicates: bool = False
+    dropout: bool = False
 
     def __str__(self) -> str:
         gqa = f"{self.heads}/{self.kv_heads}" if self.kv_heads != self.heads else f"{self.heads}"
         return (f"{self.backend} {self.dtype} H={gqa} D={self.head_dim}"
-                + (" +bias" if self.bias else "") + (" +duplicates" if self.duplicates else ""))
+                + (" +bias" if self.bias else "") + (" +duplicates" if self.duplicates else "")
+                + (" +dropout" if self.dropout else ""))
 
 
 @dataclass(frozen=True)
@@ -80,12 +82,13 @@ class Compiled:
 
 def default_cases(dtypes: Iterable[str] = tuple(DTYPES), backends: Iterable[str] = ("fused", "tiled"),
                   head_dims: Iterable[int] = (64,)) -> list[Case]:
-    """Every backend and dtype with and without an edge bias (and, for the tiled kernels, with an
-    edge bias on a graph with repeated edges), 12 query heads on 4 key/value heads."""
-    variants = {"fused": [(False, False), (True, False)]}
-    return [Case(b, d, head_dim=hd, bias=bias, duplicates=dup)
+    """Every backend and dtype with and without an edge bias; for the fused kernels also with
+    attention dropout, for the tiled ones with an edge bias on a graph with repeated edges; 12 query
+    heads on 4 key/value heads."""
+    variants = {"fused": [dict(), dict(bias=True), dict(bias=True, dropout=True)]}
+    return [Case(b, d, head_dim=hd, **variant)
             for b in backends for d in dtypes for hd in head_dims
-            for bias, dup in variants.get(b, [(False, False), (True, False), (True, True)])]
+            for variant in variants.get(b, [dict(), dict(bias=True), dict(bias=True, duplicates=True)])]
 
 
 MIN_TRITON = (3, 3)  # the ASTSource signature / constexprs / attrs form used below
@@ -127,7 +130,8 @@ def record_case(case: Case, num_tokens: int = 256, block_size: int = 64):
         bias = torch.zeros(edge_index.size(1), case.heads, dtype=dtype, requires_grad=True)
     with recording() as launches:
         out = attend(q, k, v, edge_index, scale=case.head_dim ** -0.5, edge_bias=bias,
-                     backend=case.backend, impl="triton", block_size=block_size)
+                     backend=case.backend, impl="triton", block_size=block_size,
+                     dropout_p=0.1 if case.dropout else 0.0, dropout_seed=1)
         out.float().sum().backward()
     return launches
 

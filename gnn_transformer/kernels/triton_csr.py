@@ -11,7 +11,10 @@ Backward (``delta_i = dO_i . O_i - dlse_i``, ``p = exp(s - lse_i)``, ``ds = p (d
 - ``dK`` / ``dV``: one program per (source ``j``, key/value head) over the source-sorted CSC, summing
   the query heads of its group inside the program.
 
-Every output element is written by exactly one program: deterministic, no atomics. Half-precision
+With attention dropout, the kept weights are scaled by ``1 / (1 - p)`` and the dropped ones are
+zero in ``out`` and in ``dV``, and ``dp`` is masked the same way; the keep mask is a hash of (seed,
+edge, head) recomputed in each kernel (:mod:`._dropout`). Every output element is written by exactly
+one program: deterministic, no atomics. Half-precision
 inputs accumulate in float32, float64 inputs in float64. Importing this module needs Triton; CPU
 tensors run under ``TRITON_INTERPRET=1`` (slowly: tests only).
 
@@ -25,15 +28,39 @@ import triton.language as tl
 from torch import Tensor
 
 from ._autograd import Kernel, kernel_attention, softmax_delta
+from ._dropout import threshold
 from ._graph import CSRGraph
 from ._launch import launch
 
 
 @triton.jit
-def _csr_fwd(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, scale,
+def _mix(x):
+    """``lowbias32`` on uint32 (the same steps as :func:`._dropout._mix`)."""
+    x = x ^ (x >> 16)
+    x = x * tl.full((1,), 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full((1,), 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _keep(SEED, edge, h, THRESH):
+    """Whether the weight of each ``edge`` (int64 positions) and head ``h`` survives dropout: the
+    hash of :func:`._dropout.keep_hash`, bit for bit."""
+    edge = edge.to(tl.int64)
+    x = SEED.to(tl.uint32) ^ (h.to(tl.uint32) * tl.full((1,), 0x9E3779B9, tl.uint32))
+    x = _mix(x)
+    x = _mix(x ^ (edge >> 32).to(tl.uint32))
+    x = _mix(x ^ (edge & 0xFFFFFFFF).to(tl.uint32))
+    return x.to(tl.int64) >= THRESH
+
+
+@triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
+def _csr_fwd(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, scale, SEED, THRESH, keep_scale,
              stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
              H, GROUP, D,
-             HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+             HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+             ACC: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
     h = tl.program_id(1)
     hk = h // GROUP
@@ -62,6 +89,8 @@ def _csr_fwd(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, scale,
         p = tl.exp(s - m_use)
         l = l * corr + tl.sum(p, axis=0)
         v = tl.load(V + kv, mask=mask2, other=0.0).to(ACC)
+        if DROPOUT:  # the normalizer l keeps every weight; the output only the kept ones
+            p = tl.where(_keep(SEED, offs_e, h, THRESH), p * keep_scale, 0.0)
         acc = acc * corr + tl.sum(p[:, None] * v, axis=0)
         m = m_new
     nonempty = l > 0
@@ -72,11 +101,11 @@ def _csr_fwd(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, scale,
     tl.store(LSE + i * H + h + tl.arange(0, 1), lse)
 
 
-@triton.jit
-def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, scale,
+@triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
+def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, scale, SEED, THRESH, keep_scale,
                 stride_qn, stride_qh, stride_kn, stride_kh,
                 H, GROUP, D,
-                HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr,
+                HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
                 BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
     h = tl.program_id(1)
@@ -105,6 +134,8 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, scale,
             s += tl.load(BIAS + offs_e * H + h, mask=emask, other=0.0).to(ACC)
         p = tl.where(emask, tl.exp(s - lse), 0.0)
         dp = tl.sum(v * do[None, :], axis=1)
+        if DROPOUT:
+            dp = tl.where(_keep(SEED, offs_e, h, THRESH), dp * keep_scale, 0.0)
         ds = p * (dp - delta)  # [BLOCK_E]
         if WRITE_DBIAS:
             tl.store(DBIAS + offs_e * H + h, ds.to(DBIAS.dtype.element_ty), mask=emask)
@@ -112,11 +143,12 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, scale,
     tl.store(DQ + row, (dq * scale).to(DQ.dtype.element_ty), mask=dmask)
 
 
-@triton.jit
-def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, COLPTR, CSC_PERM, DST, scale,
+@triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
+def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, COLPTR, CSC_PERM, DST, scale, SEED, THRESH,
+                  keep_scale,
                   stride_qn, stride_qh, stride_kn, stride_kh,
                   H, GROUP, D,
-                  HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
                   ACC: tl.constexpr):
     j = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
     hk = tl.program_id(1)
@@ -148,8 +180,14 @@ def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, COLPTR, CSC_PERM, DST, 
                 s += tl.load(BIAS + e * H + h, mask=emask, other=0.0).to(ACC)
             p = tl.where(emask, tl.exp(s - lse), 0.0)
             dp = tl.sum(do * v[None, :], axis=1)
+            if DROPOUT:
+                kept = _keep(SEED, e, h, THRESH)
+                dp = tl.where(kept, dp * keep_scale, 0.0)
+                pd = tl.where(kept, p * keep_scale, 0.0)
+            else:
+                pd = p
             ds = p * (dp - delta)
-            dv += tl.sum(p[:, None] * do, axis=0)
+            dv += tl.sum(pd[:, None] * do, axis=0)
             dk += tl.sum(ds[:, None] * q, axis=0)
     tl.store(DK + col, (dk * scale).to(DK.dtype.element_ty), mask=dmask)
     tl.store(DV + col, dv.to(DV.dtype.element_ty), mask=dmask)
@@ -162,9 +200,18 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _dropout_args(dropout: tuple[float, int] | None) -> tuple[int, int, float]:
+    """``(seed, threshold, keep scale)`` of ``dropout = (p, seed)`` (placeholders without)."""
+    if dropout is None:
+        return 0, 0, 1.0
+    p, seed = dropout
+    return int(seed), threshold(p), 1.0 / (1.0 - p)
+
+
 def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
-                scale: float) -> tuple[Tensor, Tensor]:
-    """``(out [N_dst, H, D], lse [N_dst, H])``; ``bias`` ``[E, H]`` in target-sorted edge order."""
+                scale: float, dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor]:
+    """``(out [N_dst, H, D], lse [N_dst, H])``; ``bias`` ``[E, H]`` in target-sorted edge order;
+    ``dropout = (p, seed)`` drops attention weights (:mod:`._dropout`)."""
     n_dst, num_heads, dim = q.shape
     group = num_heads // k.size(1)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -174,15 +221,16 @@ def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSR
         return out, lse
     bias_arg = bias.contiguous() if bias is not None else lse  # unused when HAS_BIAS is False
     launch(_csr_fwd, (n_dst, num_heads),
-        q, k, v, bias_arg, out, lse, graph.rowptr, graph.src, float(scale),
+        q, k, v, bias_arg, out, lse, graph.rowptr, graph.src, float(scale), *_dropout_args(dropout),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
         num_heads, group, dim,
-        HAS_BIAS=bias is not None, BLOCK_E=BLOCK_E, BLOCK_D=triton.next_power_of_2(dim),
+        HAS_BIAS=bias is not None, DROPOUT=dropout is not None, BLOCK_E=BLOCK_E, BLOCK_D=triton.next_power_of_2(dim),
         ACC=_acc(q.dtype))
     return out, lse
 
 
-def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, need_bias_grad):
+def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, need_bias_grad,
+                 dropout: tuple[float, int] | None = None):
     """``(dq, dk, dv, dbias)``; ``dbias`` in target-sorted edge order."""
     n_dst, num_heads, dim = q.shape
     n_src, num_kv = k.size(0), k.size(1)
@@ -197,18 +245,19 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, ne
     if n_dst > 0:
         launch(_csr_bwd_dq, (n_dst, num_heads),
             q, k, v, bias_arg, dout, lse, delta, dq, dbias if dbias is not None else delta,
-            graph.rowptr, graph.src, float(scale),
+            graph.rowptr, graph.src, float(scale), *_dropout_args(dropout),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             num_heads, group, dim,
-            HAS_BIAS=bias is not None, WRITE_DBIAS=dbias is not None,
+            HAS_BIAS=bias is not None, WRITE_DBIAS=dbias is not None, DROPOUT=dropout is not None,
             BLOCK_E=BLOCK_E, BLOCK_D=block_d, ACC=_acc(q.dtype))
     if n_src > 0:
         colptr, csc_perm = graph.csc()
         launch(_csc_bwd_dkdv, (n_src, num_kv),
             q, k, v, bias_arg, dout, lse, delta, dk, dv, colptr, csc_perm, graph.dst, float(scale),
+            *_dropout_args(dropout),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             num_heads, group, dim,
-            HAS_BIAS=bias is not None, BLOCK_E=BLOCK_E, BLOCK_D=block_d, ACC=_acc(q.dtype))
+            HAS_BIAS=bias is not None, DROPOUT=dropout is not None, BLOCK_E=BLOCK_E, BLOCK_D=block_d, ACC=_acc(q.dtype))
     return dq, dk, dv, dbias
 
 
@@ -216,7 +265,7 @@ TRITON_CSR = Kernel(csr_forward, csr_backward)
 
 
 def csr_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
-                  scale: float) -> tuple[Tensor, Tensor]:
+                  scale: float, dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor]:
     """Differentiable ``(out, lse)`` of the Triton CSR kernels; ``bias`` in target-sorted order."""
     return kernel_attention(TRITON_CSR, q.contiguous(), k.contiguous(), v.contiguous(), bias,
-                            graph, scale)
+                            graph, scale, dropout=dropout)

@@ -1,0 +1,115 @@
+"""Attention dropout in the ``fused`` kernels: the keep mask is a hash of (seed, edge, head), the
+same in the PyTorch and Triton implementations and in the backward pass.
+
+The reference applies the same mask to the per-edge softmax (``attend_reference`` weights times the
+keep scales), forward and backward, in float64 at 1e-10."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from gnn_transformer.kernels import _dropout, _graph, attend, attend_reference
+from gnn_transformer.kernels.chunked import chunked_attention
+
+from .test_kernels_common import graph_case, make_inputs
+
+
+def _reference(q, k, v, edge_index, scale, bias, p, seed):
+    """Per-edge attention with the kernels' mask: ``out_i = sum_j m_ji alpha_ji v_j``."""
+    plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+    graph = _graph.prepare(edge_index, k.size(0), q.size(0))
+    assert graph.perm is None  # sorted graphs: positions are columns
+    src, dst = plain[0], plain[1]
+    group = q.size(1) // k.size(1)
+    s = (q[dst] * k[src].repeat_interleave(group, 1)).sum(-1) * scale  # [E, H]
+    if bias is not None:
+        s = s + bias
+    _, lse = attend_reference(q, k, v, edge_index, scale=scale, edge_bias=bias, return_lse=True)
+    alpha = torch.exp(s - lse[dst])  # [E, H]
+    edges = torch.arange(src.numel())
+    m = torch.stack([_dropout.keep_scale(seed, edges, h, p, q.dtype) for h in range(q.size(1))], 1)
+    msg = (alpha * m).unsqueeze(-1) * v[src].repeat_interleave(group, 1)  # [E, H, D]
+    out = torch.zeros(q.shape, dtype=q.dtype).index_add(0, dst, msg)
+    return out, lse
+
+
+def _grads(out, lse, inputs):
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)
+    loss = (out * w).sum() + 0.3 * lse[torch.isfinite(lse)].sum()
+    return torch.autograd.grad(loss, inputs)
+
+
+IMPLS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["empty_rows", "hub", "bipartite", "multigraph", "causal"])
+def test_dropout_matches_the_masked_reference(name, impl):
+    edge_index, n_src, n_dst = graph_case(name, seed=2)
+    if impl == "triton":  # the interpreter is slow: the first 20 targets and sources
+        keep = (edge_index[0] < 20) & (edge_index[1] < 20)
+        edge_index, n_src, n_dst = edge_index.as_tensor()[:, keep], min(n_src, 20), min(n_dst, 20)
+    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=4, kv_heads=2, dim=4,
+                             bias=name != "bipartite")
+    out, lse = attend(q, k, v, edge_index, scale=0.5, edge_bias=b, backend="fused", return_lse=True,
+                      impl=impl, dropout_p=0.4, dropout_seed=123, max_edges=50)
+    ref, ref_lse = _reference(q, k, v, edge_index, 0.5, b, 0.4, 123)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
+    inputs = [x for x in (q, k, v, b) if x is not None]
+    for x, y in zip(_grads(out, lse, inputs), _grads(ref, ref_lse, inputs)):
+        torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-10)
+
+
+def test_keep_rate_and_independence():
+    edges = torch.arange(200_000)
+    for p in (0.1, 0.5):
+        kept = _dropout.keep_hash(7, edges, 0) >= _dropout.threshold(p)
+        assert abs(kept.float().mean().item() - (1 - p)) < 0.005
+    a = _dropout.keep_hash(7, edges, 0) >= _dropout.threshold(0.5)
+    b = _dropout.keep_hash(7, edges, 1) >= _dropout.threshold(0.5)  # another head
+    c = _dropout.keep_hash(8, edges, 0) >= _dropout.threshold(0.5)  # another seed
+    d = _dropout.keep_hash(7, edges + 2 ** 32, 0) >= _dropout.threshold(0.5)  # the high word counts
+    for other in (b, c, d):
+        assert abs((a == other).float().mean().item() - 0.5) < 0.005
+
+
+def test_hash_is_lowbias32():
+    """Known values of lowbias32 (C. Wellons' hash-prospector): the 32-bit arithmetic in int64 is
+    exact."""
+    x = torch.tensor([0, 1, 0xFFFFFFFF, 0x12345678])
+    want = []
+    for v in x.tolist():
+        v ^= v >> 16
+        v = (v * 0x7FEB352D) & 0xFFFFFFFF
+        v ^= v >> 15
+        v = (v * 0x846CA68B) & 0xFFFFFFFF
+        v ^= v >> 16
+        want.append(v)
+    assert _dropout._mix(x).tolist() == want
+
+
+def test_gradcheck_with_dropout():
+    edge_index, n_src, n_dst = graph_case("empty_rows", seed=4)
+    keep = (edge_index[0] < 9) & (edge_index[1] < 8)
+    edge_index = edge_index.as_tensor()[:, keep]
+    q, k, v, b = make_inputs(9, 8, edge_index.size(1), heads=2, kv_heads=1, dim=3)
+    graph = _graph.prepare(edge_index, 9, 8)
+
+    def fn(q, k, v, b):
+        out, lse = chunked_attention(q, k, v, b, graph, 0.7, 7, dropout=(0.3, 99))
+        return out, lse.masked_fill(torch.isinf(lse), 0.0)
+    assert torch.autograd.gradcheck(fn, (q, k, v, b), fast_mode=True)
+
+
+def test_dropout_errors_name_the_argument():
+    edge_index, n_src, n_dst = graph_case("causal")
+    q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), bias=False)
+    with pytest.raises(ValueError, match="'dropout_p' in \\[0, 1\\) \\(got 1.0\\)"):
+        attend(q, k, v, edge_index, scale=1.0, dropout_p=1.0)
+    with pytest.raises(ValueError, match="backend 'fused' or 'auto' \\(got backend='tiled'"):
+        attend(q, k, v, edge_index, scale=1.0, backend="tiled", dropout_p=0.1)
+    with pytest.raises(ValueError, match="'dropout_seed'.*-3"):
+        attend(q, k, v, edge_index, scale=1.0, dropout_p=0.1, dropout_seed=-3)
