@@ -12,6 +12,8 @@ import torch
 
 from gnn_transformer.kernels import _dropout, _graph, attend, attend_reference
 from gnn_transformer.kernels.chunked import chunked_attention
+from gnn_transformer.kernels.tiled_torch import tiled_attention
+from gnn_transformer.kernels.tiling import build_tiles
 
 from .test_kernels_common import graph_case, make_inputs
 
@@ -42,25 +44,53 @@ def _grads(out, lse, inputs):
 
 
 IMPLS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+# (backend, block size): the Triton tiled kernels need blocks of at least 16
+BACKENDS = [("fused", None), ("tiled", 16), ("tiled", 4)]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backend, block", BACKENDS, ids=["fused", "tiled16", "tiled4"])
 @pytest.mark.parametrize("name", ["empty_rows", "hub", "bipartite", "multigraph", "causal"])
-def test_dropout_matches_the_masked_reference(name, impl):
+def test_dropout_matches_the_masked_reference(name, backend, block, impl):
+    """Every backend with dropout drops the same weights (the hash of the edge's position), so each
+    equals the same masked reference."""
+    if impl == "triton" and block == 4:
+        pytest.skip("the Triton tiled kernels need blocks of at least 16")
     edge_index, n_src, n_dst = graph_case(name, seed=2)
     if impl == "triton":  # the interpreter is slow: the first 20 targets and sources
         keep = (edge_index[0] < 20) & (edge_index[1] < 20)
         edge_index, n_src, n_dst = edge_index.as_tensor()[:, keep], min(n_src, 20), min(n_dst, 20)
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=4, kv_heads=2, dim=4,
                              bias=name != "bipartite")
-    out, lse = attend(q, k, v, edge_index, scale=0.5, edge_bias=b, backend="fused", return_lse=True,
-                      impl=impl, dropout_p=0.4, dropout_seed=123, max_edges=50)
+    kw = dict(scale=0.5, edge_bias=b, backend=backend, return_lse=True, impl=impl, dropout_p=0.4,
+              dropout_seed=123, max_edges=50, max_cells=300)
+    if block is not None:
+        kw["block_size"] = block
+    if backend == "tiled" and name in ("multigraph", "hub"):  # repeated edges share a cell
+        with pytest.raises(ValueError, match="without repeated edges"):
+            attend(q, k, v, edge_index, **kw)
+        return
+    out, lse = attend(q, k, v, edge_index, **kw)
     ref, ref_lse = _reference(q, k, v, edge_index, 0.5, b, 0.4, 123)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
     inputs = [x for x in (q, k, v, b) if x is not None]
     for x, y in zip(_grads(out, lse, inputs), _grads(ref, ref_lse, inputs)):
         torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-10)
+
+
+def test_auto_with_dropout_picks_fused_or_tiled():
+    from gnn_transformer.kernels import choose_backend
+    from gnn_transformer.topology import bigbird, causal, random
+
+    assert choose_backend(causal(256), "cpu", dropout=True) == "tiled"
+    assert choose_backend(random(256, 8), "cpu", dropout=True) == "fused"
+    graph = bigbird(512, block=16, window=1, num_global=1, num_random=2)
+    assert choose_backend(graph, "cpu", block_size=64) == "split"
+    assert choose_backend(graph, "cpu", block_size=64, dropout=True) == "fused"  # split has no dropout
+    multi = torch.cat([causal(128).as_tensor(), causal(128).as_tensor()[:, :5]], dim=1)
+    assert choose_backend(multi, "cpu") == "tiled"
+    assert choose_backend(multi, "cpu", dropout=True) == "fused"  # two edges in a cell
 
 
 def test_keep_rate_and_independence():
@@ -91,15 +121,21 @@ def test_hash_is_lowbias32():
     assert _dropout._mix(x).tolist() == want
 
 
-def test_gradcheck_with_dropout():
+@pytest.mark.parametrize("backend", ["fused", "tiled"])
+def test_gradcheck_with_dropout(backend):
     edge_index, n_src, n_dst = graph_case("empty_rows", seed=4)
     keep = (edge_index[0] < 9) & (edge_index[1] < 8)
     edge_index = edge_index.as_tensor()[:, keep]
     q, k, v, b = make_inputs(9, 8, edge_index.size(1), heads=2, kv_heads=1, dim=3)
     graph = _graph.prepare(edge_index, 9, 8)
 
+    tiles = build_tiles(graph, 4, 4)
+
     def fn(q, k, v, b):
-        out, lse = chunked_attention(q, k, v, b, graph, 0.7, 7, dropout=(0.3, 99))
+        if backend == "fused":
+            out, lse = chunked_attention(q, k, v, b, graph, 0.7, 7, dropout=(0.3, 99))
+        else:
+            out, lse = tiled_attention(q, k, v, tiles, b[tiles.edge_ids], 0.7, 64, dropout=(0.3, 99))
         return out, lse.masked_fill(torch.isinf(lse), 0.0)
     assert torch.autograd.gradcheck(fn, (q, k, v, b), fast_mode=True)
 
@@ -109,7 +145,7 @@ def test_dropout_errors_name_the_argument():
     q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), bias=False)
     with pytest.raises(ValueError, match="'dropout_p' in \\[0, 1\\) \\(got 1.0\\)"):
         attend(q, k, v, edge_index, scale=1.0, dropout_p=1.0)
-    with pytest.raises(ValueError, match="backend 'fused' or 'auto' \\(got backend='tiled'"):
-        attend(q, k, v, edge_index, scale=1.0, backend="tiled", dropout_p=0.1)
+    with pytest.raises(ValueError, match="'fused', 'tiled' or 'auto' \\(got backend='split'"):
+        attend(q, k, v, edge_index, scale=1.0, backend="split", dropout_p=0.1)
     with pytest.raises(ValueError, match="'dropout_seed'.*-3"):
         attend(q, k, v, edge_index, scale=1.0, dropout_p=0.1, dropout_seed=-3)

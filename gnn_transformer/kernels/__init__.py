@@ -37,7 +37,7 @@ from .chunked import DEFAULT_MAX_EDGES, chunked_attention
 from .merge import merge_partials
 from .reference import attend_reference
 from .tiled_torch import DEFAULT_MAX_CELLS, tiled_attention
-from .tiling import TileList, build_tiles, tile_bias, tile_stats
+from .tiling import TileList, build_tiles, cached_tiles, tile_bias, tile_stats
 
 BACKENDS = ("auto", "fused", "tiled", "split")
 IMPLS = (None, "torch", "triton")
@@ -123,17 +123,28 @@ def _plan(graph: CSRGraph, device_type: str, block: int | None = None,
     return plan
 
 
+def _with_dropout(graph: CSRGraph, backend: str, block: int) -> str:
+    """``auto``'s choice under attention dropout: ``tiled`` where it would tile everything and each
+    cell holds one edge, else ``fused`` (``split`` has no dropout)."""
+    if backend == "tiled" and not cached_tiles(graph, block, block).has_duplicates:
+        return "tiled"
+    return "fused"
+
+
 def choose_backend(edge_index: Tensor, device, *, block_size: int | None = None,
-                   tile_cost: float | None = None) -> str:
+                   tile_cost: float | None = None, dropout: bool = False) -> str:
     """The backend ``"auto"`` runs for this graph on ``device``: ``"fused"``, ``"tiled"`` or ``"split"``.
 
     A tile of ``B × B`` cells costs ``tile_cost · B²`` edge-equivalents whatever its fill; the
     choice minimizes the total over: all edges fused, all tiles tiled, or dense tiles tiled plus
-    the remaining edges fused (plus a merge). Cached on the graph.
+    the remaining edges fused (plus a merge). Cached on the graph. With ``dropout``, the choice
+    with attention dropout: ``"fused"`` or ``"tiled"``.
     """
     n_src, n_dst = _sizes(edge_index)
     graph = prepare(edge_index, n_src, n_dst)
-    return _plan(graph, _device_type(device), block_size, tile_cost)[0]
+    block = BLOCK_SIZE.get(_device_type(device), 64) if block_size is None else block_size
+    backend = _plan(graph, _device_type(device), block, tile_cost)[0]
+    return _with_dropout(graph, backend, block) if dropout else backend
 
 
 def _check_inputs(query, key, value, backend, num_dst, impl):
@@ -172,7 +183,7 @@ def _fused(q, k, v, bias, graph: CSRGraph, scale, use_triton, max_edges, dropout
     return chunked_attention(q, k, v, bias, graph, scale, max_edges, dropout)
 
 
-def _tiled(q, k, v, bias, tiles: TileList, scale, use_triton, max_cells):
+def _tiled(q, k, v, bias, tiles: TileList, scale, use_triton, max_cells, dropout=None):
     if bias is not None and not tiles.has_duplicates:  # [E_t, H], read per cell: no bias tiles
         tb = bias[tiles.edge_ids]
     else:  # boolean masks (None), or tile biases [T, H_b, Bq, Bk] that sum parallel edges
@@ -180,8 +191,8 @@ def _tiled(q, k, v, bias, tiles: TileList, scale, use_triton, max_cells):
                        torch.float64 if q.dtype == torch.float64 else torch.float32)
     if use_triton:
         from .triton_tiled import tiled_triton_attention
-        return tiled_triton_attention(q, k, v, tiles, tb, scale)
-    return tiled_attention(q, k, v, tiles, tb, scale, max_cells)
+        return tiled_triton_attention(q, k, v, tiles, tb, scale, dropout)
+    return tiled_attention(q, k, v, tiles, tb, scale, max_cells, dropout)
 
 
 def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, scale: float,
@@ -210,8 +221,10 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
         max_edges, max_cells: memory bounds of one chunk of the PyTorch paths.
         dropout_p: attention dropout: each weight ``(edge, head)`` is zeroed with probability
             ``dropout_p`` and the others scaled by ``1 / (1 - dropout_p)`` (``lse`` stays that of the
-            softmax). Runs on ``fused`` (``auto`` picks it); the mask is a hash of
-            ``(dropout_seed, edge, head)``, recomputed in the backward pass, the same on CPU and GPU.
+            softmax). Runs on ``fused`` and ``tiled`` (without repeated edges; ``auto`` picks one of
+            them); the mask is a hash of ``(dropout_seed, edge, head)`` with the edge's position in
+            the target-sorted order, recomputed in the backward pass, the same on every backend
+            and device.
         dropout_seed: seed of the mask (default: drawn from torch's global generator).
 
     Returns:
@@ -241,10 +254,9 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
     dropout = None
     if dropout_p:
         threshold(dropout_p)  # validates
-        if backend not in ("auto", "fused"):
-            raise ValueError(f"Attention dropout runs on backend 'fused' or 'auto' (got backend={backend!r} "
-                             f"with dropout_p={dropout_p})")
-        backend = "fused"
+        if backend == "split":
+            raise ValueError(f"Attention dropout runs on backend 'fused', 'tiled' or 'auto' (got "
+                             f"backend={backend!r} with dropout_p={dropout_p})")
         seed = int(torch.randint(0, 2 ** 31 - 1, ()).item()) if dropout_seed is None else dropout_seed
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 31:
             raise ValueError(f"Expected 'dropout_seed' to be an int in [0, 2**31) (got {dropout_seed!r})")
@@ -254,13 +266,16 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
     dense = None
     if backend == "auto":
         backend, dense = _plan(graph, device_type, block, tile_cost)
+        if dropout is not None:
+            backend = _with_dropout(graph, backend, block)
     if backend == "fused":
         out, lse = _fused(query, key, value, bias, graph, scale, use_triton, max_edges, dropout)
     elif backend == "tiled":
-        tiles = graph.extras.get(("tiles", block, block))
-        if tiles is None:
-            tiles = graph.extras[("tiles", block, block)] = build_tiles(graph, block, block)
-        out, lse = _tiled(query, key, value, bias, tiles, scale, use_triton, max_cells)
+        tiles = cached_tiles(graph, block, block)
+        if dropout is not None and tiles.has_duplicates:
+            raise ValueError("Attention dropout on backend 'tiled' needs a graph without repeated edges "
+                             "(use backend='fused')")
+        out, lse = _tiled(query, key, value, bias, tiles, scale, use_triton, max_cells, dropout)
     else:  # split
         ratio = _ratio(device_type, tile_cost)
         cache_key = ("split", block, ratio)

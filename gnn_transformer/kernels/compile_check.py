@@ -82,13 +82,13 @@ class Compiled:
 
 def default_cases(dtypes: Iterable[str] = tuple(DTYPES), backends: Iterable[str] = ("fused", "tiled"),
                   head_dims: Iterable[int] = (64,)) -> list[Case]:
-    """Every backend and dtype with and without an edge bias; for the fused kernels also with
-    attention dropout, for the tiled ones with an edge bias on a graph with repeated edges; 12 query
-    heads on 4 key/value heads."""
+    """Every backend and dtype with and without an edge bias and with attention dropout; for the
+    tiled kernels also with an edge bias on a graph with repeated edges; 12 query heads on 4
+    key/value heads."""
     variants = {"fused": [dict(), dict(bias=True), dict(bias=True, dropout=True)]}
+    tiled = [dict(), dict(bias=True), dict(bias=True, duplicates=True), dict(bias=True, dropout=True)]
     return [Case(b, d, head_dim=hd, **variant)
-            for b in backends for d in dtypes for hd in head_dims
-            for variant in variants.get(b, [dict(), dict(bias=True), dict(bias=True, duplicates=True)])]
+            for b in backends for d in dtypes for hd in head_dims for variant in variants.get(b, tiled)]
 
 
 MIN_TRITON = (3, 3)  # the ASTSource signature / constexprs / attrs form used below

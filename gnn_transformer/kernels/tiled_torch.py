@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import Kernel, kernel_attention, softmax_delta
+from ._dropout import keep_scale
 from .chunked import compute_dtype
 from .tiling import TileList
 
@@ -117,6 +118,19 @@ def _unblocked(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     return x.reshape(h, -1, d)[:, :n].transpose(0, 1).to(dtype)
 
 
+def _keep_scales(tiles: TileList, tids: Tensor, num_heads: int, dropout: tuple[float, int],
+                 dtype: torch.dtype) -> Tensor:
+    """Dropout scales ``[H, G, Bq, c·Bk]`` of a chunk's cells: the hash of each cell's edge (its
+    position in the graph's target-sorted order, as on the fused path), ``0`` where there is none."""
+    p, seed = dropout
+    g, c = tids.shape
+    ce = tiles.cell_edge()[tids].long()  # [G, c, Bq, Bk]
+    edge = tiles.edge_ids[ce.clamp(min=0)]  # graph positions
+    scales = torch.stack([keep_scale(seed, edge, h, p, dtype) for h in range(num_heads)])  # [H, G, c, Bq, Bk]
+    scales = scales.masked_fill((ce < 0).unsqueeze(0), 0.0)
+    return scales.permute(0, 1, 3, 2, 4).reshape(num_heads, g, tiles.block_q, c * tiles.block_k)
+
+
 def _scores(qB, kB, tiles, tbias, qb, tids, scale):
     g, c = tids.shape
     q = qB[:, qb]  # [H, G, Bq, D]
@@ -132,7 +146,8 @@ def _scores(qB, kB, tiles, tbias, qb, tids, scale):
 
 
 def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None, scale: float,
-                  max_cells: int = DEFAULT_MAX_CELLS) -> tuple[Tensor, Tensor]:
+                  max_cells: int = DEFAULT_MAX_CELLS, dropout: tuple[float, int] | None = None
+                  ) -> tuple[Tensor, Tensor]:
     """``(out [N_dst, H, D], lse [N_dst, H])`` over the tiles; ``tbias`` is tile biases
     ``[T, H_b, Bq, Bk]`` or an edge bias ``[E_t, H]`` of the tiled edges (see :func:`_bias`)."""
     cd = compute_dtype(q.dtype)
@@ -145,7 +160,7 @@ def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tenso
     outB = torch.zeros_like(qB)  # [H, nqb, Bq, D]
     lseB = torch.full(qB.shape[:3], float("-inf"), dtype=cd, device=q.device)  # [H, nqb, Bq]
     tb = None if tbias is None else tbias.to(cd)
-    flash = _use_flash(qB)
+    flash = _use_flash(qB) and dropout is None
     for qb, tids in _groups(tiles, num_heads, max_cells):
         g, c = tids.shape
         if flash:  # [G, H, Bq, D] / [G, H, c·Bk, D] layout of the fused CPU kernel
@@ -167,14 +182,18 @@ def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tenso
         nonempty = total > 0
         safe = torch.where(nonempty, total, torch.ones_like(total))
         vals = vB[:, tiles.k_block[tids].flatten()].reshape(num_heads, g, c * tiles.block_k, dim)
-        outB[:, qb] = torch.matmul(e / safe, vals)  # [H, G, Bq, D]
+        prob = e / safe  # [H, G, Bq, c·Bk]
+        if dropout is not None:
+            prob = prob * _keep_scales(tiles, tids, num_heads, dropout, cd)
+        outB[:, qb] = torch.matmul(prob, vals)  # [H, G, Bq, D]
         lseB[:, qb] = torch.where(nonempty, top + torch.log(safe), torch.full_like(safe, float("-inf"))).squeeze(-1)
     lse = lseB.reshape(num_heads, -1)[:, :n_dst].t().contiguous()  # [N_dst, H]
     return _unblocked(outB, n_dst, q.dtype), lse
 
 
 def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse,
-                   need_bias_grad: bool, max_cells: int = DEFAULT_MAX_CELLS):
+                   need_bias_grad: bool, max_cells: int = DEFAULT_MAX_CELLS,
+                   dropout: tuple[float, int] | None = None):
     """``(dq, dk, dv, dbias)`` from the saved ``out`` and ``lse``; ``dbias`` has ``tbias``'s shape."""
     cd = compute_dtype(q.dtype)
     n_dst, num_heads, dim = q.shape
@@ -192,7 +211,7 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse,
     dqB, dkB, dvB = torch.zeros_like(qB), torch.zeros_like(kB), torch.zeros_like(vB)
     tb = None if tbias is None else tbias.to(cd)
     dtb = torch.zeros_like(tb) if (need_bias_grad and tb is not None) else None
-    flash = _use_flash(qB) and dtb is None and dlse is None
+    flash = _use_flash(qB) and dtb is None and dlse is None and dropout is None
     if flash:
         outB = _blocked(out, tiles.block_q, nqb, cd)  # [H, nqb, Bq, D]
     for qb, tids in _groups(tiles, num_heads, max_cells):
@@ -214,10 +233,14 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse,
         dog = doB[:, qb]  # [H, G, Bq, D]
         vals = vB[:, kb].reshape(num_heads, g, c * tiles.block_k, dim)
         dp = torch.matmul(dog, vals.transpose(-1, -2))  # [H, G, Bq, c·Bk]
+        pd = p
+        if dropout is not None:
+            scales = _keep_scales(tiles, tids, num_heads, dropout, cd)
+            dp, pd = dp * scales, p * scales
         ds = p * (dp - deltaB[:, qb])
         dqB[:, qb] = torch.matmul(ds, kg) * scale
         dk = (torch.matmul(ds.transpose(-1, -2), qg) * scale).reshape(num_heads, g * c, tiles.block_k, dim)
-        dv = torch.matmul(p.transpose(-1, -2), dog).reshape(num_heads, g * c, tiles.block_k, dim)
+        dv = torch.matmul(pd.transpose(-1, -2), dog).reshape(num_heads, g * c, tiles.block_k, dim)
         dkB.index_add_(1, kb, dk)
         dvB.index_add_(1, kb, dv)
         if dtb is not None:
@@ -238,6 +261,8 @@ TILED = Kernel(
 
 
 def tiled_attention(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None, scale: float,
-                    max_cells: int = DEFAULT_MAX_CELLS) -> tuple[Tensor, Tensor]:
-    """Differentiable ``(out, lse)`` of the plain-torch tiled path."""
-    return kernel_attention(TILED, q, k, v, tbias, tiles, scale, max_cells=max_cells)
+                    max_cells: int = DEFAULT_MAX_CELLS, dropout: tuple[float, int] | None = None
+                    ) -> tuple[Tensor, Tensor]:
+    """Differentiable ``(out, lse)`` of the plain-torch tiled path; ``dropout = (p, seed)`` needs a
+    graph without repeated edges (one edge per cell)."""
+    return kernel_attention(TILED, q, k, v, tbias, tiles, scale, max_cells=max_cells, dropout=dropout)

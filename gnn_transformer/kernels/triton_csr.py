@@ -56,12 +56,14 @@ def _keep(SEED, edge, h, THRESH):
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csr_fwd(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, scale, SEED, THRESH, keep_scale,
+def _csr_fwd(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, SCALES, SEED, THRESH,
              stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
              H, GROUP, D,
              HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
              ACC: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
+    scale = tl.load(SCALES).to(ACC)  # in the accumulation dtype: a float argument would be float32
+    keep_scale = tl.load(SCALES + 1).to(ACC)
     h = tl.program_id(1)
     hk = h // GROUP
     start = tl.load(ROWPTR + i)
@@ -102,12 +104,14 @@ def _csr_fwd(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, scale, SEED, THRESH, keep_sca
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, scale, SEED, THRESH, keep_scale,
+def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, SCALES, SEED, THRESH,
                 stride_qn, stride_qh, stride_kn, stride_kh,
                 H, GROUP, D,
                 HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
                 BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
+    scale = tl.load(SCALES).to(ACC)  # in the accumulation dtype: a float argument would be float32
+    keep_scale = tl.load(SCALES + 1).to(ACC)
     h = tl.program_id(1)
     hk = h // GROUP
     start = tl.load(ROWPTR + i)
@@ -144,13 +148,14 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, scale, SE
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, COLPTR, CSC_PERM, DST, scale, SEED, THRESH,
-                  keep_scale,
+def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, COLPTR, CSC_PERM, DST, SCALES, SEED, THRESH,
                   stride_qn, stride_qh, stride_kn, stride_kh,
                   H, GROUP, D,
                   HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
                   ACC: tl.constexpr):
     j = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
+    scale = tl.load(SCALES).to(ACC)
+    keep_scale = tl.load(SCALES + 1).to(ACC)
     hk = tl.program_id(1)
     start = tl.load(COLPTR + j)
     end = tl.load(COLPTR + j + 1)
@@ -200,12 +205,16 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _dropout_args(dropout: tuple[float, int] | None) -> tuple[int, int, float]:
-    """``(seed, threshold, keep scale)`` of ``dropout = (p, seed)`` (placeholders without)."""
+def scalars(scale: float, dropout: tuple[float, int] | None, dtype: torch.dtype,
+            device: torch.device) -> tuple[Tensor, int, int]:
+    """``(scales, seed, threshold)`` kernel arguments: ``scales = [scale, 1 / (1 - p)]`` as a tensor in
+    the accumulation ``dtype`` (Triton passes a Python float as float32, which float64 results would
+    show), and the dropout seed and threshold (placeholders without dropout)."""
+    keep = 1.0 if dropout is None else 1.0 / (1.0 - dropout[0])
+    values = torch.tensor([float(scale), keep], dtype=dtype, device=device)
     if dropout is None:
-        return 0, 0, 1.0
-    p, seed = dropout
-    return int(seed), threshold(p), 1.0 / (1.0 - p)
+        return values, 0, 0
+    return values, int(dropout[1]), threshold(dropout[0])
 
 
 def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
@@ -221,7 +230,7 @@ def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSR
         return out, lse
     bias_arg = bias.contiguous() if bias is not None else lse  # unused when HAS_BIAS is False
     launch(_csr_fwd, (n_dst, num_heads),
-        q, k, v, bias_arg, out, lse, graph.rowptr, graph.src, float(scale), *_dropout_args(dropout),
+        q, k, v, bias_arg, out, lse, graph.rowptr, graph.src, *scalars(scale, dropout, acc_dtype, q.device),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
         num_heads, group, dim,
         HAS_BIAS=bias is not None, DROPOUT=dropout is not None, BLOCK_E=BLOCK_E, BLOCK_D=triton.next_power_of_2(dim),
@@ -245,7 +254,7 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, ne
     if n_dst > 0:
         launch(_csr_bwd_dq, (n_dst, num_heads),
             q, k, v, bias_arg, dout, lse, delta, dq, dbias if dbias is not None else delta,
-            graph.rowptr, graph.src, float(scale), *_dropout_args(dropout),
+            graph.rowptr, graph.src, *scalars(scale, dropout, acc_dtype, q.device),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             num_heads, group, dim,
             HAS_BIAS=bias is not None, WRITE_DBIAS=dbias is not None, DROPOUT=dropout is not None,
@@ -253,8 +262,8 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, ne
     if n_src > 0:
         colptr, csc_perm = graph.csc()
         launch(_csc_bwd_dkdv, (n_src, num_kv),
-            q, k, v, bias_arg, dout, lse, delta, dk, dv, colptr, csc_perm, graph.dst, float(scale),
-            *_dropout_args(dropout),
+            q, k, v, bias_arg, dout, lse, delta, dk, dv, colptr, csc_perm, graph.dst,
+            *scalars(scale, dropout, acc_dtype, q.device),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             num_heads, group, dim,
             HAS_BIAS=bias is not None, DROPOUT=dropout is not None, BLOCK_E=BLOCK_E, BLOCK_D=block_d, ACC=_acc(q.dtype))

@@ -25,6 +25,7 @@ from torch import Tensor
 from ._autograd import Kernel, kernel_attention, softmax_delta
 from ._launch import launch
 from .tiled_torch import tiled_backward, tiled_forward
+from .triton_csr import _keep, scalars
 from .tiling import TileList
 
 
@@ -61,12 +62,26 @@ def _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, TB_HEAD
 
 
 @triton.jit
-def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, TILE_PTR, K_BLOCK, MASK_INDEX, scale,
+def _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ: tl.constexpr, BK: tl.constexpr):
+    """Dropout scales ``[Bq, Bk]`` of tile ``t``, head ``h``: ``keep_scale`` where the cell's edge
+    (its position in the graph's target-sorted order) survives, else 0 (also where there is none)."""
+    cells = tl.arange(0, BQ)[:, None] * BK + tl.arange(0, BK)[None, :]
+    edge = tl.load(CELL_EDGE + t * BQ * BK + cells).to(tl.int64)
+    position = tl.load(EDGE_IDS + tl.maximum(edge, 0)).to(tl.int64)
+    kept = (edge >= 0) & _keep(SEED, position, h, THRESH)
+    return tl.where(kept, keep_scale, 0.0)
+
+
+@triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
+def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, TILE_PTR, K_BLOCK, MASK_INDEX, SCALES,
+               EDGE_IDS, SEED, THRESH,
                stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
                N_DST, N_SRC, H, GROUP, D, TB_HEADS,
-               BIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr,
-               ACC: tl.constexpr, UPCAST: tl.constexpr):
+               BIAS: tl.constexpr, DROPOUT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+               BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
     qb = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
+    scale = tl.load(SCALES).to(ACC)  # in the accumulation dtype: a float argument would be float32
+    keep_scale = tl.load(SCALES + 1).to(ACC)
     h = tl.program_id(1)
     hk = h // GROUP
     offs_m = qb * BQ + tl.arange(0, BQ)
@@ -92,6 +107,8 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, TILE_PTR, K_BLOCK, MA
         p = tl.exp(s - m_use[:, None])
         l_i = l_i * corr + tl.sum(p, axis=1)
         v = tl.load(V + kv, mask=nmask, other=0.0)
+        if DROPOUT:  # the normalizer keeps every weight; the output only the kept ones
+            p = p * _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ, BK)
         acc = acc * corr[:, None] + _dot(p.to(v.dtype), v, ACC, UPCAST)
         m_i = m_new
     nonempty = l_i > 0
@@ -103,14 +120,17 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, TILE_PTR, K_BLOCK, MA
     tl.store(LSE + offs_m * H + h, lse, mask=offs_m < N_DST)
 
 
-@triton.jit
-def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DQ, DTBIAS, TILE_PTR, K_BLOCK, MASK_INDEX, scale,
+@triton.jit(do_not_specialize=["SEED", "THRESH"])
+def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DQ, DTBIAS, TILE_PTR, K_BLOCK, MASK_INDEX,
+                  SCALES, EDGE_IDS, SEED, THRESH,
                   stride_qn, stride_qh, stride_kn, stride_kh,
                   N_DST, N_SRC, H, GROUP, D, TB_HEADS,
-                  BIAS: tl.constexpr, WRITE_DTBIAS: tl.constexpr,
+                  BIAS: tl.constexpr, WRITE_DTBIAS: tl.constexpr, DROPOUT: tl.constexpr,
                   BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
                   UPCAST: tl.constexpr):
     qb = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
+    scale = tl.load(SCALES).to(ACC)  # in the accumulation dtype: a float argument would be float32
+    keep_scale = tl.load(SCALES + 1).to(ACC)
     h = tl.program_id(1)
     hk = h // GROUP
     offs_m = qb * BQ + tl.arange(0, BQ)
@@ -138,6 +158,8 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DQ, DTBIAS, 
                          UPCAST)
         p = tl.exp(s - lse[:, None])  # [Bq, Bk], 0 where masked
         dp = _dot(do, tl.trans(v), ACC, UPCAST)
+        if DROPOUT:
+            dp = dp * _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ, BK)
         ds = p * (dp - delta[:, None])
         if WRITE_DTBIAS:
             if BIAS == 2:  # each edge owns one cell: its gradient is written once, no atomics
@@ -149,13 +171,16 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DQ, DTBIAS, 
     tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=mmask)
 
 
-@triton.jit
-def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DK, DV, K_PTR, ORDER, Q_BLOCK, MASK_INDEX, scale,
+@triton.jit(do_not_specialize=["SEED", "THRESH"])
+def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DK, DV, K_PTR, ORDER, Q_BLOCK, MASK_INDEX,
+                    SCALES, EDGE_IDS, SEED, THRESH,
                     stride_qn, stride_qh, stride_kn, stride_kh,
                     N_DST, N_SRC, H, GROUP, D, TB_HEADS,
-                    BIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr,
-                    ACC: tl.constexpr, UPCAST: tl.constexpr):
+                    BIAS: tl.constexpr, DROPOUT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                    BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
     kb = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
+    scale = tl.load(SCALES).to(ACC)
+    keep_scale = tl.load(SCALES + 1).to(ACC)
     hk = tl.program_id(1)
     offs_n = kb * BK + tl.arange(0, BK)
     offs_d = tl.arange(0, BLOCK_D)
@@ -185,8 +210,13 @@ def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DK, DV, K_
                          UPCAST)
             p = tl.exp(s - lse[:, None])  # [Bq, Bk]
             dp = _dot(do, tl.trans(v), ACC, UPCAST)
+            pd = p
+            if DROPOUT:
+                scales = _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ, BK)
+                dp = dp * scales
+                pd = p * scales
             ds = p * (dp - delta[:, None])
-            dv += _dot(tl.trans(p.to(do.dtype)), do, ACC, UPCAST)
+            dv += _dot(tl.trans(pd.to(do.dtype)), do, ACC, UPCAST)
             dk += _dot(tl.trans(ds.to(q.dtype)), q, ACC, UPCAST)
     tl.store(DK + cols, (dk * scale).to(DK.dtype.element_ty), mask=nmask)
     tl.store(DV + cols, dv.to(DV.dtype.element_ty), mask=nmask)
@@ -221,19 +251,28 @@ def _check_blocks(tiles: TileList) -> None:
             raise ValueError(f"The Triton tiled kernels need power-of-two blocks of at least 16 (got {name}={b})")
 
 
-def _common(tiles: TileList, tbias: Tensor | None, dim: int):
+def _common(tiles: TileList, tbias: Tensor | None, dim: int, dropout: tuple[float, int] | None):
     """``(masks, cell edges, bias heads, bias mode, head-dim block)`` of a launch; the bias mode is
     0 (boolean masks), 1 (tile biases ``[T, H_b, Bq, Bk]``) or 2 (edge bias ``[E_t, H]``)."""
     masks = tiles.masks.view(torch.uint8) if tiles.masks.numel() else \
         torch.ones(1, dtype=torch.uint8, device=tiles.masks.device)
     mode = 0 if tbias is None else (2 if tbias.dim() == 2 else 1)
-    cell_edge = tiles.cell_edge() if mode == 2 else masks  # unused unless mode 2
+    need_cells = mode == 2 or dropout is not None
+    cell_edge = tiles.cell_edge() if need_cells else masks  # unused unless needed
     tb_heads = 1 if tbias is None else tbias.size(1)
     return masks, cell_edge, tb_heads, mode, max(16, triton.next_power_of_2(dim))
 
 
+def _scalar_args(tiles: TileList, scale: float, dropout: tuple[float, int] | None, dtype: torch.dtype,
+                 device: torch.device) -> tuple:
+    """``(scales, edge ids, seed, threshold)`` kernel arguments (see :func:`.triton_csr.scalars`)."""
+    values, seed, thresh = scalars(scale, dropout, dtype, device)
+    return values, tiles.edge_ids, seed, thresh
+
+
 def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None,
-                         scale: float, lean: bool = False) -> tuple[Tensor, Tensor]:
+                         scale: float, lean: bool = False, dropout: tuple[float, int] | None = None
+                         ) -> tuple[Tensor, Tensor]:
     """``(out [N_dst, H, D], lse [N_dst, H])`` over the tiles; ``tbias`` is tile biases
     ``[T, H_b, Bq, Bk]``, an edge bias ``[E_t, H]`` of the tiled edges, or ``None``."""
     _check_blocks(tiles)
@@ -243,35 +282,37 @@ def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias
     lse = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)
     if n_dst == 0:
         return out, lse
-    masks, cell_edge, tb_heads, mode, block_d = _common(tiles, tbias, dim)
+    masks, cell_edge, tb_heads, mode, block_d = _common(tiles, tbias, dim, dropout)
+    drop = _scalar_args(tiles, scale, dropout, acc_dtype, q.device)
     launch(_tiled_fwd, (tiles.num_q_blocks, num_heads),
         q, k, v, tbias if tbias is not None else lse, masks, cell_edge, out, lse, tiles.tile_ptr, tiles.k_block,
-        tiles.mask_index, float(scale),
+        tiles.mask_index, *drop,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
         n_dst, k.size(0), num_heads, num_heads // k.size(1), dim, tb_heads,
-        BIAS=mode, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
+        BIAS=mode, DROPOUT=dropout is not None, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
         ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype, dim, lean))
     return out, lse
 
 
 def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse, need_bias_grad,
-                          lean: bool = False):
+                          lean: bool = False, dropout: tuple[float, int] | None = None):
     """``(dq, dk, dv, dbias)``, ``dbias`` of ``tbias``'s shape (tile or edge bias)."""
     n_dst, num_heads, dim = q.shape
     n_src, num_kv = k.size(0), k.size(1)
     acc_dtype = lse.dtype
     dout = dout.contiguous()
     delta = softmax_delta(out, dout, dlse, acc_dtype).contiguous()  # [N_dst, H]
-    masks, cell_edge, tb_heads, mode, block_d = _common(tiles, tbias, dim)
+    masks, cell_edge, tb_heads, mode, block_d = _common(tiles, tbias, dim, dropout)
+    drop = _scalar_args(tiles, scale, dropout, acc_dtype, q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dtb = torch.zeros_like(tbias) if need_bias_grad else None
     tb_arg = tbias if tbias is not None else delta
-    common = dict(BIAS=mode, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
+    common = dict(BIAS=mode, DROPOUT=dropout is not None, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
                   ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype, dim, lean))
     if n_dst > 0:
         launch(_tiled_bwd_dq, (tiles.num_q_blocks, num_heads),
             q, k, v, tb_arg, masks, cell_edge, dout, lse, delta, dq, dtb if dtb is not None else delta,
-            tiles.tile_ptr, tiles.k_block, tiles.mask_index, float(scale),
+            tiles.tile_ptr, tiles.k_block, tiles.mask_index, *drop,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             n_dst, n_src, num_heads, num_heads // num_kv, dim, tb_heads,
             WRITE_DTBIAS=dtb is not None, **common)
@@ -279,7 +320,7 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout
         order, k_ptr = tiles.by_key()
         launch(_tiled_bwd_dkdv, (tiles.num_k_blocks, num_kv),
             q, k, v, tb_arg, masks, cell_edge, dout, lse, delta, dk, dv, k_ptr, order, tiles.q_block,
-            tiles.mask_index, float(scale),
+            tiles.mask_index, *drop,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             n_dst, n_src, num_heads, num_heads // num_kv, dim, tb_heads, **common)
     return dq, dk, dv, dtb
@@ -296,11 +337,11 @@ def _falling_back(triton_fn, torch_fn, what: str):
     per case; falling back to PyTorch warns once."""
     from triton.runtime.errors import OutOfResources
 
-    def run(q, k, v, tiles, tbias, *rest):
-        key = (what, q.device, q.dtype, q.size(-1), None if tbias is None else tbias.dim())
+    def run(q, k, v, tiles, tbias, *rest, dropout=None):
+        key = (what, q.device, q.dtype, q.size(-1), None if tbias is None else tbias.dim(), dropout is None)
         for level in range(_LEVEL.get(key, 0), 2):
             try:
-                result = triton_fn(q, k, v, tiles, tbias, *rest, lean=level == 1)
+                result = triton_fn(q, k, v, tiles, tbias, *rest, lean=level == 1, dropout=dropout)
             except OutOfResources as err:
                 reason = err
                 continue
@@ -311,7 +352,7 @@ def _falling_back(triton_fn, torch_fn, what: str):
             warnings.warn(f"The Triton tiled {what} kernels need more {reason.name} than this GPU has for "
                           f"head dim {q.size(-1)} in {q.dtype} ({reason}); running the PyTorch tiled path "
                           f"instead", RuntimeWarning, stacklevel=2)
-        return torch_fn(q, k, v, tiles, tbias, *rest)
+        return torch_fn(q, k, v, tiles, tbias, *rest, dropout=dropout)
     return run
 
 
@@ -320,13 +361,14 @@ _backward = _falling_back(tiled_triton_backward, tiled_backward, "backward")
 
 # the tile bias comes before the tile list in the shared kernel signature
 TRITON_TILED = Kernel(
-    lambda q, k, v, tb, tiles, scale: _forward(q, k, v, tiles, tb, scale),
-    lambda q, k, v, tb, tiles, scale, *rest: _backward(q, k, v, tiles, tb, scale, *rest))
+    lambda q, k, v, tb, tiles, scale, **o: _forward(q, k, v, tiles, tb, scale, **o),
+    lambda q, k, v, tb, tiles, scale, *rest, **o: _backward(q, k, v, tiles, tb, scale, *rest, **o))
 
 
 def tiled_triton_attention(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None,
-                           scale: float) -> tuple[Tensor, Tensor]:
-    """Differentiable ``(out, lse)`` of the Triton tiled kernels."""
+                           scale: float, dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor]:
+    """Differentiable ``(out, lse)`` of the Triton tiled kernels; ``dropout = (p, seed)`` needs a
+    graph without repeated edges."""
     tb = None if tbias is None else tbias.contiguous()
     return kernel_attention(TRITON_TILED, q.contiguous(), k.contiguous(), v.contiguous(), tb,
-                            tiles, scale)
+                            tiles, scale, dropout=dropout)
