@@ -9,6 +9,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gnn_transformer.kernels import _dropout, _graph, attend, attend_reference
 from gnn_transformer.kernels.chunked import chunked_attention
@@ -151,3 +153,22 @@ def test_dropout_errors_name_the_argument():
         attend(q, k, v, edge_index, scale=1.0, backend="split", dropout_p=0.1)
     with pytest.raises(ValueError, match="'dropout_seed'.*-3"):
         attend(q, k, v, edge_index, scale=1.0, dropout_p=0.1, dropout_seed=-3)
+
+
+@settings(max_examples=50, deadline=None)
+@given(n_src=st.integers(1, 12), n_dst=st.integers(1, 12), density=st.floats(0.0, 1.0),
+       backend=st.sampled_from(["fused", "tiled", "auto"]), block=st.sampled_from([2, 4, 8]),
+       p=st.floats(0.0, 0.9), seed=st.integers(0, 2 ** 31 - 1), data_seed=st.integers(0, 2 ** 16))
+def test_random_graphs_with_dropout_match_the_masked_reference(n_src, n_dst, density, backend, block, p,
+                                                                 seed, data_seed):
+    g = torch.Generator().manual_seed(data_seed)
+    dst, src = (torch.rand(n_dst, n_src, generator=g) < density).nonzero(as_tuple=True)  # sorted by target
+    edge_index = torch.stack([src, dst])
+    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=3, seed=data_seed)
+    out, lse = attend(q, k, v, edge_index, scale=0.6, edge_bias=b, backend=backend, block_size=block,
+                      return_lse=True, dropout_p=p, dropout_seed=seed)
+    ref, ref_lse = _reference(q, k, v, edge_index, 0.6, b, p, seed)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    inputs = (q, k, v, b)
+    for x, y in zip(_grads(out, lse, inputs), _grads(ref, ref_lse, inputs)):
+        torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-10)
