@@ -22,6 +22,8 @@ Notation: ``E`` edges, ``H`` / ``H_kv`` query / key-value heads, ``G = H // H_kv
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -205,13 +207,19 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+@functools.lru_cache(maxsize=256)
+def _scales_tensor(scale: float, keep: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[scale, keep]`` on ``device``, made once per value (no host-to-device copy per call)."""
+    return torch.tensor([scale, keep], dtype=dtype, device=device)
+
+
 def scalars(scale: float, dropout: tuple[float, int] | None, dtype: torch.dtype,
             device: torch.device) -> tuple[Tensor, int, int]:
     """``(scales, seed, threshold)`` kernel arguments: ``scales = [scale, 1 / (1 - p)]`` as a tensor in
     the accumulation ``dtype`` (Triton passes a Python float as float32, which float64 results would
     show), and the dropout seed and threshold (placeholders without dropout)."""
     keep = 1.0 if dropout is None else 1.0 / (1.0 - dropout[0])
-    values = torch.tensor([float(scale), keep], dtype=dtype, device=device)
+    values = _scales_tensor(float(scale), keep, dtype, torch.device(device))
     if dropout is None:
         return values, 0, 0
     return values, int(dropout[1]), threshold(dropout[0])
