@@ -83,9 +83,11 @@ def _bf16_errors(edge_index, n, heads=12, dim=64, backend="auto"):
     g = torch.Generator(device=CUDA).manual_seed(0)
     q, k, v = (torch.randn(n, heads, dim, device=CUDA, generator=g) for _ in range(3))
     edge_index = edge_index.to(CUDA)
-    ref = attend_reference(q, k, v, edge_index, scale=dim ** -0.5)
-    out = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), edge_index, scale=dim ** -0.5, backend=backend)
     mask = to_dense_mask(edge_index).to(CUDA)  # [N_dst, N_src]
+    s = torch.einsum("ihd,jhd->hij", q, k) * dim ** -0.5  # dense float32 reference (no [E, H, D])
+    weights = s.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
+    ref = torch.einsum("hij,jhd->ihd", weights, v)
+    out = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), edge_index, scale=dim ** -0.5, backend=backend)
     sdpa = torch.nn.functional.scaled_dot_product_attention(
         *(x.bfloat16().transpose(0, 1) for x in (q, k, v)), attn_mask=mask).transpose(0, 1)
     # rows without edges: SDPA gives NaN, the graph gives zeros
