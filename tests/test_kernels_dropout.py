@@ -172,3 +172,26 @@ def test_random_graphs_with_dropout_match_the_masked_reference(n_src, n_dst, den
     inputs = (q, k, v, b)
     for x, y in zip(_grads(out, lse, inputs), _grads(ref, ref_lse, inputs)):
         torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-10)
+
+
+def test_keep_hash_equals_its_formula():
+    """The vectorized hash (seed and head parts computed once) equals the formula edge by edge,
+    for positions below and above 2**32."""
+    def mix(v):
+        v ^= v >> 16
+        v = (v * 0x7FEB352D) & 0xFFFFFFFF
+        v ^= v >> 15
+        v = (v * 0x846CA68B) & 0xFFFFFFFF
+        return v ^ (v >> 16)
+
+    def formula(seed, e, h):
+        x = mix((seed ^ ((h * 0x9E3779B9) & 0xFFFFFFFF)) & 0xFFFFFFFF)
+        x = mix(x ^ (e >> 32))
+        return mix(x ^ (e & 0xFFFFFFFF))
+
+    for edges in ([0, 1, 5, 2 ** 31, 2 ** 32 - 1], [3, 2 ** 32, 2 ** 33 + 7, 2 ** 40 + 1]):
+        e = torch.tensor(edges)
+        got = _dropout.keep_hashes(12345, e, range(3))
+        want = [[formula(12345, x, h) for x in edges] for h in range(3)]
+        assert got.tolist() == want
+        assert _dropout.keep_hash(12345, e, 2).tolist() == want[2]

@@ -37,16 +37,42 @@ def _mix(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+def _mix_int(x: int) -> int:
+    """:func:`_mix` of one Python int."""
+    x ^= x >> 16
+    x = (x * _C1) & _M32
+    x ^= x >> 15
+    x = (x * _C2) & _M32
+    return x ^ (x >> 16)
+
+
 def keep_hash(seed: int, edge: Tensor, head: int) -> Tensor:
-    """The 32-bit hash (as int64) of ``(seed, edge, head)`` for every entry of ``edge``."""
+    """The 32-bit hash (as int64) of ``(seed, edge, head)`` for every entry of ``edge``:
+    ``mix(mix(mix(seed ^ head·φ) ^ (edge >> 32)) ^ (edge & 0xFFFFFFFF))``."""
+    return keep_hashes(seed, edge, [head])[0]
+
+
+def keep_hashes(seed: int, edge: Tensor, heads) -> Tensor:
+    """:func:`keep_hash` for several heads at once: ``[len(heads), *edge.shape]``. The part that
+    depends on the seed and head only is computed once, and so is the high word when every edge
+    position is below ``2**32``."""
     e = edge.to(torch.int64)
-    x = torch.full_like(e, (seed ^ ((head * _GOLDEN) & _M32)) & _M32)
-    x = _mix(x)
-    x = _mix(x ^ (e >> 32))
+    prefix = [_mix_int((seed ^ ((h * _GOLDEN) & _M32)) & _M32) for h in heads]
+    shape = (len(prefix),) + (1,) * e.dim()
+    if e.numel() == 0 or int(e.max()) < 2 ** 32:  # high word 0: one more mix per head, not per edge
+        x = torch.tensor([_mix_int(p) for p in prefix], dtype=torch.int64, device=e.device).view(shape)
+    else:
+        x = _mix(torch.tensor(prefix, dtype=torch.int64, device=e.device).view(shape) ^ (e >> 32))
     return _mix(x ^ (e & _M32))
 
 
 def keep_scale(seed: int, edge: Tensor, head: int, p: float, dtype: torch.dtype) -> Tensor:
     """``1 / (1 - p)`` where the weight of ``(edge, head)`` is kept, ``0`` where it is dropped."""
     kept = keep_hash(seed, edge, head) >= threshold(p)
+    return kept.to(dtype) / (1.0 - p)
+
+
+def keep_scales(seed: int, edge: Tensor, num_heads: int, p: float, dtype: torch.dtype) -> Tensor:
+    """:func:`keep_scale` of every head ``0..num_heads-1``: ``[num_heads, *edge.shape]``."""
+    kept = keep_hashes(seed, edge, range(num_heads)) >= threshold(p)
     return kept.to(dtype) / (1.0 - p)

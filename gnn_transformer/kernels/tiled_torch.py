@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import Kernel, kernel_attention, softmax_delta
-from ._dropout import keep_scale
+from ._dropout import keep_scales
 from .chunked import compute_dtype
 from .tiling import TileList
 
@@ -126,7 +126,7 @@ def _keep_scales(tiles: TileList, tids: Tensor, num_heads: int, dropout: tuple[f
     g, c = tids.shape
     ce = tiles.cell_edge()[tids].long()  # [G, c, Bq, Bk]
     edge = tiles.edge_ids[ce.clamp(min=0)]  # graph positions
-    scales = torch.stack([keep_scale(seed, edge, h, p, dtype) for h in range(num_heads)])  # [H, G, c, Bq, Bk]
+    scales = keep_scales(seed, edge, num_heads, p, dtype)  # [H, G, c, Bq, Bk]
     scales = scales.masked_fill((ce < 0).unsqueeze(0), 0.0)
     return scales.permute(0, 1, 3, 2, 4).reshape(num_heads, g, tiles.block_q, c * tiles.block_k)
 
