@@ -185,20 +185,27 @@ def _innermost(err: BaseException) -> str:
 def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     """``(registers, spill store bytes, spill load bytes)`` reported by ``ptxas -v``, run with the
     options Triton's own ``ptxas`` call uses."""
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    from triton.backends.nvidia import compiler as nvidia
 
     try:
-        ptxas = get_ptxas(arch).path
+        tool = nvidia.get_ptxas(arch)
     except TypeError:  # Triton versions whose get_ptxas takes no architecture
-        ptxas = get_ptxas().path
+        tool = nvidia.get_ptxas()
+    ptxas = getattr(tool, "path", tool)
+    if isinstance(ptxas, tuple):  # older Triton: (path, version)
+        ptxas = ptxas[0]
+    gpu_name = nvidia.sm_arch_from_capability(arch) if hasattr(nvidia, "sm_arch_from_capability") \
+        else f"sm_{arch}{'a' if arch >= 90 else ''}"
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        result = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2",
-                                 f"--gpu-name={sm_arch_from_capability(arch)}",
-                                 src, "-o", os.path.join(tmp, "kernel.cubin")],
-                                capture_output=True, text=True, check=True)
+        command = [ptxas, "-lineinfo", "-v", f"--gpu-name={gpu_name}", src, "-o",
+                   os.path.join(tmp, "kernel.cubin")]
+        result = subprocess.run(command[:3] + ["--regAllocOptLevel=2"] + command[3:],
+                                capture_output=True, text=True)
+        if result.returncode != 0:  # a ptxas without that option
+            result = subprocess.run(command, capture_output=True, text=True, check=True)
     log = result.stderr
     registers = re.search(r"Used (\d+) registers", log)
     stores = re.search(r"(\d+) bytes spill stores", log)
