@@ -119,13 +119,13 @@ def _head_major(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype).transpose(0, 1).contiguous()  # [N, H, D] -> [H, N, D]
 
 
-def _dropped(c: RowChunk, dropout: tuple[float, int] | None, h: int, x: Tensor) -> Tensor:
-    """``x [Ec]`` times the chunk's dropout scales of head ``h`` (``x`` itself without dropout)."""
+def _keep(c: RowChunk, dropout: tuple[float, int] | None, h: int, dtype: torch.dtype) -> Tensor | None:
+    """The chunk's dropout scales ``[Ec]`` of head ``h`` (``None`` without dropout)."""
     if dropout is None:
-        return x
+        return None
     p, seed = dropout
-    edges = torch.arange(c.e0, c.e1, device=x.device)  # positions in the target-sorted order
-    return x * keep_scale(seed, edges, h, p, x.dtype)
+    edges = torch.arange(c.e0, c.e1, device=c.col.device)  # positions in the target-sorted order
+    return keep_scale(seed, edges, h, p, dtype)
 
 
 def chunked_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
@@ -152,7 +152,8 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph:
                 nonempty = total > 0
                 safe = torch.where(nonempty, total, torch.ones_like(total))
                 p = e / safe[c.row]  # [Ec]
-                pd = _dropped(c, dropout, h, p)  # [Ec]
+                keep = _keep(c, dropout, h, cd)
+                pd = p if keep is None else p * keep  # [Ec]
                 outT[h, c.r0:c.r1] = _csr(c.crow, c.col, pd, (c.r1 - c.r0, graph.num_src)) @ vT[hk]
                 lseT[h, c.r0:c.r1] = torch.where(nonempty, top + torch.log(safe),
                                                  torch.full_like(safe, float("-inf")))
@@ -187,12 +188,16 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph
                 bias_h = None if bias is None else bias[c.e0:c.e1, h]
                 s = _scores(c, qT[h, c.r0:c.r1], kT[hk], bias_h, scale)  # [Ec]
                 p = torch.exp(s - lse_safe[h, c.r0:c.r1][c.row])  # [Ec]
-                dp = _dropped(c, dropout, h, _sampled(c, doT[h, c.r0:c.r1], vT[hk], None, 1.0))  # [Ec]
+                keep = _keep(c, dropout, h, cd)  # once per head and chunk: dp and dV share it
+                dp = _sampled(c, doT[h, c.r0:c.r1], vT[hk], None, 1.0)  # [Ec]
+                pd = p
+                if keep is not None:
+                    dp, pd = dp * keep, p * keep
                 ds = p * (dp - deltaT[h, c.r0:c.r1][c.row])  # [Ec]
                 if dbias is not None:
                     dbias[c.e0:c.e1, h] = ds
                 dqT[h, c.r0:c.r1] = (_csr(c.crow, c.col, ds, size) @ kT[hk]) * scale
-                ds_t, p_t = ds[c.t_perm], _dropped(c, dropout, h, p)[c.t_perm]  # [Ec] in source order
+                ds_t, p_t = ds[c.t_perm], pd[c.t_perm]  # [Ec] in source order
                 dkT[hk] += (_csr(c.t_crow, c.t_col, ds_t, size_t) @ qT[h, c.r0:c.r1]) * scale
                 dvT[hk] += _csr(c.t_crow, c.t_col, p_t, size_t) @ doT[h, c.r0:c.r1]
     dq = dqT.transpose(0, 1).to(q.dtype)

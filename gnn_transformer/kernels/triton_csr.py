@@ -36,6 +36,13 @@ from ._launch import launch
 
 
 @triton.jit
+def _load_scales(SCALES, ACC: tl.constexpr):
+    """``(softmax scale, dropout keep scale)`` from the ``[2]`` tensor of :func:`scalars`, in the
+    accumulation dtype (a float argument would reach the kernel as float32)."""
+    return tl.load(SCALES).to(ACC), tl.load(SCALES + 1).to(ACC)
+
+
+@triton.jit
 def _mix(x):
     """``lowbias32`` on uint32 (the same steps as :func:`._dropout._mix`)."""
     x = x ^ (x >> 16)
@@ -64,8 +71,7 @@ def _csr_fwd(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, SCALES, SEED, THRESH,
              HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
              ACC: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
-    scale = tl.load(SCALES).to(ACC)  # in the accumulation dtype: a float argument would be float32
-    keep_scale = tl.load(SCALES + 1).to(ACC)
+    scale, keep_scale = _load_scales(SCALES, ACC)
     h = tl.program_id(1)
     hk = h // GROUP
     start = tl.load(ROWPTR + i)
@@ -112,8 +118,7 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, SCALES, S
                 HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
                 BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
-    scale = tl.load(SCALES).to(ACC)  # in the accumulation dtype: a float argument would be float32
-    keep_scale = tl.load(SCALES + 1).to(ACC)
+    scale, keep_scale = _load_scales(SCALES, ACC)
     h = tl.program_id(1)
     hk = h // GROUP
     start = tl.load(ROWPTR + i)
@@ -156,8 +161,7 @@ def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, COLPTR, CSC_PERM, DST, 
                   HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
                   ACC: tl.constexpr):
     j = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
-    scale = tl.load(SCALES).to(ACC)
-    keep_scale = tl.load(SCALES + 1).to(ACC)
+    scale, keep_scale = _load_scales(SCALES, ACC)
     hk = tl.program_id(1)
     start = tl.load(COLPTR + j)
     end = tl.load(COLPTR + j + 1)

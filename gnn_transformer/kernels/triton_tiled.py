@@ -25,7 +25,7 @@ from torch import Tensor
 from ._autograd import Kernel, kernel_attention, softmax_delta
 from ._launch import launch
 from .tiled_torch import tiled_backward, tiled_forward
-from .triton_csr import _keep, scalars
+from .triton_csr import _keep, _load_scales, scalars
 from .tiling import TileList
 
 
@@ -62,6 +62,14 @@ def _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, TB_HEAD
 
 
 @triton.jit
+def _key_block(K_BLOCK, t, hk, offs_d, N_SRC, D, stride_kn, stride_kh, BK: tl.constexpr):
+    """``(offsets [Bk, D], mask)`` of the key / value rows of tile ``t``'s key block, head ``hk``."""
+    offs_n = tl.load(K_BLOCK + t) * BK + tl.arange(0, BK)
+    mask = (offs_n[:, None] < N_SRC) & (offs_d[None, :] < D)
+    return offs_n[:, None] * stride_kn + hk * stride_kh + offs_d[None, :], mask
+
+
+@triton.jit
 def _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ: tl.constexpr, BK: tl.constexpr):
     """Dropout scales ``[Bq, Bk]`` of tile ``t``, head ``h``: ``keep_scale`` where the cell's edge
     (its position in the graph's target-sorted order) survives, else 0 (also where there is none)."""
@@ -80,8 +88,7 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, TILE_PTR, K_BLOCK, MA
                BIAS: tl.constexpr, DROPOUT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
     qb = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
-    scale = tl.load(SCALES).to(ACC)  # in the accumulation dtype: a float argument would be float32
-    keep_scale = tl.load(SCALES + 1).to(ACC)
+    scale, keep_scale = _load_scales(SCALES, ACC)
     h = tl.program_id(1)
     hk = h // GROUP
     offs_m = qb * BQ + tl.arange(0, BQ)
@@ -94,10 +101,7 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, TILE_PTR, K_BLOCK, MA
     t0 = tl.load(TILE_PTR + qb)
     t1 = tl.load(TILE_PTR + qb + 1)
     for t in range(t0, t1):
-        kb = tl.load(K_BLOCK + t)
-        offs_n = kb * BK + tl.arange(0, BK)
-        nmask = (offs_n[:, None] < N_SRC) & (offs_d[None, :] < D)
-        kv = offs_n[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
+        kv, nmask = _key_block(K_BLOCK, t, hk, offs_d, N_SRC, D, stride_kn, stride_kh, BK)
         k = tl.load(K + kv, mask=nmask, other=0.0)
         s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, TB_HEADS, BIAS, BQ, BK, ACC,
                          UPCAST)
@@ -129,8 +133,7 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DQ, DTBIAS, 
                   BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
                   UPCAST: tl.constexpr):
     qb = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
-    scale = tl.load(SCALES).to(ACC)  # in the accumulation dtype: a float argument would be float32
-    keep_scale = tl.load(SCALES + 1).to(ACC)
+    scale, keep_scale = _load_scales(SCALES, ACC)
     h = tl.program_id(1)
     hk = h // GROUP
     offs_m = qb * BQ + tl.arange(0, BQ)
@@ -148,10 +151,7 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DQ, DTBIAS, 
     t0 = tl.load(TILE_PTR + qb)
     t1 = tl.load(TILE_PTR + qb + 1)
     for t in range(t0, t1):
-        kb = tl.load(K_BLOCK + t)
-        offs_n = kb * BK + tl.arange(0, BK)
-        nmask = (offs_n[:, None] < N_SRC) & (offs_d[None, :] < D)
-        kv = offs_n[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
+        kv, nmask = _key_block(K_BLOCK, t, hk, offs_d, N_SRC, D, stride_kn, stride_kh, BK)
         k = tl.load(K + kv, mask=nmask, other=0.0)
         v = tl.load(V + kv, mask=nmask, other=0.0)
         s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, TB_HEADS, BIAS, BQ, BK, ACC,
@@ -179,8 +179,7 @@ def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DK, DV, K_
                     BIAS: tl.constexpr, DROPOUT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
                     BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
     kb = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
-    scale = tl.load(SCALES).to(ACC)
-    keep_scale = tl.load(SCALES + 1).to(ACC)
+    scale, keep_scale = _load_scales(SCALES, ACC)
     hk = tl.program_id(1)
     offs_n = kb * BK + tl.arange(0, BK)
     offs_d = tl.arange(0, BLOCK_D)
