@@ -347,7 +347,11 @@ def _bench_parser(sub) -> None:
         "with a BlockMask, on the same edge sets; median time, peak memory, max error against a "
         "float32 dense reference. Graph and mask construction are timed separately.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--topologies", nargs="+", default=list(TOPOLOGIES), choices=TOPOLOGIES)
+    p.add_argument("--topologies", nargs="+", default=list(TOPOLOGIES), metavar="SPEC",
+                   help="the benchmark's graphs (causal; window: radius 128; bigbird: blocks of 64, "
+                        "3 window, 2 global, 3 random; random: 64 keys per query) or any topology "
+                        "spec: a builder with arguments ('dilated:window=256,dilation=4'), a "
+                        "catalogue name ('longformer') or a .toml path")
     p.add_argument("--sizes", nargs="+", type=int, default=None,
                    help="token counts (unset: 4096 16384 65536, plus 262144 1048576 for the "
                         "linear-size topologies on CUDA; 4096 with --quick)")
@@ -364,8 +368,9 @@ def _bench_parser(sub) -> None:
     p.add_argument("--markdown", default=None, metavar="FILE",
                    help="also write the table as markdown to FILE")
     p.add_argument("--calibrate", action="store_true",
-                   help="instead, measure auto's TILE_COST for this device and dtype: the time of a "
-                        "tile cell of 'tiled' over that of an edge of 'fused' (sizes default to 4096)")
+                   help="instead, measure auto's cost model for this device and dtype: TILE_COST (the "
+                        "time of a tile cell of 'tiled' over that of an edge of 'fused'), ROW_COST and "
+                        "MERGE_COST (fixed costs per target row, in edges); sizes default to 4096")
     p.add_argument("--block-size", type=int, default=None,
                    help="tile size for --calibrate (unset: the device's BLOCK_SIZE)")
     p.set_defaults(func=cmd_bench)
@@ -374,25 +379,48 @@ def _bench_parser(sub) -> None:
 def _calibrate(args, device, dtype) -> int:
     import torch
 
-    from .kernels.benchmark import CALIBRATION_COLUMNS, calibrate_tile_cost, current_tile_cost, format_markdown, \
-        format_table
+    from .kernels.benchmark import (CALIBRATION_COLUMNS, calibrate_row_costs, calibrate_tile_cost, current_costs,
+                                    format_markdown, format_table)
 
     if args.block_size is not None and (args.block_size < 1 or args.block_size & (args.block_size - 1)):
         raise UsageError(f"--block-size must be a power of two (got {args.block_size})")
-    rows, suggested = calibrate_tile_cost(args.topologies, args.sizes or [4096], device=device, dtype=dtype,
-                                          heads=args.heads, head_dim=args.head_dim,
-                                          block_size=args.block_size, repeats=min(args.repeats, 3),
-                                          backward=not args.no_backward, log=print)
+    sizes = args.sizes or [4096]
+    common = dict(device=device, dtype=dtype, heads=args.heads, head_dim=args.head_dim,
+                  block_size=args.block_size, repeats=min(args.repeats, 3))
+    rows, suggested = calibrate_tile_cost(args.topologies, sizes, backward=not args.no_backward, log=print,
+                                          **common)
+    fixed = calibrate_row_costs(rows, suggested, max(sizes), **common)
+    tile_cost, row_cost, merge_cost = current_costs(device)
+    kind = torch.device(device).type
+    lines = [f"TILE_COST measured (median ratio over the graphs): "
+             + ", ".join(f"{p} {value:.3f}" for p, value in suggested.items())
+             + f"; auto uses {tile_cost} on {kind}",
+             "ROW_COST measured (edges per target row, fused / tiled): "
+             + ", ".join(f"{p} {c['fused']:.1f} / {c['tiled']:.1f}" for p, c in fixed.items())
+             + f"; auto uses {row_cost['fused']} / {row_cost['tiled']}",
+             "MERGE_COST measured (edges per target row): "
+             + ", ".join(f"{p} {c['merge']:.1f}" for p, c in fixed.items()) + f"; auto uses {merge_cost}"]
     print()
     print(format_table(rows, CALIBRATION_COLUMNS))
-    summary = ", ".join(f"{p} {value:.3f}" for p, value in suggested.items())
-    print(f"\nTILE_COST measured (median ratio over the graphs): {summary}; "
-          f"auto uses {current_tile_cost(device)} on {torch.device(device).type}")
+    print()
+    print("\n".join(lines))
     if args.markdown:
         Path(args.markdown).write_text(format_markdown(rows, CALIBRATION_COLUMNS) + "\n\n"
-                                       f"TILE_COST measured: {summary}\n")
+                                       + "\n".join(f"- {line}" for line in lines) + "\n")
         print(f"Wrote {args.markdown}")
     return 0
+
+
+def _check_bench_topologies(names) -> None:
+    from .experiments.topologies import topology_fn
+    from .kernels.benchmark import TOPOLOGIES
+
+    for name in names:
+        if name not in TOPOLOGIES:
+            try:
+                topology_fn(name)
+            except ValueError as err:
+                raise UsageError(f"--topologies: {err}") from None
 
 
 def cmd_bench(args) -> int:
@@ -405,6 +433,7 @@ def cmd_bench(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     if args.sizes is not None and min(args.sizes) < 1:
         raise UsageError(f"--sizes must be positive (got {args.sizes})")
+    _check_bench_topologies(args.topologies)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

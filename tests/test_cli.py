@@ -153,8 +153,20 @@ def test_bench_calibrate(tmp_path, capsys):
                      "--heads", "2", "--head-dim", "8", "--repeats", "1", "--device", "cpu",
                      "--block-size", "16", "--markdown", str(md)]) == 0
     out = capsys.readouterr().out
-    assert "TILE_COST measured (median ratio over the graphs): fwd " in out and "auto uses 0.2 on cpu" in out
+    assert "TILE_COST measured (median ratio over the graphs): fwd " in out and "auto uses 0.25 on cpu" in out
+    assert "ROW_COST measured (edges per target row, fused / tiled): fwd " in out and "auto uses 15.0 / 5.0" in out
+    assert "MERGE_COST measured (edges per target row): fwd " in out
     text = md.read_text()
     assert text.count("| window |") == 2 and text.count("| random |") == 2  # fwd, fwd+bwd
     assert cli.main(["bench", "--calibrate", "--block-size", "24"]) == 2
     assert "--block-size must be a power of two (got 24)" in capsys.readouterr().err
+
+
+def test_bench_topology_specs(capsys):
+    assert cli.main(["bench", "--topologies", "dilated:window=4,dilation=2", "longformer", "--sizes", "64",
+                     "--backends", "fused", "auto", "--heads", "2", "--head-dim", "8", "--repeats", "1",
+                     "--device", "cpu", "--no-backward"]) == 0
+    out = capsys.readouterr().out
+    assert "dilated:window=4,dilation=2" in out and "longformer" in out
+    assert cli.main(["bench", "--topologies", "window", "nosuch"]) == 2
+    assert "--topologies: Unknown topology 'nosuch'" in capsys.readouterr().err

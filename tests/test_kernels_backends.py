@@ -205,3 +205,27 @@ def test_chunks_with_more_parallel_edges_than_cells(max_edges):
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     for got, want in zip(_grads(out, lse, (q, k, v, b)), _grads(ref, ref_lse, (q, k, v, b))):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend,kw", [("tiled", {"block_size": 8}), ("split", {"block_size": 8, "tile_cost": 0.3})],
+                         ids=["tiled8", "split8"])
+@pytest.mark.parametrize("name", GRAPHS)
+def test_float32_lse_gradient_through_cpu_flash_backward(name, backend, kw, monkeypatch):
+    """A loss on the lse (or split's merge) runs the fused CPU backward with one extra channel."""
+    from gnn_transformer.kernels import tiled_torch
+
+    if tiled_torch._FLASH_BWD is None:
+        pytest.skip("this torch has no fused CPU attention backward")
+    calls = []
+    real = tiled_torch._FLASH_BWD
+    monkeypatch.setattr(tiled_torch, "_FLASH_BWD", lambda *a, **k: calls.append(a[0].size(-1)) or real(*a, **k))
+    edge_index, n_src, n_dst = graph_case(name)
+    q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=4, kv_heads=2, dtype=torch.float32, bias=False)
+    out, lse = attend(q, k, v, edge_index, scale=0.35, backend=backend, return_lse=True, **kw)
+    ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.35, return_lse=True)
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    for got, want in zip(_grads(out, lse, (q, k, v)), _grads(ref, ref_lse, (q, k, v))):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+    assert set(calls) <= {q.size(-1) + 1}  # head dim 8 + the delta channel
+    if backend == "tiled" and edge_index.size(1):  # split may tile nothing
+        assert calls

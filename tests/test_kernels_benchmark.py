@@ -1,6 +1,10 @@
 """The benchmark runs end to end on a tiny CPU problem and reports sensible rows."""
 from __future__ import annotations
 
+import math
+
+import torch
+
 from gnn_transformer.kernels.benchmark import format_markdown, format_table, run_benchmark
 
 
@@ -66,3 +70,35 @@ def test_calibrate_tile_cost_rows_add_up():
     for p in ("fwd", "fwd+bwd"):
         ratios = sorted(r["ratio"] for r in rows if r["pass"] == p)
         assert suggested[p] == (ratios[0] + ratios[1]) / 2  # median of two
+
+
+def test_calibrate_row_costs():
+    from gnn_transformer.kernels.benchmark import calibrate_row_costs
+
+    rows = [dict(ns_per_edge=value, **{"pass": p}) for p in ("fwd", "fwd+bwd") for value in (1e3, 2e3, 9e9)]
+    costs = calibrate_row_costs(rows, {"fwd": 0.25, "fwd+bwd": 0.3}, 64, device="cpu", heads=2, head_dim=8,
+                                block_size=16, repeats=1)
+    assert set(costs) == {"fwd", "fwd+bwd"}
+    for c in costs.values():
+        assert set(c) == {"fused", "tiled", "merge"} and all(x >= 0 and math.isfinite(x) for x in c.values())
+    # a slower unit edge makes every fixed cost smaller in edges
+    slow = calibrate_row_costs([dict(r, ns_per_edge=1e12) for r in rows], {"fwd": 0.25, "fwd+bwd": 0.3}, 64,
+                               device="cpu", heads=2, head_dim=8, block_size=16, repeats=1)
+    assert all(x == 0 for c in slow.values() for x in (c["fused"], c["tiled"]))
+    assert all(c["merge"] < 1e-3 for c in slow.values())
+
+
+def test_benchmark_takes_topology_specs(tmp_path):
+    from gnn_transformer.kernels.benchmark import build_graph
+    from gnn_transformer.topology import dilated, to_dense_mask
+
+    spec = tmp_path / "mine.toml"
+    spec.write_text('builder = "dilated"\n[params]\nwindow = 3\ndilation = 2\ncausal = true\n')
+    want = to_dense_mask(dilated(40, 3, 2, causal=True))
+    for name in ("dilated:window=3,dilation=2,causal=true", str(spec)):
+        assert torch.equal(to_dense_mask(build_graph(name, 40)), want)
+    rows = run_benchmark([str(spec), "exphormer"], [48], ["fused", "sdpa"], device="cpu", heads=2, head_dim=8,
+                         repeats=1, backward=False)
+    assert [(r["topology"], r["backend"]) for r in rows] == [
+        (str(spec), "fused"), (str(spec), "sdpa"), ("exphormer", "fused"), ("exphormer", "sdpa")]
+    assert all(r["max_err"] < 1e-5 for r in rows)

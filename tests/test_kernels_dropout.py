@@ -85,13 +85,17 @@ def test_dropout_matches_the_masked_reference(name, backend, block, impl):
 
 def test_auto_with_dropout_picks_fused_or_tiled():
     from gnn_transformer.kernels import choose_backend
-    from gnn_transformer.topology import bigbird, causal, random
+    from gnn_transformer.topology import bigbird, causal, random, sliding_window, union
 
     assert choose_backend(causal(256), "cpu", dropout=True) == "tiled"
     assert choose_backend(random(256, 8), "cpu", dropout=True) == "fused"
+    # split has no dropout: the cheaper of the other two, by the same cost model
     graph = bigbird(512, block=16, window=1, num_global=1, num_random=2)
     assert choose_backend(graph, "cpu", block_size=64) == "split"
-    assert choose_backend(graph, "cpu", block_size=64, dropout=True) == "fused"  # split has no dropout
+    assert choose_backend(graph, "cpu", block_size=64, dropout=True) == "tiled"
+    graph = union(sliding_window(1024, 32), random(1024, 4, seed=0))  # a band, far random edges
+    assert choose_backend(graph, "cpu") == "split"
+    assert choose_backend(graph, "cpu", dropout=True) == "fused"
     multi = torch.cat([causal(128).as_tensor(), causal(128).as_tensor()[:, :5]], dim=1)
     assert choose_backend(multi, "cpu") == "tiled"
     assert choose_backend(multi, "cpu", dropout=True) == "fused"  # two edges in a cell

@@ -42,12 +42,16 @@ from .tiling import TileList, build_tiles, cached_tiles, tile_bias, tile_stats
 BACKENDS = ("auto", "fused", "tiled", "split")
 IMPLS = (None, "torch", "triton")
 
-# Cost of a tile cell relative to one edge of the fused path (per head and channel): a tile whose
-# fill (edges / cells) is at least this ratio is cheaper tiled. Measured with
-# `gnn-transformer bench --calibrate` (see docs/kernels.md); the CUDA value is still an estimate.
-TILE_COST = {"cpu": 0.2, "cuda": 0.06}
+# auto's cost model, in units of one edge of the fused path (per head and channel); measured with
+# `gnn-transformer bench --calibrate` (see docs/kernels.md); the CUDA values are still estimates.
+# TILE_COST: one tile cell, whatever the tile's fill (a tile filled to at least this ratio is
+# cheaper tiled). ROW_COST: the fixed work per target row of one call of a backend (the chunked CPU
+# path loops over heads with per-row segment reductions; the tiled path pads and copies blocks).
+# MERGE_COST: split's merge of its two partial results, per target row.
+TILE_COST = {"cpu": 0.25, "cuda": 0.06}
+ROW_COST = {"cpu": {"fused": 15.0, "tiled": 5.0}, "cuda": {"fused": 1.0, "tiled": 1.0}}
+MERGE_COST = {"cpu": 10.0, "cuda": 4.0}
 BLOCK_SIZE = {"cpu": 64, "cuda": 64}
-MERGE_COST_PER_NODE = 4.0  # the merge of two partial results, in edges per target
 
 
 def triton_available() -> bool:
@@ -93,25 +97,30 @@ def _dense_tiles(graph: CSRGraph, block: int, ratio: float) -> Tensor:
 
 
 def _plan(graph: CSRGraph, device_type: str, block: int | None = None,
-          tile_cost: float | None = None) -> tuple[str, Tensor | None]:
-    """``(backend, dense tile flags or None)`` by the cost model ``TILE_COST``; cached."""
+          tile_cost: float | None = None, split: bool = True) -> tuple[str, Tensor | None]:
+    """``(backend, dense tile flags or None)`` by the cost model (``TILE_COST``, ``ROW_COST``,
+    ``MERGE_COST``), among fused, tiled and (if ``split``) split; cached."""
     block = BLOCK_SIZE.get(device_type, 64) if block is None else block
     ratio = _ratio(device_type, tile_cost)
-    cache_key = ("plan", block, ratio)
+    cache_key = ("plan", block, ratio, split)
     if cache_key in graph.extras:
         return graph.extras[cache_key]
     num_edges = graph.num_edges
     if num_edges == 0:
         plan = ("fused", None)
     else:
+        rows = ROW_COST.get(device_type, ROW_COST["cuda"])
+        merge = MERGE_COST.get(device_type, MERGE_COST["cuda"])
         _, _, count = tile_stats(graph, block, block)  # [T]
         cells = float(block * block)
         dense = _dense_tiles(graph, block, ratio)  # [T]
         n_dense = int(dense.sum())
         edges_dense = int(count[dense].sum()) if n_dense else 0
-        cost_fused = float(num_edges)
-        cost_tiled = count.numel() * cells * ratio
-        cost_split = n_dense * cells * ratio + (num_edges - edges_dense) + MERGE_COST_PER_NODE * graph.num_dst
+        n = graph.num_dst
+        cost_fused = num_edges + rows["fused"] * n
+        cost_tiled = count.numel() * cells * ratio + rows["tiled"] * n
+        cost_split = (n_dense * cells * ratio + (num_edges - edges_dense)
+                      + (rows["fused"] + rows["tiled"] + merge) * n) if split else float("inf")
         best = min(cost_fused, cost_tiled, cost_split)
         if best == cost_fused or n_dense == 0:
             plan = ("fused", None)
@@ -123,9 +132,10 @@ def _plan(graph: CSRGraph, device_type: str, block: int | None = None,
     return plan
 
 
-def _with_dropout(graph: CSRGraph, backend: str, block: int) -> str:
-    """``auto``'s choice under attention dropout: ``tiled`` where it would tile everything and each
-    cell holds one edge, else ``fused`` (``split`` has no dropout)."""
+def _dropout_plan(graph: CSRGraph, device_type: str, block: int, tile_cost: float | None) -> str:
+    """``auto``'s choice under attention dropout (``split`` has none): the cheaper of ``fused`` and
+    ``tiled``, and ``fused`` where ``tiled`` would hold repeated edges in one cell."""
+    backend = _plan(graph, device_type, block, tile_cost, split=False)[0]
     if backend == "tiled" and not cached_tiles(graph, block, block).has_duplicates:
         return "tiled"
     return "fused"
@@ -143,8 +153,9 @@ def choose_backend(edge_index: Tensor, device, *, block_size: int | None = None,
     n_src, n_dst = _sizes(edge_index)
     graph = prepare(edge_index, n_src, n_dst)
     block = BLOCK_SIZE.get(_device_type(device), 64) if block_size is None else block_size
-    backend = _plan(graph, _device_type(device), block, tile_cost)[0]
-    return _with_dropout(graph, backend, block) if dropout else backend
+    if dropout:
+        return _dropout_plan(graph, _device_type(device), block, tile_cost)
+    return _plan(graph, _device_type(device), block, tile_cost)[0]
 
 
 def _check_inputs(query, key, value, backend, num_dst, impl):
@@ -264,10 +275,10 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
     device_type = query.device.type
     block = BLOCK_SIZE.get(device_type, 64) if block_size is None else block_size
     dense = None
-    if backend == "auto":
+    if backend == "auto" and dropout is not None:
+        backend = _dropout_plan(graph, device_type, block, tile_cost)
+    elif backend == "auto":
         backend, dense = _plan(graph, device_type, block, tile_cost)
-        if dropout is not None:
-            backend = _with_dropout(graph, backend, block)
     if backend == "fused":
         out, lse = _fused(query, key, value, bias, graph, scale, use_triton, max_edges, dropout)
     elif backend == "tiled":
@@ -320,5 +331,5 @@ def edge_weights(query: Tensor, key: Tensor, edge_index: Tensor, lse: Tensor, *,
 
 __all__ = [
     "attend", "edge_weights", "choose_backend", "attend_reference", "merge_partials",
-    "triton_available", "clear_cache", "BACKENDS", "TILE_COST", "BLOCK_SIZE",
+    "triton_available", "clear_cache", "BACKENDS", "TILE_COST", "ROW_COST", "MERGE_COST", "BLOCK_SIZE",
 ]

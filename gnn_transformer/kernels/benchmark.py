@@ -25,7 +25,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import BLOCK_SIZE, TILE_COST, attend, attend_reference, choose_backend, clear_cache, prepare
+from . import (BLOCK_SIZE, MERGE_COST, ROW_COST, TILE_COST, attend, attend_reference, choose_backend, clear_cache,
+               merge_partials, prepare)
 from .tiling import tile_stats
 
 TOPOLOGIES = ("causal", "window", "bigbird", "random")
@@ -34,38 +35,28 @@ LINEAR = ("window", "bigbird", "random")  # edge count linear in N: also run at 
 
 
 # ---------------------------------------------------------------- graphs
-def _local_window(n: int, w: int) -> torch.Tensor:
-    i = torch.arange(n).repeat_interleave(2 * w + 1)
-    j = i + torch.arange(-w, w + 1).repeat(n)
-    keep = (j >= 0) & (j < n)
-    return torch.stack([j[keep], i[keep]])
-
-
 def build_graph(topology: str, n: int, seed: int = 0):
-    """The benchmark's token graph (an ``EdgeIndex`` sorted by target where the builders exist)."""
-    try:
-        from gnn_transformer import topology as topo
-    except ImportError:  # builders not available: plain edge lists
-        topo = None
+    """The benchmark's token graph on ``n`` tokens (an ``EdgeIndex`` sorted by target).
+
+    ``topology`` is one of the benchmark's own graphs (:data:`TOPOLOGIES`: ``causal``, ``window``
+    = radius 128, ``bigbird`` = blocks of 64 with 3 window, 2 global and 3 random blocks, ``random``
+    = 64 keys per query), or any topology spec of the command line: a builder with arguments
+    (``"dilated:window=256,dilation=4"``), a ``graphs/`` catalogue name (``"longformer"``) or the
+    path of a TOML spec. The four benchmark names take precedence over catalogue specs of the same
+    name; ``seed`` applies to them only (a spec carries its own).
+    """
+    from .. import topology as topo
+
+    if topology not in TOPOLOGIES:
+        from ..experiments.topologies import topology_fn
+        return topology_fn(topology)([n])
     if topology == "causal":
-        if topo is not None:
-            return topo.causal(n)
-        return torch.tril_indices(n, n).flip(0)  # [j; i] with j <= i
+        return topo.causal(n)
     if topology == "window":  # |i - j| <= 128: 257 keys per query, a window of 256
-        if topo is not None and hasattr(topo, "sliding_window"):
-            return topo.sliding_window(n, 128)
-        return _local_window(n, 128)
+        return topo.sliding_window(n, 128)
     if topology == "bigbird":  # BigBird-ITC: blocks of 64, 3 window blocks, 2 global, 3 random
-        if topo is not None and hasattr(topo, "bigbird"):
-            return topo.bigbird(n, block=64, window=1, num_global=2, num_random=3, seed=seed)
-        raise RuntimeError("bigbird needs gnn_transformer.topology.bigbird")
-    if topology == "random":  # 64 distinct random keys per query
-        if topo is not None and hasattr(topo, "random"):
-            return topo.random(n, 64, seed=seed)
-        g = torch.Generator().manual_seed(seed)
-        src = torch.randint(0, n, (n * 64,), generator=g)
-        return torch.stack([src, torch.arange(n).repeat_interleave(64)])
-    raise ValueError(f"Expected 'topology' in {TOPOLOGIES} (got {topology!r})")
+        return topo.bigbird(n, block=64, window=1, num_global=2, num_random=3, seed=seed)
+    return topo.random(n, 64, seed=seed)  # random: 64 distinct random keys per query
 
 
 # ---------------------------------------------------------------- measurement
@@ -384,9 +375,58 @@ def calibrate_tile_cost(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[
     return rows, suggested
 
 
-def current_tile_cost(device: str) -> float:
-    """The ``TILE_COST`` that ``auto`` uses on ``device`` now."""
-    return TILE_COST.get(torch.device(device).type, TILE_COST["cuda"])
+def calibrate_row_costs(rows: Sequence[dict], suggested: dict[str, float], n: int = 4096, *,
+                        device: str | None = None, dtype: torch.dtype | None = None, heads: int = 12,
+                        head_dim: int = 64, block_size: int | None = None, repeats: int = 3
+                        ) -> dict[str, dict[str, float]]:
+    """Measure the fixed costs of ``auto``'s model (:data:`ROW_COST`, :data:`MERGE_COST`), per target
+    row in units of one fused edge (the median ``ns_per_edge`` of ``rows``, from
+    :func:`calibrate_tile_cost`, whose ``suggested`` ratios price the cells).
+
+    On ``n`` self-loops (one edge per row, ``B`` cells per row in the ``B × B`` diagonal tiles): ``fused``
+    costs ``1 + ROW_COST["fused"]`` edges per row, ``tiled`` ``TILE_COST · B + ROW_COST["tiled"]``;
+    the merge of two ``[n, heads, head_dim]`` partial results costs ``MERGE_COST``. Returns, per pass
+    of ``suggested``, ``{"fused": ..., "tiled": ..., "merge": ...}`` (negative estimates read 0).
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    block = block_size or BLOCK_SIZE.get(torch.device(device).type, 64)
+    scale = 1.0 / math.sqrt(head_dim)
+    clear_cache()
+    loops = torch.arange(n, device=device).repeat(2, 1)  # [2, n]: i -> i
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v, grad_out = (torch.randn(n, heads, head_dim, generator=g).to(device=device, dtype=dtype)
+                         for _ in range(4))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    lse_a, lse_b = (torch.randn(n, heads, generator=g).to(device).requires_grad_() for _ in range(2))
+    out = {}
+    for p in suggested:
+        backward = p == "fwd+bwd"
+        per_edge = 1e-9 * statistics.median(r["ns_per_edge"] for r in rows if r["pass"] == p)
+
+        def call(backend, backward=backward):
+            with torch.set_grad_enabled(backward):
+                if backend == "merge":
+                    o, lse = merge_partials(q, lse_a, k, lse_b)
+                    if backward:
+                        torch.autograd.grad((o * grad_out).sum() + lse.sum(), (q, k, lse_a, lse_b))
+                    return
+                o = attend(q, k, v, loops, scale=scale, backend=backend, block_size=block)
+                if backward:
+                    torch.autograd.grad(o, (q, k, v), grad_out)
+        unit = {b: _measure(lambda b=b: call(b), device, repeats)[0] / (n * per_edge)
+                for b in ("fused", "tiled", "merge")}
+        out[p] = {"fused": max(0.0, unit["fused"] - 1.0),
+                  "tiled": max(0.0, unit["tiled"] - suggested[p] * block),
+                  "merge": max(0.0, unit["merge"])}
+    return out
+
+
+def current_costs(device: str) -> tuple[float, dict[str, float], float]:
+    """``(TILE_COST, ROW_COST, MERGE_COST)`` that ``auto`` uses on ``device`` now."""
+    kind = torch.device(device).type
+    return (TILE_COST.get(kind, TILE_COST["cuda"]), ROW_COST.get(kind, ROW_COST["cuda"]),
+            MERGE_COST.get(kind, MERGE_COST["cuda"]))
 
 
 # ---------------------------------------------------------------- output
@@ -409,15 +449,17 @@ def _cell(key, value):
     return str(value)
 
 
-def _format_row(row: dict, columns: Sequence[str] = COLUMNS) -> str:
-    cells = "  ".join(f"{_cell(c, row.get(c)):>11}" for c in columns if c != "note")
+def _format_row(row: dict, columns: Sequence[str] = COLUMNS, widths: dict[str, int] | None = None) -> str:
+    cells = "  ".join(f"{_cell(c, row.get(c)):>{(widths or {}).get(c, 11)}}" for c in columns if c != "note")
     return cells + ("  " + row.get("note", "") if "note" in columns else "")
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
-    """Plain-text table of the rows."""
-    head = "  ".join(f"{c:>11}" for c in columns if c != "note") + ("  note" if "note" in columns else "")
-    return "\n".join([head] + [_format_row(r, columns) for r in rows])
+    """Plain-text table of the rows (columns at least 11 wide, wider for long cells such as
+    topology specs)."""
+    widths = {c: max([11, len(c)] + [len(_cell(c, r.get(c))) for r in rows]) for c in columns}
+    head = "  ".join(f"{c:>{widths[c]}}" for c in columns if c != "note") + ("  note" if "note" in columns else "")
+    return "\n".join([head] + [_format_row(r, columns, widths) for r in rows])
 
 
 def format_markdown(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:

@@ -28,8 +28,9 @@ _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", 
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
-def _use_flash(x: Tensor) -> bool:
-    return _FLASH is not None and _FLASH_BWD is not None and x.device.type == "cpu" and x.dtype == torch.float32
+def _use_flash(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused CPU kernel runs: float32 computation (``dtype``) on the CPU."""
+    return _FLASH is not None and _FLASH_BWD is not None and device.type == "cpu" and dtype == torch.float32
 
 
 def _flash_mask(tiles: TileList, tb: Tensor | None, tids: Tensor, dtype) -> tuple[Tensor | None, Tensor | None]:
@@ -104,12 +105,13 @@ def _bias_grad(tiles: TileList, dtb: Tensor, ds: Tensor, tids: Tensor) -> None:
     dtb[tids.flatten()] = d.reshape(g * c, h, tiles.block_q, tiles.block_k).to(dtb.dtype)
 
 
-def _blocked(x: Tensor, block: int, num_blocks: int, cd: torch.dtype) -> Tensor:
-    """``[N, H, D]`` -> zero-padded ``[H, num_blocks, block, D]`` in ``cd``."""
+def _blocked(x: Tensor, block: int, num_blocks: int, cd: torch.dtype, extra: int = 0) -> Tensor:
+    """``[N, H, D]`` -> zero-padded ``[H, num_blocks, block, D + extra]`` in ``cd`` (``extra`` zero
+    channels after the ``D`` of ``x``)."""
     n, h, d = x.shape
-    out = torch.zeros(h, num_blocks * block, d, dtype=cd, device=x.device)
-    out[:, :n] = x.transpose(0, 1).to(cd)
-    return out.view(h, num_blocks, block, d)
+    out = torch.zeros(h, num_blocks * block, d + extra, dtype=cd, device=x.device)
+    out[:, :n, :d] = x.transpose(0, 1).to(cd)
+    return out.view(h, num_blocks, block, d + extra)
 
 
 def _unblocked(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
@@ -160,7 +162,7 @@ def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tenso
     outB = torch.zeros_like(qB)  # [H, nqb, Bq, D]
     lseB = torch.full(qB.shape[:3], float("-inf"), dtype=cd, device=q.device)  # [H, nqb, Bq]
     tb = None if tbias is None else tbias.to(cd)
-    flash = _use_flash(qB) and dropout is None
+    flash = _use_flash(q.device, cd) and dropout is None
     for qb, tids in _groups(tiles, num_heads, max_cells):
         g, c = tids.shape
         if flash:  # [G, H, Bq, D] / [G, H, c·Bk, D] layout of the fused CPU kernel
@@ -200,33 +202,42 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse,
     n_src, num_kv = k.size(0), k.size(1)
     group = num_heads // num_kv
     nqb, nkb = tiles.num_q_blocks, tiles.num_k_blocks
-    qB = _blocked(q, tiles.block_q, nqb, cd)
-    kB = _blocked(k.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd)
-    vB = _blocked(v.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd)
-    doB = _blocked(dout, tiles.block_q, nqb, cd)  # [H, nqb, Bq, D]
-    delta = softmax_delta(out, dout, dlse, cd)  # [N_dst, H]
-    deltaB = _blocked(delta.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
+    tb = None if tbias is None else tbias.to(cd)
+    need_bias_grad = need_bias_grad and tb is not None
+    flash = _use_flash(q.device, cd) and not need_bias_grad and dropout is None
+    # The fused CPU backward computes delta_i = dO_i . O_i itself. A gradient of the lse (the split
+    # path's merge) enters as one more channel: dO_i[D] = 1, O_i[D] = -dlse_i and q, k, v[D] = 0
+    # give delta_i = dO_i . O_i - dlse_i and leave every other product unchanged.
+    extra = 1 if (flash and dlse is not None) else 0
+    qB = _blocked(q, tiles.block_q, nqb, cd, extra)
+    kB = _blocked(k.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd, extra)
+    vB = _blocked(v.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd, extra)
+    doB = _blocked(dout, tiles.block_q, nqb, cd, extra)  # [H, nqb, Bq, D (+ 1)]
     lseB = _blocked(lse.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
     lseB = torch.where(torch.isinf(lseB), torch.zeros_like(lseB), lseB)
     dqB, dkB, dvB = torch.zeros_like(qB), torch.zeros_like(kB), torch.zeros_like(vB)
-    tb = None if tbias is None else tbias.to(cd)
-    dtb = torch.zeros_like(tb) if (need_bias_grad and tb is not None) else None
-    flash = _use_flash(qB) and dtb is None and dlse is None and dropout is None
+    dtb = torch.zeros_like(tb) if need_bias_grad else None
     if flash:
-        outB = _blocked(out, tiles.block_q, nqb, cd)  # [H, nqb, Bq, D]
+        outB = _blocked(out, tiles.block_q, nqb, cd, extra)  # [H, nqb, Bq, D (+ 1)]
+        if extra:
+            doB[..., dim] = 1.0
+            outB[..., dim] = -_blocked(dlse.unsqueeze(-1), tiles.block_q, nqb, cd)[..., 0]
+    else:
+        delta = softmax_delta(out, dout, dlse, cd)  # [N_dst, H]
+        deltaB = _blocked(delta.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
     for qb, tids in _groups(tiles, num_heads, max_cells):
         g, c = tids.shape
         kb = tiles.k_block[tids].flatten()  # [G·c]
         if flash:
-            keys = kB[:, kb].reshape(num_heads, g, c * tiles.block_k, dim).transpose(0, 1)
-            vals = vB[:, kb].reshape(num_heads, g, c * tiles.block_k, dim).transpose(0, 1)
+            keys = kB[:, kb].reshape(num_heads, g, c * tiles.block_k, -1).transpose(0, 1)
+            vals = vB[:, kb].reshape(num_heads, g, c * tiles.block_k, -1).transpose(0, 1)
             mask, _ = _flash_mask(tiles, tb, tids, cd)
             dq, dk, dv = _FLASH_BWD(doB[:, qb].transpose(0, 1), qB[:, qb].transpose(0, 1), keys, vals,
                                     outB[:, qb].transpose(0, 1), lseB[:, qb].squeeze(-1).transpose(0, 1),
                                     0.0, False, attn_mask=mask, scale=scale)
             dqB[:, qb] = dq.transpose(0, 1)
-            dkB.index_add_(1, kb, dk.transpose(0, 1).reshape(num_heads, g * c, tiles.block_k, dim))
-            dvB.index_add_(1, kb, dv.transpose(0, 1).reshape(num_heads, g * c, tiles.block_k, dim))
+            dkB.index_add_(1, kb, dk.transpose(0, 1).reshape(num_heads, g * c, tiles.block_k, -1))
+            dvB.index_add_(1, kb, dv.transpose(0, 1).reshape(num_heads, g * c, tiles.block_k, -1))
             continue
         qg, kg, s = _scores(qB, kB, tiles, tb, qb, tids, scale)
         p = torch.exp(s - lseB[:, qb])  # [H, G, Bq, c·Bk]
@@ -245,6 +256,8 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse,
         dvB.index_add_(1, kb, dv)
         if dtb is not None:
             _bias_grad(tiles, dtb, ds, tids)
+    if extra:
+        dqB, dkB, dvB = dqB[..., :dim], dkB[..., :dim], dvB[..., :dim]
     dq = _unblocked(dqB, n_dst, q.dtype)
     dk = _unblocked(dkB, n_src, cd).view(n_src, num_kv, group, dim).sum(2).to(k.dtype)
     dv = _unblocked(dvB, n_src, cd).view(n_src, num_kv, group, dim).sum(2).to(v.dtype)
