@@ -3,7 +3,7 @@
 # (the package from the working tree); results go to ${OUT:-gpu-results}/.
 #
 #   bash benchmarks/gpu_check.sh tests   # versions, compile check for this GPU, CUDA kernel tests
-#   bash benchmarks/gpu_check.sh bench   # auto's TILE_COST for the GPU; the table at 4k and 16k (bf16)
+#   bash benchmarks/gpu_check.sh bench   # auto's cost model for the GPU; the table at 4k and 16k (bf16)
 #   bash benchmarks/gpu_check.sh large   # 64k for every topology, 256k for the linear ones, 1M window/random
 set -uo pipefail
 stage=${1:?usage: gpu_check.sh tests|bench|large}

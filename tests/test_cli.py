@@ -154,7 +154,7 @@ def test_bench_calibrate(tmp_path, capsys):
                      "--block-size", "16", "--markdown", str(md)]) == 0
     out = capsys.readouterr().out
     assert "TILE_COST measured (median ratio over the graphs): fwd " in out and "auto uses 0.25 on cpu" in out
-    assert "ROW_COST measured (edges per target row, fused / tiled): fwd " in out and "auto uses 15.0 / 5.0" in out
+    assert "ROW_COST measured (edges per target row, fused / tiled): fwd " in out and "auto uses 7.0 / 10.0" in out
     assert "MERGE_COST measured (edges per target row): fwd " in out
     text = md.read_text()
     assert text.count("| window |") == 2 and text.count("| random |") == 2  # fwd, fwd+bwd

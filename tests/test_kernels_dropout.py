@@ -90,12 +90,16 @@ def test_auto_with_dropout_picks_fused_or_tiled():
     assert choose_backend(causal(256), "cpu", dropout=True) == "tiled"
     assert choose_backend(random(256, 8), "cpu", dropout=True) == "fused"
     # split has no dropout: the cheaper of the other two, by the same cost model
-    graph = bigbird(512, block=16, window=1, num_global=1, num_random=2)
-    assert choose_backend(graph, "cpu", block_size=64) == "split"
-    assert choose_backend(graph, "cpu", block_size=64, dropout=True) == "tiled"
-    graph = union(sliding_window(1024, 32), random(1024, 4, seed=0))  # a band, far random edges
-    assert choose_backend(graph, "cpu") == "split"
-    assert choose_backend(graph, "cpu", dropout=True) == "fused"
+    from gnn_transformer.kernels import _plan, prepare
+
+    for graph, block in ((bigbird(512, block=16, window=1, num_global=1, num_random=2), 64),
+                         (union(sliding_window(1024, 32), random(1024, 4, seed=0)), 64)):
+        assert choose_backend(graph, "cpu", block_size=block) == "split"
+        both = {tile_cost: choose_backend(graph, "cpu", block_size=block, tile_cost=tile_cost, dropout=True)
+                for tile_cost in (0.01, None, 100.0)}
+        assert both[0.01] == "tiled" and both[100.0] == "fused"  # cells cheap / dear
+        n = int(graph.max()) + 1
+        assert both[None] == _plan(prepare(graph, n, n), "cpu", block, split=False)[0]
     multi = torch.cat([causal(128).as_tensor(), causal(128).as_tensor()[:, :5]], dim=1)
     assert choose_backend(multi, "cpu") == "tiled"
     assert choose_backend(multi, "cpu", dropout=True) == "fused"  # two edges in a cell

@@ -49,8 +49,8 @@ IMPLS = (None, "torch", "triton")
 # path loops over heads with per-row segment reductions; the tiled path pads and copies blocks).
 # MERGE_COST: split's merge of its two partial results, per target row.
 TILE_COST = {"cpu": 0.25, "cuda": 0.06}
-ROW_COST = {"cpu": {"fused": 15.0, "tiled": 5.0}, "cuda": {"fused": 1.0, "tiled": 1.0}}
-MERGE_COST = {"cpu": 10.0, "cuda": 4.0}
+ROW_COST = {"cpu": {"fused": 7.0, "tiled": 10.0}, "cuda": {"fused": 1.0, "tiled": 1.0}}
+MERGE_COST = {"cpu": 2.0, "cuda": 4.0}
 BLOCK_SIZE = {"cpu": 64, "cuda": 64}
 
 
