@@ -387,17 +387,14 @@ class GraphMultiheadAttention(MessagePassing):
         return (out, alpha) if return_attention_weights else out
 
     def resolve_backend(self, edge_index: Tensor, device: torch.device, backend: str | None = None) -> str:
-        """The backend one call will use (while attention dropout is active, ``"auto"`` chooses
-        between ``"fused"`` and ``"tiled"``: ``"split"`` has no dropout)."""
+        """The backend one call will use (while attention dropout is active, ``"auto"`` runs
+        ``"fused"`` on a graph that repeats an edge)."""
         backend = self.backend if backend is None else backend
         if backend not in BACKENDS:
             raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {backend!r})")
         dropout_active = self.training and self.dropout > 0.0
         if backend == "pyg":
             return "pyg"
-        if dropout_active and backend == "split":
-            raise ValueError(f"backend='split' has no attention dropout: use 'fused', 'tiled', 'auto' or "
-                             f"'pyg' while training with dropout={self.dropout}")
         if backend == "auto":
             from . import kernels  # lazy: the kernels sit below this layer
             return kernels.choose_backend(edge_index, device, dropout=dropout_active)

@@ -82,4 +82,26 @@ def test_layers_reuse_structures():
     before = dict(graph.extras)
     attend(q, k, v, edge_index, scale=0.5, backend="auto", block_size=8)
     assert all(graph.extras[key] is value for key, value in before.items())
-    assert choose_backend(edge_index, "cpu", block_size=8) == graph.extras[("plan", 8, TILE_COST["cpu"], True)][0]
+    assert choose_backend(edge_index, "cpu", block_size=8) == graph.extras[("plan", 8, TILE_COST["cpu"])][0]
+
+
+def test_split_keeps_tiles_with_repeated_edges_fused():
+    """A dense tile that holds an edge twice stays on split's fused part (masks, not bias tiles, and
+    dropout per copy); the other dense tiles are tiled."""
+    from gnn_transformer.kernels import _dense_tiles
+    from gnn_transformer.kernels.tiling import tile_stats
+    from gnn_transformer.topology import causal
+
+    plain = causal(64).as_tensor()
+    repeated = torch.cat([plain, plain[:, :3]], dim=1)  # edges into targets 0 and 1, twice
+    graph = _graph.prepare(repeated, 64, 64)
+    key, _, count = tile_stats(graph, 8, 8)
+    dense = _dense_tiles(graph, 8, 0.3)
+    full_enough = count.double() >= 0.3 * 64
+    first = (key == 0).nonzero().item()  # the tile of targets 0-7 and sources 0-7
+    assert full_enough[first] and not dense[first]
+    assert torch.equal(dense | (key == 0), full_enough)
+    q, k, v, _ = make_inputs(64, 64, 0, heads=2, kv_heads=1, dim=4, bias=False)
+    attend(q, k, v, repeated, scale=0.5, backend="split", block_size=8, tile_cost=0.3)
+    tiles = graph.extras[("split", 8, 0.3)][0]
+    assert not tiles.has_duplicates and tiles.num_tiles == int(dense.sum())

@@ -90,19 +90,34 @@ def _sizes(edge_index: Tensor) -> tuple[int, int]:
     return n_src, n_dst
 
 
+def _repeats_edge(graph: CSRGraph) -> bool:
+    """Whether the graph lists some edge ``j -> i`` more than once (cached)."""
+    if "repeats_edge" not in graph.extras:
+        key = graph.dst * max(graph.num_src, 1) + graph.src  # [E]
+        graph.extras["repeats_edge"] = torch.unique(key).numel() < key.numel()
+    return graph.extras["repeats_edge"]
+
+
 def _dense_tiles(graph: CSRGraph, block: int, ratio: float) -> Tensor:
-    """``[T]`` flags of the tiles (of :func:`tile_stats`) filled to at least ``ratio``."""
-    _, _, count = tile_stats(graph, block, block)  # [T]
-    return count.double() >= ratio * float(block * block)
+    """``[T]`` flags of the tiles (of :func:`tile_stats`) that ``split`` tiles: filled to at least
+    ``ratio`` and without a repeated edge (those stay on the fused path, which keeps each copy a
+    message of its own and drops it separately)."""
+    _, inverse, count = tile_stats(graph, block, block)  # [T], [E], [T]
+    dense = count.double() >= ratio * float(block * block)
+    if _repeats_edge(graph):
+        cell = inverse * (block * block) + (graph.dst % block) * block + graph.src % block  # [E]
+        cells, per_cell = torch.unique(cell, return_counts=True)
+        dense[torch.unique(cells[per_cell > 1] // (block * block))] = False
+    return dense
 
 
 def _plan(graph: CSRGraph, device_type: str, block: int | None = None,
-          tile_cost: float | None = None, split: bool = True) -> tuple[str, Tensor | None]:
+          tile_cost: float | None = None) -> tuple[str, Tensor | None]:
     """``(backend, dense tile flags or None)`` by the cost model (``TILE_COST``, ``ROW_COST``,
-    ``MERGE_COST``), among fused, tiled and (if ``split``) split; cached."""
+    ``MERGE_COST``); cached."""
     block = BLOCK_SIZE.get(device_type, 64) if block is None else block
     ratio = _ratio(device_type, tile_cost)
-    cache_key = ("plan", block, ratio, split)
+    cache_key = ("plan", block, ratio)
     if cache_key in graph.extras:
         return graph.extras[cache_key]
     num_edges = graph.num_edges
@@ -120,7 +135,7 @@ def _plan(graph: CSRGraph, device_type: str, block: int | None = None,
         cost_fused = num_edges + rows["fused"] * n
         cost_tiled = count.numel() * cells * ratio + rows["tiled"] * n
         cost_split = (n_dense * cells * ratio + (num_edges - edges_dense)
-                      + (rows["fused"] + rows["tiled"] + merge) * n) if split else float("inf")
+                      + (rows["fused"] + rows["tiled"] + merge) * n)
         best = min(cost_fused, cost_tiled, cost_split)
         if best == cost_fused or n_dense == 0:
             plan = ("fused", None)
@@ -132,13 +147,14 @@ def _plan(graph: CSRGraph, device_type: str, block: int | None = None,
     return plan
 
 
-def _dropout_plan(graph: CSRGraph, device_type: str, block: int, tile_cost: float | None) -> str:
-    """``auto``'s choice under attention dropout (``split`` has none): the cheaper of ``fused`` and
-    ``tiled``, and ``fused`` where ``tiled`` would hold repeated edges in one cell."""
-    backend = _plan(graph, device_type, block, tile_cost, split=False)[0]
-    if backend == "tiled" and not cached_tiles(graph, block, block).has_duplicates:
-        return "tiled"
-    return "fused"
+def _dropout_plan(graph: CSRGraph, device_type: str, block: int, tile_cost: float | None) -> tuple[str, Tensor | None]:
+    """``auto``'s plan under attention dropout: the same as without, except that a graph repeating
+    an edge (two edges in one tile cell, which tiles cannot drop separately) runs ``fused`` rather
+    than ``tiled``."""
+    plan = _plan(graph, device_type, block, tile_cost)
+    if plan[0] == "tiled" and _repeats_edge(graph):  # split never tiles a repeated edge
+        return "fused", None
+    return plan
 
 
 def choose_backend(edge_index: Tensor, device, *, block_size: int | None = None,
@@ -147,15 +163,14 @@ def choose_backend(edge_index: Tensor, device, *, block_size: int | None = None,
 
     A tile of ``B × B`` cells costs ``tile_cost · B²`` edge-equivalents whatever its fill; the
     choice minimizes the total over: all edges fused, all tiles tiled, or dense tiles tiled plus
-    the remaining edges fused (plus a merge). Cached on the graph. With ``dropout``, the choice
-    with attention dropout: ``"fused"`` or ``"tiled"``.
+    the remaining edges fused (plus a merge); see docs/kernels.md. Cached on the graph. With
+    ``dropout`` (attention dropout), a graph that repeats an edge is not run ``"tiled"``.
     """
     n_src, n_dst = _sizes(edge_index)
     graph = prepare(edge_index, n_src, n_dst)
     block = BLOCK_SIZE.get(_device_type(device), 64) if block_size is None else block_size
-    if dropout:
-        return _dropout_plan(graph, _device_type(device), block, tile_cost)
-    return _plan(graph, _device_type(device), block, tile_cost)[0]
+    plan = _dropout_plan if dropout else _plan
+    return plan(graph, _device_type(device), block, tile_cost)[0]
 
 
 def _check_inputs(query, key, value, backend, num_dst, impl):
@@ -184,7 +199,7 @@ def _sub_graph(graph: CSRGraph, edge_ids: Tensor) -> CSRGraph:
     src, dst = graph.src[edge_ids], graph.dst[edge_ids]
     rowptr = torch.zeros(graph.num_dst + 1, dtype=torch.long, device=src.device)
     rowptr[1:] = torch.bincount(dst, minlength=graph.num_dst).cumsum(0)
-    return CSRGraph(graph.num_src, graph.num_dst, src, dst, rowptr, None)
+    return CSRGraph(graph.num_src, graph.num_dst, src, dst, rowptr, None, edge_ids=edge_ids)
 
 
 def _fused(q, k, v, bias, graph: CSRGraph, scale, use_triton, max_edges, dropout=None):
@@ -232,10 +247,10 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
         max_edges, max_cells: memory bounds of one chunk of the PyTorch paths.
         dropout_p: attention dropout: each weight ``(edge, head)`` is zeroed with probability
             ``dropout_p`` and the others scaled by ``1 / (1 - dropout_p)`` (``lse`` stays that of the
-            softmax). Runs on ``fused`` and ``tiled`` (without repeated edges; ``auto`` picks one of
-            them); the mask is a hash of ``(dropout_seed, edge, head)`` with the edge's position in
-            the target-sorted order, recomputed in the backward pass, the same on every backend
-            and device.
+            softmax). Runs on every backend (``tiled`` needs a graph without repeated edges;
+            ``auto`` never picks it for one); the mask is a hash of ``(dropout_seed, edge,
+            head)`` with the edge's position in the target-sorted order, recomputed in the
+            backward pass, the same on every backend and device.
         dropout_seed: seed of the mask (default: drawn from torch's global generator).
 
     Returns:
@@ -265,9 +280,6 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
     dropout = None
     if dropout_p:
         threshold(dropout_p)  # validates
-        if backend == "split":
-            raise ValueError(f"Attention dropout runs on backend 'fused', 'tiled' or 'auto' (got "
-                             f"backend={backend!r} with dropout_p={dropout_p})")
         seed = int(torch.randint(0, 2 ** 31 - 1, ()).item()) if dropout_seed is None else dropout_seed
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 31:
             raise ValueError(f"Expected 'dropout_seed' to be an int in [0, 2**31) (got {dropout_seed!r})")
@@ -275,10 +287,8 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
     device_type = query.device.type
     block = BLOCK_SIZE.get(device_type, 64) if block_size is None else block_size
     dense = None
-    if backend == "auto" and dropout is not None:
-        backend = _dropout_plan(graph, device_type, block, tile_cost)
-    elif backend == "auto":
-        backend, dense = _plan(graph, device_type, block, tile_cost)
+    if backend == "auto":
+        backend, dense = (_dropout_plan if dropout is not None else _plan)(graph, device_type, block, tile_cost)
     if backend == "fused":
         out, lse = _fused(query, key, value, bias, graph, scale, use_triton, max_edges, dropout)
     elif backend == "tiled":
@@ -298,9 +308,10 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
             graph.extras[cache_key] = (build_tiles(graph, block, block, tiled_ids), rest_ids,
                                        _sub_graph(graph, rest_ids))
         tiles, rest_ids, rest = graph.extras[cache_key]
-        out_t, lse_t = _tiled(query, key, value, bias, tiles, scale, use_triton, max_cells)
+        # dropout: both parts key each edge's mask by its position in the whole graph
+        out_t, lse_t = _tiled(query, key, value, bias, tiles, scale, use_triton, max_cells, dropout)
         out_f, lse_f = _fused(query, key, value, None if bias is None else bias[rest_ids], rest,
-                              scale, use_triton, max_edges)
+                              scale, use_triton, max_edges, dropout)
         out, lse = merge_partials(out_t, lse_t, out_f, lse_f)
     out = out.to(query.dtype)
     if not return_lse:

@@ -31,6 +31,9 @@ class CSRGraph:
     rowptr: Tensor  # [N_dst + 1] edges of target i are rowptr[i]:rowptr[i + 1]
     perm: Tensor | None  # [E] sorted position -> column of the edge_index as given (None: identity)
     extras: dict[str, Any] = field(default_factory=dict)  # row chunks, tile lists, CSC view, ...
+    # [E] for a part of a larger graph (split's fused part): each edge's position in that graph's
+    # target-sorted order, the key of its dropout mask; None: the positions 0..E-1 of this graph
+    edge_ids: Tensor | None = None
 
     @property
     def num_edges(self) -> int:

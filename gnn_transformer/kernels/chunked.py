@@ -119,12 +119,17 @@ def _head_major(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype).transpose(0, 1).contiguous()  # [N, H, D] -> [H, N, D]
 
 
-def _keep(c: RowChunk, dropout: tuple[float, int] | None, h: int, dtype: torch.dtype) -> Tensor | None:
-    """The chunk's dropout scales ``[Ec]`` of head ``h`` (``None`` without dropout)."""
+def _keep(c: RowChunk, graph: CSRGraph, dropout: tuple[float, int] | None, h: int,
+          dtype: torch.dtype) -> Tensor | None:
+    """The chunk's dropout scales ``[Ec]`` of head ``h`` (``None`` without dropout), keyed by each
+    edge's position in the target-sorted order (of the whole graph, for a part of one)."""
     if dropout is None:
         return None
     p, seed = dropout
-    edges = torch.arange(c.e0, c.e1, device=c.col.device)  # positions in the target-sorted order
+    if graph.edge_ids is None:
+        edges = torch.arange(c.e0, c.e1, device=c.col.device)
+    else:
+        edges = graph.edge_ids[c.e0:c.e1]
     return keep_scale(seed, edges, h, p, dtype)
 
 
@@ -152,7 +157,7 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph:
                 nonempty = total > 0
                 safe = torch.where(nonempty, total, torch.ones_like(total))
                 p = e / safe[c.row]  # [Ec]
-                keep = _keep(c, dropout, h, cd)
+                keep = _keep(c, graph, dropout, h, cd)
                 pd = p if keep is None else p * keep  # [Ec]
                 outT[h, c.r0:c.r1] = _csr(c.crow, c.col, pd, (c.r1 - c.r0, graph.num_src)) @ vT[hk]
                 lseT[h, c.r0:c.r1] = torch.where(nonempty, top + torch.log(safe),
@@ -188,7 +193,7 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph
                 bias_h = None if bias is None else bias[c.e0:c.e1, h]
                 s = _scores(c, qT[h, c.r0:c.r1], kT[hk], bias_h, scale)  # [Ec]
                 p = torch.exp(s - lse_safe[h, c.r0:c.r1][c.row])  # [Ec]
-                keep = _keep(c, dropout, h, cd)  # once per head and chunk: dp and dV share it
+                keep = _keep(c, graph, dropout, h, cd)  # once per head and chunk: dp and dV share it
                 dp = _sampled(c, doT[h, c.r0:c.r1], vT[hk], None, 1.0)  # [Ec]
                 pd = p
                 if keep is not None:

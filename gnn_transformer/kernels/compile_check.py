@@ -80,12 +80,14 @@ class Compiled:
         return self.shared_bytes <= self.shared_limit
 
 
-def default_cases(dtypes: Iterable[str] = tuple(DTYPES), backends: Iterable[str] = ("fused", "tiled"),
+def default_cases(dtypes: Iterable[str] = tuple(DTYPES), backends: Iterable[str] = BACKENDS,
                   head_dims: Iterable[int] = (64,)) -> list[Case]:
     """Every backend and dtype with and without an edge bias and with attention dropout; for the
-    tiled kernels also with an edge bias on a graph with repeated edges; 12 query heads on 4
-    key/value heads."""
-    variants = {"fused": [dict(), dict(bias=True), dict(bias=True, dropout=True)]}
+    tiled kernels also with an edge bias on a graph with repeated edges; for split (whose fused
+    part keys its dropout masks through the whole graph's edge positions) with bias and dropout;
+    12 query heads on 4 key/value heads."""
+    variants = {"fused": [dict(), dict(bias=True), dict(bias=True, dropout=True)],
+                "split": [dict(bias=True, dropout=True)]}
     tiled = [dict(), dict(bias=True), dict(bias=True, duplicates=True), dict(bias=True, dropout=True)]
     return [Case(b, d, head_dim=hd, **variant)
             for b in backends for d in dtypes for hd in head_dims for variant in variants.get(b, tiled)]
@@ -267,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT),
                         help="compute capability ×10 (90: H100, 80: A100, 86/89: RTX 30xx/40xx)")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--backends", nargs="+", default=["fused", "tiled"], choices=list(BACKENDS))
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     parser.add_argument("--head-dims", nargs="+", type=int, default=[64])
     args = parser.parse_args(argv)
     try:

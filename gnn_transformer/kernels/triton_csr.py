@@ -64,12 +64,21 @@ def _keep(SEED, edge, h, THRESH):
     return x.to(tl.int64) >= THRESH
 
 
+@triton.jit
+def _position(EDGE_IDS, e, emask, REMAP: tl.constexpr):
+    """The dropout key of edges ``e`` (positions in this graph's target-sorted order): ``e`` itself,
+    or with ``REMAP`` their positions in the whole graph (``EDGE_IDS``, split's fused part)."""
+    if REMAP:
+        return tl.load(EDGE_IDS + e, mask=emask, other=0)
+    return e
+
+
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csr_fwd(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, SCALES, SEED, THRESH,
+def _csr_fwd(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, SCALES, EDGE_IDS, SEED, THRESH,
              stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
              H, GROUP, D,
-             HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-             ACC: tl.constexpr):
+             HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr, BLOCK_E: tl.constexpr,
+             BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
     scale, keep_scale = _load_scales(SCALES, ACC)
     h = tl.program_id(1)
@@ -100,7 +109,7 @@ def _csr_fwd(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, SCALES, SEED, THRESH,
         l = l * corr + tl.sum(p, axis=0)
         v = tl.load(V + kv, mask=mask2, other=0.0).to(ACC)
         if DROPOUT:  # the normalizer l keeps every weight; the output only the kept ones
-            p = tl.where(_keep(SEED, offs_e, h, THRESH), p * keep_scale, 0.0)
+            p = tl.where(_keep(SEED, _position(EDGE_IDS, offs_e, emask, REMAP), h, THRESH), p * keep_scale, 0.0)
         acc = acc * corr + tl.sum(p[:, None] * v, axis=0)
         m = m_new
     nonempty = l > 0
@@ -112,10 +121,10 @@ def _csr_fwd(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, SCALES, SEED, THRESH,
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, SCALES, SEED, THRESH,
+def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, SCALES, EDGE_IDS, SEED, THRESH,
                 stride_qn, stride_qh, stride_kn, stride_kh,
                 H, GROUP, D,
-                HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr,
                 BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
     scale, keep_scale = _load_scales(SCALES, ACC)
@@ -146,7 +155,7 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, SCALES, S
         p = tl.where(emask, tl.exp(s - lse), 0.0)
         dp = tl.sum(v * do[None, :], axis=1)
         if DROPOUT:
-            dp = tl.where(_keep(SEED, offs_e, h, THRESH), dp * keep_scale, 0.0)
+            dp = tl.where(_keep(SEED, _position(EDGE_IDS, offs_e, emask, REMAP), h, THRESH), dp * keep_scale, 0.0)
         ds = p * (dp - delta)  # [BLOCK_E]
         if WRITE_DBIAS:
             tl.store(DBIAS + offs_e * H + h, ds.to(DBIAS.dtype.element_ty), mask=emask)
@@ -155,11 +164,11 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, SCALES, S
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, COLPTR, CSC_PERM, DST, SCALES, SEED, THRESH,
-                  stride_qn, stride_qh, stride_kn, stride_kh,
+def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, COLPTR, CSC_PERM, DST, SCALES, EDGE_IDS, SEED,
+                  THRESH, stride_qn, stride_qh, stride_kn, stride_kh,
                   H, GROUP, D,
-                  HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-                  ACC: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr, BLOCK_E: tl.constexpr,
+                  BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     j = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
     scale, keep_scale = _load_scales(SCALES, ACC)
     hk = tl.program_id(1)
@@ -178,6 +187,8 @@ def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, COLPTR, CSC_PERM, DST, 
         e = tl.load(CSC_PERM + offs, mask=emask, other=0)  # edge ids, target-sorted order
         i = tl.load(DST + e, mask=emask, other=0)
         mask2 = emask[:, None] & dmask[None, :]
+        if DROPOUT:
+            position = _position(EDGE_IDS, e, emask, REMAP)
         for g in range(GROUP):
             h = hk * GROUP + g
             rows = i[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
@@ -192,7 +203,7 @@ def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, COLPTR, CSC_PERM, DST, 
             p = tl.where(emask, tl.exp(s - lse), 0.0)
             dp = tl.sum(do * v[None, :], axis=1)
             if DROPOUT:
-                kept = _keep(SEED, e, h, THRESH)
+                kept = _keep(SEED, position, h, THRESH)
                 dp = tl.where(kept, dp * keep_scale, 0.0)
                 pd = tl.where(kept, p * keep_scale, 0.0)
             else:
@@ -229,6 +240,12 @@ def scalars(scale: float, dropout: tuple[float, int] | None, dtype: torch.dtype,
     return values, int(dropout[1]), threshold(dropout[0])
 
 
+def _edge_ids(graph: CSRGraph) -> Tensor:
+    """The ``EDGE_IDS`` argument: the graph's positions in a larger graph, or a placeholder (the
+    kernels read it only with ``REMAP``)."""
+    return graph.edge_ids if graph.edge_ids is not None else graph.rowptr
+
+
 def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
                 scale: float, dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor]:
     """``(out [N_dst, H, D], lse [N_dst, H])``; ``bias`` ``[E, H]`` in target-sorted edge order;
@@ -241,12 +258,13 @@ def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSR
     if n_dst == 0:
         return out, lse
     bias_arg = bias.contiguous() if bias is not None else lse  # unused when HAS_BIAS is False
+    scales, seed, thresh = scalars(scale, dropout, acc_dtype, q.device)
     launch(_csr_fwd, (n_dst, num_heads),
-        q, k, v, bias_arg, out, lse, graph.rowptr, graph.src, *scalars(scale, dropout, acc_dtype, q.device),
+        q, k, v, bias_arg, out, lse, graph.rowptr, graph.src, scales, _edge_ids(graph), seed, thresh,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
         num_heads, group, dim,
-        HAS_BIAS=bias is not None, DROPOUT=dropout is not None, BLOCK_E=BLOCK_E, BLOCK_D=triton.next_power_of_2(dim),
-        ACC=_acc(q.dtype))
+        HAS_BIAS=bias is not None, DROPOUT=dropout is not None, REMAP=graph.edge_ids is not None,
+        BLOCK_E=BLOCK_E, BLOCK_D=triton.next_power_of_2(dim), ACC=_acc(q.dtype))
     return out, lse
 
 
@@ -263,22 +281,22 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, ne
     dbias = torch.empty(graph.num_edges, num_heads, dtype=bias.dtype, device=q.device) if need_bias_grad else None
     bias_arg = bias.contiguous() if bias is not None else delta
     block_d = triton.next_power_of_2(dim)
+    scales, seed, thresh = scalars(scale, dropout, acc_dtype, q.device)
+    flags = dict(HAS_BIAS=bias is not None, DROPOUT=dropout is not None, REMAP=graph.edge_ids is not None,
+                 BLOCK_E=BLOCK_E, BLOCK_D=block_d, ACC=_acc(q.dtype))
     if n_dst > 0:
         launch(_csr_bwd_dq, (n_dst, num_heads),
             q, k, v, bias_arg, dout, lse, delta, dq, dbias if dbias is not None else delta,
-            graph.rowptr, graph.src, *scalars(scale, dropout, acc_dtype, q.device),
+            graph.rowptr, graph.src, scales, _edge_ids(graph), seed, thresh,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            num_heads, group, dim,
-            HAS_BIAS=bias is not None, WRITE_DBIAS=dbias is not None, DROPOUT=dropout is not None,
-            BLOCK_E=BLOCK_E, BLOCK_D=block_d, ACC=_acc(q.dtype))
+            num_heads, group, dim, WRITE_DBIAS=dbias is not None, **flags)
     if n_src > 0:
         colptr, csc_perm = graph.csc()
         launch(_csc_bwd_dkdv, (n_src, num_kv),
             q, k, v, bias_arg, dout, lse, delta, dk, dv, colptr, csc_perm, graph.dst,
-            *scalars(scale, dropout, acc_dtype, q.device),
+            scales, _edge_ids(graph), seed, thresh,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            num_heads, group, dim,
-            HAS_BIAS=bias is not None, DROPOUT=dropout is not None, BLOCK_E=BLOCK_E, BLOCK_D=block_d, ACC=_acc(q.dtype))
+            num_heads, group, dim, **flags)
     return dq, dk, dv, dbias
 
 
