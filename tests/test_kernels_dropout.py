@@ -86,17 +86,22 @@ def test_dropout_matches_the_masked_reference(name, backend, block, impl):
         torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-10)
 
 
-def test_auto_with_dropout_picks_fused_or_tiled():
+def test_auto_with_dropout_picks_fused_or_tiled(monkeypatch):
     from gnn_transformer.kernels import choose_backend
     from gnn_transformer.topology import bigbird, causal, random, sliding_window, union
 
     assert choose_backend(causal(256), "cpu", dropout=True) == "tiled"
     assert choose_backend(random(256, 8), "cpu", dropout=True) == "fused"
-    # split drops the same weights too: the plan is the one without dropout
+    # split drops the same weights too; dropout only adds the cost of hashing the mask
+    from gnn_transformer.kernels import DROPOUT_COST, _graph
+
     for graph in (bigbird(512, block=16, window=1, num_global=1, num_random=2),
                   union(sliding_window(1024, 32), random(1024, 4, seed=0))):
         assert choose_backend(graph, "cpu", block_size=64) == "split"
-        assert choose_backend(graph, "cpu", block_size=64, dropout=True) == "split"
+        for extra, want in (({"fused": 0.0, "tiled": 0.0}, "split"), ({"fused": 0.0, "tiled": 10.0}, "fused")):
+            _graph.clear_cache()
+            monkeypatch.setitem(DROPOUT_COST, "cpu", extra)
+            assert choose_backend(graph, "cpu", block_size=64, dropout=True) == want
     multi = torch.cat([causal(128).as_tensor(), causal(128).as_tensor()[:, :5]], dim=1)
     assert choose_backend(multi, "cpu") == "tiled"
     assert choose_backend(multi, "cpu", dropout=True) == "fused"  # two edges in a cell
@@ -128,6 +133,15 @@ def test_hash_is_lowbias32():
         v ^= v >> 16
         want.append(v)
     assert _dropout._mix(x).tolist() == want
+
+
+def test_keep_scales_equal_keep_scale_per_head():
+    """The all-heads scales (tiled paths) are the per-head scales (fused path), bit for bit."""
+    edges = torch.arange(3000).view(3, 1000) * 7919
+    for dtype in (torch.float32, torch.float64):
+        many = _dropout.keep_scales(11, edges, 5, 0.3, dtype)
+        one = torch.stack([_dropout.keep_scale(11, edges, h, 0.3, dtype) for h in range(5)])
+        assert many.dtype == dtype and torch.equal(many, one)
 
 
 @pytest.mark.parametrize("backend", ["fused", "tiled", "split"])

@@ -82,7 +82,7 @@ def test_layers_reuse_structures():
     before = dict(graph.extras)
     attend(q, k, v, edge_index, scale=0.5, backend="auto", block_size=8)
     assert all(graph.extras[key] is value for key, value in before.items())
-    assert choose_backend(edge_index, "cpu", block_size=8) == graph.extras[("plan", 8, TILE_COST["cpu"])][0]
+    assert choose_backend(edge_index, "cpu", block_size=8) == graph.extras[("plan", 8, TILE_COST["cpu"], 1.0)]
 
 
 def test_split_keeps_tiles_with_repeated_edges_fused():

@@ -47,10 +47,13 @@ IMPLS = (None, "torch", "triton")
 # TILE_COST: one tile cell, whatever the tile's fill (a tile filled to at least this ratio is
 # cheaper tiled). ROW_COST: the fixed work per target row of one call of a backend (the chunked CPU
 # path loops over heads with per-row segment reductions; the tiled path pads and copies blocks).
-# MERGE_COST: split's merge of its two partial results, per target row.
+# MERGE_COST: split's merge of its two partial results, per target row. DROPOUT_COST: what attention
+# dropout adds per fused edge and per tile cell (hashing the keep mask, forward and backward; on the
+# CPU the tiled path also leaves PyTorch's fused attention kernel).
 TILE_COST = {"cpu": 0.25, "cuda": 0.06}
 ROW_COST = {"cpu": {"fused": 7.0, "tiled": 10.0}, "cuda": {"fused": 1.0, "tiled": 1.0}}
 MERGE_COST = {"cpu": 2.0, "cuda": 4.0}
+DROPOUT_COST = {"cpu": {"fused": 0.5, "tiled": 0.6}, "cuda": {"fused": 0.0, "tiled": 0.0}}
 BLOCK_SIZE = {"cpu": 64, "cuda": 64}
 
 
@@ -111,49 +114,57 @@ def _dense_tiles(graph: CSRGraph, block: int, ratio: float) -> Tensor:
     return dense
 
 
+def _unit_costs(device_type: str, tile_cost: float | None, dropout: bool) -> tuple[float, float]:
+    """``(cost of a tile cell, cost of a fused edge)``: ``(TILE_COST, 1)``, plus ``DROPOUT_COST``
+    under attention dropout. ``split`` tiles the tiles filled to at least their ratio."""
+    cell, edge = _ratio(device_type, tile_cost), 1.0
+    if dropout:
+        extra = DROPOUT_COST.get(device_type, DROPOUT_COST["cuda"])
+        cell, edge = cell + extra["tiled"], edge + extra["fused"]
+    return cell, edge
+
+
 def _plan(graph: CSRGraph, device_type: str, block: int | None = None,
-          tile_cost: float | None = None) -> tuple[str, Tensor | None]:
-    """``(backend, dense tile flags or None)`` by the cost model (``TILE_COST``, ``ROW_COST``,
-    ``MERGE_COST``); cached."""
+          tile_cost: float | None = None, dropout: bool = False) -> str:
+    """``auto``'s backend by the cost model (``TILE_COST``, ``ROW_COST``, ``MERGE_COST`` and, under
+    attention ``dropout``, ``DROPOUT_COST``); cached. Under dropout a graph that repeats an edge
+    (two edges in one tile cell, which tiles cannot drop separately) is never ``tiled``."""
     block = BLOCK_SIZE.get(device_type, 64) if block is None else block
-    ratio = _ratio(device_type, tile_cost)
-    cache_key = ("plan", block, ratio)
+    cell, edge = _unit_costs(device_type, tile_cost, dropout)
+    cache_key = ("plan", block, cell, edge)
     if cache_key in graph.extras:
-        return graph.extras[cache_key]
+        plan = graph.extras[cache_key]
+    else:
+        plan = graph.extras[cache_key] = _cheapest(graph, device_type, block, cell, edge)
+    if dropout and plan == "tiled" and _repeats_edge(graph):  # split never tiles a repeated edge
+        return "fused"
+    return plan
+
+
+def _cheapest(graph: CSRGraph, device_type: str, block: int, cell: float, edge: float) -> str:
     num_edges = graph.num_edges
     if num_edges == 0:
-        plan = ("fused", None)
+        plan = "fused"
     else:
         rows = ROW_COST.get(device_type, ROW_COST["cuda"])
         merge = MERGE_COST.get(device_type, MERGE_COST["cuda"])
         _, _, count = tile_stats(graph, block, block)  # [T]
         cells = float(block * block)
-        dense = _dense_tiles(graph, block, ratio)  # [T]
+        dense = _dense_tiles(graph, block, cell / edge)  # [T]
         n_dense = int(dense.sum())
         edges_dense = int(count[dense].sum()) if n_dense else 0
         n = graph.num_dst
-        cost_fused = num_edges + rows["fused"] * n
-        cost_tiled = count.numel() * cells * ratio + rows["tiled"] * n
-        cost_split = (n_dense * cells * ratio + (num_edges - edges_dense)
+        cost_fused = num_edges * edge + rows["fused"] * n
+        cost_tiled = count.numel() * cells * cell + rows["tiled"] * n
+        cost_split = (n_dense * cells * cell + (num_edges - edges_dense) * edge
                       + (rows["fused"] + rows["tiled"] + merge) * n)
         best = min(cost_fused, cost_tiled, cost_split)
         if best == cost_fused or n_dense == 0:
-            plan = ("fused", None)
+            plan = "fused"
         elif best == cost_tiled or n_dense == count.numel():
-            plan = ("tiled", None)
+            plan = "tiled"
         else:
-            plan = ("split", dense)
-    graph.extras[cache_key] = plan
-    return plan
-
-
-def _dropout_plan(graph: CSRGraph, device_type: str, block: int, tile_cost: float | None) -> tuple[str, Tensor | None]:
-    """``auto``'s plan under attention dropout: the same as without, except that a graph repeating
-    an edge (two edges in one tile cell, which tiles cannot drop separately) runs ``fused`` rather
-    than ``tiled``."""
-    plan = _plan(graph, device_type, block, tile_cost)
-    if plan[0] == "tiled" and _repeats_edge(graph):  # split never tiles a repeated edge
-        return "fused", None
+            plan = "split"
     return plan
 
 
@@ -164,13 +175,13 @@ def choose_backend(edge_index: Tensor, device, *, block_size: int | None = None,
     A tile of ``B × B`` cells costs ``tile_cost · B²`` edge-equivalents whatever its fill; the
     choice minimizes the total over: all edges fused, all tiles tiled, or dense tiles tiled plus
     the remaining edges fused (plus a merge); see docs/kernels.md. Cached on the graph. With
-    ``dropout`` (attention dropout), a graph that repeats an edge is not run ``"tiled"``.
+    ``dropout`` (attention dropout) the costs include hashing the mask (``DROPOUT_COST``), and a
+    graph that repeats an edge is not run ``"tiled"``.
     """
     n_src, n_dst = _sizes(edge_index)
     graph = prepare(edge_index, n_src, n_dst)
     block = BLOCK_SIZE.get(_device_type(device), 64) if block_size is None else block_size
-    plan = _dropout_plan if dropout else _plan
-    return plan(graph, _device_type(device), block, tile_cost)[0]
+    return _plan(graph, _device_type(device), block, tile_cost, dropout)
 
 
 def _check_inputs(query, key, value, backend, num_dst, impl):
@@ -243,7 +254,8 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
             ``"triton"`` (also on CPU tensors under ``TRITON_INTERPRET=1``, for tests).
         block_size: tile size of ``tiled`` / ``split`` (default by device: ``BLOCK_SIZE``).
         tile_cost: cost of a tile cell relative to an edge (default by device: ``TILE_COST``);
-            ``split`` tiles the tiles filled to at least this ratio.
+            ``split`` tiles the tiles filled to at least this ratio (with dropout:
+            ``(tile_cost + DROPOUT_COST["tiled"]) / (1 + DROPOUT_COST["fused"])``).
         max_edges, max_cells: memory bounds of one chunk of the PyTorch paths.
         dropout_p: attention dropout: each weight ``(edge, head)`` is zeroed with probability
             ``dropout_p`` and the others scaled by ``1 / (1 - dropout_p)`` (``lse`` stays that of the
@@ -286,9 +298,8 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
         dropout = (float(dropout_p), seed)
     device_type = query.device.type
     block = BLOCK_SIZE.get(device_type, 64) if block_size is None else block_size
-    dense = None
     if backend == "auto":
-        backend, dense = (_dropout_plan if dropout is not None else _plan)(graph, device_type, block, tile_cost)
+        backend = _plan(graph, device_type, block, tile_cost, dropout is not None)
     if backend == "fused":
         out, lse = _fused(query, key, value, bias, graph, scale, use_triton, max_edges, dropout)
     elif backend == "tiled":
@@ -298,11 +309,10 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
                              "(use backend='fused')")
         out, lse = _tiled(query, key, value, bias, tiles, scale, use_triton, max_cells, dropout)
     else:  # split
-        ratio = _ratio(device_type, tile_cost)
-        cache_key = ("split", block, ratio)
+        cell, edge = _unit_costs(device_type, tile_cost, dropout is not None)
+        cache_key = ("split", block, cell / edge)
         if cache_key not in graph.extras:
-            if dense is None:
-                dense = _dense_tiles(graph, block, ratio)  # [T]
+            dense = _dense_tiles(graph, block, cell / edge)  # [T]
             in_dense = dense[tile_stats(graph, block, block)[1]]  # [E]
             tiled_ids, rest_ids = in_dense.nonzero().flatten(), (~in_dense).nonzero().flatten()
             graph.extras[cache_key] = (build_tiles(graph, block, block, tiled_ids), rest_ids,
@@ -342,5 +352,6 @@ def edge_weights(query: Tensor, key: Tensor, edge_index: Tensor, lse: Tensor, *,
 
 __all__ = [
     "attend", "edge_weights", "choose_backend", "attend_reference", "merge_partials",
-    "triton_available", "clear_cache", "BACKENDS", "TILE_COST", "ROW_COST", "MERGE_COST", "BLOCK_SIZE",
+    "triton_available", "clear_cache", "BACKENDS", "TILE_COST", "ROW_COST", "MERGE_COST", "DROPOUT_COST",
+    "BLOCK_SIZE",
 ]
