@@ -19,7 +19,8 @@ from gnn_transformer.kernels.compile_check import MIN_TRITON  # noqa: E402
 if tuple(int(p) for p in triton.__version__.split(".")[:2]) < MIN_TRITON:
     pytest.skip(f"compile_check needs Triton >= {MIN_TRITON} (got {triton.__version__})", allow_module_level=True)
 
-KERNELS = {"_csr_fwd", "_csr_bwd_dq", "_csc_bwd_dkdv", "_tiled_fwd", "_tiled_bwd_dq", "_tiled_bwd_dkdv"}
+KERNELS = {"_csr_fwd", "_csr_bwd_dq", "_csr_fwd_grouped", "_csr_bwd_dq_grouped", "_csc_bwd_dkdv",
+           "_tiled_fwd", "_tiled_bwd_dq", "_tiled_bwd_dkdv"}
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -43,7 +44,8 @@ def _rows(arch: int, dtypes: list[str], head_dims=(64,)) -> list[dict]:
 def test_every_kernel_compiles_and_fits(arch, dtypes):
     rows = _rows(arch, dtypes)
     assert {r["kernel"] for r in rows} == KERNELS
-    # every dtype, with and without a bias, reaches all six kernels; tile biases reach the tiled ones
+    # every dtype, with and without a bias, reaches every kernel (multi-head attention the per-head CSR
+    # kernels, grouped-query attention the grouped ones); tile biases reach the tiled ones
     for dtype in dtypes:
         for suffix, kernels in (("D=64", KERNELS), ("+bias", KERNELS),
                                 ("+duplicates", {k for k in KERNELS if k.startswith("_tiled")}),

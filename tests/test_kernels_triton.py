@@ -185,3 +185,54 @@ def test_tiled_retries_with_lean_options(monkeypatch):
     torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
     for x, y in zip(got, torch.autograd.grad(ref.sum(), up)):
         torch.testing.assert_close(x.float(), y, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("heads,kv_heads,grouped", [(2, 2, False), (3, 1, True), (4, 2, True), (6, 3, True)],
+                         ids=["mha", "g3", "g2x2", "g2x3"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["", "dropout"])
+def test_triton_fused_grouped_query_heads(heads, kv_heads, grouped, dropout):
+    """With several query heads per key/value head, the forward and dQ kernels run one program per
+    (target, key/value head) with tl.dot over the group; both forms equal the masked reference."""
+    from gnn_transformer.kernels import _launch
+
+    from .test_kernels_dropout import _reference
+
+    edge_index, n_src, n_dst = _small("empty_rows")
+    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=heads, kv_heads=kv_heads, dim=5)
+    kw = dict(scale=0.4, edge_bias=b, backend="fused", return_lse=True, dropout_p=dropout, dropout_seed=5)
+    out, lse = attend(q, k, v, edge_index, impl="triton", **kw)
+    if dropout:
+        ref, ref_lse = _reference(q, k, v, edge_index, 0.4, b, dropout, 5)
+    else:
+        ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.4, edge_bias=b, return_lse=True)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    torch.testing.assert_close(lse, ref_lse, **TOL[torch.float64])
+    w = torch.randn(out.shape, dtype=torch.float64)
+    got = torch.autograd.grad(_loss(out, lse, w), (q, k, v, b))
+    want = torch.autograd.grad(_loss(ref, ref_lse, w), (q, k, v, b))
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, **TOL[torch.float64])
+    with _launch.recording() as launches:
+        out, lse = attend(q, k, v, edge_index, impl="triton", **kw)
+        _loss(out, lse, w).backward()
+    names = {launch.kernel.__name__ if hasattr(launch.kernel, "__name__") else launch.kernel.fn.__name__
+             for launch in launches}
+    if grouped:
+        assert {"_csr_fwd_grouped", "_csr_bwd_dq_grouped"} <= names and "_csr_fwd" not in names
+        assert all(launch.grid[1] == kv_heads for launch in launches if "grouped" in str(launch.kernel))
+    else:
+        assert {"_csr_fwd", "_csr_bwd_dq"} <= names and not any("grouped" in n for n in names)
+
+
+def test_triton_fused_grouped_bfloat16():
+    edge_index, n_src, n_dst = _small("hub")
+    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=4, kv_heads=2, dim=16, dtype=torch.bfloat16)
+    out = attend(q, k, v, edge_index, scale=0.25, edge_bias=b, backend="fused", impl="triton")
+    up = [x.detach().float().requires_grad_() for x in (q, k, v, b)]
+    ref = attend_reference(*up[:3], edge_index, scale=0.25, edge_bias=up[3])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
+    got = torch.autograd.grad(out.float().sum(), (q, k, v, b))
+    want = torch.autograd.grad(ref.sum(), up)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x.float(), y, atol=2e-2, rtol=2e-2)

@@ -85,8 +85,10 @@ def default_cases(dtypes: Iterable[str] = tuple(DTYPES), backends: Iterable[str]
     """Every backend and dtype with and without an edge bias and with attention dropout; for the
     tiled kernels also with an edge bias on a graph with repeated edges; for split (whose fused
     part keys its dropout masks through the whole graph's edge positions) with bias and dropout;
-    12 query heads on 4 key/value heads."""
-    variants = {"fused": [dict(), dict(bias=True), dict(bias=True, dropout=True)],
+    12 query heads on 4 key/value heads, and for fused also 12 on 12 (multi-head attention runs
+    the per-head CSR kernels, grouped-query attention the grouped ones)."""
+    fused = [dict(), dict(bias=True), dict(bias=True, dropout=True)]
+    variants = {"fused": fused + [dict(v, kv_heads=12) for v in fused],
                 "split": [dict(bias=True, dropout=True)]}
     tiled = [dict(), dict(bias=True), dict(bias=True, duplicates=True), dict(bias=True, dropout=True)]
     return [Case(b, d, head_dim=hd, **variant)

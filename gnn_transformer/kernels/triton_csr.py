@@ -18,6 +18,10 @@ one program: deterministic, no atomics. Half-precision
 inputs accumulate in float32, float64 inputs in float64. Importing this module needs Triton; CPU
 tensors run under ``TRITON_INTERPRET=1`` (slowly: tests only).
 
+With grouped-query attention (``G > 1``) the forward and ``dQ`` kernels run one program per (target,
+key/value head) instead: the ``G`` query heads form a ``[16+, D]`` tile, scores and weighted sums are
+``tl.dot`` products, and each key and value row is gathered once per group rather than ``G`` times.
+
 Notation: ``E`` edges, ``H`` / ``H_kv`` query / key-value heads, ``G = H // H_kv``, ``D`` head dim.
 """
 from __future__ import annotations
@@ -62,6 +66,16 @@ def _keep(SEED, edge, h, THRESH):
     x = _mix(x ^ (edge >> 32).to(tl.uint32))
     x = _mix(x ^ (edge & 0xFFFFFFFF).to(tl.uint32))
     return x.to(tl.int64) >= THRESH
+
+
+@triton.jit
+def _dot(a, b, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` accumulated in ``ACC`` with IEEE products (no TF32); ``UPCAST`` runs bfloat16
+    operands in float32 (the CPU interpreter has no bfloat16 matmul)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
 
 
 @triton.jit
@@ -164,6 +178,116 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, SCALES, E
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
+def _csr_fwd_grouped(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, SCALES, EDGE_IDS, SEED, THRESH,
+                     stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
+                     H, GROUP, D,
+                     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr,
+                     BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+                     ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """:func:`_csr_fwd` for the ``GROUP`` query heads of one key/value head at once (grouped-query
+    attention): one program per (target, key/value head) gathers each key and value row once for
+    the whole group, and scores and weighted sums are ``tl.dot`` products of ``[BLOCK_G, .]``
+    tiles (rows beyond ``GROUP`` masked)."""
+    i = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
+    scale, keep_scale = _load_scales(SCALES, ACC)
+    hk = tl.program_id(1)
+    start = tl.load(ROWPTR + i)
+    end = tl.load(ROWPTR + i + 1)
+    offs_g = tl.arange(0, BLOCK_G)
+    gmask = offs_g < GROUP
+    h = hk * GROUP + offs_g  # [BLOCK_G] query heads
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    qmask = gmask[:, None] & dmask[None, :]
+    rows = i * stride_qn + h[:, None] * stride_qh + offs_d[None, :]  # [BLOCK_G, D]
+    q = tl.load(Q + rows, mask=qmask, other=0.0)
+    m = tl.full([BLOCK_G], float("-inf"), ACC)
+    l = tl.zeros([BLOCK_G], ACC)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], ACC)
+    for e0 in range(start, end, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        emask = offs_e < end
+        j = tl.load(SRC + offs_e, mask=emask, other=0)
+        kv = j[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]  # [BLOCK_E, D]
+        mask2 = emask[:, None] & dmask[None, :]
+        k = tl.load(K + kv, mask=mask2, other=0.0)
+        s = _dot(q, tl.trans(k), ACC, UPCAST) * scale  # [BLOCK_G, BLOCK_E]
+        if HAS_BIAS:
+            s += tl.load(BIAS + offs_e[None, :] * H + h[:, None], mask=gmask[:, None] & emask[None, :],
+                         other=0.0).to(ACC)
+        s = tl.where(emask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        corr = tl.exp(m - m_use)
+        p = tl.exp(s - m_use[:, None])
+        l = l * corr + tl.sum(p, axis=1)
+        v = tl.load(V + kv, mask=mask2, other=0.0)
+        if DROPOUT:  # the normalizer l keeps every weight; the output only the kept ones
+            position = _position(EDGE_IDS, offs_e, emask, REMAP)
+            p = tl.where(_keep(SEED, position[None, :], h[:, None], THRESH), p * keep_scale, 0.0)
+        acc = acc * corr[:, None] + _dot(p.to(v.dtype), v, ACC, UPCAST)
+        m = m_new
+    nonempty = l > 0
+    l_safe = tl.where(nonempty, l, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(nonempty, m + tl.log(l_safe), float("-inf"))
+    tl.store(OUT + i * stride_on + h[:, None] * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
+             mask=qmask)
+    tl.store(LSE + i * H + h, lse, mask=gmask)
+
+
+@triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
+def _csr_bwd_dq_grouped(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, SCALES, EDGE_IDS, SEED,
+                        THRESH, stride_qn, stride_qh, stride_kn, stride_kh,
+                        H, GROUP, D,
+                        HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                        REMAP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """:func:`_csr_bwd_dq` for the query heads of one key/value head at once (see
+    :func:`_csr_fwd_grouped`)."""
+    i = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
+    scale, keep_scale = _load_scales(SCALES, ACC)
+    hk = tl.program_id(1)
+    start = tl.load(ROWPTR + i)
+    end = tl.load(ROWPTR + i + 1)
+    offs_g = tl.arange(0, BLOCK_G)
+    gmask = offs_g < GROUP
+    h = hk * GROUP + offs_g
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    qmask = gmask[:, None] & dmask[None, :]
+    rows = i * stride_qn + h[:, None] * stride_qh + offs_d[None, :]  # q, dO and dQ share one layout
+    q = tl.load(Q + rows, mask=qmask, other=0.0)
+    do = tl.load(DO + rows, mask=qmask, other=0.0)
+    lse = tl.load(LSE + i * H + h, mask=gmask, other=0.0).to(ACC)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(DELTA + i * H + h, mask=gmask, other=0.0).to(ACC)
+    dq = tl.zeros([BLOCK_G, BLOCK_D], ACC)
+    for e0 in range(start, end, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        emask = offs_e < end
+        j = tl.load(SRC + offs_e, mask=emask, other=0)
+        kv = j[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
+        mask2 = emask[:, None] & dmask[None, :]
+        k = tl.load(K + kv, mask=mask2, other=0.0)
+        v = tl.load(V + kv, mask=mask2, other=0.0)
+        s = _dot(q, tl.trans(k), ACC, UPCAST) * scale  # [BLOCK_G, BLOCK_E]
+        cell = gmask[:, None] & emask[None, :]
+        if HAS_BIAS:
+            s += tl.load(BIAS + offs_e[None, :] * H + h[:, None], mask=cell, other=0.0).to(ACC)
+        p = tl.where(cell, tl.exp(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), ACC, UPCAST)  # [BLOCK_G, BLOCK_E]
+        if DROPOUT:
+            position = _position(EDGE_IDS, offs_e, emask, REMAP)
+            dp = tl.where(_keep(SEED, position[None, :], h[:, None], THRESH), dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if WRITE_DBIAS:
+            tl.store(DBIAS + offs_e[None, :] * H + h[:, None], ds.to(DBIAS.dtype.element_ty), mask=cell)
+        dq += _dot(ds.to(k.dtype), k, ACC, UPCAST)
+    tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+
+
+@triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
 def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, COLPTR, CSC_PERM, DST, SCALES, EDGE_IDS, SEED,
                   THRESH, stride_qn, stride_qh, stride_kn, stride_kh,
                   H, GROUP, D,
@@ -218,6 +342,19 @@ def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, COLPTR, CSC_PERM, DST, 
 BLOCK_E = 32
 
 
+def _upcast(q: Tensor) -> bool:
+    """bfloat16 ``tl.dot`` operands in float32: the CPU interpreter has no bfloat16 matmul."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16
+
+
+def _grouped(group: int, dim: int) -> dict | None:
+    """Block sizes of the grouped kernels for ``group`` query heads per key/value head (``tl.dot``
+    needs at least 16 rows and columns), or ``None`` for plain multi-head attention."""
+    if group == 1:
+        return None
+    return dict(BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(dim)))
+
+
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -259,12 +396,16 @@ def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSR
         return out, lse
     bias_arg = bias.contiguous() if bias is not None else lse  # unused when HAS_BIAS is False
     scales, seed, thresh = scalars(scale, dropout, acc_dtype, q.device)
-    launch(_csr_fwd, (n_dst, num_heads),
-        q, k, v, bias_arg, out, lse, graph.rowptr, graph.src, scales, _edge_ids(graph), seed, thresh,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
-        num_heads, group, dim,
-        HAS_BIAS=bias is not None, DROPOUT=dropout is not None, REMAP=graph.edge_ids is not None,
-        BLOCK_E=BLOCK_E, BLOCK_D=triton.next_power_of_2(dim), ACC=_acc(q.dtype))
+    args = (q, k, v, bias_arg, out, lse, graph.rowptr, graph.src, scales, _edge_ids(graph), seed, thresh,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
+            num_heads, group, dim)
+    flags = dict(HAS_BIAS=bias is not None, DROPOUT=dropout is not None, REMAP=graph.edge_ids is not None,
+                 BLOCK_E=BLOCK_E, ACC=_acc(q.dtype))
+    grouped = _grouped(group, dim)
+    if grouped is None:
+        launch(_csr_fwd, (n_dst, num_heads), *args, BLOCK_D=triton.next_power_of_2(dim), **flags)
+    else:  # one program per (target, key/value head): each key and value row gathered once per group
+        launch(_csr_fwd_grouped, (n_dst, k.size(1)), *args, UPCAST=_upcast(q), **grouped, **flags)
     return out, lse
 
 
@@ -285,11 +426,15 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, ne
     flags = dict(HAS_BIAS=bias is not None, DROPOUT=dropout is not None, REMAP=graph.edge_ids is not None,
                  BLOCK_E=BLOCK_E, BLOCK_D=block_d, ACC=_acc(q.dtype))
     if n_dst > 0:
-        launch(_csr_bwd_dq, (n_dst, num_heads),
-            q, k, v, bias_arg, dout, lse, delta, dq, dbias if dbias is not None else delta,
-            graph.rowptr, graph.src, scales, _edge_ids(graph), seed, thresh,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            num_heads, group, dim, WRITE_DBIAS=dbias is not None, **flags)
+        args = (q, k, v, bias_arg, dout, lse, delta, dq, dbias if dbias is not None else delta,
+                graph.rowptr, graph.src, scales, _edge_ids(graph), seed, thresh,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), num_heads, group, dim)
+        grouped = _grouped(group, dim)
+        if grouped is None:
+            launch(_csr_bwd_dq, (n_dst, num_heads), *args, WRITE_DBIAS=dbias is not None, **flags)
+        else:
+            launch(_csr_bwd_dq_grouped, (n_dst, num_kv), *args, WRITE_DBIAS=dbias is not None,
+                   UPCAST=_upcast(q), **dict(flags, **grouped))
     if n_src > 0:
         colptr, csc_perm = graph.csc()
         launch(_csc_bwd_dkdv, (n_src, num_kv),

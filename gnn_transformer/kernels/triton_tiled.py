@@ -25,18 +25,8 @@ from torch import Tensor
 from ._autograd import Kernel, kernel_attention, softmax_delta
 from ._launch import launch
 from .tiled_torch import tiled_backward, tiled_forward
-from .triton_csr import _keep, _load_scales, scalars
+from .triton_csr import _dot, _keep, _load_scales, _upcast, scalars
 from .tiling import TileList
-
-
-@triton.jit
-def _dot(a, b, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    """``a @ b`` accumulated in ``ACC``; ``UPCAST`` runs bfloat16 operands in float32 (the CPU
-    interpreter has no bfloat16 matmul)."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
 
 
 @triton.jit
@@ -238,10 +228,6 @@ def _options(dtype: torch.dtype, head_dim: int, lean: bool = False) -> dict:
     if dtype in (torch.float16, torch.bfloat16) and head_dim <= 128 and not lean:
         return dict(num_warps=4)
     return dict(num_warps=8, num_stages=1)
-
-
-def _upcast(q: Tensor) -> bool:
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16
 
 
 def _check_blocks(tiles: TileList) -> None:
