@@ -24,6 +24,9 @@ case "$stage" in
       2>&1 | tee "$out/calibrate.txt"
     python -m gnn_transformer.cli bench --device cuda --sizes 4096 16384 --markdown "$out/bench_16k.md" \
       2>&1 | tee "$out/bench_16k.txt"
+    # grouped-query attention (12 query heads on 4 key/value heads): the grouped CSR kernels
+    python -m gnn_transformer.cli bench --device cuda --sizes 16384 --kv-heads 4 --topologies random bigbird \
+      --backends fused auto flex --markdown "$out/bench_16k_gqa.md" 2>&1 | tee "$out/bench_16k_gqa.txt"
     ;;
   large)
     python -m gnn_transformer.cli bench --device cuda --sizes 65536 --repeats 3 \

@@ -360,6 +360,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="unset: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=None,
+                   help="key/value heads (grouped-query attention; must divide --heads; unset: --heads)")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
     p.add_argument("--no-backward", action="store_true", help="forward passes only")
@@ -433,6 +435,8 @@ def cmd_bench(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     if args.sizes is not None and min(args.sizes) < 1:
         raise UsageError(f"--sizes must be positive (got {args.sizes})")
+    if args.kv_heads is not None and (args.kv_heads < 1 or args.heads % args.kv_heads):
+        raise UsageError(f"--kv-heads must divide --heads {args.heads} (got {args.kv_heads})")
     _check_bench_topologies(args.topologies)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -451,7 +455,7 @@ def cmd_bench(args) -> int:
         extra = [262144, 1048576] if (args.sizes is None and not args.quick and name in LINEAR
                                        and torch.device(device).type == "cuda") else []
         rows += run_benchmark([name], list(sizes) + extra, args.backends, device=device,
-                              dtype=dtype, heads=args.heads, head_dim=args.head_dim,
+                              dtype=dtype, heads=args.heads, head_dim=args.head_dim, kv_heads=args.kv_heads,
                               repeats=repeats, backward=not args.no_backward, log=print)
     print()
     print(format_table(rows))

@@ -170,3 +170,5 @@ def test_bench_topology_specs(capsys):
     assert "dilated:window=4,dilation=2" in out and "longformer" in out
     assert cli.main(["bench", "--topologies", "window", "nosuch"]) == 2
     assert "--topologies: Unknown topology 'nosuch'" in capsys.readouterr().err
+    assert cli.main(["bench", "--heads", "4", "--kv-heads", "3"]) == 2
+    assert "--kv-heads must divide --heads 4 (got 3)" in capsys.readouterr().err

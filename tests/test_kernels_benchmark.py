@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from gnn_transformer.kernels.benchmark import format_markdown, format_table, run_benchmark
@@ -102,3 +103,13 @@ def test_benchmark_takes_topology_specs(tmp_path):
     assert [(r["topology"], r["backend"]) for r in rows] == [
         (str(spec), "fused"), (str(spec), "sdpa"), ("exphormer", "fused"), ("exphormer", "sdpa")]
     assert all(r["max_err"] < 1e-5 for r in rows)
+
+
+def test_benchmark_grouped_query_heads():
+    rows = run_benchmark(["window"], [80], ["pyg", "fused", "tiled", "auto", "sdpa"], device="cpu", heads=4,
+                         kv_heads=2, head_dim=8, repeats=1)
+    assert len(rows) == 5 * 2
+    for row in rows:
+        assert row["ms"] is not None and row["max_err"] < 1e-5, row
+    with pytest.raises(ValueError, match="'kv_heads' to divide heads=4 \\(got 3\\)"):
+        run_benchmark(["window"], [80], ["fused"], device="cpu", heads=4, kv_heads=3)

@@ -150,17 +150,19 @@ def _measure(fn: Callable[[], None], device, repeats: int) -> tuple[float, float
     return statistics.median(times), float(peak)
 
 
-def _dense_reference(q, k, v, src, dst, scale, chunk_heads=1):
-    """Float32 dense masked softmax ``[N, H, D]`` (heads one at a time)."""
+def _dense_reference(q, k, v, src, dst, scale):
+    """Float32 dense masked softmax ``[N, H, D]``, one head at a time (query head ``h`` reads
+    key/value head ``h // (H // H_kv)``)."""
     n, h, d = q.shape
+    group = h // k.size(1)
     mask = torch.zeros(n, k.size(0), dtype=torch.bool, device=q.device)
     mask[dst, src] = True
     out = torch.empty(n, h, d, dtype=torch.float32, device=q.device)
-    for i in range(0, h, chunk_heads):
-        s = torch.einsum("nhd,mhd->hnm", q[:, i:i + chunk_heads].float(), k[:, i:i + chunk_heads].float()) * scale
+    for i in range(h):
+        s = (q[:, i].float() @ k[:, i // group].float().t()) * scale  # [N, N_src]
         s = s.masked_fill(~mask, float("-inf"))
         w = torch.softmax(s, dim=-1).nan_to_num(0.0)
-        out[:, i:i + chunk_heads] = torch.einsum("hnm,mhd->nhd", w, v[:, i:i + chunk_heads].float())
+        out[:, i] = w @ v[:, i // group].float()
     return out
 
 
@@ -182,6 +184,7 @@ def _fits(n: int, num_edges: int, backend: str, h: int, d: int, budget: float, e
 def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] = (4096,),
                   backends: Sequence[str] = BACKENDS, *, device: str | None = None,
                   dtype: torch.dtype | None = None, heads: int = 12, head_dim: int = 64,
+                  kv_heads: int | None = None,
                   repeats: int = 3, backward: bool = True, memory_budget: float | None = None,
                   flex_block: int = 128, seed: int = 0, log: Callable[[str], None] | None = None) -> list[dict]:
     """Run the benchmark and return one row per (topology, N, backend, pass).
@@ -191,6 +194,9 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    kv_heads = heads if kv_heads is None else kv_heads
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"Expected 'kv_heads' to divide heads={heads} (got {kv_heads})")
     if memory_budget is None:
         if torch.device(device).type == "cuda":
             memory_budget = 0.8 * torch.cuda.get_device_properties(device).total_memory
@@ -210,7 +216,8 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
             num_edges = src.numel()
             density = num_edges / float(n * n)
             g = torch.Generator(device="cpu").manual_seed(seed)
-            q, k, v = (torch.randn(n, heads, head_dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+            q, k, v = (torch.randn(n, h, head_dim, generator=g).to(device=device, dtype=dtype)
+                       for h in (heads, kv_heads, kv_heads))
             ref = None
             if _fits(n, num_edges, "reference", heads, head_dim, memory_budget, 4) is None:
                 ref = _dense_reference(q, k, v, src, dst, scale)
@@ -294,9 +301,10 @@ def _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block):
         build = time.perf_counter() - t0
 
         def sdpa(q, k, v):
+            gqa = {"enable_gqa": True} if k.size(1) != q.size(1) else {}
             out = torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-                attn_mask=mask, scale=scale)
+                attn_mask=mask, scale=scale, **gqa)
             return out[0].transpose(0, 1)
         return sdpa, build
     if backend == "flex":
@@ -311,7 +319,8 @@ def _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block):
 
         def flex(q, k, v):
             out = compiled(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                           v.transpose(0, 1).unsqueeze(0), block_mask=block_mask, scale=scale)
+                           v.transpose(0, 1).unsqueeze(0), block_mask=block_mask, scale=scale,
+                           enable_gqa=k.size(1) != q.size(1))
             return out[0].transpose(0, 1)
         return flex, build
     raise ValueError(f"Expected 'backend' in {BACKENDS} (got {backend!r})")
