@@ -5,8 +5,9 @@
 #   bash benchmarks/gpu_check.sh tests   # versions, compile check for this GPU, CUDA kernel tests
 #   bash benchmarks/gpu_check.sh bench   # auto's cost model for the GPU; the table at 4k and 16k (bf16)
 #   bash benchmarks/gpu_check.sh large   # 64k for every topology, 256k for the linear ones, 1M window/random
+#   bash benchmarks/gpu_check.sh gqa     # grouped-query attention (12 on 4 heads) at 16k: the grouped kernels
 set -uo pipefail
-stage=${1:?usage: gpu_check.sh tests|bench|large}
+stage=${1:?usage: gpu_check.sh tests|bench|large|gqa}
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.
@@ -24,6 +25,8 @@ case "$stage" in
       2>&1 | tee "$out/calibrate.txt"
     python -m gnn_transformer.cli bench --device cuda --sizes 4096 16384 --markdown "$out/bench_16k.md" \
       2>&1 | tee "$out/bench_16k.txt"
+    ;;
+  gqa)
     # grouped-query attention (12 query heads on 4 key/value heads): the grouped CSR kernels
     python -m gnn_transformer.cli bench --device cuda --sizes 16384 --kv-heads 4 --topologies random bigbird \
       --backends fused auto flex --markdown "$out/bench_16k_gqa.md" 2>&1 | tee "$out/bench_16k_gqa.txt"
@@ -40,7 +43,7 @@ case "$stage" in
       --markdown "$out/bench_1m.md" 2>&1 | tee "$out/bench_1m.txt"
     ;;
   *)
-    echo "unknown stage '$stage' (expected tests, bench or large)" >&2
+    echo "unknown stage '$stage' (expected tests, bench, large or gqa)" >&2
     exit 2
     ;;
 esac

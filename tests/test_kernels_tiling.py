@@ -82,7 +82,23 @@ def test_layers_reuse_structures():
     before = dict(graph.extras)
     attend(q, k, v, edge_index, scale=0.5, backend="auto", block_size=8)
     assert all(graph.extras[key] is value for key, value in before.items())
-    assert choose_backend(edge_index, "cpu", block_size=8) == graph.extras[("plan", 8, TILE_COST["cpu"], 1.0)]
+    plans = [value for key, value in graph.extras.items() if isinstance(key, tuple) and key[0] == "plan"]
+    assert plans == [choose_backend(edge_index, "cpu", block_size=8)]
+
+
+def test_costs_changed_at_run_time_take_effect(monkeypatch):
+    """The cost constants are plain dicts a user may set (say, from their own --calibrate run); a
+    cached plan never hides a change."""
+    from gnn_transformer.kernels import MERGE_COST, ROW_COST
+    from gnn_transformer.topology import random
+
+    graph = random(512, 4, seed=0)
+    assert choose_backend(graph, "cpu") == "fused"
+    monkeypatch.setitem(ROW_COST, "cpu", {"fused": 1e6, "tiled": 0.0})
+    assert choose_backend(graph, "cpu") == "tiled"  # a fused call now costs more than every tile
+    monkeypatch.setitem(TILE_COST, "cpu", 1e6)
+    monkeypatch.setitem(MERGE_COST, "cpu", 0.0)
+    assert choose_backend(graph, "cpu") == "fused"
 
 
 def test_split_keeps_tiles_with_repeated_edges_fused():

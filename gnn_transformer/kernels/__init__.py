@@ -131,7 +131,10 @@ def _plan(graph: CSRGraph, device_type: str, block: int | None = None,
     (two edges in one tile cell, which tiles cannot drop separately) is never ``tiled``."""
     block = BLOCK_SIZE.get(device_type, 64) if block is None else block
     cell, edge = _unit_costs(device_type, tile_cost, dropout)
-    cache_key = ("plan", block, cell, edge)
+    rows = ROW_COST.get(device_type, ROW_COST["cuda"])
+    # every constant in the key: changing a cost at run time re-plans instead of reusing a stale plan
+    cache_key = ("plan", block, cell, edge, rows["fused"], rows["tiled"],
+                 MERGE_COST.get(device_type, MERGE_COST["cuda"]))
     if cache_key in graph.extras:
         plan = graph.extras[cache_key]
     else:
@@ -159,11 +162,11 @@ def _cheapest(graph: CSRGraph, device_type: str, block: int, cell: float, edge: 
         cost_split = (n_dense * cells * cell + (num_edges - edges_dense) * edge
                       + (rows["fused"] + rows["tiled"] + merge) * n)
         best = min(cost_fused, cost_tiled, cost_split)
-        if best == cost_fused or n_dense == 0:
+        if best == cost_fused:
             plan = "fused"
-        elif best == cost_tiled or n_dense == count.numel():
+        elif best == cost_tiled or n_dense == count.numel():  # split of every tile: tiled
             plan = "tiled"
-        else:
+        else:  # split cheapest: some tiles dense (with none it would cost more than fused)
             plan = "split"
     return plan
 
