@@ -22,13 +22,15 @@ def graphs(draw):
     block = draw(st.sampled_from([2, 4, 8]))
     seed = draw(st.integers(0, 2 ** 16))
     with_bias = draw(st.booleans())
-    return n_src, n_dst, torch.tensor([src, dst], dtype=torch.long).view(2, -1), heads, kv_heads, backend, block, seed, with_bias
+    tile_cost = draw(st.floats(0.01, 1.5))  # which tiles split tiles: none, some or all
+    return (n_src, n_dst, torch.tensor([src, dst], dtype=torch.long).view(2, -1), heads, kv_heads, backend, block,
+            seed, with_bias, tile_cost)
 
 
 @settings(max_examples=60, deadline=None)
 @given(graphs())
 def test_random_graphs_match_reference(case):
-    n_src, n_dst, edge_index, heads, kv_heads, backend, block, seed, with_bias = case
+    n_src, n_dst, edge_index, heads, kv_heads, backend, block, seed, with_bias, tile_cost = case
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):
@@ -37,7 +39,7 @@ def test_random_graphs_match_reference(case):
     q, k, v = r(n_dst, heads, 3), r(n_src, kv_heads, 3), r(n_src, kv_heads, 3)
     b = r(edge_index.size(1), heads) if with_bias else None
     out, lse = attend(q, k, v, edge_index, scale=0.6, edge_bias=b, backend=backend, block_size=block,
-                      tile_cost=0.4, return_lse=True)
+                      tile_cost=tile_cost, return_lse=True)
     ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.6, edge_bias=b, return_lse=True)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
