@@ -121,3 +121,18 @@ def test_split_keeps_tiles_with_repeated_edges_fused():
     attend(q, k, v, repeated, scale=0.5, backend="split", block_size=8, tile_cost=0.3)
     tiles = graph.extras[("split", 8, 0.3)][0]
     assert not tiles.has_duplicates and tiles.num_tiles == int(dense.sum())
+
+
+def test_plan_costs_explain_the_choice():
+    from gnn_transformer.kernels import plan_costs
+    from gnn_transformer.topology import bigbird, causal, random
+
+    for graph in (causal(300), random(300, 5, seed=1), bigbird(512, block=16, window=1, num_global=1, num_random=2)):
+        for dropout in (False, True):
+            c = plan_costs(graph, "cpu", block_size=32, dropout=dropout)
+            assert c["chosen"] == choose_backend(graph, "cpu", block_size=32, dropout=dropout)
+            assert c[c["chosen"]] == min(c["fused"], c["tiled"], c["split"])
+            assert c["edges"] == graph.size(1) and 0 <= c["dense_edges"] <= c["edges"]
+            assert 0 <= c["dense_tiles"] <= c["tiles"]
+    with_drop, without = (plan_costs(causal(300), "cpu", dropout=d) for d in (True, False))
+    assert with_drop["fused"] > without["fused"] and with_drop["tiled"] > without["tiled"]

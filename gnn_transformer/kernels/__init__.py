@@ -144,31 +144,55 @@ def _plan(graph: CSRGraph, device_type: str, block: int | None = None,
     return plan
 
 
+def _costs(graph: CSRGraph, device_type: str, block: int, cell: float, edge: float) -> dict:
+    """The cost model's estimates (edge-equivalents) of each plan, and the split's dense tiles."""
+    rows = ROW_COST.get(device_type, ROW_COST["cuda"])
+    merge = MERGE_COST.get(device_type, MERGE_COST["cuda"])
+    _, _, count = tile_stats(graph, block, block)  # [T]
+    cells = float(block * block)
+    dense = _dense_tiles(graph, block, cell / edge)  # [T]
+    n_dense = int(dense.sum())
+    edges_dense = int(count[dense].sum()) if n_dense else 0
+    n, num_edges = graph.num_dst, graph.num_edges
+    return dict(
+        fused=num_edges * edge + rows["fused"] * n,
+        tiled=count.numel() * cells * cell + rows["tiled"] * n,
+        split=(n_dense * cells * cell + (num_edges - edges_dense) * edge
+               + (rows["fused"] + rows["tiled"] + merge) * n),
+        edges=num_edges, tiles=count.numel(), dense_tiles=n_dense, dense_edges=edges_dense)
+
+
 def _cheapest(graph: CSRGraph, device_type: str, block: int, cell: float, edge: float) -> str:
-    num_edges = graph.num_edges
-    if num_edges == 0:
-        plan = "fused"
-    else:
-        rows = ROW_COST.get(device_type, ROW_COST["cuda"])
-        merge = MERGE_COST.get(device_type, MERGE_COST["cuda"])
-        _, _, count = tile_stats(graph, block, block)  # [T]
-        cells = float(block * block)
-        dense = _dense_tiles(graph, block, cell / edge)  # [T]
-        n_dense = int(dense.sum())
-        edges_dense = int(count[dense].sum()) if n_dense else 0
-        n = graph.num_dst
-        cost_fused = num_edges * edge + rows["fused"] * n
-        cost_tiled = count.numel() * cells * cell + rows["tiled"] * n
-        cost_split = (n_dense * cells * cell + (num_edges - edges_dense) * edge
-                      + (rows["fused"] + rows["tiled"] + merge) * n)
-        best = min(cost_fused, cost_tiled, cost_split)
-        if best == cost_fused:
-            plan = "fused"
-        elif best == cost_tiled or n_dense == count.numel():  # split of every tile: tiled
-            plan = "tiled"
-        else:  # split cheapest: some tiles dense (with none it would cost more than fused)
-            plan = "split"
-    return plan
+    if graph.num_edges == 0:
+        return "fused"
+    c = _costs(graph, device_type, block, cell, edge)
+    best = min(c["fused"], c["tiled"], c["split"])
+    if best == c["fused"]:
+        return "fused"
+    if best == c["tiled"] or c["dense_tiles"] == c["tiles"]:  # split of every tile: tiled
+        return "tiled"
+    return "split"  # some tiles dense (with none, split would cost more than fused)
+
+
+def plan_costs(edge_index: Tensor, device, *, block_size: int | None = None, tile_cost: float | None = None,
+               dropout: bool = False) -> dict:
+    """What :func:`choose_backend` weighs, for tuning and for curiosity: the estimated cost of
+    ``"fused"``, ``"tiled"`` and ``"split"`` in edge-equivalents (one edge of the fused path), the
+    number of edges, tiles, dense tiles (those ``split`` tiles) and edges in them, and ``"chosen"``.
+
+    Example:
+        >>> from gnn_transformer.topology import causal
+        >>> costs = plan_costs(causal(256), "cpu")
+        >>> costs["chosen"], costs["tiles"], costs["fused"] > costs["tiled"]
+        ('tiled', 10, True)
+    """
+    n_src, n_dst = _sizes(edge_index)
+    graph = prepare(edge_index, n_src, n_dst)
+    device_type = _device_type(device)
+    block = BLOCK_SIZE.get(device_type, 64) if block_size is None else block_size
+    cell, edge = _unit_costs(device_type, tile_cost, dropout)
+    return dict(_costs(graph, device_type, block, cell, edge),
+                chosen=_plan(graph, device_type, block, tile_cost, dropout))
 
 
 def choose_backend(edge_index: Tensor, device, *, block_size: int | None = None,
@@ -354,7 +378,7 @@ def edge_weights(query: Tensor, key: Tensor, edge_index: Tensor, lse: Tensor, *,
 
 
 __all__ = [
-    "attend", "edge_weights", "choose_backend", "attend_reference", "merge_partials",
+    "attend", "edge_weights", "choose_backend", "plan_costs", "attend_reference", "merge_partials",
     "triton_available", "clear_cache", "BACKENDS", "TILE_COST", "ROW_COST", "MERGE_COST", "DROPOUT_COST",
     "BLOCK_SIZE",
 ]
