@@ -138,10 +138,11 @@ def test_hash_is_lowbias32():
 def test_keep_scales_equal_keep_scale_per_head():
     """The all-heads scales (tiled paths) are the per-head scales (fused path), bit for bit."""
     edges = torch.arange(3000).view(3, 1000) * 7919
-    for dtype in (torch.float32, torch.float64):
-        many = _dropout.keep_scales(11, edges, 5, 0.3, dtype)
-        one = torch.stack([_dropout.keep_scale(11, edges, h, 0.3, dtype) for h in range(5)])
-        assert many.dtype == dtype and torch.equal(many, one)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for p in (0.1, 0.3, 0.123456789):
+            many = _dropout.keep_scales(11, edges, 5, p, dtype)
+            one = torch.stack([_dropout.keep_scale(11, edges, h, p, dtype) for h in range(5)])
+            assert many.dtype == dtype and torch.equal(many, one)
 
 
 @pytest.mark.parametrize("backend", ["fused", "tiled", "split"])

@@ -79,7 +79,9 @@ def keep_scales(seed: int, edge: Tensor, num_heads: int, p: float, dtype: torch.
     on CPU for a million positions)."""
     e = edge.to(torch.int64)
     limit = threshold(p)
+    scale = torch.ones((), dtype=dtype, device=e.device) / (1.0 - p)  # the rounding of keep_scale
+    zero = torch.zeros((), dtype=dtype, device=e.device)
     out = torch.empty((num_heads,) + tuple(e.shape), dtype=dtype, device=e.device)
-    for h in range(num_heads):  # the same rounding as keep_scale
-        torch.div((keep_hashes(seed, e, [h])[0] >= limit).to(dtype), 1.0 - p, out=out[h])
+    for h in range(num_heads):
+        torch.where(keep_hashes(seed, e, [h])[0] >= limit, scale, zero, out=out[h])
     return out
