@@ -387,7 +387,7 @@ def _calibrate(args, device, dtype) -> int:
     if args.block_size is not None and (args.block_size < 1 or args.block_size & (args.block_size - 1)):
         raise UsageError(f"--block-size must be a power of two (got {args.block_size})")
     sizes = args.sizes or [4096]
-    common = dict(device=device, dtype=dtype, heads=args.heads, head_dim=args.head_dim,
+    common = dict(device=device, dtype=dtype, heads=args.heads, head_dim=args.head_dim, kv_heads=args.kv_heads,
                   block_size=args.block_size, repeats=min(args.repeats, 3))
     rows, suggested = calibrate_tile_cost(args.topologies, sizes, backward=not args.no_backward, log=print,
                                           **common)

@@ -150,7 +150,7 @@ def test_bench_runs_a_tiny_benchmark(tmp_path, capsys):
 def test_bench_calibrate(tmp_path, capsys):
     md = tmp_path / "calibration.md"
     assert cli.main(["bench", "--calibrate", "--topologies", "window", "random", "--sizes", "128",
-                     "--heads", "2", "--head-dim", "8", "--repeats", "1", "--device", "cpu",
+                     "--heads", "2", "--kv-heads", "1", "--head-dim", "8", "--repeats", "1", "--device", "cpu",
                      "--block-size", "16", "--markdown", str(md)]) == 0
     out = capsys.readouterr().out
     assert "TILE_COST measured (median ratio over the graphs): fwd " in out and "auto uses 0.25 on cpu" in out

@@ -333,8 +333,8 @@ CALIBRATION_COLUMNS = ("topology", "n", "pass", "edges", "tiles", "fill", "fused
 
 def calibrate_tile_cost(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] = (4096,), *,
                         device: str | None = None, dtype: torch.dtype | None = None, heads: int = 12,
-                        head_dim: int = 64, block_size: int | None = None, repeats: int = 3,
-                        backward: bool = True, seed: int = 0,
+                        head_dim: int = 64, kv_heads: int | None = None, block_size: int | None = None,
+                        repeats: int = 3, backward: bool = True, seed: int = 0,
                         log: Callable[[str], None] | None = None) -> tuple[list[dict], dict[str, float]]:
     """Measure what ``auto``'s cost model (:data:`TILE_COST`) assumes: the time of one tile cell of
     the ``tiled`` backend relative to one edge of the ``fused`` backend.
@@ -357,8 +357,8 @@ def calibrate_tile_cost(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[
             graph = prepare(edge_index, n, n)
             num_edges, num_tiles = graph.num_edges, tile_stats(graph, block, block)[2].numel()
             g = torch.Generator(device="cpu").manual_seed(seed)
-            q, k, v = (torch.randn(n, heads, head_dim, generator=g).to(device=device, dtype=dtype)
-                       .requires_grad_() for _ in range(3))
+            q, k, v = (torch.randn(n, h, head_dim, generator=g).to(device=device, dtype=dtype)
+                       .requires_grad_() for h in (heads, kv_heads or heads, kv_heads or heads))
             grad_out = torch.randn(n, heads, head_dim, generator=g).to(device=device, dtype=dtype)
             for p in passes:
                 ms = {}
@@ -386,8 +386,8 @@ def calibrate_tile_cost(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[
 
 def calibrate_row_costs(rows: Sequence[dict], suggested: dict[str, float], n: int = 4096, *,
                         device: str | None = None, dtype: torch.dtype | None = None, heads: int = 12,
-                        head_dim: int = 64, block_size: int | None = None, repeats: int = 3
-                        ) -> dict[str, dict[str, float]]:
+                        head_dim: int = 64, kv_heads: int | None = None, block_size: int | None = None,
+                        repeats: int = 3) -> dict[str, dict[str, float]]:
     """Measure the fixed costs of ``auto``'s model (:data:`ROW_COST`, :data:`MERGE_COST`), per target
     row in units of one fused edge (the median ``ns_per_edge`` of ``rows``, from
     :func:`calibrate_tile_cost`, whose ``suggested`` ratios price the cells).
@@ -404,9 +404,9 @@ def calibrate_row_costs(rows: Sequence[dict], suggested: dict[str, float], n: in
     clear_cache()
     loops = torch.arange(n, device=device).repeat(2, 1)  # [2, n]: i -> i
     g = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v, grad_out = (torch.randn(n, heads, head_dim, generator=g).to(device=device, dtype=dtype)
-                         for _ in range(4))
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    q, k, v, grad_out, other = (torch.randn(n, h, head_dim, generator=g).to(device=device, dtype=dtype)
+                                for h in (heads, kv_heads or heads, kv_heads or heads, heads, heads))
+    q, k, v, other = (x.requires_grad_() for x in (q, k, v, other))
     lse_a, lse_b = (torch.randn(n, heads, generator=g).to(device).requires_grad_() for _ in range(2))
     out = {}
     for p in suggested:
@@ -416,9 +416,9 @@ def calibrate_row_costs(rows: Sequence[dict], suggested: dict[str, float], n: in
         def call(backend, backward=backward):
             with torch.set_grad_enabled(backward):
                 if backend == "merge":
-                    o, lse = merge_partials(q, lse_a, k, lse_b)
+                    o, lse = merge_partials(q, lse_a, other, lse_b)
                     if backward:
-                        torch.autograd.grad((o * grad_out).sum() + lse.sum(), (q, k, lse_a, lse_b))
+                        torch.autograd.grad((o * grad_out).sum() + lse.sum(), (q, other, lse_a, lse_b))
                     return
                 o = attend(q, k, v, loops, scale=scale, backend=backend, block_size=block)
                 if backward:
