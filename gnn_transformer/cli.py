@@ -374,7 +374,8 @@ def _bench_parser(sub) -> None:
                         "time of a tile cell of 'tiled' over that of an edge of 'fused'), ROW_COST and "
                         "MERGE_COST (fixed costs per target row, in edges); sizes default to 4096")
     p.add_argument("--block-size", type=int, default=None,
-                   help="tile size for --calibrate (unset: the device's BLOCK_SIZE)")
+                   help="tile size of tiled, auto and --calibrate (unset: the device's BLOCK_SIZE; "
+                        "FlexAttention keeps blocks of 128)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -384,8 +385,6 @@ def _calibrate(args, device, dtype) -> int:
     from .kernels.benchmark import (CALIBRATION_COLUMNS, calibrate_row_costs, calibrate_tile_cost, current_costs,
                                     format_markdown, format_table)
 
-    if args.block_size is not None and (args.block_size < 1 or args.block_size & (args.block_size - 1)):
-        raise UsageError(f"--block-size must be a power of two (got {args.block_size})")
     sizes = args.sizes or [4096]
     common = dict(device=device, dtype=dtype, heads=args.heads, head_dim=args.head_dim, kv_heads=args.kv_heads,
                   block_size=args.block_size, repeats=min(args.repeats, 3))
@@ -444,6 +443,8 @@ def cmd_bench(args) -> int:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but CUDA is not available")
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.block_size is not None and (args.block_size < 1 or args.block_size & (args.block_size - 1)):
+        raise UsageError(f"--block-size must be a power of two (got {args.block_size})")
     if args.calibrate:
         return _calibrate(args, device, dtype)
     if args.quick:
@@ -456,7 +457,8 @@ def cmd_bench(args) -> int:
                                        and torch.device(device).type == "cuda") else []
         rows += run_benchmark([name], list(sizes) + extra, args.backends, device=device,
                               dtype=dtype, heads=args.heads, head_dim=args.head_dim, kv_heads=args.kv_heads,
-                              repeats=repeats, backward=not args.no_backward, log=print)
+                              repeats=repeats, backward=not args.no_backward, block_size=args.block_size,
+                              log=print)
     print()
     print(format_table(rows))
     if args.markdown:

@@ -172,3 +172,5 @@ def test_bench_topology_specs(capsys):
     assert "--topologies: Unknown topology 'nosuch'" in capsys.readouterr().err
     assert cli.main(["bench", "--heads", "4", "--kv-heads", "3"]) == 2
     assert "--kv-heads must divide --heads 4 (got 3)" in capsys.readouterr().err
+    assert cli.main(["bench", "--block-size", "12"]) == 2  # the tile size of tiled and auto, too
+    assert "--block-size must be a power of two (got 12)" in capsys.readouterr().err

@@ -113,3 +113,14 @@ def test_benchmark_grouped_query_heads():
         assert row["ms"] is not None and row["max_err"] < 1e-5, row
     with pytest.raises(ValueError, match="'kv_heads' to divide heads=4 \\(got 3\\)"):
         run_benchmark(["window"], [80], ["fused"], device="cpu", heads=4, kv_heads=3)
+
+
+def test_benchmark_block_size_reaches_the_tiles(monkeypatch):
+    from gnn_transformer.kernels import benchmark
+
+    seen = []
+    real = benchmark.attend
+    monkeypatch.setattr(benchmark, "attend", lambda *a, **k: seen.append(k.get("block_size")) or real(*a, **k))
+    rows = run_benchmark(["window"], [64], ["tiled"], device="cpu", heads=2, head_dim=8, repeats=1,
+                         backward=False, block_size=16)
+    assert rows[0]["ms"] is not None and seen and set(seen) == {16}

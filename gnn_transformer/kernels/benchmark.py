@@ -186,7 +186,8 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
                   dtype: torch.dtype | None = None, heads: int = 12, head_dim: int = 64,
                   kv_heads: int | None = None,
                   repeats: int = 3, backward: bool = True, memory_budget: float | None = None,
-                  flex_block: int = 128, seed: int = 0, log: Callable[[str], None] | None = None) -> list[dict]:
+                  flex_block: int = 128, block_size: int | None = None, seed: int = 0,
+                  log: Callable[[str], None] | None = None) -> list[dict]:
     """Run the benchmark and return one row per (topology, N, backend, pass).
 
     Row keys: ``topology, n, edges, density, backend, pass ("fwd" | "fwd+bwd"), ms, peak_mb,
@@ -231,7 +232,7 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
                                          build_ms=None, note=skip))
                     continue
                 try:
-                    fn, build_s = _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block)
+                    fn, build_s = _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block, block_size)
                 except Exception as exc:  # a backend missing on this platform: report, go on
                     for p in ("fwd", "fwd+bwd") if backward else ("fwd",):
                         rows.append(dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None,
@@ -283,15 +284,16 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
     return rows
 
 
-def _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block):
+def _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block, block_size=None):
     """``(fn(q, k, v) -> out [N, H, D], build seconds)`` for one backend."""
     if backend in ("fused", "tiled", "auto"):
         clear_cache()
         t0 = time.perf_counter()
         with torch.no_grad():  # builds and caches the CSR, CSC, tile lists and plan
-            attend(q[:, :1], k[:, :1], v[:, :1], edge_index, scale=scale, backend=backend)
+            attend(q[:, :1], k[:, :1], v[:, :1], edge_index, scale=scale, backend=backend, block_size=block_size)
         build = time.perf_counter() - t0
-        return (lambda q, k, v: attend(q, k, v, edge_index, scale=scale, backend=backend)), build
+        return (lambda q, k, v: attend(q, k, v, edge_index, scale=scale, backend=backend,
+                                       block_size=block_size)), build
     if backend == "pyg":
         return (lambda q, k, v: attend_reference(q, k, v, edge_index, scale=scale)), 0.0
     if backend == "sdpa":
