@@ -157,6 +157,9 @@ def test_no_grad_and_lse_only_backward():
     (dict(edge_bias=torch.zeros(2, 4)), "edge_bias"),
     (dict(edge_index=torch.tensor([[0, 9], [0, 1]])), "source 9"),
     (dict(edge_index=torch.tensor([[0, 1, 2]])), "edge_index"),
+    (dict(block_size=0), "'block_size' to be a positive int \\(got 0\\)"),
+    (dict(tile_cost=-0.5), "'tile_cost' to be a positive finite number \\(got -0.5\\)"),
+    (dict(tile_cost=float("nan")), "'tile_cost'.*nan"),
 ])
 def test_errors_name_the_argument(bad, match):
     args = dict(query=torch.zeros(3, 4, 8), key=torch.zeros(3, 2, 8), value=torch.zeros(3, 2, 8),
@@ -167,6 +170,11 @@ def test_errors_name_the_argument(bad, match):
         args["value"] = bad["key"]
     with pytest.raises(ValueError, match=match):
         attend(args["query"], args["key"], args["value"], args["edge_index"], scale=1.0, **extra)
+    if set(extra) & {"block_size", "tile_cost"}:  # the planners check them too
+        from gnn_transformer.kernels import plan_costs
+        for planner in (choose_backend, plan_costs):
+            with pytest.raises(ValueError, match=match):
+                planner(args["edge_index"], "cpu", **extra)
 
 
 def test_choose_backend_by_block_fill():

@@ -70,6 +70,17 @@ def _ratio(device_type: str, tile_cost: float | None) -> float:
     return TILE_COST.get(device_type, TILE_COST["cuda"]) if tile_cost is None else float(tile_cost)
 
 
+def _check_tiling(block_size, tile_cost) -> None:
+    """Clear errors for the tiling arguments of :func:`attend`, :func:`choose_backend` and
+    :func:`plan_costs` (a block of 0 would divide by zero, a negative cost tile everything)."""
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                   or block_size < 1):
+        raise ValueError(f"Expected 'block_size' to be a positive int (got {block_size!r})")
+    if tile_cost is not None and not (isinstance(tile_cost, (int, float)) and not isinstance(tile_cost, bool)
+                                      and 0 < tile_cost < float("inf")):
+        raise ValueError(f"Expected 'tile_cost' to be a positive finite number (got {tile_cost!r})")
+
+
 def _device_type(device) -> str:
     return torch.device(device).type if not isinstance(device, torch.device) else device.type
 
@@ -186,6 +197,7 @@ def plan_costs(edge_index: Tensor, device, *, block_size: int | None = None, til
         >>> costs["chosen"], costs["tiles"], costs["fused"] > costs["tiled"]
         ('tiled', 10, True)
     """
+    _check_tiling(block_size, tile_cost)
     n_src, n_dst = _sizes(edge_index)
     graph = prepare(edge_index, n_src, n_dst)
     device_type = _device_type(device)
@@ -205,6 +217,7 @@ def choose_backend(edge_index: Tensor, device, *, block_size: int | None = None,
     ``dropout`` (attention dropout) the costs include hashing the mask (``DROPOUT_COST``), and a
     graph that repeats an edge is not run ``"tiled"``.
     """
+    _check_tiling(block_size, tile_cost)
     n_src, n_dst = _sizes(edge_index)
     graph = prepare(edge_index, n_src, n_dst)
     block = BLOCK_SIZE.get(_device_type(device), 64) if block_size is None else block_size
@@ -305,6 +318,7 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
         (torch.Size([4, 2, 8]), torch.Size([4, 2]))
     """
     _check_inputs(query, key, value, backend, num_dst, impl)
+    _check_tiling(block_size, tile_cost)
     graph = prepare(edge_index, key.size(0), query.size(0))
     if edge_index.device != query.device or key.device != query.device or value.device != query.device:
         raise ValueError(f"Expected query, key, value and edge_index on one device (got {query.device}, "
