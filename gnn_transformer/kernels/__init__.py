@@ -115,13 +115,17 @@ def _repeats_edge(graph: CSRGraph) -> bool:
 def _dense_tiles(graph: CSRGraph, block: int, ratio: float) -> Tensor:
     """``[T]`` flags of the tiles (of :func:`tile_stats`) that ``split`` tiles: filled to at least
     ``ratio`` and without a repeated edge (those stay on the fused path, which keeps each copy a
-    message of its own and drops it separately)."""
+    message of its own and drops it separately). Cached: the plan and the split share it."""
+    cache_key = ("dense_tiles", block, ratio)
+    if cache_key in graph.extras:
+        return graph.extras[cache_key]
     _, inverse, count = tile_stats(graph, block, block)  # [T], [E], [T]
     dense = count.double() >= ratio * float(block * block)
     if _repeats_edge(graph):
         cell = inverse * (block * block) + (graph.dst % block) * block + graph.src % block  # [E]
         cells, per_cell = torch.unique(cell, return_counts=True)
         dense[torch.unique(cells[per_cell > 1] // (block * block))] = False
+    graph.extras[cache_key] = dense
     return dense
 
 

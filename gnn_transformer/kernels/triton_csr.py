@@ -177,6 +177,56 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, SCALES, E
     tl.store(DQ + row, (dq * scale).to(DQ.dtype.element_ty), mask=dmask)
 
 
+@triton.jit
+def _softmax_step(m, l, s):
+    """One block of an online softmax over the rows of ``s`` ``[R, C]``: ``(m_new, l_new, corr, p)``
+    with ``p = exp(s - m_new)`` (rows still at ``-inf`` use 0) and ``corr`` the rescaling of what
+    was accumulated under ``m``."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    corr = tl.exp(m - m_use)
+    p = tl.exp(s - m_use[:, None])
+    return m_new, l * corr + tl.sum(p, axis=1), corr, p
+
+
+@triton.jit
+def _softmax_finish(m, l, acc):
+    """``(out, lse)`` of rows accumulated by :func:`_softmax_step`; zeros and ``-inf`` on empty rows."""
+    nonempty = l > 0
+    l_safe = tl.where(nonempty, l, 1.0)
+    return acc / l_safe[:, None], tl.where(nonempty, m + tl.log(l_safe), float("-inf"))
+
+
+@triton.jit
+def _group_rows(i, hk, GROUP, D, stride_qn, stride_qh, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The query heads of key/value head ``hk`` at target ``i`` (grouped kernels):
+    ``(h [BLOCK_G], gmask, offs_d, dmask, qmask [BLOCK_G, D], rows)``, ``rows`` the offsets of
+    ``q``, ``dO``, ``dQ`` and ``out`` (one layout)."""
+    offs_g = tl.arange(0, BLOCK_G)
+    gmask = offs_g < GROUP
+    h = hk * GROUP + offs_g
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    qmask = gmask[:, None] & dmask[None, :]
+    return h, gmask, offs_d, dmask, qmask, i * stride_qn + h[:, None] * stride_qh + offs_d[None, :]
+
+
+@triton.jit
+def _group_scores(q, K, BIAS, SRC, offs_e, emask, hk, h, gmask, offs_d, dmask, stride_kn, stride_kh, H, scale,
+                  HAS_BIAS: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """Scores ``[BLOCK_G, BLOCK_E]`` of the group's query heads against a block of edges, with the
+    key block's offsets, mask and keys: ``(s, kv, mask2, k)``; ``-inf`` off the edges."""
+    j = tl.load(SRC + offs_e, mask=emask, other=0)
+    kv = j[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]  # [BLOCK_E, D]
+    mask2 = emask[:, None] & dmask[None, :]
+    k = tl.load(K + kv, mask=mask2, other=0.0)
+    s = _dot(q, tl.trans(k), ACC, UPCAST) * scale
+    if HAS_BIAS:
+        s += tl.load(BIAS + offs_e[None, :] * H + h[:, None], mask=gmask[:, None] & emask[None, :],
+                     other=0.0).to(ACC)
+    return tl.where(emask[None, :], s, float("-inf")), kv, mask2, k
+
+
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
 def _csr_fwd_grouped(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, SCALES, EDGE_IDS, SEED, THRESH,
                      stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
@@ -193,13 +243,7 @@ def _csr_fwd_grouped(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, SCALES, EDGE_IDS, SEE
     hk = tl.program_id(1)
     start = tl.load(ROWPTR + i)
     end = tl.load(ROWPTR + i + 1)
-    offs_g = tl.arange(0, BLOCK_G)
-    gmask = offs_g < GROUP
-    h = hk * GROUP + offs_g  # [BLOCK_G] query heads
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    qmask = gmask[:, None] & dmask[None, :]
-    rows = i * stride_qn + h[:, None] * stride_qh + offs_d[None, :]  # [BLOCK_G, D]
+    h, gmask, offs_d, dmask, qmask, rows = _group_rows(i, hk, GROUP, D, stride_qn, stride_qh, BLOCK_G, BLOCK_D)
     q = tl.load(Q + rows, mask=qmask, other=0.0)
     m = tl.full([BLOCK_G], float("-inf"), ACC)
     l = tl.zeros([BLOCK_G], ACC)
@@ -207,30 +251,15 @@ def _csr_fwd_grouped(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, SCALES, EDGE_IDS, SEE
     for e0 in range(start, end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
         emask = offs_e < end
-        j = tl.load(SRC + offs_e, mask=emask, other=0)
-        kv = j[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]  # [BLOCK_E, D]
-        mask2 = emask[:, None] & dmask[None, :]
-        k = tl.load(K + kv, mask=mask2, other=0.0)
-        s = _dot(q, tl.trans(k), ACC, UPCAST) * scale  # [BLOCK_G, BLOCK_E]
-        if HAS_BIAS:
-            s += tl.load(BIAS + offs_e[None, :] * H + h[:, None], mask=gmask[:, None] & emask[None, :],
-                         other=0.0).to(ACC)
-        s = tl.where(emask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        corr = tl.exp(m - m_use)
-        p = tl.exp(s - m_use[:, None])
-        l = l * corr + tl.sum(p, axis=1)
+        s, kv, mask2, k = _group_scores(q, K, BIAS, SRC, offs_e, emask, hk, h, gmask, offs_d, dmask,
+                                        stride_kn, stride_kh, H, scale, HAS_BIAS, ACC, UPCAST)
+        m, l, corr, p = _softmax_step(m, l, s)
         v = tl.load(V + kv, mask=mask2, other=0.0)
         if DROPOUT:  # the normalizer l keeps every weight; the output only the kept ones
             position = _position(EDGE_IDS, offs_e, emask, REMAP)
             p = tl.where(_keep(SEED, position[None, :], h[:, None], THRESH), p * keep_scale, 0.0)
         acc = acc * corr[:, None] + _dot(p.to(v.dtype), v, ACC, UPCAST)
-        m = m_new
-    nonempty = l > 0
-    l_safe = tl.where(nonempty, l, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(nonempty, m + tl.log(l_safe), float("-inf"))
+    out, lse = _softmax_finish(m, l, acc)
     tl.store(OUT + i * stride_on + h[:, None] * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
              mask=qmask)
     tl.store(LSE + i * H + h, lse, mask=gmask)
@@ -250,13 +279,7 @@ def _csr_bwd_dq_grouped(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, S
     hk = tl.program_id(1)
     start = tl.load(ROWPTR + i)
     end = tl.load(ROWPTR + i + 1)
-    offs_g = tl.arange(0, BLOCK_G)
-    gmask = offs_g < GROUP
-    h = hk * GROUP + offs_g
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    qmask = gmask[:, None] & dmask[None, :]
-    rows = i * stride_qn + h[:, None] * stride_qh + offs_d[None, :]  # q, dO and dQ share one layout
+    h, gmask, offs_d, dmask, qmask, rows = _group_rows(i, hk, GROUP, D, stride_qn, stride_qh, BLOCK_G, BLOCK_D)
     q = tl.load(Q + rows, mask=qmask, other=0.0)
     do = tl.load(DO + rows, mask=qmask, other=0.0)
     lse = tl.load(LSE + i * H + h, mask=gmask, other=0.0).to(ACC)
@@ -266,16 +289,11 @@ def _csr_bwd_dq_grouped(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, S
     for e0 in range(start, end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
         emask = offs_e < end
-        j = tl.load(SRC + offs_e, mask=emask, other=0)
-        kv = j[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
-        mask2 = emask[:, None] & dmask[None, :]
-        k = tl.load(K + kv, mask=mask2, other=0.0)
+        s, kv, mask2, k = _group_scores(q, K, BIAS, SRC, offs_e, emask, hk, h, gmask, offs_d, dmask,
+                                        stride_kn, stride_kh, H, scale, HAS_BIAS, ACC, UPCAST)
         v = tl.load(V + kv, mask=mask2, other=0.0)
-        s = _dot(q, tl.trans(k), ACC, UPCAST) * scale  # [BLOCK_G, BLOCK_E]
         cell = gmask[:, None] & emask[None, :]
-        if HAS_BIAS:
-            s += tl.load(BIAS + offs_e[None, :] * H + h[:, None], mask=cell, other=0.0).to(ACC)
-        p = tl.where(cell, tl.exp(s - lse[:, None]), 0.0)
+        p = tl.where(cell, tl.exp(s - lse[:, None]), 0.0)  # [BLOCK_G, BLOCK_E]
         dp = _dot(do, tl.trans(v), ACC, UPCAST)  # [BLOCK_G, BLOCK_E]
         if DROPOUT:
             position = _position(EDGE_IDS, offs_e, emask, REMAP)

@@ -25,7 +25,7 @@ from torch import Tensor
 from ._autograd import Kernel, kernel_attention, softmax_delta
 from ._launch import launch
 from .tiled_torch import tiled_backward, tiled_forward
-from .triton_csr import _dot, _keep, _load_scales, _upcast, scalars
+from .triton_csr import _dot, _keep, _load_scales, _softmax_finish, _softmax_step, _upcast, scalars
 from .tiling import TileList
 
 
@@ -95,20 +95,12 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, TILE_PTR, K_BLOCK, MA
         k = tl.load(K + kv, mask=nmask, other=0.0)
         s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, TB_HEADS, BIAS, BQ, BK, ACC,
                          UPCAST)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        corr = tl.exp(m_i - m_use)
-        p = tl.exp(s - m_use[:, None])
-        l_i = l_i * corr + tl.sum(p, axis=1)
+        m_i, l_i, corr, p = _softmax_step(m_i, l_i, s)
         v = tl.load(V + kv, mask=nmask, other=0.0)
         if DROPOUT:  # the normalizer keeps every weight; the output only the kept ones
             p = p * _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ, BK)
         acc = acc * corr[:, None] + _dot(p.to(v.dtype), v, ACC, UPCAST)
-        m_i = m_new
-    nonempty = l_i > 0
-    l_safe = tl.where(nonempty, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(nonempty, m_i + tl.log(l_safe), float("-inf"))
+    out, lse = _softmax_finish(m_i, l_i, acc)
     tl.store(OUT + offs_m[:, None] * stride_on + h * stride_oh + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=mmask)
     tl.store(LSE + offs_m * H + h, lse, mask=offs_m < N_DST)
