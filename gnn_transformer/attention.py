@@ -26,7 +26,7 @@ from torch_geometric import EdgeIndex
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import softmax
 
-from .position import RotaryEmbedding
+from .position import RotaryEmbedding, check_base
 
 BACKENDS = ("auto", "pyg", "fused", "tiled", "split")
 
@@ -70,6 +70,20 @@ def _check_features(x: Tensor, dim: int, name: str) -> None:
         raise ValueError(f"Expected '{name}' to be a tensor (got {type(x).__name__})")
     if x.dim() != 2 or x.size(-1) != dim:
         raise ValueError(f"Expected '{name}' to have shape [N, {dim}] (got {list(x.shape)})")
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` if it is a positive int (not a bool), else a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"Expected '{name}' to be a positive int (got {value!r})")
+    return value
+
+
+def check_dropout(value: object, name: str = "dropout") -> float:
+    """``value`` if it is a probability in ``[0, 1)`` (not a bool), else a ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"Expected '{name}' to be a number in [0, 1) (got {value!r})")
+    return float(value)
 
 
 class GraphMultiheadAttention(MessagePassing):
@@ -119,24 +133,26 @@ class GraphMultiheadAttention(MessagePassing):
                  rope: bool = False, rope_base: float = 10000.0, project_kv: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__(aggr="sum", node_dim=0)
-        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"Expected '{name}' to be a positive int (got {value!r})")
+        check_positive_int("embed_dim", embed_dim)
+        check_positive_int("num_heads", num_heads)
+        for name, value in (("kdim", kdim), ("vdim", vdim)):
+            if value is not None:
+                check_positive_int(name, value)
         if embed_dim % num_heads != 0:
             raise ValueError(f"Expected 'embed_dim' ({embed_dim}) to be divisible by "
                              f"'num_heads' ({num_heads})")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads <= 0:
-            raise ValueError(f"Expected 'num_kv_heads' to be a positive int (got {num_kv_heads!r})")
+        check_positive_int("num_kv_heads", num_kv_heads)
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"Expected 'num_heads' ({num_heads}) to be divisible by "
                              f"'num_kv_heads' ({num_kv_heads})")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"Expected 'dropout' in [0, 1) (got {dropout})")
+        dropout = check_dropout(dropout)
+        check_base(rope_base, "rope_base")
         if backend not in BACKENDS:
             raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {backend!r})")
-        if not isinstance(project_kv, bool):
-            raise ValueError(f"Expected 'project_kv' to be a bool (got {project_kv!r})")
+        for name, value in (("project_kv", project_kv), ("rope", rope)):
+            if not isinstance(value, bool):
+                raise ValueError(f"Expected '{name}' to be a bool (got {value!r})")
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kdim = embed_dim if kdim is None else kdim
@@ -263,13 +279,14 @@ class GraphMultiheadAttention(MessagePassing):
 
     def rotate(self, heads: Tensor, pos: Tensor | None, name: str = "pos") -> Tensor:
         """Queries or keys ``[N, H, D]`` rotated by their node's position (identity without RoPE)."""
-        if self.rotary is None:
+        if self.rotary is None and pos is None:
             return heads
         if not isinstance(pos, Tensor) or pos.dim() != 1 or pos.size(0) != heads.size(0):
             got = list(pos.shape) if isinstance(pos, Tensor) else pos
+            why = "; the layer uses RoPE" if self.rotary is not None else ""
             raise ValueError(f"Expected '{name}' to hold one position per node, shape "
-                             f"[{heads.size(0)}] (got {got}); the layer uses RoPE")
-        return self.rotary(heads, pos)
+                             f"[{heads.size(0)}] (got {got}){why}")
+        return heads if self.rotary is None else self.rotary(heads, pos)
 
     def key_value(self, x_src: Tensor, *, value: Tensor | None = None,
                   pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -339,8 +356,15 @@ class GraphMultiheadAttention(MessagePassing):
         self._check_edge_bias(edge_bias, edge_index)
 
         query, key, value_h = self.project(x_dst, x_src, x_src if value is None else value)
-        if self.rotary is not None:
-            pos_src, pos_dst = (pos, pos) if isinstance(x, Tensor) or pos is None else tuple(pos)
+        if self.rotary is not None or pos is not None:
+            if isinstance(x, Tensor):
+                pos_src = pos_dst = pos
+            elif isinstance(pos, (tuple, list)) and len(pos) == 2:
+                pos_src, pos_dst = pos
+            else:
+                got = type(pos).__name__ if pos is None or not isinstance(pos, Tensor) else list(pos.shape)
+                raise ValueError("Expected 'pos' to be a pair (pos_src, pos_dst) for a bipartite "
+                                 f"input 'x' = (x_src, x_dst) (got {got})")
             query = self.rotate(query, pos_dst, "pos" if isinstance(x, Tensor) else "pos[1]")
             key = self.rotate(key, pos_src, "pos" if isinstance(x, Tensor) else "pos[0]")
         return self._attend_and_project(query, key, value_h, edge_index, edge_bias,

@@ -22,6 +22,8 @@ Example:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -130,6 +132,19 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True,
         raise ValueError(f"Expected 'window' to be a non-negative int or None (got {window!r})")
     if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)):
         raise ValueError(f"Expected 'eos_token_id' to be an int or None (got {eos_token_id!r})")
+    if input_ids.size(0) == 0:
+        raise ValueError(f"Expected 'input_ids' to hold at least one prompt (got {list(input_ids.shape)})")
+    if not greedy:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not 0.0 < temperature < math.inf:
+            raise ValueError(f"Expected 'temperature' to be a positive finite number (got {temperature!r})")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
+            raise ValueError(f"Expected 'top_k' to be a positive int or None (got {top_k!r})")
+    if attention_mask is not None and (not isinstance(attention_mask, Tensor)
+                                       or attention_mask.shape != input_ids.shape):
+        got = list(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+        raise ValueError(f"Expected 'attention_mask' of the shape of 'input_ids' {list(input_ids.shape)} "
+                         f"(got {got})")
     device = input_ids.device
     mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
             else attention_mask.bool())

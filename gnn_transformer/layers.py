@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import GraphMultiheadAttention
+from .attention import GraphMultiheadAttention, check_dropout, check_positive_int
 
 KV = tuple[Tensor, Tensor]
 
@@ -55,10 +55,8 @@ def get_activation(activation: str | Callable[[Tensor], Tensor]) -> Callable[[Te
 
 def _check_args(d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
     for name, value in (("d_model", d_model), ("nhead", nhead), ("dim_feedforward", dim_feedforward)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"Expected '{name}' to be a positive int (got {value!r})")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"Expected 'dropout' in [0, 1) (got {dropout!r})")
+        check_positive_int(name, value)
+    check_dropout(dropout)
 
 
 class _FeedForward(nn.Module):

@@ -6,6 +6,7 @@ sequence lengths.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +15,11 @@ from torch import Tensor
 
 def _lengths_tensor(lengths: Sequence[int] | Tensor, batch_size: int | None, max_len: int | None,
                     device) -> Tensor:
+    if isinstance(lengths, Tensor):
+        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+            raise ValueError(f"Expected 'lengths' to hold integers (got dtype {lengths.dtype})")
+    elif any(isinstance(n, bool) or not isinstance(n, numbers.Integral) for n in lengths):
+        raise ValueError(f"Expected 'lengths' to hold integers (got {list(lengths)!r})")
     lengths = torch.as_tensor(lengths, dtype=torch.long, device=device).reshape(-1)
     if lengths.numel() and int(lengths.min()) < 0:
         raise ValueError(f"Expected 'lengths' to be non-negative (got {lengths.tolist()})")

@@ -29,6 +29,13 @@ def _check_pos(pos: Tensor, name: str = "pos") -> None:
         raise ValueError(f"Expected '{name}' to be a 1-D tensor, one position per node (got {got})")
 
 
+def check_base(base: object, name: str = "base") -> float:
+    """``base`` if it is a finite number above 1 (the frequency base of RoPE / sinusoids)."""
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or not 1.0 < base < math.inf:
+        raise ValueError(f"Expected '{name}' to be a finite number > 1 (got {base!r})")
+    return base
+
+
 def sinusoidal_embedding(pos: Tensor, dim: int, base: float = 10000.0,
                          dtype: torch.dtype | None = None) -> Tensor:
     r"""Sinusoidal embeddings ``[N, dim]`` of the positions ``pos`` ``[N]`` (computed in float64,
@@ -61,7 +68,7 @@ class SinusoidalPositionalEmbedding(nn.Module):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2:
             raise ValueError(f"Expected 'dim' to be a positive even int (got {dim!r})")
-        self.dim, self.base = dim, base
+        self.dim, self.base = dim, check_base(base)
 
     def forward(self, pos: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         return sinusoidal_embedding(pos, self.dim, self.base, dtype)
@@ -110,15 +117,17 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2:
             raise ValueError(f"Expected 'dim' to be a positive even int (got {dim!r})")
-        self.dim, self.base = dim, base
+        self.dim, self.base = dim, check_base(base)
 
     def cos_sin(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``cos`` and ``sin`` ``[N, 1, D]`` of the rotation angles."""
-        inv_freq = self.base ** (-torch.arange(0, self.dim, 2, dtype=dtype, device=pos.device)
+        """``cos`` and ``sin`` ``[N, 1, D]`` of the rotation angles, in ``dtype``. The angles are
+        computed in float32 at least: bfloat16 cannot even hold position 257."""
+        ad = torch.promote_types(dtype, torch.float32)
+        inv_freq = self.base ** (-torch.arange(0, self.dim, 2, dtype=ad, device=pos.device)
                                  / self.dim)  # [D/2]
-        angle = pos.to(dtype).unsqueeze(-1) * inv_freq  # [N, D/2]
+        angle = pos.to(ad).unsqueeze(-1) * inv_freq  # [N, D/2]
         angle = torch.cat([angle, angle], dim=-1).unsqueeze(1)  # [N, 1, D]
-        return angle.cos(), angle.sin()
+        return angle.cos().to(dtype), angle.sin().to(dtype)
 
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:
         _check_pos(pos)

@@ -317,6 +317,11 @@ def test_bad_arguments():
         GraphMultiheadAttention(8, 4, num_kv_heads=3)
     with pytest.raises(ValueError, match="'backend'.*'cuda'"):
         GraphMultiheadAttention(8, 4, backend="cuda")
+    for kwargs, match in (({"kdim": 0}, "'kdim'.*0"), ({"vdim": -3}, "'vdim'.*-3"),
+                          ({"kdim": True}, "'kdim'.*True"), ({"dropout": "0.1"}, "'dropout'.*'0.1'"),
+                          ({"dropout": 1.0}, "'dropout'.*1.0"), ({"num_kv_heads": 0}, "'num_kv_heads'")):
+        with pytest.raises(ValueError, match=match):
+            GraphMultiheadAttention(8, 4, **kwargs)
     layer = GraphMultiheadAttention(8, 2)
     with pytest.raises(ValueError, match=r"'x'.*\[N, 8\].*\[4, 6\]"):
         layer(torch.randn(4, 6), causal(4))

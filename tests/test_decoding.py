@@ -109,6 +109,15 @@ def test_errors():
         generate(model, ids, 2, attention_mask=torch.tensor([[1] * 4, [0] * 4]))
     with pytest.raises(ValueError, match="forward_graph"):
         generate(torch.nn.Linear(2, 2), ids, 2)
+    for kwargs, match in (({"temperature": -1.0}, "'temperature'.*-1.0"),
+                          ({"temperature": 0.0}, "'temperature'.*0.0"),
+                          ({"top_k": 0}, "'top_k'.*0"), ({"top_k": -1}, "'top_k'.*-1")):
+        with pytest.raises(ValueError, match=match):
+            generate(model, ids, 2, greedy=False, **kwargs)
+    with pytest.raises(ValueError, match=r"'attention_mask'.*\[2, 4\].*\[2, 3\]"):
+        generate(model, ids, 2, attention_mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="at least one prompt"):
+        generate(model, ids[:0], 2)
 
 
 @pytest.mark.parametrize("use_cache", [True, False])

@@ -203,6 +203,10 @@ def test_callable_activation_and_padding_free_batches():
     torch.testing.assert_close(together, apart, **TOL[torch.float32])
     padded = to_padded(together, lengths)
     assert padded.shape == (2, 4, 8) and (padded[0, 3] == 0).all()
+    for bad in ([2.7, 1.2], [True, 1], torch.tensor([2.0, 1.0])):  # never truncated silently
+        with pytest.raises(ValueError, match="'lengths'.*integers"):
+            from_padded(padded, bad)
+    torch.testing.assert_close(from_padded(padded, torch.tensor(lengths, dtype=torch.int32)), together)
 
 
 def test_bad_arguments():

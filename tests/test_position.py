@@ -90,6 +90,21 @@ def test_rope_attention_matches_dense(num_kv_heads, dtype):
         torch.testing.assert_close(a, b, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotary_half_precision_angles(dtype):
+    """Angles are computed in float32 even for half-precision inputs: bfloat16 cannot hold
+    position 257, and an angle of 300 rad in bfloat16 is off by up to a radian."""
+    rope = RotaryEmbedding(8)
+    x = torch.randn(4, 2, 8, dtype=torch.float64)
+    pos = torch.tensor([3, 257, 2049, 3001])
+    ref = rope(x, pos)  # float64 angles
+    got = rope(x.to(dtype), pos).double()
+    assert (got - ref).abs().max() < 3 * torch.finfo(dtype).eps * x.abs().max()
+    # the dense reference builds its rotations the same way
+    ref_dense = dense.apply_rope(x.to(dtype).permute(1, 0, 2)[None], pos[None])[0].permute(1, 0, 2)
+    assert (ref_dense.double() - ref).abs().max() < 3 * torch.finfo(dtype).eps * x.abs().max()
+
+
 def test_rope_scores_depend_on_position_differences_only():
     layer = GraphMultiheadAttention(8, 2, rope=True, dtype=torch.float64, backend="pyg").eval()
     x = torch.randn(5, 8, dtype=torch.float64)
@@ -111,6 +126,17 @@ def test_rope_bipartite_and_errors():
         layer(torch.randn(3, 8), full(3), pos=torch.arange(2))
     with pytest.raises(ValueError, match="even head dimension.*3"):
         GraphMultiheadAttention(6, 2, rope=True)
+    with pytest.raises(ValueError, match=r"'pos'.*pair.*\[3\]"):  # bipartite input, one tensor
+        layer((torch.randn(3, 8), torch.randn(2, 8)), ei, pos=torch.arange(3))
+    with pytest.raises(ValueError, match="'rope_base'.*0.0"):
+        GraphMultiheadAttention(8, 2, rope=True, rope_base=0.0)
+    with pytest.raises(ValueError, match="'rope'.*'yes'"):
+        GraphMultiheadAttention(8, 2, rope="yes")
+    with pytest.raises(ValueError, match="'base'.*-2"):
+        RotaryEmbedding(8, base=-2)
+    # a layer without RoPE still checks the positions it is given
+    with pytest.raises(ValueError, match=r"'pos'.*\[3\].*\[2\]"):
+        GraphMultiheadAttention(8, 2)(torch.randn(3, 8), full(3), pos=torch.arange(2))
     assert set(layer.state_dict()) == set(GraphMultiheadAttention(8, 2).state_dict())
 
 

@@ -257,6 +257,8 @@ def test_known_identities():
     (lambda: T.cross(3, 4, window=-1), "window"),
     (lambda: T.from_graph("graph"), "graph"),
     (lambda: T.from_predicate(2000, lambda i, j: True), "max_pairs"),
+    (lambda: T.union(torch.tensor([[-1], [0]]), T.causal(3)), "non-negative.*-1"),
+    (lambda: T.difference(T.causal(3), torch.tensor([[0], [-2]])), "non-negative.*-2"),
 ])
 def test_bad_input_names_the_argument(call, arg):
     with pytest.raises(ValueError, match=arg):

@@ -92,6 +92,10 @@ def test_out_of_range_and_bad_sizes():
         to_dense_mask(causal(3), lengths=[2, 2])
     with pytest.raises(ValueError, match="bool"):
         from_dense_mask(torch.ones(2, 2))
+    # an EdgeIndex without a sparse size takes its sizes from the lengths, as a plain tensor does
+    one_each = torch.tensor([[0], [0]])
+    torch.testing.assert_close(to_dense_mask(EdgeIndex(one_each), lengths=[1, 1]),
+                               to_dense_mask(one_each, lengths=[1, 1]))
     with pytest.raises(ValueError, match="shape"):
         from_dense_mask(torch.ones(2, dtype=torch.bool))
     with pytest.raises(ValueError, match="lengths"):

@@ -28,9 +28,10 @@ def rope_rotation(pos: Tensor, dim: int, base: float = 10000.0, dtype=torch.floa
     ``pos * base^(-2k/dim)``."""
     half = dim // 2
     rot = torch.zeros(*pos.shape, dim, dim, dtype=dtype)
+    ad = torch.promote_types(dtype, torch.float32)  # angles in float32 at least, as the graph path
     for k in range(half):
-        angle = pos.to(dtype) * base ** (-2.0 * k / dim)  # [B, T]
-        c, s = angle.cos(), angle.sin()
+        angle = pos.to(ad) * torch.tensor(base, dtype=ad) ** (-2.0 * k / dim)  # [B, T]
+        c, s = angle.cos().to(dtype), angle.sin().to(dtype)
         rot[..., k, k], rot[..., k, k + half] = c, -s
         rot[..., k + half, k], rot[..., k + half, k + half] = s, c
     return rot

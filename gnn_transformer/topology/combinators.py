@@ -25,6 +25,9 @@ def _sizes(graphs: Sequence[Tensor], what: str) -> tuple[int, int]:
         if not isinstance(g, Tensor) or g.dim() != 2 or g.size(0) != 2 or g.is_floating_point():
             raise ValueError(f"Expected each graph of '{what}' to be an integer edge_index [2, E] "
                              f"(got {type(g).__name__} {list(getattr(g, 'shape', []))})")
+        if g.numel() and int(g.min()) < 0:
+            raise ValueError(f"Expected the graphs of '{what}' to have non-negative node indices "
+                             f"(got {int(g.min())})")
         if isinstance(g, EdgeIndex) and None not in g.sparse_size():
             sizes.add(tuple(g.sparse_size()))
         elif g.numel():

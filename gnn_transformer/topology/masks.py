@@ -121,10 +121,11 @@ def to_dense_mask(edge_index: Tensor, num_src: int | None = None, num_dst: int |
                              f"'lengths' (got {len(s_lengths)})")
     else:
         s_lengths = dst_lengths
-    if dst_lengths is not None:
-        if num_dst is None and not isinstance(edge_index, EdgeIndex):
+    if dst_lengths is not None:  # the lengths give the sizes an EdgeIndex does not
+        known = edge_index.sparse_size() if isinstance(edge_index, EdgeIndex) else (None, None)
+        if num_dst is None and known[1] is None:
             num_dst = sum(dst_lengths)
-        if num_src is None and not isinstance(edge_index, EdgeIndex):
+        if num_src is None and known[0] is None:
             num_src = sum(s_lengths)
     num_src, num_dst = _default_sizes(edge_index, src, dst, num_src, num_dst)
     _check_range(src, dst, num_src, num_dst)
