@@ -410,9 +410,11 @@ class GraphMultiheadAttention(MessagePassing):
         out = self.out_proj(out.reshape(num_dst, self.embed_dim))  # [N_dst, C]
         return (out, alpha) if return_attention_weights else out
 
-    def resolve_backend(self, edge_index: Tensor, device: torch.device, backend: str | None = None) -> str:
+    def resolve_backend(self, edge_index: Tensor, device: torch.device, backend: str | None = None,
+                        size: tuple[int, int] | None = None) -> str:
         """The backend one call will use (while attention dropout is active, ``"auto"`` runs
-        ``"fused"`` on a graph that repeats an edge)."""
+        ``"fused"`` on a graph that repeats an edge); ``size`` is ``(N_src, N_dst)``, by default
+        the graph's (see :func:`gnn_transformer.kernels.choose_backend`)."""
         backend = self.backend if backend is None else backend
         if backend not in BACKENDS:
             raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {backend!r})")
@@ -421,7 +423,9 @@ class GraphMultiheadAttention(MessagePassing):
             return "pyg"
         if backend == "auto":
             from . import kernels  # lazy: the kernels sit below this layer
-            return kernels.choose_backend(edge_index, device, dropout=dropout_active)
+            num_src, num_dst = (None, None) if size is None else size
+            return kernels.choose_backend(edge_index, device, dropout=dropout_active,
+                                          num_src=num_src, num_dst=num_dst)
         return backend
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *,
@@ -431,9 +435,9 @@ class GraphMultiheadAttention(MessagePassing):
 
         The one hook between the readable message-passing path and the fused kernels.
         """
-        backend = self.resolve_backend(edge_index, query.device, backend)
-        scale = 1.0 / math.sqrt(self.head_dim)
         size = (key.size(0), query.size(0))
+        backend = self.resolve_backend(edge_index, query.device, backend, size)
+        scale = 1.0 / math.sqrt(self.head_dim)
         if backend == "pyg":
             group = self.num_heads // self.num_kv_heads
             key = key.repeat_interleave(group, dim=1)  # [N_src, H, D]
@@ -460,9 +464,14 @@ class GraphMultiheadAttention(MessagePassing):
     def edge_update(self, query_i: Tensor, key_j: Tensor, edge_bias: Tensor | None, scale: float,
                     index: Tensor, ptr: Tensor | None, size_i: int | None) -> Tensor:
         alpha = (query_i * key_j).sum(dim=-1) * scale  # [E, H]
-        if edge_bias is not None:
-            alpha = alpha + edge_bias
-        return softmax(alpha, index, ptr, size_i)  # [E, H], sums to 1 over each target's edges
+        if edge_bias is None:
+            return softmax(alpha, index, ptr, size_i)  # [E, H], sums to 1 over each target's edges
+        alpha = alpha + edge_bias
+        # A -inf bias removes its edge; a target whose edges are all removed is an empty row (zero
+        # output and gradients, as on every backend), not exp(-inf - (-inf)) = NaN.
+        removed = torch.isneginf(alpha)
+        alpha = alpha.masked_fill(removed, torch.finfo(alpha.dtype).min)
+        return softmax(alpha, index, ptr, size_i).masked_fill(removed, 0.0)
 
     def message(self, value_j: Tensor, alpha: Tensor) -> Tensor:
         return alpha.unsqueeze(-1) * value_j  # [E, H, D]

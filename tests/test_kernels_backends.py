@@ -160,6 +160,15 @@ def test_no_grad_and_lse_only_backward():
     (dict(block_size=0), "'block_size' to be a positive int \\(got 0\\)"),
     (dict(tile_cost=-0.5), "'tile_cost' to be a positive finite number \\(got -0.5\\)"),
     (dict(tile_cost=float("nan")), "'tile_cost'.*nan"),
+    (dict(query=torch.zeros(3, 4, 8, dtype=torch.long), key=torch.zeros(3, 2, 8, dtype=torch.long)),
+     "floating-point query/key/value \\(got torch.int64\\)"),
+    (dict(query=torch.zeros(3, 4, 0), key=torch.zeros(3, 2, 0)), "head dimension of at least 1"),
+    (dict(edge_bias=torch.zeros(3, 4, dtype=torch.bool)), "'edge_bias'.*floating-point.*torch.bool"),
+    (dict(edge_bias=torch.zeros(3, 4, device="meta")), "'edge_bias' on the device.*meta"),
+    (dict(edge_index=torch.tensor([[0, 1, 2], [0, 1, 2]], device="meta")), "'edge_index' on the device.*meta"),
+    (dict(scale=None), "'scale'.*None"),
+    (dict(scale=torch.tensor(0.5)), "'scale'.*tensor"),
+    (dict(scale=float("inf")), "'scale'.*inf"),
 ])
 def test_errors_name_the_argument(bad, match):
     args = dict(query=torch.zeros(3, 4, 8), key=torch.zeros(3, 2, 8), value=torch.zeros(3, 2, 8),
@@ -168,8 +177,9 @@ def test_errors_name_the_argument(bad, match):
     extra = {k: v for k, v in bad.items() if k not in args}
     if "key" in bad:
         args["value"] = bad["key"]
+    scale = extra.pop("scale", 1.0)
     with pytest.raises(ValueError, match=match):
-        attend(args["query"], args["key"], args["value"], args["edge_index"], scale=1.0, **extra)
+        attend(args["query"], args["key"], args["value"], args["edge_index"], scale=scale, **extra)
     if set(extra) & {"block_size", "tile_cost"}:  # the planners check them too
         from gnn_transformer.kernels import plan_costs
         for planner in (choose_backend, plan_costs):
@@ -237,3 +247,91 @@ def test_float32_lse_gradient_through_cpu_flash_backward(name, backend, kw, monk
     assert set(calls) <= {q.size(-1) + 1}  # head dim 8 + the delta channel
     if backend == "tiled" and edge_index.size(1):  # split may tile nothing
         assert calls
+
+
+# ---------------------------------------------------------------- the graph cache and the outputs
+@pytest.mark.parametrize("backend,kw", BACKENDS, ids=IDS)
+def test_edge_index_written_between_forward_and_backward(backend, kw):
+    """The graph a forward pass used stays that pass's: writing the edge_index tensor in place
+    before backward (reusing a buffer for the next batch) changes neither gradient."""
+    edge_index, n_src, n_dst = graph_case("causal")
+    edge_index = edge_index.as_tensor().clone()  # a plain LongTensor, sorted by target
+    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1))
+    want = _grads(*attend(q, k, v, edge_index, scale=0.3, edge_bias=b, backend=backend, return_lse=True, **kw),
+                  (q, k, v, b))
+    out, lse = attend(q, k, v, edge_index, scale=0.3, edge_bias=b, backend=backend, return_lse=True, **kw)
+    edge_index[0] = edge_index[1]  # self-loops only, from now on
+    for got, w in zip(_grads(out, lse, (q, k, v, b)), want):
+        torch.testing.assert_close(got, w, atol=1e-10, rtol=1e-10)
+    loops, _ = attend(q, k, v, edge_index, scale=0.3, edge_bias=b, backend=backend, return_lse=True, **kw)
+    torch.testing.assert_close(loops, attend_reference(q, k, v, edge_index, scale=0.3, edge_bias=b))
+
+
+def test_inference_tensors_and_their_writes():
+    """An edge_index made under inference mode has no version counter: the cache compares values."""
+    q, k, v, _ = make_inputs(6, 6, 0, bias=False)
+    with torch.inference_mode():
+        edge_index = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4]])
+        for backend, kw in BACKENDS:
+            out = attend(q, k, v, edge_index, scale=0.3, backend=backend, **kw)
+            torch.testing.assert_close(out, attend_reference(q, k, v, edge_index, scale=0.3))
+        edge_index[0] = torch.tensor([4, 4, 0, 0])  # in place: no version bump on an inference tensor
+        for backend, kw in BACKENDS:
+            out = attend(q, k, v, edge_index, scale=0.3, backend=backend, **kw)
+            torch.testing.assert_close(out, attend_reference(q, k, v, edge_index, scale=0.3))
+
+
+def test_layer_plans_and_attends_on_one_cached_graph(monkeypatch):
+    """choose_backend and attend build the graph once, also when the largest id + 1 is not N."""
+    from gnn_transformer import GraphMultiheadAttention
+    from gnn_transformer.kernels import _graph
+
+    builds = []
+    real = _graph._build
+    monkeypatch.setattr(_graph, "_build", lambda *a: builds.append(a[1:]) or real(*a))
+    layer = GraphMultiheadAttention(16, 4, backend="auto").eval()
+    x = torch.randn(9, 16)
+    edge_index = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4]])  # nodes 5..8 are neither source nor target
+    for _ in range(3):
+        layer(x, edge_index)
+    assert builds == [(9, 9)]
+    assert choose_backend(edge_index, "cpu") == layer.resolve_backend(edge_index, x.device, size=(9, 9))
+    assert builds == [(9, 9)]  # a later plan without sizes reuses the sizes of the cached graph
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_with_only_minus_inf_biases_are_empty(dtype):
+    """A target whose edges all carry a -inf bias is an empty row on every backend and on the
+    per-edge layer path: zero output, zero weights, finite and equal gradients."""
+    from gnn_transformer import GraphMultiheadAttention
+
+    edge_index, n_src, n_dst = graph_case("window")
+    plain = edge_index.as_tensor()
+    layer = GraphMultiheadAttention(16, 4, dtype=dtype).eval()
+    x = torch.randn(n_src, 16, dtype=dtype, requires_grad=True)
+    bias = torch.randn(plain.size(1), 4, dtype=dtype)
+    bias[plain[1] == 5] = float("-inf")  # every edge into target 5, every head
+    bias[(plain[1] == 9), 2] = float("-inf")  # every edge into target 9, head 2
+    bias.requires_grad_()
+    results = {}
+    for backend in ("pyg", "fused", "tiled", "split"):
+        out, w = layer(x, edge_index, edge_bias=bias, backend=backend, return_attention_weights=True)
+        grads = torch.autograd.grad(out.square().sum(), (x, bias))
+        assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+        assert (w[plain[1] == 5] == 0).all() and (w[plain[1] == 9, 2] == 0).all()
+        results[backend] = (out, w, *grads)
+    heads = layer.attend(*layer.project(x, x, x), edge_index, edge_bias=bias, backend="fused")[0]
+    assert (heads[5] == 0).all() and (heads[9, 2] == 0).all()
+    for backend in ("fused", "tiled", "split"):
+        for got, want in zip(results[backend], results["pyg"]):
+            torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend,kw", BACKENDS, ids=IDS)
+def test_output_is_a_plain_contiguous_tensor(backend, kw):
+    """The same user code works whichever backend auto picks: view as [N, H·D], add in place."""
+    edge_index, n_src, n_dst = graph_case("window")
+    q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), bias=False)
+    out = attend(q, k, v, edge_index, scale=0.3, backend=backend, **kw)
+    assert out.is_contiguous() and out.requires_grad
+    out.view(n_dst, -1).add_(1.0)  # a view of a kernel's internal layout refused this

@@ -25,6 +25,8 @@ Example:
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 import torch
@@ -32,7 +34,7 @@ from torch import Tensor
 
 from . import _launch
 from ._dropout import threshold
-from ._graph import CSRGraph, clear_cache, prepare
+from ._graph import CSRGraph, cached_sizes, clear_cache, prepare
 from .chunked import DEFAULT_MAX_EDGES, chunked_attention
 from .merge import merge_partials
 from .reference import attend_reference
@@ -96,12 +98,25 @@ def _use_triton(device: torch.device, impl: str | None) -> bool:
     return impl == "triton"
 
 
-def _sizes(edge_index: Tensor) -> tuple[int, int]:
+def _sizes(edge_index: Tensor, num_src: int | None, num_dst: int | None) -> tuple[int, int]:
+    """Node counts for a plan: the arguments, else ``edge_index``'s sparse size, else those its
+    cached graph was built for (by :func:`attend`: the rows of key and query), else ``max + 1``."""
+    for name, v in (("num_src", num_src), ("num_dst", num_dst)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"Expected '{name}' to be a non-negative int or None (got {v!r})")
     size = edge_index.sparse_size() if callable(getattr(edge_index, "sparse_size", None)) else (None, None)
+    cached = cached_sizes(edge_index) if isinstance(edge_index, Tensor) else None
     plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
-    n_src = size[0] if size[0] is not None else (int(plain[0].max()) + 1 if plain.numel() else 0)
-    n_dst = size[1] if size[1] is not None else (int(plain[1].max()) + 1 if plain.numel() else 0)
-    return n_src, n_dst
+    out = []
+    for given, known, row in ((num_src, size[0], 0), (num_dst, size[1], 1)):
+        if given is None:
+            given = known
+        if given is None and cached is not None:
+            given = cached[row]
+        if given is None:
+            given = int(plain[row].max()) + 1 if plain.numel() else 0
+        out.append(given)
+    return out[0], out[1]
 
 
 def _repeats_edge(graph: CSRGraph) -> bool:
@@ -190,7 +205,7 @@ def _cheapest(graph: CSRGraph, device_type: str, block: int, cell: float, edge: 
 
 
 def plan_costs(edge_index: Tensor, device, *, block_size: int | None = None, tile_cost: float | None = None,
-               dropout: bool = False) -> dict:
+               dropout: bool = False, num_src: int | None = None, num_dst: int | None = None) -> dict:
     """What :func:`choose_backend` weighs, for tuning and for curiosity: the estimated cost of
     ``"fused"``, ``"tiled"`` and ``"split"`` in edge-equivalents (one edge of the fused path), the
     number of edges, tiles, dense tiles (those ``split`` tiles) and edges in them, and ``"chosen"``.
@@ -202,8 +217,7 @@ def plan_costs(edge_index: Tensor, device, *, block_size: int | None = None, til
         ('tiled', 10, True)
     """
     _check_tiling(block_size, tile_cost)
-    n_src, n_dst = _sizes(edge_index)
-    graph = prepare(edge_index, n_src, n_dst)
+    graph = prepare(edge_index, *_sizes(edge_index, num_src, num_dst))
     device_type = _device_type(device)
     block = BLOCK_SIZE.get(device_type, 64) if block_size is None else block_size
     cell, edge = _unit_costs(device_type, tile_cost, dropout)
@@ -212,18 +226,20 @@ def plan_costs(edge_index: Tensor, device, *, block_size: int | None = None, til
 
 
 def choose_backend(edge_index: Tensor, device, *, block_size: int | None = None,
-                   tile_cost: float | None = None, dropout: bool = False) -> str:
+                   tile_cost: float | None = None, dropout: bool = False, num_src: int | None = None,
+                   num_dst: int | None = None) -> str:
     """The backend ``"auto"`` runs for this graph on ``device``: ``"fused"``, ``"tiled"`` or ``"split"``.
 
     A tile of ``B × B`` cells costs ``tile_cost · B²`` edge-equivalents whatever its fill; the
     choice minimizes the total over: all edges fused, all tiles tiled, or dense tiles tiled plus
     the remaining edges fused (plus a merge); see docs/kernels.md. Cached on the graph. With
     ``dropout`` (attention dropout) the costs include hashing the mask (``DROPOUT_COST``), and a
-    graph that repeats an edge is not run ``"tiled"``.
+    graph that repeats an edge is not run ``"tiled"``. ``num_src`` / ``num_dst`` (the rows of key
+    and query) default to the graph's sparse size, else to the sizes of its last :func:`attend`,
+    else to the largest ids plus one.
     """
     _check_tiling(block_size, tile_cost)
-    n_src, n_dst = _sizes(edge_index)
-    graph = prepare(edge_index, n_src, n_dst)
+    graph = prepare(edge_index, *_sizes(edge_index, num_src, num_dst))
     block = BLOCK_SIZE.get(_device_type(device), 64) if block_size is None else block_size
     return _plan(graph, _device_type(device), block, tile_cost, dropout)
 
@@ -241,6 +257,13 @@ def _check_inputs(query, key, value, backend, num_dst, impl):
         raise ValueError(f"Expected the query heads ({query.size(1)}) to be a multiple of the key/value heads ({key.size(1)})")
     if not (query.dtype == key.dtype == value.dtype):
         raise ValueError(f"Expected one dtype for query/key/value (got {query.dtype}, {key.dtype}, {value.dtype})")
+    if not query.is_floating_point():
+        raise ValueError(f"Expected floating-point query/key/value (got {query.dtype})")
+    if query.size(-1) == 0:
+        raise ValueError(f"Expected a head dimension of at least 1 (got 'query' {list(query.shape)})")
+    if query.device != key.device or key.device != value.device:
+        raise ValueError(f"Expected query, key and value on one device (got {query.device}, {key.device}, "
+                         f"{value.device})")
     if backend not in BACKENDS:
         raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {backend!r})")
     if impl not in IMPLS:
@@ -323,15 +346,23 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
     """
     _check_inputs(query, key, value, backend, num_dst, impl)
     _check_tiling(block_size, tile_cost)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"Expected 'scale' to be a finite number (got {scale!r})")
+    if isinstance(edge_index, Tensor) and edge_index.device != query.device:
+        raise ValueError(f"Expected 'edge_index' on the device of query/key/value (got {edge_index.device} "
+                         f"and {query.device})")
     graph = prepare(edge_index, key.size(0), query.size(0))
-    if edge_index.device != query.device or key.device != query.device or value.device != query.device:
-        raise ValueError(f"Expected query, key, value and edge_index on one device (got {query.device}, "
-                         f"{key.device}, {value.device}, {edge_index.device})")
     bias = None
     if edge_bias is not None:
+        if not isinstance(edge_bias, Tensor) or not edge_bias.is_floating_point():
+            got = edge_bias.dtype if isinstance(edge_bias, Tensor) else type(edge_bias).__name__
+            raise ValueError(f"Expected 'edge_bias' to be a floating-point tensor (got {got})")
         if edge_bias.shape != (graph.num_edges, query.size(1)):
             raise ValueError(f"Expected 'edge_bias' of shape [E, H] = [{graph.num_edges}, {query.size(1)}] "
                              f"(got {list(edge_bias.shape)})")
+        if edge_bias.device != query.device:
+            raise ValueError(f"Expected 'edge_bias' on the device of query/key/value (got {edge_bias.device} "
+                             f"and {query.device})")
         bias = edge_bias if graph.perm is None else edge_bias[graph.perm]  # [E, H], target-sorted
     use_triton = _use_triton(query.device, impl)
     dropout = None
@@ -389,7 +420,8 @@ def edge_weights(query: Tensor, key: Tensor, edge_index: Tensor, lse: Tensor, *,
         score = (query[d].to(cd) * k_j).sum(-1) * scale  # [C, H]
         if edge_bias is not None:
             score = score + edge_bias[e0:e0 + chunk].to(cd)
-        parts.append(torch.exp(score - lse[d].to(cd)))
+        top = lse[d].to(cd)  # [C, H]; -inf: the row's edges all have a -inf bias, weights 0
+        parts.append(torch.where(torch.isneginf(top), 0.0, torch.exp(score - top)))
     if not parts:
         return query.new_zeros(0, query.size(1))
     return torch.cat(parts).to(query.dtype)

@@ -80,7 +80,8 @@ def _check(edge_index: Tensor, num_src: int, num_dst: int) -> None:
 
 def _build(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
     plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
-    src, dst = plain[0].to(torch.long), plain[1].to(torch.long)  # [E], [E]
+    # copies: the graph outlives in-place writes to edge_index (a backward pass keeps using it)
+    src, dst = plain[0].to(torch.long, copy=True), plain[1].to(torch.long, copy=True)  # [E], [E]
     if src.numel() > 0:
         lo = min(int(src.min()), int(dst.min()))
         if lo < 0:
@@ -103,28 +104,68 @@ def _build(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
         (colptr, _), csc_perm = edge_index.get_csr()  # pointers over sources, perm to columns
         if csc_perm is None:
             csc_perm = torch.arange(src.numel(), device=src.device)
-        graph.extras["csc"] = (colptr.to(torch.long), csc_perm.to(torch.long))
+        graph.extras["csc"] = (colptr.to(torch.long, copy=True), csc_perm.to(torch.long, copy=True))
     return graph
 
 
-def prepare(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
-    """The cached :class:`CSRGraph` of ``edge_index`` (built and validated on first use)."""
-    _check(edge_index, num_src, num_dst)
-    key = id(edge_index)
-    stamp = (edge_index.data_ptr(), tuple(edge_index.shape), edge_index.device, num_src, num_dst)
+def _version(edge_index: Tensor) -> int | Tensor:
+    """What tells a later call that ``edge_index`` still holds the same edges: its version
+    counter, or for an inference tensor (which has none) a copy of its values."""
+    if edge_index.is_inference():
+        plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+        return plain.clone()
+    return edge_index._version
+
+
+def _same(old: int | Tensor, edge_index: Tensor) -> bool:
+    if isinstance(old, int):
+        return not edge_index.is_inference() and old == edge_index._version
+    plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+    return edge_index.is_inference() and torch.equal(old, plain)
+
+
+def _lookup(edge_index: Tensor) -> tuple[tuple, CSRGraph] | None:
+    """``(stamp, graph)`` of the valid cache entry of ``edge_index``, if any."""
     with _LOCK:
-        hit = _CACHE.get(key)
-    if hit is not None:
-        ref, version, old_stamp, graph = hit
-        if ref() is edge_index and version == edge_index._version and old_stamp == stamp:
-            return graph
+        hit = _CACHE.get(id(edge_index))
+    if hit is None:
+        return None
+    ref, version, stamp, graph = hit
+    if ref() is not edge_index or stamp[:3] != _stamp(edge_index) or not _same(version, edge_index):
+        return None
+    return stamp, graph
+
+
+def _stamp(edge_index: Tensor) -> tuple:
+    return edge_index.data_ptr(), tuple(edge_index.shape), edge_index.device
+
+
+def cached_sizes(edge_index: Tensor) -> tuple[int, int] | None:
+    """``(num_src, num_dst)`` that ``edge_index``'s cached graph was built for, if it has one."""
+    hit = _lookup(edge_index)
+    return None if hit is None else hit[0][3:]
+
+
+def prepare(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
+    """The cached :class:`CSRGraph` of ``edge_index`` (built and validated on first use).
+
+    The cache sees in-place writes through PyTorch (the tensor's version counter; for an inference
+    tensor, its values), not writes that bypass it (``.data``, a NumPy view): after those, call
+    :func:`clear_cache`.
+    """
+    _check(edge_index, num_src, num_dst)
+    stamp = (*_stamp(edge_index), num_src, num_dst)
+    hit = _lookup(edge_index)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
     graph = _build(edge_index, num_src, num_dst)
+    key = id(edge_index)
     try:
         ref = weakref.ref(edge_index, lambda _r, k=key: _drop(k))
     except TypeError:  # not weak-referenceable: do not cache
         return graph
     with _LOCK:
-        _CACHE[key] = (ref, edge_index._version, stamp, graph)
+        _CACHE[key] = (ref, _version(edge_index), stamp, graph)
     return graph
 
 

@@ -162,7 +162,7 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph:
                 outT[h, c.r0:c.r1] = _csr(c.crow, c.col, pd, (c.r1 - c.r0, graph.num_src)) @ vT[hk]
                 lseT[h, c.r0:c.r1] = torch.where(nonempty, top + torch.log(safe),
                                                  torch.full_like(safe, float("-inf")))
-    return outT.transpose(0, 1).to(q.dtype), lseT.t().contiguous()
+    return outT.transpose(0, 1).to(q.dtype).contiguous(), lseT.t().contiguous()  # [N_dst, H, D] dense
 
 
 def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,

@@ -115,9 +115,9 @@ def _blocked(x: Tensor, block: int, num_blocks: int, cd: torch.dtype, extra: int
 
 
 def _unblocked(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
-    """``[H, num_blocks, block, D]`` -> ``[N, H, D]``."""
+    """``[H, num_blocks, block, D]`` -> contiguous ``[N, H, D]``."""
     h, _, _, d = x.shape
-    return x.reshape(h, -1, d)[:, :n].transpose(0, 1).to(dtype)
+    return x.reshape(h, -1, d)[:, :n].transpose(0, 1).to(dtype).contiguous()
 
 
 def _keep_scales(tiles: TileList, tids: Tensor, num_heads: int, dropout: tuple[float, int],
