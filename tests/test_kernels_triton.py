@@ -226,3 +226,14 @@ def test_triton_fused_grouped_query_heads(heads, kv_heads, grouped, dropout):
         assert all(launch.grid[1] == kv_heads for launch in launches if "grouped" in str(launch.kernel))
     else:
         assert {"_csr_fwd", "_csr_bwd_dq"} <= names and not any("grouped" in n for n in names)
+
+
+def test_triton_fused_backward_refuses_a_rewritten_edge_index():
+    """The Triton CSR kernels read the caller's edges in backward: an in-place write in between
+    raises PyTorch's in-place error instead of giving wrong gradients."""
+    edge_index, n_src, n_dst = graph_case("causal")
+    q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), bias=False)
+    out = attend(q, k, v, edge_index, scale=0.3, backend="fused", impl="triton")
+    edge_index[0] = edge_index[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

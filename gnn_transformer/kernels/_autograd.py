@@ -29,13 +29,14 @@ class KernelAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, bias, kernel: Kernel, structure: Any, scale: float, options: dict):
         out, lse = kernel.forward(q, k, v, bias, structure, scale, **options)
         ctx.set_materialize_grads(False)  # an unused lse sends None, not zeros
-        ctx.save_for_backward(q, k, v, bias, out, lse)
+        guards = structure.guards() if hasattr(structure, "guards") else ()  # views of edge_index
+        ctx.save_for_backward(q, k, v, bias, out, lse, *guards)
         ctx.kernel, ctx.structure, ctx.scale, ctx.options = kernel, structure, scale, options
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, bias, out, lse = ctx.saved_tensors
+        q, k, v, bias, out, lse = ctx.saved_tensors[:6]  # unpacking the guards checks their versions
         if dout is None:
             dout = torch.zeros_like(out)
         need_bias = bias is not None and ctx.needs_input_grad[3]

@@ -34,10 +34,19 @@ class CSRGraph:
     # [E] for a part of a larger graph (split's fused part): each edge's position in that graph's
     # target-sorted order, the key of its dropout mask; None: the positions 0..E-1 of this graph
     edge_ids: Tensor | None = None
+    # the edge_index that src / dst are views of (weak: the cache must not keep it alive)
+    source: weakref.ref | None = None
 
     @property
     def num_edges(self) -> int:
         return self.src.numel()
+
+    def guards(self) -> tuple[Tensor, ...]:
+        """The caller's ``edge_index`` when ``src`` / ``dst`` share its memory: a kernel saves it
+        for backward, so that writing it in place before the backward pass raises PyTorch's
+        "modified by an inplace operation" error instead of giving wrong gradients."""
+        source = None if self.source is None else self.source()
+        return () if source is None else (source,)
 
     def csc(self) -> tuple[Tensor, Tensor]:
         """``(colptr [N_src + 1], csc_perm [E])``: edges sorted by source (stable), as positions
@@ -80,8 +89,11 @@ def _check(edge_index: Tensor, num_src: int, num_dst: int) -> None:
 
 def _build(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
     plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
-    # copies: the graph outlives in-place writes to edge_index (a backward pass keeps using it)
-    src, dst = plain[0].to(torch.long, copy=True), plain[1].to(torch.long, copy=True)  # [E], [E]
+    # Views of a long edge_index (no copy); a backward pass that uses them checks they were not
+    # written in place since (CSRGraph.guards). An inference tensor cannot be saved for backward:
+    # copied.
+    copy = edge_index.is_inference()
+    src, dst = plain[0].to(torch.long, copy=copy), plain[1].to(torch.long, copy=copy)  # [E], [E]
     if src.numel() > 0:
         lo = min(int(src.min()), int(dst.min()))
         if lo < 0:
@@ -99,12 +111,17 @@ def _build(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
     rowptr = torch.zeros(num_dst + 1, dtype=torch.long, device=dst.device)
     rowptr[1:] = counts.cumsum(0)
     graph = CSRGraph(num_src, num_dst, src.contiguous(), dst.contiguous(), rowptr, perm)
+    if src.numel() and (graph.src.data_ptr() == plain.data_ptr() or graph.dst.data_ptr() == plain[1].data_ptr()):
+        try:
+            graph.source = weakref.ref(edge_index)
+        except TypeError:  # not weak-referenceable: unguarded, as it is not cached either
+            pass
     if perm is None and isinstance(edge_index, EdgeIndex) and edge_index.sparse_size() == (num_src, num_dst):
         # PyG caches the source-sorted view on the EdgeIndex itself: reuse it.
         (colptr, _), csc_perm = edge_index.get_csr()  # pointers over sources, perm to columns
         if csc_perm is None:
             csc_perm = torch.arange(src.numel(), device=src.device)
-        graph.extras["csc"] = (colptr.to(torch.long, copy=True), csc_perm.to(torch.long, copy=True))
+        graph.extras["csc"] = (colptr.to(torch.long), csc_perm.to(torch.long))
     return graph
 
 
