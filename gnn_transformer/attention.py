@@ -326,7 +326,9 @@ class GraphMultiheadAttention(MessagePassing):
             kv: precomputed ``(key, value)`` of the source nodes, ``[N_src, H_kv, D]`` each (see
                 :meth:`key_value`); ``x`` then holds only the query nodes ``[N_dst, C]``. Required
                 when the layer was built with ``project_kv=False``.
-            return_attention_weights: also return the attention weights per edge ``[E, H]``.
+            return_attention_weights: also return the attention weights per edge ``[E, H]``: the
+                softmax, before attention dropout (``nn.MultiheadAttention`` returns its weights
+                after dropout, averaged over heads by default).
             backend: override the layer's backend for this call.
 
         Returns:
