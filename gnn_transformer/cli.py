@@ -4,12 +4,14 @@ Subcommands: ``compare`` (the main experiment), ``verify``, ``show``, ``train``,
 ``analyze``. ``gnn-transformer <command> --help`` lists the options of each.
 
 Exit codes: 0 success; 1 a check failed (``verify`` found a mismatch) or the run failed;
-2 bad usage (unknown option, bad value, missing optional dependency).
+2 bad usage (unknown option, bad value, unknown topology, missing CUDA or optional dependency).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -38,6 +40,16 @@ def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer (got {text!r})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (got {text!r})")
+    return value
+
+
 def _sizes(text: str) -> tuple[int, int]:
     try:
         lo, hi = (int(v) for v in text.split("-"))
@@ -46,6 +58,48 @@ def _sizes(text: str) -> tuple[int, int]:
     if not 1 <= lo <= hi:
         raise argparse.ArgumentTypeError(f"expected 1 <= lo <= hi (got {text!r})")
     return lo, hi
+
+
+# ---------------------------------------------------------------- bad values
+# Config objects (TrainConfig, EncoderConfig, ...) raise ValueError("Expected '<field>' ...");
+# main() names the option that set the field. Fields whose option has another name:
+FIELD_DESTS = {"nhead": "heads", "num_layers": "layers", "dim_feedforward": "ff"}
+
+
+def _name_option(message: str, args: argparse.Namespace) -> str:
+    """``"Expected 'nhead' >= 1 (got 0)"`` -> ``"--heads: Expected 'nhead' >= 1 (got 0)"``."""
+    match = re.match(r"Expected '(\w+)'", message)
+    dest = FIELD_DESTS.get(match[1], match[1]) if match else None
+    if dest is None or dest not in vars(args):
+        return message
+    return f"--{dest.replace('_', '-')}: {message}"
+
+
+class _Given(argparse.Action):
+    """Store an option's value and record that it was given: ``train`` refuses an option that
+    does not apply to its task only when the user gave it, never for its default."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
+def _check_out_dir(option: str, path: str) -> None:
+    """An output folder (created if missing): refuse it if it or a parent is not a folder."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UsageError(f"{option}: {str(p)!r} exists and is not a directory")
+            return
+
+
+def _check_out_file(option: str, path: str) -> None:
+    """An output file: refuse a folder, or a file whose folder does not exist."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{option}: {path!r} is a directory, expected a file path")
+    if not p.parent.is_dir():
+        raise UsageError(f"{option}: the directory {str(p.parent)!r} of {path!r} does not exist")
 
 
 # ---------------------------------------------------------------- shared options
@@ -61,7 +115,7 @@ def _add_model_args(p: argparse.ArgumentParser, defaults) -> None:
     g.add_argument("--dropout", type=float, default=defaults.dropout, help="dropout (default %(default)s)")
     g.add_argument("--post-norm", action="store_true", help="post-norm layers as in the original paper "
                    "(default: pre-norm)")
-    g.add_argument("--position", choices=("rope", "sinusoidal", "learned", "none"),
+    g.add_argument("--position", choices=("rope", "sinusoidal", "learned", "none"), action=_Given,
                    default=defaults.position, help="token positions (default %(default)s)")
     g.add_argument("--backend", choices=BACKENDS, default=defaults.backend,
                    help="attention backend (default %(default)s)")
@@ -148,6 +202,7 @@ def _compare_parser(sub) -> None:
 def cmd_compare(args) -> int:
     from .experiments.compare import CompareConfig, run_compare, save_compare
 
+    _check_out_dir("--out", args.out)
     config = CompareConfig(task=args.task, topologies=tuple(args.topologies or CompareConfig().topologies),
                            train_sizes=args.train_sizes, test_sizes=args.test_sizes,
                            model=_model_config(args), train=_train_config(args),
@@ -193,13 +248,15 @@ def _verify_parser(sub) -> None:
 def cmd_verify(args) -> int:
     import torch
 
-    from .experiments.topologies import spec_names
+    from .experiments.topologies import label, spec_names
     from .experiments.verify import verify_topologies
 
     specs = args.specs or spec_names()
     if not specs:
         raise UsageError("no topology to verify: the graphs/ catalogue is empty; pass SPEC names")
-    rows = []
+    if args.json_path:
+        _check_out_file("--json", args.json_path)
+    rows, unbuilt = [], []
 
     def show(row) -> None:
         rows.append(row)
@@ -207,16 +264,26 @@ def cmd_verify(args) -> int:
         print(f"  {row.topology:<28} {row.backend:<6} {row.edges:>7} edges  "
               f"out {row.max_out_error:.1e}  grad {row.max_grad_error:.1e}  {status}", flush=True)
 
+    def not_built(spec: str, err: ValueError) -> None:
+        unbuilt.append(spec)
+        print(f"  {label(spec):<28} cannot be built on lengths {args.lengths}: {err}", flush=True)
+
     print(f"verify: {len(specs)} topologies on lengths {args.lengths}, {args.dtype}")
     verify_topologies(specs, args.lengths, backends=args.backend, dtype=getattr(torch, args.dtype),
-                      device=args.device, small=not args.paper_scale, on_row=show)
+                      device=args.device, small=not args.paper_scale, on_row=show,
+                      on_error=not_built)
     bad = [r for r in rows if not r.ok]
     if args.json_path:
         Path(args.json_path).write_text(json.dumps([{**asdict(r), "ok": r.ok} for r in rows], indent=2))
-    print(f"\n{len(rows) - len(bad)}/{len(rows)} checks within tolerance {rows[0].tolerance:g}")
+    if rows:
+        print(f"\n{len(rows) - len(bad)}/{len(rows)} checks within tolerance {rows[0].tolerance:g}")
     if bad:
         _err(f"{len(bad)} mismatches: " + ", ".join(f"{r.topology}/{r.backend}" for r in bad))
         return EXIT_FAIL
+    if unbuilt:
+        _err(f"{len(unbuilt)} of {len(specs)} topologies cannot be built on --lengths "
+             f"{' '.join(map(str, args.lengths))}: " + ", ".join(map(label, unbuilt)))
+        return EXIT_USAGE
     return EXIT_OK
 
 
@@ -229,9 +296,15 @@ def _show_parser(sub) -> None:
         "and save its adjacency matrix and graph drawing.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("spec", nargs="?", help="topology spec")
-    p.add_argument("-n", type=int, help="sequence length (default: the spec's small size, else 16)")
-    p.add_argument("--out", help="PNG path (default: <name>.png)")
-    p.add_argument("--layers", type=int, default=3, help="layers for the receptive-field sizes")
+    p.add_argument("-n", type=_positive_int,
+                   help="sequence length (default: the spec's [small] n, else 16)")
+    p.add_argument("--paper-scale", action="store_true",
+                   help="build catalogue and .toml specs with their paper parameters instead of "
+                   "their toy-scale [small] ones")
+    p.add_argument("--out", help="PNG path (default: <name>.png in the current directory, the "
+                   "file's stem for a .toml path)")
+    p.add_argument("--layers", type=_positive_int, default=3,
+                   help="layers for the receptive-field sizes")
     p.add_argument("--list", action="store_true", help="list builders and catalogue specs")
     p.set_defaults(func=cmd_show)
 
@@ -247,18 +320,18 @@ def cmd_show(args) -> int:
         print("catalogue specs:", " ".join(spec_names()))
         return EXIT_OK
     name, kwargs = parse_spec(args.spec)
-    small = not kwargs and name in spec_names()
-    if small:
-        spec = topology.read_spec(name)
-        n = args.n or spec.small_n or 16
-        edge_index = topology.build_spec(spec, n, small=args.n is None)
-        title = f"{spec.name}" + (" (small)" if args.n is None and spec.small_params else "")
+    build = topology_fn(args.spec, small=not args.paper_scale)  # unknown names fail here
+    # a catalogue name or spec file rather than a builder (topology_fn's precedence)
+    is_spec = not kwargs and (name in spec_names() or name not in topology.BUILDERS)
+    spec = topology.read_spec(name) if is_spec else None
+    out = Path(args.out or f"{Path(name).stem}.png")
+    _check_out_file("--out", str(out))
+    n = args.n or (spec and spec.small_n) or 16
+    edge_index = build([n])
+    if spec is not None:
+        title = spec.name + (" (small)" if spec.small_params and not args.paper_scale else "")
     else:
-        n = args.n or 16
-        edge_index = topology_fn(args.spec)([n])
         title = label(args.spec)
-    if n < 1:
-        raise UsageError(f"-n must be >= 1 (got {n})")
     stats = topology.summarize(edge_index, [n])
     print(f"{title} on n = {n}")
     print(f"  edges {stats.num_edges}, density {stats.density:.3f}, causal {stats.causal}")
@@ -269,10 +342,8 @@ def cmd_show(args) -> int:
     for layers in range(1, args.layers + 1):
         s = sizes[layers]
         print(f"  receptive field after {layers} layer(s): mean {sum(s) / len(s):.1f} of {n} tokens")
-    if small:
-        if spec.source:
-            print(f"  source: {spec.source}")
-    out = Path(args.out or f"{name}.png")
+    if spec is not None and spec.source:
+        print(f"  source: {spec.source}")
     topology.draw_topology(edge_index, title=title, path=out)
     print(f"Wrote {out}")
     return EXIT_OK
@@ -297,9 +368,10 @@ def _train_parser(sub) -> None:
                    help="topology spec (default: full; 'graph' for graph tasks, 'grid' for digits)")
     p.add_argument("--train-sizes", type=_sizes, help="instance sizes to train on, e.g. 6-12")
     p.add_argument("--test-sizes", type=_sizes, help="longer sizes to test on, e.g. 13-24")
-    p.add_argument("--pe-dim", type=int, default=4, help="graph tasks: Laplacian eigenvector PE size")
+    p.add_argument("--pe-dim", type=int, default=4, action=_Given,
+                   help="graph tasks: Laplacian eigenvector PE size")
     p.add_argument("--virtual-node", action="store_true", help="graph tasks: add a virtual node")
-    p.add_argument("--patch", type=int, default=2, help="digits: patch side in pixels")
+    p.add_argument("--patch", type=int, default=2, action=_Given, help="digits: patch side in pixels")
     p.add_argument("--out", default="runs/train", help="output folder")
     p.add_argument("--save-all-ranks", action="store_true",
                    help="under torchrun, every rank also writes model_rank<r>.pt")
@@ -308,11 +380,28 @@ def _train_parser(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _check_task_options(args) -> None:
+    """Refuse the options given for another task than ``--task`` (their defaults never count)."""
+    from .experiments.runs import GRAPH_TASKS, SIZED_TASKS, VISION_TASKS
+    from .experiments.tasks import TASKS
+
+    given = {*getattr(args, "given", ()),  # options with defaults, see _Given
+             *(name for name in ("train_sizes", "test_sizes", "virtual_node") if getattr(args, name))}
+    for name, tasks in (("train_sizes", SIZED_TASKS), ("test_sizes", SIZED_TASKS),
+                        ("pe_dim", GRAPH_TASKS), ("virtual_node", GRAPH_TASKS),
+                        ("patch", VISION_TASKS), ("position", tuple(TASKS))):
+        if name in given and args.task not in tasks:
+            raise UsageError(f"--{name.replace('_', '-')} does not apply to task {args.task!r} "
+                             f"(only to {', '.join(tasks)})")
+
+
 def cmd_train(args) -> int:
     from .experiments.distributed import from_environment
     from .experiments.figures import loss_figure
     from .experiments.runs import GRAPH_TASKS, RunConfig, run_training
 
+    _check_task_options(args)
+    _check_out_dir("--out", args.out)
     topology = args.topology or ("graph" if args.task in GRAPH_TASKS
                                  else "grid" if args.task == "digits" else "full")
     config = RunConfig(task=args.task, topology=topology, train_sizes=args.train_sizes,
@@ -427,21 +516,23 @@ def _check_bench_topologies(names) -> None:
 def cmd_bench(args) -> int:
     import torch
 
+    from .experiments.training import resolve_device
     from .kernels.benchmark import LINEAR, format_markdown, format_table, run_benchmark
 
-    for name in ("heads", "head_dim", "repeats"):
-        if getattr(args, name) < 1:
+    for name in ("heads", "head_dim", "repeats", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     if args.sizes is not None and min(args.sizes) < 1:
         raise UsageError(f"--sizes must be positive (got {args.sizes})")
     if args.kv_heads is not None and (args.kv_heads < 1 or args.heads % args.kv_heads):
         raise UsageError(f"--kv-heads must divide --heads {args.heads} (got {args.kv_heads})")
     _check_bench_topologies(args.topologies)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.markdown:
+        _check_out_file("--markdown", args.markdown)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but CUDA is not available")
+    resolve_device(device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.block_size is not None and (args.block_size < 1 or args.block_size & (args.block_size - 1)):
         raise UsageError(f"--block-size must be a power of two (got {args.block_size})")
@@ -481,7 +572,12 @@ def _analyze_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if analysis is not None and hasattr(analysis, "add_arguments"):
         analysis.add_arguments(p)
-        p.set_defaults(func=lambda args: int(analysis.run(args) or 0))
+
+        def run(args) -> int:
+            _check_out_dir("--out", args.out)
+            return int(analysis.run(args) or 0)
+
+        p.set_defaults(func=run)
     else:
         p.set_defaults(func=_analyze_missing)
 
@@ -519,12 +615,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe (gnn-transformer show ... | head) shows here
+        return code
+    except BrokenPipeError:
+        # the reader is gone: send what Python flushes at exit to devnull, exit 1 like Python
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAIL
     except UsageError as e:
         _err(str(e))
         return EXIT_USAGE
     except ValueError as e:  # the library's boundary checks name the argument and the value
-        _err(str(e))
+        _err(_name_option(str(e), args))
         return EXIT_USAGE
     except ImportError as e:
         _err(str(e))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +54,8 @@ class LoadedModel:
         name: a short description for titles.
         examples: for a checkpoint of a training run, ``examples(k)`` draws ``k`` seeded sequences
             of its task (the input when no token file is given).
+        vocab_size: token ids it takes are ``0 .. vocab_size - 1`` (``None``: unchecked).
+        max_length: longest sequence its position table covers (``None``: no limit).
     """
 
     model: nn.Module
@@ -63,6 +64,8 @@ class LoadedModel:
     tokenizer: Any = None
     name: str = "model"
     examples: Callable[[int], list[list]] | None = None
+    vocab_size: int | None = None
+    max_length: int | None = None
 
 
 @dataclass
@@ -119,8 +122,10 @@ def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = No
         raise FileNotFoundError(f"No checkpoint at '--checkpoint' {str(path)!r}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError) as err:  # not a torch file, or unsafe contents
-        raise ValueError(f"Could not read the checkpoint {str(path)!r}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - torch.load fails on a non-checkpoint file with
+        # RuntimeError, UnpicklingError, EOFError, IndexError, ... (and on unsafe contents)
+        raise ValueError(f"Could not read the checkpoint {str(path)!r}: not a file of torch.save "
+                         f"that loads with weights_only=True ({type(err).__name__})") from err
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
         state, meta = payload["model"], payload.get("meta")
         meta = meta if isinstance(meta, dict) else {}
@@ -175,7 +180,8 @@ def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = No
         return model(ids, edge_index, pos=pos)
 
     return LoadedModel(model, forward, "causal" if cls_name == "GraphLM" else "full", None,
-                       f"{cls_name} ({path.name})")
+                       f"{cls_name} ({path.name})", vocab_size=cfg.vocab_size,
+                       max_length=cfg.max_positions if cfg.position == "learned" else None)
 
 
 def _load_run_checkpoint(path: Path, state: dict, run: dict, backend: str | None) -> LoadedModel:
@@ -211,7 +217,9 @@ def _load_run_checkpoint(path: Path, state: dict, run: dict, backend: str | None
         return [s.tolist() for s in batch.tokens.split(batch.lengths)]
 
     return LoadedModel(model, forward, run.get("topology", "full"), None,
-                       f"{name} model ({path.name})", examples)
+                       f"{name} model ({path.name})", examples, vocab_size=task.vocab_size,
+                       max_length=(model_config.max_positions if model_config.position == "learned"
+                                   else None))
 
 
 def load_hf_model(directory: str | Path, *, backend: str | None = None) -> LoadedModel:
@@ -233,8 +241,11 @@ def load_hf_model(directory: str | Path, *, backend: str | None = None) -> Loade
     def forward(ids: Tensor, edge_index: Tensor, pos: Tensor):
         return model.forward_graph(ids, edge_index, pos=pos)
 
+    config = model.config
     return LoadedModel(model, forward, "causal" if is_gpt2 else "full", _tokenizer(directory),
-                       f"{'GPT-2' if is_gpt2 else 'BERT'} ({directory.name})")
+                       f"{'GPT-2' if is_gpt2 else 'BERT'} ({directory.name})",
+                       vocab_size=config.vocab_size,
+                       max_length=config.n_positions if is_gpt2 else config.max_position_embeddings)
 
 
 def _tokenizer(directory: str | Path):
@@ -280,6 +291,23 @@ def read_text_file(path: str | Path, tokenizer) -> list[list[int]]:
     return sequences
 
 
+def check_sequences(loaded: LoadedModel, sequences: Sequence[Sequence], source: str = "the input") -> None:
+    """A ``ValueError`` naming ``source`` unless every sequence is non-empty, its token ids are in
+    the model's vocabulary and its length within the model's position table."""
+    for number, sequence in enumerate(sequences, start=1):
+        ids = torch.tensor(sequence, dtype=torch.long)
+        if ids.numel() == 0:
+            raise ValueError(f"Expected non-empty sequences in {source} (sequence {number} is empty)")
+        if loaded.vocab_size is not None and not 0 <= int(ids.min()) <= int(ids.max()) < loaded.vocab_size:
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise ValueError(f"Expected token ids 0..{loaded.vocab_size - 1} (the vocabulary of "
+                             f"{loaded.name}) in {source}, got {bad} in sequence {number}")
+        if loaded.max_length is not None and len(sequence) > loaded.max_length:
+            raise ValueError(f"Expected sequences of at most {loaded.max_length} tokens (the position "
+                             f"table of {loaded.name}) in {source}, got {len(sequence)} in sequence "
+                             f"{number}")
+
+
 # ------------------------------------------------------------------ the analysis
 def analyze(loaded: LoadedModel, sequences: Sequence[Sequence[int]], *, graph: str | None = None,
             compare_norm: bool = False, backend: str | None = None, min_magnitude: float = 100.0,
@@ -299,8 +327,9 @@ def analyze(loaded: LoadedModel, sequences: Sequence[Sequence[int]], *, graph: s
     """
     graph = loaded.graph if graph is None else graph
     lengths = [len(s) for s in sequences]
-    if not lengths or min(lengths) == 0:
-        raise ValueError(f"Expected non-empty sequences (got lengths {lengths})")
+    if not lengths:
+        raise ValueError("Expected at least one sequence (got none)")
+    check_sequences(loaded, sequences)
     ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long)  # [N] or [N, fields]
     pos = torch.cat([torch.arange(n) for n in lengths])  # [N] position within each sequence
     edge_index = per_length(topology_fn(graph))(lengths)
@@ -396,14 +425,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inputs.add_argument("--text", metavar="FILE", help="text, one sequence per line")
     parser.add_argument("--samples", type=int, default=2, metavar="K",
                         help="with a 'train' run's checkpoint and no --tokens: K sequences of its "
-                             "task (default 2)")
+                             "task")
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="directory with a Hugging Face tokenizer (unset: --hf-dir)")
     parser.add_argument("--out", metavar="DIR", default="analysis",
                         help="directory for summary.json and the PNGs")
     parser.add_argument("--graph", metavar="NAME|TOML",
-                        help="token graph: a catalogue name (causal, full, bigbird, ...) or a spec "
-                             "file (unset: causal for LMs and GPT-2, full otherwise)")
+                        help="token graph: a catalogue name (causal, full, bigbird, ...), a builder "
+                             "with arguments (sliding_window:window=3) or a spec file (unset: a "
+                             "'train' run's own topology, causal for language models and GPT-2, "
+                             "full otherwise)")
     parser.add_argument("--compare-norm", action="store_true",
                         help="also run the same weights pre-norm and post-norm")
     parser.add_argument("--backend", choices=BACKENDS,
@@ -430,8 +461,10 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"Found no tokenizer in '--tokenizer' {args.tokenizer!r}")
         if args.tokens is not None:
             sequences = read_token_file(args.tokens)
+            check_sequences(loaded, sequences, f"'--tokens' {args.tokens!r}")
         elif args.text is not None:
             sequences = read_text_file(args.text, loaded.tokenizer)
+            check_sequences(loaded, sequences, f"'--text' {args.text!r}")
         elif loaded.examples is not None:
             if args.samples < 1:
                 raise ValueError(f"Expected '--samples' >= 1 (got {args.samples})")
@@ -443,8 +476,10 @@ def run(args: argparse.Namespace) -> int:
                          backend=args.backend, min_magnitude=args.massive_magnitude,
                          min_ratio=args.massive_ratio)
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        from ..cli import EXIT_USAGE, _err  # the command line's error format and exit code
+
+        _err(str(err))
+        return EXIT_USAGE
     print(f"{loaded.name}: {len(result.lengths)} sequence(s), {sum(result.lengths)} tokens, "
           f"{result.graph} graph")
     for label, rows in result.rows.items():

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .models import EncoderConfig, SequenceModel
-from .tasks import SequenceWorkload, get_task
+from .tasks import SequenceWorkload, check_longer, get_task
 from .topologies import label, per_length, topology_fn
 from .training import TrainConfig, TrainResult, resolve_device, seed_everything, step_memory, train
 from .verify import model_dense_error
@@ -47,6 +47,11 @@ class CompareConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=800, batch_size=32, lr=2e-3, warmup=80, schedule="cosine"))
     eval_size: int = 256  # sequences per evaluation set
+
+    def __post_init__(self) -> None:
+        if self.eval_size < 1:
+            raise ValueError(f"Expected 'eval_size' >= 1 (got {self.eval_size})")
+        check_longer(get_task(self.task, self.train_sizes, self.test_sizes))
 
 
 @dataclass
@@ -122,9 +127,11 @@ def run_compare(config: CompareConfig, *, progress: bool = False,
     if not config.topologies:
         raise ValueError("Expected at least one topology in 'topologies'")
     resolve_device(config.train.device)
+    task = get_task(config.task, config.train_sizes, config.test_sizes)
+    sizes = (*task.train_sizes, *task.test_sizes)
+    extremes = [task.seq_len(min(sizes)), task.seq_len(max(sizes))]  # shortest and longest sequence
     for spec in config.topologies:  # fail early on a bad spec, before any training
-        topology_fn(spec)
-    get_task(config.task, config.train_sizes, config.test_sizes)
+        topology_fn(spec)(extremes)
     start = time.perf_counter()
     results = []
     for spec in config.topologies:

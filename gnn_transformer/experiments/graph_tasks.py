@@ -95,9 +95,12 @@ class KarateWorkload(GraphWorkload):
 
         if topology not in GRAPH_TOPOLOGIES:
             raise ValueError(f"Expected 'topology' in {GRAPH_TOPOLOGIES} (got {topology!r})")
-        self.topology, self.pe_dim = topology, pe_dim
         data = KarateClub()[0]
         num_real = data.num_nodes
+        if not 0 <= pe_dim < num_real:
+            raise ValueError(f"Expected 'pe_dim' in [0, {num_real}) for the karate club's {num_real} "
+                             f"nodes (got {pe_dim})")
+        self.topology, self.pe_dim = topology, pe_dim
         test_mask = ~data.train_mask
         data = _transforms(pe_dim, virtual_node)(data)
         pad = data.num_nodes - num_real
@@ -144,9 +147,13 @@ class ShortestPathWorkload(GraphWorkload):
                  eval_size: int = 64, eval_seed: int = 12345) -> None:
         if topology not in GRAPH_TOPOLOGIES:
             raise ValueError(f"Expected 'topology' in {GRAPH_TOPOLOGIES} (got {topology!r})")
-        if train_sizes[0] <= pe_dim or test_sizes[0] <= pe_dim:
-            raise ValueError(f"Expected graphs larger than pe_dim={pe_dim} nodes "
-                             f"(got sizes {train_sizes} and {test_sizes})")
+        if not 0 <= pe_dim < min(train_sizes[0], test_sizes[0]):
+            raise ValueError(f"Expected 'pe_dim' >= 0 and below the smallest graph size (got "
+                             f"{pe_dim}, sizes {tuple(train_sizes)} and {tuple(test_sizes)})")
+        if test_sizes[0] <= train_sizes[1]:
+            raise ValueError(f"Expected 'test_sizes' {tuple(test_sizes)} above 'train_sizes' "
+                             f"{tuple(train_sizes)}: the longer test measures generalization to "
+                             "larger graphs than any seen in training")
         self.topology, self.pe_dim, self.virtual_node = topology, pe_dim, virtual_node
         self.batch_size, self.train_sizes, self.test_sizes = batch_size, train_sizes, test_sizes
         self.max_distance = max_distance

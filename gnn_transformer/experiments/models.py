@@ -40,11 +40,13 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         if self.position not in POSITIONS:
             raise ValueError(f"Expected 'position' in {POSITIONS} (got {self.position!r})")
-        if self.d_model % self.nhead:
-            raise ValueError(f"Expected 'd_model' ({self.d_model}) divisible by 'nhead' ({self.nhead})")
-        for name in ("d_model", "nhead", "num_layers", "dim_feedforward"):
+        for name in ("d_model", "nhead", "num_layers", "dim_feedforward", "max_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Expected '{name}' >= 1 (got {getattr(self, name)})")
+        if self.d_model % self.nhead:
+            raise ValueError(f"Expected 'd_model' ({self.d_model}) divisible by 'nhead' ({self.nhead})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"Expected 'dropout' in [0, 1) (got {self.dropout})")
 
 
 def make_encoder(config: EncoderConfig, rope: bool = False) -> GraphTransformerEncoder:

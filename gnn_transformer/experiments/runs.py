@@ -16,15 +16,16 @@ from torch import nn
 from . import distributed
 from .graph_tasks import GRAPH_TOPOLOGIES, KarateWorkload, ShortestPathWorkload
 from .models import EncoderConfig, NodeModel, PatchModel, SequenceModel
-from .tasks import TASKS, SequenceWorkload, get_task
+from .tasks import TASKS, SequenceWorkload, check_longer, get_task
 from .topologies import per_length, topology_fn
 from .training import (TrainConfig, TrainResult, resolve_device, save_checkpoint, seed_everything,
                        train, write_logs)
-from .vision_tasks import VISION_TOPOLOGIES, DigitsWorkload
+from .vision_tasks import VISION_TOPOLOGIES, DigitsWorkload, check_patch
 
 GRAPH_TASKS = ("karate", "shortest_path")
 VISION_TASKS = ("digits",)
 ALL_TASKS = tuple(TASKS) + GRAPH_TASKS + VISION_TASKS
+SIZED_TASKS = tuple(TASKS) + ("shortest_path",)  # the tasks that take train_sizes / test_sizes
 
 
 @dataclass
@@ -41,6 +42,19 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     out: str | None = None  # folder for logs and the checkpoint (None: save nothing)
     save_all_ranks: bool = False  # under DDP, every rank writes model_rank{r}.pt (to compare them)
+
+    def __post_init__(self) -> None:
+        if self.task not in ALL_TASKS:
+            raise ValueError(f"Unknown task {self.task!r}: expected one of {list(ALL_TASKS)}")
+        for name in ("train_sizes", "test_sizes"):
+            if getattr(self, name) is not None and self.task not in SIZED_TASKS:
+                raise ValueError(f"Expected '{name}' unset for task {self.task!r}, which has no "
+                                 f"instance sizes (tasks with sizes: {', '.join(SIZED_TASKS)})")
+        if self.task in TASKS:
+            check_longer(get_task(self.task, self.train_sizes, self.test_sizes))
+        if self.pe_dim < 0:
+            raise ValueError(f"Expected 'pe_dim' >= 0 (got {self.pe_dim})")
+        check_patch(self.patch)
 
 
 def build(config: RunConfig) -> tuple[Any, nn.Module]:
@@ -102,7 +116,8 @@ def run_training(config: RunConfig, *, progress: bool = False) -> tuple[TrainRes
                 write_logs(result, out)
                 save_checkpoint(out / "model.pt", model, step=train_config.steps, meta=meta)
             if config.save_all_ranks and info.enabled:
-                save_checkpoint(out / f"model_rank{info.rank}.pt", model, meta=meta)
+                save_checkpoint(out / f"model_rank{info.rank}.pt", model, step=train_config.steps,
+                                meta=meta)
         distributed.barrier(info)
         return result, getattr(model, "module", model)
     finally:

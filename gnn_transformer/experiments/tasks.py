@@ -217,6 +217,15 @@ def get_task(name: str, train_sizes: Sequence[int] | None = None,
     return TASKS[name](**kwargs)
 
 
+def check_longer(task: Task) -> None:
+    """A ``ValueError`` unless ``task.test_sizes`` lie above ``task.train_sizes``: the runs'
+    "longer" evaluation measures generalization to larger instances than any seen in training."""
+    if task.test_sizes[0] <= task.train_sizes[1]:
+        raise ValueError(f"Expected 'test_sizes' {task.test_sizes} above 'train_sizes' "
+                         f"{task.train_sizes}: the longer test measures generalization to larger "
+                         "instances than any seen in training")
+
+
 def sample_batch(task: Task, batch_size: int, sizes: tuple[int, int],
                  generator: torch.Generator) -> SequenceBatch:
     """``batch_size`` instances with ``n`` uniform in ``sizes`` (inclusive), concatenated."""

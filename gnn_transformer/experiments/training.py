@@ -50,22 +50,25 @@ class TrainConfig:
     eval_every: int = 0  # steps between evaluations (0: only at the end)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Expected '{name}' to be a positive int (got {value!r})")
-        if self.warmup < 0:
-            raise ValueError(f"Expected 'warmup' >= 0 (got {self.warmup})")
-        if self.lr <= 0:
-            raise ValueError(f"Expected 'lr' > 0 (got {self.lr})")
+        for name in ("warmup", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Expected '{name}' >= 0 (got {getattr(self, name)})")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"Expected 'lr' to be finite and > 0 (got {self.lr})")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"Expected 'weight_decay' to be finite and >= 0 (got {self.weight_decay})")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Expected 'optimizer' in {OPTIMIZERS} (got {self.optimizer!r})")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Expected 'schedule' in {SCHEDULES} (got {self.schedule!r})")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"Expected 'label_smoothing' in [0, 1) (got {self.label_smoothing})")
-        if self.clip_grad is not None and self.clip_grad <= 0:
-            raise ValueError(f"Expected 'clip_grad' > 0 or None (got {self.clip_grad})")
+        if self.clip_grad is not None and not (math.isfinite(self.clip_grad) and self.clip_grad > 0):
+            raise ValueError(f"Expected 'clip_grad' to be finite and > 0, or None (got {self.clip_grad})")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"Expected 'device' to be 'cpu' or 'cuda' (got {self.device!r})")
         self.betas = tuple(self.betas)
@@ -139,10 +142,14 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"cpu"`` or ``"cuda"``, with a clear error when CUDA is missing."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"Expected a CUDA device for device={name!r}, but CUDA is not available")
-    return torch.device(name)
+    """``"cpu"`` or ``"cuda"``, with a clear error for an unknown device or a missing CUDA."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Expected 'device' to be 'cpu' or 'cuda' (got {name!r})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Expected 'device' to be 'cpu' (got {name!r}, but CUDA is not available)")
+    return device
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .. import GraphMultiheadAttention, dense, from_padded, to_padded
 from ..topology import to_dense_mask
 from .topologies import label, topology_fn
+from .training import resolve_device
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -101,7 +102,8 @@ def verify_topologies(specs: Sequence[str], lengths: Sequence[int] = (23, 40), *
                       embed_dim: int = 32, num_heads: int = 4,
                       backends: Sequence[str] | None = None, dtype: torch.dtype = torch.float64,
                       device: str = "cpu", seed: int = 0, small: bool = True,
-                      on_row: Callable[[VerifyRow], None] | None = None) -> list[VerifyRow]:
+                      on_row: Callable[[VerifyRow], None] | None = None,
+                      on_error: Callable[[str, ValueError], None] | None = None) -> list[VerifyRow]:
     """Graph attention vs the dense reference for every spec and backend.
 
     Args:
@@ -112,14 +114,28 @@ def verify_topologies(specs: Sequence[str], lengths: Sequence[int] = (23, 40), *
         small: build catalogue specs with their toy-scale parameters (paper-scale windows would
             cover these short sequences entirely).
         on_row: called with each row as soon as it is computed.
+        on_error: called with a spec and its ``ValueError`` when the spec cannot be built on
+            ``lengths`` (e.g. ``random`` with more keys than a sequence has); the other specs are
+            still checked. Unset: the error is raised. Unknown or malformed specs raise before any
+            check either way.
     """
     if dtype not in TOLERANCE:
         raise ValueError(f"Expected 'dtype' to be float32 or float64 (got {dtype})")
-    device = torch.device(device)
+    lengths = list(lengths)
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"Expected 'lengths' to be one or more lengths >= 1 (got {lengths})")
+    device = resolve_device(device)
     backends = list(backends) if backends is not None else available_backends(device)
+    builds = [(spec, topology_fn(spec, small=small)) for spec in specs]  # unknown specs fail here
     rows = []
-    for spec in specs:
-        edge_index = topology_fn(spec, small=small)(list(lengths)).to(device)
+    for spec, build in builds:
+        try:
+            edge_index = build(lengths).to(device)
+        except ValueError as err:
+            if on_error is None:
+                raise
+            on_error(spec, err)
+            continue
         n = sum(lengths)
         for backend in backends:
             torch.manual_seed(seed)

@@ -21,6 +21,15 @@ from torch_geometric.utils import grid
 from ..topology import full
 
 VISION_TOPOLOGIES = ("grid", "full")
+IMAGE_SIDE = 8  # the digits are 8x8 pixels
+PATCH_SIZES = tuple(p for p in range(1, IMAGE_SIDE + 1) if IMAGE_SIDE % p == 0)  # 1, 2, 4, 8
+
+
+def check_patch(patch: int) -> None:
+    """A ``ValueError`` unless ``patch`` cuts the 8x8 digits into whole patches."""
+    if patch not in PATCH_SIZES:
+        raise ValueError(f"Expected 'patch' to divide the {IMAGE_SIDE}x{IMAGE_SIDE} digits, one of "
+                         f"{PATCH_SIZES} (got {patch})")
 
 
 def load_digits_tensors() -> tuple[Tensor, Tensor]:
@@ -76,9 +85,10 @@ class DigitsWorkload:
 
     def __init__(self, topology: str = "grid", patch: int = 2, batch_size: int = 64,
                  seed: int = 0) -> None:
+        check_patch(patch)
         images, labels = load_digits_tensors()
         self.topology, self.patch, self.batch_size = topology, patch, batch_size
-        self.side = 8 // patch
+        self.side = IMAGE_SIDE // patch
         self.num_patches, self.patch_dim, self.num_classes = self.side ** 2, patch * patch, 10
         self.graph = image_graph(self.side, topology)
         perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
