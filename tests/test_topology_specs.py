@@ -84,7 +84,13 @@ def _write(tmp_path, text, name="spec.toml"):
     ('builder = "full"\n[small]\nn = 0\n', "small.n", ">= 1"),
     ('builder = "full"\n[small]\nm = 3\n', "small.m", "unknown key"),
     ('builder = "sliding_window"\n[params]\nwindow = 2\n[small]\nparams = { window = -3 }\n',
-     "small.params.window", ">= 0"),
+     "small.params.window", ">= 0"),    # integers are bounded: no overflow deep in a builder, no [small] n that fills the memory
+    ('builder = "sliding_window"\n[params]\nwindow = 99999999999999999999999\n', "params.window",
+     "<= 2147483647"),
+    ('builder = "bigbird"\n[params]\nblock = 2147483648\n', "params.block", "<= 2147483647"),
+    ('builder = "random"\n[params]\nk = 2\nseed = 99999999999999999999999\n', "params.seed",
+     "<= 9223372036854775807"),
+    ('builder = "full"\n[small]\nn = 100000000\n', "small.n", "<= 4096"),
 ])
 def test_bad_spec_names_file_and_key(tmp_path, text, key, message):
     p = _write(tmp_path, text)
@@ -112,6 +118,20 @@ def test_build_errors_name_the_file(tmp_path):
     p = _write(tmp_path, 'builder = "random"\n[params]\nk = 5\n')
     with pytest.raises(ValueError, match=re.escape(str(p)) + ".*'k'"):
         T.load(p, 3)
+
+
+def test_bounds_are_inclusive(tmp_path):
+    p = _write(tmp_path, 'builder = "sliding_window"\n[params]\nwindow = 2147483647\n[small]\nn = 4096\n')
+    assert torch.equal(T.load(p, 8).as_tensor(), T.full(8).as_tensor())
+    assert T.read_spec(p).small_n == specs.SMALL_N_MAX
+    p = _write(tmp_path, 'builder = "random"\n[params]\nk = 2\nseed = 9223372036854775807\n', "r.toml")
+    assert T.load(p, 5).size(1) == 10
+
+
+def test_build_spec_errors_name_the_file(tmp_path):
+    p = _write(tmp_path, 'builder = "random"\n[params]\nk = 5\n')
+    with pytest.raises(ValueError, match=re.escape(str(p)) + ": cannot build for n=3: .*'k'"):
+        T.build_spec(T.read_spec(p), 3)  # what the command line builds (per batch)
 
 
 def test_specs_are_data_nothing_executed(tmp_path):

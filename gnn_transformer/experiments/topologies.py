@@ -6,6 +6,12 @@ TOML spec of the ``graphs/`` catalogue, read with :func:`gnn_transformer.topolog
 name that is both (``"bigbird"``) is the catalogue spec, with the parameters of its paper; with
 arguments it is the builder.
 
+A spec that ends in ``.toml`` or contains a path separator (``/`` or ``\\``) is a file path, taken
+whole (a ``:`` in it is part of the path); any other spec is a name, never a file of the current
+directory (:func:`gnn_transformer.topology.specs.is_path`, the rule of ``topology.load``). Builder
+arguments are checked like a spec file's ``params`` (types and bounds), and an error while building
+names the spec or its file.
+
 Example:
     >>> name, kwargs = parse_spec("bigbird:window=1,num_random=2")
     >>> name, kwargs
@@ -18,7 +24,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +31,7 @@ from torch import Tensor
 from torch_geometric import EdgeIndex
 
 from .. import topology
+from ..topology.specs import check_params, is_path
 
 def _value(text: str) -> Any:
     low = text.lower()
@@ -42,9 +48,12 @@ def _value(text: str) -> Any:
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """Split ``"name:key=value,..."`` into the name and typed keyword arguments."""
+    """Split ``"name:key=value,..."`` into the name and typed keyword arguments; a file path
+    (``*.toml``, or containing a path separator) is returned whole, without arguments."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"Expected a topology spec like 'sliding_window:window=2' (got {spec!r})")
+    if is_path(spec.strip()):
+        return spec.strip(), {}
     name, _, rest = spec.strip().partition(":")
     kwargs: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
@@ -66,7 +75,7 @@ def spec_names() -> list[str]:
 
 
 def _is_spec(name: str) -> bool:
-    return name.endswith(".toml") or Path(name).is_file() or name in spec_names()
+    return is_path(name) or name in spec_names()
 
 
 def topology_fn(spec: str, *, small: bool = False) -> Callable[[list[int]], Tensor]:
@@ -83,11 +92,20 @@ def topology_fn(spec: str, *, small: bool = False) -> Callable[[list[int]], Tens
         except TypeError as err:
             raise ValueError(f"Bad arguments {kwargs} for topology {name!r}: {err}. "
                              f"Signature: {name}{inspect.signature(builder)}") from None
-        return lambda lengths: builder(lengths, **kwargs)
+        where = f"topology spec {spec!r}"
+        kwargs = check_params(name, kwargs, where)  # the types and bounds of spec files
+
+        def build(lengths: list[int]) -> Tensor:
+            try:
+                return builder(lengths, **kwargs)
+            except ValueError as err:
+                raise ValueError(f"{where}: cannot build for n={lengths!r}: {err}") from None
+
+        return build
     if _is_spec(name):
         if kwargs:
             raise ValueError(f"Topology spec {name!r} takes no arguments (got {kwargs})")
-        spec = topology.read_spec(name)  # validated once, built per batch
+        spec = topology.read_spec(name)  # validated once, built per batch (errors name the file)
         return lambda lengths: topology.build_spec(spec, lengths, small=small)
     known = sorted(set(builder_names()) | set(spec_names()))
     raise ValueError(f"Unknown topology {name!r}: expected a builder or spec among {known}, "

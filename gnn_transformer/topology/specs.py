@@ -23,6 +23,14 @@ Format::
 
 ``builder = "union"`` (or ``"intersection"``) takes ``[[parts]]`` instead of ``params``, each part a
 table with ``builder`` and ``params`` (parts may nest).
+
+Integer parameters are bounded: sizes, windows, blocks and counts by ``INT_MAX`` (``2**31 - 1``),
+seeds by ``SEED_MAX`` (``2**63 - 1``, a ``torch.Generator`` seed), ``[small] n`` by ``SMALL_N_MAX``
+(4096: toy scale).
+
+A spec string is a file path when it ends in ``.toml`` or contains a path separator (``/`` or
+``\\``), and a catalogue name otherwise: a file in the current directory never shadows a name
+(see :func:`is_path`).
 """
 from __future__ import annotations
 
@@ -67,8 +75,17 @@ class Param:
     choices: tuple = ()
 
 
-def _int(minimum: int | None = 0, default: Any = None, required: bool = False, maximum: int | None = None) -> Param:
+INT_MAX = 2**31 - 1     # sizes, windows, blocks, counts: far beyond any sequence, no int overflow
+SEED_MAX = 2**63 - 1    # seeds of torch.Generator.manual_seed (random, bigbird) and random.Random
+SMALL_N_MAX = 4096      # [small] n: toy scale (pictures, quick checks), not a real length
+
+
+def _int(minimum: int | None = 0, default: Any = None, required: bool = False, maximum: int | None = INT_MAX) -> Param:
     return Param(int, minimum, maximum, default, required)
+
+
+def _seed() -> Param:
+    return _int(0, 0, maximum=SEED_MAX)
 
 
 def _bool(default: bool) -> Param:
@@ -97,11 +114,11 @@ BUILDERS: dict[str, Builder] = {
                              "causal": _bool(True)}),
     "global_tokens": Builder(global_tokens, {"num_global": _int(0, 1), "window": _int(0)}),
     "bigbird": Builder(bigbird, {"block": _int(1, 1), "window": _int(0, 1), "num_global": _int(0, 1),
-                                 "num_random": _int(0, 1), "seed": _int(0, 0),
+                                 "num_random": _int(0, 1), "seed": _seed(),
                                  "global_at": _choice("start", "ends")}),
-    "random": Builder(random, {"k": _int(0, required=True), "seed": _int(0, 0)}),
+    "random": Builder(random, {"k": _int(0, required=True), "seed": _seed()}),
     "star": Builder(star, {"ring": _bool(True)}),
-    "expander": Builder(expander, {"degree": _int(0, required=True), "seed": _int(0, 0),
+    "expander": Builder(expander, {"degree": _int(0, required=True), "seed": _seed(),
                                    "self_loops": _bool(False)}),
     "document": Builder(document, {"doc_lengths": _int(1, required=True), "causal": _bool(False)}),
     "prefix_lm": Builder(prefix_lm, {"prefix": _int(0, required=True)}),
@@ -165,6 +182,9 @@ def _check_params(name: str, params: dict, where: _Where, partial: bool = False)
         if key not in schema:
             raise (where / key).error(f"unknown parameter of {name!r} (allowed: {sorted(schema)})")
         p = schema[key]
+        if value is None and p.default is None and not p.required:
+            out[key] = None  # an optional parameter left unset ('window=none' in a command-line spec)
+            continue
         if p.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
             raise (where / key).error(f"expected an integer (got {type(value).__name__} {value!r})")
         if p.kind is bool and not isinstance(value, bool):
@@ -181,6 +201,21 @@ def _check_params(name: str, params: dict, where: _Where, partial: bool = False)
             if p.required and key not in out:
                 raise (where / key).error(f"missing (required by builder {name!r})")
     return out
+
+
+def check_params(builder: str, params: dict, source: str) -> dict:
+    """Validate a builder's keyword arguments as a spec file's ``params`` are validated (types,
+    bounds, required keys); a ``ValueError`` names ``source`` (e.g. the command-line spec) and the key.
+
+    Example:
+        >>> check_params("bigbird", {"seed": -1}, "topology spec 'bigbird:seed=-1'")
+        Traceback (most recent call last):
+        ...
+        ValueError: topology spec 'bigbird:seed=-1': key 'seed': expected >= 0 (got -1)
+    """
+    if builder not in BUILDERS:
+        raise ValueError(f"{source}: unknown builder {builder!r} (known: {sorted(BUILDERS)})")
+    return _check_params(builder, params, _Where(source))
 
 
 @dataclass(frozen=True)
@@ -204,17 +239,26 @@ def catalogue() -> dict[str, Path]:
     return {p.stem: p for p in sorted(CATALOGUE_DIR.glob("*.toml"))}
 
 
+def is_path(spec: str | Path) -> bool:
+    """Whether a spec names a file: a ``Path``, or a string ending in ``.toml`` or containing a path
+    separator (``/`` or ``\\``). Any other string is a catalogue name, even if a file of that name
+    exists in the current directory (write ``./name`` for it)."""
+    return isinstance(spec, Path) or spec.endswith(".toml") or "/" in spec or "\\" in spec
+
+
 def resolve(path: str | Path) -> Path:
-    """A spec file path, or a bare catalogue name like ``"bigbird"``."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    if isinstance(path, str) and p.suffix == "" and "/" not in path and "\\" not in path:
+    """A spec file path, or a bare catalogue name like ``"bigbird"`` (see :func:`is_path`)."""
+    if not isinstance(path, (str, Path)):
+        raise ValueError(f"Expected 'path' to be a str or Path (got {type(path).__name__} {path!r})")
+    if not is_path(path):
         named = catalogue()
         if path in named:
             return named[path]
-        raise ValueError(f"Unknown topology name 'path'={path!r} (catalogue: {sorted(named)})")
-    raise ValueError(f"No spec file at 'path'={str(path)!r}")
+        raise ValueError(f"Unknown topology name 'path'={path!r} (catalogue: {sorted(named)}; "
+                         "a file path ends in .toml or contains a path separator)")
+    if not Path(path).is_file():
+        raise ValueError(f"No spec file at 'path'={str(path)!r}")
+    return Path(path)
 
 
 def read_spec(path: str | Path) -> Spec:
@@ -237,8 +281,9 @@ def read_spec(path: str | Path) -> Spec:
         if unknown:
             raise (where / "small" / unknown[0]).error("unknown key (allowed: ['n', 'params'])")
         small_n = small.get("n")
-        if small_n is not None and (isinstance(small_n, bool) or not isinstance(small_n, int) or small_n < 1):
-            raise (where / "small" / "n").error(f"expected an integer >= 1 (got {small_n!r})")
+        if small_n is not None and (isinstance(small_n, bool) or not isinstance(small_n, int)
+                                    or not 1 <= small_n <= SMALL_N_MAX):
+            raise (where / "small" / "n").error(f"expected an integer >= 1 and <= {SMALL_N_MAX} (got {small_n!r})")
         raw = _check_table(small.get("params", {}), where / "small" / "params")
         if raw and part["builder"] in COMBINATORS:
             raise (where / "small" / "params").error("not supported for union / intersection specs")
@@ -256,9 +301,13 @@ def _build(part: dict, n: Lengths) -> EdgeIndex:
 
 def build_spec(spec: Spec, n: Lengths, *, small: bool = False) -> EdgeIndex:
     """Build a validated spec for ``n`` (an int or a list of lengths); ``small`` uses its
-    ``[small]`` parameters (toy scale, for pictures)."""
+    ``[small]`` parameters (toy scale, for pictures). A ``ValueError`` of the builder (e.g. a
+    ``random`` spec's ``k`` larger than a sequence) names the spec's file."""
     params = {**spec.params, **spec.small_params} if small else spec.params
-    return _build({"builder": spec.builder, "params": params, "parts": spec.parts}, n)
+    try:
+        return _build({"builder": spec.builder, "params": params, "parts": spec.parts}, n)
+    except ValueError as e:
+        raise ValueError(f"{spec.path or spec.name}: cannot build for n={n!r}: {e}") from None
 
 
 def load(path: str | Path, n: Lengths | None = None, *, small: bool = False) -> EdgeIndex:
@@ -279,7 +328,4 @@ def load(path: str | Path, n: Lengths | None = None, *, small: bool = False) -> 
         if not (small and spec.small_n):
             raise ValueError(f"Expected 'n' for {spec.name!r} (only small=True specs with [small] n may omit it)")
         n = spec.small_n
-    try:
-        return build_spec(spec, n, small=small)
-    except ValueError as e:
-        raise ValueError(f"{spec.path}: cannot build for n={n!r}: {e}") from None
+    return build_spec(spec, n, small=small)
