@@ -263,3 +263,12 @@ def test_known_identities():
 def test_bad_input_names_the_argument(call, arg):
     with pytest.raises(ValueError, match=arg):
         call()
+
+
+def test_bigbird_more_random_blocks_than_there_are():
+    """num_random beyond the blocks a query can draw takes them all, in time and memory bounded
+    by the blocks, not by num_random (2**31 - 1 used to allocate an [R, 2**31 - 1] tensor)."""
+    every = T.bigbird(40, block=2, window=1, num_global=1, num_random=2 ** 31 - 1, seed=1)
+    assert torch.equal(every.as_tensor(), T.bigbird(40, block=2, window=1, num_global=1, num_random=20,
+                                                     seed=1).as_tensor())
+    assert torch.equal(every.as_tensor(), T.full(40).as_tensor())  # every block reachable

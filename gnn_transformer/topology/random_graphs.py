@@ -44,6 +44,9 @@ def sample_distinct(m: Tensor, k: int, generator: torch.Generator) -> tuple[Tens
     Returns ``(row, value)`` pairs, ``k`` or fewer per row.
     """
     m = m.to(torch.long)
+    # no row has more than max(m) values: later draws would select nothing (and the generator is
+    # the caller's private one, so stopping early changes no graph)
+    k = min(k, int(m.max()) if m.numel() else 0)
     k_eff = torch.clamp(m, max=k)  # [R]
     chosen = torch.full((m.numel(), k), -1, dtype=torch.long)  # [R, k]
     for s in range(k):
