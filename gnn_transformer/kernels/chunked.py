@@ -31,7 +31,7 @@ from ._autograd import Kernel, kernel_attention, softmax_delta
 from ._dropout import keep_scale
 from ._graph import CSRGraph
 
-DEFAULT_MAX_EDGES = 1 << 22  # edges per chunk and head: 16 MiB of float32 scores
+DEFAULT_MAX_EDGES = 1 << 19  # edges per chunk and head: 2 MiB of float32 scores (cache-sized)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -20,7 +20,7 @@ from ._dropout import keep_scales
 from .chunked import compute_dtype
 from .tiling import TileList
 
-DEFAULT_MAX_CELLS = 1 << 23  # score entries per chunk: 32 MiB of float32
+DEFAULT_MAX_CELLS = 1 << 21  # score entries per chunk: 8 MiB of float32 (cache-sized temporaries)
 
 # PyTorch's fused CPU attention returns the log-sum-exp the merge and the backward pass need; it is
 # used for float32 on CPU when present, the plain matmul path otherwise (and for float64).
