@@ -237,3 +237,88 @@ def test_triton_fused_backward_refuses_a_rewritten_edge_index():
     edge_index[0] = edge_index[1]
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_grouped_csr_kernels_fall_back_per_head_where_the_gpu_refuses_them(monkeypatch):
+    """A grouped launch refused for want of shared memory (float64 or head dims from 128 on GPUs
+    smaller than an H100) runs the per-head kernel, remembered for later calls, same results."""
+    from triton.runtime.errors import OutOfResources
+
+    from gnn_transformer.kernels import triton_csr
+
+    real, seen = triton_csr.launch, []
+
+    def launch(kernel, grid, *args, **meta):
+        seen.append(kernel.__name__)
+        if kernel.__name__.endswith("_grouped"):
+            raise OutOfResources(106_752, 101_376, "shared memory")
+        return real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(triton_csr, "launch", launch)
+    monkeypatch.setattr(triton_csr, "_PER_HEAD", set())
+    edge_index, n_src, n_dst = _small("empty_rows")
+    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=4, kv_heads=2, dim=4)
+    ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.4, edge_bias=b, return_lse=True)
+    want = torch.autograd.grad(_loss(ref, ref_lse, torch.ones_like(ref)), (q, k, v, b))
+    for call in range(2):
+        seen.clear()
+        out, lse = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend="fused", return_lse=True,
+                          impl="triton")
+        got = torch.autograd.grad(_loss(out, lse, torch.ones_like(out)), (q, k, v, b))
+        torch.testing.assert_close(out, ref, **TOL[torch.float64])
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y, **TOL[torch.float64])
+        per_head = ["_csr_fwd", "_csr_bwd_dq", "_csc_bwd_dkdv"]
+        assert seen == (["_csr_fwd_grouped", "_csr_fwd", "_csr_bwd_dq_grouped", "_csr_bwd_dq", "_csc_bwd_dkdv"]
+                        if call == 0 else per_head)  # the second call goes per head at once
+
+
+def test_tiled_fallback_is_remembered_per_block_size(monkeypatch):
+    """A GPU that refuses blocks of 32 (shared memory grows with the blocks) still runs blocks of
+    16 on Triton: the fallback level is kept per block size."""
+    from triton.runtime.errors import OutOfResources
+
+    from gnn_transformer.kernels import triton_tiled
+
+    real, seen = triton_tiled.launch, []
+
+    def launch(kernel, grid, *args, **meta):
+        seen.append((kernel.__name__, meta["BQ"]))
+        if meta["BQ"] == 32:
+            raise OutOfResources(300_000, 101_376, "shared memory")
+        return real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(triton_tiled, "launch", launch)
+    monkeypatch.setattr(triton_tiled, "_LEVEL", {})
+    edge_index, n_src, n_dst = _small("causal")
+    q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4, bias=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the one warning of the refused blocks
+        attend(q, k, v, edge_index, scale=0.4, backend="tiled", block_size=32, impl="triton")
+    seen.clear()
+    out = attend(q, k, v, edge_index, scale=0.4, backend="tiled", block_size=16, impl="triton")
+    assert seen == [("_tiled_fwd", 16)]
+    torch.testing.assert_close(out, attend_reference(q, k, v, edge_index, scale=0.4), **TOL[torch.float64])
+
+
+def test_block_sizes_triton_does_not_take_run_on_the_pytorch_tiled_path(monkeypatch):
+    """Where Triton is the default (CUDA, impl=None), tiles of 8 or 48 (not powers of two of at
+    least 16) run the PyTorch tiled path instead of failing; impl='triton' still refuses them."""
+    import gnn_transformer.kernels as kernels
+    from gnn_transformer.kernels import triton_tiled
+
+    monkeypatch.setattr(kernels, "_use_triton", lambda device, impl: True)  # as on a GPU
+    launched = []
+    real = triton_tiled.launch
+    monkeypatch.setattr(triton_tiled, "launch", lambda kernel, *a, **m: launched.append(m["BQ"]) or real(kernel, *a, **m))
+    edge_index, n_src, n_dst = _small("causal")
+    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4)
+    ref = attend_reference(q, k, v, edge_index, scale=0.4, edge_bias=b)
+    for block in (8, 48, 16):
+        for backend in ("tiled", "split"):
+            out = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend=backend, block_size=block,
+                         tile_cost=0.25)
+            torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    assert set(launched) == {16}
+    with pytest.raises(ValueError, match="power-of-two blocks of at least 16.*block_q=8"):
+        attend(q, k, v, edge_index, scale=0.4, backend="tiled", block_size=8, impl="triton")

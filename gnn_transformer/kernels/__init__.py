@@ -39,7 +39,7 @@ from .chunked import DEFAULT_MAX_EDGES, chunked_attention
 from .merge import merge_partials
 from .reference import attend_reference
 from .tiled_torch import DEFAULT_MAX_CELLS, tiled_attention
-from .tiling import TileList, build_tiles, cached_tiles, tile_bias, tile_stats
+from .tiling import TileList, build_tiles, cached_tiles, tile_bias, tile_stats, triton_blocks
 
 BACKENDS = ("auto", "fused", "tiled", "split")
 IMPLS = (None, "torch", "triton")
@@ -374,6 +374,9 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
         dropout = (float(dropout_p), seed)
     device_type = query.device.type
     block = BLOCK_SIZE.get(device_type, 64) if block_size is None else block_size
+    # tiles of a size the Triton kernels do not take run through the PyTorch tiled path, unless
+    # Triton was asked for by name (then its ValueError says why)
+    tiles_triton = use_triton and (impl == "triton" or triton_blocks(block, block))
     if backend == "auto":
         backend = _plan(graph, device_type, block, tile_cost, dropout is not None)
     if backend == "fused":
@@ -383,7 +386,7 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
         if dropout is not None and tiles.has_duplicates:
             raise ValueError("Attention dropout on backend 'tiled' needs a graph without repeated edges "
                              "(use backend='fused')")
-        out, lse = _tiled(query, key, value, bias, tiles, scale, use_triton, max_cells, dropout)
+        out, lse = _tiled(query, key, value, bias, tiles, scale, tiles_triton, max_cells, dropout)
     else:  # split
         cell, edge = _unit_costs(device_type, tile_cost, dropout is not None)
         cache_key = ("split", block, cell / edge)
@@ -395,7 +398,7 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
                                        _sub_graph(graph, rest_ids))
         tiles, rest_ids, rest = graph.extras[cache_key]
         # dropout: both parts key each edge's mask by its position in the whole graph
-        out_t, lse_t = _tiled(query, key, value, bias, tiles, scale, use_triton, max_cells, dropout)
+        out_t, lse_t = _tiled(query, key, value, bias, tiles, scale, tiles_triton, max_cells, dropout)
         out_f, lse_f = _fused(query, key, value, None if bias is None else bias[rest_ids], rest,
                               scale, use_triton, max_edges, dropout)
         out, lse = merge_partials(out_t, lse_t, out_f, lse_f)

@@ -51,16 +51,18 @@ class TileList:
         return -(-self.num_src // self.block_k)
 
     def cell_edge(self) -> Tensor:
-        """``[T, Bq, Bk]`` int32: the tiled edge (its row in ``edge_ids``) of every cell, ``-1`` where
+        """``[T, Bq, Bk]`` int32 (int64 past ``2**31 - 1`` edges): the tiled edge (its row in ``edge_ids``) of every cell, ``-1`` where
         there is none. With it, kernels read an ``edge_bias`` ``[E_t, H]`` per cell and write its
         gradient per edge, instead of building ``[T, H, Bq, Bk]`` bias tiles (``H`` times larger).
         Only for graphs without duplicated edges (one edge per cell)."""
         if self.has_duplicates:
             raise ValueError("cell_edge needs a graph without duplicated edges")
         if not hasattr(self, "_cell_edge"):
-            flat = torch.full((self.num_tiles * self.block_q * self.block_k,), -1, dtype=torch.int32,
+            # int32 halves the memory; past 2**31 - 1 tiled edges the ids need int64
+            ids = torch.int32 if self.edge_cell.numel() < 2 ** 31 else torch.int64
+            flat = torch.full((self.num_tiles * self.block_q * self.block_k,), -1, dtype=ids,
                               device=self.edge_cell.device)
-            flat[self.edge_cell] = torch.arange(self.edge_cell.numel(), dtype=torch.int32, device=flat.device)
+            flat[self.edge_cell] = torch.arange(self.edge_cell.numel(), dtype=ids, device=flat.device)
             self._cell_edge = flat.view(self.num_tiles, self.block_q, self.block_k)
         return self._cell_edge
 
@@ -124,6 +126,16 @@ def cached_tiles(graph: CSRGraph, block_q: int, block_k: int) -> TileList:
     return graph.extras[cache_key]
 
 
+def _cell_segments(tiles: TileList) -> tuple[Tensor, Tensor, Tensor]:
+    """``(order [E_t], cells [U], counts [U])``: the tiled edges sorted by cell (stable), the
+    distinct cells and their edge counts (cached on the tile list)."""
+    if not hasattr(tiles, "_cell_segments"):
+        order = torch.argsort(tiles.edge_cell, stable=True)
+        cells, counts = torch.unique_consecutive(tiles.edge_cell[order], return_counts=True)
+        tiles._cell_segments = (order, cells, counts)
+    return tiles._cell_segments
+
+
 def tile_bias(tiles: TileList, edge_bias: Tensor | None, num_heads: int, dtype: torch.dtype) -> Tensor | None:
     """Additive tile biases ``[T, H_b, Bq, Bk]`` (``H_b`` = H with ``edge_bias``, else 1), or ``None``
     when boolean masks suffice. Differentiable w.r.t. ``edge_bias`` (``[E_t, H]``, tiled edges)."""
@@ -144,8 +156,18 @@ def tile_bias(tiles: TileList, edge_bias: Tensor | None, num_heads: int, dtype: 
         top = torch.full((n_cells, heads), float("-inf"), dtype=dtype, device=idx.device)
         top = top.scatter_reduce(0, idx.unsqueeze(-1).expand_as(bias), bias.detach(), reduce="amax")
         top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-        acc = torch.zeros_like(top).index_add(0, idx, torch.exp(bias - top[idx]))  # [cells, H_b]
+        # Σ over each cell's edges as a segmented sum in a fixed order: index_add would be atomic on
+        # CUDA, its rounding order (3+ parallel edges) different from run to run
+        order, cells_used, counts = _cell_segments(tiles)
+        sums = torch.segment_reduce(torch.exp(bias - top[idx])[order], "sum", lengths=counts, axis=0)
+        acc = torch.zeros_like(top).index_put((cells_used,), sums)  # [cells, H_b], distinct cells
         safe = torch.where(acc > 0, acc, torch.ones_like(acc))
         flat = torch.where(acc > 0, top + torch.log(safe), torch.full_like(acc, float("-inf")))
     out = flat.view(tiles.num_tiles, tiles.block_q, tiles.block_k, heads).permute(0, 3, 1, 2)
     return out.contiguous()  # [T, H_b, Bq, Bk]
+
+
+def triton_blocks(block_q: int, block_k: int) -> bool:
+    """Whether the Triton tiled kernels take these blocks: powers of two of at least 16 (``tl.dot``
+    needs 16; ``tl.arange`` powers of two). The PyTorch tiled path takes any size."""
+    return all(b >= 16 and not b & (b - 1) for b in (block_q, block_k))

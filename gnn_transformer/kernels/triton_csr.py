@@ -419,12 +419,33 @@ def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSR
             num_heads, group, dim)
     flags = dict(HAS_BIAS=bias is not None, DROPOUT=dropout is not None, REMAP=graph.edge_ids is not None,
                  BLOCK_E=BLOCK_E, ACC=_acc(q.dtype))
-    grouped = _grouped(group, dim)
-    if grouped is None:
-        launch(_csr_fwd, (n_dst, num_heads), *args, BLOCK_D=triton.next_power_of_2(dim), **flags)
-    else:  # one program per (target, key/value head): each key and value row gathered once per group
-        launch(_csr_fwd_grouped, (n_dst, k.size(1)), *args, UPCAST=_upcast(q), **grouped, **flags)
+    # one program per (target, key/value head): each key and value row gathered once per group
+    _launch_heads("forward", q, k.size(1), _csr_fwd_grouped, _csr_fwd, args, flags,
+                  dict(flags, BLOCK_D=triton.next_power_of_2(dim)))
     return out, lse
+
+
+_PER_HEAD: set = set()  # (pass, device, dtype, head dim, group): the GPU refused the grouped kernel
+
+
+def _launch_heads(what: str, q: Tensor, num_kv: int, grouped_kernel, per_head_kernel, args: tuple,
+                  grouped_flags: dict, per_head_flags: dict) -> None:
+    """The grouped kernel (grid ``(N_dst, H_kv)``) with several query heads per key/value head, else
+    the per-head one (grid ``(N_dst, H)``): also where the GPU refuses the grouped launch for want of
+    resources (its ``[BLOCK_G, D]`` tiles need more shared memory than GPUs below an H100 have for
+    float64 or head dims from 128); that case is remembered and later calls go per head at once."""
+    from triton.runtime.errors import OutOfResources
+
+    n_dst, num_heads, dim = q.shape
+    grouped = _grouped(num_heads // num_kv, dim)
+    key = (what, q.device, q.dtype, dim, num_heads // num_kv)
+    if grouped is not None and key not in _PER_HEAD:
+        try:
+            launch(grouped_kernel, (n_dst, num_kv), *args, UPCAST=_upcast(q), **dict(grouped_flags, **grouped))
+            return
+        except OutOfResources:
+            _PER_HEAD.add(key)
+    launch(per_head_kernel, (n_dst, num_heads), *args, **per_head_flags)
 
 
 def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, need_bias_grad,
@@ -447,12 +468,8 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, ne
         args = (q, k, v, bias_arg, dout, lse, delta, dq, dbias if dbias is not None else delta,
                 graph.rowptr, graph.src, scales, _edge_ids(graph), seed, thresh,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), num_heads, group, dim)
-        grouped = _grouped(group, dim)
-        if grouped is None:
-            launch(_csr_bwd_dq, (n_dst, num_heads), *args, WRITE_DBIAS=dbias is not None, **flags)
-        else:
-            launch(_csr_bwd_dq_grouped, (n_dst, num_kv), *args, WRITE_DBIAS=dbias is not None,
-                   UPCAST=_upcast(q), **dict(flags, **grouped))
+        dq_flags = dict(flags, WRITE_DBIAS=dbias is not None)
+        _launch_heads("backward", q, num_kv, _csr_bwd_dq_grouped, _csr_bwd_dq, args, dq_flags, dq_flags)
     if n_src > 0:
         colptr, csc_perm = graph.csc()
         launch(_csc_bwd_dkdv, (n_src, num_kv),

@@ -26,7 +26,7 @@ from ._autograd import Kernel, kernel_attention, softmax_delta
 from ._launch import launch
 from .tiled_torch import tiled_backward, tiled_forward
 from .triton_csr import _dot, _keep, _load_scales, _softmax_finish, _softmax_step, _upcast, scalars
-from .tiling import TileList
+from .tiling import TileList, triton_blocks
 
 
 @triton.jit
@@ -223,9 +223,10 @@ def _options(dtype: torch.dtype, head_dim: int, lean: bool = False) -> dict:
 
 
 def _check_blocks(tiles: TileList) -> None:
-    for name, b in (("block_q", tiles.block_q), ("block_k", tiles.block_k)):
-        if b < 16 or b & (b - 1):
-            raise ValueError(f"The Triton tiled kernels need power-of-two blocks of at least 16 (got {name}={b})")
+    if not triton_blocks(tiles.block_q, tiles.block_k):
+        raise ValueError(f"The Triton tiled kernels need power-of-two blocks of at least 16 (got "
+                         f"block_q={tiles.block_q}, block_k={tiles.block_k}); impl=None runs other "
+                         "block sizes through the PyTorch tiled path")
 
 
 def _common(tiles: TileList, tbias: Tensor | None, dim: int, dropout: tuple[float, int] | None):
@@ -303,7 +304,7 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout
     return dq, dk, dv, dtb
 
 
-_LEVEL: dict = {}  # (pass, device, dtype, head dim, bias form) -> 0 default, 1 lean, 2 PyTorch
+_LEVEL: dict = {}  # (pass, device, dtype, head dim, bias form, dropout, blocks) -> 0 default, 1 lean, 2 PyTorch
 
 
 def _falling_back(triton_fn, torch_fn, what: str):
@@ -315,7 +316,8 @@ def _falling_back(triton_fn, torch_fn, what: str):
     from triton.runtime.errors import OutOfResources
 
     def run(q, k, v, tiles, tbias, *rest, dropout=None):
-        key = (what, q.device, q.dtype, q.size(-1), None if tbias is None else tbias.dim(), dropout is None)
+        key = (what, q.device, q.dtype, q.size(-1), None if tbias is None else tbias.dim(), dropout is None,
+               tiles.block_q, tiles.block_k)  # shared memory grows with the blocks
         for level in range(_LEVEL.get(key, 0), 2):
             try:
                 result = triton_fn(q, k, v, tiles, tbias, *rest, lean=level == 1, dropout=dropout)
