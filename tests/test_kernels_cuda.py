@@ -139,26 +139,45 @@ def test_cuda_layer_matches_pyg(backend):
         torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
 
 
-def test_cuda_offsets_past_int32():
+@pytest.mark.parametrize("kv_heads", [16, 4], ids=["mha", "gqa"])
+def test_cuda_offsets_past_int32(kv_heads):
     """N·H·D above 2**31 elements: rows at the end of the tensors are read and written where they
-    are (int32 offsets would wrap around)."""
+    are (int32 offsets would wrap around), forward and backward (dQ over the CSR, dK/dV over the
+    CSC, the tiled passes), multi-head and grouped."""
     heads, dim = 16, 64
     n = (2 ** 31) // (heads * dim) + 4096  # 2,101,248 tokens
     free, _ = torch.cuda.mem_get_info()
-    if free < 24 * 2 ** 30:
-        pytest.skip("needs 24 GiB of free GPU memory")
+    if free < 48 * 2 ** 30:
+        pytest.skip("needs 48 GiB of free GPU memory")
     edge_index = sliding_window(n, 2).to(CUDA)
-    q, k, v = (torch.randn(n, heads, dim, device=CUDA, dtype=torch.bfloat16) for _ in range(3))
+    q = torch.randn(n, heads, dim, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(n, kv_heads, dim, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    # float32 reference on the last 4096 targets and the sources they read (from lo on)
+    tail = torch.arange(n - 4096, n, device=CUDA)
+    lo = n - 4096 - 2
+    offsets = torch.arange(-2, 3, device=CUDA)
+    src = (tail[:, None] + offsets).clamp(0, n - 1) - lo  # [4096, 5] rows of the source slice
+    valid = (tail[:, None] + offsets < n)[:, None, :]  # [4096, 1, 5]
+    qt = q.detach()[tail].float().requires_grad_()
+    ks, vs = (x.detach()[lo:].float().requires_grad_() for x in (k, v))
+    ke, ve = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (ks, vs))  # [4098, H, D]
+    s = torch.einsum("thd,tjhd->thj", qt, ke[src]) * dim ** -0.5
+    want = torch.einsum("thj,tjhd->thd", s.masked_fill(~valid, float("-inf")).softmax(-1), ve[src])
+    w = torch.randn_like(want)
+    (want * w).sum().backward()
     for backend in ("fused", "tiled"):
         out = attend(q, k, v, edge_index, scale=dim ** -0.5, backend=backend)
-        tail = torch.arange(n - 4096, n, device=CUDA)  # the last 4096 targets, past the int32 range
-        src = (tail[:, None] + torch.arange(-2, 3, device=CUDA)).clamp(0, n - 1)  # [4096, 5]
-        s = torch.einsum("thd,tjhd->thj", q[tail].float(), k[src].float()) * dim ** -0.5
-        valid = (tail[:, None] + torch.arange(-2, 3, device=CUDA) < n)[:, None, :]
-        s = s.masked_fill(~valid, float("-inf"))
-        want = torch.einsum("thj,tjhd->thd", s.softmax(-1), v[src].float())
-        torch.testing.assert_close(out[tail].float(), want, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(out[tail].float(), want.detach(), atol=2e-2, rtol=2e-2)
+        dq, dk, dv = torch.autograd.grad((out[tail].float() * w).sum(), (q, k, v))
         del out
+        torch.testing.assert_close(dq[tail].float(), qt.grad, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(dk[lo:].float(), ks.grad, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(dv[lo:].float(), vs.grad, atol=2e-2, rtol=2e-2)
+        # nothing written where no gradient belongs (a wrapped offset would land there)
+        assert int(torch.count_nonzero(dq[:n - 4096])) == 0
+        assert int(torch.count_nonzero(dk[:lo])) == 0 and int(torch.count_nonzero(dv[:lo])) == 0
+        del dq, dk, dv
     clear_cache()
 
 
