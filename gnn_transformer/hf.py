@@ -3,11 +3,13 @@ r"""Hugging Face BERT and GPT-2 as graph models, with their weights.
 :func:`from_hf` turns a ``transformers`` model object (or :func:`from_pretrained` a local directory;
 nothing is downloaded) into a graph model built from :mod:`gnn_transformer.layers`:
 
-- BERT (``BertModel`` or any model with a BERT ``base_model``) -> :class:`GraphBertModel`: word,
-  position and token-type embeddings, post-norm encoder layers (exact GELU), optional pooler;
-- GPT-2 (``GPT2Model`` / ``GPT2LMHeadModel``) -> :class:`GraphGPT2LMHeadModel`: token and position
-  embeddings, pre-norm layers (``gelu_new``), final norm, tied head. GPT-2's ``Conv1D`` stores
-  weights as ``[in, out]``; they are transposed into ``nn.Linear`` layout.
+- BERT (``BertModel`` or any model with a BERT ``base_model``, whose task head is dropped) ->
+  :class:`GraphBertModel`: word, position and token-type embeddings, post-norm encoder layers
+  (exact GELU), optional pooler;
+- GPT-2 (``GPT2Model`` / ``GPT2LMHeadModel``; other heads are refused) ->
+  :class:`GraphGPT2LMHeadModel`: token and position embeddings, pre-norm layers (``gelu_new``),
+  final norm, tied head. GPT-2's ``Conv1D`` stores weights as ``[in, out]``; they are transposed
+  into ``nn.Linear`` layout.
 
 The graph models accept Hugging Face's calling convention, ``model(input_ids=..., attention_mask=...,
 token_type_ids=..., position_ids=...)``: the real tokens (``attention_mask == 1``) become the nodes,
@@ -34,14 +36,26 @@ Topology = Callable[[Sequence[int]], Tensor]
 
 @dataclass
 class GraphModelOutput:
-    """Outputs in Hugging Face's shapes: ``[B, T, ...]``, zeros at padded positions."""
+    """Outputs in Hugging Face's shapes: ``[B, T, ...]``, zeros at padded positions.
 
-    last_hidden_state: Tensor | None = None  # [B, T, C]
+    Indexed like Hugging Face's ``ModelOutput``: ``out["logits"]`` by name, ``out[0]`` by position
+    among the fields that are not ``None`` (GPT-2: ``logits``, ``last_hidden_state``; BERT:
+    ``last_hidden_state``, ``pooler_output``), as in :meth:`to_tuple`.
+    """
+
     logits: Tensor | None = None  # [B, T, vocab] (GPT-2)
+    last_hidden_state: Tensor | None = None  # [B, T, C]
     pooler_output: Tensor | None = None  # [B, C] (BERT with a pooler)
 
-    def __getitem__(self, key: str) -> Tensor | None:
-        return getattr(self, key)
+    def to_tuple(self) -> tuple[Tensor, ...]:
+        """The fields that are not ``None``, in order."""
+        return tuple(v for v in (self.logits, self.last_hidden_state, self.pooler_output)
+                     if v is not None)
+
+    def __getitem__(self, key: str | int | slice):
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
 
 
 def _default_topology(name: str) -> Topology:
@@ -66,13 +80,19 @@ def _flatten(input_ids: Tensor, attention_mask: Tensor | None, position_ids: Ten
         mask = attention_mask.bool()
     if position_ids is None:
         position_ids = torch.arange(t, device=input_ids.device)
-    position_ids = position_ids.expand(b, t)
-    pos = position_ids[mask]
+    elif not isinstance(position_ids, Tensor) or position_ids.shape not in ((t,), (1, t), (b, t)):
+        got = list(position_ids.shape) if isinstance(position_ids, Tensor) else position_ids
+        raise ValueError(f"Expected 'position_ids' of shape [{t}], [1, {t}] or [{b}, {t}] (that of "
+                         f"'input_ids' or one row of it; got {got})")
+    pos = position_ids.expand(b, t)[mask]
+    _check_positions(pos, max_positions, "(check 'input_ids' length or 'position_ids')")
+    return mask, pos, mask.sum(1).tolist()
+
+
+def _check_positions(pos: Tensor, max_positions: int, hint: str) -> None:
     if pos.numel() and (int(pos.max()) >= max_positions or int(pos.min()) < 0):
         raise ValueError(f"Found position {int(pos.max()) if int(pos.min()) >= 0 else int(pos.min())} "
-                         f"but the model has position embeddings for 0..{max_positions - 1} "
-                         "(check 'input_ids' length or 'position_ids')")
-    return mask, pos, mask.sum(1).tolist()
+                         f"but the model has position embeddings for 0..{max_positions - 1} {hint}")
 
 
 def _scatter_back(h: Tensor, mask: Tensor) -> Tensor:
@@ -81,9 +101,20 @@ def _scatter_back(h: Tensor, mask: Tensor) -> Tensor:
     return out
 
 
-def _check_topology(topology) -> None:
+def _check_topology(topology) -> Topology:
     if not callable(topology):
-        raise ValueError(f"Expected 'topology' to be a callable lengths -> edge_index (got {topology!r})")
+        got = (f"a tensor of shape {list(topology.shape)}" if isinstance(topology, Tensor)
+               else repr(topology))
+        raise ValueError(f"Expected 'topology' to be a callable lengths -> edge_index (got {got})")
+    return topology
+
+
+def _resolve_topology(topology: Topology | None, model_topology: Topology | None,
+                      default: str) -> Topology:
+    """The call's topology, else the model's, else the default builder named ``default``."""
+    if topology is not None:
+        return _check_topology(topology)
+    return model_topology if model_topology is not None else _default_topology(default)
 
 
 class GraphBertEmbeddings(nn.Module):
@@ -91,7 +122,9 @@ class GraphBertEmbeddings(nn.Module):
 
     def __init__(self, config) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        # as Hugging Face: the row of pad_token_id gets no gradient
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size,
+                                            padding_idx=getattr(config, "pad_token_id", None))
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -111,6 +144,10 @@ class GraphBertModel(nn.Module):
     ``forward(input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
     topology=None)`` -> :class:`GraphModelOutput` with ``last_hidden_state`` ``[B, T, C]`` (and
     ``pooler_output`` ``[B, C]``); :meth:`forward_graph` is the graph-native path on nodes.
+
+    ``pooler_output`` pools each sequence's first real token (zeros for a row of padding only).
+    Hugging Face pools column 0: the same with right padding (BERT's convention), but in a
+    left-padded row Hugging Face pools a padding position, which the graph never computes.
     """
 
     def __init__(self, config, *, add_pooling_layer: bool = True, topology: Topology | None = None,
@@ -122,19 +159,22 @@ class GraphBertModel(nn.Module):
         if position_type != "absolute":
             raise ValueError(f"Expected position_embedding_type 'absolute' (got {position_type!r})")
         self.config = config
-        self.topology = topology
+        self.topology = None if topology is None else _check_topology(topology)
         self.embeddings = GraphBertEmbeddings(config)
         layer = GraphTransformerEncoderLayer(
             config.hidden_size, config.num_attention_heads, config.intermediate_size,
             dropout=config.hidden_dropout_prob, activation=get_activation(config.hidden_act),
             layer_norm_eps=config.layer_norm_eps, norm_first=False, backend=backend)
         layer.self_attn.dropout = config.attention_probs_dropout_prob
+        layer.dropout.p = 0.0  # BertIntermediate has no dropout between activation and output.dense
         self.encoder = GraphTransformerEncoder(layer, config.num_hidden_layers)
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
 
     def forward_graph(self, input_ids: Tensor, edge_index: Tensor, *, pos: Tensor,
                       token_type_ids: Tensor | None = None, edge_bias: Tensor | None = None) -> Tensor:
         """Token ids ``[N]``, graph ``[2, E]``, positions ``[N]`` -> hidden states ``[N, C]``."""
+        n = self.config.max_position_embeddings
+        _check_positions(pos, n, f"(check 'pos': max_position_embeddings={n})")
         h = self.embeddings(input_ids, pos, token_type_ids)
         return self.encoder(h, edge_index, edge_bias=edge_bias)
 
@@ -143,27 +183,35 @@ class GraphBertModel(nn.Module):
                 topology: Topology | None = None) -> GraphModelOutput:
         mask, pos, lengths = _flatten(input_ids, attention_mask, position_ids,
                                       self.embeddings.position_embeddings.num_embeddings)
-        topology = topology or self.topology or _default_topology("full")
-        _check_topology(topology)
+        if token_type_ids is not None and (not isinstance(token_type_ids, Tensor)
+                                           or token_type_ids.shape != input_ids.shape):
+            got = (list(token_type_ids.shape) if isinstance(token_type_ids, Tensor)
+                   else type(token_type_ids).__name__)
+            raise ValueError(f"Expected 'token_type_ids' of the shape of 'input_ids', "
+                             f"{list(input_ids.shape)} (got {got})")
+        topology = _resolve_topology(topology, self.topology, "full")
         edge_index = topology(lengths).to(input_ids.device)
         types = None if token_type_ids is None else token_type_ids[mask]
         h = self.forward_graph(input_ids[mask], edge_index, pos=pos, token_type_ids=types)
         out = GraphModelOutput(last_hidden_state=_scatter_back(h, mask))
-        if self.pooler is not None:  # tanh(W h) of each sequence's first real token
-            first = torch.cumsum(torch.tensor([0, *lengths[:-1]], device=h.device), 0)
-            pooled = torch.tanh(self.pooler(h[first.clamp(max=max(h.size(0) - 1, 0))]))
-            out.pooler_output = pooled * (torch.tensor(lengths, device=h.device) > 0).unsqueeze(-1)
+        if self.pooler is not None:  # tanh(W h) of each sequence's first real token; 0 if none
+            counts = torch.tensor(lengths, dtype=torch.long, device=h.device)
+            first = torch.where(counts > 0, counts.cumsum(0) - counts, h.size(0))  # node index
+            first_h = torch.cat([h, h.new_zeros(1, h.size(1))])[first]  # row N: a zero vector
+            out.pooler_output = torch.tanh(self.pooler(first_h)) * (counts > 0).unsqueeze(-1)
         return out
 
     @classmethod
     def from_hf(cls, model, *, topology: Topology | None = None, backend: str = "auto"):
         """A graph model with the weights of a Hugging Face BERT model (``BertModel`` or a model
-        whose ``base_model`` is one)."""
+        whose ``base_model`` is one: its task head, e.g. ``classifier`` or ``cls``, is not
+        imported; the pooler is, when the base model has one)."""
         base = getattr(model, "base_model", model)
         config = base.config
         pooler = getattr(base, "pooler", None)
         graph = cls(config, add_pooling_layer=pooler is not None, topology=topology, backend=backend)
-        graph.to(dtype=next(base.parameters()).dtype)
+        source = next(base.parameters())
+        graph.to(device=source.device, dtype=source.dtype)
         graph.load_state_dict(bert_state_dict(base.state_dict(), config.num_hidden_layers))
         return graph.train(base.training)
 
@@ -206,7 +254,7 @@ class GraphGPT2LMHeadModel(nn.Module):
         if getattr(config, "add_cross_attention", False):
             raise ValueError("Expected a GPT-2 config without cross-attention (got add_cross_attention)")
         self.config = config
-        self.topology = topology
+        self.topology = None if topology is None else _check_topology(topology)
         c = config.n_embd
         self.wte = nn.Embedding(config.vocab_size, c)
         self.wpe = nn.Embedding(config.n_positions, c)
@@ -216,6 +264,7 @@ class GraphGPT2LMHeadModel(nn.Module):
             activation=get_activation(config.activation_function),
             layer_norm_eps=config.layer_norm_epsilon, norm_first=True, backend=backend)
         layer.self_attn.dropout = config.attn_pdrop
+        layer.dropout.p = 0.0  # GPT2MLP has no dropout between activation and c_proj
         self.encoder = GraphTransformerEncoder(layer, config.n_layer,
                                                nn.LayerNorm(c, eps=config.layer_norm_epsilon))
         self.lm_head = nn.Linear(c, config.vocab_size, bias=False)
@@ -227,6 +276,8 @@ class GraphGPT2LMHeadModel(nn.Module):
         """Token ids ``[N]``, graph ``[2, E]``, positions ``[N]`` -> logits ``[N, vocab]`` (and the
         hidden states ``[N, C]`` with ``return_hidden``). With a ``cache``, the nodes are new tokens
         and ``edge_index`` runs from all cached plus new nodes to them."""
+        n = self.config.n_positions
+        _check_positions(pos, n, f"(check 'pos': n_positions={n})")
         h = self.drop(self.wte(input_ids) + self.wpe(pos))  # [N, C]
         h = self.encoder(h, edge_index, cache=cache)
         logits = self.lm_head(h)
@@ -236,8 +287,7 @@ class GraphGPT2LMHeadModel(nn.Module):
                 position_ids: Tensor | None = None, *, topology: Topology | None = None
                 ) -> GraphModelOutput:
         mask, pos, lengths = _flatten(input_ids, attention_mask, position_ids, self.wpe.num_embeddings)
-        topology = topology or self.topology or _default_topology("causal")
-        _check_topology(topology)
+        topology = _resolve_topology(topology, self.topology, "causal")
         edge_index = topology(lengths).to(input_ids.device)
         logits, h = self.forward_graph(input_ids[mask], edge_index, pos=pos, return_hidden=True)
         return GraphModelOutput(last_hidden_state=_scatter_back(h, mask),
@@ -245,14 +295,22 @@ class GraphGPT2LMHeadModel(nn.Module):
 
     @classmethod
     def from_hf(cls, model, *, topology: Topology | None = None, backend: str = "auto"):
-        """A graph model with the weights of a Hugging Face ``GPT2Model`` or ``GPT2LMHeadModel``."""
+        """A graph model with the weights of a Hugging Face ``GPT2Model`` or ``GPT2LMHeadModel``
+        (a ``GPT2Model``'s head is tied to ``wte``). Other heads (``score``, ...) are refused: pass
+        such a model's ``.transformer`` to import its base."""
         base = getattr(model, "transformer", model)
+        others = sorted({name for name, _ in model.named_children()} - {"transformer", "lm_head"})
+        if base is not model and others:
+            raise ValueError(f"Expected a GPT2Model or GPT2LMHeadModel (got {type(model).__name__} "
+                             f"with modules {others}); pass its '.transformer' to import the base "
+                             "model with the head tied to 'wte'")
         config = base.config
         graph = cls(config, topology=topology, backend=backend)
         state = gpt2_state_dict(base.state_dict(), config.n_layer)
         head = getattr(model, "lm_head", None)
         state["lm_head.weight"] = head.weight if head is not None else state["wte.weight"]
-        graph.to(dtype=next(base.parameters()).dtype)
+        source = next(base.parameters())
+        graph.to(device=source.device, dtype=source.dtype)
         graph.load_state_dict(state)
         return graph.train(base.training)
 
@@ -297,9 +355,23 @@ def from_pretrained(path: str, *, topology: Topology | None = None, backend: str
         raise ImportError("gnn_transformer.hf.from_pretrained needs transformers: "
                           "pip install 'gnn-transformer[hf]'") from err
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    loader = (transformers.AutoModelForCausalLM if config.model_type == "gpt2"
-              else transformers.AutoModel)
-    model = loader.from_pretrained(path, local_files_only=True)
+    gpt2 = config.model_type == "gpt2"
+    loader = transformers.AutoModelForCausalLM if gpt2 else transformers.AutoModel
+    model, info = loader.from_pretrained(path, local_files_only=True, output_loading_info=True)
+    # modules missing from the checkpoint were initialized randomly: drop them or refuse
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    optional = ("lm_head.",) if gpt2 else ("pooler.",)  # a GPT2Model; a BERT saved without pooler
+    if any(not key.startswith(optional) for key in missing):
+        raise ValueError(f"Expected a complete {type(model).__name__} checkpoint in {str(path)!r} "
+                         f"(missing weights: {missing})")
+    if gpt2 and unexpected:  # as from_hf, refuse GPT-2 heads that are not the LM head
+        raise ValueError(f"Expected a GPT2Model or GPT2LMHeadModel checkpoint in {str(path)!r} "
+                         f"(got weights a GPT2LMHeadModel does not use: {unexpected}); load it with "
+                         "transformers and pass its '.transformer' to from_hf")
+    if missing and gpt2:
+        model = model.transformer  # a GPT2Model: the head is tied to wte, as in from_hf
+    elif missing:
+        model.pooler = None
     return from_hf(model.eval(), topology=topology, backend=backend)
 
 

@@ -14,6 +14,7 @@ the job of :mod:`gnn_transformer.topology`.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import check_dropout, check_positive_int
 from .layers import (GraphTransformerDecoder, GraphTransformerDecoderLayer, GraphTransformerEncoder,
                      GraphTransformerEncoderLayer)
 from .position import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding, alibi_edge_bias, alibi_slopes
@@ -102,7 +104,7 @@ class GraphTransformerConfig:
 
     vocab_size: int | None = None  # token ids in (None: float node features of size input_dim)
     input_dim: int | None = None  # node feature size when vocab_size is None
-    output_dim: int | None = None  # head output size (None: hidden states; GraphLM: vocab_size)
+    output_dim: int | None = None  # head output size (None: hidden states; GraphLM: None or vocab_size)
     d_model: int = 128  # model width C
     nhead: int = 4  # attention heads H
     num_layers: int = 4  # encoder layers
@@ -123,6 +125,32 @@ class GraphTransformerConfig:
 
 
 POSITIONS = ("none", "learned", "sinusoidal", "rope", "alibi")
+
+
+def _check_config(c: GraphTransformerConfig) -> None:
+    """``ValueError`` naming the first field of ``c`` with an invalid value."""
+    if c.position not in POSITIONS:
+        raise ValueError(f"Expected 'position' to be one of {POSITIONS} (got {c.position!r})")
+    if (c.vocab_size is None) == (c.input_dim is None):
+        raise ValueError("Expected exactly one of 'vocab_size' and 'input_dim' (got "
+                         f"vocab_size={c.vocab_size!r}, input_dim={c.input_dim!r})")
+    for name in ("vocab_size", "input_dim", "output_dim", "dim_feedforward"):
+        if getattr(c, name) is not None:
+            check_positive_int(name, getattr(c, name))
+    for name in ("d_model", "nhead", "max_positions"):
+        check_positive_int(name, getattr(c, name))
+    if isinstance(c.num_layers, bool) or not isinstance(c.num_layers, int) or c.num_layers < 0:
+        raise ValueError(f"Expected 'num_layers' to be a non-negative int (got {c.num_layers!r})")
+    check_dropout(c.dropout)
+    for name in ("norm_first", "bias", "tie_weights"):
+        if not isinstance(getattr(c, name), bool):
+            raise ValueError(f"Expected '{name}' to be a bool (got {getattr(c, name)!r})")
+    eps = c.layer_norm_eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"Expected 'layer_norm_eps' to be a positive finite number (got {eps!r})")
+    if c.attention == "linear" and c.position == "alibi":
+        raise ValueError("Expected a 'position' other than 'alibi' with attention='linear' (linear "
+                         "attention has no scores to add ALiBi's biases to; got position='alibi')")
 
 
 class GraphEncoderModel(nn.Module):
@@ -146,11 +174,7 @@ class GraphEncoderModel(nn.Module):
     def __init__(self, config: GraphTransformerConfig) -> None:
         super().__init__()
         c = config
-        if c.position not in POSITIONS:
-            raise ValueError(f"Expected 'position' to be one of {POSITIONS} (got {c.position!r})")
-        if (c.vocab_size is None) == (c.input_dim is None):
-            raise ValueError("Expected exactly one of 'vocab_size' and 'input_dim' (got "
-                             f"vocab_size={c.vocab_size!r}, input_dim={c.input_dim!r})")
+        _check_config(c)
         self.config = c
         if c.vocab_size is not None:
             self.embed = nn.Embedding(c.vocab_size, c.d_model)
@@ -166,9 +190,9 @@ class GraphEncoderModel(nn.Module):
             self.register_buffer("alibi_slopes", alibi_slopes(c.nhead), persistent=False)
         self.drop = nn.Dropout(c.dropout)
         layer = GraphTransformerEncoderLayer(
-            c.d_model, c.nhead, c.dim_feedforward or 4 * c.d_model, c.dropout, c.activation,
-            c.layer_norm_eps, norm_first=c.norm_first, bias=c.bias, num_kv_heads=c.num_kv_heads,
-            rope=c.position == "rope", rope_base=c.rope_base,
+            c.d_model, c.nhead, 4 * c.d_model if c.dim_feedforward is None else c.dim_feedforward,
+            c.dropout, c.activation, c.layer_norm_eps, norm_first=c.norm_first, bias=c.bias,
+            num_kv_heads=c.num_kv_heads, rope=c.position == "rope", rope_base=c.rope_base,
             attention=attention_class(c.attention), backend=c.backend)
         final_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps, bias=c.bias) if c.norm_first else None
         self.encoder = GraphTransformerEncoder(layer, c.num_layers, final_norm,
@@ -218,12 +242,17 @@ class GraphLM(GraphEncoderModel):
 
     Given a causal graph it is a GPT-style decoder-only model (``forward`` returns logits
     ``[N, vocab_size]``); :func:`gnn_transformer.decoding.generate` samples from it with a key/value
-    cache. ``tie_weights`` shares the head with the token embedding.
+    cache. ``tie_weights`` shares the head with the token embedding. The head's size is
+    ``vocab_size`` (``output_dim`` must be ``None`` or equal to it).
     """
 
     def __init__(self, config: GraphTransformerConfig) -> None:
         if config.vocab_size is None:
             raise ValueError("Expected 'vocab_size' in the config of a GraphLM (got None)")
+        if config.output_dim is not None and config.output_dim != config.vocab_size:
+            raise ValueError("Expected 'output_dim' None or equal to 'vocab_size' in the config of a "
+                             f"GraphLM (its head predicts tokens; got output_dim={config.output_dim!r},"
+                             f" vocab_size={config.vocab_size!r})")
         super().__init__(config)
 
     def _make_head(self) -> nn.Module:

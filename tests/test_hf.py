@@ -173,3 +173,198 @@ def test_positions_beyond_the_embedding_table():
     bert = hf.from_hf(_bert(), backend="pyg")  # max_position_embeddings=24
     with pytest.raises(ValueError, match="position 24.*0..23"):
         bert(input_ids=torch.zeros(2, 25, dtype=torch.long))
+
+
+def test_bert_pad_token_row_gets_no_gradient_as_in_hf():
+    model = _bert(pad_token_id=0).double()
+    graph = hf.from_hf(model, backend="pyg")
+    assert graph.embeddings.word_embeddings.padding_idx == 0
+    ids = torch.tensor([[5, 0, 7, 9], [0, 3, 0, 2]])  # the pad id at real positions
+    w = torch.randn(2, 4, 16, dtype=torch.float64)
+    model(input_ids=ids).last_hidden_state.mul(w).sum().backward()
+    graph(input_ids=ids).last_hidden_state.mul(w).sum().backward()
+    grad = graph.embeddings.word_embeddings.weight.grad
+    assert (grad[0] == 0).all()
+    torch.testing.assert_close(grad, model.embeddings.word_embeddings.weight.grad, atol=1e-10, rtol=1e-10)
+
+
+def test_bert_pooler_padding():
+    """Right padding: Hugging Face's pooler_output. Left padding: the first real token's (Hugging
+    Face pools a padding column there). Rows of padding only: zeros, also for a whole batch."""
+    model = _bert().double()
+    graph = hf.from_hf(model, backend="pyg")
+    ids, right = _batch(right_padding=True)
+    torch.testing.assert_close(graph(input_ids=ids, attention_mask=right).pooler_output,
+                               model(input_ids=ids, attention_mask=right).pooler_output)
+    _, left = _batch(right_padding=False)
+    pooled = graph(input_ids=ids, attention_mask=left).pooler_output
+    for row in range(3):  # each left-padded row alone, without its padding (same positions)
+        columns = left[row].nonzero().T  # [1, n]
+        alone = model(input_ids=ids[row, columns], position_ids=columns).pooler_output
+        torch.testing.assert_close(pooled[row], alone[0])
+    empty = left.clone()
+    empty[1] = 0
+    out = graph(input_ids=ids, attention_mask=empty)
+    assert (out.pooler_output[1] == 0).all() and (out.pooler_output[0] != 0).any()
+    out = graph(input_ids=ids, attention_mask=torch.zeros_like(left))
+    assert out.pooler_output.shape == (3, 16) and (out.pooler_output == 0).all()
+    assert out.last_hidden_state.shape == (3, 9, 16) and (out.last_hidden_state == 0).all()
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_dropout_placement_matches_hf(kind):
+    """In training mode, every active dropout of the graph model sits where Hugging Face's does:
+    replacing each dropout's random mask by the same fixed one gives Hugging Face's outputs."""
+    if kind == "bert":
+        model = _bert(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.0).double().train()
+    else:
+        model = _gpt2(resid_pdrop=0.2, embd_pdrop=0.3, attn_pdrop=0.0).double().train()
+    graph = hf.from_hf(model, backend="pyg")
+    assert graph.training
+    for layer in graph.encoder.layers:  # no dropout inside the feed-forward block, as HF
+        assert layer.dropout.p == 0.0 and layer.dropout1.p == layer.dropout2.p == 0.2
+    attn = (model.config.attention_probs_dropout_prob if kind == "bert" else model.config.attn_pdrop)
+    assert all(layer.self_attn.dropout == attn for layer in graph.encoder.layers)
+
+    def fixed_masks(module):
+        calls = []
+
+        def hook(dropout, inputs, output):  # the k-th call's mask depends on k only
+            mask = torch.rand(inputs[0].numel(), generator=torch.Generator().manual_seed(len(calls)),
+                              dtype=inputs[0].dtype) > dropout.p
+            calls.append(inputs[0].numel())
+            return inputs[0] * mask.view_as(inputs[0]) / (1 - dropout.p)
+
+        for m in module.modules():
+            if isinstance(m, torch.nn.Dropout) and m.p > 0:
+                m.register_forward_hook(hook)
+        return calls
+
+    ref_calls, calls = fixed_masks(model), fixed_masks(graph)
+    ids = torch.randint(0, 61, (2, 7))
+    ref, out = model(input_ids=ids), graph(input_ids=ids)
+    assert calls == ref_calls and len(calls) == 1 + 2 * 2
+    if kind == "bert":
+        torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state)
+    else:
+        torch.testing.assert_close(out.logits, ref.logits)
+
+
+def _save_and_load(model, path):
+    model.save_pretrained(path)
+    return hf.from_pretrained(path, backend="pyg")
+
+
+def test_from_pretrained_imports_no_random_weights(tmp_path):
+    """Checkpoints without pooler / LM head give what from_hf gives, not random modules."""
+    ids, mask = _batch()
+    real = mask.bool()
+    base = _bert(pooler=False)
+    loaded = _save_and_load(base, tmp_path / "no_pooler")
+    assert loaded.pooler is None and "pooler.weight" not in loaded.state_dict()
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).last_hidden_state,
+                               hf.from_hf(base)(input_ids=ids, attention_mask=mask).last_hidden_state)
+    mlm = transformers.BertForMaskedLM(base.config).eval()
+    loaded = _save_and_load(mlm, tmp_path / "mlm")
+    assert loaded.pooler is None
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).last_hidden_state[real],
+                               mlm.bert(input_ids=ids, attention_mask=mask).last_hidden_state[real],
+                               **TOL)
+    untied = transformers.GPT2Model(transformers.GPT2Config(
+        vocab_size=61, n_embd=16, n_layer=2, n_head=4, n_positions=24, initializer_range=0.3,
+        bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)).eval()
+    loaded = _save_and_load(untied, tmp_path / "gpt2_base")
+    torch.testing.assert_close(loaded.lm_head.weight, untied.wte.weight)
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
+                               hf.from_hf(untied)(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_from_pretrained_refuses_incomplete_or_other_heads(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    _bert().save_pretrained(tmp_path / "bert")
+    weights = safetensors.load_file(tmp_path / "bert" / "model.safetensors")
+    del weights["encoder.layer.1.output.dense.weight"]
+    safetensors.save_file(weights, tmp_path / "bert" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing weights.*encoder.layer.1.output.dense.weight"):
+        hf.from_pretrained(tmp_path / "bert")
+    classifier = transformers.GPT2ForSequenceClassification(_gpt2().config)
+    classifier.save_pretrained(tmp_path / "gpt2_cls")
+    with pytest.raises(ValueError, match="GPT2LMHeadModel.*score.weight"):
+        hf.from_pretrained(tmp_path / "gpt2_cls")
+
+
+def test_task_heads():
+    """BERT task models import their base (the head is dropped); GPT-2 refuses non-LM heads."""
+    config = _bert().config
+    classifier = transformers.BertForSequenceClassification(config).eval()
+    graph = hf.from_hf(classifier, backend="pyg")
+    assert set(graph.state_dict()) == set(hf.from_hf(classifier.bert).state_dict())
+    ids = torch.randint(0, 61, (2, 5))
+    torch.testing.assert_close(graph(input_ids=ids).pooler_output,
+                               classifier.bert(input_ids=ids).pooler_output, **TOL)
+    gpt2_config = _gpt2().config
+    for cls in (transformers.GPT2ForSequenceClassification, transformers.GPT2DoubleHeadsModel):
+        with pytest.raises(ValueError, match=f"GPT2LMHeadModel.*{cls.__name__}.*'.transformer'"):
+            hf.from_hf(cls(gpt2_config))
+    assert isinstance(hf.from_hf(transformers.GPT2ForSequenceClassification(gpt2_config).transformer),
+                      hf.GraphGPT2LMHeadModel)
+    with pytest.raises(ValueError, match="scale_attn_weights=False"):
+        hf.from_hf(_gpt2(scale_attn_weights=False))
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_from_hf_keeps_device_and_dtype(kind):
+    model = (_bert() if kind == "bert" else _gpt2()).double().to("meta")
+    graph = hf.from_hf(model, backend="pyg")
+    assert {(p.device.type, p.dtype) for p in graph.parameters()} == {("meta", torch.float64)}
+
+
+def test_output_indexing_as_hf():
+    ids, mask = _batch()
+    real = mask.bool()
+    bert = _bert()
+    ref, out = bert(input_ids=ids, attention_mask=mask), hf.from_hf(bert)(input_ids=ids, attention_mask=mask)
+    assert len(out.to_tuple()) == len(ref.to_tuple()) == 2
+    torch.testing.assert_close(out[0][real], ref[0][real], **TOL)
+    torch.testing.assert_close(out[1], ref[1], **TOL)
+    assert out[-1] is out.pooler_output and out["last_hidden_state"] is out[0]
+    gpt2 = _gpt2()
+    ref, out = gpt2(input_ids=ids, attention_mask=mask), hf.from_hf(gpt2)(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(out[0][real], ref[0][real], **TOL)  # logits first, as Hugging Face
+    assert out[1] is out.last_hidden_state
+    with pytest.raises(IndexError):
+        out[2]
+
+
+@pytest.mark.parametrize("bad", [causal([4, 4]), "causal", 3, "", 0, [], False])
+def test_topology_must_be_callable(bad):
+    model = _gpt2()
+    graph = hf.from_hf(model, backend="pyg")
+    ids = torch.randint(0, 61, (2, 4))
+    with pytest.raises(ValueError, match="'topology'"):
+        graph(input_ids=ids, topology=bad)
+    with pytest.raises(ValueError, match="'topology'"):
+        hf.from_hf(model, topology=bad)
+    with pytest.raises(ValueError, match="'topology'"):
+        hf.GraphBertModel(_bert().config, topology=bad)
+
+
+def test_argument_shapes_and_positions():
+    bert = hf.from_hf(_bert(), backend="pyg")
+    ids = torch.randint(0, 61, (2, 5))
+    with pytest.raises(ValueError, match=r"'token_type_ids'.*\[2, 5\].*\[2, 4\]"):
+        bert(input_ids=ids, token_type_ids=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"'position_ids'.*\[3, 5\]"):
+        bert(input_ids=ids, position_ids=torch.zeros(3, 5, dtype=torch.long))
+    for pos in (torch.arange(5), torch.arange(5).unsqueeze(0), torch.arange(5).expand(2, 5)):
+        torch.testing.assert_close(bert(input_ids=ids, position_ids=pos).last_hidden_state,
+                                   bert(input_ids=ids).last_hidden_state)
+    with pytest.raises(ValueError, match="position 30.*'pos'.*max_position_embeddings=24"):
+        bert.forward_graph(ids[0], full([5]), pos=torch.arange(26, 31))
+    gpt2 = hf.from_hf(_gpt2(), backend="pyg")
+    with pytest.raises(ValueError, match="position 24.*'pos'.*n_positions=24"):
+        gpt2.forward_graph(ids[0], causal([5]), pos=torch.arange(20, 25))
+    from gnn_transformer.decoding import generate
+
+    with pytest.raises(ValueError, match="'pos'.*n_positions=24"):
+        generate(gpt2, ids, 30)
