@@ -452,7 +452,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--kv-heads", type=int, default=None,
                    help="key/value heads (grouped-query attention; must divide --heads; unset: --heads)")
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repetitions, median reported (default 5; 3 with --quick or --calibrate)")
     p.add_argument("--no-backward", action="store_true", help="forward passes only")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (unset: torch's)")
     p.add_argument("--quick", action="store_true", help="CPU-sized: 4096 tokens, 3 repeats")
@@ -476,7 +477,7 @@ def _calibrate(args, device, dtype) -> int:
 
     sizes = args.sizes or [4096]
     common = dict(device=device, dtype=dtype, heads=args.heads, head_dim=args.head_dim, kv_heads=args.kv_heads,
-                  block_size=args.block_size, repeats=min(args.repeats, 3))
+                  block_size=args.block_size, repeats=args.repeats or 3)
     rows, suggested = calibrate_tile_cost(args.topologies, sizes, backward=not args.no_backward, log=print,
                                           **common)
     fixed = calibrate_row_costs(rows, suggested, max(sizes), **common)
@@ -539,9 +540,9 @@ def cmd_bench(args) -> int:
     if args.calibrate:
         return _calibrate(args, device, dtype)
     if args.quick:
-        sizes, repeats = args.sizes or [4096], min(args.repeats, 3)
+        sizes, repeats = args.sizes or [4096], args.repeats or 3
     else:
-        sizes, repeats = args.sizes or [4096, 16384, 65536], args.repeats
+        sizes, repeats = args.sizes or [4096, 16384, 65536], args.repeats or 5
     rows = []
     for name in args.topologies:
         extra = [262144, 1048576] if (args.sizes is None and not args.quick and name in LINEAR

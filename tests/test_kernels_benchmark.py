@@ -124,3 +124,67 @@ def test_benchmark_block_size_reaches_the_tiles(monkeypatch):
     rows = run_benchmark(["window"], [64], ["tiled"], device="cpu", heads=2, head_dim=8, repeats=1,
                          backward=False, block_size=16)
     assert rows[0]["ms"] is not None and seen and set(seen) == {16}
+
+
+def test_auto_note_names_the_backend_for_the_block_size():
+    """'chose X' is the plan for the --block-size the row ran with, not for the default block."""
+    from gnn_transformer.kernels import choose_backend
+    from gnn_transformer.kernels.benchmark import build_graph
+
+    rows = run_benchmark(["longformer"], [512], ["auto"], device="cpu", heads=2, head_dim=8, repeats=1,
+                         backward=False, block_size=16)
+    graph = build_graph("longformer", 512)
+    assert rows[0]["note"] == "chose " + choose_backend(graph, "cpu", block_size=16)
+    assert choose_backend(graph, "cpu", block_size=16) != choose_backend(graph, "cpu")  # the case that failed
+
+
+def test_a_size_a_topology_cannot_take_is_a_row_not_an_abort():
+    rows = run_benchmark(["random", "causal"], [32, 128], ["fused"], device="cpu", heads=2, head_dim=8,
+                         repeats=1, backward=False)
+    assert [(r["topology"], r["n"]) for r in rows] == [("random", 32), ("random", 128), ("causal", 32),
+                                                       ("causal", 128)]
+    assert rows[0]["note"].startswith("not built: Expected 'k'") and rows[0]["ms"] is None
+    assert all(r["ms"] is not None for r in rows[1:])
+    format_table(rows), format_markdown(rows)  # the empty cells print
+
+
+def test_fwd_bwd_error_is_the_gradient_error():
+    """The fwd+bwd rows report the largest error of dQ, dK, dV against the dense reference, whose
+    gradients equal autograd's through the per-edge reference."""
+    from gnn_transformer.kernels import attend_reference
+    from gnn_transformer.kernels.benchmark import _dense_reference_grads, build_graph
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad_out = (torch.randn(40, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4))
+    edge_index = build_graph("random:k=5", 40)
+    src, dst = edge_index.as_tensor()
+    want = torch.autograd.grad(attend_reference(*(x.requires_grad_() for x in (q, k, v)), edge_index, scale=0.3),
+                               (q, k, v), grad_out)
+    for got, w in zip(_dense_reference_grads(q.detach(), k.detach(), v.detach(), src, dst, 0.3, grad_out), want):
+        torch.testing.assert_close(got.double(), w, atol=1e-5, rtol=1e-5)
+    rows = run_benchmark(["random"], [128], ["fused"], device="cpu", heads=2, head_dim=8, repeats=1)
+    fwd, bwd = rows
+    assert bwd["pass"] == "fwd+bwd" and bwd["max_err"] is not None and bwd["max_err"] != fwd["max_err"]
+    assert bwd["max_err"] < 1e-4
+
+
+def test_cpu_peak_is_at_least_the_result():
+    """The sampled CPU peak is taken once more while the call's result is held."""
+    from gnn_transformer.kernels.benchmark import _measure
+
+    for _ in range(3):
+        _, peak = _measure(lambda: torch.ones(1 << 18), "cpu", 1)  # 1 MiB, made in microseconds
+        assert peak >= 1 << 20
+
+
+@pytest.mark.parametrize("argv, want", [(["--quick"], 3), (["--quick", "--repeats", "7"], 7), ([], 5),
+                                        (["--repeats", "2"], 2)])
+def test_bench_repeats_are_what_was_asked(monkeypatch, argv, want):
+    """--repeats is honoured with --quick (which only changes its default)."""
+    from gnn_transformer import cli
+    from gnn_transformer.kernels import benchmark
+
+    seen = []
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda *a, **kw: seen.append(kw["repeats"]) or [])
+    assert cli.main(["bench", "--device", "cpu", "--topologies", "causal", "--sizes", "64", *argv]) == 0
+    assert seen == [want]

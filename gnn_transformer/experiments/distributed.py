@@ -2,7 +2,7 @@
 
 Launch with ``torchrun --nproc_per_node=K -m gnn_transformer.cli train ...`` (or any launcher
 that sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``). Every process builds the
-same model from the same seed, draws its own batches (seed + rank) and DDP averages the gradients,
+same model from the same seed, draws its own batches (seed 1000 · seed + rank) and DDP averages the gradients,
 so the replicas stay identical. CPU uses the ``gloo`` backend, CUDA ``nccl``.
 """
 from __future__ import annotations

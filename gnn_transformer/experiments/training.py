@@ -176,7 +176,8 @@ def train(model: nn.Module, workload: Workload, config: TrainConfig, *, progress
 
     The model must already sit on ``config.device`` (and may be wrapped in
     :class:`~torch.nn.parallel.DistributedDataParallel`). Under DDP every rank draws its own batches
-    (``seed + rank``) and gradients are averaged, so all ranks keep identical weights.
+    (generator seed ``1000 · seed + rank``) and gradients are averaged, so all ranks keep identical
+    weights; the logged loss is the mean over the ranks and the token count their sum.
 
     Args:
         progress: show a tqdm progress bar (rank 0 only).
@@ -212,8 +213,15 @@ def train(model: nn.Module, workload: Workload, config: TrainConfig, *, progress
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_time += time.perf_counter() - start
-        tokens += workload.batch_tokens(batch) * world_size
-        last_loss = float(loss.detach())
+        step_tokens, last_loss = workload.batch_tokens(batch), float(loss.detach())
+        if world_size > 1:  # every rank's tokens and loss (the ranks' batches differ)
+            import torch.distributed as dist
+
+            both = torch.tensor([float(step_tokens), last_loss], dtype=torch.float64,
+                                device=device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(both)
+            step_tokens, last_loss = int(both[0]), float(both[1]) / world_size
+        tokens += step_tokens
         if not math.isfinite(last_loss):
             raise FloatingPointError(f"Training loss became {last_loss} at step {step}; "
                                      "try a lower learning rate")
