@@ -96,3 +96,76 @@ def test_topology_does_not_import_models():
                     and not (node.module or "").startswith("gnn_transformer.topology"):
                 pytest.fail(f"{f.name} imports {node.module}")
         assert "print(" not in f.read_text(), f"{f.name} prints"
+
+
+def test_summarize_plain_tensor_is_one_node_set():
+    s = analysis.summarize(torch.tensor([[0, 0, 0], [0, 1, 2]]))  # key 0 seen by queries 0..2
+    assert (s.num_src, s.num_dst, s.self_loops) == (3, 3, 1)
+    assert s.density == pytest.approx(1 / 3)
+    assert analysis.summarize(torch.tensor([[0, 1, 2], [0, 0, 0]])).num_dst == 3
+    assert analysis.summarize(torch.tensor([[0, 1], [1, 1]]), num_src=3, num_dst=3).density == pytest.approx(2 / 9)
+    assert analysis.summarize(torch.tensor([[0], [1]]), [3, 2]).num_src == 5  # sizes from the lengths
+    c = analysis.summarize(torch.tensor([[0, 0, 0], [0, 1, 2]]), bipartite=True)
+    assert (c.num_src, c.num_dst, c.self_loops, c.density) == (1, 3, 0, 1.0)
+
+
+def test_summarize_bipartite_equal_sizes_and_src_lengths():
+    assert analysis.summarize(T.cross(3, 3)).self_loops == 3  # inferred: self-attention
+    assert analysis.summarize(T.cross(3, 3), bipartite=True).self_loops == 0
+    with pytest.raises(ValueError, match="bipartite"):
+        analysis.summarize(T.cross(2, 3), bipartite=False)
+    assert analysis.summarize(T.cross(2, 3), [2]).density == 1.0  # one sequence: all the keys
+    cross = T.cross([2, 2], [3, 3])
+    assert analysis.summarize(cross, [2, 2], src_lengths=[3, 3]).density == 1.0
+    with pytest.raises(ValueError, match="'src_lengths'.*got \\[3, 2\\]"):
+        analysis.summarize(cross, [2, 2], src_lengths=[3, 2])
+    with pytest.raises(ValueError, match="'src_lengths'.*got src_lengths=None"):
+        analysis.summarize(cross, [2, 2])
+    with pytest.raises(ValueError, match="'lengths'.*got \\[2, 2\\]"):
+        analysis.summarize(T.causal([3, 2]), [2, 2])
+
+
+def test_layer_counts_are_validated():
+    ei = T.causal(3)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="max_layers"):
+            analysis.receptive_field_sizes(ei, bad)
+        with pytest.raises(ValueError, match="cutoff"):
+            analysis.hop_distances(ei, cutoff=bad)
+    assert analysis.hop_distances(ei, cutoff=0) == {0: {0: 0}, 1: {1: 0}, 2: {2: 0}}
+
+
+def test_draw_receptive_field_errors_name_the_argument():
+    with pytest.raises(ValueError, match="no nodes"):
+        pictures.draw_receptive_field(torch.empty(2, 0, dtype=torch.long), 2)
+    for bad in (1.5, -1, True):
+        with pytest.raises(ValueError, match="'token'"):
+            pictures.draw_receptive_field(T.causal(4), 2, token=bad)
+
+
+def test_bipartite_layout_is_in_index_order_and_deterministic():
+    g = T.to_networkx(T.cross(6, 9), bipartite=True)
+    pos = pictures._layout(g, True)
+    assert all((pos[v] == p).all() for v, p in pictures._layout(g, True).items())  # no randomness
+    for side, n in (("k", 9), ("q", 6)):
+        ys = [pos[(side, i)][1] for i in range(n)]
+        assert ys == sorted(ys, reverse=True)  # index 0 at the top, like the matrix
+        assert len({pos[(side, i)][0] for i in range(n)}) == 1
+    assert pos[("k", 0)][0] < pos[("q", 0)][0]
+
+
+def _title(fig):
+    return fig._suptitle.get_text()
+
+
+def test_draw_topology_sizes_lengths_and_bipartite():
+    plain = torch.tensor([[0, 1], [1, 2]])
+    assert "density 0.06" in _title(pictures.draw_topology(plain, num_src=6, num_dst=6))
+    batch = T.causal([3, 2])
+    assert "density 0.36" in _title(pictures.draw_topology(batch))  # one sequence of 5
+    assert "density 0.69" in _title(pictures.draw_topology(batch, lengths=[3, 2]))  # 9 / 13
+    assert "density 1.00" in _title(pictures.draw_topology(T.cross(3, 5)))
+    fig = pictures.draw_topology(T.cross(4, 4), bipartite=True)
+    labels = {t.get_text() for t in fig.axes[1].texts}
+    assert {"k0", "k3", "q0", "q3"} <= labels and "0" not in labels
+    assert "0" in {t.get_text() for t in pictures.draw_topology(T.cross(4, 4)).axes[1].texts}

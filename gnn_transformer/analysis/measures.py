@@ -33,14 +33,30 @@ def _check_graph(edge_index: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     if weights.size(0) != edge_index.size(1):
         raise ValueError(f"Expected 'weights' to have one row per edge ({edge_index.size(1)} edges, "
                          f"got {weights.size(0)} rows)")
+    if edge_index.is_floating_point() or edge_index.is_complex() or edge_index.dtype == torch.bool:
+        raise ValueError(f"Expected 'edge_index' to hold integers (got {edge_index.dtype})")
+    if edge_index.numel() and int(edge_index.min()) < 0:
+        raise ValueError(f"Expected 'edge_index' to hold non-negative node indices (got {int(edge_index.min())})")
     weights = weights.unsqueeze(-1) if weights.dim() == 1 else weights  # [E, H]
     return _plain(edge_index).to(weights.device).long(), weights
 
 
-def _num_nodes(edge_index: Tensor, num_nodes: int | None, row: int) -> int:
-    if num_nodes is not None:
-        return num_nodes
-    return int(edge_index[row].max()) + 1 if edge_index.numel() else 0
+def _num_nodes(edge_index: Tensor, num_nodes: int | None, row: int | None, name: str) -> int:
+    """``num_nodes``, checked to exceed every index of ``edge_index[row]`` (both rows if ``None``),
+    else the largest such index + 1."""
+    index = edge_index if row is None else edge_index[row]
+    needed = int(index.max()) + 1 if index.numel() else 0
+    if num_nodes is None:
+        return needed
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < needed:
+        raise ValueError(f"Expected '{name}' to be an int >= {needed} (largest node index of 'edge_index' "
+                         f"+ 1) (got {num_nodes!r})")
+    return num_nodes
+
+
+def _check_float(weights: Tensor) -> None:
+    if not weights.is_floating_point():
+        raise ValueError(f"Expected floating-point 'weights' (got {weights.dtype})")
 
 
 # ------------------------------------------------------------------ attention received, sinks
@@ -65,7 +81,7 @@ def received_attention(edge_index: Tensor, weights: Tensor, num_src: int | None 
         [2.700000047683716, 0.20000000298023224, 0.10000000149011612]
     """
     edge_index, weights = _check_graph(edge_index, weights)
-    n = _num_nodes(edge_index, num_src, 0)
+    n = _num_nodes(edge_index, num_src, 0, "num_src")
     out = weights.new_zeros(n, weights.size(1)).index_add_(0, edge_index[0], weights)  # [N_src, H]
     if normalize:
         degree = torch.bincount(edge_index[0], minlength=n).clamp(min=1).to(weights.dtype)  # [N_src]
@@ -74,16 +90,23 @@ def received_attention(edge_index: Tensor, weights: Tensor, num_src: int | None 
 
 
 def first_tokens(num_nodes: int, batch: Tensor | None = None) -> Tensor:
-    """Boolean ``[N]``: ``True`` at the first node of each sequence of a batch (node 0 if no batch)."""
+    """Boolean ``[N]``: ``True`` at the first node of each sequence of a batch (node 0 if no batch).
+
+    ``batch`` is a PyG ``batch`` vector: integers, sorted (each sequence's nodes contiguous)."""
     if batch is None:
         is_first = torch.zeros(num_nodes, dtype=torch.bool)
         if num_nodes:
             is_first[0] = True
         return is_first
+    if not isinstance(batch, Tensor) or batch.is_floating_point() or batch.is_complex() or batch.dtype == torch.bool:
+        raise ValueError(f"Expected 'batch' to be an integer tensor (got {getattr(batch, 'dtype', type(batch).__name__)})")
     batch = batch.reshape(-1)
     if batch.numel() != num_nodes:
         raise ValueError(f"Expected 'batch' to have one entry per node ({num_nodes}, got "
                          f"{batch.numel()})")
+    if batch.numel() > 1 and bool((batch[1:] < batch[:-1]).any()):
+        raise ValueError(f"Expected a sorted 'batch' (each sequence's nodes contiguous, as PyG "
+                         f"batches are) (got {batch.tolist()[:20]})")
     is_first = torch.ones_like(batch, dtype=torch.bool)
     is_first[1:] = batch[1:] != batch[:-1]
     return is_first
@@ -103,8 +126,9 @@ def sink_scores(edge_index: Tensor, weights: Tensor, batch: Tensor | None = None
 
     Args:
         edge_index: ``[2, E]``; weights: ``[E, H]``.
-        batch: sequence id of every *key* node ``[N_src]`` (PyG ``batch`` vector); default one
-            sequence whose first token is node 0.
+        batch: sequence id of every *key* node ``[N_src]`` (PyG ``batch`` vector: integers,
+            sorted, so a sequence's first token is its first node); default one sequence whose
+            first token is node 0. An unsorted ``batch`` is refused.
         num_src: number of key nodes (default from ``batch`` or ``edge_index``).
 
     Returns:
@@ -116,7 +140,14 @@ def sink_scores(edge_index: Tensor, weights: Tensor, batch: Tensor | None = None
         [0.25, 0.25]
     """
     edge_index, weights = _check_graph(edge_index, weights)
-    n = batch.numel() if batch is not None and num_src is None else _num_nodes(edge_index, num_src, 0)
+    if batch is not None and num_src is None and isinstance(batch, Tensor):
+        needed = _num_nodes(edge_index, None, 0, "num_src")
+        if batch.numel() < needed:
+            raise ValueError(f"Expected 'batch' to have one entry per key node (sources up to index "
+                             f"{needed - 1}, got {batch.numel()} entries)")
+        n = batch.numel()
+    else:
+        n = _num_nodes(edge_index, num_src, 0, "num_src")
     is_first = first_tokens(n, None if batch is None else batch.cpu()).to(weights.device)  # [N_src]
     on_first = weights[is_first[edge_index[0]]].sum(dim=0)  # [H]
     total = weights.sum(dim=0)  # [H]
@@ -133,7 +164,7 @@ def find_sinks(edge_index: Tensor, weights: Tensor, num_src: int | None = None, 
     there) are left out: drawing the attention of one query says nothing about sinks.
     """
     edge_index, weights = _check_graph(edge_index, weights)
-    n = _num_nodes(edge_index, num_src, 0)
+    n = _num_nodes(edge_index, num_src, 0, "num_src")
     mean = received_attention(edge_index, weights, n, normalize=True)  # [N_src, H]
     degree = torch.bincount(edge_index[0], minlength=n).to(weights.device)  # [N_src]
     return (mean > threshold) & (degree > 1).unsqueeze(-1)
@@ -146,7 +177,7 @@ def attention_entropy(edge_index: Tensor, weights: Tensor, num_dst: int | None =
     uniform; 0 for a query without keys.
     """
     edge_index, weights = _check_graph(edge_index, weights)
-    n = _num_nodes(edge_index, num_dst, 1)
+    n = _num_nodes(edge_index, num_dst, 1, "num_dst")
     terms = -torch.special.xlogy(weights, weights)  # [E, H], 0 log 0 = 0
     return weights.new_zeros(n, weights.size(1)).index_add_(0, edge_index[1], terms)  # [N_dst, H]
 
@@ -178,7 +209,8 @@ def attention_pagerank(edge_index: Tensor, weights: Tensor, num_nodes: int | Non
         max_iter: iteration limit.
 
     Returns:
-        ``[N, H]``, each column summing to 1 (dtype of ``weights``; computed in float64).
+        ``[N, H]``, each column summing to 1 (dtype of ``weights``, which must be floating point;
+        computed in float64).
 
     Example:
         >>> from gnn_transformer.topology import full
@@ -188,7 +220,8 @@ def attention_pagerank(edge_index: Tensor, weights: Tensor, num_nodes: int | Non
     edge_index, weights = _check_graph(edge_index, weights)
     if not 0.0 <= damping < 1.0:
         raise ValueError(f"Expected 'damping' in [0, 1) (got {damping})")
-    n = max(_num_nodes(edge_index, num_nodes, 0), _num_nodes(edge_index, num_nodes, 1))
+    _check_float(weights)
+    n = _num_nodes(edge_index, num_nodes, None, "num_nodes")
     w = weights.to(torch.float64)
     heads = w.size(1)
     if n == 0:
@@ -219,10 +252,12 @@ def attention_hits(edge_index: Tensor, weights: Tensor, num_nodes: int | None = 
     principal eigenvalue is simple (e.g. a connected full or causal graph).
 
     Returns:
-        ``(hubs, authorities)``, each ``[N, H]`` with columns summing to 1.
+        ``(hubs, authorities)``, each ``[N, H]`` with columns summing to 1 (dtype of the
+        floating-point ``weights``).
     """
     edge_index, weights = _check_graph(edge_index, weights)
-    n = max(_num_nodes(edge_index, num_nodes, 0), _num_nodes(edge_index, num_nodes, 1))
+    _check_float(weights)
+    n = _num_nodes(edge_index, num_nodes, None, "num_nodes")
     w = weights.to(torch.float64)
     heads = w.size(1)
     if n == 0:
@@ -252,7 +287,8 @@ class ActivationStats:
 
     Attributes:
         max_abs: largest ``|h|``.
-        median_abs: median ``|h|`` over all tokens and dimensions.
+        median_abs: median ``|h|`` over all tokens and dimensions (the mean of the two middle
+            values for an even count, as ``numpy.median``).
         ratio: ``max_abs / median_abs``.
         token, dim: where ``max_abs`` sits (row, column).
         top: the ``k`` largest magnitudes as ``(value, token, dim)``, value signed.
@@ -272,8 +308,16 @@ def _as_rows(hidden: Tensor) -> Tensor:
     return hidden.detach().reshape(-1, hidden.size(-1)) if hidden.dim() != 2 else hidden.detach()
 
 
+def _median(values: Tensor) -> float:
+    """Median of a 1-D tensor: the mean of the two middle values for an even count (``numpy.median``)."""
+    n = values.numel()
+    low, high = values.kthvalue((n + 1) // 2).values, values.kthvalue(n // 2 + 1).values
+    return (float(low) + float(high)) / 2
+
+
 def activation_stats(hidden: Tensor, k: int = 3) -> ActivationStats:
-    """Largest magnitudes of a hidden state against its median (Sun et al., 2024).
+    """Largest magnitudes of a hidden state against its median (Sun et al., 2024); ``top`` holds
+    the ``k >= 1`` largest.
 
     Example:
         >>> h = torch.ones(3, 4); h[1, 2] = -500.0
@@ -281,11 +325,13 @@ def activation_stats(hidden: Tensor, k: int = 3) -> ActivationStats:
         >>> s.ratio, s.token, s.dim, s.top
         (500.0, 1, 2, ((-500.0, 1, 2),))
     """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"Expected 'k' to be a positive int (got {k!r})")
     h = _as_rows(hidden)  # [N, C]
     if h.numel() == 0:
         raise ValueError(f"Expected a non-empty 'hidden' (got shape {list(hidden.shape)})")
     mag = h.abs().flatten().float()  # [N C]
-    median = float(mag.median())
+    median = _median(mag)
     values, flat = mag.topk(min(k, mag.numel()))
     c = h.size(1)
     top = tuple((float(h.flatten()[f]), int(f) // c, int(f) % c) for f in flat.tolist())
@@ -297,7 +343,7 @@ def activation_stats(hidden: Tensor, k: int = 3) -> ActivationStats:
 def massive_activations(hidden: Tensor, *, min_magnitude: float = 100.0,
                         min_ratio: float = 1000.0) -> list[tuple[int, int, float]]:
     """Entries of a hidden state that are *massive*: ``|h| > min_magnitude`` and
-    ``|h| > min_ratio * median |h|`` (the criterion of Sun et al., 2024, "Massive Activations in
+    ``|h| > min_ratio * median |h|`` (median as ``numpy.median``; the criterion of Sun et al., 2024, "Massive Activations in
     Large Language Models").
 
     Returns:
@@ -308,11 +354,14 @@ def massive_activations(hidden: Tensor, *, min_magnitude: float = 100.0,
         >>> massive_activations(h)
         [(0, 3, 250.0)]
     """
+    for name, value in (("min_magnitude", min_magnitude), ("min_ratio", min_ratio)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"Expected '{name}' to be a non-negative number (got {value!r})")
     h = _as_rows(hidden)
     mag = h.abs().float()  # [N, C]
     if mag.numel() == 0:
         return []
-    median = float(mag.median())
+    median = _median(mag.flatten())
     hit = (mag > min_magnitude) & (mag > min_ratio * median)
     tokens, dims = hit.nonzero(as_tuple=True)
     order = mag[tokens, dims].argsort(descending=True)

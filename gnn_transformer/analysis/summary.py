@@ -12,7 +12,8 @@ from .measures import (ActivationStats, activation_stats, attention_entropy, att
 
 @dataclass(frozen=True)
 class LayerSummary:
-    """Measures of one layer (its first self-attention graph and its output hidden state).
+    """Measures of one layer (its first self-attention graph and its output hidden state, from the
+    same call: the last one when the model ran several times under one :func:`.record`).
 
     Attributes:
         name: the layer's name (``"input"`` for the hidden state entering the first layer).
@@ -72,6 +73,12 @@ def summarize(trace: Trace, batch: Tensor | None = None, *, min_magnitude: float
     """Per-layer measures of a trace: an ``"input"`` row (hidden state entering the first layer),
     then one row per layer. A trace without layers gets one row per self-attention graph.
 
+    When the model ran several times under one :func:`.record` (a decoding loop: the prompt, then
+    one call per new token), the layers keep the hidden states of the last call only
+    (:class:`.LayerState`), so every row describes that last call: its attention graph (the new
+    queries over the whole cache) and its hidden states. For the prompt's attention, summarize
+    a trace recorded around the prompt call alone (or use :func:`.extract`).
+
     Args:
         trace: from :func:`.record` / :func:`.extract`.
         batch: sequence id of every node (sink scores use each sequence's first token).
@@ -87,7 +94,10 @@ def summarize(trace: Trace, batch: Tensor | None = None, *, min_magnitude: float
         rows.append(LayerSummary("input", **_activation_fields(first, min_magnitude, min_ratio)))
     for k, layer in enumerate(trace.layers):
         graphs = [g for g in trace.self_attention() if g.layer == k]
-        fields = _attention_fields(graphs[0], batch) if graphs else {}
+        # each call of the layer records one graph per module: the first of the last call's graphs,
+        # the call whose hidden states the layer holds
+        last_call = graphs[-len({g.name for g in graphs}):] if graphs else []
+        fields = _attention_fields(last_call[0], batch) if last_call else {}
         fields.update(_activation_fields(layer.output, min_magnitude, min_ratio))
         rows.append(LayerSummary(layer.name, **fields))
     return rows

@@ -376,7 +376,10 @@ def write_summary(result: Analysis, out: str | Path) -> Path:
 
 def save_outputs(result: Analysis, out: str | Path, *, pictures: bool = True,
                  max_tokens: int = 48, title: str = "") -> list[Path]:
-    """Write ``summary.json`` and (unless ``pictures=False``) the PNGs into ``out``."""
+    """Write ``summary.json`` and (unless ``pictures=False``) the PNGs into ``out``; the pictures
+    show the first ``max_tokens >= 1`` tokens of the first sequence."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"Expected 'max_tokens' to be an int >= 1 (got {max_tokens!r})")
     paths = [write_summary(result, out)]
     if not pictures:
         return paths
@@ -451,6 +454,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Body of ``gnn-transformer analyze``; returns the exit code."""
     try:
+        if args.max_tokens < 1:
+            raise ValueError(f"Expected '--max-tokens' >= 1 (got {args.max_tokens})")
+        for option, value in (("--massive-magnitude", args.massive_magnitude),
+                              ("--massive-ratio", args.massive_ratio)):
+            if not value >= 0:  # also refuses nan
+                raise ValueError(f"Expected '{option}' >= 0 (got {value})")
         if args.checkpoint is not None:
             loaded = load_checkpoint_model(args.checkpoint, args.config, backend=args.backend)
         else:

@@ -17,9 +17,10 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .analysis import hop_distances, summarize
+from ._common import Lengths
+from .analysis import _graph_sizes, hop_distances, summarize
 from .exports import to_networkx
-from .masks import _check_edge_index, _default_sizes, to_dense_mask
+from .masks import _check_edge_index, to_dense_mask
 
 
 def _save(fig: Figure, path: str | Path | None, dpi: int) -> Figure:
@@ -31,27 +32,47 @@ def _save(fig: Figure, path: str | Path | None, dpi: int) -> Figure:
 
 
 def _layout(g: nx.DiGraph, bipartite: bool) -> dict:
-    if bipartite:
-        keys = [v for v, d in g.nodes(data=True) if d.get("bipartite") == 0]
-        return nx.bipartite_layout(g, keys, align="vertical")
+    if bipartite:  # keys in a left column, queries in a right one, both top to bottom in index order
+        keys = sorted(j for t, j in g.nodes if t == "k")
+        queries = sorted(i for t, i in g.nodes if t == "q")
+        rows = max(len(keys), len(queries), 2)
+
+        def column(x: float, count: int, k: int) -> np.ndarray:  # the shorter column is centred
+            return np.array([x, 1.0 - 2.0 * (k + (rows - count) / 2) / (rows - 1)])
+
+        pos = {("k", j): column(-1.0, len(keys), j) for j in keys}
+        pos.update({("q", i): column(1.0, len(queries), i) for i in queries})
+        return pos
     return nx.circular_layout(g) if g.number_of_nodes() > 2 else nx.spring_layout(g, seed=0)
 
 
 def draw_topology(edge_index: Tensor, *, title: str | None = None, path: str | Path | None = None,
                   num_src: int | None = None, num_dst: int | None = None,
+                  lengths: Lengths | None = None, src_lengths: Lengths | None = None,
+                  bipartite: bool | None = None,
                   figsize: tuple[float, float] = (8.0, 4.0), dpi: int = 100) -> Figure:
     """Adjacency matrix (row = query ``i``, column = key ``j``, dark = edge ``j -> i``) beside a
-    drawing of the graph (arrows ``j -> i``; self-loops shown only in the matrix).
+    drawing of the graph (arrows ``j -> i``; self-loops shown only in the matrix). A bipartite
+    (cross-attention) graph is drawn as keys ``k0, k1, …`` in a left column and queries ``q0, q1, …``
+    in a right one, top to bottom in index order like the matrix.
 
     Args:
         edge_index: the token graph (small: tens of nodes).
         title: figure title; edge count and density are appended.
         path: save a PNG there.
-        num_src, num_dst: node counts (default: the ``EdgeIndex`` sparse size).
+        num_src, num_dst: node counts (default: the ``EdgeIndex`` sparse size; for a plain tensor
+            the lengths, else one node set of ``max + 1`` over both rows).
+        lengths, src_lengths: sequence lengths of a batch, for the density of the title (relative
+            to full attention within the sequences), as in :func:`~.analysis.summarize`.
+        bipartite: draw sources and targets as different tokens (cross attention). Default:
+            ``num_src != num_dst``; pass ``True`` for a cross graph with as many keys as queries.
         figsize, dpi: figure size in inches and resolution.
     """
     src, dst = _check_edge_index(edge_index)
-    num_src, num_dst = _default_sizes(edge_index, src, dst, num_src, num_dst)
+    stats = summarize(edge_index, lengths, src_lengths=src_lengths, num_src=num_src, num_dst=num_dst,
+                      bipartite=bipartite)
+    num_src, num_dst = stats.num_src, stats.num_dst
+    bipartite = num_src != num_dst if bipartite is None else bipartite
     mask = to_dense_mask(edge_index, num_src, num_dst).cpu().numpy()
     fig = Figure(figsize=figsize)
     ax_m, ax_g = fig.subplots(1, 2)
@@ -62,16 +83,15 @@ def draw_topology(edge_index: Tensor, *, title: str | None = None, path: str | P
     step = max(1, max(num_src, num_dst) // 8)
     ax_m.set_xticks(range(0, num_src, step))
     ax_m.set_yticks(range(0, num_dst, step))
-    bipartite = num_src != num_dst
     g = to_networkx(edge_index, num_src, num_dst, bipartite=bipartite)
     g.remove_edges_from(list(nx.selfloop_edges(g)))
+    labels = {v: f"{v[0]}{v[1]}" for v in g.nodes} if bipartite else None
     nx.draw_networkx(g, pos=_layout(g, bipartite), ax=ax_g, node_size=110, font_size=6,
                      node_color="#9ec3e6", edge_color="#555555", width=0.5, arrowsize=6,
-                     with_labels=not bipartite, connectionstyle="arc3,rad=0.1")
+                     labels=labels, connectionstyle="arc3,rad=0.1")
     ax_g.set_axis_off()
     ax_g.set_title("graph (arrows j → i)", fontsize=9)
-    stats = summarize(edge_index) if not bipartite else None
-    info = f"{int(src.numel())} edges" + (f", density {stats.density:.2f}" if stats else "")
+    info = f"{int(src.numel())} edges, density {stats.density:.2f}"
     fig.suptitle(f"{title} — {info}" if title else info, fontsize=10)
     fig.tight_layout()
     return _save(fig, path, dpi)
@@ -85,15 +105,17 @@ def draw_receptive_field(edge_index: Tensor, num_layers: int, *, token: int | No
     size of ``token`` (default: the last) and the mean over tokens, per layer.
     """
     src, dst = _check_edge_index(edge_index)
-    num_src, num_dst = _default_sizes(edge_index, src, dst, None, None)
+    num_src, num_dst, _ = _graph_sizes(edge_index, src, dst, None, None, None, None, None)
     if num_src != num_dst:
         raise ValueError(f"Expected a self-attention graph (got sparse size {(num_src, num_dst)})")
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"Expected 'num_layers' to be an int >= 1 (got {num_layers!r})")
     n = num_dst
+    if n == 0:
+        raise ValueError("Expected a graph with nodes (got 'edge_index' with no nodes)")
     token = n - 1 if token is None else token
-    if not 0 <= token < max(n, 1):
-        raise ValueError(f"Expected 'token' in [0, {n}) (got {token})")
+    if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < n:
+        raise ValueError(f"Expected 'token' to be an int in [0, {n}) (got {token!r})")
     dist = hop_distances(edge_index, n, cutoff=num_layers)
     hops = np.full((n, n), np.nan)
     for i, row in dist.items():
@@ -109,8 +131,8 @@ def draw_receptive_field(edge_index: Tensor, num_layers: int, *, token: int | No
     ax_m.set_ylabel("query i")
     layers = np.arange(num_layers + 1)
     sizes = np.array([[np.sum(hops[i] <= L) for i in range(n)] for L in layers])  # [L+1, N]
-    ax_c.plot(layers, sizes[:, token] if n else layers * 0, marker="o", label=f"token {token}")
-    ax_c.plot(layers, sizes.mean(axis=1) if n else layers * 0, marker=".", linestyle="--", label="mean")
+    ax_c.plot(layers, sizes[:, token], marker="o", label=f"token {token}")
+    ax_c.plot(layers, sizes.mean(axis=1), marker=".", linestyle="--", label="mean")
     ax_c.axhline(n, color="grey", linewidth=0.5)
     ax_c.set_xlabel("layers")
     ax_c.set_ylabel("tokens reached")
