@@ -35,16 +35,17 @@ def main() -> list[Path]:
         path = OUT / f"topology_{name}.png"
         T.draw_topology(T.load(name, small=True), title=f"{name} (n = {spec.small_n})", path=path, dpi=DPI)
         written.append(path)
-    extras = {
-        "cross_window": (T.cross(6, 9, mode="window", window=1), "cross, window 1 (6 queries, 9 keys)"),
-        "cross_monotonic": (T.cross(6, 9, mode="monotonic"), "cross, monotonic (6 queries, 9 keys)"),
+    extras = {  # (graph, title, keyword arguments of draw_topology)
+        "cross_window": (T.cross(6, 9, mode="window", window=1), "cross, window 1 (6 queries, 9 keys)", {}),
+        "cross_monotonic": (T.cross(6, 9, mode="monotonic"), "cross, monotonic (6 queries, 9 keys)", {}),
         "from_graph": (T.from_graph(T.read_graph(GRAPHS / "data" / "binary_tree.edgelist"), self_loops=True,
-                                    virtual_node=True), "binary tree + self-loops + virtual node"),
-        "batch": (T.sliding_window([6, 1, 5], 1, causal=True), "causal window 1, batch [6, 1, 5]"),
+                                    virtual_node=True), "binary tree + self-loops + virtual node", {}),
+        "batch": (T.sliding_window([6, 1, 5], 1, causal=True), "causal window 1, batch [6, 1, 5]",
+                  {"lengths": [6, 1, 5]}),  # density within the sequences
     }
-    for key, (ei, title) in extras.items():
+    for key, (ei, title, kwargs) in extras.items():
         path = OUT / f"topology_{key}.png"
-        T.draw_topology(ei, title=title, path=path, dpi=DPI)
+        T.draw_topology(ei, title=title, path=path, dpi=DPI, **kwargs)
         written.append(path)
     path = OUT / "topology_receptive_field.png"
     T.draw_receptive_field(T.load("sliding_window", small=True), 4, title="causal window 3: receptive field",
