@@ -217,10 +217,13 @@ def train(model: nn.Module, workload: Workload, config: TrainConfig, *, progress
         if world_size > 1:  # every rank's tokens and loss (the ranks' batches differ)
             import torch.distributed as dist
 
-            both = torch.tensor([float(step_tokens), last_loss], dtype=torch.float64,
-                                device=device if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(both)
-            step_tokens, last_loss = int(both[0]), float(both[1]) / world_size
+            if dist.is_available() and dist.is_initialized():
+                both = torch.tensor([float(step_tokens), last_loss], dtype=torch.float64,
+                                    device=device if dist.get_backend() == "nccl" else "cpu")
+                dist.all_reduce(both)
+                step_tokens, last_loss = int(both[0]), float(both[1]) / world_size
+            else:  # no process group to ask: this rank's count for each rank
+                step_tokens *= world_size
         tokens += step_tokens
         if not math.isfinite(last_loss):
             raise FloatingPointError(f"Training loss became {last_loss} at step {step}; "
