@@ -95,6 +95,13 @@ def _check_positions(pos: Tensor, max_positions: int, hint: str) -> None:
                          f"but the model has position embeddings for 0..{max_positions - 1} {hint}")
 
 
+def _check_ids(ids: Tensor, size: int, name: str) -> None:
+    """Token ids (or token types) in ``[0, size)``, else a ``ValueError`` naming ``name``."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ValueError(f"Found {bad} in '{name}' but the model's table has entries 0..{size - 1}")
+
+
 def _scatter_back(h: Tensor, mask: Tensor) -> Tensor:
     out = h.new_zeros(*mask.shape, *h.shape[1:])  # [B, T, ...]
     out[mask] = h
@@ -131,8 +138,10 @@ class GraphBertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: Tensor, pos: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        _check_ids(input_ids, self.word_embeddings.num_embeddings, "input_ids")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
+        _check_ids(token_type_ids, self.token_type_embeddings.num_embeddings, "token_type_ids")
         h = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
              + self.position_embeddings(pos))  # [N, C]
         return self.dropout(self.LayerNorm(h))
@@ -278,6 +287,7 @@ class GraphGPT2LMHeadModel(nn.Module):
         and ``edge_index`` runs from all cached plus new nodes to them."""
         n = self.config.n_positions
         _check_positions(pos, n, f"(check 'pos': n_positions={n})")
+        _check_ids(input_ids, self.wte.num_embeddings, "input_ids")
         h = self.drop(self.wte(input_ids) + self.wpe(pos))  # [N, C]
         h = self.encoder(h, edge_index, cache=cache)
         logits = self.lm_head(h)

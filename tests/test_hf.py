@@ -368,3 +368,10 @@ def test_argument_shapes_and_positions():
 
     with pytest.raises(ValueError, match="'pos'.*n_positions=24"):
         generate(gpt2, ids, 30)
+    # token ids and types outside the tables (torch's embedding raised a bare IndexError)
+    with pytest.raises(ValueError, match="Found 99 in 'input_ids'.*0..60"):
+        bert(input_ids=torch.tensor([[1, 2, 99]]))
+    with pytest.raises(ValueError, match="Found -1 in 'input_ids'"):
+        gpt2(input_ids=torch.tensor([[1, -1, 3]]))
+    with pytest.raises(ValueError, match="Found 5 in 'token_type_ids'"):
+        bert(input_ids=ids, token_type_ids=torch.full((2, 5), 5))
