@@ -42,3 +42,17 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     for name in w0:
         torch.testing.assert_close(w0[name], w1[name], rtol=0, atol=0, msg=name)
     assert (out / "train_log.csv").exists()
+    # the logged tokens are the sum over both ranks' batches (seeds 1000 * seed + rank)
+    import csv
+
+    from gnn_transformer.experiments.runs import RunConfig, build
+    from gnn_transformer.experiments.training import TrainConfig
+
+    config = RunConfig(task="recall", topology="sliding_window:window=2", train=TrainConfig(steps=6, batch_size=4))
+    workload, _ = build(config)
+    want = 0
+    for rank in (0, 1):
+        g = torch.Generator().manual_seed(config.train.seed * 1000 + rank)
+        want += sum(workload.batch_tokens(workload.train_batch(g)) for _ in range(6))
+    with open(out / "train_log.csv") as f:
+        assert int(list(csv.DictReader(f))[-1]["tokens"]) == want
