@@ -47,6 +47,15 @@ def _load_scales(SCALES, ACC: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(LSE, DELTA, idx, mask, ACC: tl.constexpr):
+    """``(lse, delta)`` of the backward pass at offsets ``idx`` (``row * H + head``) in ``ACC``;
+    an empty row's ``-inf`` lse reads as 0 (its weights are 0 all the same, and no NaN appears)."""
+    lse = tl.load(LSE + idx, mask=mask, other=0.0).to(ACC)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    return lse, tl.load(DELTA + idx, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
 def _mix(x):
     """``lowbias32`` on uint32 (the same steps as :func:`._dropout._mix`)."""
     x = x ^ (x >> 16)
@@ -151,9 +160,7 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, SCALES, E
     row = i * stride_qn + h * stride_qh + offs_d  # q, dO and dQ share one layout
     q = tl.load(Q + row, mask=dmask, other=0.0).to(ACC)
     do = tl.load(DO + row, mask=dmask, other=0.0).to(ACC)
-    lse = tl.load(LSE + i * H + h).to(ACC)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
-    delta = tl.load(DELTA + i * H + h).to(ACC)
+    lse, delta = _row_stats(LSE, DELTA, i * H + h, i >= 0, ACC)
     dq = tl.zeros([BLOCK_D], ACC)
     for e0 in range(start, end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
@@ -212,6 +219,20 @@ def _group_rows(i, hk, GROUP, D, stride_qn, stride_qh, BLOCK_G: tl.constexpr, BL
 
 
 @triton.jit
+def _group_start(SCALES, ROWPTR, GROUP, D, stride_qn, stride_qh, BLOCK_G: tl.constexpr,
+                 BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """The prologue of the grouped kernels: target ``i`` and key/value head ``hk`` of this program,
+    the scales, the target's edge range and its group's rows (:func:`_group_rows`)."""
+    i = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
+    hk = tl.program_id(1)
+    scale, keep_scale = _load_scales(SCALES, ACC)
+    start = tl.load(ROWPTR + i)
+    end = tl.load(ROWPTR + i + 1)
+    h, gmask, offs_d, dmask, qmask, rows = _group_rows(i, hk, GROUP, D, stride_qn, stride_qh, BLOCK_G, BLOCK_D)
+    return i, hk, scale, keep_scale, start, end, h, gmask, offs_d, dmask, qmask, rows
+
+
+@triton.jit
 def _group_scores(q, K, BIAS, SRC, offs_e, emask, hk, h, gmask, offs_d, dmask, stride_kn, stride_kh, H, scale,
                   HAS_BIAS: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
     """Scores ``[BLOCK_G, BLOCK_E]`` of the group's query heads against a block of edges, with the
@@ -238,12 +259,8 @@ def _csr_fwd_grouped(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, SCALES, EDGE_IDS, SEE
     attention): one program per (target, key/value head) gathers each key and value row once for
     the whole group, and scores and weighted sums are ``tl.dot`` products of ``[BLOCK_G, .]``
     tiles (rows beyond ``GROUP`` masked)."""
-    i = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
-    scale, keep_scale = _load_scales(SCALES, ACC)
-    hk = tl.program_id(1)
-    start = tl.load(ROWPTR + i)
-    end = tl.load(ROWPTR + i + 1)
-    h, gmask, offs_d, dmask, qmask, rows = _group_rows(i, hk, GROUP, D, stride_qn, stride_qh, BLOCK_G, BLOCK_D)
+    i, hk, scale, keep_scale, start, end, h, gmask, offs_d, dmask, qmask, rows = _group_start(
+        SCALES, ROWPTR, GROUP, D, stride_qn, stride_qh, BLOCK_G, BLOCK_D, ACC)
     q = tl.load(Q + rows, mask=qmask, other=0.0)
     m = tl.full([BLOCK_G], float("-inf"), ACC)
     l = tl.zeros([BLOCK_G], ACC)
@@ -274,17 +291,11 @@ def _csr_bwd_dq_grouped(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, S
                         BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
     """:func:`_csr_bwd_dq` for the query heads of one key/value head at once (see
     :func:`_csr_fwd_grouped`)."""
-    i = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
-    scale, keep_scale = _load_scales(SCALES, ACC)
-    hk = tl.program_id(1)
-    start = tl.load(ROWPTR + i)
-    end = tl.load(ROWPTR + i + 1)
-    h, gmask, offs_d, dmask, qmask, rows = _group_rows(i, hk, GROUP, D, stride_qn, stride_qh, BLOCK_G, BLOCK_D)
+    i, hk, scale, keep_scale, start, end, h, gmask, offs_d, dmask, qmask, rows = _group_start(
+        SCALES, ROWPTR, GROUP, D, stride_qn, stride_qh, BLOCK_G, BLOCK_D, ACC)
     q = tl.load(Q + rows, mask=qmask, other=0.0)
     do = tl.load(DO + rows, mask=qmask, other=0.0)
-    lse = tl.load(LSE + i * H + h, mask=gmask, other=0.0).to(ACC)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
-    delta = tl.load(DELTA + i * H + h, mask=gmask, other=0.0).to(ACC)
+    lse, delta = _row_stats(LSE, DELTA, i * H + h, gmask, ACC)
     dq = tl.zeros([BLOCK_G, BLOCK_D], ACC)
     for e0 in range(start, end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
@@ -336,9 +347,7 @@ def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, COLPTR, CSC_PERM, DST, 
             rows = i[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
             q = tl.load(Q + rows, mask=mask2, other=0.0).to(ACC)  # [BLOCK_E, D]
             do = tl.load(DO + rows, mask=mask2, other=0.0).to(ACC)
-            lse = tl.load(LSE + i * H + h, mask=emask, other=0.0).to(ACC)
-            lse = tl.where(lse == float("-inf"), 0.0, lse)
-            delta = tl.load(DELTA + i * H + h, mask=emask, other=0.0).to(ACC)
+            lse, delta = _row_stats(LSE, DELTA, i * H + h, emask, ACC)
             s = tl.sum(q * k[None, :], axis=1) * scale
             if HAS_BIAS:
                 s += tl.load(BIAS + e * H + h, mask=emask, other=0.0).to(ACC)

@@ -25,7 +25,7 @@ from torch import Tensor
 from ._autograd import Kernel, kernel_attention, softmax_delta
 from ._launch import launch
 from .tiled_torch import tiled_backward, tiled_forward
-from .triton_csr import _dot, _keep, _load_scales, _softmax_finish, _softmax_step, _upcast, scalars
+from .triton_csr import _dot, _keep, _load_scales, _row_stats, _softmax_finish, _softmax_step, _upcast, scalars
 from .tiling import TileList, triton_blocks
 
 
@@ -125,9 +125,7 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DQ, DTBIAS, 
     rows = offs_m[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
     q = tl.load(Q + rows, mask=mmask, other=0.0)
     do = tl.load(DO + rows, mask=mmask, other=0.0)
-    lse = tl.load(LSE + offs_m * H + h, mask=rmask, other=0.0).to(ACC)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
-    delta = tl.load(DELTA + offs_m * H + h, mask=rmask, other=0.0).to(ACC)
+    lse, delta = _row_stats(LSE, DELTA, offs_m * H + h, rmask, ACC)
     dq = tl.zeros([BQ, BLOCK_D], ACC)
     cells = tl.arange(0, BQ)[:, None] * BK + tl.arange(0, BK)[None, :]
     t0 = tl.load(TILE_PTR + qb)
@@ -184,9 +182,7 @@ def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DK, DV, K_
             rows = offs_m[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
             q = tl.load(Q + rows, mask=mmask, other=0.0)
             do = tl.load(DO + rows, mask=mmask, other=0.0)
-            lse = tl.load(LSE + offs_m * H + h, mask=rmask, other=0.0).to(ACC)
-            lse = tl.where(lse == float("-inf"), 0.0, lse)
-            delta = tl.load(DELTA + offs_m * H + h, mask=rmask, other=0.0).to(ACC)
+            lse, delta = _row_stats(LSE, DELTA, offs_m * H + h, rmask, ACC)
             s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, TB_HEADS, BIAS, BQ, BK, ACC,
                          UPCAST)
             p = tl.exp(s - lse[:, None])  # [Bq, Bk]
