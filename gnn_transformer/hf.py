@@ -89,16 +89,26 @@ def _flatten(input_ids: Tensor, attention_mask: Tensor | None, position_ids: Ten
     return mask, pos, mask.sum(1).tolist()
 
 
+def _outside(values: Tensor, size: int) -> int | None:
+    """A value of ``values`` outside ``[0, size)`` (the lowest if negative, else the highest), or
+    ``None``: one pass, one read back to the host."""
+    if not values.numel():
+        return None
+    lo, hi = (int(x) for x in torch.aminmax(values))
+    return lo if lo < 0 else (hi if hi >= size else None)
+
+
 def _check_positions(pos: Tensor, max_positions: int, hint: str) -> None:
-    if pos.numel() and (int(pos.max()) >= max_positions or int(pos.min()) < 0):
-        raise ValueError(f"Found position {int(pos.max()) if int(pos.min()) >= 0 else int(pos.min())} "
-                         f"but the model has position embeddings for 0..{max_positions - 1} {hint}")
+    bad = _outside(pos, max_positions)
+    if bad is not None:
+        raise ValueError(f"Found position {bad} but the model has position embeddings for "
+                         f"0..{max_positions - 1} {hint}")
 
 
 def _check_ids(ids: Tensor, size: int, name: str) -> None:
     """Token ids (or token types) in ``[0, size)``, else a ``ValueError`` naming ``name``."""
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
-        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+    bad = _outside(ids, size)
+    if bad is not None:
         raise ValueError(f"Found {bad} in '{name}' but the model's table has entries 0..{size - 1}")
 
 
