@@ -27,7 +27,11 @@ def attend_reference(query: Tensor, key: Tensor, value: Tensor, edge_index: Tens
     score = (query_i * key_j).sum(dim=-1) * scale  # [E, H]
     if edge_bias is not None:
         score = score + edge_bias
-    alpha = softmax(score, dst, num_nodes=num_dst)  # [E, H]
+    # A -inf bias removes its edge; a target whose edges are all removed is an empty row (zero output
+    # and gradients, as on every backend and the layer's pyg path), not exp(-inf - (-inf)) = NaN.
+    removed = torch.isneginf(score)  # [E, H]
+    alpha = softmax(score.masked_fill(removed, torch.finfo(score.dtype).min), dst, num_nodes=num_dst)
+    alpha = alpha.masked_fill(removed, 0.0)  # [E, H]
     out = scatter(alpha.unsqueeze(-1) * value_j, dst, dim=0, dim_size=num_dst, reduce="sum")  # [N_dst, H, D]
     if not return_lse:
         return out
