@@ -6,8 +6,9 @@
 #   bash benchmarks/gpu_check.sh bench   # auto's cost model for the GPU; the table at 4k and 16k (bf16)
 #   bash benchmarks/gpu_check.sh large   # 64k for every topology, 256k for the linear ones, 1M window/random
 #   bash benchmarks/gpu_check.sh gqa     # grouped-query attention (12 on 4 heads) at 16k: the grouped kernels
+#   bash benchmarks/gpu_check.sh pieces  # BigBird with its global blocks' rows in pieces, and without
 set -uo pipefail
-stage=${1:?usage: gpu_check.sh tests|bench|large|gqa}
+stage=${1:?usage: gpu_check.sh tests|bench|large|gqa|pieces}
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.
@@ -31,6 +32,19 @@ case "$stage" in
     python -m gnn_transformer.cli bench --device cuda --sizes 16384 --kv-heads 4 --topologies random bigbird \
       --backends fused auto flex --markdown "$out/bench_16k_gqa.md" 2>&1 | tee "$out/bench_16k_gqa.txt"
     ;;
+  pieces)
+    # long rows in pieces (kernels._pieces: auto, the default) against none (0), side by side
+    for length in auto 0; do
+      python - "$length" bench --device cuda --sizes 16384 65536 --topologies bigbird --backends fused tiled auto \
+        --markdown "$out/bench_pieces_$length.md" <<'PY' 2>&1 | tee "$out/bench_pieces_$length.txt"
+import sys
+from gnn_transformer.kernels import _pieces
+from gnn_transformer.cli import main
+_pieces.LENGTH = None if sys.argv[1] == "auto" else int(sys.argv[1])
+sys.exit(main(sys.argv[2:]))
+PY
+    done
+    ;;
   large)
     python -m gnn_transformer.cli bench --device cuda --sizes 65536 --repeats 3 \
       --markdown "$out/bench_64k.md" 2>&1 | tee "$out/bench_64k.txt"
@@ -43,7 +57,7 @@ case "$stage" in
       --markdown "$out/bench_1m.md" 2>&1 | tee "$out/bench_1m.txt"
     ;;
   *)
-    echo "unknown stage '$stage' (expected tests, bench, large or gqa)" >&2
+    echo "unknown stage '$stage' (expected tests, bench, large, gqa or pieces)" >&2
     exit 2
     ;;
 esac

@@ -64,6 +64,36 @@ def test_cuda_matches_reference(name, backend, kw, dtype):
     _compare(edge_index.to(CUDA), *_to_cuda(q, k, v, b), backend, kw, TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend,kw", [("fused", {}), ("tiled", {"block_size": 64})], ids=["fused", "tiled"])
+def test_cuda_cuts_global_rows_into_pieces(backend, kw, dtype, monkeypatch):
+    """A global token's row and column (its query and key blocks) are cut into pieces at the GPU's
+    own piece length (kernels._pieces), and the result still equals the reference."""
+    from gnn_transformer.kernels import _graph, _pieces
+    from gnn_transformer.topology import global_tokens, union
+
+    monkeypatch.setattr(_pieces, "LENGTH", None)  # the device's length
+    clear_cache()
+    n = 4096  # a window of 128 and a global token: 4096 edges and 64 tiles in its row, ~131 and 3-4 elsewhere
+    edge_index = union(sliding_window(n, 64), global_tokens(n, 1)).to(CUDA)
+    q, k, v, b = make_inputs(n, n, edge_index.size(1), heads=4, kv_heads=2, dim=64, dtype=dtype)
+    q, k, v, b = _to_cuda(q, k, v, b)
+    tol = TOL[torch.float32] if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    out, lse = attend(q, k, v, edge_index, scale=0.125, edge_bias=b, backend=backend, return_lse=True,
+                      impl="triton", **kw)
+    graph = _graph.prepare(edge_index, n, n)
+    cache = graph.extras if backend == "fused" else graph.extras[("tiles", 64, 64)]._launch_cache
+    w = torch.randn(out.shape, dtype=torch.float32, device=CUDA)
+    grads = torch.autograd.grad((out.float() * w).sum(), (q, k, v, b))
+    cut = [p for key, p in cache.items() if key[:1] == ("pieces",) and p is not None]
+    assert len(cut) == 2  # rows and columns
+    up = [x.detach().float().requires_grad_() for x in (q, k, v, b)]
+    ref = attend_reference(*up[:3], edge_index, scale=0.125, edge_bias=up[3])
+    torch.testing.assert_close(out.float(), ref, **tol)
+    for x, y in zip(grads, torch.autograd.grad((ref * w).sum(), up)):
+        torch.testing.assert_close(x.float(), y, **tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("backend,kw", BACKENDS, ids=IDS)
 @pytest.mark.parametrize("name", ["window", "bigbird", "random", "causal"])

@@ -52,12 +52,13 @@ class Case:
     bias: bool = False
     duplicates: bool = False
     dropout: bool = False
+    pieces: bool = False  # global tokens whose rows run in pieces (:mod:`._pieces`): the MAPPED launches
 
     def __str__(self) -> str:
         gqa = f"{self.heads}/{self.kv_heads}" if self.kv_heads != self.heads else f"{self.heads}"
         return (f"{self.backend} {self.dtype} H={gqa} D={self.head_dim}"
                 + (" +bias" if self.bias else "") + (" +duplicates" if self.duplicates else "")
-                + (" +dropout" if self.dropout else ""))
+                + (" +dropout" if self.dropout else "") + (" +pieces" if self.pieces else ""))
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,13 @@ def default_cases(dtypes: Iterable[str] = tuple(DTYPES), backends: Iterable[str]
     tiled kernels also with an edge bias on a graph with repeated edges; for split (whose fused
     part keys its dropout masks through the whole graph's edge positions) with bias and dropout;
     12 query heads on 4 key/value heads, and for fused also 12 on 12 (multi-head attention runs
-    the per-head CSR kernels, grouped-query attention the grouped ones)."""
-    fused = [dict(), dict(bias=True), dict(bias=True, dropout=True)]
+    the per-head CSR kernels, grouped-query attention the grouped ones); and for fused and tiled,
+    with bias and dropout, a graph whose long rows run in pieces (the kernels' ``MAPPED`` launches)."""
+    fused = [dict(), dict(bias=True), dict(bias=True, dropout=True), dict(bias=True, dropout=True, pieces=True)]
     variants = {"fused": fused + [dict(v, kv_heads=12) for v in fused],
                 "split": [dict(bias=True, dropout=True)]}
-    tiled = [dict(), dict(bias=True), dict(bias=True, duplicates=True), dict(bias=True, dropout=True)]
+    tiled = [dict(), dict(bias=True), dict(bias=True, duplicates=True), dict(bias=True, dropout=True),
+             dict(bias=True, dropout=True, pieces=True)]
     return [Case(b, d, head_dim=hd, **variant)
             for b in backends for d in dtypes for hd in head_dims for variant in variants.get(b, tiled)]
 
@@ -112,9 +115,9 @@ def _check_environment() -> None:
 def record_case(case: Case, num_tokens: int = 256, block_size: int = 64):
     """The Triton launches of one forward and backward pass of ``case`` (CPU tensors stand in for the
     GPU's; nothing runs)."""
-    from . import attend
+    from . import _pieces, attend
     from ._launch import recording
-    from ..topology import random, sliding_window, union
+    from ..topology import global_tokens, random, sliding_window, union
 
     if case.dtype not in DTYPES:
         raise ValueError(f"Unknown 'dtype' {case.dtype!r}; expected one of {sorted(DTYPES)}")
@@ -123,6 +126,8 @@ def record_case(case: Case, num_tokens: int = 256, block_size: int = 64):
     dtype = DTYPES[case.dtype]
     # a window (full and partial tiles) plus random edges: every kernel and branch has work
     edge_index = union(sliding_window(num_tokens, 32), random(num_tokens, 4, seed=0))
+    if case.pieces:  # a global token: its row and column are cut into pieces
+        edge_index = union(edge_index, global_tokens(num_tokens, 1))
     if case.duplicates:
         edge_index = torch.cat([edge_index.as_tensor(), edge_index.as_tensor()[:, ::7]], dim=1)
     n = num_tokens
@@ -132,11 +137,16 @@ def record_case(case: Case, num_tokens: int = 256, block_size: int = 64):
     bias = None
     if case.bias:
         bias = torch.zeros(edge_index.size(1), case.heads, dtype=dtype, requires_grad=True)
-    with recording() as launches:
-        out = attend(q, k, v, edge_index, scale=case.head_dim ** -0.5, edge_bias=bias,
-                     backend=case.backend, impl="triton", block_size=block_size,
-                     dropout_p=0.1 if case.dropout else 0.0, dropout_seed=1)
-        out.float().sum().backward()
+    length = _pieces.LENGTH
+    _pieces.LENGTH = 2 if case.pieces and case.backend == "tiled" else (128 if case.pieces else 0)
+    try:
+        with recording() as launches:
+            out = attend(q, k, v, edge_index, scale=case.head_dim ** -0.5, edge_bias=bias,
+                         backend=case.backend, impl="triton", block_size=block_size,
+                         dropout_p=0.1 if case.dropout else 0.0, dropout_seed=1)
+            out.float().sum().backward()
+    finally:
+        _pieces.LENGTH = length
     return launches
 
 

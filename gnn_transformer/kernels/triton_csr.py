@@ -18,6 +18,9 @@ one program: deterministic, no atomics. Half-precision
 inputs accumulate in float32, float64 inputs in float64. Importing this module needs Triton; CPU
 tensors run under ``TRITON_INTERPRET=1`` (slowly: tests only).
 
+Targets (and, in ``dK`` / ``dV``, sources) with far more edges than the rest run in pieces over a
+second launch of the same kernels, merged exactly afterwards (:mod:`._pieces`).
+
 With grouped-query attention (``G > 1``) the forward and ``dQ`` kernels run one program per (target,
 key/value head) instead: the ``G`` query heads form a ``[16+, D]`` tile, scores and weighted sums are
 ``tl.dot`` products, and each key and value row is gathered once per group rather than ``G`` times.
@@ -33,6 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _pieces
 from ._autograd import Kernel, kernel_attention, softmax_delta
 from ._dropout import threshold
 from ._graph import CSRGraph
@@ -44,6 +48,22 @@ def _load_scales(SCALES, ACC: tl.constexpr):
     """``(softmax scale, dropout keep scale)`` from the ``[2]`` tensor of :func:`scalars`, in the
     accumulation dtype (a float argument would reach the kernel as float32)."""
     return tl.load(SCALES).to(ACC), tl.load(SCALES + 1).to(ACC)
+
+
+@triton.jit
+def _work(START, END, MAP, MAPPED: tl.constexpr):
+    """``(r, o, start, end)`` of this program (axis 0): it walks items ``start:end`` of row ``r`` and
+    writes row ``o`` of its outputs. The main launch (``r = o``) reads ``START`` / ``END`` of its
+    row; a launch of pieces (``MAPPED``, :mod:`._pieces`) reads the row of piece ``o`` from ``MAP``
+    and writes row ``o`` of partial buffers."""
+    o = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
+    start = tl.load(START + o)
+    end = tl.load(END + o)
+    if MAPPED:
+        r = tl.load(MAP + o).to(tl.int64)
+    else:
+        r = o
+    return r, o, start, end
 
 
 @triton.jit
@@ -97,17 +117,15 @@ def _position(EDGE_IDS, e, emask, REMAP: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csr_fwd(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, SCALES, EDGE_IDS, SEED, THRESH,
+def _csr_fwd(Q, K, V, BIAS, OUT, LSE, START, END, MAP, SRC, SCALES, EDGE_IDS, SEED, THRESH,
              stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
              H, GROUP, D,
-             HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr, BLOCK_E: tl.constexpr,
-             BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
+             HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr, MAPPED: tl.constexpr,
+             BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    i, o, start, end = _work(START, END, MAP, MAPPED)
     scale, keep_scale = _load_scales(SCALES, ACC)
     h = tl.program_id(1)
     hk = h // GROUP
-    start = tl.load(ROWPTR + i)
-    end = tl.load(ROWPTR + i + 1)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     q = tl.load(Q + i * stride_qn + h * stride_qh + offs_d, mask=dmask, other=0.0).to(ACC)  # [D]
@@ -139,25 +157,23 @@ def _csr_fwd(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, SCALES, EDGE_IDS, SEED, THRES
     l_safe = tl.where(nonempty, l, 1.0)
     out = acc / l_safe
     lse = tl.where(nonempty, m + tl.log(l_safe), float("-inf"))
-    tl.store(OUT + i * stride_on + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=dmask)
-    tl.store(LSE + i * H + h + tl.arange(0, 1), lse)
+    tl.store(OUT + o * stride_on + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=dmask)
+    tl.store(LSE + o * H + h + tl.arange(0, 1), lse)
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, SCALES, EDGE_IDS, SEED, THRESH,
-                stride_qn, stride_qh, stride_kn, stride_kh,
+def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, START, END, MAP, SRC, SCALES, EDGE_IDS, SEED,
+                THRESH, stride_qn, stride_qh, stride_kn, stride_kh,
                 H, GROUP, D,
                 HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr,
-                BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
+                MAPPED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    i, o, start, end = _work(START, END, MAP, MAPPED)
     scale, keep_scale = _load_scales(SCALES, ACC)
     h = tl.program_id(1)
     hk = h // GROUP
-    start = tl.load(ROWPTR + i)
-    end = tl.load(ROWPTR + i + 1)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    row = i * stride_qn + h * stride_qh + offs_d  # q, dO and dQ share one layout
+    row = i * stride_qn + h * stride_qh + offs_d  # q, dO and dQ (row o) share one layout
     q = tl.load(Q + row, mask=dmask, other=0.0).to(ACC)
     do = tl.load(DO + row, mask=dmask, other=0.0).to(ACC)
     lse, delta = _row_stats(LSE, DELTA, i * H + h, i >= 0, ACC)
@@ -181,7 +197,7 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, SCALES, E
         if WRITE_DBIAS:
             tl.store(DBIAS + offs_e * H + h, ds.to(DBIAS.dtype.element_ty), mask=emask)
         dq += tl.sum(ds[:, None] * k, axis=0)
-    tl.store(DQ + row, (dq * scale).to(DQ.dtype.element_ty), mask=dmask)
+    tl.store(DQ + row + (o - i) * stride_qn, (dq * scale).to(DQ.dtype.element_ty), mask=dmask)
 
 
 @triton.jit
@@ -219,17 +235,16 @@ def _group_rows(i, hk, GROUP, D, stride_qn, stride_qh, BLOCK_G: tl.constexpr, BL
 
 
 @triton.jit
-def _group_start(SCALES, ROWPTR, GROUP, D, stride_qn, stride_qh, BLOCK_G: tl.constexpr,
-                 BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """The prologue of the grouped kernels: target ``i`` and key/value head ``hk`` of this program,
-    the scales, the target's edge range and its group's rows (:func:`_group_rows`)."""
-    i = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
+def _group_start(SCALES, START, END, MAP, GROUP, D, stride_qn, stride_qh, MAPPED: tl.constexpr,
+                 BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """The prologue of the grouped kernels: target ``i`` (output row ``o``, see :func:`_work`) and
+    key/value head ``hk`` of this program, the scales, the edge range and the group's rows
+    (:func:`_group_rows`)."""
+    i, o, start, end = _work(START, END, MAP, MAPPED)
     hk = tl.program_id(1)
     scale, keep_scale = _load_scales(SCALES, ACC)
-    start = tl.load(ROWPTR + i)
-    end = tl.load(ROWPTR + i + 1)
     h, gmask, offs_d, dmask, qmask, rows = _group_rows(i, hk, GROUP, D, stride_qn, stride_qh, BLOCK_G, BLOCK_D)
-    return i, hk, scale, keep_scale, start, end, h, gmask, offs_d, dmask, qmask, rows
+    return i, o, hk, scale, keep_scale, start, end, h, gmask, offs_d, dmask, qmask, rows
 
 
 @triton.jit
@@ -249,18 +264,18 @@ def _group_scores(q, K, BIAS, SRC, offs_e, emask, hk, h, gmask, offs_d, dmask, s
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csr_fwd_grouped(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, SCALES, EDGE_IDS, SEED, THRESH,
+def _csr_fwd_grouped(Q, K, V, BIAS, OUT, LSE, START, END, MAP, SRC, SCALES, EDGE_IDS, SEED, THRESH,
                      stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
                      H, GROUP, D,
-                     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr, MAPPED: tl.constexpr,
                      BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
                      ACC: tl.constexpr, UPCAST: tl.constexpr):
     """:func:`_csr_fwd` for the ``GROUP`` query heads of one key/value head at once (grouped-query
     attention): one program per (target, key/value head) gathers each key and value row once for
     the whole group, and scores and weighted sums are ``tl.dot`` products of ``[BLOCK_G, .]``
     tiles (rows beyond ``GROUP`` masked)."""
-    i, hk, scale, keep_scale, start, end, h, gmask, offs_d, dmask, qmask, rows = _group_start(
-        SCALES, ROWPTR, GROUP, D, stride_qn, stride_qh, BLOCK_G, BLOCK_D, ACC)
+    i, o, hk, scale, keep_scale, start, end, h, gmask, offs_d, dmask, qmask, rows = _group_start(
+        SCALES, START, END, MAP, GROUP, D, stride_qn, stride_qh, MAPPED, BLOCK_G, BLOCK_D, ACC)
     q = tl.load(Q + rows, mask=qmask, other=0.0)
     m = tl.full([BLOCK_G], float("-inf"), ACC)
     l = tl.zeros([BLOCK_G], ACC)
@@ -277,22 +292,22 @@ def _csr_fwd_grouped(Q, K, V, BIAS, OUT, LSE, ROWPTR, SRC, SCALES, EDGE_IDS, SEE
             p = tl.where(_keep(SEED, position[None, :], h[:, None], THRESH), p * keep_scale, 0.0)
         acc = acc * corr[:, None] + _dot(p.to(v.dtype), v, ACC, UPCAST)
     out, lse = _softmax_finish(m, l, acc)
-    tl.store(OUT + i * stride_on + h[:, None] * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
+    tl.store(OUT + o * stride_on + h[:, None] * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
              mask=qmask)
-    tl.store(LSE + i * H + h, lse, mask=gmask)
+    tl.store(LSE + o * H + h, lse, mask=gmask)
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csr_bwd_dq_grouped(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, SCALES, EDGE_IDS, SEED,
-                        THRESH, stride_qn, stride_qh, stride_kn, stride_kh,
+def _csr_bwd_dq_grouped(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, START, END, MAP, SRC, SCALES, EDGE_IDS,
+                        SEED, THRESH, stride_qn, stride_qh, stride_kn, stride_kh,
                         H, GROUP, D,
                         HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
-                        REMAP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr,
+                        REMAP: tl.constexpr, MAPPED: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr,
                         BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
     """:func:`_csr_bwd_dq` for the query heads of one key/value head at once (see
     :func:`_csr_fwd_grouped`)."""
-    i, hk, scale, keep_scale, start, end, h, gmask, offs_d, dmask, qmask, rows = _group_start(
-        SCALES, ROWPTR, GROUP, D, stride_qn, stride_qh, BLOCK_G, BLOCK_D, ACC)
+    i, o, hk, scale, keep_scale, start, end, h, gmask, offs_d, dmask, qmask, rows = _group_start(
+        SCALES, START, END, MAP, GROUP, D, stride_qn, stride_qh, MAPPED, BLOCK_G, BLOCK_D, ACC)
     q = tl.load(Q + rows, mask=qmask, other=0.0)
     do = tl.load(DO + rows, mask=qmask, other=0.0)
     lse, delta = _row_stats(LSE, DELTA, i * H + h, gmask, ACC)
@@ -313,23 +328,21 @@ def _csr_bwd_dq_grouped(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, ROWPTR, SRC, S
         if WRITE_DBIAS:
             tl.store(DBIAS + offs_e[None, :] * H + h[:, None], ds.to(DBIAS.dtype.element_ty), mask=cell)
         dq += _dot(ds.to(k.dtype), k, ACC, UPCAST)
-    tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+    tl.store(DQ + rows + (o - i) * stride_qn, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, COLPTR, CSC_PERM, DST, SCALES, EDGE_IDS, SEED,
-                  THRESH, stride_qn, stride_qh, stride_kn, stride_kh,
+def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, START, END, MAP, CSC_PERM, DST, SCALES, EDGE_IDS,
+                  SEED, THRESH, stride_qn, stride_qh, stride_kn, stride_kh,
                   H, GROUP, D,
-                  HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr, BLOCK_E: tl.constexpr,
-                  BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    j = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
+                  HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr, MAPPED: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    j, o, start, end = _work(START, END, MAP, MAPPED)  # source j, output row o
     scale, keep_scale = _load_scales(SCALES, ACC)
     hk = tl.program_id(1)
-    start = tl.load(COLPTR + j)
-    end = tl.load(COLPTR + j + 1)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    col = j * stride_kn + hk * stride_kh + offs_d  # k, v, dK and dV share one layout
+    col = j * stride_kn + hk * stride_kh + offs_d  # k, v, dK and dV (row o) share one layout
     k = tl.load(K + col, mask=dmask, other=0.0).to(ACC)
     v = tl.load(V + col, mask=dmask, other=0.0).to(ACC)
     dk = tl.zeros([BLOCK_D], ACC)
@@ -362,8 +375,9 @@ def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, COLPTR, CSC_PERM, DST, 
             ds = p * (dp - delta)
             dv += tl.sum(pd[:, None] * do, axis=0)
             dk += tl.sum(ds[:, None] * q, axis=0)
-    tl.store(DK + col, (dk * scale).to(DK.dtype.element_ty), mask=dmask)
-    tl.store(DV + col, dv.to(DV.dtype.element_ty), mask=dmask)
+    out_col = col + (o - j) * stride_kn
+    tl.store(DK + out_col, (dk * scale).to(DK.dtype.element_ty), mask=dmask)
+    tl.store(DV + out_col, dv.to(DV.dtype.element_ty), mask=dmask)
 
 
 BLOCK_E = 32
@@ -410,10 +424,16 @@ def _edge_ids(graph: CSRGraph) -> Tensor:
     return graph.edge_ids if graph.edge_ids is not None else graph.rowptr
 
 
+def _grid_heads(num_heads: int, num_kv: int, dim: int) -> int:
+    """Programs per row of the forward and ``dQ`` launches (key/value heads when grouped)."""
+    return num_heads if _grouped(num_heads // num_kv, dim) is None else num_kv
+
+
 def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
                 scale: float, dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor]:
     """``(out [N_dst, H, D], lse [N_dst, H])``; ``bias`` ``[E, H]`` in target-sorted edge order;
-    ``dropout = (p, seed)`` drops attention weights (:mod:`._dropout`)."""
+    ``dropout = (p, seed)`` drops attention weights (:mod:`._dropout`). Targets with far more edges
+    than the rest run in pieces (:mod:`._pieces`)."""
     n_dst, num_heads, dim = q.shape
     group = num_heads // k.size(1)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -423,43 +443,56 @@ def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSR
         return out, lse
     bias_arg = bias.contiguous() if bias is not None else lse  # unused when HAS_BIAS is False
     scales, seed, thresh = scalars(scale, dropout, acc_dtype, q.device)
-    args = (q, k, v, bias_arg, out, lse, graph.rowptr, graph.src, scales, _edge_ids(graph), seed, thresh,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
-            num_heads, group, dim)
-    flags = dict(HAS_BIAS=bias is not None, DROPOUT=dropout is not None, REMAP=graph.edge_ids is not None,
-                 BLOCK_E=BLOCK_E, ACC=_acc(q.dtype))
-    # one program per (target, key/value head): each key and value row gathered once per group
-    _launch_heads("forward", q, k.size(1), _csr_fwd_grouped, _csr_fwd, args, flags,
-                  dict(flags, BLOCK_D=triton.next_power_of_2(dim)))
+    pieces = _pieces.cached_pieces(graph.extras, "rows", graph.rowptr, "csr", graph.num_edges,
+                                   _grid_heads(num_heads, k.size(1), dim))
+
+    def run(rows, out, lse, start, end, row_map, mapped):
+        args = (q, k, v, bias_arg, out, lse, start, end, row_map, graph.src, scales, _edge_ids(graph), seed,
+                thresh, q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
+                num_heads, group, dim)
+        flags = dict(HAS_BIAS=bias is not None, DROPOUT=dropout is not None, REMAP=graph.edge_ids is not None,
+                     MAPPED=mapped, BLOCK_E=BLOCK_E, ACC=_acc(q.dtype))
+        # one program per (target, key/value head): each key and value row gathered once per group
+        _launch_heads("forward", q, rows, k.size(1), _csr_fwd_grouped, _csr_fwd, args, flags,
+                      dict(flags, BLOCK_D=triton.next_power_of_2(dim)))
+
+    start, end = _pieces.ranges(graph.rowptr, pieces)
+    run(n_dst, out, lse, start, end, start, False)
+    if pieces is not None:
+        out_p = _pieces.partial(pieces, 1, (num_heads, dim), acc_dtype, q.device)
+        lse_p = _pieces.partial(pieces, 1, (num_heads,), acc_dtype, q.device, float("-inf"))
+        run(pieces.num_pieces, out_p, lse_p, pieces.start, pieces.stop, pieces.row, True)
+        _pieces.merge_into(out, lse, out_p, lse_p, pieces)
     return out, lse
 
 
 _PER_HEAD: set = set()  # (pass, device, dtype, head dim, group): the GPU refused the grouped kernel
 
 
-def _launch_heads(what: str, q: Tensor, num_kv: int, grouped_kernel, per_head_kernel, args: tuple,
+def _launch_heads(what: str, q: Tensor, rows: int, num_kv: int, grouped_kernel, per_head_kernel, args: tuple,
                   grouped_flags: dict, per_head_flags: dict) -> None:
-    """The grouped kernel (grid ``(N_dst, H_kv)``) with several query heads per key/value head, else
-    the per-head one (grid ``(N_dst, H)``): also where the GPU refuses the grouped launch for want of
+    """The grouped kernel (grid ``(rows, H_kv)``) with several query heads per key/value head, else
+    the per-head one (grid ``(rows, H)``): also where the GPU refuses the grouped launch for want of
     resources (its ``[BLOCK_G, D]`` tiles need more shared memory than GPUs below an H100 have for
     float64 or head dims from 128); that case is remembered and later calls go per head at once."""
     from triton.runtime.errors import OutOfResources
 
-    n_dst, num_heads, dim = q.shape
+    num_heads, dim = q.shape[1:]
     grouped = _grouped(num_heads // num_kv, dim)
     key = (what, q.device, q.dtype, dim, num_heads // num_kv)
     if grouped is not None and key not in _PER_HEAD:
         try:
-            launch(grouped_kernel, (n_dst, num_kv), *args, UPCAST=_upcast(q), **dict(grouped_flags, **grouped))
+            launch(grouped_kernel, (rows, num_kv), *args, UPCAST=_upcast(q), **dict(grouped_flags, **grouped))
             return
         except OutOfResources:
             _PER_HEAD.add(key)
-    launch(per_head_kernel, (n_dst, num_heads), *args, **per_head_flags)
+    launch(per_head_kernel, (rows, num_heads), *args, **per_head_flags)
 
 
 def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, need_bias_grad,
                  dropout: tuple[float, int] | None = None):
-    """``(dq, dk, dv, dbias)``; ``dbias`` in target-sorted edge order."""
+    """``(dq, dk, dv, dbias)``; ``dbias`` in target-sorted edge order. Targets and sources with far
+    more edges than the rest run in pieces (:mod:`._pieces`)."""
     n_dst, num_heads, dim = q.shape
     n_src, num_kv = k.size(0), k.size(1)
     group = num_heads // num_kv
@@ -474,18 +507,42 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, ne
     flags = dict(HAS_BIAS=bias is not None, DROPOUT=dropout is not None, REMAP=graph.edge_ids is not None,
                  BLOCK_E=BLOCK_E, BLOCK_D=block_d, ACC=_acc(q.dtype))
     if n_dst > 0:
-        args = (q, k, v, bias_arg, dout, lse, delta, dq, dbias if dbias is not None else delta,
-                graph.rowptr, graph.src, scales, _edge_ids(graph), seed, thresh,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), num_heads, group, dim)
-        dq_flags = dict(flags, WRITE_DBIAS=dbias is not None)
-        _launch_heads("backward", q, num_kv, _csr_bwd_dq_grouped, _csr_bwd_dq, args, dq_flags, dq_flags)
+        pieces = _pieces.cached_pieces(graph.extras, "rows", graph.rowptr, "csr", graph.num_edges,
+                                       _grid_heads(num_heads, num_kv, dim))
+
+        def run_dq(rows, dq, start, end, row_map, mapped):
+            args = (q, k, v, bias_arg, dout, lse, delta, dq, dbias if dbias is not None else delta,
+                    start, end, row_map, graph.src, scales, _edge_ids(graph), seed, thresh,
+                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), num_heads, group, dim)
+            dq_flags = dict(flags, WRITE_DBIAS=dbias is not None, MAPPED=mapped)
+            _launch_heads("backward", q, rows, num_kv, _csr_bwd_dq_grouped, _csr_bwd_dq, args, dq_flags,
+                          dq_flags)
+
+        start, end = _pieces.ranges(graph.rowptr, pieces)
+        run_dq(n_dst, dq, start, end, start, False)
+        if pieces is not None:
+            dq_p = _pieces.partial(pieces, 1, (num_heads, dim), acc_dtype, q.device)
+            run_dq(pieces.num_pieces, dq_p, pieces.start, pieces.stop, pieces.row, True)
+            _pieces.add_into(dq, dq_p, pieces)
     if n_src > 0:
         colptr, csc_perm = graph.csc()
-        launch(_csc_bwd_dkdv, (n_src, num_kv),
-            q, k, v, bias_arg, dout, lse, delta, dk, dv, colptr, csc_perm, graph.dst,
-            scales, _edge_ids(graph), seed, thresh,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            num_heads, group, dim, **flags)
+        pieces = _pieces.cached_pieces(graph.extras, "columns", colptr, "csr", graph.num_edges, num_kv)
+
+        def run_dkdv(cols, dk, dv, start, end, col_map, mapped):
+            launch(_csc_bwd_dkdv, (cols, num_kv),
+                q, k, v, bias_arg, dout, lse, delta, dk, dv, start, end, col_map, csc_perm, graph.dst,
+                scales, _edge_ids(graph), seed, thresh,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                num_heads, group, dim, MAPPED=mapped, **flags)
+
+        start, end = _pieces.ranges(colptr, pieces)
+        run_dkdv(n_src, dk, dv, start, end, start, False)
+        if pieces is not None:
+            dk_p = _pieces.partial(pieces, 1, (num_kv, dim), acc_dtype, q.device)
+            dv_p = _pieces.partial(pieces, 1, (num_kv, dim), acc_dtype, q.device)
+            run_dkdv(pieces.num_pieces, dk_p, dv_p, pieces.start, pieces.stop, pieces.row, True)
+            _pieces.add_into(dk, dk_p, pieces)
+            _pieces.add_into(dv, dv_p, pieces)
     return dq, dk, dv, dbias
 
 

@@ -7,8 +7,10 @@ it writes the output block and the log-sum-exp.
 
 Backward: ``dQ`` (and the tile-bias gradient) with one program per (query block, head) over the same
 tiles; ``dK`` / ``dV`` with one program per (key block, key/value head) over the tiles sorted by key
-block (:meth:`TileList.by_key`), summing its group's query heads inside the program. Deterministic,
-no atomics. Importing this module needs Triton; CPU tensors run under ``TRITON_INTERPRET=1``.
+block (:meth:`TileList.by_key`), summing its group's query heads inside the program. Query and key
+blocks with far more tiles than the rest (global blocks) run in pieces, merged exactly afterwards
+(:mod:`._pieces`). Deterministic, no atomics. Importing this module needs Triton; CPU tensors run
+under ``TRITON_INTERPRET=1``.
 
 Notation: ``Bq`` / ``Bk`` block sizes, ``H`` / ``H_kv`` query / key-value heads, ``D`` head dimension,
 ``H_b`` heads of the tile bias (1 or ``H``).
@@ -22,10 +24,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _pieces
 from ._autograd import Kernel, kernel_attention, softmax_delta
 from ._launch import launch
 from .tiled_torch import tiled_backward, tiled_forward
-from .triton_csr import _dot, _keep, _load_scales, _row_stats, _softmax_finish, _softmax_step, _upcast, scalars
+from .triton_csr import (_dot, _keep, _load_scales, _row_stats, _softmax_finish, _softmax_step, _upcast, _work,
+                         scalars)
 from .tiling import TileList, triton_blocks
 
 
@@ -71,13 +75,13 @@ def _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ: tl.con
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, TILE_PTR, K_BLOCK, MASK_INDEX, SCALES,
+def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, START, END, MAP, K_BLOCK, MASK_INDEX, SCALES,
                EDGE_IDS, SEED, THRESH,
                stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
                N_DST, N_SRC, H, GROUP, D, TB_HEADS,
-               BIAS: tl.constexpr, DROPOUT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-               BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    qb = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
+               BIAS: tl.constexpr, DROPOUT: tl.constexpr, MAPPED: tl.constexpr, BQ: tl.constexpr,
+               BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    qb, ob, t0, t1 = _work(START, END, MAP, MAPPED)  # query block qb, output block ob
     scale, keep_scale = _load_scales(SCALES, ACC)
     h = tl.program_id(1)
     hk = h // GROUP
@@ -88,8 +92,6 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, TILE_PTR, K_BLOCK, MA
     m_i = tl.full([BQ], float("-inf"), ACC)
     l_i = tl.zeros([BQ], ACC)
     acc = tl.zeros([BQ, BLOCK_D], ACC)
-    t0 = tl.load(TILE_PTR + qb)
-    t1 = tl.load(TILE_PTR + qb + 1)
     for t in range(t0, t1):
         kv, nmask = _key_block(K_BLOCK, t, hk, offs_d, N_SRC, D, stride_kn, stride_kh, BK)
         k = tl.load(K + kv, mask=nmask, other=0.0)
@@ -101,20 +103,21 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, TILE_PTR, K_BLOCK, MA
             p = p * _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ, BK)
         acc = acc * corr[:, None] + _dot(p.to(v.dtype), v, ACC, UPCAST)
     out, lse = _softmax_finish(m_i, l_i, acc)
-    tl.store(OUT + offs_m[:, None] * stride_on + h * stride_oh + offs_d[None, :],
+    offs_o = ob * BQ + tl.arange(0, BQ)
+    tl.store(OUT + offs_o[:, None] * stride_on + h * stride_oh + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=mmask)
-    tl.store(LSE + offs_m * H + h, lse, mask=offs_m < N_DST)
+    tl.store(LSE + offs_o * H + h, lse, mask=offs_m < N_DST)
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])
-def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DQ, DTBIAS, TILE_PTR, K_BLOCK, MASK_INDEX,
-                  SCALES, EDGE_IDS, SEED, THRESH,
+def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DQ, DTBIAS, START, END, MAP, K_BLOCK,
+                  MASK_INDEX, SCALES, EDGE_IDS, SEED, THRESH,
                   stride_qn, stride_qh, stride_kn, stride_kh,
                   N_DST, N_SRC, H, GROUP, D, TB_HEADS,
-                  BIAS: tl.constexpr, WRITE_DTBIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                  BIAS: tl.constexpr, WRITE_DTBIAS: tl.constexpr, DROPOUT: tl.constexpr, MAPPED: tl.constexpr,
                   BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
                   UPCAST: tl.constexpr):
-    qb = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
+    qb, ob, t0, t1 = _work(START, END, MAP, MAPPED)  # query block qb, output block ob
     scale, keep_scale = _load_scales(SCALES, ACC)
     h = tl.program_id(1)
     hk = h // GROUP
@@ -122,14 +125,12 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DQ, DTBIAS, 
     offs_d = tl.arange(0, BLOCK_D)
     rmask = offs_m < N_DST
     mmask = rmask[:, None] & (offs_d[None, :] < D)
-    rows = offs_m[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
+    rows = offs_m[:, None] * stride_qn + h * stride_qh + offs_d[None, :]  # q, dO and dQ (block ob): one layout
     q = tl.load(Q + rows, mask=mmask, other=0.0)
     do = tl.load(DO + rows, mask=mmask, other=0.0)
     lse, delta = _row_stats(LSE, DELTA, offs_m * H + h, rmask, ACC)
     dq = tl.zeros([BQ, BLOCK_D], ACC)
     cells = tl.arange(0, BQ)[:, None] * BK + tl.arange(0, BK)[None, :]
-    t0 = tl.load(TILE_PTR + qb)
-    t1 = tl.load(TILE_PTR + qb + 1)
     for t in range(t0, t1):
         kv, nmask = _key_block(K_BLOCK, t, hk, offs_d, N_SRC, D, stride_kn, stride_kh, BK)
         k = tl.load(K + kv, mask=nmask, other=0.0)
@@ -148,29 +149,27 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DQ, DTBIAS, 
             else:
                 tl.store(DTBIAS + (t * H + h) * BQ * BK + cells, ds.to(DTBIAS.dtype.element_ty))
         dq += _dot(ds.to(k.dtype), k, ACC, UPCAST)
-    tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=mmask)
+    tl.store(DQ + rows + (ob - qb) * BQ * stride_qn, (dq * scale).to(DQ.dtype.element_ty), mask=mmask)
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])
-def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DK, DV, K_PTR, ORDER, Q_BLOCK, MASK_INDEX,
-                    SCALES, EDGE_IDS, SEED, THRESH,
+def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DK, DV, START, END, MAP, ORDER, Q_BLOCK,
+                    MASK_INDEX, SCALES, EDGE_IDS, SEED, THRESH,
                     stride_qn, stride_qh, stride_kn, stride_kh,
                     N_DST, N_SRC, H, GROUP, D, TB_HEADS,
-                    BIAS: tl.constexpr, DROPOUT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
-                    BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    kb = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
+                    BIAS: tl.constexpr, DROPOUT: tl.constexpr, MAPPED: tl.constexpr, BQ: tl.constexpr,
+                    BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    kb, ob, i0, i1 = _work(START, END, MAP, MAPPED)  # key block kb, output block ob
     scale, keep_scale = _load_scales(SCALES, ACC)
     hk = tl.program_id(1)
     offs_n = kb * BK + tl.arange(0, BK)
     offs_d = tl.arange(0, BLOCK_D)
     nmask = (offs_n[:, None] < N_SRC) & (offs_d[None, :] < D)
-    cols = offs_n[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
+    cols = offs_n[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]  # k, v, dK and dV (block ob)
     k = tl.load(K + cols, mask=nmask, other=0.0)
     v = tl.load(V + cols, mask=nmask, other=0.0)
     dk = tl.zeros([BK, BLOCK_D], ACC)
     dv = tl.zeros([BK, BLOCK_D], ACC)
-    i0 = tl.load(K_PTR + kb)
-    i1 = tl.load(K_PTR + kb + 1)
     for idx in range(i0, i1):
         t = tl.load(ORDER + idx)
         qb = tl.load(Q_BLOCK + t)
@@ -195,8 +194,9 @@ def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DK, DV, K_
             ds = p * (dp - delta[:, None])
             dv += _dot(tl.trans(pd.to(do.dtype)), do, ACC, UPCAST)
             dk += _dot(tl.trans(ds.to(q.dtype)), q, ACC, UPCAST)
-    tl.store(DK + cols, (dk * scale).to(DK.dtype.element_ty), mask=nmask)
-    tl.store(DV + cols, dv.to(DV.dtype.element_ty), mask=nmask)
+    out_cols = cols + (ob - kb) * BK * stride_kn
+    tl.store(DK + out_cols, (dk * scale).to(DK.dtype.element_ty), mask=nmask)
+    tl.store(DV + out_cols, dv.to(DV.dtype.element_ty), mask=nmask)
 
 
 def _acc(dtype: torch.dtype):
@@ -223,6 +223,13 @@ def _check_blocks(tiles: TileList) -> None:
         raise ValueError(f"The Triton tiled kernels need power-of-two blocks of at least 16 (got "
                          f"block_q={tiles.block_q}, block_k={tiles.block_k}); impl=None runs other "
                          "block sizes through the PyTorch tiled path")
+
+
+def _cache(tiles: TileList) -> dict:
+    """The tile list's dictionary of derived launch structures (:mod:`._pieces`)."""
+    if not hasattr(tiles, "_launch_cache"):
+        tiles._launch_cache = {}
+    return tiles._launch_cache
 
 
 def _common(tiles: TileList, tbias: Tensor | None, dim: int, dropout: tuple[float, int] | None):
@@ -258,13 +265,25 @@ def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias
         return out, lse
     masks, cell_edge, tb_heads, mode, block_d = _common(tiles, tbias, dim, dropout)
     drop = _scalar_args(tiles, scale, dropout, acc_dtype, q.device)
-    launch(_tiled_fwd, (tiles.num_q_blocks, num_heads),
-        q, k, v, tbias if tbias is not None else lse, masks, cell_edge, out, lse, tiles.tile_ptr, tiles.k_block,
-        tiles.mask_index, *drop,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
-        n_dst, k.size(0), num_heads, num_heads // k.size(1), dim, tb_heads,
-        BIAS=mode, DROPOUT=dropout is not None, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
-        ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype, dim, lean))
+    pieces = _pieces.cached_pieces(_cache(tiles), "q_blocks", tiles.tile_ptr, "tiles", tiles.num_tiles, num_heads)
+    tb_arg = tbias if tbias is not None else lse  # unused without a bias
+
+    def run(blocks, out, lse, start, end, block_map, mapped):
+        launch(_tiled_fwd, (blocks, num_heads),
+            q, k, v, tb_arg, masks, cell_edge, out, lse, start, end, block_map,
+            tiles.k_block, tiles.mask_index, *drop,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
+            n_dst, k.size(0), num_heads, num_heads // k.size(1), dim, tb_heads,
+            BIAS=mode, DROPOUT=dropout is not None, MAPPED=mapped, BQ=tiles.block_q, BK=tiles.block_k,
+            BLOCK_D=block_d, ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype, dim, lean))
+
+    start, end = _pieces.ranges(tiles.tile_ptr, pieces)
+    run(tiles.num_q_blocks, out, lse, start, end, start, False)
+    if pieces is not None:
+        out_p = _pieces.partial(pieces, tiles.block_q, (num_heads, dim), acc_dtype, q.device)
+        lse_p = _pieces.partial(pieces, tiles.block_q, (num_heads,), acc_dtype, q.device, float("-inf"))
+        run(pieces.num_pieces, out_p, lse_p, pieces.start, pieces.stop, pieces.row, True)
+        _pieces.merge_into(out, lse, out_p, lse_p, pieces, tiles.block_q)
     return out, lse
 
 
@@ -284,19 +303,42 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout
     common = dict(BIAS=mode, DROPOUT=dropout is not None, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
                   ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype, dim, lean))
     if n_dst > 0:
-        launch(_tiled_bwd_dq, (tiles.num_q_blocks, num_heads),
-            q, k, v, tb_arg, masks, cell_edge, dout, lse, delta, dq, dtb if dtb is not None else delta,
-            tiles.tile_ptr, tiles.k_block, tiles.mask_index, *drop,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            n_dst, n_src, num_heads, num_heads // num_kv, dim, tb_heads,
-            WRITE_DTBIAS=dtb is not None, **common)
+        pieces = _pieces.cached_pieces(_cache(tiles), "q_blocks", tiles.tile_ptr, "tiles", tiles.num_tiles,
+                                       num_heads)
+
+        def run_dq(blocks, dq, start, end, block_map, mapped):
+            launch(_tiled_bwd_dq, (blocks, num_heads),
+                q, k, v, tb_arg, masks, cell_edge, dout, lse, delta, dq, dtb if dtb is not None else delta,
+                start, end, block_map, tiles.k_block, tiles.mask_index, *drop,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                n_dst, n_src, num_heads, num_heads // num_kv, dim, tb_heads,
+                WRITE_DTBIAS=dtb is not None, MAPPED=mapped, **common)
+
+        start, end = _pieces.ranges(tiles.tile_ptr, pieces)
+        run_dq(tiles.num_q_blocks, dq, start, end, start, False)
+        if pieces is not None:
+            dq_p = _pieces.partial(pieces, tiles.block_q, (num_heads, dim), acc_dtype, q.device)
+            run_dq(pieces.num_pieces, dq_p, pieces.start, pieces.stop, pieces.row, True)
+            _pieces.add_into(dq, dq_p, pieces, tiles.block_q)
     if n_src > 0:
         order, k_ptr = tiles.by_key()
-        launch(_tiled_bwd_dkdv, (tiles.num_k_blocks, num_kv),
-            q, k, v, tb_arg, masks, cell_edge, dout, lse, delta, dk, dv, k_ptr, order, tiles.q_block,
-            tiles.mask_index, *drop,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            n_dst, n_src, num_heads, num_heads // num_kv, dim, tb_heads, **common)
+        pieces = _pieces.cached_pieces(_cache(tiles), "k_blocks", k_ptr, "tiles", tiles.num_tiles, num_kv)
+
+        def run_dkdv(blocks, dk, dv, start, end, block_map, mapped):
+            launch(_tiled_bwd_dkdv, (blocks, num_kv),
+                q, k, v, tb_arg, masks, cell_edge, dout, lse, delta, dk, dv, start, end, block_map, order,
+                tiles.q_block, tiles.mask_index, *drop,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                n_dst, n_src, num_heads, num_heads // num_kv, dim, tb_heads, MAPPED=mapped, **common)
+
+        start, end = _pieces.ranges(k_ptr, pieces)
+        run_dkdv(tiles.num_k_blocks, dk, dv, start, end, start, False)
+        if pieces is not None:
+            dk_p = _pieces.partial(pieces, tiles.block_k, (num_kv, dim), acc_dtype, q.device)
+            dv_p = _pieces.partial(pieces, tiles.block_k, (num_kv, dim), acc_dtype, q.device)
+            run_dkdv(pieces.num_pieces, dk_p, dv_p, pieces.start, pieces.stop, pieces.row, True)
+            _pieces.add_into(dk, dk_p, pieces, tiles.block_k)
+            _pieces.add_into(dv, dv_p, pieces, tiles.block_k)
     return dq, dk, dv, dtb
 
 
