@@ -152,7 +152,7 @@ def record_case(case: Case, num_tokens: int = 256, block_size: int = 64):
 
 def _signature(kernel, args: Sequence, meta: dict) -> tuple[dict, dict, dict]:
     """``(signature, constexprs, attrs)`` for :class:`triton.compiler.ASTSource`, specialized the
-    way a launch would be (16-byte aligned pointers, integers divisible by 16)."""
+    way a launch would be (pointers aligned to 16 bytes, integers divisible by 16)."""
     names = kernel.arg_names
     constexpr_names = [p.name for p in kernel.params if p.is_constexpr]
     signature, constexprs, attrs = {}, {}, {}
@@ -169,7 +169,9 @@ def _signature(kernel, args: Sequence, meta: dict) -> tuple[dict, dict, dict]:
         divisible = False
         if isinstance(value, torch.Tensor):
             signature[name] = "*" + _POINTER[value.dtype]
-            divisible = True  # torch allocations are aligned
+            # as a launch specializes: allocations are aligned, but a view (rowptr[1:], a row of
+            # edge_index) may start 8 bytes in
+            divisible = value.data_ptr() % 16 == 0
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
@@ -246,7 +248,8 @@ def compile_cases(cases: Iterable[Case], arch: int = 90) -> list[Compiled]:
             options = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
             signature, constexprs, attrs = _signature(launch.kernel, launch.args, meta)
             key = (launch.kernel.__name__, tuple(sorted(signature.items())),
-                   tuple(sorted((k, str(v)) for k, v in constexprs.items())), tuple(sorted(options.items())))
+                   tuple(sorted((k, str(v)) for k, v in constexprs.items())), tuple(sorted(options.items())),
+                   tuple(sorted(attrs)))
             if key in seen:
                 continue
             seen.add(key)
