@@ -253,6 +253,8 @@ def _check_inputs(query, key, value, backend, num_dst, impl):
         raise ValueError(f"Expected 'key' and 'value' of one shape (got {list(key.shape)} and {list(value.shape)})")
     if key.size(-1) != query.size(-1):
         raise ValueError(f"Expected one head dimension for 'query' and 'key' (got {query.size(-1)} and {key.size(-1)})")
+    if query.size(1) == 0:
+        raise ValueError(f"Expected at least one head (got 'query' {list(query.shape)})")
     if key.size(1) == 0 or query.size(1) % key.size(1) != 0:
         raise ValueError(f"Expected the query heads ({query.size(1)}) to be a multiple of the key/value heads ({key.size(1)})")
     if not (query.dtype == key.dtype == value.dtype):
@@ -348,6 +350,12 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
     _check_tiling(block_size, tile_cost)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"Expected 'scale' to be a finite number (got {scale!r})")
+    scale = float(scale)  # a Fraction or NumPy scalar reaches the kernels as a Python float
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
+        raise ValueError(f"Expected 'dropout_p' in [0, 1) (got {dropout_p!r})")
+    for name, chunk in (("max_edges", max_edges), ("max_cells", max_cells)):
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"Expected '{name}' to be a positive int (got {chunk!r})")
     if isinstance(edge_index, Tensor) and edge_index.device != query.device:
         raise ValueError(f"Expected 'edge_index' on the device of query/key/value (got {edge_index.device} "
                          f"and {query.device})")
