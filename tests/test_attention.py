@@ -218,6 +218,25 @@ def test_edge_index_object_equals_plain_tensor():
                                layer(x, ei, backend="pyg"))
 
 
+def _block_and_tail():
+    """72 tokens: the first 56 attend to one another (one tile of 64 x 64 cells, 77% full), the other
+    16 to themselves and three more. Under attention dropout split tiles that tile and fuses the
+    other edges, and auto picks split (asserted here)."""
+    from gnn_transformer.kernels import choose_backend, plan_costs
+
+    src = [j for i in range(56) for j in range(56)]
+    dst = [i for i in range(56) for _ in range(56)]
+    for i in range(56, 72):
+        for j in sorted({i, 0, i - 56, (7 * i) % 72}):
+            src.append(j)
+            dst.append(i)
+    edge_index = torch.tensor([src, dst])
+    costs = plan_costs(edge_index, "cpu", dropout=True)
+    assert costs["dense_tiles"] > 0 and 0 < costs["dense_edges"] < costs["edges"]
+    assert choose_backend(edge_index, "cpu", dropout=True) == "split"
+    return edge_index
+
+
 def test_dropout_on_attention_weights():
     layer = GraphMultiheadAttention(8, 2, dropout=0.5)
     x = torch.randn(6, 8)
@@ -234,22 +253,50 @@ def test_dropout_on_attention_weights():
     layer.train()
     assert layer.resolve_backend(ei, x.device) in ("fused", "tiled", "split")  # auto: a kernel with dropout
     assert layer.resolve_backend(ei, x.device, "pyg") == "pyg"
-    torch.manual_seed(1)
-    torch.testing.assert_close(layer(x, ei, backend="split"), a)  # every kernel drops the same weights
+    # every kernel drops the same weights, on a graph where split really tiles a block and fuses the rest
+    ei = _block_and_tail()
+    y = torch.randn(72, 8)
+    outs = {}
+    for backend in ("fused", "tiled", "split"):
+        torch.manual_seed(1)
+        outs[backend] = layer(y, ei, backend=backend)
+    torch.testing.assert_close(outs["split"], outs["fused"])
+    torch.testing.assert_close(outs["tiled"], outs["fused"])
+    layer.eval()
+    assert not torch.allclose(outs["split"], layer(y, ei, backend="split"))  # it did drop weights
 
 
 @pytest.mark.parametrize("backend", ["auto", "fused", "tiled"])
 def test_dropout_in_the_kernels_is_inverted_dropout(backend):
     """Training with attention dropout on the kernel: the mask follows torch's seed, about ``p`` of
-    the weights go, and the mean output over many masks is the output without dropout."""
+    the weights go, and the mean output over many masks is the output without dropout. auto runs on
+    a graph where it picks split."""
     torch.manual_seed(0)
-    layer = GraphMultiheadAttention(16, 2, dropout=0.3, backend=backend).double()
-    x = torch.randn(40, 16, dtype=torch.float64)
-    ei = full(40)
+    p = 0.3
+    layer = GraphMultiheadAttention(16, 2, dropout=p, backend=backend).double()
+    ei = _block_and_tail() if backend == "auto" else full(40)
+    n = int(ei.max()) + 1
+    assert layer.resolve_backend(ei, torch.device("cpu")) == ("split" if backend == "auto" else backend)
+    x = torch.randn(n, 16, dtype=torch.float64)
     torch.manual_seed(5)
     a = layer(x, ei)
     torch.manual_seed(5)
     torch.testing.assert_close(layer(x, ei), a, rtol=0, atol=0)  # seeded by torch's generator
+    # the drop rate: with q = k = 0 every weight is 1 / deg_i, and values of 1 make each output channel
+    # count the kept weights of its target and head, times 1 / (deg_i (1 - p))
+    plain = ei.as_tensor() if hasattr(ei, "as_tensor") else ei
+    deg = torch.bincount(plain[1], minlength=n).double()  # [N], no empty rows
+    zeros, ones = torch.zeros(n, 2, 8, dtype=torch.float64), torch.ones(n, 2, 8, dtype=torch.float64)
+    kept, total = 0.0, 0
+    for seed in range(10):
+        torch.manual_seed(100 + seed)
+        heads, _ = layer.attend(zeros, zeros, ones, ei)  # [N, H, D]
+        count = heads[..., 0] * deg[:, None] * (1 - p)  # [N, H] kept weights per target and head
+        torch.testing.assert_close(count, count.round(), rtol=0, atol=1e-9)
+        assert (heads == heads[..., :1]).all()
+        kept, total = kept + count.round().sum().item(), total + plain.size(1) * 2
+    rate = 1 - kept / total
+    assert abs(rate - p) < 4 * (p * (1 - p) / total) ** 0.5  # 4 standard deviations of the binomial
     outs = torch.stack([layer(x, ei) for _ in range(400)])
     layer.eval()
     ref = layer(x, ei)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gnn_transformer.kernels import attend, attend_reference, choose_backend, edge_weights
+from gnn_transformer.kernels import attend, attend_reference, choose_backend, edge_weights, plan_costs
 
-from .test_kernels_common import GRAPHS, dense_attention, graph_case, make_inputs
+from .test_kernels_common import (GRAPHS, assert_matches_dense, assert_splits, dense_attention, graph_case,
+                                  make_inputs)
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 # split with tile_cost=0.3: tiles at least 30% full go tiled, the other edges fused
@@ -24,12 +25,27 @@ def _grads(out, lse, inputs):
     return torch.autograd.grad(loss, [x for x in inputs if x is not None], allow_unused=True)
 
 
+def _check_auto(name, backend, kw, edge_index, n_src, n_dst):
+    """On "band_far" with blocks of 8, auto really runs split (elsewhere it runs fused or tiled)."""
+    if backend == "auto" and name == "band_far" and kw.get("block_size") == 8:
+        assert choose_backend(edge_index, "cpu", num_src=n_src, num_dst=n_dst, **kw) == "split"
+
+
+@pytest.mark.parametrize("name", ["causal", "window", "bipartite", "batch", "unsorted", "band_far"])
+def test_split_cases_tile_and_fuse(name):
+    """The split8 case above is no fused or tiled in disguise on these graphs: some tiles go
+    tiled and some edges fused (on the others it may tile nothing)."""
+    edge_index, n_src, n_dst = graph_case(name)
+    assert_splits(edge_index, n_src, n_dst, **dict(BACKENDS)["split"])
+
+
 @pytest.mark.parametrize("dtype,heads", [(torch.float64, (4, 4)), (torch.float64, (4, 1)), (torch.float32, (4, 2))],
                          ids=["f64-mha", "f64-mqa", "f32-gqa"])
 @pytest.mark.parametrize("backend,kw", BACKENDS, ids=IDS)
-@pytest.mark.parametrize("name", GRAPHS)
+@pytest.mark.parametrize("name", GRAPHS + ["band_far"])
 def test_backend_matches_reference(name, backend, kw, dtype, heads):
     edge_index, n_src, n_dst = graph_case(name)
+    _check_auto(name, backend, kw, edge_index, n_src, n_dst)
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=heads[0], kv_heads=heads[1], dtype=dtype)
     out, lse = attend(q, k, v, edge_index, scale=0.35, edge_bias=b, backend=backend, return_lse=True, **kw)
     ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.35, edge_bias=b, return_lse=True)
@@ -40,14 +56,18 @@ def test_backend_matches_reference(name, backend, kw, dtype, heads):
         torch.testing.assert_close(got, want, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("backend,kw", BACKENDS + [("auto", {})], ids=IDS + ["auto"])
-@pytest.mark.parametrize("name", GRAPHS)
-def test_backend_matches_dense(name, backend, kw):
+@pytest.mark.parametrize("name", GRAPHS + ["band_far"])
+def test_backend_matches_dense(name, backend, kw, dtype):
+    """Each PyTorch backend against the dense masked softmax (float64 autograd): output, lse
+    (-inf on empty rows) and the gradients in q, k, v and the bias, with and without a bias."""
     edge_index, n_src, n_dst = graph_case(name)
-    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), dtype=torch.float64)
-    for bias in (None, b):
-        out = attend(q, k, v, edge_index, scale=0.5, edge_bias=bias, backend=backend, **kw)
-        torch.testing.assert_close(out, dense_attention(q, k, v, edge_index, 0.5, bias), atol=1e-10, rtol=1e-10)
+    _check_auto(name, backend, kw, edge_index, n_src, n_dst)
+    for bias in (False, True):
+        assert_matches_dense(lambda q, k, v, b: attend(q, k, v, edge_index, scale=0.45, edge_bias=b, backend=backend,
+                                                       impl="torch", return_lse=True, **kw),
+                             edge_index, n_src, n_dst, dtype, bias=bias)
 
 
 @pytest.mark.parametrize("backend,kw", BACKENDS, ids=IDS)
@@ -247,6 +267,47 @@ def test_float32_lse_gradient_through_cpu_flash_backward(name, backend, kw, monk
     assert set(calls) <= {q.size(-1) + 1}  # head dim 8 + the delta channel
     if backend == "tiled" and edge_index.size(1):  # split may tile nothing
         assert calls
+
+
+@pytest.mark.parametrize("use_lse", [False, True], ids=["out", "out+lse"])
+@pytest.mark.parametrize("backend,kw", [("tiled", {"block_size": 8}), ("tiled", {"block_size": 16}),
+                                        ("split", {"block_size": 8, "tile_cost": 0.3})],
+                         ids=["tiled8", "tiled16", "split8"])
+@pytest.mark.parametrize("name", ["causal", "window", "empty_rows", "hub", "multigraph", "bipartite", "band_far"])
+def test_float32_constant_bias_through_cpu_flash_backward(name, backend, kw, use_lse, monkeypatch):
+    """A float32 bias that needs no gradient (ALiBi) keeps the PyTorch tiled path on the fused CPU
+    attention, forward and backward (as an additive mask; tile biases where edges repeat):
+    output, lse and q/k/v gradients equal the dense reference at 1e-5."""
+    from gnn_transformer.kernels import tiled_torch
+
+    if tiled_torch._FLASH is None or tiled_torch._FLASH_BWD is None:
+        pytest.skip("this torch has no fused CPU attention")
+    fwd, bwd = [], []
+    real_fwd, real_bwd = tiled_torch._FLASH, tiled_torch._FLASH_BWD
+    monkeypatch.setattr(tiled_torch, "_FLASH", lambda *a, **k: fwd.append(a[0].size(-1)) or real_fwd(*a, **k))
+    monkeypatch.setattr(tiled_torch, "_FLASH_BWD", lambda *a, **k: bwd.append(a[0].size(-1)) or real_bwd(*a, **k))
+    edge_index, n_src, n_dst = graph_case(name)
+    plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+    slopes = 2.0 ** -torch.arange(1.0, 5.0)  # ALiBi, 4 heads
+    bias = -(plain[0] - plain[1]).abs().float()[:, None] * slopes  # [E, H], no gradient
+    q, k, v, _ = make_inputs(n_src, n_dst, plain.size(1), heads=4, kv_heads=2, dtype=torch.float32, bias=False)
+    out, lse = attend(q, k, v, edge_index, scale=0.45, edge_bias=bias, backend=backend, impl="torch",
+                      return_lse=True, **kw)
+    up = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref, ref_lse = dense_attention(*up, edge_index, 0.45, bias.double(), return_lse=True)
+    torch.testing.assert_close(out, ref.float(), **TOL[torch.float32])
+    torch.testing.assert_close(lse, ref_lse.float(), **TOL[torch.float32])
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+
+    def loss(o, l):
+        return (o * w.to(o.dtype)).sum() + (0.3 * l.masked_fill(torch.isinf(l), 0.0).sum() if use_lse else 0.0)
+    for got, want in zip(torch.autograd.grad(loss(out, lse), (q, k, v)), torch.autograd.grad(loss(ref, ref_lse), up)):
+        torch.testing.assert_close(got, want.float(), **TOL[torch.float32])
+    costs = plan_costs(edge_index, "cpu", num_src=n_src, num_dst=n_dst, **kw)
+    tiles_something = backend == "tiled" or costs["dense_tiles"] > 0  # split: when its tiled part is not empty
+    assert bool(fwd) == tiles_something and bool(bwd) == tiles_something
+    # the lse's gradient (split's merge always sends one) enters the fused backward as one more channel
+    assert set(fwd) <= {q.size(-1)} and set(bwd) <= {q.size(-1) + (use_lse or backend == "split")}
 
 
 # ---------------------------------------------------------------- the graph cache and the outputs

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch_geometric import EdgeIndex
 
-from gnn_transformer.kernels import attend_reference
+from gnn_transformer.kernels import attend_reference, plan_costs
 from gnn_transformer.topology import causal
 
 
@@ -75,11 +75,35 @@ def graph_case(name: str, seed: int = 0):
         dst, src = keep.nonzero(as_tuple=True)
         perm = torch.randperm(src.numel(), generator=g)
         return torch.stack([src[perm], dst[perm]]), 25, 25
+    if name == "band_far":  # window 12 plus 2 random far sources per target: with blocks of 8 (or
+        # 16) the band's tiles are dense and the far edges sparse, and auto picks split (not in GRAPHS)
+        n = 96
+        w_src, w_dst = _window(n, 12)
+        f_src = torch.randint(0, n, (2 * n,), generator=g)
+        f_dst = torch.arange(n).repeat_interleave(2)
+        far = (f_src - f_dst).abs() > 12
+        return _sorted_index(torch.cat([w_src, f_src[far]]), torch.cat([w_dst, f_dst[far]]), n, n), n, n
     raise KeyError(name)
 
 
 GRAPHS = ["causal", "window", "empty_rows", "single_edge", "no_edges", "hub", "bipartite", "batch",
           "multigraph", "unsorted"]
+
+
+def split_graph():
+    """``(edge_index, 9, 8)``: a full 4 x 4 block (targets 0-3 on sources 0-3, a dense tile with
+    blocks of 4) and five scattered edges (target 5 without any), unsorted: split with blocks of
+    4 tiles the block and fuses the rest, with or without dropout."""
+    src = torch.tensor([5, 8, 0, 7, 8] + list(range(4)) * 4)
+    dst = torch.tensor([4, 4, 6, 6, 7] + [i for i in range(4) for _ in range(4)])
+    perm = torch.randperm(src.numel(), generator=torch.Generator().manual_seed(0))
+    return torch.stack([src[perm], dst[perm]]), 9, 8
+
+
+def assert_splits(edge_index, n_src, n_dst, **kw):
+    """split's tiled part and its fused part are both non-empty."""
+    costs = plan_costs(edge_index, "cpu", num_src=n_src, num_dst=n_dst, **kw)
+    assert costs["dense_tiles"] > 0 and 0 < costs["dense_edges"] < costs["edges"]
 
 
 def make_inputs(n_src, n_dst, num_edges, heads=4, kv_heads=2, dim=8, dtype=torch.float64, bias=True,
@@ -94,8 +118,10 @@ def make_inputs(n_src, n_dst, num_edges, heads=4, kv_heads=2, dim=8, dtype=torch
     return q, k, v, b
 
 
-def dense_attention(q, k, v, edge_index, scale, edge_bias=None):
-    """Dense masked softmax in float64, the mask (and multiplicities) straight from the edge list."""
+def dense_attention(q, k, v, edge_index, scale, edge_bias=None, return_lse=False):
+    """Dense masked softmax in float64, the mask (and multiplicities) straight from the edge list;
+    differentiable (by autograd) in q, k, v and edge_bias. ``return_lse``: also the log-sum-exp
+    ``[N_dst, H]`` of each row's scores (``-inf`` on rows without an edge)."""
     plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
     src, dst = plain[0], plain[1]
     n_dst, heads, dim = q.shape
@@ -114,18 +140,79 @@ def dense_attention(q, k, v, edge_index, scale, edge_bias=None):
                        torch.full_like(acc, -math.inf))
     logc = logc.view(n_dst, n_src, heads).permute(2, 0, 1)
     s = torch.einsum("ihd,jhd->hij", qd, kd) * scale + logc  # [H, N_dst, N_src]
-    mx = s.amax(-1, keepdim=True)
+    mx = s.detach().amax(-1, keepdim=True)  # a constant shift: cancels out of w and lse
     mx = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
     e = torch.exp(s - mx)
     tot = e.sum(-1, keepdim=True)
-    w = e / torch.where(tot > 0, tot, torch.ones_like(tot))
-    return torch.einsum("hij,jhd->ihd", w, vd)  # [N_dst, H, D]
+    safe = torch.where(tot > 0, tot, torch.ones_like(tot))
+    w = e / safe
+    out = torch.einsum("hij,jhd->ihd", w, vd)  # [N_dst, H, D]
+    if not return_lse:
+        return out
+    lse = torch.where(tot > 0, mx + torch.log(safe), torch.full_like(tot, -math.inf))  # [H, N_dst, 1]
+    return out, lse.squeeze(-1).t()  # [N_dst, H]
 
 
-@pytest.mark.parametrize("name", GRAPHS)
-def test_reference_matches_dense(name):
+DENSE_TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
+
+
+def assert_matches_dense(fn, edge_index, n_src, n_dst, dtype, *, bias=True, heads=4, kv_heads=2, scale=0.45,
+                         seed=0):
+    """``fn(q, k, v, edge_bias) -> (out, lse)`` on inputs of ``dtype`` equals :func:`dense_attention`
+    (float64 autograd on the same values): the output, the log-sum-exp (``-inf`` exactly on the
+    rows without an edge) and the gradients in q, k, v and edge_bias of a loss on both, at 1e-10
+    in float64 and 1e-5 in float32 (the float64 results cast down)."""
+    num_edges = edge_index.size(1)
+    q, k, v, b = make_inputs(n_src, n_dst, num_edges, heads=heads, kv_heads=kv_heads, dtype=dtype, bias=bias,
+                             seed=seed)
+    inputs = [x for x in (q, k, v, b) if x is not None]
+    up = [x.detach().double().requires_grad_() for x in inputs]
+    out, lse = fn(q, k, v, b)
+    ref, ref_lse = dense_attention(up[0], up[1], up[2], edge_index, scale, up[3] if bias else None,
+                                   return_lse=True)
+    tol = DENSE_TOL[dtype]
+    assert out.dtype == dtype and out.shape == (n_dst, heads, q.size(-1))
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lse.shape == (n_dst, heads)
+    torch.testing.assert_close(out, ref.to(dtype), **tol)
+    plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+    empty = torch.bincount(plain[1], minlength=n_dst) == 0  # [N_dst]
+    assert torch.isneginf(ref_lse[empty]).all() and torch.isfinite(ref_lse[~empty]).all()
+    torch.testing.assert_close(lse, ref_lse.to(lse.dtype), **tol)  # -inf only where the dense one is
+    g = torch.Generator().manual_seed(seed + 1)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)  # the same weights for both
+
+    def loss(o, l):
+        return (o * w.to(o.dtype)).sum() + 0.3 * l.masked_fill(torch.isinf(l), 0.0).sum()
+    got = torch.autograd.grad(loss(out, lse), inputs)
+    want = torch.autograd.grad(loss(ref, ref_lse), up)
+    for name, x, y in zip("qkvb", got, want):
+        assert x.dtype == dtype
+        torch.testing.assert_close(x, y.to(dtype), **tol, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("name", GRAPHS + ["band_far"])
+def test_reference_matches_dense(name, bias, dtype):
+    """The per-edge reference (what every backend is compared with) against the dense masked
+    softmax: output, log-sum-exp and the gradients in q, k, v and the bias, float64 and float32."""
     edge_index, n_src, n_dst = graph_case(name)
-    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1))
-    out = attend_reference(q, k, v, edge_index, scale=0.4, edge_bias=b)
-    torch.testing.assert_close(out, dense_attention(q, k, v, edge_index, 0.4, b), atol=1e-10, rtol=1e-10)
-    assert torch.isfinite(out).all()
+    assert_matches_dense(lambda q, k, v, b: attend_reference(q, k, v, edge_index, scale=0.45, edge_bias=b,
+                                                             return_lse=True),
+                         edge_index, n_src, n_dst, dtype, bias=bias)
+
+
+def test_dense_reference_counts_parallel_edges_and_gives_lse():
+    """The dense reference itself, by hand: target 0 hears source 0 twice (bias 0.5 and -1) and
+    source 1 once; target 1 hears nobody (lse -inf, zero output)."""
+    q = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]], dtype=torch.float64)
+    k = torch.tensor([[[2.0, 0.0]], [[0.0, 3.0]]], dtype=torch.float64)
+    v = torch.tensor([[[1.0, 2.0]], [[-1.0, 4.0]]], dtype=torch.float64)
+    edge_index = torch.tensor([[0, 1, 0], [0, 0, 0]])
+    bias = torch.tensor([[0.5], [0.0], [-1.0]], dtype=torch.float64)
+    out, lse = dense_attention(q, k, v, edge_index, 0.5, bias, return_lse=True)
+    s = torch.tensor([1.0 + 0.5, 0.0, 1.0 - 1.0], dtype=torch.float64)  # scores of the three edges
+    p = torch.softmax(s, 0)
+    torch.testing.assert_close(out[0, 0], p[0] * v[0, 0] + p[1] * v[1, 0] + p[2] * v[0, 0])
+    torch.testing.assert_close(lse[0, 0], torch.logsumexp(s, 0))
+    assert torch.isneginf(lse[1, 0]) and (out[1] == 0).all()

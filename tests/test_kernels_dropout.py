@@ -17,34 +17,46 @@ from gnn_transformer.kernels.chunked import chunked_attention
 from gnn_transformer.kernels.tiled_torch import tiled_attention
 from gnn_transformer.kernels.tiling import build_tiles
 
-from .test_kernels_common import graph_case, make_inputs
+from .test_kernels_common import assert_splits, graph_case, make_inputs, split_graph
 
 
 def _reference(q, k, v, edge_index, scale, bias, p, seed):
-    """Per-edge attention with the kernels' mask: ``out_i = sum_j m_ji alpha_ji v_j``."""
+    """Per-edge attention with the kernels' mask: ``out_i = sum_j m_ji alpha_ji v_j``, the mask of
+    column ``c`` keyed by its position in the target-sorted order (``c`` itself for a sorted graph)."""
     plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
-    graph = _graph.prepare(edge_index, k.size(0), q.size(0))
-    assert graph.perm is None  # sorted graphs: positions are columns
     src, dst = plain[0], plain[1]
+    num_edges = src.numel()
+    graph = _graph.prepare(edge_index, k.size(0), q.size(0))
+    if graph.perm is None:  # sorted graphs: positions are columns
+        assert bool((dst[1:] >= dst[:-1]).all())
+        position = torch.arange(num_edges)
+    else:  # perm[position] = column: a permutation that sorts the columns by target
+        perm = graph.perm
+        assert torch.equal(torch.sort(perm).values, torch.arange(num_edges))
+        assert bool((dst[perm][1:] >= dst[perm][:-1]).all())
+        position = torch.empty_like(perm)
+        position[perm] = torch.arange(num_edges)
     group = q.size(1) // k.size(1)
     s = (q[dst] * k[src].repeat_interleave(group, 1)).sum(-1) * scale  # [E, H]
     if bias is not None:
         s = s + bias
     _, lse = attend_reference(q, k, v, edge_index, scale=scale, edge_bias=bias, return_lse=True)
     alpha = torch.exp(s - lse[dst])  # [E, H]
-    edges = torch.arange(src.numel())
-    m = torch.stack([_dropout.keep_scale(seed, edges, h, p, q.dtype) for h in range(q.size(1))], 1)
+    m = torch.stack([_dropout.keep_scale(seed, position, h, p, q.dtype) for h in range(q.size(1))], 1)
     msg = (alpha * m).unsqueeze(-1) * v[src].repeat_interleave(group, 1)  # [E, H, D]
     out = torch.zeros(q.shape, dtype=q.dtype).index_add(0, dst, msg)
     return out, lse
 
 
-def _grads(out, lse, inputs):
-    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)
-    loss = (out * w).sum() + 0.3 * lse[torch.isfinite(lse)].sum()
+def _grads(out, lse, inputs, dtype=None):
+    """Gradients of a loss on ``out`` and the finite ``lse``; its weights rounded to ``dtype``
+    (so that a float32 run and its float64 reference weigh the same numbers)."""
+    w = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).to(dtype or out.dtype).to(out.dtype)
+    loss = (out * w.view(out.shape)).sum() + 0.3 * lse[torch.isfinite(lse)].sum()
     return torch.autograd.grad(loss, inputs)
 
 
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
 IMPLS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
 # (backend, block size): the Triton tiled kernels need blocks of at least 16
 BACKENDS = [("fused", None), ("tiled", 16), ("tiled", 4), ("split", 16), ("split", 4)]
@@ -55,35 +67,87 @@ CASES = [(impl, backend, block) for impl in IMPLS for backend, block in BACKENDS
          if not (impl == "triton" and block == 4)]
 
 
-@pytest.mark.parametrize("impl, backend, block", CASES, ids=[f"{i}-{b}{k or ''}" for i, b, k in CASES])
-@pytest.mark.parametrize("name", ["empty_rows", "hub", "bipartite", "multigraph", "causal"])
-def test_dropout_matches_the_masked_reference(name, backend, block, impl):
-    """Every backend with dropout drops the same weights (the hash of the edge's position), so each
-    equals the same masked reference."""
-    edge_index, n_src, n_dst = graph_case(name, seed=2)
-    if impl == "triton":  # the interpreter is slow: the first 20 targets and sources
-        keep = (edge_index[0] < 20) & (edge_index[1] < 20)
-        edge_index, n_src, n_dst = edge_index.as_tensor()[:, keep], min(n_src, 20), min(n_dst, 20)
-    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=4, kv_heads=2, dim=4,
-                             bias=name != "bipartite")
-    kw = dict(scale=0.5, edge_bias=b, backend=backend, return_lse=True, impl=impl, dropout_p=0.4,
-              dropout_seed=123, max_edges=50, max_cells=300)
+def _small(name, impl, seed=2):
+    """A named graph; for the (slow) Triton interpreter its first 20 targets and sources."""
+    edge_index, n_src, n_dst = graph_case(name, seed=seed)
+    if impl == "triton":
+        plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+        keep = (plain[0] < 20) & (plain[1] < 20)
+        edge_index, n_src, n_dst = plain[:, keep], min(n_src, 20), min(n_dst, 20)
+    return edge_index, n_src, n_dst
+
+
+def _check(edge_index, n_src, n_dst, backend, block, impl, dtype=torch.float64, bias=True, tile_cost=0.3,
+           p=0.4, seed=123):
+    """``attend`` with dropout on inputs of ``dtype`` equals the masked reference computed in float64
+    on the same values: output, lse and the gradients of q, k, v and the bias."""
+    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=4, kv_heads=2, dim=4, dtype=dtype, bias=bias)
+    kw = dict(scale=0.5, edge_bias=b, backend=backend, return_lse=True, impl=impl, dropout_p=p,
+              dropout_seed=seed, max_edges=50, max_cells=300)
     if block is not None:
         kw["block_size"] = block
-    if backend == "split":  # tiles at least 30% full tiled, the other edges fused (both parts non-empty)
-        kw["tile_cost"] = 0.3
-    if backend == "tiled" and name in ("multigraph", "hub"):  # repeated edges share a cell
+    if backend == "split":
+        kw["tile_cost"] = tile_cost
+    plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+    key = plain[1] * n_src + plain[0]
+    if backend == "tiled" and torch.unique(key).numel() < key.numel():  # repeated edges share a cell
         # (split keeps the tiles with repeated edges on its fused part)
         with pytest.raises(ValueError, match="without repeated edges"):
             attend(q, k, v, edge_index, **kw)
         return
     out, lse = attend(q, k, v, edge_index, **kw)
-    ref, ref_lse = _reference(q, k, v, edge_index, 0.5, b, 0.4, 123)
-    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
     inputs = [x for x in (q, k, v, b) if x is not None]
-    for x, y in zip(_grads(out, lse, inputs), _grads(ref, ref_lse, inputs)):
-        torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-10)
+    up = [x.detach().double().requires_grad_() for x in inputs]
+    ref, ref_lse = _reference(up[0], up[1], up[2], edge_index, 0.5, up[3] if bias else None, p, seed)
+    assert out.dtype == dtype and lse.dtype == dtype
+    torch.testing.assert_close(out, ref.to(dtype), **TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse.to(dtype), **TOL[dtype])
+    for x, y in zip(_grads(out, lse, inputs), _grads(ref, ref_lse, up, dtype)):
+        torch.testing.assert_close(x, y.to(dtype), **TOL[dtype])
+
+
+# the unsorted graph on the (slow) interpreter: in test_dropout_split_tiles_and_fuses
+MAIN_CASES = [(name, impl, backend, block) for name in ("empty_rows", "hub", "bipartite", "multigraph", "causal",
+                                                         "unsorted")
+              for impl, backend, block in CASES if not (name == "unsorted" and impl == "triton")]
+
+
+@pytest.mark.parametrize("name, impl, backend, block", MAIN_CASES,
+                         ids=[f"{n}-{i}-{b}{k or ''}" for n, i, b, k in MAIN_CASES])
+def test_dropout_matches_the_masked_reference(name, impl, backend, block):
+    """Every backend with dropout drops the same weights (the hash of the edge's position in the
+    target-sorted order, also for an unsorted edge_index), so each equals the same masked reference.
+    split tiles the tiles at least (0.3 + 0.6) / 1.5 = 60% full under dropout: here only causal's,
+    in the PyTorch cases (test_dropout_split_tiles_and_fuses has both parts non-empty on every
+    implementation)."""
+    edge_index, n_src, n_dst = _small(name, impl)
+    _check(edge_index, n_src, n_dst, backend, block, impl, bias=name != "bipartite")
+
+
+F32_CASES = [(name, impl, backend, block) for name in ("empty_rows", "multigraph", "causal", "unsorted")
+             for impl, backend, block in CASES if impl == "torch" or (name == "causal" and backend != "split")]
+
+
+@pytest.mark.parametrize("name, impl, backend, block", F32_CASES,
+                         ids=[f"{n}-{i}-{b}{k or ''}" for n, i, b, k in F32_CASES])
+def test_dropout_float32_matches_the_masked_reference(name, impl, backend, block):
+    """The same in float32, against the float64 masked reference at 1e-5."""
+    edge_index, n_src, n_dst = _small(name, impl)
+    _check(edge_index, n_src, n_dst, backend, block, impl, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dropout_split_tiles_and_fuses(impl, dtype):
+    """split with a non-empty tiled part and a non-empty fused part, on an unsorted edge_index:
+    both parts key the mask by the edge's position in the whole target-sorted graph. Causal on 20
+    tokens in blocks of 16: the first diagonal tile is 53% full, tiled from (0.15 + 0.6) / 1.5 = 50%."""
+    from gnn_transformer.topology import causal
+
+    plain = causal(20).as_tensor()
+    edge_index = plain[:, torch.randperm(plain.size(1), generator=torch.Generator().manual_seed(0))]
+    assert_splits(edge_index, 20, 20, block_size=16, tile_cost=0.15, dropout=True)
+    _check(edge_index, 20, 20, "split", 16, impl, dtype=dtype, tile_cost=0.15)
 
 
 def test_auto_with_dropout_picks_fused_or_tiled(monkeypatch):
@@ -150,6 +214,9 @@ def test_gradcheck_with_dropout(backend):
     edge_index, n_src, n_dst = graph_case("empty_rows", seed=4)
     keep = (edge_index[0] < 9) & (edge_index[1] < 8)
     edge_index = edge_index.as_tensor()[:, keep]
+    if backend == "split":  # a dense tile (tiled under dropout, at least 60% full) and scattered edges
+        edge_index, n_src, n_dst = split_graph()
+        assert_splits(edge_index, n_src, n_dst, block_size=4, tile_cost=0.3, dropout=True)
     q, k, v, b = make_inputs(9, 8, edge_index.size(1), heads=2, kv_heads=1, dim=3)
     graph = _graph.prepare(edge_index, 9, 8)
 

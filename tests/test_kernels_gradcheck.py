@@ -10,7 +10,7 @@ from gnn_transformer.kernels.merge import merge_partials
 from gnn_transformer.kernels.tiled_torch import tiled_attention
 from gnn_transformer.kernels.tiling import build_tiles, tile_bias
 
-from .test_kernels_common import graph_case, make_inputs
+from .test_kernels_common import assert_splits, graph_case, make_inputs, split_graph
 
 
 def _finite(result):
@@ -31,7 +31,7 @@ def test_gradcheck_chunked(name):
     edge_index, n_src, n_dst = _tiny(name)
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=3)
     graph = _graph.prepare(edge_index, n_src, n_dst)
-    assert graph.perm is None or name == "unsorted"
+    assert graph.perm is None
     for max_edges in (1 << 20, 3):
         assert torch.autograd.gradcheck(lambda *x: _finite(chunked_attention(*x, graph, 0.7, max_edges)),
                                         (q, k, v, b), fast_mode=True)
@@ -67,7 +67,8 @@ def test_gradcheck_tiled_edge_bias(name):
 
 
 def test_gradcheck_split_through_attend():
-    edge_index, n_src, n_dst = _tiny("causal")
+    edge_index, n_src, n_dst = split_graph()
+    assert_splits(edge_index, n_src, n_dst, block_size=4, tile_cost=0.5)
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=2, dim=3)
 
     def fn(q, k, v, b):
@@ -92,3 +93,4 @@ def test_gradcheck_merge_with_empty_rows():
     assert (out == 0).all() and torch.isneginf(lse).all()
     grads = torch.autograd.grad(out.sum(), (zero, inf))
     assert all(torch.isfinite(x).all() for x in grads)
+

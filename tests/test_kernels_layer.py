@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from gnn_transformer import GraphMultiheadAttention
+from gnn_transformer.kernels import choose_backend
 from gnn_transformer.topology import bigbird, causal, random, sliding_window
 
-from .test_kernels_common import graph_case
+from .test_kernels_common import assert_splits, graph_case
 
 BACKENDS = ["fused", "tiled", "auto"]
 
@@ -22,16 +23,24 @@ def _graphs():
         "bigbird": bigbird(48, block=4, window=1, num_global=1, num_random=1),
         "random": random([20, 11], 5),
         "empty_rows": graph_case("empty_rows")[0],
+        # in blocks of 64 (the layer's): a diagonal tile half full and two sparse ones, so split
+        # tiles one and fuses the rest (auto picks split here)
+        "long_causal": causal(72),
     }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+CASES = [(name, backend) for name in _graphs() for backend in BACKENDS] + [("long_causal", "split")]
+
+
 @pytest.mark.parametrize("kv_heads", [4, 1])
-@pytest.mark.parametrize("name", ["causal", "window", "bigbird", "random", "empty_rows"])
+@pytest.mark.parametrize("name, backend", CASES, ids=[f"{n}-{b}" for n, b in CASES])
 def test_layer_backend_matches_pyg(name, kv_heads, backend):
     edge_index = _graphs()[name]
     n = int(edge_index.max()) + 1 if edge_index.numel() else 1
     n = max(n, edge_index.sparse_size()[1] or 0) if hasattr(edge_index, "sparse_size") else n
+    if name == "long_causal":  # split (and auto) on a graph where split has a tiled and a fused part
+        assert_splits(edge_index, n, n)
+        assert choose_backend(edge_index, "cpu", num_src=n, num_dst=n) == "split"  # what auto runs
     torch.manual_seed(0)
     ref = GraphMultiheadAttention(32, 4, num_kv_heads=kv_heads, backend="pyg").double()
     fast = copy.deepcopy(ref)

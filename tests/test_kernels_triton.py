@@ -322,3 +322,125 @@ def test_block_sizes_triton_does_not_take_run_on_the_pytorch_tiled_path(monkeypa
     assert set(launched) == {16}
     with pytest.raises(ValueError, match="power-of-two blocks of at least 16.*block_q=8"):
         attend(q, k, v, edge_index, scale=0.4, backend="tiled", block_size=8, impl="triton")
+
+
+# ---- plain multi-head, full tiles, batches and unsorted edges ---------------------------------
+
+def _launched(monkeypatch):
+    """``[(kernel name, constexprs)]`` of the Triton launches from here on (the kernels still run)."""
+    from gnn_transformer.kernels import triton_csr, triton_tiled
+
+    seen = []
+    for module in (triton_csr, triton_tiled):
+        def launch(kernel, grid, *args, _real=module.launch, **meta):
+            seen.append((kernel.__name__, meta))
+            return _real(kernel, grid, *args, **meta)
+        monkeypatch.setattr(module, "launch", launch)
+    return seen
+
+
+def _check_float64(out, lse, inputs, edge_index, scale, w):
+    """``out``, ``lse`` and the gradients of ``_loss`` w.r.t. ``inputs`` (q, k, v[, bias]) equal the
+    reference run in float64 on the same values."""
+    dtype = out.dtype
+    up = [x.detach().double().requires_grad_() for x in inputs]
+    ref, ref_lse = attend_reference(*up[:3], edge_index, scale=scale, edge_bias=up[3] if len(up) > 3 else None,
+                                    return_lse=True)
+    torch.testing.assert_close(out, ref.to(dtype), **TOL[dtype])
+    torch.testing.assert_close(lse, ref_lse.to(lse.dtype), **TOL[dtype])
+    got = torch.autograd.grad(_loss(out, lse, w.to(dtype)), inputs)
+    want = torch.autograd.grad(_loss(ref, ref_lse, w.double()), up)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y.to(dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend,kw", TRITON[:2], ids=["fused", "tiled"])
+@pytest.mark.parametrize("name,heads", [("empty_rows", 2), ("multigraph", 3), ("bipartite", 3)])
+def test_triton_plain_multi_head(name, heads, backend, kw, dtype, monkeypatch):
+    """heads == kv_heads: the per-head CSR kernels (``_csr_fwd``, ``_csr_bwd_dq``; never the grouped
+    ones) and the tiled kernels with a group of one, in float32 and float64."""
+    edge_index, n_src, n_dst = _small(name)
+    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=heads, kv_heads=heads, dim=4, dtype=dtype,
+                             bias=name != "bipartite", seed=1)
+    seen = _launched(monkeypatch)
+    out, lse = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend=backend, return_lse=True,
+                      impl="triton", **kw)
+    inputs = [x for x in (q, k, v, b) if x is not None]
+    _check_float64(out, lse, inputs, edge_index, 0.4, torch.randn(out.shape, dtype=torch.float64))
+    names = {n for n, _ in seen}
+    if backend == "fused":
+        assert names == {"_csr_fwd", "_csr_bwd_dq", "_csc_bwd_dkdv"}
+    else:
+        assert names == {"_tiled_fwd", "_tiled_bwd_dq", "_tiled_bwd_dkdv"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend,heads,kv_heads", [("tiled", 2, 2), ("tiled", 4, 2), ("split", 2, 1)])
+def test_triton_tiled_full_tiles(backend, heads, kv_heads, dtype, monkeypatch):
+    """Causal attention over 37 tokens in blocks of 16 without an edge bias: tile (1, 0) holds all
+    16 x 16 edges, and the kernels skip its mask (``mask_index < 0``, boolean-mask mode)."""
+    from gnn_transformer.kernels import plan_costs
+    from gnn_transformer.kernels.tiling import cached_tiles
+
+    edge_index, n_src, n_dst = graph_case("causal")
+    q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=heads, kv_heads=kv_heads, dim=4,
+                             dtype=dtype, bias=False, seed=2)
+    seen = _launched(monkeypatch)
+    out, lse = attend(q, k, v, edge_index, scale=0.4, backend=backend, return_lse=True, impl="triton",
+                      block_size=16, tile_cost=0.25)
+    _check_float64(out, lse, [q, k, v], edge_index, 0.4, torch.randn(out.shape, dtype=torch.float64))
+    graph = _graph.prepare(edge_index, n_src, n_dst)
+    if backend == "tiled":
+        tiles = cached_tiles(graph, 16, 16)
+    else:
+        costs = plan_costs(edge_index, "cpu", block_size=16, tile_cost=0.25)
+        assert 0 < costs["dense_tiles"] < costs["tiles"] and 0 < costs["dense_edges"] < costs["edges"], costs
+        (tiles, rest_ids, _), = [v for key, v in graph.extras.items() if key[0] == "split"]
+        assert 0 < rest_ids.numel() < graph.num_edges
+    full = (tiles.mask_index < 0).nonzero().flatten()
+    assert not tiles.has_duplicates and full.numel() >= 1
+    assert (tiles.count[full] == 256).all() and [1, 0] in torch.stack([tiles.q_block, tiles.k_block], 1)[full].tolist()
+    tiled = [meta for n, meta in seen if n.startswith("_tiled")]
+    assert len(tiled) == 3 and all(meta["BIAS"] == 0 for meta in tiled)  # the masks, not a tile bias
+
+
+def _batch():
+    """Two disjoint graphs: causal over tokens 0..23, random edges among tokens 24..39."""
+    from gnn_transformer.topology import causal
+
+    g = torch.Generator().manual_seed(4)
+    first = causal(24).as_tensor()
+    keep = torch.rand(16, 16, generator=g) < 0.3
+    dst, src = keep.nonzero(as_tuple=True)
+    edge_index = torch.cat([first, torch.stack([src, dst]) + 24], 1)
+    return edge_index, 40, 40
+
+
+BATCH_CASES = [("batch", 2, 2), ("unsorted", 4, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend,kw", TRITON, ids=["fused", "tiled", "split"])
+@pytest.mark.parametrize("name,heads,kv_heads", BATCH_CASES, ids=[c[0] for c in BATCH_CASES])
+def test_triton_batch_and_unsorted(name, heads, kv_heads, backend, kw, dtype):
+    """A batch of two disjoint graphs, and an edge_index in random order (a plain LongTensor that
+    attend sorts, edge biases following their columns), forward and backward."""
+    from gnn_transformer.kernels import plan_costs
+
+    edge_index, n_src, n_dst = _batch() if name == "batch" else graph_case("unsorted", seed=3)
+    assert type(edge_index) is torch.Tensor
+    if name == "unsorted":
+        assert _graph.prepare(edge_index, n_src, n_dst).perm is not None  # really out of order
+    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=heads, kv_heads=kv_heads, dim=4, dtype=dtype,
+                             seed=5)
+    if backend == "split":  # both parts run: dense tiles tiled, the other edges fused
+        costs = plan_costs(edge_index, "cpu", block_size=16, tile_cost=0.25, num_src=n_src, num_dst=n_dst)
+        assert costs["dense_tiles"] > 0 and 0 < costs["dense_edges"] < costs["edges"], costs
+    out, lse = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend=backend, return_lse=True,
+                      impl="triton", **kw)
+    _check_float64(out, lse, [q, k, v, b], edge_index, 0.4, torch.randn(out.shape, dtype=torch.float64))
+    if name == "batch":  # nothing crosses between the graphs: each one alone gives the same rows
+        alone = attend(q[:24], k[:24], v[:24], edge_index[:, :300], scale=0.4, edge_bias=b[:300],
+                       backend=backend, impl="triton", **kw)
+        torch.testing.assert_close(out[:24], alone, **TOL[dtype])
