@@ -189,6 +189,11 @@ def test_no_grad_and_lse_only_backward():
     (dict(scale=None), "'scale'.*None"),
     (dict(scale=torch.tensor(0.5)), "'scale'.*tensor"),
     (dict(scale=float("inf")), "'scale'.*inf"),
+    (dict(query=torch.zeros(3, 0, 8)), "at least one head"),
+    (dict(dropout_p="0.1"), "'dropout_p' in \\[0, 1\\) \\(got '0.1'\\)"),
+    (dict(dropout_p=True), "'dropout_p'.*True"),
+    (dict(max_edges=0), "'max_edges' to be a positive int \\(got 0\\)"),
+    (dict(max_cells=2.5), "'max_cells' to be a positive int \\(got 2.5\\)"),
 ])
 def test_errors_name_the_argument(bad, match):
     args = dict(query=torch.zeros(3, 4, 8), key=torch.zeros(3, 2, 8), value=torch.zeros(3, 2, 8),
@@ -415,3 +420,16 @@ def test_output_is_a_plain_contiguous_tensor(backend, kw):
     out = attend(q, k, v, edge_index, scale=0.3, backend=backend, **kw)
     assert out.is_contiguous() and out.requires_grad
     out.view(n_dst, -1).add_(1.0)  # a view of a kernel's internal layout refused this
+
+
+def test_a_rational_scale_is_a_float():
+    """A ``Fraction`` (or NumPy) scale reaches the kernels as a float: it raised a TypeError inside
+    ``torch.sparse.sampled_addmm`` before."""
+    import fractions
+
+    edge_index, n_src, n_dst = graph_case("window")
+    q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), bias=False)
+    for backend, kw in BACKENDS:
+        got = attend(q, k, v, edge_index, scale=fractions.Fraction(1, 2), backend=backend, **kw)
+        torch.testing.assert_close(got, attend(q, k, v, edge_index, scale=0.5, backend=backend, **kw),
+                                   rtol=0, atol=0)

@@ -224,12 +224,12 @@ def test_gradcheck_with_dropout(backend):
 
     def fn(q, k, v, b):
         if backend == "fused":
-            out, lse = chunked_attention(q, k, v, b, graph, 0.7, 7, dropout=(0.3, 99))
+            out, lse, _ = chunked_attention(q, k, v, b, graph, 0.7, 7, dropout=(0.3, 99))
         elif backend == "split":
             out, lse = attend(q, k, v, edge_index, scale=0.7, edge_bias=b, backend="split", block_size=4,
                               tile_cost=0.3, return_lse=True, max_edges=7, dropout_p=0.3, dropout_seed=99)
         else:
-            out, lse = tiled_attention(q, k, v, tiles, b[tiles.edge_ids], 0.7, 64, dropout=(0.3, 99))
+            out, lse, _ = tiled_attention(q, k, v, tiles, b[tiles.edge_ids], 0.7, 64, dropout=(0.3, 99))
         return out, lse.masked_fill(torch.isinf(lse), 0.0)
     assert torch.autograd.gradcheck(fn, (q, k, v, b), fast_mode=True)
 

@@ -14,8 +14,9 @@ from .test_kernels_common import assert_splits, graph_case, make_inputs, split_g
 
 
 def _finite(result):
-    """``(out, lse)`` with the ``-inf`` of empty rows replaced by 0 (finite differences need it)."""
-    out, lse = result
+    """``(out, lse)`` of a kernel's ``(out, lse, lse_lo)`` (or of attend's ``(out, lse)``) with the
+    ``-inf`` of empty rows replaced by 0 (finite differences need it)."""
+    out, lse = result[:2]
     return out, lse.masked_fill(torch.isinf(lse), 0.0)
 
 
@@ -94,3 +95,21 @@ def test_gradcheck_merge_with_empty_rows():
     grads = torch.autograd.grad(out.sum(), (zero, inf))
     assert all(torch.isfinite(x).all() for x in grads)
 
+
+def test_gradcheck_merge_with_remainders():
+    """With the parts' lse remainders (``lse_lo``) the merge stays differentiable in out and lse, and
+    its own remainder is 0 on rows empty in both parts."""
+    g = torch.Generator().manual_seed(1)
+    out_a, out_b = (torch.randn(5, 2, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    lse_a = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    lse_b = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    lse_a[0], lse_b[0] = float("-inf"), float("-inf")
+    lo_a = torch.randn(5, 2, generator=g, dtype=torch.float64) * 1e-17
+    lo_b = torch.randn(5, 2, generator=g, dtype=torch.float64) * 1e-17
+    lo_a[0] = lo_b[0] = 0.0
+    lse_a.requires_grad_()
+    lse_b.requires_grad_()
+    assert torch.autograd.gradcheck(lambda *x: _finite(merge_partials(*x, (lo_a, lo_b))),
+                                    (out_a, lse_a, out_b, lse_b))
+    _, lse, lo = merge_partials(out_a, lse_a, out_b, lse_b, (lo_a, lo_b))
+    assert torch.isneginf(lse[0]).all() and (lo[0] == 0).all() and not lo.requires_grad

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gnn_transformer.kernels import _pieces
+from gnn_transformer.kernels._autograd import two_sum
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
@@ -74,10 +75,12 @@ def test_piece_length_by_device(monkeypatch):
 @pytest.mark.parametrize("block", [1, 3])
 @settings(max_examples=30, deadline=None)
 @given(sizes=st.lists(st.integers(0, 9), min_size=1, max_size=6), length=st.integers(1, 4),
-       seed=st.integers(0, 2 ** 16), empty=st.booleans())
-def test_merge_of_pieces_is_the_softmax_of_the_row(dtype, block, sizes, length, seed, empty):
-    """Pieces' partial softmaxes (out, lse) merge into the softmax over the whole row; rows whose
-    items all score -inf stay empty; gradients of the pieces sum."""
+       seed=st.integers(0, 2 ** 16), empty=st.booleans(), huge=st.booleans())
+def test_merge_of_pieces_is_the_softmax_of_the_row(dtype, block, sizes, length, seed, empty, huge):
+    """Pieces' partial softmaxes (out, lse, lse_lo) merge into the softmax over the whole row, also
+    where every score is near -1e9 (the merged lse + lse_lo is the row's log-sum-exp to 1e-5 /
+    1e-10, which lse alone cannot hold); rows whose items all score -inf stay empty; gradients of
+    the pieces sum."""
     ptr = _ptr(sizes)
     pieces = _pieces.cut(ptr, length)
     if pieces is None:
@@ -89,30 +92,42 @@ def test_merge_of_pieces_is_the_softmax_of_the_row(dtype, block, sizes, length, 
     if empty:
         scores[int(ptr[pieces.rows[0]]):int(ptr[pieces.rows[0] + 1])] = float("-inf")
     values = torch.randn(items, heads, dim, generator=gen, dtype=dtype)
-    out_p = _pieces.partial(pieces, block, (heads, dim), dtype, torch.device("cpu"))
-    lse_p = _pieces.partial(pieces, block, (heads,), dtype, torch.device("cpu"), float("-inf"))
+    if huge:  # every score near -1e9: the log-sum-exp's remainder (lse_lo) carries the row's log(count)
+        scores = scores - 1e9
+    cpu = torch.device("cpu")
+    out_p = _pieces.partial(pieces, block, (heads, dim), dtype, cpu)
+    lse_p = _pieces.partial(pieces, block, (heads,), dtype, cpu, float("-inf"))
+    lo_p = _pieces.partial(pieces, block, (heads,), dtype, cpu)
     grad_p = torch.randn(out_p.shape, generator=gen, dtype=dtype)
     for p in range(pieces.num_pieces):
         r, a, b = int(pieces.row[p]), int(pieces.start[p]), int(pieces.stop[p])
         for row in range(r * block, min(r * block + block, n)):
             s = scores[a:b, row]  # [items, H]
-            lse = torch.logsumexp(s, 0)
-            w = torch.where(torch.isinf(lse), torch.zeros_like(s), torch.exp(s - lse))
+            top = s.max(0).values
+            top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+            lse, lo = two_sum(top, torch.log(torch.exp(s - top).sum(0)))
+            w = torch.where(torch.isinf(lse), torch.zeros_like(s), torch.softmax(s, 0))
             lse_p[p * block + row - r * block] = lse
+            lo_p[p * block + row - r * block] = torch.where(torch.isinf(lse), torch.zeros_like(lo), lo)
             out_p[p * block + row - r * block] = torch.einsum("eh,ehd->hd", w, values[a:b])
     out = torch.zeros(n, heads, dim, dtype=dtype)
     lse = torch.zeros(n, heads, dtype=dtype)
+    lse_lo = torch.zeros(n, heads, dtype=dtype)
     grad = torch.zeros(n, heads, dim, dtype=dtype)
-    _pieces.merge_into(out, lse, out_p, lse_p, pieces, block)
+    _pieces.merge_into(out, lse, lse_lo, out_p, lse_p, lo_p, pieces, block)
     _pieces.add_into(grad, grad_p, pieces, block)
     for c, r in enumerate(pieces.rows.tolist()):
         a, b = int(ptr[r]), int(ptr[r + 1])
         sel = (pieces.row == r).nonzero().flatten()
         for row in range(r * block, min(r * block + block, n)):
             s = scores[a:b, row]
-            want_lse = torch.logsumexp(s, 0)
+            want_lse = torch.logsumexp(s.double(), 0)  # the row's lse, kept whole as lse + lse_lo
             w = torch.where(torch.isinf(want_lse), torch.zeros_like(s), torch.softmax(s, 0))
-            torch.testing.assert_close(lse[row], want_lse, **TOL[dtype])
+            got_lse = lse[row].double() + lse_lo[row].double()
+            assert torch.equal(torch.isinf(got_lse), torch.isinf(want_lse))
+            finite = torch.isfinite(want_lse)
+            torch.testing.assert_close(got_lse[finite] - want_lse[finite], torch.zeros_like(want_lse[finite]),
+                                       **TOL[dtype])
             torch.testing.assert_close(out[row], torch.einsum("eh,ehd->hd", w, values[a:b]), **TOL[dtype])
             want_grad = grad_p[sel * block + row - r * block].sum(0)
             torch.testing.assert_close(grad[row], want_grad, **TOL[dtype])

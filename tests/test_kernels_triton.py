@@ -86,13 +86,13 @@ def test_triton_gradcheck(backend, kw):
     graph = _graph.prepare(edge_index, n_src, n_dst)
     if backend == "fused":
         def fn(q, k, v, b):
-            out, lse = csr_attention(q, k, v, b, graph, 0.4)
+            out, lse, _ = csr_attention(q, k, v, b, graph, 0.4)
             return out, lse.masked_fill(torch.isinf(lse), 0.0)
     else:
         tiles = build_tiles(graph, 16, 16)
 
         def fn(q, k, v, b):
-            out, lse = tiled_triton_attention(q, k, v, tiles, tile_bias(tiles, b, 2, torch.float64), 0.4)
+            out, lse, _ = tiled_triton_attention(q, k, v, tiles, tile_bias(tiles, b, 2, torch.float64), 0.4)
             return out, lse.masked_fill(torch.isinf(lse), 0.0)
     assert torch.autograd.gradcheck(fn, (q, k, v, b), fast_mode=True)
 

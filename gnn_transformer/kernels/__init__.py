@@ -57,6 +57,9 @@ ROW_COST = {"cpu": {"fused": 7.0, "tiled": 10.0}, "cuda": {"fused": 1.0, "tiled"
 MERGE_COST = {"cpu": 2.0, "cuda": 4.0}
 DROPOUT_COST = {"cpu": {"fused": 0.5, "tiled": 0.6}, "cuda": {"fused": 0.0, "tiled": 0.0}}
 BLOCK_SIZE = {"cpu": 64, "cuda": 64}
+# edge_weights renormalizes rows whose log-sum-exp is this large: half its rounding step is above
+# 7.6e-6 (float32) or 5.8e-11 (float64) there
+HUGE_LSE = {torch.float32: 128.0, torch.float64: 2.0 ** 19}
 
 
 def triton_available() -> bool:
@@ -388,13 +391,13 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
     if backend == "auto":
         backend = _plan(graph, device_type, block, tile_cost, dropout is not None)
     if backend == "fused":
-        out, lse = _fused(query, key, value, bias, graph, scale, use_triton, max_edges, dropout)
+        out, lse, _ = _fused(query, key, value, bias, graph, scale, use_triton, max_edges, dropout)
     elif backend == "tiled":
         tiles = cached_tiles(graph, block, block)
         if dropout is not None and tiles.has_duplicates:
             raise ValueError("Attention dropout on backend 'tiled' needs a graph without repeated edges "
                              "(use backend='fused')")
-        out, lse = _tiled(query, key, value, bias, tiles, scale, tiles_triton, max_cells, dropout)
+        out, lse, _ = _tiled(query, key, value, bias, tiles, scale, tiles_triton, max_cells, dropout)
     else:  # split
         cell, edge = _unit_costs(device_type, tile_cost, dropout is not None)
         cache_key = ("split", block, cell / edge)
@@ -406,10 +409,10 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
                                        _sub_graph(graph, rest_ids))
         tiles, rest_ids, rest = graph.extras[cache_key]
         # dropout: both parts key each edge's mask by its position in the whole graph
-        out_t, lse_t = _tiled(query, key, value, bias, tiles, scale, tiles_triton, max_cells, dropout)
-        out_f, lse_f = _fused(query, key, value, None if bias is None else bias[rest_ids], rest,
+        out_t, lse_t, lo_t = _tiled(query, key, value, bias, tiles, scale, tiles_triton, max_cells, dropout)
+        out_f, lse_f, lo_f = _fused(query, key, value, None if bias is None else bias[rest_ids], rest,
                               scale, use_triton, max_edges, dropout)
-        out, lse = merge_partials(out_t, lse_t, out_f, lse_f)
+        out, lse, _ = merge_partials(out_t, lse_t, out_f, lse_f, (lo_t, lo_f))
     out = out.to(query.dtype)
     if not return_lse:
         return out
@@ -435,7 +438,14 @@ def edge_weights(query: Tensor, key: Tensor, edge_index: Tensor, lse: Tensor, *,
         parts.append(torch.where(torch.isneginf(top), 0.0, torch.exp(score - top)))
     if not parts:
         return query.new_zeros(0, query.size(1))
-    return torch.cat(parts).to(query.dtype)
+    weights = torch.cat(parts)  # [E, H]
+    # A log-sum-exp so large that log(sum exp(s - max)) is below its rounding step (every score of
+    # the row near -1e9, say) lost that part: there, normalize the row's weights by their sum.
+    huge = torch.isfinite(lse) & (lse.abs() >= HUGE_LSE[cd])  # [N_dst, H]
+    if bool(huge.any()):
+        sums = torch.zeros(lse.shape, dtype=cd, device=weights.device).index_add_(0, dst, weights)
+        weights = torch.where(huge[dst], weights / torch.where(huge, sums, 1.0)[dst], weights)
+    return weights.to(query.dtype)
 
 
 __all__ = [

@@ -1,11 +1,18 @@
-"""The one autograd function of every kernel: ``(out, lse)`` forward, backward from the saved
-log-sum-exp.
+"""The one autograd function of every kernel: ``(out, lse, lse_lo)`` forward, backward from the
+saved log-sum-exp.
 
 A kernel is a pair of plain functions over a graph structure (a CSR graph or a tile list):
 
-- ``forward(q, k, v, bias, structure, scale, **options) -> (out, lse)``;
-- ``backward(q, k, v, bias, structure, scale, out, lse, dout, dlse, need_bias, **options)
+- ``forward(q, k, v, bias, structure, scale, **options) -> (out, lse, lse_lo)``;
+- ``backward(q, k, v, bias, structure, scale, out, lse, lse_lo, dout, dlse, need_bias, **options)
   -> (dq, dk, dv, dbias)``, where ``dlse`` may be ``None`` (the log-sum-exp was not used).
+
+The log-sum-exp of a row, ``m + log l`` (``m`` the row's largest score, ``l`` the sum of
+``exp(s - m)``), is kept as two numbers of the accumulation dtype: ``lse``, the sum rounded, and
+``lse_lo``, what the rounding lost (:func:`two_sum`). Where the scores are huge (a row whose every
+edge carries a bias of ``-1e9``), ``log l`` is below ``lse``'s rounding step; the backward pass's
+``p = exp((s - lse) - lse_lo)`` and the merges of partial results keep it all the same. ``lse_lo``
+is 0 on empty rows and not differentiable (the gradient of the log-sum-exp reaches ``lse``).
 """
 from __future__ import annotations
 
@@ -18,29 +25,45 @@ from torch import Tensor
 
 class Kernel(NamedTuple):
     """A kernel's forward and backward functions (see the module docstring)."""
-    forward: Callable[..., tuple[Tensor, Tensor]]
+    forward: Callable[..., tuple[Tensor, Tensor, Tensor]]
     backward: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor | None]]
 
 
+def two_sum(m: Tensor, log_l: Tensor) -> tuple[Tensor, Tensor]:
+    """``(lse, lse_lo)`` of ``m + log_l``: the rounded sum and its rounding error, exactly (Knuth's
+    two-sum); ``(-inf, 0)`` where ``m + log_l`` is ``-inf`` (an empty row)."""
+    lse = m + log_l
+    b = lse - m
+    lo = (m - (lse - b)) + (log_l - b)
+    return lse, torch.where(torch.isfinite(lse), lo, torch.zeros_like(lo))
+
+
+def shifted(s: Tensor, lse: Tensor, lse_lo: Tensor) -> Tensor:
+    """``s - (lse + lse_lo)`` without rounding ``lse + lse_lo`` first (``lse`` of an empty row read
+    as 0: its scores are all ``-inf``)."""
+    return (s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)) - lse_lo
+
+
 class KernelAttention(torch.autograd.Function):
-    """Differentiable ``(out, lse)`` of a :class:`Kernel` in ``q``, ``k``, ``v`` and ``bias``."""
+    """Differentiable ``(out, lse, lse_lo)`` of a :class:`Kernel` in ``q``, ``k``, ``v`` and ``bias``."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, kernel: Kernel, structure: Any, scale: float, options: dict):
-        out, lse = kernel.forward(q, k, v, bias, structure, scale, **options)
+        out, lse, lse_lo = kernel.forward(q, k, v, bias, structure, scale, **options)
         ctx.set_materialize_grads(False)  # an unused lse sends None, not zeros
+        ctx.mark_non_differentiable(lse_lo)
         guards = structure.guards() if hasattr(structure, "guards") else ()  # views of edge_index
-        ctx.save_for_backward(q, k, v, bias, out, lse, *guards)
+        ctx.save_for_backward(q, k, v, bias, out, lse, lse_lo, *guards)
         ctx.kernel, ctx.structure, ctx.scale, ctx.options = kernel, structure, scale, options
-        return out, lse
+        return out, lse, lse_lo
 
     @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, bias, out, lse = ctx.saved_tensors[:6]  # unpacking the guards checks their versions
+    def backward(ctx, dout, dlse, _dlse_lo):
+        q, k, v, bias, out, lse, lse_lo = ctx.saved_tensors[:7]  # unpacking the guards checks their versions
         if dout is None:
             dout = torch.zeros_like(out)
         need_bias = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = ctx.kernel.backward(q, k, v, bias, ctx.structure, ctx.scale, out, lse,
+        dq, dk, dv, dbias = ctx.kernel.backward(q, k, v, bias, ctx.structure, ctx.scale, out, lse, lse_lo,
                                                 dout, dlse, need_bias, **ctx.options)
         return dq, dk, dv, dbias, None, None, None, None
 
@@ -53,6 +76,6 @@ def softmax_delta(out: Tensor, dout: Tensor, dlse: Tensor | None, dtype: torch.d
 
 
 def kernel_attention(kernel: Kernel, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
-                     structure: Any, scale: float, **options) -> tuple[Tensor, Tensor]:
-    """``(out, lse)`` of ``kernel``, differentiable in ``q``, ``k``, ``v`` and ``bias``."""
+                     structure: Any, scale: float, **options) -> tuple[Tensor, Tensor, Tensor]:
+    """``(out, lse, lse_lo)`` of ``kernel``, differentiable in ``q``, ``k``, ``v`` and ``bias``."""
     return KernelAttention.apply(q, k, v, bias, kernel, structure, scale, options)

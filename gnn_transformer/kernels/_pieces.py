@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._autograd import two_sum
+
 # A piece length for every launch, on every device (0: never cut); None: by the device, as above.
 LENGTH: int | None = None
 # Per kind of row: "csr" rows hold edges (32 per step of the CSR kernels), "tiles" rows hold tiles.
@@ -111,24 +113,30 @@ def _targets(pieces: Pieces, block: int, size: int) -> tuple[Tensor, Tensor]:
     return rows, rows < size
 
 
-def merge_into(out: Tensor, lse: Tensor, out_p: Tensor, lse_p: Tensor, pieces: Pieces, block: int = 1) -> None:
-    """Write the cut rows' results, merged from their pieces' ``(out_p [P * B, H, D], lse_p [P * B, H])``
-    through the log-sum-exps, into ``out [N, H, D]`` and ``lse [N, H]``; a row empty in every piece
-    stays empty (zeros, ``-inf``)."""
+def merge_into(out: Tensor, lse: Tensor, lse_lo: Tensor, out_p: Tensor, lse_p: Tensor, lo_p: Tensor,
+               pieces: Pieces, block: int = 1) -> None:
+    """Write the cut rows' results, merged from their pieces' ``(out_p [P * B, H, D], lse_p, lo_p
+    [P * B, H])`` through the log-sum-exps (``lse + lo``, see :mod:`._autograd`), into
+    ``out [N, H, D]``, ``lse`` and ``lse_lo [N, H]``; a row empty in every piece stays empty (zeros,
+    ``-inf``, 0)."""
     heads, dim = out_p.shape[1:]
-    lse_b = lse_p.view(pieces.num_pieces, block, heads)
+    shape = (pieces.num_pieces, block, heads)
+    lse_b, lo_b = lse_p.view(shape), lo_p.view(shape)
     top = torch.segment_reduce(lse_b, "max", lengths=pieces.counts, axis=0)  # [C, B, H]
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    w = torch.exp(lse_b - torch.repeat_interleave(top, pieces.counts, dim=0))  # [P, B, H]; 0 if empty
+    w = torch.exp((lse_b - torch.repeat_interleave(top, pieces.counts, dim=0)) + lo_b)  # [P, B, H]; 0 if empty
     total = torch.segment_reduce(w, "sum", lengths=pieces.counts, axis=0)  # [C, B, H]
     acc = torch.segment_reduce(w.unsqueeze(-1) * out_p.view(pieces.num_pieces, block, heads, dim), "sum",
                                lengths=pieces.counts, axis=0)  # [C, B, H, D]
     nonempty = total > 0
     safe = torch.where(nonempty, total, torch.ones_like(total))
-    merged_lse = torch.where(nonempty, top + torch.log(safe), torch.full_like(total, float("-inf")))
+    merged, lo = two_sum(top, torch.log(safe))
+    merged = torch.where(nonempty, merged, torch.full_like(total, float("-inf")))
+    lo = torch.where(nonempty, lo, torch.zeros_like(lo))
     rows, keep = _targets(pieces, block, out.size(0))
     out[rows[keep]] = (acc / safe.unsqueeze(-1)).flatten(0, 1)[keep].to(out.dtype)
-    lse[rows[keep]] = merged_lse.flatten(0, 1)[keep].to(lse.dtype)
+    lse[rows[keep]] = merged.flatten(0, 1)[keep].to(lse.dtype)
+    lse_lo[rows[keep]] = lo.flatten(0, 1)[keep].to(lse_lo.dtype)
 
 
 def add_into(grad: Tensor, grad_p: Tensor, pieces: Pieces, block: int = 1) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._autograd import Kernel, kernel_attention, softmax_delta
+from ._autograd import Kernel, kernel_attention, softmax_delta, two_sum
 from ._dropout import keep_scale
 from ._graph import CSRGraph
 
@@ -135,14 +135,15 @@ def _keep(c: RowChunk, graph: CSRGraph, dropout: tuple[float, int] | None, h: in
 
 def chunked_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
                     scale: float, max_edges: int = DEFAULT_MAX_EDGES,
-                    dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor]:
-    """``(out [N_dst, H, D] in q's dtype, lse [N_dst, H])``; bias in target-sorted edge order.
-    ``dropout = (p, seed)`` drops attention weights (``lse`` stays that of the softmax)."""
+                    dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(out [N_dst, H, D] in q's dtype, lse [N_dst, H], lse_lo [N_dst, H])``; bias in target-sorted
+    edge order. ``dropout = (p, seed)`` drops attention weights (``lse`` stays that of the softmax)."""
     cd = compute_dtype(q.dtype)
     n_dst, num_heads, dim = q.shape
     group = num_heads // k.size(1)
     outT = torch.zeros(num_heads, n_dst, dim, dtype=cd, device=q.device)  # [H, N_dst, D]
     lseT = torch.full((num_heads, n_dst), float("-inf"), dtype=cd, device=q.device)  # [H, N_dst]
+    loT = torch.zeros(num_heads, n_dst, dtype=cd, device=q.device)  # [H, N_dst]
     if graph.num_edges > 0:
         qT, kT, vT = _head_major(q, cd), _head_major(k, cd), _head_major(v, cd)
         for c in row_chunks(graph, max_edges):
@@ -160,16 +161,19 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph:
                 keep = _keep(c, graph, dropout, h, cd)
                 pd = p if keep is None else p * keep  # [Ec]
                 outT[h, c.r0:c.r1] = _csr(c.crow, c.col, pd, (c.r1 - c.r0, graph.num_src)) @ vT[hk]
-                lseT[h, c.r0:c.r1] = torch.where(nonempty, top + torch.log(safe),
-                                                 torch.full_like(safe, float("-inf")))
-    return outT.transpose(0, 1).to(q.dtype).contiguous(), lseT.t().contiguous()  # [N_dst, H, D] dense
+                lse, lo = two_sum(top, torch.log(safe))
+                lseT[h, c.r0:c.r1] = torch.where(nonempty, lse, torch.full_like(safe, float("-inf")))
+                loT[h, c.r0:c.r1] = torch.where(nonempty, lo, torch.zeros_like(lo))
+    # [N_dst, H, D] dense, [N_dst, H], [N_dst, H]
+    return outT.transpose(0, 1).to(q.dtype).contiguous(), lseT.t().contiguous(), loT.t().contiguous()
 
 
 def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
-                     scale: float, out: Tensor, lse: Tensor, dout: Tensor, dlse: Tensor | None,
-                     need_bias_grad: bool, max_edges: int = DEFAULT_MAX_EDGES,
+                     scale: float, out: Tensor, lse: Tensor, lse_lo: Tensor, dout: Tensor,
+                     dlse: Tensor | None, need_bias_grad: bool, max_edges: int = DEFAULT_MAX_EDGES,
                      dropout: tuple[float, int] | None = None):
-    """``(dq, dk, dv, dbias)`` from the saved ``out`` and ``lse``; ``dbias`` in sorted edge order."""
+    """``(dq, dk, dv, dbias)`` from the saved ``out`` and ``lse`` (with ``lse_lo``); ``dbias`` in
+    sorted edge order."""
     cd = compute_dtype(q.dtype)
     n_dst, num_heads, dim = q.shape
     n_src, num_kv = k.size(0), k.size(1)
@@ -186,13 +190,15 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph
         deltaT = delta.t().contiguous()  # [H, N_dst]
         lse_safe = lse.to(cd).t()  # [H, N_dst]
         lse_safe = torch.where(torch.isinf(lse_safe), torch.zeros_like(lse_safe), lse_safe)
+        loT = lse_lo.to(cd).t()  # [H, N_dst]: what rounding lse lost (module _autograd)
         for c in row_chunks(graph, max_edges):
             size, size_t = (c.r1 - c.r0, n_src), (n_src, c.r1 - c.r0)
             for h in range(num_heads):
                 hk = h // group
                 bias_h = None if bias is None else bias[c.e0:c.e1, h]
                 s = _scores(c, qT[h, c.r0:c.r1], kT[hk], bias_h, scale)  # [Ec]
-                p = torch.exp(s - lse_safe[h, c.r0:c.r1][c.row])  # [Ec]
+                rows = slice(c.r0, c.r1)
+                p = torch.exp((s - lse_safe[h, rows][c.row]) - loT[h, rows][c.row])  # [Ec]
                 keep = _keep(c, graph, dropout, h, cd)  # once per head and chunk: dp and dV share it
                 dp = _sampled(c, doT[h, c.r0:c.r1], vT[hk], None, 1.0)  # [Ec]
                 pd = p
@@ -218,6 +224,6 @@ CHUNKED = Kernel(chunked_forward, chunked_backward)
 
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
                       scale: float, max_edges: int = DEFAULT_MAX_EDGES,
-                      dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor]:
-    """Differentiable ``(out, lse)`` of the chunked path; ``bias`` in target-sorted edge order."""
+                      dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Differentiable ``(out, lse, lse_lo)`` of the chunked path; ``bias`` in target-sorted edge order."""
     return kernel_attention(CHUNKED, q, k, v, bias, graph, scale, max_edges=max_edges, dropout=dropout)

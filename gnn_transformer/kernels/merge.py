@@ -12,17 +12,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._autograd import two_sum
 
-def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
-    """Merge ``(out [N, H, D], lse [N, H])`` pairs of two disjoint edge sets (differentiable)."""
+
+def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
+                   lse_lo: tuple[Tensor, Tensor] | None = None):
+    """Merge ``(out [N, H, D], lse [N, H])`` pairs of two disjoint edge sets (differentiable).
+
+    ``lse_lo = (lo_a, lo_b)``: what rounding each ``lse`` lost (the kernels' third result, see
+    :mod:`._autograd`); then the merged ``lse``'s own remainder is returned too,
+    ``(out, lse, lse_lo)``, and huge log-sum-exps (all scores near ``-1e9``) merge exactly."""
     top = torch.maximum(lse_a, lse_b).detach()  # [N, H]; the result does not depend on it
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    w_a = torch.exp(lse_a - top)  # [N, H]
-    w_b = torch.exp(lse_b - top)  # [N, H]
+    d_a, d_b = lse_a - top, lse_b - top  # [N, H]; exact where the two are close
+    if lse_lo is not None:
+        d_a, d_b = d_a + lse_lo[0], d_b + lse_lo[1]
+    w_a, w_b = torch.exp(d_a), torch.exp(d_b)  # [N, H]
     total = w_a + w_b
     nonempty = total > 0
     safe = torch.where(nonempty, total, torch.ones_like(total))
-    lse = torch.where(nonempty, top + torch.log(safe), torch.full_like(total, float("-inf")))
+    lse, lo = two_sum(top, torch.log(safe))
+    lse = torch.where(nonempty, lse, torch.full_like(total, float("-inf")))
     w_a, w_b = (w_a / safe).unsqueeze(-1), (w_b / safe).unsqueeze(-1)  # [N, H, 1]
-    out = out_a.to(w_a.dtype) * w_a + out_b.to(w_b.dtype) * w_b  # [N, H, D], float32 or float64
-    return out.to(out_a.dtype), lse
+    out = (out_a.to(w_a.dtype) * w_a + out_b.to(w_b.dtype) * w_b).to(out_a.dtype)  # [N, H, D]
+    if lse_lo is None:
+        return out, lse
+    return out, lse, torch.where(nonempty, lo, torch.zeros_like(lo)).detach()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._autograd import Kernel, kernel_attention, softmax_delta
+from ._autograd import Kernel, kernel_attention, softmax_delta, two_sum
 from ._dropout import keep_scales
 from .chunked import compute_dtype
 from .tiling import TileList
@@ -26,6 +26,12 @@ DEFAULT_MAX_CELLS = 1 << 21  # score entries per chunk: 8 MiB of float32 (cache-
 # used for float32 on CPU when present, the plain matmul path otherwise (and for float64).
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+# PyTorch's fused kernel returns the log-sum-exp rounded to float32, without what rounding lost;
+# below this magnitude that is under 8e-6 (half its rounding step), above it a chunk runs the
+# matmul path, which keeps the remainder (module _autograd).
+FLASH_LSE_LIMIT = 128.0
 
 
 def _use_flash(device: torch.device, dtype: torch.dtype) -> bool:
@@ -149,9 +155,9 @@ def _scores(qB, kB, tiles, tbias, qb, tids, scale):
 
 def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None, scale: float,
                   max_cells: int = DEFAULT_MAX_CELLS, dropout: tuple[float, int] | None = None
-                  ) -> tuple[Tensor, Tensor]:
-    """``(out [N_dst, H, D], lse [N_dst, H])`` over the tiles; ``tbias`` is tile biases
-    ``[T, H_b, Bq, Bk]`` or an edge bias ``[E_t, H]`` of the tiled edges (see :func:`_bias`)."""
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(out [N_dst, H, D], lse [N_dst, H], lse_lo [N_dst, H])`` over the tiles; ``tbias`` is tile
+    biases ``[T, H_b, Bq, Bk]`` or an edge bias ``[E_t, H]`` of the tiled edges (see :func:`_bias`)."""
     cd = compute_dtype(q.dtype)
     n_dst, num_heads, dim = q.shape
     group = num_heads // k.size(1)
@@ -161,6 +167,7 @@ def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tenso
     vB = _blocked(v.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd)  # [H, nkb, Bk, D]
     outB = torch.zeros_like(qB)  # [H, nqb, Bq, D]
     lseB = torch.full(qB.shape[:3], float("-inf"), dtype=cd, device=q.device)  # [H, nqb, Bq]
+    loB = torch.zeros(qB.shape[:3], dtype=cd, device=q.device)  # [H, nqb, Bq]
     tb = None if tbias is None else tbias.to(cd)
     flash = _use_flash(q.device, cd) and dropout is None
     for qb, tids in _groups(tiles, num_heads, max_cells):
@@ -173,9 +180,11 @@ def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tenso
             o, lse_g = _FLASH(qB[:, qb].transpose(0, 1), keys, vals, attn_mask=mask, scale=scale)
             if nonempty is not None:  # rows without an edge: lse = -inf (the kernel says 0)
                 lse_g = lse_g.masked_fill(~nonempty, float("-inf"))
-            outB[:, qb] = o.transpose(0, 1)
-            lseB[:, qb] = lse_g.transpose(0, 1)
-            continue
+            finite = lse_g[torch.isfinite(lse_g)]
+            if not finite.numel() or float(finite.abs().max()) < FLASH_LSE_LIMIT:
+                outB[:, qb] = o.transpose(0, 1)
+                lseB[:, qb] = lse_g.transpose(0, 1)
+                continue
         _, _, s = _scores(qB, kB, tiles, tb, qb, tids, scale)  # [H, G, Bq, c·Bk]
         top = s.amax(-1, keepdim=True)
         top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
@@ -188,15 +197,19 @@ def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tenso
         if dropout is not None:
             prob = prob * _keep_scales(tiles, tids, num_heads, dropout, cd)
         outB[:, qb] = torch.matmul(prob, vals)  # [H, G, Bq, D]
-        lseB[:, qb] = torch.where(nonempty, top + torch.log(safe), torch.full_like(safe, float("-inf"))).squeeze(-1)
+        lse, lo = two_sum(top, torch.log(safe))
+        lseB[:, qb] = torch.where(nonempty, lse, torch.full_like(safe, float("-inf"))).squeeze(-1)
+        loB[:, qb] = torch.where(nonempty, lo, torch.zeros_like(lo)).squeeze(-1)
     lse = lseB.reshape(num_heads, -1)[:, :n_dst].t().contiguous()  # [N_dst, H]
-    return _unblocked(outB, n_dst, q.dtype), lse
+    lse_lo = loB.reshape(num_heads, -1)[:, :n_dst].t().contiguous()  # [N_dst, H]
+    return _unblocked(outB, n_dst, q.dtype), lse, lse_lo
 
 
-def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse,
+def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dout, dlse,
                    need_bias_grad: bool, max_cells: int = DEFAULT_MAX_CELLS,
                    dropout: tuple[float, int] | None = None):
-    """``(dq, dk, dv, dbias)`` from the saved ``out`` and ``lse``; ``dbias`` has ``tbias``'s shape."""
+    """``(dq, dk, dv, dbias)`` from the saved ``out`` and ``lse`` (with ``lse_lo``); ``dbias`` has
+    ``tbias``'s shape."""
     cd = compute_dtype(q.dtype)
     n_dst, num_heads, dim = q.shape
     n_src, num_kv = k.size(0), k.size(1)
@@ -215,6 +228,7 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse,
     doB = _blocked(dout, tiles.block_q, nqb, cd, extra)  # [H, nqb, Bq, D (+ 1)]
     lseB = _blocked(lse.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
     lseB = torch.where(torch.isinf(lseB), torch.zeros_like(lseB), lseB)
+    loB = _blocked(lse_lo.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
     dqB, dkB, dvB = torch.zeros_like(qB), torch.zeros_like(kB), torch.zeros_like(vB)
     dtb = torch.zeros_like(tb) if need_bias_grad else None
     if flash:
@@ -222,13 +236,13 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse,
         if extra:
             doB[..., dim] = 1.0
             outB[..., dim] = -_blocked(dlse.unsqueeze(-1), tiles.block_q, nqb, cd)[..., 0]
-    else:
-        delta = softmax_delta(out, dout, dlse, cd)  # [N_dst, H]
-        deltaB = _blocked(delta.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
+    delta = softmax_delta(out, dout, dlse, cd)  # [N_dst, H]
+    deltaB = _blocked(delta.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
     for qb, tids in _groups(tiles, num_heads, max_cells):
         g, c = tids.shape
         kb = tiles.k_block[tids].flatten()  # [G·c]
-        if flash:
+        # chunks whose forward ran the matmul path (huge log-sum-exps) take it here too
+        if flash and float(lseB[:, qb].abs().max()) < FLASH_LSE_LIMIT:
             keys = kB[:, kb].reshape(num_heads, g, c * tiles.block_k, -1).transpose(0, 1)
             vals = vB[:, kb].reshape(num_heads, g, c * tiles.block_k, -1).transpose(0, 1)
             mask, _ = _flash_mask(tiles, tb, tids, cd)
@@ -240,20 +254,22 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse,
             dvB.index_add_(1, kb, dv.transpose(0, 1).reshape(num_heads, g * c, tiles.block_k, -1))
             continue
         qg, kg, s = _scores(qB, kB, tiles, tb, qb, tids, scale)
-        p = torch.exp(s - lseB[:, qb])  # [H, G, Bq, c·Bk]
-        dog = doB[:, qb]  # [H, G, Bq, D]
-        vals = vB[:, kb].reshape(num_heads, g, c * tiles.block_k, dim)
+        if extra:  # the flash layout's extra channel is zero in q, k and v; leave it out
+            qg, kg = qg[..., :dim], kg[..., :dim]
+        p = torch.exp((s - lseB[:, qb]) - loB[:, qb])  # [H, G, Bq, c·Bk]
+        dog = doB[:, qb][..., :dim]  # [H, G, Bq, D]
+        vals = vB[:, kb][..., :dim].reshape(num_heads, g, c * tiles.block_k, dim)
         dp = torch.matmul(dog, vals.transpose(-1, -2))  # [H, G, Bq, c·Bk]
         pd = p
         if dropout is not None:
             scales = _keep_scales(tiles, tids, num_heads, dropout, cd)
             dp, pd = dp * scales, p * scales
         ds = p * (dp - deltaB[:, qb])
-        dqB[:, qb] = torch.matmul(ds, kg) * scale
+        dqB[:, qb, :, :dim] = torch.matmul(ds, kg) * scale
         dk = (torch.matmul(ds.transpose(-1, -2), qg) * scale).reshape(num_heads, g * c, tiles.block_k, dim)
         dv = torch.matmul(pd.transpose(-1, -2), dog).reshape(num_heads, g * c, tiles.block_k, dim)
-        dkB.index_add_(1, kb, dk)
-        dvB.index_add_(1, kb, dv)
+        dkB[..., :dim].index_add_(1, kb, dk)
+        dvB[..., :dim].index_add_(1, kb, dv)
         if dtb is not None:
             _bias_grad(tiles, dtb, ds, tids)
     if extra:
@@ -275,7 +291,7 @@ TILED = Kernel(
 
 def tiled_attention(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None, scale: float,
                     max_cells: int = DEFAULT_MAX_CELLS, dropout: tuple[float, int] | None = None
-                    ) -> tuple[Tensor, Tensor]:
-    """Differentiable ``(out, lse)`` of the plain-torch tiled path; ``dropout = (p, seed)`` needs a
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """Differentiable ``(out, lse, lse_lo)`` of the plain-torch tiled path; ``dropout = (p, seed)`` needs a
     graph without repeated edges (one edge per cell)."""
     return kernel_attention(TILED, q, k, v, tbias, tiles, scale, max_cells=max_cells, dropout=dropout)

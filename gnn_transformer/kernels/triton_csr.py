@@ -5,7 +5,7 @@ blocks of ``BLOCK_E``, gathers ``k_j`` / ``v_j`` by the source ids, and keeps an
 (running max ``m``, running sum ``l``, running weighted sum ``acc``); it writes ``out_i = acc / l`` and
 ``lse_i = m + log l`` (``-inf`` and zeros for a row without edges).
 
-Backward (``delta_i = dO_i . O_i - dlse_i``, ``p = exp(s - lse_i)``, ``ds = p (dO_i . v_j - delta_i)``):
+Backward (``delta_i = dO_i . O_i - dlse_i``, ``p = exp((s - lse_i) - lse_lo_i)``, ``ds = p (dO_i . v_j - delta_i)``):
 
 - ``dQ`` (and ``dbias = ds``): one program per (target, head) over the CSR, like the forward;
 - ``dK`` / ``dV``: one program per (source ``j``, key/value head) over the source-sorted CSC, summing
@@ -67,12 +67,33 @@ def _work(START, END, MAP, MAPPED: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(LSE, DELTA, idx, mask, ACC: tl.constexpr):
-    """``(lse, delta)`` of the backward pass at offsets ``idx`` (``row * H + head``) in ``ACC``;
-    an empty row's ``-inf`` lse reads as 0 (its weights are 0 all the same, and no NaN appears)."""
+def _two_sum(m, log_l):
+    """``(lse, lo)``: ``m + log_l`` rounded and what the rounding lost (Knuth's two-sum, exact;
+    see :mod:`._autograd`)."""
+    lse = m + log_l
+    b = lse - m
+    return lse, (m - (lse - b)) + (log_l - b)
+
+
+@triton.jit
+def _lse_pair(m, l):
+    """``(lse, lse_lo, nonempty, l_safe)`` of rows with running max ``m`` and sum ``l``: ``-inf``
+    and 0 on empty rows."""
+    nonempty = l > 0
+    l_safe = tl.where(nonempty, l, 1.0)
+    lse, lo = _two_sum(tl.where(nonempty, m, 0.0), tl.log(l_safe))  # no -inf - -inf on empty rows
+    return tl.where(nonempty, lse, float("-inf")), tl.where(nonempty, lo, 0.0), nonempty, l_safe
+
+
+@triton.jit
+def _row_stats(LSE, LSE_LO, DELTA, idx, mask, ACC: tl.constexpr):
+    """``(lse, lse_lo, delta)`` of the backward pass at offsets ``idx`` (``row * H + head``) in
+    ``ACC``; an empty row's ``-inf`` lse reads as 0 (its weights are 0 all the same, and no NaN
+    appears). Weights are ``exp((s - lse) - lse_lo)``."""
     lse = tl.load(LSE + idx, mask=mask, other=0.0).to(ACC)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
-    return lse, tl.load(DELTA + idx, mask=mask, other=0.0).to(ACC)
+    lo = tl.load(LSE_LO + idx, mask=mask, other=0.0).to(ACC)
+    return lse, lo, tl.load(DELTA + idx, mask=mask, other=0.0).to(ACC)
 
 
 @triton.jit
@@ -117,7 +138,7 @@ def _position(EDGE_IDS, e, emask, REMAP: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csr_fwd(Q, K, V, BIAS, OUT, LSE, START, END, MAP, SRC, SCALES, EDGE_IDS, SEED, THRESH,
+def _csr_fwd(Q, K, V, BIAS, OUT, LSE, LSE_LO, START, END, MAP, SRC, SCALES, EDGE_IDS, SEED, THRESH,
              stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
              H, GROUP, D,
              HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr, MAPPED: tl.constexpr,
@@ -153,16 +174,15 @@ def _csr_fwd(Q, K, V, BIAS, OUT, LSE, START, END, MAP, SRC, SCALES, EDGE_IDS, SE
             p = tl.where(_keep(SEED, _position(EDGE_IDS, offs_e, emask, REMAP), h, THRESH), p * keep_scale, 0.0)
         acc = acc * corr + tl.sum(p[:, None] * v, axis=0)
         m = m_new
-    nonempty = l > 0
-    l_safe = tl.where(nonempty, l, 1.0)
+    lse, lo, nonempty, l_safe = _lse_pair(m, l)
     out = acc / l_safe
-    lse = tl.where(nonempty, m + tl.log(l_safe), float("-inf"))
     tl.store(OUT + o * stride_on + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=dmask)
     tl.store(LSE + o * H + h + tl.arange(0, 1), lse)
+    tl.store(LSE_LO + o * H + h + tl.arange(0, 1), lo)
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, START, END, MAP, SRC, SCALES, EDGE_IDS, SEED,
+def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DQ, DBIAS, START, END, MAP, SRC, SCALES, EDGE_IDS, SEED,
                 THRESH, stride_qn, stride_qh, stride_kn, stride_kh,
                 H, GROUP, D,
                 HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr,
@@ -176,7 +196,7 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, START, END, MAP, SRC, 
     row = i * stride_qn + h * stride_qh + offs_d  # q, dO and dQ (row o) share one layout
     q = tl.load(Q + row, mask=dmask, other=0.0).to(ACC)
     do = tl.load(DO + row, mask=dmask, other=0.0).to(ACC)
-    lse, delta = _row_stats(LSE, DELTA, i * H + h, i >= 0, ACC)
+    lse, lo, delta = _row_stats(LSE, LSE_LO, DELTA, i * H + h, i >= 0, ACC)
     dq = tl.zeros([BLOCK_D], ACC)
     for e0 in range(start, end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
@@ -189,7 +209,7 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, START, END, MAP, SRC, 
         s = tl.sum(k * q[None, :], axis=1) * scale
         if HAS_BIAS:
             s += tl.load(BIAS + offs_e * H + h, mask=emask, other=0.0).to(ACC)
-        p = tl.where(emask, tl.exp(s - lse), 0.0)
+        p = tl.where(emask, tl.exp((s - lse) - lo), 0.0)
         dp = tl.sum(v * do[None, :], axis=1)
         if DROPOUT:
             dp = tl.where(_keep(SEED, _position(EDGE_IDS, offs_e, emask, REMAP), h, THRESH), dp * keep_scale, 0.0)
@@ -214,10 +234,10 @@ def _softmax_step(m, l, s):
 
 @triton.jit
 def _softmax_finish(m, l, acc):
-    """``(out, lse)`` of rows accumulated by :func:`_softmax_step`; zeros and ``-inf`` on empty rows."""
-    nonempty = l > 0
-    l_safe = tl.where(nonempty, l, 1.0)
-    return acc / l_safe[:, None], tl.where(nonempty, m + tl.log(l_safe), float("-inf"))
+    """``(out, lse, lse_lo)`` of rows accumulated by :func:`_softmax_step`; zeros, ``-inf`` and 0 on
+    empty rows."""
+    lse, lo, _, l_safe = _lse_pair(m, l)
+    return acc / l_safe[:, None], lse, lo
 
 
 @triton.jit
@@ -264,7 +284,7 @@ def _group_scores(q, K, BIAS, SRC, offs_e, emask, hk, h, gmask, offs_d, dmask, s
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csr_fwd_grouped(Q, K, V, BIAS, OUT, LSE, START, END, MAP, SRC, SCALES, EDGE_IDS, SEED, THRESH,
+def _csr_fwd_grouped(Q, K, V, BIAS, OUT, LSE, LSE_LO, START, END, MAP, SRC, SCALES, EDGE_IDS, SEED, THRESH,
                      stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
                      H, GROUP, D,
                      HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr, MAPPED: tl.constexpr,
@@ -291,14 +311,15 @@ def _csr_fwd_grouped(Q, K, V, BIAS, OUT, LSE, START, END, MAP, SRC, SCALES, EDGE
             position = _position(EDGE_IDS, offs_e, emask, REMAP)
             p = tl.where(_keep(SEED, position[None, :], h[:, None], THRESH), p * keep_scale, 0.0)
         acc = acc * corr[:, None] + _dot(p.to(v.dtype), v, ACC, UPCAST)
-    out, lse = _softmax_finish(m, l, acc)
+    out, lse, lo = _softmax_finish(m, l, acc)
     tl.store(OUT + o * stride_on + h[:, None] * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
              mask=qmask)
     tl.store(LSE + o * H + h, lse, mask=gmask)
+    tl.store(LSE_LO + o * H + h, lo, mask=gmask)
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csr_bwd_dq_grouped(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, START, END, MAP, SRC, SCALES, EDGE_IDS,
+def _csr_bwd_dq_grouped(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DQ, DBIAS, START, END, MAP, SRC, SCALES, EDGE_IDS,
                         SEED, THRESH, stride_qn, stride_qh, stride_kn, stride_kh,
                         H, GROUP, D,
                         HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
@@ -310,7 +331,7 @@ def _csr_bwd_dq_grouped(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, START, END, MA
         SCALES, START, END, MAP, GROUP, D, stride_qn, stride_qh, MAPPED, BLOCK_G, BLOCK_D, ACC)
     q = tl.load(Q + rows, mask=qmask, other=0.0)
     do = tl.load(DO + rows, mask=qmask, other=0.0)
-    lse, delta = _row_stats(LSE, DELTA, i * H + h, gmask, ACC)
+    lse, lo, delta = _row_stats(LSE, LSE_LO, DELTA, i * H + h, gmask, ACC)
     dq = tl.zeros([BLOCK_G, BLOCK_D], ACC)
     for e0 in range(start, end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
@@ -319,7 +340,7 @@ def _csr_bwd_dq_grouped(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, START, END, MA
                                         stride_kn, stride_kh, H, scale, HAS_BIAS, ACC, UPCAST)
         v = tl.load(V + kv, mask=mask2, other=0.0)
         cell = gmask[:, None] & emask[None, :]
-        p = tl.where(cell, tl.exp(s - lse[:, None]), 0.0)  # [BLOCK_G, BLOCK_E]
+        p = tl.where(cell, tl.exp((s - lse[:, None]) - lo[:, None]), 0.0)  # [BLOCK_G, BLOCK_E]
         dp = _dot(do, tl.trans(v), ACC, UPCAST)  # [BLOCK_G, BLOCK_E]
         if DROPOUT:
             position = _position(EDGE_IDS, offs_e, emask, REMAP)
@@ -332,7 +353,7 @@ def _csr_bwd_dq_grouped(Q, K, V, BIAS, DO, LSE, DELTA, DQ, DBIAS, START, END, MA
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, START, END, MAP, CSC_PERM, DST, SCALES, EDGE_IDS,
+def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DK, DV, START, END, MAP, CSC_PERM, DST, SCALES, EDGE_IDS,
                   SEED, THRESH, stride_qn, stride_qh, stride_kn, stride_kh,
                   H, GROUP, D,
                   HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr, MAPPED: tl.constexpr,
@@ -360,11 +381,11 @@ def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, START, END, MAP, CSC_PE
             rows = i[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
             q = tl.load(Q + rows, mask=mask2, other=0.0).to(ACC)  # [BLOCK_E, D]
             do = tl.load(DO + rows, mask=mask2, other=0.0).to(ACC)
-            lse, delta = _row_stats(LSE, DELTA, i * H + h, emask, ACC)
+            lse, lo, delta = _row_stats(LSE, LSE_LO, DELTA, i * H + h, emask, ACC)
             s = tl.sum(q * k[None, :], axis=1) * scale
             if HAS_BIAS:
                 s += tl.load(BIAS + e * H + h, mask=emask, other=0.0).to(ACC)
-            p = tl.where(emask, tl.exp(s - lse), 0.0)
+            p = tl.where(emask, tl.exp((s - lse) - lo), 0.0)
             dp = tl.sum(do * v[None, :], axis=1)
             if DROPOUT:
                 kept = _keep(SEED, position, h, THRESH)
@@ -430,8 +451,9 @@ def _grid_heads(num_heads: int, num_kv: int, dim: int) -> int:
 
 
 def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
-                scale: float, dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor]:
-    """``(out [N_dst, H, D], lse [N_dst, H])``; ``bias`` ``[E, H]`` in target-sorted edge order;
+                scale: float, dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(out [N_dst, H, D], lse [N_dst, H], lse_lo [N_dst, H])`` (see :mod:`._autograd`); ``bias``
+    ``[E, H]`` in target-sorted edge order;
     ``dropout = (p, seed)`` drops attention weights (:mod:`._dropout`). Targets with far more edges
     than the rest run in pieces (:mod:`._pieces`)."""
     n_dst, num_heads, dim = q.shape
@@ -439,15 +461,16 @@ def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSR
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty_like(q)
     lse = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)
+    lse_lo = torch.empty_like(lse)
     if n_dst == 0:
-        return out, lse
+        return out, lse, lse_lo
     bias_arg = bias.contiguous() if bias is not None else lse  # unused when HAS_BIAS is False
     scales, seed, thresh = scalars(scale, dropout, acc_dtype, q.device)
     pieces = _pieces.cached_pieces(graph.extras, "rows", graph.rowptr, "csr", graph.num_edges,
                                    _grid_heads(num_heads, k.size(1), dim))
 
-    def run(rows, out, lse, start, end, row_map, mapped):
-        args = (q, k, v, bias_arg, out, lse, start, end, row_map, graph.src, scales, _edge_ids(graph), seed,
+    def run(rows, out, lse, lse_lo, start, end, row_map, mapped):
+        args = (q, k, v, bias_arg, out, lse, lse_lo, start, end, row_map, graph.src, scales, _edge_ids(graph), seed,
                 thresh, q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
                 num_heads, group, dim)
         flags = dict(HAS_BIAS=bias is not None, DROPOUT=dropout is not None, REMAP=graph.edge_ids is not None,
@@ -457,13 +480,14 @@ def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSR
                       dict(flags, BLOCK_D=triton.next_power_of_2(dim)))
 
     start, end = _pieces.ranges(graph.rowptr, pieces)
-    run(n_dst, out, lse, start, end, start, False)
+    run(n_dst, out, lse, lse_lo, start, end, start, False)
     if pieces is not None:
         out_p = _pieces.partial(pieces, 1, (num_heads, dim), acc_dtype, q.device)
         lse_p = _pieces.partial(pieces, 1, (num_heads,), acc_dtype, q.device, float("-inf"))
-        run(pieces.num_pieces, out_p, lse_p, pieces.start, pieces.stop, pieces.row, True)
-        _pieces.merge_into(out, lse, out_p, lse_p, pieces)
-    return out, lse
+        lo_p = _pieces.partial(pieces, 1, (num_heads,), acc_dtype, q.device)
+        run(pieces.num_pieces, out_p, lse_p, lo_p, pieces.start, pieces.stop, pieces.row, True)
+        _pieces.merge_into(out, lse, lse_lo, out_p, lse_p, lo_p, pieces)
+    return out, lse, lse_lo
 
 
 _PER_HEAD: set = set()  # (pass, device, dtype, head dim, group): the GPU refused the grouped kernel
@@ -489,7 +513,7 @@ def _launch_heads(what: str, q: Tensor, rows: int, num_kv: int, grouped_kernel, 
     launch(per_head_kernel, (rows, num_heads), *args, **per_head_flags)
 
 
-def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, need_bias_grad,
+def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, lse_lo, dout, dlse, need_bias_grad,
                  dropout: tuple[float, int] | None = None):
     """``(dq, dk, dv, dbias)``; ``dbias`` in target-sorted edge order. Targets and sources with far
     more edges than the rest run in pieces (:mod:`._pieces`)."""
@@ -511,7 +535,7 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, ne
                                        _grid_heads(num_heads, num_kv, dim))
 
         def run_dq(rows, dq, start, end, row_map, mapped):
-            args = (q, k, v, bias_arg, dout, lse, delta, dq, dbias if dbias is not None else delta,
+            args = (q, k, v, bias_arg, dout, lse, lse_lo, delta, dq, dbias if dbias is not None else delta,
                     start, end, row_map, graph.src, scales, _edge_ids(graph), seed, thresh,
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), num_heads, group, dim)
             dq_flags = dict(flags, WRITE_DBIAS=dbias is not None, MAPPED=mapped)
@@ -530,7 +554,7 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, dout, dlse, ne
 
         def run_dkdv(cols, dk, dv, start, end, col_map, mapped):
             launch(_csc_bwd_dkdv, (cols, num_kv),
-                q, k, v, bias_arg, dout, lse, delta, dk, dv, start, end, col_map, csc_perm, graph.dst,
+                q, k, v, bias_arg, dout, lse, lse_lo, delta, dk, dv, start, end, col_map, csc_perm, graph.dst,
                 scales, _edge_ids(graph), seed, thresh,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 num_heads, group, dim, MAPPED=mapped, **flags)
@@ -550,7 +574,7 @@ TRITON_CSR = Kernel(csr_forward, csr_backward)
 
 
 def csr_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
-                  scale: float, dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor]:
-    """Differentiable ``(out, lse)`` of the Triton CSR kernels; ``bias`` in target-sorted order."""
+                  scale: float, dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Differentiable ``(out, lse, lse_lo)`` of the Triton CSR kernels; ``bias`` in target-sorted order."""
     return kernel_attention(TRITON_CSR, q.contiguous(), k.contiguous(), v.contiguous(), bias,
                             graph, scale, dropout=dropout)

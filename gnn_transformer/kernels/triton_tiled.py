@@ -75,7 +75,7 @@ def _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ: tl.con
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, START, END, MAP, K_BLOCK, MASK_INDEX, SCALES,
+def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, LSE_LO, START, END, MAP, K_BLOCK, MASK_INDEX, SCALES,
                EDGE_IDS, SEED, THRESH,
                stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
                N_DST, N_SRC, H, GROUP, D, TB_HEADS,
@@ -102,15 +102,16 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, START, END, MAP, K_BL
         if DROPOUT:  # the normalizer keeps every weight; the output only the kept ones
             p = p * _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ, BK)
         acc = acc * corr[:, None] + _dot(p.to(v.dtype), v, ACC, UPCAST)
-    out, lse = _softmax_finish(m_i, l_i, acc)
+    out, lse, lo = _softmax_finish(m_i, l_i, acc)
     offs_o = ob * BQ + tl.arange(0, BQ)
     tl.store(OUT + offs_o[:, None] * stride_on + h * stride_oh + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=mmask)
     tl.store(LSE + offs_o * H + h, lse, mask=offs_m < N_DST)
+    tl.store(LSE_LO + offs_o * H + h, lo, mask=offs_m < N_DST)
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])
-def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DQ, DTBIAS, START, END, MAP, K_BLOCK,
+def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DQ, DTBIAS, START, END, MAP, K_BLOCK,
                   MASK_INDEX, SCALES, EDGE_IDS, SEED, THRESH,
                   stride_qn, stride_qh, stride_kn, stride_kh,
                   N_DST, N_SRC, H, GROUP, D, TB_HEADS,
@@ -128,7 +129,7 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DQ, DTBIAS, 
     rows = offs_m[:, None] * stride_qn + h * stride_qh + offs_d[None, :]  # q, dO and dQ (block ob): one layout
     q = tl.load(Q + rows, mask=mmask, other=0.0)
     do = tl.load(DO + rows, mask=mmask, other=0.0)
-    lse, delta = _row_stats(LSE, DELTA, offs_m * H + h, rmask, ACC)
+    lse, lo, delta = _row_stats(LSE, LSE_LO, DELTA, offs_m * H + h, rmask, ACC)
     dq = tl.zeros([BQ, BLOCK_D], ACC)
     cells = tl.arange(0, BQ)[:, None] * BK + tl.arange(0, BK)[None, :]
     for t in range(t0, t1):
@@ -137,7 +138,7 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DQ, DTBIAS, 
         v = tl.load(V + kv, mask=nmask, other=0.0)
         s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, TB_HEADS, BIAS, BQ, BK, ACC,
                          UPCAST)
-        p = tl.exp(s - lse[:, None])  # [Bq, Bk], 0 where masked
+        p = tl.exp((s - lse[:, None]) - lo[:, None])  # [Bq, Bk], 0 where masked
         dp = _dot(do, tl.trans(v), ACC, UPCAST)
         if DROPOUT:
             dp = dp * _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ, BK)
@@ -153,7 +154,7 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DQ, DTBIAS, 
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])
-def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DK, DV, START, END, MAP, ORDER, Q_BLOCK,
+def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DK, DV, START, END, MAP, ORDER, Q_BLOCK,
                     MASK_INDEX, SCALES, EDGE_IDS, SEED, THRESH,
                     stride_qn, stride_qh, stride_kn, stride_kh,
                     N_DST, N_SRC, H, GROUP, D, TB_HEADS,
@@ -181,10 +182,10 @@ def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, DELTA, DK, DV, ST
             rows = offs_m[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
             q = tl.load(Q + rows, mask=mmask, other=0.0)
             do = tl.load(DO + rows, mask=mmask, other=0.0)
-            lse, delta = _row_stats(LSE, DELTA, offs_m * H + h, rmask, ACC)
+            lse, lo, delta = _row_stats(LSE, LSE_LO, DELTA, offs_m * H + h, rmask, ACC)
             s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, TB_HEADS, BIAS, BQ, BK, ACC,
                          UPCAST)
-            p = tl.exp(s - lse[:, None])  # [Bq, Bk]
+            p = tl.exp((s - lse[:, None]) - lo[:, None])  # [Bq, Bk]
             dp = _dot(do, tl.trans(v), ACC, UPCAST)
             pd = p
             if DROPOUT:
@@ -253,24 +254,26 @@ def _scalar_args(tiles: TileList, scale: float, dropout: tuple[float, int] | Non
 
 def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None,
                          scale: float, lean: bool = False, dropout: tuple[float, int] | None = None
-                         ) -> tuple[Tensor, Tensor]:
-    """``(out [N_dst, H, D], lse [N_dst, H])`` over the tiles; ``tbias`` is tile biases
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(out [N_dst, H, D], lse [N_dst, H], lse_lo [N_dst, H])`` over the tiles (see
+    :mod:`._autograd`); ``tbias`` is tile biases
     ``[T, H_b, Bq, Bk]``, an edge bias ``[E_t, H]`` of the tiled edges, or ``None``."""
     _check_blocks(tiles)
     n_dst, num_heads, dim = q.shape
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty_like(q)
     lse = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)
+    lse_lo = torch.empty_like(lse)
     if n_dst == 0:
-        return out, lse
+        return out, lse, lse_lo
     masks, cell_edge, tb_heads, mode, block_d = _common(tiles, tbias, dim, dropout)
     drop = _scalar_args(tiles, scale, dropout, acc_dtype, q.device)
     pieces = _pieces.cached_pieces(_cache(tiles), "q_blocks", tiles.tile_ptr, "tiles", tiles.num_tiles, num_heads)
     tb_arg = tbias if tbias is not None else lse  # unused without a bias
 
-    def run(blocks, out, lse, start, end, block_map, mapped):
+    def run(blocks, out, lse, lse_lo, start, end, block_map, mapped):
         launch(_tiled_fwd, (blocks, num_heads),
-            q, k, v, tb_arg, masks, cell_edge, out, lse, start, end, block_map,
+            q, k, v, tb_arg, masks, cell_edge, out, lse, lse_lo, start, end, block_map,
             tiles.k_block, tiles.mask_index, *drop,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
             n_dst, k.size(0), num_heads, num_heads // k.size(1), dim, tb_heads,
@@ -278,16 +281,17 @@ def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias
             BLOCK_D=block_d, ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype, dim, lean))
 
     start, end = _pieces.ranges(tiles.tile_ptr, pieces)
-    run(tiles.num_q_blocks, out, lse, start, end, start, False)
+    run(tiles.num_q_blocks, out, lse, lse_lo, start, end, start, False)
     if pieces is not None:
         out_p = _pieces.partial(pieces, tiles.block_q, (num_heads, dim), acc_dtype, q.device)
         lse_p = _pieces.partial(pieces, tiles.block_q, (num_heads,), acc_dtype, q.device, float("-inf"))
-        run(pieces.num_pieces, out_p, lse_p, pieces.start, pieces.stop, pieces.row, True)
-        _pieces.merge_into(out, lse, out_p, lse_p, pieces, tiles.block_q)
-    return out, lse
+        lo_p = _pieces.partial(pieces, tiles.block_q, (num_heads,), acc_dtype, q.device)
+        run(pieces.num_pieces, out_p, lse_p, lo_p, pieces.start, pieces.stop, pieces.row, True)
+        _pieces.merge_into(out, lse, lse_lo, out_p, lse_p, lo_p, pieces, tiles.block_q)
+    return out, lse, lse_lo
 
 
-def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout, dlse, need_bias_grad,
+def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dout, dlse, need_bias_grad,
                           lean: bool = False, dropout: tuple[float, int] | None = None):
     """``(dq, dk, dv, dbias)``, ``dbias`` of ``tbias``'s shape (tile or edge bias)."""
     n_dst, num_heads, dim = q.shape
@@ -308,7 +312,7 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout
 
         def run_dq(blocks, dq, start, end, block_map, mapped):
             launch(_tiled_bwd_dq, (blocks, num_heads),
-                q, k, v, tb_arg, masks, cell_edge, dout, lse, delta, dq, dtb if dtb is not None else delta,
+                q, k, v, tb_arg, masks, cell_edge, dout, lse, lse_lo, delta, dq, dtb if dtb is not None else delta,
                 start, end, block_map, tiles.k_block, tiles.mask_index, *drop,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 n_dst, n_src, num_heads, num_heads // num_kv, dim, tb_heads,
@@ -326,7 +330,7 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, dout
 
         def run_dkdv(blocks, dk, dv, start, end, block_map, mapped):
             launch(_tiled_bwd_dkdv, (blocks, num_kv),
-                q, k, v, tb_arg, masks, cell_edge, dout, lse, delta, dk, dv, start, end, block_map, order,
+                q, k, v, tb_arg, masks, cell_edge, dout, lse, lse_lo, delta, dk, dv, start, end, block_map, order,
                 tiles.q_block, tiles.mask_index, *drop,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 n_dst, n_src, num_heads, num_heads // num_kv, dim, tb_heads, MAPPED=mapped, **common)
@@ -383,8 +387,9 @@ TRITON_TILED = Kernel(
 
 
 def tiled_triton_attention(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None,
-                           scale: float, dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor]:
-    """Differentiable ``(out, lse)`` of the Triton tiled kernels; ``dropout = (p, seed)`` needs a
+                           scale: float, dropout: tuple[float, int] | None = None
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+    """Differentiable ``(out, lse, lse_lo)`` of the Triton tiled kernels; ``dropout = (p, seed)`` needs a
     graph without repeated edges."""
     tb = None if tbias is None else tbias.contiguous()
     return kernel_attention(TRITON_TILED, q.contiguous(), k.contiguous(), v.contiguous(), tb,
