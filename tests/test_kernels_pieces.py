@@ -280,3 +280,26 @@ def test_bfloat16_with_pieces(monkeypatch):
     torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
     for x, y in zip(got, torch.autograd.grad(ref.sum(), up)):
         torch.testing.assert_close(x.float(), y, atol=2e-2, rtol=2e-2)
+
+
+@triton_only
+@pytest.mark.parametrize("backend,kw", [("fused", {}), ("tiled", {"block_size": 16})])
+def test_one_query_sliced_from_a_fused_projection(backend, kw, monkeypatch):
+    """One query (a pooling token) over 40 keys, cut into pieces, sliced from a packed q/k/v tensor:
+    its row stride is not a fresh buffer's (``contiguous()`` keeps it for a dimension of size 1),
+    and the pieces' partial gradients were written past their buffer's end."""
+    from gnn_transformer.kernels import attend, attend_reference, clear_cache
+
+    monkeypatch.setattr(_pieces, "LENGTH", 8 if backend == "fused" else 1)
+    clear_cache()
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(1, 3, 2, 4, generator=gen, dtype=torch.float64)
+    q = qkv[:, 0].requires_grad_()  # stride (24, 4, 1), and is_contiguous()
+    kv = torch.randn(40, 2, 2, 4, generator=gen, dtype=torch.float64)
+    k, v = kv[:, 0].requires_grad_(), kv[:, 1].requires_grad_()  # 40 x 1 key/value blocks, strided
+    edge_index = torch.stack([torch.arange(40), torch.zeros(40, dtype=torch.long)])
+    out = attend(q, k, v, edge_index, scale=0.5, backend=backend, impl="triton", **kw)
+    ref = attend_reference(q, k, v, edge_index, scale=0.5)
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    for x, y in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(x, y, **TOL[torch.float64])

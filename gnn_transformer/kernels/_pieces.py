@@ -26,7 +26,7 @@ kernels, the block size for the tiled ones).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -50,6 +50,10 @@ class Pieces:
     stop: Tensor  # [P] one past its last item
     rows: Tensor  # [C] the cut rows, increasing
     counts: Tensor  # [C] pieces per cut row
+    owner: Tensor  # [P] the index in ``rows`` of each piece's row
+    # (block, rows of the output) -> the existing output rows of the cut rows and their positions
+    # in [C * B] (computed once: a boolean selection waits for the device)
+    _targets: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_pieces(self) -> int:
@@ -66,13 +70,14 @@ def cut(ptr: Tensor, length: int) -> Pieces | None:
         return None
     rows = long.nonzero().flatten()  # [C]
     counts = -(-size[rows] // length)  # [C]
-    row = torch.repeat_interleave(rows, counts)  # [P]
+    owner = torch.repeat_interleave(torch.arange(rows.numel(), device=ptr.device), counts)  # [P]
+    row = rows[owner]  # [P]
     first = torch.cumsum(counts, 0) - counts  # [C] index of each cut row's first piece
-    index = torch.arange(row.numel(), device=ptr.device) - torch.repeat_interleave(first, counts)  # [P]
-    n, c = size[row], torch.repeat_interleave(counts, counts)  # [P], [P]
+    index = torch.arange(row.numel(), device=ptr.device) - first[owner]  # [P]
+    n, c = size[row], counts[owner]  # [P], [P]
     start = starts[row] + index * n // c
     stop = starts[row] + (index + 1) * n // c
-    return Pieces(torch.where(long, starts, ends), row, start, stop, rows, counts)
+    return Pieces(torch.where(long, starts, ends), row, start, stop, rows, counts, owner)
 
 
 def piece_length(kind: str, items: int, heads: int, device: torch.device) -> int:
@@ -108,9 +113,20 @@ def partial(pieces: Pieces, block: int, shape: tuple[int, ...], dtype: torch.dty
 
 
 def _targets(pieces: Pieces, block: int, size: int) -> tuple[Tensor, Tensor]:
-    """``(rows [C * B], keep [C * B])``: the output rows of the cut rows, and which exist."""
-    rows = (pieces.rows[:, None] * block + torch.arange(block, device=pieces.rows.device)).flatten()
-    return rows, rows < size
+    """``(rows, positions)``: the output rows of the cut rows that exist (``< size``) and their
+    positions in ``[C * B]``; cached on ``pieces``."""
+    key = (block, size)
+    if key not in pieces._targets:
+        rows = (pieces.rows[:, None] * block + torch.arange(block, device=pieces.rows.device)).flatten()
+        positions = (rows < size).nonzero().flatten()
+        pieces._targets[key] = (rows[positions], positions)
+    return pieces._targets[key]
+
+
+def _sum(x: Tensor, pieces: Pieces, reduce: str = "sum") -> Tensor:
+    """Segmented ``reduce`` of ``x [P, ...]`` over each cut row's pieces, in order: ``[C, ...]``
+    (``unsafe``: the lengths come from :func:`cut`, no check that waits for the device)."""
+    return torch.segment_reduce(x, reduce, lengths=pieces.counts, axis=0, unsafe=True)
 
 
 def merge_into(out: Tensor, lse: Tensor, lse_lo: Tensor, out_p: Tensor, lse_p: Tensor, lo_p: Tensor,
@@ -122,27 +138,25 @@ def merge_into(out: Tensor, lse: Tensor, lse_lo: Tensor, out_p: Tensor, lse_p: T
     heads, dim = out_p.shape[1:]
     shape = (pieces.num_pieces, block, heads)
     lse_b, lo_b = lse_p.view(shape), lo_p.view(shape)
-    top = torch.segment_reduce(lse_b, "max", lengths=pieces.counts, axis=0)  # [C, B, H]
+    top = _sum(lse_b, pieces, "max")  # [C, B, H]
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-    w = torch.exp((lse_b - torch.repeat_interleave(top, pieces.counts, dim=0)) + lo_b)  # [P, B, H]; 0 if empty
-    total = torch.segment_reduce(w, "sum", lengths=pieces.counts, axis=0)  # [C, B, H]
-    acc = torch.segment_reduce(w.unsqueeze(-1) * out_p.view(pieces.num_pieces, block, heads, dim), "sum",
-                               lengths=pieces.counts, axis=0)  # [C, B, H, D]
+    w = torch.exp((lse_b - top[pieces.owner]) + lo_b)  # [P, B, H]; 0 if empty
+    total = _sum(w, pieces)  # [C, B, H]
+    acc = _sum(w.unsqueeze(-1) * out_p.view(pieces.num_pieces, block, heads, dim), pieces)  # [C, B, H, D]
     nonempty = total > 0
     safe = torch.where(nonempty, total, torch.ones_like(total))
     merged, lo = two_sum(top, torch.log(safe))
     merged = torch.where(nonempty, merged, torch.full_like(total, float("-inf")))
     lo = torch.where(nonempty, lo, torch.zeros_like(lo))
-    rows, keep = _targets(pieces, block, out.size(0))
-    out[rows[keep]] = (acc / safe.unsqueeze(-1)).flatten(0, 1)[keep].to(out.dtype)
-    lse[rows[keep]] = merged.flatten(0, 1)[keep].to(lse.dtype)
-    lse_lo[rows[keep]] = lo.flatten(0, 1)[keep].to(lse_lo.dtype)
+    rows, positions = _targets(pieces, block, out.size(0))
+    out[rows] = (acc / safe.unsqueeze(-1)).flatten(0, 1)[positions].to(out.dtype)
+    lse[rows] = merged.flatten(0, 1)[positions].to(lse.dtype)
+    lse_lo[rows] = lo.flatten(0, 1)[positions].to(lse_lo.dtype)
 
 
 def add_into(grad: Tensor, grad_p: Tensor, pieces: Pieces, block: int = 1) -> None:
     """Write the sums of the cut rows' pieces ``grad_p [P * B, ...]`` into ``grad [N, ...]`` (where
     the main launch wrote zeros)."""
-    sums = torch.segment_reduce(grad_p.view(pieces.num_pieces, block, *grad_p.shape[1:]), "sum",
-                                lengths=pieces.counts, axis=0)  # [C, B, ...]
-    rows, keep = _targets(pieces, block, grad.size(0))
-    grad[rows[keep]] = sums.flatten(0, 1)[keep].to(grad.dtype)
+    sums = _sum(grad_p.view(pieces.num_pieces, block, *grad_p.shape[1:]), pieces)  # [C, B, ...]
+    rows, positions = _targets(pieces, block, grad.size(0))
+    grad[rows] = sums.flatten(0, 1)[positions].to(grad.dtype)

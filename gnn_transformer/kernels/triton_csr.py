@@ -427,6 +427,15 @@ def _scales_tensor(scale: float, keep: float, dtype: torch.dtype, device: torch.
     return torch.tensor([scale, keep], dtype=dtype, device=device)
 
 
+def canonical(x: Tensor) -> Tensor:
+    """``x`` with the strides of a fresh contiguous tensor. ``contiguous()`` keeps any stride of a
+    dimension of size 1 (a single query sliced from a fused projection), but the kernels write the
+    partial buffers of pieces with the input's row stride, so it must be that of a buffer."""
+    x = x.contiguous()
+    expected = torch.empty(0, device="meta").new_empty(x.shape).stride()
+    return x if x.stride() == expected else x.clone(memory_format=torch.contiguous_format)
+
+
 def scalars(scale: float, dropout: tuple[float, int] | None, dtype: torch.dtype,
             device: torch.device) -> tuple[Tensor, int, int]:
     """``(scales, seed, threshold)`` kernel arguments: ``scales = [scale, 1 / (1 - p)]`` as a tensor in
@@ -576,5 +585,5 @@ TRITON_CSR = Kernel(csr_forward, csr_backward)
 def csr_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
                   scale: float, dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Differentiable ``(out, lse, lse_lo)`` of the Triton CSR kernels; ``bias`` in target-sorted order."""
-    return kernel_attention(TRITON_CSR, q.contiguous(), k.contiguous(), v.contiguous(), bias,
+    return kernel_attention(TRITON_CSR, canonical(q), canonical(k), canonical(v), bias,
                             graph, scale, dropout=dropout)

@@ -29,7 +29,7 @@ from ._autograd import Kernel, kernel_attention, softmax_delta
 from ._launch import launch
 from .tiled_torch import tiled_backward, tiled_forward
 from .triton_csr import (_dot, _keep, _load_scales, _row_stats, _softmax_finish, _softmax_step, _upcast, _work,
-                         scalars)
+                         canonical, scalars)
 from .tiling import TileList, triton_blocks
 
 
@@ -392,5 +392,5 @@ def tiled_triton_attention(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbi
     """Differentiable ``(out, lse, lse_lo)`` of the Triton tiled kernels; ``dropout = (p, seed)`` needs a
     graph without repeated edges."""
     tb = None if tbias is None else tbias.contiguous()
-    return kernel_attention(TRITON_TILED, q.contiguous(), k.contiguous(), v.contiguous(), tb,
+    return kernel_attention(TRITON_TILED, canonical(q), canonical(k), canonical(v), tb,
                             tiles, scale, dropout=dropout)
