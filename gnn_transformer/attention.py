@@ -26,6 +26,7 @@ from torch_geometric import EdgeIndex
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import softmax
 
+from .kernels.reference import edge_softmax
 from .position import RotaryEmbedding, check_base
 
 BACKENDS = ("auto", "pyg", "fused", "tiled", "split")
@@ -468,12 +469,8 @@ class GraphMultiheadAttention(MessagePassing):
         alpha = (query_i * key_j).sum(dim=-1) * scale  # [E, H]
         if edge_bias is None:
             return softmax(alpha, index, ptr, size_i)  # [E, H], sums to 1 over each target's edges
-        alpha = alpha + edge_bias
-        # A -inf bias removes its edge; a target whose edges are all removed is an empty row (zero
-        # output and gradients, as on every backend), not exp(-inf - (-inf)) = NaN.
-        removed = torch.isneginf(alpha)
-        alpha = alpha.masked_fill(removed, torch.finfo(alpha.dtype).min)
-        return softmax(alpha, index, ptr, size_i).masked_fill(removed, 0.0)
+        # a -inf bias removes its edge; a row of removed edges is empty (as on every backend)
+        return edge_softmax(alpha + edge_bias, index, ptr, size_i)
 
     def message(self, value_j: Tensor, alpha: Tensor) -> Tensor:
         return alpha.unsqueeze(-1) * value_j  # [E, H, D]

@@ -74,3 +74,33 @@ def test_split_merges_huge_log_sum_exps_exactly(dtype):
     ref = attend_reference(q, k, v, edge_index, scale=1e9)
     torch.testing.assert_close(out, ref, **TOL[dtype])
     torch.testing.assert_close(out[0, 0, 0], torch.tensor(1 / 3, dtype=dtype), **TOL[dtype])
+
+
+def test_removed_edges_beside_hugging_face_masks():
+    """A row whose edges carry ``finfo.min`` (the Hugging Face masking value) beside a ``-inf`` one:
+    the ``-inf`` edge is removed and weighs 0, the others share the row, in the reference, on the
+    layer's per-edge path and on the kernels (the reference gave the removed edge a third)."""
+    from gnn_transformer import GraphMultiheadAttention
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 1, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 1, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 1, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    edge_index = torch.tensor([[0, 1, 2, 0, 1], [0, 0, 0, 1, 1]])
+    low = torch.finfo(torch.float64).min
+    bias = torch.tensor([[low], [low], [float("-inf")], [float("-inf")], [float("-inf")]], dtype=torch.float64)
+    ref = attend_reference(q, k, v, edge_index, scale=0.5, edge_bias=bias)
+    torch.testing.assert_close(ref[0], (v[0] + v[1]) / 2, **TOL[torch.float64])  # uniform over the two
+    assert (ref[1] == 0).all()  # every edge removed: empty
+    for backend, kw in BACKENDS:
+        out = attend(q, k, v, edge_index, scale=0.5, edge_bias=bias, backend=backend, **kw)
+        torch.testing.assert_close(out, ref, **TOL[torch.float64])
+        got = torch.autograd.grad(out.square().sum(), (q, k, v))
+        want = torch.autograd.grad(ref.square().sum(), (q, k, v), retain_graph=True)
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y, **TOL[torch.float64])
+    layer = GraphMultiheadAttention(4, 1, dtype=torch.float64).eval()
+    x = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    _, w = layer(x, edge_index, edge_bias=bias, backend="pyg", return_attention_weights=True)
+    torch.testing.assert_close(w[:, 0], torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0], dtype=torch.float64),
+                               **TOL[torch.float64])

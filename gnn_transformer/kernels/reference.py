@@ -13,6 +13,23 @@ from torch import Tensor
 from torch_geometric.utils import scatter, softmax
 
 
+def edge_softmax(score: Tensor, index: Tensor, ptr: Tensor | None = None,
+                 num_nodes: int | None = None) -> Tensor:
+    """PyG's ``softmax`` of ``score [E, H]`` over the edges of each target ``index``, where a ``-inf``
+    score removes its edge: a target whose edges are all removed is an empty row (zero weights and
+    gradients, as on every backend), not ``exp(-inf - (-inf)) = NaN``. Only those rows are
+    touched; a removed edge in a row with others weighs 0 as it is (even beside scores of
+    ``finfo.min``, the Hugging Face masking value)."""
+    removed = torch.isneginf(score)  # [E, H]
+    if not bool(removed.any()):
+        return softmax(score, index, ptr, num_nodes)
+    size = int(index.max()) + 1 if num_nodes is None else num_nodes
+    alive = torch.zeros(size, score.size(1), dtype=torch.bool, device=score.device)
+    alive = alive.index_put((index,), ~removed, accumulate=True)  # [N, H]: a kept edge
+    dead = ~alive[index]  # [E, H]: every edge of the row removed
+    return softmax(score.masked_fill(dead, 0.0), index, ptr, num_nodes).masked_fill(dead, 0.0)
+
+
 def attend_reference(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *,
                      scale: float, edge_bias: Tensor | None = None,
                      return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -27,11 +44,7 @@ def attend_reference(query: Tensor, key: Tensor, value: Tensor, edge_index: Tens
     score = (query_i * key_j).sum(dim=-1) * scale  # [E, H]
     if edge_bias is not None:
         score = score + edge_bias
-    # A -inf bias removes its edge; a target whose edges are all removed is an empty row (zero output
-    # and gradients, as on every backend and the layer's pyg path), not exp(-inf - (-inf)) = NaN.
-    removed = torch.isneginf(score)  # [E, H]
-    alpha = softmax(score.masked_fill(removed, torch.finfo(score.dtype).min), dst, num_nodes=num_dst)
-    alpha = alpha.masked_fill(removed, 0.0)  # [E, H]
+    alpha = edge_softmax(score, dst, num_nodes=num_dst)  # [E, H]
     out = scatter(alpha.unsqueeze(-1) * value_j, dst, dim=0, dim_size=num_dst, reduce="sum")  # [N_dst, H, D]
     if not return_lse:
         return out
