@@ -422,6 +422,17 @@ def test_output_is_a_plain_contiguous_tensor(backend, kw):
     out.view(n_dst, -1).add_(1.0)  # a view of a kernel's internal layout refused this
 
 
+def test_numpy_chunk_sizes_and_a_tensor_dropout_p():
+    import numpy as np
+
+    edge_index, n_src, n_dst = graph_case("window")
+    q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), bias=False)
+    want = attend(q, k, v, edge_index, scale=0.5, backend="fused", max_edges=7, dropout_p=0.2, dropout_seed=3)
+    got = attend(q, k, v, edge_index, scale=0.5, backend="fused", max_edges=np.int64(7),
+                 max_cells=np.int32(1 << 12), dropout_p=torch.tensor(0.2, dtype=torch.float64), dropout_seed=3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_a_rational_scale_is_a_float():
     """A ``Fraction`` (or NumPy) scale reaches the kernels as a float: it raised a TypeError inside
     ``torch.sparse.sampled_addmm`` before."""

@@ -354,11 +354,14 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"Expected 'scale' to be a finite number (got {scale!r})")
     scale = float(scale)  # a Fraction or NumPy scalar reaches the kernels as a Python float
+    if isinstance(dropout_p, Tensor) and dropout_p.numel() == 1 and dropout_p.is_floating_point():
+        dropout_p = float(dropout_p)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
         raise ValueError(f"Expected 'dropout_p' in [0, 1) (got {dropout_p!r})")
     for name, chunk in (("max_edges", max_edges), ("max_cells", max_cells)):
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
             raise ValueError(f"Expected '{name}' to be a positive int (got {chunk!r})")
+    max_edges, max_cells = int(max_edges), int(max_cells)  # a NumPy integer too
     if isinstance(edge_index, Tensor) and edge_index.device != query.device:
         raise ValueError(f"Expected 'edge_index' on the device of query/key/value (got {edge_index.device} "
                          f"and {query.device})")

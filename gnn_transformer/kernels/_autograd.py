@@ -38,12 +38,6 @@ def two_sum(m: Tensor, log_l: Tensor) -> tuple[Tensor, Tensor]:
     return lse, torch.where(torch.isfinite(lse), lo, torch.zeros_like(lo))
 
 
-def shifted(s: Tensor, lse: Tensor, lse_lo: Tensor) -> Tensor:
-    """``s - (lse + lse_lo)`` without rounding ``lse + lse_lo`` first (``lse`` of an empty row read
-    as 0: its scores are all ``-inf``)."""
-    return (s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)) - lse_lo
-
-
 class KernelAttention(torch.autograd.Function):
     """Differentiable ``(out, lse, lse_lo)`` of a :class:`Kernel` in ``q``, ``k``, ``v`` and ``bias``."""
 
