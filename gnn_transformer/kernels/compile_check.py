@@ -261,7 +261,8 @@ def compile_cases(cases: Iterable[Case], arch: int = 90) -> list[Compiled]:
                 raise RuntimeError(f"{launch.kernel.__name__} ({case}) does not compile for sm_{arch}: "
                                    f"{_innermost(err)}") from err
             registers, spill_stores, spill_loads = _ptxas_usage(compiled.asm["ptx"], arch)
-            rows.append(Compiled(launch.kernel.__name__, str(case), registers, spill_stores, spill_loads,
+            name = launch.kernel.__name__ + (" (pieces)" if meta.get("MAPPED") else "")  # the launch of pieces
+            rows.append(Compiled(name, str(case), registers, spill_stores, spill_loads,
                                  compiled.metadata.shared, SHARED_LIMIT[arch], compiled.metadata.num_warps,
                                  compiled.metadata.num_stages, _uses_tensor_cores(compiled.asm["ptx"])))
     return rows
