@@ -237,17 +237,24 @@ def test_dropout_is_the_same_with_pieces(backend, kw, length, monkeypatch):
         torch.testing.assert_close(got, expected, **TOL[torch.float64])
 
 
-@triton_only
-def test_a_cut_row_without_finite_scores_stays_empty(monkeypatch):
-    """A hub whose edges all carry a -inf bias: zero output, -inf lse, zero gradients, in pieces."""
-    from gnn_transformer.kernels import attend, attend_reference, clear_cache
+def _hub_inputs(monkeypatch, length, **kw):
+    """``(edge_index, q, k, v, bias)`` on :func:`_hub_graph` with pieces of ``length`` forced."""
+    from gnn_transformer.kernels import clear_cache
 
     from .test_kernels_common import make_inputs
 
     edge_index = _hub_graph()
-    monkeypatch.setattr(_pieces, "LENGTH", 3)
+    monkeypatch.setattr(_pieces, "LENGTH", length)
     clear_cache()
-    q, k, v, b = make_inputs(24, 24, edge_index.size(1), heads=2, kv_heads=2, dim=4, dtype=torch.float64)
+    return (edge_index, *make_inputs(24, 24, edge_index.size(1), **kw))
+
+
+@triton_only
+def test_a_cut_row_without_finite_scores_stays_empty(monkeypatch):
+    """A hub whose edges all carry a -inf bias: zero output, -inf lse, zero gradients, in pieces."""
+    from gnn_transformer.kernels import attend, attend_reference
+
+    edge_index, q, k, v, b = _hub_inputs(monkeypatch, 3, heads=2, kv_heads=2, dim=4, dtype=torch.float64)
     with torch.no_grad():
         b[edge_index[1] == 0] = float("-inf")
     out, lse = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend="fused", return_lse=True,
@@ -265,14 +272,9 @@ def test_a_cut_row_without_finite_scores_stays_empty(monkeypatch):
 @triton_only
 def test_bfloat16_with_pieces(monkeypatch):
     """Half precision: the pieces' partial results are kept in float32 and merged there."""
-    from gnn_transformer.kernels import attend, attend_reference, clear_cache
+    from gnn_transformer.kernels import attend, attend_reference
 
-    from .test_kernels_common import make_inputs
-
-    edge_index = _hub_graph()
-    monkeypatch.setattr(_pieces, "LENGTH", 5)
-    clear_cache()
-    q, k, v, b = make_inputs(24, 24, edge_index.size(1), heads=4, kv_heads=2, dim=16, dtype=torch.bfloat16)
+    edge_index, q, k, v, b = _hub_inputs(monkeypatch, 5, heads=4, kv_heads=2, dim=16, dtype=torch.bfloat16)
     out = attend(q, k, v, edge_index, scale=0.25, edge_bias=b, backend="fused", impl="triton")
     got = torch.autograd.grad(out.float().sum(), (q, k, v, b))
     up = [x.detach().float().requires_grad_() for x in (q, k, v, b)]
