@@ -9,7 +9,7 @@ A kernel is a pair of plain functions over a graph structure (a CSR graph or a t
 
 The log-sum-exp of a row, ``m + log l`` (``m`` the row's largest score, ``l`` the sum of
 ``exp(s - m)``), is kept as two numbers of the accumulation dtype: ``lse``, the sum rounded, and
-``lse_lo``, what the rounding lost (:func:`two_sum`). Where the scores are huge (a row whose every
+``lse_lo``, what the rounding lost (:func:`lse_pair`). Where the scores are huge (a row whose every
 edge carries a bias of ``-1e9``), ``log l`` is below ``lse``'s rounding step; the backward pass's
 ``p = exp((s - lse) - lse_lo)`` and the merges of partial results keep it all the same. ``lse_lo``
 is 0 on empty rows and not differentiable (the gradient of the log-sum-exp reaches ``lse``).
@@ -29,13 +29,17 @@ class Kernel(NamedTuple):
     backward: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor | None]]
 
 
-def two_sum(m: Tensor, log_l: Tensor) -> tuple[Tensor, Tensor]:
-    """``(lse, lse_lo)`` of ``m + log_l``: the rounded sum and its rounding error, exactly (Knuth's
-    two-sum); ``(-inf, 0)`` where ``m + log_l`` is ``-inf`` (an empty row)."""
-    lse = m + log_l
-    b = lse - m
-    lo = (m - (lse - b)) + (log_l - b)
-    return lse, torch.where(torch.isfinite(lse), lo, torch.zeros_like(lo))
+def lse_pair(top: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
+    """``(lse, lse_lo)`` of rows with largest score ``top`` (0 on empty rows) and ``total`` the sum
+    of ``exp(s - top)``: ``top + log total`` rounded and its rounding error, exactly (Knuth's
+    two-sum); ``(-inf, 0)`` where ``total`` is 0 (an empty row). Differentiable in ``lse``."""
+    nonempty = total > 0
+    log_l = torch.log(torch.where(nonempty, total, torch.ones_like(total)))
+    lse = top + log_l
+    b = (lse - top).detach()
+    lo = ((top - (lse - b)) + (log_l - b)).detach()
+    return (torch.where(nonempty, lse, torch.full_like(lse, float("-inf"))),
+            torch.where(nonempty, lo, torch.zeros_like(lo)))
 
 
 class KernelAttention(torch.autograd.Function):

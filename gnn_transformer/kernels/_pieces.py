@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ._autograd import two_sum
+from ._autograd import lse_pair
 
 # A piece length for every launch, on every device (0: never cut); None: by the device, as above.
 LENGTH: int | None = None
@@ -145,9 +145,7 @@ def merge_into(out: Tensor, lse: Tensor, lse_lo: Tensor, out_p: Tensor, lse_p: T
     acc = _sum(w.unsqueeze(-1) * out_p.view(pieces.num_pieces, block, heads, dim), pieces)  # [C, B, H, D]
     nonempty = total > 0
     safe = torch.where(nonempty, total, torch.ones_like(total))
-    merged, lo = two_sum(top, torch.log(safe))
-    merged = torch.where(nonempty, merged, torch.full_like(total, float("-inf")))
-    lo = torch.where(nonempty, lo, torch.zeros_like(lo))
+    merged, lo = lse_pair(top, total)
     rows, positions = _targets(pieces, block, out.size(0))
     out[rows] = (acc / safe.unsqueeze(-1)).flatten(0, 1)[positions].to(out.dtype)
     lse[rows] = merged.flatten(0, 1)[positions].to(lse.dtype)
@@ -160,3 +158,23 @@ def add_into(grad: Tensor, grad_p: Tensor, pieces: Pieces, block: int = 1) -> No
     sums = _sum(grad_p.view(pieces.num_pieces, block, *grad_p.shape[1:]), pieces)  # [C, B, ...]
     rows, positions = _targets(pieces, block, grad.size(0))
     grad[rows] = sums.flatten(0, 1)[positions].to(grad.dtype)
+
+
+def launch_rows(run, ptr: Tensor, pieces: Pieces | None, outputs: tuple[Tensor, ...], dtype: torch.dtype,
+                block: int = 1, merge: bool = False) -> None:
+    """``run(rows, *outputs, start, end, row_map, mapped)`` over every row of ``ptr`` (a cut row with
+    an empty range), then over the pieces of the cut rows into partial buffers in ``dtype``, written
+    back into ``outputs``: merged through the log-sum-exps (``merge``: a forward pass's ``(out, lse,
+    lse_lo)``) or summed (gradients)."""
+    start, end = ranges(ptr, pieces)
+    run(ptr.numel() - 1, *outputs, start, end, start, False)
+    if pieces is None:
+        return
+    fills = (0.0, float("-inf"), 0.0) if merge else (0.0,) * len(outputs)
+    parts = [partial(pieces, block, x.shape[1:], dtype, x.device, fill) for x, fill in zip(outputs, fills)]
+    run(pieces.num_pieces, *parts, pieces.start, pieces.stop, pieces.row, True)
+    if merge:
+        merge_into(*outputs, *parts, pieces, block)
+    else:
+        for x, part in zip(outputs, parts):
+            add_into(x, part, pieces, block)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._autograd import Kernel, kernel_attention, softmax_delta, two_sum
+from ._autograd import Kernel, kernel_attention, lse_pair, softmax_delta
 from ._dropout import keep_scale
 from ._graph import CSRGraph
 
@@ -161,9 +161,7 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph:
                 keep = _keep(c, graph, dropout, h, cd)
                 pd = p if keep is None else p * keep  # [Ec]
                 outT[h, c.r0:c.r1] = _csr(c.crow, c.col, pd, (c.r1 - c.r0, graph.num_src)) @ vT[hk]
-                lse, lo = two_sum(top, torch.log(safe))
-                lseT[h, c.r0:c.r1] = torch.where(nonempty, lse, torch.full_like(safe, float("-inf")))
-                loT[h, c.r0:c.r1] = torch.where(nonempty, lo, torch.zeros_like(lo))
+                lseT[h, c.r0:c.r1], loT[h, c.r0:c.r1] = lse_pair(top, total)
     # [N_dst, H, D] dense, [N_dst, H], [N_dst, H]
     return outT.transpose(0, 1).to(q.dtype).contiguous(), lseT.t().contiguous(), loT.t().contiguous()
 
@@ -197,8 +195,7 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph
                 hk = h // group
                 bias_h = None if bias is None else bias[c.e0:c.e1, h]
                 s = _scores(c, qT[h, c.r0:c.r1], kT[hk], bias_h, scale)  # [Ec]
-                rows = slice(c.r0, c.r1)
-                p = torch.exp((s - lse_safe[h, rows][c.row]) - loT[h, rows][c.row])  # [Ec]
+                p = torch.exp((s - lse_safe[h, c.r0:c.r1][c.row]) - loT[h, c.r0:c.r1][c.row])  # [Ec]
                 keep = _keep(c, graph, dropout, h, cd)  # once per head and chunk: dp and dV share it
                 dp = _sampled(c, doT[h, c.r0:c.r1], vT[hk], None, 1.0)  # [Ec]
                 pd = p

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._autograd import two_sum
+from ._autograd import lse_pair
 
 
 def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
@@ -31,10 +31,9 @@ def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
     total = w_a + w_b
     nonempty = total > 0
     safe = torch.where(nonempty, total, torch.ones_like(total))
-    lse, lo = two_sum(top, torch.log(safe))
-    lse = torch.where(nonempty, lse, torch.full_like(total, float("-inf")))
+    lse, lo = lse_pair(top, total)
     w_a, w_b = (w_a / safe).unsqueeze(-1), (w_b / safe).unsqueeze(-1)  # [N, H, 1]
     out = (out_a.to(w_a.dtype) * w_a + out_b.to(w_b.dtype) * w_b).to(out_a.dtype)  # [N, H, D]
     if lse_lo is None:
         return out, lse
-    return out, lse, torch.where(nonempty, lo, torch.zeros_like(lo)).detach()
+    return out, lse, lo

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._autograd import Kernel, kernel_attention, softmax_delta, two_sum
+from ._autograd import Kernel, kernel_attention, lse_pair, softmax_delta
 from ._dropout import keep_scales
 from .chunked import compute_dtype
 from .tiling import TileList
@@ -180,8 +180,7 @@ def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tenso
             o, lse_g = _FLASH(qB[:, qb].transpose(0, 1), keys, vals, attn_mask=mask, scale=scale)
             if nonempty is not None:  # rows without an edge: lse = -inf (the kernel says 0)
                 lse_g = lse_g.masked_fill(~nonempty, float("-inf"))
-            finite = lse_g[torch.isfinite(lse_g)]
-            if not finite.numel() or float(finite.abs().max()) < FLASH_LSE_LIMIT:
+            if float(torch.nan_to_num(lse_g, neginf=0.0).abs().max()) < FLASH_LSE_LIMIT:
                 outB[:, qb] = o.transpose(0, 1)
                 lseB[:, qb] = lse_g.transpose(0, 1)
                 continue
@@ -197,9 +196,8 @@ def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tenso
         if dropout is not None:
             prob = prob * _keep_scales(tiles, tids, num_heads, dropout, cd)
         outB[:, qb] = torch.matmul(prob, vals)  # [H, G, Bq, D]
-        lse, lo = two_sum(top, torch.log(safe))
-        lseB[:, qb] = torch.where(nonempty, lse, torch.full_like(safe, float("-inf"))).squeeze(-1)
-        loB[:, qb] = torch.where(nonempty, lo, torch.zeros_like(lo)).squeeze(-1)
+        lse, lo = lse_pair(top, total)
+        lseB[:, qb], loB[:, qb] = lse.squeeze(-1), lo.squeeze(-1)
     lse = lseB.reshape(num_heads, -1)[:, :n_dst].t().contiguous()  # [N_dst, H]
     lse_lo = loB.reshape(num_heads, -1)[:, :n_dst].t().contiguous()  # [N_dst, H]
     return _unblocked(outB, n_dst, q.dtype), lse, lse_lo
@@ -236,8 +234,7 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dou
         if extra:
             doB[..., dim] = 1.0
             outB[..., dim] = -_blocked(dlse.unsqueeze(-1), tiles.block_q, nqb, cd)[..., 0]
-    delta = softmax_delta(out, dout, dlse, cd)  # [N_dst, H]
-    deltaB = _blocked(delta.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
+    deltaB = None  # [H, nqb, Bq, 1], for chunks off the fused CPU kernel (which computes its own)
     for qb, tids in _groups(tiles, num_heads, max_cells):
         g, c = tids.shape
         kb = tiles.k_block[tids].flatten()  # [G·c]
@@ -264,6 +261,8 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dou
         if dropout is not None:
             scales = _keep_scales(tiles, tids, num_heads, dropout, cd)
             dp, pd = dp * scales, p * scales
+        if deltaB is None:
+            deltaB = _blocked(softmax_delta(out, dout, dlse, cd).unsqueeze(-1), tiles.block_q, nqb, cd)
         ds = p * (dp - deltaB[:, qb])
         dqB[:, qb, :, :dim] = torch.matmul(ds, kg) * scale
         dk = (torch.matmul(ds.transpose(-1, -2), qg) * scale).reshape(num_heads, g * c, tiles.block_k, dim)

@@ -488,14 +488,7 @@ def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSR
         _launch_heads("forward", q, rows, k.size(1), _csr_fwd_grouped, _csr_fwd, args, flags,
                       dict(flags, BLOCK_D=triton.next_power_of_2(dim)))
 
-    start, end = _pieces.ranges(graph.rowptr, pieces)
-    run(n_dst, out, lse, lse_lo, start, end, start, False)
-    if pieces is not None:
-        out_p = _pieces.partial(pieces, 1, (num_heads, dim), acc_dtype, q.device)
-        lse_p = _pieces.partial(pieces, 1, (num_heads,), acc_dtype, q.device, float("-inf"))
-        lo_p = _pieces.partial(pieces, 1, (num_heads,), acc_dtype, q.device)
-        run(pieces.num_pieces, out_p, lse_p, lo_p, pieces.start, pieces.stop, pieces.row, True)
-        _pieces.merge_into(out, lse, lse_lo, out_p, lse_p, lo_p, pieces)
+    _pieces.launch_rows(run, graph.rowptr, pieces, (out, lse, lse_lo), acc_dtype, merge=True)
     return out, lse, lse_lo
 
 
@@ -551,12 +544,7 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, lse_lo, dout, 
             _launch_heads("backward", q, rows, num_kv, _csr_bwd_dq_grouped, _csr_bwd_dq, args, dq_flags,
                           dq_flags)
 
-        start, end = _pieces.ranges(graph.rowptr, pieces)
-        run_dq(n_dst, dq, start, end, start, False)
-        if pieces is not None:
-            dq_p = _pieces.partial(pieces, 1, (num_heads, dim), acc_dtype, q.device)
-            run_dq(pieces.num_pieces, dq_p, pieces.start, pieces.stop, pieces.row, True)
-            _pieces.add_into(dq, dq_p, pieces)
+        _pieces.launch_rows(run_dq, graph.rowptr, pieces, (dq,), acc_dtype)
     if n_src > 0:
         colptr, csc_perm = graph.csc()
         pieces = _pieces.cached_pieces(graph.extras, "columns", colptr, "csr", graph.num_edges, num_kv)
@@ -568,14 +556,7 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, lse_lo, dout, 
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 num_heads, group, dim, MAPPED=mapped, **flags)
 
-        start, end = _pieces.ranges(colptr, pieces)
-        run_dkdv(n_src, dk, dv, start, end, start, False)
-        if pieces is not None:
-            dk_p = _pieces.partial(pieces, 1, (num_kv, dim), acc_dtype, q.device)
-            dv_p = _pieces.partial(pieces, 1, (num_kv, dim), acc_dtype, q.device)
-            run_dkdv(pieces.num_pieces, dk_p, dv_p, pieces.start, pieces.stop, pieces.row, True)
-            _pieces.add_into(dk, dk_p, pieces)
-            _pieces.add_into(dv, dv_p, pieces)
+        _pieces.launch_rows(run_dkdv, colptr, pieces, (dk, dv), acc_dtype)
     return dq, dk, dv, dbias
 
 

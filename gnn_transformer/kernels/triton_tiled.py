@@ -280,14 +280,7 @@ def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias
             BIAS=mode, DROPOUT=dropout is not None, MAPPED=mapped, BQ=tiles.block_q, BK=tiles.block_k,
             BLOCK_D=block_d, ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype, dim, lean))
 
-    start, end = _pieces.ranges(tiles.tile_ptr, pieces)
-    run(tiles.num_q_blocks, out, lse, lse_lo, start, end, start, False)
-    if pieces is not None:
-        out_p = _pieces.partial(pieces, tiles.block_q, (num_heads, dim), acc_dtype, q.device)
-        lse_p = _pieces.partial(pieces, tiles.block_q, (num_heads,), acc_dtype, q.device, float("-inf"))
-        lo_p = _pieces.partial(pieces, tiles.block_q, (num_heads,), acc_dtype, q.device)
-        run(pieces.num_pieces, out_p, lse_p, lo_p, pieces.start, pieces.stop, pieces.row, True)
-        _pieces.merge_into(out, lse, lse_lo, out_p, lse_p, lo_p, pieces, tiles.block_q)
+    _pieces.launch_rows(run, tiles.tile_ptr, pieces, (out, lse, lse_lo), acc_dtype, tiles.block_q, merge=True)
     return out, lse, lse_lo
 
 
@@ -318,12 +311,7 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_
                 n_dst, n_src, num_heads, num_heads // num_kv, dim, tb_heads,
                 WRITE_DTBIAS=dtb is not None, MAPPED=mapped, **common)
 
-        start, end = _pieces.ranges(tiles.tile_ptr, pieces)
-        run_dq(tiles.num_q_blocks, dq, start, end, start, False)
-        if pieces is not None:
-            dq_p = _pieces.partial(pieces, tiles.block_q, (num_heads, dim), acc_dtype, q.device)
-            run_dq(pieces.num_pieces, dq_p, pieces.start, pieces.stop, pieces.row, True)
-            _pieces.add_into(dq, dq_p, pieces, tiles.block_q)
+        _pieces.launch_rows(run_dq, tiles.tile_ptr, pieces, (dq,), acc_dtype, tiles.block_q)
     if n_src > 0:
         order, k_ptr = tiles.by_key()
         pieces = _pieces.cached_pieces(_cache(tiles), "k_blocks", k_ptr, "tiles", tiles.num_tiles, num_kv)
@@ -335,14 +323,7 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 n_dst, n_src, num_heads, num_heads // num_kv, dim, tb_heads, MAPPED=mapped, **common)
 
-        start, end = _pieces.ranges(k_ptr, pieces)
-        run_dkdv(tiles.num_k_blocks, dk, dv, start, end, start, False)
-        if pieces is not None:
-            dk_p = _pieces.partial(pieces, tiles.block_k, (num_kv, dim), acc_dtype, q.device)
-            dv_p = _pieces.partial(pieces, tiles.block_k, (num_kv, dim), acc_dtype, q.device)
-            run_dkdv(pieces.num_pieces, dk_p, dv_p, pieces.start, pieces.stop, pieces.row, True)
-            _pieces.add_into(dk, dk_p, pieces, tiles.block_k)
-            _pieces.add_into(dv, dv_p, pieces, tiles.block_k)
+        _pieces.launch_rows(run_dkdv, k_ptr, pieces, (dk, dv), acc_dtype, tiles.block_k)
     return dq, dk, dv, dtb
 
 
