@@ -431,9 +431,9 @@ def canonical(x: Tensor) -> Tensor:
     """``x`` with the strides of a fresh contiguous tensor. ``contiguous()`` keeps any stride of a
     dimension of size 1 (a single query sliced from a fused projection), but the kernels write the
     partial buffers of pieces with the input's row stride, so it must be that of a buffer."""
-    x = x.contiguous()
-    expected = torch.empty(0, device="meta").new_empty(x.shape).stride()
-    return x if x.stride() == expected else x.clone(memory_format=torch.contiguous_format)
+    x = x.contiguous()  # [N, H, D]
+    _, h, d = x.shape
+    return x if x.stride() == (h * d, d, 1) else x.clone(memory_format=torch.contiguous_format)
 
 
 def scalars(scale: float, dropout: tuple[float, int] | None, dtype: torch.dtype,
