@@ -85,15 +85,22 @@ def _live_bytes_fn() -> Callable[[], int]:
 
 
 class _PeakHost:
-    """Peak growth of live host memory while the block runs (sampled every millisecond)."""
+    """Largest growth of live host memory while the block runs (sampled every millisecond): the
+    largest rise of a sample over the lowest one before it, so memory that something else frees
+    meanwhile (a worker thread, the garbage collector) does not hide the block's allocations."""
 
     def __init__(self):
-        self.peak = 0
+        self.delta = 0
         self._live = _live_bytes_fn()
 
+    def _sample(self) -> None:
+        live = self._live()
+        self._low = min(self._low, live)
+        self.delta = max(self.delta, live - self._low)
+
     def __enter__(self):
-        self.base = self._live()
-        self.peak = self.base
+        self._low = self._live()
+        self.delta = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -101,17 +108,13 @@ class _PeakHost:
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._live())
+            self._sample()
             time.sleep(0.001)
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._live())
-
-    @property
-    def delta(self) -> int:
-        return self.peak - self.base
+        self._sample()
 
 
 def _sync(device):
