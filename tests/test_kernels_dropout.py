@@ -88,13 +88,6 @@ def _check(edge_index, n_src, n_dst, backend, block, impl, dtype=torch.float64, 
         kw["block_size"] = block
     if backend == "split":
         kw["tile_cost"] = tile_cost
-    plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
-    key = plain[1] * n_src + plain[0]
-    if backend == "tiled" and torch.unique(key).numel() < key.numel():  # repeated edges share a cell
-        # (split keeps the tiles with repeated edges on its fused part)
-        with pytest.raises(ValueError, match="without repeated edges"):
-            attend(q, k, v, edge_index, **kw)
-        return
     out, lse = attend(q, k, v, edge_index, **kw)
     inputs = [x for x in (q, k, v, b) if x is not None]
     up = [x.detach().double().requires_grad_() for x in inputs]

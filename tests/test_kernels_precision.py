@@ -76,6 +76,29 @@ def test_split_merges_huge_log_sum_exps_exactly(dtype):
     torch.testing.assert_close(out[0, 0, 0], torch.tensor(1 / 3, dtype=dtype), **TOL[dtype])
 
 
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda x: str(x))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend,kw", BACKENDS, ids=[b for b, _ in BACKENDS])
+def test_repeated_edges_at_huge_scores(backend, kw, dtype, impl):
+    """An edge given twice is two messages at any score: with every score at -1e9, row 0 averages
+    keys 0..15 and key 1 again, 121/17 (tiles once folded the multiplicity into the bias as log 2,
+    which rounding loses at such scores: 120/16)."""
+    q = torch.ones(16, 1, 1, dtype=dtype)
+    k = -torch.ones(16, 1, 1, dtype=dtype, requires_grad=True)
+    v = torch.arange(16, dtype=dtype).view(16, 1, 1).requires_grad_()
+    full = torch.stack([torch.arange(16).repeat(16), torch.arange(16).repeat_interleave(16)])  # a full tile
+    edge_index = torch.cat([full, torch.tensor([[1], [0]])], 1)  # and 1 -> 0 once more
+    clear_cache()
+    out = attend(q, k, v, edge_index, scale=1e9, backend=backend, impl=impl, **kw)
+    ref = attend_reference(q, k, v, edge_index, scale=1e9)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor(121 / 17, dtype=dtype),
+                               **TOL[dtype])
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    for x, y in zip(torch.autograd.grad((out * w).sum(), (k, v)), torch.autograd.grad((ref * w).sum(), (k, v))):
+        torch.testing.assert_close(x, y, **TOL[dtype])
+
+
 def test_removed_edges_beside_hugging_face_masks():
     """A row whose edges carry ``finfo.min`` (the Hugging Face masking value) beside a ``-inf`` one:
     the ``-inf`` edge is removed and weighs 0, the others share the row, in the reference, on the

@@ -1,10 +1,11 @@
 """Tile lists, graph caching and the split/merge plan."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from gnn_transformer.kernels import TILE_COST, _graph, attend, choose_backend
-from gnn_transformer.kernels.tiling import build_tiles, tile_bias
+from gnn_transformer.kernels import TILE_COST, _graph, attend, attend_reference, choose_backend
+from gnn_transformer.kernels.tiling import build_tiles
 from gnn_transformer.topology import causal
 
 from .test_kernels_common import graph_case, make_inputs
@@ -28,7 +29,7 @@ def test_causal_tiles():
     full = tiles.mask_index < 0
     assert int(full.sum()) == 6 and bool((tiles.q_block[~full] == tiles.k_block[~full]).all())
     assert tiles.tile_ptr.tolist() == [0, 1, 3, 6, 10]
-    assert int(tiles.count.sum()) == graph.num_edges and not tiles.has_duplicates
+    assert int(tiles.count.sum()) == graph.num_edges
     mask = torch.ones(32, 32, dtype=torch.bool).tril()
     assert torch.equal(_dense_from_tiles(tiles), mask)
     order, k_ptr = tiles.by_key()
@@ -46,15 +47,42 @@ def test_ragged_blocks_and_bipartite():
     assert (tiles.mask_index >= 0).all()  # ragged edge blocks are never full
 
 
-def test_multigraph_tile_bias_counts_duplicates():
-    src, dst = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([0, 0, 0, 1, 1])
+def test_build_tiles_refuses_repeated_edges():
+    """A tile cell holds one edge: a second copy of ``1 -> 0`` is an error that says so."""
+    src, dst = torch.tensor([0, 1, 1, 1]), torch.tensor([0, 0, 0, 1])
     graph = _graph.prepare(torch.stack([src, dst]), 2, 2)
-    tiles = build_tiles(graph, 2, 2)
-    assert tiles.has_duplicates and tiles.num_tiles == 1
-    tb = tile_bias(tiles, None, 1, torch.float64)  # [1, 1, 2, 2]
-    expect = torch.tensor([[2.0, 1.0], [-float("inf"), 2.0]], dtype=torch.float64).log()
-    expect[1, 0] = -float("inf")
-    torch.testing.assert_close(tb[0, 0], expect)
+    with pytest.raises(ValueError, match="repeat an edge"):
+        build_tiles(graph, 2, 2)
+    assert build_tiles(graph, 2, 2, torch.tensor([0, 1, 3])).num_tiles == 1
+
+
+@pytest.mark.parametrize("backend", ["tiled", "split"])
+def test_repeated_copies_run_fused_beside_the_tiles(backend):
+    """``tiled`` and ``split`` tile the first copy of each edge and run the other copies fused: the
+    tiles hold every distinct edge of their part once, the fused part the copies (and, for split, the
+    sparse tiles' edges), and the result counts every copy."""
+    from gnn_transformer.kernels import _dense_tiles
+    from gnn_transformer.kernels.tiling import tile_stats
+
+    plain = causal(64).as_tensor()
+    repeated = torch.cat([plain, plain[:, :3], plain[:, :1]], dim=1)  # 0 -> 0 three times, 0 -> 1 and 1 -> 1 twice
+    graph = _graph.prepare(repeated, 64, 64)
+    key, _, count = tile_stats(graph, 8, 8)
+    dense = _dense_tiles(graph, 8, 0.3)
+    assert torch.equal(dense, count.double() - (key == 0).double() * 4 >= 0.3 * 64)  # distinct edges
+    q, k, v, _ = make_inputs(64, 64, 0, heads=2, kv_heads=1, dim=4, bias=False, dtype=torch.float64)
+    out = attend(q, k, v, repeated, scale=0.5, backend=backend, block_size=8, tile_cost=0.3)
+    torch.testing.assert_close(out, attend_reference(q, k, v, repeated, scale=0.5), atol=1e-12, rtol=1e-12)
+    tiles, rest_ids, rest = graph.extras[("parts", 8, None if backend == "tiled" else 0.3)]
+    tiled = tiles.edge_ids
+    pairs = graph.dst[tiled] * 64 + graph.src[tiled]
+    assert torch.unique(pairs).numel() == pairs.numel()  # one copy per cell
+    assert sorted(tiled.tolist() + rest_ids.tolist()) == list(range(graph.num_edges))
+    assert rest.num_edges == rest_ids.numel()
+    if backend == "tiled":
+        assert rest_ids.numel() == 4 and torch.unique(pairs).numel() == plain.size(1)
+    else:
+        assert tiles.num_tiles == int(dense.sum())
 
 
 def test_graph_cache_is_reused_and_invalidated():
@@ -99,28 +127,6 @@ def test_costs_changed_at_run_time_take_effect(monkeypatch):
     monkeypatch.setitem(TILE_COST, "cpu", 1e6)
     monkeypatch.setitem(MERGE_COST, "cpu", 0.0)
     assert choose_backend(graph, "cpu") == "fused"
-
-
-def test_split_keeps_tiles_with_repeated_edges_fused():
-    """A dense tile that holds an edge twice stays on split's fused part (masks, not bias tiles, and
-    dropout per copy); the other dense tiles are tiled."""
-    from gnn_transformer.kernels import _dense_tiles
-    from gnn_transformer.kernels.tiling import tile_stats
-    from gnn_transformer.topology import causal
-
-    plain = causal(64).as_tensor()
-    repeated = torch.cat([plain, plain[:, :3]], dim=1)  # edges into targets 0 and 1, twice
-    graph = _graph.prepare(repeated, 64, 64)
-    key, _, count = tile_stats(graph, 8, 8)
-    dense = _dense_tiles(graph, 8, 0.3)
-    full_enough = count.double() >= 0.3 * 64
-    first = (key == 0).nonzero().item()  # the tile of targets 0-7 and sources 0-7
-    assert full_enough[first] and not dense[first]
-    assert torch.equal(dense | (key == 0), full_enough)
-    q, k, v, _ = make_inputs(64, 64, 0, heads=2, kv_heads=1, dim=4, bias=False)
-    attend(q, k, v, repeated, scale=0.5, backend="split", block_size=8, tile_cost=0.3)
-    tiles = graph.extras[("split", 8, 0.3)][0]
-    assert not tiles.has_duplicates and tiles.num_tiles == int(dense.sum())
 
 
 def test_plan_costs_explain_the_choice():

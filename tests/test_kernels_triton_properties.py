@@ -63,7 +63,7 @@ def cases(draw):
     if backend != "split":  # any graph: single nodes, N_src != N_dst, empty rows, no edges at all
         n_src, n_dst = draw(st.integers(1, 24)), draw(st.integers(1, 24))
         src, dst = _edge_list(draw, n_src, n_dst, 70)
-        tile_cost, dense, repeatable = None, None, len(src)
+        tile_cost, dense = None, None
     else:  # a dense tile (0, 0) that split tiles, and sparse edges elsewhere that it runs fused
         n_src, n_dst = draw(st.integers(BLOCK + 1, 24)), draw(st.integers(BLOCK + 1, 24))
         tile_cost = draw(st.floats(0.1, 0.3))  # dense: >= 77 of the 256 cells; sparse: < 26
@@ -75,9 +75,9 @@ def cases(draw):
             keep = torch.rand(BLOCK * BLOCK, generator=torch.Generator().manual_seed(draw(st.integers(0, 99)))) < 0.7
         else:
             keep = torch.ones_like(r, dtype=torch.bool)
-        # outside the dense tile: a query row >= BLOCK or a key column >= BLOCK; fewer than 26 edges
-        # (with their copies), so no other tile is dense and the dense one holds no repeated edge
-        num = repeatable = draw(st.integers(1, 12))
+        # outside the dense tile: a query row >= BLOCK or a key column >= BLOCK; fewer than 26
+        # distinct edges, so no other tile is dense
+        num = draw(st.integers(1, 12))
         q_out = draw(st.lists(st.booleans(), min_size=num, max_size=num))
         src, dst = c[keep].tolist(), r[keep].tolist()
         for out_q in q_out:
@@ -87,9 +87,9 @@ def cases(draw):
             else:
                 dst.append(draw(st.integers(0, n_dst - 1)))
                 src.append(draw(st.integers(BLOCK, n_src - 1)))
-    num_edges = len(src)
-    copies = draw(st.integers(0, min(repeatable, 10)))  # duplicated edges (the last ones): separate messages
-    src, dst = src + src[num_edges - copies:], dst + dst[num_edges - copies:]
+    # duplicated edges, anywhere (in split's dense tile too): separate messages, the copies run fused
+    copies = draw(st.lists(st.integers(0, len(src) - 1), max_size=10)) if src else []
+    src, dst = src + [src[i] for i in copies], dst + [dst[i] for i in copies]
     heads, kv_heads = draw(st.sampled_from(HEADS))
     return dict(
         backend=backend, n_src=n_src, n_dst=n_dst, src=src, dst=dst, heads=heads, kv_heads=kv_heads,

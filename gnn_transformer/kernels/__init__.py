@@ -39,7 +39,7 @@ from .chunked import DEFAULT_MAX_EDGES, chunked_attention
 from .merge import merge_partials
 from .reference import attend_reference
 from .tiled_torch import DEFAULT_MAX_CELLS, tiled_attention
-from .tiling import TileList, build_tiles, cached_tiles, tile_bias, tile_stats, triton_blocks
+from .tiling import TileList, build_tiles, tile_stats, triton_blocks
 
 BACKENDS = ("auto", "fused", "tiled", "split")
 IMPLS = (None, "torch", "triton")
@@ -122,29 +122,57 @@ def _sizes(edge_index: Tensor, num_src: int | None, num_dst: int | None) -> tupl
     return out[0], out[1]
 
 
-def _repeats_edge(graph: CSRGraph) -> bool:
-    """Whether the graph lists some edge ``j -> i`` more than once (cached)."""
-    if "repeats_edge" not in graph.extras:
+def _copies(graph: CSRGraph) -> Tensor | None:
+    """``[E]`` flags of the edges that repeat an earlier edge ``j -> i`` (in target-sorted order), or
+    ``None`` when the graph repeats none (cached). A tile cell holds one edge: ``tiled`` and ``split``
+    tile the first copy and run the others fused, so every copy stays a message of its own."""
+    if "copies" not in graph.extras:
         key = graph.dst * max(graph.num_src, 1) + graph.src  # [E]
-        graph.extras["repeats_edge"] = torch.unique(key).numel() < key.numel()
-    return graph.extras["repeats_edge"]
+        order = torch.argsort(key, stable=True)
+        ordered = key[order]
+        repeat = torch.zeros_like(key, dtype=torch.bool)
+        repeat[order[1:]] = ordered[1:] == ordered[:-1]
+        graph.extras["copies"] = repeat if bool(repeat.any()) else None
+    return graph.extras["copies"]
 
 
 def _dense_tiles(graph: CSRGraph, block: int, ratio: float) -> Tensor:
-    """``[T]`` flags of the tiles (of :func:`tile_stats`) that ``split`` tiles: filled to at least
-    ``ratio`` and without a repeated edge (those stay on the fused path, which keeps each copy a
-    message of its own and drops it separately). Cached: the plan and the split share it."""
+    """``[T]`` flags of the tiles (of :func:`tile_stats`) that ``split`` tiles: those whose distinct
+    edges fill at least ``ratio`` of their cells. Cached: the plan and the split share it."""
     cache_key = ("dense_tiles", block, ratio)
-    if cache_key in graph.extras:
-        return graph.extras[cache_key]
+    if cache_key not in graph.extras:
+        graph.extras[cache_key] = _tile_edges(graph, block).double() >= ratio * float(block * block)
+    return graph.extras[cache_key]
+
+
+def _tile_edges(graph: CSRGraph, block: int) -> Tensor:
+    """``[T]`` distinct edges (cells) of each tile of :func:`tile_stats`."""
     _, inverse, count = tile_stats(graph, block, block)  # [T], [E], [T]
-    dense = count.double() >= ratio * float(block * block)
-    if _repeats_edge(graph):
-        cell = inverse * (block * block) + (graph.dst % block) * block + graph.src % block  # [E]
-        cells, per_cell = torch.unique(cell, return_counts=True)
-        dense[torch.unique(cells[per_cell > 1] // (block * block))] = False
-    graph.extras[cache_key] = dense
-    return dense
+    copies = _copies(graph)
+    if copies is None:
+        return count
+    return torch.bincount(inverse[~copies], minlength=count.numel())
+
+
+def _parts(graph: CSRGraph, block: int, ratio: float | None) -> tuple[TileList, Tensor | None, CSRGraph | None]:
+    """``(tiles, rest_ids, rest)``: the tile list of ``tiled`` (``ratio`` ``None``: every tile) or of
+    ``split`` (the tiles of :func:`_dense_tiles`), without repeated copies; the positions of the other
+    edges and those edges as a graph of their own (``None`` when there are none). Cached."""
+    cache_key = ("parts", block, ratio)
+    if cache_key not in graph.extras:
+        copies = _copies(graph)
+        on_tiles = torch.ones(graph.num_edges, dtype=torch.bool, device=graph.src.device) if copies is None \
+            else ~copies  # [E]
+        if ratio is not None:
+            on_tiles &= _dense_tiles(graph, block, ratio)[tile_stats(graph, block, block)[1]]
+        if bool(on_tiles.all()):
+            parts = (build_tiles(graph, block, block), None, None)
+        else:
+            rest_ids = (~on_tiles).nonzero().flatten()
+            parts = (build_tiles(graph, block, block, on_tiles.nonzero().flatten()), rest_ids,
+                     _sub_graph(graph, rest_ids))
+        graph.extras[cache_key] = parts
+    return graph.extras[cache_key]
 
 
 def _unit_costs(device_type: str, tile_cost: float | None, dropout: bool) -> tuple[float, float]:
@@ -160,39 +188,37 @@ def _unit_costs(device_type: str, tile_cost: float | None, dropout: bool) -> tup
 def _plan(graph: CSRGraph, device_type: str, block: int | None = None,
           tile_cost: float | None = None, dropout: bool = False) -> str:
     """``auto``'s backend by the cost model (``TILE_COST``, ``ROW_COST``, ``MERGE_COST`` and, under
-    attention ``dropout``, ``DROPOUT_COST``); cached. Under dropout a graph that repeats an edge
-    (two edges in one tile cell, which tiles cannot drop separately) is never ``tiled``."""
+    attention ``dropout``, ``DROPOUT_COST``); cached."""
     block = BLOCK_SIZE.get(device_type, 64) if block is None else block
     cell, edge = _unit_costs(device_type, tile_cost, dropout)
     rows = ROW_COST.get(device_type, ROW_COST["cuda"])
     # every constant in the key: changing a cost at run time re-plans instead of reusing a stale plan
     cache_key = ("plan", block, cell, edge, rows["fused"], rows["tiled"],
                  MERGE_COST.get(device_type, MERGE_COST["cuda"]))
-    if cache_key in graph.extras:
-        plan = graph.extras[cache_key]
-    else:
-        plan = graph.extras[cache_key] = _cheapest(graph, device_type, block, cell, edge)
-    if dropout and plan == "tiled" and _repeats_edge(graph):  # split never tiles a repeated edge
-        return "fused"
-    return plan
+    if cache_key not in graph.extras:
+        graph.extras[cache_key] = _cheapest(graph, device_type, block, cell, edge)
+    return graph.extras[cache_key]
 
 
 def _costs(graph: CSRGraph, device_type: str, block: int, cell: float, edge: float) -> dict:
-    """The cost model's estimates (edge-equivalents) of each plan, and the split's dense tiles."""
+    """The cost model's estimates (edge-equivalents) of each plan, and the split's dense tiles. A
+    graph that repeats an edge runs the copies fused next to ``tiled`` (plus a merge)."""
     rows = ROW_COST.get(device_type, ROW_COST["cuda"])
     merge = MERGE_COST.get(device_type, MERGE_COST["cuda"])
-    _, _, count = tile_stats(graph, block, block)  # [T]
+    distinct = _tile_edges(graph, block)  # [T]
     cells = float(block * block)
     dense = _dense_tiles(graph, block, cell / edge)  # [T]
     n_dense = int(dense.sum())
-    edges_dense = int(count[dense].sum()) if n_dense else 0
+    edges_dense = int(distinct[dense].sum()) if n_dense else 0
     n, num_edges = graph.num_dst, graph.num_edges
+    copies = num_edges - int(distinct.sum())
     return dict(
         fused=num_edges * edge + rows["fused"] * n,
-        tiled=count.numel() * cells * cell + rows["tiled"] * n,
+        tiled=(distinct.numel() * cells * cell + copies * edge + rows["tiled"] * n
+               + ((rows["fused"] + merge) * n if copies else 0)),
         split=(n_dense * cells * cell + (num_edges - edges_dense) * edge
                + (rows["fused"] + rows["tiled"] + merge) * n),
-        edges=num_edges, tiles=count.numel(), dense_tiles=n_dense, dense_edges=edges_dense)
+        edges=num_edges, tiles=distinct.numel(), dense_tiles=n_dense, dense_edges=edges_dense)
 
 
 def _cheapest(graph: CSRGraph, device_type: str, block: int, cell: float, edge: float) -> str:
@@ -236,10 +262,9 @@ def choose_backend(edge_index: Tensor, device, *, block_size: int | None = None,
     A tile of ``B × B`` cells costs ``tile_cost · B²`` edge-equivalents whatever its fill; the
     choice minimizes the total over: all edges fused, all tiles tiled, or dense tiles tiled plus
     the remaining edges fused (plus a merge); see docs/kernels.md. Cached on the graph. With
-    ``dropout`` (attention dropout) the costs include hashing the mask (``DROPOUT_COST``), and a
-    graph that repeats an edge is not run ``"tiled"``. ``num_src`` / ``num_dst`` (the rows of key
-    and query) default to the graph's sparse size, else to the sizes of its last :func:`attend`,
-    else to the largest ids plus one.
+    ``dropout`` (attention dropout) the costs include hashing the mask (``DROPOUT_COST``).
+    ``num_src`` / ``num_dst`` (the rows of key and query) default to the graph's sparse size, else
+    to the sizes of its last :func:`attend`, else to the largest ids plus one.
     """
     _check_tiling(block_size, tile_cost)
     graph = prepare(edge_index, *_sizes(edge_index, num_src, num_dst))
@@ -293,11 +318,7 @@ def _fused(q, k, v, bias, graph: CSRGraph, scale, use_triton, max_edges, dropout
 
 
 def _tiled(q, k, v, bias, tiles: TileList, scale, use_triton, max_cells, dropout=None):
-    if bias is not None and not tiles.has_duplicates:  # [E_t, H], read per cell: no bias tiles
-        tb = bias[tiles.edge_ids]
-    else:  # boolean masks (None), or tile biases [T, H_b, Bq, Bk] that sum parallel edges
-        tb = tile_bias(tiles, None if bias is None else bias[tiles.edge_ids], q.size(1),
-                       torch.float64 if q.dtype == torch.float64 else torch.float32)
+    tb = None if bias is None else bias[tiles.edge_ids]  # [E_t, H], read per cell
     if use_triton:
         from .triton_tiled import tiled_triton_attention
         return tiled_triton_attention(q, k, v, tiles, tb, scale, dropout)
@@ -331,8 +352,7 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
         max_edges, max_cells: memory bounds of one chunk of the PyTorch paths.
         dropout_p: attention dropout: each weight ``(edge, head)`` is zeroed with probability
             ``dropout_p`` and the others scaled by ``1 / (1 - dropout_p)`` (``lse`` stays that of the
-            softmax). Runs on every backend (``tiled`` needs a graph without repeated edges;
-            ``auto`` never picks it for one); the mask is a hash of ``(dropout_seed, edge,
+            softmax). Runs on every backend; the mask is a hash of ``(dropout_seed, edge,
             head)`` with the edge's position in the target-sorted order, recomputed in the
             backward pass, the same on every backend and device.
         dropout_seed: seed of the mask (default: drawn from torch's global generator).
@@ -395,27 +415,18 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
         backend = _plan(graph, device_type, block, tile_cost, dropout is not None)
     if backend == "fused":
         out, lse, _ = _fused(query, key, value, bias, graph, scale, use_triton, max_edges, dropout)
-    elif backend == "tiled":
-        tiles = cached_tiles(graph, block, block)
-        if dropout is not None and tiles.has_duplicates:
-            raise ValueError("Attention dropout on backend 'tiled' needs a graph without repeated edges "
-                             "(use backend='fused')")
-        out, lse, _ = _tiled(query, key, value, bias, tiles, scale, tiles_triton, max_cells, dropout)
-    else:  # split
-        cell, edge = _unit_costs(device_type, tile_cost, dropout is not None)
-        cache_key = ("split", block, cell / edge)
-        if cache_key not in graph.extras:
-            dense = _dense_tiles(graph, block, cell / edge)  # [T]
-            in_dense = dense[tile_stats(graph, block, block)[1]]  # [E]
-            tiled_ids, rest_ids = in_dense.nonzero().flatten(), (~in_dense).nonzero().flatten()
-            graph.extras[cache_key] = (build_tiles(graph, block, block, tiled_ids), rest_ids,
-                                       _sub_graph(graph, rest_ids))
-        tiles, rest_ids, rest = graph.extras[cache_key]
+    else:  # tiled, split: tiles, and the remaining edges (repeated copies, sparse tiles) fused
+        ratio = None
+        if backend == "split":
+            cell, edge = _unit_costs(device_type, tile_cost, dropout is not None)
+            ratio = cell / edge
+        tiles, rest_ids, rest = _parts(graph, block, ratio)
         # dropout: both parts key each edge's mask by its position in the whole graph
-        out_t, lse_t, lo_t = _tiled(query, key, value, bias, tiles, scale, tiles_triton, max_cells, dropout)
-        out_f, lse_f, lo_f = _fused(query, key, value, None if bias is None else bias[rest_ids], rest,
-                              scale, use_triton, max_edges, dropout)
-        out, lse, _ = merge_partials(out_t, lse_t, out_f, lse_f, (lo_t, lo_f))
+        out, lse, lo = _tiled(query, key, value, bias, tiles, scale, tiles_triton, max_cells, dropout)
+        if rest is not None:
+            out_f, lse_f, lo_f = _fused(query, key, value, None if bias is None else bias[rest_ids], rest,
+                                        scale, use_triton, max_edges, dropout)
+            out, lse, _ = merge_partials(out, lse, out_f, lse_f, (lo, lo_f))
     out = out.to(query.dtype)
     if not return_lse:
         return out

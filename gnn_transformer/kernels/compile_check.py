@@ -42,22 +42,21 @@ _POINTER = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"
 
 @dataclass(frozen=True)
 class Case:
-    """One attention call to compile: backend, dtype, heads, head dim, whether it has an edge bias,
-    and whether the graph repeats edges (the tiled kernels then take tile biases, not the edge bias)."""
+    """One attention call to compile: backend, dtype, heads, head dim, whether it has an edge bias
+    and attention dropout, and whether long rows run in pieces."""
     backend: str
     dtype: str
     heads: int = 12
     kv_heads: int = 4
     head_dim: int = 64
     bias: bool = False
-    duplicates: bool = False
     dropout: bool = False
     pieces: bool = False  # global tokens whose rows run in pieces (:mod:`._pieces`): the MAPPED launches
 
     def __str__(self) -> str:
         gqa = f"{self.heads}/{self.kv_heads}" if self.kv_heads != self.heads else f"{self.heads}"
         return (f"{self.backend} {self.dtype} H={gqa} D={self.head_dim}"
-                + (" +bias" if self.bias else "") + (" +duplicates" if self.duplicates else "")
+                + (" +bias" if self.bias else "")
                 + (" +dropout" if self.dropout else "") + (" +pieces" if self.pieces else ""))
 
 
@@ -83,8 +82,7 @@ class Compiled:
 
 def default_cases(dtypes: Iterable[str] = tuple(DTYPES), backends: Iterable[str] = BACKENDS,
                   head_dims: Iterable[int] = (64,)) -> list[Case]:
-    """Every backend and dtype with and without an edge bias and with attention dropout; for the
-    tiled kernels also with an edge bias on a graph with repeated edges; for split (whose fused
+    """Every backend and dtype with and without an edge bias and with attention dropout; for split (whose fused
     part keys its dropout masks through the whole graph's edge positions) with bias and dropout;
     12 query heads on 4 key/value heads, and for fused also 12 on 12 (multi-head attention runs
     the per-head CSR kernels, grouped-query attention the grouped ones); and for fused and tiled,
@@ -92,7 +90,7 @@ def default_cases(dtypes: Iterable[str] = tuple(DTYPES), backends: Iterable[str]
     fused = [dict(), dict(bias=True), dict(bias=True, dropout=True), dict(bias=True, dropout=True, pieces=True)]
     variants = {"fused": fused + [dict(v, kv_heads=12) for v in fused],
                 "split": [dict(bias=True, dropout=True)]}
-    tiled = [dict(), dict(bias=True), dict(bias=True, duplicates=True), dict(bias=True, dropout=True),
+    tiled = [dict(), dict(bias=True), dict(bias=True, dropout=True),
              dict(bias=True, dropout=True, pieces=True)]
     return [Case(b, d, head_dim=hd, **variant)
             for b in backends for d in dtypes for hd in head_dims for variant in variants.get(b, tiled)]
@@ -128,8 +126,6 @@ def record_case(case: Case, num_tokens: int = 256, block_size: int = 64):
     edge_index = union(sliding_window(num_tokens, 32), random(num_tokens, 4, seed=0))
     if case.pieces:  # a global token: its row and column are cut into pieces
         edge_index = union(edge_index, global_tokens(num_tokens, 1))
-    if case.duplicates:
-        edge_index = torch.cat([edge_index.as_tensor(), edge_index.as_tensor()[:, ::7]], dim=1)
     n = num_tokens
     q = torch.zeros(n, case.heads, case.head_dim, dtype=dtype, requires_grad=True)
     k = torch.zeros(n, case.kv_heads, case.head_dim, dtype=dtype, requires_grad=True)

@@ -40,9 +40,10 @@ def _use_flash(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _flash_mask(tiles: TileList, tb: Tensor | None, tids: Tensor, dtype) -> tuple[Tensor | None, Tensor | None]:
-    """Additive mask ``[G, H_b, Bq, c·Bk]`` (or ``None``) and the non-empty rows ``[G, H_b, Bq]``."""
+    """Additive mask ``[G, H_b, Bq, c·Bk]`` (or ``None``) and the non-empty rows ``[G, H_b, Bq]``
+    (``H_b``: ``H`` with an edge bias, else 1)."""
     if tb is not None:
-        mask = _bias(tiles, tb, tids).transpose(0, 1)  # [G, H_b, Bq, c·Bk]
+        mask = _bias(tiles, tb, tids).transpose(0, 1)  # [G, H, Bq, c·Bk]
         return mask, torch.isfinite(mask).any(-1)
     keep = _mask(tiles, tids)  # [G, Bq, c·Bk] or None
     if keep is None:
@@ -85,30 +86,23 @@ def _mask(tiles: TileList, tids: Tensor) -> Tensor | None:
 
 
 def _bias(tiles: TileList, tbias: Tensor, tids: Tensor) -> Tensor:
-    """Additive biases of a chunk as ``[H_b, G, Bq, c·Bk]``, from tile biases ``[T, H_b, Bq, Bk]``
-    or from an edge bias ``[E_t, H]`` read through the cells' edges (``-inf`` where none)."""
+    """Additive biases ``[H, G, Bq, c·Bk]`` of a chunk, from an edge bias ``[E_t, H]`` of the tiled
+    edges read through the cells' edges (``-inf`` where none)."""
     g, c = tids.shape
-    if tbias.dim() == 2:
-        ce = tiles.cell_edge()[tids].long()  # [G, c, Bq, Bk]
-        b = tbias[ce.clamp(min=0)].masked_fill((ce < 0).unsqueeze(-1), float("-inf"))  # [G, c, Bq, Bk, H]
-        return b.permute(4, 0, 2, 1, 3).reshape(b.size(4), g, tiles.block_q, c * tiles.block_k)
-    b = tbias[tids]  # [G, c, H_b, Bq, Bk]
-    return b.permute(2, 0, 3, 1, 4).reshape(b.size(2), g, b.size(3), c * b.size(4))
+    ce = tiles.cell_edge()[tids].long()  # [G, c, Bq, Bk]
+    b = tbias[ce.clamp(min=0)].masked_fill((ce < 0).unsqueeze(-1), float("-inf"))  # [G, c, Bq, Bk, H]
+    return b.permute(4, 0, 2, 1, 3).reshape(b.size(4), g, tiles.block_q, c * tiles.block_k)
 
 
 def _bias_grad(tiles: TileList, dtb: Tensor, ds: Tensor, tids: Tensor) -> None:
-    """Write the chunk's score gradients ``ds [H, G, Bq, c·Bk]`` into ``dtb``: per tile
-    ``[T, H, Bq, Bk]``, or per edge ``[E_t, H]`` (each edge owns one cell: no sums, no atomics)."""
+    """Write the chunk's score gradients ``ds [H, G, Bq, c·Bk]`` into the edge bias gradient ``dtb
+    [E_t, H]`` (each edge owns one cell: no sums, no atomics)."""
     h, g = ds.shape[:2]
     c = tids.size(1)
     d = ds.reshape(h, g, tiles.block_q, c, tiles.block_k)
-    if dtb.dim() == 2:
-        ce = tiles.cell_edge()[tids].long()  # [G, c, Bq, Bk]
-        keep = ce >= 0
-        dtb[ce[keep]] = d.permute(1, 3, 2, 4, 0)[keep].to(dtb.dtype)  # [G, c, Bq, Bk, H] at the edges
-        return
-    d = d.permute(1, 3, 0, 2, 4)  # [G, c, H, Bq, Bk]
-    dtb[tids.flatten()] = d.reshape(g * c, h, tiles.block_q, tiles.block_k).to(dtb.dtype)
+    ce = tiles.cell_edge()[tids].long()  # [G, c, Bq, Bk]
+    keep = ce >= 0
+    dtb[ce[keep]] = d.permute(1, 3, 2, 4, 0)[keep].to(dtb.dtype)  # [G, c, Bq, Bk, H] at the edges
 
 
 def _blocked(x: Tensor, block: int, num_blocks: int, cd: torch.dtype, extra: int = 0) -> Tensor:
@@ -156,8 +150,8 @@ def _scores(qB, kB, tiles, tbias, qb, tids, scale):
 def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None, scale: float,
                   max_cells: int = DEFAULT_MAX_CELLS, dropout: tuple[float, int] | None = None
                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(out [N_dst, H, D], lse [N_dst, H], lse_lo [N_dst, H])`` over the tiles; ``tbias`` is tile
-    biases ``[T, H_b, Bq, Bk]`` or an edge bias ``[E_t, H]`` of the tiled edges (see :func:`_bias`)."""
+    """``(out [N_dst, H, D], lse [N_dst, H], lse_lo [N_dst, H])`` over the tiles; ``tbias`` is the
+    edge bias ``[E_t, H]`` of the tiled edges (``tiles.edge_ids``) or ``None``."""
     cd = compute_dtype(q.dtype)
     n_dst, num_heads, dim = q.shape
     group = num_heads // k.size(1)
@@ -207,7 +201,7 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dou
                    need_bias_grad: bool, max_cells: int = DEFAULT_MAX_CELLS,
                    dropout: tuple[float, int] | None = None):
     """``(dq, dk, dv, dbias)`` from the saved ``out`` and ``lse`` (with ``lse_lo``); ``dbias`` has
-    ``tbias``'s shape."""
+    ``tbias``'s shape ``[E_t, H]``."""
     cd = compute_dtype(q.dtype)
     n_dst, num_heads, dim = q.shape
     n_src, num_kv = k.size(0), k.size(1)
@@ -281,7 +275,7 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dou
     return dq, dk, dv, dtb
 
 
-# the tile bias comes before the tile list in the shared kernel signature
+# the edge bias comes before the tile list in the shared kernel signature
 TILED = Kernel(
     lambda q, k, v, tbias, tiles, scale, **o: tiled_forward(q, k, v, tiles, tbias, scale, **o),
     lambda q, k, v, tbias, tiles, scale, *rest, **o: tiled_backward(q, k, v, tiles, tbias, scale,
@@ -291,6 +285,5 @@ TILED = Kernel(
 def tiled_attention(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None, scale: float,
                     max_cells: int = DEFAULT_MAX_CELLS, dropout: tuple[float, int] | None = None
                     ) -> tuple[Tensor, Tensor, Tensor]:
-    """Differentiable ``(out, lse, lse_lo)`` of the plain-torch tiled path; ``dropout = (p, seed)`` needs a
-    graph without repeated edges (one edge per cell)."""
+    """Differentiable ``(out, lse, lse_lo)`` of the plain-torch tiled path, ``dropout = (p, seed)``."""
     return kernel_attention(TILED, q, k, v, tbias, tiles, scale, max_cells=max_cells, dropout=dropout)

@@ -4,9 +4,9 @@ Targets are cut into blocks of ``block_q`` rows, sources into blocks of ``block_
 pair of blocks holding at least one edge is a tile. A tile with all ``block_q × block_k`` edges
 (each once) is *full* and needs no mask; any other tile carries a boolean mask ``[Bq, Bk]``. With an
 ``edge_bias``, kernels read the bias of each cell through :meth:`TileList.cell_edge` (the edge of
-every cell). A graph with duplicated edges turns masks into additive tile biases ``[T, H_b, Bq, Bk]``
-(``-inf`` where there is no edge, ``log`` of the summed ``exp(bias)`` of parallel edges elsewhere),
-which keeps every duplicated edge a separate message.
+every cell). A cell holds one edge: a graph that repeats an edge ``j -> i`` tiles one copy and
+leaves the others to the fused path (see :func:`gnn_transformer.kernels.attend`), so every copy
+stays a message of its own, with its own bias and dropout mask.
 
 Notation: ``T`` tiles, ``P`` partial tiles, ``E`` edges, ``Bq`` / ``Bk`` block sizes.
 """
@@ -31,12 +31,11 @@ class TileList:
     q_block: Tensor  # [T]
     k_block: Tensor  # [T]
     tile_ptr: Tensor  # [num_q_blocks + 1] tiles of query block b: tile_ptr[b]:tile_ptr[b + 1]
-    count: Tensor  # [T] edges per tile, with multiplicity
+    count: Tensor  # [T] edges per tile
     mask_index: Tensor  # [T] row of `masks` for a partial tile, -1 for a full one
     masks: Tensor  # [P, Bq, Bk] bool
     edge_ids: Tensor  # [E_t] positions (in the graph's target-sorted order) of the tiled edges
     edge_cell: Tensor  # [E_t] flat cell tile * Bq * Bk + r * Bk + c of each tiled edge
-    has_duplicates: bool
 
     @property
     def num_tiles(self) -> int:
@@ -53,10 +52,7 @@ class TileList:
     def cell_edge(self) -> Tensor:
         """``[T, Bq, Bk]`` int32 (int64 past ``2**31 - 1`` edges): the tiled edge (its row in ``edge_ids``) of every cell, ``-1`` where
         there is none. With it, kernels read an ``edge_bias`` ``[E_t, H]`` per cell and write its
-        gradient per edge, instead of building ``[T, H, Bq, Bk]`` bias tiles (``H`` times larger).
-        Only for graphs without duplicated edges (one edge per cell)."""
-        if self.has_duplicates:
-            raise ValueError("cell_edge needs a graph without duplicated edges")
+        gradient per edge, instead of building ``[T, H, Bq, Bk]`` bias tiles (``H`` times larger)."""
         if not hasattr(self, "_cell_edge"):
             # int32 halves the memory; past 2**31 - 1 tiled edges the ids need int64
             ids = torch.int32 if self.edge_cell.numel() < 2 ** 31 else torch.int64
@@ -89,7 +85,8 @@ def tile_stats(graph: CSRGraph, block_q: int, block_k: int) -> tuple[Tensor, Ten
 
 
 def build_tiles(graph: CSRGraph, block_q: int, block_k: int, edge_ids: Tensor | None = None) -> TileList:
-    """The tile list of the edges ``edge_ids`` (all edges if ``None``) of ``graph``."""
+    """The tile list of the edges ``edge_ids`` (all edges if ``None``) of ``graph``; they must not
+    repeat an edge ``j -> i`` (a cell holds one edge)."""
     device = graph.src.device
     if edge_ids is None:
         edge_ids = torch.arange(graph.num_edges, device=device)
@@ -101,10 +98,10 @@ def build_tiles(graph: CSRGraph, block_q: int, block_k: int, edge_ids: Tensor | 
     uniq, tile, count = torch.unique(key, return_inverse=True, return_counts=True)  # [T], [E_t], [T]
     q_block, k_block = uniq // num_k_blocks, uniq % num_k_blocks
     edge_cell = tile * cells + (dst % block_q) * block_k + src % block_k  # [E_t]
-    distinct_cells = torch.unique(edge_cell)  # [<= E_t]
-    has_duplicates = distinct_cells.numel() < edge_cell.numel()
-    distinct = torch.bincount(distinct_cells // cells, minlength=uniq.numel())  # [T]
-    full = (distinct == cells) & (count == cells)  # [T]
+    if torch.unique(edge_cell).numel() < edge_cell.numel():
+        raise ValueError("build_tiles: 'edge_ids' repeat an edge j -> i; a tile cell holds one edge "
+                         "(tile one copy, run the others fused)")
+    full = count == cells  # [T]
     mask_index = torch.full_like(uniq, -1)
     partial = (~full).nonzero().flatten()  # [P]
     mask_index[partial] = torch.arange(partial.numel(), device=device)
@@ -114,57 +111,7 @@ def build_tiles(graph: CSRGraph, block_q: int, block_k: int, edge_ids: Tensor | 
     tile_ptr = torch.zeros(num_q_blocks + 1, dtype=torch.long, device=device)
     tile_ptr[1:] = torch.bincount(q_block, minlength=num_q_blocks).cumsum(0)
     return TileList(block_q, block_k, graph.num_src, graph.num_dst, q_block, k_block, tile_ptr,
-                    count, mask_index, masks.view(-1, block_q, block_k), edge_ids, edge_cell,
-                    has_duplicates)
-
-
-def cached_tiles(graph: CSRGraph, block_q: int, block_k: int) -> TileList:
-    """:func:`build_tiles` of all edges, cached on the graph."""
-    cache_key = ("tiles", block_q, block_k)
-    if cache_key not in graph.extras:
-        graph.extras[cache_key] = build_tiles(graph, block_q, block_k)
-    return graph.extras[cache_key]
-
-
-def _cell_segments(tiles: TileList) -> tuple[Tensor, Tensor, Tensor]:
-    """``(order [E_t], cells [U], counts [U])``: the tiled edges sorted by cell (stable), the
-    distinct cells and their edge counts (cached on the tile list)."""
-    if not hasattr(tiles, "_cell_segments"):
-        order = torch.argsort(tiles.edge_cell, stable=True)
-        cells, counts = torch.unique_consecutive(tiles.edge_cell[order], return_counts=True)
-        tiles._cell_segments = (order, cells, counts)
-    return tiles._cell_segments
-
-
-def tile_bias(tiles: TileList, edge_bias: Tensor | None, num_heads: int, dtype: torch.dtype) -> Tensor | None:
-    """Additive tile biases ``[T, H_b, Bq, Bk]`` (``H_b`` = H with ``edge_bias``, else 1), or ``None``
-    when boolean masks suffice. Differentiable w.r.t. ``edge_bias`` (``[E_t, H]``, tiled edges)."""
-    if edge_bias is None and not tiles.has_duplicates:
-        return None
-    cells = tiles.block_q * tiles.block_k
-    n_cells = tiles.num_tiles * cells
-    idx = tiles.edge_cell  # [E_t]
-    if edge_bias is None:
-        bias = torch.zeros(idx.numel(), 1, dtype=dtype, device=idx.device)  # [E_t, 1]
-    else:
-        bias = edge_bias.to(dtype)  # [E_t, H]
-    heads = bias.size(1)
-    if not tiles.has_duplicates:
-        flat = torch.full((n_cells, heads), float("-inf"), dtype=dtype, device=idx.device)
-        flat = flat.index_put((idx,), bias)  # [T * Bq * Bk, H_b]
-    else:  # log-sum-exp of the biases of parallel edges: each stays one message
-        top = torch.full((n_cells, heads), float("-inf"), dtype=dtype, device=idx.device)
-        top = top.scatter_reduce(0, idx.unsqueeze(-1).expand_as(bias), bias.detach(), reduce="amax")
-        top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-        # Σ over each cell's edges as a segmented sum in a fixed order: index_add would be atomic on
-        # CUDA, its rounding order (3+ parallel edges) different from run to run
-        order, cells_used, counts = _cell_segments(tiles)
-        sums = torch.segment_reduce(torch.exp(bias - top[idx])[order], "sum", lengths=counts, axis=0)
-        acc = torch.zeros_like(top).index_put((cells_used,), sums)  # [cells, H_b], distinct cells
-        safe = torch.where(acc > 0, acc, torch.ones_like(acc))
-        flat = torch.where(acc > 0, top + torch.log(safe), torch.full_like(acc, float("-inf")))
-    out = flat.view(tiles.num_tiles, tiles.block_q, tiles.block_k, heads).permute(0, 3, 1, 2)
-    return out.contiguous()  # [T, H_b, Bq, Bk]
+                    count, mask_index, masks.view(-1, block_q, block_k), edge_ids, edge_cell)
 
 
 def triton_blocks(block_q: int, block_k: int) -> bool:

@@ -2,10 +2,11 @@
 
 Forward: one program per (query block, head) walks its tiles (``tile_ptr``), loads the key / value
 block of each, computes the ``[Bq, Bk]`` scores with ``tl.dot`` (tensor cores for half precision),
-masks them only when the tile is partial (or adds the tile bias), and keeps an online softmax;
+masks them only when the tile is partial (or adds the edge bias of each cell), and keeps an online
+softmax;
 it writes the output block and the log-sum-exp.
 
-Backward: ``dQ`` (and the tile-bias gradient) with one program per (query block, head) over the same
+Backward: ``dQ`` (and the edge-bias gradient) with one program per (query block, head) over the same
 tiles; ``dK`` / ``dV`` with one program per (key block, key/value head) over the tiles sorted by key
 block (:meth:`TileList.by_key`), summing its group's query heads inside the program. Query and key
 blocks with far more tiles than the rest (global blocks) run in pieces, merged exactly afterwards
@@ -13,7 +14,7 @@ blocks with far more tiles than the rest (global blocks) run in pieces, merged e
 under ``TRITON_INTERPRET=1``.
 
 Notation: ``Bq`` / ``Bk`` block sizes, ``H`` / ``H_kv`` query / key-value heads, ``D`` head dimension,
-``H_b`` heads of the tile bias (1 or ``H``).
+``E_t`` tiled edges.
 """
 from __future__ import annotations
 
@@ -34,19 +35,17 @@ from .tiling import TileList, triton_blocks
 
 
 @triton.jit
-def _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, TB_HEADS,
+def _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, H,
                  BIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
                  UPCAST: tl.constexpr):
     """Scores ``[Bq, Bk]`` of tile ``t`` for head ``h``: ``-inf`` where the tile has no edge.
-    ``BIAS``: 0 boolean masks, 1 tile biases ``[T, H_b, Bq, Bk]``, 2 an edge bias ``[E_t, H]`` read
-    through the edge of each cell (``CELL_EDGE [T, Bq, Bk]``, -1 where none)."""
+    Without ``BIAS`` the tile's boolean mask (none for a full tile); with it, the edge bias ``[E_t,
+    H]`` read through the edge of each cell (``CELL_EDGE [T, Bq, Bk]``, -1 where none)."""
     s = _dot(q, tl.trans(k), ACC, UPCAST) * scale
     cells = tl.arange(0, BQ)[:, None] * BK + tl.arange(0, BK)[None, :]
-    if BIAS == 1:
-        s += tl.load(TBIAS + (t * TB_HEADS + h % TB_HEADS) * BQ * BK + cells).to(s.dtype)
-    elif BIAS == 2:
+    if BIAS:
         edge = tl.load(CELL_EDGE + t * BQ * BK + cells).to(tl.int64)
-        s += tl.load(TBIAS + edge * TB_HEADS + h, mask=edge >= 0, other=float("-inf")).to(s.dtype)
+        s += tl.load(TBIAS + edge * H + h, mask=edge >= 0, other=float("-inf")).to(s.dtype)
     else:
         mi = tl.load(MASK_INDEX + t)
         if mi >= 0:  # partial tile; full tiles skip the mask
@@ -78,7 +77,7 @@ def _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ: tl.con
 def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, LSE_LO, START, END, MAP, K_BLOCK, MASK_INDEX, SCALES,
                EDGE_IDS, SEED, THRESH,
                stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
-               N_DST, N_SRC, H, GROUP, D, TB_HEADS,
+               N_DST, N_SRC, H, GROUP, D,
                BIAS: tl.constexpr, DROPOUT: tl.constexpr, MAPPED: tl.constexpr, BQ: tl.constexpr,
                BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
     qb, ob, t0, t1 = _work(START, END, MAP, MAPPED)  # query block qb, output block ob
@@ -95,7 +94,7 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, LSE_LO, START, END, M
     for t in range(t0, t1):
         kv, nmask = _key_block(K_BLOCK, t, hk, offs_d, N_SRC, D, stride_kn, stride_kh, BK)
         k = tl.load(K + kv, mask=nmask, other=0.0)
-        s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, TB_HEADS, BIAS, BQ, BK, ACC,
+        s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, H, BIAS, BQ, BK, ACC,
                          UPCAST)
         m_i, l_i, corr, p = _softmax_step(m_i, l_i, s)
         v = tl.load(V + kv, mask=nmask, other=0.0)
@@ -114,7 +113,7 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, LSE_LO, START, END, M
 def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DQ, DTBIAS, START, END, MAP, K_BLOCK,
                   MASK_INDEX, SCALES, EDGE_IDS, SEED, THRESH,
                   stride_qn, stride_qh, stride_kn, stride_kh,
-                  N_DST, N_SRC, H, GROUP, D, TB_HEADS,
+                  N_DST, N_SRC, H, GROUP, D,
                   BIAS: tl.constexpr, WRITE_DTBIAS: tl.constexpr, DROPOUT: tl.constexpr, MAPPED: tl.constexpr,
                   BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
                   UPCAST: tl.constexpr):
@@ -136,7 +135,7 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DQ, 
         kv, nmask = _key_block(K_BLOCK, t, hk, offs_d, N_SRC, D, stride_kn, stride_kh, BK)
         k = tl.load(K + kv, mask=nmask, other=0.0)
         v = tl.load(V + kv, mask=nmask, other=0.0)
-        s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, TB_HEADS, BIAS, BQ, BK, ACC,
+        s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, H, BIAS, BQ, BK, ACC,
                          UPCAST)
         p = tl.exp((s - lse[:, None]) - lo[:, None])  # [Bq, Bk], 0 where masked
         dp = _dot(do, tl.trans(v), ACC, UPCAST)
@@ -144,11 +143,9 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DQ, 
             dp = dp * _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ, BK)
         ds = p * (dp - delta[:, None])
         if WRITE_DTBIAS:
-            if BIAS == 2:  # each edge owns one cell: its gradient is written once, no atomics
-                edge = tl.load(CELL_EDGE + t * BQ * BK + cells).to(tl.int64)
-                tl.store(DTBIAS + edge * H + h, ds.to(DTBIAS.dtype.element_ty), mask=edge >= 0)
-            else:
-                tl.store(DTBIAS + (t * H + h) * BQ * BK + cells, ds.to(DTBIAS.dtype.element_ty))
+            # each edge owns one cell: its gradient is written once, no atomics
+            edge = tl.load(CELL_EDGE + t * BQ * BK + cells).to(tl.int64)
+            tl.store(DTBIAS + edge * H + h, ds.to(DTBIAS.dtype.element_ty), mask=edge >= 0)
         dq += _dot(ds.to(k.dtype), k, ACC, UPCAST)
     tl.store(DQ + rows + (ob - qb) * BQ * stride_qn, (dq * scale).to(DQ.dtype.element_ty), mask=mmask)
 
@@ -157,7 +154,7 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DQ, 
 def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DK, DV, START, END, MAP, ORDER, Q_BLOCK,
                     MASK_INDEX, SCALES, EDGE_IDS, SEED, THRESH,
                     stride_qn, stride_qh, stride_kn, stride_kh,
-                    N_DST, N_SRC, H, GROUP, D, TB_HEADS,
+                    N_DST, N_SRC, H, GROUP, D,
                     BIAS: tl.constexpr, DROPOUT: tl.constexpr, MAPPED: tl.constexpr, BQ: tl.constexpr,
                     BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
     kb, ob, i0, i1 = _work(START, END, MAP, MAPPED)  # key block kb, output block ob
@@ -183,7 +180,7 @@ def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DK
             q = tl.load(Q + rows, mask=mmask, other=0.0)
             do = tl.load(DO + rows, mask=mmask, other=0.0)
             lse, lo, delta = _row_stats(LSE, LSE_LO, DELTA, offs_m * H + h, rmask, ACC)
-            s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, TB_HEADS, BIAS, BQ, BK, ACC,
+            s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, H, BIAS, BQ, BK, ACC,
                          UPCAST)
             p = tl.exp((s - lse[:, None]) - lo[:, None])  # [Bq, Bk]
             dp = _dot(do, tl.trans(v), ACC, UPCAST)
@@ -210,7 +207,8 @@ def _options(dtype: torch.dtype, head_dim: int, lean: bool = False) -> dict:
     (a head dimension of 256 then needs 139 KB of shared memory instead of 271 KB for the dK/dV
     kernel). Float32 (IEEE products, no TF32) and float64 run the ``[64, 64]`` tiles on CUDA cores:
     with 4 warps they spill heavily, and with pipelining float64 needs more shared memory than an
-    H100 has (330 KB for the dK/dV kernel with a tile bias at head dim 64), so they also take 8
+    H100 has (330 KB for the dK/dV kernel at head dim 64, measured with the tile biases of earlier
+    versions), so they also take 8
     warps and one stage. ``lean`` asks for those everywhere (GPUs with less shared memory; see
     :func:`_falling_back`). ``python -m gnn_transformer.kernels.compile_check`` prints what each
     specialization needs."""
@@ -234,15 +232,12 @@ def _cache(tiles: TileList) -> dict:
 
 
 def _common(tiles: TileList, tbias: Tensor | None, dim: int, dropout: tuple[float, int] | None):
-    """``(masks, cell edges, bias heads, bias mode, head-dim block)`` of a launch; the bias mode is
-    0 (boolean masks), 1 (tile biases ``[T, H_b, Bq, Bk]``) or 2 (edge bias ``[E_t, H]``)."""
+    """``(masks, cell edges, head-dim block)`` of a launch."""
     masks = tiles.masks.view(torch.uint8) if tiles.masks.numel() else \
         torch.ones(1, dtype=torch.uint8, device=tiles.masks.device)
-    mode = 0 if tbias is None else (2 if tbias.dim() == 2 else 1)
-    need_cells = mode == 2 or dropout is not None
+    need_cells = tbias is not None or dropout is not None
     cell_edge = tiles.cell_edge() if need_cells else masks  # unused unless needed
-    tb_heads = 1 if tbias is None else tbias.size(1)
-    return masks, cell_edge, tb_heads, mode, max(16, triton.next_power_of_2(dim))
+    return masks, cell_edge, max(16, triton.next_power_of_2(dim))
 
 
 def _scalar_args(tiles: TileList, scale: float, dropout: tuple[float, int] | None, dtype: torch.dtype,
@@ -256,8 +251,7 @@ def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias
                          scale: float, lean: bool = False, dropout: tuple[float, int] | None = None
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """``(out [N_dst, H, D], lse [N_dst, H], lse_lo [N_dst, H])`` over the tiles (see
-    :mod:`._autograd`); ``tbias`` is tile biases
-    ``[T, H_b, Bq, Bk]``, an edge bias ``[E_t, H]`` of the tiled edges, or ``None``."""
+    :mod:`._autograd`); ``tbias`` is the edge bias ``[E_t, H]`` of the tiled edges, or ``None``."""
     _check_blocks(tiles)
     n_dst, num_heads, dim = q.shape
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -266,7 +260,7 @@ def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias
     lse_lo = torch.empty_like(lse)
     if n_dst == 0:
         return out, lse, lse_lo
-    masks, cell_edge, tb_heads, mode, block_d = _common(tiles, tbias, dim, dropout)
+    masks, cell_edge, block_d = _common(tiles, tbias, dim, dropout)
     drop = _scalar_args(tiles, scale, dropout, acc_dtype, q.device)
     pieces = _pieces.cached_pieces(_cache(tiles), "q_blocks", tiles.tile_ptr, "tiles", tiles.num_tiles, num_heads)
     tb_arg = tbias if tbias is not None else lse  # unused without a bias
@@ -276,8 +270,8 @@ def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias
             q, k, v, tb_arg, masks, cell_edge, out, lse, lse_lo, start, end, block_map,
             tiles.k_block, tiles.mask_index, *drop,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
-            n_dst, k.size(0), num_heads, num_heads // k.size(1), dim, tb_heads,
-            BIAS=mode, DROPOUT=dropout is not None, MAPPED=mapped, BQ=tiles.block_q, BK=tiles.block_k,
+            n_dst, k.size(0), num_heads, num_heads // k.size(1), dim,
+            BIAS=tbias is not None, DROPOUT=dropout is not None, MAPPED=mapped, BQ=tiles.block_q, BK=tiles.block_k,
             BLOCK_D=block_d, ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype, dim, lean))
 
     _pieces.launch_rows(run, tiles.tile_ptr, pieces, (out, lse, lse_lo), acc_dtype, tiles.block_q, merge=True)
@@ -286,18 +280,18 @@ def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias
 
 def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dout, dlse, need_bias_grad,
                           lean: bool = False, dropout: tuple[float, int] | None = None):
-    """``(dq, dk, dv, dbias)``, ``dbias`` of ``tbias``'s shape (tile or edge bias)."""
+    """``(dq, dk, dv, dbias)``, ``dbias`` of ``tbias``'s shape ``[E_t, H]``."""
     n_dst, num_heads, dim = q.shape
     n_src, num_kv = k.size(0), k.size(1)
     acc_dtype = lse.dtype
     dout = dout.contiguous()
     delta = softmax_delta(out, dout, dlse, acc_dtype).contiguous()  # [N_dst, H]
-    masks, cell_edge, tb_heads, mode, block_d = _common(tiles, tbias, dim, dropout)
+    masks, cell_edge, block_d = _common(tiles, tbias, dim, dropout)
     drop = _scalar_args(tiles, scale, dropout, acc_dtype, q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dtb = torch.zeros_like(tbias) if need_bias_grad else None
     tb_arg = tbias if tbias is not None else delta
-    common = dict(BIAS=mode, DROPOUT=dropout is not None, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
+    common = dict(BIAS=tbias is not None, DROPOUT=dropout is not None, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
                   ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype, dim, lean))
     if n_dst > 0:
         pieces = _pieces.cached_pieces(_cache(tiles), "q_blocks", tiles.tile_ptr, "tiles", tiles.num_tiles,
@@ -308,7 +302,7 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_
                 q, k, v, tb_arg, masks, cell_edge, dout, lse, lse_lo, delta, dq, dtb if dtb is not None else delta,
                 start, end, block_map, tiles.k_block, tiles.mask_index, *drop,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                n_dst, n_src, num_heads, num_heads // num_kv, dim, tb_heads,
+                n_dst, n_src, num_heads, num_heads // num_kv, dim,
                 WRITE_DTBIAS=dtb is not None, MAPPED=mapped, **common)
 
         _pieces.launch_rows(run_dq, tiles.tile_ptr, pieces, (dq,), acc_dtype, tiles.block_q)
@@ -321,7 +315,7 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_
                 q, k, v, tb_arg, masks, cell_edge, dout, lse, lse_lo, delta, dk, dv, start, end, block_map, order,
                 tiles.q_block, tiles.mask_index, *drop,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                n_dst, n_src, num_heads, num_heads // num_kv, dim, tb_heads, MAPPED=mapped, **common)
+                n_dst, n_src, num_heads, num_heads // num_kv, dim, MAPPED=mapped, **common)
 
         _pieces.launch_rows(run_dkdv, k_ptr, pieces, (dk, dv), acc_dtype, tiles.block_k)
     return dq, dk, dv, dtb
@@ -339,7 +333,7 @@ def _falling_back(triton_fn, torch_fn, what: str):
     from triton.runtime.errors import OutOfResources
 
     def run(q, k, v, tiles, tbias, *rest, dropout=None):
-        key = (what, q.device, q.dtype, q.size(-1), None if tbias is None else tbias.dim(), dropout is None,
+        key = (what, q.device, q.dtype, q.size(-1), tbias is None, dropout is None,
                tiles.block_q, tiles.block_k)  # shared memory grows with the blocks
         for level in range(_LEVEL.get(key, 0), 2):
             try:
@@ -361,7 +355,7 @@ def _falling_back(triton_fn, torch_fn, what: str):
 _forward = _falling_back(tiled_triton_forward, tiled_forward, "forward")
 _backward = _falling_back(tiled_triton_backward, tiled_backward, "backward")
 
-# the tile bias comes before the tile list in the shared kernel signature
+# the edge bias comes before the tile list in the shared kernel signature
 TRITON_TILED = Kernel(
     lambda q, k, v, tb, tiles, scale, **o: _forward(q, k, v, tiles, tb, scale, **o),
     lambda q, k, v, tb, tiles, scale, *rest, **o: _backward(q, k, v, tiles, tb, scale, *rest, **o))
@@ -370,8 +364,7 @@ TRITON_TILED = Kernel(
 def tiled_triton_attention(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None,
                            scale: float, dropout: tuple[float, int] | None = None
                            ) -> tuple[Tensor, Tensor, Tensor]:
-    """Differentiable ``(out, lse, lse_lo)`` of the Triton tiled kernels; ``dropout = (p, seed)`` needs a
-    graph without repeated edges."""
+    """Differentiable ``(out, lse, lse_lo)`` of the Triton tiled kernels, ``dropout = (p, seed)``."""
     tb = None if tbias is None else tbias.contiguous()
     return kernel_attention(TRITON_TILED, canonical(q), canonical(k), canonical(v), tb,
                             tiles, scale, dropout=dropout)
