@@ -441,3 +441,20 @@ def test_triton_batch_and_unsorted(name, heads, kv_heads, backend, kw, dtype):
         alone = attend(q[:24], k[:24], v[:24], edge_index[:, :300], scale=0.4, edge_bias=b[:300],
                        backend=backend, impl="triton", **kw)
         torch.testing.assert_close(out[:24], alone, **TOL[dtype])
+
+
+def test_csc_is_built_by_the_forward_pass_when_gradients_follow():
+    """The source-sorted view the dK/dV kernel walks is built in the forward pass when a gradient will
+    be needed (off the backward's memory peak), and not at all for inference."""
+    edge_index, n_src, n_dst = _small("hub")
+    q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4, bias=False)
+    graph = _graph.prepare(edge_index, n_src, n_dst)
+    graph.extras.pop("csc", None)
+    with torch.no_grad():
+        attend(q, k, v, edge_index, scale=0.4, backend="fused", impl="triton")
+    assert "csc" not in graph.extras
+    out = attend(q, k, v, edge_index, scale=0.4, backend="fused", impl="triton")
+    assert "csc" in graph.extras
+    csc = graph.extras["csc"]
+    out.sum().backward()
+    assert graph.extras["csc"] is csc  # the backward pass reused it
