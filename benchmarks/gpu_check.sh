@@ -7,8 +7,9 @@
 #   bash benchmarks/gpu_check.sh large   # 64k for every topology, 256k for the linear ones, 1M window/random
 #   bash benchmarks/gpu_check.sh gqa     # grouped-query attention (12 on 4 heads) at 16k: the grouped kernels
 #   bash benchmarks/gpu_check.sh pieces  # BigBird with its global blocks' rows in pieces, and without
+#   bash benchmarks/gpu_check.sh float32 # float32 tiles (CUDA cores) of 32, the default, against 64
 set -uo pipefail
-stage=${1:?usage: gpu_check.sh tests|bench|large|gqa|pieces}
+stage=${1:?usage: gpu_check.sh tests|bench|large|gqa|pieces|float32}
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.
@@ -45,6 +46,14 @@ sys.exit(main(sys.argv[2:]))
 PY
     done
     ;;
+  float32)
+    # float32 runs the tiles on CUDA cores; tiles of 32 (CUDA_CORE_BLOCK_SIZE) do not spill, 64 do
+    for block in 32 64; do
+      python -m gnn_transformer.cli bench --device cuda --dtype float32 --sizes 16384 --block-size "$block" \
+        --topologies causal window bigbird --backends fused tiled auto flex \
+        --markdown "$out/bench_float32_block$block.md" 2>&1 | tee "$out/bench_float32_block$block.txt"
+    done
+    ;;
   large)
     python -m gnn_transformer.cli bench --device cuda --sizes 65536 --repeats 3 \
       --markdown "$out/bench_64k.md" 2>&1 | tee "$out/bench_64k.txt"
@@ -57,7 +66,7 @@ PY
       --markdown "$out/bench_1m.md" 2>&1 | tee "$out/bench_1m.txt"
     ;;
   *)
-    echo "unknown stage '$stage' (expected tests, bench, large, gqa or pieces)" >&2
+    echo "unknown stage '$stage' (expected tests, bench, large, gqa, pieces or float32)" >&2
     exit 2
     ;;
 esac

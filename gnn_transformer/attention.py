@@ -414,10 +414,10 @@ class GraphMultiheadAttention(MessagePassing):
         return (out, alpha) if return_attention_weights else out
 
     def resolve_backend(self, edge_index: Tensor, device: torch.device, backend: str | None = None,
-                        size: tuple[int, int] | None = None) -> str:
-        """The backend one call will use (while attention dropout is active, ``"auto"`` runs
-        ``"fused"`` on a graph that repeats an edge); ``size`` is ``(N_src, N_dst)``, by default
-        the graph's (see :func:`gnn_transformer.kernels.choose_backend`)."""
+                        size: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> str:
+        """The backend one call will use; ``size`` is ``(N_src, N_dst)``, by default the graph's,
+        and ``dtype`` that of the projected heads, which sets the default tile size (see
+        :func:`gnn_transformer.kernels.choose_backend`)."""
         backend = self.backend if backend is None else backend
         if backend not in BACKENDS:
             raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {backend!r})")
@@ -428,7 +428,7 @@ class GraphMultiheadAttention(MessagePassing):
             from . import kernels  # lazy: the kernels sit below this layer
             num_src, num_dst = (None, None) if size is None else size
             return kernels.choose_backend(edge_index, device, dropout=dropout_active,
-                                          num_src=num_src, num_dst=num_dst)
+                                          num_src=num_src, num_dst=num_dst, dtype=dtype)
         return backend
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *,
@@ -439,7 +439,7 @@ class GraphMultiheadAttention(MessagePassing):
         The one hook between the readable message-passing path and the fused kernels.
         """
         size = (key.size(0), query.size(0))
-        backend = self.resolve_backend(edge_index, query.device, backend, size)
+        backend = self.resolve_backend(edge_index, query.device, backend, size, query.dtype)
         scale = 1.0 / math.sqrt(self.head_dim)
         if backend == "pyg":
             group = self.num_heads // self.num_kv_heads

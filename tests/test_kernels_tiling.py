@@ -142,3 +142,21 @@ def test_plan_costs_explain_the_choice():
             assert 0 <= c["dense_tiles"] <= c["tiles"]
     with_drop, without = (plan_costs(causal(300), "cpu", dropout=d) for d in (True, False))
     assert with_drop["fused"] > without["fused"] and with_drop["tiled"] > without["tiled"]
+
+
+def test_default_block_size_by_device_and_dtype():
+    """Float32 and float64 tiles on CUDA are 32 wide (CUDA cores: no spills), all others 64; the plan
+    and its costs follow the dtype (causal over 256 tokens: 36 tiles of 32, 10 of 64)."""
+    from gnn_transformer.kernels import (BLOCK_SIZE, CUDA_CORE_BLOCK_SIZE, choose_backend, default_block_size,
+                                         plan_costs)
+
+    assert CUDA_CORE_BLOCK_SIZE == 32 and BLOCK_SIZE == {"cpu": 64, "cuda": 64}
+    for dtype in (torch.float32, torch.float64):
+        assert default_block_size("cuda", dtype) == 32 and default_block_size(torch.device("cpu"), dtype) == 64
+    for dtype in (torch.bfloat16, torch.float16, None):
+        assert default_block_size("cuda", dtype) == 64
+    graph = causal(256)
+    assert plan_costs(graph, "cuda", dtype=torch.float32)["tiles"] == 36
+    assert plan_costs(graph, "cuda", dtype=torch.bfloat16)["tiles"] == plan_costs(graph, "cuda")["tiles"] == 10
+    assert plan_costs(graph, "cuda", dtype=torch.float32, block_size=64)["tiles"] == 10
+    assert choose_backend(graph, "cuda", dtype=torch.float32) == plan_costs(graph, "cuda", dtype=torch.float32)["chosen"]

@@ -57,6 +57,10 @@ ROW_COST = {"cpu": {"fused": 7.0, "tiled": 10.0}, "cuda": {"fused": 1.0, "tiled"
 MERGE_COST = {"cpu": 2.0, "cuda": 4.0}
 DROPOUT_COST = {"cpu": {"fused": 0.5, "tiled": 0.6}, "cuda": {"fused": 0.0, "tiled": 0.0}}
 BLOCK_SIZE = {"cpu": 64, "cuda": 64}
+# Float32 and float64 tiles on CUDA run on CUDA cores (IEEE products, no tensor cores): in blocks
+# of 64 their Triton kernels spill (sm_90: 20 KB per thread in the float32 dK/dV kernel), in
+# blocks of 32 they do not (docs/kernels.md, compile_check). Half precision keeps BLOCK_SIZE.
+CUDA_CORE_BLOCK_SIZE = 32
 # edge_weights renormalizes rows whose log-sum-exp is this large: half its rounding step is above
 # 7.6e-6 (float32) or 5.8e-11 (float64) there
 HUGE_LSE = {torch.float32: 128.0, torch.float64: 2.0 ** 19}
@@ -69,6 +73,23 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def default_block_size(device, dtype: torch.dtype | None = None) -> int:
+    """The tile size ``tiled`` / ``split`` / ``auto`` use on ``device`` for inputs of ``dtype``
+    when no ``block_size`` is given: ``BLOCK_SIZE`` of the device, or ``CUDA_CORE_BLOCK_SIZE`` for
+    float32 and float64 on CUDA (``dtype`` ``None``: half precision).
+
+    Example:
+        >>> default_block_size("cpu", torch.float32), default_block_size("cuda", torch.bfloat16)
+        (64, 64)
+        >>> default_block_size("cuda", torch.float32)
+        32
+    """
+    device_type = _device_type(device)
+    if device_type == "cuda" and dtype in (torch.float32, torch.float64):
+        return CUDA_CORE_BLOCK_SIZE
+    return BLOCK_SIZE.get(device_type, BLOCK_SIZE["cuda"])
 
 
 def _ratio(device_type: str, tile_cost: float | None) -> float:
@@ -185,11 +206,10 @@ def _unit_costs(device_type: str, tile_cost: float | None, dropout: bool) -> tup
     return cell, edge
 
 
-def _plan(graph: CSRGraph, device_type: str, block: int | None = None,
-          tile_cost: float | None = None, dropout: bool = False) -> str:
+def _plan(graph: CSRGraph, device_type: str, block: int, tile_cost: float | None = None,
+          dropout: bool = False) -> str:
     """``auto``'s backend by the cost model (``TILE_COST``, ``ROW_COST``, ``MERGE_COST`` and, under
     attention ``dropout``, ``DROPOUT_COST``); cached."""
-    block = BLOCK_SIZE.get(device_type, 64) if block is None else block
     cell, edge = _unit_costs(device_type, tile_cost, dropout)
     rows = ROW_COST.get(device_type, ROW_COST["cuda"])
     # every constant in the key: changing a cost at run time re-plans instead of reusing a stale plan
@@ -234,7 +254,8 @@ def _cheapest(graph: CSRGraph, device_type: str, block: int, cell: float, edge: 
 
 
 def plan_costs(edge_index: Tensor, device, *, block_size: int | None = None, tile_cost: float | None = None,
-               dropout: bool = False, num_src: int | None = None, num_dst: int | None = None) -> dict:
+               dropout: bool = False, num_src: int | None = None, num_dst: int | None = None,
+               dtype: torch.dtype | None = None) -> dict:
     """What :func:`choose_backend` weighs, for tuning and for curiosity: the estimated cost of
     ``"fused"``, ``"tiled"`` and ``"split"`` in edge-equivalents (one edge of the fused path), the
     number of edges, tiles, dense tiles (those ``split`` tiles) and edges in them, and ``"chosen"``.
@@ -248,7 +269,7 @@ def plan_costs(edge_index: Tensor, device, *, block_size: int | None = None, til
     _check_tiling(block_size, tile_cost)
     graph = prepare(edge_index, *_sizes(edge_index, num_src, num_dst))
     device_type = _device_type(device)
-    block = BLOCK_SIZE.get(device_type, 64) if block_size is None else block_size
+    block = default_block_size(device_type, dtype) if block_size is None else block_size
     cell, edge = _unit_costs(device_type, tile_cost, dropout)
     return dict(_costs(graph, device_type, block, cell, edge),
                 chosen=_plan(graph, device_type, block, tile_cost, dropout))
@@ -256,7 +277,7 @@ def plan_costs(edge_index: Tensor, device, *, block_size: int | None = None, til
 
 def choose_backend(edge_index: Tensor, device, *, block_size: int | None = None,
                    tile_cost: float | None = None, dropout: bool = False, num_src: int | None = None,
-                   num_dst: int | None = None) -> str:
+                   num_dst: int | None = None, dtype: torch.dtype | None = None) -> str:
     """The backend ``"auto"`` runs for this graph on ``device``: ``"fused"``, ``"tiled"`` or ``"split"``.
 
     A tile of ``B × B`` cells costs ``tile_cost · B²`` edge-equivalents whatever its fill; the
@@ -264,11 +285,12 @@ def choose_backend(edge_index: Tensor, device, *, block_size: int | None = None,
     the remaining edges fused (plus a merge); see docs/kernels.md. Cached on the graph. With
     ``dropout`` (attention dropout) the costs include hashing the mask (``DROPOUT_COST``).
     ``num_src`` / ``num_dst`` (the rows of key and query) default to the graph's sparse size, else
-    to the sizes of its last :func:`attend`, else to the largest ids plus one.
+    to the sizes of its last :func:`attend`, else to the largest ids plus one. ``dtype`` (of the
+    inputs) picks the default ``block_size`` (:func:`default_block_size`).
     """
     _check_tiling(block_size, tile_cost)
     graph = prepare(edge_index, *_sizes(edge_index, num_src, num_dst))
-    block = BLOCK_SIZE.get(_device_type(device), 64) if block_size is None else block_size
+    block = default_block_size(device, dtype) if block_size is None else block_size
     return _plan(graph, _device_type(device), block, tile_cost, dropout)
 
 
@@ -345,7 +367,8 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
             inputs; ``-inf`` on empty rows).
         impl: ``None`` (Triton on CUDA when installed, PyTorch otherwise), ``"torch"``, or
             ``"triton"`` (also on CPU tensors under ``TRITON_INTERPRET=1``, for tests).
-        block_size: tile size of ``tiled`` / ``split`` (default by device: ``BLOCK_SIZE``).
+        block_size: tile size of ``tiled`` / ``split`` (default by device and dtype:
+            :func:`default_block_size`).
         tile_cost: cost of a tile cell relative to an edge (default by device: ``TILE_COST``);
             ``split`` tiles the tiles filled to at least this ratio (with dropout:
             ``(tile_cost + DROPOUT_COST["tiled"]) / (1 + DROPOUT_COST["fused"])``).
@@ -407,7 +430,7 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
             raise ValueError(f"Expected 'dropout_seed' to be an int in [0, 2**31) (got {dropout_seed!r})")
         dropout = (float(dropout_p), seed)
     device_type = query.device.type
-    block = BLOCK_SIZE.get(device_type, 64) if block_size is None else block_size
+    block = default_block_size(device_type, query.dtype) if block_size is None else block_size
     # tiles of a size the Triton kernels do not take run through the PyTorch tiled path, unless
     # Triton was asked for by name (then its ValueError says why)
     tiles_triton = use_triton and (impl == "triton" or triton_blocks(block, block))
@@ -465,5 +488,5 @@ def edge_weights(query: Tensor, key: Tensor, edge_index: Tensor, lse: Tensor, *,
 __all__ = [
     "attend", "edge_weights", "choose_backend", "plan_costs", "attend_reference", "merge_partials",
     "triton_available", "clear_cache", "BACKENDS", "TILE_COST", "ROW_COST", "MERGE_COST", "DROPOUT_COST",
-    "BLOCK_SIZE",
+    "BLOCK_SIZE", "CUDA_CORE_BLOCK_SIZE", "default_block_size",
 ]

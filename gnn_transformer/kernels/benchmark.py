@@ -25,8 +25,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import (BLOCK_SIZE, MERGE_COST, ROW_COST, TILE_COST, attend, attend_reference, choose_backend, clear_cache,
-               merge_partials, prepare)
+from . import (MERGE_COST, ROW_COST, TILE_COST, attend, attend_reference, choose_backend, clear_cache,
+               default_block_size, merge_partials, prepare)
 from .tiling import tile_stats
 
 TOPOLOGIES = ("causal", "window", "bigbird", "random")
@@ -284,7 +284,7 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
                 build_ms = 1e3 * (build_s + t_graph)  # graph, then the kernels' structures or the mask
                 note = ""
                 if backend == "auto":
-                    note = "chose " + choose_backend(edge_index, device, block_size=block_size)
+                    note = "chose " + choose_backend(edge_index, device, block_size=block_size, dtype=dtype)
 
                 def fwd():
                     with torch.no_grad():
@@ -394,7 +394,7 @@ def calibrate_tile_cost(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
-    block = block_size or BLOCK_SIZE.get(torch.device(device).type, 64)
+    block = block_size or default_block_size(device, dtype)
     scale = 1.0 / math.sqrt(head_dim)
     rows = []
     passes = ("fwd", "fwd+bwd") if backward else ("fwd",)
@@ -447,7 +447,7 @@ def calibrate_row_costs(rows: Sequence[dict], suggested: dict[str, float], n: in
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
-    block = block_size or BLOCK_SIZE.get(torch.device(device).type, 64)
+    block = block_size or default_block_size(device, dtype)
     scale = 1.0 / math.sqrt(head_dim)
     clear_cache()
     loops = torch.arange(n, device=device).repeat(2, 1)  # [2, n]: i -> i

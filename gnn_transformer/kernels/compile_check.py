@@ -110,10 +110,11 @@ def _check_environment() -> None:
                            f"(got {triton.__version__})")
 
 
-def record_case(case: Case, num_tokens: int = 256, block_size: int = 64):
+def record_case(case: Case, num_tokens: int = 256, block_size: int | None = None):
     """The Triton launches of one forward and backward pass of ``case`` (CPU tensors stand in for the
-    GPU's; nothing runs)."""
-    from . import _pieces, attend
+    GPU's; nothing runs), in tiles of ``block_size`` (default: what ``attend`` takes on CUDA for the
+    case's dtype, :func:`~gnn_transformer.kernels.default_block_size`)."""
+    from . import _pieces, attend, default_block_size
     from ._launch import recording
     from ..topology import global_tokens, random, sliding_window, union
 
@@ -122,6 +123,7 @@ def record_case(case: Case, num_tokens: int = 256, block_size: int = 64):
     if case.backend not in BACKENDS:
         raise ValueError(f"Unknown 'backend' {case.backend!r}; expected one of {BACKENDS}")
     dtype = DTYPES[case.dtype]
+    block_size = default_block_size("cuda", dtype) if block_size is None else block_size
     # a window (full and partial tiles) plus random edges: every kernel and branch has work
     edge_index = union(sliding_window(num_tokens, 32), random(num_tokens, 4, seed=0))
     if case.pieces:  # a global token: its row and column are cut into pieces

@@ -47,10 +47,11 @@ def _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, H,
         edge = tl.load(CELL_EDGE + t * BQ * BK + cells).to(tl.int64)
         s += tl.load(TBIAS + edge * H + h, mask=edge >= 0, other=float("-inf")).to(s.dtype)
     else:
-        mi = tl.load(MASK_INDEX + t)
-        if mi >= 0:  # partial tile; full tiles skip the mask
-            keep = tl.load(MASKS + mi * BQ * BK + cells)
-            s = tl.where(keep != 0, s, float("-inf"))
+        mi = tl.load(MASK_INDEX + t)  # a partial tile's mask; -1: a full tile, whose load is masked off
+        # (predicated, not branched around: fewer registers, and no spills in float32)
+        keep = tl.load(MASKS + tl.maximum(mi, 0) * BQ * BK + cells, mask=cells < tl.where(mi >= 0, BQ * BK, 0),
+                       other=1)
+        s = tl.where(keep != 0, s, float("-inf"))
     return s
 
 
@@ -205,11 +206,10 @@ def _options(dtype: torch.dtype, head_dim: int, lean: bool = False) -> dict:
     """Launch options by dtype and head dimension. Half precision runs on tensor cores in 4 warps
     with Triton's default pipelining up to a head dimension of 128; beyond, in 8 warps and one stage
     (a head dimension of 256 then needs 139 KB of shared memory instead of 271 KB for the dK/dV
-    kernel). Float32 (IEEE products, no TF32) and float64 run the ``[64, 64]`` tiles on CUDA cores:
-    with 4 warps they spill heavily, and with pipelining float64 needs more shared memory than an
-    H100 has (330 KB for the dK/dV kernel at head dim 64, measured with the tile biases of earlier
-    versions), so they also take 8
-    warps and one stage. ``lean`` asks for those everywhere (GPUs with less shared memory; see
+    kernel). Float32 (IEEE products, no TF32) and float64 run on CUDA cores, by default in tiles of
+    32 (``CUDA_CORE_BLOCK_SIZE``: in tiles of 64 the float32 dK/dV kernel spills 20 KB per thread),
+    in 8 warps and one stage (with pipelining, float64 needed more shared memory than an H100 has:
+    330 KB for the dK/dV kernel at head dim 64 in tiles of 64). ``lean`` asks for those everywhere (GPUs with less shared memory; see
     :func:`_falling_back`). ``python -m gnn_transformer.kernels.compile_check`` prints what each
     specialization needs."""
     if dtype in (torch.float16, torch.bfloat16) and head_dim <= 128 and not lean:
