@@ -203,17 +203,19 @@ def _acc(dtype: torch.dtype):
 
 
 def _options(dtype: torch.dtype, head_dim: int, lean: bool = False) -> dict:
-    """Launch options by dtype and head dimension. Half precision runs on tensor cores in 4 warps
-    with Triton's default pipelining up to a head dimension of 128; beyond, in 8 warps and one stage
-    (a head dimension of 256 then needs 139 KB of shared memory instead of 271 KB for the dK/dV
-    kernel). Float32 (IEEE products, no TF32) and float64 run on CUDA cores, by default in tiles of
-    32 (``CUDA_CORE_BLOCK_SIZE``: in tiles of 64 the float32 dK/dV kernel spills 20 KB per thread),
-    in 8 warps and one stage (with pipelining, float64 needed more shared memory than an H100 has:
-    330 KB for the dK/dV kernel at head dim 64 in tiles of 64). ``lean`` asks for those everywhere (GPUs with less shared memory; see
-    :func:`_falling_back`). ``python -m gnn_transformer.kernels.compile_check`` prints what each
-    specialization needs."""
+    """Launch options by dtype and head dimension. Half precision runs on tensor cores with Triton's
+    default pipelining, in 4 warps up to a head dimension of 64 and in 8 up to 128 (in 4 warps the
+    ``dK``/``dV`` kernel with an edge bias spilled 10.7 KB per thread on ``sm_80``, in 8 at most
+    0.6 KB; on ``sm_90`` 924 bytes against 200); beyond, in 8 warps and one stage (a head dimension
+    of 256 then needs 139 KB of shared memory instead of 271 KB for the dK/dV kernel). Float32 (IEEE
+    products, no TF32) and float64 run on CUDA cores, by default in tiles of 32
+    (``CUDA_CORE_BLOCK_SIZE``: in tiles of 64 the float32 dK/dV kernel spills 20 KB per thread), in
+    8 warps and one stage (with pipelining, float64 needed more shared memory than an H100 has:
+    330 KB for the dK/dV kernel at head dim 64 in tiles of 64). ``lean`` asks for 8 warps and one
+    stage everywhere (GPUs with less shared memory; see :func:`_falling_back`). ``python -m
+    gnn_transformer.kernels.compile_check`` prints what each specialization needs."""
     if dtype in (torch.float16, torch.bfloat16) and head_dim <= 128 and not lean:
-        return dict(num_warps=4)
+        return dict(num_warps=4 if head_dim <= 64 else 8)
     return dict(num_warps=8, num_stages=1)
 
 
