@@ -277,3 +277,25 @@ def test_keep_hash_equals_its_formula():
         want = [[formula(12345, x, h) for x in edges] for h in range(3)]
         assert got.tolist() == want
         assert _dropout.keep_hash(12345, e, 2).tolist() == want[2]
+
+
+def test_int32_hash_equals_the_exact_one():
+    """The int32 hash (wrapping products, masked shifts) gives the bits of the exact int64 one, on
+    positions whose products overflow, for many seeds and heads; the keep decision too, with an
+    int32 position tensor left untouched. Positions from 2**31 take the exact path."""
+    assert _dropout._int32_wraps()
+    gen = torch.Generator().manual_seed(0)
+    edges = torch.cat([torch.randint(0, 2 ** 31, (5000,), generator=gen), torch.tensor([0, 1, 2 ** 31 - 1])])
+    for seed in (0, 1, 12345, 2 ** 31 - 1):
+        for head in (0, 1, 7, 63):
+            fast = _dropout._hash32(seed, edges, head).to(torch.int64) & 0xFFFFFFFF
+            prefix = _dropout._mix_int(_dropout._prefixes(seed, [head])[0])
+            exact = _dropout._mix(torch.full_like(edges, prefix) ^ edges)
+            assert torch.equal(fast, exact)
+            for p in (0.1, 0.5, 0.9):
+                want = exact >= _dropout.threshold(p)
+                as32 = edges.to(torch.int32)
+                assert torch.equal(_dropout._kept(seed, as32, head, p, True), want)
+                assert torch.equal(as32, edges.to(torch.int32))  # not hashed in place
+    big = torch.tensor([5, 2 ** 31, 2 ** 32 + 3])
+    assert not _dropout._fast(big) and _dropout._fast(big[:1])
