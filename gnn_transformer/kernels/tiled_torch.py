@@ -137,13 +137,13 @@ def _scores(qB, kB, tiles, tbias, qb, tids, scale):
     g, c = tids.shape
     q = qB[:, qb]  # [H, G, Bq, D]
     k = kB[:, tiles.k_block[tids].flatten()].reshape(kB.size(0), g, c * tiles.block_k, -1)  # [H, G, c·Bk, D]
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [H, G, Bq, c·Bk]
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [H, G, Bq, c·Bk]
     if tbias is not None:
-        s = s + _bias(tiles, tbias, tids)
+        s += _bias(tiles, tbias, tids)
     else:
         mask = _mask(tiles, tids)
         if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
+            s.masked_fill_(~mask, float("-inf"))
     return q, k, s
 
 
@@ -181,14 +181,14 @@ def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tenso
         _, _, s = _scores(qB, kB, tiles, tb, qb, tids, scale)  # [H, G, Bq, c·Bk]
         top = s.amax(-1, keepdim=True)
         top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-        e = torch.exp(s - top)
+        e = s.sub_(top).exp_()  # in place: the chunk's temporaries are its largest tensors
         total = e.sum(-1, keepdim=True)  # [H, G, Bq, 1]
         nonempty = total > 0
         safe = torch.where(nonempty, total, torch.ones_like(total))
         vals = vB[:, tiles.k_block[tids].flatten()].reshape(num_heads, g, c * tiles.block_k, dim)
-        prob = e / safe  # [H, G, Bq, c·Bk]
+        prob = e.div_(safe)  # [H, G, Bq, c·Bk]
         if dropout is not None:
-            prob = prob * _keep_scales(tiles, tids, num_heads, dropout, cd)
+            prob.mul_(_keep_scales(tiles, tids, num_heads, dropout, cd))
         outB[:, qb] = torch.matmul(prob, vals)  # [H, G, Bq, D]
         lse, lo = lse_pair(top, total)
         lseB[:, qb], loB[:, qb] = lse.squeeze(-1), lo.squeeze(-1)
@@ -247,19 +247,20 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dou
         qg, kg, s = _scores(qB, kB, tiles, tb, qb, tids, scale)
         if extra:  # the flash layout's extra channel is zero in q, k and v; leave it out
             qg, kg = qg[..., :dim], kg[..., :dim]
-        p = torch.exp((s - lseB[:, qb]) - loB[:, qb])  # [H, G, Bq, c·Bk]
+        p = s.sub_(lseB[:, qb]).sub_(loB[:, qb]).exp_()  # [H, G, Bq, c·Bk], in place
         dog = doB[:, qb][..., :dim]  # [H, G, Bq, D]
         vals = vB[:, kb][..., :dim].reshape(num_heads, g, c * tiles.block_k, dim)
         dp = torch.matmul(dog, vals.transpose(-1, -2))  # [H, G, Bq, c·Bk]
         pd = p
         if dropout is not None:
             scales = _keep_scales(tiles, tids, num_heads, dropout, cd)
-            dp, pd = dp * scales, p * scales
+            dp.mul_(scales)
+            pd = p * scales
         if deltaB is None:
             deltaB = _blocked(softmax_delta(out, dout, dlse, cd).unsqueeze(-1), tiles.block_q, nqb, cd)
-        ds = p * (dp - deltaB[:, qb])
-        dqB[:, qb, :, :dim] = torch.matmul(ds, kg) * scale
-        dk = (torch.matmul(ds.transpose(-1, -2), qg) * scale).reshape(num_heads, g * c, tiles.block_k, dim)
+        ds = dp.sub_(deltaB[:, qb]).mul_(p)  # p (dp - delta)
+        dqB[:, qb, :, :dim] = torch.matmul(ds, kg).mul_(scale)
+        dk = torch.matmul(ds.transpose(-1, -2), qg).mul_(scale).reshape(num_heads, g * c, tiles.block_k, dim)
         dv = torch.matmul(pd.transpose(-1, -2), dog).reshape(num_heads, g * c, tiles.block_k, dim)
         dkB[..., :dim].index_add_(1, kb, dk)
         dvB[..., :dim].index_add_(1, kb, dv)
