@@ -462,7 +462,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--calibrate", action="store_true",
                    help="instead, measure auto's cost model for this device and dtype: TILE_COST (the "
                         "time of a tile cell of 'tiled' over that of an edge of 'fused'), ROW_COST and "
-                        "MERGE_COST (fixed costs per target row, in edges); sizes default to 4096")
+                        "MERGE_COST (fixed costs per target row, in edges), DROPOUT_COST (what attention "
+                        "dropout adds per edge and per cell); sizes default to 4096")
     p.add_argument("--block-size", type=int, default=None,
                    help="tile size of tiled, auto and --calibrate (unset: by device and dtype, 64, or 32 "
                         "for float32 on CUDA; FlexAttention keeps blocks of 128)")
@@ -472,8 +473,8 @@ def _bench_parser(sub) -> None:
 def _calibrate(args, device, dtype) -> int:
     import torch
 
-    from .kernels.benchmark import (CALIBRATION_COLUMNS, calibrate_row_costs, calibrate_tile_cost, current_costs,
-                                    format_markdown, format_table)
+    from .kernels.benchmark import (CALIBRATION_COLUMNS, calibrate_dropout_cost, calibrate_row_costs,
+                                    calibrate_tile_cost, current_costs, format_markdown, format_table)
 
     sizes = args.sizes or [4096]
     common = dict(device=device, dtype=dtype, heads=args.heads, head_dim=args.head_dim, kv_heads=args.kv_heads,
@@ -481,7 +482,8 @@ def _calibrate(args, device, dtype) -> int:
     rows, suggested = calibrate_tile_cost(args.topologies, sizes, backward=not args.no_backward, log=print,
                                           **common)
     fixed = calibrate_row_costs(rows, suggested, max(sizes), **common)
-    tile_cost, row_cost, merge_cost = current_costs(device)
+    dropout = calibrate_dropout_cost(rows, **common)
+    tile_cost, row_cost, merge_cost, dropout_cost = current_costs(device)
     kind = torch.device(device).type
     lines = [f"TILE_COST measured (median ratio over the graphs): "
              + ", ".join(f"{p} {value:.3f}" for p, value in suggested.items())
@@ -490,7 +492,10 @@ def _calibrate(args, device, dtype) -> int:
              + ", ".join(f"{p} {c['fused']:.1f} / {c['tiled']:.1f}" for p, c in fixed.items())
              + f"; auto uses {row_cost['fused']} / {row_cost['tiled']}",
              "MERGE_COST measured (edges per target row): "
-             + ", ".join(f"{p} {c['merge']:.1f}" for p, c in fixed.items()) + f"; auto uses {merge_cost}"]
+             + ", ".join(f"{p} {c['merge']:.1f}" for p, c in fixed.items()) + f"; auto uses {merge_cost}",
+             "DROPOUT_COST measured (edges added per fused edge / per tile cell, dropout 0.1): "
+             + ", ".join(f"{p} {c['fused']:.2f} / {c['tiled']:.2f}" for p, c in dropout.items())
+             + f"; auto uses {dropout_cost['fused']} / {dropout_cost['tiled']}"]
     print()
     print(format_table(rows, CALIBRATION_COLUMNS))
     print()

@@ -156,6 +156,8 @@ def test_bench_calibrate(tmp_path, capsys):
     assert "TILE_COST measured (median ratio over the graphs): fwd " in out and "auto uses 0.25 on cpu" in out
     assert "ROW_COST measured (edges per target row, fused / tiled): fwd " in out and "auto uses 7.0 / 10.0" in out
     assert "MERGE_COST measured (edges per target row): fwd " in out
+    assert "DROPOUT_COST measured (edges added per fused edge / per tile cell, dropout 0.1): fwd " in out
+    assert "auto uses 0.2 / 0.25" in out
     text = md.read_text()
     assert text.count("| window |") == 2 and text.count("| random |") == 2  # fwd, fwd+bwd
     assert cli.main(["bench", "--calibrate", "--block-size", "24"]) == 2

@@ -89,6 +89,24 @@ def test_calibrate_row_costs():
     assert all(c["merge"] < 1e-3 for c in slow.values())
 
 
+def test_calibrate_dropout_cost():
+    """Per pass, the median over the graphs of what dropout adds per edge / cell, in units of the
+    pass's median fused edge: non-negative and finite; a far slower unit edge makes both near 0, and
+    times without dropout far above the real ones read 0."""
+    from gnn_transformer.kernels.benchmark import calibrate_dropout_cost, calibrate_tile_cost
+
+    kw = dict(device="cpu", heads=2, head_dim=8, block_size=16, repeats=1)
+    rows, _ = calibrate_tile_cost(["window", "random"], [96], **kw)
+    costs = calibrate_dropout_cost(rows, **kw)
+    assert set(costs) == {"fwd", "fwd+bwd"}
+    for c in costs.values():
+        assert set(c) == {"fused", "tiled"} and all(x >= 0 and math.isfinite(x) for x in c.values())
+    slow = calibrate_dropout_cost([dict(r, ns_per_edge=1e15) for r in rows], **kw)
+    assert all(x < 1e-3 for c in slow.values() for x in c.values())
+    late = calibrate_dropout_cost([dict(r, fused_ms=1e9, tiled_ms=1e9) for r in rows], **kw)
+    assert all(x == 0 for c in late.values() for x in c.values())
+
+
 def test_benchmark_takes_topology_specs(tmp_path):
     from gnn_transformer.kernels.benchmark import build_graph
     from gnn_transformer.topology import dilated, to_dense_mask

@@ -55,7 +55,7 @@ IMPLS = (None, "torch", "triton")
 TILE_COST = {"cpu": 0.25, "cuda": 0.06}
 ROW_COST = {"cpu": {"fused": 7.0, "tiled": 10.0}, "cuda": {"fused": 1.0, "tiled": 1.0}}
 MERGE_COST = {"cpu": 2.0, "cuda": 4.0}
-DROPOUT_COST = {"cpu": {"fused": 0.5, "tiled": 0.6}, "cuda": {"fused": 0.0, "tiled": 0.0}}
+DROPOUT_COST = {"cpu": {"fused": 0.2, "tiled": 0.25}, "cuda": {"fused": 0.0, "tiled": 0.0}}
 BLOCK_SIZE = {"cpu": 64, "cuda": 64}
 # Float32 and float64 tiles on CUDA run on CUDA cores (IEEE products, no tensor cores): in blocks
 # of 64 their Triton kernels spill (sm_90: 20 KB per thread in the float32 dK/dV kernel), in

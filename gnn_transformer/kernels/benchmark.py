@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import (MERGE_COST, ROW_COST, TILE_COST, attend, attend_reference, choose_backend, clear_cache,
+from . import (DROPOUT_COST, MERGE_COST, ROW_COST, TILE_COST, attend, attend_reference, choose_backend, clear_cache,
                default_block_size, merge_partials, prepare)
 from .tiling import tile_stats
 
@@ -379,6 +379,38 @@ CALIBRATION_COLUMNS = ("topology", "n", "pass", "edges", "tiles", "fill", "fused
                        "ns_per_edge", "ns_per_cell", "ratio")
 
 
+def _calibration_setup(device, dtype, block_size) -> tuple[str, torch.dtype, int]:
+    """Defaults of the calibrations: CUDA when there is one, bfloat16 there (float32 on the CPU), the
+    tile size ``attend`` takes for that device and dtype."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    return device, dtype, block_size or default_block_size(device, dtype)
+
+
+def _calibration_call(topology: str, n: int, device, dtype, block: int, heads: int, head_dim: int,
+                      kv_heads: int | None, seed: int):
+    """``(edges, tiles, call)`` for one graph of a calibration: ``call(backend, pass, dropout_p=0)``
+    runs ``attend`` on it (``"fwd"`` without gradients, ``"fwd+bwd"`` with the q/k/v gradients)."""
+    clear_cache()
+    edge_index = build_graph(topology, n, seed).to(device)
+    graph = prepare(edge_index, n, n)
+    num_edges, num_tiles = graph.num_edges, tile_stats(graph, block, block)[2].numel()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q, k, v = (torch.randn(n, h, head_dim, generator=g).to(device=device, dtype=dtype).requires_grad_()
+               for h in (heads, kv_heads or heads, kv_heads or heads))
+    grad_out = torch.randn(n, heads, head_dim, generator=g).to(device=device, dtype=dtype)
+    scale = 1.0 / math.sqrt(head_dim)
+
+    def call(backend: str, p: str, dropout_p: float = 0.0) -> None:
+        kw = dict(scale=scale, backend=backend, block_size=block, dropout_p=dropout_p, dropout_seed=seed)
+        if p == "fwd":
+            with torch.no_grad():
+                attend(q, k, v, edge_index, **kw)
+        else:
+            torch.autograd.grad(attend(q, k, v, edge_index, **kw), (q, k, v), grad_out)
+    return num_edges, num_tiles, call
+
+
 def calibrate_tile_cost(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] = (4096,), *,
                         device: str | None = None, dtype: torch.dtype | None = None, heads: int = 12,
                         head_dim: int = 64, kv_heads: int | None = None, block_size: int | None = None,
@@ -392,33 +424,15 @@ def calibrate_tile_cost(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[
     the second over the first. Returns the rows and, per pass (``"fwd"``, ``"fwd+bwd"``), the median
     ratio over the graphs: the value ``TILE_COST`` should hold for this device and dtype.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
-    block = block_size or default_block_size(device, dtype)
-    scale = 1.0 / math.sqrt(head_dim)
+    device, dtype, block = _calibration_setup(device, dtype, block_size)
     rows = []
     passes = ("fwd", "fwd+bwd") if backward else ("fwd",)
     for topology in topologies:
         for n in sizes:
-            clear_cache()
-            edge_index = build_graph(topology, n, seed).to(device)
-            graph = prepare(edge_index, n, n)
-            num_edges, num_tiles = graph.num_edges, tile_stats(graph, block, block)[2].numel()
-            g = torch.Generator(device="cpu").manual_seed(seed)
-            q, k, v = (torch.randn(n, h, head_dim, generator=g).to(device=device, dtype=dtype)
-                       .requires_grad_() for h in (heads, kv_heads or heads, kv_heads or heads))
-            grad_out = torch.randn(n, heads, head_dim, generator=g).to(device=device, dtype=dtype)
+            num_edges, num_tiles, call = _calibration_call(topology, n, device, dtype, block, heads, head_dim,
+                                                           kv_heads, seed)
             for p in passes:
-                ms = {}
-                for backend in ("fused", "tiled"):
-                    def call(backend=backend, p=p):
-                        if p == "fwd":
-                            with torch.no_grad():
-                                attend(q, k, v, edge_index, scale=scale, backend=backend, block_size=block)
-                        else:
-                            out = attend(q, k, v, edge_index, scale=scale, backend=backend, block_size=block)
-                            torch.autograd.grad(out, (q, k, v), grad_out)
-                    ms[backend] = 1e3 * _measure(call, device, repeats)[0]
+                ms = {b: 1e3 * _measure(lambda b=b: call(b, p), device, repeats)[0] for b in ("fused", "tiled")}
                 cells = num_tiles * block * block
                 per_edge, per_cell = 1e6 * ms["fused"] / num_edges, 1e6 * ms["tiled"] / cells
                 rows.append(dict(topology=topology, n=n, edges=num_edges, tiles=num_tiles,
@@ -427,7 +441,7 @@ def calibrate_tile_cost(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[
                                  **{"pass": p}))
                 if log:
                     log(format_table(rows[-1:], CALIBRATION_COLUMNS).splitlines()[-1])
-            del q, k, v, grad_out
+            del call
     suggested = {p: statistics.median(r["ratio"] for r in rows if r["pass"] == p) for p in passes}
     return rows, suggested
 
@@ -445,9 +459,7 @@ def calibrate_row_costs(rows: Sequence[dict], suggested: dict[str, float], n: in
     the merge of two ``[n, heads, head_dim]`` partial results costs ``MERGE_COST``. Returns, per pass
     of ``suggested``, ``{"fused": ..., "tiled": ..., "merge": ...}`` (negative estimates read 0).
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
-    block = block_size or default_block_size(device, dtype)
+    device, dtype, block = _calibration_setup(device, dtype, block_size)
     scale = 1.0 / math.sqrt(head_dim)
     clear_cache()
     loops = torch.arange(n, device=device).repeat(2, 1)  # [2, n]: i -> i
@@ -479,11 +491,37 @@ def calibrate_row_costs(rows: Sequence[dict], suggested: dict[str, float], n: in
     return out
 
 
-def current_costs(device: str) -> tuple[float, dict[str, float], float]:
-    """``(TILE_COST, ROW_COST, MERGE_COST)`` that ``auto`` uses on ``device`` now."""
+def calibrate_dropout_cost(rows: Sequence[dict], *, dropout_p: float = 0.1, device: str | None = None,
+                           dtype: torch.dtype | None = None, heads: int = 12, head_dim: int = 64,
+                           kv_heads: int | None = None, block_size: int | None = None, repeats: int = 3,
+                           seed: int = 0) -> dict[str, dict[str, float]]:
+    """Measure :data:`DROPOUT_COST`: what attention dropout (``dropout_p``) adds per fused edge and
+    per tile cell, in units of one fused edge (the pass's median ``ns_per_edge`` of ``rows``), on the
+    graphs of ``rows`` (from :func:`calibrate_tile_cost`, whose times without dropout it reuses).
+    Returns, per pass of ``rows``, ``{"fused": ..., "tiled": ...}``: the median over the graphs of
+    ``(time with dropout - time without) / (edges or cells · unit)`` (negative estimates read 0)."""
+    device, dtype, block = _calibration_setup(device, dtype, block_size)
+    extra: dict[str, dict[str, list[float]]] = {}
+    units = {p: 1e-6 * statistics.median(r["ns_per_edge"] for r in rows if r["pass"] == p)
+             for p in dict.fromkeys(r["pass"] for r in rows)}  # ms per fused edge
+    for topology, n in dict.fromkeys((r["topology"], r["n"]) for r in rows):
+        num_edges, num_tiles, call = _calibration_call(topology, n, device, dtype, block, heads, head_dim,
+                                                       kv_heads, seed)
+        for r in (r for r in rows if (r["topology"], r["n"]) == (topology, n)):
+            p, per = r["pass"], extra.setdefault(r["pass"], {"fused": [], "tiled": []})
+            for backend, items, plain in (("fused", num_edges, r["fused_ms"]),
+                                          ("tiled", num_tiles * block * block, r["tiled_ms"])):
+                ms = 1e3 * _measure(lambda: call(backend, p, dropout_p), device, repeats)[0]
+                per[backend].append((ms - plain) / (items * units[p]))
+        del call
+    return {p: {b: max(0.0, statistics.median(values)) for b, values in per.items()} for p, per in extra.items()}
+
+
+def current_costs(device: str) -> tuple[float, dict[str, float], float, dict[str, float]]:
+    """``(TILE_COST, ROW_COST, MERGE_COST, DROPOUT_COST)`` that ``auto`` uses on ``device`` now."""
     kind = torch.device(device).type
     return (TILE_COST.get(kind, TILE_COST["cuda"]), ROW_COST.get(kind, ROW_COST["cuda"]),
-            MERGE_COST.get(kind, MERGE_COST["cuda"]))
+            MERGE_COST.get(kind, MERGE_COST["cuda"]), DROPOUT_COST.get(kind, DROPOUT_COST["cuda"]))
 
 
 # ---------------------------------------------------------------- output
