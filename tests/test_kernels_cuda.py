@@ -28,9 +28,10 @@ from .test_kernels_common import GRAPHS, graph_case, make_inputs  # noqa: E402
 
 CUDA = torch.device("cuda")
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
-BACKENDS = [("fused", {}), ("tiled", {"block_size": 16}), ("tiled", {"block_size": 64}),
+# ("tiled", {}): the dtype's default tiles on CUDA (32 for float32 and float64, default_block_size)
+BACKENDS = [("fused", {}), ("tiled", {"block_size": 16}), ("tiled", {"block_size": 64}), ("tiled", {}),
             ("split", {"block_size": 16, "tile_cost": 0.25}), ("auto", {})]
-IDS = ["fused", "tiled16", "tiled64", "split", "auto"]
+IDS = ["fused", "tiled16", "tiled64", "tiled-default", "split", "auto"]
 
 
 def _to_cuda(*xs):
