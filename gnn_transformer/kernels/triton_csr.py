@@ -209,7 +209,7 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DQ, DBIAS, START, END, MA
         s = tl.sum(k * q[None, :], axis=1) * scale
         if HAS_BIAS:
             s += tl.load(BIAS + offs_e * H + h, mask=emask, other=0.0).to(ACC)
-        p = tl.where(emask, tl.exp((s - lse) - lo), 0.0)
+        p = tl.exp(tl.where(emask, (s - lse) - lo, float("-inf")))  # padding lanes: exp(-inf) = 0
         dp = tl.sum(v * do[None, :], axis=1)
         if DROPOUT:
             dp = tl.where(_keep(SEED, _position(EDGE_IDS, offs_e, emask, REMAP), h, THRESH), dp * keep_scale, 0.0)
@@ -340,7 +340,7 @@ def _csr_bwd_dq_grouped(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DQ, DBIAS, START,
                                         stride_kn, stride_kh, H, scale, HAS_BIAS, ACC, UPCAST)
         v = tl.load(V + kv, mask=mask2, other=0.0)
         cell = gmask[:, None] & emask[None, :]
-        p = tl.where(cell, tl.exp((s - lse[:, None]) - lo[:, None]), 0.0)  # [BLOCK_G, BLOCK_E]
+        p = tl.exp(tl.where(cell, (s - lse[:, None]) - lo[:, None], float("-inf")))  # [BLOCK_G, BLOCK_E]
         dp = _dot(do, tl.trans(v), ACC, UPCAST)  # [BLOCK_G, BLOCK_E]
         if DROPOUT:
             position = _position(EDGE_IDS, offs_e, emask, REMAP)
@@ -385,7 +385,7 @@ def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DK, DV, START, END, MAP
             s = tl.sum(q * k[None, :], axis=1) * scale
             if HAS_BIAS:
                 s += tl.load(BIAS + e * H + h, mask=emask, other=0.0).to(ACC)
-            p = tl.where(emask, tl.exp((s - lse) - lo), 0.0)
+            p = tl.exp(tl.where(emask, (s - lse) - lo, float("-inf")))
             dp = tl.sum(do * v[None, :], axis=1)
             if DROPOUT:
                 kept = _keep(SEED, position, h, THRESH)
