@@ -11,6 +11,8 @@ fallback and the reference).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -64,17 +66,13 @@ def _mix32_(x: Tensor) -> Tensor:
     return x
 
 
+@functools.cache
 def _int32_wraps() -> bool:
     """Whether int32 products wrap here (they do on every platform PyTorch builds for; the fast path
     is checked against the exact int64 arithmetic once, on values whose products overflow)."""
-    if _INT32_WRAPS is None:
-        probe = torch.tensor([0, 1, 0x7FFFFFFF, 0x12345678, 0x6B43A9B5, 0x3FFFFFFF] * 8, dtype=torch.int64)
-        fast = _mix32_(probe.to(torch.int32)).to(torch.int64) & _M32
-        globals()["_INT32_WRAPS"] = bool(torch.equal(fast, _mix(probe)))
-    return _INT32_WRAPS
-
-
-_INT32_WRAPS: bool | None = None
+    probe = torch.tensor([0, 1, 0x7FFFFFFF, 0x12345678, 0x6B43A9B5, 0x3FFFFFFF] * 8, dtype=torch.int64)
+    fast = _mix32_(probe.to(torch.int32)).to(torch.int64) & _M32
+    return bool(torch.equal(fast, _mix(probe)))
 
 
 def _mix_int(x: int) -> int:

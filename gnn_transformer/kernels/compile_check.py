@@ -82,8 +82,9 @@ class Compiled:
 
 def default_cases(dtypes: Iterable[str] = tuple(DTYPES), backends: Iterable[str] = BACKENDS,
                   head_dims: Iterable[int] = (64,)) -> list[Case]:
-    """Every backend and dtype with and without an edge bias and with attention dropout; for split (whose fused
-    part keys its dropout masks through the whole graph's edge positions) with bias and dropout;
+    """Every backend and dtype with and without an edge bias and with attention dropout; for split
+    (whose fused part keys its dropout masks through the whole graph's edge positions) with bias and
+    dropout;
     12 query heads on 4 key/value heads, and for fused also 12 on 12 (multi-head attention runs
     the per-head CSR kernels, grouped-query attention the grouped ones); and for fused and tiled,
     with bias and dropout, a graph whose long rows run in pieces (the kernels' ``MAPPED`` launches)."""
