@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gnn_transformer.kernels import TILE_COST, _graph, attend, attend_reference, choose_backend
-from gnn_transformer.kernels.tiling import build_tiles
+from gnn_transformer.kernels.tiling import build_tiles, sorted_unique, unique_keys
 from gnn_transformer.topology import causal
 
 from .test_kernels_common import graph_case, make_inputs
@@ -54,6 +56,46 @@ def test_build_tiles_refuses_repeated_edges():
     with pytest.raises(ValueError, match="repeat an edge"):
         build_tiles(graph, 2, 2)
     assert build_tiles(graph, 2, 2, torch.tensor([0, 1, 3])).num_tiles == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_unique_keys_equal_torch_unique(data):
+    """Both ways of counting tile keys (``bincount`` when the key range is small, a sort
+    otherwise) give ``torch.unique``'s keys, inverse and counts."""
+    num_keys = data.draw(st.integers(1, 40), label="num_keys")
+    keys = data.draw(st.lists(st.integers(0, num_keys - 1), max_size=30), label="keys")
+    key = torch.tensor(keys, dtype=torch.long)
+    expected = torch.unique(key, return_inverse=True, return_counts=True)
+    for got in (unique_keys(key, num_keys), unique_keys(key, max(num_keys, 2 * key.numel() + 1))):
+        for a, b in zip(got, expected):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), max_size=12))
+def test_sorted_unique_is_an_exact_test(edges):
+    """``sorted_unique`` is true exactly for edge lists sorted by (target, source) with no edge
+    twice; the fast test of ``build_tiles`` and of the copy search rests on it."""
+    src = torch.tensor([j for j, _ in edges], dtype=torch.long)
+    dst = torch.tensor([i for _, i in edges], dtype=torch.long)
+    pairs = [(i, j) for j, i in edges]
+    assert sorted_unique(src, dst) == (pairs == sorted(set(pairs)))
+
+
+def test_build_tiles_checks_unsorted_rows():
+    """Rows whose sources are not sorted skip the linear-time test: a repeat is still found
+    however far apart its copies are, and an unsorted graph without repeats tiles as sorted."""
+    src, dst = torch.tensor([2, 0, 1, 3, 2, 0]), torch.tensor([0, 0, 0, 1, 1, 1])
+    graph = _graph.prepare(torch.stack([src, dst]), 4, 2)
+    tiles = build_tiles(graph, 2, 2)
+    dense = torch.zeros(2, 4, dtype=torch.bool)
+    dense[dst, src] = True
+    assert torch.equal(_dense_from_tiles(tiles), dense) and int(tiles.count.sum()) == 6
+    src = torch.tensor([2, 0, 2, 3])  # 2 -> 0 twice, one edge apart
+    graph = _graph.prepare(torch.stack([src, torch.tensor([0, 0, 0, 1])]), 4, 2)
+    with pytest.raises(ValueError, match="repeat an edge"):
+        build_tiles(graph, 2, 2)
 
 
 @pytest.mark.parametrize("backend", ["tiled", "split"])

@@ -39,7 +39,7 @@ from .chunked import DEFAULT_MAX_EDGES, chunked_attention
 from .merge import merge_partials
 from .reference import attend_reference
 from .tiled_torch import DEFAULT_MAX_CELLS, tiled_attention
-from .tiling import TileList, build_tiles, tile_stats, triton_blocks
+from .tiling import TileList, build_tiles, sorted_unique, tile_stats, triton_blocks
 
 BACKENDS = ("auto", "fused", "tiled", "split")
 IMPLS = (None, "torch", "triton")
@@ -147,6 +147,8 @@ def _copies(graph: CSRGraph) -> Tensor | None:
     """``[E]`` flags of the edges that repeat an earlier edge ``j -> i`` (in target-sorted order), or
     ``None`` when the graph repeats none (cached). A tile cell holds one edge: ``tiled`` and ``split``
     tile the first copy and run the others fused, so every copy stays a message of its own."""
+    if "copies" not in graph.extras and sorted_unique(graph.src, graph.dst):  # linear-time answer
+        graph.extras["copies"] = None
     if "copies" not in graph.extras:
         key = graph.dst * max(graph.num_src, 1) + graph.src  # [E]
         order = torch.argsort(key, stable=True)

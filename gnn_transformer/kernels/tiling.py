@@ -73,14 +73,42 @@ class TileList:
         return self._by_key
 
 
+def sorted_unique(src: Tensor, dst: Tensor) -> bool:
+    """Whether the edges ``src[e] -> dst[e]`` come sorted by target, then source, with no edge
+    twice: a linear-time proof that no edge repeats (topology builders emit this order)."""
+    if src.numel() < 2:
+        return True
+    step = dst[1:] - dst[:-1]
+    return bool(((step > 0) | ((step == 0) & (src[1:] > src[:-1]))).all())
+
+
+def unique_keys(key: Tensor, num_keys: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.unique(key, return_inverse=True, return_counts=True)`` for keys in
+    ``[0, num_keys)``: counted in linear time by ``bincount`` when ``num_keys`` is at most twice the
+    number of keys (the tile keys of block-structured graphs), else sorted."""
+    if num_keys > 2 * key.numel():
+        return torch.unique(key, return_inverse=True, return_counts=True)
+    counts = torch.bincount(key, minlength=num_keys)  # [num_keys]
+    present = counts > 0
+    uniq = present.nonzero().flatten()  # [T]
+    rank = present.cumsum(0) - 1  # [num_keys] position of each present key in uniq
+    return uniq, rank[key], counts[uniq]
+
+
+def _tile_keys(src: Tensor, dst: Tensor, block_q: int, block_k: int, num_k_blocks: int) -> Tensor:
+    """``[E]`` tile key ``q_block * num_k_blocks + k_block`` of each edge (in place: one temporary)."""
+    return (dst // block_q).mul_(num_k_blocks).add_(src // block_k)
+
+
 def tile_stats(graph: CSRGraph, block_q: int, block_k: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(key [T], inverse [E], count [T])`` of the tiles of the whole graph (cached):
     ``key = q_block * num_k_blocks + k_block``, ``inverse`` the tile of each edge."""
     cache_key = ("tile_stats", block_q, block_k)
     if cache_key not in graph.extras:
-        num_k_blocks = -(-graph.num_src // block_k)
-        key = (graph.dst // block_q) * max(num_k_blocks, 1) + graph.src // block_k  # [E]
-        graph.extras[cache_key] = torch.unique(key, return_inverse=True, return_counts=True)
+        num_k_blocks = max(-(-graph.num_src // block_k), 1)
+        num_q_blocks = -(-graph.num_dst // block_q)
+        key = _tile_keys(graph.src, graph.dst, block_q, block_k, num_k_blocks)  # [E]
+        graph.extras[cache_key] = unique_keys(key, num_q_blocks * num_k_blocks)
     return graph.extras[cache_key]
 
 
@@ -88,17 +116,20 @@ def build_tiles(graph: CSRGraph, block_q: int, block_k: int, edge_ids: Tensor | 
     """The tile list of the edges ``edge_ids`` (all edges if ``None``) of ``graph``; they must not
     repeat an edge ``j -> i`` (a cell holds one edge)."""
     device = graph.src.device
-    if edge_ids is None:
-        edge_ids = torch.arange(graph.num_edges, device=device)
-    src, dst = graph.src[edge_ids], graph.dst[edge_ids]  # [E_t]
     num_k_blocks = max(-(-graph.num_src // block_k), 1)
     num_q_blocks = -(-graph.num_dst // block_q)
     cells = block_q * block_k
-    key = (dst // block_q) * num_k_blocks + src // block_k  # [E_t]
-    uniq, tile, count = torch.unique(key, return_inverse=True, return_counts=True)  # [T], [E_t], [T]
+    if edge_ids is None:  # every edge: the graph's tiles
+        edge_ids = torch.arange(graph.num_edges, device=device)
+        src, dst = graph.src, graph.dst  # [E_t]
+        uniq, tile, count = tile_stats(graph, block_q, block_k)  # [T], [E_t], [T]
+    else:
+        src, dst = graph.src[edge_ids], graph.dst[edge_ids]  # [E_t]
+        key = _tile_keys(src, dst, block_q, block_k, num_k_blocks)  # [E_t]
+        uniq, tile, count = unique_keys(key, num_q_blocks * num_k_blocks)  # [T], [E_t], [T]
     q_block, k_block = uniq // num_k_blocks, uniq % num_k_blocks
-    edge_cell = tile * cells + (dst % block_q) * block_k + src % block_k  # [E_t]
-    if torch.unique(edge_cell).numel() < edge_cell.numel():
+    edge_cell = (tile * cells).add_((dst % block_q).mul_(block_k)).add_(src % block_k)  # [E_t]
+    if not sorted_unique(src, dst) and torch.unique(edge_cell).numel() < edge_cell.numel():
         raise ValueError("build_tiles: 'edge_ids' repeat an edge j -> i; a tile cell holds one edge "
                          "(tile one copy, run the others fused)")
     full = count == cells  # [T]
