@@ -137,8 +137,9 @@ def test_graph_cache_is_reused_and_invalidated():
     assert g2 is not g1 and g2.src.tolist() == [0, 2, 2]
     ei = causal(5)
     graph = _graph.prepare(ei, 5, 5)
-    assert graph.perm is None and "csc" in graph.extras  # EdgeIndex: PyG's cached CSR is reused
+    assert graph.perm is None and "csc" not in graph.extras  # built when a backward pass asks
     colptr, perm = graph.csc()
+    assert colptr.data_ptr() == ei.get_csr()[0][0].data_ptr()  # EdgeIndex: PyG's cached CSR is reused
     assert torch.equal(graph.src[perm], torch.sort(graph.src, stable=True).values)
     assert colptr.tolist() == [0, 5, 9, 12, 14, 15]
 

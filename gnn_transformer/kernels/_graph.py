@@ -52,11 +52,18 @@ class CSRGraph:
         """``(colptr [N_src + 1], csc_perm [E])``: edges sorted by source (stable), as positions
         in the target-sorted order."""
         if "csc" not in self.extras:
-            csc_perm = torch.argsort(self.src, stable=True)  # [E]
-            counts = torch.bincount(self.src, minlength=self.num_src)  # [N_src]
-            colptr = torch.zeros(self.num_src + 1, dtype=torch.long, device=self.src.device)
-            colptr[1:] = counts.cumsum(0)
-            self.extras["csc"] = (colptr, csc_perm)
+            index = self.extras.pop("edge_index", lambda: None)()
+            if index is not None:  # PyG caches the source-sorted view on the EdgeIndex itself: reuse it
+                (colptr, _), csc_perm = index.get_csr()  # pointers over sources, perm to columns
+                if csc_perm is None:
+                    csc_perm = torch.arange(self.num_edges, device=self.src.device)
+                self.extras["csc"] = (colptr.to(torch.long), csc_perm.to(torch.long))
+            else:
+                csc_perm = torch.argsort(self.src, stable=True)  # [E]
+                counts = torch.bincount(self.src, minlength=self.num_src)  # [N_src]
+                colptr = torch.zeros(self.num_src + 1, dtype=torch.long, device=self.src.device)
+                colptr[1:] = counts.cumsum(0)
+                self.extras["csc"] = (colptr, csc_perm)
         return self.extras["csc"]
 
 
@@ -117,11 +124,9 @@ def _build(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
         except TypeError:  # not weak-referenceable: unguarded, as it is not cached either
             pass
     if perm is None and isinstance(edge_index, EdgeIndex) and edge_index.sparse_size() == (num_src, num_dst):
-        # PyG caches the source-sorted view on the EdgeIndex itself: reuse it.
-        (colptr, _), csc_perm = edge_index.get_csr()  # pointers over sources, perm to columns
-        if csc_perm is None:
-            csc_perm = torch.arange(src.numel(), device=src.device)
-        graph.extras["csc"] = (colptr.to(torch.long), csc_perm.to(torch.long))
+        # csc() asks PyG for the source-sorted view, only when a backward pass needs it (tiled
+        # never does); weak: the cache must not keep the edge_index alive
+        graph.extras["edge_index"] = weakref.ref(edge_index)
     return graph
 
 

@@ -86,8 +86,8 @@ def row_chunks(graph: CSRGraph, max_edges: int = DEFAULT_MAX_EDGES) -> list[RowC
         crow = graph.rowptr[r0:r1 + 1] - e0  # [R + 1]
         col = graph.src[e0:e1].clone() if len(bounds) > 1 else graph.src  # [Ec], own storage
         row = graph.dst[e0:e1] - r0  # [Ec]
-        if e0 == 0 and e1 == e_total and "csc" in graph.extras:
-            t_crow, t_perm = graph.csc()  # the whole graph: reuse the cached source-sorted view
+        if e0 == 0 and e1 == e_total:
+            t_crow, t_perm = graph.csc()  # the whole graph: its (cached) source-sorted view
         else:
             t_perm = torch.argsort(col, stable=True)  # [Ec]
             t_crow = torch.zeros(graph.num_src + 1, dtype=torch.long, device=col.device)
