@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch_geometric import EdgeIndex
 
 from gnn_transformer.kernels import attend, attend_reference, edge_weights
 
@@ -23,8 +24,16 @@ def graphs(draw):
     seed = draw(st.integers(0, 2 ** 16))
     with_bias = draw(st.booleans())
     tile_cost = draw(st.floats(0.01, 1.5))  # which tiles split tiles: none, some or all
-    return (n_src, n_dst, torch.tensor([src, dst], dtype=torch.long).view(2, -1), heads, kv_heads, backend, block,
-            seed, with_bias, tile_cost)
+    # the order the builders emit (by target, then source, no repeats) takes linear-time paths
+    # (tiling.sorted_unique; an EdgeIndex's CSC from PyG): drawn as such too
+    order = draw(st.sampled_from(["as drawn", "sorted", "sorted unique", "EdgeIndex"]))
+    pairs = list(zip(dst, src))
+    if order != "as drawn":
+        pairs = sorted(set(pairs) if order != "sorted" else pairs)
+    edge_index = torch.tensor([[j for _, j in pairs], [i for i, _ in pairs]], dtype=torch.long).view(2, -1)
+    if order == "EdgeIndex":
+        edge_index = EdgeIndex(edge_index, sparse_size=(n_src, n_dst), sort_order="col")
+    return n_src, n_dst, edge_index, heads, kv_heads, backend, block, seed, with_bias, tile_cost
 
 
 @settings(max_examples=60, deadline=None)
