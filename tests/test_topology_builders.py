@@ -186,6 +186,25 @@ def test_dilated_hypothesis(lengths, window, dilation, causal):
     assert torch.equal(ei.as_tensor(), T.from_predicate(lengths, pred).as_tensor())
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 30), min_size=1, max_size=3), st.integers(1, 6), st.integers(0, 3),
+       st.integers(0, 3), st.integers(0, 4), st.integers(0, 9), st.sampled_from(["start", "ends"]))
+def test_bigbird_is_its_block_graph_expanded(lengths, block, window, num_global, num_random, seed, at):
+    """BigBird's token edges are the token pairs of its (overlapping) window, global and random
+    block edges, each once, sorted by target, then source: the builder's linear-time expansion
+    of the distinct block pairs against brute force over the block edges."""
+    from gnn_transformer.topology.bigbird import _block_edges
+
+    bsrc, bdst, start, size = _block_edges(lengths, block, window, num_global, num_random, seed, at)
+    start, size = start.tolist(), size.tolist()
+    expected = sorted({(i, j) for s, d in zip(bsrc.tolist(), bdst.tolist())
+                       for i in range(start[d], start[d] + size[d]) for j in range(start[s], start[s] + size[s])})
+    ei = T.bigbird(lengths, block=block, window=window, num_global=num_global, num_random=num_random,
+                   seed=seed, global_at=at)
+    _check_invariants(ei, sum(lengths))
+    assert list(zip(ei[1].tolist(), ei[0].tolist())) == expected
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.integers(0, 40), min_size=1, max_size=3), st.integers(0, 45), st.booleans())
 def test_sliding_window_edge_count_formula(lengths, w, causal):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths, as_lengths, check_int, coalesce_edges, expand_ranges, local_positions
+from ._common import Lengths, as_lengths, check_int, expand_ranges, local_positions, wrap_sorted
 from .random_graphs import sample_distinct
 
 
@@ -96,10 +96,20 @@ def bigbird(n: Lengths, *, block: int = 1, window: int = 1, num_global: int = 1,
         raise ValueError(f"Expected 'global_at' to be 'start' or 'ends' (got {global_at!r})")
     bsrc, bdst, start, size = _block_edges(lengths, block, window, num_global, num_random, seed,
                                            global_at)
-    # expand each block edge to all its token pairs: first the query tokens, then the key tokens
-    e, qi = expand_ranges(start[bdst], size[bdst])
-    pair, kj = expand_ranges(start[bsrc[e]], size[bsrc[e]])
-    return coalesce_edges(kj, qi[pair], sum(lengths))
+    # Distinct block pairs, sorted by query block, then key block (the window, global and random
+    # parts overlap): blocks are disjoint ranges of tokens in order, so their token pairs, expanded
+    # query token by query token, are distinct and sorted by target, then source, with no sort of
+    # the E token edges.
+    nb = max(start.numel(), 1)
+    pairs = torch.unique(bdst * nb + bsrc)  # [P] sorted
+    p_dst, p_src = pairs // nb, pairs % nb
+    ptr = torch.zeros(start.numel() + 1, dtype=torch.long)
+    ptr[1:] = torch.bincount(p_dst, minlength=start.numel()).cumsum(0)
+    block_of = torch.repeat_interleave(torch.arange(start.numel()), size)  # [N] block of each token
+    qi, p = expand_ranges(ptr[block_of], (ptr[1:] - ptr[:-1])[block_of])  # (query token, block pair)
+    kb = p_src[p]  # key block of each (query token, block pair)
+    pair, kj = expand_ranges(start[kb], size[kb])
+    return wrap_sorted(kj, qi[pair], sum(lengths))
 
 
 def bigbird_predicate(i: int, j: int, L: int | None = None, *, block: int = 1, window: int = 1,
