@@ -21,10 +21,8 @@ def full(n: Lengths) -> EdgeIndex:
     lengths = as_lengths(n)
     pos, offset, length = local_positions(lengths)  # [N] each
     dst = torch.repeat_interleave(torch.arange(pos.numel()), length)  # each target repeated L times
-    start = torch.repeat_interleave(offset, length)
-    # j runs over 0..L-1 for each target: position within the repeated block
-    first = torch.repeat_interleave(length.cumsum(0) - length, length)
-    src = start + (torch.arange(dst.numel()) - first)
+    # the e-th edge's source: e minus its target's first edge, plus the target's sequence offset
+    src = torch.arange(dst.numel()).sub_(torch.repeat_interleave(length.cumsum(0) - length - offset, length))
     return wrap_sorted(src, dst, pos.numel())  # built in target, then source, order
 
 
@@ -44,8 +42,8 @@ def causal(n: Lengths) -> EdgeIndex:
     pos, offset, _ = local_positions(lengths)
     count = pos + 1  # in-degree of each node
     dst = torch.repeat_interleave(torch.arange(pos.numel()), count)
-    first = torch.repeat_interleave(count.cumsum(0) - count, count)
-    src = torch.repeat_interleave(offset, count) + (torch.arange(dst.numel()) - first)
+    # the e-th edge's source: e minus its target's first edge, plus the target's sequence offset
+    src = torch.arange(dst.numel()).sub_(torch.repeat_interleave(count.cumsum(0) - count - offset, count))
     return wrap_sorted(src, dst, pos.numel())  # built in target, then source, order
 
 
