@@ -142,6 +142,32 @@ def test_small_chunks_match_one_chunk():
             torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("max_edges", [16, 1 << 20], ids=["chunks", "one chunk"])
+def test_chunk_transposes_are_built_by_the_forward_pass_when_gradients_follow(max_edges):
+    """The PyTorch fused path's source-sorted views (dK / dV) are built by a forward pass that will
+    be differentiated, not for inference; the backward pass reuses them. One chunk of the whole
+    graph uses the graph's CSC (an EdgeIndex's: PyG's own)."""
+    from gnn_transformer.kernels import _graph
+    from gnn_transformer.kernels.chunked import row_chunks
+    from gnn_transformer.topology import sliding_window
+
+    for edge_index, n_src, n_dst in [graph_case("hub"), (sliding_window(20, 3), 20, 20)]:
+        q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), bias=False)
+        graph = _graph.prepare(edge_index, n_src, n_dst)
+        with torch.no_grad():
+            attend(q, k, v, edge_index, scale=0.3, backend="fused", max_edges=max_edges)
+        chunks = row_chunks(graph, max_edges)
+        assert (len(chunks) > 1) == (max_edges == 16)
+        assert not any(hasattr(c, "_transposed") for c in chunks) and "csc" not in graph.extras
+        out = attend(q, k, v, edge_index, scale=0.3, backend="fused", max_edges=max_edges)
+        views = [c._transposed for c in chunks]
+        assert ("csc" in graph.extras) == (len(chunks) == 1)
+        ref = attend_reference(q, k, v, edge_index, scale=0.3)
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), (q, k, v)),
+                                   torch.autograd.grad(ref.sum(), (q, k, v)), atol=1e-10, rtol=1e-10)
+        assert all(c._transposed is t for c, t in zip(chunks, views))  # reused by the backward pass
+
+
 def test_deterministic():
     edge_index, n_src, n_dst = graph_case("hub")
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), dtype=torch.float32)

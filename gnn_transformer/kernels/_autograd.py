@@ -6,9 +6,9 @@ A kernel is a pair of plain functions over a graph structure (a CSR graph or a t
 - ``forward(q, k, v, bias, structure, scale, **options) -> (out, lse, lse_lo)``;
 - ``backward(q, k, v, bias, structure, scale, out, lse, lse_lo, dout, dlse, need_bias, **options)
   -> (dq, dk, dv, dbias)``, where ``dlse`` may be ``None`` (the log-sum-exp was not used);
-- optionally ``prepare(structure)``, run by the forward pass when a gradient will be needed: builds
-  what the backward pass reads (the CSC of a graph) before the backward's memory peak, where the
-  activations of every layer are held.
+- optionally ``prepare(structure, **options)``, run by the forward pass when a gradient will be
+  needed: builds what the backward pass reads (the CSC of a graph) before the backward's memory
+  peak, where the activations of every layer are held.
 
 The log-sum-exp of a row, ``m + log l`` (``m`` the row's largest score, ``l`` the sum of
 ``exp(s - m)``), is kept as two numbers of the accumulation dtype: ``lse``, the sum rounded, and
@@ -30,7 +30,7 @@ class Kernel(NamedTuple):
     """A kernel's forward and backward functions (see the module docstring)."""
     forward: Callable[..., tuple[Tensor, Tensor, Tensor]]
     backward: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor | None]]
-    prepare: Callable[[Any], object] | None = None
+    prepare: Callable[..., object] | None = None
 
 
 def lse_pair(top: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,5 +82,5 @@ def kernel_attention(kernel: Kernel, q: Tensor, k: Tensor, v: Tensor, bias: Tens
     """``(out, lse, lse_lo)`` of ``kernel``, differentiable in ``q``, ``k``, ``v`` and ``bias``."""
     if kernel.prepare is not None and torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (q, k, v, bias)):
-        kernel.prepare(structure)
+        kernel.prepare(structure, **options)
     return KernelAttention.apply(q, k, v, bias, kernel, structure, scale, options)

@@ -56,9 +56,21 @@ class RowChunk:
     crow: Tensor  # [R + 1] local row pointers
     col: Tensor  # [Ec] sources
     row: Tensor  # [Ec] local target of each edge
-    t_crow: Tensor  # [N_src + 1] pointers of the chunk's edges sorted by source
-    t_col: Tensor  # [Ec] local target of each edge, in source order
-    t_perm: Tensor  # [Ec] source order -> chunk position
+
+    def transposed(self, graph: CSRGraph) -> tuple[Tensor, Tensor, Tensor]:
+        """``(t_crow [N_src + 1], t_col [Ec], t_perm [Ec])``: the chunk's edges sorted by source
+        (pointers, local target of each, position in the chunk), which the backward pass walks for
+        dK / dV. Built on first use (the forward pass asks when a gradient will be needed: see
+        :data:`CHUNKED`), never for inference; cached."""
+        if not hasattr(self, "_transposed"):
+            if self.e0 == 0 and self.e1 == graph.num_edges:
+                t_crow, t_perm = graph.csc()  # the whole graph: its (cached) source-sorted view
+            else:
+                t_perm = torch.argsort(self.col, stable=True)  # [Ec]
+                t_crow = torch.zeros(graph.num_src + 1, dtype=torch.long, device=self.col.device)
+                t_crow[1:] = torch.bincount(self.col, minlength=graph.num_src).cumsum(0)
+            self._transposed = (t_crow, self.row[t_perm], t_perm)
+        return self._transposed
 
 
 def row_chunks(graph: CSRGraph, max_edges: int = DEFAULT_MAX_EDGES) -> list[RowChunk]:
@@ -86,13 +98,7 @@ def row_chunks(graph: CSRGraph, max_edges: int = DEFAULT_MAX_EDGES) -> list[RowC
         crow = graph.rowptr[r0:r1 + 1] - e0  # [R + 1]
         col = graph.src[e0:e1].clone() if len(bounds) > 1 else graph.src  # [Ec], own storage
         row = graph.dst[e0:e1] - r0  # [Ec]
-        if e0 == 0 and e1 == e_total:
-            t_crow, t_perm = graph.csc()  # the whole graph: its (cached) source-sorted view
-        else:
-            t_perm = torch.argsort(col, stable=True)  # [Ec]
-            t_crow = torch.zeros(graph.num_src + 1, dtype=torch.long, device=col.device)
-            t_crow[1:] = torch.bincount(col, minlength=graph.num_src).cumsum(0)
-        chunks.append(RowChunk(r0, r1, e0, e1, crow, col, row, t_crow, row[t_perm], t_perm))
+        chunks.append(RowChunk(r0, r1, e0, e1, crow, col, row))
     graph.extras[cache_key] = chunks
     return chunks
 
@@ -205,9 +211,10 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph
                 if dbias is not None:
                     dbias[c.e0:c.e1, h] = ds
                 dqT[h, c.r0:c.r1] = (_csr(c.crow, c.col, ds, size) @ kT[hk]) * scale
-                ds_t, p_t = ds[c.t_perm], pd[c.t_perm]  # [Ec] in source order
-                dkT[hk] += (_csr(c.t_crow, c.t_col, ds_t, size_t) @ qT[h, c.r0:c.r1]) * scale
-                dvT[hk] += _csr(c.t_crow, c.t_col, p_t, size_t) @ doT[h, c.r0:c.r1]
+                t_crow, t_col, t_perm = c.transposed(graph)
+                ds_t, p_t = ds[t_perm], pd[t_perm]  # [Ec] in source order
+                dkT[hk] += (_csr(t_crow, t_col, ds_t, size_t) @ qT[h, c.r0:c.r1]) * scale
+                dvT[hk] += _csr(t_crow, t_col, p_t, size_t) @ doT[h, c.r0:c.r1]
     dq = dqT.transpose(0, 1).to(q.dtype)
     dk = dkT.transpose(0, 1).to(k.dtype)
     dv = dvT.transpose(0, 1).to(v.dtype)
@@ -216,7 +223,13 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph
     return dq, dk, dv, dbias
 
 
-CHUNKED = Kernel(chunked_forward, chunked_backward)
+def _prepare(graph: CSRGraph, max_edges: int = DEFAULT_MAX_EDGES, **_) -> None:
+    """The chunks' source-sorted views, built by a forward pass that will be differentiated."""
+    for c in row_chunks(graph, max_edges):
+        c.transposed(graph)
+
+
+CHUNKED = Kernel(chunked_forward, chunked_backward, prepare=_prepare)
 
 
 def chunked_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,

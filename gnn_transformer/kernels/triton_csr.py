@@ -561,7 +561,7 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, lse_lo, dout, 
 
 
 # the source-sorted view (an argsort of E ids) is built in the forward pass, off the backward's peak
-TRITON_CSR = Kernel(csr_forward, csr_backward, prepare=CSRGraph.csc)
+TRITON_CSR = Kernel(csr_forward, csr_backward, prepare=lambda graph, **_: graph.csc())
 
 
 def csr_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
