@@ -83,6 +83,37 @@ def test_sorted_unique_is_an_exact_test(edges):
     assert sorted_unique(src, dst) == (pairs == sorted(set(pairs)))
 
 
+# the runs each graph must produce: a step between the query blocks of a chunk ("one": a chunk
+# of one query block); random graphs need not produce any
+@pytest.mark.parametrize("graph, runs", [("full", {0}), ("causal", {"one"}), ("window", {1}),
+                                         ("random", set())])
+def test_consecutive_key_blocks_are_read_in_place(graph, runs):
+    """Chunks whose query blocks read consecutive key blocks (``first + g * step + j``) take them
+    as a strided view of the blocked keys; every chunk's keys equal the gathered copy, and
+    attention through the views equals the reference."""
+    from gnn_transformer import topology as T
+    from gnn_transformer.kernels.tiled_torch import _blocked, _groups, _key_blocks
+
+    n, block = 40, 4
+    edge_index = {"full": T.full(n), "causal": T.causal(n), "window": T.sliding_window(n, 5),
+                  "random": T.random(n, 3, seed=1)}[graph]
+    tiles = build_tiles(_graph.prepare(edge_index, n, n), block, block)
+    kB = _blocked(torch.randn(n, 3, 5, dtype=torch.float64), block, tiles.num_k_blocks, torch.float64)
+    seen = set()
+    for _, tids, run in _groups(tiles, 3, max_cells=3 * block * block * 40):
+        gathered = kB[:, tiles.k_block[tids].flatten()].reshape(3, tids.size(0), -1, 5)
+        assert torch.equal(_key_blocks(kB, tiles, tids, run), gathered)
+        if run is not None:
+            seen.add(run[1] if tids.size(0) > 1 else "one")
+    assert seen >= runs
+    q, k, v, _ = make_inputs(n, n, edge_index.size(1), bias=False)
+    out = attend(q, k, v, edge_index, scale=0.4, backend="tiled", block_size=block)
+    ref = attend_reference(q, k, v, edge_index, scale=0.4)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
 def test_build_tiles_checks_unsorted_rows():
     """Rows whose sources are not sorted skip the linear-time test: a repeat is still found
     however far apart its copies are, and an unsorted graph without repeats tiles as sorted."""

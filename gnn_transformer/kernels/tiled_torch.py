@@ -52,13 +52,18 @@ def _flash_mask(tiles: TileList, tb: Tensor | None, tids: Tensor, dtype) -> tupl
     return mask.unsqueeze(1), keep.any(-1).unsqueeze(1)
 
 
-def _groups(tiles: TileList, num_heads: int, max_cells: int) -> list[tuple[Tensor, Tensor]]:
-    """``[(query blocks [G], tile ids [G, c])]``: query blocks with ``c`` tiles each, chunked."""
+def _groups(tiles: TileList, num_heads: int, max_cells: int
+            ) -> list[tuple[Tensor, Tensor, tuple[int, int] | None]]:
+    """``[(query blocks [G], tile ids [G, c], run)]``: query blocks with ``c`` tiles each, chunked.
+    ``run = (first, step)`` when query block ``g`` of the chunk reads the consecutive key blocks
+    ``first + g * step ...`` (causal and window chunks): then :func:`_key_blocks` reads them in
+    place instead of gathering a copy; ``None`` otherwise."""
     cache_key = ("groups", num_heads, max_cells)
     cache = tiles.__dict__.setdefault("_groups", {})
     if cache_key in cache:
         return cache[cache_key]
     per_block = (tiles.tile_ptr[1:] - tiles.tile_ptr[:-1]).cpu()  # [num_q_blocks]
+    k_block = tiles.k_block.cpu()
     out = []
     for c in torch.unique(per_block).tolist():
         if c == 0:
@@ -66,11 +71,33 @@ def _groups(tiles: TileList, num_heads: int, max_cells: int) -> list[tuple[Tenso
         blocks = (per_block == c).nonzero().flatten()  # [G_all]
         step = max(1, max_cells // (num_heads * tiles.block_q * tiles.block_k * c))
         for g0 in range(0, blocks.numel(), step):
-            qb = blocks[g0:g0 + step].to(tiles.q_block.device)
-            tids = tiles.tile_ptr[qb].unsqueeze(1) + torch.arange(c, device=qb.device)  # [G, c]
-            out.append((qb, tids))
+            qb = blocks[g0:g0 + step]
+            tids = tiles.tile_ptr[qb.to(tiles.tile_ptr.device)].unsqueeze(1) + torch.arange(
+                c, device=tiles.tile_ptr.device)  # [G, c]
+            out.append((qb.to(tiles.q_block.device), tids, _run(k_block[tids.cpu()])))
     cache[cache_key] = out
     return out
+
+
+def _run(kb: Tensor) -> tuple[int, int] | None:
+    """``(first, step)`` if the key blocks ``kb [G, c]`` are ``first + g * step + j``, else ``None``."""
+    g, c = kb.shape
+    first = int(kb[0, 0])
+    step = int(kb[1, 0]) - first if g > 1 else 0
+    want = first + step * torch.arange(g).unsqueeze(1) + torch.arange(c)  # [G, c]
+    return (first, step) if step >= 0 and torch.equal(kb, want) else None
+
+
+def _key_blocks(xB: Tensor, tiles: TileList, tids: Tensor, run: tuple[int, int] | None) -> Tensor:
+    """The key blocks of a chunk's tiles, ``[H, G, c·Bk, D]`` from ``xB [H, nkb, Bk, D]``
+    (contiguous): a strided view of ``xB`` for a ``run`` of consecutive blocks, else a gathered copy."""
+    h, _, bk, d = xB.shape
+    g, c = tids.shape
+    if run is None:
+        return xB[:, tiles.k_block[tids].flatten()].reshape(h, g, c * bk, d)
+    first, step = run
+    return xB.as_strided((h, g, c * bk, d), (xB.stride(0), step * bk * d, d, 1),
+                         xB.storage_offset() + first * bk * d)
 
 
 def _mask(tiles: TileList, tids: Tensor) -> Tensor | None:
@@ -133,10 +160,9 @@ def _keep_scales(tiles: TileList, tids: Tensor, num_heads: int, dropout: tuple[f
     return scales.permute(0, 1, 3, 2, 4).reshape(num_heads, g, tiles.block_q, c * tiles.block_k)
 
 
-def _scores(qB, kB, tiles, tbias, qb, tids, scale):
-    g, c = tids.shape
+def _scores(qB, kB, tiles, tbias, qb, tids, run, scale):
     q = qB[:, qb]  # [H, G, Bq, D]
-    k = kB[:, tiles.k_block[tids].flatten()].reshape(kB.size(0), g, c * tiles.block_k, -1)  # [H, G, c·Bk, D]
+    k = _key_blocks(kB, tiles, tids, run)  # [H, G, c·Bk, D]
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [H, G, Bq, c·Bk]
     if tbias is not None:
         s += _bias(tiles, tbias, tids)
@@ -164,12 +190,10 @@ def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tenso
     loB = torch.zeros(qB.shape[:3], dtype=cd, device=q.device)  # [H, nqb, Bq]
     tb = None if tbias is None else tbias.to(cd)
     flash = _use_flash(q.device, cd) and dropout is None
-    for qb, tids in _groups(tiles, num_heads, max_cells):
-        g, c = tids.shape
+    for qb, tids, run in _groups(tiles, num_heads, max_cells):
         if flash:  # [G, H, Bq, D] / [G, H, c·Bk, D] layout of the fused CPU kernel
-            kb = tiles.k_block[tids].flatten()
-            keys = kB[:, kb].reshape(num_heads, g, c * tiles.block_k, dim).transpose(0, 1)
-            vals = vB[:, kb].reshape(num_heads, g, c * tiles.block_k, dim).transpose(0, 1)
+            keys = _key_blocks(kB, tiles, tids, run).transpose(0, 1)
+            vals = _key_blocks(vB, tiles, tids, run).transpose(0, 1)
             mask, nonempty = _flash_mask(tiles, tb, tids, cd)
             o, lse_g = _FLASH(qB[:, qb].transpose(0, 1), keys, vals, attn_mask=mask, scale=scale)
             if nonempty is not None:  # rows without an edge: lse = -inf (the kernel says 0)
@@ -178,14 +202,14 @@ def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tenso
                 outB[:, qb] = o.transpose(0, 1)
                 lseB[:, qb] = lse_g.transpose(0, 1)
                 continue
-        _, _, s = _scores(qB, kB, tiles, tb, qb, tids, scale)  # [H, G, Bq, c·Bk]
+        _, _, s = _scores(qB, kB, tiles, tb, qb, tids, run, scale)  # [H, G, Bq, c·Bk]
         top = s.amax(-1, keepdim=True)
         top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
         e = s.sub_(top).exp_()  # in place: the chunk's temporaries are its largest tensors
         total = e.sum(-1, keepdim=True)  # [H, G, Bq, 1]
         nonempty = total > 0
         safe = torch.where(nonempty, total, torch.ones_like(total))
-        vals = vB[:, tiles.k_block[tids].flatten()].reshape(num_heads, g, c * tiles.block_k, dim)
+        vals = _key_blocks(vB, tiles, tids, run)  # [H, G, c·Bk, D]
         prob = e.div_(safe)  # [H, G, Bq, c·Bk]
         if dropout is not None:
             prob.mul_(_keep_scales(tiles, tids, num_heads, dropout, cd))
@@ -229,13 +253,13 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dou
             doB[..., dim] = 1.0
             outB[..., dim] = -_blocked(dlse.unsqueeze(-1), tiles.block_q, nqb, cd)[..., 0]
     deltaB = None  # [H, nqb, Bq, 1], for chunks off the fused CPU kernel (which computes its own)
-    for qb, tids in _groups(tiles, num_heads, max_cells):
+    for qb, tids, run in _groups(tiles, num_heads, max_cells):
         g, c = tids.shape
         kb = tiles.k_block[tids].flatten()  # [G·c]
         # chunks whose forward ran the matmul path (huge log-sum-exps) take it here too
         if flash and float(lseB[:, qb].abs().max()) < FLASH_LSE_LIMIT:
-            keys = kB[:, kb].reshape(num_heads, g, c * tiles.block_k, -1).transpose(0, 1)
-            vals = vB[:, kb].reshape(num_heads, g, c * tiles.block_k, -1).transpose(0, 1)
+            keys = _key_blocks(kB, tiles, tids, run).transpose(0, 1)
+            vals = _key_blocks(vB, tiles, tids, run).transpose(0, 1)
             mask, _ = _flash_mask(tiles, tb, tids, cd)
             dq, dk, dv = _FLASH_BWD(doB[:, qb].transpose(0, 1), qB[:, qb].transpose(0, 1), keys, vals,
                                     outB[:, qb].transpose(0, 1), lseB[:, qb].squeeze(-1).transpose(0, 1),
@@ -244,12 +268,12 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dou
             dkB.index_add_(1, kb, dk.transpose(0, 1).reshape(num_heads, g * c, tiles.block_k, -1))
             dvB.index_add_(1, kb, dv.transpose(0, 1).reshape(num_heads, g * c, tiles.block_k, -1))
             continue
-        qg, kg, s = _scores(qB, kB, tiles, tb, qb, tids, scale)
+        qg, kg, s = _scores(qB, kB, tiles, tb, qb, tids, run, scale)
         if extra:  # the flash layout's extra channel is zero in q, k and v; leave it out
             qg, kg = qg[..., :dim], kg[..., :dim]
         p = s.sub_(lseB[:, qb]).sub_(loB[:, qb]).exp_()  # [H, G, Bq, c·Bk], in place
         dog = doB[:, qb][..., :dim]  # [H, G, Bq, D]
-        vals = vB[:, kb][..., :dim].reshape(num_heads, g, c * tiles.block_k, dim)
+        vals = _key_blocks(vB, tiles, tids, run)[..., :dim]  # [H, G, c·Bk, D]
         dp = torch.matmul(dog, vals.transpose(-1, -2))  # [H, G, Bq, c·Bk]
         pd = p
         if dropout is not None:
