@@ -188,11 +188,12 @@ def _parts(graph: CSRGraph, block: int, ratio: float | None) -> tuple[TileList, 
             else ~copies  # [E]
         if ratio is not None:
             on_tiles &= _dense_tiles(graph, block, ratio)[tile_stats(graph, block, block)[1]]
+        # the copies are off the tiles (_copies): build_tiles need not look for repeats again
         if bool(on_tiles.all()):
-            parts = (build_tiles(graph, block, block), None, None)
+            parts = (build_tiles(graph, block, block, distinct=True), None, None)
         else:
             rest_ids = (~on_tiles).nonzero().flatten()
-            parts = (build_tiles(graph, block, block, on_tiles.nonzero().flatten()), rest_ids,
+            parts = (build_tiles(graph, block, block, on_tiles.nonzero().flatten(), distinct=True), rest_ids,
                      _sub_graph(graph, rest_ids))
         graph.extras[cache_key] = parts
     return graph.extras[cache_key]

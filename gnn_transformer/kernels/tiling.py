@@ -112,9 +112,11 @@ def tile_stats(graph: CSRGraph, block_q: int, block_k: int) -> tuple[Tensor, Ten
     return graph.extras[cache_key]
 
 
-def build_tiles(graph: CSRGraph, block_q: int, block_k: int, edge_ids: Tensor | None = None) -> TileList:
+def build_tiles(graph: CSRGraph, block_q: int, block_k: int, edge_ids: Tensor | None = None, *,
+                distinct: bool = False) -> TileList:
     """The tile list of the edges ``edge_ids`` (all edges if ``None``) of ``graph``; they must not
-    repeat an edge ``j -> i`` (a cell holds one edge)."""
+    repeat an edge ``j -> i`` (a cell holds one edge), which is checked unless the caller already
+    knows it (``distinct``: ``attend``'s parts leave the copies out)."""
     device = graph.src.device
     num_k_blocks = max(-(-graph.num_src // block_k), 1)
     num_q_blocks = -(-graph.num_dst // block_q)
@@ -129,7 +131,7 @@ def build_tiles(graph: CSRGraph, block_q: int, block_k: int, edge_ids: Tensor | 
         uniq, tile, count = unique_keys(key, num_q_blocks * num_k_blocks)  # [T], [E_t], [T]
     q_block, k_block = uniq // num_k_blocks, uniq % num_k_blocks
     edge_cell = (tile * cells).add_((dst % block_q).mul_(block_k)).add_(src % block_k)  # [E_t]
-    if not sorted_unique(src, dst) and torch.unique(edge_cell).numel() < edge_cell.numel():
+    if not distinct and not sorted_unique(src, dst) and torch.unique(edge_cell).numel() < edge_cell.numel():
         raise ValueError("build_tiles: 'edge_ids' repeat an edge j -> i; a tile cell holds one edge "
                          "(tile one copy, run the others fused)")
     full = count == cells  # [T]
