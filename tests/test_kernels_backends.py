@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch_geometric import EdgeIndex
 
 from gnn_transformer.kernels import attend, attend_reference, choose_backend, edge_weights, plan_costs
 
@@ -195,6 +196,17 @@ def test_no_grad_and_lse_only_backward():
             torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["fused", "tiled", "auto"])
+def test_an_empty_edge_set_on_another_device_is_no_error(backend):
+    """No edges hold no data on the wrong device (an empty EdgeIndex's ``.to("cuda")`` stays on the
+    CPU in torch-geometric 2.8.0 with torch 2.11): every row attends to nothing."""
+    q, k = torch.randn(4, 2, 8, dtype=torch.float64), torch.randn(3, 1, 8, dtype=torch.float64)
+    for empty in (torch.empty(2, 0, dtype=torch.long, device="meta"),
+                  EdgeIndex(torch.empty(2, 0, dtype=torch.long, device="meta"), sparse_size=(3, 4))):
+        out, lse = attend(q, k, k, empty, scale=0.3, backend=backend, return_lse=True)
+        assert out.device == q.device and not out.any() and (lse == float("-inf")).all()
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(query=torch.zeros(3, 4)), "query"),
     (dict(key=torch.zeros(3, 3, 8)), "multiple of the key/value heads"),
@@ -212,6 +224,9 @@ def test_no_grad_and_lse_only_backward():
     (dict(edge_bias=torch.zeros(3, 4, dtype=torch.bool)), "'edge_bias'.*floating-point.*torch.bool"),
     (dict(edge_bias=torch.zeros(3, 4, device="meta")), "'edge_bias' on the device.*meta"),
     (dict(edge_index=torch.tensor([[0, 1, 2], [0, 1, 2]], device="meta")), "'edge_index' on the device.*meta"),
+    (dict(edge_index=torch.empty(2, 0, dtype=torch.long, device="meta"), num_dst=5), "num_dst"),
+    (dict(edge_index=EdgeIndex(torch.empty(2, 0, dtype=torch.long, device="meta"), sparse_size=(4, 3))),
+     "'edge_index' has 4 source nodes but 'key' has 3 rows"),
     (dict(scale=None), "'scale'.*None"),
     (dict(scale=torch.tensor(0.5)), "'scale'.*tensor"),
     (dict(scale=float("inf")), "'scale'.*inf"),

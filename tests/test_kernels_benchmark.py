@@ -206,3 +206,68 @@ def test_bench_repeats_are_what_was_asked(monkeypatch, argv, want):
     monkeypatch.setattr(benchmark, "run_benchmark", lambda *a, **kw: seen.append(kw["repeats"]) or [])
     assert cli.main(["bench", "--device", "cpu", "--topologies", "causal", "--sizes", "64", *argv]) == 0
     assert seen == [want]
+
+
+def _flex_compile(monkeypatch, refuse):
+    """``torch.compile`` as the benchmark's FlexAttention sees it, refusing the kernel options for
+    which ``refuse(options)`` returns an error; the accepted calls run FlexAttention on the CPU."""
+    real, tried = torch.compile, []
+
+    def compile(fn):
+        compiled = real(fn)
+
+        def run(*args, kernel_options=None, **kwargs):
+            tried.append(kernel_options)
+            error = refuse(kernel_options)
+            if error is not None:
+                raise error
+            return compiled(*args, **kwargs)  # the CPU kernels take no GPU launch options
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile)
+    return tried
+
+
+def test_flex_is_compiled_again_with_fewer_stages_when_its_kernels_do_not_fit(monkeypatch):
+    """torch 2.11's FlexAttention asks an H100 for more shared memory than it has (bfloat16, head dim
+    64): the benchmark compiles it again with the next kernel options and says so in the note."""
+    from gnn_transformer.kernels.benchmark import FLEX_OPTIONS
+
+    oom = RuntimeError("No valid triton configs. OutOfMemoryError: out of resource: "
+                       "triton_tem_fused_flex_attention_0 Required: 247808 Hardware limit:232448")
+    tried = _flex_compile(monkeypatch, lambda options: oom if options is None else None)
+    rows = run_benchmark(["window"], [64], ["flex"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False)
+    assert tried[:2] == [None, FLEX_OPTIONS[1]]
+    assert rows[0]["note"] == f"kernel_options={FLEX_OPTIONS[1]}" and rows[0]["ms"] is not None
+    assert rows[0]["max_err"] < 1e-5
+
+
+def test_flex_errors_other_than_resources_are_reported_not_retried(monkeypatch):
+    tried = _flex_compile(monkeypatch, lambda options: ValueError("bad mask"))
+    rows = run_benchmark(["window"], [64], ["flex"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False)
+    assert tried == [None]
+    assert rows[0]["ms"] is None and rows[0]["note"] == "unavailable: ValueError: bad mask"
+
+
+def test_flex_that_never_fits_reports_the_last_refusal(monkeypatch):
+    from gnn_transformer.kernels.benchmark import FLEX_OPTIONS
+
+    tried = _flex_compile(monkeypatch, lambda options: RuntimeError(f"out of resource with {options}"))
+    rows = run_benchmark(["window"], [64], ["flex"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False)
+    assert tried == list(FLEX_OPTIONS)
+    assert rows[0]["ms"] is None and "out of resource with {'BLOCK_M': 64" in rows[0]["note"]
+
+
+def test_a_dense_reference_out_of_memory_leaves_the_error_column_empty(monkeypatch):
+    """Beside a large edge set the dense reference may not fit although the estimate said it would
+    (causal at 64k tokens on an 80 GB GPU): the rows are still measured, without an error."""
+    from gnn_transformer.kernels import benchmark
+
+    def refuse(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+
+    monkeypatch.setattr(benchmark, "_dense_reference", refuse)
+    monkeypatch.setattr(benchmark, "_dense_reference_grads", refuse)
+    rows = run_benchmark(["window"], [64], ["fused"], device="cpu", heads=2, head_dim=8, repeats=1)
+    assert [r["pass"] for r in rows] == ["fwd", "fwd+bwd"]
+    assert all(r["ms"] is not None and r["max_err"] is None for r in rows)

@@ -152,6 +152,58 @@ def test_tiled_falls_back_where_the_gpu_refuses_the_launch(monkeypatch, refused)
         torch.testing.assert_close(x, y, **TOL[torch.float64])
 
 
+def test_tiled_kernel_that_does_not_compile_runs_the_pytorch_path(monkeypatch):
+    """A kernel Triton fails to compile for this GPU (``PassManager::run failed``, as Triton 3.6 does
+    for the float64 kernels without an edge bias on an H100) runs the PyTorch tiled path at once,
+    with one warning that names the case; the other pass stays on Triton."""
+    from gnn_transformer.kernels import triton_tiled
+
+    real, seen = triton_tiled.launch, []
+
+    def launch(kernel, grid, *args, **meta):
+        seen.append((kernel.__name__, meta.get("num_stages")))
+        if kernel.__name__ == "_tiled_fwd":
+            raise RuntimeError("PassManager::run failed")
+        return real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(triton_tiled, "launch", launch)
+    monkeypatch.setattr(triton_tiled, "_LEVEL", {})
+    edge_index, n_src, n_dst = _small("bipartite")
+    q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4, bias=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            out, lse = attend(q, k, v, edge_index, scale=0.4, backend="tiled", block_size=16, return_lse=True,
+                              impl="triton")
+            got = torch.autograd.grad(_loss(out, lse, torch.ones_like(out)), (q, k, v))
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1, messages
+    assert "forward kernels do not compile on this GPU for head dim 4 in torch.float64" in messages[0]
+    assert "PassManager::run failed" in messages[0] and "running the PyTorch tiled path" in messages[0]
+    assert [name for name, _ in seen].count("_tiled_fwd") == 1  # not retried with lean options, nor again
+    assert sorted(triton_tiled._LEVEL.values()) == [0, 2]
+    ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.4, return_lse=True)
+    want = torch.autograd.grad(_loss(ref, ref_lse, torch.ones_like(ref)), (q, k, v))
+    torch.testing.assert_close(out, ref, **TOL[torch.float64])
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, **TOL[torch.float64])
+
+
+def test_tiled_other_runtime_errors_are_not_taken_for_compile_failures(monkeypatch):
+    from gnn_transformer.kernels import triton_tiled
+
+    def launch(kernel, grid, *args, **meta):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(triton_tiled, "launch", launch)
+    monkeypatch.setattr(triton_tiled, "_LEVEL", {})
+    edge_index, n_src, n_dst = _small("causal")
+    q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4, bias=False)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        attend(q, k, v, edge_index, scale=0.4, backend="tiled", block_size=16, impl="triton")
+    assert triton_tiled._LEVEL == {}
+
+
 def test_tiled_retries_with_lean_options(monkeypatch):
     """A launch refused with the default options but accepted with 8 warps and one stage (GPUs with
     less shared memory) stays on Triton, without a warning."""

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import _launch
 from ._dropout import threshold
-from ._graph import CSRGraph, cached_sizes, clear_cache, prepare
+from ._graph import CSRGraph, _check as _check_graph, cached_sizes, clear_cache, prepare
 from .chunked import DEFAULT_MAX_EDGES, chunked_attention
 from .merge import merge_partials
 from .reference import attend_reference
@@ -409,8 +409,13 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
             raise ValueError(f"Expected '{name}' to be a positive int (got {chunk!r})")
     max_edges, max_cells = int(max_edges), int(max_cells)  # a NumPy integer too
     if isinstance(edge_index, Tensor) and edge_index.device != query.device:
-        raise ValueError(f"Expected 'edge_index' on the device of query/key/value (got {edge_index.device} "
-                         f"and {query.device})")
+        if edge_index.numel():
+            raise ValueError(f"Expected 'edge_index' on the device of query/key/value (got {edge_index.device} "
+                             f"and {query.device})")
+        # no edges, no data on the wrong device (an empty EdgeIndex's .to(device) stays put in some
+        # PyG versions): checked as given, then replaced by an empty edge set on the queries' device
+        _check_graph(edge_index, key.size(0), query.size(0))
+        edge_index = torch.empty(2, 0, dtype=torch.long, device=query.device)
     graph = prepare(edge_index, key.size(0), query.size(0))
     bias = None
     if edge_bias is not None:

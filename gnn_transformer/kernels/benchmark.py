@@ -209,6 +209,16 @@ def _fits(n: int, num_edges: int, backend: str, h: int, d: int, budget: float, e
     return None
 
 
+def _if_memory(fn: Callable[[], object], device):
+    """``fn()``, or ``None`` when it runs out of memory (the dense reference beside a large edge
+    set: the error column is then left empty)."""
+    try:
+        return fn()
+    except torch.OutOfMemoryError:
+        _free(device)
+        return None
+
+
 def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] = (4096,),
                   backends: Sequence[str] = BACKENDS, *, device: str | None = None,
                   dtype: torch.dtype | None = None, heads: int = 12, head_dim: int = 64,
@@ -257,11 +267,11 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
                        for h in (heads, kv_heads, kv_heads))
             ref = None
             if _fits(n, num_edges, "reference", heads, head_dim, memory_budget, 4) is None:
-                ref = _dense_reference(q, k, v, src, dst, scale)
+                ref = _if_memory(lambda: _dense_reference(q, k, v, src, dst, scale), device)
             grad_out = torch.randn(n, heads, head_dim, generator=g).to(device=device, dtype=dtype)
             ref_grads = None  # (dQ, dK, dV), computed once for every backend where they fit
             if backward and _fits(n, num_edges, "reference_grads", heads, head_dim, memory_budget, 4) is None:
-                ref_grads = _dense_reference_grads(q, k, v, src, dst, scale, grad_out)
+                ref_grads = _if_memory(lambda: _dense_reference_grads(q, k, v, src, dst, scale, grad_out), device)
             for backend in backends:
                 base = dict(topology=topology, n=n, edges=num_edges, density=density, backend=backend)
                 skip = _fits(n, num_edges, backend, heads, head_dim, memory_budget, elem)
@@ -285,6 +295,7 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
                 note = ""
                 if backend == "auto":
                     note = "chose " + choose_backend(edge_index, device, block_size=block_size, dtype=dtype)
+                note = getattr(fn, "note", "") or note
 
                 def fwd():
                     with torch.no_grad():
@@ -364,21 +375,56 @@ def _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block, block_si
             return out[0].transpose(0, 1)
         return sdpa, build
     if backend == "flex":
-        from torch.nn.attention.flex_attention import flex_attention
-
         from gnn_transformer.topology import to_block_mask
         t0 = time.perf_counter()
         block_mask = to_block_mask(edge_index, n, n, block_size=flex_block, device=q.device)
         build = time.perf_counter() - t0
+        return _flex(block_mask, q, k, v, scale), build
+    raise ValueError(f"Expected 'backend' in {BACKENDS} (got {backend!r})")
+
+
+# FlexAttention's kernel options, tried in turn while Inductor finds no configuration of its
+# kernels that fits the GPU (an ``out of resource`` error): its defaults, then fewer stages (torch
+# 2.11's bfloat16 forward for head dim 64 on an H100 asks for 242 KB of shared memory, 227 KB fit),
+# then smaller blocks
+FLEX_OPTIONS = (None, {"num_stages": 2}, {"num_stages": 1},
+                {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 1,
+                 "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32})
+
+
+def _out_of_resources(exc: BaseException) -> bool:
+    return "out of resource" in str(exc).lower()
+
+
+def _flex(block_mask, q, k, v, scale):
+    """Compiled FlexAttention ``fn(q, k, v)`` on ``block_mask``, its kernels compiled here by one
+    forward and one forward + backward pass, with the first of :data:`FLEX_OPTIONS` that the GPU
+    can run. ``fn.note`` names the options when they are not the defaults."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    for options in FLEX_OPTIONS:
         torch._dynamo.reset()  # a fresh compile per mask: no silent fallback to eager after recompiles
         compiled = torch.compile(flex_attention)
 
-        def flex(q, k, v):
+        def flex(q, k, v, compiled=compiled, options=options):
             out = compiled(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
                            v.transpose(0, 1).unsqueeze(0), block_mask=block_mask, scale=scale,
-                           enable_gqa=k.size(1) != q.size(1))
+                           enable_gqa=k.size(1) != q.size(1), kernel_options=options)
             return out[0].transpose(0, 1)
-        return flex, build
+        try:
+            with torch.no_grad():
+                flex(q, k, v)
+            if q.device.type == "cuda":  # no FlexAttention backward on the CPU
+                grads = [x.detach().requires_grad_() for x in (q, k, v)]
+                flex(*grads).sum().backward()
+        except Exception as exc:
+            if not _out_of_resources(exc):
+                raise
+            failure = exc
+            continue
+        flex.note = "" if options is None else f"kernel_options={options}"
+        return flex
+    raise failure
     raise ValueError(f"Expected 'backend' in {BACKENDS} (got {backend!r})")
 
 

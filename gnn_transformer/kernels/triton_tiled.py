@@ -330,26 +330,34 @@ def _falling_back(triton_fn, torch_fn, what: str):
     """``triton_fn`` with the default launch options, else with lean ones (8 warps, one stage: less
     shared memory), else ``torch_fn`` (the PyTorch tiled path, same arguments), as far as the GPU
     refuses launches for want of resources: shared memory grows with the head dimension and GPUs
-    differ (227 KB per block on an H100, 99 KB on an RTX 4090). The level that works is remembered
-    per case; falling back to PyTorch warns once."""
+    differ (227 KB per block on an H100, 99 KB on an RTX 4090). A kernel that Triton fails to
+    compile (``PassManager::run failed``: Triton 3.6 on an H100 rejects the float64 kernels without
+    an edge bias, "fp64 don't support largeK MMA") goes to ``torch_fn`` at once. The level that
+    works is remembered per case; falling back to PyTorch warns once."""
     from triton.runtime.errors import OutOfResources
 
     def run(q, k, v, tiles, tbias, *rest, dropout=None):
         key = (what, q.device, q.dtype, q.size(-1), tbias is None, dropout is None,
                tiles.block_q, tiles.block_k)  # shared memory grows with the blocks
+        reason = None
         for level in range(_LEVEL.get(key, 0), 2):
             try:
                 result = triton_fn(q, k, v, tiles, tbias, *rest, lean=level == 1, dropout=dropout)
             except OutOfResources as err:
-                reason = err
+                reason = f"need more {err.name} than this GPU has"
+                detail = err
                 continue
+            except RuntimeError as err:  # the same code would fail again with lean options
+                if "PassManager::run failed" not in str(err):
+                    raise
+                reason, detail = "do not compile on this GPU", err
+                break
             _LEVEL[key] = level
             return result
         if _LEVEL.get(key) != 2:
             _LEVEL[key] = 2
-            warnings.warn(f"The Triton tiled {what} kernels need more {reason.name} than this GPU has for "
-                          f"head dim {q.size(-1)} in {q.dtype} ({reason}); running the PyTorch tiled path "
-                          f"instead", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"The Triton tiled {what} kernels {reason} for head dim {q.size(-1)} in {q.dtype} "
+                          f"({detail}); running the PyTorch tiled path instead", RuntimeWarning, stacklevel=2)
         return torch_fn(q, k, v, tiles, tbias, *rest, dropout=dropout)
     return run
 
