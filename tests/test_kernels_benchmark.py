@@ -271,3 +271,11 @@ def test_a_dense_reference_out_of_memory_leaves_the_error_column_empty(monkeypat
     rows = run_benchmark(["window"], [64], ["fused"], device="cpu", heads=2, head_dim=8, repeats=1)
     assert [r["pass"] for r in rows] == ["fwd", "fwd+bwd"]
     assert all(r["ms"] is not None and r["max_err"] is None for r in rows)
+
+
+def test_times_under_ten_ms_keep_three_significant_digits():
+    """GPU rows of a fraction of a millisecond stay comparable (0.3 against 0.4 would hide 30%)."""
+    from gnn_transformer.kernels.benchmark import _cell
+
+    assert [_cell("ms", x) for x in (0.31234, 2.5, 172.44)] == ["0.312", "2.50", "172.4"]
+    assert _cell("build_ms", 0.0) == "0.000" and _cell("ms", None) == "—"

@@ -588,7 +588,7 @@ def _cell(key, value):
     if key in ("density", "fill"):
         return f"{100 * value:.2f}%"
     if key in ("ms", "build_ms", "fused_ms", "tiled_ms", "ns_per_edge", "ns_per_cell"):
-        return f"{value:.1f}"
+        return f"{value:.1f}" if value >= 10 else f"{value:.2f}" if value >= 1 else f"{value:.3f}"
     if key == "peak_mb":
         return f"{value:.0f}"
     if key == "max_err":
