@@ -317,9 +317,9 @@ def test_grouped_csr_kernels_fall_back_per_head_where_the_gpu_refuses_them(monke
         torch.testing.assert_close(out, ref, **TOL[torch.float64])
         for x, y in zip(got, want):
             torch.testing.assert_close(x, y, **TOL[torch.float64])
-        per_head = ["_csr_fwd", "_csr_bwd_dq", "_csc_bwd_dkdv"]
-        assert seen == (["_csr_fwd_grouped", "_csr_fwd", "_csr_bwd_dq_grouped", "_csr_bwd_dq", "_csc_bwd_dkdv"]
-                        if call == 0 else per_head)  # the second call goes per head at once
+        per_head = ["_csr_fwd", "_delta", "_csr_bwd_dq", "_csc_bwd_dkdv"]
+        assert seen == (["_csr_fwd_grouped", "_csr_fwd", "_delta", "_csr_bwd_dq_grouped", "_csr_bwd_dq",
+                         "_csc_bwd_dkdv"] if call == 0 else per_head)  # the second call goes per head at once
 
 
 def test_tiled_fallback_is_remembered_per_block_size(monkeypatch):
@@ -418,11 +418,12 @@ def test_triton_plain_multi_head(name, heads, backend, kw, dtype, monkeypatch):
     inputs = [x for x in (q, k, v, b) if x is not None]
     _check_float64(out, lse, inputs, edge_index, 0.4, torch.randn(out.shape, dtype=torch.float64))
     names = {n for n, _ in seen}
-    csr = {"_csr_fwd", "_csr_bwd_dq", "_csc_bwd_dkdv"}
+    csr = {"_csr_fwd", "_csr_bwd_dq", "_csc_bwd_dkdv", "_delta"}  # _delta: the backward's dO . O - dlse
     if backend == "fused":
         assert names == csr
     else:  # a multigraph's repeated copies run on the CSR kernels beside the tiles
-        assert names == {"_tiled_fwd", "_tiled_bwd_dq", "_tiled_bwd_dkdv"} | (csr if name == "multigraph" else set())
+        assert names == {"_tiled_fwd", "_tiled_bwd_dq", "_tiled_bwd_dkdv", "_delta"} | (
+            csr if name == "multigraph" else set())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -510,3 +511,23 @@ def test_csc_is_built_by_the_forward_pass_when_gradients_follow():
     csc = graph.extras["csc"]
     out.sum().backward()
     assert graph.extras["csc"] is csc  # the backward pass reused it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n,heads,dim", [(0, 2, 8), (1, 1, 1), (37, 3, 5), (70, 2, 64), (9, 2, 130)])
+@pytest.mark.parametrize("with_dlse", [False, True])
+def test_triton_softmax_delta_equals_the_torch_one(dtype, n, heads, dim, with_dlse):
+    """The backward's per-target term in one pass (no ``[N, H, D]`` copies) equals
+    ``softmax_delta``, with a strided ``dout`` and ``dlse`` too."""
+    from gnn_transformer.kernels._autograd import softmax_delta
+    from gnn_transformer.kernels.triton_csr import triton_softmax_delta
+
+    g = torch.Generator().manual_seed(n * 7 + dim)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.randn(n, heads, dim, generator=g).to(dtype)
+    dout = torch.randn(n, dim, heads, generator=g).to(dtype).transpose(1, 2)  # not contiguous
+    dlse = torch.randn(heads, n, generator=g).to(acc).t() if with_dlse else None
+    got = triton_softmax_delta(out, dout, dlse, acc)
+    want = softmax_delta(out, dout, dlse, acc)
+    assert got.dtype == acc and got.shape == (n, heads)
+    torch.testing.assert_close(got, want, **TOL[acc])

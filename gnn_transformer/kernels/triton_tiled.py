@@ -26,11 +26,11 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _pieces
-from ._autograd import Kernel, kernel_attention, softmax_delta
+from ._autograd import Kernel, kernel_attention
 from ._launch import launch
 from .tiled_torch import tiled_backward, tiled_forward
 from .triton_csr import (_dot, _keep, _load_scales, _row_stats, _softmax_finish, _softmax_step, _upcast, _work,
-                         canonical, scalars)
+                         canonical, scalars, triton_softmax_delta)
 from .tiling import TileList, triton_blocks
 
 
@@ -287,7 +287,7 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_
     n_src, num_kv = k.size(0), k.size(1)
     acc_dtype = lse.dtype
     dout = dout.contiguous()
-    delta = softmax_delta(out, dout, dlse, acc_dtype).contiguous()  # [N_dst, H]
+    delta = triton_softmax_delta(out, dout, dlse, acc_dtype)  # [N_dst, H]
     masks, cell_edge, block_d = _common(tiles, tbias, dim, dropout)
     drop = _scalar_args(tiles, scale, dropout, acc_dtype, q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
