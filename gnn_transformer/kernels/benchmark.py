@@ -425,7 +425,6 @@ def _flex(block_mask, q, k, v, scale):
         flex.note = "" if options is None else f"kernel_options={options}"
         return flex
     raise failure
-    raise ValueError(f"Expected 'backend' in {BACKENDS} (got {backend!r})")
 
 
 # ---------------------------------------------------------------- calibration

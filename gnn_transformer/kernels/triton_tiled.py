@@ -339,7 +339,6 @@ def _falling_back(triton_fn, torch_fn, what: str):
     def run(q, k, v, tiles, tbias, *rest, dropout=None):
         key = (what, q.device, q.dtype, q.size(-1), tbias is None, dropout is None,
                tiles.block_q, tiles.block_k)  # shared memory grows with the blocks
-        reason = None
         for level in range(_LEVEL.get(key, 0), 2):
             try:
                 result = triton_fn(q, k, v, tiles, tbias, *rest, lean=level == 1, dropout=dropout)
