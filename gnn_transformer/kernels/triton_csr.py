@@ -528,7 +528,7 @@ def _delta(OUT, DOUT, DLSE, DELTA, R, D, HAS_DLSE: tl.constexpr, BLOCK_R: tl.con
     do = tl.load(DOUT + at, mask=mask, other=0.0).to(ACC)
     delta = tl.sum(o * do, axis=1)
     if HAS_DLSE:
-        delta -= tl.load(DLSE + rows, mask=rmask, other=0.0).to(ACC)
+        delta = delta - tl.load(DLSE + rows, mask=rmask, other=0.0).to(ACC)
     tl.store(DELTA + rows, delta, mask=rmask)
 
 
