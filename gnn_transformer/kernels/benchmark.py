@@ -283,7 +283,8 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
                             log(_format_row(rows[-1]))
                     continue
                 try:
-                    fn, build_s = _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block, block_size)
+                    fn, build_s = _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block, block_size,
+                                        backward)
                 except Exception as exc:  # a backend missing on this platform: report, go on
                     for p in ("fwd", "fwd+bwd") if backward else ("fwd",):
                         rows.append(dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None,
@@ -341,8 +342,9 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
     return rows
 
 
-def _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block, block_size=None):
-    """``(fn(q, k, v) -> out [N, H, D], build seconds)`` for one backend."""
+def _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block, block_size=None, backward=True):
+    """``(fn(q, k, v) -> out [N, H, D], build seconds)`` for one backend (``backward``: its
+    backward pass will be timed too)."""
     if backend in ("fused", "tiled", "auto"):
         head = [x[:, :1].detach().requires_grad_() for x in (q, k, v)]
 
@@ -379,7 +381,7 @@ def _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block, block_si
         t0 = time.perf_counter()
         block_mask = to_block_mask(edge_index, n, n, block_size=flex_block, device=q.device)
         build = time.perf_counter() - t0
-        return _flex(block_mask, q, k, v, scale), build
+        return _flex(block_mask, q, k, v, scale, backward), build
     raise ValueError(f"Expected 'backend' in {BACKENDS} (got {backend!r})")
 
 
@@ -396,10 +398,10 @@ def _out_of_resources(exc: BaseException) -> bool:
     return "out of resource" in str(exc).lower()
 
 
-def _flex(block_mask, q, k, v, scale):
+def _flex(block_mask, q, k, v, scale, backward=True):
     """Compiled FlexAttention ``fn(q, k, v)`` on ``block_mask``, its kernels compiled here by one
-    forward and one forward + backward pass, with the first of :data:`FLEX_OPTIONS` that the GPU
-    can run. ``fn.note`` names the options when they are not the defaults."""
+    forward pass and, with ``backward`` (on CUDA), one forward + backward pass, with the first of
+    :data:`FLEX_OPTIONS` that the GPU can run. ``fn.note`` names the options when they are not the defaults."""
     from torch.nn.attention.flex_attention import flex_attention
 
     for options in FLEX_OPTIONS:
@@ -414,7 +416,7 @@ def _flex(block_mask, q, k, v, scale):
         try:
             with torch.no_grad():
                 flex(q, k, v)
-            if q.device.type == "cuda":  # no FlexAttention backward on the CPU
+            if backward and q.device.type == "cuda":  # no FlexAttention backward on the CPU
                 grads = [x.detach().requires_grad_() for x in (q, k, v)]
                 flex(*grads).sum().backward()
         except Exception as exc:
