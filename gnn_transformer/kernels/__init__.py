@@ -63,6 +63,8 @@ BLOCK_SIZE = {"cpu": 64, "cuda": 64}
 CUDA_CORE_BLOCK_SIZE = 32
 # edge_weights renormalizes rows whose log-sum-exp is this large: half its rounding step is above
 # 7.6e-6 (float32) or 5.8e-11 (float64) there
+# The largest tile side accepted: a partial tile's mask holds block_size² cells
+MAX_BLOCK_SIZE = 4096
 HUGE_LSE = {torch.float32: 128.0, torch.float64: 2.0 ** 19}
 
 
@@ -98,17 +100,31 @@ def _ratio(device_type: str, tile_cost: float | None) -> float:
 
 def _check_tiling(block_size, tile_cost) -> None:
     """Clear errors for the tiling arguments of :func:`attend`, :func:`choose_backend` and
-    :func:`plan_costs` (a block of 0 would divide by zero, a negative cost tile everything)."""
+    :func:`plan_costs` (a block of 0 would divide by zero, a negative cost tile everything, a
+    block of ``B`` makes masks of ``B²`` cells per tile)."""
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
-                                   or block_size < 1):
-        raise ValueError(f"Expected 'block_size' to be a positive int (got {block_size!r})")
+                                   or not 1 <= block_size <= MAX_BLOCK_SIZE):
+        raise ValueError(f"Expected 'block_size' to be an int in [1, {MAX_BLOCK_SIZE}] (got {block_size!r})")
     if tile_cost is not None and not (isinstance(tile_cost, (int, float)) and not isinstance(tile_cost, bool)
                                       and 0 < tile_cost < float("inf")):
         raise ValueError(f"Expected 'tile_cost' to be a positive finite number (got {tile_cost!r})")
 
 
 def _device_type(device) -> str:
-    return torch.device(device).type if not isinstance(device, torch.device) else device.type
+    if isinstance(device, torch.device):
+        return device.type
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Expected 'device' to be a torch.device or a device string such as 'cpu' or "
+                         f"'cuda' (got {device!r})") from None
+
+
+def _block(graph: CSRGraph, device_type: str, dtype: torch.dtype | None, block_size: int | None) -> int:
+    """The tile size: ``block_size`` or the device's default, no larger than the power of two
+    (at least 16) that covers the graph's longer side: a larger tile only adds empty cells."""
+    block = default_block_size(device_type, dtype) if block_size is None else block_size
+    return min(block, max(16, 1 << (max(graph.num_src, graph.num_dst, 1) - 1).bit_length()))
 
 
 def _use_triton(device: torch.device, impl: str | None) -> bool:
@@ -272,7 +288,7 @@ def plan_costs(edge_index: Tensor, device, *, block_size: int | None = None, til
     _check_tiling(block_size, tile_cost)
     graph = prepare(edge_index, *_sizes(edge_index, num_src, num_dst))
     device_type = _device_type(device)
-    block = default_block_size(device_type, dtype) if block_size is None else block_size
+    block = _block(graph, device_type, dtype, block_size)
     cell, edge = _unit_costs(device_type, tile_cost, dropout)
     return dict(_costs(graph, device_type, block, cell, edge),
                 chosen=_plan(graph, device_type, block, tile_cost, dropout))
@@ -293,8 +309,8 @@ def choose_backend(edge_index: Tensor, device, *, block_size: int | None = None,
     """
     _check_tiling(block_size, tile_cost)
     graph = prepare(edge_index, *_sizes(edge_index, num_src, num_dst))
-    block = default_block_size(device, dtype) if block_size is None else block_size
-    return _plan(graph, _device_type(device), block, tile_cost, dropout)
+    device_type = _device_type(device)
+    return _plan(graph, device_type, _block(graph, device_type, dtype, block_size), tile_cost, dropout)
 
 
 def _check_inputs(query, key, value, backend, num_dst, impl):
@@ -438,7 +454,7 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
             raise ValueError(f"Expected 'dropout_seed' to be an int in [0, 2**31) (got {dropout_seed!r})")
         dropout = (float(dropout_p), seed)
     device_type = query.device.type
-    block = default_block_size(device_type, query.dtype) if block_size is None else block_size
+    block = _block(graph, device_type, query.dtype, block_size)
     # tiles of a size the Triton kernels do not take run through the PyTorch tiled path, unless
     # Triton was asked for by name (then its ValueError says why)
     tiles_triton = use_triton and (impl == "triton" or triton_blocks(block, block))

@@ -70,13 +70,6 @@ class KernelAttention(torch.autograd.Function):
         return dq, dk, dv, dbias, None, None, None, None
 
 
-def softmax_delta(out: Tensor, dout: Tensor, dlse: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """``delta_i = dO_i . O_i - dlse_i`` ``[N_dst, H]`` in ``dtype``: the per-target term of the
-    softmax backward, ``ds_e = p_e (dO_i . v_j - delta_i)``, shared by every kernel."""
-    delta = (dout.to(dtype) * out.to(dtype)).sum(-1)  # [N_dst, H]
-    return delta if dlse is None else delta - dlse.to(dtype)
-
-
 def kernel_attention(kernel: Kernel, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
                      structure: Any, scale: float, **options) -> tuple[Tensor, Tensor, Tensor]:
     """``(out, lse, lse_lo)`` of ``kernel``, differentiable in ``q``, ``k``, ``v`` and ``bias``."""

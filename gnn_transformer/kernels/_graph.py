@@ -110,10 +110,13 @@ def _build(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
         if int(dst.max()) >= num_dst:
             raise ValueError(f"'edge_index' names target {int(dst.max())} but 'query' has {num_dst} rows")
     perm = None
-    if getattr(edge_index, "is_sorted_by_col", False) is not True and src.numel() > 1:
-        if bool((dst[1:] < dst[:-1]).any()):
-            perm = torch.argsort(dst, stable=True)  # [E]
-            src, dst = src[perm], dst[perm]
+    if src.numel() > 1 and bool((dst[1:] < dst[:-1]).any()):
+        if getattr(edge_index, "is_sorted_by_col", False) is True:
+            raise ValueError("Expected 'edge_index' flagged sort_order='col' to have its targets "
+                             "(row 1) in ascending order (they are not): build the EdgeIndex "
+                             "without sort_order, or sort it with .sort_by('col')")
+        perm = torch.argsort(dst, stable=True)  # [E]
+        src, dst = src[perm], dst[perm]
     counts = torch.bincount(dst, minlength=num_dst)  # [N_dst]
     rowptr = torch.zeros(num_dst + 1, dtype=torch.long, device=dst.device)
     rowptr[1:] = counts.cumsum(0)

@@ -32,6 +32,24 @@ from .tiling import tile_stats
 TOPOLOGIES = ("causal", "window", "bigbird", "random")
 BACKENDS = ("pyg", "fused", "tiled", "auto", "sdpa", "flex")
 LINEAR = ("window", "bigbird", "random")  # edge count linear in N: also run at 256k-1M
+# tile sizes the benchmark takes: the powers of two the Triton tiled kernels run (tl.dot needs 16),
+# up to tiles whose [B, B] masks and scores stay small beside the graph
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def input_memory_budget(device) -> float:
+    """Bytes the benchmark lets one run use on ``device`` (``run_benchmark``'s default
+    ``memory_budget``): 80% of the GPU's memory, half of the machine's on the CPU."""
+    if torch.device(device).type == "cuda":
+        return 0.8 * torch.cuda.get_device_properties(device).total_memory
+    return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_block_size(block_size: int | None) -> None:
+    """``ValueError`` naming ``block_size`` unless it is ``None`` (the default) or in :data:`BLOCK_SIZES`."""
+    if block_size is not None and (isinstance(block_size, bool) or block_size not in BLOCK_SIZES):
+        raise ValueError(f"Expected 'block_size' to be one of {', '.join(map(str, BLOCK_SIZES))} "
+                         f"(got {block_size!r})")
 
 
 # ---------------------------------------------------------------- graphs
@@ -231,16 +249,14 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
     Row keys: ``topology, n, edges, density, backend, pass ("fwd" | "fwd+bwd"), ms, peak_mb,
     max_err, build_ms, note``. ``build_ms`` is the graph / mask construction (not in ``ms``).
     """
+    check_block_size(block_size)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     kv_heads = heads if kv_heads is None else kv_heads
     if kv_heads < 1 or heads % kv_heads:
         raise ValueError(f"Expected 'kv_heads' to divide heads={heads} (got {kv_heads})")
     if memory_budget is None:
-        if torch.device(device).type == "cuda":
-            memory_budget = 0.8 * torch.cuda.get_device_properties(device).total_memory
-        else:
-            memory_budget = 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        memory_budget = input_memory_budget(device)
     elem = torch.tensor([], dtype=dtype).element_size()
     scale = 1.0 / math.sqrt(head_dim)
     rows = []
@@ -437,6 +453,7 @@ CALIBRATION_COLUMNS = ("topology", "n", "pass", "edges", "tiles", "fill", "fused
 def _calibration_setup(device, dtype, block_size) -> tuple[str, torch.dtype, int]:
     """Defaults of the calibrations: CUDA when there is one, bfloat16 there (float32 on the CPU), the
     tile size ``attend`` takes for that device and dtype."""
+    check_block_size(block_size)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     return device, dtype, block_size or default_block_size(device, dtype)

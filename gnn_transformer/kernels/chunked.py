@@ -11,7 +11,12 @@ log-sum-exp (FlashAttention's recipe):
     p_e = exp(s_e - lse_i),  dp_e = dO_i . v_j,  ds_e = p_e (dp_e - delta_i),  delta_i = dO_i . O_i - dlse_i
     dQ = scale · DS @ K (over targets),  dK = scale · DS^T @ Q,  dV = P^T @ dO (over sources),  dbias = DS
 
-where the transposed products walk each chunk's edges sorted by source. Every product is a
+where the transposed products walk each chunk's edges sorted by source. The backward pass takes
+``delta_i`` as the sum of ``p_e dp_e`` over the row's own recomputed edges, and normalizes each
+row's ``p`` to sum to 1, rather than ``dO_i . O_i`` from the saved output: where the scores are
+huge and a row's softmax is saturated (one weight 1, the rest 0), the true ``ds`` is 0, and only
+a ``delta`` made of the same ``p`` and ``dp`` gives 0 (``dO_i . O_i`` differs from ``dp_e`` by a
+rounding of ``|dO| |v|``, which ``dQ`` then multiplies by ``|K|``). Every product is a
 deterministic CSR kernel; half-precision inputs are computed in float32. With attention dropout,
 ``P`` is multiplied by the keep scales ``m_e`` of :mod:`._dropout` (regenerated in the backward pass):
 ``out = (P∘M) V``, ``dp_e = m_e dO_i . v_j``, ``dV = (P∘M)^T dO``; ``delta`` and ``lse`` are unchanged.
@@ -27,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._autograd import Kernel, kernel_attention, lse_pair, softmax_delta
+from ._autograd import Kernel, kernel_attention, lse_pair
 from ._dropout import keep_scale
 from ._graph import CSRGraph
 
@@ -121,6 +126,12 @@ def _scores(c: RowChunk, qT_h: Tensor, kT_h: Tensor, bias_h: Tensor | None, scal
     return _sampled(c, qT_h, kT_h, bias_h, scale)
 
 
+def _row_sums(c: RowChunk, p: Tensor) -> Tensor:
+    """Each edge's row total of ``p [Ec]``, ``[Ec]`` (1 where a row's total is 0)."""
+    total = torch.segment_reduce(p, "sum", offsets=c.crow)  # [R]
+    return torch.where(total > 0, total, torch.ones_like(total))[c.row]
+
+
 def _head_major(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype).transpose(0, 1).contiguous()  # [N, H, D] -> [H, N, D]
 
@@ -190,8 +201,7 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph
         dbias = torch.zeros(graph.num_edges, num_heads, dtype=cd, device=q.device)  # [E, H]
     if graph.num_edges > 0:
         qT, kT, vT, doT = (_head_major(x, cd) for x in (q, k, v, dout))
-        delta = softmax_delta(out, dout, dlse, cd)  # [N_dst, H]
-        deltaT = delta.t().contiguous()  # [H, N_dst]
+        dlseT = None if dlse is None else dlse.to(cd).t()  # [H, N_dst]
         lse_safe = lse.to(cd).t()  # [H, N_dst]
         lse_safe = torch.where(torch.isinf(lse_safe), torch.zeros_like(lse_safe), lse_safe)
         loT = lse_lo.to(cd).t()  # [H, N_dst]: what rounding lse lost (module _autograd)
@@ -202,12 +212,16 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph
                 bias_h = None if bias is None else bias[c.e0:c.e1, h]
                 s = _scores(c, qT[h, c.r0:c.r1], kT[hk], bias_h, scale)  # [Ec]
                 p = torch.exp((s - lse_safe[h, c.r0:c.r1][c.row]) - loT[h, c.r0:c.r1][c.row])  # [Ec]
+                p = p / _row_sums(c, p)  # exactly normalized rows (module docstring)
                 keep = _keep(c, graph, dropout, h, cd)  # once per head and chunk: dp and dV share it
                 dp = _sampled(c, doT[h, c.r0:c.r1], vT[hk], None, 1.0)  # [Ec]
                 pd = p
                 if keep is not None:
                     dp, pd = dp * keep, p * keep
-                ds = p * (dp - deltaT[h, c.r0:c.r1][c.row])  # [Ec]
+                delta = torch.segment_reduce(p * dp, "sum", offsets=c.crow)  # [R]
+                if dlseT is not None:
+                    delta = delta - dlseT[h, c.r0:c.r1]
+                ds = p * (dp - delta[c.row])  # [Ec]
                 if dbias is not None:
                     dbias[c.e0:c.e1, h] = ds
                 dqT[h, c.r0:c.r1] = (_csr(c.crow, c.col, ds, size) @ kT[hk]) * scale

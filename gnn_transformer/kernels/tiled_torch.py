@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._autograd import Kernel, kernel_attention, lse_pair, softmax_delta
+from ._autograd import Kernel, kernel_attention, lse_pair
 from ._dropout import keep_scales
 from .chunked import compute_dtype
 from .tiling import TileList
@@ -252,7 +252,9 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dou
         if extra:
             doB[..., dim] = 1.0
             outB[..., dim] = -_blocked(dlse.unsqueeze(-1), tiles.block_q, nqb, cd)[..., 0]
-    deltaB = None  # [H, nqb, Bq, 1], for chunks off the fused CPU kernel (which computes its own)
+    # chunks off the fused CPU kernel take delta_i as the sum of p (dp) over the row's recomputed
+    # tiles, with p normalized per row (module chunked's docstring says why)
+    dlseB = None if dlse is None else _blocked(dlse.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
     for qb, tids, run in _groups(tiles, num_heads, max_cells):
         g, c = tids.shape
         kb = tiles.k_block[tids].flatten()  # [G·c]
@@ -272,6 +274,8 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dou
         if extra:  # the flash layout's extra channel is zero in q, k and v; leave it out
             qg, kg = qg[..., :dim], kg[..., :dim]
         p = s.sub_(lseB[:, qb]).sub_(loB[:, qb]).exp_()  # [H, G, Bq, c·Bk], in place
+        total = p.sum(-1, keepdim=True)  # [H, G, Bq, 1]
+        p.div_(torch.where(total > 0, total, torch.ones_like(total)))
         dog = doB[:, qb][..., :dim]  # [H, G, Bq, D]
         vals = _key_blocks(vB, tiles, tids, run)[..., :dim]  # [H, G, c·Bk, D]
         dp = torch.matmul(dog, vals.transpose(-1, -2))  # [H, G, Bq, c·Bk]
@@ -280,9 +284,10 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dou
             scales = _keep_scales(tiles, tids, num_heads, dropout, cd)
             dp.mul_(scales)
             pd = p * scales
-        if deltaB is None:
-            deltaB = _blocked(softmax_delta(out, dout, dlse, cd).unsqueeze(-1), tiles.block_q, nqb, cd)
-        ds = dp.sub_(deltaB[:, qb]).mul_(p)  # p (dp - delta)
+        delta = (p * dp).sum(-1, keepdim=True)  # [H, G, Bq, 1]
+        if dlseB is not None:
+            delta -= dlseB[:, qb]
+        ds = dp.sub_(delta).mul_(p)  # p (dp - delta)
         dqB[:, qb, :, :dim] = torch.matmul(ds, kg).mul_(scale)
         dk = torch.matmul(ds.transpose(-1, -2), qg).mul_(scale).reshape(num_heads, g * c, tiles.block_k, dim)
         dv = torch.matmul(pd.transpose(-1, -2), dog).reshape(num_heads, g * c, tiles.block_k, dim)

@@ -40,7 +40,7 @@ from . import _pieces
 from ._autograd import Kernel, kernel_attention
 from ._dropout import threshold
 from ._graph import CSRGraph
-from ._launch import launch
+from ._launch import is_recording, launch
 
 
 @triton.jit
@@ -181,6 +181,82 @@ def _csr_fwd(Q, K, V, BIAS, OUT, LSE, LSE_LO, START, END, MAP, SRC, SCALES, EDGE
     tl.store(LSE_LO + o * H + h + tl.arange(0, 1), lo)
 
 
+@triton.jit
+def _edge_block(q, do, K, V, BIAS, SRC, EDGE_IDS, SEED, THRESH, offs_e, emask, h, hk, offs_d, dmask,
+                stride_kn, stride_kh, H, scale, keep_scale, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                REMAP: tl.constexpr, ACC: tl.constexpr):
+    """``(s, dp, k)`` of a block of edges ``offs_e`` of one row and head in the per-head backward
+    kernels: scores ``s`` (``-inf`` off the edges), ``dp = dO . v`` (times the dropout scale, 0 for
+    dropped edges) and the keys ``[BLOCK_E, D]``."""
+    j = tl.load(SRC + offs_e, mask=emask, other=0)
+    kv = j[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
+    mask2 = emask[:, None] & dmask[None, :]
+    k = tl.load(K + kv, mask=mask2, other=0.0).to(ACC)
+    v = tl.load(V + kv, mask=mask2, other=0.0).to(ACC)
+    s = tl.sum(k * q[None, :], axis=1) * scale
+    if HAS_BIAS:
+        s += tl.load(BIAS + offs_e * H + h, mask=emask, other=0.0).to(ACC)
+    dp = tl.sum(v * do[None, :], axis=1)
+    if DROPOUT:
+        dp = tl.where(_keep(SEED, _position(EDGE_IDS, offs_e, emask, REMAP), h, THRESH), dp * keep_scale, 0.0)
+    return tl.where(emask, s, float("-inf")), dp, k
+
+
+@triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
+def _csr_bwd_rows(Q, K, V, BIAS, DO, OUT, DLSE, LSE, LSE_LO, DELTA, LSE_B, LO_B, ROWPTR, SRC, SCALES, EDGE_IDS,
+                  SEED, THRESH, stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
+                  H, GROUP, D, LIMIT,
+                  HAS_DLSE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr,
+                  BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """The row terms of the backward pass for target ``i`` and head ``h``: ``delta``, and the
+    log-sum-exp ``(LSE_B, LO_B)`` the gradient kernels recompute the weights from. A row whose
+    log-sum-exp stays below ``LIMIT`` takes ``delta_i = dO_i . O_i - dlse_i`` and the forward's
+    log-sum-exp. A larger one walks its edges once more with the per-edge scores of the per-head
+    gradient kernels and recomputes both from them (an online softmax whose ``w`` sums ``p dp``):
+    the weights those kernels recompute then sum to 1, and a saturated row (one weight 1) gets
+    ``ds = 0`` exactly (module :mod:`.chunked` says why)."""
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // GROUP
+    scale, keep_scale = _load_scales(SCALES, ACC)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    row = i * stride_qn + h * stride_qh + offs_d
+    do = tl.load(DO + row, mask=dmask, other=0.0).to(ACC)
+    o = tl.load(OUT + i * stride_on + h * stride_oh + offs_d, mask=dmask, other=0.0).to(ACC)
+    lse, lo, _ = _row_stats(LSE, LSE_LO, LSE, i * H + h, i >= 0, ACC)
+    delta = tl.sum(do * o, axis=0)
+    if tl.abs(lse) >= LIMIT:
+        q = tl.load(Q + row, mask=dmask, other=0.0).to(ACC)
+        start = tl.load(ROWPTR + i)
+        end = tl.load(ROWPTR + i + 1)
+        m = tl.full([1], float("-inf"), ACC)
+        l = tl.zeros([1], ACC)
+        w = tl.zeros([1], ACC)
+        for e0 in range(start, end, BLOCK_E):
+            offs_e = e0 + tl.arange(0, BLOCK_E)
+            emask = offs_e < end
+            s, dp, k = _edge_block(q, do, K, V, BIAS, SRC, EDGE_IDS, SEED, THRESH, offs_e, emask, h, hk, offs_d,
+                                   dmask, stride_kn, stride_kh, H, scale, keep_scale, HAS_BIAS, DROPOUT, REMAP,
+                                   ACC)
+            m_new = tl.maximum(m, tl.max(s, axis=0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            corr = tl.exp(m - m_use)
+            p = tl.exp(s - m_use)
+            l = l * corr + tl.sum(p, axis=0)
+            w = w * corr + tl.sum(p * dp, axis=0)
+            m = m_new
+        l_safe = tl.where(l > 0, l, 1.0)
+        delta = tl.sum(w / l_safe, axis=0)
+        lse = tl.sum(tl.where(m == float("-inf"), 0.0, m), axis=0)
+        lo = tl.sum(tl.log(l_safe), axis=0)
+    if HAS_DLSE:
+        delta = delta - tl.load(DLSE + i * H + h).to(ACC)
+    tl.store(DELTA + i * H + h, delta)
+    tl.store(LSE_B + i * H + h, lse)
+    tl.store(LO_B + i * H + h, lo)
+
+
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
 def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DQ, DBIAS, START, END, MAP, SRC, SCALES, EDGE_IDS, SEED,
                 THRESH, stride_qn, stride_qh, stride_kn, stride_kh,
@@ -201,18 +277,9 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DQ, DBIAS, START, END, MA
     for e0 in range(start, end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
         emask = offs_e < end
-        j = tl.load(SRC + offs_e, mask=emask, other=0)
-        kv = j[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]
-        mask2 = emask[:, None] & dmask[None, :]
-        k = tl.load(K + kv, mask=mask2, other=0.0).to(ACC)
-        v = tl.load(V + kv, mask=mask2, other=0.0).to(ACC)
-        s = tl.sum(k * q[None, :], axis=1) * scale
-        if HAS_BIAS:
-            s += tl.load(BIAS + offs_e * H + h, mask=emask, other=0.0).to(ACC)
-        p = tl.exp(tl.where(emask, (s - lse) - lo, float("-inf")))  # padding lanes: exp(-inf) = 0
-        dp = tl.sum(v * do[None, :], axis=1)
-        if DROPOUT:
-            dp = tl.where(_keep(SEED, _position(EDGE_IDS, offs_e, emask, REMAP), h, THRESH), dp * keep_scale, 0.0)
+        s, dp, k = _edge_block(q, do, K, V, BIAS, SRC, EDGE_IDS, SEED, THRESH, offs_e, emask, h, hk, offs_d, dmask,
+                               stride_kn, stride_kh, H, scale, keep_scale, HAS_BIAS, DROPOUT, REMAP, ACC)
+        p = tl.exp((s - lse) - lo)  # padding lanes: exp(-inf) = 0
         ds = p * (dp - delta)  # [BLOCK_E]
         if WRITE_DBIAS:
             tl.store(DBIAS + offs_e * H + h, ds.to(DBIAS.dtype.element_ty), mask=emask)
@@ -402,6 +469,9 @@ def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DK, DV, START, END, MAP
 
 
 BLOCK_E = 32
+# The backward pass walks a row's edges once more, for exactly normalized weights and a delta made
+# of them (:func:`_csr_bwd_rows`), where the row's log-sum-exp is at least this large.
+EXACT_ROWS_LSE = {torch.float32: 128.0, torch.float64: 2.0 ** 19}
 
 
 def _upcast(q: Tensor) -> bool:
@@ -496,58 +566,24 @@ _PER_HEAD: set = set()  # (pass, device, dtype, head dim, group): the GPU refuse
 
 
 def _launch_heads(what: str, q: Tensor, rows: int, num_kv: int, grouped_kernel, per_head_kernel, args: tuple,
-                  grouped_flags: dict, per_head_flags: dict) -> None:
+                  grouped_flags: dict, per_head_flags: dict, per_head: bool = False) -> None:
     """The grouped kernel (grid ``(rows, H_kv)``) with several query heads per key/value head, else
     the per-head one (grid ``(rows, H)``): also where the GPU refuses the grouped launch for want of
     resources (its ``[BLOCK_G, D]`` tiles need more shared memory than GPUs below an H100 have for
-    float64 or head dims from 128); that case is remembered and later calls go per head at once."""
+    float64 or head dims from 128); that case is remembered and later calls go per head at once.
+    ``per_head`` asks for the per-head kernel."""
     from triton.runtime.errors import OutOfResources
 
     num_heads, dim = q.shape[1:]
     grouped = _grouped(num_heads // num_kv, dim)
     key = (what, q.device, q.dtype, dim, num_heads // num_kv)
-    if grouped is not None and key not in _PER_HEAD:
+    if grouped is not None and key not in _PER_HEAD and not per_head:
         try:
             launch(grouped_kernel, (rows, num_kv), *args, UPCAST=_upcast(q), **dict(grouped_flags, **grouped))
             return
         except OutOfResources:
             _PER_HEAD.add(key)
     launch(per_head_kernel, (rows, num_heads), *args, **per_head_flags)
-
-
-@triton.jit
-def _delta(OUT, DOUT, DLSE, DELTA, R, D, HAS_DLSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-           ACC: tl.constexpr):
-    """``delta_r = dO_r . O_r - dlse_r`` for ``BLOCK_R`` rows of ``[R, D]``, in ``ACC``."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_D)
-    rmask = rows < R
-    mask = rmask[:, None] & (cols[None, :] < D)
-    at = rows[:, None] * D + cols[None, :]
-    o = tl.load(OUT + at, mask=mask, other=0.0).to(ACC)
-    do = tl.load(DOUT + at, mask=mask, other=0.0).to(ACC)
-    delta = tl.sum(o * do, axis=1)
-    if HAS_DLSE:
-        delta = delta - tl.load(DLSE + rows, mask=rmask, other=0.0).to(ACC)
-    tl.store(DELTA + rows, delta, mask=rmask)
-
-
-def triton_softmax_delta(out: Tensor, dout: Tensor, dlse: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """:func:`._autograd.softmax_delta` (``[N_dst, H]`` in ``dtype``) in one pass over ``out`` and
-    ``dout``: no ``[N, H, D]`` copies in ``dtype`` (three of them, 150 MB for 16k tokens of 12 bfloat16
-    heads of 64, were the largest part of the backward's memory peak)."""
-    n, h, d = out.shape
-    out, dout = out.contiguous(), dout.contiguous()
-    delta = torch.empty(n, h, dtype=dtype, device=out.device)
-    rows = n * h
-    if rows == 0:
-        return delta
-    block_d = triton.next_power_of_2(d)
-    block_r = max(1, min(64, 4096 // block_d))
-    dlse_arg = dlse.to(dtype).contiguous() if dlse is not None else delta
-    launch(_delta, (triton.cdiv(rows, block_r),), out, dout, dlse_arg, delta, rows, d,
-           HAS_DLSE=dlse is not None, BLOCK_R=block_r, BLOCK_D=block_d, ACC=_acc(dtype))
-    return delta
 
 
 def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, lse_lo, dout, dlse, need_bias_grad,
@@ -558,15 +594,29 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, lse_lo, dout, 
     n_src, num_kv = k.size(0), k.size(1)
     group = num_heads // num_kv
     acc_dtype = lse.dtype
-    dout = dout.contiguous()
-    delta = triton_softmax_delta(out, dout, dlse, acc_dtype)  # [N_dst, H]
+    dout, out = dout.contiguous(), out.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbias = torch.empty(graph.num_edges, num_heads, dtype=bias.dtype, device=q.device) if need_bias_grad else None
+    delta = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)  # [N_dst, H]
     bias_arg = bias.contiguous() if bias is not None else delta
     block_d = triton.next_power_of_2(dim)
     scales, seed, thresh = scalars(scale, dropout, acc_dtype, q.device)
     flags = dict(HAS_BIAS=bias is not None, DROPOUT=dropout is not None, REMAP=graph.edge_ids is not None,
                  BLOCK_E=BLOCK_E, BLOCK_D=block_d, ACC=_acc(q.dtype))
+    per_head = False
+    if n_dst > 0:
+        limit = EXACT_ROWS_LSE[acc_dtype]
+        lse_b, lo_b = torch.empty_like(delta), torch.empty_like(delta)
+        dlse_arg = dlse.to(acc_dtype).contiguous() if dlse is not None else delta
+        launch(_csr_bwd_rows, (n_dst, num_heads),
+               q, k, v, bias_arg, dout, out, dlse_arg, lse, lse_lo, delta, lse_b, lo_b, graph.rowptr, graph.src,
+               scales, _edge_ids(graph), seed, thresh, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+               out.stride(0), out.stride(1), num_heads, group, dim, limit, HAS_DLSE=dlse is not None, **flags)
+        # the grouped dQ kernel's scores are tl.dot products, not the per-edge sums the other kernels
+        # use: rows renormalized above need the per-head kernel, whose scores are the same sums
+        per_head = (group > 1 and not is_recording()  # (recording: no kernel ran, lse is unset)
+                    and bool(((lse.abs() >= limit) & torch.isfinite(lse)).any()))
+        lse, lse_lo = lse_b, lo_b
     if n_dst > 0:
         pieces = _pieces.cached_pieces(graph.extras, "rows", graph.rowptr, "csr", graph.num_edges,
                                        _grid_heads(num_heads, num_kv, dim))
@@ -577,7 +627,7 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, lse_lo, dout, 
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), num_heads, group, dim)
             dq_flags = dict(flags, WRITE_DBIAS=dbias is not None, MAPPED=mapped)
             _launch_heads("backward", q, rows, num_kv, _csr_bwd_dq_grouped, _csr_bwd_dq, args, dq_flags,
-                          dq_flags)
+                          dq_flags, per_head=per_head)
 
         _pieces.launch_rows(run_dq, graph.rowptr, pieces, (dq,), acc_dtype)
     if n_src > 0:

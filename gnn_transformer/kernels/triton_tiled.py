@@ -30,7 +30,7 @@ from ._autograd import Kernel, kernel_attention
 from ._launch import launch
 from .tiled_torch import tiled_backward, tiled_forward
 from .triton_csr import (_dot, _keep, _load_scales, _row_stats, _softmax_finish, _softmax_step, _upcast, _work,
-                         canonical, scalars, triton_softmax_delta)
+                         EXACT_ROWS_LSE, canonical, scalars)
 from .tiling import TileList, triton_blocks
 
 
@@ -110,6 +110,76 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, LSE_LO, START, END, M
     tl.store(LSE_LO + offs_o * H + h, lo, mask=offs_m < N_DST)
 
 
+@triton.jit
+def _tile_block(q, do, K, V, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, K_BLOCK, EDGE_IDS, SEED, THRESH, t, h, hk,
+                offs_d, N_SRC, D, stride_kn, stride_kh, H, scale, keep_scale, BIAS: tl.constexpr,
+                DROPOUT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """``(s, dp, k)`` of tile ``t`` for head ``h`` in the backward kernels over query blocks:
+    scores ``[Bq, Bk]`` (``-inf`` off the edges), ``dp = dO v^T`` (times the dropout scales) and
+    the key block."""
+    kv, nmask = _key_block(K_BLOCK, t, hk, offs_d, N_SRC, D, stride_kn, stride_kh, BK)
+    k = tl.load(K + kv, mask=nmask, other=0.0)
+    v = tl.load(V + kv, mask=nmask, other=0.0)
+    s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, H, BIAS, BQ, BK, ACC, UPCAST)
+    dp = _dot(do, tl.trans(v), ACC, UPCAST)
+    if DROPOUT:
+        dp = dp * _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ, BK)
+    return s, dp, k
+
+
+@triton.jit(do_not_specialize=["SEED", "THRESH"])
+def _tiled_bwd_rows(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, OUT, DLSE, LSE, LSE_LO, DELTA, LSE_B, LO_B, TILE_PTR,
+                    K_BLOCK, MASK_INDEX, SCALES, EDGE_IDS, SEED, THRESH,
+                    stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
+                    N_DST, N_SRC, H, GROUP, D, LIMIT,
+                    HAS_DLSE: tl.constexpr, BIAS: tl.constexpr, DROPOUT: tl.constexpr, BQ: tl.constexpr,
+                    BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """The row terms of the backward pass for query block ``qb`` and head ``h``: ``delta``, and the
+    log-sum-exp ``(LSE_B, LO_B)`` the gradient kernels recompute the weights from. A block whose
+    log-sum-exps stay below ``LIMIT`` takes ``delta_i = dO_i . O_i - dlse_i`` and the forward's
+    log-sum-exp. A block with a larger one walks its tiles once more and recomputes both from the
+    scores the gradient kernels compute (an online softmax whose ``w`` sums ``p dp``): their weights
+    then sum to 1, and a saturated row (one weight 1) gets ``ds = 0`` exactly (module
+    :mod:`.chunked` says why)."""
+    qb = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // GROUP
+    scale, keep_scale = _load_scales(SCALES, ACC)
+    offs_m = qb * BQ + tl.arange(0, BQ)
+    offs_d = tl.arange(0, BLOCK_D)
+    rmask = offs_m < N_DST
+    mmask = rmask[:, None] & (offs_d[None, :] < D)
+    rows = offs_m[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
+    do = tl.load(DO + rows, mask=mmask, other=0.0)
+    o = tl.load(OUT + offs_m[:, None] * stride_on + h * stride_oh + offs_d[None, :], mask=mmask, other=0.0)
+    lse, lo, _ = _row_stats(LSE, LSE_LO, LSE, offs_m * H + h, rmask, ACC)
+    delta = tl.sum(do.to(ACC) * o.to(ACC), axis=1)
+    if tl.max(tl.where(rmask, tl.abs(lse), 0.0), axis=0) >= LIMIT:
+        q = tl.load(Q + rows, mask=mmask, other=0.0)
+        m_i = tl.full([BQ], float("-inf"), ACC)
+        l_i = tl.zeros([BQ], ACC)
+        w_i = tl.zeros([BQ], ACC)
+        t0 = tl.load(TILE_PTR + qb)
+        t1 = tl.load(TILE_PTR + qb + 1)
+        for t in range(t0, t1):
+            s, dp, k = _tile_block(q, do, K, V, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, K_BLOCK, EDGE_IDS, SEED,
+                                   THRESH, t, h, hk, offs_d, N_SRC, D, stride_kn, stride_kh, H, scale, keep_scale,
+                                   BIAS, DROPOUT, BQ, BK, ACC, UPCAST)
+            m_i, l_new, corr, p = _softmax_step(m_i, l_i, s)
+            l_i = l_new
+            w_i = w_i * corr + tl.sum(p * dp, axis=1)
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        delta = w_i / l_safe
+        lse = tl.where(m_i == float("-inf"), 0.0, m_i)
+        lo = tl.log(l_safe)
+    if HAS_DLSE:
+        delta = delta - tl.load(DLSE + offs_m * H + h, mask=rmask, other=0.0).to(ACC)
+    tl.store(DELTA + offs_m * H + h, delta, mask=rmask)
+    tl.store(LSE_B + offs_m * H + h, lse, mask=rmask)
+    tl.store(LO_B + offs_m * H + h, lo, mask=rmask)
+
+
 @triton.jit(do_not_specialize=["SEED", "THRESH"])
 def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DQ, DTBIAS, START, END, MAP, K_BLOCK,
                   MASK_INDEX, SCALES, EDGE_IDS, SEED, THRESH,
@@ -133,15 +203,10 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DQ, 
     dq = tl.zeros([BQ, BLOCK_D], ACC)
     cells = tl.arange(0, BQ)[:, None] * BK + tl.arange(0, BK)[None, :]
     for t in range(t0, t1):
-        kv, nmask = _key_block(K_BLOCK, t, hk, offs_d, N_SRC, D, stride_kn, stride_kh, BK)
-        k = tl.load(K + kv, mask=nmask, other=0.0)
-        v = tl.load(V + kv, mask=nmask, other=0.0)
-        s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, H, BIAS, BQ, BK, ACC,
-                         UPCAST)
+        s, dp, k = _tile_block(q, do, K, V, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, K_BLOCK, EDGE_IDS, SEED, THRESH,
+                               t, h, hk, offs_d, N_SRC, D, stride_kn, stride_kh, H, scale, keep_scale, BIAS,
+                               DROPOUT, BQ, BK, ACC, UPCAST)
         p = tl.exp((s - lse[:, None]) - lo[:, None])  # [Bq, Bk], 0 where masked
-        dp = _dot(do, tl.trans(v), ACC, UPCAST)
-        if DROPOUT:
-            dp = dp * _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ, BK)
         ds = p * (dp - delta[:, None])
         if WRITE_DTBIAS:
             # each edge owns one cell: its gradient is written once, no atomics
@@ -286,15 +351,25 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_
     n_dst, num_heads, dim = q.shape
     n_src, num_kv = k.size(0), k.size(1)
     acc_dtype = lse.dtype
-    dout = dout.contiguous()
-    delta = triton_softmax_delta(out, dout, dlse, acc_dtype)  # [N_dst, H]
+    dout, out = dout.contiguous(), out.contiguous()
     masks, cell_edge, block_d = _common(tiles, tbias, dim, dropout)
     drop = _scalar_args(tiles, scale, dropout, acc_dtype, q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dtb = torch.zeros_like(tbias) if need_bias_grad else None
+    delta = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)  # [N_dst, H]
     tb_arg = tbias if tbias is not None else delta
     common = dict(BIAS=tbias is not None, DROPOUT=dropout is not None, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
                   ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype, dim, lean))
+    if n_dst > 0:
+        lse_b, lo_b = torch.empty_like(delta), torch.empty_like(delta)
+        dlse_arg = dlse.to(acc_dtype).contiguous() if dlse is not None else delta
+        launch(_tiled_bwd_rows, (tiles.num_q_blocks, num_heads),
+               q, k, v, tb_arg, masks, cell_edge, dout, out, dlse_arg, lse, lse_lo, delta, lse_b, lo_b,
+               tiles.tile_ptr, tiles.k_block, tiles.mask_index, *drop,
+               q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
+               n_dst, n_src, num_heads, num_heads // num_kv, dim, EXACT_ROWS_LSE[acc_dtype],
+               HAS_DLSE=dlse is not None, **common)
+        lse, lse_lo = lse_b, lo_b
     if n_dst > 0:
         pieces = _pieces.cached_pieces(_cache(tiles), "q_blocks", tiles.tile_ptr, "tiles", tiles.num_tiles,
                                        num_heads)
