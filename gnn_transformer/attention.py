@@ -18,6 +18,8 @@ Notation: ``N`` nodes (``N_src`` / ``N_dst`` for a bipartite graph), ``E`` edges
 from __future__ import annotations
 
 import math
+import numbers
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +34,40 @@ from .position import RotaryEmbedding, check_base
 BACKENDS = ("auto", "pyg", "fused", "tiled", "split")
 
 
-def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int) -> None:
-    """Validate ``edge_index`` at the public boundary (shape, dtype, range).
+# edge_index tensors whose range was checked: id -> (weak reference, version, sizes); an entry
+# disappears with its tensor, and a write in place through PyTorch (a new version) invalidates it
+_RANGE_CHECKED: dict[int, tuple[weakref.ref, int, tuple[int, int]]] = {}
 
-    A ``torch_geometric.EdgeIndex`` whose ``sparse_size`` is ``(num_src, num_dst)`` is trusted to
-    hold indices within it (as PyG does; the topology builders guarantee it, and
-    ``EdgeIndex.validate()`` checks a hand-made one), so the range scan, a device sync per layer,
-    runs only for plain tensors and ``EdgeIndex`` objects without a complete ``sparse_size``.
+
+def _range_checked(edge_index: Tensor, num_src: int, num_dst: int) -> bool:
+    """Whether this very ``edge_index``, unchanged since, passed the range check for these sizes."""
+    hit = _RANGE_CHECKED.get(id(edge_index))
+    if hit is None:
+        return False
+    ref, version, sizes = hit  # only tensors with a version counter are remembered
+    return ref() is edge_index and version == edge_index._version and sizes == (num_src, num_dst)
+
+
+def _remember_range(edge_index: Tensor, num_src: int, num_dst: int) -> None:
+    if edge_index.is_inference():  # no version counter: in-place writes could not be seen
+        return
+    key = id(edge_index)
+    try:
+        ref = weakref.ref(edge_index, lambda _r, k=key: _RANGE_CHECKED.pop(k, None))
+    except TypeError:  # not weak-referenceable: checked on every call
+        return
+    _RANGE_CHECKED[key] = (ref, edge_index._version, (num_src, num_dst))
+
+
+def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int,
+                     device: torch.device | None = None) -> None:
+    """Validate ``edge_index`` at the public boundary (shape, dtype, device, range).
+
+    The range scan (one pass over the edges, one read back to the host) runs once per graph
+    object: a tensor or ``torch_geometric.EdgeIndex`` that passed it for ``(num_src, num_dst)``
+    is not scanned again until it is written in place (its version counter; writes that bypass
+    it, through ``.data`` or a NumPy view, are not seen, as in the kernels' graph cache).
+    ``device``: that of the node features, which an ``edge_index`` with edges must share.
     """
     if not isinstance(edge_index, Tensor):
         raise ValueError(f"Expected 'edge_index' to be a tensor (got {type(edge_index).__name__})")
@@ -51,26 +80,89 @@ def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int) -> None:
             raise ValueError(f"Expected 'edge_index' of sparse_size ({num_src}, {num_dst}) for "
                              f"{num_src} source and {num_dst} target nodes (got "
                              f"{tuple(edge_index.sparse_size())})")
-        return
     if edge_index.numel() == 0:
         return
-    lo = int(edge_index.min())
+    if device is not None and edge_index.device != device:
+        raise ValueError(f"Expected 'edge_index' on the device of the node features, {device} "
+                         f"(got device {edge_index.device})")
+    if edge_index.device.type == "meta":
+        raise ValueError("Expected 'edge_index' with values to check, not on the meta device "
+                         f"(got device {edge_index.device})")
+    if _range_checked(edge_index, num_src, num_dst):
+        return
+    plain = edge_index.as_tensor() if isinstance(edge_index, EdgeIndex) else edge_index
+    stats = [plain.amin(1), plain.amax(1)]
+    order = edge_index.sort_order if isinstance(edge_index, EdgeIndex) else None
+    if order is not None and plain.size(1) > 1:  # PyG trusts the flag: a false one gives wrong sums
+        key = plain[1] if order == "col" else plain[0]
+        stats.append((key[1:] < key[:-1]).any().view(1).to(plain.dtype))
+    src_min, dst_min, src_max, dst_max, *unsorted = torch.cat(stats).tolist()
+    if unsorted and unsorted[0]:
+        row = 1 if order == "col" else 0
+        raise ValueError(f"Expected 'edge_index' flagged sort_order={order!r} to have row {row} in "
+                         "ascending order (it is not): build the EdgeIndex without sort_order, or "
+                         f"sort it with .sort_by({order!r})")
+    lo = min(src_min, dst_min)
     if lo < 0:
         raise ValueError(f"Expected 'edge_index' to hold non-negative indices (found {lo})")
-    src_max, dst_max = int(edge_index[0].max()), int(edge_index[1].max())
     if src_max >= num_src:
         raise ValueError(f"Found source index {src_max} in 'edge_index' but there are only "
                          f"{num_src} source nodes")
     if dst_max >= num_dst:
         raise ValueError(f"Found target index {dst_max} in 'edge_index' but there are only "
                          f"{num_dst} target nodes")
+    _remember_range(edge_index, num_src, num_dst)
 
 
-def _check_features(x: Tensor, dim: int, name: str) -> None:
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs linear layers in on ``device`` now (``None``: off)."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return None
+    return torch.get_autocast_dtype(device.type) if enabled else None
+
+
+def _check_features(x: Tensor, dim: int, name: str, dtype: torch.dtype | None = None) -> None:
+    """Node features ``[N, dim]``, floating point, of ``dtype`` (the weights') unless autocast is on."""
     if not isinstance(x, Tensor):
-        raise ValueError(f"Expected '{name}' to be a tensor (got {type(x).__name__})")
+        raise TypeError(f"Expected '{name}' to be a tensor (got {type(x).__name__})")
     if x.dim() != 2 or x.size(-1) != dim:
         raise ValueError(f"Expected '{name}' to have shape [N, {dim}] (got {list(x.shape)})")
+    if not x.is_floating_point():
+        raise TypeError(f"Expected '{name}' to hold floating-point features (got dtype {x.dtype})")
+    if dtype is not None and x.dtype != dtype and _autocast_dtype(x.device) is None:
+        raise TypeError(f"Expected '{name}' in the dtype of the layer's weights, {dtype} (got "
+                        f"{x.dtype}): cast one to the other, or run under torch.autocast")
+
+
+def check_real(name: str, value: object, *, low: float | None = None, low_open: bool = False) -> float:
+    """``float(value)`` if it is a finite real number (not a bool), at least ``low`` (above it with
+    ``low_open``), else a ``ValueError`` naming ``name`` and the value."""
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+          and (low is None or value > low or (value == low and not low_open)))
+    if not ok:
+        bounds = "" if low is None else f" {'>' if low_open else '>='} {low}"
+        raise ValueError(f"Expected '{name}' to be a finite number{bounds} (got {value!r})")
+    return float(value)
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` if it is a bool, else a ``ValueError`` naming ``name`` and the value."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Expected '{name}' to be a bool (got {value!r})")
+    return value
+
+
+def check_ids(ids: Tensor, size: int, name: str) -> None:
+    """Token ids (or token types) in ``[0, size)``, else a ``ValueError`` naming ``name``, the value
+    found and the table size (one pass, one read back to the host)."""
+    if not ids.numel():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(ids))
+    bad = lo if lo < 0 else (hi if hi >= size else None)
+    if bad is not None:
+        raise ValueError(f"Found {bad} in '{name}' but the model's table has entries 0..{size - 1}")
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -298,9 +390,9 @@ class GraphMultiheadAttention(MessagePassing):
         layer built with ``project_kv=False`` (it has no key/value projection).
         """
         self._check_project_kv()
-        _check_features(x_src, self.kdim, "x_src")
+        _check_features(x_src, self.kdim, "x_src", self.out_proj.weight.dtype)
         if value is not None:
-            _check_features(value, self.vdim, "value")
+            _check_features(value, self.vdim, "value", self.out_proj.weight.dtype)
         key, value_h = self.project_key_value(x_src, x_src if value is None else value)
         return self.rotate(key, pos), value_h
 
@@ -343,20 +435,7 @@ class GraphMultiheadAttention(MessagePassing):
             raise ValueError(f"Expected 'kv' (keys and values of the source nodes) for "
                              f"{type(self).__name__} built with project_kv=False (got None): it "
                              "has no key/value projection")
-        x_src, x_dst = (x, x) if isinstance(x, Tensor) else tuple(x)
-        _check_features(x_dst, self.embed_dim, "x" if isinstance(x, Tensor) else "x[1]")
-        _check_features(x_src, self.kdim, "x" if isinstance(x, Tensor) else "x[0]")
-        if value is not None:
-            _check_features(value, self.vdim, "value")
-            if value.size(0) != x_src.size(0):
-                raise ValueError(f"Expected 'value' to have {x_src.size(0)} rows, one per source node "
-                                 f"(got {value.size(0)})")
-        elif self.vdim != self.kdim:
-            raise ValueError(f"The layer has vdim={self.vdim} != kdim={self.kdim}: pass the value "
-                             "features with 'value='")
-        num_src, num_dst = x_src.size(0), x_dst.size(0)
-        check_edge_index(edge_index, num_src, num_dst)
-        self._check_edge_bias(edge_bias, edge_index)
+        x_src, x_dst, edge_bias = self._check_forward(x, edge_index, value, edge_bias)
 
         query, key, value_h = self.project(x_dst, x_src, x_src if value is None else value)
         if self.rotary is not None or pos is not None:
@@ -377,10 +456,48 @@ class GraphMultiheadAttention(MessagePassing):
                     edge_bias: Tensor | None, pos: Tensor | None, return_attention_weights: bool,
                     backend: str | None):
         """``forward`` with the sources' keys and values given: only the queries are projected."""
+        key, value_h, edge_bias = self._check_forward_kv(x, edge_index, kv, edge_bias)
+        query = self.rotate(self.project_query(x), pos)
+        return self._attend_and_project(query, key, value_h, edge_index, edge_bias,
+                                        return_attention_weights, backend)
+
+    def _check_forward(self, x, edge_index: Tensor, value: Tensor | None,
+                       edge_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Checked ``(x_src, x_dst, edge_bias)`` of a ``forward`` without ``kv``."""
+        if isinstance(x, Tensor):
+            x_src = x_dst = x
+        elif isinstance(x, (tuple, list)) and len(x) == 2:
+            x_src, x_dst = x
+        else:
+            got = (f"a {type(x).__name__} of length {len(x)}" if isinstance(x, (tuple, list))
+                   else type(x).__name__)
+            raise TypeError("Expected 'x' to be node features [N, C] or a pair (x_src, x_dst) "
+                            f"(got {got})")
+        weight_dtype = self.out_proj.weight.dtype
+        _check_features(x_dst, self.embed_dim, "x" if isinstance(x, Tensor) else "x[1]", weight_dtype)
+        _check_features(x_src, self.kdim, "x" if isinstance(x, Tensor) else "x[0]", weight_dtype)
+        if value is not None:
+            _check_features(value, self.vdim, "value", weight_dtype)
+            if value.size(0) != x_src.size(0):
+                raise ValueError(f"Expected 'value' to have {x_src.size(0)} rows, one per source node "
+                                 f"(got {value.size(0)})")
+        elif self.vdim != self.kdim:
+            raise ValueError(f"The layer has vdim={self.vdim} != kdim={self.kdim}: pass the value "
+                             "features with 'value='")
+        check_edge_index(edge_index, x_src.size(0), x_dst.size(0), x_dst.device)
+        return x_src, x_dst, self._check_edge_bias(edge_bias, edge_index, x_dst.device)
+
+    def _check_forward_kv(self, x: Tensor, edge_index: Tensor, kv, edge_bias: Tensor | None
+                          ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Checked ``(key, value, edge_bias)`` of a ``forward`` with ``kv``."""
         if not isinstance(x, Tensor):
-            raise ValueError("Expected 'x' to be the query features [N_dst, C] when 'kv' is given "
-                             f"(got {type(x).__name__})")
-        _check_features(x, self.embed_dim, "x")
+            raise TypeError("Expected 'x' to be the query features [N_dst, C] when 'kv' is given "
+                            f"(got {type(x).__name__})")
+        _check_features(x, self.embed_dim, "x", self.out_proj.weight.dtype)
+        if not isinstance(kv, (tuple, list)) or len(kv) != 2:
+            got = (f"a {type(kv).__name__} of length {len(kv)}" if isinstance(kv, (tuple, list))
+                   else type(kv).__name__)
+            raise TypeError(f"Expected 'kv' to be a pair (key, value) (got {got})")
         key, value_h = kv
         expected = [self.num_kv_heads, self.head_dim]
         for name, t in (("kv[0]", key), ("kv[1]", value_h)):
@@ -391,18 +508,41 @@ class GraphMultiheadAttention(MessagePassing):
         if key.size(0) != value_h.size(0):
             raise ValueError(f"Expected 'kv' keys and values for the same {key.size(0)} source "
                              f"nodes (got {value_h.size(0)} values)")
-        check_edge_index(edge_index, key.size(0), x.size(0))
-        self._check_edge_bias(edge_bias, edge_index)
-        query = self.rotate(self.project_query(x), pos)
-        return self._attend_and_project(query, key, value_h, edge_index, edge_bias,
-                                        return_attention_weights, backend)
+        heads = self._heads_dtype(x.device)
+        for name, t in (("kv[0]", key), ("kv[1]", value_h)):
+            if t.dtype != heads:
+                raise TypeError(f"Expected '{name}' in the dtype of the layer's queries, {heads} "
+                                f"(got {t.dtype})")
+        check_edge_index(edge_index, key.size(0), x.size(0), x.device)
+        return key, value_h, self._check_edge_bias(edge_bias, edge_index, x.device)
 
-    def _check_edge_bias(self, edge_bias: Tensor | None, edge_index: Tensor) -> None:
-        if edge_bias is not None:
-            expected = [edge_index.size(1), self.num_heads]
-            if not isinstance(edge_bias, Tensor) or list(edge_bias.shape) != expected:
-                got = list(edge_bias.shape) if isinstance(edge_bias, Tensor) else type(edge_bias).__name__
-                raise ValueError(f"Expected 'edge_bias' to have shape {expected} (got {got})")
+    def _heads_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype of the projected heads: the weights', or autocast's when it is on."""
+        autocast = _autocast_dtype(device)
+        return self.out_proj.weight.dtype if autocast is None else autocast
+
+    def _check_edge_bias(self, edge_bias: Tensor | None, edge_index: Tensor,
+                         device: torch.device | None = None) -> Tensor | None:
+        """Checked ``edge_bias``; a floating bias of another dtype than the heads is cast to the
+        dtype the scores are computed in (float32; float64 for float64 heads), as the kernels do."""
+        if edge_bias is None:
+            return None
+        expected = [edge_index.size(1), self.num_heads]
+        if not isinstance(edge_bias, Tensor) or list(edge_bias.shape) != expected:
+            got = list(edge_bias.shape) if isinstance(edge_bias, Tensor) else type(edge_bias).__name__
+            raise ValueError(f"Expected 'edge_bias' to have shape {expected} (got {got})")
+        if not edge_bias.is_floating_point():
+            raise TypeError(f"Expected 'edge_bias' to be a floating-point tensor (got dtype "
+                            f"{edge_bias.dtype}); to remove edges, leave them out of 'edge_index' "
+                            "or give them a bias of -inf")
+        if device is not None and edge_bias.device != device:
+            raise ValueError(f"Expected 'edge_bias' on the device of the node features, {device} "
+                             f"(got device {edge_bias.device})")
+        if edge_bias.dtype != self.out_proj.weight.dtype:
+            heads = self._heads_dtype(edge_bias.device)
+            if edge_bias.dtype != heads:
+                edge_bias = edge_bias.to(torch.float64 if heads == torch.float64 else torch.float32)
+        return edge_bias
 
     def _attend_and_project(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor,
                             edge_bias: Tensor | None, return_attention_weights: bool,
@@ -442,15 +582,20 @@ class GraphMultiheadAttention(MessagePassing):
         backend = self.resolve_backend(edge_index, query.device, backend, size, query.dtype)
         scale = 1.0 / math.sqrt(self.head_dim)
         if backend == "pyg":
+            # half precision is computed in float32, as on every backend: bfloat16 scores of large
+            # inputs round by far more than the gaps between them
+            dtype = query.dtype
+            cd = torch.float64 if dtype == torch.float64 else torch.float32
             group = self.num_heads // self.num_kv_heads
-            key = key.repeat_interleave(group, dim=1)  # [N_src, H, D]
-            value = value.repeat_interleave(group, dim=1)  # [N_src, H, D]
+            query = query.to(cd)  # [N_dst, H, D]
+            key = key.to(cd).repeat_interleave(group, dim=1)  # [N_src, H, D]
+            value = value.to(cd).repeat_interleave(group, dim=1)  # [N_src, H, D]
             alpha = self.edge_updater(edge_index, query=query, key=key, edge_bias=edge_bias,
                                       scale=scale, size=size)  # [E, H]
-            weights = alpha
+            weights = alpha.to(dtype)
             alpha = F.dropout(alpha, p=self.dropout, training=self.training)
             out = self.propagate(edge_index, value=value, alpha=alpha, size=size)  # [N_dst, H, D]
-            return out, (weights if need_weights else None)
+            return out.to(dtype), (weights if need_weights else None)
 
         from . import kernels
         dropout_p = self.dropout if self.training else 0.0

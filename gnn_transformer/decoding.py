@@ -23,9 +23,12 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
+
+from .attention import check_bool, check_ids
 
 KV = tuple[Tensor, Tensor]
 
@@ -96,6 +99,58 @@ def _sample(logits: Tensor, greedy: bool, temperature: float, top_k: int | None,
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def _check_int(name: str, value: object, low: int | None = None, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+            or (low is not None and value < low)):
+        what = "an int" if low is None else ("a positive int" if low == 1 else "a non-negative int")
+        raise ValueError(f"Expected '{name}' to be {what}{' or None' if optional else ''} (got {value!r})")
+
+
+def _check_generate(model, input_ids, max_new_tokens, greedy, attention_mask, window, use_cache,
+                    temperature, top_k, generator, pad_token_id, eos_token_id, return_logits
+                    ) -> tuple[Tensor, Tensor]:
+    """Every argument of :func:`generate`, checked before any step; returns the real-token mask
+    ``[B, T]`` and the prompt lengths ``[B]``."""
+    if not hasattr(model, "forward_graph"):
+        raise ValueError(f"Expected 'model' with a forward_graph method (got {type(model).__name__})")
+    _check_int("max_new_tokens", max_new_tokens, 0)
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
+            or input_ids.dtype == torch.bool or input_ids.is_complex():
+        got = (f"{input_ids.dtype} of shape {list(input_ids.shape)}" if isinstance(input_ids, Tensor)
+               else type(input_ids).__name__)
+        raise ValueError(f"Expected 'input_ids' to be an integer tensor [B, T] (got {got})")
+    _check_int("window", window, 0, optional=True)
+    _check_int("eos_token_id", eos_token_id, optional=True)
+    _check_int("pad_token_id", pad_token_id)
+    for name, value in (("greedy", greedy), ("use_cache", use_cache), ("return_logits", return_logits)):
+        check_bool(name, value)
+    if input_ids.size(0) == 0:
+        raise ValueError(f"Expected 'input_ids' to hold at least one prompt (got {list(input_ids.shape)})")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not 0.0 < temperature < math.inf:
+        raise ValueError(f"Expected 'temperature' to be a positive finite number (got {temperature!r})")
+    _check_int("top_k", top_k, 1, optional=True)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"Expected 'generator' to be a torch.Generator or None (got {generator!r})")
+    if attention_mask is not None and (not isinstance(attention_mask, Tensor)
+                                       or attention_mask.shape != input_ids.shape):
+        got = (list(attention_mask.shape) if isinstance(attention_mask, Tensor)
+               else type(attention_mask).__name__)
+        raise ValueError("Expected 'attention_mask' of the shape of 'input_ids' "
+                         f"{list(input_ids.shape)} (got {got})")
+    mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+            else attention_mask.bool())
+    lengths = mask.sum(1)  # [B]
+    if int(lengths.min()) == 0:
+        raise ValueError(f"Expected every prompt to have a token (got lengths {lengths.tolist()})")
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab_size, int) and not isinstance(vocab_size, bool):
+        check_ids(input_ids[mask], vocab_size, "input_ids")  # padding may hold any id
+    return mask, lengths
+
+
 @torch.no_grad()
 def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True, *,
              attention_mask: Tensor | None = None, window: int | None = None,
@@ -123,34 +178,10 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True,
     Returns:
         ``[B, width]``: row ``b`` holds its prompt, its new tokens, then ``pad_token_id``.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"Expected 'max_new_tokens' to be a non-negative int (got {max_new_tokens!r})")
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-        got = list(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
-        raise ValueError(f"Expected 'input_ids' to be an integer tensor [B, T] (got {got})")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 0):
-        raise ValueError(f"Expected 'window' to be a non-negative int or None (got {window!r})")
-    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)):
-        raise ValueError(f"Expected 'eos_token_id' to be an int or None (got {eos_token_id!r})")
-    if input_ids.size(0) == 0:
-        raise ValueError(f"Expected 'input_ids' to hold at least one prompt (got {list(input_ids.shape)})")
-    if not greedy:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not 0.0 < temperature < math.inf:
-            raise ValueError(f"Expected 'temperature' to be a positive finite number (got {temperature!r})")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
-            raise ValueError(f"Expected 'top_k' to be a positive int or None (got {top_k!r})")
-    if attention_mask is not None and (not isinstance(attention_mask, Tensor)
-                                       or attention_mask.shape != input_ids.shape):
-        got = list(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
-        raise ValueError(f"Expected 'attention_mask' of the shape of 'input_ids' {list(input_ids.shape)} "
-                         f"(got {got})")
+    mask, lengths = _check_generate(model, input_ids, max_new_tokens, greedy, attention_mask, window,
+                                    use_cache, temperature, top_k, generator, pad_token_id,
+                                    eos_token_id, return_logits)
     device = input_ids.device
-    mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
-            else attention_mask.bool())
-    lengths = mask.sum(1)  # [B]
-    if int(lengths.min()) == 0:
-        raise ValueError(f"Expected every prompt to have a token (got lengths {lengths.tolist()})")
     seqs = [row[m] for row, m in zip(input_ids, mask)]  # each prompt, padding dropped
     batch = len(seqs)
     cache = KVCache() if use_cache else None

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .attention import check_ids
 from .layers import GraphTransformerEncoder, GraphTransformerEncoderLayer, get_activation
 
 Topology = Callable[[Sequence[int]], Tensor]
@@ -105,13 +106,6 @@ def _check_positions(pos: Tensor, max_positions: int, hint: str) -> None:
                          f"0..{max_positions - 1} {hint}")
 
 
-def _check_ids(ids: Tensor, size: int, name: str) -> None:
-    """Token ids (or token types) in ``[0, size)``, else a ``ValueError`` naming ``name``."""
-    bad = _outside(ids, size)
-    if bad is not None:
-        raise ValueError(f"Found {bad} in '{name}' but the model's table has entries 0..{size - 1}")
-
-
 def _scatter_back(h: Tensor, mask: Tensor) -> Tensor:
     out = h.new_zeros(*mask.shape, *h.shape[1:])  # [B, T, ...]
     out[mask] = h
@@ -124,6 +118,37 @@ def _check_topology(topology) -> Topology:
                else repr(topology))
         raise ValueError(f"Expected 'topology' to be a callable lengths -> edge_index (got {got})")
     return topology
+
+
+def _edges(topology: Topology, lengths: list[int], device: torch.device) -> Tensor:
+    """The token graph ``topology(lengths)`` on ``device``, checked to be a tensor."""
+    edge_index = topology(lengths)
+    if not isinstance(edge_index, Tensor):
+        raise TypeError(f"Expected 'topology' to return an edge_index tensor [2, E] (got "
+                        f"{type(edge_index).__name__} from {topology!r})")
+    return edge_index.to(device)
+
+
+def _model_type(obj) -> str | None:
+    return getattr(getattr(obj, "config", None), "model_type", None)
+
+
+def _check_config(config, expected: str, cls: type) -> None:
+    got = getattr(config, "model_type", None)
+    if got != expected:
+        raise TypeError(f"Expected 'config' of a Hugging Face {expected!r} model for {cls.__name__} "
+                        f"(got {type(config).__name__} with model_type {got!r})")
+
+
+def _check_model(model, expected: str, cls: type):
+    """The base model of ``model``, a Hugging Face model of type ``expected``, else a TypeError."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected 'model' to be a Hugging Face {expected!r} model for "
+                        f"{cls.__name__}.from_hf (got {type(model).__name__})")
+    got = _model_type(model)
+    if got != expected:
+        raise TypeError(f"Expected 'model' to be a Hugging Face {expected!r} model for "
+                        f"{cls.__name__}.from_hf (got {type(model).__name__} with model_type {got!r})")
 
 
 def _resolve_topology(topology: Topology | None, model_topology: Topology | None,
@@ -148,10 +173,10 @@ class GraphBertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: Tensor, pos: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        _check_ids(input_ids, self.word_embeddings.num_embeddings, "input_ids")
+        check_ids(input_ids, self.word_embeddings.num_embeddings, "input_ids")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        _check_ids(token_type_ids, self.token_type_embeddings.num_embeddings, "token_type_ids")
+        check_ids(token_type_ids, self.token_type_embeddings.num_embeddings, "token_type_ids")
         h = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
              + self.position_embeddings(pos))  # [N, C]
         return self.dropout(self.LayerNorm(h))
@@ -172,6 +197,7 @@ class GraphBertModel(nn.Module):
     def __init__(self, config, *, add_pooling_layer: bool = True, topology: Topology | None = None,
                  backend: str = "auto") -> None:
         super().__init__()
+        _check_config(config, "bert", type(self))
         if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
             raise ValueError("Expected a BERT encoder config (got is_decoder / add_cross_attention)")
         position_type = getattr(config, "position_embedding_type", "absolute")
@@ -209,7 +235,7 @@ class GraphBertModel(nn.Module):
             raise ValueError(f"Expected 'token_type_ids' of the shape of 'input_ids', "
                              f"{list(input_ids.shape)} (got {got})")
         topology = _resolve_topology(topology, self.topology, "full")
-        edge_index = topology(lengths).to(input_ids.device)
+        edge_index = _edges(topology, lengths, input_ids.device)
         types = None if token_type_ids is None else token_type_ids[mask]
         h = self.forward_graph(input_ids[mask], edge_index, pos=pos, token_type_ids=types)
         out = GraphModelOutput(last_hidden_state=_scatter_back(h, mask))
@@ -225,6 +251,7 @@ class GraphBertModel(nn.Module):
         """A graph model with the weights of a Hugging Face BERT model (``BertModel`` or a model
         whose ``base_model`` is one: its task head, e.g. ``classifier`` or ``cls``, is not
         imported; the pooler is, when the base model has one)."""
+        _check_model(model, "bert", cls)
         base = getattr(model, "base_model", model)
         config = base.config
         pooler = getattr(base, "pooler", None)
@@ -265,6 +292,7 @@ class GraphGPT2LMHeadModel(nn.Module):
 
     def __init__(self, config, *, topology: Topology | None = None, backend: str = "auto") -> None:
         super().__init__()
+        _check_config(config, "gpt2", type(self))
         if not getattr(config, "scale_attn_weights", True) or getattr(
                 config, "scale_attn_by_inverse_layer_idx", False):
             raise ValueError("Expected GPT-2 attention scaled by 1/sqrt(head_dim) only (got "
@@ -297,7 +325,7 @@ class GraphGPT2LMHeadModel(nn.Module):
         and ``edge_index`` runs from all cached plus new nodes to them."""
         n = self.config.n_positions
         _check_positions(pos, n, f"(check 'pos': n_positions={n})")
-        _check_ids(input_ids, self.wte.num_embeddings, "input_ids")
+        check_ids(input_ids, self.wte.num_embeddings, "input_ids")
         h = self.drop(self.wte(input_ids) + self.wpe(pos))  # [N, C]
         h = self.encoder(h, edge_index, cache=cache)
         logits = self.lm_head(h)
@@ -308,7 +336,7 @@ class GraphGPT2LMHeadModel(nn.Module):
                 ) -> GraphModelOutput:
         mask, pos, lengths = _flatten(input_ids, attention_mask, position_ids, self.wpe.num_embeddings)
         topology = _resolve_topology(topology, self.topology, "causal")
-        edge_index = topology(lengths).to(input_ids.device)
+        edge_index = _edges(topology, lengths, input_ids.device)
         logits, h = self.forward_graph(input_ids[mask], edge_index, pos=pos, return_hidden=True)
         return GraphModelOutput(last_hidden_state=_scatter_back(h, mask),
                                 logits=_scatter_back(logits, mask))
@@ -318,6 +346,7 @@ class GraphGPT2LMHeadModel(nn.Module):
         """A graph model with the weights of a Hugging Face ``GPT2Model`` or ``GPT2LMHeadModel``
         (a ``GPT2Model``'s head is tied to ``wte``). Other heads (``score``, ...) are refused: pass
         such a model's ``.transformer`` to import its base."""
+        _check_model(model, "gpt2", cls)
         base = getattr(model, "transformer", model)
         others = sorted({name for name, _ in model.named_children()} - {"transformer", "lm_head"})
         if base is not model and others:
@@ -355,7 +384,7 @@ def gpt2_state_dict(hf: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]
 
 def from_hf(model, *, topology: Topology | None = None, backend: str = "auto"):
     """The graph model of a Hugging Face BERT or GPT-2 model object (weights copied)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = _model_type(model)
     if model_type == "bert":
         return GraphBertModel.from_hf(model, topology=topology, backend=backend)
     if model_type == "gpt2":

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import GraphMultiheadAttention, check_dropout, check_positive_int
+from .attention import (GraphMultiheadAttention, check_bool, check_dropout, check_positive_int,
+                        check_real)
 
 KV = tuple[Tensor, Tensor]
 
@@ -53,10 +54,24 @@ def get_activation(activation: str | Callable[[Tensor], Tensor]) -> Callable[[Te
     return activation
 
 
-def _check_args(d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
+def check_layer_norm_eps(value: object, name: str = "layer_norm_eps") -> float:
+    """``value`` if it is a positive finite number, else a ``ValueError`` naming ``name``."""
+    return check_real(name, value, low=0.0, low_open=True)
+
+
+def _check_args(d_model: int, nhead: int, dim_feedforward: int, dropout: float, activation,
+                layer_norm_eps: float, batch_first: bool, norm_first: bool, bias: bool,
+                attention) -> None:
+    """``ValueError`` naming the first constructor argument of a layer with an invalid value."""
     for name, value in (("d_model", d_model), ("nhead", nhead), ("dim_feedforward", dim_feedforward)):
         check_positive_int(name, value)
     check_dropout(dropout)
+    get_activation(activation)
+    check_layer_norm_eps(layer_norm_eps)
+    for name, value in (("batch_first", batch_first), ("norm_first", norm_first), ("bias", bias)):
+        check_bool(name, value)
+    if not callable(attention):
+        raise ValueError(f"Expected 'attention' to be an attention class (got {attention!r})")
 
 
 class _FeedForward(nn.Module):
@@ -113,7 +128,8 @@ class GraphTransformerEncoderLayer(_FeedForward):
                  attention: Callable[..., GraphMultiheadAttention] = GraphMultiheadAttention,
                  backend: str = "auto") -> None:
         super().__init__()
-        _check_args(d_model, nhead, dim_feedforward, dropout)
+        _check_args(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
+                    norm_first, bias, attention)
         factory = {"device": device, "dtype": dtype}
         self.self_attn = attention(d_model, nhead, dropout=dropout, bias=bias,
                                    num_kv_heads=num_kv_heads, backend=backend, rope=rope,
@@ -181,7 +197,8 @@ class GraphTransformerDecoderLayer(_FeedForward):
                  attention: Callable[..., GraphMultiheadAttention] = GraphMultiheadAttention,
                  backend: str = "auto") -> None:
         super().__init__()
-        _check_args(d_model, nhead, dim_feedforward, dropout)
+        _check_args(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
+                    norm_first, bias, attention)
         factory = {"device": device, "dtype": dtype}
         self.self_attn = attention(d_model, nhead, dropout=dropout, bias=bias,
                                    num_kv_heads=num_kv_heads, backend=backend, rope=rope,
@@ -234,10 +251,17 @@ class GraphTransformerDecoderLayer(_FeedForward):
         return self.dropout3(self._ff(x))
 
 
-def _clones(module: nn.Module, num_layers: int) -> nn.ModuleList:
+def _clones(module: nn.Module, num_layers: int, name: str) -> nn.ModuleList:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"Expected '{name}' to be a layer (an nn.Module; got {type(module).__name__})")
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
         raise ValueError(f"Expected 'num_layers' to be a non-negative int (got {num_layers!r})")
     return nn.ModuleList([copy.deepcopy(module) for _ in range(num_layers)])
+
+
+def _check_norm(norm) -> None:
+    if norm is not None and not isinstance(norm, nn.Module):
+        raise TypeError(f"Expected 'norm' to be None or an nn.Module (got {type(norm).__name__})")
 
 
 def _check_share(kv_share_every: int) -> int:
@@ -295,7 +319,8 @@ class GraphTransformerEncoder(nn.Module):
                  enable_nested_tensor: bool = True, mask_check: bool = True, *,
                  kv_share_every: int = 1) -> None:
         super().__init__()
-        self.layers = _clones(encoder_layer, num_layers)
+        _check_norm(norm)
+        self.layers = _clones(encoder_layer, num_layers, "encoder_layer")
         self.num_layers = num_layers
         self.norm = norm
         self.kv_share_every = _check_share(kv_share_every)
@@ -321,7 +346,8 @@ class GraphTransformerDecoder(nn.Module):
     def __init__(self, decoder_layer: nn.Module, num_layers: int, norm: nn.Module | None = None, *,
                  kv_share_every: int = 1) -> None:
         super().__init__()
-        self.layers = _clones(decoder_layer, num_layers)
+        _check_norm(norm)
+        self.layers = _clones(decoder_layer, num_layers, "decoder_layer")
         self.num_layers = num_layers
         self.norm = norm
         self.kv_share_every = _check_share(kv_share_every)

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import check_dropout, check_positive_int
+from .attention import BACKENDS, check_bool, check_dropout, check_ids, check_positive_int
 from .layers import (GraphTransformerDecoder, GraphTransformerDecoderLayer, GraphTransformerEncoder,
-                     GraphTransformerEncoderLayer)
+                     GraphTransformerEncoderLayer, check_layer_norm_eps)
 from .position import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding, alibi_edge_bias, alibi_slopes
 from .variants import attention_class
 
@@ -54,6 +54,13 @@ class GraphTransformer(nn.Module):
                  layer_norm_eps: float = 1e-5, batch_first: bool = False, norm_first: bool = False,
                  bias: bool = True, device=None, dtype=None, *, backend: str = "auto") -> None:
         super().__init__()
+        check_layer_norm_eps(layer_norm_eps)
+        for name, value in (("batch_first", batch_first), ("norm_first", norm_first), ("bias", bias)):
+            check_bool(name, value)
+        for name, value in (("custom_encoder", custom_encoder), ("custom_decoder", custom_decoder)):
+            if value is not None and not isinstance(value, nn.Module):
+                raise TypeError(f"Expected '{name}' to be None or an nn.Module (got "
+                                f"{type(value).__name__})")
         factory = {"device": device, "dtype": dtype}
         if custom_encoder is not None:
             self.encoder = custom_encoder
@@ -151,6 +158,15 @@ def _check_config(c: GraphTransformerConfig) -> None:
     if c.attention == "linear" and c.position == "alibi":
         raise ValueError("Expected a 'position' other than 'alibi' with attention='linear' (linear "
                          "attention has no scores to add ALiBi's biases to; got position='alibi')")
+    if c.backend not in BACKENDS:
+        raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {c.backend!r})")
+    score = getattr(attention_class(c.attention), "score_function", "softmax")
+    if score != "softmax" and c.backend not in ("auto", "pyg"):
+        raise ValueError(f"Expected 'backend' 'auto' or 'pyg' with attention={c.attention!r} (the "
+                         f"kernels compute softmax attention only; got backend={c.backend!r})")
+    if c.position == "sinusoidal" and c.d_model % 2:
+        raise ValueError(f"Expected an even 'd_model' with position='sinusoidal' (got d_model="
+                         f"{c.d_model})")
 
 
 class GraphEncoderModel(nn.Module):
@@ -206,10 +222,14 @@ class GraphEncoderModel(nn.Module):
     def embed_nodes(self, x: Tensor, pos: Tensor | None) -> Tensor:
         """Input embeddings ``[N, C]``: token (or feature) embedding plus absolute position."""
         c = self.config
+        if not isinstance(x, Tensor):
+            raise TypeError(f"Expected 'x' to be a tensor (got {type(x).__name__})")
         if c.vocab_size is not None and (x.dim() != 1 or x.is_floating_point()):
             raise ValueError(f"Expected 'x' to be token ids [N] (got {x.dtype} of shape {list(x.shape)})")
         if c.input_dim is not None and (x.dim() != 2 or x.size(1) != c.input_dim):
             raise ValueError(f"Expected 'x' to have shape [N, {c.input_dim}] (got {list(x.shape)})")
+        if c.vocab_size is not None:
+            check_ids(x, c.vocab_size, "x")
         h = self.embed(x)  # [N, C]
         if c.position != "none" and (not isinstance(pos, Tensor) or pos.shape != (x.size(0),)):
             got = list(pos.shape) if isinstance(pos, Tensor) else pos

@@ -6,6 +6,7 @@ sequence lengths.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -18,6 +19,8 @@ def _lengths_tensor(lengths: Sequence[int] | Tensor, batch_size: int | None, max
     if isinstance(lengths, Tensor):
         if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
             raise ValueError(f"Expected 'lengths' to hold integers (got dtype {lengths.dtype})")
+    elif not isinstance(lengths, Sequence) or isinstance(lengths, str):
+        raise TypeError(f"Expected 'lengths' to be a list or 1-D tensor of ints (got {lengths!r})")
     elif any(isinstance(n, bool) or not isinstance(n, numbers.Integral) for n in lengths):
         raise ValueError(f"Expected 'lengths' to hold integers (got {list(lengths)!r})")
     lengths = torch.as_tensor(lengths, dtype=torch.long, device=device).reshape(-1)
@@ -30,6 +33,31 @@ def _lengths_tensor(lengths: Sequence[int] | Tensor, batch_size: int | None, max
         raise ValueError(f"Found length {int(lengths.max())} in 'lengths' but the padded tensor has "
                          f"only {max_len} positions")
     return lengths
+
+
+def _check_tensor(x: object, name: str = "x") -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"Expected '{name}' to be a tensor (got {type(x).__name__}); "
+                        "wrap it with torch.tensor")
+
+
+def _check_fill_value(fill_value: object, dtype: torch.dtype) -> None:
+    """``fill_value`` a number that ``dtype`` holds exactly (integers) or within range (floats)."""
+    if dtype == torch.bool:
+        ok = isinstance(fill_value, bool) or (isinstance(fill_value, numbers.Real)
+                                              and fill_value in (0, 1))
+    elif dtype.is_floating_point:
+        ok = (not isinstance(fill_value, bool) and isinstance(fill_value, numbers.Real)
+              and (not math.isfinite(fill_value) or abs(fill_value) <= torch.finfo(dtype).max))
+    elif dtype.is_complex:
+        ok = isinstance(fill_value, numbers.Number) and not isinstance(fill_value, bool)
+    else:
+        info = torch.iinfo(dtype)
+        ok = (isinstance(fill_value, numbers.Real) and not isinstance(fill_value, bool)
+              and math.isfinite(fill_value) and fill_value == int(fill_value)
+              and info.min <= int(fill_value) <= info.max)
+    if not ok:
+        raise ValueError(f"Expected 'fill_value' to be a value of x's dtype {dtype} (got {fill_value!r})")
 
 
 def padding_mask(lengths: Sequence[int] | Tensor, max_len: int | None = None, device=None) -> Tensor:
@@ -47,6 +75,7 @@ def from_padded(x: Tensor, lengths: Sequence[int] | Tensor) -> Tensor:
         >>> from_padded(x, [2, 1])
         tensor([0., 1., 3.])
     """
+    _check_tensor(x)
     if x.dim() < 2:
         raise ValueError(f"Expected 'x' to be padded [B, T, ...] (got shape {list(x.shape)})")
     mask = padding_mask(_lengths_tensor(lengths, x.size(0), x.size(1), x.device), x.size(1))
@@ -62,6 +91,10 @@ def to_padded(x: Tensor, lengths: Sequence[int] | Tensor, max_len: int | None = 
         tensor([[0., 1.],
                 [3., 0.]])
     """
+    _check_tensor(x)
+    if x.dim() < 1:
+        raise ValueError(f"Expected 'x' to be node features [N, ...] (got shape {list(x.shape)})")
+    _check_fill_value(fill_value, x.dtype)
     lengths = _lengths_tensor(lengths, None, max_len, x.device)
     if int(lengths.sum()) != x.size(0):
         raise ValueError(f"Expected 'x' to have sum(lengths) = {int(lengths.sum())} rows "

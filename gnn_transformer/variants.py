@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import degree, scatter
 
-from .attention import GraphMultiheadAttention
+from .attention import GraphMultiheadAttention, check_real
 
 
 def _message_passing_only(layer: GraphMultiheadAttention, backend: str | None) -> None:
@@ -41,6 +41,10 @@ def _message_passing_only(layer: GraphMultiheadAttention, backend: str | None) -
 
 class _EdgeWeightAttention(GraphMultiheadAttention):
     """Shared ``attend``: per-edge weights from ``edge_update``, then weighted sum of values."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _message_passing_only(self, None)
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *,
                edge_bias: Tensor | None = None, need_weights: bool = False,
@@ -75,7 +79,7 @@ class SigmoidAttention(_EdgeWeightAttention):
 
     def __init__(self, *args, score_bias: float | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.score_bias = score_bias
+        self.score_bias = None if score_bias is None else check_real("score_bias", score_bias)
 
     def edge_update(self, query_i: Tensor, key_j: Tensor, edge_bias: Tensor | None, scale: float,
                     index: Tensor, ptr: Tensor | None, size_i: int | None) -> Tensor:
@@ -107,7 +111,7 @@ class LinearAttention(_EdgeWeightAttention):
 
     def __init__(self, *args, eps: float = 1e-6, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.eps = eps
+        self.eps = check_real("eps", eps, low=0.0)
 
     def edge_update(self, query_i: Tensor, key_j: Tensor, edge_bias: Tensor | None, scale: float,
                     index: Tensor, ptr: Tensor | None, size_i: int | None) -> Tensor:
@@ -131,6 +135,8 @@ class MLPProjectionAttention(GraphMultiheadAttention):
     score_function = "softmax"
 
     def __init__(self, *args, mlp_activation=F.gelu, **kwargs) -> None:
+        if not callable(mlp_activation):
+            raise ValueError(f"Expected 'mlp_activation' to be a callable (got {mlp_activation!r})")
         super().__init__(*args, **kwargs)
         factory = {"device": self.out_proj.weight.device, "dtype": self.out_proj.weight.dtype}
         bias = self.in_proj_bias is not None
