@@ -2,9 +2,11 @@
 
 Every builder takes ``n`` (one sequence) or a list of lengths (a batch, disjoint union) and
 returns a ``torch_geometric.EdgeIndex`` sorted by target without duplicated edges; every builder
-has a brute-force ``*_predicate`` twin. See ``docs/topology.md`` for the catalogue.
+has a brute-force ``*_predicate`` twin. A graph of more edges than the budget (:func:`max_edges`,
+``DEFAULT_MAX_EDGES = 2**32`` unless raised) is refused before anything is allocated. See
+``docs/topology.md`` for the catalogue.
 """
-from ._common import as_lengths, batch_vector, ptr_vector
+from ._common import DEFAULT_MAX_EDGES, as_lengths, batch_vector, max_edges, ptr_vector
 from .analysis import (DegreeStats, TopologyStats, diameter, hop_distances, layers_to_match,
                        receptive_field, receptive_field_sizes, summarize)
 from .basic import causal, causal_predicate, full, full_predicate
@@ -35,6 +37,8 @@ __all__ = [
     "random", "erdos_renyi", "edge_set_predicate", "star", "star_predicate", "expander",
     "document", "document_lengths", "document_predicate", "prefix_lm", "prefix_lm_predicate",
     "cross", "cross_predicate", "from_graph", "from_graph_predicate", "read_graph",
+    # the edge budget of every builder
+    "max_edges", "DEFAULT_MAX_EDGES",
     # combinators
     "union", "intersection", "difference", "from_predicate",
     # specs (graphs/*.toml)

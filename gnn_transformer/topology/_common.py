@@ -3,16 +3,88 @@
 Every builder returns a ``torch_geometric.EdgeIndex`` of shape ``[2, E]`` with row 0 the source
 ``j`` (key/value) and row 1 the target ``i`` (query), sorted by target (``sort_order="col"``), with
 ``sparse_size=(N_src, N_dst)`` and no duplicated edge.
+
+Sizes are checked before anything is allocated: a builder first counts the edges its graph would
+have (exactly, or a tight upper bound, in Python integers) and refuses a graph of more than the
+edge budget, :data:`DEFAULT_MAX_EDGES` unless raised (or lowered) with :func:`max_edges`.
+Windows, blocks and similar sizes are clamped to the sequence lengths before any tensor
+arithmetic, so no size near ``2**63`` overflows ``int64``.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
 from torch_geometric import EdgeIndex
 
 Lengths = int | Sequence[int]
+
+DEFAULT_MAX_EDGES = 2**32  # 64 GiB as an int64 edge_index: causal(65536) fits, full(10**6) does not
+SEED_MAX = 2**63 - 1       # seeds of torch.Generator.manual_seed and random.Random
+INT64_MAX = 2**63 - 1
+_MAX_EDGES: ContextVar[int | None] = ContextVar("max_edges", default=DEFAULT_MAX_EDGES)
+
+
+@contextmanager
+def max_edges(limit: int | None) -> Iterator[None]:
+    """Edge budget of the topology builders inside the ``with`` block (``None``: no limit).
+
+    Every builder counts the edges of its graph before allocating anything and raises a
+    ``ValueError`` when they (or its tokens) exceed the budget: :data:`DEFAULT_MAX_EDGES`
+    (``2**32``, 64 GiB as an int64 ``edge_index``) outside any ``with max_edges(...)`` block. The
+    previous budget is back when the block ends (the setting is a ``ContextVar``: threads and tasks
+    each keep their own).
+
+    Args:
+        limit: the most edges (and tokens) a builder may produce, ``>= 0``; ``None`` for no limit.
+
+    Example:
+        >>> from gnn_transformer import topology as T
+        >>> with T.max_edges(5):
+        ...     T.causal(3).size(1)
+        Traceback (most recent call last):
+        ...
+        ValueError: causal: n=3 would need 6 edges, more than the edge budget max_edges=5 (...)
+        >>> with T.max_edges(6):
+        ...     T.causal(3).size(1)
+        6
+    """
+    if limit is not None:
+        check_int("limit", limit, 0)
+    token = _MAX_EDGES.set(limit)
+    try:
+        yield
+    finally:
+        _MAX_EDGES.reset(token)
+
+
+def _describe(lengths: list[int]) -> str:
+    """``n`` for a message: the length, a short list, or the first lengths and the totals."""
+    if len(lengths) == 1:
+        return str(lengths[0])
+    if len(lengths) <= 4:
+        return str(lengths)
+    return f"[{lengths[0]}, {lengths[1]}, ..., {lengths[-1]}] ({len(lengths)} sequences, {sum(lengths)} tokens)"
+
+
+def check_edges(builder: str, edges: int, **sizes: list[int]) -> None:
+    """Refuse a graph of more edges, or more tokens, than the edge budget (see :func:`max_edges`),
+    naming the builder, its sizes (``n=...``) and the edges it would need."""
+    limit = _MAX_EDGES.get()
+    if limit is None:
+        return
+    tokens = sum(sum(v) for v in sizes.values())  # per-token arrays, even without edges
+    if edges > limit or tokens > limit:
+        what = ", ".join(f"{name}={_describe(v)}" for name, v in sizes.items())
+        need = (f"would need {edges} edges" if edges > limit else
+                f"has {tokens} tokens ({edges} edges)")
+        raise ValueError(
+            f"{builder}: {what} {need}, more than the edge budget max_edges={limit} "
+            f"({16 * max(edges, tokens) / 2**30:.3g} GiB as an int64 edge_index); to build it anyway, "
+            f"call it inside 'with gnn_transformer.topology.max_edges({max(edges, tokens)}):' (None: no limit)")
 
 
 def as_lengths(n: Lengths, name: str = "n") -> list[int]:
@@ -64,6 +136,7 @@ def local_positions(n: Lengths) -> tuple[Tensor, Tensor, Tensor]:
 def finalize(src: Tensor, dst: Tensor, num_src: int, num_dst: int | None = None) -> EdgeIndex:
     """Sort edges by target (then source), drop nothing, and wrap them as an ``EdgeIndex``."""
     num_dst = num_src if num_dst is None else num_dst
+    check_keys(num_src, num_dst)
     src = src.to(torch.long).reshape(-1)
     dst = dst.to(torch.long).reshape(-1)
     key = dst * max(num_src, 1) + src
@@ -75,6 +148,7 @@ def finalize(src: Tensor, dst: Tensor, num_src: int, num_dst: int | None = None)
 def coalesce_edges(src: Tensor, dst: Tensor, num_src: int, num_dst: int | None = None) -> EdgeIndex:
     """Like :func:`finalize`, but removes duplicated edges first."""
     num_dst = num_src if num_dst is None else num_dst
+    check_keys(num_src, num_dst)
     key = dst.to(torch.long).reshape(-1) * max(num_src, 1) + src.to(torch.long).reshape(-1)
     key = torch.unique(key)  # sorted: by target, then source
     s = max(num_src, 1)
@@ -91,6 +165,25 @@ def check_int(name: str, value: object, minimum: int | None = 0, maximum: int | 
     if maximum is not None and value > maximum:
         raise ValueError(f"Expected '{name}' <= {maximum} (got {value})")
     return value
+
+
+def check_seed(name: str, value: object) -> int:
+    """Validate a seed: an int in ``[0, SEED_MAX]`` (``2**63 - 1``), the rule of spec files and the
+    command line too."""
+    return check_int(name, value, 0, SEED_MAX)
+
+
+def check_keys(num_src: int, num_dst: int) -> None:
+    """Refuse node counts whose edge keys ``dst * num_src + src`` would overflow int64."""
+    if max(num_src, 1) * max(num_dst, 1) > INT64_MAX:
+        raise ValueError(f"Expected a graph of at most 2**63 - 1 node pairs (got {num_src} sources x "
+                         f"{num_dst} targets)")
+
+
+def window_edges(L: int, window: int, causal: bool = False) -> int:
+    """Edges of a sliding window of radius ``window`` on one sequence of ``L`` tokens."""
+    w = min(window, max(L - 1, 0))
+    return (w + 1) * L - w * (w + 1) // 2 if causal else (2 * w + 1) * L - w * (w + 1)
 
 
 def check_bool(name: str, value: object) -> bool:

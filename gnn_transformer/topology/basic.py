@@ -8,17 +8,21 @@ from __future__ import annotations
 import torch
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths, as_lengths, local_positions, wrap_sorted
+from ._common import Lengths, as_lengths, check_edges, local_positions, wrap_sorted
 
 
 def full(n: Lengths) -> EdgeIndex:
     """All pairs within each sequence, ``sum(L^2)`` edges.
+
+    A graph of more edges than the budget (:func:`~gnn_transformer.topology.max_edges`, ``2**32``
+    by default) is refused with a ``ValueError`` before anything is allocated, as by every builder.
 
     Example:
         >>> full(2).tolist()
         [[0, 1, 0, 1], [0, 0, 1, 1]]
     """
     lengths = as_lengths(n)
+    check_edges("full", sum(L * L for L in lengths), n=lengths)
     pos, offset, length = local_positions(lengths)  # [N] each
     dst = torch.repeat_interleave(torch.arange(pos.numel()), length)  # each target repeated L times
     # the e-th edge's source: e minus its target's first edge, plus the target's sequence offset
@@ -39,6 +43,7 @@ def causal(n: Lengths) -> EdgeIndex:
         [[0, 0, 1, 0, 1, 2], [0, 1, 1, 2, 2, 2]]
     """
     lengths = as_lengths(n)
+    check_edges("causal", sum(L * (L + 1) // 2 for L in lengths), n=lengths)
     pos, offset, _ = local_positions(lengths)
     count = pos + 1  # in-degree of each node
     dst = torch.repeat_interleave(torch.arange(pos.numel()), count)

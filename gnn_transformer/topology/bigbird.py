@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths, as_lengths, check_int, expand_ranges, local_positions, wrap_sorted
+from ._common import (Lengths, as_lengths, check_edges, check_int, check_seed, expand_ranges, local_positions,
+                      wrap_sorted)
 from .random_graphs import sample_distinct
 
 
@@ -64,6 +65,15 @@ def _block_edges(lengths: list[int], block: int, window: int, num_global: int, n
     return bsrc, bdst, start, size
 
 
+def _max_edges(L: int, block: int, window: int, num_global: int, num_random: int) -> int:
+    """Upper bound of the edges of one sequence of ``L`` tokens: a non-global query block sees at most
+    ``2w + 1`` window, ``g`` global and ``r`` random key blocks; a global one sees all ``L`` keys."""
+    nb = -(-L // block)
+    key_blocks = min(nb, 2 * window + 1 + min(num_global, nb) + num_random)
+    global_queries = min(L, num_global * block)
+    return min(L * L, L * min(L, key_blocks * block) + global_queries * L)
+
+
 def bigbird(n: Lengths, *, block: int = 1, window: int = 1, num_global: int = 1, num_random: int = 1,
             seed: int = 0, global_at: str = "start") -> EdgeIndex:
     r"""BigBird: sliding window of blocks ∪ global blocks ∪ random blocks (seeded).
@@ -77,7 +87,7 @@ def bigbird(n: Lengths, *, block: int = 1, window: int = 1, num_global: int = 1,
         window: radius in blocks (BigBird-ITC: 3 sliding blocks, radius 1).
         num_global: global blocks at the start of each sequence (BigBird-ITC: 2).
         num_random: random key blocks per query block (BigBird-ITC: 3).
-        seed: seed of a private generator.
+        seed: seed of a private generator, an int in ``[0, 2**63 - 1]``.
         global_at: ``"start"`` (the first ``num_global`` blocks are global) or ``"ends"`` (the first
             ``ceil(num_global / 2)`` and the last ``floor(num_global / 2)``, as in BigBird-ITC).
 
@@ -91,9 +101,18 @@ def bigbird(n: Lengths, *, block: int = 1, window: int = 1, num_global: int = 1,
     check_int("window", window)
     check_int("num_global", num_global)
     check_int("num_random", num_random)
-    check_int("seed", seed, None)
+    check_seed("seed", seed)
     if global_at not in ("start", "ends"):
         raise ValueError(f"Expected 'global_at' to be 'start' or 'ends' (got {global_at!r})")
+    # sizes beyond the sequence give the same graph: clamp them before any int64 arithmetic (a
+    # block of at least L is the whole sequence; window and global blocks of at least its block
+    # count cover all blocks, at either end)
+    longest = max(lengths, default=0)
+    block = min(block, max(longest, 1))
+    most_blocks = -(-longest // block)
+    window, num_global = min(window, most_blocks), min(num_global, most_blocks)
+    check_edges("bigbird", sum(_max_edges(L, block, window, num_global, num_random) for L in lengths),
+                n=lengths)
     bsrc, bdst, start, size = _block_edges(lengths, block, window, num_global, num_random, seed,
                                            global_at)
     # Distinct block pairs, sorted by query block, then key block (the window, global and random

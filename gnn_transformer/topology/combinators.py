@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths, as_lengths, coalesce_edges, finalize
+from ._common import Lengths, as_lengths, check_keys, coalesce_edges, finalize
 
 
 def _sizes(graphs: Sequence[Tensor], what: str) -> tuple[int, int]:
@@ -35,8 +35,10 @@ def _sizes(graphs: Sequence[Tensor], what: str) -> tuple[int, int]:
     if len(sizes) > 1:
         raise ValueError(f"Expected the graphs of '{what}' to have the same sparse_size (got {sorted(sizes)})")
     if not sizes:
+        check_keys(high, high)
         return high, high
     num_src, num_dst = sizes.pop()
+    check_keys(num_src, num_dst)  # edge keys dst * num_src + src below
     if high > min(num_src, num_dst) and any(not isinstance(g, EdgeIndex) for g in graphs):
         for g in graphs:
             if g.numel() and (int(g[0].max()) >= num_src or int(g[1].max()) >= num_dst):

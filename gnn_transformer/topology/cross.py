@@ -17,9 +17,19 @@ from __future__ import annotations
 import torch
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths, as_lengths, check_int, expand_ranges, local_positions, wrap_sorted
+from ._common import (INT64_MAX, Lengths, as_lengths, check_edges, check_int, expand_ranges, local_positions,
+                      wrap_sorted)
 
 MODES = ("full", "window", "monotonic")
+
+
+def _edges(L_q: int, L_k: int, mode: str, window: int) -> int:
+    """Upper bound of the edges of one pair of sequences (exact for ``"full"``)."""
+    if mode == "window":
+        return L_q * min(L_k, 2 * window + 1)
+    if mode == "monotonic":  # sum_i ceil((i + 1) L_k / L_q) + w <= L_k (L_q + 1) / 2 + L_q (w + 1)
+        return min(L_q * L_k, -(-L_k * (L_q + 1) // 2) + L_q * (window + 1))
+    return L_q * L_k
 
 
 def cross(n_q: Lengths, n_k: Lengths, *, mode: str = "full", window: int = 0) -> EdgeIndex:
@@ -32,7 +42,8 @@ def cross(n_q: Lengths, n_k: Lengths, *, mode: str = "full", window: int = 0) ->
         n_q: decoder (query) length, or a list of lengths.
         n_k: encoder (key) length, or a list with one length per decoder sequence.
         mode: ``"full"``, ``"window"`` or ``"monotonic"``.
-        window: radius (``"window"``) or lookahead (``"monotonic"``), ``>= 0``.
+        window: radius (``"window"``) or lookahead (``"monotonic"``), ``>= 0`` (clamped to the
+            encoder length: a larger one sees the same tokens).
 
     Example:
         >>> cross(2, 4, mode="monotonic").tolist()
@@ -45,6 +56,11 @@ def cross(n_q: Lengths, n_k: Lengths, *, mode: str = "full", window: int = 0) ->
     if mode not in MODES:
         raise ValueError(f"Expected 'mode' in {MODES} (got {mode!r})")
     check_int("window", window)
+    window = min(window, max(k_len, default=0))
+    if 2 * max(q_len, default=0) * max(k_len, default=0) > INT64_MAX:  # (2i + 1) L_k below
+        raise ValueError(f"Expected 2 * n_q * n_k <= 2**63 - 1 for int64 positions (got "
+                         f"n_q={max(q_len)} and n_k={max(k_len)})")
+    check_edges("cross", sum(_edges(a, b, mode, window) for a, b in zip(q_len, k_len)), n_q=q_len, n_k=k_len)
     pos, _, lq = local_positions(q_len)  # [N_q]
     seq = torch.repeat_interleave(torch.arange(len(q_len)), torch.tensor(q_len, dtype=torch.long))
     k_t = torch.tensor(k_len, dtype=torch.long)

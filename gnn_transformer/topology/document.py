@@ -12,7 +12,7 @@ from itertools import accumulate
 
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths, as_lengths, check_bool, check_int
+from ._common import Lengths, as_lengths, check_bool, check_edges, check_int
 from .basic import causal as _causal
 from .basic import full as _full
 
@@ -71,7 +71,17 @@ def document(n: Lengths, doc_lengths: DocLengths, *, causal: bool = False) -> Ed
         [[0, 1, 0, 1, 2], [0, 0, 1, 1, 2]]
     """
     check_bool("causal", causal)
+
+    def edges(d: int) -> int:  # one document of d tokens
+        return d * (d + 1) // 2 if causal else d * d
+
+    if isinstance(doc_lengths, int) and not isinstance(doc_lengths, bool):  # count before listing them
+        lengths = as_lengths(n)
+        check_int("doc_lengths", doc_lengths, 1)
+        check_edges("document", sum(L // doc_lengths * edges(doc_lengths) + edges(L % doc_lengths)
+                                    for L in lengths), n=lengths)
     flat = document_lengths(n, doc_lengths)
+    check_edges("document", sum(edges(d) for d in flat), n=as_lengths(n))
     return _causal(flat) if causal else _full(flat)
 
 

@@ -12,7 +12,7 @@ import networkx as nx
 import torch
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths, as_lengths, check_bool, check_int, coalesce_edges, full_pairs
+from ._common import Lengths, as_lengths, check_bool, check_edges, check_int, check_seed, coalesce_edges, full_pairs
 
 
 def expander(n: Lengths, degree: int, *, seed: int = 0, self_loops: bool = False) -> EdgeIndex:
@@ -24,7 +24,8 @@ def expander(n: Lengths, degree: int, *, seed: int = 0, self_loops: bool = False
     Args:
         n: sequence length, or a list of lengths.
         degree: ``d >= 0``; Exphormer uses small degrees (3 to 6).
-        seed: seed of the draws (sequence ``b`` uses a seed derived from it).
+        seed: seed of the draws (sequence ``b`` uses a seed derived from it), an int in
+            ``[0, 2**63 - 1]``.
         self_loops: also let every token attend to itself.
 
     Example:
@@ -34,12 +35,14 @@ def expander(n: Lengths, degree: int, *, seed: int = 0, self_loops: bool = False
     """
     lengths = as_lengths(n)
     check_int("degree", degree)
-    check_int("seed", seed, None)
+    check_seed("seed", seed)
     check_bool("self_loops", self_loops)
     odd = [L for L in lengths if L > degree and (L * degree) % 2]
     if odd:
         raise ValueError(f"Expected 'degree' * length to be even for a regular graph (got "
                          f"degree={degree} and length {odd[0]}); use an even degree")
+    check_edges("expander", sum((L * (L - 1) if L <= degree else L * degree) + (L if self_loops else 0)
+                                for L in lengths), n=lengths)
     rng = _random.Random(seed)
     src, dst, offset = [], [], 0
     for L in lengths:  # one networkx draw per sequence (not per token)

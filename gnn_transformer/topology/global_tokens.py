@@ -8,7 +8,14 @@ from __future__ import annotations
 import torch
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths, as_lengths, check_int, coalesce_edges, expand_ranges, local_positions
+from ._common import (Lengths, as_lengths, check_edges, check_int, coalesce_edges, expand_ranges, local_positions,
+                      window_edges)
+
+
+def _edges(L: int, num_global: int, window: int | None) -> int:
+    """Edges of one sequence: ``2gL - g^2`` global ones, plus the window among the other tokens."""
+    g = min(num_global, L)
+    return 2 * g * L - g * g + (window_edges(L - g, window) if window is not None else 0)
 
 
 def global_tokens(n: Lengths, num_global: int = 1, *, window: int | None = None) -> EdgeIndex:
@@ -21,7 +28,8 @@ def global_tokens(n: Lengths, num_global: int = 1, *, window: int | None = None)
         n: sequence length, or a list of lengths.
         num_global: global tokens ``g >= 0`` at the start of each sequence (all tokens when
             ``g >= L``).
-        window: radius of the sliding window, or ``None`` for global edges only.
+        window: radius of the sliding window (clamped to the sequence), or ``None`` for global
+            edges only.
 
     Example:
         >>> global_tokens(3, 1).tolist()
@@ -31,6 +39,10 @@ def global_tokens(n: Lengths, num_global: int = 1, *, window: int | None = None)
     check_int("num_global", num_global)
     if window is not None:
         check_int("window", window)
+    longest = max(lengths, default=0)
+    num_global = min(num_global, longest)  # sizes beyond the sequence give the same graph
+    window = None if window is None else min(window, longest)
+    check_edges("global_tokens", sum(_edges(L, num_global, window) for L in lengths), n=lengths)
     pos, offset, length = local_positions(lengths)  # [N]
     g = torch.clamp(length, max=num_global)  # global tokens of each node's sequence
     # every token <- the global tokens; the global tokens <- every token

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths, as_lengths, check_int, expand_ranges, local_positions, wrap_sorted
+from ._common import Lengths, as_lengths, check_edges, check_int, expand_ranges, local_positions, wrap_sorted
 
 
 def prefix_lm(n: Lengths, prefix: int | Sequence[int]) -> EdgeIndex:
@@ -34,6 +34,9 @@ def prefix_lm(n: Lengths, prefix: int | Sequence[int]) -> EdgeIndex:
         prefixes = as_lengths(prefix, "prefix")
         if len(prefixes) != len(lengths):
             raise ValueError(f"Expected one 'prefix' per sequence ({len(lengths)}) (got {prefixes})")
+    prefixes = [min(p, L) for p, L in zip(prefixes, lengths)]  # no int64 overflow below
+    check_edges("prefix_lm", sum(L * (L + 1) // 2 + p * (p - 1) // 2 for p, L in zip(prefixes, lengths)),
+                n=lengths)
     pos, offset, length = local_positions(lengths)
     seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long))
     p = torch.minimum(torch.tensor(prefixes, dtype=torch.long)[seq], length) if lengths else pos

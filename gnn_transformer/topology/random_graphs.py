@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths, as_lengths, check_int, coalesce_edges, finalize, local_positions
+from ._common import (Lengths, as_lengths, check_edges, check_int, check_seed, coalesce_edges, finalize,
+                      local_positions)
 
 
 def erdos_renyi(num_src: int, num_dst: int | None = None, p: float = 0.3, seed: int = 0,
@@ -21,12 +22,18 @@ def erdos_renyi(num_src: int, num_dst: int | None = None, p: float = 0.3, seed: 
 
     ``min_in_degree=1`` adds one random incoming edge to every target that drew none, so that
     no row is empty (needed to compare with ``nn.MultiheadAttention``, which gives NaN there).
+    It draws a dense ``[num_dst, num_src]`` matrix (tests only: small graphs), so the
+    ``num_dst * num_src`` pairs count against the edge budget (``topology.max_edges``).
+    ``seed`` is an int in ``[0, 2**63 - 1]``.
     """
-    num_dst = num_src if num_dst is None else num_dst
-    if not 0.0 <= p <= 1.0:
+    check_int("num_src", num_src)
+    num_dst = num_src if num_dst is None else check_int("num_dst", num_dst)
+    check_seed("seed", seed)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
         raise ValueError(f"Expected 'p' in [0, 1] (got {p})")
     if min_in_degree not in (0, 1):
         raise ValueError(f"Expected 'min_in_degree' to be 0 or 1 (got {min_in_degree})")
+    check_edges("erdos_renyi", num_src * num_dst, num_src=[num_src], num_dst=[num_dst])
     g = torch.Generator().manual_seed(seed)
     keep = torch.rand(num_dst, num_src, generator=g) < p  # [N_dst, N_src], tests only: small
     dst, src = keep.nonzero(as_tuple=True)
@@ -71,7 +78,8 @@ def random(n: Lengths, k: int, *, seed: int = 0) -> EdgeIndex:
     Args:
         n: sequence length, or a list of lengths.
         k: keys per query, ``0 <= k <= L`` for every non-empty sequence.
-        seed: seed of a private ``torch.Generator`` (global RNG state is untouched).
+        seed: seed of a private ``torch.Generator`` (global RNG state is untouched), an int in
+            ``[0, 2**63 - 1]``.
 
     Example:
         >>> g = random([3, 4], 2, seed=0)
@@ -83,7 +91,8 @@ def random(n: Lengths, k: int, *, seed: int = 0) -> EdgeIndex:
     short = [L for L in lengths if 0 < L < k]
     if short:
         raise ValueError(f"Expected 'k' <= every sequence length (got k={k} and length {short[0]})")
-    check_int("seed", seed, None)
+    check_seed("seed", seed)
+    check_edges("random", k * sum(lengths), n=lengths)  # every non-empty sequence has L >= k
     pos, offset, length = local_positions(lengths)
     g = torch.Generator().manual_seed(seed)
     dst, src_local = sample_distinct(length, k, g)

@@ -22,11 +22,13 @@ Format::
     params = { window = 2 }
 
 ``builder = "union"`` (or ``"intersection"``) takes ``[[parts]]`` instead of ``params``, each part a
-table with ``builder`` and ``params`` (parts may nest).
+table with ``builder`` and ``params`` (parts may nest, at most ``MAX_DEPTH`` (32) levels deep).
+A spec file is UTF-8 text (TOML's encoding).
 
 Integer parameters are bounded: sizes, windows, blocks and counts by ``INT_MAX`` (``2**31 - 1``),
-seeds by ``SEED_MAX`` (``2**63 - 1``, a ``torch.Generator`` seed), ``[small] n`` by ``SMALL_N_MAX``
-(4096: toy scale).
+seeds by ``SEED_MAX`` (``2**63 - 1``, a ``torch.Generator`` seed; the builders take the same
+seeds), ``[small] n`` by ``SMALL_N_MAX`` (4096: toy scale). A graph of more edges than the edge
+budget (:func:`~gnn_transformer.topology.max_edges`) is refused before it is built, naming the file.
 
 A spec string is a file path when it ends in ``.toml`` or contains a path separator (``/`` or
 ``\\``), and a catalogue name otherwise: a file in the current directory never shadows a name
@@ -41,7 +43,7 @@ from typing import Any
 
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths
+from ._common import SEED_MAX, Lengths
 from .basic import causal, full
 from .bigbird import bigbird
 from .combinators import intersection, union
@@ -76,8 +78,8 @@ class Param:
 
 
 INT_MAX = 2**31 - 1     # sizes, windows, blocks, counts: far beyond any sequence, no int overflow
-SEED_MAX = 2**63 - 1    # seeds of torch.Generator.manual_seed (random, bigbird) and random.Random
 SMALL_N_MAX = 4096      # [small] n: toy scale (pictures, quick checks), not a real length
+MAX_DEPTH = 32          # levels of nested [[parts]]
 
 
 def _int(minimum: int | None = 0, default: Any = None, required: bool = False, maximum: int | None = INT_MAX) -> Param:
@@ -148,8 +150,9 @@ def _check_table(value: Any, where: _Where) -> dict:
     return value
 
 
-def _check_part(part: dict, where: _Where, allowed: set[str]) -> dict:
-    """Validate ``builder`` + ``params`` (or ``parts``); return the normalized part."""
+def _check_part(part: dict, where: _Where, allowed: set[str], depth: int = 0) -> dict:
+    """Validate ``builder`` + ``params`` (or ``parts``, ``depth`` levels below the top); return the
+    normalized part."""
     unknown = sorted(set(part) - allowed)
     if unknown:
         raise (where / unknown[0]).error(f"unknown key (allowed: {sorted(allowed)})")
@@ -164,8 +167,10 @@ def _check_part(part: dict, where: _Where, allowed: set[str]) -> dict:
         parts = part.get("parts")
         if not isinstance(parts, list) or not parts:
             raise (where / "parts").error(f"'{name}' needs a non-empty array of tables [[parts]]")
+        if depth >= MAX_DEPTH:
+            raise (where / "parts").error(f"parts nested {depth + 1} levels deep, more than {MAX_DEPTH}")
         return {"builder": name, "parts": [
-            _check_part(_check_table(p, where / "parts" / k), where / "parts" / k, PART_KEYS)
+            _check_part(_check_table(p, where / "parts" / k), where / "parts" / k, PART_KEYS, depth + 1)
             for k, p in enumerate(parts)]}
     if name not in BUILDERS:
         raise (where / "builder").error(f"unknown builder {name!r} (known: {sorted(BUILDERS) + sorted(COMBINATORS)})")
@@ -270,6 +275,11 @@ def read_spec(path: str | Path) -> Spec:
             data = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise where.error(f"not valid TOML ({e})") from None
+    except UnicodeDecodeError as e:
+        raise where.error(f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          "TOML files are UTF-8") from None
+    except RecursionError:  # tomllib recurses once per level of inline arrays and tables
+        raise where.error(f"nested too deeply to parse (parts may nest {MAX_DEPTH} levels)") from None
     part = _check_part(data, where, TOP_KEYS)
     for key in ("name", "description", "source"):
         if key in data and not isinstance(data[key], str):

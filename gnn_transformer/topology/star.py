@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths, as_lengths, check_bool, coalesce_edges, expand_ranges, local_positions
+from ._common import Lengths, as_lengths, check_bool, check_edges, coalesce_edges, expand_ranges, local_positions
 
 
 def star(n: Lengths, *, ring: bool = True) -> EdgeIndex:
@@ -29,6 +29,8 @@ def star(n: Lengths, *, ring: bool = True) -> EdgeIndex:
     """
     lengths = as_lengths(n)
     check_bool("ring", ring)
+    # the relay sees L keys, a satellite at most 4: itself, its neighbours, the relay
+    check_edges("star", sum(L * L if L < 4 else 5 * L - 4 for L in lengths), n=lengths)
     pos, offset, length = local_positions(lengths)  # [N]
     relay_dst, relay_src = expand_ranges(offset, torch.where(pos == 0, length, 0))
     sat = (pos > 0).nonzero().flatten()  # satellites

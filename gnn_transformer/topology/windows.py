@@ -10,7 +10,17 @@ from __future__ import annotations
 import torch
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths, as_lengths, check_bool, check_int, expand_ranges, local_positions, wrap_sorted
+from ._common import (Lengths, as_lengths, check_bool, check_edges, check_int, expand_ranges, local_positions,
+                      window_edges, wrap_sorted)
+
+
+def dilated_edges(L: int, window: int, dilation: int, causal: bool = False) -> int:
+    """Edges of a dilated window on one sequence of ``L`` tokens (``dilation=1``: a sliding window)."""
+    if L == 0:
+        return 0
+    k = min(window, (L - 1) // dilation)  # steps that stay inside the sequence
+    back = (k + 1) * L - dilation * k * (k + 1) // 2  # 0 <= i - j = s * dilation, s <= k
+    return back if causal else 2 * back - L
 
 
 def sliding_window(n: Lengths, window: int, *, causal: bool = False) -> EdgeIndex:
@@ -23,7 +33,7 @@ def sliding_window(n: Lengths, window: int, *, causal: bool = False) -> EdgeInde
     Args:
         n: sequence length, or a list of lengths (a batch, disjoint union).
         window: radius ``w >= 0``; ``w = 0`` gives self-loops only, ``w >= L - 1`` gives full
-            (or causal) attention.
+            (or causal) attention (any ``w``, however large: it is clamped to the sequence).
         causal: only look back.
 
     Example:
@@ -35,6 +45,8 @@ def sliding_window(n: Lengths, window: int, *, causal: bool = False) -> EdgeInde
     lengths = as_lengths(n)
     check_int("window", window)
     check_bool("causal", causal)
+    window = min(window, max(lengths, default=0))  # a wider window sees the same keys
+    check_edges("sliding_window", sum(window_edges(L, window, causal) for L in lengths), n=lengths)
     pos, offset, length = local_positions(lengths)  # [N] each
     lo = (pos - window).clamp(min=0)
     hi = pos if causal else torch.minimum(pos + window, length - 1)
@@ -57,7 +69,7 @@ def dilated(n: Lengths, window: int, dilation: int = 1, *, causal: bool = False)
     Args:
         n: sequence length, or a list of lengths.
         window: number of steps ``w >= 0`` on each side.
-        dilation: gap ``d >= 1`` between attended keys.
+        dilation: gap ``d >= 1`` between attended keys (``d >= L``: self-loops only).
         causal: only look back.
 
     Example:
@@ -68,6 +80,9 @@ def dilated(n: Lengths, window: int, dilation: int = 1, *, causal: bool = False)
     check_int("window", window)
     check_int("dilation", dilation, 1)
     check_bool("causal", causal)
+    longest = max(lengths, default=0)
+    window, dilation = min(window, longest), min(dilation, max(longest, 1))  # same keys, no overflow
+    check_edges("dilated", sum(dilated_edges(L, window, dilation, causal) for L in lengths), n=lengths)
     pos, offset, length = local_positions(lengths)
     k_hi = torch.clamp(pos // dilation, max=window)  # largest step back that stays >= 0
     k_lo = torch.zeros_like(pos) if causal else -torch.clamp((length - 1 - pos) // dilation, max=window)
