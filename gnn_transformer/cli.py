@@ -102,6 +102,16 @@ def _check_out_file(option: str, path: str) -> None:
         raise UsageError(f"{option}: the directory {str(p.parent)!r} of {path!r} does not exist")
 
 
+def _check_device(option: str, name: str) -> None:
+    """A device the commands run on: ``cpu``, or ``cuda`` / ``cuda:<index>`` of a present GPU."""
+    from .experiments.training import resolve_device
+
+    try:
+        resolve_device(name)
+    except ValueError as err:
+        raise UsageError(f"{option}: {err}") from None
+
+
 # ---------------------------------------------------------------- shared options
 def _add_model_args(p: argparse.ArgumentParser, defaults) -> None:
     from .attention import BACKENDS
@@ -143,6 +153,14 @@ def _add_train_args(p: argparse.ArgumentParser, defaults) -> None:
     g.add_argument("--eval-every", type=int, default=defaults.eval_every,
                    help="steps between evaluations, 0 = at the end (default %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+SEED_MAX = 2**63 - 1  # as the seeds of topology specs: a torch.Generator seed
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed <= SEED_MAX:
+        raise UsageError(f"--seed: expected an integer in [0, 2**63 - 1] (got {seed})")
 
 
 def _model_config(args):
@@ -203,6 +221,8 @@ def cmd_compare(args) -> int:
     from .experiments.compare import CompareConfig, run_compare, save_compare
 
     _check_out_dir("--out", args.out)
+    _check_device("--device", args.device)
+    _check_seed(args.seed)
     config = CompareConfig(task=args.task, topologies=tuple(args.topologies or CompareConfig().topologies),
                            train_sizes=args.train_sizes, test_sizes=args.test_sizes,
                            model=_model_config(args), train=_train_config(args),
@@ -251,6 +271,7 @@ def cmd_verify(args) -> int:
     from .experiments.topologies import label, spec_names
     from .experiments.verify import verify_topologies
 
+    _check_device("--device", args.device)
     specs = args.specs or spec_names()
     if not specs:
         raise UsageError("no topology to verify: the graphs/ catalogue is empty; pass SPEC names")
@@ -288,6 +309,11 @@ def cmd_verify(args) -> int:
 
 
 # ---------------------------------------------------------------- show
+# show draws every edge: graphs of at most this many tokens and edges draw in seconds
+SHOW_N_MAX = 256
+SHOW_EDGES_MAX = 2048
+
+
 def _show_parser(sub) -> None:
     p = sub.add_parser(
         "show", help="draw a topology to PNG and print its statistics",
@@ -297,7 +323,8 @@ def _show_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("spec", nargs="?", help="topology spec")
     p.add_argument("-n", type=_positive_int,
-                   help="sequence length (default: the spec's [small] n, else 16)")
+                   help=f"sequence length, at most {SHOW_N_MAX}; the graph drawn has at most "
+                   f"{SHOW_EDGES_MAX} edges (default: the spec's [small] n, else 16)")
     p.add_argument("--paper-scale", action="store_true",
                    help="build catalogue and .toml specs with their paper parameters instead of "
                    "their toy-scale [small] ones")
@@ -319,6 +346,9 @@ def cmd_show(args) -> int:
         print("builders:", " ".join(builder_names()))
         print("catalogue specs:", " ".join(spec_names()))
         return EXIT_OK
+    if args.n is not None and args.n > SHOW_N_MAX:
+        raise UsageError(f"-n: expected at most {SHOW_N_MAX} tokens, what show draws in seconds "
+                         f"(got {args.n})")
     name, kwargs = parse_spec(args.spec)
     build = topology_fn(args.spec, small=not args.paper_scale)  # unknown names fail here
     # a catalogue name or spec file rather than a builder (topology_fn's precedence)
@@ -327,7 +357,13 @@ def cmd_show(args) -> int:
     out = Path(args.out or f"{Path(name).stem}.png")
     _check_out_file("--out", str(out))
     n = args.n or (spec and spec.small_n) or 16
+    if n > SHOW_N_MAX:
+        raise UsageError(f"{args.spec!r}: its [small] n = {n} is more than show draws ({SHOW_N_MAX} "
+                         "tokens); pass a smaller -n")
     edge_index = build([n])
+    if edge_index.size(1) > SHOW_EDGES_MAX:
+        raise UsageError(f"-n: {label(args.spec)} on n = {n} has {edge_index.size(1)} edges, more than "
+                         f"show draws in seconds ({SHOW_EDGES_MAX}); pass a smaller -n (got {n})")
     if spec is not None:
         title = spec.name + (" (small)" if spec.small_params and not args.paper_scale else "")
     else:
@@ -402,6 +438,8 @@ def cmd_train(args) -> int:
 
     _check_task_options(args)
     _check_out_dir("--out", args.out)
+    _check_device("--device", args.device)
+    _check_seed(args.seed)
     topology = args.topology or ("graph" if args.task in GRAPH_TASKS
                                  else "grid" if args.task == "digits" else "full")
     config = RunConfig(task=args.task, topology=topology, train_sizes=args.train_sizes,
@@ -465,8 +503,9 @@ def _bench_parser(sub) -> None:
                         "MERGE_COST (fixed costs per target row, in edges), DROPOUT_COST (what attention "
                         "dropout adds per edge and per cell); sizes default to 4096")
     p.add_argument("--block-size", type=int, default=None,
-                   help="tile size of tiled, auto and --calibrate (unset: by device and dtype, 64, or 32 "
-                        "for float32 on CUDA; FlexAttention keeps blocks of 128)")
+                   help="tile size of tiled, auto and --calibrate, a power of two from 16 to 256 (unset: "
+                        "by device and dtype, 64, or 32 for float32 on CUDA; FlexAttention keeps blocks "
+                        "of 128)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -507,9 +546,11 @@ def _calibrate(args, device, dtype) -> int:
     return 0
 
 
-def _check_bench_topologies(names) -> None:
+def _check_bench_topologies(names, smallest: int) -> None:
+    """Refuse unknown specs, and specs that cannot be built at the smallest of ``--sizes`` (before
+    any timing, as ``compare`` builds its topologies before training)."""
     from .experiments.topologies import topology_fn
-    from .kernels.benchmark import TOPOLOGIES
+    from .kernels.benchmark import TOPOLOGIES, build_graph
 
     for name in names:
         if name not in TOPOLOGIES:
@@ -517,13 +558,36 @@ def _check_bench_topologies(names) -> None:
                 topology_fn(name)
             except ValueError as err:
                 raise UsageError(f"--topologies: {err}") from None
+    for name in names:
+        try:
+            build_graph(name, smallest)
+        except ValueError as err:
+            raise UsageError(f"--topologies {name!r} cannot be built at --sizes {smallest}: {err}") from None
+
+
+def _check_bench_inputs(args, device: str, dtype) -> None:
+    """Refuse --heads / --head-dim / --sizes whose query, key, value and gradient tensors alone
+    would not fit in memory (the benchmark skips sizes whose graphs do not fit, not its inputs)."""
+    import torch
+
+    from .kernels.benchmark import input_memory_budget
+
+    n = max(args.sizes or [4096])
+    heads, kv_heads = args.heads, args.kv_heads or args.heads
+    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    need = 2 * n * (2 * heads + 2 * kv_heads) * args.head_dim * torch.tensor([], dtype=dtype).element_size()
+    budget = input_memory_budget(device)
+    if need > budget:
+        raise UsageError(f"--heads {heads}, --head-dim {args.head_dim} and --sizes {n}: the inputs and their "
+                         f"gradients need {need / 2**30:.1f} GiB, more than the benchmark's memory budget "
+                         f"({budget / 2**30:.1f} GiB)")
 
 
 def cmd_bench(args) -> int:
     import torch
 
     from .experiments.training import resolve_device
-    from .kernels.benchmark import LINEAR, format_markdown, format_table, run_benchmark
+    from .kernels.benchmark import BLOCK_SIZES, LINEAR, format_markdown, format_table, run_benchmark
 
     for name in ("heads", "head_dim", "repeats", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -532,16 +596,23 @@ def cmd_bench(args) -> int:
         raise UsageError(f"--sizes must be positive (got {args.sizes})")
     if args.kv_heads is not None and (args.kv_heads < 1 or args.heads % args.kv_heads):
         raise UsageError(f"--kv-heads must divide --heads {args.heads} (got {args.kv_heads})")
-    _check_bench_topologies(args.topologies)
-    if args.markdown:
-        _check_out_file("--markdown", args.markdown)
+    if args.block_size is not None:
+        if args.block_size < 1 or args.block_size & (args.block_size - 1):
+            raise UsageError(f"--block-size must be a power of two (got {args.block_size})")
+        if args.block_size not in BLOCK_SIZES:
+            raise UsageError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))} "
+                             f"(got {args.block_size})")
+    if args.device is not None:
+        _check_device("--device", args.device)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     resolve_device(device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    _check_bench_inputs(args, device, dtype)
+    if args.markdown:
+        _check_out_file("--markdown", args.markdown)
+    _check_bench_topologies(args.topologies, min(args.sizes or [4096]))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    if args.block_size is not None and (args.block_size < 1 or args.block_size & (args.block_size - 1)):
-        raise UsageError(f"--block-size must be a power of two (got {args.block_size})")
     if args.calibrate:
         return _calibrate(args, device, dtype)
     if args.quick:
@@ -561,6 +632,10 @@ def cmd_bench(args) -> int:
     if args.markdown:
         Path(args.markdown).write_text(format_markdown(rows) + "\n")
         print(f"Wrote {args.markdown}")
+    unbuilt = [f"{r['topology']} at n = {r['n']}" for r in rows if str(r["note"]).startswith("not built")]
+    if unbuilt:  # as verify: the other rows are measured, the exit code says some are missing
+        _err(f"{len(unbuilt)} of the --topologies cannot be built at some --sizes: " + ", ".join(unbuilt))
+        return EXIT_USAGE
     return EXIT_OK
 
 
@@ -640,6 +715,14 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:
         _err(str(e))
         return EXIT_FAIL
+    except (MemoryError, RuntimeError) as e:  # sizes the machine cannot hold (torch.OutOfMemoryError
+        # and the CPU allocator's RuntimeError): the request is too large, not a failed run
+        text = str(e)
+        if isinstance(e, RuntimeError) and not ("out of memory" in text or "can't allocate memory" in text):
+            raise
+        _err(f"out of memory ({text.splitlines()[0][:200] if text else type(e).__name__}): ask for less "
+             "(--batch-size, --d-model, --sizes, --heads, ...)")
+        return EXIT_USAGE
     except KeyboardInterrupt:
         _err("interrupted")
         return 130

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,7 +145,11 @@ def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = No
         if values is not None:
             break
         if candidate.is_file():
-            loaded = json.loads(candidate.read_text())
+            option = "'--config' " if config is not None else "the config "
+            try:
+                loaded = json.loads(_read_text(candidate, option))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"Expected JSON in {option}{str(candidate)!r} ({err})") from None
             values, source = _find_config(loaded), str(candidate)
             if values is not None and isinstance(loaded, dict) and "class" in loaded:
                 values = {**values, "class": loaded["class"]}
@@ -236,6 +241,20 @@ def load_hf_model(directory: str | Path, *, backend: str | None = None) -> Loade
         model = hf.from_pretrained(str(directory), **kwargs).eval()
     except OSError as err:  # transformers: no config or weights in the directory
         raise ValueError(f"Could not load a Hugging Face model from {str(directory)!r}: {err}") from err
+    except (pickle.UnpicklingError, EOFError) as err:
+        # torch.load(weights_only=True) of pytorch_model.bin refuses a pickle that would run code
+        # (UnpicklingError, before running any of it) and fails on a truncated one (EOFError)
+        raise ValueError(f"Could not read the weights {_weight_files(directory)} in '--hf-dir' "
+                         f"{str(directory)!r}: not a file of torch.save that loads with "
+                         f"weights_only=True, which runs nothing from it ({type(err).__name__})") from None
+    except Exception as err:  # noqa: BLE001 - a damaged zip (torch's RuntimeError), safetensors'
+        # SafetensorError, huggingface_hub's StrictDataclassError (a config field of the wrong type)
+        if not (isinstance(err, RuntimeError)
+                or type(err).__module__.split(".")[0] in ("safetensors", "huggingface_hub", "transformers")):
+            raise
+        raise ValueError(f"Could not load a Hugging Face model from '--hf-dir' {str(directory)!r} "
+                         f"(weights {_weight_files(directory)}): {type(err).__name__}: "
+                         f"{_first_line(err)}") from None
     is_gpt2 = isinstance(model, hf.GraphGPT2LMHeadModel)
 
     def forward(ids: Tensor, edge_index: Tensor, pos: Tensor):
@@ -248,6 +267,16 @@ def load_hf_model(directory: str | Path, *, backend: str | None = None) -> Loade
                        max_length=config.n_positions if is_gpt2 else config.max_position_embeddings)
 
 
+def _weight_files(directory: Path) -> str:
+    """The weight files of a ``save_pretrained`` directory, for error messages."""
+    files = sorted(str(p) for p in directory.iterdir() if p.suffix in (".bin", ".safetensors", ".pt", ".pth"))
+    return ", ".join(map(repr, files)) or "(none found)"
+
+
+def _first_line(err: BaseException) -> str:
+    return next((line for line in str(err).splitlines() if line.strip()), "")
+
+
 def _tokenizer(directory: str | Path):
     """The tokenizer saved in ``directory``, or ``None``."""
     try:
@@ -258,13 +287,22 @@ def _tokenizer(directory: str | Path):
 
 
 # ------------------------------------------------------------------ inputs
+def _read_text(path: Path, option: str) -> str:
+    """The UTF-8 text of ``path``; a ``ValueError`` naming ``option`` and the file otherwise."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"Expected UTF-8 text in {option}{str(path)!r} ({err.reason} at byte "
+                         f"{err.start})") from None
+
+
 def read_token_file(path: str | Path) -> list[list[int]]:
     """Sequences of token ids: one line per sequence, whitespace-separated integers."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No token file at '--tokens' {str(path)!r}")
     sequences = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(_read_text(path, "'--tokens' ").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -284,7 +322,7 @@ def read_text_file(path: str | Path, tokenizer) -> list[list[int]]:
         raise FileNotFoundError(f"No text file at '--text' {str(path)!r}")
     if tokenizer is None:
         raise ValueError("'--text' needs a tokenizer: save one in '--hf-dir' or pass '--tokenizer'")
-    sequences = [tokenizer(line)["input_ids"] for line in path.read_text().splitlines()
+    sequences = [tokenizer(line)["input_ids"] for line in _read_text(path, "'--text' ").splitlines()
                  if line.strip()]
     if not sequences:
         raise ValueError(f"Found no text in {str(path)!r}")

@@ -145,10 +145,14 @@ def resolve_device(name: str) -> torch.device:
     """``"cpu"`` or ``"cuda"``, with a clear error for an unknown device or a missing CUDA."""
     try:
         device = torch.device(name)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"Expected 'device' to be 'cpu' or 'cuda' (got {name!r})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"Expected 'device' to be 'cpu' or 'cuda' (got {name!r})")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"Expected 'device' to be 'cpu' (got {name!r}, but CUDA is not available)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"Expected 'device' to name one of the {torch.cuda.device_count()} GPUs (got {name!r})")
     return device
 
 
