@@ -6,7 +6,7 @@ Usage:
     python benchmarks/bench_attention.py --quick                  # CPU, 4k tokens, float32
     python benchmarks/bench_attention.py --device cuda --markdown gpu.md   # 4k-64k (+256k, 1M)
 
-The measurement lives in :mod:`gnn_transformer.kernels.benchmark` (``run_benchmark`` returns rows).
+The measurement lives in :mod:`gnn_transformer.bench.benchmark` (``run_benchmark`` returns rows).
 """
 from __future__ import annotations
 

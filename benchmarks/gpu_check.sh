@@ -19,7 +19,7 @@ case "$stage" in
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
     python -c "import sys, torch, triton, torch_geometric as g; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'pyg', g.__version__)" | tee -a "$out/gpu.txt"
     arch=$(python -c "import torch; a, b = torch.cuda.get_device_capability(); print(10 * a + b)")
-    python -m gnn_transformer.kernels.compile_check --arch "$arch" 2>&1 | tee "$out/compile_check.md"
+    python -m gnn_transformer.bench.compile_check --arch "$arch" 2>&1 | tee "$out/compile_check.md"
     python -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py 2>&1 | tee "$out/cuda_tests.txt"
     ;;
   bench)

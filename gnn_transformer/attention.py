@@ -28,10 +28,12 @@ from torch_geometric import EdgeIndex
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import softmax
 
+from . import kernels
 from .kernels.reference import edge_softmax
 from .position import RotaryEmbedding, check_base
 
-BACKENDS = ("auto", "pyg", "fused", "tiled", "split")
+# the layer's backends: the per-edge message-passing path and every kernel backend
+BACKENDS = ("auto", "pyg", *(b for b in kernels.BACKENDS if b != "auto"))
 
 
 # edge_index tensors whose range was checked: id -> (weak reference, version, sizes); an entry
@@ -565,7 +567,6 @@ class GraphMultiheadAttention(MessagePassing):
         if backend == "pyg":
             return "pyg"
         if backend == "auto":
-            from . import kernels  # lazy: the kernels sit below this layer
             num_src, num_dst = (None, None) if size is None else size
             return kernels.choose_backend(edge_index, device, dropout=dropout_active,
                                           num_src=num_src, num_dst=num_dst, dtype=dtype)
@@ -597,7 +598,6 @@ class GraphMultiheadAttention(MessagePassing):
             out = self.propagate(edge_index, value=value, alpha=alpha, size=size)  # [N_dst, H, D]
             return out.to(dtype), (weights if need_weights else None)
 
-        from . import kernels
         dropout_p = self.dropout if self.training else 0.0
         out, lse = kernels.attend(query, key, value, edge_index, scale=scale, edge_bias=edge_bias,
                                   backend=backend, num_dst=query.size(0), return_lse=True,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -114,6 +113,7 @@ class GraphTransformerEncoderLayer(_FeedForward):
         backend: attention backend (``"auto"``, ``"pyg"``, ``"fused"``, ``"tiled"``).
 
     Example:
+        >>> import torch
         >>> layer = GraphTransformerEncoderLayer(8, 2, 16, dropout=0.0, backend="pyg")
         >>> edge_index = torch.tensor([[0, 0, 1, 1, 2], [0, 1, 1, 2, 2]])
         >>> layer(torch.randn(3, 8), edge_index).shape
@@ -182,6 +182,7 @@ class GraphTransformerDecoderLayer(_FeedForward):
     ``num_kv_heads`` and ``attention`` apply to the self-attention only.
 
     Example:
+        >>> import torch
         >>> layer = GraphTransformerDecoderLayer(8, 2, 16, dropout=0.0, backend="pyg")
         >>> causal = torch.tensor([[0, 0, 1], [0, 1, 1]])           # 2 decoder tokens
         >>> cross = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 0, 0, 1, 1, 1]])  # 3 encoder tokens

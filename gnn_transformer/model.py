@@ -18,7 +18,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -39,6 +38,7 @@ class GraphTransformer(nn.Module):
     is passed to every attention layer.
 
     Example:
+        >>> import torch
         >>> model = GraphTransformer(8, 2, 1, 1, 16, dropout=0.0, backend="pyg")
         >>> src_ei = torch.tensor([[0, 1, 0, 1], [0, 0, 1, 1]])        # 2 source tokens, full
         >>> tgt_ei = torch.tensor([[0, 0, 1], [0, 1, 1]])              # 2 target tokens, causal
@@ -128,7 +128,7 @@ class GraphTransformerConfig:
     attention: str = "softmax"  # "softmax", "sigmoid", "linear" or "mlp" (MLP projections)
     kv_share_every: int = 1  # cross-layer KV sharing: only every k-th layer projects keys/values
     tie_weights: bool = True  # GraphLM: output head shares the token embedding
-    backend: str = "auto"  # attention backend: "auto", "pyg", "fused", "tiled"
+    backend: str = "auto"  # attention backend: one of attention.BACKENDS
 
 
 POSITIONS = ("none", "learned", "sinusoidal", "rope", "alibi")
@@ -179,6 +179,7 @@ class GraphEncoderModel(nn.Module):
     for incremental decoding.
 
     Example:
+        >>> import torch
         >>> cfg = GraphTransformerConfig(vocab_size=11, d_model=8, nhead=2, num_layers=1,
         ...                              backend="pyg")
         >>> model = GraphEncoderModel(cfg)

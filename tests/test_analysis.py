@@ -440,13 +440,9 @@ def test_activation_measures_on_plain_tensors():
 
 # ---------------------------------------------------------------- the analyze command
 def _parse(argv):
-    import argparse
+    from gnn_transformer import cli
 
-    from gnn_transformer.experiments import analysis as cli_analysis
-
-    parser = argparse.ArgumentParser()
-    cli_analysis.add_arguments(parser)
-    return cli_analysis, parser.parse_args(argv)
+    return cli, cli.build_parser().parse_args(["analyze", *argv])
 
 
 def _tiny_lm_checkpoint(tmp_path, *, wrapped=True, norm_first=True):
@@ -474,7 +470,7 @@ def test_analyze_runs_on_a_saved_checkpoint(tmp_path, capsys):
     out = tmp_path / "out"
     cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out", str(out),
                         "--compare-norm"])
-    assert cli.run(args) == 0
+    assert cli.cmd_analyze(args) == 0
     printed = capsys.readouterr().out
     assert "encoder.layers.0" in printed and "encoder.layers.1" in printed
     assert "[pre-norm]" in printed and "[post-norm]" in printed
@@ -501,11 +497,12 @@ def test_analyze_checkpoint_variants_and_errors(tmp_path, capsys):
     tokens.write_text("3 1 4 1 5\n")
     cli, args = _parse(["--checkpoint", str(path), "--config", str(config), "--tokens", str(tokens),
                         "--out", str(tmp_path / "o"), "--graph", "full", "--no-plots"])
-    assert cli.run(args) == 0
+    assert cli.cmd_analyze(args) == 0
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["summary.json"]
     # the recorded weights are those of the model itself
-    loaded = cli.load_checkpoint_model(path, config)
-    result = cli.analyze(loaded, [[3, 1, 4, 1, 5]], graph="full")
+    from gnn_transformer.experiments import analyze_run
+    loaded = analyze_run.load_checkpoint_model(path, config)
+    result = analyze_run.analyze(loaded, [[3, 1, 4, 1, 5]], graph="full")
     g = result.traces["model"].attention[0]
     h0 = model.embed_nodes(torch.tensor([3, 1, 4, 1, 5]), torch.arange(5))
     _, alpha = model.encoder.layers[0].self_attn(h0, full(5), return_attention_weights=True)
@@ -514,17 +511,17 @@ def test_analyze_checkpoint_variants_and_errors(tmp_path, capsys):
     capsys.readouterr()
     cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out",
                         str(tmp_path / "p")])
-    assert cli.run(args) == 2  # no config next to the checkpoint any more
+    assert cli.cmd_analyze(args) == 2  # no config next to the checkpoint any more
     assert "config" in capsys.readouterr().err
     small = tmp_path / "small.json"  # a config that does not fit the weights
     small.write_text(json.dumps({"vocab_size": 13, "d_model": 8, "nhead": 2, "num_layers": 1}))
     cli, args = _parse(["--checkpoint", str(path), "--config", str(small), "--tokens", str(tokens)])
-    assert cli.run(args) == 2
+    assert cli.cmd_analyze(args) == 2
     assert "does not fit" in capsys.readouterr().err
     bad = tmp_path / "bad.txt"
     bad.write_text("1 two 3\n")
     cli, args = _parse(["--checkpoint", str(path), "--config", str(config), "--tokens", str(bad)])
-    assert cli.run(args) == 2
+    assert cli.cmd_analyze(args) == 2
     assert "line 1" in capsys.readouterr().err
 
 
@@ -536,10 +533,10 @@ def test_analyze_on_a_catalogue_topology_and_unknown_graph(tmp_path, capsys):
     tokens.write_text("1 2 3 4 5 6 7 8 9 10\n")
     cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out",
                         str(tmp_path / "o"), "--graph", "sliding_window", "--no-plots"])
-    assert cli.run(args) == 0
+    assert cli.cmd_analyze(args) == 0
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["graph"] == "sliding_window"
     cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--graph", "nope"])
-    assert cli.run(args) == 2
+    assert cli.cmd_analyze(args) == 2
     assert "nope" in capsys.readouterr().err
 
 
@@ -577,7 +574,7 @@ def test_analyze_runs_on_a_saved_hugging_face_model(tmp_path, capsys, kind):
     text.write_text("the cat sat on the mat\na dog ran\n")
     out = tmp_path / "out"
     cli, args = _parse(["--hf-dir", str(directory), "--text", str(text), "--out", str(out)])
-    assert cli.run(args) == 0
+    assert cli.cmd_analyze(args) == 0
     printed = capsys.readouterr().out
     assert ("BERT" if kind == "bert" else "GPT-2") in printed
     summary = json.loads((out / "summary.json").read_text())
@@ -588,8 +585,9 @@ def test_analyze_runs_on_a_saved_hugging_face_model(tmp_path, capsys, kind):
         "input", "encoder.layers.0", "encoder.layers.1"]
     assert (out / "attention_encoder_layers_1_self_attn.png").is_file()
     # the recorded weights are Hugging Face's attention probabilities
-    loaded = cli.load_hf_model(directory)
-    result = cli.analyze(loaded, [[2, 5, 6, 7, 3]])
+    from gnn_transformer.experiments import analyze_run
+    loaded = analyze_run.load_hf_model(directory)
+    result = analyze_run.analyze(loaded, [[2, 5, 6, 7, 3]])
     ids = torch.tensor([[2, 5, 6, 7, 3]])
     with torch.no_grad():
         ref = hf_model(ids, output_attentions=True)
@@ -602,10 +600,10 @@ def test_analyze_reports_a_missing_tokenizer_and_directory(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("the cat\n")
     cli, args = _parse(["--checkpoint", str(path), "--text", str(text)])
-    assert cli.run(args) == 2
+    assert cli.cmd_analyze(args) == 2
     assert "tokenizer" in capsys.readouterr().err
     cli, args = _parse(["--hf-dir", str(tmp_path / "missing"), "--tokens", str(text)])
-    assert cli.run(args) == 2
+    assert cli.cmd_analyze(args) == 2
     assert "--hf-dir" in capsys.readouterr().err
 
 
@@ -628,7 +626,7 @@ def test_analyze_runs_on_a_train_run_checkpoint(tmp_path, capsys):
     assert "sliding_window:window=2 graph" in printed
     assert (out / "summary.json").is_file()
     # the recorded graph is the run's: a window of radius 2 gives exactly min(L, 5)-ish keys
-    from gnn_transformer.experiments.analysis import analyze, load_checkpoint_model
+    from gnn_transformer.experiments.analyze_run import analyze, load_checkpoint_model
     from gnn_transformer.topology import sliding_window
     loaded = load_checkpoint_model(run / "model.pt")
     seqs = loaded.examples(2)

@@ -1,7 +1,5 @@
 """Argument checks of the analysis measures, the per-layer summary of a decoding loop, and the
 options of ``gnn-transformer analyze``."""
-import argparse
-
 import numpy as np
 import pytest
 import torch
@@ -97,11 +95,9 @@ def test_summary_rows_of_a_decoding_loop_use_the_last_call():
 
 
 def _args(argv):
-    from gnn_transformer.experiments import analysis as cli_analysis
+    from gnn_transformer import cli
 
-    parser = argparse.ArgumentParser()
-    cli_analysis.add_arguments(parser)
-    return cli_analysis, parser.parse_args(argv)
+    return cli, cli.build_parser().parse_args(["analyze", *argv])
 
 
 @pytest.mark.parametrize("option, value", [("--max-tokens", "0"), ("--max-tokens", "-3"),
@@ -110,7 +106,7 @@ def _args(argv):
 def test_analyze_options_are_checked_up_front(tmp_path, capsys, option, value):
     cli, args = _args(["--checkpoint", str(tmp_path / "missing.pt"), "--tokens", "x.txt",
                        "--out", str(tmp_path / "out"), option, value])
-    assert cli.run(args) == 2
+    assert cli.cmd_analyze(args) == 2
     captured = capsys.readouterr()
     assert option in captured.err and value in captured.err and captured.out == ""
     assert not (tmp_path / "out").exists()

@@ -19,6 +19,22 @@ def test_top_level_help(capsys):
         assert command in out
 
 
+def test_python_dash_m_runs_the_command_line():
+    import subprocess
+    import sys
+
+    from gnn_transformer import __version__
+
+    proc = subprocess.run([sys.executable, "-m", "gnn_transformer", "--version"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"gnn-transformer {__version__}"
+    proc = subprocess.run([sys.executable, "-m", "gnn_transformer"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2  # no command: the help and the usage exit code, as gnn-transformer
+    assert "usage: gnn-transformer" in proc.stdout
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
@@ -130,7 +146,7 @@ def test_train_cuda_missing_is_usage_error(tmp_path, capsys):
 def test_analyze_without_its_module_is_a_clear_error(monkeypatch, capsys):
     import sys
 
-    monkeypatch.setitem(sys.modules, "gnn_transformer.experiments.analysis", None)
+    monkeypatch.setitem(sys.modules, "gnn_transformer.experiments.analyze_run", None)
     assert cli.main(["analyze"]) == 2
     assert "'analyze' is not available" in capsys.readouterr().err
 

@@ -75,7 +75,7 @@ def test_bench_block_size_in_range_runs(capsys):
 
 
 def test_run_benchmark_names_block_size():
-    from gnn_transformer.kernels.benchmark import run_benchmark
+    from gnn_transformer.bench.benchmark import run_benchmark
 
     with pytest.raises(ValueError, match="'block_size'.*got 16384"):
         run_benchmark(["window"], [64], ["tiled"], device="cpu", heads=2, head_dim=8, repeats=1,
@@ -162,13 +162,13 @@ def test_analyze_names_a_token_file_that_is_not_text(tmp_path, capsys):
 
 # ---------------------------------------------------------------- bench: unbuildable topologies (item 20)
 def test_bench_refuses_a_topology_it_cannot_build_before_timing(capsys):
-    err = _usage_error(["bench", "--topologies", "window", "random:k=100", *BENCH, "--device", "cpu"],
-                       capsys, "--topologies", "random:k=100", "--sizes 64")
+    _usage_error(["bench", "--topologies", "window", "random:k=100", *BENCH, "--device", "cpu"],
+                 capsys, "--topologies", "random:k=100", "--sizes 64")
     assert "pyg" not in capsys.readouterr().out  # nothing was timed
 
 
 def test_bench_exits_2_when_a_larger_size_cannot_be_built(monkeypatch, capsys):
-    from gnn_transformer.kernels import benchmark
+    from gnn_transformer.bench import benchmark
 
     build = benchmark.build_graph
 

@@ -149,7 +149,7 @@ def test_chunk_transposes_are_built_by_the_forward_pass_when_gradients_follow(ma
     be differentiated, not for inference; the backward pass reuses them. One chunk of the whole
     graph uses the graph's CSC (an EdgeIndex's: PyG's own)."""
     from gnn_transformer.kernels import _graph
-    from gnn_transformer.kernels.chunked import row_chunks
+    from gnn_transformer.kernels.fused_torch import row_chunks
     from gnn_transformer.topology import sliding_window
 
     for edge_index, n_src, n_dst in [graph_case("hub"), (sliding_window(20, 3), 20, 20)]:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from gnn_transformer.kernels.benchmark import format_markdown, format_table, run_benchmark
+from gnn_transformer.bench.benchmark import format_markdown, format_table, run_benchmark
 
 
 def test_run_benchmark_tiny():
@@ -33,7 +33,7 @@ def test_run_benchmark_skips_what_does_not_fit():
 def test_run_benchmark_reports_a_failing_backend_and_goes_on(monkeypatch):
     """A backend whose call fails (out of memory, a launch the device refuses) gives rows that say
     so; the other backends still run."""
-    from gnn_transformer.kernels import benchmark
+    from gnn_transformer.bench import benchmark
 
     make = benchmark._make
 
@@ -55,7 +55,7 @@ def test_run_benchmark_reports_a_failing_backend_and_goes_on(monkeypatch):
 
 
 def test_calibrate_tile_cost_rows_add_up():
-    from gnn_transformer.kernels.benchmark import calibrate_tile_cost
+    from gnn_transformer.bench.benchmark import calibrate_tile_cost
 
     rows, suggested = calibrate_tile_cost(["window", "random"], [96], device="cpu", heads=2, head_dim=8,
                                           block_size=16, repeats=1)
@@ -74,7 +74,7 @@ def test_calibrate_tile_cost_rows_add_up():
 
 
 def test_calibrate_row_costs():
-    from gnn_transformer.kernels.benchmark import calibrate_row_costs
+    from gnn_transformer.bench.benchmark import calibrate_row_costs
 
     rows = [dict(ns_per_edge=value, **{"pass": p}) for p in ("fwd", "fwd+bwd") for value in (1e3, 2e3, 9e9)]
     costs = calibrate_row_costs(rows, {"fwd": 0.25, "fwd+bwd": 0.3}, 64, device="cpu", heads=2, head_dim=8,
@@ -93,7 +93,7 @@ def test_calibrate_dropout_cost():
     """Per pass, the median over the graphs of what dropout adds per edge / cell, in units of the
     pass's median fused edge: non-negative and finite; a far slower unit edge makes both near 0, and
     times without dropout far above the real ones read 0."""
-    from gnn_transformer.kernels.benchmark import calibrate_dropout_cost, calibrate_tile_cost
+    from gnn_transformer.bench.benchmark import calibrate_dropout_cost, calibrate_tile_cost
 
     kw = dict(device="cpu", heads=2, head_dim=8, block_size=16, repeats=1)
     rows, _ = calibrate_tile_cost(["window", "random"], [96], **kw)
@@ -108,7 +108,7 @@ def test_calibrate_dropout_cost():
 
 
 def test_benchmark_takes_topology_specs(tmp_path):
-    from gnn_transformer.kernels.benchmark import build_graph
+    from gnn_transformer.bench.benchmark import build_graph
     from gnn_transformer.topology import dilated, to_dense_mask
 
     spec = tmp_path / "mine.toml"
@@ -134,7 +134,7 @@ def test_benchmark_grouped_query_heads():
 
 
 def test_benchmark_block_size_reaches_the_tiles(monkeypatch):
-    from gnn_transformer.kernels import benchmark
+    from gnn_transformer.bench import benchmark
 
     seen = []
     real = benchmark.attend
@@ -147,7 +147,7 @@ def test_benchmark_block_size_reaches_the_tiles(monkeypatch):
 def test_auto_note_names_the_backend_for_the_block_size():
     """'chose X' is the plan for the --block-size the row ran with, not for the default block."""
     from gnn_transformer.kernels import choose_backend
-    from gnn_transformer.kernels.benchmark import build_graph
+    from gnn_transformer.bench.benchmark import build_graph
 
     rows = run_benchmark(["longformer"], [512], ["auto"], device="cpu", heads=2, head_dim=8, repeats=1,
                          backward=False, block_size=16)
@@ -170,7 +170,7 @@ def test_fwd_bwd_error_is_the_gradient_error():
     """The fwd+bwd rows report the largest error of dQ, dK, dV against the dense reference, whose
     gradients equal autograd's through the per-edge reference."""
     from gnn_transformer.kernels import attend_reference
-    from gnn_transformer.kernels.benchmark import _dense_reference_grads, build_graph
+    from gnn_transformer.bench.benchmark import _dense_reference_grads, build_graph
 
     g = torch.Generator().manual_seed(0)
     q, k, v, grad_out = (torch.randn(40, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4))
@@ -188,7 +188,7 @@ def test_fwd_bwd_error_is_the_gradient_error():
 
 def test_cpu_peak_is_at_least_the_result():
     """The sampled CPU peak is taken once more while the call's result is held."""
-    from gnn_transformer.kernels.benchmark import _measure
+    from gnn_transformer.bench.benchmark import _measure
 
     for _ in range(3):
         _, peak = _measure(lambda: torch.ones(1 << 18), "cpu", 1)  # 1 MiB, made in microseconds
@@ -200,7 +200,7 @@ def test_cpu_peak_is_at_least_the_result():
 def test_bench_repeats_are_what_was_asked(monkeypatch, argv, want):
     """--repeats is honoured with --quick (which only changes its default)."""
     from gnn_transformer import cli
-    from gnn_transformer.kernels import benchmark
+    from gnn_transformer.bench import benchmark
 
     seen = []
     monkeypatch.setattr(benchmark, "run_benchmark", lambda *a, **kw: seen.append(kw["repeats"]) or [])
@@ -231,7 +231,7 @@ def _flex_compile(monkeypatch, refuse):
 def test_flex_is_compiled_again_with_fewer_stages_when_its_kernels_do_not_fit(monkeypatch):
     """torch 2.11's FlexAttention asks an H100 for more shared memory than it has (bfloat16, head dim
     64): the benchmark compiles it again with the next kernel options and says so in the note."""
-    from gnn_transformer.kernels.benchmark import FLEX_OPTIONS
+    from gnn_transformer.bench.benchmark import FLEX_OPTIONS
 
     oom = RuntimeError("No valid triton configs. OutOfMemoryError: out of resource: "
                        "triton_tem_fused_flex_attention_0 Required: 247808 Hardware limit:232448")
@@ -250,7 +250,7 @@ def test_flex_errors_other_than_resources_are_reported_not_retried(monkeypatch):
 
 
 def test_flex_that_never_fits_reports_the_last_refusal(monkeypatch):
-    from gnn_transformer.kernels.benchmark import FLEX_OPTIONS
+    from gnn_transformer.bench.benchmark import FLEX_OPTIONS
 
     tried = _flex_compile(monkeypatch, lambda options: RuntimeError(f"out of resource with {options}"))
     rows = run_benchmark(["window"], [64], ["flex"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False)
@@ -261,7 +261,7 @@ def test_flex_that_never_fits_reports_the_last_refusal(monkeypatch):
 def test_a_dense_reference_out_of_memory_leaves_the_error_column_empty(monkeypatch):
     """Beside a large edge set the dense reference may not fit although the estimate said it would
     (causal at 64k tokens on an 80 GB GPU): the rows are still measured, without an error."""
-    from gnn_transformer.kernels import benchmark
+    from gnn_transformer.bench import benchmark
 
     def refuse(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
@@ -275,7 +275,7 @@ def test_a_dense_reference_out_of_memory_leaves_the_error_column_empty(monkeypat
 
 def test_times_under_ten_ms_keep_three_significant_digits():
     """GPU rows of a fraction of a millisecond stay comparable (0.3 against 0.4 would hide 30%)."""
-    from gnn_transformer.kernels.benchmark import _cell
+    from gnn_transformer.bench.benchmark import _cell
 
     assert [_cell("ms", x) for x in (0.31234, 2.5, 172.44)] == ["0.312", "2.50", "172.4"]
     assert _cell("build_ms", 0.0) == "0.000" and _cell("ms", None) == "—"

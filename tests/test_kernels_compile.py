@@ -14,7 +14,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia.compiler")
-from gnn_transformer.kernels.compile_check import MIN_TRITON  # noqa: E402
+from gnn_transformer.bench.compile_check import MIN_TRITON  # noqa: E402
 
 if tuple(int(p) for p in triton.__version__.split(".")[:2]) < MIN_TRITON:
     pytest.skip(f"compile_check needs Triton >= {MIN_TRITON} (got {triton.__version__})", allow_module_level=True)
@@ -34,7 +34,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def _rows(arch: int, dtypes: list[str], head_dims=(64,)) -> list[dict]:
     result = _run(f"""
         import dataclasses, json
-        from gnn_transformer.kernels.compile_check import compile_cases, default_cases
+        from gnn_transformer.bench.compile_check import compile_cases, default_cases
         rows = compile_cases(default_cases({dtypes!r}, head_dims={list(head_dims)!r}), arch={arch})
         print(json.dumps([dict(dataclasses.asdict(r), fits=r.fits) for r in rows]))
     """)
@@ -48,7 +48,8 @@ def test_every_kernel_compiles_and_fits(arch, dtypes):
     pieces = {f"{k} (pieces)" for k in ROW_KERNELS}  # the launches of long rows in pieces
     assert {r["kernel"] for r in rows} == KERNELS | pieces
     # every dtype, with and without a bias, reaches every kernel (multi-head attention the per-head CSR
-    # kernels, grouped-query attention the grouped ones); a global token's rows and columns reach every kernel's launch of pieces
+    # kernels, grouped-query attention the grouped ones); a global token's rows and columns reach
+    # every kernel's launch of pieces
     for dtype in dtypes:
         for suffix, kernels in (("D=64", ROW_KERNELS | ROWS), ("+bias", ROW_KERNELS | ROWS),
                                 ("+dropout", ROW_KERNELS | ROWS), ("+pieces", ROW_KERNELS | pieces)):
@@ -76,9 +77,10 @@ def test_a_kernel_the_gpu_rejects_is_reported():
     the check names the kernel and the case."""
     result = _run("""
         import sys
-        from gnn_transformer.kernels import compile_check, triton_tiled
-        common = triton_tiled._common
-        triton_tiled._common = lambda *a: common(*a)[:2] + (8,)   # head-dim block of 8
+        from gnn_transformer.bench import compile_check
+        from gnn_transformer.kernels import tiled_triton
+        common = tiled_triton._common
+        tiled_triton._common = lambda *a: common(*a)[:2] + (8,)   # head-dim block of 8
         try:
             compile_check.compile_cases([compile_check.Case("tiled", "bfloat16", head_dim=8)])
         except RuntimeError as err:
@@ -91,14 +93,14 @@ def test_a_kernel_the_gpu_rejects_is_reported():
 
 
 def test_refuses_the_interpreter(monkeypatch):
-    from gnn_transformer.kernels import compile_check
+    from gnn_transformer.bench import compile_check
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         compile_check.compile_cases([compile_check.Case("fused", "float32")])
 
 
 def test_errors_name_the_argument():
-    from gnn_transformer.kernels import compile_check
+    from gnn_transformer.bench import compile_check
     with pytest.raises(ValueError, match="'dtype' 'int8'"):
         compile_check.record_case(compile_check.Case("fused", "int8"))
     with pytest.raises(ValueError, match="'backend' 'pyg'"):

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gnn_transformer.kernels import _dropout, _graph, attend, attend_reference
-from gnn_transformer.kernels.chunked import chunked_attention
+from gnn_transformer.kernels.fused_torch import chunked_attention
 from gnn_transformer.kernels.tiled_torch import tiled_attention
 from gnn_transformer.kernels.tiling import build_tiles
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gnn_transformer.kernels import _graph, attend
-from gnn_transformer.kernels.chunked import chunked_attention
+from gnn_transformer.kernels.fused_torch import chunked_attention
 from gnn_transformer.kernels.merge import merge_partials
 from gnn_transformer.kernels.tiled_torch import tiled_attention
 from gnn_transformer.kernels.tiling import build_tiles

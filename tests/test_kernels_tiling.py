@@ -92,7 +92,7 @@ def test_consecutive_key_blocks_are_read_in_place(graph, runs):
     as a strided view of the blocked keys; every chunk's keys equal the gathered copy, and
     attention through the views equals the reference."""
     from gnn_transformer import topology as T
-    from gnn_transformer.kernels.tiled_torch import _blocked, _groups, _key_blocks
+    from gnn_transformer.kernels.tiled_torch import _blocked, _chunks, _key_blocks
 
     n, block = 40, 4
     edge_index = {"full": T.full(n), "causal": T.causal(n), "window": T.sliding_window(n, 5),
@@ -100,7 +100,7 @@ def test_consecutive_key_blocks_are_read_in_place(graph, runs):
     tiles = build_tiles(_graph.prepare(edge_index, n, n), block, block)
     kB = _blocked(torch.randn(n, 3, 5, dtype=torch.float64), block, tiles.num_k_blocks, torch.float64)
     seen = set()
-    for _, tids, run in _groups(tiles, 3, max_cells=3 * block * block * 40):
+    for _, tids, run in _chunks(tiles, 3, max_cells=3 * block * block * 40):
         gathered = kB[:, tiles.k_block[tids].flatten()].reshape(3, tids.size(0), -1, 5)
         assert torch.equal(_key_blocks(kB, tiles, tids, run), gathered)
         if run is not None:
@@ -134,7 +134,7 @@ def test_repeated_copies_run_fused_beside_the_tiles(backend):
     """``tiled`` and ``split`` tile the first copy of each edge and run the other copies fused: the
     tiles hold every distinct edge of their part once, the fused part the copies (and, for split, the
     sparse tiles' edges), and the result counts every copy."""
-    from gnn_transformer.kernels import _dense_tiles
+    from gnn_transformer.kernels.planner import _dense_tiles
     from gnn_transformer.kernels.tiling import tile_stats
 
     plain = causal(64).as_tensor()
@@ -233,4 +233,5 @@ def test_default_block_size_by_device_and_dtype():
     assert plan_costs(graph, "cuda", dtype=torch.float32)["tiles"] == 36
     assert plan_costs(graph, "cuda", dtype=torch.bfloat16)["tiles"] == plan_costs(graph, "cuda")["tiles"] == 10
     assert plan_costs(graph, "cuda", dtype=torch.float32, block_size=64)["tiles"] == 10
-    assert choose_backend(graph, "cuda", dtype=torch.float32) == plan_costs(graph, "cuda", dtype=torch.float32)["chosen"]
+    chosen = plan_costs(graph, "cuda", dtype=torch.float32)["chosen"]
+    assert choose_backend(graph, "cuda", dtype=torch.float32) == chosen

@@ -77,7 +77,7 @@ def test_triton_bfloat16(name, heads, kv_heads, backend, kw):
 
 @pytest.mark.parametrize("backend,kw", TRITON[:2], ids=["fused", "tiled"])
 def test_triton_gradcheck(backend, kw):
-    from gnn_transformer.kernels.triton_csr import csr_attention
+    from gnn_transformer.kernels.fused_triton import csr_attention
 
     edge_index, n_src, n_dst = _small("multigraph")
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4)
@@ -96,11 +96,11 @@ def test_triton_gradcheck(backend, kw):
 
 def test_fused_on_cpu_defaults_to_torch(monkeypatch):
     """Under the interpreter, CPU tensors still take the chunked path unless impl='triton'."""
-    import gnn_transformer.kernels as kernels
+    from gnn_transformer.kernels import dispatch, fused_torch
 
     called = []
-    monkeypatch.setattr(kernels, "chunked_attention",
-                        lambda *a, **kw: called.append(1) or kernels.chunked.chunked_attention(*a, **kw))
+    monkeypatch.setattr(dispatch, "chunked_attention",
+                        lambda *a, **kw: called.append(1) or fused_torch.chunked_attention(*a, **kw))
     edge_index, n_src, n_dst = _small("empty_rows")
     q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), bias=False)
     attend(q, k, v, edge_index, scale=0.4, backend="fused")
@@ -121,17 +121,17 @@ def test_tiled_falls_back_where_the_gpu_refuses_the_launch(monkeypatch, refused)
     runs the PyTorch tiled path instead, with one warning, and the same results."""
     from triton.runtime.errors import OutOfResources
 
-    from gnn_transformer.kernels import triton_tiled
+    from gnn_transformer.kernels import tiled_triton
 
-    real = triton_tiled.launch
+    real = tiled_triton.launch
 
     def launch(kernel, grid, *args, **meta):
         if kernel.__name__ == refused:
             raise OutOfResources(300_000, 232_448, "shared memory")
         return real(kernel, grid, *args, **meta)
 
-    monkeypatch.setattr(triton_tiled, "launch", launch)
-    monkeypatch.setattr(triton_tiled, "_LEVEL", {})
+    monkeypatch.setattr(tiled_triton, "launch", launch)
+    monkeypatch.setattr(tiled_triton, "_LEVEL", {})
     edge_index, n_src, n_dst = _small("empty_rows")
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4)
     with warnings.catch_warnings(record=True) as caught:
@@ -144,7 +144,7 @@ def test_tiled_falls_back_where_the_gpu_refuses_the_launch(monkeypatch, refused)
     assert len(messages) == 1, messages  # once, not per call
     assert "need more shared memory than this GPU has for head dim 4" in messages[0]
     assert "running the PyTorch tiled path instead" in messages[0]
-    assert sorted(triton_tiled._LEVEL.values()) == [0, 2]  # the other pass stays on Triton
+    assert sorted(tiled_triton._LEVEL.values()) == [0, 2]  # the other pass stays on Triton
     ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.4, edge_bias=b, return_lse=True)
     want = torch.autograd.grad(_loss(ref, ref_lse, torch.ones_like(ref)), (q, k, v, b))
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
@@ -156,9 +156,9 @@ def test_tiled_kernel_that_does_not_compile_runs_the_pytorch_path(monkeypatch):
     """A kernel Triton fails to compile for this GPU (``PassManager::run failed``, as Triton 3.6 does
     for the float64 kernels without an edge bias on an H100) runs the PyTorch tiled path at once,
     with one warning that names the case; the other pass stays on Triton."""
-    from gnn_transformer.kernels import triton_tiled
+    from gnn_transformer.kernels import tiled_triton
 
-    real, seen = triton_tiled.launch, []
+    real, seen = tiled_triton.launch, []
 
     def launch(kernel, grid, *args, **meta):
         seen.append((kernel.__name__, meta.get("num_stages")))
@@ -166,8 +166,8 @@ def test_tiled_kernel_that_does_not_compile_runs_the_pytorch_path(monkeypatch):
             raise RuntimeError("PassManager::run failed")
         return real(kernel, grid, *args, **meta)
 
-    monkeypatch.setattr(triton_tiled, "launch", launch)
-    monkeypatch.setattr(triton_tiled, "_LEVEL", {})
+    monkeypatch.setattr(tiled_triton, "launch", launch)
+    monkeypatch.setattr(tiled_triton, "_LEVEL", {})
     edge_index, n_src, n_dst = _small("bipartite")
     q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4, bias=False)
     with warnings.catch_warnings(record=True) as caught:
@@ -181,7 +181,7 @@ def test_tiled_kernel_that_does_not_compile_runs_the_pytorch_path(monkeypatch):
     assert "forward kernels do not compile on this GPU for head dim 4 in torch.float64" in messages[0]
     assert "PassManager::run failed" in messages[0] and "running the PyTorch tiled path" in messages[0]
     assert [name for name, _ in seen].count("_tiled_fwd") == 1  # not retried with lean options, nor again
-    assert sorted(triton_tiled._LEVEL.values()) == [0, 2]
+    assert sorted(tiled_triton._LEVEL.values()) == [0, 2]
     ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.4, return_lse=True)
     want = torch.autograd.grad(_loss(ref, ref_lse, torch.ones_like(ref)), (q, k, v))
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
@@ -190,18 +190,18 @@ def test_tiled_kernel_that_does_not_compile_runs_the_pytorch_path(monkeypatch):
 
 
 def test_tiled_other_runtime_errors_are_not_taken_for_compile_failures(monkeypatch):
-    from gnn_transformer.kernels import triton_tiled
+    from gnn_transformer.kernels import tiled_triton
 
     def launch(kernel, grid, *args, **meta):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(triton_tiled, "launch", launch)
-    monkeypatch.setattr(triton_tiled, "_LEVEL", {})
+    monkeypatch.setattr(tiled_triton, "launch", launch)
+    monkeypatch.setattr(tiled_triton, "_LEVEL", {})
     edge_index, n_src, n_dst = _small("causal")
     q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4, bias=False)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         attend(q, k, v, edge_index, scale=0.4, backend="tiled", block_size=16, impl="triton")
-    assert triton_tiled._LEVEL == {}
+    assert tiled_triton._LEVEL == {}
 
 
 def test_tiled_retries_with_lean_options(monkeypatch):
@@ -209,9 +209,9 @@ def test_tiled_retries_with_lean_options(monkeypatch):
     less shared memory) stays on Triton, without a warning."""
     from triton.runtime.errors import OutOfResources
 
-    from gnn_transformer.kernels import triton_tiled
+    from gnn_transformer.kernels import tiled_triton
 
-    real = triton_tiled.launch
+    real = tiled_triton.launch
     seen = []
 
     def launch(kernel, grid, *args, **meta):
@@ -220,8 +220,8 @@ def test_tiled_retries_with_lean_options(monkeypatch):
             raise OutOfResources(107_520, 101_376, "shared memory")
         return real(kernel, grid, *args, **meta)
 
-    monkeypatch.setattr(triton_tiled, "launch", launch)
-    monkeypatch.setattr(triton_tiled, "_LEVEL", {})
+    monkeypatch.setattr(tiled_triton, "launch", launch)
+    monkeypatch.setattr(tiled_triton, "_LEVEL", {})
     edge_index, n_src, n_dst = _small("empty_rows")
     q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4,
                              dtype=torch.bfloat16, bias=False)
@@ -230,7 +230,7 @@ def test_tiled_retries_with_lean_options(monkeypatch):
         for _ in range(2):
             out = attend(q, k, v, edge_index, scale=0.4, backend="tiled", block_size=16, impl="triton")
             got = torch.autograd.grad(out.float().sum(), (q, k, v))
-    assert sorted(triton_tiled._LEVEL.values()) == [0, 1]  # forward default, backward lean
+    assert sorted(tiled_triton._LEVEL.values()) == [0, 1]  # forward default, backward lean
     # the second backward goes straight to the lean options
     assert seen[-2:] == [("_tiled_bwd_dq", 8, 1), ("_tiled_bwd_dkdv", 8, 1)]
     up = [x.detach().float().requires_grad_() for x in (q, k, v)]
@@ -293,9 +293,9 @@ def test_grouped_csr_kernels_fall_back_per_head_where_the_gpu_refuses_them(monke
     smaller than an H100) runs the per-head kernel, remembered for later calls, same results."""
     from triton.runtime.errors import OutOfResources
 
-    from gnn_transformer.kernels import triton_csr
+    from gnn_transformer.kernels import fused_triton
 
-    real, seen = triton_csr.launch, []
+    real, seen = fused_triton.launch, []
 
     def launch(kernel, grid, *args, **meta):
         seen.append(kernel.__name__)
@@ -303,8 +303,8 @@ def test_grouped_csr_kernels_fall_back_per_head_where_the_gpu_refuses_them(monke
             raise OutOfResources(106_752, 101_376, "shared memory")
         return real(kernel, grid, *args, **meta)
 
-    monkeypatch.setattr(triton_csr, "launch", launch)
-    monkeypatch.setattr(triton_csr, "_PER_HEAD", set())
+    monkeypatch.setattr(fused_triton, "launch", launch)
+    monkeypatch.setattr(fused_triton, "_PER_HEAD", set())
     edge_index, n_src, n_dst = _small("empty_rows")
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=4, kv_heads=2, dim=4)
     ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.4, edge_bias=b, return_lse=True)
@@ -327,9 +327,9 @@ def test_tiled_fallback_is_remembered_per_block_size(monkeypatch):
     16 on Triton: the fallback level is kept per block size."""
     from triton.runtime.errors import OutOfResources
 
-    from gnn_transformer.kernels import triton_tiled
+    from gnn_transformer.kernels import tiled_triton
 
-    real, seen = triton_tiled.launch, []
+    real, seen = tiled_triton.launch, []
 
     def launch(kernel, grid, *args, **meta):
         seen.append((kernel.__name__, meta["BQ"]))
@@ -337,8 +337,8 @@ def test_tiled_fallback_is_remembered_per_block_size(monkeypatch):
             raise OutOfResources(300_000, 101_376, "shared memory")
         return real(kernel, grid, *args, **meta)
 
-    monkeypatch.setattr(triton_tiled, "launch", launch)
-    monkeypatch.setattr(triton_tiled, "_LEVEL", {})
+    monkeypatch.setattr(tiled_triton, "launch", launch)
+    monkeypatch.setattr(tiled_triton, "_LEVEL", {})
     edge_index, n_src, n_dst = _small("causal")
     q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4, bias=False)
     with warnings.catch_warnings():
@@ -353,13 +353,13 @@ def test_tiled_fallback_is_remembered_per_block_size(monkeypatch):
 def test_block_sizes_triton_does_not_take_run_on_the_pytorch_tiled_path(monkeypatch):
     """Where Triton is the default (CUDA, impl=None), tiles of 8 or 48 (not powers of two of at
     least 16) run the PyTorch tiled path instead of failing; impl='triton' still refuses them."""
-    import gnn_transformer.kernels as kernels
-    from gnn_transformer.kernels import triton_tiled
+    from gnn_transformer.kernels import dispatch, tiled_triton
 
-    monkeypatch.setattr(kernels, "_use_triton", lambda device, impl: True)  # as on a GPU
+    monkeypatch.setattr(dispatch, "_use_triton", lambda device, impl: True)  # as on a GPU
     launched = []
-    real = triton_tiled.launch
-    monkeypatch.setattr(triton_tiled, "launch", lambda kernel, *a, **m: launched.append(m["BQ"]) or real(kernel, *a, **m))
+    real = tiled_triton.launch
+    monkeypatch.setattr(tiled_triton, "launch",
+                        lambda kernel, *a, **m: launched.append(m["BQ"]) or real(kernel, *a, **m))
     edge_index, n_src, n_dst = _small("causal")
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4)
     ref = attend_reference(q, k, v, edge_index, scale=0.4, edge_bias=b)
@@ -378,10 +378,10 @@ def test_block_sizes_triton_does_not_take_run_on_the_pytorch_tiled_path(monkeypa
 
 def _launched(monkeypatch):
     """``[(kernel name, constexprs)]`` of the Triton launches from here on (the kernels still run)."""
-    from gnn_transformer.kernels import triton_csr, triton_tiled
+    from gnn_transformer.kernels import fused_triton, tiled_triton
 
     seen = []
-    for module in (triton_csr, triton_tiled):
+    for module in (fused_triton, tiled_triton):
         def launch(kernel, grid, *args, _real=module.launch, **meta):
             seen.append((kernel.__name__, meta))
             return _real(kernel, grid, *args, **meta)

@@ -54,7 +54,8 @@ def test_sample_distinct_is_uniform():
 
 
 @pytest.mark.parametrize("lengths", [[1], [8], [33], [20, 1, 7]], ids=str)
-@pytest.mark.parametrize("block, window, num_global, num_random", [(1, 1, 1, 2), (3, 1, 1, 2), (2, 0, 2, 3), (4, 1, 0, 1)])
+@pytest.mark.parametrize("block, window, num_global, num_random",
+                         [(1, 1, 1, 2), (3, 1, 1, 2), (2, 0, 2, 3), (4, 1, 0, 1)])
 def test_bigbird_random_blocks(lengths, block, window, num_global, num_random):
     kw = dict(block=block, window=window, num_global=num_global)
     ei = T.bigbird(lengths, num_random=num_random, seed=5, **kw)
@@ -80,7 +81,8 @@ def test_bigbird_random_blocks(lengths, block, window, num_global, num_random):
             assert len(blocks.get((L_idx, a), set())) == min(num_random, nb - len(seen))
     pairs = collections.Counter(zip(seq[extra[1]].tolist(), qb.tolist(), kb.tolist()))
     for (s, a, b), count in pairs.items():  # whole blocks: every query token x every key token
-        size = lambda x: min(block, lengths[s] - x * block)
+        def size(x):
+            return min(block, lengths[s] - x * block)
         assert count == size(a) * size(b)
 
 

@@ -84,7 +84,8 @@ def _write(tmp_path, text, name="spec.toml"):
     ('builder = "full"\n[small]\nn = 0\n', "small.n", ">= 1"),
     ('builder = "full"\n[small]\nm = 3\n', "small.m", "unknown key"),
     ('builder = "sliding_window"\n[params]\nwindow = 2\n[small]\nparams = { window = -3 }\n',
-     "small.params.window", ">= 0"),    # integers are bounded: no overflow deep in a builder, no [small] n that fills the memory
+     # integers are bounded: no overflow deep in a builder, no [small] n that fills the memory
+     "small.params.window", ">= 0"),
     ('builder = "sliding_window"\n[params]\nwindow = 99999999999999999999999\n', "params.window",
      "<= 2147483647"),
     ('builder = "bigbird"\n[params]\nblock = 2147483648\n', "params.block", "<= 2147483647"),

@@ -86,8 +86,8 @@ class AttentionGraph:
 
         Edges ``j -> i`` carry ``weight`` = :math:`\\alpha_{ji}` (duplicated edges are summed).
         Self-attention nodes are ``0 .. N_src-1`` (a decoding step's queries are the last ones);
-        cross-attention nodes are ``("key", j)`` and ``("query", i)``. ``labels`` (one per key node, and per query node for self-attention)
-        are stored as the node attribute ``token``.
+        cross-attention nodes are ``("key", j)`` and ``("query", i)``. ``labels`` (one per key
+        node, and per query node for self-attention) are stored as the node attribute ``token``.
         """
         if head is not None and not -self.num_heads <= head < self.num_heads:
             raise ValueError(f"Expected 'head' in [0, {self.num_heads}) (got {head})")

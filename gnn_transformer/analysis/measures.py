@@ -99,7 +99,8 @@ def first_tokens(num_nodes: int, batch: Tensor | None = None) -> Tensor:
             is_first[0] = True
         return is_first
     if not isinstance(batch, Tensor) or batch.is_floating_point() or batch.is_complex() or batch.dtype == torch.bool:
-        raise ValueError(f"Expected 'batch' to be an integer tensor (got {getattr(batch, 'dtype', type(batch).__name__)})")
+        got = getattr(batch, "dtype", type(batch).__name__)
+        raise ValueError(f"Expected 'batch' to be an integer tensor (got {got})")
     batch = batch.reshape(-1)
     if batch.numel() != num_nodes:
         raise ValueError(f"Expected 'batch' to have one entry per node ({num_nodes}, got "
@@ -343,8 +344,8 @@ def activation_stats(hidden: Tensor, k: int = 3) -> ActivationStats:
 def massive_activations(hidden: Tensor, *, min_magnitude: float = 100.0,
                         min_ratio: float = 1000.0) -> list[tuple[int, int, float]]:
     """Entries of a hidden state that are *massive*: ``|h| > min_magnitude`` and
-    ``|h| > min_ratio * median |h|`` (median as ``numpy.median``; the criterion of Sun et al., 2024, "Massive Activations in
-    Large Language Models").
+    ``|h| > min_ratio * median |h|`` (median as ``numpy.median``; the criterion of Sun et al., 2024,
+    "Massive Activations in Large Language Models").
 
     Returns:
         ``(token, dim, value)`` triples, largest magnitude first.

@@ -1,10 +1,10 @@
 """Topologies named on the command line: ``"name"`` or ``"name:key=value,key=value"``.
 
 ``name`` is a builder of :mod:`gnn_transformer.topology` (a key of ``topology.BUILDERS``:
-``full``, ``sliding_window``, ``bigbird``, ``random``, ...), called as ``builder(lengths, **kwargs)``, or the name or path of a
-TOML spec of the ``graphs/`` catalogue, read with :func:`gnn_transformer.topology.read_spec`. A bare
-name that is both (``"bigbird"``) is the catalogue spec, with the parameters of its paper; with
-arguments it is the builder.
+``full``, ``sliding_window``, ``bigbird``, ``random``, ...), called as ``builder(lengths, **kwargs)``,
+or the name or path of a TOML spec of the ``graphs/`` catalogue, read with
+:func:`gnn_transformer.topology.read_spec`. A bare name that is both (``"bigbird"``) is the
+catalogue spec, with the parameters of its paper; with arguments it is the builder.
 
 A spec that ends in ``.toml`` or contains a path separator (``/`` or ``\\``) is a file path, taken
 whole (a ``:`` in it is part of the path); any other spec is a name, never a file of the current

@@ -6,8 +6,8 @@ mask instead of storing ``[E, H]`` of it, and the PyTorch and Triton implementat
 bit (the tests compare them). The hash is ``lowbias32`` (C. Wellons) applied four times; an edge is
 dropped when the 32-bit hash falls below ``p · 2**32``, and kept weights are scaled by
 ``1 / (1 - p)``. On PyTorch tensors the hash runs in int32 with wrapping products while every
-position is below ``2**31`` (12x faster on the CPU than exact int64 arithmetic, which remains the
-fallback and the reference).
+position is below ``2**31`` (half the bytes and operations of exact int64 arithmetic, which
+remains the fallback and the reference).
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _signed32(c: int) -> int:
 def _mix32_(x: Tensor) -> Tensor:
     """``lowbias32`` in place on int32 tensors holding the 32 bits: products wrap modulo ``2**32``
     (checked once by :func:`_int32_wraps`), shifts are made logical by masking the sign's copies.
-    About 12x faster than the int64 arithmetic on the CPU (half the bytes, half the operations)."""
+    Half the bytes and half the operations of the int64 arithmetic."""
     x ^= (x >> 16) & 0xFFFF
     x *= _signed32(_C1)
     x ^= (x >> 15) & 0x1FFFF

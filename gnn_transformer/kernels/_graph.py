@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 from torch_geometric import EdgeIndex
 
+from .primitives import plain_tensor
+
 
 @dataclass(eq=False)
 class CSRGraph:
@@ -78,7 +80,7 @@ def _drop(key: int) -> None:
         _CACHE.pop(key, None)
 
 
-def _check(edge_index: Tensor, num_src: int, num_dst: int) -> None:
+def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int) -> None:
     if not isinstance(edge_index, Tensor):
         raise ValueError(f"Expected 'edge_index' to be a tensor (got {type(edge_index).__name__})")
     if edge_index.dim() != 2 or edge_index.size(0) != 2:
@@ -95,7 +97,7 @@ def _check(edge_index: Tensor, num_src: int, num_dst: int) -> None:
 
 
 def _build(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
-    plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+    plain = plain_tensor(edge_index)
     # Views of a long edge_index (no copy); a backward pass that uses them checks they were not
     # written in place since (CSRGraph.guards). An inference tensor cannot be saved for backward:
     # copied.
@@ -137,7 +139,7 @@ def _version(edge_index: Tensor) -> int | Tensor:
     """What tells a later call that ``edge_index`` still holds the same edges: its version
     counter, or for an inference tensor (which has none) a copy of its values."""
     if edge_index.is_inference():
-        plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+        plain = plain_tensor(edge_index)
         return plain.clone()
     return edge_index._version
 
@@ -145,7 +147,7 @@ def _version(edge_index: Tensor) -> int | Tensor:
 def _same(old: int | Tensor, edge_index: Tensor) -> bool:
     if isinstance(old, int):
         return not edge_index.is_inference() and old == edge_index._version
-    plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+    plain = plain_tensor(edge_index)
     return edge_index.is_inference() and torch.equal(old, plain)
 
 
@@ -178,7 +180,7 @@ def prepare(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
     tensor, its values), not writes that bypass it (``.data``, a NumPy view): after those, call
     :func:`clear_cache`.
     """
-    _check(edge_index, num_src, num_dst)
+    check_edge_index(edge_index, num_src, num_dst)
     stamp = (*_stamp(edge_index), num_src, num_dst)
     hit = _lookup(edge_index)
     if hit is not None and hit[0] == stamp:
@@ -198,3 +200,11 @@ def clear_cache() -> None:
     """Forget every cached graph structure."""
     with _LOCK:
         _CACHE.clear()
+
+
+def sub_graph(graph: CSRGraph, edge_ids: Tensor) -> CSRGraph:
+    """The edges ``edge_ids`` (sorted positions) as a graph of their own, still target-sorted."""
+    src, dst = graph.src[edge_ids], graph.dst[edge_ids]
+    rowptr = torch.zeros(graph.num_dst + 1, dtype=torch.long, device=src.device)
+    rowptr[1:] = torch.bincount(dst, minlength=graph.num_dst).cumsum(0)
+    return CSRGraph(graph.num_src, graph.num_dst, src, dst, rowptr, None, edge_ids=edge_ids)

@@ -1,7 +1,7 @@
 """The one place where the Triton kernels are launched.
 
 :func:`launch` runs ``kernel[grid](*args, **meta)``; inside :func:`recording` it keeps the launch
-instead, so that :mod:`.compile_check` can compile exactly what the kernels' wrappers would launch,
+instead, so that :mod:`gnn_transformer.bench.compile_check` can compile exactly what the kernels' wrappers would launch,
 for a GPU, on a machine without one.
 """
 from __future__ import annotations

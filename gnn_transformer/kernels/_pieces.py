@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import lse_pair
+from .primitives import finite_or_zero
 
 # A piece length for every launch, on every device (0: never cut); None: by the device, as above.
 LENGTH: int | None = None
@@ -139,7 +140,7 @@ def merge_into(out: Tensor, lse: Tensor, lse_lo: Tensor, out_p: Tensor, lse_p: T
     shape = (pieces.num_pieces, block, heads)
     lse_b, lo_b = lse_p.view(shape), lo_p.view(shape)
     top = _sum(lse_b, pieces, "max")  # [C, B, H]
-    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    top = finite_or_zero(top)
     w = torch.exp((lse_b - top[pieces.owner]) + lo_b)  # [P, B, H]; 0 if empty
     total = _sum(w, pieces)  # [C, B, H]
     acc = _sum(w.unsqueeze(-1) * out_p.view(pieces.num_pieces, block, heads, dim), pieces)  # [C, B, H, D]
@@ -171,10 +172,10 @@ def launch_rows(run, ptr: Tensor, pieces: Pieces | None, outputs: tuple[Tensor, 
     if pieces is None:
         return
     fills = (0.0, float("-inf"), 0.0) if merge else (0.0,) * len(outputs)
-    parts = [partial(pieces, block, x.shape[1:], dtype, x.device, fill) for x, fill in zip(outputs, fills)]
-    run(pieces.num_pieces, *parts, pieces.start, pieces.stop, pieces.row, True)
+    buffers = [partial(pieces, block, x.shape[1:], dtype, x.device, fill) for x, fill in zip(outputs, fills)]
+    run(pieces.num_pieces, *buffers, pieces.start, pieces.stop, pieces.row, True)
     if merge:
-        merge_into(*outputs, *parts, pieces, block)
+        merge_into(*outputs, *buffers, pieces, block)
     else:
-        for x, part in zip(outputs, parts):
-            add_into(x, part, pieces, block)
+        for x, buffer in zip(outputs, buffers):
+            add_into(x, buffer, pieces, block)

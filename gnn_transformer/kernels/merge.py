@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import lse_pair
+from .primitives import finite_or_zero
 
 
 def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
@@ -23,7 +24,7 @@ def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
     :mod:`._autograd`); then the merged ``lse``'s own remainder is returned too,
     ``(out, lse, lse_lo)``, and huge log-sum-exps (all scores near ``-1e9``) merge exactly."""
     top = torch.maximum(lse_a, lse_b).detach()  # [N, H]; the result does not depend on it
-    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    top = finite_or_zero(top)
     d_a, d_b = lse_a - top, lse_b - top  # [N, H]; exact where the two are close
     if lse_lo is not None:
         d_a, d_b = d_a + lse_lo[0], d_b + lse_lo[1]

@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 from torch_geometric.utils import scatter, softmax
 
+from .primitives import finite_or_zero, plain_tensor
+
 
 def edge_softmax(score: Tensor, index: Tensor, ptr: Tensor | None = None,
                  num_nodes: int | None = None) -> Tensor:
@@ -36,7 +38,7 @@ def attend_reference(query: Tensor, key: Tensor, value: Tensor, edge_index: Tens
     """``out_i = sum_j softmax_j(scale * q_i . k_j + b_ji) v_j`` over the edges ``j -> i``."""
     num_dst, num_heads = query.size(0), query.size(1)
     group = num_heads // key.size(1)
-    plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+    plain = plain_tensor(edge_index)
     src, dst = plain[0].long(), plain[1].long()  # [E], [E]
     query_i = query[dst]  # [E, H, D]
     key_j = key[src].repeat_interleave(group, dim=1)  # [E, H, D]
@@ -52,7 +54,7 @@ def attend_reference(query: Tensor, key: Tensor, value: Tensor, edge_index: Tens
     index = dst.unsqueeze(-1).expand_as(score)  # [E, H]
     top = torch.full((num_dst, num_heads), float("-inf"), dtype=score.dtype, device=score.device)
     top = top.scatter_reduce(0, index, score.detach(), reduce="amax")  # [N_dst, H]
-    safe = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    safe = finite_or_zero(top)
     total = torch.zeros_like(top).index_add_(0, dst, torch.exp(score - safe[dst]))  # [N_dst, H]
     lse = safe + torch.log(total)  # -inf on empty rows (differentiable: ``top`` cancels out)
     return out, lse  # float32 (float64 for float64 inputs)

@@ -5,7 +5,7 @@ into ``[H, G, c·Bk, D]``, scores are one batched matmul ``[H, G, Bq, c·Bk]``, 
 masked (full tiles are not), and the softmax runs over each row of the gathered blocks. Work is
 chunked so that one chunk's scores stay below ``max_cells`` entries. The backward pass recomputes
 the scores from the saved log-sum-exp; ``dK`` / ``dV`` of a chunk are added to their key blocks.
-The same tile list drives the Triton kernels (:mod:`.triton_tiled`) on the GPU.
+The same tile list drives the Triton kernels (:mod:`.tiled_triton`) on the GPU.
 
 Notation: ``G`` query blocks of a chunk, ``c`` tiles per query block, ``Bq`` / ``Bk`` block sizes,
 ``H`` heads (key / value heads are repeated to ``H`` here), ``D`` head dimension.
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ._autograd import Kernel, kernel_attention, lse_pair
 from ._dropout import keep_scales
-from .chunked import compute_dtype
+from .primitives import compute_dtype, finite_or_zero, total_or_one
 from .tiling import TileList
 
 DEFAULT_MAX_CELLS = 1 << 21  # score entries per chunk: 8 MiB of float32 (cache-sized temporaries)
@@ -52,14 +52,14 @@ def _flash_mask(tiles: TileList, tb: Tensor | None, tids: Tensor, dtype) -> tupl
     return mask.unsqueeze(1), keep.any(-1).unsqueeze(1)
 
 
-def _groups(tiles: TileList, num_heads: int, max_cells: int
+def _chunks(tiles: TileList, num_heads: int, max_cells: int
             ) -> list[tuple[Tensor, Tensor, tuple[int, int] | None]]:
     """``[(query blocks [G], tile ids [G, c], run)]``: query blocks with ``c`` tiles each, chunked.
     ``run = (first, step)`` when query block ``g`` of the chunk reads the consecutive key blocks
     ``first + g * step ...`` (causal and window chunks): then :func:`_key_blocks` reads them in
     place instead of gathering a copy; ``None`` otherwise."""
-    cache_key = ("groups", num_heads, max_cells)
-    cache = tiles.__dict__.setdefault("_groups", {})
+    cache_key = ("chunks", num_heads, max_cells)
+    cache = tiles.__dict__.setdefault("_chunks", {})
     if cache_key in cache:
         return cache[cache_key]
     per_block = (tiles.tile_ptr[1:] - tiles.tile_ptr[:-1]).cpu()  # [num_q_blocks]
@@ -107,8 +107,8 @@ def _mask(tiles: TileList, tids: Tensor) -> Tensor | None:
         return None
     g, c = tids.shape
     m = torch.ones(g, c, tiles.block_q, tiles.block_k, dtype=torch.bool, device=tids.device)
-    part = mi >= 0
-    m[part] = tiles.masks[mi[part]]
+    masked = mi >= 0  # [G, c]: the partial tiles
+    m[masked] = tiles.masks[mi[masked]]
     return m.permute(0, 2, 1, 3).reshape(g, tiles.block_q, c * tiles.block_k)
 
 
@@ -190,7 +190,7 @@ def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tenso
     loB = torch.zeros(qB.shape[:3], dtype=cd, device=q.device)  # [H, nqb, Bq]
     tb = None if tbias is None else tbias.to(cd)
     flash = _use_flash(q.device, cd) and dropout is None
-    for qb, tids, run in _groups(tiles, num_heads, max_cells):
+    for qb, tids, run in _chunks(tiles, num_heads, max_cells):
         if flash:  # [G, H, Bq, D] / [G, H, c·Bk, D] layout of the fused CPU kernel
             keys = _key_blocks(kB, tiles, tids, run).transpose(0, 1)
             vals = _key_blocks(vB, tiles, tids, run).transpose(0, 1)
@@ -204,7 +204,7 @@ def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tenso
                 continue
         _, _, s = _scores(qB, kB, tiles, tb, qb, tids, run, scale)  # [H, G, Bq, c·Bk]
         top = s.amax(-1, keepdim=True)
-        top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+        top = finite_or_zero(top)
         e = s.sub_(top).exp_()  # in place: the chunk's temporaries are its largest tensors
         total = e.sum(-1, keepdim=True)  # [H, G, Bq, 1]
         nonempty = total > 0
@@ -243,7 +243,7 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dou
     vB = _blocked(v.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd, extra)
     doB = _blocked(dout, tiles.block_q, nqb, cd, extra)  # [H, nqb, Bq, D (+ 1)]
     lseB = _blocked(lse.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
-    lseB = torch.where(torch.isinf(lseB), torch.zeros_like(lseB), lseB)
+    lseB = finite_or_zero(lseB)
     loB = _blocked(lse_lo.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
     dqB, dkB, dvB = torch.zeros_like(qB), torch.zeros_like(kB), torch.zeros_like(vB)
     dtb = torch.zeros_like(tb) if need_bias_grad else None
@@ -253,9 +253,9 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dou
             doB[..., dim] = 1.0
             outB[..., dim] = -_blocked(dlse.unsqueeze(-1), tiles.block_q, nqb, cd)[..., 0]
     # chunks off the fused CPU kernel take delta_i as the sum of p (dp) over the row's recomputed
-    # tiles, with p normalized per row (module chunked's docstring says why)
+    # tiles, with p normalized per row (module fused_torch's docstring says why)
     dlseB = None if dlse is None else _blocked(dlse.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
-    for qb, tids, run in _groups(tiles, num_heads, max_cells):
+    for qb, tids, run in _chunks(tiles, num_heads, max_cells):
         g, c = tids.shape
         kb = tiles.k_block[tids].flatten()  # [G·c]
         # chunks whose forward ran the matmul path (huge log-sum-exps) take it here too
@@ -275,7 +275,7 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dou
             qg, kg = qg[..., :dim], kg[..., :dim]
         p = s.sub_(lseB[:, qb]).sub_(loB[:, qb]).exp_()  # [H, G, Bq, c·Bk], in place
         total = p.sum(-1, keepdim=True)  # [H, G, Bq, 1]
-        p.div_(torch.where(total > 0, total, torch.ones_like(total)))
+        p.div_(total_or_one(total))
         dog = doB[:, qb][..., :dim]  # [H, G, Bq, D]
         vals = _key_blocks(vB, tiles, tids, run)[..., :dim]  # [H, G, c·Bk, D]
         dp = torch.matmul(dog, vals.transpose(-1, -2))  # [H, G, Bq, c·Bk]

@@ -50,9 +50,10 @@ class TileList:
         return -(-self.num_src // self.block_k)
 
     def cell_edge(self) -> Tensor:
-        """``[T, Bq, Bk]`` int32 (int64 past ``2**31 - 1`` edges): the tiled edge (its row in ``edge_ids``) of every cell, ``-1`` where
-        there is none. With it, kernels read an ``edge_bias`` ``[E_t, H]`` per cell and write its
-        gradient per edge, instead of building ``[T, H, Bq, Bk]`` bias tiles (``H`` times larger)."""
+        """``[T, Bq, Bk]`` int32 (int64 past ``2**31 - 1`` edges): the tiled edge (its row in
+        ``edge_ids``) of every cell, ``-1`` where there is none. With it, kernels read an
+        ``edge_bias`` ``[E_t, H]`` per cell and write its gradient per edge, instead of building
+        ``[T, H, Bq, Bk]`` bias tiles (``H`` times larger)."""
         if not hasattr(self, "_cell_edge"):
             # int32 halves the memory; past 2**31 - 1 tiled edges the ids need int64
             ids = torch.int32 if self.edge_cell.numel() < 2 ** 31 else torch.int64

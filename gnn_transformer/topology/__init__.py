@@ -7,8 +7,6 @@ has a brute-force ``*_predicate`` twin. A graph of more edges than the budget (:
 ``docs/topology.md`` for the catalogue.
 """
 from ._common import DEFAULT_MAX_EDGES, as_lengths, batch_vector, max_edges, ptr_vector
-from .analysis import (DegreeStats, TopologyStats, diameter, hop_distances, layers_to_match,
-                       receptive_field, receptive_field_sizes, summarize)
 from .basic import causal, causal_predicate, full, full_predicate
 from .bigbird import bigbird, bigbird_predicate
 from .combinators import difference, from_predicate, intersection, union
@@ -25,6 +23,8 @@ from .random_graphs import edge_set_predicate, erdos_renyi, random
 from .specs import BUILDERS, Spec, build_spec, catalogue, load, read_spec
 from .sparse_transformer import fixed, fixed_predicate, strided, strided_predicate
 from .star import star, star_predicate
+from .statistics import (DegreeStats, TopologyStats, diameter, hop_distances, layers_to_match,
+                         receptive_field, receptive_field_sizes, topology_stats)
 from .windows import dilated, dilated_predicate, sliding_window, sliding_window_predicate
 
 __all__ = [
@@ -46,7 +46,7 @@ __all__ = [
     # masks and exports
     "to_dense_mask", "from_dense_mask", "is_multigraph",
     "to_networkx", "to_flex_mask_mod", "to_block_mask", "flex_attention_available",
-    # analysis and pictures
-    "summarize", "TopologyStats", "DegreeStats", "layers_to_match", "receptive_field",
+    # graph statistics and pictures
+    "topology_stats", "TopologyStats", "DegreeStats", "layers_to_match", "receptive_field",
     "receptive_field_sizes", "hop_distances", "diameter", "draw_topology", "draw_receptive_field",
 ]

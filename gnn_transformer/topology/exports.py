@@ -14,7 +14,6 @@ from collections.abc import Callable
 import networkx as nx
 import torch
 from torch import Tensor
-from torch_geometric import EdgeIndex
 
 from .masks import _check_edge_index, _check_range, _default_sizes
 

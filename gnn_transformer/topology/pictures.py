@@ -18,9 +18,9 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from ._common import Lengths
-from .analysis import _graph_sizes, hop_distances, summarize
 from .exports import to_networkx
 from .masks import _check_edge_index, to_dense_mask
+from .statistics import _graph_sizes, hop_distances, topology_stats
 
 
 def _save(fig: Figure, path: str | Path | None, dpi: int) -> Figure:
@@ -63,14 +63,14 @@ def draw_topology(edge_index: Tensor, *, title: str | None = None, path: str | P
         num_src, num_dst: node counts (default: the ``EdgeIndex`` sparse size; for a plain tensor
             the lengths, else one node set of ``max + 1`` over both rows).
         lengths, src_lengths: sequence lengths of a batch, for the density of the title (relative
-            to full attention within the sequences), as in :func:`~.analysis.summarize`.
+            to full attention within the sequences), as in :func:`~.statistics.topology_stats`.
         bipartite: draw sources and targets as different tokens (cross attention). Default:
             ``num_src != num_dst``; pass ``True`` for a cross graph with as many keys as queries.
         figsize, dpi: figure size in inches and resolution.
     """
     src, dst = _check_edge_index(edge_index)
-    stats = summarize(edge_index, lengths, src_lengths=src_lengths, num_src=num_src, num_dst=num_dst,
-                      bipartite=bipartite)
+    stats = topology_stats(edge_index, lengths, src_lengths=src_lengths, num_src=num_src,
+                           num_dst=num_dst, bipartite=bipartite)
     num_src, num_dst = stats.num_src, stats.num_dst
     bipartite = num_src != num_dst if bipartite is None else bipartite
     mask = to_dense_mask(edge_index, num_src, num_dst).cpu().numpy()

@@ -1,4 +1,4 @@
-"""Graph analysis of token graphs with networkx: size, density, degrees, and how information
+"""Graph statistics of token graphs with networkx: size, density, degrees, and how information
 spreads over layers.
 
 With residual connections a token keeps what it has, so after ``L`` layers token ``i`` has
@@ -83,9 +83,9 @@ def _graph_sizes(edge_index: Tensor, src: Tensor, dst: Tensor, num_src: int | No
     return num_src, num_dst, num_src != num_dst if bipartite is None else bipartite
 
 
-def summarize(edge_index: Tensor, lengths: Lengths | None = None, *, src_lengths: Lengths | None = None,
-              num_src: int | None = None, num_dst: int | None = None,
-              bipartite: bool | None = None) -> TopologyStats:
+def topology_stats(edge_index: Tensor, lengths: Lengths | None = None, *,
+                   src_lengths: Lengths | None = None, num_src: int | None = None,
+                   num_dst: int | None = None, bipartite: bool | None = None) -> TopologyStats:
     """Edges, density, degree statistics, self-loops, empty rows, causality.
 
     Args:
@@ -103,7 +103,7 @@ def summarize(edge_index: Tensor, lengths: Lengths | None = None, *, src_lengths
 
     Example:
         >>> from gnn_transformer.topology import causal
-        >>> s = summarize(causal(4))
+        >>> s = topology_stats(causal(4))
         >>> s.num_edges, s.density, s.in_degree.max, s.causal
         (10, 0.625, 4, True)
     """
@@ -142,7 +142,8 @@ def _check_layers(value: int, name: str) -> None:
         raise ValueError(f"Expected '{name}' to be a non-negative int (got {value!r})")
 
 
-def hop_distances(edge_index: Tensor, num_nodes: int | None = None, cutoff: int | None = None) -> dict[int, dict[int, int]]:
+def hop_distances(edge_index: Tensor, num_nodes: int | None = None,
+                  cutoff: int | None = None) -> dict[int, dict[int, int]]:
     """``{i: {j: d}}``: fewest edges on a path ``j -> ... -> i`` (``d(i, i) = 0``, the residual),
     for the ``j`` reaching ``i`` within ``cutoff`` edges. Breadth-first search per node (networkx)."""
     if cutoff is not None:

@@ -35,13 +35,9 @@ from torch import Tensor
 from ._autograd import Kernel, kernel_attention, lse_pair
 from ._dropout import keep_scale
 from ._graph import CSRGraph
+from .primitives import compute_dtype, finite_or_zero, total_or_one
 
 DEFAULT_MAX_EDGES = 1 << 19  # edges per chunk and head: 2 MiB of float32 scores (cache-sized)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
@@ -129,7 +125,7 @@ def _scores(c: RowChunk, qT_h: Tensor, kT_h: Tensor, bias_h: Tensor | None, scal
 def _row_sums(c: RowChunk, p: Tensor) -> Tensor:
     """Each edge's row total of ``p [Ec]``, ``[Ec]`` (1 where a row's total is 0)."""
     total = torch.segment_reduce(p, "sum", offsets=c.crow)  # [R]
-    return torch.where(total > 0, total, torch.ones_like(total))[c.row]
+    return total_or_one(total)[c.row]
 
 
 def _head_major(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -169,7 +165,7 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph:
                 bias_h = None if bias is None else bias[c.e0:c.e1, h]
                 s = _scores(c, qT[h, c.r0:c.r1], kT[hk], bias_h, scale)  # [Ec]
                 top = torch.segment_reduce(s, "max", offsets=c.crow)  # [R], -inf on empty rows
-                top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+                top = finite_or_zero(top)
                 e = torch.exp(s - top[c.row])  # [Ec]
                 total = torch.segment_reduce(e, "sum", offsets=c.crow)  # [R]
                 nonempty = total > 0
@@ -203,7 +199,7 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph
         qT, kT, vT, doT = (_head_major(x, cd) for x in (q, k, v, dout))
         dlseT = None if dlse is None else dlse.to(cd).t()  # [H, N_dst]
         lse_safe = lse.to(cd).t()  # [H, N_dst]
-        lse_safe = torch.where(torch.isinf(lse_safe), torch.zeros_like(lse_safe), lse_safe)
+        lse_safe = finite_or_zero(lse_safe)
         loT = lse_lo.to(cd).t()  # [H, N_dst]: what rounding lse lost (module _autograd)
         for c in row_chunks(graph, max_edges):
             size, size_t = (c.r1 - c.r0, n_src), (n_src, c.r1 - c.r0)

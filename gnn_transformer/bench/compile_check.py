@@ -4,13 +4,13 @@ The Triton interpreter that runs the kernels in the tests (``TRITON_INTERPRET=1`
 what only the GPU compiler checks: operand shapes ``tl.dot`` accepts on tensor cores, types that
 lower to PTX, registers, spills and shared memory. This module records the launches that
 :func:`gnn_transformer.kernels.attend` would make on a GPU (forward and backward, through the real
-wrappers; see :mod:`._launch`), then compiles each one with Triton's compiler and ``ptxas`` for a
+wrappers; see :mod:`gnn_transformer.kernels._launch`), then compiles each one with Triton's compiler and ``ptxas`` for a
 target architecture (``sm_90``, the H100, by default). Nothing runs; no GPU or CUDA driver is needed.
 
 Run it in a process without ``TRITON_INTERPRET=1`` (the interpreter replaces the kernels)::
 
-    python -m gnn_transformer.kernels.compile_check            # every case, sm_90
-    python -m gnn_transformer.kernels.compile_check --arch 80 --dtypes bfloat16
+    python -m gnn_transformer.bench.compile_check            # every case, sm_90
+    python -m gnn_transformer.bench.compile_check --arch 80 --dtypes bfloat16
 
 Each row: the kernel, the case, registers per thread, spilled bytes (stores / loads), shared memory
 (flagged when over the target's per-block limit: the GPU would refuse that launch, and ``attend``
@@ -31,9 +31,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import BACKENDS as KERNEL_BACKENDS
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
           "float64": torch.float64}
-BACKENDS = ("fused", "tiled", "split")
+BACKENDS = tuple(b for b in KERNEL_BACKENDS if b != "auto")  # each compiles its own kernels
 # Shared memory one program may use, by compute capability (bytes; the opt-in maximum per block).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 _POINTER = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
@@ -51,7 +53,8 @@ class Case:
     head_dim: int = 64
     bias: bool = False
     dropout: bool = False
-    pieces: bool = False  # global tokens whose rows run in pieces (:mod:`._pieces`): the MAPPED launches
+    # global tokens whose rows run in pieces (:mod:`gnn_transformer.kernels._pieces`): the MAPPED launches
+    pieces: bool = False
 
     def __str__(self) -> str:
         gqa = f"{self.heads}/{self.kv_heads}" if self.kv_heads != self.heads else f"{self.heads}"
@@ -115,8 +118,8 @@ def record_case(case: Case, num_tokens: int = 256, block_size: int | None = None
     """The Triton launches of one forward and backward pass of ``case`` (CPU tensors stand in for the
     GPU's; nothing runs), in tiles of ``block_size`` (default: what ``attend`` takes on CUDA for the
     case's dtype, :func:`~gnn_transformer.kernels.default_block_size`)."""
-    from . import _pieces, attend, default_block_size
-    from ._launch import recording
+    from ..kernels import _pieces, attend, default_block_size
+    from ..kernels._launch import recording
     from ..topology import global_tokens, random, sliding_window, union
 
     if case.dtype not in DTYPES:
@@ -279,7 +282,7 @@ def format_rows(rows: Sequence[Compiled]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gnn_transformer.kernels.compile_check",
+    parser = argparse.ArgumentParser(prog="python -m gnn_transformer.bench.compile_check",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT),
                         help="compute capability ×10 (90: H100, 80: A100, 86/89: RTX 30xx/40xx)")

@@ -24,10 +24,12 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import Tensor
 
-from . import (DROPOUT_COST, MERGE_COST, ROW_COST, TILE_COST, attend, attend_reference, choose_backend, clear_cache,
-               default_block_size, merge_partials, prepare)
-from .tiling import tile_stats
+from ..kernels import (DROPOUT_COST, MERGE_COST, ROW_COST, TILE_COST, attend, attend_reference, choose_backend,
+                       clear_cache, default_block_size, merge_partials)
+from ..kernels._graph import prepare
+from ..kernels.tiling import tile_stats
 
 TOPOLOGIES = ("causal", "window", "bigbird", "random")
 BACKENDS = ("pyg", "fused", "tiled", "auto", "sdpa", "flex")
@@ -354,7 +356,7 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
                                          build_ms=build_ms, note=f"failed: {type(exc).__name__}: {exc}"[:120]))
                     if log:
                         log(_format_row(rows[-1]))
-            del q, k, v, ref, ref_grads
+            q = k = v = ref = ref_grads = None  # free them before the next size
     return rows
 
 
@@ -513,7 +515,7 @@ def calibrate_tile_cost(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[
                                  **{"pass": p}))
                 if log:
                     log(format_table(rows[-1:], CALIBRATION_COLUMNS).splitlines()[-1])
-            del call
+            call = None  # free its inputs
     suggested = {p: statistics.median(r["ratio"] for r in rows if r["pass"] == p) for p in passes}
     return rows, suggested
 
@@ -585,7 +587,7 @@ def calibrate_dropout_cost(rows: Sequence[dict], *, dropout_p: float = 0.1, devi
                                           ("tiled", num_tiles * block * block, r["tiled_ms"])):
                 ms = 1e3 * _measure(lambda: call(backend, p, dropout_p), device, repeats)[0]
                 per[backend].append((ms - plain) / (items * units[p]))
-        del call
+        call = None  # free its inputs
     return {p: {b: max(0.0, statistics.median(values)) for b, values in per.items()} for p, per in extra.items()}
 
 

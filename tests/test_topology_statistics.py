@@ -1,4 +1,4 @@
-"""Graph analysis (networkx) and pictures (matplotlib Agg)."""
+"""Graph statistics (networkx) and pictures (matplotlib Agg)."""
 import math
 
 import pytest
@@ -6,24 +6,24 @@ import torch
 from matplotlib.figure import Figure
 
 from gnn_transformer import topology as T
-from gnn_transformer.topology import analysis, pictures
+from gnn_transformer.topology import pictures, statistics
 
 
-def test_summarize_causal_and_batch():
-    s = analysis.summarize(T.causal(4))
+def test_topology_stats_causal_and_batch():
+    s = statistics.topology_stats(T.causal(4))
     assert (s.num_src, s.num_dst, s.num_edges) == (4, 4, 10)
     assert s.density == pytest.approx(10 / 16)
     assert (s.in_degree.min, s.in_degree.max, s.in_degree.mean) == (1, 4, 2.5)
     assert (s.out_degree.min, s.out_degree.max) == (1, 4)
     assert s.self_loops == 4 and s.empty_rows == 0 and s.causal
-    b = analysis.summarize(T.full([3, 2]), [3, 2])
+    b = statistics.topology_stats(T.full([3, 2]), [3, 2])
     assert b.density == 1.0 and not b.causal and b.num_edges == 13
-    assert analysis.summarize(T.full([3, 2])).density == pytest.approx(13 / 25)  # as one sequence
-    g = analysis.summarize(T.global_tokens(5, 1))
+    assert statistics.topology_stats(T.full([3, 2])).density == pytest.approx(13 / 25)  # as one sequence
+    g = statistics.topology_stats(T.global_tokens(5, 1))
     assert g.empty_rows == 0 and g.self_loops == 1 and g.in_degree.std > 0
-    c = analysis.summarize(T.cross(2, 3))
+    c = statistics.topology_stats(T.cross(2, 3))
     assert c.density == 1.0 and c.num_src == 3 and c.num_dst == 2
-    e = analysis.summarize(T.from_dense_mask(torch.zeros(3, 3, dtype=torch.bool)))
+    e = statistics.topology_stats(T.from_dense_mask(torch.zeros(3, 3, dtype=torch.bool)))
     assert e.empty_rows == 3 and e.num_edges == 0
 
 
@@ -32,9 +32,9 @@ def test_summarize_causal_and_batch():
 def test_layers_to_match_sliding_window(L, w):
     """A window of radius w needs ceil((L - 1) / w) layers to span the sequence."""
     expected = math.ceil((L - 1) / w) if L > 1 else 0
-    assert analysis.layers_to_match(T.sliding_window(L, w)) == expected
-    assert analysis.layers_to_match(T.sliding_window(L, w, causal=True), reference="causal") == expected
-    assert analysis.layers_to_match(T.sliding_window(L, w, causal=True)) is (None if L > 1 else 0)
+    assert statistics.layers_to_match(T.sliding_window(L, w)) == expected
+    assert statistics.layers_to_match(T.sliding_window(L, w, causal=True), reference="causal") == expected
+    assert statistics.layers_to_match(T.sliding_window(L, w, causal=True)) is (None if L > 1 else 0)
 
 
 @pytest.mark.parametrize("build, expected", [
@@ -45,23 +45,23 @@ def test_layers_to_match_sliding_window(L, w):
 def test_layers_to_match_known(build, expected):
     ei = build()
     lengths = [3, 4] if ei.sparse_size(0) == 7 else None
-    ref = "causal" if analysis.summarize(ei).causal else "full"
-    assert analysis.layers_to_match(ei, lengths, reference=ref) == expected
+    ref = "causal" if statistics.topology_stats(ei).causal else "full"
+    assert statistics.layers_to_match(ei, lengths, reference=ref) == expected
 
 
 def test_receptive_field_grows_with_layers():
     ei = T.sliding_window(10, 1, causal=True)
-    rf = analysis.receptive_field(ei, 3)
+    rf = statistics.receptive_field(ei, 3)
     assert rf[9] == {6, 7, 8, 9} and rf[0] == {0}
-    assert analysis.receptive_field(ei, 0)[5] == {5}
-    sizes = analysis.receptive_field_sizes(ei, 3)
+    assert statistics.receptive_field(ei, 0)[5] == {5}
+    sizes = statistics.receptive_field_sizes(ei, 3)
     assert sizes[0] == [1] * 10 and sizes[3][9] == 4 and sizes[1][0] == 1
-    assert analysis.diameter(T.star(10)) == 2
-    assert analysis.diameter(T.causal(3)) is None
+    assert statistics.diameter(T.star(10)) == 2
+    assert statistics.diameter(T.causal(3)) is None
     with pytest.raises(ValueError, match="num_layers"):
-        analysis.receptive_field(ei, -1)
+        statistics.receptive_field(ei, -1)
     with pytest.raises(ValueError, match="reference"):
-        analysis.layers_to_match(ei, reference="sparse")
+        statistics.layers_to_match(ei, reference="sparse")
 
 
 def test_draw_topology_returns_figure_and_saves_png(tmp_path):
@@ -98,41 +98,42 @@ def test_topology_does_not_import_models():
         assert "print(" not in f.read_text(), f"{f.name} prints"
 
 
-def test_summarize_plain_tensor_is_one_node_set():
-    s = analysis.summarize(torch.tensor([[0, 0, 0], [0, 1, 2]]))  # key 0 seen by queries 0..2
+def test_topology_stats_plain_tensor_is_one_node_set():
+    s = statistics.topology_stats(torch.tensor([[0, 0, 0], [0, 1, 2]]))  # key 0 seen by queries 0..2
     assert (s.num_src, s.num_dst, s.self_loops) == (3, 3, 1)
     assert s.density == pytest.approx(1 / 3)
-    assert analysis.summarize(torch.tensor([[0, 1, 2], [0, 0, 0]])).num_dst == 3
-    assert analysis.summarize(torch.tensor([[0, 1], [1, 1]]), num_src=3, num_dst=3).density == pytest.approx(2 / 9)
-    assert analysis.summarize(torch.tensor([[0], [1]]), [3, 2]).num_src == 5  # sizes from the lengths
-    c = analysis.summarize(torch.tensor([[0, 0, 0], [0, 1, 2]]), bipartite=True)
+    assert statistics.topology_stats(torch.tensor([[0, 1, 2], [0, 0, 0]])).num_dst == 3
+    s = statistics.topology_stats(torch.tensor([[0, 1], [1, 1]]), num_src=3, num_dst=3)
+    assert s.density == pytest.approx(2 / 9)
+    assert statistics.topology_stats(torch.tensor([[0], [1]]), [3, 2]).num_src == 5  # sizes from the lengths
+    c = statistics.topology_stats(torch.tensor([[0, 0, 0], [0, 1, 2]]), bipartite=True)
     assert (c.num_src, c.num_dst, c.self_loops, c.density) == (1, 3, 0, 1.0)
 
 
-def test_summarize_bipartite_equal_sizes_and_src_lengths():
-    assert analysis.summarize(T.cross(3, 3)).self_loops == 3  # inferred: self-attention
-    assert analysis.summarize(T.cross(3, 3), bipartite=True).self_loops == 0
+def test_topology_stats_bipartite_equal_sizes_and_src_lengths():
+    assert statistics.topology_stats(T.cross(3, 3)).self_loops == 3  # inferred: self-attention
+    assert statistics.topology_stats(T.cross(3, 3), bipartite=True).self_loops == 0
     with pytest.raises(ValueError, match="bipartite"):
-        analysis.summarize(T.cross(2, 3), bipartite=False)
-    assert analysis.summarize(T.cross(2, 3), [2]).density == 1.0  # one sequence: all the keys
+        statistics.topology_stats(T.cross(2, 3), bipartite=False)
+    assert statistics.topology_stats(T.cross(2, 3), [2]).density == 1.0  # one sequence: all the keys
     cross = T.cross([2, 2], [3, 3])
-    assert analysis.summarize(cross, [2, 2], src_lengths=[3, 3]).density == 1.0
+    assert statistics.topology_stats(cross, [2, 2], src_lengths=[3, 3]).density == 1.0
     with pytest.raises(ValueError, match="'src_lengths'.*got \\[3, 2\\]"):
-        analysis.summarize(cross, [2, 2], src_lengths=[3, 2])
+        statistics.topology_stats(cross, [2, 2], src_lengths=[3, 2])
     with pytest.raises(ValueError, match="'src_lengths'.*got src_lengths=None"):
-        analysis.summarize(cross, [2, 2])
+        statistics.topology_stats(cross, [2, 2])
     with pytest.raises(ValueError, match="'lengths'.*got \\[2, 2\\]"):
-        analysis.summarize(T.causal([3, 2]), [2, 2])
+        statistics.topology_stats(T.causal([3, 2]), [2, 2])
 
 
 def test_layer_counts_are_validated():
     ei = T.causal(3)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="max_layers"):
-            analysis.receptive_field_sizes(ei, bad)
+            statistics.receptive_field_sizes(ei, bad)
         with pytest.raises(ValueError, match="cutoff"):
-            analysis.hop_distances(ei, cutoff=bad)
-    assert analysis.hop_distances(ei, cutoff=0) == {0: {0: 0}, 1: {1: 0}, 2: {2: 0}}
+            statistics.hop_distances(ei, cutoff=bad)
+    assert statistics.hop_distances(ei, cutoff=0) == {0: {0: 0}, 1: {1: 0}, 2: {2: 0}}
 
 
 def test_draw_receptive_field_errors_name_the_argument():

@@ -28,10 +28,11 @@ from torch import Tensor
 from . import _pieces
 from ._autograd import Kernel, kernel_attention
 from ._launch import launch
+from .primitives import compute_dtype
 from .tiled_torch import tiled_backward, tiled_forward
-from .triton_csr import (_dot, _keep, _load_scales, _row_stats, _softmax_finish, _softmax_step, _upcast, _work,
-                         EXACT_ROWS_LSE, canonical, scalars)
 from .tiling import TileList, triton_blocks
+from .triton_common import (EXACT_ROWS_LSE, acc_type, canonical, dot, keep, load_scales, row_stats, scalars,
+                            softmax_finish, softmax_step, upcast, work)
 
 
 @triton.jit
@@ -41,7 +42,7 @@ def _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, H,
     """Scores ``[Bq, Bk]`` of tile ``t`` for head ``h``: ``-inf`` where the tile has no edge.
     Without ``BIAS`` the tile's boolean mask (none for a full tile); with it, the edge bias ``[E_t,
     H]`` read through the edge of each cell (``CELL_EDGE [T, Bq, Bk]``, -1 where none)."""
-    s = _dot(q, tl.trans(k), ACC, UPCAST) * scale
+    s = dot(q, tl.trans(k), ACC, UPCAST) * scale
     cells = tl.arange(0, BQ)[:, None] * BK + tl.arange(0, BK)[None, :]
     if BIAS:
         edge = tl.load(CELL_EDGE + t * BQ * BK + cells).to(tl.int64)
@@ -70,7 +71,7 @@ def _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ: tl.con
     cells = tl.arange(0, BQ)[:, None] * BK + tl.arange(0, BK)[None, :]
     edge = tl.load(CELL_EDGE + t * BQ * BK + cells).to(tl.int64)
     position = tl.load(EDGE_IDS + tl.maximum(edge, 0)).to(tl.int64)
-    kept = (edge >= 0) & _keep(SEED, position, h, THRESH)
+    kept = (edge >= 0) & keep(SEED, position, h, THRESH)
     return tl.where(kept, keep_scale, 0.0)
 
 
@@ -81,8 +82,8 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, LSE_LO, START, END, M
                N_DST, N_SRC, H, GROUP, D,
                BIAS: tl.constexpr, DROPOUT: tl.constexpr, MAPPED: tl.constexpr, BQ: tl.constexpr,
                BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    qb, ob, t0, t1 = _work(START, END, MAP, MAPPED)  # query block qb, output block ob
-    scale, keep_scale = _load_scales(SCALES, ACC)
+    qb, ob, t0, t1 = work(START, END, MAP, MAPPED)  # query block qb, output block ob
+    scale, keep_scale = load_scales(SCALES, ACC)
     h = tl.program_id(1)
     hk = h // GROUP
     offs_m = qb * BQ + tl.arange(0, BQ)
@@ -97,12 +98,12 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, LSE_LO, START, END, M
         k = tl.load(K + kv, mask=nmask, other=0.0)
         s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, H, BIAS, BQ, BK, ACC,
                          UPCAST)
-        m_i, l_i, corr, p = _softmax_step(m_i, l_i, s)
+        m_i, l_i, corr, p = softmax_step(m_i, l_i, s)
         v = tl.load(V + kv, mask=nmask, other=0.0)
         if DROPOUT:  # the normalizer keeps every weight; the output only the kept ones
             p = p * _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ, BK)
-        acc = acc * corr[:, None] + _dot(p.to(v.dtype), v, ACC, UPCAST)
-    out, lse, lo = _softmax_finish(m_i, l_i, acc)
+        acc = acc * corr[:, None] + dot(p.to(v.dtype), v, ACC, UPCAST)
+    out, lse, lo = softmax_finish(m_i, l_i, acc)
     offs_o = ob * BQ + tl.arange(0, BQ)
     tl.store(OUT + offs_o[:, None] * stride_on + h * stride_oh + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=mmask)
@@ -122,7 +123,7 @@ def _tile_block(q, do, K, V, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, K_BLOCK, EDGE_
     k = tl.load(K + kv, mask=nmask, other=0.0)
     v = tl.load(V + kv, mask=nmask, other=0.0)
     s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, H, BIAS, BQ, BK, ACC, UPCAST)
-    dp = _dot(do, tl.trans(v), ACC, UPCAST)
+    dp = dot(do, tl.trans(v), ACC, UPCAST)
     if DROPOUT:
         dp = dp * _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ, BK)
     return s, dp, k
@@ -141,11 +142,11 @@ def _tiled_bwd_rows(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, OUT, DLSE, LSE, LSE_LO
     log-sum-exp. A block with a larger one walks its tiles once more and recomputes both from the
     scores the gradient kernels compute (an online softmax whose ``w`` sums ``p dp``): their weights
     then sum to 1, and a saturated row (one weight 1) gets ``ds = 0`` exactly (module
-    :mod:`.chunked` says why)."""
+    :mod:`.fused_torch` says why)."""
     qb = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // GROUP
-    scale, keep_scale = _load_scales(SCALES, ACC)
+    scale, keep_scale = load_scales(SCALES, ACC)
     offs_m = qb * BQ + tl.arange(0, BQ)
     offs_d = tl.arange(0, BLOCK_D)
     rmask = offs_m < N_DST
@@ -153,7 +154,7 @@ def _tiled_bwd_rows(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, OUT, DLSE, LSE, LSE_LO
     rows = offs_m[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
     do = tl.load(DO + rows, mask=mmask, other=0.0)
     o = tl.load(OUT + offs_m[:, None] * stride_on + h * stride_oh + offs_d[None, :], mask=mmask, other=0.0)
-    lse, lo, _ = _row_stats(LSE, LSE_LO, LSE, offs_m * H + h, rmask, ACC)
+    lse, lo, _ = row_stats(LSE, LSE_LO, LSE, offs_m * H + h, rmask, ACC)
     delta = tl.sum(do.to(ACC) * o.to(ACC), axis=1)
     if tl.max(tl.where(rmask, tl.abs(lse), 0.0), axis=0) >= LIMIT:
         q = tl.load(Q + rows, mask=mmask, other=0.0)
@@ -166,7 +167,7 @@ def _tiled_bwd_rows(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, OUT, DLSE, LSE, LSE_LO
             s, dp, k = _tile_block(q, do, K, V, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, K_BLOCK, EDGE_IDS, SEED,
                                    THRESH, t, h, hk, offs_d, N_SRC, D, stride_kn, stride_kh, H, scale, keep_scale,
                                    BIAS, DROPOUT, BQ, BK, ACC, UPCAST)
-            m_i, l_new, corr, p = _softmax_step(m_i, l_i, s)
+            m_i, l_new, corr, p = softmax_step(m_i, l_i, s)
             l_i = l_new
             w_i = w_i * corr + tl.sum(p * dp, axis=1)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -188,8 +189,8 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DQ, 
                   BIAS: tl.constexpr, WRITE_DTBIAS: tl.constexpr, DROPOUT: tl.constexpr, MAPPED: tl.constexpr,
                   BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
                   UPCAST: tl.constexpr):
-    qb, ob, t0, t1 = _work(START, END, MAP, MAPPED)  # query block qb, output block ob
-    scale, keep_scale = _load_scales(SCALES, ACC)
+    qb, ob, t0, t1 = work(START, END, MAP, MAPPED)  # query block qb, output block ob
+    scale, keep_scale = load_scales(SCALES, ACC)
     h = tl.program_id(1)
     hk = h // GROUP
     offs_m = qb * BQ + tl.arange(0, BQ)
@@ -199,7 +200,7 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DQ, 
     rows = offs_m[:, None] * stride_qn + h * stride_qh + offs_d[None, :]  # q, dO and dQ (block ob): one layout
     q = tl.load(Q + rows, mask=mmask, other=0.0)
     do = tl.load(DO + rows, mask=mmask, other=0.0)
-    lse, lo, delta = _row_stats(LSE, LSE_LO, DELTA, offs_m * H + h, rmask, ACC)
+    lse, lo, delta = row_stats(LSE, LSE_LO, DELTA, offs_m * H + h, rmask, ACC)
     dq = tl.zeros([BQ, BLOCK_D], ACC)
     cells = tl.arange(0, BQ)[:, None] * BK + tl.arange(0, BK)[None, :]
     for t in range(t0, t1):
@@ -212,7 +213,7 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DQ, 
             # each edge owns one cell: its gradient is written once, no atomics
             edge = tl.load(CELL_EDGE + t * BQ * BK + cells).to(tl.int64)
             tl.store(DTBIAS + edge * H + h, ds.to(DTBIAS.dtype.element_ty), mask=edge >= 0)
-        dq += _dot(ds.to(k.dtype), k, ACC, UPCAST)
+        dq += dot(ds.to(k.dtype), k, ACC, UPCAST)
     tl.store(DQ + rows + (ob - qb) * BQ * stride_qn, (dq * scale).to(DQ.dtype.element_ty), mask=mmask)
 
 
@@ -223,8 +224,8 @@ def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DK
                     N_DST, N_SRC, H, GROUP, D,
                     BIAS: tl.constexpr, DROPOUT: tl.constexpr, MAPPED: tl.constexpr, BQ: tl.constexpr,
                     BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    kb, ob, i0, i1 = _work(START, END, MAP, MAPPED)  # key block kb, output block ob
-    scale, keep_scale = _load_scales(SCALES, ACC)
+    kb, ob, i0, i1 = work(START, END, MAP, MAPPED)  # key block kb, output block ob
+    scale, keep_scale = load_scales(SCALES, ACC)
     hk = tl.program_id(1)
     offs_n = kb * BK + tl.arange(0, BK)
     offs_d = tl.arange(0, BLOCK_D)
@@ -245,40 +246,34 @@ def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DK
             rows = offs_m[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
             q = tl.load(Q + rows, mask=mmask, other=0.0)
             do = tl.load(DO + rows, mask=mmask, other=0.0)
-            lse, lo, delta = _row_stats(LSE, LSE_LO, DELTA, offs_m * H + h, rmask, ACC)
+            lse, lo, delta = row_stats(LSE, LSE_LO, DELTA, offs_m * H + h, rmask, ACC)
             s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, H, BIAS, BQ, BK, ACC,
                          UPCAST)
             p = tl.exp((s - lse[:, None]) - lo[:, None])  # [Bq, Bk]
-            dp = _dot(do, tl.trans(v), ACC, UPCAST)
+            dp = dot(do, tl.trans(v), ACC, UPCAST)
             pd = p
             if DROPOUT:
                 scales = _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ, BK)
                 dp = dp * scales
                 pd = p * scales
             ds = p * (dp - delta[:, None])
-            dv += _dot(tl.trans(pd.to(do.dtype)), do, ACC, UPCAST)
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, ACC, UPCAST)
+            dv += dot(tl.trans(pd.to(do.dtype)), do, ACC, UPCAST)
+            dk += dot(tl.trans(ds.to(q.dtype)), q, ACC, UPCAST)
     out_cols = cols + (ob - kb) * BK * stride_kn
     tl.store(DK + out_cols, (dk * scale).to(DK.dtype.element_ty), mask=nmask)
     tl.store(DV + out_cols, dv.to(DV.dtype.element_ty), mask=nmask)
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _options(dtype: torch.dtype, head_dim: int, lean: bool = False) -> dict:
     """Launch options by dtype and head dimension. Half precision runs on tensor cores with Triton's
-    default pipelining, in 4 warps up to a head dimension of 64 and in 8 up to 128 (in 4 warps the
-    ``dK``/``dV`` kernel with an edge bias spilled 10.7 KB per thread on ``sm_80``, in 8 at most
-    0.6 KB; on ``sm_90`` 924 bytes against 200); beyond, in 8 warps and one stage (a head dimension
-    of 256 then needs 139 KB of shared memory instead of 271 KB for the dK/dV kernel). Float32 (IEEE
-    products, no TF32) and float64 run on CUDA cores, by default in tiles of 32
-    (``CUDA_CORE_BLOCK_SIZE``: in tiles of 64 the float32 dK/dV kernel spills 20 KB per thread), in
-    8 warps and one stage (with pipelining, float64 needed more shared memory than an H100 has:
-    330 KB for the dK/dV kernel at head dim 64 in tiles of 64). ``lean`` asks for 8 warps and one
-    stage everywhere (GPUs with less shared memory; see :func:`_falling_back`). ``python -m
-    gnn_transformer.kernels.compile_check`` prints what each specialization needs."""
+    default pipelining, in 4 warps up to a head dimension of 64 and in 8 up to 128 (fewer spills in
+    the ``dK``/``dV`` kernel with an edge bias); beyond, in 8 warps and one stage (about half the
+    shared memory). Float32 (IEEE products, no TF32) and float64 run on CUDA cores, by default in
+    tiles of 32 (``CUDA_CORE_BLOCK_SIZE``: tiles of 64 spill), in 8 warps and one stage (with
+    pipelining, float64 needs more shared memory than an H100 has). ``lean`` asks for 8 warps and
+    one stage everywhere (GPUs with less shared memory; see :func:`_falling_back`). ``python -m
+    gnn_transformer.bench.compile_check`` prints what each specialization needs; docs/kernels.md
+    has its table."""
     if dtype in (torch.float16, torch.bfloat16) and head_dim <= 128 and not lean:
         return dict(num_warps=4 if head_dim <= 64 else 8)
     return dict(num_warps=8, num_stages=1)
@@ -309,7 +304,7 @@ def _common(tiles: TileList, tbias: Tensor | None, dim: int, dropout: tuple[floa
 
 def _scalar_args(tiles: TileList, scale: float, dropout: tuple[float, int] | None, dtype: torch.dtype,
                  device: torch.device) -> tuple:
-    """``(scales, edge ids, seed, threshold)`` kernel arguments (see :func:`.triton_csr.scalars`)."""
+    """``(scales, edge ids, seed, threshold)`` kernel arguments (see :func:`.triton_common.scalars`)."""
     values, seed, thresh = scalars(scale, dropout, dtype, device)
     return values, tiles.edge_ids, seed, thresh
 
@@ -321,7 +316,7 @@ def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias
     :mod:`._autograd`); ``tbias`` is the edge bias ``[E_t, H]`` of the tiled edges, or ``None``."""
     _check_blocks(tiles)
     n_dst, num_heads, dim = q.shape
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc_dtype = compute_dtype(q.dtype)
     out = torch.empty_like(q)
     lse = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)
     lse_lo = torch.empty_like(lse)
@@ -339,7 +334,7 @@ def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
             n_dst, k.size(0), num_heads, num_heads // k.size(1), dim,
             BIAS=tbias is not None, DROPOUT=dropout is not None, MAPPED=mapped, BQ=tiles.block_q, BK=tiles.block_k,
-            BLOCK_D=block_d, ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype, dim, lean))
+            BLOCK_D=block_d, ACC=acc_type(q.dtype), UPCAST=upcast(q), **_options(q.dtype, dim, lean))
 
     _pieces.launch_rows(run, tiles.tile_ptr, pieces, (out, lse, lse_lo), acc_dtype, tiles.block_q, merge=True)
     return out, lse, lse_lo
@@ -358,8 +353,8 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_
     dtb = torch.zeros_like(tbias) if need_bias_grad else None
     delta = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)  # [N_dst, H]
     tb_arg = tbias if tbias is not None else delta
-    common = dict(BIAS=tbias is not None, DROPOUT=dropout is not None, BQ=tiles.block_q, BK=tiles.block_k, BLOCK_D=block_d,
-                  ACC=_acc(q.dtype), UPCAST=_upcast(q), **_options(q.dtype, dim, lean))
+    common = dict(BIAS=tbias is not None, DROPOUT=dropout is not None, BQ=tiles.block_q, BK=tiles.block_k,
+                  BLOCK_D=block_d, ACC=acc_type(q.dtype), UPCAST=upcast(q), **_options(q.dtype, dim, lean))
     if n_dst > 0:
         lse_b, lo_b = torch.empty_like(delta), torch.empty_like(delta)
         dlse_arg = dlse.to(acc_dtype).contiguous() if dlse is not None else delta

@@ -29,8 +29,6 @@ Notation: ``E`` edges, ``H`` / ``H_kv`` query / key-value heads, ``G = H // H_kv
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -38,94 +36,11 @@ from torch import Tensor
 
 from . import _pieces
 from ._autograd import Kernel, kernel_attention
-from ._dropout import threshold
 from ._graph import CSRGraph
 from ._launch import is_recording, launch
-
-
-@triton.jit
-def _load_scales(SCALES, ACC: tl.constexpr):
-    """``(softmax scale, dropout keep scale)`` from the ``[2]`` tensor of :func:`scalars`, in the
-    accumulation dtype (a float argument would reach the kernel as float32)."""
-    return tl.load(SCALES).to(ACC), tl.load(SCALES + 1).to(ACC)
-
-
-@triton.jit
-def _work(START, END, MAP, MAPPED: tl.constexpr):
-    """``(r, o, start, end)`` of this program (axis 0): it walks items ``start:end`` of row ``r`` and
-    writes row ``o`` of its outputs. The main launch (``r = o``) reads ``START`` / ``END`` of its
-    row; a launch of pieces (``MAPPED``, :mod:`._pieces`) reads the row of piece ``o`` from ``MAP``
-    and writes row ``o`` of partial buffers."""
-    o = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
-    start = tl.load(START + o)
-    end = tl.load(END + o)
-    if MAPPED:
-        r = tl.load(MAP + o).to(tl.int64)
-    else:
-        r = o
-    return r, o, start, end
-
-
-@triton.jit
-def _two_sum(m, log_l):
-    """``(lse, lo)``: ``m + log_l`` rounded and what the rounding lost (Knuth's two-sum, exact;
-    see :mod:`._autograd`)."""
-    lse = m + log_l
-    b = lse - m
-    return lse, (m - (lse - b)) + (log_l - b)
-
-
-@triton.jit
-def _lse_pair(m, l):
-    """``(lse, lse_lo, nonempty, l_safe)`` of rows with running max ``m`` and sum ``l``: ``-inf``
-    and 0 on empty rows."""
-    nonempty = l > 0
-    l_safe = tl.where(nonempty, l, 1.0)
-    lse, lo = _two_sum(tl.where(nonempty, m, 0.0), tl.log(l_safe))  # no -inf - -inf on empty rows
-    return tl.where(nonempty, lse, float("-inf")), tl.where(nonempty, lo, 0.0), nonempty, l_safe
-
-
-@triton.jit
-def _row_stats(LSE, LSE_LO, DELTA, idx, mask, ACC: tl.constexpr):
-    """``(lse, lse_lo, delta)`` of the backward pass at offsets ``idx`` (``row * H + head``) in
-    ``ACC``; an empty row's ``-inf`` lse reads as 0 (its weights are 0 all the same, and no NaN
-    appears). Weights are ``exp((s - lse) - lse_lo)``."""
-    lse = tl.load(LSE + idx, mask=mask, other=0.0).to(ACC)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
-    lo = tl.load(LSE_LO + idx, mask=mask, other=0.0).to(ACC)
-    return lse, lo, tl.load(DELTA + idx, mask=mask, other=0.0).to(ACC)
-
-
-@triton.jit
-def _mix(x):
-    """``lowbias32`` on uint32 (the same steps as :func:`._dropout._mix`)."""
-    x = x ^ (x >> 16)
-    x = x * tl.full((1,), 0x7FEB352D, tl.uint32)
-    x = x ^ (x >> 15)
-    x = x * tl.full((1,), 0x846CA68B, tl.uint32)
-    return x ^ (x >> 16)
-
-
-@triton.jit
-def _keep(SEED, edge, h, THRESH):
-    """Whether the weight of each ``edge`` (int64 positions) and head ``h`` survives dropout: the
-    hash of :func:`._dropout.keep_hash`, bit for bit."""
-    edge = edge.to(tl.int64)
-    x = SEED.to(tl.uint32) ^ (h.to(tl.uint32) * tl.full((1,), 0x9E3779B9, tl.uint32))
-    x = _mix(x)
-    x = _mix(x ^ (edge >> 32).to(tl.uint32))
-    x = _mix(x ^ (edge & 0xFFFFFFFF).to(tl.uint32))
-    return x.to(tl.int64) >= THRESH
-
-
-@triton.jit
-def _dot(a, b, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    """``a @ b`` accumulated in ``ACC`` with IEEE products (no TF32); ``UPCAST`` runs bfloat16
-    operands in float32 (the CPU interpreter has no bfloat16 matmul)."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
+from .primitives import compute_dtype
+from .triton_common import (EXACT_ROWS_LSE, acc_type, canonical, dot, keep, load_scales, row_lse, row_stats, scalars,
+                            softmax_finish, softmax_step, upcast, work)
 
 
 @triton.jit
@@ -143,8 +58,8 @@ def _csr_fwd(Q, K, V, BIAS, OUT, LSE, LSE_LO, START, END, MAP, SRC, SCALES, EDGE
              H, GROUP, D,
              HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr, MAPPED: tl.constexpr,
              BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    i, o, start, end = _work(START, END, MAP, MAPPED)
-    scale, keep_scale = _load_scales(SCALES, ACC)
+    i, o, start, end = work(START, END, MAP, MAPPED)
+    scale, keep_scale = load_scales(SCALES, ACC)
     h = tl.program_id(1)
     hk = h // GROUP
     offs_d = tl.arange(0, BLOCK_D)
@@ -171,10 +86,10 @@ def _csr_fwd(Q, K, V, BIAS, OUT, LSE, LSE_LO, START, END, MAP, SRC, SCALES, EDGE
         l = l * corr + tl.sum(p, axis=0)
         v = tl.load(V + kv, mask=mask2, other=0.0).to(ACC)
         if DROPOUT:  # the normalizer l keeps every weight; the output only the kept ones
-            p = tl.where(_keep(SEED, _position(EDGE_IDS, offs_e, emask, REMAP), h, THRESH), p * keep_scale, 0.0)
+            p = tl.where(keep(SEED, _position(EDGE_IDS, offs_e, emask, REMAP), h, THRESH), p * keep_scale, 0.0)
         acc = acc * corr + tl.sum(p[:, None] * v, axis=0)
         m = m_new
-    lse, lo, nonempty, l_safe = _lse_pair(m, l)
+    lse, lo, nonempty, l_safe = row_lse(m, l)
     out = acc / l_safe
     tl.store(OUT + o * stride_on + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=dmask)
     tl.store(LSE + o * H + h + tl.arange(0, 1), lse)
@@ -198,7 +113,7 @@ def _edge_block(q, do, K, V, BIAS, SRC, EDGE_IDS, SEED, THRESH, offs_e, emask, h
         s += tl.load(BIAS + offs_e * H + h, mask=emask, other=0.0).to(ACC)
     dp = tl.sum(v * do[None, :], axis=1)
     if DROPOUT:
-        dp = tl.where(_keep(SEED, _position(EDGE_IDS, offs_e, emask, REMAP), h, THRESH), dp * keep_scale, 0.0)
+        dp = tl.where(keep(SEED, _position(EDGE_IDS, offs_e, emask, REMAP), h, THRESH), dp * keep_scale, 0.0)
     return tl.where(emask, s, float("-inf")), dp, k
 
 
@@ -214,17 +129,17 @@ def _csr_bwd_rows(Q, K, V, BIAS, DO, OUT, DLSE, LSE, LSE_LO, DELTA, LSE_B, LO_B,
     log-sum-exp. A larger one walks its edges once more with the per-edge scores of the per-head
     gradient kernels and recomputes both from them (an online softmax whose ``w`` sums ``p dp``):
     the weights those kernels recompute then sum to 1, and a saturated row (one weight 1) gets
-    ``ds = 0`` exactly (module :mod:`.chunked` says why)."""
+    ``ds = 0`` exactly (module :mod:`.fused_torch` says why)."""
     i = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // GROUP
-    scale, keep_scale = _load_scales(SCALES, ACC)
+    scale, keep_scale = load_scales(SCALES, ACC)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     row = i * stride_qn + h * stride_qh + offs_d
     do = tl.load(DO + row, mask=dmask, other=0.0).to(ACC)
     o = tl.load(OUT + i * stride_on + h * stride_oh + offs_d, mask=dmask, other=0.0).to(ACC)
-    lse, lo, _ = _row_stats(LSE, LSE_LO, LSE, i * H + h, i >= 0, ACC)
+    lse, lo, _ = row_stats(LSE, LSE_LO, LSE, i * H + h, i >= 0, ACC)
     delta = tl.sum(do * o, axis=0)
     if tl.abs(lse) >= LIMIT:
         q = tl.load(Q + row, mask=dmask, other=0.0).to(ACC)
@@ -263,8 +178,8 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DQ, DBIAS, START, END, MA
                 H, GROUP, D,
                 HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr,
                 MAPPED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    i, o, start, end = _work(START, END, MAP, MAPPED)
-    scale, keep_scale = _load_scales(SCALES, ACC)
+    i, o, start, end = work(START, END, MAP, MAPPED)
+    scale, keep_scale = load_scales(SCALES, ACC)
     h = tl.program_id(1)
     hk = h // GROUP
     offs_d = tl.arange(0, BLOCK_D)
@@ -272,7 +187,7 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DQ, DBIAS, START, END, MA
     row = i * stride_qn + h * stride_qh + offs_d  # q, dO and dQ (row o) share one layout
     q = tl.load(Q + row, mask=dmask, other=0.0).to(ACC)
     do = tl.load(DO + row, mask=dmask, other=0.0).to(ACC)
-    lse, lo, delta = _row_stats(LSE, LSE_LO, DELTA, i * H + h, i >= 0, ACC)
+    lse, lo, delta = row_stats(LSE, LSE_LO, DELTA, i * H + h, i >= 0, ACC)
     dq = tl.zeros([BLOCK_D], ACC)
     for e0 in range(start, end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
@@ -285,26 +200,6 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DQ, DBIAS, START, END, MA
             tl.store(DBIAS + offs_e * H + h, ds.to(DBIAS.dtype.element_ty), mask=emask)
         dq += tl.sum(ds[:, None] * k, axis=0)
     tl.store(DQ + row + (o - i) * stride_qn, (dq * scale).to(DQ.dtype.element_ty), mask=dmask)
-
-
-@triton.jit
-def _softmax_step(m, l, s):
-    """One block of an online softmax over the rows of ``s`` ``[R, C]``: ``(m_new, l_new, corr, p)``
-    with ``p = exp(s - m_new)`` (rows still at ``-inf`` use 0) and ``corr`` the rescaling of what
-    was accumulated under ``m``."""
-    m_new = tl.maximum(m, tl.max(s, axis=1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    corr = tl.exp(m - m_use)
-    p = tl.exp(s - m_use[:, None])
-    return m_new, l * corr + tl.sum(p, axis=1), corr, p
-
-
-@triton.jit
-def _softmax_finish(m, l, acc):
-    """``(out, lse, lse_lo)`` of rows accumulated by :func:`_softmax_step`; zeros, ``-inf`` and 0 on
-    empty rows."""
-    lse, lo, _, l_safe = _lse_pair(m, l)
-    return acc / l_safe[:, None], lse, lo
 
 
 @triton.jit
@@ -324,12 +219,12 @@ def _group_rows(i, hk, GROUP, D, stride_qn, stride_qh, BLOCK_G: tl.constexpr, BL
 @triton.jit
 def _group_start(SCALES, START, END, MAP, GROUP, D, stride_qn, stride_qh, MAPPED: tl.constexpr,
                  BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """The prologue of the grouped kernels: target ``i`` (output row ``o``, see :func:`_work`) and
+    """The prologue of the grouped kernels: target ``i`` (output row ``o``, see :func:`work`) and
     key/value head ``hk`` of this program, the scales, the edge range and the group's rows
     (:func:`_group_rows`)."""
-    i, o, start, end = _work(START, END, MAP, MAPPED)
+    i, o, start, end = work(START, END, MAP, MAPPED)
     hk = tl.program_id(1)
-    scale, keep_scale = _load_scales(SCALES, ACC)
+    scale, keep_scale = load_scales(SCALES, ACC)
     h, gmask, offs_d, dmask, qmask, rows = _group_rows(i, hk, GROUP, D, stride_qn, stride_qh, BLOCK_G, BLOCK_D)
     return i, o, hk, scale, keep_scale, start, end, h, gmask, offs_d, dmask, qmask, rows
 
@@ -343,7 +238,7 @@ def _group_scores(q, K, BIAS, SRC, offs_e, emask, hk, h, gmask, offs_d, dmask, s
     kv = j[:, None] * stride_kn + hk * stride_kh + offs_d[None, :]  # [BLOCK_E, D]
     mask2 = emask[:, None] & dmask[None, :]
     k = tl.load(K + kv, mask=mask2, other=0.0)
-    s = _dot(q, tl.trans(k), ACC, UPCAST) * scale
+    s = dot(q, tl.trans(k), ACC, UPCAST) * scale
     if HAS_BIAS:
         s += tl.load(BIAS + offs_e[None, :] * H + h[:, None], mask=gmask[:, None] & emask[None, :],
                      other=0.0).to(ACC)
@@ -372,13 +267,13 @@ def _csr_fwd_grouped(Q, K, V, BIAS, OUT, LSE, LSE_LO, START, END, MAP, SRC, SCAL
         emask = offs_e < end
         s, kv, mask2, k = _group_scores(q, K, BIAS, SRC, offs_e, emask, hk, h, gmask, offs_d, dmask,
                                         stride_kn, stride_kh, H, scale, HAS_BIAS, ACC, UPCAST)
-        m, l, corr, p = _softmax_step(m, l, s)
+        m, l, corr, p = softmax_step(m, l, s)
         v = tl.load(V + kv, mask=mask2, other=0.0)
         if DROPOUT:  # the normalizer l keeps every weight; the output only the kept ones
             position = _position(EDGE_IDS, offs_e, emask, REMAP)
-            p = tl.where(_keep(SEED, position[None, :], h[:, None], THRESH), p * keep_scale, 0.0)
-        acc = acc * corr[:, None] + _dot(p.to(v.dtype), v, ACC, UPCAST)
-    out, lse, lo = _softmax_finish(m, l, acc)
+            p = tl.where(keep(SEED, position[None, :], h[:, None], THRESH), p * keep_scale, 0.0)
+        acc = acc * corr[:, None] + dot(p.to(v.dtype), v, ACC, UPCAST)
+    out, lse, lo = softmax_finish(m, l, acc)
     tl.store(OUT + o * stride_on + h[:, None] * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
              mask=qmask)
     tl.store(LSE + o * H + h, lse, mask=gmask)
@@ -398,7 +293,7 @@ def _csr_bwd_dq_grouped(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DQ, DBIAS, START,
         SCALES, START, END, MAP, GROUP, D, stride_qn, stride_qh, MAPPED, BLOCK_G, BLOCK_D, ACC)
     q = tl.load(Q + rows, mask=qmask, other=0.0)
     do = tl.load(DO + rows, mask=qmask, other=0.0)
-    lse, lo, delta = _row_stats(LSE, LSE_LO, DELTA, i * H + h, gmask, ACC)
+    lse, lo, delta = row_stats(LSE, LSE_LO, DELTA, i * H + h, gmask, ACC)
     dq = tl.zeros([BLOCK_G, BLOCK_D], ACC)
     for e0 in range(start, end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
@@ -408,14 +303,14 @@ def _csr_bwd_dq_grouped(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DQ, DBIAS, START,
         v = tl.load(V + kv, mask=mask2, other=0.0)
         cell = gmask[:, None] & emask[None, :]
         p = tl.exp(tl.where(cell, (s - lse[:, None]) - lo[:, None], float("-inf")))  # [BLOCK_G, BLOCK_E]
-        dp = _dot(do, tl.trans(v), ACC, UPCAST)  # [BLOCK_G, BLOCK_E]
+        dp = dot(do, tl.trans(v), ACC, UPCAST)  # [BLOCK_G, BLOCK_E]
         if DROPOUT:
             position = _position(EDGE_IDS, offs_e, emask, REMAP)
-            dp = tl.where(_keep(SEED, position[None, :], h[:, None], THRESH), dp * keep_scale, 0.0)
+            dp = tl.where(keep(SEED, position[None, :], h[:, None], THRESH), dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if WRITE_DBIAS:
             tl.store(DBIAS + offs_e[None, :] * H + h[:, None], ds.to(DBIAS.dtype.element_ty), mask=cell)
-        dq += _dot(ds.to(k.dtype), k, ACC, UPCAST)
+        dq += dot(ds.to(k.dtype), k, ACC, UPCAST)
     tl.store(DQ + rows + (o - i) * stride_qn, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
 
 
@@ -425,8 +320,8 @@ def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DK, DV, START, END, MAP
                   H, GROUP, D,
                   HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr, MAPPED: tl.constexpr,
                   BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    j, o, start, end = _work(START, END, MAP, MAPPED)  # source j, output row o
-    scale, keep_scale = _load_scales(SCALES, ACC)
+    j, o, start, end = work(START, END, MAP, MAPPED)  # source j, output row o
+    scale, keep_scale = load_scales(SCALES, ACC)
     hk = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
@@ -448,14 +343,14 @@ def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DK, DV, START, END, MAP
             rows = i[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
             q = tl.load(Q + rows, mask=mask2, other=0.0).to(ACC)  # [BLOCK_E, D]
             do = tl.load(DO + rows, mask=mask2, other=0.0).to(ACC)
-            lse, lo, delta = _row_stats(LSE, LSE_LO, DELTA, i * H + h, emask, ACC)
+            lse, lo, delta = row_stats(LSE, LSE_LO, DELTA, i * H + h, emask, ACC)
             s = tl.sum(q * k[None, :], axis=1) * scale
             if HAS_BIAS:
                 s += tl.load(BIAS + e * H + h, mask=emask, other=0.0).to(ACC)
             p = tl.exp(tl.where(emask, (s - lse) - lo, float("-inf")))
             dp = tl.sum(do * v[None, :], axis=1)
             if DROPOUT:
-                kept = _keep(SEED, position, h, THRESH)
+                kept = keep(SEED, position, h, THRESH)
                 dp = tl.where(kept, dp * keep_scale, 0.0)
                 pd = tl.where(kept, p * keep_scale, 0.0)
             else:
@@ -469,14 +364,6 @@ def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DK, DV, START, END, MAP
 
 
 BLOCK_E = 32
-# The backward pass walks a row's edges once more, for exactly normalized weights and a delta made
-# of them (:func:`_csr_bwd_rows`), where the row's log-sum-exp is at least this large.
-EXACT_ROWS_LSE = {torch.float32: 128.0, torch.float64: 2.0 ** 19}
-
-
-def _upcast(q: Tensor) -> bool:
-    """bfloat16 ``tl.dot`` operands in float32: the CPU interpreter has no bfloat16 matmul."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16
 
 
 def _grouped(group: int, dim: int) -> dict | None:
@@ -485,37 +372,6 @@ def _grouped(group: int, dim: int) -> dict | None:
     if group == 1:
         return None
     return dict(BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(dim)))
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-@functools.lru_cache(maxsize=256)
-def _scales_tensor(scale: float, keep: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``[scale, keep]`` on ``device``, made once per value (no host-to-device copy per call)."""
-    return torch.tensor([scale, keep], dtype=dtype, device=device)
-
-
-def canonical(x: Tensor) -> Tensor:
-    """``x`` with the strides of a fresh contiguous tensor. ``contiguous()`` keeps any stride of a
-    dimension of size 1 (a single query sliced from a fused projection), but the kernels write the
-    partial buffers of pieces with the input's row stride, so it must be that of a buffer."""
-    x = x.contiguous()  # [N, H, D]
-    _, h, d = x.shape
-    return x if x.stride() == (h * d, d, 1) else x.clone(memory_format=torch.contiguous_format)
-
-
-def scalars(scale: float, dropout: tuple[float, int] | None, dtype: torch.dtype,
-            device: torch.device) -> tuple[Tensor, int, int]:
-    """``(scales, seed, threshold)`` kernel arguments: ``scales = [scale, 1 / (1 - p)]`` as a tensor in
-    the accumulation ``dtype`` (Triton passes a Python float as float32, which float64 results would
-    show), and the dropout seed and threshold (placeholders without dropout)."""
-    keep = 1.0 if dropout is None else 1.0 / (1.0 - dropout[0])
-    values = _scales_tensor(float(scale), keep, dtype, torch.device(device))
-    if dropout is None:
-        return values, 0, 0
-    return values, int(dropout[1]), threshold(dropout[0])
 
 
 def _edge_ids(graph: CSRGraph) -> Tensor:
@@ -537,7 +393,7 @@ def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSR
     than the rest run in pieces (:mod:`._pieces`)."""
     n_dst, num_heads, dim = q.shape
     group = num_heads // k.size(1)
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc_dtype = compute_dtype(q.dtype)
     out = torch.empty_like(q)
     lse = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)
     lse_lo = torch.empty_like(lse)
@@ -553,7 +409,7 @@ def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSR
                 thresh, q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
                 num_heads, group, dim)
         flags = dict(HAS_BIAS=bias is not None, DROPOUT=dropout is not None, REMAP=graph.edge_ids is not None,
-                     MAPPED=mapped, BLOCK_E=BLOCK_E, ACC=_acc(q.dtype))
+                     MAPPED=mapped, BLOCK_E=BLOCK_E, ACC=acc_type(q.dtype))
         # one program per (target, key/value head): each key and value row gathered once per group
         _launch_heads("forward", q, rows, k.size(1), _csr_fwd_grouped, _csr_fwd, args, flags,
                       dict(flags, BLOCK_D=triton.next_power_of_2(dim)))
@@ -579,7 +435,7 @@ def _launch_heads(what: str, q: Tensor, rows: int, num_kv: int, grouped_kernel, 
     key = (what, q.device, q.dtype, dim, num_heads // num_kv)
     if grouped is not None and key not in _PER_HEAD and not per_head:
         try:
-            launch(grouped_kernel, (rows, num_kv), *args, UPCAST=_upcast(q), **dict(grouped_flags, **grouped))
+            launch(grouped_kernel, (rows, num_kv), *args, UPCAST=upcast(q), **dict(grouped_flags, **grouped))
             return
         except OutOfResources:
             _PER_HEAD.add(key)
@@ -602,7 +458,7 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, lse_lo, dout, 
     block_d = triton.next_power_of_2(dim)
     scales, seed, thresh = scalars(scale, dropout, acc_dtype, q.device)
     flags = dict(HAS_BIAS=bias is not None, DROPOUT=dropout is not None, REMAP=graph.edge_ids is not None,
-                 BLOCK_E=BLOCK_E, BLOCK_D=block_d, ACC=_acc(q.dtype))
+                 BLOCK_E=BLOCK_E, BLOCK_D=block_d, ACC=acc_type(q.dtype))
     per_head = False
     if n_dst > 0:
         limit = EXACT_ROWS_LSE[acc_dtype]

@@ -1,9 +1,11 @@
-"""``gnn-transformer analyze``: attention sinks, hubs and massive activations of one model.
+"""The run behind ``gnn-transformer analyze``: attention sinks, hubs and massive activations of
+one model.
 
 Loads a model (a checkpoint of :class:`~gnn_transformer.model.GraphLM` /
 :class:`~gnn_transformer.model.GraphEncoderModel` with its config JSON, or a Hugging Face BERT or
 GPT-2 from a local directory), runs it once on token sequences under
-:func:`gnn_transformer.analysis.record`, prints one row of measures per layer and saves pictures.
+:func:`gnn_transformer.analysis.record`, measures every layer and saves the measures and pictures.
+The command's options and printed table live in :mod:`gnn_transformer.cli`.
 
 Usage::
 
@@ -21,7 +23,6 @@ maps per head), ``arcs_<layer>.png`` (attention drawn on the token graph), ``sin
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pickle
@@ -33,8 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..analysis import (LayerSummary, Trace, format_table, norm_placement, record, summarize)
-from ..attention import BACKENDS
+from ..analysis import LayerSummary, Trace, norm_placement, record, summarize
 from ..model import GraphEncoderModel, GraphLM, GraphTransformerConfig
 from ..topology import batch_vector
 from .topologies import per_length, topology_fn
@@ -261,7 +261,7 @@ def load_hf_model(directory: str | Path, *, backend: str | None = None) -> Loade
         return model.forward_graph(ids, edge_index, pos=pos)
 
     config = model.config
-    return LoadedModel(model, forward, "causal" if is_gpt2 else "full", _tokenizer(directory),
+    return LoadedModel(model, forward, "causal" if is_gpt2 else "full", load_tokenizer(directory),
                        f"{'GPT-2' if is_gpt2 else 'BERT'} ({directory.name})",
                        vocab_size=config.vocab_size,
                        max_length=config.n_positions if is_gpt2 else config.max_position_embeddings)
@@ -277,7 +277,7 @@ def _first_line(err: BaseException) -> str:
     return next((line for line in str(err).splitlines() if line.strip()), "")
 
 
-def _tokenizer(directory: str | Path):
+def load_tokenizer(directory: str | Path):
     """The tokenizer saved in ``directory``, or ``None``."""
     try:
         from transformers import AutoTokenizer
@@ -446,99 +446,3 @@ def save_outputs(result: Analysis, out: str | Path, *, pictures: bool = True,
         variants = {k: v for k, v in result.rows.items() if k != "model"}
         save(plots.plot_norm_comparison(variants), "norm_comparison.png")
     return paths
-
-
-# ------------------------------------------------------------------ command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``gnn-transformer analyze``."""
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="PATH",
-                        help="model.pt of a 'train' run (sequence tasks), or a state dict of a "
-                             "GraphLM/GraphEncoderModel with its config JSON next to it")
-    source.add_argument("--hf-dir", metavar="DIR",
-                        help="local directory of a Hugging Face BERT or GPT-2 (save_pretrained)")
-    parser.add_argument("--config", metavar="JSON",
-                        help="model config of --checkpoint (unset: the one found next to it)")
-    inputs = parser.add_mutually_exclusive_group()
-    inputs.add_argument("--tokens", metavar="FILE",
-                        help="token ids, whitespace-separated, one sequence per line (required "
-                             "except for a 'train' run's checkpoint, which can use its task)")
-    inputs.add_argument("--text", metavar="FILE", help="text, one sequence per line")
-    parser.add_argument("--samples", type=int, default=2, metavar="K",
-                        help="with a 'train' run's checkpoint and no --tokens: K sequences of its "
-                             "task")
-    parser.add_argument("--tokenizer", metavar="DIR",
-                        help="directory with a Hugging Face tokenizer (unset: --hf-dir)")
-    parser.add_argument("--out", metavar="DIR", default="analysis",
-                        help="directory for summary.json and the PNGs")
-    parser.add_argument("--graph", metavar="NAME|TOML",
-                        help="token graph: a catalogue name (causal, full, bigbird, ...), a builder "
-                             "with arguments (sliding_window:window=3) or a spec file (unset: a "
-                             "'train' run's own topology, causal for language models and GPT-2, "
-                             "full otherwise)")
-    parser.add_argument("--compare-norm", action="store_true",
-                        help="also run the same weights pre-norm and post-norm")
-    parser.add_argument("--backend", choices=BACKENDS,
-                        help="attention backend while recording (unset: the model's)")
-    parser.add_argument("--max-tokens", type=int, default=48,
-                        help="tokens shown in the pictures")
-    parser.add_argument("--massive-magnitude", type=float, default=100.0,
-                        help="massive activation: |h| above this")
-    parser.add_argument("--massive-ratio", type=float, default=1000.0,
-                        help="massive activation: |h| above this times the median")
-    parser.add_argument("--no-plots", action="store_true", help="only print and write summary.json")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Body of ``gnn-transformer analyze``; returns the exit code."""
-    try:
-        if args.max_tokens < 1:
-            raise ValueError(f"Expected '--max-tokens' >= 1 (got {args.max_tokens})")
-        for option, value in (("--massive-magnitude", args.massive_magnitude),
-                              ("--massive-ratio", args.massive_ratio)):
-            if not value >= 0:  # also refuses nan
-                raise ValueError(f"Expected '{option}' >= 0 (got {value})")
-        if args.checkpoint is not None:
-            loaded = load_checkpoint_model(args.checkpoint, args.config, backend=args.backend)
-        else:
-            loaded = load_hf_model(args.hf_dir, backend=args.backend)
-        if args.tokenizer is not None:
-            loaded.tokenizer = _tokenizer(args.tokenizer)
-            if loaded.tokenizer is None:
-                raise ValueError(f"Found no tokenizer in '--tokenizer' {args.tokenizer!r}")
-        if args.tokens is not None:
-            sequences = read_token_file(args.tokens)
-            check_sequences(loaded, sequences, f"'--tokens' {args.tokens!r}")
-        elif args.text is not None:
-            sequences = read_text_file(args.text, loaded.tokenizer)
-            check_sequences(loaded, sequences, f"'--text' {args.text!r}")
-        elif loaded.examples is not None:
-            if args.samples < 1:
-                raise ValueError(f"Expected '--samples' >= 1 (got {args.samples})")
-            sequences = loaded.examples(args.samples)
-        else:
-            raise ValueError("Give the input with '--tokens' or '--text' (only a 'train' run's "
-                             "checkpoint can draw examples of its task)")
-        result = analyze(loaded, sequences, graph=args.graph, compare_norm=args.compare_norm,
-                         backend=args.backend, min_magnitude=args.massive_magnitude,
-                         min_ratio=args.massive_ratio)
-    except (FileNotFoundError, ValueError) as err:
-        from ..cli import EXIT_USAGE, _err  # the command line's error format and exit code
-
-        _err(str(err))
-        return EXIT_USAGE
-    print(f"{loaded.name}: {len(result.lengths)} sequence(s), {sum(result.lengths)} tokens, "
-          f"{result.graph} graph")
-    for label, rows in result.rows.items():
-        if label != "model":
-            print(f"\n[{label}]")
-        print(format_table(rows))
-        massive = [(r.name, m) for r in rows for m in r.massive]
-        if massive:
-            first_layer = massive[0][0]
-            dims = sorted({d for _, (_, d, _) in massive})
-            print(f"massive activations from {first_layer}, dims {dims}")
-    paths = save_outputs(result, args.out, pictures=not args.no_plots, max_tokens=args.max_tokens)
-    print(f"\nwrote {len(paths)} file{'s' if len(paths) != 1 else ''} to {args.out}")
-    return 0
-

@@ -1,0 +1,7 @@
+"""``python -m gnn_transformer``: the ``gnn-transformer`` command line."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The entry points: :func:`attend` checks its arguments, picks a backend and an implementation,
+and calls one backend file; :func:`edge_weights` recomputes the weights from ``attend``'s ``lse``.
+Attention on token graphs is a softmax over each target's incoming edges, never ``[E, H, D]``.
+
+For every target ``i`` with incoming edges ``j -> i``::
+
+    s_ji = scale * q_i . k_j + b_ji,   lse_i = log sum_j exp(s_ji),   out_i = sum_j exp(s_ji - lse_i) v_j
+
+and ``out_i = 0``, ``lse_i = -inf`` for a target without edges. Backends:
+
+- ``"fused"``: over the target-sorted CSR. On the GPU a Triton kernel with online softmax (backward
+  from the saved log-sum-exp, ``dK`` / ``dV`` over the source-sorted CSC, no atomics); elsewhere
+  sparse CSR products one head and one chunk of rows at a time (:mod:`.fused_triton`,
+  :mod:`.fused_torch`).
+- ``"tiled"``: the edge set as (query block, key block) tiles with per-tile masks, FlashAttention
+  style (:mod:`.tiling`, :mod:`.tiled_triton`, :mod:`.tiled_torch`).
+- ``"split"``: the densely filled tiles through ``tiled``, the remaining edges through ``fused``,
+  merged exactly through their log-sum-exps (:mod:`.merge`).
+- ``"auto"``: one of the above by device and block fill (:func:`.planner.choose_backend`).
+
+Example:
+    >>> import torch
+    >>> from gnn_transformer.topology import causal
+    >>> q, k, v = torch.randn(3, 2, 4), torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    >>> out = attend(q, k, v, causal(3), scale=0.5, backend="fused")
+    >>> torch.allclose(out[0], v[0])  # token 0 attends only to itself
+    True
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+
+import torch
+from torch import Tensor
+
+from . import _launch
+from ._dropout import threshold
+from ._graph import CSRGraph, check_edge_index, prepare
+from .fused_torch import DEFAULT_MAX_EDGES, chunked_attention
+from .merge import merge_partials
+from .planner import check_tiling, edge_parts, planned_backend, tile_size, unit_costs
+from .primitives import compute_dtype, plain_tensor
+from .tiled_torch import DEFAULT_MAX_CELLS, tiled_attention
+from .tiling import TileList, triton_blocks
+
+BACKENDS = ("auto", "fused", "tiled", "split")
+IMPLS = (None, "torch", "triton")
+
+# edge_weights renormalizes rows whose log-sum-exp is this large: half its rounding step is above
+# 7.6e-6 (float32) or 5.8e-11 (float64) there
+HUGE_LSE = {torch.float32: 128.0, torch.float64: 2.0 ** 19}
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can run (Triton importable; CPU tensors need ``TRITON_INTERPRET=1``)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _use_triton(device: torch.device, impl: str | None) -> bool:
+    if impl is None:
+        return device.type == "cuda" and triton_available()
+    if impl == "triton" and not triton_available():
+        raise ValueError("impl='triton' needs the 'triton' package (pip install triton)")
+    if (impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"
+            and not _launch.is_recording()):
+        raise ValueError("impl='triton' on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1)")
+    return impl == "triton"
+
+
+def _check_inputs(query, key, value, backend, num_dst, impl):
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"Expected '{name}' of shape [N, H, D] (got {shape})")
+    if key.shape != value.shape:
+        raise ValueError(f"Expected 'key' and 'value' of one shape (got {list(key.shape)} and {list(value.shape)})")
+    if key.size(-1) != query.size(-1):
+        raise ValueError(f"Expected one head dimension for 'query' and 'key' (got {query.size(-1)} and {key.size(-1)})")
+    if query.size(1) == 0:
+        raise ValueError(f"Expected at least one head (got 'query' {list(query.shape)})")
+    if key.size(1) == 0 or query.size(1) % key.size(1) != 0:
+        raise ValueError(f"Expected the query heads ({query.size(1)}) to be a multiple of the key/value heads "
+                         f"({key.size(1)})")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"Expected one dtype for query/key/value (got {query.dtype}, {key.dtype}, {value.dtype})")
+    if not query.is_floating_point():
+        raise ValueError(f"Expected floating-point query/key/value (got {query.dtype})")
+    if query.size(-1) == 0:
+        raise ValueError(f"Expected a head dimension of at least 1 (got 'query' {list(query.shape)})")
+    if query.device != key.device or key.device != value.device:
+        raise ValueError(f"Expected query, key and value on one device (got {query.device}, {key.device}, "
+                         f"{value.device})")
+    if backend not in BACKENDS:
+        raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {backend!r})")
+    if impl not in IMPLS:
+        raise ValueError(f"Expected 'impl' to be one of {IMPLS} (got {impl!r})")
+    if num_dst is not None and num_dst != query.size(0):
+        raise ValueError(f"'num_dst' is {num_dst} but 'query' has {query.size(0)} rows")
+
+
+def _fused(q, k, v, bias, graph: CSRGraph, scale, use_triton, max_edges, dropout=None):
+    if use_triton:
+        from .fused_triton import csr_attention
+        return csr_attention(q, k, v, bias, graph, scale, dropout)
+    return chunked_attention(q, k, v, bias, graph, scale, max_edges, dropout)
+
+
+def _tiled(q, k, v, bias, tiles: TileList, scale, use_triton, max_cells, dropout=None):
+    tb = None if bias is None else bias[tiles.edge_ids]  # [E_t, H], read per cell
+    if use_triton:
+        from .tiled_triton import tiled_triton_attention
+        return tiled_triton_attention(q, k, v, tiles, tb, scale, dropout)
+    return tiled_attention(q, k, v, tiles, tb, scale, max_cells, dropout)
+
+
+def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, scale: float,
+           edge_bias: Tensor | None = None, backend: str = "auto", num_dst: int | None = None,
+           return_lse: bool = False, impl: str | None = None, block_size: int | None = None,
+           tile_cost: float | None = None, max_edges: int = DEFAULT_MAX_EDGES,
+           max_cells: int = DEFAULT_MAX_CELLS, dropout_p: float = 0.0, dropout_seed: int | None = None):
+    """Attention over the edges ``j -> i`` of ``edge_index``, without per-edge messages.
+
+    Args:
+        query: ``[N_dst, H, D]``.
+        key, value: ``[N_src, H_kv, D]``; query head ``h`` uses key/value head ``h // (H // H_kv)``.
+        edge_index: ``[2, E]``, row 0 the source ``j``, row 1 the target ``i``: an ``EdgeIndex``
+            sorted by column, or any ``LongTensor`` (sorted here; the sort is cached per tensor).
+        scale: factor of ``q . k`` (usually ``1 / sqrt(D)``).
+        edge_bias: ``[E, H]`` added to the scaled scores, aligned with ``edge_index``'s columns.
+        backend: ``"auto"`` (default), ``"fused"``, ``"tiled"`` or ``"split"``.
+        num_dst: number of targets, if given it must equal ``query.size(0)``.
+        return_lse: also return the log-sum-exp ``[N_dst, H]`` (float32, float64 for float64
+            inputs; ``-inf`` on empty rows).
+        impl: ``None`` (Triton on CUDA when installed, PyTorch otherwise), ``"torch"``, or
+            ``"triton"`` (also on CPU tensors under ``TRITON_INTERPRET=1``, for tests).
+        block_size: tile size of ``tiled`` / ``split`` (default by device and dtype:
+            :func:`default_block_size`).
+        tile_cost: cost of a tile cell relative to an edge (default by device: ``TILE_COST``);
+            ``split`` tiles the tiles filled to at least this ratio (with dropout:
+            ``(tile_cost + DROPOUT_COST["tiled"]) / (1 + DROPOUT_COST["fused"])``).
+        max_edges, max_cells: memory bounds of one chunk of the PyTorch paths.
+        dropout_p: attention dropout: each weight ``(edge, head)`` is zeroed with probability
+            ``dropout_p`` and the others scaled by ``1 / (1 - dropout_p)`` (``lse`` stays that of the
+            softmax). Runs on every backend; the mask is a hash of ``(dropout_seed, edge,
+            head)`` with the edge's position in the target-sorted order, recomputed in the
+            backward pass, the same on every backend and device.
+        dropout_seed: seed of the mask (default: drawn from torch's global generator).
+
+    Returns:
+        ``out [N_dst, H, D]`` in ``query``'s dtype, and ``lse`` when ``return_lse``.
+        Differentiable w.r.t. query, key, value and edge_bias; empty rows give zeros.
+
+    Example:
+        >>> import torch
+        >>> from gnn_transformer.topology import full
+        >>> q, k, v = torch.randn(4, 2, 8), torch.randn(4, 1, 8), torch.randn(4, 1, 8)
+        >>> out, lse = attend(q, k, v, full(4), scale=8 ** -0.5, return_lse=True)
+        >>> out.shape, lse.shape
+        (torch.Size([4, 2, 8]), torch.Size([4, 2]))
+    """
+    _check_inputs(query, key, value, backend, num_dst, impl)
+    check_tiling(block_size, tile_cost)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"Expected 'scale' to be a finite number (got {scale!r})")
+    scale = float(scale)  # a Fraction or NumPy scalar reaches the kernels as a Python float
+    if isinstance(dropout_p, Tensor) and dropout_p.numel() == 1 and dropout_p.is_floating_point():
+        dropout_p = float(dropout_p)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
+        raise ValueError(f"Expected 'dropout_p' in [0, 1) (got {dropout_p!r})")
+    for name, chunk in (("max_edges", max_edges), ("max_cells", max_cells)):
+        if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+            raise ValueError(f"Expected '{name}' to be a positive int (got {chunk!r})")
+    max_edges, max_cells = int(max_edges), int(max_cells)  # a NumPy integer too
+    if isinstance(edge_index, Tensor) and edge_index.device != query.device:
+        if edge_index.numel():
+            raise ValueError(f"Expected 'edge_index' on the device of query/key/value (got {edge_index.device} "
+                             f"and {query.device})")
+        # no edges, no data on the wrong device (an empty EdgeIndex's .to(device) stays put in some
+        # PyG versions): checked as given, then replaced by an empty edge set on the queries' device
+        check_edge_index(edge_index, key.size(0), query.size(0))
+        edge_index = torch.empty(2, 0, dtype=torch.long, device=query.device)
+    graph = prepare(edge_index, key.size(0), query.size(0))
+    bias = None
+    if edge_bias is not None:
+        if not isinstance(edge_bias, Tensor) or not edge_bias.is_floating_point():
+            got = edge_bias.dtype if isinstance(edge_bias, Tensor) else type(edge_bias).__name__
+            raise ValueError(f"Expected 'edge_bias' to be a floating-point tensor (got {got})")
+        if edge_bias.shape != (graph.num_edges, query.size(1)):
+            raise ValueError(f"Expected 'edge_bias' of shape [E, H] = [{graph.num_edges}, {query.size(1)}] "
+                             f"(got {list(edge_bias.shape)})")
+        if edge_bias.device != query.device:
+            raise ValueError(f"Expected 'edge_bias' on the device of query/key/value (got {edge_bias.device} "
+                             f"and {query.device})")
+        bias = edge_bias if graph.perm is None else edge_bias[graph.perm]  # [E, H], target-sorted
+    use_triton = _use_triton(query.device, impl)
+    dropout = None
+    if dropout_p:
+        threshold(dropout_p)  # validates
+        seed = int(torch.randint(0, 2 ** 31 - 1, ()).item()) if dropout_seed is None else dropout_seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 31:
+            raise ValueError(f"Expected 'dropout_seed' to be an int in [0, 2**31) (got {dropout_seed!r})")
+        dropout = (float(dropout_p), seed)
+    device_type = query.device.type
+    block = tile_size(graph, device_type, query.dtype, block_size)
+    # tiles of a size the Triton kernels do not take run through the PyTorch tiled path, unless
+    # Triton was asked for by name (then its ValueError says why)
+    tiles_triton = use_triton and (impl == "triton" or triton_blocks(block, block))
+    if backend == "auto":
+        backend = planned_backend(graph, device_type, block, tile_cost, dropout is not None)
+    if backend == "fused":
+        out, lse, _ = _fused(query, key, value, bias, graph, scale, use_triton, max_edges, dropout)
+    else:  # tiled, split: tiles, and the remaining edges (repeated copies, sparse tiles) fused
+        ratio = None
+        if backend == "split":
+            cell, edge = unit_costs(device_type, tile_cost, dropout is not None)
+            ratio = cell / edge
+        tiles, rest_ids, rest = edge_parts(graph, block, ratio)
+        # dropout: both parts key each edge's mask by its position in the whole graph
+        out, lse, lo = _tiled(query, key, value, bias, tiles, scale, tiles_triton, max_cells, dropout)
+        if rest is not None:
+            out_f, lse_f, lo_f = _fused(query, key, value, None if bias is None else bias[rest_ids], rest,
+                                        scale, use_triton, max_edges, dropout)
+            out, lse, _ = merge_partials(out, lse, out_f, lse_f, (lo, lo_f))
+    out = out.to(query.dtype)
+    if not return_lse:
+        return out
+    return out, lse.to(compute_dtype(query.dtype))
+
+
+def edge_weights(query: Tensor, key: Tensor, edge_index: Tensor, lse: Tensor, *, scale: float,
+                 edge_bias: Tensor | None = None, chunk: int = 1 << 16) -> Tensor:
+    """Attention weights ``alpha [E, H] = exp(scale * q_i . k_j + b_ji - lse_i)`` of every edge, in
+    ``edge_index``'s column order, from the ``lse`` of :func:`attend` (chunks of ``chunk`` edges)."""
+    plain = plain_tensor(edge_index)
+    src, dst = plain[0].long(), plain[1].long()  # [E], [E]
+    group = query.size(1) // key.size(1)
+    cd = compute_dtype(query.dtype)
+    chunks = []
+    for e0 in range(0, src.numel(), chunk):
+        s, d = src[e0:e0 + chunk], dst[e0:e0 + chunk]
+        k_j = key[s].repeat_interleave(group, dim=1).to(cd)  # [C, H, D]
+        score = (query[d].to(cd) * k_j).sum(-1) * scale  # [C, H]
+        if edge_bias is not None:
+            score = score + edge_bias[e0:e0 + chunk].to(cd)
+        top = lse[d].to(cd)  # [C, H]; -inf: the row's edges all have a -inf bias, weights 0
+        chunks.append(torch.where(torch.isneginf(top), 0.0, torch.exp(score - top)))
+    if not chunks:
+        return query.new_zeros(0, query.size(1))
+    weights = torch.cat(chunks)  # [E, H]
+    # A log-sum-exp so large that log(sum exp(s - max)) is below its rounding step (every score of
+    # the row near -1e9, say) lost that part: there, normalize the row's weights by their sum.
+    huge = torch.isfinite(lse) & (lse.abs() >= HUGE_LSE[cd])  # [N_dst, H]
+    if bool(huge.any()):
+        sums = torch.zeros(lse.shape, dtype=cd, device=weights.device).index_add_(0, dst, weights)
+        weights = torch.where(huge[dst], weights / torch.where(huge, sums, 1.0)[dst], weights)
+    return weights.to(query.dtype)
+

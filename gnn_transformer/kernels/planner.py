@@ -1,0 +1,261 @@
+"""The plan of ``backend="auto"``: a cost model in edge-equivalents, the tile size, and the parts
+of a graph that ``tiled`` and ``split`` run (cached on the graph).
+
+A tile of ``B x B`` cells costs ``TILE_COST * B²`` whatever its fill, an edge of the fused path
+costs 1, each call of a backend adds ``ROW_COST`` per target row and ``split``'s merge
+``MERGE_COST`` per row (``DROPOUT_COST`` under attention dropout); :func:`choose_backend` takes the
+cheapest of all edges fused, all tiles tiled, or the dense tiles tiled and the rest fused.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._graph import CSRGraph, cached_sizes, prepare, sub_graph
+from .primitives import plain_tensor
+from .tiling import TileList, build_tiles, sorted_unique, tile_stats
+
+# auto's cost model, in units of one edge of the fused path (per head and channel); measured with
+# `gnn-transformer bench --calibrate` (see docs/kernels.md); the CUDA values are still estimates.
+# TILE_COST: one tile cell, whatever the tile's fill (a tile filled to at least this ratio is
+# cheaper tiled). ROW_COST: the fixed work per target row of one call of a backend (the PyTorch fused
+# path loops over heads with per-row segment reductions; the tiled path pads and copies blocks).
+# MERGE_COST: split's merge of its two partial results, per target row. DROPOUT_COST: what attention
+# dropout adds per fused edge and per tile cell (hashing the keep mask, forward and backward; on the
+# CPU the tiled path also leaves PyTorch's fused attention kernel).
+TILE_COST = {"cpu": 0.25, "cuda": 0.06}
+ROW_COST = {"cpu": {"fused": 7.0, "tiled": 10.0}, "cuda": {"fused": 1.0, "tiled": 1.0}}
+MERGE_COST = {"cpu": 2.0, "cuda": 4.0}
+DROPOUT_COST = {"cpu": {"fused": 0.2, "tiled": 0.25}, "cuda": {"fused": 0.0, "tiled": 0.0}}
+BLOCK_SIZE = {"cpu": 64, "cuda": 64}
+# Float32 and float64 tiles on CUDA run on CUDA cores (IEEE products, no tensor cores): in blocks
+# of 64 their Triton kernels spill, in blocks of 32 they do not (docs/kernels.md, compile_check).
+# Half precision keeps BLOCK_SIZE.
+CUDA_CORE_BLOCK_SIZE = 32
+# The largest tile side accepted: a partial tile's mask holds block_size² cells
+MAX_BLOCK_SIZE = 4096
+
+
+def default_block_size(device, dtype: torch.dtype | None = None) -> int:
+    """The tile size ``tiled`` / ``split`` / ``auto`` use on ``device`` for inputs of ``dtype``
+    when no ``block_size`` is given: ``BLOCK_SIZE`` of the device, or ``CUDA_CORE_BLOCK_SIZE`` for
+    float32 and float64 on CUDA (``dtype`` ``None``: half precision).
+
+    Example:
+        >>> default_block_size("cpu", torch.float32), default_block_size("cuda", torch.bfloat16)
+        (64, 64)
+        >>> default_block_size("cuda", torch.float32)
+        32
+    """
+    device_type = _device_type(device)
+    if device_type == "cuda" and dtype in (torch.float32, torch.float64):
+        return CUDA_CORE_BLOCK_SIZE
+    return BLOCK_SIZE.get(device_type, BLOCK_SIZE["cuda"])
+
+
+def _tile_cost(device_type: str, tile_cost: float | None) -> float:
+    return TILE_COST.get(device_type, TILE_COST["cuda"]) if tile_cost is None else float(tile_cost)
+
+
+def check_tiling(block_size, tile_cost) -> None:
+    """Clear errors for the tiling arguments of :func:`attend`, :func:`choose_backend` and
+    :func:`plan_costs` (a block of 0 would divide by zero, a negative cost tile everything, a
+    block of ``B`` makes masks of ``B²`` cells per tile)."""
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                   or not 1 <= block_size <= MAX_BLOCK_SIZE):
+        raise ValueError(f"Expected 'block_size' to be an int in [1, {MAX_BLOCK_SIZE}] (got {block_size!r})")
+    if tile_cost is not None and not (isinstance(tile_cost, (int, float)) and not isinstance(tile_cost, bool)
+                                      and 0 < tile_cost < float("inf")):
+        raise ValueError(f"Expected 'tile_cost' to be a positive finite number (got {tile_cost!r})")
+
+
+def _device_type(device) -> str:
+    if isinstance(device, torch.device):
+        return device.type
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Expected 'device' to be a torch.device or a device string such as 'cpu' or "
+                         f"'cuda' (got {device!r})") from None
+
+
+def tile_size(graph: CSRGraph, device_type: str, dtype: torch.dtype | None, block_size: int | None) -> int:
+    """The tile size: ``block_size`` or the device's default, no larger than the power of two
+    (at least 16) that covers the graph's longer side: a larger tile only adds empty cells."""
+    block = default_block_size(device_type, dtype) if block_size is None else block_size
+    return min(block, max(16, 1 << (max(graph.num_src, graph.num_dst, 1) - 1).bit_length()))
+
+
+def _sizes(edge_index: Tensor, num_src: int | None, num_dst: int | None) -> tuple[int, int]:
+    """Node counts for a plan: the arguments, else ``edge_index``'s sparse size, else those its
+    cached graph was built for (by :func:`attend`: the rows of key and query), else ``max + 1``."""
+    for name, v in (("num_src", num_src), ("num_dst", num_dst)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"Expected '{name}' to be a non-negative int or None (got {v!r})")
+    size = edge_index.sparse_size() if callable(getattr(edge_index, "sparse_size", None)) else (None, None)
+    cached = cached_sizes(edge_index) if isinstance(edge_index, Tensor) else None
+    plain = plain_tensor(edge_index)
+    out = []
+    for given, known, row in ((num_src, size[0], 0), (num_dst, size[1], 1)):
+        if given is None:
+            given = known
+        if given is None and cached is not None:
+            given = cached[row]
+        if given is None:
+            given = int(plain[row].max()) + 1 if plain.numel() else 0
+        out.append(given)
+    return out[0], out[1]
+
+
+def _copies(graph: CSRGraph) -> Tensor | None:
+    """``[E]`` flags of the edges that repeat an earlier edge ``j -> i`` (in target-sorted order), or
+    ``None`` when the graph repeats none (cached). A tile cell holds one edge: ``tiled`` and ``split``
+    tile the first copy and run the others fused, so every copy stays a message of its own."""
+    if "copies" not in graph.extras and sorted_unique(graph.src, graph.dst):  # linear-time answer
+        graph.extras["copies"] = None
+    if "copies" not in graph.extras:
+        key = graph.dst * max(graph.num_src, 1) + graph.src  # [E]
+        order = torch.argsort(key, stable=True)
+        ordered = key[order]
+        repeat = torch.zeros_like(key, dtype=torch.bool)
+        repeat[order[1:]] = ordered[1:] == ordered[:-1]
+        graph.extras["copies"] = repeat if bool(repeat.any()) else None
+    return graph.extras["copies"]
+
+
+def _dense_tiles(graph: CSRGraph, block: int, ratio: float) -> Tensor:
+    """``[T]`` flags of the tiles (of :func:`tile_stats`) that ``split`` tiles: those whose distinct
+    edges fill at least ``ratio`` of their cells. Cached: the plan and the split share it."""
+    cache_key = ("dense_tiles", block, ratio)
+    if cache_key not in graph.extras:
+        graph.extras[cache_key] = _tile_edges(graph, block).double() >= ratio * float(block * block)
+    return graph.extras[cache_key]
+
+
+def _tile_edges(graph: CSRGraph, block: int) -> Tensor:
+    """``[T]`` distinct edges (cells) of each tile of :func:`tile_stats`."""
+    _, inverse, count = tile_stats(graph, block, block)  # [T], [E], [T]
+    copies = _copies(graph)
+    if copies is None:
+        return count
+    return torch.bincount(inverse[~copies], minlength=count.numel())
+
+
+def edge_parts(graph: CSRGraph, block: int, ratio: float | None) -> tuple[TileList, Tensor | None, CSRGraph | None]:
+    """``(tiles, rest_ids, rest)``: the tile list of ``tiled`` (``ratio`` ``None``: every tile) or of
+    ``split`` (the tiles of :func:`_dense_tiles`), without repeated copies; the positions of the other
+    edges and those edges as a graph of their own (``None`` when there are none). Cached."""
+    cache_key = ("parts", block, ratio)
+    if cache_key not in graph.extras:
+        copies = _copies(graph)
+        on_tiles = torch.ones(graph.num_edges, dtype=torch.bool, device=graph.src.device) if copies is None \
+            else ~copies  # [E]
+        if ratio is not None:
+            on_tiles &= _dense_tiles(graph, block, ratio)[tile_stats(graph, block, block)[1]]
+        # the copies are off the tiles (_copies): build_tiles need not look for repeats again
+        if bool(on_tiles.all()):
+            parts = (build_tiles(graph, block, block, distinct=True), None, None)
+        else:
+            rest_ids = (~on_tiles).nonzero().flatten()
+            parts = (build_tiles(graph, block, block, on_tiles.nonzero().flatten(), distinct=True), rest_ids,
+                     sub_graph(graph, rest_ids))
+        graph.extras[cache_key] = parts
+    return graph.extras[cache_key]
+
+
+def unit_costs(device_type: str, tile_cost: float | None, dropout: bool) -> tuple[float, float]:
+    """``(cost of a tile cell, cost of a fused edge)``: ``(TILE_COST, 1)``, plus ``DROPOUT_COST``
+    under attention dropout. ``split`` tiles the tiles filled to at least their ratio."""
+    cell, edge = _tile_cost(device_type, tile_cost), 1.0
+    if dropout:
+        extra = DROPOUT_COST.get(device_type, DROPOUT_COST["cuda"])
+        cell, edge = cell + extra["tiled"], edge + extra["fused"]
+    return cell, edge
+
+
+def planned_backend(graph: CSRGraph, device_type: str, block: int, tile_cost: float | None = None,
+          dropout: bool = False) -> str:
+    """``auto``'s backend by the cost model (``TILE_COST``, ``ROW_COST``, ``MERGE_COST`` and, under
+    attention ``dropout``, ``DROPOUT_COST``); cached."""
+    cell, edge = unit_costs(device_type, tile_cost, dropout)
+    rows = ROW_COST.get(device_type, ROW_COST["cuda"])
+    # every constant in the key: changing a cost at run time re-plans instead of reusing a stale plan
+    cache_key = ("plan", block, cell, edge, rows["fused"], rows["tiled"],
+                 MERGE_COST.get(device_type, MERGE_COST["cuda"]))
+    if cache_key not in graph.extras:
+        graph.extras[cache_key] = _cheapest_backend(graph, device_type, block, cell, edge)
+    return graph.extras[cache_key]
+
+
+def _costs(graph: CSRGraph, device_type: str, block: int, cell: float, edge: float) -> dict:
+    """The cost model's estimates (edge-equivalents) of each plan, and the split's dense tiles. A
+    graph that repeats an edge runs the copies fused next to ``tiled`` (plus a merge)."""
+    rows = ROW_COST.get(device_type, ROW_COST["cuda"])
+    merge = MERGE_COST.get(device_type, MERGE_COST["cuda"])
+    distinct = _tile_edges(graph, block)  # [T]
+    cells = float(block * block)
+    dense = _dense_tiles(graph, block, cell / edge)  # [T]
+    n_dense = int(dense.sum())
+    edges_dense = int(distinct[dense].sum()) if n_dense else 0
+    n, num_edges = graph.num_dst, graph.num_edges
+    copies = num_edges - int(distinct.sum())
+    return dict(
+        fused=num_edges * edge + rows["fused"] * n,
+        tiled=(distinct.numel() * cells * cell + copies * edge + rows["tiled"] * n
+               + ((rows["fused"] + merge) * n if copies else 0)),
+        split=(n_dense * cells * cell + (num_edges - edges_dense) * edge
+               + (rows["fused"] + rows["tiled"] + merge) * n),
+        edges=num_edges, tiles=distinct.numel(), dense_tiles=n_dense, dense_edges=edges_dense)
+
+
+def _cheapest_backend(graph: CSRGraph, device_type: str, block: int, cell: float, edge: float) -> str:
+    if graph.num_edges == 0:
+        return "fused"
+    c = _costs(graph, device_type, block, cell, edge)
+    best = min(c["fused"], c["tiled"], c["split"])
+    if best == c["fused"]:
+        return "fused"
+    if best == c["tiled"] or c["dense_tiles"] == c["tiles"]:  # split of every tile: tiled
+        return "tiled"
+    return "split"  # some tiles dense (with none, split would cost more than fused)
+
+
+def plan_costs(edge_index: Tensor, device, *, block_size: int | None = None, tile_cost: float | None = None,
+               dropout: bool = False, num_src: int | None = None, num_dst: int | None = None,
+               dtype: torch.dtype | None = None) -> dict:
+    """What :func:`choose_backend` weighs, for tuning and for curiosity: the estimated cost of
+    ``"fused"``, ``"tiled"`` and ``"split"`` in edge-equivalents (one edge of the fused path), the
+    number of edges, tiles, dense tiles (those ``split`` tiles) and edges in them, and ``"chosen"``.
+
+    Example:
+        >>> from gnn_transformer.topology import causal
+        >>> costs = plan_costs(causal(256), "cpu")
+        >>> costs["chosen"], costs["tiles"], costs["fused"] > costs["tiled"]
+        ('tiled', 10, True)
+    """
+    check_tiling(block_size, tile_cost)
+    graph = prepare(edge_index, *_sizes(edge_index, num_src, num_dst))
+    device_type = _device_type(device)
+    block = tile_size(graph, device_type, dtype, block_size)
+    cell, edge = unit_costs(device_type, tile_cost, dropout)
+    return dict(_costs(graph, device_type, block, cell, edge),
+                chosen=planned_backend(graph, device_type, block, tile_cost, dropout))
+
+
+def choose_backend(edge_index: Tensor, device, *, block_size: int | None = None,
+                   tile_cost: float | None = None, dropout: bool = False, num_src: int | None = None,
+                   num_dst: int | None = None, dtype: torch.dtype | None = None) -> str:
+    """The backend ``"auto"`` runs for this graph on ``device``: ``"fused"``, ``"tiled"`` or ``"split"``.
+
+    A tile of ``B × B`` cells costs ``tile_cost · B²`` edge-equivalents whatever its fill; the
+    choice minimizes the total over: all edges fused, all tiles tiled, or dense tiles tiled plus
+    the remaining edges fused (plus a merge); see docs/kernels.md. Cached on the graph. With
+    ``dropout`` (attention dropout) the costs include hashing the mask (``DROPOUT_COST``).
+    ``num_src`` / ``num_dst`` (the rows of key and query) default to the graph's sparse size, else
+    to the sizes of its last :func:`attend`, else to the largest ids plus one. ``dtype`` (of the
+    inputs) picks the default ``block_size`` (:func:`default_block_size`).
+    """
+    check_tiling(block_size, tile_cost)
+    graph = prepare(edge_index, *_sizes(edge_index, num_src, num_dst))
+    device_type = _device_type(device)
+    return planned_backend(graph, device_type, tile_size(graph, device_type, dtype, block_size), tile_cost, dropout)

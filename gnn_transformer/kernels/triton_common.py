@@ -1,0 +1,163 @@
+"""Triton helpers the ``fused`` and ``tiled`` kernels share (:mod:`.fused_triton`,
+:mod:`.tiled_triton`): the online softmax in ``m_i`` / ``l_i`` / ``acc`` (``softmax_step``,
+``softmax_finish``), the backward pass's row statistics, the dropout keep mask, IEEE ``tl.dot``, the
+program's rows, and the scalar arguments every launch passes. Importing this module needs Triton.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._dropout import threshold
+from .primitives import compute_dtype
+
+
+@triton.jit
+def load_scales(SCALES, ACC: tl.constexpr):
+    """``(softmax scale, dropout keep scale)`` from the ``[2]`` tensor of :func:`scalars`, in the
+    accumulation dtype (a float argument would reach the kernel as float32)."""
+    return tl.load(SCALES).to(ACC), tl.load(SCALES + 1).to(ACC)
+
+
+@triton.jit
+def work(START, END, MAP, MAPPED: tl.constexpr):
+    """``(r, o, start, end)`` of this program (axis 0): it walks items ``start:end`` of row ``r`` and
+    writes row ``o`` of its outputs. The main launch (``r = o``) reads ``START`` / ``END`` of its
+    row; a launch of pieces (``MAPPED``, :mod:`._pieces`) reads the row of piece ``o`` from ``MAP``
+    and writes row ``o`` of partial buffers."""
+    o = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at scale
+    start = tl.load(START + o)
+    end = tl.load(END + o)
+    if MAPPED:
+        r = tl.load(MAP + o).to(tl.int64)
+    else:
+        r = o
+    return r, o, start, end
+
+
+@triton.jit
+def _two_sum(m, log_l):
+    """``(lse, lo)``: ``m + log_l`` rounded and what the rounding lost (Knuth's two-sum, exact;
+    see :mod:`._autograd`)."""
+    lse = m + log_l
+    b = lse - m
+    return lse, (m - (lse - b)) + (log_l - b)
+
+
+@triton.jit
+def row_lse(m, l):
+    """``(lse, lse_lo, nonempty, l_safe)`` of rows with running max ``m`` and sum ``l``: ``-inf``
+    and 0 on empty rows."""
+    nonempty = l > 0
+    l_safe = tl.where(nonempty, l, 1.0)
+    lse, lo = _two_sum(tl.where(nonempty, m, 0.0), tl.log(l_safe))  # no -inf - -inf on empty rows
+    return tl.where(nonempty, lse, float("-inf")), tl.where(nonempty, lo, 0.0), nonempty, l_safe
+
+
+@triton.jit
+def row_stats(LSE, LSE_LO, DELTA, idx, mask, ACC: tl.constexpr):
+    """``(lse, lse_lo, delta)`` of the backward pass at offsets ``idx`` (``row * H + head``) in
+    ``ACC``; an empty row's ``-inf`` lse reads as 0 (its weights are 0 all the same, and no NaN
+    appears). Weights are ``exp((s - lse) - lse_lo)``."""
+    lse = tl.load(LSE + idx, mask=mask, other=0.0).to(ACC)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    lo = tl.load(LSE_LO + idx, mask=mask, other=0.0).to(ACC)
+    return lse, lo, tl.load(DELTA + idx, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _mix(x):
+    """``lowbias32`` on uint32 (the same steps as :func:`._dropout._mix`)."""
+    x = x ^ (x >> 16)
+    x = x * tl.full((1,), 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full((1,), 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def keep(SEED, edge, h, THRESH):
+    """Whether the weight of each ``edge`` (int64 positions) and head ``h`` survives dropout: the
+    hash of :func:`._dropout.keep_hash`, bit for bit."""
+    edge = edge.to(tl.int64)
+    x = SEED.to(tl.uint32) ^ (h.to(tl.uint32) * tl.full((1,), 0x9E3779B9, tl.uint32))
+    x = _mix(x)
+    x = _mix(x ^ (edge >> 32).to(tl.uint32))
+    x = _mix(x ^ (edge & 0xFFFFFFFF).to(tl.uint32))
+    return x.to(tl.int64) >= THRESH
+
+
+@triton.jit
+def dot(a, b, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` accumulated in ``ACC`` with IEEE products (no TF32); ``UPCAST`` runs bfloat16
+    operands in float32 (the CPU interpreter has no bfloat16 matmul)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision="ieee", out_dtype=ACC)
+
+
+@triton.jit
+def softmax_step(m, l, s):
+    """One block of an online softmax over the rows of ``s`` ``[R, C]``: ``(m_new, l_new, corr, p)``
+    with ``p = exp(s - m_new)`` (rows still at ``-inf`` use 0) and ``corr`` the rescaling of what
+    was accumulated under ``m``."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    corr = tl.exp(m - m_use)
+    p = tl.exp(s - m_use[:, None])
+    return m_new, l * corr + tl.sum(p, axis=1), corr, p
+
+
+@triton.jit
+def softmax_finish(m, l, acc):
+    """``(out, lse, lse_lo)`` of rows accumulated by :func:`softmax_step`; zeros, ``-inf`` and 0 on
+    empty rows."""
+    lse, lo, _, l_safe = row_lse(m, l)
+    return acc / l_safe[:, None], lse, lo
+
+
+# The backward pass walks a row's edges once more, for exactly normalized weights and a delta made
+# of them (:func:`.fused_triton._csr_bwd_rows`), where the row's log-sum-exp is at least this large.
+EXACT_ROWS_LSE = {torch.float32: 128.0, torch.float64: 2.0 ** 19}
+
+
+def upcast(q: Tensor) -> bool:
+    """bfloat16 ``tl.dot`` operands in float32: the CPU interpreter has no bfloat16 matmul."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16
+
+
+def acc_type(dtype: torch.dtype):
+    """The ``tl`` accumulation dtype of inputs of ``dtype`` (:func:`.primitives.compute_dtype`)."""
+    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
+
+
+@functools.lru_cache(maxsize=256)
+def _scales_tensor(scale: float, keep: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[scale, keep]`` on ``device``, made once per value (no host-to-device copy per call)."""
+    return torch.tensor([scale, keep], dtype=dtype, device=device)
+
+
+def canonical(x: Tensor) -> Tensor:
+    """``x`` with the strides of a fresh contiguous tensor. ``contiguous()`` keeps any stride of a
+    dimension of size 1 (a single query sliced from a fused projection), but the kernels write the
+    partial buffers of pieces with the input's row stride, so it must be that of a buffer."""
+    x = x.contiguous()  # [N, H, D]
+    _, h, d = x.shape
+    return x if x.stride() == (h * d, d, 1) else x.clone(memory_format=torch.contiguous_format)
+
+
+def scalars(scale: float, dropout: tuple[float, int] | None, dtype: torch.dtype,
+            device: torch.device) -> tuple[Tensor, int, int]:
+    """``(scales, seed, threshold)`` kernel arguments: ``scales = [scale, 1 / (1 - p)]`` as a tensor in
+    the accumulation ``dtype`` (Triton passes a Python float as float32, which float64 results would
+    show), and the dropout seed and threshold (placeholders without dropout)."""
+    keep_scale = 1.0 if dropout is None else 1.0 / (1.0 - dropout[0])
+    values = _scales_tensor(float(scale), keep_scale, dtype, torch.device(device))
+    if dropout is None:
+        return values, 0, 0
+    return values, int(dropout[1]), threshold(dropout[0])
