@@ -8,10 +8,9 @@ from torch_geometric import EdgeIndex
 
 from gnn_transformer.kernels import attend, attend_reference, choose_backend, edge_weights, plan_costs
 
-from .test_kernels_common import (GRAPHS, assert_matches_dense, assert_splits, dense_attention, graph_case,
-                                  make_inputs)
+from .conftest import (TOL, GRAPHS, assert_matches_dense, assert_splits, dense_attention, graph_case, make_inputs,
+                       weighted_loss)
 
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 # split with tile_cost=0.3: tiles at least 30% full go tiled, the other edges fused
 BACKENDS = [("fused", {}), ("tiled", {"block_size": 8}), ("tiled", {"block_size": 16}),
             ("split", {"block_size": 8, "tile_cost": 0.3}), ("auto", {"block_size": 8})]
@@ -22,8 +21,7 @@ def _grads(out, lse, inputs):
     """Gradients of a loss that uses both the output and the finite log-sum-exps."""
     g = torch.Generator().manual_seed(1)
     w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
-    loss = (out * w).sum() + lse[torch.isfinite(lse)].sum() * 0.3
-    return torch.autograd.grad(loss, [x for x in inputs if x is not None], allow_unused=True)
+    return torch.autograd.grad(weighted_loss(out, lse, w), [x for x in inputs if x is not None], allow_unused=True)
 
 
 def _check_auto(name, backend, kw, edge_index, n_src, n_dst):

@@ -24,10 +24,9 @@ from gnn_transformer import GraphMultiheadAttention  # noqa: E402
 from gnn_transformer.kernels import attend, attend_reference, clear_cache  # noqa: E402
 from gnn_transformer.topology import bigbird, causal, random, sliding_window, to_dense_mask  # noqa: E402
 
-from .test_kernels_common import GRAPHS, graph_case, make_inputs  # noqa: E402
+from .conftest import GRAPHS, TOL, graph_case, make_inputs, weighted_loss  # noqa: E402
 
 CUDA = torch.device("cuda")
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 # ("tiled", {}): the dtype's default tiles on CUDA (32 for float32 and float64, default_block_size)
 BACKENDS = [("fused", {}), ("tiled", {"block_size": 16}), ("tiled", {"block_size": 64}), ("tiled", {}),
             ("split", {"block_size": 16, "tile_cost": 0.25}), ("auto", {})]
@@ -38,10 +37,6 @@ def _to_cuda(*xs):
     return [None if x is None else x.detach().to(CUDA).requires_grad_() for x in xs]
 
 
-def _loss(out, lse, w):
-    return (out * w).sum() + 0.3 * lse[torch.isfinite(lse)].sum()
-
-
 def _compare(edge_index, q, k, v, b, backend, kw, tol, scale=0.4):
     out, lse = attend(q, k, v, edge_index, scale=scale, edge_bias=b, backend=backend, return_lse=True, **kw)
     ref, ref_lse = attend_reference(q, k, v, edge_index, scale=scale, edge_bias=b, return_lse=True)
@@ -49,8 +44,8 @@ def _compare(edge_index, q, k, v, b, backend, kw, tol, scale=0.4):
     torch.testing.assert_close(lse, ref_lse.to(lse.dtype), **tol)
     w = torch.randn(out.shape, dtype=out.dtype, device=out.device)
     inputs = [x for x in (q, k, v, b) if x is not None]
-    got = torch.autograd.grad(_loss(out, lse, w), inputs)
-    want = torch.autograd.grad(_loss(ref, ref_lse, w), inputs)
+    got = torch.autograd.grad(weighted_loss(out, lse, w), inputs)
+    want = torch.autograd.grad(weighted_loss(ref, ref_lse, w), inputs)
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, **tol)
 
@@ -239,7 +234,7 @@ def test_cuda_dropout_matches_the_cpu_kernel(backend, dtype):
         xs = [x.detach().to(device).requires_grad_() for x in (q, k, v, b)]
         out, lse = attend(*xs[:3], edge_index.to(device), scale=0.4, edge_bias=xs[3], backend=backend,
                           block_size=16, tile_cost=0.3, return_lse=True, dropout_p=0.25, dropout_seed=77)
-        grads = torch.autograd.grad(_loss(out, lse, torch.ones_like(out)), xs)
+        grads = torch.autograd.grad(weighted_loss(out, lse, torch.ones_like(out)), xs)
         results.append([t.cpu() for t in (out, lse, *grads)])
     for a, c in zip(*results):
         torch.testing.assert_close(a, c, **tol)

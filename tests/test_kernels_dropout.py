@@ -12,51 +12,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gnn_transformer.kernels import _dropout, _graph, attend, attend_reference
+from gnn_transformer.kernels import _dropout, _graph, attend
 from gnn_transformer.kernels.fused_torch import chunked_attention
 from gnn_transformer.kernels.tiled_torch import tiled_attention
 from gnn_transformer.kernels.tiling import build_tiles
 
-from .test_kernels_common import assert_splits, graph_case, make_inputs, split_graph
-
-
-def _reference(q, k, v, edge_index, scale, bias, p, seed):
-    """Per-edge attention with the kernels' mask: ``out_i = sum_j m_ji alpha_ji v_j``, the mask of
-    column ``c`` keyed by its position in the target-sorted order (``c`` itself for a sorted graph)."""
-    plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
-    src, dst = plain[0], plain[1]
-    num_edges = src.numel()
-    graph = _graph.prepare(edge_index, k.size(0), q.size(0))
-    if graph.perm is None:  # sorted graphs: positions are columns
-        assert bool((dst[1:] >= dst[:-1]).all())
-        position = torch.arange(num_edges)
-    else:  # perm[position] = column: a permutation that sorts the columns by target
-        perm = graph.perm
-        assert torch.equal(torch.sort(perm).values, torch.arange(num_edges))
-        assert bool((dst[perm][1:] >= dst[perm][:-1]).all())
-        position = torch.empty_like(perm)
-        position[perm] = torch.arange(num_edges)
-    group = q.size(1) // k.size(1)
-    s = (q[dst] * k[src].repeat_interleave(group, 1)).sum(-1) * scale  # [E, H]
-    if bias is not None:
-        s = s + bias
-    _, lse = attend_reference(q, k, v, edge_index, scale=scale, edge_bias=bias, return_lse=True)
-    alpha = torch.exp(s - lse[dst])  # [E, H]
-    m = torch.stack([_dropout.keep_scale(seed, position, h, p, q.dtype) for h in range(q.size(1))], 1)
-    msg = (alpha * m).unsqueeze(-1) * v[src].repeat_interleave(group, 1)  # [E, H, D]
-    out = torch.zeros(q.shape, dtype=q.dtype).index_add(0, dst, msg)
-    return out, lse
+from .conftest import (TOL, assert_splits, dropout_reference, graph_case, make_inputs, small_graph, split_graph,
+                       weighted_loss)
 
 
 def _grads(out, lse, inputs, dtype=None):
     """Gradients of a loss on ``out`` and the finite ``lse``; its weights rounded to ``dtype``
     (so that a float32 run and its float64 reference weigh the same numbers)."""
     w = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).to(dtype or out.dtype).to(out.dtype)
-    loss = (out * w.view(out.shape)).sum() + 0.3 * lse[torch.isfinite(lse)].sum()
-    return torch.autograd.grad(loss, inputs)
+    return torch.autograd.grad(weighted_loss(out, lse, w.view(out.shape)), inputs)
 
 
-TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
 IMPLS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
 # (backend, block size): the Triton tiled kernels need blocks of at least 16
 BACKENDS = [("fused", None), ("tiled", 16), ("tiled", 4), ("split", 16), ("split", 4)]
@@ -69,12 +40,7 @@ CASES = [(impl, backend, block) for impl in IMPLS for backend, block in BACKENDS
 
 def _small(name, impl, seed=2):
     """A named graph; for the (slow) Triton interpreter its first 20 targets and sources."""
-    edge_index, n_src, n_dst = graph_case(name, seed=seed)
-    if impl == "triton":
-        plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
-        keep = (plain[0] < 20) & (plain[1] < 20)
-        edge_index, n_src, n_dst = plain[:, keep], min(n_src, 20), min(n_dst, 20)
-    return edge_index, n_src, n_dst
+    return small_graph(name, seed=seed) if impl == "triton" else graph_case(name, seed=seed)
 
 
 def _check(edge_index, n_src, n_dst, backend, block, impl, dtype=torch.float64, bias=True, tile_cost=0.3,
@@ -91,7 +57,7 @@ def _check(edge_index, n_src, n_dst, backend, block, impl, dtype=torch.float64, 
     out, lse = attend(q, k, v, edge_index, **kw)
     inputs = [x for x in (q, k, v, b) if x is not None]
     up = [x.detach().double().requires_grad_() for x in inputs]
-    ref, ref_lse = _reference(up[0], up[1], up[2], edge_index, 0.5, up[3] if bias else None, p, seed)
+    ref, ref_lse = dropout_reference(up[0], up[1], up[2], edge_index, 0.5, up[3] if bias else None, p, seed)
     assert out.dtype == dtype and lse.dtype == dtype
     torch.testing.assert_close(out, ref.to(dtype), **TOL[dtype])
     torch.testing.assert_close(lse, ref_lse.to(dtype), **TOL[dtype])
@@ -249,7 +215,7 @@ def test_random_graphs_with_dropout_match_the_masked_reference(n_src, n_dst, den
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=3, seed=data_seed)
     out, lse = attend(q, k, v, edge_index, scale=0.6, edge_bias=b, backend=backend, block_size=block,
                       tile_cost=tile_cost, return_lse=True, dropout_p=p, dropout_seed=seed)
-    ref, ref_lse = _reference(q, k, v, edge_index, 0.6, b, p, seed)
+    ref, ref_lse = dropout_reference(q, k, v, edge_index, 0.6, b, p, seed)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     inputs = (q, k, v, b)
     for x, y in zip(_grads(out, lse, inputs), _grads(ref, ref_lse, inputs)):

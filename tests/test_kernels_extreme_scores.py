@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 
 from gnn_transformer import GraphMultiheadAttention, kernels, topology
 
+from .conftest import dense_attention
+
 SCALES_FP32 = [1.0, 1e2, 1e3, 1e4]
 SCALES_HALF = [1.0, 1e2]
 BACKENDS = ["fused", "tiled", "split", "auto"]
@@ -89,27 +91,24 @@ def test_pyg_bfloat16_gradients_at_scale_1e4_match_the_kernels():
     assert pyg <= 10 * fused + 1e-6 * float(want.abs().max())
 
 
-def _attend_grads(q, k, v, bias, ei, g, **kw):
-    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+def _input_grads(attention, q, k, v, bias, ei, g, **kw):
+    """The gradients in q, k and v (flattened, concatenated) of ``attention(q, k, v, ei, scale=,
+    edge_bias=, **kw)`` under the output gradient ``g``, computed in the dtype of ``q``."""
+    inputs = [t.detach().to(q.dtype).requires_grad_() for t in (q, k, v)]
     b = None if bias is None else bias.detach().to(q.dtype)
-    out = kernels.attend(*inputs, ei, scale=q.size(-1) ** -0.5, edge_bias=b, **kw)
+    out = attention(*inputs, ei, scale=q.size(-1) ** -0.5, edge_bias=b, **kw)
     out.backward(g.to(out.dtype))
     return torch.cat([t.grad.flatten() for t in inputs])
 
 
 def _reference_grads(q, k, v, bias, ei, g):
-    inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    b = None if bias is None else bias.double()
-    out = kernels.attend_reference(*inputs, ei, scale=q.size(-1) ** -0.5, edge_bias=b)
-    out.backward(g.double())
-    return torch.cat([t.grad.flatten() for t in inputs])
+    """The float64 dense reference's gradients."""
+    return _input_grads(dense_attention, q.double(), k, v, bias, ei, g)
 
 
 def _per_edge_grads(q, k, v, bias, ei, g):
-    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = kernels.attend_reference(*inputs, ei, scale=q.size(-1) ** -0.5, edge_bias=bias)
-    out.backward(g)
-    return torch.cat([t.grad.flatten() for t in inputs])
+    """The per-edge reference's gradients, in the inputs' dtype: the error any backend may reach."""
+    return _input_grads(kernels.attend_reference, q, k, v, bias, ei, g)
 
 
 @pytest.mark.parametrize("scale", SCALES_FP32)
@@ -128,7 +127,7 @@ def test_attend_float32_gradients_at_large_scores(scale, heads, kv_heads, with_b
     g = torch.randn(n, heads, d)
     want = _reference_grads(q, k, v, bias, ei, g)
     per_edge = _error(_per_edge_grads(q, k, v, bias, ei, g), want)
-    got = _attend_grads(q, k, v, bias, ei, g, backend=backend, impl=impl, block_size=16)
+    got = _input_grads(kernels.attend, q, k, v, bias, ei, g, backend=backend, impl=impl, block_size=16)
     err = _error(got, want)
     assert err <= _bound(per_edge, want), (err, per_edge)
 
@@ -152,5 +151,6 @@ def test_random_graphs_float32_gradients_at_large_scores(n, window, log_scale, b
     g = torch.randn(n, 2, 8, generator=gen)
     want = _reference_grads(q, k, v, None, ei, g)
     per_edge = _error(_per_edge_grads(q, k, v, None, ei, g), want)
-    err = _error(_attend_grads(q, k, v, None, ei, g, backend=backend, impl="torch", block_size=8), want)
+    err = _error(_input_grads(kernels.attend, q, k, v, None, ei, g, backend=backend, impl="torch", block_size=8),
+                 want)
     assert err <= _bound(per_edge, want), (err, per_edge)

@@ -10,7 +10,7 @@ from gnn_transformer.kernels.merge import merge_partials
 from gnn_transformer.kernels.tiled_torch import tiled_attention
 from gnn_transformer.kernels.tiling import build_tiles
 
-from .test_kernels_common import assert_splits, graph_case, make_inputs, split_graph
+from .conftest import assert_splits, graph_case, make_inputs, split_graph
 
 
 def _finite(result):

@@ -11,7 +11,7 @@ from gnn_transformer import GraphMultiheadAttention
 from gnn_transformer.kernels import choose_backend
 from gnn_transformer.topology import bigbird, causal, random, sliding_window
 
-from .test_kernels_common import assert_splits, graph_case
+from .conftest import assert_splits, graph_case
 
 BACKENDS = ["fused", "tiled", "auto"]
 

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from gnn_transformer.kernels import _pieces
 from gnn_transformer.kernels._autograd import lse_pair
 
+from .conftest import TOL, make_inputs
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 
 
 def _ptr(sizes):
@@ -161,7 +162,6 @@ def _run(edge_index, backend, kw, dtype, heads, kv_heads, bias, length, monkeypa
     """``(out, lse, grads)`` of one attend call (and backward) with pieces of ``length``."""
     from gnn_transformer.kernels import attend, clear_cache
 
-    from .test_kernels_common import make_inputs
 
     monkeypatch.setattr(_pieces, "LENGTH", length)
     clear_cache()
@@ -241,7 +241,6 @@ def _hub_inputs(monkeypatch, length, **kw):
     """``(edge_index, q, k, v, bias)`` on :func:`_hub_graph` with pieces of ``length`` forced."""
     from gnn_transformer.kernels import clear_cache
 
-    from .test_kernels_common import make_inputs
 
     edge_index = _hub_graph()
     monkeypatch.setattr(_pieces, "LENGTH", length)

@@ -12,7 +12,8 @@ from torch_geometric.utils import softmax
 
 from gnn_transformer.kernels import attend, attend_reference, clear_cache, edge_weights, plan_costs
 
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+from .conftest import TOL
+
 BACKENDS = [("fused", {}), ("tiled", {"block_size": 16}), ("split", {"block_size": 16, "tile_cost": 0.3})]
 IMPLS = [None] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
 

@@ -10,7 +10,7 @@ from gnn_transformer.kernels import TILE_COST, _graph, attend, attend_reference,
 from gnn_transformer.kernels.tiling import build_tiles, sorted_unique, unique_keys
 from gnn_transformer.topology import causal
 
-from .test_kernels_common import graph_case, make_inputs
+from .conftest import graph_case, make_inputs
 
 
 def _dense_from_tiles(tiles):

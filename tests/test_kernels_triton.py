@@ -14,32 +14,17 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # CPU tensors need the interprete
 
 from gnn_transformer.kernels import _graph, attend, attend_reference  # noqa: E402
 
-from .test_kernels_common import graph_case, make_inputs  # noqa: E402
+from .conftest import TOL, graph_case, make_inputs, small_graph, weighted_loss  # noqa: E402
 
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 TINY = ["single_edge", "no_edges", "empty_rows", "bipartite", "multigraph"]
 TRITON = [("fused", {}), ("tiled", {"block_size": 16}), ("split", {"block_size": 16, "tile_cost": 0.25})]
-
-
-def _small(name):
-    edge_index, n_src, n_dst = graph_case(name, seed=3)
-    if n_dst > 20 or n_src > 20:  # keep the interpreter fast: first 20 targets / sources only
-        plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
-        keep = (plain[0] < 20) & (plain[1] < 20)
-        n_src, n_dst = min(n_src, 20), min(n_dst, 20)
-        edge_index = plain[:, keep]
-    return edge_index, n_src, n_dst
-
-
-def _loss(out, lse, w):
-    return (out * w).sum() + 0.3 * lse[torch.isfinite(lse)].sum()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("backend,kw", TRITON, ids=["fused", "tiled", "split"])
 @pytest.mark.parametrize("name", TINY)
 def test_triton_matches_reference(name, backend, kw, dtype):
-    edge_index, n_src, n_dst = _small(name)
+    edge_index, n_src, n_dst = small_graph(name, seed=3)
     bias = name != "bipartite"
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4, dtype=dtype, bias=bias)
     out, lse = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend=backend, return_lse=True,
@@ -49,8 +34,8 @@ def test_triton_matches_reference(name, backend, kw, dtype):
     torch.testing.assert_close(lse, ref_lse.to(lse.dtype), **TOL[dtype])
     w = torch.randn(out.shape, dtype=dtype)
     inputs = [x for x in (q, k, v, b) if x is not None]
-    got = torch.autograd.grad(_loss(out, lse, w), inputs)
-    want = torch.autograd.grad(_loss(ref, ref_lse, w), inputs)
+    got = torch.autograd.grad(weighted_loss(out, lse, w), inputs)
+    want = torch.autograd.grad(weighted_loss(ref, ref_lse, w), inputs)
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, **TOL[dtype])
 
@@ -60,7 +45,7 @@ def test_triton_matches_reference(name, backend, kw, dtype):
     ("hub", 4, 2, *TRITON[0]),  # grouped query heads: the grouped CSR kernels
 ], ids=["fused", "tiled", "fused-grouped"])
 def test_triton_bfloat16(name, heads, kv_heads, backend, kw):
-    edge_index, n_src, n_dst = _small(name)
+    edge_index, n_src, n_dst = small_graph(name, seed=3)
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=heads, kv_heads=kv_heads, dim=16,
                              dtype=torch.bfloat16)
     out, lse = attend(q, k, v, edge_index, scale=0.25, edge_bias=b, backend=backend, return_lse=True,
@@ -79,7 +64,7 @@ def test_triton_bfloat16(name, heads, kv_heads, backend, kw):
 def test_triton_gradcheck(backend, kw):
     from gnn_transformer.kernels.fused_triton import csr_attention
 
-    edge_index, n_src, n_dst = _small("multigraph")
+    edge_index, n_src, n_dst = small_graph("multigraph", seed=3)
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4)
     graph = _graph.prepare(edge_index, n_src, n_dst)
     if backend == "fused":
@@ -101,7 +86,7 @@ def test_fused_on_cpu_defaults_to_torch(monkeypatch):
     called = []
     monkeypatch.setattr(dispatch, "chunked_attention",
                         lambda *a, **kw: called.append(1) or fused_torch.chunked_attention(*a, **kw))
-    edge_index, n_src, n_dst = _small("empty_rows")
+    edge_index, n_src, n_dst = small_graph("empty_rows", seed=3)
     q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), bias=False)
     attend(q, k, v, edge_index, scale=0.4, backend="fused")
     assert called
@@ -109,7 +94,7 @@ def test_fused_on_cpu_defaults_to_torch(monkeypatch):
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
-    edge_index, n_src, n_dst = _small("single_edge")
+    edge_index, n_src, n_dst = small_graph("single_edge", seed=3)
     q, k, v, _ = make_inputs(n_src, n_dst, 1, bias=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         attend(q, k, v, edge_index, scale=1.0, backend="fused", impl="triton")
@@ -132,21 +117,21 @@ def test_tiled_falls_back_where_the_gpu_refuses_the_launch(monkeypatch, refused)
 
     monkeypatch.setattr(tiled_triton, "launch", launch)
     monkeypatch.setattr(tiled_triton, "_LEVEL", {})
-    edge_index, n_src, n_dst = _small("empty_rows")
+    edge_index, n_src, n_dst = small_graph("empty_rows", seed=3)
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
             out, lse = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend="tiled", block_size=16,
                               return_lse=True, impl="triton")
-            got = torch.autograd.grad(_loss(out, lse, torch.ones_like(out)), (q, k, v, b))
+            got = torch.autograd.grad(weighted_loss(out, lse, torch.ones_like(out)), (q, k, v, b))
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1, messages  # once, not per call
     assert "need more shared memory than this GPU has for head dim 4" in messages[0]
     assert "running the PyTorch tiled path instead" in messages[0]
     assert sorted(tiled_triton._LEVEL.values()) == [0, 2]  # the other pass stays on Triton
     ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.4, edge_bias=b, return_lse=True)
-    want = torch.autograd.grad(_loss(ref, ref_lse, torch.ones_like(ref)), (q, k, v, b))
+    want = torch.autograd.grad(weighted_loss(ref, ref_lse, torch.ones_like(ref)), (q, k, v, b))
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, **TOL[torch.float64])
@@ -168,14 +153,14 @@ def test_tiled_kernel_that_does_not_compile_runs_the_pytorch_path(monkeypatch):
 
     monkeypatch.setattr(tiled_triton, "launch", launch)
     monkeypatch.setattr(tiled_triton, "_LEVEL", {})
-    edge_index, n_src, n_dst = _small("bipartite")
+    edge_index, n_src, n_dst = small_graph("bipartite", seed=3)
     q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4, bias=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
             out, lse = attend(q, k, v, edge_index, scale=0.4, backend="tiled", block_size=16, return_lse=True,
                               impl="triton")
-            got = torch.autograd.grad(_loss(out, lse, torch.ones_like(out)), (q, k, v))
+            got = torch.autograd.grad(weighted_loss(out, lse, torch.ones_like(out)), (q, k, v))
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1, messages
     assert "forward kernels do not compile on this GPU for head dim 4 in torch.float64" in messages[0]
@@ -183,7 +168,7 @@ def test_tiled_kernel_that_does_not_compile_runs_the_pytorch_path(monkeypatch):
     assert [name for name, _ in seen].count("_tiled_fwd") == 1  # not retried with lean options, nor again
     assert sorted(tiled_triton._LEVEL.values()) == [0, 2]
     ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.4, return_lse=True)
-    want = torch.autograd.grad(_loss(ref, ref_lse, torch.ones_like(ref)), (q, k, v))
+    want = torch.autograd.grad(weighted_loss(ref, ref_lse, torch.ones_like(ref)), (q, k, v))
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, **TOL[torch.float64])
@@ -197,7 +182,7 @@ def test_tiled_other_runtime_errors_are_not_taken_for_compile_failures(monkeypat
 
     monkeypatch.setattr(tiled_triton, "launch", launch)
     monkeypatch.setattr(tiled_triton, "_LEVEL", {})
-    edge_index, n_src, n_dst = _small("causal")
+    edge_index, n_src, n_dst = small_graph("causal", seed=3)
     q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4, bias=False)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         attend(q, k, v, edge_index, scale=0.4, backend="tiled", block_size=16, impl="triton")
@@ -222,7 +207,7 @@ def test_tiled_retries_with_lean_options(monkeypatch):
 
     monkeypatch.setattr(tiled_triton, "launch", launch)
     monkeypatch.setattr(tiled_triton, "_LEVEL", {})
-    edge_index, n_src, n_dst = _small("empty_rows")
+    edge_index, n_src, n_dst = small_graph("empty_rows", seed=3)
     q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4,
                              dtype=torch.bfloat16, bias=False)
     with warnings.catch_warnings():
@@ -248,26 +233,26 @@ def test_triton_fused_grouped_query_heads(heads, kv_heads, grouped, dropout):
     (target, key/value head) with tl.dot over the group; both forms equal the masked reference."""
     from gnn_transformer.kernels import _launch
 
-    from .test_kernels_dropout import _reference
+    from .conftest import dropout_reference
 
-    edge_index, n_src, n_dst = _small("empty_rows")
+    edge_index, n_src, n_dst = small_graph("empty_rows", seed=3)
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=heads, kv_heads=kv_heads, dim=5)
     kw = dict(scale=0.4, edge_bias=b, backend="fused", return_lse=True, dropout_p=dropout, dropout_seed=5)
     out, lse = attend(q, k, v, edge_index, impl="triton", **kw)
     if dropout:
-        ref, ref_lse = _reference(q, k, v, edge_index, 0.4, b, dropout, 5)
+        ref, ref_lse = dropout_reference(q, k, v, edge_index, 0.4, b, dropout, 5)
     else:
         ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.4, edge_bias=b, return_lse=True)
     torch.testing.assert_close(out, ref, **TOL[torch.float64])
     torch.testing.assert_close(lse, ref_lse, **TOL[torch.float64])
     w = torch.randn(out.shape, dtype=torch.float64)
-    got = torch.autograd.grad(_loss(out, lse, w), (q, k, v, b))
-    want = torch.autograd.grad(_loss(ref, ref_lse, w), (q, k, v, b))
+    got = torch.autograd.grad(weighted_loss(out, lse, w), (q, k, v, b))
+    want = torch.autograd.grad(weighted_loss(ref, ref_lse, w), (q, k, v, b))
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, **TOL[torch.float64])
     with _launch.recording() as launches:
         out, lse = attend(q, k, v, edge_index, impl="triton", **kw)
-        _loss(out, lse, w).backward()
+        weighted_loss(out, lse, w).backward()
     names = {launch.kernel.__name__ if hasattr(launch.kernel, "__name__") else launch.kernel.fn.__name__
              for launch in launches}
     if grouped:
@@ -305,15 +290,15 @@ def test_grouped_csr_kernels_fall_back_per_head_where_the_gpu_refuses_them(monke
 
     monkeypatch.setattr(fused_triton, "launch", launch)
     monkeypatch.setattr(fused_triton, "_PER_HEAD", set())
-    edge_index, n_src, n_dst = _small("empty_rows")
+    edge_index, n_src, n_dst = small_graph("empty_rows", seed=3)
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=4, kv_heads=2, dim=4)
     ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.4, edge_bias=b, return_lse=True)
-    want = torch.autograd.grad(_loss(ref, ref_lse, torch.ones_like(ref)), (q, k, v, b))
+    want = torch.autograd.grad(weighted_loss(ref, ref_lse, torch.ones_like(ref)), (q, k, v, b))
     for call in range(2):
         seen.clear()
         out, lse = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend="fused", return_lse=True,
                           impl="triton")
-        got = torch.autograd.grad(_loss(out, lse, torch.ones_like(out)), (q, k, v, b))
+        got = torch.autograd.grad(weighted_loss(out, lse, torch.ones_like(out)), (q, k, v, b))
         torch.testing.assert_close(out, ref, **TOL[torch.float64])
         for x, y in zip(got, want):
             torch.testing.assert_close(x, y, **TOL[torch.float64])
@@ -339,7 +324,7 @@ def test_tiled_fallback_is_remembered_per_block_size(monkeypatch):
 
     monkeypatch.setattr(tiled_triton, "launch", launch)
     monkeypatch.setattr(tiled_triton, "_LEVEL", {})
-    edge_index, n_src, n_dst = _small("causal")
+    edge_index, n_src, n_dst = small_graph("causal", seed=3)
     q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4, bias=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the one warning of the refused blocks
@@ -360,7 +345,7 @@ def test_block_sizes_triton_does_not_take_run_on_the_pytorch_tiled_path(monkeypa
     real = tiled_triton.launch
     monkeypatch.setattr(tiled_triton, "launch",
                         lambda kernel, *a, **m: launched.append(m["BQ"]) or real(kernel, *a, **m))
-    edge_index, n_src, n_dst = _small("causal")
+    edge_index, n_src, n_dst = small_graph("causal", seed=3)
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4)
     ref = attend_reference(q, k, v, edge_index, scale=0.4, edge_bias=b)
     for block in (8, 48, 16):
@@ -398,8 +383,8 @@ def _check_float64(out, lse, inputs, edge_index, scale, w):
                                     return_lse=True)
     torch.testing.assert_close(out, ref.to(dtype), **TOL[dtype])
     torch.testing.assert_close(lse, ref_lse.to(lse.dtype), **TOL[dtype])
-    got = torch.autograd.grad(_loss(out, lse, w.to(dtype)), inputs)
-    want = torch.autograd.grad(_loss(ref, ref_lse, w.double()), up)
+    got = torch.autograd.grad(weighted_loss(out, lse, w.to(dtype)), inputs)
+    want = torch.autograd.grad(weighted_loss(ref, ref_lse, w.double()), up)
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y.to(dtype), **TOL[dtype])
 
@@ -410,7 +395,7 @@ def _check_float64(out, lse, inputs, edge_index, scale, w):
 def test_triton_plain_multi_head(name, heads, backend, kw, dtype, monkeypatch):
     """heads == kv_heads: the per-head CSR kernels (``_csr_fwd``, ``_csr_bwd_dq``; never the grouped
     ones) and the tiled kernels with a group of one, in float32 and float64."""
-    edge_index, n_src, n_dst = _small(name)
+    edge_index, n_src, n_dst = small_graph(name, seed=3)
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=heads, kv_heads=heads, dim=4, dtype=dtype,
                              bias=name != "bipartite", seed=1)
     seen = _launched(monkeypatch)
@@ -500,7 +485,7 @@ def test_triton_batch_and_unsorted(name, heads, kv_heads, backend, kw, dtype):
 def test_csc_is_built_by_the_forward_pass_when_gradients_follow():
     """The source-sorted view the dK/dV kernel walks is built in the forward pass when a gradient will
     be needed (off the backward's memory peak), and not at all for inference."""
-    edge_index, n_src, n_dst = _small("hub")
+    edge_index, n_src, n_dst = small_graph("hub", seed=3)
     q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4, bias=False)
     graph = _graph.prepare(edge_index, n_src, n_dst)
     graph.extras.pop("csc", None)

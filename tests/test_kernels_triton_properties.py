@@ -4,7 +4,6 @@ with plain multi-head and grouped-query heads, and with long rows forced into pi
 (``_pieces.LENGTH``). Runs under ``TRITON_INTERPRET=1`` on CPU tensors: graphs stay tiny."""
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -20,34 +19,10 @@ from torch_geometric import EdgeIndex  # noqa: E402
 
 from gnn_transformer.kernels import _pieces, attend, clear_cache, plan_costs  # noqa: E402
 
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+from .conftest import TOL, dense_attention  # noqa: E402
+
 BLOCK = 16
 HEADS = [(2, 2), (3, 3), (4, 4), (2, 1), (3, 1), (4, 2), (4, 1)]  # (H, H_kv): plain and grouped
-
-
-def dense_reference(q, k, v, src, dst, scale, bias=None):
-    """``(out [N_dst, H, D], lse [N_dst, H])`` of a dense masked softmax in float64; the ``c`` copies
-    of an edge ``j -> i`` (biases ``b_1..b_c``) enter as ``log sum_e exp(b_e)``: separate messages.
-    Empty rows give zeros and ``-inf``, with finite gradients."""
-    n_dst, heads, _ = q.shape
-    n_src, kv_heads = k.shape[:2]
-    group = heads // kv_heads
-    qd, kd, vd = q.double(), k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
-    b = torch.zeros(src.numel(), heads, dtype=torch.float64) if bias is None else bias.double()
-    cell = dst * n_src + src  # [E]
-    acc = torch.zeros(n_dst * n_src, heads, dtype=torch.float64).index_add(0, cell, torch.exp(b))
-    has = acc > 0
-    logc = torch.where(has, torch.log(torch.where(has, acc, torch.ones_like(acc))),
-                       torch.full_like(acc, -math.inf))
-    logc = logc.view(n_dst, n_src, heads).permute(2, 0, 1)  # [H, N_dst, N_src]
-    s = torch.einsum("ihd,jhd->hij", qd, kd) * scale + logc
-    row = torch.isfinite(s).any(-1, keepdim=True)  # [H, N_dst, 1]
-    s = torch.where(row, s, torch.zeros_like(s))
-    lse = torch.logsumexp(s, -1, keepdim=True)
-    w = torch.exp(s - lse) * row
-    out = torch.einsum("hij,jhd->ihd", w, vd)
-    lse = torch.where(row, lse, torch.full_like(lse, -math.inf)).squeeze(-1).t()  # [N_dst, H]
-    return out, lse
 
 
 def _edge_list(draw, n_src, n_dst, max_edges):
@@ -143,7 +118,7 @@ def test_triton_random_graphs_match_dense(case):
     finally:
         _pieces.LENGTH = previous
         clear_cache()
-    ref, ref_lse = dense_reference(q, k, v, src, dst, 0.6, b)
+    ref, ref_lse = dense_attention(q, k, v, torch.stack([src, dst]), 0.6, b, return_lse=True)
     assert out.dtype == dtype and lse.dtype == dtype
     torch.testing.assert_close(out, ref.to(dtype), **TOL[dtype])
     torch.testing.assert_close(lse, ref_lse.to(dtype), **TOL[dtype])
@@ -151,17 +126,3 @@ def test_triton_random_graphs_match_dense(case):
     for name, x, y in zip("qkvb", got, want):
         assert x.dtype == dtype, name
         torch.testing.assert_close(x, y.to(dtype), **TOL[dtype], msg=lambda m, name=name: f"grad {name}: {m}")
-
-
-def test_dense_reference_counts_copies_and_empty_rows():
-    """The reference itself: a doubled edge weighs twice, an empty row is zeros and -inf."""
-    q, k, v = torch.randn(3, 2, 4, dtype=torch.float64), torch.randn(2, 1, 4, dtype=torch.float64), \
-        torch.randn(2, 1, 4, dtype=torch.float64)
-    src, dst = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 0, 0, 2])  # 1 -> 0 twice; row 1 empty
-    out, lse = dense_reference(q, k, v, src, dst, 0.5)
-    s = torch.einsum("hd,jhd->hj", q[0], k.expand(2, 2, 4)) * 0.5  # [H, 2]
-    s = s + torch.log(torch.tensor([1.0, 2.0], dtype=torch.float64))
-    torch.testing.assert_close(lse[0], torch.logsumexp(s, -1))
-    torch.testing.assert_close(out[0], torch.einsum("hj,jd->hd", torch.softmax(s, -1), v[:, 0]))
-    assert (out[1] == 0).all() and torch.isneginf(lse[1]).all()
-    torch.testing.assert_close(out[2], v[0].expand(2, 4))
