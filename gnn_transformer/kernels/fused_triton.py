@@ -38,9 +38,8 @@ from . import _pieces
 from ._autograd import Kernel, kernel_attention
 from ._graph import CSRGraph
 from ._launch import is_recording, launch
-from .primitives import compute_dtype
-from .triton_common import (EXACT_ROWS_LSE, acc_type, canonical, dot, keep, load_scales, row_lse, row_stats, scalars,
-                            softmax_finish, softmax_step, upcast, work)
+from .triton_common import (EXACT_ROWS_LSE, acc_type, canonical, dot, empty_outputs, keep, load_scales,
+                            row_lse, row_stats, scalars, softmax_finish, softmax_step, upcast, work)
 
 
 @triton.jit
@@ -393,10 +392,8 @@ def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSR
     than the rest run in pieces (:mod:`._pieces`)."""
     n_dst, num_heads, dim = q.shape
     group = num_heads // k.size(1)
-    acc_dtype = compute_dtype(q.dtype)
-    out = torch.empty_like(q)
-    lse = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)
-    lse_lo = torch.empty_like(lse)
+    out, lse, lse_lo = empty_outputs(q)
+    acc_dtype = lse.dtype
     if n_dst == 0:
         return out, lse, lse_lo
     bias_arg = bias.contiguous() if bias is not None else lse  # unused when HAS_BIAS is False

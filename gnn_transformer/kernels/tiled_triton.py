@@ -28,11 +28,10 @@ from torch import Tensor
 from . import _pieces
 from ._autograd import Kernel, kernel_attention
 from ._launch import launch
-from .primitives import compute_dtype
 from .tiled_torch import tiled_backward, tiled_forward
 from .tiling import TileList, triton_blocks
-from .triton_common import (EXACT_ROWS_LSE, acc_type, canonical, dot, keep, load_scales, row_stats, scalars,
-                            softmax_finish, softmax_step, upcast, work)
+from .triton_common import (EXACT_ROWS_LSE, acc_type, canonical, dot, empty_outputs, keep, load_scales,
+                            row_stats, scalars, softmax_finish, softmax_step, upcast, work)
 
 
 @triton.jit
@@ -316,10 +315,8 @@ def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias
     :mod:`._autograd`); ``tbias`` is the edge bias ``[E_t, H]`` of the tiled edges, or ``None``."""
     _check_blocks(tiles)
     n_dst, num_heads, dim = q.shape
-    acc_dtype = compute_dtype(q.dtype)
-    out = torch.empty_like(q)
-    lse = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)
-    lse_lo = torch.empty_like(lse)
+    out, lse, lse_lo = empty_outputs(q)
+    acc_dtype = lse.dtype
     if n_dst == 0:
         return out, lse, lse_lo
     masks, cell_edge, block_d = _common(tiles, tbias, dim, dropout)

@@ -161,3 +161,11 @@ def scalars(scale: float, dropout: tuple[float, int] | None, dtype: torch.dtype,
     if dropout is None:
         return values, 0, 0
     return values, int(dropout[1]), threshold(dropout[0])
+
+
+def empty_outputs(q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Uninitialized ``(out [N_dst, H, D], lse [N_dst, H], lse_lo [N_dst, H])`` of a forward kernel:
+    ``out`` like ``q``, the log-sum-exp pair in the accumulation dtype."""
+    out = torch.empty_like(q)
+    lse = torch.empty(q.size(0), q.size(1), dtype=compute_dtype(q.dtype), device=q.device)
+    return out, lse, torch.empty_like(lse)
