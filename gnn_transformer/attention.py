@@ -211,6 +211,14 @@ class GraphMultiheadAttention(MessagePassing):
         project_kv: own a key/value projection. With ``False`` the layer has no key/value
             parameters and ``forward`` needs ``kv=`` (keys and values from elsewhere, e.g. an
             earlier layer). Default ``True``.
+        select: choose the graph from the data, on every forward pass: a callable
+            ``select(query [N_dst, H, D], key [N_src, H_kv, D], edge_index) -> (edge_index,
+            edge_head)`` given this layer's (rotated) queries and keys, detached, and the graph
+            passed to ``forward`` (the edges allowed), returning a per-head graph on the same
+            nodes (the selectors of :mod:`gnn_transformer.topology.dynamic`; an ``nn.Module``
+            selector, such as one with routing centroids, becomes a submodule). The choice is not
+            differentiated; attention on the chosen graph is. ``forward`` then takes no
+            ``edge_head`` or ``edge_bias``. Default ``None``: attend along the given graph.
 
     Example:
         >>> import torch
@@ -226,8 +234,11 @@ class GraphMultiheadAttention(MessagePassing):
                  kdim: int | None = None, vdim: int | None = None, *,
                  num_kv_heads: int | None = None, backend: str = "auto",
                  rope: bool = False, rope_base: float = 10000.0, project_kv: bool = True,
-                 device=None, dtype=None) -> None:
+                 select=None, device=None, dtype=None) -> None:
         super().__init__(aggr="sum", node_dim=0)
+        if select is not None and not callable(select):
+            raise ValueError(f"Expected 'select' to be a callable (query, key, edge_index) -> (edge_index, "
+                             f"edge_head), or None (got {select!r})")
         check_positive_int("embed_dim", embed_dim)
         check_positive_int("num_heads", num_heads)
         for name, value in (("kdim", kdim), ("vdim", vdim)):
@@ -284,6 +295,7 @@ class GraphMultiheadAttention(MessagePassing):
         if rope and self.head_dim % 2 != 0:
             raise ValueError(f"Expected an even head dimension for 'rope' (got {self.head_dim})")
         self.rotary = RotaryEmbedding(self.head_dim, base=rope_base) if rope else None
+        self.select = select
         self._reset_attention_parameters()
 
     def _reset_attention_parameters(self) -> None:
@@ -402,7 +414,7 @@ class GraphMultiheadAttention(MessagePassing):
     def forward(self, x: Tensor | tuple[Tensor, Tensor], edge_index: Tensor, *,
                 value: Tensor | None = None, edge_bias: Tensor | None = None,
                 pos: Tensor | tuple[Tensor, Tensor] | None = None,
-                kv: tuple[Tensor, Tensor] | None = None,
+                kv: tuple[Tensor, Tensor] | None = None, edge_head: Tensor | None = None,
                 return_attention_weights: bool = False, backend: str | None = None):
         r"""Attend along the edges of ``edge_index``.
 
@@ -415,29 +427,36 @@ class GraphMultiheadAttention(MessagePassing):
             value: optional value features of the source nodes ``[N_src, vdim]`` when they differ
                 from the key features (``nn.MultiheadAttention`` with separate key and value).
             edge_bias: ``[E, H]`` added to the scaled scores before the softmax (ALiBi, graph
-                biases), in the order of ``edge_index``'s columns.
+                biases), in the order of ``edge_index``'s columns; with ``edge_head`` also ``[E]``
+                (each edge's bias for its head).
             pos: positions of the nodes for RoPE: ``[N]``, or a pair ``(pos_src, pos_dst)`` for a
                 bipartite graph (only ``pos_dst`` with ``kv``). Required iff the layer uses RoPE.
             kv: precomputed ``(key, value)`` of the source nodes, ``[N_src, H_kv, D]`` each (see
                 :meth:`key_value`); ``x`` then holds only the query nodes ``[N_dst, C]``. Required
                 when the layer was built with ``project_kv=False``.
-            return_attention_weights: also return the attention weights per edge ``[E, H]``: the
+            edge_head: ``[E]`` integer, values in ``[0, H)``: a per-head graph, edge ``j -> i``
+                exists for query head ``edge_head[e]`` only (a head is an edge type; grouped-query
+                heads read their group's key/value head). Every backend runs it at the cost of its
+                ``E`` edges (:mod:`gnn_transformer.kernels.heads`). ``None``: every head sees every edge.
+            return_attention_weights: also return the attention weights per edge ``[E, H]`` (``[E]``
+                with ``edge_head``): the
                 softmax, before attention dropout (``nn.MultiheadAttention`` returns its weights
                 after dropout, averaged over heads by default).
             backend: override the layer's backend for this call.
 
         Returns:
-            ``out`` ``[N_dst, C]``, and ``alpha`` ``[E, H]`` when ``return_attention_weights``.
+            ``out`` ``[N_dst, C]``, and ``alpha`` ``[E, H]`` (``[E]`` with ``edge_head``) when
+            ``return_attention_weights``.
         """
         if kv is not None:
-            return self._forward_kv(x, edge_index, kv, edge_bias=edge_bias, pos=pos,
+            return self._forward_kv(x, edge_index, kv, edge_bias=edge_bias, pos=pos, edge_head=edge_head,
                                     return_attention_weights=return_attention_weights,
                                     backend=backend)
         if not self.project_kv:
             raise ValueError(f"Expected 'kv' (keys and values of the source nodes) for "
                              f"{type(self).__name__} built with project_kv=False (got None): it "
                              "has no key/value projection")
-        x_src, x_dst, edge_bias = self._check_forward(x, edge_index, value, edge_bias)
+        x_src, x_dst, edge_bias = self._check_forward(x, edge_index, value, edge_bias, edge_head)
 
         query, key, value_h = self.project(x_dst, x_src, x_src if value is None else value)
         if self.rotary is not None or pos is not None:
@@ -451,20 +470,20 @@ class GraphMultiheadAttention(MessagePassing):
                                  f"input 'x' = (x_src, x_dst) (got {got})")
             query = self.rotate(query, pos_dst, "pos" if isinstance(x, Tensor) else "pos[1]")
             key = self.rotate(key, pos_src, "pos" if isinstance(x, Tensor) else "pos[0]")
-        return self._attend_and_project(query, key, value_h, edge_index, edge_bias,
+        return self._attend_and_project(query, key, value_h, edge_index, edge_bias, edge_head,
                                         return_attention_weights, backend)
 
     def _forward_kv(self, x: Tensor, edge_index: Tensor, kv: tuple[Tensor, Tensor], *,
-                    edge_bias: Tensor | None, pos: Tensor | None, return_attention_weights: bool,
-                    backend: str | None):
+                    edge_bias: Tensor | None, pos: Tensor | None, edge_head: Tensor | None,
+                    return_attention_weights: bool, backend: str | None):
         """``forward`` with the sources' keys and values given: only the queries are projected."""
-        key, value_h, edge_bias = self._check_forward_kv(x, edge_index, kv, edge_bias)
+        key, value_h, edge_bias = self._check_forward_kv(x, edge_index, kv, edge_bias, edge_head)
         query = self.rotate(self.project_query(x), pos)
-        return self._attend_and_project(query, key, value_h, edge_index, edge_bias,
+        return self._attend_and_project(query, key, value_h, edge_index, edge_bias, edge_head,
                                         return_attention_weights, backend)
 
-    def _check_forward(self, x, edge_index: Tensor, value: Tensor | None,
-                       edge_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _check_forward(self, x, edge_index: Tensor, value: Tensor | None, edge_bias: Tensor | None,
+                       edge_head: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Checked ``(x_src, x_dst, edge_bias)`` of a ``forward`` without ``kv``."""
         if isinstance(x, Tensor):
             x_src = x_dst = x
@@ -487,10 +506,10 @@ class GraphMultiheadAttention(MessagePassing):
             raise ValueError(f"The layer has vdim={self.vdim} != kdim={self.kdim}: pass the value "
                              "features with 'value='")
         check_edge_index(edge_index, x_src.size(0), x_dst.size(0), x_dst.device)
-        return x_src, x_dst, self._check_edge_bias(edge_bias, edge_index, x_dst.device)
+        return x_src, x_dst, self._check_edge_bias(edge_bias, edge_index, x_dst.device, edge_head)
 
-    def _check_forward_kv(self, x: Tensor, edge_index: Tensor, kv, edge_bias: Tensor | None
-                          ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _check_forward_kv(self, x: Tensor, edge_index: Tensor, kv, edge_bias: Tensor | None,
+                          edge_head: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Checked ``(key, value, edge_bias)`` of a ``forward`` with ``kv``."""
         if not isinstance(x, Tensor):
             raise TypeError("Expected 'x' to be the query features [N_dst, C] when 'kv' is given "
@@ -516,7 +535,7 @@ class GraphMultiheadAttention(MessagePassing):
                 raise TypeError(f"Expected '{name}' in the dtype of the layer's queries, {heads} "
                                 f"(got {t.dtype})")
         check_edge_index(edge_index, key.size(0), x.size(0), x.device)
-        return key, value_h, self._check_edge_bias(edge_bias, edge_index, x.device)
+        return key, value_h, self._check_edge_bias(edge_bias, edge_index, x.device, edge_head)
 
     def _heads_dtype(self, device: torch.device) -> torch.dtype:
         """The dtype of the projected heads: the weights', or autocast's when it is on."""
@@ -524,15 +543,17 @@ class GraphMultiheadAttention(MessagePassing):
         return self.out_proj.weight.dtype if autocast is None else autocast
 
     def _check_edge_bias(self, edge_bias: Tensor | None, edge_index: Tensor,
-                         device: torch.device | None = None) -> Tensor | None:
+                         device: torch.device | None = None, edge_head: Tensor | None = None) -> Tensor | None:
         """Checked ``edge_bias``; a floating bias of another dtype than the heads is cast to the
         dtype the scores are computed in (float32; float64 for float64 heads), as the kernels do."""
         if edge_bias is None:
             return None
         expected = [edge_index.size(1), self.num_heads]
-        if not isinstance(edge_bias, Tensor) or list(edge_bias.shape) != expected:
+        shapes = [expected] if edge_head is None else [expected, expected[:1]]
+        if not isinstance(edge_bias, Tensor) or list(edge_bias.shape) not in shapes:
             got = list(edge_bias.shape) if isinstance(edge_bias, Tensor) else type(edge_bias).__name__
-            raise ValueError(f"Expected 'edge_bias' to have shape {expected} (got {got})")
+            want = expected if edge_head is None else f"{expected[:1]} or {expected}"
+            raise ValueError(f"Expected 'edge_bias' to have shape {want} (got {got})")
         if not edge_bias.is_floating_point():
             raise TypeError(f"Expected 'edge_bias' to be a floating-point tensor (got dtype "
                             f"{edge_bias.dtype}); to remove edges, leave them out of 'edge_index' "
@@ -547,13 +568,31 @@ class GraphMultiheadAttention(MessagePassing):
         return edge_bias
 
     def _attend_and_project(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor,
-                            edge_bias: Tensor | None, return_attention_weights: bool,
-                            backend: str | None):
+                            edge_bias: Tensor | None, edge_head: Tensor | None,
+                            return_attention_weights: bool, backend: str | None):
         num_dst = query.size(0)
-        out, alpha = self.attend(query, key, value, edge_index, edge_bias=edge_bias,
+        if self.select is not None:
+            edge_index, edge_head = self._selected_graph(query, key, edge_index, edge_head, edge_bias)
+        out, alpha = self.attend(query, key, value, edge_index, edge_bias=edge_bias, edge_head=edge_head,
                                  need_weights=return_attention_weights, backend=backend)
         out = self.out_proj(out.reshape(num_dst, self.embed_dim))  # [N_dst, C]
         return (out, alpha) if return_attention_weights else out
+
+    def _selected_graph(self, query: Tensor, key: Tensor, edge_index: Tensor, edge_head: Tensor | None,
+                        edge_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The per-head graph ``select`` chooses from the detached queries and keys, checked."""
+        if edge_head is not None or edge_bias is not None:
+            given = "edge_head" if edge_head is not None else "edge_bias"
+            raise ValueError(f"Expected no '{given}' for a layer that selects its graph (select={self.select!r}): "
+                             "the selection decides which edges each head has")
+        with torch.no_grad():
+            chosen = self.select(query.detach(), key.detach(), edge_index)
+        if not (isinstance(chosen, (tuple, list)) and len(chosen) == 2 and all(isinstance(t, Tensor) for t in chosen)):
+            raise ValueError(f"Expected 'select' ({self.select!r}) to return a pair (edge_index, edge_head) "
+                             f"(got {type(chosen).__name__})")
+        selected, heads = chosen
+        check_edge_index(selected, key.size(0), query.size(0), query.device)
+        return selected, heads
 
     def resolve_backend(self, edge_index: Tensor, device: torch.device, backend: str | None = None,
                         size: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> str:
@@ -574,11 +613,15 @@ class GraphMultiheadAttention(MessagePassing):
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *,
                edge_bias: Tensor | None = None, need_weights: bool = False,
-               backend: str | None = None) -> tuple[Tensor, Tensor | None]:
-        """Attention on already projected heads: ``[N_dst, H, D]`` out, optional ``[E, H]`` weights.
+               backend: str | None = None, edge_head: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Attention on already projected heads: ``[N_dst, H, D]`` out, optional ``[E, H]`` weights
+        (``[E]`` on a per-head graph, ``edge_head``).
 
-        The one hook between the readable message-passing path and the fused kernels.
+        The one hook between the readable message-passing path and the fused kernels. A per-head
+        graph runs as a one-head graph on (head, token) nodes on every backend, ``pyg`` included.
         """
+        if edge_head is not None:
+            return self._attend_per_head(query, key, value, edge_index, edge_head, edge_bias, need_weights, backend)
         size = (key.size(0), query.size(0))
         backend = self.resolve_backend(edge_index, query.device, backend, size, query.dtype)
         scale = 1.0 / math.sqrt(self.head_dim)
@@ -587,7 +630,7 @@ class GraphMultiheadAttention(MessagePassing):
             # inputs round by far more than the gaps between them
             dtype = query.dtype
             cd = torch.float64 if dtype == torch.float64 else torch.float32
-            group = self.num_heads // self.num_kv_heads
+            group = query.size(1) // key.size(1)
             query = query.to(cd)  # [N_dst, H, D]
             key = key.to(cd).repeat_interleave(group, dim=1)  # [N_src, H, D]
             value = value.to(cd).repeat_interleave(group, dim=1)  # [N_src, H, D]
@@ -608,6 +651,18 @@ class GraphMultiheadAttention(MessagePassing):
                                            edge_bias=edge_bias)
         return out, weights
 
+    def _attend_per_head(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, edge_head: Tensor,
+                         edge_bias: Tensor | None, need_weights: bool, backend: str | None
+                         ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`attend` on a per-head graph: one head on (head, token) nodes, then ``[N_dst, H, D]``
+        and weights ``[E]``."""
+        num_heads = query.size(1)
+        index, bias = kernels.head_inputs(query, key, edge_index, edge_head, edge_bias)
+        out, weights = self.attend(kernels.heads_to_nodes(query), kernels.heads_to_nodes(key),
+                                   kernels.heads_to_nodes(value), index, edge_bias=bias,
+                                   need_weights=need_weights, backend=backend)  # [H N_dst, 1, D]
+        return kernels.nodes_to_heads(out, num_heads), (None if weights is None else weights[:, 0])
+
     # ------------------------------------------------------------------ message passing
     def edge_update(self, query_i: Tensor, key_j: Tensor, edge_bias: Tensor | None, scale: float,
                     index: Tensor, ptr: Tensor | None, size_i: int | None) -> Tensor:
@@ -624,4 +679,5 @@ class GraphMultiheadAttention(MessagePassing):
         return (f"{self.__class__.__name__}({self.embed_dim}, num_heads={self.num_heads}, "
                 f"num_kv_heads={self.num_kv_heads}, backend={self.backend!r}"
                 f"{', rope=True' if self.rotary is not None else ''}"
+                f"{'' if self.select is None else f', select={self.select!r}'}"
                 f"{'' if self.project_kv else ', project_kv=False'})")

@@ -48,10 +48,12 @@ class _EdgeWeightAttention(GraphMultiheadAttention):
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *,
                edge_bias: Tensor | None = None, need_weights: bool = False,
-               backend: str | None = None) -> tuple[Tensor, Tensor | None]:
+               backend: str | None = None, edge_head: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         _message_passing_only(self, backend)
+        if edge_head is not None:  # one head on (head, token) nodes
+            return self._attend_per_head(query, key, value, edge_index, edge_head, edge_bias, need_weights, backend)
         size = (key.size(0), query.size(0))
-        group = self.num_heads // self.num_kv_heads
+        group = query.size(1) // key.size(1)
         key = key.repeat_interleave(group, dim=1)  # [N_src, H, D]
         value = value.repeat_interleave(group, dim=1)  # [N_src, H, D]
         alpha = self.edge_updater(edge_index, query=query, key=key, edge_bias=edge_bias,

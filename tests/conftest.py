@@ -137,44 +137,58 @@ def assert_splits(edge_index, n_src, n_dst, **kw):
 
 
 def make_inputs(n_src, n_dst, num_edges, heads=4, kv_heads=2, dim=8, dtype=torch.float64, bias=True,
-                seed=0):
+                seed=0, bias_shape=None):
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
 
     q, k, v = r(n_dst, heads, dim), r(n_src, kv_heads, dim), r(n_src, kv_heads, dim)
-    b = r(num_edges, heads) if bias else None
+    b = r(*(bias_shape or (num_edges, heads))) if bias else None
     return q, k, v, b
 
 
-def dense_attention(q, k, v, edge_index, scale, edge_bias=None, return_lse=False):
+def dense_attention(q, k, v, edge_index, scale, edge_bias=None, return_lse=False, edge_head=None):
     """The dense reference of the kernel tests: :func:`gnn_transformer.dense.scaled_dot_product` in
     float64 on one padded sequence, its mask and bias straight from the edge list (the ``c``
     parallel edges ``j -> i`` with biases ``b_1..b_c`` enter as one cell of bias
     ``log sum_e exp(b_e)``: separate messages); differentiable (by autograd) in q, k, v and
     edge_bias. ``return_lse``: also the log-sum-exp ``[N_dst, H]`` of each row's scores (``-inf``
-    on rows without an edge)."""
+    on rows without an edge). ``edge_head``: a per-head graph (edge ``e`` for head
+    ``edge_head[e]`` only), its mask ``[1, H, N_dst, N_src]``; ``edge_bias`` then ``[E]`` or
+    ``[E, H]`` (read at each edge's head)."""
     plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
     src, dst = plain[0].long(), plain[1].long()
     n_dst, heads, _ = q.shape
     n_src = k.size(0)
     device = q.device
     qd, kd, vd = (x.double() for x in (q, k, v))
-    b = (torch.zeros(src.numel(), heads, dtype=torch.float64, device=device) if edge_bias is None
-         else edge_bias.double())
-    cell = dst * n_src + src  # [E]
-    mask = torch.zeros(n_dst * n_src, dtype=torch.bool, device=device)
+    if edge_head is None:
+        b = (torch.zeros(src.numel(), heads, dtype=torch.float64, device=device) if edge_bias is None
+             else edge_bias.double())  # [E, H]: every edge in every head
+        cell, cells, lanes = dst * n_src + src, n_dst * n_src, heads  # [E]
+    else:
+        head = edge_head.long()
+        b = torch.zeros(src.numel(), dtype=torch.float64, device=device) if edge_bias is None else edge_bias.double()
+        b = (b.gather(1, head[:, None]) if b.dim() == 2 else b[:, None])  # [E, 1]: each edge in its head
+        cell, cells, lanes = (head * n_dst + dst) * n_src + src, heads * n_dst * n_src, 1  # [E]
+    mask = torch.zeros(cells, dtype=torch.bool, device=device)
     mask[cell] = True
-    mask = mask.view(n_dst, n_src)  # [N_dst, N_src]: True where the target hears the source
-    # log sum_e exp(b_e) over the parallel edges of each cell (0 off the edges): [1, H, N_dst, N_src]
-    top = torch.full((n_dst * n_src, heads), -math.inf, dtype=torch.float64, device=device)
-    top = top.scatter_reduce(0, cell[:, None].expand(-1, heads), b.detach(), reduce="amax")
+    # log sum_e exp(b_e) over the parallel edges of each cell (0 off the edges)
+    top = torch.full((cells, lanes), -math.inf, dtype=torch.float64, device=device)
+    top = top.scatter_reduce(0, cell[:, None].expand(-1, lanes), b.detach(), reduce="amax")
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     acc = torch.zeros_like(top).index_add(0, cell, torch.exp(b - top[cell]))
     logc = torch.where(acc > 0, torch.log(torch.where(acc > 0, acc, torch.ones_like(acc))) + top,
                        torch.zeros_like(acc))
-    bias = logc.view(n_dst, n_src, heads).permute(2, 0, 1).unsqueeze(0)
+    if edge_head is None:
+        mask = mask.view(n_dst, n_src)  # [N_dst, N_src]: True where the target hears the source
+        bias = logc.view(n_dst, n_src, heads).permute(2, 0, 1).unsqueeze(0)  # [1, H, N_dst, N_src]
+        head_mask = mask  # [N_dst, N_src]
+    else:
+        mask = mask.view(1, heads, n_dst, n_src)  # per head
+        bias = logc.view(1, heads, n_dst, n_src)
+        head_mask = mask[0]  # [H, N_dst, N_src]
     out, _ = dense.scaled_dot_product(qd.transpose(0, 1)[None], kd.transpose(0, 1)[None], vd.transpose(0, 1)[None],
                                       mask, scale=scale, bias=bias)  # [1, H, N_dst, D]
     out = out[0].transpose(0, 1)  # [N_dst, H, D]
@@ -183,8 +197,8 @@ def dense_attention(q, k, v, edge_index, scale, edge_bias=None, return_lse=False
     # the library's weights are exp(s - lse): the scores again, for the log-sum-exp itself
     kd = kd.repeat_interleave(heads // kd.size(1), 1)
     s = torch.einsum("ihd,jhd->hij", qd, kd) * scale + bias[0]  # [H, N_dst, N_src]
-    row = mask.any(-1)  # [N_dst]
-    s = s.masked_fill(~mask, -math.inf).masked_fill(~row[:, None], 0.0)  # empty rows: finite gradients
+    row = head_mask.any(-1)  # [N_dst] or [H, N_dst]
+    s = s.masked_fill(~head_mask, -math.inf).masked_fill(~row[..., None], 0.0)  # empty rows: finite gradients
     lse = torch.logsumexp(s, -1).masked_fill(~row, -math.inf)  # [H, N_dst]
     return out, lse.t()  # [N_dst, H]
 
@@ -225,25 +239,30 @@ def weighted_loss(out, lse, w):
 
 
 def assert_matches_dense(fn, edge_index, n_src, n_dst, dtype, *, bias=True, heads=4, kv_heads=2, scale=0.45,
-                         seed=0):
+                         seed=0, edge_head=None, bias_shape=None):
     """``fn(q, k, v, edge_bias) -> (out, lse)`` on inputs of ``dtype`` equals :func:`dense_attention`
     (float64 autograd on the same values): the output, the log-sum-exp (``-inf`` exactly on the
     rows without an edge) and the gradients in q, k, v and edge_bias of a loss on both, at 1e-10
-    in float64 and 1e-5 in float32 (the float64 results cast down)."""
+    in float64 and 1e-5 in float32 (the float64 results cast down). ``edge_head``: a per-head
+    graph (``bias_shape`` ``(E,)`` or ``(E, H)``)."""
     num_edges = edge_index.size(1)
     q, k, v, b = make_inputs(n_src, n_dst, num_edges, heads=heads, kv_heads=kv_heads, dtype=dtype, bias=bias,
-                             seed=seed)
+                             seed=seed, bias_shape=bias_shape)
     inputs = [x for x in (q, k, v, b) if x is not None]
     up = [x.detach().double().requires_grad_() for x in inputs]
     out, lse = fn(q, k, v, b)
     ref, ref_lse = dense_attention(up[0], up[1], up[2], edge_index, scale, up[3] if bias else None,
-                                   return_lse=True)
+                                   return_lse=True, edge_head=edge_head)
     tol = TOL[dtype]
     assert out.dtype == dtype and out.shape == (n_dst, heads, q.size(-1))
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lse.shape == (n_dst, heads)
     torch.testing.assert_close(out, ref.to(dtype), **tol)
     plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
-    empty = torch.bincount(plain[1], minlength=n_dst) == 0  # [N_dst]
+    if edge_head is None:
+        empty = torch.bincount(plain[1], minlength=n_dst) == 0  # [N_dst]
+    else:  # [N_dst, H]
+        cells = edge_head.long() * n_dst + plain[1].long()
+        empty = torch.bincount(cells, minlength=heads * n_dst).view(heads, n_dst).t() == 0
     assert torch.isneginf(ref_lse[empty]).all() and torch.isfinite(ref_lse[~empty]).all()
     torch.testing.assert_close(lse, ref_lse.to(lse.dtype), **tol)  # -inf only where the dense one is
     g = torch.Generator().manual_seed(seed + 1)

@@ -23,7 +23,9 @@ def scaled_dot_product(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, 
     """Masked softmax attention on ``[B, H, T_q, D]`` queries and ``[B, H_kv, T_k, D]`` keys/values.
 
     Args:
-        mask: boolean ``[T_q, T_k]`` or ``[B, T_q, T_k]``, ``True`` where attention is allowed.
+        mask: boolean ``[T_q, T_k]``, ``[B, T_q, T_k]``, or per head ``[B, H, T_q, T_k]`` (``B`` may
+            be 1: a per-head graph's ``to_dense_mask(..., edge_head=...)[None]``), ``True`` where
+            attention is allowed; a row without an allowed key (of a head) gives zeros.
         bias: added to the scaled scores, broadcastable to ``[B, H, T_q, T_k]``.
 
     Returns:
@@ -37,11 +39,14 @@ def scaled_dot_product(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, 
     scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
     if mask.dtype != torch.bool:
         raise ValueError(f"Expected 'mask' to be boolean (got dtype {mask.dtype})")
-    mask = mask.unsqueeze(-3) if mask.dim() == 3 else mask  # [B, 1, T_q, T_k] or [T_q, T_k]
+    if mask.dim() not in (2, 3, 4):
+        raise ValueError(f"Expected 'mask' of shape [T_q, T_k], [B, T_q, T_k] or [B, H, T_q, T_k] "
+                         f"(got {list(mask.shape)})")
+    mask = mask.unsqueeze(-3) if mask.dim() == 3 else mask  # [B, 1 or H, T_q, T_k] or [T_q, T_k]
     scores = (query @ key.transpose(-1, -2)) * scale  # [B, H, T_q, T_k]
     if bias is not None:
         scores = scores + bias
-    has_key = mask.any(dim=-1, keepdim=True)  # [B, 1, T_q, 1]: rows with at least one edge
+    has_key = mask.any(dim=-1, keepdim=True)  # [B, 1 or H, T_q, 1]: rows with at least one edge
     scores = scores.masked_fill(~mask, float("-inf")).masked_fill(~has_key, 0.0)
     weights = torch.softmax(scores, dim=-1) * has_key  # empty rows: all-zero weights
     dropped = F.dropout(weights, p=dropout_p, training=training)

@@ -17,7 +17,7 @@ def sigmoid_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, *
                       score_bias: float | None = None, bias: Tensor | None = None
                       ) -> tuple[Tensor, Tensor]:
     """``sigmoid(q k^T / sqrt(D) + bias + b)`` masked; ``b = -log(allowed keys of the row)`` if None."""
-    mask = mask.unsqueeze(1)  # [B, 1, T_q, T_k]
+    mask = mask.unsqueeze(1) if mask.dim() == 3 else mask  # [B, 1 or H, T_q, T_k] (per head: [B, H, T_q, T_k])
     scores = query @ key.transpose(-1, -2) / math.sqrt(query.size(-1))  # [B, H, T_q, T_k]
     if bias is not None:
         scores = scores + bias
@@ -34,6 +34,6 @@ def linear_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, *,
                      eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Masked ``phi(Q) phi(K)^T`` with ``phi = elu + 1``, rows normalized by their sum plus ``eps``."""
     kernel = (F.elu(query) + 1) @ (F.elu(key) + 1).transpose(-1, -2)  # [B, H, T_q, T_k]
-    kernel = kernel * mask.unsqueeze(1)
+    kernel = kernel * (mask.unsqueeze(1) if mask.dim() == 3 else mask)  # mask [B, T_q, T_k] or [B, H, T_q, T_k]
     weights = kernel / (kernel.sum(-1, keepdim=True) + eps)
     return weights @ value, weights

@@ -39,6 +39,7 @@ from . import _launch
 from ._dropout import threshold
 from ._graph import CSRGraph, check_edge_index, prepare
 from .fused_torch import DEFAULT_MAX_EDGES, chunked_attention
+from .heads import head_inputs, heads_to_nodes, nodes_to_heads
 from .merge import merge_partials
 from .planner import check_tiling, edge_parts, planned_backend, tile_size, unit_costs
 from .primitives import compute_dtype, plain_tensor
@@ -123,7 +124,8 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
            edge_bias: Tensor | None = None, backend: str = "auto", num_dst: int | None = None,
            return_lse: bool = False, impl: str | None = None, block_size: int | None = None,
            tile_cost: float | None = None, max_edges: int = DEFAULT_MAX_EDGES,
-           max_cells: int = DEFAULT_MAX_CELLS, dropout_p: float = 0.0, dropout_seed: int | None = None):
+           max_cells: int = DEFAULT_MAX_CELLS, dropout_p: float = 0.0, dropout_seed: int | None = None,
+           edge_head: Tensor | None = None):
     """Attention over the edges ``j -> i`` of ``edge_index``, without per-edge messages.
 
     Args:
@@ -132,7 +134,8 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
         edge_index: ``[2, E]``, row 0 the source ``j``, row 1 the target ``i``: an ``EdgeIndex``
             sorted by column, or any ``LongTensor`` (sorted here; the sort is cached per tensor).
         scale: factor of ``q . k`` (usually ``1 / sqrt(D)``).
-        edge_bias: ``[E, H]`` added to the scaled scores, aligned with ``edge_index``'s columns.
+        edge_bias: ``[E, H]`` added to the scaled scores, aligned with ``edge_index``'s columns
+            (with ``edge_head`` also ``[E]``, one value per edge for its head).
         backend: ``"auto"`` (default), ``"fused"``, ``"tiled"`` or ``"split"``.
         num_dst: number of targets, if given it must equal ``query.size(0)``.
         return_lse: also return the log-sum-exp ``[N_dst, H]`` (float32, float64 for float64
@@ -151,6 +154,11 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
             head)`` with the edge's position in the target-sorted order, recomputed in the
             backward pass, the same on every backend and device.
         dropout_seed: seed of the mask (default: drawn from torch's global generator).
+        edge_head: ``[E]`` integer, values in ``[0, H)``: a per-head graph, edge ``j -> i`` exists
+            for query head ``edge_head[e]`` only (:mod:`.heads`; every backend runs it on (head,
+            token) nodes, so its cost follows ``E``, not ``H x`` the union of the heads' graphs).
+            ``None`` (default): every head sees every edge. Dropout masks are then keyed by each
+            edge's position in the (head, target)-sorted order.
 
     Returns:
         ``out [N_dst, H, D]`` in ``query``'s dtype, and ``lse`` when ``return_lse``.
@@ -165,6 +173,11 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
         (torch.Size([4, 2, 8]), torch.Size([4, 2]))
     """
     _check_inputs(query, key, value, backend, num_dst, impl)
+    if edge_head is not None:
+        options = dict(scale=scale, backend=backend, return_lse=return_lse, impl=impl, block_size=block_size,
+                       tile_cost=tile_cost, max_edges=max_edges, max_cells=max_cells, dropout_p=dropout_p,
+                       dropout_seed=dropout_seed)
+        return _attend_per_head(query, key, value, edge_index, edge_head, edge_bias, options)
     check_tiling(block_size, tile_cost)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"Expected 'scale' to be a finite number (got {scale!r})")
@@ -233,10 +246,27 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
     return out, lse.to(compute_dtype(query.dtype))
 
 
+def _attend_per_head(query, key, value, edge_index, edge_head, edge_bias, options):
+    """:func:`attend` on a per-head graph: one head on (head, token) nodes, then back to ``[N, H, ...]``."""
+    index, bias = head_inputs(query, key, edge_index, edge_head, edge_bias)
+    heads = query.size(1)
+    result = attend(heads_to_nodes(query), heads_to_nodes(key), heads_to_nodes(value), index, edge_bias=bias,
+                    **options)
+    if not options["return_lse"]:
+        return nodes_to_heads(result, heads)  # [N_dst, H, D]
+    out, lse = result
+    return nodes_to_heads(out, heads), nodes_to_heads(lse, heads)  # [N_dst, H, D], [N_dst, H]
+
+
 def edge_weights(query: Tensor, key: Tensor, edge_index: Tensor, lse: Tensor, *, scale: float,
-                 edge_bias: Tensor | None = None, chunk: int = 1 << 16) -> Tensor:
+                 edge_bias: Tensor | None = None, chunk: int = 1 << 16, edge_head: Tensor | None = None) -> Tensor:
     """Attention weights ``alpha [E, H] = exp(scale * q_i . k_j + b_ji - lse_i)`` of every edge, in
-    ``edge_index``'s column order, from the ``lse`` of :func:`attend` (chunks of ``chunk`` edges)."""
+    ``edge_index``'s column order, from the ``lse`` of :func:`attend` (chunks of ``chunk`` edges).
+    With ``edge_head`` (a per-head graph) the weights are ``[E]``, each edge's at its head."""
+    if edge_head is not None:
+        index, bias = head_inputs(query, key, edge_index, edge_head, edge_bias)
+        return edge_weights(heads_to_nodes(query), heads_to_nodes(key), index, lse.t().reshape(-1, 1),
+                            scale=scale, edge_bias=bias, chunk=chunk)[:, 0]  # [E]
     plain = plain_tensor(edge_index)
     src, dst = plain[0].long(), plain[1].long()  # [E], [E]
     group = query.size(1) // key.size(1)

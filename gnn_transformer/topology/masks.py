@@ -75,25 +75,49 @@ def _lengths_from(batch: Tensor | None, lengths: Sequence[int] | Tensor | int | 
     return torch.bincount(batch.to(torch.long)).tolist() if batch.numel() else []
 
 
-def is_multigraph(edge_index: Tensor, num_src: int | None = None) -> bool:
-    """Whether some edge ``j -> i`` appears more than once."""
+def _check_edge_head(edge_head: Tensor, num_edges: int, num_heads: object) -> Tensor:
+    """``edge_head`` as a long tensor, checked against the edges and ``num_heads``."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"Expected 'num_heads' to be a positive int with 'edge_head' (got {num_heads!r})")
+    if not isinstance(edge_head, Tensor) or edge_head.dim() != 1 or edge_head.size(0) != num_edges:
+        got = list(edge_head.shape) if isinstance(edge_head, Tensor) else type(edge_head).__name__
+        raise ValueError(f"Expected 'edge_head' of shape [E] = [{num_edges}] (got {got})")
+    if edge_head.is_floating_point() or edge_head.is_complex() or edge_head.dtype == torch.bool:
+        raise ValueError(f"Expected 'edge_head' to hold integers (got dtype {edge_head.dtype})")
+    head = edge_head.to(torch.long)
+    if head.numel() and (int(head.min()) < 0 or int(head.max()) >= num_heads):
+        raise ValueError(f"Expected 'edge_head' in [0, {num_heads}) for num_heads={num_heads} "
+                         f"(got range [{int(head.min())}, {int(head.max())}])")
+    return head
+
+
+def is_multigraph(edge_index: Tensor, num_src: int | None = None, *, edge_head: Tensor | None = None) -> bool:
+    """Whether some edge ``j -> i`` appears more than once (for one head, with ``edge_head``)."""
     src, dst = _check_edge_index(edge_index)
     if src.numel() < 2:
         return False
     s = (int(src.max()) + 1) if num_src is None else max(num_src, 1)
-    return torch.unique(dst * s + src).numel() != src.numel()
+    cell = dst * s + src  # [E]
+    if edge_head is not None:
+        head = edge_head.to(device=cell.device, dtype=torch.long)
+        cell = head * (int(dst.max()) + 1) * s + cell
+    return torch.unique(cell).numel() != src.numel()
 
 
 def to_dense_mask(edge_index: Tensor, num_src: int | None = None, num_dst: int | None = None, *,
                   batch: Tensor | None = None, lengths: Sequence[int] | Tensor | int | None = None,
                   src_lengths: Sequence[int] | Tensor | int | None = None,
-                  coalesce: bool = False) -> Tensor:
+                  coalesce: bool = False, edge_head: Tensor | None = None,
+                  num_heads: int | None = None) -> Tensor:
     """Dense boolean mask of a token graph: ``mask[i, j] = (j -> i) in E``.
 
     Without ``batch``/``lengths`` the result is ``[N_dst, N_src]`` over the whole (disjoint-union)
     graph. With ``lengths`` (or the PyG ``batch`` vector of the targets) it is padded per sequence,
     ``[B, T_dst, T_src]`` with ``mask[b, i, j]`` for local positions ``i, j``; the sources use
     ``src_lengths`` when given (cross attention), else the same lengths. Padding entries are False.
+    A per-head graph (``edge_head`` with ``num_heads``) gives one mask per head:
+    ``[H, N_dst, N_src]``, or ``[B, H, T_dst, T_src]`` per sequence (the layout of
+    ``scaled_dot_product_attention``'s mask).
 
     Args:
         edge_index: ``[2, E]`` integer tensor (or ``EdgeIndex``), row 0 source, row 1 target.
@@ -102,6 +126,8 @@ def to_dense_mask(edge_index: Tensor, num_src: int | None = None, num_dst: int |
         lengths: lengths of the sequences of targets (and of sources, unless ``src_lengths``).
         src_lengths: lengths of the source sequences, for bipartite (cross) graphs.
         coalesce: merge duplicated edges instead of raising ``ValueError``.
+        edge_head: ``[E]`` query head of each edge (a per-head graph); needs ``num_heads``.
+        num_heads: the number of heads ``H`` of a per-head mask.
 
     Example:
         >>> from gnn_transformer.topology import causal
@@ -109,8 +135,14 @@ def to_dense_mask(edge_index: Tensor, num_src: int | None = None, num_dst: int |
         [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
         >>> to_dense_mask(causal([2, 1]), lengths=[2, 1]).int().tolist()
         [[[1, 0], [1, 1]], [[1, 0], [0, 0]]]
+        >>> head = torch.tensor([0, 1, 1])  # causal(2)'s edges 0->0, 0->1, 1->1
+        >>> to_dense_mask(causal(2), edge_head=head, num_heads=2).int().tolist()
+        [[[1, 0], [0, 0]], [[0, 0], [1, 1]]]
     """
     src, dst = _check_edge_index(edge_index)
+    if edge_head is None and num_heads is not None:
+        raise ValueError(f"'num_heads' ({num_heads!r}) needs 'edge_head' (a per-head graph)")
+    head = None if edge_head is None else _check_edge_head(edge_head, src.numel(), num_heads).to(src.device)
     dst_lengths = _lengths_from(batch, lengths, "lengths")
     if src_lengths is not None:
         if dst_lengths is None:
@@ -129,12 +161,16 @@ def to_dense_mask(edge_index: Tensor, num_src: int | None = None, num_dst: int |
             num_src = sum(s_lengths)
     num_src, num_dst = _default_sizes(edge_index, src, dst, num_src, num_dst)
     _check_range(src, dst, num_src, num_dst)
-    if not coalesce and is_multigraph(edge_index, num_src):
+    if not coalesce and is_multigraph(edge_index, num_src, edge_head=head):
         raise ValueError("Expected a graph without duplicated edges in 'edge_index' (a duplicated "
                          "edge is two messages and has no dense-mask equivalent); pass "
                          "coalesce=True to merge them")
 
     if dst_lengths is None:
+        if head is not None:
+            mask = torch.zeros(num_heads, num_dst, num_src, dtype=torch.bool, device=src.device)
+            mask[head, dst, src] = True
+            return mask
         mask = torch.zeros(num_dst, num_src, dtype=torch.bool, device=src.device)
         mask[dst, src] = True
         return mask
@@ -155,6 +191,10 @@ def to_dense_mask(edge_index: Tensor, num_src: int | None = None, num_dst: int |
     if bool((s_batch[src] != b).any()):
         raise ValueError("Expected every edge to stay within one sequence for a padded mask "
                          "(an edge of 'edge_index' joins two sequences of 'lengths')")
+    if head is not None:
+        mask = torch.zeros(B, num_heads, t_dst, t_src, dtype=torch.bool, device=src.device)
+        mask[b, head, dst - d_ptr[b], src - s_ptr[b]] = True
+        return mask
     mask = torch.zeros(B, t_dst, t_src, dtype=torch.bool, device=src.device)
     mask[b, dst - d_ptr[b], src - s_ptr[b]] = True
     return mask
