@@ -153,3 +153,24 @@ def test_a_duplicate_within_a_head_is_a_multigraph_across_heads_is_not():
 def test_per_head_dense_mask_bad_input(kw, match):
     with pytest.raises(ValueError, match=match):
         to_dense_mask(causal(2), **kw)
+
+
+def test_draw_per_head_draws_one_matrix_per_head(tmp_path):
+    from gnn_transformer.topology import draw_per_head
+    edge_index, edge_head = duo_attention(10, [1], 3, num_sinks=1, window=2)
+    fig = draw_per_head(edge_index, edge_head, 3, title="duo", path=tmp_path / "heads.png", columns=2)
+    assert (tmp_path / "heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    images = [ax.images[0].get_array() for ax in fig.axes if ax.images]
+    assert len(images) == 3
+    mask = to_dense_mask(edge_index, edge_head=edge_head, num_heads=3)
+    for h in range(3):
+        assert (images[h] == mask[h].numpy()).all()
+
+
+@pytest.mark.parametrize("kw, match", [(dict(head_names=["a"]), "'head_names' to have 3 entries"),
+                                       (dict(columns=0), "'columns' to be a positive int")])
+def test_draw_per_head_bad_input(kw, match):
+    from gnn_transformer.topology import draw_per_head
+    edge_index, edge_head = duo_attention(4, [1], 3, num_sinks=1, window=1)
+    with pytest.raises(ValueError, match=match):
+        draw_per_head(edge_index, edge_head, 3, **kw)

@@ -18,7 +18,7 @@ from .global_tokens import global_tokens, global_tokens_predicate
 from .graph_inputs import from_graph, from_graph_predicate, read_graph
 from .heads import dilated_per_head, duo_attention, per_head, streaming, streaming_predicate
 from .masks import from_dense_mask, is_multigraph, to_dense_mask
-from .pictures import draw_receptive_field, draw_topology
+from .pictures import draw_per_head, draw_receptive_field, draw_topology
 from .prefix_lm import prefix_lm, prefix_lm_predicate
 from .random_graphs import edge_set_predicate, erdos_renyi, random
 from .specs import BUILDERS, Spec, build_spec, catalogue, load, read_spec
@@ -52,5 +52,5 @@ __all__ = [
     "to_networkx", "to_flex_mask_mod", "to_block_mask", "flex_attention_available",
     # graph statistics and pictures
     "topology_stats", "TopologyStats", "DegreeStats", "layers_to_match", "receptive_field",
-    "receptive_field_sizes", "hop_distances", "diameter", "draw_topology", "draw_receptive_field",
+    "receptive_field_sizes", "hop_distances", "diameter", "draw_topology", "draw_receptive_field", "draw_per_head",
 ]

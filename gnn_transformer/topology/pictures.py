@@ -140,3 +140,44 @@ def draw_receptive_field(edge_index: Tensor, num_layers: int, *, token: int | No
     fig.suptitle(title or f"receptive field over {num_layers} layers", fontsize=10)
     fig.tight_layout()
     return _save(fig, path, dpi)
+
+
+def draw_per_head(edge_index: Tensor, edge_head: Tensor, num_heads: int, *, title: str | None = None,
+                  path: str | Path | None = None, num_src: int | None = None, num_dst: int | None = None,
+                  head_names: list[str] | None = None, columns: int = 4, dpi: int = 100) -> Figure:
+    """One adjacency matrix per head of a per-head graph (row = query ``i``, column = key ``j``,
+    dark = edge ``j -> i`` of that head), each titled with its head and edge count.
+
+    Args:
+        edge_index, edge_head: the per-head graph (small: tens of nodes).
+        num_heads: the number of heads ``H`` (heads without edges are drawn empty).
+        title: figure title.
+        path: save a PNG there.
+        num_src, num_dst: node counts (default: the ``EdgeIndex`` sparse size, else ``max + 1``).
+        head_names: a label per head (default ``head h``).
+        columns: matrices per row of the figure.
+        dpi: resolution.
+    """
+    masks = to_dense_mask(edge_index, num_src, num_dst, edge_head=edge_head, num_heads=num_heads).cpu().numpy()
+    if head_names is not None and len(head_names) != num_heads:
+        raise ValueError(f"Expected 'head_names' to have {num_heads} entries, one per head (got {len(head_names)})")
+    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+        raise ValueError(f"Expected 'columns' to be a positive int (got {columns!r})")
+    columns = min(columns, num_heads)
+    rows = -(-num_heads // columns)
+    fig = Figure(figsize=(2.6 * columns, 2.6 * rows + (0.4 if title else 0.0)))
+    axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
+    cmap = ListedColormap(["#f4f4f4", "#2b5d9b"])
+    for h, ax in enumerate(axes):
+        if h >= num_heads:
+            ax.set_axis_off()
+            continue
+        ax.imshow(masks[h], cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        name = head_names[h] if head_names is not None else f"head {h}"
+        ax.set_title(f"{name}: {int(masks[h].sum())} edges", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
