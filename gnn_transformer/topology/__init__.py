@@ -16,6 +16,7 @@ from .expander import expander
 from .exports import (flex_attention_available, to_block_mask, to_flex_mask_mod, to_networkx)
 from .global_tokens import global_tokens, global_tokens_predicate
 from .graph_inputs import from_graph, from_graph_predicate, read_graph
+from . import dynamic
 from .heads import dilated_per_head, duo_attention, per_head, streaming, streaming_predicate
 from .masks import from_dense_mask, is_multigraph, to_dense_mask
 from .pictures import draw_per_head, draw_receptive_field, draw_topology
@@ -39,7 +40,8 @@ __all__ = [
     "document", "document_lengths", "document_predicate", "prefix_lm", "prefix_lm_predicate",
     "cross", "cross_predicate", "from_graph", "from_graph_predicate", "read_graph",
     "streaming", "streaming_predicate",
-    # per-head graphs (edge_index, edge_head)
+    # per-head graphs (edge_index, edge_head); graphs chosen from the data: topology.dynamic
+    "dynamic",
     "per_head", "dilated_per_head", "duo_attention",
     # the edge budget of every builder
     "max_edges", "DEFAULT_MAX_EDGES",

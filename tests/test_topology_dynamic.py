@@ -1,0 +1,570 @@
+"""Selectors (topology.dynamic): each one equals a brute-force selection written plainly here
+(Python loops over heads, queries and keys on tiny inputs), returns sorted, distinct, same-sequence
+per-head edges, and refuses bad arguments with a ValueError naming the argument and the value."""
+import math
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch_geometric import EdgeIndex
+
+from gnn_transformer import topology as T
+from gnn_transformer.topology.dynamic import Routing, block_topk, lsh, routing, topk
+
+
+# ---------------------------------------------------------------- helpers
+def _tokens(lengths):
+    """(sequence id, local position) of every token of a disjoint union, as Python lists."""
+    seq = [b for b, L in enumerate(lengths) for _ in range(L)]
+    pos = [p for L in lengths for p in range(L)]
+    return seq, pos
+
+
+def _triples(edge_index, edge_head):
+    """``[(head, target, source), ...]`` in the order returned."""
+    return list(zip(edge_head.tolist(), edge_index[1].tolist(), edge_index[0].tolist()))
+
+
+def _ints(*shape, seed=0, dtype=torch.float32, lo=-2, hi=3):
+    """Small integer values: exact scores, many ties."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi, shape, generator=g).to(dtype)
+
+
+def _randn(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _given(lq, lk, how):
+    """The ``batch`` / ``lengths`` keywords describing the sequences ``lq`` (queries), ``lk`` (keys)."""
+    if how == "none":
+        assert len(lq) == 1 and len(lk) == 1
+        return {}
+    if how == "lengths":
+        return {"lengths": lq if lq == lk else (lq, lk)}
+    bq, bk = T.batch_vector(lq), T.batch_vector(lk)
+    return {"batch": bq if lq == lk else (bq, bk)}
+
+
+def brute_topk(q, k, num_keys, lq, lk, *, causal=False, allowed=None, allowed_head=None):
+    """Sort each row's allowed keys by (-score, key), keep the first num_keys (scores in float64)."""
+    H, g = q.size(1), q.size(1) // k.size(1)
+    sq, pq = _tokens(lq)
+    sk, pk = _tokens(lk)
+    cand = [[set() for _ in range(q.size(0))] for _ in range(H)]
+    if allowed is None:
+        for h in range(H):
+            for i in range(q.size(0)):
+                cand[h][i] = set(range(k.size(0)))
+    else:
+        for e, (j, i) in enumerate(allowed.t().tolist()):
+            for h in ([int(allowed_head[e])] if allowed_head is not None else range(H)):
+                cand[h][i].add(j)
+    out = []
+    for h in range(H):
+        for i in range(q.size(0)):
+            js = [j for j in cand[h][i] if sk[j] == sq[i] and (not causal or pk[j] <= pq[i])]
+            score = {j: float(q[i, h].double() @ k[j, h // g].double()) for j in js}
+            best = sorted(js, key=lambda j: (-score[j], j))[:num_keys]
+            out += [(h, i, j) for j in sorted(best)]
+    return out
+
+
+def brute_block_topk(q, k, block_size, num_blocks, lengths, *, causal=False):
+    H, g = q.size(1), q.size(1) // k.size(1)
+    out, offset = [], 0
+    for L in lengths:
+        blocks = [range(s, min(s + block_size, L)) for s in range(0, L, block_size)]
+        qm = [sum(q[offset + t] for t in b) / len(b) for b in blocks]  # [H, D] each
+        km = [sum(k[offset + t] for t in b) / len(b) for b in blocks]
+        for h in range(H):
+            for b in range(len(blocks)):
+                cand = [c for c in range(len(blocks)) if c != b and (not causal or c < b)]
+                score = {c: float(qm[b][h] @ km[c][h // g]) for c in cand}
+                kept = sorted(cand, key=lambda c: (-score[c], c))[:num_blocks] + [b]
+                for i in blocks[b]:
+                    js = [j for c in kept for j in blocks[c] if not (causal and c == b and j > i)]
+                    out += [(h, offset + i, offset + j) for j in js]
+        offset += L
+    return sorted(out)
+
+
+def brute_lsh(q, k, num_buckets, num_hashes, chunk_size, seed, lengths, *, causal=False):
+    """Reformer's recipe with the documented rotations."""
+    H, H_kv, D = q.size(1), k.size(1), q.size(2)
+    g = H // H_kv
+    R = torch.randn(num_hashes, H_kv, D, num_buckets // 2, generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float64)
+
+    def bucket(v, rot):
+        x = (v / v.norm()) @ rot
+        return int(torch.cat([x, -x]).argmax())
+
+    out, offset = set(), 0
+    for L in lengths:
+        for r in range(num_hashes):
+            for h in range(H):
+                rot = R[r, h // g]
+                bq = [bucket(q[offset + p, h], rot) for p in range(L)]
+                bk = [bucket(k[offset + p, h // g], rot) for p in range(L)]
+                sorted_q = sorted(range(L), key=lambda p: (bq[p], p))
+                sorted_k = sorted(range(L), key=lambda p: (bk[p], p))
+                for rank, i in enumerate(sorted_q):
+                    c = rank // chunk_size
+                    for j in sorted_k[max(c - 1, 0) * chunk_size:(c + 1) * chunk_size]:
+                        if not causal or j <= i:
+                            out.add((h, offset + i, offset + j))
+        offset += L
+    return sorted(out)
+
+
+def brute_routing(q, k, centroids, lengths, *, causal=False):
+    H, g = q.size(1), q.size(1) // k.size(1)
+    mu = centroids / centroids.norm(dim=-1, keepdim=True)
+    seq, pos = _tokens(lengths)
+
+    def cluster(v, h):
+        return int(((v / v.norm()) @ mu[h].T).argmax())
+
+    cq = [[cluster(q[i, h], h) for h in range(H)] for i in range(q.size(0))]
+    ck = [[cluster(k[j, h // g], h) for h in range(H)] for j in range(k.size(0))]
+    return [(h, i, j) for h in range(H) for i in range(q.size(0)) for j in range(k.size(0))
+            if cq[i][h] == ck[j][h] and seq[i] == seq[j] and (not causal or pos[j] <= pos[i])]
+
+
+def assert_format(edge_index, edge_head, num_heads, lq, lk=None):
+    """long, shapes, sorted by (head, target, source), distinct, heads in range, within sequences."""
+    lk = lq if lk is None else lk
+    assert edge_index.dtype == torch.long and edge_head.dtype == torch.long
+    assert type(edge_index) is torch.Tensor and type(edge_head) is torch.Tensor
+    assert edge_index.dim() == 2 and edge_index.size(0) == 2 and edge_head.shape == (edge_index.size(1),)
+    triples = _triples(edge_index, edge_head)
+    assert triples == sorted(set(triples))
+    if triples:
+        assert 0 <= min(edge_head.tolist()) and max(edge_head.tolist()) < num_heads
+        assert 0 <= min(edge_index[0].tolist()) and max(edge_index[0].tolist()) < sum(lk)
+        assert 0 <= min(edge_index[1].tolist()) and max(edge_index[1].tolist()) < sum(lq)
+    sq, sk = T.batch_vector(lq), T.batch_vector(lk)
+    assert torch.equal(sk[edge_index[0]], sq[edge_index[1]])
+
+
+HEADS = [(1, 1), (2, 2), (4, 2), (4, 1)]  # (H, H_kv)
+# (lengths, how they are given, (H, H_kv)): one sequence, a batch with an empty sequence, GQA
+SELF = [([9], "none", (1, 1)), ([9], "none", (4, 2)), ([5, 3, 6], "lengths", (4, 1)), ([5, 3, 6], "lengths", (2, 2)),
+        ([4, 0, 7], "batch", (4, 2)), ([6, 5], "batch", (1, 1))]
+CROSS = [([4], [9], "none", (4, 2)), ([3, 0, 5], [4, 2, 3], "lengths", (2, 1)), ([2, 6], [5, 1], "batch", (1, 1)),
+         ([12], [12], "none", (4, 1)), ([5, 3, 6], [5, 3, 6], "lengths", (2, 2))]
+
+
+# ---------------------------------------------------------------- topk
+@pytest.mark.parametrize("lengths, how, heads", SELF, ids=str)
+@pytest.mark.parametrize("num_keys", [1, 3, 20])
+@pytest.mark.parametrize("causal", [False, True])
+def test_topk_equals_brute_force(lengths, how, heads, num_keys, causal):
+    H, H_kv = heads
+    q, k = _ints(sum(lengths), H, 3, seed=1), _ints(sum(lengths), H_kv, 3, seed=2)
+    edge_index, edge_head = topk(q, k, num_keys, causal=causal, chunk=4, **_given(lengths, lengths, how))
+    assert _triples(edge_index, edge_head) == brute_topk(q, k, num_keys, lengths, lengths, causal=causal)
+    assert_format(edge_index, edge_head, H, lengths)
+
+
+@pytest.mark.parametrize("lq, lk, how, heads", CROSS[:3], ids=str)
+@pytest.mark.parametrize("num_keys", [1, 4, 20])
+def test_topk_cross_attention_equals_brute_force(lq, lk, how, heads, num_keys):
+    H, H_kv = heads
+    q, k = _ints(sum(lq), H, 2, seed=3), _ints(sum(lk), H_kv, 2, seed=4)
+    edge_index, edge_head = topk(q, k, num_keys, chunk=3, **_given(lq, lk, how))
+    assert _triples(edge_index, edge_head) == brute_topk(q, k, num_keys, lq, lk)
+    assert_format(edge_index, edge_head, H, lq, lk)
+
+
+def _allowed(n_src, n_dst, num, seed, heads=None):
+    """Random edges with duplicates (and so some empty rows), in random order."""
+    g = torch.Generator().manual_seed(seed)
+    src, dst = torch.randint(0, n_src, (num,), generator=g), torch.randint(0, n_dst, (num,), generator=g)
+    edge_index = torch.cat([torch.stack([src, dst]), torch.stack([src, dst])[:, : num // 4]], dim=1)
+    head = None if heads is None else torch.randint(0, heads, (edge_index.size(1),), generator=g)
+    return edge_index, head
+
+
+@pytest.mark.parametrize("lq, lk, how, heads", CROSS, ids=str)
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("num_keys", [1, 2, 10])
+@pytest.mark.parametrize("causal", [False, True])
+def test_topk_within_allowed_equals_brute_force(lq, lk, how, heads, per_head, num_keys, causal):
+    H, H_kv = heads
+    q, k = _ints(sum(lq), H, 2, seed=5), _ints(sum(lk), H_kv, 2, seed=6)
+    allowed, allowed_head = _allowed(sum(lk), sum(lq), 30, seed=7, heads=H if per_head else None)
+    edge_index, edge_head = topk(q, k, num_keys, allowed=allowed, allowed_head=allowed_head, causal=causal,
+                                 chunk=1, **_given(lq, lk, how))
+    expected = brute_topk(q, k, num_keys, lq, lk, causal=causal, allowed=allowed, allowed_head=allowed_head)
+    assert _triples(edge_index, edge_head) == expected
+    assert_format(edge_index, edge_head, H, lq, lk)
+
+
+def test_topk_takes_an_edge_index_as_allowed():
+    q, k = _ints(6, 2, 2, seed=0), _ints(6, 1, 2, seed=1)
+    ei = T.sliding_window(6, 1)
+    a = topk(q, k, 2, allowed=ei)
+    b = topk(q, k, 2, allowed=ei.as_tensor())
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert _triples(*a) == brute_topk(q, k, 2, [6], [6], allowed=ei.as_tensor())
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_topk_ties_go_to_the_lower_key(allowed):
+    q, k = torch.ones(5, 2, 3), torch.ones(5, 1, 3)  # every score ties
+    kw = {"allowed": torch.tensor([[4, 3, 1, 2, 0], [0, 0, 0, 0, 0]])} if allowed else {}
+    edge_index, edge_head = topk(q, k, 2, **kw)
+    rows = range(1) if allowed else range(5)
+    assert _triples(edge_index, edge_head) == [(h, i, j) for h in range(2) for i in rows for j in (0, 1)]
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_topk_row_with_fewer_keys_keeps_them_all_and_empty_rows_stay_empty(allowed):
+    q, k = _randn(4, 1, 2), _randn(3, 1, 2, seed=1)
+    kw = {"allowed": torch.tensor([[0, 2], [1, 1]])} if allowed else {}
+    edge_index, _ = topk(q, k, 5, **kw)
+    if allowed:  # row 1 has two allowed keys; rows 0, 2, 3 none
+        assert edge_index.tolist() == [[0, 2], [1, 1]]
+    else:
+        assert edge_index.tolist() == [[0, 1, 2] * 4, [i for i in range(4) for _ in range(3)]]
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_topk_result_does_not_depend_on_the_chunk(allowed, dtype):
+    lengths = [7, 12, 5]
+    q, k = _randn(24, 4, 8, dtype=dtype), _randn(24, 2, 8, seed=1, dtype=dtype)
+    kw = {"allowed": _allowed(24, 24, 200, seed=2)[0]} if allowed else {}
+    results = [topk(q, k, 3, lengths=lengths, causal=True, chunk=c, **kw) for c in (1, 5, 1024)]
+    for edge_index, edge_head in results[1:]:
+        assert torch.equal(edge_index, results[0][0]) and torch.equal(edge_head, results[0][1])
+
+
+def test_topk_float_inputs_equal_brute_force():
+    q, k = _randn(10, 2, 4), _randn(10, 2, 4, seed=1)
+    assert _triples(*topk(q, k, 3, scale=0.1)) == brute_topk(q, k, 3, [10], [10])
+
+
+def test_topk_is_not_differentiated():
+    q, k = _randn(5, 1, 2).requires_grad_(), _randn(5, 1, 2, seed=1).requires_grad_()
+    edge_index, edge_head = topk(q, k, 2)
+    assert not edge_index.requires_grad and not edge_head.requires_grad and q.grad is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(lq=st.lists(st.integers(0, 6), min_size=1, max_size=3), extra=st.lists(st.integers(-2, 3), min_size=3,
+       max_size=3), heads=st.sampled_from(HEADS), num_keys=st.integers(1, 7), causal=st.booleans(),
+       use_allowed=st.booleans(), per_head=st.booleans(), chunk=st.integers(1, 9), seed=st.integers(0, 10**6))
+def test_topk_property_equals_brute_force(lq, extra, heads, num_keys, causal, use_allowed, per_head, chunk, seed):
+    lk = [max(L + d, 0) for L, d in zip(lq, extra)]
+    H, H_kv = heads
+    q, k = _ints(sum(lq), H, 2, seed=seed), _ints(sum(lk), H_kv, 2, seed=seed + 1)
+    allowed = allowed_head = None
+    if use_allowed and sum(lq) and sum(lk):
+        allowed, allowed_head = _allowed(sum(lk), sum(lq), 3 * sum(lq), seed=seed, heads=H if per_head else None)
+    edge_index, edge_head = topk(q, k, num_keys, allowed=allowed, allowed_head=allowed_head, causal=causal,
+                                 chunk=chunk, lengths=(lq, lk))
+    expected = brute_topk(q, k, num_keys, lq, lk, causal=causal, allowed=allowed, allowed_head=allowed_head)
+    assert _triples(edge_index, edge_head) == expected
+    assert_format(edge_index, edge_head, H, lq, lk)
+
+
+# ---------------------------------------------------------------- block_topk
+@pytest.mark.parametrize("lengths, how, heads", SELF, ids=str)
+@pytest.mark.parametrize("block_size, num_blocks", [(1, 2), (2, 1), (3, 0), (3, 2), (4, 9)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_topk_equals_brute_force(lengths, how, heads, block_size, num_blocks, causal):
+    H, H_kv = heads
+    q, k = _randn(sum(lengths), H, 3), _randn(sum(lengths), H_kv, 3, seed=1)
+    edge_index, edge_head = block_topk(q, k, block_size, num_blocks, causal=causal, **_given(lengths, lengths, how))
+    assert _triples(edge_index, edge_head) == brute_block_topk(q, k, block_size, num_blocks, lengths, causal=causal)
+    assert_format(edge_index, edge_head, H, lengths)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_topk_ties_go_to_the_lower_block(causal):
+    q, k = torch.ones(8, 1, 2), torch.ones(8, 1, 2)
+    edge_index, edge_head = block_topk(q, k, 2, 1, causal=causal)
+    assert _triples(edge_index, edge_head) == brute_block_topk(q, k, 2, 1, [8], causal=causal)
+    kept = {(i // 2, j // 2) for _, i, j in _triples(edge_index, edge_head)}
+    assert kept == ({(0, 0), (1, 1), (1, 0), (2, 2), (2, 0), (3, 3), (3, 0)} if causal
+                    else {(0, 0), (0, 1), (1, 1), (1, 0), (2, 2), (2, 0), (3, 3), (3, 0)})
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_topk_with_all_blocks_is_full_or_causal(causal):
+    q, k = _randn(10, 2, 4), _randn(10, 2, 4, seed=1)
+    edge_index, edge_head = block_topk(q, k, 3, 5, causal=causal, lengths=[4, 6])
+    full = (T.causal if causal else T.full)([4, 6]).as_tensor()
+    assert torch.equal(edge_index, full.repeat(1, 2))
+    assert torch.equal(edge_head, torch.arange(2).repeat_interleave(full.size(1)))
+
+
+def test_block_topk_pools_the_short_last_block_over_its_real_tokens():
+    # keys: block 0 = {0, 1} mean 0; block 1 = {2, 3} mean 1; block 2 = {4} mean 2: block 2 wins
+    k = torch.tensor([1.0, -1.0, 1.0, 1.0, 2.0]).view(5, 1, 1)
+    edge_index, _ = block_topk(torch.ones(5, 1, 1), k, 2, 1)
+    assert edge_index[0][edge_index[1] == 0].tolist() == [0, 1, 4]
+
+
+# ---------------------------------------------------------------- lsh
+@pytest.mark.parametrize("lengths, how, heads", SELF, ids=str)
+@pytest.mark.parametrize("num_buckets, num_hashes, chunk_size", [(2, 1, 2), (4, 2, 3), (6, 3, 1), (8, 1, 4)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_lsh_equals_brute_force(lengths, how, heads, num_buckets, num_hashes, chunk_size, causal):
+    H, H_kv = heads
+    q, k = _randn(sum(lengths), H, 4), _randn(sum(lengths), H_kv, 4, seed=1)
+    edge_index, edge_head = lsh(q, k, num_buckets, num_hashes=num_hashes, chunk_size=chunk_size, seed=3,
+                                causal=causal, **_given(lengths, lengths, how))
+    expected = brute_lsh(q, k, num_buckets, num_hashes, chunk_size, 3, lengths, causal=causal)
+    assert _triples(edge_index, edge_head) == expected
+    assert_format(edge_index, edge_head, H, lengths)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lsh_one_chunk_is_full_or_causal(causal):
+    q, k = _randn(9, 2, 4), _randn(9, 1, 4, seed=1)
+    edge_index, edge_head = lsh(q, k, 4, chunk_size=5, causal=causal, lengths=[5, 4])
+    full = (T.causal if causal else T.full)([5, 4]).as_tensor()
+    assert torch.equal(edge_index, full.repeat(1, 2))
+    assert torch.equal(edge_head, torch.arange(2).repeat_interleave(full.size(1)))
+
+
+def test_lsh_shared_queries_and_keys_always_see_themselves():
+    x = _randn(40, 2, 8)
+    edge_index, edge_head = lsh(x, x, 8, chunk_size=2, num_hashes=2)
+    loops = {(h, i) for h, i, j in _triples(edge_index, edge_head) if i == j}
+    assert loops == {(h, i) for h in range(2) for i in range(40)}
+
+
+def test_lsh_same_seed_same_graph_other_seed_other_graph():
+    q, k = _randn(40, 2, 8), _randn(40, 2, 8, seed=1)
+    a, b, c = (lsh(q, k, 8, chunk_size=2, seed=s) for s in (5, 5, 6))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert a[0].shape != c[0].shape or not torch.equal(a[0], c[0])
+
+
+def test_lsh_leaves_the_global_generator_alone():
+    q = _randn(10, 1, 4)
+    torch.manual_seed(3)
+    before = torch.rand(1)
+    torch.manual_seed(3)
+    lsh(q, q, 4, chunk_size=2)
+    assert torch.equal(torch.rand(1), before)
+
+
+# ---------------------------------------------------------------- routing
+@pytest.mark.parametrize("lengths, how, heads", SELF, ids=str)
+@pytest.mark.parametrize("num_clusters", [1, 3])
+@pytest.mark.parametrize("causal", [False, True])
+def test_routing_equals_brute_force(lengths, how, heads, num_clusters, causal):
+    H, H_kv = heads
+    q, k = _randn(sum(lengths), H, 4), _randn(sum(lengths), H_kv, 4, seed=1)
+    centroids = _randn(H, num_clusters, 4, seed=2) * 3  # not normalized: routing normalizes
+    edge_index, edge_head = routing(q, k, centroids, causal=causal, **_given(lengths, lengths, how))
+    assert _triples(edge_index, edge_head) == brute_routing(q, k, centroids, lengths, causal=causal)
+    assert_format(edge_index, edge_head, H, lengths)
+
+
+def test_routing_query_of_a_keyless_cluster_has_an_empty_row():
+    centroids = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    q = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
+    k = torch.tensor([[[1.0, 0.1]], [[1.0, -0.1]]])  # both keys in cluster 0
+    edge_index, _ = routing(q, k, centroids)
+    assert edge_index.tolist() == [[0, 1], [0, 0]]
+
+
+def test_routing_function_updates_in_place_only_when_asked():
+    q, k = _randn(6, 2, 3), _randn(6, 1, 3, seed=1)
+    centroids = torch.nn.functional.normalize(_randn(2, 2, 3, seed=2), dim=-1)
+    before = centroids.clone()
+    a = routing(q, k, centroids)
+    assert torch.equal(centroids, before)
+    b = routing(q, k, centroids, update=True, decay=0.5)
+    assert not torch.equal(centroids, before)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # the graph of the centroids as given
+
+
+def _expected_update(centroids, q, k, decay):
+    """Online k-means step written plainly: per head and cluster, the mean of the normalized
+    queries and keys nearest to it; EMA; normalize."""
+    H, K, _ = centroids.shape
+    g = H // k.size(1)
+    new = centroids.clone()
+    for h in range(H):
+        xs = [v / v.norm() for v in list(q[:, h]) + list(k[:, h // g])]
+        assign = [int((x @ centroids[h].T).argmax()) for x in xs]
+        for c in range(K):
+            members = [x for x, a in zip(xs, assign) if a == c]
+            if members:
+                new[h, c] = decay * centroids[h, c] + (1 - decay) * sum(members) / len(members)
+    return new / new.norm(dim=-1, keepdim=True)
+
+
+def test_routing_module_updates_centroids_toward_assigned_vectors_in_train_mode():
+    router = Routing(4, 3, 3, decay=0.7, seed=1).double()
+    q, k = _randn(8, 4, 3), _randn(8, 2, 3, seed=1)
+    before = router.centroids.clone()
+    router.train()
+    router(q, k)
+    torch.testing.assert_close(router.centroids, _expected_update(before, q, k, 0.7), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(router.centroids.norm(dim=-1), torch.ones(4, 3, dtype=torch.float64))
+
+
+def test_routing_module_moves_a_centroid_closer_to_its_members():
+    router = Routing(1, 2, 1, decay=0.9)
+    x = torch.tensor([[[1.0, 0.0]], [[0.8, 0.6]]])  # every vector in the only cluster
+    mean = torch.nn.functional.normalize(x[:, 0].mean(0), dim=0)
+    before = float(router.centroids[0, 0] @ mean)
+    router(x, x)
+    assert float(router.centroids[0, 0] @ mean) > before
+
+
+def test_routing_module_keeps_centroids_in_eval_mode():
+    router = Routing(2, 3, 2).eval()
+    before = router.centroids.clone()
+    router(_randn(5, 2, 3, dtype=torch.float32), _randn(5, 2, 3, seed=1, dtype=torch.float32))
+    assert torch.equal(router.centroids, before)
+
+
+def test_routing_module_centroids_follow_to_and_the_state_dict():
+    router = Routing(2, 4, 3, seed=5)
+    assert router.centroids.dtype == torch.float32 and router.centroids.device.type == "cpu"
+    assert "centroids" in router.state_dict()
+    torch.testing.assert_close(router.centroids.norm(dim=-1), torch.ones(2, 3))
+    assert torch.equal(Routing(2, 4, 3, seed=5).centroids, router.centroids)
+    router = router.to(torch.float64)
+    assert router.centroids.dtype == torch.float64
+    edge_index, edge_head = router(_randn(5, 2, 4), _randn(5, 1, 4, seed=1))
+    assert router.centroids.dtype == torch.float64
+    assert_format(edge_index, edge_head, 2, [5])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_selectors_on_cuda_match_cpu():
+    q, k = _ints(20, 4, 4, seed=0), _ints(20, 2, 4, seed=1)
+    router = Routing(4, 4, 3)
+    for fn in (lambda a, b: topk(a, b, 3, lengths=[8, 12], causal=True),
+               lambda a, b: block_topk(a, b, 3, 1, lengths=[8, 12]),
+               lambda a, b: lsh(a, b, 4, chunk_size=2, lengths=[8, 12])):
+        cpu, gpu = fn(q, k), fn(q.cuda(), k.cuda())
+        assert gpu[0].device.type == "cuda" and torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
+    router.eval()
+    cpu = router(q, k)
+    gpu = router.cuda()(q.cuda(), k.cuda())
+    assert router.centroids.device.type == "cuda" and torch.equal(cpu[0], gpu[0].cpu())
+
+
+# ---------------------------------------------------------------- all selectors
+SELECTORS = {
+    "topk": lambda q, k, **kw: topk(q, k, 2, **kw),
+    "topk_allowed": lambda q, k, **kw: topk(q, k, 2, allowed=T.full(q.size(0)).as_tensor(), **kw),
+    "block_topk": lambda q, k, **kw: block_topk(q, k, 2, 1, **kw),
+    "lsh": lambda q, k, **kw: lsh(q, k, 4, chunk_size=2, **kw),
+    "routing": lambda q, k, **kw: routing(q, k, torch.eye(4)[None, :3].repeat(4, 1, 1), **kw),
+}
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+@pytest.mark.parametrize("lengths", [[0], [3, 0, 4], [1]], ids=str)
+def test_selectors_take_empty_and_single_token_sequences(name, lengths):
+    if name == "block_topk" and max(lengths) < 2:
+        return  # block_size 2 > the longest sequence: refused (see the bad inputs)
+    q, k = _randn(sum(lengths), 4, 4), _randn(sum(lengths), 2, 4, seed=1)
+    edge_index, edge_head = SELECTORS[name](q, k, lengths=lengths, causal=True)
+    assert_format(edge_index, edge_head, 4, lengths)
+    if sum(lengths) == 0:
+        assert edge_index.shape == (2, 0)
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+def test_selectors_keep_batch_gaps_apart(name):
+    batch = torch.tensor([0, 0, 0, 2, 2, 2, 2, 5])  # ids with gaps: three sequences
+    q, k = _randn(8, 4, 4), _randn(8, 2, 4, seed=1)
+    a = SELECTORS[name](q, k, batch=batch)
+    b = SELECTORS[name](q, k, lengths=[3, 4, 1])
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+def test_selectors_respect_the_edge_budget(name):
+    q, k = _randn(8, 4, 4), _randn(8, 2, 4, seed=1)
+    with T.max_edges(3), pytest.raises(ValueError, match=re.escape("max_edges=3")):
+        SELECTORS[name](q, k)
+
+
+# ---------------------------------------------------------------- bad inputs
+Q, K = torch.zeros(4, 4, 2), torch.zeros(4, 2, 2)
+C = torch.eye(2)[None].repeat(4, 1, 1)
+BAD = [
+    (lambda: topk(Q, K, 0), "'num_keys'", "(got 0)"),
+    (lambda: topk(Q, K, 1.5), "'num_keys'", "1.5"),
+    (lambda: topk(Q[0], K, 1), "'q'", "(4, 2)"),
+    (lambda: topk(Q.long(), K, 1), "'q'", "torch.int64"),
+    (lambda: topk(Q, K.double(), 1), "'k'", "torch.float64"),
+    (lambda: topk(Q, torch.zeros(4, 3, 2), 1), "'k'", "(4, 3, 2)"),
+    (lambda: topk(Q, torch.zeros(4, 2, 3), 1), "'k'", "(4, 2, 3)"),
+    (lambda: topk(Q, K, 1, scale=0.0), "'scale'", "0.0"),
+    (lambda: topk(Q, K, 1, scale=-1.0), "'scale'", "-1.0"),
+    (lambda: topk(Q, K, 1, chunk=0), "'chunk'", "(got 0)"),
+    (lambda: topk(Q, K, 1, causal=1), "'causal'", "(got 1)"),
+    (lambda: topk(Q, K, 1, batch=torch.tensor([0, 0, 1])), "'batch'", "3"),
+    (lambda: topk(Q, K, 1, batch=torch.tensor([0, 1, 0, 1])), "'batch'", "[0, 1, 0, 1]"),
+    (lambda: topk(Q, K, 1, batch=torch.tensor([-1, 0, 0, 0])), "'batch'", "-1"),
+    (lambda: topk(Q, K, 1, batch=torch.tensor([0.0, 0, 0, 0])), "'batch'", "tensor"),
+    (lambda: topk(Q, K, 1, batch=torch.zeros(4, dtype=torch.long), lengths=[4]), "'lengths'", "[4]"),
+    (lambda: topk(Q, K, 1, lengths=[2, 3]), "'lengths'", "[2, 3]"),
+    (lambda: topk(Q, K, 1, lengths=[2, -2, 4]), "'lengths'", "-2"),
+    (lambda: topk(Q, K, 1, lengths=([2, 2], [4])), "'lengths'", "[4]"),
+    (lambda: topk(Q, K[:3], 1, batch=torch.zeros(4, dtype=torch.long)), "'batch'", "k.size(0)=3"),
+    (lambda: topk(Q, K, 1, allowed=torch.zeros(3, 2, dtype=torch.long)), "'allowed'", "(3, 2)"),
+    (lambda: topk(Q, K, 1, allowed=torch.zeros(2, 2)), "'allowed'", "torch.float32"),
+    (lambda: topk(Q, K, 1, allowed=torch.tensor([[0, 4], [0, 0]])), "'allowed'", "[0, 4]"),
+    (lambda: topk(Q, K, 1, allowed=torch.tensor([[0, 0], [0, -1]])), "'allowed'", "[-1, 0]"),
+    (lambda: topk(Q, K, 1, allowed=EdgeIndex(torch.tensor([[0], [0]]), sparse_size=(5, 4))), "'allowed'",
+     "(5, 4)"),
+    (lambda: topk(Q, K, 1, allowed=torch.tensor([[0, 1], [0, 0]]), allowed_head=torch.tensor([0])),
+     "'allowed_head'", "(got 1)"),
+    (lambda: topk(Q, K, 1, allowed=torch.tensor([[0, 1], [0, 0]]), allowed_head=torch.tensor([0, 4])),
+     "'allowed_head'", "[0, 4]"),
+    (lambda: topk(Q, K, 1, allowed_head=torch.tensor([0])), "'allowed_head'", "allowed=None"),
+    (lambda: block_topk(Q, K, 0, 1), "'block_size'", "(got 0)"),
+    (lambda: block_topk(Q, K, 5, 1), "'block_size'", "(got 5)"),
+    (lambda: block_topk(Q, K, 3, 1, lengths=[2, 2]), "'block_size'", "(got 3)"),
+    (lambda: block_topk(Q, K, 2, -1), "'num_blocks'", "(got -1)"),
+    (lambda: block_topk(Q, K[:3], 2, 1), "self-attention", "k.size(0)=3"),
+    (lambda: block_topk(Q, K, 2, 1, lengths=([2, 2], [2, 2])), "'lengths'", "[2, 2]"),
+    (lambda: lsh(Q, K, 3), "'num_buckets'", "(got 3)"),
+    (lambda: lsh(Q, K, 0), "'num_buckets'", "(got 0)"),
+    (lambda: lsh(Q, K, 4, num_hashes=0), "'num_hashes'", "(got 0)"),
+    (lambda: lsh(Q, K, 4, chunk_size=0), "'chunk_size'", "(got 0)"),
+    (lambda: lsh(Q, K, 4, seed=-1), "'seed'", "(got -1)"),
+    (lambda: lsh(Q, K, 4, batch=(torch.zeros(4, dtype=torch.long),) * 2), "'batch'", "tuple of 2"),
+    (lambda: routing(Q, K, C[:3]), "'centroids'", "(3, 2, 2)"),
+    (lambda: routing(Q, K, torch.zeros(4, 2, 3)), "'centroids'", "(4, 2, 3)"),
+    (lambda: routing(Q, K, C.long()), "'centroids'", "torch.int64"),
+    (lambda: routing(Q, K, C, decay=1.5), "'decay'", "1.5"),
+    (lambda: routing(Q, K, C, update=None), "'update'", "None"),
+    (lambda: Routing(4, 2, 0), "'num_clusters'", "(got 0)"),
+    (lambda: Routing(0, 2, 2), "'num_heads'", "(got 0)"),
+    (lambda: Routing(4, 2, 2, decay=-0.1), "'decay'", "-0.1"),
+    (lambda: Routing(4, 2, 2, seed=2**63), "'seed'", str(2**63)),
+    (lambda: Routing(2, 2, 3)(Q, K), "'centroids'", "(2, 3, 2)"),
+]
+
+
+@pytest.mark.parametrize("call, name, value", BAD, ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD)])
+def test_bad_inputs_name_the_argument_and_the_value(call, name, value):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert name in str(info.value) and value in str(info.value), str(info.value)
+
+
+def test_scale_does_not_change_the_selection():
+    q, k = _randn(7, 2, 4), _randn(7, 1, 4, seed=1)
+    a, b = topk(q, k, 3), topk(q, k, 3, scale=math.pi)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
