@@ -8,8 +8,10 @@
 #   bash benchmarks/gpu_check.sh gqa     # grouped-query attention (12 on 4 heads) at 16k: the grouped kernels
 #   bash benchmarks/gpu_check.sh pieces  # BigBird with its global blocks' rows in pieces, and without
 #   bash benchmarks/gpu_check.sh float32 # float32 tiles (CUDA cores) of 32, the default, against 64
+#   bash benchmarks/gpu_check.sh select  # graphs chosen from the data at 16k (bf16): per-head tests, then
+#                                        # selection + attention against Flex with a per-call BlockMask and SDPA
 set -uo pipefail
-stage=${1:?usage: gpu_check.sh tests|bench|large|gqa|pieces|float32}
+stage=${1:?usage: gpu_check.sh tests|bench|large|gqa|pieces|float32|select}
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.
@@ -54,6 +56,12 @@ PY
         --markdown "$out/bench_float32_block$block.md" 2>&1 | tee "$out/bench_float32_block$block.txt"
     done
     ;;
+  select)
+    python -m pytest -q -x -p no:cacheprovider tests/test_kernels_per_head.py -k "not triton" 2>&1 \
+      | tee "$out/per_head_tests.txt"
+    python -m gnn_transformer.cli bench --device cuda --selectors topk block_topk --sizes 16384 \
+      --markdown "$out/bench_select_16k.md" 2>&1 | tee "$out/bench_select_16k.txt"
+    ;;
   large)
     python -m gnn_transformer.cli bench --device cuda --sizes 65536 --repeats 3 \
       --markdown "$out/bench_64k.md" 2>&1 | tee "$out/bench_64k.txt"
@@ -71,7 +79,7 @@ PY
       --markdown "$out/bench_1m.md" 2>&1 | tee "$out/bench_1m.txt"
     ;;
   *)
-    echo "unknown stage '$stage' (expected tests, bench, large, gqa, pieces or float32)" >&2
+    echo "unknown stage '$stage' (expected tests, bench, large, gqa, pieces, float32 or select)" >&2
     exit 2
     ;;
 esac

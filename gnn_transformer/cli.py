@@ -468,6 +468,7 @@ def cmd_train(args) -> int:
 # ---------------------------------------------------------------- bench
 def _bench_parser(sub) -> None:
     from .bench.benchmark import BACKENDS, TOPOLOGIES
+    from .bench.selection import DESCRIPTIONS, SELECTIONS
 
     p = sub.add_parser(
         "bench", help="benchmark the attention backends against dense SDPA and FlexAttention",
@@ -508,6 +509,11 @@ def _bench_parser(sub) -> None:
                    help="tile size of tiled, auto and --calibrate, a power of two from 16 to 256 (unset: "
                         "by device and dtype, 64, or 32 for float32 on CUDA; FlexAttention keeps blocks "
                         "of 128)")
+    p.add_argument("--selectors", nargs="+", default=None, choices=list(SELECTIONS),
+                   help="instead, time graphs chosen from the data, end to end with the graph rebuilt on "
+                        "every call: selection + attention against FlexAttention with a BlockMask built per "
+                        "call and SDPA with a dense boolean mask (" + "; ".join(
+                            f"{k}: {v}" for k, v in DESCRIPTIONS.items()) + "); sizes default to 4096")
     p.set_defaults(func=cmd_bench)
 
 
@@ -546,6 +552,23 @@ def _calibrate(args, device, dtype) -> int:
                                        + "\n".join(f"- {line}" for line in lines) + "\n")
         print(f"Wrote {args.markdown}")
     return 0
+
+
+def _bench_selection(args, device, dtype) -> int:
+    import torch
+
+    from .bench.selection import format_markdown, format_table, run_selection_benchmark
+
+    baselines = [b for b in ("flex", "sdpa") if b in args.backends]
+    rows = run_selection_benchmark(args.selectors, args.sizes or [4096], heads=args.heads, kv_heads=args.kv_heads,
+                                   head_dim=args.head_dim, device=device, dtype=dtype or torch.float32,
+                                   repeats=args.repeats or (3 if args.quick else 5), backward=not args.no_backward,
+                                   baselines=baselines)
+    print(format_table(rows))
+    if args.markdown:
+        Path(args.markdown).write_text(format_markdown(rows) + "\n")
+        print(f"Wrote {args.markdown}")
+    return EXIT_OK
 
 
 def _check_bench_topologies(names, smallest: int) -> None:
@@ -617,6 +640,8 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     if args.calibrate:
         return _calibrate(args, device, dtype)
+    if args.selectors:
+        return _bench_selection(args, device, dtype)
     if args.quick:
         sizes, repeats = args.sizes or [4096], args.repeats or 3
     else:
