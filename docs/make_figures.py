@@ -51,6 +51,16 @@ def main() -> list[Path]:
     T.draw_receptive_field(T.load("sliding_window", small=True), 4, title="causal window 3: receptive field",
                            path=path, dpi=DPI)
     written.append(path)
+    for name, (ei, eh), title, names in (
+            ("duo", T.duo_attention(24, [1, 3], 4, num_sinks=2, window=3),
+             "DuoAttention: heads 0, 2 retrieve (causal), heads 1, 3 stream (2 sinks + window 3)",
+             ["head 0, retrieval", "head 1, streaming", "head 2, retrieval", "head 3, streaming"]),
+            ("dilated", T.dilated_per_head(24, 3, [1, 2, 3, 4], causal=True),
+             "Longformer-style dilated windows, one dilation per head (radius 3, causal)",
+             [f"head {h}, dilation {h + 1}" for h in range(4)])):
+        path = OUT / f"per_head_{name}.png"
+        T.draw_per_head(ei, eh, 4, title=title, path=path, head_names=names, dpi=DPI)
+        written.append(path)
     for p in written:
         shrink(p)
     return written

@@ -54,3 +54,10 @@ def test_gpt_generation():
     out = _load("gpt_generation").main(["--steps", "150"])
     assert out["same"]  # the key/value cache gives the tokens of a full recompute
     assert out["tokens"].tolist()[0][:6] == [3, 4, 5, 6, 7, 8]  # it learned to count
+
+
+def test_per_head_graphs(capsys, tmp_path):
+    errors = _load("per_head_graphs").main(["--n", "20", "--picture", str(tmp_path / "heads.png")])
+    assert errors["duo_attention"] < 1e-10 and errors["topk"] < 1e-10
+    assert (tmp_path / "heads.png").is_file()
+    assert "edges per head [210, 119, 210, 119]" in capsys.readouterr().out
