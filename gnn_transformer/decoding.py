@@ -6,8 +6,14 @@ itself) to it: ``j -> i`` for the tokens ``j`` of the same sequence with ``0 <= 
 (causal) and ``pos_i - pos_j <= window`` (sliding window, radius as in
 :func:`gnn_transformer.topology.sliding_window`). The cache is one growing node set for the whole
 batch (node ids in order of arrival, with a sequence id and a position per node), so sequences of
-different lengths need no padding. The result equals a full recompute on the whole graph, token
-by token (``tests/test_decoding.py``).
+different lengths need no padding. ``window`` may also give each layer its own radius (``None``:
+causal), e.g. windows in most layers and full causal attention in every third; each layer then
+attends along its own new edges. The result equals a full recompute on the whole graph, token by
+token (``tests/test_decoding.py``).
+
+The models take per-head and per-layer graphs with a cache directly: ``model(ids, edge_index,
+pos=pos, cache=cache)`` with each layer's graph (``(edge_index, edge_head)`` for a per-head one)
+from all cached plus new nodes to the new ones, as :func:`step_edges` builds them.
 
 Works with any model exposing ``forward_graph(ids [Q], edge_index, *, pos [Q], cache)`` ->
 ``logits [Q, V]`` whose stack passes ``cache`` on: :class:`~gnn_transformer.GraphLM` and
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -31,6 +38,7 @@ from torch import Tensor
 from .attention import check_bool, check_ids
 
 KV = tuple[Tensor, Tensor]
+Window = int | None | Sequence[int | None]  # one radius for every layer, or one per layer (None: causal)
 
 
 class KVCache:
@@ -74,12 +82,26 @@ def step_edges(seq: Tensor, pos: Tensor, num_new: int, window: int | None = None
     return torch.stack([src, dst])
 
 
-def _graph(lengths: list[int], window: int | None) -> Tensor:
+def _per_layer(window: Window, build) -> Tensor | list[Tensor]:
+    """``build(radius)``: one graph, or one per layer for a sequence of radii (each built once)."""
+    if not isinstance(window, Sequence):
+        return build(window)
+    graphs = {radius: build(radius) for radius in dict.fromkeys(window)}
+    return [graphs[radius] for radius in window]
+
+
+def _graph(lengths: list[int], window: Window, device: torch.device) -> Tensor | list[Tensor]:
     from . import topology  # the builders of the prompt graph
 
-    if window is None:
-        return topology.causal(lengths)
-    return topology.sliding_window(lengths, window, causal=True)
+    def build(radius: int | None) -> Tensor:
+        if radius is None:
+            return topology.causal(lengths).to(device)
+        return topology.sliding_window(lengths, radius, causal=True).to(device)
+    return _per_layer(window, build)
+
+
+def _step_graph(seq: Tensor, pos: Tensor, num_new: int, window: Window) -> Tensor | list[Tensor]:
+    return _per_layer(window, lambda radius: step_edges(seq, pos, num_new, radius))
 
 
 def _forward(model, ids: Tensor, edge_index: Tensor, pos: Tensor, cache: KVCache | None) -> Tensor:
@@ -108,6 +130,19 @@ def _check_int(name: str, value: object, low: int | None = None, optional: bool 
         raise ValueError(f"Expected '{name}' to be {what}{' or None' if optional else ''} (got {value!r})")
 
 
+def _check_window(model, window: object) -> None:
+    """A radius (or ``None``), or a sequence of one per layer of ``model``'s stack when it has one."""
+    if isinstance(window, (str, bytes)) or not isinstance(window, Sequence):
+        _check_int("window", window, 0, optional=True)
+        return
+    for index, radius in enumerate(window):
+        _check_int(f"window[{index}]", radius, 0, optional=True)
+    num_layers = getattr(getattr(model, "encoder", None), "num_layers", None)
+    if isinstance(num_layers, int) and len(window) != num_layers:
+        raise ValueError(f"Expected 'window' to hold one radius per layer, {num_layers} (got a sequence of "
+                         f"length {len(window)})")
+
+
 def _check_generate(model, input_ids, max_new_tokens, greedy, attention_mask, window, use_cache,
                     temperature, top_k, generator, pad_token_id, eos_token_id, return_logits
                     ) -> tuple[Tensor, Tensor]:
@@ -121,7 +156,7 @@ def _check_generate(model, input_ids, max_new_tokens, greedy, attention_mask, wi
         got = (f"{input_ids.dtype} of shape {list(input_ids.shape)}" if isinstance(input_ids, Tensor)
                else type(input_ids).__name__)
         raise ValueError(f"Expected 'input_ids' to be an integer tensor [B, T] (got {got})")
-    _check_int("window", window, 0, optional=True)
+    _check_window(model, window)
     _check_int("eos_token_id", eos_token_id, optional=True)
     _check_int("pad_token_id", pad_token_id)
     for name, value in (("greedy", greedy), ("use_cache", use_cache), ("return_logits", return_logits)):
@@ -153,7 +188,7 @@ def _check_generate(model, input_ids, max_new_tokens, greedy, attention_mask, wi
 
 @torch.no_grad()
 def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True, *,
-             attention_mask: Tensor | None = None, window: int | None = None,
+             attention_mask: Tensor | None = None, window: Window = None,
              use_cache: bool = True, temperature: float = 1.0, top_k: int | None = None,
              generator: torch.Generator | None = None, pad_token_id: int = 0,
              eos_token_id: int | None = None, return_logits: bool = False):
@@ -166,7 +201,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True,
         max_new_tokens: tokens to add to each sequence.
         greedy: argmax (default) or sampling with ``temperature`` / ``top_k`` / ``generator``.
         window: sliding-window radius (keys ``j`` with ``pos_i - window <= pos_j <= pos_i``);
-            ``None`` = causal.
+            ``None`` = causal; or a sequence of one radius (or ``None``) per layer of the model.
         use_cache: decode with the key/value cache (default); ``False`` recomputes the whole graph
             for every new token (the reference).
         pad_token_id: fills the end of rows shorter than the longest.
@@ -191,7 +226,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True,
     ids = input_ids[mask]  # [N]
     seq = torch.repeat_interleave(torch.arange(batch, device=device), lengths)  # [N]
     pos = torch.cat([torch.arange(int(n), device=device) for n in lengths])  # [N]
-    edge_index = _graph(lengths.tolist(), window).to(device)
+    edge_index = _graph(lengths.tolist(), window, device)
     last = lengths.cumsum(0) - 1  # [B] the last node of each prompt
     step_logits = []
     for _ in range(max_new_tokens):
@@ -202,7 +237,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True,
         else:  # reference: the whole graph again, nodes sequence after sequence
             lens = [int(t.numel()) for t in seqs]
             full_pos = torch.cat([torch.arange(n, device=device) for n in lens])
-            logits = _forward(model, torch.cat(seqs), _graph(lens, window).to(device), full_pos,
+            logits = _forward(model, torch.cat(seqs), _graph(lens, window, device), full_pos,
                               None)
             logits = logits[torch.tensor(lens, device=device).cumsum(0) - 1][act]  # [A, V]
         every = logits.new_full((batch, logits.size(-1)), float("nan"))
@@ -221,8 +256,8 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True,
         ids, seq = token[keep], act[keep]
         pos = cur_len[seq] - 1
         if cache is not None:
-            edge_index = step_edges(torch.cat([cache.seq, seq]), torch.cat([cache.pos, pos]),
-                                    seq.numel(), window)
+            edge_index = _step_graph(torch.cat([cache.seq, seq]), torch.cat([cache.pos, pos]),
+                                     seq.numel(), window)
         last = torch.arange(seq.numel(), device=device)
     width = max(s.numel() for s in seqs)
     out = input_ids.new_full((batch, width), pad_token_id)

@@ -9,13 +9,15 @@ r"""Whole models on token graphs.
 - :class:`GraphLM`: a :class:`GraphEncoderModel` whose head predicts the next token, with tied
   embeddings; works with :func:`gnn_transformer.decoding.generate`.
 
-Models take ``edge_index`` (and node positions ``pos``) from the caller; building token graphs is
-the job of :mod:`gnn_transformer.topology`.
+Models take ``edge_index`` (and node positions ``pos``) from the caller: one graph (with
+``edge_head`` for a per-head graph) or one per layer (a sequence, or a callable from layer index to
+graph; :func:`gnn_transformer.layers.resolve_layer_graphs`). Building token graphs is the job of
+:mod:`gnn_transformer.topology`.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -23,9 +25,23 @@ from torch import Tensor, nn
 
 from .attention import BACKENDS, check_bool, check_dropout, check_ids, check_positive_int
 from .layers import (GraphTransformerDecoder, GraphTransformerDecoderLayer, GraphTransformerEncoder,
-                     GraphTransformerEncoderLayer, check_layer_norm_eps)
+                     GraphTransformerEncoderLayer, LayerBiases, LayerGraphs, check_layer_norm_eps,
+                     resolve_layer_biases, resolve_layer_graphs)
 from .position import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding, alibi_edge_bias, alibi_slopes
 from .variants import attention_class
+
+
+def _named_graphs(graphs: LayerGraphs, edge_bias: LayerBiases, stack: nn.Module, prefix: str,
+                  edge_head: Tensor | None) -> LayerGraphs:
+    """``graphs`` and ``edge_bias`` checked under the model's argument names (``prefix_edge_index``,
+    ``prefix_edge_bias``) for a stack with ``num_layers``: one graph as given, per-layer graphs
+    resolved (a callable is called once per layer)."""
+    num_layers = getattr(stack, "num_layers", None)
+    if not isinstance(num_layers, int):  # a custom stack: it resolves (or refuses) what it is given
+        return graphs
+    resolved = resolve_layer_graphs(graphs, num_layers, f"{prefix}_edge_index", edge_head=edge_head)
+    resolve_layer_biases(edge_bias, resolved, f"{prefix}_edge_bias")
+    return graphs if isinstance(graphs, Tensor) else resolved
 
 
 class GraphTransformer(nn.Module):
@@ -83,11 +99,17 @@ class GraphTransformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src: Tensor, tgt: Tensor, src_edge_index: Tensor, tgt_edge_index: Tensor,
-                memory_edge_index: Tensor, *, src_edge_bias: Tensor | None = None,
-                tgt_edge_bias: Tensor | None = None, memory_edge_bias: Tensor | None = None
-                ) -> Tensor:
+    def forward(self, src: Tensor, tgt: Tensor, src_edge_index: LayerGraphs, tgt_edge_index: LayerGraphs,
+                memory_edge_index: LayerGraphs, *, src_edge_bias: LayerBiases = None,
+                tgt_edge_bias: LayerBiases = None, memory_edge_bias: LayerBiases = None,
+                src_edge_head: Tensor | None = None, tgt_edge_head: Tensor | None = None,
+                memory_edge_head: Tensor | None = None) -> Tensor:
         r"""Encode the source tokens, decode the target tokens.
+
+        Every graph is one ``edge_index`` ``[2, E]`` (with its ``*_edge_head`` ``[E]`` for a
+        per-head graph) or one graph per layer of its stack: a sequence, or a callable from layer
+        index to graph, whose graphs are ``edge_index`` or ``(edge_index, edge_head)``
+        (:func:`~gnn_transformer.layers.resolve_layer_graphs`).
 
         Args:
             src: source node features ``[N_src, C]``; tgt: target node features ``[N_tgt, C]``.
@@ -95,14 +117,26 @@ class GraphTransformer(nn.Module):
             tgt_edge_index: decoder self-attention graph (``tgt_mask`` + ``tgt_key_padding_mask``).
             memory_edge_index: bipartite source -> target graph (``memory_mask`` +
                 ``memory_key_padding_mask``).
-            src_edge_bias, tgt_edge_bias, memory_edge_bias: optional ``[E, H]`` score biases.
+            src_edge_bias, tgt_edge_bias, memory_edge_bias: optional ``[E, H]`` score biases
+                (``[E]`` too on a per-head graph), or one per layer
+                (:func:`~gnn_transformer.layers.resolve_layer_biases`).
+            src_edge_head, tgt_edge_head, memory_edge_head: ``[E]`` query head of each edge of a
+                single ``*_edge_index`` (a per-head graph).
 
         Returns:
             ``[N_tgt, C]``.
         """
-        memory = self.encoder(src, src_edge_index, edge_bias=src_edge_bias)
+        src_edge_index = _named_graphs(src_edge_index, src_edge_bias, self.encoder, "src", src_edge_head)
+        tgt_edge_index = _named_graphs(tgt_edge_index, tgt_edge_bias, self.decoder, "tgt", tgt_edge_head)
+        memory_edge_index = _named_graphs(memory_edge_index, memory_edge_bias, self.decoder, "memory",
+                                          memory_edge_head)
+        # per-head keywords only when given: custom stacks that do not take them run on shared graphs
+        src_heads = {} if src_edge_head is None else {"edge_head": src_edge_head}
+        tgt_heads = {k: v for k, v in (("edge_head", tgt_edge_head), ("memory_edge_head", memory_edge_head))
+                     if v is not None}
+        memory = self.encoder(src, src_edge_index, edge_bias=src_edge_bias, **src_heads)
         return self.decoder(tgt, tgt_edge_index, memory, memory_edge_index, edge_bias=tgt_edge_bias,
-                            memory_edge_bias=memory_edge_bias)
+                            memory_edge_bias=memory_edge_bias, **tgt_heads)
 
 
 @dataclass
@@ -169,14 +203,44 @@ def _check_config(c: GraphTransformerConfig) -> None:
                          f"{c.d_model})")
 
 
+def _alibi_biases(graphs: Sequence[tuple[Tensor, Tensor | None]], edge_bias: Sequence[Tensor | None],
+                  pos_src: Tensor, pos_dst: Tensor, slopes: Tensor) -> list[Tensor]:
+    """ALiBi's bias on each layer's graph (``[E, H]``; ``[E]``, each edge's head's, on a per-head
+    graph; once per distinct graph) plus that layer's ``edge_bias``."""
+    alibi: dict[tuple[int, int], Tensor] = {}  # by graph: the graphs stay alive in `graphs`
+    out = []
+    for (edge_index, edge_head), bias in zip(graphs, edge_bias):
+        key = (id(edge_index), id(edge_head))
+        if key not in alibi:
+            if edge_head is None:
+                alibi[key] = alibi_edge_bias(edge_index, pos_src, pos_dst, slopes)  # [E, H]
+            else:  # the attention checks the heads; a clamped one gets a bias it never uses
+                distance = alibi_edge_bias(edge_index, pos_src, pos_dst, slopes.new_ones(1))[:, 0]  # [E]
+                alibi[key] = distance * slopes[edge_head.long().clamp(0, slopes.numel() - 1)]  # [E]
+        value = alibi[key]
+        if bias is not None:
+            full = [edge_index.size(1), slopes.numel()]  # [E, H]
+            shapes = [full] if edge_head is None else [full[:1], full]
+            if list(bias.shape) not in shapes:
+                want = " or ".join(map(str, shapes))
+                raise ValueError(f"Expected 'edge_bias' to have shape {want} (got {list(bias.shape)})")
+            value = bias + (value.unsqueeze(-1) if bias.dim() > value.dim() else value)  # [E, H] or [E]
+        out.append(value)
+    return out
+
+
 class GraphEncoderModel(nn.Module):
     r"""Embeddings + positions + a stack of :class:`GraphTransformerEncoderLayer` + final norm + head.
 
-    ``forward(x, edge_index, *, pos=None, edge_bias=None, cache=None) -> [N, output_dim or C]``:
-    ``x`` is token ids ``[N]`` (``vocab_size`` set) or node features ``[N, input_dim]``;
-    ``pos`` ``[N]`` node positions (needed unless ``position="none"``); ``edge_bias`` ``[E, H]``
-    extra score biases (added to ALiBi's); ``cache`` a :class:`~gnn_transformer.decoding.KVCache`
-    for incremental decoding.
+    ``forward(x, edge_index, *, pos=None, edge_bias=None, cache=None, edge_head=None)
+    -> [N, output_dim or C]``: ``x`` is token ids ``[N]`` (``vocab_size`` set) or node features
+    ``[N, input_dim]``; ``edge_index`` one graph (``edge_head`` ``[E]`` for a per-head graph) or one
+    per layer (a sequence, or a callable from layer index to graph:
+    :func:`~gnn_transformer.layers.resolve_layer_graphs`); ``pos`` ``[N]`` node positions (needed
+    unless ``position="none"``); ``edge_bias`` ``[E, H]`` (``[E]`` on a per-head graph) extra
+    score biases, or one per layer (added to ALiBi's, which is computed on each layer's graph);
+    ``cache`` a :class:`~gnn_transformer.decoding.KVCache` for incremental decoding (each layer's
+    graph then runs from all cached plus new nodes to the new ones).
 
     Example:
         >>> import torch
@@ -242,20 +306,23 @@ class GraphEncoderModel(nn.Module):
             h = h + self.pos_embed(pos)
         return self.drop(h)
 
-    def forward(self, x: Tensor, edge_index: Tensor, *, pos: Tensor | None = None,
-                edge_bias: Tensor | None = None, cache=None) -> Tensor:
+    def forward(self, x: Tensor, edge_index: LayerGraphs, *, pos: Tensor | None = None,
+                edge_bias: LayerBiases = None, cache=None, edge_head: Tensor | None = None) -> Tensor:
         h = self.embed_nodes(x, pos)
         if self.config.position == "alibi":
+            graphs = resolve_layer_graphs(edge_index, self.config.num_layers, "edge_index", edge_head=edge_head)
+            biases = resolve_layer_biases(edge_bias, graphs, "edge_bias")
             pos_src = pos if cache is None else cache.pos  # cache.pos: cached + new nodes
-            alibi = alibi_edge_bias(edge_index, pos_src, pos, self.alibi_slopes.to(h.dtype))
-            edge_bias = alibi if edge_bias is None else edge_bias + alibi
-        h = self.encoder(h, edge_index, edge_bias=edge_bias, pos=pos, cache=cache)
+            edge_bias = _alibi_biases(graphs, biases, pos_src, pos, self.alibi_slopes.to(h.dtype))
+            if not isinstance(edge_index, Tensor):  # a callable is called once per layer and forward
+                edge_index = graphs
+        h = self.encoder(h, edge_index, edge_bias=edge_bias, pos=pos, cache=cache, edge_head=edge_head)
         return h if self.head is None else self.head(h)
 
-    def forward_graph(self, x: Tensor, edge_index: Tensor, *, pos: Tensor | None = None,
-                      cache=None) -> Tensor:
+    def forward_graph(self, x: Tensor, edge_index: LayerGraphs, *, pos: Tensor | None = None,
+                      cache=None, edge_head: Tensor | None = None) -> Tensor:
         """``forward`` under the name :func:`gnn_transformer.decoding.generate` calls."""
-        return self(x, edge_index, pos=pos, cache=cache)
+        return self(x, edge_index, pos=pos, cache=cache, edge_head=edge_head)
 
 
 class GraphLM(GraphEncoderModel):

@@ -3,11 +3,15 @@
 They read the parameters of the graph modules (same ``state_dict``) and redo the computation with
 padded matmuls: projections, RoPE (:mod:`.position`), the score function (softmax, sigmoid, linear;
 :mod:`.variants`), residuals and norms, cross-layer KV sharing, embeddings, ALiBi. Masks are
-boolean ``[B, T_q, T_k]``, ``True`` = may attend.
+boolean ``[B, T_q, T_k]``, or per head ``[B, H, T_q, T_k]`` (the twin of a per-head graph),
+``True`` = may attend. Stacks and models take one mask for every layer or a sequence of one per
+layer (the twin of per-layer graphs); biases likewise.
 
 Notation: ``B`` batch, ``T`` positions, ``H`` heads, ``H_kv`` key/value heads, ``D`` head dim.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -66,38 +70,105 @@ def attention(layer, x_query: Tensor, x_key: Tensor, mask: Tensor, *, pos_query:
     return layer.out_proj(out), kv
 
 
+def _ff(layer, h: Tensor) -> Tensor:
+    return layer.linear2(layer.activation(layer.linear1(h)))
+
+
 def encoder_layer(layer, x: Tensor, mask: Tensor, *, pos: Tensor | None = None,
                   bias: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """A :class:`~gnn_transformer.GraphTransformerEncoderLayer` on padded ``x`` ``[B, T, C]``."""
+    """A :class:`~gnn_transformer.GraphTransformerEncoderLayer` on padded ``x`` ``[B, T, C]``;
+    ``mask`` ``[B, T, T]`` or per head ``[B, H, T, T]``, ``bias`` ``[B, H, T, T]``."""
     def sa(h):
         out, _ = attention(layer.self_attn, h, h, mask, pos_query=pos, pos_key=pos, bias=bias, kv=kv)
         return out
 
-    def ff(h):
-        return layer.linear2(layer.activation(layer.linear1(h)))
+    if layer.norm_first:
+        x = x + sa(layer.norm1(x))
+        return x + _ff(layer, layer.norm2(x))
+    x = layer.norm1(x + sa(x))
+    return layer.norm2(x + _ff(layer, x))
+
+
+def decoder_layer(layer, x: Tensor, memory: Tensor, mask: Tensor, memory_mask: Tensor, *,
+                  pos: Tensor | None = None, bias: Tensor | None = None,
+                  memory_bias: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """A :class:`~gnn_transformer.GraphTransformerDecoderLayer` on padded ``x`` ``[B, T, C]`` and
+    ``memory`` ``[B, T_mem, C]``; ``mask`` ``[B(, H), T, T]``, ``memory_mask`` ``[B(, H), T, T_mem]``."""
+    def sa(h):
+        out, _ = attention(layer.self_attn, h, h, mask, pos_query=pos, pos_key=pos, bias=bias, kv=kv)
+        return out
+
+    def ca(h):
+        out, _ = attention(layer.multihead_attn, h, memory, memory_mask, bias=memory_bias)
+        return out
 
     if layer.norm_first:
         x = x + sa(layer.norm1(x))
-        return x + ff(layer.norm2(x))
+        x = x + ca(layer.norm2(x))
+        return x + _ff(layer, layer.norm3(x))
     x = layer.norm1(x + sa(x))
-    return layer.norm2(x + ff(x))
+    x = layer.norm2(x + ca(x))
+    return layer.norm3(x + _ff(layer, x))
 
 
-def encoder(stack, x: Tensor, mask: Tensor, *, pos: Tensor | None = None,
-            bias: Tensor | None = None) -> Tensor:
-    """A :class:`~gnn_transformer.GraphTransformerEncoder` (with its KV sharing) on padded ``x``."""
+def _per_layer(value, num_layers: int, name: str) -> list:
+    """One ``value`` (a mask, a bias or ``None``) for every layer, or a list/tuple of one per layer."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_layers:
+            raise ValueError(f"Expected '{name}' to hold one entry per layer, {num_layers} (got a sequence of "
+                             f"length {len(value)})")
+        return list(value)
+    return [value] * num_layers
+
+
+def _stack(stack, x: Tensor, pos: Tensor | None, apply) -> Tensor:
+    """The layers of a stack in order, with its KV sharing: ``apply(index, layer, x, kv)``."""
     kv = None
     for index, layer in enumerate(stack.layers):
         if index % stack.kv_share_every == 0:
             h = layer.norm1(x) if layer.norm_first else x
             kv = key_value(layer.self_attn, h, pos_key=pos)
-        x = encoder_layer(layer, x, mask, pos=pos, bias=bias, kv=kv)
+        x = apply(index, layer, x, kv)
     return x if stack.norm is None else stack.norm(x)
 
 
-def encoder_model(model, x: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
+def encoder(stack, x: Tensor, mask: Tensor | Sequence[Tensor], *, pos: Tensor | None = None,
+            bias: Tensor | Sequence[Tensor | None] | None = None) -> Tensor:
+    """A :class:`~gnn_transformer.GraphTransformerEncoder` (with its KV sharing) on padded ``x``:
+    ``mask`` (and ``bias``) one for every layer or a sequence of one per layer."""
+    masks = _per_layer(mask, len(stack.layers), "mask")
+    biases = _per_layer(bias, len(stack.layers), "bias")
+    return _stack(stack, x, pos, lambda index, layer, h, kv: encoder_layer(
+        layer, h, masks[index], pos=pos, bias=biases[index], kv=kv))
+
+
+def decoder(stack, x: Tensor, memory: Tensor, mask: Tensor | Sequence[Tensor],
+            memory_mask: Tensor | Sequence[Tensor], *, pos: Tensor | None = None,
+            bias: Tensor | Sequence[Tensor | None] | None = None,
+            memory_bias: Tensor | Sequence[Tensor | None] | None = None) -> Tensor:
+    """A :class:`~gnn_transformer.GraphTransformerDecoder` (with its KV sharing) on padded ``x`` and
+    ``memory``: masks and biases one for every layer or a sequence of one per layer."""
+    num_layers = len(stack.layers)
+    masks, memory_masks = _per_layer(mask, num_layers, "mask"), _per_layer(memory_mask, num_layers, "memory_mask")
+    biases, memory_biases = _per_layer(bias, num_layers, "bias"), _per_layer(memory_bias, num_layers, "memory_bias")
+    return _stack(stack, x, pos, lambda index, layer, h, kv: decoder_layer(
+        layer, h, memory, masks[index], memory_masks[index], pos=pos, bias=biases[index],
+        memory_bias=memory_biases[index], kv=kv))
+
+
+def transformer(model, src: Tensor, tgt: Tensor, src_mask, tgt_mask, memory_mask) -> Tensor:
+    """A :class:`~gnn_transformer.GraphTransformer` on padded ``src`` ``[B, S, C]`` and ``tgt``
+    ``[B, T, C]``; each mask one for every layer of its stack or one per layer."""
+    memory = encoder(model.encoder, src, src_mask)
+    return decoder(model.decoder, tgt, memory, tgt_mask, memory_mask)
+
+
+def encoder_model(model, x: Tensor, mask: Tensor | Sequence[Tensor], pos: Tensor, *,
+                  bias: Tensor | Sequence[Tensor | None] | None = None) -> Tensor:
     """A :class:`~gnn_transformer.GraphEncoderModel` / ``GraphLM`` on padded inputs ``[B, T(, F)]``
-    with positions ``pos`` ``[B, T]``."""
+    with positions ``pos`` ``[B, T]``; ``mask`` one for every layer or a sequence of one per layer,
+    each ``[B, T, T]`` or per head ``[B, H, T, T]``; ``bias`` extra score biases ``[B, H, T, T]``
+    (one, or one per layer), added to ALiBi's."""
     config = model.config
     h = model.embed(x)  # [B, T, C]
     if config.position == "learned":
@@ -105,6 +176,9 @@ def encoder_model(model, x: Tensor, mask: Tensor, pos: Tensor) -> Tensor:
     elif config.position == "sinusoidal":
         table = sinusoidal_table(int(pos.max()) + 1, config.d_model, dtype=h.dtype)
         h = h + table[pos]
-    bias = alibi_bias(pos, pos, config.nhead, dtype=h.dtype) if config.position == "alibi" else None
+    if config.position == "alibi":
+        alibi = alibi_bias(pos, pos, config.nhead, dtype=h.dtype)  # [B, H, T, T]
+        biases = _per_layer(bias, len(model.encoder.layers), "bias")
+        bias = [alibi if b is None else alibi + b for b in biases]
     h = encoder(model.encoder, h, mask, pos=pos, bias=bias)
     return h if model.head is None else model.head(h)
