@@ -1,6 +1,8 @@
 """Selectors (topology.dynamic): each one equals a brute-force selection written plainly here
 (Python loops over heads, queries and keys on tiny inputs), returns sorted, distinct, same-sequence
-per-head edges, and refuses bad arguments with a ValueError naming the argument and the value."""
+per-head edges, and refuses bad arguments with a ValueError naming the argument and the value. The
+selector objects (a layer's ``select``) equal the functions on the graph's sequences, kept to the
+graph; ``sequence_lengths`` equals its rule written plainly; ``selector(spec)`` builds them by name."""
 import math
 import re
 
@@ -11,7 +13,8 @@ from hypothesis import strategies as st
 from torch_geometric import EdgeIndex
 
 from gnn_transformer import topology as T
-from gnn_transformer.topology.dynamic import Routing, block_topk, lsh, routing, topk
+from gnn_transformer.topology.dynamic import (LSH, SELECTORS, BlockTopK, Routing, TopK, block_topk, lsh, routing,
+                                              selector, sequence_lengths, topk)
 
 
 # ---------------------------------------------------------------- helpers
@@ -460,7 +463,7 @@ def test_selectors_on_cuda_match_cpu():
 
 
 # ---------------------------------------------------------------- all selectors
-SELECTORS = {
+FUNCTIONS = {
     "topk": lambda q, k, **kw: topk(q, k, 2, **kw),
     "topk_allowed": lambda q, k, **kw: topk(q, k, 2, allowed=T.full(q.size(0)).as_tensor(), **kw),
     "block_topk": lambda q, k, **kw: block_topk(q, k, 2, 1, **kw),
@@ -469,32 +472,32 @@ SELECTORS = {
 }
 
 
-@pytest.mark.parametrize("name", SELECTORS)
+@pytest.mark.parametrize("name", FUNCTIONS)
 @pytest.mark.parametrize("lengths", [[0], [3, 0, 4], [1]], ids=str)
 def test_selectors_take_empty_and_single_token_sequences(name, lengths):
     if name == "block_topk" and max(lengths) < 2:
         return  # block_size 2 > the longest sequence: refused (see the bad inputs)
     q, k = _randn(sum(lengths), 4, 4), _randn(sum(lengths), 2, 4, seed=1)
-    edge_index, edge_head = SELECTORS[name](q, k, lengths=lengths, causal=True)
+    edge_index, edge_head = FUNCTIONS[name](q, k, lengths=lengths, causal=True)
     assert_format(edge_index, edge_head, 4, lengths)
     if sum(lengths) == 0:
         assert edge_index.shape == (2, 0)
 
 
-@pytest.mark.parametrize("name", SELECTORS)
+@pytest.mark.parametrize("name", FUNCTIONS)
 def test_selectors_keep_batch_gaps_apart(name):
     batch = torch.tensor([0, 0, 0, 2, 2, 2, 2, 5])  # ids with gaps: three sequences
     q, k = _randn(8, 4, 4), _randn(8, 2, 4, seed=1)
-    a = SELECTORS[name](q, k, batch=batch)
-    b = SELECTORS[name](q, k, lengths=[3, 4, 1])
+    a = FUNCTIONS[name](q, k, batch=batch)
+    b = FUNCTIONS[name](q, k, lengths=[3, 4, 1])
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("name", SELECTORS)
+@pytest.mark.parametrize("name", FUNCTIONS)
 def test_selectors_respect_the_edge_budget(name):
     q, k = _randn(8, 4, 4), _randn(8, 2, 4, seed=1)
     with T.max_edges(3), pytest.raises(ValueError, match=re.escape("max_edges=3")):
-        SELECTORS[name](q, k)
+        FUNCTIONS[name](q, k)
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -568,3 +571,309 @@ def test_scale_does_not_change_the_selection():
     q, k = _randn(7, 2, 4), _randn(7, 1, 4, seed=1)
     a, b = topk(q, k, 3), topk(q, k, 3, scale=math.pi)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ---------------------------------------------------------------- the sequences of a graph
+def brute_lengths(edge_index, n):
+    """The rule written plainly: a boundary between b - 1 and b starts a sequence unless an edge spans it."""
+    edges = edge_index.t().tolist()
+    starts = [0] + [b for b in range(1, n) if not any(min(i, j) < b <= max(i, j) for j, i in edges)] + [n]
+    return [b - a for a, b in zip(starts, starts[1:])] if n else [0]
+
+
+def _edges(pairs):
+    """``edge_index`` from ``[(j, i), ...]``."""
+    return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).t()
+
+
+RULE = [  # (graph, num_nodes, lengths)
+    (T.causal([5, 7]), 12, [5, 7]),
+    (T.sliding_window([3, 0, 4], 1), 7, [3, 4]),  # an empty sequence has no nodes to find
+    (T.full(6), 6, [6]),
+    (T.sliding_window(9, 2, causal=True), 9, [9]),
+    (_edges([(0, 5)]), 8, [6, 1, 1]),  # one long edge spans its range; nodes 6, 7 alone
+    (_edges([(5, 0), (7, 7)]), 8, [6, 1, 1]),  # direction does not matter; a self-loop spans nothing
+    (_edges([(0, 2), (2, 4), (6, 8)]), 9, [5, 1, 3]),  # overlapping spans chain; node 5 alone
+    (_edges([]), 4, [1, 1, 1, 1]),
+    (_edges([]), 0, [0]),
+    (_edges([(i, i) for i in range(3)]), 3, [1, 1, 1]),
+]
+
+
+@pytest.mark.parametrize("graph, n, lengths", RULE, ids=[f"{i}-{case[2]}" for i, case in enumerate(RULE)])
+def test_sequence_lengths_of_graphs_with_and_without_boundaries(graph, n, lengths):
+    plain = graph.as_tensor() if isinstance(graph, EdgeIndex) else graph
+    assert sequence_lengths(graph, n) == lengths == brute_lengths(plain, n)
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(0, 14), num=st.integers(0, 12), span=st.integers(0, 6), seed=st.integers(0, 10**6))
+def test_sequence_lengths_property_equals_the_rule(n, num, span, seed):
+    g = torch.Generator().manual_seed(seed)
+    i = torch.randint(0, max(n, 1), (num if n else 0,), generator=g)
+    j = (i + torch.randint(-span, span + 1, i.shape, generator=g)).clamp(0, max(n - 1, 0))
+    edge_index = torch.stack([j, i])
+    lengths = sequence_lengths(edge_index, n)
+    assert lengths == brute_lengths(edge_index, n) and sum(lengths) == n
+
+
+# ---------------------------------------------------------------- selector objects (a layer's select)
+def _within(triples, graph):
+    """The triples ``(head, target, source)`` whose edge ``source -> target`` the graph holds."""
+    edges = {(i, j) for j, i in graph.t().tolist()}
+    return [t for t in triples if (t[1], t[2]) in edges]
+
+
+ROUTER = Routing(4, 4, 3, seed=1).double().eval()
+OBJECTS = {  # name: (selector object, its reference on the graph's lengths: the plain function, kept to the graph)
+    "topk": (TopK(3), lambda q, k, g, lens: brute_topk(q, k, 3, lens, lens, allowed=g)),
+    "topk_causal": (TopK(2, causal=True), lambda q, k, g, lens: brute_topk(q, k, 2, lens, lens, causal=True,
+                                                                           allowed=g)),
+    "block_topk": (BlockTopK(2, 1), lambda q, k, g, lens: _within(_triples(*block_topk(q, k, 2, 1, lengths=lens)), g)),
+    "block_topk_causal": (BlockTopK(3, 1, causal=True), lambda q, k, g, lens: _within(
+        _triples(*block_topk(q, k, 3, 1, causal=True, lengths=lens)), g)),
+    "lsh": (LSH(4, num_hashes=2, chunk_size=2, seed=3), lambda q, k, g, lens: _within(
+        _triples(*lsh(q, k, 4, num_hashes=2, chunk_size=2, seed=3, lengths=lens)), g)),
+    "lsh_causal": (LSH(2, chunk_size=3, causal=True), lambda q, k, g, lens: _within(
+        _triples(*lsh(q, k, 2, chunk_size=3, causal=True, lengths=lens)), g)),
+    "routing": (ROUTER, lambda q, k, g, lens: _within(_triples(*routing(q, k, ROUTER.centroids, lengths=lens)), g)),
+}
+GRAPHS = {  # name: (graph on 12 nodes, its sequences)
+    "causal": (T.causal([5, 7]).as_tensor(), [5, 7]),
+    "window": (T.sliding_window([5, 7], 2).as_tensor(), [5, 7]),
+    "causal_window": (T.sliding_window(12, 1, causal=True).as_tensor(), [12]),
+    "isolated_node": (T.full([5, 4, 1, 2]).as_tensor()[:, (T.full([5, 4, 1, 2]).as_tensor() != 9).all(0)],
+                      [5, 4, 1, 2]),  # node 9 has no edge: a sequence of its own, and no selected edge
+}
+
+
+@pytest.mark.parametrize("name", OBJECTS)
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_selector_object_equals_the_function_within_the_graph(name, graph):
+    edge_index, lengths = GRAPHS[graph]
+    assert brute_lengths(edge_index, 12) == lengths
+    select, reference = OBJECTS[name]
+    q, k = _randn(12, 4, 4), _randn(12, 2, 4, seed=1)
+    chosen, chosen_head = select(q, k, edge_index)
+    assert _triples(chosen, chosen_head) == reference(q, k, edge_index, lengths)
+    assert_format(chosen, chosen_head, 4, lengths)
+
+
+@pytest.mark.parametrize("name", OBJECTS)
+def test_selector_object_ignores_the_order_duplicates_and_type_of_the_graph(name):
+    select, _ = OBJECTS[name]
+    q, k = _randn(12, 4, 4), _randn(12, 2, 4, seed=1)
+    graph = T.sliding_window([5, 7], 2)
+    plain = graph.as_tensor()
+    shuffled = torch.cat([plain, plain[:, :9]], dim=1)[:, torch.randperm(plain.size(1) + 9)]
+    want = select(q, k, plain)
+    for other in (graph, shuffled):
+        got = select(q, k, other)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_selector_object_on_an_empty_graph_selects_nothing():
+    q, k = _randn(6, 2, 4), _randn(6, 2, 4, seed=1)
+    for select, _ in OBJECTS.values():
+        if isinstance(select, Routing):
+            select = Routing(2, 4, 3).double().eval()
+        for n in (6, 0):
+            edge_index, edge_head = select(q[:n], k[:n], torch.empty(2, 0, dtype=torch.long))
+            assert edge_index.shape == (2, 0) and edge_head.shape == (0,)
+
+
+def test_block_topk_object_takes_sequences_shorter_than_a_block_as_one_block():
+    q, k = _randn(12, 4, 4), _randn(12, 2, 4, seed=1)
+    edge_index, edge_head = BlockTopK(64, 1)(q, k, T.sliding_window([5, 7], 2))
+    assert _triples(edge_index, edge_head) == _within(_triples(*T.heads.per_head([T.full([5, 7])] * 4)),
+                                                      T.sliding_window([5, 7], 2).as_tensor())
+
+
+def test_topk_object_takes_a_bipartite_graph():
+    q, k = _randn(5, 4, 4), _randn(7, 2, 4, seed=1)
+    graph = _allowed(7, 5, 20, seed=2)[0]
+    edge_index, edge_head = TopK(2)(q, k, graph)
+    assert _triples(edge_index, edge_head) == brute_topk(q, k, 2, [5], [7], allowed=graph)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", OBJECTS)
+def test_selector_objects_on_cuda_match_cpu(name):
+    select = OBJECTS[name][0]
+    q, k = _randn(12, 4, 4), _randn(12, 2, 4, seed=1)
+    graph = T.sliding_window([5, 7], 2)
+    cpu = select(q, k, graph)
+    if isinstance(select, Routing):
+        select = Routing(4, 4, 3, seed=1).double().eval().cuda()
+    gpu = select(q.cuda(), k.cuda(), graph.cuda())
+    assert gpu[0].device.type == "cuda" and torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
+    assert sequence_lengths(graph.cuda(), 12) == [5, 7]
+
+
+@pytest.mark.parametrize("name", ["block_topk", "lsh", "routing"])
+def test_selector_objects_of_sequences_refuse_a_bipartite_graph(name):
+    select = OBJECTS[name][0]
+    q, k = _randn(5, 4, 4), _randn(7, 2, 4, seed=1)
+    with pytest.raises(ValueError, match=re.escape(f"{select!r} selects on a self-attention graph only")) as info:
+        select(q, k, _allowed(7, 5, 20, seed=2)[0])
+    assert "q.size(0)=5, k.size(0)=7" in str(info.value)
+
+
+def test_routing_object_takes_its_causal_default_from_the_constructor():
+    q, k = _randn(9, 4, 4), _randn(9, 2, 4, seed=1)
+    router = Routing(4, 4, 3, causal=True).double().eval()
+    want = routing(q, k, router.centroids, causal=True, lengths=[4, 5])
+    for got in (router(q, k, lengths=[4, 5]), router(q, k, T.full([4, 5]))):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert router(q, k, causal=False)[0].size(1) > want[0].size(1)
+
+
+@pytest.mark.parametrize("select, text", [
+    (TopK(64, causal=True), "TopK(num_keys=64, causal=True)"),
+    (BlockTopK(64, 8), "BlockTopK(block_size=64, num_blocks=8, causal=False)"),
+    (LSH(8, num_hashes=2), "LSH(num_buckets=8, num_hashes=2, chunk_size=64, seed=0, causal=False)"),
+    (Routing(4, 16, 8, seed=3, causal=True), "Routing(num_heads=4, head_dim=16, num_clusters=8, decay=0.999, seed=3, "
+                                             "causal=True)"),
+], ids=lambda x: type(x).__name__ if not isinstance(x, str) else "")
+def test_selector_object_repr(select, text):
+    assert repr(select) == text
+
+
+OBJECT_BAD = [
+    (lambda: TopK(0), "'num_keys'", "(got 0)"),
+    (lambda: TopK(2.0), "'num_keys'", "2.0"),
+    (lambda: TopK(2, causal=1), "'causal'", "(got 1)"),
+    (lambda: BlockTopK(0, 1), "'block_size'", "(got 0)"),
+    (lambda: BlockTopK(2, -1), "'num_blocks'", "(got -1)"),
+    (lambda: LSH(3), "'num_buckets'", "(got 3)"),
+    (lambda: LSH(4, num_hashes=0), "'num_hashes'", "(got 0)"),
+    (lambda: LSH(4, chunk_size=0), "'chunk_size'", "(got 0)"),
+    (lambda: LSH(4, seed=-1), "'seed'", "(got -1)"),
+    (lambda: Routing(2, 2, 2, causal="yes"), "'causal'", "'yes'"),
+    (lambda: TopK(1)(Q, K, torch.zeros(2, 3)), "'edge_index'", "torch.float32"),
+    (lambda: TopK(1)(Q, K, torch.tensor([[0, 4], [0, 0]])), "'edge_index'", "[0, 4]"),
+    (lambda: LSH(2)(Q, K, torch.tensor([[0], [0], [0]])), "'edge_index'", "(3, 1)"),
+    (lambda: BlockTopK(1, 1)(Q, K, EdgeIndex(torch.tensor([[0], [0]]), sparse_size=(5, 5))), "'edge_index'", "(5, 5)"),
+    (lambda: Routing(4, 2, 2)(Q, K, torch.tensor([[0], [0]]), lengths=[4]), "'lengths'", "[4]"),
+    (lambda: sequence_lengths(torch.tensor([[0], [3]]), 3), "'edge_index'", "[3, 3]"),
+    (lambda: sequence_lengths(torch.tensor([[0], [0]]), -1), "'num_nodes'", "(got -1)"),
+]
+
+
+@pytest.mark.parametrize("call, name, value", OBJECT_BAD, ids=[f"{i}-{b[1]}" for i, b in enumerate(OBJECT_BAD)])
+def test_selector_object_bad_inputs_name_the_argument_and_the_value(call, name, value):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert name in str(info.value) and value in str(info.value), str(info.value)
+
+
+def test_selector_object_arguments_after_the_sizes_are_keyword_only():
+    with pytest.raises(TypeError):
+        TopK(2, True)
+    with pytest.raises(TypeError):
+        LSH(4, 2)
+
+
+# ---------------------------------------------------------------- selectors by name
+@pytest.mark.parametrize("spec, want", [
+    ("topk:num_keys=64", TopK(64)),
+    ("topk:num_keys=64,causal=true", TopK(64, causal=True)),
+    ("block_topk:block_size=64,num_blocks=8,causal=true", BlockTopK(64, 8, causal=True)),
+    ("lsh:num_buckets=8,num_hashes=2", LSH(8, num_hashes=2)),
+    (" lsh : num_buckets = 8 , chunk_size=+16, seed=12345678901234567 , causal=false ",
+     LSH(8, chunk_size=16, seed=12345678901234567)),
+    ({"name": "topk", "num_keys": 64}, TopK(64)),
+    ({"name": "block_topk", "block_size": 4, "num_blocks": 0, "causal": True}, BlockTopK(4, 0, causal=True)),
+    ({"name": "lsh", "num_buckets": 2, "num_hashes": 3, "chunk_size": 5, "seed": 7, "causal": True},
+     LSH(2, num_hashes=3, chunk_size=5, seed=7, causal=True)),
+], ids=str)
+def test_selector_by_name_equals_the_object(spec, want):
+    got = selector(spec, num_heads=4, head_dim=8)  # the sizes are ignored but by routing
+    assert got == want and type(got) is type(want)
+
+
+@pytest.mark.parametrize("spec, decay, seed, causal", [
+    ("routing:num_clusters=3", 0.999, 0, False),
+    ("routing:num_clusters=3,decay=0.5,seed=4,causal=true", 0.5, 4, True),
+    ("routing:num_clusters=3,decay=1,seed=4", 1.0, 4, False),
+    ("routing:num_clusters=3,decay=25e-3", 0.025, 0, False),
+    ({"name": "routing", "num_clusters": 3, "decay": 0.5, "seed": 4, "causal": True}, 0.5, 4, True),
+    ({"name": "routing", "num_clusters": 3, "decay": 1}, 1.0, 0, False),
+], ids=str)
+def test_selector_routing_by_name_holds_fresh_centroids(spec, decay, seed, causal):
+    router = selector(spec, num_heads=2, head_dim=8)
+    want = Routing(2, 8, 3, decay=decay, seed=seed, causal=causal)
+    assert isinstance(router, Routing) and repr(router) == repr(want)
+    assert router.decay == decay and router.seed == seed and router.causal is causal
+    assert torch.equal(router.centroids, want.centroids) and router.centroids.shape == (2, 3, 8)
+
+
+def test_selector_parameters_are_typed():
+    select = selector("lsh:num_buckets=8,seed=12345678901234567,causal=false")
+    assert type(select.num_buckets) is int and select.seed == 12345678901234567 and select.causal is False
+    assert type(selector("routing:num_clusters=2,decay=1", num_heads=1, head_dim=2).decay) is float
+
+
+def test_selectors_names_every_selector():
+    required = {"topk": "num_keys=1", "block_topk": "block_size=1,num_blocks=0", "lsh": "num_buckets=2",
+                "routing": "num_clusters=1"}
+    assert set(SELECTORS) == set(required)
+    for name in SELECTORS:
+        assert callable(selector(f"{name}:{required[name]}", num_heads=2, head_dim=4))
+
+
+SPEC_BAD = [  # (spec, what the message names besides the spec)
+    ("top_k:num_keys=4", ["'name'", "'top_k'"]),
+    ({"name": "top_k", "num_keys": 4}, ["'name'", "'top_k'"]),
+    ({"name": 3}, ["'name'", "(got 3)"]),
+    ({"num_keys": 4}, ["'name'", "['num_keys']"]),
+    ("topk:num_keys=4,k=3", ["'k'", "k='3'"]),
+    ({"name": "topk", "num_keys": 4, "chunk": 8}, ["'chunk'", "chunk=8"]),
+    ("topk:num_keys=1.5", ["'num_keys'", "num_keys='1.5'"]),
+    ("topk:num_keys=true", ["'num_keys'", "num_keys='true'"]),
+    ("topk:num_keys=4,causal=1", ["'causal'", "causal='1'"]),
+    ("topk:num_keys=4,causal=True", ["'causal'", "causal='True'"]),
+    ("topk:num_keys=__import__('os')", ["'num_keys'", "__import__"]),
+    ("routing:num_clusters=2,decay=nan", ["'decay'", "decay='nan'"]),
+    ({"name": "topk", "num_keys": True}, ["'num_keys'", "num_keys=True"]),
+    ({"name": "topk", "num_keys": 4.0}, ["'num_keys'", "num_keys=4.0"]),
+    ({"name": "topk", "num_keys": "4"}, ["'num_keys'", "num_keys='4'"]),
+    ({"name": "topk", "num_keys": 4, "causal": 1}, ["'causal'", "causal=1"]),
+    ({"name": "routing", "num_clusters": 2, "decay": "0.5"}, ["'decay'", "decay='0.5'"]),
+    ("topk:num_keys=0", ["'num_keys'", "(got 0)"]),
+    ("lsh:num_buckets=3", ["'num_buckets'", "(got 3)"]),
+    ("routing:num_clusters=2,decay=1.5", ["'decay'", "1.5"]),
+    ("block_topk:block_size=4", ["'num_blocks'"]),
+    ("topk", ["'num_keys'"]),
+    ("topk:num_keys", ["'num_keys'"]),
+    ("topk:num_keys=", ["'num_keys='"]),
+    ("topk:num_keys=2,num_keys=3", ["'num_keys'", "num_keys=2", "num_keys=3"]),
+]
+
+
+@pytest.mark.parametrize("spec, names", SPEC_BAD, ids=[f"{i}" for i in range(len(SPEC_BAD))])
+def test_selector_bad_specs_name_the_spec_the_key_and_the_value(spec, names):
+    with pytest.raises(ValueError) as info:
+        selector(spec, num_heads=2, head_dim=4)
+    message = str(info.value)
+    assert repr(spec) in message and all(name in message for name in names), message
+
+
+@pytest.mark.parametrize("sizes", [{}, {"num_heads": 2}, {"head_dim": 4}], ids=str)
+def test_selector_routing_needs_the_sizes(sizes):
+    with pytest.raises(ValueError, match=re.escape("'routing:num_clusters=2': routing needs the layer's 'num_heads' "
+                                                   "and 'head_dim'")):
+        selector("routing:num_clusters=2", **sizes)
+
+
+def test_selector_routing_refuses_bad_sizes_naming_the_spec():
+    with pytest.raises(ValueError, match=re.escape("'routing:num_clusters=2': Expected 'num_heads' >= 1 (got 0)")):
+        selector("routing:num_clusters=2", num_heads=0, head_dim=4)
+
+
+@pytest.mark.parametrize("spec", [3, None, ["topk", 3]], ids=str)
+def test_selector_refuses_a_spec_of_another_type(spec):
+    message = ("Expected 'spec' to be a string such as 'topk:num_keys=64' or a mapping such as {'name': 'topk', "
+               f"'num_keys': 64}} (got {spec!r})")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        selector(spec)

@@ -16,6 +16,15 @@ A batch is a disjoint union of sequences, given as a PyG-style sorted ``batch`` 
 sorted chunks) are local to each sequence. Edges are counted (exactly or as an upper bound) before
 they are allocated and refused above the edge budget (:func:`gnn_transformer.topology.max_edges`).
 
+A layer selects with an object instead (``GraphMultiheadAttention(..., select=TopK(64))``), called
+as ``select(q, k, edge_index)`` with the graph the layer was given: the allowed edges. The result
+is always a subset of them, per head. :class:`TopK` ranks the allowed edges themselves (any graph,
+cross attention included); :class:`BlockTopK`, :class:`LSH` and :class:`Routing` select on the
+sequences of the graph (:func:`sequence_lengths`: the maximal ranges of consecutive nodes no edge
+crosses), then keep only the selected edges the graph holds. :func:`selector` builds them by name
+(``"topk:num_keys=64"``, or a mapping from a TOML table or a model config); :data:`SELECTORS` names
+them.
+
 Words of this file:
 
 - query chunk (``chunk`` of :func:`topk`): the queries scored at a time; a score block is
@@ -25,6 +34,8 @@ Words of this file:
 - bucket, sorted chunk (:func:`lsh`): an LSH hash value; ``chunk_size`` consecutive positions of
   the bucket-sorted order (Reformer's chunk).
 - cluster (:func:`routing`): the tokens nearest to one centroid of one head.
+- allowed graph: the edges a selection may keep (``allowed`` of :func:`topk`, the ``edge_index`` a
+  selector object is called with).
 
 Notation: ``N`` tokens, ``H`` query heads, ``H_kv`` key heads, ``g = H // H_kv``, ``D`` head dim,
 ``E`` edges.
@@ -32,17 +43,20 @@ Notation: ``N`` tokens, ``H`` query heads, ``H_kv`` key heads, ``g = H // H_kv``
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric import EdgeIndex
 
-from ._common import (INT64_MAX, Lengths, as_lengths, check_bool, check_edges, check_int, check_seed,
+from ._common import (INT64_MAX, Lengths, as_lengths, check_bool, check_edges, check_int, check_keys, check_seed,
                       expand_ranges, local_positions)
 
-__all__ = ["topk", "block_topk", "lsh", "routing", "Routing"]
+__all__ = ["topk", "block_topk", "lsh", "routing", "sequence_lengths", "TopK", "BlockTopK", "LSH", "Routing",
+           "SELECTORS", "selector"]
 
 EDGES_PER_QUERY = 64  # the allowed path of topk scores chunk * EDGES_PER_QUERY candidate edges at a time
 BLOCK_CHUNK = 1024    # query blocks scored at a time by block_topk
@@ -229,27 +243,35 @@ def _dense_topk(q: Tensor, k: Tensor, num: int, lq: list[int], lk: list[int], *,
     return h[perm], i[perm], j[perm]
 
 
+def _edge_list(name: str, edge_index: object, n_src: int, n_dst: int, device: torch.device,
+               sizes: tuple[str, str] = ("k.size(0)", "q.size(0)")) -> tuple[Tensor, Tensor]:
+    """Validate an ``edge_index`` ``[2, E]`` (plain or ``EdgeIndex``) of sources in ``[0, n_src)``
+    and targets in ``[0, n_dst)`` (named ``sizes`` in messages); return ``(src, dst)``, long."""
+    if isinstance(edge_index, EdgeIndex):
+        size = edge_index.sparse_size()
+        if (size[0] is not None and size[0] != n_src) or (size[1] is not None and size[1] != n_dst):
+            raise ValueError(f"Expected '{name}' of sparse_size ({n_src}, {n_dst}) ({sizes[0]}, {sizes[1]}) "
+                             f"(got {size})")
+        edge_index = edge_index.as_tensor()
+    if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.size(0) != 2:
+        shape = tuple(edge_index.shape) if isinstance(edge_index, Tensor) else type(edge_index).__name__
+        raise ValueError(f"Expected '{name}' to be an edge_index of shape [2, E] (got {shape})")
+    if edge_index.is_floating_point() or edge_index.is_complex() or edge_index.dtype == torch.bool:
+        raise ValueError(f"Expected '{name}' to be an integer tensor (got dtype {edge_index.dtype})")
+    if edge_index.device != device:
+        raise ValueError(f"Expected '{name}' on the device of 'q' ({device}) (got {edge_index.device})")
+    src, dst = edge_index[0].long(), edge_index[1].long()
+    for what, v, n, size_name in (("sources", src, n_src, sizes[0]), ("targets", dst, n_dst, sizes[1])):
+        if v.numel() and (int(v.min()) < 0 or int(v.max()) >= n):
+            raise ValueError(f"Expected the {what} of '{name}' in [0, {size_name}={n}) (got values in "
+                             f"[{int(v.min())}, {int(v.max())}])")
+    return src, dst
+
+
 def _check_allowed(allowed: object, allowed_head: object, H: int, n_src: int, n_dst: int,
                    device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
     """Validate ``allowed`` (and ``allowed_head``); return ``(src, dst, head)``."""
-    if isinstance(allowed, EdgeIndex):
-        size = allowed.sparse_size()
-        if (size[0] is not None and size[0] != n_src) or (size[1] is not None and size[1] != n_dst):
-            raise ValueError(f"Expected 'allowed' of sparse_size ({n_src}, {n_dst}) (k.size(0), q.size(0)) "
-                             f"(got {size})")
-        allowed = allowed.as_tensor()
-    if not isinstance(allowed, Tensor) or allowed.dim() != 2 or allowed.size(0) != 2:
-        shape = tuple(allowed.shape) if isinstance(allowed, Tensor) else type(allowed).__name__
-        raise ValueError(f"Expected 'allowed' to be an edge_index of shape [2, E] (got {shape})")
-    if allowed.is_floating_point() or allowed.is_complex() or allowed.dtype == torch.bool:
-        raise ValueError(f"Expected 'allowed' to be an integer tensor (got dtype {allowed.dtype})")
-    if allowed.device != device:
-        raise ValueError(f"Expected 'allowed' on the device of 'q' ({device}) (got {allowed.device})")
-    src, dst = allowed[0].long(), allowed[1].long()
-    for what, v, n, size in (("sources", src, n_src, "k.size(0)"), ("targets", dst, n_dst, "q.size(0)")):
-        if v.numel() and (int(v.min()) < 0 or int(v.max()) >= n):
-            raise ValueError(f"Expected the {what} of 'allowed' in [0, {size}={n}) (got values in "
-                             f"[{int(v.min())}, {int(v.max())}])")
+    src, dst = _edge_list("allowed", allowed, n_src, n_dst, device)
     if allowed_head is None:
         return src, dst, None
     if not isinstance(allowed_head, Tensor) or allowed_head.dim() != 1 or allowed_head.is_floating_point() \
@@ -667,49 +689,401 @@ def routing(q: Tensor, k: Tensor, centroids: Tensor, *, causal: bool = False, ba
     return torch.stack([perm[p] % max(n, 1), row % max(n, 1)]), row // max(n, 1)
 
 
+# ---------------------------------------------------------------- a layer's selectors
+def _sequence_lengths(src: Tensor, dst: Tensor, n: int) -> list[int]:
+    """:func:`sequence_lengths` of checked ``src``, ``dst``."""
+    if n == 0:
+        return [0]
+    lo, hi = torch.minimum(src, dst), torch.maximum(src, dst)
+    spans = torch.bincount(lo, minlength=n + 1) - torch.bincount(hi, minlength=n + 1)  # difference array
+    covered = spans.cumsum(0)[: n - 1]  # [N - 1]: edges spanning the boundary between b - 1 and b
+    bounds = (covered == 0).nonzero().reshape(-1) + 1  # first node of every sequence but the first
+    ptr = torch.cat([bounds.new_zeros(1), bounds, bounds.new_full((1,), n)])
+    return ptr.diff().tolist()
+
+
+def sequence_lengths(edge_index: Tensor, num_nodes: int) -> list[int]:
+    r"""The sequences of a self-attention graph: the maximal ranges of consecutive nodes no edge crosses.
+
+    An edge ``j -> i`` covers the boundaries between the nodes :math:`\min(i, j)` and
+    :math:`\max(i, j)`; a boundary between nodes ``b - 1`` and ``b`` that no edge covers starts a
+    new sequence. A disjoint union of sequences (causal, windows, any builder's batch) gives back
+    its lengths; a node without edges is a sequence of its own; nodes joined by a chain of
+    overlapping edges are one sequence. It is the rule the selector objects (:class:`BlockTopK`,
+    :class:`LSH`, :class:`Routing`) use to find the sequences of the graph a layer passes them: in
+    ``O(N + E)``, with a difference array over the edges' spans.
+
+    Args:
+        edge_index: ``[2, E]`` integer (plain or ``EdgeIndex``), both rows in ``[0, num_nodes)``.
+        num_nodes: ``N``, ``>= 0``.
+
+    Returns:
+        The lengths, summing to ``num_nodes`` (``[0]`` for no nodes).
+
+    Example:
+        >>> from gnn_transformer import topology as T
+        >>> sequence_lengths(T.causal([2, 3]), 5)
+        [2, 3]
+        >>> sequence_lengths(torch.tensor([[0, 2], [2, 0]]), 4)  # 0 <-> 2 covers node 1; node 3 alone
+        [3, 1]
+    """
+    check_int("num_nodes", num_nodes, 0)
+    device = edge_index.device if isinstance(edge_index, Tensor) else torch.device("cpu")
+    src, dst = _edge_list("edge_index", edge_index, num_nodes, num_nodes, device, ("num_nodes", "num_nodes"))
+    return _sequence_lengths(src, dst, num_nodes)
+
+
+def _allowed_graph(who: object, q: Tensor, k: Tensor, edge_index: object, *,
+                   self_attention: bool = True) -> tuple[Tensor, Tensor]:
+    """Checked ``(src, dst)`` of the graph a selector is given (of self-attention unless told)."""
+    _check_qk(q, k)
+    if self_attention and q.size(0) != k.size(0):
+        raise ValueError(f"{who!r} selects on a self-attention graph only: expected as many queries as keys (got "
+                         f"q.size(0)={q.size(0)}, k.size(0)={k.size(0)})")
+    check_keys(k.size(0), q.size(0))
+    return _edge_list("edge_index", edge_index, k.size(0), q.size(0), q.device)
+
+
+def _within(edge_index: Tensor, edge_head: Tensor, src: Tensor, dst: Tensor, n_src: int) -> tuple[Tensor, Tensor]:
+    """The edges of a per-head selection that the shared graph ``(src, dst)`` holds, in their order:
+    each ``(target, source)`` looked up among the graph's sorted keys (no ``[N, N]`` mask)."""
+    allowed = torch.unique(dst * n_src + src)  # [A] sorted by (target, source)
+    if allowed.numel() == 0:
+        return edge_index[:, :0], edge_head[:0]
+    code = edge_index[1] * n_src + edge_index[0]  # [E]
+    at = torch.searchsorted(allowed, code).clamp(max=allowed.numel() - 1)
+    keep = allowed[at] == code  # [E]
+    return edge_index[:, keep], edge_head[keep]
+
+
+def _select_in_sequences(who: object, q: Tensor, k: Tensor, edge_index: object, select) -> tuple[Tensor, Tensor]:
+    """``select(lengths)`` on the sequences of the given graph, then kept to that graph."""
+    src, dst = _allowed_graph(who, q, k, edge_index)
+    chosen = select(_sequence_lengths(src, dst, q.size(0)))
+    return _within(*chosen, src, dst, max(k.size(0), 1))
+
+
+@dataclass(frozen=True)
+class TopK:
+    r"""Top-k selection as a layer's ``select``: every query head keeps its ``num_keys`` best allowed keys.
+
+    ``TopK(num_keys)(q, k, edge_index)`` is ``topk(q, k, num_keys, allowed=edge_index)``: the
+    candidates of query ``i`` are the sources of its edges in ``edge_index`` (any graph, cross
+    attention included), so the result is a subset of it for every head.
+
+    Args:
+        num_keys: keys kept per query and head, ``>= 1``.
+        causal: only keys ``j <= i`` (node indices; within a sequence of a self-attention batch
+            graph, the same as local positions). Default ``False``.
+
+    Example:
+        >>> from gnn_transformer import topology as T
+        >>> q = torch.tensor([[[1.0]], [[2.0]], [[-1.0]]])  # [3, 1, 1]
+        >>> k = torch.tensor([[[1.0]], [[3.0]], [[-2.0]]])
+        >>> edge_index, edge_head = TopK(1)(q, k, T.causal(3))
+        >>> edge_index.tolist(), edge_head.tolist()
+        ([[0, 1, 2], [0, 1, 2]], [0, 0, 0])
+    """
+
+    num_keys: int
+    _: KW_ONLY
+    causal: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("num_keys", self.num_keys, 1)
+        check_bool("causal", self.causal)
+
+    def __call__(self, q: Tensor, k: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
+        """``(edge_index [2, E], edge_head [E])``, sorted by (head, target, source)."""
+        src, dst = _allowed_graph(self, q, k, edge_index, self_attention=False)
+        return topk(q, k, self.num_keys, allowed=torch.stack([src, dst]), causal=self.causal)
+
+
+@dataclass(frozen=True)
+class BlockTopK:
+    r"""Block selection (MoBA) as a layer's ``select``: :func:`block_topk` on the graph's sequences,
+    kept to the graph.
+
+    The sequences are those of :func:`sequence_lengths` of the given graph (a self-attention graph:
+    as many queries as keys); blocks are cut from the start of each. A sequence shorter than
+    ``block_size`` is one block. The edges :func:`block_topk` selects are then kept only where the
+    given graph has them (the intersection, per head).
+
+    Args:
+        block_size: positions per block, ``>= 1``.
+        num_blocks: key blocks kept besides the own block, ``>= 0``.
+        causal: only blocks at or before the query's, ``j <= i`` inside its own. Default ``False``.
+
+    Example:
+        >>> from gnn_transformer import topology as T
+        >>> q = k = torch.ones(6, 1, 2)  # all blocks tie: the lower block index wins
+        >>> edge_index, _ = BlockTopK(2, 0, causal=True)(q, k, T.causal([2, 4]))
+        >>> edge_index.tolist()
+        [[0, 0, 1, 2, 2, 3, 4, 4, 5], [0, 1, 1, 2, 3, 3, 4, 5, 5]]
+    """
+
+    block_size: int
+    num_blocks: int
+    _: KW_ONLY
+    causal: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("block_size", self.block_size, 1)
+        check_int("num_blocks", self.num_blocks, 0)
+        check_bool("causal", self.causal)
+
+    def __call__(self, q: Tensor, k: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
+        """``(edge_index [2, E], edge_head [E])``, sorted by (head, target, source)."""
+        def select(lengths: list[int]) -> tuple[Tensor, Tensor]:
+            block_size = min(self.block_size, max(max(lengths), 1))  # a longer block holds the same positions
+            return block_topk(q, k, block_size, self.num_blocks, causal=self.causal, lengths=lengths)
+        return _select_in_sequences(self, q, k, edge_index, select)
+
+
+@dataclass(frozen=True)
+class LSH:
+    r"""LSH attention (Reformer) as a layer's ``select``: :func:`lsh` on the graph's sequences, kept
+    to the graph.
+
+    The sequences are those of :func:`sequence_lengths` of the given graph (a self-attention graph:
+    as many queries as keys); the edges :func:`lsh` selects are kept only where the given graph has
+    them (the intersection, per head). The rotations are drawn from ``seed`` on every call: the
+    same input gives the same graph.
+
+    Args:
+        num_buckets: buckets per round, even and ``>= 2``.
+        num_hashes: hash rounds, ``>= 1``. Default ``1``.
+        chunk_size: positions per sorted chunk, ``>= 1``. Default ``64``.
+        seed: seed of the rotations, in ``[0, 2**63 - 1]``. Default ``0``.
+        causal: only keys at local positions ``j <= i``. Default ``False``.
+
+    Example:
+        >>> from gnn_transformer import topology as T
+        >>> q = k = torch.randn(5, 2, 4)
+        >>> edge_index, edge_head = LSH(4, chunk_size=8)(q, k, T.sliding_window(5, 1))  # one chunk: all of it
+        >>> edge_index.size(1) == 2 * T.sliding_window(5, 1).size(1)
+        True
+    """
+
+    num_buckets: int
+    _: KW_ONLY
+    num_hashes: int = 1
+    chunk_size: int = 64
+    seed: int = 0
+    causal: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("num_buckets", self.num_buckets, 2)
+        if self.num_buckets % 2:
+            raise ValueError(f"Expected 'num_buckets' to be even (got {self.num_buckets})")
+        check_int("num_hashes", self.num_hashes, 1)
+        check_int("chunk_size", self.chunk_size, 1)
+        check_seed("seed", self.seed)
+        check_bool("causal", self.causal)
+
+    def __call__(self, q: Tensor, k: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
+        """``(edge_index [2, E], edge_head [E])``, sorted by (head, target, source)."""
+        def select(lengths: list[int]) -> tuple[Tensor, Tensor]:
+            return lsh(q, k, self.num_buckets, num_hashes=self.num_hashes, chunk_size=self.chunk_size,
+                       seed=self.seed, causal=self.causal, lengths=lengths)
+        return _select_in_sequences(self, q, k, edge_index, select)
+
+
 class Routing(nn.Module):
     r"""Routing attention with its centroids: :func:`routing` plus an online k-means.
 
     Holds ``centroids`` ``[H, K, D]`` as a buffer (in the state dict, follows ``.to()``), drawn
     from a seeded normal and normalized. In training mode every forward moves them toward the mean
     of the normalized queries and keys assigned to them (exponential moving average of rate
-    ``decay``, then re-normalized); in eval mode they stay.
+    ``decay``, then re-normalized); in eval mode they stay. The graph of a call uses the centroids
+    as they were before it.
+
+    Two ways to call it:
+
+    - ``router(q, k, *, causal=None, batch=None, lengths=None)``: :func:`routing` on the sequences
+      given by ``batch`` or ``lengths`` (neither: one sequence).
+    - ``router(q, k, edge_index)``: a layer's ``select``. The sequences are those of
+      :func:`sequence_lengths` of the given graph (a self-attention graph: as many queries as keys;
+      ``batch`` and ``lengths`` are then refused), and the selected edges are kept only where the
+      graph has them (the intersection, per head).
 
     Args:
         num_heads: query heads ``H``.
         head_dim: head dimension ``D``.
         num_clusters: centroids per head ``K``.
-        decay: :math:`\lambda \in [0, 1]` of the moving average.
-        seed: seed of the initial centroids.
+        decay: :math:`\lambda \in [0, 1]` of the moving average. Default ``0.999``.
+        seed: seed of the initial centroids. Default ``0``.
+        causal: only keys at local positions ``j <= i``, unless a call says otherwise. Default ``False``.
 
     Example:
+        >>> from gnn_transformer import topology as T
         >>> router = Routing(num_heads=2, head_dim=4, num_clusters=3)
         >>> q, k = torch.randn(5, 2, 4), torch.randn(5, 1, 4)
         >>> edge_index, edge_head = router(q, k, causal=True)
         >>> bool((edge_index[0] <= edge_index[1]).all()), router.centroids.shape
         (True, torch.Size([2, 3, 4]))
+        >>> edge_index, edge_head = router(q, k, T.sliding_window([2, 3], 1))  # a layer's call
+        >>> bool(((edge_index[0] - edge_index[1]).abs() <= 1).all())
+        True
     """
 
     centroids: Tensor
 
     def __init__(self, num_heads: int, head_dim: int, num_clusters: int, *, decay: float = 0.999,
-                 seed: int = 0) -> None:
+                 seed: int = 0, causal: bool = False) -> None:
         super().__init__()
         check_int("num_heads", num_heads, 1)
         check_int("head_dim", head_dim, 1)
         check_int("num_clusters", num_clusters, 1)
         self.decay = _check_real("decay", decay, 0.0, 1.0)
-        check_seed("seed", seed)
+        self.seed = check_seed("seed", seed)
+        self.causal = check_bool("causal", causal)
         generator = torch.Generator().manual_seed(seed)
         centroids = torch.randn(num_heads, num_clusters, head_dim, generator=generator)
         self.register_buffer("centroids", F.normalize(centroids, dim=-1))
 
-    def forward(self, q: Tensor, k: Tensor, *, causal: bool = False, batch: Tensor | None = None,
-                lengths: Lengths | None = None) -> tuple[Tensor, Tensor]:
-        """Select with :func:`routing`; update the centroids in training mode."""
+    def forward(self, q: Tensor, k: Tensor, edge_index: Tensor | None = None, *, causal: bool | None = None,
+                batch: Tensor | None = None, lengths: Lengths | None = None) -> tuple[Tensor, Tensor]:
+        """Select with :func:`routing` (within ``edge_index`` when given); update the centroids in
+        training mode."""
+        causal = self.causal if causal is None else causal
+        if edge_index is None:
+            return self._route(q, k, causal, batch=batch, lengths=lengths)
+        if batch is not None or lengths is not None:
+            given = "batch" if batch is not None else "lengths"
+            raise ValueError(f"Expected no '{given}' with 'edge_index': the sequences are those of the graph "
+                             f"(got {given}={batch if batch is not None else lengths!r})")
+        return _select_in_sequences(self, q, k, edge_index, lambda lens: self._route(q, k, causal, lengths=lens))
+
+    def _route(self, q: Tensor, k: Tensor, causal: bool, *, batch: Tensor | None = None,
+               lengths: Lengths | None = None) -> tuple[Tensor, Tensor]:
         return routing(q, k, self.centroids, causal=causal, batch=batch, lengths=lengths, update=self.training,
                        decay=self.decay)
 
     def extra_repr(self) -> str:
         H, K, D = self.centroids.shape
-        return f"num_heads={H}, head_dim={D}, num_clusters={K}, decay={self.decay}"
+        return (f"num_heads={H}, head_dim={D}, num_clusters={K}, decay={self.decay}, seed={self.seed}"
+                f"{', causal=True' if self.causal else ''}")
+
+
+# ---------------------------------------------------------------- by name
+SELECTORS = ("topk", "block_topk", "lsh", "routing")
+_CLASSES: dict[str, type] = {"topk": TopK, "block_topk": BlockTopK, "lsh": LSH, "routing": Routing}
+_PARAMETERS: dict[str, dict[str, type]] = {  # the parameters a spec may give, with their types
+    "topk": {"num_keys": int, "causal": bool},
+    "block_topk": {"block_size": int, "num_blocks": int, "causal": bool},
+    "lsh": {"num_buckets": int, "num_hashes": int, "chunk_size": int, "seed": int, "causal": bool},
+    "routing": {"num_clusters": int, "decay": float, "seed": int, "causal": bool},
+}
+_REQUIRED = {"topk": ("num_keys",), "block_topk": ("block_size", "num_blocks"), "lsh": ("num_buckets",),
+             "routing": ("num_clusters",)}
+_INT = re.compile(r"[+-]?\d+")
+_REAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_WANT = {bool: "a boolean (true or false)", int: "an integer", float: "a real number"}
+
+
+def _parse(spec: object) -> tuple[str, dict[str, object], bool]:
+    """``(name, parameters, from_text)`` of a spec string or mapping, the parameters not yet typed."""
+    if isinstance(spec, str):
+        name, _, rest = spec.partition(":")
+        params: dict[str, object] = {}
+        for item in rest.split(",") if rest.strip() else []:
+            key, eq, text = (part.strip() for part in item.partition("="))
+            if not eq or not key or not text:
+                raise ValueError(f"selector spec {spec!r}: expected 'key=value' items after 'name:' (got {item!r})")
+            if key in params:
+                raise ValueError(f"selector spec {spec!r}: parameter '{key}' given twice (got {key}={params[key]} "
+                                 f"and {key}={text})")
+            params[key] = text
+        return name.strip(), params, True
+    if isinstance(spec, Mapping):
+        if "name" not in spec:
+            raise ValueError(f"selector spec {spec!r}: expected a 'name' key, one of {SELECTORS} (got keys "
+                             f"{list(spec)})")
+        return spec["name"], {key: v for key, v in spec.items() if key != "name"}, False
+    raise ValueError(f"Expected 'spec' to be a string such as 'topk:num_keys=64' or a mapping such as "
+                     f"{{'name': 'topk', 'num_keys': 64}} (got {spec!r})")
+
+
+def _typed(spec: object, key: str, value: object, kind: type, from_text: bool) -> object:
+    """``value`` as a ``kind`` (parsed from text, or checked), else a ``ValueError``."""
+    if from_text:
+        assert isinstance(value, str)
+        if kind is bool and value in ("true", "false"):
+            return value == "true"
+        if kind is int and _INT.fullmatch(value):
+            return int(value)
+        if kind is float and _REAL.fullmatch(value):
+            return float(value)
+    elif kind is bool and isinstance(value, bool):
+        return value
+    elif kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(f"selector spec {spec!r}: expected '{key}' to be {_WANT[kind]} (got {key}={value!r})")
+
+
+def selector(spec: str | Mapping[str, object], *, num_heads: int | None = None,
+             head_dim: int | None = None) -> TopK | BlockTopK | LSH | Routing:
+    r"""A selector object by name, from a spec string or a mapping (a TOML table, a model config).
+
+    The string form is ``"name"`` or ``"name:key=value,key=value"``: integers in decimal, booleans
+    ``true`` / ``false``, reals (``decay``) in decimal or exponent notation; nothing is evaluated.
+    The mapping form is ``{"name": name, key: value, ...}`` with values of those types (an ``int``
+    is not a ``bool``). Names (:data:`SELECTORS`) and their parameters:
+
+    ============== ============================================================= ==============
+    name           parameters (required first)                                   object
+    ============== ============================================================= ==============
+    ``topk``       ``num_keys``; ``causal``                                      :class:`TopK`
+    ``block_topk`` ``block_size``, ``num_blocks``; ``causal``                    :class:`BlockTopK`
+    ``lsh``        ``num_buckets``; ``num_hashes``, ``chunk_size``, ``seed``,    :class:`LSH`
+                   ``causal``
+    ``routing``    ``num_clusters``; ``decay``, ``seed``, ``causal``             :class:`Routing`
+    ============== ============================================================= ==============
+
+    Args:
+        spec: the selector, as above.
+        num_heads: query heads of the layer; required for ``routing`` (its centroids are per
+            head), ignored by the others.
+        head_dim: head dimension of the layer; required for ``routing``, ignored by the others.
+
+    Returns:
+        The selector (a new :class:`Routing` module, with fresh centroids, for ``routing``).
+
+    Raises:
+        ValueError: an unknown name or parameter, a missing parameter, a value of the wrong type
+            or out of range, naming the spec, the key and the value.
+
+    Example:
+        >>> selector("block_topk:block_size=64,num_blocks=8,causal=true")
+        BlockTopK(block_size=64, num_blocks=8, causal=True)
+        >>> selector({"name": "topk", "num_keys": 16})
+        TopK(num_keys=16, causal=False)
+        >>> selector("routing:num_clusters=4", num_heads=2, head_dim=8)
+        Routing(num_heads=2, head_dim=8, num_clusters=4, decay=0.999, seed=0)
+    """
+    name, raw, from_text = _parse(spec)
+    if name not in SELECTORS:
+        raise ValueError(f"selector spec {spec!r}: expected 'name' to be one of {SELECTORS} (got {name!r})")
+    types = _PARAMETERS[name]
+    params = {}
+    for key, value in raw.items():
+        if key not in types:
+            raise ValueError(f"selector spec {spec!r}: unknown parameter '{key}' of {name} (got {key}={value!r}); "
+                             f"its parameters: {', '.join(types)}")
+        params[key] = _typed(spec, key, value, types[key], from_text)
+    missing = [key for key in _REQUIRED[name] if key not in params]
+    if missing:
+        raise ValueError(f"selector spec {spec!r}: missing parameter '{missing[0]}' of {name} (required: "
+                         f"{', '.join(_REQUIRED[name])})")
+    if name == "routing":
+        if num_heads is None or head_dim is None:
+            raise ValueError(f"selector spec {spec!r}: routing needs the layer's 'num_heads' and 'head_dim' for its "
+                             f"centroids (got num_heads={num_heads!r}, head_dim={head_dim!r})")
+        params = {"num_heads": num_heads, "head_dim": head_dim, **params}
+    try:
+        return _CLASSES[name](**params)
+    except ValueError as error:
+        raise ValueError(f"selector spec {spec!r}: {error}") from error
