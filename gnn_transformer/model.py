@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,6 +30,7 @@ from .layers import (GraphTransformerDecoder, GraphTransformerDecoderLayer, Grap
                      GraphTransformerEncoderLayer, LayerBiases, LayerGraphs, check_layer_norm_eps,
                      resolve_layer_biases, resolve_layer_graphs)
 from .position import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding, alibi_edge_bias, alibi_slopes
+from .topology import dynamic
 from .variants import attention_class
 
 
@@ -163,6 +166,10 @@ class GraphTransformerConfig:
     kv_share_every: int = 1  # cross-layer KV sharing: only every k-th layer projects keys/values
     tie_weights: bool = True  # GraphLM: output head shares the token embedding
     backend: str = "auto"  # attention backend: one of attention.BACKENDS
+    # graphs chosen from the data: a selector of topology.dynamic.selector ("topk:num_keys=64" or
+    # {"name": "block_topk", "block_size": 64, "num_blocks": 8, "causal": True}); every layer picks
+    # its per-head graph from its own queries and keys within the graph it is given. None: no choice
+    select: str | dict[str, Any] | None = None
 
 
 POSITIONS = ("none", "learned", "sinusoidal", "rope", "alibi")
@@ -172,6 +179,12 @@ def _check_config(c: GraphTransformerConfig) -> None:
     """``ValueError`` naming the first field of ``c`` with an invalid value."""
     if c.position not in POSITIONS:
         raise ValueError(f"Expected 'position' to be one of {POSITIONS} (got {c.position!r})")
+    if c.select is not None:
+        if c.position == "alibi":
+            raise ValueError(f"Expected a 'position' other than 'alibi' with select={c.select!r} (ALiBi is an "
+                             "edge bias of the given graph; a selecting layer attends along its own choice)")
+        check_positive_int("nhead", c.nhead)
+        dynamic.selector(c.select, num_heads=c.nhead, head_dim=max(c.d_model // c.nhead, 1))  # validates
     if (c.vocab_size is None) == (c.input_dim is None):
         raise ValueError("Expected exactly one of 'vocab_size' and 'input_dim' (got "
                          f"vocab_size={c.vocab_size!r}, input_dim={c.input_dim!r})")
@@ -201,6 +214,15 @@ def _check_config(c: GraphTransformerConfig) -> None:
     if c.position == "sinusoidal" and c.d_model % 2:
         raise ValueError(f"Expected an even 'd_model' with position='sinusoidal' (got d_model="
                          f"{c.d_model})")
+
+
+def _attention_factory(c: GraphTransformerConfig) -> Callable[..., nn.Module]:
+    """The attention class of ``c``, with its selector when ``c.select`` is set (each layer's a copy:
+    routing centroids are per layer)."""
+    cls = attention_class(c.attention)
+    if c.select is None:
+        return cls
+    return partial(cls, select=dynamic.selector(c.select, num_heads=c.nhead, head_dim=c.d_model // c.nhead))
 
 
 def _alibi_biases(graphs: Sequence[tuple[Tensor, Tensor | None]], edge_bias: Sequence[Tensor | None],
@@ -274,7 +296,7 @@ class GraphEncoderModel(nn.Module):
             c.d_model, c.nhead, 4 * c.d_model if c.dim_feedforward is None else c.dim_feedforward,
             c.dropout, c.activation, c.layer_norm_eps, norm_first=c.norm_first, bias=c.bias,
             num_kv_heads=c.num_kv_heads, rope=c.position == "rope", rope_base=c.rope_base,
-            attention=attention_class(c.attention), backend=c.backend)
+            attention=_attention_factory(c), backend=c.backend)
         final_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps, bias=c.bias) if c.norm_first else None
         self.encoder = GraphTransformerEncoder(layer, c.num_layers, final_norm,
                                                kv_share_every=c.kv_share_every)
