@@ -1,0 +1,227 @@
+"""Top-k attention: each query's highest-scoring keys per head, exactly, among all or the allowed keys."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch_geometric import EdgeIndex
+
+from .._common import INT64_MAX, check_bool, check_edges, check_int
+from ._common import (Batch, BatchLengths, check_qk, check_real, detached_scores_dtype, edge_sizes, sequence_pairs,
+                      token_layout)
+
+
+EDGES_PER_QUERY = 64  # the allowed path of topk scores chunk * EDGES_PER_QUERY candidate edges at a time
+
+
+def _best(scores: Tensor, ok: Tensor, num: int) -> Tensor:
+    """Mask of each row's ``num`` best allowed scores, ties to the lower column (exact: the
+    ``num``-th best score is the threshold, ties at it taken from the left)."""
+    masked = scores.masked_fill(~ok, -math.inf)
+    threshold = masked.topk(num, dim=-1).values[..., -1:]  # [..., 1]
+    above = ok & (masked > threshold)
+    tie = ok & (masked == threshold)
+    need = num - above.sum(-1, keepdim=True)
+    return above | (tie & (tie.cumsum(-1) <= need))
+
+
+def dense_topk(q: Tensor, k: Tensor, num: int, lq: list[int], lk: list[int], *, causal: bool,
+                exclude_self: bool, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(head, query, key) of each query's ``num`` best keys of its sequence, sorted; scored
+    ``chunk`` queries at a time against the keys of their sequences only."""
+    device, (n_q, H, D), H_kv = q.device, q.shape, k.size(1)
+    g = H // H_kv
+    out: list[tuple[Tensor, Tensor, Tensor]] = []
+    none = torch.empty(0, dtype=torch.long, device=device)
+    if num < 1 or n_q == 0 or k.size(0) == 0:
+        return none, none, none
+    seq_cpu = torch.repeat_interleave(torch.arange(len(lq)), torch.tensor(lq, dtype=torch.long))
+    seq_q, pos_q, _, _ = token_layout(lq, device)
+    seq_k, pos_k, _, _ = token_layout(lk, device)
+    ptr_k = [0]
+    for L in lk:
+        ptr_k.append(ptr_k[-1] + L)
+    for s in range(0, n_q, chunk):
+        e = min(s + chunk, n_q)
+        lo, hi = ptr_k[int(seq_cpu[s])], ptr_k[int(seq_cpu[e - 1]) + 1]  # keys of the chunk's sequences
+        if hi == lo:
+            continue
+        # -- compute qk --
+        scores = torch.einsum("cxgd,jxd->cxgj", q[s:e].reshape(e - s, H_kv, g, D), k[lo:hi])
+        scores = scores.reshape(e - s, H, hi - lo)  # [c, H, span]
+        ok = seq_k[None, lo:hi] == seq_q[s:e, None]  # [c, span]
+        if causal:
+            ok &= pos_k[None, lo:hi] <= pos_q[s:e, None]
+        if exclude_self:
+            ok &= pos_k[None, lo:hi] != pos_q[s:e, None]
+        keep = _best(scores, ok[:, None, :], min(num, hi - lo))  # [c, H, span]
+        h, i, j = keep.transpose(0, 1).nonzero(as_tuple=True)  # sorted by (head, query, key) in the chunk
+        out.append((h, i + s, j + lo))
+    if not out:
+        return none, none, none
+    h, i, j = (torch.cat(t) for t in zip(*out))
+    perm = torch.argsort(h, stable=True)  # chunks are in query order: (head, query, key)
+    return h[perm], i[perm], j[perm]
+
+
+def checked_edge_list(name: str, edge_index: object, n_src: int, n_dst: int, device: torch.device,
+               sizes: tuple[str, str] = ("k.size(0)", "q.size(0)")) -> tuple[Tensor, Tensor]:
+    """Validate an ``edge_index`` ``[2, E]`` (plain or ``EdgeIndex``) of sources in ``[0, n_src)``
+    and targets in ``[0, n_dst)`` (named ``sizes`` in messages); return ``(src, dst)``, long."""
+    if isinstance(edge_index, EdgeIndex):
+        size = edge_index.sparse_size()
+        if (size[0] is not None and size[0] != n_src) or (size[1] is not None and size[1] != n_dst):
+            raise ValueError(f"Expected '{name}' of sparse_size ({n_src}, {n_dst}) ({sizes[0]}, {sizes[1]}) "
+                             f"(got {size})")
+        edge_index = edge_index.as_tensor()
+    if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.size(0) != 2:
+        shape = tuple(edge_index.shape) if isinstance(edge_index, Tensor) else type(edge_index).__name__
+        raise ValueError(f"Expected '{name}' to be an edge_index of shape [2, E] (got {shape})")
+    if edge_index.is_floating_point() or edge_index.is_complex() or edge_index.dtype == torch.bool:
+        raise ValueError(f"Expected '{name}' to be an integer tensor (got dtype {edge_index.dtype})")
+    if edge_index.device != device:
+        raise ValueError(f"Expected '{name}' on the device of 'q' ({device}) (got {edge_index.device})")
+    src, dst = edge_index[0].long(), edge_index[1].long()
+    for what, v, n, size_name in (("sources", src, n_src, sizes[0]), ("targets", dst, n_dst, sizes[1])):
+        if v.numel() and (int(v.min()) < 0 or int(v.max()) >= n):
+            raise ValueError(f"Expected the {what} of '{name}' in [0, {size_name}={n}) (got values in "
+                             f"[{int(v.min())}, {int(v.max())}])")
+    return src, dst
+
+
+def _check_allowed(allowed: object, allowed_head: object, H: int, n_src: int, n_dst: int,
+                   device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Validate ``allowed`` (and ``allowed_head``); return ``(src, dst, head)``."""
+    src, dst = checked_edge_list("allowed", allowed, n_src, n_dst, device)
+    if allowed_head is None:
+        return src, dst, None
+    if not isinstance(allowed_head, Tensor) or allowed_head.dim() != 1 or allowed_head.is_floating_point() \
+            or allowed_head.is_complex() or allowed_head.dtype == torch.bool:
+        raise ValueError(f"Expected 'allowed_head' to be a 1-D integer tensor (got {allowed_head!r})")
+    if allowed_head.numel() != src.numel():
+        raise ValueError(f"Expected 'allowed_head' to have one entry per edge of 'allowed' ({src.numel()}) "
+                         f"(got {allowed_head.numel()})")
+    if allowed_head.device != device:
+        raise ValueError(f"Expected 'allowed_head' on the device of 'q' ({device}) (got {allowed_head.device})")
+    head = allowed_head.long()
+    if head.numel() and (int(head.min()) < 0 or int(head.max()) >= H):
+        raise ValueError(f"Expected 'allowed_head' in [0, {H}) (the heads of 'q') (got values in "
+                         f"[{int(head.min())}, {int(head.max())}])")
+    return src, dst, head
+
+
+def _allowed_topk(q: Tensor, k: Tensor, num: int, src: Tensor, dst: Tensor, head: Tensor | None,
+                  lq: list[int], lk: list[int], *, causal: bool, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(head, query, key) of each query's ``num`` best keys among its allowed edges, sorted."""
+    device, (n_q, H, D), (n_k, H_kv, _) = q.device, q.shape, k.shape
+    g = H // H_kv
+    if H * max(n_q, 1) * max(n_k, 1) > INT64_MAX:
+        raise ValueError(f"Expected at most 2**63 - 1 (head, query, key) triples (got {H} heads, "
+                         f"q.size(0)={n_q}, k.size(0)={n_k})")
+    if len(lq) > 1 or causal:  # keep the edges inside a sequence (and looking back)
+        seq_q, pos_q, _, _ = token_layout(lq, device)
+        seq_k, pos_k, _, _ = token_layout(lk, device)
+        keep = seq_k[src] == seq_q[dst]
+        if causal:
+            keep &= pos_k[src] <= pos_q[dst]
+        src, dst, head = src[keep], dst[keep], (None if head is None else head[keep])
+    pairs = n_q * n_k
+    if head is None:  # one allowed graph for every head
+        key = torch.unique(dst * n_k + src)  # [E] sorted by (target, source), distinct
+        check_edges("topk", H * key.numel(), **edge_sizes(lq, lk))
+        key = (torch.arange(H, device=device)[:, None] * pairs + key[None]).reshape(-1)  # [H * E]
+    else:
+        check_edges("topk", src.numel(), **edge_sizes(lq, lk))
+        key = torch.unique((head * n_q + dst) * n_k + src)  # [E] sorted by (head, target, source)
+    if key.numel() == 0:
+        return key, key, key
+    h, i, j = key // pairs, key % pairs // n_k, key % n_k
+    # -- compute qk --, EDGES_PER_QUERY * chunk edges at a time
+    q_flat, k_flat = q.reshape(n_q * H, D), k.reshape(n_k * H_kv, D)
+    score = torch.empty(key.numel(), dtype=q.dtype, device=device)  # [E]
+    step = chunk * EDGES_PER_QUERY
+    for s in range(0, key.numel(), step):
+        hs = h[s:s + step]
+        score[s:s + step] = (q_flat[i[s:s + step] * H + hs] * k_flat[j[s:s + step] * H_kv + hs // g]).sum(-1)
+    # -- rank within each (head, query) row: by score, ties to the lower key --
+    row = h * n_q + i  # [E] non-decreasing
+    order = torch.sort(score, descending=True, stable=True).indices  # ties keep (head, query, key) order
+    order = order[torch.argsort(row[order], stable=True)]  # by (row, -score, key)
+    _, counts = torch.unique_consecutive(row, return_counts=True)
+    rank = torch.arange(key.numel(), device=device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    chosen = order[rank < num].sort().values  # back to (head, query, key)
+    return h[chosen], i[chosen], j[chosen]
+
+
+@torch.no_grad()
+def topk(q: Tensor, k: Tensor, num_keys: int, *, allowed: Tensor | None = None, allowed_head: Tensor | None = None,
+         scale: float | None = None, batch: Batch | None = None, lengths: BatchLengths | None = None,
+         causal: bool = False, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    r"""Top-k attention: every query head keeps its ``num_keys`` highest-scoring keys.
+
+    For query head :math:`h` and query :math:`i`, the score of key :math:`j` is
+    :math:`s_{ij}^h = \mathrm{scale} \cdot \langle q_i^h, k_j^{\lfloor h/g \rfloor} \rangle` (so the
+    ranking is the one of :math:`\langle q_i^h, k_j \rangle` for any ``scale > 0``), and
+
+    .. math::
+        \mathcal{N}_h(i) = \operatorname{top}_{\mathrm{num\_keys}} \{ s_{ij}^h : j \in A_h(i) \},
+
+    where the allowed keys :math:`A_h(i)` are all keys of :math:`i`'s sequence (only local
+    :math:`j \le i` when ``causal``) without ``allowed``, and the sources of the edges ``j -> i`` of
+    ``allowed`` (for head :math:`h`: those with ``allowed_head == h``), restricted the same way to
+    :math:`i`'s sequence (and to :math:`j \le i`), otherwise. The selection is exact: ties go to
+    the lower key index; a row of fewer allowed keys than ``num_keys`` keeps all of them, a row
+    without allowed keys stays empty. Queries and keys may be different node sets (cross
+    attention).
+
+    Args:
+        q: queries ``[N_dst, H, D]``.
+        k: keys ``[N_src, H_kv, D]``, same dtype and device, ``H % H_kv == 0``.
+        num_keys: keys kept per query and head, ``>= 1``.
+        allowed: the candidate edges, an ``edge_index`` ``[2, E]`` (plain integer tensor or
+            ``torch_geometric.EdgeIndex``, any order, duplicates ignored); ``None``: every key of
+            the query's sequence.
+        allowed_head: ``[E]`` query head of each edge of ``allowed`` (a per-head allowed graph);
+            ``None``: ``allowed`` is shared by all heads.
+        scale: positive score scale, default ``1 / sqrt(D)``; it does not change the selection.
+        batch: sorted sequence id of every token (self-attention), or a pair
+            ``(batch_q, batch_k)`` (cross attention; sequence ``b`` of the queries reads
+            sequence ``b`` of the keys).
+        lengths: sequence lengths (self-attention), or a pair ``(lengths_q, lengths_k)``; give at
+            most one of ``batch`` and ``lengths`` (neither: one sequence).
+        causal: only keys at local positions ``j <= i``.
+        chunk: queries scored at a time without ``allowed`` (a score block is
+            ``[chunk, H, N_src]`` at most); with ``allowed``, ``64 * chunk`` candidate edges.
+
+    Returns:
+        ``(edge_index [2, E], edge_head [E])``, sorted by (head, target, source).
+
+    Example:
+        >>> q = torch.tensor([[[1.0]], [[2.0]], [[-1.0]]])  # [3, 1, 1]
+        >>> k = torch.tensor([[[1.0]], [[3.0]], [[-2.0]]])
+        >>> edge_index, edge_head = topk(q, k, 2)
+        >>> edge_index.tolist(), edge_head.tolist()
+        ([[0, 1, 0, 1, 0, 2], [0, 0, 1, 1, 2, 2]], [0, 0, 0, 0, 0, 0])
+        >>> topk(q, k, 1, causal=True)[0].tolist()
+        [[0, 1, 2], [0, 1, 2]]
+    """
+    H, _ = check_qk(q, k)
+    check_int("num_keys", num_keys, 1)
+    if scale is not None:
+        check_real("scale", scale, 0.0, math.inf, open_lo=True)
+    check_bool("causal", causal)
+    check_int("chunk", chunk, 1)
+    lq, lk = sequence_pairs("topk", q, k, batch, lengths, bipartite=True)
+    if allowed is None and allowed_head is not None:
+        raise ValueError(f"Expected 'allowed_head' only with 'allowed' (got allowed=None and allowed_head of "
+                         f"shape {tuple(allowed_head.shape) if isinstance(allowed_head, Tensor) else allowed_head})")
+    num = min(num_keys, max(lk, default=0))  # a row never has more keys than its sequence
+    q, k = detached_scores_dtype(q), detached_scores_dtype(k)
+    if allowed is None:
+        check_edges("topk", H * sum(a * min(num, b) for a, b in zip(lq, lk)), **edge_sizes(lq, lk))
+        h, i, j = dense_topk(q, k, num, lq, lk, causal=causal, exclude_self=False, chunk=chunk)
+    else:
+        src, dst, head = _check_allowed(allowed, allowed_head, H, k.size(0), q.size(0), q.device)
+        h, i, j = _allowed_topk(q, k, num, src, dst, head, lq, lk, causal=causal, chunk=chunk)
+    return torch.stack([j, i]), h
