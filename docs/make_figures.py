@@ -1,5 +1,6 @@
-"""Pictures of docs/topology.md: every catalogue topology at toy scale, cross attention, a
-graph-structured input, and a receptive field.
+"""Pictures of docs/topology.md: every catalogue topology at toy scale (per-head specs one matrix
+per head, per-layer specs one per distinct layer graph, selector specs their allowed graph), cross
+attention, a graph-structured input, and a receptive field.
 
 Usage:
     python docs/make_figures.py            # writes docs/img/topology_*.png
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from gnn_transformer import topology as T
@@ -33,7 +35,19 @@ def main() -> list[Path]:
     for name in T.catalogue():
         spec = T.read_spec(name)
         path = OUT / f"topology_{name}.png"
-        T.draw_topology(T.load(name, small=True), title=f"{name} (n = {spec.small_n})", path=path, dpi=DPI)
+        graph = T.load(name, small=True)
+        title = f"{name} (n = {spec.small_n})" + ("" if spec.select is None else ", the allowed graph")
+        if spec.per_layer:  # one matrix per distinct layer graph of the cycle (a graph for every head)
+            distinct = graph.distinct()
+            graphs = [g[0] if isinstance(g, tuple) else g for _, g in distinct]
+            heads = torch.cat([torch.full((g.size(1),), k) for k, g in enumerate(graphs)])
+            edges = torch.cat([g.as_tensor() for g in graphs], dim=1)
+            names = [f"layer{'s' * (len(ls) > 1)} {', '.join(map(str, ls))} of {graph.period}" for ls, _ in distinct]
+            T.draw_per_head(edges, heads, len(graphs), title=title, path=path, head_names=names, dpi=DPI)
+        elif spec.num_heads is not None:
+            T.draw_per_head(*graph, spec.num_heads, title=title, path=path, dpi=DPI)
+        else:
+            T.draw_topology(graph, title=title, path=path, dpi=DPI)
         written.append(path)
     extras = {  # (graph, title, keyword arguments of draw_topology)
         "cross_window": (T.cross(6, 9, mode="window", window=1), "cross, window 1 (6 queries, 9 keys)", {}),

@@ -338,9 +338,41 @@ def _show_parser(sub) -> None:
     p.set_defaults(func=cmd_show)
 
 
+def _show_stats(topology, edge_index, n: int, layers: int, indent: str = "  ") -> None:
+    """Print the statistics of one graph on one sequence of ``n`` tokens."""
+    stats = topology.topology_stats(edge_index, [n])
+    print(f"{indent}edges {stats.num_edges}, density {stats.density:.3f}, causal {stats.causal}")
+    print(f"{indent}keys per query: min {stats.in_degree.min}, max {stats.in_degree.max}, "
+          f"mean {stats.in_degree.mean:.2f}; self-loops {stats.self_loops}; "
+          f"queries with no key {stats.empty_rows}")
+    sizes = topology.receptive_field_sizes(edge_index, layers, n)
+    for k in range(1, layers + 1):
+        s = sizes[k]
+        print(f"{indent}receptive field after {k} layer(s): mean {sum(s) / len(s):.1f} of {n} tokens")
+
+
+def _show_per_head(topology, graph, num_heads: int, n: int, title: str, out: Path, indent: str = "  ") -> None:
+    """Print edges and keys per query of each head, draw one matrix per head."""
+    import torch
+
+    edge_index, edge_head = graph
+    counts = torch.bincount(edge_head, minlength=num_heads).tolist()
+    for h in range(num_heads):
+        print(f"{indent}head {h}: {counts[h]} edges, mean {counts[h] / max(n, 1):.2f} keys per query")
+    topology.draw_per_head(edge_index, edge_head, num_heads, title=title, path=out)
+
+
+def _graph_edges(graph) -> int:
+    from .topology.specs import LayerPattern
+
+    if isinstance(graph, LayerPattern):
+        return max(_graph_edges(g) for g in graph.graphs)
+    return int((graph[0] if isinstance(graph, tuple) else graph).size(1))
+
+
 def cmd_show(args) -> int:
     from . import topology
-    from .experiments.topologies import builder_names, label, parse_spec, spec_names, topology_fn
+    from .experiments.topologies import builder_names, label, parse_spec, resolve_topology, spec_names, split_select
 
     if args.list or not args.spec:
         if not args.list:
@@ -351,39 +383,57 @@ def cmd_show(args) -> int:
     if args.n is not None and args.n > SHOW_N_MAX:
         raise UsageError(f"-n: expected at most {SHOW_N_MAX} tokens, what show draws in seconds "
                          f"(got {args.n})")
-    name, kwargs = parse_spec(args.spec)
-    build = topology_fn(args.spec, small=not args.paper_scale)  # unknown names fail here
-    # a catalogue name or spec file rather than a builder (topology_fn's precedence)
-    is_spec = not kwargs and (name in spec_names() or name not in topology.BUILDERS)
-    spec = topology.read_spec(name) if is_spec else None
+    name, _ = parse_spec(args.spec)
+    topo = resolve_topology(args.spec, small=not args.paper_scale)  # unknown names fail here
+    spec = topo.source  # a catalogue name or spec file rather than a builder (topology_fn's precedence)
     out = Path(args.out or f"{Path(name).stem}.png")
     _check_out_file("--out", str(out))
     n = args.n or (spec and spec.small_n) or 16
     if n > SHOW_N_MAX:
         raise UsageError(f"{args.spec!r}: its [small] n = {n} is more than show draws ({SHOW_N_MAX} "
                          "tokens); pass a smaller -n")
-    edge_index = build([n])
-    if edge_index.size(1) > SHOW_EDGES_MAX:
-        raise UsageError(f"-n: {label(args.spec)} on n = {n} has {edge_index.size(1)} edges, more than "
+    graph = topo.build([n])
+    if _graph_edges(graph) > SHOW_EDGES_MAX:
+        raise UsageError(f"-n: {label(args.spec)} on n = {n} has {_graph_edges(graph)} edges, more than "
                          f"show draws in seconds ({SHOW_EDGES_MAX}); pass a smaller -n (got {n})")
     if spec is not None:
-        title = spec.name + (" (small)" if spec.small_params and not args.paper_scale else "")
+        title = spec.name + (" (small)" if (spec.small_params or spec.small_select) and not args.paper_scale else "")
     else:
         title = label(args.spec)
-    stats = topology.topology_stats(edge_index, [n])
-    print(f"{title} on n = {n}")
-    print(f"  edges {stats.num_edges}, density {stats.density:.3f}, causal {stats.causal}")
-    print(f"  keys per query: min {stats.in_degree.min}, max {stats.in_degree.max}, "
-          f"mean {stats.in_degree.mean:.2f}; self-loops {stats.self_loops}; "
-          f"queries with no key {stats.empty_rows}")
-    sizes = topology.receptive_field_sizes(edge_index, args.layers, n)
-    for layers in range(1, args.layers + 1):
-        s = sizes[layers]
-        print(f"  receptive field after {layers} layer(s): mean {sum(s) / len(s):.1f} of {n} tokens")
+    if spec is not None and split_select(args.spec)[1] is not None:
+        title += f"+{split_select(args.spec)[1]}"
+    kind = ""
+    if topo.kind == "per_head":
+        kind = f", per head ({topo.num_heads} heads)"
+    elif topo.kind == "per_layer":
+        kind = f", per layer (a cycle of {graph.period} layers)"
+    print(f"{title} on n = {n}{kind}")
+    if topo.select is not None:
+        print(f"  each layer selects its per-head graph within this one with {topo.select!r}; "
+              "shown: the allowed graph")
+    written = []
+    if topo.kind == "per_layer":
+        for layers, g in graph.distinct():
+            which = ", ".join(map(str, layers))
+            path = out.with_name(f"{out.stem}_layer{'_'.join(map(str, layers))}{out.suffix}")
+            print(f"  layer{'s' * (len(layers) > 1)} {which} (of every {graph.period}):")
+            sub = f"{title}, layer{'s' * (len(layers) > 1)} {which} of {graph.period}"
+            if isinstance(g, tuple):
+                _show_per_head(topology, g, topo.num_heads, n, sub, path, "    ")
+            else:
+                _show_stats(topology, g, n, args.layers, "    ")
+                topology.draw_topology(g, title=sub, path=path)
+            written.append(path)
+    elif topo.kind == "per_head":
+        _show_per_head(topology, graph, topo.num_heads, n, title, out)
+        written.append(out)
+    else:
+        _show_stats(topology, graph, n, args.layers)
+        topology.draw_topology(graph, title=title, path=out)
+        written.append(out)
     if spec is not None and spec.source:
         print(f"  source: {spec.source}")
-    topology.draw_topology(edge_index, title=title, path=out)
-    print(f"Wrote {out}")
+    print("Wrote " + ", ".join(map(str, written)))
     return EXIT_OK
 
 
@@ -563,7 +613,8 @@ def _bench_selection(args, device, dtype) -> int:
     rows = run_selection_benchmark(args.selectors, args.sizes or [4096], heads=args.heads, kv_heads=args.kv_heads,
                                    head_dim=args.head_dim, device=device, dtype=dtype or torch.float32,
                                    repeats=args.repeats or (3 if args.quick else 5), backward=not args.no_backward,
-                                   baselines=baselines)
+                                   baselines=baselines, log=print)
+    print()
     print(format_table(rows))
     if args.markdown:
         Path(args.markdown).write_text(format_markdown(rows) + "\n")
@@ -574,15 +625,21 @@ def _bench_selection(args, device, dtype) -> int:
 def _check_bench_topologies(names, smallest: int) -> None:
     """Refuse unknown specs, and specs that cannot be built at the smallest of ``--sizes`` (before
     any timing, as ``compare`` builds its topologies before training)."""
-    from .experiments.topologies import topology_fn
+    from .experiments.topologies import resolve_topology
     from .bench.benchmark import TOPOLOGIES, build_graph
 
     for name in names:
         if name not in TOPOLOGIES:
             try:
-                topology_fn(name)
+                topo = resolve_topology(name)
             except ValueError as err:
                 raise UsageError(f"--topologies: {err}") from None
+            if topo.kind != "shared" or topo.select is not None:
+                what = ("graphs chosen from the data" if topo.select is not None
+                        else f"{topo.kind.replace('_', '-')} graphs")
+                raise UsageError(f"--topologies {name!r}: bench times a graph for every head and layer, not "
+                                 f"{what}; time selectors with 'bench --selectors topk block_topk', "
+                                 "check these with 'verify'")
     for name in names:
         try:
             build_graph(name, smallest)

@@ -36,11 +36,21 @@ def test_spec_builds_sorted_graph(name, n):
         with pytest.raises(ValueError, match="'k'"):  # 3 distinct keys need 3 tokens
             T.load(name, n)
         return
-    ei = T.load(name, n)
-    assert ei.sparse_size() == (N, N) and ei.is_sorted_by_col
-    assert not T.is_multigraph(ei)
-    small = T.load(name, small=True)
-    assert small.size(1) > 0
+    built, small = T.load(name, n), T.load(name, small=True)
+    spec = T.read_spec(name)
+    pattern = built if spec.per_layer else specs.LayerPattern((built,))  # per-layer: each graph of the cycle
+    small = small if spec.per_layer else specs.LayerPattern((small,))
+    for layer in range(pattern.period):
+        graph, small_graph = pattern(layer), small(layer)
+        ei, heads = graph if isinstance(graph, tuple) else (graph, None)
+        assert ei.sparse_size() == (N, N)
+        if heads is None:
+            assert ei.is_sorted_by_col and not T.is_multigraph(ei)
+        else:  # sorted by (head, target), no duplicate within a head
+            assert heads.max() < spec.num_heads and bool((heads[1:] >= heads[:-1]).all())
+            key = (heads * N + ei[1]) * N + ei[0]
+            assert bool((key[1:] > key[:-1]).all())
+        assert (small_graph[0] if isinstance(small_graph, tuple) else small_graph).size(1) > 0
 
 
 def test_load_matches_builder_and_accepts_paths():

@@ -70,7 +70,8 @@ def _dense_mask(edge_index: Tensor, edge_head: Tensor, num_heads: int, n: int) -
 
 
 def _block_table(q: Tensor, k: Tensor, block: int, num_blocks: int) -> tuple[Tensor, Tensor]:
-    """MoBA's selection as Flex's block table: ``(kv_num_blocks [1, H, Q], kv_indices [1, H, Q, K])``,
+    """MoBA's selection as Flex's block table: ``(kv_num_blocks [1, H, Q], kv_indices [1, H, Q, K])``
+    (``K`` the key blocks, the first ``kv_num_blocks`` entries of a row valid),
     the own block and the ``num_blocks`` best earlier key blocks of each query block and head by
     ``<mean q, mean k>`` (ties to the lower block), as a Flex user computes it."""
     n, heads, dim = q.shape
@@ -90,14 +91,18 @@ def _block_table(q: Tensor, k: Tensor, block: int, num_blocks: int) -> tuple[Ten
     counts = 1 + valid.sum(-1)  # [H, Q]
     order = torch.sort(torch.where(torch.arange(take + 1, device=q.device) < counts[..., None], indices,
                                    blocks), dim=-1).values  # valid first, ascending
-    return counts[None].int(), order[None].clamp(max=blocks - 1).int()
+    table = torch.zeros(heads, blocks, blocks, dtype=torch.long, device=q.device)  # one column per key block
+    table[..., :take + 1] = order.clamp(max=blocks - 1)
+    return counts[None].int(), table[None].int()
 
 
 def run_selection_benchmark(selectors: Sequence[str] = tuple(SELECTIONS), sizes: Sequence[int] = (4096,), *,
                             heads: int = 12, kv_heads: int | None = None, head_dim: int = 64, device: str = "cpu",
                             dtype: torch.dtype = torch.float32, repeats: int = 5, backward: bool = True,
-                            baselines: Sequence[str] = ("flex", "sdpa"), seed: int = 0) -> list[dict]:
-    """The rows of the module docstring, as dicts with the keys of :data:`COLUMNS`."""
+                            baselines: Sequence[str] = ("flex", "sdpa"), seed: int = 0,
+                            log: Callable[[str], None] | None = None) -> list[dict]:
+    """The rows of the module docstring, as dicts with the keys of :data:`COLUMNS`; ``log`` receives
+    each row as a line of text once it is measured."""
     import torch.nn.functional as F
 
     device = torch.device(device)
@@ -120,6 +125,8 @@ def run_selection_benchmark(selectors: Sequence[str] = tuple(SELECTIONS), sizes:
                 err = None if out is None else float((out.float() - ref).abs().max())
                 rows.append(dict(selector=name, n=n, edges=edges, row=label, **{"pass": pas}, ms=ms, max_err=err,
                                  note=note))
+                if log is not None:
+                    log("  ".join(_cell(c, rows[-1].get(c)) for c in COLUMNS))
 
             row("select", DESCRIPTIONS[name], lambda: select(q, k))
 
@@ -214,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     rows = run_selection_benchmark(args.selectors, args.sizes, heads=args.heads, kv_heads=args.kv_heads,
                                    head_dim=args.head_dim, device=args.device, dtype=getattr(torch, args.dtype),
-                                   repeats=args.repeats, backward=not args.no_backward, baselines=args.baselines)
+                                   repeats=args.repeats, backward=not args.no_backward, baselines=args.baselines,
+                                   log=print)
     print(format_table(rows))  # a tool beside the library: it prints its table
     return rows
 

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..analysis import LayerSummary, Trace, norm_placement, record, summarize
 from ..model import GraphEncoderModel, GraphLM, GraphTransformerConfig
 from ..topology import batch_vector
-from .topologies import per_length, topology_fn
+from .topologies import per_length, resolve_topology
 
 CONFIG_NAMES = ("config.json", "model_config.json")
 
@@ -370,7 +370,12 @@ def analyze(loaded: LoadedModel, sequences: Sequence[Sequence[int]], *, graph: s
     check_sequences(loaded, sequences)
     ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long)  # [N] or [N, fields]
     pos = torch.cat([torch.arange(n) for n in lengths])  # [N] position within each sequence
-    edge_index = per_length(topology_fn(graph))(lengths)
+    topo = resolve_topology(graph)
+    if topo.kind != "shared" or topo.select is not None:
+        raise ValueError(f"Expected a graph for every head and layer in 'graph' (got {graph!r}: a "
+                         f"{'selecting' if topo.select is not None else topo.kind.replace('_', '-')} topology, "
+                         "which analyze does not record)")
+    edge_index = per_length(topo.build)(lengths)
     batch = batch_vector(lengths)
 
     def run_once() -> Trace:

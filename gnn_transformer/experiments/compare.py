@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 
 from .models import EncoderConfig, SequenceModel
 from .tasks import SequenceWorkload, check_longer, get_task
-from .topologies import label, per_length, topology_fn
+from .topologies import graph_edges, graph_to, label, per_length, resolve_topology
 from .training import TrainConfig, TrainResult, resolve_device, seed_everything, step_memory, train
 from .verify import model_dense_error
 
@@ -59,7 +59,8 @@ class TopologyResult:
     """The row of one topology."""
     topology: str
     spec: str
-    edges_per_seq: float  # mean edges of one sequence of the test set
+    edges_per_seq: float  # mean edges of one sequence of the test set (per head, mean over the layers;
+    # with a selector: the allowed graph's)
     density: float  # edges / sum(L^2) on the test set
     max_dense_error: float  # trained model: graph attention vs dense reference, every layer
     final_loss: float
@@ -92,24 +93,28 @@ def run_topology(config: CompareConfig, spec: str, *, progress: bool = False) ->
     """Train and measure the model under one topology."""
     device = resolve_device(config.train.device)
     task = get_task(config.task, config.train_sizes, config.test_sizes)
-    build = per_length(topology_fn(spec))
+    topo = resolve_topology(spec)
+    topo.check_heads(config.model.nhead)
+    build = per_length(topo.build)
     workload = SequenceWorkload(task, build, config.train.batch_size, config.eval_size,
                                 eval_seed=config.train.seed + 12345)
+    model_config = config.model if topo.select is None else replace(config.model, select=topo.select)
     seed_everything(config.train.seed)  # same initial weights for every topology
-    model = SequenceModel(task.vocab_size, task.num_classes, config.model).to(device)
+    model = SequenceModel(task.vocab_size, task.num_classes, model_config).to(device)
     result: TrainResult = train(model, workload, config.train, progress=progress,
                                 description=label(spec))
 
     test = workload.eval_sets()["test"]
     edges = nodes_sq = sequences = 0
     for batch in test:
-        edges += int(build(batch.lengths).size(1))
+        # per head, mean over the layers; a selector's allowed edges
+        edges += graph_edges(build(batch.lengths), config.model.num_layers, config.model.nhead)
         nodes_sq += sum(L * L for L in batch.lengths)
         sequences += len(batch.lengths)
     model.eval()
     first = test[0].to(device)
     error = model_dense_error(
-        model, lambda: model(first.tokens, first.positions, build(first.lengths).to(device)),
+        model, lambda: model(first.tokens, first.positions, graph_to(build(first.lengths), device)),
         first.lengths)
     memory = step_memory(model, workload, workload.train_batch(torch.Generator().manual_seed(0)),
                          device)
@@ -131,7 +136,9 @@ def run_compare(config: CompareConfig, *, progress: bool = False,
     sizes = (*task.train_sizes, *task.test_sizes)
     extremes = [task.seq_len(min(sizes)), task.seq_len(max(sizes))]  # shortest and longest sequence
     for spec in config.topologies:  # fail early on a bad spec, before any training
-        topology_fn(spec)(extremes)
+        topo = resolve_topology(spec)
+        topo.check_heads(config.model.nhead)
+        topo.build(extremes)
     start = time.perf_counter()
     results = []
     for spec in config.topologies:

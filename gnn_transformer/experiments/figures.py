@@ -8,17 +8,30 @@ import torch
 from matplotlib.figure import Figure
 
 from ..topology import to_dense_mask
+from ..topology.specs import LayerPattern
 from .topologies import topology_fn
 
 if TYPE_CHECKING:
     from .compare import CompareResult
 
 
+def _share(graph, length: int) -> torch.Tensor:
+    """``[L, L]``: the share of heads (of layers of one cycle) that have edge ``j -> i``."""
+    if isinstance(graph, LayerPattern):
+        return torch.stack([_share(g, length) for g in graph.graphs]).mean(0)
+    if isinstance(graph, tuple):
+        edge_index, edge_head = graph
+        heads = int(edge_head.max()) + 1 if edge_head.numel() else 1
+        mask = to_dense_mask(edge_index, length, length, edge_head=edge_head, num_heads=heads)  # [H, L, L]
+        return mask.float().mean(0)
+    return to_dense_mask(graph, length, length).float()  # [L, L]
+
+
 def draw_mask(ax, spec: str, length: int, title: str | None = None) -> torch.Tensor:
     """Adjacency picture of ``spec`` on one sequence of ``length``: row ``i`` = query, column
-    ``j`` = key, dark where the edge ``j -> i`` exists. Returns the mask."""
-    edge_index = topology_fn(spec)([length])
-    mask = to_dense_mask(edge_index, length, length)  # [L, L]
+    ``j`` = key, dark where the edge ``j -> i`` exists (grey: for some heads, or some layers of a
+    per-layer pattern; a selector's allowed graph). Returns the mask, ``[L, L]`` floats in ``[0, 1]``."""
+    mask = _share(topology_fn(spec)([length]), length)  # [L, L]
     ax.imshow(mask.numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -60,7 +73,7 @@ def compare_figure(result: "CompareResult", path: str | Path, length: int | None
     for col, r in enumerate(result.results):
         ax = fig.add_subplot(grid[1, col])
         mask = draw_mask(ax, r.spec, length)
-        ax.set_title(f"{r.topology}\n{int(mask.sum())} edges on {length} tokens", fontsize=8)
+        ax.set_title(f"{r.topology}\n{float(mask.sum()):g} edges on {length} tokens", fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

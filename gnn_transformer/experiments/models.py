@@ -6,16 +6,23 @@ One encoder (a stack of :class:`~gnn_transformer.GraphTransformerEncoderLayer`) 
 - :class:`NodeModel`: node features (+ Laplacian eigenvector PE) -> a label per node (graph tasks);
 - :class:`PatchModel`: image patches + a ``[CLS]`` token -> a label per image (ViT).
 
-The token graph is an argument of ``forward``: the same weights run under any topology.
+The token graph is an argument of ``forward``: the same weights run under any topology. A graph is
+an ``edge_index``, a per-head pair ``(edge_index, edge_head)`` or per-layer graphs (a callable
+``layer -> graph`` such as a ``LayerPattern``, or a sequence). With ``EncoderConfig.select`` every
+layer chooses its per-head graph within the given one from its queries and keys.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..attention import GraphMultiheadAttention
 from ..layers import GraphTransformerEncoder, GraphTransformerEncoderLayer
+from ..topology.dynamic import selector
 from ..position import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
 
 POSITIONS = ("rope", "sinusoidal", "learned", "none")
@@ -36,6 +43,8 @@ class EncoderConfig:
     max_positions: int = 256  # table size of learned positions
     backend: str = "pyg"  # attention backend: "pyg" (fastest for these small CPU models), "auto",
     # "fused" or "tiled"
+    select: str | dict | None = None  # a selector of topology.dynamic.selector ("topk:num_keys=8"): every
+    # layer chooses its per-head graph within the graph it is given; None: attend along that graph
 
     def __post_init__(self) -> None:
         if self.position not in POSITIONS:
@@ -47,16 +56,32 @@ class EncoderConfig:
             raise ValueError(f"Expected 'd_model' ({self.d_model}) divisible by 'nhead' ({self.nhead})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"Expected 'dropout' in [0, 1) (got {self.dropout})")
+        if self.select is not None:
+            selector(self.select, num_heads=self.nhead, head_dim=self.d_model // self.nhead)  # validates
 
 
 def make_encoder(config: EncoderConfig, rope: bool = False) -> GraphTransformerEncoder:
-    """``num_layers`` graph encoder layers and a final norm (pre-norm models need it)."""
+    """``num_layers`` graph encoder layers and a final norm (pre-norm models need it); with
+    ``config.select`` each layer's attention selects its graph (a copy of the selector per layer)."""
+    attention = GraphMultiheadAttention
+    if config.select is not None:
+        attention = partial(GraphMultiheadAttention, select=selector(
+            config.select, num_heads=config.nhead, head_dim=config.d_model // config.nhead))
     layer = GraphTransformerEncoderLayer(config.d_model, config.nhead, config.dim_feedforward,
                                          config.dropout, config.activation,
                                          norm_first=config.norm_first, backend=config.backend,
-                                         rope=rope)
+                                         rope=rope, attention=attention)
     norm = nn.LayerNorm(config.d_model) if config.norm_first else None
     return GraphTransformerEncoder(layer, config.num_layers, norm)
+
+
+def encode(encoder: GraphTransformerEncoder, x: Tensor, graph: Any, pos: Tensor | None = None) -> Tensor:
+    """``encoder`` along a graph of any kind: a pair ``(edge_index, edge_head)`` is a per-head graph
+    for every layer; anything else is what the encoder takes (one graph, or per-layer graphs)."""
+    if isinstance(graph, tuple):
+        edge_index, edge_head = graph
+        return encoder(x, edge_index, pos=pos, edge_head=edge_head)
+    return encoder(x, graph, pos=pos)
 
 
 def _positions(config: EncoderConfig) -> nn.Module | None:
@@ -86,7 +111,7 @@ class SequenceModel(nn.Module):
         if self.pos is not None:
             x = x + self.pos(positions).to(x.dtype)
         rope_pos = positions if self.config.position == "rope" else None
-        return self.head(self.encoder(x, edge_index, pos=rope_pos))  # [N, num_classes]
+        return self.head(encode(self.encoder, x, edge_index, rope_pos))  # [N, num_classes]
 
 
 class NodeModel(nn.Module):
@@ -106,7 +131,7 @@ class NodeModel(nn.Module):
             if pe is None:
                 raise ValueError("This model was built with pe_dim > 0: pass 'pe'")
             h = h + self.pe(pe)
-        return self.head(self.encoder(h, edge_index))  # [N, num_classes]
+        return self.head(encode(self.encoder, h, edge_index))  # [N, num_classes]
 
 
 class PatchModel(nn.Module):
@@ -129,5 +154,5 @@ class PatchModel(nn.Module):
         b, p, _ = patches.shape
         x = torch.cat([self.cls.expand(b, 1, -1), self.embed(patches)], dim=1)  # [B, P+1, C]
         x = (x + self.pos).reshape(b * (p + 1), -1)  # [N, C], image after image
-        x = self.encoder(x, edge_index).view(b, p + 1, -1)  # [B, P+1, C]
+        x = encode(self.encoder, x, edge_index).view(b, p + 1, -1)  # [B, P+1, C]
         return self.head(x[:, 0])  # [B, num_classes]

@@ -7,7 +7,7 @@ DistributedDataParallel (:mod:`.distributed`).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from . import distributed
 from .graph_tasks import GRAPH_TOPOLOGIES, KarateWorkload, ShortestPathWorkload
 from .models import EncoderConfig, NodeModel, PatchModel, SequenceModel
 from .tasks import TASKS, SequenceWorkload, check_longer, get_task
-from .topologies import per_length, topology_fn
+from .topologies import per_length, resolve_topology
 from .training import (TrainConfig, TrainResult, resolve_device, save_checkpoint, seed_everything,
                        train, write_logs)
 from .vision_tasks import VISION_TOPOLOGIES, DigitsWorkload, check_patch
@@ -65,10 +65,12 @@ def build(config: RunConfig) -> tuple[Any, nn.Module]:
     bs = config.train.batch_size
     if name in TASKS:
         task = get_task(name, config.train_sizes, config.test_sizes)
-        workload = SequenceWorkload(task, per_length(topology_fn(config.topology)), bs,
-                                    eval_seed=config.train.seed + 12345)
+        topo = resolve_topology(config.topology)
+        topo.check_heads(config.model.nhead)
+        workload = SequenceWorkload(task, per_length(topo.build), bs, eval_seed=config.train.seed + 12345)
+        model_config = config.model if topo.select is None else replace(config.model, select=topo.select)
         seed_everything(config.train.seed)
-        return workload, SequenceModel(task.vocab_size, task.num_classes, config.model)
+        return workload, SequenceModel(task.vocab_size, task.num_classes, model_config)
     if name in GRAPH_TASKS:
         if config.topology not in GRAPH_TOPOLOGIES:
             raise ValueError(f"Expected 'topology' in {GRAPH_TOPOLOGIES} for task {name!r} "

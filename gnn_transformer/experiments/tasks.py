@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .topologies import graph_to
+
 IGNORE = -100
 
 
@@ -254,7 +256,9 @@ class SequenceWorkload:
 
     Args:
         task: the task.
-        topology: ``lengths -> edge_index`` of the disjoint union of the sequences of a batch.
+        topology: ``lengths -> graph`` of the disjoint union of the sequences of a batch: an
+            ``edge_index``, a per-head pair ``(edge_index, edge_head)`` or a per-layer
+            ``LayerPattern`` (see :mod:`.topologies`).
         batch_size: sequences per training batch.
         eval_size: sequences in each fixed evaluation set (``"test"``: training sizes, unseen
             instances; ``"longer"``: the task's larger test sizes).
@@ -279,8 +283,8 @@ class SequenceWorkload:
 
     def logits(self, model, batch: SequenceBatch, device) -> tuple[Tensor, Tensor]:
         batch = batch.to(device)
-        edge_index = self.edge_index(batch).to(device)
-        return model(batch.tokens, batch.positions, edge_index), batch.targets
+        graph = graph_to(self.edge_index(batch), device)
+        return model(batch.tokens, batch.positions, graph), batch.targets
 
     def eval_sets(self) -> dict[str, list[SequenceBatch]]:
         return self._eval

@@ -6,7 +6,12 @@ Two entry points:
   through :class:`~gnn_transformer.GraphMultiheadAttention`, for each backend, and through the
   dense reference :func:`gnn_transformer.dense.multihead_attention` with the same weights and the
   mask ``to_dense_mask(edge_index)``; it reports the largest difference of outputs and of input
-  gradients.
+  gradients. A per-head topology runs with its number of heads and the per-head mask
+  ``to_dense_mask(..., edge_head=...)`` ``[B, H, T, T]``; a per-layer one through a
+  :class:`~gnn_transformer.GraphTransformerEncoder` of one cycle plus a layer (so the cycle wraps)
+  against :func:`gnn_transformer.dense.layers.encoder` with one mask per layer; a topology with a
+  selector through a layer built with ``select=``, against the dense reference on the graph the
+  selector chooses (within the built graph) from the same queries and keys.
 - :func:`model_dense_error` checks a whole trained model: every attention call of one forward pass
   is recomputed by the dense reference from the very inputs it received.
 """
@@ -18,9 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import GraphMultiheadAttention, dense, from_padded, to_padded
+from .. import (GraphMultiheadAttention, GraphTransformerEncoder, GraphTransformerEncoderLayer, dense, from_padded,
+               to_padded)
+from ..dense.layers import encoder as dense_encoder
 from ..topology import to_dense_mask
-from .topologies import label, topology_fn
+from ..topology.dynamic import selector
+from ..topology.specs import LayerPattern
+from .topologies import Topology, label, resolve_topology
 from .training import resolve_device
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -46,20 +55,37 @@ def _plain(edge_index: Tensor) -> Tensor:
     return edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
 
 
+def _mask(edge_index: Tensor, edge_head: Tensor | None, lengths: list[int], num_heads: int) -> Tensor:
+    """``[B, T, T]``, or ``[B, H, T, T]`` for a per-head graph."""
+    if edge_head is None:
+        return to_dense_mask(edge_index, lengths=lengths)
+    return to_dense_mask(edge_index, lengths=lengths, edge_head=edge_head, num_heads=num_heads)
+
+
 def dense_reference(layer: GraphMultiheadAttention, x: Tensor, edge_index: Tensor,
                     lengths: Sequence[int], edge_bias: Tensor | None = None,
-                    pos: Tensor | None = None) -> Tensor:
-    """The dense reference of ``layer(x, edge_index)`` on the sequences ``lengths``: ``[N, C]``.
+                    pos: Tensor | None = None, edge_head: Tensor | None = None) -> Tensor:
+    """The dense reference of ``layer(x, edge_index, edge_head=edge_head)`` on the sequences
+    ``lengths``: ``[N, C]``.
 
     With rotary positions (``pos`` and a layer built with ``rope=True``) the queries and keys are
-    rotated by the layer, then attended densely under the mask.
+    rotated by the layer, then attended densely under the mask. A layer built with ``select``
+    attends along the per-head graph its selector chooses within ``edge_index`` from these queries
+    and keys (detached, as the layer does).
     """
     lengths = list(lengths)
-    mask = to_dense_mask(edge_index, lengths=lengths).to(x.device)  # [B, T, T]
+    rotary = getattr(layer, "rotary", None) is not None and pos is not None
+    if getattr(layer, "select", None) is not None:
+        query, key = layer.project(x, x, x)[:2]  # [N, H, D], [N, H_kv, D]
+        if rotary:
+            query, key = layer.rotate(query, pos), layer.rotate(key, pos)
+        with torch.no_grad():
+            edge_index, edge_head = layer.select(query.detach(), key.detach(), edge_index)
+    mask = _mask(edge_index, edge_head, lengths, layer.num_heads).to(x.device)  # [B(, H), T, T]
     bias = None
     if edge_bias is not None:
         bias = dense.edge_values_to_dense(edge_index, edge_bias, lengths)  # [B, H, T, T]
-    if getattr(layer, "rotary", None) is None or pos is None:
+    if not rotary:
         x_pad = to_padded(x, lengths)  # [B, T, C]
         out, _ = dense.multihead_attention(layer, x_pad, x_pad, mask, bias=bias)
         return from_padded(out, lengths)  # [N, C]
@@ -71,19 +97,70 @@ def dense_reference(layer: GraphMultiheadAttention, x: Tensor, edge_index: Tenso
     return layer.out_proj(out)
 
 
-def compare_layer(layer: GraphMultiheadAttention, x: Tensor, edge_index: Tensor,
-                  lengths: Sequence[int], backend: str) -> tuple[float, float]:
-    """Largest output and input-gradient differences between the graph and the dense path."""
-    x_graph = x.detach().clone().requires_grad_(True)
-    x_dense = x.detach().clone().requires_grad_(True)
-    out_graph = layer(x_graph, edge_index, backend=backend)
-    out_dense = dense_reference(layer, x_dense, edge_index, lengths)
+def _errors(x_graph: Tensor, x_dense: Tensor, out_graph: Tensor, out_dense: Tensor) -> tuple[float, float]:
+    """Backward through both with one random upstream gradient; the largest differences."""
     upstream = torch.randn_like(out_graph)
     (out_graph * upstream).sum().backward()
     (out_dense * upstream).sum().backward()
     out_err = (out_graph - out_dense).abs().max().item() if out_graph.numel() else 0.0
-    grad_err = (x_graph.grad - x_dense.grad).abs().max().item() if x.numel() else 0.0
+    grad_err = (x_graph.grad - x_dense.grad).abs().max().item() if x_graph.numel() else 0.0
     return out_err, grad_err
+
+
+def compare_layer(layer: GraphMultiheadAttention, x: Tensor, edge_index: Tensor,
+                  lengths: Sequence[int], backend: str, edge_head: Tensor | None = None) -> tuple[float, float]:
+    """Largest output and input-gradient differences between the graph and the dense path."""
+    x_graph = x.detach().clone().requires_grad_(True)
+    x_dense = x.detach().clone().requires_grad_(True)
+    out_graph = layer(x_graph, edge_index, backend=backend, edge_head=edge_head)
+    out_dense = dense_reference(layer, x_dense, edge_index, lengths, edge_head=edge_head)
+    return _errors(x_graph, x_dense, out_graph, out_dense)
+
+
+def compare_stack(stack: GraphTransformerEncoder, x: Tensor, pattern: LayerPattern,
+                  lengths: Sequence[int]) -> tuple[float, float]:
+    """Largest output and input-gradient differences between a stack on per-layer graphs and
+    :func:`gnn_transformer.dense.layers.encoder` with one mask per layer."""
+    lengths = list(lengths)
+    heads = stack.layers[0].self_attn.num_heads
+    graphs = [pattern(layer) for layer in range(len(stack.layers))]
+    masks = [_mask(*(g if isinstance(g, tuple) else (g, None)), lengths, heads).to(x.device) for g in graphs]
+    x_graph = x.detach().clone().requires_grad_(True)
+    x_dense = x.detach().clone().requires_grad_(True)
+    out_graph = stack(x_graph, pattern)
+    out_dense = from_padded(dense_encoder(stack, to_padded(x_dense, lengths), masks), lengths)
+    return _errors(x_graph, x_dense, out_graph, out_dense)
+
+
+def _edges(graph: object) -> int:
+    """Edges of a graph (of every distinct layer graph of one cycle, summed)."""
+    if isinstance(graph, LayerPattern):
+        return sum(_edges(g) for _, g in graph.distinct())
+    return int((graph[0] if isinstance(graph, tuple) else graph).size(1))
+
+
+def _check_one(topo: Topology, graph: object, lengths: list[int], backend: str, *, embed_dim: int,
+               num_heads: int, dtype: torch.dtype, device: str, seed: int) -> tuple[float, float, int]:
+    """``(output error, gradient error, edges)`` of one topology under one backend."""
+    n = sum(lengths)
+    heads = topo.num_heads or num_heads
+    width = heads * max(embed_dim // num_heads, 1)  # the head dim of embed_dim / num_heads, any head count
+    torch.manual_seed(seed)
+    if isinstance(graph, LayerPattern):
+        layer = GraphTransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, backend=backend)
+        stack = GraphTransformerEncoder(layer, graph.period + 1).to(device, dtype).eval()
+        x = torch.randn(n, width, device=device, dtype=dtype)
+        return (*compare_stack(stack, x, graph, lengths), _edges(graph))
+    select = None if topo.select is None else selector(topo.select, num_heads=heads, head_dim=width // heads)
+    layer = GraphMultiheadAttention(width, heads, backend=backend, select=select).to(device, dtype).eval()
+    x = torch.randn(n, width, device=device, dtype=dtype)
+    edge_index, edge_head = graph if isinstance(graph, tuple) else (graph, None)
+    edges = int(edge_index.size(1))
+    if select is not None:  # the edges attended: the selection from these queries and keys
+        with torch.no_grad():
+            query, key = layer.project(x, x, x)[:2]
+            edges = int(select(query, key, edge_index)[0].size(1))
+    return (*compare_layer(layer, x, edge_index, lengths, backend, edge_head), edges)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -126,25 +203,21 @@ def verify_topologies(specs: Sequence[str], lengths: Sequence[int] = (23, 40), *
         raise ValueError(f"Expected 'lengths' to be one or more lengths >= 1 (got {lengths})")
     device = resolve_device(device)
     backends = list(backends) if backends is not None else available_backends(device)
-    builds = [(spec, topology_fn(spec, small=small)) for spec in specs]  # unknown specs fail here
+    topologies = [resolve_topology(spec, small=small) for spec in specs]  # unknown specs fail here
     rows = []
-    for spec, build in builds:
+    for topo in topologies:
         try:
-            edge_index = build(lengths).to(device)
+            graph = topo.build(lengths)
         except ValueError as err:
             if on_error is None:
                 raise
-            on_error(spec, err)
+            on_error(topo.spec, err)
             continue
-        n = sum(lengths)
+        graph = graph.to(device) if isinstance(graph, (Tensor, LayerPattern)) else tuple(t.to(device) for t in graph)
         for backend in backends:
-            torch.manual_seed(seed)
-            layer = GraphMultiheadAttention(embed_dim, num_heads, backend=backend).to(device, dtype)
-            layer.eval()
-            x = torch.randn(n, embed_dim, device=device, dtype=dtype)
-            out_err, grad_err = compare_layer(layer, x, edge_index, lengths, backend)
-            row = VerifyRow(label(spec), backend, n, int(edge_index.size(1)), out_err, grad_err,
-                            TOLERANCE[dtype])
+            out_err, grad_err, edges = _check_one(topo, graph, lengths, backend, embed_dim=embed_dim,
+                                                  num_heads=num_heads, dtype=dtype, device=device, seed=seed)
+            row = VerifyRow(label(topo.spec), backend, sum(lengths), edges, out_err, grad_err, TOLERANCE[dtype])
             rows.append(row)
             if on_row is not None:
                 on_row(row)
@@ -158,7 +231,7 @@ def model_dense_error(model: nn.Module, run: Callable[[], object], lengths: Sequ
     ``run`` performs one forward pass of ``model`` on a batch of sequences ``lengths`` (the nodes
     of every attention call are those sequences). Model must be in eval mode (no dropout).
     """
-    calls: list[tuple] = []  # (layer, x, edge_index, edge_bias, pos, out) of every call
+    calls: list[tuple] = []  # (layer, x, edge_index, edge_bias, pos, edge_head, out) of every call
 
     def hook(module, args, kwargs, output):
         x = args[0] if args else kwargs["x"]
@@ -168,7 +241,8 @@ def model_dense_error(model: nn.Module, run: Callable[[], object], lengths: Sequ
         if kwargs.get("kv") is not None:
             raise ValueError("model_dense_error checks attention without precomputed keys/values")
         out = output[0] if isinstance(output, tuple) else output
-        calls.append((module, x, edge_index, kwargs.get("edge_bias"), kwargs.get("pos"), out))
+        calls.append((module, x, edge_index, kwargs.get("edge_bias"), kwargs.get("pos"), kwargs.get("edge_head"),
+                      out))
 
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()
                if isinstance(m, GraphMultiheadAttention)]
@@ -180,7 +254,7 @@ def model_dense_error(model: nn.Module, run: Callable[[], object], lengths: Sequ
     if not calls:
         raise ValueError("The model made no GraphMultiheadAttention call")
     err = 0.0
-    for module, x, edge_index, edge_bias, pos, out in calls:
-        ref = dense_reference(module, x, edge_index, lengths, edge_bias, pos)
+    for module, x, edge_index, edge_bias, pos, edge_head, out in calls:
+        ref = dense_reference(module, x, edge_index, lengths, edge_bias, pos, edge_head)
         err = max(err, (out - ref).abs().max().item())
     return err

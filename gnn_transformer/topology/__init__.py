@@ -22,7 +22,7 @@ from .masks import from_dense_mask, is_multigraph, to_dense_mask
 from .pictures import draw_per_head, draw_receptive_field, draw_topology
 from .prefix_lm import prefix_lm, prefix_lm_predicate
 from .random_graphs import edge_set_predicate, erdos_renyi, random
-from .specs import BUILDERS, Spec, build_spec, catalogue, load, read_spec
+from .specs import BUILDERS, LayerPattern, Spec, build_spec, catalogue, load, read_spec
 from .sparse_transformer import fixed, fixed_predicate, strided, strided_predicate
 from .star import star, star_predicate
 from .statistics import (DegreeStats, TopologyStats, diameter, hop_distances, layers_to_match,
@@ -48,7 +48,7 @@ __all__ = [
     # combinators
     "union", "intersection", "difference", "from_predicate",
     # specs (graphs/*.toml)
-    "load", "read_spec", "build_spec", "catalogue", "Spec", "BUILDERS",
+    "load", "read_spec", "build_spec", "catalogue", "Spec", "BUILDERS", "LayerPattern",
     # masks and exports
     "to_dense_mask", "from_dense_mask", "is_multigraph",
     "to_networkx", "to_flex_mask_mod", "to_block_mask", "flex_attention_available",

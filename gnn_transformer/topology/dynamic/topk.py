@@ -15,15 +15,34 @@ from ._common import (Batch, BatchLengths, check_qk, check_real, detached_scores
 EDGES_PER_QUERY = 64  # the allowed path of topk scores chunk * EDGES_PER_QUERY candidate edges at a time
 
 
-def _best(scores: Tensor, ok: Tensor, num: int) -> Tensor:
-    """Mask of each row's ``num`` best allowed scores, ties to the lower column (exact: the
-    ``num``-th best score is the threshold, ties at it taken from the left)."""
-    masked = scores.masked_fill(~ok, -math.inf)
-    threshold = masked.topk(num, dim=-1).values[..., -1:]  # [..., 1]
-    above = ok & (masked > threshold)
-    tie = ok & (masked == threshold)
-    need = num - above.sum(-1, keepdim=True)
-    return above | (tie & (tie.cumsum(-1) <= need))
+def _best(scores: Tensor, ok: Tensor, num: int) -> tuple[Tensor, Tensor]:
+    """``(columns, valid)`` ``[..., num]`` of each row's ``num`` best allowed scores, columns ascending
+    (``valid`` False past a row's allowed count), ties to the lower column. Exact: ``topk`` gives the
+    ``num``-th best score, the threshold; a row whose allowed scores at the threshold do not all fit
+    is decided from the left. ``scores`` is overwritten."""
+    span = scores.size(-1)
+    masked = scores.masked_fill_(~ok, -math.inf)
+    values, cols = masked.topk(min(num + 1, span), dim=-1)  # one more: is the num-th best tied past num?
+    threshold = values[..., num - 1]
+    taken_ok = ok.expand_as(masked).gather(-1, cols[..., :num])  # [..., num]
+    # decided unless the next best ties with the threshold while allowed scores are left out
+    if values.size(-1) > num:
+        tied_past = values[..., num] == threshold
+    else:  # every column taken
+        tied_past = torch.zeros_like(threshold, dtype=torch.bool)
+    short = taken_ok.sum(-1) < ok.sum(-1)  # [...]: allowed scores left out
+    cols = torch.where(taken_ok, cols[..., :num], span)
+    threshold = threshold.unsqueeze(-1)
+    unsure = (tied_past & short).nonzero(as_tuple=True)  # rows with more ties than places
+    if unsure[0].numel():
+        rows, row_ok, t = masked[unsure], ok.expand_as(masked)[unsure], threshold[unsure]  # [R, span], [R, 1]
+        above = row_ok & (rows > t)
+        tie = row_ok & (rows == t)
+        keep = above | (tie & (tie.cumsum(-1) <= num - above.sum(-1, keepdim=True)))
+        column = torch.arange(span, device=scores.device)
+        cols[unsure] = torch.sort(torch.where(keep, column, span), dim=-1).values[..., :num]
+    cols = torch.sort(cols, dim=-1).values
+    return cols, cols < span
 
 
 def dense_topk(q: Tensor, k: Tensor, num: int, lq: list[int], lk: list[int], *, causal: bool,
@@ -55,9 +74,9 @@ def dense_topk(q: Tensor, k: Tensor, num: int, lq: list[int], lk: list[int], *, 
             ok &= pos_k[None, lo:hi] <= pos_q[s:e, None]
         if exclude_self:
             ok &= pos_k[None, lo:hi] != pos_q[s:e, None]
-        keep = _best(scores, ok[:, None, :], min(num, hi - lo))  # [c, H, span]
-        h, i, j = keep.transpose(0, 1).nonzero(as_tuple=True)  # sorted by (head, query, key) in the chunk
-        out.append((h, i + s, j + lo))
+        cols, valid = _best(scores, ok[:, None, :], min(num, hi - lo))  # [c, H, num] each
+        h, i, slot = valid.transpose(0, 1).nonzero(as_tuple=True)  # sorted by (head, query, key) in the chunk
+        out.append((h, i + s, cols[i, h, slot] + lo))
     if not out:
         return none, none, none
     h, i, j = (torch.cat(t) for t in zip(*out))
