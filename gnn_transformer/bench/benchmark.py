@@ -148,10 +148,8 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def _measure(fn: Callable[[], object], device, repeats: int) -> tuple[float, float]:
-    """``(median seconds, peak bytes)`` of ``fn`` after one warm-up call. On the CPU the peak is
-    sampled every millisecond, and once more while the call's result is still held (so it is at
-    least the result's size): a lower bound for the temporaries of calls that take a few ms."""
+def median_seconds(fn: Callable[[], object], device, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after one warm-up call, synchronized on CUDA."""
     fn()
     _sync(device)
     times = []
@@ -161,6 +159,14 @@ def _measure(fn: Callable[[], object], device, repeats: int) -> tuple[float, flo
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _measure(fn: Callable[[], object], device, repeats: int) -> tuple[float, float]:
+    """``(median seconds, peak bytes)`` of ``fn`` (:func:`median_seconds`). On the CPU the peak is
+    sampled every millisecond, and once more while the call's result is still held (so it is at
+    least the result's size): a lower bound for the temporaries of calls that take a few ms."""
+    median = median_seconds(fn, device, repeats)
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -173,7 +179,7 @@ def _measure(fn: Callable[[], object], device, repeats: int) -> tuple[float, flo
             result = fn()  # held until the last sample
         del result
         peak = host.delta
-    return statistics.median(times), float(peak)
+    return median, float(peak)
 
 
 def _dense_reference(q, k, v, src, dst, scale):

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -34,6 +32,7 @@ from torch import Tensor
 
 from .. import kernels
 from ..topology import dynamic
+from .benchmark import median_seconds
 
 SELECTIONS: dict[str, Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = {
     "topk": lambda q, k: dynamic.topk(q, k, 64, causal=True),
@@ -42,24 +41,6 @@ SELECTIONS: dict[str, Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = {
 DESCRIPTIONS = {"topk": "top-64 keys per query and head, causal",
                 "block_topk": "MoBA: blocks of 64, top 8 key blocks + own, causal"}
 COLUMNS = ("selector", "n", "edges", "row", "pass", "ms", "max_err", "note")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def _dense_mask(edge_index: Tensor, edge_head: Tensor, num_heads: int, n: int) -> Tensor:
@@ -121,7 +102,7 @@ def run_selection_benchmark(selectors: Sequence[str] = tuple(SELECTIONS), sizes:
             ref = kernels.attend(q, k, v, edge_index, scale=scale, edge_head=edge_head).float()
 
             def row(label, note, fn, pas="fwd", out=None, edges=edge_index.size(1)):
-                ms = _median_ms(fn, device, repeats)
+                ms = 1e3 * median_seconds(fn, device, repeats)
                 err = None if out is None else float((out.float() - ref).abs().max())
                 rows.append(dict(selector=name, n=n, edges=edges, row=label, **{"pass": pas}, ms=ms, max_err=err,
                                  note=note))
