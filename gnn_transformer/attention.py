@@ -590,9 +590,7 @@ class GraphMultiheadAttention(MessagePassing):
         if not (isinstance(chosen, (tuple, list)) and len(chosen) == 2 and all(isinstance(t, Tensor) for t in chosen)):
             raise ValueError(f"Expected 'select' ({self.select!r}) to return a pair (edge_index, edge_head) "
                              f"(got {type(chosen).__name__})")
-        selected, heads = chosen
-        check_edge_index(selected, key.size(0), query.size(0), query.device)
-        return selected, heads
+        return chosen[0], chosen[1]  # shapes, devices and ranges: checked once, by kernels.head_inputs
 
     def resolve_backend(self, edge_index: Tensor, device: torch.device, backend: str | None = None,
                         size: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> str:

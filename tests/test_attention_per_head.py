@@ -159,6 +159,9 @@ def test_select_refuses_edge_head_and_bad_selectors():
         layer(torch.randn(2, 8), graph, edge_head=torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="'select' to be a callable"):
         GraphMultiheadAttention(8, 2, select="topk")
+    wild = GraphMultiheadAttention(8, 2, select=lambda q, k, e: (torch.tensor([[2], [0]]), torch.tensor([0])))
+    with pytest.raises(ValueError, match="Found source index 2 in 'edge_index' but there are only 2 source nodes"):
+        wild(torch.randn(2, 8), graph)
     bad = GraphMultiheadAttention(8, 2, select=lambda q, k, e: e)
     with pytest.raises(ValueError, match=r"'select' .* to return a pair \(edge_index, edge_head\)"):
         bad(torch.randn(2, 8), graph)

@@ -169,6 +169,19 @@ def test_bad_edge_head(edge_head, match):
         attend(q, k, v, edge_index, scale=0.3, edge_head=edge_head)
 
 
+@pytest.mark.parametrize("edge_index, match", [
+    (torch.tensor([[3], [0]]), "Found source index 3 in 'edge_index' but there are only 3 source nodes"),
+    (torch.tensor([[0], [3]]), "Found target index 3 in 'edge_index' but there are only 3 target nodes"),
+    (torch.tensor([[-1], [0]]), "non-negative"),
+])
+def test_nodes_out_of_range_are_refused_before_relabelling(edge_index, match):
+    """Source 3 of 3 would be node 3 of the (head, token) nodes, key/value head 1's token 0: the
+    kernels' own range check cannot see it after relabelling."""
+    q, k, v = torch.randn(3, HEADS, 8), torch.randn(3, KV_HEADS, 8), torch.randn(3, KV_HEADS, 8)
+    with pytest.raises(ValueError, match=match):
+        attend(q, k, v, edge_index, scale=0.3, edge_head=torch.zeros(1, dtype=torch.long))
+
+
 def test_bad_per_head_bias_shape():
     q, k, v = torch.randn(3, HEADS, 8), torch.randn(3, KV_HEADS, 8), torch.randn(3, KV_HEADS, 8)
     edge_index = torch.tensor([[0, 0, 1], [0, 1, 1]])

@@ -40,9 +40,13 @@ def _drop(key: int) -> None:
         _CACHE.pop(key, None)
 
 
-def check_edge_head(edge_head: object, num_edges: int, num_heads: int, device: torch.device) -> Tensor:
+def check_edge_head(edge_head: object, num_edges: int, num_heads: int, device: torch.device,
+                    edge_index: Tensor | None = None, num_src: int = 0, num_dst: int = 0) -> Tensor:
     """``edge_head`` as a long tensor after checking it is ``[E]``, integer, on ``device``, with
-    values in ``[0, num_heads)``; else a ``ValueError`` naming the argument and the value."""
+    values in ``[0, num_heads)``; else a ``ValueError`` naming the argument and the value. With
+    ``edge_index``, also its sources in ``[0, num_src)`` and targets in ``[0, num_dst)``, read back
+    with the heads' range in one transfer: after relabelling, a source past ``num_src`` would be a
+    valid node of another key/value head, so the kernels' own range check could not see it."""
     if not isinstance(edge_head, Tensor):
         raise ValueError(f"Expected 'edge_head' to be a tensor (got {type(edge_head).__name__})")
     if edge_head.dim() != 1 or edge_head.size(0) != num_edges:
@@ -57,12 +61,27 @@ def check_edge_head(edge_head: object, num_edges: int, num_heads: int, device: t
                          f"(got {edge_head.device})")
     if edge_head.device.type == "meta":
         raise ValueError("Expected 'edge_head' with values to check, not on the meta device")
-    lo, hi = (int(v) for v in torch.aminmax(edge_head))
+    head = edge_head.long()
+    stats = [head.amin().view(1), head.amax().view(1)]
+    if edge_index is not None:
+        plain = plain_tensor(edge_index).long()
+        stats += [plain.amin(1), plain.amax(1)]
+    lo, hi, *rest = torch.cat(stats).tolist()
     if lo < 0 or hi >= num_heads:
         bad = lo if lo < 0 else hi
         raise ValueError(f"Found {bad} in 'edge_head' but there are {num_heads} query heads "
                          f"(values 0..{num_heads - 1})")
-    return edge_head.long()
+    if rest:
+        src_min, dst_min, src_max, dst_max = rest
+        if min(src_min, dst_min) < 0:
+            raise ValueError(f"Expected 'edge_index' to hold non-negative indices (found {min(src_min, dst_min)})")
+        if src_max >= num_src:
+            raise ValueError(f"Found source index {src_max} in 'edge_index' but there are only {num_src} "
+                             "source nodes")
+        if dst_max >= num_dst:
+            raise ValueError(f"Found target index {dst_max} in 'edge_index' but there are only {num_dst} "
+                             "target nodes")
+    return head
 
 
 def _relabel(edge_index: Tensor, edge_head: Tensor, num_src: int, num_dst: int, group: int) -> Tensor:
@@ -76,7 +95,8 @@ def _relabel(edge_index: Tensor, edge_head: Tensor, num_src: int, num_dst: int, 
 def head_graph(edge_index: Tensor, edge_head: Tensor, num_src: int, num_dst: int, num_heads: int,
                num_kv_heads: int) -> Tensor:
     """The per-head graph as a one-head ``edge_index [2, E]`` on (head, token) nodes, columns in
-    the given order; cached per ``edge_head`` tensor (checked first: :func:`check_edge_head`)."""
+    the given order; cached per ``edge_head`` tensor (both checked first, node and head ranges
+    included: :func:`check_edge_head`)."""
     device = plain_tensor(edge_index).device
     group = num_heads // num_kv_heads
     sizes = (num_src, num_dst, num_heads, num_kv_heads)
@@ -88,7 +108,8 @@ def head_graph(edge_index: Tensor, edge_head: Tensor, num_src: int, num_dst: int
         if (head_ref() is edge_head and index_ref() is edge_index and hit_sizes == sizes
                 and versions == (edge_head._version, edge_index._version)):
             return relabelled
-    edge_head = check_edge_head(edge_head, plain_tensor(edge_index).size(1), num_heads, device)
+    edge_head = check_edge_head(edge_head, plain_tensor(edge_index).size(1), num_heads, device, edge_index,
+                                num_src, num_dst)
     relabelled = _relabel(edge_index, edge_head, num_src, num_dst, group)
     if edge_head.is_inference() or edge_index.is_inference():  # no version counters: not cached
         return relabelled
