@@ -69,8 +69,8 @@ def test_per_head_stacks_graphs_by_head():
 @pytest.mark.parametrize("graphs, match", [
     ([], "non-empty list"),
     (causal(3), "non-empty list"),
-    ([causal(3), causal(4)], "one sparse_size"),
-    ([causal(3), torch.zeros(2, 2)], r"graphs\[1\] to be an integer edge_index"),
+    ([causal(3), causal(4)], "the same sparse_size"),
+    ([causal(3), torch.zeros(2, 2)], "each graph of 'per_head' to be an integer edge_index"),
     ([torch.tensor([[0, -1], [0, 0]])], "non-negative"),
     ([causal(3), torch.tensor([[0], [5]])], "outside sparse_size"),
 ])

@@ -16,13 +16,14 @@ from torch_geometric import EdgeIndex
 from ._common import Lengths, as_lengths, check_keys, coalesce_edges, finalize
 
 
-def _sizes(graphs: Sequence[Tensor], what: str) -> tuple[int, int]:
+def shared_sizes(graphs: Sequence[Tensor], what: str) -> tuple[int, int]:
     """Common ``(num_src, num_dst)``: from the ``EdgeIndex`` operands, else ``max + 1``."""
     if len(graphs) == 0:
         raise ValueError(f"'{what}' needs at least one graph")
     sizes, high = set(), 0
     for g in graphs:
-        if not isinstance(g, Tensor) or g.dim() != 2 or g.size(0) != 2 or g.is_floating_point():
+        if (not isinstance(g, Tensor) or g.dim() != 2 or g.size(0) != 2 or g.is_floating_point()
+                or g.dtype == torch.bool):
             raise ValueError(f"Expected each graph of '{what}' to be an integer edge_index [2, E] "
                              f"(got {type(g).__name__} {list(getattr(g, 'shape', []))})")
         if g.numel() and int(g.min()) < 0:
@@ -64,7 +65,7 @@ def union(*graphs: Tensor) -> EdgeIndex:
         >>> union(sliding_window(3, 0), sliding_window(3, 1)).tolist()
         [[0, 1, 0, 1, 2, 1, 2], [0, 0, 1, 1, 1, 2, 2]]
     """
-    num_src, num_dst = _sizes(graphs, "union")
+    num_src, num_dst = shared_sizes(graphs, "union")
     plain = [g.as_tensor() if isinstance(g, EdgeIndex) else g for g in graphs]
     src = torch.cat([p[0] for p in plain])
     dst = torch.cat([p[1] for p in plain])
@@ -79,7 +80,7 @@ def intersection(*graphs: Tensor) -> EdgeIndex:
         >>> intersection(causal(3), sliding_window(3, 1)).tolist()
         [[0, 0, 1, 1, 2], [0, 1, 1, 2, 2]]
     """
-    num_src, num_dst = _sizes(graphs, "intersection")
+    num_src, num_dst = shared_sizes(graphs, "intersection")
     key = _keys(graphs[0], num_src)
     for g in graphs[1:]:
         key = key[torch.isin(key, _keys(g, num_src))]
@@ -94,7 +95,7 @@ def difference(a: Tensor, b: Tensor) -> EdgeIndex:
         >>> difference(causal(3), sliding_window(3, 0)).tolist()
         [[0, 0, 1], [1, 2, 2]]
     """
-    num_src, num_dst = _sizes([a, b], "difference")
+    num_src, num_dst = shared_sizes([a, b], "difference")
     key = _keys(a, num_src)
     return _from_keys(key[~torch.isin(key, _keys(b, num_src))], num_src, num_dst)
 

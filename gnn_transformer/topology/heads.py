@@ -26,6 +26,7 @@ from torch_geometric import EdgeIndex
 from ._common import (Lengths, as_lengths, check_bool, check_edges, check_int, local_positions, window_edges,
                       wrap_sorted)
 from .basic import causal
+from .combinators import shared_sizes
 from .windows import dilated, dilated_edges
 
 
@@ -49,32 +50,12 @@ def per_head(graphs: Sequence[Tensor]) -> tuple[EdgeIndex, Tensor]:
     if isinstance(graphs, Tensor) or not isinstance(graphs, Sequence) or len(graphs) == 0:
         raise ValueError(f"Expected 'graphs' to be a non-empty list of edge_index tensors, one per head "
                          f"(got {type(graphs).__name__})")
-    sizes, high = set(), 0
-    plains = []
-    for h, g in enumerate(graphs):
-        if not isinstance(g, Tensor) or g.dim() != 2 or g.size(0) != 2 or g.is_floating_point() \
-                or g.dtype == torch.bool:
-            got = list(g.shape) if isinstance(g, Tensor) else type(g).__name__
-            raise ValueError(f"Expected graphs[{h}] to be an integer edge_index [2, E] (got {got})")
-        plain = g.as_tensor() if isinstance(g, EdgeIndex) else g
-        if plain.numel() and int(plain.min()) < 0:
-            raise ValueError(f"Expected graphs[{h}] to have non-negative node indices (got {int(plain.min())})")
-        if isinstance(g, EdgeIndex) and None not in g.sparse_size():
-            sizes.add(tuple(g.sparse_size()))
-        plains.append(plain.to(torch.long))
-    if len(sizes) > 1:
-        raise ValueError(f"Expected the graphs of 'per_head' to have one sparse_size (got {sorted(sizes)})")
+    num_src, num_dst = shared_sizes(graphs, "per_head")
+    plains = [(g.as_tensor() if isinstance(g, EdgeIndex) else g).to(torch.long) for g in graphs]
     devices = {p.device for p in plains}
     if len(devices) > 1:
         raise ValueError(f"Expected the graphs of 'per_head' on one device (got {sorted(map(str, devices))})")
     edge_index = torch.cat(plains, dim=1)  # [2, E]
-    if sizes:
-        num_src, num_dst = sizes.pop()
-        if edge_index.numel() and (int(edge_index[0].max()) >= num_src or int(edge_index[1].max()) >= num_dst):
-            raise ValueError(f"A graph of 'per_head' has nodes outside sparse_size {(num_src, num_dst)}")
-    else:
-        high = int(edge_index.max()) + 1 if edge_index.numel() else 0
-        num_src = num_dst = high
     counts = torch.tensor([p.size(1) for p in plains], device=edge_index.device)
     edge_head = torch.repeat_interleave(torch.arange(len(plains), device=edge_index.device), counts)  # [E]
     return EdgeIndex(edge_index, sparse_size=(num_src, num_dst)), edge_head
