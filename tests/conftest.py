@@ -33,6 +33,15 @@ def _seed():
     yield
 
 
+def perturbed(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with noise on every parameter (nonzero biases, non-unit norms, so that every
+    parameter matters), in eval mode."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return module.eval()
+
+
 def _sorted_index(src, dst, n_src, n_dst) -> EdgeIndex:
     src, dst = torch.as_tensor(src, dtype=torch.long), torch.as_tensor(dst, dtype=torch.long)
     perm = torch.argsort(dst * max(n_src, 1) + src, stable=True)

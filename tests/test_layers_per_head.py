@@ -18,20 +18,12 @@ from gnn_transformer.dense import layers as dense_layers
 from gnn_transformer.topology import (causal, cross, dilated_per_head, duo_attention, full, per_head,
                                       sliding_window, to_dense_mask)
 
-from .conftest import TOL
+from .conftest import TOL, perturbed
 
 LENGTHS = [5, 3, 6]  # decoder / single-stack sequences
 SRC_LENGTHS = [4, 6, 2]  # encoder sequences of the encoder-decoder tests
 HEADS = 4
 DTYPES = [torch.float32, torch.float64]
-
-
-def perturbed(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` with noise on every parameter (nonzero biases, non-unit norms), in eval mode."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return module.eval()
 
 
 def random_heads(edge_index, num_heads: int = HEADS, keep: float = 0.7, seed: int = 0):

@@ -18,9 +18,9 @@ from gnn_transformer.dense import layers as dense_layers
 from gnn_transformer.layers import resolve_layer_biases, resolve_layer_graphs
 from gnn_transformer.topology import causal, cross, duo_attention, sliding_window
 
-from .conftest import TOL
+from .conftest import TOL, perturbed
 from .test_layers_per_head import (DTYPES, HEADS, LENGTHS, SRC_LENGTHS, assert_matches, dense_bias, dense_mask, lm,
-                                   nodes, padded_positions, per_head_graph, perturbed, positions, random_heads)
+                                   nodes, padded_positions, per_head_graph, positions, random_heads)
 
 WINDOW = sliding_window(LENGTHS, 1, causal=True)
 CAUSAL = causal(LENGTHS)

@@ -560,13 +560,6 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("call, name, value", BAD, ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD)])
-def test_bad_inputs_name_the_argument_and_the_value(call, name, value):
-    with pytest.raises(ValueError) as info:
-        call()
-    assert name in str(info.value) and value in str(info.value), str(info.value)
-
-
 def test_scale_does_not_change_the_selection():
     q, k = _randn(7, 2, 4), _randn(7, 1, 4, seed=1)
     a, b = topk(q, k, 3), topk(q, k, 3, scale=math.pi)
@@ -760,8 +753,9 @@ OBJECT_BAD = [
 ]
 
 
-@pytest.mark.parametrize("call, name, value", OBJECT_BAD, ids=[f"{i}-{b[1]}" for i, b in enumerate(OBJECT_BAD)])
-def test_selector_object_bad_inputs_name_the_argument_and_the_value(call, name, value):
+@pytest.mark.parametrize("call, name, value", BAD + OBJECT_BAD,
+                         ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD + OBJECT_BAD)])
+def test_bad_inputs_name_the_argument_and_the_value(call, name, value):
     with pytest.raises(ValueError) as info:
         call()
     assert name in str(info.value) and value in str(info.value), str(info.value)

@@ -9,7 +9,7 @@ from gnn_transformer import (GraphLM, GraphMultiheadAttention, GraphTransformerC
 from gnn_transformer.topology import causal, erdos_renyi, full, to_dense_mask
 from gnn_transformer.variants import attention_class
 
-from .conftest import TOL
+from .conftest import TOL, perturbed
 
 LENGTHS = [4, 1, 6]
 DTYPES = [torch.float32, torch.float64]
@@ -25,13 +25,6 @@ def _graph(kind, lengths):
         blocks.append(erdos_renyi(n, p=0.4, seed=i).as_tensor() + offset)
         offset += n
     return torch.cat(blocks, dim=1)
-
-
-def _perturbed(module):
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return module.eval()
 
 
 def _check_attention(layer, kind, dtype, bias=False):
@@ -59,7 +52,7 @@ def _check_attention(layer, kind, dtype, bias=False):
 @pytest.mark.parametrize("kind", ["full", "causal", "random"])
 @pytest.mark.parametrize("num_kv_heads,score_bias", [(4, None), (1, -1.5)])
 def test_sigmoid_attention_matches_dense(num_kv_heads, score_bias, kind, dtype):
-    layer = _perturbed(SigmoidAttention(16, 4, num_kv_heads=num_kv_heads, score_bias=score_bias,
+    layer = perturbed(SigmoidAttention(16, 4, num_kv_heads=num_kv_heads, score_bias=score_bias,
                                         dtype=dtype, backend="pyg"))
     _, alpha, _ = _check_attention(layer, kind, dtype, bias=True)
     assert ((alpha > 0) & (alpha < 1)).all()
@@ -69,7 +62,7 @@ def test_sigmoid_attention_matches_dense(num_kv_heads, score_bias, kind, dtype):
 @pytest.mark.parametrize("kind", ["full", "causal", "random"])
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
 def test_linear_attention_matches_dense(num_kv_heads, kind, dtype):
-    layer = _perturbed(LinearAttention(16, 4, num_kv_heads=num_kv_heads, dtype=dtype, backend="pyg"))
+    layer = perturbed(LinearAttention(16, 4, num_kv_heads=num_kv_heads, dtype=dtype, backend="pyg"))
     _, alpha, edge_index = _check_attention(layer, kind, dtype)
     sums = torch.zeros(sum(LENGTHS), 4, dtype=dtype).index_add_(0, edge_index[1], alpha)
     has_edge = torch.zeros(sum(LENGTHS), dtype=torch.bool)
@@ -81,7 +74,7 @@ def test_linear_attention_matches_dense(num_kv_heads, kind, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["full", "random"])
 def test_mlp_projection_attention_matches_dense(kind, dtype):
-    layer = _perturbed(MLPProjectionAttention(16, 4, num_kv_heads=2, dtype=dtype, backend="pyg"))
+    layer = perturbed(MLPProjectionAttention(16, 4, num_kv_heads=2, dtype=dtype, backend="pyg"))
     _check_attention(layer, kind, dtype, bias=True)
     names = set(layer.state_dict())
     assert {"q_hidden.weight", "k_hidden.weight", "v_hidden.weight", "in_proj_weight"} <= names
@@ -104,7 +97,7 @@ def test_linear_attention_on_a_full_graph_is_the_factorized_formula():
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("attention", ["softmax", "sigmoid", "linear", "mlp"])
 def test_encoder_layer_variants_match_dense(attention, num_kv_heads, dtype):
-    layer = _perturbed(GraphTransformerEncoderLayer(
+    layer = perturbed(GraphTransformerEncoderLayer(
         16, 4, 24, dropout=0.0, activation="gelu", norm_first=True, num_kv_heads=num_kv_heads,
         attention=attention_class(attention), dtype=dtype, backend="pyg"))
     x = torch.randn(sum(LENGTHS), 16, dtype=dtype)
@@ -121,7 +114,7 @@ def test_encoder_layer_variants_match_dense(attention, num_kv_heads, dtype):
 def test_cross_layer_kv_sharing_matches_dense(every, rope, dtype):
     layer = GraphTransformerEncoderLayer(16, 4, 24, dropout=0.0, norm_first=True, num_kv_heads=2,
                                          rope=rope, dtype=dtype, backend="pyg")
-    stack = _perturbed(GraphTransformerEncoder(layer, 4, kv_share_every=every))
+    stack = perturbed(GraphTransformerEncoder(layer, 4, kv_share_every=every))
     x = torch.randn(sum(LENGTHS), 16, dtype=dtype, requires_grad=True)
     pos = torch.cat([torch.arange(n) for n in LENGTHS])
     edge_index = causal(LENGTHS)
@@ -169,7 +162,7 @@ def test_kv_sharing_removes_key_value_projections(attention, decoder, num_kv_hea
         if decoder:  # cross-attention keeps its key/value projection
             assert stacked.multihead_attn.in_proj_weight.shape == (3 * C, C)
     # every parameter gets a nonzero gradient
-    shared = _perturbed(shared).train()
+    shared = perturbed(shared).train()
     x = torch.randn(sum(LENGTHS), C)
     if decoder:
         memory = torch.randn(5, C)
@@ -201,7 +194,7 @@ def test_kv_sharing_config_parameter_count(position):
 @pytest.mark.parametrize("kdim", [None, 6])
 def test_attention_without_key_value_projection(attention, kdim):
     cls = attention_class(attention)
-    full_layer = _perturbed(cls(8, 2, kdim=kdim, vdim=kdim, num_kv_heads=1, backend="pyg"))
+    full_layer = perturbed(cls(8, 2, kdim=kdim, vdim=kdim, num_kv_heads=1, backend="pyg"))
     layer = cls(8, 2, kdim=kdim, vdim=kdim, num_kv_heads=1, backend="pyg", project_kv=False)
     if kdim is None:
         assert layer.in_proj_weight.shape == (8, 8) and layer.in_proj_bias.shape == (8,)
@@ -238,7 +231,7 @@ def test_attention_without_key_value_projection(attention, kdim):
 
 
 def test_drop_key_value_projection_keeps_the_query():
-    layer = _perturbed(GraphMultiheadAttention(8, 2, num_kv_heads=1))
+    layer = perturbed(GraphMultiheadAttention(8, 2, num_kv_heads=1))
     w_q, b_q = (t.detach().clone() for t in (layer.in_proj_weight[:8], layer.in_proj_bias[:8]))
     layer.drop_key_value_projection()
     assert not layer.project_kv
