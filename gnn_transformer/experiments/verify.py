@@ -29,7 +29,7 @@ from ..dense.layers import encoder as dense_encoder
 from ..topology import to_dense_mask
 from ..topology.dynamic import selector
 from ..topology.specs import LayerPattern
-from .topologies import Topology, label, resolve_topology
+from .topologies import Topology, graph_to, label, resolve_topology
 from .training import resolve_device
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -213,7 +213,7 @@ def verify_topologies(specs: Sequence[str], lengths: Sequence[int] = (23, 40), *
                 raise
             on_error(topo.spec, err)
             continue
-        graph = graph.to(device) if isinstance(graph, (Tensor, LayerPattern)) else tuple(t.to(device) for t in graph)
+        graph = graph_to(graph, device)
         for backend in backends:
             out_err, grad_err, edges = _check_one(topo, graph, lengths, backend, embed_dim=embed_dim,
                                                   num_heads=num_heads, dtype=dtype, device=device, seed=seed)
