@@ -470,7 +470,7 @@ def test_analyze_runs_on_a_saved_checkpoint(tmp_path, capsys):
     out = tmp_path / "out"
     cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out", str(out),
                         "--compare-norm"])
-    assert cli.cmd_analyze(args) == 0
+    assert cli.analyze.run(args) == 0
     printed = capsys.readouterr().out
     assert "encoder.layers.0" in printed and "encoder.layers.1" in printed
     assert "[pre-norm]" in printed and "[post-norm]" in printed
@@ -497,7 +497,7 @@ def test_analyze_checkpoint_variants_and_errors(tmp_path, capsys):
     tokens.write_text("3 1 4 1 5\n")
     cli, args = _parse(["--checkpoint", str(path), "--config", str(config), "--tokens", str(tokens),
                         "--out", str(tmp_path / "o"), "--graph", "full", "--no-plots"])
-    assert cli.cmd_analyze(args) == 0
+    assert cli.analyze.run(args) == 0
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["summary.json"]
     # the recorded weights are those of the model itself
     from gnn_transformer.experiments import analyze_run
@@ -511,17 +511,17 @@ def test_analyze_checkpoint_variants_and_errors(tmp_path, capsys):
     capsys.readouterr()
     cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out",
                         str(tmp_path / "p")])
-    assert cli.cmd_analyze(args) == 2  # no config next to the checkpoint any more
+    assert cli.analyze.run(args) == 2  # no config next to the checkpoint any more
     assert "config" in capsys.readouterr().err
     small = tmp_path / "small.json"  # a config that does not fit the weights
     small.write_text(json.dumps({"vocab_size": 13, "d_model": 8, "nhead": 2, "num_layers": 1}))
     cli, args = _parse(["--checkpoint", str(path), "--config", str(small), "--tokens", str(tokens)])
-    assert cli.cmd_analyze(args) == 2
+    assert cli.analyze.run(args) == 2
     assert "does not fit" in capsys.readouterr().err
     bad = tmp_path / "bad.txt"
     bad.write_text("1 two 3\n")
     cli, args = _parse(["--checkpoint", str(path), "--config", str(config), "--tokens", str(bad)])
-    assert cli.cmd_analyze(args) == 2
+    assert cli.analyze.run(args) == 2
     assert "line 1" in capsys.readouterr().err
 
 
@@ -533,10 +533,10 @@ def test_analyze_on_a_catalogue_topology_and_unknown_graph(tmp_path, capsys):
     tokens.write_text("1 2 3 4 5 6 7 8 9 10\n")
     cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out",
                         str(tmp_path / "o"), "--graph", "sliding_window", "--no-plots"])
-    assert cli.cmd_analyze(args) == 0
+    assert cli.analyze.run(args) == 0
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["graph"] == "sliding_window"
     cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--graph", "nope"])
-    assert cli.cmd_analyze(args) == 2
+    assert cli.analyze.run(args) == 2
     assert "nope" in capsys.readouterr().err
 
 
@@ -574,7 +574,7 @@ def test_analyze_runs_on_a_saved_hugging_face_model(tmp_path, capsys, kind):
     text.write_text("the cat sat on the mat\na dog ran\n")
     out = tmp_path / "out"
     cli, args = _parse(["--hf-dir", str(directory), "--text", str(text), "--out", str(out)])
-    assert cli.cmd_analyze(args) == 0
+    assert cli.analyze.run(args) == 0
     printed = capsys.readouterr().out
     assert ("BERT" if kind == "bert" else "GPT-2") in printed
     summary = json.loads((out / "summary.json").read_text())
@@ -600,10 +600,10 @@ def test_analyze_reports_a_missing_tokenizer_and_directory(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("the cat\n")
     cli, args = _parse(["--checkpoint", str(path), "--text", str(text)])
-    assert cli.cmd_analyze(args) == 2
+    assert cli.analyze.run(args) == 2
     assert "tokenizer" in capsys.readouterr().err
     cli, args = _parse(["--hf-dir", str(tmp_path / "missing"), "--tokens", str(text)])
-    assert cli.cmd_analyze(args) == 2
+    assert cli.analyze.run(args) == 2
     assert "--hf-dir" in capsys.readouterr().err
 
 

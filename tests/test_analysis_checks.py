@@ -106,7 +106,7 @@ def _args(argv):
 def test_analyze_options_are_checked_up_front(tmp_path, capsys, option, value):
     cli, args = _args(["--checkpoint", str(tmp_path / "missing.pt"), "--tokens", "x.txt",
                        "--out", str(tmp_path / "out"), option, value])
-    assert cli.cmd_analyze(args) == 2
+    assert cli.analyze.run(args) == 2
     captured = capsys.readouterr()
     assert option in captured.err and value in captured.err and captured.out == ""
     assert not (tmp_path / "out").exists()

@@ -38,27 +38,27 @@ def _usage_error(argv, capsys, *names) -> str:
 # ---------------------------------------------------------------- show: bounded -n (item 7)
 @pytest.mark.parametrize("spec,n", [("bigbird", "10000000"), ("full", "3000"), ("causal", "257")])
 def test_show_refuses_n_beyond_what_it_draws(spec, n, capsys):
-    _usage_error(["show", spec, "-n", n], capsys, "-n", n, str(cli.SHOW_N_MAX))
+    _usage_error(["show", spec, "-n", n], capsys, "-n", n, str(cli.show.SHOW_N_MAX))
     assert not Path(f"{spec}.png").exists()
 
 
 def test_show_refuses_a_graph_with_too_many_edges_to_draw(capsys):
     err = _usage_error(["show", "full", "-n", "64"], capsys, "-n", "64", "4096 edges",
-                       str(cli.SHOW_EDGES_MAX))
+                       str(cli.show.SHOW_EDGES_MAX))
     assert "full" in err and not Path("full.png").exists()
 
 
 def test_show_refuses_a_spec_whose_small_n_is_beyond_what_it_draws(tmp_path, capsys):
     spec = tmp_path / "wide.toml"
     spec.write_text('name = "wide"\nbuilder = "causal"\n[small]\nn = 4000\n')
-    _usage_error(["show", str(spec)], capsys, "wide.toml", "4000", str(cli.SHOW_N_MAX), "-n")
+    _usage_error(["show", str(spec)], capsys, "wide.toml", "4000", str(cli.show.SHOW_N_MAX), "-n")
     assert cli.main(["show", str(spec), "-n", "8"]) == 0  # a smaller -n draws it
     assert capsys.readouterr().out.startswith("wide")
 
 
 def test_show_draws_at_the_bound(capsys):
-    assert cli.main(["show", "sliding_window:window=1", "-n", str(cli.SHOW_N_MAX)]) == 0
-    assert f"on n = {cli.SHOW_N_MAX}" in capsys.readouterr().out
+    assert cli.main(["show", "sliding_window:window=1", "-n", str(cli.show.SHOW_N_MAX)]) == 0
+    assert f"on n = {cli.show.SHOW_N_MAX}" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- bench --block-size (item 8)

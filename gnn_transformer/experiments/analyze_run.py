@@ -5,7 +5,7 @@ Loads a model (a checkpoint of :class:`~gnn_transformer.model.GraphLM` /
 :class:`~gnn_transformer.model.GraphEncoderModel` with its config JSON, or a Hugging Face BERT or
 GPT-2 from a local directory), runs it once on token sequences under
 :func:`gnn_transformer.analysis.record`, measures every layer and saves the measures and pictures.
-The command's options and printed table live in :mod:`gnn_transformer.cli`.
+The command's options and printed table live in :mod:`gnn_transformer.cli.analyze`.
 
 Usage::
 

@@ -1,0 +1,214 @@
+"""``gnn-transformer bench``: the attention backends timed against SDPA and FlexAttention."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._common import EXIT_OK, EXIT_USAGE, UsageError, error, check_out_file, check_device
+
+
+def add_parser(sub) -> None:
+    from ..bench.benchmark import BACKENDS, TOPOLOGIES
+    from ..bench.selection import DESCRIPTIONS, SELECTIONS
+
+    p = sub.add_parser(
+        "bench", help="benchmark the attention backends against dense SDPA and FlexAttention",
+        description="Time forward and forward+backward of each attention backend (pyg, fused, "
+        "tiled, auto), dense scaled_dot_product_attention with a boolean mask and FlexAttention "
+        "with a BlockMask, on the same edge sets; median time, peak memory, max error against a "
+        "float32 dense reference. Graph and mask construction are timed separately.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--topologies", nargs="+", default=list(TOPOLOGIES), metavar="SPEC",
+                   help="the benchmark's graphs (causal; window: radius 128; bigbird: blocks of 64, "
+                        "3 window, 2 global, 3 random; random: 64 keys per query) or any topology "
+                        "spec: a builder with arguments ('dilated:window=256,dilation=4'), a "
+                        "catalogue name ('longformer') or a .toml path")
+    p.add_argument("--sizes", nargs="+", type=int, default=None,
+                   help="token counts (unset: 4096 16384 65536, plus 262144 1048576 for the "
+                        "linear-size topologies on CUDA; 4096 with --quick)")
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--device", default=None, help="cpu or cuda (unset: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="unset: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=None,
+                   help="key/value heads (grouped-query attention; must divide --heads; unset: --heads)")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repetitions, median reported (default 5; 3 with --quick or --calibrate)")
+    p.add_argument("--no-backward", action="store_true", help="forward passes only")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (unset: torch's)")
+    p.add_argument("--quick", action="store_true", help="CPU-sized: 4096 tokens, 3 repeats")
+    p.add_argument("--markdown", default=None, metavar="FILE",
+                   help="also write the table as markdown to FILE")
+    p.add_argument("--calibrate", action="store_true",
+                   help="instead, measure auto's cost model for this device and dtype: TILE_COST (the "
+                        "time of a tile cell of 'tiled' over that of an edge of 'fused'), ROW_COST and "
+                        "MERGE_COST (fixed costs per target row, in edges), DROPOUT_COST (what attention "
+                        "dropout adds per edge and per cell); sizes default to 4096")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tile size of tiled, auto and --calibrate, a power of two from 16 to 256 (unset: "
+                        "by device and dtype, 64, or 32 for float32 on CUDA; FlexAttention keeps blocks "
+                        "of 128)")
+    p.add_argument("--selectors", nargs="+", default=None, choices=list(SELECTIONS),
+                   help="instead, time graphs chosen from the data, end to end with the graph rebuilt on "
+                        "every call: selection + attention against FlexAttention with a BlockMask built per "
+                        "call and SDPA with a dense boolean mask (" + "; ".join(
+                            f"{k}: {v}" for k, v in DESCRIPTIONS.items()) + "); sizes default to 4096")
+    p.set_defaults(func=run)
+
+
+def _calibrate(args, device, dtype) -> int:
+    import torch
+
+    from ..bench.benchmark import (CALIBRATION_COLUMNS, calibrate_dropout_cost, calibrate_row_costs,
+                                    calibrate_tile_cost, current_costs, format_markdown, format_table)
+
+    sizes = args.sizes or [4096]
+    common = dict(device=device, dtype=dtype, heads=args.heads, head_dim=args.head_dim, kv_heads=args.kv_heads,
+                  block_size=args.block_size, repeats=args.repeats or 3)
+    rows, suggested = calibrate_tile_cost(args.topologies, sizes, backward=not args.no_backward, log=print,
+                                          **common)
+    fixed = calibrate_row_costs(rows, suggested, max(sizes), **common)
+    dropout = calibrate_dropout_cost(rows, **common)
+    tile_cost, row_cost, merge_cost, dropout_cost = current_costs(device)
+    kind = torch.device(device).type
+    lines = ["TILE_COST measured (median ratio over the graphs): "
+             + ", ".join(f"{p} {value:.3f}" for p, value in suggested.items())
+             + f"; auto uses {tile_cost} on {kind}",
+             "ROW_COST measured (edges per target row, fused / tiled): "
+             + ", ".join(f"{p} {c['fused']:.1f} / {c['tiled']:.1f}" for p, c in fixed.items())
+             + f"; auto uses {row_cost['fused']} / {row_cost['tiled']}",
+             "MERGE_COST measured (edges per target row): "
+             + ", ".join(f"{p} {c['merge']:.1f}" for p, c in fixed.items()) + f"; auto uses {merge_cost}",
+             "DROPOUT_COST measured (edges added per fused edge / per tile cell, dropout 0.1): "
+             + ", ".join(f"{p} {c['fused']:.2f} / {c['tiled']:.2f}" for p, c in dropout.items())
+             + f"; auto uses {dropout_cost['fused']} / {dropout_cost['tiled']}"]
+    print()
+    print(format_table(rows, CALIBRATION_COLUMNS))
+    print()
+    print("\n".join(lines))
+    if args.markdown:
+        Path(args.markdown).write_text(format_markdown(rows, CALIBRATION_COLUMNS) + "\n\n"
+                                       + "\n".join(f"- {line}" for line in lines) + "\n")
+        print(f"Wrote {args.markdown}")
+    return 0
+
+
+def _bench_selection(args, device, dtype) -> int:
+    import torch
+
+    from ..bench.selection import format_markdown, format_table, run_selection_benchmark
+
+    baselines = [b for b in ("flex", "sdpa") if b in args.backends]
+    rows = run_selection_benchmark(args.selectors, args.sizes or [4096], heads=args.heads, kv_heads=args.kv_heads,
+                                   head_dim=args.head_dim, device=device, dtype=dtype or torch.float32,
+                                   repeats=args.repeats or (3 if args.quick else 5), backward=not args.no_backward,
+                                   baselines=baselines, log=print)
+    print()
+    print(format_table(rows))
+    if args.markdown:
+        Path(args.markdown).write_text(format_markdown(rows) + "\n")
+        print(f"Wrote {args.markdown}")
+    return EXIT_OK
+
+
+def _check_bench_topologies(names, smallest: int) -> None:
+    """Refuse unknown specs, and specs that cannot be built at the smallest of ``--sizes`` (before
+    any timing, as ``compare`` builds its topologies before training)."""
+    from ..experiments.topologies import resolve_topology
+    from ..bench.benchmark import TOPOLOGIES, build_graph
+
+    for name in names:
+        if name not in TOPOLOGIES:
+            try:
+                topo = resolve_topology(name)
+            except ValueError as err:
+                raise UsageError(f"--topologies: {err}") from None
+            if topo.kind != "shared" or topo.select is not None:
+                what = ("graphs chosen from the data" if topo.select is not None
+                        else f"{topo.kind.replace('_', '-')} graphs")
+                raise UsageError(f"--topologies {name!r}: bench times a graph for every head and layer, not "
+                                 f"{what}; time selectors with 'bench --selectors topk block_topk', "
+                                 "check these with 'verify'")
+    for name in names:
+        try:
+            build_graph(name, smallest)
+        except ValueError as err:
+            raise UsageError(f"--topologies {name!r} cannot be built at --sizes {smallest}: {err}") from None
+
+
+def _check_bench_inputs(args, device: str, dtype) -> None:
+    """Refuse --heads / --head-dim / --sizes whose query, key, value and gradient tensors alone
+    would not fit in memory (the benchmark skips sizes whose graphs do not fit, not its inputs)."""
+    import torch
+
+    from ..bench.benchmark import input_memory_budget
+
+    n = max(args.sizes or [4096])
+    heads, kv_heads = args.heads, args.kv_heads or args.heads
+    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    need = 2 * n * (2 * heads + 2 * kv_heads) * args.head_dim * torch.tensor([], dtype=dtype).element_size()
+    budget = input_memory_budget(device)
+    if need > budget:
+        raise UsageError(f"--heads {heads}, --head-dim {args.head_dim} and --sizes {n}: the inputs and their "
+                         f"gradients need {need / 2**30:.1f} GiB, more than the benchmark's memory budget "
+                         f"({budget / 2**30:.1f} GiB)")
+
+
+def run(args) -> int:
+    import torch
+
+    from ..experiments.training import resolve_device
+    from ..bench.benchmark import BLOCK_SIZES, LINEAR, format_markdown, format_table, run_benchmark
+
+    for name in ("heads", "head_dim", "repeats", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if args.sizes is not None and min(args.sizes) < 1:
+        raise UsageError(f"--sizes must be positive (got {args.sizes})")
+    if args.kv_heads is not None and (args.kv_heads < 1 or args.heads % args.kv_heads):
+        raise UsageError(f"--kv-heads must divide --heads {args.heads} (got {args.kv_heads})")
+    if args.block_size is not None:
+        if args.block_size < 1 or args.block_size & (args.block_size - 1):
+            raise UsageError(f"--block-size must be a power of two (got {args.block_size})")
+        if args.block_size not in BLOCK_SIZES:
+            raise UsageError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))} "
+                             f"(got {args.block_size})")
+    if args.device is not None:
+        check_device("--device", args.device)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    resolve_device(device)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    _check_bench_inputs(args, device, dtype)
+    if args.markdown:
+        check_out_file("--markdown", args.markdown)
+    _check_bench_topologies(args.topologies, min(args.sizes or [4096]))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.calibrate:
+        return _calibrate(args, device, dtype)
+    if args.selectors:
+        return _bench_selection(args, device, dtype)
+    if args.quick:
+        sizes, repeats = args.sizes or [4096], args.repeats or 3
+    else:
+        sizes, repeats = args.sizes or [4096, 16384, 65536], args.repeats or 5
+    rows = []
+    for name in args.topologies:
+        extra = [262144, 1048576] if (args.sizes is None and not args.quick and name in LINEAR
+                                       and torch.device(device).type == "cuda") else []
+        rows += run_benchmark([name], list(sizes) + extra, args.backends, device=device,
+                              dtype=dtype, heads=args.heads, head_dim=args.head_dim, kv_heads=args.kv_heads,
+                              repeats=repeats, backward=not args.no_backward, block_size=args.block_size,
+                              log=print)
+    print()
+    print(format_table(rows))
+    if args.markdown:
+        Path(args.markdown).write_text(format_markdown(rows) + "\n")
+        print(f"Wrote {args.markdown}")
+    unbuilt = [f"{r['topology']} at n = {r['n']}" for r in rows if str(r["note"]).startswith("not built")]
+    if unbuilt:  # as verify: the other rows are measured, the exit code says some are missing
+        error(f"{len(unbuilt)} of the --topologies cannot be built at some --sizes: " + ", ".join(unbuilt))
+        return EXIT_USAGE
+    return EXIT_OK
