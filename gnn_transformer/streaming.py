@@ -1,0 +1,386 @@
+r"""Language models on long token streams with a bounded key/value cache.
+
+A causal graph says which earlier tokens each token reads; once no later token reads a node, its
+keys and values can leave the cache. :func:`stream_logits` feeds one sequence through a model in
+chunks with an :class:`EvictingKVCache` that drops every node whose last reader has been computed,
+so memory follows the graph: ``O(num_sinks + window)`` nodes for StreamingLLM's sinks-plus-window
+graph (:func:`gnn_transformer.topology.streaming`), ``O(window)`` for a causal sliding window, all
+of them for the causal graph. The logits equal one forward pass over the whole graph
+(``tests/test_streaming.py``): eviction only removes what the graph never reads again.
+
+:func:`perplexity` evaluates a causal LM on a stream under a graph, StreamingLLM's protocol (tokens
+fed in order, every next token predicted), with perplexity per position bucket.
+:func:`streaming_generate` generates thousands of tokens under the sinks-plus-window graph with a
+cache of at most ``num_sinks + window + 1`` nodes. With ``positions="cache"`` the positions are the
+ones StreamingLLM assigns inside its cache: a node's position is its index in the cache, so a query
+sees the sinks just before its window (RoPE and learned positions alike); with
+``positions="absolute"`` (default) they are the tokens' places in the stream.
+
+The models are those of :mod:`gnn_transformer.decoding`: anything with
+``forward_graph(ids [Q], edge_index, *, pos [Q], cache)`` -> ``logits [Q, V]``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .decoding import KVCache, _sample
+
+Graph = Tensor | tuple[Tensor, Tensor]  # edge_index, or (edge_index, edge_head) of a per-head graph
+Graphs = Graph | Sequence[Graph]  # one graph for every layer, or one per layer
+
+
+class EvictingKVCache(KVCache):
+    """A :class:`~gnn_transformer.decoding.KVCache` that can drop nodes: :meth:`keep` removes the
+    others from every layer and from ``seq`` / ``pos``. ``peak`` is the most nodes it ever held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = 0
+
+    def add_nodes(self, seq: Tensor, pos: Tensor) -> None:
+        super().add_nodes(seq, pos)
+        self.peak = max(self.peak, len(self))
+
+    def keep(self, mask: Tensor) -> None:
+        """Keep the cached nodes where ``mask`` ``[M]`` is true (call between steps)."""
+        if self.pos is None or self.seq is None:
+            return
+        if mask.shape != self.pos.shape:
+            raise ValueError(f"Expected 'mask' of shape {list(self.pos.shape)} (got {list(mask.shape)})")
+        index = mask.nonzero(as_tuple=True)[0]
+        self.seq, self.pos = self.seq[index], self.pos[index]
+        self.layers = {i: (k[index], v[index]) for i, (k, v) in self.layers.items()}
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"Expected '{name}' to be an int >= {low} (got {value!r})")
+    return int(value)
+
+
+def _check_model(model) -> None:
+    if not hasattr(model, "forward_graph"):
+        raise ValueError(f"Expected 'model' with a forward_graph method (got {type(model).__name__})")
+
+
+def _check_ids(ids: object, name: str) -> Tensor:
+    if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool \
+            or ids.is_complex():
+        got = f"{ids.dtype} of shape {list(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
+        raise ValueError(f"Expected '{name}' to be an integer tensor [T] (got {got})")
+    return ids
+
+
+def _layer_graphs(graph: Graphs) -> tuple[list[tuple[Tensor, Tensor | None]], bool]:
+    """``(edge_index, edge_head)`` per given graph, and whether one graph serves every layer."""
+    if isinstance(graph, Tensor) or (isinstance(graph, tuple) and len(graph) == 2
+                                     and all(isinstance(g, Tensor) for g in graph) and graph[1].dim() == 1):
+        graphs, shared = [graph], True
+    elif isinstance(graph, Sequence) and not isinstance(graph, (str, bytes)) and len(graph) > 0:
+        graphs, shared = list(graph), False
+    else:
+        raise ValueError("Expected 'graph' to be an edge_index [2, E], an (edge_index, edge_head) pair, or a "
+                         f"non-empty sequence of them, one per layer (got {type(graph).__name__})")
+    out = []
+    for g in graphs:
+        edge_index, edge_head = (g if isinstance(g, tuple) else (g, None))
+        if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.size(0) != 2:
+            got = list(edge_index.shape) if isinstance(edge_index, Tensor) else type(edge_index).__name__
+            raise ValueError(f"Expected each graph's edge_index of shape [2, E] (got {got})")
+        out.append((edge_index.as_subclass(Tensor).long(), edge_head))
+    return out, shared
+
+
+@dataclass
+class _Sorted:
+    """One layer's graph sorted by target, with the targets' boundaries for slicing chunks."""
+
+    src: Tensor
+    dst: Tensor
+    head: Tensor | None
+
+    def chunk(self, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        lo, hi = torch.searchsorted(self.dst, torch.tensor([start, stop], device=self.dst.device)).tolist()
+        return self.src[lo:hi], self.dst[lo:hi], None if self.head is None else self.head[lo:hi]
+
+
+def _prepare(graphs: list[tuple[Tensor, Tensor | None]], num_tokens: int) -> tuple[list[_Sorted], Tensor]:
+    """Sorted graphs and each node's last reader ``[T]`` (``-1``: none); refuses non-causal edges."""
+    last_use = torch.full((num_tokens,), -1, dtype=torch.long)
+    out = []
+    for index, (edge_index, edge_head) in enumerate(graphs):
+        src, dst = edge_index.cpu()
+        if src.numel() and (int(src.min()) < 0 or int(max(src.max(), dst.max())) >= num_tokens
+                            or int(dst.min()) < 0):
+            raise ValueError(f"Expected graph {index}'s nodes in [0, {num_tokens}) for {num_tokens} tokens "
+                             f"(got nodes {int(min(src.min(), dst.min()))}..{int(max(src.max(), dst.max()))})")
+        ahead = src > dst
+        if bool(ahead.any()):
+            e = int(ahead.nonzero()[0])
+            raise ValueError(f"Expected a causal graph (edges j -> i with j <= i) for a stream; graph {index} "
+                             f"has the edge {int(src[e])} -> {int(dst[e])}")
+        if edge_head is not None and (not isinstance(edge_head, Tensor) or edge_head.shape != src.shape):
+            raise ValueError(f"Expected graph {index}'s edge_head of shape {list(src.shape)}")
+        order = torch.argsort(dst, stable=True)
+        head = None if edge_head is None else edge_head.cpu()[order]
+        out.append(_Sorted(src[order], dst[order], head))
+        last_use.scatter_reduce_(0, src, dst, reduce="amax")
+    return out, last_use
+
+
+def _device(model) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def stream_logits(model, ids: Tensor, graph: Graphs, *, chunk: int = 256) -> Iterator[tuple[int, Tensor]]:
+    """Feed one sequence ``ids`` ``[T]`` through ``model`` in chunks of ``chunk`` tokens with an
+    :class:`EvictingKVCache`; yield ``(start, logits [C, V])`` per chunk.
+
+    Args:
+        model: a causal graph LM (``forward_graph``), in eval mode.
+        ids: the token ids of the stream ``[T]``.
+        graph: a causal graph on the ``T`` tokens (``edge_index``, ``(edge_index, edge_head)``, or one
+            per layer); node ``t`` is token ``t``.
+        chunk: tokens computed per step.
+
+    After each chunk the cache holds exactly the nodes that later tokens read (:func:`perplexity`
+    reports the most it held). Positions are the tokens' places in the stream.
+    """
+    for _, out in _stream(model, ids, graph, chunk):
+        yield out
+
+
+@torch.no_grad()
+def _stream(model, ids: Tensor, graph: Graphs, chunk: int) -> Iterator[tuple[EvictingKVCache, tuple[int, Tensor]]]:
+    _check_model(model)
+    ids = _check_ids(ids, "ids")
+    chunk = _check_int("chunk", chunk, 1)
+    layer_graphs, shared = _layer_graphs(graph)
+    num_tokens = ids.numel()
+    sorted_graphs, last_use = _prepare(layer_graphs, num_tokens)
+    device = ids.device
+    cache = EvictingKVCache()
+    index_of = torch.full((num_tokens,), -1, dtype=torch.long)  # cache slot of each token
+    for start in range(0, num_tokens, chunk):
+        stop = min(start + chunk, num_tokens)
+        pos = torch.arange(start, stop, device=device)
+        cache.add_nodes(torch.zeros_like(pos), pos)
+        cached_pos = cache.pos.cpu()  # type: ignore[union-attr]  # set by add_nodes
+        index_of[cached_pos] = torch.arange(cached_pos.numel())
+        step = []
+        for g in sorted_graphs:
+            src, dst, head = g.chunk(start, stop)
+            edge_index = torch.stack([index_of[src], dst - start]).to(device)
+            step.append(edge_index if head is None else (edge_index, head.to(device)))
+        graphs = step[0] if shared else step
+        logits = model.forward_graph(ids[start:stop], graphs, pos=pos, cache=cache)  # [C, V]
+        yield cache, (start, logits)
+        index_of[cached_pos] = -1
+        cache.keep((last_use[cached_pos] >= stop).to(device))
+
+
+@dataclass
+class PerplexityResult:
+    """Negative log-likelihoods of a stream's next tokens under one graph."""
+
+    nll: Tensor  # [T - 1] nats, for predicting token t + 1 from tokens <= t
+    bucket_size: int
+    peak_cache: int  # the most nodes the cache held
+    buckets: list[dict] = field(default_factory=list)  # start, stop, tokens, nll, perplexity per bucket
+
+    @property
+    def mean_nll(self) -> float:
+        return float(self.nll.mean()) if self.nll.numel() else math.nan
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll) if self.nll.numel() else math.nan
+
+
+def perplexity(model, ids: Tensor, graph: Graphs, *, chunk: int = 256, bucket_size: int = 256,
+               progress: bool = False) -> PerplexityResult:
+    """Perplexity of a causal LM on the stream ``ids`` ``[T]`` under ``graph`` (see
+    :func:`stream_logits`): every token from the second is predicted from the ones before it that the
+    graph lets it read; ``buckets`` hold the perplexity per ``bucket_size`` positions (by the position
+    of the predicted token)."""
+    ids = _check_ids(ids, "ids")
+    if ids.numel() < 2:
+        raise ValueError(f"Expected 'ids' to hold at least 2 tokens for a perplexity (got {ids.numel()})")
+    bucket_size = _check_int("bucket_size", bucket_size, 1)
+    from tqdm.auto import tqdm
+
+    nll = torch.empty(ids.numel() - 1, dtype=torch.float64)
+    cache = None
+    with tqdm(total=ids.numel(), unit="tok", disable=not progress, leave=False) as bar:
+        for cache, (start, logits) in _stream(model, ids, graph, chunk):
+            stop = start + logits.size(0)
+            targets = ids[start + 1:stop + 1]  # the last chunk predicts one token fewer
+            logp = torch.log_softmax(logits[: targets.numel()].double(), dim=-1)
+            nll[start:start + targets.numel()] = -logp.gather(1, targets.view(-1, 1)).squeeze(1).cpu()
+            bar.update(logits.size(0))
+    result = PerplexityResult(nll=nll, bucket_size=bucket_size, peak_cache=0 if cache is None else cache.peak)
+    for lo in range(0, nll.numel(), bucket_size):  # predicted positions lo + 1 .. hi
+        part = nll[lo:lo + bucket_size]
+        result.buckets.append({"start": lo + 1, "stop": lo + part.numel(), "tokens": part.numel(),
+                               "nll": float(part.mean()), "perplexity": math.exp(float(part.mean()))})
+    return result
+
+
+class _StreamCache(EvictingKVCache):
+    """An :class:`EvictingKVCache` that also keeps each node's place in the stream, which decides the
+    sinks-plus-window graph whatever positions the model is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stream_pos: Tensor | None = None
+
+    def add_stream_nodes(self, seq: Tensor, pos: Tensor, stream_pos: Tensor) -> None:
+        self.add_nodes(seq, pos)
+        self.stream_pos = stream_pos if self.stream_pos is None else torch.cat([self.stream_pos, stream_pos])
+
+    def keep(self, mask: Tensor) -> None:
+        super().keep(mask)
+        if self.stream_pos is not None:
+            self.stream_pos = self.stream_pos[mask.nonzero(as_tuple=True)[0]]
+
+
+def _streaming_edges(cache: _StreamCache, num_new: int, num_sinks: int, window: int) -> Tensor:
+    """Edges from the cached nodes (the new ones last) to the ``num_new`` new nodes: within each
+    sequence, the sinks and the causal window of radius ``window``, by place in the stream."""
+    seq, pos = cache.seq, cache.stream_pos  # [M] including the new nodes
+    assert seq is not None and pos is not None
+    q_seq, q_pos = seq[-num_new:].unsqueeze(1), pos[-num_new:].unsqueeze(1)  # [Q, 1]
+    allowed = (seq.unsqueeze(0) == q_seq) & (pos.unsqueeze(0) <= q_pos)
+    allowed &= (pos.unsqueeze(0) < num_sinks) | (pos.unsqueeze(0) >= q_pos - window)  # [Q, M]
+    dst, src = allowed.nonzero(as_tuple=True)  # row-major: sorted by target
+    return torch.stack([src, dst])
+
+
+def _rotaries(model, layers: int) -> list:
+    """The rotary embedding (or ``None``) of the self-attention of each layer of ``model``'s stack,
+    in order: the attention modules of a decoder-only model, one per layer."""
+    from .attention import GraphMultiheadAttention
+
+    rotaries = [m.rotary for m in model.modules() if isinstance(m, GraphMultiheadAttention)]
+    if len(rotaries) < layers:
+        raise ValueError("Expected 'model' with one GraphMultiheadAttention per cached layer for "
+                         f"positions='cache' (found {len(rotaries)} for {layers} layers)")
+    for rotary in rotaries:
+        if rotary is not None and rotary.scaling is not None and rotary.scaling.rope_type == "dynamic":
+            raise ValueError("positions='cache' re-rotates cached keys; dynamic RoPE scaling changes the "
+                             "frequencies with the length, so its keys cannot be moved (use "
+                             "positions='absolute')")
+    return rotaries
+
+
+def _move_keys(key: Tensor, rotary, old: Tensor, new: Tensor) -> Tensor:
+    """Keys ``[M, H, D]`` rotated at positions ``old`` re-rotated to ``new``: undo the rotation
+    (``x = (y cos - rot(y) sin) / (cos^2 + sin^2)``, exact for YaRN's scaled cos and sin too), then
+    rotate again."""
+    from .position import rotate_half
+
+    r = rotary.rotary_dim
+    part = key[..., :r].double()
+    cos, sin = rotary.cos_sin(old, torch.float64)
+    plain = (part * cos - rotate_half(part) * sin) / (cos * cos + sin * sin)
+    cos, sin = rotary.cos_sin(new, torch.float64)
+    moved = (plain * cos + rotate_half(plain) * sin).to(key.dtype)
+    return torch.cat([moved, key[..., r:]], dim=-1) if r < key.size(-1) else moved
+
+
+@torch.no_grad()
+def streaming_generate(model, input_ids: Tensor, max_new_tokens: int, *, num_sinks: int, window: int,
+                       positions: str = "absolute", greedy: bool = True, temperature: float = 1.0,
+                       top_k: int | None = None, generator: torch.Generator | None = None,
+                       return_logits: bool = False, return_stats: bool = False):
+    """Generate ``max_new_tokens`` after each prompt of ``input_ids`` ``[B, T]`` under StreamingLLM's
+    graph (the ``num_sinks`` first tokens plus a causal window of radius ``window``,
+    :func:`gnn_transformer.topology.streaming`), keeping only the nodes that graph still reads: at
+    most ``B * (num_sinks + window + 1)`` cached nodes however long the stream, after the prompt.
+
+    Args:
+        positions: ``"absolute"`` (default: each token at its place in the stream; the result equals
+            a full forward pass over the sinks-plus-window graph of the whole sequence) or
+            ``"cache"`` (StreamingLLM: each node at its index in its sequence's cache; when nodes
+            leave, the ones after them move down and their rotary keys are rotated to their new
+            index, so a query's position never exceeds ``num_sinks + window`` and the sinks sit just
+            before the window).
+        greedy, temperature, top_k, generator: as in :func:`gnn_transformer.decoding.generate`.
+        return_logits: also return the logits of every step, ``[max_new_tokens, B, V]``.
+        return_stats: also return ``{"peak_cache": nodes}``, the most nodes the cache held.
+
+    Returns:
+        ``[B, T + max_new_tokens]`` token ids (then the logits, then the stats, when asked for).
+    """
+    _check_model(model)
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
+            or input_ids.dtype == torch.bool or input_ids.numel() == 0:
+        got = (f"{input_ids.dtype} of shape {list(input_ids.shape)}" if isinstance(input_ids, Tensor)
+               else type(input_ids).__name__)
+        raise ValueError(f"Expected 'input_ids' to be a non-empty integer tensor [B, T] (got {got})")
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0)
+    num_sinks = _check_int("num_sinks", num_sinks, 0)
+    window = _check_int("window", window, 0)
+    if positions not in ("absolute", "cache"):
+        raise ValueError(f"Expected 'positions' to be 'absolute' or 'cache' (got {positions!r})")
+    batch, length = input_ids.shape
+    device = input_ids.device
+    cache = _StreamCache()
+    rotaries: list | None = None
+    out, step_logits = [input_ids], []
+    ids = input_ids.reshape(-1)  # [B * T] sequence after sequence
+    seq = torch.arange(batch, device=device).repeat_interleave(length)
+    stream_pos = torch.arange(length, device=device).repeat(batch)  # each token's place in the stream
+    last = torch.arange(1, batch + 1, device=device) * length - 1  # [B] the last new node of each sequence
+    for _ in range(max_new_tokens):
+        if positions == "cache" and cache.seq is not None:  # after the sequence's cached nodes
+            pos = torch.bincount(cache.seq, minlength=batch)[seq]
+        else:
+            pos = stream_pos
+        cache.add_stream_nodes(seq, pos, stream_pos)
+        edge_index = _streaming_edges(cache, seq.numel(), num_sinks, window)
+        logits = model.forward_graph(ids, edge_index, pos=pos, cache=cache)[last]  # [B, V]
+        step_logits.append(logits)
+        token = _sample(logits, greedy, temperature, top_k, generator)  # [B]
+        out.append(token.view(batch, 1))
+        # evict what the graph never reads again: not a sink and left of every later window
+        next_pos = stream_pos[last] + 1  # [B]
+        assert cache.seq is not None and cache.stream_pos is not None and cache.pos is not None
+        keep = (cache.stream_pos < num_sinks) | (cache.stream_pos >= next_pos[cache.seq] - window)
+        cache.keep(keep)
+        if positions == "cache":  # the nodes left move down to their new index in the cache
+            old, new = cache.pos, _cache_indices(cache.seq, batch)
+            if rotaries is None:
+                rotaries = _rotaries(model, max(cache.layers, default=-1) + 1)
+            for index, (k, v) in cache.layers.items():
+                if rotaries[index] is not None:
+                    cache.layers[index] = (_move_keys(k, rotaries[index], old, new), v)
+            cache.pos = new
+        ids, seq, stream_pos = token, torch.arange(batch, device=device), next_pos
+        last = torch.arange(batch, device=device)
+    result: tuple = (torch.cat(out, dim=1),)
+    if return_logits:
+        result += (torch.stack(step_logits) if step_logits else torch.empty(0, batch, 0),)
+    if return_stats:
+        result += ({"peak_cache": cache.peak},)
+    return result if len(result) > 1 else result[0]
+
+
+def _cache_indices(seq: Tensor, batch: int) -> Tensor:
+    """Index of each cached node within its sequence's cache (the nodes of a sequence in order)."""
+    counts = torch.bincount(seq, minlength=batch)
+    starts = counts.cumsum(0) - counts
+    order = torch.argsort(seq, stable=True)
+    rank = torch.empty_like(seq)
+    rank[order] = torch.arange(seq.numel(), device=seq.device) - starts[seq[order]]
+    return rank
+
+
+__all__ = ["EvictingKVCache", "PerplexityResult", "perplexity", "stream_logits", "streaming_generate"]
