@@ -5,7 +5,7 @@ import pytest
 from gnn_transformer import cli
 from gnn_transformer.experiments import verify as verify_module
 
-COMMANDS = ["compare", "verify", "show", "train", "bench", "analyze"]
+COMMANDS = ["compare", "verify", "show", "train", "bench", "analyze", "view", "perplexity"]
 TINY = ["--steps", "4", "--batch-size", "4", "--eval-size", "8", "--d-model", "16", "--ff", "32",
         "--heads", "2", "--no-progress", "--backend", "pyg", "--warmup", "1"]
 

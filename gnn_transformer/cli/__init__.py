@@ -1,7 +1,7 @@
 """The ``gnn-transformer`` command line.
 
-Subcommands: ``compare`` (the main experiment), ``verify``, ``show``, ``train``, ``bench`` and
-``analyze``, one module each in this package (``add_parser(sub)`` and ``run(args)``).
+Subcommands: ``compare`` (the main experiment), ``verify``, ``show``, ``train``, ``bench``,
+``analyze``, ``view`` and ``perplexity``, one module each in this package (``add_parser(sub)`` and ``run(args)``).
 ``gnn-transformer <command> --help`` lists the options of each; ``python -m gnn_transformer`` runs
 the same command line.
 
@@ -14,10 +14,10 @@ import argparse
 import os
 import sys
 
-from . import analyze, bench, compare, show, train, verify
+from . import analyze, bench, compare, perplexity, show, train, verify, view
 from ._common import EXIT_FAIL, EXIT_USAGE, UsageError, error, name_option
 
-COMMANDS = (compare, verify, show, train, bench, analyze)
+COMMANDS = (compare, verify, show, train, bench, analyze, view, perplexity)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,283 @@
+"""The viewer's pages without a browser: what each view draws against the graph it comes from, the
+reduction to blocks against a dense reference, the model's weights against the recorded attention,
+and the command's refusals (exit code 2, nothing written)."""
+import json
+import re
+
+import pytest
+import torch
+
+from gnn_transformer import topology, viz
+from gnn_transformer.cli import main
+from gnn_transformer.experiments.topologies import resolve_topology
+from gnn_transformer.topology.specs import LayerPattern
+
+
+def _edges(edge_index):
+    t = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+    return sorted(zip(t[0].tolist(), t[1].tolist()))
+
+
+def _drawn(view):
+    return sorted(zip(view.src, view.dst))
+
+
+def _page_data(text):
+    """The JSON a page carries, read back from its HTML."""
+    found = re.search(r'<script id="viewer-data" type="application/json">(.*?)</script>', text, re.S)
+    return json.loads(found[1])
+
+
+# ---------------------------------------------------------------- topology pages
+@pytest.mark.parametrize("spec,n", [("sliding_window:window=2", 10), ("bigbird:window=1,num_random=2", 12),
+                                    ("dilated_per_head:window=1,dilations=1;2;3", 9), ("duo_attention", 16),
+                                    ("gemma3", 16)])
+def test_every_view_draws_exactly_its_graph(spec, n):
+    page = viz.topology_page(spec, n)
+    topo = resolve_topology(spec, small=True)
+    graph = topo.build([n])
+    graphs = list(graph.graphs) if isinstance(graph, LayerPattern) else [graph]
+    assert len(page.layers) == len(graphs) and page.num_tokens == n and len(page.nodes) == n
+    for layer, g in zip(page.layers, graphs):
+        if isinstance(g, tuple):
+            edge_index, edge_head = g
+            assert [v.label for v in layer.views] == [f"head {h}" for h in range(topo.num_heads)]
+            for h, view in enumerate(layer.views):
+                assert _drawn(view) == _edges(edge_index[:, edge_head == h])
+        else:
+            assert [v.label for v in layer.views] == ["every head"]
+            assert _drawn(layer.views[0]) == _edges(g)
+        assert all(v.weights is None for v in layer.views)
+
+
+def test_html_is_self_contained_and_carries_the_page():
+    page = viz.topology_page("bigbird:window=1,num_random=2", 16)
+    text = viz.to_html(page)
+    assert text.startswith("<!DOCTYPE html>")
+    assert not re.search(r"<(link|img|iframe)\b|\bsrc\s*=|https?://(?!www\.w3\.org/2000/svg)", text)
+    assert "default-src 'none'" in text  # the page itself forbids any fetch
+    data = _page_data(text)
+    assert data["nodes"] == page.nodes and data["kind"] == "topology" and data["receptive_layers"] == 3
+    assert data["layers"][0]["views"][0]["src"] == page.layers[0].views[0].src
+
+
+def test_labels_cannot_close_the_script():
+    g = topology.causal(3).as_tensor()
+    weights = torch.tensor([[1.0], [0.5], [0.5], [0.2], [0.3], [0.5]])
+    from gnn_transformer.analysis import AttentionGraph
+
+    page = viz.attention_page([AttentionGraph("a", 0, g, weights, 3, 3)], ["</script><b>", "<!--", "x"])
+    text = viz.to_html(page)
+    assert text.count("</script>") == 2  # the data's and the viewer's
+    assert _page_data(text)["nodes"][:2] == ["</script><b>", "<!--"]
+
+
+def test_receptive_field_range_follows_a_per_layer_cycle():
+    assert viz.topology_page("gemma3", 16).receptive_layers == 6  # a cycle of 6 layers
+    assert viz.topology_page("causal", 8, layers=5).receptive_layers == 5
+
+
+# ---------------------------------------------------------------- reduction to blocks
+def test_a_large_topology_is_drawn_on_blocks_as_the_dense_mask_says():
+    n, limit = 60, 200
+    edge_index = topology.bigbird(n, window=2, num_global=1, num_random=3, seed=1)
+    page = viz.reduce_page(viz.graph_page(edge_index, n), limit)
+    b = page.block
+    assert b > 1 and page.notes[0].startswith("Aggregated") and str(limit) in page.notes[0]
+    view = page.layers[0].views[0]
+    assert view.num_edges <= limit
+    nb = -(-n // b)
+    mask = topology.to_dense_mask(edge_index, n, n).double()  # [N, N], row i the query
+    padded = torch.zeros(nb * b, nb * b, dtype=torch.float64)
+    padded[:n, :n] = mask
+    counts = padded.reshape(nb, b, nb, b).sum(dim=(1, 3))  # [B, B] token edges per block pair
+    sizes = torch.tensor([min(b, n - k * b) for k in range(nb)], dtype=torch.float64)
+    share = counts / (sizes[:, None] * sizes[None, :])
+    assert _drawn(view) == sorted((j, i) for i, j in counts.nonzero().tolist())  # row i the query block
+    got = torch.zeros(nb, nb, dtype=torch.float64)
+    got[view.dst, view.src] = torch.tensor(view.weights, dtype=torch.float64)
+    torch.testing.assert_close(got, share, rtol=0, atol=1e-12)
+
+
+def test_a_large_attention_graph_is_drawn_on_blocks_with_the_mean_attention_per_query():
+    from gnn_transformer.analysis import AttentionGraph
+
+    n, limit = 30, 40
+    ei = topology.full(n).as_tensor()
+    scores = torch.randn(n, n, dtype=torch.float64).softmax(dim=-1)  # [N_q, N_k], rows sum to 1
+    g = AttentionGraph("attn", 0, ei, scores[ei[1], ei[0]][:, None], n, n)
+    page = viz.reduce_page(viz.attention_page([g], [str(i) for i in range(n)]), limit)
+    b, view = page.block, page.layers[0].views[0]
+    nb = -(-n // b)
+    padded = torch.zeros(nb * b, nb * b, dtype=torch.float64)
+    padded[:n, :n] = scores
+    sizes = torch.tensor([min(b, n - k * b) for k in range(nb)], dtype=torch.float64)
+    want = padded.reshape(nb, b, nb, b).sum(dim=(1, 3)) / sizes[:, None]  # [B_q, B_k] mean over the block's queries
+    got = torch.zeros(nb, nb, dtype=torch.float64)
+    got[view.dst, view.src] = torch.tensor(view.weights, dtype=torch.float64)
+    assert view.num_edges <= limit < n * n
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # weights drawn in float32
+    torch.testing.assert_close(got.sum(dim=1), torch.ones(nb, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+def test_a_page_within_the_limit_is_drawn_token_by_token():
+    page = viz.topology_page("sliding_window:window=1", 20)
+    assert viz.reduce_page(page, page.max_view_edges) is page
+
+
+# ---------------------------------------------------------------- model pages
+def _tiny_lm_checkpoint(tmp_path):
+    import dataclasses
+
+    from gnn_transformer.model import GraphLM, GraphTransformerConfig
+
+    cfg = GraphTransformerConfig(vocab_size=13, d_model=16, nhead=2, num_layers=2, backend="pyg")
+    model = GraphLM(cfg)
+    path = tmp_path / "ckpt" / "model.pt"
+    path.parent.mkdir()
+    torch.save({"model": model.state_dict(), "meta": {}}, path)
+    (path.parent / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    return path, model
+
+
+def test_model_page_draws_the_attention_of_every_layer_and_head(tmp_path):
+    from gnn_transformer.analysis import find_sinks
+    from gnn_transformer.experiments.analyze_run import load_checkpoint_model
+
+    path, model = _tiny_lm_checkpoint(tmp_path)
+    loaded = load_checkpoint_model(path)
+    tokens = [3, 1, 4, 1, 5, 9]
+    page = viz.model_page(loaded, tokens)
+    assert page.kind == "model" and page.nodes == [str(t) for t in tokens] and len(page.layers) == 2
+    # dense reference: layer 0's attention on the model's own (pre-normed) embeddings, causal mask
+    from gnn_transformer import dense
+
+    layer0 = model.encoder.layers[0]
+    h0 = layer0.norm1(model.embed_nodes(torch.tensor(tokens), torch.arange(6)))  # [N, C] pre-norm
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()  # [N_q, N_k]
+    with torch.no_grad():
+        _, reference = dense.multihead_attention(layer0.self_attn, h0[None], h0[None], causal)  # [1, H, N, N]
+    for layer in page.layers:
+        assert [v.label for v in layer.views] == ["head 0", "head 1", "mean of heads"]
+        for view in layer.views:
+            assert _drawn(view) == _edges(topology.causal(6))
+            sums = torch.zeros(6).index_add_(0, torch.tensor(view.dst), torch.tensor(view.weights))
+            torch.testing.assert_close(sums, torch.ones(6), rtol=0, atol=1e-5)  # each query's weights sum to 1
+    for h, view in enumerate(page.layers[0].views):
+        got = torch.zeros(6, 6)
+        got[view.dst, view.src] = torch.tensor(view.weights)
+        want = reference[0].mean(dim=0) if view.label == "mean of heads" else reference[0, h]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for layer in page.layers:
+        view = layer.views[0]
+        ei = torch.tensor([view.src, view.dst])
+        expected = find_sinks(ei, torch.tensor(view.weights, dtype=torch.float64)[:, None], 6)[:, 0]
+        assert view.sinks == expected.nonzero().flatten().tolist()
+
+
+def test_attention_page_marks_a_planted_sink_and_hub():
+    from gnn_transformer.analysis import AttentionGraph
+
+    n = 6
+    ei = topology.causal(n).as_tensor()
+    w = torch.where(ei[0] == 0, 0.9, 0.1 / ei[1].clamp(min=1).float())  # token 0 takes 0.9 of every query
+    w[ei[1] == 0] = 1.0
+    page = viz.attention_page([AttentionGraph("attn", 0, ei, w[:, None], n, n)], list("abcdef"))
+    view = page.layers[0].views[0]
+    assert view.sinks == [0] and view.hubs == [0]
+    assert [v.label for v in page.layers[0].views] == ["head 0"]  # no mean view for a single head
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("n,message", [(0, "at least 2 tokens"), (1, "one-token")])
+def test_too_few_tokens_are_refused(n, message):
+    with pytest.raises(ValueError, match=message):
+        viz.graph_page(torch.empty(2, 0, dtype=torch.long), n)
+
+
+def test_a_graph_without_edges_is_refused():
+    with pytest.raises(ValueError, match="has no edges"):
+        viz.to_html(viz.graph_page(torch.empty(2, 0, dtype=torch.long), 4))
+
+
+def test_too_many_tokens_or_edges_are_refused_with_the_limit():
+    with pytest.raises(ValueError, match=f"at most {viz.MAX_TOKENS} tokens"):
+        viz.topology_page("causal", viz.MAX_TOKENS + 1)
+    with pytest.raises(ValueError, match=rf"too large to view \(at most {viz.MAX_GRAPH_EDGES} edges\)"):
+        viz.topology_page("full", 2100)
+    with pytest.raises(ValueError, match="'max_edges'"):
+        viz.reduce_page(viz.topology_page("causal", 4), 0)
+
+
+def test_write_html_leaves_nothing_half_written(tmp_path):
+    out = tmp_path / "page.html"
+    out.write_text("old")
+    with pytest.raises(UnicodeEncodeError):
+        viz.write_html("<html>" + "\ud800", out)  # fails while writing
+    assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["page.html"]
+    viz.write_html("<html></html>", out)
+    assert out.read_text() == "<html></html>"
+
+
+# ---------------------------------------------------------------- the command
+def test_view_writes_a_topology_page(tmp_path, capsys):
+    out = tmp_path / "bb.html"
+    assert main(["view", "bigbird", "-n", "32", "-o", str(out)]) == 0
+    assert "bigbird (small) on n = 32" in capsys.readouterr().out
+    data = _page_data(out.read_text())
+    graph = resolve_topology("bigbird", small=True).build([32])
+    assert sorted(zip(data["layers"][0]["views"][0]["src"], data["layers"][0]["views"][0]["dst"])) == _edges(graph)
+
+
+def test_view_says_when_it_draws_blocks(tmp_path, capsys):
+    out = tmp_path / "full.html"
+    assert main(["view", "full", "-n", "100", "--max-edges", "500", "-o", str(out)]) == 0
+    assert "drawn on blocks of" in capsys.readouterr().out
+    assert _page_data(out.read_text())["notes"][0].startswith("Aggregated")
+
+
+def test_view_writes_a_model_page(tmp_path, capsys):
+    path, _ = _tiny_lm_checkpoint(tmp_path)
+    tokens = tmp_path / "ids.txt"
+    tokens.write_text("1 2 3 4 5\n6 7\n")
+    out = tmp_path / "m.html"
+    assert main(["view", "--checkpoint", str(path), "--tokens", str(tokens), "-o", str(out)]) == 0
+    data = _page_data(out.read_text())
+    assert data["kind"] == "model" and data["nodes"] == ["1", "2", "3", "4", "5"]  # the first sequence
+    assert len(data["layers"]) == 2 and data["weighted"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["full", "-n", "1"], "one-token"),
+    (["full", "-n", "2100"], "too large to view"),
+    (["causal", "-n", "5000"], "at most 4096 tokens"),
+    (["nope"], "Unknown topology 'nope'"),
+    ([], "exactly one of SPEC"),
+    (["causal", "--prompt", "hi"], "--prompt applies to a model"),
+])
+def test_view_refuses_bad_topology_input(tmp_path, capsys, argv, message):
+    out = tmp_path / "out.html"
+    assert main(["view", *argv, "-o", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_view_refuses_a_checkpoint_that_does_not_load(tmp_path, capsys):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    tokens = tmp_path / "ids.txt"
+    tokens.write_text("1 2 3\n")
+    out = tmp_path / "out.html"
+    out.write_text("previous page")
+    assert main(["view", "--checkpoint", str(bad), "--tokens", str(tokens), "-o", str(out)]) == 2
+    assert "Could not read the checkpoint" in capsys.readouterr().err
+    assert out.read_text() == "previous page"
+    assert main(["view", "--checkpoint", str(tmp_path / "missing.pt"), "--tokens", str(tokens),
+                 "-o", str(out)]) == 2
+    assert "No checkpoint" in capsys.readouterr().err
+    path, _ = _tiny_lm_checkpoint(tmp_path)
+    one = tmp_path / "one.txt"
+    one.write_text("4\n")
+    assert main(["view", "--checkpoint", str(path), "--tokens", str(one), "-o", str(out)]) == 2
+    assert "one-token" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ids.txt", "model.pt", "one.txt", "out.html"]
