@@ -30,7 +30,7 @@ from torch_geometric.utils import softmax
 
 from . import kernels
 from .kernels.reference import edge_softmax
-from .position import RotaryEmbedding, check_base
+from .position import RopeScaling, RotaryEmbedding, check_base
 
 # the layer's backends: the per-edge message-passing path and every kernel backend
 BACKENDS = ("auto", "pyg", *(b for b in kernels.BACKENDS if b != "auto"))
@@ -211,6 +211,22 @@ class GraphMultiheadAttention(MessagePassing):
         project_kv: own a key/value projection. With ``False`` the layer has no key/value
             parameters and ``forward`` needs ``kv=`` (keys and values from elsewhere, e.g. an
             earlier layer). Default ``True``.
+        head_dim: the head dimension ``D``, when the query heads span ``H * D != embed_dim`` features
+            (Gemma: the in-projection is ``[H D + 2 H_kv D, C]``, ``out_proj`` ``[C, H D]``). Default
+            ``embed_dim // num_heads``.
+        out_bias: a bias in ``out_proj``. Default ``bias`` (Qwen2 has biased query/key/value
+            projections and an unbiased output projection, GPT-Neo the reverse).
+        scale: the factor of the scores ``<q_i, k_j>``. Default ``1 / sqrt(D)`` (GPT-Neo: ``1.0``;
+            Gemma 2: ``query_pre_attn_scalar ** -0.5``). Every backend applies it.
+        softcap: attention logit softcapping (Gemma 2): scores become ``softcap * tanh(s / softcap)``
+            before the edge bias and the softmax. Only the ``pyg`` backend computes it: ``"auto"``
+            resolves to ``"pyg"``, another explicit backend is refused. Default ``None``.
+        q_norm, k_norm: modules applied to each query / key head ``[N, H, D]`` after the projection
+            and before RoPE (qk-norm of Qwen3 and Gemma 3: an RMSNorm over ``D``). Default ``None``.
+        rope_scaling: a :class:`~gnn_transformer.position.RopeScaling` of the rotary frequencies
+            (linear, dynamic, Llama 3, YaRN). Default ``None``: unscaled.
+        rotary_dim: rotate only the first ``rotary_dim`` dimensions of each head (partial RoPE).
+            Default ``None``: all ``D``.
         select: choose the graph from the data, on every forward pass: a callable
             ``select(query [N_dst, H, D], key [N_src, H_kv, D], edge_index) -> (edge_index,
             edge_head)`` given this layer's (rotated) queries and keys, detached, and the graph
@@ -234,7 +250,10 @@ class GraphMultiheadAttention(MessagePassing):
                  kdim: int | None = None, vdim: int | None = None, *,
                  num_kv_heads: int | None = None, backend: str = "auto",
                  rope: bool = False, rope_base: float = 10000.0, project_kv: bool = True,
-                 select=None, device=None, dtype=None) -> None:
+                 select=None, head_dim: int | None = None, out_bias: bool | None = None,
+                 scale: float | None = None, softcap: float | None = None, q_norm: nn.Module | None = None,
+                 k_norm: nn.Module | None = None, rope_scaling: RopeScaling | None = None,
+                 rotary_dim: int | None = None, device=None, dtype=None) -> None:
         super().__init__(aggr="sum", node_dim=0)
         if select is not None and not callable(select):
             raise ValueError(f"Expected 'select' to be a callable (query, key, edge_index) -> (edge_index, "
@@ -244,7 +263,9 @@ class GraphMultiheadAttention(MessagePassing):
         for name, value in (("kdim", kdim), ("vdim", vdim)):
             if value is not None:
                 check_positive_int(name, value)
-        if embed_dim % num_heads != 0:
+        if head_dim is not None:
+            check_positive_int("head_dim", head_dim)
+        elif embed_dim % num_heads != 0:
             raise ValueError(f"Expected 'embed_dim' ({embed_dim}) to be divisible by "
                              f"'num_heads' ({num_heads})")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -256,9 +277,19 @@ class GraphMultiheadAttention(MessagePassing):
         check_base(rope_base, "rope_base")
         if backend not in BACKENDS:
             raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {backend!r})")
-        for name, value in (("project_kv", project_kv), ("rope", rope)):
+        out_bias = bias if out_bias is None else out_bias
+        for name, value in (("project_kv", project_kv), ("rope", rope), ("out_bias", out_bias)):
             if not isinstance(value, bool):
                 raise ValueError(f"Expected '{name}' to be a bool (got {value!r})")
+        self.scale = None if scale is None else check_real("scale", scale, low=0.0, low_open=True)
+        self.softcap = None if softcap is None else check_real("softcap", softcap, low=0.0, low_open=True)
+        for name, value in (("q_norm", q_norm), ("k_norm", k_norm)):
+            if value is not None and not isinstance(value, nn.Module):
+                raise ValueError(f"Expected '{name}' to be an nn.Module or None (got {value!r})")
+        if not rope and (rope_scaling is not None or rotary_dim is not None):
+            given = "rope_scaling" if rope_scaling is not None else "rotary_dim"
+            raise ValueError(f"Expected '{given}' only with rope=True (got {given}="
+                             f"{rope_scaling if rope_scaling is not None else rotary_dim!r} and rope=False)")
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kdim = embed_dim if kdim is None else kdim
@@ -266,7 +297,8 @@ class GraphMultiheadAttention(MessagePassing):
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
-        self.head_dim = embed_dim // num_heads
+        self.head_dim = embed_dim // num_heads if head_dim is None else head_dim
+        q_dim = self.q_dim = num_heads * self.head_dim  # H D: embed_dim unless head_dim says otherwise
         self.dropout = dropout
         self.backend = backend
         self.project_kv = project_kv
@@ -274,12 +306,12 @@ class GraphMultiheadAttention(MessagePassing):
         kv_rows = 2 * kv_dim if project_kv else 0  # key and value rows of the in-projection
 
         if self._qkv_same_embed_dim:
-            self.in_proj_weight = nn.Parameter(torch.empty(embed_dim + kv_rows, embed_dim, **factory))
+            self.in_proj_weight = nn.Parameter(torch.empty(q_dim + kv_rows, embed_dim, **factory))
             self.register_parameter("q_proj_weight", None)
             self.register_parameter("k_proj_weight", None)
             self.register_parameter("v_proj_weight", None)
         else:
-            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.q_proj_weight = nn.Parameter(torch.empty(q_dim, embed_dim, **factory))
             if project_kv:
                 self.k_proj_weight = nn.Parameter(torch.empty(kv_dim, self.kdim, **factory))
                 self.v_proj_weight = nn.Parameter(torch.empty(kv_dim, self.vdim, **factory))
@@ -288,13 +320,15 @@ class GraphMultiheadAttention(MessagePassing):
                 self.register_parameter("v_proj_weight", None)
             self.register_parameter("in_proj_weight", None)
         if bias:
-            self.in_proj_bias = nn.Parameter(torch.empty(embed_dim + kv_rows, **factory))
+            self.in_proj_bias = nn.Parameter(torch.empty(q_dim + kv_rows, **factory))
         else:
             self.register_parameter("in_proj_bias", None)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(q_dim, embed_dim, bias=out_bias, **factory)
         if rope and self.head_dim % 2 != 0:
             raise ValueError(f"Expected an even head dimension for 'rope' (got {self.head_dim})")
-        self.rotary = RotaryEmbedding(self.head_dim, base=rope_base) if rope else None
+        self.rotary = (RotaryEmbedding(self.head_dim, base=rope_base, scaling=rope_scaling, rotary_dim=rotary_dim)
+                       if rope else None)
+        self.q_norm, self.k_norm = q_norm, k_norm
         self.select = select
         self._reset_attention_parameters()
 
@@ -305,7 +339,7 @@ class GraphMultiheadAttention(MessagePassing):
             nn.init.xavier_uniform_(self.in_proj_weight)
         elif self._qkv_same_embed_dim:
             kv_dim = self.num_kv_heads * self.head_dim
-            bound = math.sqrt(6.0 / (self.embed_dim + self.embed_dim + 2 * kv_dim))
+            bound = math.sqrt(6.0 / (self.embed_dim + self.q_dim + 2 * kv_dim))
             nn.init.uniform_(self.in_proj_weight, -bound, bound)
         else:
             nn.init.xavier_uniform_(self.q_proj_weight)
@@ -314,6 +348,7 @@ class GraphMultiheadAttention(MessagePassing):
                 nn.init.xavier_uniform_(self.v_proj_weight)
         if self.in_proj_bias is not None:
             nn.init.constant_(self.in_proj_bias, 0.0)
+        if self.out_proj.bias is not None:
             nn.init.constant_(self.out_proj.bias, 0.0)
 
     def reset_parameters(self) -> None:
@@ -352,7 +387,7 @@ class GraphMultiheadAttention(MessagePassing):
             if not self.project_kv:
                 return self.in_proj_weight, None, None
             kv_dim = self.num_kv_heads * self.head_dim
-            return self.in_proj_weight.split([self.embed_dim, kv_dim, kv_dim], dim=0)
+            return self.in_proj_weight.split([self.q_dim, kv_dim, kv_dim], dim=0)
         return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
 
     def projection_biases(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -363,13 +398,14 @@ class GraphMultiheadAttention(MessagePassing):
         if not self.project_kv:
             return self.in_proj_bias, None, None
         kv_dim = self.num_kv_heads * self.head_dim
-        return self.in_proj_bias.split([self.embed_dim, kv_dim, kv_dim], dim=0)
+        return self.in_proj_bias.split([self.q_dim, kv_dim, kv_dim], dim=0)
 
     def project_query(self, x_query: Tensor) -> Tensor:
         """Per-head queries ``[N_dst, H, D]``."""
         w_q, _, _ = self.projection_weights()
         b_q, _, _ = self.projection_biases()
-        return F.linear(x_query, w_q, b_q).view(-1, self.num_heads, self.head_dim)  # [N_dst, H, D]
+        query = F.linear(x_query, w_q, b_q).view(-1, self.num_heads, self.head_dim)  # [N_dst, H, D]
+        return query if self.q_norm is None else self.q_norm(query)
 
     def project_key_value(self, x_key: Tensor, x_value: Tensor) -> tuple[Tensor, Tensor]:
         """Per-head keys and values ``[N_src, H_kv, D]``."""
@@ -378,7 +414,7 @@ class GraphMultiheadAttention(MessagePassing):
         _, b_k, b_v = self.projection_biases()
         key = F.linear(x_key, w_k, b_k).view(-1, self.num_kv_heads, self.head_dim)  # [N_src, H_kv, D]
         value = F.linear(x_value, w_v, b_v).view(-1, self.num_kv_heads, self.head_dim)  # [N_src, H_kv, D]
-        return key, value
+        return (key if self.k_norm is None else self.k_norm(key)), value
 
     def project(self, x_query: Tensor, x_key: Tensor, x_value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-head queries ``[N_dst, H, D]``, keys and values ``[N_src, H_kv, D]``."""
@@ -575,7 +611,7 @@ class GraphMultiheadAttention(MessagePassing):
             edge_index, edge_head = self._selected_graph(query, key, edge_index, edge_head, edge_bias)
         out, alpha = self.attend(query, key, value, edge_index, edge_bias=edge_bias, edge_head=edge_head,
                                  need_weights=return_attention_weights, backend=backend)
-        out = self.out_proj(out.reshape(num_dst, self.embed_dim))  # [N_dst, C]
+        out = self.out_proj(out.reshape(num_dst, self.q_dim))  # [N_dst, C]
         return (out, alpha) if return_attention_weights else out
 
     def _selected_graph(self, query: Tensor, key: Tensor, edge_index: Tensor, edge_head: Tensor | None,
@@ -603,6 +639,11 @@ class GraphMultiheadAttention(MessagePassing):
         dropout_active = self.training and self.dropout > 0.0
         if backend == "pyg":
             return "pyg"
+        if self.softcap is not None:  # the kernels compute no softcapping
+            if backend == "auto":
+                return "pyg"
+            raise ValueError(f"Expected backend 'pyg' or 'auto' for a layer with softcap={self.softcap} (got "
+                             f"backend={backend!r}): the kernels do not compute attention logit softcapping")
         if backend == "auto":
             num_src, num_dst = (None, None) if size is None else size
             return kernels.choose_backend(edge_index, device, dropout=dropout_active,
@@ -622,7 +663,7 @@ class GraphMultiheadAttention(MessagePassing):
             return self._attend_per_head(query, key, value, edge_index, edge_head, edge_bias, need_weights, backend)
         size = (key.size(0), query.size(0))
         backend = self.resolve_backend(edge_index, query.device, backend, size, query.dtype)
-        scale = 1.0 / math.sqrt(self.head_dim)
+        scale = 1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale
         if backend == "pyg":
             # half precision is computed in float32, as on every backend: bfloat16 scores of large
             # inputs round by far more than the gaps between them
@@ -633,7 +674,7 @@ class GraphMultiheadAttention(MessagePassing):
             key = key.to(cd).repeat_interleave(group, dim=1)  # [N_src, H, D]
             value = value.to(cd).repeat_interleave(group, dim=1)  # [N_src, H, D]
             alpha = self.edge_updater(edge_index, query=query, key=key, edge_bias=edge_bias,
-                                      scale=scale, size=size)  # [E, H]
+                                      scale=scale, softcap=self.softcap, size=size)  # [E, H]
             weights = alpha.to(dtype)
             alpha = F.dropout(alpha, p=self.dropout, training=self.training)
             out = self.propagate(edge_index, value=value, alpha=alpha, size=size)  # [N_dst, H, D]
@@ -663,8 +704,10 @@ class GraphMultiheadAttention(MessagePassing):
 
     # ------------------------------------------------------------------ message passing
     def edge_update(self, query_i: Tensor, key_j: Tensor, edge_bias: Tensor | None, scale: float,
-                    index: Tensor, ptr: Tensor | None, size_i: int | None) -> Tensor:
+                    softcap: float | None, index: Tensor, ptr: Tensor | None, size_i: int | None) -> Tensor:
         alpha = (query_i * key_j).sum(dim=-1) * scale  # [E, H]
+        if softcap is not None:
+            alpha = torch.tanh(alpha / softcap) * softcap  # [E, H], in (-softcap, softcap)
         if edge_bias is None:
             return softmax(alpha, index, ptr, size_i)  # [E, H], sums to 1 over each target's edges
         # a -inf bias removes its edge; a row of removed edges is empty (as on every backend)
@@ -676,6 +719,9 @@ class GraphMultiheadAttention(MessagePassing):
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}({self.embed_dim}, num_heads={self.num_heads}, "
                 f"num_kv_heads={self.num_kv_heads}, backend={self.backend!r}"
+                f"{'' if self.q_dim == self.embed_dim else f', head_dim={self.head_dim}'}"
+                f"{'' if self.scale is None else f', scale={self.scale}'}"
+                f"{'' if self.softcap is None else f', softcap={self.softcap}'}"
                 f"{', rope=True' if self.rotary is not None else ''}"
                 f"{'' if self.select is None else f', select={self.select!r}'}"
                 f"{'' if self.project_kv else ', project_kv=False'})")

@@ -6,7 +6,9 @@ A token graph has no order of its own, so position enters in one of four ways:
   :math:`PE(p, 2k) = \sin(p / b^{2k/C})`, :math:`PE(p, 2k+1) = \cos(p / b^{2k/C})`;
 - **learned** absolute embeddings: one trained vector per position (BERT, GPT-2);
 - **RoPE** (Su et al. 2021): queries and keys are rotated by their node's position, so the score
-  of an edge ``j -> i`` depends on ``pos_i - pos_j`` only (see ``GraphMultiheadAttention(rope=True)``);
+  of an edge ``j -> i`` depends on ``pos_i - pos_j`` only (see ``GraphMultiheadAttention(rope=True)``),
+  with the frequency scalings of long-context models (:class:`RopeScaling`: linear, dynamic NTK,
+  Llama 3, YaRN) and partial rotation;
 - **ALiBi** (Press et al. 2022): an ``edge_bias`` ``-m_h |pos_i - pos_j|`` per edge and head, with the
   geometric slopes ``m_h`` of the paper.
 
@@ -18,6 +20,7 @@ Notation: ``N`` nodes, ``E`` edges, ``H`` heads, ``D`` head dimension, ``C`` fea
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -99,12 +102,142 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    r"""How the rotary frequencies of a model are scaled (the ``rope_type`` of Hugging Face configs).
+
+    - ``"default"``: :math:`\theta_k = b^{-2k/d}`;
+    - ``"linear"`` (position interpolation, Chen et al. 2023): :math:`\theta_k / s`;
+    - ``"dynamic"`` (dynamic NTK): the base grows with the longest position of the call, ``L =
+      max(pos) + 1``, once it exceeds ``max_position_embeddings`` ``M``:
+      :math:`b' = b \, (s L / M - (s - 1))^{d / (d - 2)}`;
+    - ``"llama3"``: low frequencies (wavelength above ``original / low_freq_factor``) divided by
+      ``s``, high ones (below ``original / high_freq_factor``) kept, smooth in between;
+    - ``"yarn"`` (Peng et al. 2023): interpolated and extrapolated frequencies blended by a linear
+      ramp between the dimensions of ``beta_fast`` and ``beta_slow`` rotations over
+      ``original_max_position_embeddings``; ``cos`` and ``sin`` scaled by ``attention_factor``
+      (default ``0.1 ln s + 1``, or the ``mscale`` / ``mscale_all_dim`` ratio).
+
+    ``d`` is the number of rotated dimensions, ``s`` = ``factor``.
+    """
+
+    rope_type: str = "default"  # one of ROPE_TYPES
+    factor: float = 1.0  # s (linear, dynamic, llama3, yarn)
+    max_position_embeddings: int | None = None  # M (dynamic; yarn's default factor)
+    original_max_position_embeddings: int | None = None  # context of pretraining (llama3, yarn)
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn: scale of cos and sin (None: from factor)
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn: round the ramp's bounds to whole dimensions
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"Expected 'rope_type' to be one of {ROPE_TYPES} (got {self.rope_type!r})")
+        if self.rope_type != "default":
+            check_real_positive("factor", self.factor)
+        needs = {"dynamic": ("max_position_embeddings",), "llama3": ("original_max_position_embeddings",),
+                 "yarn": ("original_max_position_embeddings",)}.get(self.rope_type, ())
+        for name in needs:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"Expected '{name}' to be a positive int for rope_type "
+                                 f"{self.rope_type!r} (got {value!r})")
+        if self.rope_type == "llama3" and not self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(f"Expected 'low_freq_factor' < 'high_freq_factor' for rope_type 'llama3' (got "
+                             f"{self.low_freq_factor!r} and {self.high_freq_factor!r})")
+
+
+def check_real_positive(name: str, value: object) -> float:
+    """``float(value)`` if it is a finite number above 0, else a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < math.inf:
+        raise ValueError(f"Expected '{name}' to be a finite number > 0 (got {value!r})")
+    return float(value)
+
+
+def rope_inv_freq(dim: int, base: float, scaling: RopeScaling | None = None,
+                  seq_len: int | None = None, device=None) -> tuple[Tensor, float]:
+    r"""The rotary inverse frequencies ``[dim / 2]`` (float32) of ``dim`` rotated dimensions, and the
+    factor that scales ``cos`` and ``sin`` (``1`` except for YaRN), as Hugging Face computes them.
+
+    ``seq_len``: ``max(pos) + 1`` of the call (``"dynamic"`` only).
+
+    Example:
+        >>> rope_inv_freq(4, 100.0, RopeScaling("linear", factor=2.0))
+        (tensor([0.5000, 0.0500]), 1.0)
+    """
+    scaling = RopeScaling() if scaling is None else scaling
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim  # [d/2]
+    kind, factor = scaling.rope_type, scaling.factor
+    if kind == "dynamic":
+        m = scaling.max_position_embeddings
+        length = m if seq_len is None else max(seq_len, m)
+        base = base * ((factor * length / m) - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base ** exponent)  # [d/2]
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    if kind == "llama3":
+        old = scaling.original_max_position_embeddings
+        low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        return _yarn(dim, base, scaling, device)
+    return inv_freq, 1.0
+
+
+def _yarn(dim: int, base: float, scaling: RopeScaling, device) -> tuple[Tensor, float]:
+    """YaRN's blended inverse frequencies and attention factor (see :class:`RopeScaling`)."""
+    factor, original = scaling.factor, scaling.original_max_position_embeddings
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = scaling.attention_factor
+    if attention_factor is None:
+        if scaling.mscale and scaling.mscale_all_dim:
+            attention_factor = float(mscale(factor, scaling.mscale) / mscale(factor, scaling.mscale_all_dim))
+        else:
+            attention_factor = mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device)
+    pos_freqs = base ** (torch.arange(0, dim, 2, device=device).float() / dim)  # [d/2]
+    extrapolation = 1 - ramp  # 1: keep the frequency, 0: interpolate it
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, attention_factor
+
+
 class RotaryEmbedding(nn.Module):
     r"""Rotary position embedding of per-head vectors ``[N, H, D]`` by per-node positions ``[N]``.
 
     Dimension ``k`` and ``k + D/2`` form a plane rotated by the angle ``pos * base^{-2k/D}``
     (the half-split layout of GPT-NeoX / LLaMA). Rotating queries and keys makes the score of an
     edge depend only on the position difference ``pos_i - pos_j``. No parameters, no buffers.
+
+    With ``scaling`` (a :class:`RopeScaling`) the frequencies, and for YaRN the magnitude of
+    ``cos`` and ``sin``, are those of :func:`rope_inv_freq`, computed as Hugging Face does (angles
+    ``pos * inv_freq`` in float32 at least). With ``rotary_dim`` ``R < D`` only the first ``R``
+    dimensions are rotated (the half-split layout within them) and the others pass unchanged
+    (partial rotary embedding, Phi-3's ``partial_rotary_factor``).
 
     Example:
         >>> rope = RotaryEmbedding(4)
@@ -113,20 +246,37 @@ class RotaryEmbedding(nn.Module):
         True
     """
 
-    def __init__(self, dim: int, base: float = 10000.0) -> None:
+    def __init__(self, dim: int, base: float = 10000.0, *, scaling: RopeScaling | None = None,
+                 rotary_dim: int | None = None) -> None:
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2:
             raise ValueError(f"Expected 'dim' to be a positive even int (got {dim!r})")
+        rotary_dim = dim if rotary_dim is None else rotary_dim
+        if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or not 0 < rotary_dim <= dim \
+                or rotary_dim % 2:
+            raise ValueError(f"Expected 'rotary_dim' to be a positive even int <= dim={dim} (got {rotary_dim!r})")
+        if scaling is not None and not isinstance(scaling, RopeScaling):
+            raise ValueError(f"Expected 'scaling' to be a RopeScaling or None (got {scaling!r})")
         self.dim, self.base = dim, check_base(base)
+        self.scaling, self.rotary_dim = scaling, rotary_dim
 
     def cos_sin(self, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``cos`` and ``sin`` ``[N, 1, D]`` of the rotation angles, in ``dtype``. The angles are
+        """``cos`` and ``sin`` ``[N, 1, R]`` of the rotation angles, in ``dtype``. The angles are
         computed in float32 at least: bfloat16 cannot even hold position 257."""
         ad = torch.promote_types(dtype, torch.float32)
-        inv_freq = self.base ** (-torch.arange(0, self.dim, 2, dtype=ad, device=pos.device)
-                                 / self.dim)  # [D/2]
-        angle = pos.to(ad).unsqueeze(-1) * inv_freq  # [N, D/2]
-        angle = torch.cat([angle, angle], dim=-1).unsqueeze(1)  # [N, 1, D]
+        if self.scaling is None:
+            inv_freq = self.base ** (-torch.arange(0, self.rotary_dim, 2, dtype=ad, device=pos.device)
+                                     / self.rotary_dim)  # [R/2]
+            magnitude = 1.0
+        else:
+            dynamic = self.scaling.rope_type == "dynamic" and pos.numel() > 0
+            seq_len = int(pos.max()) + 1 if dynamic else None
+            inv_freq, magnitude = rope_inv_freq(self.rotary_dim, self.base, self.scaling, seq_len, pos.device)
+            inv_freq = inv_freq.to(ad)  # [R/2]
+        angle = pos.to(ad).unsqueeze(-1) * inv_freq  # [N, R/2]
+        angle = torch.cat([angle, angle], dim=-1).unsqueeze(1)  # [N, 1, R]
+        if magnitude != 1.0:
+            return (angle.cos() * magnitude).to(dtype), (angle.sin() * magnitude).to(dtype)
         return angle.cos().to(dtype), angle.sin().to(dtype)
 
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:
@@ -135,10 +285,16 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"Expected 'x' of shape [{pos.size(0)}, H, {self.dim}] (got "
                              f"{list(x.shape)})")
         cos, sin = self.cos_sin(pos, x.dtype)
-        return x * cos + rotate_half(x) * sin  # [N, H, D]
+        if self.rotary_dim == self.dim:
+            return x * cos + rotate_half(x) * sin  # [N, H, D]
+        x_rot, x_pass = x[..., :self.rotary_dim], x[..., self.rotary_dim:]  # [N, H, R], [N, H, D - R]
+        return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)  # [N, H, D]
 
     def extra_repr(self) -> str:
-        return f"{self.dim}, base={self.base}"
+        extra = "" if self.rotary_dim == self.dim else f", rotary_dim={self.rotary_dim}"
+        if self.scaling is not None and self.scaling.rope_type != "default":
+            extra += f", scaling={self.scaling.rope_type!r}"
+        return f"{self.dim}, base={self.base}{extra}"
 
 
 def alibi_slopes(num_heads: int) -> Tensor:

@@ -1,0 +1,168 @@
+"""Attention options of today's decoders (score scale, logit softcapping, head_dim != embed_dim / H,
+separate output bias, qk-norm, scaled and partial RoPE), RMSNorm and gated MLPs, against dense
+references."""
+import pytest
+import torch
+
+from gnn_transformer import GraphMultiheadAttention
+from gnn_transformer.mlp import FeedForward
+from gnn_transformer.norms import RMSNorm
+from gnn_transformer.position import RopeScaling, RotaryEmbedding, rope_inv_freq
+from gnn_transformer.topology import causal, random, sliding_window, to_dense_mask
+
+TOL32 = dict(atol=1e-5, rtol=1e-5)
+TOL64 = dict(atol=1e-10, rtol=1e-10)
+
+
+def _dense(attn: GraphMultiheadAttention, x: torch.Tensor, mask: torch.Tensor, pos=None) -> torch.Tensor:
+    """The layer's math on a dense [N, N] mask (query i keeps key j), heads looped."""
+    q = attn.project_query(x)  # [N, H, D]
+    k, v = attn.project_key_value(x, x)  # [N, H_kv, D]
+    if attn.rotary is not None:
+        q, k = attn.rotary(q, pos), attn.rotary(k, pos)
+    group = attn.num_heads // attn.num_kv_heads
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scale = attn.scale if attn.scale is not None else attn.head_dim ** -0.5
+    s = torch.einsum("ihd,jhd->hij", q, k) * scale  # [H, N, N]
+    if attn.softcap is not None:
+        s = torch.tanh(s / attn.softcap) * attn.softcap
+    s = s.masked_fill(~mask, float("-inf")).softmax(-1)
+    out = torch.einsum("hij,jhd->ihd", s, v).reshape(x.size(0), -1)  # [N, H D]
+    return attn.out_proj(out)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL32), (torch.float64, TOL64)])
+@pytest.mark.parametrize("options", [
+    dict(scale=1.0), dict(softcap=0.7), dict(softcap=2.0, scale=0.3, head_dim=6, num_kv_heads=1),
+    dict(head_dim=4, out_bias=False), dict(bias=False, out_bias=True),
+    dict(q_norm=RMSNorm(4), k_norm=RMSNorm(4), head_dim=4, rope=True),
+    dict(rope=True, rotary_dim=2, head_dim=6),
+    dict(rope=True, rope_scaling=RopeScaling("yarn", factor=4.0, original_max_position_embeddings=4)),
+    dict(rope=True, rope_scaling=RopeScaling("dynamic", factor=2.0, max_position_embeddings=3)),
+])
+def test_options_match_dense(options, dtype, tol):
+    torch.manual_seed(0)
+    n = 7
+    attn = GraphMultiheadAttention(12, 2, backend="pyg", **options).to(dtype)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.5)
+    x, pos = torch.randn(n, 12, dtype=dtype), torch.arange(n)
+    edge_index = random(n, 3, seed=3)
+    mask = to_dense_mask(edge_index, n, n)
+    out = attn(x, edge_index, pos=pos if attn.rotary is not None else None)
+    torch.testing.assert_close(out, _dense(attn, x, mask, pos), **tol)
+    if attn.softcap is None:  # the kernels take the same scale
+        for backend in ("fused", "tiled"):
+            torch.testing.assert_close(attn(x, edge_index, pos=pos if attn.rotary is not None else None,
+                                            backend=backend), out, **tol)
+
+
+def test_softcap_refuses_kernel_backends():
+    attn = GraphMultiheadAttention(8, 2, softcap=5.0)
+    x, edge_index = torch.randn(4, 8), causal(4)
+    assert attn.resolve_backend(edge_index, x.device) == "pyg"
+    for backend in ("fused", "tiled", "split"):
+        with pytest.raises(ValueError, match=f"backend={backend!r}"):
+            attn(x, edge_index, backend=backend)
+    with pytest.raises(ValueError, match="'softcap'"):
+        GraphMultiheadAttention(8, 2, softcap=0.0)
+    with pytest.raises(ValueError, match="'scale'"):
+        GraphMultiheadAttention(8, 2, scale=-1.0)
+    with pytest.raises(ValueError, match="'rope_scaling'.*rope=False"):
+        GraphMultiheadAttention(8, 2, rope_scaling=RopeScaling("linear", factor=2.0))
+    with pytest.raises(ValueError, match="'head_dim'"):
+        GraphMultiheadAttention(8, 2, head_dim=0)
+
+
+def test_softcap_weights_and_per_head_graph():
+    torch.manual_seed(0)
+    attn = GraphMultiheadAttention(8, 2, softcap=1.5, backend="pyg")
+    x, edge_index = torch.randn(5, 8), sliding_window(5, 1, causal=True)
+    _, alpha = attn(x, edge_index, return_attention_weights=True)
+    dst = edge_index.as_tensor()[1]
+    torch.testing.assert_close(torch.zeros(5, 2).index_add_(0, dst, alpha), torch.ones(5, 2), **TOL32)
+    edge_head = torch.arange(edge_index.size(1)) % 2
+    out = attn(x, edge_index, edge_head=edge_head)  # a per-head graph runs on the pyg path too
+    assert out.shape == (5, 8) and torch.isfinite(out).all()
+
+
+def test_partial_rope_passes_the_rest():
+    rope = RotaryEmbedding(6, rotary_dim=2)
+    x = torch.randn(4, 2, 6)
+    out = rope(x, torch.arange(4))
+    torch.testing.assert_close(out[..., 2:], x[..., 2:])
+    torch.testing.assert_close(out[..., :2], RotaryEmbedding(2, scaling=RopeScaling())(x[..., :2], torch.arange(4)))
+    with pytest.raises(ValueError, match="'rotary_dim'"):
+        RotaryEmbedding(6, rotary_dim=3)
+
+
+@pytest.mark.parametrize("kind,extra", [
+    ("default", {}), ("linear", {"factor": 3.0}), ("dynamic", {"factor": 2.0}),
+    ("llama3", {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}),
+    ("yarn", {"factor": 4.0, "original_max_position_embeddings": 16}),
+    ("yarn", {"factor": 4.0, "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 0.7,
+              "beta_fast": 16, "beta_slow": 2, "truncate": False}),
+])
+def test_rope_inv_freq_matches_hf(kind, extra):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=32,
+                                      rope_parameters={"rope_type": kind, "rope_theta": 1000.0, **extra})
+    scaling = RopeScaling(kind, max_position_embeddings=32, **extra)
+    for seq_len in (None, 50):
+        ours, factor = rope_inv_freq(16, 1000.0, scaling, seq_len)
+        if kind == "default":
+            ref, ref_factor = 1.0 / (1000.0 ** (torch.arange(0, 16, 2).float() / 16)), 1.0
+        else:
+            ref, ref_factor = ROPE_INIT_FUNCTIONS[kind](config, None, seq_len=seq_len)
+        torch.testing.assert_close(ours, ref, atol=0, rtol=1e-6)
+        assert factor == pytest.approx(ref_factor)
+
+
+def test_rope_scaling_refuses_bad_fields():
+    with pytest.raises(ValueError, match="'rope_type'.*'longrope'"):
+        RopeScaling("longrope")
+    with pytest.raises(ValueError, match="'original_max_position_embeddings'.*'yarn'"):
+        RopeScaling("yarn", factor=2.0)
+    with pytest.raises(ValueError, match="'factor'"):
+        RopeScaling("linear", factor=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("unit_offset", [False, True])
+def test_rms_norm(dtype, unit_offset):
+    torch.manual_seed(0)
+    norm = RMSNorm(8, 1e-5, unit_offset=unit_offset).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 8, dtype=dtype) * 4
+    h = x.double() / torch.sqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)
+    gain = norm.weight.double() + (1.0 if unit_offset else 0.0)
+    tol = TOL64 if dtype == torch.float64 else (TOL32 if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2))
+    torch.testing.assert_close(norm(x).double(), h * gain, **tol)
+    assert norm(x).dtype == dtype
+    if dtype == torch.float32 and not unit_offset:
+        torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, (8,), norm.weight, 1e-5), **TOL32)
+
+
+def test_feed_forward():
+    torch.manual_seed(0)
+    mlp = FeedForward(4, 6, "silu")
+    x = torch.randn(5, 4)
+    ref = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    torch.testing.assert_close(mlp(x), ref)
+    plain = FeedForward(4, 6, "gelu", gated=False, bias=True)
+    assert plain.gate_proj is None
+    torch.testing.assert_close(plain(x), plain.down_proj(torch.nn.functional.gelu(plain.up_proj(x))))
+    with pytest.raises(ValueError, match="'hidden_dim'"):
+        FeedForward(4, 0)
+
+
+def test_head_dim_state_dict_shapes():
+    attn = GraphMultiheadAttention(8, 2, num_kv_heads=1, head_dim=6, bias=True, out_bias=False)
+    shapes = {k: list(v.shape) for k, v in attn.state_dict().items()}
+    assert shapes == {"in_proj_weight": [12 + 2 * 6, 8], "in_proj_bias": [24], "out_proj.weight": [8, 12]}
+    assert attn(torch.randn(3, 8), causal(3)).shape == (3, 8)
