@@ -136,3 +136,20 @@ def test_bad_inputs():
         streaming_generate(model, ids.view(1, -1), 2, num_sinks=1, window=-1)
     with pytest.raises(ValueError, match="'input_ids'"):
         streaming_generate(model, ids, 2, num_sinks=1, window=2)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_stream_of_an_imported_decoder_equals_hugging_face(family):
+    # the native per-layer graphs (windows and causal layers) streamed with eviction equal HF's logits
+    pytest.importorskip("transformers")
+    from gnn_transformer import hf
+    from tests.test_hf_decoders import _model
+
+    reference = _model(family)
+    model = hf.from_hf(reference)
+    ids = torch.randint(2, 50, (20,))
+    graphs = [build([20]) for build in model.native_topologies()]
+    got = torch.cat([logits for _, logits in stream_logits(model, ids, graphs, chunk=3)])
+    with torch.no_grad():
+        expected = reference(ids.view(1, -1)).logits[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)

@@ -114,7 +114,13 @@ def _is_lm(model) -> bool:
     """A model whose ``forward_graph`` returns next-token logits."""
     from .. import GraphLM
 
-    return isinstance(model, GraphLM) or bool(getattr(model, "is_causal_lm", False))
+    if isinstance(model, GraphLM):
+        return True
+    try:
+        from ..hf import GraphDecoderLM, GraphGPT2LMHeadModel
+    except ImportError:
+        return False
+    return isinstance(model, (GraphDecoderLM, GraphGPT2LMHeadModel))
 
 
 def _num_layers(model) -> int:
@@ -126,8 +132,8 @@ def _num_layers(model) -> int:
 def _native(loaded):
     """``length -> graph``: the model's own graphs, or its training run's topology."""
     model = loaded.model
-    if hasattr(model, "token_graphs"):
-        return lambda length: model.token_graphs([length])
+    if hasattr(model, "native_topologies"):  # the decoder families: a causal graph or window per layer
+        return lambda length: [build([length]) for build in model.native_topologies()]
     from ..experiments.perplexity import build_graph
 
     return lambda length: build_graph(loaded.graph, length, _num_layers(model))
