@@ -15,6 +15,9 @@ cache of at most ``num_sinks + window + 1`` nodes. With ``positions="cache"`` th
 ones StreamingLLM assigns inside its cache: a node's position is its index in the cache, so a query
 sees the sinks just before its window (RoPE and learned positions alike); with
 ``positions="absolute"`` (default) they are the tokens' places in the stream.
+:func:`h2o_generate` lets the attention choose the cache graph (H2O's heavy hitters): every layer
+keeps the most recent tokens and those that received the most attention so far, so each layer, and
+with ``per_head`` each head, reads its own data-dependent set of nodes.
 
 The models are those of :mod:`gnn_transformer.decoding`: anything with
 ``forward_graph(ids [Q], edge_index, *, pos [Q], cache)`` -> ``logits [Q, V]``.
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .decoding import KVCache, _sample
+from .decoding import KV, KVCache, _sample
 
 Graph = Tensor | tuple[Tensor, Tensor]  # edge_index, or (edge_index, edge_head) of a per-head graph
 Graphs = Graph | Sequence[Graph]  # one graph for every layer, or one per layer
@@ -383,4 +386,290 @@ def _cache_indices(seq: Tensor, batch: int) -> Tensor:
     return rank
 
 
-__all__ = ["EvictingKVCache", "PerplexityResult", "perplexity", "stream_logits", "streaming_generate"]
+
+# ---------------------------------------------------------------- heavy hitters (H2O)
+@dataclass
+class _LayerNodes:
+    """The cached nodes of one layer: sequence, place in the stream, accumulated attention per query
+    head, and which heads still attend to them."""
+
+    seq: Tensor  # [M]
+    pos: Tensor  # [M]
+    score: Tensor  # [M, H] attention received so far, per query head
+    alive: Tensor  # [M, H] bool: the head keeps the node (all heads without per_head)
+
+
+class HeavyHitterCache(KVCache):
+    """A key/value cache whose layers keep their own nodes (:func:`h2o_generate`), with the
+    attention they received per query head (``num_heads``, the same in every layer): ``update``
+    appends a layer's new keys and values ``[Q, H_kv, D]`` to that layer's nodes and returns them all,
+    ``nodes[layer]`` says which tokens they are. ``seq`` and ``pos`` stay ``None``: no node list is
+    shared by the layers, so models that read the cache's positions (ALiBi) cannot use it."""
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads  # query heads: the scores are kept per query head
+        self.nodes: dict[int, _LayerNodes] = {}
+        self._new: tuple[Tensor, Tensor] | None = None
+
+    def __len__(self) -> int:
+        """The most nodes one layer holds."""
+        return max((n.seq.numel() for n in self.nodes.values()), default=0)
+
+    def add_nodes(self, seq: Tensor, pos: Tensor) -> None:
+        """Register the next step's new nodes (sequence ids and places in the stream ``[Q]``)."""
+        self._new = (seq, pos)
+
+    def update(self, index: int, kv: KV) -> KV:
+        assert self._new is not None, "add_nodes runs before the model"
+        seq, pos = self._new
+        key = kv[0]
+        fresh = _LayerNodes(seq, pos, key.new_zeros(seq.numel(), self.num_heads, dtype=_score_dtype(key.dtype)),
+                            torch.ones(seq.numel(), self.num_heads, dtype=torch.bool, device=key.device))
+        if index in self.nodes:
+            old_k, old_v = self.layers[index]
+            kv = (torch.cat([old_k, kv[0]]), torch.cat([old_v, kv[1]]))
+            old = self.nodes[index]
+            fresh = _LayerNodes(*(torch.cat([a, b]) for a, b in zip(
+                (old.seq, old.pos, old.score, old.alive), (fresh.seq, fresh.pos, fresh.score, fresh.alive))))
+        self.layers[index], self.nodes[index] = kv, fresh
+        return kv
+
+    def keep_rows(self, index: int, alive: Tensor) -> None:
+        """Layer ``index`` keeps, per head, the nodes where ``alive`` ``[M, H]`` is true; rows no
+        head keeps leave the cache."""
+        nodes = self.nodes[index]
+        rows = alive.any(1).nonzero(as_tuple=True)[0]
+        k, v = self.layers[index]
+        self.layers[index] = (k[rows], v[rows])
+        self.nodes[index] = _LayerNodes(nodes.seq[rows], nodes.pos[rows], nodes.score[rows], alive[rows])
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _h2o_edges(nodes: _LayerNodes, num_new: int, per_head: bool) -> Graph:
+    """A decoding step's edges from a layer's kept nodes (then the ``num_new`` new ones, one per
+    sequence) to the new nodes: each new node reads the nodes its sequence keeps and itself; per
+    head, ``(edge_index, edge_head)`` with the nodes each head keeps."""
+    rows = nodes.seq.numel()
+    new = torch.arange(num_new, device=nodes.seq.device)
+    if not per_head:
+        src = torch.cat([torch.arange(rows, device=new.device), new + rows])
+        dst = torch.cat([nodes.seq, new])
+        order = torch.argsort(dst, stable=True)  # by target; sources in the order of the cache
+        return torch.stack([src[order], dst[order]])
+    num_heads = nodes.alive.size(1)
+    row, head = nodes.alive.nonzero(as_tuple=True)  # [E_old] the kept (node, head) pairs
+    src = torch.cat([row, (new + rows).repeat_interleave(num_heads)])
+    dst = torch.cat([nodes.seq[row], new.repeat_interleave(num_heads)])
+    head = torch.cat([head, torch.arange(num_heads, device=new.device).repeat(num_new)])
+    order = torch.argsort(dst, stable=True)
+    return torch.stack([src[order], dst[order]]), head[order]
+
+
+def _accumulate(nodes: _LayerNodes, graph: Graph, weights: Tensor) -> None:
+    """Add one step's attention weights (``[E, H]``, or ``[E]`` on a per-head graph) to the scores
+    of the source nodes."""
+    edge_index, edge_head = graph if isinstance(graph, tuple) else (graph, None)
+    weights = weights.to(nodes.score.dtype)
+    if edge_head is None:
+        nodes.score.index_add_(0, edge_index[0], weights)  # [M, H]
+    else:
+        nodes.score.index_put_((edge_index[0], edge_head), weights, accumulate=True)
+
+
+def _heavy_hitters(score: Tensor, candidate: Tensor, seq: Tensor, batch: int, heavy: int) -> Tensor:
+    """``[M, H]`` bool: per sequence and column, the ``heavy`` candidates of largest score (equal
+    scores: the earlier node first)."""
+    score = score.masked_fill(~candidate, float("-inf"))
+    order = torch.sort(score, dim=0, descending=True, stable=True).indices  # [M, H] rows by score
+    order = order.gather(0, torch.sort(seq[order], dim=0, stable=True).indices)  # grouped by sequence
+    counts = torch.bincount(seq, minlength=batch)
+    starts = counts.cumsum(0) - counts  # [B]
+    rank = torch.arange(seq.numel(), device=seq.device).unsqueeze(1) - starts[seq[order]]  # [M, H]
+    chosen = torch.zeros_like(candidate).scatter_(0, order, rank < heavy)
+    return chosen & candidate
+
+
+def _check_h2o_model(model) -> int:
+    """The query heads of ``model``'s attention, or a ``ValueError`` for a model H2O cannot run."""
+    _check_model(model)
+    from .attention import GraphMultiheadAttention
+
+    attention = [m for m in model.modules() if isinstance(m, GraphMultiheadAttention)]
+    if not attention:
+        raise ValueError(f"Expected 'model' built on GraphMultiheadAttention (found none in {type(model).__name__})")
+    config = getattr(model, "config", None)
+    if getattr(config, "position", None) == "alibi":
+        raise ValueError("Expected a 'model' without ALiBi (position='alibi'): its biases read the positions "
+                         "of one node list shared by the layers, and heavy-hitter caches differ per layer")
+    share = getattr(getattr(model, "encoder", None), "kv_share_every", 1)
+    if share != 1:
+        raise ValueError(f"Expected a 'model' without cross-layer key/value sharing (got kv_share_every={share}): "
+                         "each layer keeps its own heavy hitters")
+    for module in attention:
+        if module.select is not None:
+            raise ValueError(f"Expected a 'model' whose attention does not select its own graph (got "
+                             f"select={module.select!r}): the heavy hitters decide the graph")
+    heads = sorted({module.num_heads for module in attention})
+    if len(heads) != 1:
+        raise ValueError(f"Expected 'model' with the same number of query heads in every layer (got {heads})")
+    return heads[0]
+
+
+@torch.no_grad()
+def h2o_generate(model, input_ids: Tensor, max_new_tokens: int, *, heavy: int, recent: int,
+                 per_head: bool = False, greedy: bool = True, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 return_logits: bool = False, return_stats: bool = False, return_kept: bool = False):
+    r"""Generate ``max_new_tokens`` after each prompt of ``input_ids`` ``[B, T]`` with heavy-hitter
+    eviction (H2O, Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference
+    of Large Language Models"): a data-dependent cache graph.
+
+    Every layer keeps, per sequence, the ``recent`` most recent tokens and the ``heavy`` tokens
+    with the largest attention received so far (the sum of the weights of every query that
+    attended to them), and evicts the others; the new token attends to exactly the kept nodes and
+    itself. The prompt is read with causal attention, and its attention decides the first kept set.
+    After step ``t`` (token ``t`` computed), with ``C`` the cached nodes and ``s(j)`` the
+    accumulated attention of ``j``:
+
+    .. math::
+        K = \{j \in C : j > t - \mathrm{recent}\} \cup
+            \operatorname{top}_{\mathrm{heavy}} \{ s(j) : j \in C, j \le t - \mathrm{recent} \}
+
+    (equal scores: the earlier token first). ``heavy=0`` is a causal window of radius ``recent``
+    after the prompt; a ``heavy`` of at least the generated length is causal attention.
+
+    Args:
+        model: a causal graph LM (:class:`~gnn_transformer.GraphLM`,
+            :class:`~gnn_transformer.hf.GraphDecoderLM`, ``GraphGPT2LMHeadModel``) in eval mode,
+            without ALiBi, cross-layer key/value sharing or selecting attention.
+        input_ids: prompts ``[B, T]`` of one length.
+        max_new_tokens: tokens to add to each sequence.
+        heavy, recent: the budget of heavy hitters and of recent tokens per sequence and layer.
+        per_head: each query head keeps its own heavy hitters from its own scores (as in the paper)
+            and attends along its own edges (a per-head graph). The cache stores a node's keys and
+            values for all key/value heads at once (``[M, H_kv, D]``), so a node leaves it when no
+            head keeps it: each head reads at most ``heavy + recent + 1`` nodes, a layer holds up to
+            ``recent + H * heavy + 1`` per sequence. ``False`` (default): one kept set per layer from
+            the scores summed over heads, at most ``heavy + recent + 1`` nodes per sequence and layer.
+        greedy, temperature, top_k, generator: as in :func:`gnn_transformer.decoding.generate`.
+        return_logits: also return the logits of every step, ``[max_new_tokens, B, V]``.
+        return_stats: also return ``{"peak_cache": rows, "peak_per_sequence": rows,
+            "peak_per_head": nodes}``: the most nodes one layer held (all sequences), one sequence
+            held in one layer, and one head of one sequence read in one layer, prompt included.
+        return_kept: also return the kept sets after every step, ``[max_new_tokens, L, B, H, S]``
+            bool over the ``S = T + max_new_tokens`` tokens (the nodes the next token reads, besides
+            itself; all heads alike without ``per_head``).
+
+    Returns:
+        ``[B, T + max_new_tokens]`` token ids (then the logits, the stats and the kept sets, when
+        asked for).
+
+    Example:
+        >>> from gnn_transformer import GraphLM, GraphTransformerConfig
+        >>> lm = GraphLM(GraphTransformerConfig(vocab_size=10, d_model=8, nhead=2, num_layers=1,
+        ...                                     position="rope", backend="pyg")).eval()
+        >>> out, stats = h2o_generate(lm, torch.tensor([[1, 2, 3]]), 20, heavy=2, recent=3,
+        ...                           return_stats=True)
+        >>> out.shape, stats["peak_per_sequence"]
+        (torch.Size([1, 23]), 6)
+    """
+    from .hf._common import attention_weights  # the weights of every attention call
+
+    num_heads = _check_h2o_model(model)
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
+            or input_ids.dtype == torch.bool or input_ids.is_complex() or input_ids.numel() == 0:
+        got = (f"{input_ids.dtype} of shape {list(input_ids.shape)}" if isinstance(input_ids, Tensor)
+               else type(input_ids).__name__)
+        raise ValueError(f"Expected 'input_ids' to be a non-empty integer tensor [B, T] (got {got})")
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0)
+    heavy = _check_int("heavy", heavy, 0)
+    recent = _check_int("recent", recent, 0)
+    for name, value in (("per_head", per_head), ("return_kept", return_kept)):
+        if not isinstance(value, bool):
+            raise ValueError(f"Expected '{name}' to be a bool (got {value!r})")
+    batch, length = input_ids.shape
+    device = input_ids.device
+    total = length + max_new_tokens
+    cache = HeavyHitterCache(num_heads)
+    out, step_logits, kept = [input_ids], [], []
+    peak = {"peak_cache": 0, "peak_per_sequence": 0, "peak_per_head": 0}
+    ids = input_ids.reshape(-1)  # [B * T] sequence after sequence
+    seq = torch.arange(batch, device=device).repeat_interleave(length)
+    pos = torch.arange(length, device=device).repeat(batch)
+    graphs: Graphs = _prompt_graph(batch, length, device)
+    last = torch.arange(1, batch + 1, device=device) * length - 1  # [B] the last new node of each sequence
+    num_layers = None
+    for _ in range(max_new_tokens):
+        cache.add_nodes(seq, pos)
+        with attention_weights(model) as weights:
+            logits = model.forward_graph(ids, graphs, pos=pos, cache=cache)[last]  # [B, V]
+        if num_layers is None:
+            num_layers = len(cache.layers)
+            if sorted(cache.layers) != list(range(num_layers)) or len(weights) != num_layers:
+                raise ValueError(f"Expected 'model' to attend once per cached layer (got {len(weights)} attention "
+                                 f"calls for cached layers {sorted(cache.layers)})")
+        if any(w is None for w in weights):
+            raise ValueError("Expected 'model' whose attention returns its weights (return_attention_weights)")
+        step_logits.append(logits)
+        token = _sample(logits, greedy, temperature, top_k, generator)  # [B]
+        out.append(token.view(batch, 1))
+        layer_graphs = graphs if isinstance(graphs, list) else [graphs] * num_layers
+        next_pos = int(pos[-1]) + 1  # every sequence is at the same place
+        for index in range(num_layers):
+            nodes = cache.nodes[index]
+            _accumulate(nodes, layer_graphs[index], weights[index])
+            _track_peak(peak, nodes, batch)
+            recent_rows = nodes.pos >= next_pos - recent  # [M] always kept, by every head
+            candidate = nodes.alive & ~recent_rows.unsqueeze(1)  # [M, H]
+            score = nodes.score if per_head else nodes.score.sum(1, keepdim=True)
+            chosen = _heavy_hitters(score, candidate if per_head else candidate[:, :1], nodes.seq, batch, heavy)
+            cache.keep_rows(index, recent_rows.unsqueeze(1) | chosen.expand_as(nodes.alive))
+        if return_kept:
+            kept.append(_kept_mask(cache, num_layers, batch, total))
+        ids, seq, pos = token, torch.arange(batch, device=device), torch.full((batch,), next_pos, device=device)
+        graphs = [_h2o_edges(cache.nodes[index], batch, per_head) for index in range(num_layers)]
+        last = torch.arange(batch, device=device)
+    result: tuple = (torch.cat(out, dim=1),)
+    if return_logits:
+        result += (torch.stack(step_logits) if step_logits else torch.empty(0, batch, 0),)
+    if return_stats:
+        result += (peak,)
+    if return_kept:
+        result += (torch.stack(kept) if kept else torch.empty(0, 0, batch, 0, total, dtype=torch.bool),)
+    return result if len(result) > 1 else result[0]
+
+
+def _prompt_graph(batch: int, length: int, device: torch.device) -> Tensor:
+    """Causal attention within each prompt, the same for every layer and head."""
+    from .topology import causal
+
+    return causal([length] * batch).as_subclass(Tensor).to(device)
+
+
+def _track_peak(peak: dict, nodes: _LayerNodes, batch: int) -> None:
+    """The largest node counts of one layer during a step, before eviction (see :func:`h2o_generate`)."""
+    per_sequence = torch.bincount(nodes.seq, minlength=batch)  # [B]
+    per_head = torch.zeros(batch, nodes.alive.size(1), dtype=torch.long, device=nodes.seq.device)
+    per_head.index_add_(0, nodes.seq, nodes.alive.long())  # [B, H]
+    peak["peak_cache"] = max(peak["peak_cache"], nodes.seq.numel())
+    peak["peak_per_sequence"] = max(peak["peak_per_sequence"], int(per_sequence.max()))
+    peak["peak_per_head"] = max(peak["peak_per_head"], int(per_head.max()))
+
+
+def _kept_mask(cache: HeavyHitterCache, num_layers: int, batch: int, total: int) -> Tensor:
+    """``[L, B, H, S]``: which tokens each head of each sequence and layer keeps."""
+    num_heads = cache.nodes[0].alive.size(1)
+    mask = torch.zeros(num_layers, batch, num_heads, total, dtype=torch.bool)
+    for index in range(num_layers):
+        nodes = cache.nodes[index]
+        row, head = nodes.alive.nonzero(as_tuple=True)
+        mask[index, nodes.seq[row].cpu(), head.cpu(), nodes.pos[row].cpu()] = True
+    return mask
+
+
+__all__ = ["EvictingKVCache", "HeavyHitterCache", "PerplexityResult", "h2o_generate", "perplexity", "stream_logits",
+           "streaming_generate"]

@@ -375,3 +375,63 @@ def test_argument_shapes_and_positions():
         gpt2(input_ids=torch.tensor([[1, -1, 3]]))
     with pytest.raises(ValueError, match="Found 5 in 'token_type_ids'"):
         bert(input_ids=ids, token_type_ids=torch.full((2, 5), 5))
+
+
+@pytest.mark.parametrize("right_padding", [True, False])
+def test_bert_output_attentions_match_hf(right_padding):
+    model = _bert(attn_implementation="eager")
+    graph = hf.from_hf(model, backend="pyg")
+    ids, mask = _batch(right_padding=right_padding)
+    real = mask.bool()
+    ref = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    out = graph(input_ids=ids, attention_mask=mask, output_attentions=True)
+    torch.testing.assert_close(out.last_hidden_state[real], ref.last_hidden_state[real], **TOL)
+    assert len(out.attentions) == len(ref.attentions) == 2 and len(out.edge_attentions) == 2
+    for dense, expected, (edge_index, alpha) in zip(out.attentions, ref.attentions, out.edge_attentions):
+        assert dense.shape == expected.shape and alpha.shape == (edge_index.size(1), 4)
+        rows = real.unsqueeze(1).expand(-1, expected.size(1), -1)  # the real queries
+        torch.testing.assert_close(dense[rows], expected[rows], **TOL)
+        sums = torch.zeros(int(real.sum()), 4).index_add_(0, edge_index[1], alpha)
+        torch.testing.assert_close(sums, torch.ones_like(sums))  # each query's weights sum to 1
+    plain = graph(input_ids=ids, attention_mask=mask)
+    assert plain.attentions is None and plain.edge_attentions is None
+    torch.testing.assert_close(plain.last_hidden_state, out.last_hidden_state, rtol=0, atol=0)
+
+
+def test_to_hf_bert_and_gpt2_round_trip():
+    ids, mask = _batch()
+    real = mask.bool()
+    for model in (_bert(), _bert(pooler=False), _gpt2()):
+        back = hf.to_hf(hf.from_hf(model, backend="pyg"))
+        assert type(back) is type(model) and not back.training
+        for name, p in model.state_dict().items():
+            torch.testing.assert_close(back.state_dict()[name], p, rtol=0, atol=0, msg=name)
+        ref, got = model(input_ids=ids, attention_mask=mask), back(input_ids=ids, attention_mask=mask)
+        key = "logits" if isinstance(model, transformers.GPT2LMHeadModel) else "last_hidden_state"
+        torch.testing.assert_close(got[key][real], ref[key][real], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_to_hf_of_a_graph_model_gives_its_outputs(kind):
+    # a graph model trained (here: perturbed) on its own: Hugging Face computes the same outputs
+    torch.manual_seed(3)
+    config = (_bert() if kind == "bert" else _gpt2()).config
+    graph = hf.GraphBertModel(config) if kind == "bert" else hf.GraphGPT2LMHeadModel(config)
+    with torch.no_grad():
+        for p in graph.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    graph = graph.double().eval()
+    back = hf.to_hf(graph)
+    assert next(back.parameters()).dtype == torch.float64
+    ids, mask = _batch(right_padding=True)
+    real = mask.bool()
+    want, got = graph(input_ids=ids, attention_mask=mask), back(input_ids=ids, attention_mask=mask)
+    key = "last_hidden_state" if kind == "bert" else "logits"
+    torch.testing.assert_close(got[key][real], want[key][real], rtol=0, atol=1e-10)
+    if kind == "bert":
+        torch.testing.assert_close(got.pooler_output, want.pooler_output, rtol=0, atol=1e-10)
+
+
+def test_to_hf_refuses_other_models():
+    with pytest.raises(ValueError, match="'graph'.*Linear"):
+        hf.to_hf(torch.nn.Linear(2, 2))

@@ -358,3 +358,21 @@ def test_unknown_family_is_refused():
         hf.from_hf(transformers.GPTJForCausalLM(config))
     with pytest.raises(ValueError, match="model_type='gptj'"):
         hf.decoder_config(config)
+
+
+@pytest.mark.parametrize("right_padding", [True, False])
+def test_modernbert_masked_lm_loss_matches_hf(right_padding):
+    model = _modernbert(True)
+    graph = hf.from_hf(model, backend="pyg")
+    ids, mask = _batch(right_padding)
+    labels = torch.where(torch.rand(ids.shape) < 0.4, ids, -100).masked_fill(mask == 0, -100)
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out = graph(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.loss, ref.loss, **TOL)
+    assert out[0] is out.loss and out.logits is not None
+    with pytest.raises(ValueError, match="'labels' -100 at padded positions"):
+        graph(input_ids=ids, attention_mask=mask, labels=torch.where(mask.bool(), labels, 5))
+    with pytest.raises(ValueError, match="'labels'"):
+        graph(input_ids=ids, attention_mask=mask, labels=labels[:, :3])
+    with pytest.raises(ValueError, match="'labels' for a ModernBERT without the masked-LM head"):
+        hf.from_hf(_modernbert(False))(input_ids=ids, attention_mask=mask, labels=labels)

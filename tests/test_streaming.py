@@ -4,8 +4,10 @@ import math
 import pytest
 import torch
 
-from gnn_transformer import GraphLM, GraphTransformerConfig, topology
-from gnn_transformer.streaming import EvictingKVCache, perplexity, stream_logits, streaming_generate
+from gnn_transformer import GraphLM, GraphTransformerConfig, dense, topology
+from gnn_transformer.decoding import generate
+from gnn_transformer.streaming import (EvictingKVCache, h2o_generate, perplexity, stream_logits,
+                                       streaming_generate)
 from tests.conftest import perturbed
 
 
@@ -153,3 +155,199 @@ def test_stream_of_an_imported_decoder_equals_hugging_face(family):
     with torch.no_grad():
         expected = reference(ids.view(1, -1)).logits[0]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+
+# ---------------------------------------------------------------- heavy hitters (H2O)
+def _dense_lm(model, ids, masks):
+    """A pre-norm GraphLM on one sequence with a dense mask per layer ``[H, n, n]``, written with the
+    dense reference: logits ``[n, V]`` and the attention weights of every layer ``[L, H, n, n]``."""
+    n = ids.numel()
+    pos = torch.arange(n).view(1, n)
+    h = model.embed(ids.view(1, n))  # [1, n, C]
+    if model.config.position == "learned":
+        h = h + model.pos_embed.weight[pos]
+    weights = []
+    for layer, mask in zip(model.encoder.layers, masks):
+        attn, x = layer.self_attn, layer.norm1(h)
+        w_q, _, _ = attn.projection_weights()
+        b_q, _, _ = attn.projection_biases()
+        query = torch.nn.functional.linear(x, w_q, b_q).view(1, n, attn.num_heads, attn.head_dim).transpose(1, 2)
+        if attn.rotary is not None:
+            query = dense.apply_rope(query, pos, attn.rotary.base)
+        key, value = dense.key_value(attn, x, pos_key=pos)  # [1, H_kv, n, D]
+        out, w = dense.scaled_dot_product(query, key, value, mask.unsqueeze(0))  # [1, H, n, D], [1, H, n, n]
+        h = h + attn.out_proj(out.transpose(1, 2).reshape(1, n, -1))
+        h = h + layer.linear2(layer.activation(layer.linear1(layer.norm2(h))))
+        weights.append(w[0])
+    return model.head(model.encoder.norm(h))[0], torch.stack(weights)
+
+
+def _graph_decoder(model, ids, masks):
+    """A GraphDecoderLM's whole-sequence forward on per-head graphs from dense masks ``[L, H, n, n]``,
+    its weights made dense."""
+    n = ids.numel()
+    graphs = []
+    for mask in masks:
+        head, dst, src = mask.nonzero(as_tuple=True)
+        order = torch.argsort(dst, stable=True)
+        graphs.append((torch.stack([src[order], dst[order]]), head[order]))
+    logits, weights = model.forward_graph(ids, graphs, pos=torch.arange(n), output_attentions=True)
+    out = torch.zeros(masks.shape, dtype=logits.dtype)
+    for index, ((edge_index, head), w) in enumerate(zip(graphs, weights)):
+        out[index, head, edge_index[1], edge_index[0]] = w
+    return logits, out
+
+
+@torch.no_grad()
+def _h2o_reference(forward, row, prompt, steps, heavy, recent, per_head, layers, heads):
+    """H2O on one sequence, step by step on dense masks: every step recomputes the whole sequence
+    on the graph chosen so far, takes each key's accumulated score as the sum of its column of
+    weights, and keeps the ``recent`` last tokens and the ``heavy`` best-scored cached others."""
+    total = prompt + steps
+    allowed = torch.zeros(layers, heads, total, total, dtype=torch.bool)  # [L, H, i, j]: i reads j
+    allowed[:, :, :prompt, :prompt] = torch.ones(prompt, prompt, dtype=torch.bool).tril()
+    cached = [[set(range(prompt)) for _ in range(heads)] for _ in range(layers)]
+    all_logits, all_kept = [], torch.zeros(steps, layers, heads, total, dtype=torch.bool)
+    for step in range(steps):
+        n = prompt + step  # tokens computed: 0 .. n - 1
+        if step:
+            for layer in range(layers):
+                for head in range(heads):
+                    cached[layer][head].add(n - 1)
+                    allowed[layer, head, n - 1, sorted(cached[layer][head])] = True
+        logits, weights = forward(row[:n], allowed[:, :, :n, :n])
+        all_logits.append(logits[n - 1])
+        score = weights.sum(2)  # [L, H, n]: attention each key received from every query so far
+        for layer in range(layers):
+            groups = [[h] for h in range(heads)] if per_head else [list(range(heads))]
+            for group in groups:
+                s = score[layer, group].sum(0)
+                pool = cached[layer][group[0]]
+                keep = {j for j in pool if j >= n - recent}
+                others = sorted((j for j in pool if j < n - recent), key=lambda j: (-float(s[j]), j))
+                keep |= set(others[:heavy])
+                for head in group:
+                    cached[layer][head] = set(keep)
+                    all_kept[step, layer, head, sorted(keep)] = True
+    return torch.stack(all_logits), all_kept
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("position,kv_heads", [("rope", None), ("learned", 2)])
+def test_h2o_matches_dense_step_by_step_reference(per_head, position, kv_heads):
+    model = _lm(position, layers=2, kv_heads=kv_heads)
+    prompt, steps, heavy, recent = 6, 14, 3, 2
+    ids = torch.randint(0, 23, (2, prompt))
+    out, logits, kept = h2o_generate(model, ids, steps, heavy=heavy, recent=recent, per_head=per_head,
+                                     return_logits=True, return_kept=True)
+    assert kept.shape == (steps, 2, 2, 4, prompt + steps)
+    for b, row in enumerate(out):
+        want_logits, want_kept = _h2o_reference(lambda x, m: _dense_lm(model, x, m), row, prompt, steps, heavy,
+                                                recent, per_head, 2, 4)
+        assert torch.equal(kept[:, :, b], want_kept)
+        torch.testing.assert_close(logits[:, b], want_logits, rtol=0, atol=1e-10)
+        assert torch.equal(want_logits.argmax(-1), row[prompt:])
+    if per_head:  # the heads chose differently somewhere: a per-head graph, not one per layer
+        assert not torch.equal(kept, kept[:, :, :, :1].expand_as(kept))
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_h2o_of_an_imported_decoder_matches_reference(per_head):
+    pytest.importorskip("transformers")
+    from gnn_transformer import hf
+    from tests.test_hf_decoders import _model
+
+    model = hf.from_hf(_model("llama")).double()  # grouped-query attention: 4 query heads, 2 key/value heads
+    ids = torch.randint(2, 50, (1, 5))
+    out, logits, kept = h2o_generate(model, ids, 10, heavy=2, recent=3, per_head=per_head, return_logits=True,
+                                     return_kept=True)
+    want_logits, want_kept = _h2o_reference(lambda x, m: _graph_decoder(model, x, m), out[0], 5, 10, 2, 3,
+                                            per_head, 3, 4)
+    assert torch.equal(kept[:, :, 0], want_kept)
+    torch.testing.assert_close(logits[:, 0], want_logits, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_h2o_memory_is_bounded(per_head):
+    model = _lm("rope", layers=2)
+    heavy, recent = 3, 4
+    out, stats, kept = h2o_generate(model, torch.randint(0, 23, (3, 4)), 150, heavy=heavy, recent=recent,
+                                    per_head=per_head, return_stats=True, return_kept=True)
+    assert out.shape == (3, 154)
+    assert stats["peak_per_head"] == heavy + recent + 1  # every head reads at most the budget and itself
+    assert int(kept.sum(-1).max()) == heavy + recent
+    if per_head:  # a node stays while any head keeps it: the recent tokens and up to H heavy sets
+        assert heavy + recent + 1 <= stats["peak_per_sequence"] <= recent + 4 * heavy + 1
+    else:
+        assert stats["peak_per_sequence"] == heavy + recent + 1 and stats["peak_cache"] == 3 * (heavy + recent + 1)
+
+
+def test_h2o_without_heavy_hitters_is_a_causal_window():
+    model = _lm("rope", layers=2)
+    recent = 4
+    short = torch.randint(0, 23, (2, recent + 1))  # the prompt fits in the window: the whole stream is one
+    a, la = h2o_generate(model, short, 30, heavy=0, recent=recent, return_logits=True)
+    b, lb = streaming_generate(model, short, 30, num_sinks=0, window=recent, return_logits=True)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(la, lb, rtol=0, atol=1e-10)
+    # a longer prompt is read causally, the tokens after it through a window of radius `recent`
+    out, logits = h2o_generate(model, torch.randint(0, 23, (1, 9)), 20, heavy=0, recent=recent, return_logits=True)
+    i, j = torch.arange(29).view(-1, 1), torch.arange(29).view(1, -1)
+    mask = (j <= i) & ((i < 9) | (j >= i - recent))  # [29, 29]
+    dst, src = mask.nonzero(as_tuple=True)
+    full = _full(model, out[0], torch.stack([src, dst]))
+    torch.testing.assert_close(logits[:, 0], full[8:-1], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_h2o_with_room_for_everything_is_causal_generation(per_head):
+    model = _lm("rope", layers=2, kv_heads=2)
+    prompt = torch.randint(0, 23, (2, 5))
+    a, la = h2o_generate(model, prompt, 12, heavy=20, recent=0, per_head=per_head, return_logits=True)
+    b, lb = generate(model, prompt, 12, return_logits=True)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(la, lb, rtol=0, atol=1e-10)
+
+
+def test_h2o_bad_inputs():
+    model = _lm()
+    ids = torch.randint(0, 23, (1, 4))
+    with pytest.raises(ValueError, match="'heavy' to be an int >= 0"):
+        h2o_generate(model, ids, 2, heavy=-1, recent=2)
+    with pytest.raises(ValueError, match="'recent' to be an int >= 0"):
+        h2o_generate(model, ids, 2, heavy=1, recent=2.0)
+    with pytest.raises(ValueError, match="'per_head' to be a bool"):
+        h2o_generate(model, ids, 2, heavy=1, recent=2, per_head=1)
+    with pytest.raises(ValueError, match="'input_ids'"):
+        h2o_generate(model, ids[0], 2, heavy=1, recent=2)
+    with pytest.raises(ValueError, match="'max_new_tokens'"):
+        h2o_generate(model, ids, -1, heavy=1, recent=2)
+    with pytest.raises(ValueError, match="ALiBi"):
+        h2o_generate(_lm("alibi"), ids, 2, heavy=1, recent=2)
+    config = GraphTransformerConfig(vocab_size=23, d_model=16, nhead=4, num_layers=2, kv_share_every=2,
+                                    backend="pyg")
+    with pytest.raises(ValueError, match="kv_share_every=2"):
+        h2o_generate(GraphLM(config).eval(), ids, 2, heavy=1, recent=2)
+    with pytest.raises(ValueError, match="forward_graph"):
+        h2o_generate(torch.nn.Linear(2, 2), ids, 2, heavy=1, recent=2)
+
+
+def test_perplexity_of_a_saved_hugging_face_model_equals_its_own_logits(tmp_path):
+    # what `perplexity --hf-dir` does, at library level: a saved directory, its native per-layer graphs
+    pytest.importorskip("transformers")
+    from gnn_transformer import hf
+    from tests.test_hf_decoders import _model
+
+    reference = _model("mistral")  # sliding window of 4 keys in every layer
+    reference.save_pretrained(tmp_path / "mistral")
+    model = hf.from_pretrained(tmp_path / "mistral", backend="pyg")
+    ids = torch.randint(2, 50, (30,))
+    graphs = [build([30]) for build in model.native_topologies()]
+    result = perplexity(model, ids, graphs, chunk=7, bucket_size=10)
+    with torch.no_grad():
+        logits = reference(ids.view(1, -1)).logits[0].double()  # [T, V]
+    nll = -torch.log_softmax(logits[:-1], -1).gather(1, ids[1:].view(-1, 1)).squeeze(1)
+    torch.testing.assert_close(result.nll, nll, rtol=0, atol=1e-5)
+    assert math.isclose(result.perplexity, math.exp(float(nll.mean())), rel_tol=1e-5)
+    assert result.peak_cache == 3 + 7  # the keys the window still reads before a chunk, and the chunk

@@ -1,12 +1,14 @@
 r"""What every imported model shares: the output container, padded inputs to nodes and back, the
-token graphs of a call, labels to a loss, per-edge attention weights to Hugging Face's dense view.
+token graphs of a call, labels to a loss, per-edge attention weights to Hugging Face's dense view,
+and the recording of those weights from any model built on graph attention.
 
 Notation: ``B`` rows, ``T`` columns of a padded batch, ``N`` real tokens (nodes), ``E`` edges,
 ``H`` heads, ``L`` layers, ``V`` vocabulary.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -196,6 +198,25 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
                            ignore_index=IGNORE_INDEX)
 
 
+def masked_lm_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    r"""Hugging Face's masked language-model loss: the mean cross-entropy of the logits at every
+    position against ``labels`` at the same position, over the labels that are not ``-100``, in
+    float32. ``logits`` ``[B, T, V]``, ``labels`` ``[B, T]``, ``mask`` ``[B, T]`` the real tokens:
+    a label at padding must be ``-100`` (the graph computes no logits there)."""
+    if not isinstance(labels, Tensor) or labels.shape != logits.shape[:2] or labels.is_floating_point():
+        got = list(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"Expected 'labels' to be an integer tensor of the shape of 'input_ids', "
+                         f"{list(logits.shape[:2])} (got {got})")
+    labels = labels.to(logits.device)
+    padded = (~mask) & (labels != IGNORE_INDEX)
+    if bool(padded.any()):
+        b, t = (int(i) for i in padded.nonzero()[0])
+        raise ValueError(f"Expected 'labels' -100 at padded positions (got {int(labels[b, t])} at row {b}, "
+                         f"column {t}, where attention_mask is 0)")
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
 def dense_attentions(edge_attentions: Sequence[tuple[Tensor, Tensor]], mask: Tensor
                      ) -> tuple[Tensor, ...] | None:
     """Per-edge weights ``[E, H]`` of each layer -> Hugging Face's ``[B, H, T, T]`` (query row, key
@@ -216,3 +237,34 @@ def dense_attentions(edge_attentions: Sequence[tuple[Tensor, Tensor]], mask: Ten
         dense[row[dst], col[dst], col[src]] = alpha
         out.append(dense.permute(0, 3, 1, 2))  # [B, H, T, T]
     return tuple(out)
+
+
+@contextmanager
+def attention_weights(model: nn.Module) -> Iterator[list[Tensor]]:
+    """While open, every :class:`~gnn_transformer.GraphMultiheadAttention` of ``model`` computes as
+    usual and appends its attention weights per edge (``[E, H]``, ``[E]`` on a per-head graph) to
+    the yielded list, in call order; its callers get what they asked for."""
+    from ..attention import GraphMultiheadAttention
+
+    found: list[Tensor] = []
+    wanted: dict[int, bool] = {}
+
+    def ask(module, args, kwargs):
+        wanted[id(module)] = bool(kwargs.get("return_attention_weights", False))
+        return args, {**kwargs, "return_attention_weights": True}
+
+    def take(module, args, kwargs, output):
+        out, alpha = output
+        found.append(alpha)
+        return output if wanted.pop(id(module)) else out
+
+    handles = []
+    try:
+        for module in model.modules():
+            if isinstance(module, GraphMultiheadAttention):
+                handles.append(module.register_forward_pre_hook(ask, with_kwargs=True))
+                handles.append(module.register_forward_hook(take, with_kwargs=True))
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from ..attention import check_ids
 from ..layers import GraphTransformerEncoder, GraphTransformerEncoderLayer, get_activation
-from ._common import (GraphModelOutput, Topology, check_config, check_model, check_positions, check_topology, edges,
-                      flatten_inputs, resolve_topology, scatter_back)
+from ._common import (GraphModelOutput, Topology, attention_weights, check_config, check_model, check_positions,
+                      check_topology, dense_attentions, edges, flatten_inputs, resolve_topology, scatter_back)
 
 
 class GraphBertEmbeddings(nn.Module):
@@ -43,8 +43,11 @@ class GraphBertModel(nn.Module):
     r"""BERT on token graphs (post-norm encoder layers). Build with :meth:`from_hf` or :func:`from_hf`.
 
     ``forward(input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
-    topology=None)`` -> :class:`GraphModelOutput` with ``last_hidden_state`` ``[B, T, C]`` (and
-    ``pooler_output`` ``[B, C]``); :meth:`forward_graph` is the graph-native path on nodes.
+    output_attentions=False, topology=None)`` -> :class:`GraphModelOutput` with
+    ``last_hidden_state`` ``[B, T, C]`` (and ``pooler_output`` ``[B, C]``; with
+    ``output_attentions``, ``edge_attentions``: per layer the graph and its weights ``[E, H]``, and
+    ``attentions``: per layer ``[B, H, T, T]``, for small inputs, as Hugging Face's with zeros at
+    padding); :meth:`forward_graph` is the graph-native path on nodes.
 
     ``pooler_output`` pools each sequence's first real token (zeros for a row of padding only).
     Hugging Face pools column 0: the same with right padding (BERT's convention), but in a
@@ -73,16 +76,22 @@ class GraphBertModel(nn.Module):
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
 
     def forward_graph(self, input_ids: Tensor, edge_index: Tensor, *, pos: Tensor,
-                      token_type_ids: Tensor | None = None, edge_bias: Tensor | None = None) -> Tensor:
-        """Token ids ``[N]``, graph ``[2, E]``, positions ``[N]`` -> hidden states ``[N, C]``."""
+                      token_type_ids: Tensor | None = None, edge_bias: Tensor | None = None,
+                      output_attentions: bool = False):
+        """Token ids ``[N]``, graph ``[2, E]``, positions ``[N]`` -> hidden states ``[N, C]`` (and the
+        attention weights ``[E, H]`` of every layer with ``output_attentions``)."""
         n = self.config.max_position_embeddings
         check_positions(pos, n, f"(check 'pos': max_position_embeddings={n})")
         h = self.embeddings(input_ids, pos, token_type_ids)
-        return self.encoder(h, edge_index, edge_bias=edge_bias)
+        if not output_attentions:
+            return self.encoder(h, edge_index, edge_bias=edge_bias)
+        with attention_weights(self.encoder) as weights:
+            h = self.encoder(h, edge_index, edge_bias=edge_bias)
+        return h, list(weights)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 token_type_ids: Tensor | None = None, position_ids: Tensor | None = None, *,
-                topology: Topology | None = None) -> GraphModelOutput:
+                output_attentions: bool = False, topology: Topology | None = None) -> GraphModelOutput:
         mask, pos, lengths = flatten_inputs(input_ids, attention_mask, position_ids,
                                       self.embeddings.position_embeddings.num_embeddings)
         if token_type_ids is not None and (not isinstance(token_type_ids, Tensor)
@@ -94,8 +103,13 @@ class GraphBertModel(nn.Module):
         topology = resolve_topology(topology, self.topology, "full")
         edge_index = edges(topology, lengths, input_ids.device)
         types = None if token_type_ids is None else token_type_ids[mask]
-        h = self.forward_graph(input_ids[mask], edge_index, pos=pos, token_type_ids=types)
+        h = self.forward_graph(input_ids[mask], edge_index, pos=pos, token_type_ids=types,
+                               output_attentions=output_attentions)
+        h, weights = h if output_attentions else (h, None)
         out = GraphModelOutput(last_hidden_state=scatter_back(h, mask))
+        if weights is not None:
+            out.edge_attentions = tuple((edge_index, alpha) for alpha in weights)
+            out.attentions = dense_attentions(out.edge_attentions, mask)
         if self.pooler is not None:  # tanh(W h) of each sequence's first real token; 0 if none
             counts = torch.tensor(lengths, dtype=torch.long, device=h.device)
             first = torch.where(counts > 0, counts.cumsum(0) - counts, h.size(0))  # node index
@@ -138,4 +152,24 @@ def bert_state_dict(hf: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]
     return out
 
 
-__all__ = ["GraphBertModel", "GraphBertEmbeddings", "bert_state_dict"]
+def bert_hf_state_dict(graph: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
+    """The inverse of :func:`bert_state_dict`: a :class:`GraphBertModel` state dict in the names of
+    ``BertModel``."""
+    out = {k: v for k, v in graph.items() if k.startswith("embeddings.")}
+    if "pooler.weight" in graph:
+        out["pooler.dense.weight"], out["pooler.dense.bias"] = graph["pooler.weight"], graph["pooler.bias"]
+    for i in range(num_layers):
+        src, dst = f"encoder.layers.{i}.", f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            query, key, value = graph[src + f"self_attn.in_proj_{kind}"].chunk(3)
+            for name, part in (("query", query), ("key", key), ("value", value)):
+                out[dst + f"attention.self.{name}.{kind}"] = part
+            out[dst + f"attention.output.dense.{kind}"] = graph[src + f"self_attn.out_proj.{kind}"]
+            out[dst + f"attention.output.LayerNorm.{kind}"] = graph[src + f"norm1.{kind}"]
+            out[dst + f"intermediate.dense.{kind}"] = graph[src + f"linear1.{kind}"]
+            out[dst + f"output.dense.{kind}"] = graph[src + f"linear2.{kind}"]
+            out[dst + f"output.LayerNorm.{kind}"] = graph[src + f"norm2.{kind}"]
+    return out
+
+
+__all__ = ["GraphBertModel", "GraphBertEmbeddings", "bert_state_dict", "bert_hf_state_dict"]

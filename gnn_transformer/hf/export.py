@@ -107,8 +107,14 @@ def to_hf(graph: nn.Module):
     a :class:`~gnn_transformer.hf.GraphDecoderLM` becomes its family's causal LM
     (``LlamaForCausalLM``, ``Gemma3ForCausalLM``, ``GPTNeoForCausalLM``, ...), a
     :class:`~gnn_transformer.hf.GraphModernBertModel` a ``ModernBertModel`` (or
-    ``ModernBertForMaskedLM`` with its head). Needs ``transformers``."""
+    ``ModernBertForMaskedLM`` with its head), a :class:`~gnn_transformer.hf.GraphBertModel` a
+    ``BertModel`` (with its pooler when it has one), a
+    :class:`~gnn_transformer.hf.GraphGPT2LMHeadModel` a ``GPT2LMHeadModel``. The graph is not part
+    of the export: Hugging Face computes its own masks, so the outputs are equal on the models'
+    default graphs. Needs ``transformers``."""
+    from .bert import GraphBertModel, bert_hf_state_dict
     from .decoders import GraphDecoderLM
+    from .gpt2 import GraphGPT2LMHeadModel, gpt2_hf_state_dict
     from .modernbert import GraphModernBertModel, modernbert_hf_state_dict
 
     try:
@@ -126,9 +132,17 @@ def to_hf(graph: nn.Module):
         model = cls(graph.config)
         state = modernbert_hf_state_dict(graph.state_dict(), graph.config.num_hidden_layers,
                                          prefix="model." if masked else "")
+    elif isinstance(graph, GraphBertModel):
+        model = transformers.BertModel(graph.config, add_pooling_layer=graph.pooler is not None)
+        state = bert_hf_state_dict(graph.state_dict(), graph.config.num_hidden_layers)
+    elif isinstance(graph, GraphGPT2LMHeadModel):
+        model = transformers.GPT2LMHeadModel(graph.config)
+        state = {f"transformer.{k}": v for k, v in gpt2_hf_state_dict(graph.state_dict(),
+                                                                       graph.config.n_layer).items()}
+        state["lm_head.weight"] = graph.lm_head.weight
     else:
-        raise ValueError(f"Expected a GraphDecoderLM or GraphModernBertModel for 'graph' (got "
-                         f"{type(graph).__name__})")
+        raise ValueError(f"Expected a GraphDecoderLM, GraphModernBertModel, GraphBertModel or GraphGPT2LMHeadModel "
+                         f"for 'graph' (got {type(graph).__name__})")
     source = next(graph.parameters())
     model.to(device=source.device, dtype=source.dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -118,4 +118,22 @@ def gpt2_state_dict(hf: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]
     return out
 
 
-__all__ = ["GraphGPT2LMHeadModel", "gpt2_state_dict"]
+def gpt2_hf_state_dict(graph: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
+    """The inverse of :func:`gpt2_state_dict`: a :class:`GraphGPT2LMHeadModel` state dict (without
+    ``lm_head``) in the names of ``GPT2Model`` (``Conv1D`` layout ``[in, out]``)."""
+    out = {"wte.weight": graph["wte.weight"], "wpe.weight": graph["wpe.weight"],
+           "ln_f.weight": graph["encoder.norm.weight"], "ln_f.bias": graph["encoder.norm.bias"]}
+    for i in range(num_layers):
+        src, dst = f"encoder.layers.{i}.", f"h.{i}."
+        pairs = {"attn.c_attn": "self_attn.in_proj_", "attn.c_proj": "self_attn.out_proj.",
+                 "mlp.c_fc": "linear1.", "mlp.c_proj": "linear2."}
+        for conv, linear in pairs.items():
+            out[dst + conv + ".weight"] = graph[src + linear + "weight"].t()  # nn.Linear: [out, in]
+            out[dst + conv + ".bias"] = graph[src + linear + "bias"]
+        for ln, norm in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            out[dst + f"{ln}.weight"] = graph[src + f"{norm}.weight"]
+            out[dst + f"{ln}.bias"] = graph[src + f"{norm}.bias"]
+    return out
+
+
+__all__ = ["GraphGPT2LMHeadModel", "gpt2_state_dict", "gpt2_hf_state_dict"]

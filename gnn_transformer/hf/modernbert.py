@@ -19,7 +19,7 @@ from ..attention import GraphMultiheadAttention, check_ids
 from ..layers import get_activation, resolve_layer_graphs
 from ..mlp import FeedForward
 from ._common import (GraphModelOutput, Topologies, Topology, check_model, check_topologies, dense_attentions,
-                      flatten_inputs, layer_edges, scatter_back)
+                      flatten_inputs, layer_edges, masked_lm_loss, scatter_back)
 from .decoders import GraphDecoderLayer, read_activation, rope_config
 
 
@@ -61,9 +61,11 @@ def _layer(config, index: int, layer_type: str, backend: str) -> GraphDecoderLay
 class GraphModernBertModel(nn.Module):
     r"""ModernBERT on token graphs. Build with :meth:`from_hf` or :func:`gnn_transformer.hf.from_hf`.
 
-    ``forward(input_ids, attention_mask=None, position_ids=None, *, output_attentions=False,
-    topology=None)`` -> :class:`GraphModelOutput` with ``last_hidden_state`` ``[B, T, C]`` (and
-    ``logits`` ``[B, T, V]`` with the masked-LM head). Each layer attends along its native graph
+    ``forward(input_ids, attention_mask=None, position_ids=None, labels=None, *,
+    output_attentions=False, topology=None)`` -> :class:`GraphModelOutput` with
+    ``last_hidden_state`` ``[B, T, C]`` (and ``logits`` ``[B, T, V]`` with the masked-LM head, and
+    ``loss`` given ``labels``: Hugging Face's masked-LM cross-entropy over the labels that are not
+    ``-100``, :func:`~gnn_transformer.hf.masked_lm_loss`). Each layer attends along its native graph
     (:attr:`windows`: full, or a symmetric window) unless ``topology`` replaces it (one callable
     ``lengths -> edge_index`` for every layer, or one callable or ``None`` per layer).
     """
@@ -119,8 +121,11 @@ class GraphModernBertModel(nn.Module):
         return (h, weights) if output_attentions else h
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, *, output_attentions: bool = False,
-                topology: Topologies | None = None) -> GraphModelOutput:
+                position_ids: Tensor | None = None, labels: Tensor | None = None, *,
+                output_attentions: bool = False, topology: Topologies | None = None) -> GraphModelOutput:
+        if labels is not None and self.head is None:
+            raise ValueError("Expected no 'labels' for a ModernBERT without the masked-LM head (build it from a "
+                             "ModernBertForMaskedLM, or with masked_lm=True)")
         mask, pos, lengths = flatten_inputs(input_ids, attention_mask, position_ids, None)
         topology = self.topology if topology is None else check_topologies(topology, len(self.layers))
         graphs = layer_edges(topology if topology is not None else [None] * len(self.layers),
@@ -130,6 +135,8 @@ class GraphModernBertModel(nn.Module):
         result = GraphModelOutput(last_hidden_state=scatter_back(h, mask))
         if self.head is not None:
             result.logits = scatter_back(self.decoder(self.head(h)), mask)
+            if labels is not None:
+                result.loss = masked_lm_loss(result.logits, labels, mask)
         if output_attentions:
             result.edge_attentions = tuple(zip(graphs, out[1]))
             result.attentions = dense_attentions(result.edge_attentions, mask)
