@@ -104,7 +104,7 @@ def _step_graph(seq: Tensor, pos: Tensor, num_new: int, window: Window) -> Tenso
     return _per_layer(window, lambda radius: step_edges(seq, pos, num_new, radius))
 
 
-def _forward(model, ids: Tensor, edge_index: Tensor, pos: Tensor, cache: KVCache | None) -> Tensor:
+def _forward(model, ids: Tensor, edge_index: Tensor | list[Tensor], pos: Tensor, cache: KVCache | None) -> Tensor:
     if not hasattr(model, "forward_graph"):
         raise ValueError(f"Expected 'model' with a forward_graph method (got {type(model).__name__})")
     return model.forward_graph(ids, edge_index, pos=pos, cache=cache)
@@ -171,10 +171,10 @@ def _check_generate(model, input_ids, max_new_tokens, greedy, attention_mask, wi
         raise ValueError(f"Expected 'generator' to be a torch.Generator or None (got {generator!r})")
     if attention_mask is not None and (not isinstance(attention_mask, Tensor)
                                        or attention_mask.shape != input_ids.shape):
-        got = (list(attention_mask.shape) if isinstance(attention_mask, Tensor)
-               else type(attention_mask).__name__)
+        got_mask = (list(attention_mask.shape) if isinstance(attention_mask, Tensor)
+                    else type(attention_mask).__name__)
         raise ValueError("Expected 'attention_mask' of the shape of 'input_ids' "
-                         f"{list(input_ids.shape)} (got {got})")
+                         f"{list(input_ids.shape)} (got {got_mask})")
     mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
             else attention_mask.bool())
     lengths = mask.sum(1)  # [B]
@@ -256,6 +256,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True,
         ids, seq = token[keep], act[keep]
         pos = cur_len[seq] - 1
         if cache is not None:
+            assert cache.seq is not None and cache.pos is not None  # add_nodes ran in the first step
             edge_index = _step_graph(torch.cat([cache.seq, seq]), torch.cat([cache.pos, pos]),
                                      seq.numel(), window)
         last = torch.arange(seq.numel(), device=device)

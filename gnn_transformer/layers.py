@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +88,16 @@ def _check_args(d_model: int, nhead: int, dim_feedforward: int, dropout: float, 
 
 class _FeedForward(nn.Module):
     """Shared constructor pieces of both layers (the feed-forward block, norms, dropouts)."""
+
+    linear1: nn.Linear
+    dropout: nn.Dropout
+    linear2: nn.Linear
+    norm_first: bool
+    norm1: nn.LayerNorm
+    norm2: nn.LayerNorm
+    dropout1: nn.Dropout
+    dropout2: nn.Dropout
+    activation: Callable[[Tensor], Tensor]
 
     def _build_feedforward(self, d_model, dim_feedforward, dropout, activation, layer_norm_eps,
                            bias, norm_first, num_norms, factory) -> None:
@@ -205,6 +216,9 @@ class GraphTransformerDecoderLayer(_FeedForward):
         >>> layer(torch.randn(2, 8), causal, torch.randn(3, 8), cross).shape
         torch.Size([2, 8])
     """
+
+    norm3: nn.LayerNorm
+    dropout3: nn.Dropout
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation: str | Callable[[Tensor], Tensor] = F.relu, layer_norm_eps: float = 1e-5,
@@ -455,13 +469,24 @@ def _share_key_values(layers: nn.ModuleList, kv_share_every: int) -> None:
             attn.drop_key_value_projection()
 
 
-def _self_attention_kv(stacked: nn.Module, index: int, layer: nn.Module, x: Tensor,
+@runtime_checkable
+class _ProjectsKeyValues(Protocol):
+    """A layer that computes its self-attention's keys and values (the layers of this module)."""
+
+    def self_kv(self, x: Tensor, *, pos: Tensor | None = None) -> KV: ...
+
+
+def _self_attention_kv(kv_share_every: int, index: int, layer: nn.Module, x: Tensor,
                        pos: Tensor | None, kv: KV | None, cache) -> KV | None:
     """The keys and values layer ``index`` of a stack attends to (``None``: computed inside)."""
-    owner = index % stacked.kv_share_every == 0
-    if owner and cache is None and stacked.kv_share_every == 1:
+    owner = index % kv_share_every == 0
+    if owner and cache is None and kv_share_every == 1:
         return None  # the plain path: the layer projects its own keys and values
     if owner:
+        if not isinstance(layer, _ProjectsKeyValues):
+            raise TypeError(f"Expected layer {index} to have a method self_kv (the keys and values of its "
+                            f"self-attention) for a cache or kv_share_every={kv_share_every} (got "
+                            f"{type(layer).__name__})")
         kv = layer.self_kv(x, pos=pos)
         if cache is not None:
             kv = cache.update(index, kv)  # cached keys/values of earlier steps, then the new ones
@@ -534,7 +559,7 @@ class GraphTransformerEncoder(nn.Module):
         biases = resolve_layer_biases(edge_bias, graphs, "edge_bias")
         kv = None
         for index, (layer, (graph, head), bias) in enumerate(zip(self.layers, graphs, biases)):
-            kv = _self_attention_kv(self, index, layer, x, pos, kv, cache)
+            kv = _self_attention_kv(self.kv_share_every, index, layer, x, pos, kv, cache)
             x = layer(x, graph, edge_bias=bias, pos=pos, kv=kv, edge_head=head)
         return x if self.norm is None else self.norm(x)
 
@@ -589,7 +614,7 @@ class GraphTransformerDecoder(nn.Module):
         kv = None
         for index, layer in enumerate(self.layers):
             (graph, head), (memory_graph, memory_head) = graphs[index], memory_graphs[index]
-            kv = _self_attention_kv(self, index, layer, x, pos, kv, cache)
+            kv = _self_attention_kv(self.kv_share_every, index, layer, x, pos, kv, cache)
             x = layer(x, graph, memory, memory_graph, edge_bias=biases[index],
                       memory_edge_bias=memory_biases[index], pos=pos, kv=kv, edge_head=head,
                       memory_edge_head=memory_head)

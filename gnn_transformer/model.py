@@ -25,7 +25,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import BACKENDS, check_bool, check_dropout, check_ids, check_positive_int
+from .attention import BACKENDS, GraphMultiheadAttention, check_bool, check_dropout, check_ids, check_positive_int
 from .layers import (GraphTransformerDecoder, GraphTransformerDecoderLayer, GraphTransformerEncoder,
                      GraphTransformerEncoderLayer, LayerBiases, LayerGraphs, check_layer_norm_eps,
                      resolve_layer_biases, resolve_layer_graphs)
@@ -76,27 +76,29 @@ class GraphTransformer(nn.Module):
         check_layer_norm_eps(layer_norm_eps)
         for name, value in (("batch_first", batch_first), ("norm_first", norm_first), ("bias", bias)):
             check_bool(name, value)
-        for name, value in (("custom_encoder", custom_encoder), ("custom_decoder", custom_decoder)):
-            if value is not None and not isinstance(value, nn.Module):
+        for name, custom in (("custom_encoder", custom_encoder), ("custom_decoder", custom_decoder)):
+            if custom is not None and not isinstance(custom, nn.Module):
                 raise TypeError(f"Expected '{name}' to be None or an nn.Module (got "
-                                f"{type(value).__name__})")
+                                f"{type(custom).__name__})")
         factory = {"device": device, "dtype": dtype}
+        self.encoder: nn.Module
+        self.decoder: nn.Module
         if custom_encoder is not None:
             self.encoder = custom_encoder
         else:
-            layer = GraphTransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
+            encoder_layer = GraphTransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
                                                  layer_norm_eps, batch_first, norm_first, bias,
                                                  backend=backend, **factory)
             norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-            self.encoder = GraphTransformerEncoder(layer, num_encoder_layers, norm)
+            self.encoder = GraphTransformerEncoder(encoder_layer, num_encoder_layers, norm)
         if custom_decoder is not None:
             self.decoder = custom_decoder
         else:
-            layer = GraphTransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
+            decoder_layer = GraphTransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
                                                  layer_norm_eps, batch_first, norm_first, bias,
                                                  backend=backend, **factory)
             norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-            self.decoder = GraphTransformerDecoder(layer, num_decoder_layers, norm)
+            self.decoder = GraphTransformerDecoder(decoder_layer, num_decoder_layers, norm)
         self.d_model, self.nhead, self.batch_first = d_model, nhead, batch_first
         for p in self.parameters():  # as nn.Transformer._reset_parameters
             if p.dim() > 1:
@@ -216,7 +218,7 @@ def _check_config(c: GraphTransformerConfig) -> None:
                          f"{c.d_model})")
 
 
-def _attention_factory(c: GraphTransformerConfig) -> Callable[..., nn.Module]:
+def _attention_factory(c: GraphTransformerConfig) -> Callable[..., GraphMultiheadAttention]:
     """The attention class of ``c``, with its selector when ``c.select`` is set (each layer's a copy:
     routing centroids are per layer)."""
     cls = attention_class(c.attention)
@@ -274,15 +276,20 @@ class GraphEncoderModel(nn.Module):
         torch.Size([2, 8])
     """
 
+    alibi_slopes: Tensor  # [H], a buffer registered with position="alibi" only
+
     def __init__(self, config: GraphTransformerConfig) -> None:
         super().__init__()
         c = config
         _check_config(c)
         self.config = c
+        self.embed: nn.Embedding | nn.Linear
         if c.vocab_size is not None:
             self.embed = nn.Embedding(c.vocab_size, c.d_model)
         else:
+            assert c.input_dim is not None  # _check_config: exactly one of vocab_size and input_dim
             self.embed = nn.Linear(c.input_dim, c.d_model, bias=c.bias)
+        self.pos_embed: LearnedPositionalEmbedding | SinusoidalPositionalEmbedding | None
         if c.position == "learned":
             self.pos_embed = LearnedPositionalEmbedding(c.max_positions, c.d_model)
         elif c.position == "sinusoidal":
@@ -322,9 +329,9 @@ class GraphEncoderModel(nn.Module):
             got = list(pos.shape) if isinstance(pos, Tensor) else pos
             raise ValueError(f"Expected 'pos' with one position per node, shape [{x.size(0)}] "
                              f"(got {got}); position={c.position!r}")
-        if c.position == "sinusoidal":
+        if isinstance(self.pos_embed, SinusoidalPositionalEmbedding):  # position="sinusoidal"
             h = h + self.pos_embed(pos, h.dtype)
-        elif c.position == "learned":
+        elif self.pos_embed is not None:  # position="learned"
             h = h + self.pos_embed(pos)
         return self.drop(h)
 
@@ -332,6 +339,7 @@ class GraphEncoderModel(nn.Module):
                 edge_bias: LayerBiases = None, cache=None, edge_head: Tensor | None = None) -> Tensor:
         h = self.embed_nodes(x, pos)
         if self.config.position == "alibi":
+            assert pos is not None  # embed_nodes refuses a missing 'pos' unless position="none"
             graphs = resolve_layer_graphs(edge_index, self.config.num_layers, "edge_index", edge_head=edge_head)
             biases = resolve_layer_biases(edge_bias, graphs, "edge_bias")
             pos_src = pos if cache is None else cache.pos  # cache.pos: cached + new nodes
@@ -367,6 +375,7 @@ class GraphLM(GraphEncoderModel):
 
     def _make_head(self) -> nn.Module:
         c = self.config
+        assert c.vocab_size is not None  # checked by __init__
         head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         if c.tie_weights:
             head.weight = self.embed.weight

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -41,21 +42,28 @@ def _check_tensor(x: object, name: str = "x") -> None:
                         "wrap it with torch.tensor")
 
 
+def _real(value: object) -> int | float | None:
+    """A real number (not a bool) as a Python ``int`` (an integer, exactly) or ``float``; else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if isinstance(value, numbers.Integral):
+        return operator.index(value)
+    return float(value)
+
+
 def _check_fill_value(fill_value: object, dtype: torch.dtype) -> None:
     """``fill_value`` a number that ``dtype`` holds exactly (integers) or within range (floats)."""
+    real = _real(fill_value)
     if dtype == torch.bool:
-        ok = isinstance(fill_value, bool) or (isinstance(fill_value, numbers.Real)
-                                              and fill_value in (0, 1))
+        ok = isinstance(fill_value, bool) or (real is not None and real in (0, 1))
     elif dtype.is_floating_point:
-        ok = (not isinstance(fill_value, bool) and isinstance(fill_value, numbers.Real)
-              and (not math.isfinite(fill_value) or abs(fill_value) <= torch.finfo(dtype).max))
+        ok = real is not None and (not math.isfinite(real) or abs(real) <= torch.finfo(dtype).max)
     elif dtype.is_complex:
         ok = isinstance(fill_value, numbers.Number) and not isinstance(fill_value, bool)
     else:
         info = torch.iinfo(dtype)
-        ok = (isinstance(fill_value, numbers.Real) and not isinstance(fill_value, bool)
-              and math.isfinite(fill_value) and fill_value == int(fill_value)
-              and info.min <= int(fill_value) <= info.max)
+        ok = (real is not None and math.isfinite(real) and real == int(real)
+              and info.min <= int(real) <= info.max)
     if not ok:
         raise ValueError(f"Expected 'fill_value' to be a value of x's dtype {dtype} (got {fill_value!r})")
 

@@ -56,8 +56,9 @@ class _EdgeWeightAttention(GraphMultiheadAttention):
         group = query.size(1) // key.size(1)
         key = key.repeat_interleave(group, dim=1)  # [N_src, H, D]
         value = value.repeat_interleave(group, dim=1)  # [N_src, H, D]
+        scale = self.head_dim ** -0.5 if self.scale is None else self.scale
         alpha = self.edge_updater(edge_index, query=query, key=key, edge_bias=edge_bias,
-                                  scale=self.head_dim ** -0.5, size=size)  # [E, H]
+                                  scale=scale, softcap=self.softcap, size=size)  # [E, H]
         weights = alpha
         alpha = F.dropout(alpha, p=self.dropout, training=self.training)
         out = self.propagate(edge_index, value=value, alpha=alpha, size=size)  # [N_dst, H, D]
@@ -68,7 +69,9 @@ class SigmoidAttention(_EdgeWeightAttention):
     r"""Sigmoid attention: :math:`\alpha_{ji} = \sigma(q_i^\top k_j / \sqrt{D} + b_{ji} + b)`.
 
     Args:
-        *args, **kwargs: as :class:`GraphMultiheadAttention`.
+        *args, **kwargs: as :class:`GraphMultiheadAttention`; ``scale`` replaces
+            :math:`1 / \sqrt{D}`, ``softcap`` caps the scaled scores before the biases, as for
+            softmax attention.
         score_bias: the constant ``b``; ``None`` (default) uses ``-log(in-degree of i)`` per target.
 
     Example:
@@ -84,8 +87,10 @@ class SigmoidAttention(_EdgeWeightAttention):
         self.score_bias = None if score_bias is None else check_real("score_bias", score_bias)
 
     def edge_update(self, query_i: Tensor, key_j: Tensor, edge_bias: Tensor | None, scale: float,
-                    index: Tensor, ptr: Tensor | None, size_i: int | None) -> Tensor:
+                    softcap: float | None, index: Tensor, ptr: Tensor | None, size_i: int | None) -> Tensor:
         score = (query_i * key_j).sum(dim=-1) * scale  # [E, H]
+        if softcap is not None:
+            score = torch.tanh(score / softcap) * softcap  # [E, H], in (-softcap, softcap)
         if edge_bias is not None:
             score = score + edge_bias
         if self.score_bias is None:
@@ -105,7 +110,8 @@ class LinearAttention(_EdgeWeightAttention):
     r"""Kernelized linear attention with :math:`\phi = \mathrm{elu} + 1`, normalized per target.
 
     Args:
-        *args, **kwargs: as :class:`GraphMultiheadAttention` (no ``edge_bias`` in ``forward``).
+        *args, **kwargs: as :class:`GraphMultiheadAttention` (no ``edge_bias`` in ``forward``; no
+            ``scale`` or ``softcap``: the kernel has no scores to scale or cap).
         eps: added to each target's normalizer. Default ``1e-6``.
     """
 
@@ -113,10 +119,14 @@ class LinearAttention(_EdgeWeightAttention):
 
     def __init__(self, *args, eps: float = 1e-6, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        for name in ("scale", "softcap"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"LinearAttention takes no '{name}': the kernel phi(q)^T phi(k) has no scores "
+                                 f"to scale or cap (got {name}={getattr(self, name)!r})")
         self.eps = check_real("eps", eps, low=0.0)
 
     def edge_update(self, query_i: Tensor, key_j: Tensor, edge_bias: Tensor | None, scale: float,
-                    index: Tensor, ptr: Tensor | None, size_i: int | None) -> Tensor:
+                    softcap: float | None, index: Tensor, ptr: Tensor | None, size_i: int | None) -> Tensor:
         if edge_bias is not None:
             raise ValueError("LinearAttention takes no 'edge_bias' (got a tensor)")
         kernel = (elu_feature_map(query_i) * elu_feature_map(key_j)).sum(dim=-1)  # [E, H], > 0

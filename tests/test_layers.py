@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gnn_transformer import (GraphTransformer, GraphTransformerDecoder, GraphTransformerDecoderLayer,
-                             GraphTransformerEncoder, GraphTransformerEncoderLayer, from_padded,
-                             padding_mask, to_padded)
+from gnn_transformer import (GraphMultiheadAttention, GraphTransformer, GraphTransformerDecoder,
+                             GraphTransformerDecoderLayer, GraphTransformerEncoder, GraphTransformerEncoderLayer,
+                             from_padded, padding_mask, to_padded)
 from gnn_transformer.topology import causal, cross, full
 
 from .conftest import TOL
@@ -242,3 +242,20 @@ def test_property_encoder_layer_equals_torch(lengths, norm_first, causal_mask, s
         out_ref = ref(x_pad, src_mask=_causal_mask(t) if causal_mask else None,
                       src_key_padding_mask=_key_padding(lengths, t))
     torch.testing.assert_close(out, from_padded(out_ref, lengths), **TOL[dtype])
+
+
+class _NoSelfKV(torch.nn.Module):
+    """A custom layer with a self-attention but no self_kv method."""
+
+    def __init__(self):
+        super().__init__()
+        self.self_attn = GraphMultiheadAttention(8, 2, backend="pyg")
+
+    def forward(self, x, edge_index, **kwargs):
+        return self.self_attn(x, edge_index, kv=kwargs.get("kv"))
+
+
+def test_kv_sharing_needs_layers_with_self_kv():
+    stack = GraphTransformerEncoder(_NoSelfKV(), 2, kv_share_every=2)
+    with pytest.raises(TypeError, match=r"layer 0 to have a method self_kv.*kv_share_every=2.*_NoSelfKV"):
+        stack(torch.randn(3, 8), causal(3))

@@ -78,6 +78,12 @@ def test_bigbird_global_at_ends_equals_predicate(lengths, block, window, num_glo
     assert torch.equal(ei.as_tensor(), expected.as_tensor())
 
 
+def test_bigbird_predicate_global_at_ends_needs_the_length():
+    assert T.bigbird_predicate(0, 5, 6, block=2, num_global=2, global_at="ends")  # key block 2: global
+    with pytest.raises(ValueError, match="'L'.*global_at='ends'.*None"):
+        T.bigbird_predicate(0, 5, block=2, num_global=2, global_at="ends")
+
+
 @pytest.mark.parametrize("lengths", [[1], [9], [30], [20, 1, 7]], ids=str)
 def test_bigbird_global_at_ends_random_blocks(lengths):
     kw = dict(block=2, window=1, num_global=2, global_at="ends")

@@ -265,3 +265,43 @@ def test_variant_errors():
         attention_class("cosine")
     # state dicts of the score variants are those of the softmax layer
     assert set(SigmoidAttention(8, 2).state_dict()) == set(GraphMultiheadAttention(8, 2).state_dict())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["full", "random"])
+@pytest.mark.parametrize("attention", [GraphMultiheadAttention, SigmoidAttention])
+def test_scale_and_softcap_match_dense(attention, kind, dtype):
+    layer = perturbed(attention(16, 4, num_kv_heads=2, scale=0.9, softcap=1.5, dtype=dtype, backend="pyg"))
+    _check_attention(layer, kind, dtype, bias=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sigmoid_attention_scale_is_a_query_scale(dtype):
+    # scores q.k * scale equal the default scores of queries scaled by scale * sqrt(D)
+    scaled = perturbed(SigmoidAttention(16, 4, scale=0.9, dtype=dtype, backend="pyg"))
+    plain = SigmoidAttention(16, 4, dtype=dtype, backend="pyg").eval()
+    plain.load_state_dict(scaled.state_dict())
+    with torch.no_grad():
+        factor = 0.9 * plain.head_dim ** 0.5
+        plain.in_proj_weight[:16].mul_(factor)
+        plain.in_proj_bias[:16].mul_(factor)
+    x, edge_index = torch.randn(sum(LENGTHS), 16, dtype=dtype), _graph("random", LENGTHS)
+    torch.testing.assert_close(scaled(x, edge_index), plain(x, edge_index), **TOL[dtype])
+
+
+def test_sigmoid_attention_softcap_bounds_the_scores():
+    capped = SigmoidAttention(8, 2, softcap=0.5, score_bias=0.0, backend="pyg")
+    plain = SigmoidAttention(8, 2, score_bias=0.0, backend="pyg")
+    plain.load_state_dict(capped.state_dict())
+    x = 100 * torch.randn(5, 8)  # scores far beyond the cap
+    bound = torch.sigmoid(torch.tensor(0.5))  # sigmoid of scores in [-0.5, 0.5]
+    _, alpha = capped(x, full(5), return_attention_weights=True)  # [E, H]
+    _, alpha_plain = plain(x, full(5), return_attention_weights=True)
+    assert ((alpha >= 1 - bound) & (alpha <= bound)).all()
+    assert ((alpha_plain < 1 - bound) | (alpha_plain > bound)).any()
+
+
+@pytest.mark.parametrize("name,value", [("scale", 0.5), ("softcap", 30.0)])
+def test_linear_attention_refuses_scale_and_softcap(name, value):
+    with pytest.raises(ValueError, match=f"LinearAttention takes no '{name}'.*{name}={value}"):
+        LinearAttention(8, 2, backend="pyg", **{name: value})

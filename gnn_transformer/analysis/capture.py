@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,6 +148,8 @@ def weighted_digraph(edge_index: Tensor, weights: Tensor, num_src: int, num_dst:
     """A ``networkx.DiGraph`` with edges ``j -> i`` and attribute ``weight`` from ``[E]`` weights."""
     num_dst = num_src if num_dst is None else num_dst
     graph = nx.DiGraph()
+    keys: list[Hashable]  # the node of each source
+    queries: list[Hashable]  # the node of each target
     if cross:
         keys = [("key", j) for j in range(num_src)]
         queries = [("query", i) for i in range(num_dst)]
@@ -293,16 +295,16 @@ def record(model: nn.Module, *, layers: Iterable[nn.Module] | None = None,
                 return out, (weights if wanted else None)
 
             patched.append((module, module.__dict__.get("attend")))
-            module.attend = attend
+            setattr(module, "attend", attend)  # this instance's attend, until the block ends
         yield trace
     finally:
         for h in handles:
             h.remove()
-        for module, previous in patched:
+        for patched_module, previous in patched:
             if previous is None:
-                del module.attend
+                delattr(patched_module, "attend")  # the class's attend again
             else:
-                module.attend = previous
+                setattr(patched_module, "attend", previous)
 
 
 def extract(model: nn.Module, *args, **kwargs) -> Trace:
@@ -327,11 +329,11 @@ def norm_placement(model: nn.Module, norm_first: bool) -> Iterator[nn.Module]:
     before = [m.norm_first for m in targets]
     try:
         for m in targets:
-            m.norm_first = norm_first
+            setattr(m, "norm_first", norm_first)  # a plain attribute of each layer, not a submodule
         yield model
     finally:
         for m, value in zip(targets, before):
-            m.norm_first = value
+            setattr(m, "norm_first", value)
 
 
 def compare_norm_placement(model: nn.Module, *args, **kwargs) -> dict[str, Trace]:

@@ -145,17 +145,16 @@ def plot_sink_scores(rows: Sequence[LayerSummary], title: str = "sink score") ->
 def plot_activation_magnitudes(rows: Sequence[LayerSummary],
                                title: str = "hidden-state magnitudes") -> Figure:
     """Top-3 and median ``|h|`` of each layer's output, log scale (as in Sun et al., 2024)."""
-    rows = [r for r in rows if r.activations is not None]
-    fig = Figure(figsize=(max(4.5, 0.5 * len(rows) + 2), 3.4), layout="constrained")
+    measured = [(r.name, r.activations) for r in rows if r.activations is not None]
+    fig = Figure(figsize=(max(4.5, 0.5 * len(measured) + 2), 3.4), layout="constrained")
     ax = fig.subplots()
-    x = np.arange(len(rows))
+    x = np.arange(len(measured))
     for rank, marker in zip(range(3), ("o", "s", "^")):
-        vals = [abs(r.activations.top[rank][0]) if len(r.activations.top) > rank else np.nan
-                for r in rows]
+        vals = [abs(stats.top[rank][0]) if len(stats.top) > rank else np.nan for _, stats in measured]
         ax.plot(x, vals, marker=marker, label=f"top {rank + 1}")
-    ax.plot(x, [r.activations.median_abs for r in rows], marker="x", color="gray", label="median")
+    ax.plot(x, [stats.median_abs for _, stats in measured], marker="x", color="gray", label="median")
     ax.set_yscale("log")
-    ax.set_xticks(x, [r.name for r in rows], rotation=45, ha="right", fontsize=7)
+    ax.set_xticks(x, [name for name, _ in measured], rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("|h|")
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=10)
@@ -170,8 +169,8 @@ def plot_norm_comparison(variants: Mapping[str, Sequence[LayerSummary]]) -> Figu
     for label, rows in variants.items():
         att = [r for r in rows if r.sink]
         left.plot(range(len(att)), [r.mean_sink for r in att], marker="o", label=label)
-        act = [r for r in rows if r.activations is not None]
-        right.plot(range(len(act)), [r.activations.ratio for r in act], marker="o", label=label)
+        ratios = [r.activations.ratio for r in rows if r.activations is not None]
+        right.plot(range(len(ratios)), ratios, marker="o", label=label)
     left.set_xlabel("layer")
     left.set_ylabel("mean sink score")
     left.set_ylim(0, 1)

@@ -115,12 +115,14 @@ def run(args) -> int:
             print(f"  layer{'s' * (len(layers) > 1)} {which} (of every {graph.period}):")
             sub = f"{title}, layer{'s' * (len(layers) > 1)} {which} of {graph.period}"
             if isinstance(g, tuple):
+                assert topo.num_heads is not None  # a per-head layer gives its spec its number of heads
                 _show_per_head(topology, g, topo.num_heads, n, sub, path, "    ")
             else:
                 _show_stats(topology, g, n, args.layers, "    ")
                 topology.draw_topology(g, title=sub, path=path)
             written.append(path)
     elif topo.kind == "per_head":
+        assert topo.num_heads is not None  # the kind of a topology with per-head graphs
         _show_per_head(topology, graph, topo.num_heads, n, title, out)
         written.append(out)
     else:

@@ -19,14 +19,17 @@ from torch import Tensor
 
 def scaled_dot_product(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, *,
                        scale: float | None = None, bias: Tensor | None = None,
-                       dropout_p: float = 0.0, training: bool = False) -> tuple[Tensor, Tensor]:
+                       dropout_p: float = 0.0, training: bool = False,
+                       softcap: float | None = None) -> tuple[Tensor, Tensor]:
     """Masked softmax attention on ``[B, H, T_q, D]`` queries and ``[B, H_kv, T_k, D]`` keys/values.
 
     Args:
         mask: boolean ``[T_q, T_k]``, ``[B, T_q, T_k]``, or per head ``[B, H, T_q, T_k]`` (``B`` may
             be 1: a per-head graph's ``to_dense_mask(..., edge_head=...)[None]``), ``True`` where
             attention is allowed; a row without an allowed key (of a head) gives zeros.
+        scale: the factor of the scores ``q k^T``. Default ``1 / sqrt(D)``.
         bias: added to the scaled scores, broadcastable to ``[B, H, T_q, T_k]``.
+        softcap: scaled scores become ``softcap * tanh(s / softcap)`` before the bias is added.
 
     Returns:
         ``out`` ``[B, H, T_q, D]`` and ``weights`` ``[B, H, T_q, T_k]``.
@@ -44,6 +47,8 @@ def scaled_dot_product(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, 
                          f"(got {list(mask.shape)})")
     mask = mask.unsqueeze(-3) if mask.dim() == 3 else mask  # [B, 1 or H, T_q, T_k] or [T_q, T_k]
     scores = (query @ key.transpose(-1, -2)) * scale  # [B, H, T_q, T_k]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if bias is not None:
         scores = scores + bias
     has_key = mask.any(dim=-1, keepdim=True)  # [B, 1 or H, T_q, 1]: rows with at least one edge
@@ -59,7 +64,7 @@ def multihead_attention(layer, x_query: Tensor, x_key: Tensor, mask: Tensor, *,
     """The attention of a :class:`~gnn_transformer.GraphMultiheadAttention` on padded tensors.
 
     Uses the layer's own parameters (``in_proj_weight``, ``out_proj``, ...), so graph and dense
-    paths share one ``state_dict``.
+    paths share one ``state_dict``, and its ``scale`` and ``softcap``.
 
     Args:
         layer: a ``GraphMultiheadAttention``.
@@ -83,8 +88,10 @@ def multihead_attention(layer, x_query: Tensor, x_key: Tensor, mask: Tensor, *,
     query = F.linear(x_query, w_q, b_q).view(b, t_q, h, d).transpose(1, 2)  # [B, H, T_q, D]
     key = F.linear(x_key, w_k, b_k).view(b, t_k, h_kv, d).transpose(1, 2)  # [B, H_kv, T_k, D]
     value = F.linear(x_value, w_v, b_v).view(b, t_k, h_kv, d).transpose(1, 2)  # [B, H_kv, T_k, D]
-    out, weights = scaled_dot_product(query, key, value, mask, scale=1.0 / math.sqrt(d), bias=bias,
-                                      dropout_p=layer.dropout, training=layer.training)
+    scale = getattr(layer, "scale", None)
+    out, weights = scaled_dot_product(query, key, value, mask, scale=1.0 / math.sqrt(d) if scale is None else scale,
+                                      bias=bias, dropout_p=layer.dropout, training=layer.training,
+                                      softcap=getattr(layer, "softcap", None))
     out = out.transpose(1, 2).reshape(b, t_q, h * d)  # [B, T_q, C]
     return layer.out_proj(out), weights
 

@@ -31,6 +31,13 @@ def _mlp_in(layer, name: str, x: Tensor) -> Tensor:
     return x if hidden is None else layer.mlp_activation(hidden(x))
 
 
+def _rope_positions(pos: Tensor | None, name: str) -> Tensor:
+    """``pos``, which a layer built with ``rope=True`` needs."""
+    if pos is None:
+        raise ValueError(f"Expected '{name}' [B, T] for a layer built with rope=True (got None)")
+    return pos
+
+
 def key_value(layer, x_key: Tensor, *, pos_key: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Keys (rotated with RoPE) and values ``[B, H_kv, T_k, D]`` of an attention layer."""
     _, w_k, w_v = layer.projection_weights()
@@ -41,7 +48,7 @@ def key_value(layer, x_key: Tensor, *, pos_key: Tensor | None = None) -> tuple[T
     key = _heads(F.linear(_mlp_in(layer, "k", x_key), w_k, b_k), layer.num_kv_heads, layer.head_dim)
     value = _heads(F.linear(_mlp_in(layer, "v", x_key), w_v, b_v), layer.num_kv_heads, layer.head_dim)
     if layer.rotary is not None:
-        key = apply_rope(key, pos_key, layer.rotary.base)
+        key = apply_rope(key, _rope_positions(pos_key, "pos_key"), layer.rotary.base)
     return key, value
 
 
@@ -53,18 +60,20 @@ def attention(layer, x_query: Tensor, x_key: Tensor, mask: Tensor, *, pos_query:
     b_q, _, _ = layer.projection_biases()
     query = _heads(F.linear(_mlp_in(layer, "q", x_query), w_q, b_q), layer.num_heads, layer.head_dim)
     if layer.rotary is not None:
-        query = apply_rope(query, pos_query, layer.rotary.base)
+        query = apply_rope(query, _rope_positions(pos_query, "pos_query"), layer.rotary.base)
     if kv is None:
         kv = key_value(layer, x_key, pos_key=pos_key)
     group = layer.num_heads // layer.num_kv_heads
     key, value = (t.repeat_interleave(group, dim=1) for t in kv)  # [B, H, T_k, D]
     score = getattr(layer, "score_function", "softmax")
+    scale, softcap = getattr(layer, "scale", None), getattr(layer, "softcap", None)
     if score == "sigmoid":
-        out, _ = sigmoid_attention(query, key, value, mask, score_bias=layer.score_bias, bias=bias)
+        out, _ = sigmoid_attention(query, key, value, mask, score_bias=layer.score_bias, bias=bias, scale=scale,
+                                   softcap=softcap)
     elif score == "linear":
         out, _ = linear_attention(query, key, value, mask, eps=layer.eps)
     else:
-        out, _ = scaled_dot_product(query, key, value, mask, bias=bias)
+        out, _ = scaled_dot_product(query, key, value, mask, scale=scale, bias=bias, softcap=softcap)
     b, t_q = x_query.shape[:2]
     out = out.transpose(1, 2).reshape(b, t_q, layer.embed_dim)  # [B, T_q, C]
     return layer.out_proj(out), kv

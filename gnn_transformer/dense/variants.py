@@ -14,11 +14,18 @@ from torch import Tensor
 
 
 def sigmoid_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, *,
-                      score_bias: float | None = None, bias: Tensor | None = None
-                      ) -> tuple[Tensor, Tensor]:
-    """``sigmoid(q k^T / sqrt(D) + bias + b)`` masked; ``b = -log(allowed keys of the row)`` if None."""
+                      score_bias: float | None = None, bias: Tensor | None = None,
+                      scale: float | None = None, softcap: float | None = None) -> tuple[Tensor, Tensor]:
+    """``sigmoid(q k^T / sqrt(D) + bias + b)`` masked; ``b = -log(allowed keys of the row)`` if None.
+    ``scale`` replaces ``1 / sqrt(D)``; ``softcap`` turns the scaled scores ``s`` into
+    ``softcap * tanh(s / softcap)`` before ``bias`` and ``b``."""
     mask = mask.unsqueeze(1) if mask.dim() == 3 else mask  # [B, 1 or H, T_q, T_k] (per head: [B, H, T_q, T_k])
-    scores = query @ key.transpose(-1, -2) / math.sqrt(query.size(-1))  # [B, H, T_q, T_k]
+    if scale is None:
+        scores = query @ key.transpose(-1, -2) / math.sqrt(query.size(-1))  # [B, H, T_q, T_k]
+    else:
+        scores = (query @ key.transpose(-1, -2)) * scale  # [B, H, T_q, T_k]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if bias is not None:
         scores = scores + bias
     if score_bias is None:

@@ -236,9 +236,11 @@ def load_hf_model(directory: str | Path, *, backend: str | None = None) -> Loade
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"No directory at '--hf-dir' {str(directory)!r}")
-    kwargs = {} if backend is None else {"backend": backend}
     try:
-        model = hf.from_pretrained(str(directory), **kwargs).eval()
+        if backend is None:
+            model = hf.from_pretrained(str(directory)).eval()
+        else:
+            model = hf.from_pretrained(str(directory), backend=backend).eval()
     except OSError as err:  # transformers: no config or weights in the directory
         raise ValueError(f"Could not load a Hugging Face model from {str(directory)!r}: {err}") from err
     except (pickle.UnpicklingError, EOFError) as err:

@@ -157,6 +157,7 @@ def resolve_topology(spec: str, *, small: bool = False) -> Topology:
     name, kwargs = parse_spec(spec)
     chosen = split_select(spec.strip())[1]
     where = f"topology spec {spec!r}"
+    select: str | dict[str, Any] | None  # the selector of the graph, from the spec or its file
     if chosen is not None:
         try:
             selector(chosen, num_heads=1, head_dim=1)  # validated here, built per layer by the models

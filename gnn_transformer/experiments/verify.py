@@ -91,10 +91,16 @@ def dense_reference(layer: GraphMultiheadAttention, x: Tensor, edge_index: Tenso
         return from_padded(out, lengths)  # [N, C]
     query = layer.rotate(layer.project_query(x), pos)  # [N, H, D]
     key, value = layer.key_value(x, pos=pos)  # [N, H_kv, D] each
-    heads = [to_padded(t, lengths).transpose(1, 2) for t in (query, key, value)]  # [B, H, T, D]
-    out, _ = dense.scaled_dot_product(*heads, mask, scale=layer.head_dim ** -0.5, bias=bias)
+    q_pad, k_pad, v_pad = (to_padded(t, lengths).transpose(1, 2) for t in (query, key, value))  # [B, H, T, D]
+    scale = layer.head_dim ** -0.5 if layer.scale is None else layer.scale
+    out, _ = dense.scaled_dot_product(q_pad, k_pad, v_pad, mask, scale=scale, bias=bias, softcap=layer.softcap)
     out = from_padded(out.transpose(1, 2), lengths).reshape(x.size(0), -1)  # [N, C]
     return layer.out_proj(out)
+
+
+def _grad(x: Tensor) -> Tensor:
+    """The gradient of a leaf after backward: zeros when the output did not depend on it."""
+    return torch.zeros_like(x) if x.grad is None else x.grad
 
 
 def _errors(x_graph: Tensor, x_dense: Tensor, out_graph: Tensor, out_dense: Tensor) -> tuple[float, float]:
@@ -103,7 +109,7 @@ def _errors(x_graph: Tensor, x_dense: Tensor, out_graph: Tensor, out_dense: Tens
     (out_graph * upstream).sum().backward()
     (out_dense * upstream).sum().backward()
     out_err = (out_graph - out_dense).abs().max().item() if out_graph.numel() else 0.0
-    grad_err = (x_graph.grad - x_dense.grad).abs().max().item() if x_graph.numel() else 0.0
+    grad_err = (_grad(x_graph) - _grad(x_dense)).abs().max().item() if x_graph.numel() else 0.0
     return out_err, grad_err
 
 
@@ -122,9 +128,15 @@ def compare_stack(stack: GraphTransformerEncoder, x: Tensor, pattern: LayerPatte
     """Largest output and input-gradient differences between a stack on per-layer graphs and
     :func:`gnn_transformer.dense.layers.encoder` with one mask per layer."""
     lengths = list(lengths)
-    heads = stack.layers[0].self_attn.num_heads
-    graphs = [pattern(layer) for layer in range(len(stack.layers))]
-    masks = [_mask(*(g if isinstance(g, tuple) else (g, None)), lengths, heads).to(x.device) for g in graphs]
+    attn = getattr(stack.layers[0], "self_attn", None) if len(stack.layers) else None
+    if not isinstance(attn, GraphMultiheadAttention):
+        raise ValueError("Expected 'stack' whose first layer has a GraphMultiheadAttention 'self_attn' (got "
+                         f"{type(attn).__name__})")
+    masks = []
+    for layer in range(len(stack.layers)):
+        graph = pattern(layer)
+        edge_index, edge_head = graph if isinstance(graph, tuple) else (graph, None)
+        masks.append(_mask(edge_index, edge_head, lengths, attn.num_heads).to(x.device))
     x_graph = x.detach().clone().requires_grad_(True)
     x_dense = x.detach().clone().requires_grad_(True)
     out_graph = stack(x_graph, pattern)
@@ -132,15 +144,16 @@ def compare_stack(stack: GraphTransformerEncoder, x: Tensor, pattern: LayerPatte
     return _errors(x_graph, x_dense, out_graph, out_dense)
 
 
-def _edges(graph: object) -> int:
+def _edges(graph: Tensor | tuple[Tensor, Tensor] | LayerPattern) -> int:
     """Edges of a graph (of every distinct layer graph of one cycle, summed)."""
     if isinstance(graph, LayerPattern):
         return sum(_edges(g) for _, g in graph.distinct())
     return int((graph[0] if isinstance(graph, tuple) else graph).size(1))
 
 
-def _check_one(topo: Topology, graph: object, lengths: list[int], backend: str, *, embed_dim: int,
-               num_heads: int, dtype: torch.dtype, device: str, seed: int) -> tuple[float, float, int]:
+def _check_one(topo: Topology, graph: Tensor | tuple[Tensor, Tensor] | LayerPattern, lengths: list[int],
+               backend: str, *, embed_dim: int, num_heads: int, dtype: torch.dtype, device: torch.device,
+               seed: int) -> tuple[float, float, int]:
     """``(output error, gradient error, edges)`` of one topology under one backend."""
     n = sum(lengths)
     heads = topo.num_heads or num_heads
@@ -201,8 +214,8 @@ def verify_topologies(specs: Sequence[str], lengths: Sequence[int] = (23, 40), *
     lengths = list(lengths)
     if not lengths or min(lengths) < 1:
         raise ValueError(f"Expected 'lengths' to be one or more lengths >= 1 (got {lengths})")
-    device = resolve_device(device)
-    backends = list(backends) if backends is not None else available_backends(device)
+    where = resolve_device(device)
+    backends = list(backends) if backends is not None else available_backends(where)
     topologies = [resolve_topology(spec, small=small) for spec in specs]  # unknown specs fail here
     rows = []
     for topo in topologies:
@@ -213,10 +226,10 @@ def verify_topologies(specs: Sequence[str], lengths: Sequence[int] = (23, 40), *
                 raise
             on_error(topo.spec, err)
             continue
-        graph = graph_to(graph, device)
+        graph = graph_to(graph, where)
         for backend in backends:
             out_err, grad_err, edges = _check_one(topo, graph, lengths, backend, embed_dim=embed_dim,
-                                                  num_heads=num_heads, dtype=dtype, device=device, seed=seed)
+                                                  num_heads=num_heads, dtype=dtype, device=where, seed=seed)
             row = VerifyRow(label(topo.spec), backend, sum(lengths), edges, out_err, grad_err, TOLERANCE[dtype])
             rows.append(row)
             if on_row is not None:

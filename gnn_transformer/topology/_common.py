@@ -87,8 +87,9 @@ def check_edges(builder: str, edges: int, **sizes: list[int]) -> None:
             f"call it inside 'with gnn_transformer.topology.max_edges({max(edges, tokens)}):' (None: no limit)")
 
 
-def as_lengths(n: Lengths, name: str = "n") -> list[int]:
-    """Normalize ``n`` (one length or a list of lengths) to a list of non-negative ints."""
+def as_lengths(n: Lengths | Tensor, name: str = "n") -> list[int]:
+    """Normalize ``n`` (one length, a list of lengths or a 1-D integer tensor of them) to a list of
+    non-negative ints."""
     if isinstance(n, bool):
         raise ValueError(f"Expected '{name}' to be an int or a list of ints (got {n!r})")
     if isinstance(n, int):

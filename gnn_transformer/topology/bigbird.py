@@ -142,6 +142,8 @@ def bigbird_predicate(i: int, j: int, L: int | None = None, *, block: int = 1, w
     if global_at == "start":
         head, tail, nb = num_global, 0, 0
     else:
+        if L is None:
+            raise ValueError(f"Expected 'L' (the sequence length) with global_at={global_at!r} (got None)")
         head, tail, nb = -(-num_global // 2), num_global // 2, -(-L // block)
 
     def is_global(x: int) -> bool:

@@ -121,7 +121,7 @@ def from_predicate(n: Lengths, fn: Callable[..., bool], *, src_lengths: Lengths 
     """
     q_len = as_lengths(n)
     bipartite = src_lengths is not None
-    k_len = as_lengths(src_lengths, "src_lengths") if bipartite else q_len
+    k_len = as_lengths(src_lengths, "src_lengths") if src_lengths is not None else q_len
     if len(k_len) != len(q_len):
         raise ValueError(f"Expected 'src_lengths' to have {len(q_len)} entries (got {len(k_len)})")
     if not callable(fn):

@@ -19,11 +19,13 @@ from .basic import full as _full
 DocLengths = int | Sequence[int] | Sequence[Sequence[int]]
 
 
-def _documents(length: int, docs: int | Sequence[int], where: str) -> list[int]:
-    """Document lengths of one packed sequence."""
+def _documents(length: int, docs: object, where: str) -> list[int]:
+    """Document lengths of one packed sequence: ``docs`` one document length or a list of them."""
     if isinstance(docs, int) and not isinstance(docs, bool):
         check_int("doc_lengths", docs, 1)
         return [docs] * (length // docs) + ([length % docs] if length % docs else [])
+    if isinstance(docs, (str, bytes)) or not isinstance(docs, Sequence):
+        raise ValueError(f"Expected 'doc_lengths'{where} to be an int or a list of ints (got {docs!r})")
     out = as_lengths(list(docs), "doc_lengths")
     if sum(out) != length:
         raise ValueError(f"Expected 'doc_lengths'{where} to sum to the sequence length {length} "
@@ -34,6 +36,7 @@ def _documents(length: int, docs: int | Sequence[int], where: str) -> list[int]:
 def document_lengths(n: Lengths, doc_lengths: DocLengths) -> list[int]:
     """Flat list of document lengths of a (batch of) packed sequence(s)."""
     lengths = as_lengths(n)
+    per_seq: list[object]  # per sequence: a document length or a list of them
     if isinstance(doc_lengths, int) and not isinstance(doc_lengths, bool):
         per_seq = [doc_lengths] * len(lengths)
     elif isinstance(doc_lengths, Sequence) and not isinstance(doc_lengths, (str, bytes)):

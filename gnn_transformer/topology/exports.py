@@ -10,12 +10,16 @@ tokens; the ``BlockMask`` skips the blocks between sequences.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeAlias
 
 import networkx as nx
 import torch
 from torch import Tensor
 
 from .masks import _check_edge_index, _check_range, _default_sizes
+
+# FlexAttention's mask_mod(b, h, q_idx, kv_idx) -> bool
+MaskMod: TypeAlias = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 def to_networkx(edge_index: Tensor, num_src: int | None = None, num_dst: int | None = None, *,
@@ -119,9 +123,39 @@ class _Blocks:
         return torch.where(entry >= 0, bit, entry == -2)
 
 
+def _bits_mask_mod(src: Tensor, dst: Tensor, num_src: int, num_dst: int) -> MaskMod:
+    """The ``mask_mod`` of lookup ``"bits"``: a packed bitmap ``[N_dst, ceil(N_src / 8)]``."""
+    words = (num_src + 7) // 8
+    bits = torch.zeros(num_dst, words, dtype=torch.uint8, device=src.device)  # [N_dst, W]
+    one = torch.ones(1, dtype=torch.uint8, device=src.device)
+    # distinct edges set distinct bits, so a scatter-add of the bit values is their bitwise or
+    keys = torch.unique(dst * max(num_src, 1) + src)
+    s, d = keys % max(num_src, 1), keys // max(num_src, 1)
+    bits.view(-1).index_add_(0, d * words + (s >> 3), (one << (s & 7).to(torch.uint8)))
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return ((bits[q_idx, kv_idx >> 3] >> (kv_idx & 7).to(torch.uint8)) & 1).bool()
+
+    return mask_mod
+
+
+def _search_mask_mod(src: Tensor, dst: Tensor, num_src: int) -> MaskMod:
+    """The ``mask_mod`` of lookup ``"search"``: binary search in the sorted edge keys."""
+    stride = max(num_src, 1)
+    keys = torch.unique(dst * stride + src)  # [E'] sorted
+    if keys.numel() == 0:
+        keys = torch.full((1,), -1, dtype=torch.long, device=src.device)  # matches nothing
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        k = q_idx.long() * stride + kv_idx.long()
+        pos = torch.searchsorted(keys, k).clamp(max=keys.numel() - 1)
+        return keys[pos] == k
+
+    return mask_mod
+
+
 def to_flex_mask_mod(edge_index: Tensor, num_src: int | None = None, num_dst: int | None = None, *,
-                     lookup: str = "bits", block_size: int = 128
-                     ) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+                     lookup: str = "bits", block_size: int = 128) -> MaskMod:
     """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``: True iff edge ``kv_idx -> q_idx``.
 
     Args:
@@ -151,30 +185,8 @@ def to_flex_mask_mod(edge_index: Tensor, num_src: int | None = None, num_dst: in
     if lookup == "blocks":
         return _Blocks(src, dst, num_src, num_dst, block_size).mask_mod
     if lookup == "bits":
-        words = (num_src + 7) // 8
-        bits = torch.zeros(num_dst, words, dtype=torch.uint8, device=src.device)  # [N_dst, W]
-        one = torch.ones(1, dtype=torch.uint8, device=src.device)
-        # distinct edges set distinct bits, so a scatter-add of the bit values is their bitwise or
-        keys = torch.unique(dst * max(num_src, 1) + src)
-        s, d = keys % max(num_src, 1), keys // max(num_src, 1)
-        bits.view(-1).index_add_(0, d * words + (s >> 3), (one << (s & 7).to(torch.uint8)))
-
-        def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return ((bits[q_idx, kv_idx >> 3] >> (kv_idx & 7).to(torch.uint8)) & 1).bool()
-
-        return mask_mod
-
-    stride = max(num_src, 1)
-    keys = torch.unique(dst * stride + src)  # [E'] sorted
-    if keys.numel() == 0:
-        keys = torch.full((1,), -1, dtype=torch.long, device=src.device)  # matches nothing
-
-    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        k = q_idx.long() * stride + kv_idx.long()
-        pos = torch.searchsorted(keys, k).clamp(max=keys.numel() - 1)
-        return keys[pos] == k
-
-    return mask_mod
+        return _bits_mask_mod(src, dst, num_src, num_dst)
+    return _search_mask_mod(src, dst, num_src)
 
 
 def to_block_mask(edge_index: Tensor, num_src: int | None = None, num_dst: int | None = None, *,
@@ -208,6 +220,7 @@ def to_block_mask(edge_index: Tensor, num_src: int | None = None, num_dst: int |
     device = src.device if device is None else torch.device(device)
     src, dst = src.to(device), dst.to(device)
     blocks = _Blocks(src, dst, num_src, num_dst, block_size)
+    mask_mod: MaskMod
     if lookup == "blocks":
         mask_mod = blocks.mask_mod
     else:

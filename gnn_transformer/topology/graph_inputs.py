@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 import networkx as nx
 import torch
@@ -20,7 +21,7 @@ from torch_geometric.utils import from_networkx
 
 from ._common import check_bool, coalesce_edges
 
-GraphLike = nx.Graph | Data
+GraphLike: TypeAlias = nx.Graph | Data
 
 READERS: dict[str, Callable[[str], nx.Graph]] = {
     ".edgelist": lambda p: nx.read_edgelist(p, nodetype=int),

@@ -170,4 +170,9 @@ def duo_attention(n: Lengths, streaming_heads: Sequence[int], num_heads: int, *,
     lengths = as_lengths(n)
     full_graph = causal(lengths) if len(streaming_heads) < num_heads else None
     local = streaming(lengths, num_sinks, window) if streaming_heads else None
-    return per_head([local if h in streaming_heads else full_graph for h in range(num_heads)])
+    graphs = []
+    for h in range(num_heads):
+        graph = local if h in streaming_heads else full_graph
+        assert graph is not None  # built above for the heads that have it
+        graphs.append(graph)
+    return per_head(graphs)

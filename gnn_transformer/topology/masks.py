@@ -75,8 +75,8 @@ def _lengths_from(batch: Tensor | None, lengths: Sequence[int] | Tensor | int | 
     return torch.bincount(batch.to(torch.long)).tolist() if batch.numel() else []
 
 
-def _check_edge_head(edge_head: Tensor, num_edges: int, num_heads: object) -> Tensor:
-    """``edge_head`` as a long tensor, checked against the edges and ``num_heads``."""
+def _check_edge_head(edge_head: Tensor, num_edges: int, num_heads: object) -> tuple[Tensor, int]:
+    """``(edge_head as a long tensor, num_heads)``, checked against the edges and each other."""
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"Expected 'num_heads' to be a positive int with 'edge_head' (got {num_heads!r})")
     if not isinstance(edge_head, Tensor) or edge_head.dim() != 1 or edge_head.size(0) != num_edges:
@@ -88,7 +88,22 @@ def _check_edge_head(edge_head: Tensor, num_edges: int, num_heads: object) -> Te
     if head.numel() and (int(head.min()) < 0 or int(head.max()) >= num_heads):
         raise ValueError(f"Expected 'edge_head' in [0, {num_heads}) for num_heads={num_heads} "
                          f"(got range [{int(head.min())}, {int(head.max())}])")
-    return head
+    return head, num_heads
+
+
+def _mask_lengths(batch: Tensor | None, lengths: Sequence[int] | Tensor | int | None,
+                  src_lengths: Sequence[int] | Tensor | int | None) -> tuple[list[int], list[int]] | None:
+    """``(target lengths, source lengths)`` of a padded mask; ``None`` for one mask of the whole graph."""
+    dst_lengths = _lengths_from(batch, lengths, "lengths")
+    if src_lengths is None:
+        return None if dst_lengths is None else (dst_lengths, dst_lengths)
+    if dst_lengths is None:
+        raise ValueError("'src_lengths' needs 'lengths' or 'batch' for the targets")
+    s_lengths = as_lengths(src_lengths, "src_lengths")
+    if len(s_lengths) != len(dst_lengths):
+        raise ValueError(f"Expected 'src_lengths' to have {len(dst_lengths)} entries like "
+                         f"'lengths' (got {len(s_lengths)})")
+    return dst_lengths, s_lengths
 
 
 def is_multigraph(edge_index: Tensor, num_src: int | None = None, *, edge_head: Tensor | None = None) -> bool:
@@ -142,18 +157,13 @@ def to_dense_mask(edge_index: Tensor, num_src: int | None = None, num_dst: int |
     src, dst = _check_edge_index(edge_index)
     if edge_head is None and num_heads is not None:
         raise ValueError(f"'num_heads' ({num_heads!r}) needs 'edge_head' (a per-head graph)")
-    head = None if edge_head is None else _check_edge_head(edge_head, src.numel(), num_heads).to(src.device)
-    dst_lengths = _lengths_from(batch, lengths, "lengths")
-    if src_lengths is not None:
-        if dst_lengths is None:
-            raise ValueError("'src_lengths' needs 'lengths' or 'batch' for the targets")
-        s_lengths = as_lengths(src_lengths, "src_lengths")
-        if len(s_lengths) != len(dst_lengths):
-            raise ValueError(f"Expected 'src_lengths' to have {len(dst_lengths)} entries like "
-                             f"'lengths' (got {len(s_lengths)})")
-    else:
-        s_lengths = dst_lengths
-    if dst_lengths is not None:  # the lengths give the sizes an EdgeIndex does not
+    head, heads = None, 0
+    if edge_head is not None:
+        head, heads = _check_edge_head(edge_head, src.numel(), num_heads)
+        head = head.to(src.device)
+    padded = _mask_lengths(batch, lengths, src_lengths)
+    if padded is not None:  # the lengths give the sizes an EdgeIndex does not
+        dst_lengths, s_lengths = padded
         known = edge_index.sparse_size() if isinstance(edge_index, EdgeIndex) else (None, None)
         if num_dst is None and known[1] is None:
             num_dst = sum(dst_lengths)
@@ -166,15 +176,16 @@ def to_dense_mask(edge_index: Tensor, num_src: int | None = None, num_dst: int |
                          "edge is two messages and has no dense-mask equivalent); pass "
                          "coalesce=True to merge them")
 
-    if dst_lengths is None:
+    if padded is None:
         if head is not None:
-            mask = torch.zeros(num_heads, num_dst, num_src, dtype=torch.bool, device=src.device)
+            mask = torch.zeros(heads, num_dst, num_src, dtype=torch.bool, device=src.device)
             mask[head, dst, src] = True
             return mask
         mask = torch.zeros(num_dst, num_src, dtype=torch.bool, device=src.device)
         mask[dst, src] = True
         return mask
 
+    dst_lengths, s_lengths = padded
     if sum(dst_lengths) != num_dst:
         raise ValueError(f"Expected 'lengths' to sum to num_dst={num_dst} (got {sum(dst_lengths)})")
     if sum(s_lengths) != num_src:
@@ -192,7 +203,7 @@ def to_dense_mask(edge_index: Tensor, num_src: int | None = None, num_dst: int |
         raise ValueError("Expected every edge to stay within one sequence for a padded mask "
                          "(an edge of 'edge_index' joins two sequences of 'lengths')")
     if head is not None:
-        mask = torch.zeros(B, num_heads, t_dst, t_src, dtype=torch.bool, device=src.device)
+        mask = torch.zeros(B, heads, t_dst, t_src, dtype=torch.bool, device=src.device)
         mask[b, head, dst - d_ptr[b], src - s_ptr[b]] = True
         return mask
     mask = torch.zeros(B, t_dst, t_src, dtype=torch.bool, device=src.device)

@@ -265,10 +265,11 @@ def _check_part(part: dict, where: _Where, allowed: set[str], depth: int = 0, co
         if sum(g["repeat"] for g in layers) > MAX_REPEAT:
             raise (where / "layers").error(f"{sum(g['repeat'] for g in layers)} layers in a cycle, more than "
                                            f"{MAX_REPEAT}")
-        heads = {k: _num_heads(g) for k, g in enumerate(layers) if _num_heads(g) is not None}
-        if len(set(heads.values())) > 1:
+        layer_heads = {k: _num_heads(g) for k, g in enumerate(layers) if _num_heads(g) is not None}
+        if len(set(layer_heads.values())) > 1:
             raise (where / "layers").error("per-head layers of one spec need one number of heads (got "
-                                           + ", ".join(f"{h} in layers[{k}]" for k, h in heads.items()) + ")")
+                                           + ", ".join(f"{h} in layers[{k}]" for k, h in layer_heads.items())
+                                           + ")")
         return {"builder": name, "layers": layers}
     if name not in BUILDERS:
         known = sorted(BUILDERS) + sorted(COMBINATORS) + sorted(STRUCTURES)
@@ -318,7 +319,7 @@ def _check_value(name: str, key: str, p: Param, value: Any, where: _Where) -> No
 
 def _check_params(name: str, params: dict, where: _Where, partial: bool = False) -> dict:
     schema = BUILDERS[name].params
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in params.items():
         if key not in schema:
             raise (where / key).error(f"unknown parameter of {name!r} (allowed: {sorted(schema)})")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor
@@ -47,11 +48,11 @@ def check_qk(q: object, k: object) -> tuple[int, int]:
 
 def check_real(name: str, value: object, lo: float, hi: float, *, open_lo: bool = False) -> float:
     """Validate a finite real number in ``[lo, hi]`` (``(lo, hi]`` when ``open_lo``)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value > hi or value < lo or (open_lo and value == lo):
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value > hi or value < lo or (open_lo and value == lo)):
         where = f"{'(' if open_lo else '['}{lo}, {hi}]"
         raise ValueError(f"Expected '{name}' to be a real number in {where} (got {value!r})")
-    return float(value)  # type: ignore[arg-type]
+    return float(value)
 
 
 def _check_batch(name: str, batch: object, n: int, device: torch.device) -> Tensor:
@@ -70,7 +71,7 @@ def _check_batch(name: str, batch: object, n: int, device: torch.device) -> Tens
     return batch.long()
 
 
-def _is_pair(x: object) -> bool:
+def _is_pair(x: object) -> TypeGuard[tuple[Any, ...] | list[Any]]:
     """``(lengths_q, lengths_k)`` rather than one list of lengths."""
     def many(v: object) -> bool:
         return (isinstance(v, Tensor) and v.dim() == 1) or (isinstance(v, Sequence) and not isinstance(v, str))
@@ -108,11 +109,13 @@ def sequence_pairs(fn: str, q: Tensor, k: Tensor, batch: object, lengths: object
     if _is_pair(lengths):
         if not bipartite:
             raise ValueError(f"Expected 'lengths' to be one list of lengths for {fn} (got {lengths!r})")
-        lq, lk = as_lengths(lengths[0], "lengths[0]"), as_lengths(lengths[1], "lengths[1]")  # type: ignore[index]
+        lq, lk = as_lengths(lengths[0], "lengths[0]"), as_lengths(lengths[1], "lengths[1]")
         if len(lq) != len(lk):
             raise ValueError(f"Expected 'lengths' (lengths_q, lengths_k) with as many sequences (got {lq} and {lk})")
+    elif isinstance(lengths, (int, Sequence, Tensor)):
+        lq = lk = as_lengths(lengths, "lengths")
     else:
-        lq = lk = as_lengths(lengths, "lengths")  # type: ignore[arg-type]
+        raise ValueError(f"Expected 'lengths' to be an int or a list of ints (got {lengths!r})")
     if sum(lq) != n_q or sum(lk) != n_k:
         raise ValueError(f"Expected 'lengths' to sum to q.size(0)={n_q} and k.size(0)={n_k} (got {lengths!r})")
     return lq, lk

@@ -98,5 +98,5 @@ def lsh(q: Tensor, k: Tensor, num_buckets: int, *, num_hashes: int = 1, chunk_si
         code = torch.unique(torch.cat(codes))  # [E_h] sorted by (query, key), distinct
         heads.append(torch.full_like(code, h))
         keys.append(code)
-    h, code = torch.cat(heads), torch.cat(keys)
-    return torch.stack([code % n, code // n]), h
+    edge_head, code = torch.cat(heads), torch.cat(keys)
+    return torch.stack([code % n, code // n]), edge_head

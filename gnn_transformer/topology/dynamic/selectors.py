@@ -1,6 +1,7 @@
 """Selector objects for a layer's ``select=``: called with the allowed graph, they keep a subset of it."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass
 
 import torch
@@ -81,11 +82,12 @@ def _within(edge_index: Tensor, edge_head: Tensor, src: Tensor, dst: Tensor, n_s
     return edge_index[:, keep], edge_head[keep]
 
 
-def _select_in_sequences(who: object, q: Tensor, k: Tensor, edge_index: object, select) -> tuple[Tensor, Tensor]:
-    """``select(lengths)`` on the sequences of the given graph, then kept to that graph."""
+def _select_in_sequences(who: object, q: Tensor, k: Tensor, edge_index: object,
+                         select: Callable[[list[int]], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """``select(lengths)`` (a per-head graph) on the sequences of the given graph, then kept to that graph."""
     src, dst = _allowed_graph(who, q, k, edge_index)
-    chosen = select(_sequence_lengths(src, dst, q.size(0)))
-    return _within(*chosen, src, dst, max(k.size(0), 1))
+    chosen_index, chosen_head = select(_sequence_lengths(src, dst, q.size(0)))
+    return _within(chosen_index, chosen_head, src, dst, max(k.size(0), 1))
 
 
 @dataclass(frozen=True)
