@@ -103,3 +103,28 @@ def test_stream_ids_and_encoder_refused(tmp_path):
     with pytest.raises(ValueError, match="causal graph"):
         run_perplexity(model.eval(), torch.tensor([1, 2, 3]), ["full"], num_layers=1)
     assert topology.causal(3).size(1) == 6
+
+
+def test_command_on_a_saved_hugging_face_decoder(tmp_path, capsys):
+    # a Mistral with a window of 4 keys: its native graph is that window in every layer
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=40, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+                                        max_position_embeddings=64, attn_implementation="eager")
+    reference = transformers.MistralForCausalLM(config).eval()
+    reference.save_pretrained(tmp_path / "mistral")
+    ids = torch.randint(0, 40, (50,))
+    tokens = tmp_path / "ids.txt"
+    tokens.write_text(" ".join(map(str, ids.tolist())))
+    out = tmp_path / "out"
+    code = cli.main(["perplexity", "--hf-dir", str(tmp_path / "mistral"), "--tokens", str(tokens), "--out",
+                     str(out), "--topology", "native", "--topology", "causal", "--chunk", "8", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads((out / "perplexity.json").read_text())
+    with torch.no_grad():
+        logp = torch.log_softmax(reference(ids.view(1, -1)).logits[0].double(), -1)
+    nll = float(-logp[:-1].gather(1, ids[1:].view(-1, 1)).mean())
+    assert rows[0]["topology"] == "native" and math.isclose(rows[0]["nll"], nll, rel_tol=1e-5)
+    assert rows[0]["peak_cache"] <= 3 + 1 + 8 and rows[1]["peak_cache"] == 50
+    assert "mistral" in capsys.readouterr().out

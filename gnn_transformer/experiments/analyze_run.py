@@ -228,9 +228,10 @@ def _load_run_checkpoint(path: Path, state: dict, run: dict, backend: str | None
 
 
 def load_hf_model(directory: str | Path, *, backend: str | None = None) -> LoadedModel:
-    """A Hugging Face BERT or GPT-2 saved in a local directory (``save_pretrained``), imported
-    into a graph model with :func:`gnn_transformer.hf.from_pretrained`, with its tokenizer when the
-    directory has one. BERT runs on the full graph, GPT-2 on the causal one by default."""
+    """A Hugging Face model saved in a local directory (``save_pretrained``) of a family
+    :func:`gnn_transformer.hf.from_pretrained` imports, with its tokenizer when the directory has one.
+    Encoders (BERT, ModernBERT) run on the full graph, decoders (GPT-2, Llama, Mistral, ...) on the
+    causal one by default."""
     from .. import hf  # needs transformers: imported only when asked for
 
     directory = Path(directory)
@@ -257,16 +258,22 @@ def load_hf_model(directory: str | Path, *, backend: str | None = None) -> Loade
         raise ValueError(f"Could not load a Hugging Face model from '--hf-dir' {str(directory)!r} "
                          f"(weights {_weight_files(directory)}): {type(err).__name__}: "
                          f"{_first_line(err)}") from None
-    is_gpt2 = isinstance(model, hf.GraphGPT2LMHeadModel)
+    config = model.config
+    if isinstance(model, hf.GraphGPT2LMHeadModel):
+        graph, name, max_length = "causal", "GPT-2", config.n_positions
+    elif isinstance(model, hf.GraphDecoderLM):  # RoPE families take any position; GPT-Neo has a table
+        graph, name = "causal", config.model_type
+        max_length = model.spec.max_position_embeddings if model.embed_positions is not None else None
+    elif isinstance(model, hf.GraphModernBertModel):
+        graph, name, max_length = "full", "ModernBERT", None
+    else:
+        graph, name, max_length = "full", "BERT", config.max_position_embeddings
 
     def forward(ids: Tensor, edge_index: Tensor, pos: Tensor):
         return model.forward_graph(ids, edge_index, pos=pos)
 
-    config = model.config
-    return LoadedModel(model, forward, "causal" if is_gpt2 else "full", load_tokenizer(directory),
-                       f"{'GPT-2' if is_gpt2 else 'BERT'} ({directory.name})",
-                       vocab_size=config.vocab_size,
-                       max_length=config.n_positions if is_gpt2 else config.max_position_embeddings)
+    return LoadedModel(model, forward, graph, load_tokenizer(directory), f"{name} ({directory.name})",
+                       vocab_size=config.vocab_size, max_length=max_length)
 
 
 def _weight_files(directory: Path) -> str:
