@@ -54,8 +54,12 @@ def _remember_range(edge_index: Tensor, num_src: int, num_dst: int) -> None:
     if edge_index.is_inference():  # no version counter: in-place writes could not be seen
         return
     key = id(edge_index)
+
+    def forget(_ref: object) -> None:
+        _RANGE_CHECKED.pop(key, None)
+
     try:
-        ref = weakref.ref(edge_index, lambda _r, k=key: _RANGE_CHECKED.pop(k, None))
+        ref = weakref.ref(edge_index, forget)
     except TypeError:  # not weak-referenceable: checked on every call
         return
     _RANGE_CHECKED[key] = (ref, edge_index._version, (num_src, num_dst))
@@ -141,12 +145,11 @@ def _check_features(x: Tensor, dim: int, name: str, dtype: torch.dtype | None = 
 def check_real(name: str, value: object, *, low: float | None = None, low_open: bool = False) -> float:
     """``float(value)`` if it is a finite real number (not a bool), at least ``low`` (above it with
     ``low_open``), else a ``ValueError`` naming ``name`` and the value."""
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-          and (low is None or value > low or (value == low and not low_open)))
-    if not ok:
+    number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+    if not (math.isfinite(number) and (low is None or number > low or (number == low and not low_open))):
         bounds = "" if low is None else f" {'>' if low_open else '>='} {low}"
         raise ValueError(f"Expected '{name}' to be a finite number{bounds} (got {value!r})")
-    return float(value)
+    return number
 
 
 def check_bool(name: str, value: object) -> bool:
@@ -246,6 +249,13 @@ class GraphMultiheadAttention(MessagePassing):
         (torch.Size([3, 8]), torch.Size([6, 2]))
     """
 
+    # the projections' parameters (None where the layer's dimensions or ``project_kv`` leave them out)
+    in_proj_weight: nn.Parameter | None
+    q_proj_weight: nn.Parameter | None
+    k_proj_weight: nn.Parameter | None
+    v_proj_weight: nn.Parameter | None
+    in_proj_bias: nn.Parameter | None
+
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  kdim: int | None = None, vdim: int | None = None, *,
                  num_kv_heads: int | None = None, backend: str = "auto",
@@ -283,9 +293,9 @@ class GraphMultiheadAttention(MessagePassing):
                 raise ValueError(f"Expected '{name}' to be a bool (got {value!r})")
         self.scale = None if scale is None else check_real("scale", scale, low=0.0, low_open=True)
         self.softcap = None if softcap is None else check_real("softcap", softcap, low=0.0, low_open=True)
-        for name, value in (("q_norm", q_norm), ("k_norm", k_norm)):
-            if value is not None and not isinstance(value, nn.Module):
-                raise ValueError(f"Expected '{name}' to be an nn.Module or None (got {value!r})")
+        for name, norm in (("q_norm", q_norm), ("k_norm", k_norm)):
+            if norm is not None and not isinstance(norm, nn.Module):
+                raise ValueError(f"Expected '{name}' to be an nn.Module or None (got {norm!r})")
         if not rope and (rope_scaling is not None or rotary_dim is not None):
             given = "rope_scaling" if rope_scaling is not None else "rotary_dim"
             raise ValueError(f"Expected '{given}' only with rope=True (got {given}="
@@ -335,17 +345,18 @@ class GraphMultiheadAttention(MessagePassing):
     def _reset_attention_parameters(self) -> None:
         # Same initialization as nn.MultiheadAttention._reset_parameters (without key/value rows:
         # the query rows drawn as those of the full [C + 2 H_kv D, C] matrix).
-        if self._qkv_same_embed_dim and self.project_kv:
+        if self.in_proj_weight is not None and self.project_kv:
             nn.init.xavier_uniform_(self.in_proj_weight)
-        elif self._qkv_same_embed_dim:
+        elif self.in_proj_weight is not None:
             kv_dim = self.num_kv_heads * self.head_dim
             bound = math.sqrt(6.0 / (self.embed_dim + self.q_dim + 2 * kv_dim))
             nn.init.uniform_(self.in_proj_weight, -bound, bound)
         else:
+            assert self.q_proj_weight is not None  # the layer has in_proj_weight or q_proj_weight
             nn.init.xavier_uniform_(self.q_proj_weight)
-            if self.project_kv:
-                nn.init.xavier_uniform_(self.k_proj_weight)
-                nn.init.xavier_uniform_(self.v_proj_weight)
+            for weight in (self.k_proj_weight, self.v_proj_weight):
+                if weight is not None:  # None without a key/value projection
+                    nn.init.xavier_uniform_(weight)
         if self.in_proj_bias is not None:
             nn.init.constant_(self.in_proj_bias, 0.0)
         if self.out_proj.bias is not None:
@@ -363,13 +374,14 @@ class GraphMultiheadAttention(MessagePassing):
             return
         w_q, _, _ = self.projection_weights()
         b_q, _, _ = self.projection_biases()
-        if self._qkv_same_embed_dim:
+        if self.in_proj_weight is not None:
             grad = self.in_proj_weight.requires_grad
             self.in_proj_weight = nn.Parameter(w_q.detach().clone(), requires_grad=grad)
         else:
             self.k_proj_weight = None
             self.v_proj_weight = None
-        if b_q is not None:
+        if self.in_proj_bias is not None:
+            assert b_q is not None  # the query rows of in_proj_bias
             grad = self.in_proj_bias.requires_grad
             self.in_proj_bias = nn.Parameter(b_q.detach().clone(), requires_grad=grad)
         self.project_kv = False
@@ -383,11 +395,12 @@ class GraphMultiheadAttention(MessagePassing):
     def projection_weights(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """The query, key and value projection matrices ``[C, C]``, ``[H_kv D, kdim]``, ``[H_kv D, vdim]``
         (key and value ``None`` when the layer has no key/value projection)."""
-        if self._qkv_same_embed_dim:
+        if self.in_proj_weight is not None:
             if not self.project_kv:
                 return self.in_proj_weight, None, None
             kv_dim = self.num_kv_heads * self.head_dim
             return self.in_proj_weight.split([self.q_dim, kv_dim, kv_dim], dim=0)
+        assert self.q_proj_weight is not None  # the layer has in_proj_weight or q_proj_weight
         return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
 
     def projection_biases(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -412,6 +425,7 @@ class GraphMultiheadAttention(MessagePassing):
         self._check_project_kv()
         _, w_k, w_v = self.projection_weights()
         _, b_k, b_v = self.projection_biases()
+        assert w_k is not None and w_v is not None  # the layer has a key/value projection (checked above)
         key = F.linear(x_key, w_k, b_k).view(-1, self.num_kv_heads, self.head_dim)  # [N_src, H_kv, D]
         value = F.linear(x_value, w_v, b_v).view(-1, self.num_kv_heads, self.head_dim)  # [N_src, H_kv, D]
         return (key if self.k_norm is None else self.k_norm(key)), value
@@ -497,6 +511,9 @@ class GraphMultiheadAttention(MessagePassing):
         query, key, value_h = self.project(x_dst, x_src, x_src if value is None else value)
         if self.rotary is not None or pos is not None:
             if isinstance(x, Tensor):
+                if isinstance(pos, (tuple, list)):
+                    raise ValueError(f"Expected 'pos' to hold one position per node, shape [{x.size(0)}] (got "
+                                     "a pair: (pos_src, pos_dst) is for a bipartite input 'x' = (x_src, x_dst))")
                 pos_src = pos_dst = pos
             elif isinstance(pos, (tuple, list)) and len(pos) == 2:
                 pos_src, pos_dst = pos
@@ -509,11 +526,15 @@ class GraphMultiheadAttention(MessagePassing):
         return self._attend_and_project(query, key, value_h, edge_index, edge_bias, edge_head,
                                         return_attention_weights, backend)
 
-    def _forward_kv(self, x: Tensor, edge_index: Tensor, kv: tuple[Tensor, Tensor], *,
-                    edge_bias: Tensor | None, pos: Tensor | None, edge_head: Tensor | None,
+    def _forward_kv(self, x: Tensor | tuple[Tensor, Tensor], edge_index: Tensor, kv: tuple[Tensor, Tensor], *,
+                    edge_bias: Tensor | None, pos: Tensor | tuple[Tensor, Tensor] | None, edge_head: Tensor | None,
                     return_attention_weights: bool, backend: str | None):
         """``forward`` with the sources' keys and values given: only the queries are projected."""
         key, value_h, edge_bias = self._check_forward_kv(x, edge_index, kv, edge_bias, edge_head)
+        assert isinstance(x, Tensor)  # refused by _check_forward_kv otherwise
+        if isinstance(pos, (tuple, list)):
+            raise ValueError(f"Expected 'pos' to hold one position per query node, shape [{x.size(0)}] (got "
+                             "a pair: with 'kv' only the query nodes' positions are used)")
         query = self.rotate(self.project_query(x), pos)
         return self._attend_and_project(query, key, value_h, edge_index, edge_bias, edge_head,
                                         return_attention_weights, backend)
@@ -544,7 +565,7 @@ class GraphMultiheadAttention(MessagePassing):
         check_edge_index(edge_index, x_src.size(0), x_dst.size(0), x_dst.device)
         return x_src, x_dst, self._check_edge_bias(edge_bias, edge_index, x_dst.device, edge_head)
 
-    def _check_forward_kv(self, x: Tensor, edge_index: Tensor, kv, edge_bias: Tensor | None,
+    def _check_forward_kv(self, x: Tensor | tuple[Tensor, Tensor], edge_index: Tensor, kv, edge_bias: Tensor | None,
                           edge_head: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """Checked ``(key, value, edge_bias)`` of a ``forward`` with ``kv``."""
         if not isinstance(x, Tensor):
@@ -559,9 +580,9 @@ class GraphMultiheadAttention(MessagePassing):
         expected = [self.num_kv_heads, self.head_dim]
         for name, t in (("kv[0]", key), ("kv[1]", value_h)):
             if not isinstance(t, Tensor) or t.dim() != 3 or list(t.shape[1:]) != expected:
-                got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                found = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ValueError(f"Expected '{name}' to have shape [N_src, {expected[0]}, "
-                                 f"{expected[1]}] (got {got})")
+                                 f"{expected[1]}] (got {found})")
         if key.size(0) != value_h.size(0):
             raise ValueError(f"Expected 'kv' keys and values for the same {key.size(0)} source "
                              f"nodes (got {value_h.size(0)} values)")

@@ -177,6 +177,7 @@ def rope_inv_freq(dim: int, base: float, scaling: RopeScaling | None = None,
     kind, factor = scaling.rope_type, scaling.factor
     if kind == "dynamic":
         m = scaling.max_position_embeddings
+        assert m is not None  # RopeScaling requires it for "dynamic"
         length = m if seq_len is None else max(seq_len, m)
         base = base * ((factor * length / m) - (factor - 1)) ** (dim / (dim - 2))
     inv_freq = 1.0 / (base ** exponent)  # [d/2]
@@ -184,6 +185,7 @@ def rope_inv_freq(dim: int, base: float, scaling: RopeScaling | None = None,
         return inv_freq / factor, 1.0
     if kind == "llama3":
         old = scaling.original_max_position_embeddings
+        assert old is not None  # RopeScaling requires it for "llama3"
         low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
@@ -199,6 +201,7 @@ def rope_inv_freq(dim: int, base: float, scaling: RopeScaling | None = None,
 def _yarn(dim: int, base: float, scaling: RopeScaling, device) -> tuple[Tensor, float]:
     """YaRN's blended inverse frequencies and attention factor (see :class:`RopeScaling`)."""
     factor, original = scaling.factor, scaling.original_max_position_embeddings
+    assert original is not None  # RopeScaling requires it for "yarn"
 
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0

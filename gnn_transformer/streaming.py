@@ -28,14 +28,15 @@ import math
 import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeAlias, TypeGuard
 
 import torch
 from torch import Tensor
 
 from .decoding import KV, KVCache, _sample
 
-Graph = Tensor | tuple[Tensor, Tensor]  # edge_index, or (edge_index, edge_head) of a per-head graph
-Graphs = Graph | Sequence[Graph]  # one graph for every layer, or one per layer
+Graph: TypeAlias = Tensor | tuple[Tensor, Tensor]  # edge_index, or (edge_index, edge_head) of a per-head graph
+Graphs: TypeAlias = Graph | Sequence[Graph]  # one graph for every layer, or one per layer
 
 
 class EvictingKVCache(KVCache):
@@ -80,10 +81,17 @@ def _check_ids(ids: object, name: str) -> Tensor:
     return ids
 
 
+def _is_graph(graph: object) -> TypeGuard[Graph]:
+    """Whether ``graph`` is one graph (an ``edge_index``, or a pair of tensors with ``edge_head`` ``[E]``)
+    rather than a sequence of them."""
+    return isinstance(graph, Tensor) or (isinstance(graph, tuple) and len(graph) == 2
+                                         and all(isinstance(g, Tensor) for g in graph) and graph[1].dim() == 1)
+
+
 def _layer_graphs(graph: Graphs) -> tuple[list[tuple[Tensor, Tensor | None]], bool]:
     """``(edge_index, edge_head)`` per given graph, and whether one graph serves every layer."""
-    if isinstance(graph, Tensor) or (isinstance(graph, tuple) and len(graph) == 2
-                                     and all(isinstance(g, Tensor) for g in graph) and graph[1].dim() == 1):
+    graphs: list[Graph]
+    if _is_graph(graph):
         graphs, shared = [graph], True
     elif isinstance(graph, Sequence) and not isinstance(graph, (str, bytes)) and len(graph) > 0:
         graphs, shared = list(graph), False
@@ -175,7 +183,8 @@ def _stream(model, ids: Tensor, graph: Graphs, chunk: int) -> Iterator[tuple[Evi
         stop = min(start + chunk, num_tokens)
         pos = torch.arange(start, stop, device=device)
         cache.add_nodes(torch.zeros_like(pos), pos)
-        cached_pos = cache.pos.cpu()  # type: ignore[union-attr]  # set by add_nodes
+        assert cache.pos is not None  # set by add_nodes
+        cached_pos = cache.pos.cpu()
         index_of[cached_pos] = torch.arange(cached_pos.numel())
         step = []
         for g in sorted_graphs:
@@ -600,7 +609,7 @@ def h2o_generate(model, input_ids: Tensor, max_new_tokens: int, *, heavy: int, r
     ids = input_ids.reshape(-1)  # [B * T] sequence after sequence
     seq = torch.arange(batch, device=device).repeat_interleave(length)
     pos = torch.arange(length, device=device).repeat(batch)
-    graphs: Graphs = _prompt_graph(batch, length, device)
+    graphs: Graph | list[Graph] = _prompt_graph(batch, length, device)
     last = torch.arange(1, batch + 1, device=device) * length - 1  # [B] the last new node of each sequence
     num_layers = None
     for _ in range(max_new_tokens):

@@ -1,4 +1,6 @@
 """GraphMultiheadAttention against torch.nn.MultiheadAttention and against the dense reference."""
+from fractions import Fraction
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -406,3 +408,22 @@ def test_dense_reference_needs_key_value_projections():
     x = torch.randn(1, 3, 8)
     with pytest.raises(ValueError, match="'layer' with key/value projections"):
         dense.multihead_attention(layer, x, x, torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_scale_whose_float_is_zero_is_refused():
+    """A positive number that rounds to 0.0 is not a scale > 0 (every edge would score the same)."""
+    with pytest.raises(ValueError, match="'scale' to be a finite number > 0.0"):
+        GraphMultiheadAttention(8, 2, scale=Fraction(1, 10**400))
+    assert GraphMultiheadAttention(8, 2, scale=Fraction(1, 4)).scale == 0.25
+
+
+def test_pos_pair_needs_a_bipartite_input():
+    layer = GraphMultiheadAttention(8, 2, rope=True)
+    x, edge_index, pos = torch.randn(3, 8), causal(3), torch.arange(3)
+    with pytest.raises(ValueError, match="'pos' to hold one position per node, shape \\[3\\]"):
+        layer(x, edge_index, pos=(pos, pos))
+    kv = layer.key_value(x, pos=pos)
+    with pytest.raises(ValueError, match="'pos' to hold one position per query node, shape \\[3\\]"):
+        layer(x, edge_index, kv=kv, pos=(pos, pos))
+    torch.testing.assert_close(layer(x, edge_index, kv=kv, pos=pos), layer(x, edge_index, pos=pos),
+                               **TOL[torch.float32])

@@ -1,6 +1,8 @@
 """Today's Hugging Face decoder families and ModernBERT imported as graph models: equal outputs,
 native per-layer graphs checked against Hugging Face's own masks, cached generation, loss,
 attention weights, export back."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -350,6 +352,11 @@ def test_unsupported_configs_are_refused(family, field, value, match):
     setattr(config, field, value)
     with pytest.raises(ValueError, match=match):
         hf.GraphDecoderLM(config)
+
+
+def test_unhashable_model_type_is_refused():
+    with pytest.raises(ValueError, match=r"model_type=\['llama'\]"):
+        hf.decoder_config(SimpleNamespace(model_type=["llama"]))
 
 
 def test_unknown_family_is_refused():

@@ -28,6 +28,7 @@ dimension, ``L`` layers, ``V`` vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -95,7 +96,7 @@ def _get(config, name: str, default=None):
     return default if value is None else value
 
 
-def _refuse(field_name: str, value, why: str) -> None:
+def _refuse(field_name: str, value, why: str) -> NoReturn:
     raise ValueError(f"Unsupported Hugging Face config: {field_name}={value!r} ({why})")
 
 
@@ -147,7 +148,7 @@ def rope_config(config, layer_type: str | None, head_dim: int) -> RopeConfig:
     factor = params.get("factor")
     if kind == "yarn" and factor is None:
         factor = max_positions / original
-    scaling_fields = {"factor": 1.0 if factor is None else float(factor)}
+    scaling_fields: dict[str, Any] = {"factor": 1.0 if factor is None else float(factor)}  # checked by RopeScaling
     for key in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "attention_factor", "mscale",
                 "mscale_all_dim", "truncate"):
         if params.get(key) is not None:
@@ -192,9 +193,10 @@ def _gpt_neo_config(config) -> DecoderConfig:
 def decoder_config(config) -> DecoderConfig:
     """The :class:`DecoderConfig` of a Hugging Face config of a supported family; a ``ValueError``
     naming the config field and value for anything that would compute something else."""
-    family = FAMILIES.get(getattr(config, "model_type", None))
+    kind = getattr(config, "model_type", None)
+    family = FAMILIES.get(kind) if isinstance(kind, str) else None
     if family is None:
-        _refuse("model_type", getattr(config, "model_type", None), f"supported: {sorted(FAMILIES)}")
+        _refuse("model_type", kind, f"supported: {sorted(FAMILIES)}")
     if getattr(config, "add_cross_attention", False):
         _refuse("add_cross_attention", True, "no cross-attention in decoder-only graph models")
     if family == "gpt_neo":
@@ -377,7 +379,7 @@ class GraphDecoderLM(nn.Module):
         if self.spec.embed_scale is not None:
             h = h * torch.tensor(self.spec.embed_scale, dtype=h.dtype, device=h.device)
         if self.embed_positions is not None:
-            n = self.spec.max_position_embeddings
+            n = self.embed_positions.num_embeddings  # the spec's max_position_embeddings
             check_positions(pos, n, f"(check 'pos': max_position_embeddings={n})")
             h = h + self.embed_positions(pos)
         return self.embed_dropout(h)
@@ -394,6 +396,7 @@ class GraphDecoderLM(nn.Module):
         x = self.embed(input_ids, pos)
         weights = []
         for index, (layer, (graph, head)) in enumerate(zip(self.layers, graphs)):
+            assert isinstance(layer, GraphDecoderLayer)  # the layers are built by _build_layer
             kv = None if cache is None else cache.update(index, layer.self_kv(x, pos=pos))
             x = layer(x, graph, pos=pos, kv=kv, edge_head=head, need_weights=output_attentions)
             if output_attentions:

@@ -87,18 +87,18 @@ def decoder_hf_state_dict(graph: dict[str, Tensor], spec: DecoderConfig) -> dict
     kv_dim = spec.num_kv_heads * spec.head_dim
     sizes = [spec.num_heads * spec.head_dim, kv_dim, kv_dim]  # query, key, value rows
     out: dict[str, Tensor] = {}
-    fused: dict[str, list[Tensor]] = {}
+    fused: dict[str, dict[int, Tensor]] = {}  # the two halves of a Hugging Face tensor, by index
     for key, names in _pairs(spec):
         value = graph[key]
         parts = value.split(sizes) if len(names) == 3 else (value,)
         for name, part in zip(names, parts):
             base, _, half = name.partition(":")
             if half:
-                fused.setdefault(base, [None, None])[int(half)] = part
+                fused.setdefault(base, {})[int(half)] = part
             else:
                 out[base] = part
     for base, halves in fused.items():
-        out[base] = torch.cat(halves)
+        out[base] = torch.cat([halves[0], halves[1]])
     return out
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from ._common import Topologies, model_type
+from ._common import Topologies, check_topology, model_type
 from .bert import GraphBertModel
 from .decoders import FAMILIES, GraphDecoderLM
 from .gpt2 import GraphGPT2LMHeadModel
@@ -17,10 +17,12 @@ def from_hf(model, *, topology: Topologies | None = None, backend: str = "auto")
     GPT-2, ModernBERT, or a decoder family of :class:`~gnn_transformer.hf.GraphDecoderLM` (Llama,
     Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3, GPT-Neo)."""
     kind = model_type(model)
-    if kind == "bert":
-        return GraphBertModel.from_hf(model, topology=topology, backend=backend)
+    if kind == "bert":  # one graph for every layer
+        single = None if topology is None else check_topology(topology)
+        return GraphBertModel.from_hf(model, topology=single, backend=backend)
     if kind == "gpt2":
-        return GraphGPT2LMHeadModel.from_hf(model, topology=topology, backend=backend)
+        single = None if topology is None else check_topology(topology)
+        return GraphGPT2LMHeadModel.from_hf(model, topology=single, backend=backend)
     if kind == "modernbert":
         return GraphModernBertModel.from_hf(model, topology=topology, backend=backend)
     if kind in FAMILIES:

@@ -87,7 +87,8 @@ class GraphModernBertModel(nn.Module):
         self.embed_dropout = nn.Dropout(float(config.embedding_dropout))
         self.layers = nn.ModuleList([_layer(config, i, t, backend) for i, t in enumerate(config.layer_types)])
         self.final_norm = nn.LayerNorm(c, eps=config.norm_eps, bias=config.norm_bias)
-        self.head = self.decoder = None
+        self.head: nn.Sequential | None = None  # the masked-LM head and decoder (masked_lm only)
+        self.decoder: nn.Linear | None = None
         if masked_lm:
             self.head = nn.Sequential(nn.Linear(c, c, bias=config.classifier_bias),
                                       _Activation(read_activation(config, "classifier_activation")),
@@ -134,6 +135,7 @@ class GraphModernBertModel(nn.Module):
         h = out[0] if output_attentions else out
         result = GraphModelOutput(last_hidden_state=scatter_back(h, mask))
         if self.head is not None:
+            assert self.decoder is not None  # built with the head
             result.logits = scatter_back(self.decoder(self.head(h)), mask)
             if labels is not None:
                 result.loss = masked_lm_loss(result.logits, labels, mask)

@@ -46,23 +46,25 @@ def start_chromium(width: int = 1500, height: int = 950) -> Any:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    class Chrome(webdriver.Chrome):
+        """``webdriver.Chrome`` that removes its profile directory when it quits."""
+
+        profile_dir: str
+
+        def quit(self) -> None:
+            try:
+                super().quit()
+            finally:
+                shutil.rmtree(self.profile_dir, ignore_errors=True)
+
     options = webdriver.ChromeOptions()
-    options.binary_location = next(shutil.which(b) for b in BINARIES if shutil.which(b))
+    options.binary_location = next(path for path in map(shutil.which, BINARIES) if path is not None)
     profile = tempfile.mkdtemp(prefix="gnn-transformer-chromium-")
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    driver = Chrome(service=Service(shutil.which("chromedriver")), options=options)
     driver.profile_dir = profile  # removed by quit()
-    original_quit = driver.quit
-
-    def quit() -> None:
-        try:
-            original_quit()
-        finally:
-            shutil.rmtree(profile, ignore_errors=True)
-
-    driver.quit = quit
     return driver
 
 

@@ -182,9 +182,10 @@ def reduce_page(page: Page, max_edges: int = DEFAULT_MAX_EDGES) -> Page:
         reduced = []
         for src, dst, w, view in views:
             b_src, b_dst, b_w = _block_edges(src, dst, w, n, block, page.kind == "model")
-            marked = {name: sorted({i // block for i in getattr(view, name)}) for name in ("sinks", "hubs")}
             reduced.append(replace(view, src=b_src.tolist(), dst=b_dst.tolist(), weights=b_w.tolist(),
-                                   stats=f"{view.stats}; drawn: {b_src.numel()} block edges", **marked))
+                                   sinks=sorted({i // block for i in view.sinks}),
+                                   hubs=sorted({i // block for i in view.hubs}),
+                                   stats=f"{view.stats}; drawn: {b_src.numel()} block edges"))
         layers.append(Layer(layer.label, reduced))
     nodes = [f"{page.nodes[s]}..{page.nodes[min(s + block, n) - 1]}" if block > 1 else page.nodes[s]
              for s in range(0, n, block)]
