@@ -2,6 +2,11 @@
 # What a GPU machine checks, in stages that each fit in a few minutes. Run from the repository root
 # (the package from the working tree); results go to ${OUT:-gpu-results}/.
 #
+#   bash benchmarks/gpu_check.sh table   # the whole GPU table in at most 8 minutes: versions, CUDA kernel
+#                                        # tests, 16k bf16 (fwd, fwd+bwd) of every topology against SDPA
+#                                        # and the best FlexAttention mask_mod, the GraphLM training step
+#                                        # against a plain GPT, causal at 64k and 128k, window/random at
+#                                        # 1M; markdown in $OUT/table.md
 #   bash benchmarks/gpu_check.sh tests   # versions, compile check for this GPU, CUDA kernel tests
 #   bash benchmarks/gpu_check.sh bench   # auto's cost model for the GPU; the table at 4k and 16k (bf16)
 #   bash benchmarks/gpu_check.sh large   # 64k for every topology, 256k for the linear ones, 1M window/random
@@ -11,12 +16,59 @@
 #   bash benchmarks/gpu_check.sh select  # graphs chosen from the data at 16k (bf16): per-head tests, then
 #                                        # selection + attention against Flex with a per-call BlockMask and SDPA
 set -uo pipefail
-stage=${1:?usage: gpu_check.sh tests|bench|large|gqa|pieces|float32|select}
+stage=${1:?usage: gpu_check.sh table|tests|bench|large|gqa|pieces|float32|select}
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.
 export TRITON_INTERPRET=0
+# one command of the table, stopped at its time limit (seconds) so the whole table stays within
+# 8 minutes; a stopped command leaves its rows so far and a line saying so
+step() {
+  local limit=$1 name=$2
+  shift 2
+  timeout --signal=INT "$limit" "$@" > "$out/$name.txt" 2>&1
+  local rc=$?
+  [ "$rc" -eq 124 ] && echo "stopped after ${limit}s" >> "$out/$name.txt"
+  if [ -f "$out/$name.md" ]; then
+    { echo; echo "### $name"; echo; cat "$out/$name.md"; } >> "$out/table.md"
+  else
+    { echo; echo "### $name (rc $rc, no table; last lines)"; echo; echo '```'; tail -n 5 "$out/$name.txt"; echo '```'; } \
+      >> "$out/table.md"
+  fi
+}
+bench() { python -m gnn_transformer.cli bench --device cuda "$@"; }
 case "$stage" in
+  table)
+    start=$(date +%s)
+    {
+      echo "# GPU table"
+      echo
+      echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+      echo "- gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
+      echo "- versions: $(python -c "import sys, torch, triton, torch_geometric as g; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'pyg', g.__version__)")"
+      echo "- command: bash benchmarks/gpu_check.sh table"
+    } > "$out/table.md"
+    step 70 cuda_tests python -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py tests/test_kernels_sdpa.py
+    # 16k, bfloat16, 12 heads x 64: each topology with the Flex variants that can run on it
+    step 70 bench_16k_causal bench --sizes 16384 --topologies causal --backends fused tiled auto sdpa flex \
+      --flex-variants predicate bitmap --repeats 5 --markdown "$out/bench_16k_causal.md"
+    step 65 bench_16k_document bench --sizes 16384 --topologies document --backends tiled auto sdpa flex \
+      --flex-variants predicate bitmap --repeats 5 --markdown "$out/bench_16k_document.md"
+    step 70 bench_16k_window bench --sizes 16384 --topologies window --backends fused tiled auto sdpa flex \
+      --flex-variants predicate bitmap --repeats 5 --markdown "$out/bench_16k_window.md"
+    step 55 bench_16k_bigbird bench --sizes 16384 --topologies bigbird --backends fused tiled auto flex \
+      --flex-variants blocks bitmap --repeats 5 --markdown "$out/bench_16k_bigbird.md"
+    step 55 bench_16k_random bench --sizes 16384 --topologies random --backends fused tiled auto flex \
+      --flex-variants lookup bitmap --repeats 5 --markdown "$out/bench_16k_random.md"
+    step 30 train_step bench --train-step 64 256 --repeats 5 --markdown "$out/train_step.md"
+    # causal at 64k and 128k (auto: SDPA's kernels), window and random at 1M (auto only)
+    step 25 causal_64k_128k bench --sizes 65536 131072 --topologies causal --backends auto --repeats 3 \
+      --markdown "$out/causal_64k_128k.md"
+    step 25 linear_1m bench --sizes 1048576 --topologies window random --backends auto --repeats 3 --no-backward \
+      --markdown "$out/linear_1m.md"
+    echo "- took $(( $(date +%s) - start )) s" >> "$out/table.md"
+    cat "$out/table.md"
+    ;;
   tests)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
     python -c "import sys, torch, triton, torch_geometric as g; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'pyg', g.__version__)" | tee -a "$out/gpu.txt"
@@ -79,7 +131,7 @@ PY
       --markdown "$out/bench_1m.md" 2>&1 | tee "$out/bench_1m.txt"
     ;;
   *)
-    echo "unknown stage '$stage' (expected tests, bench, large, gqa, pieces, float32 or select)" >&2
+    echo "unknown stage '$stage' (expected table, tests, bench, large, gqa, pieces, float32 or select)" >&2
     exit 2
     ;;
 esac

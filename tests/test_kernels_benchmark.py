@@ -17,13 +17,13 @@ def test_run_benchmark_tiny():
         assert row["ms"] is not None and row["ms"] > 0, row
         assert row["max_err"] < 1e-5, row
     assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"}
-    assert all(r["note"].startswith("chose ") for r in rows if r["backend"] == "auto")
+    assert all(r["note"].startswith("ran ") for r in rows if r["backend"] == "auto")
     assert format_table(rows).count("\n") == len(rows)
     assert format_markdown(rows).startswith("| topology")
 
 
 def test_run_benchmark_skips_what_does_not_fit():
-    rows = run_benchmark(["causal"], [64], ["pyg", "sdpa", "fused"], device="cpu", heads=2, head_dim=8,
+    rows = run_benchmark(["random"], [256], ["pyg", "sdpa", "fused"], device="cpu", heads=2, head_dim=8,
                          repeats=1, backward=False, memory_budget=1e3)
     by_backend = {r["backend"]: r for r in rows}
     assert by_backend["pyg"]["note"].startswith("skipped") and by_backend["sdpa"]["note"].startswith("skipped")
@@ -145,14 +145,14 @@ def test_benchmark_block_size_reaches_the_tiles(monkeypatch):
 
 
 def test_auto_note_names_the_backend_for_the_block_size():
-    """'chose X' is the plan for the --block-size the row ran with, not for the default block."""
+    """'ran X' is the plan for the --block-size the row ran with, not for the default block."""
     from gnn_transformer.kernels import choose_backend
     from gnn_transformer.bench.benchmark import build_graph
 
     rows = run_benchmark(["longformer"], [512], ["auto"], device="cpu", heads=2, head_dim=8, repeats=1,
                          backward=False, block_size=16)
     graph = build_graph("longformer", 512)
-    assert rows[0]["note"] == "chose " + choose_backend(graph, "cpu", block_size=16)
+    assert rows[0]["note"] == "ran " + choose_backend(graph, "cpu", block_size=16)
     assert choose_backend(graph, "cpu", block_size=16) != choose_backend(graph, "cpu")  # the case that failed
 
 
@@ -236,24 +236,28 @@ def test_flex_is_compiled_again_with_fewer_stages_when_its_kernels_do_not_fit(mo
     oom = RuntimeError("No valid triton configs. OutOfMemoryError: out of resource: "
                        "triton_tem_fused_flex_attention_0 Required: 247808 Hardware limit:232448")
     tried = _flex_compile(monkeypatch, lambda options: oom if options is None else None)
-    rows = run_benchmark(["window"], [64], ["flex"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False)
+    rows = run_benchmark(["window"], [64], ["flex"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False,
+                         flex_variants=["bitmap"])
     assert tried[:2] == [None, FLEX_OPTIONS[1]]
-    assert rows[0]["note"] == f"kernel_options={FLEX_OPTIONS[1]}" and rows[0]["ms"] is not None
+    assert rows[0]["note"].startswith("bitmap fastest (bitmap ") and rows[0]["ms"] is not None
+    assert rows[0]["note"].endswith(f"; kernel_options={FLEX_OPTIONS[1]}")
     assert rows[0]["max_err"] < 1e-5
 
 
 def test_flex_errors_other_than_resources_are_reported_not_retried(monkeypatch):
     tried = _flex_compile(monkeypatch, lambda options: ValueError("bad mask"))
-    rows = run_benchmark(["window"], [64], ["flex"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False)
+    rows = run_benchmark(["window"], [64], ["flex"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False,
+                         flex_variants=["bitmap"])
     assert tried == [None]
-    assert rows[0]["ms"] is None and rows[0]["note"] == "unavailable: ValueError: bad mask"
+    assert rows[0]["ms"] is None and rows[0]["note"] == "unavailable: bitmap: ValueError: bad mask"
 
 
 def test_flex_that_never_fits_reports_the_last_refusal(monkeypatch):
     from gnn_transformer.bench.benchmark import FLEX_OPTIONS
 
     tried = _flex_compile(monkeypatch, lambda options: RuntimeError(f"out of resource with {options}"))
-    rows = run_benchmark(["window"], [64], ["flex"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False)
+    rows = run_benchmark(["window"], [64], ["flex"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False,
+                         flex_variants=["bitmap"])
     assert tried == list(FLEX_OPTIONS)
     assert rows[0]["ms"] is None and "out of resource with {'BLOCK_M': 64" in rows[0]["note"]
 

@@ -1,13 +1,16 @@
-"""Attention on token graphs: this project's backends against dense SDPA and FlexAttention.
+"""Attention on token graphs: this project's backends against what a user would otherwise run.
 
 For each topology and size, one run times (median of ``--repeats``) the forward pass and the
 forward + backward pass of: ``pyg`` (per-edge messages, the reference path), ``fused``, ``tiled``,
-``auto`` (:func:`gnn_transformer.kernels.attend`), dense ``scaled_dot_product_attention`` with a
-boolean mask, and FlexAttention with a ``BlockMask`` of the same edge set. It also reports peak
-memory (CUDA: allocator peak; CPU: peak growth of live malloc'd bytes, glibc ``mallinfo2`` sampled
-every millisecond), the largest error against a
-float32 dense masked softmax (where that fits), and, separately, the time to build the graph (with
-the kernels' cached structures) or the mask.
+``auto`` (:func:`gnn_transformer.kernels.attend`; its note names the kernel that ran), ``sdpa``
+(``scaled_dot_product_attention`` as a user calls it for the graph: ``is_causal``, no mask, per
+document, or a dense boolean mask) and ``flex`` (FlexAttention with the fastest of the
+``mask_mod`` functions a user would write: :mod:`.baselines`). SDPA and FlexAttention take their own
+contiguous ``[B, H, N, D]`` layout, the project ``[N, H, D]``; inputs are laid out once, untimed.
+It also reports peak memory (CUDA: allocator peak; CPU: peak growth of live malloc'd bytes, glibc
+``mallinfo2`` sampled every millisecond), the largest error against a float32 dense masked softmax
+(where that fits), and, separately, the time to build the graph (with the kernels' cached
+structures) or the mask.
 
 Command line: ``python benchmarks/bench_attention.py`` (``--quick`` for a CPU run at 4k tokens).
 :func:`run_benchmark` returns the rows (dicts); :func:`format_table` / :func:`format_markdown`
@@ -26,12 +29,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..kernels import (DROPOUT_COST, MERGE_COST, ROW_COST, TILE_COST, attend, attend_reference, choose_backend,
+from ..kernels import (DROPOUT_COST, MERGE_COST, ROW_COST, TILE_COST, attend, attend_reference, auto_kernel,
                        clear_cache, default_block_size, merge_partials)
 from ..kernels._graph import prepare
 from ..kernels.tiling import tile_stats
+from .baselines import FLEX_VARIANTS, Unavailable, bhnd, flex_block_mask, make_sdpa, nhd, sdpa_mode
 
-TOPOLOGIES = ("causal", "window", "bigbird", "random")
+TOPOLOGIES = ("causal", "window", "bigbird", "random", "document")
 BACKENDS = ("pyg", "fused", "tiled", "auto", "sdpa", "flex")
 LINEAR = ("window", "bigbird", "random")  # edge count linear in N: also run at 256k-1M
 # tile sizes the benchmark takes: the powers of two the Triton tiled kernels run (tl.dot needs 16),
@@ -60,9 +64,10 @@ def build_graph(topology: str, n: int, seed: int = 0):
 
     ``topology`` is one of the benchmark's own graphs (:data:`TOPOLOGIES`: ``causal``, ``window``
     = radius 128, ``bigbird`` = blocks of 64 with 3 window, 2 global and 3 random blocks, ``random``
-    = 64 keys per query), or any topology spec of the command line: a builder with arguments
+    = 64 keys per query, ``document`` = 4 documents of ``n // 4`` tokens, causal inside each), or
+    any topology spec of the command line: a builder with arguments
     (``"dilated:window=256,dilation=4"``), a ``graphs/`` catalogue name (``"longformer"``) or the
-    path of a TOML spec. The four benchmark names take precedence over catalogue specs of the same
+    path of a TOML spec. The benchmark's names take precedence over catalogue specs of the same
     name; ``seed`` applies to them only (a spec carries its own).
     """
     from .. import topology as topo
@@ -72,6 +77,8 @@ def build_graph(topology: str, n: int, seed: int = 0):
         return topology_fn(topology)([n])
     if topology == "causal":
         return topo.causal(n)
+    if topology == "document":  # 4 documents, causal inside each
+        return topo.document(n, max(n // 4, 1), causal=True)
     if topology == "window":  # |i - j| <= 128: 257 keys per query, a window of 256
         return topo.sliding_window(n, 128)
     if topology == "bigbird":  # BigBird-ITC: blocks of 64, 3 window blocks, 2 global, 3 random
@@ -218,10 +225,14 @@ def _dense_reference_grads(q, k, v, src, dst, scale, grad_out) -> tuple[Tensor, 
     return dq, dk, dv
 
 
-def _fits(n: int, num_edges: int, backend: str, h: int, d: int, budget: float, elem: int) -> str | None:
-    """A reason to skip a row that would not fit in ``budget`` bytes, else ``None``."""
+def _fits(n: int, num_edges: int, backend: str, h: int, d: int, budget: float, elem: int,
+          sdpa_mode: str | None = None) -> str | None:
+    """A reason to skip a row that would not fit in ``budget`` bytes, else ``None`` (``sdpa_mode``:
+    SDPA's mode for the graph, :func:`.baselines.sdpa_mode`; only ``"mask"`` needs ``N²``)."""
     if backend == "pyg":
         need = 4.0 * num_edges * h * d * elem  # gathered q/k/v per edge and the messages
+    elif backend == "sdpa" and sdpa_mode not in (None, "mask"):
+        return None
     elif backend == "sdpa":  # fused SDPA kernels: the boolean mask and an additive copy of it
         need = n * n * (1.0 + elem)
     elif backend == "reference":
@@ -251,13 +262,20 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
                   kv_heads: int | None = None,
                   repeats: int = 3, backward: bool = True, memory_budget: float | None = None,
                   flex_block: int = 128, block_size: int | None = None, seed: int = 0,
+                  flex_variants: Sequence[str] = FLEX_VARIANTS,
                   log: Callable[[str], None] | None = None) -> list[dict]:
     """Run the benchmark and return one row per (topology, N, backend, pass).
 
     Row keys: ``topology, n, edges, density, backend, pass ("fwd" | "fwd+bwd"), ms, peak_mb,
     max_err, build_ms, note``. ``build_ms`` is the graph / mask construction (not in ``ms``).
+    ``auto``'s note names the kernel that ran (:func:`~gnn_transformer.kernels.auto_kernel`),
+    ``sdpa``'s how it was called, ``flex``'s the fastest of ``flex_variants`` (see
+    :mod:`.baselines`) and the times or reasons of the others.
     """
     check_block_size(block_size)
+    for variant in flex_variants:
+        if variant not in FLEX_VARIANTS:
+            raise ValueError(f"Expected 'flex_variants' from {FLEX_VARIANTS} (got {variant!r})")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     kv_heads = heads if kv_heads is None else kv_heads
@@ -268,17 +286,22 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
     elem = torch.tensor([], dtype=dtype).element_size()
     scale = 1.0 / math.sqrt(head_dim)
     rows = []
+
+    def emit(new_rows: list[dict]) -> None:
+        rows.extend(new_rows)
+        for row in new_rows:
+            if log:
+                log(_format_row(row))
+
+    passes = ("fwd", "fwd+bwd") if backward else ("fwd",)
     for topology in topologies:
         for n in sizes:
             t0 = time.perf_counter()
             try:
                 edge_index = build_graph(topology, n, seed)
             except ValueError as exc:  # a spec that cannot be built at this size: report, go on
-                rows.append(dict(topology=topology, n=n, edges=None, density=None, backend="-", **{"pass": "-"},
-                                 ms=None, peak_mb=None, max_err=None, build_ms=None,
-                                 note=f"not built: {exc}"[:120]))
-                if log:
-                    log(_format_row(rows[-1]))
+                emit([dict(topology=topology, n=n, edges=None, density=None, backend="-", **{"pass": "-"},
+                           ms=None, peak_mb=None, max_err=None, build_ms=None, note=f"not built: {exc}"[:120])])
                 continue
             t_graph = time.perf_counter() - t0
             edge_index = edge_index.to(device)
@@ -296,79 +319,96 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
             ref_grads = None  # (dQ, dK, dV), computed once for every backend where they fit
             if backward and _fits(n, num_edges, "reference_grads", heads, head_dim, memory_budget, 4) is None:
                 ref_grads = _if_memory(lambda: _dense_reference_grads(q, k, v, src, dst, scale, grad_out), device)
+            mode = sdpa_mode(edge_index, n) if "sdpa" in backends else None
+            case = _Case(q, k, v, grad_out, ref, ref_grads, device, repeats, backward)
             for backend in backends:
                 base = dict(topology=topology, n=n, edges=num_edges, density=density, backend=backend)
-                skip = _fits(n, num_edges, backend, heads, head_dim, memory_budget, elem)
+                if backend == "flex":
+                    emit(_flex_rows(base, case, topology, edge_index, src, dst, n, scale, flex_block, flex_variants,
+                                    memory_budget, t_graph))
+                    continue
+                skip = _fits(n, num_edges, backend, heads, head_dim, memory_budget, elem,
+                             None if mode is None else mode[0])
                 if skip is not None:
-                    for p in ("fwd", "fwd+bwd") if backward else ("fwd",):
-                        rows.append(dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None,
-                                         build_ms=None, note=skip))
-                        if log:
-                            log(_format_row(rows[-1]))
+                    emit([dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None, build_ms=None, note=skip)
+                          for p in passes])
                     continue
                 try:
-                    fn, build_s = _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block, block_size,
-                                        backward)
+                    fn, build_s = _make(backend, edge_index, src, dst, n, q, k, v, scale, block_size, mode)
                 except Exception as exc:  # a backend missing on this platform: report, go on
-                    for p in ("fwd", "fwd+bwd") if backward else ("fwd",):
-                        rows.append(dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None,
-                                         build_ms=None, note=f"unavailable: {type(exc).__name__}: {exc}"[:120]))
-                        if log:
-                            log(_format_row(rows[-1]))
+                    emit([dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None, build_ms=None,
+                               note=f"unavailable: {type(exc).__name__}: {exc}"[:120]) for p in passes])
                     continue
                 build_ms = 1e3 * (build_s + t_graph)  # graph, then the kernels' structures or the mask
                 note = ""
                 if backend == "auto":
-                    note = "chose " + choose_backend(edge_index, device, block_size=block_size, dtype=dtype)
-                note = getattr(fn, "note", "") or note
-
-                def fwd():
-                    with torch.no_grad():
-                        return fn(q, k, v)
-                try:
-                    with torch.no_grad():
-                        out = fn(q, k, v)
-                    err = None if ref is None else float((out.float() - ref).abs().max())
-                    del out
-                    t, peak = _measure(fwd, device, repeats)
-                except Exception as exc:  # out of memory, a kernel the device refuses: report, go on
-                    _free(device)
-                    for p in ("fwd", "fwd+bwd") if backward else ("fwd",):
-                        rows.append(dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None,
-                                         build_ms=build_ms, note=f"failed: {type(exc).__name__}: {exc}"[:120]))
-                        if log:
-                            log(_format_row(rows[-1]))
-                    continue
-                rows.append(dict(base, **{"pass": "fwd"}, ms=1e3 * t, peak_mb=peak / 2 ** 20, max_err=err,
-                                 build_ms=build_ms, note=note))
-                if log:
-                    log(_format_row(rows[-1]))
-                if backward:
-                    qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
-
-                    def fwd_bwd():
-                        out = fn(qg, kg, vg)
-                        return torch.autograd.grad(out, (qg, kg, vg), grad_out)
-                    try:
-                        grad_err = None
-                        if ref_grads is not None:  # the largest error of dQ, dK, dV
-                            grad_err = max(float((g.float() - r).abs().max()) for g, r in zip(fwd_bwd(), ref_grads))
-                        t, peak = _measure(fwd_bwd, device, repeats)
-                        rows.append(dict(base, **{"pass": "fwd+bwd"}, ms=1e3 * t, peak_mb=peak / 2 ** 20,
-                                         max_err=grad_err, build_ms=build_ms, note=note))
-                    except Exception as exc:
-                        _free(device)
-                        rows.append(dict(base, **{"pass": "fwd+bwd"}, ms=None, peak_mb=None, max_err=None,
-                                         build_ms=build_ms, note=f"failed: {type(exc).__name__}: {exc}"[:120]))
-                    if log:
-                        log(_format_row(rows[-1]))
-            q = k = v = ref = ref_grads = None  # free them before the next size
+                    note = "ran " + auto_kernel(edge_index, device, block_size=block_size, dtype=dtype)
+                emit(case.rows(base, fn, build_ms, note))
+            q = k = v = ref = ref_grads = case = None  # free them before the next size
     return rows
 
 
-def _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block, block_size=None, backward=True):
-    """``(fn(q, k, v) -> out [N, H, D], build seconds)`` for one backend (``backward``: its
-    backward pass will be timed too)."""
+class _Case:
+    """The inputs, references and timing settings of one graph and size."""
+
+    def __init__(self, q, k, v, grad_out, ref, ref_grads, device, repeats, backward):
+        self.q, self.k, self.v, self.grad_out = q, k, v, grad_out
+        self.ref, self.ref_grads = ref, ref_grads
+        self.device, self.repeats, self.backward = device, repeats, backward
+
+    def rows(self, base: dict, fn, build_ms, note: str = "") -> list[dict]:
+        """The ``fwd`` (and ``fwd+bwd``) rows of ``fn``: on ``[1, H, N, D]`` inputs made once
+        beforehand when ``fn.layout == "bhnd"``; ``fn.note`` (after its first call) overrides ``note``,
+        ``fn.no_backward`` says why a backward pass cannot run."""
+        layout = getattr(fn, "layout", "nhd")
+        to, back = (bhnd, nhd) if layout == "bhnd" else ((lambda x: x), (lambda x: x))
+        q, k, v, grad_out = (to(x) for x in (self.q, self.k, self.v, self.grad_out))
+        device, repeats = self.device, self.repeats
+
+        def fwd():
+            with torch.no_grad():
+                return fn(q, k, v)
+        passes = ("fwd", "fwd+bwd") if self.backward else ("fwd",)
+        try:
+            out = fwd()
+            err = None if self.ref is None else float((back(out).float() - self.ref).abs().max())
+            del out
+            t, peak = _measure(fwd, device, repeats)
+        except Exception as exc:  # out of memory, a kernel the device refuses: report, go on
+            _free(device)
+            return [dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None, build_ms=build_ms,
+                         note=f"failed: {type(exc).__name__}: {exc}"[:120]) for p in passes]
+        note = getattr(fn, "note", "") or note
+        rows = [dict(base, **{"pass": "fwd"}, ms=1e3 * t, peak_mb=peak / 2 ** 20, max_err=err, build_ms=build_ms,
+                     note=note)]
+        if not self.backward:
+            return rows
+        reason = getattr(fn, "no_backward", None)
+        if reason:
+            rows.append(dict(base, **{"pass": "fwd+bwd"}, ms=None, peak_mb=None, max_err=None, build_ms=build_ms,
+                             note=f"unavailable: {reason}"))
+            return rows
+        qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
+
+        def fwd_bwd():
+            out = fn(qg, kg, vg)
+            return torch.autograd.grad(out, (qg, kg, vg), grad_out)
+        try:
+            grad_err = None
+            if self.ref_grads is not None:  # the largest error of dQ, dK, dV
+                grad_err = max(float((back(g).float() - r).abs().max()) for g, r in zip(fwd_bwd(), self.ref_grads))
+            t, peak = _measure(fwd_bwd, device, repeats)
+            rows.append(dict(base, **{"pass": "fwd+bwd"}, ms=1e3 * t, peak_mb=peak / 2 ** 20, max_err=grad_err,
+                             build_ms=build_ms, note=note))
+        except Exception as exc:
+            _free(device)
+            rows.append(dict(base, **{"pass": "fwd+bwd"}, ms=None, peak_mb=None, max_err=None, build_ms=build_ms,
+                             note=f"failed: {type(exc).__name__}: {exc}"[:120]))
+        return rows
+
+
+def _make(backend, edge_index, src, dst, n, q, k, v, scale, block_size=None, mode=None):
+    """``(fn(q, k, v) -> out, build seconds)`` for one backend (``mode``: :func:`.baselines.sdpa_mode`)."""
     if backend in ("fused", "tiled", "auto"):
         head = [x[:, :1].detach().requires_grad_() for x in (q, k, v)]
 
@@ -389,24 +429,52 @@ def _make(backend, edge_index, src, dst, n, q, k, v, scale, flex_block, block_si
         return (lambda q, k, v: attend_reference(q, k, v, edge_index, scale=scale)), 0.0
     if backend == "sdpa":
         t0 = time.perf_counter()
-        mask = torch.zeros(n, n, dtype=torch.bool, device=q.device)
-        mask[dst, src] = True
-        build = time.perf_counter() - t0
-
-        def sdpa(q, k, v):
-            gqa = {"enable_gqa": True} if k.size(1) != q.size(1) else {}
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-                attn_mask=mask, scale=scale, **gqa)
-            return out[0].transpose(0, 1)
-        return sdpa, build
-    if backend == "flex":
-        from gnn_transformer.topology import to_block_mask
-        t0 = time.perf_counter()
-        block_mask = to_block_mask(edge_index, n, n, block_size=flex_block, device=q.device)
-        build = time.perf_counter() - t0
-        return _flex(block_mask, q, k, v, scale, backward), build
+        fn = make_sdpa(edge_index, src, dst, n, scale, *mode)
+        fn.layout = getattr(fn, "layout", "bhnd")
+        return fn, time.perf_counter() - t0
     raise ValueError(f"Expected 'backend' in {BACKENDS} (got {backend!r})")
+
+
+def _flex_rows(base, case: _Case, topology, edge_index, src, dst, n, scale, flex_block, variants, budget,
+               t_graph) -> list[dict]:
+    """The ``flex`` rows: each of ``variants`` built, compiled and timed; per pass the fastest, its
+    note naming the winner, the others' times and the reasons of those that cannot run."""
+    results, reasons = {}, {}
+    for variant in variants:
+        t0 = time.perf_counter()
+        try:
+            block_mask = flex_block_mask(variant, topology, edge_index, src, dst, n, case.q.device, flex_block,
+                                         budget / 4)
+            build_ms = 1e3 * (time.perf_counter() - t0 + t_graph)
+            fn = _flex(block_mask, bhnd(case.q), bhnd(case.k), bhnd(case.v), scale, case.backward)
+        except Unavailable as exc:
+            reasons[variant] = str(exc)
+            continue
+        except Exception as exc:  # Flex missing or refusing this mask: report, go on
+            _free(case.q.device)
+            reasons[variant] = f"{type(exc).__name__}: {exc}"[:100]
+            continue
+        results[variant] = {r["pass"]: r for r in case.rows(base, fn, build_ms)}
+        block_mask = fn = None
+    rows = []
+    for p in ("fwd", "fwd+bwd") if case.backward else ("fwd",):
+        timed = {v: r[p] for v, r in results.items() if r[p]["ms"] is not None}
+        others = {v: r[p]["note"].removeprefix("unavailable: ") for v, r in results.items() if r[p]["ms"] is None}
+        others.update(reasons)
+        grouped: dict[str, list[str]] = {}  # variants by reason
+        for v, reason in others.items():
+            grouped.setdefault(reason, []).append(v)
+        why = "; ".join(f"{', '.join(vs)}: {reason}" for reason, vs in grouped.items())
+        if not timed:
+            rows.append(dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None, build_ms=None,
+                             note=("unavailable: " + why) if why else "unavailable"))
+            continue
+        best = min(timed, key=lambda v: timed[v]["ms"])
+        times = ", ".join(f"{v} {_cell('ms', r['ms'])}" for v, r in timed.items())
+        extra = timed[best]["note"]
+        note = f"{best} fastest ({times})" + (f"; {extra}" if extra else "") + (f"; {why}" if why else "")
+        rows.append(dict(timed[best], note=note))
+    return rows
 
 
 # FlexAttention's kernel options, tried in turn while Inductor finds no configuration of its
@@ -423,9 +491,11 @@ def _out_of_resources(exc: BaseException) -> bool:
 
 
 def _flex(block_mask, q, k, v, scale, backward=True):
-    """Compiled FlexAttention ``fn(q, k, v)`` on ``block_mask``, its kernels compiled here by one
-    forward pass and, with ``backward`` (on CUDA), one forward + backward pass, with the first of
-    :data:`FLEX_OPTIONS` that the GPU can run. ``fn.note`` names the options when they are not the defaults."""
+    """Compiled FlexAttention ``fn(q, k, v)`` on ``block_mask`` and ``[1, H, N, D]`` inputs, its
+    kernels compiled here by one forward pass and, with ``backward`` (on CUDA), one forward +
+    backward pass, with the first of :data:`FLEX_OPTIONS` that the GPU can run. ``fn.note`` names
+    the options when they are not the defaults; on the CPU ``fn.no_backward`` says that
+    FlexAttention has no backward pass there."""
     from torch.nn.attention.flex_attention import flex_attention
 
     for options in FLEX_OPTIONS:
@@ -433,10 +503,8 @@ def _flex(block_mask, q, k, v, scale, backward=True):
         compiled = torch.compile(flex_attention)
 
         def flex(q, k, v, compiled=compiled, options=options):
-            out = compiled(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
-                           v.transpose(0, 1).unsqueeze(0), block_mask=block_mask, scale=scale,
-                           enable_gqa=k.size(1) != q.size(1), kernel_options=options)
-            return out[0].transpose(0, 1)
+            return compiled(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.size(1) != q.size(1),
+                            kernel_options=options)
         try:
             with torch.no_grad():
                 flex(q, k, v)
@@ -449,6 +517,9 @@ def _flex(block_mask, q, k, v, scale, backward=True):
             failure = exc
             continue
         flex.note = "" if options is None else f"kernel_options={options}"
+        flex.layout = "bhnd"
+        if q.device.type != "cuda":
+            flex.no_backward = f"FlexAttention has no backward pass on {q.device.type}"
         return flex
     raise failure
 

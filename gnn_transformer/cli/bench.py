@@ -8,6 +8,7 @@ from ._common import EXIT_OK, EXIT_USAGE, UsageError, error, check_out_file, che
 
 
 def add_parser(sub) -> None:
+    from ..bench.baselines import FLEX_VARIANTS
     from ..bench.benchmark import BACKENDS, TOPOLOGIES
     from ..bench.selection import DESCRIPTIONS, SELECTIONS
 
@@ -26,7 +27,19 @@ def add_parser(sub) -> None:
     p.add_argument("--sizes", nargs="+", type=int, default=None,
                    help="token counts (unset: 4096 16384 65536, plus 262144 1048576 for the "
                         "linear-size topologies on CUDA; 4096 with --quick)")
-    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS,
+                   help="auto's note names the kernel that ran; sdpa is scaled_dot_product_attention as a user "
+                        "calls it for the graph (is_causal, no mask, per document, else a dense boolean mask); "
+                        "flex is FlexAttention with the fastest of --flex-variants")
+    p.add_argument("--flex-variants", nargs="+", default=list(FLEX_VARIANTS), choices=FLEX_VARIANTS,
+                   help="the mask_mods flex tries (its note names the fastest): predicate (the topology's "
+                        "predicate twin), lookup (a dense boolean [N, N] lookup where it fits), blocks (a table of "
+                        "whole blocks, for block-structured graphs), bitmap (topology.to_block_mask's lookup)")
+    p.add_argument("--train-step", nargs="*", type=int, default=None, metavar="CONTEXT",
+                   help="instead, time a GraphLM training step on causal graphs against a plain PyTorch GPT "
+                        "(SDPA is_causal) of the same size: nanoGPT's CPU configuration (4 layers, 4 heads, "
+                        "width 128, batch 12, vocabulary 65, no bias) at these contexts (default 64 256)")
+    p.add_argument("--batch-size", type=int, default=12, help="sequences per training step of --train-step")
     p.add_argument("--device", default=None, help="cpu or cuda (unset: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="unset: bfloat16 on CUDA, float32 on CPU")
@@ -113,6 +126,22 @@ def _bench_selection(args, device, dtype) -> int:
     return EXIT_OK
 
 
+def _train_step(args, device, dtype) -> int:
+    from ..bench.train_step import format_markdown, format_table, run_train_step_benchmark
+
+    contexts = args.train_step or [64, 256]
+    if min(contexts) < 1 or args.batch_size < 1:
+        raise UsageError(f"--train-step contexts and --batch-size must be >= 1 (got {contexts}, {args.batch_size})")
+    rows = run_train_step_benchmark(contexts, batch_size=args.batch_size, device=device, dtype=dtype,
+                                    repeats=args.repeats or (3 if args.quick else 5), log=print)
+    print()
+    print(format_table(rows))
+    if args.markdown:
+        Path(args.markdown).write_text(format_markdown(rows) + "\n")
+        print(f"Wrote {args.markdown}")
+    return EXIT_OK
+
+
 def _check_bench_topologies(names, smallest: int) -> None:
     """Refuse unknown specs, and specs that cannot be built at the smallest of ``--sizes`` (before
     any timing, as ``compare`` builds its topologies before training)."""
@@ -190,6 +219,8 @@ def run(args) -> int:
         return _calibrate(args, device, dtype)
     if args.selectors:
         return _bench_selection(args, device, dtype)
+    if args.train_step is not None:
+        return _train_step(args, device, dtype)
     if args.quick:
         sizes, repeats = args.sizes or [4096], args.repeats or 3
     else:
@@ -201,7 +232,7 @@ def run(args) -> int:
         rows += run_benchmark([name], list(sizes) + extra, args.backends, device=device,
                               dtype=dtype, heads=args.heads, head_dim=args.head_dim, kv_heads=args.kv_heads,
                               repeats=repeats, backward=not args.no_backward, block_size=args.block_size,
-                              log=print)
+                              flex_variants=args.flex_variants, log=print)
     print()
     print(format_table(rows))
     if args.markdown:

@@ -3,7 +3,8 @@
 A call goes :mod:`.dispatch` (checks, backend and implementation) -> one backend file:
 ``fused_triton.py`` / ``fused_torch.py`` (``fused``: the target-sorted CSR), ``tiled_triton.py`` /
 ``tiled_torch.py`` (``tiled``: tiles of the adjacency), both and :mod:`.merge` (``split``);
-:mod:`.planner` picks the backend under ``auto``.
+:mod:`.planner` picks the backend under ``auto``, which runs full and causal graphs through
+PyTorch's own attention kernels (:mod:`.sdpa`).
 
 Glossary (each word has this one meaning in this package):
 
@@ -26,12 +27,12 @@ from .fused_torch import DEFAULT_MAX_EDGES
 from .heads import head_inputs, heads_to_nodes, nodes_to_heads
 from .merge import merge_partials
 from .planner import (BLOCK_SIZE, CUDA_CORE_BLOCK_SIZE, DROPOUT_COST, MAX_BLOCK_SIZE, MERGE_COST, ROW_COST, TILE_COST,
-                      choose_backend, default_block_size, plan_costs)
+                      auto_kernel, choose_backend, default_block_size, plan_costs)
 from .reference import attend_reference
 from .tiled_torch import DEFAULT_MAX_CELLS
 
 __all__ = [
-    "attend", "edge_weights", "choose_backend", "plan_costs", "attend_reference", "merge_partials",
+    "attend", "edge_weights", "auto_kernel", "choose_backend", "plan_costs", "attend_reference", "merge_partials",
     "triton_available", "clear_cache", "BACKENDS", "TILE_COST", "ROW_COST", "MERGE_COST", "DROPOUT_COST",
     "BLOCK_SIZE", "CUDA_CORE_BLOCK_SIZE", "MAX_BLOCK_SIZE", "DEFAULT_MAX_EDGES", "DEFAULT_MAX_CELLS", "IMPLS",
     "default_block_size", "head_inputs", "heads_to_nodes", "nodes_to_heads",

@@ -25,6 +25,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .primitives import no_autocast
+
 
 class Kernel(NamedTuple):
     """A kernel's forward and backward functions (see the module docstring)."""
@@ -51,7 +53,8 @@ class KernelAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, kernel: Kernel, structure: Any, scale: float, options: dict):
-        out, lse, lse_lo = kernel.forward(q, k, v, bias, structure, scale, **options)
+        with no_autocast(q.device.type):  # the kernels pick their accumulation dtype themselves
+            out, lse, lse_lo = kernel.forward(q, k, v, bias, structure, scale, **options)
         ctx.set_materialize_grads(False)  # an unused lse sends None, not zeros
         ctx.mark_non_differentiable(lse_lo)
         guards = structure.guards() if hasattr(structure, "guards") else ()  # views of edge_index
@@ -65,8 +68,9 @@ class KernelAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         need_bias = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = ctx.kernel.backward(q, k, v, bias, ctx.structure, ctx.scale, out, lse, lse_lo,
-                                                dout, dlse, need_bias, **ctx.options)
+        with no_autocast(q.device.type):  # a backward pass run inside an autocast region, too
+            dq, dk, dv, dbias = ctx.kernel.backward(q, k, v, bias, ctx.structure, ctx.scale, out, lse, lse_lo,
+                                                    dout, dlse, need_bias, **ctx.options)
         return dq, dk, dv, dbias, None, None, None, None
 
 

@@ -16,7 +16,13 @@ and ``out_i = 0``, ``lse_i = -inf`` for a target without edges. Backends:
   style (:mod:`.tiling`, :mod:`.tiled_triton`, :mod:`.tiled_torch`).
 - ``"split"``: the densely filled tiles through ``tiled``, the remaining edges through ``fused``,
   merged exactly through their log-sum-exps (:mod:`.merge`).
-- ``"auto"``: one of the above by device and block fill (:func:`.planner.choose_backend`).
+- ``"auto"``: one of the above by device and block fill (:func:`.planner.choose_backend`), or, for a
+  graph of exactly full or causal attention per sequence or document without edge bias or dropout,
+  PyTorch's own ``scaled_dot_product_attention`` kernels (:mod:`.sdpa`, :func:`.planner.auto_kernel`).
+
+Under autocast, query, key and value are cast as autocast casts them for
+``scaled_dot_product_attention`` (float32 to the autocast dtype); the kernels then run without
+autocast, computing half precision in float32 as they always do.
 
 Example:
     >>> import torch
@@ -42,7 +48,8 @@ from .fused_torch import DEFAULT_MAX_EDGES, chunked_attention
 from .heads import head_inputs, heads_to_nodes, nodes_to_heads
 from .merge import merge_partials
 from .planner import check_tiling, edge_parts, planned_backend, tile_size, unit_costs
-from .primitives import compute_dtype, plain_tensor
+from .primitives import autocast_inputs, compute_dtype, no_autocast, plain_tensor
+from .sdpa import dense_pattern, lse_in_range, runs_sdpa, sdpa_attention
 from .tiled_torch import DEFAULT_MAX_CELLS, tiled_attention
 from .tiling import TileList, triton_blocks
 
@@ -161,7 +168,8 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
             edge's position in the (head, target)-sorted order.
 
     Returns:
-        ``out [N_dst, H, D]`` in ``query``'s dtype, and ``lse`` when ``return_lse``.
+        ``out [N_dst, H, D]`` in ``query``'s dtype (under autocast: autocast's dtype, unless the
+        inputs are float64), and ``lse`` when ``return_lse``.
         Differentiable w.r.t. query, key, value and edge_bias; empty rows give zeros.
 
     Example:
@@ -172,7 +180,18 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
         >>> out.shape, lse.shape
         (torch.Size([4, 2, 8]), torch.Size([4, 2]))
     """
+    query, key, value = autocast_inputs(query, key, value)
     _check_inputs(query, key, value, backend, num_dst, impl)
+    with no_autocast(query.device.type):
+        return _attend(query, key, value, edge_index, scale=scale, edge_bias=edge_bias, backend=backend,
+                       return_lse=return_lse, impl=impl, block_size=block_size, tile_cost=tile_cost,
+                       max_edges=max_edges, max_cells=max_cells, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                       edge_head=edge_head)
+
+
+def _attend(query, key, value, edge_index, *, scale, edge_bias, backend, return_lse, impl, block_size, tile_cost,
+            max_edges, max_cells, dropout_p, dropout_seed, edge_head):
+    """:func:`attend` after its tensor checks, without autocast."""
     if edge_head is not None:
         options = dict(scale=scale, backend=backend, return_lse=return_lse, impl=impl, block_size=block_size,
                        tile_cost=tile_cost, max_edges=max_edges, max_cells=max_cells, dropout_p=dropout_p,
@@ -225,6 +244,12 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
     # Triton was asked for by name (then its ValueError says why)
     tiles_triton = use_triton and (impl == "triton" or triton_blocks(block, block))
     if backend == "auto":
+        pattern = dense_pattern(graph)
+        if impl != "triton" and runs_sdpa(pattern, device_type, bias is not None, dropout is not None, return_lse):
+            out, lse, _ = sdpa_attention(query, key, value, pattern, scale)
+            if lse_in_range(lse):  # else the project's kernels, which keep what rounding the lse lost
+                out = out.to(query.dtype)
+                return (out, lse.to(compute_dtype(query.dtype))) if return_lse else out
         backend = planned_backend(graph, device_type, block, tile_cost, dropout is not None)
     if backend == "fused":
         out, lse, _ = _fused(query, key, value, bias, graph, scale, use_triton, max_edges, dropout)

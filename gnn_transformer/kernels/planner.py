@@ -5,6 +5,8 @@ A tile of ``B x B`` cells costs ``TILE_COST * B²`` whatever its fill, an edge o
 costs 1, each call of a backend adds ``ROW_COST`` per target row and ``split``'s merge
 ``MERGE_COST`` per row (``DROPOUT_COST`` under attention dropout); :func:`choose_backend` takes the
 cheapest of all edges fused, all tiles tiled, or the dense tiles tiled and the rest fused.
+Before that, a graph of exactly full or causal attention per sequence or document runs PyTorch's
+own attention kernels where nothing they lack is asked for (:func:`auto_kernel`, :mod:`.sdpa`).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from torch import Tensor
 
 from ._graph import CSRGraph, cached_sizes, prepare, sub_graph
 from .primitives import plain_tensor
+from .sdpa import dense_pattern, runs_sdpa
 from .tiling import TileList, build_tiles, sorted_unique, tile_stats
 
 # auto's cost model, in units of one edge of the fused path (per head and channel); measured with
@@ -258,4 +261,27 @@ def choose_backend(edge_index: Tensor, device, *, block_size: int | None = None,
     check_tiling(block_size, tile_cost)
     graph = prepare(edge_index, *_sizes(edge_index, num_src, num_dst))
     device_type = _device_type(device)
+    return planned_backend(graph, device_type, tile_size(graph, device_type, dtype, block_size), tile_cost, dropout)
+
+
+def auto_kernel(edge_index: Tensor, device, *, edge_bias: bool = False, dropout: bool = False,
+                return_lse: bool = False, impl: str | None = None, block_size: int | None = None,
+                tile_cost: float | None = None, num_src: int | None = None, num_dst: int | None = None,
+                dtype: torch.dtype | None = None) -> str:
+    """The kernel ``attend(..., backend="auto")`` runs for this graph on ``device``: ``"sdpa"``
+    (PyTorch's ``scaled_dot_product_attention`` kernels, for a graph of exactly full or causal
+    attention per sequence or document, when ``edge_bias``, attention ``dropout``, ``impl="triton"``
+    and, off the CPU, ``return_lse`` are all absent), else :func:`choose_backend`'s answer. On the
+    CPU a call whose log-sum-exp reaches ``sdpa.LSE_LIMIT`` runs :func:`choose_backend`'s backend.
+
+    Example:
+        >>> from gnn_transformer.topology import causal
+        >>> auto_kernel(causal(256), "cpu"), auto_kernel(causal(256), "cpu", dropout=True)
+        ('sdpa', 'tiled')
+    """
+    check_tiling(block_size, tile_cost)
+    graph = prepare(edge_index, *_sizes(edge_index, num_src, num_dst))
+    device_type = _device_type(device)
+    if impl != "triton" and runs_sdpa(dense_pattern(graph), device_type, edge_bias, dropout, return_lse):
+        return "sdpa"
     return planned_backend(graph, device_type, tile_size(graph, device_type, dtype, block_size), tile_cost, dropout)
