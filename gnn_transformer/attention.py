@@ -650,10 +650,13 @@ class GraphMultiheadAttention(MessagePassing):
         return chosen[0], chosen[1]  # shapes, devices and ranges: checked once, by kernels.head_inputs
 
     def resolve_backend(self, edge_index: Tensor, device: torch.device, backend: str | None = None,
-                        size: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> str:
-        """The backend one call will use; ``size`` is ``(N_src, N_dst)``, by default the graph's,
-        and ``dtype`` that of the projected heads, which sets the default tile size (see
-        :func:`gnn_transformer.kernels.choose_backend`)."""
+                        size: tuple[int, int] | None = None, dtype: torch.dtype | None = None, *,
+                        edge_bias: bool = False, need_weights: bool = False) -> str:
+        """The kernel one call will run; ``size`` is ``(N_src, N_dst)``, by default the graph's,
+        and ``dtype`` that of the projected heads, which sets the default tile size. Under
+        ``"auto"`` it is :func:`gnn_transformer.kernels.auto_kernel`'s answer: ``"sdpa"`` for a graph
+        of exactly full or causal attention per sequence or document (without an edge bias or
+        dropout), else the cheapest of the project's backends."""
         backend = self.backend if backend is None else backend
         if backend not in BACKENDS:
             raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {backend!r})")
@@ -667,8 +670,8 @@ class GraphMultiheadAttention(MessagePassing):
                              f"backend={backend!r}): the kernels do not compute attention logit softcapping")
         if backend == "auto":
             num_src, num_dst = (None, None) if size is None else size
-            return kernels.choose_backend(edge_index, device, dropout=dropout_active,
-                                          num_src=num_src, num_dst=num_dst, dtype=dtype)
+            return kernels.auto_kernel(edge_index, device, edge_bias=edge_bias, dropout=dropout_active,
+                                       return_lse=need_weights, num_src=num_src, num_dst=num_dst, dtype=dtype)
         return backend
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *,
@@ -683,7 +686,9 @@ class GraphMultiheadAttention(MessagePassing):
         if edge_head is not None:
             return self._attend_per_head(query, key, value, edge_index, edge_head, edge_bias, need_weights, backend)
         size = (key.size(0), query.size(0))
-        backend = self.resolve_backend(edge_index, query.device, backend, size, query.dtype)
+        requested = self.backend if backend is None else backend
+        backend = self.resolve_backend(edge_index, query.device, backend, size, query.dtype,
+                                       edge_bias=edge_bias is not None, need_weights=need_weights)
         scale = 1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale
         if backend == "pyg":
             # half precision is computed in float32, as on every backend: bfloat16 scores of large
@@ -702,14 +707,15 @@ class GraphMultiheadAttention(MessagePassing):
             return out.to(dtype), (weights if need_weights else None)
 
         dropout_p = self.dropout if self.training else 0.0
-        out, lse = kernels.attend(query, key, value, edge_index, scale=scale, edge_bias=edge_bias,
-                                  backend=backend, num_dst=query.size(0), return_lse=True,
-                                  dropout_p=dropout_p)
-        weights = None
-        if need_weights:
-            weights = kernels.edge_weights(query, key, edge_index, lse, scale=scale,
-                                           edge_bias=edge_bias)
-        return out, weights
+        # under "auto" the kernels choose again (the same answer, cached per graph): SDPA is not a
+        # backend a caller names
+        result = kernels.attend(query, key, value, edge_index, scale=scale, edge_bias=edge_bias,
+                                backend="auto" if requested == "auto" else backend, num_dst=query.size(0),
+                                return_lse=need_weights, dropout_p=dropout_p)
+        if not need_weights:
+            return result, None
+        out, lse = result
+        return out, kernels.edge_weights(query, key, edge_index, lse, scale=scale, edge_bias=edge_bias)
 
     def _attend_per_head(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, edge_head: Tensor,
                          edge_bias: Tensor | None, need_weights: bool, backend: str | None

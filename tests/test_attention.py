@@ -427,3 +427,21 @@ def test_pos_pair_needs_a_bipartite_input():
         layer(x, edge_index, kv=kv, pos=(pos, pos))
     torch.testing.assert_close(layer(x, edge_index, kv=kv, pos=pos), layer(x, edge_index, pos=pos),
                                **TOL[torch.float32])
+
+
+def test_auto_runs_sdpa_on_a_causal_graph_with_the_same_result():
+    # the layer under "auto" reaches the kernels' SDPA path on exactly causal graphs, weights included
+    from gnn_transformer.topology import causal, sliding_window
+
+    torch.manual_seed(0)
+    layer = GraphMultiheadAttention(32, 4, num_kv_heads=2, backend="auto", dtype=torch.float64)
+    x = torch.randn(40, 32, dtype=torch.float64)
+    graph = causal([15, 25])
+    assert layer.resolve_backend(graph, x.device) == "sdpa"
+    assert layer.resolve_backend(graph, x.device, edge_bias=True) != "sdpa"
+    assert layer.resolve_backend(sliding_window(40, 3, causal=True), x.device) != "sdpa"
+    out, alpha = layer(x, graph, return_attention_weights=True)
+    layer.backend = "pyg"
+    ref, ref_alpha = layer(x, graph, return_attention_weights=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(alpha, ref_alpha, rtol=0, atol=1e-10)
