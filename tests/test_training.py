@@ -1,13 +1,14 @@
 import json
+import math
 
 import pytest
 import torch
 
 from gnn_transformer.experiments.models import EncoderConfig, NodeModel, PatchModel, SequenceModel
 from gnn_transformer.experiments.runs import RunConfig, run_training
-from gnn_transformer.experiments.tasks import SequenceWorkload, get_task
+from gnn_transformer.experiments.tasks import SequenceBatch, SequenceWorkload, get_task
 from gnn_transformer.experiments.topologies import per_length, topology_fn
-from gnn_transformer.experiments.training import (TrainConfig, evaluate, load_checkpoint,
+from gnn_transformer.experiments.training import (TrainConfig, autocast, evaluate, load_checkpoint,
                                                   lr_lambda, save_checkpoint, seed_everything,
                                                   step_memory, train, write_logs)
 from gnn_transformer.experiments.verify import model_dense_error, verify_topologies
@@ -139,3 +140,76 @@ def test_run_training_every_kind(tmp_path, task, topology):
 def test_run_training_rejects_bad_topology():
     with pytest.raises(ValueError, match="topology"):
         run_training(RunConfig(task="karate", topology="sliding_window:window=1"))
+
+
+def test_cosine_decays_to_min_lr():
+    f = lr_lambda(TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr=1e-4))
+    assert f(9) == pytest.approx(1.0) and f(99) == pytest.approx(0.1)
+    assert min(f(s) for s in range(100)) >= 0.1 - 1e-12
+
+
+@pytest.mark.parametrize("bad", [dict(min_lr=2.0), dict(grad_accum=0), dict(precision="fp16"),
+                                 dict(checkpoint_every=-1), dict(stop_after=2000)])
+def test_new_config_errors_name_the_field(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        TrainConfig(**bad)
+
+
+class _Queue:
+    """A workload whose training batches are given in advance."""
+
+    def __init__(self, base, batches):
+        self.base, self.batches = base, list(batches)
+
+    def train_batch(self, generator):
+        return self.batches.pop(0)
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+
+def test_gradient_accumulation_equals_the_larger_batch():
+    """Two micro-batches of 8 sequences equal one batch of their 16 (equal lengths, so the mean
+    over each micro-batch's labels weighs every label alike)."""
+    task = get_task("parity", train_sizes=(6, 6), test_sizes=(7, 7))
+    base = SequenceWorkload(task, per_length(topology_fn("causal")), 8, eval_size=8)
+    g = torch.Generator().manual_seed(3)
+    micro = [base.train_batch(g) for _ in range(4)]
+    whole = [SequenceBatch(torch.cat([a.tokens, b.tokens]), torch.cat([a.targets, b.targets]),
+                           torch.cat([a.positions, b.positions]), a.lengths + b.lengths)
+             for a, b in (micro[:2], micro[2:])]
+    runs = []
+    for batches, accum in ((whole, 1), (micro, 2)):
+        model = _model(task)
+        train(model, _Queue(base, batches), TrainConfig(steps=2, batch_size=8, grad_accum=accum, warmup=1))
+        runs.append(model.state_dict())
+    for name in runs[0]:
+        torch.testing.assert_close(runs[0][name], runs[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["pyg", "fused", "tiled"])
+def test_bf16_autocast_trains_close_to_fp32(backend):
+    task, workload = _recall()
+    config = EncoderConfig(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, backend=backend)
+    batch = workload.eval_sets()["test"][0]
+    model = _model(task, config)
+    with autocast(torch.device("cpu"), "bf16"):
+        logits, _ = workload.logits(model, batch, torch.device("cpu"))
+    assert logits.dtype == torch.bfloat16
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        result = train(_model(task, config), workload, TrainConfig(steps=3, batch_size=8, warmup=1,
+                                                                    precision=precision))
+        losses[precision] = result.history[-1]["loss"]
+        assert math.isfinite(result.final["loss_test"])
+    assert losses["bf16"] != losses["fp32"]  # autocast was on
+    assert losses["bf16"] == pytest.approx(losses["fp32"], abs=5e-2)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one():
+    task = get_task("parity", train_sizes=(6, 6), test_sizes=(7, 7))  # two shapes: two compilations
+    workload = SequenceWorkload(task, per_length(topology_fn("causal")), 8, eval_size=8)
+    results = [train(_model(task), workload, TrainConfig(steps=2, batch_size=8, warmup=1, compile=flag))
+               for flag in (False, True)]
+    torch.testing.assert_close(results[1].history[-1]["loss"], results[0].history[-1]["loss"], atol=1e-4, rtol=1e-4)

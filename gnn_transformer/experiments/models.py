@@ -2,7 +2,10 @@
 
 One encoder (a stack of :class:`~gnn_transformer.GraphTransformerEncoderLayer`) under three heads:
 
-- :class:`SequenceModel`: token embedding + positions -> a label per token (algorithmic tasks);
+- :class:`SequenceModel`: token embedding + positions -> a label per token (algorithmic tasks,
+  language modelling);
+- :class:`SequenceClassifier`: the same encoder -> a label per sequence, read at a ``[CLS]`` node or
+  pooled over the sequence (ListOps);
 - :class:`NodeModel`: node features (+ Laplacian eigenvector PE) -> a label per node (graph tasks);
 - :class:`PatchModel`: image patches + a ``[CLS]`` token -> a label per image (ViT).
 
@@ -26,6 +29,7 @@ from ..topology.dynamic import selector
 from ..position import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
 
 POSITIONS = ("rope", "sinusoidal", "learned", "none")
+POOLS = ("cls", "mean")
 
 
 @dataclass
@@ -45,6 +49,10 @@ class EncoderConfig:
     # "fused" or "tiled"
     select: str | dict | None = None  # a selector of topology.dynamic.selector ("topk:num_keys=8"): every
     # layer chooses its per-head graph within the graph it is given; None: attend along that graph
+    bias: bool = True  # biases in the linear layers and layer norms (GPT-2 style models: False)
+    tie_embeddings: bool = False  # SequenceModel: the output layer reuses the token embedding
+    gpt_init: bool = False  # GPT-2 initialization: weights normal(0, 0.02), the projections into the
+    # residual stream normal(0, 0.02 / sqrt(2 num_layers)), biases zero
 
     def __post_init__(self) -> None:
         if self.position not in POSITIONS:
@@ -69,10 +77,22 @@ def make_encoder(config: EncoderConfig, rope: bool = False) -> GraphTransformerE
             config.select, num_heads=config.nhead, head_dim=config.d_model // config.nhead))
     layer = GraphTransformerEncoderLayer(config.d_model, config.nhead, config.dim_feedforward,
                                          config.dropout, config.activation,
-                                         norm_first=config.norm_first, backend=config.backend,
-                                         rope=rope, attention=attention)
-    norm = nn.LayerNorm(config.d_model) if config.norm_first else None
+                                         norm_first=config.norm_first, bias=config.bias,
+                                         backend=config.backend, rope=rope, attention=attention)
+    norm = nn.LayerNorm(config.d_model, bias=config.bias) if config.norm_first else None
     return GraphTransformerEncoder(layer, config.num_layers, norm)
+
+
+def gpt_init(model: nn.Module, num_layers: int) -> None:
+    """GPT-2's initialization (as in nanoGPT): linear and embedding weights normal(0, 0.02), the
+    output projections of attention and feed-forward (``out_proj``, ``linear2``) normal(0, 0.02 /
+    sqrt(2 num_layers)), biases zero; layer norms keep ones and zeros."""
+    for name, p in model.named_parameters():
+        if name.endswith("bias") and "norm" not in name:
+            nn.init.zeros_(p)
+        elif p.dim() >= 2:
+            std = 0.02 / (2 * num_layers) ** 0.5 if name.endswith(("out_proj.weight", "linear2.weight")) else 0.02
+            nn.init.normal_(p, mean=0.0, std=std)
 
 
 def encode(encoder: GraphTransformerEncoder, x: Tensor, graph: Any, pos: Tensor | None = None) -> Tensor:
@@ -102,7 +122,14 @@ class SequenceModel(nn.Module):
         self.embed = nn.Embedding(vocab_size, config.d_model)
         self.pos = _positions(config)
         self.encoder = make_encoder(config, rope=config.position == "rope")
-        self.head = nn.Linear(config.d_model, num_classes)
+        self.head = nn.Linear(config.d_model, num_classes, bias=config.bias)
+        if config.tie_embeddings:
+            if vocab_size != num_classes:
+                raise ValueError(f"Expected 'tie_embeddings' only where the vocabulary ({vocab_size}) "
+                                 f"is the set of classes ({num_classes})")
+            self.head.weight = self.embed.weight
+        if config.gpt_init:
+            gpt_init(self, config.num_layers)
 
     def forward(self, tokens: Tensor, positions: Tensor, edge_index: Tensor) -> Tensor:
         x = self.embed(tokens)  # [N, C] or [N, F, C]
@@ -112,6 +139,38 @@ class SequenceModel(nn.Module):
             x = x + self.pos(positions).to(x.dtype)
         rope_pos = positions if self.config.position == "rope" else None
         return self.head(encode(self.encoder, x, edge_index, rope_pos))  # [N, num_classes]
+
+
+class SequenceClassifier(nn.Module):
+    """Token ids ``[N]`` of a batch of sequences (a ``[CLS]`` token first in each, for
+    ``pool="cls"``) with their positions ``[N]`` -> logits ``[B, num_classes]``, read at the first
+    node of each sequence (``"cls"``) or averaged over its nodes (``"mean"``)."""
+
+    def __init__(self, vocab_size: int, num_classes: int, config: EncoderConfig, pool: str = "cls") -> None:
+        super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"Expected 'pool' in {POOLS} (got {pool!r})")
+        self.config, self.pool = config, pool
+        self.embed = nn.Embedding(vocab_size, config.d_model)
+        self.pos = _positions(config)
+        self.encoder = make_encoder(config, rope=config.position == "rope")
+        self.head = nn.Linear(config.d_model, num_classes, bias=config.bias)
+        if config.gpt_init:
+            gpt_init(self, config.num_layers)
+
+    def forward(self, tokens: Tensor, positions: Tensor, edge_index: Tensor, ptr: Tensor) -> Tensor:
+        """``ptr``: ``[B + 1]`` offsets of the sequences among the nodes."""
+        x = self.embed(tokens)  # [N, C]
+        if self.pos is not None:
+            x = x + self.pos(positions).to(x.dtype)
+        rope_pos = positions if self.config.position == "rope" else None
+        h = encode(self.encoder, x, edge_index, rope_pos)  # [N, C]
+        if self.pool == "cls":
+            return self.head(h[ptr[:-1]])  # [B, num_classes]
+        lengths = ptr.diff()  # [B]
+        batch = torch.repeat_interleave(torch.arange(lengths.numel(), device=h.device), lengths)  # [N]
+        pooled = torch.zeros(lengths.numel(), h.size(1), dtype=h.dtype, device=h.device).index_add_(0, batch, h)
+        return self.head(pooled / lengths[:, None].to(h.dtype))  # [B, num_classes]
 
 
 class NodeModel(nn.Module):

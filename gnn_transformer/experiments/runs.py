@@ -1,9 +1,10 @@
 """One training run of any built-in task: build the workload and model, train, save.
 
 Tasks: the sequence tasks of :mod:`.tasks` (``copy``, ``reverse``, ``sort``, ``parity``,
-``addition``, ``recall``), the graph tasks of :mod:`.graph_tasks` (``karate``,
-``shortest_path``) and ``digits`` (:mod:`.vision_tasks`). Runs under ``torchrun`` with
-DistributedDataParallel (:mod:`.distributed`).
+``addition``, ``recall``), character-level language modelling ``lm`` (:mod:`.lm`), ``listops``
+(:mod:`.listops`), the graph tasks of :mod:`.graph_tasks` (``karate``, ``shortest_path``) and
+``digits`` (:mod:`.vision_tasks`). Runs under ``torchrun`` with DistributedDataParallel
+(:mod:`.distributed`); a run continues from its ``last.pt`` with ``resume``.
 """
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ from typing import Any
 
 from torch import nn
 
-from . import distributed
+from . import checkpoints, distributed
 from .graph_tasks import GRAPH_TOPOLOGIES, KarateWorkload, ShortestPathWorkload
-from .models import EncoderConfig, NodeModel, PatchModel, SequenceModel
+from .listops import VOCAB as LISTOPS_VOCAB
+from .listops import ListOpsConfig, ListOpsWorkload
+from .listops import NUM_CLASSES as LISTOPS_CLASSES
+from .lm import LMWorkload, TextConfig, bits_per_char, generate, load_corpus
+from .models import EncoderConfig, NodeModel, PatchModel, SequenceClassifier, SequenceModel
 from .tasks import TASKS, SequenceWorkload, check_longer, get_task
 from .topologies import per_length, resolve_topology
 from .training import (TrainConfig, TrainResult, resolve_device, save_checkpoint, seed_everything,
@@ -24,8 +29,13 @@ from .vision_tasks import VISION_TOPOLOGIES, DigitsWorkload, check_patch
 
 GRAPH_TASKS = ("karate", "shortest_path")
 VISION_TASKS = ("digits",)
-ALL_TASKS = tuple(TASKS) + GRAPH_TASKS + VISION_TASKS
+TEXT_TASKS = ("lm", "listops")
+ALL_TASKS = tuple(TASKS) + TEXT_TASKS + GRAPH_TASKS + VISION_TASKS
 SIZED_TASKS = tuple(TASKS) + ("shortest_path",)  # the tasks that take train_sizes / test_sizes
+# fields a resumed run may change: they do not alter the trajectory of the weights
+RESUME_FREE = frozenset({"out", "resume", "save_all_ranks", "train.device", "train.log_every",
+                         "train.eval_every", "train.checkpoint_every", "train.stop_after", "train.compile",
+                         "text.sample_chars"})
 
 
 @dataclass
@@ -40,8 +50,13 @@ class RunConfig:
     patch: int = 2  # digits: patch side in pixels
     model: EncoderConfig = field(default_factory=EncoderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    out: str | None = None  # folder for logs and the checkpoint (None: save nothing)
+    text: TextConfig = field(default_factory=TextConfig)  # lm: the corpus, context and sample
+    listops: ListOpsConfig = field(default_factory=ListOpsConfig)  # listops: lengths, sizes, pooling
+    eval_size: int = 256  # sequence tasks: sequences per evaluation set; lm: validation windows;
+    # listops: expressions in each of the validation and test sets
+    out: str | None = None  # folder for logs and checkpoints (None: save nothing)
     save_all_ranks: bool = False  # under DDP, every rank writes model_rank{r}.pt (to compare them)
+    resume: str | None = None  # a last.pt, or a folder holding one: continue that run exactly
 
     def __post_init__(self) -> None:
         if self.task not in ALL_TASKS:
@@ -54,6 +69,8 @@ class RunConfig:
             check_longer(get_task(self.task, self.train_sizes, self.test_sizes))
         if self.pe_dim < 0:
             raise ValueError(f"Expected 'pe_dim' >= 0 (got {self.pe_dim})")
+        if not isinstance(self.eval_size, int) or self.eval_size < 1:
+            raise ValueError(f"Expected 'eval_size' to be a positive int (got {self.eval_size!r})")
         check_patch(self.patch)
 
 
@@ -63,12 +80,25 @@ def build(config: RunConfig) -> tuple[Any, nn.Module]:
     if name not in ALL_TASKS:
         raise ValueError(f"Unknown task {name!r}: expected one of {list(ALL_TASKS)}")
     bs = config.train.batch_size
-    if name in TASKS:
-        task = get_task(name, config.train_sizes, config.test_sizes)
+    if name in TASKS or name in TEXT_TASKS:
         topo = resolve_topology(config.topology)
         topo.check_heads(config.model.nhead)
-        workload = SequenceWorkload(task, per_length(topo.build), bs, eval_seed=config.train.seed + 12345)
         model_config = config.model if topo.select is None else replace(config.model, select=topo.select)
+        if name == "lm":
+            corpus = load_corpus(config.text)
+            workload = LMWorkload(corpus, topo.build, config.text.context, bs, config.eval_size)
+            model_config = _room_for(model_config, config.text.context)
+            seed_everything(config.train.seed)
+            return workload, SequenceModel(corpus.vocab_size, corpus.vocab_size, model_config)
+        if name == "listops":
+            workload = ListOpsWorkload(config.listops, topo.build, bs, config.eval_size, seed=config.train.seed)
+            model_config = _room_for(model_config, config.listops.lengths[1] + 1)
+            seed_everything(config.train.seed)
+            return workload, SequenceClassifier(len(LISTOPS_VOCAB), LISTOPS_CLASSES, model_config,
+                                                config.listops.pool)
+        task = get_task(name, config.train_sizes, config.test_sizes)
+        workload = SequenceWorkload(task, per_length(topo.build), bs, config.eval_size,
+                                    eval_seed=config.train.seed + 12345)
         seed_everything(config.train.seed)
         return workload, SequenceModel(task.vocab_size, task.num_classes, model_config)
     if name in GRAPH_TASKS:
@@ -95,31 +125,78 @@ def build(config: RunConfig) -> tuple[Any, nn.Module]:
                                 config.model)
 
 
+def _room_for(model: EncoderConfig, length: int) -> EncoderConfig:
+    """Learned positions: a table of at least ``length`` rows."""
+    if model.position == "learned" and model.max_positions < length:
+        return replace(model, max_positions=length)
+    return model
+
+
+def resume_path(path: str | Path) -> Path:
+    """A checkpoint to resume from: the file, or ``last.pt`` in a folder."""
+    p = Path(path)
+    return p / "last.pt" if p.is_dir() else p
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value}
+
+
+def check_resume(config: RunConfig, world_size: int = 1) -> dict[str, Any]:
+    """The training state of ``config.resume``, refused unless it was written by a run of the same
+    configuration (up to :data:`RESUME_FREE`) on as many processes."""
+    path = resume_path(config.resume)
+    payload = checkpoints.read(path, name="resume")
+    checkpoints.check_training_state(payload, path, world_size=world_size)
+    saved, now = _flat(payload["meta"].get("run", {})), _flat(_plain(asdict(config)))
+    differ = [key for key in sorted(set(saved) | set(now))
+              if key not in RESUME_FREE and saved.get(key) != now.get(key)]
+    if differ:
+        shown = ", ".join(f"{key}={saved.get(key)!r} (this run: {now.get(key)!r})" for key in differ[:6])
+        raise ValueError(f"Expected 'resume' to be a checkpoint of this configuration (got {str(path)!r}, "
+                         f"written with {shown}{', ...' if len(differ) > 6 else ''})")
+    return payload
+
+
 def run_training(config: RunConfig, *, progress: bool = False) -> tuple[TrainResult, nn.Module]:
     """Train one run (on every process of a ``torchrun`` launch); rank 0 writes the outputs.
 
     Writes into ``config.out``: ``train_log.csv``, ``train_eval.csv``, ``train.json`` and
-    ``model.pt`` (state dict, optimizer-free, with the run's config as metadata).
+    ``model.pt`` (state dict, optimizer-free, with the run's config as metadata); ``last.pt`` (the
+    training state) every ``train.checkpoint_every`` steps and at ``train.stop_after``; ``best.pt``
+    (the best evaluation's weights) with ``train.eval_every``. Language models also report
+    ``val_loss`` (nats per character) and ``val_bits_per_char`` in ``final`` and a generated
+    ``sample``.
     """
     resolve_device(config.train.device)  # a clear error before anything starts
     info = distributed.from_environment()
+    payload = check_resume(config, info.world_size) if config.resume is not None else None
+    workload, model = build(config)  # bad data (a missing text, an impossible length range) fails here
     device = distributed.setup(info, config.train.device)
     train_config = TrainConfig(**{**asdict(config.train), "device": device})
+    meta = {"run": _plain(asdict(config)), "world_size": info.world_size}
     try:
-        workload, model = build(config)
         model = distributed.wrap(model.to(device), info, device)
         result = train(model, workload, train_config, progress=progress, rank=info.rank,
-                       world_size=info.world_size, description=f"{config.task}/{config.topology}")
+                       world_size=info.world_size, description=f"{config.task}/{config.topology}",
+                       checkpoint_dir=config.out, resume=payload, meta=meta)
         result.config = {**asdict(config), "world_size": info.world_size}
+        if config.task == "lm":
+            result.final["val_loss"] = result.final["loss_val"]
+            result.final["val_bits_per_char"] = bits_per_char(result.final["loss_val"])
+            if config.text.sample_chars and info.is_main:
+                result.sample = generate(getattr(model, "module", model), workload, config.text.sample_chars,
+                                         seed=config.train.seed, device=device)
         if config.out is not None:
             out = Path(config.out)
-            meta = {"run": _plain(asdict(config)), "world_size": info.world_size}
+            step = result.final["step"]
             if info.is_main:
                 write_logs(result, out)
-                save_checkpoint(out / "model.pt", model, step=train_config.steps, meta=meta)
+                save_checkpoint(out / "model.pt", model, step=step, meta=meta)
             if config.save_all_ranks and info.enabled:
-                save_checkpoint(out / f"model_rank{info.rank}.pt", model, step=train_config.steps,
-                                meta=meta)
+                save_checkpoint(out / f"model_rank{info.rank}.pt", model, step=step, meta=meta)
         distributed.barrier(info)
         return result, getattr(model, "module", model)
     finally:

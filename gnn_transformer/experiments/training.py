@@ -1,10 +1,16 @@
 """Training as in "Attention Is All You Need" and its successors, for any workload.
 
 Adam or AdamW (``betas=(0.9, 0.98)``, ``eps=1e-9``), a learning rate that warms up linearly and then
-decays (cosine, inverse square root or linear) through :class:`torch.optim.lr_scheduler.LambdaLR`,
-label smoothing in :class:`torch.nn.CrossEntropyLoss`, dropout inside the model, gradient clipping
-with :func:`torch.nn.utils.clip_grad_norm_`. Seeds make runs reproducible; logs go to CSV/JSON;
-checkpoints are plain state dicts read back with ``torch.load(..., weights_only=True)``.
+decays (cosine, inverse square root or linear, optionally to a floor ``min_lr``) through
+:class:`torch.optim.lr_scheduler.LambdaLR`, label smoothing in :class:`torch.nn.CrossEntropyLoss`,
+dropout inside the model, gradient clipping with :func:`torch.nn.utils.clip_grad_norm_`, gradient
+accumulation over micro-batches, bfloat16 autocast and ``torch.compile``. Seeds make runs
+reproducible; logs go to CSV/JSON.
+
+Checkpoints (:mod:`.checkpoints`) are written atomically and read with ``weights_only=True``:
+``last.pt`` every ``checkpoint_every`` steps holds the whole training state, and a run started
+with ``resume=`` that checkpoint continues bit for bit (same data order, optimizer, scheduler and
+random state); ``best.pt`` holds the weights of the best evaluation on the held-out set.
 
 A *workload* (:class:`Workload`) knows its data: it draws a training batch, runs the model on a
 batch and returns logits with their labels, and holds fixed evaluation sets. The loop here knows
@@ -12,6 +18,7 @@ nothing of sequences, graphs or images.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -24,10 +31,17 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from . import checkpoints
+from .checkpoints import load_checkpoint, save_checkpoint
 from .tasks import IGNORE
 
 SCHEDULES = ("cosine", "inverse_sqrt", "linear", "constant")
 OPTIMIZERS = ("adamw", "adam")
+PRECISIONS = ("fp32", "bf16")
+
+__all__ = ["TrainConfig", "TrainResult", "Workload", "train", "evaluate", "lr_lambda", "make_optimizer",
+           "seed_everything", "resolve_device", "step_memory", "write_logs", "save_checkpoint",
+           "load_checkpoint", "SCHEDULES", "OPTIMIZERS", "PRECISIONS"]
 
 
 @dataclass
@@ -47,18 +61,31 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"  # "cpu" or "cuda"
     log_every: int = 10  # steps between logged training rows
-    eval_every: int = 0  # steps between evaluations (0: only at the end)
+    eval_every: int = 0  # steps between evaluations (0: only at the end); the best is kept (best.pt)
+    min_lr: float = 0.0  # learning rate at the end of a cosine or linear decay
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast of the forward pass and the loss)
+    compile: bool = False  # run the forward pass through torch.compile
+    checkpoint_every: int = 0  # steps between training checkpoints (last.pt); 0: only when stopping early
+    stop_after: int = 0  # stop after this step, leaving last.pt to resume (0: run all 'steps')
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every"):
+        for name in ("steps", "batch_size", "log_every", "grad_accum"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Expected '{name}' to be a positive int (got {value!r})")
-        for name in ("warmup", "eval_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"Expected '{name}' >= 0 (got {getattr(self, name)})")
+        for name in ("warmup", "eval_every", "checkpoint_every", "stop_after"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"Expected '{name}' to be an int >= 0 (got {value!r})")
+        if self.stop_after > self.steps:
+            raise ValueError(f"Expected 'stop_after' <= 'steps' ({self.steps}) (got {self.stop_after})")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"Expected 'lr' to be finite and > 0 (got {self.lr})")
+        if not (math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"Expected 'min_lr' in [0, lr={self.lr}] (got {self.min_lr})")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"Expected 'precision' in {PRECISIONS} (got {self.precision!r})")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"Expected 'weight_decay' to be finite and >= 0 (got {self.weight_decay})")
         if self.optimizer not in OPTIMIZERS:
@@ -89,21 +116,28 @@ class Workload(Protocol):
     def batch_tokens(self, batch: Any) -> int:
         """Nodes (tokens) in ``batch``, for throughput."""
 
+    # optional: ``monitor = ("loss_val", "min")``, the evaluation that picks the best checkpoint
+    # (default: accuracy on the first evaluation set, higher is better)
+
 
 @dataclass
 class TrainResult:
     """What one run returns."""
     history: list[dict[str, float]]  # one row per logged step
-    evals: list[dict[str, float]]  # one row per evaluation: step and accuracy per eval set
+    evals: list[dict[str, float]]  # one row per evaluation: step, accuracy and loss per eval set
     final: dict[str, float]  # last evaluation, plus final_loss
     tokens_per_s: float  # training throughput (tokens through forward + backward per second)
     train_seconds: float
     config: dict[str, Any] = field(default_factory=dict)
+    best: dict[str, float] | None = None  # the best evaluation (the weights of best.pt), with eval_every
+    sample: str | None = None  # language models: text generated after training
 
 
 def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
-    """Multiplier of the peak learning rate at each step: linear warmup, then the decay."""
+    """Multiplier of the peak learning rate at each step: linear warmup, then the decay (cosine and
+    linear decays end at ``min_lr``)."""
     warmup, total, schedule = config.warmup, config.steps, config.schedule
+    floor = config.min_lr / config.lr
 
     def factor(step: int) -> float:
         s = step + 1
@@ -116,8 +150,8 @@ def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
         progress = (s - warmup) / max(total - warmup, 1)
         progress = min(max(progress, 0.0), 1.0)
         if schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+            return floor + (1.0 - floor) * (1.0 - progress)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
     return factor
 
@@ -156,36 +190,82 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def autocast(device: torch.device, precision: str):
+    """``torch.autocast`` to bfloat16 for ``precision="bf16"``, a no-op context for ``"fp32"``."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, workload: Workload, device: torch.device) -> dict[str, float]:
-    """Accuracy on each evaluation set of ``workload`` (labels ``IGNORE`` skipped)."""
+def evaluate(model: nn.Module, workload: Workload, device: torch.device,
+             precision: str = "fp32") -> dict[str, float]:
+    """Accuracy (``acc_<set>``) and mean cross-entropy in nats (``loss_<set>``) on each evaluation
+    set of ``workload``, over the labels that are not ``IGNORE``."""
     was_training = model.training
     model.eval()
     out = {}
     for name, batches in workload.eval_sets().items():
         correct = total = 0
+        loss = 0.0
         for batch in batches:
-            logits, labels = workload.logits(model, batch, device)
+            with autocast(device, precision):
+                logits, labels = workload.logits(model, batch, device)
             keep = labels != IGNORE
-            correct += int((logits.argmax(-1)[keep] == labels[keep]).sum())
+            logits, labels = logits[keep].float(), labels[keep]
+            correct += int((logits.argmax(-1) == labels).sum())
+            loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
             total += int(keep.sum())
         out[f"acc_{name}"] = correct / max(total, 1)
+        out[f"loss_{name}"] = loss / max(total, 1)
     model.train(was_training)
     return out
 
 
+def _monitor(workload: Workload) -> tuple[str, str]:
+    """The evaluation key that picks the best checkpoint and whether lower ("min") is better."""
+    monitor = getattr(workload, "monitor", None)
+    if monitor is not None:
+        return monitor
+    return f"acc_{next(iter(workload.eval_sets()))}", "max"
+
+
+def _better(value: float, best: float | None, mode: str) -> bool:
+    return best is None or (value < best if mode == "min" else value > best)
+
+
+def _gather(obj: Any, world_size: int) -> list[Any]:
+    """``obj`` of every rank, in rank order (this rank's alone without a process group)."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            out: list[Any] = [None] * world_size
+            dist.all_gather_object(out, obj)
+            return out
+    return [obj]
+
+
 def train(model: nn.Module, workload: Workload, config: TrainConfig, *, progress: bool = False,
-          rank: int = 0, world_size: int = 1, description: str = "train") -> TrainResult:
-    """Train ``model`` on ``workload`` for ``config.steps`` steps.
+          rank: int = 0, world_size: int = 1, description: str = "train",
+          checkpoint_dir: str | Path | None = None, resume: str | Path | dict[str, Any] | None = None,
+          meta: dict[str, Any] | None = None) -> TrainResult:
+    """Train ``model`` on ``workload`` for ``config.steps`` steps (or up to ``config.stop_after``).
 
     The model must already sit on ``config.device`` (and may be wrapped in
     :class:`~torch.nn.parallel.DistributedDataParallel`). Under DDP every rank draws its own batches
     (generator seed ``1000 · seed + rank``) and gradients are averaged, so all ranks keep identical
-    weights; the logged loss is the mean over the ranks and the token count their sum.
+    weights; the logged loss is the mean over the ranks and the token count their sum. One step is
+    ``config.grad_accum`` micro-batches of ``config.batch_size``, their gradients summed with
+    weight ``1 / grad_accum``.
 
     Args:
         progress: show a tqdm progress bar (rank 0 only).
         rank, world_size: this process and the number of processes.
+        checkpoint_dir: rank 0 writes ``last.pt`` (the training state, every
+            ``config.checkpoint_every`` steps and when stopping at ``config.stop_after``) and
+            ``best.pt`` (the weights of the best evaluation, with ``config.eval_every``) here.
+        resume: a ``last.pt`` (its path, or its payload as read by :func:`checkpoints.read`): the run
+            continues after its step exactly as the run that wrote it would have.
+        meta: plain values stored in the checkpoints (the run's configuration).
 
     Returns:
         A :class:`TrainResult`; throughput counts the tokens of all ranks.
@@ -195,29 +275,65 @@ def train(model: nn.Module, workload: Workload, config: TrainConfig, *, progress
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE, label_smoothing=config.label_smoothing)
+    monitor, mode = _monitor(workload)
+    state: dict[str, Any] = {"history": [], "evals": [], "tokens": 0, "train_time": 0.0, "best": None}
+    start_step = 0
+    if resume is not None:
+        payload = resume if isinstance(resume, dict) else checkpoints.read(resume, name="resume")
+        checkpoints.check_training_state(payload, "" if isinstance(resume, dict) else resume,
+                                         world_size=world_size)
+        checkpoints.unwrap(model).load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        checkpoints.set_rank_state(payload["ranks"][rank], generator)
+        state, start_step = payload["progress"], int(payload["step"])
+    last = config.stop_after or config.steps
+    forward = _Compiled(model) if config.compile else model
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+
+    def save_state(step: int) -> None:
+        ranks = _gather(checkpoints.rank_state(generator), world_size)  # a collective: every rank
+        if directory is not None and rank == 0:
+            checkpoints.atomic_save(checkpoints.training_state(
+                model, optimizer, scheduler, step=step, ranks=ranks, progress=state, meta=meta),
+                directory / "last.pt")
+
+    def record_eval(row: dict[str, float]) -> None:
+        state["evals"].append(row)
+        if config.eval_every and monitor in row and _better(row[monitor], (state["best"] or {}).get(monitor),
+                                                            mode):
+            state["best"] = dict(row)
+            if directory is not None and rank == 0:
+                save_checkpoint(directory / "best.pt", model, step=int(row["step"]),
+                                meta={**(meta or {}), "eval": dict(row)})
+
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
-        bar = tqdm(total=config.steps, desc=description, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=last, initial=start_step, desc=description, leave=False, dynamic_ncols=True)
 
-    history, evals = [], []
-    tokens, train_time, last_loss = 0, 0.0, float("nan")
     model.train()
-    for step in range(1, config.steps + 1):
-        batch = workload.train_batch(generator)
+    for step in range(start_step + 1, last + 1):
+        batches = [workload.train_batch(generator) for _ in range(config.grad_accum)]
         start = time.perf_counter()
-        logits, labels = workload.logits(model, batch, device)
-        loss = criterion(logits, labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss = torch.zeros((), device=device)
+        for k, batch in enumerate(batches):
+            sync = k == len(batches) - 1 or not hasattr(model, "no_sync")
+            with (contextlib.nullcontext() if sync else model.no_sync()):
+                with autocast(device, config.precision):
+                    logits, labels = workload.logits(forward, batch, device)
+                    loss = criterion(logits.float(), labels)
+                (loss / config.grad_accum).backward()
+            step_loss += loss.detach() / config.grad_accum
         grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
                      if config.clip_grad is not None else _grad_norm(model.parameters()))
         optimizer.step()
         scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        train_time += time.perf_counter() - start
-        step_tokens, last_loss = workload.batch_tokens(batch), float(loss.detach())
+        state["train_time"] += time.perf_counter() - start
+        step_tokens, last_loss = sum(workload.batch_tokens(b) for b in batches), float(step_loss)
         if world_size > 1:  # every rank's tokens and loss (the ranks' batches differ)
             import torch.distributed as dist
 
@@ -228,27 +344,55 @@ def train(model: nn.Module, workload: Workload, config: TrainConfig, *, progress
                 step_tokens, last_loss = int(both[0]), float(both[1]) / world_size
             else:  # no process group to ask: this rank's count for each rank
                 step_tokens *= world_size
-        tokens += step_tokens
+        state["tokens"] += step_tokens
         if not math.isfinite(last_loss):
             raise FloatingPointError(f"Training loss became {last_loss} at step {step}; "
                                      "try a lower learning rate")
-        if step % config.log_every == 0 or step == config.steps:
-            history.append({"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                            "grad_norm": float(grad_norm), "tokens": tokens,
-                            "seconds": train_time})
+        if step % config.log_every == 0 or step == last:
+            state["history"].append({"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                                     "grad_norm": float(grad_norm), "tokens": state["tokens"],
+                                     "seconds": state["train_time"]})
         if config.eval_every and step % config.eval_every == 0 and step != config.steps:
-            evals.append({"step": step, **evaluate(model, workload, device)})
+            record_eval({"step": step, **evaluate(forward, workload, device, config.precision)})
+        if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.stop_after:
+            save_state(step)
         if bar is not None:
             bar.update(1)
             if step % config.log_every == 0:
                 bar.set_postfix(loss=f"{last_loss:.3f}")
     if bar is not None:
         bar.close()
-    final = {"step": config.steps, **evaluate(model, workload, device)}
-    evals.append(final)
-    final = {**final, "final_loss": _smoothed_loss(history)}
-    return TrainResult(history, evals, final, tokens / max(train_time, 1e-9), train_time,
-                       asdict(config))
+    final = {"step": last, **evaluate(forward, workload, device, config.precision)}
+    if last == config.steps:
+        record_eval(final)
+    else:  # stopped early: this evaluation is not part of the run's logs (last.pt holds them)
+        state["evals"] = [*state["evals"], final]
+    final = {**final, "final_loss": _smoothed_loss(state["history"])}
+    return TrainResult(state["history"], state["evals"], final,
+                       state["tokens"] / max(state["train_time"], 1e-9), state["train_time"],
+                       asdict(config), state["best"])
+
+
+class _Compiled(nn.Module):
+    """``torch.compile`` of a model whose graph arguments arrive as plain tensors: an ``EdgeIndex``
+    (a tensor subclass that the compiler's fake tensors do not trace) is passed as its data."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.compiled = torch.compile(model)
+
+    def forward(self, *args: Any) -> Tensor:
+        return self.compiled(*(_plain_graph(a) for a in args))
+
+
+def _plain_graph(value: Any) -> Any:
+    from torch_geometric import EdgeIndex
+
+    if isinstance(value, EdgeIndex):
+        return value.as_tensor()
+    if isinstance(value, tuple):
+        return tuple(_plain_graph(v) for v in value)
+    return value
 
 
 def _grad_norm(parameters: Iterable[Tensor]) -> Tensor:
@@ -322,37 +466,8 @@ def write_logs(result: TrainResult, out_dir: str | Path, prefix: str = "train") 
     path = out / f"{prefix}.json"
     path.write_text(json.dumps({"config": result.config, "final": result.final,
                                 "tokens_per_s": result.tokens_per_s,
-                                "train_seconds": result.train_seconds,
+                                "train_seconds": result.train_seconds, "best": result.best,
+                                "sample": result.sample,
                                 "history": result.history, "evals": result.evals}, indent=2))
     paths.append(path)
     return paths
-
-
-def save_checkpoint(path: str | Path, model: nn.Module, *, optimizer: torch.optim.Optimizer | None = None,
-                    step: int | None = None, meta: dict[str, Any] | None = None) -> Path:
-    """Save the model's state dict (unwrapped from DDP) with optional optimizer state and metadata.
-
-    ``meta`` must hold plain Python values (str, int, float, bool, lists, dicts), so that
-    :func:`load_checkpoint` can read everything back with ``weights_only=True``.
-    """
-    model = getattr(model, "module", model)
-    payload: dict[str, Any] = {"model": model.state_dict(), "meta": meta or {}}
-    if optimizer is not None:
-        payload["optimizer"] = optimizer.state_dict()
-    if step is not None:
-        payload["step"] = step
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, path)
-    return path
-
-
-def load_checkpoint(path: str | Path, model: nn.Module | None = None,
-                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``; load its weights into ``model`` if given."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or "model" not in payload:
-        raise ValueError(f"Expected a checkpoint written by save_checkpoint in {str(path)!r}")
-    if model is not None:
-        getattr(model, "module", model).load_state_dict(payload["model"])
-    return payload
