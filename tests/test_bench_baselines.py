@@ -35,8 +35,8 @@ def test_sdpa_as_a_user_calls_it_matches_dense(name, build, mode):
     plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
     fn = make_sdpa(edge_index, plain[0], plain[1], n, 0.4, got_mode, bounds)
     q, k, v = _inputs(n)
-    layout = getattr(fn, "layout", "bhnd")
-    to, back = (bhnd, nhd) if layout == "bhnd" else ((lambda x: x), (lambda x: x))
+    assert fn.layout in ("bhnd", "nhd")
+    to, back = (bhnd, nhd) if fn.layout == "bhnd" else ((lambda x: x), (lambda x: x))
     out = back(fn(to(q), to(k), to(v)))
     ref = dense_attention(q, k, v, edge_index, 0.4)
     torch.testing.assert_close(out, ref.float(), **TOL[torch.float32])

@@ -78,7 +78,7 @@ def test_cuda_cuts_global_rows_into_pieces(backend, kw, dtype, monkeypatch):
     out, lse = attend(q, k, v, edge_index, scale=0.125, edge_bias=b, backend=backend, return_lse=True,
                       impl="triton", **kw)
     graph = _graph.prepare(edge_index, n, n)
-    cache = graph.extras if backend == "fused" else graph.extras[("parts", 64, None)][0]._launch_cache
+    cache = graph.extras if backend == "fused" else graph.extras[("parts", 64, None)][0].launch_cache
     w = torch.randn(out.shape, dtype=torch.float32, device=CUDA)
     grads = torch.autograd.grad((out.float() * w).sum(), (q, k, v, b))
     cut = [p for key, p in cache.items() if key[:1] == ("pieces",) and p is not None]

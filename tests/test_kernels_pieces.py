@@ -185,7 +185,7 @@ def _check_cut(edge_index, backend, length):
     if backend == "fused":
         cache = graph.extras
     else:
-        cache = graph.extras[("parts", 16, None)][0]._launch_cache
+        cache = graph.extras[("parts", 16, None)][0].launch_cache
     cut = [v for key, v in cache.items() if isinstance(key, tuple) and key[:1] == ("pieces",)
            and key[2] == length and v is not None]
     assert len(cut) == 2  # rows (query blocks) and columns (key blocks)

@@ -173,6 +173,18 @@ def test_half_precision_on_the_sdpa_path(dtype):
     assert all(g.dtype == dtype and bool(torch.isfinite(g).all()) for g in grads)
 
 
+def test_cpu_without_the_fused_backward_kernel_runs_the_projects_kernels(monkeypatch):
+    """The CPU path differentiates through the fused CPU backward kernel: where torch lacks it,
+    ``auto`` runs the project's kernels, and the gradients still equal dense."""
+    from gnn_transformer.kernels import sdpa
+
+    monkeypatch.setattr(sdpa, "_FLASH_BWD", None)
+    edge_index = causal(12)
+    assert auto_kernel(edge_index, "cpu") != "sdpa"
+    assert_matches_dense(lambda q, k, v, b: attend(q, k, v, edge_index, scale=0.45, return_lse=True),
+                         edge_index, 12, 12, torch.float32, bias=False)
+
+
 def test_recognition_is_cached_per_edge_index():
     clear_cache()
     edge_index = causal(16)

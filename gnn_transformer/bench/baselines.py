@@ -21,6 +21,7 @@ A variant that cannot be built for a graph says why (:class:`Unavailable`), neve
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor
@@ -35,6 +36,23 @@ TABLE_BLOCKS = (128, 64, 32, 16)
 
 class Unavailable(Exception):
     """A baseline variant that cannot run for this graph; the message says why."""
+
+
+class Baseline(Protocol):
+    """``fn(q, k, v) -> out`` of a baseline, with ``note`` (how it runs) and ``layout`` (of its
+    inputs and output: ``"bhnd"``, ``[1, H, N, D]``, or ``"nhd"``, the tokens' ``[N, H, D]``)."""
+
+    note: str
+    layout: str
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
+
+
+def _baseline(fn: Callable[[Tensor, Tensor, Tensor], Tensor], note: str, layout: str = "bhnd") -> Baseline:
+    """``fn`` itself, given the attributes of a :class:`Baseline` (no wrapper around the timed call)."""
+    baseline = cast(Baseline, fn)
+    baseline.note, baseline.layout = note, layout
+    return baseline
 
 
 def bhnd(x: Tensor) -> Tensor:
@@ -60,7 +78,7 @@ def sdpa_mode(edge_index: Tensor, n: int) -> tuple[str, tuple[int, ...]]:
 
 
 def make_sdpa(edge_index: Tensor, src: Tensor, dst: Tensor, n: int, scale: float, mode: str,
-              bounds: tuple[int, ...]) -> Callable:
+              bounds: tuple[int, ...]) -> Baseline:
     """``fn(q, k, v)`` by ``scaled_dot_product_attention`` in ``mode`` (:func:`sdpa_mode`);
     ``fn.layout`` is ``"bhnd"`` (``[1, H, N, D]``) or, on nested tensors, ``"nhd"``; ``fn.note``
     says how it runs."""
@@ -72,20 +90,18 @@ def make_sdpa(edge_index: Tensor, src: Tensor, dst: Tensor, n: int, scale: float
     if mode in ("causal", "full"):
         def sdpa(q, k, v):  # [1, H, N, D]
             return F.scaled_dot_product_attention(q, k, v, is_causal=mode == "causal", scale=scale, **gqa(q, k))
-        sdpa.note = "is_causal" if mode == "causal" else "no mask"
-        return sdpa
+        return _baseline(sdpa, "is_causal" if mode == "causal" else "no mask")
     if mode.startswith("documents"):
         return _sdpa_documents(scale, mode == "documents-causal", bounds)
     mask = torch.zeros(n, n, dtype=torch.bool, device=src.device)
     mask[dst, src] = True
 
-    def sdpa(q, k, v):
+    def masked(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa(q, k))
-    sdpa.note = "dense bool mask"
-    return sdpa
+    return _baseline(masked, "dense bool mask")
 
 
-def _sdpa_documents(scale: float, causal: bool, bounds: tuple[int, ...]) -> Callable:
+def _sdpa_documents(scale: float, causal: bool, bounds: tuple[int, ...]) -> Baseline:
     """SDPA per document: on nested jagged tensors (whose layout is the tokens' ``[N, H, D]``)
     where torch runs them, else one call per document on ``[1, H, N, D]``; ``note`` says which and why."""
     import torch.nn.functional as F
@@ -112,13 +128,9 @@ def _sdpa_documents(scale: float, causal: bool, bounds: tuple[int, ...]) -> Call
         nested(probe, probe, probe, torch.arange(0, 2 * docs + 1, 2))
     except Exception as exc:  # torch refuses nested SDPA (is_causal, a version)
         why = "is_causal" if causal else str(exc).splitlines()[0][:60]
-        per_document.note = (f"{docs} calls, one per document" + (", is_causal" if causal else "")
-                             + f"; nested jagged SDPA refused ({why})")
-        per_document.layout = "bhnd"
-        return per_document
-    nested.note = f"nested jagged, {docs} documents" + (", is_causal" if causal else "")
-    nested.layout = "nhd"
-    return nested
+        return _baseline(per_document, f"{docs} calls, one per document" + (", is_causal" if causal else "")
+                         + f"; nested jagged SDPA refused ({why})")
+    return _baseline(nested, f"nested jagged, {docs} documents" + (", is_causal" if causal else ""), "nhd")
 
 
 # ---------------------------------------------------------------- FlexAttention mask_mods

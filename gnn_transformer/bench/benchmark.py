@@ -19,6 +19,7 @@ render them. Nothing here prints: pass ``log`` to see rows as they come.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import statistics
@@ -115,6 +116,8 @@ class _PeakHost:
     """Largest growth of live host memory while the block runs (sampled every millisecond): the
     largest rise of a sample over the lowest one before it, so memory that something else frees
     meanwhile (a worker thread, the garbage collector) does not hide the block's allocations."""
+
+    _low: int  # the lowest sample so far
 
     def __init__(self):
         self.delta = 0
@@ -314,11 +317,12 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
                        for h in (heads, kv_heads, kv_heads))
             ref = None
             if _fits(n, num_edges, "reference", heads, head_dim, memory_budget, 4) is None:
-                ref = _if_memory(lambda: _dense_reference(q, k, v, src, dst, scale), device)
+                ref = _if_memory(functools.partial(_dense_reference, q, k, v, src, dst, scale), device)
             grad_out = torch.randn(n, heads, head_dim, generator=g).to(device=device, dtype=dtype)
             ref_grads = None  # (dQ, dK, dV), computed once for every backend where they fit
             if backward and _fits(n, num_edges, "reference_grads", heads, head_dim, memory_budget, 4) is None:
-                ref_grads = _if_memory(lambda: _dense_reference_grads(q, k, v, src, dst, scale, grad_out), device)
+                ref_grads = _if_memory(functools.partial(_dense_reference_grads, q, k, v, src, dst, scale, grad_out),
+                                       device)
             mode = sdpa_mode(edge_index, n) if "sdpa" in backends else None
             case = _Case(q, k, v, grad_out, ref, ref_grads, device, repeats, backward)
             for backend in backends:
@@ -344,7 +348,7 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
                 if backend == "auto":
                     note = "ran " + auto_kernel(edge_index, device, block_size=block_size, dtype=dtype)
                 emit(case.rows(base, fn, build_ms, note))
-            q = k = v = ref = ref_grads = case = None  # free them before the next size
+            del q, k, v, ref, ref_grads, case  # free them before the next size
     return rows
 
 
@@ -410,11 +414,11 @@ class _Case:
 def _make(backend, edge_index, src, dst, n, q, k, v, scale, block_size=None, mode=None):
     """``(fn(q, k, v) -> out, build seconds)`` for one backend (``mode``: :func:`.baselines.sdpa_mode`)."""
     if backend in ("fused", "tiled", "auto"):
-        head = [x[:, :1].detach().requires_grad_() for x in (q, k, v)]
+        hq, hk, hv = (x[:, :1].detach().requires_grad_() for x in (q, k, v))
 
         def one_head() -> float:  # a forward pass that will be differentiated: it builds the CSC too
             t0 = time.perf_counter()
-            attend(*head, edge_index, scale=scale, backend=backend, block_size=block_size)
+            attend(hq, hk, hv, edge_index, scale=scale, backend=backend, block_size=block_size)
             _sync(q.device)
             return time.perf_counter() - t0
         one_head()  # compiles the kernels
@@ -430,7 +434,6 @@ def _make(backend, edge_index, src, dst, n, q, k, v, scale, block_size=None, mod
     if backend == "sdpa":
         t0 = time.perf_counter()
         fn = make_sdpa(edge_index, src, dst, n, scale, *mode)
-        fn.layout = getattr(fn, "layout", "bhnd")
         return fn, time.perf_counter() - t0
     raise ValueError(f"Expected 'backend' in {BACKENDS} (got {backend!r})")
 
@@ -553,12 +556,14 @@ def _calibration_call(topology: str, n: int, device, dtype, block: int, heads: i
     scale = 1.0 / math.sqrt(head_dim)
 
     def call(backend: str, p: str, dropout_p: float = 0.0) -> None:
-        kw = dict(scale=scale, backend=backend, block_size=block, dropout_p=dropout_p, dropout_seed=seed)
         if p == "fwd":
             with torch.no_grad():
-                attend(q, k, v, edge_index, **kw)
+                attend(q, k, v, edge_index, scale=scale, backend=backend, block_size=block, dropout_p=dropout_p,
+                       dropout_seed=seed)
         else:
-            torch.autograd.grad(attend(q, k, v, edge_index, **kw), (q, k, v), grad_out)
+            out = attend(q, k, v, edge_index, scale=scale, backend=backend, block_size=block, dropout_p=dropout_p,
+                         dropout_seed=seed)
+            torch.autograd.grad(out, (q, k, v), grad_out)
     return num_edges, num_tiles, call
 
 
@@ -583,7 +588,7 @@ def calibrate_tile_cost(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[
             num_edges, num_tiles, call = _calibration_call(topology, n, device, dtype, block, heads, head_dim,
                                                            kv_heads, seed)
             for p in passes:
-                ms = {b: 1e3 * _measure(lambda b=b: call(b, p), device, repeats)[0] for b in ("fused", "tiled")}
+                ms = {b: 1e3 * _measure(functools.partial(call, b, p), device, repeats)[0] for b in ("fused", "tiled")}
                 cells = num_tiles * block * block
                 per_edge, per_cell = 1e6 * ms["fused"] / num_edges, 1e6 * ms["tiled"] / cells
                 rows.append(dict(topology=topology, n=n, edges=num_edges, tiles=num_tiles,
@@ -634,7 +639,7 @@ def calibrate_row_costs(rows: Sequence[dict], suggested: dict[str, float], n: in
                 o = attend(q, k, v, loops, scale=scale, backend=backend, block_size=block)
                 if backward:
                     torch.autograd.grad(o, (q, k, v), grad_out)
-        unit = {b: _measure(lambda b=b: call(b), device, repeats)[0] / (n * per_edge)
+        unit = {b: _measure(functools.partial(call, b), device, repeats)[0] / (n * per_edge)
                 for b in ("fused", "tiled", "merge")}
         out[p] = {"fused": max(0.0, unit["fused"] - 1.0),
                   "tiled": max(0.0, unit["tiled"] - suggested[p] * block),

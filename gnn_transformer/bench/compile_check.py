@@ -28,6 +28,7 @@ import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 
@@ -63,6 +64,14 @@ class Case:
                 + (" +dropout" if self.dropout else "") + (" +pieces" if self.pieces else ""))
 
 
+class _Variant(TypedDict, total=False):
+    """The fields of a :class:`Case` beyond its backend, dtype and head dim."""
+    kv_heads: int
+    bias: bool
+    dropout: bool
+    pieces: bool
+
+
 @dataclass(frozen=True)
 class Compiled:
     """What one kernel specialization needs on the target."""
@@ -91,11 +100,12 @@ def default_cases(dtypes: Iterable[str] = tuple(DTYPES), backends: Iterable[str]
     12 query heads on 4 key/value heads, and for fused also 12 on 12 (multi-head attention runs
     the per-head CSR kernels, grouped-query attention the grouped ones); and for fused and tiled,
     with bias and dropout, a graph whose long rows run in pieces (the kernels' ``MAPPED`` launches)."""
-    fused = [dict(), dict(bias=True), dict(bias=True, dropout=True), dict(bias=True, dropout=True, pieces=True)]
-    variants = {"fused": fused + [dict(v, kv_heads=12) for v in fused],
-                "split": [dict(bias=True, dropout=True)]}
-    tiled = [dict(), dict(bias=True), dict(bias=True, dropout=True),
-             dict(bias=True, dropout=True, pieces=True)]
+    fused: list[_Variant] = [_Variant(), _Variant(bias=True), _Variant(bias=True, dropout=True),
+                             _Variant(bias=True, dropout=True, pieces=True)]
+    variants: dict[str, list[_Variant]] = {"fused": fused + [_Variant(**v, kv_heads=12) for v in fused],
+                                           "split": [_Variant(bias=True, dropout=True)]}
+    tiled = [_Variant(), _Variant(bias=True), _Variant(bias=True, dropout=True),
+             _Variant(bias=True, dropout=True, pieces=True)]
     return [Case(b, d, head_dim=hd, **variant)
             for b in backends for d in dtypes for hd in head_dims for variant in variants.get(b, tiled)]
 
@@ -195,8 +205,10 @@ def _uses_tensor_cores(ptx: str) -> bool:
 def _innermost(err: BaseException) -> str:
     """The message at the bottom of a chain of exceptions (Triton nests one compilation error per
     ``@triton.jit`` function it inlines; the reason is in the last one, with its source line)."""
-    while err.__cause__ is not None or err.__context__ is not None:
-        err = err.__cause__ or err.__context__
+    inner = err.__cause__ or err.__context__
+    while inner is not None:
+        err = inner
+        inner = err.__cause__ or err.__context__
     return str(err).strip() or type(err).__name__
 
 

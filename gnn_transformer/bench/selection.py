@@ -78,7 +78,8 @@ def _block_table(q: Tensor, k: Tensor, block: int, num_blocks: int) -> tuple[Ten
 
 
 def run_selection_benchmark(selectors: Sequence[str] = tuple(SELECTIONS), sizes: Sequence[int] = (4096,), *,
-                            heads: int = 12, kv_heads: int | None = None, head_dim: int = 64, device: str = "cpu",
+                            heads: int = 12, kv_heads: int | None = None, head_dim: int = 64,
+                            device: str | torch.device = "cpu",
                             dtype: torch.dtype = torch.float32, repeats: int = 5, backward: bool = True,
                             baselines: Sequence[str] = ("flex", "sdpa"), seed: int = 0,
                             log: Callable[[str], None] | None = None) -> list[dict]:

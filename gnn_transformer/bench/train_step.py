@@ -90,7 +90,7 @@ def run_train_step_benchmark(contexts: Sequence[int] = (64, 256), *, batch_size:
     ``backends``) at each context; ``ratio`` is a row's time over the GPT's (``gpt_sdpa``) at that
     context. ``dtype`` (e.g. ``torch.bfloat16``) runs the steps under autocast. The ``GraphLM``
     row's note names the backend its layers resolve to."""
-    from .. import GraphLM, GraphTransformerConfig
+    from .. import GraphLM, GraphMultiheadAttention, GraphTransformerConfig
     from ..topology import causal
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,11 +109,12 @@ def run_train_step_benchmark(contexts: Sequence[int] = (64, 256), *, batch_size:
             torch.manual_seed(seed)
             config = GraphTransformerConfig(vocab_size=vocab, d_model=width, nhead=heads, num_layers=layers,
                                             bias=False, max_positions=context, backend=backend)
-            model = GraphLM(config).to(device)
-            layer = model.encoder.layers[0].self_attn
+            lm = GraphLM(config).to(device)
+            layer = lm.encoder.layers[0].self_attn
+            assert isinstance(layer, GraphMultiheadAttention)
             resolved = layer.resolve_backend(edge_index, torch.device(device), size=(context * batch_size,) * 2,
                                              dtype=torch.float32 if dtype is None else dtype)
-            models.append((f"graph_lm ({backend})", model,
+            models.append((f"graph_lm ({backend})", lm,
                            lambda m: F.cross_entropy(m(idx.view(-1), edge_index, pos=pos), targets.view(-1)),
                            f"layers run {resolved}"))
         base_ms = None

@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor
 from torch_geometric import EdgeIndex
 
 from .primitives import plain_tensor
+
+# Backend-specific structures cached on a graph or a tile list, keyed by a name or a tuple of the
+# name and the parameters they were built for (``("row_chunks", max_edges)``)
+Extras: TypeAlias = dict[str | tuple[Any, ...], Any]
 
 
 @dataclass(eq=False)
@@ -32,12 +37,12 @@ class CSRGraph:
     dst: Tensor  # [E] target i of each edge, non-decreasing
     rowptr: Tensor  # [N_dst + 1] edges of target i are rowptr[i]:rowptr[i + 1]
     perm: Tensor | None  # [E] sorted position -> column of the edge_index as given (None: identity)
-    extras: dict[str, Any] = field(default_factory=dict)  # row chunks, tile lists, CSC view, ...
+    extras: Extras = field(default_factory=dict)  # row chunks, tile lists, CSC view, ...
     # [E] for a part of a larger graph (split's fused part): each edge's position in that graph's
     # target-sorted order, the key of its dropout mask; None: the positions 0..E-1 of this graph
     edge_ids: Tensor | None = None
     # the edge_index that src / dst are views of (weak: the cache must not keep it alive)
-    source: weakref.ref | None = None
+    source: weakref.ref[Tensor] | None = None
 
     @property
     def num_edges(self) -> int:
@@ -69,7 +74,8 @@ class CSRGraph:
         return self.extras["csc"]
 
 
-_CACHE: dict[int, tuple[weakref.ref, int, tuple, CSRGraph]] = {}
+# id(edge_index) -> (weak reference, version (:func:`_version`), stamp, graph)
+_CACHE: dict[int, tuple[weakref.ref[Tensor], int | Tensor, tuple[Any, ...], CSRGraph]] = {}
 # Re-entrant: a weakref callback (``_drop``) can run inside a locked section when garbage
 # collection frees another edge_index there.
 _LOCK = threading.RLock()
@@ -78,6 +84,11 @@ _LOCK = threading.RLock()
 def _drop(key: int) -> None:
     with _LOCK:
         _CACHE.pop(key, None)
+
+
+def _dropper(key: int) -> Callable[[weakref.ref[Tensor]], None]:
+    """The weak reference callback that forgets the cache entry ``key`` when its tensor dies."""
+    return lambda _ref: _drop(key)
 
 
 def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int) -> None:
@@ -151,7 +162,7 @@ def _same(old: int | Tensor, edge_index: Tensor) -> bool:
     return edge_index.is_inference() and torch.equal(old, plain)
 
 
-def _lookup(edge_index: Tensor) -> tuple[tuple, CSRGraph] | None:
+def _lookup(edge_index: Tensor) -> tuple[tuple[Any, ...], CSRGraph] | None:
     """``(stamp, graph)`` of the valid cache entry of ``edge_index``, if any."""
     with _LOCK:
         hit = _CACHE.get(id(edge_index))
@@ -188,7 +199,7 @@ def prepare(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
     graph = _build(edge_index, num_src, num_dst)
     key = id(edge_index)
     try:
-        ref = weakref.ref(edge_index, lambda _r, k=key: _drop(k))
+        ref = weakref.ref(edge_index, _dropper(key))
     except TypeError:  # not weak-referenceable: do not cache
         return graph
     with _LOCK:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import lse_pair
+from ._graph import Extras
 from .primitives import finite_or_zero
 
 # A piece length for every launch, on every device (0: never cut); None: by the device, as above.
@@ -92,7 +93,7 @@ def piece_length(kind: str, items: int, heads: int, device: torch.device) -> int
     return max(MIN_PIECE[kind], -(-items * heads // slots))
 
 
-def cached_pieces(cache: dict, name: str, ptr: Tensor, kind: str, items: int, heads: int) -> Pieces | None:
+def cached_pieces(cache: Extras, name: str, ptr: Tensor, kind: str, items: int, heads: int) -> Pieces | None:
     """:func:`cut` of ``ptr`` at :func:`piece_length`, kept in ``cache`` under ``name`` and the length."""
     length = piece_length(kind, items, heads, ptr.device)
     key = ("pieces", name, length)
@@ -175,7 +176,9 @@ def launch_rows(run, ptr: Tensor, pieces: Pieces | None, outputs: tuple[Tensor, 
     buffers = [partial(pieces, block, x.shape[1:], dtype, x.device, fill) for x, fill in zip(outputs, fills)]
     run(pieces.num_pieces, *buffers, pieces.start, pieces.stop, pieces.row, True)
     if merge:
-        merge_into(*outputs, *buffers, pieces, block)
+        out, lse, lse_lo = outputs
+        out_p, lse_p, lo_p = buffers
+        merge_into(out, lse, lse_lo, out_p, lse_p, lo_p, pieces, block)
     else:
         for x, buffer in zip(outputs, buffers):
             add_into(x, buffer, pieces, block)

@@ -229,6 +229,7 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph
     dk = dkT.transpose(0, 1).to(k.dtype)
     dv = dvT.transpose(0, 1).to(v.dtype)
     if dbias is not None:
+        assert bias is not None  # a bias gradient is asked for only with a bias (module _autograd)
         dbias = dbias.to(bias.dtype)
     return dq, dk, dv, dbias
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -31,13 +32,19 @@ from .primitives import plain_tensor
 # the sizes, the relabelled edge_index); an entry disappears with its edge_head, and a write in
 # place through PyTorch (a new version) invalidates it. The relabelled tensor stays the same object
 # while its entry lives, so the kernels' graph cache (keyed by tensor identity) keeps its CSR and tiles.
-_CACHE: dict[int, tuple] = {}
+_CACHE: dict[int, tuple[weakref.ref[Tensor], weakref.ref[Tensor], tuple[int, int], tuple[int, int, int, int],
+                        Tensor]] = {}
 _LOCK = threading.RLock()
 
 
 def _drop(key: int) -> None:
     with _LOCK:
         _CACHE.pop(key, None)
+
+
+def _dropper(key: int) -> Callable[[weakref.ref[Tensor]], None]:
+    """The weak reference callback that forgets the cache entry ``key`` when its tensor dies."""
+    return lambda _ref: _drop(key)
 
 
 def check_edge_head(edge_head: object, num_edges: int, num_heads: int, device: torch.device,
@@ -114,7 +121,7 @@ def head_graph(edge_index: Tensor, edge_head: Tensor, num_src: int, num_dst: int
     if edge_head.is_inference() or edge_index.is_inference():  # no version counters: not cached
         return relabelled
     try:
-        head_ref = weakref.ref(edge_head, lambda _r, k=key: _drop(k))
+        head_ref = weakref.ref(edge_head, _dropper(key))
         index_ref = weakref.ref(edge_index)
     except TypeError:
         return relabelled

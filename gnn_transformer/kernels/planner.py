@@ -95,7 +95,8 @@ def _sizes(edge_index: Tensor, num_src: int | None, num_dst: int | None) -> tupl
     for name, v in (("num_src", num_src), ("num_dst", num_dst)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             raise ValueError(f"Expected '{name}' to be a non-negative int or None (got {v!r})")
-    size = edge_index.sparse_size() if callable(getattr(edge_index, "sparse_size", None)) else (None, None)
+    sparse_size = getattr(edge_index, "sparse_size", None)  # an EdgeIndex's
+    size = sparse_size() if callable(sparse_size) else (None, None)
     cached = cached_sizes(edge_index) if isinstance(edge_index, Tensor) else None
     plain = plain_tensor(edge_index)
     out = []
@@ -156,6 +157,7 @@ def edge_parts(graph: CSRGraph, block: int, ratio: float | None) -> tuple[TileLi
         if ratio is not None:
             on_tiles &= _dense_tiles(graph, block, ratio)[tile_stats(graph, block, block)[1]]
         # the copies are off the tiles (_copies): build_tiles need not look for repeats again
+        parts: tuple[TileList, Tensor | None, CSRGraph | None]
         if bool(on_tiles.all()):
             parts = (build_tiles(graph, block, block, distinct=True), None, None)
         else:

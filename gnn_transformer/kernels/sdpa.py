@@ -18,6 +18,7 @@ heads, ``D`` head dimension.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -105,7 +106,7 @@ def runs_sdpa(pattern: DensePattern | None, device_type: str, bias: bool, dropou
     log-sum-exp (the public SDPA does not return it)."""
     if pattern is None or bias or dropout:
         return False
-    if device_type == "cpu" and _FLASH is None:
+    if device_type == "cpu" and (_FLASH is None or _FLASH_BWD is None):
         return False
     if device_type != "cpu" and lse:
         return False
@@ -135,6 +136,7 @@ def _flash_forward(q, k, v, bias, pattern: DensePattern, scale: float):
     group = q.size(1) // k.size(1)
     k, v = (x.to(cd).repeat_interleave(group, dim=1) if group > 1 else x.to(cd) for x in (k, v))  # [N, H, D]
     outs, lses = [], []
+    assert _FLASH is not None  # runs_sdpa sends a CPU call here only with the fused CPU kernel
     for qd, kd, vd in zip(*(_documents(x, pattern) for x in (q.to(cd), k, v))):
         o, lse = _FLASH(qd, kd, vd, is_causal=pattern.kind == "causal", scale=scale)  # [B, H, L, D], [B, H, L]
         outs.append(o)
@@ -163,6 +165,7 @@ def _flash_backward(q, k, v, bias, pattern: DensePattern, scale: float, out, lse
     batches = [_documents(x, pattern) for x in (doc, qc, kc, vc, oc)]
     lse_docs = _documents(lse.to(cd).unsqueeze(-1), pattern)  # [B, H, L, 1]
     dqs, dks, dvs = [], [], []
+    assert _FLASH_BWD is not None  # runs_sdpa sends a CPU call here only with the fused CPU kernel
     for do, qd, kd, vd, od, ld in zip(*batches, lse_docs):
         dq, dk, dv = _FLASH_BWD(do, qd, kd, vd, od, ld.squeeze(-1), 0.0, pattern.kind == "causal", scale=scale)
         dqs.append(dq)
@@ -190,7 +193,8 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale
 def public_sdpa(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float) -> Tensor:
     """``out [N, H, D]`` of a recognized graph by the public ``scaled_dot_product_attention`` (its
     own autograd; the path off the CPU, on any device)."""
-    gqa = {"enable_gqa": True} if k.size(1) != q.size(1) else {}
+    # enable_gqa only when needed: torch 2.4's SDPA does not take it
+    gqa: dict[str, Any] = {"enable_gqa": True} if k.size(1) != q.size(1) else {}
     outs = [F.scaled_dot_product_attention(qd, kd, vd, is_causal=pattern.kind == "causal", scale=scale, **gqa)
             for qd, kd, vd in zip(*(_documents(x, pattern) for x in (q, k, v)))]
     return _tokens(outs)

@@ -195,6 +195,7 @@ def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tenso
             keys = _key_blocks(kB, tiles, tids, run).transpose(0, 1)
             vals = _key_blocks(vB, tiles, tids, run).transpose(0, 1)
             mask, nonempty = _flash_mask(tiles, tb, tids, cd)
+            assert _FLASH is not None  # flash: _use_flash
             o, lse_g = _FLASH(qB[:, qb].transpose(0, 1), keys, vals, attn_mask=mask, scale=scale)
             if nonempty is not None:  # rows without an edge: lse = -inf (the kernel says 0)
                 lse_g = lse_g.masked_fill(~nonempty, float("-inf"))
@@ -246,7 +247,7 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dou
     lseB = finite_or_zero(lseB)
     loB = _blocked(lse_lo.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
     dqB, dkB, dvB = torch.zeros_like(qB), torch.zeros_like(kB), torch.zeros_like(vB)
-    dtb = torch.zeros_like(tb) if need_bias_grad else None
+    dtb = torch.zeros_like(tb) if need_bias_grad and tb is not None else None
     if flash:
         outB = _blocked(out, tiles.block_q, nqb, cd, extra)  # [H, nqb, Bq, D (+ 1)]
         if extra:
@@ -263,6 +264,7 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dou
             keys = _key_blocks(kB, tiles, tids, run).transpose(0, 1)
             vals = _key_blocks(vB, tiles, tids, run).transpose(0, 1)
             mask, _ = _flash_mask(tiles, tb, tids, cd)
+            assert _FLASH_BWD is not None  # flash: _use_flash
             dq, dk, dv = _FLASH_BWD(doB[:, qb].transpose(0, 1), qB[:, qb].transpose(0, 1), keys, vals,
                                     outB[:, qb].transpose(0, 1), lseB[:, qb].squeeze(-1).transpose(0, 1),
                                     0.0, False, attn_mask=mask, scale=scale)

@@ -285,13 +285,6 @@ def _check_blocks(tiles: TileList) -> None:
                          "block sizes through the PyTorch tiled path")
 
 
-def _cache(tiles: TileList) -> dict:
-    """The tile list's dictionary of derived launch structures (:mod:`._pieces`)."""
-    if not hasattr(tiles, "_launch_cache"):
-        tiles._launch_cache = {}
-    return tiles._launch_cache
-
-
 def _common(tiles: TileList, tbias: Tensor | None, dim: int, dropout: tuple[float, int] | None):
     """``(masks, cell edges, head-dim block)`` of a launch."""
     masks = tiles.masks.view(torch.uint8) if tiles.masks.numel() else \
@@ -321,7 +314,7 @@ def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias
         return out, lse, lse_lo
     masks, cell_edge, block_d = _common(tiles, tbias, dim, dropout)
     drop = _scalar_args(tiles, scale, dropout, acc_dtype, q.device)
-    pieces = _pieces.cached_pieces(_cache(tiles), "q_blocks", tiles.tile_ptr, "tiles", tiles.num_tiles, num_heads)
+    pieces = _pieces.cached_pieces(tiles.launch_cache, "q_blocks", tiles.tile_ptr, "tiles", tiles.num_tiles, num_heads)
     tb_arg = tbias if tbias is not None else lse  # unused without a bias
 
     def run(blocks, out, lse, lse_lo, start, end, block_map, mapped):
@@ -363,7 +356,7 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_
                HAS_DLSE=dlse is not None, **common)
         lse, lse_lo = lse_b, lo_b
     if n_dst > 0:
-        pieces = _pieces.cached_pieces(_cache(tiles), "q_blocks", tiles.tile_ptr, "tiles", tiles.num_tiles,
+        pieces = _pieces.cached_pieces(tiles.launch_cache, "q_blocks", tiles.tile_ptr, "tiles", tiles.num_tiles,
                                        num_heads)
 
         def run_dq(blocks, dq, start, end, block_map, mapped):
@@ -377,7 +370,7 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_
         _pieces.launch_rows(run_dq, tiles.tile_ptr, pieces, (dq,), acc_dtype, tiles.block_q)
     if n_src > 0:
         order, k_ptr = tiles.by_key()
-        pieces = _pieces.cached_pieces(_cache(tiles), "k_blocks", k_ptr, "tiles", tiles.num_tiles, num_kv)
+        pieces = _pieces.cached_pieces(tiles.launch_cache, "k_blocks", k_ptr, "tiles", tiles.num_tiles, num_kv)
 
         def run_dkdv(blocks, dk, dv, start, end, block_map, mapped):
             launch(_tiled_bwd_dkdv, (blocks, num_kv),

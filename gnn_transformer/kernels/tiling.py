@@ -12,12 +12,12 @@ Notation: ``T`` tiles, ``P`` partial tiles, ``E`` edges, ``Bq`` / ``Bk`` block s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from ._graph import CSRGraph
+from ._graph import CSRGraph, Extras
 
 
 @dataclass(eq=False)
@@ -36,6 +36,8 @@ class TileList:
     masks: Tensor  # [P, Bq, Bk] bool
     edge_ids: Tensor  # [E_t] positions (in the graph's target-sorted order) of the tiled edges
     edge_cell: Tensor  # [E_t] flat cell tile * Bq * Bk + r * Bk + c of each tiled edge
+    # launch structures of the Triton kernels (the pieces of long query / key blocks)
+    launch_cache: Extras = field(default_factory=dict, init=False, repr=False)
 
     @property
     def num_tiles(self) -> int:
