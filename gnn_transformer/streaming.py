@@ -88,6 +88,15 @@ def _is_graph(graph: object) -> TypeGuard[Graph]:
                                          and all(isinstance(g, Tensor) for g in graph) and graph[1].dim() == 1)
 
 
+def _check_prompts(input_ids: object) -> None:
+    """Prompts of generation: a non-empty integer tensor ``[B, T]``."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
+            or input_ids.dtype == torch.bool or input_ids.is_complex() or input_ids.numel() == 0:
+        got = (f"{input_ids.dtype} of shape {list(input_ids.shape)}" if isinstance(input_ids, Tensor)
+               else type(input_ids).__name__)
+        raise ValueError(f"Expected 'input_ids' to be a non-empty integer tensor [B, T] (got {got})")
+
+
 def _layer_graphs(graph: Graphs) -> tuple[list[tuple[Tensor, Tensor | None]], bool]:
     """``(edge_index, edge_head)`` per given graph, and whether one graph serves every layer."""
     graphs: list[Graph]
@@ -332,11 +341,7 @@ def streaming_generate(model, input_ids: Tensor, max_new_tokens: int, *, num_sin
         ``[B, T + max_new_tokens]`` token ids (then the logits, then the stats, when asked for).
     """
     _check_model(model)
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
-            or input_ids.dtype == torch.bool or input_ids.numel() == 0:
-        got = (f"{input_ids.dtype} of shape {list(input_ids.shape)}" if isinstance(input_ids, Tensor)
-               else type(input_ids).__name__)
-        raise ValueError(f"Expected 'input_ids' to be a non-empty integer tensor [B, T] (got {got})")
+    _check_prompts(input_ids)
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0)
     num_sinks = _check_int("num_sinks", num_sinks, 0)
     window = _check_int("window", window, 0)
@@ -589,11 +594,7 @@ def h2o_generate(model, input_ids: Tensor, max_new_tokens: int, *, heavy: int, r
     from .hf._common import attention_weights  # the weights of every attention call
 
     num_heads = _check_h2o_model(model)
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
-            or input_ids.dtype == torch.bool or input_ids.is_complex() or input_ids.numel() == 0:
-        got = (f"{input_ids.dtype} of shape {list(input_ids.shape)}" if isinstance(input_ids, Tensor)
-               else type(input_ids).__name__)
-        raise ValueError(f"Expected 'input_ids' to be a non-empty integer tensor [B, T] (got {got})")
+    _check_prompts(input_ids)
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0)
     heavy = _check_int("heavy", heavy, 0)
     recent = _check_int("recent", recent, 0)

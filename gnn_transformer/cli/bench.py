@@ -118,11 +118,7 @@ def _bench_selection(args, device, dtype) -> int:
                                    head_dim=args.head_dim, device=device, dtype=dtype or torch.float32,
                                    repeats=args.repeats or (3 if args.quick else 5), backward=not args.no_backward,
                                    baselines=baselines, log=print)
-    print()
-    print(format_table(rows))
-    if args.markdown:
-        Path(args.markdown).write_text(format_markdown(rows) + "\n")
-        print(f"Wrote {args.markdown}")
+    _print_rows(rows, format_table, format_markdown, args.markdown)
     return EXIT_OK
 
 
@@ -134,11 +130,7 @@ def _train_step(args, device, dtype) -> int:
         raise UsageError(f"--train-step contexts and --batch-size must be >= 1 (got {contexts}, {args.batch_size})")
     rows = run_train_step_benchmark(contexts, batch_size=args.batch_size, device=device, dtype=dtype,
                                     repeats=args.repeats or (3 if args.quick else 5), log=print)
-    print()
-    print(format_table(rows))
-    if args.markdown:
-        Path(args.markdown).write_text(format_markdown(rows) + "\n")
-        print(f"Wrote {args.markdown}")
+    _print_rows(rows, format_table, format_markdown, args.markdown)
     return EXIT_OK
 
 
@@ -233,13 +225,18 @@ def run(args) -> int:
                               dtype=dtype, heads=args.heads, head_dim=args.head_dim, kv_heads=args.kv_heads,
                               repeats=repeats, backward=not args.no_backward, block_size=args.block_size,
                               flex_variants=args.flex_variants, log=print)
-    print()
-    print(format_table(rows))
-    if args.markdown:
-        Path(args.markdown).write_text(format_markdown(rows) + "\n")
-        print(f"Wrote {args.markdown}")
+    _print_rows(rows, format_table, format_markdown, args.markdown)
     unbuilt = [f"{r['topology']} at n = {r['n']}" for r in rows if str(r["note"]).startswith("not built")]
     if unbuilt:  # as verify: the other rows are measured, the exit code says some are missing
         error(f"{len(unbuilt)} of the --topologies cannot be built at some --sizes: " + ", ".join(unbuilt))
         return EXIT_USAGE
     return EXIT_OK
+
+
+def _print_rows(rows: list, format_table, format_markdown, markdown: str | None) -> None:
+    """Print the table of ``rows``; with ``--markdown``, also write it there."""
+    print()
+    print(format_table(rows))
+    if markdown:
+        Path(markdown).write_text(format_markdown(rows) + "\n")
+        print(f"Wrote {markdown}")
