@@ -63,7 +63,7 @@ def add_parser(sub) -> None:
     p.add_argument("--topology", dest="topologies", action="append", metavar="SPEC",
                    help="topology spec, repeatable: a builder with arguments such as "
                    "'sliding_window:window=3' or a catalogue name (see 'gnn-transformer show "
-                   f"--list'); default: {' '.join(d.topologies)} (lm and listops: their own)")
+                   f"--list'); default: {' '.join(d.specs)} (lm and listops: their own)")
     p.add_argument("--train-sizes", type=size_range, help="instance sizes to train on, e.g. 6-12")
     p.add_argument("--test-sizes", type=size_range, help="longer sizes to test on, e.g. 13-24")
     p.add_argument("--eval-size", type=int, default=d.eval_size,
@@ -89,7 +89,7 @@ def run(args) -> int:
                            train_sizes=args.train_sizes, test_sizes=args.test_sizes,
                            model=full_model_config(args), train=full_train_config(args),
                            eval_size=args.eval_size, seeds=args.seeds, **workload_configs(args))
-    print(f"compare: task {config.task!r}, {len(config.topologies)} topologies, "
+    print(f"compare: task {config.task!r}, {len(config.specs)} topologies, "
           f"{config.train.steps} steps each" + (f", {config.seeds} seeds" if config.seeds > 1 else "")
           + f", device {config.train.device}")
 

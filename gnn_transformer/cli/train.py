@@ -146,7 +146,7 @@ def full_train_config(args, **more):
 
 def check_workload_options(args) -> None:
     """Refuse the options of a workload given for another task (their defaults never count)."""
-    given = getattr(args, "given", set())
+    given: set[str] = getattr(args, "given", set())
     for names, task in ((("text", "context", "sample_chars"), "lm"),
                         (("listops_lengths", "listops_depth", "listops_args", "listops_train", "pool"), "listops")):
         for name in names:

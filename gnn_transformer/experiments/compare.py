@@ -95,6 +95,11 @@ class CompareConfig:
             raise ValueError(f"Expected 'train_sizes' and 'test_sizes' unset for task {self.task!r} "
                              "(lm: context; listops: listops.lengths)")
 
+    @property
+    def specs(self) -> tuple[str, ...]:
+        """The topology specs that run: ``topologies``, or the task's defaults where it is None."""
+        return self.topologies if self.topologies is not None else default_topologies(self.task)
+
     def run_config(self, spec: str, seed: int) -> RunConfig:
         """The single run of one topology and seed."""
         return RunConfig(task=self.task, topology=spec, train_sizes=self.train_sizes, test_sizes=self.test_sizes,
@@ -175,7 +180,8 @@ def run_topology(config: CompareConfig, spec: str, *, seed: int | None = None,
     graph = _graph(config, spec)
     sets = workload.eval_sets()
     test = sets["test"] if "test" in sets else next(iter(sets.values()))
-    edges = nodes_sq = sequences = 0
+    edges = 0.0
+    nodes_sq = sequences = 0
     for batch in test:
         # per head, mean over the layers; a selector's allowed edges
         edges += graph_edges(graph(batch.lengths), config.model.num_layers, config.model.nhead)
@@ -220,7 +226,7 @@ def _check_specs(config: CompareConfig) -> None:
         extremes = [config.text.context]
     else:
         extremes = [config.listops.lengths[0] + 1, config.listops.lengths[1] + 1]
-    for spec in config.topologies:
+    for spec in config.specs:
         topo = resolve_topology(spec)
         topo.check_heads(config.model.nhead)
         topo.build(extremes)
@@ -230,13 +236,13 @@ def run_compare(config: CompareConfig, *, progress: bool = False,
                 on_result: Callable[[TopologyResult], None] | None = None) -> CompareResult:
     """Run every topology of ``config`` for every seed; ``on_result`` sees each row as soon as it
     exists."""
-    if not config.topologies:
+    if not config.specs:
         raise ValueError("Expected at least one topology in 'topologies'")
     resolve_device(config.train.device)
     _check_specs(config)
     start = time.perf_counter()
     results = []
-    for spec in config.topologies:
+    for spec in config.specs:
         for seed in range(config.train.seed, config.train.seed + config.seeds):
             r = run_topology(config, spec, seed=seed, progress=progress)
             results.append(r)

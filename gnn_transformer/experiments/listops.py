@@ -48,7 +48,9 @@ class ListOpsConfig:
     pool: str = "cls"  # "cls": read the answer at a [CLS] token; "mean": average over the sequence
 
     def __post_init__(self) -> None:
-        self.lengths = tuple(int(v) for v in self.lengths)
+        if len(self.lengths) != 2:
+            raise ValueError(f"Expected 'lengths' to be a range (lo, hi) (got {self.lengths!r})")
+        self.lengths = (int(self.lengths[0]), int(self.lengths[1]))
         for name in ("max_depth", "train_examples"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -179,10 +181,10 @@ class ListOpsWorkload:
     def example(self, split: str, index: int) -> tuple[Tensor, int]:
         key = (split, index)
         if key not in self._cache:
-            tokens, answer = generate(self.config, f"listops/{self.seed}/{split}/{index}")
-            self._cache[key] = (encode(tokens, self.config.pool).to(torch.uint8), answer)  # ids < 256
-        tokens, answer = self._cache[key]
-        return tokens.long(), answer
+            words, answer = generate(self.config, f"listops/{self.seed}/{split}/{index}")
+            self._cache[key] = (encode(words, self.config.pool).to(torch.uint8), answer)  # ids < 256
+        ids, answer = self._cache[key]
+        return ids.long(), answer
 
     def _batch(self, split: str, indices: list[int]) -> ListOpsBatch:
         examples = [self.example(split, i) for i in indices]

@@ -16,6 +16,7 @@ layer chooses its per-head graph within the given one from its queries and keys.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -71,7 +72,7 @@ class EncoderConfig:
 def make_encoder(config: EncoderConfig, rope: bool = False) -> GraphTransformerEncoder:
     """``num_layers`` graph encoder layers and a final norm (pre-norm models need it); with
     ``config.select`` each layer's attention selects its graph (a copy of the selector per layer)."""
-    attention = GraphMultiheadAttention
+    attention: Callable[..., GraphMultiheadAttention] = GraphMultiheadAttention
     if config.select is not None:
         attention = partial(GraphMultiheadAttention, select=selector(
             config.select, num_heads=config.nhead, head_dim=config.d_model // config.nhead))

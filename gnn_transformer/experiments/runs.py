@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from torch import nn
 
@@ -36,6 +36,12 @@ SIZED_TASKS = tuple(TASKS) + ("shortest_path",)  # the tasks that take train_siz
 RESUME_FREE = frozenset({"out", "resume", "save_all_ranks", "train.device", "train.log_every",
                          "train.eval_every", "train.checkpoint_every", "train.stop_after", "train.compile",
                          "text.sample_chars"})
+
+
+class _Sizes(TypedDict, total=False):
+    """The instance sizes a run sets (the workload's defaults stand for the others)."""
+    train_sizes: tuple[int, int]
+    test_sizes: tuple[int, int]
 
 
 @dataclass
@@ -80,6 +86,8 @@ def build(config: RunConfig) -> tuple[Any, nn.Module]:
     if name not in ALL_TASKS:
         raise ValueError(f"Unknown task {name!r}: expected one of {list(ALL_TASKS)}")
     bs = config.train.batch_size
+    workload: (LMWorkload | ListOpsWorkload | SequenceWorkload | KarateWorkload | ShortestPathWorkload
+               | DigitsWorkload)
     if name in TASKS or name in TEXT_TASKS:
         topo = resolve_topology(config.topology)
         topo.check_heads(config.model.nhead)
@@ -108,8 +116,11 @@ def build(config: RunConfig) -> tuple[Any, nn.Module]:
         if name == "karate":
             workload = KarateWorkload(config.topology, config.pe_dim, config.virtual_node)
         else:
-            sizes = {k: tuple(v) for k, v in (("train_sizes", config.train_sizes),
-                                               ("test_sizes", config.test_sizes)) if v}
+            sizes = _Sizes()
+            if config.train_sizes:
+                sizes["train_sizes"] = (config.train_sizes[0], config.train_sizes[1])
+            if config.test_sizes:
+                sizes["test_sizes"] = (config.test_sizes[0], config.test_sizes[1])
             workload = ShortestPathWorkload(config.topology, config.pe_dim, config.virtual_node,
                                             batch_size=bs, eval_seed=config.train.seed + 12345,
                                             **sizes)
@@ -147,6 +158,8 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
 def check_resume(config: RunConfig, world_size: int = 1) -> dict[str, Any]:
     """The training state of ``config.resume``, refused unless it was written by a run of the same
     configuration (up to :data:`RESUME_FREE`) on as many processes."""
+    if config.resume is None:
+        raise ValueError("Expected 'resume' to name a checkpoint or a run's folder (got None)")
     path = resume_path(config.resume)
     payload = checkpoints.read(path, name="resume")
     checkpoints.check_training_state(payload, path, world_size=world_size)
@@ -191,7 +204,7 @@ def run_training(config: RunConfig, *, progress: bool = False) -> tuple[TrainRes
                                          seed=config.train.seed, device=device)
         if config.out is not None:
             out = Path(config.out)
-            step = result.final["step"]
+            step = int(result.final["step"])
             if info.is_main:
                 write_logs(result, out)
                 save_checkpoint(out / "model.pt", model, step=step, meta=meta)

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -98,7 +98,10 @@ class TrainConfig:
             raise ValueError(f"Expected 'clip_grad' to be finite and > 0, or None (got {self.clip_grad})")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"Expected 'device' to be 'cpu' or 'cuda' (got {self.device!r})")
-        self.betas = tuple(self.betas)
+        if len(self.betas) != 2:
+            raise ValueError(f"Expected 'betas' to be two numbers (got {self.betas!r})")
+        beta1, beta2 = self.betas
+        self.betas = (float(beta1), float(beta2))
 
 
 class Workload(Protocol):
@@ -118,6 +121,15 @@ class Workload(Protocol):
 
     # optional: ``monitor = ("loss_val", "min")``, the evaluation that picks the best checkpoint
     # (default: accuracy on the first evaluation set, higher is better)
+
+
+@runtime_checkable
+class _NoSync(Protocol):
+    """A model that can leave out the gradient all-reduce of a backward pass
+    (:class:`~torch.nn.parallel.DistributedDataParallel`)."""
+
+    def no_sync(self) -> contextlib.AbstractContextManager[None]:
+        """A context in which backward passes accumulate gradients locally."""
 
 
 @dataclass
@@ -158,7 +170,8 @@ def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """Adam/AdamW; no weight decay on biases, norms and embeddings' 1-D parameters."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
@@ -319,8 +332,9 @@ def train(model: nn.Module, workload: Workload, config: TrainConfig, *, progress
         optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=device)
         for k, batch in enumerate(batches):
-            sync = k == len(batches) - 1 or not hasattr(model, "no_sync")
-            with (contextlib.nullcontext() if sync else model.no_sync()):
+            # every micro-batch but the last skips DDP's gradient all-reduce
+            last_micro = k == len(batches) - 1
+            with (model.no_sync() if not last_micro and isinstance(model, _NoSync) else contextlib.nullcontext()):
                 with autocast(device, config.precision):
                     logits, labels = workload.logits(forward, batch, device)
                     loss = criterion(logits.float(), labels)
