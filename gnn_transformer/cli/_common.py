@@ -30,14 +30,24 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer (got {text!r})") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (got {text!r})")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low} (got {text!r})")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An option's integer ``>= 1``."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """An option's integer ``>= 0``."""
+    return _int_at_least(text, 0)
 
 
 def size_range(text: str) -> tuple[int, int]:

@@ -80,9 +80,7 @@ def run(args) -> int:
         else:
             loaded = analyze_run.load_hf_model(args.hf_dir, backend=args.backend)
         if args.tokenizer is not None:
-            loaded.tokenizer = analyze_run.load_tokenizer(args.tokenizer)
-            if loaded.tokenizer is None:
-                raise ValueError(f"Found no tokenizer in '--tokenizer' {args.tokenizer!r}")
+            analyze_run.use_tokenizer(loaded, args.tokenizer)
         if args.tokens is not None:
             sequences = analyze_run.read_token_file(args.tokens)
             analyze_run.check_sequences(loaded, sequences, f"'--tokens' {args.tokens!r}")

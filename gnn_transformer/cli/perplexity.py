@@ -67,9 +67,7 @@ def _run(args) -> int:
     if not _is_lm(loaded.model):
         raise ValueError(f"Expected a causal language model for a perplexity (got {loaded.name})")
     if args.tokenizer is not None:
-        loaded.tokenizer = analyze_run.load_tokenizer(args.tokenizer)
-        if loaded.tokenizer is None:
-            raise ValueError(f"Found no tokenizer in '--tokenizer' {args.tokenizer!r}")
+        analyze_run.use_tokenizer(loaded, args.tokenizer)
     if args.tokens is not None:
         sequences = analyze_run.read_token_file(args.tokens)
     else:

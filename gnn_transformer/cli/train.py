@@ -12,8 +12,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ._common import (EXIT_OK, UsageError, size_range, Given, check_out_dir, check_device, add_model_args,
-                      add_train_args, check_seed, model_config, train_config)
+from ._common import (EXIT_OK, UsageError, nonnegative_int, size_range, Given, check_out_dir, check_device,
+                      add_model_args, add_train_args, check_seed, model_config, train_config)
 
 # nanoGPT's "CPU" configuration of its README (shakespeare_char): the reference a user knows
 PRESETS = {
@@ -34,16 +34,6 @@ class _Preset(argparse.Action):
         namespace.preset = values
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer (got {text!r})") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (got {text!r})")
-    return value
-
-
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     """Options of the ``lm`` and ``listops`` tasks."""
     from ..experiments.listops import ListOpsConfig
@@ -56,7 +46,7 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
                    "Python standard library's *.py sources, split by file)")
     g.add_argument("--context", type=int, default=t.context, action=Given,
                    help="characters the model reads (default %(default)s)")
-    g.add_argument("--sample-chars", type=_nonnegative_int, default=t.sample_chars, action=Given,
+    g.add_argument("--sample-chars", type=nonnegative_int, default=t.sample_chars, action=Given,
                    help="characters generated and printed after training (default %(default)s)")
     g = p.add_argument_group("ListOps (--task listops)")
     g.add_argument("--listops-lengths", type=size_range, default=lo.lengths, action=Given, metavar="LO-HI",
@@ -104,9 +94,9 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 
     d = TrainConfig()
     g = p.add_argument_group("checkpoints")
-    g.add_argument("--checkpoint-every", type=_nonnegative_int, default=d.checkpoint_every,
+    g.add_argument("--checkpoint-every", type=nonnegative_int, default=d.checkpoint_every,
                    help="steps between training checkpoints (--out/last.pt); 0: only with --stop-after")
-    g.add_argument("--stop-after", type=_nonnegative_int, default=d.stop_after,
+    g.add_argument("--stop-after", type=nonnegative_int, default=d.stop_after,
                    help="stop after this step (the schedule still spans --steps), leaving last.pt")
     g.add_argument("--resume", metavar="PATH",
                    help="continue the run of this last.pt (or a folder holding one) exactly where it stopped")

@@ -84,9 +84,7 @@ def _model_page(args):
     else:
         loaded = analyze_run.load_hf_model(args.hf_dir)
     if args.tokenizer is not None:
-        loaded.tokenizer = analyze_run.load_tokenizer(args.tokenizer)
-        if loaded.tokenizer is None:
-            raise ValueError(f"Found no tokenizer in '--tokenizer' {args.tokenizer!r}")
+        analyze_run.use_tokenizer(loaded, args.tokenizer)
     tokens = _sequence(args, loaded)
     return model_page(loaded, tokens, graph=args.graph, title=args.title)
 

@@ -295,6 +295,14 @@ def load_tokenizer(directory: str | Path):
         return None
 
 
+def use_tokenizer(loaded: LoadedModel, directory: str | Path) -> None:
+    """Give ``loaded`` the tokenizer saved in ``directory`` (the ``--tokenizer`` option of the
+    commands); a ``ValueError`` naming the option if there is none."""
+    loaded.tokenizer = load_tokenizer(directory)
+    if loaded.tokenizer is None:
+        raise ValueError(f"Found no tokenizer in '--tokenizer' {str(directory)!r}")
+
+
 # ------------------------------------------------------------------ inputs
 def _read_text(path: Path, option: str) -> str:
     """The UTF-8 text of ``path``; a ``ValueError`` naming ``option`` and the file otherwise."""
