@@ -1,7 +1,7 @@
 """The compiled Triton kernels on a CUDA GPU equal the reference, forward and backward.
 
 Skipped without a GPU, and under ``TRITON_INTERPRET=1`` (which the CPU test run sets: there the
-kernels run interpreted, see ``test_kernels_triton.py``). On a GPU machine::
+kernels run interpreted, see ``test_kernels_fused_triton.py`` and ``test_kernels_tiled_triton.py``). On a GPU machine::
 
     TRITON_INTERPRET=0 python -m pytest -q tests/test_kernels_cuda.py
 """
