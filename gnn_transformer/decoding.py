@@ -150,6 +150,9 @@ def _check_generate(model, input_ids, max_new_tokens, greedy, attention_mask, wi
     ``[B, T]`` and the prompt lengths ``[B]``."""
     if not hasattr(model, "forward_graph"):
         raise ValueError(f"Expected 'model' with a forward_graph method (got {type(model).__name__})")
+    if getattr(model, "topology", None) is not None:
+        raise ValueError(f"Expected a model without 'topology' (got {model.topology!r}): cached generation "
+                         "builds each step's graph from 'window'")
     _check_int("max_new_tokens", max_new_tokens, 0)
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
             or input_ids.dtype == torch.bool or input_ids.is_complex():

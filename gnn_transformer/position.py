@@ -8,7 +8,7 @@ A token graph has no order of its own, so position enters in one of four ways:
 - **RoPE** (Su et al. 2021): queries and keys are rotated by their node's position, so the score
   of an edge ``j -> i`` depends on ``pos_i - pos_j`` only (see ``GraphMultiheadAttention(rope=True)``),
   with the frequency scalings of long-context models (:class:`RopeScaling`: linear, dynamic NTK,
-  Llama 3, YaRN) and partial rotation;
+  Llama 3, YaRN, LongRoPE) and partial rotation;
 - **ALiBi** (Press et al. 2022): an ``edge_bias`` ``-m_h |pos_i - pos_j|`` per edge and head, with the
   geometric slopes ``m_h`` of the paper.
 
@@ -102,7 +102,8 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+LENGTH_DEPENDENT = ("dynamic", "longrope")  # rope types whose frequencies depend on the call's longest position
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,12 @@ class RopeScaling:
     - ``"yarn"`` (Peng et al. 2023): interpolated and extrapolated frequencies blended by a linear
       ramp between the dimensions of ``beta_fast`` and ``beta_slow`` rotations over
       ``original_max_position_embeddings``; ``cos`` and ``sin`` scaled by ``attention_factor``
-      (default ``0.1 ln s + 1``, or the ``mscale`` / ``mscale_all_dim`` ratio).
+      (default ``0.1 ln s + 1``, or the ``mscale`` / ``mscale_all_dim`` ratio);
+    - ``"longrope"`` (LongRoPE, Ding et al. 2024; Phi-3, Phi-3.5): one rescale factor per frequency,
+      :math:`\theta_k / \lambda_k` with :math:`\lambda` the ``short_factor`` while ``L = max(pos) + 1``
+      of the call is at most ``original_max_position_embeddings`` ``M_0``, the ``long_factor``
+      beyond; ``cos`` and ``sin`` scaled by ``attention_factor`` (default
+      :math:`\sqrt{1 + \ln s / \ln M_0}` for ``s > 1``, else ``1``).
 
     ``d`` is the number of rotated dimensions, ``s`` = ``factor``.
     """
@@ -136,6 +142,8 @@ class RopeScaling:
     mscale: float | None = None  # yarn
     mscale_all_dim: float | None = None  # yarn
     truncate: bool = True  # yarn: round the ramp's bounds to whole dimensions
+    short_factor: tuple[float, ...] | None = None  # longrope: d/2 rescale factors up to the original length
+    long_factor: tuple[float, ...] | None = None  # longrope: d/2 rescale factors beyond it
 
     def __post_init__(self) -> None:
         if self.rope_type not in ROPE_TYPES:
@@ -143,7 +151,8 @@ class RopeScaling:
         if self.rope_type != "default":
             check_real_positive("factor", self.factor)
         needs = {"dynamic": ("max_position_embeddings",), "llama3": ("original_max_position_embeddings",),
-                 "yarn": ("original_max_position_embeddings",)}.get(self.rope_type, ())
+                 "yarn": ("original_max_position_embeddings",),
+                 "longrope": ("original_max_position_embeddings",)}.get(self.rope_type, ())
         for name in needs:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -152,6 +161,32 @@ class RopeScaling:
         if self.rope_type == "llama3" and not self.low_freq_factor < self.high_freq_factor:
             raise ValueError(f"Expected 'low_freq_factor' < 'high_freq_factor' for rope_type 'llama3' (got "
                              f"{self.low_freq_factor!r} and {self.high_freq_factor!r})")
+        for name in ("short_factor", "long_factor"):
+            value = getattr(self, name)
+            if self.rope_type != "longrope":
+                if value is not None:
+                    raise ValueError(f"Expected '{name}' only with rope_type 'longrope' (got {name}={value!r} "
+                                     f"and rope_type {self.rope_type!r})")
+                continue
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value \
+                    or not all(not isinstance(x, bool) and isinstance(x, (int, float)) and 0.0 < x < math.inf
+                               for x in value):
+                raise ValueError(f"Expected '{name}' to be a non-empty sequence of finite numbers > 0 for rope_type "
+                                 f"'longrope' (got {value!r})")
+            object.__setattr__(self, name, tuple(float(x) for x in value))  # hashable, as the dataclass is frozen
+        if self.rope_type == "longrope":
+            assert self.short_factor is not None and self.long_factor is not None  # checked above
+            if len(self.short_factor) != len(self.long_factor):
+                raise ValueError(f"Expected 'short_factor' and 'long_factor' of one length, d/2 (got "
+                                 f"{len(self.short_factor)} and {len(self.long_factor)})")
+            if self.attention_factor is not None:
+                check_real_positive("attention_factor", self.attention_factor)
+
+    def check_dim(self, dim: int) -> None:
+        """A ``ValueError`` unless the scaling fits ``dim`` rotated dimensions (LongRoPE: ``dim / 2`` factors)."""
+        if self.short_factor is not None and len(self.short_factor) != dim // 2:
+            raise ValueError(f"Expected 'short_factor' and 'long_factor' of {dim // 2} numbers for {dim} rotated "
+                             f"dimensions (got {len(self.short_factor)})")
 
 
 def check_real_positive(name: str, value: object) -> float:
@@ -164,9 +199,11 @@ def check_real_positive(name: str, value: object) -> float:
 def rope_inv_freq(dim: int, base: float, scaling: RopeScaling | None = None,
                   seq_len: int | None = None, device=None) -> tuple[Tensor, float]:
     r"""The rotary inverse frequencies ``[dim / 2]`` (float32) of ``dim`` rotated dimensions, and the
-    factor that scales ``cos`` and ``sin`` (``1`` except for YaRN), as Hugging Face computes them.
+    factor that scales ``cos`` and ``sin`` (``1`` except for YaRN and LongRoPE), as Hugging Face computes
+    them.
 
-    ``seq_len``: ``max(pos) + 1`` of the call (``"dynamic"`` only).
+    ``seq_len``: ``max(pos) + 1`` of the call (``"dynamic"`` and ``"longrope"`` only; ``None``: not
+    beyond the original context).
 
     Example:
         >>> rope_inv_freq(4, 100.0, RopeScaling("linear", factor=2.0))
@@ -195,7 +232,25 @@ def rope_inv_freq(dim: int, base: float, scaling: RopeScaling | None = None,
         return torch.where(medium, smoothed, scaled), 1.0
     if kind == "yarn":
         return _yarn(dim, base, scaling, device)
+    if kind == "longrope":
+        return _longrope(dim, base, scaling, seq_len, device)
     return inv_freq, 1.0
+
+
+def _longrope(dim: int, base: float, scaling: RopeScaling, seq_len: int | None, device) -> tuple[Tensor, float]:
+    """LongRoPE's rescaled inverse frequencies and attention factor (see :class:`RopeScaling`)."""
+    scaling.check_dim(dim)
+    original = scaling.original_max_position_embeddings
+    assert original is not None and scaling.short_factor is not None and scaling.long_factor is not None
+    attention_factor = scaling.attention_factor
+    if attention_factor is None:
+        factor = scaling.factor
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    long = seq_len is not None and seq_len > original
+    ext_factors = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float32,
+                               device=device)  # [d/2]
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim  # [d/2]
+    return 1.0 / (ext_factors * base ** exponent), float(attention_factor)
 
 
 def _yarn(dim: int, base: float, scaling: RopeScaling, device) -> tuple[Tensor, float]:
@@ -242,6 +297,17 @@ class RotaryEmbedding(nn.Module):
     dimensions are rotated (the half-split layout within them) and the others pass unchanged
     (partial rotary embedding, Phi-3's ``partial_rotary_factor``).
 
+    The frequencies of ``"dynamic"`` and ``"longrope"`` scalings depend on the length of the call,
+    ``L = max(pos) + 1`` over all the nodes given at once, as Hugging Face decides on the largest
+    ``position_ids`` of its batch: every sequence of a batch gets the frequencies of the longest one
+    (LongRoPE: the ``long_factor`` for all of them once any position reaches
+    ``original_max_position_embeddings``). Padding is no node of the graph, so, unlike Hugging Face's
+    padded ``position_ids``, it never counts. In cached decoding each call rotates its own new keys
+    and queries, so cached keys keep the frequencies of the call that computed them, as Hugging
+    Face's forward does on its cache (its Phi-3 ``generate``, and
+    :meth:`gnn_transformer.hf.GraphDecoderLM.generate`, instead recompute the whole cache once, at
+    the first step past ``original_max_position_embeddings``).
+
     Example:
         >>> rope = RotaryEmbedding(4)
         >>> q = torch.randn(3, 2, 4)
@@ -260,6 +326,8 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"Expected 'rotary_dim' to be a positive even int <= dim={dim} (got {rotary_dim!r})")
         if scaling is not None and not isinstance(scaling, RopeScaling):
             raise ValueError(f"Expected 'scaling' to be a RopeScaling or None (got {scaling!r})")
+        if scaling is not None:
+            scaling.check_dim(rotary_dim)
         self.dim, self.base = dim, check_base(base)
         self.scaling, self.rotary_dim = scaling, rotary_dim
 
@@ -272,8 +340,8 @@ class RotaryEmbedding(nn.Module):
                                      / self.rotary_dim)  # [R/2]
             magnitude = 1.0
         else:
-            dynamic = self.scaling.rope_type == "dynamic" and pos.numel() > 0
-            seq_len = int(pos.max()) + 1 if dynamic else None
+            by_length = self.scaling.rope_type in LENGTH_DEPENDENT and pos.numel() > 0
+            seq_len = int(pos.max()) + 1 if by_length else None
             inv_freq, magnitude = rope_inv_freq(self.rotary_dim, self.base, self.scaling, seq_len, pos.device)
             inv_freq = inv_freq.to(ad)  # [R/2]
         angle = pos.to(ad).unsqueeze(-1) * inv_freq  # [N, R/2]

@@ -17,7 +17,7 @@ sees the sinks just before its window (RoPE and learned positions alike); with
 ``positions="absolute"`` (default) they are the tokens' places in the stream.
 :func:`h2o_generate` lets the attention choose the cache graph (H2O's heavy hitters): every layer
 keeps the most recent tokens and those that received the most attention so far, so each layer, and
-with ``per_head`` each head, reads its own data-dependent set of nodes.
+with ``per_head`` each key/value head, reads and stores its own data-dependent set of nodes.
 
 The models are those of :mod:`gnn_transformer.decoding`: anything with
 ``forward_graph(ids [Q], edge_index, *, pos [Q], cache)`` -> ``logits [Q, V]``.
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .decoding import KV, KVCache, _sample
+from .position import LENGTH_DEPENDENT
 
 Graph: TypeAlias = Tensor | tuple[Tensor, Tensor]  # edge_index, or (edge_index, edge_head) of a per-head graph
 Graphs: TypeAlias = Graph | Sequence[Graph]  # one graph for every layer, or one per layer
@@ -294,9 +295,9 @@ def _rotaries(model, layers: int) -> list:
         raise ValueError("Expected 'model' with one GraphMultiheadAttention per cached layer for "
                          f"positions='cache' (found {len(rotaries)} for {layers} layers)")
     for rotary in rotaries:
-        if rotary is not None and rotary.scaling is not None and rotary.scaling.rope_type == "dynamic":
-            raise ValueError("positions='cache' re-rotates cached keys; dynamic RoPE scaling changes the "
-                             "frequencies with the length, so its keys cannot be moved (use "
+        if rotary is not None and rotary.scaling is not None and rotary.scaling.rope_type in LENGTH_DEPENDENT:
+            raise ValueError(f"positions='cache' re-rotates cached keys; {rotary.scaling.rope_type!r} RoPE scaling "
+                             "changes the frequencies with the length, so its keys cannot be moved (use "
                              "positions='absolute')")
     return rotaries
 
@@ -404,30 +405,45 @@ def _cache_indices(seq: Tensor, batch: int) -> Tensor:
 # ---------------------------------------------------------------- heavy hitters (H2O)
 @dataclass
 class _LayerNodes:
-    """The cached nodes of one layer: sequence, place in the stream, accumulated attention per query
-    head, and which heads still attend to them."""
+    """The cached tokens of one layer, in slots: row ``r`` of the stored keys and values ``[M, H_kv, D]``
+    belongs to sequence ``seq[r]`` and holds, for key/value head ``g``, the token at ``pos[r, g]``
+    (each head fills the rows of a sequence with its own tokens, in stream order; ``alive[r, g]``
+    false: an empty slot, read by no edge)."""
 
     seq: Tensor  # [M]
-    pos: Tensor  # [M]
-    score: Tensor  # [M, H] attention received so far, per query head
-    alive: Tensor  # [M, H] bool: the head keeps the node (all heads without per_head)
+    pos: Tensor  # [M, H_kv] place in the stream of the token each key/value head holds (-1: none)
+    score: Tensor  # [M, H_kv] attention it received so far, summed over the head's group of query heads
+    alive: Tensor  # [M, H_kv] bool: the slot holds a token
 
 
 class HeavyHitterCache(KVCache):
-    """A key/value cache whose layers keep their own nodes (:func:`h2o_generate`), with the
-    attention they received per query head (``num_heads``, the same in every layer): ``update``
-    appends a layer's new keys and values ``[Q, H_kv, D]`` to that layer's nodes and returns them all,
-    ``nodes[layer]`` says which tokens they are. ``seq`` and ``pos`` stay ``None``: no node list is
-    shared by the layers, so models that read the cache's positions (ALiBi) cannot use it."""
+    """A key/value cache whose layers, and each key/value head of a layer, keep their own tokens
+    (:func:`h2o_generate`), with the attention they received: ``update`` appends a layer's new keys
+    and values ``[Q, H_kv, D]`` (one row per new token) and returns all the stored ones, ``nodes[layer]``
+    says which token each key/value head holds in each row. A head's kept tokens fill the first rows
+    of their sequence, so a layer stores ``[M, H_kv, D]`` with ``M`` per sequence the most tokens one
+    of its heads keeps, not the union over heads. ``num_heads`` query heads share the ``num_kv_heads``
+    (default ``num_heads``) in groups of ``num_heads / num_kv_heads``, as in grouped-query attention.
+    ``seq`` and ``pos`` stay ``None``: no node list is shared by the layers, so models that read the
+    cache's positions (ALiBi) cannot use it."""
 
-    def __init__(self, num_heads: int) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int | None = None) -> None:
         super().__init__()
-        self.num_heads = num_heads  # query heads: the scores are kept per query head
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        num_heads, num_kv_heads = _check_int("num_heads", num_heads, 1), _check_int("num_kv_heads", num_kv_heads, 1)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"Expected 'num_heads' ({num_heads}) divisible by 'num_kv_heads' ({num_kv_heads})")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.nodes: dict[int, _LayerNodes] = {}
         self._new: tuple[Tensor, Tensor] | None = None
 
+    @property
+    def group(self) -> int:
+        """Query heads per key/value head: query head ``h`` reads key/value head ``h // group``."""
+        return self.num_heads // self.num_kv_heads
+
     def __len__(self) -> int:
-        """The most nodes one layer holds."""
+        """The most rows one layer stores (all sequences)."""
         return max((n.seq.numel() for n in self.nodes.values()), default=0)
 
     def add_nodes(self, seq: Tensor, pos: Tensor) -> None:
@@ -438,8 +454,11 @@ class HeavyHitterCache(KVCache):
         assert self._new is not None, "add_nodes runs before the model"
         seq, pos = self._new
         key = kv[0]
-        fresh = _LayerNodes(seq, pos, key.new_zeros(seq.numel(), self.num_heads, dtype=_score_dtype(key.dtype)),
-                            torch.ones(seq.numel(), self.num_heads, dtype=torch.bool, device=key.device))
+        assert key.size(1) == self.num_kv_heads, "the model's key/value heads are the cache's"
+        heads = self.num_kv_heads
+        fresh = _LayerNodes(seq, pos.unsqueeze(1).expand(-1, heads),
+                            key.new_zeros(seq.numel(), heads, dtype=_score_dtype(key.dtype)),
+                            torch.ones(seq.numel(), heads, dtype=torch.bool, device=key.device))
         if index in self.nodes:
             old_k, old_v = self.layers[index]
             kv = (torch.cat([old_k, kv[0]]), torch.cat([old_v, kv[1]]))
@@ -450,32 +469,56 @@ class HeavyHitterCache(KVCache):
         return kv
 
     def keep_rows(self, index: int, alive: Tensor) -> None:
-        """Layer ``index`` keeps, per head, the nodes where ``alive`` ``[M, H]`` is true; rows no
-        head keeps leave the cache."""
-        nodes = self.nodes[index]
-        rows = alive.any(1).nonzero(as_tuple=True)[0]
-        k, v = self.layers[index]
-        self.layers[index] = (k[rows], v[rows])
-        self.nodes[index] = _LayerNodes(nodes.seq[rows], nodes.pos[rows], nodes.score[rows], alive[rows])
+        """Layer ``index`` keeps, per key/value head, the slots where ``alive`` ``[M, H_kv]`` is true:
+        each head's kept tokens move to the first rows of their sequence (in stream order), and a
+        sequence keeps as many rows as its fullest head needs."""
+        nodes, (k, v) = self.nodes[index], self.layers[index]
+        heads = self.num_kv_heads
+        row, head = (alive & nodes.alive).nonzero(as_tuple=True)  # [K] kept slots, row-major
+        group = nodes.seq[row] * heads + head  # [K] (sequence, head) of each kept slot
+        num_seq = int(nodes.seq.max()) + 1 if nodes.seq.numel() else 0
+        order = torch.argsort(group, stable=True)  # by (sequence, head), then row: stream order
+        row, head, group = row[order], head[order], group[order]
+        counts = torch.bincount(group, minlength=num_seq * heads).view(num_seq, heads)  # [B, H_kv]
+        rows = counts.max(1).values  # [B] rows each sequence keeps
+        first = rows.cumsum(0) - rows  # [B]
+        flat = counts.view(-1)
+        rank = torch.arange(group.numel(), device=group.device) - (flat.cumsum(0) - flat)[group]  # [K]
+        new_row = first[group // heads] + rank  # [K]
+        total = int(rows.sum())
+
+        def moved(x: Tensor, fill) -> Tensor:
+            out = x.new_full((total,) + tuple(x.shape[1:]), fill)  # [M', H_kv, ...]
+            out[new_row, head] = x[row, head]
+            return out
+
+        self.layers[index] = (moved(k, 0), moved(v, 0))
+        self.nodes[index] = _LayerNodes(torch.repeat_interleave(torch.arange(num_seq, device=rows.device), rows),
+                                        moved(nodes.pos, -1), moved(nodes.score, 0), moved(nodes.alive, False))
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _h2o_edges(nodes: _LayerNodes, num_new: int, per_head: bool) -> Graph:
-    """A decoding step's edges from a layer's kept nodes (then the ``num_new`` new ones, one per
-    sequence) to the new nodes: each new node reads the nodes its sequence keeps and itself; per
-    head, ``(edge_index, edge_head)`` with the nodes each head keeps."""
+def _h2o_edges(nodes: _LayerNodes, num_new: int, group: int | None) -> Graph:
+    """A decoding step's edges from a layer's stored rows (then the ``num_new`` new ones, one per
+    sequence) to the new nodes: each new node reads the tokens its sequence keeps and itself. With
+    ``group`` (per-head eviction, ``group`` query heads per key/value head), ``(edge_index, edge_head)``:
+    query head ``h`` reads the slots its key/value head ``h // group`` fills; without, every head
+    reads the tokens of the first key/value head (the heads keep the same ones)."""
     rows = nodes.seq.numel()
     new = torch.arange(num_new, device=nodes.seq.device)
-    if not per_head:
-        src = torch.cat([torch.arange(rows, device=new.device), new + rows])
-        dst = torch.cat([nodes.seq, new])
+    if group is None:
+        kept = nodes.alive[:, 0].nonzero(as_tuple=True)[0]  # [K]
+        src = torch.cat([kept, new + rows])
+        dst = torch.cat([nodes.seq[kept], new])
         order = torch.argsort(dst, stable=True)  # by target; sources in the order of the cache
         return torch.stack([src[order], dst[order]])
-    num_heads = nodes.alive.size(1)
-    row, head = nodes.alive.nonzero(as_tuple=True)  # [E_old] the kept (node, head) pairs
+    num_heads = nodes.alive.size(1) * group
+    row, kv_head = nodes.alive.nonzero(as_tuple=True)  # [K] the filled slots
+    row = row.repeat_interleave(group)  # [K * group]: every query head of the slot's group
+    head = kv_head.repeat_interleave(group) * group + torch.arange(group, device=new.device).repeat(kv_head.numel())
     src = torch.cat([row, (new + rows).repeat_interleave(num_heads)])
     dst = torch.cat([nodes.seq[row], new.repeat_interleave(num_heads)])
     head = torch.cat([head, torch.arange(num_heads, device=new.device).repeat(num_new)])
@@ -483,32 +526,34 @@ def _h2o_edges(nodes: _LayerNodes, num_new: int, per_head: bool) -> Graph:
     return torch.stack([src[order], dst[order]]), head[order]
 
 
-def _accumulate(nodes: _LayerNodes, graph: Graph, weights: Tensor) -> None:
+def _accumulate(nodes: _LayerNodes, graph: Graph, weights: Tensor, group: int) -> None:
     """Add one step's attention weights (``[E, H]``, or ``[E]`` on a per-head graph) to the scores
-    of the source nodes."""
+    of the slots they read, summed over each key/value head's ``group`` of query heads."""
     edge_index, edge_head = graph if isinstance(graph, tuple) else (graph, None)
     weights = weights.to(nodes.score.dtype)
     if edge_head is None:
-        nodes.score.index_add_(0, edge_index[0], weights)  # [M, H]
+        weights = weights.view(weights.size(0), -1, group).sum(-1)  # [E, H_kv]
+        nodes.score.index_add_(0, edge_index[0], weights)  # [M, H_kv]
     else:
-        nodes.score.index_put_((edge_index[0], edge_head), weights, accumulate=True)
+        nodes.score.index_put_((edge_index[0], edge_head // group), weights, accumulate=True)
 
 
 def _heavy_hitters(score: Tensor, candidate: Tensor, seq: Tensor, batch: int, heavy: int) -> Tensor:
-    """``[M, H]`` bool: per sequence and column, the ``heavy`` candidates of largest score (equal
-    scores: the earlier node first)."""
+    """``[M, C]`` bool: per sequence and column, the ``heavy`` candidates of largest score (equal
+    scores: the earlier row first)."""
     score = score.masked_fill(~candidate, float("-inf"))
-    order = torch.sort(score, dim=0, descending=True, stable=True).indices  # [M, H] rows by score
+    order = torch.sort(score, dim=0, descending=True, stable=True).indices  # [M, C] rows by score
     order = order.gather(0, torch.sort(seq[order], dim=0, stable=True).indices)  # grouped by sequence
     counts = torch.bincount(seq, minlength=batch)
     starts = counts.cumsum(0) - counts  # [B]
-    rank = torch.arange(seq.numel(), device=seq.device).unsqueeze(1) - starts[seq[order]]  # [M, H]
+    rank = torch.arange(seq.numel(), device=seq.device).unsqueeze(1) - starts[seq[order]]  # [M, C]
     chosen = torch.zeros_like(candidate).scatter_(0, order, rank < heavy)
     return chosen & candidate
 
 
-def _check_h2o_model(model) -> int:
-    """The query heads of ``model``'s attention, or a ``ValueError`` for a model H2O cannot run."""
+def _check_h2o_model(model) -> tuple[int, int]:
+    """The query and key/value heads of ``model``'s attention, or a ``ValueError`` for a model H2O
+    cannot run."""
     _check_model(model)
     from .attention import GraphMultiheadAttention
 
@@ -527,9 +572,10 @@ def _check_h2o_model(model) -> int:
         if module.select is not None:
             raise ValueError(f"Expected a 'model' whose attention does not select its own graph (got "
                              f"select={module.select!r}): the heavy hitters decide the graph")
-    heads = sorted({module.num_heads for module in attention})
+    heads = sorted({(module.num_heads, module.num_kv_heads) for module in attention})
     if len(heads) != 1:
-        raise ValueError(f"Expected 'model' with the same number of query heads in every layer (got {heads})")
+        raise ValueError("Expected 'model' with the same numbers of query and key/value heads in every layer (got "
+                         f"{heads})")
     return heads[0]
 
 
@@ -563,20 +609,26 @@ def h2o_generate(model, input_ids: Tensor, max_new_tokens: int, *, heavy: int, r
         input_ids: prompts ``[B, T]`` of one length.
         max_new_tokens: tokens to add to each sequence.
         heavy, recent: the budget of heavy hitters and of recent tokens per sequence and layer.
-        per_head: each query head keeps its own heavy hitters from its own scores (as in the paper)
-            and attends along its own edges (a per-head graph). The cache stores a node's keys and
-            values for all key/value heads at once (``[M, H_kv, D]``), so a node leaves it when no
-            head keeps it: each head reads at most ``heavy + recent + 1`` nodes, a layer holds up to
-            ``recent + H * heavy + 1`` per sequence. ``False`` (default): one kept set per layer from
-            the scores summed over heads, at most ``heavy + recent + 1`` nodes per sequence and layer.
+        per_head: each key/value head keeps its own heavy hitters from its own scores and stores
+            exactly its own kept tokens (a :class:`HeavyHitterCache` slot layout): once the prompt
+            is read (``T`` rows), every layer stores at most ``H_kv * (heavy + recent + 1)`` keys
+            and values per sequence, the new token included, as in the paper's per-head eviction.
+            With grouped-query attention the query heads sharing a key/value head decide together,
+            on their scores summed (their keys are one tensor, so they can only evict together);
+            with ``H_kv == H`` each head decides alone, exactly as in the paper. Each query head
+            attends along its own edges to the tokens its key/value head keeps (a per-head graph).
+            ``False`` (default): one kept set per layer from the scores summed over all heads, the
+            same bound.
         greedy, temperature, top_k, generator: as in :func:`gnn_transformer.decoding.generate`.
         return_logits: also return the logits of every step, ``[max_new_tokens, B, V]``.
         return_stats: also return ``{"peak_cache": rows, "peak_per_sequence": rows,
-            "peak_per_head": nodes}``: the most nodes one layer held (all sequences), one sequence
-            held in one layer, and one head of one sequence read in one layer, prompt included.
+            "peak_per_head": nodes}``: the most rows ``M`` of one layer's stored keys and values
+            ``[M, H_kv, D]`` (all sequences), the most rows one sequence took in one layer, and the
+            most tokens one head of one sequence read in one layer (itself included), prompt included.
         return_kept: also return the kept sets after every step, ``[max_new_tokens, L, B, H, S]``
-            bool over the ``S = T + max_new_tokens`` tokens (the nodes the next token reads, besides
-            itself; all heads alike without ``per_head``).
+            bool over the ``S = T + max_new_tokens`` tokens, per query head (the nodes the next
+            token reads, besides itself; a key/value head's group alike with ``per_head``, all heads
+            alike without).
 
     Returns:
         ``[B, T + max_new_tokens]`` token ids (then the logits, the stats and the kept sets, when
@@ -593,7 +645,7 @@ def h2o_generate(model, input_ids: Tensor, max_new_tokens: int, *, heavy: int, r
     """
     from .hf._common import attention_weights  # the weights of every attention call
 
-    num_heads = _check_h2o_model(model)
+    num_heads, num_kv_heads = _check_h2o_model(model)
     _check_prompts(input_ids)
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0)
     heavy = _check_int("heavy", heavy, 0)
@@ -604,7 +656,8 @@ def h2o_generate(model, input_ids: Tensor, max_new_tokens: int, *, heavy: int, r
     batch, length = input_ids.shape
     device = input_ids.device
     total = length + max_new_tokens
-    cache = HeavyHitterCache(num_heads)
+    cache = HeavyHitterCache(num_heads, num_kv_heads)
+    group = cache.group
     out, step_logits, kept = [input_ids], [], []
     peak = {"peak_cache": 0, "peak_per_sequence": 0, "peak_per_head": 0}
     ids = input_ids.reshape(-1)  # [B * T] sequence after sequence
@@ -631,17 +684,17 @@ def h2o_generate(model, input_ids: Tensor, max_new_tokens: int, *, heavy: int, r
         next_pos = int(pos[-1]) + 1  # every sequence is at the same place
         for index in range(num_layers):
             nodes = cache.nodes[index]
-            _accumulate(nodes, layer_graphs[index], weights[index])
+            _accumulate(nodes, layer_graphs[index], weights[index], group)
             _track_peak(peak, nodes, batch)
-            recent_rows = nodes.pos >= next_pos - recent  # [M] always kept, by every head
-            candidate = nodes.alive & ~recent_rows.unsqueeze(1)  # [M, H]
-            score = nodes.score if per_head else nodes.score.sum(1, keepdim=True)
+            recent_slots = nodes.alive & (nodes.pos >= next_pos - recent)  # [M, H_kv] always kept
+            candidate = nodes.alive & ~recent_slots  # [M, H_kv]
+            score = nodes.score if per_head else nodes.score.sum(1, keepdim=True)  # [M, H_kv] or [M, 1]
             chosen = _heavy_hitters(score, candidate if per_head else candidate[:, :1], nodes.seq, batch, heavy)
-            cache.keep_rows(index, recent_rows.unsqueeze(1) | chosen.expand_as(nodes.alive))
+            cache.keep_rows(index, recent_slots | chosen.expand_as(nodes.alive))
         if return_kept:
             kept.append(_kept_mask(cache, num_layers, batch, total))
         ids, seq, pos = token, torch.arange(batch, device=device), torch.full((batch,), next_pos, device=device)
-        graphs = [_h2o_edges(cache.nodes[index], batch, per_head) for index in range(num_layers)]
+        graphs = [_h2o_edges(cache.nodes[index], batch, group if per_head else None) for index in range(num_layers)]
         last = torch.arange(batch, device=device)
     result: tuple = (torch.cat(out, dim=1),)
     if return_logits:
@@ -661,24 +714,24 @@ def _prompt_graph(batch: int, length: int, device: torch.device) -> Tensor:
 
 
 def _track_peak(peak: dict, nodes: _LayerNodes, batch: int) -> None:
-    """The largest node counts of one layer during a step, before eviction (see :func:`h2o_generate`)."""
+    """The largest row and token counts of one layer during a step, before eviction (see
+    :func:`h2o_generate`)."""
     per_sequence = torch.bincount(nodes.seq, minlength=batch)  # [B]
     per_head = torch.zeros(batch, nodes.alive.size(1), dtype=torch.long, device=nodes.seq.device)
-    per_head.index_add_(0, nodes.seq, nodes.alive.long())  # [B, H]
+    per_head.index_add_(0, nodes.seq, nodes.alive.long())  # [B, H_kv]
     peak["peak_cache"] = max(peak["peak_cache"], nodes.seq.numel())
     peak["peak_per_sequence"] = max(peak["peak_per_sequence"], int(per_sequence.max()))
     peak["peak_per_head"] = max(peak["peak_per_head"], int(per_head.max()))
 
 
 def _kept_mask(cache: HeavyHitterCache, num_layers: int, batch: int, total: int) -> Tensor:
-    """``[L, B, H, S]``: which tokens each head of each sequence and layer keeps."""
-    num_heads = cache.nodes[0].alive.size(1)
-    mask = torch.zeros(num_layers, batch, num_heads, total, dtype=torch.bool)
+    """``[L, B, H, S]``: which tokens each query head of each sequence and layer reads."""
+    mask = torch.zeros(num_layers, batch, cache.num_kv_heads, total, dtype=torch.bool)
     for index in range(num_layers):
         nodes = cache.nodes[index]
         row, head = nodes.alive.nonzero(as_tuple=True)
-        mask[index, nodes.seq[row].cpu(), head.cpu(), nodes.pos[row].cpu()] = True
-    return mask
+        mask[index, nodes.seq[row].cpu(), head.cpu(), nodes.pos[row, head].cpu()] = True
+    return mask.repeat_interleave(cache.group, dim=2)  # query head h reads key/value head h // group
 
 
 __all__ = ["EvictingKVCache", "HeavyHitterCache", "PerplexityResult", "h2o_generate", "perplexity", "stream_logits",

@@ -1,5 +1,6 @@
 """Attention-graph analytics: recording, measures against dense computations, planted sinks and
 massive activations, pre-norm versus post-norm, networkx export."""
+import dataclasses
 import math
 
 import networkx as nx
@@ -7,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from gnn_transformer import GraphMultiheadAttention, dense, from_padded, to_padded
+from gnn_transformer import GraphMultiheadAttention, dense, from_padded, to_padded, topology
 from gnn_transformer.analysis import (activation_stats, attention_entropy, attention_hits,
                                       attention_pagerank, compare_norm_placement, extract,
                                       find_layers, find_sinks, massive_activations, norm_placement,
@@ -15,7 +16,7 @@ from gnn_transformer.analysis import (activation_stats, attention_entropy, atten
 from gnn_transformer.analysis.summary import format_table
 from gnn_transformer.topology import batch_vector, causal, erdos_renyi, full, to_dense_mask
 
-from .conftest import TOL
+from .conftest import TOL, perturbed
 
 C, H = 16, 2
 
@@ -638,3 +639,215 @@ def test_analyze_runs_on_a_train_run_checkpoint(tmp_path, capsys):
     assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--samples", "0",
                      "--out", str(out)]) == 2
     assert "'--samples'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- per-head, per-layer and selected graphs
+def _double_lm(**overrides):
+    from gnn_transformer.experiments import analyze_run
+    from gnn_transformer.model import GraphLM, GraphTransformerConfig
+
+    torch.manual_seed(0)
+    cfg = GraphTransformerConfig(**{**dict(vocab_size=13, d_model=16, nhead=2, num_layers=2, position="learned",
+                                           max_positions=32, backend="pyg"), **overrides})
+    model = perturbed(GraphLM(cfg).double())
+
+    def forward(ids, graph, pos):
+        return analyze_run.call_with_graph(model, ids, graph, pos=pos)
+
+    return model, analyze_run.LoadedModel(model, forward, "causal", vocab_size=13, max_length=32)
+
+
+SEQS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [3, 1, 4, 1, 5, 9]]
+
+
+def test_analyze_records_each_heads_weights_over_its_own_edges():
+    from gnn_transformer.experiments import analyze_run
+    from gnn_transformer.topology import dilated_per_head
+
+    model, loaded = _double_lm()
+    spec = "dilated_per_head:window=1,dilations=1;3,causal=true"
+    result = analyze_run.analyze(loaded, SEQS, graph=spec)
+    edge_index, edge_head = dilated_per_head([11, 6], 1, [1, 3], causal=True)
+    ids = torch.tensor([t for s in SEQS for t in s])
+    pos = torch.cat([torch.arange(11), torch.arange(6)])
+    with torch.no_grad():
+        expected = model(ids, edge_index, pos=pos, edge_head=edge_head)
+        h0 = model.embed_nodes(ids, pos)
+        layer = model.encoder.layers[0]
+        _, alpha = layer.self_attn(layer.norm1(h0), edge_index, edge_head=edge_head,
+                                   return_attention_weights=True)  # [E] each edge's own head
+    trace = result.traces["model"]
+    torch.testing.assert_close(trace.output, expected, **TOL[torch.float64])  # the same model output
+    graphs = trace.self_attention()
+    assert len(graphs) == 2 and all(g.weights.shape == (edge_head.numel(), 2) for g in graphs)
+    for g in graphs:
+        assert torch.equal(g.edge_index, edge_index.as_tensor())
+        own = torch.nn.functional.one_hot(edge_head, 2).bool()
+        assert torch.all(g.weights[~own] == 0)  # no weight in another head's column
+        for h in range(2):  # each head's weights sum to one over its own edges into each query
+            sums = torch.zeros(17, dtype=torch.float64).index_add_(0, edge_index[1].as_tensor(), g.weights[:, h])
+            torch.testing.assert_close(sums, torch.ones(17, dtype=torch.float64), **TOL[torch.float64])
+    torch.testing.assert_close(graphs[0].weights[own], alpha, **TOL[torch.float64])
+    dense_head = graphs[0].dense()  # [H, N, N]: head 1 reads i - 3, i (and no i - 1)
+    assert dense_head[1, 5, 4] == 0 and dense_head[1, 5, 2] > 0 and dense_head[0, 5, 4] > 0
+    assert "attend" not in model.encoder.layers[0].self_attn.__dict__  # nothing left on the model
+
+
+def test_analyze_runs_each_layer_on_its_own_graph(tmp_path, capsys):
+    import json
+
+    from gnn_transformer.experiments import analyze_run
+    from gnn_transformer.topology import causal as causal_graph
+    from gnn_transformer.topology import sliding_window
+
+    spec = tmp_path / "two_layers.toml"
+    spec.write_text('name = "two_layers"\ndescription = "a window, then causal"\nsource = "test"\n'
+                    'builder = "per_layer"\n\n[[layers]]\nbuilder = "sliding_window"\n'
+                    'params = { window = 1, causal = true }\n\n[[layers]]\nbuilder = "causal"\n')
+    model, loaded = _double_lm()
+    result = analyze_run.analyze(loaded, SEQS, graph=str(spec))
+    graphs = result.traces["model"].self_attention()
+    assert torch.equal(graphs[0].edge_index, sliding_window([11, 6], 1, causal=True).as_tensor())
+    assert torch.equal(graphs[1].edge_index, causal_graph([11, 6]).as_tensor())
+    ids = torch.tensor([t for s in SEQS for t in s])
+    pos = torch.cat([torch.arange(11), torch.arange(6)])
+    with torch.no_grad():
+        expected = model(ids, [sliding_window([11, 6], 1, causal=True), causal_graph([11, 6])], pos=pos)
+    torch.testing.assert_close(result.traces["model"].output, expected, **TOL[torch.float64])
+    # the command, with the catalogue's per-layer and per-head specs
+    path, _ = _tiny_lm_checkpoint(tmp_path)
+    tokens = tmp_path / "ids.txt"
+    tokens.write_text("1 2 3 4 5 6 7 8\n")
+    for graph in (str(spec), "gemma3", "modernbert"):
+        out = tmp_path / graph.replace("/", "_")
+        cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out", str(out),
+                            "--graph", graph, "--no-plots"])
+        assert cli.analyze.run(args) == 0, capsys.readouterr().err
+        rows = json.loads((out / "summary.json").read_text())["variants"]["model"]
+        assert [r["name"] for r in rows] == ["input", "encoder.layers.0", "encoder.layers.1"]
+
+
+def test_analyze_records_the_graph_each_layer_selects():
+    from gnn_transformer.experiments import analyze_run
+    from gnn_transformer.model import GraphLM
+
+    model, loaded = _double_lm()
+    result = analyze_run.analyze(loaded, SEQS, graph="causal+topk:num_keys=2")
+    assert all(m.select is None for m in analyze_run.attention_modules(model))  # restored
+    selecting = GraphLM(dataclasses.replace(model.config, select="topk:num_keys=2")).double().eval()
+    selecting.load_state_dict(model.state_dict())
+    ids = torch.tensor([t for s in SEQS for t in s])
+    pos = torch.cat([torch.arange(11), torch.arange(6)])
+    with torch.no_grad():
+        expected = selecting(ids, causal([11, 6]), pos=pos)
+    torch.testing.assert_close(result.traces["model"].output, expected, **TOL[torch.float64])
+    for g in result.traces["model"].self_attention():
+        kept = g.weights.ne(0)  # [E, H]: the edges each head kept
+        per_query = torch.zeros(17, 2, dtype=torch.long).index_add_(0, g.edge_index[1], kept.long())
+        within = torch.cat([torch.arange(11), torch.arange(6)]) + 1  # causal keys of each query
+        assert torch.equal(per_query, within.clamp(max=2)[:, None].expand(17, 2))
+        assert bool((g.edge_index[0] <= g.edge_index[1]).all())  # within the causal graph
+
+
+def test_analyze_refuses_a_per_head_graph_of_other_heads(tmp_path, capsys):
+    path, _ = _tiny_lm_checkpoint(tmp_path)
+    tokens = tmp_path / "ids.txt"
+    tokens.write_text("1 2 3 4 5 6 7 8\n")
+    cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out", str(tmp_path / "o"),
+                        "--graph", "duo_attention"])
+    assert cli.analyze.run(args) == 2
+    err = capsys.readouterr().err
+    assert "'graph'" in err and "'duo_attention', with 8" in err and "2 heads" in err
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- checkpoints of 'train --task lm' / listops
+def test_analyze_runs_on_a_train_lm_run(tmp_path, capsys):
+    import json
+
+    from gnn_transformer import cli
+
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind.\n" * 4)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--task", "lm", "--text", str(text), "--context", "16", "--steps", "2",
+                     "--batch-size", "2", "--d-model", "16", "--ff", "32", "--heads", "2", "--backend", "pyg",
+                     "--warmup", "1", "--sample-chars", "0", "--topology", "sliding_window:window=3",
+                     "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "analysis"
+    assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--samples", "2", "--out", str(out)]) == 0
+    assert "lm model (model.pt): 2 sequence(s), 32 tokens" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lengths"] == [16, 16] and summary["graph"] == "sliding_window:window=3"
+    assert all(len(t) == 1 for t in summary["tokens"])  # characters
+    assert (out / "attention_encoder_layers_0_self_attn.png").is_file()
+    # the run's window, cut to its causal part as in training
+    from gnn_transformer.experiments.analyze_run import analyze, load_checkpoint_model
+    from gnn_transformer.topology import sliding_window
+
+    loaded = load_checkpoint_model(run / "model.pt")
+    recorded = analyze(loaded, [[1, 2, 3, 4, 5]]).traces["model"].attention[0].edge_index
+    assert torch.equal(recorded, sliding_window(5, 3, causal=True).as_tensor())
+    lines = tmp_path / "lines.txt"
+    lines.write_text("To be\nthe mind\n")
+    assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--text", str(lines), "--out", str(out),
+                     "--no-plots"]) == 0
+    assert json.loads((out / "summary.json").read_text())["tokens"] == list("To be")
+    lines.write_text("To be Ω\n")
+    assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--text", str(lines), "--out",
+                     str(out)]) == 2
+    assert "'--text'" in (err := capsys.readouterr().err) and "'Ω' (U+03A9) at character 6" in err
+
+
+def test_analyze_runs_on_a_train_listops_run(tmp_path, capsys):
+    import json
+
+    from gnn_transformer import cli
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--task", "listops", "--listops-lengths", "5-20", "--listops-depth", "3",
+                     "--listops-args", "3", "--listops-train", "20", "--eval-size", "2", "--steps", "2",
+                     "--batch-size", "2", "--d-model", "16", "--ff", "32", "--heads", "2", "--backend", "pyg",
+                     "--warmup", "1", "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "analysis"
+    assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--samples", "2", "--out", str(out),
+                     "--graph", "sliding_window:window=2"]) == 0
+    assert "listops model (model.pt): 2 sequence(s)" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tokens"][0] == "[CLS]" and all(5 < n <= 21 for n in summary["lengths"])
+    expressions = tmp_path / "expressions.txt"
+    expressions.write_text("[MAX 4 3 [MIN 2 3 ] 1 0 ]\n[SM 1 2 ]\n")
+    assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--text", str(expressions), "--out",
+                     str(out), "--no-plots"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lengths"] == [11, 5] and summary["tokens"][:3] == ["[CLS]", "[MAX", "4"]
+    tokens = tmp_path / "ids.txt"
+    tokens.write_text("1 2 3\n")
+    assert cli.main(["perplexity", "--checkpoint", str(run / "model.pt"), "--tokens", str(tokens),
+                     "--out", str(tmp_path / "p"), "--no-progress"]) == 2
+    assert "causal language model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["pyg", "fused", "auto"])
+def test_record_keeps_a_per_head_graph_once_with_its_heads(backend):
+    """A per-head call is recorded once (not again for the (head, token) graph attend runs inside),
+    with its edge_head and each edge's weight in its head's column."""
+    from gnn_transformer.analysis.capture import record
+
+    torch.manual_seed(0)
+    attn = GraphMultiheadAttention(16, 4, num_kv_heads=2, backend=backend).double()
+    x = torch.randn(10, 16, dtype=torch.float64)
+    edge_index, edge_head = topology.duo_attention(10, [1, 3], 4, num_sinks=2, window=2)
+    with record(attn) as trace:
+        out = attn(x, edge_index, edge_head=edge_head)
+    assert len(trace.attention) == 1
+    g = trace.attention[0]
+    assert torch.equal(g.edge_head, edge_head) and torch.equal(g.edge_index, torch.as_tensor(edge_index))
+    ref_out, alpha = attn(x, edge_index, edge_head=edge_head, return_attention_weights=True)  # alpha [E]
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=0)
+    expected = torch.zeros(alpha.numel(), 4, dtype=torch.float64)
+    expected[torch.arange(alpha.numel()), edge_head] = alpha
+    torch.testing.assert_close(g.weights, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(g.dense().sum(-1), torch.ones(4, 10, dtype=torch.float64), atol=1e-12, rtol=0)

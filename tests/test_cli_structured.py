@@ -95,8 +95,10 @@ def test_compare_and_train_on_structured_specs(tmp_path, capsys):
     (["verify", "dilated_per_head:window=1,dilations=1;0"], "key 'dilations[1]': expected >= 1"),
     (["verify", "dilated_per_head:window=1,dilations=1;x"], "key 'dilations[1]': expected an integer"),
     (["verify", "duo_attention+topk:num_keys=2"], "not within a per-head graph (8 heads)"),
-    (["bench", "--quick", "--topologies", "duo_attention", "--sizes", "64"], "bench --selectors"),
-    (["bench", "--quick", "--topologies", "modernbert", "--sizes", "64"], "per-layer graphs"),
+    (["bench", "--quick", "--topologies", "duo_attention", "--heads", "4", "--sizes", "64"],
+     "builds per-head graphs for 8 heads (got --heads 4)"),
+    (["bench", "--calibrate", "--topologies", "modernbert", "--sizes", "64"],
+     "--calibrate measures graphs for every head and layer"),
     (["bench", "--quick", "--topologies", "causal+topk:num_keys=2", "--sizes", "64"], "chosen from the data"),
     (["show", "+topk:num_keys=2"], "before the selector"),
 ])

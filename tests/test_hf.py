@@ -435,3 +435,23 @@ def test_to_hf_of_a_graph_model_gives_its_outputs(kind):
 def test_to_hf_refuses_other_models():
     with pytest.raises(ValueError, match="'graph'.*Linear"):
         hf.to_hf(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("kind", ["bert", "bert_no_pooler", "gpt2"])
+def test_state_dict_renamings_are_inverse(kind):
+    """One table per model renames both ways: Hugging Face -> graph -> Hugging Face gives back every
+    parameter (buffers such as position_ids aside), the same tensors."""
+    if kind == "gpt2":
+        base = _gpt2().transformer
+        forward, inverse, layers = hf.gpt2_state_dict, hf.gpt2_hf_state_dict, base.config.n_layer
+    else:
+        base = _bert(pooler=kind == "bert")
+        forward, inverse, layers = hf.bert_state_dict, hf.bert_hf_state_dict, base.config.num_hidden_layers
+    params = dict(base.named_parameters())
+    graph = forward(base.state_dict(), layers)
+    back = inverse(graph, layers)
+    assert set(back) == set(params)
+    for name, p in params.items():
+        torch.testing.assert_close(back[name], p, rtol=0, atol=0, msg=name)
+    model = hf.from_hf(base)
+    assert set(graph) == set(model.state_dict()) - {"lm_head.weight"}

@@ -341,9 +341,8 @@ def test_modernbert_from_pretrained_and_bias(tmp_path):
 
 
 @pytest.mark.parametrize("family,field,value,match", [
-    ("llama", "rope_parameters", {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
-                                  "long_factor": [1.0] * 4, "original_max_position_embeddings": 8},
-     r"rope_parameters\['rope_type'\]='longrope'"),
+    ("llama", "rope_parameters", {"rope_type": "proportional", "rope_theta": 10000.0},
+     r"rope_parameters\['rope_type'\]='proportional'"),
     ("gemma3", "use_bidirectional_attention", True, "use_bidirectional_attention=True"),
     ("llama", "hidden_act", "relu2", "hidden_act='relu2'"),
 ])

@@ -6,8 +6,8 @@ import torch
 
 from gnn_transformer import GraphLM, GraphTransformerConfig, dense, topology
 from gnn_transformer.decoding import generate
-from gnn_transformer.streaming import (EvictingKVCache, h2o_generate, perplexity, stream_logits,
-                                       streaming_generate)
+from gnn_transformer.streaming import (EvictingKVCache, HeavyHitterCache, h2o_generate, perplexity,
+                                       stream_logits, streaming_generate)
 from tests.conftest import perturbed
 
 
@@ -140,6 +140,19 @@ def test_bad_inputs():
         streaming_generate(model, ids, 2, num_sinks=1, window=2)
 
 
+def test_cache_positions_refuse_longrope():
+    # LongRoPE's frequencies depend on the length of the call that rotated a key: it cannot be moved
+    pytest.importorskip("transformers")
+    from gnn_transformer import hf
+    from tests.test_hf_longrope import _model
+
+    model = hf.from_hf(_model())
+    ids = torch.randint(2, 50, (1, 6))
+    with pytest.raises(ValueError, match="positions='cache'.*'longrope' RoPE scaling changes the frequencies"):
+        streaming_generate(model, ids, 4, num_sinks=1, window=2, positions="cache")
+    assert streaming_generate(model, ids, 4, num_sinks=1, window=2).shape == (1, 10)
+
+
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
 def test_stream_of_an_imported_decoder_equals_hugging_face(family):
     # the native per-layer graphs (windows and causal layers) streamed with eviction equal HF's logits
@@ -200,10 +213,11 @@ def _graph_decoder(model, ids, masks):
 
 
 @torch.no_grad()
-def _h2o_reference(forward, row, prompt, steps, heavy, recent, per_head, layers, heads):
+def _h2o_reference(forward, row, prompt, steps, heavy, recent, per_head, layers, heads, kv_heads=None):
     """H2O on one sequence, step by step on dense masks: every step recomputes the whole sequence
     on the graph chosen so far, takes each key's accumulated score as the sum of its column of
-    weights, and keeps the ``recent`` last tokens and the ``heavy`` best-scored cached others."""
+    weights, and keeps the ``recent`` last tokens and the ``heavy`` best-scored cached others: per
+    layer, or with ``per_head`` per key/value head from the scores of its group of query heads."""
     total = prompt + steps
     allowed = torch.zeros(layers, heads, total, total, dtype=torch.bool)  # [L, H, i, j]: i reads j
     allowed[:, :, :prompt, :prompt] = torch.ones(prompt, prompt, dtype=torch.bool).tril()
@@ -220,7 +234,9 @@ def _h2o_reference(forward, row, prompt, steps, heavy, recent, per_head, layers,
         all_logits.append(logits[n - 1])
         score = weights.sum(2)  # [L, H, n]: attention each key received from every query so far
         for layer in range(layers):
-            groups = [[h] for h in range(heads)] if per_head else [list(range(heads))]
+            size = heads // (kv_heads or heads)  # query heads per key/value head
+            groups = ([list(range(g, g + size)) for g in range(0, heads, size)] if per_head
+                      else [list(range(heads))])
             for group in groups:
                 s = score[layer, group].sum(0)
                 pool = cached[layer][group[0]]
@@ -234,22 +250,22 @@ def _h2o_reference(forward, row, prompt, steps, heavy, recent, per_head, layers,
 
 
 @pytest.mark.parametrize("per_head", [False, True])
-@pytest.mark.parametrize("position,kv_heads", [("rope", None), ("learned", 2)])
+@pytest.mark.parametrize("position,kv_heads", [("rope", None), ("learned", 2), ("rope", 2)])
 def test_h2o_matches_dense_step_by_step_reference(per_head, position, kv_heads):
     model = _lm(position, layers=2, kv_heads=kv_heads)
     prompt, steps, heavy, recent = 6, 14, 3, 2
-    ids = torch.randint(0, 23, (2, prompt))
+    ids = torch.randint(0, 23, (2, prompt), generator=torch.Generator().manual_seed(1))
     out, logits, kept = h2o_generate(model, ids, steps, heavy=heavy, recent=recent, per_head=per_head,
                                      return_logits=True, return_kept=True)
     assert kept.shape == (steps, 2, 2, 4, prompt + steps)
     for b, row in enumerate(out):
         want_logits, want_kept = _h2o_reference(lambda x, m: _dense_lm(model, x, m), row, prompt, steps, heavy,
-                                                recent, per_head, 2, 4)
+                                                recent, per_head, 2, 4, kv_heads)
         assert torch.equal(kept[:, :, b], want_kept)
         torch.testing.assert_close(logits[:, b], want_logits, rtol=0, atol=1e-10)
         assert torch.equal(want_logits.argmax(-1), row[prompt:])
-    if per_head:  # the heads chose differently somewhere: a per-head graph, not one per layer
-        assert not torch.equal(kept, kept[:, :, :, :1].expand_as(kept))
+    if per_head and position == "rope":  # the key/value heads chose differently: a per-head graph
+        assert not torch.equal(kept, kept[:, :, :, :1].expand_as(kept))  # (the learned model's rank by age)
 
 
 @pytest.mark.parametrize("per_head", [False, True])
@@ -263,7 +279,7 @@ def test_h2o_of_an_imported_decoder_matches_reference(per_head):
     out, logits, kept = h2o_generate(model, ids, 10, heavy=2, recent=3, per_head=per_head, return_logits=True,
                                      return_kept=True)
     want_logits, want_kept = _h2o_reference(lambda x, m: _graph_decoder(model, x, m), out[0], 5, 10, 2, 3,
-                                            per_head, 3, 4)
+                                            per_head, 3, 4, kv_heads=2)
     assert torch.equal(kept[:, :, 0], want_kept)
     torch.testing.assert_close(logits[:, 0], want_logits, rtol=0, atol=1e-10)
 
@@ -277,10 +293,55 @@ def test_h2o_memory_is_bounded(per_head):
     assert out.shape == (3, 154)
     assert stats["peak_per_head"] == heavy + recent + 1  # every head reads at most the budget and itself
     assert int(kept.sum(-1).max()) == heavy + recent
-    if per_head:  # a node stays while any head keeps it: the recent tokens and up to H heavy sets
-        assert heavy + recent + 1 <= stats["peak_per_sequence"] <= recent + 4 * heavy + 1
+    # every key/value head stores its own kept tokens: one sequence's rows are its fullest head's
+    assert stats["peak_per_sequence"] == heavy + recent + 1 and stats["peak_cache"] == 3 * (heavy + recent + 1)
+
+
+def _record_stored_shapes(monkeypatch) -> list:
+    """The shapes of the keys and values every layer's attention reads from the H2O cache, per call,
+    with the cache's rows per sequence: ``(keys.shape, values.shape, rows of each sequence [B])``."""
+    from gnn_transformer.streaming import HeavyHitterCache
+
+    calls, update = [], HeavyHitterCache.update
+
+    def recording(self, index, kv):
+        k, v = update(self, index, kv)
+        calls.append((tuple(k.shape), tuple(v.shape), torch.bincount(self.nodes[index].seq).tolist()))
+        return k, v
+    monkeypatch.setattr(HeavyHitterCache, "update", recording)
+    return calls
+
+
+@pytest.mark.parametrize("model_kind", ["graph_lm", "llama"])
+def test_h2o_per_head_stores_each_kv_heads_own_tokens(model_kind, monkeypatch):
+    """Per-head H2O stores per layer and key/value head exactly its own ``heavy + recent`` tokens
+    (and the new one): the keys and values every attention call reads are ``[M, H_kv, D]`` with at
+    most ``heavy + recent + 1`` rows per sequence at every step, while the union of the tokens the
+    heads keep, which a cache of whole nodes would hold, exceeds that."""
+    if model_kind == "llama":
+        pytest.importorskip("transformers")
+        from gnn_transformer import hf
+        from tests.test_hf_decoders import _model
+
+        model, heads, kv_heads, dim = hf.from_hf(_model("llama")).double(), 4, 2, 8  # grouped-query attention
     else:
-        assert stats["peak_per_sequence"] == heavy + recent + 1 and stats["peak_cache"] == 3 * (heavy + recent + 1)
+        model, heads, kv_heads, dim = _lm("rope", layers=2), 4, 4, 4
+    heavy, recent, prompt, batch, steps = 3, 2, 6, 2, 30  # the prompt fits the bound: every step obeys it
+    calls = _record_stored_shapes(monkeypatch)
+    ids = torch.randint(2, 23, (batch, prompt), generator=torch.Generator().manual_seed(1))
+    out, kept = h2o_generate(model, ids, steps, heavy=heavy, recent=recent, per_head=True, return_kept=True)
+    layers = kept.size(1)
+    assert len(calls) == steps * layers
+    for k_shape, v_shape, rows in calls:
+        assert k_shape == v_shape and k_shape[1:] == (kv_heads, dim)
+        assert k_shape[0] == sum(rows) and len(rows) == batch and max(rows) <= heavy + recent + 1
+    assert max(max(rows) for _, _, rows in calls[layers:]) == heavy + recent + 1  # the bound is reached
+    # each key/value head keeps heavy + recent tokens (its query heads alike); their union is more
+    assert int(kept.sum(-1).max()) == heavy + recent
+    group = heads // kv_heads
+    assert torch.equal(kept, kept[:, :, :, ::group].repeat_interleave(group, dim=3))
+    union = kept.any(3).sum(-1)  # [steps, L, B]: the tokens some head of the layer keeps
+    assert int(union.max()) + 1 > heavy + recent + 1  # what a cache of whole nodes would store
 
 
 def test_h2o_without_heavy_hitters_is_a_causal_window():
@@ -331,6 +392,10 @@ def test_h2o_bad_inputs():
         h2o_generate(GraphLM(config).eval(), ids, 2, heavy=1, recent=2)
     with pytest.raises(ValueError, match="forward_graph"):
         h2o_generate(torch.nn.Linear(2, 2), ids, 2, heavy=1, recent=2)
+    with pytest.raises(ValueError, match=r"'num_heads' \(4\) divisible by 'num_kv_heads' \(3\)"):
+        HeavyHitterCache(4, 3)
+    with pytest.raises(ValueError, match="'num_kv_heads' to be an int >= 1"):
+        HeavyHitterCache(4, 0)
 
 
 def test_perplexity_of_a_saved_hugging_face_model_equals_its_own_logits(tmp_path):

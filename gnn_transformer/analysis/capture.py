@@ -44,9 +44,11 @@ class AttentionGraph:
         name: qualified name of the attention module in the model (``"layers.0.self_attn"``).
         layer: index into :attr:`Trace.layers` of the layer that holds the module, or ``None``.
         edge_index: ``[2, E]``, row 0 the key ``j``, row 1 the query ``i``.
-        weights: ``[E, H]`` attention weights (each query's incoming weights sum to 1).
+        weights: ``[E, H]`` attention weights (each query's incoming weights sum to 1 in every
+            head; on a per-head graph an edge's weight sits in its head's column, 0 elsewhere).
         num_src, num_dst: key and query node counts.
         cross: ``True`` for cross-attention (keys and queries are different node sets).
+        edge_head: ``[E]`` the query head of each edge of a per-head graph, else ``None``.
     """
 
     name: str
@@ -56,6 +58,7 @@ class AttentionGraph:
     num_src: int
     num_dst: int
     cross: bool = False
+    edge_head: Tensor | None = None
 
     @property
     def num_heads(self) -> int:
@@ -280,18 +283,30 @@ def record(model: nn.Module, *, layers: Iterable[nn.Module] | None = None,
 
             def attend(*args, _original=original, _signature=signature, _name=name, _mode=mode,
                        **kwargs):
+                if _mode.get("inside"):  # attend calling itself (a per-head graph on (head, token)
+                    return _original(*args, **kwargs)  # nodes, an implicit graph's edges): once
                 bound = _signature.bind(*args, **kwargs)
                 wanted = bound.arguments.get("need_weights", False)
                 bound.arguments["need_weights"] = True
                 if backend is not None:
                     bound.arguments["backend"] = backend
-                out, weights = _original(*bound.args, **bound.kwargs)
+                _mode["inside"] = True
+                try:
+                    out, weights = _original(*bound.args, **bound.kwargs)
+                finally:
+                    _mode["inside"] = False
                 query, key = bound.arguments["query"], bound.arguments["key"]
                 num_src, num_dst = key.size(0), query.size(0)
                 cross = _mode.pop("cross", num_src != num_dst)
+                edge_index, edge_head = _edges(bound.arguments["edge_index"], bound.arguments.get("edge_head"))
+                columns = weights
+                if edge_head is not None:  # [E] -> [E, H]: each edge's weight in its head's column
+                    columns = weights.new_zeros(weights.size(0), query.size(1))  # [E, H]
+                    rows = torch.arange(weights.size(0), device=weights.device)
+                    columns[rows, edge_head.to(weights.device)] = weights
                 trace.attention.append(AttentionGraph(
-                    _name, owner(_name), _keep(bound.arguments["edge_index"], cpu).long(),
-                    _keep(weights, cpu), num_src, num_dst, cross))
+                    _name, owner(_name), _keep(edge_index, cpu).long(), _keep(columns, cpu), num_src, num_dst, cross,
+                    None if edge_head is None else _keep(edge_head, cpu).long()))
                 return out, (weights if wanted else None)
 
             patched.append((module, module.__dict__.get("attend")))
@@ -305,6 +320,15 @@ def record(model: nn.Module, *, layers: Iterable[nn.Module] | None = None,
                 delattr(patched_module, "attend")  # the class's attend again
             else:
                 setattr(patched_module, "attend", previous)
+
+
+def _edges(edge_index: Any, edge_head: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The recorded graph as ``(edge_index, edge_head)``: an implicit graph's materialized edges,
+    in the order of the weights ``attend`` returns for it."""
+    if isinstance(edge_index, Tensor):
+        return edge_index, edge_head
+    edges = edge_index.edges()
+    return edges if isinstance(edges, tuple) else (edges, None)
 
 
 def extract(model: nn.Module, *args, **kwargs) -> Trace:

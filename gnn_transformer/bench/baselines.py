@@ -16,12 +16,19 @@ Each baseline takes its own layout, contiguous ``[B, H, N, D]`` (the project's k
   - ``bitmap``: the project's ``topology.to_block_mask`` lookup (a block table plus a bitmap per
     partially filled block): any graph, at any size.
 
+A per-head graph (``edge_index`` plus ``edge_head``) is what a user writes with a ``mask_mod``
+that reads the head ``h``: ``predicate`` looks up each head's rule (window, dilation, causality,
+sinks: :func:`head_rules`, for specs made of such heads, DuoAttention's and Longformer's),
+``lookup`` a dense ``mask[h, q, kv]``, ``blocks`` a table per head; SDPA takes a boolean
+``[1, H, N, N]`` mask; ``bitmap`` (one block structure for every head) is unavailable.
+
 A variant that cannot be built for a graph says why (:class:`Unavailable`), never silently.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -78,14 +85,23 @@ def sdpa_mode(edge_index: Tensor, n: int) -> tuple[str, tuple[int, ...]]:
 
 
 def make_sdpa(edge_index: Tensor, src: Tensor, dst: Tensor, n: int, scale: float, mode: str,
-              bounds: tuple[int, ...]) -> Baseline:
+              bounds: tuple[int, ...], edge_head: Tensor | None = None, num_heads: int = 1) -> Baseline:
     """``fn(q, k, v)`` by ``scaled_dot_product_attention`` in ``mode`` (:func:`sdpa_mode`);
     ``fn.layout`` is ``"bhnd"`` (``[1, H, N, D]``) or, on nested tensors, ``"nhd"``; ``fn.note``
-    says how it runs."""
+    says how it runs. A per-head graph (``edge_head``, ``num_heads`` query heads) runs with a
+    boolean ``[1, H, N, N]`` mask, whatever ``mode``."""
     import torch.nn.functional as F
 
     def gqa(q, k):
         return {"enable_gqa": True} if k.size(1) != q.size(1) else {}
+
+    if edge_head is not None:
+        head_mask = torch.zeros(1, num_heads, n, n, dtype=torch.bool, device=src.device)
+        head_mask[0, edge_head, dst, src] = True
+
+        def per_head(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=head_mask, scale=scale, **gqa(q, k))
+        return _baseline(per_head, "dense bool mask [1, H, N, N]")
 
     if mode in ("causal", "full"):
         def sdpa(q, k, v):  # [1, H, N, D]
@@ -155,51 +171,128 @@ def _predicate(topology: str, n: int, device) -> Callable:
     raise Unavailable(f"no vectorized predicate twin for {topology!r}")
 
 
-def _lookup(src: Tensor, dst: Tensor, n: int, budget: float) -> Callable:
-    if n * n > budget:
-        raise Unavailable(f"the dense lookup needs {n * n / 2 ** 30:.1f} GiB")
-    mask = torch.zeros(n, n, dtype=torch.bool, device=src.device)
-    mask[dst, src] = True
-    return lambda b, h, q_idx, kv_idx: mask[q_idx, kv_idx]
+# the rule of one head, (dilation, window, causal, sinks): j -> i iff (j <= i or not causal) and
+# (|i - j| = s * dilation for an integer 0 <= s <= window, or j < sinks)
+HeadRule = tuple[int, int, bool, int]
 
 
-def _block_table(src: Tensor, dst: Tensor, n: int) -> Callable:
-    """``table[q // B, kv // B]`` for the largest ``B`` of :data:`TABLE_BLOCKS` whose blocks are
-    each full or empty."""
+def _part_rules(part: dict, n: int) -> list[HeadRule]:
+    """The rule of every head of one spec part (``builder`` with ``params`` or ``heads``)."""
+    from ..topology import BUILDERS
+
+    name = part["builder"]
+    if name == "per_head":
+        return [rule for head in part["heads"] for rule in _part_rules(head, n) * head.get("repeat", 1)]
+    if name not in BUILDERS:
+        raise Unavailable(f"no vectorized per-head predicate for {name!r} heads")
+    bound = inspect.signature(BUILDERS[name].fn).bind(n, **part.get("params", {}))
+    bound.apply_defaults()
+    p = bound.arguments
+    if name in ("causal", "full"):
+        return [(1, n, name == "causal", 0)]
+    if name in ("sliding_window", "dilated"):
+        return [(p.get("dilation", 1), p["window"], p["causal"], 0)]
+    if name == "streaming":
+        return [(1, p["window"], True, p["num_sinks"])]
+    if name == "dilated_per_head":
+        dilations = p["dilations"] if isinstance(p["dilations"], list) else [p["dilations"]]
+        return [(d, p["window"], p["causal"], 0) for d in dilations]
+    if name == "duo_attention":
+        streaming_heads = p["streaming_heads"] if isinstance(p["streaming_heads"], list) else [p["streaming_heads"]]
+        return [(1, p["window"], True, p["num_sinks"]) if h in streaming_heads else (1, n, True, 0)
+                for h in range(p["num_heads"])]
+    raise Unavailable(f"no vectorized per-head predicate for {name!r} heads")
+
+
+def head_rules(spec: str, n: int) -> list[HeadRule]:
+    """The rule of every head of a per-head topology spec (``duo_attention``, ``dilated_per_head``,
+    a ``per_head`` spec of windows, dilated windows, causal, full or streaming heads), from its
+    builder's arguments or TOML parameters, or :class:`Unavailable`."""
+    from ..experiments.topologies import parse_spec, resolve_topology
+
+    topo = resolve_topology(spec)
+    if topo.source is not None:
+        part: dict[str, Any] = topo.source.part
+    else:
+        name, kwargs = parse_spec(spec)
+        part = {"builder": name, "params": kwargs}
+    return _part_rules(part, n)
+
+
+def _head_predicate(spec: str, n: int, num_heads: int, device) -> Callable:
+    """A ``mask_mod`` reading each head's rule (:func:`head_rules`) from tables indexed by ``h``."""
+    rules = head_rules(spec, n)
+    if len(rules) != num_heads:
+        raise Unavailable(f"{len(rules)} head rules for {num_heads} heads")
+    dilation, window, causal_head, sinks = (torch.tensor(column, device=device) for column in zip(*rules))  # [H]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        diff = q_idx - kv_idx
+        step = dilation[h]
+        within = (diff.abs() % step == 0) & (diff.abs() <= window[h] * step)
+        return ((diff >= 0) | ~causal_head[h]) & (within | (kv_idx < sinks[h]))
+    return mask_mod
+
+
+def _lookup(src: Tensor, dst: Tensor, n: int, budget: float, edge_head: Tensor | None = None,
+            num_heads: int = 1) -> Callable:
+    heads = 1 if edge_head is None else num_heads
+    if heads * n * n > budget:
+        raise Unavailable(f"the dense lookup needs {heads * n * n / 2 ** 30:.1f} GiB")
+    if edge_head is None:
+        mask = torch.zeros(n, n, dtype=torch.bool, device=src.device)
+        mask[dst, src] = True
+        return lambda b, h, q_idx, kv_idx: mask[q_idx, kv_idx]
+    head_mask = torch.zeros(num_heads, n, n, dtype=torch.bool, device=src.device)
+    head_mask[edge_head, dst, src] = True
+    return lambda b, h, q_idx, kv_idx: head_mask[h, q_idx, kv_idx]
+
+
+def _block_table(src: Tensor, dst: Tensor, n: int, edge_head: Tensor | None = None, num_heads: int = 1) -> Callable:
+    """``table[q // B, kv // B]`` (``table[h, q // B, kv // B]`` on a per-head graph) for the
+    largest ``B`` of :data:`TABLE_BLOCKS` whose blocks are each full or empty."""
+    head = torch.zeros_like(dst) if edge_head is None else edge_head.to(dst)
+    heads = 1 if edge_head is None else num_heads
     for block in TABLE_BLOCKS:
         nb = -(-n // block)
-        key = (dst // block) * nb + src // block
+        key = (head * nb + dst // block) * nb + src // block
         blocks, counts = torch.unique(key, return_counts=True)
-        rows = torch.clamp(n - (blocks // nb) * block, max=block)  # cells of the (boundary) block
+        rows = torch.clamp(n - (blocks // nb % nb) * block, max=block)  # cells of the (boundary) block
         cols = torch.clamp(n - (blocks % nb) * block, max=block)
         if torch.equal(counts, rows * cols):
-            table = torch.zeros(nb * nb, dtype=torch.bool, device=src.device)
+            table = torch.zeros(heads * nb * nb, dtype=torch.bool, device=src.device)
             table[blocks] = True
-            table = table.view(nb, nb)
-            return lambda b, h, q_idx, kv_idx, B=block: table[q_idx // B, kv_idx // B]
+            table = table.view(heads, nb, nb)
+            if edge_head is None:
+                return lambda b, h, q_idx, kv_idx, B=block: table[0, q_idx // B, kv_idx // B]
+            return lambda b, h, q_idx, kv_idx, B=block: table[h, q_idx // B, kv_idx // B]
     raise Unavailable(f"not made of whole blocks of {'/'.join(map(str, TABLE_BLOCKS))}")
 
 
 def flex_block_mask(variant: str, topology: str, edge_index: Tensor, src: Tensor, dst: Tensor, n: int,
-                    device, flex_block: int, budget: float):
+                    device, flex_block: int, budget: float, edge_head: Tensor | None = None, num_heads: int = 1):
     """The ``BlockMask`` of one :data:`FLEX_VARIANTS` entry for this graph (``create_block_mask`` on
     its ``mask_mod``, as a user builds one; ``bitmap``: ``topology.to_block_mask``), or
-    :class:`Unavailable`."""
+    :class:`Unavailable`. With ``edge_head`` (a per-head graph of ``num_heads`` heads) the
+    ``mask_mod`` reads ``h`` and the mask has a block structure per head."""
     from ..topology import flex_attention_available, to_block_mask
 
+    if variant not in FLEX_VARIANTS:
+        raise ValueError(f"Expected a FlexAttention variant in {FLEX_VARIANTS} (got {variant!r})")
     if not flex_attention_available():
         raise Unavailable(f"no FlexAttention in torch {torch.__version__}")
     if variant == "bitmap":
+        if edge_head is not None:
+            raise Unavailable("to_block_mask builds one block structure for every head, not per head")
         return to_block_mask(edge_index, n, n, block_size=flex_block, device=device, lookup="blocks")
     from torch.nn.attention.flex_attention import create_block_mask
 
     if variant == "predicate":
-        mask_mod = _predicate(topology, n, device)
+        mask_mod = (_predicate(topology, n, device) if edge_head is None
+                    else _head_predicate(topology, n, num_heads, device))
     elif variant == "lookup":
-        mask_mod = _lookup(src, dst, n, budget)
-    elif variant == "blocks":
-        mask_mod = _block_table(src, dst, n)
+        mask_mod = _lookup(src, dst, n, budget, edge_head, num_heads)
     else:
-        raise ValueError(f"Expected a FlexAttention variant in {FLEX_VARIANTS} (got {variant!r})")
-    return create_block_mask(mask_mod, None, None, n, n, device=device, BLOCK_SIZE=flex_block,
-                             _compile=n > 16384)
+        mask_mod = _block_table(src, dst, n, edge_head, num_heads)
+    return create_block_mask(mask_mod, None, None if edge_head is None else num_heads, n, n, device=device,
+                             BLOCK_SIZE=flex_block, _compile=n > 16384)

@@ -12,6 +12,11 @@ It also reports peak memory (CUDA: allocator peak; CPU: peak growth of live mall
 (where that fits), and, separately, the time to build the graph (with the kernels' cached
 structures) or the mask.
 
+A per-head spec (``edge_index`` plus ``edge_head``) runs every side per head: the kernels with
+``edge_head``, SDPA with a ``[1, H, N, N]`` mask, FlexAttention with ``mask_mod`` functions that read
+``h`` (:mod:`.baselines`), the reference with each head's mask. A per-layer spec gives the rows of
+each distinct layer graph, then per backend and pass a total over the layers of one cycle.
+
 Command line: ``python benchmarks/bench_attention.py`` (``--quick`` for a CPU run at 4k tokens).
 :func:`run_benchmark` returns the rows (dicts); :func:`format_table` / :func:`format_markdown`
 render them. Nothing here prints: pass ``log`` to see rows as they come.
@@ -26,14 +31,16 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..kernels import (DROPOUT_COST, MERGE_COST, ROW_COST, TILE_COST, attend, attend_reference, auto_kernel,
-                       clear_cache, default_block_size, merge_partials)
+                       clear_cache, default_block_size, head_inputs, heads_to_nodes, merge_partials, nodes_to_heads)
 from ..kernels._graph import prepare
 from ..kernels.tiling import tile_stats
+from ..topology.specs import LayerPattern
 from .baselines import FLEX_VARIANTS, Unavailable, bhnd, flex_block_mask, make_sdpa, nhd, sdpa_mode
 
 TOPOLOGIES = ("causal", "window", "bigbird", "random", "document")
@@ -192,15 +199,28 @@ def _measure(fn: Callable[[], object], device, repeats: int) -> tuple[float, flo
     return median, float(peak)
 
 
-def _dense_reference(q, k, v, src, dst, scale):
+def _head_mask(n: int, num_src: int, src: Tensor, dst: Tensor, edge_head: Tensor | None, head: int) -> Tensor:
+    """The dense mask ``[N, N_src]`` of query head ``head`` (of every head without ``edge_head``)."""
+    mask = torch.zeros(n, num_src, dtype=torch.bool, device=src.device)
+    if edge_head is None:
+        mask[dst, src] = True
+    else:
+        mine = edge_head == head
+        mask[dst[mine], src[mine]] = True
+    return mask
+
+
+def _dense_reference(q, k, v, src, dst, scale, edge_head=None):
     """Float32 dense masked softmax ``[N, H, D]``, one head at a time (query head ``h`` reads
-    key/value head ``h // (H // H_kv)``)."""
+    key/value head ``h // (H // H_kv)``; on a per-head graph, ``edge_head``, along its own edges)."""
     n, h, d = q.shape
     group = h // k.size(1)
-    mask = torch.zeros(n, k.size(0), dtype=torch.bool, device=q.device)
-    mask[dst, src] = True
+    mask = _head_mask(n, k.size(0), src, dst, None, 0) if edge_head is None else None
     out = torch.empty(n, h, d, dtype=torch.float32, device=q.device)
     for i in range(h):
+        if edge_head is not None:
+            mask = _head_mask(n, k.size(0), src, dst, edge_head, i)
+        assert mask is not None  # built above for a graph of every head
         s = (q[:, i].float() @ k[:, i // group].float().t()) * scale  # [N, N_src]
         s = s.masked_fill(~mask, float("-inf"))
         w = torch.softmax(s, dim=-1).nan_to_num(0.0)
@@ -208,16 +228,18 @@ def _dense_reference(q, k, v, src, dst, scale):
     return out
 
 
-def _dense_reference_grads(q, k, v, src, dst, scale, grad_out) -> tuple[Tensor, Tensor, Tensor]:
+def _dense_reference_grads(q, k, v, src, dst, scale, grad_out, edge_head=None) -> tuple[Tensor, Tensor, Tensor]:
     """Float32 ``(dQ, dK, dV)`` of the dense masked softmax for the upstream gradient ``grad_out``,
     one head at a time (the memory of :func:`_dense_reference`)."""
     n, h, d = q.shape
     group = h // k.size(1)
-    mask = torch.zeros(n, k.size(0), dtype=torch.bool, device=q.device)
-    mask[dst, src] = True
+    mask = _head_mask(n, k.size(0), src, dst, None, 0) if edge_head is None else None
     dq = torch.empty(n, h, d, dtype=torch.float32, device=q.device)
     dk, dv = (torch.zeros(k.size(0), k.size(1), d, dtype=torch.float32, device=q.device) for _ in range(2))
     for i in range(h):
+        if edge_head is not None:
+            mask = _head_mask(n, k.size(0), src, dst, edge_head, i)
+        assert mask is not None  # built above for a graph of every head
         qi, ki, vi = (x.float().requires_grad_() for x in (q[:, i], k[:, i // group], v[:, i // group]))
         s = (qi @ ki.t()) * scale
         w = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
@@ -271,6 +293,10 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
 
     Row keys: ``topology, n, edges, density, backend, pass ("fwd" | "fwd+bwd"), ms, peak_mb,
     max_err, build_ms, note``. ``build_ms`` is the graph / mask construction (not in ``ms``).
+    A per-head spec needs ``heads`` equal to its heads (``ValueError`` naming ``heads``); its
+    ``density`` is that of one head. A per-layer spec gives rows labelled ``"spec [layers 0-4]"``
+    per distinct layer graph, then ``"spec [total, L layers]"`` rows: each graph's ``ms`` times the
+    layers of one cycle that use it, summed.
     ``auto``'s note names the kernel that ran (:func:`~gnn_transformer.kernels.auto_kernel`),
     ``sdpa``'s how it was called, ``flex``'s the fastest of ``flex_variants`` (see
     :mod:`.baselines`) and the times or reasons of the others.
@@ -297,59 +323,180 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
                 log(_format_row(row))
 
     passes = ("fwd", "fwd+bwd") if backward else ("fwd",)
+    settings = _Settings(backends, device, dtype, heads, kv_heads, head_dim, scale, repeats, backward, memory_budget,
+                         elem, flex_block, block_size, flex_variants, seed)
     for topology in topologies:
         for n in sizes:
             t0 = time.perf_counter()
             try:
-                edge_index = build_graph(topology, n, seed)
+                graph = build_graph(topology, n, seed)
             except ValueError as exc:  # a spec that cannot be built at this size: report, go on
                 emit([dict(topology=topology, n=n, edges=None, density=None, backend="-", **{"pass": "-"},
                            ms=None, peak_mb=None, max_err=None, build_ms=None, note=f"not built: {exc}"[:120])])
                 continue
             t_graph = time.perf_counter() - t0
-            edge_index = edge_index.to(device)
-            plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
-            src, dst = plain[0], plain[1]
-            num_edges = src.numel()
-            density = num_edges / float(n * n)
-            g = torch.Generator(device="cpu").manual_seed(seed)
-            q, k, v = (torch.randn(n, h, head_dim, generator=g).to(device=device, dtype=dtype)
-                       for h in (heads, kv_heads, kv_heads))
-            ref = None
-            if _fits(n, num_edges, "reference", heads, head_dim, memory_budget, 4) is None:
-                ref = _if_memory(functools.partial(_dense_reference, q, k, v, src, dst, scale), device)
-            grad_out = torch.randn(n, heads, head_dim, generator=g).to(device=device, dtype=dtype)
-            ref_grads = None  # (dQ, dK, dV), computed once for every backend where they fit
-            if backward and _fits(n, num_edges, "reference_grads", heads, head_dim, memory_budget, 4) is None:
-                ref_grads = _if_memory(functools.partial(_dense_reference_grads, q, k, v, src, dst, scale, grad_out),
-                                       device)
-            mode = sdpa_mode(edge_index, n) if "sdpa" in backends else None
-            case = _Case(q, k, v, grad_out, ref, ref_grads, device, repeats, backward)
-            for backend in backends:
-                base = dict(topology=topology, n=n, edges=num_edges, density=density, backend=backend)
-                if backend == "flex":
-                    emit(_flex_rows(base, case, topology, edge_index, src, dst, n, scale, flex_block, flex_variants,
-                                    memory_budget, t_graph))
-                    continue
-                skip = _fits(n, num_edges, backend, heads, head_dim, memory_budget, elem,
-                             None if mode is None else mode[0])
-                if skip is not None:
-                    emit([dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None, build_ms=None, note=skip)
-                          for p in passes])
-                    continue
-                try:
-                    fn, build_s = _make(backend, edge_index, src, dst, n, q, k, v, scale, block_size, mode)
-                except Exception as exc:  # a backend missing on this platform: report, go on
-                    emit([dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None, build_ms=None,
-                               note=f"unavailable: {type(exc).__name__}: {exc}"[:120]) for p in passes])
-                    continue
-                build_ms = 1e3 * (build_s + t_graph)  # graph, then the kernels' structures or the mask
-                note = ""
-                if backend == "auto":
-                    note = "ran " + auto_kernel(edge_index, device, block_size=block_size, dtype=dtype)
-                emit(case.rows(base, fn, build_ms, note))
-            del q, k, v, ref, ref_grads, case  # free them before the next size
+            if not isinstance(graph, LayerPattern):
+                _graph_rows(topology, topology, graph, n, t_graph, settings, emit)
+                continue
+            layer_rows = []
+            for layers, layer_graph in graph.distinct():  # each distinct layer graph once
+                label = f"{topology} [{_layer_ranges(layers)}]"
+                found: list[dict] = []
+
+                def emit_layer(new: list[dict], found: list[dict] = found) -> None:
+                    found.extend(new)
+                    emit(new)
+                # build_ms: the kernels' structures or the mask of this layer graph; the pattern's
+                # construction is in the total
+                _graph_rows(label, topology, layer_graph, n, 0.0, settings, emit_layer)
+                layer_rows.append((layers, found))
+            emit(_total_rows(topology, n, graph.period, layer_rows, passes, 1e3 * t_graph))
     return rows
+
+
+class _Settings(NamedTuple):
+    """What :func:`run_benchmark` was asked for, shared by every graph it times."""
+
+    backends: Sequence[str]
+    device: str
+    dtype: torch.dtype
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+    repeats: int
+    backward: bool
+    memory_budget: float
+    elem: int
+    flex_block: int
+    block_size: int | None
+    flex_variants: Sequence[str]
+    seed: int
+
+
+def _check_graph_heads(graph, topology: str, heads: int) -> None:
+    """A ``ValueError`` naming ``heads`` unless a per-head graph's heads are ``0 .. heads - 1``."""
+    if isinstance(graph, tuple) and graph[1].numel():
+        top = int(graph[1].max()) + 1
+        if top != heads:
+            raise ValueError(f"Expected 'heads' to equal the {top} heads of the per-head topology {topology!r} "
+                             f"(got heads={heads})")
+
+
+def _graph_rows(label: str, topology: str, graph, n: int, t_graph: float, settings: _Settings,
+                emit: Callable[[list[dict]], object]) -> None:
+    """The rows of one graph (an edge set for every head, or a per-head pair ``(edge_index,
+    edge_head)``) at size ``n``, passed to ``emit`` as they come; ``label`` names it in the rows,
+    ``topology`` is its spec (for the predicate twins)."""
+    st = settings
+    device, heads, head_dim = st.device, st.heads, st.head_dim
+    _check_graph_heads(graph, topology, heads)
+    edge_index, edge_head = graph if isinstance(graph, tuple) else (graph, None)
+    edge_index = edge_index.to(device)
+    edge_head = None if edge_head is None else edge_head.to(device)
+    plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+    src, dst = plain[0], plain[1]
+    num_edges = src.numel()
+    # a per-head graph: the density of one head (its edges over H), as a graph for every head
+    density = num_edges / float(n * n) / (1 if edge_head is None else heads)
+    g = torch.Generator(device="cpu").manual_seed(st.seed)
+    q, k, v = (torch.randn(n, h, head_dim, generator=g).to(device=device, dtype=st.dtype)
+               for h in (heads, st.kv_heads, st.kv_heads))
+    ref = None
+    if _fits(n, num_edges, "reference", heads, head_dim, st.memory_budget, 4) is None:
+        ref = _if_memory(functools.partial(_dense_reference, q, k, v, src, dst, st.scale, edge_head), device)
+    grad_out = torch.randn(n, heads, head_dim, generator=g).to(device=device, dtype=st.dtype)
+    ref_grads = None  # (dQ, dK, dV), computed once for every backend where they fit
+    if st.backward and _fits(n, num_edges, "reference_grads", heads, head_dim, st.memory_budget, 4) is None:
+        ref_grads = _if_memory(functools.partial(_dense_reference_grads, q, k, v, src, dst, st.scale, grad_out,
+                                                 edge_head), device)
+    mode = None
+    if "sdpa" in st.backends:
+        mode = ("mask", (0, n)) if edge_head is not None else sdpa_mode(edge_index, n)
+    case = _Case(q, k, v, grad_out, ref, ref_grads, device, st.repeats, st.backward)
+    passes = ("fwd", "fwd+bwd") if st.backward else ("fwd",)
+    for backend in st.backends:
+        base = dict(topology=label, n=n, edges=num_edges, density=density, backend=backend)
+        if backend == "flex":
+            emit(_flex_rows(base, case, topology, edge_index, src, dst, n, st.scale, st.flex_block, st.flex_variants,
+                            st.memory_budget, t_graph, edge_head))
+            continue
+        # on a per-head graph: one head per edge (pyg's messages), a dense mask per head (SDPA's)
+        per_head = edge_head is not None
+        skip = _fits(n, num_edges, backend, 1 if per_head else heads, head_dim,
+                     st.memory_budget / (heads if per_head and backend == "sdpa" else 1), st.elem,
+                     None if mode is None else mode[0])
+        if skip is not None:
+            emit([dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None, build_ms=None, note=skip)
+                  for p in passes])
+            continue
+        try:
+            fn, build_s = _make(backend, edge_index, src, dst, n, q, k, v, st.scale, st.block_size, mode, edge_head)
+        except Exception as exc:  # a backend missing on this platform: report, go on
+            emit([dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None, build_ms=None,
+                       note=f"unavailable: {type(exc).__name__}: {exc}"[:120]) for p in passes])
+            continue
+        build_ms = 1e3 * (build_s + t_graph)  # graph, then the kernels' structures or the mask
+        note = ""
+        if backend == "auto":
+            note = "ran " + _auto_kernel(edge_index, edge_head, q, k, st.block_size)
+        emit(case.rows(base, fn, build_ms, note))
+
+
+def _auto_kernel(edge_index, edge_head, q, k, block_size) -> str:
+    """The kernel ``attend(..., backend="auto")`` runs (on a per-head graph: for its (head, token) nodes)."""
+    if edge_head is None:
+        return auto_kernel(edge_index, q.device, block_size=block_size, dtype=q.dtype)
+    index, _ = head_inputs(q, k, edge_index, edge_head)
+    return auto_kernel(index, q.device, block_size=block_size, dtype=q.dtype, num_src=k.size(0) * k.size(1),
+                       num_dst=q.size(0) * q.size(1))
+
+
+def _layer_ranges(layers: Sequence[int]) -> str:
+    """``[0, 1, 2, 4]`` -> ``"layers 0-2, 4"``; one layer: ``"layer 3"``."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    text = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs)
+    return ("layers " if len(layers) > 1 else "layer ") + text
+
+
+def _total_rows(topology: str, n: int, period: int, layer_rows: list[tuple[list[int], list[dict]]],
+                passes: Sequence[str], graph_ms: float) -> list[dict]:
+    """Per backend and pass, the total over the ``period`` layers of one cycle of a per-layer spec:
+    each distinct layer graph's time times the layers that use it, its build once (plus
+    ``graph_ms``, the construction of the pattern), the largest peak and error; ``ms`` stays empty
+    when a layer graph has none."""
+    label = f"{topology} [total, {period} layers]"
+    out = []
+    backends = dict.fromkeys(r["backend"] for _, rows in layer_rows for r in rows if r["backend"] != "-")
+    edges = sum(len(layers) * (rows[0]["edges"] or 0) for layers, rows in layer_rows if rows)
+    density = sum(len(layers) * (rows[0]["density"] or 0) for layers, rows in layer_rows if rows) / period
+    for backend in backends:
+        for p in passes:
+            parts = []
+            for layers, rows in layer_rows:
+                row = next((r for r in rows if r["backend"] == backend and r["pass"] == p), None)
+                parts.append((layers, row))
+            missing = [_layer_ranges(layers) for layers, row in parts if row is None or row["ms"] is None]
+            base = dict(topology=label, n=n, edges=edges, density=density, backend=backend, **{"pass": p})
+            if missing:
+                out.append(dict(base, ms=None, peak_mb=None, max_err=None, build_ms=None,
+                                note="no total: no time for " + "; ".join(missing)))
+                continue
+            timed = [(layers, row) for layers, row in parts if row is not None]
+            errors = [row["max_err"] for _, row in timed if row["max_err"] is not None]
+            builds = [row["build_ms"] for _, row in timed if row["build_ms"] is not None]
+            out.append(dict(base, ms=sum(len(layers) * row["ms"] for layers, row in timed),
+                            peak_mb=max(row["peak_mb"] for _, row in timed),
+                            max_err=max(errors) if len(errors) == len(timed) else None,
+                            build_ms=graph_ms + sum(builds) if len(builds) == len(timed) else None,
+                            note="sum over layers: " + " + ".join(
+                                f"{len(layers)} x {_layer_ranges(layers)}" for layers, _ in timed)))
+    return out
 
 
 class _Case:
@@ -411,14 +558,18 @@ class _Case:
         return rows
 
 
-def _make(backend, edge_index, src, dst, n, q, k, v, scale, block_size=None, mode=None):
-    """``(fn(q, k, v) -> out, build seconds)`` for one backend (``mode``: :func:`.baselines.sdpa_mode`)."""
+def _make(backend, edge_index, src, dst, n, q, k, v, scale, block_size=None, mode=None, edge_head=None):
+    """``(fn(q, k, v) -> out, build seconds)`` for one backend (``mode``: :func:`.baselines.sdpa_mode`;
+    ``edge_head``: a per-head graph)."""
     if backend in ("fused", "tiled", "auto"):
-        hq, hk, hv = (x[:, :1].detach().requires_grad_() for x in (q, k, v))
+        # one head times the build of a graph for every head; a per-head graph's structures are
+        # those of its (head, token) nodes, for every head at once
+        hq, hk, hv = (x[:, :1] if edge_head is None else x for x in (q, k, v))
+        hq, hk, hv = (x.detach().requires_grad_() for x in (hq, hk, hv))
 
         def one_head() -> float:  # a forward pass that will be differentiated: it builds the CSC too
             t0 = time.perf_counter()
-            attend(hq, hk, hv, edge_index, scale=scale, backend=backend, block_size=block_size)
+            attend(hq, hk, hv, edge_index, scale=scale, backend=backend, block_size=block_size, edge_head=edge_head)
             _sync(q.device)
             return time.perf_counter() - t0
         one_head()  # compiles the kernels
@@ -428,18 +579,25 @@ def _make(backend, edge_index, src, dst, n, q, k, v, scale, block_size=None, mod
         build = one_head()
         build = max(build - one_head(), 0.0)
         return (lambda q, k, v: attend(q, k, v, edge_index, scale=scale, backend=backend,
-                                       block_size=block_size)), build
+                                       block_size=block_size, edge_head=edge_head)), build
     if backend == "pyg":
-        return (lambda q, k, v: attend_reference(q, k, v, edge_index, scale=scale)), 0.0
+        if edge_head is None:
+            return (lambda q, k, v: attend_reference(q, k, v, edge_index, scale=scale)), 0.0
+
+        def per_head(q, k, v):  # one head on (head, token) nodes, as the attention layer runs pyg
+            index, _ = head_inputs(q, k, edge_index, edge_head)
+            out = attend_reference(heads_to_nodes(q), heads_to_nodes(k), heads_to_nodes(v), index, scale=scale)
+            return nodes_to_heads(out, q.size(1))
+        return per_head, 0.0
     if backend == "sdpa":
         t0 = time.perf_counter()
-        fn = make_sdpa(edge_index, src, dst, n, scale, *mode)
+        fn = make_sdpa(edge_index, src, dst, n, scale, *mode, edge_head=edge_head, num_heads=q.size(1))
         return fn, time.perf_counter() - t0
     raise ValueError(f"Expected 'backend' in {BACKENDS} (got {backend!r})")
 
 
 def _flex_rows(base, case: _Case, topology, edge_index, src, dst, n, scale, flex_block, variants, budget,
-               t_graph) -> list[dict]:
+               t_graph, edge_head=None) -> list[dict]:
     """The ``flex`` rows: each of ``variants`` built, compiled and timed; per pass the fastest, its
     note naming the winner, the others' times and the reasons of those that cannot run."""
     results, reasons = {}, {}
@@ -447,7 +605,7 @@ def _flex_rows(base, case: _Case, topology, edge_index, src, dst, n, scale, flex
         t0 = time.perf_counter()
         try:
             block_mask = flex_block_mask(variant, topology, edge_index, src, dst, n, case.q.device, flex_block,
-                                         budget / 4)
+                                         budget / 4, edge_head, case.q.size(1))
             build_ms = 1e3 * (time.perf_counter() - t0 + t_graph)
             fn = _flex(block_mask, bhnd(case.q), bhnd(case.k), bhnd(case.v), scale, case.backward)
         except Unavailable as exc:

@@ -22,17 +22,19 @@ def add_parser(sub) -> None:
         return
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", metavar="PATH",
-                        help="model.pt of a 'train' run (sequence tasks), or a state dict of a "
-                             "GraphLM/GraphEncoderModel with its config JSON next to it")
+                        help="model.pt or best.pt of a 'train' run (sequence tasks, lm, listops), or a "
+                             "state dict of a GraphLM/GraphEncoderModel with its config JSON next to it")
     source.add_argument("--hf-dir", metavar="DIR",
-                        help="local directory of a Hugging Face BERT or GPT-2 (save_pretrained)")
+                        help="local directory of a Hugging Face model (save_pretrained) of a family "
+                             "gnn_transformer.hf imports")
     p.add_argument("--config", metavar="JSON",
                    help="model config of --checkpoint (unset: the one found next to it)")
     inputs = p.add_mutually_exclusive_group()
     inputs.add_argument("--tokens", metavar="FILE",
                         help="token ids, whitespace-separated, one sequence per line (required "
                              "except for a 'train' run's checkpoint, which can use its task)")
-    inputs.add_argument("--text", metavar="FILE", help="text, one sequence per line")
+    inputs.add_argument("--text", metavar="FILE", help="text, one sequence per line (tokenized with the "
+                        "Hugging Face tokenizer, or a 'train' run's characters (lm) or words (listops))")
     p.add_argument("--samples", type=int, default=2, metavar="K",
                    help="with a 'train' run's checkpoint and no --tokens: K sequences of its task")
     p.add_argument("--tokenizer", metavar="DIR",
@@ -41,9 +43,12 @@ def add_parser(sub) -> None:
                    help="directory for summary.json and the PNGs")
     p.add_argument("--graph", metavar="NAME|TOML",
                    help="token graph: a catalogue name (causal, full, bigbird, ...), a builder "
-                        "with arguments (sliding_window:window=3) or a spec file (unset: a "
-                        "'train' run's own topology, causal for language models and GPT-2, "
-                        "full otherwise)")
+                        "with arguments (sliding_window:window=3) or a spec file, per-head "
+                        "(duo_attention: each head's weights over its own edges), per-layer (gemma3: "
+                        "each layer on its graph) or with a selector (causal+topk:num_keys=8: the "
+                        "graph each layer selects) (unset: a 'train' run's own topology, causal for "
+                        "language models, full otherwise; an lm run's graphs are cut to their causal "
+                        "part, as in its training)")
     p.add_argument("--compare-norm", action="store_true",
                    help="also run the same weights pre-norm and post-norm")
     p.add_argument("--backend", choices=BACKENDS,

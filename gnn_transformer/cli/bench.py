@@ -23,7 +23,10 @@ def add_parser(sub) -> None:
                    help="the benchmark's graphs (causal; window: radius 128; bigbird: blocks of 64, "
                         "3 window, 2 global, 3 random; random: 64 keys per query) or any topology "
                         "spec: a builder with arguments ('dilated:window=256,dilation=4'), a "
-                        "catalogue name ('longformer') or a .toml path")
+                        "catalogue name ('longformer') or a .toml path; a per-head spec ('duo_attention') "
+                        "is timed with its edge_head against FlexAttention reading the head and SDPA with "
+                        "a [1, H, N, N] mask, a per-layer spec ('gemma3') per distinct layer graph plus a "
+                        "total over the layers of one cycle")
     p.add_argument("--sizes", nargs="+", type=int, default=None,
                    help="token counts (unset: 4096 16384 65536, plus 262144 1048576 for the "
                         "linear-size topologies on CUDA; 4096 with --quick)")
@@ -43,7 +46,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (unset: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="unset: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--heads", type=int, default=None,
+                   help="query heads (unset: those of the per-head --topologies specs, else 12)")
     p.add_argument("--kv-heads", type=int, default=None,
                    help="key/value heads (grouped-query attention; must divide --heads; unset: --heads)")
     p.add_argument("--head-dim", type=int, default=64)
@@ -134,32 +138,45 @@ def _train_step(args, device, dtype) -> int:
     return EXIT_OK
 
 
-def _check_bench_topologies(names, smallest: int) -> None:
-    """Refuse unknown specs, and specs that cannot be built at the smallest of ``--sizes`` (before
-    any timing, as ``compare`` builds its topologies before training)."""
+def _check_bench_topologies(args, smallest: int) -> dict[str, int]:
+    """Refuse unknown specs, selectors, per-head specs of another number of heads than ``--heads``
+    and specs that cannot be built at the smallest of ``--sizes`` (before any timing, as
+    ``compare`` builds its topologies before training). Returns the query heads of each spec."""
     from ..experiments.topologies import resolve_topology
     from ..bench.benchmark import TOPOLOGIES, build_graph
 
-    for name in names:
-        if name not in TOPOLOGIES:
-            try:
-                topo = resolve_topology(name)
-            except ValueError as err:
-                raise UsageError(f"--topologies: {err}") from None
-            if topo.kind != "shared" or topo.select is not None:
-                what = ("graphs chosen from the data" if topo.select is not None
-                        else f"{topo.kind.replace('_', '-')} graphs")
-                raise UsageError(f"--topologies {name!r}: bench times a graph for every head and layer, not "
-                                 f"{what}; time selectors with 'bench --selectors topk block_topk', "
-                                 "check these with 'verify'")
-    for name in names:
+    heads = {}
+    for name in args.topologies:
+        heads[name] = args.heads or 12
+        if name in TOPOLOGIES:
+            continue
+        try:
+            topo = resolve_topology(name)
+        except ValueError as err:
+            raise UsageError(f"--topologies: {err}") from None
+        if topo.select is not None:
+            raise UsageError(f"--topologies {name!r}: bench times given graphs, not graphs chosen from the data; "
+                             "time selectors with 'bench --selectors topk block_topk', check them with 'verify'")
+        if topo.kind != "shared" and args.calibrate:
+            raise UsageError(f"--topologies {name!r}: --calibrate measures graphs for every head and layer (got "
+                             f"{topo.kind.replace('_', '-')} graphs)")
+        if topo.num_heads is not None:
+            if args.heads is not None and args.heads != topo.num_heads:
+                raise UsageError(f"--topologies {name!r} builds per-head graphs for {topo.num_heads} heads "
+                                 f"(got --heads {args.heads})")
+            heads[name] = topo.num_heads
+    for name in args.topologies:
+        if args.kv_heads is not None and heads[name] % args.kv_heads:
+            raise UsageError(f"--kv-heads must divide the {heads[name]} heads of --topologies {name!r} "
+                             f"(got {args.kv_heads})")
         try:
             build_graph(name, smallest)
         except ValueError as err:
             raise UsageError(f"--topologies {name!r} cannot be built at --sizes {smallest}: {err}") from None
+    return heads
 
 
-def _check_bench_inputs(args, device: str, dtype) -> None:
+def _check_bench_inputs(args, heads: int, device: str, dtype) -> None:
     """Refuse --heads / --head-dim / --sizes whose query, key, value and gradient tensors alone
     would not fit in memory (the benchmark skips sizes whose graphs do not fit, not its inputs)."""
     import torch
@@ -167,7 +184,7 @@ def _check_bench_inputs(args, device: str, dtype) -> None:
     from ..bench.benchmark import input_memory_budget
 
     n = max(args.sizes or [4096])
-    heads, kv_heads = args.heads, args.kv_heads or args.heads
+    kv_heads = args.kv_heads or heads
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     need = 2 * n * (2 * heads + 2 * kv_heads) * args.head_dim * torch.tensor([], dtype=dtype).element_size()
     budget = input_memory_budget(device)
@@ -188,7 +205,7 @@ def run(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     if args.sizes is not None and min(args.sizes) < 1:
         raise UsageError(f"--sizes must be positive (got {args.sizes})")
-    if args.kv_heads is not None and (args.kv_heads < 1 or args.heads % args.kv_heads):
+    if args.kv_heads is not None and (args.kv_heads < 1 or (args.heads is not None and args.heads % args.kv_heads)):
         raise UsageError(f"--kv-heads must divide --heads {args.heads} (got {args.kv_heads})")
     if args.block_size is not None:
         if args.block_size < 1 or args.block_size & (args.block_size - 1):
@@ -201,10 +218,11 @@ def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     resolve_device(device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    _check_bench_inputs(args, device, dtype)
     if args.markdown:
         check_out_file("--markdown", args.markdown)
-    _check_bench_topologies(args.topologies, min(args.sizes or [4096]))
+    heads = _check_bench_topologies(args, min(args.sizes or [4096]))
+    _check_bench_inputs(args, max(heads.values(), default=args.heads or 12), device, dtype)
+    args.heads = args.heads or 12  # of --calibrate, --selectors and --train-step
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.calibrate:
@@ -222,7 +240,7 @@ def run(args) -> int:
         extra = [262144, 1048576] if (args.sizes is None and not args.quick and name in LINEAR
                                        and torch.device(device).type == "cuda") else []
         rows += run_benchmark([name], list(sizes) + extra, args.backends, device=device,
-                              dtype=dtype, heads=args.heads, head_dim=args.head_dim, kv_heads=args.kv_heads,
+                              dtype=dtype, heads=heads[name], head_dim=args.head_dim, kv_heads=args.kv_heads,
                               repeats=repeats, backward=not args.no_backward, block_size=args.block_size,
                               flex_variants=args.flex_variants, log=print)
     _print_rows(rows, format_table, format_markdown, args.markdown)

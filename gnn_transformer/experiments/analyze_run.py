@@ -2,10 +2,17 @@
 one model.
 
 Loads a model (a checkpoint of :class:`~gnn_transformer.model.GraphLM` /
-:class:`~gnn_transformer.model.GraphEncoderModel` with its config JSON, or a Hugging Face BERT or
-GPT-2 from a local directory), runs it once on token sequences under
+:class:`~gnn_transformer.model.GraphEncoderModel` with its config JSON, the ``model.pt`` /
+``best.pt`` of a ``gnn-transformer train`` run of a sequence task, ``lm`` or ``listops``, or a
+Hugging Face model from a local directory), runs it once on token sequences under
 :func:`gnn_transformer.analysis.record`, measures every layer and saves the measures and pictures.
 The command's options and printed table live in :mod:`gnn_transformer.cli.analyze`.
+
+Any graph a spec builds can be analysed: one graph for every head and layer; a per-head graph
+(each head's weights over its own edges, recorded as ``[E, H]`` with zeros in the columns of the
+other heads); per-layer graphs (each layer on its own); a selector (``causal+topk:num_keys=8``:
+every layer attends along the graph it selects from its queries and keys, and that graph is what
+is recorded).
 
 Usage::
 
@@ -26,7 +33,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +43,11 @@ import torch
 from torch import Tensor, nn
 
 from ..analysis import LayerSummary, Trace, norm_placement, record, summarize
+from ..attention import GraphMultiheadAttention
 from ..model import GraphEncoderModel, GraphLM, GraphTransformerConfig
 from ..topology import batch_vector
+from ..topology.dynamic import selector
+from ..topology.specs import LayerPattern
 from .topologies import per_length, resolve_topology
 
 CONFIG_NAMES = ("config.json", "model_config.json")
@@ -48,25 +59,37 @@ class LoadedModel:
 
     Attributes:
         model: the module (in eval mode).
-        forward: ``forward(ids [N], edge_index, pos [N]) -> output`` for a batch of sequences.
+        forward: ``forward(ids [N], graph, pos [N]) -> output`` for a batch of sequences; ``graph``
+            is an ``edge_index``, a per-head pair ``(edge_index, edge_head)`` or per-layer graphs
+            (a ``LayerPattern`` or a list).
         graph: the token graph it was trained on: ``"causal"``, ``"full"``, or the topology spec of
             a training run (``"sliding_window:window=3"``, see :mod:`.topologies`).
-        tokenizer: a Hugging Face tokenizer, if one was found.
+        tokenizer: a Hugging Face tokenizer, or the :class:`VocabularyTokenizer` of a training run.
         name: a short description for titles.
         examples: for a checkpoint of a training run, ``examples(k)`` draws ``k`` seeded sequences
             of its task (the input when no token file is given).
         vocab_size: token ids it takes are ``0 .. vocab_size - 1`` (``None``: unchecked).
         max_length: longest sequence its position table covers (``None``: no limit).
+        language_model: ``forward`` returns next-token logits ``[N, vocab_size]`` of a causal
+            language model (``forward_graph`` of ``model`` too: :mod:`gnn_transformer.streaming`
+            runs it).
+        causal_graphs: every graph is cut to its causal part (edges ``j -> i`` with ``j <= i``), as
+            in the training of an ``lm`` run.
+        trained_length: the longest sequence it was trained on, when known (an ``lm`` run's
+            context); positions beyond it are untrained.
     """
 
     model: nn.Module
-    forward: Callable[[Tensor, Tensor, Tensor], Any]
+    forward: Callable[[Tensor, Any, Tensor], Any]
     graph: str
     tokenizer: Any = None
     name: str = "model"
     examples: Callable[[int], list[list]] | None = None
     vocab_size: int | None = None
     max_length: int | None = None
+    language_model: bool = False
+    causal_graphs: bool = False
+    trained_length: int | None = None
 
 
 @dataclass
@@ -80,6 +103,52 @@ class Analysis:
     labels: list[str]
     graph: str
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class VocabularyTokenizer:
+    """The tokenizer of a training run: characters (an ``lm`` run) or whitespace-separated words
+    (ListOps) to ids, id ``i`` being ``tokens[i]``; ``prefix`` ids start every sequence (ListOps'
+    ``[CLS]``). It answers the calls the commands make of a Hugging Face tokenizer.
+
+    Example:
+        >>> tok = VocabularyTokenizer("abc")
+        >>> tok.encode_stream("cab"), tok("ab")["input_ids"], tok.convert_ids_to_tokens([2, 0])
+        ([2, 0, 1], [0, 1], ['c', 'a'])
+    """
+
+    def __init__(self, tokens: Sequence[str], *, words: bool = False, prefix: Sequence[int] = ()) -> None:
+        self.tokens, self.words, self.prefix = list(tokens), words, list(prefix)
+        self.index = {t: i for i, t in enumerate(self.tokens)}
+
+    def encode_stream(self, text: str) -> list[int]:
+        """Ids of ``text`` (no prefix); a ``ValueError`` naming the first token outside the vocabulary."""
+        pieces = text.split() if self.words else text
+        ids = [self.index.get(piece, -1) for piece in pieces]
+        if -1 in ids:
+            at = ids.index(-1)
+            piece = pieces[at]
+            shown = f"{piece!r}" + (f" (U+{ord(piece):04X})" if len(piece) == 1 else "")
+            unit = "word" if self.words else "character"
+            raise ValueError(f"Expected only {unit}s of the model's vocabulary ({len(self.tokens)} {unit}s) in the "
+                             f"text (got {shown} at {unit} {at})")
+        return ids
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids = self.encode_stream(text)
+        return {"input_ids": self.prefix + ids if add_special_tokens else ids}
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self.tokens[i] for i in ids]
+
+
+def call_with_graph(model: Callable[..., Any], ids: Tensor, graph: Any, **kwargs: Any) -> Any:
+    """``model(ids, edge_index, edge_head=..., **kwargs)`` for a graph of any kind: an
+    ``edge_index``, a per-head pair (passed as ``edge_head``) or per-layer graphs (passed as they
+    are)."""
+    if isinstance(graph, tuple):
+        edge_index, edge_head = graph
+        return model(ids, edge_index, edge_head=edge_head, **kwargs)
+    return model(ids, graph, **kwargs)
 
 
 # ------------------------------------------------------------------ loading models
@@ -131,7 +200,7 @@ def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = No
         state, meta = payload["model"], payload.get("meta")
         meta = meta if isinstance(meta, dict) else {}
         if config is None and isinstance(meta.get("run"), dict) and "task" in meta["run"]:
-            return _load_run_checkpoint(path, state, meta["run"], backend)
+            return _load_run_checkpoint(path, state, meta, backend)
     elif isinstance(payload, dict) and all(isinstance(v, Tensor) for v in payload.values()):
         state, meta = payload, {}
     else:
@@ -181,41 +250,69 @@ def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = No
                          f"{err}") from err
     model.eval()
 
-    def forward(ids: Tensor, edge_index: Tensor, pos: Tensor):
-        return model(ids, edge_index, pos=pos)
+    def forward(ids: Tensor, graph: Any, pos: Tensor):
+        return call_with_graph(model, ids, graph, pos=pos)
 
     return LoadedModel(model, forward, "causal" if cls_name == "GraphLM" else "full", None,
                        f"{cls_name} ({path.name})", vocab_size=cfg.vocab_size,
-                       max_length=cfg.max_positions if cfg.position == "learned" else None)
+                       max_length=cfg.max_positions if cfg.position == "learned" else None,
+                       language_model=cls_name == "GraphLM")
 
 
-def _load_run_checkpoint(path: Path, state: dict, run: dict, backend: str | None) -> LoadedModel:
-    """The model of a ``gnn-transformer train`` / ``compare`` run, rebuilt from its run config."""
-    from .models import EncoderConfig, SequenceModel
-    from .tasks import TASKS, get_task, sample_batch
+def _load_run_checkpoint(path: Path, state: dict, meta: dict, backend: str | None) -> LoadedModel:
+    """The model of a ``gnn-transformer train`` / ``compare`` run, rebuilt from its run config: a
+    sequence task's or ListOps' model as trained, a language model as the library's causal LM
+    (:func:`.lm.as_graph_lm`) with the run's character vocabulary."""
+    from .models import EncoderConfig
+    from .tasks import TASKS
 
+    run = meta["run"]
     name = run["task"]
-    if name not in TASKS:
+    if name not in TASKS and name not in ("lm", "listops"):
         raise ValueError(f"The checkpoint {str(path)!r} is of task {name!r}, whose model takes node "
                          f"features or image patches: analyze needs a token model (tasks "
-                         f"{sorted(TASKS)})")
+                         f"{sorted(TASKS) + ['listops', 'lm']})")
     try:
         model_config = EncoderConfig(**run.get("model", {}))
-        task = get_task(name, run.get("train_sizes"), run.get("test_sizes"))
     except TypeError as err:
         raise ValueError(f"Could not rebuild the model of {str(path)!r} from its run config: "
                          f"{err}") from err
     if backend is not None:
         model_config = dataclasses.replace(model_config, backend=backend)
-    model = SequenceModel(task.vocab_size, task.num_classes, model_config)
+    table = state.get("pos.weight")
+    if model_config.position == "learned" and isinstance(table, Tensor):  # the run may have enlarged it
+        model_config = dataclasses.replace(model_config, max_positions=table.size(0))
+    max_length = model_config.max_positions if model_config.position == "learned" else None
+    if name == "lm":
+        return _load_lm_run(path, state, meta, model_config, max_length)
+    if name == "listops":
+        return _load_listops_run(path, state, run, model_config, max_length)
+    return _load_task_run(path, state, run, model_config, max_length)
+
+
+def _load_state(model: nn.Module, state: dict, path: Path) -> nn.Module:
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise ValueError(f"The checkpoint {str(path)!r} does not fit its run config: {err}") from err
-    model.eval()
+    return model.eval()
 
-    def forward(ids: Tensor, edge_index: Tensor, pos: Tensor):
-        return model(ids, pos, edge_index)
+
+def _load_task_run(path: Path, state: dict, run: dict, model_config: Any, max_length: int | None) -> LoadedModel:
+    """A sequence task's :class:`~.models.SequenceModel`, with examples of its task."""
+    from .models import SequenceModel
+    from .tasks import get_task, sample_batch
+
+    name = run["task"]
+    try:
+        task = get_task(name, run.get("train_sizes"), run.get("test_sizes"))
+    except TypeError as err:
+        raise ValueError(f"Could not rebuild the model of {str(path)!r} from its run config: "
+                         f"{err}") from err
+    model = _load_state(SequenceModel(task.vocab_size, task.num_classes, model_config), state, path)
+
+    def forward(ids: Tensor, graph: Any, pos: Tensor):
+        return model(ids, pos, graph)
 
     def examples(k: int) -> list[list]:
         batch = sample_batch(task, k, task.train_sizes, torch.Generator().manual_seed(0))
@@ -223,8 +320,86 @@ def _load_run_checkpoint(path: Path, state: dict, run: dict, backend: str | None
 
     return LoadedModel(model, forward, run.get("topology", "full"), None,
                        f"{name} model ({path.name})", examples, vocab_size=task.vocab_size,
-                       max_length=(model_config.max_positions if model_config.position == "learned"
-                                   else None))
+                       max_length=max_length)
+
+
+def run_vocabulary(meta: dict, path: str | Path) -> str:
+    """The characters of an ``lm`` run's vocabulary (id ``i`` is character ``i``): the run's
+    ``meta["vocab"]`` when it holds one, else the sorted characters of the corpus its config names
+    (:func:`.lm.load_corpus`; a relative ``text`` path is read from the current folder)."""
+    from .lm import TextConfig, load_corpus
+
+    vocab = meta.get("vocab")
+    if isinstance(vocab, str) and vocab:
+        return vocab
+    text = meta["run"].get("text", {})
+    try:
+        config = TextConfig(**text)
+    except TypeError as err:
+        raise ValueError(f"Could not read the text config of the run of {str(path)!r}: {err}") from err
+    if config.text is not None and not Path(config.text).is_file():
+        raise ValueError(f"The vocabulary of the language model in {str(path)!r} is the set of characters of "
+                         f"its training text {config.text!r}, which is not a file from this folder: run from "
+                         "the folder the run was trained in, or with the text at that path")
+    return load_corpus(config).chars
+
+
+def _load_lm_run(path: Path, state: dict, meta: dict, model_config: Any, max_length: int | None) -> LoadedModel:
+    """An ``lm`` run's model as the library's causal LM, with its character vocabulary; examples
+    are windows of the validation part of its text."""
+    from .lm import TextConfig, as_graph_lm, load_corpus
+    from .models import SequenceModel
+
+    chars = run_vocabulary(meta, path)
+    vocab_size = state["embed.weight"].size(0) if isinstance(state.get("embed.weight"), Tensor) else None
+    if vocab_size != len(chars):
+        raise ValueError(f"The checkpoint {str(path)!r} has {vocab_size} tokens, its run's text "
+                         f"{len(chars)} characters: the text changed since the run")
+    run = meta["run"]
+    model = as_graph_lm(_load_state(SequenceModel(len(chars), len(chars), model_config), state, path))
+    context = TextConfig(**run.get("text", {})).context
+
+    def forward(ids: Tensor, graph: Any, pos: Tensor):
+        return call_with_graph(model, ids, graph, pos=pos)
+
+    def examples(k: int) -> list[list]:
+        val = load_corpus(TextConfig(**run.get("text", {}))).val
+        starts = torch.linspace(0, val.numel() - context - 1, k).long()  # evenly spaced windows
+        return [val[s:s + context].tolist() for s in starts.tolist()]
+
+    return LoadedModel(model, forward, run.get("topology", "causal"), VocabularyTokenizer(chars),
+                       f"lm model ({path.name})", examples, vocab_size=len(chars), max_length=max_length,
+                       language_model=True, causal_graphs=True, trained_length=context)
+
+
+def _load_listops_run(path: Path, state: dict, run: dict, model_config: Any, max_length: int | None) -> LoadedModel:
+    """A ListOps run's classifier; the input is expressions (``[CLS]`` first when it reads its
+    answer there), examples the run's validation expressions."""
+    from .listops import CLS, VOCAB, ListOpsConfig, encode, generate
+    from .listops import NUM_CLASSES as LISTOPS_CLASSES
+    from .models import SequenceClassifier
+
+    try:
+        config = ListOpsConfig(**run.get("listops", {}))
+    except TypeError as err:
+        raise ValueError(f"Could not rebuild the ListOps data of {str(path)!r} from its run config: "
+                         f"{err}") from err
+    model = _load_state(SequenceClassifier(len(VOCAB), LISTOPS_CLASSES, model_config, config.pool), state, path)
+
+    def forward(ids: Tensor, graph: Any, pos: Tensor):
+        starts = (pos == 0).nonzero(as_tuple=True)[0]  # [B] the first node of each sequence
+        ptr = torch.cat([starts, starts.new_tensor([pos.numel()])])  # [B + 1]
+        return model(ids, pos, graph, ptr)  # [B, classes]
+
+    seed = run.get("train", {}).get("seed", 0)
+
+    def examples(k: int) -> list[list]:
+        return [encode(generate(config, f"listops/{seed}/val/{i}")[0], config.pool).tolist() for i in range(k)]
+
+    prefix = [VOCAB.index(CLS)] if config.pool == "cls" else []
+    return LoadedModel(model, forward, run.get("topology", "full"), VocabularyTokenizer(VOCAB, words=True,
+                       prefix=prefix), f"listops model ({path.name})", examples, vocab_size=len(VOCAB),
+                       max_length=max_length)
 
 
 def load_hf_model(directory: str | Path, *, backend: str | None = None) -> LoadedModel:
@@ -269,11 +444,12 @@ def load_hf_model(directory: str | Path, *, backend: str | None = None) -> Loade
     else:
         graph, name, max_length = "full", "BERT", config.max_position_embeddings
 
-    def forward(ids: Tensor, edge_index: Tensor, pos: Tensor):
-        return model.forward_graph(ids, edge_index, pos=pos)
+    def forward(ids: Tensor, graph: Any, pos: Tensor):
+        return call_with_graph(model.forward_graph, ids, graph, pos=pos)
 
     return LoadedModel(model, forward, graph, load_tokenizer(directory), f"{name} ({directory.name})",
-                       vocab_size=config.vocab_size, max_length=max_length)
+                       vocab_size=config.vocab_size, max_length=max_length,
+                       language_model=isinstance(model, (hf.GraphGPT2LMHeadModel, hf.GraphDecoderLM)))
 
 
 def _weight_files(directory: Path) -> str:
@@ -339,16 +515,20 @@ def read_text_file(path: str | Path, tokenizer) -> list[list[int]]:
         raise FileNotFoundError(f"No text file at '--text' {str(path)!r}")
     if tokenizer is None:
         raise ValueError("'--text' needs a tokenizer: save one in '--hf-dir' or pass '--tokenizer'")
-    sequences = [tokenizer(line)["input_ids"] for line in _read_text(path, "'--text' ").splitlines()
-                 if line.strip()]
+    try:
+        sequences = [tokenizer(line)["input_ids"] for line in _read_text(path, "'--text' ").splitlines()
+                     if line.strip()]
+    except ValueError as err:  # a character or word outside a training run's vocabulary
+        raise ValueError(f"'--text' {str(path)!r}: {err}") from None
     if not sequences:
         raise ValueError(f"Found no text in {str(path)!r}")
     return sequences
 
 
-def check_sequences(loaded: LoadedModel, sequences: Sequence[Sequence], source: str = "the input") -> None:
+def check_sequences(loaded: LoadedModel, sequences: Sequence[Sequence], source: str = "the input", *,
+                    check_length: bool = True) -> None:
     """A ``ValueError`` naming ``source`` unless every sequence is non-empty, its token ids are in
-    the model's vocabulary and its length within the model's position table."""
+    the model's vocabulary and (with ``check_length``) its length within the model's position table."""
     for number, sequence in enumerate(sequences, start=1):
         ids = torch.tensor(sequence, dtype=torch.long)
         if ids.numel() == 0:
@@ -357,13 +537,60 @@ def check_sequences(loaded: LoadedModel, sequences: Sequence[Sequence], source: 
             bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
             raise ValueError(f"Expected token ids 0..{loaded.vocab_size - 1} (the vocabulary of "
                              f"{loaded.name}) in {source}, got {bad} in sequence {number}")
-        if loaded.max_length is not None and len(sequence) > loaded.max_length:
+        if check_length and loaded.max_length is not None and len(sequence) > loaded.max_length:
             raise ValueError(f"Expected sequences of at most {loaded.max_length} tokens (the position "
                              f"table of {loaded.name}) in {source}, got {len(sequence)} in sequence "
                              f"{number}")
 
 
 # ------------------------------------------------------------------ the analysis
+def attention_modules(model: nn.Module) -> list[GraphMultiheadAttention]:
+    """The attention modules of ``model``, in order."""
+    return [m for m in model.modules() if isinstance(m, GraphMultiheadAttention)]
+
+
+@contextmanager
+def selecting(model: nn.Module, select: str | dict | None) -> Iterator[nn.Module]:
+    """While open, every attention of ``model`` selects its per-head graph with a new
+    :func:`~gnn_transformer.topology.dynamic.selector` of spec ``select`` (its own copy per layer)
+    within the graph it is given; ``None`` changes nothing. Restored on exit."""
+    if select is None:
+        yield model
+        return
+    modules = attention_modules(model)
+    before = [m.select for m in modules]
+    try:
+        for module in modules:
+            chosen = selector(select, num_heads=module.num_heads, head_dim=module.head_dim)
+            if isinstance(module.select, nn.Module):
+                delattr(module, "select")
+            setattr(module, "select", chosen)
+        yield model
+    finally:
+        for module, previous in zip(modules, before):
+            delattr(module, "select")
+            setattr(module, "select", previous)
+
+
+def build_graph(loaded: LoadedModel, spec: str, lengths: Sequence[int]) -> tuple[Any, str | dict | None]:
+    """The graph of ``spec`` on a batch of sequences of ``lengths`` for ``loaded``: an
+    ``edge_index``, a per-head pair or per-layer graphs (a list), cut to its causal part when
+    ``loaded.causal_graphs``; and the spec's selector (``None`` without one)."""
+    topo = resolve_topology(spec)
+    modules = attention_modules(loaded.model)
+    if topo.num_heads is not None and modules and topo.num_heads != modules[0].num_heads:
+        raise ValueError(f"Expected a per-head graph of {modules[0].num_heads} heads (the heads of "
+                         f"{loaded.name}) in 'graph' (got {spec!r}, with {topo.num_heads})")
+    graph = per_length(topo.build)(list(lengths))
+    if loaded.causal_graphs:
+        from .lm import causal_part
+
+        graph = causal_part(graph)
+    if isinstance(graph, LayerPattern):
+        graph = [graph(layer) for layer in range(len(modules))]
+    return graph, topo.select
+
+
 def analyze(loaded: LoadedModel, sequences: Sequence[Sequence[int]], *, graph: str | None = None,
             compare_norm: bool = False, backend: str | None = None, min_magnitude: float = 100.0,
             min_ratio: float = 1000.0) -> Analysis:
@@ -373,8 +600,11 @@ def analyze(loaded: LoadedModel, sequences: Sequence[Sequence[int]], *, graph: s
         loaded: from :func:`load_checkpoint_model` or :func:`load_hf_model`.
         sequences: token ids, one list per sequence.
         graph: a topology of the ``graphs/`` catalogue (``"causal"``, ``"full"``, ``"bigbird"``,
-            ...), a builder with arguments (``"sliding_window:window=3"``) or a ``.toml`` spec path
-            (default: the model's own: causal, full, or the topology its run trained on).
+            ``"duo_attention"``, ``"gemma3"``, ...), a builder with arguments
+            (``"sliding_window:window=3"``), a ``.toml`` spec path, or any of these with a selector
+            (``"causal+topk:num_keys=8"``) (default: the model's own: causal, full, or the topology
+            its run trained on). A per-head graph records each head's weights over its own edges,
+            per-layer graphs each layer on its graph, a selector the graph each layer selects.
         compare_norm: also run with every layer's ``norm_first`` set to ``True`` and ``False``
             (same weights), giving the ``"pre-norm"`` and ``"post-norm"`` variants.
         backend: attention backend forced while recording.
@@ -387,17 +617,12 @@ def analyze(loaded: LoadedModel, sequences: Sequence[Sequence[int]], *, graph: s
     check_sequences(loaded, sequences)
     ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long)  # [N] or [N, fields]
     pos = torch.cat([torch.arange(n) for n in lengths])  # [N] position within each sequence
-    topo = resolve_topology(graph)
-    if topo.kind != "shared" or topo.select is not None:
-        raise ValueError(f"Expected a graph for every head and layer in 'graph' (got {graph!r}: a "
-                         f"{'selecting' if topo.select is not None else topo.kind.replace('_', '-')} topology, "
-                         "which analyze does not record)")
-    edge_index = per_length(topo.build)(lengths)
+    built, select = build_graph(loaded, graph, lengths)
     batch = batch_vector(lengths)
 
     def run_once() -> Trace:
-        with torch.no_grad(), record(loaded.model, backend=backend) as trace:
-            trace.output = loaded.forward(ids, edge_index, pos)
+        with torch.no_grad(), selecting(loaded.model, select), record(loaded.model, backend=backend) as trace:
+            trace.output = loaded.forward(ids, built, pos)
         return trace
 
     traces = {"model": run_once()}

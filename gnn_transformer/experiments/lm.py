@@ -277,3 +277,43 @@ def generate(model: nn.Module, workload: LMWorkload, num_chars: int, *, prompt: 
         ids.append(int(torch.multinomial(logits.softmax(-1), 1, generator=generator)))
     model.train(was_training)
     return corpus.decode(ids)
+
+
+def as_graph_lm(model: nn.Module) -> nn.Module:
+    """The library's causal language model holding the weights of a language-modelling run's
+    :class:`~gnn_transformer.experiments.models.SequenceModel` (its classes are its vocabulary).
+
+    The two are the same architecture (token embedding, absolute positions or RoPE, the same encoder
+    layers and final norm, a head on the vocabulary), so the result gives the same logits on any
+    graph: a :class:`~gnn_transformer.model.GraphLM` (the head tied to the embedding when the run
+    tied them) when the head has no bias, else a :class:`~gnn_transformer.model.GraphEncoderModel`
+    whose head of ``vocab_size`` outputs has one. Either takes
+    ``forward(ids [N], edge_index, pos=pos [N]) -> [N, vocab_size]``, a key/value cache and
+    :mod:`gnn_transformer.streaming`. The copy is in the mode of ``model``; dropout, which the run's
+    model applies only inside its layers, is also applied to the embeddings in training mode, so the
+    two agree in eval mode.
+    """
+    from ..model import GraphEncoderModel, GraphLM, GraphTransformerConfig
+    from .models import SequenceModel
+
+    if not isinstance(model, SequenceModel):
+        raise ValueError(f"Expected 'model' to be a SequenceModel (got {type(model).__name__})")
+    vocab_size, num_classes = model.embed.num_embeddings, model.head.out_features
+    if vocab_size != num_classes:
+        raise ValueError(f"Expected 'model' to predict tokens of its vocabulary (got {vocab_size} tokens in "
+                         f"and {num_classes} classes out)")
+    c = model.config
+    has_bias = model.head.bias is not None
+    table = model.pos  # the learned position table (the run may have enlarged it), or None
+    max_positions = table.num_embeddings if isinstance(table, nn.Embedding) else c.max_positions
+    config = GraphTransformerConfig(
+        vocab_size=vocab_size, output_dim=vocab_size if has_bias else None, d_model=c.d_model, nhead=c.nhead,
+        num_layers=c.num_layers, dim_feedforward=c.dim_feedforward, dropout=c.dropout, activation=c.activation,
+        norm_first=c.norm_first, bias=c.bias, position=c.position,
+        max_positions=max_positions,
+        tie_weights=c.tie_embeddings, backend=c.backend, select=c.select)
+    lm = (GraphEncoderModel(config) if has_bias else GraphLM(config)).to(model.embed.weight)  # device, dtype
+    state = {("pos_embed." + k[len("pos."):] if k.startswith("pos.") else k): v
+             for k, v in model.state_dict().items()}
+    lm.load_state_dict(state)
+    return lm.train(model.training)

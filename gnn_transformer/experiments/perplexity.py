@@ -1,10 +1,24 @@
 """The ``perplexity`` run: a causal language model on one token stream under several token graphs.
 
-Every graph is built on the whole stream (one sequence of ``T`` tokens) and the stream is fed
-through the model in chunks with :func:`gnn_transformer.streaming.perplexity`, whose cache keeps
-only what the graph still reads. A row per graph: perplexity over the stream, per position bucket,
-edges, density and the cache's peak size. The command's options live in
-:mod:`gnn_transformer.cli.perplexity`.
+Every graph is built on the whole stream (one sequence of ``T`` tokens). Two protocols, by the
+positions the model is given:
+
+- ``positions="absolute"``: the stream is fed through the model in chunks with
+  :func:`gnn_transformer.streaming.perplexity`, whose cache keeps only what the graph still reads;
+  each token is at its place in the stream, and the logits equal one forward pass over the graph.
+  A model with a table of ``P`` learned positions reads streams of at most ``P`` tokens this way.
+- ``positions="context"``: every token is predicted by a fresh forward pass over its context, the
+  tokens it reads in the graph (any layer, any head) and itself, in stream order at positions
+  ``0 .. k - 1``, along the graph's edges among them. For StreamingLLM's graph (``s`` sinks and a
+  causal window) these are the positions StreamingLLM gives inside its cache, the sinks just before
+  the window, with every cached key and value recomputed; for a sliding window it is the "sliding
+  window with re-computation" baseline of the StreamingLLM paper. It is exact for any positions
+  (learned, RoPE, ALiBi) and costs a forward pass of up to ``k`` tokens per token; a model with a
+  table of ``P`` learned positions reads graphs whose contexts hold at most ``P`` tokens.
+
+A row per graph: perplexity over the stream, per position bucket, edges, density and the most
+nodes held at once (the cache's peak; with ``"context"``, the largest context). The command's
+options live in :mod:`gnn_transformer.cli.perplexity`.
 """
 from __future__ import annotations
 
@@ -19,11 +33,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch_geometric import EdgeIndex
 
-from ..streaming import perplexity
+from ..streaming import PerplexityResult, perplexity
+from .analyze_run import call_with_graph
 from .topologies import label, resolve_topology
 
 NATIVE = "native"  # the model's own graphs (per layer for the families that have local layers)
+POSITIONS = ("absolute", "context")
 
 
 @dataclass
@@ -36,8 +53,9 @@ class PerplexityRow:
     nll: float  # mean nats per predicted token
     edges: int  # of the widest layer's graph
     density: float  # edges / (T (T + 1) / 2), of the causal graph's edges
-    peak_cache: int
+    peak_cache: int  # the most nodes held at once: the cache's peak, or the largest context
     seconds: float
+    positions: str = "absolute"  # the protocol: "absolute" or "context"
     buckets: list[dict] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
@@ -67,24 +85,179 @@ def build_graph(spec: str, length: int, num_layers: int, native: Callable[[int],
     return graph
 
 
+# ------------------------------------------------------------------ positions="context"
+@dataclass
+class _Contexts:
+    """Every token's context in one graph: its nodes (sorted, the token last) and, per layer, the
+    graph's edges among them, for a fresh forward pass per token."""
+
+    layers: list[tuple[Tensor, Tensor, Tensor | None]]  # (src, dst, head) per layer, sorted by target
+    ptr: list[Tensor]  # [T + 1] per layer: the edges into token t are ptr[t] .. ptr[t + 1]
+    nodes: list[Tensor]  # per token t: its context, [k_t], ending in t
+    shared: bool  # one graph serves every layer
+
+    def step(self, first: int, stop: int) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor | None]]]:
+        """The contexts of tokens ``first .. stop - 1`` as one batch of disjoint sequences: their
+        nodes ``[N]`` (token ids of the stream), positions ``[N]`` (index in the context) and, per
+        layer, the edges among each context's nodes (``[2, E]`` in the batch's numbering, with the
+        head of each edge on a per-head graph)."""
+        contexts = self.nodes[first:stop]
+        sizes = torch.tensor([c.numel() for c in contexts])  # [Q]
+        nodes = torch.cat(contexts)  # [N]
+        seq = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)  # [N] the context of each node
+        starts = sizes.cumsum(0) - sizes  # [Q] the first node of each context
+        pos = torch.arange(nodes.numel()) - starts[seq]  # [N]
+        length = self.ptr[0].numel() - 1
+        keys = seq * length + nodes  # [N] ascending: contexts in order, their nodes sorted
+        out = []
+        for (src, _, head), ptr in zip(self.layers, self.ptr):
+            begin, counts = ptr[nodes], ptr[nodes + 1] - ptr[nodes]  # [N] the edges into each node
+            target = torch.repeat_interleave(torch.arange(nodes.numel()), counts)  # [E] target node
+            index = begin[target] + torch.arange(target.numel()) - (counts.cumsum(0) - counts)[target]  # [E]
+            wanted = seq[target] * length + src[index]  # [E] the source, in the target's context
+            source = torch.searchsorted(keys, wanted).clamp(max=nodes.numel() - 1)  # [E]
+            keep = keys[source] == wanted  # the source is in the context
+            edge_index = torch.stack([source[keep], target[keep]])  # [2, E'] sorted by target
+            out.append((edge_index, None if head is None else head[index[keep]]))
+        return nodes, pos, out
+
+
+def _contexts(graph: Any, length: int) -> _Contexts:
+    """The contexts of the ``length`` tokens of ``graph`` (an ``edge_index``, a per-head pair or
+    one graph per layer), refusing an edge from a later token to an earlier one."""
+    graphs = graph if isinstance(graph, list) else [graph]
+    layers, ptrs, keys = [], [], [torch.arange(length) * (length + 1)]  # every token is in its context
+    for index, g in enumerate(graphs):
+        edge_index, head = g if isinstance(g, tuple) else (g, None)
+        plain = edge_index.as_tensor() if isinstance(edge_index, EdgeIndex) else edge_index
+        src, dst = (row.as_subclass(Tensor) for row in plain.long().cpu())
+        if src.numel() and (int(min(src.min(), dst.min())) < 0 or int(dst.max()) >= length):
+            raise ValueError(f"Expected graph {index}'s nodes in [0, {length}) for {length} tokens (got nodes "
+                             f"{int(min(src.min(), dst.min()))}..{int(max(src.max(), dst.max()))})")
+        ahead = src > dst
+        if bool(ahead.any()):
+            e = int(ahead.nonzero()[0])
+            raise ValueError(f"Expected a causal graph (edges j -> i with j <= i) for a stream; graph {index} "
+                             f"has the edge {int(src[e])} -> {int(dst[e])}")
+        order = torch.argsort(dst * length + src)
+        src, dst = src[order], dst[order]
+        layers.append((src, dst, None if head is None else head.long().cpu()[order]))
+        ptrs.append(torch.searchsorted(dst, torch.arange(length + 1)))
+        keys.append(dst * length + src)
+    pairs = torch.unique(torch.cat(keys))  # sorted by (token, context node), one entry per pair
+    counts = torch.bincount(pairs // length, minlength=length)
+    return _Contexts(layers, ptrs, list((pairs % length).split(counts.tolist())), len(graphs) == 1)
+
+
+def _check_sizes(chunk: object, bucket_size: object) -> None:
+    for name, value in (("chunk", chunk), ("bucket_size", bucket_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Expected '{name}' to be an int >= 1 (got {value!r})")
+
+
+def _buckets(nll: Tensor, bucket_size: int) -> list[dict]:
+    """Perplexity per ``bucket_size`` predicted tokens (``nll[p]`` is that of token ``p + 1``), by the
+    position of the predicted token."""
+    out = []
+    for lo in range(0, nll.numel(), bucket_size):  # predicted positions lo + 1 .. hi
+        part = nll[lo:lo + bucket_size]
+        out.append({"start": lo + 1, "stop": lo + part.numel(), "tokens": part.numel(),
+                    "nll": float(part.mean()), "perplexity": math.exp(float(part.mean()))})
+    return out
+
+
+def context_perplexity(model, ids: Tensor, graph: Any, *, chunk: int = 256, bucket_size: int = 256,
+                       progress: bool = False) -> PerplexityResult:
+    """Perplexity of a causal LM (``forward_graph``) on ``ids`` ``[T]`` under ``graph`` with
+    ``positions="context"`` (see the module docstring): token ``t + 1`` is predicted from a forward
+    pass over ``t``'s context (the tokens ``t`` reads in ``graph``, any layer or head, and ``t``) at
+    positions ``0 .. k - 1``, along the edges of ``graph`` among them. Contexts are batched as
+    disjoint sequences of up to ``chunk`` nodes per pass (a longer context runs alone);
+    ``peak_cache`` is the largest context.
+
+    Args:
+        graph: a causal graph on the ``T`` tokens: an ``edge_index``, a per-head pair
+            ``(edge_index, edge_head)`` or a list of one graph per layer.
+    """
+    if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.numel() < 2 or ids.is_floating_point():
+        got = f"{ids.dtype} of shape {list(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
+        raise ValueError(f"Expected 'ids' to be token ids [T] with T >= 2 (got {got})")
+    _check_sizes(chunk, bucket_size)
+    return _context_perplexity(model, ids, _contexts(graph, ids.numel()), chunk, bucket_size, progress)
+
+
+@torch.no_grad()
+def _context_perplexity(model, ids: Tensor, contexts: _Contexts, chunk: int, bucket_size: int,
+                        progress: bool) -> PerplexityResult:
+    from tqdm.auto import tqdm
+
+    num_tokens = ids.numel()
+    device = next(iter(model.parameters())).device
+    nll = torch.empty(num_tokens - 1, dtype=torch.float64)
+    with tqdm(total=num_tokens - 1, unit="tok", disable=not progress, leave=False) as bar:
+        first = 0
+        while first < num_tokens - 1:  # a step: the contexts of tokens first .. stop - 1, up to `chunk` nodes
+            stop, nodes = first + 1, contexts.nodes[first].numel()
+            while stop < num_tokens - 1 and nodes + contexts.nodes[stop].numel() <= chunk:
+                nodes += contexts.nodes[stop].numel()
+                stop += 1
+            tokens, pos, layers = contexts.step(first, stop)
+            graphs = [edge_index.to(device) if head is None else (edge_index.to(device), head.to(device))
+                      for edge_index, head in layers]
+            logits = call_with_graph(model.forward_graph, ids[tokens].to(device),
+                                     graphs[0] if contexts.shared else graphs, pos=pos.to(device))  # [N, V]
+            last = torch.tensor([c.numel() for c in contexts.nodes[first:stop]]).cumsum(0) - 1  # [Q]
+            logp = torch.log_softmax(logits[last.to(device)].double(), dim=-1)  # [Q, V]
+            targets = ids[first + 1:stop + 1].to(device)  # [Q]
+            nll[first:stop] = -logp.gather(1, targets.view(-1, 1)).squeeze(1).cpu()
+            bar.update(stop - first)
+            first = stop
+    peak = max(n.numel() for n in contexts.nodes[:num_tokens - 1])
+    return PerplexityResult(nll=nll, bucket_size=bucket_size, peak_cache=peak, buckets=_buckets(nll, bucket_size))
+
+
 def run_perplexity(model, ids: Tensor, specs: Sequence[str], *, num_layers: int, chunk: int = 256,
-                   bucket_size: int = 256, native: Callable[[int], Any] | None = None, progress: bool = False,
+                   bucket_size: int = 256, positions: str = "absolute", max_positions: int | None = None,
+                   native: Callable[[int], Any] | None = None, progress: bool = False,
                    on_row: Callable[[PerplexityRow], None] | None = None) -> list[PerplexityRow]:
-    """Perplexity of ``model`` on ``ids`` ``[T]`` under each spec (built first, so a bad spec fails
-    before any run)."""
+    """Perplexity of ``model`` on ``ids`` ``[T]`` under each spec, with ``positions`` ``"absolute"``
+    (streamed) or ``"context"`` (recomputed per token; see the module docstring). Every graph is
+    built and checked first (causal, and within ``max_positions``, the model's table of learned
+    positions), so a bad spec fails before any run."""
     if not specs:
         raise ValueError("Expected at least one topology spec (got none)")
+    if positions not in POSITIONS:
+        raise ValueError(f"Expected 'positions' to be one of {POSITIONS} (got {positions!r})")
+    _check_sizes(chunk, bucket_size)
     length = ids.numel()
-    graphs = [(spec, build_graph(spec, length, num_layers, native)) for spec in specs]
+    if positions == "absolute" and max_positions is not None and length > max_positions:
+        raise ValueError(f"Expected 'positions' to be 'context' for a stream longer than the model's table of "
+                         f"{max_positions} learned positions (got positions='absolute' and a stream of {length} "
+                         f"tokens; or cut the stream to {max_positions} tokens)")
+    graphs = []
+    for spec in specs:
+        graph = build_graph(spec, length, num_layers, native)
+        contexts = None
+        if positions == "context":
+            contexts = _contexts(graph, length)
+            widest = max(contexts.nodes[:length - 1], key=lambda n: n.numel())
+            if max_positions is not None and widest.numel() > max_positions:
+                raise ValueError(f"Expected topologies whose tokens read at most {max_positions} tokens with "
+                                 f"positions='context' (the model's table of {max_positions} learned positions) "
+                                 f"(got {spec!r}, whose token {int(widest[-1])} reads {widest.numel()})")
+        graphs.append((spec, graph, contexts))
     rows = []
-    for spec, graph in graphs:
+    for spec, graph, contexts in graphs:
         start = time.perf_counter()
-        result = perplexity(model, ids, graph, chunk=chunk, bucket_size=bucket_size, progress=progress)
+        if contexts is None:
+            result = perplexity(model, ids, graph, chunk=chunk, bucket_size=bucket_size, progress=progress)
+        else:
+            result = _context_perplexity(model, ids, contexts, chunk, bucket_size, progress)
         edges = _edges(graph)
         row = PerplexityRow(topology=spec if spec == NATIVE else label(spec), tokens=length,
                             perplexity=result.perplexity, nll=result.mean_nll, edges=edges,
                             density=edges / (length * (length + 1) / 2), peak_cache=result.peak_cache,
-                            seconds=time.perf_counter() - start, buckets=result.buckets)
+                            seconds=time.perf_counter() - start, positions=positions, buckets=result.buckets)
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -128,9 +301,12 @@ def save_perplexity(rows: Sequence[PerplexityRow], out_dir: str | Path, *, title
     return paths
 
 
-def stream_ids(sequences: Sequence[Sequence[int]], max_tokens: int | None) -> Tensor:
-    """One stream of token ids from the input's sequences (in order), cut to ``max_tokens``."""
-    ids = [int(t) for s in sequences for t in s]
+def stream_ids(sequences: Sequence[Sequence[int]], max_tokens: int | None, start: int = 0) -> Tensor:
+    """One stream of token ids from the input's sequences (in order), from token ``start`` on, cut to
+    ``max_tokens``."""
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"Expected 'start' to be an int >= 0 (got {start!r})")
+    ids = [int(t) for s in sequences for t in s][start:]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if len(ids) < 2:
@@ -138,4 +314,5 @@ def stream_ids(sequences: Sequence[Sequence[int]], max_tokens: int | None) -> Te
     return torch.tensor(ids, dtype=torch.long)
 
 
-__all__ = ["NATIVE", "PerplexityRow", "build_graph", "run_perplexity", "save_perplexity", "stream_ids"]
+__all__ = ["NATIVE", "POSITIONS", "PerplexityRow", "build_graph", "context_perplexity", "run_perplexity",
+           "save_perplexity", "stream_ids"]

@@ -190,6 +190,8 @@ def run_training(config: RunConfig, *, progress: bool = False) -> tuple[TrainRes
     device = distributed.setup(info, config.train.device)
     train_config = TrainConfig(**{**asdict(config.train), "device": device})
     meta = {"run": _plain(asdict(config)), "world_size": info.world_size}
+    if config.task == "lm":  # the characters of the ids: the checkpoint is read without its text
+        meta["vocab"] = workload.corpus.chars
     try:
         model = distributed.wrap(model.to(device), info, device)
         result = train(model, workload, train_config, progress=progress, rank=info.rank,

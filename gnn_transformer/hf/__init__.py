@@ -10,10 +10,11 @@ nothing is downloaded) into a graph model, by its ``model_type``:
 
 The graph models accept Hugging Face's calling convention, ``model(input_ids=..., attention_mask=...,
 position_ids=...)``: the real tokens (``attention_mask == 1``) become the nodes, padding is dropped,
-the token graph comes from ``topology`` (a callable ``lengths -> edge_index``; for the newer families
-also one per layer), and the outputs are scattered back to Hugging Face's shapes with zeros at padded
-positions (:class:`GraphModelOutput`). With the default graphs the outputs equal Hugging Face's at every
-real token (``tests/test_hf.py``, ``tests/test_hf_decoders.py``). :func:`to_hf` exports back (every family above).
+the token graph comes from ``topology`` (a callable ``lengths -> edge_index`` or ``lengths ->
+(edge_index, edge_head)``, a per-head graph; or one per layer), and the outputs are scattered back to
+Hugging Face's shapes with zeros at padded positions (:class:`GraphModelOutput`). With the default
+graphs the outputs equal Hugging Face's at every real token (``tests/test_hf.py``,
+``tests/test_hf_decoders.py``). :func:`to_hf` exports back (every family above).
 
 ``transformers`` is only needed by :func:`from_pretrained` and :func:`to_hf` (the optional extra ``[hf]``).
 """

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Topology = Callable[[Sequence[int]], Tensor]
+# a token graph: an edge_index [2, E] for every head, or a per-head graph (edge_index, edge_head [E])
+Graph = Tensor | tuple[Tensor, Tensor]
+Topology = Callable[[Sequence[int]], Graph]
 # a call's graphs: one builder for every layer, or one per layer (None: the layer's native graph)
 Topologies = Topology | Sequence[Topology | None]
 IGNORE_INDEX = -100  # labels that add nothing to the loss (Hugging Face's and PyTorch's default)
@@ -37,7 +39,8 @@ class GraphModelOutput:
     last_hidden_state: Tensor | None = None  # [B, T, C]
     pooler_output: Tensor | None = None  # [B, C] (BERT with a pooler)
     attentions: tuple[Tensor, ...] | None = None  # L x [B, H, T, T] (output_attentions, small inputs)
-    edge_attentions: tuple[tuple[Tensor, Tensor], ...] | None = None  # L x (edge_index [2, E], weights [E, H])
+    # L x (graph, weights): (edge_index [2, E], [E, H]), or ((edge_index, edge_head), [E]) on a per-head graph
+    edge_attentions: tuple[tuple[Graph, Tensor], ...] | None = None
 
     def to_tuple(self) -> tuple:
         """The fields that are not ``None``, in order."""
@@ -113,7 +116,8 @@ def check_topology(topology) -> Topology:
     if not callable(topology):
         got = (f"a tensor of shape {list(topology.shape)}" if isinstance(topology, Tensor)
                else repr(topology))
-        raise ValueError(f"Expected 'topology' to be a callable lengths -> edge_index (got {got})")
+        raise ValueError(f"Expected 'topology' to be a callable lengths -> edge_index or (edge_index, "
+                         f"edge_head) (got {got})")
     return topology
 
 
@@ -126,31 +130,67 @@ def check_topologies(topology, num_layers: int) -> Topologies:
                          f"a sequence of length {len(topology)})")
     for index, builder in enumerate(topology):
         if builder is not None and not callable(builder):
-            raise ValueError(f"Expected 'topology[{index}]' to be a callable lengths -> edge_index or None "
-                             f"(got {builder!r})")
+            raise ValueError(f"Expected 'topology[{index}]' to be a callable lengths -> edge_index or "
+                             f"(edge_index, edge_head), or None (got {builder!r})")
     return list(topology)
 
 
-def edges(topology: Topology, lengths: list[int], device: torch.device) -> Tensor:
-    """The token graph ``topology(lengths)`` on ``device``, checked to be a tensor."""
-    edge_index = topology(lengths)
-    if not isinstance(edge_index, Tensor):
-        raise TypeError(f"Expected 'topology' to return an edge_index tensor [2, E] (got "
-                        f"{type(edge_index).__name__} from {topology!r})")
-    return edge_index.to(device)
+def check_heads(edge_head: Tensor, num_heads: int, name: str) -> None:
+    """A ``ValueError`` naming ``name`` unless the heads of ``edge_head`` are the model's
+    ``num_heads`` attention heads: values in ``[0, num_heads)``, the last head among them (a graph
+    built for fewer heads would leave the others without edges). Checked in one read back."""
+    if not edge_head.numel():
+        return
+    lo, hi = (int(x) for x in torch.aminmax(edge_head))
+    if lo < 0 or hi != num_heads - 1:
+        raise ValueError(f"Expected '{name}' to return a per-head graph for the model's {num_heads} attention "
+                         f"heads, edge_head in 0..{num_heads - 1} (got edge_head in {lo}..{hi}: a graph for "
+                         f"{hi + 1} heads)")
+
+
+def edges(topology: Topology, lengths: list[int], device: torch.device, num_heads: int,
+          name: str = "topology") -> Graph:
+    """The token graph ``topology(lengths)`` on ``device``: an ``edge_index`` ``[2, E]``, or a
+    per-head graph ``(edge_index, edge_head)`` whose heads are checked against the model's
+    ``num_heads`` (:func:`check_heads`)."""
+    graph = topology(lengths)
+    if isinstance(graph, Tensor):
+        return graph.to(device)
+    if isinstance(graph, (tuple, list)) and len(graph) == 2 and all(isinstance(t, Tensor) for t in graph):
+        edge_index, edge_head = graph
+        if edge_head.dim() != 1 or edge_head.is_floating_point() or edge_head.dtype == torch.bool \
+                or edge_head.size(0) != (edge_index.size(-1) if edge_index.dim() else -1):
+            raise ValueError(f"Expected '{name}' to return (edge_index [2, E], edge_head [E]) with integer "
+                             f"edge_head (got shapes {list(edge_index.shape)} and {list(edge_head.shape)}, "
+                             f"{edge_head.dtype}, from {topology!r})")
+        check_heads(edge_head, num_heads, name)
+        return edge_index.to(device), edge_head.to(device)
+    got = f"a {type(graph).__name__} of length {len(graph)}" if isinstance(graph, (tuple, list)) else \
+        type(graph).__name__
+    raise ValueError(f"Expected '{name}' to return an edge_index tensor [2, E] or a pair (edge_index, edge_head) "
+                    f"(got {got} from {topology!r})")
 
 
 def layer_edges(topology: Topologies, native: Sequence[Topology], lengths: list[int],
-                device: torch.device) -> list[Tensor]:
+                device: torch.device, num_heads: int) -> list[Graph]:
     """One graph per layer: ``topology`` (one builder, or one per layer where not ``None``), else the
-    layer's ``native`` builder; each distinct builder is called once."""
+    layer's ``native`` builder; each distinct builder is called once, so layers that share a builder
+    share its graph (and what the kernels cache for it). A per-head graph is a pair
+    ``(edge_index, edge_head)``, as :func:`gnn_transformer.layers.resolve_layer_graphs` takes it."""
     builders = ([topology] * len(native) if callable(topology)
                 else [n if t is None else t for t, n in zip(topology, native)])
-    built: dict[int, Tensor] = {}
+    named = ({id(topology): "topology"} if callable(topology)
+             else {id(t): f"topology[{i}]" for i, t in reversed(list(enumerate(topology))) if t is not None})
+    built: dict[int, Graph] = {}
     for builder in builders:
         if id(builder) not in built:
-            built[id(builder)] = edges(builder, lengths, device)
+            built[id(builder)] = edges(builder, lengths, device, num_heads, named.get(id(builder), "topology"))
     return [built[id(builder)] for builder in builders]
+
+
+def graph_edge_index(graph: Graph) -> Tensor:
+    """The ``edge_index`` of a graph (of a per-head pair, its first item)."""
+    return graph[0] if isinstance(graph, tuple) else graph
 
 
 def model_type(obj) -> str | None:
@@ -175,12 +215,38 @@ def check_model(model, expected: str | tuple[str, ...], cls: type) -> None:
                         f"{cls.__name__}.from_hf (got {type(model).__name__} with model_type {got!r})")
 
 
-def resolve_topology(topology: Topology | None, model_topology: Topology | None,
-                     default: str) -> Topology:
-    """The call's topology, else the model's, else the default builder named ``default``."""
+def resolve_topologies(topology: Topologies | None, model_topology: Topologies | None,
+                       num_layers: int) -> Topologies:
+    """The call's topology (checked), else the model's, else ``None`` for every layer (the native
+    graphs)."""
     if topology is not None:
-        return check_topology(topology)
-    return model_topology if model_topology is not None else default_topology(default)
+        return check_topologies(topology, num_layers)
+    return model_topology if model_topology is not None else [None] * num_layers
+
+
+# one renamed tensor of a state dict: (graph key, the Hugging Face keys whose concatenation along dim 0
+# it is, whether Hugging Face stores it transposed: GPT-2's Conv1D [in, out])
+Renaming = list[tuple[str, tuple[str, ...], bool]]
+
+
+def renamed_state_dict(hf: dict[str, Tensor], renaming: Renaming) -> dict[str, Tensor]:
+    """A Hugging Face state dict in the graph model's names, by the table ``renaming``."""
+    out = {}
+    for graph_key, hf_keys, transposed in renaming:
+        value = torch.cat([hf[key] for key in hf_keys]) if len(hf_keys) > 1 else hf[hf_keys[0]]
+        out[graph_key] = value.t() if transposed else value
+    return out
+
+
+def hf_state_dict(graph: dict[str, Tensor], renaming: Renaming) -> dict[str, Tensor]:
+    """The inverse of :func:`renamed_state_dict` by the same table: a graph model's state dict in
+    Hugging Face's names (a concatenation split into equal parts)."""
+    out = {}
+    for graph_key, hf_keys, transposed in renaming:
+        value = graph[graph_key].t() if transposed else graph[graph_key]
+        for key, part in zip(hf_keys, value.chunk(len(hf_keys)) if len(hf_keys) > 1 else (value,)):
+            out[key] = part
+    return out
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -217,24 +283,29 @@ def masked_lm_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
                            ignore_index=IGNORE_INDEX)
 
 
-def dense_attentions(edge_attentions: Sequence[tuple[Tensor, Tensor]], mask: Tensor
+def dense_attentions(edge_attentions: Sequence[tuple[Graph, Tensor]], mask: Tensor, num_heads: int
                      ) -> tuple[Tensor, ...] | None:
-    """Per-edge weights ``[E, H]`` of each layer -> Hugging Face's ``[B, H, T, T]`` (query row, key
-    column, zeros where the graph has no edge and at padding), or ``None`` above
-    ``DENSE_ATTENTIONS_MAX_CELLS`` cells per layer."""
+    """Per-edge weights of each layer -> Hugging Face's ``[B, H, T, T]`` (query row, key column,
+    zeros where the graph has no edge and at padding), or ``None`` above
+    ``DENSE_ATTENTIONS_MAX_CELLS`` cells per layer. A layer's entry is ``(edge_index, weights
+    [E, H])``, or ``((edge_index, edge_head), weights [E])`` on a per-head graph (each weight at
+    its edge's head)."""
     b, t = mask.shape
     if not edge_attentions:
         return ()
-    heads = edge_attentions[0][1].size(1)
-    if b * heads * t * t > DENSE_ATTENTIONS_MAX_CELLS:
+    if b * num_heads * t * t > DENSE_ATTENTIONS_MAX_CELLS:
         return None
     row = torch.arange(b, device=mask.device).unsqueeze(1).expand(b, t)[mask]  # [N] row of each node
     col = torch.arange(t, device=mask.device).expand(b, t)[mask]  # [N] column of each node
     out = []
-    for edge_index, alpha in edge_attentions:
+    for graph, alpha in edge_attentions:
+        edge_index = graph_edge_index(graph)
         src, dst = edge_index[0].long(), edge_index[1].long()  # [E]
-        dense = alpha.new_zeros(b, t, t, heads)  # [B, T_query, T_key, H]
-        dense[row[dst], col[dst], col[src]] = alpha
+        dense = alpha.new_zeros(b, t, t, num_heads)  # [B, T_query, T_key, H]
+        if isinstance(graph, tuple):  # per-head: weights [E], each at its edge's head
+            dense[row[dst], col[dst], col[src], graph[1].long()] = alpha
+        else:
+            dense[row[dst], col[dst], col[src]] = alpha
         out.append(dense.permute(0, 3, 1, 2))  # [B, H, T, T]
     return tuple(out)
 

@@ -7,7 +7,7 @@ stack with different choices, read from the Hugging Face config by :func:`decode
 | --- | --- |
 | RMSNorm with gain ``w`` / ``1 + w`` / LayerNorm | Llama-like / Gemma / GPT-Neo |
 | gated MLP (SwiGLU, GeGLU) / plain MLP | all but GPT-Neo / GPT-Neo |
-| grouped-query attention, RoPE (scaled: linear, dynamic, llama3, YaRN; partial) | all but GPT-Neo |
+| grouped-query attention, RoPE (scaled: linear, dynamic, llama3, YaRN, LongRoPE; partial) | all but GPT-Neo |
 | learned absolute positions, no ``1/sqrt(D)`` scaling | GPT-Neo |
 | qk-norm (RMSNorm of each query and key head) | Qwen3, Gemma 3 |
 | norms after attention and MLP too, embeddings times ``sqrt(C)`` | Gemma 2, Gemma 3 |
@@ -145,17 +145,21 @@ def rope_config(config, layer_type: str | None, head_dim: int) -> RopeConfig:
                 f"{head_dim}: expected a positive even number")
     max_positions = _get(config, "max_position_embeddings")
     original = params.get("original_max_position_embeddings", _get(config, "original_max_position_embeddings"))
+    if kind == "longrope":  # as Hugging Face standardizes the config first: its own field wins (Phi-3)
+        original = _get(config, "original_max_position_embeddings", max_positions if original is None else original)
     factor = params.get("factor")
-    if kind == "yarn" and factor is None:
+    if kind in ("yarn", "longrope") and factor is None and isinstance(max_positions, int) \
+            and isinstance(original, int) and original > 0:
         factor = max_positions / original
     scaling_fields: dict[str, Any] = {"factor": 1.0 if factor is None else float(factor)}  # checked by RopeScaling
     for key in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "attention_factor", "mscale",
-                "mscale_all_dim", "truncate"):
+                "mscale_all_dim", "truncate", "short_factor", "long_factor"):
         if params.get(key) is not None:
             scaling_fields[key] = params[key]
     try:
         scaling = RopeScaling(kind, max_position_embeddings=max_positions,
                               original_max_position_embeddings=original, **scaling_fields)
+        scaling.check_dim(rotary_dim)
     except ValueError as err:
         raise ValueError(f"Unsupported Hugging Face config: {name}={params!r} ({err})") from err
     return RopeConfig(float(params["rope_theta"]), scaling, rotary_dim)
@@ -330,12 +334,15 @@ class GraphDecoderLM(nn.Module):
     topology=None)`` -> :class:`GraphModelOutput` with ``logits`` ``[B, T, V]``,
     ``last_hidden_state`` ``[B, T, C]``, ``loss`` given ``labels`` (Hugging Face's shifted
     cross-entropy) and, with ``output_attentions``, ``edge_attentions`` (per layer the graph and
-    its weights ``[E, H]``) and ``attentions`` (per layer ``[B, H, T, T]``, for small inputs).
+    its weights ``[E, H]``; on a per-head graph ``((edge_index, edge_head), [E])``) and
+    ``attentions`` (per layer ``[B, H, T, T]``, for small inputs).
 
     Each layer attends along its native graph (:attr:`windows`: causal, or a causal sliding
-    window) unless ``topology`` replaces it: a callable ``lengths -> edge_index`` for every layer,
-    or a sequence of one callable (or ``None``: the native graph) per layer. :meth:`forward_graph`
-    is the graph-native path, also used by :meth:`generate` with a key/value cache.
+    window) unless ``topology`` replaces it: a callable ``lengths -> edge_index`` or ``lengths ->
+    (edge_index, edge_head)`` (a per-head graph: edge ``j -> i`` for query head ``edge_head[e]``
+    only, heads ``0 .. H - 1`` of the model) for every layer, or a sequence of one callable (or
+    ``None``: the native graph) per layer. :meth:`forward_graph` is the graph-native path, also
+    used by :meth:`generate` with a key/value cache.
 
     Args:
         config: the Hugging Face config (kept as ``self.config``).
@@ -389,9 +396,9 @@ class GraphDecoderLM(nn.Module):
         """Token ids ``[N]``, the graph of every layer (one ``edge_index`` ``[2, E]``, a sequence of
         one per layer or a callable: :func:`gnn_transformer.layers.resolve_layer_graphs`), positions
         ``[N]`` -> logits ``[N, V]`` (and the hidden states ``[N, C]`` with ``return_hidden``, the
-        weights ``[E_l, H]`` of every layer with ``output_attentions``). With a ``cache``
-        (:class:`gnn_transformer.decoding.KVCache`) the nodes are new tokens and each layer's graph
-        runs from all cached plus new nodes to them."""
+        weights ``[E_l, H]``, ``[E_l]`` on a per-head graph, of every layer with
+        ``output_attentions``). With a ``cache`` (:class:`gnn_transformer.decoding.KVCache`) the
+        nodes are new tokens and each layer's graph runs from all cached plus new nodes to them."""
         graphs = resolve_layer_graphs(edge_index, len(self.layers), "edge_index")
         x = self.embed(input_ids, pos)
         weights = []
@@ -417,7 +424,7 @@ class GraphDecoderLM(nn.Module):
                                             self.spec.max_position_embeddings)
         topology = self.topology if topology is None else check_topologies(topology, len(self.layers))
         graphs = layer_edges(topology if topology is not None else [None] * len(self.layers),
-                             self.native_topologies(), lengths, input_ids.device)
+                             self.native_topologies(), lengths, input_ids.device, self.spec.num_heads)
         out = self.forward_graph(input_ids[mask], graphs, pos=pos, return_hidden=True,
                                  output_attentions=output_attentions)
         logits, h = scatter_back(out[0], mask), scatter_back(out[1], mask)
@@ -425,24 +432,41 @@ class GraphDecoderLM(nn.Module):
                                   loss=None if labels is None else causal_lm_loss(logits, labels))
         if output_attentions:
             result.edge_attentions = tuple(zip(graphs, out[2]))
-            result.attentions = dense_attentions(result.edge_attentions, mask)
+            result.attentions = dense_attentions(result.edge_attentions, mask, self.spec.num_heads)
         return result
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 20,
-                 **kwargs) -> Tensor:
+                 **kwargs) -> Tensor | tuple[Tensor, Tensor]:
         """Greedy (or sampled) generation with a key/value cache along each layer's native graph:
         :func:`gnn_transformer.decoding.generate` with ``window=self.windows``. Returns ``[B, width]``
-        (each row its prompt without padding, its new tokens, then ``pad_token_id``). A model built
-        with another ``topology`` is refused: the cached steps follow the native windows."""
+        (each row its prompt without padding, its new tokens, then ``pad_token_id``; with
+        ``return_logits``, also the logits of every step). A model built with another ``topology`` is
+        refused: the cached steps follow the native windows. With LongRoPE, as Hugging Face's Phi-3
+        ``generate``, the cache is dropped and every token recomputed with the long factors at the
+        first step past ``original_max_position_embeddings`` (without ``eos_token_id``)."""
         from ..decoding import generate
 
         if self.topology is not None:
             raise ValueError(f"Expected a model without 'topology' for generate (got {self.topology!r}): "
                              "cached generation follows the native windows; pass 'window=' to "
                              "gnn_transformer.decoding.generate for other windows")
-        return generate(self, input_ids, max_new_tokens, attention_mask=attention_mask,
-                        window=kwargs.pop("window", self.windows), **kwargs)
+        window = kwargs.pop("window", self.windows)
+        switches = [r.scaling.original_max_position_embeddings for r in self.spec.rope
+                    if r.scaling.rope_type == "longrope" and r.scaling.original_max_position_embeddings is not None]
+        switch = min(switches) if switches else None
+        lengths = (attention_mask.sum(1) if attention_mask is not None
+                   else torch.full((input_ids.size(0),), input_ids.size(1), device=input_ids.device))
+        first = None if switch is None else switch - int(lengths.max()) + 1  # new tokens before the long factors
+        if first is None or not 0 < first < max_new_tokens or not kwargs.get("use_cache", True) \
+                or kwargs.get("eos_token_id") is not None:
+            return generate(self, input_ids, max_new_tokens, attention_mask=attention_mask, window=window, **kwargs)
+        # Hugging Face's Phi-3 drops its cache at the first step past the original length: recompute from there
+        head = generate(self, input_ids, first, attention_mask=attention_mask, window=window, **kwargs)
+        head, head_logits = head if kwargs.get("return_logits") else (head, None)
+        mask = torch.arange(head.size(1), device=head.device) < (lengths + first).unsqueeze(1)  # [B, width]
+        tail = generate(self, head, max_new_tokens - first, attention_mask=mask.long(), window=window, **kwargs)
+        return tail if head_logits is None else (tail[0], torch.cat([head_logits, tail[1]]))
 
     @classmethod
     def from_hf(cls, model, *, topology: Topologies | None = None, backend: str = "auto"):

@@ -67,7 +67,8 @@ class GraphModernBertModel(nn.Module):
     ``loss`` given ``labels``: Hugging Face's masked-LM cross-entropy over the labels that are not
     ``-100``, :func:`~gnn_transformer.hf.masked_lm_loss`). Each layer attends along its native graph
     (:attr:`windows`: full, or a symmetric window) unless ``topology`` replaces it (one callable
-    ``lengths -> edge_index`` for every layer, or one callable or ``None`` per layer).
+    ``lengths -> edge_index`` or ``lengths -> (edge_index, edge_head)``, a per-head graph for the
+    model's heads, for every layer, or one callable or ``None`` per layer).
     """
 
     def __init__(self, config, *, masked_lm: bool = False, topology: Topologies | None = None,
@@ -130,7 +131,7 @@ class GraphModernBertModel(nn.Module):
         mask, pos, lengths = flatten_inputs(input_ids, attention_mask, position_ids, None)
         topology = self.topology if topology is None else check_topologies(topology, len(self.layers))
         graphs = layer_edges(topology if topology is not None else [None] * len(self.layers),
-                             self.native_topologies(), lengths, input_ids.device)
+                             self.native_topologies(), lengths, input_ids.device, self.config.num_attention_heads)
         out = self.forward_graph(input_ids[mask], graphs, pos=pos, output_attentions=output_attentions)
         h = out[0] if output_attentions else out
         result = GraphModelOutput(last_hidden_state=scatter_back(h, mask))
@@ -141,7 +142,7 @@ class GraphModernBertModel(nn.Module):
                 result.loss = masked_lm_loss(result.logits, labels, mask)
         if output_attentions:
             result.edge_attentions = tuple(zip(graphs, out[1]))
-            result.attentions = dense_attentions(result.edge_attentions, mask)
+            result.attentions = dense_attentions(result.edge_attentions, mask, self.config.num_attention_heads)
         return result
 
     @classmethod
