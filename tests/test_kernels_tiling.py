@@ -175,6 +175,25 @@ def test_graph_cache_is_reused_and_invalidated():
     assert colptr.tolist() == [0, 5, 9, 12, 14, 15]
 
 
+@pytest.mark.parametrize("edge_head", [False, True])
+def test_graph_cache_goes_with_its_edge_index(edge_head):
+    """A plain tensor's cached structure (and a per-head graph's relabelled one) does not keep the
+    tensor alive: a training loop that builds a new graph every step holds one at a time."""
+    import gc
+
+    q, k, v, _ = make_inputs(16, 16, 0, bias=False)  # [N, H, D]
+    before = len(_graph._CACHE)
+    for seed in range(3):
+        edge_index = torch.randint(0, 16, (2, 40), generator=torch.Generator().manual_seed(seed))
+        edge_index = edge_index[:, torch.argsort(edge_index[1], stable=True)]  # sorted: the CSR views it
+        extra = {"edge_head": torch.zeros(40, dtype=torch.long)} if edge_head else {}  # one head: still sorted
+        attend(q, k, v, edge_index, scale=0.5, backend="fused", **extra)
+        assert len(_graph._CACHE) == before + 1
+        del edge_index, extra
+        gc.collect()
+        assert len(_graph._CACHE) == before
+
+
 def test_layers_reuse_structures():
     """Several calls on one graph (one per layer) build the tile list and the plan once."""
     edge_index, n_src, n_dst = graph_case("window")

@@ -108,7 +108,9 @@ def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int) -> None:
 
 
 def _build(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
-    plain = plain_tensor(edge_index)
+    # an alias of the same memory: views of it do not hold the caller's tensor object, so the cache
+    # entry keyed by that tensor's weak reference goes when the caller drops it
+    plain = plain_tensor(edge_index).detach()
     # Views of a long edge_index (no copy); a backward pass that uses them checks they were not
     # written in place since (CSRGraph.guards). An inference tensor cannot be saved for backward:
     # copied.
