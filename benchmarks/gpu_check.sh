@@ -14,9 +14,13 @@
 #   bash benchmarks/gpu_check.sh pieces  # BigBird with its global blocks' rows in pieces, and without
 #   bash benchmarks/gpu_check.sh float32 # float32 tiles (CUDA cores) of 32, the default, against 64
 #   bash benchmarks/gpu_check.sh select  # graphs chosen from the data at 16k (bf16): per-head tests, then
-#                                        # selection + attention against Flex with a per-call BlockMask and SDPA
+#                                        # selection (block_topk: an implicit BlockGraph) + attention against
+#                                        # Flex with a per-call BlockMask and SDPA
+#   bash benchmarks/gpu_check.sh implicit # causal at 64k and 128k (bf16, 12 x 64) through the implicit graph
+#                                        # (topology.causal(n, implicit=True): tiles, no edge list), tiled and
+#                                        # auto (SDPA), fwd and fwd+bwd, with the peak memory
 set -uo pipefail
-stage=${1:?usage: gpu_check.sh table|tests|bench|large|gqa|pieces|float32|select}
+stage=${1:?usage: gpu_check.sh table|tests|bench|large|gqa|pieces|float32|select|implicit}
 out=${OUT:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}.
@@ -26,7 +30,8 @@ export TRITON_INTERPRET=0
 step() {
   local limit=$1 name=$2
   shift 2
-  timeout --signal=INT "$limit" "$@" > "$out/$name.txt" 2>&1
+  # through bash: the commands include this script's functions (exported below), which timeout cannot run
+  timeout --signal=INT "$limit" bash -c '"$@"' _ "$@" > "$out/$name.txt" 2>&1
   local rc=$?
   [ "$rc" -eq 124 ] && echo "stopped after ${limit}s" >> "$out/$name.txt"
   if [ -f "$out/$name.md" ]; then
@@ -37,6 +42,46 @@ step() {
   fi
 }
 bench() { python -m gnn_transformer.cli bench --device cuda "$@"; }
+# causal graphs of 64k and 128k tokens as implicit graphs (8.6e9 edges at 128k: 137 GB as an int64
+# edge list); bf16, 12 heads x 64; markdown rows to the file given as the first argument
+implicit_causal() {
+  python - "$@" <<'PY'
+import sys, time
+import torch
+from gnn_transformer import kernels
+from gnn_transformer.topology import causal
+out = sys.argv[1]
+rows = ["| n | edges | tiles | graph s | backend | pass | ms | peak GiB | max_err vs sdpa |", "|" + " --- |" * 9]
+for n in (65536, 131072):
+    t = time.perf_counter()
+    graph = causal(n, implicit=True).to("cuda")
+    built = time.perf_counter() - t
+    q, k, v = (torch.randn(n, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    ref = kernels.attend(q, k, v, graph, scale=0.125, backend="auto").detach().float()
+    for backend in ("tiled", "auto"):
+        for pas in ("fwd", "fwd+bwd"):
+            def call():
+                o = kernels.attend(q, k, v, graph, scale=0.125, backend=backend)
+                if pas == "fwd+bwd":
+                    o.sum().backward()
+                return o
+            out_t = call()
+            err = float((out_t.detach().float() - ref).abs().max())
+            torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(3):
+                torch.cuda.synchronize(); t = time.perf_counter(); call(); torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30
+            rows.append(f"| {n} | {graph.num_edges()} | {graph.num_tiles} | {built:.2f} | {backend} | {pas} | "
+                        f"{1e3 * sorted(times)[1]:.1f} | {peak:.1f} | {err:.1e} |")
+            print(rows[-1], flush=True)
+    del q, k, v, ref, graph
+    torch.cuda.empty_cache()
+open(out, "w").write("\n".join(rows) + "\n")
+PY
+}
+export -f bench implicit_causal
 case "$stage" in
   table)
     start=$(date +%s)
@@ -64,6 +109,7 @@ case "$stage" in
     # causal at 64k and 128k (auto: SDPA's kernels), window and random at 1M (auto only)
     step 25 causal_64k_128k bench --sizes 65536 131072 --topologies causal --backends auto --repeats 3 \
       --markdown "$out/causal_64k_128k.md"
+    step 40 implicit_causal implicit_causal "$out/implicit_causal.md"
     step 25 linear_1m bench --sizes 1048576 --topologies window random --backends auto --repeats 3 --no-backward \
       --markdown "$out/linear_1m.md"
     echo "- took $(( $(date +%s) - start )) s" >> "$out/table.md"
@@ -114,6 +160,9 @@ PY
     python -m gnn_transformer.cli bench --device cuda --selectors topk block_topk --sizes 16384 \
       --markdown "$out/bench_select_16k.md" 2>&1 | tee "$out/bench_select_16k.txt"
     ;;
+  implicit)
+    implicit_causal "$out/implicit_causal.md" 2>&1 | tee "$out/implicit_causal.txt"
+    ;;
   large)
     python -m gnn_transformer.cli bench --device cuda --sizes 65536 --repeats 3 \
       --markdown "$out/bench_64k.md" 2>&1 | tee "$out/bench_64k.txt"
@@ -131,7 +180,7 @@ PY
       --markdown "$out/bench_1m.md" 2>&1 | tee "$out/bench_1m.txt"
     ;;
   *)
-    echo "unknown stage '$stage' (expected table, tests, bench, large, gqa, pieces, float32 or select)" >&2
+    echo "unknown stage '$stage' (expected table, tests, bench, large, gqa, pieces, float32, select or implicit)" >&2
     exit 2
     ;;
 esac

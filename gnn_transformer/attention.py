@@ -36,6 +36,12 @@ from .position import RopeScaling, RotaryEmbedding, check_base
 BACKENDS = ("auto", "pyg", *(b for b in kernels.BACKENDS if b != "auto"))
 
 
+def _materialized(graph) -> tuple[Tensor, Tensor | None]:
+    """``(edge_index, edge_head or None)`` of an implicit graph, within the edge budget."""
+    edges = graph.edges()
+    return edges if isinstance(edges, tuple) else (edges, None)
+
+
 # edge_index tensors whose range was checked: id -> (weak reference, version, sizes); an entry
 # disappears with its tensor, and a write in place through PyTorch (a new version) invalidates it
 _RANGE_CHECKED: dict[int, tuple[weakref.ref, int, tuple[int, int]]] = {}
@@ -75,6 +81,9 @@ def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int,
     it, through ``.data`` or a NumPy view, are not seen, as in the kernels' graph cache).
     ``device``: that of the node features, which an ``edge_index`` with edges must share.
     """
+    if kernels.is_block_structure(edge_index):
+        _check_block_graph(edge_index, num_src, num_dst, device)
+        return
     if not isinstance(edge_index, Tensor):
         raise ValueError(f"Expected 'edge_index' to be a tensor (got {type(edge_index).__name__})")
     if edge_index.dim() != 2 or edge_index.size(0) != 2:
@@ -118,6 +127,16 @@ def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int,
         raise ValueError(f"Found target index {dst_max} in 'edge_index' but there are only "
                          f"{num_dst} target nodes")
     _remember_range(edge_index, num_src, num_dst)
+
+
+def _check_block_graph(graph, num_src: int, num_dst: int, device: torch.device | None) -> None:
+    """The sizes and device of an implicit graph (a :class:`~gnn_transformer.topology.BlockGraph`)."""
+    if (graph.num_src, graph.num_dst) != (num_src, num_dst):
+        raise ValueError(f"Expected a BlockGraph of {num_src} sources and {num_dst} targets as 'edge_index' (got "
+                         f"{graph.num_src} and {graph.num_dst})")
+    if device is not None and graph.q_block.device != device:
+        raise ValueError(f"Expected the BlockGraph 'edge_index' on the device of the node features, {device} "
+                         f"(got device {graph.q_block.device})")
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -603,6 +622,14 @@ class GraphMultiheadAttention(MessagePassing):
                          device: torch.device | None = None, edge_head: Tensor | None = None) -> Tensor | None:
         """Checked ``edge_bias``; a floating bias of another dtype than the heads is cast to the
         dtype the scores are computed in (float32; float64 for float64 heads), as the kernels do."""
+        if kernels.is_block_structure(edge_index):
+            if edge_head is not None:
+                raise ValueError("Expected no 'edge_head' with a BlockGraph 'edge_index': a per-head BlockGraph "
+                                 "carries the head of each tile itself")
+            if edge_bias is not None:
+                raise ValueError("Expected no 'edge_bias' with a BlockGraph 'edge_index' (an implicit graph has no "
+                                 "edge order to align it with): pass the materialized graph, edge_index.edges()")
+            return None
         if edge_bias is None:
             return None
         expected = [edge_index.size(1), self.num_heads]
@@ -629,19 +656,48 @@ class GraphMultiheadAttention(MessagePassing):
                             return_attention_weights: bool, backend: str | None):
         num_dst = query.size(0)
         if self.select is not None:
-            edge_index, edge_head = self._selected_graph(query, key, edge_index, edge_head, edge_bias)
+            chosen = self._implicit_selection(query, key, edge_index, edge_head, edge_bias,
+                                              return_attention_weights, backend)
+            if chosen is not None:
+                edge_index, edge_head = chosen, None
+            else:
+                edge_index, edge_head = self._selected_graph(query, key, edge_index, edge_head, edge_bias)
         out, alpha = self.attend(query, key, value, edge_index, edge_bias=edge_bias, edge_head=edge_head,
                                  need_weights=return_attention_weights, backend=backend)
         out = self.out_proj(out.reshape(num_dst, self.q_dim))  # [N_dst, C]
         return (out, alpha) if return_attention_weights else out
 
-    def _selected_graph(self, query: Tensor, key: Tensor, edge_index: Tensor, edge_head: Tensor | None,
-                        edge_bias: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The per-head graph ``select`` chooses from the detached queries and keys, checked."""
+    def _implicit_selection(self, query: Tensor, key: Tensor, edge_index, edge_head: Tensor | None,
+                            edge_bias: Tensor | None, need_weights: bool, backend: str | None):
+        """The selection as an implicit graph (a per-head ``BlockGraph``), when ``select`` can give one
+        (``select.implicit``, as :class:`~gnn_transformer.topology.dynamic.BlockTopK` does) and the
+        call runs the tiled kernels on it: backend ``auto`` or ``tiled``, no weights, no attention
+        dropout, no softcap; else ``None``."""
+        implicit = getattr(self.select, "implicit", None)
+        requested = self.backend if backend is None else backend
+        if (not callable(implicit) or requested not in ("auto", "tiled") or need_weights or self.softcap is not None
+                or (self.training and self.dropout > 0.0)):
+            return None
+        self._check_select_inputs(edge_head, edge_bias)
+        with torch.no_grad():
+            return implicit(query.detach(), key.detach(), edge_index)
+
+    def _check_select_inputs(self, edge_head: Tensor | None, edge_bias: Tensor | None) -> None:
         if edge_head is not None or edge_bias is not None:
             given = "edge_head" if edge_head is not None else "edge_bias"
             raise ValueError(f"Expected no '{given}' for a layer that selects its graph (select={self.select!r}): "
                              "the selection decides which edges each head has")
+
+    def _selected_graph(self, query: Tensor, key: Tensor, edge_index: Tensor, edge_head: Tensor | None,
+                        edge_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The per-head graph ``select`` chooses from the detached queries and keys, checked (an
+        implicit ``edge_index`` is given to it materialized, within the edge budget)."""
+        self._check_select_inputs(edge_head, edge_bias)
+        if kernels.is_block_structure(edge_index):
+            if edge_index.num_heads is not None:
+                raise ValueError(f"Expected a graph shared by every head for a layer that selects its graph "
+                                 f"(select={self.select!r}; got a per-head BlockGraph)")
+            edge_index = _materialized(edge_index)[0]
         with torch.no_grad():
             chosen = self.select(query.detach(), key.detach(), edge_index)
         if not (isinstance(chosen, (tuple, list)) and len(chosen) == 2 and all(isinstance(t, Tensor) for t in chosen)):
@@ -685,6 +741,8 @@ class GraphMultiheadAttention(MessagePassing):
         """
         if edge_head is not None:
             return self._attend_per_head(query, key, value, edge_index, edge_head, edge_bias, need_weights, backend)
+        if kernels.is_block_structure(edge_index):
+            return self._attend_implicit(query, key, value, edge_index, need_weights, backend)
         size = (key.size(0), query.size(0))
         requested = self.backend if backend is None else backend
         backend = self.resolve_backend(edge_index, query.device, backend, size, query.dtype,
@@ -716,6 +774,23 @@ class GraphMultiheadAttention(MessagePassing):
             return result, None
         out, lse = result
         return out, kernels.edge_weights(query, key, edge_index, lse, scale=scale, edge_bias=edge_bias)
+
+    def _attend_implicit(self, query: Tensor, key: Tensor, value: Tensor, graph, need_weights: bool,
+                         backend: str | None) -> tuple[Tensor, Tensor | None]:
+        """:meth:`attend` on an implicit graph (a ``BlockGraph``): its tiles through the kernels; the
+        ``pyg`` backend (and softcap) and attention weights run on its materialized edges (weights in
+        the order of ``graph.edges()``), refused past the edge budget."""
+        requested = self.backend if backend is None else backend
+        resolved = self.resolve_backend(graph, query.device, backend, (key.size(0), query.size(0)), query.dtype,
+                                        need_weights=need_weights)
+        if resolved == "pyg" or need_weights:
+            edge_index, edge_head = _materialized(graph)
+            return self.attend(query, key, value, edge_index, edge_head=edge_head, need_weights=need_weights,
+                               backend=backend)
+        scale = 1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale
+        out = kernels.attend(query, key, value, graph, scale=scale, backend="auto" if requested == "auto" else resolved,
+                             num_dst=query.size(0), dropout_p=self.dropout if self.training else 0.0)
+        return out, None
 
     def _attend_per_head(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, edge_head: Tensor,
                          edge_bias: Tensor | None, need_weights: bool, backend: str | None

@@ -31,14 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .attention import (GraphMultiheadAttention, check_bool, check_dropout, check_positive_int,
                         check_real)
 
 KV = tuple[Tensor, Tensor]
-# one layer's graph: edge_index [2, E], or a per-head graph (edge_index [2, E], edge_head [E] or None)
-Graph = Tensor | tuple[Tensor, Tensor | None]
-# the graphs of a stack: one edge_index for every layer, one graph per layer, or layer index -> graph
-LayerGraphs = Tensor | Sequence[Graph] | Callable[[int], Graph]
+# an edge set: edge_index [2, E], or an implicit graph (topology.BlockGraph: tiles, no edge list)
+EdgeSet = Tensor | kernels.BlockStructure
+# one layer's graph: an edge set, or a pair (edge set, edge_head [E] or None): a per-head graph
+Graph = EdgeSet | tuple[EdgeSet, Tensor | None]
+# the graphs of a stack: one edge set for every layer, one graph per layer, or layer index -> graph
+LayerGraphs = EdgeSet | Sequence[Graph] | Callable[[int], Graph]
 # the score biases of a stack: none, one [E, H] (or [E]) for every layer, or one (or None) per layer
 LayerBiases = Tensor | Sequence[Tensor | None] | None
 
@@ -303,7 +306,13 @@ def _describe(value: object) -> str:
 
 
 def _check_graph(edge_index: object, edge_head: object, index_name: str, head_name: str) -> None:
-    """The shapes of one graph: ``edge_index`` ``[2, E]``, ``edge_head`` ``None`` or integer ``[E]``."""
+    """The shapes of one graph: ``edge_index`` ``[2, E]`` (or an implicit graph, a ``BlockGraph``),
+    ``edge_head`` ``None`` or integer ``[E]``."""
+    if kernels.is_block_structure(edge_index):
+        if edge_head is not None:
+            raise ValueError(f"Expected no '{head_name}' with a BlockGraph in '{index_name}': a per-head "
+                             "BlockGraph carries the head of each tile itself")
+        return
     if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.size(0) != 2:
         hint = ""
         if isinstance(edge_index, Tensor) and edge_index.dim() == 1:
@@ -319,9 +328,9 @@ def _check_graph(edge_index: object, edge_head: object, index_name: str, head_na
                              f"query head per edge of '{index_name}' (got {_describe(edge_head)})")
 
 
-def _layer_graph(label: str, graph: object) -> tuple[Tensor, Tensor | None]:
+def _layer_graph(label: str, graph: object) -> tuple[EdgeSet, Tensor | None]:
     """``(edge_index, edge_head)`` of one entry of per-layer graphs, shapes checked."""
-    if isinstance(graph, Tensor):
+    if isinstance(graph, Tensor) or kernels.is_block_structure(graph):
         _check_graph(graph, None, label, "")
         return graph, None
     if not isinstance(graph, (tuple, list)) or len(graph) != 2:
@@ -333,14 +342,15 @@ def _layer_graph(label: str, graph: object) -> tuple[Tensor, Tensor | None]:
 
 
 def resolve_layer_graphs(graphs: LayerGraphs, num_layers: int, name: str = "edge_index", *,
-                         edge_head: Tensor | None = None) -> list[tuple[Tensor, Tensor | None]]:
+                         edge_head: Tensor | None = None) -> list[tuple[EdgeSet, Tensor | None]]:
     r"""The graph of every layer of a stack: ``num_layers`` pairs ``(edge_index, edge_head)``.
 
     ``graphs`` is either
 
     - one graph for every layer: an ``edge_index`` ``[2, E]`` (plain tensor or
-      ``torch_geometric.EdgeIndex``), with ``edge_head`` ``[E]`` for a per-head graph; every pair
-      holds these same objects, so what the kernels cache per graph serves every layer;
+      ``torch_geometric.EdgeIndex``), with ``edge_head`` ``[E]`` for a per-head graph, or an
+      implicit graph (a :class:`~gnn_transformer.topology.BlockGraph`); every pair holds these same
+      objects, so what the kernels cache per graph serves every layer;
     - a sequence of exactly ``num_layers`` graphs, layer ``l`` attending along ``graphs[l]``;
     - a callable ``layer_index -> graph``, called once per layer, in order.
 
@@ -376,7 +386,7 @@ def resolve_layer_graphs(graphs: LayerGraphs, num_layers: int, name: str = "edge
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 0:
         raise ValueError(f"Expected 'num_layers' to be a non-negative int (got {num_layers!r})")
     head_name = name.replace("edge_index", "edge_head")
-    if isinstance(graphs, Tensor):
+    if isinstance(graphs, Tensor) or kernels.is_block_structure(graphs):
         _check_graph(graphs, edge_head, name, head_name)
         return [(graphs, edge_head)] * num_layers
     if edge_head is not None:
@@ -394,7 +404,15 @@ def resolve_layer_graphs(graphs: LayerGraphs, num_layers: int, name: str = "edge
     return [_layer_graph(f"{name}[{index}]", graph) for index, graph in enumerate(graphs)]
 
 
-def resolve_layer_biases(edge_bias: LayerBiases, graphs: Sequence[tuple[Tensor, Tensor | None]],
+def _no_implicit_bias(graphs: Sequence[tuple[EdgeSet, Tensor | None]], biases: list, name: str) -> None:
+    for index, ((graph, _), bias) in enumerate(zip(graphs, biases)):
+        if bias is not None and kernels.is_block_structure(graph):
+            raise ValueError(f"Expected no '{name}' for layer {index}, whose graph is a BlockGraph (an implicit "
+                             "graph has no edge order to align a bias with): pass the materialized graph, "
+                             "graph.edges()")
+
+
+def resolve_layer_biases(edge_bias: LayerBiases, graphs: Sequence[tuple[EdgeSet, Tensor | None]],
                          name: str = "edge_bias") -> list[Tensor | None]:
     r"""The score bias of every layer, for the graphs of :func:`resolve_layer_graphs`.
 
@@ -420,9 +438,12 @@ def resolve_layer_biases(edge_bias: LayerBiases, graphs: Sequence[tuple[Tensor, 
         >>> [None if b is None else list(b.shape) for b in biases]
         [None, [6, 2]]
     """
-    if edge_bias is None or isinstance(edge_bias, Tensor):
-        counts = [edge_index.size(1) for edge_index, _ in graphs]
-        if edge_bias is not None and len(set(counts)) > 1:
+    if edge_bias is None:
+        return [None] * len(graphs)
+    if isinstance(edge_bias, Tensor):
+        _no_implicit_bias(graphs, [edge_bias] * len(graphs), name)
+        counts = [edge_index.size(1) for edge_index, _ in graphs if isinstance(edge_index, Tensor)]
+        if len(set(counts)) > 1:
             raise ValueError(f"Expected '{name}' to be a sequence of one bias per layer for per-layer graphs "
                              f"with different edge counts {counts} (got one tensor of shape "
                              f"{list(edge_bias.shape)}, which biases the columns of one graph)")
@@ -433,6 +454,7 @@ def resolve_layer_biases(edge_bias: LayerBiases, graphs: Sequence[tuple[Tensor, 
     if len(edge_bias) != len(graphs):
         raise ValueError(f"Expected '{name}' to hold one bias per layer, {len(graphs)} (got a sequence of "
                          f"length {len(edge_bias)})")
+    _no_implicit_bias(graphs, list(edge_bias), name)
     for index, bias in enumerate(edge_bias):
         if bias is not None and not isinstance(bias, Tensor):
             raise ValueError(f"Expected '{name}[{index}]' to be a tensor or None (got {_describe(bias)})")

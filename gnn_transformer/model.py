@@ -25,9 +25,10 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .attention import BACKENDS, GraphMultiheadAttention, check_bool, check_dropout, check_ids, check_positive_int
 from .layers import (GraphTransformerDecoder, GraphTransformerDecoderLayer, GraphTransformerEncoder,
-                     GraphTransformerEncoderLayer, LayerBiases, LayerGraphs, check_layer_norm_eps,
+                     GraphTransformerEncoderLayer, EdgeSet, LayerBiases, LayerGraphs, check_layer_norm_eps,
                      resolve_layer_biases, resolve_layer_graphs)
 from .position import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding, alibi_edge_bias, alibi_slopes
 from .topology import dynamic
@@ -44,7 +45,7 @@ def _named_graphs(graphs: LayerGraphs, edge_bias: LayerBiases, stack: nn.Module,
         return graphs
     resolved = resolve_layer_graphs(graphs, num_layers, f"{prefix}_edge_index", edge_head=edge_head)
     resolve_layer_biases(edge_bias, resolved, f"{prefix}_edge_bias")
-    return graphs if isinstance(graphs, Tensor) else resolved
+    return graphs if isinstance(graphs, Tensor) or kernels.is_block_structure(graphs) else resolved
 
 
 class GraphTransformer(nn.Module):
@@ -227,13 +228,16 @@ def _attention_factory(c: GraphTransformerConfig) -> Callable[..., GraphMultihea
     return partial(cls, select=dynamic.selector(c.select, num_heads=c.nhead, head_dim=c.d_model // c.nhead))
 
 
-def _alibi_biases(graphs: Sequence[tuple[Tensor, Tensor | None]], edge_bias: Sequence[Tensor | None],
+def _alibi_biases(graphs: Sequence[tuple[EdgeSet, Tensor | None]], edge_bias: Sequence[Tensor | None],
                   pos_src: Tensor, pos_dst: Tensor, slopes: Tensor) -> list[Tensor]:
     """ALiBi's bias on each layer's graph (``[E, H]``; ``[E]``, each edge's head's, on a per-head
     graph; once per distinct graph) plus that layer's ``edge_bias``."""
     alibi: dict[tuple[int, int], Tensor] = {}  # by graph: the graphs stay alive in `graphs`
     out = []
     for (edge_index, edge_head), bias in zip(graphs, edge_bias):
+        if not isinstance(edge_index, Tensor):
+            raise ValueError("position='alibi' biases each edge by its distance: an implicit graph (a BlockGraph) "
+                             "has no edges to bias; pass the materialized graph, edge_index.edges()")
         key = (id(edge_index), id(edge_head))
         if key not in alibi:
             if edge_head is None:
@@ -344,7 +348,8 @@ class GraphEncoderModel(nn.Module):
             biases = resolve_layer_biases(edge_bias, graphs, "edge_bias")
             pos_src = pos if cache is None else cache.pos  # cache.pos: cached + new nodes
             edge_bias = _alibi_biases(graphs, biases, pos_src, pos, self.alibi_slopes.to(h.dtype))
-            if not isinstance(edge_index, Tensor):  # a callable is called once per layer and forward
+            if not isinstance(edge_index, Tensor) and not kernels.is_block_structure(edge_index):
+                # a callable is called once per layer and forward
                 edge_index = graphs
         h = self.encoder(h, edge_index, edge_bias=edge_bias, pos=pos, cache=cache, edge_head=edge_head)
         return h if self.head is None else self.head(h)

@@ -123,8 +123,10 @@ def test_rope_inv_freq_matches_hf(kind, extra):
 
 
 def test_rope_scaling_refuses_bad_fields():
-    with pytest.raises(ValueError, match="'rope_type'.*'longrope'"):
-        RopeScaling("longrope")
+    with pytest.raises(ValueError, match="'rope_type'.*'proportional'"):
+        RopeScaling("proportional")
+    with pytest.raises(ValueError, match="'short_factor'"):
+        RopeScaling("longrope", original_max_position_embeddings=16)
     with pytest.raises(ValueError, match="'original_max_position_embeddings'.*'yarn'"):
         RopeScaling("yarn", factor=2.0)
     with pytest.raises(ValueError, match="'factor'"):

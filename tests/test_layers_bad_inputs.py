@@ -427,7 +427,7 @@ def test_from_hf_topology_returning_a_list(make):
 
     graph = hf.from_hf(make(), backend="pyg")
     ids = torch.randint(0, 31, (2, 3))
-    with pytest.raises(TypeError, match="'topology'.*list"):
+    with pytest.raises(ValueError, match="'topology'.*list"):
         graph(input_ids=ids, topology=lambda lengths: causal(lengths).tolist())
 
 

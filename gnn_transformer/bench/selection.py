@@ -3,9 +3,11 @@ every call, against what a user of the baselines must run for the same selection
 
 Rows, one forward call each (the median of ``repeats`` calls after a warm-up):
 
-- ``select``: the selector alone (:mod:`gnn_transformer.topology.dynamic`).
+- ``select``: the selector alone (:mod:`gnn_transformer.topology.dynamic`), as ``auto`` runs it.
 - ``auto``: the selector, then :func:`gnn_transformer.kernels.attend` on the per-head graph
-  (``edge_head``); with ``backward``, also the backward pass of the attention.
+  (``edge_head``); with ``backward``, also the backward pass of the attention. ``block_topk``
+  selects an implicit graph (a per-head ``BlockGraph``: tiles, no edge list) that the tiled kernels
+  read directly, as a layer with ``select=BlockTopK(...)`` does.
 - ``flex``: the selector, then FlexAttention (compiled once) on a ``BlockMask`` built for this
   call. Variants, each its own row: ``lookup`` (a dense boolean ``[H, N, N]`` lookup scattered from
   the edges and ``create_block_mask`` over it, what a user of an unstructured selection writes) and,
@@ -37,6 +39,10 @@ from .benchmark import median_seconds
 SELECTIONS: dict[str, Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = {
     "topk": lambda q, k: dynamic.topk(q, k, 64, causal=True),
     "block_topk": lambda q, k: dynamic.block_topk(q, k, 64, 8, causal=True),
+}
+# selectors whose `auto` rows select an implicit graph (topology.BlockGraph) instead of edges
+IMPLICIT: dict[str, Callable[[Tensor, Tensor], object]] = {
+    "block_topk": lambda q, k: dynamic.block_topk(q, k, 64, 8, causal=True, implicit=True),
 }
 DESCRIPTIONS = {"topk": "top-64 keys per query and head, causal",
                 "block_topk": "MoBA: blocks of 64, top 8 key blocks + own, causal"}
@@ -110,21 +116,28 @@ def run_selection_benchmark(selectors: Sequence[str] = tuple(SELECTIONS), sizes:
                 if log is not None:
                     log("  ".join(_cell(c, rows[-1].get(c)) for c in COLUMNS))
 
-            row("select", DESCRIPTIONS[name], lambda: select(q, k))
+            implicit = IMPLICIT.get(name)
+            row("select", DESCRIPTIONS[name], lambda: (select if implicit is None else implicit)(q, k))
 
             def ours():
+                if implicit is not None:
+                    return kernels.attend(q, k, v, implicit(q, k), scale=scale)
                 ei, eh = select(q, k)
                 return kernels.attend(q, k, v, ei, scale=scale, edge_head=eh)
-            row("auto", "select + attend, graph rebuilt per call", ours, out=ours())
+            what = "select (BlockGraph, no edge list) + attend" if implicit is not None else "select + attend"
+            row("auto", f"{what}, graph rebuilt per call", ours, out=ours())
             if backward:
                 qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
                 grad = torch.randn(q.shape, generator=g).to(device, dtype)
 
                 def ours_backward():
-                    ei, eh = select(qg.detach(), kg.detach())
-                    out = kernels.attend(qg, kg, vg, ei, scale=scale, edge_head=eh)
+                    if implicit is not None:
+                        out = kernels.attend(qg, kg, vg, implicit(qg.detach(), kg.detach()), scale=scale)
+                    else:
+                        ei, eh = select(qg.detach(), kg.detach())
+                        out = kernels.attend(qg, kg, vg, ei, scale=scale, edge_head=eh)
                     torch.autograd.grad(out, (qg, kg, vg), grad)
-                row("auto", "select + attend + backward", ours_backward, pas="fwd+bwd")
+                row("auto", f"{what} + backward", ours_backward, pas="fwd+bwd")
             qb, kb, vb = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))  # [1, H, N, D]
             gqa = kv_heads != heads
             if "sdpa" in baselines:

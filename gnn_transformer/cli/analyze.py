@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
                         "(duo_attention: each head's weights over its own edges), per-layer (gemma3: "
                         "each layer on its graph) or with a selector (causal+topk:num_keys=8: the "
                         "graph each layer selects) (unset: a 'train' run's own topology, causal for "
-                        "language models, full otherwise; an lm run's graphs are cut to their causal "
+                        "language models and GPT-2, full otherwise; an lm run's graphs are cut to their causal "
                         "part, as in its training)")
     p.add_argument("--compare-norm", action="store_true",
                    help="also run the same weights pre-norm and post-norm")

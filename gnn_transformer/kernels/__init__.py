@@ -20,11 +20,14 @@ Glossary (each word has this one meaning in this package):
 - **group**: the query heads that share one key/value head (grouped-query attention).
 - **per-head graph**: ``edge_index`` plus ``edge_head``, each edge for one query head; run as a
   one-head graph on (head, token) nodes (:mod:`.heads`).
+- **implicit graph**: a block structure (``topology.BlockGraph``) given to :func:`attend` instead
+  of an ``edge_index``: its tiles run without an edge list (:mod:`.implicit`).
 """
 from .dispatch import BACKENDS, IMPLS, attend, edge_weights, triton_available
 from ._graph import clear_cache
 from .fused_torch import DEFAULT_MAX_EDGES
 from .heads import head_inputs, heads_to_nodes, nodes_to_heads
+from .implicit import BlockStructure, is_block_structure
 from .merge import merge_partials
 from .planner import (BLOCK_SIZE, CUDA_CORE_BLOCK_SIZE, DROPOUT_COST, MAX_BLOCK_SIZE, MERGE_COST, ROW_COST, TILE_COST,
                       auto_kernel, choose_backend, default_block_size, plan_costs)
@@ -35,5 +38,5 @@ __all__ = [
     "attend", "edge_weights", "auto_kernel", "choose_backend", "plan_costs", "attend_reference", "merge_partials",
     "triton_available", "clear_cache", "BACKENDS", "TILE_COST", "ROW_COST", "MERGE_COST", "DROPOUT_COST",
     "BLOCK_SIZE", "CUDA_CORE_BLOCK_SIZE", "MAX_BLOCK_SIZE", "DEFAULT_MAX_EDGES", "DEFAULT_MAX_CELLS", "IMPLS",
-    "default_block_size", "head_inputs", "heads_to_nodes", "nodes_to_heads",
+    "default_block_size", "head_inputs", "heads_to_nodes", "nodes_to_heads", "BlockStructure", "is_block_structure",
 ]

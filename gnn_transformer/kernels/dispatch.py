@@ -46,10 +46,11 @@ from ._dropout import threshold
 from ._graph import CSRGraph, check_edge_index, prepare
 from .fused_torch import DEFAULT_MAX_EDGES, chunked_attention
 from .heads import head_inputs, heads_to_nodes, nodes_to_heads
+from .implicit import block_tiles, from_rows, is_block_structure, to_rows
 from .merge import merge_partials
-from .planner import check_tiling, edge_parts, planned_backend, tile_size, unit_costs
+from .planner import check_tiling, default_block_size, edge_parts, planned_backend, tile_size, unit_costs
 from .primitives import autocast_inputs, compute_dtype, no_autocast, plain_tensor
-from .sdpa import dense_pattern, lse_in_range, runs_sdpa, sdpa_attention
+from .sdpa import DensePattern, dense_pattern, lse_in_range, runs_sdpa, sdpa_attention
 from .tiled_torch import DEFAULT_MAX_CELLS, tiled_attention
 from .tiling import TileList, triton_blocks
 
@@ -140,6 +141,13 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
         key, value: ``[N_src, H_kv, D]``; query head ``h`` uses key/value head ``h // (H // H_kv)``.
         edge_index: ``[2, E]``, row 0 the source ``j``, row 1 the target ``i``: an ``EdgeIndex``
             sorted by column, or any ``LongTensor`` (sorted here; the sort is cached per tensor).
+            Or an implicit graph, :class:`gnn_transformer.topology.BlockGraph` (a builder's
+            ``implicit=True``, block selection): its tiles run ``tiled`` without an edge list
+            (``auto``: SDPA when the graph says it is exactly causal or full per document, else
+            ``tiled``). ``fused``, ``split`` and attention dropout need edges and run on its
+            :meth:`~gnn_transformer.topology.BlockGraph.edges`, refused past the edge budget
+            (:func:`gnn_transformer.topology.max_edges`); an ``edge_bias`` (aligned to an edge
+            order) needs the materialized graph passed instead.
         scale: factor of ``q . k`` (usually ``1 / sqrt(D)``).
         edge_bias: ``[E, H]`` added to the scaled scores, aligned with ``edge_index``'s columns
             (with ``edge_head`` also ``[E]``, one value per edge for its head).
@@ -192,6 +200,11 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
 def _attend(query, key, value, edge_index, *, scale, edge_bias, backend, return_lse, impl, block_size, tile_cost,
             max_edges, max_cells, dropout_p, dropout_seed, edge_head):
     """:func:`attend` after its tensor checks, without autocast."""
+    if is_block_structure(edge_index):
+        return _attend_blocks(query, key, value, edge_index, scale=scale, edge_bias=edge_bias, backend=backend,
+                              return_lse=return_lse, impl=impl, block_size=block_size, tile_cost=tile_cost,
+                              max_edges=max_edges, max_cells=max_cells, dropout_p=dropout_p,
+                              dropout_seed=dropout_seed, edge_head=edge_head)
     if edge_head is not None:
         options = dict(scale=scale, backend=backend, return_lse=return_lse, impl=impl, block_size=block_size,
                        tile_cost=tile_cost, max_edges=max_edges, max_cells=max_cells, dropout_p=dropout_p,
@@ -269,6 +282,81 @@ def _attend(query, key, value, edge_index, *, scale, edge_bias, backend, return_
     if not return_lse:
         return out
     return out, lse.to(compute_dtype(query.dtype))
+
+
+def _check_block_graph(query, key, graph, edge_bias, edge_head) -> None:
+    if edge_head is not None:
+        raise ValueError("Expected no 'edge_head' with an implicit graph (a BlockGraph): a per-head BlockGraph "
+                         "carries the head of each tile itself")
+    if edge_bias is not None:
+        raise ValueError("Expected no 'edge_bias' with an implicit graph (a BlockGraph): a bias is aligned "
+                         "with an edge order; pass the materialized graph, graph.edges(), instead")
+    if (graph.num_dst, graph.num_src) != (query.size(0), key.size(0)):
+        raise ValueError(f"The BlockGraph has {graph.num_dst} targets and {graph.num_src} sources but 'query' "
+                         f"has {query.size(0)} rows and 'key' {key.size(0)}")
+    if graph.num_heads is not None and graph.num_heads != query.size(1):
+        raise ValueError(f"The per-head BlockGraph has num_heads={graph.num_heads} but 'query' has "
+                         f"{query.size(1)} heads")
+    if graph.q_block.device != query.device:
+        raise ValueError(f"Expected the BlockGraph on the device of query/key/value (got {graph.q_block.device} "
+                         f"and {query.device})")
+
+
+def _graph_block(graph, device_type: str, dtype: torch.dtype, block_size: int | None) -> int:
+    """The tile side for an implicit graph: ``block_size`` (equal to its blocks, or a divisor of
+    them: sub-tiles), by default the device's when that divides its blocks, else its own."""
+    bq, bk = graph.block_q, graph.block_k
+    if block_size is None:
+        want = default_block_size(device_type, dtype)
+        return want if want < min(bq, bk) and bq % want == 0 and bk % want == 0 else min(bq, bk)
+    if bq % block_size or bk % block_size:
+        raise ValueError(f"Expected 'block_size' to divide the BlockGraph's blocks {bq} x {bk} (got {block_size})")
+    return block_size
+
+
+def _attend_blocks(query, key, value, graph, *, scale, edge_bias, backend, return_lse, impl, block_size,
+                   tile_cost, max_edges, max_cells, dropout_p, dropout_seed, edge_head):
+    """:func:`attend` on an implicit graph: its tiles, SDPA for an exactly causal / full one, or
+    (``fused``, ``split``, dropout) its materialized edges."""
+    _check_block_graph(query, key, graph, edge_bias, edge_head)
+    check_tiling(block_size, tile_cost)
+    if isinstance(dropout_p, Tensor) and dropout_p.numel() == 1 and dropout_p.is_floating_point():
+        dropout_p = float(dropout_p)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
+        raise ValueError(f"Expected 'dropout_p' in [0, 1) (got {dropout_p!r})")
+    if backend in ("fused", "split") or dropout_p:
+        edges = graph.edges()  # refused past the edge budget, before anything is allocated
+        edge_index, heads = edges if isinstance(edges, tuple) else (edges, None)
+        return _attend(query, key, value, edge_index, scale=scale, edge_bias=None, backend=backend,
+                       return_lse=return_lse, impl=impl, block_size=block_size, tile_cost=tile_cost,
+                       max_edges=max_edges, max_cells=max_cells, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                       edge_head=heads)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"Expected 'scale' to be a finite number (got {scale!r})")
+    scale = float(scale)
+    for name, chunk in (("max_edges", max_edges), ("max_cells", max_cells)):
+        if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+            raise ValueError(f"Expected '{name}' to be a positive int (got {chunk!r})")
+    use_triton = _use_triton(query.device, impl)
+    device_type = query.device.type
+    block = _graph_block(graph, device_type, query.dtype, block_size)
+    if backend == "auto" and graph.dense is not None and impl != "triton":
+        pattern = DensePattern(*graph.dense)
+        if runs_sdpa(pattern, device_type, False, False, return_lse):
+            out, lse, _ = sdpa_attention(query, key, value, pattern, scale)
+            if lse_in_range(lse):
+                out = out.to(query.dtype)
+                return (out, lse.to(compute_dtype(query.dtype))) if return_lse else out
+    tiles, q_rows, k_rows = block_tiles(graph, block, query.size(1), key.size(1))
+    per_head = graph.num_heads is not None
+    q = to_rows(query, q_rows, tiles.num_dst, per_head)
+    k, v = (to_rows(x, k_rows, tiles.num_src, per_head) for x in (key, value))
+    tiles_triton = use_triton and (impl == "triton" or triton_blocks(block, block))
+    out, lse, _ = _tiled(q, k, v, None, tiles, scale, tiles_triton, int(max_cells))
+    out = from_rows(out, q_rows, query.size(1), per_head).to(query.dtype)
+    if not return_lse:
+        return out
+    return out, from_rows(lse, q_rows, query.size(1), per_head).to(compute_dtype(query.dtype))
 
 
 def _attend_per_head(query, key, value, edge_index, edge_head, edge_bias, options):

@@ -14,8 +14,10 @@ import torch
 from torch import Tensor
 
 from ._graph import CSRGraph, cached_sizes, prepare, sub_graph
+from .heads import head_graph
+from .implicit import is_block_structure
 from .primitives import plain_tensor
-from .sdpa import dense_pattern, runs_sdpa
+from .sdpa import DensePattern, dense_pattern, runs_sdpa
 from .tiling import TileList, build_tiles, sorted_unique, tile_stats
 
 # auto's cost model, in units of one edge of the fused path (per head and channel); measured with
@@ -275,6 +277,10 @@ def auto_kernel(edge_index: Tensor, device, *, edge_bias: bool = False, dropout:
     attention per sequence or document, when ``edge_bias``, attention ``dropout``, ``impl="triton"``
     and, off the CPU, ``return_lse`` are all absent), else :func:`choose_backend`'s answer. On the
     CPU a call whose log-sum-exp reaches ``sdpa.LSE_LIMIT`` runs :func:`choose_backend`'s backend.
+    For an implicit graph (a ``topology.BlockGraph``): ``"sdpa"`` when it says it is exactly causal
+    or full per document (same conditions), else ``"tiled"``; with ``dropout`` the answer for its
+    materialized edges, on which attention dropout runs (a per-head graph's on (head, token) nodes,
+    one key/value head per query head).
 
     Example:
         >>> from gnn_transformer.topology import causal
@@ -282,6 +288,22 @@ def auto_kernel(edge_index: Tensor, device, *, edge_bias: bool = False, dropout:
         ('sdpa', 'tiled')
     """
     check_tiling(block_size, tile_cost)
+    if is_block_structure(edge_index):
+        device_type = _device_type(device)
+        if dropout:
+            edges = edge_index.edges()
+            n_src, n_dst = edge_index.num_src, edge_index.num_dst
+            if isinstance(edges, tuple):  # per-head: the (head, token) graph the kernels run
+                heads = edge_index.num_heads or 1
+                edges = head_graph(edges[0], edges[1], n_src, n_dst, heads, heads)
+                n_src, n_dst = n_src * heads, n_dst * heads
+            return auto_kernel(edges, device, edge_bias=edge_bias, dropout=dropout, return_lse=return_lse, impl=impl,
+                               block_size=block_size, tile_cost=tile_cost, num_src=n_src, num_dst=n_dst, dtype=dtype)
+        dense = getattr(edge_index, "dense", None)
+        pattern = None if dense is None else DensePattern(*dense)
+        if impl != "triton" and runs_sdpa(pattern, device_type, edge_bias, dropout, return_lse):
+            return "sdpa"
+        return "tiled"
     graph = prepare(edge_index, *_sizes(edge_index, num_src, num_dst))
     device_type = _device_type(device)
     if impl != "triton" and runs_sdpa(dense_pattern(graph), device_type, edge_bias, dropout, return_lse):

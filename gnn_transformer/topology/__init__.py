@@ -15,6 +15,7 @@ from .document import document, document_lengths, document_predicate
 from .expander import expander
 from .exports import (flex_attention_available, to_block_mask, to_flex_mask_mod, to_networkx)
 from .global_tokens import global_tokens, global_tokens_predicate
+from .implicit import BlockGraph, interval_graph
 from .graph_inputs import from_graph, from_graph_predicate, read_graph
 from . import dynamic
 from .heads import dilated_per_head, duo_attention, per_head, streaming, streaming_predicate
@@ -40,6 +41,8 @@ __all__ = [
     "document", "document_lengths", "document_predicate", "prefix_lm", "prefix_lm_predicate",
     "cross", "cross_predicate", "from_graph", "from_graph_predicate", "read_graph",
     "streaming", "streaming_predicate",
+    # implicit graphs: tiles instead of edges
+    "BlockGraph", "interval_graph",
     # per-head graphs (edge_index, edge_head); graphs chosen from the data: topology.dynamic
     "dynamic",
     "per_head", "dilated_per_head", "duo_attention",

@@ -9,12 +9,14 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Sequence
 from itertools import accumulate
+from typing import Literal, overload
 
 from torch_geometric import EdgeIndex
 
 from ._common import Lengths, as_lengths, check_bool, check_edges, check_int
 from .basic import causal as _causal
 from .basic import full as _full
+from .implicit import BlockGraph, implicit_window
 
 DocLengths = int | Sequence[int] | Sequence[Sequence[int]]
 
@@ -56,7 +58,19 @@ def document_lengths(n: Lengths, doc_lengths: DocLengths) -> list[int]:
     return flat
 
 
-def document(n: Lengths, doc_lengths: DocLengths, *, causal: bool = False) -> EdgeIndex:
+@overload
+def document(n: Lengths, doc_lengths: DocLengths, *, causal: bool = ..., implicit: Literal[False] = ...,
+             block_size: int | None = ...) -> EdgeIndex: ...
+@overload
+def document(n: Lengths, doc_lengths: DocLengths, *, causal: bool = ..., implicit: Literal[True],
+             block_size: int | None = ...) -> BlockGraph: ...
+@overload
+def document(n: Lengths, doc_lengths: DocLengths, *, causal: bool = ..., implicit: bool,
+             block_size: int | None = ...) -> EdgeIndex | BlockGraph: ...
+
+
+def document(n: Lengths, doc_lengths: DocLengths, *, causal: bool = False, implicit: bool = False,
+             block_size: int | None = None) -> EdgeIndex | BlockGraph:
     r"""Block-diagonal attention over packed documents: ``j -> i`` iff same document (and
     ``j <= i`` when ``causal``).
 
@@ -68,12 +82,17 @@ def document(n: Lengths, doc_lengths: DocLengths, *, causal: bool = False) -> Ed
         doc_lengths: an int (documents of that length, the last one shorter), or the document
             lengths of the sequence, or one such list per sequence of the batch.
         causal: causal attention inside each document.
+        implicit: return the graph as a :class:`~gnn_transformer.topology.BlockGraph` (tiles the
+            kernels read without an edge list; its ``edges()`` are this builder's edges).
+        block_size: tile side of the implicit graph (default 64, less for fewer tokens).
 
     Example:
         >>> document(3, [2, 1]).tolist()
         [[0, 1, 0, 1, 2], [0, 0, 1, 1, 2]]
     """
     check_bool("causal", causal)
+    if check_bool("implicit", implicit):
+        return implicit_window(document_lengths(n, doc_lengths), None, causal, block_size)
 
     def edges(d: int) -> int:  # one document of d tokens
         return d * (d + 1) // 2 if causal else d * d

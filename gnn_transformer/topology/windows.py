@@ -7,11 +7,14 @@ window of ``W`` keys including the query itself (Mistral's ``sliding_window``) h
 """
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 from torch_geometric import EdgeIndex
 
 from ._common import (Lengths, as_lengths, check_bool, check_edges, check_int, expand_ranges, local_positions,
                       window_edges, wrap_sorted)
+from .implicit import BlockGraph, implicit_window
 
 
 def dilated_edges(L: int, window: int, dilation: int, causal: bool = False) -> int:
@@ -23,7 +26,19 @@ def dilated_edges(L: int, window: int, dilation: int, causal: bool = False) -> i
     return back if causal else 2 * back - L
 
 
-def sliding_window(n: Lengths, window: int, *, causal: bool = False) -> EdgeIndex:
+@overload
+def sliding_window(n: Lengths, window: int, *, causal: bool = ..., implicit: Literal[False] = ...,
+                   block_size: int | None = ...) -> EdgeIndex: ...
+@overload
+def sliding_window(n: Lengths, window: int, *, causal: bool = ..., implicit: Literal[True],
+                   block_size: int | None = ...) -> BlockGraph: ...
+@overload
+def sliding_window(n: Lengths, window: int, *, causal: bool = ..., implicit: bool,
+                   block_size: int | None = ...) -> EdgeIndex | BlockGraph: ...
+
+
+def sliding_window(n: Lengths, window: int, *, causal: bool = False, implicit: bool = False,
+                   block_size: int | None = None) -> EdgeIndex | BlockGraph:
     r"""Sliding-window attention, ``j -> i`` iff ``|i - j| <= window`` (``0 <= i - j <= window``
     when ``causal``), within each sequence.
 
@@ -35,6 +50,9 @@ def sliding_window(n: Lengths, window: int, *, causal: bool = False) -> EdgeInde
         window: radius ``w >= 0``; ``w = 0`` gives self-loops only, ``w >= L - 1`` gives full
             (or causal) attention (any ``w``, however large: it is clamped to the sequence).
         causal: only look back.
+        implicit: return the graph as a :class:`~gnn_transformer.topology.BlockGraph` (tiles the
+            kernels read without an edge list; its ``edges()`` are this builder's edges).
+        block_size: tile side of the implicit graph (default 64, less for fewer tokens).
 
     Example:
         >>> sliding_window(4, 1).tolist()
@@ -46,6 +64,8 @@ def sliding_window(n: Lengths, window: int, *, causal: bool = False) -> EdgeInde
     check_int("window", window)
     check_bool("causal", causal)
     window = min(window, max(lengths, default=0))  # a wider window sees the same keys
+    if check_bool("implicit", implicit):
+        return implicit_window(lengths, window, causal, block_size)
     check_edges("sliding_window", sum(window_edges(L, window, causal) for L in lengths), n=lengths)
     pos, offset, length = local_positions(lengths)  # [N] each
     lo = (pos - window).clamp(min=0)

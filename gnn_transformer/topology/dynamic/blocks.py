@@ -1,11 +1,13 @@
 """Block selection (MoBA, Lu et al., 2025, arXiv:2502.13189): query blocks pick their best key blocks."""
 from __future__ import annotations
 
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
 
 from .._common import Lengths, check_bool, check_edges, check_int, expand_ranges
+from ..implicit import BlockGraph, block_selection
 from ._common import check_qk, detached_scores_dtype, no_edges, sequence_pairs, token_layout
 from .topk import dense_topk
 
@@ -13,9 +15,23 @@ from .topk import dense_topk
 BLOCK_CHUNK = 1024    # query blocks scored at a time by block_topk
 
 
+@overload
+def block_topk(q: Tensor, k: Tensor, block_size: int, num_blocks: int, *, causal: bool = ...,
+               batch: Tensor | None = ..., lengths: Lengths | None = ...,
+               implicit: Literal[False] = ...) -> tuple[Tensor, Tensor]: ...
+@overload
+def block_topk(q: Tensor, k: Tensor, block_size: int, num_blocks: int, *, causal: bool = ...,
+               batch: Tensor | None = ..., lengths: Lengths | None = ..., implicit: Literal[True]) -> BlockGraph: ...
+@overload
+def block_topk(q: Tensor, k: Tensor, block_size: int, num_blocks: int, *, causal: bool = ...,
+               batch: Tensor | None = ..., lengths: Lengths | None = ...,
+               implicit: bool) -> tuple[Tensor, Tensor] | BlockGraph: ...
+
+
 @torch.no_grad()
 def block_topk(q: Tensor, k: Tensor, block_size: int, num_blocks: int, *, causal: bool = False,
-               batch: Tensor | None = None, lengths: Lengths | None = None) -> tuple[Tensor, Tensor]:
+               batch: Tensor | None = None, lengths: Lengths | None = None,
+               implicit: bool = False) -> tuple[Tensor, Tensor] | BlockGraph:
     r"""Block selection (MoBA, Lu et al. 2025): each query block keeps its best key blocks.
 
     Each sequence is cut into blocks of ``block_size`` positions (the last one possibly shorter);
@@ -42,9 +58,13 @@ def block_topk(q: Tensor, k: Tensor, block_size: int, num_blocks: int, *, causal
         causal: only blocks at or before the query's, and ``j <= i`` inside its own.
         batch: sorted sequence id of every token; or
         lengths: the sequence lengths (at most one of the two; neither: one sequence).
+        implicit: return the kept blocks as a per-head :class:`~gnn_transformer.topology.BlockGraph`
+            (one tile per kept (head, query block, key block), masks shared per kind: a short block,
+            the causal own block) instead of edges; its ``edges()`` are the edges returned otherwise.
 
     Returns:
-        ``(edge_index [2, E], edge_head [E])``, sorted by (head, target, source).
+        ``(edge_index [2, E], edge_head [E])``, sorted by (head, target, source); with ``implicit``
+        a :class:`~gnn_transformer.topology.BlockGraph`.
 
     Example:
         >>> q = k = torch.ones(6, 1, 2)  # all blocks tie: the lower block index wins
@@ -56,12 +76,17 @@ def block_topk(q: Tensor, k: Tensor, block_size: int, num_blocks: int, *, causal
     check_int("block_size", block_size, 1)
     check_int("num_blocks", num_blocks, 0)
     check_bool("causal", causal)
+    check_bool("implicit", implicit)
     lens, _ = sequence_pairs("block_topk", q, k, batch, lengths)
     longest = max(lens, default=0)
     if longest and block_size > longest:
         raise ValueError(f"Expected 'block_size' <= the longest sequence ({longest}) (got {block_size})")
     device, n = q.device, q.size(0)
     if n == 0:
+        if implicit:
+            none = torch.empty(0, dtype=torch.long, device=device)
+            return block_selection(none, none, none, torch.zeros(1, dtype=torch.long, device=device),
+                                   block_size, H, causal)
         return no_edges(device)
     q, k = detached_scores_dtype(q), detached_scores_dtype(k)
     per_seq = [-(-L // block_size) for L in lens]  # blocks per sequence
@@ -82,6 +107,8 @@ def block_topk(q: Tensor, k: Tensor, block_size: int, num_blocks: int, *, causal
     qb, kb = torch.cat([qb, own]), torch.cat([kb, own])
     order = torch.argsort((hb * NB + qb) * NB + kb)
     hb, qb, kb = hb[order], qb[order], kb[order]  # [P] sorted by (head, query block, key block)
+    if implicit:
+        return block_selection(hb, qb, kb, torch.cat([start, start.new_tensor([n])]), block_size, H, causal)
     pair_edges = size[qb] * size[kb]
     if causal:
         pair_edges = torch.where(qb == kb, size[qb] * (size[qb] + 1) // 2, pair_edges)

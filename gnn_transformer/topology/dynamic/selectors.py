@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .._common import Lengths, check_bool, check_int, check_keys, check_seed
 from ._common import check_qk, check_real
+from ..implicit import BlockGraph
 from .blocks import block_topk
 from .lsh import lsh
 from .routing import routing
@@ -67,7 +68,7 @@ def _allowed_graph(who: object, q: Tensor, k: Tensor, edge_index: object, *,
         raise ValueError(f"{who!r} selects on a self-attention graph only: expected as many queries as keys (got "
                          f"q.size(0)={q.size(0)}, k.size(0)={k.size(0)})")
     check_keys(k.size(0), q.size(0))
-    return checked_edge_list("edge_index", edge_index, k.size(0), q.size(0), q.device)
+    return checked_edge_list("edge_index", _materialized_graph(edge_index), k.size(0), q.size(0), q.device)
 
 
 def _within(edge_index: Tensor, edge_head: Tensor, src: Tensor, dst: Tensor, n_src: int) -> tuple[Tensor, Tensor]:
@@ -80,6 +81,33 @@ def _within(edge_index: Tensor, edge_head: Tensor, src: Tensor, dst: Tensor, n_s
     at = torch.searchsorted(allowed, code).clamp(max=allowed.numel() - 1)
     keep = allowed[at] == code  # [E]
     return edge_index[:, keep], edge_head[keep]
+
+
+def _dense_kind(src: Tensor, dst: Tensor, lengths: list[int]) -> str | None:
+    """``"full"`` / ``"causal"`` when the checked graph ``(src, dst)``, whose edges stay within the
+    sequences ``lengths`` (:func:`sequence_lengths`), holds every pair of each sequence (``j <= i``:
+    causal) once, else ``None``: counted, after one linear check for repeated pairs."""
+    num_edges = src.numel()
+    full, causal = sum(L * L for L in lengths), sum(L * (L + 1) // 2 for L in lengths)
+    if num_edges not in (full, causal):
+        return None
+    n = max(sum(lengths), 1)
+    key = dst * n + src  # [E]
+    if num_edges > 1 and not bool((key[1:] > key[:-1]).all()) and torch.unique(key).numel() < num_edges:
+        return None  # a pair twice
+    if num_edges == full:
+        return "full"
+    return "causal" if bool((src <= dst).all()) else None
+
+
+def _materialized_graph(edge_index: object) -> object:
+    """An implicit graph's edge list (within the edge budget); any other graph as it is."""
+    if isinstance(edge_index, BlockGraph):
+        if edge_index.per_head:
+            raise ValueError(f"Expected a graph shared by every head as 'edge_index' to select in (got a per-head "
+                             f"{edge_index!r})")
+        return edge_index.edges()
+    return edge_index
 
 
 def _select_in_sequences(who: object, q: Tensor, k: Tensor, edge_index: object,
@@ -136,6 +164,11 @@ class BlockTopK:
     ``block_size`` is one block. The edges :func:`block_topk` selects are then kept only where the
     given graph has them (the intersection, per head).
 
+    :meth:`implicit` gives the same selection as a per-head
+    :class:`~gnn_transformer.topology.BlockGraph` (no edge list) when the given graph holds every
+    pair the selection can choose (full attention per sequence, or causal with ``causal=True``);
+    a layer with ``select=BlockTopK(...)`` then runs the tiled kernels on it.
+
     Args:
         block_size: positions per block, ``>= 1``.
         num_blocks: key blocks kept besides the own block, ``>= 0``.
@@ -165,6 +198,35 @@ class BlockTopK:
             block_size = min(self.block_size, max(max(lengths), 1))  # a longer block holds the same positions
             return block_topk(q, k, block_size, self.num_blocks, causal=self.causal, lengths=lengths)
         return _select_in_sequences(self, q, k, edge_index, select)
+
+    def implicit(self, q: Tensor, k: Tensor, edge_index: object) -> BlockGraph | None:
+        """The selection of ``__call__`` as a per-head :class:`~gnn_transformer.topology.BlockGraph`,
+        or ``None`` when the given graph may remove some of its edges (the intersection then needs
+        the edges): it must be exactly full attention per sequence, or causal with ``causal=True``
+        (a ``BlockGraph`` that says so, or an edge list of exactly those pairs).
+
+        Example:
+            >>> from gnn_transformer import topology as T
+            >>> q = k = torch.ones(6, 1, 2)
+            >>> g = BlockTopK(2, 0, causal=True).implicit(q, k, T.causal([2, 4], implicit=True))
+            >>> g.edges()[0].tolist() == BlockTopK(2, 0, causal=True)(q, k, T.causal([2, 4]))[0].tolist()
+            True
+        """
+        kind: str | None
+        if isinstance(edge_index, BlockGraph):
+            check_qk(q, k)
+            if edge_index.dense is None or (edge_index.num_dst, edge_index.num_src) != (q.size(0), k.size(0)):
+                return None
+            kind, bounds = edge_index.dense
+            lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        else:
+            src, dst = _allowed_graph(self, q, k, edge_index)
+            lengths = _sequence_lengths(src, dst, q.size(0))
+            kind = _dense_kind(src, dst, lengths)
+        if kind is None or (kind == "causal" and not self.causal) or q.size(0) == 0:
+            return None
+        block_size = min(self.block_size, max(max(lengths), 1))
+        return block_topk(q, k, block_size, self.num_blocks, causal=self.causal, lengths=lengths, implicit=True)
 
 
 @dataclass(frozen=True)

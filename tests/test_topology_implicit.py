@@ -1,0 +1,233 @@
+"""Implicit graphs (``BlockGraph``): the builders' ``implicit=True`` and block selection's tiles
+materialize to exactly the explicit builders' edges, their counts and dense twins agree, and bad
+input is refused with errors that name the argument."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gnn_transformer import topology as T
+from gnn_transformer.topology import BlockGraph, interval_graph
+from gnn_transformer.topology.dynamic import BlockTopK, block_topk
+
+SIZES = [0, 1, 5, 16, 37, 64, 100, [3, 0, 70, 5], [16, 16], [1, 1, 1]]
+BLOCKS = [None, 16, 4, 7]
+BUILDERS = {
+    "causal": lambda n, **kw: T.causal(n, **kw),
+    "full": lambda n, **kw: T.full(n, **kw),
+    "window": lambda n, **kw: T.sliding_window(n, 3, **kw),
+    "window_causal": lambda n, **kw: T.sliding_window(n, 20, causal=True, **kw),
+    "window_wide": lambda n, **kw: T.sliding_window(n, 1000, **kw),
+    "document": lambda n, **kw: T.document(n, 6, **kw),
+    "document_causal": lambda n, **kw: T.document(n, 6, causal=True, **kw),
+}
+
+
+def _fits(n, block):
+    total = n if isinstance(n, int) else sum(n)
+    return block is None or block <= max(total, 16)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("n", SIZES, ids=str)
+@pytest.mark.parametrize("block", BLOCKS)
+def test_materialized_equals_builder(name, n, block):
+    if not _fits(n, block):
+        pytest.skip("block larger than the sequence")
+    graph = BUILDERS[name](n, implicit=True, block_size=block)
+    explicit = BUILDERS[name](n)
+    assert isinstance(graph, BlockGraph)
+    edges = graph.edges()
+    assert torch.equal(edges.as_tensor(), explicit.as_tensor())
+    assert edges.sparse_size() == explicit.sparse_size()
+    assert graph.num_edges() == explicit.size(1)
+
+
+@pytest.mark.parametrize("name", ["causal", "window", "document_causal"])
+@pytest.mark.parametrize("n", [1, 37, [3, 0, 20, 5]], ids=str)
+def test_dense_twin(name, n):
+    graph = BUILDERS[name](n, implicit=True, block_size=16)
+    assert torch.equal(graph.to_dense(), T.to_dense_mask(BUILDERS[name](n)))
+
+
+@pytest.mark.parametrize("n,kind,bounds", [
+    (5, "causal", (0, 5)), ([3, 0, 4], "causal", (0, 3, 7)),
+])
+def test_dense_pattern_causal(n, kind, bounds):
+    assert T.causal(n, implicit=True).dense == (kind, bounds)
+
+
+def test_dense_pattern_others():
+    assert T.full([2, 3], implicit=True).dense == ("full", (0, 2, 5))
+    assert T.document(10, [4, 6], causal=True, implicit=True).dense == ("causal", (0, 4, 10))
+    assert T.sliding_window(10, 9, causal=True, implicit=True).dense == ("causal", (0, 10))
+    assert T.sliding_window(10, 3, implicit=True).dense is None
+    assert T.causal(0, implicit=True).dense is None
+
+
+def test_causal_memory_follows_tiles():
+    graph = T.causal(1 << 17, implicit=True)  # 8.6e9 edges
+    assert graph.num_edges() == (1 << 17) * ((1 << 17) + 1) // 2
+    blocks = (1 << 17) // 64
+    assert graph.num_tiles == blocks * (blocks + 1) // 2
+    assert graph.masks.numel() == blocks * 64 * 64  # one mask per diagonal tile, 8 MiB of bool
+
+
+def test_edges_refused_past_budget():
+    graph = T.causal(100, implicit=True)
+    with T.max_edges(1000):
+        with pytest.raises(ValueError, match="BlockGraph.edges.*5050 edges.*max_edges=1000"):
+            graph.edges()
+
+
+def test_edges_refused_past_budget_without_allocating():
+    graph = T.causal(1 << 17, implicit=True)
+    with pytest.raises(ValueError, match="8590000128 edges.*max_edges"):
+        graph.edges()
+
+
+@pytest.mark.parametrize("n,lengths,block,num_blocks,causal,heads,kv_heads", [
+    (64, None, 16, 1, True, 4, 2), (100, None, 16, 2, False, 2, 1), (70, [30, 0, 40], 16, 1, True, 4, 4),
+    (50, [20, 30], 8, 10, True, 2, 1), (128, None, 32, 0, True, 3, 3), (1, None, 1, 3, True, 2, 2),
+    (0, None, 4, 1, True, 2, 1), (33, [17, 16], 16, 1, False, 2, 2),
+])
+def test_block_topk_materialized_equals_explicit(n, lengths, block, num_blocks, causal, heads, kv_heads):
+    q, k = torch.randn(n, heads, 8), torch.randn(n, kv_heads, 8)
+    graph = block_topk(q, k, block, num_blocks, causal=causal, lengths=lengths, implicit=True)
+    edge_index, edge_head = block_topk(q, k, block, num_blocks, causal=causal, lengths=lengths)
+    index, head = graph.edges()
+    assert torch.equal(index.as_tensor(), edge_index) and torch.equal(head, edge_head)
+    assert graph.num_edges() == edge_head.numel()
+    assert graph.num_heads == heads
+
+
+def test_block_topk_shares_masks():
+    q = k = torch.randn(4096, 12, 8)
+    graph = block_topk(q, k, 64, 8, causal=True, implicit=True)
+    assert graph.masks.size(0) == 1  # the causal own block; every other tile is full
+    assert graph.num_tiles == 12 * sum(min(b, 8) + 1 for b in range(64))
+
+
+def test_block_topk_dense_twin():
+    q, k = torch.randn(40, 2, 4), torch.randn(40, 1, 4)
+    graph = block_topk(q, k, 8, 1, causal=True, lengths=[13, 27], implicit=True)
+    edge_index, edge_head = block_topk(q, k, 8, 1, causal=True, lengths=[13, 27])
+    want = torch.zeros(2, 40, 40, dtype=torch.bool)
+    want[edge_head, edge_index[1], edge_index[0]] = True
+    assert torch.equal(graph.to_dense(), want)
+
+
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=3), block=st.sampled_from([1, 3, 8, 16]),
+       num_blocks=st.integers(0, 4), causal=st.booleans(), heads=st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+       seed=st.integers(0, 2 ** 16))
+def test_block_topk_random_selections(lengths, block, num_blocks, causal, heads, seed):
+    n = sum(lengths)
+    if n and block > max(lengths):
+        block = max(lengths)
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(n, heads[0], 4, generator=g), torch.randn(n, heads[1], 4, generator=g)
+    graph = block_topk(q, k, block, num_blocks, causal=causal, lengths=lengths, implicit=True)
+    edge_index, edge_head = block_topk(q, k, block, num_blocks, causal=causal, lengths=lengths)
+    index, head = graph.edges()
+    assert torch.equal(index.as_tensor(), edge_index) and torch.equal(head, edge_head)
+
+
+def test_selector_implicit_on_covering_graphs():
+    q, k = torch.randn(50, 2, 4), torch.randn(50, 2, 4)
+    selector = BlockTopK(8, 1, causal=True)
+    want_index, want_head = selector(q, k, T.causal([20, 30]))
+    for allowed in (T.causal([20, 30]), T.causal([20, 30], implicit=True), T.full([20, 30])):
+        graph = selector.implicit(q, k, allowed)
+        assert graph is not None
+        index, head = graph.edges()
+        assert torch.equal(index.as_tensor(), want_index) and torch.equal(head, want_head)
+
+
+def test_selector_implicit_declines_other_graphs():
+    q, k = torch.randn(50, 2, 4), torch.randn(50, 2, 4)
+    assert BlockTopK(8, 1, causal=True).implicit(q, k, T.sliding_window(50, 3)) is None
+    assert BlockTopK(8, 1).implicit(q, k, T.causal(50)) is None  # non-causal selection, causal graph
+    assert BlockTopK(8, 1).implicit(q, k, T.sliding_window(50, 3, implicit=True)) is None
+
+
+def test_selector_call_on_implicit_graph():
+    q, k = torch.randn(30, 2, 4), torch.randn(30, 2, 4)
+    a = BlockTopK(8, 1, causal=True)(q, k, T.sliding_window(30, 5, implicit=True))
+    b = BlockTopK(8, 1, causal=True)(q, k, T.sliding_window(30, 5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_interval_graph():
+    lo = torch.tensor([0, 0, 1, 1, 4])
+    hi = torch.tensor([1, 2, 2, 4, 4])
+    graph = interval_graph(lo, hi, 5, 2)
+    dense = graph.to_dense()
+    want = torch.zeros(5, 5, dtype=torch.bool)
+    for i in range(5):
+        want[i, lo[i]:hi[i] + 1] = True
+    assert torch.equal(dense, want)
+
+
+def _tiles(**change):
+    base = dict(num_dst=8, num_src=8, block_q=4, block_k=4, q_block=torch.tensor([0, 1, 1]),
+                k_block=torch.tensor([0, 0, 1]), mask_index=torch.tensor([0, -1, 0]),
+                masks=torch.ones(1, 4, 4, dtype=torch.bool).tril())
+    base.update(change)
+    return BlockGraph(**base)
+
+
+def test_constructor_accepts_valid():
+    graph = _tiles()
+    assert torch.equal(graph.to_dense(), T.to_dense_mask(T.causal(8)))
+    assert graph.edges().tolist() == T.causal(8).tolist()
+
+
+@pytest.mark.parametrize("change,name", [
+    (dict(q_block=torch.tensor([0, 1, 2])), "q_block"),
+    (dict(k_block=torch.tensor([0, 0, -1])), "k_block"),
+    (dict(mask_index=torch.tensor([0, -1, 1])), "mask_index"),
+    (dict(k_block=torch.tensor([0, 0])), "k_block"),
+    (dict(masks=torch.ones(1, 4, 3, dtype=torch.bool)), "masks"),
+    (dict(masks=torch.ones(1, 4, 4)), "masks"),
+    (dict(q_block=torch.tensor([1, 0, 1])), "sorted"),
+    (dict(num_dst=7), "mask for tile"),
+    (dict(num_src=6, mask_index=torch.tensor([0, 0, 0])), "past the tokens"),
+    (dict(block_q=0), "block_q"),
+    (dict(num_dst=-1), "num_dst"),
+    (dict(tile_head=torch.tensor([0, 0, 0])), "num_heads"),
+    (dict(tile_head=torch.tensor([0, 0, 2]), num_heads=2), "tile_head"),
+    (dict(q_ptr=torch.tensor([0, 4, 9])), "q_ptr"),
+    (dict(q_ptr=torch.tensor([0, 6, 8])), "q_ptr"),
+    (dict(dense=("sparse", (0, 8))), "dense"),
+])
+def test_constructor_refuses(change, name):
+    with pytest.raises(ValueError, match=name):
+        _tiles(**change)
+
+
+@pytest.mark.parametrize("build,name", [
+    (lambda: T.causal(10, implicit=True, block_size=32), "block_size"),
+    (lambda: T.causal(10, implicit=True, block_size=0), "block_size"),
+    (lambda: T.causal(10, implicit="yes"), "implicit"),
+    (lambda: T.sliding_window(10, -1, implicit=True), "window"),
+    (lambda: T.document(10, [4, 5], implicit=True), "doc_lengths"),
+    (lambda: block_topk(torch.randn(8, 1, 2), torch.randn(8, 1, 2), 4, 1, implicit=1), "implicit"),
+    (lambda: block_topk(torch.randn(8, 1, 2), torch.randn(8, 1, 2), 16, 1, implicit=True), "block_size"),
+])
+def test_builders_refuse(build, name):
+    with pytest.raises(ValueError, match=name):
+        build()
+
+
+@pytest.mark.parametrize("lo,hi,name", [
+    ([0, 2, 1], [1, 2, 2], "non-decreasing"),
+    ([0, 1], [1, 0], "'lo' <= 'hi'"),
+    ([0, 1], [1, 5], "num_src"),
+    ([0, 1], [1], "same shape|one shape"),
+])
+def test_interval_graph_refuses(lo, hi, name):
+    with pytest.raises(ValueError, match=name):
+        interval_graph(torch.tensor(lo), torch.tensor(hi), 3, 2)
