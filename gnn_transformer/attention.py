@@ -623,12 +623,7 @@ class GraphMultiheadAttention(MessagePassing):
         """Checked ``edge_bias``; a floating bias of another dtype than the heads is cast to the
         dtype the scores are computed in (float32; float64 for float64 heads), as the kernels do."""
         if kernels.is_block_structure(edge_index):
-            if edge_head is not None:
-                raise ValueError("Expected no 'edge_head' with a BlockGraph 'edge_index': a per-head BlockGraph "
-                                 "carries the head of each tile itself")
-            if edge_bias is not None:
-                raise ValueError("Expected no 'edge_bias' with a BlockGraph 'edge_index' (an implicit graph has no "
-                                 "edge order to align it with): pass the materialized graph, edge_index.edges()")
+            kernels.check_implicit_options(edge_bias, edge_head)
             return None
         if edge_bias is None:
             return None

@@ -131,21 +131,26 @@ class _Sorted:
         return self.src[lo:hi], self.dst[lo:hi], None if self.head is None else self.head[lo:hi]
 
 
+def check_stream_edges(index: int, src: Tensor, dst: Tensor, num_tokens: int) -> None:
+    """``ValueError`` unless the edges ``src[e] -> dst[e]`` of graph ``index`` join tokens in
+    ``[0, num_tokens)`` and point forward (``j <= i``), as a stream's graph must."""
+    if src.numel() and (int(min(src.min(), dst.min())) < 0 or int(max(src.max(), dst.max())) >= num_tokens):
+        raise ValueError(f"Expected graph {index}'s nodes in [0, {num_tokens}) for {num_tokens} tokens "
+                         f"(got nodes {int(min(src.min(), dst.min()))}..{int(max(src.max(), dst.max()))})")
+    ahead = src > dst
+    if bool(ahead.any()):
+        e = int(ahead.nonzero()[0])
+        raise ValueError(f"Expected a causal graph (edges j -> i with j <= i) for a stream; graph {index} "
+                         f"has the edge {int(src[e])} -> {int(dst[e])}")
+
+
 def _prepare(graphs: list[tuple[Tensor, Tensor | None]], num_tokens: int) -> tuple[list[_Sorted], Tensor]:
     """Sorted graphs and each node's last reader ``[T]`` (``-1``: none); refuses non-causal edges."""
     last_use = torch.full((num_tokens,), -1, dtype=torch.long)
     out = []
     for index, (edge_index, edge_head) in enumerate(graphs):
         src, dst = edge_index.cpu()
-        if src.numel() and (int(src.min()) < 0 or int(max(src.max(), dst.max())) >= num_tokens
-                            or int(dst.min()) < 0):
-            raise ValueError(f"Expected graph {index}'s nodes in [0, {num_tokens}) for {num_tokens} tokens "
-                             f"(got nodes {int(min(src.min(), dst.min()))}..{int(max(src.max(), dst.max()))})")
-        ahead = src > dst
-        if bool(ahead.any()):
-            e = int(ahead.nonzero()[0])
-            raise ValueError(f"Expected a causal graph (edges j -> i with j <= i) for a stream; graph {index} "
-                             f"has the edge {int(src[e])} -> {int(dst[e])}")
+        check_stream_edges(index, src, dst, num_tokens)
         if edge_head is not None and (not isinstance(edge_head, Tensor) or edge_head.shape != src.shape):
             raise ValueError(f"Expected graph {index}'s edge_head of shape {list(src.shape)}")
         order = torch.argsort(dst, stable=True)

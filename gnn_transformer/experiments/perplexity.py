@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch_geometric import EdgeIndex
 
-from ..streaming import PerplexityResult, perplexity
+from ..streaming import PerplexityResult, check_stream_edges, perplexity
 from .analyze_run import call_with_graph
 from .topologies import label, resolve_topology
 
@@ -131,14 +131,7 @@ def _contexts(graph: Any, length: int) -> _Contexts:
         edge_index, head = g if isinstance(g, tuple) else (g, None)
         plain = edge_index.as_tensor() if isinstance(edge_index, EdgeIndex) else edge_index
         src, dst = (row.as_subclass(Tensor) for row in plain.long().cpu())
-        if src.numel() and (int(min(src.min(), dst.min())) < 0 or int(dst.max()) >= length):
-            raise ValueError(f"Expected graph {index}'s nodes in [0, {length}) for {length} tokens (got nodes "
-                             f"{int(min(src.min(), dst.min()))}..{int(max(src.max(), dst.max()))})")
-        ahead = src > dst
-        if bool(ahead.any()):
-            e = int(ahead.nonzero()[0])
-            raise ValueError(f"Expected a causal graph (edges j -> i with j <= i) for a stream; graph {index} "
-                             f"has the edge {int(src[e])} -> {int(dst[e])}")
+        check_stream_edges(index, src, dst, length)
         order = torch.argsort(dst * length + src)
         src, dst = src[order], dst[order]
         layers.append((src, dst, None if head is None else head.long().cpu()[order]))

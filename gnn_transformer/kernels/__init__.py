@@ -23,7 +23,7 @@ Glossary (each word has this one meaning in this package):
 - **implicit graph**: a block structure (``topology.BlockGraph``) given to :func:`attend` instead
   of an ``edge_index``: its tiles run without an edge list (:mod:`.implicit`).
 """
-from .dispatch import BACKENDS, IMPLS, attend, edge_weights, triton_available
+from .dispatch import BACKENDS, IMPLS, attend, check_implicit_options, edge_weights, triton_available
 from ._graph import clear_cache
 from .fused_torch import DEFAULT_MAX_EDGES
 from .heads import head_inputs, heads_to_nodes, nodes_to_heads
@@ -39,4 +39,5 @@ __all__ = [
     "triton_available", "clear_cache", "BACKENDS", "TILE_COST", "ROW_COST", "MERGE_COST", "DROPOUT_COST",
     "BLOCK_SIZE", "CUDA_CORE_BLOCK_SIZE", "MAX_BLOCK_SIZE", "DEFAULT_MAX_EDGES", "DEFAULT_MAX_CELLS", "IMPLS",
     "default_block_size", "head_inputs", "heads_to_nodes", "nodes_to_heads", "BlockStructure", "is_block_structure",
+    "check_implicit_options",
 ]

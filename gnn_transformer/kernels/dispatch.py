@@ -284,13 +284,19 @@ def _attend(query, key, value, edge_index, *, scale, edge_bias, backend, return_
     return out, lse.to(compute_dtype(query.dtype))
 
 
-def _check_block_graph(query, key, graph, edge_bias, edge_head) -> None:
+def check_implicit_options(edge_bias: object, edge_head: object) -> None:
+    """``ValueError`` for what an implicit graph (a ``BlockGraph``) cannot take: an ``edge_head``
+    (a per-head BlockGraph carries the head of each tile) or an ``edge_bias`` (it has no edge order)."""
     if edge_head is not None:
         raise ValueError("Expected no 'edge_head' with an implicit graph (a BlockGraph): a per-head BlockGraph "
                          "carries the head of each tile itself")
     if edge_bias is not None:
         raise ValueError("Expected no 'edge_bias' with an implicit graph (a BlockGraph): a bias is aligned "
                          "with an edge order; pass the materialized graph, graph.edges(), instead")
+
+
+def _check_block_graph(query, key, graph, edge_bias, edge_head) -> None:
+    check_implicit_options(edge_bias, edge_head)
     if (graph.num_dst, graph.num_src) != (query.size(0), key.size(0)):
         raise ValueError(f"The BlockGraph has {graph.num_dst} targets and {graph.num_src} sources but 'query' "
                          f"has {query.size(0)} rows and 'key' {key.size(0)}")
