@@ -5,6 +5,7 @@ side in its own layout (``[N, H, D]`` and contiguous ``[1, H, N, D]``).
 Usage:
     python benchmarks/auto_vs_sdpa.py            # 4096 tokens, 12 heads x 64, float32, 2 threads
 """
+
 from __future__ import annotations
 
 import statistics
@@ -33,7 +34,7 @@ def main(n: int = 4096, heads: int = 12, dim: int = 64, threads: int = 2, repeat
     gen = torch.Generator().manual_seed(0)
     q, k, v, grad = (torch.randn(n, heads, dim, generator=gen) for _ in range(4))  # [N, H, D]
     edge_index = causal(n)
-    scale = dim ** -0.5
+    scale = dim**-0.5
     qb, kb, vb, gradb = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v, grad))  # [1, H, N, D]
     print(f"auto runs {auto_kernel(edge_index, 'cpu')}")
 
@@ -44,6 +45,7 @@ def main(n: int = 4096, heads: int = 12, dim: int = 64, threads: int = 2, repeat
     def sdpa_fwd():
         with torch.no_grad():
             F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
+
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     leaves_b = [x.clone().requires_grad_() for x in (qb, kb, vb)]
 
@@ -52,6 +54,7 @@ def main(n: int = 4096, heads: int = 12, dim: int = 64, threads: int = 2, repeat
 
     def sdpa_bwd():
         torch.autograd.grad(F.scaled_dot_product_attention(*leaves_b, is_causal=True, scale=scale), leaves_b, gradb)
+
     for name, a, b in (("fwd", auto_fwd, sdpa_fwd), ("fwd+bwd", auto_bwd, sdpa_bwd)):
         ta, tb = _median_pair(a, b, repeats)
         print(f"{name}: auto {1e3 * ta:.1f} ms, sdpa is_causal {1e3 * tb:.1f} ms, auto / sdpa {ta / tb:.2f}")

@@ -8,6 +8,7 @@ Usage:
 
 The measurement lives in :mod:`gnn_transformer.bench.benchmark` (``run_benchmark`` returns rows).
 """
+
 from __future__ import annotations
 
 import sys

@@ -22,6 +22,7 @@ Usage:
     python benchmarks/lines_read.py --path triton --graph random
     PYTHONPATH=/path/to/other/tree python benchmarks/lines_read.py --path cpu
 """
+
 from __future__ import annotations
 
 import argparse
@@ -130,19 +131,28 @@ def table(root: Path, trace: LineTrace) -> str:
         executed = {line for f, line in trace.lines if f == file}
         jit = {line for line in executed if any(a <= line <= b for a, b in _jit_ranges(Path(file)))}
         rows.append((Path(file).relative_to(root.parent).as_posix(), len(executed), len(jit), len(spans.get(file, ()))))
-    out = ["| file | lines executed | of which in jit kernels | lines of the functions entered |",
-           "| --- | ---: | ---: | ---: |"]
+    out = [
+        "| file | lines executed | of which in jit kernels | lines of the functions entered |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     out += [f"| {name} | {e} | {j} | {s} |" for name, e, j, s in rows]
-    out.append(f"| **total: {len(rows)} files** | **{sum(r[1] for r in rows)}** | **{sum(r[2] for r in rows)}** "
-               f"| **{sum(r[3] for r in rows)}** |")
+    out.append(
+        f"| **total: {len(rows)} files** | **{sum(r[1] for r in rows)}** | **{sum(r[2] for r in rows)}** "
+        f"| **{sum(r[3] for r in rows)}** |"
+    )
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--path", choices=("cpu", "triton"), default="cpu",
-                        help="cpu: the CPU dispatch; triton: impl='triton' under TRITON_INTERPRET=1 (default cpu)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--path",
+        choices=("cpu", "triton"),
+        default="cpu",
+        help="cpu: the CPU dispatch; triton: impl='triton' under TRITON_INTERPRET=1 (default cpu)",
+    )
     parser.add_argument("--graph", choices=GRAPHS + ("both",), default="both", help="default both")
     args = parser.parse_args(argv)
     if args.path == "triton":
@@ -158,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         _force_triton(kernels)
     for name in GRAPHS if args.graph == "both" else (args.graph,):
         root, trace = measure(name)
-        print(f"## {name} ({TOKENS} tokens{f', {KEYS_PER_QUERY} keys per query' if name == 'random' else ''}), "
-              f"--path {args.path}; package {root}; torch {torch.__version__}")
+        print(
+            f"## {name} ({TOKENS} tokens{f', {KEYS_PER_QUERY} keys per query' if name == 'random' else ''}), "
+            f"--path {args.path}; package {root}; torch {torch.__version__}"
+        )
         print()
         print(table(root, trace))
         print()

@@ -17,6 +17,7 @@ Validation loss (nats per character) after the last step is reported two ways:
 Usage:
     python benchmarks/nanogpt_reference.py TEXT [--seeds 0 1 2] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,7 +62,7 @@ def windows(data: Tensor, starts: Tensor) -> tuple[Tensor, Tensor]:
 def mean_loss(model: nn.Module, data: Tensor, starts: Tensor, chunk: int = 256) -> float:
     total = 0.0
     for i in range(0, starts.numel(), chunk):
-        x, y = windows(data, starts[i:i + chunk])
+        x, y = windows(data, starts[i : i + chunk])
         total += F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum").item()
     return total / (starts.numel() * CONTEXT)
 
@@ -71,9 +72,14 @@ def run(train: Tensor, val: Tensor, vocab: int, seed: int) -> dict:
     model = PlainGPT(vocab, CONTEXT, LAYERS, HEADS, WIDTH)
     gpt2_init(model, LAYERS)
     params = list(model.parameters())
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=LR, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=LR,
+        betas=(0.9, 0.99),
+    )
     t0 = time.perf_counter()
     for step in range(STEPS):
         for group in optimizer.param_groups:
@@ -88,8 +94,7 @@ def run(train: Tensor, val: Tensor, vocab: int, seed: int) -> dict:
     model.eval()
     every = torch.arange((val.numel() - 1) // CONTEXT) * CONTEXT  # every non-overlapping window
     estimate = [mean_loss(model, val, torch.randint(val.numel() - CONTEXT, (BATCH,))) for _ in range(20)]
-    return dict(seed=seed, full=mean_loss(model, val, every), nanogpt=statistics.mean(estimate),
-                seconds=seconds)
+    return dict(seed=seed, full=mean_loss(model, val, every), nanogpt=statistics.mean(estimate), seconds=seconds)
 
 
 def main() -> None:
@@ -115,8 +120,7 @@ def main() -> None:
         print(f"| {seed} | {row['full']:.4f} | {row['nanogpt']:.4f} | {row['seconds']:.0f} |", flush=True)
     if len(rows) > 1:
         full = [r["full"] for r in rows]
-        print(f"mean {statistics.mean(full):.4f} ± {statistics.stdev(full):.4f} (every window, "
-              f"{len(rows)} seeds)")
+        print(f"mean {statistics.mean(full):.4f} ± {statistics.stdev(full):.4f} (every window, {len(rows)} seeds)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ match every query with that marker (an attention sink); one feed-forward unit of
 on the marker and writes a huge value into residual dimension 7 (a massive activation). Runs in a
 few seconds on a CPU.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,7 @@ BOS, MARKER, QUERY, MASSIVE_DIM = 0, 0, 1, 7
 def planted_model() -> GraphLM:
     """The GraphLM described in the module docstring."""
     torch.manual_seed(0)
-    cfg = GraphTransformerConfig(vocab_size=32, d_model=32, nhead=4, num_layers=4,
-                                 position="learned", backend="pyg")
+    cfg = GraphTransformerConfig(vocab_size=32, d_model=32, nhead=4, num_layers=4, position="learned", backend="pyg")
     model = GraphLM(cfg).eval()
     c, d = cfg.d_model, cfg.d_model // cfg.nhead
     with torch.no_grad():
@@ -40,8 +40,8 @@ def planted_model() -> GraphLM:
         # layer 1, heads 0 and 1: the query reads the constant feature, the key the marker
         attn = model.encoder.layers[1].self_attn
         for h in (0, 1):
-            attn.in_proj_weight[h * d: (h + 1) * d].zero_()
-            attn.in_proj_weight[c + h * d: c + (h + 1) * d].zero_()
+            attn.in_proj_weight[h * d : (h + 1) * d].zero_()
+            attn.in_proj_weight[c + h * d : c + (h + 1) * d].zero_()
             attn.in_proj_weight[h * d, QUERY] = math.sqrt(2.0 * math.sqrt(d))
             attn.in_proj_weight[c + h * d, MARKER] = math.sqrt(2.0 * math.sqrt(d))
         # layer 2: feed-forward unit 0 fires where the normalized marker is large
@@ -72,12 +72,12 @@ def main() -> list[Path]:
     rows = summarize(trace)
     layer1 = trace.self_attention()[1]
     paths = [
-        save(plots.plot_attention_heatmaps(layer1, labels, title="layer 1: heads 0-1 sink, heads "
-                                           "2-3 not"), "analysis_heatmaps.png"),
-        save(plots.plot_attention_arcs(layer1, 0, labels, title="layer 1, head 0 (a sink)"),
-             "analysis_arcs_sink.png"),
-        save(plots.plot_attention_arcs(layer1, 2, labels, title="layer 1, head 2"),
-             "analysis_arcs_plain.png"),
+        save(
+            plots.plot_attention_heatmaps(layer1, labels, title="layer 1: heads 0-1 sink, heads 2-3 not"),
+            "analysis_heatmaps.png",
+        ),
+        save(plots.plot_attention_arcs(layer1, 0, labels, title="layer 1, head 0 (a sink)"), "analysis_arcs_sink.png"),
+        save(plots.plot_attention_arcs(layer1, 2, labels, title="layer 1, head 2"), "analysis_arcs_plain.png"),
         save(plots.plot_sink_scores(rows), "analysis_sink_scores.png"),
         save(plots.plot_activation_magnitudes(rows), "analysis_activations.png"),
     ]

@@ -8,6 +8,7 @@ Usage:
 Each picture is the adjacency matrix (row = query i, column = key j) beside the graph drawing.
 Runs in a few seconds on a CPU.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,26 +53,40 @@ def main() -> list[Path]:
     extras = {  # (graph, title, keyword arguments of draw_topology)
         "cross_window": (T.cross(6, 9, mode="window", window=1), "cross, window 1 (6 queries, 9 keys)", {}),
         "cross_monotonic": (T.cross(6, 9, mode="monotonic"), "cross, monotonic (6 queries, 9 keys)", {}),
-        "from_graph": (T.from_graph(T.read_graph(GRAPHS / "data" / "binary_tree.edgelist"), self_loops=True,
-                                    virtual_node=True), "binary tree + self-loops + virtual node", {}),
-        "batch": (T.sliding_window([6, 1, 5], 1, causal=True), "causal window 1, batch [6, 1, 5]",
-                  {"lengths": [6, 1, 5]}),  # density within the sequences
+        "from_graph": (
+            T.from_graph(T.read_graph(GRAPHS / "data" / "binary_tree.edgelist"), self_loops=True, virtual_node=True),
+            "binary tree + self-loops + virtual node",
+            {},
+        ),
+        "batch": (
+            T.sliding_window([6, 1, 5], 1, causal=True),
+            "causal window 1, batch [6, 1, 5]",
+            {"lengths": [6, 1, 5]},
+        ),  # density within the sequences
     }
     for key, (ei, title, kwargs) in extras.items():
         path = OUT / f"topology_{key}.png"
         T.draw_topology(ei, title=title, path=path, dpi=DPI, **kwargs)
         written.append(path)
     path = OUT / "topology_receptive_field.png"
-    T.draw_receptive_field(T.load("sliding_window", small=True), 4, title="causal window 3: receptive field",
-                           path=path, dpi=DPI)
+    T.draw_receptive_field(
+        T.load("sliding_window", small=True), 4, title="causal window 3: receptive field", path=path, dpi=DPI
+    )
     written.append(path)
     for name, (ei, eh), title, names in (
-            ("duo", T.duo_attention(24, [1, 3], 4, num_sinks=2, window=3),
-             "DuoAttention: heads 0, 2 retrieve (causal), heads 1, 3 stream (2 sinks + window 3)",
-             ["head 0, retrieval", "head 1, streaming", "head 2, retrieval", "head 3, streaming"]),
-            ("dilated", T.dilated_per_head(24, 3, [1, 2, 3, 4], causal=True),
-             "Longformer-style dilated windows, one dilation per head (radius 3, causal)",
-             [f"head {h}, dilation {h + 1}" for h in range(4)])):
+        (
+            "duo",
+            T.duo_attention(24, [1, 3], 4, num_sinks=2, window=3),
+            "DuoAttention: heads 0, 2 retrieve (causal), heads 1, 3 stream (2 sinks + window 3)",
+            ["head 0, retrieval", "head 1, streaming", "head 2, retrieval", "head 3, streaming"],
+        ),
+        (
+            "dilated",
+            T.dilated_per_head(24, 3, [1, 2, 3, 4], causal=True),
+            "Longformer-style dilated windows, one dilation per head (radius 3, causal)",
+            [f"head {h}, dilation {h + 1}" for h in range(4)],
+        ),
+    ):
         path = OUT / f"per_head_{name}.png"
         T.draw_per_head(ei, eh, 4, title=title, path=path, head_names=names, dpi=DPI)
         written.append(path)

@@ -6,6 +6,7 @@ Usage:
 
 Runs in a few seconds on a CPU.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,9 +30,12 @@ def token_graph(path: Path) -> None:
 def masks_as_edges(path: Path) -> None:
     """Three masks, each an edge set: full, causal, sliding window, BigBird."""
     n = 12
-    graphs = {"full": T.full(n), "causal": T.causal(n), "sliding_window(window=2)":
-              T.sliding_window(n, 2), "bigbird(window=1)": T.bigbird(n, window=1, num_global=1,
-                                                                    num_random=1)}
+    graphs = {
+        "full": T.full(n),
+        "causal": T.causal(n),
+        "sliding_window(window=2)": T.sliding_window(n, 2),
+        "bigbird(window=1)": T.bigbird(n, window=1, num_global=1, num_random=1),
+    }
     fig = Figure(figsize=(10, 2.9), layout="constrained")
     for ax, (name, g) in zip(fig.subplots(1, len(graphs)), graphs.items()):
         ax.imshow(T.to_dense_mask(g).numpy(), cmap="Blues", vmin=0, vmax=1.3)
@@ -56,32 +60,51 @@ def attention_on_edges(path: Path) -> None:
     pos = {i: (i, 0) for i in range(n)}
     fig = Figure(figsize=(9, 3.2), layout="constrained")
     ax = fig.add_subplot()
-    edges = [(j, i, a) for j, i, a in zip(edge_index[0].tolist(), edge_index[1].tolist(),
-                                         alpha[:, 0].tolist()) if j != i]
+    edges = [
+        (j, i, a) for j, i, a in zip(edge_index[0].tolist(), edge_index[1].tolist(), alpha[:, 0].tolist()) if j != i
+    ]
     for j, i, a in edges:
         g.add_edge(j, i)
-        nx.draw_networkx_edges(g, pos, edgelist=[(j, i)], ax=ax, width=0.5 + 6 * a, alpha=0.3 + 0.7 * a,
-                               edge_color="#2b5d9b", arrowsize=10,
-                               connectionstyle=f"arc3,rad={0.35 if j < i else 0.35}")
+        nx.draw_networkx_edges(
+            g,
+            pos,
+            edgelist=[(j, i)],
+            ax=ax,
+            width=0.5 + 6 * a,
+            alpha=0.3 + 0.7 * a,
+            edge_color="#2b5d9b",
+            arrowsize=10,
+            connectionstyle=f"arc3,rad={0.35 if j < i else 0.35}",
+        )
     nx.draw_networkx_nodes(g, pos, ax=ax, node_color="#9ec3e6", node_size=420)
     nx.draw_networkx_labels(g, pos, ax=ax, font_size=9)
-    ax.set_title("attention weights on the edges j → i (line width = weight; they sum to 1 at "
-                 "each query, self-loops not drawn)", fontsize=9)
+    ax.set_title(
+        "attention weights on the edges j → i (line width = weight; they sum to 1 at each query, self-loops not drawn)",
+        fontsize=9,
+    )
     ax.set_axis_off()
     fig.savefig(path, dpi=DPI)
 
 
 def receptive_field(path: Path) -> None:
-    T.draw_receptive_field(T.sliding_window(16, 1), 4, title="sliding window radius 1: the "
-                           "receptive field grows by one hop per layer", path=path, dpi=DPI)
+    T.draw_receptive_field(
+        T.sliding_window(16, 1),
+        4,
+        title="sliding window radius 1: the receptive field grows by one hop per layer",
+        path=path,
+        dpi=DPI,
+    )
 
 
 def main() -> list[Path]:
     OUT.mkdir(parents=True, exist_ok=True)
     made = []
-    for name, fn in (("token_graph", token_graph), ("masks", masks_as_edges),
-                     ("attention_on_edges", attention_on_edges),
-                     ("receptive_field", receptive_field)):
+    for name, fn in (
+        ("token_graph", token_graph),
+        ("masks", masks_as_edges),
+        ("attention_on_edges", attention_on_edges),
+        ("receptive_field", receptive_field),
+    ):
         path = OUT / f"tutorial_{name}.png"
         fn(path)
         made.append(path)

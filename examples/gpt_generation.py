@@ -8,6 +8,7 @@ a sliding-window graph.
 Usage:
     python examples/gpt_generation.py [--steps 200]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    lm = GraphLM(GraphTransformerConfig(vocab_size=VOCAB, d_model=32, nhead=4, num_layers=2,
-                                        position="rope", backend="pyg"))
+    lm = GraphLM(
+        GraphTransformerConfig(vocab_size=VOCAB, d_model=32, nhead=4, num_layers=2, position="rope", backend="pyg")
+    )
     optimizer = torch.optim.AdamW(lm.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     b, t = 16, 12
@@ -61,8 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     for row in cached.tolist():
         print("generated:", " ".join(map(str, row)))
     same = bool(torch.equal(cached, recomputed))
-    print(f"with cache {t_cache * 1e3:.0f} ms, recomputing the graph {t_full * 1e3:.0f} ms, "
-          f"same tokens: {same}")
+    print(f"with cache {t_cache * 1e3:.0f} ms, recomputing the graph {t_full * 1e3:.0f} ms, same tokens: {same}")
     print("sliding window (radius 4):", windowed.tolist())
     return {"loss": loss.item(), "tokens": cached, "same": same}
 

@@ -9,6 +9,7 @@ eigenvector positional encodings (PyG's ``AddLaplacianEigenvectorPE``); optional
 Usage:
     python examples/graph_transformer.py [--steps 150] [--virtual-node]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,13 +26,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     accuracy = {}
     for topology in ("graph", "full"):
-        config = RunConfig(task="karate", topology=topology, pe_dim=4, virtual_node=args.virtual_node,
-                           model=EncoderConfig(d_model=32, nhead=4, num_layers=2, dim_feedforward=64),
-                           train=TrainConfig(steps=args.steps, lr=5e-3, warmup=10, weight_decay=0.05))
+        config = RunConfig(
+            task="karate",
+            topology=topology,
+            pe_dim=4,
+            virtual_node=args.virtual_node,
+            model=EncoderConfig(d_model=32, nhead=4, num_layers=2, dim_feedforward=64),
+            train=TrainConfig(steps=args.steps, lr=5e-3, warmup=10, weight_decay=0.05),
+        )
         result, _ = run_training(config)
         accuracy[topology] = result.final["acc_test"]
-        print(f"karate club, attention on {topology:>5} edges: test accuracy "
-              f"{accuracy[topology]:.3f} (30 nodes)")
+        print(f"karate club, attention on {topology:>5} edges: test accuracy {accuracy[topology]:.3f} (30 nodes)")
     return accuracy
 
 

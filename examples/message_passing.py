@@ -7,6 +7,7 @@ and against dense masked attention with the same weights.
 Usage:
     python examples/message_passing.py
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,10 @@ def main() -> dict[str, float]:
         out_layer = layer(x, edge_index)
         mask = to_dense_mask(edge_index, n, n)  # [N, N], mask[i, j] = edge j -> i
         out_dense, _ = dense.multihead_attention(layer, x[None], x[None], mask[None])
-    errors = {"by hand vs layer": (out - out_layer).abs().max().item(),
-              "layer vs dense": (out_layer - out_dense[0]).abs().max().item()}
+    errors = {
+        "by hand vs layer": (out - out_layer).abs().max().item(),
+        "layer vs dense": (out_layer - out_dense[0]).abs().max().item(),
+    }
     for name, err in errors.items():
         print(f"max |difference| {name}: {err:.2e}")
     return errors

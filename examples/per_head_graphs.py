@@ -8,6 +8,7 @@ and prints what each head kept. Optionally draws the per-head graphs.
 Usage:
     python examples/per_head_graphs.py [--n 32] [--picture per_head.png]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,13 +42,16 @@ def _run(n: int, picture: str | None) -> dict[str, float]:
     ref, _ = multihead_attention(layer, x[None], x[None], mask[None])
     errors = {"duo_attention": float((out - ref[0]).abs().max())}
     per_head = torch.bincount(edge_head, minlength=heads).tolist()
-    print(f"DuoAttention on {n} tokens: edges per head {per_head}, {edge_index.size(1)} in all (a union graph "
-          f"with a -inf bias per head would run {heads * n * (n + 1) // 2}); max |graph - dense| = "
-          f"{errors['duo_attention']:.1e}")
+    print(
+        f"DuoAttention on {n} tokens: edges per head {per_head}, {edge_index.size(1)} in all (a union graph "
+        f"with a -inf bias per head would run {heads * n * (n + 1) // 2}); max |graph - dense| = "
+        f"{errors['duo_attention']:.1e}"
+    )
 
     # 2. a graph chosen from the data on every call: each query's 4 best keys per head, causal
     def top4(query, key, allowed):
         return dynamic.topk(query, key, 4, allowed=allowed)
+
     chooser = GraphMultiheadAttention(32, heads, select=top4, dtype=torch.float64)
     causal = topology.causal(n)
     out = chooser(x, causal)
@@ -55,13 +59,21 @@ def _run(n: int, picture: str | None) -> dict[str, float]:
     plain = GraphMultiheadAttention(32, heads, dtype=torch.float64)
     plain.load_state_dict(chooser.state_dict())
     errors["topk"] = float((out - plain(x, chosen, edge_head=chosen_head)).abs().max())
-    print(f"top-4 selection: {chosen.size(1)} edges over {heads} heads (causal has {causal.size(1)} per head); "
-          f"max |select - fixed graph| = {errors['topk']:.1e}")
+    print(
+        f"top-4 selection: {chosen.size(1)} edges over {heads} heads (causal has {causal.size(1)} per head); "
+        f"max |select - fixed graph| = {errors['topk']:.1e}"
+    )
     last = chosen[0][(chosen[1] == n - 1) & (chosen_head == 0)].tolist()
     print(f"token {n - 1}, head 0 reads tokens {last}")
     if picture:
-        topology.draw_per_head(edge_index, edge_head, heads, title=f"DuoAttention, n = {n}", path=picture,
-                               head_names=["retrieval", "streaming", "retrieval", "streaming"])
+        topology.draw_per_head(
+            edge_index,
+            edge_head,
+            heads,
+            title=f"DuoAttention, n = {n}",
+            path=picture,
+            head_names=["retrieval", "streaming", "retrieval", "streaming"],
+        )
         print(f"Wrote {picture}")
     return errors
 

@@ -7,6 +7,7 @@ Needs scikit-learn (bundled data, no download).
 Usage:
     python examples/vit_digits.py [--steps 200]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,13 +25,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     accuracy = {}
     for topology in ("grid", "full"):
         edges = image_graph(4, topology).size(1)
-        config = RunConfig(task="digits", topology=topology, patch=2,
-                           model=EncoderConfig(d_model=48, nhead=4, num_layers=2, dim_feedforward=96),
-                           train=TrainConfig(steps=args.steps, batch_size=64, lr=3e-3, warmup=20))
+        config = RunConfig(
+            task="digits",
+            topology=topology,
+            patch=2,
+            model=EncoderConfig(d_model=48, nhead=4, num_layers=2, dim_feedforward=96),
+            train=TrainConfig(steps=args.steps, batch_size=64, lr=3e-3, warmup=20),
+        )
         result, _ = run_training(config)
         accuracy[topology] = result.final["acc_test"]
-        print(f"{topology:>4} attention ({edges:3d} edges per image): test accuracy "
-              f"{accuracy[topology]:.3f} on 360 images")
+        print(
+            f"{topology:>4} attention ({edges:3d} edges per image): test accuracy "
+            f"{accuracy[topology]:.3f} on 360 images"
+        )
     return accuracy
 
 

@@ -1,4 +1,5 @@
 """``python -m gnn_transformer``: the ``gnn-transformer`` command line."""
+
 import sys
 
 from .cli import main

@@ -15,6 +15,7 @@ output is zero (never NaN). A duplicated edge is two messages.
 Notation: ``N`` nodes (``N_src`` / ``N_dst`` for a bipartite graph), ``E`` edges, ``H`` query heads,
 ``H_kv`` key/value heads, ``D`` head dimension, ``C`` = ``embed_dim`` = ``H * D``.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,8 +72,7 @@ def _remember_range(edge_index: Tensor, num_src: int, num_dst: int) -> None:
     _RANGE_CHECKED[key] = (ref, edge_index._version, (num_src, num_dst))
 
 
-def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int,
-                     device: torch.device | None = None) -> None:
+def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int, device: torch.device | None = None) -> None:
     """Validate ``edge_index`` at the public boundary (shape, dtype, device, range).
 
     The range scan (one pass over the edges, one read back to the host) runs once per graph
@@ -92,17 +92,21 @@ def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int,
         raise ValueError(f"Expected 'edge_index' to hold integers (got dtype {edge_index.dtype})")
     if isinstance(edge_index, EdgeIndex) and None not in edge_index.sparse_size():
         if tuple(edge_index.sparse_size()) != (num_src, num_dst):
-            raise ValueError(f"Expected 'edge_index' of sparse_size ({num_src}, {num_dst}) for "
-                             f"{num_src} source and {num_dst} target nodes (got "
-                             f"{tuple(edge_index.sparse_size())})")
+            raise ValueError(
+                f"Expected 'edge_index' of sparse_size ({num_src}, {num_dst}) for "
+                f"{num_src} source and {num_dst} target nodes (got "
+                f"{tuple(edge_index.sparse_size())})"
+            )
     if edge_index.numel() == 0:
         return
     if device is not None and edge_index.device != device:
-        raise ValueError(f"Expected 'edge_index' on the device of the node features, {device} "
-                         f"(got device {edge_index.device})")
+        raise ValueError(
+            f"Expected 'edge_index' on the device of the node features, {device} (got device {edge_index.device})"
+        )
     if edge_index.device.type == "meta":
-        raise ValueError("Expected 'edge_index' with values to check, not on the meta device "
-                         f"(got device {edge_index.device})")
+        raise ValueError(
+            f"Expected 'edge_index' with values to check, not on the meta device (got device {edge_index.device})"
+        )
     if _range_checked(edge_index, num_src, num_dst):
         return
     plain = edge_index.as_tensor() if isinstance(edge_index, EdgeIndex) else edge_index
@@ -114,29 +118,33 @@ def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int,
     src_min, dst_min, src_max, dst_max, *unsorted = torch.cat(stats).tolist()
     if unsorted and unsorted[0]:
         row = 1 if order == "col" else 0
-        raise ValueError(f"Expected 'edge_index' flagged sort_order={order!r} to have row {row} in "
-                         "ascending order (it is not): build the EdgeIndex without sort_order, or "
-                         f"sort it with .sort_by({order!r})")
+        raise ValueError(
+            f"Expected 'edge_index' flagged sort_order={order!r} to have row {row} in "
+            "ascending order (it is not): build the EdgeIndex without sort_order, or "
+            f"sort it with .sort_by({order!r})"
+        )
     lo = min(src_min, dst_min)
     if lo < 0:
         raise ValueError(f"Expected 'edge_index' to hold non-negative indices (found {lo})")
     if src_max >= num_src:
-        raise ValueError(f"Found source index {src_max} in 'edge_index' but there are only "
-                         f"{num_src} source nodes")
+        raise ValueError(f"Found source index {src_max} in 'edge_index' but there are only {num_src} source nodes")
     if dst_max >= num_dst:
-        raise ValueError(f"Found target index {dst_max} in 'edge_index' but there are only "
-                         f"{num_dst} target nodes")
+        raise ValueError(f"Found target index {dst_max} in 'edge_index' but there are only {num_dst} target nodes")
     _remember_range(edge_index, num_src, num_dst)
 
 
 def _check_block_graph(graph, num_src: int, num_dst: int, device: torch.device | None) -> None:
     """The sizes and device of an implicit graph (a :class:`~gnn_transformer.topology.BlockGraph`)."""
     if (graph.num_src, graph.num_dst) != (num_src, num_dst):
-        raise ValueError(f"Expected a BlockGraph of {num_src} sources and {num_dst} targets as 'edge_index' (got "
-                         f"{graph.num_src} and {graph.num_dst})")
+        raise ValueError(
+            f"Expected a BlockGraph of {num_src} sources and {num_dst} targets as 'edge_index' (got "
+            f"{graph.num_src} and {graph.num_dst})"
+        )
     if device is not None and graph.q_block.device != device:
-        raise ValueError(f"Expected the BlockGraph 'edge_index' on the device of the node features, {device} "
-                         f"(got device {graph.q_block.device})")
+        raise ValueError(
+            f"Expected the BlockGraph 'edge_index' on the device of the node features, {device} "
+            f"(got device {graph.q_block.device})"
+        )
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -157,8 +165,10 @@ def _check_features(x: Tensor, dim: int, name: str, dtype: torch.dtype | None = 
     if not x.is_floating_point():
         raise TypeError(f"Expected '{name}' to hold floating-point features (got dtype {x.dtype})")
     if dtype is not None and x.dtype != dtype and _autocast_dtype(x.device) is None:
-        raise TypeError(f"Expected '{name}' in the dtype of the layer's weights, {dtype} (got "
-                        f"{x.dtype}): cast one to the other, or run under torch.autocast")
+        raise TypeError(
+            f"Expected '{name}' in the dtype of the layer's weights, {dtype} (got "
+            f"{x.dtype}): cast one to the other, or run under torch.autocast"
+        )
 
 
 def check_real(name: str, value: object, *, low: float | None = None, low_open: bool = False) -> float:
@@ -275,18 +285,38 @@ class GraphMultiheadAttention(MessagePassing):
     v_proj_weight: nn.Parameter | None
     in_proj_bias: nn.Parameter | None
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
-                 kdim: int | None = None, vdim: int | None = None, *,
-                 num_kv_heads: int | None = None, backend: str = "auto",
-                 rope: bool = False, rope_base: float = 10000.0, project_kv: bool = True,
-                 select=None, head_dim: int | None = None, out_bias: bool | None = None,
-                 scale: float | None = None, softcap: float | None = None, q_norm: nn.Module | None = None,
-                 k_norm: nn.Module | None = None, rope_scaling: RopeScaling | None = None,
-                 rotary_dim: int | None = None, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        *,
+        num_kv_heads: int | None = None,
+        backend: str = "auto",
+        rope: bool = False,
+        rope_base: float = 10000.0,
+        project_kv: bool = True,
+        select=None,
+        head_dim: int | None = None,
+        out_bias: bool | None = None,
+        scale: float | None = None,
+        softcap: float | None = None,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+        rope_scaling: RopeScaling | None = None,
+        rotary_dim: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__(aggr="sum", node_dim=0)
         if select is not None and not callable(select):
-            raise ValueError(f"Expected 'select' to be a callable (query, key, edge_index) -> (edge_index, "
-                             f"edge_head), or None (got {select!r})")
+            raise ValueError(
+                f"Expected 'select' to be a callable (query, key, edge_index) -> (edge_index, "
+                f"edge_head), or None (got {select!r})"
+            )
         check_positive_int("embed_dim", embed_dim)
         check_positive_int("num_heads", num_heads)
         for name, value in (("kdim", kdim), ("vdim", vdim)):
@@ -295,13 +325,11 @@ class GraphMultiheadAttention(MessagePassing):
         if head_dim is not None:
             check_positive_int("head_dim", head_dim)
         elif embed_dim % num_heads != 0:
-            raise ValueError(f"Expected 'embed_dim' ({embed_dim}) to be divisible by "
-                             f"'num_heads' ({num_heads})")
+            raise ValueError(f"Expected 'embed_dim' ({embed_dim}) to be divisible by 'num_heads' ({num_heads})")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         check_positive_int("num_kv_heads", num_kv_heads)
         if num_heads % num_kv_heads != 0:
-            raise ValueError(f"Expected 'num_heads' ({num_heads}) to be divisible by "
-                             f"'num_kv_heads' ({num_kv_heads})")
+            raise ValueError(f"Expected 'num_heads' ({num_heads}) to be divisible by 'num_kv_heads' ({num_kv_heads})")
         dropout = check_dropout(dropout)
         check_base(rope_base, "rope_base")
         if backend not in BACKENDS:
@@ -317,8 +345,10 @@ class GraphMultiheadAttention(MessagePassing):
                 raise ValueError(f"Expected '{name}' to be an nn.Module or None (got {norm!r})")
         if not rope and (rope_scaling is not None or rotary_dim is not None):
             given = "rope_scaling" if rope_scaling is not None else "rotary_dim"
-            raise ValueError(f"Expected '{given}' only with rope=True (got {given}="
-                             f"{rope_scaling if rope_scaling is not None else rotary_dim!r} and rope=False)")
+            raise ValueError(
+                f"Expected '{given}' only with rope=True (got {given}="
+                f"{rope_scaling if rope_scaling is not None else rotary_dim!r} and rope=False)"
+            )
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.kdim = embed_dim if kdim is None else kdim
@@ -355,8 +385,11 @@ class GraphMultiheadAttention(MessagePassing):
         self.out_proj = nn.Linear(q_dim, embed_dim, bias=out_bias, **factory)
         if rope and self.head_dim % 2 != 0:
             raise ValueError(f"Expected an even head dimension for 'rope' (got {self.head_dim})")
-        self.rotary = (RotaryEmbedding(self.head_dim, base=rope_base, scaling=rope_scaling, rotary_dim=rotary_dim)
-                       if rope else None)
+        self.rotary = (
+            RotaryEmbedding(self.head_dim, base=rope_base, scaling=rope_scaling, rotary_dim=rotary_dim)
+            if rope
+            else None
+        )
         self.q_norm, self.k_norm = q_norm, k_norm
         self.select = select
         self._reset_attention_parameters()
@@ -407,8 +440,10 @@ class GraphMultiheadAttention(MessagePassing):
 
     def _check_project_kv(self) -> None:
         if not self.project_kv:
-            raise ValueError(f"{type(self).__name__} was built with project_kv=False and has no "
-                             "key/value projection: pass keys and values with 'kv='")
+            raise ValueError(
+                f"{type(self).__name__} was built with project_kv=False and has no "
+                "key/value projection: pass keys and values with 'kv='"
+            )
 
     # ------------------------------------------------------------------ projections
     def projection_weights(self) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -460,12 +495,14 @@ class GraphMultiheadAttention(MessagePassing):
         if not isinstance(pos, Tensor) or pos.dim() != 1 or pos.size(0) != heads.size(0):
             got = list(pos.shape) if isinstance(pos, Tensor) else pos
             why = "; the layer uses RoPE" if self.rotary is not None else ""
-            raise ValueError(f"Expected '{name}' to hold one position per node, shape "
-                             f"[{heads.size(0)}] (got {got}){why}")
+            raise ValueError(
+                f"Expected '{name}' to hold one position per node, shape [{heads.size(0)}] (got {got}){why}"
+            )
         return heads if self.rotary is None else self.rotary(heads, pos)
 
-    def key_value(self, x_src: Tensor, *, value: Tensor | None = None,
-                  pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def key_value(
+        self, x_src: Tensor, *, value: Tensor | None = None, pos: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Keys (rotated when the layer uses RoPE) and values ``[N_src, H_kv, D]`` of source nodes.
 
         What ``forward(..., kv=...)`` takes: keys and values computed once and reused by several
@@ -480,11 +517,19 @@ class GraphMultiheadAttention(MessagePassing):
         return self.rotate(key, pos), value_h
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor | tuple[Tensor, Tensor], edge_index: Tensor, *,
-                value: Tensor | None = None, edge_bias: Tensor | None = None,
-                pos: Tensor | tuple[Tensor, Tensor] | None = None,
-                kv: tuple[Tensor, Tensor] | None = None, edge_head: Tensor | None = None,
-                return_attention_weights: bool = False, backend: str | None = None):
+    def forward(
+        self,
+        x: Tensor | tuple[Tensor, Tensor],
+        edge_index: Tensor,
+        *,
+        value: Tensor | None = None,
+        edge_bias: Tensor | None = None,
+        pos: Tensor | tuple[Tensor, Tensor] | None = None,
+        kv: tuple[Tensor, Tensor] | None = None,
+        edge_head: Tensor | None = None,
+        return_attention_weights: bool = False,
+        backend: str | None = None,
+    ):
         r"""Attend along the edges of ``edge_index``.
 
         Args:
@@ -518,98 +563,130 @@ class GraphMultiheadAttention(MessagePassing):
             ``return_attention_weights``.
         """
         if kv is not None:
-            return self._forward_kv(x, edge_index, kv, edge_bias=edge_bias, pos=pos, edge_head=edge_head,
-                                    return_attention_weights=return_attention_weights,
-                                    backend=backend)
+            return self._forward_kv(
+                x,
+                edge_index,
+                kv,
+                edge_bias=edge_bias,
+                pos=pos,
+                edge_head=edge_head,
+                return_attention_weights=return_attention_weights,
+                backend=backend,
+            )
         if not self.project_kv:
-            raise ValueError(f"Expected 'kv' (keys and values of the source nodes) for "
-                             f"{type(self).__name__} built with project_kv=False (got None): it "
-                             "has no key/value projection")
+            raise ValueError(
+                f"Expected 'kv' (keys and values of the source nodes) for "
+                f"{type(self).__name__} built with project_kv=False (got None): it "
+                "has no key/value projection"
+            )
         x_src, x_dst, edge_bias = self._check_forward(x, edge_index, value, edge_bias, edge_head)
 
         query, key, value_h = self.project(x_dst, x_src, x_src if value is None else value)
         if self.rotary is not None or pos is not None:
             if isinstance(x, Tensor):
                 if isinstance(pos, (tuple, list)):
-                    raise ValueError(f"Expected 'pos' to hold one position per node, shape [{x.size(0)}] (got "
-                                     "a pair: (pos_src, pos_dst) is for a bipartite input 'x' = (x_src, x_dst))")
+                    raise ValueError(
+                        f"Expected 'pos' to hold one position per node, shape [{x.size(0)}] (got "
+                        "a pair: (pos_src, pos_dst) is for a bipartite input 'x' = (x_src, x_dst))"
+                    )
                 pos_src = pos_dst = pos
             elif isinstance(pos, (tuple, list)) and len(pos) == 2:
                 pos_src, pos_dst = pos
             else:
                 got = type(pos).__name__ if pos is None or not isinstance(pos, Tensor) else list(pos.shape)
-                raise ValueError("Expected 'pos' to be a pair (pos_src, pos_dst) for a bipartite "
-                                 f"input 'x' = (x_src, x_dst) (got {got})")
+                raise ValueError(
+                    "Expected 'pos' to be a pair (pos_src, pos_dst) for a bipartite "
+                    f"input 'x' = (x_src, x_dst) (got {got})"
+                )
             query = self.rotate(query, pos_dst, "pos" if isinstance(x, Tensor) else "pos[1]")
             key = self.rotate(key, pos_src, "pos" if isinstance(x, Tensor) else "pos[0]")
-        return self._attend_and_project(query, key, value_h, edge_index, edge_bias, edge_head,
-                                        return_attention_weights, backend)
+        return self._attend_and_project(
+            query, key, value_h, edge_index, edge_bias, edge_head, return_attention_weights, backend
+        )
 
-    def _forward_kv(self, x: Tensor | tuple[Tensor, Tensor], edge_index: Tensor, kv: tuple[Tensor, Tensor], *,
-                    edge_bias: Tensor | None, pos: Tensor | tuple[Tensor, Tensor] | None, edge_head: Tensor | None,
-                    return_attention_weights: bool, backend: str | None):
+    def _forward_kv(
+        self,
+        x: Tensor | tuple[Tensor, Tensor],
+        edge_index: Tensor,
+        kv: tuple[Tensor, Tensor],
+        *,
+        edge_bias: Tensor | None,
+        pos: Tensor | tuple[Tensor, Tensor] | None,
+        edge_head: Tensor | None,
+        return_attention_weights: bool,
+        backend: str | None,
+    ):
         """``forward`` with the sources' keys and values given: only the queries are projected."""
         key, value_h, edge_bias = self._check_forward_kv(x, edge_index, kv, edge_bias, edge_head)
         assert isinstance(x, Tensor)  # refused by _check_forward_kv otherwise
         if isinstance(pos, (tuple, list)):
-            raise ValueError(f"Expected 'pos' to hold one position per query node, shape [{x.size(0)}] (got "
-                             "a pair: with 'kv' only the query nodes' positions are used)")
+            raise ValueError(
+                f"Expected 'pos' to hold one position per query node, shape [{x.size(0)}] (got "
+                "a pair: with 'kv' only the query nodes' positions are used)"
+            )
         query = self.rotate(self.project_query(x), pos)
-        return self._attend_and_project(query, key, value_h, edge_index, edge_bias, edge_head,
-                                        return_attention_weights, backend)
+        return self._attend_and_project(
+            query, key, value_h, edge_index, edge_bias, edge_head, return_attention_weights, backend
+        )
 
-    def _check_forward(self, x, edge_index: Tensor, value: Tensor | None, edge_bias: Tensor | None,
-                       edge_head: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _check_forward(
+        self, x, edge_index: Tensor, value: Tensor | None, edge_bias: Tensor | None, edge_head: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Checked ``(x_src, x_dst, edge_bias)`` of a ``forward`` without ``kv``."""
         if isinstance(x, Tensor):
             x_src = x_dst = x
         elif isinstance(x, (tuple, list)) and len(x) == 2:
             x_src, x_dst = x
         else:
-            got = (f"a {type(x).__name__} of length {len(x)}" if isinstance(x, (tuple, list))
-                   else type(x).__name__)
-            raise TypeError("Expected 'x' to be node features [N, C] or a pair (x_src, x_dst) "
-                            f"(got {got})")
+            got = f"a {type(x).__name__} of length {len(x)}" if isinstance(x, (tuple, list)) else type(x).__name__
+            raise TypeError(f"Expected 'x' to be node features [N, C] or a pair (x_src, x_dst) (got {got})")
         weight_dtype = self.out_proj.weight.dtype
         _check_features(x_dst, self.embed_dim, "x" if isinstance(x, Tensor) else "x[1]", weight_dtype)
         _check_features(x_src, self.kdim, "x" if isinstance(x, Tensor) else "x[0]", weight_dtype)
         if value is not None:
             _check_features(value, self.vdim, "value", weight_dtype)
             if value.size(0) != x_src.size(0):
-                raise ValueError(f"Expected 'value' to have {x_src.size(0)} rows, one per source node "
-                                 f"(got {value.size(0)})")
+                raise ValueError(
+                    f"Expected 'value' to have {x_src.size(0)} rows, one per source node (got {value.size(0)})"
+                )
         elif self.vdim != self.kdim:
-            raise ValueError(f"The layer has vdim={self.vdim} != kdim={self.kdim}: pass the value "
-                             "features with 'value='")
+            raise ValueError(
+                f"The layer has vdim={self.vdim} != kdim={self.kdim}: pass the value features with 'value='"
+            )
         check_edge_index(edge_index, x_src.size(0), x_dst.size(0), x_dst.device)
         return x_src, x_dst, self._check_edge_bias(edge_bias, edge_index, x_dst.device, edge_head)
 
-    def _check_forward_kv(self, x: Tensor | tuple[Tensor, Tensor], edge_index: Tensor, kv, edge_bias: Tensor | None,
-                          edge_head: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _check_forward_kv(
+        self,
+        x: Tensor | tuple[Tensor, Tensor],
+        edge_index: Tensor,
+        kv,
+        edge_bias: Tensor | None,
+        edge_head: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Checked ``(key, value, edge_bias)`` of a ``forward`` with ``kv``."""
         if not isinstance(x, Tensor):
-            raise TypeError("Expected 'x' to be the query features [N_dst, C] when 'kv' is given "
-                            f"(got {type(x).__name__})")
+            raise TypeError(
+                f"Expected 'x' to be the query features [N_dst, C] when 'kv' is given (got {type(x).__name__})"
+            )
         _check_features(x, self.embed_dim, "x", self.out_proj.weight.dtype)
         if not isinstance(kv, (tuple, list)) or len(kv) != 2:
-            got = (f"a {type(kv).__name__} of length {len(kv)}" if isinstance(kv, (tuple, list))
-                   else type(kv).__name__)
+            got = f"a {type(kv).__name__} of length {len(kv)}" if isinstance(kv, (tuple, list)) else type(kv).__name__
             raise TypeError(f"Expected 'kv' to be a pair (key, value) (got {got})")
         key, value_h = kv
         expected = [self.num_kv_heads, self.head_dim]
         for name, t in (("kv[0]", key), ("kv[1]", value_h)):
             if not isinstance(t, Tensor) or t.dim() != 3 or list(t.shape[1:]) != expected:
                 found = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"Expected '{name}' to have shape [N_src, {expected[0]}, "
-                                 f"{expected[1]}] (got {found})")
+                raise ValueError(f"Expected '{name}' to have shape [N_src, {expected[0]}, {expected[1]}] (got {found})")
         if key.size(0) != value_h.size(0):
-            raise ValueError(f"Expected 'kv' keys and values for the same {key.size(0)} source "
-                             f"nodes (got {value_h.size(0)} values)")
+            raise ValueError(
+                f"Expected 'kv' keys and values for the same {key.size(0)} source nodes (got {value_h.size(0)} values)"
+            )
         heads = self._heads_dtype(x.device)
         for name, t in (("kv[0]", key), ("kv[1]", value_h)):
             if t.dtype != heads:
-                raise TypeError(f"Expected '{name}' in the dtype of the layer's queries, {heads} "
-                                f"(got {t.dtype})")
+                raise TypeError(f"Expected '{name}' in the dtype of the layer's queries, {heads} (got {t.dtype})")
         check_edge_index(edge_index, key.size(0), x.size(0), x.device)
         return key, value_h, self._check_edge_bias(edge_bias, edge_index, x.device, edge_head)
 
@@ -618,8 +695,13 @@ class GraphMultiheadAttention(MessagePassing):
         autocast = _autocast_dtype(device)
         return self.out_proj.weight.dtype if autocast is None else autocast
 
-    def _check_edge_bias(self, edge_bias: Tensor | None, edge_index: Tensor,
-                         device: torch.device | None = None, edge_head: Tensor | None = None) -> Tensor | None:
+    def _check_edge_bias(
+        self,
+        edge_bias: Tensor | None,
+        edge_index: Tensor,
+        device: torch.device | None = None,
+        edge_head: Tensor | None = None,
+    ) -> Tensor | None:
         """Checked ``edge_bias``; a floating bias of another dtype than the heads is cast to the
         dtype the scores are computed in (float32; float64 for float64 heads), as the kernels do."""
         if kernels.is_block_structure(edge_index):
@@ -634,44 +716,77 @@ class GraphMultiheadAttention(MessagePassing):
             want = expected if edge_head is None else f"{expected[:1]} or {expected}"
             raise ValueError(f"Expected 'edge_bias' to have shape {want} (got {got})")
         if not edge_bias.is_floating_point():
-            raise TypeError(f"Expected 'edge_bias' to be a floating-point tensor (got dtype "
-                            f"{edge_bias.dtype}); to remove edges, leave them out of 'edge_index' "
-                            "or give them a bias of -inf")
+            raise TypeError(
+                f"Expected 'edge_bias' to be a floating-point tensor (got dtype "
+                f"{edge_bias.dtype}); to remove edges, leave them out of 'edge_index' "
+                "or give them a bias of -inf"
+            )
         if device is not None and edge_bias.device != device:
-            raise ValueError(f"Expected 'edge_bias' on the device of the node features, {device} "
-                             f"(got device {edge_bias.device})")
+            raise ValueError(
+                f"Expected 'edge_bias' on the device of the node features, {device} (got device {edge_bias.device})"
+            )
         if edge_bias.dtype != self.out_proj.weight.dtype:
             heads = self._heads_dtype(edge_bias.device)
             if edge_bias.dtype != heads:
                 edge_bias = edge_bias.to(torch.float64 if heads == torch.float64 else torch.float32)
         return edge_bias
 
-    def _attend_and_project(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor,
-                            edge_bias: Tensor | None, edge_head: Tensor | None,
-                            return_attention_weights: bool, backend: str | None):
+    def _attend_and_project(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        edge_index: Tensor,
+        edge_bias: Tensor | None,
+        edge_head: Tensor | None,
+        return_attention_weights: bool,
+        backend: str | None,
+    ):
         num_dst = query.size(0)
         if self.select is not None:
-            chosen = self._implicit_selection(query, key, edge_index, edge_head, edge_bias,
-                                              return_attention_weights, backend)
+            chosen = self._implicit_selection(
+                query, key, edge_index, edge_head, edge_bias, return_attention_weights, backend
+            )
             if chosen is not None:
                 edge_index, edge_head = chosen, None
             else:
                 edge_index, edge_head = self._selected_graph(query, key, edge_index, edge_head, edge_bias)
-        out, alpha = self.attend(query, key, value, edge_index, edge_bias=edge_bias, edge_head=edge_head,
-                                 need_weights=return_attention_weights, backend=backend)
+        out, alpha = self.attend(
+            query,
+            key,
+            value,
+            edge_index,
+            edge_bias=edge_bias,
+            edge_head=edge_head,
+            need_weights=return_attention_weights,
+            backend=backend,
+        )
         out = self.out_proj(out.reshape(num_dst, self.q_dim))  # [N_dst, C]
         return (out, alpha) if return_attention_weights else out
 
-    def _implicit_selection(self, query: Tensor, key: Tensor, edge_index, edge_head: Tensor | None,
-                            edge_bias: Tensor | None, need_weights: bool, backend: str | None):
+    def _implicit_selection(
+        self,
+        query: Tensor,
+        key: Tensor,
+        edge_index,
+        edge_head: Tensor | None,
+        edge_bias: Tensor | None,
+        need_weights: bool,
+        backend: str | None,
+    ):
         """The selection as an implicit graph (a per-head ``BlockGraph``), when ``select`` can give one
         (``select.implicit``, as :class:`~gnn_transformer.topology.dynamic.BlockTopK` does) and the
         call runs the tiled kernels on it: backend ``auto`` or ``tiled``, no weights, no attention
         dropout, no softcap; else ``None``."""
         implicit = getattr(self.select, "implicit", None)
         requested = self.backend if backend is None else backend
-        if (not callable(implicit) or requested not in ("auto", "tiled") or need_weights or self.softcap is not None
-                or (self.training and self.dropout > 0.0)):
+        if (
+            not callable(implicit)
+            or requested not in ("auto", "tiled")
+            or need_weights
+            or self.softcap is not None
+            or (self.training and self.dropout > 0.0)
+        ):
             return None
         self._check_select_inputs(edge_head, edge_bias)
         with torch.no_grad():
@@ -680,29 +795,44 @@ class GraphMultiheadAttention(MessagePassing):
     def _check_select_inputs(self, edge_head: Tensor | None, edge_bias: Tensor | None) -> None:
         if edge_head is not None or edge_bias is not None:
             given = "edge_head" if edge_head is not None else "edge_bias"
-            raise ValueError(f"Expected no '{given}' for a layer that selects its graph (select={self.select!r}): "
-                             "the selection decides which edges each head has")
+            raise ValueError(
+                f"Expected no '{given}' for a layer that selects its graph (select={self.select!r}): "
+                "the selection decides which edges each head has"
+            )
 
-    def _selected_graph(self, query: Tensor, key: Tensor, edge_index: Tensor, edge_head: Tensor | None,
-                        edge_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _selected_graph(
+        self, query: Tensor, key: Tensor, edge_index: Tensor, edge_head: Tensor | None, edge_bias: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         """The per-head graph ``select`` chooses from the detached queries and keys, checked (an
         implicit ``edge_index`` is given to it materialized, within the edge budget)."""
         self._check_select_inputs(edge_head, edge_bias)
         if kernels.is_block_structure(edge_index):
             if edge_index.num_heads is not None:
-                raise ValueError(f"Expected a graph shared by every head for a layer that selects its graph "
-                                 f"(select={self.select!r}; got a per-head BlockGraph)")
+                raise ValueError(
+                    f"Expected a graph shared by every head for a layer that selects its graph "
+                    f"(select={self.select!r}; got a per-head BlockGraph)"
+                )
             edge_index = _materialized(edge_index)[0]
         with torch.no_grad():
             chosen = self.select(query.detach(), key.detach(), edge_index)
         if not (isinstance(chosen, (tuple, list)) and len(chosen) == 2 and all(isinstance(t, Tensor) for t in chosen)):
-            raise ValueError(f"Expected 'select' ({self.select!r}) to return a pair (edge_index, edge_head) "
-                             f"(got {type(chosen).__name__})")
+            raise ValueError(
+                f"Expected 'select' ({self.select!r}) to return a pair (edge_index, edge_head) "
+                f"(got {type(chosen).__name__})"
+            )
         return chosen[0], chosen[1]  # shapes, devices and ranges: checked once, by kernels.head_inputs
 
-    def resolve_backend(self, edge_index: Tensor, device: torch.device, backend: str | None = None,
-                        size: tuple[int, int] | None = None, dtype: torch.dtype | None = None, *,
-                        edge_bias: bool = False, need_weights: bool = False) -> str:
+    def resolve_backend(
+        self,
+        edge_index: Tensor,
+        device: torch.device,
+        backend: str | None = None,
+        size: tuple[int, int] | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        edge_bias: bool = False,
+        need_weights: bool = False,
+    ) -> str:
         """The kernel one call will run; ``size`` is ``(N_src, N_dst)``, by default the graph's,
         and ``dtype`` that of the projected heads, which sets the default tile size. Under
         ``"auto"`` it is :func:`gnn_transformer.kernels.auto_kernel`'s answer: ``"sdpa"`` for a graph
@@ -717,17 +847,36 @@ class GraphMultiheadAttention(MessagePassing):
         if self.softcap is not None:  # the kernels compute no softcapping
             if backend == "auto":
                 return "pyg"
-            raise ValueError(f"Expected backend 'pyg' or 'auto' for a layer with softcap={self.softcap} (got "
-                             f"backend={backend!r}): the kernels do not compute attention logit softcapping")
+            raise ValueError(
+                f"Expected backend 'pyg' or 'auto' for a layer with softcap={self.softcap} (got "
+                f"backend={backend!r}): the kernels do not compute attention logit softcapping"
+            )
         if backend == "auto":
             num_src, num_dst = (None, None) if size is None else size
-            return kernels.auto_kernel(edge_index, device, edge_bias=edge_bias, dropout=dropout_active,
-                                       return_lse=need_weights, num_src=num_src, num_dst=num_dst, dtype=dtype)
+            return kernels.auto_kernel(
+                edge_index,
+                device,
+                edge_bias=edge_bias,
+                dropout=dropout_active,
+                return_lse=need_weights,
+                num_src=num_src,
+                num_dst=num_dst,
+                dtype=dtype,
+            )
         return backend
 
-    def attend(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *,
-               edge_bias: Tensor | None = None, need_weights: bool = False,
-               backend: str | None = None, edge_head: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def attend(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        edge_index: Tensor,
+        *,
+        edge_bias: Tensor | None = None,
+        need_weights: bool = False,
+        backend: str | None = None,
+        edge_head: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         """Attention on already projected heads: ``[N_dst, H, D]`` out, optional ``[E, H]`` weights
         (``[E]`` on a per-head graph, ``edge_head``).
 
@@ -740,8 +889,15 @@ class GraphMultiheadAttention(MessagePassing):
             return self._attend_implicit(query, key, value, edge_index, need_weights, backend)
         size = (key.size(0), query.size(0))
         requested = self.backend if backend is None else backend
-        backend = self.resolve_backend(edge_index, query.device, backend, size, query.dtype,
-                                       edge_bias=edge_bias is not None, need_weights=need_weights)
+        backend = self.resolve_backend(
+            edge_index,
+            query.device,
+            backend,
+            size,
+            query.dtype,
+            edge_bias=edge_bias is not None,
+            need_weights=need_weights,
+        )
         scale = 1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale
         if backend == "pyg":
             # half precision is computed in float32, as on every backend: bfloat16 scores of large
@@ -752,8 +908,9 @@ class GraphMultiheadAttention(MessagePassing):
             query = query.to(cd)  # [N_dst, H, D]
             key = key.to(cd).repeat_interleave(group, dim=1)  # [N_src, H, D]
             value = value.to(cd).repeat_interleave(group, dim=1)  # [N_src, H, D]
-            alpha = self.edge_updater(edge_index, query=query, key=key, edge_bias=edge_bias,
-                                      scale=scale, softcap=self.softcap, size=size)  # [E, H]
+            alpha = self.edge_updater(
+                edge_index, query=query, key=key, edge_bias=edge_bias, scale=scale, softcap=self.softcap, size=size
+            )  # [E, H]
             weights = alpha.to(dtype)
             alpha = F.dropout(alpha, p=self.dropout, training=self.training)
             out = self.propagate(edge_index, value=value, alpha=alpha, size=size)  # [N_dst, H, D]
@@ -762,46 +919,89 @@ class GraphMultiheadAttention(MessagePassing):
         dropout_p = self.dropout if self.training else 0.0
         # under "auto" the kernels choose again (the same answer, cached per graph): SDPA is not a
         # backend a caller names
-        result = kernels.attend(query, key, value, edge_index, scale=scale, edge_bias=edge_bias,
-                                backend="auto" if requested == "auto" else backend, num_dst=query.size(0),
-                                return_lse=need_weights, dropout_p=dropout_p)
+        result = kernels.attend(
+            query,
+            key,
+            value,
+            edge_index,
+            scale=scale,
+            edge_bias=edge_bias,
+            backend="auto" if requested == "auto" else backend,
+            num_dst=query.size(0),
+            return_lse=need_weights,
+            dropout_p=dropout_p,
+        )
         if not need_weights:
             return result, None
         out, lse = result
         return out, kernels.edge_weights(query, key, edge_index, lse, scale=scale, edge_bias=edge_bias)
 
-    def _attend_implicit(self, query: Tensor, key: Tensor, value: Tensor, graph, need_weights: bool,
-                         backend: str | None) -> tuple[Tensor, Tensor | None]:
+    def _attend_implicit(
+        self, query: Tensor, key: Tensor, value: Tensor, graph, need_weights: bool, backend: str | None
+    ) -> tuple[Tensor, Tensor | None]:
         """:meth:`attend` on an implicit graph (a ``BlockGraph``): its tiles through the kernels; the
         ``pyg`` backend (and softcap) and attention weights run on its materialized edges (weights in
         the order of ``graph.edges()``), refused past the edge budget."""
         requested = self.backend if backend is None else backend
-        resolved = self.resolve_backend(graph, query.device, backend, (key.size(0), query.size(0)), query.dtype,
-                                        need_weights=need_weights)
+        resolved = self.resolve_backend(
+            graph, query.device, backend, (key.size(0), query.size(0)), query.dtype, need_weights=need_weights
+        )
         if resolved == "pyg" or need_weights:
             edge_index, edge_head = _materialized(graph)
-            return self.attend(query, key, value, edge_index, edge_head=edge_head, need_weights=need_weights,
-                               backend=backend)
+            return self.attend(
+                query, key, value, edge_index, edge_head=edge_head, need_weights=need_weights, backend=backend
+            )
         scale = 1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale
-        out = kernels.attend(query, key, value, graph, scale=scale, backend="auto" if requested == "auto" else resolved,
-                             num_dst=query.size(0), dropout_p=self.dropout if self.training else 0.0)
+        out = kernels.attend(
+            query,
+            key,
+            value,
+            graph,
+            scale=scale,
+            backend="auto" if requested == "auto" else resolved,
+            num_dst=query.size(0),
+            dropout_p=self.dropout if self.training else 0.0,
+        )
         return out, None
 
-    def _attend_per_head(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, edge_head: Tensor,
-                         edge_bias: Tensor | None, need_weights: bool, backend: str | None
-                         ) -> tuple[Tensor, Tensor | None]:
+    def _attend_per_head(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        edge_index: Tensor,
+        edge_head: Tensor,
+        edge_bias: Tensor | None,
+        need_weights: bool,
+        backend: str | None,
+    ) -> tuple[Tensor, Tensor | None]:
         """:meth:`attend` on a per-head graph: one head on (head, token) nodes, then ``[N_dst, H, D]``
         and weights ``[E]``."""
         num_heads = query.size(1)
         index, bias = kernels.head_inputs(query, key, edge_index, edge_head, edge_bias)
-        out, weights = self.attend(kernels.heads_to_nodes(query), kernels.heads_to_nodes(key),
-                                   kernels.heads_to_nodes(value), index, edge_bias=bias,
-                                   need_weights=need_weights, backend=backend)  # [H N_dst, 1, D]
+        out, weights = self.attend(
+            kernels.heads_to_nodes(query),
+            kernels.heads_to_nodes(key),
+            kernels.heads_to_nodes(value),
+            index,
+            edge_bias=bias,
+            need_weights=need_weights,
+            backend=backend,
+        )  # [H N_dst, 1, D]
         return kernels.nodes_to_heads(out, num_heads), (None if weights is None else weights[:, 0])
 
     # ------------------------------------------------------------------ message passing
-    def edge_update(self, query_i: Tensor, key_j: Tensor, edge_bias: Tensor | None, scale: float,
-                    softcap: float | None, index: Tensor, ptr: Tensor | None, size_i: int | None) -> Tensor:
+    def edge_update(
+        self,
+        query_i: Tensor,
+        key_j: Tensor,
+        edge_bias: Tensor | None,
+        scale: float,
+        softcap: float | None,
+        index: Tensor,
+        ptr: Tensor | None,
+        size_i: int | None,
+    ) -> Tensor:
         alpha = (query_i * key_j).sum(dim=-1) * scale  # [E, H]
         if softcap is not None:
             alpha = torch.tanh(alpha / softcap) * softcap  # [E, H], in (-softcap, softcap)
@@ -814,11 +1014,13 @@ class GraphMultiheadAttention(MessagePassing):
         return alpha.unsqueeze(-1) * value_j  # [E, H, D]
 
     def __repr__(self) -> str:
-        return (f"{self.__class__.__name__}({self.embed_dim}, num_heads={self.num_heads}, "
-                f"num_kv_heads={self.num_kv_heads}, backend={self.backend!r}"
-                f"{'' if self.q_dim == self.embed_dim else f', head_dim={self.head_dim}'}"
-                f"{'' if self.scale is None else f', scale={self.scale}'}"
-                f"{'' if self.softcap is None else f', softcap={self.softcap}'}"
-                f"{', rope=True' if self.rotary is not None else ''}"
-                f"{'' if self.select is None else f', select={self.select!r}'}"
-                f"{'' if self.project_kv else ', project_kv=False'})")
+        return (
+            f"{self.__class__.__name__}({self.embed_dim}, num_heads={self.num_heads}, "
+            f"num_kv_heads={self.num_kv_heads}, backend={self.backend!r}"
+            f"{'' if self.q_dim == self.embed_dim else f', head_dim={self.head_dim}'}"
+            f"{'' if self.scale is None else f', scale={self.scale}'}"
+            f"{'' if self.softcap is None else f', softcap={self.softcap}'}"
+            f"{', rope=True' if self.rotary is not None else ''}"
+            f"{'' if self.select is None else f', select={self.select!r}'}"
+            f"{'' if self.project_kv else ', project_kv=False'})"
+        )

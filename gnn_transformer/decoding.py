@@ -26,6 +26,7 @@ Example:
     >>> generate(lm, torch.tensor([[1, 2, 3]]), max_new_tokens=4).shape
     torch.Size([1, 7])
 """
+
 from __future__ import annotations
 
 import math
@@ -97,6 +98,7 @@ def _graph(lengths: list[int], window: Window, device: torch.device) -> Tensor |
         if radius is None:
             return topology.causal(lengths).to(device)
         return topology.sliding_window(lengths, radius, causal=True).to(device)
+
     return _per_layer(window, build)
 
 
@@ -110,8 +112,9 @@ def _forward(model, ids: Tensor, edge_index: Tensor | list[Tensor], pos: Tensor,
     return model.forward_graph(ids, edge_index, pos=pos, cache=cache)
 
 
-def _sample(logits: Tensor, greedy: bool, temperature: float, top_k: int | None,
-            generator: torch.Generator | None) -> Tensor:
+def _sample(
+    logits: Tensor, greedy: bool, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> Tensor:
     if greedy:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -124,8 +127,7 @@ def _sample(logits: Tensor, greedy: bool, temperature: float, top_k: int | None,
 def _check_int(name: str, value: object, low: int | None = None, optional: bool = False) -> None:
     if optional and value is None:
         return
-    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-            or (low is not None and value < low)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
         what = "an int" if low is None else ("a positive int" if low == 1 else "a non-negative int")
         raise ValueError(f"Expected '{name}' to be {what}{' or None' if optional else ''} (got {value!r})")
 
@@ -139,25 +141,48 @@ def _check_window(model, window: object) -> None:
         _check_int(f"window[{index}]", radius, 0, optional=True)
     num_layers = getattr(getattr(model, "encoder", None), "num_layers", None)
     if isinstance(num_layers, int) and len(window) != num_layers:
-        raise ValueError(f"Expected 'window' to hold one radius per layer, {num_layers} (got a sequence of "
-                         f"length {len(window)})")
+        raise ValueError(
+            f"Expected 'window' to hold one radius per layer, {num_layers} (got a sequence of length {len(window)})"
+        )
 
 
-def _check_generate(model, input_ids, max_new_tokens, greedy, attention_mask, window, use_cache,
-                    temperature, top_k, generator, pad_token_id, eos_token_id, return_logits
-                    ) -> tuple[Tensor, Tensor]:
+def _check_generate(
+    model,
+    input_ids,
+    max_new_tokens,
+    greedy,
+    attention_mask,
+    window,
+    use_cache,
+    temperature,
+    top_k,
+    generator,
+    pad_token_id,
+    eos_token_id,
+    return_logits,
+) -> tuple[Tensor, Tensor]:
     """Every argument of :func:`generate`, checked before any step; returns the real-token mask
     ``[B, T]`` and the prompt lengths ``[B]``."""
     if not hasattr(model, "forward_graph"):
         raise ValueError(f"Expected 'model' with a forward_graph method (got {type(model).__name__})")
     if getattr(model, "topology", None) is not None:
-        raise ValueError(f"Expected a model without 'topology' (got {model.topology!r}): cached generation "
-                         "builds each step's graph from 'window'")
+        raise ValueError(
+            f"Expected a model without 'topology' (got {model.topology!r}): cached generation "
+            "builds each step's graph from 'window'"
+        )
     _check_int("max_new_tokens", max_new_tokens, 0)
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
-            or input_ids.dtype == torch.bool or input_ids.is_complex():
-        got = (f"{input_ids.dtype} of shape {list(input_ids.shape)}" if isinstance(input_ids, Tensor)
-               else type(input_ids).__name__)
+    if (
+        not isinstance(input_ids, Tensor)
+        or input_ids.dim() != 2
+        or input_ids.is_floating_point()
+        or input_ids.dtype == torch.bool
+        or input_ids.is_complex()
+    ):
+        got = (
+            f"{input_ids.dtype} of shape {list(input_ids.shape)}"
+            if isinstance(input_ids, Tensor)
+            else type(input_ids).__name__
+        )
         raise ValueError(f"Expected 'input_ids' to be an integer tensor [B, T] (got {got})")
     _check_window(model, window)
     _check_int("eos_token_id", eos_token_id, optional=True)
@@ -166,20 +191,19 @@ def _check_generate(model, input_ids, max_new_tokens, greedy, attention_mask, wi
         check_bool(name, value)
     if input_ids.size(0) == 0:
         raise ValueError(f"Expected 'input_ids' to hold at least one prompt (got {list(input_ids.shape)})")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not 0.0 < temperature < math.inf:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0.0 < temperature < math.inf:
         raise ValueError(f"Expected 'temperature' to be a positive finite number (got {temperature!r})")
     _check_int("top_k", top_k, 1, optional=True)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"Expected 'generator' to be a torch.Generator or None (got {generator!r})")
-    if attention_mask is not None and (not isinstance(attention_mask, Tensor)
-                                       or attention_mask.shape != input_ids.shape):
-        got_mask = (list(attention_mask.shape) if isinstance(attention_mask, Tensor)
-                    else type(attention_mask).__name__)
-        raise ValueError("Expected 'attention_mask' of the shape of 'input_ids' "
-                         f"{list(input_ids.shape)} (got {got_mask})")
-    mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
-            else attention_mask.bool())
+    if attention_mask is not None and (
+        not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape
+    ):
+        got_mask = list(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+        raise ValueError(
+            f"Expected 'attention_mask' of the shape of 'input_ids' {list(input_ids.shape)} (got {got_mask})"
+        )
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     lengths = mask.sum(1)  # [B]
     if int(lengths.min()) == 0:
         raise ValueError(f"Expected every prompt to have a token (got lengths {lengths.tolist()})")
@@ -190,11 +214,22 @@ def _check_generate(model, input_ids, max_new_tokens, greedy, attention_mask, wi
 
 
 @torch.no_grad()
-def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True, *,
-             attention_mask: Tensor | None = None, window: Window = None,
-             use_cache: bool = True, temperature: float = 1.0, top_k: int | None = None,
-             generator: torch.Generator | None = None, pad_token_id: int = 0,
-             eos_token_id: int | None = None, return_logits: bool = False):
+def generate(
+    model,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    greedy: bool = True,
+    *,
+    attention_mask: Tensor | None = None,
+    window: Window = None,
+    use_cache: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    pad_token_id: int = 0,
+    eos_token_id: int | None = None,
+    return_logits: bool = False,
+):
     r"""Generate up to ``max_new_tokens`` tokens after each prompt.
 
     Args:
@@ -216,9 +251,21 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True,
     Returns:
         ``[B, width]``: row ``b`` holds its prompt, its new tokens, then ``pad_token_id``.
     """
-    mask, lengths = _check_generate(model, input_ids, max_new_tokens, greedy, attention_mask, window,
-                                    use_cache, temperature, top_k, generator, pad_token_id,
-                                    eos_token_id, return_logits)
+    mask, lengths = _check_generate(
+        model,
+        input_ids,
+        max_new_tokens,
+        greedy,
+        attention_mask,
+        window,
+        use_cache,
+        temperature,
+        top_k,
+        generator,
+        pad_token_id,
+        eos_token_id,
+        return_logits,
+    )
     device = input_ids.device
     seqs = [row[m] for row, m in zip(input_ids, mask)]  # each prompt, padding dropped
     batch = len(seqs)
@@ -240,8 +287,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True,
         else:  # reference: the whole graph again, nodes sequence after sequence
             lens = [int(t.numel()) for t in seqs]
             full_pos = torch.cat([torch.arange(n, device=device) for n in lens])
-            logits = _forward(model, torch.cat(seqs), _graph(lens, window, device), full_pos,
-                              None)
+            logits = _forward(model, torch.cat(seqs), _graph(lens, window, device), full_pos, None)
             logits = logits[torch.tensor(lens, device=device).cumsum(0) - 1][act]  # [A, V]
         every = logits.new_full((batch, logits.size(-1)), float("nan"))
         every[act] = logits
@@ -260,8 +306,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, greedy: bool = True,
         pos = cur_len[seq] - 1
         if cache is not None:
             assert cache.seq is not None and cache.pos is not None  # add_nodes ran in the first step
-            edge_index = _step_graph(torch.cat([cache.seq, seq]), torch.cat([cache.pos, pos]),
-                                     seq.numel(), window)
+            edge_index = _step_graph(torch.cat([cache.seq, seq]), torch.cat([cache.pos, pos]), seq.numel(), window)
         last = torch.arange(seq.numel(), device=device)
     width = max(s.numel() for s in seqs)
     out = input_ids.new_full((batch, width), pad_token_id)

@@ -21,6 +21,7 @@ real token equals ``torch.nn``'s (``tests/test_layers.py``).
 Notation: ``N`` tokens, ``E`` edges, ``C`` = ``d_model``, ``H`` heads, ``H_kv`` key/value heads,
 ``D`` head dimension.
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,8 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
-from .attention import (GraphMultiheadAttention, check_bool, check_dropout, check_positive_int,
-                        check_real)
+from .attention import GraphMultiheadAttention, check_bool, check_dropout, check_positive_int, check_real
 
 KV = tuple[Tensor, Tensor]
 # an edge set: edge_index [2, E], or an implicit graph (topology.BlockGraph: tiles, no edge list)
@@ -52,8 +52,12 @@ def gelu_tanh(x: Tensor) -> Tensor:
 
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "relu": F.relu, "gelu": F.gelu, "gelu_new": gelu_tanh, "gelu_tanh": gelu_tanh,
-    "gelu_pytorch_tanh": gelu_tanh, "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": gelu_tanh,
+    "gelu_tanh": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "silu": F.silu,
 }
 
 
@@ -61,8 +65,9 @@ def get_activation(activation: str | Callable[[Tensor], Tensor]) -> Callable[[Te
     """An activation function by name (``"relu"``, ``"gelu"``, ``"gelu_new"``, ...) or as given."""
     if isinstance(activation, str):
         if activation not in ACTIVATIONS:
-            raise ValueError(f"Expected 'activation' to be one of {sorted(ACTIVATIONS)} or a callable "
-                             f"(got {activation!r})")
+            raise ValueError(
+                f"Expected 'activation' to be one of {sorted(ACTIVATIONS)} or a callable (got {activation!r})"
+            )
         return ACTIVATIONS[activation]
     if not callable(activation):
         raise ValueError(f"Expected 'activation' to be a string or a callable (got {activation!r})")
@@ -74,9 +79,18 @@ def check_layer_norm_eps(value: object, name: str = "layer_norm_eps") -> float:
     return check_real(name, value, low=0.0, low_open=True)
 
 
-def _check_args(d_model: int, nhead: int, dim_feedforward: int, dropout: float, activation,
-                layer_norm_eps: float, batch_first: bool, norm_first: bool, bias: bool,
-                attention) -> None:
+def _check_args(
+    d_model: int,
+    nhead: int,
+    dim_feedforward: int,
+    dropout: float,
+    activation,
+    layer_norm_eps: float,
+    batch_first: bool,
+    norm_first: bool,
+    bias: bool,
+    attention,
+) -> None:
     """``ValueError`` naming the first constructor argument of a layer with an invalid value."""
     for name, value in (("d_model", d_model), ("nhead", nhead), ("dim_feedforward", dim_feedforward)):
         check_positive_int(name, value)
@@ -102,8 +116,9 @@ class _FeedForward(nn.Module):
     dropout2: nn.Dropout
     activation: Callable[[Tensor], Tensor]
 
-    def _build_feedforward(self, d_model, dim_feedforward, dropout, activation, layer_norm_eps,
-                           bias, norm_first, num_norms, factory) -> None:
+    def _build_feedforward(
+        self, d_model, dim_feedforward, dropout, activation, layer_norm_eps, bias, norm_first, num_norms, factory
+    ) -> None:
         self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
@@ -146,29 +161,69 @@ class GraphTransformerEncoderLayer(_FeedForward):
         torch.Size([3, 8])
     """
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: str | Callable[[Tensor], Tensor] = F.relu, layer_norm_eps: float = 1e-5,
-                 batch_first: bool = False, norm_first: bool = False, bias: bool = True,
-                 device=None, dtype=None, *, num_kv_heads: int | None = None, rope: bool = False,
-                 rope_base: float = 10000.0,
-                 attention: Callable[..., GraphMultiheadAttention] = GraphMultiheadAttention,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str | Callable[[Tensor], Tensor] = F.relu,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        num_kv_heads: int | None = None,
+        rope: bool = False,
+        rope_base: float = 10000.0,
+        attention: Callable[..., GraphMultiheadAttention] = GraphMultiheadAttention,
+        backend: str = "auto",
+    ) -> None:
         super().__init__()
-        _check_args(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
-                    norm_first, bias, attention)
+        _check_args(
+            d_model,
+            nhead,
+            dim_feedforward,
+            dropout,
+            activation,
+            layer_norm_eps,
+            batch_first,
+            norm_first,
+            bias,
+            attention,
+        )
         factory = {"device": device, "dtype": dtype}
-        self.self_attn = attention(d_model, nhead, dropout=dropout, bias=bias,
-                                   num_kv_heads=num_kv_heads, backend=backend, rope=rope,
-                                   rope_base=rope_base, **factory)
-        self._build_feedforward(d_model, dim_feedforward, dropout, activation, layer_norm_eps, bias,
-                                norm_first, 2, factory)
+        self.self_attn = attention(
+            d_model,
+            nhead,
+            dropout=dropout,
+            bias=bias,
+            num_kv_heads=num_kv_heads,
+            backend=backend,
+            rope=rope,
+            rope_base=rope_base,
+            **factory,
+        )
+        self._build_feedforward(
+            d_model, dim_feedforward, dropout, activation, layer_norm_eps, bias, norm_first, 2, factory
+        )
 
     def self_kv(self, x: Tensor, *, pos: Tensor | None = None) -> KV:
         """The keys and values ``[N, H_kv, D]`` this layer's self-attention computes from ``x``."""
         return self.self_attn.key_value(self.norm1(x) if self.norm_first else x, pos=pos)
 
-    def forward(self, x: Tensor, edge_index: Tensor, *, edge_bias: Tensor | None = None,
-                pos: Tensor | None = None, kv: KV | None = None, edge_head: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        edge_index: Tensor,
+        *,
+        edge_bias: Tensor | None = None,
+        pos: Tensor | None = None,
+        kv: KV | None = None,
+        edge_head: Tensor | None = None,
+    ) -> Tensor:
         r"""Apply the layer to node features.
 
         Args:
@@ -195,8 +250,7 @@ class GraphTransformerEncoderLayer(_FeedForward):
         return x
 
     def _sa_block(self, x, edge_index, edge_bias, pos, kv, edge_head) -> Tensor:
-        return self.dropout1(self.self_attn(x, edge_index, edge_bias=edge_bias, pos=pos, kv=kv,
-                                            edge_head=edge_head))
+        return self.dropout1(self.self_attn(x, edge_index, edge_bias=edge_bias, pos=pos, kv=kv, edge_head=edge_head))
 
     def _ff_block(self, x: Tensor) -> Tensor:
         return self.dropout2(self._ff(x))
@@ -223,33 +277,76 @@ class GraphTransformerDecoderLayer(_FeedForward):
     norm3: nn.LayerNorm
     dropout3: nn.Dropout
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: str | Callable[[Tensor], Tensor] = F.relu, layer_norm_eps: float = 1e-5,
-                 batch_first: bool = False, norm_first: bool = False, bias: bool = True,
-                 device=None, dtype=None, *, num_kv_heads: int | None = None, rope: bool = False,
-                 rope_base: float = 10000.0,
-                 attention: Callable[..., GraphMultiheadAttention] = GraphMultiheadAttention,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str | Callable[[Tensor], Tensor] = F.relu,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        num_kv_heads: int | None = None,
+        rope: bool = False,
+        rope_base: float = 10000.0,
+        attention: Callable[..., GraphMultiheadAttention] = GraphMultiheadAttention,
+        backend: str = "auto",
+    ) -> None:
         super().__init__()
-        _check_args(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
-                    norm_first, bias, attention)
+        _check_args(
+            d_model,
+            nhead,
+            dim_feedforward,
+            dropout,
+            activation,
+            layer_norm_eps,
+            batch_first,
+            norm_first,
+            bias,
+            attention,
+        )
         factory = {"device": device, "dtype": dtype}
-        self.self_attn = attention(d_model, nhead, dropout=dropout, bias=bias,
-                                   num_kv_heads=num_kv_heads, backend=backend, rope=rope,
-                                   rope_base=rope_base, **factory)
-        self.multihead_attn = GraphMultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
-                                                      backend=backend, **factory)
-        self._build_feedforward(d_model, dim_feedforward, dropout, activation, layer_norm_eps, bias,
-                                norm_first, 3, factory)
+        self.self_attn = attention(
+            d_model,
+            nhead,
+            dropout=dropout,
+            bias=bias,
+            num_kv_heads=num_kv_heads,
+            backend=backend,
+            rope=rope,
+            rope_base=rope_base,
+            **factory,
+        )
+        self.multihead_attn = GraphMultiheadAttention(
+            d_model, nhead, dropout=dropout, bias=bias, backend=backend, **factory
+        )
+        self._build_feedforward(
+            d_model, dim_feedforward, dropout, activation, layer_norm_eps, bias, norm_first, 3, factory
+        )
 
     def self_kv(self, x: Tensor, *, pos: Tensor | None = None) -> KV:
         """The keys and values ``[N, H_kv, D]`` this layer's self-attention computes from ``x``."""
         return self.self_attn.key_value(self.norm1(x) if self.norm_first else x, pos=pos)
 
-    def forward(self, x: Tensor, edge_index: Tensor, memory: Tensor, memory_edge_index: Tensor, *,
-                edge_bias: Tensor | None = None, memory_edge_bias: Tensor | None = None,
-                pos: Tensor | None = None, kv: KV | None = None, edge_head: Tensor | None = None,
-                memory_edge_head: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        edge_index: Tensor,
+        memory: Tensor,
+        memory_edge_index: Tensor,
+        *,
+        edge_bias: Tensor | None = None,
+        memory_edge_bias: Tensor | None = None,
+        pos: Tensor | None = None,
+        kv: KV | None = None,
+        edge_head: Tensor | None = None,
+        memory_edge_head: Tensor | None = None,
+    ) -> Tensor:
         r"""Apply the layer.
 
         Args:
@@ -270,23 +367,21 @@ class GraphTransformerDecoderLayer(_FeedForward):
         """
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), edge_index, edge_bias, pos, kv, edge_head)
-            x = x + self._mha_block(self.norm2(x), memory, memory_edge_index, memory_edge_bias,
-                                    memory_edge_head)
+            x = x + self._mha_block(self.norm2(x), memory, memory_edge_index, memory_edge_bias, memory_edge_head)
             x = x + self._ff_block(self.norm3(x))
         else:
             x = self.norm1(x + self._sa_block(x, edge_index, edge_bias, pos, kv, edge_head))
-            x = self.norm2(x + self._mha_block(x, memory, memory_edge_index, memory_edge_bias,
-                                               memory_edge_head))
+            x = self.norm2(x + self._mha_block(x, memory, memory_edge_index, memory_edge_bias, memory_edge_head))
             x = self.norm3(x + self._ff_block(x))
         return x
 
     def _sa_block(self, x, edge_index, edge_bias, pos, kv, edge_head) -> Tensor:
-        return self.dropout1(self.self_attn(x, edge_index, edge_bias=edge_bias, pos=pos, kv=kv,
-                                            edge_head=edge_head))
+        return self.dropout1(self.self_attn(x, edge_index, edge_bias=edge_bias, pos=pos, kv=kv, edge_head=edge_head))
 
     def _mha_block(self, x, memory, memory_edge_index, memory_edge_bias, memory_edge_head) -> Tensor:
-        out = self.multihead_attn((memory, x), memory_edge_index, edge_bias=memory_edge_bias,
-                                  edge_head=memory_edge_head)
+        out = self.multihead_attn(
+            (memory, x), memory_edge_index, edge_bias=memory_edge_bias, edge_head=memory_edge_head
+        )
         return self.dropout2(out)
 
     def _ff_block(self, x: Tensor) -> Tensor:
@@ -310,22 +405,35 @@ def _check_graph(edge_index: object, edge_head: object, index_name: str, head_na
     ``edge_head`` ``None`` or integer ``[E]``."""
     if kernels.is_block_structure(edge_index):
         if edge_head is not None:
-            raise ValueError(f"Expected no '{head_name}' with a BlockGraph in '{index_name}': a per-head "
-                             "BlockGraph carries the head of each tile itself")
+            raise ValueError(
+                f"Expected no '{head_name}' with a BlockGraph in '{index_name}': a per-head "
+                "BlockGraph carries the head of each tile itself"
+            )
         return
     if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.size(0) != 2:
         hint = ""
         if isinstance(edge_index, Tensor) and edge_index.dim() == 1:
-            hint = ("; a per-head graph for every layer is edge_index=..., edge_head=..., per-layer "
-                    "per-head graphs are pairs (edge_index, edge_head)")
-        raise ValueError(f"Expected '{index_name}' to be an edge_index of shape [2, E] (got "
-                         f"{_describe(edge_index)}){hint}")
+            hint = (
+                "; a per-head graph for every layer is edge_index=..., edge_head=..., per-layer "
+                "per-head graphs are pairs (edge_index, edge_head)"
+            )
+        raise ValueError(
+            f"Expected '{index_name}' to be an edge_index of shape [2, E] (got {_describe(edge_index)}){hint}"
+        )
     if edge_head is not None:
         num_edges = edge_index.size(1)
-        if (not isinstance(edge_head, Tensor) or edge_head.dim() != 1 or edge_head.size(0) != num_edges
-                or edge_head.is_floating_point() or edge_head.is_complex() or edge_head.dtype == torch.bool):
-            raise ValueError(f"Expected '{head_name}' to be an integer edge_head of shape [{num_edges}], one "
-                             f"query head per edge of '{index_name}' (got {_describe(edge_head)})")
+        if (
+            not isinstance(edge_head, Tensor)
+            or edge_head.dim() != 1
+            or edge_head.size(0) != num_edges
+            or edge_head.is_floating_point()
+            or edge_head.is_complex()
+            or edge_head.dtype == torch.bool
+        ):
+            raise ValueError(
+                f"Expected '{head_name}' to be an integer edge_head of shape [{num_edges}], one "
+                f"query head per edge of '{index_name}' (got {_describe(edge_head)})"
+            )
 
 
 def _layer_graph(label: str, graph: object) -> tuple[EdgeSet, Tensor | None]:
@@ -334,15 +442,18 @@ def _layer_graph(label: str, graph: object) -> tuple[EdgeSet, Tensor | None]:
         _check_graph(graph, None, label, "")
         return graph, None
     if not isinstance(graph, (tuple, list)) or len(graph) != 2:
-        raise ValueError(f"Expected '{label}' to be a graph: an edge_index [2, E] or a pair "
-                         f"(edge_index, edge_head) (got {_describe(graph)})")
+        raise ValueError(
+            f"Expected '{label}' to be a graph: an edge_index [2, E] or a pair "
+            f"(edge_index, edge_head) (got {_describe(graph)})"
+        )
     edge_index, edge_head = graph
     _check_graph(edge_index, edge_head, f"{label}[0]", f"{label}[1]")
     return edge_index, edge_head
 
 
-def resolve_layer_graphs(graphs: LayerGraphs, num_layers: int, name: str = "edge_index", *,
-                         edge_head: Tensor | None = None) -> list[tuple[EdgeSet, Tensor | None]]:
+def resolve_layer_graphs(
+    graphs: LayerGraphs, num_layers: int, name: str = "edge_index", *, edge_head: Tensor | None = None
+) -> list[tuple[EdgeSet, Tensor | None]]:
     r"""The graph of every layer of a stack: ``num_layers`` pairs ``(edge_index, edge_head)``.
 
     ``graphs`` is either
@@ -390,30 +501,38 @@ def resolve_layer_graphs(graphs: LayerGraphs, num_layers: int, name: str = "edge
         _check_graph(graphs, edge_head, name, head_name)
         return [(graphs, edge_head)] * num_layers
     if edge_head is not None:
-        raise ValueError(f"Expected '{head_name}' only with one graph in '{name}' (an edge_index tensor); "
-                         f"per-layer per-head graphs are pairs (edge_index, edge_head) in '{name}' (got "
-                         f"'{head_name}' and {_describe(graphs)} in '{name}')")
+        raise ValueError(
+            f"Expected '{head_name}' only with one graph in '{name}' (an edge_index tensor); "
+            f"per-layer per-head graphs are pairs (edge_index, edge_head) in '{name}' (got "
+            f"'{head_name}' and {_describe(graphs)} in '{name}')"
+        )
     if callable(graphs):
         return [_layer_graph(f"{name}({index})", graphs(index)) for index in range(num_layers)]
     if isinstance(graphs, (str, bytes)) or not isinstance(graphs, Sequence):
-        raise ValueError(f"Expected '{name}' to be an edge_index tensor [2, E], a sequence of one graph "
-                         f"per layer or a callable from layer index to graph (got {_describe(graphs)})")
+        raise ValueError(
+            f"Expected '{name}' to be an edge_index tensor [2, E], a sequence of one graph "
+            f"per layer or a callable from layer index to graph (got {_describe(graphs)})"
+        )
     if len(graphs) != num_layers:
-        raise ValueError(f"Expected '{name}' to hold one graph per layer, {num_layers} (got a sequence of "
-                         f"length {len(graphs)})")
+        raise ValueError(
+            f"Expected '{name}' to hold one graph per layer, {num_layers} (got a sequence of length {len(graphs)})"
+        )
     return [_layer_graph(f"{name}[{index}]", graph) for index, graph in enumerate(graphs)]
 
 
 def _no_implicit_bias(graphs: Sequence[tuple[EdgeSet, Tensor | None]], biases: list, name: str) -> None:
     for index, ((graph, _), bias) in enumerate(zip(graphs, biases)):
         if bias is not None and kernels.is_block_structure(graph):
-            raise ValueError(f"Expected no '{name}' for layer {index}, whose graph is a BlockGraph (an implicit "
-                             "graph has no edge order to align a bias with): pass the materialized graph, "
-                             "graph.edges()")
+            raise ValueError(
+                f"Expected no '{name}' for layer {index}, whose graph is a BlockGraph (an implicit "
+                "graph has no edge order to align a bias with): pass the materialized graph, "
+                "graph.edges()"
+            )
 
 
-def resolve_layer_biases(edge_bias: LayerBiases, graphs: Sequence[tuple[EdgeSet, Tensor | None]],
-                         name: str = "edge_bias") -> list[Tensor | None]:
+def resolve_layer_biases(
+    edge_bias: LayerBiases, graphs: Sequence[tuple[EdgeSet, Tensor | None]], name: str = "edge_bias"
+) -> list[Tensor | None]:
     r"""The score bias of every layer, for the graphs of :func:`resolve_layer_graphs`.
 
     ``edge_bias`` is ``None``, one tensor for every layer, or a sequence of one tensor (or
@@ -444,16 +563,20 @@ def resolve_layer_biases(edge_bias: LayerBiases, graphs: Sequence[tuple[EdgeSet,
         _no_implicit_bias(graphs, [edge_bias] * len(graphs), name)
         counts = [edge_index.size(1) for edge_index, _ in graphs if isinstance(edge_index, Tensor)]
         if len(set(counts)) > 1:
-            raise ValueError(f"Expected '{name}' to be a sequence of one bias per layer for per-layer graphs "
-                             f"with different edge counts {counts} (got one tensor of shape "
-                             f"{list(edge_bias.shape)}, which biases the columns of one graph)")
+            raise ValueError(
+                f"Expected '{name}' to be a sequence of one bias per layer for per-layer graphs "
+                f"with different edge counts {counts} (got one tensor of shape "
+                f"{list(edge_bias.shape)}, which biases the columns of one graph)"
+            )
         return [edge_bias] * len(graphs)
     if isinstance(edge_bias, (str, bytes)) or not isinstance(edge_bias, Sequence):
-        raise ValueError(f"Expected '{name}' to be None, a tensor or a sequence of one per layer (got "
-                         f"{_describe(edge_bias)})")
+        raise ValueError(
+            f"Expected '{name}' to be None, a tensor or a sequence of one per layer (got {_describe(edge_bias)})"
+        )
     if len(edge_bias) != len(graphs):
-        raise ValueError(f"Expected '{name}' to hold one bias per layer, {len(graphs)} (got a sequence of "
-                         f"length {len(edge_bias)})")
+        raise ValueError(
+            f"Expected '{name}' to hold one bias per layer, {len(graphs)} (got a sequence of length {len(edge_bias)})"
+        )
     _no_implicit_bias(graphs, list(edge_bias), name)
     for index, bias in enumerate(edge_bias):
         if bias is not None and not isinstance(bias, Tensor):
@@ -486,8 +609,10 @@ def _share_key_values(layers: nn.ModuleList, kv_share_every: int) -> None:
         if index % kv_share_every != 0:
             attn = getattr(layer, "self_attn", None)
             if not isinstance(attn, GraphMultiheadAttention):
-                raise ValueError("Expected a self-attention 'self_attn' of type GraphMultiheadAttention "
-                                 f"with kv_share_every={kv_share_every} (got {type(attn).__name__})")
+                raise ValueError(
+                    "Expected a self-attention 'self_attn' of type GraphMultiheadAttention "
+                    f"with kv_share_every={kv_share_every} (got {type(attn).__name__})"
+                )
             attn.drop_key_value_projection()
 
 
@@ -498,17 +623,20 @@ class _ProjectsKeyValues(Protocol):
     def self_kv(self, x: Tensor, *, pos: Tensor | None = None) -> KV: ...
 
 
-def _self_attention_kv(kv_share_every: int, index: int, layer: nn.Module, x: Tensor,
-                       pos: Tensor | None, kv: KV | None, cache) -> KV | None:
+def _self_attention_kv(
+    kv_share_every: int, index: int, layer: nn.Module, x: Tensor, pos: Tensor | None, kv: KV | None, cache
+) -> KV | None:
     """The keys and values layer ``index`` of a stack attends to (``None``: computed inside)."""
     owner = index % kv_share_every == 0
     if owner and cache is None and kv_share_every == 1:
         return None  # the plain path: the layer projects its own keys and values
     if owner:
         if not isinstance(layer, _ProjectsKeyValues):
-            raise TypeError(f"Expected layer {index} to have a method self_kv (the keys and values of its "
-                            f"self-attention) for a cache or kv_share_every={kv_share_every} (got "
-                            f"{type(layer).__name__})")
+            raise TypeError(
+                f"Expected layer {index} to have a method self_kv (the keys and values of its "
+                f"self-attention) for a cache or kv_share_every={kv_share_every} (got "
+                f"{type(layer).__name__})"
+            )
         kv = layer.self_kv(x, pos=pos)
         if cache is not None:
             kv = cache.update(index, kv)  # cached keys/values of earlier steps, then the new ones
@@ -544,9 +672,16 @@ class GraphTransformerEncoder(nn.Module):
         torch.Size([5, 8])
     """
 
-    def __init__(self, encoder_layer: nn.Module, num_layers: int, norm: nn.Module | None = None,
-                 enable_nested_tensor: bool = True, mask_check: bool = True, *,
-                 kv_share_every: int = 1) -> None:
+    def __init__(
+        self,
+        encoder_layer: nn.Module,
+        num_layers: int,
+        norm: nn.Module | None = None,
+        enable_nested_tensor: bool = True,
+        mask_check: bool = True,
+        *,
+        kv_share_every: int = 1,
+    ) -> None:
         super().__init__()
         _check_norm(norm)
         self.layers = _clones(encoder_layer, num_layers, "encoder_layer")
@@ -555,8 +690,16 @@ class GraphTransformerEncoder(nn.Module):
         self.kv_share_every = _check_share(kv_share_every)
         _share_key_values(self.layers, self.kv_share_every)
 
-    def forward(self, x: Tensor, edge_index: LayerGraphs, *, edge_bias: LayerBiases = None,
-                pos: Tensor | None = None, cache=None, edge_head: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        edge_index: LayerGraphs,
+        *,
+        edge_bias: LayerBiases = None,
+        pos: Tensor | None = None,
+        cache=None,
+        edge_head: Tensor | None = None,
+    ) -> Tensor:
         r"""Apply the layers in order, then ``norm``.
 
         Args:
@@ -595,8 +738,9 @@ class GraphTransformerDecoder(nn.Module):
     ``cache`` concern the self-attention), for both ``edge_index`` and ``memory_edge_index``.
     """
 
-    def __init__(self, decoder_layer: nn.Module, num_layers: int, norm: nn.Module | None = None, *,
-                 kv_share_every: int = 1) -> None:
+    def __init__(
+        self, decoder_layer: nn.Module, num_layers: int, norm: nn.Module | None = None, *, kv_share_every: int = 1
+    ) -> None:
         super().__init__()
         _check_norm(norm)
         self.layers = _clones(decoder_layer, num_layers, "decoder_layer")
@@ -605,10 +749,20 @@ class GraphTransformerDecoder(nn.Module):
         self.kv_share_every = _check_share(kv_share_every)
         _share_key_values(self.layers, self.kv_share_every)
 
-    def forward(self, x: Tensor, edge_index: LayerGraphs, memory: Tensor, memory_edge_index: LayerGraphs, *,
-                edge_bias: LayerBiases = None, memory_edge_bias: LayerBiases = None,
-                pos: Tensor | None = None, cache=None, edge_head: Tensor | None = None,
-                memory_edge_head: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        edge_index: LayerGraphs,
+        memory: Tensor,
+        memory_edge_index: LayerGraphs,
+        *,
+        edge_bias: LayerBiases = None,
+        memory_edge_bias: LayerBiases = None,
+        pos: Tensor | None = None,
+        cache=None,
+        edge_head: Tensor | None = None,
+        memory_edge_head: Tensor | None = None,
+    ) -> Tensor:
         r"""Apply the layers in order, then ``norm``.
 
         Args:
@@ -630,19 +784,36 @@ class GraphTransformerDecoder(nn.Module):
         """
         graphs = resolve_layer_graphs(edge_index, self.num_layers, "edge_index", edge_head=edge_head)
         biases = resolve_layer_biases(edge_bias, graphs, "edge_bias")
-        memory_graphs = resolve_layer_graphs(memory_edge_index, self.num_layers, "memory_edge_index",
-                                             edge_head=memory_edge_head)
+        memory_graphs = resolve_layer_graphs(
+            memory_edge_index, self.num_layers, "memory_edge_index", edge_head=memory_edge_head
+        )
         memory_biases = resolve_layer_biases(memory_edge_bias, memory_graphs, "memory_edge_bias")
         kv = None
         for index, layer in enumerate(self.layers):
             (graph, head), (memory_graph, memory_head) = graphs[index], memory_graphs[index]
             kv = _self_attention_kv(self.kv_share_every, index, layer, x, pos, kv, cache)
-            x = layer(x, graph, memory, memory_graph, edge_bias=biases[index],
-                      memory_edge_bias=memory_biases[index], pos=pos, kv=kv, edge_head=head,
-                      memory_edge_head=memory_head)
+            x = layer(
+                x,
+                graph,
+                memory,
+                memory_graph,
+                edge_bias=biases[index],
+                memory_edge_bias=memory_biases[index],
+                pos=pos,
+                kv=kv,
+                edge_head=head,
+                memory_edge_head=memory_head,
+            )
         return x if self.norm is None else self.norm(x)
 
 
-__all__ = ["GraphTransformerEncoderLayer", "GraphTransformerDecoderLayer", "GraphTransformerEncoder",
-           "GraphTransformerDecoder", "resolve_layer_graphs", "resolve_layer_biases", "get_activation",
-           "gelu_tanh"]
+__all__ = [
+    "GraphTransformerEncoderLayer",
+    "GraphTransformerDecoderLayer",
+    "GraphTransformerEncoder",
+    "GraphTransformerDecoder",
+    "resolve_layer_graphs",
+    "resolve_layer_biases",
+    "get_activation",
+    "gelu_tanh",
+]

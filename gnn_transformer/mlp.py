@@ -7,6 +7,7 @@ r"""Position-wise feed-forward blocks of today's transformers, per node.
 
 Notation: ``N`` nodes, ``C`` features, ``F`` hidden features of the block.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -36,8 +37,18 @@ class FeedForward(nn.Module):
         torch.Size([3, 4])
     """
 
-    def __init__(self, dim: int, hidden_dim: int, activation: str | Callable[[Tensor], Tensor] = "silu", *,
-                 gated: bool = True, bias: bool = False, dropout: float = 0.0, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        activation: str | Callable[[Tensor], Tensor] = "silu",
+        *,
+        gated: bool = True,
+        bias: bool = False,
+        dropout: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         check_positive_int("dim", dim)
         check_positive_int("hidden_dim", hidden_dim)

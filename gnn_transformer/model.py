@@ -14,6 +14,7 @@ Models take ``edge_index`` (and node positions ``pos``) from the caller: one gra
 graph; :func:`gnn_transformer.layers.resolve_layer_graphs`). Building token graphs is the job of
 :mod:`gnn_transformer.topology`.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,16 +28,26 @@ from torch import Tensor, nn
 
 from . import kernels
 from .attention import BACKENDS, GraphMultiheadAttention, check_bool, check_dropout, check_ids, check_positive_int
-from .layers import (GraphTransformerDecoder, GraphTransformerDecoderLayer, GraphTransformerEncoder,
-                     GraphTransformerEncoderLayer, EdgeSet, LayerBiases, LayerGraphs, check_layer_norm_eps,
-                     resolve_layer_biases, resolve_layer_graphs)
+from .layers import (
+    GraphTransformerDecoder,
+    GraphTransformerDecoderLayer,
+    GraphTransformerEncoder,
+    GraphTransformerEncoderLayer,
+    EdgeSet,
+    LayerBiases,
+    LayerGraphs,
+    check_layer_norm_eps,
+    resolve_layer_biases,
+    resolve_layer_graphs,
+)
 from .position import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding, alibi_edge_bias, alibi_slopes
 from .topology import dynamic
 from .variants import attention_class
 
 
-def _named_graphs(graphs: LayerGraphs, edge_bias: LayerBiases, stack: nn.Module, prefix: str,
-                  edge_head: Tensor | None) -> LayerGraphs:
+def _named_graphs(
+    graphs: LayerGraphs, edge_bias: LayerBiases, stack: nn.Module, prefix: str, edge_head: Tensor | None
+) -> LayerGraphs:
     """``graphs`` and ``edge_bias`` checked under the model's argument names (``prefix_edge_index``,
     ``prefix_edge_bias``) for a stack with ``num_layers``: one graph as given, per-layer graphs
     resolved (a callable is called once per layer)."""
@@ -67,37 +78,70 @@ class GraphTransformer(nn.Module):
         torch.Size([2, 8])
     """
 
-    def __init__(self, d_model: int = 512, nhead: int = 8, num_encoder_layers: int = 6,
-                 num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: str | Callable[[Tensor], Tensor] = F.relu,
-                 custom_encoder: nn.Module | None = None, custom_decoder: nn.Module | None = None,
-                 layer_norm_eps: float = 1e-5, batch_first: bool = False, norm_first: bool = False,
-                 bias: bool = True, device=None, dtype=None, *, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        d_model: int = 512,
+        nhead: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str | Callable[[Tensor], Tensor] = F.relu,
+        custom_encoder: nn.Module | None = None,
+        custom_decoder: nn.Module | None = None,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        backend: str = "auto",
+    ) -> None:
         super().__init__()
         check_layer_norm_eps(layer_norm_eps)
         for name, value in (("batch_first", batch_first), ("norm_first", norm_first), ("bias", bias)):
             check_bool(name, value)
         for name, custom in (("custom_encoder", custom_encoder), ("custom_decoder", custom_decoder)):
             if custom is not None and not isinstance(custom, nn.Module):
-                raise TypeError(f"Expected '{name}' to be None or an nn.Module (got "
-                                f"{type(custom).__name__})")
+                raise TypeError(f"Expected '{name}' to be None or an nn.Module (got {type(custom).__name__})")
         factory = {"device": device, "dtype": dtype}
         self.encoder: nn.Module
         self.decoder: nn.Module
         if custom_encoder is not None:
             self.encoder = custom_encoder
         else:
-            encoder_layer = GraphTransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
-                                                 layer_norm_eps, batch_first, norm_first, bias,
-                                                 backend=backend, **factory)
+            encoder_layer = GraphTransformerEncoderLayer(
+                d_model,
+                nhead,
+                dim_feedforward,
+                dropout,
+                activation,
+                layer_norm_eps,
+                batch_first,
+                norm_first,
+                bias,
+                backend=backend,
+                **factory,
+            )
             norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
             self.encoder = GraphTransformerEncoder(encoder_layer, num_encoder_layers, norm)
         if custom_decoder is not None:
             self.decoder = custom_decoder
         else:
-            decoder_layer = GraphTransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
-                                                 layer_norm_eps, batch_first, norm_first, bias,
-                                                 backend=backend, **factory)
+            decoder_layer = GraphTransformerDecoderLayer(
+                d_model,
+                nhead,
+                dim_feedforward,
+                dropout,
+                activation,
+                layer_norm_eps,
+                batch_first,
+                norm_first,
+                bias,
+                backend=backend,
+                **factory,
+            )
             norm = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
             self.decoder = GraphTransformerDecoder(decoder_layer, num_decoder_layers, norm)
         self.d_model, self.nhead, self.batch_first = d_model, nhead, batch_first
@@ -105,11 +149,21 @@ class GraphTransformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src: Tensor, tgt: Tensor, src_edge_index: LayerGraphs, tgt_edge_index: LayerGraphs,
-                memory_edge_index: LayerGraphs, *, src_edge_bias: LayerBiases = None,
-                tgt_edge_bias: LayerBiases = None, memory_edge_bias: LayerBiases = None,
-                src_edge_head: Tensor | None = None, tgt_edge_head: Tensor | None = None,
-                memory_edge_head: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        src: Tensor,
+        tgt: Tensor,
+        src_edge_index: LayerGraphs,
+        tgt_edge_index: LayerGraphs,
+        memory_edge_index: LayerGraphs,
+        *,
+        src_edge_bias: LayerBiases = None,
+        tgt_edge_bias: LayerBiases = None,
+        memory_edge_bias: LayerBiases = None,
+        src_edge_head: Tensor | None = None,
+        tgt_edge_head: Tensor | None = None,
+        memory_edge_head: Tensor | None = None,
+    ) -> Tensor:
         r"""Encode the source tokens, decode the target tokens.
 
         Every graph is one ``edge_index`` ``[2, E]`` (with its ``*_edge_head`` ``[E]`` for a
@@ -134,15 +188,22 @@ class GraphTransformer(nn.Module):
         """
         src_edge_index = _named_graphs(src_edge_index, src_edge_bias, self.encoder, "src", src_edge_head)
         tgt_edge_index = _named_graphs(tgt_edge_index, tgt_edge_bias, self.decoder, "tgt", tgt_edge_head)
-        memory_edge_index = _named_graphs(memory_edge_index, memory_edge_bias, self.decoder, "memory",
-                                          memory_edge_head)
+        memory_edge_index = _named_graphs(memory_edge_index, memory_edge_bias, self.decoder, "memory", memory_edge_head)
         # per-head keywords only when given: custom stacks that do not take them run on shared graphs
         src_heads = {} if src_edge_head is None else {"edge_head": src_edge_head}
-        tgt_heads = {k: v for k, v in (("edge_head", tgt_edge_head), ("memory_edge_head", memory_edge_head))
-                     if v is not None}
+        tgt_heads = {
+            k: v for k, v in (("edge_head", tgt_edge_head), ("memory_edge_head", memory_edge_head)) if v is not None
+        }
         memory = self.encoder(src, src_edge_index, edge_bias=src_edge_bias, **src_heads)
-        return self.decoder(tgt, tgt_edge_index, memory, memory_edge_index, edge_bias=tgt_edge_bias,
-                            memory_edge_bias=memory_edge_bias, **tgt_heads)
+        return self.decoder(
+            tgt,
+            tgt_edge_index,
+            memory,
+            memory_edge_index,
+            edge_bias=tgt_edge_bias,
+            memory_edge_bias=memory_edge_bias,
+            **tgt_heads,
+        )
 
 
 @dataclass
@@ -184,13 +245,17 @@ def _check_config(c: GraphTransformerConfig) -> None:
         raise ValueError(f"Expected 'position' to be one of {POSITIONS} (got {c.position!r})")
     if c.select is not None:
         if c.position == "alibi":
-            raise ValueError(f"Expected a 'position' other than 'alibi' with select={c.select!r} (ALiBi is an "
-                             "edge bias of the given graph; a selecting layer attends along its own choice)")
+            raise ValueError(
+                f"Expected a 'position' other than 'alibi' with select={c.select!r} (ALiBi is an "
+                "edge bias of the given graph; a selecting layer attends along its own choice)"
+            )
         check_positive_int("nhead", c.nhead)
         dynamic.selector(c.select, num_heads=c.nhead, head_dim=max(c.d_model // c.nhead, 1))  # validates
     if (c.vocab_size is None) == (c.input_dim is None):
-        raise ValueError("Expected exactly one of 'vocab_size' and 'input_dim' (got "
-                         f"vocab_size={c.vocab_size!r}, input_dim={c.input_dim!r})")
+        raise ValueError(
+            "Expected exactly one of 'vocab_size' and 'input_dim' (got "
+            f"vocab_size={c.vocab_size!r}, input_dim={c.input_dim!r})"
+        )
     for name in ("vocab_size", "input_dim", "output_dim", "dim_feedforward"):
         if getattr(c, name) is not None:
             check_positive_int(name, getattr(c, name))
@@ -206,17 +271,20 @@ def _check_config(c: GraphTransformerConfig) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"Expected 'layer_norm_eps' to be a positive finite number (got {eps!r})")
     if c.attention == "linear" and c.position == "alibi":
-        raise ValueError("Expected a 'position' other than 'alibi' with attention='linear' (linear "
-                         "attention has no scores to add ALiBi's biases to; got position='alibi')")
+        raise ValueError(
+            "Expected a 'position' other than 'alibi' with attention='linear' (linear "
+            "attention has no scores to add ALiBi's biases to; got position='alibi')"
+        )
     if c.backend not in BACKENDS:
         raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {c.backend!r})")
     score = getattr(attention_class(c.attention), "score_function", "softmax")
     if score != "softmax" and c.backend not in ("auto", "pyg"):
-        raise ValueError(f"Expected 'backend' 'auto' or 'pyg' with attention={c.attention!r} (the "
-                         f"kernels compute softmax attention only; got backend={c.backend!r})")
+        raise ValueError(
+            f"Expected 'backend' 'auto' or 'pyg' with attention={c.attention!r} (the "
+            f"kernels compute softmax attention only; got backend={c.backend!r})"
+        )
     if c.position == "sinusoidal" and c.d_model % 2:
-        raise ValueError(f"Expected an even 'd_model' with position='sinusoidal' (got d_model="
-                         f"{c.d_model})")
+        raise ValueError(f"Expected an even 'd_model' with position='sinusoidal' (got d_model={c.d_model})")
 
 
 def _attention_factory(c: GraphTransformerConfig) -> Callable[..., GraphMultiheadAttention]:
@@ -228,16 +296,23 @@ def _attention_factory(c: GraphTransformerConfig) -> Callable[..., GraphMultihea
     return partial(cls, select=dynamic.selector(c.select, num_heads=c.nhead, head_dim=c.d_model // c.nhead))
 
 
-def _alibi_biases(graphs: Sequence[tuple[EdgeSet, Tensor | None]], edge_bias: Sequence[Tensor | None],
-                  pos_src: Tensor, pos_dst: Tensor, slopes: Tensor) -> list[Tensor]:
+def _alibi_biases(
+    graphs: Sequence[tuple[EdgeSet, Tensor | None]],
+    edge_bias: Sequence[Tensor | None],
+    pos_src: Tensor,
+    pos_dst: Tensor,
+    slopes: Tensor,
+) -> list[Tensor]:
     """ALiBi's bias on each layer's graph (``[E, H]``; ``[E]``, each edge's head's, on a per-head
     graph; once per distinct graph) plus that layer's ``edge_bias``."""
     alibi: dict[tuple[int, int], Tensor] = {}  # by graph: the graphs stay alive in `graphs`
     out = []
     for (edge_index, edge_head), bias in zip(graphs, edge_bias):
         if not isinstance(edge_index, Tensor):
-            raise ValueError("position='alibi' biases each edge by its distance: an implicit graph (a BlockGraph) "
-                             "has no edges to bias; pass the materialized graph, edge_index.edges()")
+            raise ValueError(
+                "position='alibi' biases each edge by its distance: an implicit graph (a BlockGraph) "
+                "has no edges to bias; pass the materialized graph, edge_index.edges()"
+            )
         key = (id(edge_index), id(edge_head))
         if key not in alibi:
             if edge_head is None:
@@ -304,13 +379,22 @@ class GraphEncoderModel(nn.Module):
             self.register_buffer("alibi_slopes", alibi_slopes(c.nhead), persistent=False)
         self.drop = nn.Dropout(c.dropout)
         layer = GraphTransformerEncoderLayer(
-            c.d_model, c.nhead, 4 * c.d_model if c.dim_feedforward is None else c.dim_feedforward,
-            c.dropout, c.activation, c.layer_norm_eps, norm_first=c.norm_first, bias=c.bias,
-            num_kv_heads=c.num_kv_heads, rope=c.position == "rope", rope_base=c.rope_base,
-            attention=_attention_factory(c), backend=c.backend)
+            c.d_model,
+            c.nhead,
+            4 * c.d_model if c.dim_feedforward is None else c.dim_feedforward,
+            c.dropout,
+            c.activation,
+            c.layer_norm_eps,
+            norm_first=c.norm_first,
+            bias=c.bias,
+            num_kv_heads=c.num_kv_heads,
+            rope=c.position == "rope",
+            rope_base=c.rope_base,
+            attention=_attention_factory(c),
+            backend=c.backend,
+        )
         final_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps, bias=c.bias) if c.norm_first else None
-        self.encoder = GraphTransformerEncoder(layer, c.num_layers, final_norm,
-                                               kv_share_every=c.kv_share_every)
+        self.encoder = GraphTransformerEncoder(layer, c.num_layers, final_norm, kv_share_every=c.kv_share_every)
         self.head = self._make_head()
 
     def _make_head(self) -> nn.Module | None:
@@ -331,16 +415,25 @@ class GraphEncoderModel(nn.Module):
         h = self.embed(x)  # [N, C]
         if c.position != "none" and (not isinstance(pos, Tensor) or pos.shape != (x.size(0),)):
             got = list(pos.shape) if isinstance(pos, Tensor) else pos
-            raise ValueError(f"Expected 'pos' with one position per node, shape [{x.size(0)}] "
-                             f"(got {got}); position={c.position!r}")
+            raise ValueError(
+                f"Expected 'pos' with one position per node, shape [{x.size(0)}] (got {got}); position={c.position!r}"
+            )
         if isinstance(self.pos_embed, SinusoidalPositionalEmbedding):  # position="sinusoidal"
             h = h + self.pos_embed(pos, h.dtype)
         elif self.pos_embed is not None:  # position="learned"
             h = h + self.pos_embed(pos)
         return self.drop(h)
 
-    def forward(self, x: Tensor, edge_index: LayerGraphs, *, pos: Tensor | None = None,
-                edge_bias: LayerBiases = None, cache=None, edge_head: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        edge_index: LayerGraphs,
+        *,
+        pos: Tensor | None = None,
+        edge_bias: LayerBiases = None,
+        cache=None,
+        edge_head: Tensor | None = None,
+    ) -> Tensor:
         h = self.embed_nodes(x, pos)
         if self.config.position == "alibi":
             assert pos is not None  # embed_nodes refuses a missing 'pos' unless position="none"
@@ -354,8 +447,15 @@ class GraphEncoderModel(nn.Module):
         h = self.encoder(h, edge_index, edge_bias=edge_bias, pos=pos, cache=cache, edge_head=edge_head)
         return h if self.head is None else self.head(h)
 
-    def forward_graph(self, x: Tensor, edge_index: LayerGraphs, *, pos: Tensor | None = None,
-                      cache=None, edge_head: Tensor | None = None) -> Tensor:
+    def forward_graph(
+        self,
+        x: Tensor,
+        edge_index: LayerGraphs,
+        *,
+        pos: Tensor | None = None,
+        cache=None,
+        edge_head: Tensor | None = None,
+    ) -> Tensor:
         """``forward`` under the name :func:`gnn_transformer.decoding.generate` calls."""
         return self(x, edge_index, pos=pos, cache=cache, edge_head=edge_head)
 
@@ -373,9 +473,11 @@ class GraphLM(GraphEncoderModel):
         if config.vocab_size is None:
             raise ValueError("Expected 'vocab_size' in the config of a GraphLM (got None)")
         if config.output_dim is not None and config.output_dim != config.vocab_size:
-            raise ValueError("Expected 'output_dim' None or equal to 'vocab_size' in the config of a "
-                             f"GraphLM (its head predicts tokens; got output_dim={config.output_dim!r},"
-                             f" vocab_size={config.vocab_size!r})")
+            raise ValueError(
+                "Expected 'output_dim' None or equal to 'vocab_size' in the config of a "
+                f"GraphLM (its head predicts tokens; got output_dim={config.output_dim!r},"
+                f" vocab_size={config.vocab_size!r})"
+            )
         super().__init__(config)
 
     def _make_head(self) -> nn.Module:

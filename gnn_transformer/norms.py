@@ -13,6 +13,7 @@ Llama's rounding in half precision; this module reproduces each convention exact
 
 Notation: ``N`` nodes, ``C`` features.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,7 @@ class RMSNorm(nn.Module):
         tensor([[ 1.0000, -1.0000,  1.0000, -1.0000]], grad_fn=<MulBackward0>)
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, *, unit_offset: bool = False, device=None,
-                 dtype=None) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, *, unit_offset: bool = False, device=None, dtype=None) -> None:
         super().__init__()
         check_positive_int("dim", dim)
         self.eps = check_real("eps", eps, low=0.0, low_open=True)

@@ -4,6 +4,7 @@ A batch of variable-length sequences is one graph whose nodes are the real token
 sequence; padding positions are simply absent. ``lengths`` is a list (or 1-D tensor) of ``B``
 sequence lengths.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,7 @@ import torch
 from torch import Tensor
 
 
-def _lengths_tensor(lengths: Sequence[int] | Tensor, batch_size: int | None, max_len: int | None,
-                    device) -> Tensor:
+def _lengths_tensor(lengths: Sequence[int] | Tensor, batch_size: int | None, max_len: int | None, device) -> Tensor:
     if isinstance(lengths, Tensor):
         if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
             raise ValueError(f"Expected 'lengths' to hold integers (got dtype {lengths.dtype})")
@@ -28,18 +28,17 @@ def _lengths_tensor(lengths: Sequence[int] | Tensor, batch_size: int | None, max
     if lengths.numel() and int(lengths.min()) < 0:
         raise ValueError(f"Expected 'lengths' to be non-negative (got {lengths.tolist()})")
     if batch_size is not None and lengths.numel() != batch_size:
-        raise ValueError(f"Expected {batch_size} entries in 'lengths', one per sequence "
-                         f"(got {lengths.numel()})")
+        raise ValueError(f"Expected {batch_size} entries in 'lengths', one per sequence (got {lengths.numel()})")
     if max_len is not None and lengths.numel() and int(lengths.max()) > max_len:
-        raise ValueError(f"Found length {int(lengths.max())} in 'lengths' but the padded tensor has "
-                         f"only {max_len} positions")
+        raise ValueError(
+            f"Found length {int(lengths.max())} in 'lengths' but the padded tensor has only {max_len} positions"
+        )
     return lengths
 
 
 def _check_tensor(x: object, name: str = "x") -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"Expected '{name}' to be a tensor (got {type(x).__name__}); "
-                        "wrap it with torch.tensor")
+        raise TypeError(f"Expected '{name}' to be a tensor (got {type(x).__name__}); wrap it with torch.tensor")
 
 
 def _real(value: object) -> int | float | None:
@@ -62,8 +61,7 @@ def _check_fill_value(fill_value: object, dtype: torch.dtype) -> None:
         ok = isinstance(fill_value, numbers.Number) and not isinstance(fill_value, bool)
     else:
         info = torch.iinfo(dtype)
-        ok = (real is not None and math.isfinite(real) and real == int(real)
-              and info.min <= int(real) <= info.max)
+        ok = real is not None and math.isfinite(real) and real == int(real) and info.min <= int(real) <= info.max
     if not ok:
         raise ValueError(f"Expected 'fill_value' to be a value of x's dtype {dtype} (got {fill_value!r})")
 
@@ -90,8 +88,9 @@ def from_padded(x: Tensor, lengths: Sequence[int] | Tensor) -> Tensor:
     return x[mask]  # [N, ...], row-major: sequence after sequence
 
 
-def to_padded(x: Tensor, lengths: Sequence[int] | Tensor, max_len: int | None = None,
-              fill_value: float = 0.0) -> Tensor:
+def to_padded(
+    x: Tensor, lengths: Sequence[int] | Tensor, max_len: int | None = None, fill_value: float = 0.0
+) -> Tensor:
     """Node features ``[sum(lengths), ...]`` to padded ``[B, T, ...]`` filled with ``fill_value``.
 
     Example:
@@ -105,8 +104,7 @@ def to_padded(x: Tensor, lengths: Sequence[int] | Tensor, max_len: int | None = 
     _check_fill_value(fill_value, x.dtype)
     lengths = _lengths_tensor(lengths, None, max_len, x.device)
     if int(lengths.sum()) != x.size(0):
-        raise ValueError(f"Expected 'x' to have sum(lengths) = {int(lengths.sum())} rows "
-                         f"(got {x.size(0)})")
+        raise ValueError(f"Expected 'x' to have sum(lengths) = {int(lengths.sum())} rows (got {x.size(0)})")
     mask = padding_mask(lengths, max_len, x.device)  # [B, T]
     out = x.new_full((*mask.shape, *x.shape[1:]), fill_value)
     out[mask] = x

@@ -17,6 +17,7 @@ but any integer per node works (e.g. positions in a tree or on a grid).
 
 Notation: ``N`` nodes, ``E`` edges, ``H`` heads, ``D`` head dimension, ``C`` feature dimension.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,7 @@ def check_base(base: object, name: str = "base") -> float:
     return base
 
 
-def sinusoidal_embedding(pos: Tensor, dim: int, base: float = 10000.0,
-                         dtype: torch.dtype | None = None) -> Tensor:
+def sinusoidal_embedding(pos: Tensor, dim: int, base: float = 10000.0, dtype: torch.dtype | None = None) -> Tensor:
     r"""Sinusoidal embeddings ``[N, dim]`` of the positions ``pos`` ``[N]`` (computed in float64,
     returned in ``dtype``, default ``torch.get_default_dtype()``).
 
@@ -91,8 +91,9 @@ class LearnedPositionalEmbedding(nn.Embedding):
     def forward(self, pos: Tensor) -> Tensor:
         _check_pos(pos)
         if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= self.num_embeddings):
-            raise ValueError(f"Expected 'pos' in [0, {self.num_embeddings}) (got values in "
-                             f"[{int(pos.min())}, {int(pos.max())}])")
+            raise ValueError(
+                f"Expected 'pos' in [0, {self.num_embeddings}) (got values in [{int(pos.min())}, {int(pos.max())}])"
+            )
         return super().forward(pos)
 
 
@@ -150,43 +151,62 @@ class RopeScaling:
             raise ValueError(f"Expected 'rope_type' to be one of {ROPE_TYPES} (got {self.rope_type!r})")
         if self.rope_type != "default":
             check_real_positive("factor", self.factor)
-        needs = {"dynamic": ("max_position_embeddings",), "llama3": ("original_max_position_embeddings",),
-                 "yarn": ("original_max_position_embeddings",),
-                 "longrope": ("original_max_position_embeddings",)}.get(self.rope_type, ())
+        needs = {
+            "dynamic": ("max_position_embeddings",),
+            "llama3": ("original_max_position_embeddings",),
+            "yarn": ("original_max_position_embeddings",),
+            "longrope": ("original_max_position_embeddings",),
+        }.get(self.rope_type, ())
         for name in needs:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"Expected '{name}' to be a positive int for rope_type "
-                                 f"{self.rope_type!r} (got {value!r})")
+                raise ValueError(
+                    f"Expected '{name}' to be a positive int for rope_type {self.rope_type!r} (got {value!r})"
+                )
         if self.rope_type == "llama3" and not self.low_freq_factor < self.high_freq_factor:
-            raise ValueError(f"Expected 'low_freq_factor' < 'high_freq_factor' for rope_type 'llama3' (got "
-                             f"{self.low_freq_factor!r} and {self.high_freq_factor!r})")
+            raise ValueError(
+                f"Expected 'low_freq_factor' < 'high_freq_factor' for rope_type 'llama3' (got "
+                f"{self.low_freq_factor!r} and {self.high_freq_factor!r})"
+            )
         for name in ("short_factor", "long_factor"):
             value = getattr(self, name)
             if self.rope_type != "longrope":
                 if value is not None:
-                    raise ValueError(f"Expected '{name}' only with rope_type 'longrope' (got {name}={value!r} "
-                                     f"and rope_type {self.rope_type!r})")
+                    raise ValueError(
+                        f"Expected '{name}' only with rope_type 'longrope' (got {name}={value!r} "
+                        f"and rope_type {self.rope_type!r})"
+                    )
                 continue
-            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value \
-                    or not all(not isinstance(x, bool) and isinstance(x, (int, float)) and 0.0 < x < math.inf
-                               for x in value):
-                raise ValueError(f"Expected '{name}' to be a non-empty sequence of finite numbers > 0 for rope_type "
-                                 f"'longrope' (got {value!r})")
+            if (
+                isinstance(value, (str, bytes))
+                or not isinstance(value, (list, tuple))
+                or not value
+                or not all(
+                    not isinstance(x, bool) and isinstance(x, (int, float)) and 0.0 < x < math.inf for x in value
+                )
+            ):
+                raise ValueError(
+                    f"Expected '{name}' to be a non-empty sequence of finite numbers > 0 for rope_type "
+                    f"'longrope' (got {value!r})"
+                )
             object.__setattr__(self, name, tuple(float(x) for x in value))  # hashable, as the dataclass is frozen
         if self.rope_type == "longrope":
             assert self.short_factor is not None and self.long_factor is not None  # checked above
             if len(self.short_factor) != len(self.long_factor):
-                raise ValueError(f"Expected 'short_factor' and 'long_factor' of one length, d/2 (got "
-                                 f"{len(self.short_factor)} and {len(self.long_factor)})")
+                raise ValueError(
+                    f"Expected 'short_factor' and 'long_factor' of one length, d/2 (got "
+                    f"{len(self.short_factor)} and {len(self.long_factor)})"
+                )
             if self.attention_factor is not None:
                 check_real_positive("attention_factor", self.attention_factor)
 
     def check_dim(self, dim: int) -> None:
         """A ``ValueError`` unless the scaling fits ``dim`` rotated dimensions (LongRoPE: ``dim / 2`` factors)."""
         if self.short_factor is not None and len(self.short_factor) != dim // 2:
-            raise ValueError(f"Expected 'short_factor' and 'long_factor' of {dim // 2} numbers for {dim} rotated "
-                             f"dimensions (got {len(self.short_factor)})")
+            raise ValueError(
+                f"Expected 'short_factor' and 'long_factor' of {dim // 2} numbers for {dim} rotated "
+                f"dimensions (got {len(self.short_factor)})"
+            )
 
 
 def check_real_positive(name: str, value: object) -> float:
@@ -196,8 +216,9 @@ def check_real_positive(name: str, value: object) -> float:
     return float(value)
 
 
-def rope_inv_freq(dim: int, base: float, scaling: RopeScaling | None = None,
-                  seq_len: int | None = None, device=None) -> tuple[Tensor, float]:
+def rope_inv_freq(
+    dim: int, base: float, scaling: RopeScaling | None = None, seq_len: int | None = None, device=None
+) -> tuple[Tensor, float]:
     r"""The rotary inverse frequencies ``[dim / 2]`` (float32) of ``dim`` rotated dimensions, and the
     factor that scales ``cos`` and ``sin`` (``1`` except for YaRN and LongRoPE), as Hugging Face computes
     them.
@@ -217,7 +238,7 @@ def rope_inv_freq(dim: int, base: float, scaling: RopeScaling | None = None,
         assert m is not None  # RopeScaling requires it for "dynamic"
         length = m if seq_len is None else max(seq_len, m)
         base = base * ((factor * length / m) - (factor - 1)) ** (dim / (dim - 2))
-    inv_freq = 1.0 / (base ** exponent)  # [d/2]
+    inv_freq = 1.0 / (base**exponent)  # [d/2]
     if kind == "linear":
         return inv_freq / factor, 1.0
     if kind == "llama3":
@@ -247,10 +268,11 @@ def _longrope(dim: int, base: float, scaling: RopeScaling, seq_len: int | None, 
         factor = scaling.factor
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
     long = seq_len is not None and seq_len > original
-    ext_factors = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float32,
-                               device=device)  # [d/2]
+    ext_factors = torch.tensor(
+        scaling.long_factor if long else scaling.short_factor, dtype=torch.float32, device=device
+    )  # [d/2]
     exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim  # [d/2]
-    return 1.0 / (ext_factors * base ** exponent), float(attention_factor)
+    return 1.0 / (ext_factors * base**exponent), float(attention_factor)
 
 
 def _yarn(dim: int, base: float, scaling: RopeScaling, device) -> tuple[Tensor, float]:
@@ -315,14 +337,19 @@ class RotaryEmbedding(nn.Module):
         True
     """
 
-    def __init__(self, dim: int, base: float = 10000.0, *, scaling: RopeScaling | None = None,
-                 rotary_dim: int | None = None) -> None:
+    def __init__(
+        self, dim: int, base: float = 10000.0, *, scaling: RopeScaling | None = None, rotary_dim: int | None = None
+    ) -> None:
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0 or dim % 2:
             raise ValueError(f"Expected 'dim' to be a positive even int (got {dim!r})")
         rotary_dim = dim if rotary_dim is None else rotary_dim
-        if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or not 0 < rotary_dim <= dim \
-                or rotary_dim % 2:
+        if (
+            isinstance(rotary_dim, bool)
+            or not isinstance(rotary_dim, int)
+            or not 0 < rotary_dim <= dim
+            or rotary_dim % 2
+        ):
             raise ValueError(f"Expected 'rotary_dim' to be a positive even int <= dim={dim} (got {rotary_dim!r})")
         if scaling is not None and not isinstance(scaling, RopeScaling):
             raise ValueError(f"Expected 'scaling' to be a RopeScaling or None (got {scaling!r})")
@@ -336,8 +363,9 @@ class RotaryEmbedding(nn.Module):
         computed in float32 at least: bfloat16 cannot even hold position 257."""
         ad = torch.promote_types(dtype, torch.float32)
         if self.scaling is None:
-            inv_freq = self.base ** (-torch.arange(0, self.rotary_dim, 2, dtype=ad, device=pos.device)
-                                     / self.rotary_dim)  # [R/2]
+            inv_freq = self.base ** (
+                -torch.arange(0, self.rotary_dim, 2, dtype=ad, device=pos.device) / self.rotary_dim
+            )  # [R/2]
             magnitude = 1.0
         else:
             by_length = self.scaling.rope_type in LENGTH_DEPENDENT and pos.numel() > 0
@@ -353,12 +381,11 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:
         _check_pos(pos)
         if x.dim() != 3 or x.size(-1) != self.dim or x.size(0) != pos.size(0):
-            raise ValueError(f"Expected 'x' of shape [{pos.size(0)}, H, {self.dim}] (got "
-                             f"{list(x.shape)})")
+            raise ValueError(f"Expected 'x' of shape [{pos.size(0)}, H, {self.dim}] (got {list(x.shape)})")
         cos, sin = self.cos_sin(pos, x.dtype)
         if self.rotary_dim == self.dim:
             return x * cos + rotate_half(x) * sin  # [N, H, D]
-        x_rot, x_pass = x[..., :self.rotary_dim], x[..., self.rotary_dim:]  # [N, H, R], [N, H, D - R]
+        x_rot, x_pass = x[..., : self.rotary_dim], x[..., self.rotary_dim :]  # [N, H, R], [N, H, D - R]
         return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)  # [N, H, D]
 
     def extra_repr(self) -> str:
@@ -386,8 +413,9 @@ def alibi_slopes(num_heads: int) -> Tensor:
     return torch.tensor(slopes)
 
 
-def alibi_edge_bias(edge_index: Tensor, pos_src: Tensor, pos_dst: Tensor | None = None,
-                    slopes: Tensor | int = 1) -> Tensor:
+def alibi_edge_bias(
+    edge_index: Tensor, pos_src: Tensor, pos_dst: Tensor | None = None, slopes: Tensor | int = 1
+) -> Tensor:
     r"""ALiBi as an ``edge_bias`` ``[E, H]``: :math:`b_{ji}^h = -m_h \, |pos_i - pos_j|`.
 
     For a causal graph this is the paper's ``-m (i - j)``; for a bidirectional graph the symmetric

@@ -22,6 +22,7 @@ with ``per_head`` each key/value head, reads and stores its own data-dependent s
 The models are those of :mod:`gnn_transformer.decoding`: anything with
 ``forward_graph(ids [Q], edge_index, *, pos [Q], cache)`` -> ``logits [Q, V]``.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,8 +76,13 @@ def _check_model(model) -> None:
 
 
 def _check_ids(ids: object, name: str) -> Tensor:
-    if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool \
-            or ids.is_complex():
+    if (
+        not isinstance(ids, Tensor)
+        or ids.dim() != 1
+        or ids.is_floating_point()
+        or ids.dtype == torch.bool
+        or ids.is_complex()
+    ):
         got = f"{ids.dtype} of shape {list(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
         raise ValueError(f"Expected '{name}' to be an integer tensor [T] (got {got})")
     return ids
@@ -85,16 +91,29 @@ def _check_ids(ids: object, name: str) -> Tensor:
 def _is_graph(graph: object) -> TypeGuard[Graph]:
     """Whether ``graph`` is one graph (an ``edge_index``, or a pair of tensors with ``edge_head`` ``[E]``)
     rather than a sequence of them."""
-    return isinstance(graph, Tensor) or (isinstance(graph, tuple) and len(graph) == 2
-                                         and all(isinstance(g, Tensor) for g in graph) and graph[1].dim() == 1)
+    return isinstance(graph, Tensor) or (
+        isinstance(graph, tuple)
+        and len(graph) == 2
+        and all(isinstance(g, Tensor) for g in graph)
+        and graph[1].dim() == 1
+    )
 
 
 def _check_prompts(input_ids: object) -> None:
     """Prompts of generation: a non-empty integer tensor ``[B, T]``."""
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
-            or input_ids.dtype == torch.bool or input_ids.is_complex() or input_ids.numel() == 0:
-        got = (f"{input_ids.dtype} of shape {list(input_ids.shape)}" if isinstance(input_ids, Tensor)
-               else type(input_ids).__name__)
+    if (
+        not isinstance(input_ids, Tensor)
+        or input_ids.dim() != 2
+        or input_ids.is_floating_point()
+        or input_ids.dtype == torch.bool
+        or input_ids.is_complex()
+        or input_ids.numel() == 0
+    ):
+        got = (
+            f"{input_ids.dtype} of shape {list(input_ids.shape)}"
+            if isinstance(input_ids, Tensor)
+            else type(input_ids).__name__
+        )
         raise ValueError(f"Expected 'input_ids' to be a non-empty integer tensor [B, T] (got {got})")
 
 
@@ -106,11 +125,13 @@ def _layer_graphs(graph: Graphs) -> tuple[list[tuple[Tensor, Tensor | None]], bo
     elif isinstance(graph, Sequence) and not isinstance(graph, (str, bytes)) and len(graph) > 0:
         graphs, shared = list(graph), False
     else:
-        raise ValueError("Expected 'graph' to be an edge_index [2, E], an (edge_index, edge_head) pair, or a "
-                         f"non-empty sequence of them, one per layer (got {type(graph).__name__})")
+        raise ValueError(
+            "Expected 'graph' to be an edge_index [2, E], an (edge_index, edge_head) pair, or a "
+            f"non-empty sequence of them, one per layer (got {type(graph).__name__})"
+        )
     out = []
     for g in graphs:
-        edge_index, edge_head = (g if isinstance(g, tuple) else (g, None))
+        edge_index, edge_head = g if isinstance(g, tuple) else (g, None)
         if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.size(0) != 2:
             got = list(edge_index.shape) if isinstance(edge_index, Tensor) else type(edge_index).__name__
             raise ValueError(f"Expected each graph's edge_index of shape [2, E] (got {got})")
@@ -135,13 +156,17 @@ def check_stream_edges(index: int, src: Tensor, dst: Tensor, num_tokens: int) ->
     """``ValueError`` unless the edges ``src[e] -> dst[e]`` of graph ``index`` join tokens in
     ``[0, num_tokens)`` and point forward (``j <= i``), as a stream's graph must."""
     if src.numel() and (int(min(src.min(), dst.min())) < 0 or int(max(src.max(), dst.max())) >= num_tokens):
-        raise ValueError(f"Expected graph {index}'s nodes in [0, {num_tokens}) for {num_tokens} tokens "
-                         f"(got nodes {int(min(src.min(), dst.min()))}..{int(max(src.max(), dst.max()))})")
+        raise ValueError(
+            f"Expected graph {index}'s nodes in [0, {num_tokens}) for {num_tokens} tokens "
+            f"(got nodes {int(min(src.min(), dst.min()))}..{int(max(src.max(), dst.max()))})"
+        )
     ahead = src > dst
     if bool(ahead.any()):
         e = int(ahead.nonzero()[0])
-        raise ValueError(f"Expected a causal graph (edges j -> i with j <= i) for a stream; graph {index} "
-                         f"has the edge {int(src[e])} -> {int(dst[e])}")
+        raise ValueError(
+            f"Expected a causal graph (edges j -> i with j <= i) for a stream; graph {index} "
+            f"has the edge {int(src[e])} -> {int(dst[e])}"
+        )
 
 
 def _prepare(graphs: list[tuple[Tensor, Tensor | None]], num_tokens: int) -> tuple[list[_Sorted], Tensor]:
@@ -231,8 +256,9 @@ class PerplexityResult:
         return math.exp(self.mean_nll) if self.nll.numel() else math.nan
 
 
-def perplexity(model, ids: Tensor, graph: Graphs, *, chunk: int = 256, bucket_size: int = 256,
-               progress: bool = False) -> PerplexityResult:
+def perplexity(
+    model, ids: Tensor, graph: Graphs, *, chunk: int = 256, bucket_size: int = 256, progress: bool = False
+) -> PerplexityResult:
     """Perplexity of a causal LM on the stream ``ids`` ``[T]`` under ``graph`` (see
     :func:`stream_logits`): every token from the second is predicted from the ones before it that the
     graph lets it read; ``buckets`` hold the perplexity per ``bucket_size`` positions (by the position
@@ -248,15 +274,22 @@ def perplexity(model, ids: Tensor, graph: Graphs, *, chunk: int = 256, bucket_si
     with tqdm(total=ids.numel(), unit="tok", disable=not progress, leave=False) as bar:
         for cache, (start, logits) in _stream(model, ids, graph, chunk):
             stop = start + logits.size(0)
-            targets = ids[start + 1:stop + 1]  # the last chunk predicts one token fewer
+            targets = ids[start + 1 : stop + 1]  # the last chunk predicts one token fewer
             logp = torch.log_softmax(logits[: targets.numel()].double(), dim=-1)
-            nll[start:start + targets.numel()] = -logp.gather(1, targets.view(-1, 1)).squeeze(1).cpu()
+            nll[start : start + targets.numel()] = -logp.gather(1, targets.view(-1, 1)).squeeze(1).cpu()
             bar.update(logits.size(0))
     result = PerplexityResult(nll=nll, bucket_size=bucket_size, peak_cache=0 if cache is None else cache.peak)
     for lo in range(0, nll.numel(), bucket_size):  # predicted positions lo + 1 .. hi
-        part = nll[lo:lo + bucket_size]
-        result.buckets.append({"start": lo + 1, "stop": lo + part.numel(), "tokens": part.numel(),
-                               "nll": float(part.mean()), "perplexity": math.exp(float(part.mean()))})
+        part = nll[lo : lo + bucket_size]
+        result.buckets.append(
+            {
+                "start": lo + 1,
+                "stop": lo + part.numel(),
+                "tokens": part.numel(),
+                "nll": float(part.mean()),
+                "perplexity": math.exp(float(part.mean())),
+            }
+        )
     return result
 
 
@@ -297,13 +330,17 @@ def _rotaries(model, layers: int) -> list:
 
     rotaries = [m.rotary for m in model.modules() if isinstance(m, GraphMultiheadAttention)]
     if len(rotaries) < layers:
-        raise ValueError("Expected 'model' with one GraphMultiheadAttention per cached layer for "
-                         f"positions='cache' (found {len(rotaries)} for {layers} layers)")
+        raise ValueError(
+            "Expected 'model' with one GraphMultiheadAttention per cached layer for "
+            f"positions='cache' (found {len(rotaries)} for {layers} layers)"
+        )
     for rotary in rotaries:
         if rotary is not None and rotary.scaling is not None and rotary.scaling.rope_type in LENGTH_DEPENDENT:
-            raise ValueError(f"positions='cache' re-rotates cached keys; {rotary.scaling.rope_type!r} RoPE scaling "
-                             "changes the frequencies with the length, so its keys cannot be moved (use "
-                             "positions='absolute')")
+            raise ValueError(
+                f"positions='cache' re-rotates cached keys; {rotary.scaling.rope_type!r} RoPE scaling "
+                "changes the frequencies with the length, so its keys cannot be moved (use "
+                "positions='absolute')"
+            )
     return rotaries
 
 
@@ -323,10 +360,21 @@ def _move_keys(key: Tensor, rotary, old: Tensor, new: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def streaming_generate(model, input_ids: Tensor, max_new_tokens: int, *, num_sinks: int, window: int,
-                       positions: str = "absolute", greedy: bool = True, temperature: float = 1.0,
-                       top_k: int | None = None, generator: torch.Generator | None = None,
-                       return_logits: bool = False, return_stats: bool = False):
+def streaming_generate(
+    model,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    *,
+    num_sinks: int,
+    window: int,
+    positions: str = "absolute",
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    return_logits: bool = False,
+    return_stats: bool = False,
+):
     """Generate ``max_new_tokens`` after each prompt of ``input_ids`` ``[B, T]`` under StreamingLLM's
     graph (the ``num_sinks`` first tokens plus a causal window of radius ``window``,
     :func:`gnn_transformer.topology.streaming`), keeping only the nodes that graph still reads: at
@@ -406,7 +454,6 @@ def _cache_indices(seq: Tensor, batch: int) -> Tensor:
     return rank
 
 
-
 # ---------------------------------------------------------------- heavy hitters (H2O)
 @dataclass
 class _LayerNodes:
@@ -461,15 +508,24 @@ class HeavyHitterCache(KVCache):
         key = kv[0]
         assert key.size(1) == self.num_kv_heads, "the model's key/value heads are the cache's"
         heads = self.num_kv_heads
-        fresh = _LayerNodes(seq, pos.unsqueeze(1).expand(-1, heads),
-                            key.new_zeros(seq.numel(), heads, dtype=_score_dtype(key.dtype)),
-                            torch.ones(seq.numel(), heads, dtype=torch.bool, device=key.device))
+        fresh = _LayerNodes(
+            seq,
+            pos.unsqueeze(1).expand(-1, heads),
+            key.new_zeros(seq.numel(), heads, dtype=_score_dtype(key.dtype)),
+            torch.ones(seq.numel(), heads, dtype=torch.bool, device=key.device),
+        )
         if index in self.nodes:
             old_k, old_v = self.layers[index]
             kv = (torch.cat([old_k, kv[0]]), torch.cat([old_v, kv[1]]))
             old = self.nodes[index]
-            fresh = _LayerNodes(*(torch.cat([a, b]) for a, b in zip(
-                (old.seq, old.pos, old.score, old.alive), (fresh.seq, fresh.pos, fresh.score, fresh.alive))))
+            fresh = _LayerNodes(
+                *(
+                    torch.cat([a, b])
+                    for a, b in zip(
+                        (old.seq, old.pos, old.score, old.alive), (fresh.seq, fresh.pos, fresh.score, fresh.alive)
+                    )
+                )
+            )
         self.layers[index], self.nodes[index] = kv, fresh
         return kv
 
@@ -498,8 +554,12 @@ class HeavyHitterCache(KVCache):
             return out
 
         self.layers[index] = (moved(k, 0), moved(v, 0))
-        self.nodes[index] = _LayerNodes(torch.repeat_interleave(torch.arange(num_seq, device=rows.device), rows),
-                                        moved(nodes.pos, -1), moved(nodes.score, 0), moved(nodes.alive, False))
+        self.nodes[index] = _LayerNodes(
+            torch.repeat_interleave(torch.arange(num_seq, device=rows.device), rows),
+            moved(nodes.pos, -1),
+            moved(nodes.score, 0),
+            moved(nodes.alive, False),
+        )
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -567,28 +627,47 @@ def _check_h2o_model(model) -> tuple[int, int]:
         raise ValueError(f"Expected 'model' built on GraphMultiheadAttention (found none in {type(model).__name__})")
     config = getattr(model, "config", None)
     if getattr(config, "position", None) == "alibi":
-        raise ValueError("Expected a 'model' without ALiBi (position='alibi'): its biases read the positions "
-                         "of one node list shared by the layers, and heavy-hitter caches differ per layer")
+        raise ValueError(
+            "Expected a 'model' without ALiBi (position='alibi'): its biases read the positions "
+            "of one node list shared by the layers, and heavy-hitter caches differ per layer"
+        )
     share = getattr(getattr(model, "encoder", None), "kv_share_every", 1)
     if share != 1:
-        raise ValueError(f"Expected a 'model' without cross-layer key/value sharing (got kv_share_every={share}): "
-                         "each layer keeps its own heavy hitters")
+        raise ValueError(
+            f"Expected a 'model' without cross-layer key/value sharing (got kv_share_every={share}): "
+            "each layer keeps its own heavy hitters"
+        )
     for module in attention:
         if module.select is not None:
-            raise ValueError(f"Expected a 'model' whose attention does not select its own graph (got "
-                             f"select={module.select!r}): the heavy hitters decide the graph")
+            raise ValueError(
+                f"Expected a 'model' whose attention does not select its own graph (got "
+                f"select={module.select!r}): the heavy hitters decide the graph"
+            )
     heads = sorted({(module.num_heads, module.num_kv_heads) for module in attention})
     if len(heads) != 1:
-        raise ValueError("Expected 'model' with the same numbers of query and key/value heads in every layer (got "
-                         f"{heads})")
+        raise ValueError(
+            f"Expected 'model' with the same numbers of query and key/value heads in every layer (got {heads})"
+        )
     return heads[0]
 
 
 @torch.no_grad()
-def h2o_generate(model, input_ids: Tensor, max_new_tokens: int, *, heavy: int, recent: int,
-                 per_head: bool = False, greedy: bool = True, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None,
-                 return_logits: bool = False, return_stats: bool = False, return_kept: bool = False):
+def h2o_generate(
+    model,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    *,
+    heavy: int,
+    recent: int,
+    per_head: bool = False,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    return_logits: bool = False,
+    return_stats: bool = False,
+    return_kept: bool = False,
+):
     r"""Generate ``max_new_tokens`` after each prompt of ``input_ids`` ``[B, T]`` with heavy-hitter
     eviction (H2O, Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference
     of Large Language Models"): a data-dependent cache graph.
@@ -678,8 +757,10 @@ def h2o_generate(model, input_ids: Tensor, max_new_tokens: int, *, heavy: int, r
         if num_layers is None:
             num_layers = len(cache.layers)
             if sorted(cache.layers) != list(range(num_layers)) or len(weights) != num_layers:
-                raise ValueError(f"Expected 'model' to attend once per cached layer (got {len(weights)} attention "
-                                 f"calls for cached layers {sorted(cache.layers)})")
+                raise ValueError(
+                    f"Expected 'model' to attend once per cached layer (got {len(weights)} attention "
+                    f"calls for cached layers {sorted(cache.layers)})"
+                )
         if any(w is None for w in weights):
             raise ValueError("Expected 'model' whose attention returns its weights (return_attention_weights)")
         step_logits.append(logits)
@@ -739,5 +820,12 @@ def _kept_mask(cache: HeavyHitterCache, num_layers: int, batch: int, total: int)
     return mask.repeat_interleave(cache.group, dim=2)  # query head h reads key/value head h // group
 
 
-__all__ = ["EvictingKVCache", "HeavyHitterCache", "PerplexityResult", "h2o_generate", "perplexity", "stream_logits",
-           "streaming_generate"]
+__all__ = [
+    "EvictingKVCache",
+    "HeavyHitterCache",
+    "PerplexityResult",
+    "h2o_generate",
+    "perplexity",
+    "stream_logits",
+    "streaming_generate",
+]

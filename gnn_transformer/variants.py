@@ -22,6 +22,7 @@ on the message-passing path (``backend`` ``"auto"`` or ``"pyg"``); the fused ker
 
 Notation: ``N`` nodes, ``E`` edges, ``H`` heads, ``D`` head dimension, ``C`` model dimension.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,9 @@ from .attention import GraphMultiheadAttention, check_real
 def _message_passing_only(layer: GraphMultiheadAttention, backend: str | None) -> None:
     backend = layer.backend if backend is None else backend
     if backend not in ("auto", "pyg"):
-        raise ValueError(f"{type(layer).__name__} runs on message passing only: expected 'backend' "
-                         f"'auto' or 'pyg' (got {backend!r})")
+        raise ValueError(
+            f"{type(layer).__name__} runs on message passing only: expected 'backend' 'auto' or 'pyg' (got {backend!r})"
+        )
 
 
 class _EdgeWeightAttention(GraphMultiheadAttention):
@@ -46,9 +48,18 @@ class _EdgeWeightAttention(GraphMultiheadAttention):
         super().__init__(*args, **kwargs)
         _message_passing_only(self, None)
 
-    def attend(self, query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *,
-               edge_bias: Tensor | None = None, need_weights: bool = False,
-               backend: str | None = None, edge_head: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def attend(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        edge_index: Tensor,
+        *,
+        edge_bias: Tensor | None = None,
+        need_weights: bool = False,
+        backend: str | None = None,
+        edge_head: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         _message_passing_only(self, backend)
         if edge_head is not None:  # one head on (head, token) nodes
             return self._attend_per_head(query, key, value, edge_index, edge_head, edge_bias, need_weights, backend)
@@ -56,9 +67,10 @@ class _EdgeWeightAttention(GraphMultiheadAttention):
         group = query.size(1) // key.size(1)
         key = key.repeat_interleave(group, dim=1)  # [N_src, H, D]
         value = value.repeat_interleave(group, dim=1)  # [N_src, H, D]
-        scale = self.head_dim ** -0.5 if self.scale is None else self.scale
-        alpha = self.edge_updater(edge_index, query=query, key=key, edge_bias=edge_bias,
-                                  scale=scale, softcap=self.softcap, size=size)  # [E, H]
+        scale = self.head_dim**-0.5 if self.scale is None else self.scale
+        alpha = self.edge_updater(
+            edge_index, query=query, key=key, edge_bias=edge_bias, scale=scale, softcap=self.softcap, size=size
+        )  # [E, H]
         weights = alpha
         alpha = F.dropout(alpha, p=self.dropout, training=self.training)
         out = self.propagate(edge_index, value=value, alpha=alpha, size=size)  # [N_dst, H, D]
@@ -86,8 +98,17 @@ class SigmoidAttention(_EdgeWeightAttention):
         super().__init__(*args, **kwargs)
         self.score_bias = None if score_bias is None else check_real("score_bias", score_bias)
 
-    def edge_update(self, query_i: Tensor, key_j: Tensor, edge_bias: Tensor | None, scale: float,
-                    softcap: float | None, index: Tensor, ptr: Tensor | None, size_i: int | None) -> Tensor:
+    def edge_update(
+        self,
+        query_i: Tensor,
+        key_j: Tensor,
+        edge_bias: Tensor | None,
+        scale: float,
+        softcap: float | None,
+        index: Tensor,
+        ptr: Tensor | None,
+        size_i: int | None,
+    ) -> Tensor:
         score = (query_i * key_j).sum(dim=-1) * scale  # [E, H]
         if softcap is not None:
             score = torch.tanh(score / softcap) * softcap  # [E, H], in (-softcap, softcap)
@@ -121,12 +142,23 @@ class LinearAttention(_EdgeWeightAttention):
         super().__init__(*args, **kwargs)
         for name in ("scale", "softcap"):
             if getattr(self, name) is not None:
-                raise ValueError(f"LinearAttention takes no '{name}': the kernel phi(q)^T phi(k) has no scores "
-                                 f"to scale or cap (got {name}={getattr(self, name)!r})")
+                raise ValueError(
+                    f"LinearAttention takes no '{name}': the kernel phi(q)^T phi(k) has no scores "
+                    f"to scale or cap (got {name}={getattr(self, name)!r})"
+                )
         self.eps = check_real("eps", eps, low=0.0)
 
-    def edge_update(self, query_i: Tensor, key_j: Tensor, edge_bias: Tensor | None, scale: float,
-                    softcap: float | None, index: Tensor, ptr: Tensor | None, size_i: int | None) -> Tensor:
+    def edge_update(
+        self,
+        query_i: Tensor,
+        key_j: Tensor,
+        edge_bias: Tensor | None,
+        scale: float,
+        softcap: float | None,
+        index: Tensor,
+        ptr: Tensor | None,
+        size_i: int | None,
+    ) -> Tensor:
         if edge_bias is not None:
             raise ValueError("LinearAttention takes no 'edge_bias' (got a tensor)")
         kernel = (elu_feature_map(query_i) * elu_feature_map(key_j)).sum(dim=-1)  # [E, H], > 0
@@ -168,8 +200,9 @@ class MLPProjectionAttention(GraphMultiheadAttention):
 
     def project_key_value(self, x_key: Tensor, x_value: Tensor) -> tuple[Tensor, Tensor]:
         self._check_project_kv()
-        return super().project_key_value(self.mlp_activation(self.k_hidden(x_key)),
-                                         self.mlp_activation(self.v_hidden(x_value)))
+        return super().project_key_value(
+            self.mlp_activation(self.k_hidden(x_key)), self.mlp_activation(self.v_hidden(x_value))
+        )
 
 
 ATTENTIONS: dict[str, type[GraphMultiheadAttention]] = {
@@ -187,5 +220,11 @@ def attention_class(name: str) -> type[GraphMultiheadAttention]:
     return ATTENTIONS[name]
 
 
-__all__ = ["SigmoidAttention", "LinearAttention", "MLPProjectionAttention", "elu_feature_map",
-           "ATTENTIONS", "attention_class"]
+__all__ = [
+    "SigmoidAttention",
+    "LinearAttention",
+    "MLPProjectionAttention",
+    "elu_feature_map",
+    "ATTENTIONS",
+    "attention_class",
+]

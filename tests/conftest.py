@@ -4,6 +4,7 @@ and their references (the dense one built on :mod:`gnn_transformer.dense`).
 Graph cases are ``(edge_index, num_src, num_dst)``; the dense reference builds its mask directly
 from the edge list (multiplicity ``c_ij`` of the edge ``j -> i`` enters as ``log c_ij``).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,10 +22,7 @@ from gnn_transformer import dense  # noqa: E402
 from gnn_transformer.kernels import _dropout, _graph, attend_reference, plan_costs  # noqa: E402
 from gnn_transformer.topology import causal  # noqa: E402
 
-TOL = {
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.float64: dict(atol=1e-10, rtol=1e-10),
-}
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +111,6 @@ def graph_case(name: str, seed: int = 0):
     raise KeyError(name)
 
 
-
 def small_graph(name: str, seed: int = 0, limit: int = 20):
     """:func:`graph_case`, cut to its first ``limit`` sources and targets (a plain tensor) when it
     has more: the graphs of the (slow) Triton interpreter."""
@@ -125,8 +122,18 @@ def small_graph(name: str, seed: int = 0, limit: int = 20):
     return edge_index, n_src, n_dst
 
 
-GRAPHS = ["causal", "window", "empty_rows", "single_edge", "no_edges", "hub", "bipartite", "batch",
-          "multigraph", "unsorted"]
+GRAPHS = [
+    "causal",
+    "window",
+    "empty_rows",
+    "single_edge",
+    "no_edges",
+    "hub",
+    "bipartite",
+    "batch",
+    "multigraph",
+    "unsorted",
+]
 
 
 def split_graph():
@@ -145,8 +152,9 @@ def assert_splits(edge_index, n_src, n_dst, **kw):
     assert costs["dense_tiles"] > 0 and 0 < costs["dense_edges"] < costs["edges"]
 
 
-def make_inputs(n_src, n_dst, num_edges, heads=4, kv_heads=2, dim=8, dtype=torch.float64, bias=True,
-                seed=0, bias_shape=None):
+def make_inputs(
+    n_src, n_dst, num_edges, heads=4, kv_heads=2, dim=8, dtype=torch.float64, bias=True, seed=0, bias_shape=None
+):
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape):
@@ -173,13 +181,16 @@ def dense_attention(q, k, v, edge_index, scale, edge_bias=None, return_lse=False
     device = q.device
     qd, kd, vd = (x.double() for x in (q, k, v))
     if edge_head is None:
-        b = (torch.zeros(src.numel(), heads, dtype=torch.float64, device=device) if edge_bias is None
-             else edge_bias.double())  # [E, H]: every edge in every head
+        b = (
+            torch.zeros(src.numel(), heads, dtype=torch.float64, device=device)
+            if edge_bias is None
+            else edge_bias.double()
+        )  # [E, H]: every edge in every head
         cell, cells, lanes = dst * n_src + src, n_dst * n_src, heads  # [E]
     else:
         head = edge_head.long()
         b = torch.zeros(src.numel(), dtype=torch.float64, device=device) if edge_bias is None else edge_bias.double()
-        b = (b.gather(1, head[:, None]) if b.dim() == 2 else b[:, None])  # [E, 1]: each edge in its head
+        b = b.gather(1, head[:, None]) if b.dim() == 2 else b[:, None]  # [E, 1]: each edge in its head
         cell, cells, lanes = (head * n_dst + dst) * n_src + src, heads * n_dst * n_src, 1  # [E]
     mask = torch.zeros(cells, dtype=torch.bool, device=device)
     mask[cell] = True
@@ -188,8 +199,7 @@ def dense_attention(q, k, v, edge_index, scale, edge_bias=None, return_lse=False
     top = top.scatter_reduce(0, cell[:, None].expand(-1, lanes), b.detach(), reduce="amax")
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     acc = torch.zeros_like(top).index_add(0, cell, torch.exp(b - top[cell]))
-    logc = torch.where(acc > 0, torch.log(torch.where(acc > 0, acc, torch.ones_like(acc))) + top,
-                       torch.zeros_like(acc))
+    logc = torch.where(acc > 0, torch.log(torch.where(acc > 0, acc, torch.ones_like(acc))) + top, torch.zeros_like(acc))
     if edge_head is None:
         mask = mask.view(n_dst, n_src)  # [N_dst, N_src]: True where the target hears the source
         bias = logc.view(n_dst, n_src, heads).permute(2, 0, 1).unsqueeze(0)  # [1, H, N_dst, N_src]
@@ -198,8 +208,9 @@ def dense_attention(q, k, v, edge_index, scale, edge_bias=None, return_lse=False
         mask = mask.view(1, heads, n_dst, n_src)  # per head
         bias = logc.view(1, heads, n_dst, n_src)
         head_mask = mask[0]  # [H, N_dst, N_src]
-    out, _ = dense.scaled_dot_product(qd.transpose(0, 1)[None], kd.transpose(0, 1)[None], vd.transpose(0, 1)[None],
-                                      mask, scale=scale, bias=bias)  # [1, H, N_dst, D]
+    out, _ = dense.scaled_dot_product(
+        qd.transpose(0, 1)[None], kd.transpose(0, 1)[None], vd.transpose(0, 1)[None], mask, scale=scale, bias=bias
+    )  # [1, H, N_dst, D]
     out = out[0].transpose(0, 1)  # [N_dst, H, D]
     if not return_lse:
         return out
@@ -247,21 +258,44 @@ def weighted_loss(out, lse, w):
     return (out * w).sum() + 0.3 * lse[torch.isfinite(lse)].sum()
 
 
-def assert_matches_dense(fn, edge_index, n_src, n_dst, dtype, *, bias=True, heads=4, kv_heads=2, scale=0.45,
-                         seed=0, edge_head=None, bias_shape=None):
+def assert_matches_dense(
+    fn,
+    edge_index,
+    n_src,
+    n_dst,
+    dtype,
+    *,
+    bias=True,
+    heads=4,
+    kv_heads=2,
+    scale=0.45,
+    seed=0,
+    edge_head=None,
+    bias_shape=None,
+):
     """``fn(q, k, v, edge_bias) -> (out, lse)`` on inputs of ``dtype`` equals :func:`dense_attention`
     (float64 autograd on the same values): the output, the log-sum-exp (``-inf`` exactly on the
     rows without an edge) and the gradients in q, k, v and edge_bias of a loss on both, at 1e-10
     in float64 and 1e-5 in float32 (the float64 results cast down). ``edge_head``: a per-head
     graph (``bias_shape`` ``(E,)`` or ``(E, H)``)."""
     num_edges = edge_index.size(1)
-    q, k, v, b = make_inputs(n_src, n_dst, num_edges, heads=heads, kv_heads=kv_heads, dtype=dtype, bias=bias,
-                             seed=seed, bias_shape=bias_shape)
+    q, k, v, b = make_inputs(
+        n_src,
+        n_dst,
+        num_edges,
+        heads=heads,
+        kv_heads=kv_heads,
+        dtype=dtype,
+        bias=bias,
+        seed=seed,
+        bias_shape=bias_shape,
+    )
     inputs = [x for x in (q, k, v, b) if x is not None]
     up = [x.detach().double().requires_grad_() for x in inputs]
     out, lse = fn(q, k, v, b)
-    ref, ref_lse = dense_attention(up[0], up[1], up[2], edge_index, scale, up[3] if bias else None,
-                                   return_lse=True, edge_head=edge_head)
+    ref, ref_lse = dense_attention(
+        up[0], up[1], up[2], edge_index, scale, up[3] if bias else None, return_lse=True, edge_head=edge_head
+    )
     tol = TOL[dtype]
     assert out.dtype == dtype and out.shape == (n_dst, heads, q.size(-1))
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lse.shape == (n_dst, heads)
@@ -279,6 +313,7 @@ def assert_matches_dense(fn, edge_index, n_src, n_dst, dtype, *, bias=True, head
 
     def loss(o, l):
         return (o * w.to(o.dtype)).sum() + 0.3 * l.masked_fill(torch.isinf(l), 0.0).sum()
+
     got = torch.autograd.grad(loss(out, lse), inputs)
     want = torch.autograd.grad(loss(ref, ref_lse), up)
     for name, x, y in zip("qkvb", got, want):

@@ -1,5 +1,6 @@
 """Attention-graph analytics: recording, measures against dense computations, planted sinks and
 massive activations, pre-norm versus post-norm, networkx export."""
+
 import dataclasses
 import math
 
@@ -9,10 +10,22 @@ import torch
 from torch import nn
 
 from gnn_transformer import GraphMultiheadAttention, dense, from_padded, to_padded, topology
-from gnn_transformer.analysis import (activation_stats, attention_entropy, attention_hits,
-                                      attention_pagerank, compare_norm_placement, extract,
-                                      find_layers, find_sinks, massive_activations, norm_placement,
-                                      received_attention, record, sink_scores, summarize)
+from gnn_transformer.analysis import (
+    activation_stats,
+    attention_entropy,
+    attention_hits,
+    attention_pagerank,
+    compare_norm_placement,
+    extract,
+    find_layers,
+    find_sinks,
+    massive_activations,
+    norm_placement,
+    received_attention,
+    record,
+    sink_scores,
+    summarize,
+)
 from gnn_transformer.analysis.summary import format_table
 from gnn_transformer.topology import batch_vector, causal, erdos_renyi, full, to_dense_mask
 
@@ -64,7 +77,7 @@ def _plant_sink(attn: GraphMultiheadAttention, strength: float = 10.0) -> None:
         for h in range(attn.num_heads):
             attn.in_proj_weight[h * d, 1] = math.sqrt(strength * math.sqrt(d))  # query
             attn.in_proj_weight[C + h * d, 0] = math.sqrt(strength * math.sqrt(d))  # key
-        attn.in_proj_weight[2 * C:] = torch.eye(C)  # values: identity
+        attn.in_proj_weight[2 * C :] = torch.eye(C)  # values: identity
 
 
 def _sink_inputs(lengths):
@@ -87,8 +100,7 @@ def _random_graph(lengths, seed=0):
 
 
 def _graph(kind, lengths):
-    return {"full": full, "causal": causal}[kind](lengths) if kind != "random" else \
-        _random_graph(lengths)
+    return {"full": full, "causal": causal}[kind](lengths) if kind != "random" else _random_graph(lengths)
 
 
 # ---------------------------------------------------------------- recording
@@ -175,11 +187,19 @@ def test_encoder_decoder_records_self_and_cross_attention_per_layer():
     mem_ei = torch.stack([torch.arange(5).repeat(4), torch.arange(4).repeat_interleave(5)])
     trace = extract(model, src, tgt, full(5), causal(4), mem_ei)
     assert [layer.name for layer in trace.layers] == [
-        "encoder.layers.0", "encoder.layers.1", "decoder.layers.0", "decoder.layers.1"]
+        "encoder.layers.0",
+        "encoder.layers.1",
+        "decoder.layers.0",
+        "decoder.layers.1",
+    ]
     assert [(g.name, g.layer, g.cross) for g in trace.attention] == [
-        ("encoder.layers.0.self_attn", 0, False), ("encoder.layers.1.self_attn", 1, False),
-        ("decoder.layers.0.self_attn", 2, False), ("decoder.layers.0.multihead_attn", 2, True),
-        ("decoder.layers.1.self_attn", 3, False), ("decoder.layers.1.multihead_attn", 3, True)]
+        ("encoder.layers.0.self_attn", 0, False),
+        ("encoder.layers.1.self_attn", 1, False),
+        ("decoder.layers.0.self_attn", 2, False),
+        ("decoder.layers.0.multihead_attn", 2, True),
+        ("decoder.layers.1.self_attn", 3, False),
+        ("decoder.layers.1.multihead_attn", 3, True),
+    ]
     g = trace.attention[3]
     assert (g.num_src, g.num_dst) == (5, 4)
     torch.testing.assert_close(g.dense().sum(dim=-1), torch.ones(H, 4))
@@ -205,8 +225,7 @@ def test_decoding_steps_are_recorded_with_the_cache_layout():
     from gnn_transformer.decoding import generate
     from gnn_transformer.model import GraphLM, GraphTransformerConfig
 
-    lm = GraphLM(GraphTransformerConfig(vocab_size=11, d_model=C, nhead=H, num_layers=2,
-                                        backend="pyg")).eval()
+    lm = GraphLM(GraphTransformerConfig(vocab_size=11, d_model=C, nhead=H, num_layers=2, backend="pyg")).eval()
     with record(lm) as trace:
         out = generate(lm, torch.tensor([[1, 2, 3, 4]]), max_new_tokens=3)
     assert len(trace.attention) == 2 * 3  # the prompt, then two one-token steps, per layer
@@ -242,14 +261,14 @@ def test_measures_match_dense_attention(kind, lengths):
     batch = batch_vector(lengths)
     torch.testing.assert_close(sink_scores(g.edge_index, g.weights, batch), sink, **tol)
     ent = -torch.special.xlogy(w, w).sum(dim=-1)  # [B, H, T]
-    torch.testing.assert_close(attention_entropy(g.edge_index, g.weights, n),
-                               from_padded(ent.transpose(1, 2), lengths), **tol)
+    torch.testing.assert_close(
+        attention_entropy(g.edge_index, g.weights, n), from_padded(ent.transpose(1, 2), lengths), **tol
+    )
     # the dense matrix of the recorded graph, block by block
     full_mat = g.dense()  # [H, N, N]
     offset = 0
     for b, t in enumerate(lengths):
-        torch.testing.assert_close(full_mat[:, offset:offset + t, offset:offset + t],
-                                   w[b, :, :t, :t], **tol)
+        torch.testing.assert_close(full_mat[:, offset : offset + t, offset : offset + t], w[b, :, :t, :t], **tol)
         offset += t
 
 
@@ -277,9 +296,9 @@ def test_pagerank_matches_dense_power_iteration_and_networkx(kind):
     for h in range(H):
         torch.testing.assert_close(rank[:, h], _dense_pagerank(mats[h]), atol=1e-9, rtol=1e-7)
         ref = nx.pagerank(g.to_networkx(h).reverse(), weight="weight", tol=1e-12, max_iter=1000)
-        torch.testing.assert_close(rank[:, h], torch.tensor([ref[k] for k in range(n)],
-                                                            dtype=torch.float64),
-                                   atol=1e-8, rtol=1e-6)
+        torch.testing.assert_close(
+            rank[:, h], torch.tensor([ref[k] for k in range(n)], dtype=torch.float64), atol=1e-8, rtol=1e-6
+        )
 
 
 def test_pagerank_spreads_dangling_mass_like_networkx():
@@ -290,8 +309,9 @@ def test_pagerank_spreads_dangling_mass_like_networkx():
     g.add_nodes_from(range(3))
     g.add_weighted_edges_from([(1, 0, 1.0), (2, 0, 0.3), (2, 1, 0.7)])  # query -> key
     ref = nx.pagerank(g, tol=1e-12, max_iter=1000)
-    torch.testing.assert_close(rank, torch.tensor([ref[k] for k in range(3)],
-                                                  dtype=torch.float64), atol=1e-8, rtol=1e-6)
+    torch.testing.assert_close(
+        rank, torch.tensor([ref[k] for k in range(3)], dtype=torch.float64), atol=1e-8, rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("kind", ["full", "causal"])
@@ -302,10 +322,12 @@ def test_hits_matches_networkx(kind):
     hubs, auth = attention_hits(g.edge_index, g.weights, n)
     for h in range(H):
         ref_h, ref_a = nx.hits(g.to_networkx(h), max_iter=10000, tol=1e-12)
-        torch.testing.assert_close(hubs[:, h], torch.tensor([ref_h[k] for k in range(n)],
-                                                            dtype=torch.float64), atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(auth[:, h], torch.tensor([ref_a[k] for k in range(n)],
-                                                            dtype=torch.float64), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            hubs[:, h], torch.tensor([ref_h[k] for k in range(n)], dtype=torch.float64), atol=1e-6, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            auth[:, h], torch.tensor([ref_a[k] for k in range(n)], dtype=torch.float64), atol=1e-6, rtol=1e-5
+        )
 
 
 def test_uniform_attention_has_no_sink():
@@ -452,8 +474,7 @@ def _tiny_lm_checkpoint(tmp_path, *, wrapped=True, norm_first=True):
 
     from gnn_transformer.model import GraphLM, GraphTransformerConfig
 
-    cfg = GraphTransformerConfig(vocab_size=13, d_model=16, nhead=2, num_layers=2,
-                                 norm_first=norm_first, backend="pyg")
+    cfg = GraphTransformerConfig(vocab_size=13, d_model=16, nhead=2, num_layers=2, norm_first=norm_first, backend="pyg")
     model = GraphLM(cfg)
     path = tmp_path / "ckpt" / "model.pt"
     path.parent.mkdir()
@@ -469,8 +490,7 @@ def test_analyze_runs_on_a_saved_checkpoint(tmp_path, capsys):
     tokens = tmp_path / "ids.txt"
     tokens.write_text("1 2 3 4 5 6\n7 8 9\n")
     out = tmp_path / "out"
-    cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out", str(out),
-                        "--compare-norm"])
+    cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out", str(out), "--compare-norm"])
     assert cli.analyze.run(args) == 0
     printed = capsys.readouterr().out
     assert "encoder.layers.0" in printed and "encoder.layers.1" in printed
@@ -481,8 +501,13 @@ def test_analyze_runs_on_a_saved_checkpoint(tmp_path, capsys):
     rows = summary["variants"]["model"]
     assert [r["name"] for r in rows] == ["input", "encoder.layers.0", "encoder.layers.1"]
     assert all(len(r["sink"]) == 2 for r in rows[1:])
-    for name in ("sink_scores.png", "activations.png", "norm_comparison.png",
-                 "attention_encoder_layers_0_self_attn.png", "arcs_encoder_layers_1_self_attn.png"):
+    for name in (
+        "sink_scores.png",
+        "activations.png",
+        "norm_comparison.png",
+        "attention_encoder_layers_0_self_attn.png",
+        "arcs_encoder_layers_1_self_attn.png",
+    ):
         assert (out / name).stat().st_size > 1000, name
 
 
@@ -491,17 +516,30 @@ def test_analyze_checkpoint_variants_and_errors(tmp_path, capsys):
 
     path, model = _tiny_lm_checkpoint(tmp_path, wrapped=False, norm_first=False)
     config = tmp_path / "elsewhere.json"
-    config.write_text(json.dumps({"model_config": json.loads(
-        (path.parent / "config.json").read_text())}))
+    config.write_text(json.dumps({"model_config": json.loads((path.parent / "config.json").read_text())}))
     (path.parent / "config.json").unlink()
     tokens = tmp_path / "ids.txt"
     tokens.write_text("3 1 4 1 5\n")
-    cli, args = _parse(["--checkpoint", str(path), "--config", str(config), "--tokens", str(tokens),
-                        "--out", str(tmp_path / "o"), "--graph", "full", "--no-plots"])
+    cli, args = _parse(
+        [
+            "--checkpoint",
+            str(path),
+            "--config",
+            str(config),
+            "--tokens",
+            str(tokens),
+            "--out",
+            str(tmp_path / "o"),
+            "--graph",
+            "full",
+            "--no-plots",
+        ]
+    )
     assert cli.analyze.run(args) == 0
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["summary.json"]
     # the recorded weights are those of the model itself
     from gnn_transformer.experiments import analyze_run
+
     loaded = analyze_run.load_checkpoint_model(path, config)
     result = analyze_run.analyze(loaded, [[3, 1, 4, 1, 5]], graph="full")
     g = result.traces["model"].attention[0]
@@ -510,8 +548,7 @@ def test_analyze_checkpoint_variants_and_errors(tmp_path, capsys):
     torch.testing.assert_close(g.weights, alpha)
     # errors are reported, not raised
     capsys.readouterr()
-    cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out",
-                        str(tmp_path / "p")])
+    cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out", str(tmp_path / "p")])
     assert cli.analyze.run(args) == 2  # no config next to the checkpoint any more
     assert "config" in capsys.readouterr().err
     small = tmp_path / "small.json"  # a config that does not fit the weights
@@ -532,8 +569,19 @@ def test_analyze_on_a_catalogue_topology_and_unknown_graph(tmp_path, capsys):
     path, _ = _tiny_lm_checkpoint(tmp_path)
     tokens = tmp_path / "ids.txt"
     tokens.write_text("1 2 3 4 5 6 7 8 9 10\n")
-    cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out",
-                        str(tmp_path / "o"), "--graph", "sliding_window", "--no-plots"])
+    cli, args = _parse(
+        [
+            "--checkpoint",
+            str(path),
+            "--tokens",
+            str(tokens),
+            "--out",
+            str(tmp_path / "o"),
+            "--graph",
+            "sliding_window",
+            "--no-plots",
+        ]
+    )
     assert cli.analyze.run(args) == 0
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["graph"] == "sliding_window"
     cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--graph", "nope"])
@@ -543,17 +591,23 @@ def test_analyze_on_a_catalogue_topology_and_unknown_graph(tmp_path, capsys):
 
 def _save_tiny_hf(tmp_path, kind):
     transformers = pytest.importorskip("transformers")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a",
-             "dog", "ran"]
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a", "dog", "ran"]
     directory = tmp_path / kind
     if kind == "bert":
-        cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2,
-                                      num_attention_heads=2, intermediate_size=32,
-                                      max_position_embeddings=32, attn_implementation="eager")
+        cfg = transformers.BertConfig(
+            vocab_size=len(words),
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+            attn_implementation="eager",
+        )
         model = transformers.BertModel(cfg)
     else:
-        cfg = transformers.GPT2Config(vocab_size=len(words), n_embd=16, n_layer=2, n_head=2,
-                                      n_positions=32, attn_implementation="eager")
+        cfg = transformers.GPT2Config(
+            vocab_size=len(words), n_embd=16, n_layer=2, n_head=2, n_positions=32, attn_implementation="eager"
+        )
         model = transformers.GPT2LMHeadModel(cfg)
     model.eval().save_pretrained(directory)
     try:  # transformers >= 5 takes the vocabulary itself
@@ -582,11 +636,11 @@ def test_analyze_runs_on_a_saved_hugging_face_model(tmp_path, capsys, kind):
     assert summary["graph"] == ("full" if kind == "bert" else "causal")
     assert summary["tokens"][:2] == ["[CLS]", "the"]
     assert summary["lengths"] == [8, 5]
-    assert [r["name"] for r in summary["variants"]["model"]] == [
-        "input", "encoder.layers.0", "encoder.layers.1"]
+    assert [r["name"] for r in summary["variants"]["model"]] == ["input", "encoder.layers.0", "encoder.layers.1"]
     assert (out / "attention_encoder_layers_1_self_attn.png").is_file()
     # the recorded weights are Hugging Face's attention probabilities
     from gnn_transformer.experiments import analyze_run
+
     loaded = analyze_run.load_hf_model(directory)
     result = analyze_run.analyze(loaded, [[2, 5, 6, 7, 3]])
     ids = torch.tensor([[2, 5, 6, 7, 3]])
@@ -614,14 +668,41 @@ def test_analyze_runs_on_a_train_run_checkpoint(tmp_path, capsys):
     from gnn_transformer import cli
 
     run = tmp_path / "run"
-    assert cli.main(["train", "--task", "recall", "--topology", "sliding_window:window=2",
-                     "--out", str(run), "--steps", "2", "--batch-size", "2", "--d-model", "16",
-                     "--ff", "32", "--heads", "2", "--no-progress", "--backend", "pyg",
-                     "--warmup", "1"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--task",
+                "recall",
+                "--topology",
+                "sliding_window:window=2",
+                "--out",
+                str(run),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--d-model",
+                "16",
+                "--ff",
+                "32",
+                "--heads",
+                "2",
+                "--no-progress",
+                "--backend",
+                "pyg",
+                "--warmup",
+                "1",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     out = tmp_path / "analysis"
-    assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--samples", "3",
-                     "--out", str(out), "--no-plots"]) == 0
+    assert (
+        cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--samples", "3", "--out", str(out), "--no-plots"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "recall model" in printed and "3 sequence(s)" in printed
     assert "sliding_window:window=2 graph" in printed
@@ -629,6 +710,7 @@ def test_analyze_runs_on_a_train_run_checkpoint(tmp_path, capsys):
     # the recorded graph is the run's: a window of radius 2 gives exactly min(L, 5)-ish keys
     from gnn_transformer.experiments.analyze_run import analyze, load_checkpoint_model
     from gnn_transformer.topology import sliding_window
+
     loaded = load_checkpoint_model(run / "model.pt")
     seqs = loaded.examples(2)
     assert len(seqs) == 2 and all(len(s) > 0 for s in seqs)
@@ -636,8 +718,7 @@ def test_analyze_runs_on_a_train_run_checkpoint(tmp_path, capsys):
     recorded = result.traces["model"].attention[0].edge_index
     expected = sliding_window([len(s) for s in seqs], 2)
     assert torch.equal(recorded.cpu(), expected.as_tensor())
-    assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--samples", "0",
-                     "--out", str(out)]) == 2
+    assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--samples", "0", "--out", str(out)]) == 2
     assert "'--samples'" in capsys.readouterr().err
 
 
@@ -647,8 +728,14 @@ def _double_lm(**overrides):
     from gnn_transformer.model import GraphLM, GraphTransformerConfig
 
     torch.manual_seed(0)
-    cfg = GraphTransformerConfig(**{**dict(vocab_size=13, d_model=16, nhead=2, num_layers=2, position="learned",
-                                           max_positions=32, backend="pyg"), **overrides})
+    cfg = GraphTransformerConfig(
+        **{
+            **dict(
+                vocab_size=13, d_model=16, nhead=2, num_layers=2, position="learned", max_positions=32, backend="pyg"
+            ),
+            **overrides,
+        }
+    )
     model = perturbed(GraphLM(cfg).double())
 
     def forward(ids, graph, pos):
@@ -674,8 +761,9 @@ def test_analyze_records_each_heads_weights_over_its_own_edges():
         expected = model(ids, edge_index, pos=pos, edge_head=edge_head)
         h0 = model.embed_nodes(ids, pos)
         layer = model.encoder.layers[0]
-        _, alpha = layer.self_attn(layer.norm1(h0), edge_index, edge_head=edge_head,
-                                   return_attention_weights=True)  # [E] each edge's own head
+        _, alpha = layer.self_attn(
+            layer.norm1(h0), edge_index, edge_head=edge_head, return_attention_weights=True
+        )  # [E] each edge's own head
     trace = result.traces["model"]
     torch.testing.assert_close(trace.output, expected, **TOL[torch.float64])  # the same model output
     graphs = trace.self_attention()
@@ -701,9 +789,11 @@ def test_analyze_runs_each_layer_on_its_own_graph(tmp_path, capsys):
     from gnn_transformer.topology import sliding_window
 
     spec = tmp_path / "two_layers.toml"
-    spec.write_text('name = "two_layers"\ndescription = "a window, then causal"\nsource = "test"\n'
-                    'builder = "per_layer"\n\n[[layers]]\nbuilder = "sliding_window"\n'
-                    'params = { window = 1, causal = true }\n\n[[layers]]\nbuilder = "causal"\n')
+    spec.write_text(
+        'name = "two_layers"\ndescription = "a window, then causal"\nsource = "test"\n'
+        'builder = "per_layer"\n\n[[layers]]\nbuilder = "sliding_window"\n'
+        'params = { window = 1, causal = true }\n\n[[layers]]\nbuilder = "causal"\n'
+    )
     model, loaded = _double_lm()
     result = analyze_run.analyze(loaded, SEQS, graph=str(spec))
     graphs = result.traces["model"].self_attention()
@@ -720,8 +810,9 @@ def test_analyze_runs_each_layer_on_its_own_graph(tmp_path, capsys):
     tokens.write_text("1 2 3 4 5 6 7 8\n")
     for graph in (str(spec), "gemma3", "modernbert"):
         out = tmp_path / graph.replace("/", "_")
-        cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out", str(out),
-                            "--graph", graph, "--no-plots"])
+        cli, args = _parse(
+            ["--checkpoint", str(path), "--tokens", str(tokens), "--out", str(out), "--graph", graph, "--no-plots"]
+        )
         assert cli.analyze.run(args) == 0, capsys.readouterr().err
         rows = json.loads((out / "summary.json").read_text())["variants"]["model"]
         assert [r["name"] for r in rows] == ["input", "encoder.layers.0", "encoder.layers.1"]
@@ -753,8 +844,9 @@ def test_analyze_refuses_a_per_head_graph_of_other_heads(tmp_path, capsys):
     path, _ = _tiny_lm_checkpoint(tmp_path)
     tokens = tmp_path / "ids.txt"
     tokens.write_text("1 2 3 4 5 6 7 8\n")
-    cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out", str(tmp_path / "o"),
-                        "--graph", "duo_attention"])
+    cli, args = _parse(
+        ["--checkpoint", str(path), "--tokens", str(tokens), "--out", str(tmp_path / "o"), "--graph", "duo_attention"]
+    )
     assert cli.analyze.run(args) == 2
     err = capsys.readouterr().err
     assert "'graph'" in err and "'duo_attention', with 8" in err and "2 heads" in err
@@ -770,10 +862,41 @@ def test_analyze_runs_on_a_train_lm_run(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind.\n" * 4)
     run = tmp_path / "run"
-    assert cli.main(["train", "--task", "lm", "--text", str(text), "--context", "16", "--steps", "2",
-                     "--batch-size", "2", "--d-model", "16", "--ff", "32", "--heads", "2", "--backend", "pyg",
-                     "--warmup", "1", "--sample-chars", "0", "--topology", "sliding_window:window=3",
-                     "--out", str(run), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--task",
+                "lm",
+                "--text",
+                str(text),
+                "--context",
+                "16",
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--d-model",
+                "16",
+                "--ff",
+                "32",
+                "--heads",
+                "2",
+                "--backend",
+                "pyg",
+                "--warmup",
+                "1",
+                "--sample-chars",
+                "0",
+                "--topology",
+                "sliding_window:window=3",
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     out = tmp_path / "analysis"
     assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--samples", "2", "--out", str(out)]) == 0
@@ -791,12 +914,15 @@ def test_analyze_runs_on_a_train_lm_run(tmp_path, capsys):
     assert torch.equal(recorded, sliding_window(5, 3, causal=True).as_tensor())
     lines = tmp_path / "lines.txt"
     lines.write_text("To be\nthe mind\n")
-    assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--text", str(lines), "--out", str(out),
-                     "--no-plots"]) == 0
+    assert (
+        cli.main(
+            ["analyze", "--checkpoint", str(run / "model.pt"), "--text", str(lines), "--out", str(out), "--no-plots"]
+        )
+        == 0
+    )
     assert json.loads((out / "summary.json").read_text())["tokens"] == list("To be")
     lines.write_text("To be Ω\n")
-    assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--text", str(lines), "--out",
-                     str(out)]) == 2
+    assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--text", str(lines), "--out", str(out)]) == 2
     assert "'--text'" in (err := capsys.readouterr().err) and "'Ω' (U+03A9) at character 6" in err
 
 
@@ -806,27 +932,100 @@ def test_analyze_runs_on_a_train_listops_run(tmp_path, capsys):
     from gnn_transformer import cli
 
     run = tmp_path / "run"
-    assert cli.main(["train", "--task", "listops", "--listops-lengths", "5-20", "--listops-depth", "3",
-                     "--listops-args", "3", "--listops-train", "20", "--eval-size", "2", "--steps", "2",
-                     "--batch-size", "2", "--d-model", "16", "--ff", "32", "--heads", "2", "--backend", "pyg",
-                     "--warmup", "1", "--out", str(run), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--task",
+                "listops",
+                "--listops-lengths",
+                "5-20",
+                "--listops-depth",
+                "3",
+                "--listops-args",
+                "3",
+                "--listops-train",
+                "20",
+                "--eval-size",
+                "2",
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--d-model",
+                "16",
+                "--ff",
+                "32",
+                "--heads",
+                "2",
+                "--backend",
+                "pyg",
+                "--warmup",
+                "1",
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     out = tmp_path / "analysis"
-    assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--samples", "2", "--out", str(out),
-                     "--graph", "sliding_window:window=2"]) == 0
+    assert (
+        cli.main(
+            [
+                "analyze",
+                "--checkpoint",
+                str(run / "model.pt"),
+                "--samples",
+                "2",
+                "--out",
+                str(out),
+                "--graph",
+                "sliding_window:window=2",
+            ]
+        )
+        == 0
+    )
     assert "listops model (model.pt): 2 sequence(s)" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokens"][0] == "[CLS]" and all(5 < n <= 21 for n in summary["lengths"])
     expressions = tmp_path / "expressions.txt"
     expressions.write_text("[MAX 4 3 [MIN 2 3 ] 1 0 ]\n[SM 1 2 ]\n")
-    assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--text", str(expressions), "--out",
-                     str(out), "--no-plots"]) == 0
+    assert (
+        cli.main(
+            [
+                "analyze",
+                "--checkpoint",
+                str(run / "model.pt"),
+                "--text",
+                str(expressions),
+                "--out",
+                str(out),
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["lengths"] == [11, 5] and summary["tokens"][:3] == ["[CLS]", "[MAX", "4"]
     tokens = tmp_path / "ids.txt"
     tokens.write_text("1 2 3\n")
-    assert cli.main(["perplexity", "--checkpoint", str(run / "model.pt"), "--tokens", str(tokens),
-                     "--out", str(tmp_path / "p"), "--no-progress"]) == 2
+    assert (
+        cli.main(
+            [
+                "perplexity",
+                "--checkpoint",
+                str(run / "model.pt"),
+                "--tokens",
+                str(tokens),
+                "--out",
+                str(tmp_path / "p"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "causal language model" in capsys.readouterr().err
 
 

@@ -1,25 +1,38 @@
 """Argument checks of the analysis measures, the per-layer summary of a decoding loop, and the
 options of ``gnn-transformer analyze``."""
+
 import numpy as np
 import pytest
 import torch
 
-from gnn_transformer.analysis import (activation_stats, attention_entropy, attention_hits,
-                                      attention_pagerank, find_sinks, massive_activations,
-                                      received_attention, record, sink_scores, summarize)
+from gnn_transformer.analysis import (
+    activation_stats,
+    attention_entropy,
+    attention_hits,
+    attention_pagerank,
+    find_sinks,
+    massive_activations,
+    received_attention,
+    record,
+    sink_scores,
+    summarize,
+)
 from gnn_transformer.topology import causal
 
 W = torch.tensor([[1.0], [0.5], [0.5], [0.2], [0.3], [0.5]])  # causal(3)
 
 
-@pytest.mark.parametrize("measure, name", [
-    (lambda n: received_attention(causal(3), W, n), "num_src"),
-    (lambda n: find_sinks(causal(3), W, n), "num_src"),
-    (lambda n: sink_scores(causal(3), W, num_src=n), "num_src"),
-    (lambda n: attention_entropy(causal(3), W, n), "num_dst"),
-    (lambda n: attention_pagerank(causal(3), W, n), "num_nodes"),
-    (lambda n: attention_hits(causal(3), W, n), "num_nodes"),
-])
+@pytest.mark.parametrize(
+    "measure, name",
+    [
+        (lambda n: received_attention(causal(3), W, n), "num_src"),
+        (lambda n: find_sinks(causal(3), W, n), "num_src"),
+        (lambda n: sink_scores(causal(3), W, num_src=n), "num_src"),
+        (lambda n: attention_entropy(causal(3), W, n), "num_dst"),
+        (lambda n: attention_pagerank(causal(3), W, n), "num_nodes"),
+        (lambda n: attention_hits(causal(3), W, n), "num_nodes"),
+    ],
+)
 def test_node_counts_below_the_indices_are_refused(measure, name):
     for bad in (2, 1, -1, 2.5, True):
         with pytest.raises(ValueError, match=f"'{name}'.*got {bad!r}"):
@@ -78,8 +91,7 @@ def test_summary_rows_of_a_decoding_loop_use_the_last_call():
     from gnn_transformer.model import GraphLM, GraphTransformerConfig
 
     torch.manual_seed(0)
-    lm = GraphLM(GraphTransformerConfig(vocab_size=20, d_model=16, nhead=2, num_layers=2,
-                                        backend="pyg")).eval()
+    lm = GraphLM(GraphTransformerConfig(vocab_size=20, d_model=16, nhead=2, num_layers=2, backend="pyg")).eval()
     with torch.no_grad(), record(lm) as trace:
         generate(lm, torch.tensor([[1, 2, 3]]), 3)
     rows = summarize(trace)
@@ -100,12 +112,29 @@ def _args(argv):
     return cli, cli.build_parser().parse_args(["analyze", *argv])
 
 
-@pytest.mark.parametrize("option, value", [("--max-tokens", "0"), ("--max-tokens", "-3"),
-                                           ("--massive-ratio", "-5"), ("--massive-magnitude", "-1"),
-                                           ("--massive-ratio", "nan")])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--max-tokens", "0"),
+        ("--max-tokens", "-3"),
+        ("--massive-ratio", "-5"),
+        ("--massive-magnitude", "-1"),
+        ("--massive-ratio", "nan"),
+    ],
+)
 def test_analyze_options_are_checked_up_front(tmp_path, capsys, option, value):
-    cli, args = _args(["--checkpoint", str(tmp_path / "missing.pt"), "--tokens", "x.txt",
-                       "--out", str(tmp_path / "out"), option, value])
+    cli, args = _args(
+        [
+            "--checkpoint",
+            str(tmp_path / "missing.pt"),
+            "--tokens",
+            "x.txt",
+            "--out",
+            str(tmp_path / "out"),
+            option,
+            value,
+        ]
+    )
     assert cli.analyze.run(args) == 2
     captured = capsys.readouterr()
     assert option in captured.err and value in captured.err and captured.out == ""

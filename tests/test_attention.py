@@ -1,4 +1,5 @@
 """GraphMultiheadAttention against torch.nn.MultiheadAttention and against the dense reference."""
+
 from fractions import Fraction
 
 import pytest
@@ -63,8 +64,13 @@ def test_matches_torch_mha_on_padded_batches(kind, lengths, dtype, backend):
     # nn.MultiheadAttention's boolean masks mean "not allowed"; padded queries get a dummy key
     attn_mask = ~(mask | ~mask.any(-1, keepdim=True) & (torch.arange(t) == 0))
     attn_mask = attn_mask.repeat_interleave(4, dim=0)  # [B * H, T, T]
-    ref, ref_w = torch_mha(x_ref.transpose(0, 1), x_ref.transpose(0, 1), x_ref.transpose(0, 1),
-                           attn_mask=attn_mask, average_attn_weights=False)
+    ref, ref_w = torch_mha(
+        x_ref.transpose(0, 1),
+        x_ref.transpose(0, 1),
+        x_ref.transpose(0, 1),
+        attn_mask=attn_mask,
+        average_attn_weights=False,
+    )
     ref = ref.transpose(0, 1)  # [B, T, C]
     torch.testing.assert_close(out, from_padded(ref, lengths), **TOL[dtype])
     dense_alpha = dense.edge_values_to_dense(edge_index, alpha, lengths)  # [B, H, T, T]
@@ -108,18 +114,15 @@ def _check_against_dense(layer, x_src, x_dst, edge_index, dtype, edge_bias=None,
     bipartite = x_dst is not x_src
     x_in = (x_src, x_dst) if bipartite else x_src
     bias = edge_bias.clone().requires_grad_() if edge_bias is not None else None
-    out, alpha = layer(x_in, edge_index, edge_bias=bias, return_attention_weights=True,
-                       backend=backend)
+    out, alpha = layer(x_in, edge_index, edge_bias=bias, return_attention_weights=True, backend=backend)
     n_src, n_dst = x_src.size(0), x_dst.size(0)
     mask = to_dense_mask(edge_index, n_src, n_dst)  # [N_dst, N_src]
     dense_bias = None
     if bias is not None:
         dense_bias = dense.edge_values_to_dense(edge_index, bias, [n_src], [n_dst])  # [1, H, ...]
-    ref, ref_w = dense.multihead_attention(layer, x_dst.unsqueeze(0), x_src.unsqueeze(0), mask,
-                                           bias=dense_bias)
+    ref, ref_w = dense.multihead_attention(layer, x_dst.unsqueeze(0), x_src.unsqueeze(0), mask, bias=dense_bias)
     torch.testing.assert_close(out, ref[0], **TOL[dtype])
-    torch.testing.assert_close(dense.edge_values_to_dense(edge_index, alpha, [n_src], [n_dst]),
-                               ref_w, **TOL[dtype])
+    torch.testing.assert_close(dense.edge_values_to_dense(edge_index, alpha, [n_src], [n_dst]), ref_w, **TOL[dtype])
     assert torch.isfinite(out).all()
 
     grad = torch.randn_like(out)
@@ -216,8 +219,7 @@ def test_edge_index_object_equals_plain_tensor():
     assert isinstance(ei, EdgeIndex) and ei.is_sorted_by_col
     torch.testing.assert_close(layer(x, ei, backend="pyg"), layer(x, ei.as_tensor(), backend="pyg"))
     perm = torch.randperm(ei.size(1))  # unsorted edges: same result
-    torch.testing.assert_close(layer(x, ei.as_tensor()[:, perm], backend="pyg"),
-                               layer(x, ei, backend="pyg"))
+    torch.testing.assert_close(layer(x, ei.as_tensor()[:, perm], backend="pyg"), layer(x, ei, backend="pyg"))
 
 
 def _block_and_tail():
@@ -308,17 +310,22 @@ def test_dropout_in_the_kernels_is_inverted_dropout(backend):
 
 # ---------------------------------------------------------------- property-based
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(num_src=st.integers(1, 9), num_dst=st.integers(1, 9), p=st.floats(0.0, 1.0),
-       heads=st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 2), (4, 4)]), seed=st.integers(0, 10_000),
-       bipartite=st.booleans(), with_bias=st.booleans())
+@given(
+    num_src=st.integers(1, 9),
+    num_dst=st.integers(1, 9),
+    p=st.floats(0.0, 1.0),
+    heads=st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 2), (4, 4)]),
+    seed=st.integers(0, 10_000),
+    bipartite=st.booleans(),
+    with_bias=st.booleans(),
+)
 def test_property_graph_equals_dense(num_src, num_dst, p, heads, seed, bipartite, with_bias):
     num_heads, num_kv_heads = heads
     dtype = torch.float64
     if not bipartite:
         num_dst = num_src
     torch.manual_seed(seed)
-    layer = GraphMultiheadAttention(4 * num_heads, num_heads, num_kv_heads=num_kv_heads,
-                                    dtype=dtype).eval()
+    layer = GraphMultiheadAttention(4 * num_heads, num_heads, num_kv_heads=num_kv_heads, dtype=dtype).eval()
     edge_index = erdos_renyi(num_src, num_dst, p=p, seed=seed)
     x_src = torch.randn(num_src, 4 * num_heads, dtype=dtype)
     x_dst = torch.randn(num_dst, 4 * num_heads, dtype=dtype) if bipartite else x_src
@@ -332,19 +339,21 @@ def test_gradcheck_float64():
     edge_index = torch.tensor([[0, 1, 2, 2, 0], [0, 0, 1, 2, 2]])  # node 3 has no incoming edge
     x = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, b: layer(x, edge_index, edge_bias=b, backend="pyg"),
-                                    (x, bias))
+    assert torch.autograd.gradcheck(lambda x, b: layer(x, edge_index, edge_bias=b, backend="pyg"), (x, bias))
 
 
 # ---------------------------------------------------------------- errors
-@pytest.mark.parametrize("edge_index,match", [
-    (torch.tensor([0, 1]), r"shape \[2, E\]"),
-    (torch.zeros(3, 2, dtype=torch.long), r"shape \[2, E\].*\[3, 2\]"),
-    (torch.zeros(2, 2), "integers.*float32"),
-    (torch.tensor([[0, -1], [0, 0]]), "non-negative.*-1"),
-    (torch.tensor([[0, 4], [0, 0]]), "source index 4"),
-    (torch.tensor([[0, 0], [0, 7]]), "target index 7"),
-])
+@pytest.mark.parametrize(
+    "edge_index,match",
+    [
+        (torch.tensor([0, 1]), r"shape \[2, E\]"),
+        (torch.zeros(3, 2, dtype=torch.long), r"shape \[2, E\].*\[3, 2\]"),
+        (torch.zeros(2, 2), "integers.*float32"),
+        (torch.tensor([[0, -1], [0, 0]]), "non-negative.*-1"),
+        (torch.tensor([[0, 4], [0, 0]]), "source index 4"),
+        (torch.tensor([[0, 0], [0, 7]]), "target index 7"),
+    ],
+)
 def test_bad_edge_index(edge_index, match):
     layer = GraphMultiheadAttention(8, 2)
     with pytest.raises(ValueError, match=match):
@@ -366,9 +375,14 @@ def test_bad_arguments():
         GraphMultiheadAttention(8, 4, num_kv_heads=3)
     with pytest.raises(ValueError, match="'backend'.*'cuda'"):
         GraphMultiheadAttention(8, 4, backend="cuda")
-    for kwargs, match in (({"kdim": 0}, "'kdim'.*0"), ({"vdim": -3}, "'vdim'.*-3"),
-                          ({"kdim": True}, "'kdim'.*True"), ({"dropout": "0.1"}, "'dropout'.*'0.1'"),
-                          ({"dropout": 1.0}, "'dropout'.*1.0"), ({"num_kv_heads": 0}, "'num_kv_heads'")):
+    for kwargs, match in (
+        ({"kdim": 0}, "'kdim'.*0"),
+        ({"vdim": -3}, "'vdim'.*-3"),
+        ({"kdim": True}, "'kdim'.*True"),
+        ({"dropout": "0.1"}, "'dropout'.*'0.1'"),
+        ({"dropout": 1.0}, "'dropout'.*1.0"),
+        ({"num_kv_heads": 0}, "'num_kv_heads'"),
+    ):
         with pytest.raises(ValueError, match=match):
             GraphMultiheadAttention(8, 4, **kwargs)
     layer = GraphMultiheadAttention(8, 2)
@@ -391,8 +405,7 @@ def test_relation_to_pyg_transformer_conv(dtype):
     w_q, w_k, w_v = layer.projection_weights()
     b_q, b_k, b_v = layer.projection_biases()
     with torch.no_grad():
-        for lin, w, b in ((conv.lin_query, w_q, b_q), (conv.lin_key, w_k, b_k),
-                          (conv.lin_value, w_v, b_v)):
+        for lin, w, b in ((conv.lin_query, w_q, b_q), (conv.lin_key, w_k, b_k), (conv.lin_value, w_v, b_v)):
             lin.weight.copy_(w)
             lin.bias.copy_(b + 0.1)  # nonzero biases
         layer.in_proj_bias.add_(0.1)
@@ -425,8 +438,9 @@ def test_pos_pair_needs_a_bipartite_input():
     kv = layer.key_value(x, pos=pos)
     with pytest.raises(ValueError, match="'pos' to hold one position per query node, shape \\[3\\]"):
         layer(x, edge_index, kv=kv, pos=(pos, pos))
-    torch.testing.assert_close(layer(x, edge_index, kv=kv, pos=pos), layer(x, edge_index, pos=pos),
-                               **TOL[torch.float32])
+    torch.testing.assert_close(
+        layer(x, edge_index, kv=kv, pos=pos), layer(x, edge_index, pos=pos), **TOL[torch.float32]
+    )
 
 
 def test_auto_runs_sdpa_on_a_causal_graph_with_the_same_result():

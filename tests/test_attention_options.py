@@ -1,6 +1,7 @@
 """Attention options of today's decoders (score scale, logit softcapping, head_dim != embed_dim / H,
 separate output bias, qk-norm, scaled and partial RoPE), RMSNorm and gated MLPs, against dense
 references."""
+
 import pytest
 import torch
 
@@ -22,7 +23,7 @@ def _dense(attn: GraphMultiheadAttention, x: torch.Tensor, mask: torch.Tensor, p
         q, k = attn.rotary(q, pos), attn.rotary(k, pos)
     group = attn.num_heads // attn.num_kv_heads
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    scale = attn.scale if attn.scale is not None else attn.head_dim ** -0.5
+    scale = attn.scale if attn.scale is not None else attn.head_dim**-0.5
     s = torch.einsum("ihd,jhd->hij", q, k) * scale  # [H, N, N]
     if attn.softcap is not None:
         s = torch.tanh(s / attn.softcap) * attn.softcap
@@ -32,14 +33,20 @@ def _dense(attn: GraphMultiheadAttention, x: torch.Tensor, mask: torch.Tensor, p
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL32), (torch.float64, TOL64)])
-@pytest.mark.parametrize("options", [
-    dict(scale=1.0), dict(softcap=0.7), dict(softcap=2.0, scale=0.3, head_dim=6, num_kv_heads=1),
-    dict(head_dim=4, out_bias=False), dict(bias=False, out_bias=True),
-    dict(q_norm=RMSNorm(4), k_norm=RMSNorm(4), head_dim=4, rope=True),
-    dict(rope=True, rotary_dim=2, head_dim=6),
-    dict(rope=True, rope_scaling=RopeScaling("yarn", factor=4.0, original_max_position_embeddings=4)),
-    dict(rope=True, rope_scaling=RopeScaling("dynamic", factor=2.0, max_position_embeddings=3)),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(scale=1.0),
+        dict(softcap=0.7),
+        dict(softcap=2.0, scale=0.3, head_dim=6, num_kv_heads=1),
+        dict(head_dim=4, out_bias=False),
+        dict(bias=False, out_bias=True),
+        dict(q_norm=RMSNorm(4), k_norm=RMSNorm(4), head_dim=4, rope=True),
+        dict(rope=True, rotary_dim=2, head_dim=6),
+        dict(rope=True, rope_scaling=RopeScaling("yarn", factor=4.0, original_max_position_embeddings=4)),
+        dict(rope=True, rope_scaling=RopeScaling("dynamic", factor=2.0, max_position_embeddings=3)),
+    ],
+)
 def test_options_match_dense(options, dtype, tol):
     torch.manual_seed(0)
     n = 7
@@ -54,8 +61,9 @@ def test_options_match_dense(options, dtype, tol):
     torch.testing.assert_close(out, _dense(attn, x, mask, pos), **tol)
     if attn.softcap is None:  # the kernels take the same scale
         for backend in ("fused", "tiled"):
-            torch.testing.assert_close(attn(x, edge_index, pos=pos if attn.rotary is not None else None,
-                                            backend=backend), out, **tol)
+            torch.testing.assert_close(
+                attn(x, edge_index, pos=pos if attn.rotary is not None else None, backend=backend), out, **tol
+            )
 
 
 def test_softcap_refuses_kernel_backends():
@@ -97,20 +105,41 @@ def test_partial_rope_passes_the_rest():
         RotaryEmbedding(6, rotary_dim=3)
 
 
-@pytest.mark.parametrize("kind,extra", [
-    ("default", {}), ("linear", {"factor": 3.0}), ("dynamic", {"factor": 2.0}),
-    ("llama3", {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 16}),
-    ("yarn", {"factor": 4.0, "original_max_position_embeddings": 16}),
-    ("yarn", {"factor": 4.0, "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 0.7,
-              "beta_fast": 16, "beta_slow": 2, "truncate": False}),
-])
+@pytest.mark.parametrize(
+    "kind,extra",
+    [
+        ("default", {}),
+        ("linear", {"factor": 3.0}),
+        ("dynamic", {"factor": 2.0}),
+        (
+            "llama3",
+            {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        ),
+        ("yarn", {"factor": 4.0, "original_max_position_embeddings": 16}),
+        (
+            "yarn",
+            {
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.7,
+                "beta_fast": 16,
+                "beta_slow": 2,
+                "truncate": False,
+            },
+        ),
+    ],
+)
 def test_rope_inv_freq_matches_hf(kind, extra):
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=32,
-                                      rope_parameters={"rope_type": kind, "rope_theta": 1000.0, **extra})
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        rope_parameters={"rope_type": kind, "rope_theta": 1000.0, **extra},
+    )
     scaling = RopeScaling(kind, max_position_embeddings=32, **extra)
     for seq_len in (None, 50):
         ours, factor = rope_inv_freq(16, 1000.0, scaling, seq_len)

@@ -1,6 +1,7 @@
 """Per-head graphs in the layer (``GraphMultiheadAttention.forward(..., edge_head=...)``): every
 backend, ``pyg`` included, and every attention variant equals its dense counterpart with the
 per-head mask ``[1, H, N, N]``, outputs and gradients."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,8 +31,9 @@ def _dense(layer, x, edge_index, edge_head, bias=None):
     dense_bias = None
     if bias is not None:
         dense_bias = torch.zeros(1, layer.num_heads, n, n, dtype=bias.dtype)
-        dense_bias[0, edge_head, edge_index[1], edge_index[0]] = bias if bias.dim() == 1 else \
-            bias.gather(1, edge_head[:, None])[:, 0]
+        dense_bias[0, edge_head, edge_index[1], edge_index[0]] = (
+            bias if bias.dim() == 1 else bias.gather(1, edge_head[:, None])[:, 0]
+        )
     out, _ = dense_attention_layer(layer, x[None], x[None], mask, bias=dense_bias)
     return out[0]
 
@@ -62,8 +64,9 @@ def test_variants_per_head_match_dense(attention):
     edge_index, edge_head = _graph(n, seed=1)
     layer = attention_class(attention)(16, 4, backend="auto" if attention != "mlp" else "fused", dtype=torch.float64)
     x = torch.randn(n, 16, dtype=torch.float64)
-    torch.testing.assert_close(layer(x, edge_index, edge_head=edge_head), _dense(layer, x, edge_index, edge_head),
-                               **TOL[torch.float64])
+    torch.testing.assert_close(
+        layer(x, edge_index, edge_head=edge_head), _dense(layer, x, edge_index, edge_head), **TOL[torch.float64]
+    )
 
 
 @pytest.mark.parametrize("backend", ["pyg", "fused", "tiled"])
@@ -76,6 +79,7 @@ def test_per_head_attention_weights(backend):
     assert alpha.shape == (edge_index.size(1),)
     mask = to_dense_mask(edge_index, n, n, edge_head=edge_head, num_heads=4)[None]
     from gnn_transformer.dense import multihead_attention
+
     _, weights = multihead_attention(layer, x[None], x[None], mask)  # [1, H, N, N]
     torch.testing.assert_close(alpha, weights[0, edge_head, edge_index[1], edge_index[0]], **TOL[torch.float64])
 
@@ -132,8 +136,9 @@ def _positive_score_edges(query, key, edge_index):
 @pytest.mark.parametrize("backend", ["pyg", "fused", "tiled", "auto"])
 def test_select_attends_along_the_chosen_graph(backend):
     n = 12
-    layer = GraphMultiheadAttention(16, 4, num_kv_heads=2, backend=backend, rope=True, select=_positive_score_edges,
-                                    dtype=torch.float64)
+    layer = GraphMultiheadAttention(
+        16, 4, num_kv_heads=2, backend=backend, rope=True, select=_positive_score_edges, dtype=torch.float64
+    )
     x = torch.randn(n, 16, dtype=torch.float64, requires_grad=True)
     pos = torch.arange(n)
     allowed = torch.tril(torch.ones(n, n, dtype=torch.bool)).nonzero().flip(1).t()
@@ -148,8 +153,9 @@ def test_select_attends_along_the_chosen_graph(backend):
     want = plain(x2, chosen, pos=pos, edge_head=chosen_head)
     torch.testing.assert_close(out, want, **TOL[torch.float64])
     w = torch.randn_like(out)
-    torch.testing.assert_close(torch.autograd.grad((out * w).sum(), x)[0], torch.autograd.grad((want * w).sum(), x2)[0],
-                               **TOL[torch.float64])
+    torch.testing.assert_close(
+        torch.autograd.grad((out * w).sum(), x)[0], torch.autograd.grad((want * w).sum(), x2)[0], **TOL[torch.float64]
+    )
 
 
 def test_select_refuses_edge_head_and_bad_selectors():

@@ -1,5 +1,6 @@
 """The benchmark's baselines: SDPA as a user calls it for each graph, FlexAttention with each
 ``mask_mod`` variant (or the reason it cannot run), and the plain GPT of the training-step benchmark."""
+
 from __future__ import annotations
 
 import pytest
@@ -53,12 +54,15 @@ def _edges(edge_index):
     return edge_index, plain[0], plain[1]
 
 
-@pytest.mark.parametrize("topology,variant,reason", [
-    ("random", "predicate", "no predicate"),
-    ("bigbird", "predicate", "no predicate"),
-    ("causal", "blocks", "not made of whole blocks"),
-    ("window", "blocks", "not made of whole blocks"),
-])
+@pytest.mark.parametrize(
+    "topology,variant,reason",
+    [
+        ("random", "predicate", "no predicate"),
+        ("bigbird", "predicate", "no predicate"),
+        ("causal", "blocks", "not made of whole blocks"),
+        ("window", "blocks", "not made of whole blocks"),
+    ],
+)
 def test_flex_variants_that_cannot_run_say_why(topology, variant, reason):
     pytest.importorskip("torch.nn.attention.flex_attention")
     edge_index, src, dst = _edges(build_graph(topology, 1024))
@@ -73,13 +77,16 @@ def test_dense_lookup_refuses_what_does_not_fit():
         baselines.flex_block_mask("lookup", "random", edge_index, src, dst, 1024, "cpu", 128, 1024 * 1023)
 
 
-@pytest.mark.parametrize("topology,variants", [
-    ("causal", ["predicate", "lookup", "bitmap"]),
-    ("window", ["predicate", "lookup", "bitmap"]),
-    ("document", ["predicate", "lookup", "bitmap"]),
-    ("bigbird", ["lookup", "blocks", "bitmap"]),
-    ("random", ["lookup", "bitmap"]),
-])
+@pytest.mark.parametrize(
+    "topology,variants",
+    [
+        ("causal", ["predicate", "lookup", "bitmap"]),
+        ("window", ["predicate", "lookup", "bitmap"]),
+        ("document", ["predicate", "lookup", "bitmap"]),
+        ("bigbird", ["lookup", "blocks", "bitmap"]),
+        ("random", ["lookup", "bitmap"]),
+    ],
+)
 def test_flex_mask_mods_are_the_graph(topology, variants):
     """Every variant's mask_mod, evaluated at every (q, kv), is the graph's dense mask."""
     pytest.importorskip("torch.nn.attention.flex_attention")
@@ -101,8 +108,9 @@ def test_flex_mask_mods_are_the_graph(topology, variants):
 
 @pytest.mark.skipif(not flex_attention_available(), reason="FlexAttention needs torch >= 2.5")
 def test_flex_row_names_the_fastest_variant_and_the_reasons_of_the_others():
-    rows = run_benchmark(["random"], [256], ["flex"], device="cpu", heads=2, head_dim=8, repeats=1,
-                         flex_variants=FLEX_VARIANTS)
+    rows = run_benchmark(
+        ["random"], [256], ["flex"], device="cpu", heads=2, head_dim=8, repeats=1, flex_variants=FLEX_VARIANTS
+    )
     fwd, bwd = rows
     assert fwd["ms"] is not None and fwd["max_err"] < 1e-5
     winner = fwd["note"].split(" fastest")[0]
@@ -122,10 +130,15 @@ def test_sdpa_row_on_a_causal_graph_runs_is_causal():
 def test_train_step_rows_compare_models_of_one_size():
     from gnn_transformer.bench.train_step import format_markdown, format_table, run_train_step_benchmark
 
-    rows = run_train_step_benchmark([8, 16], batch_size=2, layers=1, heads=2, width=16, vocab=11, repeats=1,
-                                    device="cpu")
+    rows = run_train_step_benchmark(
+        [8, 16], batch_size=2, layers=1, heads=2, width=16, vocab=11, repeats=1, device="cpu"
+    )
     assert [(r["model"], r["context"]) for r in rows] == [
-        ("gpt_sdpa", 8), ("graph_lm (auto)", 8), ("gpt_sdpa", 16), ("graph_lm (auto)", 16)]
+        ("gpt_sdpa", 8),
+        ("graph_lm (auto)", 8),
+        ("gpt_sdpa", 16),
+        ("graph_lm (auto)", 16),
+    ]
     for gpt, graph in (rows[:2], rows[2:]):
         assert gpt["params"] == graph["params"] and gpt["ratio"] == 1.0
         assert graph["ratio"] == pytest.approx(graph["ms"] / gpt["ms"])

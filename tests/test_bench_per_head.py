@@ -1,6 +1,7 @@
 """The benchmark on per-head and per-layer specs: rows for every side, each computing the dense
 reference's output; FlexAttention's per-head mask_mods (reading ``h``) and SDPA's ``[1, H, N, N]``
 mask are the graph; per-layer rows plus a total over the layers."""
+
 from __future__ import annotations
 
 import pytest
@@ -66,16 +67,25 @@ def test_block_table_per_head():
     plain = edge_index.as_tensor()
     table = baselines._block_table(plain[0], plain[1], n, edge_head, 2)
     want = to_dense_mask(edge_index, n, n, edge_head=edge_head, num_heads=2)
-    got = table(torch.zeros((), dtype=torch.long), torch.arange(2).view(2, 1, 1), torch.arange(n).view(1, n, 1),
-                torch.arange(n).view(1, 1, n))
+    got = table(
+        torch.zeros((), dtype=torch.long),
+        torch.arange(2).view(2, 1, 1),
+        torch.arange(n).view(1, n, 1),
+        torch.arange(n).view(1, 1, n),
+    )
     assert torch.equal(got, want)
 
 
 def test_head_rules_of_other_heads_say_why():
     with pytest.raises(Unavailable, match="no vectorized per-head predicate for 'random' heads"):
         head_rules("random", 64)
-    part = {"builder": "per_head", "heads": [{"builder": "causal", "params": {}, "repeat": 1},
-                                             {"builder": "random", "params": {"k": 2}, "repeat": 1}]}
+    part = {
+        "builder": "per_head",
+        "heads": [
+            {"builder": "causal", "params": {}, "repeat": 1},
+            {"builder": "random", "params": {"k": 2}, "repeat": 1},
+        ],
+    }
     with pytest.raises(Unavailable, match="no vectorized per-head predicate for 'random' heads"):
         baselines._part_rules(part, 64)
 
@@ -111,7 +121,7 @@ def test_per_head_rows_compute_the_dense_reference(kv_heads):
     for row in rows:
         assert row["topology"] == DUO and row["edges"] == edge_index.size(1)
         assert row["ms"] is not None and row["max_err"] is not None and row["max_err"] < 1e-5, row
-    assert rows[0]["density"] == pytest.approx(edge_index.size(1) / 4 / 96 ** 2)
+    assert rows[0]["density"] == pytest.approx(edge_index.size(1) / 4 / 96**2)
     assert next(r for r in rows if r["backend"] == "auto")["note"].startswith("ran ")
     assert next(r for r in rows if r["backend"] == "sdpa")["note"] == "dense bool mask [1, H, N, N]"
 
@@ -157,33 +167,58 @@ def test_per_layer_rows_and_their_total():
 def test_per_layer_spec_with_per_head_layers(tmp_path):
     """Layers of a per-layer spec may be per-head graphs: each is timed with its edge_head."""
     path = tmp_path / "mixed.toml"
-    path.write_text('name = "mixed"\ndescription = "a per-head layer, then a causal one"\nbuilder = "per_layer"\n\n'
-                    '[[layers]]\nbuilder = "dilated_per_head"\n'
-                    'params = { window = 2, dilations = [1, 2], causal = true }\n\n'
-                    '[[layers]]\nbuilder = "causal"\n')
-    rows = run_benchmark([str(path)], [48], ["fused", "pyg"], device="cpu", heads=2, head_dim=8, repeats=1,
-                         backward=False)
+    path.write_text(
+        'name = "mixed"\ndescription = "a per-head layer, then a causal one"\nbuilder = "per_layer"\n\n'
+        '[[layers]]\nbuilder = "dilated_per_head"\n'
+        'params = { window = 2, dilations = [1, 2], causal = true }\n\n'
+        '[[layers]]\nbuilder = "causal"\n'
+    )
+    rows = run_benchmark(
+        [str(path)], [48], ["fused", "pyg"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False
+    )
     assert [r["topology"].rsplit(" [", 1)[1] for r in rows] == ["layer 0]"] * 2 + ["layer 1]"] * 2 + [
-        "total, 2 layers]"] * 2
+        "total, 2 layers]"
+    ] * 2
     assert rows[-1]["note"] == "sum over layers: 1 x layer 0 + 1 x layer 1"
     assert all(r["max_err"] < 1e-5 for r in rows)
 
 
 def test_cli_bench_per_head_and_per_layer(capsys):
-    code = cli.main(["bench", "--topologies", DILATED, "gemma3", "--sizes", "64", "--device", "cpu",
-                     "--repeats", "1", "--backends", "fused", "sdpa", "--no-backward", "--head-dim", "8"])
+    code = cli.main(
+        [
+            "bench",
+            "--topologies",
+            DILATED,
+            "gemma3",
+            "--sizes",
+            "64",
+            "--device",
+            "cpu",
+            "--repeats",
+            "1",
+            "--backends",
+            "fused",
+            "sdpa",
+            "--no-backward",
+            "--head-dim",
+            "8",
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "dense bool mask [1, H, N, N]" in out.out
     assert "gemma3 [total, 6 layers]" in out.out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--topologies", "duo_attention", "--heads", "4"], "builds per-head graphs for 8 heads (got --heads 4)"),
-    (["--topologies", "duo_attention", "--kv-heads", "3"], "--kv-heads must divide the 8 heads"),
-    (["--topologies", "gemma3", "--calibrate"], "--calibrate measures graphs for every head and layer"),
-    (["--topologies", "causal+topk:num_keys=2"], "bench --selectors"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--topologies", "duo_attention", "--heads", "4"], "builds per-head graphs for 8 heads (got --heads 4)"),
+        (["--topologies", "duo_attention", "--kv-heads", "3"], "--kv-heads must divide the 8 heads"),
+        (["--topologies", "gemma3", "--calibrate"], "--calibrate measures graphs for every head and layer"),
+        (["--topologies", "causal+topk:num_keys=2"], "bench --selectors"),
+    ],
+)
 def test_cli_bench_refuses(capsys, argv, message):
     assert cli.main(["bench", "--sizes", "64", "--device", "cpu", *argv]) == 2
     assert message in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The selection benchmark: its rows agree with the library on the same selection, and its block
 table (what a FlexAttention user builds for MoBA) is the selection of ``topology.dynamic.block_topk``."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,9 +20,13 @@ def test_block_table_is_the_block_topk_selection(kv_heads, n):
     got = set()
     for h in range(heads):
         for qb in range(n // block):
-            for kb in indices[0, h, qb, :counts[0, h, qb]].tolist():
-                got |= {(h, i, j) for i in range(qb * block, (qb + 1) * block)
-                        for j in range(kb * block, (kb + 1) * block) if j <= i}
+            for kb in indices[0, h, qb, : counts[0, h, qb]].tolist():
+                got |= {
+                    (h, i, j)
+                    for i in range(qb * block, (qb + 1) * block)
+                    for j in range(kb * block, (kb + 1) * block)
+                    if j <= i
+                }
     assert got == set(zip(edge_head.tolist(), edge_index[1].tolist(), edge_index[0].tolist()))
     assert indices.shape == (1, heads, n // block, n // block)  # one column per key block, as Flex reads it
 
@@ -40,11 +45,12 @@ def test_block_table_builds_flex_block_mask():
 
 
 def test_rows_agree_with_the_library():
-    rows = run_selection_benchmark(["topk", "block_topk"], [128], heads=2, head_dim=16, repeats=1,
-                                   baselines=("sdpa",))
+    rows = run_selection_benchmark(["topk", "block_topk"], [128], heads=2, head_dim=16, repeats=1, baselines=("sdpa",))
     assert [(r["selector"], r["row"], r["pass"]) for r in rows] == [
-        (s, row, p) for s in ("topk", "block_topk")
-        for row, p in (("select", "fwd"), ("auto", "fwd"), ("auto", "fwd+bwd"), ("sdpa", "fwd"))]
+        (s, row, p)
+        for s in ("topk", "block_topk")
+        for row, p in (("select", "fwd"), ("auto", "fwd"), ("auto", "fwd+bwd"), ("sdpa", "fwd"))
+    ]
     for r in rows:
         assert set(r) == set(COLUMNS) and r["ms"] > 0
         if r["max_err"] is not None:

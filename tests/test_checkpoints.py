@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes, ``weights_only`` reads, exact resumption, a process killed while
 writing, and ``--resume`` from another configuration."""
+
 import os
 import signal
 import subprocess
@@ -23,8 +24,16 @@ TINY = EncoderConfig(d_model=16, nhead=2, num_layers=2, dim_feedforward=32, drop
 def _config(out, **train) -> RunConfig:
     settings = dict(steps=8, batch_size=4, warmup=2, log_every=1, eval_every=2, grad_accum=2)
     settings.update(train)
-    return RunConfig(task="recall", topology="sliding_window:window=2", train_sizes=(3, 4), test_sizes=(5, 6),
-                     model=TINY, train=TrainConfig(**settings), eval_size=16, out=str(out))
+    return RunConfig(
+        task="recall",
+        topology="sliding_window:window=2",
+        train_sizes=(3, 4),
+        test_sizes=(5, 6),
+        model=TINY,
+        train=TrainConfig(**settings),
+        eval_size=16,
+        out=str(out),
+    )
 
 
 def _same_weights(a: dict, b: dict) -> None:
@@ -65,10 +74,32 @@ def test_resume_from_another_configuration_is_refused_and_writes_nothing(tmp_pat
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     with pytest.raises(ValueError, match=r"'resume'.*train.lr=0.001 \(this run: 0.002\)"):
         run_training(replace(_config(tmp_path, lr=2e-3), resume=str(tmp_path / "last.pt")))
-    argv = ["train", "--task", "recall", "--topology", "sliding_window:window=2", "--train-sizes", "3-4",
-            "--test-sizes", "5-6", "--d-model", "32", "--heads", "2", "--steps", "8", "--batch-size", "4",
-            "--eval-size", "16",
-            "--out", str(tmp_path), "--resume", str(tmp_path), "--no-progress"]
+    argv = [
+        "train",
+        "--task",
+        "recall",
+        "--topology",
+        "sliding_window:window=2",
+        "--train-sizes",
+        "3-4",
+        "--test-sizes",
+        "5-6",
+        "--d-model",
+        "32",
+        "--heads",
+        "2",
+        "--steps",
+        "8",
+        "--batch-size",
+        "4",
+        "--eval-size",
+        "16",
+        "--out",
+        str(tmp_path),
+        "--resume",
+        str(tmp_path),
+        "--no-progress",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--resume" in err and "model.d_model=16 (this run: 32)" in err
@@ -127,8 +158,15 @@ def test_killed_while_writing_leaves_the_last_good_checkpoint(tmp_path):
     payload = checkpoints.read(out / "last.pt")  # weights_only; the torn file is a temporary
     assert payload["step"] == 2
     model = EncoderConfig(d_model=16, nhead=2, num_layers=2, dim_feedforward=32, dropout=0.1, backend="pyg")
-    config = RunConfig(task="recall", topology="full", train_sizes=(3, 4), test_sizes=(5, 6), model=model,
-                       train=TrainConfig(steps=6, batch_size=4, warmup=1, checkpoint_every=2), eval_size=8)
+    config = RunConfig(
+        task="recall",
+        topology="full",
+        train_sizes=(3, 4),
+        test_sizes=(5, 6),
+        model=model,
+        train=TrainConfig(steps=6, batch_size=4, warmup=1, checkpoint_every=2),
+        eval_size=8,
+    )
     _, resumed = run_training(replace(config, out=str(out), resume=str(out / "last.pt")))
     _, whole = run_training(replace(config, out=str(tmp_path / "whole")))
     _same_weights(resumed.state_dict(), whole.state_dict())

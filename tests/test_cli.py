@@ -6,8 +6,25 @@ from gnn_transformer import cli
 from gnn_transformer.experiments import verify as verify_module
 
 COMMANDS = ["compare", "verify", "show", "train", "bench", "analyze", "view", "perplexity"]
-TINY = ["--steps", "4", "--batch-size", "4", "--eval-size", "8", "--d-model", "16", "--ff", "32",
-        "--heads", "2", "--no-progress", "--backend", "pyg", "--warmup", "1"]
+TINY = [
+    "--steps",
+    "4",
+    "--batch-size",
+    "4",
+    "--eval-size",
+    "8",
+    "--d-model",
+    "16",
+    "--ff",
+    "32",
+    "--heads",
+    "2",
+    "--no-progress",
+    "--backend",
+    "pyg",
+    "--warmup",
+    "1",
+]
 
 
 def test_top_level_help(capsys):
@@ -25,12 +42,12 @@ def test_python_dash_m_runs_the_command_line():
 
     from gnn_transformer import __version__
 
-    proc = subprocess.run([sys.executable, "-m", "gnn_transformer", "--version"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gnn_transformer", "--version"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"gnn-transformer {__version__}"
-    proc = subprocess.run([sys.executable, "-m", "gnn_transformer"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "gnn_transformer"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2  # no command: the help and the usage exit code, as gnn-transformer
     assert "usage: gnn-transformer" in proc.stdout
 
@@ -55,8 +72,22 @@ def test_unknown_option_exits_2(capsys):
 
 def test_compare_tiny(tmp_path, capsys):
     out = tmp_path / "cmp"
-    code = cli.main(["compare", "--topology", "full", "--topology", "sliding_window:window=1",
-                     "--train-sizes", "2-3", "--test-sizes", "4-5", "--out", str(out), *TINY])
+    code = cli.main(
+        [
+            "compare",
+            "--topology",
+            "full",
+            "--topology",
+            "sliding_window:window=1",
+            "--train-sizes",
+            "2-3",
+            "--test-sizes",
+            "4-5",
+            "--out",
+            str(out),
+            *TINY,
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out
     assert "max err vs dense" in text and "sliding_window(window=1)" in text
@@ -80,8 +111,21 @@ def test_compare_bad_topology_exits_2(tmp_path, capsys):
 
 def test_verify_ok_and_json(tmp_path, capsys):
     path = tmp_path / "v.json"
-    code = cli.main(["verify", "full", "causal", "sliding_window:window=2", "--lengths", "5", "9",
-                     "--backend", "pyg", "--json", str(path)])
+    code = cli.main(
+        [
+            "verify",
+            "full",
+            "causal",
+            "sliding_window:window=2",
+            "--lengths",
+            "5",
+            "9",
+            "--backend",
+            "pyg",
+            "--json",
+            str(path),
+        ]
+    )
     assert code == 0
     assert "3/3 checks within tolerance" in capsys.readouterr().out
     assert all(row["ok"] for row in json.loads(path.read_text()))
@@ -138,8 +182,7 @@ def test_train_cuda_missing_is_usage_error(tmp_path, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
-    assert cli.main(["train", "--steps", "1", "--device", "cuda", "--out", str(tmp_path),
-                     "--no-progress"]) == 2
+    assert cli.main(["train", "--steps", "1", "--device", "cuda", "--out", str(tmp_path), "--no-progress"]) == 2
     assert "CUDA" in capsys.readouterr().err
 
 
@@ -153,9 +196,32 @@ def test_analyze_without_its_module_is_a_clear_error(monkeypatch, capsys):
 
 def test_bench_runs_a_tiny_benchmark(tmp_path, capsys):
     md = tmp_path / "bench.md"
-    assert cli.main(["bench", "--topologies", "window", "--sizes", "64", "--backends", "pyg", "fused",
-                     "sdpa", "--heads", "2", "--head-dim", "8", "--repeats", "1", "--device", "cpu",
-                     "--markdown", str(md)]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--topologies",
+                "window",
+                "--sizes",
+                "64",
+                "--backends",
+                "pyg",
+                "fused",
+                "sdpa",
+                "--heads",
+                "2",
+                "--head-dim",
+                "8",
+                "--repeats",
+                "1",
+                "--device",
+                "cpu",
+                "--markdown",
+                str(md),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "fused" in out and "sdpa" in out
     assert md.read_text().count("| window |") >= 4  # pyg, fused, sdpa rows; fwd and fwd+bwd
@@ -165,9 +231,34 @@ def test_bench_runs_a_tiny_benchmark(tmp_path, capsys):
 
 def test_bench_calibrate(tmp_path, capsys):
     md = tmp_path / "calibration.md"
-    assert cli.main(["bench", "--calibrate", "--topologies", "window", "random", "--sizes", "128",
-                     "--heads", "2", "--kv-heads", "1", "--head-dim", "8", "--repeats", "1", "--device", "cpu",
-                     "--block-size", "16", "--markdown", str(md)]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--calibrate",
+                "--topologies",
+                "window",
+                "random",
+                "--sizes",
+                "128",
+                "--heads",
+                "2",
+                "--kv-heads",
+                "1",
+                "--head-dim",
+                "8",
+                "--repeats",
+                "1",
+                "--device",
+                "cpu",
+                "--block-size",
+                "16",
+                "--markdown",
+                str(md),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "TILE_COST measured (median ratio over the graphs): fwd " in out and "auto uses 0.25 on cpu" in out
     assert "ROW_COST measured (edges per target row, fused / tiled): fwd " in out and "auto uses 7.0 / 10.0" in out
@@ -181,9 +272,31 @@ def test_bench_calibrate(tmp_path, capsys):
 
 
 def test_bench_topology_specs(capsys):
-    assert cli.main(["bench", "--topologies", "dilated:window=4,dilation=2", "longformer", "--sizes", "64",
-                     "--backends", "fused", "auto", "--heads", "2", "--head-dim", "8", "--repeats", "1",
-                     "--device", "cpu", "--no-backward"]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--topologies",
+                "dilated:window=4,dilation=2",
+                "longformer",
+                "--sizes",
+                "64",
+                "--backends",
+                "fused",
+                "auto",
+                "--heads",
+                "2",
+                "--head-dim",
+                "8",
+                "--repeats",
+                "1",
+                "--device",
+                "cpu",
+                "--no-backward",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "dilated:window=4,dilation=2" in out and "longformer" in out
     assert cli.main(["bench", "--topologies", "window", "nosuch"]) == 2

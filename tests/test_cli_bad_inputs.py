@@ -4,6 +4,7 @@ option (or file) and the value, before the work starts, never a traceback.
 Cases already covered by test_cli_errors.py (unknown devices 'tpu', non-power-of-two block sizes,
 unbuildable specs of verify and compare, ...) are not repeated here.
 """
+
 import json
 import os
 import pickle
@@ -14,8 +15,23 @@ import torch
 
 from gnn_transformer import cli
 
-STEP = ["--steps", "1", "--batch-size", "2", "--d-model", "16", "--ff", "32", "--heads", "2",
-        "--warmup", "0", "--no-progress", "--backend", "pyg"]
+STEP = [
+    "--steps",
+    "1",
+    "--batch-size",
+    "2",
+    "--d-model",
+    "16",
+    "--ff",
+    "32",
+    "--heads",
+    "2",
+    "--warmup",
+    "0",
+    "--no-progress",
+    "--backend",
+    "pyg",
+]
 BENCH = ["--sizes", "64", "--backends", "pyg", "--heads", "2", "--head-dim", "8", "--repeats", "1"]
 
 
@@ -43,8 +59,7 @@ def test_show_refuses_n_beyond_what_it_draws(spec, n, capsys):
 
 
 def test_show_refuses_a_graph_with_too_many_edges_to_draw(capsys):
-    err = _usage_error(["show", "full", "-n", "64"], capsys, "-n", "64", "4096 edges",
-                       str(cli.show.SHOW_EDGES_MAX))
+    err = _usage_error(["show", "full", "-n", "64"], capsys, "-n", "64", "4096 edges", str(cli.show.SHOW_EDGES_MAX))
     assert "full" in err and not Path("full.png").exists()
 
 
@@ -64,32 +79,54 @@ def test_show_draws_at_the_bound(capsys):
 # ---------------------------------------------------------------- bench --block-size (item 8)
 @pytest.mark.parametrize("block", ["8", "512", "1073741824", "-16"])
 def test_bench_block_size_is_bounded(block, capsys):
-    err = _usage_error(["bench", "--topologies", "window", *BENCH, "--device", "cpu",
-                        "--block-size", block], capsys, "--block-size", block)
+    err = _usage_error(
+        ["bench", "--topologies", "window", *BENCH, "--device", "cpu", "--block-size", block],
+        capsys,
+        "--block-size",
+        block,
+    )
     assert "Traceback" not in err
 
 
 def test_bench_block_size_in_range_runs(capsys):
-    assert cli.main(["bench", "--topologies", "window", *BENCH, "--device", "cpu", "--backends", "tiled",
-                     "--block-size", "16", "--no-backward"]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--topologies",
+                "window",
+                *BENCH,
+                "--device",
+                "cpu",
+                "--backends",
+                "tiled",
+                "--block-size",
+                "16",
+                "--no-backward",
+            ]
+        )
+        == 0
+    )
 
 
 def test_run_benchmark_names_block_size():
     from gnn_transformer.bench.benchmark import run_benchmark
 
     with pytest.raises(ValueError, match="'block_size'.*got 16384"):
-        run_benchmark(["window"], [64], ["tiled"], device="cpu", heads=2, head_dim=8, repeats=1,
-                      block_size=16384)
+        run_benchmark(["window"], [64], ["tiled"], device="cpu", heads=2, head_dim=8, repeats=1, block_size=16384)
 
 
 # ---------------------------------------------------------------- --device of every command (item 11)
 @pytest.mark.parametrize("device", ["meta", "mps", "xpu", "cuda:7", "not a device"])
-@pytest.mark.parametrize("command", [
-    ["verify", "causal", "--lengths", "4"],
-    ["bench", "--topologies", "window", *BENCH],
-    ["train", *STEP, "--out", "t"],
-    ["compare", *STEP, "--topology", "full", "--eval-size", "2", "--out", "c"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["verify", "causal", "--lengths", "4"],
+        ["bench", "--topologies", "window", *BENCH],
+        ["train", *STEP, "--out", "t"],
+        ["compare", *STEP, "--topology", "full", "--eval-size", "2", "--out", "c"],
+    ],
+)
 def test_devices_that_cannot_run_are_refused(command, device, capsys):
     err = _usage_error([*command, "--device", device], capsys, "--device", repr(device))
     assert not Path("t").exists() and not Path("c").exists()
@@ -107,12 +144,23 @@ def test_analyze_refuses_a_malicious_hf_weights_file(tmp_path, capsys):
     from transformers import BertConfig
 
     directory = tmp_path / "evil"
-    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-               intermediate_size=32, max_position_embeddings=32).save_pretrained(directory)
+    BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    ).save_pretrained(directory)
     torch.save({"embeddings.word_embeddings.weight": _RunsCode()}, directory / "pytorch_model.bin")
     (tmp_path / "ids.txt").write_text("1 2 3\n")
-    err = _usage_error(["analyze", "--hf-dir", str(directory), "--tokens", "ids.txt", "--no-plots"],
-                       capsys, "--hf-dir", "pytorch_model.bin", "UnpicklingError")
+    err = _usage_error(
+        ["analyze", "--hf-dir", str(directory), "--tokens", "ids.txt", "--no-plots"],
+        capsys,
+        "--hf-dir",
+        "pytorch_model.bin",
+        "UnpicklingError",
+    )
     assert str(directory) in err
     assert not (tmp_path / "PWNED").exists()
 
@@ -123,12 +171,17 @@ def test_analyze_refuses_damaged_hf_weights(tmp_path, name, content, capsys):
     from transformers import BertConfig
 
     directory = tmp_path / "damaged"
-    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-               intermediate_size=32, max_position_embeddings=32).save_pretrained(directory)
+    BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    ).save_pretrained(directory)
     (directory / name).write_bytes(content)
     (tmp_path / "ids.txt").write_text("1 2 3\n")
-    _usage_error(["analyze", "--hf-dir", str(directory), "--tokens", "ids.txt", "--no-plots"],
-                 capsys, "--hf-dir", name)
+    _usage_error(["analyze", "--hf-dir", str(directory), "--tokens", "ids.txt", "--no-plots"], capsys, "--hf-dir", name)
 
 
 def test_analyze_refuses_a_malicious_checkpoint(tmp_path, capsys):
@@ -142,8 +195,13 @@ def test_analyze_refuses_a_malicious_checkpoint(tmp_path, capsys):
 def test_analyze_names_a_config_it_cannot_read(tmp_path, content, message, capsys):
     torch.save({"a": torch.zeros(2)}, tmp_path / "sd.pt")
     (tmp_path / "cfg.json").write_bytes(content)
-    _usage_error(["analyze", "--checkpoint", str(tmp_path / "sd.pt"), "--config", "cfg.json"],
-                 capsys, "--config", "cfg.json", message)
+    _usage_error(
+        ["analyze", "--checkpoint", str(tmp_path / "sd.pt"), "--config", "cfg.json"],
+        capsys,
+        "--config",
+        "cfg.json",
+        message,
+    )
 
 
 def test_analyze_names_a_token_file_that_is_not_text(tmp_path, capsys):
@@ -156,14 +214,24 @@ def test_analyze_names_a_token_file_that_is_not_text(tmp_path, capsys):
     assert cli.main(["analyze", "--checkpoint", "lm.pt", "--tokens", "ids.txt", "--no-plots"]) == 0
     capsys.readouterr()
     (tmp_path / "ids.txt").write_bytes(b"\xff\xfe1 2")
-    _usage_error(["analyze", "--checkpoint", "lm.pt", "--tokens", "ids.txt", "--no-plots"],
-                 capsys, "--tokens", "ids.txt", "UTF-8")
+    _usage_error(
+        ["analyze", "--checkpoint", "lm.pt", "--tokens", "ids.txt", "--no-plots"],
+        capsys,
+        "--tokens",
+        "ids.txt",
+        "UTF-8",
+    )
 
 
 # ---------------------------------------------------------------- bench: unbuildable topologies (item 20)
 def test_bench_refuses_a_topology_it_cannot_build_before_timing(capsys):
-    _usage_error(["bench", "--topologies", "window", "random:k=100", *BENCH, "--device", "cpu"],
-                 capsys, "--topologies", "random:k=100", "--sizes 64")
+    _usage_error(
+        ["bench", "--topologies", "window", "random:k=100", *BENCH, "--device", "cpu"],
+        capsys,
+        "--topologies",
+        "random:k=100",
+        "--sizes 64",
+    )
     assert "pyg" not in capsys.readouterr().out  # nothing was timed
 
 
@@ -178,16 +246,18 @@ def test_bench_exits_2_when_a_larger_size_cannot_be_built(monkeypatch, capsys):
         return build(topology, n, seed)
 
     monkeypatch.setattr(benchmark, "build_graph", build_small_only)
-    code = cli.main(["bench", "--topologies", "window", "--sizes", "64", "96", *BENCH[2:], "--device", "cpu",
-                     "--no-backward"])
+    code = cli.main(
+        ["bench", "--topologies", "window", "--sizes", "64", "96", *BENCH[2:], "--device", "cpu", "--no-backward"]
+    )
     captured = capsys.readouterr()
     assert code == 2
     assert "window at n = 96" in captured.err and "--sizes" in captured.err
     assert "not built" in captured.out  # the buildable size was still measured and shown
 
 
-@pytest.mark.parametrize("option,value", [("--heads", "100000000"), ("--head-dim", "100000000"),
-                                          ("--sizes", "100000000000")])
+@pytest.mark.parametrize(
+    "option,value", [("--heads", "100000000"), ("--head-dim", "100000000"), ("--sizes", "100000000000")]
+)
 def test_bench_refuses_inputs_that_cannot_fit(option, value, capsys):
     argv = ["bench", "--topologies", "window", *BENCH, "--device", "cpu"]
     argv[argv.index(option) + 1] = value
@@ -196,8 +266,10 @@ def test_bench_refuses_inputs_that_cannot_fit(option, value, capsys):
 
 # ---------------------------------------------------------------- other misuse
 @pytest.mark.parametrize("seed", ["-1", str(2**63), str(10**23)])
-@pytest.mark.parametrize("command", [["train", *STEP, "--out", "t"],
-                                     ["compare", *STEP, "--topology", "full", "--eval-size", "2", "--out", "c"]])
+@pytest.mark.parametrize(
+    "command",
+    [["train", *STEP, "--out", "t"], ["compare", *STEP, "--topology", "full", "--eval-size", "2", "--out", "c"]],
+)
 def test_seed_out_of_range(command, seed, capsys):
     _usage_error([*command, "--seed", seed], capsys, "--seed", seed)
     assert not Path("t").exists() and not Path("c").exists()

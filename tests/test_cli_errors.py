@@ -3,6 +3,7 @@
 Every command here stays tiny (one step, small models and benchmarks), so that a regression that
 lets the work start still finishes quickly and fails on the exit code or the message.
 """
+
 import io
 import os
 import sys
@@ -14,10 +15,39 @@ import torch
 from gnn_transformer import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-STEP = ["--steps", "1", "--batch-size", "2", "--d-model", "16", "--ff", "32", "--heads", "2",
-        "--warmup", "0", "--no-progress", "--backend", "pyg"]
-BENCH = ["--topologies", "window", "--sizes", "64", "--backends", "pyg", "--heads", "2",
-         "--head-dim", "8", "--repeats", "1", "--device", "cpu"]
+STEP = [
+    "--steps",
+    "1",
+    "--batch-size",
+    "2",
+    "--d-model",
+    "16",
+    "--ff",
+    "32",
+    "--heads",
+    "2",
+    "--warmup",
+    "0",
+    "--no-progress",
+    "--backend",
+    "pyg",
+]
+BENCH = [
+    "--topologies",
+    "window",
+    "--sizes",
+    "64",
+    "--backends",
+    "pyg",
+    "--heads",
+    "2",
+    "--head-dim",
+    "8",
+    "--repeats",
+    "1",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -34,37 +64,42 @@ def _usage_error(argv, option, capsys) -> str:
     return captured.err
 
 
-@pytest.mark.parametrize("argv,option", [
-    (["train", *STEP, "--heads", "0"], "--heads"),
-    (["train", *STEP, "--log-every", "0"], "--log-every"),
-    (["train", *STEP, "--task", "digits", "--topology", "grid", "--patch", "0"], "--patch"),
-    (["train", *STEP, "--task", "digits", "--topology", "grid", "--patch", "16"], "--patch"),
-    (["train", *STEP, "--task", "digits", "--topology", "grid", "--patch", "-2"], "--patch"),
-    (["train", *STEP, "--task", "karate", "--pe-dim", "-1"], "--pe-dim"),
-    (["train", *STEP, "--task", "karate", "--pe-dim", "100"], "--pe-dim"),
-    (["compare", *STEP, "--topology", "full", "--eval-size", "0"], "--eval-size"),
-    (["verify", "causal", "--lengths", "4", "--device", "tpu"], "--device"),
-    (["bench", *BENCH[:-2], "--device", "tpu"], "--device"),
-    (["bench", *BENCH, "--threads", "-1"], "--threads"),
-    (["bench", *BENCH, "--threads", "0"], "--threads"),
-    (["train", "--device", "tpu", *STEP], "--device"),
-    (["train", *STEP, "--dropout", "2"], "--dropout"),
-])
+@pytest.mark.parametrize(
+    "argv,option",
+    [
+        (["train", *STEP, "--heads", "0"], "--heads"),
+        (["train", *STEP, "--log-every", "0"], "--log-every"),
+        (["train", *STEP, "--task", "digits", "--topology", "grid", "--patch", "0"], "--patch"),
+        (["train", *STEP, "--task", "digits", "--topology", "grid", "--patch", "16"], "--patch"),
+        (["train", *STEP, "--task", "digits", "--topology", "grid", "--patch", "-2"], "--patch"),
+        (["train", *STEP, "--task", "karate", "--pe-dim", "-1"], "--pe-dim"),
+        (["train", *STEP, "--task", "karate", "--pe-dim", "100"], "--pe-dim"),
+        (["compare", *STEP, "--topology", "full", "--eval-size", "0"], "--eval-size"),
+        (["verify", "causal", "--lengths", "4", "--device", "tpu"], "--device"),
+        (["bench", *BENCH[:-2], "--device", "tpu"], "--device"),
+        (["bench", *BENCH, "--threads", "-1"], "--threads"),
+        (["bench", *BENCH, "--threads", "0"], "--threads"),
+        (["train", "--device", "tpu", *STEP], "--device"),
+        (["train", *STEP, "--dropout", "2"], "--dropout"),
+    ],
+)
 def test_bad_values(argv, option, capsys):
     _usage_error(argv, option, capsys)
 
 
-@pytest.mark.parametrize("argv,option", [
-    (["train", *STEP, "--weight-decay", "-1"], "--weight-decay"),
-    (["train", *STEP, "--eval-every", "-1"], "--eval-every"),
-    (["train", *STEP, "--lr", "inf"], "--lr"),
-    (["train", *STEP, "--lr", "nan"], "--lr"),
-    (["train", *STEP, "--clip-grad", "nan"], "--clip-grad"),
-    (["train", *STEP, "--train-sizes", "6-12", "--test-sizes", "2-3"], "--test-sizes"),
-    (["compare", *STEP, "--topology", "full", "--train-sizes", "2-5", "--test-sizes", "4-6"],
-     "--test-sizes"),
-    (["verify", "causal", "--lengths", "0"], "--lengths"),
-])
+@pytest.mark.parametrize(
+    "argv,option",
+    [
+        (["train", *STEP, "--weight-decay", "-1"], "--weight-decay"),
+        (["train", *STEP, "--eval-every", "-1"], "--eval-every"),
+        (["train", *STEP, "--lr", "inf"], "--lr"),
+        (["train", *STEP, "--lr", "nan"], "--lr"),
+        (["train", *STEP, "--clip-grad", "nan"], "--clip-grad"),
+        (["train", *STEP, "--train-sizes", "6-12", "--test-sizes", "2-3"], "--test-sizes"),
+        (["compare", *STEP, "--topology", "full", "--train-sizes", "2-5", "--test-sizes", "4-6"], "--test-sizes"),
+        (["verify", "causal", "--lengths", "0"], "--lengths"),
+    ],
+)
 def test_values_accepted_silently_before(argv, option, capsys):
     _usage_error(argv, option, capsys)
 
@@ -76,29 +111,50 @@ def test_verify_cuda_missing_is_usage_error(capsys):
     assert "CUDA" in err
 
 
-@pytest.mark.parametrize("argv,option", [
-    (["train", *STEP, "--task", "karate", "--train-sizes", "5-10"], "--train-sizes"),
-    (["train", *STEP, "--task", "karate", "--test-sizes", "11-12"], "--test-sizes"),
-    (["train", *STEP, "--task", "karate", "--patch", "7"], "--patch"),
-    (["train", *STEP, "--task", "karate", "--position", "learned"], "--position"),
-    (["train", *STEP, "--task", "digits", "--topology", "grid", "--pe-dim", "1000"], "--pe-dim"),
-    (["train", *STEP, "--task", "digits", "--topology", "grid", "--virtual-node"], "--virtual-node"),
-    (["train", *STEP, "--task", "digits", "--topology", "grid", "--train-sizes", "5-10"],
-     "--train-sizes"),
-    (["train", *STEP, "--task", "recall", "--pe-dim", "4"], "--pe-dim"),
-    (["train", *STEP, "--task", "recall", "--virtual-node"], "--virtual-node"),
-    (["train", *STEP, "--task", "recall", "--patch", "2"], "--patch"),
-])
+@pytest.mark.parametrize(
+    "argv,option",
+    [
+        (["train", *STEP, "--task", "karate", "--train-sizes", "5-10"], "--train-sizes"),
+        (["train", *STEP, "--task", "karate", "--test-sizes", "11-12"], "--test-sizes"),
+        (["train", *STEP, "--task", "karate", "--patch", "7"], "--patch"),
+        (["train", *STEP, "--task", "karate", "--position", "learned"], "--position"),
+        (["train", *STEP, "--task", "digits", "--topology", "grid", "--pe-dim", "1000"], "--pe-dim"),
+        (["train", *STEP, "--task", "digits", "--topology", "grid", "--virtual-node"], "--virtual-node"),
+        (["train", *STEP, "--task", "digits", "--topology", "grid", "--train-sizes", "5-10"], "--train-sizes"),
+        (["train", *STEP, "--task", "recall", "--pe-dim", "4"], "--pe-dim"),
+        (["train", *STEP, "--task", "recall", "--virtual-node"], "--virtual-node"),
+        (["train", *STEP, "--task", "recall", "--patch", "2"], "--patch"),
+    ],
+)
 def test_options_of_another_task_are_refused(argv, option, capsys):
     err = _usage_error(argv, option, capsys)
     assert "does not apply to task" in err
 
 
 def test_options_of_the_task_are_accepted(tmp_path, capsys):
-    assert cli.main(["train", *STEP, "--task", "karate", "--pe-dim", "3", "--virtual-node",
-                     "--out", str(tmp_path / "k")]) == 0
-    assert cli.main(["train", *STEP, "--task", "copy", "--position", "learned",
-                     "--train-sizes", "2-3", "--test-sizes", "4-5", "--out", str(tmp_path / "c")]) == 0
+    assert (
+        cli.main(["train", *STEP, "--task", "karate", "--pe-dim", "3", "--virtual-node", "--out", str(tmp_path / "k")])
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "train",
+                *STEP,
+                "--task",
+                "copy",
+                "--position",
+                "learned",
+                "--train-sizes",
+                "2-3",
+                "--test-sizes",
+                "4-5",
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_output_paths_are_checked_before_the_work(tmp_path, capsys):
@@ -107,8 +163,7 @@ def test_output_paths_are_checked_before_the_work(tmp_path, capsys):
     missing = str(tmp_path / "missing" / "x")
     _usage_error(["train", *STEP, "--out", str(a_file)], "--out", capsys)
     _usage_error(["train", *STEP, "--out", str(a_file / "sub")], "--out", capsys)
-    _usage_error(["compare", *STEP, "--topology", "full", "--eval-size", "2", "--out", str(a_file)],
-                 "--out", capsys)
+    _usage_error(["compare", *STEP, "--topology", "full", "--eval-size", "2", "--out", str(a_file)], "--out", capsys)
     _usage_error(["verify", "causal", "--lengths", "4", "--json", missing + ".json"], "--json", capsys)
     _usage_error(["verify", "causal", "--lengths", "4", "--json", str(tmp_path)], "--json", capsys)
     _usage_error(["bench", *BENCH, "--markdown", missing + ".md"], "--markdown", capsys)
@@ -118,8 +173,20 @@ def test_output_paths_are_checked_before_the_work(tmp_path, capsys):
 
 
 def test_compare_builds_every_topology_before_training(tmp_path, capsys):
-    code = cli.main(["compare", *STEP, "--eval-size", "2", "--topology", "full",
-                     "--topology", "random:k=50", "--out", str(tmp_path / "cmp")])
+    code = cli.main(
+        [
+            "compare",
+            *STEP,
+            "--eval-size",
+            "2",
+            "--topology",
+            "full",
+            "--topology",
+            "random:k=50",
+            "--out",
+            str(tmp_path / "cmp"),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 2
     assert "k=50" in captured.err and "full: acc" not in captured.out
@@ -150,12 +217,15 @@ def test_show_toml_path_uses_its_small_table_and_stem(tmp_path, capsys):
     assert not (ROOT / "graphs" / "bigbird.toml.png").exists()
 
 
-@pytest.mark.parametrize("argv,option", [
-    (["show", "bigbird", "-n", "0"], "-n"),
-    (["show", "bigbird", "-n", "-5"], "-n"),
-    (["show", "bigbird", "--layers", "0"], "--layers"),
-    (["show", "bigbird", "--layers", "-1"], "--layers"),
-])
+@pytest.mark.parametrize(
+    "argv,option",
+    [
+        (["show", "bigbird", "-n", "0"], "-n"),
+        (["show", "bigbird", "-n", "-5"], "-n"),
+        (["show", "bigbird", "--layers", "0"], "--layers"),
+        (["show", "bigbird", "--layers", "-1"], "--layers"),
+    ],
+)
 def test_show_counts_must_be_positive(argv, option, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
@@ -209,9 +279,15 @@ def test_save_all_ranks_checkpoints_have_the_step(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "from_environment", lambda: distributed.DistInfo(0, 2, 0))
     monkeypatch.setattr(distributed, "setup", lambda info, device: device)
     monkeypatch.setattr(distributed, "wrap", lambda model, info, device: model)
-    config = RunConfig(task="copy", train_sizes=(2, 3), test_sizes=(4, 5), out=str(tmp_path),
-                       save_all_ranks=True, model=EncoderConfig(d_model=16, nhead=2, dim_feedforward=32),
-                       train=TrainConfig(steps=2, batch_size=2, warmup=0))
+    config = RunConfig(
+        task="copy",
+        train_sizes=(2, 3),
+        test_sizes=(4, 5),
+        out=str(tmp_path),
+        save_all_ranks=True,
+        model=EncoderConfig(d_model=16, nhead=2, dim_feedforward=32),
+        train=TrainConfig(steps=2, batch_size=2, warmup=0),
+    )
     run_training(config)
     assert load_checkpoint(tmp_path / "model_rank0.pt")["step"] == 2
     assert load_checkpoint(tmp_path / "model.pt")["step"] == 2
@@ -221,28 +297,35 @@ def test_save_all_ranks_checkpoints_have_the_step(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def recall_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    assert cli.main(["train", "--task", "recall", *STEP, "--steps", "2", "--position", "learned",
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(["train", "--task", "recall", *STEP, "--steps", "2", "--position", "learned", "--out", str(out)]) == 0
+    )
     return out / "model.pt"
 
 
-@pytest.mark.parametrize("tokens,message", [
-    ("1 2 99999", "got 99999 in sequence 1"),
-    ("1 2 3\n1 -2 3", "got -2 in sequence 2"),
-    (" ".join(["1"] * 300), "at most 256 tokens"),
-])
+@pytest.mark.parametrize(
+    "tokens,message",
+    [
+        ("1 2 99999", "got 99999 in sequence 1"),
+        ("1 2 3\n1 -2 3", "got -2 in sequence 2"),
+        (" ".join(["1"] * 300), "at most 256 tokens"),
+    ],
+)
 def test_analyze_refuses_tokens_the_model_cannot_take(recall_run, tmp_path, tokens, message, capsys):
     path = tmp_path / "tokens.txt"
     path.write_text(tokens + "\n")
-    err = _usage_error(["analyze", "--checkpoint", str(recall_run), "--tokens", str(path),
-                        "--no-plots", "--out", str(tmp_path / "a")], "--tokens", capsys)
+    err = _usage_error(
+        ["analyze", "--checkpoint", str(recall_run), "--tokens", str(path), "--no-plots", "--out", str(tmp_path / "a")],
+        "--tokens",
+        capsys,
+    )
     assert message in err
 
 
-def test_analyze_refuses_a_file_that_is_not_a_checkpoint_or_an_out_that_is_a_file(
-        recall_run, tmp_path, capsys):
-    err = _usage_error(["analyze", "--checkpoint", str(ROOT / "graphs" / "bigbird.toml")],
-                       "Could not read the checkpoint", capsys)
+def test_analyze_refuses_a_file_that_is_not_a_checkpoint_or_an_out_that_is_a_file(recall_run, tmp_path, capsys):
+    err = _usage_error(
+        ["analyze", "--checkpoint", str(ROOT / "graphs" / "bigbird.toml")], "Could not read the checkpoint", capsys
+    )
     assert "bigbird.toml" in err
     a_file = tmp_path / "a_file"
     a_file.write_text("")
@@ -254,10 +337,8 @@ def test_analyze_help_and_errors_agree_with_the_docs(capsys):
         cli.main(["analyze", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "(default 2) (default: 2)" not in help_text and "(default: 2)" in help_text
-    assert "unset: a 'train' run's own topology, causal for language models and GPT-2, full otherwise" \
-        in help_text
+    assert "unset: a 'train' run's own topology, causal for language models and GPT-2, full otherwise" in help_text
     docs = " ".join((ROOT / "docs" / "analysis.md").read_text().split())
-    assert "default: a `train` run's own topology, causal for language models and GPT-2, full otherwise" \
-        in docs
+    assert "default: a `train` run's own topology, causal for language models and GPT-2, full otherwise" in docs
     assert cli.main(["analyze", "--checkpoint", "no_such_file.pt"]) == 2
     assert capsys.readouterr().err.startswith("gnn-transformer: error: ")

@@ -1,5 +1,6 @@
 """The command line on per-head graphs, per-layer graphs and selectors: show, verify, compare,
 train, bench (refused), with the errors of bad specs (exit code 2)."""
+
 import json
 
 import pytest
@@ -7,8 +8,7 @@ import torch
 
 from gnn_transformer import cli
 from gnn_transformer import topology as T
-from gnn_transformer.experiments.topologies import (batch_graph, parse_spec, per_length, resolve_topology,
-                                                    split_select)
+from gnn_transformer.experiments.topologies import batch_graph, parse_spec, per_length, resolve_topology, split_select
 from gnn_transformer.topology.specs import LayerPattern
 
 NEW = ["duo_attention", "longformer_dilated", "streaming_llm", "modernbert", "gemma3", "moba", "topk"]
@@ -16,9 +16,13 @@ NEW = ["duo_attention", "longformer_dilated", "streaming_llm", "modernbert", "ge
 
 def test_specs_on_the_command_line():
     assert parse_spec("dilated_per_head:window=4,dilations=1;2;4;8") == (
-        "dilated_per_head", {"window": 4, "dilations": [1, 2, 4, 8]})
+        "dilated_per_head",
+        {"window": 4, "dilations": [1, 2, 4, 8]},
+    )
     assert split_select("graphs/a+b.toml+block_topk:block_size=4,num_blocks=1") == (
-        "graphs/a+b.toml", "block_topk:block_size=4,num_blocks=1")
+        "graphs/a+b.toml",
+        "block_topk:block_size=4,num_blocks=1",
+    )
     assert split_select("causal") == ("causal", None)
     t = resolve_topology("duo_attention:streaming_heads=1,num_heads=2,num_sinks=1,window=1")
     assert t.kind == "per_head" and t.num_heads == 2  # one item without ';'
@@ -48,21 +52,43 @@ def test_per_length_batches_equal_the_direct_build(spec):
 
 def test_verify_new_catalogue_entries_and_command_line_selectors(tmp_path, capsys):
     path = tmp_path / "v.json"
-    code = cli.main(["verify", *NEW, "causal+lsh:num_buckets=2,chunk_size=4", "dilated_per_head:window=1,dilations=1;2",
-                     "--lengths", "5", "9", "--backend", "pyg", "--backend", "fused", "--json", str(path)])
+    code = cli.main(
+        [
+            "verify",
+            *NEW,
+            "causal+lsh:num_buckets=2,chunk_size=4",
+            "dilated_per_head:window=1,dilations=1;2",
+            "--lengths",
+            "5",
+            "9",
+            "--backend",
+            "pyg",
+            "--backend",
+            "fused",
+            "--json",
+            str(path),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     rows = json.loads(path.read_text())
     assert len(rows) == 2 * (len(NEW) + 2) and all(row["ok"] for row in rows)
 
 
-@pytest.mark.parametrize("spec, expected, files", [
-    ("duo_attention", ["per head (8 heads)", "head 7:"], ["x.png"]),
-    ("modernbert", ["per layer (a cycle of 3 layers)", "layers 1, 2 (of every 3)"], ["x_layer0.png", "x_layer1_2.png"]),
-    ("moba", ["selects its per-head graph", "block_topk:block_size=4", "shown: the allowed graph"], ["x.png"]),
-    ("causal+topk:num_keys=2", ["causal+topk:num_keys=2 on n", "'topk:num_keys=2'"], ["x.png"]),
-    ("dilated_per_head:window=1,dilations=1;2", ["per head (2 heads)"], ["x.png"]),
-])
+@pytest.mark.parametrize(
+    "spec, expected, files",
+    [
+        ("duo_attention", ["per head (8 heads)", "head 7:"], ["x.png"]),
+        (
+            "modernbert",
+            ["per layer (a cycle of 3 layers)", "layers 1, 2 (of every 3)"],
+            ["x_layer0.png", "x_layer1_2.png"],
+        ),
+        ("moba", ["selects its per-head graph", "block_topk:block_size=4", "shown: the allowed graph"], ["x.png"]),
+        ("causal+topk:num_keys=2", ["causal+topk:num_keys=2 on n", "'topk:num_keys=2'"], ["x.png"]),
+        ("dilated_per_head:window=1,dilations=1;2", ["per head (2 heads)"], ["x.png"]),
+    ],
+)
 def test_show_structured_specs(tmp_path, capsys, spec, expected, files):
     assert cli.main(["show", spec, "-n", "10", "--out", str(tmp_path / "x.png")]) == 0
     out = capsys.readouterr().out
@@ -71,37 +97,91 @@ def test_show_structured_specs(tmp_path, capsys, spec, expected, files):
 
 
 def test_compare_and_train_on_structured_specs(tmp_path, capsys):
-    code = cli.main(["compare", "--task", "copy", "--topology", "dilated_per_head:window=1,dilations=1;2",
-                     "--topology", "gemma3", "--topology", "causal+topk:num_keys=2", "--heads", "2",
-                     "--d-model", "8", "--ff", "16", "--layers", "2", "--steps", "2", "--batch-size", "2",
-                     "--eval-size", "2", "--no-progress", "--out", str(tmp_path / "c")])
+    code = cli.main(
+        [
+            "compare",
+            "--task",
+            "copy",
+            "--topology",
+            "dilated_per_head:window=1,dilations=1;2",
+            "--topology",
+            "gemma3",
+            "--topology",
+            "causal+topk:num_keys=2",
+            "--heads",
+            "2",
+            "--d-model",
+            "8",
+            "--ff",
+            "16",
+            "--layers",
+            "2",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--eval-size",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "c"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     rows = json.loads((tmp_path / "c" / "results.json").read_text())["results"]
     assert [r["spec"] for r in rows] == ["dilated_per_head:window=1,dilations=1;2", "gemma3", "causal+topk:num_keys=2"]
     assert all(r["max_dense_error"] < 1e-4 for r in rows)  # per-head masks, per-layer graphs, selections
-    code = cli.main(["train", "--task", "copy", "--topology", "modernbert+topk:num_keys=2", "--heads", "2",
-                     "--d-model", "8", "--ff", "16", "--steps", "2", "--batch-size", "2", "--no-progress",
-                     "--out", str(tmp_path / "t")])
+    code = cli.main(
+        [
+            "train",
+            "--task",
+            "copy",
+            "--topology",
+            "modernbert+topk:num_keys=2",
+            "--heads",
+            "2",
+            "--d-model",
+            "8",
+            "--ff",
+            "16",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "t"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["compare", "--topology", "duo_attention", "--heads", "4", "--steps", "1"],
-     "--heads: Expected 'nhead' to equal the 8"),
-    (["train", "--topology", "longformer_dilated", "--heads", "4", "--steps", "1"], "12 heads"),
-    (["verify", "causal+topk:num_keys=0"], "num_keys"),
-    (["verify", "causal+topk"], "missing parameter 'num_keys'"),
-    (["verify", "dilated_per_head:window=1,dilations=1;0"], "key 'dilations[1]': expected >= 1"),
-    (["verify", "dilated_per_head:window=1,dilations=1;x"], "key 'dilations[1]': expected an integer"),
-    (["verify", "duo_attention+topk:num_keys=2"], "not within a per-head graph (8 heads)"),
-    (["bench", "--quick", "--topologies", "duo_attention", "--heads", "4", "--sizes", "64"],
-     "builds per-head graphs for 8 heads (got --heads 4)"),
-    (["bench", "--calibrate", "--topologies", "modernbert", "--sizes", "64"],
-     "--calibrate measures graphs for every head and layer"),
-    (["bench", "--quick", "--topologies", "causal+topk:num_keys=2", "--sizes", "64"], "chosen from the data"),
-    (["show", "+topk:num_keys=2"], "before the selector"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["compare", "--topology", "duo_attention", "--heads", "4", "--steps", "1"],
+            "--heads: Expected 'nhead' to equal the 8",
+        ),
+        (["train", "--topology", "longformer_dilated", "--heads", "4", "--steps", "1"], "12 heads"),
+        (["verify", "causal+topk:num_keys=0"], "num_keys"),
+        (["verify", "causal+topk"], "missing parameter 'num_keys'"),
+        (["verify", "dilated_per_head:window=1,dilations=1;0"], "key 'dilations[1]': expected >= 1"),
+        (["verify", "dilated_per_head:window=1,dilations=1;x"], "key 'dilations[1]': expected an integer"),
+        (["verify", "duo_attention+topk:num_keys=2"], "not within a per-head graph (8 heads)"),
+        (
+            ["bench", "--quick", "--topologies", "duo_attention", "--heads", "4", "--sizes", "64"],
+            "builds per-head graphs for 8 heads (got --heads 4)",
+        ),
+        (
+            ["bench", "--calibrate", "--topologies", "modernbert", "--sizes", "64"],
+            "--calibrate measures graphs for every head and layer",
+        ),
+        (["bench", "--quick", "--topologies", "causal+topk:num_keys=2", "--sizes", "64"], "chosen from the data"),
+        (["show", "+topk:num_keys=2"], "before the selector"),
+    ],
+)
 def test_bad_structured_specs_exit_2(tmp_path, capsys, argv, message):
     argv = [*argv, "--out", str(tmp_path / "o")] if argv[0] in ("compare", "train") else argv
     assert cli.main(argv) == 2

@@ -1,5 +1,6 @@
 """``compare --seeds N``: one run per topology and seed, mean ± std in the table, error bars in the
 figure, per-seed rows in the CSV and JSON."""
+
 import csv
 import json
 import statistics
@@ -7,8 +8,7 @@ import statistics
 import pytest
 
 from gnn_transformer.cli import main
-from gnn_transformer.experiments.compare import (DEFAULT_TOPOLOGIES, CompareConfig, mean_std, run_compare,
-                                                 save_compare)
+from gnn_transformer.experiments.compare import DEFAULT_TOPOLOGIES, CompareConfig, mean_std, run_compare, save_compare
 from gnn_transformer.experiments.models import EncoderConfig
 from gnn_transformer.experiments.training import TrainConfig
 
@@ -17,16 +17,28 @@ TINY = EncoderConfig(d_model=16, nhead=2, num_layers=1, dim_feedforward=32, back
 
 @pytest.fixture(scope="module")
 def result():
-    config = CompareConfig(task="recall", topologies=("full", "sliding_window:window=1"), model=TINY, seeds=3,
-                           train_sizes=(3, 4), test_sizes=(5, 6), eval_size=16,
-                           train=TrainConfig(steps=4, batch_size=8, warmup=1, seed=5))
+    config = CompareConfig(
+        task="recall",
+        topologies=("full", "sliding_window:window=1"),
+        model=TINY,
+        seeds=3,
+        train_sizes=(3, 4),
+        test_sizes=(5, 6),
+        eval_size=16,
+        train=TrainConfig(steps=4, batch_size=8, warmup=1, seed=5),
+    )
     return run_compare(config)
 
 
 def test_one_row_per_topology_and_seed(result):
     assert [(r.topology, r.seed) for r in result.results] == [
-        ("full", 5), ("full", 6), ("full", 7),
-        ("sliding_window(window=1)", 5), ("sliding_window(window=1)", 6), ("sliding_window(window=1)", 7)]
+        ("full", 5),
+        ("full", 6),
+        ("full", 7),
+        ("sliding_window(window=1)", 5),
+        ("sliding_window(window=1)", 6),
+        ("sliding_window(window=1)", 7),
+    ]
     losses = [r.final_loss for r in result.results[:3]]
     assert len(set(losses)) == 3  # the seeds differ
 
@@ -61,9 +73,36 @@ def test_mean_std_cells():
 
 
 def test_cli_table_shows_mean_and_std(tmp_path, capsys):
-    argv = ["compare", "--seeds", "2", "--topology", "full", "--train-sizes", "3-4", "--test-sizes", "5-6",
-            "--steps", "3", "--warmup", "1", "--batch-size", "8", "--eval-size", "8", "--d-model", "16",
-            "--heads", "2", "--layers", "1", "--ff", "32", "--out", str(tmp_path), "--no-progress"]
+    argv = [
+        "compare",
+        "--seeds",
+        "2",
+        "--topology",
+        "full",
+        "--train-sizes",
+        "3-4",
+        "--test-sizes",
+        "5-6",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "8",
+        "--eval-size",
+        "8",
+        "--d-model",
+        "16",
+        "--heads",
+        "2",
+        "--layers",
+        "1",
+        "--ff",
+        "32",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "2 seeds" in out and "seed 1:" in out

@@ -1,4 +1,5 @@
 """Incremental decoding with a key/value cache equals a full recompute, token by token."""
+
 import pytest
 import torch
 
@@ -10,8 +11,9 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def _lm(**kw):
-    config = GraphTransformerConfig(**{"vocab_size": 17, "d_model": 16, "nhead": 4, "num_layers": 3,
-                                       "max_positions": 32, "backend": "pyg", **kw})
+    config = GraphTransformerConfig(
+        **{"vocab_size": 17, "d_model": 16, "nhead": 4, "num_layers": 3, "max_positions": 32, "backend": "pyg", **kw}
+    )
     return GraphLM(config).eval()
 
 
@@ -21,18 +23,23 @@ def _prompts():
     return ids, mask
 
 
-@pytest.mark.parametrize("kw,window", [
-    (dict(position="learned"), None), (dict(position="rope", num_kv_heads=2), 2),
-    (dict(position="alibi"), 2), (dict(position="sinusoidal", norm_first=False), None),
-    (dict(position="rope", kv_share_every=2), None), (dict(position="learned", attention="sigmoid"), 2),
-], ids=["learned", "rope-gqa-window", "alibi-window", "sinusoidal-postnorm", "rope-cla",
-        "sigmoid-window"])
+@pytest.mark.parametrize(
+    "kw,window",
+    [
+        (dict(position="learned"), None),
+        (dict(position="rope", num_kv_heads=2), 2),
+        (dict(position="alibi"), 2),
+        (dict(position="sinusoidal", norm_first=False), None),
+        (dict(position="rope", kv_share_every=2), None),
+        (dict(position="learned", attention="sigmoid"), 2),
+    ],
+    ids=["learned", "rope-gqa-window", "alibi-window", "sinusoidal-postnorm", "rope-cla", "sigmoid-window"],
+)
 def test_cached_generation_equals_full_recompute(kw, window):
     model = _lm(**kw)
     ids, mask = _prompts()
     out, logits = generate(model, ids, 6, attention_mask=mask, window=window, return_logits=True)
-    ref, ref_logits = generate(model, ids, 6, attention_mask=mask, window=window, use_cache=False,
-                               return_logits=True)
+    ref, ref_logits = generate(model, ids, 6, attention_mask=mask, window=window, use_cache=False, return_logits=True)
     torch.testing.assert_close(logits, ref_logits, **TOL)
     assert torch.equal(out, ref)
     assert out.shape == (3, 12) and logits.shape == (6, 3, 17)
@@ -48,7 +55,7 @@ def test_step_logits_equal_the_full_forward_at_each_position():
         seq = out[b, : int(lengths[b]) + 5]
         n = seq.numel()
         full_logits = model(seq, causal(n), pos=torch.arange(n))  # [n, V]
-        torch.testing.assert_close(logits[:, b], full_logits[int(lengths[b]) - 1: n - 1], **TOL)
+        torch.testing.assert_close(logits[:, b], full_logits[int(lengths[b]) - 1 : n - 1], **TOL)
 
 
 def test_sliding_window_decoding_uses_the_window():
@@ -65,18 +72,26 @@ def test_gpt2_generation_with_cache_matches_hf():
     transformers = pytest.importorskip("transformers")
     from gnn_transformer import hf
 
-    config = transformers.GPT2Config(vocab_size=29, n_embd=16, n_layer=2, n_head=4, n_positions=32,
-                                     initializer_range=0.3, bos_token_id=0, eos_token_id=None)
+    config = transformers.GPT2Config(
+        vocab_size=29,
+        n_embd=16,
+        n_layer=2,
+        n_head=4,
+        n_positions=32,
+        initializer_range=0.3,
+        bos_token_id=0,
+        eos_token_id=None,
+    )
     model = transformers.GPT2LMHeadModel(config).eval()
     graph = hf.from_hf(model, backend="pyg")
     ids, mask = torch.randint(0, 29, (2, 5)), torch.tensor([[1] * 5, [1, 1, 0, 0, 0]])
     out, logits = generate(graph, ids, 6, attention_mask=mask, return_logits=True)
-    ref, ref_logits = generate(graph, ids, 6, attention_mask=mask, use_cache=False,
-                               return_logits=True)
+    ref, ref_logits = generate(graph, ids, 6, attention_mask=mask, use_cache=False, return_logits=True)
     torch.testing.assert_close(logits, ref_logits, **TOL)
     assert torch.equal(out, ref)
-    hf_out = model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=6, do_sample=False,
-                            pad_token_id=0, eos_token_id=None)
+    hf_out = model.generate(
+        ids[:1], attention_mask=mask[:1], max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
     assert hf_out.shape == (1, 11) and torch.equal(out[0], hf_out[0])
 
 
@@ -109,9 +124,12 @@ def test_errors():
         generate(model, ids, 2, attention_mask=torch.tensor([[1] * 4, [0] * 4]))
     with pytest.raises(ValueError, match="forward_graph"):
         generate(torch.nn.Linear(2, 2), ids, 2)
-    for kwargs, match in (({"temperature": -1.0}, "'temperature'.*-1.0"),
-                          ({"temperature": 0.0}, "'temperature'.*0.0"),
-                          ({"top_k": 0}, "'top_k'.*0"), ({"top_k": -1}, "'top_k'.*-1")):
+    for kwargs, match in (
+        ({"temperature": -1.0}, "'temperature'.*-1.0"),
+        ({"temperature": 0.0}, "'temperature'.*0.0"),
+        ({"top_k": 0}, "'top_k'.*0"),
+        ({"top_k": -1}, "'top_k'.*-1"),
+    ):
         with pytest.raises(ValueError, match=match):
             generate(model, ids, 2, greedy=False, **kwargs)
     with pytest.raises(ValueError, match=r"'attention_mask'.*\[2, 4\].*\[2, 3\]"):
@@ -128,10 +146,11 @@ def test_eos_stops_a_sequence(use_cache):
     ids, mask = _prompts()
     free, free_logits = generate(model, ids, 8, attention_mask=mask, return_logits=True)
     lengths = mask.sum(1)
-    new = [free[b, int(lengths[b]): int(lengths[b]) + 8] for b in range(3)]
+    new = [free[b, int(lengths[b]) : int(lengths[b]) + 8] for b in range(3)]
     eos = int(new[0][2])  # sequence 0 stops at its third new token (maybe others earlier)
-    out, logits = generate(model, ids, 8, attention_mask=mask, eos_token_id=eos,
-                           pad_token_id=-1, use_cache=use_cache, return_logits=True)
+    out, logits = generate(
+        model, ids, 8, attention_mask=mask, eos_token_id=eos, pad_token_id=-1, use_cache=use_cache, return_logits=True
+    )
     stops = []
     for b in range(3):
         hits = (new[b] == eos).nonzero()
@@ -139,7 +158,7 @@ def test_eos_stops_a_sequence(use_cache):
         stops.append(stop)
         L = int(lengths[b])
         assert torch.equal(out[b, : L + stop], free[b, : L + stop])
-        assert (out[b, L + stop:] == -1).all()
+        assert (out[b, L + stop :] == -1).all()
         torch.testing.assert_close(logits[:stop, b], free_logits[:stop, b], **TOL)
         assert torch.isnan(logits[stop:, b]).all()
     assert stops[0] <= 3 and logits.size(0) == max(stops)

@@ -1,4 +1,5 @@
 """Two processes on CPU (gloo) under torchrun: DDP keeps the replicas identical."""
+
 import os
 import subprocess
 import sys
@@ -26,11 +27,38 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "gnn_transformer.cli", "train", "--task", "recall", "--topology",
-           "sliding_window:window=2", "--steps", "6", "--batch-size", "4", "--d-model", "16",
-           "--ff", "32", "--heads", "2", "--warmup", "2", "--dropout", "0.1", "--no-progress",
-           "--out", str(out), "--save-all-ranks"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "gnn_transformer.cli",
+        "train",
+        "--task",
+        "recall",
+        "--topology",
+        "sliding_window:window=2",
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--d-model",
+        "16",
+        "--ff",
+        "32",
+        "--heads",
+        "2",
+        "--warmup",
+        "2",
+        "--dropout",
+        "0.1",
+        "--no-progress",
+        "--out",
+        str(out),
+        "--save-all-ranks",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 processes" in proc.stdout

@@ -3,6 +3,7 @@ the repository root (so paths like ``graphs/data/...`` resolve).
 
 A block whose first line is ``# doc: no-run`` is an illustrative fragment and is skipped.
 """
+
 import re
 from pathlib import Path
 

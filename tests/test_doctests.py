@@ -1,4 +1,5 @@
 """The examples in the package's docstrings run and print what they show (``doctest``)."""
+
 from __future__ import annotations
 
 import doctest

@@ -1,4 +1,5 @@
 """The examples run (in-process, with tiny settings where they train) and say what they claim."""
+
 import importlib.util
 from pathlib import Path
 

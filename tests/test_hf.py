@@ -1,4 +1,5 @@
 """Hugging Face BERT and GPT-2 imported as graph models: equal outputs on padded batches."""
+
 import pytest
 import torch
 
@@ -12,17 +13,34 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 
 
 def _bert(hidden_act="gelu", pooler=True, **kw):
-    config = transformers.BertConfig(vocab_size=61, hidden_size=16, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=40,
-                                     max_position_embeddings=24, type_vocab_size=3,
-                                     hidden_act=hidden_act, initializer_range=0.3, **kw)
+    config = transformers.BertConfig(
+        vocab_size=61,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=40,
+        max_position_embeddings=24,
+        type_vocab_size=3,
+        hidden_act=hidden_act,
+        initializer_range=0.3,
+        **kw,
+    )
     return transformers.BertModel(config, add_pooling_layer=pooler).eval()
 
 
 def _gpt2(activation="gelu_new", **kw):
-    config = transformers.GPT2Config(vocab_size=61, n_embd=16, n_layer=2, n_head=4, n_positions=24,
-                                     activation_function=activation, initializer_range=0.3,
-                                     bos_token_id=0, eos_token_id=0, **kw)
+    config = transformers.GPT2Config(
+        vocab_size=61,
+        n_embd=16,
+        n_layer=2,
+        n_head=4,
+        n_positions=24,
+        activation_function=activation,
+        initializer_range=0.3,
+        bos_token_id=0,
+        eos_token_id=0,
+        **kw,
+    )
     return transformers.GPT2LMHeadModel(config).eval()
 
 
@@ -34,7 +52,7 @@ def _batch(b=3, t=9, right_padding=True):
         if right_padding:
             mask[i, :n] = 1
         else:
-            mask[i, t - n:] = 1
+            mask[i, t - n :] = 1
     return ids, mask
 
 
@@ -65,10 +83,12 @@ def test_bert_gradients_match_hf():
     real = mask.bool()
     model(input_ids=ids, attention_mask=mask).last_hidden_state[real].square().sum().backward()
     graph(input_ids=ids, attention_mask=mask).last_hidden_state[real].square().sum().backward()
-    torch.testing.assert_close(graph.embeddings.word_embeddings.weight.grad,
-                               model.embeddings.word_embeddings.weight.grad, **TOL)
-    torch.testing.assert_close(graph.encoder.layers[0].linear1.weight.grad,
-                               model.encoder.layer[0].intermediate.dense.weight.grad, **TOL)
+    torch.testing.assert_close(
+        graph.embeddings.word_embeddings.weight.grad, model.embeddings.word_embeddings.weight.grad, **TOL
+    )
+    torch.testing.assert_close(
+        graph.encoder.layers[0].linear1.weight.grad, model.encoder.layer[0].intermediate.dense.weight.grad, **TOL
+    )
 
 
 @pytest.mark.parametrize("activation", ["gelu_new", "gelu", "relu"])
@@ -98,8 +118,9 @@ def test_gpt2_base_model_and_gradients():
     lm(input_ids=ids, attention_mask=mask).logits[real].logsumexp(-1).sum().backward()
     graph(input_ids=ids, attention_mask=mask).logits[real].logsumexp(-1).sum().backward()
     torch.testing.assert_close(graph.wte.weight.grad, lm.transformer.wte.weight.grad, **TOL)
-    torch.testing.assert_close(graph.encoder.layers[1].self_attn.in_proj_weight.grad,
-                               lm.transformer.h[1].attn.c_attn.weight.grad.t(), **TOL)
+    torch.testing.assert_close(
+        graph.encoder.layers[1].self_attn.in_proj_weight.grad, lm.transformer.h[1].attn.c_attn.weight.grad.t(), **TOL
+    )
 
 
 def test_from_pretrained_local_directory(tmp_path):
@@ -109,11 +130,17 @@ def test_from_pretrained_local_directory(tmp_path):
     ids, mask = _batch()
     real = mask.bool()
     graph_bert = hf.from_pretrained(tmp_path / "bert", backend="pyg")
-    torch.testing.assert_close(graph_bert(input_ids=ids, attention_mask=mask).last_hidden_state[real],
-                               bert(input_ids=ids, attention_mask=mask).last_hidden_state[real], **TOL)
+    torch.testing.assert_close(
+        graph_bert(input_ids=ids, attention_mask=mask).last_hidden_state[real],
+        bert(input_ids=ids, attention_mask=mask).last_hidden_state[real],
+        **TOL,
+    )
     graph_gpt2 = hf.from_pretrained(str(tmp_path / "gpt2"), backend="pyg")
-    torch.testing.assert_close(graph_gpt2(input_ids=ids, attention_mask=mask).logits[real],
-                               gpt2(input_ids=ids, attention_mask=mask).logits[real], **TOL)
+    torch.testing.assert_close(
+        graph_gpt2(input_ids=ids, attention_mask=mask).logits[real],
+        gpt2(input_ids=ids, attention_mask=mask).logits[real],
+        **TOL,
+    )
 
 
 def test_other_topology_equals_hf_with_the_same_mask():
@@ -130,8 +157,7 @@ def test_other_topology_equals_hf_with_the_same_mask():
     ref = model(input_ids=ids, attention_mask=mask4d).logits
     torch.testing.assert_close(out, ref, **TOL)
     # per-call topology overrides the model's; the default is causal
-    torch.testing.assert_close(graph(input_ids=ids, topology=causal).logits,
-                               model(input_ids=ids).logits, **TOL)
+    torch.testing.assert_close(graph(input_ids=ids, topology=causal).logits, model(input_ids=ids).logits, **TOL)
     bert = hf.from_hf(_bert(), backend="pyg")
     full_out = bert(input_ids=ids).last_hidden_state
     torch.testing.assert_close(bert(input_ids=ids, topology=full).last_hidden_state, full_out)
@@ -143,15 +169,21 @@ def test_float64_import():
     graph = hf.from_hf(model, backend="pyg")
     ids, mask = _batch()
     real = mask.bool()
-    torch.testing.assert_close(graph(input_ids=ids, attention_mask=mask).last_hidden_state[real],
-                               model(input_ids=ids, attention_mask=mask).last_hidden_state[real],
-                               atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(
+        graph(input_ids=ids, attention_mask=mask).last_hidden_state[real],
+        model(input_ids=ids, attention_mask=mask).last_hidden_state[real],
+        atol=1e-10,
+        rtol=1e-10,
+    )
 
 
 def test_errors(tmp_path):
     with pytest.raises(ValueError, match="model_type 't5'|BERT or GPT-2"):
-        hf.from_hf(transformers.T5Model(transformers.T5Config(d_model=8, num_layers=1, num_heads=2,
-                                                               d_kv=4, d_ff=8, vocab_size=10)))
+        hf.from_hf(
+            transformers.T5Model(
+                transformers.T5Config(d_model=8, num_layers=1, num_heads=2, d_kv=4, d_ff=8, vocab_size=10)
+            )
+        )
     with pytest.raises(ValueError, match="'path'.*nowhere"):
         hf.from_pretrained(tmp_path / "nowhere")
     graph = hf.from_hf(_bert(), backend="pyg")
@@ -194,8 +226,10 @@ def test_bert_pooler_padding():
     model = _bert().double()
     graph = hf.from_hf(model, backend="pyg")
     ids, right = _batch(right_padding=True)
-    torch.testing.assert_close(graph(input_ids=ids, attention_mask=right).pooler_output,
-                               model(input_ids=ids, attention_mask=right).pooler_output)
+    torch.testing.assert_close(
+        graph(input_ids=ids, attention_mask=right).pooler_output,
+        model(input_ids=ids, attention_mask=right).pooler_output,
+    )
     _, left = _batch(right_padding=False)
     pooled = graph(input_ids=ids, attention_mask=left).pooler_output
     for row in range(3):  # each left-padded row alone, without its padding (same positions)
@@ -223,15 +257,19 @@ def test_dropout_placement_matches_hf(kind):
     assert graph.training
     for layer in graph.encoder.layers:  # no dropout inside the feed-forward block, as HF
         assert layer.dropout.p == 0.0 and layer.dropout1.p == layer.dropout2.p == 0.2
-    attn = (model.config.attention_probs_dropout_prob if kind == "bert" else model.config.attn_pdrop)
+    attn = model.config.attention_probs_dropout_prob if kind == "bert" else model.config.attn_pdrop
     assert all(layer.self_attn.dropout == attn for layer in graph.encoder.layers)
 
     def fixed_masks(module):
         calls = []
 
         def hook(dropout, inputs, output):  # the k-th call's mask depends on k only
-            mask = torch.rand(inputs[0].numel(), generator=torch.Generator().manual_seed(len(calls)),
-                              dtype=inputs[0].dtype) > dropout.p
+            mask = (
+                torch.rand(
+                    inputs[0].numel(), generator=torch.Generator().manual_seed(len(calls)), dtype=inputs[0].dtype
+                )
+                > dropout.p
+            )
             calls.append(inputs[0].numel())
             return inputs[0] * mask.view_as(inputs[0]) / (1 - dropout.p)
 
@@ -262,21 +300,36 @@ def test_from_pretrained_imports_no_random_weights(tmp_path):
     base = _bert(pooler=False)
     loaded = _save_and_load(base, tmp_path / "no_pooler")
     assert loaded.pooler is None and "pooler.weight" not in loaded.state_dict()
-    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).last_hidden_state,
-                               hf.from_hf(base)(input_ids=ids, attention_mask=mask).last_hidden_state)
+    torch.testing.assert_close(
+        loaded(input_ids=ids, attention_mask=mask).last_hidden_state,
+        hf.from_hf(base)(input_ids=ids, attention_mask=mask).last_hidden_state,
+    )
     mlm = transformers.BertForMaskedLM(base.config).eval()
     loaded = _save_and_load(mlm, tmp_path / "mlm")
     assert loaded.pooler is None
-    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).last_hidden_state[real],
-                               mlm.bert(input_ids=ids, attention_mask=mask).last_hidden_state[real],
-                               **TOL)
-    untied = transformers.GPT2Model(transformers.GPT2Config(
-        vocab_size=61, n_embd=16, n_layer=2, n_head=4, n_positions=24, initializer_range=0.3,
-        bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)).eval()
+    torch.testing.assert_close(
+        loaded(input_ids=ids, attention_mask=mask).last_hidden_state[real],
+        mlm.bert(input_ids=ids, attention_mask=mask).last_hidden_state[real],
+        **TOL,
+    )
+    untied = transformers.GPT2Model(
+        transformers.GPT2Config(
+            vocab_size=61,
+            n_embd=16,
+            n_layer=2,
+            n_head=4,
+            n_positions=24,
+            initializer_range=0.3,
+            bos_token_id=0,
+            eos_token_id=0,
+            tie_word_embeddings=False,
+        )
+    ).eval()
     loaded = _save_and_load(untied, tmp_path / "gpt2_base")
     torch.testing.assert_close(loaded.lm_head.weight, untied.wte.weight)
-    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
-                               hf.from_hf(untied)(input_ids=ids, attention_mask=mask).logits)
+    torch.testing.assert_close(
+        loaded(input_ids=ids, attention_mask=mask).logits, hf.from_hf(untied)(input_ids=ids, attention_mask=mask).logits
+    )
 
 
 def test_from_pretrained_refuses_incomplete_or_other_heads(tmp_path):
@@ -300,14 +353,14 @@ def test_task_heads():
     graph = hf.from_hf(classifier, backend="pyg")
     assert set(graph.state_dict()) == set(hf.from_hf(classifier.bert).state_dict())
     ids = torch.randint(0, 61, (2, 5))
-    torch.testing.assert_close(graph(input_ids=ids).pooler_output,
-                               classifier.bert(input_ids=ids).pooler_output, **TOL)
+    torch.testing.assert_close(graph(input_ids=ids).pooler_output, classifier.bert(input_ids=ids).pooler_output, **TOL)
     gpt2_config = _gpt2().config
     for cls in (transformers.GPT2ForSequenceClassification, transformers.GPT2DoubleHeadsModel):
         with pytest.raises(ValueError, match=f"GPT2LMHeadModel.*{cls.__name__}.*'.transformer'"):
             hf.from_hf(cls(gpt2_config))
-    assert isinstance(hf.from_hf(transformers.GPT2ForSequenceClassification(gpt2_config).transformer),
-                      hf.GraphGPT2LMHeadModel)
+    assert isinstance(
+        hf.from_hf(transformers.GPT2ForSequenceClassification(gpt2_config).transformer), hf.GraphGPT2LMHeadModel
+    )
     with pytest.raises(ValueError, match="scale_attn_weights=False"):
         hf.from_hf(_gpt2(scale_attn_weights=False))
 
@@ -357,8 +410,9 @@ def test_argument_shapes_and_positions():
     with pytest.raises(ValueError, match=r"'position_ids'.*\[3, 5\]"):
         bert(input_ids=ids, position_ids=torch.zeros(3, 5, dtype=torch.long))
     for pos in (torch.arange(5), torch.arange(5).unsqueeze(0), torch.arange(5).expand(2, 5)):
-        torch.testing.assert_close(bert(input_ids=ids, position_ids=pos).last_hidden_state,
-                                   bert(input_ids=ids).last_hidden_state)
+        torch.testing.assert_close(
+            bert(input_ids=ids, position_ids=pos).last_hidden_state, bert(input_ids=ids).last_hidden_state
+        )
     with pytest.raises(ValueError, match="position 30.*'pos'.*max_position_embeddings=24"):
         bert.forward_graph(ids[0], full([5]), pos=torch.arange(26, 31))
     gpt2 = hf.from_hf(_gpt2(), backend="pyg")

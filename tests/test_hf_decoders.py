@@ -1,6 +1,7 @@
 """Today's Hugging Face decoder families and ModernBERT imported as graph models: equal outputs,
 native per-layer graphs checked against Hugging Face's own masks, cached generation, loss,
 attention weights, export back."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -14,9 +15,20 @@ from gnn_transformer.topology import causal, full, sliding_window, to_dense_mask
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 TOL = dict(atol=1e-4, rtol=1e-4)
 V, T, WINDOW = 61, 12, 4  # vocabulary, padded length, sliding window W (< the longest sequence)
-COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, pad_token_id=0,
-              bos_token_id=1, eos_token_id=None, attn_implementation="eager")
+COMMON = dict(
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=40,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    initializer_range=0.3,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=None,
+    attn_implementation="eager",
+)
 
 
 def _config(family: str, **kw):
@@ -26,31 +38,74 @@ def _config(family: str, **kw):
     if family == "mistral":
         return c.MistralConfig(**{**COMMON, "sliding_window": WINDOW, **kw})
     if family == "qwen2":
-        return c.Qwen2Config(**{**COMMON, "use_sliding_window": True, "sliding_window": WINDOW,
-                                "max_window_layers": 1, **kw})
+        return c.Qwen2Config(
+            **{**COMMON, "use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1, **kw}
+        )
     if family == "qwen3":
-        return c.Qwen3Config(**{**COMMON, "head_dim": 16, "layer_types": ["sliding_attention", "full_attention",
-                                                                          "sliding_attention"],
-                                "use_sliding_window": True, "sliding_window": WINDOW, **kw})
+        return c.Qwen3Config(
+            **{
+                **COMMON,
+                "head_dim": 16,
+                "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+                "use_sliding_window": True,
+                "sliding_window": WINDOW,
+                **kw,
+            }
+        )
     if family == "gemma2":
-        return c.Gemma2Config(**{**COMMON, "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": WINDOW,
-                                 "attn_logit_softcapping": 3.0, "final_logit_softcapping": 5.0, **kw})
+        return c.Gemma2Config(
+            **{
+                **COMMON,
+                "head_dim": 16,
+                "query_pre_attn_scalar": 24,
+                "sliding_window": WINDOW,
+                "attn_logit_softcapping": 3.0,
+                "final_logit_softcapping": 5.0,
+                **kw,
+            }
+        )
     if family == "gemma3":
-        return c.Gemma3TextConfig(**{**COMMON, "num_hidden_layers": 7, "head_dim": 16, "query_pre_attn_scalar": 16,
-                                     "sliding_window": WINDOW, "final_logit_softcapping": 7.0,
-                                     "rope_parameters": {"sliding_attention": {"rope_type": "default",
-                                                                               "rope_theta": 100.0},
-                                                         "full_attention": {"rope_type": "linear", "factor": 2.0,
-                                                                            "rope_theta": 5000.0}}, **kw})
+        return c.Gemma3TextConfig(
+            **{
+                **COMMON,
+                "num_hidden_layers": 7,
+                "head_dim": 16,
+                "query_pre_attn_scalar": 16,
+                "sliding_window": WINDOW,
+                "final_logit_softcapping": 7.0,
+                "rope_parameters": {
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
+                },
+                **kw,
+            }
+        )
     if family == "phi3":
-        return c.Phi3Config(**{**COMMON, "sliding_window": WINDOW, "tie_word_embeddings": False,
-                               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                                   "partial_rotary_factor": 0.5}, **kw})
+        return c.Phi3Config(
+            **{
+                **COMMON,
+                "sliding_window": WINDOW,
+                "tie_word_embeddings": False,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+                **kw,
+            }
+        )
     if family == "gpt_neo":
-        return c.GPTNeoConfig(vocab_size=V, hidden_size=32, num_layers=3, num_heads=4, max_position_embeddings=64,
-                              attention_types=[[["global", "local"], 1], [["local"], 1]], window_size=WINDOW,
-                              initializer_range=0.3, bos_token_id=1, eos_token_id=None, pad_token_id=0,
-                              attn_implementation="eager", **kw)
+        return c.GPTNeoConfig(
+            vocab_size=V,
+            hidden_size=32,
+            num_layers=3,
+            num_heads=4,
+            max_position_embeddings=64,
+            attention_types=[[["global", "local"], 1], [["local"], 1]],
+            window_size=WINDOW,
+            initializer_range=0.3,
+            bos_token_id=1,
+            eos_token_id=None,
+            pad_token_id=0,
+            attn_implementation="eager",
+            **kw,
+        )
     raise AssertionError(family)
 
 
@@ -76,7 +131,7 @@ def _batch(right_padding: bool, b: int = 3):
         if right_padding:
             mask[i, :n] = 1
         else:
-            mask[i, T - n:] = 1
+            mask[i, T - n :] = 1
     return ids, mask
 
 
@@ -96,9 +151,10 @@ def test_decoder_matches_hf(family, right_padding):
 
 
 def _hf_greedy(model, ids, mask, new):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                         pad_token_id=0, eos_token_id=None)
-    return out[:, ids.size(1):]
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    return out[:, ids.size(1) :]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -111,7 +167,7 @@ def test_cached_generation_matches_hf_greedy(family):
     out = graph.generate(ids, attention_mask=mask, max_new_tokens=new)
     lengths = mask.sum(1).tolist()
     for row, n in enumerate(lengths):
-        assert out[row, n:n + new].tolist() == ref[row].tolist()
+        assert out[row, n : n + new].tolist() == ref[row].tolist()
     uncached = graph.generate(ids, attention_mask=mask, max_new_tokens=new, use_cache=False)
     assert torch.equal(uncached, out)
 
@@ -132,7 +188,7 @@ def test_native_graphs_are_hf_masks(family):
     for layer, (dense, expected) in enumerate(zip(out.attentions, ref.attentions)):
         rows = real.unsqueeze(1).expand(-1, expected.size(1), -1)  # [B, H, T] real query rows
         torch.testing.assert_close(dense[rows], expected[rows], **TOL)
-        kept = (expected[0, 0] > 0)  # the unpadded row: [T, T], query i keeps key j
+        kept = expected[0, 0] > 0  # the unpadded row: [T, T], query i keeps key j
         edge_index = out.edge_attentions[layer][0].as_tensor()
         first = edge_index[:, edge_index[1] < T]  # the graph of sequence 0
         assert torch.equal(to_dense_mask(first, T, T), kept)
@@ -182,8 +238,11 @@ def test_to_hf_round_trip(family):
     assert type(back) is type(model)
     ids, mask = _batch(right_padding=True)
     real = mask.bool()
-    torch.testing.assert_close(back(input_ids=ids, attention_mask=mask).logits[real],
-                               model(input_ids=ids, attention_mask=mask).logits[real], **TOL)
+    torch.testing.assert_close(
+        back(input_ids=ids, attention_mask=mask).logits[real],
+        model(input_ids=ids, attention_mask=mask).logits[real],
+        **TOL,
+    )
     for name, p in model.state_dict().items():
         torch.testing.assert_close(back.state_dict()[name], p, msg=name)
 
@@ -195,13 +254,19 @@ def test_from_pretrained(family, tmp_path):
     graph = hf.from_pretrained(tmp_path / family, backend="pyg")
     ids, mask = _batch(right_padding=False)
     real = mask.bool()
-    torch.testing.assert_close(graph(input_ids=ids, attention_mask=mask).logits[real],
-                               model(input_ids=ids, attention_mask=mask).logits[real], **TOL)
+    torch.testing.assert_close(
+        graph(input_ids=ids, attention_mask=mask).logits[real],
+        model(input_ids=ids, attention_mask=mask).logits[real],
+        **TOL,
+    )
     base = transformers.AutoModel.from_config(model.config).eval()
     base.save_pretrained(tmp_path / "base")
     loaded = hf.from_pretrained(tmp_path / "base", backend="pyg")
-    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).last_hidden_state[real],
-                               base(input_ids=ids, attention_mask=mask).last_hidden_state[real], **TOL)
+    torch.testing.assert_close(
+        loaded(input_ids=ids, attention_mask=mask).last_hidden_state[real],
+        base(input_ids=ids, attention_mask=mask).last_hidden_state[real],
+        **TOL,
+    )
 
 
 def test_base_model_and_other_heads():
@@ -210,22 +275,40 @@ def test_base_model_and_other_heads():
     torch.testing.assert_close(base.lm_head.weight, model.model.embed_tokens.weight)
     ids, mask = _batch(right_padding=True)
     real = mask.bool()
-    torch.testing.assert_close(base(input_ids=ids, attention_mask=mask).last_hidden_state[real],
-                               model.model(input_ids=ids, attention_mask=mask).last_hidden_state[real], **TOL)
+    torch.testing.assert_close(
+        base(input_ids=ids, attention_mask=mask).last_hidden_state[real],
+        model.model(input_ids=ids, attention_mask=mask).last_hidden_state[real],
+        **TOL,
+    )
     classifier = transformers.LlamaForSequenceClassification(model.config)
     with pytest.raises(ValueError, match="score.*'.model'"):
         hf.from_hf(classifier)
 
 
-@pytest.mark.parametrize("rope", [
-    {"rope_type": "linear", "factor": 2.0},
-    {"rope_type": "dynamic", "factor": 2.0},
-    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 4},
-    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4},
-    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4, "beta_fast": 8.0, "beta_slow": 2.0,
-     "mscale": 1.0, "mscale_all_dim": 0.5},
-])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "dynamic", "factor": 2.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 4,
+        },
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4},
+        {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 4,
+            "beta_fast": 8.0,
+            "beta_slow": 2.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.5,
+        },
+    ],
+)
 def test_rope_scaling_matches_hf(rope):
     """Dynamic scaling changes the frequencies beyond max_position_embeddings (8 < 12 columns)."""
     model = _model("llama", max_position_embeddings=8, rope_parameters={"rope_theta": 500.0, **rope})
@@ -235,20 +318,35 @@ def test_rope_scaling_matches_hf(rope):
         real = mask.bool()
         ref = transformers.AutoModelForCausalLM.from_config(model.config).eval()  # fresh dynamic state
         ref.load_state_dict(model.state_dict())
-        torch.testing.assert_close(graph(input_ids=ids, attention_mask=mask).logits[real],
-                                   ref(input_ids=ids, attention_mask=mask).logits[real], **TOL)
+        torch.testing.assert_close(
+            graph(input_ids=ids, attention_mask=mask).logits[real],
+            ref(input_ids=ids, attention_mask=mask).logits[real],
+            **TOL,
+        )
 
 
-@pytest.mark.parametrize("family,backend", [("gpt_neo", "fused"), ("gpt_neo", "tiled"), ("gemma3", "fused"),
-                                            ("gemma3", "tiled"), ("gemma3", "auto"), ("qwen3", "split")])
+@pytest.mark.parametrize(
+    "family,backend",
+    [
+        ("gpt_neo", "fused"),
+        ("gpt_neo", "tiled"),
+        ("gemma3", "fused"),
+        ("gemma3", "tiled"),
+        ("gemma3", "auto"),
+        ("qwen3", "split"),
+    ],
+)
 def test_scale_on_every_backend(family, backend):
     """GPT-Neo's unscaled scores and Gemma's query_pre_attn_scalar go through the kernels too."""
     model = _model(family)
     graph = hf.from_hf(model, backend=backend)
     ids, mask = _batch(right_padding=False)
     real = mask.bool()
-    torch.testing.assert_close(graph(input_ids=ids, attention_mask=mask).logits[real],
-                               model(input_ids=ids, attention_mask=mask).logits[real], **TOL)
+    torch.testing.assert_close(
+        graph(input_ids=ids, attention_mask=mask).logits[real],
+        model(input_ids=ids, attention_mask=mask).logits[real],
+        **TOL,
+    )
 
 
 def test_softcap_backends():
@@ -256,8 +354,11 @@ def test_softcap_backends():
     graph = hf.from_hf(model)  # auto -> pyg: the kernels have no softcap
     ids, mask = _batch(right_padding=True)
     real = mask.bool()
-    torch.testing.assert_close(graph(input_ids=ids, attention_mask=mask).logits[real],
-                               model(input_ids=ids, attention_mask=mask).logits[real], **TOL)
+    torch.testing.assert_close(
+        graph(input_ids=ids, attention_mask=mask).logits[real],
+        model(input_ids=ids, attention_mask=mask).logits[real],
+        **TOL,
+    )
     attn = graph.layers[0].self_attn
     assert attn.resolve_backend(causal(4), torch.device("cpu")) == "pyg"
     for backend in ("fused", "tiled", "split"):
@@ -270,7 +371,8 @@ def test_user_topology_replaces_native_graphs_per_layer():
     attention equals Hugging Face's model with layer_types (full, full, sliding), same weights."""
     model = _model("qwen2", layer_types=["full_attention", "sliding_attention", "sliding_attention"])
     other = transformers.AutoModelForCausalLM.from_config(
-        _config("qwen2", layer_types=["full_attention", "full_attention", "sliding_attention"])).eval()
+        _config("qwen2", layer_types=["full_attention", "full_attention", "sliding_attention"])
+    ).eval()
     other.load_state_dict(model.state_dict())
     graph = hf.from_hf(model, backend="pyg")
     assert graph.windows == [None, WINDOW - 1, WINDOW - 1]
@@ -291,9 +393,19 @@ def test_user_topology_replaces_native_graphs_per_layer():
 def _modernbert(masked_lm: bool, **kw):
     torch.manual_seed(0)
     config = transformers.ModernBertConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
-        max_position_embeddings=64, local_attention=4, global_attn_every_n_layers=3, initializer_range=0.3,
-        pad_token_id=0, attn_implementation="eager", **kw)
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        local_attention=4,
+        global_attn_every_n_layers=3,
+        initializer_range=0.3,
+        pad_token_id=0,
+        attn_implementation="eager",
+        **kw,
+    )
     cls = transformers.ModernBertForMaskedLM if masked_lm else transformers.ModernBertModel
     model = cls(config).eval()
     with torch.no_grad():
@@ -333,19 +445,30 @@ def test_modernbert_from_pretrained_and_bias(tmp_path):
     graph = hf.from_pretrained(tmp_path / "mlm", backend="pyg")
     ids, mask = _batch(right_padding=True)
     real = mask.bool()
-    torch.testing.assert_close(graph(input_ids=ids, attention_mask=mask).logits[real],
-                               model(input_ids=ids, attention_mask=mask).logits[real], **TOL)
+    torch.testing.assert_close(
+        graph(input_ids=ids, attention_mask=mask).logits[real],
+        model(input_ids=ids, attention_mask=mask).logits[real],
+        **TOL,
+    )
     full_graph = graph(input_ids=ids, attention_mask=mask, topology=full)
-    assert not torch.allclose(full_graph.logits[real], model(input_ids=ids, attention_mask=mask).logits[real],
-                              atol=1e-3)
+    assert not torch.allclose(
+        full_graph.logits[real], model(input_ids=ids, attention_mask=mask).logits[real], atol=1e-3
+    )
 
 
-@pytest.mark.parametrize("family,field,value,match", [
-    ("llama", "rope_parameters", {"rope_type": "proportional", "rope_theta": 10000.0},
-     r"rope_parameters\['rope_type'\]='proportional'"),
-    ("gemma3", "use_bidirectional_attention", True, "use_bidirectional_attention=True"),
-    ("llama", "hidden_act", "relu2", "hidden_act='relu2'"),
-])
+@pytest.mark.parametrize(
+    "family,field,value,match",
+    [
+        (
+            "llama",
+            "rope_parameters",
+            {"rope_type": "proportional", "rope_theta": 10000.0},
+            r"rope_parameters\['rope_type'\]='proportional'",
+        ),
+        ("gemma3", "use_bidirectional_attention", True, "use_bidirectional_attention=True"),
+        ("llama", "hidden_act", "relu2", "hidden_act='relu2'"),
+    ],
+)
 def test_unsupported_configs_are_refused(family, field, value, match):
     config = _config(family)
     setattr(config, field, value)

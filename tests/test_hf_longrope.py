@@ -1,6 +1,7 @@
 """Phi-3's LongRoPE ("longrope" RoPE scaling) imported from Hugging Face: equal logits on both sides of
 ``original_max_position_embeddings`` (short and long factors), padded batches, and cached generation
 that crosses the switch as Hugging Face's ``generate`` does."""
+
 import pytest
 import torch
 
@@ -20,12 +21,29 @@ def _model(partial: float = 1.0, **rope):
     """A tiny random Phi-3 with LongRoPE (``partial < 1``: the first factors of the rotated dimensions)."""
     half = int(8 * partial) // 2
     config = transformers.Phi3Config(
-        vocab_size=V, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, original_max_position_embeddings=ORIGINAL,
-        initializer_range=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=None, tie_word_embeddings=False,
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        original_max_position_embeddings=ORIGINAL,
+        initializer_range=0.3,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=None,
+        tie_word_embeddings=False,
         attn_implementation="eager",
-        rope_parameters={"rope_type": "longrope", "rope_theta": 500.0, "partial_rotary_factor": partial,
-                         "short_factor": SHORT[:half], "long_factor": LONG[:half], **rope})
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 500.0,
+            "partial_rotary_factor": partial,
+            "short_factor": SHORT[:half],
+            "long_factor": LONG[:half],
+            **rope,
+        },
+    )
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
@@ -38,7 +56,7 @@ def _batch(lengths: list[int], width: int, right_padding: bool):
         if right_padding:
             mask[row, :n] = 1
         else:
-            mask[row, width - n:] = 1
+            mask[row, width - n :] = 1
     return ids, mask
 
 
@@ -123,15 +141,25 @@ def test_generation_across_the_switch():
     ids, mask = _batch([12, 9, 2], 12, right_padding=False)  # left padding, as generation wants
     new, switch = 10, ORIGINAL - 12 + 1  # the step whose position is the original length
     lengths = mask.sum(1).tolist()
-    runs = {use_cache: graph.generate(ids, attention_mask=mask, max_new_tokens=new, use_cache=use_cache,
-                                      return_logits=True) for use_cache in (True, False)}
+    runs = {
+        use_cache: graph.generate(ids, attention_mask=mask, max_new_tokens=new, use_cache=use_cache, return_logits=True)
+        for use_cache in (True, False)
+    }
     for use_cache in (True, False):
-        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
-                             pad_token_id=0, eos_token_id=None, use_cache=use_cache, output_logits=True,
-                             return_dict_in_generate=True)
+        ref = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            use_cache=use_cache,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         for out, logits in runs.values():
             for row, n in enumerate(lengths):
-                assert out[row, n:n + new].tolist() == ref.sequences[row, ids.size(1):].tolist()
+                assert out[row, n : n + new].tolist() == ref.sequences[row, ids.size(1) :].tolist()
             torch.testing.assert_close(logits, torch.stack(ref.logits), **TOL)
     _, one_cache = generate(graph, ids, new, attention_mask=mask, window=graph.windows, return_logits=True)
     torch.testing.assert_close(one_cache, _hf_cached_greedy(model, ids, mask, new), **TOL)
@@ -141,8 +169,9 @@ def test_generation_across_the_switch():
 
 
 def test_rotary_embedding_switches_on_the_longest_position_of_the_call():
-    scaling = RopeScaling("longrope", factor=4.0, original_max_position_embeddings=ORIGINAL, short_factor=SHORT,
-                          long_factor=LONG)
+    scaling = RopeScaling(
+        "longrope", factor=4.0, original_max_position_embeddings=ORIGINAL, short_factor=SHORT, long_factor=LONG
+    )
     rope = RotaryEmbedding(8, 500.0, scaling=scaling)
     pos = torch.tensor([0, 5, 15])
     for last, factors in ((ORIGINAL - 1, SHORT), (ORIGINAL, LONG)):  # max(pos) + 1 = 16, then 17
@@ -155,14 +184,20 @@ def test_rotary_embedding_switches_on_the_longest_position_of_the_call():
     assert "longrope" in repr(rope)
 
 
-@pytest.mark.parametrize("fields,match", [
-    (dict(short_factor=SHORT[:3], long_factor=LONG[:3]), r"'short_factor' and 'long_factor' of 4 numbers .* \(got 3\)"),
-    (dict(long_factor=LONG + [1.0]), r"'short_factor' and 'long_factor' of one length.*4 and 5"),
-    (dict(short_factor=[1.0, 0.0, 1.0, 1.0]), r"'short_factor' to be a non-empty sequence of finite numbers > 0"),
-    (dict(long_factor=None), r"'long_factor' to be a non-empty sequence"),
-    (dict(original_max_position_embeddings=None), r"'original_max_position_embeddings' to be a positive int"),
-    (dict(attention_factor=-1.0), r"'attention_factor' to be a finite number > 0 \(got -1.0\)"),
-])
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        (
+            dict(short_factor=SHORT[:3], long_factor=LONG[:3]),
+            r"'short_factor' and 'long_factor' of 4 numbers .* \(got 3\)",
+        ),
+        (dict(long_factor=LONG + [1.0]), r"'short_factor' and 'long_factor' of one length.*4 and 5"),
+        (dict(short_factor=[1.0, 0.0, 1.0, 1.0]), r"'short_factor' to be a non-empty sequence of finite numbers > 0"),
+        (dict(long_factor=None), r"'long_factor' to be a non-empty sequence"),
+        (dict(original_max_position_embeddings=None), r"'original_max_position_embeddings' to be a positive int"),
+        (dict(attention_factor=-1.0), r"'attention_factor' to be a finite number > 0 \(got -1.0\)"),
+    ],
+)
 def test_bad_longrope_scalings_are_refused(fields, match):
     kwargs = dict(factor=4.0, original_max_position_embeddings=ORIGINAL, short_factor=SHORT, long_factor=LONG)
     with pytest.raises(ValueError, match=match):

@@ -1,6 +1,7 @@
 """Per-head token graphs on imported Hugging Face models: a builder returning ``(edge_index,
 edge_head)`` equals Hugging Face's eager model given the same per-head graph as a ``[B, H, T, T]``
 additive mask, on padded batches; per-layer mixes, attention weights per head, head-count errors."""
+
 import pytest
 import torch
 
@@ -16,14 +17,33 @@ LENGTHS = [T, 9, 2]
 
 
 def _decoder(family: str):
-    common = dict(vocab_size=V, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=H,
-                  num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, pad_token_id=0,
-                  bos_token_id=1, eos_token_id=None, attn_implementation="eager")
+    common = dict(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=H,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.3,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=None,
+        attn_implementation="eager",
+    )
     c = transformers
-    config = {"llama": lambda: c.LlamaConfig(**common),
-              "mistral": lambda: c.MistralConfig(**common, sliding_window=4),
-              "gemma2": lambda: c.Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
-                                               attn_logit_softcapping=3.0, final_logit_softcapping=5.0)}[family]()
+    config = {
+        "llama": lambda: c.LlamaConfig(**common),
+        "mistral": lambda: c.MistralConfig(**common, sliding_window=4),
+        "gemma2": lambda: c.Gemma2Config(
+            **common,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=4,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=5.0,
+        ),
+    }[family]()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     if family == "gemma2":  # norms initialized to zero (gain 1): make them count
@@ -37,13 +57,32 @@ def _decoder(family: str):
 def _model(kind: str):
     torch.manual_seed(0)
     if kind == "bert":
-        return transformers.BertModel(transformers.BertConfig(
-            vocab_size=V, hidden_size=16, num_hidden_layers=2, num_attention_heads=H, intermediate_size=40,
-            max_position_embeddings=24, initializer_range=0.3, attn_implementation="eager")).eval()
+        return transformers.BertModel(
+            transformers.BertConfig(
+                vocab_size=V,
+                hidden_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=H,
+                intermediate_size=40,
+                max_position_embeddings=24,
+                initializer_range=0.3,
+                attn_implementation="eager",
+            )
+        ).eval()
     if kind == "gpt2":
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=V, n_embd=16, n_layer=2, n_head=H, n_positions=24, initializer_range=0.3, bos_token_id=0,
-            eos_token_id=0, attn_implementation="eager")).eval()
+        return transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=V,
+                n_embd=16,
+                n_layer=2,
+                n_head=H,
+                n_positions=24,
+                initializer_range=0.3,
+                bos_token_id=0,
+                eos_token_id=0,
+                attn_implementation="eager",
+            )
+        ).eval()
     return _decoder(kind)
 
 
@@ -54,7 +93,7 @@ def _batch(right_padding: bool):
     for i, n in enumerate(LENGTHS):
         mask[i, :n] = 1 if right_padding else 0
         if not right_padding:
-            mask[i, T - n:] = 1
+            mask[i, T - n :] = 1
     return ids, mask
 
 
@@ -66,6 +105,7 @@ def duo(lengths):
 def random_per_head(base):
     """A per-head graph: for each head, about half of ``base``'s edges drawn at random, plus each
     token's self-loop (no empty row), seeded."""
+
     def build(lengths):
         graph = base(lengths).as_tensor()
         gen = torch.Generator().manual_seed(7)
@@ -74,6 +114,7 @@ def random_per_head(base):
             keep = (torch.rand(graph.size(1), generator=gen) < 0.5) | (graph[0] == graph[1])
             heads.append(graph[:, keep])
         return per_head(heads)
+
     return build
 
 
@@ -98,9 +139,22 @@ def hf_mask(graph, mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
 def _modernbert():
     torch.manual_seed(0)
     config = transformers.ModernBertConfig(
-        vocab_size=V, hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=H,
-        max_position_embeddings=64, local_attention=4, global_attn_every_n_layers=3, initializer_range=0.3,
-        pad_token_id=0, sep_token_id=1, bos_token_id=1, eos_token_id=1, cls_token_id=1, attn_implementation="eager")
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=4,
+        num_attention_heads=H,
+        max_position_embeddings=64,
+        local_attention=4,
+        global_attn_every_n_layers=3,
+        initializer_range=0.3,
+        pad_token_id=0,
+        sep_token_id=1,
+        bos_token_id=1,
+        eos_token_id=1,
+        cls_token_id=1,
+        attn_implementation="eager",
+    )
     model = transformers.ModernBertModel(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -189,6 +243,7 @@ def test_shared_graph_builder_still_works():
 
     def window(lengths):
         return sliding_window(lengths, 2, causal=True)
+
     out = graph(input_ids=ids, attention_mask=mask, topology=window)
     ref = model(input_ids=ids, attention_mask=hf_mask(window(LENGTHS), mask))
     torch.testing.assert_close(out.logits[real], ref.logits[real], **TOL)
@@ -202,6 +257,7 @@ def test_per_layer_mix_of_shared_and_per_head_builders(kind):
 
     def window(lengths):
         return sliding_window(lengths, 1, causal=kind != "bert")
+
     builders = [duo, window, None] if kind == "llama" else [duo, window]
     graph = hf.from_hf(model, backend="pyg")
     ids, mask = _batch(right_padding=True)
@@ -228,8 +284,10 @@ def _hf_per_layer_masks(model, ids, masks):
         layers = [layer.self_attn for layer in model.model.layers]
     handles = []
     for layer, layer_mask in zip(layers, masks):
+
         def hook(module, args, kwargs, layer_mask=layer_mask):
             return args, {**kwargs, "attention_mask": layer_mask}
+
         handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         out = model(input_ids=ids, attention_mask=masks[0])
@@ -265,15 +323,19 @@ def test_wrong_head_count_is_refused(kind):
     graph = hf.from_hf(model, backend="pyg")
     ids, mask = _batch(right_padding=True)
     for heads in (H * 2, H // 2):
+
         def build(lengths, heads=heads):
             return duo_attention(lengths, [1], heads, num_sinks=1, window=1)
+
         with pytest.raises(ValueError, match=f"'topology'.*{H} attention heads.*a graph for {heads} heads"):
             graph(input_ids=ids, attention_mask=mask, topology=build)
         with pytest.raises(ValueError, match=f"'topology'.*{H} attention heads"):
             hf.from_hf(model, topology=build)(input_ids=ids, attention_mask=mask)
     if kind == "llama":
+
         def wide(lengths):
             return duo_attention(lengths, [1], H * 2, num_sinks=1, window=1)
+
         with pytest.raises(ValueError, match=f"'topology\\[1\\]'.*{H} attention heads"):
             graph(input_ids=ids, attention_mask=mask, topology=[None, wide, None])
 

@@ -5,6 +5,7 @@ forward and backward passes equal float32 attention on the rounded inputs, round
 Tolerance: a half-precision result is the float32 result rounded once (bfloat16 keeps 8 bits: a
 relative step of 2^-8 = 3.9e-3; float16 keeps 11). ``atol = rtol = 1e-2`` (STYLE: bf16 ~1e-2)
 covers one rounding of values of order 1 and the float32 sums behind them."""
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,12 @@ def _inputs(seed=0, n=40, heads=2, kv_heads=1, dim=16):
 
 
 # the Triton interpreter is slow: bfloat16 only there
-CASES = [(dtype, impl) for impl in IMPLS for dtype in (torch.bfloat16, torch.float16)
-         if impl is None or dtype == torch.bfloat16]
+CASES = [
+    (dtype, impl)
+    for impl in IMPLS
+    for dtype in (torch.bfloat16, torch.float16)
+    if impl is None or dtype == torch.bfloat16
+]
 
 
 @pytest.mark.parametrize("dtype,impl", CASES, ids=lambda x: str(x).replace("torch.", ""))
@@ -79,14 +84,17 @@ def test_autocast_with_edge_bias_and_lse(backend, kw):
     q, k, v, w = _inputs(seed=1)
     bias = torch.randn(edge_index.size(1), 2, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, lse = attend(q, k, v, edge_index, scale=0.25, edge_bias=bias, backend=backend, return_lse=True,
-                          impl="torch", **kw)
+        out, lse = attend(
+            q, k, v, edge_index, scale=0.25, edge_bias=bias, backend=backend, return_lse=True, impl="torch", **kw
+        )
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     grads = torch.autograd.grad((out.float() * w).sum() + lse.sum(), (q, k, v, bias))
     rounded = [x.detach().to(torch.bfloat16).float().requires_grad_() for x in (q, k, v)] + [
-        bias.detach().requires_grad_()]
-    ref, ref_lse = attend(*rounded[:3], edge_index, scale=0.25, edge_bias=rounded[3], backend=backend,
-                          return_lse=True, impl="torch", **kw)
+        bias.detach().requires_grad_()
+    ]
+    ref, ref_lse = attend(
+        *rounded[:3], edge_index, scale=0.25, edge_bias=rounded[3], backend=backend, return_lse=True, impl="torch", **kw
+    )
     ref_grads = torch.autograd.grad((ref * w).sum() + ref_lse.sum(), rounded)
     torch.testing.assert_close(out.float(), ref, **HALF)
     torch.testing.assert_close(lse, ref_lse, **HALF)
@@ -116,8 +124,9 @@ def test_graph_lm_training_step_under_bf16_autocast(backend):
     2^-9 each; through two layers the loss stays within 1e-2 relative and the gradient of every
     parameter within 5e-2 of its norm)."""
     torch.manual_seed(0)
-    config = GraphTransformerConfig(vocab_size=65, d_model=32, nhead=4, num_layers=2, bias=False,
-                                    max_positions=64, backend=backend)
+    config = GraphTransformerConfig(
+        vocab_size=65, d_model=32, nhead=4, num_layers=2, bias=False, max_positions=64, backend=backend
+    )
     model = GraphLM(config)
     lengths = [24, 16]
     edge_index = causal(lengths)

@@ -1,5 +1,6 @@
 """Every PyTorch backend of :func:`gnn_transformer.kernels.attend` equals the per-edge reference and a
 dense masked softmax, forward and backward, on small hand-made graphs."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,12 +9,25 @@ from torch_geometric import EdgeIndex
 
 from gnn_transformer.kernels import attend, attend_reference, choose_backend, edge_weights, plan_costs
 
-from .conftest import (TOL, GRAPHS, assert_matches_dense, assert_splits, dense_attention, graph_case, make_inputs,
-                       weighted_loss)
+from .conftest import (
+    TOL,
+    GRAPHS,
+    assert_matches_dense,
+    assert_splits,
+    dense_attention,
+    graph_case,
+    make_inputs,
+    weighted_loss,
+)
 
 # split with tile_cost=0.3: tiles at least 30% full go tiled, the other edges fused
-BACKENDS = [("fused", {}), ("tiled", {"block_size": 8}), ("tiled", {"block_size": 16}),
-            ("split", {"block_size": 8, "tile_cost": 0.3}), ("auto", {"block_size": 8})]
+BACKENDS = [
+    ("fused", {}),
+    ("tiled", {"block_size": 8}),
+    ("tiled", {"block_size": 16}),
+    ("split", {"block_size": 8, "tile_cost": 0.3}),
+    ("auto", {"block_size": 8}),
+]
 IDS = ["fused", "tiled8", "tiled16", "split8", "auto8"]
 
 
@@ -38,8 +52,11 @@ def test_split_cases_tile_and_fuse(name):
     assert_splits(edge_index, n_src, n_dst, **dict(BACKENDS)["split"])
 
 
-@pytest.mark.parametrize("dtype,heads", [(torch.float64, (4, 4)), (torch.float64, (4, 1)), (torch.float32, (4, 2))],
-                         ids=["f64-mha", "f64-mqa", "f32-gqa"])
+@pytest.mark.parametrize(
+    "dtype,heads",
+    [(torch.float64, (4, 4)), (torch.float64, (4, 1)), (torch.float32, (4, 2))],
+    ids=["f64-mha", "f64-mqa", "f32-gqa"],
+)
 @pytest.mark.parametrize("backend,kw", BACKENDS, ids=IDS)
 @pytest.mark.parametrize("name", GRAPHS + ["band_far"])
 def test_backend_matches_reference(name, backend, kw, dtype, heads):
@@ -64,9 +81,16 @@ def test_backend_matches_dense(name, backend, kw, dtype):
     edge_index, n_src, n_dst = graph_case(name)
     _check_auto(name, backend, kw, edge_index, n_src, n_dst)
     for bias in (False, True):
-        assert_matches_dense(lambda q, k, v, b: attend(q, k, v, edge_index, scale=0.45, edge_bias=b, backend=backend,
-                                                       impl="torch", return_lse=True, **kw),
-                             edge_index, n_src, n_dst, dtype, bias=bias)
+        assert_matches_dense(
+            lambda q, k, v, b: attend(
+                q, k, v, edge_index, scale=0.45, edge_bias=b, backend=backend, impl="torch", return_lse=True, **kw
+            ),
+            edge_index,
+            n_src,
+            n_dst,
+            dtype,
+            bias=bias,
+        )
 
 
 @pytest.mark.parametrize("backend,kw", BACKENDS, ids=IDS)
@@ -162,8 +186,9 @@ def test_chunk_transposes_are_built_by_the_forward_pass_when_gradients_follow(ma
         views = [c._transposed for c in chunks]
         assert ("csc" in graph.extras) == (len(chunks) == 1)
         ref = attend_reference(q, k, v, edge_index, scale=0.3)
-        torch.testing.assert_close(torch.autograd.grad(out.sum(), (q, k, v)),
-                                   torch.autograd.grad(ref.sum(), (q, k, v)), atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(
+            torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v)), atol=1e-10, rtol=1e-10
+        )
         assert all(c._transposed is t for c, t in zip(chunks, views))  # reused by the backward pass
 
 
@@ -199,45 +224,58 @@ def test_an_empty_edge_set_on_another_device_is_no_error(backend):
     """No edges hold no data on the wrong device (an empty EdgeIndex's ``.to("cuda")`` stays on the
     CPU in torch-geometric 2.8.0 with torch 2.11): every row attends to nothing."""
     q, k = torch.randn(4, 2, 8, dtype=torch.float64), torch.randn(3, 1, 8, dtype=torch.float64)
-    for empty in (torch.empty(2, 0, dtype=torch.long, device="meta"),
-                  EdgeIndex(torch.empty(2, 0, dtype=torch.long, device="meta"), sparse_size=(3, 4))):
+    for empty in (
+        torch.empty(2, 0, dtype=torch.long, device="meta"),
+        EdgeIndex(torch.empty(2, 0, dtype=torch.long, device="meta"), sparse_size=(3, 4)),
+    ):
         out, lse = attend(q, k, k, empty, scale=0.3, backend=backend, return_lse=True)
         assert out.device == q.device and not out.any() and (lse == float("-inf")).all()
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(query=torch.zeros(3, 4)), "query"),
-    (dict(key=torch.zeros(3, 3, 8)), "multiple of the key/value heads"),
-    (dict(backend="flash"), "backend"),
-    (dict(num_dst=5), "num_dst"),
-    (dict(edge_bias=torch.zeros(2, 4)), "edge_bias"),
-    (dict(edge_index=torch.tensor([[0, 9], [0, 1]])), "source 9"),
-    (dict(edge_index=torch.tensor([[0, 1, 2]])), "edge_index"),
-    (dict(block_size=0), "'block_size' to be an int in \\[1, 4096\\] \\(got 0\\)"),
-    (dict(block_size=10 ** 9), "'block_size' to be an int in \\[1, 4096\\] \\(got 1000000000\\)"),
-    (dict(tile_cost=-0.5), "'tile_cost' to be a positive finite number \\(got -0.5\\)"),
-    (dict(tile_cost=float("nan")), "'tile_cost'.*nan"),
-    (dict(query=torch.zeros(3, 4, 8, dtype=torch.long), key=torch.zeros(3, 2, 8, dtype=torch.long)),
-     "floating-point query/key/value \\(got torch.int64\\)"),
-    (dict(query=torch.zeros(3, 4, 0), key=torch.zeros(3, 2, 0)), "head dimension of at least 1"),
-    (dict(edge_bias=torch.zeros(3, 4, dtype=torch.bool)), "'edge_bias'.*floating-point.*torch.bool"),
-    (dict(edge_bias=torch.zeros(3, 4, device="meta")), "'edge_bias' on the device.*meta"),
-    (dict(edge_index=torch.tensor([[0, 1, 2], [0, 1, 2]], device="meta")), "'edge_index' on the device.*meta"),
-    (dict(edge_index=torch.empty(2, 0, dtype=torch.long, device="meta"), num_dst=5), "num_dst"),
-    (dict(edge_index=EdgeIndex(torch.empty(2, 0, dtype=torch.long, device="meta"), sparse_size=(4, 3))),
-     "'edge_index' has 4 source nodes but 'key' has 3 rows"),
-    (dict(scale=None), "'scale'.*None"),
-    (dict(scale=torch.tensor(0.5)), "'scale'.*tensor"),
-    (dict(scale=float("inf")), "'scale'.*inf"),
-    (dict(query=torch.zeros(3, 0, 8)), "at least one head"),
-    (dict(dropout_p="0.1"), "'dropout_p' in \\[0, 1\\) \\(got '0.1'\\)"),
-    (dict(dropout_p=True), "'dropout_p'.*True"),
-    (dict(max_edges=0), "'max_edges' to be a positive int \\(got 0\\)"),
-    (dict(max_cells=2.5), "'max_cells' to be a positive int \\(got 2.5\\)"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(query=torch.zeros(3, 4)), "query"),
+        (dict(key=torch.zeros(3, 3, 8)), "multiple of the key/value heads"),
+        (dict(backend="flash"), "backend"),
+        (dict(num_dst=5), "num_dst"),
+        (dict(edge_bias=torch.zeros(2, 4)), "edge_bias"),
+        (dict(edge_index=torch.tensor([[0, 9], [0, 1]])), "source 9"),
+        (dict(edge_index=torch.tensor([[0, 1, 2]])), "edge_index"),
+        (dict(block_size=0), "'block_size' to be an int in \\[1, 4096\\] \\(got 0\\)"),
+        (dict(block_size=10**9), "'block_size' to be an int in \\[1, 4096\\] \\(got 1000000000\\)"),
+        (dict(tile_cost=-0.5), "'tile_cost' to be a positive finite number \\(got -0.5\\)"),
+        (dict(tile_cost=float("nan")), "'tile_cost'.*nan"),
+        (
+            dict(query=torch.zeros(3, 4, 8, dtype=torch.long), key=torch.zeros(3, 2, 8, dtype=torch.long)),
+            "floating-point query/key/value \\(got torch.int64\\)",
+        ),
+        (dict(query=torch.zeros(3, 4, 0), key=torch.zeros(3, 2, 0)), "head dimension of at least 1"),
+        (dict(edge_bias=torch.zeros(3, 4, dtype=torch.bool)), "'edge_bias'.*floating-point.*torch.bool"),
+        (dict(edge_bias=torch.zeros(3, 4, device="meta")), "'edge_bias' on the device.*meta"),
+        (dict(edge_index=torch.tensor([[0, 1, 2], [0, 1, 2]], device="meta")), "'edge_index' on the device.*meta"),
+        (dict(edge_index=torch.empty(2, 0, dtype=torch.long, device="meta"), num_dst=5), "num_dst"),
+        (
+            dict(edge_index=EdgeIndex(torch.empty(2, 0, dtype=torch.long, device="meta"), sparse_size=(4, 3))),
+            "'edge_index' has 4 source nodes but 'key' has 3 rows",
+        ),
+        (dict(scale=None), "'scale'.*None"),
+        (dict(scale=torch.tensor(0.5)), "'scale'.*tensor"),
+        (dict(scale=float("inf")), "'scale'.*inf"),
+        (dict(query=torch.zeros(3, 0, 8)), "at least one head"),
+        (dict(dropout_p="0.1"), "'dropout_p' in \\[0, 1\\) \\(got '0.1'\\)"),
+        (dict(dropout_p=True), "'dropout_p'.*True"),
+        (dict(max_edges=0), "'max_edges' to be a positive int \\(got 0\\)"),
+        (dict(max_cells=2.5), "'max_cells' to be a positive int \\(got 2.5\\)"),
+    ],
+)
 def test_errors_name_the_argument(bad, match):
-    args = dict(query=torch.zeros(3, 4, 8), key=torch.zeros(3, 2, 8), value=torch.zeros(3, 2, 8),
-                edge_index=torch.tensor([[0, 1, 2], [0, 1, 2]]))
+    args = dict(
+        query=torch.zeros(3, 4, 8),
+        key=torch.zeros(3, 2, 8),
+        value=torch.zeros(3, 2, 8),
+        edge_index=torch.tensor([[0, 1, 2], [0, 1, 2]]),
+    )
     args.update({k: v for k, v in bad.items() if k in args})
     extra = {k: v for k, v in bad.items() if k not in args}
     if "key" in bad:
@@ -247,6 +285,7 @@ def test_errors_name_the_argument(bad, match):
         attend(args["query"], args["key"], args["value"], args["edge_index"], scale=scale, **extra)
     if set(extra) & {"block_size", "tile_cost"}:  # the planners check them too
         from gnn_transformer.kernels import plan_costs
+
         for planner in (choose_backend, plan_costs):
             with pytest.raises(ValueError, match=match):
                 planner(args["edge_index"], "cpu", **extra)
@@ -254,6 +293,7 @@ def test_errors_name_the_argument(bad, match):
 
 def test_choose_backend_by_block_fill():
     from gnn_transformer.topology import causal, erdos_renyi
+
     assert choose_backend(causal(256), "cpu") in ("tiled", "split")
     assert choose_backend(erdos_renyi(256, p=0.02, seed=1), "cpu") == "fused"
     # window plus a few random long-range edges: tiles for the band, fused for the rest
@@ -282,16 +322,20 @@ def test_chunks_with_more_parallel_edges_than_cells(max_edges):
     dst = torch.arange(3).repeat_interleave(3).repeat(3)
     edge_index = torch.stack([src, dst])
     q, k, v, b = make_inputs(3, 3, edge_index.size(1))
-    out, lse = attend(q, k, v, edge_index, scale=0.3, edge_bias=b, backend="fused", return_lse=True,
-                      max_edges=max_edges)
+    out, lse = attend(
+        q, k, v, edge_index, scale=0.3, edge_bias=b, backend="fused", return_lse=True, max_edges=max_edges
+    )
     ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.3, edge_bias=b, return_lse=True)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     for got, want in zip(_grads(out, lse, (q, k, v, b)), _grads(ref, ref_lse, (q, k, v, b))):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("backend,kw", [("tiled", {"block_size": 8}), ("split", {"block_size": 8, "tile_cost": 0.3})],
-                         ids=["tiled8", "split8"])
+@pytest.mark.parametrize(
+    "backend,kw",
+    [("tiled", {"block_size": 8}), ("split", {"block_size": 8, "tile_cost": 0.3})],
+    ids=["tiled8", "split8"],
+)
 @pytest.mark.parametrize("name", GRAPHS)
 def test_float32_lse_gradient_through_cpu_flash_backward(name, backend, kw, monkeypatch):
     """A loss on the lse (or split's merge) runs the fused CPU backward with one extra channel."""
@@ -315,9 +359,11 @@ def test_float32_lse_gradient_through_cpu_flash_backward(name, backend, kw, monk
 
 
 @pytest.mark.parametrize("use_lse", [False, True], ids=["out", "out+lse"])
-@pytest.mark.parametrize("backend,kw", [("tiled", {"block_size": 8}), ("tiled", {"block_size": 16}),
-                                        ("split", {"block_size": 8, "tile_cost": 0.3})],
-                         ids=["tiled8", "tiled16", "split8"])
+@pytest.mark.parametrize(
+    "backend,kw",
+    [("tiled", {"block_size": 8}), ("tiled", {"block_size": 16}), ("split", {"block_size": 8, "tile_cost": 0.3})],
+    ids=["tiled8", "tiled16", "split8"],
+)
 @pytest.mark.parametrize("name", ["causal", "window", "empty_rows", "hub", "multigraph", "bipartite", "band_far"])
 def test_float32_constant_bias_through_cpu_flash_backward(name, backend, kw, use_lse, monkeypatch):
     """A float32 bias that needs no gradient (ALiBi) keeps the PyTorch tiled path on the fused CPU
@@ -336,8 +382,9 @@ def test_float32_constant_bias_through_cpu_flash_backward(name, backend, kw, use
     slopes = 2.0 ** -torch.arange(1.0, 5.0)  # ALiBi, 4 heads
     bias = -(plain[0] - plain[1]).abs().float()[:, None] * slopes  # [E, H], no gradient
     q, k, v, _ = make_inputs(n_src, n_dst, plain.size(1), heads=4, kv_heads=2, dtype=torch.float32, bias=False)
-    out, lse = attend(q, k, v, edge_index, scale=0.45, edge_bias=bias, backend=backend, impl="torch",
-                      return_lse=True, **kw)
+    out, lse = attend(
+        q, k, v, edge_index, scale=0.45, edge_bias=bias, backend=backend, impl="torch", return_lse=True, **kw
+    )
     up = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref, ref_lse = dense_attention(*up, edge_index, 0.45, bias.double(), return_lse=True)
     torch.testing.assert_close(out, ref.float(), **TOL[torch.float32])
@@ -346,6 +393,7 @@ def test_float32_constant_bias_through_cpu_flash_backward(name, backend, kw, use
 
     def loss(o, l):
         return (o * w.to(o.dtype)).sum() + (0.3 * l.masked_fill(torch.isinf(l), 0.0).sum() if use_lse else 0.0)
+
     for got, want in zip(torch.autograd.grad(loss(out, lse), (q, k, v)), torch.autograd.grad(loss(ref, ref_lse), up)):
         torch.testing.assert_close(got, want.float(), **TOL[torch.float32])
     costs = plan_costs(edge_index, "cpu", num_src=n_src, num_dst=n_dst, **kw)
@@ -369,8 +417,9 @@ def test_edge_index_written_between_forward_and_backward(backend, kw, kind):
     if kind == "tensor":
         edge_index = edge_index.as_tensor().clone()  # a plain LongTensor, sorted by target
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1))
-    want = _grads(*attend(q, k, v, edge_index, scale=0.3, edge_bias=b, backend=backend, return_lse=True, **kw),
-                  (q, k, v, b))
+    want = _grads(
+        *attend(q, k, v, edge_index, scale=0.3, edge_bias=b, backend=backend, return_lse=True, **kw), (q, k, v, b)
+    )
     out, lse = attend(q, k, v, edge_index, scale=0.3, edge_bias=b, backend=backend, return_lse=True, **kw)
     edge_index[0] = edge_index[1]  # self-loops only, from now on
     try:
@@ -443,7 +492,7 @@ def test_rows_with_only_minus_inf_biases_are_empty(dtype):
     heads = layer.attend(q, k, v, edge_index, edge_bias=bias, backend="fused")[0]
     assert (heads[5] == 0).all() and (heads[9, 2] == 0).all()
     # the reference that every backend is tested against (it gave NaN rows here)
-    ref = attend_reference(q, k, v, edge_index, scale=layer.head_dim ** -0.5, edge_bias=bias)
+    ref = attend_reference(q, k, v, edge_index, scale=layer.head_dim**-0.5, edge_bias=bias)
     torch.testing.assert_close(ref, heads, **TOL[dtype])
     ref_grads = torch.autograd.grad(ref.square().sum(), (x, bias), retain_graph=True)  # shared projections
     fused_grads = torch.autograd.grad(heads.square().sum(), (x, bias))
@@ -471,8 +520,18 @@ def test_numpy_chunk_sizes_and_a_tensor_dropout_p():
     edge_index, n_src, n_dst = graph_case("window")
     q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), bias=False)
     want = attend(q, k, v, edge_index, scale=0.5, backend="fused", max_edges=7, dropout_p=0.2, dropout_seed=3)
-    got = attend(q, k, v, edge_index, scale=0.5, backend="fused", max_edges=np.int64(7),
-                 max_cells=np.int32(1 << 12), dropout_p=torch.tensor(0.2, dtype=torch.float64), dropout_seed=3)
+    got = attend(
+        q,
+        k,
+        v,
+        edge_index,
+        scale=0.5,
+        backend="fused",
+        max_edges=np.int64(7),
+        max_cells=np.int32(1 << 12),
+        dropout_p=torch.tensor(0.2, dtype=torch.float64),
+        dropout_seed=3,
+    )
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -485,5 +544,4 @@ def test_a_rational_scale_is_a_float():
     q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), bias=False)
     for backend, kw in BACKENDS:
         got = attend(q, k, v, edge_index, scale=fractions.Fraction(1, 2), backend=backend, **kw)
-        torch.testing.assert_close(got, attend(q, k, v, edge_index, scale=0.5, backend=backend, **kw),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(got, attend(q, k, v, edge_index, scale=0.5, backend=backend, **kw), rtol=0, atol=0)

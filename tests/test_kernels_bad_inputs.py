@@ -1,5 +1,6 @@
 """Bad and extreme inputs at the kernels' boundary: each gives the right result or an error that
 names the argument and the value."""
+
 from __future__ import annotations
 
 import pytest
@@ -58,7 +59,7 @@ def test_a_tile_larger_than_the_sequence_is_cut_to_it(block_size):
     assert costs["tiles"] == 1
 
 
-@pytest.mark.parametrize("block_size", [0, -1, 4097, 10 ** 9, True, 2.0, "16"])
+@pytest.mark.parametrize("block_size", [0, -1, 4097, 10**9, True, 2.0, "16"])
 @pytest.mark.parametrize("entry", ["attend", "choose_backend", "plan_costs"])
 def test_a_bad_block_size_is_refused(block_size, entry):
     q = torch.randn(5, 2, 4)

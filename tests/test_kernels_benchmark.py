@@ -1,4 +1,5 @@
 """The benchmark runs end to end on a tiny CPU problem and reports sensible rows."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,15 @@ from gnn_transformer.bench.benchmark import format_markdown, format_table, run_b
 
 
 def test_run_benchmark_tiny():
-    rows = run_benchmark(["window", "random"], [96], ["pyg", "fused", "tiled", "auto", "sdpa"],
-                         device="cpu", heads=2, head_dim=8, repeats=1)
+    rows = run_benchmark(
+        ["window", "random"],
+        [96],
+        ["pyg", "fused", "tiled", "auto", "sdpa"],
+        device="cpu",
+        heads=2,
+        head_dim=8,
+        repeats=1,
+    )
     assert len(rows) == 2 * 5 * 2  # topologies x backends x (fwd, fwd+bwd)
     for row in rows:
         assert row["ms"] is not None and row["ms"] > 0, row
@@ -23,8 +31,17 @@ def test_run_benchmark_tiny():
 
 
 def test_run_benchmark_skips_what_does_not_fit():
-    rows = run_benchmark(["random"], [256], ["pyg", "sdpa", "fused"], device="cpu", heads=2, head_dim=8,
-                         repeats=1, backward=False, memory_budget=1e3)
+    rows = run_benchmark(
+        ["random"],
+        [256],
+        ["pyg", "sdpa", "fused"],
+        device="cpu",
+        heads=2,
+        head_dim=8,
+        repeats=1,
+        backward=False,
+        memory_budget=1e3,
+    )
     by_backend = {r["backend"]: r for r in rows}
     assert by_backend["pyg"]["note"].startswith("skipped") and by_backend["sdpa"]["note"].startswith("skipped")
     assert by_backend["fused"]["ms"] is not None and by_backend["fused"]["max_err"] is None  # no dense reference
@@ -44,6 +61,7 @@ def test_run_benchmark_reports_a_failing_backend_and_goes_on(monkeypatch):
 
         def fail(q, k, v):
             raise RuntimeError("out of memory")
+
         return fail, build
 
     monkeypatch.setattr(benchmark, "_make", failing_make)
@@ -57,10 +75,15 @@ def test_run_benchmark_reports_a_failing_backend_and_goes_on(monkeypatch):
 def test_calibrate_tile_cost_rows_add_up():
     from gnn_transformer.bench.benchmark import calibrate_tile_cost
 
-    rows, suggested = calibrate_tile_cost(["window", "random"], [96], device="cpu", heads=2, head_dim=8,
-                                          block_size=16, repeats=1)
+    rows, suggested = calibrate_tile_cost(
+        ["window", "random"], [96], device="cpu", heads=2, head_dim=8, block_size=16, repeats=1
+    )
     assert [(r["topology"], r["pass"]) for r in rows] == [
-        ("window", "fwd"), ("window", "fwd+bwd"), ("random", "fwd"), ("random", "fwd+bwd")]
+        ("window", "fwd"),
+        ("window", "fwd+bwd"),
+        ("random", "fwd"),
+        ("random", "fwd+bwd"),
+    ]
     for r in rows:
         assert r["edges"] > 0 and r["tiles"] > 0
         assert abs(r["fill"] - r["edges"] / (r["tiles"] * 16 * 16)) < 1e-12
@@ -77,14 +100,23 @@ def test_calibrate_row_costs():
     from gnn_transformer.bench.benchmark import calibrate_row_costs
 
     rows = [dict(ns_per_edge=value, **{"pass": p}) for p in ("fwd", "fwd+bwd") for value in (1e3, 2e3, 9e9)]
-    costs = calibrate_row_costs(rows, {"fwd": 0.25, "fwd+bwd": 0.3}, 64, device="cpu", heads=2, head_dim=8,
-                                block_size=16, repeats=1)
+    costs = calibrate_row_costs(
+        rows, {"fwd": 0.25, "fwd+bwd": 0.3}, 64, device="cpu", heads=2, head_dim=8, block_size=16, repeats=1
+    )
     assert set(costs) == {"fwd", "fwd+bwd"}
     for c in costs.values():
         assert set(c) == {"fused", "tiled", "merge"} and all(x >= 0 and math.isfinite(x) for x in c.values())
     # a slower unit edge makes every fixed cost smaller in edges
-    slow = calibrate_row_costs([dict(r, ns_per_edge=1e12) for r in rows], {"fwd": 0.25, "fwd+bwd": 0.3}, 64,
-                               device="cpu", heads=2, head_dim=8, block_size=16, repeats=1)
+    slow = calibrate_row_costs(
+        [dict(r, ns_per_edge=1e12) for r in rows],
+        {"fwd": 0.25, "fwd+bwd": 0.3},
+        64,
+        device="cpu",
+        heads=2,
+        head_dim=8,
+        block_size=16,
+        repeats=1,
+    )
     assert all(x == 0 for c in slow.values() for x in (c["fused"], c["tiled"]))
     assert all(c["merge"] < 1e-3 for c in slow.values())
 
@@ -116,16 +148,29 @@ def test_benchmark_takes_topology_specs(tmp_path):
     want = to_dense_mask(dilated(40, 3, 2, causal=True))
     for name in ("dilated:window=3,dilation=2,causal=true", str(spec)):
         assert torch.equal(to_dense_mask(build_graph(name, 40)), want)
-    rows = run_benchmark([str(spec), "exphormer"], [48], ["fused", "sdpa"], device="cpu", heads=2, head_dim=8,
-                         repeats=1, backward=False)
+    rows = run_benchmark(
+        [str(spec), "exphormer"], [48], ["fused", "sdpa"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False
+    )
     assert [(r["topology"], r["backend"]) for r in rows] == [
-        (str(spec), "fused"), (str(spec), "sdpa"), ("exphormer", "fused"), ("exphormer", "sdpa")]
+        (str(spec), "fused"),
+        (str(spec), "sdpa"),
+        ("exphormer", "fused"),
+        ("exphormer", "sdpa"),
+    ]
     assert all(r["max_err"] < 1e-5 for r in rows)
 
 
 def test_benchmark_grouped_query_heads():
-    rows = run_benchmark(["window"], [80], ["pyg", "fused", "tiled", "auto", "sdpa"], device="cpu", heads=4,
-                         kv_heads=2, head_dim=8, repeats=1)
+    rows = run_benchmark(
+        ["window"],
+        [80],
+        ["pyg", "fused", "tiled", "auto", "sdpa"],
+        device="cpu",
+        heads=4,
+        kv_heads=2,
+        head_dim=8,
+        repeats=1,
+    )
     assert len(rows) == 5 * 2
     for row in rows:
         assert row["ms"] is not None and row["max_err"] < 1e-5, row
@@ -139,8 +184,9 @@ def test_benchmark_block_size_reaches_the_tiles(monkeypatch):
     seen = []
     real = benchmark.attend
     monkeypatch.setattr(benchmark, "attend", lambda *a, **k: seen.append(k.get("block_size")) or real(*a, **k))
-    rows = run_benchmark(["window"], [64], ["tiled"], device="cpu", heads=2, head_dim=8, repeats=1,
-                         backward=False, block_size=16)
+    rows = run_benchmark(
+        ["window"], [64], ["tiled"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False, block_size=16
+    )
     assert rows[0]["ms"] is not None and seen and set(seen) == {16}
 
 
@@ -149,18 +195,19 @@ def test_auto_note_names_the_backend_for_the_block_size():
     from gnn_transformer.kernels import choose_backend
     from gnn_transformer.bench.benchmark import build_graph
 
-    rows = run_benchmark(["longformer"], [512], ["auto"], device="cpu", heads=2, head_dim=8, repeats=1,
-                         backward=False, block_size=16)
+    rows = run_benchmark(
+        ["longformer"], [512], ["auto"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False, block_size=16
+    )
     graph = build_graph("longformer", 512)
     assert rows[0]["note"] == "ran " + choose_backend(graph, "cpu", block_size=16)
     assert choose_backend(graph, "cpu", block_size=16) != choose_backend(graph, "cpu")  # the case that failed
 
 
 def test_a_size_a_topology_cannot_take_is_a_row_not_an_abort():
-    rows = run_benchmark(["random", "causal"], [32, 128], ["fused"], device="cpu", heads=2, head_dim=8,
-                         repeats=1, backward=False)
-    assert [(r["topology"], r["n"]) for r in rows] == [("random", 32), ("random", 128), ("causal", 32),
-                                                       ("causal", 128)]
+    rows = run_benchmark(
+        ["random", "causal"], [32, 128], ["fused"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False
+    )
+    assert [(r["topology"], r["n"]) for r in rows] == [("random", 32), ("random", 128), ("causal", 32), ("causal", 128)]
     assert rows[0]["note"].startswith("not built: Expected 'k'") and rows[0]["ms"] is None
     assert all(r["ms"] is not None for r in rows[1:])
     format_table(rows), format_markdown(rows)  # the empty cells print
@@ -176,8 +223,9 @@ def test_fwd_bwd_error_is_the_gradient_error():
     q, k, v, grad_out = (torch.randn(40, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4))
     edge_index = build_graph("random:k=5", 40)
     src, dst = edge_index.as_tensor()
-    want = torch.autograd.grad(attend_reference(*(x.requires_grad_() for x in (q, k, v)), edge_index, scale=0.3),
-                               (q, k, v), grad_out)
+    want = torch.autograd.grad(
+        attend_reference(*(x.requires_grad_() for x in (q, k, v)), edge_index, scale=0.3), (q, k, v), grad_out
+    )
     for got, w in zip(_dense_reference_grads(q.detach(), k.detach(), v.detach(), src, dst, 0.3, grad_out), want):
         torch.testing.assert_close(got.double(), w, atol=1e-5, rtol=1e-5)
     rows = run_benchmark(["random"], [128], ["fused"], device="cpu", heads=2, head_dim=8, repeats=1)
@@ -195,8 +243,9 @@ def test_cpu_peak_is_at_least_the_result():
         assert peak >= (1 << 20) - 4096  # the result, less malloc's own bookkeeping between samples
 
 
-@pytest.mark.parametrize("argv, want", [(["--quick"], 3), (["--quick", "--repeats", "7"], 7), ([], 5),
-                                        (["--repeats", "2"], 2)])
+@pytest.mark.parametrize(
+    "argv, want", [(["--quick"], 3), (["--quick", "--repeats", "7"], 7), ([], 5), (["--repeats", "2"], 2)]
+)
 def test_bench_repeats_are_what_was_asked(monkeypatch, argv, want):
     """--repeats is honoured with --quick (which only changes its default)."""
     from gnn_transformer import cli
@@ -222,6 +271,7 @@ def _flex_compile(monkeypatch, refuse):
             if error is not None:
                 raise error
             return compiled(*args, **kwargs)  # the CPU kernels take no GPU launch options
+
         return run
 
     monkeypatch.setattr(torch, "compile", compile)
@@ -233,11 +283,22 @@ def test_flex_is_compiled_again_with_fewer_stages_when_its_kernels_do_not_fit(mo
     64): the benchmark compiles it again with the next kernel options and says so in the note."""
     from gnn_transformer.bench.benchmark import FLEX_OPTIONS
 
-    oom = RuntimeError("No valid triton configs. OutOfMemoryError: out of resource: "
-                       "triton_tem_fused_flex_attention_0 Required: 247808 Hardware limit:232448")
+    oom = RuntimeError(
+        "No valid triton configs. OutOfMemoryError: out of resource: "
+        "triton_tem_fused_flex_attention_0 Required: 247808 Hardware limit:232448"
+    )
     tried = _flex_compile(monkeypatch, lambda options: oom if options is None else None)
-    rows = run_benchmark(["window"], [64], ["flex"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False,
-                         flex_variants=["bitmap"])
+    rows = run_benchmark(
+        ["window"],
+        [64],
+        ["flex"],
+        device="cpu",
+        heads=2,
+        head_dim=8,
+        repeats=1,
+        backward=False,
+        flex_variants=["bitmap"],
+    )
     assert tried[:2] == [None, FLEX_OPTIONS[1]]
     assert rows[0]["note"].startswith("bitmap fastest (bitmap ") and rows[0]["ms"] is not None
     assert rows[0]["note"].endswith(f"; kernel_options={FLEX_OPTIONS[1]}")
@@ -246,8 +307,17 @@ def test_flex_is_compiled_again_with_fewer_stages_when_its_kernels_do_not_fit(mo
 
 def test_flex_errors_other_than_resources_are_reported_not_retried(monkeypatch):
     tried = _flex_compile(monkeypatch, lambda options: ValueError("bad mask"))
-    rows = run_benchmark(["window"], [64], ["flex"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False,
-                         flex_variants=["bitmap"])
+    rows = run_benchmark(
+        ["window"],
+        [64],
+        ["flex"],
+        device="cpu",
+        heads=2,
+        head_dim=8,
+        repeats=1,
+        backward=False,
+        flex_variants=["bitmap"],
+    )
     assert tried == [None]
     assert rows[0]["ms"] is None and rows[0]["note"] == "unavailable: bitmap: ValueError: bad mask"
 
@@ -256,8 +326,17 @@ def test_flex_that_never_fits_reports_the_last_refusal(monkeypatch):
     from gnn_transformer.bench.benchmark import FLEX_OPTIONS
 
     tried = _flex_compile(monkeypatch, lambda options: RuntimeError(f"out of resource with {options}"))
-    rows = run_benchmark(["window"], [64], ["flex"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False,
-                         flex_variants=["bitmap"])
+    rows = run_benchmark(
+        ["window"],
+        [64],
+        ["flex"],
+        device="cpu",
+        heads=2,
+        head_dim=8,
+        repeats=1,
+        backward=False,
+        flex_variants=["bitmap"],
+    )
     assert tried == list(FLEX_OPTIONS)
     assert rows[0]["ms"] is None and "out of resource with {'BLOCK_M': 64" in rows[0]["note"]
 

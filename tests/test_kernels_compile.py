@@ -4,6 +4,7 @@ The interpreter that runs the kernels in the other tests accepts programs the GP
 (``tl.dot`` shapes, types) and says nothing about shared memory, so every launch the wrappers would
 make is compiled here with Triton and ``ptxas`` for the target, without a GPU. The compiler needs
 a process without ``TRITON_INTERPRET=1``: each test runs one."""
+
 import json
 import os
 import subprocess
@@ -19,16 +20,25 @@ from gnn_transformer.bench.compile_check import MIN_TRITON  # noqa: E402
 if tuple(int(p) for p in triton.__version__.split(".")[:2]) < MIN_TRITON:
     pytest.skip(f"compile_check needs Triton >= {MIN_TRITON} (got {triton.__version__})", allow_module_level=True)
 
-ROW_KERNELS = {"_csr_fwd", "_csr_bwd_dq", "_csr_fwd_grouped", "_csr_bwd_dq_grouped", "_csc_bwd_dkdv",
-               "_tiled_fwd", "_tiled_bwd_dq", "_tiled_bwd_dkdv"}  # these also run long rows in pieces
+ROW_KERNELS = {
+    "_csr_fwd",
+    "_csr_bwd_dq",
+    "_csr_fwd_grouped",
+    "_csr_bwd_dq_grouped",
+    "_csc_bwd_dkdv",
+    "_tiled_fwd",
+    "_tiled_bwd_dq",
+    "_tiled_bwd_dkdv",
+}  # these also run long rows in pieces
 ROWS = {"_csr_bwd_rows", "_tiled_bwd_rows"}  # the backward's per-target delta: no pieces
 KERNELS = ROW_KERNELS | ROWS
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 def _rows(arch: int, dtypes: list[str], head_dims=(64,)) -> list[dict]:
@@ -51,8 +61,12 @@ def test_every_kernel_compiles_and_fits(arch, dtypes):
     # kernels, grouped-query attention the grouped ones); a global token's rows and columns reach
     # every kernel's launch of pieces
     for dtype in dtypes:
-        for suffix, kernels in (("D=64", ROW_KERNELS | ROWS), ("+bias", ROW_KERNELS | ROWS),
-                                ("+dropout", ROW_KERNELS | ROWS), ("+pieces", ROW_KERNELS | pieces)):
+        for suffix, kernels in (
+            ("D=64", ROW_KERNELS | ROWS),
+            ("+bias", ROW_KERNELS | ROWS),
+            ("+dropout", ROW_KERNELS | ROWS),
+            ("+pieces", ROW_KERNELS | pieces),
+        ):
             case_rows = [r for r in rows if f" {dtype} " in r["case"] and r["case"].endswith(suffix)]
             # the _rows kernels take no pieces: the +pieces case compiles them as the D=64 case did
             assert {r["kernel"] for r in case_rows} == kernels, (dtype, suffix)
@@ -94,6 +108,7 @@ def test_a_kernel_the_gpu_rejects_is_reported():
 
 def test_refuses_the_interpreter(monkeypatch):
     from gnn_transformer.bench import compile_check
+
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         compile_check.compile_cases([compile_check.Case("fused", "float32")])
@@ -101,6 +116,7 @@ def test_refuses_the_interpreter(monkeypatch):
 
 def test_errors_name_the_argument():
     from gnn_transformer.bench import compile_check
+
     with pytest.raises(ValueError, match="'dtype' 'int8'"):
         compile_check.record_case(compile_check.Case("fused", "int8"))
     with pytest.raises(ValueError, match="'backend' 'pyg'"):

@@ -5,6 +5,7 @@ kernels run interpreted, see ``test_kernels_fused_triton.py`` and ``test_kernels
 
     TRITON_INTERPRET=0 python -m pytest -q tests/test_kernels_cuda.py
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,7 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 if os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.skip("TRITON_INTERPRET=1 would interpret the kernels; run with TRITON_INTERPRET=0",
-                allow_module_level=True)
+    pytest.skip("TRITON_INTERPRET=1 would interpret the kernels; run with TRITON_INTERPRET=0", allow_module_level=True)
 
 from gnn_transformer import GraphMultiheadAttention  # noqa: E402
 from gnn_transformer.kernels import attend, attend_reference, clear_cache  # noqa: E402
@@ -28,8 +28,14 @@ from .conftest import GRAPHS, TOL, graph_case, make_inputs, weighted_loss  # noq
 
 CUDA = torch.device("cuda")
 # ("tiled", {}): the dtype's default tiles on CUDA (32 for float32 and float64, default_block_size)
-BACKENDS = [("fused", {}), ("tiled", {"block_size": 16}), ("tiled", {"block_size": 64}), ("tiled", {}),
-            ("split", {"block_size": 16, "tile_cost": 0.25}), ("auto", {})]
+BACKENDS = [
+    ("fused", {}),
+    ("tiled", {"block_size": 16}),
+    ("tiled", {"block_size": 64}),
+    ("tiled", {}),
+    ("split", {"block_size": 16, "tile_cost": 0.25}),
+    ("auto", {}),
+]
 IDS = ["fused", "tiled16", "tiled64", "tiled-default", "split", "auto"]
 
 
@@ -55,8 +61,9 @@ def _compare(edge_index, q, k, v, b, backend, kw, tol, scale=0.4):
 @pytest.mark.parametrize("name", GRAPHS)
 def test_cuda_matches_reference(name, backend, kw, dtype):
     edge_index, n_src, n_dst = graph_case(name, seed=3)
-    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=4, kv_heads=2, dim=8, dtype=dtype,
-                             bias=name != "bipartite")
+    q, k, v, b = make_inputs(
+        n_src, n_dst, edge_index.size(1), heads=4, kv_heads=2, dim=8, dtype=dtype, bias=name != "bipartite"
+    )
     _compare(edge_index.to(CUDA), *_to_cuda(q, k, v, b), backend, kw, TOL[dtype])
 
 
@@ -75,8 +82,9 @@ def test_cuda_cuts_global_rows_into_pieces(backend, kw, dtype, monkeypatch):
     q, k, v, b = make_inputs(n, n, edge_index.size(1), heads=4, kv_heads=2, dim=64, dtype=dtype)
     q, k, v, b = _to_cuda(q, k, v, b)
     tol = TOL[torch.float32] if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    out, lse = attend(q, k, v, edge_index, scale=0.125, edge_bias=b, backend=backend, return_lse=True,
-                      impl="triton", **kw)
+    out, lse = attend(
+        q, k, v, edge_index, scale=0.125, edge_bias=b, backend=backend, return_lse=True, impl="triton", **kw
+    )
     graph = _graph.prepare(edge_index, n, n)
     cache = graph.extras if backend == "fused" else graph.extras[("parts", 64, None)][0].launch_cache
     w = torch.randn(out.shape, dtype=torch.float32, device=CUDA)
@@ -96,12 +104,15 @@ def test_cuda_cuts_global_rows_into_pieces(backend, kw, dtype, monkeypatch):
 def test_cuda_model_sized_heads(name, backend, kw, dtype):
     """12 query heads on 4 key/value heads of 64 channels, 700 tokens in two sequences."""
     lengths = [300, 400]
-    edge_index = {"window": sliding_window(lengths, 40), "causal": causal(lengths),
-                  "bigbird": bigbird(lengths, block=16, window=1, num_global=1, num_random=2),
-                  "random": random(lengths, 24)}[name]
+    edge_index = {
+        "window": sliding_window(lengths, 40),
+        "causal": causal(lengths),
+        "bigbird": bigbird(lengths, block=16, window=1, num_global=1, num_random=2),
+        "random": random(lengths, 24),
+    }[name]
     n = sum(lengths)
     q, k, v, b = make_inputs(n, n, edge_index.size(1), heads=12, kv_heads=4, dim=64, dtype=dtype)
-    _compare(edge_index.to(CUDA), *_to_cuda(q, k, v, b), backend, kw, TOL[dtype], scale=64 ** -0.5)
+    _compare(edge_index.to(CUDA), *_to_cuda(q, k, v, b), backend, kw, TOL[dtype], scale=64**-0.5)
 
 
 def _bf16_errors(edge_index, n, heads=12, dim=64, backend="auto"):
@@ -110,16 +121,16 @@ def _bf16_errors(edge_index, n, heads=12, dim=64, backend="auto"):
     q, k, v = (torch.randn(n, heads, dim, device=CUDA, generator=g) for _ in range(3))
     edge_index = edge_index.to(CUDA)
     mask = to_dense_mask(edge_index).to(CUDA)  # [N_dst, N_src]
-    s = torch.einsum("ihd,jhd->hij", q, k) * dim ** -0.5  # dense float32 reference (no [E, H, D])
+    s = torch.einsum("ihd,jhd->hij", q, k) * dim**-0.5  # dense float32 reference (no [E, H, D])
     weights = s.masked_fill(~mask, float("-inf")).softmax(-1).nan_to_num(0.0)
     ref = torch.einsum("hij,jhd->ihd", weights, v)
-    out = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), edge_index, scale=dim ** -0.5, backend=backend)
+    out = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), edge_index, scale=dim**-0.5, backend=backend)
     sdpa = torch.nn.functional.scaled_dot_product_attention(
-        *(x.bfloat16().transpose(0, 1) for x in (q, k, v)), attn_mask=mask).transpose(0, 1)
+        *(x.bfloat16().transpose(0, 1) for x in (q, k, v)), attn_mask=mask
+    ).transpose(0, 1)
     # rows without edges: SDPA gives NaN, the graph gives zeros
     has_edges = mask.any(-1)
-    return ((out.float() - ref)[has_edges].abs().max().item(),
-            (sdpa.float() - ref)[has_edges].abs().max().item())
+    return ((out.float() - ref)[has_edges].abs().max().item(), (sdpa.float() - ref)[has_edges].abs().max().item())
 
 
 @pytest.mark.parametrize("backend", ["fused", "tiled", "split", "auto"])
@@ -127,9 +138,12 @@ def _bf16_errors(edge_index, n, heads=12, dim=64, backend="auto"):
 def test_cuda_bfloat16_error_is_sdpas(name, backend):
     """bfloat16 inputs accumulate in float32: the error against float32 is that of dense SDPA's."""
     n = 2048
-    edge_index = {"window": sliding_window(n, 128), "causal": causal(n),
-                  "bigbird": bigbird(n, block=64, window=1, num_global=2, num_random=3),
-                  "random": random(n, 64)}[name]
+    edge_index = {
+        "window": sliding_window(n, 128),
+        "causal": causal(n),
+        "bigbird": bigbird(n, block=64, window=1, num_global=2, num_random=3),
+        "random": random(n, 64),
+    }[name]
     ours, sdpa = _bf16_errors(edge_index, n, backend=backend)
     assert ours <= 2 * sdpa + 1e-3, (ours, sdpa)
 
@@ -171,16 +185,15 @@ def test_cuda_offsets_past_int32(kv_heads):
     are (int32 offsets would wrap around), forward and backward (dQ over the CSR, dK/dV over the
     CSC, the tiled passes), multi-head and grouped."""
     heads, dim = 16, 64
-    n = (2 ** 31) // (heads * dim) + 4096  # 2,101,248 tokens
+    n = (2**31) // (heads * dim) + 4096  # 2,101,248 tokens
     clear_cache()
     torch.cuda.empty_cache()  # what earlier tests left in PyTorch's cache counts as used
     free, _ = torch.cuda.mem_get_info()
-    if free < 48 * 2 ** 30:
+    if free < 48 * 2**30:
         pytest.skip("needs 48 GiB of free GPU memory")
     edge_index = sliding_window(n, 2).to(CUDA)
     q = torch.randn(n, heads, dim, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(n, kv_heads, dim, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
-            for _ in range(2))
+    k, v = (torch.randn(n, kv_heads, dim, device=CUDA, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     # float32 reference on the last 4096 targets and the sources they read (from lo on)
     tail = torch.arange(n - 4096, n, device=CUDA)
     lo = n - 4096 - 2
@@ -190,12 +203,12 @@ def test_cuda_offsets_past_int32(kv_heads):
     qt = q.detach()[tail].float().requires_grad_()
     ks, vs = (x.detach()[lo:].float().requires_grad_() for x in (k, v))
     ke, ve = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (ks, vs))  # [4098, H, D]
-    s = torch.einsum("thd,tjhd->thj", qt, ke[src]) * dim ** -0.5
+    s = torch.einsum("thd,tjhd->thj", qt, ke[src]) * dim**-0.5
     want = torch.einsum("thj,tjhd->thd", s.masked_fill(~valid, float("-inf")).softmax(-1), ve[src])
     w = torch.randn_like(want)
     (want * w).sum().backward()
     for backend in ("fused", "tiled"):
-        out = attend(q, k, v, edge_index, scale=dim ** -0.5, backend=backend)
+        out = attend(q, k, v, edge_index, scale=dim**-0.5, backend=backend)
         torch.testing.assert_close(out[tail].float(), want.detach(), atol=2e-2, rtol=2e-2)
         dq, dk, dv = torch.autograd.grad((out[tail].float() * w).sum(), (q, k, v))
         del out
@@ -203,7 +216,7 @@ def test_cuda_offsets_past_int32(kv_heads):
         torch.testing.assert_close(dk[lo:].float(), ks.grad, atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(dv[lo:].float(), vs.grad, atol=2e-2, rtol=2e-2)
         # nothing written where no gradient belongs (a wrapped offset would land there)
-        assert int(torch.count_nonzero(dq[:n - 4096])) == 0
+        assert int(torch.count_nonzero(dq[: n - 4096])) == 0
         assert int(torch.count_nonzero(dk[:lo])) == 0 and int(torch.count_nonzero(dv[:lo])) == 0
         del dq, dk, dv
     clear_cache()
@@ -214,11 +227,21 @@ def test_cuda_offsets_past_int32(kv_heads):
 def test_cuda_tensors_on_another_device_than_the_current_one(backend):
     edge_index, n_src, n_dst = graph_case("empty_rows")
     second = torch.device("cuda", 1)
-    q, k, v, b = (x.detach().to(second).requires_grad_() for x in
-                  make_inputs(n_src, n_dst, edge_index.size(1), dtype=torch.float32))
+    q, k, v, b = (
+        x.detach().to(second).requires_grad_()
+        for x in make_inputs(n_src, n_dst, edge_index.size(1), dtype=torch.float32)
+    )
     with torch.cuda.device(0):
-        _compare(edge_index.to(second), q, k, v, b, backend, {"block_size": 16} if backend == "tiled" else {},
-                 TOL[torch.float32])
+        _compare(
+            edge_index.to(second),
+            q,
+            k,
+            v,
+            b,
+            backend,
+            {"block_size": 16} if backend == "tiled" else {},
+            TOL[torch.float32],
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -232,8 +255,18 @@ def test_cuda_dropout_matches_the_cpu_kernel(backend, dtype):
     results = []
     for device in ("cpu", CUDA):
         xs = [x.detach().to(device).requires_grad_() for x in (q, k, v, b)]
-        out, lse = attend(*xs[:3], edge_index.to(device), scale=0.4, edge_bias=xs[3], backend=backend,
-                          block_size=16, tile_cost=0.3, return_lse=True, dropout_p=0.25, dropout_seed=77)
+        out, lse = attend(
+            *xs[:3],
+            edge_index.to(device),
+            scale=0.4,
+            edge_bias=xs[3],
+            backend=backend,
+            block_size=16,
+            tile_cost=0.3,
+            return_lse=True,
+            dropout_p=0.25,
+            dropout_seed=77,
+        )
         grads = torch.autograd.grad(weighted_loss(out, lse, torch.ones_like(out)), xs)
         results.append([t.cpu() for t in (out, lse, *grads)])
     for a, c in zip(*results):

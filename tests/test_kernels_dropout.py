@@ -3,6 +3,7 @@ same in the PyTorch and Triton implementations and in the backward pass.
 
 The reference applies the same mask to the per-edge softmax (``attend_reference`` weights times the
 keep scales), forward and backward, in float64 at 1e-10."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,16 @@ from gnn_transformer.kernels.fused_torch import chunked_attention
 from gnn_transformer.kernels.tiled_torch import tiled_attention
 from gnn_transformer.kernels.tiling import build_tiles
 
-from .conftest import (TOL, assert_splits, dropout_reference, graph_case, make_inputs, small_graph, split_graph,
-                       weighted_loss)
+from .conftest import (
+    TOL,
+    assert_splits,
+    dropout_reference,
+    graph_case,
+    make_inputs,
+    small_graph,
+    split_graph,
+    weighted_loss,
+)
 
 
 def _grads(out, lse, inputs, dtype=None):
@@ -34,8 +43,9 @@ BACKENDS = [("fused", None), ("tiled", 16), ("tiled", 4), ("split", 16), ("split
 
 
 # the Triton tiled kernels need blocks of at least 16
-CASES = [(impl, backend, block) for impl in IMPLS for backend, block in BACKENDS
-         if not (impl == "triton" and block == 4)]
+CASES = [
+    (impl, backend, block) for impl in IMPLS for backend, block in BACKENDS if not (impl == "triton" and block == 4)
+]
 
 
 def _small(name, impl, seed=2):
@@ -43,13 +53,23 @@ def _small(name, impl, seed=2):
     return small_graph(name, seed=seed) if impl == "triton" else graph_case(name, seed=seed)
 
 
-def _check(edge_index, n_src, n_dst, backend, block, impl, dtype=torch.float64, bias=True, tile_cost=0.3,
-           p=0.4, seed=123):
+def _check(
+    edge_index, n_src, n_dst, backend, block, impl, dtype=torch.float64, bias=True, tile_cost=0.3, p=0.4, seed=123
+):
     """``attend`` with dropout on inputs of ``dtype`` equals the masked reference computed in float64
     on the same values: output, lse and the gradients of q, k, v and the bias."""
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=4, kv_heads=2, dim=4, dtype=dtype, bias=bias)
-    kw = dict(scale=0.5, edge_bias=b, backend=backend, return_lse=True, impl=impl, dropout_p=p,
-              dropout_seed=seed, max_edges=50, max_cells=300)
+    kw = dict(
+        scale=0.5,
+        edge_bias=b,
+        backend=backend,
+        return_lse=True,
+        impl=impl,
+        dropout_p=p,
+        dropout_seed=seed,
+        max_edges=50,
+        max_cells=300,
+    )
     if block is not None:
         kw["block_size"] = block
     if backend == "split":
@@ -66,13 +86,17 @@ def _check(edge_index, n_src, n_dst, backend, block, impl, dtype=torch.float64, 
 
 
 # the unsorted graph on the (slow) interpreter: in test_dropout_split_tiles_and_fuses
-MAIN_CASES = [(name, impl, backend, block) for name in ("empty_rows", "hub", "bipartite", "multigraph", "causal",
-                                                         "unsorted")
-              for impl, backend, block in CASES if not (name == "unsorted" and impl == "triton")]
+MAIN_CASES = [
+    (name, impl, backend, block)
+    for name in ("empty_rows", "hub", "bipartite", "multigraph", "causal", "unsorted")
+    for impl, backend, block in CASES
+    if not (name == "unsorted" and impl == "triton")
+]
 
 
-@pytest.mark.parametrize("name, impl, backend, block", MAIN_CASES,
-                         ids=[f"{n}-{i}-{b}{k or ''}" for n, i, b, k in MAIN_CASES])
+@pytest.mark.parametrize(
+    "name, impl, backend, block", MAIN_CASES, ids=[f"{n}-{i}-{b}{k or ''}" for n, i, b, k in MAIN_CASES]
+)
 def test_dropout_matches_the_masked_reference(name, impl, backend, block):
     """Every backend with dropout drops the same weights (the hash of the edge's position in the
     target-sorted order, also for an unsorted edge_index), so each equals the same masked reference.
@@ -83,12 +107,17 @@ def test_dropout_matches_the_masked_reference(name, impl, backend, block):
     _check(edge_index, n_src, n_dst, backend, block, impl, bias=name != "bipartite")
 
 
-F32_CASES = [(name, impl, backend, block) for name in ("empty_rows", "multigraph", "causal", "unsorted")
-             for impl, backend, block in CASES if impl == "torch" or (name == "causal" and backend != "split")]
+F32_CASES = [
+    (name, impl, backend, block)
+    for name in ("empty_rows", "multigraph", "causal", "unsorted")
+    for impl, backend, block in CASES
+    if impl == "torch" or (name == "causal" and backend != "split")
+]
 
 
-@pytest.mark.parametrize("name, impl, backend, block", F32_CASES,
-                         ids=[f"{n}-{i}-{b}{k or ''}" for n, i, b, k in F32_CASES])
+@pytest.mark.parametrize(
+    "name, impl, backend, block", F32_CASES, ids=[f"{n}-{i}-{b}{k or ''}" for n, i, b, k in F32_CASES]
+)
 def test_dropout_float32_matches_the_masked_reference(name, impl, backend, block):
     """The same in float32, against the float64 masked reference at 1e-5."""
     edge_index, n_src, n_dst = _small(name, impl)
@@ -118,8 +147,10 @@ def test_auto_with_dropout_picks_fused_or_tiled(monkeypatch):
     # split drops the same weights too; dropout only adds the cost of hashing the mask
     from gnn_transformer.kernels import DROPOUT_COST, _graph
 
-    for graph in (bigbird(512, block=16, window=1, num_global=1, num_random=2),
-                  union(sliding_window(1024, 32), random(1024, 4, seed=0))):
+    for graph in (
+        bigbird(512, block=16, window=1, num_global=1, num_random=2),
+        union(sliding_window(1024, 32), random(1024, 4, seed=0)),
+    ):
         assert choose_backend(graph, "cpu", block_size=64) == "split"
         for extra, want in (({"fused": 0.0, "tiled": 0.0}, "split"), ({"fused": 0.0, "tiled": 10.0}, "fused")):
             _graph.clear_cache()
@@ -138,7 +169,7 @@ def test_keep_rate_and_independence():
     a = _dropout.keep_hash(7, edges, 0) >= _dropout.threshold(0.5)
     b = _dropout.keep_hash(7, edges, 1) >= _dropout.threshold(0.5)  # another head
     c = _dropout.keep_hash(8, edges, 0) >= _dropout.threshold(0.5)  # another seed
-    d = _dropout.keep_hash(7, edges + 2 ** 32, 0) >= _dropout.threshold(0.5)  # the high word counts
+    d = _dropout.keep_hash(7, edges + 2**32, 0) >= _dropout.threshold(0.5)  # the high word counts
     for other in (b, c, d):
         assert abs((a == other).float().mean().item() - 0.5) < 0.005
 
@@ -185,11 +216,25 @@ def test_gradcheck_with_dropout(backend):
         if backend == "fused":
             out, lse, _ = chunked_attention(q, k, v, b, graph, 0.7, 7, dropout=(0.3, 99))
         elif backend == "split":
-            out, lse = attend(q, k, v, edge_index, scale=0.7, edge_bias=b, backend="split", block_size=4,
-                              tile_cost=0.3, return_lse=True, max_edges=7, dropout_p=0.3, dropout_seed=99)
+            out, lse = attend(
+                q,
+                k,
+                v,
+                edge_index,
+                scale=0.7,
+                edge_bias=b,
+                backend="split",
+                block_size=4,
+                tile_cost=0.3,
+                return_lse=True,
+                max_edges=7,
+                dropout_p=0.3,
+                dropout_seed=99,
+            )
         else:
             out, lse, _ = tiled_attention(q, k, v, tiles, b[tiles.edge_ids], 0.7, 64, dropout=(0.3, 99))
         return out, lse.masked_fill(torch.isinf(lse), 0.0)
+
     assert torch.autograd.gradcheck(fn, (q, k, v, b), fast_mode=True)
 
 
@@ -203,18 +248,38 @@ def test_dropout_errors_name_the_argument():
 
 
 @settings(max_examples=50, deadline=None)
-@given(n_src=st.integers(1, 12), n_dst=st.integers(1, 12), density=st.floats(0.0, 1.0),
-       backend=st.sampled_from(["fused", "tiled", "split", "auto"]), block=st.sampled_from([2, 4, 8]),
-       tile_cost=st.floats(0.01, 1.5), p=st.floats(0.0, 0.9), seed=st.integers(0, 2 ** 31 - 1),
-       data_seed=st.integers(0, 2 ** 16))
-def test_random_graphs_with_dropout_match_the_masked_reference(n_src, n_dst, density, backend, block, tile_cost,
-                                                                 p, seed, data_seed):
+@given(
+    n_src=st.integers(1, 12),
+    n_dst=st.integers(1, 12),
+    density=st.floats(0.0, 1.0),
+    backend=st.sampled_from(["fused", "tiled", "split", "auto"]),
+    block=st.sampled_from([2, 4, 8]),
+    tile_cost=st.floats(0.01, 1.5),
+    p=st.floats(0.0, 0.9),
+    seed=st.integers(0, 2**31 - 1),
+    data_seed=st.integers(0, 2**16),
+)
+def test_random_graphs_with_dropout_match_the_masked_reference(
+    n_src, n_dst, density, backend, block, tile_cost, p, seed, data_seed
+):
     g = torch.Generator().manual_seed(data_seed)
     dst, src = (torch.rand(n_dst, n_src, generator=g) < density).nonzero(as_tuple=True)  # sorted by target
     edge_index = torch.stack([src, dst])
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=3, seed=data_seed)
-    out, lse = attend(q, k, v, edge_index, scale=0.6, edge_bias=b, backend=backend, block_size=block,
-                      tile_cost=tile_cost, return_lse=True, dropout_p=p, dropout_seed=seed)
+    out, lse = attend(
+        q,
+        k,
+        v,
+        edge_index,
+        scale=0.6,
+        edge_bias=b,
+        backend=backend,
+        block_size=block,
+        tile_cost=tile_cost,
+        return_lse=True,
+        dropout_p=p,
+        dropout_seed=seed,
+    )
     ref, ref_lse = dropout_reference(q, k, v, edge_index, 0.6, b, p, seed)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     inputs = (q, k, v, b)
@@ -225,6 +290,7 @@ def test_random_graphs_with_dropout_match_the_masked_reference(n_src, n_dst, den
 def test_keep_hash_equals_its_formula():
     """The vectorized hash (seed and head parts computed once) equals the formula edge by edge,
     for positions below and above 2**32."""
+
     def mix(v):
         v ^= v >> 16
         v = (v * 0x7FEB352D) & 0xFFFFFFFF
@@ -237,7 +303,7 @@ def test_keep_hash_equals_its_formula():
         x = mix(x ^ (e >> 32))
         return mix(x ^ (e & 0xFFFFFFFF))
 
-    for edges in ([0, 1, 5, 2 ** 31, 2 ** 32 - 1], [3, 2 ** 32, 2 ** 33 + 7, 2 ** 40 + 1]):
+    for edges in ([0, 1, 5, 2**31, 2**32 - 1], [3, 2**32, 2**33 + 7, 2**40 + 1]):
         e = torch.tensor(edges)
         got = _dropout.keep_hashes(12345, e, range(3))
         want = [[formula(12345, x, h) for x in edges] for h in range(3)]
@@ -251,8 +317,8 @@ def test_int32_hash_equals_the_exact_one():
     int32 position tensor left untouched. Positions from 2**31 take the exact path."""
     assert _dropout._int32_wraps()
     gen = torch.Generator().manual_seed(0)
-    edges = torch.cat([torch.randint(0, 2 ** 31, (5000,), generator=gen), torch.tensor([0, 1, 2 ** 31 - 1])])
-    for seed in (0, 1, 12345, 2 ** 31 - 1):
+    edges = torch.cat([torch.randint(0, 2**31, (5000,), generator=gen), torch.tensor([0, 1, 2**31 - 1])])
+    for seed in (0, 1, 12345, 2**31 - 1):
         for head in (0, 1, 7, 63):
             fast = _dropout._hash32(seed, edges, head).to(torch.int64) & 0xFFFFFFFF
             prefix = _dropout._mix_int(_dropout._prefixes(seed, [head])[0])
@@ -263,5 +329,5 @@ def test_int32_hash_equals_the_exact_one():
                 as32 = edges.to(torch.int32)
                 assert torch.equal(_dropout._kept(seed, as32, head, p, True), want)
                 assert torch.equal(as32, edges.to(torch.int32))  # not hashed in place
-    big = torch.tensor([5, 2 ** 31, 2 ** 32 + 3])
+    big = torch.tensor([5, 2**31, 2**32 + 3])
     assert not _dropout._fast(big) and _dropout._fast(big[:1])

@@ -6,6 +6,7 @@ At input scale 1e3 scores reach about 1e6 and nearly every row's softmax is satu
 1, the rest 0): the true ``ds`` is 0 there, and a backward pass whose ``delta`` is not made of the
 weights it recomputes gets ``|dO| |v|`` rounding errors, which ``dQ`` multiplies by ``|K|``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,8 +29,9 @@ def _error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want).abs().max())
 
 
-def _layer_input_grads(layer: GraphMultiheadAttention, x: torch.Tensor, edge_index, g: torch.Tensor,
-                       backend: str) -> torch.Tensor:
+def _layer_input_grads(
+    layer: GraphMultiheadAttention, x: torch.Tensor, edge_index, g: torch.Tensor, backend: str
+) -> torch.Tensor:
     x = x.detach().requires_grad_()
     out = layer(x, edge_index, backend=backend)
     out.backward(g.to(out.dtype))
@@ -47,8 +49,11 @@ def test_layer_float32_gradients_at_large_scores(scale, graph, num_kv_heads):
     """The issue's case (a window of 10 over 150 tokens, width 32, 4 heads), and BigBird, with
     grouped-query heads too."""
     n = 150
-    ei = topology.sliding_window(n, 10) if graph == "window" else topology.bigbird(
-        n, window=3, num_global=2, num_random=3, seed=1)
+    ei = (
+        topology.sliding_window(n, 10)
+        if graph == "window"
+        else topology.bigbird(n, window=3, num_global=2, num_random=3, seed=1)
+    )
     layer = GraphMultiheadAttention(32, 4, num_kv_heads=num_kv_heads)
     x = torch.randn(n, 32) * scale
     ref_layer = copy.deepcopy(layer).double()
@@ -113,8 +118,10 @@ def _per_edge_grads(q, k, v, bias, ei, g):
 
 @pytest.mark.parametrize("scale", SCALES_FP32)
 @pytest.mark.parametrize("heads,kv_heads,with_bias", [(2, 2, False), (4, 2, True)])
-@pytest.mark.parametrize("backend,impl", [("fused", "torch"), ("tiled", "torch"), ("fused", "triton"),
-                                          ("tiled", "triton"), ("split", "triton")])
+@pytest.mark.parametrize(
+    "backend,impl",
+    [("fused", "torch"), ("tiled", "torch"), ("fused", "triton"), ("tiled", "triton"), ("split", "triton")],
+)
 def test_attend_float32_gradients_at_large_scores(scale, heads, kv_heads, with_bias, backend, impl):
     """``kernels.attend`` on every implementation (Triton under the interpreter), with grouped
     heads and an edge bias: the Triton backward passes recompute the row terms of rows with a
@@ -133,9 +140,14 @@ def test_attend_float32_gradients_at_large_scores(scale, heads, kv_heads, with_b
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 40), window=st.integers(0, 12), log_scale=st.sampled_from([0, 2, 3, 4]),
-       backend=st.sampled_from(["fused", "tiled", "split"]), kv_heads=st.sampled_from([1, 2]),
-       seed=st.integers(0, 2 ** 16))
+@given(
+    n=st.integers(1, 40),
+    window=st.integers(0, 12),
+    log_scale=st.sampled_from([0, 2, 3, 4]),
+    backend=st.sampled_from(["fused", "tiled", "split"]),
+    kv_heads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
 def test_random_graphs_float32_gradients_at_large_scores(n, window, log_scale, backend, kv_heads, seed):
     """Random windows plus random extra edges, at input scales 1, 1e2, 1e3 and 1e4: the PyTorch
     implementations stay within the bound of the per-edge path. (Between 1 and 1e2, where scores
@@ -144,13 +156,12 @@ def test_random_graphs_float32_gradients_at_large_scores(n, window, log_scale, b
     gradients: docs/kernels.md.)"""
     gen = torch.Generator().manual_seed(seed)
     ei = topology.union(topology.sliding_window(n, window), topology.random(n, min(3, n), seed=seed))
-    scale = 10.0 ** log_scale
+    scale = 10.0**log_scale
     q = torch.randn(n, 2, 8, generator=gen) * scale
     k = torch.randn(n, kv_heads, 8, generator=gen) * scale
     v = torch.randn(n, kv_heads, 8, generator=gen) * scale
     g = torch.randn(n, 2, 8, generator=gen)
     want = _reference_grads(q, k, v, None, ei, g)
     per_edge = _error(_per_edge_grads(q, k, v, None, ei, g), want)
-    err = _error(_input_grads(kernels.attend, q, k, v, None, ei, g, backend=backend, impl="torch", block_size=8),
-                 want)
+    err = _error(_input_grads(kernels.attend, q, k, v, None, ei, g, backend=backend, impl="torch", block_size=8), want)
     assert err <= _bound(per_edge, want), (err, per_edge)

@@ -2,6 +2,7 @@
 dK/dV, per head and grouped) equal the reference, forward and backward, under ``TRITON_INTERPRET=1``
 on CPU tensors; where the GPU refuses a grouped launch they run per head. The interpreter is slow:
 graphs stay tiny."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,15 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # CPU tensors need the interprete
 from gnn_transformer.kernels import _graph, attend, attend_reference  # noqa: E402
 
 from .conftest import TOL, graph_case, make_inputs, small_graph, weighted_loss  # noqa: E402
-from .triton_helpers import (BATCH_CASES, FUSED, TINY, check_batch_and_unsorted, check_bfloat16,  # noqa: E402
-                             check_matches_reference, run_plain_multi_head)
+from .triton_helpers import (
+    BATCH_CASES,
+    FUSED,
+    TINY,
+    check_batch_and_unsorted,
+    check_bfloat16,  # noqa: E402
+    check_matches_reference,
+    run_plain_multi_head,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -26,10 +34,14 @@ def test_triton_matches_reference(name, dtype):
     check_matches_reference(name, *FUSED, dtype)
 
 
-@pytest.mark.parametrize("name,heads,kv_heads", [
-    ("empty_rows", 2, 2),
-    ("hub", 4, 2),  # grouped query heads: the grouped CSR kernels
-], ids=["fused", "fused-grouped"])
+@pytest.mark.parametrize(
+    "name,heads,kv_heads",
+    [
+        ("empty_rows", 2, 2),
+        ("hub", 4, 2),  # grouped query heads: the grouped CSR kernels
+    ],
+    ids=["fused", "fused-grouped"],
+)
 def test_triton_bfloat16(name, heads, kv_heads):
     check_bfloat16(name, heads, kv_heads, *FUSED)
 
@@ -44,6 +56,7 @@ def test_triton_gradcheck():
     def fn(q, k, v, b):
         out, lse, _ = csr_attention(q, k, v, b, graph, 0.4)
         return out, lse.masked_fill(torch.isinf(lse), 0.0)
+
     assert torch.autograd.gradcheck(fn, (q, k, v, b), fast_mode=True)
 
 
@@ -52,8 +65,9 @@ def test_fused_on_cpu_defaults_to_torch(monkeypatch):
     from gnn_transformer.kernels import dispatch, fused_torch
 
     called = []
-    monkeypatch.setattr(dispatch, "chunked_attention",
-                        lambda *a, **kw: called.append(1) or fused_torch.chunked_attention(*a, **kw))
+    monkeypatch.setattr(
+        dispatch, "chunked_attention", lambda *a, **kw: called.append(1) or fused_torch.chunked_attention(*a, **kw)
+    )
     edge_index, n_src, n_dst = small_graph("empty_rows", seed=3)
     q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), bias=False)
     attend(q, k, v, edge_index, scale=0.4, backend="fused")
@@ -68,8 +82,11 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         attend(q, k, v, edge_index, scale=1.0, backend="fused", impl="triton")
 
 
-@pytest.mark.parametrize("heads,kv_heads,grouped", [(2, 2, False), (3, 1, True), (4, 2, True), (6, 3, True)],
-                         ids=["mha", "g3", "g2x2", "g2x3"])
+@pytest.mark.parametrize(
+    "heads,kv_heads,grouped",
+    [(2, 2, False), (3, 1, True), (4, 2, True), (6, 3, True)],
+    ids=["mha", "g3", "g2x2", "g2x3"],
+)
 @pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["", "dropout"])
 def test_triton_fused_grouped_query_heads(heads, kv_heads, grouped, dropout):
     """With several query heads per key/value head, the forward and dQ kernels run one program per
@@ -96,8 +113,10 @@ def test_triton_fused_grouped_query_heads(heads, kv_heads, grouped, dropout):
     with _launch.recording() as launches:
         out, lse = attend(q, k, v, edge_index, impl="triton", **kw)
         weighted_loss(out, lse, w).backward()
-    names = {launch.kernel.__name__ if hasattr(launch.kernel, "__name__") else launch.kernel.fn.__name__
-             for launch in launches}
+    names = {
+        launch.kernel.__name__ if hasattr(launch.kernel, "__name__") else launch.kernel.fn.__name__
+        for launch in launches
+    }
     if grouped:
         assert {"_csr_fwd_grouped", "_csr_bwd_dq_grouped"} <= names and "_csr_fwd" not in names
         assert all(launch.grid[1] == kv_heads for launch in launches if "grouped" in str(launch.kernel))
@@ -139,15 +158,17 @@ def test_grouped_csr_kernels_fall_back_per_head_where_the_gpu_refuses_them(monke
     want = torch.autograd.grad(weighted_loss(ref, ref_lse, torch.ones_like(ref)), (q, k, v, b))
     for call in range(2):
         seen.clear()
-        out, lse = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend="fused", return_lse=True,
-                          impl="triton")
+        out, lse = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend="fused", return_lse=True, impl="triton")
         got = torch.autograd.grad(weighted_loss(out, lse, torch.ones_like(out)), (q, k, v, b))
         torch.testing.assert_close(out, ref, **TOL[torch.float64])
         for x, y in zip(got, want):
             torch.testing.assert_close(x, y, **TOL[torch.float64])
         per_head = ["_csr_fwd", "_csr_bwd_rows", "_csr_bwd_dq", "_csc_bwd_dkdv"]
-        assert seen == (["_csr_fwd_grouped", "_csr_fwd", "_csr_bwd_rows", "_csr_bwd_dq_grouped", "_csr_bwd_dq",
-                         "_csc_bwd_dkdv"] if call == 0 else per_head)  # the second call goes per head at once
+        assert seen == (
+            ["_csr_fwd_grouped", "_csr_fwd", "_csr_bwd_rows", "_csr_bwd_dq_grouped", "_csr_bwd_dq", "_csc_bwd_dkdv"]
+            if call == 0
+            else per_head
+        )  # the second call goes per head at once
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

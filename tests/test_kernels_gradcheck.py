@@ -1,4 +1,5 @@
 """``torch.autograd.gradcheck`` in float64 of the PyTorch autograd functions and of the merge."""
+
 from __future__ import annotations
 
 import pytest
@@ -34,8 +35,9 @@ def test_gradcheck_chunked(name):
     graph = _graph.prepare(edge_index, n_src, n_dst)
     assert graph.perm is None
     for max_edges in (1 << 20, 3):
-        assert torch.autograd.gradcheck(lambda *x: _finite(chunked_attention(*x, graph, 0.7, max_edges)),
-                                        (q, k, v, b), fast_mode=True)
+        assert torch.autograd.gradcheck(
+            lambda *x: _finite(chunked_attention(*x, graph, 0.7, max_edges)), (q, k, v, b), fast_mode=True
+        )
 
 
 @pytest.mark.parametrize("name", ["empty_rows", "multigraph", "causal"])
@@ -45,8 +47,22 @@ def test_gradcheck_tiled(name, with_bias):
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=3, bias=with_bias)
 
     def fn(q, k, v, *b):  # a multigraph's repeated copies run fused beside the tiles, merged
-        return _finite(attend(q, k, v, edge_index, scale=0.7, edge_bias=b[0] if b else None, backend="tiled",
-                              block_size=4, max_cells=64, impl="torch", return_lse=True))
+        return _finite(
+            attend(
+                q,
+                k,
+                v,
+                edge_index,
+                scale=0.7,
+                edge_bias=b[0] if b else None,
+                backend="tiled",
+                block_size=4,
+                max_cells=64,
+                impl="torch",
+                return_lse=True,
+            )
+        )
+
     inputs = (q, k, v, b) if with_bias else (q, k, v)
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
@@ -61,6 +77,7 @@ def test_gradcheck_tiled_edge_bias(name):
 
     def fn(q, k, v, b):
         return _finite(tiled_attention(q, k, v, tiles, b[tiles.edge_ids], 0.7, max_cells=64))
+
     assert torch.autograd.gradcheck(fn, (q, k, v, b), fast_mode=True)
 
 
@@ -70,8 +87,21 @@ def test_gradcheck_split_through_attend():
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=2, dim=3)
 
     def fn(q, k, v, b):
-        return _finite(attend(q, k, v, edge_index, scale=0.7, edge_bias=b, backend="split", block_size=4,
-                              tile_cost=0.5, return_lse=True))
+        return _finite(
+            attend(
+                q,
+                k,
+                v,
+                edge_index,
+                scale=0.7,
+                edge_bias=b,
+                backend="split",
+                block_size=4,
+                tile_cost=0.5,
+                return_lse=True,
+            )
+        )
+
     assert torch.autograd.gradcheck(fn, (q, k, v, b), fast_mode=True)
 
 
@@ -106,7 +136,6 @@ def test_gradcheck_merge_with_remainders():
     lo_a[0] = lo_b[0] = 0.0
     lse_a.requires_grad_()
     lse_b.requires_grad_()
-    assert torch.autograd.gradcheck(lambda *x: _finite(merge_partials(*x, (lo_a, lo_b))),
-                                    (out_a, lse_a, out_b, lse_b))
+    assert torch.autograd.gradcheck(lambda *x: _finite(merge_partials(*x, (lo_a, lo_b))), (out_a, lse_a, out_b, lse_b))
     _, lse, lo = merge_partials(out_a, lse_a, out_b, lse_b, (lo_a, lo_b))
     assert torch.isneginf(lse[0]).all() and (lo[0] == 0).all() and not lo.requires_grad

@@ -2,6 +2,7 @@
 dense reference on the PyTorch and Triton tiled paths, per-head block selection with grouped
 heads included; the tiled path never builds an edge list; the layers and models take a
 ``BlockGraph``; what needs edges materializes them or refuses clearly."""
+
 from __future__ import annotations
 
 import pytest
@@ -72,8 +73,7 @@ def test_sub_tiles_equal_dense(block_size):
 @pytest.mark.parametrize("name", ["causal_batch", "window", "document"])
 def test_triton_tiled_equals_dense(name):
     graph = GRAPHS[name]()
-    _check(*_inputs(graph.num_dst, dim=16, dtype=torch.float32), graph, torch.float32, backend="tiled",
-           impl="triton")
+    _check(*_inputs(graph.num_dst, dim=16, dtype=torch.float32), graph, torch.float32, backend="tiled", impl="triton")
 
 
 def _selection(n, heads, kv_heads, lengths, causal, dtype=torch.float64, block=16, num_blocks=1):
@@ -81,9 +81,10 @@ def _selection(n, heads, kv_heads, lengths, causal, dtype=torch.float64, block=1
     return (q, k, v), block_topk(q, k, block, num_blocks, causal=causal, lengths=lengths, implicit=True)
 
 
-@pytest.mark.parametrize("n,heads,kv_heads,lengths,causal", [
-    (64, 4, 2, None, True), (70, 4, 1, [30, 0, 40], True), (50, 2, 2, [21, 29], False), (37, 3, 3, None, True),
-])
+@pytest.mark.parametrize(
+    "n,heads,kv_heads,lengths,causal",
+    [(64, 4, 2, None, True), (70, 4, 1, [30, 0, 40], True), (50, 2, 2, [21, 29], False), (37, 3, 3, None, True)],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_per_head_selection_equals_dense(n, heads, kv_heads, lengths, causal, dtype):
     (q, k, v), graph = _selection(n, heads, kv_heads, lengths, causal, dtype)
@@ -101,9 +102,14 @@ def test_per_head_selection_sub_tiles():
 
 
 @settings(max_examples=20, deadline=None)
-@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=3), block=st.sampled_from([2, 5, 8]),
-       num_blocks=st.integers(0, 3), causal=st.booleans(), heads=st.sampled_from([(1, 1), (2, 1), (4, 2)]),
-       seed=st.integers(0, 2 ** 16))
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    block=st.sampled_from([2, 5, 8]),
+    num_blocks=st.integers(0, 3),
+    causal=st.booleans(),
+    heads=st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+    seed=st.integers(0, 2**16),
+)
 def test_random_selections_equal_dense(lengths, block, num_blocks, causal, heads, seed):
     torch.manual_seed(seed)
     block = min(block, max(lengths))
@@ -114,6 +120,7 @@ def test_random_selections_equal_dense(lengths, block, num_blocks, causal, heads
 def _no_edges(monkeypatch):
     def refuse(self):
         raise AssertionError("the implicit path materialized the edges")
+
     monkeypatch.setattr(BlockGraph, "edges", refuse)
 
 
@@ -162,15 +169,22 @@ def test_materialization_past_budget_refused():
         kernels.attend(q, k, v, graph, scale=0.3, backend="fused")
 
 
-@pytest.mark.parametrize("call,name", [
-    (lambda q, k, v, g: kernels.attend(q, k, v, g, scale=1.0, edge_bias=torch.zeros(g.num_edges(), 4)),
-     "edge_bias"),
-    (lambda q, k, v, g: kernels.attend(q, k, v, g, scale=1.0, edge_head=torch.zeros(5, dtype=torch.long)),
-     "edge_head"),
-    (lambda q, k, v, g: kernels.attend(q[:-1], k, v, g, scale=1.0), "query"),
-    (lambda q, k, v, g: kernels.attend(q, k, v, g, scale=1.0, block_size=24), "block_size"),
-    (lambda q, k, v, g: kernels.attend(q, k, v, g, scale=float("nan")), "scale"),
-])
+@pytest.mark.parametrize(
+    "call,name",
+    [
+        (
+            lambda q, k, v, g: kernels.attend(q, k, v, g, scale=1.0, edge_bias=torch.zeros(g.num_edges(), 4)),
+            "edge_bias",
+        ),
+        (
+            lambda q, k, v, g: kernels.attend(q, k, v, g, scale=1.0, edge_head=torch.zeros(5, dtype=torch.long)),
+            "edge_head",
+        ),
+        (lambda q, k, v, g: kernels.attend(q[:-1], k, v, g, scale=1.0), "query"),
+        (lambda q, k, v, g: kernels.attend(q, k, v, g, scale=1.0, block_size=24), "block_size"),
+        (lambda q, k, v, g: kernels.attend(q, k, v, g, scale=float("nan")), "scale"),
+    ],
+)
 def test_bad_input(call, name):
     graph = T.causal(37, implicit=True, block_size=16)
     with pytest.raises(ValueError, match=name):
@@ -213,7 +227,7 @@ def test_layer_selection_equals_dense():
     q = layer.project_query(x)
     k, v = layer.project_key_value(x, x)
     index, head = block_topk(q, k, 16, 1, causal=True, lengths=[30, 40])
-    heads = dense_attention(q, k, v, index, layer.head_dim ** -0.5, edge_head=head)
+    heads = dense_attention(q, k, v, index, layer.head_dim**-0.5, edge_head=head)
     want = layer.out_proj(heads.reshape(70, 32))
     torch.testing.assert_close(got, want, **TOL[torch.float64])
 
@@ -247,15 +261,21 @@ def test_encoder_stack_and_lm():
     graph = T.causal([20, 30], implicit=True, block_size=16)
     torch.testing.assert_close(stack(x, graph), stack(x, graph.edges()), **TOL[torch.float64])
     torch.testing.assert_close(stack(x, [graph, graph.edges()]), stack(x, graph.edges()), **TOL[torch.float64])
-    lm = GraphLM(GraphTransformerConfig(vocab_size=11, d_model=32, nhead=4, num_layers=2, dim_feedforward=64,
-                               dropout=0.0)).double().eval()
+    lm = (
+        GraphLM(
+            GraphTransformerConfig(vocab_size=11, d_model=32, nhead=4, num_layers=2, dim_feedforward=64, dropout=0.0)
+        )
+        .double()
+        .eval()
+    )
     tokens = torch.randint(0, 11, (50,))
     pos = torch.cat([torch.arange(20), torch.arange(30)])
     torch.testing.assert_close(lm(tokens, graph, pos=pos), lm(tokens, graph.edges(), pos=pos), **TOL[torch.float64])
 
 
 def test_alibi_refuses_implicit_graph():
-    lm = GraphLM(GraphTransformerConfig(vocab_size=11, d_model=32, nhead=4, num_layers=1, dim_feedforward=64,
-                               position="alibi"))
+    lm = GraphLM(
+        GraphTransformerConfig(vocab_size=11, d_model=32, nhead=4, num_layers=1, dim_feedforward=64, position="alibi")
+    )
     with pytest.raises(ValueError, match="alibi"):
         lm(torch.randint(0, 11, (20,)), T.causal(20, implicit=True), pos=torch.arange(20))

@@ -1,5 +1,6 @@
 """``GraphMultiheadAttention(backend=...)`` equals ``backend="pyg"``: outputs, attention weights and
 parameter gradients, with GQA, edge bias and cross-attention on a bipartite graph."""
+
 from __future__ import annotations
 
 import copy
@@ -65,5 +66,4 @@ def test_layer_cross_attention_float32(backend):
     fast = copy.deepcopy(ref)
     fast.backend = backend
     x_src, x_dst = torch.randn(n_src, 12), torch.randn(n_dst, 16)
-    torch.testing.assert_close(fast((x_src, x_dst), edge_index), ref((x_src, x_dst), edge_index),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast((x_src, x_dst), edge_index), ref((x_src, x_dst), edge_index), atol=1e-5, rtol=1e-5)

@@ -1,6 +1,7 @@
 """Per-head graphs in the kernels (``attend(..., edge_head=...)``): every backend and implementation
 equals dense attention with the same per-head mask, outputs, log-sum-exps and gradients; the cost
 follows the edges that exist."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,15 @@ from hypothesis import strategies as st
 
 from gnn_transformer import kernels
 from gnn_transformer.kernels import attend, edge_weights, fused_torch, heads
-from tests.conftest import GRAPHS, TOL, assert_matches_dense, dense_attention, dropout_reference, graph_case, \
-    small_graph
+from tests.conftest import (
+    GRAPHS,
+    TOL,
+    assert_matches_dense,
+    dense_attention,
+    dropout_reference,
+    graph_case,
+    small_graph,
+)
 
 HEADS, KV_HEADS = 4, 2
 
@@ -33,8 +41,20 @@ def per_head_case(name: str, seed: int = 0, heads: int = HEADS, empty_head: bool
 
 def _run(backend, impl=None, **kw):
     def fn(q, k, v, b, *, edge_index, edge_head):
-        return attend(q, k, v, edge_index, scale=0.45, edge_bias=b, backend=backend, impl=impl, return_lse=True,
-                      edge_head=edge_head, **kw)
+        return attend(
+            q,
+            k,
+            v,
+            edge_index,
+            scale=0.45,
+            edge_bias=b,
+            backend=backend,
+            impl=impl,
+            return_lse=True,
+            edge_head=edge_head,
+            **kw,
+        )
+
     return fn
 
 
@@ -44,8 +64,15 @@ def _run(backend, impl=None, **kw):
 def test_per_head_matches_dense(name, backend, dtype):
     edge_index, edge_head, n_src, n_dst = per_head_case(name)
     fn = _run(backend, block_size=8, tile_cost=0.3)
-    assert_matches_dense(lambda q, k, v, b: fn(q, k, v, b, edge_index=edge_index, edge_head=edge_head),
-                         edge_index, n_src, n_dst, dtype, edge_head=edge_head, bias_shape=(edge_index.size(1),))
+    assert_matches_dense(
+        lambda q, k, v, b: fn(q, k, v, b, edge_index=edge_index, edge_head=edge_head),
+        edge_index,
+        n_src,
+        n_dst,
+        dtype,
+        edge_head=edge_head,
+        bias_shape=(edge_index.size(1),),
+    )
 
 
 @pytest.mark.parametrize("bias", ["none", "per_edge", "per_edge_and_head"])
@@ -55,9 +82,17 @@ def test_per_head_bias_shapes_and_groups(bias, backend, kv_heads):
     edge_index, edge_head, n_src, n_dst = per_head_case("batch", seed=3)
     shape = {"none": None, "per_edge": (edge_index.size(1),), "per_edge_and_head": (edge_index.size(1), HEADS)}[bias]
     fn = _run(backend, block_size=8)
-    assert_matches_dense(lambda q, k, v, b: fn(q, k, v, b, edge_index=edge_index, edge_head=edge_head),
-                         edge_index, n_src, n_dst, torch.float64, bias=bias != "none", kv_heads=kv_heads,
-                         edge_head=edge_head, bias_shape=shape)
+    assert_matches_dense(
+        lambda q, k, v, b: fn(q, k, v, b, edge_index=edge_index, edge_head=edge_head),
+        edge_index,
+        n_src,
+        n_dst,
+        torch.float64,
+        bias=bias != "none",
+        kv_heads=kv_heads,
+        edge_head=edge_head,
+        bias_shape=shape,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -66,8 +101,15 @@ def test_per_head_bias_shapes_and_groups(bias, backend, kv_heads):
 def test_per_head_triton_matches_dense(name, backend, dtype):
     edge_index, edge_head, n_src, n_dst = per_head_case(name, small=True)
     fn = _run(backend, impl="triton", block_size=16, tile_cost=0.3)
-    assert_matches_dense(lambda q, k, v, b: fn(q, k, v, b, edge_index=edge_index, edge_head=edge_head),
-                         edge_index, n_src, n_dst, dtype, edge_head=edge_head, bias_shape=(edge_index.size(1),))
+    assert_matches_dense(
+        lambda q, k, v, b: fn(q, k, v, b, edge_index=edge_index, edge_head=edge_head),
+        edge_index,
+        n_src,
+        n_dst,
+        dtype,
+        edge_head=edge_head,
+        bias_shape=(edge_index.size(1),),
+    )
 
 
 @pytest.mark.parametrize("backend", ["fused", "tiled", "split"])
@@ -91,11 +133,13 @@ def test_cost_follows_the_edges(monkeypatch):
     def spy(q, k, v, bias, graph, *args):
         seen.append((graph.num_edges, graph.num_dst, graph.num_src, q.shape, k.shape))
         return original(q, k, v, bias, graph, *args)
+
     monkeypatch.setattr(kernels.dispatch, "chunked_attention", spy)
     q, k, v = torch.randn(n_dst, HEADS, 8), torch.randn(n_src, KV_HEADS, 8), torch.randn(n_src, KV_HEADS, 8)
     attend(q, k, v, edge_index, scale=0.3, backend="fused", edge_head=edge_head)
-    assert seen == [(edge_index.size(1), HEADS * n_dst, KV_HEADS * n_src, (HEADS * n_dst, 1, 8),
-                     (KV_HEADS * n_src, 1, 8))]
+    assert seen == [
+        (edge_index.size(1), HEADS * n_dst, KV_HEADS * n_src, (HEADS * n_dst, 1, 8), (KV_HEADS * n_src, 1, 8))
+    ]
 
 
 @pytest.mark.parametrize("backend", ["fused", "tiled", "split"])
@@ -104,20 +148,36 @@ def test_per_head_dropout_equals_its_reference(backend):
     on every backend."""
     edge_index, edge_head, n_src, n_dst = per_head_case("window", seed=2)
     q, k, v, b = (x.detach() for x in _inputs(n_src, n_dst, edge_index.size(1)))
-    got, lse = attend(q, k, v, edge_index, scale=0.45, edge_bias=b, backend=backend, block_size=8,
-                      dropout_p=0.3, dropout_seed=11, return_lse=True, edge_head=edge_head)
+    got, lse = attend(
+        q,
+        k,
+        v,
+        edge_index,
+        scale=0.45,
+        edge_bias=b,
+        backend=backend,
+        block_size=8,
+        dropout_p=0.3,
+        dropout_seed=11,
+        return_lse=True,
+        edge_head=edge_head,
+    )
     index, bias = heads.head_inputs(q, k, edge_index, edge_head, b)
-    want, want_lse = dropout_reference(heads.heads_to_nodes(q), heads.heads_to_nodes(k), heads.heads_to_nodes(v),
-                                       index, 0.45, bias, 0.3, 11)
+    want, want_lse = dropout_reference(
+        heads.heads_to_nodes(q), heads.heads_to_nodes(k), heads.heads_to_nodes(v), index, 0.45, bias, 0.3, 11
+    )
     torch.testing.assert_close(got, heads.nodes_to_heads(want, HEADS), **TOL[torch.float64])
     torch.testing.assert_close(lse, heads.nodes_to_heads(want_lse, HEADS), **TOL[torch.float64])
 
 
 def _inputs(n_src, n_dst, num_edges, dtype=torch.float64):
     g = torch.Generator().manual_seed(5)
-    return (torch.randn(n_dst, HEADS, 8, generator=g, dtype=dtype), torch.randn(n_src, KV_HEADS, 8, generator=g,
-            dtype=dtype), torch.randn(n_src, KV_HEADS, 8, generator=g, dtype=dtype),
-            torch.randn(num_edges, generator=g, dtype=dtype))
+    return (
+        torch.randn(n_dst, HEADS, 8, generator=g, dtype=dtype),
+        torch.randn(n_src, KV_HEADS, 8, generator=g, dtype=dtype),
+        torch.randn(n_src, KV_HEADS, 8, generator=g, dtype=dtype),
+        torch.randn(num_edges, generator=g, dtype=dtype),
+    )
 
 
 def test_per_head_edge_weights_are_the_dense_weights():
@@ -155,13 +215,16 @@ def test_sorted_by_head_and_target_needs_no_sort():
     assert graph.perm is None and graph.num_edges == edge_index.size(1)
 
 
-@pytest.mark.parametrize("edge_head, match", [
-    (torch.zeros(3, dtype=torch.long), r"'edge_head' of shape \[E\]"),
-    (torch.zeros(6), "'edge_head' to hold integers"),
-    (torch.tensor([0, 1, 2, 3, 4, 0]), "Found 4 in 'edge_head' but there are 4 query heads"),
-    (torch.tensor([0, -1, 0, 0, 0, 0]), "Found -1 in 'edge_head'"),
-    ([0, 0, 0, 0, 0, 0], "'edge_head' to be a tensor"),
-])
+@pytest.mark.parametrize(
+    "edge_head, match",
+    [
+        (torch.zeros(3, dtype=torch.long), r"'edge_head' of shape \[E\]"),
+        (torch.zeros(6), "'edge_head' to hold integers"),
+        (torch.tensor([0, 1, 2, 3, 4, 0]), "Found 4 in 'edge_head' but there are 4 query heads"),
+        (torch.tensor([0, -1, 0, 0, 0, 0]), "Found -1 in 'edge_head'"),
+        ([0, 0, 0, 0, 0, 0], "'edge_head' to be a tensor"),
+    ],
+)
 def test_bad_edge_head(edge_head, match):
     q, k, v = torch.randn(3, HEADS, 8), torch.randn(3, KV_HEADS, 8), torch.randn(3, KV_HEADS, 8)
     edge_index = torch.tensor([[0, 0, 1, 0, 1, 2], [0, 1, 1, 2, 2, 2]])
@@ -169,11 +232,14 @@ def test_bad_edge_head(edge_head, match):
         attend(q, k, v, edge_index, scale=0.3, edge_head=edge_head)
 
 
-@pytest.mark.parametrize("edge_index, match", [
-    (torch.tensor([[3], [0]]), "Found source index 3 in 'edge_index' but there are only 3 source nodes"),
-    (torch.tensor([[0], [3]]), "Found target index 3 in 'edge_index' but there are only 3 target nodes"),
-    (torch.tensor([[-1], [0]]), "non-negative"),
-])
+@pytest.mark.parametrize(
+    "edge_index, match",
+    [
+        (torch.tensor([[3], [0]]), "Found source index 3 in 'edge_index' but there are only 3 source nodes"),
+        (torch.tensor([[0], [3]]), "Found target index 3 in 'edge_index' but there are only 3 target nodes"),
+        (torch.tensor([[-1], [0]]), "non-negative"),
+    ],
+)
 def test_nodes_out_of_range_are_refused_before_relabelling(edge_index, match):
     """Source 3 of 3 would be node 3 of the (head, token) nodes, key/value head 1's token 0: the
     kernels' own range check cannot see it after relabelling."""
@@ -186,8 +252,7 @@ def test_bad_per_head_bias_shape():
     q, k, v = torch.randn(3, HEADS, 8), torch.randn(3, KV_HEADS, 8), torch.randn(3, KV_HEADS, 8)
     edge_index = torch.tensor([[0, 0, 1], [0, 1, 1]])
     with pytest.raises(ValueError, match=r"'edge_bias' of shape \[E\] = \[3\] or \[E, H\] = \[3, 4\]"):
-        attend(q, k, v, edge_index, scale=0.3, edge_head=torch.zeros(3, dtype=torch.long),
-               edge_bias=torch.zeros(3, 2))
+        attend(q, k, v, edge_index, scale=0.3, edge_head=torch.zeros(3, dtype=torch.long), edge_bias=torch.zeros(3, 2))
 
 
 def test_edge_head_on_another_device():
@@ -203,8 +268,13 @@ def per_head_graphs(draw):
     kv_heads = draw(st.sampled_from([1, 2]))
     num_heads = kv_heads * draw(st.sampled_from([1, 2, 3]))
     num_edges = draw(st.integers(0, 50))
-    triples = draw(st.lists(st.tuples(st.integers(0, num_heads - 1), st.integers(0, n_dst - 1),
-                                      st.integers(0, n_src - 1)), min_size=num_edges, max_size=num_edges))
+    triples = draw(
+        st.lists(
+            st.tuples(st.integers(0, num_heads - 1), st.integers(0, n_dst - 1), st.integers(0, n_src - 1)),
+            min_size=num_edges,
+            max_size=num_edges,
+        )
+    )
     if draw(st.booleans()):  # the builders' order: by head, target, source
         triples = sorted(set(triples))
     edge_head = torch.tensor([h for h, _, _ in triples], dtype=torch.long)
@@ -220,7 +290,28 @@ def test_random_per_head_graphs_match_dense(case):
     edge_index, edge_head, n_src, n_dst, num_heads, kv_heads, backend, block, bias = case
 
     def fn(q, k, v, b):
-        return attend(q, k, v, edge_index, scale=0.45, edge_bias=b, backend=backend, block_size=block,
-                      return_lse=True, edge_head=edge_head)
-    assert_matches_dense(fn, edge_index, n_src, n_dst, torch.float64, bias=bias, heads=num_heads, kv_heads=kv_heads,
-                         edge_head=edge_head, bias_shape=(edge_index.size(1),))
+        return attend(
+            q,
+            k,
+            v,
+            edge_index,
+            scale=0.45,
+            edge_bias=b,
+            backend=backend,
+            block_size=block,
+            return_lse=True,
+            edge_head=edge_head,
+        )
+
+    assert_matches_dense(
+        fn,
+        edge_index,
+        n_src,
+        n_dst,
+        torch.float64,
+        bias=bias,
+        heads=num_heads,
+        kv_heads=kv_heads,
+        edge_head=edge_head,
+        bias_shape=(edge_index.size(1),),
+    )

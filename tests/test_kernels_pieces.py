@@ -2,6 +2,7 @@
 the merge of the pieces is exact, and the Triton kernels with cut rows equal the reference, forward
 and backward (under ``TRITON_INTERPRET=1``; the pieces are forced small, as a GPU cuts only rows
 far longer than the average)."""
+
 from __future__ import annotations
 
 import os
@@ -59,12 +60,12 @@ def test_no_cut_without_a_length():
 
 def test_piece_length_by_device(monkeypatch):
     monkeypatch.setattr(_pieces, "LENGTH", None)
-    assert _pieces.piece_length("csr", 10 ** 6, 12, torch.device("cpu")) == 0  # the interpreter: never
+    assert _pieces.piece_length("csr", 10**6, 12, torch.device("cpu")) == 0  # the interpreter: never
     props = types.SimpleNamespace(multi_processor_count=132)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
     cuda = torch.device("cuda")
     # the work of one of 132 * 16 concurrent programs: 12M / 2112 edges
-    assert _pieces.piece_length("csr", 10 ** 6, 12, cuda) == -(-12 * 10 ** 6 // 2112)
+    assert _pieces.piece_length("csr", 10**6, 12, cuda) == -(-12 * 10**6 // 2112)
     assert _pieces.piece_length("csr", 1000, 12, cuda) == _pieces.MIN_PIECE["csr"]
     assert _pieces.piece_length("tiles", 2500, 12, cuda) == -(-2500 * 12 // 264)
     monkeypatch.setattr(_pieces, "LENGTH", 7)
@@ -75,8 +76,13 @@ def test_piece_length_by_device(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("block", [1, 3])
 @settings(max_examples=30, deadline=None)
-@given(sizes=st.lists(st.integers(0, 9), min_size=1, max_size=6), length=st.integers(1, 4),
-       seed=st.integers(0, 2 ** 16), empty=st.booleans(), huge=st.booleans())
+@given(
+    sizes=st.lists(st.integers(0, 9), min_size=1, max_size=6),
+    length=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+    empty=st.booleans(),
+    huge=st.booleans(),
+)
 def test_merge_of_pieces_is_the_softmax_of_the_row(dtype, block, sizes, length, seed, empty, huge):
     """Pieces' partial softmaxes (out, lse, lse_lo) merge into the softmax over the whole row, also
     where every score is near -1e9 (the merged lse + lse_lo is the row's log-sum-exp to 1e-5 /
@@ -91,7 +97,7 @@ def test_merge_of_pieces_is_the_softmax_of_the_row(dtype, block, sizes, length, 
     n = len(sizes) * block - (block > 1)  # a last block with a missing row
     scores = torch.randn(items, n, heads, generator=gen, dtype=dtype)  # item x output row
     if empty:
-        scores[int(ptr[pieces.rows[0]]):int(ptr[pieces.rows[0] + 1])] = float("-inf")
+        scores[int(ptr[pieces.rows[0]]) : int(ptr[pieces.rows[0] + 1])] = float("-inf")
     values = torch.randn(items, heads, dim, generator=gen, dtype=dtype)
     if huge:  # every score near -1e9: the log-sum-exp's remainder (lse_lo) carries the row's log(count)
         scores = scores - 1e9
@@ -127,8 +133,9 @@ def test_merge_of_pieces_is_the_softmax_of_the_row(dtype, block, sizes, length, 
             got_lse = lse[row].double() + lse_lo[row].double()
             assert torch.equal(torch.isinf(got_lse), torch.isinf(want_lse))
             finite = torch.isfinite(want_lse)
-            torch.testing.assert_close(got_lse[finite] - want_lse[finite], torch.zeros_like(want_lse[finite]),
-                                       **TOL[dtype])
+            torch.testing.assert_close(
+                got_lse[finite] - want_lse[finite], torch.zeros_like(want_lse[finite]), **TOL[dtype]
+            )
             torch.testing.assert_close(out[row], torch.einsum("eh,ehd->hd", w, values[a:b]), **TOL[dtype])
             want_grad = grad_p[sel * block + row - r * block].sum(0)
             torch.testing.assert_close(grad[row], want_grad, **TOL[dtype])
@@ -162,14 +169,24 @@ def _run(edge_index, backend, kw, dtype, heads, kv_heads, bias, length, monkeypa
     """``(out, lse, grads)`` of one attend call (and backward) with pieces of ``length``."""
     from gnn_transformer.kernels import attend, clear_cache
 
-
     monkeypatch.setattr(_pieces, "LENGTH", length)
     clear_cache()
     n = int(edge_index.max()) + 1
-    q, k, v, b = make_inputs(n, n, edge_index.size(1), heads=heads, kv_heads=kv_heads, dim=4, dtype=dtype,
-                             bias=bias)
-    out, lse = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend=backend, return_lse=True,
-                      impl="triton", dropout_p=dropout, dropout_seed=5, **kw)
+    q, k, v, b = make_inputs(n, n, edge_index.size(1), heads=heads, kv_heads=kv_heads, dim=4, dtype=dtype, bias=bias)
+    out, lse = attend(
+        q,
+        k,
+        v,
+        edge_index,
+        scale=0.4,
+        edge_bias=b,
+        backend=backend,
+        return_lse=True,
+        impl="triton",
+        dropout_p=dropout,
+        dropout_seed=5,
+        **kw,
+    )
     w = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
     inputs = [x for x in (q, k, v, b) if x is not None]
     loss = (out * w).sum() + 0.3 * lse[torch.isfinite(lse)].sum()
@@ -186,8 +203,11 @@ def _check_cut(edge_index, backend, length):
         cache = graph.extras
     else:
         cache = graph.extras[("parts", 16, None)][0].launch_cache
-    cut = [v for key, v in cache.items() if isinstance(key, tuple) and key[:1] == ("pieces",)
-           and key[2] == length and v is not None]
+    cut = [
+        v
+        for key, v in cache.items()
+        if isinstance(key, tuple) and key[:1] == ("pieces",) and key[2] == length and v is not None
+    ]
     assert len(cut) == 2  # rows (query blocks) and columns (key blocks)
 
 
@@ -201,15 +221,16 @@ CASES = [  # (graph, backend, options, dtype, heads, kv heads, bias, piece lengt
 
 
 @triton_only
-@pytest.mark.parametrize("graph,backend,kw,dtype,heads,kv_heads,bias,length", CASES,
-                         ids=[f"{c[1]}-{str(c[3])[6:]}-{c[4]}on{c[5]}" for c in CASES])
-def test_triton_with_pieces_matches_reference(graph, backend, kw, dtype, heads, kv_heads, bias, length,
-                                              monkeypatch):
+@pytest.mark.parametrize(
+    "graph,backend,kw,dtype,heads,kv_heads,bias,length",
+    CASES,
+    ids=[f"{c[1]}-{str(c[3])[6:]}-{c[4]}on{c[5]}" for c in CASES],
+)
+def test_triton_with_pieces_matches_reference(graph, backend, kw, dtype, heads, kv_heads, bias, length, monkeypatch):
     from gnn_transformer.kernels import attend_reference
 
     edge_index = _hub_graph() if graph == "hub" else _global_window_graph()
-    out, lse, grads, (q, k, v, b) = _run(edge_index, backend, kw, dtype, heads, kv_heads, bias, length,
-                                         monkeypatch)
+    out, lse, grads, (q, k, v, b) = _run(edge_index, backend, kw, dtype, heads, kv_heads, bias, length, monkeypatch)
     if backend != "split":
         _check_cut(edge_index, backend, length)
     ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.4, edge_bias=b, return_lse=True)
@@ -241,7 +262,6 @@ def _hub_inputs(monkeypatch, length, **kw):
     """``(edge_index, q, k, v, bias)`` on :func:`_hub_graph` with pieces of ``length`` forced."""
     from gnn_transformer.kernels import clear_cache
 
-
     edge_index = _hub_graph()
     monkeypatch.setattr(_pieces, "LENGTH", length)
     clear_cache()
@@ -256,8 +276,7 @@ def test_a_cut_row_without_finite_scores_stays_empty(monkeypatch):
     edge_index, q, k, v, b = _hub_inputs(monkeypatch, 3, heads=2, kv_heads=2, dim=4, dtype=torch.float64)
     with torch.no_grad():
         b[edge_index[1] == 0] = float("-inf")
-    out, lse = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend="fused", return_lse=True,
-                      impl="triton")
+    out, lse = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend="fused", return_lse=True, impl="triton")
     ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.4, edge_bias=b, return_lse=True)
     assert torch.equal(out[0], torch.zeros_like(out[0])) and bool(torch.isinf(lse[0]).all())
     torch.testing.assert_close(out, ref, **TOL[torch.float64])

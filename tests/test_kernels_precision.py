@@ -2,6 +2,7 @@
 log-sum-exp the backward passes, ``edge_weights`` and the merges reuse keeps what its rounding lost
 (``lse_lo``, see ``kernels._autograd``), so gradients and weights equal the reference's uniform
 softmax instead of reading every weight of the row as 1."""
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,9 @@ def _graph(n=40, seed=0):
     every edge once."""
     gen = torch.Generator().manual_seed(seed)
     i = torch.arange(n)
-    ring = torch.stack([torch.cat([i, (i + 1) % n, (i + 2) % n, torch.randint(0, n, (n,), generator=gen)]),
-                        i.repeat(4)])
+    ring = torch.stack(
+        [torch.cat([i, (i + 1) % n, (i + 2) % n, torch.randint(0, n, (n,), generator=gen)]), i.repeat(4)]
+    )
     block = torch.stack([torch.arange(16).repeat(16), torch.arange(16).repeat_interleave(16)])
     return torch.unique(torch.cat([ring, block], 1), dim=1)
 
@@ -45,8 +47,7 @@ def test_rows_masked_with_a_huge_finite_bias(backend, kw, dtype, impl, bias_grad
     bias[masked] = -1e9
     bias.requires_grad_(bias_grad)
     clear_cache()
-    out, lse = attend(q, k, v, edge_index, scale=0.5, edge_bias=bias, backend=backend, return_lse=True,
-                      impl=impl, **kw)
+    out, lse = attend(q, k, v, edge_index, scale=0.5, edge_bias=bias, backend=backend, return_lse=True, impl=impl, **kw)
     ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.5, edge_bias=bias, return_lse=True)
     torch.testing.assert_close(out, ref, **TOL[dtype])
     inputs = [x for x in (q, k, v, bias) if x.requires_grad]
@@ -92,8 +93,7 @@ def test_repeated_edges_at_huge_scores(backend, kw, dtype, impl):
     clear_cache()
     out = attend(q, k, v, edge_index, scale=1e9, backend=backend, impl=impl, **kw)
     ref = attend_reference(q, k, v, edge_index, scale=1e9)
-    torch.testing.assert_close(out[0, 0, 0], torch.tensor(121 / 17, dtype=dtype),
-                               **TOL[dtype])
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor(121 / 17, dtype=dtype), **TOL[dtype])
     torch.testing.assert_close(out, ref, **TOL[dtype])
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
     for x, y in zip(torch.autograd.grad((out * w).sum(), (k, v)), torch.autograd.grad((ref * w).sum(), (k, v))):
@@ -126,5 +126,6 @@ def test_removed_edges_beside_hugging_face_masks():
     layer = GraphMultiheadAttention(4, 1, dtype=torch.float64).eval()
     x = torch.randn(3, 4, generator=gen, dtype=torch.float64)
     _, w = layer(x, edge_index, edge_bias=bias, backend="pyg", return_attention_weights=True)
-    torch.testing.assert_close(w[:, 0], torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0], dtype=torch.float64),
-                               **TOL[torch.float64])
+    torch.testing.assert_close(
+        w[:, 0], torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0], dtype=torch.float64), **TOL[torch.float64]
+    )

@@ -1,5 +1,6 @@
 """Hypothesis: on random (multi)graphs every backend equals the per-edge reference, and the weights
 of each non-empty target sum to one."""
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,7 @@ def graphs(draw):
     heads = kv_heads * draw(st.sampled_from([1, 2]))
     backend = draw(st.sampled_from(["fused", "tiled", "split", "auto"]))
     block = draw(st.sampled_from([2, 4, 8]))
-    seed = draw(st.integers(0, 2 ** 16))
+    seed = draw(st.integers(0, 2**16))
     with_bias = draw(st.booleans())
     tile_cost = draw(st.floats(0.01, 1.5))  # which tiles split tiles: none, some or all
     # the order the builders emit (by target, then source, no repeats) takes linear-time paths
@@ -47,8 +48,18 @@ def test_random_graphs_match_reference(case):
 
     q, k, v = r(n_dst, heads, 3), r(n_src, kv_heads, 3), r(n_src, kv_heads, 3)
     b = r(edge_index.size(1), heads) if with_bias else None
-    out, lse = attend(q, k, v, edge_index, scale=0.6, edge_bias=b, backend=backend, block_size=block,
-                      tile_cost=tile_cost, return_lse=True)
+    out, lse = attend(
+        q,
+        k,
+        v,
+        edge_index,
+        scale=0.6,
+        edge_bias=b,
+        backend=backend,
+        block_size=block,
+        tile_cost=tile_cost,
+        return_lse=True,
+    )
     ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.6, edge_bias=b, return_lse=True)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)

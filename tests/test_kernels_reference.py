@@ -1,5 +1,6 @@
 """The per-edge reference (what every backend is compared with) against the dense one, and the
 dense reference of the tests (tests/conftest.py) itself, by hand."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,9 +18,14 @@ def test_reference_matches_dense(name, bias, dtype):
     """The per-edge reference (what every backend is compared with) against the dense masked
     softmax: output, log-sum-exp and the gradients in q, k, v and the bias, float64 and float32."""
     edge_index, n_src, n_dst = graph_case(name)
-    assert_matches_dense(lambda q, k, v, b: attend_reference(q, k, v, edge_index, scale=0.45, edge_bias=b,
-                                                             return_lse=True),
-                         edge_index, n_src, n_dst, dtype, bias=bias)
+    assert_matches_dense(
+        lambda q, k, v, b: attend_reference(q, k, v, edge_index, scale=0.45, edge_bias=b, return_lse=True),
+        edge_index,
+        n_src,
+        n_dst,
+        dtype,
+        bias=bias,
+    )
 
 
 def test_dense_reference_counts_parallel_edges_and_gives_lse():
@@ -40,8 +46,11 @@ def test_dense_reference_counts_parallel_edges_and_gives_lse():
 
 def test_dense_reference_counts_copies_and_empty_rows():
     """The reference itself: a doubled edge weighs twice, an empty row is zeros and -inf."""
-    q, k, v = torch.randn(3, 2, 4, dtype=torch.float64), torch.randn(2, 1, 4, dtype=torch.float64), \
-        torch.randn(2, 1, 4, dtype=torch.float64)
+    q, k, v = (
+        torch.randn(3, 2, 4, dtype=torch.float64),
+        torch.randn(2, 1, 4, dtype=torch.float64),
+        torch.randn(2, 1, 4, dtype=torch.float64),
+    )
     src, dst = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 0, 0, 2])  # 1 -> 0 twice; row 1 empty
     out, lse = dense_attention(q, k, v, torch.stack([src, dst]), 0.5, return_lse=True)
     s = torch.einsum("hd,jhd->hj", q[0], k.expand(2, 2, 4)) * 0.5  # [H, 2]

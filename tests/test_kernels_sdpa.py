@@ -1,6 +1,7 @@
 """``auto`` on graphs of exactly full or causal attention (per sequence or document) runs PyTorch's
 SDPA kernels: recognition never answers for a graph one edge away, and the results (output,
 log-sum-exp, gradients) equal the dense reference as on every other backend."""
+
 from __future__ import annotations
 
 import pytest
@@ -50,8 +51,9 @@ def _near_causal(n: int = 12):
         keep[e] = False
         cases[f"causal-minus-{e}"] = torch.stack([src[keep], dst[keep]])
     for j, i in ((1, 0), (n - 1, n - 2), (n - 1, 0)):  # one extra edge above the diagonal
-        cases[f"causal-plus-{j}-{i}"] = torch.stack([torch.cat([src, torch.tensor([j])]),
-                                                     torch.cat([dst, torch.tensor([i])])])
+        cases[f"causal-plus-{j}-{i}"] = torch.stack(
+            [torch.cat([src, torch.tensor([j])]), torch.cat([dst, torch.tensor([i])])]
+        )
     cases["causal-duplicate"] = torch.stack([torch.cat([src, src[3:4]]), torch.cat([dst, dst[3:4]])])
     # same count per row, one source shifted: row 5 sees 0..4 and 6 instead of 0..5
     shifted = src.clone()
@@ -61,8 +63,9 @@ def _near_causal(n: int = 12):
     fs, fd = _edges(full(n))
     cases["full-minus-one"] = torch.stack([fs[1:], fd[1:]])
     ds, dd = _edges(document(n, [4, 8], causal=True))
-    cases["document-causal-plus-cross"] = torch.stack([torch.cat([ds, torch.tensor([2])]),
-                                                       torch.cat([dd, torch.tensor([6])])])
+    cases["document-causal-plus-cross"] = torch.stack(
+        [torch.cat([ds, torch.tensor([2])]), torch.cat([dd, torch.tensor([6])])]
+    )
     cases["empty-row"] = torch.stack([src[dst != 4], dst[dst != 4]])
     cases["window"] = torch.stack([src[dst - src <= 3], dst[dst - src <= 3]])
     return cases
@@ -73,10 +76,17 @@ def test_never_recognizes_a_graph_one_edge_away(name):
     edge_index = _near_causal()[name]
     n = 12
     assert _pattern(edge_index, n, n) is None
-    assert auto_kernel(edge_index, "cpu", num_src=n, num_dst=n) == choose_backend(edge_index, "cpu", num_src=n,
-                                                                                 num_dst=n)
-    assert_matches_dense(lambda q, k, v, b: attend(q, k, v, edge_index, scale=0.45, return_lse=True),
-                         edge_index, n, n, torch.float64, bias=False)
+    assert auto_kernel(edge_index, "cpu", num_src=n, num_dst=n) == choose_backend(
+        edge_index, "cpu", num_src=n, num_dst=n
+    )
+    assert_matches_dense(
+        lambda q, k, v, b: attend(q, k, v, edge_index, scale=0.45, return_lse=True),
+        edge_index,
+        n,
+        n,
+        torch.float64,
+        bias=False,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -85,8 +95,16 @@ def test_never_recognizes_a_graph_one_edge_away(name):
 def test_sdpa_path_matches_dense(name, build, n_src, n_dst, want, heads, kv_heads, dtype):
     edge_index = build()
     assert auto_kernel(edge_index, "cpu", num_src=n_src, num_dst=n_dst, return_lse=True) == "sdpa"
-    assert_matches_dense(lambda q, k, v, b: attend(q, k, v, edge_index, scale=0.45, return_lse=True),
-                         edge_index, n_src, n_dst, dtype, bias=False, heads=heads, kv_heads=kv_heads)
+    assert_matches_dense(
+        lambda q, k, v, b: attend(q, k, v, edge_index, scale=0.45, return_lse=True),
+        edge_index,
+        n_src,
+        n_dst,
+        dtype,
+        bias=False,
+        heads=heads,
+        kv_heads=kv_heads,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -122,8 +140,14 @@ def test_edge_bias_dropout_and_triton_do_not_run_sdpa():
 
 def test_edge_bias_on_a_causal_graph_matches_dense():
     edge_index = causal(20)
-    assert_matches_dense(lambda q, k, v, b: attend(q, k, v, edge_index, scale=0.45, edge_bias=b, return_lse=True),
-                         edge_index, 20, 20, torch.float64, bias=True)
+    assert_matches_dense(
+        lambda q, k, v, b: attend(q, k, v, edge_index, scale=0.45, edge_bias=b, return_lse=True),
+        edge_index,
+        20,
+        20,
+        torch.float64,
+        bias=True,
+    )
 
 
 @pytest.mark.parametrize("backend", ["tiled", "fused"])
@@ -181,8 +205,14 @@ def test_cpu_without_the_fused_backward_kernel_runs_the_projects_kernels(monkeyp
     monkeypatch.setattr(sdpa, "_FLASH_BWD", None)
     edge_index = causal(12)
     assert auto_kernel(edge_index, "cpu") != "sdpa"
-    assert_matches_dense(lambda q, k, v, b: attend(q, k, v, edge_index, scale=0.45, return_lse=True),
-                         edge_index, 12, 12, torch.float32, bias=False)
+    assert_matches_dense(
+        lambda q, k, v, b: attend(q, k, v, edge_index, scale=0.45, return_lse=True),
+        edge_index,
+        12,
+        12,
+        torch.float32,
+        bias=False,
+    )
 
 
 def test_recognition_is_cached_per_edge_index():

@@ -2,6 +2,7 @@
 list with per-tile masks), alone and as the tiled part of ``split``, equal the reference, forward and
 backward, under ``TRITON_INTERPRET=1`` on CPU tensors; launches the GPU refuses are retried with
 lean options or run the PyTorch tiled path. The interpreter is slow: graphs stay tiny."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,18 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # CPU tensors need the interprete
 from gnn_transformer.kernels import _graph, attend, attend_reference  # noqa: E402
 
 from .conftest import TOL, graph_case, make_inputs, small_graph, weighted_loss  # noqa: E402
-from .triton_helpers import (BATCH_CASES, SPLIT, TILED, TINY, check_batch_and_unsorted, check_bfloat16,  # noqa: E402
-                             check_float64, check_matches_reference, launched, run_plain_multi_head)
+from .triton_helpers import (
+    BATCH_CASES,
+    SPLIT,
+    TILED,
+    TINY,
+    check_batch_and_unsorted,
+    check_bfloat16,  # noqa: E402
+    check_float64,
+    check_matches_reference,
+    launched,
+    run_plain_multi_head,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -37,9 +48,11 @@ def test_triton_gradcheck():
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4)
 
     def fn(q, k, v, b):  # the multigraph's repeated copies run fused beside the tiles, merged
-        out, lse = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend="tiled", block_size=16,
-                          impl="triton", return_lse=True)
+        out, lse = attend(
+            q, k, v, edge_index, scale=0.4, edge_bias=b, backend="tiled", block_size=16, impl="triton", return_lse=True
+        )
         return out, lse.masked_fill(torch.isinf(lse), 0.0)
+
     assert torch.autograd.gradcheck(fn, (q, k, v, b), fast_mode=True)
 
 
@@ -65,8 +78,18 @@ def test_tiled_falls_back_where_the_gpu_refuses_the_launch(monkeypatch, refused)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
-            out, lse = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend="tiled", block_size=16,
-                              return_lse=True, impl="triton")
+            out, lse = attend(
+                q,
+                k,
+                v,
+                edge_index,
+                scale=0.4,
+                edge_bias=b,
+                backend="tiled",
+                block_size=16,
+                return_lse=True,
+                impl="triton",
+            )
             got = torch.autograd.grad(weighted_loss(out, lse, torch.ones_like(out)), (q, k, v, b))
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1, messages  # once, not per call
@@ -101,8 +124,9 @@ def test_tiled_kernel_that_does_not_compile_runs_the_pytorch_path(monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
-            out, lse = attend(q, k, v, edge_index, scale=0.4, backend="tiled", block_size=16, return_lse=True,
-                              impl="triton")
+            out, lse = attend(
+                q, k, v, edge_index, scale=0.4, backend="tiled", block_size=16, return_lse=True, impl="triton"
+            )
             got = torch.autograd.grad(weighted_loss(out, lse, torch.ones_like(out)), (q, k, v))
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1, messages
@@ -151,8 +175,9 @@ def test_tiled_retries_with_lean_options(monkeypatch):
     monkeypatch.setattr(tiled_triton, "launch", launch)
     monkeypatch.setattr(tiled_triton, "_LEVEL", {})
     edge_index, n_src, n_dst = small_graph("empty_rows", seed=3)
-    q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4,
-                             dtype=torch.bfloat16, bias=False)
+    q, k, v, _ = make_inputs(
+        n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4, dtype=torch.bfloat16, bias=False
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(2):
@@ -204,15 +229,13 @@ def test_block_sizes_triton_does_not_take_run_on_the_pytorch_tiled_path(monkeypa
     monkeypatch.setattr(dispatch, "_use_triton", lambda device, impl: True)  # as on a GPU
     blocks = []
     real = tiled_triton.launch
-    monkeypatch.setattr(tiled_triton, "launch",
-                        lambda kernel, *a, **m: blocks.append(m["BQ"]) or real(kernel, *a, **m))
+    monkeypatch.setattr(tiled_triton, "launch", lambda kernel, *a, **m: blocks.append(m["BQ"]) or real(kernel, *a, **m))
     edge_index, n_src, n_dst = small_graph("causal", seed=3)
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4)
     ref = attend_reference(q, k, v, edge_index, scale=0.4, edge_bias=b)
     for block in (8, 48, 16):
         for backend in ("tiled", "split"):
-            out = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend=backend, block_size=block,
-                         tile_cost=0.25)
+            out = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend=backend, block_size=block, tile_cost=0.25)
             torch.testing.assert_close(out, ref, **TOL[torch.float64])
     # 48 is cut to 32, the power of two that covers the graph's tokens: Triton takes that
     assert set(blocks) == {16, 32} and n_dst <= 32
@@ -222,6 +245,7 @@ def test_block_sizes_triton_does_not_take_run_on_the_pytorch_tiled_path(monkeypa
 
 # ---- plain multi-head, full tiles, batches and unsorted edges ---------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name,heads", [("empty_rows", 2), ("multigraph", 3), ("bipartite", 3)])
 def test_triton_plain_multi_head(name, heads, dtype, monkeypatch):
@@ -230,7 +254,8 @@ def test_triton_plain_multi_head(name, heads, dtype, monkeypatch):
     csr = {"_csr_fwd", "_csr_bwd_rows", "_csr_bwd_dq", "_csc_bwd_dkdv"}
     # a multigraph's repeated copies run on the CSR kernels beside the tiles
     assert names == {"_tiled_fwd", "_tiled_bwd_rows", "_tiled_bwd_dq", "_tiled_bwd_dkdv"} | (
-        csr if name == "multigraph" else set())
+        csr if name == "multigraph" else set()
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -241,14 +266,16 @@ def test_triton_tiled_full_tiles(backend, heads, kv_heads, dtype, monkeypatch):
     from gnn_transformer.kernels import plan_costs
 
     edge_index, n_src, n_dst = graph_case("causal")
-    q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=heads, kv_heads=kv_heads, dim=4,
-                             dtype=dtype, bias=False, seed=2)
+    q, k, v, _ = make_inputs(
+        n_src, n_dst, edge_index.size(1), heads=heads, kv_heads=kv_heads, dim=4, dtype=dtype, bias=False, seed=2
+    )
     seen = launched(monkeypatch)
-    out, lse = attend(q, k, v, edge_index, scale=0.4, backend=backend, return_lse=True, impl="triton",
-                      block_size=16, tile_cost=0.25)
+    out, lse = attend(
+        q, k, v, edge_index, scale=0.4, backend=backend, return_lse=True, impl="triton", block_size=16, tile_cost=0.25
+    )
     check_float64(out, lse, [q, k, v], edge_index, 0.4, torch.randn(out.shape, dtype=torch.float64))
     graph = _graph.prepare(edge_index, n_src, n_dst)
-    (tiles, rest_ids, _), = [v for key, v in graph.extras.items() if key[0] == "parts"]
+    ((tiles, rest_ids, _),) = [v for key, v in graph.extras.items() if key[0] == "parts"]
     if backend == "tiled":
         assert rest_ids is None and tiles.edge_ids.numel() == graph.num_edges
     else:

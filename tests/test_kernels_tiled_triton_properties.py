@@ -3,6 +3,7 @@ of ``split`` (a dense tile beside sparse edges that run fused), equal a dense fl
 forward (out, lse) and backward (q, k, v, edge_bias), in float32 and float64, with plain multi-head
 and grouped-query heads, and with long rows forced into pieces (``_pieces.LENGTH``). Runs under
 ``TRITON_INTERPRET=1`` on CPU tensors: graphs stay tiny."""
+
 from __future__ import annotations
 
 import os

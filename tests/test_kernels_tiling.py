@@ -1,4 +1,5 @@
 """Tile lists, graph caching and the split/merge plan."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,8 @@ def _dense_from_tiles(tiles):
     for t in range(tiles.num_tiles):
         qb, kb, mi = int(tiles.q_block[t]), int(tiles.k_block[t]), int(tiles.mask_index[t])
         block = torch.ones(tiles.block_q, tiles.block_k, dtype=torch.bool) if mi < 0 else tiles.masks[mi]
-        out[qb * tiles.block_q:(qb + 1) * tiles.block_q, kb * tiles.block_k:(kb + 1) * tiles.block_k] = block
-    return out[:tiles.num_dst, :tiles.num_src]
+        out[qb * tiles.block_q : (qb + 1) * tiles.block_q, kb * tiles.block_k : (kb + 1) * tiles.block_k] = block
+    return out[: tiles.num_dst, : tiles.num_src]
 
 
 def test_causal_tiles():
@@ -85,8 +86,7 @@ def test_sorted_unique_is_an_exact_test(edges):
 
 # the runs each graph must produce: a step between the query blocks of a chunk ("one": a chunk
 # of one query block); random graphs need not produce any
-@pytest.mark.parametrize("graph, runs", [("full", {0}), ("causal", {"one"}), ("window", {1}),
-                                         ("random", set())])
+@pytest.mark.parametrize("graph, runs", [("full", {0}), ("causal", {"one"}), ("window", {1}), ("random", set())])
 def test_consecutive_key_blocks_are_read_in_place(graph, runs):
     """Chunks whose query blocks read consecutive key blocks (``first + g * step + j``) take them
     as a strided view of the blocked keys; every chunk's keys equal the gathered copy, and
@@ -95,8 +95,12 @@ def test_consecutive_key_blocks_are_read_in_place(graph, runs):
     from gnn_transformer.kernels.tiled_torch import _blocked, _chunks, _key_blocks
 
     n, block = 40, 4
-    edge_index = {"full": T.full(n), "causal": T.causal(n), "window": T.sliding_window(n, 5),
-                  "random": T.random(n, 3, seed=1)}[graph]
+    edge_index = {
+        "full": T.full(n),
+        "causal": T.causal(n),
+        "window": T.sliding_window(n, 5),
+        "random": T.random(n, 3, seed=1),
+    }[graph]
     tiles = build_tiles(_graph.prepare(edge_index, n, n), block, block)
     kB = _blocked(torch.randn(n, 3, 5, dtype=torch.float64), block, tiles.num_k_blocks, torch.float64)
     seen = set()
@@ -240,8 +244,7 @@ def test_plan_costs_explain_the_choice():
 def test_default_block_size_by_device_and_dtype():
     """Float32 and float64 tiles on CUDA are 32 wide (CUDA cores: no spills), all others 64; the plan
     and its costs follow the dtype (causal over 256 tokens: 36 tiles of 32, 10 of 64)."""
-    from gnn_transformer.kernels import (BLOCK_SIZE, CUDA_CORE_BLOCK_SIZE, choose_backend, default_block_size,
-                                         plan_costs)
+    from gnn_transformer.kernels import BLOCK_SIZE, CUDA_CORE_BLOCK_SIZE, choose_backend, default_block_size, plan_costs
 
     assert CUDA_CORE_BLOCK_SIZE == 32 and BLOCK_SIZE == {"cpu": 64, "cuda": 64}
     for dtype in (torch.float32, torch.float64):

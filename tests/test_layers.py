@@ -1,4 +1,5 @@
 """Graph encoder/decoder layers, stacks and GraphTransformer against torch.nn on padded batches."""
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -6,9 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gnn_transformer import (GraphMultiheadAttention, GraphTransformer, GraphTransformerDecoder,
-                             GraphTransformerDecoderLayer, GraphTransformerEncoder, GraphTransformerEncoderLayer,
-                             from_padded, padding_mask, to_padded)
+from gnn_transformer import (
+    GraphMultiheadAttention,
+    GraphTransformer,
+    GraphTransformerDecoder,
+    GraphTransformerDecoderLayer,
+    GraphTransformerEncoder,
+    GraphTransformerEncoderLayer,
+    from_padded,
+    padding_mask,
+    to_padded,
+)
 from gnn_transformer.topology import causal, cross, full
 
 from .conftest import TOL
@@ -60,17 +69,25 @@ CONFIGS = [(norm_first, activation) for norm_first in (False, True) for activati
 @pytest.mark.parametrize("norm_first,activation", CONFIGS)
 @pytest.mark.parametrize("kind", ["full", "causal"])
 def test_encoder_layer_matches_torch(kind, norm_first, activation, dtype):
-    ref = _perturb(nn.TransformerEncoderLayer(16, 4, 24, dropout=0.1, activation=activation,
-                                              batch_first=True, norm_first=norm_first, dtype=dtype))
-    layer = _load(GraphTransformerEncoderLayer(16, 4, 24, dropout=0.1, activation=activation,
-                                               norm_first=norm_first, dtype=dtype, backend="pyg"), ref)
+    ref = _perturb(
+        nn.TransformerEncoderLayer(
+            16, 4, 24, dropout=0.1, activation=activation, batch_first=True, norm_first=norm_first, dtype=dtype
+        )
+    )
+    layer = _load(
+        GraphTransformerEncoderLayer(
+            16, 4, 24, dropout=0.1, activation=activation, norm_first=norm_first, dtype=dtype, backend="pyg"
+        ),
+        ref,
+    )
     ref.eval()
     x, x_ref = _inputs(SRC_LENGTHS, 16, dtype)
     t = max(SRC_LENGTHS)
     edge_index = full(SRC_LENGTHS) if kind == "full" else causal(SRC_LENGTHS)
     out = layer(x, edge_index)
-    out_ref = ref(x_ref, src_mask=_causal_mask(t) if kind == "causal" else None,
-                  src_key_padding_mask=_key_padding(SRC_LENGTHS, t))
+    out_ref = ref(
+        x_ref, src_mask=_causal_mask(t) if kind == "causal" else None, src_key_padding_mask=_key_padding(SRC_LENGTHS, t)
+    )
     torch.testing.assert_close(out, from_padded(out_ref, SRC_LENGTHS), **TOL[dtype])
     grad = torch.randn_like(out)
     (out * grad).sum().backward()
@@ -82,18 +99,29 @@ def test_encoder_layer_matches_torch(kind, norm_first, activation, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("norm_first,activation", CONFIGS)
 def test_decoder_layer_matches_torch(norm_first, activation, dtype):
-    ref = _perturb(nn.TransformerDecoderLayer(16, 4, 24, activation=activation, batch_first=True,
-                                              norm_first=norm_first, dtype=dtype))
-    layer = _load(GraphTransformerDecoderLayer(16, 4, 24, activation=activation,
-                                               norm_first=norm_first, dtype=dtype, backend="pyg"), ref)
+    ref = _perturb(
+        nn.TransformerDecoderLayer(
+            16, 4, 24, activation=activation, batch_first=True, norm_first=norm_first, dtype=dtype
+        )
+    )
+    layer = _load(
+        GraphTransformerDecoderLayer(
+            16, 4, 24, activation=activation, norm_first=norm_first, dtype=dtype, backend="pyg"
+        ),
+        ref,
+    )
     ref.eval()
     x, x_ref = _inputs(TGT_LENGTHS, 16, dtype)
     mem, mem_ref = _inputs(SRC_LENGTHS, 16, dtype)
     t, s = max(TGT_LENGTHS), max(SRC_LENGTHS)
     out = layer(x, causal(TGT_LENGTHS), mem, cross(TGT_LENGTHS, SRC_LENGTHS))
-    out_ref = ref(x_ref, mem_ref, tgt_mask=_causal_mask(t),
-                  tgt_key_padding_mask=_key_padding(TGT_LENGTHS, t),
-                  memory_key_padding_mask=_key_padding(SRC_LENGTHS, s))
+    out_ref = ref(
+        x_ref,
+        mem_ref,
+        tgt_mask=_causal_mask(t),
+        tgt_key_padding_mask=_key_padding(TGT_LENGTHS, t),
+        memory_key_padding_mask=_key_padding(SRC_LENGTHS, s),
+    )
     torch.testing.assert_close(out, from_padded(out_ref, TGT_LENGTHS), **TOL[dtype])
     grad = torch.randn_like(out)
     (out * grad).sum().backward()
@@ -106,17 +134,29 @@ def test_decoder_layer_matches_torch(norm_first, activation, dtype):
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_stacks_match_torch(norm_first):
     dtype = torch.float32
-    enc_ref = _perturb(nn.TransformerEncoder(
-        nn.TransformerEncoderLayer(16, 2, 32, activation="gelu", batch_first=True,
-                                   norm_first=norm_first), 3, nn.LayerNorm(16),
-        enable_nested_tensor=False))
-    enc = _load(GraphTransformerEncoder(
-        GraphTransformerEncoderLayer(16, 2, 32, activation="gelu", norm_first=norm_first,
-                                     backend="pyg"), 3, nn.LayerNorm(16)), enc_ref)
-    dec_ref = _perturb(nn.TransformerDecoder(
-        nn.TransformerDecoderLayer(16, 2, 32, batch_first=True, norm_first=norm_first), 2))
-    dec = _load(GraphTransformerDecoder(
-        GraphTransformerDecoderLayer(16, 2, 32, norm_first=norm_first, backend="pyg"), 2), dec_ref)
+    enc_ref = _perturb(
+        nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(16, 2, 32, activation="gelu", batch_first=True, norm_first=norm_first),
+            3,
+            nn.LayerNorm(16),
+            enable_nested_tensor=False,
+        )
+    )
+    enc = _load(
+        GraphTransformerEncoder(
+            GraphTransformerEncoderLayer(16, 2, 32, activation="gelu", norm_first=norm_first, backend="pyg"),
+            3,
+            nn.LayerNorm(16),
+        ),
+        enc_ref,
+    )
+    dec_ref = _perturb(
+        nn.TransformerDecoder(nn.TransformerDecoderLayer(16, 2, 32, batch_first=True, norm_first=norm_first), 2)
+    )
+    dec = _load(
+        GraphTransformerDecoder(GraphTransformerDecoderLayer(16, 2, 32, norm_first=norm_first, backend="pyg"), 2),
+        dec_ref,
+    )
     enc_ref.eval(), dec_ref.eval()
     src, src_ref = _inputs(SRC_LENGTHS, 16, dtype)
     tgt, tgt_ref = _inputs(TGT_LENGTHS, 16, dtype)
@@ -124,14 +164,17 @@ def test_stacks_match_torch(norm_first):
     memory = enc(src, full(SRC_LENGTHS))
     out = dec(tgt, causal(TGT_LENGTHS), memory, cross(TGT_LENGTHS, SRC_LENGTHS))
     mem_ref = enc_ref(src_ref, src_key_padding_mask=_key_padding(SRC_LENGTHS, s))
-    out_ref = dec_ref(tgt_ref, mem_ref, tgt_mask=_causal_mask(t),
-                      tgt_key_padding_mask=_key_padding(TGT_LENGTHS, t),
-                      memory_key_padding_mask=_key_padding(SRC_LENGTHS, s))
+    out_ref = dec_ref(
+        tgt_ref,
+        mem_ref,
+        tgt_mask=_causal_mask(t),
+        tgt_key_padding_mask=_key_padding(TGT_LENGTHS, t),
+        memory_key_padding_mask=_key_padding(SRC_LENGTHS, s),
+    )
     torch.testing.assert_close(memory, from_padded(mem_ref, SRC_LENGTHS), **TOL[dtype])
     torch.testing.assert_close(out, from_padded(out_ref, TGT_LENGTHS), **TOL[dtype])
     (out.square().sum() + memory.sum()).backward()
-    (from_padded(out_ref, TGT_LENGTHS).square().sum() + from_padded(mem_ref, SRC_LENGTHS).sum()
-     ).backward()
+    (from_padded(out_ref, TGT_LENGTHS).square().sum() + from_padded(mem_ref, SRC_LENGTHS).sum()).backward()
     _assert_grads_close(enc_ref, enc, dtype)
     _assert_grads_close(dec_ref, dec, dtype)
     torch.testing.assert_close(src.grad, from_padded(src_ref.grad, SRC_LENGTHS), **TOL[dtype])
@@ -140,19 +183,25 @@ def test_stacks_match_torch(norm_first):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("norm_first,activation", [(False, "relu"), (True, "gelu")])
 def test_transformer_matches_torch(norm_first, activation, dtype):
-    ref = _perturb(nn.Transformer(16, 4, 2, 2, 32, activation=activation, batch_first=True,
-                                  norm_first=norm_first, dtype=dtype))
-    model = _load(GraphTransformer(16, 4, 2, 2, 32, activation=activation, norm_first=norm_first,
-                                   dtype=dtype, backend="pyg"), ref)
+    ref = _perturb(
+        nn.Transformer(16, 4, 2, 2, 32, activation=activation, batch_first=True, norm_first=norm_first, dtype=dtype)
+    )
+    model = _load(
+        GraphTransformer(16, 4, 2, 2, 32, activation=activation, norm_first=norm_first, dtype=dtype, backend="pyg"), ref
+    )
     ref.eval()
     src, src_ref = _inputs(SRC_LENGTHS, 16, dtype)
     tgt, tgt_ref = _inputs(TGT_LENGTHS, 16, dtype)
     t, s = max(TGT_LENGTHS), max(SRC_LENGTHS)
     out = model(src, tgt, full(SRC_LENGTHS), causal(TGT_LENGTHS), cross(TGT_LENGTHS, SRC_LENGTHS))
-    out_ref = ref(src_ref, tgt_ref, tgt_mask=_causal_mask(t),
-                  src_key_padding_mask=_key_padding(SRC_LENGTHS, s),
-                  tgt_key_padding_mask=_key_padding(TGT_LENGTHS, t),
-                  memory_key_padding_mask=_key_padding(SRC_LENGTHS, s))
+    out_ref = ref(
+        src_ref,
+        tgt_ref,
+        tgt_mask=_causal_mask(t),
+        src_key_padding_mask=_key_padding(SRC_LENGTHS, s),
+        tgt_key_padding_mask=_key_padding(TGT_LENGTHS, t),
+        memory_key_padding_mask=_key_padding(SRC_LENGTHS, s),
+    )
     torch.testing.assert_close(out, from_padded(out_ref, TGT_LENGTHS), **TOL[dtype])
     grad = torch.randn_like(out)
     (out * grad).sum().backward()
@@ -194,8 +243,7 @@ def test_empty_rows_and_isolated_tokens_are_finite():
 
 
 def test_callable_activation_and_padding_free_batches():
-    layer = GraphTransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=F.silu,
-                                         backend="pyg").eval()
+    layer = GraphTransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=F.silu, backend="pyg").eval()
     x = torch.randn(7, 8)
     lengths = [3, 4]
     together = layer(x, causal(lengths))
@@ -226,21 +274,29 @@ def test_bad_arguments():
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lengths=st.lists(st.integers(1, 6), min_size=1, max_size=4), norm_first=st.booleans(),
-       causal_mask=st.booleans(), seed=st.integers(0, 10_000))
+@given(
+    lengths=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    norm_first=st.booleans(),
+    causal_mask=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
 def test_property_encoder_layer_equals_torch(lengths, norm_first, causal_mask, seed):
     torch.manual_seed(seed)
     dtype = torch.float64
-    ref = _perturb(nn.TransformerEncoderLayer(8, 2, 12, activation="gelu", batch_first=True,
-                                              norm_first=norm_first, dtype=dtype)).eval()
-    layer = _load(GraphTransformerEncoderLayer(8, 2, 12, activation="gelu", norm_first=norm_first,
-                                               dtype=dtype, backend="pyg"), ref)
+    ref = _perturb(
+        nn.TransformerEncoderLayer(8, 2, 12, activation="gelu", batch_first=True, norm_first=norm_first, dtype=dtype)
+    ).eval()
+    layer = _load(
+        GraphTransformerEncoderLayer(8, 2, 12, activation="gelu", norm_first=norm_first, dtype=dtype, backend="pyg"),
+        ref,
+    )
     x_pad = torch.randn(len(lengths), max(lengths), 8, dtype=dtype)
     t = max(lengths)
     out = layer(from_padded(x_pad, lengths), causal(lengths) if causal_mask else full(lengths))
     with torch.no_grad():
-        out_ref = ref(x_pad, src_mask=_causal_mask(t) if causal_mask else None,
-                      src_key_padding_mask=_key_padding(lengths, t))
+        out_ref = ref(
+            x_pad, src_mask=_causal_mask(t) if causal_mask else None, src_key_padding_mask=_key_padding(lengths, t)
+        )
     torch.testing.assert_close(out, from_padded(out_ref, lengths), **TOL[dtype])
 
 

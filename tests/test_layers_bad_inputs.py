@@ -1,6 +1,7 @@
 """Bad and extreme inputs at the public boundary of the layers, stacks, models, decoding, padding
 helpers and Hugging Face import: each gives a ``ValueError`` / ``TypeError`` naming the argument
 (and the bad value), or the right result."""
+
 import math
 import re
 
@@ -8,8 +9,14 @@ import pytest
 import torch
 from torch_geometric import EdgeIndex
 
-from gnn_transformer import (GraphMultiheadAttention, GraphTransformer, GraphTransformerDecoderLayer,
-                             GraphTransformerEncoderLayer, from_padded, to_padded)
+from gnn_transformer import (
+    GraphMultiheadAttention,
+    GraphTransformer,
+    GraphTransformerDecoderLayer,
+    GraphTransformerEncoderLayer,
+    from_padded,
+    to_padded,
+)
 from gnn_transformer.decoding import generate
 from gnn_transformer.layers import GraphTransformerDecoder, GraphTransformerEncoder
 from gnn_transformer.model import GraphEncoderModel, GraphLM, GraphTransformerConfig
@@ -95,12 +102,15 @@ def test_autocast_cpu_bf16_still_runs(backend, input_dtype):
     torch.testing.assert_close(out.float(), layer(x, ei, edge_bias=bias), atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize("x, got", [
-    (lambda x: (x, x, x), "tuple of length 3"),
-    (lambda x: None, "NoneType"),
-    (lambda x: [x], "list of length 1"),
-    (lambda x: x.tolist(), "list of length 4"),
-])
+@pytest.mark.parametrize(
+    "x, got",
+    [
+        (lambda x: (x, x, x), "tuple of length 3"),
+        (lambda x: None, "NoneType"),
+        (lambda x: [x], "list of length 1"),
+        (lambda x: x.tolist(), "list of length 4"),
+    ],
+)
 def test_input_neither_tensor_nor_pair(x, got):
     with pytest.raises(TypeError, match=f"'x'.*{got}"):
         _layer()(x(torch.randn(4, 8)), full(4))
@@ -132,11 +142,14 @@ def test_edge_index_on_meta_device_with_meta_layer():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("edges, match", [
-    ([[0, 7], [0, 1]], "source index 7"),
-    ([[0, 1], [0, 7]], "target index 7"),
-    ([[0, -1], [0, 1]], "non-negative.*-1"),
-])
+@pytest.mark.parametrize(
+    "edges, match",
+    [
+        ([[0, 7], [0, 1]], "source index 7"),
+        ([[0, 1], [0, 7]], "target index 7"),
+        ([[0, -1], [0, 1]], "non-negative.*-1"),
+    ],
+)
 def test_edge_index_object_out_of_its_sparse_size(backend, edges, match):
     """An EdgeIndex whose sparse_size is right but holds an index outside it: the same ValueError
     on every backend (not PyG's IndexError)."""
@@ -172,24 +185,40 @@ LAYERS = [GraphTransformerEncoderLayer, GraphTransformerDecoderLayer]
 
 
 @pytest.mark.parametrize("cls", LAYERS)
-@pytest.mark.parametrize("kwargs, name", [
-    ({"layer_norm_eps": -1.0}, "layer_norm_eps"), ({"layer_norm_eps": math.nan}, "layer_norm_eps"),
-    ({"layer_norm_eps": math.inf}, "layer_norm_eps"), ({"layer_norm_eps": 0.0}, "layer_norm_eps"),
-    ({"layer_norm_eps": "a"}, "layer_norm_eps"), ({"layer_norm_eps": True}, "layer_norm_eps"),
-    ({"norm_first": "yes"}, "norm_first"), ({"norm_first": 1}, "norm_first"),
-    ({"batch_first": None}, "batch_first"), ({"bias": "no"}, "bias"),
-    ({"activation": None}, "activation"), ({"activation": "tanh"}, "activation"),
-    ({"attention": "softmax"}, "attention"), ({"dropout": math.nan}, "dropout"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"layer_norm_eps": -1.0}, "layer_norm_eps"),
+        ({"layer_norm_eps": math.nan}, "layer_norm_eps"),
+        ({"layer_norm_eps": math.inf}, "layer_norm_eps"),
+        ({"layer_norm_eps": 0.0}, "layer_norm_eps"),
+        ({"layer_norm_eps": "a"}, "layer_norm_eps"),
+        ({"layer_norm_eps": True}, "layer_norm_eps"),
+        ({"norm_first": "yes"}, "norm_first"),
+        ({"norm_first": 1}, "norm_first"),
+        ({"batch_first": None}, "batch_first"),
+        ({"bias": "no"}, "bias"),
+        ({"activation": None}, "activation"),
+        ({"activation": "tanh"}, "activation"),
+        ({"attention": "softmax"}, "attention"),
+        ({"dropout": math.nan}, "dropout"),
+    ],
+)
 def test_layer_arguments(cls, kwargs, name):
     with pytest.raises(ValueError, match=f"'{name}'.*{re.escape(repr(kwargs[name]))}"):
         cls(8, 2, 16, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"layer_norm_eps": -1.0}, "layer_norm_eps"), ({"layer_norm_eps": math.nan}, "layer_norm_eps"),
-    ({"norm_first": "yes"}, "norm_first"), ({"bias": 0}, "bias"), ({"batch_first": "no"}, "batch_first"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"layer_norm_eps": -1.0}, "layer_norm_eps"),
+        ({"layer_norm_eps": math.nan}, "layer_norm_eps"),
+        ({"norm_first": "yes"}, "norm_first"),
+        ({"bias": 0}, "bias"),
+        ({"batch_first": "no"}, "batch_first"),
+    ],
+)
 def test_graph_transformer_arguments(kwargs, name):
     with pytest.raises(ValueError, match=f"'{name}'"):
         GraphTransformer(8, 2, 1, 1, 16, **kwargs)
@@ -207,13 +236,15 @@ def test_graph_transformer_custom_stacks_must_be_modules():
         GraphTransformer(8, 2, 1, 1, 16, custom_decoder=lambda x: x)
 
 
-@pytest.mark.parametrize("stack, name", [(GraphTransformerEncoder, "encoder_layer"),
-                                         (GraphTransformerDecoder, "decoder_layer")])
+@pytest.mark.parametrize(
+    "stack, name", [(GraphTransformerEncoder, "encoder_layer"), (GraphTransformerDecoder, "decoder_layer")]
+)
 def test_stack_arguments(stack, name):
     with pytest.raises(TypeError, match=f"'{name}'.*str"):
         stack("layer", 2)
-    layer = (GraphTransformerEncoderLayer if stack is GraphTransformerEncoder
-             else GraphTransformerDecoderLayer)(8, 2, 16)
+    layer = (GraphTransformerEncoderLayer if stack is GraphTransformerEncoder else GraphTransformerDecoderLayer)(
+        8, 2, 16
+    )
     with pytest.raises(TypeError, match="'norm'.*float"):
         stack(layer, 2, norm=1e-5)
     with pytest.raises(ValueError, match="'num_layers'.*-1"):
@@ -221,22 +252,26 @@ def test_stack_arguments(stack, name):
 
 
 def test_good_layer_arguments_still_accepted():
-    layer = GraphTransformerEncoderLayer(8, 2, 16, dropout=0.0, activation="gelu", layer_norm_eps=1,
-                                         norm_first=True, bias=False, backend="pyg")
+    layer = GraphTransformerEncoderLayer(
+        8, 2, 16, dropout=0.0, activation="gelu", layer_norm_eps=1, norm_first=True, bias=False, backend="pyg"
+    )
     assert layer.norm1.eps == 1 and layer(torch.randn(3, 8), causal(3)).shape == (3, 8)
 
 
 # ---------------------------------------------------------------- variants
-@pytest.mark.parametrize("make, name", [
-    (lambda: SigmoidAttention(8, 2, score_bias=math.nan), "score_bias"),
-    (lambda: SigmoidAttention(8, 2, score_bias="a"), "score_bias"),
-    (lambda: SigmoidAttention(8, 2, score_bias=True), "score_bias"),
-    (lambda: LinearAttention(8, 2, eps=math.nan), "eps"),
-    (lambda: LinearAttention(8, 2, eps=-1), "eps"),
-    (lambda: LinearAttention(8, 2, eps="1e-6"), "eps"),
-    (lambda: MLPProjectionAttention(8, 2, mlp_activation=None), "mlp_activation"),
-    (lambda: MLPProjectionAttention(8, 2, mlp_activation="gelu"), "mlp_activation"),
-])
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: SigmoidAttention(8, 2, score_bias=math.nan), "score_bias"),
+        (lambda: SigmoidAttention(8, 2, score_bias="a"), "score_bias"),
+        (lambda: SigmoidAttention(8, 2, score_bias=True), "score_bias"),
+        (lambda: LinearAttention(8, 2, eps=math.nan), "eps"),
+        (lambda: LinearAttention(8, 2, eps=-1), "eps"),
+        (lambda: LinearAttention(8, 2, eps="1e-6"), "eps"),
+        (lambda: MLPProjectionAttention(8, 2, mlp_activation=None), "mlp_activation"),
+        (lambda: MLPProjectionAttention(8, 2, mlp_activation="gelu"), "mlp_activation"),
+    ],
+)
 def test_variant_arguments(make, name):
     with pytest.raises(ValueError, match=f"'{name}'"):
         make()
@@ -261,34 +296,35 @@ def test_good_variant_arguments_still_accepted():
 @pytest.mark.parametrize("backend", ["fused", "tiled", "split"])
 def test_config_score_variant_with_kernel_backend(attention, backend):
     """Refused at construction, naming both fields (not at the first forward)."""
-    config = GraphTransformerConfig(vocab_size=11, d_model=8, nhead=2, num_layers=1,
-                                    attention=attention, backend=backend)
+    config = GraphTransformerConfig(
+        vocab_size=11, d_model=8, nhead=2, num_layers=1, attention=attention, backend=backend
+    )
     with pytest.raises(ValueError, match=f"'backend'.*attention='{attention}'.*backend='{backend}'"):
         GraphLM(config)
 
 
 @pytest.mark.parametrize("backend", ["fused", "tiled", "split"])
 def test_config_mlp_attention_runs_on_kernels(backend):
-    config = GraphTransformerConfig(vocab_size=11, d_model=8, nhead=2, num_layers=1,
-                                    attention="mlp", backend=backend)
+    config = GraphTransformerConfig(vocab_size=11, d_model=8, nhead=2, num_layers=1, attention="mlp", backend=backend)
     assert GraphLM(config)(torch.tensor([1, 2]), causal(2), pos=torch.arange(2)).shape == (2, 11)
 
 
-@pytest.mark.parametrize("fields, match", [
-    ({"backend": "cuda"}, "'backend'.*'cuda'"),
-    ({"position": "sinusoidal", "d_model": 7, "nhead": 1}, "'d_model'.*sinusoidal.*7"),
-])
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"backend": "cuda"}, "'backend'.*'cuda'"),
+        ({"position": "sinusoidal", "d_model": 7, "nhead": 1}, "'d_model'.*sinusoidal.*7"),
+    ],
+)
 def test_config_other_bad_combinations(fields, match):
-    config = GraphTransformerConfig(**{"vocab_size": 11, "d_model": 8, "nhead": 2, "num_layers": 1,
-                                       **fields})
+    config = GraphTransformerConfig(**{"vocab_size": 11, "d_model": 8, "nhead": 2, "num_layers": 1, **fields})
     with pytest.raises(ValueError, match=match):
         GraphEncoderModel(config)
 
 
 @pytest.mark.parametrize("ids, bad", [([3, 11], 11), ([-1, 2], -1), ([40, 2], 40)])
 def test_token_ids_outside_the_vocabulary(ids, bad):
-    lm = GraphLM(GraphTransformerConfig(vocab_size=11, d_model=8, nhead=2, num_layers=1,
-                                        backend="pyg"))
+    lm = GraphLM(GraphTransformerConfig(vocab_size=11, d_model=8, nhead=2, num_layers=1, backend="pyg"))
     with pytest.raises(ValueError, match=f"Found {bad} in 'x'.*0..10"):
         lm(torch.tensor(ids), causal(2), pos=torch.arange(2))
 
@@ -305,8 +341,7 @@ class _Counting(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.lm = GraphLM(GraphTransformerConfig(vocab_size=11, d_model=8, nhead=2, num_layers=1,
-                                                 backend="pyg")).eval()
+        self.lm = GraphLM(GraphTransformerConfig(vocab_size=11, d_model=8, nhead=2, num_layers=1, backend="pyg")).eval()
         self.config = self.lm.config
         self.calls = 0
 
@@ -315,19 +350,22 @@ class _Counting(torch.nn.Module):
         return self.lm.forward_graph(*args, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"pad_token_id": "x"}, "'pad_token_id'.*'x'"),
-    ({"pad_token_id": None}, "'pad_token_id'.*None"),
-    ({"pad_token_id": 1.5}, "'pad_token_id'.*1.5"),
-    ({"eos_token_id": "2"}, "'eos_token_id'.*'2'"),
-    ({"greedy": "yes"}, "'greedy'.*'yes'"),
-    ({"use_cache": 1}, "'use_cache'.*1"),
-    ({"return_logits": None}, "'return_logits'.*None"),
-    ({"generator": 0}, "'generator'.*0"),
-    ({"temperature": math.nan}, "'temperature'.*nan"),
-    ({"top_k": 0}, "'top_k'.*0"),
-    ({"window": 1.0}, "'window'.*1.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"pad_token_id": "x"}, "'pad_token_id'.*'x'"),
+        ({"pad_token_id": None}, "'pad_token_id'.*None"),
+        ({"pad_token_id": 1.5}, "'pad_token_id'.*1.5"),
+        ({"eos_token_id": "2"}, "'eos_token_id'.*'2'"),
+        ({"greedy": "yes"}, "'greedy'.*'yes'"),
+        ({"use_cache": 1}, "'use_cache'.*1"),
+        ({"return_logits": None}, "'return_logits'.*None"),
+        ({"generator": 0}, "'generator'.*0"),
+        ({"temperature": math.nan}, "'temperature'.*nan"),
+        ({"top_k": 0}, "'top_k'.*0"),
+        ({"window": 1.0}, "'window'.*1.0"),
+    ],
+)
 def test_generate_arguments_checked_before_any_step(kwargs, match):
     model = _Counting()
     with pytest.raises(ValueError, match=match):
@@ -357,32 +395,54 @@ def test_generate_boolean_input_ids_refused():
 
 
 # ---------------------------------------------------------------- padding helpers
-@pytest.mark.parametrize("call, match", [
-    (lambda: from_padded([[1, 2]], [1]), "'x'.*list"),
-    (lambda: to_padded([1.0, 2.0], [2]), "'x'.*list"),
-    (lambda: from_padded(torch.zeros(1, 2), 1), "'lengths'.*1"),
-    (lambda: to_padded(torch.zeros(2), "ab"), "'lengths'.*'ab'"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: from_padded([[1, 2]], [1]), "'x'.*list"),
+        (lambda: to_padded([1.0, 2.0], [2]), "'x'.*list"),
+        (lambda: from_padded(torch.zeros(1, 2), 1), "'lengths'.*1"),
+        (lambda: to_padded(torch.zeros(2), "ab"), "'lengths'.*'ab'"),
+    ],
+)
 def test_padding_helpers_types(call, match):
     with pytest.raises(TypeError, match=match):
         call()
 
 
-@pytest.mark.parametrize("dtype, fill_value", [
-    (torch.long, math.nan), (torch.long, math.inf), (torch.long, 2 ** 70), (torch.long, 1.5),
-    (torch.int32, 2 ** 31), (torch.uint8, -1), (torch.bool, 2), (torch.float32, 1e300),
-    (torch.float16, 1e5), (torch.float32, "0"), (torch.long, None),
-])
+@pytest.mark.parametrize(
+    "dtype, fill_value",
+    [
+        (torch.long, math.nan),
+        (torch.long, math.inf),
+        (torch.long, 2**70),
+        (torch.long, 1.5),
+        (torch.int32, 2**31),
+        (torch.uint8, -1),
+        (torch.bool, 2),
+        (torch.float32, 1e300),
+        (torch.float16, 1e5),
+        (torch.float32, "0"),
+        (torch.long, None),
+    ],
+)
 def test_to_padded_fill_value_outside_the_dtype(dtype, fill_value):
     x = torch.zeros(3, dtype=dtype)
     with pytest.raises(ValueError, match=f"'fill_value'.*{dtype}"):
         to_padded(x, [2, 1], fill_value=fill_value)
 
 
-@pytest.mark.parametrize("dtype, fill_value", [
-    (torch.long, -1), (torch.long, 2.0), (torch.int32, -2 ** 31), (torch.bool, True),
-    (torch.float32, -math.inf), (torch.float32, math.nan), (torch.float16, 6e4),
-])
+@pytest.mark.parametrize(
+    "dtype, fill_value",
+    [
+        (torch.long, -1),
+        (torch.long, 2.0),
+        (torch.int32, -(2**31)),
+        (torch.bool, True),
+        (torch.float32, -math.inf),
+        (torch.float32, math.nan),
+        (torch.float16, 6e4),
+    ],
+)
 def test_to_padded_fill_values_that_fit(dtype, fill_value):
     out = to_padded(torch.zeros(3, dtype=dtype), [2, 1], fill_value=fill_value)
     assert out.dtype == dtype
@@ -392,9 +452,14 @@ def test_to_padded_fill_values_that_fit(dtype, fill_value):
 # ---------------------------------------------------------------- Hugging Face import
 def _tiny_bert():
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=31, hidden_size=8, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=16,
-                                     max_position_embeddings=16)
+    config = transformers.BertConfig(
+        vocab_size=31,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+    )
     return transformers.BertModel(config).eval()
 
 

@@ -5,18 +5,35 @@ the per-head masks ``[B, H, T_q, T_k]``, outputs and gradients in the inputs and
 The helpers here (perturbed modules, per-head graphs and masks, the comparison of outputs and
 gradients) are also those of ``tests/test_model_per_layer.py``.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gnn_transformer import (GraphLM, GraphTransformer, GraphTransformerConfig, GraphTransformerDecoder,
-                             GraphTransformerDecoderLayer, GraphTransformerEncoder, GraphTransformerEncoderLayer,
-                             from_padded, to_padded)
+from gnn_transformer import (
+    GraphLM,
+    GraphTransformer,
+    GraphTransformerConfig,
+    GraphTransformerDecoder,
+    GraphTransformerDecoderLayer,
+    GraphTransformerEncoder,
+    GraphTransformerEncoderLayer,
+    from_padded,
+    to_padded,
+)
 from gnn_transformer import dense
 from gnn_transformer.dense import layers as dense_layers
-from gnn_transformer.topology import (causal, cross, dilated_per_head, duo_attention, full, per_head,
-                                      sliding_window, to_dense_mask)
+from gnn_transformer.topology import (
+    causal,
+    cross,
+    dilated_per_head,
+    duo_attention,
+    full,
+    per_head,
+    sliding_window,
+    to_dense_mask,
+)
 
 from .conftest import TOL, perturbed
 
@@ -55,8 +72,7 @@ PER_HEAD = ["dilated", "duo", "mixed", "random"]
 def dense_mask(edge_index, edge_head=None, lengths=LENGTHS, src_lengths=None):
     """The padded dense twin of a graph: ``[B, T, T_src]``, or ``[B, H, T, T_src]`` per head."""
     heads = None if edge_head is None else HEADS
-    return to_dense_mask(edge_index, edge_head=edge_head, num_heads=heads, lengths=lengths,
-                         src_lengths=src_lengths)
+    return to_dense_mask(edge_index, edge_head=edge_head, num_heads=heads, lengths=lengths, src_lengths=src_lengths)
 
 
 def dense_bias(edge_index, edge_head, bias, lengths=LENGTHS, src_lengths=None):
@@ -64,8 +80,10 @@ def dense_bias(edge_index, edge_head, bias, lengths=LENGTHS, src_lengths=None):
     padded ``[B, H, T, T_src]`` bias (zero off the edges), differentiable in ``bias``."""
     src_lengths = lengths if src_lengths is None else src_lengths
     per_edge = bias if bias.dim() == 1 else bias.gather(1, edge_head[:, None])[:, 0]  # [E]
-    planes = [dense.edge_values_to_dense(edge_index[:, edge_head == h], per_edge[edge_head == h],
-                                         src_lengths, lengths) for h in range(HEADS)]
+    planes = [
+        dense.edge_values_to_dense(edge_index[:, edge_head == h], per_edge[edge_head == h], src_lengths, lengths)
+        for h in range(HEADS)
+    ]
     return torch.stack(planes, 1)  # [B, H, T, T_src]
 
 
@@ -101,8 +119,11 @@ def positions(lengths):
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
 @pytest.mark.parametrize("kind", PER_HEAD)
 def test_encoder_layer_per_head_matches_dense(kind, num_kv_heads, norm_first, dtype):
-    layer = perturbed(GraphTransformerEncoderLayer(16, HEADS, 24, dropout=0.0, norm_first=norm_first,
-                                                   num_kv_heads=num_kv_heads, dtype=dtype, backend="pyg"))
+    layer = perturbed(
+        GraphTransformerEncoderLayer(
+            16, HEADS, 24, dropout=0.0, norm_first=norm_first, num_kv_heads=num_kv_heads, dtype=dtype, backend="pyg"
+        )
+    )
     edge_index, edge_head = per_head_graph(kind)
     x = nodes(LENGTHS, 16, dtype)
     out = layer(x, edge_index, edge_head=edge_head)
@@ -120,8 +141,9 @@ def test_encoder_layer_per_head_bias_matches_dense(shape, backend, dtype):
     size = (edge_index.size(1),) if shape == "[E]" else (edge_index.size(1), HEADS)
     bias = torch.randn(size, dtype=dtype, requires_grad=True)
     out = layer(x, edge_index, edge_head=edge_head, edge_bias=bias)
-    ref = dense.encoder_layer(layer, to_padded(x, LENGTHS), dense_mask(edge_index, edge_head),
-                              bias=dense_bias(edge_index, edge_head, bias))
+    ref = dense.encoder_layer(
+        layer, to_padded(x, LENGTHS), dense_mask(edge_index, edge_head), bias=dense_bias(edge_index, edge_head, bias)
+    )
     assert_matches(out, from_padded(ref, LENGTHS), [x, bias, *layer.parameters()], dtype)
 
 
@@ -129,16 +151,22 @@ def test_encoder_layer_per_head_bias_matches_dense(shape, backend, dtype):
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("self_kind,memory_kind", [("dilated", "random"), ("mixed", None), (None, "random")])
 def test_decoder_layer_per_head_matches_dense(self_kind, memory_kind, norm_first, dtype):
-    layer = perturbed(GraphTransformerDecoderLayer(16, HEADS, 24, dropout=0.0, norm_first=norm_first,
-                                                   dtype=dtype, backend="pyg"))
+    layer = perturbed(
+        GraphTransformerDecoderLayer(16, HEADS, 24, dropout=0.0, norm_first=norm_first, dtype=dtype, backend="pyg")
+    )
     edge_index, edge_head = per_head_graph(self_kind) if self_kind else (causal(LENGTHS), None)
-    memory_edge_index, memory_edge_head = (random_heads(cross(LENGTHS, SRC_LENGTHS), seed=1) if memory_kind
-                                           else (cross(LENGTHS, SRC_LENGTHS), None))
+    memory_edge_index, memory_edge_head = (
+        random_heads(cross(LENGTHS, SRC_LENGTHS), seed=1) if memory_kind else (cross(LENGTHS, SRC_LENGTHS), None)
+    )
     x, memory = nodes(LENGTHS, 16, dtype), nodes(SRC_LENGTHS, 16, dtype)
     out = layer(x, edge_index, memory, memory_edge_index, edge_head=edge_head, memory_edge_head=memory_edge_head)
     ref = dense_layers.decoder_layer(
-        layer, to_padded(x, LENGTHS), to_padded(memory, SRC_LENGTHS), dense_mask(edge_index, edge_head),
-        dense_mask(memory_edge_index, memory_edge_head, src_lengths=SRC_LENGTHS))
+        layer,
+        to_padded(x, LENGTHS),
+        to_padded(memory, SRC_LENGTHS),
+        dense_mask(edge_index, edge_head),
+        dense_mask(memory_edge_index, memory_edge_head, src_lengths=SRC_LENGTHS),
+    )
     assert_matches(out, from_padded(ref, LENGTHS), [x, memory, *layer.parameters()], dtype)
 
 
@@ -151,9 +179,13 @@ def test_decoder_layer_per_head_memory_bias_matches_dense(dtype):
     bias = torch.randn(memory_edge_index.size(1), dtype=dtype, requires_grad=True)
     out = layer(x, edge_index, memory, memory_edge_index, memory_edge_head=memory_edge_head, memory_edge_bias=bias)
     ref = dense_layers.decoder_layer(
-        layer, to_padded(x, LENGTHS), to_padded(memory, SRC_LENGTHS), dense_mask(edge_index),
+        layer,
+        to_padded(x, LENGTHS),
+        to_padded(memory, SRC_LENGTHS),
+        dense_mask(edge_index),
         dense_mask(memory_edge_index, memory_edge_head, src_lengths=SRC_LENGTHS),
-        memory_bias=dense_bias(memory_edge_index, memory_edge_head, bias, src_lengths=SRC_LENGTHS))
+        memory_bias=dense_bias(memory_edge_index, memory_edge_head, bias, src_lengths=SRC_LENGTHS),
+    )
     assert_matches(out, from_padded(ref, LENGTHS), [x, memory, bias, *layer.parameters()], dtype)
 
 
@@ -162,15 +194,16 @@ def test_decoder_layer_per_head_memory_bias_matches_dense(dtype):
 @pytest.mark.parametrize("kv_share_every", [1, 2])
 @pytest.mark.parametrize("kind", ["dilated", "random"])
 def test_encoder_stack_per_head_matches_dense(kind, kv_share_every, dtype):
-    layer = GraphTransformerEncoderLayer(16, HEADS, 24, dropout=0.0, norm_first=True, num_kv_heads=2, rope=True,
-                                         dtype=dtype, backend="pyg")
-    stack = perturbed(GraphTransformerEncoder(layer, 3, torch.nn.LayerNorm(16, dtype=dtype),
-                                              kv_share_every=kv_share_every))
+    layer = GraphTransformerEncoderLayer(
+        16, HEADS, 24, dropout=0.0, norm_first=True, num_kv_heads=2, rope=True, dtype=dtype, backend="pyg"
+    )
+    stack = perturbed(
+        GraphTransformerEncoder(layer, 3, torch.nn.LayerNorm(16, dtype=dtype), kv_share_every=kv_share_every)
+    )
     edge_index, edge_head = per_head_graph(kind)
     x = nodes(LENGTHS, 16, dtype)
     out = stack(x, edge_index, edge_head=edge_head, pos=positions(LENGTHS))
-    ref = dense.encoder(stack, to_padded(x, LENGTHS), dense_mask(edge_index, edge_head),
-                        pos=padded_positions(LENGTHS))
+    ref = dense.encoder(stack, to_padded(x, LENGTHS), dense_mask(edge_index, edge_head), pos=padded_positions(LENGTHS))
     assert_matches(out, from_padded(ref, LENGTHS), [x, *stack.parameters()], dtype)
 
 
@@ -183,9 +216,13 @@ def test_decoder_stack_per_head_matches_dense(kv_share_every, dtype):
     memory_edge_index, memory_edge_head = random_heads(cross(LENGTHS, SRC_LENGTHS), seed=3)
     x, memory = nodes(LENGTHS, 16, dtype), nodes(SRC_LENGTHS, 16, dtype)
     out = stack(x, edge_index, memory, memory_edge_index, edge_head=edge_head, memory_edge_head=memory_edge_head)
-    ref = dense_layers.decoder(stack, to_padded(x, LENGTHS), to_padded(memory, SRC_LENGTHS),
-                               dense_mask(edge_index, edge_head),
-                               dense_mask(memory_edge_index, memory_edge_head, src_lengths=SRC_LENGTHS))
+    ref = dense_layers.decoder(
+        stack,
+        to_padded(x, LENGTHS),
+        to_padded(memory, SRC_LENGTHS),
+        dense_mask(edge_index, edge_head),
+        dense_mask(memory_edge_index, memory_edge_head, src_lengths=SRC_LENGTHS),
+    )
     assert_matches(out, from_padded(ref, LENGTHS), [x, memory, *stack.parameters()], dtype)
 
 
@@ -196,35 +233,64 @@ def test_graph_transformer_per_head_matches_dense(dtype):
     tgt_edge_index, tgt_edge_head = per_head_graph("dilated")
     memory_edge_index, memory_edge_head = random_heads(cross(LENGTHS, SRC_LENGTHS), seed=4)
     src, tgt = nodes(SRC_LENGTHS, 16, dtype), nodes(LENGTHS, 16, dtype)
-    out = model(src, tgt, src_edge_index, tgt_edge_index, memory_edge_index, src_edge_head=src_edge_head,
-                tgt_edge_head=tgt_edge_head, memory_edge_head=memory_edge_head)
+    out = model(
+        src,
+        tgt,
+        src_edge_index,
+        tgt_edge_index,
+        memory_edge_index,
+        src_edge_head=src_edge_head,
+        tgt_edge_head=tgt_edge_head,
+        memory_edge_head=memory_edge_head,
+    )
     ref = dense_layers.transformer(
-        model, to_padded(src, SRC_LENGTHS), to_padded(tgt, LENGTHS),
-        dense_mask(src_edge_index, src_edge_head, SRC_LENGTHS), dense_mask(tgt_edge_index, tgt_edge_head),
-        dense_mask(memory_edge_index, memory_edge_head, src_lengths=SRC_LENGTHS))
+        model,
+        to_padded(src, SRC_LENGTHS),
+        to_padded(tgt, LENGTHS),
+        dense_mask(src_edge_index, src_edge_head, SRC_LENGTHS),
+        dense_mask(tgt_edge_index, tgt_edge_head),
+        dense_mask(memory_edge_index, memory_edge_head, src_lengths=SRC_LENGTHS),
+    )
     assert_matches(out, from_padded(ref, LENGTHS), [src, tgt, *model.parameters()], dtype)
 
 
 # ---------------------------------------------------------------- models
 def lm(dtype, **fields):
-    config = GraphTransformerConfig(**{"vocab_size": 23, "d_model": 16, "nhead": HEADS, "num_layers": 3,
-                                       "max_positions": 16, "backend": "pyg", **fields})
+    config = GraphTransformerConfig(
+        **{
+            "vocab_size": 23,
+            "d_model": 16,
+            "nhead": HEADS,
+            "num_layers": 3,
+            "max_positions": 16,
+            "backend": "pyg",
+            **fields,
+        }
+    )
     return perturbed(GraphLM(config).to(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fields", [dict(position="learned"), dict(position="rope", num_kv_heads=2),
-                                    dict(position="alibi"), dict(position="alibi", kv_share_every=2),
-                                    dict(position="sinusoidal", norm_first=False)],
-                         ids=["learned", "rope-gqa", "alibi", "alibi-cla", "sinusoidal-postnorm"])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(position="learned"),
+        dict(position="rope", num_kv_heads=2),
+        dict(position="alibi"),
+        dict(position="alibi", kv_share_every=2),
+        dict(position="sinusoidal", norm_first=False),
+    ],
+    ids=["learned", "rope-gqa", "alibi", "alibi-cla", "sinusoidal-postnorm"],
+)
 @pytest.mark.parametrize("kind", ["duo", "mixed"])
 def test_model_per_head_matches_dense(kind, fields, dtype):
     model = lm(dtype, **fields)
     edge_index, edge_head = per_head_graph(kind)
     ids = torch.randint(0, 23, (sum(LENGTHS),))
     out = model(ids, edge_index, edge_head=edge_head, pos=positions(LENGTHS))
-    ref = dense.encoder_model(model, to_padded(ids, LENGTHS).long(), dense_mask(edge_index, edge_head),
-                              padded_positions(LENGTHS))
+    ref = dense.encoder_model(
+        model, to_padded(ids, LENGTHS).long(), dense_mask(edge_index, edge_head), padded_positions(LENGTHS)
+    )
     assert_matches(out, from_padded(ref, LENGTHS), list(model.parameters()), dtype)
 
 
@@ -237,8 +303,13 @@ def test_alibi_model_per_head_with_edge_bias_matches_dense(shape, dtype):
     size = (edge_index.size(1),) if shape == "[E]" else (edge_index.size(1), HEADS)
     bias = torch.randn(size, dtype=dtype, requires_grad=True)
     out = model(ids, edge_index, edge_head=edge_head, edge_bias=bias, pos=positions(LENGTHS))
-    ref = dense.encoder_model(model, to_padded(ids, LENGTHS).long(), dense_mask(edge_index, edge_head),
-                              padded_positions(LENGTHS), bias=dense_bias(edge_index, edge_head, bias))
+    ref = dense.encoder_model(
+        model,
+        to_padded(ids, LENGTHS).long(),
+        dense_mask(edge_index, edge_head),
+        padded_positions(LENGTHS),
+        bias=dense_bias(edge_index, edge_head, bias),
+    )
     assert_matches(out, from_padded(ref, LENGTHS), [bias, *model.parameters()], dtype)
 
 
@@ -269,5 +340,10 @@ def test_decoder_stack_refuses_memory_edge_head_of_the_wrong_length():
     stack = GraphTransformerDecoder(GraphTransformerDecoderLayer(16, HEADS, 24), 2)
     memory_edge_index, memory_edge_head = random_heads(cross(LENGTHS, SRC_LENGTHS))
     with pytest.raises(ValueError, match="'memory_edge_head'.*shape"):
-        stack(torch.randn(sum(LENGTHS), 16), causal(LENGTHS), torch.randn(sum(SRC_LENGTHS), 16),
-              memory_edge_index, memory_edge_head=memory_edge_head[:-2])
+        stack(
+            torch.randn(sum(LENGTHS), 16),
+            causal(LENGTHS),
+            torch.randn(sum(SRC_LENGTHS), 16),
+            memory_edge_index,
+            memory_edge_head=memory_edge_head[:-2],
+        )

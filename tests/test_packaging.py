@@ -1,5 +1,6 @@
 """The wheel's package list (explicit in pyproject.toml, because graphs/ is mapped into it) must
 name every subpackage of the source tree."""
+
 import sys
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """The perplexity run and command (gnn_transformer.experiments.perplexity, cli/perplexity.py)."""
+
 import csv
 import dataclasses
 import json
@@ -14,8 +15,7 @@ from gnn_transformer.experiments.perplexity import build_graph, run_perplexity, 
 
 def _checkpoint(tmp_path, position="rope"):
     torch.manual_seed(0)
-    cfg = GraphTransformerConfig(vocab_size=13, d_model=16, nhead=2, num_layers=2, position=position,
-                                 backend="pyg")
+    cfg = GraphTransformerConfig(vocab_size=13, d_model=16, nhead=2, num_layers=2, position=position, backend="pyg")
     model = GraphLM(cfg).eval()
     path = tmp_path / "ckpt" / "model.pt"
     path.parent.mkdir()
@@ -32,8 +32,11 @@ def test_rows_equal_the_whole_graph(tmp_path):
     ids = torch.tensor([int(t) for t in tokens.read_text().split()])
     specs = ["causal", "streaming:num_sinks=2,window=7", "sliding_window:window=5,causal=true"]
     rows = run_perplexity(model, ids, specs, num_layers=2, chunk=8, bucket_size=30)
-    assert [r.topology for r in rows] == ["causal", "streaming(num_sinks=2, window=7)",
-                                          "sliding_window(window=5, causal=True)"]
+    assert [r.topology for r in rows] == [
+        "causal",
+        "streaming(num_sinks=2, window=7)",
+        "sliding_window(window=5, causal=True)",
+    ]
     for spec, row in zip(specs, rows):
         graph = build_graph(spec, 90, 2)
         with torch.no_grad():
@@ -54,9 +57,26 @@ def test_per_layer_spec_is_expanded_per_layer():
 def test_command_writes_table_csv_json_and_figure(tmp_path, capsys):
     path, _, tokens = _checkpoint(tmp_path)
     out = tmp_path / "out"
-    code = cli.main(["perplexity", "--checkpoint", str(path), "--tokens", str(tokens), "--out", str(out),
-                     "--topology", "native", "--topology", "streaming:num_sinks=1,window=3", "--chunk", "16",
-                     "--bucket-size", "40", "--no-progress"])
+    code = cli.main(
+        [
+            "perplexity",
+            "--checkpoint",
+            str(path),
+            "--tokens",
+            str(tokens),
+            "--out",
+            str(out),
+            "--topology",
+            "native",
+            "--topology",
+            "streaming:num_sinks=1,window=3",
+            "--chunk",
+            "16",
+            "--bucket-size",
+            "40",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "cache peak" in printed and "streaming(num_sinks=1, window=3)" in printed
@@ -69,17 +89,21 @@ def test_command_writes_table_csv_json_and_figure(tmp_path, capsys):
     assert (out / "perplexity.png").stat().st_size > 5000
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--topology", "full"], "causal graph"),
-    (["--topology", "nope"], "nope"),
-    (["--max-tokens", "1"], "at least 2 tokens"),
-    (["--topology", "sliding_window:window=3+topk:num_keys=2"], "fixed before the run"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--topology", "full"], "causal graph"),
+        (["--topology", "nope"], "nope"),
+        (["--max-tokens", "1"], "at least 2 tokens"),
+        (["--topology", "sliding_window:window=3+topk:num_keys=2"], "fixed before the run"),
+    ],
+)
 def test_command_bad_input(tmp_path, capsys, argv, message):
     path, _, tokens = _checkpoint(tmp_path)
     out = tmp_path / "out"
-    code = cli.main(["perplexity", "--checkpoint", str(path), "--tokens", str(tokens), "--out", str(out),
-                     "--no-progress", *argv])
+    code = cli.main(
+        ["perplexity", "--checkpoint", str(path), "--tokens", str(tokens), "--out", str(out), "--no-progress", *argv]
+    )
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (out / "perplexity.json").exists()
@@ -91,8 +115,20 @@ def test_command_refuses_text_without_tokenizer_and_missing_files(tmp_path, caps
     text.write_text("hello world")
     assert cli.main(["perplexity", "--checkpoint", str(path), "--text", str(text), "--out", str(tmp_path / "o")]) == 2
     assert "tokenizer" in capsys.readouterr().err
-    assert cli.main(["perplexity", "--checkpoint", str(tmp_path / "none.pt"), "--tokens", str(text),
-                     "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli.main(
+            [
+                "perplexity",
+                "--checkpoint",
+                str(tmp_path / "none.pt"),
+                "--tokens",
+                str(text),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_stream_ids_and_encoder_refused(tmp_path):
@@ -110,17 +146,41 @@ def test_command_on_a_saved_hugging_face_decoder(tmp_path, capsys):
     # a Mistral with a window of 4 keys: its native graph is that window in every layer
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.MistralConfig(vocab_size=40, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
-                                        max_position_embeddings=64, attn_implementation="eager")
+    config = transformers.MistralConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
     reference = transformers.MistralForCausalLM(config).eval()
     reference.save_pretrained(tmp_path / "mistral")
     ids = torch.randint(0, 40, (50,))
     tokens = tmp_path / "ids.txt"
     tokens.write_text(" ".join(map(str, ids.tolist())))
     out = tmp_path / "out"
-    code = cli.main(["perplexity", "--hf-dir", str(tmp_path / "mistral"), "--tokens", str(tokens), "--out",
-                     str(out), "--topology", "native", "--topology", "causal", "--chunk", "8", "--no-progress"])
+    code = cli.main(
+        [
+            "perplexity",
+            "--hf-dir",
+            str(tmp_path / "mistral"),
+            "--tokens",
+            str(tokens),
+            "--out",
+            str(out),
+            "--topology",
+            "native",
+            "--topology",
+            "causal",
+            "--chunk",
+            "8",
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     rows = json.loads((out / "perplexity.json").read_text())
     with torch.no_grad():
@@ -138,13 +198,25 @@ def test_run_model_is_the_graph_lm_on_every_kind_of_graph():
 
     ids, pos = torch.randint(0, 11, (14,)), torch.arange(14)
     heads = topology.dilated_per_head(14, 2, [1, 2], causal=True)  # a per-head graph (2 heads)
-    graphs = {"causal": topology.causal(14), "per_head": heads,
-              "per_layer": [topology.sliding_window(14, 2, causal=True), topology.causal(14)]}
+    graphs = {
+        "causal": topology.causal(14),
+        "per_head": heads,
+        "per_layer": [topology.sliding_window(14, 2, causal=True), topology.causal(14)],
+    }
     for position in ("learned", "rope", "none", "sinusoidal"):
         for bias, tie, norm_first in ((False, True, True), (True, False, True), (True, False, False)):
-            config = EncoderConfig(d_model=16, nhead=2, num_layers=2, dim_feedforward=24, position=position,
-                                   max_positions=20, bias=bias, tie_embeddings=tie, norm_first=norm_first,
-                                   backend="pyg")
+            config = EncoderConfig(
+                d_model=16,
+                nhead=2,
+                num_layers=2,
+                dim_feedforward=24,
+                position=position,
+                max_positions=20,
+                bias=bias,
+                tie_embeddings=tie,
+                norm_first=norm_first,
+                backend="pyg",
+            )
             run_model = SequenceModel(11, 11, config).double().eval()
             lm = as_graph_lm(run_model)
             assert isinstance(lm, GraphLM) == (not bias) and not lm.training
@@ -154,8 +226,11 @@ def test_run_model_is_the_graph_lm_on_every_kind_of_graph():
             for name, graph in graphs.items():
                 with torch.no_grad():
                     expected = run_model(ids, pos, graph)
-                    got = (lm(ids, graph[0], pos=pos, edge_head=graph[1]) if name == "per_head"
-                           else lm(ids, graph, pos=pos))
+                    got = (
+                        lm(ids, graph[0], pos=pos, edge_head=graph[1])
+                        if name == "per_head"
+                        else lm(ids, graph, pos=pos)
+                    )
                 torch.testing.assert_close(got, expected, **tol)
 
 
@@ -185,8 +260,9 @@ def _fresh_passes(model, ids, graph):
         local = {node: k for k, node in enumerate(context)}
         local_graphs = []
         for layer in edges:
-            kept = sorted(((local[j], local[i], h) for j, i, h in layer if j in local and i in local),
-                          key=lambda e: (e[1], e[0]))
+            kept = sorted(
+                ((local[j], local[i], h) for j, i, h in layer if j in local and i in local), key=lambda e: (e[1], e[0])
+            )
             edge_index = torch.tensor([[j for j, _, _ in kept], [i for _, i, _ in kept]], dtype=torch.long)
             heads = [h for _, _, h in kept]
             local_graphs.append(edge_index if heads[0] is None else (edge_index, torch.tensor(heads)))
@@ -204,25 +280,48 @@ def _fresh_passes(model, ids, graph):
 @pytest.mark.parametrize("position", ["learned", "rope", "alibi"])
 def test_context_positions_on_the_causal_graph_equal_the_stream(position):
     torch.manual_seed(0)
-    lm = GraphLM(GraphTransformerConfig(vocab_size=13, d_model=16, nhead=2, num_layers=2, position=position,
-                                        max_positions=64, backend="pyg")).double().eval()
+    lm = (
+        GraphLM(
+            GraphTransformerConfig(
+                vocab_size=13, d_model=16, nhead=2, num_layers=2, position=position, max_positions=64, backend="pyg"
+            )
+        )
+        .double()
+        .eval()
+    )
     ids = torch.randint(0, 13, (40,))
-    absolute, context = [run_perplexity(lm, ids, ["causal"], num_layers=2, chunk=chunk, positions=positions)[0]
-                         for positions, chunk in (("absolute", 8), ("context", 50))]
+    absolute, context = [
+        run_perplexity(lm, ids, ["causal"], num_layers=2, chunk=chunk, positions=positions)[0]
+        for positions, chunk in (("absolute", 8), ("context", 50))
+    ]
     assert math.isclose(absolute.nll, context.nll, rel_tol=1e-12)
     assert [b["nll"] for b in absolute.buckets] == pytest.approx([b["nll"] for b in context.buckets], rel=1e-10)
     assert context.positions == "context" and context.peak_cache == 39  # the last predicting token reads 39
 
 
-@pytest.mark.parametrize("spec", ["streaming:num_sinks=2,window=4", "sliding_window:window=3,causal=true",
-                                  "dilated_per_head:window=2,dilations=1;3,causal=true", "per_layer"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "streaming:num_sinks=2,window=4",
+        "sliding_window:window=3,causal=true",
+        "dilated_per_head:window=2,dilations=1;3,causal=true",
+        "per_layer",
+    ],
+)
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_context_positions_equal_a_fresh_pass_per_token(spec, chunk):
     from gnn_transformer.experiments.perplexity import context_perplexity
 
     torch.manual_seed(0)
-    lm = GraphLM(GraphTransformerConfig(vocab_size=13, d_model=16, nhead=2, num_layers=2, position="learned",
-                                        max_positions=16, backend="pyg")).double().eval()
+    lm = (
+        GraphLM(
+            GraphTransformerConfig(
+                vocab_size=13, d_model=16, nhead=2, num_layers=2, position="learned", max_positions=16, backend="pyg"
+            )
+        )
+        .double()
+        .eval()
+    )
     ids = torch.randint(0, 13, (30,))
     if spec == "per_layer":  # a window in one layer, the sinks in the other
         graph = [topology.sliding_window(30, 2, causal=True), topology.streaming(30, 2, 1)]
@@ -235,24 +334,31 @@ def test_context_positions_equal_a_fresh_pass_per_token(spec, chunk):
 
 
 def test_positions_beyond_the_table_are_refused():
-    lm = GraphLM(GraphTransformerConfig(vocab_size=13, d_model=8, nhead=2, num_layers=1, position="learned",
-                                        max_positions=16, backend="pyg")).eval()
+    lm = GraphLM(
+        GraphTransformerConfig(
+            vocab_size=13, d_model=8, nhead=2, num_layers=1, position="learned", max_positions=16, backend="pyg"
+        )
+    ).eval()
     ids = torch.randint(0, 13, (40,))
     with pytest.raises(ValueError, match="'positions' to be 'context'.*16 learned positions.*40 tokens"):
         run_perplexity(lm, ids, ["sliding_window:window=3,causal=true"], num_layers=1, max_positions=16)
-    with pytest.raises(ValueError, match="at most 16 tokens.*'streaming:num_sinks=4,window=12', whose token 16 "
-                                         "reads 17"):  # the first token with a full context
-        run_perplexity(lm, ids, ["streaming:num_sinks=4,window=12"], num_layers=1, positions="context",
-                       max_positions=16)
+    with pytest.raises(
+        ValueError, match="at most 16 tokens.*'streaming:num_sinks=4,window=12', whose token 16 reads 17"
+    ):  # the first token with a full context
+        run_perplexity(
+            lm, ids, ["streaming:num_sinks=4,window=12"], num_layers=1, positions="context", max_positions=16
+        )
     with pytest.raises(ValueError, match="'causal', whose token 38 reads 39"):
-        run_perplexity(lm, ids, ["streaming:num_sinks=4,window=11", "causal"], num_layers=1,
-                       positions="context", max_positions=16)
+        run_perplexity(
+            lm, ids, ["streaming:num_sinks=4,window=11", "causal"], num_layers=1, positions="context", max_positions=16
+        )
     with pytest.raises(ValueError, match="'positions' to be one of"):
         run_perplexity(lm, ids, ["causal"], num_layers=1, positions="cache")
     with pytest.raises(ValueError, match="causal graph.*edge 1 -> 0"):
         run_perplexity(lm, ids, ["full"], num_layers=1, positions="context")
-    row = run_perplexity(lm, ids, ["streaming:num_sinks=4,window=11"], num_layers=1, positions="context",
-                         max_positions=16)[0]
+    row = run_perplexity(
+        lm, ids, ["streaming:num_sinks=4,window=11"], num_layers=1, positions="context", max_positions=16
+    )[0]
     assert row.peak_cache == 16 and math.isfinite(row.perplexity)
 
 
@@ -272,10 +378,43 @@ def lm_run(tmp_path_factory):
     text = root / "text.txt"
     text.write_text(TEXT)
     run = root / "run"
-    assert cli.main(["train", "--task", "lm", "--text", str(text), "--context", "16", "--position", "learned",
-                     "--steps", "3", "--batch-size", "2", "--d-model", "16", "--ff", "32", "--heads", "2",
-                     "--layers", "2", "--backend", "pyg", "--warmup", "1", "--sample-chars", "0",
-                     "--out", str(run), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--task",
+                "lm",
+                "--text",
+                str(text),
+                "--context",
+                "16",
+                "--position",
+                "learned",
+                "--steps",
+                "3",
+                "--batch-size",
+                "2",
+                "--d-model",
+                "16",
+                "--ff",
+                "32",
+                "--heads",
+                "2",
+                "--layers",
+                "2",
+                "--backend",
+                "pyg",
+                "--warmup",
+                "1",
+                "--sample-chars",
+                "0",
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return text, run
 
 
@@ -285,10 +424,32 @@ def test_command_on_a_train_lm_run_equals_its_own_model(lm_run, tmp_path, capsys
 
     text, run = lm_run
     out = tmp_path / "out"
-    code = cli.main(["perplexity", "--checkpoint", str(run / "model.pt"), "--text", str(text), "--start", "100",
-                     "--max-tokens", "60", "--positions", "context", "--chunk", "100", "--bucket-size", "30",
-                     "--topology", "streaming:num_sinks=2,window=5", "--topology", "native", "--out", str(out),
-                     "--no-progress"])
+    code = cli.main(
+        [
+            "perplexity",
+            "--checkpoint",
+            str(run / "model.pt"),
+            "--text",
+            str(text),
+            "--start",
+            "100",
+            "--max-tokens",
+            "60",
+            "--positions",
+            "context",
+            "--chunk",
+            "100",
+            "--bucket-size",
+            "30",
+            "--topology",
+            "streaming:num_sinks=2,window=5",
+            "--topology",
+            "native",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "lm model (model.pt)" in printed and "trained on sequences of 16 tokens" in printed
@@ -297,8 +458,7 @@ def test_command_on_a_train_lm_run_equals_its_own_model(lm_run, tmp_path, capsys
     # the run's own model (SequenceModel), one window per token, the run's vocabulary
     payload = torch.load(run / "model.pt", weights_only=True)
     corpus = load_corpus(TextConfig(text=str(text), context=16))
-    model = SequenceModel(corpus.vocab_size, corpus.vocab_size,
-                          EncoderConfig(**payload["meta"]["run"]["model"])).eval()
+    model = SequenceModel(corpus.vocab_size, corpus.vocab_size, EncoderConfig(**payload["meta"]["run"]["model"])).eval()
     model.load_state_dict(payload["model"])
     ids = corpus.encode(TEXT[100:160])
     nll = []
@@ -311,11 +471,14 @@ def test_command_on_a_train_lm_run_equals_its_own_model(lm_run, tmp_path, capsys
     assert rows[0]["peak_cache"] == 8 and rows[1]["peak_cache"] == 60 - 1  # native: the run's causal graph
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--max-tokens", "300"], "--positions: Expected 'positions' to be 'context'.*256 learned positions"),
-    (["--positions", "context", "--max-tokens", "300", "--topology", "causal"], "'causal', whose token 298 reads"),
-    (["--text", "ÉTRANGE"], "'--text'.*'É' \\(U\\+00C9\\) at character 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max-tokens", "300"], "--positions: Expected 'positions' to be 'context'.*256 learned positions"),
+        (["--positions", "context", "--max-tokens", "300", "--topology", "causal"], "'causal', whose token 298 reads"),
+        (["--text", "ÉTRANGE"], "'--text'.*'É' \\(U\\+00C9\\) at character 0"),
+    ],
+)
 def test_command_on_a_train_lm_run_refuses_bad_input(lm_run, tmp_path, capsys, argv, message):
     text, run = lm_run
     if argv[0] == "--text":
@@ -325,8 +488,7 @@ def test_command_on_a_train_lm_run_refuses_bad_input(lm_run, tmp_path, capsys, a
     else:
         argv = ["--text", str(text), *argv]
     out = tmp_path / "out"
-    code = cli.main(["perplexity", "--checkpoint", str(run / "model.pt"), "--out", str(out), "--no-progress",
-                     *argv])
+    code = cli.main(["perplexity", "--checkpoint", str(run / "model.pt"), "--out", str(out), "--no-progress", *argv])
     assert code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (out / "perplexity.json").exists()
@@ -342,8 +504,16 @@ def test_command_needs_the_text_of_the_run_for_its_vocabulary(lm_run, tmp_path, 
     assert payload["meta"]["vocab"] == "".join(sorted(set(TEXT)))  # train keeps its vocabulary
     payload["meta"]["run"]["text"]["text"] = str(tmp_path / "gone.txt")
     torch.save(payload, moved / "model.pt")
-    argv = ["perplexity", "--checkpoint", str(moved / "model.pt"), "--text", str(text), "--out",
-            str(tmp_path / "out"), "--no-progress"]
+    argv = [
+        "perplexity",
+        "--checkpoint",
+        str(moved / "model.pt"),
+        "--text",
+        str(text),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+    ]
     assert cli.main([*argv, "--max-tokens", "40", "--topology", "causal"]) == 0  # without its text
     del payload["meta"]["vocab"]  # a checkpoint without its vocabulary needs the text it names
     torch.save(payload, moved / "model.pt")

@@ -1,11 +1,23 @@
 """Positions on token graphs (sinusoidal, learned, RoPE, ALiBi) against dense implementations."""
+
 import pytest
 import torch
 
-from gnn_transformer import (GraphEncoderModel, GraphLM, GraphMultiheadAttention, GraphTransformerConfig,
-                             LearnedPositionalEmbedding, RotaryEmbedding, SinusoidalPositionalEmbedding,
-                             alibi_edge_bias, alibi_slopes, dense, from_padded,
-                             sinusoidal_embedding, to_padded)
+from gnn_transformer import (
+    GraphEncoderModel,
+    GraphLM,
+    GraphMultiheadAttention,
+    GraphTransformerConfig,
+    LearnedPositionalEmbedding,
+    RotaryEmbedding,
+    SinusoidalPositionalEmbedding,
+    alibi_edge_bias,
+    alibi_slopes,
+    dense,
+    from_padded,
+    sinusoidal_embedding,
+    to_padded,
+)
 from gnn_transformer.topology import causal, full, sliding_window, to_dense_mask
 
 from .conftest import TOL
@@ -42,8 +54,9 @@ def test_learned_embedding_is_a_table_lookup():
 
 @pytest.mark.parametrize("num_heads", [1, 2, 3, 4, 6, 8, 12, 16])
 def test_alibi_slopes_match_paper(num_heads):
-    torch.testing.assert_close(alibi_slopes(num_heads).double(),
-                               torch.tensor(dense.alibi_slopes(num_heads), dtype=torch.float64))
+    torch.testing.assert_close(
+        alibi_slopes(num_heads).double(), torch.tensor(dense.alibi_slopes(num_heads), dtype=torch.float64)
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -73,16 +86,16 @@ def test_rotary_matches_rotation_matrices(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
 def test_rope_attention_matches_dense(num_kv_heads, dtype):
-    layer = GraphMultiheadAttention(16, 4, num_kv_heads=num_kv_heads, rope=True, dtype=dtype,
-                                    backend="pyg").eval()
+    layer = GraphMultiheadAttention(16, 4, num_kv_heads=num_kv_heads, rope=True, dtype=dtype, backend="pyg").eval()
     edge_index = causal(LENGTHS)
     x = torch.randn(sum(LENGTHS), 16, dtype=dtype, requires_grad=True)
     pos = _positions(LENGTHS)
     out = layer(x, edge_index, pos=pos)
     x_pad = to_padded(x, LENGTHS)
     mask = to_dense_mask(edge_index, x.size(0), x.size(0), lengths=LENGTHS)
-    ref, _ = dense.attention(layer, x_pad, x_pad, mask, pos_query=_padded_positions(LENGTHS),
-                             pos_key=_padded_positions(LENGTHS))
+    ref, _ = dense.attention(
+        layer, x_pad, x_pad, mask, pos_query=_padded_positions(LENGTHS), pos_key=_padded_positions(LENGTHS)
+    )
     torch.testing.assert_close(out, from_padded(ref, LENGTHS), **TOL[dtype])
     g1 = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
     g2 = torch.autograd.grad(from_padded(ref, LENGTHS).square().sum(), [x, *layer.parameters()])
@@ -140,16 +153,29 @@ def test_rope_bipartite_and_errors():
     assert set(layer.state_dict()) == set(GraphMultiheadAttention(8, 2).state_dict())
 
 
-MODEL_CASES = [("learned", "causal"), ("sinusoidal", "full"), ("rope", "causal"),
-               ("alibi", "causal"), ("alibi", "full"), ("none", "window")]
+MODEL_CASES = [
+    ("learned", "causal"),
+    ("sinusoidal", "full"),
+    ("rope", "causal"),
+    ("alibi", "causal"),
+    ("alibi", "full"),
+    ("none", "window"),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("position,kind", MODEL_CASES)
 def test_model_with_positions_matches_dense(position, kind, dtype):
-    config = GraphTransformerConfig(vocab_size=23, d_model=16, nhead=4, num_layers=2,
-                                    position=position, max_positions=16, backend="pyg",
-                                    norm_first=position != "sinusoidal")
+    config = GraphTransformerConfig(
+        vocab_size=23,
+        d_model=16,
+        nhead=4,
+        num_layers=2,
+        position=position,
+        max_positions=16,
+        backend="pyg",
+        norm_first=position != "sinusoidal",
+    )
     model = GraphLM(config).to(dtype).eval()
     ids = torch.randint(0, 23, (sum(LENGTHS),))
     builders = {"full": full, "causal": causal, "window": lambda n: sliding_window(n, 2, causal=True)}
@@ -164,8 +190,9 @@ def test_model_with_positions_matches_dense(position, kind, dtype):
 
 
 def test_feature_input_model_and_errors():
-    config = GraphTransformerConfig(input_dim=5, output_dim=3, d_model=8, nhead=2, num_layers=1,
-                                    position="sinusoidal", backend="pyg")
+    config = GraphTransformerConfig(
+        input_dim=5, output_dim=3, d_model=8, nhead=2, num_layers=1, position="sinusoidal", backend="pyg"
+    )
     model = GraphEncoderModel(config).eval()
     x = torch.randn(6, 5)
     out = model(x, full([2, 4]), pos=_positions([2, 4]))

@@ -1,5 +1,6 @@
 """Which topology specs are file paths, the same for ``topology.load`` and the command line; spec
 arguments checked like spec files; build errors that name the spec."""
+
 import re
 
 import pytest
@@ -39,13 +40,16 @@ def test_a_colon_in_a_spec_path(tmp_path):
         topology_fn(windows)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("bigbird:seed=-1", "key 'seed': expected >= 0 (got -1)"),  # as graphs/*.toml require
-    ("sliding_window:window=99999999999999999999", "key 'window': expected <= 2147483647"),
-    ("random:k=3,seed=9223372036854775808", "key 'seed': expected <= 9223372036854775807"),
-    ("random:k=2.5", "key 'k': expected an integer (got float 2.5)"),
-    ("bigbird:global_at=middle", "key 'global_at': expected one of ['start', 'ends']"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("bigbird:seed=-1", "key 'seed': expected >= 0 (got -1)"),  # as graphs/*.toml require
+        ("sliding_window:window=99999999999999999999", "key 'window': expected <= 2147483647"),
+        ("random:k=3,seed=9223372036854775808", "key 'seed': expected <= 9223372036854775807"),
+        ("random:k=2.5", "key 'k': expected an integer (got float 2.5)"),
+        ("bigbird:global_at=middle", "key 'global_at': expected one of ['start', 'ends']"),
+    ],
+)
 def test_command_line_arguments_are_checked_like_spec_files(spec, message):
     with pytest.raises(ValueError) as info:
         topology_fn(spec)
@@ -54,13 +58,11 @@ def test_command_line_arguments_are_checked_like_spec_files(spec, message):
 
 
 def test_optional_argument_none_is_the_default():
-    assert torch.equal(topology_fn("global_tokens:window=none")([5]).as_tensor(),
-                       T.global_tokens(5).as_tensor())
+    assert torch.equal(topology_fn("global_tokens:window=none")([5]).as_tensor(), T.global_tokens(5).as_tensor())
 
 
 def test_build_errors_name_the_spec(tmp_path):
-    with pytest.raises(ValueError, match=re.escape("topology spec 'random:k=50': cannot build for n=[20]: ")
-                       + ".*'k'"):
+    with pytest.raises(ValueError, match=re.escape("topology spec 'random:k=50': cannot build for n=[20]: ") + ".*'k'"):
         topology_fn("random:k=50")([20])
     path = tmp_path / "k.toml"
     path.write_text('builder = "random"\n[params]\nk = 5\n')

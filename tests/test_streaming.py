@@ -1,4 +1,5 @@
 """Streams with a bounded cache (gnn_transformer.streaming) against one forward pass on the whole graph."""
+
 import math
 
 import pytest
@@ -6,15 +7,29 @@ import torch
 
 from gnn_transformer import GraphLM, GraphTransformerConfig, dense, topology
 from gnn_transformer.decoding import generate
-from gnn_transformer.streaming import (EvictingKVCache, HeavyHitterCache, h2o_generate, perplexity,
-                                       stream_logits, streaming_generate)
+from gnn_transformer.streaming import (
+    EvictingKVCache,
+    HeavyHitterCache,
+    h2o_generate,
+    perplexity,
+    stream_logits,
+    streaming_generate,
+)
 from tests.conftest import perturbed
 
 
 def _lm(position="rope", layers=2, kv_heads=None, backend="pyg", seed=0):
     torch.manual_seed(seed)
-    config = GraphTransformerConfig(vocab_size=23, d_model=16, nhead=4, num_layers=layers, position=position,
-                                    num_kv_heads=kv_heads, backend=backend, max_positions=512)
+    config = GraphTransformerConfig(
+        vocab_size=23,
+        d_model=16,
+        nhead=4,
+        num_layers=layers,
+        position=position,
+        num_kv_heads=kv_heads,
+        backend=backend,
+        max_positions=512,
+    )
     return perturbed(GraphLM(config)).double().eval()
 
 
@@ -53,8 +68,11 @@ def test_perplexity_matches_whole_graph_and_cache_stays_bounded():
     nll = -logp.gather(1, ids[1:].view(-1, 1)).squeeze(1)
     torch.testing.assert_close(result.nll, nll, rtol=0, atol=1e-10)
     assert math.isclose(result.perplexity, math.exp(float(nll.mean())), rel_tol=1e-12)
-    assert [(b["start"], b["stop"], b["tokens"]) for b in result.buckets] == [(1, 50, 50), (51, 100, 50),
-                                                                               (101, 119, 19)]
+    assert [(b["start"], b["stop"], b["tokens"]) for b in result.buckets] == [
+        (1, 50, 50),
+        (51, 100, 50),
+        (101, 119, 19),
+    ]
     assert math.isclose(result.buckets[1]["nll"], float(nll[50:100].mean()), rel_tol=1e-12)
     # the cache holds the sinks, the window and one chunk, never the whole stream
     assert result.peak_cache <= 4 + 8 + 3
@@ -77,8 +95,9 @@ def test_eviction_drops_only_unread_nodes():
 def test_streaming_generate_absolute_equals_whole_graph(position):
     model = _lm(position)
     prompt = torch.randint(0, 23, (2, 6))
-    out, logits, stats = streaming_generate(model, prompt, 60, num_sinks=2, window=5, return_logits=True,
-                                            return_stats=True)
+    out, logits, stats = streaming_generate(
+        model, prompt, 60, num_sinks=2, window=5, return_logits=True, return_stats=True
+    )
     assert out.shape == (2, 66) and torch.equal(out[:, :6], prompt) and logits.shape == (60, 2, 23)
     assert stats["peak_cache"] <= 2 * max(6, 2 + 5 + 1)
     for b, row in enumerate(out):  # every step's logits are those of a forward pass on the whole graph
@@ -93,8 +112,9 @@ def test_streaming_generate_cache_positions_one_layer_matches_recompute():
     model = _lm("rope", layers=1)
     prompt = torch.randint(0, 23, (1, 5))
     num_sinks, window = 2, 3
-    out, logits = streaming_generate(model, prompt, 25, num_sinks=num_sinks, window=window, positions="cache",
-                                     return_logits=True)
+    out, logits = streaming_generate(
+        model, prompt, 25, num_sinks=num_sinks, window=window, positions="cache", return_logits=True
+    )
     row = out[0]
     for step, t in enumerate(range(4, row.numel() - 1)):  # token t + 1 was predicted by token t
         kept = [j for j in range(t + 1) if j < num_sinks or j >= t - window]
@@ -112,8 +132,9 @@ def test_streaming_generate_cache_positions_before_eviction_equal_absolute():
 
 def test_streaming_generate_cache_positions_bounded():
     model = _lm("rope", layers=2)
-    out, stats = streaming_generate(model, torch.randint(0, 23, (1, 3)), 200, num_sinks=1, window=4,
-                                    positions="cache", return_stats=True)
+    out, stats = streaming_generate(
+        model, torch.randint(0, 23, (1, 3)), 200, num_sinks=1, window=4, positions="cache", return_stats=True
+    )
     assert out.shape == (1, 203) and stats["peak_cache"] <= 1 + 4 + 1
 
 
@@ -168,7 +189,6 @@ def test_stream_of_an_imported_decoder_equals_hugging_face(family):
     with torch.no_grad():
         expected = reference(ids.view(1, -1)).logits[0]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
-
 
 
 # ---------------------------------------------------------------- heavy hitters (H2O)
@@ -235,8 +255,7 @@ def _h2o_reference(forward, row, prompt, steps, heavy, recent, per_head, layers,
         score = weights.sum(2)  # [L, H, n]: attention each key received from every query so far
         for layer in range(layers):
             size = heads // (kv_heads or heads)  # query heads per key/value head
-            groups = ([list(range(g, g + size)) for g in range(0, heads, size)] if per_head
-                      else [list(range(heads))])
+            groups = [list(range(g, g + size)) for g in range(0, heads, size)] if per_head else [list(range(heads))]
             for group in groups:
                 s = score[layer, group].sum(0)
                 pool = cached[layer][group[0]]
@@ -255,12 +274,14 @@ def test_h2o_matches_dense_step_by_step_reference(per_head, position, kv_heads):
     model = _lm(position, layers=2, kv_heads=kv_heads)
     prompt, steps, heavy, recent = 6, 14, 3, 2
     ids = torch.randint(0, 23, (2, prompt), generator=torch.Generator().manual_seed(1))
-    out, logits, kept = h2o_generate(model, ids, steps, heavy=heavy, recent=recent, per_head=per_head,
-                                     return_logits=True, return_kept=True)
+    out, logits, kept = h2o_generate(
+        model, ids, steps, heavy=heavy, recent=recent, per_head=per_head, return_logits=True, return_kept=True
+    )
     assert kept.shape == (steps, 2, 2, 4, prompt + steps)
     for b, row in enumerate(out):
-        want_logits, want_kept = _h2o_reference(lambda x, m: _dense_lm(model, x, m), row, prompt, steps, heavy,
-                                                recent, per_head, 2, 4, kv_heads)
+        want_logits, want_kept = _h2o_reference(
+            lambda x, m: _dense_lm(model, x, m), row, prompt, steps, heavy, recent, per_head, 2, 4, kv_heads
+        )
         assert torch.equal(kept[:, :, b], want_kept)
         torch.testing.assert_close(logits[:, b], want_logits, rtol=0, atol=1e-10)
         assert torch.equal(want_logits.argmax(-1), row[prompt:])
@@ -276,10 +297,12 @@ def test_h2o_of_an_imported_decoder_matches_reference(per_head):
 
     model = hf.from_hf(_model("llama")).double()  # grouped-query attention: 4 query heads, 2 key/value heads
     ids = torch.randint(2, 50, (1, 5))
-    out, logits, kept = h2o_generate(model, ids, 10, heavy=2, recent=3, per_head=per_head, return_logits=True,
-                                     return_kept=True)
-    want_logits, want_kept = _h2o_reference(lambda x, m: _graph_decoder(model, x, m), out[0], 5, 10, 2, 3,
-                                            per_head, 3, 4, kv_heads=2)
+    out, logits, kept = h2o_generate(
+        model, ids, 10, heavy=2, recent=3, per_head=per_head, return_logits=True, return_kept=True
+    )
+    want_logits, want_kept = _h2o_reference(
+        lambda x, m: _graph_decoder(model, x, m), out[0], 5, 10, 2, 3, per_head, 3, 4, kv_heads=2
+    )
     assert torch.equal(kept[:, :, 0], want_kept)
     torch.testing.assert_close(logits[:, 0], want_logits, rtol=0, atol=1e-10)
 
@@ -288,8 +311,16 @@ def test_h2o_of_an_imported_decoder_matches_reference(per_head):
 def test_h2o_memory_is_bounded(per_head):
     model = _lm("rope", layers=2)
     heavy, recent = 3, 4
-    out, stats, kept = h2o_generate(model, torch.randint(0, 23, (3, 4)), 150, heavy=heavy, recent=recent,
-                                    per_head=per_head, return_stats=True, return_kept=True)
+    out, stats, kept = h2o_generate(
+        model,
+        torch.randint(0, 23, (3, 4)),
+        150,
+        heavy=heavy,
+        recent=recent,
+        per_head=per_head,
+        return_stats=True,
+        return_kept=True,
+    )
     assert out.shape == (3, 154)
     assert stats["peak_per_head"] == heavy + recent + 1  # every head reads at most the budget and itself
     assert int(kept.sum(-1).max()) == heavy + recent
@@ -308,6 +339,7 @@ def _record_stored_shapes(monkeypatch) -> list:
         k, v = update(self, index, kv)
         calls.append((tuple(k.shape), tuple(v.shape), torch.bincount(self.nodes[index].seq).tolist()))
         return k, v
+
     monkeypatch.setattr(HeavyHitterCache, "update", recording)
     return calls
 
@@ -386,8 +418,7 @@ def test_h2o_bad_inputs():
         h2o_generate(model, ids, -1, heavy=1, recent=2)
     with pytest.raises(ValueError, match="ALiBi"):
         h2o_generate(_lm("alibi"), ids, 2, heavy=1, recent=2)
-    config = GraphTransformerConfig(vocab_size=23, d_model=16, nhead=4, num_layers=2, kv_share_every=2,
-                                    backend="pyg")
+    config = GraphTransformerConfig(vocab_size=23, d_model=16, nhead=4, num_layers=2, kv_share_every=2, backend="pyg")
     with pytest.raises(ValueError, match="kv_share_every=2"):
         h2o_generate(GraphLM(config).eval(), ids, 2, heavy=1, recent=2)
     with pytest.raises(ValueError, match="forward_graph"):

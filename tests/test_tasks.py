@@ -2,8 +2,12 @@ import networkx as nx
 import pytest
 import torch
 
-from gnn_transformer.experiments.graph_tasks import (KarateWorkload, ShortestPathWorkload,
-                                                     shortest_path_graph, token_graph)
+from gnn_transformer.experiments.graph_tasks import (
+    KarateWorkload,
+    ShortestPathWorkload,
+    shortest_path_graph,
+    token_graph,
+)
 from gnn_transformer.experiments.tasks import IGNORE, TASKS, fixed_batches, get_task, sample_batch
 from gnn_transformer.experiments.topologies import label, parse_spec, per_length, topology_fn
 from gnn_transformer.topology import bigbird, sliding_window, to_dense_mask
@@ -26,8 +30,7 @@ def test_sample_shapes_and_ranges(name, n):
 
 
 def test_copy_reverse_sort_targets():
-    for name, fn in (("copy", lambda x: x), ("reverse", lambda x: x.flip(0)),
-                     ("sort", lambda x: x.sort().values)):
+    for name, fn in (("copy", lambda x: x), ("reverse", lambda x: x.flip(0)), ("sort", lambda x: x.sort().values)):
         tokens, targets = _one(name, 6)
         assert torch.equal(targets[7:], fn(tokens[:6]))
         assert (targets[:7] == IGNORE).all()
@@ -43,8 +46,8 @@ def test_addition_digits():
     n = 4
     tokens, targets = _one("addition", n, seed=3)
     a = sum(d * 10**i for i, d in enumerate(tokens[:n].tolist()))
-    b = sum(d * 10**i for i, d in enumerate(tokens[n + 1:2 * n + 1].tolist()))
-    total = sum(d * 10**i for i, d in enumerate(targets[2 * n + 2:].tolist()))
+    b = sum(d * 10**i for i, d in enumerate(tokens[n + 1 : 2 * n + 1].tolist()))
+    total = sum(d * 10**i for i, d in enumerate(targets[2 * n + 2 :].tolist()))
     assert total == a + b
 
 
@@ -91,11 +94,13 @@ def test_parse_spec_and_label():
         topology_fn("sliding_window:width=2")
 
 
-@pytest.mark.parametrize("spec,builder", [
-    ("sliding_window:window=2", lambda L: sliding_window(L, 2)),
-    ("bigbird:window=1,num_global=1,num_random=0", lambda L: bigbird(L, window=1, num_global=1,
-                                                                      num_random=0)),
-])
+@pytest.mark.parametrize(
+    "spec,builder",
+    [
+        ("sliding_window:window=2", lambda L: sliding_window(L, 2)),
+        ("bigbird:window=1,num_global=1,num_random=0", lambda L: bigbird(L, window=1, num_global=1, num_random=0)),
+    ],
+)
 def test_per_length_cache_matches_batch_builder(spec, builder):
     lengths = [5, 9, 5, 3]
     cached = per_length(topology_fn(spec))
@@ -127,8 +132,8 @@ def test_shortest_path_full_topology_stays_within_graphs():
     w = ShortestPathWorkload("full", pe_dim=2, batch_size=3, eval_size=4)
     batch = w.train_batch(torch.Generator().manual_seed(0))
     edge_index = token_graph(batch.data, "full")
-    sizes = (batch.data.ptr[1:] - batch.data.ptr[:-1])
-    assert edge_index.size(1) == int((sizes ** 2).sum())
+    sizes = batch.data.ptr[1:] - batch.data.ptr[:-1]
+    assert edge_index.size(1) == int((sizes**2).sum())
     assert torch.equal(batch.data.batch[edge_index[0]], batch.data.batch[edge_index[1]])
 
 

@@ -1,6 +1,7 @@
 """Bad and extreme inputs of the topology builders and specs (issue 18, items 5, 9, 16, 18): sizes
 near 2**63 give the graph they saturate to, graphs over the edge budget are refused before any
 allocation, seeds follow one rule, and malformed spec files give a ValueError naming the file."""
+
 import re
 from functools import partial
 
@@ -22,24 +23,28 @@ def _same(a, b):
 # ---------------------------------------------------------------- item 5: sizes near 2**63
 @pytest.mark.parametrize("big", HUGE)
 @pytest.mark.parametrize("n", [5, [4, 1, 6], 0])
-@pytest.mark.parametrize("case", [
-    ("sliding_window", lambda n, w: T.sliding_window(n, w), T.full),
-    ("sliding_window causal", lambda n, w: T.sliding_window(n, w, causal=True), T.causal),
-    ("dilated window", lambda n, w: T.dilated(n, w, 1), T.full),
-    ("dilated window causal", lambda n, w: T.dilated(n, w, 1, causal=True), T.causal),
-    ("dilated dilation", lambda n, d: T.dilated(n, 3, d), lambda n: T.sliding_window(n, 0)),
-    ("bigbird window", lambda n, w: T.bigbird(n, block=2, window=w, num_global=0, num_random=0), T.full),
-    ("bigbird block", lambda n, b: T.bigbird(n, block=b, window=0, num_global=0, num_random=3), T.full),
-    ("bigbird global", lambda n, g: T.bigbird(n, block=2, window=0, num_global=g, global_at="ends"), T.full),
-    ("bigbird random", lambda n, r: T.bigbird(n, block=1, window=0, num_global=0, num_random=r), T.full),
-    ("global_tokens window", lambda n, w: T.global_tokens(n, 1, window=w), T.full),
-    ("global_tokens num_global", lambda n, g: T.global_tokens(n, g), T.full),
-    ("strided", lambda n, s: T.strided(n, s), T.causal),
-    ("fixed block", lambda n, b: T.fixed(n, b, 0, causal=False), T.full),
-    ("fixed block and summaries", lambda n, b: T.fixed(n, b, b), T.causal),
-    ("prefix_lm", lambda n, p: T.prefix_lm(n, p), T.full),
-    ("expander degree", lambda n, d: T.expander(n, d, self_loops=True), T.full),
-], ids=lambda c: c[0])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("sliding_window", lambda n, w: T.sliding_window(n, w), T.full),
+        ("sliding_window causal", lambda n, w: T.sliding_window(n, w, causal=True), T.causal),
+        ("dilated window", lambda n, w: T.dilated(n, w, 1), T.full),
+        ("dilated window causal", lambda n, w: T.dilated(n, w, 1, causal=True), T.causal),
+        ("dilated dilation", lambda n, d: T.dilated(n, 3, d), lambda n: T.sliding_window(n, 0)),
+        ("bigbird window", lambda n, w: T.bigbird(n, block=2, window=w, num_global=0, num_random=0), T.full),
+        ("bigbird block", lambda n, b: T.bigbird(n, block=b, window=0, num_global=0, num_random=3), T.full),
+        ("bigbird global", lambda n, g: T.bigbird(n, block=2, window=0, num_global=g, global_at="ends"), T.full),
+        ("bigbird random", lambda n, r: T.bigbird(n, block=1, window=0, num_global=0, num_random=r), T.full),
+        ("global_tokens window", lambda n, w: T.global_tokens(n, 1, window=w), T.full),
+        ("global_tokens num_global", lambda n, g: T.global_tokens(n, g), T.full),
+        ("strided", lambda n, s: T.strided(n, s), T.causal),
+        ("fixed block", lambda n, b: T.fixed(n, b, 0, causal=False), T.full),
+        ("fixed block and summaries", lambda n, b: T.fixed(n, b, b), T.causal),
+        ("prefix_lm", lambda n, p: T.prefix_lm(n, p), T.full),
+        ("expander degree", lambda n, d: T.expander(n, d, self_loops=True), T.full),
+    ],
+    ids=lambda c: c[0],
+)
 def test_huge_size_saturates(case, n, big):
     _, build, saturated = case
     _same(build(n, big), saturated(n))
@@ -52,18 +57,26 @@ def test_cross_huge_window_is_full(mode, n_q, n_k, big):
     _same(T.cross(n_q, n_k, mode=mode, window=big), T.cross(n_q, n_k))
 
 
-@pytest.mark.parametrize("case", [
-    (partial(T.sliding_window, window=2**63 - 1), partial(T.sliding_window_predicate, window=2**63 - 1)),
-    (partial(T.dilated, window=2**64, dilation=3), partial(T.dilated_predicate, window=2**64, dilation=3)),
-    (partial(T.dilated, window=2, dilation=2**64), partial(T.dilated_predicate, window=2, dilation=2**64)),
-    (partial(T.global_tokens, num_global=2**63, window=1),
-     partial(T.global_tokens_predicate, num_global=2**63, window=1)),
-    (partial(T.strided, stride=2**64), partial(T.strided_predicate, stride=2**64)),
-    (partial(T.fixed, block=2**64, num_summary=2**64 - 3),
-     partial(T.fixed_predicate, block=2**64, num_summary=2**64 - 3)),
-    (partial(T.prefix_lm, prefix=2**64), partial(T.prefix_lm_predicate, prefix=2**64)),
-    (partial(T.bigbird, block=2**64, window=0, num_random=0), partial(T.bigbird_predicate, block=2**64, window=0)),
-], ids=lambda c: f"{c[0].func.__name__}{sorted(c[0].keywords.items())}")
+@pytest.mark.parametrize(
+    "case",
+    [
+        (partial(T.sliding_window, window=2**63 - 1), partial(T.sliding_window_predicate, window=2**63 - 1)),
+        (partial(T.dilated, window=2**64, dilation=3), partial(T.dilated_predicate, window=2**64, dilation=3)),
+        (partial(T.dilated, window=2, dilation=2**64), partial(T.dilated_predicate, window=2, dilation=2**64)),
+        (
+            partial(T.global_tokens, num_global=2**63, window=1),
+            partial(T.global_tokens_predicate, num_global=2**63, window=1),
+        ),
+        (partial(T.strided, stride=2**64), partial(T.strided_predicate, stride=2**64)),
+        (
+            partial(T.fixed, block=2**64, num_summary=2**64 - 3),
+            partial(T.fixed_predicate, block=2**64, num_summary=2**64 - 3),
+        ),
+        (partial(T.prefix_lm, prefix=2**64), partial(T.prefix_lm_predicate, prefix=2**64)),
+        (partial(T.bigbird, block=2**64, window=0, num_random=0), partial(T.bigbird_predicate, block=2**64, window=0)),
+    ],
+    ids=lambda c: f"{c[0].func.__name__}{sorted(c[0].keywords.items())}",
+)
 @pytest.mark.parametrize("n", [1, 6])
 def test_huge_size_matches_predicate_twin(case, n):
     build, predicate = case
@@ -83,46 +96,71 @@ def test_edge_keys_that_overflow_int64_are_refused():
 
 
 # ---------------------------------------------------------------- item 9: the edge budget
-@pytest.mark.parametrize("build, name, n, edges", [
-    (lambda: T.full(10**6), "full", "n=1000000", 10**12),
-    (lambda: T.causal([10**6] * 3), "causal", r"n=\[1000000, 1000000, 1000000\]", 3 * (10**6 * (10**6 + 1) // 2)),
-    (lambda: T.causal([10**5] * 1000), "causal",
-     r"n=\[100000, 100000, \.\.\., 100000\] \(1000 sequences, 100000000 tokens\)", 1000 * (10**5 * (10**5 + 1) // 2)),
-    (lambda: T.random(10**6, 10**6), "random", "n=1000000", 10**12),
-    (lambda: T.sliding_window(10**7, 10**6), "sliding_window", "n=10000000",
-     10**7 * (2 * 10**6 + 1) - 10**6 * (10**6 + 1)),
-    (lambda: T.dilated(10**7, 10**6, 2, causal=True), "dilated", "n=10000000",
-     (10**6 + 1) * 10**7 - 2 * 10**6 * (10**6 + 1) // 2),
-    (lambda: T.global_tokens(10**6, 10**6), "global_tokens", "n=1000000", 10**12),
-    (lambda: T.prefix_lm(10**6, 10**6), "prefix_lm", "n=1000000", 10**12),
-    (lambda: T.document(10**6, 10**6), "document", "n=1000000", 10**12),
-    (lambda: T.document(10**6, [10**6]), "document", "n=1000000", 10**12),
-    (lambda: T.cross(10**6, 10**6), "cross", "n_q=1000000, n_k=1000000", 10**12),
-    (lambda: T.erdos_renyi(10**6), "erdos_renyi", "num_src=1000000, num_dst=1000000", 10**12),
-], ids=lambda v: v if isinstance(v, str) and v.isidentifier() else None)
+@pytest.mark.parametrize(
+    "build, name, n, edges",
+    [
+        (lambda: T.full(10**6), "full", "n=1000000", 10**12),
+        (lambda: T.causal([10**6] * 3), "causal", r"n=\[1000000, 1000000, 1000000\]", 3 * (10**6 * (10**6 + 1) // 2)),
+        (
+            lambda: T.causal([10**5] * 1000),
+            "causal",
+            r"n=\[100000, 100000, \.\.\., 100000\] \(1000 sequences, 100000000 tokens\)",
+            1000 * (10**5 * (10**5 + 1) // 2),
+        ),
+        (lambda: T.random(10**6, 10**6), "random", "n=1000000", 10**12),
+        (
+            lambda: T.sliding_window(10**7, 10**6),
+            "sliding_window",
+            "n=10000000",
+            10**7 * (2 * 10**6 + 1) - 10**6 * (10**6 + 1),
+        ),
+        (
+            lambda: T.dilated(10**7, 10**6, 2, causal=True),
+            "dilated",
+            "n=10000000",
+            (10**6 + 1) * 10**7 - 2 * 10**6 * (10**6 + 1) // 2,
+        ),
+        (lambda: T.global_tokens(10**6, 10**6), "global_tokens", "n=1000000", 10**12),
+        (lambda: T.prefix_lm(10**6, 10**6), "prefix_lm", "n=1000000", 10**12),
+        (lambda: T.document(10**6, 10**6), "document", "n=1000000", 10**12),
+        (lambda: T.document(10**6, [10**6]), "document", "n=1000000", 10**12),
+        (lambda: T.cross(10**6, 10**6), "cross", "n_q=1000000, n_k=1000000", 10**12),
+        (lambda: T.erdos_renyi(10**6), "erdos_renyi", "num_src=1000000, num_dst=1000000", 10**12),
+    ],
+    ids=lambda v: v if isinstance(v, str) and v.isidentifier() else None,
+)
 def test_graph_over_the_budget_is_refused_before_allocating(build, name, n, edges):
-    with pytest.raises(ValueError, match=rf"^{name}: {n} would need {edges} edges, more than the edge "
-                                         rf"budget max_edges={T.DEFAULT_MAX_EDGES}.*max_edges\("):
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name}: {n} would need {edges} edges, more than the edge "
+        rf"budget max_edges={T.DEFAULT_MAX_EDGES}.*max_edges\(",
+    ):
         build()
 
 
-@pytest.mark.parametrize("build, name", [
-    (lambda: T.bigbird(10**8, block=64, window=1, num_global=2, num_random=3), "bigbird"),
-    (lambda: T.strided(10**7, 1000), "strided"),
-    (lambda: T.fixed(10**6, 1000, 10), "fixed"),
-    (lambda: T.star(10**9), "star"),
-    (lambda: T.expander(10**6, 10**5), "expander"),
-    (lambda: T.cross(10**6, 10**6, mode="monotonic"), "cross"),
-    (lambda: T.cross(10**8, 10**6, mode="window", window=100), "cross"),
-])
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda: T.bigbird(10**8, block=64, window=1, num_global=2, num_random=3), "bigbird"),
+        (lambda: T.strided(10**7, 1000), "strided"),
+        (lambda: T.fixed(10**6, 1000, 10), "fixed"),
+        (lambda: T.star(10**9), "star"),
+        (lambda: T.expander(10**6, 10**5), "expander"),
+        (lambda: T.cross(10**6, 10**6, mode="monotonic"), "cross"),
+        (lambda: T.cross(10**8, 10**6, mode="window", window=100), "cross"),
+    ],
+)
 def test_linear_and_sparse_builders_are_refused_too(build, name):
     with pytest.raises(ValueError, match=rf"^{name}: n.*would need \d+ edges.*max_edges={T.DEFAULT_MAX_EDGES}"):
         build()
 
 
 def test_load_names_the_file_and_the_edges():
-    with pytest.raises(ValueError, match=r"full\.toml: cannot build for n=1000000: full: n=1000000 would "
-                                         r"need 1000000000000 edges"):
+    with pytest.raises(
+        ValueError,
+        match=r"full\.toml: cannot build for n=1000000: full: n=1000000 would "
+        r"need 1000000000000 edges",
+    ):
         T.load("full", 10**6)
 
 
@@ -150,8 +188,9 @@ EXACT = {
     "expander": lambda n, a, c: T.expander(n, 2 * a, self_loops=c),
 }
 BOUNDED = {  # the builder merges overlapping parts: the count bounds the parts it allocates
-    "bigbird": lambda n, a, c: T.bigbird(n, block=a + 1, window=a % 2, num_global=a % 3, num_random=2,
-                                         global_at="ends" if c else "start"),
+    "bigbird": lambda n, a, c: T.bigbird(
+        n, block=a + 1, window=a % 2, num_global=a % 3, num_random=2, global_at="ends" if c else "start"
+    ),
     "strided": lambda n, a, c: T.strided(n, a + 1, causal=c),
     "fixed": lambda n, a, c: T.fixed(n, a + 1, a % (a + 2), causal=c),
     "star": lambda n, a, c: T.star(n, ring=c),
@@ -209,16 +248,22 @@ def test_budget_is_restored_after_an_error():
 def test_budget_applies_to_spec_parts():
     with T.max_edges(36):  # global token and window 2: 11 + 19 edges on 6 tokens, 13 + 24 on 7
         assert T.load("longformer", 6, small=True).size(1) == 30
-        with pytest.raises(ValueError, match=r"longformer\.toml: cannot build for n=7: "
-                                             r"global_tokens: n=7 would need 37 edges"):
+        with pytest.raises(
+            ValueError,
+            match=r"longformer\.toml: cannot build for n=7: "
+            r"global_tokens: n=7 would need 37 edges",
+        ):
             T.load("longformer", 7, small=True)
 
 
-@pytest.mark.parametrize("build, name, n", [
-    (lambda: T.global_tokens(10**10, 0), "global_tokens", "n=10000000000"),
-    (lambda: T.random([10**10, 5], 0), "random", r"n=\[10000000000, 5\]"),
-    (lambda: T.cross(10**10, 0), "cross", "n_q=10000000000, n_k=0"),
-])
+@pytest.mark.parametrize(
+    "build, name, n",
+    [
+        (lambda: T.global_tokens(10**10, 0), "global_tokens", "n=10000000000"),
+        (lambda: T.random([10**10, 5], 0), "random", r"n=\[10000000000, 5\]"),
+        (lambda: T.cross(10**10, 0), "cross", "n_q=10000000000, n_k=0"),
+    ],
+)
 def test_many_tokens_without_edges_are_refused(build, name, n):
     with pytest.raises(ValueError, match=rf"^{name}: {n} has \d+ tokens \(0 edges\), more than the edge budget"):
         build()
@@ -250,15 +295,18 @@ SEEDED = {
 
 
 @pytest.mark.parametrize("name", sorted(SEEDED))
-@pytest.mark.parametrize("seed, message", [
-    (2**64, r"Expected 'seed' <= 9223372036854775807 \(got 18446744073709551616\)"),
-    (2**63, r"Expected 'seed' <= 9223372036854775807 \(got 9223372036854775808\)"),
-    (-1, r"Expected 'seed' >= 0 \(got -1\)"),
-    (True, r"Expected 'seed' to be an int \(got True\)"),
-    (None, r"Expected 'seed' to be an int \(got None\)"),
-    (1.0, r"Expected 'seed' to be an int \(got 1.0\)"),
-    ("0", r"Expected 'seed' to be an int \(got '0'\)"),
-])
+@pytest.mark.parametrize(
+    "seed, message",
+    [
+        (2**64, r"Expected 'seed' <= 9223372036854775807 \(got 18446744073709551616\)"),
+        (2**63, r"Expected 'seed' <= 9223372036854775807 \(got 9223372036854775808\)"),
+        (-1, r"Expected 'seed' >= 0 \(got -1\)"),
+        (True, r"Expected 'seed' to be an int \(got True\)"),
+        (None, r"Expected 'seed' to be an int \(got None\)"),
+        (1.0, r"Expected 'seed' to be an int \(got 1.0\)"),
+        ("0", r"Expected 'seed' to be an int \(got '0'\)"),
+    ],
+)
 def test_bad_seed_names_the_argument(name, seed, message):
     with pytest.raises(ValueError, match=message):
         SEEDED[name](seed)
@@ -320,8 +368,11 @@ def test_nesting_at_the_bound_loads(tmp_path):
 @pytest.mark.parametrize("depth", [specs.MAX_DEPTH + 1, 200, 1000])
 def test_nesting_beyond_the_bound_names_the_file_and_depth(tmp_path, depth):
     path = _write(tmp_path, _nested_headers(depth))
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: key '(parts\[0\]\.){{32}}parts': parts "
-                                         rf"nested 33 levels deep, more than 32"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^{re.escape(str(path))}: key '(parts\[0\]\.){{32}}parts': parts "
+        rf"nested 33 levels deep, more than 32",
+    ):
         T.load(path, 4)
 
 
@@ -331,8 +382,11 @@ def test_inline_nesting_names_the_file(tmp_path, depth):
     for _ in range(depth):
         part = '{builder = "union", parts = [%s]}' % part
     path = _write(tmp_path, 'builder = "union"\nparts = [%s]\n' % part)
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: .*(nested 33 levels deep, more than 32|"
-                                         rf"nested too deeply to parse \(parts may nest 32 levels\))"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^{re.escape(str(path))}: .*(nested 33 levels deep, more than 32|"
+        rf"nested too deeply to parse \(parts may nest 32 levels\))",
+    ):
         T.read_spec(path)
 
 

@@ -1,6 +1,7 @@
 """Every deterministic builder equals the brute-force graph of its predicate twin, on single
 sequences, batches, and edge cases (n = 0, n = 1, n smaller than the window, a batch with a
 length-1 sequence); every output is a target-sorted EdgeIndex without duplicates."""
+
 import functools
 
 import networkx as nx
@@ -16,28 +17,60 @@ LENGTHS = [[0], [1], [2], [5], [13], [3, 1, 4], [7, 0, 2], [1, 12]]
 
 
 def _case(name, build, pred, **params):
-    return pytest.param(functools.partial(build, **params), functools.partial(pred, **params),
-                        id=f"{name}-" + "-".join(f"{k}={v}" for k, v in params.items()))
+    return pytest.param(
+        functools.partial(build, **params),
+        functools.partial(pred, **params),
+        id=f"{name}-" + "-".join(f"{k}={v}" for k, v in params.items()),
+    )
 
 
 CASES = (
     [_case("full", T.full, T.full_predicate), _case("causal", T.causal, T.causal_predicate)]
-    + [_case("sliding_window", T.sliding_window, T.sliding_window_predicate, window=w, causal=c)
-       for w in (0, 1, 2, 20) for c in (False, True)]
-    + [_case("dilated", T.dilated, T.dilated_predicate, window=w, dilation=d, causal=c)
-       for w in (0, 1, 3) for d in (1, 3) for c in (False, True)]
-    + [_case("strided", T.strided, T.strided_predicate, stride=s, causal=c)
-       for s in (1, 2, 3, 20) for c in (True, False)]
-    + [_case("fixed", T.fixed, T.fixed_predicate, block=b, num_summary=k, causal=c)
-       for b, k in ((1, 0), (1, 1), (2, 1), (3, 0), (3, 2), (4, 4), (20, 3)) for c in (True, False)]
-    + [_case("global_tokens", T.global_tokens, T.global_tokens_predicate, num_global=g, window=w)
-       for g in (0, 2, 30) for w in (None, 0, 2)]
-    + [_case("bigbird_no_random", functools.partial(T.bigbird, num_random=0), T.bigbird_predicate,
-             block=b, window=w, num_global=g)
-       for b in (1, 2, 3) for w in (0, 1) for g in (0, 1, 2)]
+    + [
+        _case("sliding_window", T.sliding_window, T.sliding_window_predicate, window=w, causal=c)
+        for w in (0, 1, 2, 20)
+        for c in (False, True)
+    ]
+    + [
+        _case("dilated", T.dilated, T.dilated_predicate, window=w, dilation=d, causal=c)
+        for w in (0, 1, 3)
+        for d in (1, 3)
+        for c in (False, True)
+    ]
+    + [
+        _case("strided", T.strided, T.strided_predicate, stride=s, causal=c)
+        for s in (1, 2, 3, 20)
+        for c in (True, False)
+    ]
+    + [
+        _case("fixed", T.fixed, T.fixed_predicate, block=b, num_summary=k, causal=c)
+        for b, k in ((1, 0), (1, 1), (2, 1), (3, 0), (3, 2), (4, 4), (20, 3))
+        for c in (True, False)
+    ]
+    + [
+        _case("global_tokens", T.global_tokens, T.global_tokens_predicate, num_global=g, window=w)
+        for g in (0, 2, 30)
+        for w in (None, 0, 2)
+    ]
+    + [
+        _case(
+            "bigbird_no_random",
+            functools.partial(T.bigbird, num_random=0),
+            T.bigbird_predicate,
+            block=b,
+            window=w,
+            num_global=g,
+        )
+        for b in (1, 2, 3)
+        for w in (0, 1)
+        for g in (0, 1, 2)
+    ]
     + [_case("prefix_lm", T.prefix_lm, T.prefix_lm_predicate, prefix=p) for p in (0, 1, 3, 40)]
-    + [_case("document", T.document, T.document_predicate, doc_lengths=d, causal=c)
-       for d in (1, 2, 3, 50) for c in (False, True)]
+    + [
+        _case("document", T.document, T.document_predicate, doc_lengths=d, causal=c)
+        for d in (1, 2, 3, 50)
+        for c in (False, True)
+    ]
 )
 
 
@@ -73,8 +106,7 @@ def test_bigbird_global_at_ends_equals_predicate(lengths, block, window, num_glo
     kw = dict(block=block, window=window, num_global=num_global, global_at="ends")
     ei = T.bigbird(lengths, num_random=0, **kw)
     _check_invariants(ei, sum(lengths))
-    expected = T.from_predicate(lengths, lambda i, j, n: T.bigbird_predicate(i, j, n, **kw),
-                                with_length=True)
+    expected = T.from_predicate(lengths, lambda i, j, n: T.bigbird_predicate(i, j, n, **kw), with_length=True)
     assert torch.equal(ei.as_tensor(), expected.as_tensor())
 
 
@@ -114,8 +146,7 @@ def test_bigbird_global_at_bad_value():
 def test_star_equals_predicate(lengths, ring):
     ei = T.star(lengths, ring=ring)
     _check_invariants(ei, sum(lengths))
-    expected = T.from_predicate(lengths, lambda i, j, n: T.star_predicate(i, j, n, ring=ring),
-                                with_length=True)
+    expected = T.from_predicate(lengths, lambda i, j, n: T.star_predicate(i, j, n, ring=ring), with_length=True)
     assert torch.equal(ei.as_tensor(), expected.as_tensor())
 
 
@@ -129,16 +160,21 @@ def test_star_edge_count_and_two_hops(L, ring):
     assert two.all()  # any token reaches any other in two hops through the relay
 
 
-@pytest.mark.parametrize("q_len, k_len", [([0], [3]), ([1], [1]), ([3], [0]), ([2], [4]), ([4], [2]),
-                                           ([5, 1, 3], [2, 6, 3]), ([7], [7]), ([1, 9], [9, 1])])
+@pytest.mark.parametrize(
+    "q_len, k_len",
+    [([0], [3]), ([1], [1]), ([3], [0]), ([2], [4]), ([4], [2]), ([5, 1, 3], [2, 6, 3]), ([7], [7]), ([1, 9], [9, 1])],
+)
 @pytest.mark.parametrize("mode", ["full", "window", "monotonic"])
 @pytest.mark.parametrize("window", [0, 1, 3])
 def test_cross_equals_predicate(q_len, k_len, mode, window):
     ei = T.cross(q_len, k_len, mode=mode, window=window)
     _check_invariants(ei, sum(k_len), sum(q_len))
     expected = T.from_predicate(
-        q_len, lambda i, j, lq, lk: T.cross_predicate(i, j, lq, lk, mode=mode, window=window),
-        src_lengths=k_len, with_length=True)
+        q_len,
+        lambda i, j, lq, lk: T.cross_predicate(i, j, lq, lk, mode=mode, window=window),
+        src_lengths=k_len,
+        with_length=True,
+    )
     assert torch.equal(ei.as_tensor(), expected.as_tensor())
 
 
@@ -152,8 +188,15 @@ def test_cross_monotonic_last_query_reads_everything(lq, lk):
         assert torch.equal(T.to_dense_mask(T.cross(lq, lk, mode="window")), torch.eye(lq, dtype=torch.bool))
 
 
-GRAPHS = [nx.path_graph(4), nx.cycle_graph(5), nx.karate_club_graph(), nx.empty_graph(1), nx.empty_graph(3),
-          nx.gnp_random_graph(8, 0.3, seed=1, directed=True), nx.Graph([("a", "b"), ("b", "c")])]
+GRAPHS = [
+    nx.path_graph(4),
+    nx.cycle_graph(5),
+    nx.karate_club_graph(),
+    nx.empty_graph(1),
+    nx.empty_graph(3),
+    nx.gnp_random_graph(8, 0.3, seed=1, directed=True),
+    nx.Graph([("a", "b"), ("b", "c")]),
+]
 
 
 @pytest.mark.parametrize("graph", GRAPHS, ids=lambda g: f"{type(g).__name__}{g.number_of_nodes()}")
@@ -173,6 +216,7 @@ def test_from_graph_equals_predicate(graph, self_loops, virtual_node):
 
 def test_from_graph_batch_and_pyg_data():
     from torch_geometric.data import Data
+
     data = Data(edge_index=torch.tensor([[0, 0, 2], [1, 1, 0]]), num_nodes=3)  # duplicated edge
     ei = T.from_graph([data, nx.path_graph(2)], virtual_node=True)
     parts = [T.from_graph(data, virtual_node=True), T.from_graph(nx.path_graph(2), virtual_node=True)]
@@ -183,8 +227,7 @@ def test_from_graph_batch_and_pyg_data():
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.integers(0, 12), min_size=1, max_size=4), st.integers(0, 14), st.integers(1, 5),
-       st.booleans())
+@given(st.lists(st.integers(0, 12), min_size=1, max_size=4), st.integers(0, 14), st.integers(1, 5), st.booleans())
 def test_dilated_hypothesis(lengths, window, dilation, causal):
     ei = T.dilated(lengths, window, dilation, causal=causal)
     _check_invariants(ei, sum(lengths))
@@ -193,8 +236,15 @@ def test_dilated_hypothesis(lengths, window, dilation, causal):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.integers(0, 30), min_size=1, max_size=3), st.integers(1, 6), st.integers(0, 3),
-       st.integers(0, 3), st.integers(0, 4), st.integers(0, 9), st.sampled_from(["start", "ends"]))
+@given(
+    st.lists(st.integers(0, 30), min_size=1, max_size=3),
+    st.integers(1, 6),
+    st.integers(0, 3),
+    st.integers(0, 3),
+    st.integers(0, 4),
+    st.integers(0, 9),
+    st.sampled_from(["start", "ends"]),
+)
 def test_bigbird_is_its_block_graph_expanded(lengths, block, window, num_global, num_random, seed, at):
     """BigBird's token edges are the token pairs of its (overlapping) window, global and random
     block edges, each once, sorted by target, then source: the builder's linear-time expansion
@@ -203,10 +253,17 @@ def test_bigbird_is_its_block_graph_expanded(lengths, block, window, num_global,
 
     bsrc, bdst, start, size = _block_edges(lengths, block, window, num_global, num_random, seed, at)
     start, size = start.tolist(), size.tolist()
-    expected = sorted({(i, j) for s, d in zip(bsrc.tolist(), bdst.tolist())
-                       for i in range(start[d], start[d] + size[d]) for j in range(start[s], start[s] + size[s])})
-    ei = T.bigbird(lengths, block=block, window=window, num_global=num_global, num_random=num_random,
-                   seed=seed, global_at=at)
+    expected = sorted(
+        {
+            (i, j)
+            for s, d in zip(bsrc.tolist(), bdst.tolist())
+            for i in range(start[d], start[d] + size[d])
+            for j in range(start[s], start[s] + size[s])
+        }
+    )
+    ei = T.bigbird(
+        lengths, block=block, window=window, num_global=num_global, num_random=num_random, seed=seed, global_at=at
+    )
     _check_invariants(ei, sum(lengths))
     assert list(zip(ei[1].tolist(), ei[0].tolist())) == expected
 
@@ -253,38 +310,41 @@ def test_known_identities():
     assert torch.equal(T.bigbird(9, window=9, num_random=3).as_tensor(), T.full(9).as_tensor())
 
 
-@pytest.mark.parametrize("call, arg", [
-    (lambda: T.sliding_window(5, -1), "window"),
-    (lambda: T.sliding_window(5, 1.5), "window"),
-    (lambda: T.sliding_window(5, 1, causal="yes"), "causal"),
-    (lambda: T.sliding_window(-3, 1), "'n'"),
-    (lambda: T.sliding_window("5", 1), "'n'"),
-    (lambda: T.dilated(5, 1, 0), "dilation"),
-    (lambda: T.strided(5, 0), "stride"),
-    (lambda: T.fixed(5, 2, 3), "num_summary"),
-    (lambda: T.fixed(5, 0), "block"),
-    (lambda: T.global_tokens(5, -1), "num_global"),
-    (lambda: T.global_tokens(5, 1, window=-2), "window"),
-    (lambda: T.bigbird(5, block=0), "block"),
-    (lambda: T.bigbird(5, num_random=-1), "num_random"),
-    (lambda: T.random(5, 6), "'k'"),
-    (lambda: T.random([8, 2], 3), "'k'"),
-    (lambda: T.expander(5, 3), "degree"),
-    (lambda: T.expander(5, -1), "degree"),
-    (lambda: T.star(5, ring=1), "ring"),
-    (lambda: T.document(5, [2, 2]), "doc_lengths"),
-    (lambda: T.document(5, 0), "doc_lengths"),
-    (lambda: T.document([2, 3], [[2]]), "doc_lengths"),
-    (lambda: T.prefix_lm(5, -1), "prefix"),
-    (lambda: T.prefix_lm([5, 2], [1]), "prefix"),
-    (lambda: T.cross(3, 4, mode="diagonal"), "mode"),
-    (lambda: T.cross([3, 2], [4]), "n_k"),
-    (lambda: T.cross(3, 4, window=-1), "window"),
-    (lambda: T.from_graph("graph"), "graph"),
-    (lambda: T.from_predicate(2000, lambda i, j: True), "max_pairs"),
-    (lambda: T.union(torch.tensor([[-1], [0]]), T.causal(3)), "non-negative.*-1"),
-    (lambda: T.difference(T.causal(3), torch.tensor([[0], [-2]])), "non-negative.*-2"),
-])
+@pytest.mark.parametrize(
+    "call, arg",
+    [
+        (lambda: T.sliding_window(5, -1), "window"),
+        (lambda: T.sliding_window(5, 1.5), "window"),
+        (lambda: T.sliding_window(5, 1, causal="yes"), "causal"),
+        (lambda: T.sliding_window(-3, 1), "'n'"),
+        (lambda: T.sliding_window("5", 1), "'n'"),
+        (lambda: T.dilated(5, 1, 0), "dilation"),
+        (lambda: T.strided(5, 0), "stride"),
+        (lambda: T.fixed(5, 2, 3), "num_summary"),
+        (lambda: T.fixed(5, 0), "block"),
+        (lambda: T.global_tokens(5, -1), "num_global"),
+        (lambda: T.global_tokens(5, 1, window=-2), "window"),
+        (lambda: T.bigbird(5, block=0), "block"),
+        (lambda: T.bigbird(5, num_random=-1), "num_random"),
+        (lambda: T.random(5, 6), "'k'"),
+        (lambda: T.random([8, 2], 3), "'k'"),
+        (lambda: T.expander(5, 3), "degree"),
+        (lambda: T.expander(5, -1), "degree"),
+        (lambda: T.star(5, ring=1), "ring"),
+        (lambda: T.document(5, [2, 2]), "doc_lengths"),
+        (lambda: T.document(5, 0), "doc_lengths"),
+        (lambda: T.document([2, 3], [[2]]), "doc_lengths"),
+        (lambda: T.prefix_lm(5, -1), "prefix"),
+        (lambda: T.prefix_lm([5, 2], [1]), "prefix"),
+        (lambda: T.cross(3, 4, mode="diagonal"), "mode"),
+        (lambda: T.cross([3, 2], [4]), "n_k"),
+        (lambda: T.cross(3, 4, window=-1), "window"),
+        (lambda: T.from_graph("graph"), "graph"),
+        (lambda: T.from_predicate(2000, lambda i, j: True), "max_pairs"),
+        (lambda: T.union(torch.tensor([[-1], [0]]), T.causal(3)), "non-negative.*-1"),
+        (lambda: T.difference(T.causal(3), torch.tensor([[0], [-2]])), "non-negative.*-2"),
+    ],
+)
 def test_bad_input_names_the_argument(call, arg):
     with pytest.raises(ValueError, match=arg):
         call()
@@ -293,7 +353,8 @@ def test_bad_input_names_the_argument(call, arg):
 def test_bigbird_more_random_blocks_than_there_are():
     """num_random beyond the blocks a query can draw takes them all, in time and memory bounded
     by the blocks, not by num_random (2**31 - 1 used to allocate an [R, 2**31 - 1] tensor)."""
-    every = T.bigbird(40, block=2, window=1, num_global=1, num_random=2 ** 31 - 1, seed=1)
-    assert torch.equal(every.as_tensor(), T.bigbird(40, block=2, window=1, num_global=1, num_random=20,
-                                                     seed=1).as_tensor())
+    every = T.bigbird(40, block=2, window=1, num_global=1, num_random=2**31 - 1, seed=1)
+    assert torch.equal(
+        every.as_tensor(), T.bigbird(40, block=2, window=1, num_global=1, num_random=20, seed=1).as_tensor()
+    )
     assert torch.equal(every.as_tensor(), T.full(40).as_tensor())  # every block reachable

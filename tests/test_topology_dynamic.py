@@ -3,6 +3,7 @@
 per-head edges, and refuses bad arguments with a ValueError naming the argument and the value. The
 selector objects (a layer's ``select``) equal the functions on the graph's sequences, kept to the
 graph; ``sequence_lengths`` equals its rule written plainly; ``selector(spec)`` builds them by name."""
+
 import math
 import re
 
@@ -13,8 +14,19 @@ from hypothesis import strategies as st
 from torch_geometric import EdgeIndex
 
 from gnn_transformer import topology as T
-from gnn_transformer.topology.dynamic import (LSH, SELECTORS, BlockTopK, Routing, TopK, block_topk, lsh, routing,
-                                              selector, sequence_lengths, topk)
+from gnn_transformer.topology.dynamic import (
+    LSH,
+    SELECTORS,
+    BlockTopK,
+    Routing,
+    TopK,
+    block_topk,
+    lsh,
+    routing,
+    selector,
+    sequence_lengths,
+    topk,
+)
 
 
 # ---------------------------------------------------------------- helpers
@@ -63,7 +75,7 @@ def brute_topk(q, k, num_keys, lq, lk, *, causal=False, allowed=None, allowed_he
                 cand[h][i] = set(range(k.size(0)))
     else:
         for e, (j, i) in enumerate(allowed.t().tolist()):
-            for h in ([int(allowed_head[e])] if allowed_head is not None else range(H)):
+            for h in [int(allowed_head[e])] if allowed_head is not None else range(H):
                 cand[h][i].add(j)
     out = []
     for h in range(H):
@@ -98,8 +110,9 @@ def brute_lsh(q, k, num_buckets, num_hashes, chunk_size, seed, lengths, *, causa
     """Reformer's recipe with the documented rotations."""
     H, H_kv, D = q.size(1), k.size(1), q.size(2)
     g = H // H_kv
-    R = torch.randn(num_hashes, H_kv, D, num_buckets // 2, generator=torch.Generator().manual_seed(seed),
-                    dtype=torch.float64)
+    R = torch.randn(
+        num_hashes, H_kv, D, num_buckets // 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
 
     def bucket(v, rot):
         x = (v / v.norm()) @ rot
@@ -116,7 +129,7 @@ def brute_lsh(q, k, num_buckets, num_hashes, chunk_size, seed, lengths, *, causa
                 sorted_k = sorted(range(L), key=lambda p: (bk[p], p))
                 for rank, i in enumerate(sorted_q):
                     c = rank // chunk_size
-                    for j in sorted_k[max(c - 1, 0) * chunk_size:(c + 1) * chunk_size]:
+                    for j in sorted_k[max(c - 1, 0) * chunk_size : (c + 1) * chunk_size]:
                         if not causal or j <= i:
                             out.add((h, offset + i, offset + j))
         offset += L
@@ -133,8 +146,13 @@ def brute_routing(q, k, centroids, lengths, *, causal=False):
 
     cq = [[cluster(q[i, h], h) for h in range(H)] for i in range(q.size(0))]
     ck = [[cluster(k[j, h // g], h) for h in range(H)] for j in range(k.size(0))]
-    return [(h, i, j) for h in range(H) for i in range(q.size(0)) for j in range(k.size(0))
-            if cq[i][h] == ck[j][h] and seq[i] == seq[j] and (not causal or pos[j] <= pos[i])]
+    return [
+        (h, i, j)
+        for h in range(H)
+        for i in range(q.size(0))
+        for j in range(k.size(0))
+        if cq[i][h] == ck[j][h] and seq[i] == seq[j] and (not causal or pos[j] <= pos[i])
+    ]
 
 
 def assert_format(edge_index, edge_head, num_heads, lq, lk=None):
@@ -155,10 +173,21 @@ def assert_format(edge_index, edge_head, num_heads, lq, lk=None):
 
 HEADS = [(1, 1), (2, 2), (4, 2), (4, 1)]  # (H, H_kv)
 # (lengths, how they are given, (H, H_kv)): one sequence, a batch with an empty sequence, GQA
-SELF = [([9], "none", (1, 1)), ([9], "none", (4, 2)), ([5, 3, 6], "lengths", (4, 1)), ([5, 3, 6], "lengths", (2, 2)),
-        ([4, 0, 7], "batch", (4, 2)), ([6, 5], "batch", (1, 1))]
-CROSS = [([4], [9], "none", (4, 2)), ([3, 0, 5], [4, 2, 3], "lengths", (2, 1)), ([2, 6], [5, 1], "batch", (1, 1)),
-         ([12], [12], "none", (4, 1)), ([5, 3, 6], [5, 3, 6], "lengths", (2, 2))]
+SELF = [
+    ([9], "none", (1, 1)),
+    ([9], "none", (4, 2)),
+    ([5, 3, 6], "lengths", (4, 1)),
+    ([5, 3, 6], "lengths", (2, 2)),
+    ([4, 0, 7], "batch", (4, 2)),
+    ([6, 5], "batch", (1, 1)),
+]
+CROSS = [
+    ([4], [9], "none", (4, 2)),
+    ([3, 0, 5], [4, 2, 3], "lengths", (2, 1)),
+    ([2, 6], [5, 1], "batch", (1, 1)),
+    ([12], [12], "none", (4, 1)),
+    ([5, 3, 6], [5, 3, 6], "lengths", (2, 2)),
+]
 
 
 # ---------------------------------------------------------------- topk
@@ -200,8 +229,9 @@ def test_topk_within_allowed_equals_brute_force(lq, lk, how, heads, per_head, nu
     H, H_kv = heads
     q, k = _ints(sum(lq), H, 2, seed=5), _ints(sum(lk), H_kv, 2, seed=6)
     allowed, allowed_head = _allowed(sum(lk), sum(lq), 30, seed=7, heads=H if per_head else None)
-    edge_index, edge_head = topk(q, k, num_keys, allowed=allowed, allowed_head=allowed_head, causal=causal,
-                                 chunk=1, **_given(lq, lk, how))
+    edge_index, edge_head = topk(
+        q, k, num_keys, allowed=allowed, allowed_head=allowed_head, causal=causal, chunk=1, **_given(lq, lk, how)
+    )
     expected = brute_topk(q, k, num_keys, lq, lk, causal=causal, allowed=allowed, allowed_head=allowed_head)
     assert _triples(edge_index, edge_head) == expected
     assert_format(edge_index, edge_head, H, lq, lk)
@@ -259,9 +289,17 @@ def test_topk_is_not_differentiated():
 
 
 @settings(max_examples=60, deadline=None)
-@given(lq=st.lists(st.integers(0, 6), min_size=1, max_size=3), extra=st.lists(st.integers(-2, 3), min_size=3,
-       max_size=3), heads=st.sampled_from(HEADS), num_keys=st.integers(1, 7), causal=st.booleans(),
-       use_allowed=st.booleans(), per_head=st.booleans(), chunk=st.integers(1, 9), seed=st.integers(0, 10**6))
+@given(
+    lq=st.lists(st.integers(0, 6), min_size=1, max_size=3),
+    extra=st.lists(st.integers(-2, 3), min_size=3, max_size=3),
+    heads=st.sampled_from(HEADS),
+    num_keys=st.integers(1, 7),
+    causal=st.booleans(),
+    use_allowed=st.booleans(),
+    per_head=st.booleans(),
+    chunk=st.integers(1, 9),
+    seed=st.integers(0, 10**6),
+)
 def test_topk_property_equals_brute_force(lq, extra, heads, num_keys, causal, use_allowed, per_head, chunk, seed):
     lk = [max(L + d, 0) for L, d in zip(lq, extra)]
     H, H_kv = heads
@@ -269,8 +307,9 @@ def test_topk_property_equals_brute_force(lq, extra, heads, num_keys, causal, us
     allowed = allowed_head = None
     if use_allowed and sum(lq) and sum(lk):
         allowed, allowed_head = _allowed(sum(lk), sum(lq), 3 * sum(lq), seed=seed, heads=H if per_head else None)
-    edge_index, edge_head = topk(q, k, num_keys, allowed=allowed, allowed_head=allowed_head, causal=causal,
-                                 chunk=chunk, lengths=(lq, lk))
+    edge_index, edge_head = topk(
+        q, k, num_keys, allowed=allowed, allowed_head=allowed_head, causal=causal, chunk=chunk, lengths=(lq, lk)
+    )
     expected = brute_topk(q, k, num_keys, lq, lk, causal=causal, allowed=allowed, allowed_head=allowed_head)
     assert _triples(edge_index, edge_head) == expected
     assert_format(edge_index, edge_head, H, lq, lk)
@@ -294,8 +333,11 @@ def test_block_topk_ties_go_to_the_lower_block(causal):
     edge_index, edge_head = block_topk(q, k, 2, 1, causal=causal)
     assert _triples(edge_index, edge_head) == brute_block_topk(q, k, 2, 1, [8], causal=causal)
     kept = {(i // 2, j // 2) for _, i, j in _triples(edge_index, edge_head)}
-    assert kept == ({(0, 0), (1, 1), (1, 0), (2, 2), (2, 0), (3, 3), (3, 0)} if causal
-                    else {(0, 0), (0, 1), (1, 1), (1, 0), (2, 2), (2, 0), (3, 3), (3, 0)})
+    assert kept == (
+        {(0, 0), (1, 1), (1, 0), (2, 2), (2, 0), (3, 3), (3, 0)}
+        if causal
+        else {(0, 0), (0, 1), (1, 1), (1, 0), (2, 2), (2, 0), (3, 3), (3, 0)}
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -321,8 +363,16 @@ def test_block_topk_pools_the_short_last_block_over_its_real_tokens():
 def test_lsh_equals_brute_force(lengths, how, heads, num_buckets, num_hashes, chunk_size, causal):
     H, H_kv = heads
     q, k = _randn(sum(lengths), H, 4), _randn(sum(lengths), H_kv, 4, seed=1)
-    edge_index, edge_head = lsh(q, k, num_buckets, num_hashes=num_hashes, chunk_size=chunk_size, seed=3,
-                                causal=causal, **_given(lengths, lengths, how))
+    edge_index, edge_head = lsh(
+        q,
+        k,
+        num_buckets,
+        num_hashes=num_hashes,
+        chunk_size=chunk_size,
+        seed=3,
+        causal=causal,
+        **_given(lengths, lengths, how),
+    )
     expected = brute_lsh(q, k, num_buckets, num_hashes, chunk_size, 3, lengths, causal=causal)
     assert _triples(edge_index, edge_head) == expected
     assert_format(edge_index, edge_head, H, lengths)
@@ -451,9 +501,11 @@ def test_routing_module_centroids_follow_to_and_the_state_dict():
 def test_selectors_on_cuda_match_cpu():
     q, k = _ints(20, 4, 4, seed=0), _ints(20, 2, 4, seed=1)
     router = Routing(4, 4, 3)
-    for fn in (lambda a, b: topk(a, b, 3, lengths=[8, 12], causal=True),
-               lambda a, b: block_topk(a, b, 3, 1, lengths=[8, 12]),
-               lambda a, b: lsh(a, b, 4, chunk_size=2, lengths=[8, 12])):
+    for fn in (
+        lambda a, b: topk(a, b, 3, lengths=[8, 12], causal=True),
+        lambda a, b: block_topk(a, b, 3, 1, lengths=[8, 12]),
+        lambda a, b: lsh(a, b, 4, chunk_size=2, lengths=[8, 12]),
+    ):
         cpu, gpu = fn(q, k), fn(q.cuda(), k.cuda())
         assert gpu[0].device.type == "cuda" and torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
     router.eval()
@@ -528,12 +580,17 @@ BAD = [
     (lambda: topk(Q, K, 1, allowed=torch.zeros(2, 2)), "'allowed'", "torch.float32"),
     (lambda: topk(Q, K, 1, allowed=torch.tensor([[0, 4], [0, 0]])), "'allowed'", "[0, 4]"),
     (lambda: topk(Q, K, 1, allowed=torch.tensor([[0, 0], [0, -1]])), "'allowed'", "[-1, 0]"),
-    (lambda: topk(Q, K, 1, allowed=EdgeIndex(torch.tensor([[0], [0]]), sparse_size=(5, 4))), "'allowed'",
-     "(5, 4)"),
-    (lambda: topk(Q, K, 1, allowed=torch.tensor([[0, 1], [0, 0]]), allowed_head=torch.tensor([0])),
-     "'allowed_head'", "(got 1)"),
-    (lambda: topk(Q, K, 1, allowed=torch.tensor([[0, 1], [0, 0]]), allowed_head=torch.tensor([0, 4])),
-     "'allowed_head'", "[0, 4]"),
+    (lambda: topk(Q, K, 1, allowed=EdgeIndex(torch.tensor([[0], [0]]), sparse_size=(5, 4))), "'allowed'", "(5, 4)"),
+    (
+        lambda: topk(Q, K, 1, allowed=torch.tensor([[0, 1], [0, 0]]), allowed_head=torch.tensor([0])),
+        "'allowed_head'",
+        "(got 1)",
+    ),
+    (
+        lambda: topk(Q, K, 1, allowed=torch.tensor([[0, 1], [0, 0]]), allowed_head=torch.tensor([0, 4])),
+        "'allowed_head'",
+        "[0, 4]",
+    ),
     (lambda: topk(Q, K, 1, allowed_head=torch.tensor([0])), "'allowed_head'", "allowed=None"),
     (lambda: block_topk(Q, K, 0, 1), "'block_size'", "(got 0)"),
     (lambda: block_topk(Q, K, 5, 1), "'block_size'", "(got 5)"),
@@ -620,23 +677,33 @@ def _within(triples, graph):
 ROUTER = Routing(4, 4, 3, seed=1).double().eval()
 OBJECTS = {  # name: (selector object, its reference on the graph's lengths: the plain function, kept to the graph)
     "topk": (TopK(3), lambda q, k, g, lens: brute_topk(q, k, 3, lens, lens, allowed=g)),
-    "topk_causal": (TopK(2, causal=True), lambda q, k, g, lens: brute_topk(q, k, 2, lens, lens, causal=True,
-                                                                           allowed=g)),
+    "topk_causal": (
+        TopK(2, causal=True),
+        lambda q, k, g, lens: brute_topk(q, k, 2, lens, lens, causal=True, allowed=g),
+    ),
     "block_topk": (BlockTopK(2, 1), lambda q, k, g, lens: _within(_triples(*block_topk(q, k, 2, 1, lengths=lens)), g)),
-    "block_topk_causal": (BlockTopK(3, 1, causal=True), lambda q, k, g, lens: _within(
-        _triples(*block_topk(q, k, 3, 1, causal=True, lengths=lens)), g)),
-    "lsh": (LSH(4, num_hashes=2, chunk_size=2, seed=3), lambda q, k, g, lens: _within(
-        _triples(*lsh(q, k, 4, num_hashes=2, chunk_size=2, seed=3, lengths=lens)), g)),
-    "lsh_causal": (LSH(2, chunk_size=3, causal=True), lambda q, k, g, lens: _within(
-        _triples(*lsh(q, k, 2, chunk_size=3, causal=True, lengths=lens)), g)),
+    "block_topk_causal": (
+        BlockTopK(3, 1, causal=True),
+        lambda q, k, g, lens: _within(_triples(*block_topk(q, k, 3, 1, causal=True, lengths=lens)), g),
+    ),
+    "lsh": (
+        LSH(4, num_hashes=2, chunk_size=2, seed=3),
+        lambda q, k, g, lens: _within(_triples(*lsh(q, k, 4, num_hashes=2, chunk_size=2, seed=3, lengths=lens)), g),
+    ),
+    "lsh_causal": (
+        LSH(2, chunk_size=3, causal=True),
+        lambda q, k, g, lens: _within(_triples(*lsh(q, k, 2, chunk_size=3, causal=True, lengths=lens)), g),
+    ),
     "routing": (ROUTER, lambda q, k, g, lens: _within(_triples(*routing(q, k, ROUTER.centroids, lengths=lens)), g)),
 }
 GRAPHS = {  # name: (graph on 12 nodes, its sequences)
     "causal": (T.causal([5, 7]).as_tensor(), [5, 7]),
     "window": (T.sliding_window([5, 7], 2).as_tensor(), [5, 7]),
     "causal_window": (T.sliding_window(12, 1, causal=True).as_tensor(), [12]),
-    "isolated_node": (T.full([5, 4, 1, 2]).as_tensor()[:, (T.full([5, 4, 1, 2]).as_tensor() != 9).all(0)],
-                      [5, 4, 1, 2]),  # node 9 has no edge: a sequence of its own, and no selected edge
+    "isolated_node": (
+        T.full([5, 4, 1, 2]).as_tensor()[:, (T.full([5, 4, 1, 2]).as_tensor() != 9).all(0)],
+        [5, 4, 1, 2],
+    ),  # node 9 has no edge: a sequence of its own, and no selected edge
 }
 
 
@@ -678,8 +745,9 @@ def test_selector_object_on_an_empty_graph_selects_nothing():
 def test_block_topk_object_takes_sequences_shorter_than_a_block_as_one_block():
     q, k = _randn(12, 4, 4), _randn(12, 2, 4, seed=1)
     edge_index, edge_head = BlockTopK(64, 1)(q, k, T.sliding_window([5, 7], 2))
-    assert _triples(edge_index, edge_head) == _within(_triples(*T.heads.per_head([T.full([5, 7])] * 4)),
-                                                      T.sliding_window([5, 7], 2).as_tensor())
+    assert _triples(edge_index, edge_head) == _within(
+        _triples(*T.heads.per_head([T.full([5, 7])] * 4)), T.sliding_window([5, 7], 2).as_tensor()
+    )
 
 
 def test_topk_object_takes_a_bipartite_graph():
@@ -721,13 +789,19 @@ def test_routing_object_takes_its_causal_default_from_the_constructor():
     assert router(q, k, causal=False)[0].size(1) > want[0].size(1)
 
 
-@pytest.mark.parametrize("select, text", [
-    (TopK(64, causal=True), "TopK(num_keys=64, causal=True)"),
-    (BlockTopK(64, 8), "BlockTopK(block_size=64, num_blocks=8, causal=False)"),
-    (LSH(8, num_hashes=2), "LSH(num_buckets=8, num_hashes=2, chunk_size=64, seed=0, causal=False)"),
-    (Routing(4, 16, 8, seed=3, causal=True), "Routing(num_heads=4, head_dim=16, num_clusters=8, decay=0.999, seed=3, "
-                                             "causal=True)"),
-], ids=lambda x: type(x).__name__ if not isinstance(x, str) else "")
+@pytest.mark.parametrize(
+    "select, text",
+    [
+        (TopK(64, causal=True), "TopK(num_keys=64, causal=True)"),
+        (BlockTopK(64, 8), "BlockTopK(block_size=64, num_blocks=8, causal=False)"),
+        (LSH(8, num_hashes=2), "LSH(num_buckets=8, num_hashes=2, chunk_size=64, seed=0, causal=False)"),
+        (
+            Routing(4, 16, 8, seed=3, causal=True),
+            "Routing(num_heads=4, head_dim=16, num_clusters=8, decay=0.999, seed=3, causal=True)",
+        ),
+    ],
+    ids=lambda x: type(x).__name__ if not isinstance(x, str) else "",
+)
 def test_selector_object_repr(select, text):
     assert repr(select) == text
 
@@ -753,8 +827,9 @@ OBJECT_BAD = [
 ]
 
 
-@pytest.mark.parametrize("call, name, value", BAD + OBJECT_BAD,
-                         ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD + OBJECT_BAD)])
+@pytest.mark.parametrize(
+    "call, name, value", BAD + OBJECT_BAD, ids=[f"{i}-{b[1]}" for i, b in enumerate(BAD + OBJECT_BAD)]
+)
 def test_bad_inputs_name_the_argument_and_the_value(call, name, value):
     with pytest.raises(ValueError) as info:
         call()
@@ -769,31 +844,43 @@ def test_selector_object_arguments_after_the_sizes_are_keyword_only():
 
 
 # ---------------------------------------------------------------- selectors by name
-@pytest.mark.parametrize("spec, want", [
-    ("topk:num_keys=64", TopK(64)),
-    ("topk:num_keys=64,causal=true", TopK(64, causal=True)),
-    ("block_topk:block_size=64,num_blocks=8,causal=true", BlockTopK(64, 8, causal=True)),
-    ("lsh:num_buckets=8,num_hashes=2", LSH(8, num_hashes=2)),
-    (" lsh : num_buckets = 8 , chunk_size=+16, seed=12345678901234567 , causal=false ",
-     LSH(8, chunk_size=16, seed=12345678901234567)),
-    ({"name": "topk", "num_keys": 64}, TopK(64)),
-    ({"name": "block_topk", "block_size": 4, "num_blocks": 0, "causal": True}, BlockTopK(4, 0, causal=True)),
-    ({"name": "lsh", "num_buckets": 2, "num_hashes": 3, "chunk_size": 5, "seed": 7, "causal": True},
-     LSH(2, num_hashes=3, chunk_size=5, seed=7, causal=True)),
-], ids=str)
+@pytest.mark.parametrize(
+    "spec, want",
+    [
+        ("topk:num_keys=64", TopK(64)),
+        ("topk:num_keys=64,causal=true", TopK(64, causal=True)),
+        ("block_topk:block_size=64,num_blocks=8,causal=true", BlockTopK(64, 8, causal=True)),
+        ("lsh:num_buckets=8,num_hashes=2", LSH(8, num_hashes=2)),
+        (
+            " lsh : num_buckets = 8 , chunk_size=+16, seed=12345678901234567 , causal=false ",
+            LSH(8, chunk_size=16, seed=12345678901234567),
+        ),
+        ({"name": "topk", "num_keys": 64}, TopK(64)),
+        ({"name": "block_topk", "block_size": 4, "num_blocks": 0, "causal": True}, BlockTopK(4, 0, causal=True)),
+        (
+            {"name": "lsh", "num_buckets": 2, "num_hashes": 3, "chunk_size": 5, "seed": 7, "causal": True},
+            LSH(2, num_hashes=3, chunk_size=5, seed=7, causal=True),
+        ),
+    ],
+    ids=str,
+)
 def test_selector_by_name_equals_the_object(spec, want):
     got = selector(spec, num_heads=4, head_dim=8)  # the sizes are ignored but by routing
     assert got == want and type(got) is type(want)
 
 
-@pytest.mark.parametrize("spec, decay, seed, causal", [
-    ("routing:num_clusters=3", 0.999, 0, False),
-    ("routing:num_clusters=3,decay=0.5,seed=4,causal=true", 0.5, 4, True),
-    ("routing:num_clusters=3,decay=1,seed=4", 1.0, 4, False),
-    ("routing:num_clusters=3,decay=25e-3", 0.025, 0, False),
-    ({"name": "routing", "num_clusters": 3, "decay": 0.5, "seed": 4, "causal": True}, 0.5, 4, True),
-    ({"name": "routing", "num_clusters": 3, "decay": 1}, 1.0, 0, False),
-], ids=str)
+@pytest.mark.parametrize(
+    "spec, decay, seed, causal",
+    [
+        ("routing:num_clusters=3", 0.999, 0, False),
+        ("routing:num_clusters=3,decay=0.5,seed=4,causal=true", 0.5, 4, True),
+        ("routing:num_clusters=3,decay=1,seed=4", 1.0, 4, False),
+        ("routing:num_clusters=3,decay=25e-3", 0.025, 0, False),
+        ({"name": "routing", "num_clusters": 3, "decay": 0.5, "seed": 4, "causal": True}, 0.5, 4, True),
+        ({"name": "routing", "num_clusters": 3, "decay": 1}, 1.0, 0, False),
+    ],
+    ids=str,
+)
 def test_selector_routing_by_name_holds_fresh_centroids(spec, decay, seed, causal):
     router = selector(spec, num_heads=2, head_dim=8)
     want = Routing(2, 8, 3, decay=decay, seed=seed, causal=causal)
@@ -809,8 +896,12 @@ def test_selector_parameters_are_typed():
 
 
 def test_selectors_names_every_selector():
-    required = {"topk": "num_keys=1", "block_topk": "block_size=1,num_blocks=0", "lsh": "num_buckets=2",
-                "routing": "num_clusters=1"}
+    required = {
+        "topk": "num_keys=1",
+        "block_topk": "block_size=1,num_blocks=0",
+        "lsh": "num_buckets=2",
+        "routing": "num_clusters=1",
+    }
     assert set(SELECTORS) == set(required)
     for name in SELECTORS:
         assert callable(selector(f"{name}:{required[name]}", num_heads=2, head_dim=4))
@@ -855,8 +946,9 @@ def test_selector_bad_specs_name_the_spec_the_key_and_the_value(spec, names):
 
 @pytest.mark.parametrize("sizes", [{}, {"num_heads": 2}, {"head_dim": 4}], ids=str)
 def test_selector_routing_needs_the_sizes(sizes):
-    with pytest.raises(ValueError, match=re.escape("'routing:num_clusters=2': routing needs the layer's 'num_heads' "
-                                                   "and 'head_dim'")):
+    with pytest.raises(
+        ValueError, match=re.escape("'routing:num_clusters=2': routing needs the layer's 'num_heads' and 'head_dim'")
+    ):
         selector("routing:num_clusters=2", **sizes)
 
 
@@ -867,7 +959,9 @@ def test_selector_routing_refuses_bad_sizes_naming_the_spec():
 
 @pytest.mark.parametrize("spec", [3, None, ["topk", 3]], ids=str)
 def test_selector_refuses_a_spec_of_another_type(spec):
-    message = ("Expected 'spec' to be a string such as 'topk:num_keys=64' or a mapping such as {'name': 'topk', "
-               f"'num_keys': 64}} (got {spec!r})")
+    message = (
+        "Expected 'spec' to be a string such as 'topk:num_keys=64' or a mapping such as {'name': 'topk', "
+        f"'num_keys': 64}} (got {spec!r})"
+    )
     with pytest.raises(ValueError, match=re.escape(message)):
         selector(spec)

@@ -1,4 +1,5 @@
 """Combinators, networkx and FlexAttention exports: all built from the same edge set."""
+
 import functools
 
 import pytest
@@ -18,9 +19,13 @@ GRAPHS = {
 }
 
 
-@pytest.mark.parametrize("a, b", [(T.causal, functools.partial(T.sliding_window, window=2)),
-                                  (functools.partial(T.global_tokens, num_global=2),
-                                   functools.partial(T.strided, stride=3, causal=False))])
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        (T.causal, functools.partial(T.sliding_window, window=2)),
+        (functools.partial(T.global_tokens, num_global=2), functools.partial(T.strided, stride=3, causal=False)),
+    ],
+)
 @pytest.mark.parametrize("lengths", [[1], [7], [4, 1, 6]], ids=str)
 def test_combinators_are_set_operations(a, b, lengths):
     ga, gb = a(lengths), b(lengths)
@@ -35,10 +40,12 @@ def test_combinators_are_set_operations(a, b, lengths):
 
 
 def test_combinator_identities_and_errors():
-    assert torch.equal(T.intersection(T.causal(9), T.sliding_window(9, 2)).as_tensor(),
-                       T.sliding_window(9, 2, causal=True).as_tensor())
-    assert torch.equal(T.union(T.sliding_window(9, 2), T.global_tokens(9, 1)).as_tensor(),
-                       T.global_tokens(9, 1, window=2).as_tensor())
+    assert torch.equal(
+        T.intersection(T.causal(9), T.sliding_window(9, 2)).as_tensor(), T.sliding_window(9, 2, causal=True).as_tensor()
+    )
+    assert torch.equal(
+        T.union(T.sliding_window(9, 2), T.global_tokens(9, 1)).as_tensor(), T.global_tokens(9, 1, window=2).as_tensor()
+    )
     assert T.difference(T.full(4), T.full(4)).size(1) == 0
     plain = torch.tensor([[0, 1], [1, 1]])
     assert T.union(plain, T.causal(2)).tolist() == [[0, 0, 1], [0, 1, 1]]
@@ -69,8 +76,9 @@ def test_to_networkx_bipartite_cross():
 
 
 @pytest.mark.parametrize("name", list(GRAPHS))
-@pytest.mark.parametrize("lookup, block", [("bits", None), ("search", None), ("blocks", 4), ("blocks", 5),
-                                           ("blocks", 16), ("blocks", 128)])
+@pytest.mark.parametrize(
+    "lookup, block", [("bits", None), ("search", None), ("blocks", 4), ("blocks", 5), ("blocks", 16), ("blocks", 128)]
+)
 def test_flex_mask_mod_equals_dense_mask(name, lookup, block):
     ei = GRAPHS[name]()
     N = ei.sparse_size(0)
@@ -102,8 +110,10 @@ def test_flex_mask_mod_blocks_of_empty_and_full_graphs():
         assert bool((mm(q, q, q, kv) == want).all())
 
 
-requires_flex = pytest.mark.skipif(not T.flex_attention_available(),
-                                   reason="FlexAttention (torch.nn.attention.flex_attention) unavailable in this torch")
+requires_flex = pytest.mark.skipif(
+    not T.flex_attention_available(),
+    reason="FlexAttention (torch.nn.attention.flex_attention) unavailable in this torch",
+)
 
 
 @requires_flex
@@ -125,7 +135,6 @@ def test_flex_attention_with_block_mask_equals_masked_sdpa(name, lookup):
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
 
 
-
 @requires_flex
 @pytest.mark.parametrize("name", list(GRAPHS) + ["full"])
 @pytest.mark.parametrize("block", [4, 8, 16])
@@ -142,8 +151,10 @@ def test_block_mask_equals_torchs_create_block_mask(name, block):
     assert torch.equal(bm.to_dense(), ref.to_dense())
     assert torch.equal(bm.kv_num_blocks, ref.kv_num_blocks)
     assert torch.equal(bm.full_kv_num_blocks, ref.full_kv_num_blocks)
-    for a, b, num in ((bm.kv_indices, ref.kv_indices, ref.kv_num_blocks),
-                      (bm.full_kv_indices, ref.full_kv_indices, ref.full_kv_num_blocks)):
+    for a, b, num in (
+        (bm.kv_indices, ref.kv_indices, ref.kv_num_blocks),
+        (bm.full_kv_indices, ref.full_kv_indices, ref.full_kv_num_blocks),
+    ):
         for row, count in enumerate(num.flatten().tolist()):
             assert torch.equal(a[0, 0, row, :count], b[0, 0, row, :count])
 
@@ -168,8 +179,9 @@ def test_block_mask_skips_empty_blocks():
 
 @requires_flex
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 40), st.integers(1, 40), st.floats(0.0, 1.0), st.sampled_from([1, 3, 8, 16]),
-       st.integers(0, 2 ** 16))
+@given(
+    st.integers(1, 40), st.integers(1, 40), st.floats(0.0, 1.0), st.sampled_from([1, 3, 8, 16]), st.integers(0, 2**16)
+)
 def test_block_mask_of_random_graphs(n_dst, n_src, p, block, seed):
     """Random bipartite edge sets, densities from empty to full: the blocks equal torch's, and the
     ``mask_mod`` is the edge set."""
@@ -180,8 +192,9 @@ def test_block_mask_of_random_graphs(n_dst, n_src, p, block, seed):
     dst, src = mask.nonzero(as_tuple=True)
     ei = torch.stack([src, dst])
     bm = T.to_block_mask(ei, n_src, n_dst, block_size=block)
-    ref = create_block_mask(T.to_flex_mask_mod(ei, n_src, n_dst), None, None, n_dst, n_src, device="cpu",
-                            BLOCK_SIZE=block)
+    ref = create_block_mask(
+        T.to_flex_mask_mod(ei, n_src, n_dst), None, None, n_dst, n_src, device="cpu", BLOCK_SIZE=block
+    )
     assert torch.equal(bm.to_dense(), ref.to_dense())
     assert torch.equal(bm.full_kv_num_blocks, ref.full_kv_num_blocks)
     q, kv = torch.arange(n_dst).repeat_interleave(n_src), torch.arange(n_src).repeat(n_dst)

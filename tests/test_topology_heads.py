@@ -1,13 +1,25 @@
 """Per-head builders (``per_head``, ``dilated_per_head``, ``streaming``, ``duo_attention``) against
 their predicate twins, and the per-head dense mask of ``to_dense_mask``."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gnn_transformer.topology import (causal, dilated, dilated_per_head, dilated_predicate, duo_attention,
-                                      is_multigraph, max_edges, per_head, sliding_window, streaming,
-                                      streaming_predicate, to_dense_mask)
+from gnn_transformer.topology import (
+    causal,
+    dilated,
+    dilated_per_head,
+    dilated_predicate,
+    duo_attention,
+    is_multigraph,
+    max_edges,
+    per_head,
+    sliding_window,
+    streaming,
+    streaming_predicate,
+    to_dense_mask,
+)
 
 
 def _edges(edge_index, edge_head=None):
@@ -66,14 +78,17 @@ def test_per_head_stacks_graphs_by_head():
     _assert_sorted_by_head_and_target(edge_index, edge_head)
 
 
-@pytest.mark.parametrize("graphs, match", [
-    ([], "non-empty list"),
-    (causal(3), "non-empty list"),
-    ([causal(3), causal(4)], "the same sparse_size"),
-    ([causal(3), torch.zeros(2, 2)], "each graph of 'per_head' to be an integer edge_index"),
-    ([torch.tensor([[0, -1], [0, 0]])], "non-negative"),
-    ([causal(3), torch.tensor([[0], [5]])], "outside sparse_size"),
-])
+@pytest.mark.parametrize(
+    "graphs, match",
+    [
+        ([], "non-empty list"),
+        (causal(3), "non-empty list"),
+        ([causal(3), causal(4)], "the same sparse_size"),
+        ([causal(3), torch.zeros(2, 2)], "each graph of 'per_head' to be an integer edge_index"),
+        ([torch.tensor([[0, -1], [0, 0]])], "non-negative"),
+        ([causal(3), torch.tensor([[0], [5]])], "outside sparse_size"),
+    ],
+)
 def test_per_head_bad_input(graphs, match):
     with pytest.raises(ValueError, match=match):
         per_head(graphs)
@@ -110,10 +125,15 @@ def test_duo_attention_splits_heads():
     _assert_sorted_by_head_and_target(edge_index, edge_head)
 
 
-@pytest.mark.parametrize("heads, num_heads, match", [
-    ([4], 4, "'streaming_heads' <= 3"), ([1, 1], 4, "distinct"), ([0], 0, "'num_heads' >= 1"),
-    ("1", 4, "list of head indices"),
-])
+@pytest.mark.parametrize(
+    "heads, num_heads, match",
+    [
+        ([4], 4, "'streaming_heads' <= 3"),
+        ([1, 1], 4, "distinct"),
+        ([0], 0, "'num_heads' >= 1"),
+        ("1", 4, "list of head indices"),
+    ],
+)
 def test_duo_attention_bad_input(heads, num_heads, match):
     with pytest.raises(ValueError, match=match):
         duo_attention(6, heads, num_heads, num_sinks=1, window=2)
@@ -143,13 +163,16 @@ def test_a_duplicate_within_a_head_is_a_multigraph_across_heads_is_not():
         to_dense_mask(edge_index, 2, 2, edge_head=torch.tensor([1, 1]), num_heads=2)
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(edge_head=torch.tensor([0, 0, 0])), "'num_heads' to be a positive int"),
-    (dict(num_heads=2), "'num_heads' .* needs 'edge_head'"),
-    (dict(edge_head=torch.tensor([0, 0]), num_heads=2), r"'edge_head' of shape \[E\] = \[3\]"),
-    (dict(edge_head=torch.tensor([0.0, 0.0, 0.0]), num_heads=2), "'edge_head' to hold integers"),
-    (dict(edge_head=torch.tensor([0, 2, 0]), num_heads=2), r"'edge_head' in \[0, 2\)"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(edge_head=torch.tensor([0, 0, 0])), "'num_heads' to be a positive int"),
+        (dict(num_heads=2), "'num_heads' .* needs 'edge_head'"),
+        (dict(edge_head=torch.tensor([0, 0]), num_heads=2), r"'edge_head' of shape \[E\] = \[3\]"),
+        (dict(edge_head=torch.tensor([0.0, 0.0, 0.0]), num_heads=2), "'edge_head' to hold integers"),
+        (dict(edge_head=torch.tensor([0, 2, 0]), num_heads=2), r"'edge_head' in \[0, 2\)"),
+    ],
+)
 def test_per_head_dense_mask_bad_input(kw, match):
     with pytest.raises(ValueError, match=match):
         to_dense_mask(causal(2), **kw)
@@ -157,6 +180,7 @@ def test_per_head_dense_mask_bad_input(kw, match):
 
 def test_draw_per_head_draws_one_matrix_per_head(tmp_path):
     from gnn_transformer.topology import draw_per_head
+
     edge_index, edge_head = duo_attention(10, [1], 3, num_sinks=1, window=2)
     fig = draw_per_head(edge_index, edge_head, 3, title="duo", path=tmp_path / "heads.png", columns=2)
     assert (tmp_path / "heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -167,10 +191,13 @@ def test_draw_per_head_draws_one_matrix_per_head(tmp_path):
         assert (images[h] == mask[h].numpy()).all()
 
 
-@pytest.mark.parametrize("kw, match", [(dict(head_names=["a"]), "'head_names' to have 3 entries"),
-                                       (dict(columns=0), "'columns' to be a positive int")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [(dict(head_names=["a"]), "'head_names' to have 3 entries"), (dict(columns=0), "'columns' to be a positive int")],
+)
 def test_draw_per_head_bad_input(kw, match):
     from gnn_transformer.topology import draw_per_head
+
     edge_index, edge_head = duo_attention(4, [1], 3, num_sinks=1, window=1)
     with pytest.raises(ValueError, match=match):
         draw_per_head(edge_index, edge_head, 3, **kw)

@@ -1,6 +1,7 @@
 """Implicit graphs (``BlockGraph``): the builders' ``implicit=True`` and block selection's tiles
 materialize to exactly the explicit builders' edges, their counts and dense twins agree, and bad
 input is refused with errors that name the argument."""
+
 from __future__ import annotations
 
 import pytest
@@ -52,9 +53,7 @@ def test_dense_twin(name, n):
     assert torch.equal(graph.to_dense(), T.to_dense_mask(BUILDERS[name](n)))
 
 
-@pytest.mark.parametrize("n,kind,bounds", [
-    (5, "causal", (0, 5)), ([3, 0, 4], "causal", (0, 3, 7)),
-])
+@pytest.mark.parametrize("n,kind,bounds", [(5, "causal", (0, 5)), ([3, 0, 4], "causal", (0, 3, 7))])
 def test_dense_pattern_causal(n, kind, bounds):
     assert T.causal(n, implicit=True).dense == (kind, bounds)
 
@@ -88,11 +87,19 @@ def test_edges_refused_past_budget_without_allocating():
         graph.edges()
 
 
-@pytest.mark.parametrize("n,lengths,block,num_blocks,causal,heads,kv_heads", [
-    (64, None, 16, 1, True, 4, 2), (100, None, 16, 2, False, 2, 1), (70, [30, 0, 40], 16, 1, True, 4, 4),
-    (50, [20, 30], 8, 10, True, 2, 1), (128, None, 32, 0, True, 3, 3), (1, None, 1, 3, True, 2, 2),
-    (0, None, 4, 1, True, 2, 1), (33, [17, 16], 16, 1, False, 2, 2),
-])
+@pytest.mark.parametrize(
+    "n,lengths,block,num_blocks,causal,heads,kv_heads",
+    [
+        (64, None, 16, 1, True, 4, 2),
+        (100, None, 16, 2, False, 2, 1),
+        (70, [30, 0, 40], 16, 1, True, 4, 4),
+        (50, [20, 30], 8, 10, True, 2, 1),
+        (128, None, 32, 0, True, 3, 3),
+        (1, None, 1, 3, True, 2, 2),
+        (0, None, 4, 1, True, 2, 1),
+        (33, [17, 16], 16, 1, False, 2, 2),
+    ],
+)
 def test_block_topk_materialized_equals_explicit(n, lengths, block, num_blocks, causal, heads, kv_heads):
     q, k = torch.randn(n, heads, 8), torch.randn(n, kv_heads, 8)
     graph = block_topk(q, k, block, num_blocks, causal=causal, lengths=lengths, implicit=True)
@@ -120,9 +127,14 @@ def test_block_topk_dense_twin():
 
 
 @settings(max_examples=25, deadline=None)
-@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=3), block=st.sampled_from([1, 3, 8, 16]),
-       num_blocks=st.integers(0, 4), causal=st.booleans(), heads=st.sampled_from([(1, 1), (2, 1), (4, 2)]),
-       seed=st.integers(0, 2 ** 16))
+@given(
+    lengths=st.lists(st.integers(0, 40), min_size=1, max_size=3),
+    block=st.sampled_from([1, 3, 8, 16]),
+    num_blocks=st.integers(0, 4),
+    causal=st.booleans(),
+    heads=st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+    seed=st.integers(0, 2**16),
+)
 def test_block_topk_random_selections(lengths, block, num_blocks, causal, heads, seed):
     n = sum(lengths)
     if n and block > max(lengths):
@@ -167,14 +179,21 @@ def test_interval_graph():
     dense = graph.to_dense()
     want = torch.zeros(5, 5, dtype=torch.bool)
     for i in range(5):
-        want[i, lo[i]:hi[i] + 1] = True
+        want[i, lo[i] : hi[i] + 1] = True
     assert torch.equal(dense, want)
 
 
 def _tiles(**change):
-    base = dict(num_dst=8, num_src=8, block_q=4, block_k=4, q_block=torch.tensor([0, 1, 1]),
-                k_block=torch.tensor([0, 0, 1]), mask_index=torch.tensor([0, -1, 0]),
-                masks=torch.ones(1, 4, 4, dtype=torch.bool).tril())
+    base = dict(
+        num_dst=8,
+        num_src=8,
+        block_q=4,
+        block_k=4,
+        q_block=torch.tensor([0, 1, 1]),
+        k_block=torch.tensor([0, 0, 1]),
+        mask_index=torch.tensor([0, -1, 0]),
+        masks=torch.ones(1, 4, 4, dtype=torch.bool).tril(),
+    )
     base.update(change)
     return BlockGraph(**base)
 
@@ -185,49 +204,58 @@ def test_constructor_accepts_valid():
     assert graph.edges().tolist() == T.causal(8).tolist()
 
 
-@pytest.mark.parametrize("change,name", [
-    (dict(q_block=torch.tensor([0, 1, 2])), "q_block"),
-    (dict(k_block=torch.tensor([0, 0, -1])), "k_block"),
-    (dict(mask_index=torch.tensor([0, -1, 1])), "mask_index"),
-    (dict(k_block=torch.tensor([0, 0])), "k_block"),
-    (dict(masks=torch.ones(1, 4, 3, dtype=torch.bool)), "masks"),
-    (dict(masks=torch.ones(1, 4, 4)), "masks"),
-    (dict(q_block=torch.tensor([1, 0, 1])), "sorted"),
-    (dict(num_dst=7), "mask for tile"),
-    (dict(num_src=6, mask_index=torch.tensor([0, 0, 0])), "past the tokens"),
-    (dict(block_q=0), "block_q"),
-    (dict(num_dst=-1), "num_dst"),
-    (dict(tile_head=torch.tensor([0, 0, 0])), "num_heads"),
-    (dict(tile_head=torch.tensor([0, 0, 2]), num_heads=2), "tile_head"),
-    (dict(q_ptr=torch.tensor([0, 4, 9])), "q_ptr"),
-    (dict(q_ptr=torch.tensor([0, 6, 8])), "q_ptr"),
-    (dict(dense=("sparse", (0, 8))), "dense"),
-])
+@pytest.mark.parametrize(
+    "change,name",
+    [
+        (dict(q_block=torch.tensor([0, 1, 2])), "q_block"),
+        (dict(k_block=torch.tensor([0, 0, -1])), "k_block"),
+        (dict(mask_index=torch.tensor([0, -1, 1])), "mask_index"),
+        (dict(k_block=torch.tensor([0, 0])), "k_block"),
+        (dict(masks=torch.ones(1, 4, 3, dtype=torch.bool)), "masks"),
+        (dict(masks=torch.ones(1, 4, 4)), "masks"),
+        (dict(q_block=torch.tensor([1, 0, 1])), "sorted"),
+        (dict(num_dst=7), "mask for tile"),
+        (dict(num_src=6, mask_index=torch.tensor([0, 0, 0])), "past the tokens"),
+        (dict(block_q=0), "block_q"),
+        (dict(num_dst=-1), "num_dst"),
+        (dict(tile_head=torch.tensor([0, 0, 0])), "num_heads"),
+        (dict(tile_head=torch.tensor([0, 0, 2]), num_heads=2), "tile_head"),
+        (dict(q_ptr=torch.tensor([0, 4, 9])), "q_ptr"),
+        (dict(q_ptr=torch.tensor([0, 6, 8])), "q_ptr"),
+        (dict(dense=("sparse", (0, 8))), "dense"),
+    ],
+)
 def test_constructor_refuses(change, name):
     with pytest.raises(ValueError, match=name):
         _tiles(**change)
 
 
-@pytest.mark.parametrize("build,name", [
-    (lambda: T.causal(10, implicit=True, block_size=32), "block_size"),
-    (lambda: T.causal(10, implicit=True, block_size=0), "block_size"),
-    (lambda: T.causal(10, implicit="yes"), "implicit"),
-    (lambda: T.sliding_window(10, -1, implicit=True), "window"),
-    (lambda: T.document(10, [4, 5], implicit=True), "doc_lengths"),
-    (lambda: block_topk(torch.randn(8, 1, 2), torch.randn(8, 1, 2), 4, 1, implicit=1), "implicit"),
-    (lambda: block_topk(torch.randn(8, 1, 2), torch.randn(8, 1, 2), 16, 1, implicit=True), "block_size"),
-])
+@pytest.mark.parametrize(
+    "build,name",
+    [
+        (lambda: T.causal(10, implicit=True, block_size=32), "block_size"),
+        (lambda: T.causal(10, implicit=True, block_size=0), "block_size"),
+        (lambda: T.causal(10, implicit="yes"), "implicit"),
+        (lambda: T.sliding_window(10, -1, implicit=True), "window"),
+        (lambda: T.document(10, [4, 5], implicit=True), "doc_lengths"),
+        (lambda: block_topk(torch.randn(8, 1, 2), torch.randn(8, 1, 2), 4, 1, implicit=1), "implicit"),
+        (lambda: block_topk(torch.randn(8, 1, 2), torch.randn(8, 1, 2), 16, 1, implicit=True), "block_size"),
+    ],
+)
 def test_builders_refuse(build, name):
     with pytest.raises(ValueError, match=name):
         build()
 
 
-@pytest.mark.parametrize("lo,hi,name", [
-    ([0, 2, 1], [1, 2, 2], "non-decreasing"),
-    ([0, 1], [1, 0], "'lo' <= 'hi'"),
-    ([0, 1], [1, 5], "num_src"),
-    ([0, 1], [1], "same shape|one shape"),
-])
+@pytest.mark.parametrize(
+    "lo,hi,name",
+    [
+        ([0, 2, 1], [1, 2, 2], "non-decreasing"),
+        ([0, 1], [1, 0], "'lo' <= 'hi'"),
+        ([0, 1], [1, 5], "num_src"),
+        ([0, 1], [1], "same shape|one shape"),
+    ],
+)
 def test_interval_graph_refuses(lo, hi, name):
     with pytest.raises(ValueError, match=name):
         interval_graph(torch.tensor(lo), torch.tensor(hi), 3, 2)

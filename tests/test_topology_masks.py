@@ -1,4 +1,5 @@
 """Dense masks <-> token graphs: polarity, padding, round trips, multigraphs, bad input."""
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -71,11 +72,10 @@ def test_multigraph_refused_unless_coalesce():
     assert not is_multigraph(causal(4))
 
 
-@pytest.mark.parametrize("bad, match", [
-    (torch.zeros(3, 2, dtype=torch.long), "shape"),
-    (torch.zeros(2, 2), "integers"),
-    ([[0], [1]], "tensor"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [(torch.zeros(3, 2, dtype=torch.long), "shape"), (torch.zeros(2, 2), "integers"), ([[0], [1]], "tensor")],
+)
 def test_bad_edge_index(bad, match):
     with pytest.raises(ValueError, match=match):
         to_dense_mask(bad)
@@ -94,8 +94,9 @@ def test_out_of_range_and_bad_sizes():
         from_dense_mask(torch.ones(2, 2))
     # an EdgeIndex without a sparse size takes its sizes from the lengths, as a plain tensor does
     one_each = torch.tensor([[0], [0]])
-    torch.testing.assert_close(to_dense_mask(EdgeIndex(one_each), lengths=[1, 1]),
-                               to_dense_mask(one_each, lengths=[1, 1]))
+    torch.testing.assert_close(
+        to_dense_mask(EdgeIndex(one_each), lengths=[1, 1]), to_dense_mask(one_each, lengths=[1, 1])
+    )
     with pytest.raises(ValueError, match="shape"):
         from_dense_mask(torch.ones(2, dtype=torch.bool))
     with pytest.raises(ValueError, match="lengths"):

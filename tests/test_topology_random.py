@@ -1,5 +1,6 @@
 """Random topologies (random, BigBird's random blocks, expanders): structure and determinism by
 seed. Their predicate twin is the drawn edge set (edge_set_predicate), the only sensible twin."""
+
 import collections
 
 import networkx as nx
@@ -25,8 +26,9 @@ def test_random_k_distinct_keys_per_query(lengths, k, seed):
     seq = T.batch_vector(lengths)
     assert torch.equal(seq[ei[0]], seq[ei[1]])  # keys from the query's own sequence
     assert torch.equal(ei.as_tensor(), T.random(lengths, k, seed=seed).as_tensor())  # determinism
-    assert torch.equal(ei.as_tensor(), T.from_predicate(lengths if len(lengths) == 1 else [N],
-                                                        T.edge_set_predicate(ei)).as_tensor())
+    assert torch.equal(
+        ei.as_tensor(), T.from_predicate(lengths if len(lengths) == 1 else [N], T.edge_set_predicate(ei)).as_tensor()
+    )
 
 
 def test_random_seed_changes_the_graph_and_leaves_global_rng_alone():
@@ -54,8 +56,9 @@ def test_sample_distinct_is_uniform():
 
 
 @pytest.mark.parametrize("lengths", [[1], [8], [33], [20, 1, 7]], ids=str)
-@pytest.mark.parametrize("block, window, num_global, num_random",
-                         [(1, 1, 1, 2), (3, 1, 1, 2), (2, 0, 2, 3), (4, 1, 0, 1)])
+@pytest.mark.parametrize(
+    "block, window, num_global, num_random", [(1, 1, 1, 2), (3, 1, 1, 2), (2, 0, 2, 3), (4, 1, 0, 1)]
+)
 def test_bigbird_random_blocks(lengths, block, window, num_global, num_random):
     kw = dict(block=block, window=window, num_global=num_global)
     ei = T.bigbird(lengths, num_random=num_random, seed=5, **kw)
@@ -81,8 +84,10 @@ def test_bigbird_random_blocks(lengths, block, window, num_global, num_random):
             assert len(blocks.get((L_idx, a), set())) == min(num_random, nb - len(seen))
     pairs = collections.Counter(zip(seq[extra[1]].tolist(), qb.tolist(), kb.tolist()))
     for (s, a, b), count in pairs.items():  # whole blocks: every query token x every key token
+
         def size(x):
             return min(block, lengths[s] - x * block)
+
         assert count == size(a) * size(b)
 
 

@@ -1,5 +1,6 @@
 """The graphs/ catalogue: every spec loads, cites a source, matches its builder; bad specs give a
 ValueError naming the file and the key."""
+
 import re
 
 import pytest
@@ -9,9 +10,21 @@ from gnn_transformer import topology as T
 from gnn_transformer.topology import specs
 
 NAMES = sorted(T.catalogue())
-EXPECTED = {"full", "causal", "sliding_window", "longformer", "dilated", "bigbird", "random",
-            "sparse_transformer_strided", "sparse_transformer_fixed", "star_transformer", "exphormer",
-            "prefix_lm", "document"}
+EXPECTED = {
+    "full",
+    "causal",
+    "sliding_window",
+    "longformer",
+    "dilated",
+    "bigbird",
+    "random",
+    "sparse_transformer_strided",
+    "sparse_transformer_fixed",
+    "star_transformer",
+    "exphormer",
+    "prefix_lm",
+    "document",
+}
 
 
 def test_catalogue_has_the_named_topologies():
@@ -57,14 +70,13 @@ def test_load_matches_builder_and_accepts_paths():
     path = T.catalogue()["longformer"]
     assert torch.equal(T.load(path, 40).as_tensor(), T.global_tokens(40, 1, window=256).as_tensor())
     assert torch.equal(T.load(str(path), 40).as_tensor(), T.load("longformer", 40).as_tensor())
-    assert torch.equal(T.load("longformer", 40, small=True).as_tensor(),
-                       T.global_tokens(40, 1, window=2).as_tensor())
-    assert torch.equal(T.load("bigbird", 300).as_tensor(),
-                       T.bigbird(300, block=64, window=1, num_global=2, num_random=3, seed=0,
-                                 global_at="ends").as_tensor())
+    assert torch.equal(T.load("longformer", 40, small=True).as_tensor(), T.global_tokens(40, 1, window=2).as_tensor())
+    assert torch.equal(
+        T.load("bigbird", 300).as_tensor(),
+        T.bigbird(300, block=64, window=1, num_global=2, num_random=3, seed=0, global_at="ends").as_tensor(),
+    )
     ex = T.load("exphormer", 20)
-    assert torch.equal(ex.as_tensor(), T.union(T.expander(20, 4, self_loops=True),
-                                               T.global_tokens(20, 1)).as_tensor())
+    assert torch.equal(ex.as_tensor(), T.union(T.expander(20, 4, self_loops=True), T.global_tokens(20, 1)).as_tensor())
 
 
 def _write(tmp_path, text, name="spec.toml"):
@@ -73,36 +85,48 @@ def _write(tmp_path, text, name="spec.toml"):
     return p
 
 
-@pytest.mark.parametrize("text, key, message", [
-    ('builder = "sliding_window"\n[params]\nwindow = 2\nwindth = 3\n', "params.windth", "unknown parameter"),
-    ('builder = "sliding_window"\n[params]\nwindow = "2"\n', "params.window", "integer"),
-    ('builder = "sliding_window"\n[params]\nwindow = 2.5\n', "params.window", "integer"),
-    ('builder = "sliding_window"\n[params]\nwindow = -1\n', "params.window", ">= 0"),
-    ('builder = "sliding_window"\n[params]\nwindow = 2\ncausal = 1\n', "params.causal", "true or false"),
-    ('builder = "sliding_window"\n', "params.window", "missing"),
-    ('builder = "strided"\n[params]\nstride = 0\n', "params.stride", ">= 1"),
-    ('builder = "sliding_windows"\n', "builder", "unknown builder"),
-    ('builder = 3\n', "builder", "string"),
-    ('[params]\nwindow = 2\n', "builder", "missing"),
-    ('builder = "full"\ncolour = "red"\n', "colour", "unknown key"),
-    ('builder = "full"\nparams = 3\n', "params", "table"),
-    ('builder = "full"\nname = 3\n', "name", "string"),
-    ('builder = "union"\n', "parts", "non-empty"),
-    ('builder = "union"\n[[parts]]\nbuilder = "causal"\n[[parts]]\nbuilder = "bigbird"\n[parts.params]\nseed = -2\n',
-     "parts[1].params.seed", ">= 0"),
-    ('builder = "full"\n[[parts]]\nbuilder = "causal"\n', "parts", "only 'union'"),
-    ('builder = "full"\n[small]\nn = 0\n', "small.n", ">= 1"),
-    ('builder = "full"\n[small]\nm = 3\n', "small.m", "unknown key"),
-    ('builder = "sliding_window"\n[params]\nwindow = 2\n[small]\nparams = { window = -3 }\n',
-     # integers are bounded: no overflow deep in a builder, no [small] n that fills the memory
-     "small.params.window", ">= 0"),
-    ('builder = "sliding_window"\n[params]\nwindow = 99999999999999999999999\n', "params.window",
-     "<= 2147483647"),
-    ('builder = "bigbird"\n[params]\nblock = 2147483648\n', "params.block", "<= 2147483647"),
-    ('builder = "random"\n[params]\nk = 2\nseed = 99999999999999999999999\n', "params.seed",
-     "<= 9223372036854775807"),
-    ('builder = "full"\n[small]\nn = 100000000\n', "small.n", "<= 4096"),
-])
+@pytest.mark.parametrize(
+    "text, key, message",
+    [
+        ('builder = "sliding_window"\n[params]\nwindow = 2\nwindth = 3\n', "params.windth", "unknown parameter"),
+        ('builder = "sliding_window"\n[params]\nwindow = "2"\n', "params.window", "integer"),
+        ('builder = "sliding_window"\n[params]\nwindow = 2.5\n', "params.window", "integer"),
+        ('builder = "sliding_window"\n[params]\nwindow = -1\n', "params.window", ">= 0"),
+        ('builder = "sliding_window"\n[params]\nwindow = 2\ncausal = 1\n', "params.causal", "true or false"),
+        ('builder = "sliding_window"\n', "params.window", "missing"),
+        ('builder = "strided"\n[params]\nstride = 0\n', "params.stride", ">= 1"),
+        ('builder = "sliding_windows"\n', "builder", "unknown builder"),
+        ('builder = 3\n', "builder", "string"),
+        ('[params]\nwindow = 2\n', "builder", "missing"),
+        ('builder = "full"\ncolour = "red"\n', "colour", "unknown key"),
+        ('builder = "full"\nparams = 3\n', "params", "table"),
+        ('builder = "full"\nname = 3\n', "name", "string"),
+        ('builder = "union"\n', "parts", "non-empty"),
+        (
+            'builder = "union"\n[[parts]]\nbuilder = "causal"\n[[parts]]\nbuilder = "bigbird"\n'
+            '[parts.params]\nseed = -2\n',
+            "parts[1].params.seed",
+            ">= 0",
+        ),
+        ('builder = "full"\n[[parts]]\nbuilder = "causal"\n', "parts", "only 'union'"),
+        ('builder = "full"\n[small]\nn = 0\n', "small.n", ">= 1"),
+        ('builder = "full"\n[small]\nm = 3\n', "small.m", "unknown key"),
+        (
+            'builder = "sliding_window"\n[params]\nwindow = 2\n[small]\nparams = { window = -3 }\n',
+            # integers are bounded: no overflow deep in a builder, no [small] n that fills the memory
+            "small.params.window",
+            ">= 0",
+        ),
+        ('builder = "sliding_window"\n[params]\nwindow = 99999999999999999999999\n', "params.window", "<= 2147483647"),
+        ('builder = "bigbird"\n[params]\nblock = 2147483648\n', "params.block", "<= 2147483647"),
+        (
+            'builder = "random"\n[params]\nk = 2\nseed = 99999999999999999999999\n',
+            "params.seed",
+            "<= 9223372036854775807",
+        ),
+        ('builder = "full"\n[small]\nn = 100000000\n', "small.n", "<= 4096"),
+    ],
+)
 def test_bad_spec_names_file_and_key(tmp_path, text, key, message):
     p = _write(tmp_path, text)
     with pytest.raises(ValueError) as info:

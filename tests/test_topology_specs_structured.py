@@ -1,5 +1,6 @@
 """TOML specs of per-head graphs, per-layer graphs and selectors: parsing, validation (errors name
 the file and the key), and building equals the Python builders."""
+
 import re
 
 import pytest
@@ -47,14 +48,14 @@ def test_per_head_spec_equals_builder(tmp_path, n):
     spec = T.read_spec(_write(tmp_path, PER_HEAD))
     assert spec.num_heads == 4 and not spec.per_layer and spec.select is None
     local = T.streaming(n, 1, 2)
-    expected = T.per_head([T.causal(n), local, local,
-                           T.union(T.sliding_window(n, 1), T.global_tokens(n, 1))])
+    expected = T.per_head([T.causal(n), local, local, T.union(T.sliding_window(n, 1), T.global_tokens(n, 1))])
     assert _same(T.build_spec(spec, n), expected)
 
 
 def test_per_head_builders_by_name(tmp_path):
-    spec = _write(tmp_path, 'builder = "dilated_per_head"\n[params]\nwindow = 2\ndilations = [1, 2, 4]\n'
-                            'causal = true\n')
+    spec = _write(
+        tmp_path, 'builder = "dilated_per_head"\n[params]\nwindow = 2\ndilations = [1, 2, 4]\ncausal = true\n'
+    )
     assert T.read_spec(spec).num_heads == 3
     assert _same(T.load(spec, [7, 3]), T.dilated_per_head([7, 3], 2, [1, 2, 4], causal=True))
     assert T.read_spec("duo_attention").num_heads == 8
@@ -70,8 +71,9 @@ def test_streaming_builder_matches_its_predicate_twin():
 
     for n, sinks, window in [(9, 2, 3), ([5, 1, 7], 1, 1), (6, 0, 0), (4, 9, 9)]:
         twin = T.from_predicate(n, partial(T.streaming_predicate, num_sinks=sinks, window=window))
-        assert torch.equal(specs.BUILDERS["streaming"].fn(n, num_sinks=sinks, window=window).as_tensor(),
-                           twin.as_tensor())
+        assert torch.equal(
+            specs.BUILDERS["streaming"].fn(n, num_sinks=sinks, window=window).as_tensor(), twin.as_tensor()
+        )
 
 
 PER_LAYER = '''builder = "per_layer"
@@ -139,64 +141,106 @@ def test_select_is_kept_and_the_graph_is_the_allowed_one(tmp_path):
 
 
 def test_small_params_reach_every_part_that_takes_them(tmp_path):
-    text = ('builder = "union"\n[[parts]]\nbuilder = "sliding_window"\nparams = { window = 9 }\n'
-            '[[parts]]\nbuilder = "global_tokens"\nparams = { window = 7 }\n[small]\nparams = { window = 1 }\n')
+    text = (
+        'builder = "union"\n[[parts]]\nbuilder = "sliding_window"\nparams = { window = 9 }\n'
+        '[[parts]]\nbuilder = "global_tokens"\nparams = { window = 7 }\n[small]\nparams = { window = 1 }\n'
+    )
     p = _write(tmp_path, text)
     assert _same(T.load(p, 8, small=True), T.union(T.sliding_window(8, 1), T.global_tokens(8, 1, window=1)))
     assert _same(T.load(p, 8), T.union(T.sliding_window(8, 9), T.global_tokens(8, 1, window=7)))
 
 
-@pytest.mark.parametrize("text, key, message", [
-    ('builder = "per_head"\n', "heads", "non-empty array"),
-    ('builder = "per_head"\nheads = []\n', "heads", "non-empty array"),
-    ('builder = "per_head"\nheads = 3\n', "heads", "non-empty array"),
-    ('builder = "per_head"\n[params]\nwindow = 2\n', "params", "takes [[heads]]"),
-    ('builder = "per_head"\n[[heads]]\nbuilder = "causal"\nrepeat = 0\n', "heads[0].repeat", ">= 1"),
-    ('builder = "per_head"\n[[heads]]\nbuilder = "causal"\nrepeat = 5000\n', "heads[0].repeat", "<= 4096"),
-    ('builder = "per_head"\n[[heads]]\nbuilder = "causal"\nrepeat = true\n', "heads[0].repeat", "integer"),
-    ('builder = "per_head"\n[[heads]]\nbuilder = "causal"\nrepeat = 3000\n[[heads]]\nbuilder = "full"\n'
-     'repeat = 3000\n', "heads", "6000 heads in all"),
-    ('builder = "per_head"\n[[heads]]\nbuilder = "causal"\ncolour = 1\n', "heads[0].colour", "unknown key"),
-    ('builder = "per_head"\n[[heads]]\nbuilder = "duo_attention"\n', "heads[0].builder", "per-head graph"),
-    ('builder = "per_head"\n[[heads]]\nbuilder = "per_head"\n', "heads[0].builder", "per-head graph"),
-    ('builder = "per_head"\n[[heads]]\nbuilder = "sliding_window"\n[heads.params]\nwindow = -1\n',
-     "heads[0].params.window", ">= 0"),
-    ('builder = "causal"\nrepeat = 2\n', "repeat", "unknown key"),
-    ('builder = "causal"\n[[heads]]\nbuilder = "causal"\n', "heads", "only 'per_head'"),
-    ('builder = "union"\n[[parts]]\nbuilder = "dilated_per_head"\n[parts.params]\nwindow = 1\ndilations = [1]\n',
-     "parts[0].builder", "per-head graph"),
-    ('builder = "dilated_per_head"\n[params]\nwindow = 1\ndilations = []\n', "params.dilations", "at least 1"),
-    ('builder = "dilated_per_head"\n[params]\nwindow = 1\ndilations = 2\n', "params.dilations", "array"),
-    ('builder = "dilated_per_head"\n[params]\nwindow = 1\ndilations = [1, 0]\n', "params.dilations[1]", ">= 1"),
-    ('builder = "dilated_per_head"\n[params]\nwindow = 1\ndilations = [1, "2"]\n', "params.dilations[1]", "integer"),
-    ('builder = "dilated_per_head"\n[params]\nwindow = 1\n', "params.dilations", "missing"),
-    ('builder = "duo_attention"\n[params]\nstreaming_heads = [4]\nnum_heads = 4\nnum_sinks = 1\nwindow = 1\n',
-     "params.streaming_heads", "< num_heads = 4"),
-    ('builder = "duo_attention"\n[params]\nstreaming_heads = [1, 1]\nnum_heads = 4\nnum_sinks = 1\nwindow = 1\n',
-     "params.streaming_heads", "distinct"),
-    ('builder = "streaming"\n[params]\nnum_sinks = 1\n', "params.window", "missing"),
-    ('builder = "per_layer"\n', "layers", "non-empty array"),
-    ('builder = "per_layer"\nlayers = []\n', "layers", "non-empty array"),
-    ('builder = "per_layer"\n[[layers]]\nbuilder = "per_layer"\n', "layers[0].builder", "whole spec"),
-    ('builder = "per_layer"\n[[layers]]\nbuilder = "causal"\nrepeat = -1\n', "layers[0].repeat", ">= 1"),
-    ('builder = "per_layer"\n[[layers]]\nbuilder = "dilated_per_head"\n[layers.params]\nwindow = 1\n'
-     'dilations = [1, 2]\n[[layers]]\nbuilder = "dilated_per_head"\n[layers.params]\nwindow = 1\n'
-     'dilations = [1, 2, 3]\n', "layers", "2 in layers[0], 3 in layers[1]"),
-    ('builder = "union"\n[[parts]]\nbuilder = "per_layer"\n', "parts[0].builder", "whole spec"),
-    ('builder = "causal"\nselect = "topk"\n', "select", "missing parameter 'num_keys'"),
-    ('builder = "causal"\nselect = "nearest:k=2"\n', "select", "one of"),
-    ('builder = "causal"\nselect = 3\n', "select", "selector like"),
-    ('builder = "dilated_per_head"\nselect = "topk:num_keys=2"\n[params]\nwindow = 1\ndilations = [1, 2]\n',
-     "select", "not within a per-head graph (2 heads)"),
-    ('builder = "causal"\n[select]\nnum_keys = 2\n', "select", "name"),
-    ('builder = "causal"\n[small]\nselect = "topk:num_keys=2"\n', "small.select", "top-level 'select'"),
-    ('builder = "causal"\nselect = "topk:num_keys=2"\n[small]\nselect = "topk:num_keys=0"\n', "small.select",
-     "num_keys"),
-    ('builder = "union"\n[[parts]]\nbuilder = "causal"\n[small]\nparams = { window = 1 }\n', "small.params.window",
-     "no part"),
-    ('builder = "dilated_per_head"\n[params]\nwindow = 1\ndilations = [1, 2]\n[small]\n'
-     'params = { dilations = [1] }\n', "small.params", "number of heads"),
-])
+@pytest.mark.parametrize(
+    "text, key, message",
+    [
+        ('builder = "per_head"\n', "heads", "non-empty array"),
+        ('builder = "per_head"\nheads = []\n', "heads", "non-empty array"),
+        ('builder = "per_head"\nheads = 3\n', "heads", "non-empty array"),
+        ('builder = "per_head"\n[params]\nwindow = 2\n', "params", "takes [[heads]]"),
+        ('builder = "per_head"\n[[heads]]\nbuilder = "causal"\nrepeat = 0\n', "heads[0].repeat", ">= 1"),
+        ('builder = "per_head"\n[[heads]]\nbuilder = "causal"\nrepeat = 5000\n', "heads[0].repeat", "<= 4096"),
+        ('builder = "per_head"\n[[heads]]\nbuilder = "causal"\nrepeat = true\n', "heads[0].repeat", "integer"),
+        (
+            'builder = "per_head"\n[[heads]]\nbuilder = "causal"\nrepeat = 3000\n[[heads]]\nbuilder = "full"\n'
+            'repeat = 3000\n',
+            "heads",
+            "6000 heads in all",
+        ),
+        ('builder = "per_head"\n[[heads]]\nbuilder = "causal"\ncolour = 1\n', "heads[0].colour", "unknown key"),
+        ('builder = "per_head"\n[[heads]]\nbuilder = "duo_attention"\n', "heads[0].builder", "per-head graph"),
+        ('builder = "per_head"\n[[heads]]\nbuilder = "per_head"\n', "heads[0].builder", "per-head graph"),
+        (
+            'builder = "per_head"\n[[heads]]\nbuilder = "sliding_window"\n[heads.params]\nwindow = -1\n',
+            "heads[0].params.window",
+            ">= 0",
+        ),
+        ('builder = "causal"\nrepeat = 2\n', "repeat", "unknown key"),
+        ('builder = "causal"\n[[heads]]\nbuilder = "causal"\n', "heads", "only 'per_head'"),
+        (
+            'builder = "union"\n[[parts]]\nbuilder = "dilated_per_head"\n[parts.params]\nwindow = 1\ndilations = [1]\n',
+            "parts[0].builder",
+            "per-head graph",
+        ),
+        ('builder = "dilated_per_head"\n[params]\nwindow = 1\ndilations = []\n', "params.dilations", "at least 1"),
+        ('builder = "dilated_per_head"\n[params]\nwindow = 1\ndilations = 2\n', "params.dilations", "array"),
+        ('builder = "dilated_per_head"\n[params]\nwindow = 1\ndilations = [1, 0]\n', "params.dilations[1]", ">= 1"),
+        (
+            'builder = "dilated_per_head"\n[params]\nwindow = 1\ndilations = [1, "2"]\n',
+            "params.dilations[1]",
+            "integer",
+        ),
+        ('builder = "dilated_per_head"\n[params]\nwindow = 1\n', "params.dilations", "missing"),
+        (
+            'builder = "duo_attention"\n[params]\nstreaming_heads = [4]\nnum_heads = 4\nnum_sinks = 1\nwindow = 1\n',
+            "params.streaming_heads",
+            "< num_heads = 4",
+        ),
+        (
+            'builder = "duo_attention"\n[params]\nstreaming_heads = [1, 1]\nnum_heads = 4\nnum_sinks = 1\nwindow = 1\n',
+            "params.streaming_heads",
+            "distinct",
+        ),
+        ('builder = "streaming"\n[params]\nnum_sinks = 1\n', "params.window", "missing"),
+        ('builder = "per_layer"\n', "layers", "non-empty array"),
+        ('builder = "per_layer"\nlayers = []\n', "layers", "non-empty array"),
+        ('builder = "per_layer"\n[[layers]]\nbuilder = "per_layer"\n', "layers[0].builder", "whole spec"),
+        ('builder = "per_layer"\n[[layers]]\nbuilder = "causal"\nrepeat = -1\n', "layers[0].repeat", ">= 1"),
+        (
+            'builder = "per_layer"\n[[layers]]\nbuilder = "dilated_per_head"\n[layers.params]\nwindow = 1\n'
+            'dilations = [1, 2]\n[[layers]]\nbuilder = "dilated_per_head"\n[layers.params]\nwindow = 1\n'
+            'dilations = [1, 2, 3]\n',
+            "layers",
+            "2 in layers[0], 3 in layers[1]",
+        ),
+        ('builder = "union"\n[[parts]]\nbuilder = "per_layer"\n', "parts[0].builder", "whole spec"),
+        ('builder = "causal"\nselect = "topk"\n', "select", "missing parameter 'num_keys'"),
+        ('builder = "causal"\nselect = "nearest:k=2"\n', "select", "one of"),
+        ('builder = "causal"\nselect = 3\n', "select", "selector like"),
+        (
+            'builder = "dilated_per_head"\nselect = "topk:num_keys=2"\n[params]\nwindow = 1\ndilations = [1, 2]\n',
+            "select",
+            "not within a per-head graph (2 heads)",
+        ),
+        ('builder = "causal"\n[select]\nnum_keys = 2\n', "select", "name"),
+        ('builder = "causal"\n[small]\nselect = "topk:num_keys=2"\n', "small.select", "top-level 'select'"),
+        (
+            'builder = "causal"\nselect = "topk:num_keys=2"\n[small]\nselect = "topk:num_keys=0"\n',
+            "small.select",
+            "num_keys",
+        ),
+        (
+            'builder = "union"\n[[parts]]\nbuilder = "causal"\n[small]\nparams = { window = 1 }\n',
+            "small.params.window",
+            "no part",
+        ),
+        (
+            'builder = "dilated_per_head"\n[params]\nwindow = 1\ndilations = [1, 2]\n[small]\n'
+            'params = { dilations = [1] }\n',
+            "small.params",
+            "number of heads",
+        ),
+    ],
+)
 def test_bad_structured_spec_names_file_and_key(tmp_path, text, key, message):
     p = _write(tmp_path, text)
     with pytest.raises(ValueError, match=re.escape(f"{p}: key '{key}'") + ".*" + re.escape(message)):

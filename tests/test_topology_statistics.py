@@ -1,4 +1,5 @@
 """Graph statistics (networkx) and pictures (matplotlib Agg)."""
+
 import math
 
 import pytest
@@ -37,11 +38,18 @@ def test_layers_to_match_sliding_window(L, w):
     assert statistics.layers_to_match(T.sliding_window(L, w, causal=True)) is (None if L > 1 else 0)
 
 
-@pytest.mark.parametrize("build, expected", [
-    (lambda: T.full(8), 1), (lambda: T.star(9), 2), (lambda: T.global_tokens(9, 1), 2),
-    (lambda: T.strided(16, 4), 2), (lambda: T.fixed(16, 4, 1, causal=False), 2),
-    (lambda: T.document(8, 4), None), (lambda: T.full([3, 4]), 1),
-])
+@pytest.mark.parametrize(
+    "build, expected",
+    [
+        (lambda: T.full(8), 1),
+        (lambda: T.star(9), 2),
+        (lambda: T.global_tokens(9, 1), 2),
+        (lambda: T.strided(16, 4), 2),
+        (lambda: T.fixed(16, 4, 1, causal=False), 2),
+        (lambda: T.document(8, 4), None),
+        (lambda: T.full([3, 4]), 1),
+    ],
+)
 def test_layers_to_match_known(build, expected):
     ei = build()
     lengths = [3, 4] if ei.sparse_size(0) == 7 else None
@@ -86,14 +94,18 @@ def test_draw_receptive_field(tmp_path):
 def test_topology_does_not_import_models():
     import ast
     import pathlib
+
     root = pathlib.Path(T.__file__).parent
     for f in root.glob("*.py"):
         tree = ast.parse(f.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level >= 2:
                 pytest.fail(f"{f.name} imports from outside topology: {ast.dump(node)}")
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("gnn_transformer") \
-                    and not (node.module or "").startswith("gnn_transformer.topology"):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and (node.module or "").startswith("gnn_transformer")
+                and not (node.module or "").startswith("gnn_transformer.topology")
+            ):
                 pytest.fail(f"{f.name} imports {node.module}")
         assert "print(" not in f.read_text(), f"{f.name} prints"
 

@@ -8,9 +8,18 @@ from gnn_transformer.experiments.models import EncoderConfig, NodeModel, PatchMo
 from gnn_transformer.experiments.runs import RunConfig, run_training
 from gnn_transformer.experiments.tasks import SequenceBatch, SequenceWorkload, get_task
 from gnn_transformer.experiments.topologies import per_length, topology_fn
-from gnn_transformer.experiments.training import (TrainConfig, autocast, evaluate, load_checkpoint,
-                                                  lr_lambda, save_checkpoint, seed_everything,
-                                                  step_memory, train, write_logs)
+from gnn_transformer.experiments.training import (
+    TrainConfig,
+    autocast,
+    evaluate,
+    load_checkpoint,
+    lr_lambda,
+    save_checkpoint,
+    seed_everything,
+    step_memory,
+    train,
+    write_logs,
+)
 from gnn_transformer.experiments.verify import model_dense_error, verify_topologies
 
 SMALL = EncoderConfig(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, backend="pyg")
@@ -36,9 +45,17 @@ def test_warmup_then_decay(schedule):
         assert values[-1] < 0.5
 
 
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(optimizer="sgd"), dict(schedule="step"),
-                                 dict(label_smoothing=1.0), dict(clip_grad=-1.0),
-                                 dict(device="tpu")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(steps=0),
+        dict(optimizer="sgd"),
+        dict(schedule="step"),
+        dict(label_smoothing=1.0),
+        dict(clip_grad=-1.0),
+        dict(device="tpu"),
+    ],
+)
 def test_config_errors_name_the_field(bad):
     key = next(iter(bad))
     with pytest.raises(ValueError, match=key):
@@ -49,8 +66,7 @@ def test_training_learns_and_logs(tmp_path):
     task, workload = _recall()
     model = _model(task)
     before = evaluate(model, workload, torch.device("cpu"))["acc_test"]
-    config = TrainConfig(steps=120, batch_size=16, lr=3e-3, warmup=10, log_every=10,
-                         eval_every=60, label_smoothing=0.1)
+    config = TrainConfig(steps=120, batch_size=16, lr=3e-3, warmup=10, log_every=10, eval_every=60, label_smoothing=0.1)
     result = train(model, workload, config)
     assert result.history[0]["loss"] > result.history[-1]["loss"]
     assert result.final["acc_test"] > max(before, 0.3)
@@ -85,18 +101,19 @@ def test_same_seed_same_weights_and_checkpoint_roundtrip(tmp_path):
 @pytest.mark.parametrize("spec", ["full", "bigbird:window=1,num_global=1,num_random=1"])
 def test_trained_model_matches_dense_reference(position, spec):
     task, workload = _recall(spec)
-    model = _model(task, EncoderConfig(d_model=32, nhead=4, num_layers=2, dim_feedforward=64,
-                                       position=position, backend="pyg")).eval()
+    model = _model(
+        task, EncoderConfig(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, position=position, backend="pyg")
+    ).eval()
     batch = workload.eval_sets()["test"][0]
     build = workload.topology
-    err = model_dense_error(model, lambda: model(batch.tokens, batch.positions,
-                                                 build(batch.lengths)), batch.lengths)
+    err = model_dense_error(model, lambda: model(batch.tokens, batch.positions, build(batch.lengths)), batch.lengths)
     assert err < 1e-5
 
 
 def test_verify_rows_within_tolerance():
-    rows = verify_topologies(["full", "causal", "sliding_window:window=2", "random:k=3"],
-                             lengths=[7, 12], backends=["pyg"])
+    rows = verify_topologies(
+        ["full", "causal", "sliding_window:window=2", "random:k=3"], lengths=[7, 12], backends=["pyg"]
+    )
     assert len(rows) == 4 and all(r.ok for r in rows)
     assert rows[0].edges == 49 + 144
 
@@ -123,14 +140,21 @@ def test_other_models_forward():
     assert vit(torch.randn(2, 3, 4), ei).shape == (2, 10)
 
 
-@pytest.mark.parametrize("task,topology", [("karate", "graph"), ("shortest_path", "full"),
-                                           ("digits", "grid"), ("parity", "causal")])
+@pytest.mark.parametrize(
+    "task,topology", [("karate", "graph"), ("shortest_path", "full"), ("digits", "grid"), ("parity", "causal")]
+)
 def test_run_training_every_kind(tmp_path, task, topology):
     if task == "digits":
         pytest.importorskip("sklearn")
-    config = RunConfig(task=task, topology=topology, pe_dim=2, virtual_node=task == "karate",
-                       model=SMALL, train=TrainConfig(steps=3, batch_size=4, warmup=1),
-                       out=str(tmp_path))
+    config = RunConfig(
+        task=task,
+        topology=topology,
+        pe_dim=2,
+        virtual_node=task == "karate",
+        model=SMALL,
+        train=TrainConfig(steps=3, batch_size=4, warmup=1),
+        out=str(tmp_path),
+    )
     result, model = run_training(config)
     assert 0.0 <= result.final["acc_test"] <= 1.0
     payload = load_checkpoint(tmp_path / "model.pt", model)
@@ -148,8 +172,10 @@ def test_cosine_decays_to_min_lr():
     assert min(f(s) for s in range(100)) >= 0.1 - 1e-12
 
 
-@pytest.mark.parametrize("bad", [dict(min_lr=2.0), dict(grad_accum=0), dict(precision="fp16"),
-                                 dict(checkpoint_every=-1), dict(stop_after=2000)])
+@pytest.mark.parametrize(
+    "bad",
+    [dict(min_lr=2.0), dict(grad_accum=0), dict(precision="fp16"), dict(checkpoint_every=-1), dict(stop_after=2000)],
+)
 def test_new_config_errors_name_the_field(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TrainConfig(**bad)
@@ -175,9 +201,15 @@ def test_gradient_accumulation_equals_the_larger_batch():
     base = SequenceWorkload(task, per_length(topology_fn("causal")), 8, eval_size=8)
     g = torch.Generator().manual_seed(3)
     micro = [base.train_batch(g) for _ in range(4)]
-    whole = [SequenceBatch(torch.cat([a.tokens, b.tokens]), torch.cat([a.targets, b.targets]),
-                           torch.cat([a.positions, b.positions]), a.lengths + b.lengths)
-             for a, b in (micro[:2], micro[2:])]
+    whole = [
+        SequenceBatch(
+            torch.cat([a.tokens, b.tokens]),
+            torch.cat([a.targets, b.targets]),
+            torch.cat([a.positions, b.positions]),
+            a.lengths + b.lengths,
+        )
+        for a, b in (micro[:2], micro[2:])
+    ]
     runs = []
     for batches, accum in ((whole, 1), (micro, 2)):
         model = _model(task)
@@ -198,8 +230,9 @@ def test_bf16_autocast_trains_close_to_fp32(backend):
     assert logits.dtype == torch.bfloat16
     losses = {}
     for precision in ("fp32", "bf16"):
-        result = train(_model(task, config), workload, TrainConfig(steps=3, batch_size=8, warmup=1,
-                                                                    precision=precision))
+        result = train(
+            _model(task, config), workload, TrainConfig(steps=3, batch_size=8, warmup=1, precision=precision)
+        )
         losses[precision] = result.history[-1]["loss"]
         assert math.isfinite(result.final["loss_test"])
     assert losses["bf16"] != losses["fp32"]  # autocast was on
@@ -210,6 +243,8 @@ def test_bf16_autocast_trains_close_to_fp32(backend):
 def test_compiled_model_trains_like_the_eager_one():
     task = get_task("parity", train_sizes=(6, 6), test_sizes=(7, 7))  # two shapes: two compilations
     workload = SequenceWorkload(task, per_length(topology_fn("causal")), 8, eval_size=8)
-    results = [train(_model(task), workload, TrainConfig(steps=2, batch_size=8, warmup=1, compile=flag))
-               for flag in (False, True)]
+    results = [
+        train(_model(task), workload, TrainConfig(steps=2, batch_size=8, warmup=1, compile=flag))
+        for flag in (False, True)
+    ]
     torch.testing.assert_close(results[1].history[-1]["loss"], results[0].history[-1]["loss"], atol=1e-4, rtol=1e-4)

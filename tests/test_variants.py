@@ -1,11 +1,23 @@
 """Attention variants (GQA/MQA, cross-layer KV sharing, MLP projections, sigmoid, linear) vs dense."""
+
 import pytest
 import torch
 
-from gnn_transformer import (GraphLM, GraphMultiheadAttention, GraphTransformerConfig,
-                             GraphTransformerDecoder, GraphTransformerDecoderLayer,
-                             GraphTransformerEncoder, GraphTransformerEncoderLayer, LinearAttention,
-                             MLPProjectionAttention, SigmoidAttention, dense, from_padded, to_padded)
+from gnn_transformer import (
+    GraphLM,
+    GraphMultiheadAttention,
+    GraphTransformerConfig,
+    GraphTransformerDecoder,
+    GraphTransformerDecoderLayer,
+    GraphTransformerEncoder,
+    GraphTransformerEncoderLayer,
+    LinearAttention,
+    MLPProjectionAttention,
+    SigmoidAttention,
+    dense,
+    from_padded,
+    to_padded,
+)
 from gnn_transformer.topology import causal, erdos_renyi, full, to_dense_mask
 from gnn_transformer.variants import attention_class
 
@@ -52,8 +64,9 @@ def _check_attention(layer, kind, dtype, bias=False):
 @pytest.mark.parametrize("kind", ["full", "causal", "random"])
 @pytest.mark.parametrize("num_kv_heads,score_bias", [(4, None), (1, -1.5)])
 def test_sigmoid_attention_matches_dense(num_kv_heads, score_bias, kind, dtype):
-    layer = perturbed(SigmoidAttention(16, 4, num_kv_heads=num_kv_heads, score_bias=score_bias,
-                                        dtype=dtype, backend="pyg"))
+    layer = perturbed(
+        SigmoidAttention(16, 4, num_kv_heads=num_kv_heads, score_bias=score_bias, dtype=dtype, backend="pyg")
+    )
     _, alpha, _ = _check_attention(layer, kind, dtype, bias=True)
     assert ((alpha > 0) & (alpha < 1)).all()
 
@@ -97,9 +110,20 @@ def test_linear_attention_on_a_full_graph_is_the_factorized_formula():
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("attention", ["softmax", "sigmoid", "linear", "mlp"])
 def test_encoder_layer_variants_match_dense(attention, num_kv_heads, dtype):
-    layer = perturbed(GraphTransformerEncoderLayer(
-        16, 4, 24, dropout=0.0, activation="gelu", norm_first=True, num_kv_heads=num_kv_heads,
-        attention=attention_class(attention), dtype=dtype, backend="pyg"))
+    layer = perturbed(
+        GraphTransformerEncoderLayer(
+            16,
+            4,
+            24,
+            dropout=0.0,
+            activation="gelu",
+            norm_first=True,
+            num_kv_heads=num_kv_heads,
+            attention=attention_class(attention),
+            dtype=dtype,
+            backend="pyg",
+        )
+    )
     x = torch.randn(sum(LENGTHS), 16, dtype=dtype)
     edge_index = causal(LENGTHS)
     out = layer(x, edge_index)
@@ -112,8 +136,9 @@ def test_encoder_layer_variants_match_dense(attention, num_kv_heads, dtype):
 @pytest.mark.parametrize("every", [1, 2, 3])
 @pytest.mark.parametrize("rope", [False, True])
 def test_cross_layer_kv_sharing_matches_dense(every, rope, dtype):
-    layer = GraphTransformerEncoderLayer(16, 4, 24, dropout=0.0, norm_first=True, num_kv_heads=2,
-                                         rope=rope, dtype=dtype, backend="pyg")
+    layer = GraphTransformerEncoderLayer(
+        16, 4, 24, dropout=0.0, norm_first=True, num_kv_heads=2, rope=rope, dtype=dtype, backend="pyg"
+    )
     stack = perturbed(GraphTransformerEncoder(layer, 4, kv_share_every=every))
     x = torch.randn(sum(LENGTHS), 16, dtype=dtype, requires_grad=True)
     pos = torch.cat([torch.arange(n) for n in LENGTHS])
@@ -146,8 +171,7 @@ def test_kv_sharing_removes_key_value_projections(attention, decoder, num_kv_hea
     C, H, L = 16, 4, 5
     cls = GraphTransformerDecoderLayer if decoder else GraphTransformerEncoderLayer
     stack_cls = GraphTransformerDecoder if decoder else GraphTransformerEncoder
-    layer = cls(C, H, 24, dropout=0.0, num_kv_heads=num_kv_heads,
-                attention=attention_class(attention), backend="pyg")
+    layer = cls(C, H, 24, dropout=0.0, num_kv_heads=num_kv_heads, attention=attention_class(attention), backend="pyg")
     plain, shared = stack_cls(layer, L), stack_cls(layer, L, kv_share_every=2)
     kv_dim = num_kv_heads * (C // H)  # H_kv D
     sharing = sum(1 for index in range(L) if index % 2 != 0)  # layers 1 and 3
@@ -166,8 +190,7 @@ def test_kv_sharing_removes_key_value_projections(attention, decoder, num_kv_hea
     x = torch.randn(sum(LENGTHS), C)
     if decoder:
         memory = torch.randn(5, C)
-        cross = torch.stack([torch.arange(5).repeat(x.size(0)),
-                             torch.arange(x.size(0)).repeat_interleave(5)])
+        cross = torch.stack([torch.arange(5).repeat(x.size(0)), torch.arange(x.size(0)).repeat_interleave(5)])
         out = shared(x, causal(LENGTHS), memory, cross)
     else:
         out = shared(x, causal(LENGTHS))
@@ -178,8 +201,7 @@ def test_kv_sharing_removes_key_value_projections(attention, decoder, num_kv_hea
 
 @pytest.mark.parametrize("position", ["rope", "learned"])
 def test_kv_sharing_config_parameter_count(position):
-    base = dict(vocab_size=11, d_model=16, nhead=4, num_layers=4, num_kv_heads=2, position=position,
-                backend="pyg")
+    base = dict(vocab_size=11, d_model=16, nhead=4, num_layers=4, num_kv_heads=2, position=position, backend="pyg")
     plain = GraphLM(GraphTransformerConfig(**base))
     shared = GraphLM(GraphTransformerConfig(**base, kv_share_every=2))
     kv_dim = 2 * 4
@@ -208,8 +230,11 @@ def test_attention_without_key_value_projection(attention, kdim):
     # the query projection of a full layer, loaded by hand, attends like the full layer with kv=
     w_q_full, _, _ = full_layer.projection_weights()
     b_q_full, _, _ = full_layer.projection_biases()
-    state = {k: v for k, v in full_layer.state_dict().items()
-             if not k.startswith(("in_proj", "q_proj", "k_proj", "v_proj", "k_hidden", "v_hidden"))}
+    state = {
+        k: v
+        for k, v in full_layer.state_dict().items()
+        if not k.startswith(("in_proj", "q_proj", "k_proj", "v_proj", "k_hidden", "v_hidden"))
+    }
     state["in_proj_weight" if kdim is None else "q_proj_weight"] = w_q_full
     state["in_proj_bias"] = b_q_full
     layer.load_state_dict(state)
@@ -218,8 +243,7 @@ def test_attention_without_key_value_projection(attention, kdim):
     x = torch.randn(3, 8)
     edge_index = torch.tensor([[0, 1, 2, 3, 3], [0, 0, 1, 1, 2]])
     kv = full_layer.key_value(x_src)
-    torch.testing.assert_close(layer(x, edge_index, kv=kv), full_layer((x_src, x), edge_index),
-                               **TOL[torch.float32])
+    torch.testing.assert_close(layer(x, edge_index, kv=kv), full_layer((x_src, x), edge_index), **TOL[torch.float32])
     with pytest.raises(ValueError, match="'kv'"):
         layer(x, torch.tensor([[0, 1], [1, 2]]))
     with pytest.raises(ValueError, match="no key/value projection"):
@@ -238,19 +262,19 @@ def test_drop_key_value_projection_keeps_the_query():
     torch.testing.assert_close(layer.in_proj_weight, w_q, rtol=0, atol=0)
     torch.testing.assert_close(layer.in_proj_bias, b_q, rtol=0, atol=0)
     assert sorted(layer.state_dict()) == sorted(
-        GraphMultiheadAttention(8, 2, num_kv_heads=1, project_kv=False).state_dict())
+        GraphMultiheadAttention(8, 2, num_kv_heads=1, project_kv=False).state_dict()
+    )
 
 
 def test_kv_sharing_differs_from_no_sharing():
     torch.manual_seed(3)
-    config = GraphTransformerConfig(vocab_size=11, d_model=16, nhead=4, num_layers=4,
-                                    kv_share_every=2, backend="pyg")
+    config = GraphTransformerConfig(vocab_size=11, d_model=16, nhead=4, num_layers=4, kv_share_every=2, backend="pyg")
     shared = GraphLM(config).eval()
     config_plain = GraphTransformerConfig(**{**config.__dict__, "kv_share_every": 1})
     plain = GraphLM(config_plain).eval()
     # the sharing layers keep only the query rows of the in-projection
     shared_state = shared.state_dict()
-    shared.load_state_dict({k: v[:shared_state[k].size(0)] for k, v in plain.state_dict().items()})
+    shared.load_state_dict({k: v[: shared_state[k].size(0)] for k, v in plain.state_dict().items()})
     ids, pos = torch.randint(0, 11, (6,)), torch.arange(6)
     assert not torch.allclose(shared(ids, causal(6), pos=pos), plain(ids, causal(6), pos=pos))
 
@@ -282,7 +306,7 @@ def test_sigmoid_attention_scale_is_a_query_scale(dtype):
     plain = SigmoidAttention(16, 4, dtype=dtype, backend="pyg").eval()
     plain.load_state_dict(scaled.state_dict())
     with torch.no_grad():
-        factor = 0.9 * plain.head_dim ** 0.5
+        factor = 0.9 * plain.head_dim**0.5
         plain.in_proj_weight[:16].mul_(factor)
         plain.in_proj_bias[:16].mul_(factor)
     x, edge_index = torch.randn(sum(LENGTHS), 16, dtype=dtype), _graph("random", LENGTHS)

@@ -1,6 +1,7 @@
 """The viewer's pages without a browser: what each view draws against the graph it comes from, the
 reduction to blocks against a dense reference, the model's weights against the recorded attention,
 and the command's refusals (exit code 2, nothing written)."""
+
 import json
 import re
 
@@ -29,9 +30,16 @@ def _page_data(text):
 
 
 # ---------------------------------------------------------------- topology pages
-@pytest.mark.parametrize("spec,n", [("sliding_window:window=2", 10), ("bigbird:window=1,num_random=2", 12),
-                                    ("dilated_per_head:window=1,dilations=1;2;3", 9), ("duo_attention", 16),
-                                    ("gemma3", 16)])
+@pytest.mark.parametrize(
+    "spec,n",
+    [
+        ("sliding_window:window=2", 10),
+        ("bigbird:window=1,num_random=2", 12),
+        ("dilated_per_head:window=1,dilations=1;2;3", 9),
+        ("duo_attention", 16),
+        ("gemma3", 16),
+    ],
+)
 def test_every_view_draws_exactly_its_graph(spec, n):
     page = viz.topology_page(spec, n)
     topo = resolve_topology(spec, small=True)
@@ -247,14 +255,17 @@ def test_view_writes_a_model_page(tmp_path, capsys):
     assert len(data["layers"]) == 2 and data["weighted"]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["full", "-n", "1"], "one-token"),
-    (["full", "-n", "2100"], "too large to view"),
-    (["causal", "-n", "5000"], "at most 4096 tokens"),
-    (["nope"], "Unknown topology 'nope'"),
-    ([], "exactly one of SPEC"),
-    (["causal", "--prompt", "hi"], "--prompt applies to a model"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["full", "-n", "1"], "one-token"),
+        (["full", "-n", "2100"], "too large to view"),
+        (["causal", "-n", "5000"], "at most 4096 tokens"),
+        (["nope"], "Unknown topology 'nope'"),
+        ([], "exactly one of SPEC"),
+        (["causal", "--prompt", "hi"], "--prompt applies to a model"),
+    ],
+)
 def test_view_refuses_bad_topology_input(tmp_path, capsys, argv, message):
     out = tmp_path / "out.html"
     assert main(["view", *argv, "-o", str(out)]) == 2
@@ -272,8 +283,7 @@ def test_view_refuses_a_checkpoint_that_does_not_load(tmp_path, capsys):
     assert main(["view", "--checkpoint", str(bad), "--tokens", str(tokens), "-o", str(out)]) == 2
     assert "Could not read the checkpoint" in capsys.readouterr().err
     assert out.read_text() == "previous page"
-    assert main(["view", "--checkpoint", str(tmp_path / "missing.pt"), "--tokens", str(tokens),
-                 "-o", str(out)]) == 2
+    assert main(["view", "--checkpoint", str(tmp_path / "missing.pt"), "--tokens", str(tokens), "-o", str(out)]) == 2
     assert "No checkpoint" in capsys.readouterr().err
     path, _ = _tiny_lm_checkpoint(tmp_path)
     one = tmp_path / "one.txt"

@@ -1,6 +1,7 @@
 """The viewer in a real browser (headless Chromium driven by selenium): pages load without a
 JavaScript error, hovering a token highlights exactly its incoming edges, the receptive-field slider
 and the layer and head selectors change what is drawn. One browser for the module."""
+
 import pytest
 import torch
 
@@ -42,14 +43,20 @@ def _pairs(driver, selector):
     """``(src, dst)`` of the elements matching ``selector``."""
     found = driver.execute_script(
         "return Array.from(document.querySelectorAll(arguments[0]))"
-        ".map(function (e) { return [Number(e.dataset.src), Number(e.dataset.dst)]; });", selector)
+        ".map(function (e) { return [Number(e.dataset.src), Number(e.dataset.dst)]; });",
+        selector,
+    )
     return sorted(map(tuple, found))
 
 
 def _nodes(driver, selector):
-    return sorted(driver.execute_script(
-        "return Array.from(document.querySelectorAll(arguments[0])).map(function (e) "
-        "{ return Number(e.dataset.node); });", selector))
+    return sorted(
+        driver.execute_script(
+            "return Array.from(document.querySelectorAll(arguments[0])).map(function (e) "
+            "{ return Number(e.dataset.node); });",
+            selector,
+        )
+    )
 
 
 def _select(driver, element_id, index):
@@ -119,8 +126,11 @@ def test_a_model_page_draws_the_weights_of_the_selected_layer_and_head(driver, p
     gen = torch.Generator().manual_seed(0)
     graphs = []
     for k in range(2):
-        scores = torch.randn(n, n, 2, generator=gen).masked_fill(~torch.ones(n, n, 1, dtype=torch.bool).tril(),
-                                                                 float("-inf")).softmax(dim=1)  # [N_q, N_k, H]
+        scores = (
+            torch.randn(n, n, 2, generator=gen)
+            .masked_fill(~torch.ones(n, n, 1, dtype=torch.bool).tril(), float("-inf"))
+            .softmax(dim=1)
+        )  # [N_q, N_k, H]
         graphs.append(AttentionGraph(f"layers.{k}", k, ei, scores[ei[1], ei[0]], n, n))
     page = viz.attention_page(graphs, ["the", "cat", "sat", "on", "a", "mat"])
     _load(driver, pages("model", lambda: viz.to_html(page)))
@@ -130,7 +140,8 @@ def test_a_model_page_draws_the_weights_of_the_selected_layer_and_head(driver, p
         view = page.layers[layer].views[head]
         drawn = driver.execute_script(
             "return Array.from(document.querySelectorAll('#graph .edge')).map(function (e) "
-            "{ return [Number(e.dataset.src), Number(e.dataset.dst), Number(e.dataset.w)]; });")
+            "{ return [Number(e.dataset.src), Number(e.dataset.dst), Number(e.dataset.w)]; });"
+        )
         want = {(j, i): w for j, i, w in zip(view.src, view.dst, view.weights)}
         assert {(j, i): w for j, i, w in drawn} == pytest.approx(want, abs=1e-7)
         browser.hover(driver, 4)

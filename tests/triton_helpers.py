@@ -4,6 +4,7 @@ a record of the launches, and the hypothesis strategy of random small (multi)gra
 
 The kernels run under ``TRITON_INTERPRET=1`` on CPU tensors (set in conftest): graphs stay tiny.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,9 @@ def check_matches_reference(name, backend, kw, dtype):
     edge_index, n_src, n_dst = small_graph(name, seed=3)
     bias = name != "bipartite"
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4, dtype=dtype, bias=bias)
-    out, lse = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend=backend, return_lse=True,
-                      impl="triton", **kw)
+    out, lse = attend(
+        q, k, v, edge_index, scale=0.4, edge_bias=b, backend=backend, return_lse=True, impl="triton", **kw
+    )
     ref, ref_lse = attend_reference(q, k, v, edge_index, scale=0.4, edge_bias=b, return_lse=True)
     torch.testing.assert_close(out, ref, **TOL[dtype])
     torch.testing.assert_close(lse, ref_lse.to(lse.dtype), **TOL[dtype])
@@ -44,10 +46,12 @@ def check_bfloat16(name, heads, kv_heads, backend, kw):
     """bfloat16 inputs give a bfloat16 output equal to the float32 reference within 1e-2, gradients
     within 2e-2."""
     edge_index, n_src, n_dst = small_graph(name, seed=3)
-    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=heads, kv_heads=kv_heads, dim=16,
-                             dtype=torch.bfloat16)
-    out, lse = attend(q, k, v, edge_index, scale=0.25, edge_bias=b, backend=backend, return_lse=True,
-                      impl="triton", **kw)
+    q, k, v, b = make_inputs(
+        n_src, n_dst, edge_index.size(1), heads=heads, kv_heads=kv_heads, dim=16, dtype=torch.bfloat16
+    )
+    out, lse = attend(
+        q, k, v, edge_index, scale=0.25, edge_bias=b, backend=backend, return_lse=True, impl="triton", **kw
+    )
     up = [x.detach().float().requires_grad_() for x in (q, k, v, b)]
     ref = attend_reference(*up[:3], edge_index, scale=0.25, edge_bias=up[3])
     assert out.dtype == torch.bfloat16
@@ -64,9 +68,11 @@ def launched(monkeypatch):
 
     seen = []
     for module in (fused_triton, tiled_triton):
+
         def launch(kernel, grid, *args, _real=module.launch, **meta):
             seen.append((kernel.__name__, meta))
             return _real(kernel, grid, *args, **meta)
+
         monkeypatch.setattr(module, "launch", launch)
     return seen
 
@@ -76,8 +82,9 @@ def check_float64(out, lse, inputs, edge_index, scale, w):
     the reference run in float64 on the same values."""
     dtype = out.dtype
     up = [x.detach().double().requires_grad_() for x in inputs]
-    ref, ref_lse = attend_reference(*up[:3], edge_index, scale=scale, edge_bias=up[3] if len(up) > 3 else None,
-                                    return_lse=True)
+    ref, ref_lse = attend_reference(
+        *up[:3], edge_index, scale=scale, edge_bias=up[3] if len(up) > 3 else None, return_lse=True
+    )
     torch.testing.assert_close(out, ref.to(dtype), **TOL[dtype])
     torch.testing.assert_close(lse, ref_lse.to(lse.dtype), **TOL[dtype])
     got = torch.autograd.grad(weighted_loss(out, lse, w.to(dtype)), inputs)
@@ -90,11 +97,21 @@ def run_plain_multi_head(name, heads, backend, kw, dtype, monkeypatch):
     """heads == kv_heads on the tiny graph ``name``: forward and backward equal the float64 reference;
     returns the names of the kernels launched."""
     edge_index, n_src, n_dst = small_graph(name, seed=3)
-    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=heads, kv_heads=heads, dim=4, dtype=dtype,
-                             bias=name != "bipartite", seed=1)
+    q, k, v, b = make_inputs(
+        n_src,
+        n_dst,
+        edge_index.size(1),
+        heads=heads,
+        kv_heads=heads,
+        dim=4,
+        dtype=dtype,
+        bias=name != "bipartite",
+        seed=1,
+    )
     seen = launched(monkeypatch)
-    out, lse = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend=backend, return_lse=True,
-                      impl="triton", **kw)
+    out, lse = attend(
+        q, k, v, edge_index, scale=0.4, edge_bias=b, backend=backend, return_lse=True, impl="triton", **kw
+    )
     inputs = [x for x in (q, k, v, b) if x is not None]
     check_float64(out, lse, inputs, edge_index, 0.4, torch.randn(out.shape, dtype=torch.float64))
     return {n for n, _ in seen}
@@ -121,17 +138,28 @@ def check_batch_and_unsorted(name, heads, kv_heads, backend, kw, dtype):
     assert type(edge_index) is torch.Tensor
     if name == "unsorted":
         assert _graph.prepare(edge_index, n_src, n_dst).perm is not None  # really out of order
-    q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=heads, kv_heads=kv_heads, dim=4, dtype=dtype,
-                             seed=5)
+    q, k, v, b = make_inputs(
+        n_src, n_dst, edge_index.size(1), heads=heads, kv_heads=kv_heads, dim=4, dtype=dtype, seed=5
+    )
     if backend == "split":  # both parts run: dense tiles tiled, the other edges fused
         costs = plan_costs(edge_index, "cpu", block_size=16, tile_cost=0.25, num_src=n_src, num_dst=n_dst)
         assert costs["dense_tiles"] > 0 and 0 < costs["dense_edges"] < costs["edges"], costs
-    out, lse = attend(q, k, v, edge_index, scale=0.4, edge_bias=b, backend=backend, return_lse=True,
-                      impl="triton", **kw)
+    out, lse = attend(
+        q, k, v, edge_index, scale=0.4, edge_bias=b, backend=backend, return_lse=True, impl="triton", **kw
+    )
     check_float64(out, lse, [q, k, v, b], edge_index, 0.4, torch.randn(out.shape, dtype=torch.float64))
     if name == "batch":  # nothing crosses between the graphs: each one alone gives the same rows
-        alone = attend(q[:24], k[:24], v[:24], edge_index[:, :300], scale=0.4, edge_bias=b[:300],
-                       backend=backend, impl="triton", **kw)
+        alone = attend(
+            q[:24],
+            k[:24],
+            v[:24],
+            edge_index[:, :300],
+            scale=0.4,
+            edge_bias=b[:300],
+            backend=backend,
+            impl="triton",
+            **kw,
+        )
         torch.testing.assert_close(out[:24], alone, **TOL[dtype])
 
 
@@ -184,10 +212,21 @@ def cases(draw, backends):
     src, dst = src + [src[i] for i in copies], dst + [dst[i] for i in copies]
     heads, kv_heads = draw(st.sampled_from(HEADS))
     return dict(
-        backend=backend, n_src=n_src, n_dst=n_dst, src=src, dst=dst, heads=heads, kv_heads=kv_heads,
-        tile_cost=tile_cost, dense=dense, layout=draw(st.sampled_from(["shuffled", "sorted", "edge_index"])),
-        dtype=draw(st.sampled_from([torch.float32, torch.float64])), bias=draw(st.booleans()),
-        length=draw(st.sampled_from([None, 1, 2, 3])), seed=draw(st.integers(0, 2 ** 16)))
+        backend=backend,
+        n_src=n_src,
+        n_dst=n_dst,
+        src=src,
+        dst=dst,
+        heads=heads,
+        kv_heads=kv_heads,
+        tile_cost=tile_cost,
+        dense=dense,
+        layout=draw(st.sampled_from(["shuffled", "sorted", "edge_index"])),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+        bias=draw(st.booleans()),
+        length=draw(st.sampled_from([None, 1, 2, 3])),
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 def check_random_graph(case):
@@ -218,16 +257,18 @@ def check_random_graph(case):
         kw["block_size"] = BLOCK
     if case["backend"] == "split":
         kw["tile_cost"] = case["tile_cost"]
-        costs = plan_costs(edge_index, "cpu", block_size=BLOCK, tile_cost=case["tile_cost"], num_src=n_src,
-                           num_dst=n_dst)
+        costs = plan_costs(
+            edge_index, "cpu", block_size=BLOCK, tile_cost=case["tile_cost"], num_src=n_src, num_dst=n_dst
+        )
         # both parts run: some tiles tiled, the other edges fused
         assert costs["dense_tiles"] > 0 and costs["dense_edges"] < costs["edges"], costs
     previous = _pieces.LENGTH
     _pieces.LENGTH = case["length"]  # rows longer than this run in pieces (None: never on the CPU)
     clear_cache()
     try:
-        out, lse = attend(q, k, v, edge_index, scale=0.6, edge_bias=b, backend=case["backend"],
-                          return_lse=True, impl="triton", **kw)
+        out, lse = attend(
+            q, k, v, edge_index, scale=0.6, edge_bias=b, backend=case["backend"], return_lse=True, impl="triton", **kw
+        )
         w = torch.randn(out.shape, generator=gen, dtype=torch.float64)
         inputs = [x for x in (q, k, v, b) if x is not None]
         loss = (out * w.to(dtype)).sum() + 0.3 * lse[torch.isfinite(lse)].sum()

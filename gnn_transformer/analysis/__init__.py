@@ -7,18 +7,53 @@ massive activations, compare pre-norm with post-norm, draw them.
 - :mod:`.summary`: one row of measures per layer.
 - :mod:`.plots`: matplotlib figures.
 """
-from .capture import (AttentionGraph, LayerState, Trace, compare_norm_placement, extract,
-                      find_layers, norm_placement, record, weighted_digraph)
-from .measures import (ActivationStats, activation_stats, attention_entropy, attention_hits,
-                       attention_pagerank, find_sinks, first_tokens, massive_activations,
-                       received_attention, sink_scores)
+
+from .capture import (
+    AttentionGraph,
+    LayerState,
+    Trace,
+    compare_norm_placement,
+    extract,
+    find_layers,
+    norm_placement,
+    record,
+    weighted_digraph,
+)
+from .measures import (
+    ActivationStats,
+    activation_stats,
+    attention_entropy,
+    attention_hits,
+    attention_pagerank,
+    find_sinks,
+    first_tokens,
+    massive_activations,
+    received_attention,
+    sink_scores,
+)
 from .summary import LayerSummary, format_table, summarize
 
 __all__ = [
-    "AttentionGraph", "LayerState", "Trace", "record", "extract", "find_layers", "norm_placement",
-    "compare_norm_placement", "weighted_digraph",
-    "ActivationStats", "activation_stats", "attention_entropy", "attention_hits",
-    "attention_pagerank", "find_sinks", "first_tokens", "massive_activations",
-    "received_attention", "sink_scores",
-    "LayerSummary", "format_table", "summarize",
+    "AttentionGraph",
+    "LayerState",
+    "Trace",
+    "record",
+    "extract",
+    "find_layers",
+    "norm_placement",
+    "compare_norm_placement",
+    "weighted_digraph",
+    "ActivationStats",
+    "activation_stats",
+    "attention_entropy",
+    "attention_hits",
+    "attention_pagerank",
+    "find_sinks",
+    "first_tokens",
+    "massive_activations",
+    "received_attention",
+    "sink_scores",
+    "LayerSummary",
+    "format_table",
+    "summarize",
 ]

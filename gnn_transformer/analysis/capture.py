@@ -21,6 +21,7 @@ Example:
     >>> g.weights.shape, g.edge_index.shape
     (torch.Size([6, 2]), torch.Size([2, 6]))
 """
+
 from __future__ import annotations
 
 import inspect
@@ -95,9 +96,14 @@ class AttentionGraph:
         if head is not None and not -self.num_heads <= head < self.num_heads:
             raise ValueError(f"Expected 'head' in [0, {self.num_heads}) (got {head})")
         w = self.weights.mean(dim=1) if head is None else self.weights[:, head]  # [E]
-        return weighted_digraph(self.node_edge_index(), w, self.num_src,
-                                self.num_dst if self.cross else self.num_src, cross=self.cross,
-                                labels=labels)
+        return weighted_digraph(
+            self.node_edge_index(),
+            w,
+            self.num_src,
+            self.num_dst if self.cross else self.num_src,
+            cross=self.cross,
+            labels=labels,
+        )
 
 
 @dataclass
@@ -142,12 +148,18 @@ class Trace:
 
     def to_networkx(self, labels: list[str] | None = None) -> dict[tuple[int, int], nx.DiGraph]:
         """Weighted DiGraphs keyed by ``(index into attention, head)``."""
-        return {(k, h): g.to_networkx(h, labels) for k, g in enumerate(self.attention)
-                for h in range(g.num_heads)}
+        return {(k, h): g.to_networkx(h, labels) for k, g in enumerate(self.attention) for h in range(g.num_heads)}
 
 
-def weighted_digraph(edge_index: Tensor, weights: Tensor, num_src: int, num_dst: int | None = None,
-                     *, cross: bool = False, labels: list[str] | None = None) -> nx.DiGraph:
+def weighted_digraph(
+    edge_index: Tensor,
+    weights: Tensor,
+    num_src: int,
+    num_dst: int | None = None,
+    *,
+    cross: bool = False,
+    labels: list[str] | None = None,
+) -> nx.DiGraph:
     """A ``networkx.DiGraph`` with edges ``j -> i`` and attribute ``weight`` from ``[E]`` weights."""
     num_dst = num_src if num_dst is None else num_dst
     graph = nx.DiGraph()
@@ -195,8 +207,7 @@ def find_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     owners: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         for key, child in module.named_children():
-            if isinstance(child, GraphMultiheadAttention) and not isinstance(
-                    module, GraphMultiheadAttention):
+            if isinstance(child, GraphMultiheadAttention) and not isinstance(module, GraphMultiheadAttention):
                 owners.setdefault(name, module)
     return [(n, m) for n, m in owners.items() if n]
 
@@ -219,8 +230,9 @@ def _keep(t: Tensor | None, to_cpu: bool) -> Tensor | None:
 
 
 @contextmanager
-def record(model: nn.Module, *, layers: Iterable[nn.Module] | None = None,
-           backend: str | None = None, cpu: bool = True) -> Iterator[Trace]:
+def record(
+    model: nn.Module, *, layers: Iterable[nn.Module] | None = None, backend: str | None = None, cpu: bool = True
+) -> Iterator[Trace]:
     """Record attention graphs and layer hidden states of ``model`` while the context is open.
 
     Args:
@@ -237,8 +249,9 @@ def record(model: nn.Module, *, layers: Iterable[nn.Module] | None = None,
     """
     attn_modules = [(n, m) for n, m in model.named_modules() if isinstance(m, GraphMultiheadAttention)]
     if not attn_modules:
-        raise ValueError(f"Expected 'model' to contain a GraphMultiheadAttention (found none in "
-                         f"{type(model).__name__})")
+        raise ValueError(
+            f"Expected 'model' to contain a GraphMultiheadAttention (found none in {type(model).__name__})"
+        )
     if layers is None:
         layer_list = find_layers(model)
     else:
@@ -246,8 +259,9 @@ def record(model: nn.Module, *, layers: Iterable[nn.Module] | None = None,
         layer_list = []
         for m in layers:
             if id(m) not in names:
-                raise ValueError(f"Expected every entry of 'layers' to be a submodule of 'model' "
-                                 f"(got {type(m).__name__})")
+                raise ValueError(
+                    f"Expected every entry of 'layers' to be a submodule of 'model' (got {type(m).__name__})"
+                )
             layer_list.append((names[id(m)], m))
     trace = Trace(layers=[LayerState(n, None, None) for n, _ in layer_list])
 
@@ -261,6 +275,7 @@ def record(model: nn.Module, *, layers: Iterable[nn.Module] | None = None,
     patched: list[tuple[nn.Module, Any]] = []
     try:
         for k, (_, layer) in enumerate(layer_list):
+
             def pre_hook(module, args, kwargs, k=k):
                 trace.layers[k].input = _keep(_first_tensor([*args, *kwargs.values()]), cpu)
 
@@ -281,8 +296,7 @@ def record(model: nn.Module, *, layers: Iterable[nn.Module] | None = None,
             original = module.attend
             signature = inspect.signature(original)
 
-            def attend(*args, _original=original, _signature=signature, _name=name, _mode=mode,
-                       **kwargs):
+            def attend(*args, _original=original, _signature=signature, _name=name, _mode=mode, **kwargs):
                 if _mode.get("inside"):  # attend calling itself (a per-head graph on (head, token)
                     return _original(*args, **kwargs)  # nodes, an implicit graph's edges): once
                 bound = _signature.bind(*args, **kwargs)
@@ -304,9 +318,18 @@ def record(model: nn.Module, *, layers: Iterable[nn.Module] | None = None,
                     columns = weights.new_zeros(weights.size(0), query.size(1))  # [E, H]
                     rows = torch.arange(weights.size(0), device=weights.device)
                     columns[rows, edge_head.to(weights.device)] = weights
-                trace.attention.append(AttentionGraph(
-                    _name, owner(_name), _keep(edge_index, cpu).long(), _keep(columns, cpu), num_src, num_dst, cross,
-                    None if edge_head is None else _keep(edge_head, cpu).long()))
+                trace.attention.append(
+                    AttentionGraph(
+                        _name,
+                        owner(_name),
+                        _keep(edge_index, cpu).long(),
+                        _keep(columns, cpu),
+                        num_src,
+                        num_dst,
+                        cross,
+                        None if edge_head is None else _keep(edge_head, cpu).long(),
+                    )
+                )
                 return out, (weights if wanted else None)
 
             patched.append((module, module.__dict__.get("attend")))
@@ -348,8 +371,9 @@ def norm_placement(model: nn.Module, norm_first: bool) -> Iterator[nn.Module]:
     ``True``, post-norm when ``False``); the same weights run both ways. Restored on exit."""
     targets = [m for m in model.modules() if isinstance(getattr(m, "norm_first", None), bool)]
     if not targets:
-        raise ValueError(f"Expected 'model' to have layers with a 'norm_first' attribute (found none "
-                         f"in {type(model).__name__})")
+        raise ValueError(
+            f"Expected 'model' to have layers with a 'norm_first' attribute (found none in {type(model).__name__})"
+        )
     before = [m.norm_first for m in targets]
     try:
         for m in targets:

@@ -10,6 +10,7 @@ target. Attention *received* by a token is therefore a sum over its **outgoing**
 
 Notation: ``N`` nodes (``N_src`` keys, ``N_dst`` queries), ``E`` edges, ``H`` heads, ``C`` features.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,8 +32,9 @@ def _check_graph(edge_index: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
         shape = list(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
         raise ValueError(f"Expected 'weights' to have shape [E, H] or [E] (got {shape})")
     if weights.size(0) != edge_index.size(1):
-        raise ValueError(f"Expected 'weights' to have one row per edge ({edge_index.size(1)} edges, "
-                         f"got {weights.size(0)} rows)")
+        raise ValueError(
+            f"Expected 'weights' to have one row per edge ({edge_index.size(1)} edges, got {weights.size(0)} rows)"
+        )
     if edge_index.is_floating_point() or edge_index.is_complex() or edge_index.dtype == torch.bool:
         raise ValueError(f"Expected 'edge_index' to hold integers (got {edge_index.dtype})")
     if edge_index.numel() and int(edge_index.min()) < 0:
@@ -49,8 +51,9 @@ def _num_nodes(edge_index: Tensor, num_nodes: int | None, row: int | None, name:
     if num_nodes is None:
         return needed
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < needed:
-        raise ValueError(f"Expected '{name}' to be an int >= {needed} (largest node index of 'edge_index' "
-                         f"+ 1) (got {num_nodes!r})")
+        raise ValueError(
+            f"Expected '{name}' to be an int >= {needed} (largest node index of 'edge_index' + 1) (got {num_nodes!r})"
+        )
     return num_nodes
 
 
@@ -60,8 +63,9 @@ def _check_float(weights: Tensor) -> None:
 
 
 # ------------------------------------------------------------------ attention received, sinks
-def received_attention(edge_index: Tensor, weights: Tensor, num_src: int | None = None, *,
-                       normalize: bool = False) -> Tensor:
+def received_attention(
+    edge_index: Tensor, weights: Tensor, num_src: int | None = None, *, normalize: bool = False
+) -> Tensor:
     r"""Total attention each key receives, :math:`r_j^h = \sum_i \alpha_{ji}^h` (its out-strength).
 
     Args:
@@ -103,18 +107,20 @@ def first_tokens(num_nodes: int, batch: Tensor | None = None) -> Tensor:
         raise ValueError(f"Expected 'batch' to be an integer tensor (got {got})")
     batch = batch.reshape(-1)
     if batch.numel() != num_nodes:
-        raise ValueError(f"Expected 'batch' to have one entry per node ({num_nodes}, got "
-                         f"{batch.numel()})")
+        raise ValueError(f"Expected 'batch' to have one entry per node ({num_nodes}, got {batch.numel()})")
     if batch.numel() > 1 and bool((batch[1:] < batch[:-1]).any()):
-        raise ValueError(f"Expected a sorted 'batch' (each sequence's nodes contiguous, as PyG "
-                         f"batches are) (got {batch.tolist()[:20]})")
+        raise ValueError(
+            f"Expected a sorted 'batch' (each sequence's nodes contiguous, as PyG "
+            f"batches are) (got {batch.tolist()[:20]})"
+        )
     is_first = torch.ones_like(batch, dtype=torch.bool)
     is_first[1:] = batch[1:] != batch[:-1]
     return is_first
 
 
-def sink_scores(edge_index: Tensor, weights: Tensor, batch: Tensor | None = None, *,
-                num_src: int | None = None) -> Tensor:
+def sink_scores(
+    edge_index: Tensor, weights: Tensor, batch: Tensor | None = None, *, num_src: int | None = None
+) -> Tensor:
     r"""Share of all attention that lands on the first token of each sequence, per head.
 
     .. math::
@@ -144,20 +150,20 @@ def sink_scores(edge_index: Tensor, weights: Tensor, batch: Tensor | None = None
     if batch is not None and num_src is None and isinstance(batch, Tensor):
         needed = _num_nodes(edge_index, None, 0, "num_src")
         if batch.numel() < needed:
-            raise ValueError(f"Expected 'batch' to have one entry per key node (sources up to index "
-                             f"{needed - 1}, got {batch.numel()} entries)")
+            raise ValueError(
+                f"Expected 'batch' to have one entry per key node (sources up to index "
+                f"{needed - 1}, got {batch.numel()} entries)"
+            )
         n = batch.numel()
     else:
         n = _num_nodes(edge_index, num_src, 0, "num_src")
     is_first = first_tokens(n, None if batch is None else batch.cpu()).to(weights.device)  # [N_src]
     on_first = weights[is_first[edge_index[0]]].sum(dim=0)  # [H]
     total = weights.sum(dim=0)  # [H]
-    return torch.where(total > 0, on_first / total.clamp(min=torch.finfo(weights.dtype).tiny),
-                       torch.zeros_like(total))
+    return torch.where(total > 0, on_first / total.clamp(min=torch.finfo(weights.dtype).tiny), torch.zeros_like(total))
 
 
-def find_sinks(edge_index: Tensor, weights: Tensor, num_src: int | None = None, *,
-               threshold: float = 0.5) -> Tensor:
+def find_sinks(edge_index: Tensor, weights: Tensor, num_src: int | None = None, *, threshold: float = 0.5) -> Tensor:
     """Keys that draw, on average, more than ``threshold`` of the attention of the queries that see
     them (``received_attention(..., normalize=True) > threshold``), as a boolean ``[N_src, H]``.
 
@@ -188,8 +194,15 @@ def _transition_sums(edge_index: Tensor, weights: Tensor, n: int) -> Tensor:
     return weights.new_zeros(n, weights.size(1)).index_add_(0, edge_index[1], weights)  # [N, H]
 
 
-def attention_pagerank(edge_index: Tensor, weights: Tensor, num_nodes: int | None = None, *,
-                       damping: float = 0.85, tol: float = 1e-10, max_iter: int = 1000) -> Tensor:
+def attention_pagerank(
+    edge_index: Tensor,
+    weights: Tensor,
+    num_nodes: int | None = None,
+    *,
+    damping: float = 0.85,
+    tol: float = 1e-10,
+    max_iter: int = 1000,
+) -> Tensor:
     r"""PageRank of the walk that follows attention: from a query to a key with probability
     :math:`\alpha_{ji}` (edge ``j -> i`` read backwards), with uniform teleportation.
 
@@ -242,8 +255,9 @@ def attention_pagerank(edge_index: Tensor, weights: Tensor, num_nodes: int | Non
     return (rank / rank.sum(dim=0, keepdim=True)).to(weights.dtype)
 
 
-def attention_hits(edge_index: Tensor, weights: Tensor, num_nodes: int | None = None, *,
-                   tol: float = 1e-10, max_iter: int = 1000) -> tuple[Tensor, Tensor]:
+def attention_hits(
+    edge_index: Tensor, weights: Tensor, num_nodes: int | None = None, *, tol: float = 1e-10, max_iter: int = 1000
+) -> tuple[Tensor, Tensor]:
     r"""HITS hub and authority scores of the attention graph (edges ``j -> i``, weights
     :math:`\alpha_{ji}`): with ``A[j, i] = alpha_ji``, hubs are the principal eigenvector of
     :math:`A A^\top` and authorities of :math:`A^\top A`.
@@ -341,8 +355,9 @@ def activation_stats(hidden: Tensor, k: int = 3) -> ActivationStats:
     return ActivationStats(max_abs, median, ratio, top[0][1], top[0][2], top)
 
 
-def massive_activations(hidden: Tensor, *, min_magnitude: float = 100.0,
-                        min_ratio: float = 1000.0) -> list[tuple[int, int, float]]:
+def massive_activations(
+    hidden: Tensor, *, min_magnitude: float = 100.0, min_ratio: float = 1000.0
+) -> list[tuple[int, int, float]]:
     """Entries of a hidden state that are *massive*: ``|h| > min_magnitude`` and
     ``|h| > min_ratio * median |h|`` (median as ``numpy.median``; the criterion of Sun et al., 2024,
     "Massive Activations in Large Language Models").

@@ -9,6 +9,7 @@ without pyplot (no global state, any backend), for the caller to save.
 - :func:`plot_activation_magnitudes`: largest and median ``|h|`` per layer (log scale).
 - :func:`plot_norm_comparison`: the two curves above for several variants of a model side by side.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,9 +41,14 @@ def _tick_labels(ax, labels: Sequence[str] | None, n_src: int, n_dst: int) -> No
     ax.set_yticks(range(n_dst), [str(t) for t in labels[:n_dst]], fontsize=7)
 
 
-def plot_attention_heatmaps(graph: AttentionGraph, labels: Sequence[str] | None = None, *,
-                            max_tokens: int = 64, max_heads: int = 8,
-                            title: str | None = None) -> Figure:
+def plot_attention_heatmaps(
+    graph: AttentionGraph,
+    labels: Sequence[str] | None = None,
+    *,
+    max_tokens: int = 64,
+    max_heads: int = 8,
+    title: str | None = None,
+) -> Figure:
     """One panel per head: ``alpha[i, j]`` with queries as rows and keys as columns; pairs that
     are not edges of the graph are grey (they are not zero attention, they are absent)."""
     src, dst, w, n_src, n_dst = _crop(graph, max_tokens)
@@ -61,8 +67,7 @@ def plot_attention_heatmaps(graph: AttentionGraph, labels: Sequence[str] | None 
         mat = np.full((n_dst, n_src), np.nan)
         mat[dst.numpy(), src.numpy()] = 0.0  # edges: 0 then their (summed) weight; others nan
         np.add.at(mat, (dst.numpy(), src.numpy()), w[:, h].numpy())
-        image = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, vmin=0.0, vmax=1.0,
-                          interpolation="nearest")
+        image = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_title(f"head {h}", fontsize=9)
         ax.set_xlabel("key j", fontsize=8)
         ax.set_ylabel("query i", fontsize=8)
@@ -73,9 +78,15 @@ def plot_attention_heatmaps(graph: AttentionGraph, labels: Sequence[str] | None 
     return fig
 
 
-def plot_attention_arcs(graph: AttentionGraph, head: int | None = None,
-                        labels: Sequence[str] | None = None, *, max_tokens: int = 48,
-                        min_weight: float = 0.02, title: str | None = None) -> Figure:
+def plot_attention_arcs(
+    graph: AttentionGraph,
+    head: int | None = None,
+    labels: Sequence[str] | None = None,
+    *,
+    max_tokens: int = 48,
+    min_weight: float = 0.02,
+    title: str | None = None,
+) -> Figure:
     """The attention graph drawn on the token sequence (self-attention).
 
     Tokens sit on a line; each edge ``j -> i`` is an arc from key ``j`` to query ``i``, above the
@@ -88,8 +99,7 @@ def plot_attention_arcs(graph: AttentionGraph, head: int | None = None,
     keep = (ei[0] < n) & (ei[1] < n)
     src, dst, w = ei[0][keep], ei[1][keep], graph.weights[keep].float()
     weight = w.mean(dim=1) if head is None else w[:, head]  # [E]
-    drawn = [(j, i, a) for j, i, a in zip(src.tolist(), dst.tolist(), weight.tolist())
-             if j != i and a >= min_weight]
+    drawn = [(j, i, a) for j, i, a in zip(src.tolist(), dst.tolist(), weight.tolist()) if j != i and a >= min_weight]
     up = max((abs(i - j) for j, i, _ in drawn if j < i), default=0) * 0.45
     down = max((abs(i - j) for j, i, _ in drawn if j > i), default=0) * 0.45
     label_room = 0.1 * max(n, 2) + 0.6 if labels is not None else 0.5
@@ -99,19 +109,34 @@ def plot_attention_arcs(graph: AttentionGraph, head: int | None = None,
     for j, i, a in drawn:
         center, width = (i + j) / 2.0, abs(i - j)
         theta = (0, 180) if j < i else (180, 360)
-        ax.add_patch(Arc((center, 0.0), width, width * 0.9, theta1=theta[0], theta2=theta[1],
-                         linewidth=0.3 + 4.0 * a, alpha=min(1.0, 0.15 + 0.85 * a),
-                         color="tab:blue" if j < i else "tab:orange"))
+        ax.add_patch(
+            Arc(
+                (center, 0.0),
+                width,
+                width * 0.9,
+                theta1=theta[0],
+                theta2=theta[1],
+                linewidth=0.3 + 4.0 * a,
+                alpha=min(1.0, 0.15 + 0.85 * a),
+                color="tab:blue" if j < i else "tab:orange",
+            )
+        )
     received = received_attention(graph.edge_index, graph.weights.float(), graph.num_src)
     received = received.mean(dim=1) if head is None else received[:, head]  # [N_src]
     recv = np.zeros(n)
     recv[: min(n, received.numel())] = received[:n].numpy()
-    ax.scatter(range(n), np.zeros(n), s=20 + 400 * recv / max(float(recv.max()), 1e-9),
-               c="tab:red", zorder=3, edgecolors="black", linewidths=0.5)
+    ax.scatter(
+        range(n),
+        np.zeros(n),
+        s=20 + 400 * recv / max(float(recv.max()), 1e-9),
+        c="tab:red",
+        zorder=3,
+        edgecolors="black",
+        linewidths=0.5,
+    )
     if labels is not None:
         for k in range(min(n, len(labels))):
-            ax.text(k, -down - 0.45, str(labels[k]), rotation=90,
-                    ha="center", va="top", fontsize=7)
+            ax.text(k, -down - 0.45, str(labels[k]), rotation=90, ha="center", va="top", fontsize=7)
     ax.set_xlim(-1, n)
     ax.set_ylim(-down - label_room, up + 0.5)
     ax.axis("off")
@@ -133,8 +158,15 @@ def plot_sink_scores(rows: Sequence[LayerSummary], title: str = "sink score") ->
     for k in range(len(rows)):
         for h in range(heads):
             if not np.isnan(mat[h, k]):
-                ax.text(k, h, f"{mat[h, k]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if mat[h, k] < 0.6 else "black")
+                ax.text(
+                    k,
+                    h,
+                    f"{mat[h, k]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if mat[h, k] < 0.6 else "black",
+                )
     ax.set_xticks(range(len(rows)), [r.name for r in rows], rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(heads), [f"head {h}" for h in range(heads)], fontsize=7)
     fig.colorbar(image, ax=ax, label="share of attention on first token")
@@ -142,8 +174,7 @@ def plot_sink_scores(rows: Sequence[LayerSummary], title: str = "sink score") ->
     return fig
 
 
-def plot_activation_magnitudes(rows: Sequence[LayerSummary],
-                               title: str = "hidden-state magnitudes") -> Figure:
+def plot_activation_magnitudes(rows: Sequence[LayerSummary], title: str = "hidden-state magnitudes") -> Figure:
     """Top-3 and median ``|h|`` of each layer's output, log scale (as in Sun et al., 2024)."""
     measured = [(r.name, r.activations) for r in rows if r.activations is not None]
     fig = Figure(figsize=(max(4.5, 0.5 * len(measured) + 2), 3.4), layout="constrained")

@@ -1,4 +1,5 @@
 """One row per layer: the measures of :mod:`.measures` applied to a recorded :class:`.Trace`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,8 +7,15 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from .capture import AttentionGraph, Trace
-from .measures import (ActivationStats, activation_stats, attention_entropy, attention_pagerank,
-                       massive_activations, received_attention, sink_scores)
+from .measures import (
+    ActivationStats,
+    activation_stats,
+    attention_entropy,
+    attention_pagerank,
+    massive_activations,
+    received_attention,
+    sink_scores,
+)
 
 
 @dataclass(frozen=True)
@@ -47,8 +55,7 @@ def _attention_fields(graph: AttentionGraph, batch: Tensor | None) -> dict:
     received = received_attention(ei, w, graph.num_src).sum(dim=1)  # [N_src]
     total = float(received.sum())
     top = int(received.argmax()) if received.numel() else None
-    rank = None if graph.cross else attention_pagerank(graph.node_edge_index(), w,
-                                                        graph.num_src).mean(dim=1)
+    rank = None if graph.cross else attention_pagerank(graph.node_edge_index(), w, graph.num_src).mean(dim=1)
     use_batch = batch if batch is not None and batch.numel() == graph.num_src else None
     return dict(
         sink=tuple(float(s) for s in sink_scores(ei, w, use_batch, num_src=graph.num_src)),
@@ -63,13 +70,15 @@ def _attention_fields(graph: AttentionGraph, batch: Tensor | None) -> dict:
 def _activation_fields(hidden: Tensor | None, min_magnitude: float, min_ratio: float) -> dict:
     if hidden is None or hidden.numel() == 0:
         return {}
-    return dict(activations=activation_stats(hidden),
-                massive=tuple(massive_activations(hidden, min_magnitude=min_magnitude,
-                                                  min_ratio=min_ratio)))
+    return dict(
+        activations=activation_stats(hidden),
+        massive=tuple(massive_activations(hidden, min_magnitude=min_magnitude, min_ratio=min_ratio)),
+    )
 
 
-def summarize(trace: Trace, batch: Tensor | None = None, *, min_magnitude: float = 100.0,
-              min_ratio: float = 1000.0) -> list[LayerSummary]:
+def summarize(
+    trace: Trace, batch: Tensor | None = None, *, min_magnitude: float = 100.0, min_ratio: float = 1000.0
+) -> list[LayerSummary]:
     """Per-layer measures of a trace: an ``"input"`` row (hidden state entering the first layer),
     then one row per layer. A trace without layers gets one row per self-attention graph.
 
@@ -96,7 +105,7 @@ def summarize(trace: Trace, batch: Tensor | None = None, *, min_magnitude: float
         graphs = [g for g in trace.self_attention() if g.layer == k]
         # each call of the layer records one graph per module: the first of the last call's graphs,
         # the call whose hidden states the layer holds
-        last_call = graphs[-len({g.name for g in graphs}):] if graphs else []
+        last_call = graphs[-len({g.name for g in graphs}) :] if graphs else []
         fields = _attention_fields(last_call[0], batch) if last_call else {}
         fields.update(_activation_fields(layer.output, min_magnitude, min_ratio))
         rows.append(LayerSummary(layer.name, **fields))
@@ -105,9 +114,11 @@ def summarize(trace: Trace, batch: Tensor | None = None, *, min_magnitude: float
 
 def format_table(rows: list[LayerSummary]) -> str:
     """A plain-text table of :func:`summarize` rows (one line per layer)."""
-    header = (f"{'layer':<24} {'sink (mean/max head)':>20} {'top key':>8} {'share':>6} "
-              f"{'pagerank':>9} {'entropy':>7} {'max|h|':>9} {'median|h|':>9} {'ratio':>8} "
-              f"{'at (tok,dim)':>12} {'massive':>7}")
+    header = (
+        f"{'layer':<24} {'sink (mean/max head)':>20} {'top key':>8} {'share':>6} "
+        f"{'pagerank':>9} {'entropy':>7} {'max|h|':>9} {'median|h|':>9} {'ratio':>8} "
+        f"{'at (tok,dim)':>12} {'massive':>7}"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         sink = f"{r.mean_sink:.3f}/{max(r.sink):.3f}" if r.sink else "-"
@@ -117,8 +128,10 @@ def format_table(rows: list[LayerSummary]) -> str:
         ent = f"{r.entropy:.2f}" if r.sink else "-"
         a = r.activations
         if a is not None:
-            act = (f"{a.max_abs:>9.3g} {a.median_abs:>9.3g} {a.ratio:>8.3g} "
-                   f"{f'({a.token},{a.dim})':>12} {len(r.massive):>7}")
+            act = (
+                f"{a.max_abs:>9.3g} {a.median_abs:>9.3g} {a.ratio:>8.3g} "
+                f"{f'({a.token},{a.dim})':>12} {len(r.massive):>7}"
+            )
         else:
             act = f"{'-':>9} {'-':>9} {'-':>8} {'-':>12} {'-':>7}"
         lines.append(f"{r.name[:24]:<24} {sink:>20} {top:>8} {share:>6} {rank:>9} {ent:>7} {act}")

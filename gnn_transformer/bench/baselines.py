@@ -24,6 +24,7 @@ sinks: :func:`head_rules`, for specs made of such heads, DuoAttention's and Long
 
 A variant that cannot be built for a graph says why (:class:`Unavailable`), never silently.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -84,8 +85,17 @@ def sdpa_mode(edge_index: Tensor, n: int) -> tuple[str, tuple[int, ...]]:
     return f"documents-{pattern.kind}", pattern.bounds
 
 
-def make_sdpa(edge_index: Tensor, src: Tensor, dst: Tensor, n: int, scale: float, mode: str,
-              bounds: tuple[int, ...], edge_head: Tensor | None = None, num_heads: int = 1) -> Baseline:
+def make_sdpa(
+    edge_index: Tensor,
+    src: Tensor,
+    dst: Tensor,
+    n: int,
+    scale: float,
+    mode: str,
+    bounds: tuple[int, ...],
+    edge_head: Tensor | None = None,
+    num_heads: int = 1,
+) -> Baseline:
     """``fn(q, k, v)`` by ``scaled_dot_product_attention`` in ``mode`` (:func:`sdpa_mode`);
     ``fn.layout`` is ``"bhnd"`` (``[1, H, N, D]``) or, on nested tensors, ``"nhd"``; ``fn.note``
     says how it runs. A per-head graph (``edge_head``, ``num_heads`` query heads) runs with a
@@ -101,11 +111,14 @@ def make_sdpa(edge_index: Tensor, src: Tensor, dst: Tensor, n: int, scale: float
 
         def per_head(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=head_mask, scale=scale, **gqa(q, k))
+
         return _baseline(per_head, "dense bool mask [1, H, N, N]")
 
     if mode in ("causal", "full"):
+
         def sdpa(q, k, v):  # [1, H, N, D]
             return F.scaled_dot_product_attention(q, k, v, is_causal=mode == "causal", scale=scale, **gqa(q, k))
+
         return _baseline(sdpa, "is_causal" if mode == "causal" else "no mask")
     if mode.startswith("documents"):
         return _sdpa_documents(scale, mode == "documents-causal", bounds)
@@ -114,6 +127,7 @@ def make_sdpa(edge_index: Tensor, src: Tensor, dst: Tensor, n: int, scale: float
 
     def masked(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa(q, k))
+
     return _baseline(masked, "dense bool mask")
 
 
@@ -135,17 +149,27 @@ def _sdpa_documents(scale: float, causal: bool, bounds: tuple[int, ...]) -> Base
 
     def per_document(q, k, v):
         gqa = {"enable_gqa": True} if k.size(1) != q.size(1) else {}
-        return torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=causal,
-                                                         scale=scale, **gqa)
-                          for a, b in zip(bounds[:-1], bounds[1:])], dim=2)
+        return torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=causal, scale=scale, **gqa
+                )
+                for a, b in zip(bounds[:-1], bounds[1:])
+            ],
+            dim=2,
+        )
 
     try:  # does torch run nested SDPA here? (two tokens per document)
         probe = torch.randn(2 * docs, 1, 8)
         nested(probe, probe, probe, torch.arange(0, 2 * docs + 1, 2))
     except Exception as exc:  # torch refuses nested SDPA (is_causal, a version)
         why = "is_causal" if causal else str(exc).splitlines()[0][:60]
-        return _baseline(per_document, f"{docs} calls, one per document" + (", is_causal" if causal else "")
-                         + f"; nested jagged SDPA refused ({why})")
+        return _baseline(
+            per_document,
+            f"{docs} calls, one per document"
+            + (", is_causal" if causal else "")
+            + f"; nested jagged SDPA refused ({why})",
+        )
     return _baseline(nested, f"nested jagged, {docs} documents" + (", is_causal" if causal else ""), "nhd")
 
 
@@ -163,6 +187,7 @@ def _predicate(topology: str, n: int, device) -> Callable:
 
         def mask_mod(b, h, q_idx, kv_idx):
             return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+
         return mask_mod
     if topology == "random":
         raise Unavailable("no predicate: the keys are drawn at random")
@@ -199,8 +224,10 @@ def _part_rules(part: dict, n: int) -> list[HeadRule]:
         return [(d, p["window"], p["causal"], 0) for d in dilations]
     if name == "duo_attention":
         streaming_heads = p["streaming_heads"] if isinstance(p["streaming_heads"], list) else [p["streaming_heads"]]
-        return [(1, p["window"], True, p["num_sinks"]) if h in streaming_heads else (1, n, True, 0)
-                for h in range(p["num_heads"])]
+        return [
+            (1, p["window"], True, p["num_sinks"]) if h in streaming_heads else (1, n, True, 0)
+            for h in range(p["num_heads"])
+        ]
     raise Unavailable(f"no vectorized per-head predicate for {name!r} heads")
 
 
@@ -231,14 +258,16 @@ def _head_predicate(spec: str, n: int, num_heads: int, device) -> Callable:
         step = dilation[h]
         within = (diff.abs() % step == 0) & (diff.abs() <= window[h] * step)
         return ((diff >= 0) | ~causal_head[h]) & (within | (kv_idx < sinks[h]))
+
     return mask_mod
 
 
-def _lookup(src: Tensor, dst: Tensor, n: int, budget: float, edge_head: Tensor | None = None,
-            num_heads: int = 1) -> Callable:
+def _lookup(
+    src: Tensor, dst: Tensor, n: int, budget: float, edge_head: Tensor | None = None, num_heads: int = 1
+) -> Callable:
     heads = 1 if edge_head is None else num_heads
     if heads * n * n > budget:
-        raise Unavailable(f"the dense lookup needs {heads * n * n / 2 ** 30:.1f} GiB")
+        raise Unavailable(f"the dense lookup needs {heads * n * n / 2**30:.1f} GiB")
     if edge_head is None:
         mask = torch.zeros(n, n, dtype=torch.bool, device=src.device)
         mask[dst, src] = True
@@ -269,8 +298,19 @@ def _block_table(src: Tensor, dst: Tensor, n: int, edge_head: Tensor | None = No
     raise Unavailable(f"not made of whole blocks of {'/'.join(map(str, TABLE_BLOCKS))}")
 
 
-def flex_block_mask(variant: str, topology: str, edge_index: Tensor, src: Tensor, dst: Tensor, n: int,
-                    device, flex_block: int, budget: float, edge_head: Tensor | None = None, num_heads: int = 1):
+def flex_block_mask(
+    variant: str,
+    topology: str,
+    edge_index: Tensor,
+    src: Tensor,
+    dst: Tensor,
+    n: int,
+    device,
+    flex_block: int,
+    budget: float,
+    edge_head: Tensor | None = None,
+    num_heads: int = 1,
+):
     """The ``BlockMask`` of one :data:`FLEX_VARIANTS` entry for this graph (``create_block_mask`` on
     its ``mask_mod``, as a user builds one; ``bitmap``: ``topology.to_block_mask``), or
     :class:`Unavailable`. With ``edge_head`` (a per-head graph of ``num_heads`` heads) the
@@ -288,11 +328,20 @@ def flex_block_mask(variant: str, topology: str, edge_index: Tensor, src: Tensor
     from torch.nn.attention.flex_attention import create_block_mask
 
     if variant == "predicate":
-        mask_mod = (_predicate(topology, n, device) if edge_head is None
-                    else _head_predicate(topology, n, num_heads, device))
+        mask_mod = (
+            _predicate(topology, n, device) if edge_head is None else _head_predicate(topology, n, num_heads, device)
+        )
     elif variant == "lookup":
         mask_mod = _lookup(src, dst, n, budget, edge_head, num_heads)
     else:
         mask_mod = _block_table(src, dst, n, edge_head, num_heads)
-    return create_block_mask(mask_mod, None, None if edge_head is None else num_heads, n, n, device=device,
-                             BLOCK_SIZE=flex_block, _compile=n > 16384)
+    return create_block_mask(
+        mask_mod,
+        None,
+        None if edge_head is None else num_heads,
+        n,
+        n,
+        device=device,
+        BLOCK_SIZE=flex_block,
+        _compile=n > 16384,
+    )

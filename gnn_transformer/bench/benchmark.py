@@ -21,6 +21,7 @@ Command line: ``python benchmarks/bench_attention.py`` (``--quick`` for a CPU ru
 :func:`run_benchmark` returns the rows (dicts); :func:`format_table` / :func:`format_markdown`
 render them. Nothing here prints: pass ``log`` to see rows as they come.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -36,8 +37,21 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..kernels import (DROPOUT_COST, MERGE_COST, ROW_COST, TILE_COST, attend, attend_reference, auto_kernel,
-                       clear_cache, default_block_size, head_inputs, heads_to_nodes, merge_partials, nodes_to_heads)
+from ..kernels import (
+    DROPOUT_COST,
+    MERGE_COST,
+    ROW_COST,
+    TILE_COST,
+    attend,
+    attend_reference,
+    auto_kernel,
+    clear_cache,
+    default_block_size,
+    head_inputs,
+    heads_to_nodes,
+    merge_partials,
+    nodes_to_heads,
+)
 from ..kernels._graph import prepare
 from ..kernels.tiling import tile_stats
 from ..topology.specs import LayerPattern
@@ -62,8 +76,7 @@ def input_memory_budget(device) -> float:
 def check_block_size(block_size: int | None) -> None:
     """``ValueError`` naming ``block_size`` unless it is ``None`` (the default) or in :data:`BLOCK_SIZES`."""
     if block_size is not None and (isinstance(block_size, bool) or block_size not in BLOCK_SIZES):
-        raise ValueError(f"Expected 'block_size' to be one of {', '.join(map(str, BLOCK_SIZES))} "
-                         f"(got {block_size!r})")
+        raise ValueError(f"Expected 'block_size' to be one of {', '.join(map(str, BLOCK_SIZES))} (got {block_size!r})")
 
 
 # ---------------------------------------------------------------- graphs
@@ -82,6 +95,7 @@ def build_graph(topology: str, n: int, seed: int = 0):
 
     if topology not in TOPOLOGIES:
         from ..experiments.topologies import topology_fn
+
         return topology_fn(topology)([n])
     if topology == "causal":
         return topo.causal(n)
@@ -96,9 +110,21 @@ def build_graph(topology: str, n: int, seed: int = 0):
 
 # ---------------------------------------------------------------- measurement
 class _mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def _live_bytes_fn() -> Callable[[], int]:
@@ -110,12 +136,15 @@ def _live_bytes_fn() -> Callable[[], int]:
         def live() -> int:
             info = libc.mallinfo2()
             return info.uordblks + info.hblkhd
+
         live()
         return live
     except (OSError, AttributeError):
+
         def rss() -> int:
             with open("/proc/self/statm") as f:
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
         return rss
 
 
@@ -250,8 +279,9 @@ def _dense_reference_grads(q, k, v, src, dst, scale, grad_out, edge_head=None) -
     return dq, dk, dv
 
 
-def _fits(n: int, num_edges: int, backend: str, h: int, d: int, budget: float, elem: int,
-          sdpa_mode: str | None = None) -> str | None:
+def _fits(
+    n: int, num_edges: int, backend: str, h: int, d: int, budget: float, elem: int, sdpa_mode: str | None = None
+) -> str | None:
     """A reason to skip a row that would not fit in ``budget`` bytes, else ``None`` (``sdpa_mode``:
     SDPA's mode for the graph, :func:`.baselines.sdpa_mode`; only ``"mask"`` needs ``N²``)."""
     if backend == "pyg":
@@ -267,7 +297,7 @@ def _fits(n: int, num_edges: int, backend: str, h: int, d: int, budget: float, e
     else:
         return None
     if need > budget:
-        return f"skipped: needs ~{need / 2 ** 30:.0f} GiB"
+        return f"skipped: needs ~{need / 2**30:.0f} GiB"
     return None
 
 
@@ -281,14 +311,25 @@ def _if_memory(fn: Callable[[], object], device):
         return None
 
 
-def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] = (4096,),
-                  backends: Sequence[str] = BACKENDS, *, device: str | None = None,
-                  dtype: torch.dtype | None = None, heads: int = 12, head_dim: int = 64,
-                  kv_heads: int | None = None,
-                  repeats: int = 3, backward: bool = True, memory_budget: float | None = None,
-                  flex_block: int = 128, block_size: int | None = None, seed: int = 0,
-                  flex_variants: Sequence[str] = FLEX_VARIANTS,
-                  log: Callable[[str], None] | None = None) -> list[dict]:
+def run_benchmark(
+    topologies: Sequence[str] = TOPOLOGIES,
+    sizes: Sequence[int] = (4096,),
+    backends: Sequence[str] = BACKENDS,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    heads: int = 12,
+    head_dim: int = 64,
+    kv_heads: int | None = None,
+    repeats: int = 3,
+    backward: bool = True,
+    memory_budget: float | None = None,
+    flex_block: int = 128,
+    block_size: int | None = None,
+    seed: int = 0,
+    flex_variants: Sequence[str] = FLEX_VARIANTS,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
     """Run the benchmark and return one row per (topology, N, backend, pass).
 
     Row keys: ``topology, n, edges, density, backend, pass ("fwd" | "fwd+bwd"), ms, peak_mb,
@@ -323,16 +364,46 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
                 log(_format_row(row))
 
     passes = ("fwd", "fwd+bwd") if backward else ("fwd",)
-    settings = _Settings(backends, device, dtype, heads, kv_heads, head_dim, scale, repeats, backward, memory_budget,
-                         elem, flex_block, block_size, flex_variants, seed)
+    settings = _Settings(
+        backends,
+        device,
+        dtype,
+        heads,
+        kv_heads,
+        head_dim,
+        scale,
+        repeats,
+        backward,
+        memory_budget,
+        elem,
+        flex_block,
+        block_size,
+        flex_variants,
+        seed,
+    )
     for topology in topologies:
         for n in sizes:
             t0 = time.perf_counter()
             try:
                 graph = build_graph(topology, n, seed)
             except ValueError as exc:  # a spec that cannot be built at this size: report, go on
-                emit([dict(topology=topology, n=n, edges=None, density=None, backend="-", **{"pass": "-"},
-                           ms=None, peak_mb=None, max_err=None, build_ms=None, note=f"not built: {exc}"[:120])])
+                emit(
+                    [
+                        dict(
+                            topology=topology,
+                            n=n,
+                            edges=None,
+                            density=None,
+                            backend="-",
+                            **{"pass": "-"},
+                            ms=None,
+                            peak_mb=None,
+                            max_err=None,
+                            build_ms=None,
+                            note=f"not built: {exc}"[:120],
+                        )
+                    ]
+                )
                 continue
             t_graph = time.perf_counter() - t0
             if not isinstance(graph, LayerPattern):
@@ -346,6 +417,7 @@ def run_benchmark(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] =
                 def emit_layer(new: list[dict], found: list[dict] = found) -> None:
                     found.extend(new)
                     emit(new)
+
                 # build_ms: the kernels' structures or the mask of this layer graph; the pattern's
                 # construction is in the total
                 _graph_rows(label, topology, layer_graph, n, 0.0, settings, emit_layer)
@@ -379,12 +451,14 @@ def _check_graph_heads(graph, topology: str, heads: int) -> None:
     if isinstance(graph, tuple) and graph[1].numel():
         top = int(graph[1].max()) + 1
         if top != heads:
-            raise ValueError(f"Expected 'heads' to equal the {top} heads of the per-head topology {topology!r} "
-                             f"(got heads={heads})")
+            raise ValueError(
+                f"Expected 'heads' to equal the {top} heads of the per-head topology {topology!r} (got heads={heads})"
+            )
 
 
-def _graph_rows(label: str, topology: str, graph, n: int, t_graph: float, settings: _Settings,
-                emit: Callable[[list[dict]], object]) -> None:
+def _graph_rows(
+    label: str, topology: str, graph, n: int, t_graph: float, settings: _Settings, emit: Callable[[list[dict]], object]
+) -> None:
     """The rows of one graph (an edge set for every head, or a per-head pair ``(edge_index,
     edge_head)``) at size ``n``, passed to ``emit`` as they come; ``label`` names it in the rows,
     ``topology`` is its spec (for the predicate twins)."""
@@ -400,16 +474,19 @@ def _graph_rows(label: str, topology: str, graph, n: int, t_graph: float, settin
     # a per-head graph: the density of one head (its edges over H), as a graph for every head
     density = num_edges / float(n * n) / (1 if edge_head is None else heads)
     g = torch.Generator(device="cpu").manual_seed(st.seed)
-    q, k, v = (torch.randn(n, h, head_dim, generator=g).to(device=device, dtype=st.dtype)
-               for h in (heads, st.kv_heads, st.kv_heads))
+    q, k, v = (
+        torch.randn(n, h, head_dim, generator=g).to(device=device, dtype=st.dtype)
+        for h in (heads, st.kv_heads, st.kv_heads)
+    )
     ref = None
     if _fits(n, num_edges, "reference", heads, head_dim, st.memory_budget, 4) is None:
         ref = _if_memory(functools.partial(_dense_reference, q, k, v, src, dst, st.scale, edge_head), device)
     grad_out = torch.randn(n, heads, head_dim, generator=g).to(device=device, dtype=st.dtype)
     ref_grads = None  # (dQ, dK, dV), computed once for every backend where they fit
     if st.backward and _fits(n, num_edges, "reference_grads", heads, head_dim, st.memory_budget, 4) is None:
-        ref_grads = _if_memory(functools.partial(_dense_reference_grads, q, k, v, src, dst, st.scale, grad_out,
-                                                 edge_head), device)
+        ref_grads = _if_memory(
+            functools.partial(_dense_reference_grads, q, k, v, src, dst, st.scale, grad_out, edge_head), device
+        )
     mode = None
     if "sdpa" in st.backends:
         mode = ("mask", (0, n)) if edge_head is not None else sdpa_mode(edge_index, n)
@@ -418,23 +495,61 @@ def _graph_rows(label: str, topology: str, graph, n: int, t_graph: float, settin
     for backend in st.backends:
         base = dict(topology=label, n=n, edges=num_edges, density=density, backend=backend)
         if backend == "flex":
-            emit(_flex_rows(base, case, topology, edge_index, src, dst, n, st.scale, st.flex_block, st.flex_variants,
-                            st.memory_budget, t_graph, edge_head))
+            emit(
+                _flex_rows(
+                    base,
+                    case,
+                    topology,
+                    edge_index,
+                    src,
+                    dst,
+                    n,
+                    st.scale,
+                    st.flex_block,
+                    st.flex_variants,
+                    st.memory_budget,
+                    t_graph,
+                    edge_head,
+                )
+            )
             continue
         # on a per-head graph: one head per edge (pyg's messages), a dense mask per head (SDPA's)
         per_head = edge_head is not None
-        skip = _fits(n, num_edges, backend, 1 if per_head else heads, head_dim,
-                     st.memory_budget / (heads if per_head and backend == "sdpa" else 1), st.elem,
-                     None if mode is None else mode[0])
+        skip = _fits(
+            n,
+            num_edges,
+            backend,
+            1 if per_head else heads,
+            head_dim,
+            st.memory_budget / (heads if per_head and backend == "sdpa" else 1),
+            st.elem,
+            None if mode is None else mode[0],
+        )
         if skip is not None:
-            emit([dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None, build_ms=None, note=skip)
-                  for p in passes])
+            emit(
+                [
+                    dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None, build_ms=None, note=skip)
+                    for p in passes
+                ]
+            )
             continue
         try:
             fn, build_s = _make(backend, edge_index, src, dst, n, q, k, v, st.scale, st.block_size, mode, edge_head)
         except Exception as exc:  # a backend missing on this platform: report, go on
-            emit([dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None, build_ms=None,
-                       note=f"unavailable: {type(exc).__name__}: {exc}"[:120]) for p in passes])
+            emit(
+                [
+                    dict(
+                        base,
+                        **{"pass": p},
+                        ms=None,
+                        peak_mb=None,
+                        max_err=None,
+                        build_ms=None,
+                        note=f"unavailable: {type(exc).__name__}: {exc}"[:120],
+                    )
+                    for p in passes
+                ]
+            )
             continue
         build_ms = 1e3 * (build_s + t_graph)  # graph, then the kernels' structures or the mask
         note = ""
@@ -448,8 +563,14 @@ def _auto_kernel(edge_index, edge_head, q, k, block_size) -> str:
     if edge_head is None:
         return auto_kernel(edge_index, q.device, block_size=block_size, dtype=q.dtype)
     index, _ = head_inputs(q, k, edge_index, edge_head)
-    return auto_kernel(index, q.device, block_size=block_size, dtype=q.dtype, num_src=k.size(0) * k.size(1),
-                       num_dst=q.size(0) * q.size(1))
+    return auto_kernel(
+        index,
+        q.device,
+        block_size=block_size,
+        dtype=q.dtype,
+        num_src=k.size(0) * k.size(1),
+        num_dst=q.size(0) * q.size(1),
+    )
 
 
 def _layer_ranges(layers: Sequence[int]) -> str:
@@ -464,8 +585,14 @@ def _layer_ranges(layers: Sequence[int]) -> str:
     return ("layers " if len(layers) > 1 else "layer ") + text
 
 
-def _total_rows(topology: str, n: int, period: int, layer_rows: list[tuple[list[int], list[dict]]],
-                passes: Sequence[str], graph_ms: float) -> list[dict]:
+def _total_rows(
+    topology: str,
+    n: int,
+    period: int,
+    layer_rows: list[tuple[list[int], list[dict]]],
+    passes: Sequence[str],
+    graph_ms: float,
+) -> list[dict]:
     """Per backend and pass, the total over the ``period`` layers of one cycle of a per-layer spec:
     each distinct layer graph's time times the layers that use it, its build once (plus
     ``graph_ms``, the construction of the pattern), the largest peak and error; ``ms`` stays empty
@@ -484,18 +611,31 @@ def _total_rows(topology: str, n: int, period: int, layer_rows: list[tuple[list[
             missing = [_layer_ranges(layers) for layers, row in parts if row is None or row["ms"] is None]
             base = dict(topology=label, n=n, edges=edges, density=density, backend=backend, **{"pass": p})
             if missing:
-                out.append(dict(base, ms=None, peak_mb=None, max_err=None, build_ms=None,
-                                note="no total: no time for " + "; ".join(missing)))
+                out.append(
+                    dict(
+                        base,
+                        ms=None,
+                        peak_mb=None,
+                        max_err=None,
+                        build_ms=None,
+                        note="no total: no time for " + "; ".join(missing),
+                    )
+                )
                 continue
             timed = [(layers, row) for layers, row in parts if row is not None]
             errors = [row["max_err"] for _, row in timed if row["max_err"] is not None]
             builds = [row["build_ms"] for _, row in timed if row["build_ms"] is not None]
-            out.append(dict(base, ms=sum(len(layers) * row["ms"] for layers, row in timed),
-                            peak_mb=max(row["peak_mb"] for _, row in timed),
-                            max_err=max(errors) if len(errors) == len(timed) else None,
-                            build_ms=graph_ms + sum(builds) if len(builds) == len(timed) else None,
-                            note="sum over layers: " + " + ".join(
-                                f"{len(layers)} x {_layer_ranges(layers)}" for layers, _ in timed)))
+            out.append(
+                dict(
+                    base,
+                    ms=sum(len(layers) * row["ms"] for layers, row in timed),
+                    peak_mb=max(row["peak_mb"] for _, row in timed),
+                    max_err=max(errors) if len(errors) == len(timed) else None,
+                    build_ms=graph_ms + sum(builds) if len(builds) == len(timed) else None,
+                    note="sum over layers: "
+                    + " + ".join(f"{len(layers)} x {_layer_ranges(layers)}" for layers, _ in timed),
+                )
+            )
     return out
 
 
@@ -519,6 +659,7 @@ class _Case:
         def fwd():
             with torch.no_grad():
                 return fn(q, k, v)
+
         passes = ("fwd", "fwd+bwd") if self.backward else ("fwd",)
         try:
             out = fwd()
@@ -527,34 +668,73 @@ class _Case:
             t, peak = _measure(fwd, device, repeats)
         except Exception as exc:  # out of memory, a kernel the device refuses: report, go on
             _free(device)
-            return [dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None, build_ms=build_ms,
-                         note=f"failed: {type(exc).__name__}: {exc}"[:120]) for p in passes]
+            return [
+                dict(
+                    base,
+                    **{"pass": p},
+                    ms=None,
+                    peak_mb=None,
+                    max_err=None,
+                    build_ms=build_ms,
+                    note=f"failed: {type(exc).__name__}: {exc}"[:120],
+                )
+                for p in passes
+            ]
         note = getattr(fn, "note", "") or note
-        rows = [dict(base, **{"pass": "fwd"}, ms=1e3 * t, peak_mb=peak / 2 ** 20, max_err=err, build_ms=build_ms,
-                     note=note)]
+        rows = [
+            dict(base, **{"pass": "fwd"}, ms=1e3 * t, peak_mb=peak / 2**20, max_err=err, build_ms=build_ms, note=note)
+        ]
         if not self.backward:
             return rows
         reason = getattr(fn, "no_backward", None)
         if reason:
-            rows.append(dict(base, **{"pass": "fwd+bwd"}, ms=None, peak_mb=None, max_err=None, build_ms=build_ms,
-                             note=f"unavailable: {reason}"))
+            rows.append(
+                dict(
+                    base,
+                    **{"pass": "fwd+bwd"},
+                    ms=None,
+                    peak_mb=None,
+                    max_err=None,
+                    build_ms=build_ms,
+                    note=f"unavailable: {reason}",
+                )
+            )
             return rows
         qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
 
         def fwd_bwd():
             out = fn(qg, kg, vg)
             return torch.autograd.grad(out, (qg, kg, vg), grad_out)
+
         try:
             grad_err = None
             if self.ref_grads is not None:  # the largest error of dQ, dK, dV
                 grad_err = max(float((back(g).float() - r).abs().max()) for g, r in zip(fwd_bwd(), self.ref_grads))
             t, peak = _measure(fwd_bwd, device, repeats)
-            rows.append(dict(base, **{"pass": "fwd+bwd"}, ms=1e3 * t, peak_mb=peak / 2 ** 20, max_err=grad_err,
-                             build_ms=build_ms, note=note))
+            rows.append(
+                dict(
+                    base,
+                    **{"pass": "fwd+bwd"},
+                    ms=1e3 * t,
+                    peak_mb=peak / 2**20,
+                    max_err=grad_err,
+                    build_ms=build_ms,
+                    note=note,
+                )
+            )
         except Exception as exc:
             _free(device)
-            rows.append(dict(base, **{"pass": "fwd+bwd"}, ms=None, peak_mb=None, max_err=None, build_ms=build_ms,
-                             note=f"failed: {type(exc).__name__}: {exc}"[:120]))
+            rows.append(
+                dict(
+                    base,
+                    **{"pass": "fwd+bwd"},
+                    ms=None,
+                    peak_mb=None,
+                    max_err=None,
+                    build_ms=build_ms,
+                    note=f"failed: {type(exc).__name__}: {exc}"[:120],
+                )
+            )
         return rows
 
 
@@ -572,14 +752,18 @@ def _make(backend, edge_index, src, dst, n, q, k, v, scale, block_size=None, mod
             attend(hq, hk, hv, edge_index, scale=scale, backend=backend, block_size=block_size, edge_head=edge_head)
             _sync(q.device)
             return time.perf_counter() - t0
+
         one_head()  # compiles the kernels
         clear_cache()
         # builds and caches the CSR, CSC, tile lists and plan, then the same one-head forward pass
         # on the cached structures is subtracted
         build = one_head()
         build = max(build - one_head(), 0.0)
-        return (lambda q, k, v: attend(q, k, v, edge_index, scale=scale, backend=backend,
-                                       block_size=block_size, edge_head=edge_head)), build
+        return (
+            lambda q, k, v: attend(
+                q, k, v, edge_index, scale=scale, backend=backend, block_size=block_size, edge_head=edge_head
+            )
+        ), build
     if backend == "pyg":
         if edge_head is None:
             return (lambda q, k, v: attend_reference(q, k, v, edge_index, scale=scale)), 0.0
@@ -588,6 +772,7 @@ def _make(backend, edge_index, src, dst, n, q, k, v, scale, block_size=None, mod
             index, _ = head_inputs(q, k, edge_index, edge_head)
             out = attend_reference(heads_to_nodes(q), heads_to_nodes(k), heads_to_nodes(v), index, scale=scale)
             return nodes_to_heads(out, q.size(1))
+
         return per_head, 0.0
     if backend == "sdpa":
         t0 = time.perf_counter()
@@ -596,16 +781,28 @@ def _make(backend, edge_index, src, dst, n, q, k, v, scale, block_size=None, mod
     raise ValueError(f"Expected 'backend' in {BACKENDS} (got {backend!r})")
 
 
-def _flex_rows(base, case: _Case, topology, edge_index, src, dst, n, scale, flex_block, variants, budget,
-               t_graph, edge_head=None) -> list[dict]:
+def _flex_rows(
+    base, case: _Case, topology, edge_index, src, dst, n, scale, flex_block, variants, budget, t_graph, edge_head=None
+) -> list[dict]:
     """The ``flex`` rows: each of ``variants`` built, compiled and timed; per pass the fastest, its
     note naming the winner, the others' times and the reasons of those that cannot run."""
     results, reasons = {}, {}
     for variant in variants:
         t0 = time.perf_counter()
         try:
-            block_mask = flex_block_mask(variant, topology, edge_index, src, dst, n, case.q.device, flex_block,
-                                         budget / 4, edge_head, case.q.size(1))
+            block_mask = flex_block_mask(
+                variant,
+                topology,
+                edge_index,
+                src,
+                dst,
+                n,
+                case.q.device,
+                flex_block,
+                budget / 4,
+                edge_head,
+                case.q.size(1),
+            )
             build_ms = 1e3 * (time.perf_counter() - t0 + t_graph)
             fn = _flex(block_mask, bhnd(case.q), bhnd(case.k), bhnd(case.v), scale, case.backward)
         except Unavailable as exc:
@@ -627,8 +824,17 @@ def _flex_rows(base, case: _Case, topology, edge_index, src, dst, n, scale, flex
             grouped.setdefault(reason, []).append(v)
         why = "; ".join(f"{', '.join(vs)}: {reason}" for reason, vs in grouped.items())
         if not timed:
-            rows.append(dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None, build_ms=None,
-                             note=("unavailable: " + why) if why else "unavailable"))
+            rows.append(
+                dict(
+                    base,
+                    **{"pass": p},
+                    ms=None,
+                    peak_mb=None,
+                    max_err=None,
+                    build_ms=None,
+                    note=("unavailable: " + why) if why else "unavailable",
+                )
+            )
             continue
         best = min(timed, key=lambda v: timed[v]["ms"])
         times = ", ".join(f"{v} {_cell('ms', r['ms'])}" for v, r in timed.items())
@@ -642,9 +848,12 @@ def _flex_rows(base, case: _Case, topology, edge_index, src, dst, n, scale, flex
 # kernels that fits the GPU (an ``out of resource`` error): its defaults, then fewer stages (torch
 # 2.11's bfloat16 forward for head dim 64 on an H100 asks for 242 KB of shared memory, 227 KB fit),
 # then smaller blocks
-FLEX_OPTIONS = (None, {"num_stages": 2}, {"num_stages": 1},
-                {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 1,
-                 "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32})
+FLEX_OPTIONS = (
+    None,
+    {"num_stages": 2},
+    {"num_stages": 1},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 1, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32},
+)
 
 
 def _out_of_resources(exc: BaseException) -> bool:
@@ -664,8 +873,10 @@ def _flex(block_mask, q, k, v, scale, backward=True):
         compiled = torch.compile(flex_attention)
 
         def flex(q, k, v, compiled=compiled, options=options):
-            return compiled(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.size(1) != q.size(1),
-                            kernel_options=options)
+            return compiled(
+                q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.size(1) != q.size(1), kernel_options=options
+            )
+
         try:
             with torch.no_grad():
                 flex(q, k, v)
@@ -686,8 +897,19 @@ def _flex(block_mask, q, k, v, scale, backward=True):
 
 
 # ---------------------------------------------------------------- calibration
-CALIBRATION_COLUMNS = ("topology", "n", "pass", "edges", "tiles", "fill", "fused_ms", "tiled_ms",
-                       "ns_per_edge", "ns_per_cell", "ratio")
+CALIBRATION_COLUMNS = (
+    "topology",
+    "n",
+    "pass",
+    "edges",
+    "tiles",
+    "fill",
+    "fused_ms",
+    "tiled_ms",
+    "ns_per_edge",
+    "ns_per_cell",
+    "ratio",
+)
 
 
 def _calibration_setup(device, dtype, block_size) -> tuple[str, torch.dtype, int]:
@@ -699,8 +921,9 @@ def _calibration_setup(device, dtype, block_size) -> tuple[str, torch.dtype, int
     return device, dtype, block_size or default_block_size(device, dtype)
 
 
-def _calibration_call(topology: str, n: int, device, dtype, block: int, heads: int, head_dim: int,
-                      kv_heads: int | None, seed: int):
+def _calibration_call(
+    topology: str, n: int, device, dtype, block: int, heads: int, head_dim: int, kv_heads: int | None, seed: int
+):
     """``(edges, tiles, call)`` for one graph of a calibration: ``call(backend, pass, dropout_p=0)``
     runs ``attend`` on it (``"fwd"`` without gradients, ``"fwd+bwd"`` with the q/k/v gradients)."""
     clear_cache()
@@ -708,28 +931,59 @@ def _calibration_call(topology: str, n: int, device, dtype, block: int, heads: i
     graph = prepare(edge_index, n, n)
     num_edges, num_tiles = graph.num_edges, tile_stats(graph, block, block)[2].numel()
     g = torch.Generator(device="cpu").manual_seed(seed)
-    q, k, v = (torch.randn(n, h, head_dim, generator=g).to(device=device, dtype=dtype).requires_grad_()
-               for h in (heads, kv_heads or heads, kv_heads or heads))
+    q, k, v = (
+        torch.randn(n, h, head_dim, generator=g).to(device=device, dtype=dtype).requires_grad_()
+        for h in (heads, kv_heads or heads, kv_heads or heads)
+    )
     grad_out = torch.randn(n, heads, head_dim, generator=g).to(device=device, dtype=dtype)
     scale = 1.0 / math.sqrt(head_dim)
 
     def call(backend: str, p: str, dropout_p: float = 0.0) -> None:
         if p == "fwd":
             with torch.no_grad():
-                attend(q, k, v, edge_index, scale=scale, backend=backend, block_size=block, dropout_p=dropout_p,
-                       dropout_seed=seed)
+                attend(
+                    q,
+                    k,
+                    v,
+                    edge_index,
+                    scale=scale,
+                    backend=backend,
+                    block_size=block,
+                    dropout_p=dropout_p,
+                    dropout_seed=seed,
+                )
         else:
-            out = attend(q, k, v, edge_index, scale=scale, backend=backend, block_size=block, dropout_p=dropout_p,
-                         dropout_seed=seed)
+            out = attend(
+                q,
+                k,
+                v,
+                edge_index,
+                scale=scale,
+                backend=backend,
+                block_size=block,
+                dropout_p=dropout_p,
+                dropout_seed=seed,
+            )
             torch.autograd.grad(out, (q, k, v), grad_out)
+
     return num_edges, num_tiles, call
 
 
-def calibrate_tile_cost(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[int] = (4096,), *,
-                        device: str | None = None, dtype: torch.dtype | None = None, heads: int = 12,
-                        head_dim: int = 64, kv_heads: int | None = None, block_size: int | None = None,
-                        repeats: int = 3, backward: bool = True, seed: int = 0,
-                        log: Callable[[str], None] | None = None) -> tuple[list[dict], dict[str, float]]:
+def calibrate_tile_cost(
+    topologies: Sequence[str] = TOPOLOGIES,
+    sizes: Sequence[int] = (4096,),
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    heads: int = 12,
+    head_dim: int = 64,
+    kv_heads: int | None = None,
+    block_size: int | None = None,
+    repeats: int = 3,
+    backward: bool = True,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[dict], dict[str, float]]:
     """Measure what ``auto``'s cost model (:data:`TILE_COST`) assumes: the time of one tile cell of
     the ``tiled`` backend relative to one edge of the ``fused`` backend.
 
@@ -743,16 +997,28 @@ def calibrate_tile_cost(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[
     passes = ("fwd", "fwd+bwd") if backward else ("fwd",)
     for topology in topologies:
         for n in sizes:
-            num_edges, num_tiles, call = _calibration_call(topology, n, device, dtype, block, heads, head_dim,
-                                                           kv_heads, seed)
+            num_edges, num_tiles, call = _calibration_call(
+                topology, n, device, dtype, block, heads, head_dim, kv_heads, seed
+            )
             for p in passes:
                 ms = {b: 1e3 * _measure(functools.partial(call, b, p), device, repeats)[0] for b in ("fused", "tiled")}
                 cells = num_tiles * block * block
                 per_edge, per_cell = 1e6 * ms["fused"] / num_edges, 1e6 * ms["tiled"] / cells
-                rows.append(dict(topology=topology, n=n, edges=num_edges, tiles=num_tiles,
-                                 fill=num_edges / cells, fused_ms=ms["fused"], tiled_ms=ms["tiled"],
-                                 ns_per_edge=per_edge, ns_per_cell=per_cell, ratio=per_cell / per_edge,
-                                 **{"pass": p}))
+                rows.append(
+                    dict(
+                        topology=topology,
+                        n=n,
+                        edges=num_edges,
+                        tiles=num_tiles,
+                        fill=num_edges / cells,
+                        fused_ms=ms["fused"],
+                        tiled_ms=ms["tiled"],
+                        ns_per_edge=per_edge,
+                        ns_per_cell=per_cell,
+                        ratio=per_cell / per_edge,
+                        **{"pass": p},
+                    )
+                )
                 if log:
                     log(format_table(rows[-1:], CALIBRATION_COLUMNS).splitlines()[-1])
             call = None  # free its inputs
@@ -760,10 +1026,19 @@ def calibrate_tile_cost(topologies: Sequence[str] = TOPOLOGIES, sizes: Sequence[
     return rows, suggested
 
 
-def calibrate_row_costs(rows: Sequence[dict], suggested: dict[str, float], n: int = 4096, *,
-                        device: str | None = None, dtype: torch.dtype | None = None, heads: int = 12,
-                        head_dim: int = 64, kv_heads: int | None = None, block_size: int | None = None,
-                        repeats: int = 3) -> dict[str, dict[str, float]]:
+def calibrate_row_costs(
+    rows: Sequence[dict],
+    suggested: dict[str, float],
+    n: int = 4096,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    heads: int = 12,
+    head_dim: int = 64,
+    kv_heads: int | None = None,
+    block_size: int | None = None,
+    repeats: int = 3,
+) -> dict[str, dict[str, float]]:
     """Measure the fixed costs of ``auto``'s model (:data:`ROW_COST`, :data:`MERGE_COST`), per target
     row in units of one fused edge (the median ``ns_per_edge`` of ``rows``, from
     :func:`calibrate_tile_cost`, whose ``suggested`` ratios price the cells).
@@ -778,8 +1053,10 @@ def calibrate_row_costs(rows: Sequence[dict], suggested: dict[str, float], n: in
     clear_cache()
     loops = torch.arange(n, device=device).repeat(2, 1)  # [2, n]: i -> i
     g = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v, grad_out, other = (torch.randn(n, h, head_dim, generator=g).to(device=device, dtype=dtype)
-                                for h in (heads, kv_heads or heads, kv_heads or heads, heads, heads))
+    q, k, v, grad_out, other = (
+        torch.randn(n, h, head_dim, generator=g).to(device=device, dtype=dtype)
+        for h in (heads, kv_heads or heads, kv_heads or heads, heads, heads)
+    )
     q, k, v, other = (x.requires_grad_() for x in (q, k, v, other))
     lse_a, lse_b = (torch.randn(n, heads, generator=g).to(device).requires_grad_() for _ in range(2))
     out = {}
@@ -797,18 +1074,32 @@ def calibrate_row_costs(rows: Sequence[dict], suggested: dict[str, float], n: in
                 o = attend(q, k, v, loops, scale=scale, backend=backend, block_size=block)
                 if backward:
                     torch.autograd.grad(o, (q, k, v), grad_out)
-        unit = {b: _measure(functools.partial(call, b), device, repeats)[0] / (n * per_edge)
-                for b in ("fused", "tiled", "merge")}
-        out[p] = {"fused": max(0.0, unit["fused"] - 1.0),
-                  "tiled": max(0.0, unit["tiled"] - suggested[p] * block),
-                  "merge": max(0.0, unit["merge"])}
+
+        unit = {
+            b: _measure(functools.partial(call, b), device, repeats)[0] / (n * per_edge)
+            for b in ("fused", "tiled", "merge")
+        }
+        out[p] = {
+            "fused": max(0.0, unit["fused"] - 1.0),
+            "tiled": max(0.0, unit["tiled"] - suggested[p] * block),
+            "merge": max(0.0, unit["merge"]),
+        }
     return out
 
 
-def calibrate_dropout_cost(rows: Sequence[dict], *, dropout_p: float = 0.1, device: str | None = None,
-                           dtype: torch.dtype | None = None, heads: int = 12, head_dim: int = 64,
-                           kv_heads: int | None = None, block_size: int | None = None, repeats: int = 3,
-                           seed: int = 0) -> dict[str, dict[str, float]]:
+def calibrate_dropout_cost(
+    rows: Sequence[dict],
+    *,
+    dropout_p: float = 0.1,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    heads: int = 12,
+    head_dim: int = 64,
+    kv_heads: int | None = None,
+    block_size: int | None = None,
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
     """Measure :data:`DROPOUT_COST`: what attention dropout (``dropout_p``) adds per fused edge and
     per tile cell, in units of one fused edge (the pass's median ``ns_per_edge`` of ``rows``), on the
     graphs of ``rows`` (from :func:`calibrate_tile_cost`, whose times without dropout it reuses).
@@ -816,15 +1107,20 @@ def calibrate_dropout_cost(rows: Sequence[dict], *, dropout_p: float = 0.1, devi
     ``(time with dropout - time without) / (edges or cells · unit)`` (negative estimates read 0)."""
     device, dtype, block = _calibration_setup(device, dtype, block_size)
     extra: dict[str, dict[str, list[float]]] = {}
-    units = {p: 1e-6 * statistics.median(r["ns_per_edge"] for r in rows if r["pass"] == p)
-             for p in dict.fromkeys(r["pass"] for r in rows)}  # ms per fused edge
+    units = {
+        p: 1e-6 * statistics.median(r["ns_per_edge"] for r in rows if r["pass"] == p)
+        for p in dict.fromkeys(r["pass"] for r in rows)
+    }  # ms per fused edge
     for topology, n in dict.fromkeys((r["topology"], r["n"]) for r in rows):
-        num_edges, num_tiles, call = _calibration_call(topology, n, device, dtype, block, heads, head_dim,
-                                                       kv_heads, seed)
+        num_edges, num_tiles, call = _calibration_call(
+            topology, n, device, dtype, block, heads, head_dim, kv_heads, seed
+        )
         for r in (r for r in rows if (r["topology"], r["n"]) == (topology, n)):
             p, per = r["pass"], extra.setdefault(r["pass"], {"fused": [], "tiled": []})
-            for backend, items, plain in (("fused", num_edges, r["fused_ms"]),
-                                          ("tiled", num_tiles * block * block, r["tiled_ms"])):
+            for backend, items, plain in (
+                ("fused", num_edges, r["fused_ms"]),
+                ("tiled", num_tiles * block * block, r["tiled_ms"]),
+            ):
                 ms = 1e3 * _measure(lambda: call(backend, p, dropout_p), device, repeats)[0]
                 per[backend].append((ms - plain) / (items * units[p]))
         call = None  # free its inputs
@@ -834,8 +1130,12 @@ def calibrate_dropout_cost(rows: Sequence[dict], *, dropout_p: float = 0.1, devi
 def current_costs(device: str) -> tuple[float, dict[str, float], float, dict[str, float]]:
     """``(TILE_COST, ROW_COST, MERGE_COST, DROPOUT_COST)`` that ``auto`` uses on ``device`` now."""
     kind = torch.device(device).type
-    return (TILE_COST.get(kind, TILE_COST["cuda"]), ROW_COST.get(kind, ROW_COST["cuda"]),
-            MERGE_COST.get(kind, MERGE_COST["cuda"]), DROPOUT_COST.get(kind, DROPOUT_COST["cuda"]))
+    return (
+        TILE_COST.get(kind, TILE_COST["cuda"]),
+        ROW_COST.get(kind, ROW_COST["cuda"]),
+        MERGE_COST.get(kind, MERGE_COST["cuda"]),
+        DROPOUT_COST.get(kind, DROPOUT_COST["cuda"]),
+    )
 
 
 # ---------------------------------------------------------------- output

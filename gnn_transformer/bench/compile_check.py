@@ -18,6 +18,7 @@ runs the PyTorch tiled path instead), warps, pipeline stages, and whether the co
 cores (matrix instructions in the PTX). A kernel that does not compile raises with the compiler's
 reason and the case, and the command exits with 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,19 +35,27 @@ import torch
 
 from ..kernels import BACKENDS as KERNEL_BACKENDS
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-          "float64": torch.float64}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 BACKENDS = tuple(b for b in KERNEL_BACKENDS if b != "auto")  # each compiles its own kernels
 # Shared memory one program may use, by compute capability (bytes; the opt-in maximum per block).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-_POINTER = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
-            torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8", torch.bool: "i1"}
+_POINTER = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
 
 
 @dataclass(frozen=True)
 class Case:
     """One attention call to compile: backend, dtype, heads, head dim, whether it has an edge bias
     and attention dropout, and whether long rows run in pieces."""
+
     backend: str
     dtype: str
     heads: int = 12
@@ -59,13 +68,17 @@ class Case:
 
     def __str__(self) -> str:
         gqa = f"{self.heads}/{self.kv_heads}" if self.kv_heads != self.heads else f"{self.heads}"
-        return (f"{self.backend} {self.dtype} H={gqa} D={self.head_dim}"
-                + (" +bias" if self.bias else "")
-                + (" +dropout" if self.dropout else "") + (" +pieces" if self.pieces else ""))
+        return (
+            f"{self.backend} {self.dtype} H={gqa} D={self.head_dim}"
+            + (" +bias" if self.bias else "")
+            + (" +dropout" if self.dropout else "")
+            + (" +pieces" if self.pieces else "")
+        )
 
 
 class _Variant(TypedDict, total=False):
     """The fields of a :class:`Case` beyond its backend, dtype and head dim."""
+
     kv_heads: int
     bias: bool
     dropout: bool
@@ -75,6 +88,7 @@ class _Variant(TypedDict, total=False):
 @dataclass(frozen=True)
 class Compiled:
     """What one kernel specialization needs on the target."""
+
     kernel: str
     case: str
     registers: int
@@ -92,22 +106,38 @@ class Compiled:
         return self.shared_bytes <= self.shared_limit
 
 
-def default_cases(dtypes: Iterable[str] = tuple(DTYPES), backends: Iterable[str] = BACKENDS,
-                  head_dims: Iterable[int] = (64,)) -> list[Case]:
+def default_cases(
+    dtypes: Iterable[str] = tuple(DTYPES), backends: Iterable[str] = BACKENDS, head_dims: Iterable[int] = (64,)
+) -> list[Case]:
     """Every backend and dtype with and without an edge bias and with attention dropout; for split
     (whose fused part keys its dropout masks through the whole graph's edge positions) with bias and
     dropout;
     12 query heads on 4 key/value heads, and for fused also 12 on 12 (multi-head attention runs
     the per-head CSR kernels, grouped-query attention the grouped ones); and for fused and tiled,
     with bias and dropout, a graph whose long rows run in pieces (the kernels' ``MAPPED`` launches)."""
-    fused: list[_Variant] = [_Variant(), _Variant(bias=True), _Variant(bias=True, dropout=True),
-                             _Variant(bias=True, dropout=True, pieces=True)]
-    variants: dict[str, list[_Variant]] = {"fused": fused + [_Variant(**v, kv_heads=12) for v in fused],
-                                           "split": [_Variant(bias=True, dropout=True)]}
-    tiled = [_Variant(), _Variant(bias=True), _Variant(bias=True, dropout=True),
-             _Variant(bias=True, dropout=True, pieces=True)]
-    return [Case(b, d, head_dim=hd, **variant)
-            for b in backends for d in dtypes for hd in head_dims for variant in variants.get(b, tiled)]
+    fused: list[_Variant] = [
+        _Variant(),
+        _Variant(bias=True),
+        _Variant(bias=True, dropout=True),
+        _Variant(bias=True, dropout=True, pieces=True),
+    ]
+    variants: dict[str, list[_Variant]] = {
+        "fused": fused + [_Variant(**v, kv_heads=12) for v in fused],
+        "split": [_Variant(bias=True, dropout=True)],
+    }
+    tiled = [
+        _Variant(),
+        _Variant(bias=True),
+        _Variant(bias=True, dropout=True),
+        _Variant(bias=True, dropout=True, pieces=True),
+    ]
+    return [
+        Case(b, d, head_dim=hd, **variant)
+        for b in backends
+        for d in dtypes
+        for hd in head_dims
+        for variant in variants.get(b, tiled)
+    ]
 
 
 MIN_TRITON = (3, 3)  # the ASTSource signature / constexprs / attrs form used below
@@ -115,13 +145,15 @@ MIN_TRITON = (3, 3)  # the ASTSource signature / constexprs / attrs form used be
 
 def _check_environment() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("compile_check needs a process without TRITON_INTERPRET=1 (the interpreter "
-                           "replaces the kernels that are to be compiled)")
+        raise RuntimeError(
+            "compile_check needs a process without TRITON_INTERPRET=1 (the interpreter "
+            "replaces the kernels that are to be compiled)"
+        )
     import triton
+
     version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
     if version < MIN_TRITON:
-        raise RuntimeError(f"compile_check needs Triton >= {'.'.join(map(str, MIN_TRITON))} "
-                           f"(got {triton.__version__})")
+        raise RuntimeError(f"compile_check needs Triton >= {'.'.join(map(str, MIN_TRITON))} (got {triton.__version__})")
 
 
 def record_case(case: Case, num_tokens: int = 256, block_size: int | None = None):
@@ -153,9 +185,19 @@ def record_case(case: Case, num_tokens: int = 256, block_size: int | None = None
     _pieces.LENGTH = 2 if case.pieces and case.backend == "tiled" else (128 if case.pieces else 0)
     try:
         with recording() as launches:
-            out = attend(q, k, v, edge_index, scale=case.head_dim ** -0.5, edge_bias=bias,
-                         backend=case.backend, impl="triton", block_size=block_size,
-                         dropout_p=0.1 if case.dropout else 0.0, dropout_seed=1)
+            out = attend(
+                q,
+                k,
+                v,
+                edge_index,
+                scale=case.head_dim**-0.5,
+                edge_bias=bias,
+                backend=case.backend,
+                impl="triton",
+                block_size=block_size,
+                dropout_p=0.1 if case.dropout else 0.0,
+                dropout_seed=1,
+            )
             out.float().sum().backward()
     finally:
         _pieces.LENGTH = length
@@ -187,7 +229,7 @@ def _signature(kernel, args: Sequence, meta: dict) -> tuple[dict, dict, dict]:
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
-            signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
             divisible = value % 16 == 0
         elif isinstance(value, float):
             signature[name] = "fp32"
@@ -224,24 +266,28 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     ptxas = getattr(tool, "path", tool)
     if isinstance(ptxas, tuple):  # older Triton: (path, version)
         ptxas = ptxas[0]
-    gpu_name = nvidia.sm_arch_from_capability(arch) if hasattr(nvidia, "sm_arch_from_capability") \
+    gpu_name = (
+        nvidia.sm_arch_from_capability(arch)
+        if hasattr(nvidia, "sm_arch_from_capability")
         else f"sm_{arch}{'a' if arch >= 90 else ''}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        command = [ptxas, "-lineinfo", "-v", f"--gpu-name={gpu_name}", src, "-o",
-                   os.path.join(tmp, "kernel.cubin")]
-        result = subprocess.run(command[:3] + ["--regAllocOptLevel=2"] + command[3:],
-                                capture_output=True, text=True)
+        command = [ptxas, "-lineinfo", "-v", f"--gpu-name={gpu_name}", src, "-o", os.path.join(tmp, "kernel.cubin")]
+        result = subprocess.run(command[:3] + ["--regAllocOptLevel=2"] + command[3:], capture_output=True, text=True)
         if result.returncode != 0:  # a ptxas without that option
             result = subprocess.run(command, capture_output=True, text=True, check=True)
     log = result.stderr
     registers = re.search(r"Used (\d+) registers", log)
     stores = re.search(r"(\d+) bytes spill stores", log)
     loads = re.search(r"(\d+) bytes spill loads", log)
-    return (int(registers.group(1)) if registers else 0, int(stores.group(1)) if stores else 0,
-            int(loads.group(1)) if loads else 0)
+    return (
+        int(registers.group(1)) if registers else 0,
+        int(stores.group(1)) if stores else 0,
+        int(loads.group(1)) if loads else 0,
+    )
 
 
 def compile_cases(cases: Iterable[Case], arch: int = 90) -> list[Compiled]:
@@ -261,43 +307,68 @@ def compile_cases(cases: Iterable[Case], arch: int = 90) -> list[Compiled]:
                 meta["UPCAST"] = False
             options = {key: meta.pop(key) for key in ("num_warps", "num_stages") if key in meta}
             signature, constexprs, attrs = _signature(launch.kernel, launch.args, meta)
-            key = (launch.kernel.__name__, tuple(sorted(signature.items())),
-                   tuple(sorted((k, str(v)) for k, v in constexprs.items())), tuple(sorted(options.items())),
-                   tuple(sorted(attrs)))
+            key = (
+                launch.kernel.__name__,
+                tuple(sorted(signature.items())),
+                tuple(sorted((k, str(v)) for k, v in constexprs.items())),
+                tuple(sorted(options.items())),
+                tuple(sorted(attrs)),
+            )
             if key in seen:
                 continue
             seen.add(key)
-            src = triton.compiler.ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs,
-                                            attrs=attrs)
+            src = triton.compiler.ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
             try:
                 compiled = triton.compile(src, target=target, options=options)
             except Exception as err:  # name the kernel and the case; keep the compiler's reason
-                raise RuntimeError(f"{launch.kernel.__name__} ({case}) does not compile for sm_{arch}: "
-                                   f"{_innermost(err)}") from err
+                raise RuntimeError(
+                    f"{launch.kernel.__name__} ({case}) does not compile for sm_{arch}: {_innermost(err)}"
+                ) from err
             registers, spill_stores, spill_loads = _ptxas_usage(compiled.asm["ptx"], arch)
             name = launch.kernel.__name__ + (" (pieces)" if meta.get("MAPPED") else "")  # the launch of pieces
-            rows.append(Compiled(name, str(case), registers, spill_stores, spill_loads,
-                                 compiled.metadata.shared, SHARED_LIMIT[arch], compiled.metadata.num_warps,
-                                 compiled.metadata.num_stages, _uses_tensor_cores(compiled.asm["ptx"])))
+            rows.append(
+                Compiled(
+                    name,
+                    str(case),
+                    registers,
+                    spill_stores,
+                    spill_loads,
+                    compiled.metadata.shared,
+                    SHARED_LIMIT[arch],
+                    compiled.metadata.num_warps,
+                    compiled.metadata.num_stages,
+                    _uses_tensor_cores(compiled.asm["ptx"]),
+                )
+            )
     return rows
 
 
 def format_rows(rows: Sequence[Compiled]) -> str:
     """A markdown table of :func:`compile_cases`' rows."""
-    lines = ["| kernel | case | registers | spill st/ld (B) | shared (B) | warps | stages | tensor cores |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| kernel | case | registers | spill st/ld (B) | shared (B) | warps | stages | tensor cores |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         shared = f"{r.shared_bytes}" if r.fits else f"**{r.shared_bytes} > {r.shared_limit}**"
-        lines.append(f"| {r.kernel} | {r.case} | {r.registers} | {r.spill_stores}/{r.spill_loads} | "
-                     f"{shared} | {r.num_warps} | {r.num_stages} | {'yes' if r.tensor_cores else 'no'} |")
+        lines.append(
+            f"| {r.kernel} | {r.case} | {r.registers} | {r.spill_stores}/{r.spill_loads} | "
+            f"{shared} | {r.num_warps} | {r.num_stages} | {'yes' if r.tensor_cores else 'no'} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gnn_transformer.bench.compile_check",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT),
-                        help="compute capability ×10 (90: H100, 80: A100, 86/89: RTX 30xx/40xx)")
+    parser = argparse.ArgumentParser(
+        prog="python -m gnn_transformer.bench.compile_check", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--arch",
+        type=int,
+        default=90,
+        choices=sorted(SHARED_LIMIT),
+        help="compute capability ×10 (90: H100, 80: A100, 86/89: RTX 30xx/40xx)",
+    )
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     parser.add_argument("--head-dims", nargs="+", type=int, default=[64])
@@ -310,8 +381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_rows(rows))
     over = [r for r in rows if not r.fits]
     if over:
-        print(f"note: {len(over)} kernel(s) need more shared memory than sm_{args.arch} has; there "
-              f"attend runs the PyTorch tiled path instead", file=sys.stderr)
+        print(
+            f"note: {len(over)} kernel(s) need more shared memory than sm_{args.arch} has; there "
+            f"attend runs the PyTorch tiled path instead",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -23,6 +23,7 @@ on the same selection. FlexAttention runs no backward pass on the CPU.
 Usage:
     python -m gnn_transformer.bench.selection --sizes 4096 --selectors topk block_topk
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,12 @@ SELECTIONS: dict[str, Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = {
 }
 # selectors whose `auto` rows select an implicit graph (topology.BlockGraph) instead of edges
 IMPLICIT: dict[str, Callable[[Tensor, Tensor], object]] = {
-    "block_topk": lambda q, k: dynamic.block_topk(q, k, 64, 8, causal=True, implicit=True),
+    "block_topk": lambda q, k: dynamic.block_topk(q, k, 64, 8, causal=True, implicit=True)
 }
-DESCRIPTIONS = {"topk": "top-64 keys per query and head, causal",
-                "block_topk": "MoBA: blocks of 64, top 8 key blocks + own, causal"}
+DESCRIPTIONS = {
+    "topk": "top-64 keys per query and head, causal",
+    "block_topk": "MoBA: blocks of 64, top 8 key blocks + own, causal",
+}
 COLUMNS = ("selector", "n", "edges", "row", "pass", "ms", "max_err", "note")
 
 
@@ -76,19 +79,29 @@ def _block_table(q: Tensor, k: Tensor, block: int, num_blocks: int) -> tuple[Ten
     own = qi.view(1, blocks, 1).expand(heads, -1, 1)
     indices = torch.cat([own, torch.where(valid, best, own)], -1)  # [H, Q, take + 1]
     counts = 1 + valid.sum(-1)  # [H, Q]
-    order = torch.sort(torch.where(torch.arange(take + 1, device=q.device) < counts[..., None], indices,
-                                   blocks), dim=-1).values  # valid first, ascending
+    order = torch.sort(
+        torch.where(torch.arange(take + 1, device=q.device) < counts[..., None], indices, blocks), dim=-1
+    ).values  # valid first, ascending
     table = torch.zeros(heads, blocks, blocks, dtype=torch.long, device=q.device)  # one column per key block
-    table[..., :take + 1] = order.clamp(max=blocks - 1)
+    table[..., : take + 1] = order.clamp(max=blocks - 1)
     return counts[None].int(), table[None].int()
 
 
-def run_selection_benchmark(selectors: Sequence[str] = tuple(SELECTIONS), sizes: Sequence[int] = (4096,), *,
-                            heads: int = 12, kv_heads: int | None = None, head_dim: int = 64,
-                            device: str | torch.device = "cpu",
-                            dtype: torch.dtype = torch.float32, repeats: int = 5, backward: bool = True,
-                            baselines: Sequence[str] = ("flex", "sdpa"), seed: int = 0,
-                            log: Callable[[str], None] | None = None) -> list[dict]:
+def run_selection_benchmark(
+    selectors: Sequence[str] = tuple(SELECTIONS),
+    sizes: Sequence[int] = (4096,),
+    *,
+    heads: int = 12,
+    kv_heads: int | None = None,
+    head_dim: int = 64,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    repeats: int = 5,
+    backward: bool = True,
+    baselines: Sequence[str] = ("flex", "sdpa"),
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
     """The rows of the module docstring, as dicts with the keys of :data:`COLUMNS`; ``log`` receives
     each row as a line of text once it is measured."""
     import torch.nn.functional as F
@@ -104,15 +117,16 @@ def run_selection_benchmark(selectors: Sequence[str] = tuple(SELECTIONS), sizes:
             q = torch.randn(n, heads, head_dim, generator=g).to(device, dtype)
             k = torch.randn(n, kv_heads, head_dim, generator=g).to(device, dtype)
             v = torch.randn(n, kv_heads, head_dim, generator=g).to(device, dtype)
-            scale = head_dim ** -0.5
+            scale = head_dim**-0.5
             edge_index, edge_head = select(q, k)
             ref = kernels.attend(q, k, v, edge_index, scale=scale, edge_head=edge_head).float()
 
             def row(label, note, fn, pas="fwd", out=None, edges=edge_index.size(1)):
                 ms = 1e3 * median_seconds(fn, device, repeats)
                 err = None if out is None else float((out.float() - ref).abs().max())
-                rows.append(dict(selector=name, n=n, edges=edges, row=label, **{"pass": pas}, ms=ms, max_err=err,
-                                 note=note))
+                rows.append(
+                    dict(selector=name, n=n, edges=edges, row=label, **{"pass": pas}, ms=ms, max_err=err, note=note)
+                )
                 if log is not None:
                     log("  ".join(_cell(c, rows[-1].get(c)) for c in COLUMNS))
 
@@ -124,6 +138,7 @@ def run_selection_benchmark(selectors: Sequence[str] = tuple(SELECTIONS), sizes:
                     return kernels.attend(q, k, v, implicit(q, k), scale=scale)
                 ei, eh = select(q, k)
                 return kernels.attend(q, k, v, ei, scale=scale, edge_head=eh)
+
             what = "select (BlockGraph, no edge list) + attend" if implicit is not None else "select + attend"
             row("auto", f"{what}, graph rebuilt per call", ours, out=ours())
             if backward:
@@ -137,18 +152,22 @@ def run_selection_benchmark(selectors: Sequence[str] = tuple(SELECTIONS), sizes:
                         ei, eh = select(qg.detach(), kg.detach())
                         out = kernels.attend(qg, kg, vg, ei, scale=scale, edge_head=eh)
                     torch.autograd.grad(out, (qg, kg, vg), grad)
+
                 row("auto", f"{what} + backward", ours_backward, pas="fwd+bwd")
             qb, kb, vb = (x.transpose(0, 1).unsqueeze(0).contiguous() for x in (q, k, v))  # [1, H, N, D]
             gqa = kv_heads != heads
             if "sdpa" in baselines:
+
                 def sdpa():
                     ei, eh = select(q, k)
                     mask = _dense_mask(ei, eh, heads, n)[None]  # [1, H, N, N]
                     return F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
                 out = sdpa()[0].transpose(0, 1)
                 row("sdpa", "select + dense bool mask [1, H, N, N]", sdpa, out=out)
             if "flex" in baselines:
                 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
                 if flex is None:
                     flex = torch.compile(flex_attention)
 
@@ -158,19 +177,24 @@ def run_selection_benchmark(selectors: Sequence[str] = tuple(SELECTIONS), sizes:
 
                     def mask_mod(b, h, q_idx, kv_idx):
                         return lookup[h, q_idx, kv_idx]
+
                     block_mask = create_block_mask(mask_mod, 1, heads, n, n, device=device)
                     return flex(qb, kb, vb, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
                 out = flex_lookup()[0].transpose(0, 1)
                 row("flex", "select + dense lookup + create_block_mask per call", flex_lookup, out=out)
                 if name == "block_topk" and n % 64 == 0:
+
                     def causal(b, h, q_idx, kv_idx):
                         return q_idx >= kv_idx
 
                     def flex_table():
                         counts, indices = _block_table(q, k, 64, 8)
-                        block_mask = BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=64, mask_mod=causal,
-                                                              seq_lengths=(n, n))
+                        block_mask = BlockMask.from_kv_blocks(
+                            counts, indices, BLOCK_SIZE=64, mask_mod=causal, seq_lengths=(n, n)
+                        )
                         return flex(qb, kb, vb, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
                     out = flex_table()[0].transpose(0, 1)
                     row("flex", "own block table (from_kv_blocks) per call", flex_table, out=out)
     return rows
@@ -214,10 +238,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--baselines", nargs="*", default=["flex", "sdpa"], choices=["flex", "sdpa"])
     args = parser.parse_args(argv)
-    rows = run_selection_benchmark(args.selectors, args.sizes, heads=args.heads, kv_heads=args.kv_heads,
-                                   head_dim=args.head_dim, device=args.device, dtype=getattr(torch, args.dtype),
-                                   repeats=args.repeats, backward=not args.no_backward, baselines=args.baselines,
-                                   log=print)
+    rows = run_selection_benchmark(
+        args.selectors,
+        args.sizes,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+        repeats=args.repeats,
+        backward=not args.no_backward,
+        baselines=args.baselines,
+        log=print,
+    )
     print(format_table(rows))  # a tool beside the library: it prints its table
     return rows
 

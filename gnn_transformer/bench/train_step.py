@@ -7,6 +7,7 @@ vocabulary 65). One step is forward, cross-entropy, backward and an AdamW update
 median of ``repeats`` steps after one warm-up step. The GPT takes ``[B, T]`` token ids, the
 ``GraphLM`` the same tokens as ``B·T`` nodes of one disjoint union of causal graphs.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -41,8 +42,9 @@ class _Block(nn.Module):
         self.ln_1 = nn.LayerNorm(width, bias=False)
         self.attn = _SelfAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width, bias=False), nn.GELU(),
-                                 nn.Linear(4 * width, width, bias=False))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width, bias=False), nn.GELU(), nn.Linear(4 * width, width, bias=False)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -82,10 +84,21 @@ def _median_step(step: Callable[[], object], device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run_train_step_benchmark(contexts: Sequence[int] = (64, 256), *, batch_size: int = 12, layers: int = 4,
-                             heads: int = 4, width: int = 128, vocab: int = 65, backends: Sequence[str] = ("auto",),
-                             device: str | None = None, dtype: torch.dtype | None = None, repeats: int = 5,
-                             seed: int = 0, log: Callable[[str], None] | None = None) -> list[dict]:
+def run_train_step_benchmark(
+    contexts: Sequence[int] = (64, 256),
+    *,
+    batch_size: int = 12,
+    layers: int = 4,
+    heads: int = 4,
+    width: int = 128,
+    vocab: int = 65,
+    backends: Sequence[str] = ("auto",),
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    repeats: int = 5,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> list[dict]:
     """Time a training step of the plain GPT and of ``GraphLM`` (one row per attention backend of
     ``backends``) at each context; ``ratio`` is a row's time over the GPT's (``gpt_sdpa``) at that
     context. ``dtype`` (e.g. ``torch.bfloat16``) runs the steps under autocast. The ``GraphLM``
@@ -103,20 +116,42 @@ def run_train_step_benchmark(contexts: Sequence[int] = (64, 256), *, batch_size:
         pos = torch.arange(context, device=device).repeat(batch_size)
         models: list[tuple[str, nn.Module, Callable[[nn.Module], Tensor], str]] = []
         torch.manual_seed(seed)
-        models.append(("gpt_sdpa", PlainGPT(vocab, context, layers, heads, width).to(device),
-                       lambda m: F.cross_entropy(m(idx).view(-1, vocab), targets.view(-1)), "SDPA is_causal"))
+        models.append(
+            (
+                "gpt_sdpa",
+                PlainGPT(vocab, context, layers, heads, width).to(device),
+                lambda m: F.cross_entropy(m(idx).view(-1, vocab), targets.view(-1)),
+                "SDPA is_causal",
+            )
+        )
         for backend in backends:
             torch.manual_seed(seed)
-            config = GraphTransformerConfig(vocab_size=vocab, d_model=width, nhead=heads, num_layers=layers,
-                                            bias=False, max_positions=context, backend=backend)
+            config = GraphTransformerConfig(
+                vocab_size=vocab,
+                d_model=width,
+                nhead=heads,
+                num_layers=layers,
+                bias=False,
+                max_positions=context,
+                backend=backend,
+            )
             lm = GraphLM(config).to(device)
             layer = lm.encoder.layers[0].self_attn
             assert isinstance(layer, GraphMultiheadAttention)
-            resolved = layer.resolve_backend(edge_index, torch.device(device), size=(context * batch_size,) * 2,
-                                             dtype=torch.float32 if dtype is None else dtype)
-            models.append((f"graph_lm ({backend})", lm,
-                           lambda m: F.cross_entropy(m(idx.view(-1), edge_index, pos=pos), targets.view(-1)),
-                           f"layers run {resolved}"))
+            resolved = layer.resolve_backend(
+                edge_index,
+                torch.device(device),
+                size=(context * batch_size,) * 2,
+                dtype=torch.float32 if dtype is None else dtype,
+            )
+            models.append(
+                (
+                    f"graph_lm ({backend})",
+                    lm,
+                    lambda m: F.cross_entropy(m(idx.view(-1), edge_index, pos=pos), targets.view(-1)),
+                    f"layers run {resolved}",
+                )
+            )
         base_ms = None
         for name, model, loss_fn, note in models:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -128,11 +163,13 @@ def run_train_step_benchmark(contexts: Sequence[int] = (64, 256), *, batch_size:
                 loss.backward()
                 optimizer.step()
                 return loss
+
             ms = 1e3 * _median_step(step, device, repeats)
             base_ms = ms if base_ms is None else base_ms
             params = sum(p.numel() for p in model.parameters())
-            rows.append(dict(model=name, context=context, batch=batch_size, params=params, ms=ms,
-                             ratio=ms / base_ms, note=note))
+            rows.append(
+                dict(model=name, context=context, batch=batch_size, params=params, ms=ms, ratio=ms / base_ms, note=note)
+            )
             if log:
                 log(format_table(rows[-1:]).splitlines()[-1])
     return rows
@@ -162,4 +199,3 @@ def format_markdown(rows: Sequence[dict]) -> str:
     """Markdown table of the rows."""
     head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
     return "\n".join([head] + ["| " + " | ".join(_cell(c, r.get(c)) for c in COLUMNS) + " |" for r in rows])
-

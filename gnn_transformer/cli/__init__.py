@@ -8,6 +8,7 @@ the same command line.
 Exit codes: 0 success; 1 a check failed (``verify`` found a mismatch) or the run failed;
 2 bad usage (unknown option, bad value, unknown topology, missing CUDA or optional dependency).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gnn-transformer",
         description="Transformers are graph neural networks: attention as message passing on "
         "explicit token graphs, checked against dense attention.",
-        epilog="Start with 'gnn-transformer compare'. Each command has --help.")
+        epilog="Start with 'gnn-transformer compare'. Each command has --help.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
@@ -66,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         text = str(e)
         if isinstance(e, RuntimeError) and not ("out of memory" in text or "can't allocate memory" in text):
             raise
-        error(f"out of memory ({text.splitlines()[0][:200] if text else type(e).__name__}): ask for less "
-             "(--batch-size, --d-model, --sizes, --heads, ...)")
+        error(
+            f"out of memory ({text.splitlines()[0][:200] if text else type(e).__name__}): ask for less "
+            "(--batch-size, --d-model, --sizes, --heads, ...)"
+        )
         return EXIT_USAGE
     except KeyboardInterrupt:
         error("interrupted")
         return 130
-

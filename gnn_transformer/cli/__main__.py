@@ -1,4 +1,5 @@
 """``python -m gnn_transformer.cli`` (as ``torchrun ... -m gnn_transformer.cli train`` needs)."""
+
 import sys
 
 from . import main

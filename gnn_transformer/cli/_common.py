@@ -1,5 +1,6 @@
 """What the commands share: exit codes, usage errors, tables, option types and checks, and the model
 and training options of ``compare`` and ``train``."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,7 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     for row in rows:
         cells.append([format(row[k], f) if f else str(row[k]) for k, _, f in columns])
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in cells]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -120,38 +120,58 @@ def add_model_args(p: argparse.ArgumentParser, defaults) -> None:
     g.add_argument("--d-model", type=int, default=defaults.d_model, help="model width (default %(default)s)")
     g.add_argument("--heads", type=int, default=defaults.nhead, help="attention heads (default %(default)s)")
     g.add_argument("--layers", type=int, default=defaults.num_layers, help="encoder layers (default %(default)s)")
-    g.add_argument("--ff", type=int, default=defaults.dim_feedforward,
-                   help="feed-forward width (default %(default)s)")
+    g.add_argument("--ff", type=int, default=defaults.dim_feedforward, help="feed-forward width (default %(default)s)")
     g.add_argument("--dropout", type=float, default=defaults.dropout, help="dropout (default %(default)s)")
-    g.add_argument("--post-norm", action="store_true", help="post-norm layers as in the original paper "
-                   "(default: pre-norm)")
-    g.add_argument("--position", choices=("rope", "sinusoidal", "learned", "none"), action=Given,
-                   default=defaults.position, help="token positions (default %(default)s)")
-    g.add_argument("--backend", choices=BACKENDS, default=defaults.backend,
-                   help="attention backend (default %(default)s)")
+    g.add_argument(
+        "--post-norm", action="store_true", help="post-norm layers as in the original paper (default: pre-norm)"
+    )
+    g.add_argument(
+        "--position",
+        choices=("rope", "sinusoidal", "learned", "none"),
+        action=Given,
+        default=defaults.position,
+        help="token positions (default %(default)s)",
+    )
+    g.add_argument(
+        "--backend", choices=BACKENDS, default=defaults.backend, help="attention backend (default %(default)s)"
+    )
 
 
 def add_train_args(p: argparse.ArgumentParser, defaults) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps (default %(default)s)")
-    g.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                   help="sequences/graphs/images per step and process (default %(default)s)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help="sequences/graphs/images per step and process (default %(default)s)",
+    )
     g.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default %(default)s)")
-    g.add_argument("--optimizer", choices=("adamw", "adam"), default=defaults.optimizer,
-                   help="default %(default)s")
+    g.add_argument("--optimizer", choices=("adamw", "adam"), default=defaults.optimizer, help="default %(default)s")
     g.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="default %(default)s")
     g.add_argument("--warmup", type=int, default=defaults.warmup, help="warmup steps (default %(default)s)")
-    g.add_argument("--schedule", choices=("cosine", "inverse_sqrt", "linear", "constant"),
-                   default=defaults.schedule, help="decay after warmup (default %(default)s)")
-    g.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
-                   help="default %(default)s")
-    g.add_argument("--clip-grad", type=float, default=defaults.clip_grad,
-                   help="max gradient norm, 0 to disable (default %(default)s)")
+    g.add_argument(
+        "--schedule",
+        choices=("cosine", "inverse_sqrt", "linear", "constant"),
+        default=defaults.schedule,
+        help="decay after warmup (default %(default)s)",
+    )
+    g.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing, help="default %(default)s")
+    g.add_argument(
+        "--clip-grad",
+        type=float,
+        default=defaults.clip_grad,
+        help="max gradient norm, 0 to disable (default %(default)s)",
+    )
     g.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
     g.add_argument("--device", default=defaults.device, help="cpu or cuda (default %(default)s)")
     g.add_argument("--log-every", type=int, default=defaults.log_every, help="default %(default)s")
-    g.add_argument("--eval-every", type=int, default=defaults.eval_every,
-                   help="steps between evaluations, 0 = at the end (default %(default)s)")
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=defaults.eval_every,
+        help="steps between evaluations, 0 = at the end (default %(default)s)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -166,18 +186,33 @@ def check_seed(seed: int) -> None:
 def model_config(args):
     from ..experiments.models import EncoderConfig
 
-    return EncoderConfig(d_model=args.d_model, nhead=args.heads, num_layers=args.layers,
-                         dim_feedforward=args.ff, dropout=args.dropout,
-                         norm_first=not args.post_norm, position=args.position, backend=args.backend)
+    return EncoderConfig(
+        d_model=args.d_model,
+        nhead=args.heads,
+        num_layers=args.layers,
+        dim_feedforward=args.ff,
+        dropout=args.dropout,
+        norm_first=not args.post_norm,
+        position=args.position,
+        backend=args.backend,
+    )
 
 
 def train_config(args):
     from ..experiments.training import TrainConfig
 
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                       optimizer=args.optimizer, weight_decay=args.weight_decay,
-                       warmup=args.warmup, schedule=args.schedule,
-                       label_smoothing=args.label_smoothing,
-                       clip_grad=args.clip_grad or None, seed=args.seed, device=args.device,
-                       log_every=args.log_every, eval_every=args.eval_every)
-
+    return TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        warmup=args.warmup,
+        schedule=args.schedule,
+        label_smoothing=args.label_smoothing,
+        clip_grad=args.clip_grad or None,
+        seed=args.seed,
+        device=args.device,
+        log_every=args.log_every,
+        eval_every=args.eval_every,
+    )

@@ -1,4 +1,5 @@
 """``gnn-transformer analyze``: attention analytics of a model."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,59 +13,75 @@ def add_parser(sub) -> None:
     from ..attention import BACKENDS
 
     p = sub.add_parser(
-        "analyze", help="attention analytics of a model: sinks, hubs, massive activations, pictures",
+        "analyze",
+        help="attention analytics of a model: sinks, hubs, massive activations, pictures",
         description="Attention analytics of a model: see gnn_transformer.experiments.analyze_run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     try:
         importlib.import_module("gnn_transformer.experiments.analyze_run")
     except ImportError:
         p.set_defaults(func=_analyze_missing)
         return
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="PATH",
-                        help="model.pt or best.pt of a 'train' run (sequence tasks, lm, listops), or a "
-                             "state dict of a GraphLM/GraphEncoderModel with its config JSON next to it")
-    source.add_argument("--hf-dir", metavar="DIR",
-                        help="local directory of a Hugging Face model (save_pretrained) of a family "
-                             "gnn_transformer.hf imports")
-    p.add_argument("--config", metavar="JSON",
-                   help="model config of --checkpoint (unset: the one found next to it)")
+    source.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="model.pt or best.pt of a 'train' run (sequence tasks, lm, listops), or a "
+        "state dict of a GraphLM/GraphEncoderModel with its config JSON next to it",
+    )
+    source.add_argument(
+        "--hf-dir",
+        metavar="DIR",
+        help="local directory of a Hugging Face model (save_pretrained) of a family gnn_transformer.hf imports",
+    )
+    p.add_argument("--config", metavar="JSON", help="model config of --checkpoint (unset: the one found next to it)")
     inputs = p.add_mutually_exclusive_group()
-    inputs.add_argument("--tokens", metavar="FILE",
-                        help="token ids, whitespace-separated, one sequence per line (required "
-                             "except for a 'train' run's checkpoint, which can use its task)")
-    inputs.add_argument("--text", metavar="FILE", help="text, one sequence per line (tokenized with the "
-                        "Hugging Face tokenizer, or a 'train' run's characters (lm) or words (listops))")
-    p.add_argument("--samples", type=int, default=2, metavar="K",
-                   help="with a 'train' run's checkpoint and no --tokens: K sequences of its task")
-    p.add_argument("--tokenizer", metavar="DIR",
-                   help="directory with a Hugging Face tokenizer (unset: --hf-dir)")
-    p.add_argument("--out", metavar="DIR", default="analysis",
-                   help="directory for summary.json and the PNGs")
-    p.add_argument("--graph", metavar="NAME|TOML",
-                   help="token graph: a catalogue name (causal, full, bigbird, ...), a builder "
-                        "with arguments (sliding_window:window=3) or a spec file, per-head "
-                        "(duo_attention: each head's weights over its own edges), per-layer (gemma3: "
-                        "each layer on its graph) or with a selector (causal+topk:num_keys=8: the "
-                        "graph each layer selects) (unset: a 'train' run's own topology, causal for "
-                        "language models and GPT-2, full otherwise; an lm run's graphs are cut to their causal "
-                        "part, as in its training)")
-    p.add_argument("--compare-norm", action="store_true",
-                   help="also run the same weights pre-norm and post-norm")
-    p.add_argument("--backend", choices=BACKENDS,
-                   help="attention backend while recording (unset: the model's)")
+    inputs.add_argument(
+        "--tokens",
+        metavar="FILE",
+        help="token ids, whitespace-separated, one sequence per line (required "
+        "except for a 'train' run's checkpoint, which can use its task)",
+    )
+    inputs.add_argument(
+        "--text",
+        metavar="FILE",
+        help="text, one sequence per line (tokenized with the "
+        "Hugging Face tokenizer, or a 'train' run's characters (lm) or words (listops))",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=2,
+        metavar="K",
+        help="with a 'train' run's checkpoint and no --tokens: K sequences of its task",
+    )
+    p.add_argument("--tokenizer", metavar="DIR", help="directory with a Hugging Face tokenizer (unset: --hf-dir)")
+    p.add_argument("--out", metavar="DIR", default="analysis", help="directory for summary.json and the PNGs")
+    p.add_argument(
+        "--graph",
+        metavar="NAME|TOML",
+        help="token graph: a catalogue name (causal, full, bigbird, ...), a builder "
+        "with arguments (sliding_window:window=3) or a spec file, per-head "
+        "(duo_attention: each head's weights over its own edges), per-layer (gemma3: "
+        "each layer on its graph) or with a selector (causal+topk:num_keys=8: the "
+        "graph each layer selects) (unset: a 'train' run's own topology, causal for "
+        "language models and GPT-2, full otherwise; an lm run's graphs are cut to their causal "
+        "part, as in its training)",
+    )
+    p.add_argument("--compare-norm", action="store_true", help="also run the same weights pre-norm and post-norm")
+    p.add_argument("--backend", choices=BACKENDS, help="attention backend while recording (unset: the model's)")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens shown in the pictures")
-    p.add_argument("--massive-magnitude", type=float, default=100.0,
-                   help="massive activation: |h| above this")
-    p.add_argument("--massive-ratio", type=float, default=1000.0,
-                   help="massive activation: |h| above this times the median")
+    p.add_argument("--massive-magnitude", type=float, default=100.0, help="massive activation: |h| above this")
+    p.add_argument(
+        "--massive-ratio", type=float, default=1000.0, help="massive activation: |h| above this times the median"
+    )
     p.add_argument("--no-plots", action="store_true", help="only print and write summary.json")
     p.set_defaults(func=run)
 
 
 def _analyze_missing(args) -> int:
-    error("'analyze' is not available in this installation "
-         "(gnn_transformer.experiments.analyze_run is missing)")
+    error("'analyze' is not available in this installation (gnn_transformer.experiments.analyze_run is missing)")
     return EXIT_USAGE
 
 
@@ -76,8 +93,7 @@ def run(args) -> int:
     try:
         if args.max_tokens < 1:
             raise ValueError(f"Expected '--max-tokens' >= 1 (got {args.max_tokens})")
-        for option, value in (("--massive-magnitude", args.massive_magnitude),
-                              ("--massive-ratio", args.massive_ratio)):
+        for option, value in (("--massive-magnitude", args.massive_magnitude), ("--massive-ratio", args.massive_ratio)):
             if not value >= 0:  # also refuses nan
                 raise ValueError(f"Expected '{option}' >= 0 (got {value})")
         if args.checkpoint is not None:
@@ -97,16 +113,23 @@ def run(args) -> int:
                 raise ValueError(f"Expected '--samples' >= 1 (got {args.samples})")
             sequences = loaded.examples(args.samples)
         else:
-            raise ValueError("Give the input with '--tokens' or '--text' (only a 'train' run's "
-                             "checkpoint can draw examples of its task)")
-        result = analyze_run.analyze(loaded, sequences, graph=args.graph, compare_norm=args.compare_norm,
-                                     backend=args.backend, min_magnitude=args.massive_magnitude,
-                                     min_ratio=args.massive_ratio)
+            raise ValueError(
+                "Give the input with '--tokens' or '--text' (only a 'train' run's "
+                "checkpoint can draw examples of its task)"
+            )
+        result = analyze_run.analyze(
+            loaded,
+            sequences,
+            graph=args.graph,
+            compare_norm=args.compare_norm,
+            backend=args.backend,
+            min_magnitude=args.massive_magnitude,
+            min_ratio=args.massive_ratio,
+        )
     except (FileNotFoundError, ValueError) as err:  # reported as they are, before any output
         error(str(err))
         return EXIT_USAGE
-    print(f"{loaded.name}: {len(result.lengths)} sequence(s), {sum(result.lengths)} tokens, "
-          f"{result.graph} graph")
+    print(f"{loaded.name}: {len(result.lengths)} sequence(s), {sum(result.lengths)} tokens, {result.graph} graph")
     for label, rows in result.rows.items():
         if label != "model":
             print(f"\n[{label}]")
@@ -116,7 +139,6 @@ def run(args) -> int:
             first_layer = massive[0][0]
             dims = sorted({d for _, (_, d, _) in massive})
             print(f"massive activations from {first_layer}, dims {dims}")
-    paths = analyze_run.save_outputs(result, args.out, pictures=not args.no_plots,
-                                     max_tokens=args.max_tokens)
+    paths = analyze_run.save_outputs(result, args.out, pictures=not args.no_plots, max_tokens=args.max_tokens)
     print(f"\nwrote {len(paths)} file{'s' if len(paths) != 1 else ''} to {args.out}")
     return EXIT_OK

@@ -1,4 +1,5 @@
 """``gnn-transformer bench``: the attention backends timed against SDPA and FlexAttention."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,101 +14,171 @@ def add_parser(sub) -> None:
     from ..bench.selection import DESCRIPTIONS, SELECTIONS
 
     p = sub.add_parser(
-        "bench", help="benchmark the attention backends against dense SDPA and FlexAttention",
+        "bench",
+        help="benchmark the attention backends against dense SDPA and FlexAttention",
         description="Time forward and forward+backward of each attention backend (pyg, fused, "
         "tiled, auto), dense scaled_dot_product_attention with a boolean mask and FlexAttention "
         "with a BlockMask, on the same edge sets; median time, peak memory, max error against a "
         "float32 dense reference. Graph and mask construction are timed separately.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--topologies", nargs="+", default=list(TOPOLOGIES), metavar="SPEC",
-                   help="the benchmark's graphs (causal; window: radius 128; bigbird: blocks of 64, "
-                        "3 window, 2 global, 3 random; random: 64 keys per query) or any topology "
-                        "spec: a builder with arguments ('dilated:window=256,dilation=4'), a "
-                        "catalogue name ('longformer') or a .toml path; a per-head spec ('duo_attention') "
-                        "is timed with its edge_head against FlexAttention reading the head and SDPA with "
-                        "a [1, H, N, N] mask, a per-layer spec ('gemma3') per distinct layer graph plus a "
-                        "total over the layers of one cycle")
-    p.add_argument("--sizes", nargs="+", type=int, default=None,
-                   help="token counts (unset: 4096 16384 65536, plus 262144 1048576 for the "
-                        "linear-size topologies on CUDA; 4096 with --quick)")
-    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS,
-                   help="auto's note names the kernel that ran; sdpa is scaled_dot_product_attention as a user "
-                        "calls it for the graph (is_causal, no mask, per document, else a dense boolean mask); "
-                        "flex is FlexAttention with the fastest of --flex-variants")
-    p.add_argument("--flex-variants", nargs="+", default=list(FLEX_VARIANTS), choices=FLEX_VARIANTS,
-                   help="the mask_mods flex tries (its note names the fastest): predicate (the topology's "
-                        "predicate twin), lookup (a dense boolean [N, N] lookup where it fits), blocks (a table of "
-                        "whole blocks, for block-structured graphs), bitmap (topology.to_block_mask's lookup)")
-    p.add_argument("--train-step", nargs="*", type=int, default=None, metavar="CONTEXT",
-                   help="instead, time a GraphLM training step on causal graphs against a plain PyTorch GPT "
-                        "(SDPA is_causal) of the same size: nanoGPT's CPU configuration (4 layers, 4 heads, "
-                        "width 128, batch 12, vocabulary 65, no bias) at these contexts (default 64 256)")
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--topologies",
+        nargs="+",
+        default=list(TOPOLOGIES),
+        metavar="SPEC",
+        help="the benchmark's graphs (causal; window: radius 128; bigbird: blocks of 64, "
+        "3 window, 2 global, 3 random; random: 64 keys per query) or any topology "
+        "spec: a builder with arguments ('dilated:window=256,dilation=4'), a "
+        "catalogue name ('longformer') or a .toml path; a per-head spec ('duo_attention') "
+        "is timed with its edge_head against FlexAttention reading the head and SDPA with "
+        "a [1, H, N, N] mask, a per-layer spec ('gemma3') per distinct layer graph plus a "
+        "total over the layers of one cycle",
+    )
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        type=int,
+        default=None,
+        help="token counts (unset: 4096 16384 65536, plus 262144 1048576 for the "
+        "linear-size topologies on CUDA; 4096 with --quick)",
+    )
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        default=list(BACKENDS),
+        choices=BACKENDS,
+        help="auto's note names the kernel that ran; sdpa is scaled_dot_product_attention as a user "
+        "calls it for the graph (is_causal, no mask, per document, else a dense boolean mask); "
+        "flex is FlexAttention with the fastest of --flex-variants",
+    )
+    p.add_argument(
+        "--flex-variants",
+        nargs="+",
+        default=list(FLEX_VARIANTS),
+        choices=FLEX_VARIANTS,
+        help="the mask_mods flex tries (its note names the fastest): predicate (the topology's "
+        "predicate twin), lookup (a dense boolean [N, N] lookup where it fits), blocks (a table of "
+        "whole blocks, for block-structured graphs), bitmap (topology.to_block_mask's lookup)",
+    )
+    p.add_argument(
+        "--train-step",
+        nargs="*",
+        type=int,
+        default=None,
+        metavar="CONTEXT",
+        help="instead, time a GraphLM training step on causal graphs against a plain PyTorch GPT "
+        "(SDPA is_causal) of the same size: nanoGPT's CPU configuration (4 layers, 4 heads, "
+        "width 128, batch 12, vocabulary 65, no bias) at these contexts (default 64 256)",
+    )
     p.add_argument("--batch-size", type=int, default=12, help="sequences per training step of --train-step")
     p.add_argument("--device", default=None, help="cpu or cuda (unset: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="unset: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--heads", type=int, default=None,
-                   help="query heads (unset: those of the per-head --topologies specs, else 12)")
-    p.add_argument("--kv-heads", type=int, default=None,
-                   help="key/value heads (grouped-query attention; must divide --heads; unset: --heads)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="unset: bfloat16 on CUDA, float32 on CPU",
+    )
+    p.add_argument(
+        "--heads", type=int, default=None, help="query heads (unset: those of the per-head --topologies specs, else 12)"
+    )
+    p.add_argument(
+        "--kv-heads",
+        type=int,
+        default=None,
+        help="key/value heads (grouped-query attention; must divide --heads; unset: --heads)",
+    )
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed repetitions, median reported (default 5; 3 with --quick or --calibrate)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repetitions, median reported (default 5; 3 with --quick or --calibrate)",
+    )
     p.add_argument("--no-backward", action="store_true", help="forward passes only")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (unset: torch's)")
     p.add_argument("--quick", action="store_true", help="CPU-sized: 4096 tokens, 3 repeats")
-    p.add_argument("--markdown", default=None, metavar="FILE",
-                   help="also write the table as markdown to FILE")
-    p.add_argument("--calibrate", action="store_true",
-                   help="instead, measure auto's cost model for this device and dtype: TILE_COST (the "
-                        "time of a tile cell of 'tiled' over that of an edge of 'fused'), ROW_COST and "
-                        "MERGE_COST (fixed costs per target row, in edges), DROPOUT_COST (what attention "
-                        "dropout adds per edge and per cell); sizes default to 4096")
-    p.add_argument("--block-size", type=int, default=None,
-                   help="tile size of tiled, auto and --calibrate, a power of two from 16 to 256 (unset: "
-                        "by device and dtype, 64, or 32 for float32 on CUDA; FlexAttention keeps blocks "
-                        "of 128)")
-    p.add_argument("--selectors", nargs="+", default=None, choices=list(SELECTIONS),
-                   help="instead, time graphs chosen from the data, end to end with the graph rebuilt on "
-                        "every call: selection + attention against FlexAttention with a BlockMask built per "
-                        "call and SDPA with a dense boolean mask (" + "; ".join(
-                            f"{k}: {v}" for k, v in DESCRIPTIONS.items()) + "); sizes default to 4096")
+    p.add_argument("--markdown", default=None, metavar="FILE", help="also write the table as markdown to FILE")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="instead, measure auto's cost model for this device and dtype: TILE_COST (the "
+        "time of a tile cell of 'tiled' over that of an edge of 'fused'), ROW_COST and "
+        "MERGE_COST (fixed costs per target row, in edges), DROPOUT_COST (what attention "
+        "dropout adds per edge and per cell); sizes default to 4096",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="tile size of tiled, auto and --calibrate, a power of two from 16 to 256 (unset: "
+        "by device and dtype, 64, or 32 for float32 on CUDA; FlexAttention keeps blocks "
+        "of 128)",
+    )
+    p.add_argument(
+        "--selectors",
+        nargs="+",
+        default=None,
+        choices=list(SELECTIONS),
+        help="instead, time graphs chosen from the data, end to end with the graph rebuilt on "
+        "every call: selection + attention against FlexAttention with a BlockMask built per "
+        "call and SDPA with a dense boolean mask ("
+        + "; ".join(f"{k}: {v}" for k, v in DESCRIPTIONS.items())
+        + "); sizes default to 4096",
+    )
     p.set_defaults(func=run)
 
 
 def _calibrate(args, device, dtype) -> int:
     import torch
 
-    from ..bench.benchmark import (CALIBRATION_COLUMNS, calibrate_dropout_cost, calibrate_row_costs,
-                                    calibrate_tile_cost, current_costs, format_markdown, format_table)
+    from ..bench.benchmark import (
+        CALIBRATION_COLUMNS,
+        calibrate_dropout_cost,
+        calibrate_row_costs,
+        calibrate_tile_cost,
+        current_costs,
+        format_markdown,
+        format_table,
+    )
 
     sizes = args.sizes or [4096]
-    common = dict(device=device, dtype=dtype, heads=args.heads, head_dim=args.head_dim, kv_heads=args.kv_heads,
-                  block_size=args.block_size, repeats=args.repeats or 3)
-    rows, suggested = calibrate_tile_cost(args.topologies, sizes, backward=not args.no_backward, log=print,
-                                          **common)
+    common = dict(
+        device=device,
+        dtype=dtype,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        kv_heads=args.kv_heads,
+        block_size=args.block_size,
+        repeats=args.repeats or 3,
+    )
+    rows, suggested = calibrate_tile_cost(args.topologies, sizes, backward=not args.no_backward, log=print, **common)
     fixed = calibrate_row_costs(rows, suggested, max(sizes), **common)
     dropout = calibrate_dropout_cost(rows, **common)
     tile_cost, row_cost, merge_cost, dropout_cost = current_costs(device)
     kind = torch.device(device).type
-    lines = ["TILE_COST measured (median ratio over the graphs): "
-             + ", ".join(f"{p} {value:.3f}" for p, value in suggested.items())
-             + f"; auto uses {tile_cost} on {kind}",
-             "ROW_COST measured (edges per target row, fused / tiled): "
-             + ", ".join(f"{p} {c['fused']:.1f} / {c['tiled']:.1f}" for p, c in fixed.items())
-             + f"; auto uses {row_cost['fused']} / {row_cost['tiled']}",
-             "MERGE_COST measured (edges per target row): "
-             + ", ".join(f"{p} {c['merge']:.1f}" for p, c in fixed.items()) + f"; auto uses {merge_cost}",
-             "DROPOUT_COST measured (edges added per fused edge / per tile cell, dropout 0.1): "
-             + ", ".join(f"{p} {c['fused']:.2f} / {c['tiled']:.2f}" for p, c in dropout.items())
-             + f"; auto uses {dropout_cost['fused']} / {dropout_cost['tiled']}"]
+    lines = [
+        "TILE_COST measured (median ratio over the graphs): "
+        + ", ".join(f"{p} {value:.3f}" for p, value in suggested.items())
+        + f"; auto uses {tile_cost} on {kind}",
+        "ROW_COST measured (edges per target row, fused / tiled): "
+        + ", ".join(f"{p} {c['fused']:.1f} / {c['tiled']:.1f}" for p, c in fixed.items())
+        + f"; auto uses {row_cost['fused']} / {row_cost['tiled']}",
+        "MERGE_COST measured (edges per target row): "
+        + ", ".join(f"{p} {c['merge']:.1f}" for p, c in fixed.items())
+        + f"; auto uses {merge_cost}",
+        "DROPOUT_COST measured (edges added per fused edge / per tile cell, dropout 0.1): "
+        + ", ".join(f"{p} {c['fused']:.2f} / {c['tiled']:.2f}" for p, c in dropout.items())
+        + f"; auto uses {dropout_cost['fused']} / {dropout_cost['tiled']}",
+    ]
     print()
     print(format_table(rows, CALIBRATION_COLUMNS))
     print()
     print("\n".join(lines))
     if args.markdown:
-        Path(args.markdown).write_text(format_markdown(rows, CALIBRATION_COLUMNS) + "\n\n"
-                                       + "\n".join(f"- {line}" for line in lines) + "\n")
+        Path(args.markdown).write_text(
+            format_markdown(rows, CALIBRATION_COLUMNS) + "\n\n" + "\n".join(f"- {line}" for line in lines) + "\n"
+        )
         print(f"Wrote {args.markdown}")
     return 0
 
@@ -118,10 +189,19 @@ def _bench_selection(args, device, dtype) -> int:
     from ..bench.selection import format_markdown, format_table, run_selection_benchmark
 
     baselines = [b for b in ("flex", "sdpa") if b in args.backends]
-    rows = run_selection_benchmark(args.selectors, args.sizes or [4096], heads=args.heads, kv_heads=args.kv_heads,
-                                   head_dim=args.head_dim, device=device, dtype=dtype or torch.float32,
-                                   repeats=args.repeats or (3 if args.quick else 5), backward=not args.no_backward,
-                                   baselines=baselines, log=print)
+    rows = run_selection_benchmark(
+        args.selectors,
+        args.sizes or [4096],
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        device=device,
+        dtype=dtype or torch.float32,
+        repeats=args.repeats or (3 if args.quick else 5),
+        backward=not args.no_backward,
+        baselines=baselines,
+        log=print,
+    )
     _print_rows(rows, format_table, format_markdown, args.markdown)
     return EXIT_OK
 
@@ -132,8 +212,14 @@ def _train_step(args, device, dtype) -> int:
     contexts = args.train_step or [64, 256]
     if min(contexts) < 1 or args.batch_size < 1:
         raise UsageError(f"--train-step contexts and --batch-size must be >= 1 (got {contexts}, {args.batch_size})")
-    rows = run_train_step_benchmark(contexts, batch_size=args.batch_size, device=device, dtype=dtype,
-                                    repeats=args.repeats or (3 if args.quick else 5), log=print)
+    rows = run_train_step_benchmark(
+        contexts,
+        batch_size=args.batch_size,
+        device=device,
+        dtype=dtype,
+        repeats=args.repeats or (3 if args.quick else 5),
+        log=print,
+    )
     _print_rows(rows, format_table, format_markdown, args.markdown)
     return EXIT_OK
 
@@ -155,20 +241,27 @@ def _check_bench_topologies(args, smallest: int) -> dict[str, int]:
         except ValueError as err:
             raise UsageError(f"--topologies: {err}") from None
         if topo.select is not None:
-            raise UsageError(f"--topologies {name!r}: bench times given graphs, not graphs chosen from the data; "
-                             "time selectors with 'bench --selectors topk block_topk', check them with 'verify'")
+            raise UsageError(
+                f"--topologies {name!r}: bench times given graphs, not graphs chosen from the data; "
+                "time selectors with 'bench --selectors topk block_topk', check them with 'verify'"
+            )
         if topo.kind != "shared" and args.calibrate:
-            raise UsageError(f"--topologies {name!r}: --calibrate measures graphs for every head and layer (got "
-                             f"{topo.kind.replace('_', '-')} graphs)")
+            raise UsageError(
+                f"--topologies {name!r}: --calibrate measures graphs for every head and layer (got "
+                f"{topo.kind.replace('_', '-')} graphs)"
+            )
         if topo.num_heads is not None:
             if args.heads is not None and args.heads != topo.num_heads:
-                raise UsageError(f"--topologies {name!r} builds per-head graphs for {topo.num_heads} heads "
-                                 f"(got --heads {args.heads})")
+                raise UsageError(
+                    f"--topologies {name!r} builds per-head graphs for {topo.num_heads} heads "
+                    f"(got --heads {args.heads})"
+                )
             heads[name] = topo.num_heads
     for name in args.topologies:
         if args.kv_heads is not None and heads[name] % args.kv_heads:
-            raise UsageError(f"--kv-heads must divide the {heads[name]} heads of --topologies {name!r} "
-                             f"(got {args.kv_heads})")
+            raise UsageError(
+                f"--kv-heads must divide the {heads[name]} heads of --topologies {name!r} (got {args.kv_heads})"
+            )
         try:
             build_graph(name, smallest)
         except ValueError as err:
@@ -189,9 +282,11 @@ def _check_bench_inputs(args, heads: int, device: str, dtype) -> None:
     need = 2 * n * (2 * heads + 2 * kv_heads) * args.head_dim * torch.tensor([], dtype=dtype).element_size()
     budget = input_memory_budget(device)
     if need > budget:
-        raise UsageError(f"--heads {heads}, --head-dim {args.head_dim} and --sizes {n}: the inputs and their "
-                         f"gradients need {need / 2**30:.1f} GiB, more than the benchmark's memory budget "
-                         f"({budget / 2**30:.1f} GiB)")
+        raise UsageError(
+            f"--heads {heads}, --head-dim {args.head_dim} and --sizes {n}: the inputs and their "
+            f"gradients need {need / 2**30:.1f} GiB, more than the benchmark's memory budget "
+            f"({budget / 2**30:.1f} GiB)"
+        )
 
 
 def run(args) -> int:
@@ -211,8 +306,7 @@ def run(args) -> int:
         if args.block_size < 1 or args.block_size & (args.block_size - 1):
             raise UsageError(f"--block-size must be a power of two (got {args.block_size})")
         if args.block_size not in BLOCK_SIZES:
-            raise UsageError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))} "
-                             f"(got {args.block_size})")
+            raise UsageError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))} (got {args.block_size})")
     if args.device is not None:
         check_device("--device", args.device)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -237,12 +331,26 @@ def run(args) -> int:
         sizes, repeats = args.sizes or [4096, 16384, 65536], args.repeats or 5
     rows = []
     for name in args.topologies:
-        extra = [262144, 1048576] if (args.sizes is None and not args.quick and name in LINEAR
-                                       and torch.device(device).type == "cuda") else []
-        rows += run_benchmark([name], list(sizes) + extra, args.backends, device=device,
-                              dtype=dtype, heads=heads[name], head_dim=args.head_dim, kv_heads=args.kv_heads,
-                              repeats=repeats, backward=not args.no_backward, block_size=args.block_size,
-                              flex_variants=args.flex_variants, log=print)
+        extra = (
+            [262144, 1048576]
+            if (args.sizes is None and not args.quick and name in LINEAR and torch.device(device).type == "cuda")
+            else []
+        )
+        rows += run_benchmark(
+            [name],
+            list(sizes) + extra,
+            args.backends,
+            device=device,
+            dtype=dtype,
+            heads=heads[name],
+            head_dim=args.head_dim,
+            kv_heads=args.kv_heads,
+            repeats=repeats,
+            backward=not args.no_backward,
+            block_size=args.block_size,
+            flex_variants=args.flex_variants,
+            log=print,
+        )
     _print_rows(rows, format_table, format_markdown, args.markdown)
     unbuilt = [f"{r['topology']} at n = {r['n']}" for r in rows if str(r["note"]).startswith("not built")]
     if unbuilt:  # as verify: the other rows are measured, the exit code says some are missing

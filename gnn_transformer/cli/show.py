@@ -1,4 +1,5 @@
 """``gnn-transformer show``: draw a topology to PNG and print its statistics."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,22 +15,29 @@ SHOW_EDGES_MAX = 2048
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "show", help="draw a topology to PNG and print its statistics",
+        "show",
+        help="draw a topology to PNG and print its statistics",
         description="Build a topology (builder with arguments, e.g. 'bigbird:window=1', or a "
         "catalogue spec name or .toml path) on one sequence of -n tokens, print its statistics "
         "and save its adjacency matrix and graph drawing.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("spec", nargs="?", help="topology spec")
-    p.add_argument("-n", type=positive_int,
-                   help=f"sequence length, at most {SHOW_N_MAX}; the graph drawn has at most "
-                   f"{SHOW_EDGES_MAX} edges (default: the spec's [small] n, else 16)")
-    p.add_argument("--paper-scale", action="store_true",
-                   help="build catalogue and .toml specs with their paper parameters instead of "
-                   "their toy-scale [small] ones")
-    p.add_argument("--out", help="PNG path (default: <name>.png in the current directory, the "
-                   "file's stem for a .toml path)")
-    p.add_argument("--layers", type=positive_int, default=3,
-                   help="layers for the receptive-field sizes")
+    p.add_argument(
+        "-n",
+        type=positive_int,
+        help=f"sequence length, at most {SHOW_N_MAX}; the graph drawn has at most "
+        f"{SHOW_EDGES_MAX} edges (default: the spec's [small] n, else 16)",
+    )
+    p.add_argument(
+        "--paper-scale",
+        action="store_true",
+        help="build catalogue and .toml specs with their paper parameters instead of their toy-scale [small] ones",
+    )
+    p.add_argument(
+        "--out", help="PNG path (default: <name>.png in the current directory, the file's stem for a .toml path)"
+    )
+    p.add_argument("--layers", type=positive_int, default=3, help="layers for the receptive-field sizes")
     p.add_argument("--list", action="store_true", help="list builders and catalogue specs")
     p.set_defaults(func=run)
 
@@ -38,9 +46,11 @@ def _show_stats(topology, edge_index, n: int, layers: int, indent: str = "  ") -
     """Print the statistics of one graph on one sequence of ``n`` tokens."""
     stats = topology.topology_stats(edge_index, [n])
     print(f"{indent}edges {stats.num_edges}, density {stats.density:.3f}, causal {stats.causal}")
-    print(f"{indent}keys per query: min {stats.in_degree.min}, max {stats.in_degree.max}, "
-          f"mean {stats.in_degree.mean:.2f}; self-loops {stats.self_loops}; "
-          f"queries with no key {stats.empty_rows}")
+    print(
+        f"{indent}keys per query: min {stats.in_degree.min}, max {stats.in_degree.max}, "
+        f"mean {stats.in_degree.mean:.2f}; self-loops {stats.self_loops}; "
+        f"queries with no key {stats.empty_rows}"
+    )
     sizes = topology.receptive_field_sizes(edge_index, layers, n)
     for k in range(1, layers + 1):
         s = sizes[k]
@@ -77,8 +87,7 @@ def run(args) -> int:
         print("catalogue specs:", " ".join(spec_names()))
         return EXIT_OK
     if args.n is not None and args.n > SHOW_N_MAX:
-        raise UsageError(f"-n: expected at most {SHOW_N_MAX} tokens, what show draws in seconds "
-                         f"(got {args.n})")
+        raise UsageError(f"-n: expected at most {SHOW_N_MAX} tokens, what show draws in seconds (got {args.n})")
     name, _ = parse_spec(args.spec)
     topo = resolve_topology(args.spec, small=not args.paper_scale)  # unknown names fail here
     spec = topo.source  # a catalogue name or spec file rather than a builder (topology_fn's precedence)
@@ -86,12 +95,15 @@ def run(args) -> int:
     check_out_file("--out", str(out))
     n = args.n or (spec and spec.small_n) or 16
     if n > SHOW_N_MAX:
-        raise UsageError(f"{args.spec!r}: its [small] n = {n} is more than show draws ({SHOW_N_MAX} "
-                         "tokens); pass a smaller -n")
+        raise UsageError(
+            f"{args.spec!r}: its [small] n = {n} is more than show draws ({SHOW_N_MAX} tokens); pass a smaller -n"
+        )
     graph = topo.build([n])
     if _graph_edges(graph) > SHOW_EDGES_MAX:
-        raise UsageError(f"-n: {label(args.spec)} on n = {n} has {_graph_edges(graph)} edges, more than "
-                         f"show draws in seconds ({SHOW_EDGES_MAX}); pass a smaller -n (got {n})")
+        raise UsageError(
+            f"-n: {label(args.spec)} on n = {n} has {_graph_edges(graph)} edges, more than "
+            f"show draws in seconds ({SHOW_EDGES_MAX}); pass a smaller -n (got {n})"
+        )
     if spec is not None:
         title = spec.name + (" (small)" if (spec.small_params or spec.small_select) and not args.paper_scale else "")
     else:
@@ -105,8 +117,7 @@ def run(args) -> int:
         kind = f", per layer (a cycle of {graph.period} layers)"
     print(f"{title} on n = {n}{kind}")
     if topo.select is not None:
-        print(f"  each layer selects its per-head graph within this one with {topo.select!r}; "
-              "shown: the allowed graph")
+        print(f"  each layer selects its per-head graph within this one with {topo.select!r}; shown: the allowed graph")
     written = []
     if topo.kind == "per_layer":
         for layers, g in graph.distinct():

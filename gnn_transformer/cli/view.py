@@ -1,5 +1,6 @@
 """``gnn-transformer view``: write one self-contained HTML page to explore a token graph or a model's
 attention in a browser (see :mod:`gnn_transformer.viz`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,41 +13,57 @@ def add_parser(sub) -> None:
     from ..viz import DEFAULT_MAX_EDGES, MAX_TOKENS
 
     p = sub.add_parser(
-        "view", help="write an interactive HTML page of a topology or of a model's attention",
+        "view",
+        help="write an interactive HTML page of a topology or of a model's attention",
         description="Write one self-contained HTML file (no network needed to open it): the adjacency "
         "matrix and a drawing of the token graph side by side; hover a token to see the keys it reads, "
         "and its receptive field after 1..L layers. From a topology SPEC (as 'show' takes it; per-head "
         "and per-layer graphs are shown per head and layer), or from a model (--checkpoint or --hf-dir) "
         "run on one sequence: attention weights per layer and head, sinks and hubs marked.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("spec", nargs="?", help="topology spec (builder with arguments, catalogue name or .toml path)")
-    p.add_argument("-n", type=positive_int,
-                   help=f"tokens of the topology's sequence, at most {MAX_TOKENS} (default: the spec's [small] n, "
-                   "else 16)")
-    p.add_argument("--paper-scale", action="store_true",
-                   help="build catalogue and .toml specs with their paper parameters instead of their "
-                   "toy-scale [small] ones")
-    p.add_argument("--layers", type=positive_int,
-                   help="range of the receptive-field slider (default: 3, at least a per-layer cycle; a "
-                   "model: its layers)")
+    p.add_argument(
+        "-n",
+        type=positive_int,
+        help=f"tokens of the topology's sequence, at most {MAX_TOKENS} (default: the spec's [small] n, else 16)",
+    )
+    p.add_argument(
+        "--paper-scale",
+        action="store_true",
+        help="build catalogue and .toml specs with their paper parameters instead of their toy-scale [small] ones",
+    )
+    p.add_argument(
+        "--layers",
+        type=positive_int,
+        help="range of the receptive-field slider (default: 3, at least a per-layer cycle; a model: its layers)",
+    )
     model = p.add_argument_group("model (instead of SPEC)")
-    model.add_argument("--checkpoint", metavar="PATH",
-                       help="model.pt of a 'train' run, or a state dict of a GraphLM/GraphEncoderModel with "
-                       "its config JSON next to it")
+    model.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="model.pt of a 'train' run, or a state dict of a GraphLM/GraphEncoderModel with "
+        "its config JSON next to it",
+    )
     model.add_argument("--hf-dir", metavar="DIR", help="local directory of a Hugging Face BERT or GPT-2")
     model.add_argument("--config", metavar="JSON", help="model config of --checkpoint (unset: the one next to it)")
     inputs = model.add_mutually_exclusive_group()
     inputs.add_argument("--prompt", metavar="TEXT", help="the sequence as text (needs a tokenizer)")
     inputs.add_argument("--text", metavar="FILE", help="the sequence as text: the first line of FILE")
-    inputs.add_argument("--tokens", metavar="FILE",
-                        help="the sequence as token ids: the first line of FILE, whitespace-separated")
+    inputs.add_argument(
+        "--tokens", metavar="FILE", help="the sequence as token ids: the first line of FILE, whitespace-separated"
+    )
     model.add_argument("--tokenizer", metavar="DIR", help="directory with a Hugging Face tokenizer (unset: --hf-dir)")
-    model.add_argument("--graph", metavar="SPEC",
-                       help="token graph the model runs on (unset: its own: causal, full, or its run's)")
-    p.add_argument("-o", "--out", metavar="HTML",
-                   help="output file (default: <name>.html in the current directory)")
-    p.add_argument("--max-edges", type=positive_int, default=DEFAULT_MAX_EDGES,
-                   help="edges per view drawn one by one; a larger graph is drawn on blocks of tokens")
+    model.add_argument(
+        "--graph", metavar="SPEC", help="token graph the model runs on (unset: its own: causal, full, or its run's)"
+    )
+    p.add_argument("-o", "--out", metavar="HTML", help="output file (default: <name>.html in the current directory)")
+    p.add_argument(
+        "--max-edges",
+        type=positive_int,
+        default=DEFAULT_MAX_EDGES,
+        help="edges per view drawn one by one; a larger graph is drawn on blocks of tokens",
+    )
     p.add_argument("--title", help="the page's heading (default: the spec's or model's name)")
     p.set_defaults(func=run)
 
@@ -69,8 +86,10 @@ def _sequence(args, loaded) -> list[int]:
     elif loaded.examples is not None:
         sequences, source = loaded.examples(1), "an example of the run's task"
     else:
-        raise ValueError("Give the sequence with '--prompt', '--text' or '--tokens' (only a 'train' run's "
-                         "checkpoint can draw an example of its task)")
+        raise ValueError(
+            "Give the sequence with '--prompt', '--text' or '--tokens' (only a 'train' run's "
+            "checkpoint can draw an example of its task)"
+        )
     analyze_run.check_sequences(loaded, sequences[:1], source)
     return list(sequences[0])
 
@@ -90,18 +109,26 @@ def _model_page(args):
 
 
 def _check_args(args) -> None:
-    given = [name for name, value in (("SPEC", args.spec), ("--checkpoint", args.checkpoint),
-                                      ("--hf-dir", args.hf_dir)) if value is not None]
+    given = [
+        name
+        for name, value in (("SPEC", args.spec), ("--checkpoint", args.checkpoint), ("--hf-dir", args.hf_dir))
+        if value is not None
+    ]
     if len(given) != 1:
         raise UsageError(f"view needs exactly one of SPEC, --checkpoint or --hf-dir (got {', '.join(given) or 'none'})")
     if args.spec is not None:
-        for option, value in (("--config", args.config), ("--prompt", args.prompt), ("--text", args.text),
-                              ("--tokens", args.tokens), ("--tokenizer", args.tokenizer), ("--graph", args.graph)):
+        for option, value in (
+            ("--config", args.config),
+            ("--prompt", args.prompt),
+            ("--text", args.text),
+            ("--tokens", args.tokens),
+            ("--tokenizer", args.tokenizer),
+            ("--graph", args.graph),
+        ):
             if value is not None:
                 raise UsageError(f"{option} applies to a model (--checkpoint or --hf-dir), not to a SPEC")
     else:
-        for option, value in (("-n", args.n), ("--paper-scale", args.paper_scale or None),
-                              ("--layers", args.layers)):
+        for option, value in (("-n", args.n), ("--paper-scale", args.paper_scale or None), ("--layers", args.layers)):
             if value is not None:
                 raise UsageError(f"{option} applies to a SPEC, not to a model (its sequence and layers are its own)")
     if args.config is not None and args.checkpoint is None:
@@ -126,8 +153,7 @@ def run(args) -> int:
     check_out_file("--out", str(out))
     try:
         if args.spec is not None:
-            page = topology_page(args.spec, args.n, paper_scale=args.paper_scale, layers=args.layers,
-                                 title=args.title)
+            page = topology_page(args.spec, args.n, paper_scale=args.paper_scale, layers=args.layers, title=args.title)
         else:
             page = _model_page(args)
         page = reduce_page(page, args.max_edges)
@@ -141,7 +167,9 @@ def run(args) -> int:
         return EXIT_USAGE
     views = sum(len(layer.views) for layer in page.layers)
     reduced = f" (drawn on blocks of {page.block} tokens)" if page.block > 1 else ""
-    print(f"{page.title}: {len(page.layers)} layer entr{'y' if len(page.layers) == 1 else 'ies'}, {views} "
-          f"view{'s' * (views != 1)}, up to {page.max_view_edges} edges per view{reduced}")
+    print(
+        f"{page.title}: {len(page.layers)} layer entr{'y' if len(page.layers) == 1 else 'ies'}, {views} "
+        f"view{'s' * (views != 1)}, up to {page.max_view_edges} edges per view{reduced}"
+    )
     print(f"Wrote {out}")
     return EXIT_OK

@@ -7,6 +7,7 @@ and attention output zero, as on the graph path.
 Notation: ``B`` batch, ``T_q``/``T_k`` query/key positions, ``H`` heads, ``H_kv`` key/value heads,
 ``D`` head dimension, ``C`` model dimension.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,10 +18,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def scaled_dot_product(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, *,
-                       scale: float | None = None, bias: Tensor | None = None,
-                       dropout_p: float = 0.0, training: bool = False,
-                       softcap: float | None = None) -> tuple[Tensor, Tensor]:
+def scaled_dot_product(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor,
+    *,
+    scale: float | None = None,
+    bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    softcap: float | None = None,
+) -> tuple[Tensor, Tensor]:
     """Masked softmax attention on ``[B, H, T_q, D]`` queries and ``[B, H_kv, T_k, D]`` keys/values.
 
     Args:
@@ -43,8 +52,9 @@ def scaled_dot_product(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, 
     if mask.dtype != torch.bool:
         raise ValueError(f"Expected 'mask' to be boolean (got dtype {mask.dtype})")
     if mask.dim() not in (2, 3, 4):
-        raise ValueError(f"Expected 'mask' of shape [T_q, T_k], [B, T_q, T_k] or [B, H, T_q, T_k] "
-                         f"(got {list(mask.shape)})")
+        raise ValueError(
+            f"Expected 'mask' of shape [T_q, T_k], [B, T_q, T_k] or [B, H, T_q, T_k] (got {list(mask.shape)})"
+        )
     mask = mask.unsqueeze(-3) if mask.dim() == 3 else mask  # [B, 1 or H, T_q, T_k] or [T_q, T_k]
     scores = (query @ key.transpose(-1, -2)) * scale  # [B, H, T_q, T_k]
     if softcap is not None:
@@ -58,9 +68,9 @@ def scaled_dot_product(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, 
     return dropped @ value, weights  # [B, H, T_q, D], [B, H, T_q, T_k]
 
 
-def multihead_attention(layer, x_query: Tensor, x_key: Tensor, mask: Tensor, *,
-                        x_value: Tensor | None = None, bias: Tensor | None = None,
-                        ) -> tuple[Tensor, Tensor]:
+def multihead_attention(
+    layer, x_query: Tensor, x_key: Tensor, mask: Tensor, *, x_value: Tensor | None = None, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """The attention of a :class:`~gnn_transformer.GraphMultiheadAttention` on padded tensors.
 
     Uses the layer's own parameters (``in_proj_weight``, ``out_proj``, ...), so graph and dense
@@ -83,21 +93,36 @@ def multihead_attention(layer, x_query: Tensor, x_key: Tensor, mask: Tensor, *,
     w_q, w_k, w_v = layer.projection_weights()
     b_q, b_k, b_v = layer.projection_biases()
     if w_k is None:
-        raise ValueError(f"Expected a 'layer' with key/value projections (got {layer!r}, which "
-                         "reuses another layer's keys and values)")
+        raise ValueError(
+            f"Expected a 'layer' with key/value projections (got {layer!r}, which "
+            "reuses another layer's keys and values)"
+        )
     query = F.linear(x_query, w_q, b_q).view(b, t_q, h, d).transpose(1, 2)  # [B, H, T_q, D]
     key = F.linear(x_key, w_k, b_k).view(b, t_k, h_kv, d).transpose(1, 2)  # [B, H_kv, T_k, D]
     value = F.linear(x_value, w_v, b_v).view(b, t_k, h_kv, d).transpose(1, 2)  # [B, H_kv, T_k, D]
     scale = getattr(layer, "scale", None)
-    out, weights = scaled_dot_product(query, key, value, mask, scale=1.0 / math.sqrt(d) if scale is None else scale,
-                                      bias=bias, dropout_p=layer.dropout, training=layer.training,
-                                      softcap=getattr(layer, "softcap", None))
+    out, weights = scaled_dot_product(
+        query,
+        key,
+        value,
+        mask,
+        scale=1.0 / math.sqrt(d) if scale is None else scale,
+        bias=bias,
+        dropout_p=layer.dropout,
+        training=layer.training,
+        softcap=getattr(layer, "softcap", None),
+    )
     out = out.transpose(1, 2).reshape(b, t_q, h * d)  # [B, T_q, C]
     return layer.out_proj(out), weights
 
 
-def edge_values_to_dense(edge_index: Tensor, values: Tensor, lengths_src: Sequence[int],
-                         lengths_dst: Sequence[int] | None = None, fill_value: float = 0.0) -> Tensor:
+def edge_values_to_dense(
+    edge_index: Tensor,
+    values: Tensor,
+    lengths_src: Sequence[int],
+    lengths_dst: Sequence[int] | None = None,
+    fill_value: float = 0.0,
+) -> Tensor:
     """Per-edge values ``[E, ...]`` of a batched graph to a padded ``[B, ..., T_q, T_k]`` tensor.
 
     ``lengths_src`` / ``lengths_dst`` are the sequence lengths of the source / target nodes (equal

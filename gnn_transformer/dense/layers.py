@@ -9,6 +9,7 @@ layer (the twin of per-layer graphs); biases likewise.
 
 Notation: ``B`` batch, ``T`` positions, ``H`` heads, ``H_kv`` key/value heads, ``D`` head dim.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -43,8 +44,10 @@ def key_value(layer, x_key: Tensor, *, pos_key: Tensor | None = None) -> tuple[T
     _, w_k, w_v = layer.projection_weights()
     _, b_k, b_v = layer.projection_biases()
     if w_k is None:
-        raise ValueError(f"{type(layer).__name__} was built with project_kv=False and has no "
-                         "key/value projection: pass keys and values with 'kv='")
+        raise ValueError(
+            f"{type(layer).__name__} was built with project_kv=False and has no "
+            "key/value projection: pass keys and values with 'kv='"
+        )
     key = _heads(F.linear(_mlp_in(layer, "k", x_key), w_k, b_k), layer.num_kv_heads, layer.head_dim)
     value = _heads(F.linear(_mlp_in(layer, "v", x_key), w_v, b_v), layer.num_kv_heads, layer.head_dim)
     if layer.rotary is not None:
@@ -52,9 +55,17 @@ def key_value(layer, x_key: Tensor, *, pos_key: Tensor | None = None) -> tuple[T
     return key, value
 
 
-def attention(layer, x_query: Tensor, x_key: Tensor, mask: Tensor, *, pos_query: Tensor | None = None,
-              pos_key: Tensor | None = None, bias: Tensor | None = None,
-              kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+def attention(
+    layer,
+    x_query: Tensor,
+    x_key: Tensor,
+    mask: Tensor,
+    *,
+    pos_query: Tensor | None = None,
+    pos_key: Tensor | None = None,
+    bias: Tensor | None = None,
+    kv: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One attention layer (any variant) on padded tensors: ``out`` ``[B, T_q, C]`` and its ``kv``."""
     w_q, _, _ = layer.projection_weights()
     b_q, _, _ = layer.projection_biases()
@@ -68,8 +79,9 @@ def attention(layer, x_query: Tensor, x_key: Tensor, mask: Tensor, *, pos_query:
     score = getattr(layer, "score_function", "softmax")
     scale, softcap = getattr(layer, "scale", None), getattr(layer, "softcap", None)
     if score == "sigmoid":
-        out, _ = sigmoid_attention(query, key, value, mask, score_bias=layer.score_bias, bias=bias, scale=scale,
-                                   softcap=softcap)
+        out, _ = sigmoid_attention(
+            query, key, value, mask, score_bias=layer.score_bias, bias=bias, scale=scale, softcap=softcap
+        )
     elif score == "linear":
         out, _ = linear_attention(query, key, value, mask, eps=layer.eps)
     else:
@@ -83,10 +95,18 @@ def _ff(layer, h: Tensor) -> Tensor:
     return layer.linear2(layer.activation(layer.linear1(h)))
 
 
-def encoder_layer(layer, x: Tensor, mask: Tensor, *, pos: Tensor | None = None,
-                  bias: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def encoder_layer(
+    layer,
+    x: Tensor,
+    mask: Tensor,
+    *,
+    pos: Tensor | None = None,
+    bias: Tensor | None = None,
+    kv: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """A :class:`~gnn_transformer.GraphTransformerEncoderLayer` on padded ``x`` ``[B, T, C]``;
     ``mask`` ``[B, T, T]`` or per head ``[B, H, T, T]``, ``bias`` ``[B, H, T, T]``."""
+
     def sa(h):
         out, _ = attention(layer.self_attn, h, h, mask, pos_query=pos, pos_key=pos, bias=bias, kv=kv)
         return out
@@ -98,11 +118,21 @@ def encoder_layer(layer, x: Tensor, mask: Tensor, *, pos: Tensor | None = None,
     return layer.norm2(x + _ff(layer, x))
 
 
-def decoder_layer(layer, x: Tensor, memory: Tensor, mask: Tensor, memory_mask: Tensor, *,
-                  pos: Tensor | None = None, bias: Tensor | None = None,
-                  memory_bias: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def decoder_layer(
+    layer,
+    x: Tensor,
+    memory: Tensor,
+    mask: Tensor,
+    memory_mask: Tensor,
+    *,
+    pos: Tensor | None = None,
+    bias: Tensor | None = None,
+    memory_bias: Tensor | None = None,
+    kv: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """A :class:`~gnn_transformer.GraphTransformerDecoderLayer` on padded ``x`` ``[B, T, C]`` and
     ``memory`` ``[B, T_mem, C]``; ``mask`` ``[B(, H), T, T]``, ``memory_mask`` ``[B(, H), T, T_mem]``."""
+
     def sa(h):
         out, _ = attention(layer.self_attn, h, h, mask, pos_query=pos, pos_key=pos, bias=bias, kv=kv)
         return out
@@ -124,8 +154,9 @@ def _per_layer(value, num_layers: int, name: str) -> list:
     """One ``value`` (a mask, a bias or ``None``) for every layer, or a list/tuple of one per layer."""
     if isinstance(value, (list, tuple)):
         if len(value) != num_layers:
-            raise ValueError(f"Expected '{name}' to hold one entry per layer, {num_layers} (got a sequence of "
-                             f"length {len(value)})")
+            raise ValueError(
+                f"Expected '{name}' to hold one entry per layer, {num_layers} (got a sequence of length {len(value)})"
+            )
         return list(value)
     return [value] * num_layers
 
@@ -141,28 +172,58 @@ def _stack(stack, x: Tensor, pos: Tensor | None, apply) -> Tensor:
     return x if stack.norm is None else stack.norm(x)
 
 
-def encoder(stack, x: Tensor, mask: Tensor | Sequence[Tensor], *, pos: Tensor | None = None,
-            bias: Tensor | Sequence[Tensor | None] | None = None) -> Tensor:
+def encoder(
+    stack,
+    x: Tensor,
+    mask: Tensor | Sequence[Tensor],
+    *,
+    pos: Tensor | None = None,
+    bias: Tensor | Sequence[Tensor | None] | None = None,
+) -> Tensor:
     """A :class:`~gnn_transformer.GraphTransformerEncoder` (with its KV sharing) on padded ``x``:
     ``mask`` (and ``bias``) one for every layer or a sequence of one per layer."""
     masks = _per_layer(mask, len(stack.layers), "mask")
     biases = _per_layer(bias, len(stack.layers), "bias")
-    return _stack(stack, x, pos, lambda index, layer, h, kv: encoder_layer(
-        layer, h, masks[index], pos=pos, bias=biases[index], kv=kv))
+    return _stack(
+        stack,
+        x,
+        pos,
+        lambda index, layer, h, kv: encoder_layer(layer, h, masks[index], pos=pos, bias=biases[index], kv=kv),
+    )
 
 
-def decoder(stack, x: Tensor, memory: Tensor, mask: Tensor | Sequence[Tensor],
-            memory_mask: Tensor | Sequence[Tensor], *, pos: Tensor | None = None,
-            bias: Tensor | Sequence[Tensor | None] | None = None,
-            memory_bias: Tensor | Sequence[Tensor | None] | None = None) -> Tensor:
+def decoder(
+    stack,
+    x: Tensor,
+    memory: Tensor,
+    mask: Tensor | Sequence[Tensor],
+    memory_mask: Tensor | Sequence[Tensor],
+    *,
+    pos: Tensor | None = None,
+    bias: Tensor | Sequence[Tensor | None] | None = None,
+    memory_bias: Tensor | Sequence[Tensor | None] | None = None,
+) -> Tensor:
     """A :class:`~gnn_transformer.GraphTransformerDecoder` (with its KV sharing) on padded ``x`` and
     ``memory``: masks and biases one for every layer or a sequence of one per layer."""
     num_layers = len(stack.layers)
     masks, memory_masks = _per_layer(mask, num_layers, "mask"), _per_layer(memory_mask, num_layers, "memory_mask")
     biases, memory_biases = _per_layer(bias, num_layers, "bias"), _per_layer(memory_bias, num_layers, "memory_bias")
-    return _stack(stack, x, pos, lambda index, layer, h, kv: decoder_layer(
-        layer, h, memory, masks[index], memory_masks[index], pos=pos, bias=biases[index],
-        memory_bias=memory_biases[index], kv=kv))
+    return _stack(
+        stack,
+        x,
+        pos,
+        lambda index, layer, h, kv: decoder_layer(
+            layer,
+            h,
+            memory,
+            masks[index],
+            memory_masks[index],
+            pos=pos,
+            bias=biases[index],
+            memory_bias=memory_biases[index],
+            kv=kv,
+        ),
+    )
 
 
 def transformer(model, src: Tensor, tgt: Tensor, src_mask, tgt_mask, memory_mask) -> Tensor:
@@ -172,8 +233,14 @@ def transformer(model, src: Tensor, tgt: Tensor, src_mask, tgt_mask, memory_mask
     return decoder(model.decoder, tgt, memory, tgt_mask, memory_mask)
 
 
-def encoder_model(model, x: Tensor, mask: Tensor | Sequence[Tensor], pos: Tensor, *,
-                  bias: Tensor | Sequence[Tensor | None] | None = None) -> Tensor:
+def encoder_model(
+    model,
+    x: Tensor,
+    mask: Tensor | Sequence[Tensor],
+    pos: Tensor,
+    *,
+    bias: Tensor | Sequence[Tensor | None] | None = None,
+) -> Tensor:
     """A :class:`~gnn_transformer.GraphEncoderModel` / ``GraphLM`` on padded inputs ``[B, T(, F)]``
     with positions ``pos`` ``[B, T]``; ``mask`` one for every layer or a sequence of one per layer,
     each ``[B, T, T]`` or per head ``[B, H, T, T]``; ``bias`` extra score biases ``[B, H, T, T]``

@@ -4,6 +4,7 @@ Written from the papers' formulas independently of the graph path: a sinusoid ta
 by entry, RoPE as explicit 2x2 rotation matrices, ALiBi slopes by the paper's recursive recipe and
 the bias as a padded ``[B, H, T_q, T_k]`` tensor.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,9 +46,10 @@ def apply_rope(x: Tensor, pos: Tensor, base: float = 10000.0) -> Tensor:
 
 def alibi_slopes(num_heads: int) -> list[float]:
     """The slopes of Press et al. (2022), following the recipe of their reference code."""
+
     def power_of_2(n):
-        start = 2 ** (-2 ** -(math.log2(n) - 3))
-        return [start * start ** i for i in range(n)]
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
 
     if math.log2(num_heads).is_integer():
         return power_of_2(num_heads)

@@ -4,6 +4,7 @@ Inputs are padded ``[B, H, T_q, D]`` queries and ``[B, H, T_k, D]`` keys/values 
 already repeated for grouped-query attention) and a boolean mask ``[B, T_q, T_k]`` (``True`` = may
 attend). Rows without an allowed key give zero output.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,9 +14,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def sigmoid_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, *,
-                      score_bias: float | None = None, bias: Tensor | None = None,
-                      scale: float | None = None, softcap: float | None = None) -> tuple[Tensor, Tensor]:
+def sigmoid_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor,
+    *,
+    score_bias: float | None = None,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> tuple[Tensor, Tensor]:
     """``sigmoid(q k^T / sqrt(D) + bias + b)`` masked; ``b = -log(allowed keys of the row)`` if None.
     ``scale`` replaces ``1 / sqrt(D)``; ``softcap`` turns the scaled scores ``s`` into
     ``softcap * tanh(s / softcap)`` before ``bias`` and ``b``."""
@@ -37,8 +46,9 @@ def sigmoid_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, *
     return weights @ value, weights
 
 
-def linear_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, *,
-                     eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+def linear_attention(
+    query: Tensor, key: Tensor, value: Tensor, mask: Tensor, *, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
     """Masked ``phi(Q) phi(K)^T`` with ``phi = elu + 1``, rows normalized by their sum plus ``eps``."""
     kernel = (F.elu(query) + 1) @ (F.elu(key) + 1).transpose(-1, -2)  # [B, H, T_q, T_k]
     kernel = kernel * (mask.unsqueeze(1) if mask.dim() == 3 else mask)  # mask [B, T_q, T_k] or [B, H, T_q, T_k]

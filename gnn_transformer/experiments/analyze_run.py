@@ -28,6 +28,7 @@ Outputs in ``--out``: ``summary.json`` (the per-layer measures), ``attention_<la
 maps per head), ``arcs_<layer>.png`` (attention drawn on the token graph), ``sink_scores.png``,
 ``activations.png`` and, with ``--compare-norm``, ``norm_comparison.png``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -129,8 +130,10 @@ class VocabularyTokenizer:
             piece = pieces[at]
             shown = f"{piece!r}" + (f" (U+{ord(piece):04X})" if len(piece) == 1 else "")
             unit = "word" if self.words else "character"
-            raise ValueError(f"Expected only {unit}s of the model's vocabulary ({len(self.tokens)} {unit}s) in the "
-                             f"text (got {shown} at {unit} {at})")
+            raise ValueError(
+                f"Expected only {unit}s of the model's vocabulary ({len(self.tokens)} {unit}s) in the "
+                f"text (got {shown} at {unit} {at})"
+            )
         return ids
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
@@ -174,8 +177,9 @@ def _config_from_dict(values: dict, source: str) -> GraphTransformerConfig:
         raise ValueError(f"Could not build a GraphTransformerConfig from {source}: {err}") from err
 
 
-def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = None, *,
-                          backend: str | None = None) -> LoadedModel:
+def load_checkpoint_model(
+    checkpoint: str | Path, config: str | Path | None = None, *, backend: str | None = None
+) -> LoadedModel:
     """A :class:`GraphLM` or :class:`GraphEncoderModel` from a checkpoint and its config.
 
     The checkpoint is a state dict, or a dict with the state dict under ``"model"`` (as written by
@@ -194,8 +198,10 @@ def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = No
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch.load fails on a non-checkpoint file with
         # RuntimeError, UnpicklingError, EOFError, IndexError, ... (and on unsafe contents)
-        raise ValueError(f"Could not read the checkpoint {str(path)!r}: not a file of torch.save "
-                         f"that loads with weights_only=True ({type(err).__name__})") from err
+        raise ValueError(
+            f"Could not read the checkpoint {str(path)!r}: not a file of torch.save "
+            f"that loads with weights_only=True ({type(err).__name__})"
+        ) from err
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
         state, meta = payload["model"], payload.get("meta")
         meta = meta if isinstance(meta, dict) else {}
@@ -225,19 +231,26 @@ def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = No
         elif config is not None:
             raise FileNotFoundError(f"No config at '--config' {str(candidate)!r}")
     if values is None:
-        raise ValueError(f"Found no model config for {str(path)!r}: pass '--config' or put "
-                         f"{' / '.join(CONFIG_NAMES)} next to the checkpoint")
+        raise ValueError(
+            f"Found no model config for {str(path)!r}: pass '--config' or put "
+            f"{' / '.join(CONFIG_NAMES)} next to the checkpoint"
+        )
     cfg = _config_from_dict(values, source)
     if cfg.vocab_size is None:
-        raise ValueError(f"The model in {str(path)!r} takes node features (vocab_size is None): "
-                         "analyze needs a token model")
+        raise ValueError(
+            f"The model in {str(path)!r} takes node features (vocab_size is None): analyze needs a token model"
+        )
     if backend is not None:
         cfg = dataclasses.replace(cfg, backend=backend)
     cls_name = values.get("class") or meta.get("class")
     if cls_name is None:
         head = state.get("head.weight")
-        is_lm = (cfg.vocab_size is not None and cfg.output_dim is None and head is not None
-                 and head.size(0) == cfg.vocab_size)
+        is_lm = (
+            cfg.vocab_size is not None
+            and cfg.output_dim is None
+            and head is not None
+            and head.size(0) == cfg.vocab_size
+        )
         cls_name = "GraphLM" if is_lm else "GraphEncoderModel"
     classes = {"GraphLM": GraphLM, "GraphEncoderModel": GraphEncoderModel}
     if cls_name not in classes:
@@ -246,17 +259,22 @@ def load_checkpoint_model(checkpoint: str | Path, config: str | Path | None = No
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"The checkpoint {str(path)!r} does not fit its config ({source}): "
-                         f"{err}") from err
+        raise ValueError(f"The checkpoint {str(path)!r} does not fit its config ({source}): {err}") from err
     model.eval()
 
     def forward(ids: Tensor, graph: Any, pos: Tensor):
         return call_with_graph(model, ids, graph, pos=pos)
 
-    return LoadedModel(model, forward, "causal" if cls_name == "GraphLM" else "full", None,
-                       f"{cls_name} ({path.name})", vocab_size=cfg.vocab_size,
-                       max_length=cfg.max_positions if cfg.position == "learned" else None,
-                       language_model=cls_name == "GraphLM")
+    return LoadedModel(
+        model,
+        forward,
+        "causal" if cls_name == "GraphLM" else "full",
+        None,
+        f"{cls_name} ({path.name})",
+        vocab_size=cfg.vocab_size,
+        max_length=cfg.max_positions if cfg.position == "learned" else None,
+        language_model=cls_name == "GraphLM",
+    )
 
 
 def _load_run_checkpoint(path: Path, state: dict, meta: dict, backend: str | None) -> LoadedModel:
@@ -269,14 +287,15 @@ def _load_run_checkpoint(path: Path, state: dict, meta: dict, backend: str | Non
     run = meta["run"]
     name = run["task"]
     if name not in TASKS and name not in ("lm", "listops"):
-        raise ValueError(f"The checkpoint {str(path)!r} is of task {name!r}, whose model takes node "
-                         f"features or image patches: analyze needs a token model (tasks "
-                         f"{sorted(TASKS) + ['listops', 'lm']})")
+        raise ValueError(
+            f"The checkpoint {str(path)!r} is of task {name!r}, whose model takes node "
+            f"features or image patches: analyze needs a token model (tasks "
+            f"{sorted(TASKS) + ['listops', 'lm']})"
+        )
     try:
         model_config = EncoderConfig(**run.get("model", {}))
     except TypeError as err:
-        raise ValueError(f"Could not rebuild the model of {str(path)!r} from its run config: "
-                         f"{err}") from err
+        raise ValueError(f"Could not rebuild the model of {str(path)!r} from its run config: {err}") from err
     if backend is not None:
         model_config = dataclasses.replace(model_config, backend=backend)
     table = state.get("pos.weight")
@@ -307,8 +326,7 @@ def _load_task_run(path: Path, state: dict, run: dict, model_config: Any, max_le
     try:
         task = get_task(name, run.get("train_sizes"), run.get("test_sizes"))
     except TypeError as err:
-        raise ValueError(f"Could not rebuild the model of {str(path)!r} from its run config: "
-                         f"{err}") from err
+        raise ValueError(f"Could not rebuild the model of {str(path)!r} from its run config: {err}") from err
     model = _load_state(SequenceModel(task.vocab_size, task.num_classes, model_config), state, path)
 
     def forward(ids: Tensor, graph: Any, pos: Tensor):
@@ -318,9 +336,16 @@ def _load_task_run(path: Path, state: dict, run: dict, model_config: Any, max_le
         batch = sample_batch(task, k, task.train_sizes, torch.Generator().manual_seed(0))
         return [s.tolist() for s in batch.tokens.split(batch.lengths)]
 
-    return LoadedModel(model, forward, run.get("topology", "full"), None,
-                       f"{name} model ({path.name})", examples, vocab_size=task.vocab_size,
-                       max_length=max_length)
+    return LoadedModel(
+        model,
+        forward,
+        run.get("topology", "full"),
+        None,
+        f"{name} model ({path.name})",
+        examples,
+        vocab_size=task.vocab_size,
+        max_length=max_length,
+    )
 
 
 def run_vocabulary(meta: dict, path: str | Path) -> str:
@@ -338,9 +363,11 @@ def run_vocabulary(meta: dict, path: str | Path) -> str:
     except TypeError as err:
         raise ValueError(f"Could not read the text config of the run of {str(path)!r}: {err}") from err
     if config.text is not None and not Path(config.text).is_file():
-        raise ValueError(f"The vocabulary of the language model in {str(path)!r} is the set of characters of "
-                         f"its training text {config.text!r}, which is not a file from this folder: run from "
-                         "the folder the run was trained in, or with the text at that path")
+        raise ValueError(
+            f"The vocabulary of the language model in {str(path)!r} is the set of characters of "
+            f"its training text {config.text!r}, which is not a file from this folder: run from "
+            "the folder the run was trained in, or with the text at that path"
+        )
     return load_corpus(config).chars
 
 
@@ -353,8 +380,10 @@ def _load_lm_run(path: Path, state: dict, meta: dict, model_config: Any, max_len
     chars = run_vocabulary(meta, path)
     vocab_size = state["embed.weight"].size(0) if isinstance(state.get("embed.weight"), Tensor) else None
     if vocab_size != len(chars):
-        raise ValueError(f"The checkpoint {str(path)!r} has {vocab_size} tokens, its run's text "
-                         f"{len(chars)} characters: the text changed since the run")
+        raise ValueError(
+            f"The checkpoint {str(path)!r} has {vocab_size} tokens, its run's text "
+            f"{len(chars)} characters: the text changed since the run"
+        )
     run = meta["run"]
     model = as_graph_lm(_load_state(SequenceModel(len(chars), len(chars), model_config), state, path))
     context = TextConfig(**run.get("text", {})).context
@@ -365,11 +394,21 @@ def _load_lm_run(path: Path, state: dict, meta: dict, model_config: Any, max_len
     def examples(k: int) -> list[list]:
         val = load_corpus(TextConfig(**run.get("text", {}))).val
         starts = torch.linspace(0, val.numel() - context - 1, k).long()  # evenly spaced windows
-        return [val[s:s + context].tolist() for s in starts.tolist()]
+        return [val[s : s + context].tolist() for s in starts.tolist()]
 
-    return LoadedModel(model, forward, run.get("topology", "causal"), VocabularyTokenizer(chars),
-                       f"lm model ({path.name})", examples, vocab_size=len(chars), max_length=max_length,
-                       language_model=True, causal_graphs=True, trained_length=context)
+    return LoadedModel(
+        model,
+        forward,
+        run.get("topology", "causal"),
+        VocabularyTokenizer(chars),
+        f"lm model ({path.name})",
+        examples,
+        vocab_size=len(chars),
+        max_length=max_length,
+        language_model=True,
+        causal_graphs=True,
+        trained_length=context,
+    )
 
 
 def _load_listops_run(path: Path, state: dict, run: dict, model_config: Any, max_length: int | None) -> LoadedModel:
@@ -382,8 +421,7 @@ def _load_listops_run(path: Path, state: dict, run: dict, model_config: Any, max
     try:
         config = ListOpsConfig(**run.get("listops", {}))
     except TypeError as err:
-        raise ValueError(f"Could not rebuild the ListOps data of {str(path)!r} from its run config: "
-                         f"{err}") from err
+        raise ValueError(f"Could not rebuild the ListOps data of {str(path)!r} from its run config: {err}") from err
     model = _load_state(SequenceClassifier(len(VOCAB), LISTOPS_CLASSES, model_config, config.pool), state, path)
 
     def forward(ids: Tensor, graph: Any, pos: Tensor):
@@ -397,9 +435,16 @@ def _load_listops_run(path: Path, state: dict, run: dict, model_config: Any, max
         return [encode(generate(config, f"listops/{seed}/val/{i}")[0], config.pool).tolist() for i in range(k)]
 
     prefix = [VOCAB.index(CLS)] if config.pool == "cls" else []
-    return LoadedModel(model, forward, run.get("topology", "full"), VocabularyTokenizer(VOCAB, words=True,
-                       prefix=prefix), f"listops model ({path.name})", examples, vocab_size=len(VOCAB),
-                       max_length=max_length)
+    return LoadedModel(
+        model,
+        forward,
+        run.get("topology", "full"),
+        VocabularyTokenizer(VOCAB, words=True, prefix=prefix),
+        f"listops model ({path.name})",
+        examples,
+        vocab_size=len(VOCAB),
+        max_length=max_length,
+    )
 
 
 def load_hf_model(directory: str | Path, *, backend: str | None = None) -> LoadedModel:
@@ -422,17 +467,23 @@ def load_hf_model(directory: str | Path, *, backend: str | None = None) -> Loade
     except (pickle.UnpicklingError, EOFError) as err:
         # torch.load(weights_only=True) of pytorch_model.bin refuses a pickle that would run code
         # (UnpicklingError, before running any of it) and fails on a truncated one (EOFError)
-        raise ValueError(f"Could not read the weights {_weight_files(directory)} in '--hf-dir' "
-                         f"{str(directory)!r}: not a file of torch.save that loads with "
-                         f"weights_only=True, which runs nothing from it ({type(err).__name__})") from None
+        raise ValueError(
+            f"Could not read the weights {_weight_files(directory)} in '--hf-dir' "
+            f"{str(directory)!r}: not a file of torch.save that loads with "
+            f"weights_only=True, which runs nothing from it ({type(err).__name__})"
+        ) from None
     except Exception as err:  # noqa: BLE001 - a damaged zip (torch's RuntimeError), safetensors'
         # SafetensorError, huggingface_hub's StrictDataclassError (a config field of the wrong type)
-        if not (isinstance(err, RuntimeError)
-                or type(err).__module__.split(".")[0] in ("safetensors", "huggingface_hub", "transformers")):
+        if not (
+            isinstance(err, RuntimeError)
+            or type(err).__module__.split(".")[0] in ("safetensors", "huggingface_hub", "transformers")
+        ):
             raise
-        raise ValueError(f"Could not load a Hugging Face model from '--hf-dir' {str(directory)!r} "
-                         f"(weights {_weight_files(directory)}): {type(err).__name__}: "
-                         f"{_first_line(err)}") from None
+        raise ValueError(
+            f"Could not load a Hugging Face model from '--hf-dir' {str(directory)!r} "
+            f"(weights {_weight_files(directory)}): {type(err).__name__}: "
+            f"{_first_line(err)}"
+        ) from None
     config = model.config
     if isinstance(model, hf.GraphGPT2LMHeadModel):
         graph, name, max_length = "causal", "GPT-2", config.n_positions
@@ -447,9 +498,16 @@ def load_hf_model(directory: str | Path, *, backend: str | None = None) -> Loade
     def forward(ids: Tensor, graph: Any, pos: Tensor):
         return call_with_graph(model.forward_graph, ids, graph, pos=pos)
 
-    return LoadedModel(model, forward, graph, load_tokenizer(directory), f"{name} ({directory.name})",
-                       vocab_size=config.vocab_size, max_length=max_length,
-                       language_model=isinstance(model, (hf.GraphGPT2LMHeadModel, hf.GraphDecoderLM)))
+    return LoadedModel(
+        model,
+        forward,
+        graph,
+        load_tokenizer(directory),
+        f"{name} ({directory.name})",
+        vocab_size=config.vocab_size,
+        max_length=max_length,
+        language_model=isinstance(model, (hf.GraphGPT2LMHeadModel, hf.GraphDecoderLM)),
+    )
 
 
 def _weight_files(directory: Path) -> str:
@@ -466,6 +524,7 @@ def load_tokenizer(directory: str | Path):
     """The tokenizer saved in ``directory``, or ``None``."""
     try:
         from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, ImportError):
         return None
@@ -485,8 +544,7 @@ def _read_text(path: Path, option: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"Expected UTF-8 text in {option}{str(path)!r} ({err.reason} at byte "
-                         f"{err.start})") from None
+        raise ValueError(f"Expected UTF-8 text in {option}{str(path)!r} ({err.reason} at byte {err.start})") from None
 
 
 def read_token_file(path: str | Path) -> list[list[int]]:
@@ -501,8 +559,7 @@ def read_token_file(path: str | Path) -> list[list[int]]:
         try:
             sequences.append([int(t) for t in line.split()])
         except ValueError as err:
-            raise ValueError(f"Expected integer token ids in {str(path)!r}, line {number} "
-                             f"({err})") from err
+            raise ValueError(f"Expected integer token ids in {str(path)!r}, line {number} ({err})") from err
     if not sequences:
         raise ValueError(f"Found no tokens in {str(path)!r}")
     return sequences
@@ -516,8 +573,9 @@ def read_text_file(path: str | Path, tokenizer) -> list[list[int]]:
     if tokenizer is None:
         raise ValueError("'--text' needs a tokenizer: save one in '--hf-dir' or pass '--tokenizer'")
     try:
-        sequences = [tokenizer(line)["input_ids"] for line in _read_text(path, "'--text' ").splitlines()
-                     if line.strip()]
+        sequences = [
+            tokenizer(line)["input_ids"] for line in _read_text(path, "'--text' ").splitlines() if line.strip()
+        ]
     except ValueError as err:  # a character or word outside a training run's vocabulary
         raise ValueError(f"'--text' {str(path)!r}: {err}") from None
     if not sequences:
@@ -525,8 +583,9 @@ def read_text_file(path: str | Path, tokenizer) -> list[list[int]]:
     return sequences
 
 
-def check_sequences(loaded: LoadedModel, sequences: Sequence[Sequence], source: str = "the input", *,
-                    check_length: bool = True) -> None:
+def check_sequences(
+    loaded: LoadedModel, sequences: Sequence[Sequence], source: str = "the input", *, check_length: bool = True
+) -> None:
     """A ``ValueError`` naming ``source`` unless every sequence is non-empty, its token ids are in
     the model's vocabulary and (with ``check_length``) its length within the model's position table."""
     for number, sequence in enumerate(sequences, start=1):
@@ -535,12 +594,16 @@ def check_sequences(loaded: LoadedModel, sequences: Sequence[Sequence], source: 
             raise ValueError(f"Expected non-empty sequences in {source} (sequence {number} is empty)")
         if loaded.vocab_size is not None and not 0 <= int(ids.min()) <= int(ids.max()) < loaded.vocab_size:
             bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-            raise ValueError(f"Expected token ids 0..{loaded.vocab_size - 1} (the vocabulary of "
-                             f"{loaded.name}) in {source}, got {bad} in sequence {number}")
+            raise ValueError(
+                f"Expected token ids 0..{loaded.vocab_size - 1} (the vocabulary of "
+                f"{loaded.name}) in {source}, got {bad} in sequence {number}"
+            )
         if check_length and loaded.max_length is not None and len(sequence) > loaded.max_length:
-            raise ValueError(f"Expected sequences of at most {loaded.max_length} tokens (the position "
-                             f"table of {loaded.name}) in {source}, got {len(sequence)} in sequence "
-                             f"{number}")
+            raise ValueError(
+                f"Expected sequences of at most {loaded.max_length} tokens (the position "
+                f"table of {loaded.name}) in {source}, got {len(sequence)} in sequence "
+                f"{number}"
+            )
 
 
 # ------------------------------------------------------------------ the analysis
@@ -579,8 +642,10 @@ def build_graph(loaded: LoadedModel, spec: str, lengths: Sequence[int]) -> tuple
     topo = resolve_topology(spec)
     modules = attention_modules(loaded.model)
     if topo.num_heads is not None and modules and topo.num_heads != modules[0].num_heads:
-        raise ValueError(f"Expected a per-head graph of {modules[0].num_heads} heads (the heads of "
-                         f"{loaded.name}) in 'graph' (got {spec!r}, with {topo.num_heads})")
+        raise ValueError(
+            f"Expected a per-head graph of {modules[0].num_heads} heads (the heads of "
+            f"{loaded.name}) in 'graph' (got {spec!r}, with {topo.num_heads})"
+        )
     graph = per_length(topo.build)(list(lengths))
     if loaded.causal_graphs:
         from .lm import causal_part
@@ -591,9 +656,16 @@ def build_graph(loaded: LoadedModel, spec: str, lengths: Sequence[int]) -> tuple
     return graph, topo.select
 
 
-def analyze(loaded: LoadedModel, sequences: Sequence[Sequence[int]], *, graph: str | None = None,
-            compare_norm: bool = False, backend: str | None = None, min_magnitude: float = 100.0,
-            min_ratio: float = 1000.0) -> Analysis:
+def analyze(
+    loaded: LoadedModel,
+    sequences: Sequence[Sequence[int]],
+    *,
+    graph: str | None = None,
+    compare_norm: bool = False,
+    backend: str | None = None,
+    min_magnitude: float = 100.0,
+    min_ratio: float = 1000.0,
+) -> Analysis:
     """Run the model once on ``sequences`` (one batch) under :func:`record` and summarize.
 
     Args:
@@ -630,8 +702,7 @@ def analyze(loaded: LoadedModel, sequences: Sequence[Sequence[int]], *, graph: s
         for label, norm_first in (("pre-norm", True), ("post-norm", False)):
             with norm_placement(loaded.model, norm_first):
                 traces[label] = run_once()
-    rows = {k: summarize(t, batch, min_magnitude=min_magnitude, min_ratio=min_ratio)
-            for k, t in traces.items()}
+    rows = {k: summarize(t, batch, min_magnitude=min_magnitude, min_ratio=min_ratio) for k, t in traces.items()}
     labels = token_labels(sequences[0], loaded.tokenizer)
     return Analysis(traces, rows, lengths, labels, graph)
 
@@ -652,15 +723,23 @@ def write_summary(result: Analysis, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "summary.json"
-    path.write_text(json.dumps({"graph": result.graph, "lengths": result.lengths,
-                                "tokens": result.labels,
-                                "variants": {k: [dataclasses.asdict(r) for r in rows]
-                                             for k, rows in result.rows.items()}}, indent=2))
+    path.write_text(
+        json.dumps(
+            {
+                "graph": result.graph,
+                "lengths": result.lengths,
+                "tokens": result.labels,
+                "variants": {k: [dataclasses.asdict(r) for r in rows] for k, rows in result.rows.items()},
+            },
+            indent=2,
+        )
+    )
     return path
 
 
-def save_outputs(result: Analysis, out: str | Path, *, pictures: bool = True,
-                 max_tokens: int = 48, title: str = "") -> list[Path]:
+def save_outputs(
+    result: Analysis, out: str | Path, *, pictures: bool = True, max_tokens: int = 48, title: str = ""
+) -> list[Path]:
     """Write ``summary.json`` and (unless ``pictures=False``) the PNGs into ``out``; the pictures
     show the first ``max_tokens >= 1`` tokens of the first sequence."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -680,15 +759,16 @@ def save_outputs(result: Analysis, out: str | Path, *, pictures: bool = True,
     first = min(result.lengths[0], max_tokens)  # pictures show the first sequence
     for graph in result.traces["model"].self_attention():
         slug = _slug(graph.name)
-        save(plots.plot_attention_heatmaps(graph, result.labels, max_tokens=first,
-                                           title=f"{title} {graph.name}".strip()),
-             f"attention_{slug}.png")
-        save(plots.plot_attention_arcs(graph, None, result.labels, max_tokens=first),
-             f"arcs_{slug}.png")
+        save(
+            plots.plot_attention_heatmaps(
+                graph, result.labels, max_tokens=first, title=f"{title} {graph.name}".strip()
+            ),
+            f"attention_{slug}.png",
+        )
+        save(plots.plot_attention_arcs(graph, None, result.labels, max_tokens=first), f"arcs_{slug}.png")
     rows = result.rows["model"]
     save(plots.plot_sink_scores(rows, title=f"{title} sink score".strip()), "sink_scores.png")
-    save(plots.plot_activation_magnitudes(rows, title=f"{title} hidden-state magnitudes".strip()),
-         "activations.png")
+    save(plots.plot_activation_magnitudes(rows, title=f"{title} hidden-state magnitudes".strip()), "activations.png")
     if "pre-norm" in result.rows:
         variants = {k: v for k, v in result.rows.items() if k != "model"}
         save(plots.plot_norm_comparison(variants), "norm_comparison.png")

@@ -13,6 +13,7 @@ Two kinds:
   continue bit for bit: optimizer and scheduler state, the data generator of every process, the
   global random state (dropout), the logs so far and the best evaluation.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,20 +48,30 @@ def read(path: str | Path, map_location: str | torch.device = "cpu", *, name: st
     argument the path came from, for the error of a missing or foreign file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"Expected '{name}' to be a checkpoint file (got {str(path)!r}, which "
-                         f"{'is a directory' if path.is_dir() else 'does not exist'})")
+        raise ValueError(
+            f"Expected '{name}' to be a checkpoint file (got {str(path)!r}, which "
+            f"{'is a directory' if path.is_dir() else 'does not exist'})"
+        )
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated, not a torch file, or pickled code refused by weights_only
-        raise ValueError(f"Expected '{name}' to be a checkpoint written by gnn-transformer "
-                         f"(got {str(path)!r}: {type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        raise ValueError(
+            f"Expected '{name}' to be a checkpoint written by gnn-transformer "
+            f"(got {str(path)!r}: {type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        ) from None
     if not isinstance(payload, dict) or "model" not in payload:
         raise ValueError(f"Expected '{name}' to be a checkpoint written by save_checkpoint (got {str(path)!r})")
     return payload
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, *, optimizer: torch.optim.Optimizer | None = None,
-                    step: int | None = None, meta: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    step: int | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
     """Save the model's state dict (unwrapped from DDP and ``torch.compile``) with optional optimizer
     state and metadata, atomically.
 
@@ -75,8 +86,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, optimizer: torch.opti
     return atomic_save(payload, path)
 
 
-def load_checkpoint(path: str | Path, model: nn.Module | None = None,
-                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; load its weights into ``model`` if given."""
     payload = read(path, map_location)
     if model is not None:
@@ -117,26 +129,45 @@ def set_rank_state(state: dict[str, Any], generator: torch.Generator) -> None:
     set_rng_state(state["rng"])
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *, step: int,
-                   ranks: list[dict[str, Any]], progress: dict[str, Any],
-                   meta: dict[str, Any] | None = None) -> dict[str, Any]:
+def training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    step: int,
+    ranks: list[dict[str, Any]],
+    progress: dict[str, Any],
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Everything a run needs to continue exactly after ``step``: see the module docstring.
 
     ``ranks``: :func:`rank_state` of every process, in rank order; ``progress``: the loop's
     plain-valued counters and logs (history, evaluations, best metric).
     """
-    return {"model": unwrap(model).state_dict(), "meta": meta or {}, "step": step,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "ranks": list(ranks), "progress": progress, "training_state": TRAINING_STATE}
+    return {
+        "model": unwrap(model).state_dict(),
+        "meta": meta or {},
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "ranks": list(ranks),
+        "progress": progress,
+        "training_state": TRAINING_STATE,
+    }
 
 
-def check_training_state(payload: dict[str, Any], path: str | Path, *, world_size: int = 1,
-                         name: str = "resume") -> None:
+def check_training_state(
+    payload: dict[str, Any], path: str | Path, *, world_size: int = 1, name: str = "resume"
+) -> None:
     """Refuse a model-only checkpoint or one written by another number of processes."""
     if payload.get("training_state") != TRAINING_STATE:
-        raise ValueError(f"Expected '{name}' to be a training checkpoint (last.pt, with optimizer and "
-                         f"data state) (got {str(path)!r}, which holds only weights)")
+        raise ValueError(
+            f"Expected '{name}' to be a training checkpoint (last.pt, with optimizer and "
+            f"data state) (got {str(path)!r}, which holds only weights)"
+        )
     saved = len(payload["ranks"])
     if saved != world_size:
-        raise ValueError(f"Expected '{name}' to be a checkpoint of a run on {world_size} process(es) "
-                         f"(got {str(path)!r}, written by {saved})")
+        raise ValueError(
+            f"Expected '{name}' to be a checkpoint of a run on {world_size} process(es) "
+            f"(got {str(path)!r}, written by {saved})"
+        )

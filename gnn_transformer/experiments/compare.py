@@ -14,6 +14,7 @@ every token about the same number of keys (7) except ``full``: a sliding window 
 neighbourhood, BigBird mixes a window with a global token and random keys, ``random`` draws its
 keys uniformly. ``lm`` and ``listops`` have their own defaults (:func:`default_topologies`).
 """
+
 from __future__ import annotations
 
 import json
@@ -36,12 +37,7 @@ from .topologies import graph_edges, label, resolve_topology
 from .training import TrainConfig, TrainResult, resolve_device, step_memory, train
 from .verify import model_dense_error
 
-DEFAULT_TOPOLOGIES = (
-    "full",
-    "sliding_window:window=3",
-    "bigbird:window=1,num_global=1,num_random=2",
-    "random:k=7",
-)
+DEFAULT_TOPOLOGIES = ("full", "sliding_window:window=3", "bigbird:window=1,num_global=1,num_random=2", "random:k=7")
 # language modelling (every graph intersected with the causal one): about 8-9 keys per token for context 64
 LM_TOPOLOGIES = (
     "causal",
@@ -49,14 +45,20 @@ LM_TOPOLOGIES = (
     "dilated:window=4,dilation=4,causal=true",
     "bigbird:block=4,window=1,num_global=1,num_random=1",
 )
-LISTOPS_TOPOLOGIES = (
-    "full",
-    "sliding_window:window=8",
-    "bigbird:window=3,num_global=1,num_random=3",
-)
+LISTOPS_TOPOLOGIES = ("full", "sliding_window:window=8", "bigbird:window=3,num_global=1,num_random=3")
 COMPARE_TASKS = tuple(TASKS) + ("lm", "listops")
-METRICS = ("edges_per_seq", "density", "max_dense_error", "final_loss", "acc_test", "acc_longer", "val_loss",
-           "tokens_per_s", "memory_mib", "train_seconds")
+METRICS = (
+    "edges_per_seq",
+    "density",
+    "max_dense_error",
+    "final_loss",
+    "acc_test",
+    "acc_longer",
+    "val_loss",
+    "tokens_per_s",
+    "memory_mib",
+    "train_seconds",
+)
 
 
 def default_topologies(task: str) -> tuple[str, ...]:
@@ -67,13 +69,15 @@ def default_topologies(task: str) -> tuple[str, ...]:
 @dataclass
 class CompareConfig:
     """One comparison: a task, topologies, a model size and the training settings."""
+
     task: str = "recall"  # a name of tasks.TASKS, "lm" or "listops"
     topologies: tuple[str, ...] | None = None  # topology specs, see topologies.py (None: default_topologies)
     train_sizes: tuple[int, int] | None = None  # override the task's training sizes
     test_sizes: tuple[int, int] | None = None  # override the task's longer test sizes
     model: EncoderConfig = field(default_factory=EncoderConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=800, batch_size=32, lr=2e-3, warmup=80, schedule="cosine"))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=800, batch_size=32, lr=2e-3, warmup=80, schedule="cosine")
+    )
     eval_size: int = 256  # sequences per evaluation set (lm: validation windows)
     text: TextConfig = field(default_factory=TextConfig)  # lm: the corpus and context
     listops: ListOpsConfig = field(default_factory=ListOpsConfig)  # listops: the data
@@ -92,8 +96,10 @@ class CompareConfig:
         if self.task in TASKS:
             check_longer(get_task(self.task, self.train_sizes, self.test_sizes))
         elif self.train_sizes is not None or self.test_sizes is not None:
-            raise ValueError(f"Expected 'train_sizes' and 'test_sizes' unset for task {self.task!r} "
-                             "(lm: context; listops: listops.lengths)")
+            raise ValueError(
+                f"Expected 'train_sizes' and 'test_sizes' unset for task {self.task!r} "
+                "(lm: context; listops: listops.lengths)"
+            )
 
     @property
     def specs(self) -> tuple[str, ...]:
@@ -102,14 +108,23 @@ class CompareConfig:
 
     def run_config(self, spec: str, seed: int) -> RunConfig:
         """The single run of one topology and seed."""
-        return RunConfig(task=self.task, topology=spec, train_sizes=self.train_sizes, test_sizes=self.test_sizes,
-                         model=self.model, train=replace(self.train, seed=seed), eval_size=self.eval_size,
-                         text=self.text, listops=self.listops)
+        return RunConfig(
+            task=self.task,
+            topology=spec,
+            train_sizes=self.train_sizes,
+            test_sizes=self.test_sizes,
+            model=self.model,
+            train=replace(self.train, seed=seed),
+            eval_size=self.eval_size,
+            text=self.text,
+            listops=self.listops,
+        )
 
 
 @dataclass
 class TopologyResult:
     """The row of one topology and seed."""
+
     topology: str
     spec: str
     seed: int
@@ -157,9 +172,13 @@ class CompareResult:
         return rows
 
     def to_json(self) -> dict[str, Any]:
-        return {"config": self.config, "device": self.device, "seconds": self.seconds,
-                "summary": self.summary(),
-                "results": [{**r.row(), "history": r.history} for r in self.results]}
+        return {
+            "config": self.config,
+            "device": self.device,
+            "seconds": self.seconds,
+            "summary": self.summary(),
+            "results": [{**r.row(), "history": r.history} for r in self.results],
+        }
 
 
 def _graph(config: CompareConfig, spec: str):
@@ -168,15 +187,21 @@ def _graph(config: CompareConfig, spec: str):
     return causal_build(topo.build) if config.task == "lm" else topo.build
 
 
-def run_topology(config: CompareConfig, spec: str, *, seed: int | None = None,
-                 progress: bool = False) -> TopologyResult:
+def run_topology(
+    config: CompareConfig, spec: str, *, seed: int | None = None, progress: bool = False
+) -> TopologyResult:
     """Train and measure the model under one topology (seed: ``config.train.seed`` unless given)."""
     seed = config.train.seed if seed is None else seed
     device = resolve_device(config.train.device)
     workload, model = build(config.run_config(spec, seed))  # same initial weights for every topology
     model = model.to(device)
-    result: TrainResult = train(model, workload, replace(config.train, seed=seed), progress=progress,
-                                description=label(spec) + (f" seed {seed}" if config.seeds > 1 else ""))
+    result: TrainResult = train(
+        model,
+        workload,
+        replace(config.train, seed=seed),
+        progress=progress,
+        description=label(spec) + (f" seed {seed}" if config.seeds > 1 else ""),
+    )
     graph = _graph(config, spec)
     sets = workload.eval_sets()
     test = sets["test"] if "test" in sets else next(iter(sets.values()))
@@ -193,12 +218,21 @@ def run_topology(config: CompareConfig, spec: str, *, seed: int | None = None,
     memory = step_memory(model, workload, workload.train_batch(torch.Generator().manual_seed(0)), device)
     final = result.final
     return TopologyResult(
-        topology=label(spec), spec=spec, seed=seed, edges_per_seq=edges / sequences,
-        density=edges / nodes_sq, max_dense_error=error, final_loss=final["final_loss"],
+        topology=label(spec),
+        spec=spec,
+        seed=seed,
+        edges_per_seq=edges / sequences,
+        density=edges / nodes_sq,
+        max_dense_error=error,
+        final_loss=final["final_loss"],
         acc_test=final["acc_test"] if "acc_test" in final else final["acc_val"],
-        acc_longer=final.get("acc_longer"), val_loss=final.get("loss_val") if config.task == "lm" else None,
-        tokens_per_s=result.tokens_per_s, memory_mib=memory / 2**20,
-        train_seconds=result.train_seconds, history=result.history)
+        acc_longer=final.get("acc_longer"),
+        val_loss=final.get("loss_val") if config.task == "lm" else None,
+        tokens_per_s=result.tokens_per_s,
+        memory_mib=memory / 2**20,
+        train_seconds=result.train_seconds,
+        history=result.history,
+    )
 
 
 def _first(batch: Any, budget: int = 2**22) -> Any:
@@ -232,8 +266,9 @@ def _check_specs(config: CompareConfig) -> None:
         topo.build(extremes)
 
 
-def run_compare(config: CompareConfig, *, progress: bool = False,
-                on_result: Callable[[TopologyResult], None] | None = None) -> CompareResult:
+def run_compare(
+    config: CompareConfig, *, progress: bool = False, on_result: Callable[[TopologyResult], None] | None = None
+) -> CompareResult:
     """Run every topology of ``config`` for every seed; ``on_result`` sees each row as soon as it
     exists."""
     if not config.specs:

@@ -5,6 +5,7 @@ that sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``). Every 
 same model from the same seed, draws its own batches (seed 1000 · seed + rank) and DDP averages the gradients,
 so the replicas stay identical. CPU uses the ``gloo`` backend, CUDA ``nccl``.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 @dataclass(frozen=True)
 class DistInfo:
     """Where this process sits: ``rank`` of ``world_size``, ``local_rank`` on its machine."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0

@@ -1,4 +1,5 @@
 """Figures of the experiments (matplotlib, no display needed: ``Figure`` objects saved to PNG)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -77,8 +78,7 @@ def compare_figure(result: "CompareResult", path: str | Path, length: int | None
         mean = [sum(r.history[i]["loss"] for r in runs) / len(runs) for i in range(len(steps))]
         ax_loss.plot(steps, mean, label=row["topology"])
     ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("training loss" + (f" (mean of {summary[0]['seeds']} seeds)" if summary[0]["seeds"] > 1
-                                          else ""))
+    ax_loss.set_ylabel("training loss" + (f" (mean of {summary[0]['seeds']} seeds)" if summary[0]["seeds"] > 1 else ""))
     ax_loss.set_title(f"task: {cfg['task']}")
     ax_loss.legend(fontsize=8)
     xs = torch.arange(k).float()
@@ -93,14 +93,22 @@ def compare_figure(result: "CompareResult", path: str | Path, length: int | None
         from .tasks import get_task
 
         task = get_task(cfg["task"], cfg.get("train_sizes"), cfg.get("test_sizes"))
-        bars = [("acc_test", f"sizes {task.train_sizes[0]}-{task.train_sizes[1]} (as trained)", -0.2),
-                ("acc_longer", f"sizes {task.test_sizes[0]}-{task.test_sizes[1]} (longer)", 0.2)]
+        bars = [
+            ("acc_test", f"sizes {task.train_sizes[0]}-{task.train_sizes[1]} (as trained)", -0.2),
+            ("acc_longer", f"sizes {task.test_sizes[0]}-{task.test_sizes[1]} (longer)", 0.2),
+        ]
         ax_acc.set_ylim(0, 1)
         ax_acc.set_ylabel("accuracy")
     width = 0.8 / len(bars)
     for key, text, shift in bars:
-        ax_acc.bar((xs + shift).tolist(), [row[key] for row in summary], width=width, label=text,
-                   yerr=[row[f"{key}_std"] for row in summary], capsize=3)
+        ax_acc.bar(
+            (xs + shift).tolist(),
+            [row[key] for row in summary],
+            width=width,
+            label=text,
+            yerr=[row[f"{key}_std"] for row in summary],
+            capsize=3,
+        )
     ax_acc.set_xticks(xs.tolist(), [row["topology"].split("(")[0] for row in summary], fontsize=8)
     ax_acc.legend(fontsize=8)
     for col, row in enumerate(summary):

@@ -13,6 +13,7 @@ Options from PyG's transforms: :class:`~torch_geometric.transforms.AddLaplacianE
 (``pe_dim`` eigenvectors, random sign flips while training as in Dwivedi et al.) and
 :class:`~torch_geometric.transforms.VirtualNode` (one extra node linked both ways to every node).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ GRAPH_TOPOLOGIES = ("graph", "full")
 @dataclass
 class GraphBatch:
     """A PyG batch of graphs and the labels to score (``IGNORE`` elsewhere)."""
+
     data: Batch
     labels: Tensor
 
@@ -98,8 +100,9 @@ class KarateWorkload(GraphWorkload):
         data = KarateClub()[0]
         num_real = data.num_nodes
         if not 0 <= pe_dim < num_real:
-            raise ValueError(f"Expected 'pe_dim' in [0, {num_real}) for the karate club's {num_real} "
-                             f"nodes (got {pe_dim})")
+            raise ValueError(
+                f"Expected 'pe_dim' in [0, {num_real}) for the karate club's {num_real} nodes (got {pe_dim})"
+            )
         self.topology, self.pe_dim = topology, pe_dim
         test_mask = ~data.train_mask
         data = _transforms(pe_dim, virtual_node)(data)
@@ -118,8 +121,7 @@ class KarateWorkload(GraphWorkload):
         return {"test": [self._test]}
 
 
-def shortest_path_graph(n: int, max_distance: int, seed: int, pe_dim: int = 0,
-                        virtual_node: bool = False) -> Data:
+def shortest_path_graph(n: int, max_distance: int, seed: int, pe_dim: int = 0, virtual_node: bool = False) -> Data:
     """One instance: a connected Watts-Strogatz graph on ``n`` nodes, source node 0.
 
     Features ``x`` ``[n, 2]``: (is source, 1). Label ``y``: hop distance to the source, clipped to
@@ -141,33 +143,46 @@ def shortest_path_graph(n: int, max_distance: int, seed: int, pe_dim: int = 0,
 class ShortestPathWorkload(GraphWorkload):
     """Hop distance to a marked source on synthetic graphs (train small, test larger)."""
 
-    def __init__(self, topology: str = "graph", pe_dim: int = 4, virtual_node: bool = False,
-                 batch_size: int = 16, train_sizes: tuple[int, int] = (10, 20),
-                 test_sizes: tuple[int, int] = (21, 40), max_distance: int = 6,
-                 eval_size: int = 64, eval_seed: int = 12345) -> None:
+    def __init__(
+        self,
+        topology: str = "graph",
+        pe_dim: int = 4,
+        virtual_node: bool = False,
+        batch_size: int = 16,
+        train_sizes: tuple[int, int] = (10, 20),
+        test_sizes: tuple[int, int] = (21, 40),
+        max_distance: int = 6,
+        eval_size: int = 64,
+        eval_seed: int = 12345,
+    ) -> None:
         if topology not in GRAPH_TOPOLOGIES:
             raise ValueError(f"Expected 'topology' in {GRAPH_TOPOLOGIES} (got {topology!r})")
         if not 0 <= pe_dim < min(train_sizes[0], test_sizes[0]):
-            raise ValueError(f"Expected 'pe_dim' >= 0 and below the smallest graph size (got "
-                             f"{pe_dim}, sizes {tuple(train_sizes)} and {tuple(test_sizes)})")
+            raise ValueError(
+                f"Expected 'pe_dim' >= 0 and below the smallest graph size (got "
+                f"{pe_dim}, sizes {tuple(train_sizes)} and {tuple(test_sizes)})"
+            )
         if test_sizes[0] <= train_sizes[1]:
-            raise ValueError(f"Expected 'test_sizes' {tuple(test_sizes)} above 'train_sizes' "
-                             f"{tuple(train_sizes)}: the longer test measures generalization to "
-                             "larger graphs than any seen in training")
+            raise ValueError(
+                f"Expected 'test_sizes' {tuple(test_sizes)} above 'train_sizes' "
+                f"{tuple(train_sizes)}: the longer test measures generalization to "
+                "larger graphs than any seen in training"
+            )
         self.topology, self.pe_dim, self.virtual_node = topology, pe_dim, virtual_node
         self.batch_size, self.train_sizes, self.test_sizes = batch_size, train_sizes, test_sizes
         self.max_distance = max_distance
         self.in_features, self.num_classes = 2, max_distance + 1
-        self._eval = {"test": self._fixed(eval_size, train_sizes, eval_seed),
-                      "longer": self._fixed(eval_size, test_sizes, eval_seed + 10**6)}
+        self._eval = {
+            "test": self._fixed(eval_size, train_sizes, eval_seed),
+            "longer": self._fixed(eval_size, test_sizes, eval_seed + 10**6),
+        }
 
     def _draw(self, count: int, sizes: tuple[int, int], generator: torch.Generator) -> GraphBatch:
         graphs = []
         for _ in range(count):
             n = int(torch.randint(sizes[0], sizes[1] + 1, (1,), generator=generator))
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-            graphs.append(shortest_path_graph(n, self.max_distance, seed, self.pe_dim,
-                                              self.virtual_node))
+            graphs.append(shortest_path_graph(n, self.max_distance, seed, self.pe_dim, self.virtual_node))
         batch = Batch.from_data_list(graphs)
         return GraphBatch(batch, batch.y)
 

@@ -16,6 +16,7 @@ depth up to 10, up to 10 arguments, 96,000 / 2,000 / 2,000 expressions.
 Every expression is generated from its own seed (the run's seed, its split and its index), so the
 training set is fixed without being generated ahead: a training batch draws indices.
 """
+
 from __future__ import annotations
 
 import random
@@ -41,6 +42,7 @@ ATTEMPTS = 100_000  # draws per expression before a length range counts as impos
 @dataclass
 class ListOpsConfig:
     """The ListOps data of a run (defaults: the paper's)."""
+
     lengths: tuple[int, int] = (500, 2000)  # inclusive range of expression tokens
     max_depth: int = 10
     max_args: int = 10
@@ -64,11 +66,15 @@ class ListOpsConfig:
         if not 1 <= lo <= hi:
             raise ValueError(f"Expected 'lengths' to be a range 1 <= lo <= hi (got {lo}-{hi})")
         if lo > longest:
-            raise ValueError(f"Expected 'lengths' to start at most at {longest}, the longest expression of depth "
-                             f"{self.max_depth} with {self.max_args} arguments (got {lo}-{hi})")
+            raise ValueError(
+                f"Expected 'lengths' to start at most at {longest}, the longest expression of depth "
+                f"{self.max_depth} with {self.max_args} arguments (got {lo}-{hi})"
+            )
         if hi < 4 and not lo == 1:
-            raise ValueError(f"Expected 'lengths' to reach 4 tokens, the shortest expression with an operator, "
-                             f"or to start at 1 (got {lo}-{hi})")
+            raise ValueError(
+                f"Expected 'lengths' to reach 4 tokens, the shortest expression with an operator, "
+                f"or to start at 1 (got {lo}-{hi})"
+            )
 
 
 def max_length(max_depth: int, max_args: int) -> int:
@@ -132,9 +138,11 @@ def generate(config: ListOpsConfig, seed: int | str) -> tuple[list[str], int]:
         tokens = _tree(rng, 1, config.max_depth, config.max_args, hi)
         if tokens is not None and lo <= len(tokens):
             return tokens, evaluate_expression(tokens)
-    raise ValueError(f"Expected 'lengths' that the generator reaches (got {lo}-{hi}: no expression of "
-                     f"depth <= {config.max_depth} with <= {config.max_args} arguments in that range "
-                     f"came out of {ATTEMPTS} draws)")
+    raise ValueError(
+        f"Expected 'lengths' that the generator reaches (got {lo}-{hi}: no expression of "
+        f"depth <= {config.max_depth} with <= {config.max_args} arguments in that range "
+        f"came out of {ATTEMPTS} draws)"
+    )
 
 
 def encode(tokens: list[str], pool: str = "cls") -> Tensor:
@@ -153,8 +161,7 @@ class ListOpsBatch(SequenceBatch):
         return torch.tensor([0, *self.lengths]).cumsum(0)
 
     def to(self, device) -> "ListOpsBatch":
-        return ListOpsBatch(self.tokens.to(device), self.targets.to(device), self.positions.to(device),
-                            self.lengths)
+        return ListOpsBatch(self.tokens.to(device), self.targets.to(device), self.positions.to(device), self.lengths)
 
 
 class ListOpsWorkload:
@@ -170,13 +177,21 @@ class ListOpsWorkload:
         seed: the data seed (the same for every topology of a comparison).
     """
 
-    def __init__(self, config: ListOpsConfig, topology: Callable[[list[int]], Any], batch_size: int = 32,
-                 eval_size: int = 2000, seed: int = 0) -> None:
+    def __init__(
+        self,
+        config: ListOpsConfig,
+        topology: Callable[[list[int]], Any],
+        batch_size: int = 32,
+        eval_size: int = 2000,
+        seed: int = 0,
+    ) -> None:
         self.config, self.batch_size, self.seed = config, batch_size, seed
         self.topology = per_length(topology)
         self._cache: dict[tuple[str, int], tuple[Tensor, int]] = {}
-        self._eval = {split: [self._batch(split, list(range(i, min(i + 64, eval_size))))
-                              for i in range(0, eval_size, 64)] for split in ("val", "test")}
+        self._eval = {
+            split: [self._batch(split, list(range(i, min(i + 64, eval_size)))) for i in range(0, eval_size, 64)]
+            for split in ("val", "test")
+        }
 
     def example(self, split: str, index: int) -> tuple[Tensor, int]:
         key = (split, index)
@@ -189,9 +204,12 @@ class ListOpsWorkload:
     def _batch(self, split: str, indices: list[int]) -> ListOpsBatch:
         examples = [self.example(split, i) for i in indices]
         lengths = [t.numel() for t, _ in examples]
-        return ListOpsBatch(torch.cat([t for t, _ in examples]),
-                            torch.tensor([a for _, a in examples], dtype=torch.long),
-                            torch.cat([torch.arange(n) for n in lengths]), lengths)
+        return ListOpsBatch(
+            torch.cat([t for t, _ in examples]),
+            torch.tensor([a for _, a in examples], dtype=torch.long),
+            torch.cat([torch.arange(n) for n in lengths]),
+            lengths,
+        )
 
     def train_batch(self, generator: torch.Generator) -> ListOpsBatch:
         indices = torch.randint(0, self.config.train_examples, (self.batch_size,), generator=generator)

@@ -15,6 +15,7 @@ causal graph (:func:`causal_part`), so a sliding window becomes a causal window 
 causal BigBird. The validation loss is the mean cross-entropy in nats per character over fixed,
 non-overlapping windows of the validation part (divide by ``ln 2`` for bits per character).
 """
+
 from __future__ import annotations
 
 import math
@@ -38,6 +39,7 @@ SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_
 @dataclass
 class TextConfig:
     """The text of a language-modelling run."""
+
     text: str | None = None  # a UTF-8 text file; None: the Python standard library's sources
     context: int = 64  # characters the model reads (training and validation windows)
     val_fraction: float = 0.1  # of a file: the share of its last characters held out for validation
@@ -64,6 +66,7 @@ class CharCorpus:
         train, val: the ids of the two parts, ``[T]`` and ``[V]`` (int64).
         source: where the text came from, for logs.
     """
+
     chars: str
     train: Tensor
     val: Tensor
@@ -88,8 +91,10 @@ def read_text(path: str | Path, name: str = "text") -> str:
     """A UTF-8 text file; a ``ValueError`` naming ``name`` for a missing, empty or binary file."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"Expected '{name}' to be a text file (got {str(path)!r}, which "
-                         f"{'is a directory' if p.is_dir() else 'does not exist'})")
+        raise ValueError(
+            f"Expected '{name}' to be a text file (got {str(path)!r}, which "
+            f"{'is a directory' if p.is_dir() else 'does not exist'})"
+        )
     data = p.read_bytes()
     if not data.strip():
         raise ValueError(f"Expected '{name}' to hold text (got {str(path)!r}, which is empty)")
@@ -98,8 +103,9 @@ def read_text(path: str | Path, name: str = "text") -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"Expected '{name}' to be UTF-8 text (got {str(path)!r}: byte {err.start} "
-                         "is not UTF-8)") from None
+        raise ValueError(
+            f"Expected '{name}' to be UTF-8 text (got {str(path)!r}: byte {err.start} is not UTF-8)"
+        ) from None
 
 
 def stdlib_files() -> list[Path]:
@@ -125,7 +131,7 @@ def stdlib_text(max_chars: int) -> tuple[str, str]:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        text = text[:caps[split] - sizes[split]]
+        text = text[: caps[split] - sizes[split]]
         parts[split].append(text)
         sizes[split] += len(text)
     return "".join(parts[0]), "".join(parts[1])
@@ -137,16 +143,21 @@ def load_corpus(config: TextConfig) -> CharCorpus:
         train, val = stdlib_text(config.max_chars)
         source = f"Python standard library sources ({sysconfig.get_paths()['stdlib']})"
         if not train or not val:
-            raise ValueError("Expected the Python standard library's *.py sources for the default "
-                             "corpus (found none): pass 'text'")
+            raise ValueError(
+                "Expected the Python standard library's *.py sources for the default corpus (found none): pass 'text'"
+            )
     else:
         text = read_text(config.text)
         cut = int(len(text) * (1.0 - config.val_fraction))
         train, val, source = text[:cut], text[cut:], config.text
     chars = "".join(sorted(set(train) | set(val)))
     index = {c: i for i, c in enumerate(chars)}
-    corpus = CharCorpus(chars, torch.tensor([index[c] for c in train], dtype=torch.long),
-                        torch.tensor([index[c] for c in val], dtype=torch.long), source)
+    corpus = CharCorpus(
+        chars,
+        torch.tensor([index[c] for c in train], dtype=torch.long),
+        torch.tensor([index[c] for c in val], dtype=torch.long),
+        source,
+    )
     _check_lengths(corpus, config)
     return corpus
 
@@ -157,11 +168,15 @@ def _check_lengths(corpus: CharCorpus, config: TextConfig) -> None:
     where = "the default corpus" if config.text is None else repr(config.text)
     for part, ids in (("training", corpus.train), ("validation", corpus.val)):
         if ids.numel() < 2 and config.text is not None:
-            raise ValueError(f"Expected 'text' to be long enough for a {part} part of 2 characters or more "
-                             f"(got {where}, {corpus.train.numel() + corpus.val.numel()} characters in all)")
+            raise ValueError(
+                f"Expected 'text' to be long enough for a {part} part of 2 characters or more "
+                f"(got {where}, {corpus.train.numel() + corpus.val.numel()} characters in all)"
+            )
         if ids.numel() < config.context + 1:
-            raise ValueError(f"Expected 'context' shorter than the {part} part of {where} "
-                             f"(got context={config.context}, a {part} part of {ids.numel()} characters)")
+            raise ValueError(
+                f"Expected 'context' shorter than the {part} part of {where} "
+                f"(got context={config.context}, a {part} part of {ids.numel()} characters)"
+            )
 
 
 def causal_part(graph: Any) -> Any:
@@ -195,8 +210,7 @@ def window_batch(corpus_ids: Tensor, starts: Tensor, context: int) -> SequenceBa
     offsets = starts[:, None] + torch.arange(context)  # [B, T]
     tokens, targets = corpus_ids[offsets], corpus_ids[offsets + 1]  # [B, T]
     b = starts.numel()
-    return SequenceBatch(tokens.reshape(-1), targets.reshape(-1), torch.arange(context).repeat(b),
-                         [context] * b)
+    return SequenceBatch(tokens.reshape(-1), targets.reshape(-1), torch.arange(context).repeat(b), [context] * b)
 
 
 class LMWorkload:
@@ -210,24 +224,30 @@ class LMWorkload:
         eval_size: windows of the validation set: evenly spaced, non-overlapping windows of the
             validation part (all of them when it holds fewer).
     """
+
     monitor = ("loss_val", "min")
 
-    def __init__(self, corpus: CharCorpus, topology: Callable[[list[int]], Any], context: int,
-                 batch_size: int = 32, eval_size: int = 256) -> None:
+    def __init__(
+        self,
+        corpus: CharCorpus,
+        topology: Callable[[list[int]], Any],
+        context: int,
+        batch_size: int = 32,
+        eval_size: int = 256,
+    ) -> None:
         if corpus.val.numel() < context + 1:
-            raise ValueError(f"Expected 'context' ({context}) shorter than the validation part "
-                             f"({corpus.val.numel()} characters)")
+            raise ValueError(
+                f"Expected 'context' ({context}) shorter than the validation part ({corpus.val.numel()} characters)"
+            )
         self.corpus, self.context, self.batch_size = corpus, context, batch_size
         self.topology = per_length(causal_build(topology))
         available = (corpus.val.numel() - 1) // context
         count = min(eval_size, available)
         starts = (torch.arange(count) * (available // count)) * context  # evenly spaced windows
-        self._eval = {"val": [window_batch(corpus.val, starts[i:i + 128], context)
-                              for i in range(0, count, 128)]}
+        self._eval = {"val": [window_batch(corpus.val, starts[i : i + 128], context) for i in range(0, count, 128)]}
 
     def train_batch(self, generator: torch.Generator) -> SequenceBatch:
-        starts = torch.randint(0, self.corpus.train.numel() - self.context, (self.batch_size,),
-                               generator=generator)
+        starts = torch.randint(0, self.corpus.train.numel() - self.context, (self.batch_size,), generator=generator)
         return window_batch(self.corpus.train, starts, self.context)
 
     def edge_index(self, batch: SequenceBatch) -> Any:
@@ -249,9 +269,17 @@ def bits_per_char(nats: float) -> float:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, workload: LMWorkload, num_chars: int, *, prompt: str | None = None,
-             temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
-             device: str | torch.device = "cpu") -> str:
+def generate(
+    model: nn.Module,
+    workload: LMWorkload,
+    num_chars: int,
+    *,
+    prompt: str | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> str:
     """``prompt`` followed by ``num_chars`` characters sampled from ``model``, each from the last
     ``context`` characters (default prompt: a newline if the vocabulary has one, else its first
     character). Returns the whole text."""
@@ -300,20 +328,32 @@ def as_graph_lm(model: nn.Module) -> nn.Module:
         raise ValueError(f"Expected 'model' to be a SequenceModel (got {type(model).__name__})")
     vocab_size, num_classes = model.embed.num_embeddings, model.head.out_features
     if vocab_size != num_classes:
-        raise ValueError(f"Expected 'model' to predict tokens of its vocabulary (got {vocab_size} tokens in "
-                         f"and {num_classes} classes out)")
+        raise ValueError(
+            f"Expected 'model' to predict tokens of its vocabulary (got {vocab_size} tokens in "
+            f"and {num_classes} classes out)"
+        )
     c = model.config
     has_bias = model.head.bias is not None
     table = model.pos  # the learned position table (the run may have enlarged it), or None
     max_positions = table.num_embeddings if isinstance(table, nn.Embedding) else c.max_positions
     config = GraphTransformerConfig(
-        vocab_size=vocab_size, output_dim=vocab_size if has_bias else None, d_model=c.d_model, nhead=c.nhead,
-        num_layers=c.num_layers, dim_feedforward=c.dim_feedforward, dropout=c.dropout, activation=c.activation,
-        norm_first=c.norm_first, bias=c.bias, position=c.position,
+        vocab_size=vocab_size,
+        output_dim=vocab_size if has_bias else None,
+        d_model=c.d_model,
+        nhead=c.nhead,
+        num_layers=c.num_layers,
+        dim_feedforward=c.dim_feedforward,
+        dropout=c.dropout,
+        activation=c.activation,
+        norm_first=c.norm_first,
+        bias=c.bias,
+        position=c.position,
         max_positions=max_positions,
-        tie_weights=c.tie_embeddings, backend=c.backend, select=c.select)
+        tie_weights=c.tie_embeddings,
+        backend=c.backend,
+        select=c.select,
+    )
     lm = (GraphEncoderModel(config) if has_bias else GraphLM(config)).to(model.embed.weight)  # device, dtype
-    state = {("pos_embed." + k[len("pos."):] if k.startswith("pos.") else k): v
-             for k, v in model.state_dict().items()}
+    state = {("pos_embed." + k[len("pos.") :] if k.startswith("pos.") else k): v for k, v in model.state_dict().items()}
     lm.load_state_dict(state)
     return lm.train(model.training)

@@ -14,6 +14,7 @@ an ``edge_index``, a per-head pair ``(edge_index, edge_head)`` or per-layer grap
 ``layer -> graph`` such as a ``LayerPattern``, or a sequence). With ``EncoderConfig.select`` every
 layer chooses its per-head graph within the given one from its queries and keys.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -36,6 +37,7 @@ POOLS = ("cls", "mean")
 @dataclass
 class EncoderConfig:
     """Size of the encoder shared by every model here."""
+
     d_model: int = 64  # width C of every token
     nhead: int = 4  # attention heads
     num_layers: int = 2  # encoder layers (hops a message can travel)
@@ -74,12 +76,22 @@ def make_encoder(config: EncoderConfig, rope: bool = False) -> GraphTransformerE
     ``config.select`` each layer's attention selects its graph (a copy of the selector per layer)."""
     attention: Callable[..., GraphMultiheadAttention] = GraphMultiheadAttention
     if config.select is not None:
-        attention = partial(GraphMultiheadAttention, select=selector(
-            config.select, num_heads=config.nhead, head_dim=config.d_model // config.nhead))
-    layer = GraphTransformerEncoderLayer(config.d_model, config.nhead, config.dim_feedforward,
-                                         config.dropout, config.activation,
-                                         norm_first=config.norm_first, bias=config.bias,
-                                         backend=config.backend, rope=rope, attention=attention)
+        attention = partial(
+            GraphMultiheadAttention,
+            select=selector(config.select, num_heads=config.nhead, head_dim=config.d_model // config.nhead),
+        )
+    layer = GraphTransformerEncoderLayer(
+        config.d_model,
+        config.nhead,
+        config.dim_feedforward,
+        config.dropout,
+        config.activation,
+        norm_first=config.norm_first,
+        bias=config.bias,
+        backend=config.backend,
+        rope=rope,
+        attention=attention,
+    )
     norm = nn.LayerNorm(config.d_model, bias=config.bias) if config.norm_first else None
     return GraphTransformerEncoder(layer, config.num_layers, norm)
 
@@ -126,8 +138,10 @@ class SequenceModel(nn.Module):
         self.head = nn.Linear(config.d_model, num_classes, bias=config.bias)
         if config.tie_embeddings:
             if vocab_size != num_classes:
-                raise ValueError(f"Expected 'tie_embeddings' only where the vocabulary ({vocab_size}) "
-                                 f"is the set of classes ({num_classes})")
+                raise ValueError(
+                    f"Expected 'tie_embeddings' only where the vocabulary ({vocab_size}) "
+                    f"is the set of classes ({num_classes})"
+                )
             self.head.weight = self.embed.weight
         if config.gpt_init:
             gpt_init(self, config.num_layers)
@@ -177,8 +191,7 @@ class SequenceClassifier(nn.Module):
 class NodeModel(nn.Module):
     """Node features ``[N, F]`` (and optional positional encodings ``[N, P]``) -> ``[N, classes]``."""
 
-    def __init__(self, in_features: int, num_classes: int, config: EncoderConfig,
-                 pe_dim: int = 0) -> None:
+    def __init__(self, in_features: int, num_classes: int, config: EncoderConfig, pe_dim: int = 0) -> None:
         super().__init__()
         self.embed = nn.Linear(in_features, config.d_model)
         self.pe = nn.Linear(pe_dim, config.d_model, bias=False) if pe_dim else None
@@ -201,8 +214,7 @@ class PatchModel(nn.Module):
     learned position embeddings; ``edge_index`` is the token graph of the whole batch.
     """
 
-    def __init__(self, patch_dim: int, num_patches: int, num_classes: int,
-                 config: EncoderConfig) -> None:
+    def __init__(self, patch_dim: int, num_patches: int, num_classes: int, config: EncoderConfig) -> None:
         super().__init__()
         self.embed = nn.Linear(patch_dim, config.d_model)
         self.cls = nn.Parameter(torch.zeros(1, 1, config.d_model))

@@ -20,6 +20,7 @@ A row per graph: perplexity over the stream, per position bucket, edges, density
 nodes held at once (the cache's peak; with ``"context"``, the largest context). The command's
 options live in :mod:`gnn_transformer.cli.perplexity`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -77,8 +78,10 @@ def build_graph(spec: str, length: int, num_layers: int, native: Callable[[int],
         return native(length)
     topo = resolve_topology(spec)
     if topo.select is not None:
-        raise ValueError(f"Expected a graph fixed before the run for a stream (got {spec!r}, whose layers choose "
-                         "their graphs from the data)")
+        raise ValueError(
+            f"Expected a graph fixed before the run for a stream (got {spec!r}, whose layers choose "
+            "their graphs from the data)"
+        )
     graph = topo.build([length])
     if topo.kind == "per_layer":
         return [graph(layer) for layer in range(num_layers)]
@@ -153,14 +156,22 @@ def _buckets(nll: Tensor, bucket_size: int) -> list[dict]:
     position of the predicted token."""
     out = []
     for lo in range(0, nll.numel(), bucket_size):  # predicted positions lo + 1 .. hi
-        part = nll[lo:lo + bucket_size]
-        out.append({"start": lo + 1, "stop": lo + part.numel(), "tokens": part.numel(),
-                    "nll": float(part.mean()), "perplexity": math.exp(float(part.mean()))})
+        part = nll[lo : lo + bucket_size]
+        out.append(
+            {
+                "start": lo + 1,
+                "stop": lo + part.numel(),
+                "tokens": part.numel(),
+                "nll": float(part.mean()),
+                "perplexity": math.exp(float(part.mean())),
+            }
+        )
     return out
 
 
-def context_perplexity(model, ids: Tensor, graph: Any, *, chunk: int = 256, bucket_size: int = 256,
-                       progress: bool = False) -> PerplexityResult:
+def context_perplexity(
+    model, ids: Tensor, graph: Any, *, chunk: int = 256, bucket_size: int = 256, progress: bool = False
+) -> PerplexityResult:
     """Perplexity of a causal LM (``forward_graph``) on ``ids`` ``[T]`` under ``graph`` with
     ``positions="context"`` (see the module docstring): token ``t + 1`` is predicted from a forward
     pass over ``t``'s context (the tokens ``t`` reads in ``graph``, any layer or head, and ``t``) at
@@ -180,8 +191,9 @@ def context_perplexity(model, ids: Tensor, graph: Any, *, chunk: int = 256, buck
 
 
 @torch.no_grad()
-def _context_perplexity(model, ids: Tensor, contexts: _Contexts, chunk: int, bucket_size: int,
-                        progress: bool) -> PerplexityResult:
+def _context_perplexity(
+    model, ids: Tensor, contexts: _Contexts, chunk: int, bucket_size: int, progress: bool
+) -> PerplexityResult:
     from tqdm.auto import tqdm
 
     num_tokens = ids.numel()
@@ -195,24 +207,40 @@ def _context_perplexity(model, ids: Tensor, contexts: _Contexts, chunk: int, buc
                 nodes += contexts.nodes[stop].numel()
                 stop += 1
             tokens, pos, layers = contexts.step(first, stop)
-            graphs = [edge_index.to(device) if head is None else (edge_index.to(device), head.to(device))
-                      for edge_index, head in layers]
-            logits = call_with_graph(model.forward_graph, ids[tokens].to(device),
-                                     graphs[0] if contexts.shared else graphs, pos=pos.to(device))  # [N, V]
+            graphs = [
+                edge_index.to(device) if head is None else (edge_index.to(device), head.to(device))
+                for edge_index, head in layers
+            ]
+            logits = call_with_graph(
+                model.forward_graph,
+                ids[tokens].to(device),
+                graphs[0] if contexts.shared else graphs,
+                pos=pos.to(device),
+            )  # [N, V]
             last = torch.tensor([c.numel() for c in contexts.nodes[first:stop]]).cumsum(0) - 1  # [Q]
             logp = torch.log_softmax(logits[last.to(device)].double(), dim=-1)  # [Q, V]
-            targets = ids[first + 1:stop + 1].to(device)  # [Q]
+            targets = ids[first + 1 : stop + 1].to(device)  # [Q]
             nll[first:stop] = -logp.gather(1, targets.view(-1, 1)).squeeze(1).cpu()
             bar.update(stop - first)
             first = stop
-    peak = max(n.numel() for n in contexts.nodes[:num_tokens - 1])
+    peak = max(n.numel() for n in contexts.nodes[: num_tokens - 1])
     return PerplexityResult(nll=nll, bucket_size=bucket_size, peak_cache=peak, buckets=_buckets(nll, bucket_size))
 
 
-def run_perplexity(model, ids: Tensor, specs: Sequence[str], *, num_layers: int, chunk: int = 256,
-                   bucket_size: int = 256, positions: str = "absolute", max_positions: int | None = None,
-                   native: Callable[[int], Any] | None = None, progress: bool = False,
-                   on_row: Callable[[PerplexityRow], None] | None = None) -> list[PerplexityRow]:
+def run_perplexity(
+    model,
+    ids: Tensor,
+    specs: Sequence[str],
+    *,
+    num_layers: int,
+    chunk: int = 256,
+    bucket_size: int = 256,
+    positions: str = "absolute",
+    max_positions: int | None = None,
+    native: Callable[[int], Any] | None = None,
+    progress: bool = False,
+    on_row: Callable[[PerplexityRow], None] | None = None,
+) -> list[PerplexityRow]:
     """Perplexity of ``model`` on ``ids`` ``[T]`` under each spec, with ``positions`` ``"absolute"``
     (streamed) or ``"context"`` (recomputed per token; see the module docstring). Every graph is
     built and checked first (causal, and within ``max_positions``, the model's table of learned
@@ -224,20 +252,24 @@ def run_perplexity(model, ids: Tensor, specs: Sequence[str], *, num_layers: int,
     _check_sizes(chunk, bucket_size)
     length = ids.numel()
     if positions == "absolute" and max_positions is not None and length > max_positions:
-        raise ValueError(f"Expected 'positions' to be 'context' for a stream longer than the model's table of "
-                         f"{max_positions} learned positions (got positions='absolute' and a stream of {length} "
-                         f"tokens; or cut the stream to {max_positions} tokens)")
+        raise ValueError(
+            f"Expected 'positions' to be 'context' for a stream longer than the model's table of "
+            f"{max_positions} learned positions (got positions='absolute' and a stream of {length} "
+            f"tokens; or cut the stream to {max_positions} tokens)"
+        )
     graphs = []
     for spec in specs:
         graph = build_graph(spec, length, num_layers, native)
         contexts = None
         if positions == "context":
             contexts = _contexts(graph, length)
-            widest = max(contexts.nodes[:length - 1], key=lambda n: n.numel())
+            widest = max(contexts.nodes[: length - 1], key=lambda n: n.numel())
             if max_positions is not None and widest.numel() > max_positions:
-                raise ValueError(f"Expected topologies whose tokens read at most {max_positions} tokens with "
-                                 f"positions='context' (the model's table of {max_positions} learned positions) "
-                                 f"(got {spec!r}, whose token {int(widest[-1])} reads {widest.numel()})")
+                raise ValueError(
+                    f"Expected topologies whose tokens read at most {max_positions} tokens with "
+                    f"positions='context' (the model's table of {max_positions} learned positions) "
+                    f"(got {spec!r}, whose token {int(widest[-1])} reads {widest.numel()})"
+                )
         graphs.append((spec, graph, contexts))
     rows = []
     for spec, graph, contexts in graphs:
@@ -247,10 +279,18 @@ def run_perplexity(model, ids: Tensor, specs: Sequence[str], *, num_layers: int,
         else:
             result = _context_perplexity(model, ids, contexts, chunk, bucket_size, progress)
         edges = _edges(graph)
-        row = PerplexityRow(topology=spec if spec == NATIVE else label(spec), tokens=length,
-                            perplexity=result.perplexity, nll=result.mean_nll, edges=edges,
-                            density=edges / (length * (length + 1) / 2), peak_cache=result.peak_cache,
-                            seconds=time.perf_counter() - start, positions=positions, buckets=result.buckets)
+        row = PerplexityRow(
+            topology=spec if spec == NATIVE else label(spec),
+            tokens=length,
+            perplexity=result.perplexity,
+            nll=result.mean_nll,
+            edges=edges,
+            density=edges / (length * (length + 1) / 2),
+            peak_cache=result.peak_cache,
+            seconds=time.perf_counter() - start,
+            positions=positions,
+            buckets=result.buckets,
+        )
         rows.append(row)
         if on_row is not None:
             on_row(row)
@@ -271,17 +311,44 @@ def save_perplexity(rows: Sequence[PerplexityRow], out_dir: str | Path, *, title
     paths["json"].write_text(json.dumps([asdict(r) for r in rows], indent=2))
     with paths["csv"].open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["topology", "bucket_start", "bucket_stop", "tokens", "nll", "perplexity",
-                         "stream_perplexity", "edges", "peak_cache"])
+        writer.writerow(
+            [
+                "topology",
+                "bucket_start",
+                "bucket_stop",
+                "tokens",
+                "nll",
+                "perplexity",
+                "stream_perplexity",
+                "edges",
+                "peak_cache",
+            ]
+        )
         for r in rows:
             for b in r.buckets:
-                writer.writerow([r.topology, b["start"], b["stop"], b["tokens"], f"{b['nll']:.6f}",
-                                 f"{b['perplexity']:.6f}", f"{r.perplexity:.6f}", r.edges, r.peak_cache])
+                writer.writerow(
+                    [
+                        r.topology,
+                        b["start"],
+                        b["stop"],
+                        b["tokens"],
+                        f"{b['nll']:.6f}",
+                        f"{b['perplexity']:.6f}",
+                        f"{r.perplexity:.6f}",
+                        r.edges,
+                        r.peak_cache,
+                    ]
+                )
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
         middle = [(b["start"] + b["stop"]) / 2 for b in r.buckets]
-        ax.plot(middle, [b["perplexity"] for b in r.buckets], marker="o", markersize=3,
-                label=f"{r.topology} ({r.perplexity:.2f})")
+        ax.plot(
+            middle,
+            [b["perplexity"] for b in r.buckets],
+            marker="o",
+            markersize=3,
+            label=f"{r.topology} ({r.perplexity:.2f})",
+        )
     ax.set_xlabel("position in the stream")
     ax.set_ylabel("perplexity per bucket")
     if rows and all(b["perplexity"] > 0 and math.isfinite(b["perplexity"]) for r in rows for b in r.buckets):
@@ -307,5 +374,13 @@ def stream_ids(sequences: Sequence[Sequence[int]], max_tokens: int | None, start
     return torch.tensor(ids, dtype=torch.long)
 
 
-__all__ = ["NATIVE", "POSITIONS", "PerplexityRow", "build_graph", "context_perplexity", "run_perplexity",
-           "save_perplexity", "stream_ids"]
+__all__ = [
+    "NATIVE",
+    "POSITIONS",
+    "PerplexityRow",
+    "build_graph",
+    "context_perplexity",
+    "run_perplexity",
+    "save_perplexity",
+    "stream_ids",
+]

@@ -6,6 +6,7 @@ Tasks: the sequence tasks of :mod:`.tasks` (``copy``, ``reverse``, ``sort``, ``p
 ``digits`` (:mod:`.vision_tasks`). Runs under ``torchrun`` with DistributedDataParallel
 (:mod:`.distributed`); a run continues from its ``last.pt`` with ``resume``.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
@@ -23,8 +24,7 @@ from .lm import LMWorkload, TextConfig, bits_per_char, generate, load_corpus
 from .models import EncoderConfig, NodeModel, PatchModel, SequenceClassifier, SequenceModel
 from .tasks import TASKS, SequenceWorkload, check_longer, get_task
 from .topologies import per_length, resolve_topology
-from .training import (TrainConfig, TrainResult, resolve_device, save_checkpoint, seed_everything,
-                       train, write_logs)
+from .training import TrainConfig, TrainResult, resolve_device, save_checkpoint, seed_everything, train, write_logs
 from .vision_tasks import VISION_TOPOLOGIES, DigitsWorkload, check_patch
 
 GRAPH_TASKS = ("karate", "shortest_path")
@@ -33,13 +33,25 @@ TEXT_TASKS = ("lm", "listops")
 ALL_TASKS = tuple(TASKS) + TEXT_TASKS + GRAPH_TASKS + VISION_TASKS
 SIZED_TASKS = tuple(TASKS) + ("shortest_path",)  # the tasks that take train_sizes / test_sizes
 # fields a resumed run may change: they do not alter the trajectory of the weights
-RESUME_FREE = frozenset({"out", "resume", "save_all_ranks", "train.device", "train.log_every",
-                         "train.eval_every", "train.checkpoint_every", "train.stop_after", "train.compile",
-                         "text.sample_chars"})
+RESUME_FREE = frozenset(
+    {
+        "out",
+        "resume",
+        "save_all_ranks",
+        "train.device",
+        "train.log_every",
+        "train.eval_every",
+        "train.checkpoint_every",
+        "train.stop_after",
+        "train.compile",
+        "text.sample_chars",
+    }
+)
 
 
 class _Sizes(TypedDict, total=False):
     """The instance sizes a run sets (the workload's defaults stand for the others)."""
+
     train_sizes: tuple[int, int]
     test_sizes: tuple[int, int]
 
@@ -47,6 +59,7 @@ class _Sizes(TypedDict, total=False):
 @dataclass
 class RunConfig:
     """Everything one run needs."""
+
     task: str = "recall"  # one of ALL_TASKS
     topology: str = "full"  # sequence tasks: a topology spec; graph: graph|full; digits: grid|full
     train_sizes: tuple[int, int] | None = None  # sequence and shortest-path tasks: sizes to train on
@@ -69,8 +82,10 @@ class RunConfig:
             raise ValueError(f"Unknown task {self.task!r}: expected one of {list(ALL_TASKS)}")
         for name in ("train_sizes", "test_sizes"):
             if getattr(self, name) is not None and self.task not in SIZED_TASKS:
-                raise ValueError(f"Expected '{name}' unset for task {self.task!r}, which has no "
-                                 f"instance sizes (tasks with sizes: {', '.join(SIZED_TASKS)})")
+                raise ValueError(
+                    f"Expected '{name}' unset for task {self.task!r}, which has no "
+                    f"instance sizes (tasks with sizes: {', '.join(SIZED_TASKS)})"
+                )
         if self.task in TASKS:
             check_longer(get_task(self.task, self.train_sizes, self.test_sizes))
         if self.pe_dim < 0:
@@ -86,8 +101,7 @@ def build(config: RunConfig) -> tuple[Any, nn.Module]:
     if name not in ALL_TASKS:
         raise ValueError(f"Unknown task {name!r}: expected one of {list(ALL_TASKS)}")
     bs = config.train.batch_size
-    workload: (LMWorkload | ListOpsWorkload | SequenceWorkload | KarateWorkload | ShortestPathWorkload
-               | DigitsWorkload)
+    workload: LMWorkload | ListOpsWorkload | SequenceWorkload | KarateWorkload | ShortestPathWorkload | DigitsWorkload
     if name in TASKS or name in TEXT_TASKS:
         topo = resolve_topology(config.topology)
         topo.check_heads(config.model.nhead)
@@ -102,17 +116,16 @@ def build(config: RunConfig) -> tuple[Any, nn.Module]:
             workload = ListOpsWorkload(config.listops, topo.build, bs, config.eval_size, seed=config.train.seed)
             model_config = _room_for(model_config, config.listops.lengths[1] + 1)
             seed_everything(config.train.seed)
-            return workload, SequenceClassifier(len(LISTOPS_VOCAB), LISTOPS_CLASSES, model_config,
-                                                config.listops.pool)
+            return workload, SequenceClassifier(len(LISTOPS_VOCAB), LISTOPS_CLASSES, model_config, config.listops.pool)
         task = get_task(name, config.train_sizes, config.test_sizes)
-        workload = SequenceWorkload(task, per_length(topo.build), bs, config.eval_size,
-                                    eval_seed=config.train.seed + 12345)
+        workload = SequenceWorkload(
+            task, per_length(topo.build), bs, config.eval_size, eval_seed=config.train.seed + 12345
+        )
         seed_everything(config.train.seed)
         return workload, SequenceModel(task.vocab_size, task.num_classes, model_config)
     if name in GRAPH_TASKS:
         if config.topology not in GRAPH_TOPOLOGIES:
-            raise ValueError(f"Expected 'topology' in {GRAPH_TOPOLOGIES} for task {name!r} "
-                             f"(got {config.topology!r})")
+            raise ValueError(f"Expected 'topology' in {GRAPH_TOPOLOGIES} for task {name!r} (got {config.topology!r})")
         if name == "karate":
             workload = KarateWorkload(config.topology, config.pe_dim, config.virtual_node)
         else:
@@ -121,19 +134,21 @@ def build(config: RunConfig) -> tuple[Any, nn.Module]:
                 sizes["train_sizes"] = (config.train_sizes[0], config.train_sizes[1])
             if config.test_sizes:
                 sizes["test_sizes"] = (config.test_sizes[0], config.test_sizes[1])
-            workload = ShortestPathWorkload(config.topology, config.pe_dim, config.virtual_node,
-                                            batch_size=bs, eval_seed=config.train.seed + 12345,
-                                            **sizes)
+            workload = ShortestPathWorkload(
+                config.topology,
+                config.pe_dim,
+                config.virtual_node,
+                batch_size=bs,
+                eval_seed=config.train.seed + 12345,
+                **sizes,
+            )
         seed_everything(config.train.seed)
-        return workload, NodeModel(workload.in_features, workload.num_classes, config.model,
-                                   config.pe_dim)
+        return workload, NodeModel(workload.in_features, workload.num_classes, config.model, config.pe_dim)
     if config.topology not in VISION_TOPOLOGIES:
-        raise ValueError(f"Expected 'topology' in {VISION_TOPOLOGIES} for task 'digits' "
-                         f"(got {config.topology!r})")
+        raise ValueError(f"Expected 'topology' in {VISION_TOPOLOGIES} for task 'digits' (got {config.topology!r})")
     workload = DigitsWorkload(config.topology, config.patch, bs, seed=config.train.seed)
     seed_everything(config.train.seed)
-    return workload, PatchModel(workload.patch_dim, workload.num_patches, workload.num_classes,
-                                config.model)
+    return workload, PatchModel(workload.patch_dim, workload.num_patches, workload.num_classes, config.model)
 
 
 def _room_for(model: EncoderConfig, length: int) -> EncoderConfig:
@@ -164,12 +179,13 @@ def check_resume(config: RunConfig, world_size: int = 1) -> dict[str, Any]:
     payload = checkpoints.read(path, name="resume")
     checkpoints.check_training_state(payload, path, world_size=world_size)
     saved, now = _flat(payload["meta"].get("run", {})), _flat(_plain(asdict(config)))
-    differ = [key for key in sorted(set(saved) | set(now))
-              if key not in RESUME_FREE and saved.get(key) != now.get(key)]
+    differ = [key for key in sorted(set(saved) | set(now)) if key not in RESUME_FREE and saved.get(key) != now.get(key)]
     if differ:
         shown = ", ".join(f"{key}={saved.get(key)!r} (this run: {now.get(key)!r})" for key in differ[:6])
-        raise ValueError(f"Expected 'resume' to be a checkpoint of this configuration (got {str(path)!r}, "
-                         f"written with {shown}{', ...' if len(differ) > 6 else ''})")
+        raise ValueError(
+            f"Expected 'resume' to be a checkpoint of this configuration (got {str(path)!r}, "
+            f"written with {shown}{', ...' if len(differ) > 6 else ''})"
+        )
     return payload
 
 
@@ -194,16 +210,30 @@ def run_training(config: RunConfig, *, progress: bool = False) -> tuple[TrainRes
         meta["vocab"] = workload.corpus.chars
     try:
         model = distributed.wrap(model.to(device), info, device)
-        result = train(model, workload, train_config, progress=progress, rank=info.rank,
-                       world_size=info.world_size, description=f"{config.task}/{config.topology}",
-                       checkpoint_dir=config.out, resume=payload, meta=meta)
+        result = train(
+            model,
+            workload,
+            train_config,
+            progress=progress,
+            rank=info.rank,
+            world_size=info.world_size,
+            description=f"{config.task}/{config.topology}",
+            checkpoint_dir=config.out,
+            resume=payload,
+            meta=meta,
+        )
         result.config = {**asdict(config), "world_size": info.world_size}
         if config.task == "lm":
             result.final["val_loss"] = result.final["loss_val"]
             result.final["val_bits_per_char"] = bits_per_char(result.final["loss_val"])
             if config.text.sample_chars and info.is_main:
-                result.sample = generate(getattr(model, "module", model), workload, config.text.sample_chars,
-                                         seed=config.train.seed, device=device)
+                result.sample = generate(
+                    getattr(model, "module", model),
+                    workload,
+                    config.text.sample_chars,
+                    seed=config.train.seed,
+                    device=device,
+                )
         if config.out is not None:
             out = Path(config.out)
             step = int(result.final["step"])

@@ -13,6 +13,7 @@ length-generalization test.
 
 Token ids: ``0 .. num_symbols - 1`` are data symbols; the special tokens follow them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ class SequenceBatch:
         positions: position of each token in its sequence ``[N]``.
         lengths: length of each sequence.
     """
+
     tokens: Tensor
     targets: Tensor
     positions: Tensor
@@ -47,8 +49,7 @@ class SequenceBatch:
         return int(self.tokens.size(0))
 
     def to(self, device) -> "SequenceBatch":
-        return SequenceBatch(self.tokens.to(device), self.targets.to(device),
-                             self.positions.to(device), self.lengths)
+        return SequenceBatch(self.tokens.to(device), self.targets.to(device), self.positions.to(device), self.lengths)
 
 
 Sampler = Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
@@ -68,6 +69,7 @@ class Task:
         seq_len: sequence length as a function of ``n``.
         sample: ``(n, generator) -> (tokens [L] or [L, F], targets [L])``.
     """
+
     name: str
     description: str
     vocab_size: int
@@ -100,8 +102,16 @@ def copy_task(num_symbols: int = 10, train_sizes=(4, 8), test_sizes=(9, 16)) -> 
         tokens = torch.cat([x, _const(1, sep), _const(n, blank)])
         return tokens, torch.cat([_ignore(n + 1), x])
 
-    return Task("copy", "copy the sequence into the blanks after SEP", num_symbols + 2,
-                num_symbols, tuple(train_sizes), tuple(test_sizes), lambda n: 2 * n + 1, sample)
+    return Task(
+        "copy",
+        "copy the sequence into the blanks after SEP",
+        num_symbols + 2,
+        num_symbols,
+        tuple(train_sizes),
+        tuple(test_sizes),
+        lambda n: 2 * n + 1,
+        sample,
+    )
 
 
 def reverse_task(num_symbols: int = 10, train_sizes=(4, 8), test_sizes=(9, 16)) -> Task:
@@ -113,8 +123,16 @@ def reverse_task(num_symbols: int = 10, train_sizes=(4, 8), test_sizes=(9, 16)) 
         tokens = torch.cat([x, _const(1, sep), _const(n, blank)])
         return tokens, torch.cat([_ignore(n + 1), x.flip(0)])
 
-    return Task("reverse", "write the sequence reversed into the blanks after SEP", num_symbols + 2,
-                num_symbols, tuple(train_sizes), tuple(test_sizes), lambda n: 2 * n + 1, sample)
+    return Task(
+        "reverse",
+        "write the sequence reversed into the blanks after SEP",
+        num_symbols + 2,
+        num_symbols,
+        tuple(train_sizes),
+        tuple(test_sizes),
+        lambda n: 2 * n + 1,
+        sample,
+    )
 
 
 def sort_task(num_symbols: int = 10, train_sizes=(4, 8), test_sizes=(9, 16)) -> Task:
@@ -126,8 +144,16 @@ def sort_task(num_symbols: int = 10, train_sizes=(4, 8), test_sizes=(9, 16)) -> 
         tokens = torch.cat([x, _const(1, sep), _const(n, blank)])
         return tokens, torch.cat([_ignore(n + 1), x.sort().values])
 
-    return Task("sort", "write the sequence sorted into the blanks after SEP", num_symbols + 2,
-                num_symbols, tuple(train_sizes), tuple(test_sizes), lambda n: 2 * n + 1, sample)
+    return Task(
+        "sort",
+        "write the sequence sorted into the blanks after SEP",
+        num_symbols + 2,
+        num_symbols,
+        tuple(train_sizes),
+        tuple(test_sizes),
+        lambda n: 2 * n + 1,
+        sample,
+    )
 
 
 def parity_task(train_sizes=(8, 16), test_sizes=(17, 32)) -> Task:
@@ -137,8 +163,9 @@ def parity_task(train_sizes=(8, 16), test_sizes=(17, 32)) -> Task:
         x = torch.randint(0, 2, (n,), generator=g)
         return x, x.cumsum(0) % 2
 
-    return Task("parity", "running parity of a bit string", 2, 2, tuple(train_sizes),
-                tuple(test_sizes), lambda n: n, sample)
+    return Task(
+        "parity", "running parity of a bit string", 2, 2, tuple(train_sizes), tuple(test_sizes), lambda n: n, sample
+    )
 
 
 def addition_task(train_sizes=(2, 5), test_sizes=(6, 10)) -> Task:
@@ -159,12 +186,19 @@ def addition_task(train_sizes=(2, 5), test_sizes=(6, 10)) -> Task:
         targets = torch.cat([_ignore(2 * n + 2), torch.tensor(digits, dtype=torch.long)])
         return tokens, targets
 
-    return Task("addition", "add two n-digit numbers (least significant digit first)", 13, 10,
-                tuple(train_sizes), tuple(test_sizes), lambda n: 3 * n + 3, sample)
+    return Task(
+        "addition",
+        "add two n-digit numbers (least significant digit first)",
+        13,
+        10,
+        tuple(train_sizes),
+        tuple(test_sizes),
+        lambda n: 3 * n + 3,
+        sample,
+    )
 
 
-def recall_task(num_keys: int = 32, num_values: int = 16, train_sizes=(6, 12),
-                test_sizes=(13, 24)) -> Task:
+def recall_task(num_keys: int = 32, num_values: int = 16, train_sizes=(6, 12), test_sizes=(13, 24)) -> Task:
     """Multi-query associative recall over a key/value memory.
 
     The first ``n`` tokens are memory slots, each carrying a key and a value (two token fields,
@@ -177,8 +211,10 @@ def recall_task(num_keys: int = 32, num_values: int = 16, train_sizes=(6, 12),
     route it to the query within the model's layers.
     """
     if test_sizes[1] > num_keys:
-        raise ValueError(f"Expected 'num_keys' >= the largest test size {test_sizes[1]} "
-                         f"(got {num_keys}): keys of one instance are distinct")
+        raise ValueError(
+            f"Expected 'num_keys' >= the largest test size {test_sizes[1]} "
+            f"(got {num_keys}): keys of one instance are distinct"
+        )
     blank = num_keys + num_values
 
     def sample(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -189,9 +225,16 @@ def recall_task(num_keys: int = 32, num_values: int = 16, train_sizes=(6, 12),
         queries = torch.stack([keys[order], _const(n, blank)], dim=1)  # [n, 2]
         return torch.cat([memory, queries]), torch.cat([_ignore(n), values[order]])
 
-    return Task("recall", "associative recall: each query reads the value stored under its key",
-                num_keys + num_values + 1, num_values, tuple(train_sizes), tuple(test_sizes),
-                lambda n: 2 * n, sample)
+    return Task(
+        "recall",
+        "associative recall: each query reads the value stored under its key",
+        num_keys + num_values + 1,
+        num_values,
+        tuple(train_sizes),
+        tuple(test_sizes),
+        lambda n: 2 * n,
+        sample,
+    )
 
 
 TASKS: dict[str, Callable[..., Task]] = {
@@ -204,8 +247,7 @@ TASKS: dict[str, Callable[..., Task]] = {
 }
 
 
-def get_task(name: str, train_sizes: Sequence[int] | None = None,
-             test_sizes: Sequence[int] | None = None) -> Task:
+def get_task(name: str, train_sizes: Sequence[int] | None = None, test_sizes: Sequence[int] | None = None) -> Task:
     """A task by name, optionally with other size ranges ``(lo, hi)``."""
     if name not in TASKS:
         raise ValueError(f"Unknown task {name!r}: expected one of {sorted(TASKS)}")
@@ -223,13 +265,14 @@ def check_longer(task: Task) -> None:
     """A ``ValueError`` unless ``task.test_sizes`` lie above ``task.train_sizes``: the runs'
     "longer" evaluation measures generalization to larger instances than any seen in training."""
     if task.test_sizes[0] <= task.train_sizes[1]:
-        raise ValueError(f"Expected 'test_sizes' {task.test_sizes} above 'train_sizes' "
-                         f"{task.train_sizes}: the longer test measures generalization to larger "
-                         "instances than any seen in training")
+        raise ValueError(
+            f"Expected 'test_sizes' {task.test_sizes} above 'train_sizes' "
+            f"{task.train_sizes}: the longer test measures generalization to larger "
+            "instances than any seen in training"
+        )
 
 
-def sample_batch(task: Task, batch_size: int, sizes: tuple[int, int],
-                 generator: torch.Generator) -> SequenceBatch:
+def sample_batch(task: Task, batch_size: int, sizes: tuple[int, int], generator: torch.Generator) -> SequenceBatch:
     """``batch_size`` instances with ``n`` uniform in ``sizes`` (inclusive), concatenated."""
     lo, hi = sizes
     ns = torch.randint(lo, hi + 1, (batch_size,), generator=generator).tolist()
@@ -239,8 +282,9 @@ def sample_batch(task: Task, batch_size: int, sizes: tuple[int, int],
     return SequenceBatch(torch.cat(tokens), torch.cat(targets), positions, lengths)
 
 
-def fixed_batches(task: Task, num_sequences: int, batch_size: int, sizes: tuple[int, int],
-                  seed: int) -> list[SequenceBatch]:
+def fixed_batches(
+    task: Task, num_sequences: int, batch_size: int, sizes: tuple[int, int], seed: int
+) -> list[SequenceBatch]:
     """A fixed, seeded evaluation set split into batches."""
     g = torch.Generator().manual_seed(seed)
     out, left = [], num_sequences
@@ -265,8 +309,14 @@ class SequenceWorkload:
         eval_seed: seed of the evaluation sets (the same for every topology of a comparison).
     """
 
-    def __init__(self, task: Task, topology: Callable[[list[int]], Tensor], batch_size: int = 32,
-                 eval_size: int = 256, eval_seed: int = 12345) -> None:
+    def __init__(
+        self,
+        task: Task,
+        topology: Callable[[list[int]], Tensor],
+        batch_size: int = 32,
+        eval_size: int = 256,
+        eval_seed: int = 12345,
+    ) -> None:
         self.task = task
         self.topology = topology
         self.batch_size = batch_size

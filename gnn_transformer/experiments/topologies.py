@@ -41,6 +41,7 @@ Example:
     >>> t.select, t.kind
     ('topk:num_keys=2', 'shared')
 """
+
 from __future__ import annotations
 
 import inspect
@@ -88,7 +89,7 @@ def split_select(spec: str) -> tuple[str, str | None]:
     if not found:
         return spec, None
     at = found[-1].start()
-    return spec[:at], spec[at + 1:].strip()
+    return spec[:at], spec[at + 1 :].strip()
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -129,6 +130,7 @@ def _is_spec(name: str) -> bool:
 @dataclass(frozen=True)
 class Topology:
     """A command-line spec, resolved: how to build its graph and what a model does with it."""
+
     spec: str  # the spec as given
     build: Callable[[list[int]], Any]  # lengths -> EdgeIndex, (edge_index, edge_head) or LayerPattern
     num_heads: int | None = None  # heads of its per-head graphs (every per-head layer); None: every head
@@ -144,8 +146,10 @@ class Topology:
     def check_heads(self, nhead: int) -> None:
         """Refuse a model of another number of heads than the spec's per-head graphs."""
         if self.num_heads is not None and self.num_heads != nhead:
-            raise ValueError(f"Expected 'nhead' to equal the {self.num_heads} heads of the per-head topology "
-                             f"{self.spec!r} (got nhead={nhead})")
+            raise ValueError(
+                f"Expected 'nhead' to equal the {self.num_heads} heads of the per-head topology "
+                f"{self.spec!r} (got nhead={nhead})"
+            )
 
 
 def resolve_topology(spec: str, *, small: bool = False) -> Topology:
@@ -168,8 +172,9 @@ def resolve_topology(spec: str, *, small: bool = False) -> Topology:
         try:
             inspect.signature(builder).bind([1], **kwargs)
         except TypeError as err:
-            raise ValueError(f"Bad arguments {kwargs} for topology {name!r}: {err}. "
-                             f"Signature: {name}{inspect.signature(builder)}") from None
+            raise ValueError(
+                f"Bad arguments {kwargs} for topology {name!r}: {err}. Signature: {name}{inspect.signature(builder)}"
+            ) from None
         lists = {k for k, p in topology.BUILDERS[name].params.items() if p.kind is list}
         kwargs = {k: [v] if k in lists and not isinstance(v, list) else v for k, v in kwargs.items()}
         kwargs = check_params(name, kwargs, where)  # the types and bounds of spec files
@@ -195,11 +200,14 @@ def resolve_topology(spec: str, *, small: bool = False) -> Topology:
         select = chosen if chosen is not None else source.selector(small)
     else:
         known = sorted(set(builder_names()) | set(spec_names()))
-        raise ValueError(f"Unknown topology {name!r}: expected a builder or spec among {known}, "
-                         "or a path to a .toml spec")
+        raise ValueError(
+            f"Unknown topology {name!r}: expected a builder or spec among {known}, or a path to a .toml spec"
+        )
     if select is not None and heads is not None:
-        raise ValueError(f"{where}: a selector chooses per-head graphs within a graph for every head, not "
-                         f"within a per-head graph ({heads} heads)")
+        raise ValueError(
+            f"{where}: a selector chooses per-head graphs within a graph for every head, not "
+            f"within a per-head graph ({heads} heads)"
+        )
     return Topology(spec, build, heads, per_layer, select, source)
 
 
@@ -221,8 +229,11 @@ def label(spec: str) -> str:
     chosen = split_select(spec.strip())[1]
     text = name
     if kwargs:
-        text = f"{name}(" + ", ".join(f"{k}={';'.join(map(str, v)) if isinstance(v, list) else v}"
-                                      for k, v in kwargs.items()) + ")"
+        text = (
+            f"{name}("
+            + ", ".join(f"{k}={';'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in kwargs.items())
+            + ")"
+        )
     return text if chosen is None else f"{text}+{chosen}"
 
 
@@ -237,8 +248,10 @@ def _plain(graph: Any) -> Any:
 
 def _slots(pattern: LayerPattern) -> list[int]:
     """For each layer of one cycle, the first layer that holds the same graph object."""
-    return [next(k for k in range(layer + 1) if pattern.graphs[k] is pattern.graphs[layer])
-            for layer in range(pattern.period)]
+    return [
+        next(k for k in range(layer + 1) if pattern.graphs[k] is pattern.graphs[layer])
+        for layer in range(pattern.period)
+    ]
 
 
 def batch_graph(graphs: list[Any], lengths: list[int]) -> Any:

@@ -16,6 +16,7 @@ A *workload* (:class:`Workload`) knows its data: it draws a training batch, runs
 batch and returns logits with their labels, and holds fixed evaluation sets. The loop here knows
 nothing of sequences, graphs or images.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,14 +40,30 @@ SCHEDULES = ("cosine", "inverse_sqrt", "linear", "constant")
 OPTIMIZERS = ("adamw", "adam")
 PRECISIONS = ("fp32", "bf16")
 
-__all__ = ["TrainConfig", "TrainResult", "Workload", "train", "evaluate", "lr_lambda", "make_optimizer",
-           "seed_everything", "resolve_device", "step_memory", "write_logs", "save_checkpoint",
-           "load_checkpoint", "SCHEDULES", "OPTIMIZERS", "PRECISIONS"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "Workload",
+    "train",
+    "evaluate",
+    "lr_lambda",
+    "make_optimizer",
+    "seed_everything",
+    "resolve_device",
+    "step_memory",
+    "write_logs",
+    "save_checkpoint",
+    "load_checkpoint",
+    "SCHEDULES",
+    "OPTIMIZERS",
+    "PRECISIONS",
+]
 
 
 @dataclass
 class TrainConfig:
     """Optimization settings of one run."""
+
     steps: int = 1000  # optimizer steps
     batch_size: int = 32  # sequences / graphs / images per step (per process under DDP)
     lr: float = 1e-3  # peak learning rate, reached at the end of the warmup
@@ -135,6 +152,7 @@ class _NoSync(Protocol):
 @dataclass
 class TrainResult:
     """What one run returns."""
+
     history: list[dict[str, float]]  # one row per logged step
     evals: list[dict[str, float]]  # one row per evaluation: step, accuracy and loss per eval set
     final: dict[str, float]  # last evaluation, plus final_loss
@@ -175,8 +193,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     return cls(groups, lr=config.lr, betas=config.betas, eps=config.eps)
 
@@ -209,8 +226,7 @@ def autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, workload: Workload, device: torch.device,
-             precision: str = "fp32") -> dict[str, float]:
+def evaluate(model: nn.Module, workload: Workload, device: torch.device, precision: str = "fp32") -> dict[str, float]:
     """Accuracy (``acc_<set>``) and mean cross-entropy in nats (``loss_<set>``) on each evaluation
     set of ``workload``, over the labels that are not ``IGNORE``."""
     was_training = model.training
@@ -257,10 +273,19 @@ def _gather(obj: Any, world_size: int) -> list[Any]:
     return [obj]
 
 
-def train(model: nn.Module, workload: Workload, config: TrainConfig, *, progress: bool = False,
-          rank: int = 0, world_size: int = 1, description: str = "train",
-          checkpoint_dir: str | Path | None = None, resume: str | Path | dict[str, Any] | None = None,
-          meta: dict[str, Any] | None = None) -> TrainResult:
+def train(
+    model: nn.Module,
+    workload: Workload,
+    config: TrainConfig,
+    *,
+    progress: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    description: str = "train",
+    checkpoint_dir: str | Path | None = None,
+    resume: str | Path | dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> TrainResult:
     """Train ``model`` on ``workload`` for ``config.steps`` steps (or up to ``config.stop_after``).
 
     The model must already sit on ``config.device`` (and may be wrapped in
@@ -293,8 +318,7 @@ def train(model: nn.Module, workload: Workload, config: TrainConfig, *, progress
     start_step = 0
     if resume is not None:
         payload = resume if isinstance(resume, dict) else checkpoints.read(resume, name="resume")
-        checkpoints.check_training_state(payload, "" if isinstance(resume, dict) else resume,
-                                         world_size=world_size)
+        checkpoints.check_training_state(payload, "" if isinstance(resume, dict) else resume, world_size=world_size)
         checkpoints.unwrap(model).load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
@@ -307,22 +331,26 @@ def train(model: nn.Module, workload: Workload, config: TrainConfig, *, progress
     def save_state(step: int) -> None:
         ranks = _gather(checkpoints.rank_state(generator), world_size)  # a collective: every rank
         if directory is not None and rank == 0:
-            checkpoints.atomic_save(checkpoints.training_state(
-                model, optimizer, scheduler, step=step, ranks=ranks, progress=state, meta=meta),
-                directory / "last.pt")
+            checkpoints.atomic_save(
+                checkpoints.training_state(
+                    model, optimizer, scheduler, step=step, ranks=ranks, progress=state, meta=meta
+                ),
+                directory / "last.pt",
+            )
 
     def record_eval(row: dict[str, float]) -> None:
         state["evals"].append(row)
-        if config.eval_every and monitor in row and _better(row[monitor], (state["best"] or {}).get(monitor),
-                                                            mode):
+        if config.eval_every and monitor in row and _better(row[monitor], (state["best"] or {}).get(monitor), mode):
             state["best"] = dict(row)
             if directory is not None and rank == 0:
-                save_checkpoint(directory / "best.pt", model, step=int(row["step"]),
-                                meta={**(meta or {}), "eval": dict(row)})
+                save_checkpoint(
+                    directory / "best.pt", model, step=int(row["step"]), meta={**(meta or {}), "eval": dict(row)}
+                )
 
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=last, initial=start_step, desc=description, leave=False, dynamic_ncols=True)
 
     model.train()
@@ -334,14 +362,17 @@ def train(model: nn.Module, workload: Workload, config: TrainConfig, *, progress
         for k, batch in enumerate(batches):
             # every micro-batch but the last skips DDP's gradient all-reduce
             last_micro = k == len(batches) - 1
-            with (model.no_sync() if not last_micro and isinstance(model, _NoSync) else contextlib.nullcontext()):
+            with model.no_sync() if not last_micro and isinstance(model, _NoSync) else contextlib.nullcontext():
                 with autocast(device, config.precision):
                     logits, labels = workload.logits(forward, batch, device)
                     loss = criterion(logits.float(), labels)
                 (loss / config.grad_accum).backward()
             step_loss += loss.detach() / config.grad_accum
-        grad_norm = (nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-                     if config.clip_grad is not None else _grad_norm(model.parameters()))
+        grad_norm = (
+            nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            if config.clip_grad is not None
+            else _grad_norm(model.parameters())
+        )
         optimizer.step()
         scheduler.step()
         if device.type == "cuda":
@@ -352,20 +383,29 @@ def train(model: nn.Module, workload: Workload, config: TrainConfig, *, progress
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized():
-                both = torch.tensor([float(step_tokens), last_loss], dtype=torch.float64,
-                                    device=device if dist.get_backend() == "nccl" else "cpu")
+                both = torch.tensor(
+                    [float(step_tokens), last_loss],
+                    dtype=torch.float64,
+                    device=device if dist.get_backend() == "nccl" else "cpu",
+                )
                 dist.all_reduce(both)
                 step_tokens, last_loss = int(both[0]), float(both[1]) / world_size
             else:  # no process group to ask: this rank's count for each rank
                 step_tokens *= world_size
         state["tokens"] += step_tokens
         if not math.isfinite(last_loss):
-            raise FloatingPointError(f"Training loss became {last_loss} at step {step}; "
-                                     "try a lower learning rate")
+            raise FloatingPointError(f"Training loss became {last_loss} at step {step}; try a lower learning rate")
         if step % config.log_every == 0 or step == last:
-            state["history"].append({"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
-                                     "grad_norm": float(grad_norm), "tokens": state["tokens"],
-                                     "seconds": state["train_time"]})
+            state["history"].append(
+                {
+                    "step": step,
+                    "loss": last_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "tokens": state["tokens"],
+                    "seconds": state["train_time"],
+                }
+            )
         if config.eval_every and step % config.eval_every == 0 and step != config.steps:
             record_eval({"step": step, **evaluate(forward, workload, device, config.precision)})
         if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.stop_after:
@@ -382,9 +422,15 @@ def train(model: nn.Module, workload: Workload, config: TrainConfig, *, progress
     else:  # stopped early: this evaluation is not part of the run's logs (last.pt holds them)
         state["evals"] = [*state["evals"], final]
     final = {**final, "final_loss": _smoothed_loss(state["history"])}
-    return TrainResult(state["history"], state["evals"], final,
-                       state["tokens"] / max(state["train_time"], 1e-9), state["train_time"],
-                       asdict(config), state["best"])
+    return TrainResult(
+        state["history"],
+        state["evals"],
+        final,
+        state["tokens"] / max(state["train_time"], 1e-9),
+        state["train_time"],
+        asdict(config),
+        state["best"],
+    )
 
 
 class _Compiled(nn.Module):
@@ -478,10 +524,20 @@ def write_logs(result: TrainResult, out_dir: str | Path, prefix: str = "train") 
             writer.writerows(rows)
         paths.append(path)
     path = out / f"{prefix}.json"
-    path.write_text(json.dumps({"config": result.config, "final": result.final,
-                                "tokens_per_s": result.tokens_per_s,
-                                "train_seconds": result.train_seconds, "best": result.best,
-                                "sample": result.sample,
-                                "history": result.history, "evals": result.evals}, indent=2))
+    path.write_text(
+        json.dumps(
+            {
+                "config": result.config,
+                "final": result.final,
+                "tokens_per_s": result.tokens_per_s,
+                "train_seconds": result.train_seconds,
+                "best": result.best,
+                "sample": result.sample,
+                "history": result.history,
+                "evals": result.evals,
+            },
+            indent=2,
+        )
+    )
     paths.append(path)
     return paths

@@ -15,6 +15,7 @@ Two entry points:
 - :func:`model_dense_error` checks a whole trained model: every attention call of one forward pass
   is recomputed by the dense reference from the very inputs it received.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -23,8 +24,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import (GraphMultiheadAttention, GraphTransformerEncoder, GraphTransformerEncoderLayer, dense, from_padded,
-               to_padded)
+from .. import (
+    GraphMultiheadAttention,
+    GraphTransformerEncoder,
+    GraphTransformerEncoderLayer,
+    dense,
+    from_padded,
+    to_padded,
+)
 from ..dense.layers import encoder as dense_encoder
 from ..topology import to_dense_mask
 from ..topology.dynamic import selector
@@ -38,6 +45,7 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 @dataclass
 class VerifyRow:
     """One topology under one backend."""
+
     topology: str
     backend: str
     nodes: int
@@ -62,9 +70,15 @@ def _mask(edge_index: Tensor, edge_head: Tensor | None, lengths: list[int], num_
     return to_dense_mask(edge_index, lengths=lengths, edge_head=edge_head, num_heads=num_heads)
 
 
-def dense_reference(layer: GraphMultiheadAttention, x: Tensor, edge_index: Tensor,
-                    lengths: Sequence[int], edge_bias: Tensor | None = None,
-                    pos: Tensor | None = None, edge_head: Tensor | None = None) -> Tensor:
+def dense_reference(
+    layer: GraphMultiheadAttention,
+    x: Tensor,
+    edge_index: Tensor,
+    lengths: Sequence[int],
+    edge_bias: Tensor | None = None,
+    pos: Tensor | None = None,
+    edge_head: Tensor | None = None,
+) -> Tensor:
     """The dense reference of ``layer(x, edge_index, edge_head=edge_head)`` on the sequences
     ``lengths``: ``[N, C]``.
 
@@ -92,7 +106,7 @@ def dense_reference(layer: GraphMultiheadAttention, x: Tensor, edge_index: Tenso
     query = layer.rotate(layer.project_query(x), pos)  # [N, H, D]
     key, value = layer.key_value(x, pos=pos)  # [N, H_kv, D] each
     q_pad, k_pad, v_pad = (to_padded(t, lengths).transpose(1, 2) for t in (query, key, value))  # [B, H, T, D]
-    scale = layer.head_dim ** -0.5 if layer.scale is None else layer.scale
+    scale = layer.head_dim**-0.5 if layer.scale is None else layer.scale
     out, _ = dense.scaled_dot_product(q_pad, k_pad, v_pad, mask, scale=scale, bias=bias, softcap=layer.softcap)
     out = from_padded(out.transpose(1, 2), lengths).reshape(x.size(0), -1)  # [N, C]
     return layer.out_proj(out)
@@ -113,8 +127,14 @@ def _errors(x_graph: Tensor, x_dense: Tensor, out_graph: Tensor, out_dense: Tens
     return out_err, grad_err
 
 
-def compare_layer(layer: GraphMultiheadAttention, x: Tensor, edge_index: Tensor,
-                  lengths: Sequence[int], backend: str, edge_head: Tensor | None = None) -> tuple[float, float]:
+def compare_layer(
+    layer: GraphMultiheadAttention,
+    x: Tensor,
+    edge_index: Tensor,
+    lengths: Sequence[int],
+    backend: str,
+    edge_head: Tensor | None = None,
+) -> tuple[float, float]:
     """Largest output and input-gradient differences between the graph and the dense path."""
     x_graph = x.detach().clone().requires_grad_(True)
     x_dense = x.detach().clone().requires_grad_(True)
@@ -123,15 +143,17 @@ def compare_layer(layer: GraphMultiheadAttention, x: Tensor, edge_index: Tensor,
     return _errors(x_graph, x_dense, out_graph, out_dense)
 
 
-def compare_stack(stack: GraphTransformerEncoder, x: Tensor, pattern: LayerPattern,
-                  lengths: Sequence[int]) -> tuple[float, float]:
+def compare_stack(
+    stack: GraphTransformerEncoder, x: Tensor, pattern: LayerPattern, lengths: Sequence[int]
+) -> tuple[float, float]:
     """Largest output and input-gradient differences between a stack on per-layer graphs and
     :func:`gnn_transformer.dense.layers.encoder` with one mask per layer."""
     lengths = list(lengths)
     attn = getattr(stack.layers[0], "self_attn", None) if len(stack.layers) else None
     if not isinstance(attn, GraphMultiheadAttention):
-        raise ValueError("Expected 'stack' whose first layer has a GraphMultiheadAttention 'self_attn' (got "
-                         f"{type(attn).__name__})")
+        raise ValueError(
+            f"Expected 'stack' whose first layer has a GraphMultiheadAttention 'self_attn' (got {type(attn).__name__})"
+        )
     masks = []
     for layer in range(len(stack.layers)):
         graph = pattern(layer)
@@ -151,9 +173,18 @@ def _edges(graph: Tensor | tuple[Tensor, Tensor] | LayerPattern) -> int:
     return int((graph[0] if isinstance(graph, tuple) else graph).size(1))
 
 
-def _check_one(topo: Topology, graph: Tensor | tuple[Tensor, Tensor] | LayerPattern, lengths: list[int],
-               backend: str, *, embed_dim: int, num_heads: int, dtype: torch.dtype, device: torch.device,
-               seed: int) -> tuple[float, float, int]:
+def _check_one(
+    topo: Topology,
+    graph: Tensor | tuple[Tensor, Tensor] | LayerPattern,
+    lengths: list[int],
+    backend: str,
+    *,
+    embed_dim: int,
+    num_heads: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
+) -> tuple[float, float, int]:
     """``(output error, gradient error, edges)`` of one topology under one backend."""
     n = sum(lengths)
     heads = topo.num_heads or num_heads
@@ -188,12 +219,20 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return backends
 
 
-def verify_topologies(specs: Sequence[str], lengths: Sequence[int] = (23, 40), *,
-                      embed_dim: int = 32, num_heads: int = 4,
-                      backends: Sequence[str] | None = None, dtype: torch.dtype = torch.float64,
-                      device: str = "cpu", seed: int = 0, small: bool = True,
-                      on_row: Callable[[VerifyRow], None] | None = None,
-                      on_error: Callable[[str, ValueError], None] | None = None) -> list[VerifyRow]:
+def verify_topologies(
+    specs: Sequence[str],
+    lengths: Sequence[int] = (23, 40),
+    *,
+    embed_dim: int = 32,
+    num_heads: int = 4,
+    backends: Sequence[str] | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: str = "cpu",
+    seed: int = 0,
+    small: bool = True,
+    on_row: Callable[[VerifyRow], None] | None = None,
+    on_error: Callable[[str, ValueError], None] | None = None,
+) -> list[VerifyRow]:
     """Graph attention vs the dense reference for every spec and backend.
 
     Args:
@@ -228,8 +267,17 @@ def verify_topologies(specs: Sequence[str], lengths: Sequence[int] = (23, 40), *
             continue
         graph = graph_to(graph, where)
         for backend in backends:
-            out_err, grad_err, edges = _check_one(topo, graph, lengths, backend, embed_dim=embed_dim,
-                                                  num_heads=num_heads, dtype=dtype, device=where, seed=seed)
+            out_err, grad_err, edges = _check_one(
+                topo,
+                graph,
+                lengths,
+                backend,
+                embed_dim=embed_dim,
+                num_heads=num_heads,
+                dtype=dtype,
+                device=where,
+                seed=seed,
+            )
             row = VerifyRow(label(topo.spec), backend, sum(lengths), edges, out_err, grad_err, TOLERANCE[dtype])
             rows.append(row)
             if on_row is not None:
@@ -254,11 +302,13 @@ def model_dense_error(model: nn.Module, run: Callable[[], object], lengths: Sequ
         if kwargs.get("kv") is not None:
             raise ValueError("model_dense_error checks attention without precomputed keys/values")
         out = output[0] if isinstance(output, tuple) else output
-        calls.append((module, x, edge_index, kwargs.get("edge_bias"), kwargs.get("pos"), kwargs.get("edge_head"),
-                      out))
+        calls.append((module, x, edge_index, kwargs.get("edge_bias"), kwargs.get("pos"), kwargs.get("edge_head"), out))
 
-    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules()
-               if isinstance(m, GraphMultiheadAttention)]
+    handles = [
+        m.register_forward_hook(hook, with_kwargs=True)
+        for m in model.modules()
+        if isinstance(m, GraphMultiheadAttention)
+    ]
     try:
         run()
     finally:

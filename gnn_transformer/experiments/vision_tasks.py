@@ -10,6 +10,7 @@ token. Topologies:
 
 Needs scikit-learn (``pip install scikit-learn``) for the data set.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ PATCH_SIZES = tuple(p for p in range(1, IMAGE_SIDE + 1) if IMAGE_SIDE % p == 0) 
 def check_patch(patch: int) -> None:
     """A ``ValueError`` unless ``patch`` cuts the 8x8 digits into whole patches."""
     if patch not in PATCH_SIZES:
-        raise ValueError(f"Expected 'patch' to divide the {IMAGE_SIDE}x{IMAGE_SIDE} digits, one of "
-                         f"{PATCH_SIZES} (got {patch})")
+        raise ValueError(
+            f"Expected 'patch' to divide the {IMAGE_SIDE}x{IMAGE_SIDE} digits, one of {PATCH_SIZES} (got {patch})"
+        )
 
 
 def load_digits_tensors() -> tuple[Tensor, Tensor]:
@@ -83,20 +85,18 @@ class ImageBatch:
 class DigitsWorkload:
     """Digit classification (1797 images: 1437 train / 360 test, split by a fixed seed)."""
 
-    def __init__(self, topology: str = "grid", patch: int = 2, batch_size: int = 64,
-                 seed: int = 0) -> None:
+    def __init__(self, topology: str = "grid", patch: int = 2, batch_size: int = 64, seed: int = 0) -> None:
         check_patch(patch)
         images, labels = load_digits_tensors()
         self.topology, self.patch, self.batch_size = topology, patch, batch_size
         self.side = IMAGE_SIDE // patch
-        self.num_patches, self.patch_dim, self.num_classes = self.side ** 2, patch * patch, 10
+        self.num_patches, self.patch_dim, self.num_classes = self.side**2, patch * patch, 10
         self.graph = image_graph(self.side, topology)
         perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
         test, train = perm[:360], perm[360:]
         x = patchify(images, patch)
         self.train_x, self.train_y = x[train], labels[train]
-        self._test = [ImageBatch(x[test[i:i + 128]], labels[test[i:i + 128]])
-                      for i in range(0, len(test), 128)]
+        self._test = [ImageBatch(x[test[i : i + 128]], labels[test[i : i + 128]]) for i in range(0, len(test), 128)]
 
     def train_batch(self, generator: torch.Generator) -> ImageBatch:
         idx = torch.randint(0, len(self.train_y), (self.batch_size,), generator=generator)

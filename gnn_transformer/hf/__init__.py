@@ -18,6 +18,7 @@ graphs the outputs equal Hugging Face's at every real token (``tests/test_hf.py`
 
 ``transformers`` is only needed by :func:`from_pretrained` and :func:`to_hf` (the optional extra ``[hf]``).
 """
+
 from ._common import GraphModelOutput, causal_lm_loss, masked_lm_loss
 from .bert import GraphBertEmbeddings, GraphBertModel, bert_hf_state_dict, bert_state_dict
 from .decoders import DecoderConfig, GraphDecoderLayer, GraphDecoderLM, RopeConfig, decoder_config
@@ -26,8 +27,29 @@ from .gpt2 import GraphGPT2LMHeadModel, gpt2_hf_state_dict, gpt2_state_dict
 from .load import SUPPORTED, from_hf, from_pretrained
 from .modernbert import GraphModernBertModel, modernbert_hf_state_dict, modernbert_state_dict
 
-__all__ = ["GraphModelOutput", "GraphBertModel", "GraphBertEmbeddings", "GraphGPT2LMHeadModel",
-           "GraphDecoderLM", "GraphDecoderLayer", "GraphModernBertModel", "DecoderConfig", "RopeConfig",
-           "decoder_config", "bert_state_dict", "bert_hf_state_dict", "gpt2_state_dict", "gpt2_hf_state_dict",
-           "decoder_state_dict", "decoder_hf_state_dict", "modernbert_state_dict", "modernbert_hf_state_dict",
-           "causal_lm_loss", "masked_lm_loss", "from_hf", "from_pretrained", "to_hf", "SUPPORTED"]
+__all__ = [
+    "GraphModelOutput",
+    "GraphBertModel",
+    "GraphBertEmbeddings",
+    "GraphGPT2LMHeadModel",
+    "GraphDecoderLM",
+    "GraphDecoderLayer",
+    "GraphModernBertModel",
+    "DecoderConfig",
+    "RopeConfig",
+    "decoder_config",
+    "bert_state_dict",
+    "bert_hf_state_dict",
+    "gpt2_state_dict",
+    "gpt2_hf_state_dict",
+    "decoder_state_dict",
+    "decoder_hf_state_dict",
+    "modernbert_state_dict",
+    "modernbert_hf_state_dict",
+    "causal_lm_loss",
+    "masked_lm_loss",
+    "from_hf",
+    "from_pretrained",
+    "to_hf",
+    "SUPPORTED",
+]

@@ -5,6 +5,7 @@ and the recording of those weights from any model built on graph attention.
 Notation: ``B`` rows, ``T`` columns of a padded batch, ``N`` real tokens (nodes), ``E`` edges,
 ``H`` heads, ``L`` layers, ``V`` vocabulary.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
@@ -44,8 +45,18 @@ class GraphModelOutput:
 
     def to_tuple(self) -> tuple:
         """The fields that are not ``None``, in order."""
-        return tuple(v for v in (self.loss, self.logits, self.last_hidden_state, self.pooler_output,
-                                 self.attentions, self.edge_attentions) if v is not None)
+        return tuple(
+            v
+            for v in (
+                self.loss,
+                self.logits,
+                self.last_hidden_state,
+                self.pooler_output,
+                self.attentions,
+                self.edge_attentions,
+            )
+            if v is not None
+        )
 
     def __getitem__(self, key: str | int | slice):
         if isinstance(key, str):
@@ -59,8 +70,9 @@ def default_topology(name: str) -> Topology:
     return getattr(topology, name)
 
 
-def flatten_inputs(input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
-                   max_positions: int | None) -> tuple[Tensor, Tensor, list[int]]:
+def flatten_inputs(
+    input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, max_positions: int | None
+) -> tuple[Tensor, Tensor, list[int]]:
     """Padded HF inputs -> real-token mask ``[B, T]``, node positions ``[N]``, lengths.
     ``max_positions``: the size of a learned position table (``None``: no table, positions >= 0)."""
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
@@ -71,20 +83,23 @@ def flatten_inputs(input_ids: Tensor, attention_mask: Tensor | None, position_id
         mask = torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
     else:
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"Expected 'attention_mask' of shape {list(input_ids.shape)} (got "
-                             f"{list(attention_mask.shape)})")
+            raise ValueError(
+                f"Expected 'attention_mask' of shape {list(input_ids.shape)} (got {list(attention_mask.shape)})"
+            )
         mask = attention_mask.bool()
     if position_ids is None:
         position_ids = torch.arange(t, device=input_ids.device)
     elif not isinstance(position_ids, Tensor) or position_ids.shape not in ((t,), (1, t), (b, t)):
         got = list(position_ids.shape) if isinstance(position_ids, Tensor) else position_ids
-        raise ValueError(f"Expected 'position_ids' of shape [{t}], [1, {t}] or [{b}, {t}] (that of "
-                         f"'input_ids' or one row of it; got {got})")
+        raise ValueError(
+            f"Expected 'position_ids' of shape [{t}], [1, {t}] or [{b}, {t}] (that of "
+            f"'input_ids' or one row of it; got {got})"
+        )
     pos = position_ids.expand(b, t)[mask]
     if max_positions is not None:
         check_positions(pos, max_positions, "(check 'input_ids' length or 'position_ids')")
     else:
-        bad = outside(pos, 2 ** 62)
+        bad = outside(pos, 2**62)
         if bad is not None:
             raise ValueError(f"Expected non-negative 'position_ids' (found {bad})")
     return mask, pos, mask.sum(1).tolist()
@@ -102,8 +117,9 @@ def outside(values: Tensor, size: int) -> int | None:
 def check_positions(pos: Tensor, max_positions: int, hint: str) -> None:
     bad = outside(pos, max_positions)
     if bad is not None:
-        raise ValueError(f"Found position {bad} but the model has position embeddings for "
-                         f"0..{max_positions - 1} {hint}")
+        raise ValueError(
+            f"Found position {bad} but the model has position embeddings for 0..{max_positions - 1} {hint}"
+        )
 
 
 def scatter_back(h: Tensor, mask: Tensor) -> Tensor:
@@ -114,10 +130,10 @@ def scatter_back(h: Tensor, mask: Tensor) -> Tensor:
 
 def check_topology(topology) -> Topology:
     if not callable(topology):
-        got = (f"a tensor of shape {list(topology.shape)}" if isinstance(topology, Tensor)
-               else repr(topology))
-        raise ValueError(f"Expected 'topology' to be a callable lengths -> edge_index or (edge_index, "
-                         f"edge_head) (got {got})")
+        got = f"a tensor of shape {list(topology.shape)}" if isinstance(topology, Tensor) else repr(topology)
+        raise ValueError(
+            f"Expected 'topology' to be a callable lengths -> edge_index or (edge_index, edge_head) (got {got})"
+        )
     return topology
 
 
@@ -126,12 +142,16 @@ def check_topologies(topology, num_layers: int) -> Topologies:
     if callable(topology) or isinstance(topology, (Tensor, str, bytes)) or not isinstance(topology, Sequence):
         return check_topology(topology)
     if len(topology) != num_layers:
-        raise ValueError(f"Expected 'topology' to hold one builder (or None) per layer, {num_layers} (got "
-                         f"a sequence of length {len(topology)})")
+        raise ValueError(
+            f"Expected 'topology' to hold one builder (or None) per layer, {num_layers} (got "
+            f"a sequence of length {len(topology)})"
+        )
     for index, builder in enumerate(topology):
         if builder is not None and not callable(builder):
-            raise ValueError(f"Expected 'topology[{index}]' to be a callable lengths -> edge_index or "
-                             f"(edge_index, edge_head), or None (got {builder!r})")
+            raise ValueError(
+                f"Expected 'topology[{index}]' to be a callable lengths -> edge_index or "
+                f"(edge_index, edge_head), or None (got {builder!r})"
+            )
     return list(topology)
 
 
@@ -143,13 +163,16 @@ def check_heads(edge_head: Tensor, num_heads: int, name: str) -> None:
         return
     lo, hi = (int(x) for x in torch.aminmax(edge_head))
     if lo < 0 or hi != num_heads - 1:
-        raise ValueError(f"Expected '{name}' to return a per-head graph for the model's {num_heads} attention "
-                         f"heads, edge_head in 0..{num_heads - 1} (got edge_head in {lo}..{hi}: a graph for "
-                         f"{hi + 1} heads)")
+        raise ValueError(
+            f"Expected '{name}' to return a per-head graph for the model's {num_heads} attention "
+            f"heads, edge_head in 0..{num_heads - 1} (got edge_head in {lo}..{hi}: a graph for "
+            f"{hi + 1} heads)"
+        )
 
 
-def edges(topology: Topology, lengths: list[int], device: torch.device, num_heads: int,
-          name: str = "topology") -> Graph:
+def edges(
+    topology: Topology, lengths: list[int], device: torch.device, num_heads: int, name: str = "topology"
+) -> Graph:
     """The token graph ``topology(lengths)`` on ``device``: an ``edge_index`` ``[2, E]``, or a
     per-head graph ``(edge_index, edge_head)`` whose heads are checked against the model's
     ``num_heads`` (:func:`check_heads`)."""
@@ -158,29 +181,43 @@ def edges(topology: Topology, lengths: list[int], device: torch.device, num_head
         return graph.to(device)
     if isinstance(graph, (tuple, list)) and len(graph) == 2 and all(isinstance(t, Tensor) for t in graph):
         edge_index, edge_head = graph
-        if edge_head.dim() != 1 or edge_head.is_floating_point() or edge_head.dtype == torch.bool \
-                or edge_head.size(0) != (edge_index.size(-1) if edge_index.dim() else -1):
-            raise ValueError(f"Expected '{name}' to return (edge_index [2, E], edge_head [E]) with integer "
-                             f"edge_head (got shapes {list(edge_index.shape)} and {list(edge_head.shape)}, "
-                             f"{edge_head.dtype}, from {topology!r})")
+        if (
+            edge_head.dim() != 1
+            or edge_head.is_floating_point()
+            or edge_head.dtype == torch.bool
+            or edge_head.size(0) != (edge_index.size(-1) if edge_index.dim() else -1)
+        ):
+            raise ValueError(
+                f"Expected '{name}' to return (edge_index [2, E], edge_head [E]) with integer "
+                f"edge_head (got shapes {list(edge_index.shape)} and {list(edge_head.shape)}, "
+                f"{edge_head.dtype}, from {topology!r})"
+            )
         check_heads(edge_head, num_heads, name)
         return edge_index.to(device), edge_head.to(device)
-    got = f"a {type(graph).__name__} of length {len(graph)}" if isinstance(graph, (tuple, list)) else \
-        type(graph).__name__
-    raise ValueError(f"Expected '{name}' to return an edge_index tensor [2, E] or a pair (edge_index, edge_head) "
-                    f"(got {got} from {topology!r})")
+    got = (
+        f"a {type(graph).__name__} of length {len(graph)}" if isinstance(graph, (tuple, list)) else type(graph).__name__
+    )
+    raise ValueError(
+        f"Expected '{name}' to return an edge_index tensor [2, E] or a pair (edge_index, edge_head) "
+        f"(got {got} from {topology!r})"
+    )
 
 
-def layer_edges(topology: Topologies, native: Sequence[Topology], lengths: list[int],
-                device: torch.device, num_heads: int) -> list[Graph]:
+def layer_edges(
+    topology: Topologies, native: Sequence[Topology], lengths: list[int], device: torch.device, num_heads: int
+) -> list[Graph]:
     """One graph per layer: ``topology`` (one builder, or one per layer where not ``None``), else the
     layer's ``native`` builder; each distinct builder is called once, so layers that share a builder
     share its graph (and what the kernels cache for it). A per-head graph is a pair
     ``(edge_index, edge_head)``, as :func:`gnn_transformer.layers.resolve_layer_graphs` takes it."""
-    builders = ([topology] * len(native) if callable(topology)
-                else [n if t is None else t for t, n in zip(topology, native)])
-    named = ({id(topology): "topology"} if callable(topology)
-             else {id(t): f"topology[{i}]" for i, t in reversed(list(enumerate(topology))) if t is not None})
+    builders = (
+        [topology] * len(native) if callable(topology) else [n if t is None else t for t, n in zip(topology, native)]
+    )
+    named = (
+        {id(topology): "topology"}
+        if callable(topology)
+        else {id(t): f"topology[{i}]" for i, t in reversed(list(enumerate(topology))) if t is not None}
+    )
     built: dict[int, Graph] = {}
     for builder in builders:
         if id(builder) not in built:
@@ -200,23 +237,28 @@ def model_type(obj) -> str | None:
 def check_config(config, expected: str | tuple[str, ...], cls: type) -> None:
     got = getattr(config, "model_type", None)
     if got not in ((expected,) if isinstance(expected, str) else expected):
-        raise TypeError(f"Expected 'config' of a Hugging Face {expected!r} model for {cls.__name__} "
-                        f"(got {type(config).__name__} with model_type {got!r})")
+        raise TypeError(
+            f"Expected 'config' of a Hugging Face {expected!r} model for {cls.__name__} "
+            f"(got {type(config).__name__} with model_type {got!r})"
+        )
 
 
 def check_model(model, expected: str | tuple[str, ...], cls: type) -> None:
     """A TypeError unless ``model`` is a Hugging Face model of type ``expected``."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"Expected 'model' to be a Hugging Face {expected!r} model for "
-                        f"{cls.__name__}.from_hf (got {type(model).__name__})")
+        raise TypeError(
+            f"Expected 'model' to be a Hugging Face {expected!r} model for "
+            f"{cls.__name__}.from_hf (got {type(model).__name__})"
+        )
     got = model_type(model)
     if got not in ((expected,) if isinstance(expected, str) else expected):
-        raise TypeError(f"Expected 'model' to be a Hugging Face {expected!r} model for "
-                        f"{cls.__name__}.from_hf (got {type(model).__name__} with model_type {got!r})")
+        raise TypeError(
+            f"Expected 'model' to be a Hugging Face {expected!r} model for "
+            f"{cls.__name__}.from_hf (got {type(model).__name__} with model_type {got!r})"
+        )
 
 
-def resolve_topologies(topology: Topologies | None, model_topology: Topologies | None,
-                       num_layers: int) -> Topologies:
+def resolve_topologies(topology: Topologies | None, model_topology: Topologies | None, num_layers: int) -> Topologies:
     """The call's topology (checked), else the model's, else ``None`` for every layer (the native
     graphs)."""
     if topology is not None:
@@ -257,11 +299,12 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """
     if not isinstance(labels, Tensor) or labels.shape != logits.shape[:2] or labels.is_floating_point():
         got = list(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise ValueError(f"Expected 'labels' to be an integer tensor of the shape of 'input_ids', "
-                         f"{list(logits.shape[:2])} (got {got})")
+        raise ValueError(
+            f"Expected 'labels' to be an integer tensor of the shape of 'input_ids', "
+            f"{list(logits.shape[:2])} (got {got})"
+        )
     shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(logits.device)  # [B, T]
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), shifted.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def masked_lm_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
@@ -271,20 +314,24 @@ def masked_lm_loss(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
     a label at padding must be ``-100`` (the graph computes no logits there)."""
     if not isinstance(labels, Tensor) or labels.shape != logits.shape[:2] or labels.is_floating_point():
         got = list(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise ValueError(f"Expected 'labels' to be an integer tensor of the shape of 'input_ids', "
-                         f"{list(logits.shape[:2])} (got {got})")
+        raise ValueError(
+            f"Expected 'labels' to be an integer tensor of the shape of 'input_ids', "
+            f"{list(logits.shape[:2])} (got {got})"
+        )
     labels = labels.to(logits.device)
     padded = (~mask) & (labels != IGNORE_INDEX)
     if bool(padded.any()):
         b, t = (int(i) for i in padded.nonzero()[0])
-        raise ValueError(f"Expected 'labels' -100 at padded positions (got {int(labels[b, t])} at row {b}, "
-                         f"column {t}, where attention_mask is 0)")
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+        raise ValueError(
+            f"Expected 'labels' -100 at padded positions (got {int(labels[b, t])} at row {b}, "
+            f"column {t}, where attention_mask is 0)"
+        )
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
-def dense_attentions(edge_attentions: Sequence[tuple[Graph, Tensor]], mask: Tensor, num_heads: int
-                     ) -> tuple[Tensor, ...] | None:
+def dense_attentions(
+    edge_attentions: Sequence[tuple[Graph, Tensor]], mask: Tensor, num_heads: int
+) -> tuple[Tensor, ...] | None:
     """Per-edge weights of each layer -> Hugging Face's ``[B, H, T, T]`` (query row, key column,
     zeros where the graph has no edge and at padding), or ``None`` above
     ``DENSE_ATTENTIONS_MAX_CELLS`` cells per layer. A layer's entry is ``(edge_index, weights

@@ -7,6 +7,7 @@ position and token-type embeddings, post-norm encoder layers (exact GELU) of
 
 Notation: ``N`` nodes, ``E`` edges, ``C`` hidden size, ``H`` heads.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,9 +15,24 @@ from torch import Tensor, nn
 
 from ..attention import check_ids
 from ..layers import GraphTransformerEncoder, GraphTransformerEncoderLayer, get_activation
-from ._common import (GraphModelOutput, Renaming, Topologies, attention_weights, check_config, check_model,
-                      check_positions, check_topologies, default_topology, dense_attentions, flatten_inputs,
-                      hf_state_dict, layer_edges, renamed_state_dict, resolve_topologies, scatter_back)
+from ._common import (
+    GraphModelOutput,
+    Renaming,
+    Topologies,
+    attention_weights,
+    check_config,
+    check_model,
+    check_positions,
+    check_topologies,
+    default_topology,
+    dense_attentions,
+    flatten_inputs,
+    hf_state_dict,
+    layer_edges,
+    renamed_state_dict,
+    resolve_topologies,
+    scatter_back,
+)
 
 
 class GraphBertEmbeddings(nn.Module):
@@ -25,8 +41,9 @@ class GraphBertEmbeddings(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         # as Hugging Face: the row of pad_token_id gets no gradient
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size,
-                                            padding_idx=getattr(config, "pad_token_id", None))
+        self.word_embeddings = nn.Embedding(
+            config.vocab_size, config.hidden_size, padding_idx=getattr(config, "pad_token_id", None)
+        )
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -37,8 +54,9 @@ class GraphBertEmbeddings(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         check_ids(token_type_ids, self.token_type_embeddings.num_embeddings, "token_type_ids")
-        h = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-             + self.position_embeddings(pos))  # [N, C]
+        h = (
+            self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids) + self.position_embeddings(pos)
+        )  # [N, C]
         return self.dropout(self.LayerNorm(h))
 
 
@@ -62,8 +80,9 @@ class GraphBertModel(nn.Module):
     left-padded row Hugging Face pools a padding position, which the graph never computes.
     """
 
-    def __init__(self, config, *, add_pooling_layer: bool = True, topology: Topologies | None = None,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self, config, *, add_pooling_layer: bool = True, topology: Topologies | None = None, backend: str = "auto"
+    ) -> None:
         super().__init__()
         check_config(config, "bert", type(self))
         if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
@@ -75,17 +94,31 @@ class GraphBertModel(nn.Module):
         self.topology = None if topology is None else check_topologies(topology, config.num_hidden_layers)
         self.embeddings = GraphBertEmbeddings(config)
         layer = GraphTransformerEncoderLayer(
-            config.hidden_size, config.num_attention_heads, config.intermediate_size,
-            dropout=config.hidden_dropout_prob, activation=get_activation(config.hidden_act),
-            layer_norm_eps=config.layer_norm_eps, norm_first=False, backend=backend)
+            config.hidden_size,
+            config.num_attention_heads,
+            config.intermediate_size,
+            dropout=config.hidden_dropout_prob,
+            activation=get_activation(config.hidden_act),
+            layer_norm_eps=config.layer_norm_eps,
+            norm_first=False,
+            backend=backend,
+        )
         layer.self_attn.dropout = config.attention_probs_dropout_prob
         layer.dropout.p = 0.0  # BertIntermediate has no dropout between activation and output.dense
         self.encoder = GraphTransformerEncoder(layer, config.num_hidden_layers)
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooling_layer else None
 
-    def forward_graph(self, input_ids: Tensor, edge_index, *, pos: Tensor,
-                      token_type_ids: Tensor | None = None, edge_bias=None, edge_head: Tensor | None = None,
-                      output_attentions: bool = False):
+    def forward_graph(
+        self,
+        input_ids: Tensor,
+        edge_index,
+        *,
+        pos: Tensor,
+        token_type_ids: Tensor | None = None,
+        edge_bias=None,
+        edge_head: Tensor | None = None,
+        output_attentions: bool = False,
+    ):
         """Token ids ``[N]``, the graph of every layer (one ``edge_index`` ``[2, E]``, with
         ``edge_head`` ``[E]`` for a per-head one, or one graph per layer:
         :func:`gnn_transformer.layers.resolve_layer_graphs`), positions ``[N]`` -> hidden states
@@ -100,23 +133,33 @@ class GraphBertModel(nn.Module):
             h = self.encoder(h, edge_index, edge_bias=edge_bias, edge_head=edge_head)
         return h, list(weights)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                token_type_ids: Tensor | None = None, position_ids: Tensor | None = None, *,
-                output_attentions: bool = False, topology: Topologies | None = None) -> GraphModelOutput:
-        mask, pos, lengths = flatten_inputs(input_ids, attention_mask, position_ids,
-                                      self.embeddings.position_embeddings.num_embeddings)
-        if token_type_ids is not None and (not isinstance(token_type_ids, Tensor)
-                                           or token_type_ids.shape != input_ids.shape):
-            got = (list(token_type_ids.shape) if isinstance(token_type_ids, Tensor)
-                   else type(token_type_ids).__name__)
-            raise ValueError(f"Expected 'token_type_ids' of the shape of 'input_ids', "
-                             f"{list(input_ids.shape)} (got {got})")
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        *,
+        output_attentions: bool = False,
+        topology: Topologies | None = None,
+    ) -> GraphModelOutput:
+        mask, pos, lengths = flatten_inputs(
+            input_ids, attention_mask, position_ids, self.embeddings.position_embeddings.num_embeddings
+        )
+        if token_type_ids is not None and (
+            not isinstance(token_type_ids, Tensor) or token_type_ids.shape != input_ids.shape
+        ):
+            got = list(token_type_ids.shape) if isinstance(token_type_ids, Tensor) else type(token_type_ids).__name__
+            raise ValueError(
+                f"Expected 'token_type_ids' of the shape of 'input_ids', {list(input_ids.shape)} (got {got})"
+            )
         num_layers, heads = self.config.num_hidden_layers, self.config.num_attention_heads
         topology = resolve_topologies(topology, self.topology, num_layers)
         graphs = layer_edges(topology, [default_topology("full")] * num_layers, lengths, input_ids.device, heads)
         types = None if token_type_ids is None else token_type_ids[mask]
-        h = self.forward_graph(input_ids[mask], graphs, pos=pos, token_type_ids=types,
-                               output_attentions=output_attentions)
+        h = self.forward_graph(
+            input_ids[mask], graphs, pos=pos, token_type_ids=types, output_attentions=output_attentions
+        )
         h, weights = h if output_attentions else (h, None)
         out = GraphModelOutput(last_hidden_state=scatter_back(h, mask))
         if weights is not None:
@@ -148,18 +191,35 @@ class GraphBertModel(nn.Module):
 def bert_renaming(num_layers: int, pooler: bool = True) -> Renaming:
     """Every :class:`GraphBertModel` parameter and the ``BertModel`` keys it comes from (query, key
     and value concatenated into ``in_proj``)."""
-    table: Renaming = [(f"embeddings.{name}", (f"embeddings.{name}",), False) for name in (
-        "word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight",
-        "LayerNorm.weight", "LayerNorm.bias")]
+    table: Renaming = [
+        (f"embeddings.{name}", (f"embeddings.{name}",), False)
+        for name in (
+            "word_embeddings.weight",
+            "position_embeddings.weight",
+            "token_type_embeddings.weight",
+            "LayerNorm.weight",
+            "LayerNorm.bias",
+        )
+    ]
     if pooler:
         table += [(f"pooler.{kind}", (f"pooler.dense.{kind}",), False) for kind in ("weight", "bias")]
-    names = {"self_attn.out_proj": "attention.output.dense", "norm1": "attention.output.LayerNorm",
-             "linear1": "intermediate.dense", "linear2": "output.dense", "norm2": "output.LayerNorm"}
+    names = {
+        "self_attn.out_proj": "attention.output.dense",
+        "norm1": "attention.output.LayerNorm",
+        "linear1": "intermediate.dense",
+        "linear2": "output.dense",
+        "norm2": "output.LayerNorm",
+    }
     for i in range(num_layers):
         src, dst = f"encoder.layer.{i}.", f"encoder.layers.{i}."
         for kind in ("weight", "bias"):
-            table.append((dst + f"self_attn.in_proj_{kind}",
-                          tuple(src + f"attention.self.{name}.{kind}" for name in ("query", "key", "value")), False))
+            table.append(
+                (
+                    dst + f"self_attn.in_proj_{kind}",
+                    tuple(src + f"attention.self.{name}.{kind}" for name in ("query", "key", "value")),
+                    False,
+                )
+            )
             table += [(dst + f"{graph}.{kind}", (src + f"{hf}.{kind}",), False) for graph, hf in names.items()]
     return table
 

@@ -25,6 +25,7 @@ is ``W - 1``.
 Notation: ``N`` nodes, ``C`` hidden size, ``H`` / ``H_kv`` query / key-value heads, ``D`` head
 dimension, ``L`` layers, ``V`` vocabulary.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,12 +39,31 @@ from ..layers import ACTIVATIONS, resolve_layer_graphs
 from ..mlp import FeedForward
 from ..norms import RMSNorm
 from ..position import ROPE_TYPES, RopeScaling
-from ._common import (GraphModelOutput, Topologies, Topology, causal_lm_loss, check_model, check_positions,
-                      check_topologies, dense_attentions, flatten_inputs, layer_edges, scatter_back)
+from ._common import (
+    GraphModelOutput,
+    Topologies,
+    Topology,
+    causal_lm_loss,
+    check_model,
+    check_positions,
+    check_topologies,
+    dense_attentions,
+    flatten_inputs,
+    layer_edges,
+    scatter_back,
+)
 
 # model_type -> family; the families share GraphDecoderLM
-FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-            "gemma3_text": "gemma3", "phi3": "phi3", "gpt_neo": "gpt_neo"}
+FAMILIES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+    "gpt_neo": "gpt_neo",
+}
 ACTIVATION_NAMES = {"swish": "silu"}  # Hugging Face's aliases of the project's activations
 
 
@@ -141,24 +161,43 @@ def rope_config(config, layer_type: str | None, head_dim: int) -> RopeConfig:
     partial = params.get("partial_rotary_factor", _get(config, "partial_rotary_factor", 1.0))
     rotary_dim = int(head_dim * partial)
     if rotary_dim <= 0 or rotary_dim % 2:
-        _refuse(f"{name}['partial_rotary_factor']", partial, f"gives {rotary_dim} rotated dimensions of "
-                f"{head_dim}: expected a positive even number")
+        _refuse(
+            f"{name}['partial_rotary_factor']",
+            partial,
+            f"gives {rotary_dim} rotated dimensions of {head_dim}: expected a positive even number",
+        )
     max_positions = _get(config, "max_position_embeddings")
     original = params.get("original_max_position_embeddings", _get(config, "original_max_position_embeddings"))
     if kind == "longrope":  # as Hugging Face standardizes the config first: its own field wins (Phi-3)
         original = _get(config, "original_max_position_embeddings", max_positions if original is None else original)
     factor = params.get("factor")
-    if kind in ("yarn", "longrope") and factor is None and isinstance(max_positions, int) \
-            and isinstance(original, int) and original > 0:
+    if (
+        kind in ("yarn", "longrope")
+        and factor is None
+        and isinstance(max_positions, int)
+        and isinstance(original, int)
+        and original > 0
+    ):
         factor = max_positions / original
     scaling_fields: dict[str, Any] = {"factor": 1.0 if factor is None else float(factor)}  # checked by RopeScaling
-    for key in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "attention_factor", "mscale",
-                "mscale_all_dim", "truncate", "short_factor", "long_factor"):
+    for key in (
+        "low_freq_factor",
+        "high_freq_factor",
+        "beta_fast",
+        "beta_slow",
+        "attention_factor",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+        "short_factor",
+        "long_factor",
+    ):
         if params.get(key) is not None:
             scaling_fields[key] = params[key]
     try:
-        scaling = RopeScaling(kind, max_position_embeddings=max_positions,
-                              original_max_position_embeddings=original, **scaling_fields)
+        scaling = RopeScaling(
+            kind, max_position_embeddings=max_positions, original_max_position_embeddings=original, **scaling_fields
+        )
         scaling.check_dim(rotary_dim)
     except ValueError as err:
         raise ValueError(f"Unsupported Hugging Face config: {name}={params!r} ({err})") from err
@@ -183,15 +222,29 @@ def _gpt_neo_config(config) -> DecoderConfig:
             _refuse("attention_layers", config.attention_layers, "supported: 'global', 'local'")
         windows.append(_window_radius(config.window_size, "window_size") if kind == "local" else None)
     return DecoderConfig(
-        family="gpt_neo", vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_layers=num_layers,
-        num_heads=heads, num_kv_heads=heads, head_dim=config.hidden_size // heads,
+        family="gpt_neo",
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=config.hidden_size // heads,
         intermediate_size=_get(config, "intermediate_size", 4 * config.hidden_size),
-        activation=read_activation(config, "activation_function"), gated_mlp=False, norm="layer",
-        norm_eps=config.layer_norm_epsilon, qkv_bias=False, out_bias=True, mlp_bias=True,
-        max_position_embeddings=config.max_position_embeddings, scale=1.0, windows=windows,
+        activation=read_activation(config, "activation_function"),
+        gated_mlp=False,
+        norm="layer",
+        norm_eps=config.layer_norm_epsilon,
+        qkv_bias=False,
+        out_bias=True,
+        mlp_bias=True,
+        max_position_embeddings=config.max_position_embeddings,
+        scale=1.0,
+        windows=windows,
         tie_word_embeddings=_get(config, "tie_word_embeddings", True),
-        attention_dropout=float(config.attention_dropout), residual_dropout=float(config.resid_dropout),
-        embed_dropout=float(config.embed_dropout))
+        attention_dropout=float(config.attention_dropout),
+        residual_dropout=float(config.resid_dropout),
+        embed_dropout=float(config.embed_dropout),
+    )
 
 
 def decoder_config(config) -> DecoderConfig:
@@ -217,8 +270,7 @@ def decoder_config(config) -> DecoderConfig:
     if family in ("mistral", "phi3"):  # one window for every layer, when set
         windows = [None if window is None else _window_radius(window, "sliding_window")] * num_layers
     else:
-        windows = [_window_radius(window, "sliding_window") if kind == "sliding_attention" else None
-                   for kind in types]
+        windows = [_window_radius(window, "sliding_window") if kind == "sliding_attention" else None for kind in types]
     attention_bias = bool(_get(config, "attention_bias", False))
     if family == "qwen2":
         qkv_bias, out_bias = True, False
@@ -233,22 +285,35 @@ def decoder_config(config) -> DecoderConfig:
     if family == "gemma3" and getattr(config, "attn_logit_softcapping", None) is not None:
         _refuse("attn_logit_softcapping", config.attn_logit_softcapping, "Gemma 3 applies none")
     return DecoderConfig(
-        family=family, vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_layers=num_layers,
-        num_heads=heads, num_kv_heads=_get(config, "num_key_value_heads", heads), head_dim=head_dim,
+        family=family,
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_layers=num_layers,
+        num_heads=heads,
+        num_kv_heads=_get(config, "num_key_value_heads", heads),
+        head_dim=head_dim,
         intermediate_size=config.intermediate_size,
         activation=read_activation(config, "hidden_activation" if gemma else "hidden_act"),
-        norm="rms_unit_offset" if gemma else "rms", norm_eps=config.rms_norm_eps, qkv_bias=qkv_bias,
-        out_bias=out_bias, mlp_bias=bool(_get(config, "mlp_bias", False)) if family == "llama" else False,
-        qk_norm=family in ("qwen3", "gemma3"), sandwich_norms=gemma,
-        embed_scale=config.hidden_size ** 0.5 if gemma else None,
+        norm="rms_unit_offset" if gemma else "rms",
+        norm_eps=config.rms_norm_eps,
+        qkv_bias=qkv_bias,
+        out_bias=out_bias,
+        mlp_bias=bool(_get(config, "mlp_bias", False)) if family == "llama" else False,
+        qk_norm=family in ("qwen3", "gemma3"),
+        sandwich_norms=gemma,
+        embed_scale=config.hidden_size**0.5 if gemma else None,
         rope=[rope_config(config, kind if family == "gemma3" else None, head_dim) for kind in types],
-        scale=scale, softcap=None if softcap is None else float(softcap),
-        final_softcap=(None if getattr(config, "final_logit_softcapping", None) is None
-                       else float(config.final_logit_softcapping)),
-        windows=windows, tie_word_embeddings=bool(_get(config, "tie_word_embeddings", False)),
+        scale=scale,
+        softcap=None if softcap is None else float(softcap),
+        final_softcap=(
+            None if getattr(config, "final_logit_softcapping", None) is None else float(config.final_logit_softcapping)
+        ),
+        windows=windows,
+        tie_word_embeddings=bool(_get(config, "tie_word_embeddings", False)),
         attention_dropout=float(_get(config, "attention_dropout", 0.0)),
         residual_dropout=float(_get(config, "resid_pdrop", 0.0)) if family == "phi3" else 0.0,
-        pad_token_id=config.pad_token_id if isinstance(getattr(config, "pad_token_id", None), int) else None)
+        pad_token_id=config.pad_token_id if isinstance(getattr(config, "pad_token_id", None), int) else None,
+    )
 
 
 def make_norm(kind: str, dim: int, eps: float, bias: bool = True) -> nn.Module:
@@ -268,9 +333,18 @@ class GraphDecoderLayer(nn.Module):
     values a cache keeps.
     """
 
-    def __init__(self, attn_norm: nn.Module, self_attn: GraphMultiheadAttention, mlp_norm: nn.Module,
-                 mlp: nn.Module, *, attn_out_norm: nn.Module | None = None, mlp_out_norm: nn.Module | None = None,
-                 attn_dropout: float = 0.0, mlp_dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        attn_norm: nn.Module,
+        self_attn: GraphMultiheadAttention,
+        mlp_norm: nn.Module,
+        mlp: nn.Module,
+        *,
+        attn_out_norm: nn.Module | None = None,
+        mlp_out_norm: nn.Module | None = None,
+        attn_dropout: float = 0.0,
+        mlp_dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.attn_norm, self.self_attn, self.attn_out_norm = attn_norm, self_attn, attn_out_norm
         self.mlp_norm, self.mlp, self.mlp_out_norm = mlp_norm, mlp, mlp_out_norm
@@ -280,11 +354,19 @@ class GraphDecoderLayer(nn.Module):
         """The keys (rotated) and values ``[N, H_kv, D]`` this layer's attention computes from ``x``."""
         return self.self_attn.key_value(self.attn_norm(x), pos=pos)
 
-    def forward(self, x: Tensor, edge_index: Tensor, *, pos: Tensor | None = None,
-                kv: tuple[Tensor, Tensor] | None = None, edge_head: Tensor | None = None,
-                need_weights: bool = False):
-        h = self.self_attn(self.attn_norm(x), edge_index, pos=pos, kv=kv, edge_head=edge_head,
-                           return_attention_weights=need_weights)
+    def forward(
+        self,
+        x: Tensor,
+        edge_index: Tensor,
+        *,
+        pos: Tensor | None = None,
+        kv: tuple[Tensor, Tensor] | None = None,
+        edge_head: Tensor | None = None,
+        need_weights: bool = False,
+    ):
+        h = self.self_attn(
+            self.attn_norm(x), edge_index, pos=pos, kv=kv, edge_head=edge_head, return_attention_weights=need_weights
+        )
         h, alpha = h if need_weights else (h, None)
         if self.attn_out_norm is not None:
             h = self.attn_out_norm(h)
@@ -300,22 +382,38 @@ def _build_layer(spec: DecoderConfig, index: int, backend: str) -> GraphDecoderL
     c = spec.hidden_size
     rope = spec.rope[index] if spec.rope else None
     attn = GraphMultiheadAttention(
-        c, spec.num_heads, dropout=spec.attention_dropout, bias=spec.qkv_bias, out_bias=spec.out_bias,
-        num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, backend=backend, rope=rope is not None,
+        c,
+        spec.num_heads,
+        dropout=spec.attention_dropout,
+        bias=spec.qkv_bias,
+        out_bias=spec.out_bias,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        backend=backend,
+        rope=rope is not None,
         rope_base=rope.base if rope is not None else 10000.0,
         rope_scaling=rope.scaling if rope is not None else None,
-        rotary_dim=rope.rotary_dim if rope is not None else None, scale=spec.scale, softcap=spec.softcap,
+        rotary_dim=rope.rotary_dim if rope is not None else None,
+        scale=spec.scale,
+        softcap=spec.softcap,
         q_norm=make_norm(spec.norm, spec.head_dim, spec.norm_eps) if spec.qk_norm else None,
-        k_norm=make_norm(spec.norm, spec.head_dim, spec.norm_eps) if spec.qk_norm else None)
-    mlp = FeedForward(c, spec.intermediate_size, spec.activation, gated=spec.gated_mlp, bias=spec.mlp_bias,
-                      dropout=0.0)
+        k_norm=make_norm(spec.norm, spec.head_dim, spec.norm_eps) if spec.qk_norm else None,
+    )
+    mlp = FeedForward(c, spec.intermediate_size, spec.activation, gated=spec.gated_mlp, bias=spec.mlp_bias, dropout=0.0)
 
     def norm():
         return make_norm(spec.norm, c, spec.norm_eps)
-    return GraphDecoderLayer(norm(), attn, norm(), mlp,
-                             attn_out_norm=norm() if spec.sandwich_norms else None,
-                             mlp_out_norm=norm() if spec.sandwich_norms else None,
-                             attn_dropout=spec.residual_dropout, mlp_dropout=spec.residual_dropout)
+
+    return GraphDecoderLayer(
+        norm(),
+        attn,
+        norm(),
+        mlp,
+        attn_out_norm=norm() if spec.sandwich_norms else None,
+        mlp_out_norm=norm() if spec.sandwich_norms else None,
+        attn_dropout=spec.residual_dropout,
+        mlp_dropout=spec.residual_dropout,
+    )
 
 
 def _causal_builder(radius: int | None) -> Topology:
@@ -356,11 +454,11 @@ class GraphDecoderLM(nn.Module):
         self.config, self.spec = config, spec
         self.topology = None if topology is None else check_topologies(topology, spec.num_layers)
         c = spec.hidden_size
-        pad = spec.pad_token_id if spec.pad_token_id is not None and 0 <= spec.pad_token_id < spec.vocab_size \
-            else None
+        pad = spec.pad_token_id if spec.pad_token_id is not None and 0 <= spec.pad_token_id < spec.vocab_size else None
         self.embed_tokens = nn.Embedding(spec.vocab_size, c, padding_idx=pad)
-        self.embed_positions = (nn.Embedding(spec.max_position_embeddings, c)
-                                if spec.max_position_embeddings is not None else None)
+        self.embed_positions = (
+            nn.Embedding(spec.max_position_embeddings, c) if spec.max_position_embeddings is not None else None
+        )
         self.embed_dropout = nn.Dropout(spec.embed_dropout)
         self.layers = nn.ModuleList([_build_layer(spec, index, backend) for index in range(spec.num_layers)])
         self.norm = make_norm(spec.norm, c, spec.norm_eps)
@@ -391,8 +489,16 @@ class GraphDecoderLM(nn.Module):
             h = h + self.embed_positions(pos)
         return self.embed_dropout(h)
 
-    def forward_graph(self, input_ids: Tensor, edge_index, *, pos: Tensor, cache=None,
-                      return_hidden: bool = False, output_attentions: bool = False):
+    def forward_graph(
+        self,
+        input_ids: Tensor,
+        edge_index,
+        *,
+        pos: Tensor,
+        cache=None,
+        return_hidden: bool = False,
+        output_attentions: bool = False,
+    ):
         """Token ids ``[N]``, the graph of every layer (one ``edge_index`` ``[2, E]``, a sequence of
         one per layer or a callable: :func:`gnn_transformer.layers.resolve_layer_graphs`), positions
         ``[N]`` -> logits ``[N, V]`` (and the hidden states ``[N, C]`` with ``return_hidden``, the
@@ -417,27 +523,41 @@ class GraphDecoderLM(nn.Module):
         out = out + (weights,) if output_attentions else out
         return out if len(out) > 1 else out[0]
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, labels: Tensor | None = None, *,
-                output_attentions: bool = False, topology: Topologies | None = None) -> GraphModelOutput:
-        mask, pos, lengths = flatten_inputs(input_ids, attention_mask, position_ids,
-                                            self.spec.max_position_embeddings)
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        output_attentions: bool = False,
+        topology: Topologies | None = None,
+    ) -> GraphModelOutput:
+        mask, pos, lengths = flatten_inputs(input_ids, attention_mask, position_ids, self.spec.max_position_embeddings)
         topology = self.topology if topology is None else check_topologies(topology, len(self.layers))
-        graphs = layer_edges(topology if topology is not None else [None] * len(self.layers),
-                             self.native_topologies(), lengths, input_ids.device, self.spec.num_heads)
-        out = self.forward_graph(input_ids[mask], graphs, pos=pos, return_hidden=True,
-                                 output_attentions=output_attentions)
+        graphs = layer_edges(
+            topology if topology is not None else [None] * len(self.layers),
+            self.native_topologies(),
+            lengths,
+            input_ids.device,
+            self.spec.num_heads,
+        )
+        out = self.forward_graph(
+            input_ids[mask], graphs, pos=pos, return_hidden=True, output_attentions=output_attentions
+        )
         logits, h = scatter_back(out[0], mask), scatter_back(out[1], mask)
-        result = GraphModelOutput(logits=logits, last_hidden_state=h,
-                                  loss=None if labels is None else causal_lm_loss(logits, labels))
+        result = GraphModelOutput(
+            logits=logits, last_hidden_state=h, loss=None if labels is None else causal_lm_loss(logits, labels)
+        )
         if output_attentions:
             result.edge_attentions = tuple(zip(graphs, out[2]))
             result.attentions = dense_attentions(result.edge_attentions, mask, self.spec.num_heads)
         return result
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 20,
-                 **kwargs) -> Tensor | tuple[Tensor, Tensor]:
+    def generate(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 20, **kwargs
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Greedy (or sampled) generation with a key/value cache along each layer's native graph:
         :func:`gnn_transformer.decoding.generate` with ``window=self.windows``. Returns ``[B, width]``
         (each row its prompt without padding, its new tokens, then ``pad_token_id``; with
@@ -448,18 +568,30 @@ class GraphDecoderLM(nn.Module):
         from ..decoding import generate
 
         if self.topology is not None:
-            raise ValueError(f"Expected a model without 'topology' for generate (got {self.topology!r}): "
-                             "cached generation follows the native windows; pass 'window=' to "
-                             "gnn_transformer.decoding.generate for other windows")
+            raise ValueError(
+                f"Expected a model without 'topology' for generate (got {self.topology!r}): "
+                "cached generation follows the native windows; pass 'window=' to "
+                "gnn_transformer.decoding.generate for other windows"
+            )
         window = kwargs.pop("window", self.windows)
-        switches = [r.scaling.original_max_position_embeddings for r in self.spec.rope
-                    if r.scaling.rope_type == "longrope" and r.scaling.original_max_position_embeddings is not None]
+        switches = [
+            r.scaling.original_max_position_embeddings
+            for r in self.spec.rope
+            if r.scaling.rope_type == "longrope" and r.scaling.original_max_position_embeddings is not None
+        ]
         switch = min(switches) if switches else None
-        lengths = (attention_mask.sum(1) if attention_mask is not None
-                   else torch.full((input_ids.size(0),), input_ids.size(1), device=input_ids.device))
+        lengths = (
+            attention_mask.sum(1)
+            if attention_mask is not None
+            else torch.full((input_ids.size(0),), input_ids.size(1), device=input_ids.device)
+        )
         first = None if switch is None else switch - int(lengths.max()) + 1  # new tokens before the long factors
-        if first is None or not 0 < first < max_new_tokens or not kwargs.get("use_cache", True) \
-                or kwargs.get("eos_token_id") is not None:
+        if (
+            first is None
+            or not 0 < first < max_new_tokens
+            or not kwargs.get("use_cache", True)
+            or kwargs.get("eos_token_id") is not None
+        ):
             return generate(self, input_ids, max_new_tokens, attention_mask=attention_mask, window=window, **kwargs)
         # Hugging Face's Phi-3 drops its cache at the first step past the original length: recompute from there
         head = generate(self, input_ids, first, attention_mask=attention_mask, window=window, **kwargs)
@@ -480,8 +612,10 @@ class GraphDecoderLM(nn.Module):
         base = getattr(model, prefix, model)
         others = sorted({name for name, _ in model.named_children()} - {prefix, "lm_head"})
         if base is not model and others:
-            raise ValueError(f"Expected a causal LM or its base model (got {type(model).__name__} with modules "
-                             f"{others}); pass its '.{prefix}' to import the base model")
+            raise ValueError(
+                f"Expected a causal LM or its base model (got {type(model).__name__} with modules "
+                f"{others}); pass its '.{prefix}' to import the base model"
+            )
         graph = cls(base.config, topology=topology, backend=backend)
         state = decoder_state_dict(base.state_dict(), graph.spec)
         head = getattr(model, "lm_head", None) if base is not model else None
@@ -492,5 +626,14 @@ class GraphDecoderLM(nn.Module):
         return graph.train(base.training)
 
 
-__all__ = ["GraphDecoderLM", "GraphDecoderLayer", "DecoderConfig", "RopeConfig", "decoder_config", "make_norm",
-           "FAMILIES", "rope_config", "read_activation"]
+__all__ = [
+    "GraphDecoderLM",
+    "GraphDecoderLayer",
+    "DecoderConfig",
+    "RopeConfig",
+    "decoder_config",
+    "make_norm",
+    "FAMILIES",
+    "rope_config",
+    "read_activation",
+]

@@ -6,6 +6,7 @@ is its inverse; :func:`to_hf` builds the Hugging Face model of a graph model, wi
 Query, key and value projections are concatenated into one ``in_proj_weight`` (Phi-3 stores them
 so already); Phi-3's fused ``gate_up_proj`` is split into ``gate_proj`` and ``up_proj``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,22 +18,32 @@ from .decoders import DecoderConfig
 Pairs = list[tuple[str, list[str]]]
 
 _NORMS_LLAMA = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
-_NORMS_GEMMA = {"attn_norm": "input_layernorm", "attn_out_norm": "post_attention_layernorm",
-                "mlp_norm": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"}
+_NORMS_GEMMA = {
+    "attn_norm": "input_layernorm",
+    "attn_out_norm": "post_attention_layernorm",
+    "mlp_norm": "pre_feedforward_layernorm",
+    "mlp_out_norm": "post_feedforward_layernorm",
+}
 
 
 def _gpt_neo_pairs(spec: DecoderConfig) -> Pairs:
-    pairs = [("embed_tokens.weight", ["wte.weight"]), ("embed_positions.weight", ["wpe.weight"]),
-             ("norm.weight", ["ln_f.weight"]), ("norm.bias", ["ln_f.bias"])]
+    pairs = [
+        ("embed_tokens.weight", ["wte.weight"]),
+        ("embed_positions.weight", ["wpe.weight"]),
+        ("norm.weight", ["ln_f.weight"]),
+        ("norm.bias", ["ln_f.bias"]),
+    ]
     for i in range(spec.num_layers):
         src, dst = f"h.{i}.", f"layers.{i}."
         pairs.append((dst + "self_attn.in_proj_weight", [src + f"attn.attention.{n}_proj.weight" for n in "qkv"]))
         for kind in ("weight", "bias"):
-            pairs += [(dst + f"self_attn.out_proj.{kind}", [src + f"attn.attention.out_proj.{kind}"]),
-                      (dst + f"attn_norm.{kind}", [src + f"ln_1.{kind}"]),
-                      (dst + f"mlp_norm.{kind}", [src + f"ln_2.{kind}"]),
-                      (dst + f"mlp.up_proj.{kind}", [src + f"mlp.c_fc.{kind}"]),
-                      (dst + f"mlp.down_proj.{kind}", [src + f"mlp.c_proj.{kind}"])]
+            pairs += [
+                (dst + f"self_attn.out_proj.{kind}", [src + f"attn.attention.out_proj.{kind}"]),
+                (dst + f"attn_norm.{kind}", [src + f"ln_1.{kind}"]),
+                (dst + f"mlp_norm.{kind}", [src + f"ln_2.{kind}"]),
+                (dst + f"mlp.up_proj.{kind}", [src + f"mlp.c_fc.{kind}"]),
+                (dst + f"mlp.down_proj.{kind}", [src + f"mlp.c_proj.{kind}"]),
+            ]
     return pairs
 
 
@@ -46,14 +57,17 @@ def _pairs(spec: DecoderConfig) -> Pairs:
         src, dst = f"layers.{i}.", f"layers.{i}."
         pairs += [(dst + f"{graph}.weight", [src + f"{hf}.weight"]) for graph, hf in norms.items()]
         if spec.family == "phi3":
-            pairs += [(dst + "self_attn.in_proj_weight", [src + "self_attn.qkv_proj.weight"]),
-                      (dst + "mlp.gate_proj.weight", [src + "mlp.gate_up_proj.weight:0"]),
-                      (dst + "mlp.up_proj.weight", [src + "mlp.gate_up_proj.weight:1"])]
+            pairs += [
+                (dst + "self_attn.in_proj_weight", [src + "self_attn.qkv_proj.weight"]),
+                (dst + "mlp.gate_proj.weight", [src + "mlp.gate_up_proj.weight:0"]),
+                (dst + "mlp.up_proj.weight", [src + "mlp.gate_up_proj.weight:1"]),
+            ]
         else:
             pairs += [(dst + "self_attn.in_proj_weight", [src + f"self_attn.{n}_proj.weight" for n in "qkv"])]
             kinds = ("weight", "bias") if spec.mlp_bias else ("weight",)
-            pairs += [(dst + f"mlp.{n}_proj.{kind}", [src + f"mlp.{n}_proj.{kind}"])
-                      for n in ("gate", "up") for kind in kinds]
+            pairs += [
+                (dst + f"mlp.{n}_proj.{kind}", [src + f"mlp.{n}_proj.{kind}"]) for n in ("gate", "up") for kind in kinds
+            ]
         if spec.qkv_bias:
             pairs.append((dst + "self_attn.in_proj_bias", [src + f"self_attn.{n}_proj.bias" for n in "qkv"]))
         pairs.append((dst + "self_attn.out_proj.weight", [src + "self_attn.o_proj.weight"]))
@@ -77,8 +91,10 @@ def _read(hf: dict[str, Tensor], key: str) -> Tensor:
 def decoder_state_dict(hf: dict[str, Tensor], spec: DecoderConfig) -> dict[str, Tensor]:
     """A Hugging Face base model's state dict (``LlamaModel``, ``Gemma3TextModel``, ``GPTNeoModel``,
     ...) in the parameter names of :class:`~gnn_transformer.hf.GraphDecoderLM` (without ``lm_head``)."""
-    return {graph: torch.cat([_read(hf, key) for key in keys]) if len(keys) > 1 else _read(hf, keys[0])
-            for graph, keys in _pairs(spec)}
+    return {
+        graph: torch.cat([_read(hf, key) for key in keys]) if len(keys) > 1 else _read(hf, keys[0])
+        for graph, keys in _pairs(spec)
+    }
 
 
 def decoder_hf_state_dict(graph: dict[str, Tensor], spec: DecoderConfig) -> dict[str, Tensor]:
@@ -130,26 +146,29 @@ def to_hf(graph: nn.Module):
         masked = graph.head is not None
         cls = transformers.ModernBertForMaskedLM if masked else transformers.ModernBertModel
         model = cls(graph.config)
-        state = modernbert_hf_state_dict(graph.state_dict(), graph.config.num_hidden_layers,
-                                         prefix="model." if masked else "")
+        state = modernbert_hf_state_dict(
+            graph.state_dict(), graph.config.num_hidden_layers, prefix="model." if masked else ""
+        )
     elif isinstance(graph, GraphBertModel):
         model = transformers.BertModel(graph.config, add_pooling_layer=graph.pooler is not None)
         state = bert_hf_state_dict(graph.state_dict(), graph.config.num_hidden_layers)
     elif isinstance(graph, GraphGPT2LMHeadModel):
         model = transformers.GPT2LMHeadModel(graph.config)
-        state = {f"transformer.{k}": v for k, v in gpt2_hf_state_dict(graph.state_dict(),
-                                                                       graph.config.n_layer).items()}
+        state = {f"transformer.{k}": v for k, v in gpt2_hf_state_dict(graph.state_dict(), graph.config.n_layer).items()}
         state["lm_head.weight"] = graph.lm_head.weight
     else:
-        raise ValueError(f"Expected a GraphDecoderLM, GraphModernBertModel, GraphBertModel or GraphGPT2LMHeadModel "
-                         f"for 'graph' (got {type(graph).__name__})")
+        raise ValueError(
+            f"Expected a GraphDecoderLM, GraphModernBertModel, GraphBertModel or GraphGPT2LMHeadModel "
+            f"for 'graph' (got {type(graph).__name__})"
+        )
     source = next(graph.parameters())
     model.to(device=source.device, dtype=source.dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _tied_keys(model)]
     if missing or unexpected:  # an invariant of the renaming, kept loud
-        raise ValueError(f"Expected the exported weights to fill {type(model).__name__} (missing {missing}, "
-                         f"unexpected {unexpected})")
+        raise ValueError(
+            f"Expected the exported weights to fill {type(model).__name__} (missing {missing}, unexpected {unexpected})"
+        )
     return model.train(graph.training)
 
 

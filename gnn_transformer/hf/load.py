@@ -1,4 +1,5 @@
 r"""Hugging Face model objects and local checkpoints to graph models, by ``model_type``."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,10 @@ def from_hf(model, *, topology: Topologies | None = None, backend: str = "auto")
         return GraphModernBertModel.from_hf(model, topology=topology, backend=backend)
     if kind in FAMILIES:
         return GraphDecoderLM.from_hf(model, topology=topology, backend=backend)
-    raise ValueError(f"Expected a Hugging Face model of a supported family, model_type one of {list(SUPPORTED)} "
-                     f"(got model_type {kind!r})")
+    raise ValueError(
+        f"Expected a Hugging Face model of a supported family, model_type one of {list(SUPPORTED)} "
+        f"(got model_type {kind!r})"
+    )
 
 
 def _loader(transformers, kind: str):
@@ -50,25 +53,30 @@ def from_pretrained(path: str, *, topology: Topologies | None = None, backend: s
     try:
         import transformers
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("gnn_transformer.hf.from_pretrained needs transformers: "
-                          "pip install 'gnn-transformer[hf]'") from err
+        raise ImportError(
+            "gnn_transformer.hf.from_pretrained needs transformers: pip install 'gnn-transformer[hf]'"
+        ) from err
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     kind = config.model_type
     if kind not in SUPPORTED:
-        raise ValueError(f"Expected a checkpoint of a supported family, model_type one of {list(SUPPORTED)} (got "
-                         f"model_type {kind!r} in {str(path)!r})")
-    model, info = _loader(transformers, kind).from_pretrained(path, local_files_only=True,
-                                                             output_loading_info=True)
+        raise ValueError(
+            f"Expected a checkpoint of a supported family, model_type one of {list(SUPPORTED)} (got "
+            f"model_type {kind!r} in {str(path)!r})"
+        )
+    model, info = _loader(transformers, kind).from_pretrained(path, local_files_only=True, output_loading_info=True)
     # modules missing from the checkpoint were initialized randomly: drop them or refuse
     missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
     optional = {"bert": ("pooler.",), "modernbert": ("head.", "decoder.")}.get(kind, ("lm_head.",))
     if any(not key.startswith(optional) for key in missing):
-        raise ValueError(f"Expected a complete {type(model).__name__} checkpoint in {str(path)!r} "
-                         f"(missing weights: {missing})")
+        raise ValueError(
+            f"Expected a complete {type(model).__name__} checkpoint in {str(path)!r} (missing weights: {missing})"
+        )
     if kind != "bert" and unexpected:  # as from_hf, refuse heads that are not the LM head
-        raise ValueError(f"Expected a base model or {type(model).__name__} checkpoint in {str(path)!r} "
-                         f"(got weights a {type(model).__name__} does not use: {unexpected}); load it with "
-                         "transformers and pass its base model to from_hf")
+        raise ValueError(
+            f"Expected a base model or {type(model).__name__} checkpoint in {str(path)!r} "
+            f"(got weights a {type(model).__name__} does not use: {unexpected}); load it with "
+            "transformers and pass its base model to from_hf"
+        )
     if missing and kind == "bert":
         model.pooler = None
     elif missing:

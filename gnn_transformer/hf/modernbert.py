@@ -10,6 +10,7 @@ activation, LayerNorm, decoder tied to the embeddings) gives ``logits``.
 
 Notation: ``N`` nodes, ``C`` hidden size, ``L`` layers.
 """
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,18 @@ from torch import Tensor, nn
 from ..attention import GraphMultiheadAttention, check_ids
 from ..layers import get_activation, resolve_layer_graphs
 from ..mlp import FeedForward
-from ._common import (GraphModelOutput, Topologies, Topology, check_model, check_topologies, dense_attentions,
-                      flatten_inputs, layer_edges, masked_lm_loss, scatter_back)
+from ._common import (
+    GraphModelOutput,
+    Topologies,
+    Topology,
+    check_model,
+    check_topologies,
+    dense_attentions,
+    flatten_inputs,
+    layer_edges,
+    masked_lm_loss,
+    scatter_back,
+)
 from .decoders import GraphDecoderLayer, read_activation, rope_config
 
 
@@ -33,29 +44,47 @@ def _builder(radius: int | None) -> Topology:
 
 def _layer_windows(config) -> list[int | None]:
     types = list(config.layer_types)
-    if len(types) != config.num_hidden_layers or any(t not in ("full_attention", "sliding_attention")
-                                                      for t in types):
-        raise ValueError(f"Unsupported Hugging Face config: layer_types={types!r} (expected one of "
-                         f"'full_attention', 'sliding_attention' per layer, {config.num_hidden_layers})")
+    if len(types) != config.num_hidden_layers or any(t not in ("full_attention", "sliding_attention") for t in types):
+        raise ValueError(
+            f"Unsupported Hugging Face config: layer_types={types!r} (expected one of "
+            f"'full_attention', 'sliding_attention' per layer, {config.num_hidden_layers})"
+        )
     return [config.local_attention // 2 if t == "sliding_attention" else None for t in types]
 
 
 def _layer(config, index: int, layer_type: str, backend: str) -> GraphDecoderLayer:
     c, heads = config.hidden_size, config.num_attention_heads
     if c % heads:
-        raise ValueError(f"Unsupported Hugging Face config: num_attention_heads={heads} (hidden_size={c} is "
-                         "not divisible by it)")
+        raise ValueError(
+            f"Unsupported Hugging Face config: num_attention_heads={heads} (hidden_size={c} is not divisible by it)"
+        )
     rope = rope_config(config, layer_type, c // heads)
 
     def norm() -> nn.Module:
         return nn.LayerNorm(c, eps=config.norm_eps, bias=config.norm_bias)
-    attn = GraphMultiheadAttention(c, heads, dropout=float(config.attention_dropout), bias=config.attention_bias,
-                                   backend=backend, rope=True, rope_base=rope.base, rope_scaling=rope.scaling,
-                                   rotary_dim=rope.rotary_dim)
-    mlp = FeedForward(c, config.intermediate_size, read_activation(config, "hidden_activation"), gated=True,
-                      bias=config.mlp_bias, dropout=float(config.mlp_dropout))
-    return GraphDecoderLayer(nn.Identity() if index == 0 else norm(), attn, norm(), mlp,
-                             attn_dropout=float(config.attention_dropout))
+
+    attn = GraphMultiheadAttention(
+        c,
+        heads,
+        dropout=float(config.attention_dropout),
+        bias=config.attention_bias,
+        backend=backend,
+        rope=True,
+        rope_base=rope.base,
+        rope_scaling=rope.scaling,
+        rotary_dim=rope.rotary_dim,
+    )
+    mlp = FeedForward(
+        c,
+        config.intermediate_size,
+        read_activation(config, "hidden_activation"),
+        gated=True,
+        bias=config.mlp_bias,
+        dropout=float(config.mlp_dropout),
+    )
+    return GraphDecoderLayer(
+        nn.Identity() if index == 0 else norm(), attn, norm(), mlp, attn_dropout=float(config.attention_dropout)
+    )
 
 
 class GraphModernBertModel(nn.Module):
@@ -71,18 +100,24 @@ class GraphModernBertModel(nn.Module):
     model's heads, for every layer, or one callable or ``None`` per layer).
     """
 
-    def __init__(self, config, *, masked_lm: bool = False, topology: Topologies | None = None,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self, config, *, masked_lm: bool = False, topology: Topologies | None = None, backend: str = "auto"
+    ) -> None:
         super().__init__()
         if getattr(config, "model_type", None) != "modernbert":
-            raise TypeError(f"Expected 'config' of a Hugging Face 'modernbert' model for {type(self).__name__} "
-                            f"(got {type(config).__name__} with model_type {getattr(config, 'model_type', None)!r})")
+            raise TypeError(
+                f"Expected 'config' of a Hugging Face 'modernbert' model for {type(self).__name__} "
+                f"(got {type(config).__name__} with model_type {getattr(config, 'model_type', None)!r})"
+            )
         self.config = config
         self.window_radii = _layer_windows(config)
         self.topology = None if topology is None else check_topologies(topology, config.num_hidden_layers)
         c = config.hidden_size
-        pad = config.pad_token_id if isinstance(config.pad_token_id, int) and 0 <= config.pad_token_id < \
-            config.vocab_size else None
+        pad = (
+            config.pad_token_id
+            if isinstance(config.pad_token_id, int) and 0 <= config.pad_token_id < config.vocab_size
+            else None
+        )
         self.tok_embeddings = nn.Embedding(config.vocab_size, c, padding_idx=pad)
         self.embed_norm = nn.LayerNorm(c, eps=config.norm_eps, bias=config.norm_bias)
         self.embed_dropout = nn.Dropout(float(config.embedding_dropout))
@@ -91,9 +126,11 @@ class GraphModernBertModel(nn.Module):
         self.head: nn.Sequential | None = None  # the masked-LM head and decoder (masked_lm only)
         self.decoder: nn.Linear | None = None
         if masked_lm:
-            self.head = nn.Sequential(nn.Linear(c, c, bias=config.classifier_bias),
-                                      _Activation(read_activation(config, "classifier_activation")),
-                                      nn.LayerNorm(c, eps=config.norm_eps, bias=config.norm_bias))
+            self.head = nn.Sequential(
+                nn.Linear(c, c, bias=config.classifier_bias),
+                _Activation(read_activation(config, "classifier_activation")),
+                nn.LayerNorm(c, eps=config.norm_eps, bias=config.norm_bias),
+            )
             self.decoder = nn.Linear(c, config.vocab_size, bias=config.decoder_bias)
             if getattr(config, "tie_word_embeddings", True):
                 self.decoder.weight = self.tok_embeddings.weight
@@ -122,16 +159,30 @@ class GraphModernBertModel(nn.Module):
         h = self.final_norm(x)
         return (h, weights) if output_attentions else h
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, labels: Tensor | None = None, *,
-                output_attentions: bool = False, topology: Topologies | None = None) -> GraphModelOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        output_attentions: bool = False,
+        topology: Topologies | None = None,
+    ) -> GraphModelOutput:
         if labels is not None and self.head is None:
-            raise ValueError("Expected no 'labels' for a ModernBERT without the masked-LM head (build it from a "
-                             "ModernBertForMaskedLM, or with masked_lm=True)")
+            raise ValueError(
+                "Expected no 'labels' for a ModernBERT without the masked-LM head (build it from a "
+                "ModernBertForMaskedLM, or with masked_lm=True)"
+            )
         mask, pos, lengths = flatten_inputs(input_ids, attention_mask, position_ids, None)
         topology = self.topology if topology is None else check_topologies(topology, len(self.layers))
-        graphs = layer_edges(topology if topology is not None else [None] * len(self.layers),
-                             self.native_topologies(), lengths, input_ids.device, self.config.num_attention_heads)
+        graphs = layer_edges(
+            topology if topology is not None else [None] * len(self.layers),
+            self.native_topologies(),
+            lengths,
+            input_ids.device,
+            self.config.num_attention_heads,
+        )
         out = self.forward_graph(input_ids[mask], graphs, pos=pos, output_attentions=output_attentions)
         h = out[0] if output_attentions else out
         result = GraphModelOutput(last_hidden_state=scatter_back(h, mask))
@@ -153,12 +204,15 @@ class GraphModernBertModel(nn.Module):
         base = getattr(model, "model", model)
         others = sorted({name for name, _ in model.named_children()} - {"model", "head", "decoder"})
         if base is not model and others:
-            raise ValueError(f"Expected a ModernBertModel or ModernBertForMaskedLM (got {type(model).__name__} "
-                             f"with modules {others}); pass its '.model' to import the base model")
+            raise ValueError(
+                f"Expected a ModernBertModel or ModernBertForMaskedLM (got {type(model).__name__} "
+                f"with modules {others}); pass its '.model' to import the base model"
+            )
         masked = base is not model
         graph = cls(base.config, masked_lm=masked, topology=topology, backend=backend)
-        state = modernbert_state_dict(model.state_dict(), base.config.num_hidden_layers,
-                                      prefix="model." if masked else "")
+        state = modernbert_state_dict(
+            model.state_dict(), base.config.num_hidden_layers, prefix="model." if masked else ""
+        )
         source = next(base.parameters())
         graph.to(device=source.device, dtype=source.dtype)
         graph.load_state_dict(state)
@@ -182,28 +236,41 @@ class _Activation(nn.Module):
 def _pairs(num_layers: int, prefix: str) -> list[tuple[str, str]]:
     """(graph key, Hugging Face key) of every tensor; ``:0`` / ``:1`` a half of a fused tensor."""
     p = prefix
-    pairs = [("tok_embeddings.weight", f"{p}embeddings.tok_embeddings.weight"),
-             ("embed_norm.weight", f"{p}embeddings.norm.weight"), ("final_norm.weight", f"{p}final_norm.weight")]
+    pairs = [
+        ("tok_embeddings.weight", f"{p}embeddings.tok_embeddings.weight"),
+        ("embed_norm.weight", f"{p}embeddings.norm.weight"),
+        ("final_norm.weight", f"{p}final_norm.weight"),
+    ]
     for i in range(num_layers):
         src, dst = f"{p}layers.{i}.", f"layers.{i}."
-        pairs += [(dst + "self_attn.in_proj_weight", src + "attn.Wqkv.weight"),
-                  (dst + "self_attn.out_proj.weight", src + "attn.Wo.weight"),
-                  (dst + "mlp.gate_proj.weight", src + "mlp.Wi.weight:0"),
-                  (dst + "mlp.up_proj.weight", src + "mlp.Wi.weight:1"),
-                  (dst + "mlp.down_proj.weight", src + "mlp.Wo.weight"),
-                  (dst + "mlp_norm.weight", src + "mlp_norm.weight")]
-        pairs += [(dst + "self_attn.in_proj_bias", src + "attn.Wqkv.bias"),
-                  (dst + "self_attn.out_proj.bias", src + "attn.Wo.bias"),
-                  (dst + "mlp.gate_proj.bias", src + "mlp.Wi.bias:0"),
-                  (dst + "mlp.up_proj.bias", src + "mlp.Wi.bias:1"),
-                  (dst + "mlp.down_proj.bias", src + "mlp.Wo.bias"), (dst + "mlp_norm.bias", src + "mlp_norm.bias")]
+        pairs += [
+            (dst + "self_attn.in_proj_weight", src + "attn.Wqkv.weight"),
+            (dst + "self_attn.out_proj.weight", src + "attn.Wo.weight"),
+            (dst + "mlp.gate_proj.weight", src + "mlp.Wi.weight:0"),
+            (dst + "mlp.up_proj.weight", src + "mlp.Wi.weight:1"),
+            (dst + "mlp.down_proj.weight", src + "mlp.Wo.weight"),
+            (dst + "mlp_norm.weight", src + "mlp_norm.weight"),
+        ]
+        pairs += [
+            (dst + "self_attn.in_proj_bias", src + "attn.Wqkv.bias"),
+            (dst + "self_attn.out_proj.bias", src + "attn.Wo.bias"),
+            (dst + "mlp.gate_proj.bias", src + "mlp.Wi.bias:0"),
+            (dst + "mlp.up_proj.bias", src + "mlp.Wi.bias:1"),
+            (dst + "mlp.down_proj.bias", src + "mlp.Wo.bias"),
+            (dst + "mlp_norm.bias", src + "mlp_norm.bias"),
+        ]
         if i > 0:
             pairs += [(dst + f"attn_norm.{kind}", src + f"attn_norm.{kind}") for kind in ("weight", "bias")]
     pairs += [("embed_norm.bias", f"{p}embeddings.norm.bias"), ("final_norm.bias", f"{p}final_norm.bias")]
     if prefix:
-        pairs += [("head.0.weight", "head.dense.weight"), ("head.0.bias", "head.dense.bias"),
-                  ("head.2.weight", "head.norm.weight"), ("head.2.bias", "head.norm.bias"),
-                  ("decoder.weight", "decoder.weight"), ("decoder.bias", "decoder.bias")]
+        pairs += [
+            ("head.0.weight", "head.dense.weight"),
+            ("head.0.bias", "head.dense.bias"),
+            ("head.2.weight", "head.norm.weight"),
+            ("head.2.bias", "head.norm.bias"),
+            ("decoder.weight", "decoder.weight"),
+            ("decoder.bias", "decoder.bias"),
+        ]
     return pairs
 
 

@@ -23,21 +23,55 @@ Glossary (each word has this one meaning in this package):
 - **implicit graph**: a block structure (``topology.BlockGraph``) given to :func:`attend` instead
   of an ``edge_index``: its tiles run without an edge list (:mod:`.implicit`).
 """
+
 from .dispatch import BACKENDS, IMPLS, attend, check_implicit_options, edge_weights, triton_available
 from ._graph import clear_cache
 from .fused_torch import DEFAULT_MAX_EDGES
 from .heads import head_inputs, heads_to_nodes, nodes_to_heads
 from .implicit import BlockStructure, is_block_structure
 from .merge import merge_partials
-from .planner import (BLOCK_SIZE, CUDA_CORE_BLOCK_SIZE, DROPOUT_COST, MAX_BLOCK_SIZE, MERGE_COST, ROW_COST, TILE_COST,
-                      auto_kernel, choose_backend, default_block_size, plan_costs)
+from .planner import (
+    BLOCK_SIZE,
+    CUDA_CORE_BLOCK_SIZE,
+    DROPOUT_COST,
+    MAX_BLOCK_SIZE,
+    MERGE_COST,
+    ROW_COST,
+    TILE_COST,
+    auto_kernel,
+    choose_backend,
+    default_block_size,
+    plan_costs,
+)
 from .reference import attend_reference
 from .tiled_torch import DEFAULT_MAX_CELLS
 
 __all__ = [
-    "attend", "edge_weights", "auto_kernel", "choose_backend", "plan_costs", "attend_reference", "merge_partials",
-    "triton_available", "clear_cache", "BACKENDS", "TILE_COST", "ROW_COST", "MERGE_COST", "DROPOUT_COST",
-    "BLOCK_SIZE", "CUDA_CORE_BLOCK_SIZE", "MAX_BLOCK_SIZE", "DEFAULT_MAX_EDGES", "DEFAULT_MAX_CELLS", "IMPLS",
-    "default_block_size", "head_inputs", "heads_to_nodes", "nodes_to_heads", "BlockStructure", "is_block_structure",
+    "attend",
+    "edge_weights",
+    "auto_kernel",
+    "choose_backend",
+    "plan_costs",
+    "attend_reference",
+    "merge_partials",
+    "triton_available",
+    "clear_cache",
+    "BACKENDS",
+    "TILE_COST",
+    "ROW_COST",
+    "MERGE_COST",
+    "DROPOUT_COST",
+    "BLOCK_SIZE",
+    "CUDA_CORE_BLOCK_SIZE",
+    "MAX_BLOCK_SIZE",
+    "DEFAULT_MAX_EDGES",
+    "DEFAULT_MAX_CELLS",
+    "IMPLS",
+    "default_block_size",
+    "head_inputs",
+    "heads_to_nodes",
+    "nodes_to_heads",
+    "BlockStructure",
+    "is_block_structure",
     "check_implicit_options",
 ]

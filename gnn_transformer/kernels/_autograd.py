@@ -17,6 +17,7 @@ edge carries a bias of ``-1e9``), ``log l`` is below ``lse``'s rounding step; th
 ``p = exp((s - lse) - lse_lo)`` and the merges of partial results keep it all the same. ``lse_lo``
 is 0 on empty rows and not differentiable (the gradient of the log-sum-exp reaches ``lse``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from .primitives import no_autocast
 
 class Kernel(NamedTuple):
     """A kernel's forward and backward functions (see the module docstring)."""
+
     forward: Callable[..., tuple[Tensor, Tensor, Tensor]]
     backward: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor | None]]
     prepare: Callable[..., object] | None = None
@@ -44,8 +46,10 @@ def lse_pair(top: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
     lse = top + log_l
     b = (lse - top).detach()
     lo = ((top - (lse - b)) + (log_l - b)).detach()
-    return (torch.where(nonempty, lse, torch.full_like(lse, float("-inf"))),
-            torch.where(nonempty, lo, torch.zeros_like(lo)))
+    return (
+        torch.where(nonempty, lse, torch.full_like(lse, float("-inf"))),
+        torch.where(nonempty, lo, torch.zeros_like(lo)),
+    )
 
 
 class KernelAttention(torch.autograd.Function):
@@ -69,15 +73,20 @@ class KernelAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         need_bias = bias is not None and ctx.needs_input_grad[3]
         with no_autocast(q.device.type):  # a backward pass run inside an autocast region, too
-            dq, dk, dv, dbias = ctx.kernel.backward(q, k, v, bias, ctx.structure, ctx.scale, out, lse, lse_lo,
-                                                    dout, dlse, need_bias, **ctx.options)
+            dq, dk, dv, dbias = ctx.kernel.backward(
+                q, k, v, bias, ctx.structure, ctx.scale, out, lse, lse_lo, dout, dlse, need_bias, **ctx.options
+            )
         return dq, dk, dv, dbias, None, None, None, None
 
 
-def kernel_attention(kernel: Kernel, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
-                     structure: Any, scale: float, **options) -> tuple[Tensor, Tensor, Tensor]:
+def kernel_attention(
+    kernel: Kernel, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, structure: Any, scale: float, **options
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(out, lse, lse_lo)`` of ``kernel``, differentiable in ``q``, ``k``, ``v`` and ``bias``."""
-    if kernel.prepare is not None and torch.is_grad_enabled() and any(
-            x is not None and x.requires_grad for x in (q, k, v, bias)):
+    if (
+        kernel.prepare is not None
+        and torch.is_grad_enabled()
+        and any(x is not None and x.requires_grad for x in (q, k, v, bias))
+    ):
         kernel.prepare(structure, **options)
     return KernelAttention.apply(q, k, v, bias, kernel, structure, scale, options)

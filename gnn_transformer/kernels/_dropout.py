@@ -9,6 +9,7 @@ dropped when the 32-bit hash falls below ``p · 2**32``, and kept weights are sc
 position is below ``2**31`` (half the bytes and operations of exact int64 arithmetic, which
 remains the fallback and the reference).
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,7 +25,7 @@ def threshold(p: float) -> int:
     """The hash value below which a weight is dropped."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"Expected 'dropout_p' in [0, 1) (got {p})")
-    return int(p * 2 ** 32)
+    return int(p * 2**32)
 
 
 def _mul32(x: Tensor, c: int) -> Tensor:
@@ -97,7 +98,7 @@ def _prefixes(seed: int, heads) -> list[int]:
 
 def _fast(edge: Tensor) -> bool:
     """Whether the int32 hash applies: every position below ``2**31`` and int32 products wrap."""
-    return (edge.numel() == 0 or int(edge.max()) < 2 ** 31) and _int32_wraps()
+    return (edge.numel() == 0 or int(edge.max()) < 2**31) and _int32_wraps()
 
 
 def _hash32(seed: int, edge: Tensor, head: int) -> Tensor:
@@ -118,7 +119,7 @@ def keep_hashes(seed: int, edge: Tensor, heads) -> Tensor:
         return torch.stack([_hash32(seed, e, h) for h in heads]).to(torch.int64) & _M32
     prefix = _prefixes(seed, heads)
     shape = (len(prefix),) + (1,) * e.dim()
-    if e.numel() == 0 or int(e.max()) < 2 ** 32:  # high word 0: one more mix per head, not per edge
+    if e.numel() == 0 or int(e.max()) < 2**32:  # high word 0: one more mix per head, not per edge
         x = torch.tensor([_mix_int(p) for p in prefix], dtype=torch.int64, device=e.device).view(shape)
     else:
         x = _mix(torch.tensor(prefix, dtype=torch.int64, device=e.device).view(shape) ^ (e >> 32))

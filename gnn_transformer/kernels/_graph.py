@@ -8,6 +8,7 @@ and an entry disappears with its tensor.
 
 Notation: ``E`` edges, ``N_src`` source (key / value) nodes, ``N_dst`` target (query) nodes.
 """
+
 from __future__ import annotations
 
 import threading
@@ -127,9 +128,11 @@ def _build(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
     perm = None
     if src.numel() > 1 and bool((dst[1:] < dst[:-1]).any()):
         if getattr(edge_index, "is_sorted_by_col", False) is True:
-            raise ValueError("Expected 'edge_index' flagged sort_order='col' to have its targets "
-                             "(row 1) in ascending order (they are not): build the EdgeIndex "
-                             "without sort_order, or sort it with .sort_by('col')")
+            raise ValueError(
+                "Expected 'edge_index' flagged sort_order='col' to have its targets "
+                "(row 1) in ascending order (they are not): build the EdgeIndex "
+                "without sort_order, or sort it with .sort_by('col')"
+            )
         perm = torch.argsort(dst, stable=True)  # [E]
         src, dst = src[perm], dst[perm]
     counts = torch.bincount(dst, minlength=num_dst)  # [N_dst]

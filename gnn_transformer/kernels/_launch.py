@@ -4,6 +4,7 @@
 instead, so that :mod:`gnn_transformer.bench.compile_check` can compile exactly what the kernels' wrappers would launch,
 for a GPU, on a machine without one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,6 +17,7 @@ import torch
 
 class Launch(NamedTuple):
     """One kernel launch: the ``@triton.jit`` function, its grid, arguments and constexprs."""
+
     kernel: Any
     grid: tuple[int, ...]
     args: tuple

@@ -24,6 +24,7 @@ forces a piece length.
 Notation: ``R`` rows, ``P`` pieces, ``C`` cut rows, ``B`` rows of output per row (1 for the CSR
 kernels, the block size for the tiled ones).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -107,8 +108,9 @@ def ranges(ptr: Tensor, pieces: Pieces | None) -> tuple[Tensor, Tensor]:
     return ptr[:-1], (ptr[1:] if pieces is None else pieces.end)
 
 
-def partial(pieces: Pieces, block: int, shape: tuple[int, ...], dtype: torch.dtype,
-            device: torch.device, fill: float = 0.0) -> Tensor:
+def partial(
+    pieces: Pieces, block: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, fill: float = 0.0
+) -> Tensor:
     """A partial buffer ``[P * B, *shape]`` of the pieces' results, filled with ``fill`` (rows past the
     last target of a block are never written)."""
     return torch.full((pieces.num_pieces * block, *shape), fill, dtype=dtype, device=device)
@@ -131,8 +133,9 @@ def _sum(x: Tensor, pieces: Pieces, reduce: str = "sum") -> Tensor:
     return torch.segment_reduce(x, reduce, lengths=pieces.counts, axis=0, unsafe=True)
 
 
-def merge_into(out: Tensor, lse: Tensor, lse_lo: Tensor, out_p: Tensor, lse_p: Tensor, lo_p: Tensor,
-               pieces: Pieces, block: int = 1) -> None:
+def merge_into(
+    out: Tensor, lse: Tensor, lse_lo: Tensor, out_p: Tensor, lse_p: Tensor, lo_p: Tensor, pieces: Pieces, block: int = 1
+) -> None:
     """Write the cut rows' results, merged from their pieces' ``(out_p [P * B, H, D], lse_p, lo_p
     [P * B, H])`` through the log-sum-exps (``lse + lo``, see :mod:`._autograd`), into
     ``out [N, H, D]``, ``lse`` and ``lse_lo [N, H]``; a row empty in every piece stays empty (zeros,
@@ -162,8 +165,15 @@ def add_into(grad: Tensor, grad_p: Tensor, pieces: Pieces, block: int = 1) -> No
     grad[rows] = sums.flatten(0, 1)[positions].to(grad.dtype)
 
 
-def launch_rows(run, ptr: Tensor, pieces: Pieces | None, outputs: tuple[Tensor, ...], dtype: torch.dtype,
-                block: int = 1, merge: bool = False) -> None:
+def launch_rows(
+    run,
+    ptr: Tensor,
+    pieces: Pieces | None,
+    outputs: tuple[Tensor, ...],
+    dtype: torch.dtype,
+    block: int = 1,
+    merge: bool = False,
+) -> None:
     """``run(rows, *outputs, start, end, row_map, mapped)`` over every row of ``ptr`` (a cut row with
     an empty range), then over the pieces of the cut rows into partial buffers in ``dtype``, written
     back into ``outputs``: merged through the log-sum-exps (``merge``: a forward pass's ``(out, lse,

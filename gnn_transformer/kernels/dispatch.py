@@ -32,6 +32,7 @@ Example:
     >>> torch.allclose(out[0], v[0])  # token 0 attends only to itself
     True
 """
+
 from __future__ import annotations
 
 import math
@@ -59,7 +60,7 @@ IMPLS = (None, "torch", "triton")
 
 # edge_weights renormalizes rows whose log-sum-exp is this large: half its rounding step is above
 # 7.6e-6 (float32) or 5.8e-11 (float64) there
-HUGE_LSE = {torch.float32: 128.0, torch.float64: 2.0 ** 19}
+HUGE_LSE = {torch.float32: 128.0, torch.float64: 2.0**19}
 
 
 def triton_available() -> bool:
@@ -76,8 +77,12 @@ def _use_triton(device: torch.device, impl: str | None) -> bool:
         return device.type == "cuda" and triton_available()
     if impl == "triton" and not triton_available():
         raise ValueError("impl='triton' needs the 'triton' package (pip install triton)")
-    if (impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"
-            and not _launch.is_recording()):
+    if (
+        impl == "triton"
+        and device.type == "cpu"
+        and os.environ.get("TRITON_INTERPRET") != "1"
+        and not _launch.is_recording()
+    ):
         raise ValueError("impl='triton' on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1)")
     return impl == "triton"
 
@@ -94,8 +99,9 @@ def _check_inputs(query, key, value, backend, num_dst, impl):
     if query.size(1) == 0:
         raise ValueError(f"Expected at least one head (got 'query' {list(query.shape)})")
     if key.size(1) == 0 or query.size(1) % key.size(1) != 0:
-        raise ValueError(f"Expected the query heads ({query.size(1)}) to be a multiple of the key/value heads "
-                         f"({key.size(1)})")
+        raise ValueError(
+            f"Expected the query heads ({query.size(1)}) to be a multiple of the key/value heads ({key.size(1)})"
+        )
     if not (query.dtype == key.dtype == value.dtype):
         raise ValueError(f"Expected one dtype for query/key/value (got {query.dtype}, {key.dtype}, {value.dtype})")
     if not query.is_floating_point():
@@ -103,8 +109,9 @@ def _check_inputs(query, key, value, backend, num_dst, impl):
     if query.size(-1) == 0:
         raise ValueError(f"Expected a head dimension of at least 1 (got 'query' {list(query.shape)})")
     if query.device != key.device or key.device != value.device:
-        raise ValueError(f"Expected query, key and value on one device (got {query.device}, {key.device}, "
-                         f"{value.device})")
+        raise ValueError(
+            f"Expected query, key and value on one device (got {query.device}, {key.device}, {value.device})"
+        )
     if backend not in BACKENDS:
         raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {backend!r})")
     if impl not in IMPLS:
@@ -116,6 +123,7 @@ def _check_inputs(query, key, value, backend, num_dst, impl):
 def _fused(q, k, v, bias, graph: CSRGraph, scale, use_triton, max_edges, dropout=None):
     if use_triton:
         from .fused_triton import csr_attention
+
         return csr_attention(q, k, v, bias, graph, scale, dropout)
     return chunked_attention(q, k, v, bias, graph, scale, max_edges, dropout)
 
@@ -124,16 +132,31 @@ def _tiled(q, k, v, bias, tiles: TileList, scale, use_triton, max_cells, dropout
     tb = None if bias is None else bias[tiles.edge_ids]  # [E_t, H], read per cell
     if use_triton:
         from .tiled_triton import tiled_triton_attention
+
         return tiled_triton_attention(q, k, v, tiles, tb, scale, dropout)
     return tiled_attention(q, k, v, tiles, tb, scale, max_cells, dropout)
 
 
-def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, scale: float,
-           edge_bias: Tensor | None = None, backend: str = "auto", num_dst: int | None = None,
-           return_lse: bool = False, impl: str | None = None, block_size: int | None = None,
-           tile_cost: float | None = None, max_edges: int = DEFAULT_MAX_EDGES,
-           max_cells: int = DEFAULT_MAX_CELLS, dropout_p: float = 0.0, dropout_seed: int | None = None,
-           edge_head: Tensor | None = None):
+def attend(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    edge_index: Tensor,
+    *,
+    scale: float,
+    edge_bias: Tensor | None = None,
+    backend: str = "auto",
+    num_dst: int | None = None,
+    return_lse: bool = False,
+    impl: str | None = None,
+    block_size: int | None = None,
+    tile_cost: float | None = None,
+    max_edges: int = DEFAULT_MAX_EDGES,
+    max_cells: int = DEFAULT_MAX_CELLS,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    edge_head: Tensor | None = None,
+):
     """Attention over the edges ``j -> i`` of ``edge_index``, without per-edge messages.
 
     Args:
@@ -191,24 +214,78 @@ def attend(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, sca
     query, key, value = autocast_inputs(query, key, value)
     _check_inputs(query, key, value, backend, num_dst, impl)
     with no_autocast(query.device.type):
-        return _attend(query, key, value, edge_index, scale=scale, edge_bias=edge_bias, backend=backend,
-                       return_lse=return_lse, impl=impl, block_size=block_size, tile_cost=tile_cost,
-                       max_edges=max_edges, max_cells=max_cells, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                       edge_head=edge_head)
+        return _attend(
+            query,
+            key,
+            value,
+            edge_index,
+            scale=scale,
+            edge_bias=edge_bias,
+            backend=backend,
+            return_lse=return_lse,
+            impl=impl,
+            block_size=block_size,
+            tile_cost=tile_cost,
+            max_edges=max_edges,
+            max_cells=max_cells,
+            dropout_p=dropout_p,
+            dropout_seed=dropout_seed,
+            edge_head=edge_head,
+        )
 
 
-def _attend(query, key, value, edge_index, *, scale, edge_bias, backend, return_lse, impl, block_size, tile_cost,
-            max_edges, max_cells, dropout_p, dropout_seed, edge_head):
+def _attend(
+    query,
+    key,
+    value,
+    edge_index,
+    *,
+    scale,
+    edge_bias,
+    backend,
+    return_lse,
+    impl,
+    block_size,
+    tile_cost,
+    max_edges,
+    max_cells,
+    dropout_p,
+    dropout_seed,
+    edge_head,
+):
     """:func:`attend` after its tensor checks, without autocast."""
     if is_block_structure(edge_index):
-        return _attend_blocks(query, key, value, edge_index, scale=scale, edge_bias=edge_bias, backend=backend,
-                              return_lse=return_lse, impl=impl, block_size=block_size, tile_cost=tile_cost,
-                              max_edges=max_edges, max_cells=max_cells, dropout_p=dropout_p,
-                              dropout_seed=dropout_seed, edge_head=edge_head)
+        return _attend_blocks(
+            query,
+            key,
+            value,
+            edge_index,
+            scale=scale,
+            edge_bias=edge_bias,
+            backend=backend,
+            return_lse=return_lse,
+            impl=impl,
+            block_size=block_size,
+            tile_cost=tile_cost,
+            max_edges=max_edges,
+            max_cells=max_cells,
+            dropout_p=dropout_p,
+            dropout_seed=dropout_seed,
+            edge_head=edge_head,
+        )
     if edge_head is not None:
-        options = dict(scale=scale, backend=backend, return_lse=return_lse, impl=impl, block_size=block_size,
-                       tile_cost=tile_cost, max_edges=max_edges, max_cells=max_cells, dropout_p=dropout_p,
-                       dropout_seed=dropout_seed)
+        options = dict(
+            scale=scale,
+            backend=backend,
+            return_lse=return_lse,
+            impl=impl,
+            block_size=block_size,
+            tile_cost=tile_cost,
+            max_edges=max_edges,
+            max_cells=max_cells,
+            dropout_p=dropout_p,
+            dropout_seed=dropout_seed,
+        )
         return _attend_per_head(query, key, value, edge_index, edge_head, edge_bias, options)
     check_tiling(block_size, tile_cost)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
@@ -224,8 +301,9 @@ def _attend(query, key, value, edge_index, *, scale, edge_bias, backend, return_
     max_edges, max_cells = int(max_edges), int(max_cells)  # a NumPy integer too
     if isinstance(edge_index, Tensor) and edge_index.device != query.device:
         if edge_index.numel():
-            raise ValueError(f"Expected 'edge_index' on the device of query/key/value (got {edge_index.device} "
-                             f"and {query.device})")
+            raise ValueError(
+                f"Expected 'edge_index' on the device of query/key/value (got {edge_index.device} and {query.device})"
+            )
         # no edges, no data on the wrong device (an empty EdgeIndex's .to(device) stays put in some
         # PyG versions): checked as given, then replaced by an empty edge set on the queries' device
         check_edge_index(edge_index, key.size(0), query.size(0))
@@ -237,18 +315,21 @@ def _attend(query, key, value, edge_index, *, scale, edge_bias, backend, return_
             got = edge_bias.dtype if isinstance(edge_bias, Tensor) else type(edge_bias).__name__
             raise ValueError(f"Expected 'edge_bias' to be a floating-point tensor (got {got})")
         if edge_bias.shape != (graph.num_edges, query.size(1)):
-            raise ValueError(f"Expected 'edge_bias' of shape [E, H] = [{graph.num_edges}, {query.size(1)}] "
-                             f"(got {list(edge_bias.shape)})")
+            raise ValueError(
+                f"Expected 'edge_bias' of shape [E, H] = [{graph.num_edges}, {query.size(1)}] "
+                f"(got {list(edge_bias.shape)})"
+            )
         if edge_bias.device != query.device:
-            raise ValueError(f"Expected 'edge_bias' on the device of query/key/value (got {edge_bias.device} "
-                             f"and {query.device})")
+            raise ValueError(
+                f"Expected 'edge_bias' on the device of query/key/value (got {edge_bias.device} and {query.device})"
+            )
         bias = edge_bias if graph.perm is None else edge_bias[graph.perm]  # [E, H], target-sorted
     use_triton = _use_triton(query.device, impl)
     dropout = None
     if dropout_p:
         threshold(dropout_p)  # validates
-        seed = int(torch.randint(0, 2 ** 31 - 1, ()).item()) if dropout_seed is None else dropout_seed
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 31:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if dropout_seed is None else dropout_seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
             raise ValueError(f"Expected 'dropout_seed' to be an int in [0, 2**31) (got {dropout_seed!r})")
         dropout = (float(dropout_p), seed)
     device_type = query.device.type
@@ -275,8 +356,9 @@ def _attend(query, key, value, edge_index, *, scale, edge_bias, backend, return_
         # dropout: both parts key each edge's mask by its position in the whole graph
         out, lse, lo = _tiled(query, key, value, bias, tiles, scale, tiles_triton, max_cells, dropout)
         if rest is not None:
-            out_f, lse_f, lo_f = _fused(query, key, value, None if bias is None else bias[rest_ids], rest,
-                                        scale, use_triton, max_edges, dropout)
+            out_f, lse_f, lo_f = _fused(
+                query, key, value, None if bias is None else bias[rest_ids], rest, scale, use_triton, max_edges, dropout
+            )
             out, lse, _ = merge_partials(out, lse, out_f, lse_f, (lo, lo_f))
     out = out.to(query.dtype)
     if not return_lse:
@@ -288,24 +370,32 @@ def check_implicit_options(edge_bias: object, edge_head: object) -> None:
     """``ValueError`` for what an implicit graph (a ``BlockGraph``) cannot take: an ``edge_head``
     (a per-head BlockGraph carries the head of each tile) or an ``edge_bias`` (it has no edge order)."""
     if edge_head is not None:
-        raise ValueError("Expected no 'edge_head' with an implicit graph (a BlockGraph): a per-head BlockGraph "
-                         "carries the head of each tile itself")
+        raise ValueError(
+            "Expected no 'edge_head' with an implicit graph (a BlockGraph): a per-head BlockGraph "
+            "carries the head of each tile itself"
+        )
     if edge_bias is not None:
-        raise ValueError("Expected no 'edge_bias' with an implicit graph (a BlockGraph): a bias is aligned "
-                         "with an edge order; pass the materialized graph, graph.edges(), instead")
+        raise ValueError(
+            "Expected no 'edge_bias' with an implicit graph (a BlockGraph): a bias is aligned "
+            "with an edge order; pass the materialized graph, graph.edges(), instead"
+        )
 
 
 def _check_block_graph(query, key, graph, edge_bias, edge_head) -> None:
     check_implicit_options(edge_bias, edge_head)
     if (graph.num_dst, graph.num_src) != (query.size(0), key.size(0)):
-        raise ValueError(f"The BlockGraph has {graph.num_dst} targets and {graph.num_src} sources but 'query' "
-                         f"has {query.size(0)} rows and 'key' {key.size(0)}")
+        raise ValueError(
+            f"The BlockGraph has {graph.num_dst} targets and {graph.num_src} sources but 'query' "
+            f"has {query.size(0)} rows and 'key' {key.size(0)}"
+        )
     if graph.num_heads is not None and graph.num_heads != query.size(1):
-        raise ValueError(f"The per-head BlockGraph has num_heads={graph.num_heads} but 'query' has "
-                         f"{query.size(1)} heads")
+        raise ValueError(
+            f"The per-head BlockGraph has num_heads={graph.num_heads} but 'query' has {query.size(1)} heads"
+        )
     if graph.q_block.device != query.device:
-        raise ValueError(f"Expected the BlockGraph on the device of query/key/value (got {graph.q_block.device} "
-                         f"and {query.device})")
+        raise ValueError(
+            f"Expected the BlockGraph on the device of query/key/value (got {graph.q_block.device} and {query.device})"
+        )
 
 
 def _graph_block(graph, device_type: str, dtype: torch.dtype, block_size: int | None) -> int:
@@ -320,8 +410,25 @@ def _graph_block(graph, device_type: str, dtype: torch.dtype, block_size: int | 
     return block_size
 
 
-def _attend_blocks(query, key, value, graph, *, scale, edge_bias, backend, return_lse, impl, block_size,
-                   tile_cost, max_edges, max_cells, dropout_p, dropout_seed, edge_head):
+def _attend_blocks(
+    query,
+    key,
+    value,
+    graph,
+    *,
+    scale,
+    edge_bias,
+    backend,
+    return_lse,
+    impl,
+    block_size,
+    tile_cost,
+    max_edges,
+    max_cells,
+    dropout_p,
+    dropout_seed,
+    edge_head,
+):
     """:func:`attend` on an implicit graph: its tiles, SDPA for an exactly causal / full one, or
     (``fused``, ``split``, dropout) its materialized edges."""
     _check_block_graph(query, key, graph, edge_bias, edge_head)
@@ -333,10 +440,24 @@ def _attend_blocks(query, key, value, graph, *, scale, edge_bias, backend, retur
     if backend in ("fused", "split") or dropout_p:
         edges = graph.edges()  # refused past the edge budget, before anything is allocated
         edge_index, heads = edges if isinstance(edges, tuple) else (edges, None)
-        return _attend(query, key, value, edge_index, scale=scale, edge_bias=None, backend=backend,
-                       return_lse=return_lse, impl=impl, block_size=block_size, tile_cost=tile_cost,
-                       max_edges=max_edges, max_cells=max_cells, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                       edge_head=heads)
+        return _attend(
+            query,
+            key,
+            value,
+            edge_index,
+            scale=scale,
+            edge_bias=None,
+            backend=backend,
+            return_lse=return_lse,
+            impl=impl,
+            block_size=block_size,
+            tile_cost=tile_cost,
+            max_edges=max_edges,
+            max_cells=max_cells,
+            dropout_p=dropout_p,
+            dropout_seed=dropout_seed,
+            edge_head=heads,
+        )
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"Expected 'scale' to be a finite number (got {scale!r})")
     scale = float(scale)
@@ -369,34 +490,49 @@ def _attend_per_head(query, key, value, edge_index, edge_head, edge_bias, option
     """:func:`attend` on a per-head graph: one head on (head, token) nodes, then back to ``[N, H, ...]``."""
     index, bias = head_inputs(query, key, edge_index, edge_head, edge_bias)
     heads = query.size(1)
-    result = attend(heads_to_nodes(query), heads_to_nodes(key), heads_to_nodes(value), index, edge_bias=bias,
-                    **options)
+    result = attend(heads_to_nodes(query), heads_to_nodes(key), heads_to_nodes(value), index, edge_bias=bias, **options)
     if not options["return_lse"]:
         return nodes_to_heads(result, heads)  # [N_dst, H, D]
     out, lse = result
     return nodes_to_heads(out, heads), nodes_to_heads(lse, heads)  # [N_dst, H, D], [N_dst, H]
 
 
-def edge_weights(query: Tensor, key: Tensor, edge_index: Tensor, lse: Tensor, *, scale: float,
-                 edge_bias: Tensor | None = None, chunk: int = 1 << 16, edge_head: Tensor | None = None) -> Tensor:
+def edge_weights(
+    query: Tensor,
+    key: Tensor,
+    edge_index: Tensor,
+    lse: Tensor,
+    *,
+    scale: float,
+    edge_bias: Tensor | None = None,
+    chunk: int = 1 << 16,
+    edge_head: Tensor | None = None,
+) -> Tensor:
     """Attention weights ``alpha [E, H] = exp(scale * q_i . k_j + b_ji - lse_i)`` of every edge, in
     ``edge_index``'s column order, from the ``lse`` of :func:`attend` (chunks of ``chunk`` edges).
     With ``edge_head`` (a per-head graph) the weights are ``[E]``, each edge's at its head."""
     if edge_head is not None:
         index, bias = head_inputs(query, key, edge_index, edge_head, edge_bias)
-        return edge_weights(heads_to_nodes(query), heads_to_nodes(key), index, lse.t().reshape(-1, 1),
-                            scale=scale, edge_bias=bias, chunk=chunk)[:, 0]  # [E]
+        return edge_weights(
+            heads_to_nodes(query),
+            heads_to_nodes(key),
+            index,
+            lse.t().reshape(-1, 1),
+            scale=scale,
+            edge_bias=bias,
+            chunk=chunk,
+        )[:, 0]  # [E]
     plain = plain_tensor(edge_index)
     src, dst = plain[0].long(), plain[1].long()  # [E], [E]
     group = query.size(1) // key.size(1)
     cd = compute_dtype(query.dtype)
     chunks = []
     for e0 in range(0, src.numel(), chunk):
-        s, d = src[e0:e0 + chunk], dst[e0:e0 + chunk]
+        s, d = src[e0 : e0 + chunk], dst[e0 : e0 + chunk]
         k_j = key[s].repeat_interleave(group, dim=1).to(cd)  # [C, H, D]
         score = (query[d].to(cd) * k_j).sum(-1) * scale  # [C, H]
         if edge_bias is not None:
-            score = score + edge_bias[e0:e0 + chunk].to(cd)
+            score = score + edge_bias[e0 : e0 + chunk].to(cd)
         top = lse[d].to(cd)  # [C, H]; -inf: the row's edges all have a -inf bias, weights 0
         chunks.append(torch.where(torch.isneginf(top), 0.0, torch.exp(score - top)))
     if not chunks:
@@ -409,4 +545,3 @@ def edge_weights(query: Tensor, key: Tensor, edge_index: Tensor, lse: Tensor, *,
         sums = torch.zeros(lse.shape, dtype=cd, device=weights.device).index_add_(0, dst, weights)
         weights = torch.where(huge[dst], weights / torch.where(huge, sums, 1.0)[dst], weights)
     return weights.to(query.dtype)
-

@@ -24,6 +24,7 @@ deterministic CSR kernel; half-precision inputs are computed in float32. With at
 Notation: ``E`` edges, ``R`` target rows of a chunk, ``H`` / ``H_kv`` query / key-value heads, ``D``
 head dimension; ``T`` marks head-major copies ``[H, N, D]``.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -96,7 +97,7 @@ def row_chunks(graph: CSRGraph, max_edges: int = DEFAULT_MAX_EDGES) -> list[RowC
     chunks = []
     for r0, r1 in bounds:
         e0, e1 = int(rowptr_cpu[r0]), int(rowptr_cpu[r1])
-        crow = graph.rowptr[r0:r1 + 1] - e0  # [R + 1]
+        crow = graph.rowptr[r0 : r1 + 1] - e0  # [R + 1]
         col = graph.src[e0:e1].clone() if len(bounds) > 1 else graph.src  # [Ec], own storage
         row = graph.dst[e0:e1] - r0  # [Ec]
         chunks.append(RowChunk(r0, r1, e0, e1, crow, col, row))
@@ -132,8 +133,7 @@ def _head_major(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype).transpose(0, 1).contiguous()  # [N, H, D] -> [H, N, D]
 
 
-def _keep(c: RowChunk, graph: CSRGraph, dropout: tuple[float, int] | None, h: int,
-          dtype: torch.dtype) -> Tensor | None:
+def _keep(c: RowChunk, graph: CSRGraph, dropout: tuple[float, int] | None, h: int, dtype: torch.dtype) -> Tensor | None:
     """The chunk's dropout scales ``[Ec]`` of head ``h`` (``None`` without dropout), keyed by each
     edge's position in the target-sorted order (of the whole graph, for a part of one)."""
     if dropout is None:
@@ -142,13 +142,20 @@ def _keep(c: RowChunk, graph: CSRGraph, dropout: tuple[float, int] | None, h: in
     if graph.edge_ids is None:
         edges = torch.arange(c.e0, c.e1, device=c.col.device)
     else:
-        edges = graph.edge_ids[c.e0:c.e1]
+        edges = graph.edge_ids[c.e0 : c.e1]
     return keep_scale(seed, edges, h, p, dtype)
 
 
-def chunked_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
-                    scale: float, max_edges: int = DEFAULT_MAX_EDGES,
-                    dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def chunked_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    graph: CSRGraph,
+    scale: float,
+    max_edges: int = DEFAULT_MAX_EDGES,
+    dropout: tuple[float, int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(out [N_dst, H, D] in q's dtype, lse [N_dst, H], lse_lo [N_dst, H])``; bias in target-sorted
     edge order. ``dropout = (p, seed)`` drops attention weights (``lse`` stays that of the softmax)."""
     cd = compute_dtype(q.dtype)
@@ -162,8 +169,8 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph:
         for c in row_chunks(graph, max_edges):
             for h in range(num_heads):
                 hk = h // group
-                bias_h = None if bias is None else bias[c.e0:c.e1, h]
-                s = _scores(c, qT[h, c.r0:c.r1], kT[hk], bias_h, scale)  # [Ec]
+                bias_h = None if bias is None else bias[c.e0 : c.e1, h]
+                s = _scores(c, qT[h, c.r0 : c.r1], kT[hk], bias_h, scale)  # [Ec]
                 top = torch.segment_reduce(s, "max", offsets=c.crow)  # [R], -inf on empty rows
                 top = finite_or_zero(top)
                 e = torch.exp(s - top[c.row])  # [Ec]
@@ -173,16 +180,28 @@ def chunked_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph:
                 p = e / safe[c.row]  # [Ec]
                 keep = _keep(c, graph, dropout, h, cd)
                 pd = p if keep is None else p * keep  # [Ec]
-                outT[h, c.r0:c.r1] = _csr(c.crow, c.col, pd, (c.r1 - c.r0, graph.num_src)) @ vT[hk]
-                lseT[h, c.r0:c.r1], loT[h, c.r0:c.r1] = lse_pair(top, total)
+                outT[h, c.r0 : c.r1] = _csr(c.crow, c.col, pd, (c.r1 - c.r0, graph.num_src)) @ vT[hk]
+                lseT[h, c.r0 : c.r1], loT[h, c.r0 : c.r1] = lse_pair(top, total)
     # [N_dst, H, D] dense, [N_dst, H], [N_dst, H]
     return outT.transpose(0, 1).to(q.dtype).contiguous(), lseT.t().contiguous(), loT.t().contiguous()
 
 
-def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
-                     scale: float, out: Tensor, lse: Tensor, lse_lo: Tensor, dout: Tensor,
-                     dlse: Tensor | None, need_bias_grad: bool, max_edges: int = DEFAULT_MAX_EDGES,
-                     dropout: tuple[float, int] | None = None):
+def chunked_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    graph: CSRGraph,
+    scale: float,
+    out: Tensor,
+    lse: Tensor,
+    lse_lo: Tensor,
+    dout: Tensor,
+    dlse: Tensor | None,
+    need_bias_grad: bool,
+    max_edges: int = DEFAULT_MAX_EDGES,
+    dropout: tuple[float, int] | None = None,
+):
     """``(dq, dk, dv, dbias)`` from the saved ``out`` and ``lse`` (with ``lse_lo``); ``dbias`` in
     sorted edge order."""
     cd = compute_dtype(q.dtype)
@@ -205,26 +224,26 @@ def chunked_backward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph
             size, size_t = (c.r1 - c.r0, n_src), (n_src, c.r1 - c.r0)
             for h in range(num_heads):
                 hk = h // group
-                bias_h = None if bias is None else bias[c.e0:c.e1, h]
-                s = _scores(c, qT[h, c.r0:c.r1], kT[hk], bias_h, scale)  # [Ec]
-                p = torch.exp((s - lse_safe[h, c.r0:c.r1][c.row]) - loT[h, c.r0:c.r1][c.row])  # [Ec]
+                bias_h = None if bias is None else bias[c.e0 : c.e1, h]
+                s = _scores(c, qT[h, c.r0 : c.r1], kT[hk], bias_h, scale)  # [Ec]
+                p = torch.exp((s - lse_safe[h, c.r0 : c.r1][c.row]) - loT[h, c.r0 : c.r1][c.row])  # [Ec]
                 p = p / _row_sums(c, p)  # exactly normalized rows (module docstring)
                 keep = _keep(c, graph, dropout, h, cd)  # once per head and chunk: dp and dV share it
-                dp = _sampled(c, doT[h, c.r0:c.r1], vT[hk], None, 1.0)  # [Ec]
+                dp = _sampled(c, doT[h, c.r0 : c.r1], vT[hk], None, 1.0)  # [Ec]
                 pd = p
                 if keep is not None:
                     dp, pd = dp * keep, p * keep
                 delta = torch.segment_reduce(p * dp, "sum", offsets=c.crow)  # [R]
                 if dlseT is not None:
-                    delta = delta - dlseT[h, c.r0:c.r1]
+                    delta = delta - dlseT[h, c.r0 : c.r1]
                 ds = p * (dp - delta[c.row])  # [Ec]
                 if dbias is not None:
-                    dbias[c.e0:c.e1, h] = ds
-                dqT[h, c.r0:c.r1] = (_csr(c.crow, c.col, ds, size) @ kT[hk]) * scale
+                    dbias[c.e0 : c.e1, h] = ds
+                dqT[h, c.r0 : c.r1] = (_csr(c.crow, c.col, ds, size) @ kT[hk]) * scale
                 t_crow, t_col, t_perm = c.transposed(graph)
                 ds_t, p_t = ds[t_perm], pd[t_perm]  # [Ec] in source order
-                dkT[hk] += (_csr(t_crow, t_col, ds_t, size_t) @ qT[h, c.r0:c.r1]) * scale
-                dvT[hk] += _csr(t_crow, t_col, p_t, size_t) @ doT[h, c.r0:c.r1]
+                dkT[hk] += (_csr(t_crow, t_col, ds_t, size_t) @ qT[h, c.r0 : c.r1]) * scale
+                dvT[hk] += _csr(t_crow, t_col, p_t, size_t) @ doT[h, c.r0 : c.r1]
     dq = dqT.transpose(0, 1).to(q.dtype)
     dk = dkT.transpose(0, 1).to(k.dtype)
     dv = dvT.transpose(0, 1).to(v.dtype)
@@ -243,8 +262,15 @@ def _prepare(graph: CSRGraph, max_edges: int = DEFAULT_MAX_EDGES, **_) -> None:
 CHUNKED = Kernel(chunked_forward, chunked_backward, prepare=_prepare)
 
 
-def chunked_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
-                      scale: float, max_edges: int = DEFAULT_MAX_EDGES,
-                      dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def chunked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    graph: CSRGraph,
+    scale: float,
+    max_edges: int = DEFAULT_MAX_EDGES,
+    dropout: tuple[float, int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Differentiable ``(out, lse, lse_lo)`` of the chunked path; ``bias`` in target-sorted edge order."""
     return kernel_attention(CHUNKED, q, k, v, bias, graph, scale, max_edges=max_edges, dropout=dropout)

@@ -27,6 +27,7 @@ key/value head) instead: the ``G`` query heads form a ``[16+, D]`` tile, scores 
 
 Notation: ``E`` edges, ``H`` / ``H_kv`` query / key-value heads, ``G = H // H_kv``, ``D`` head dim.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,8 +39,22 @@ from . import _pieces
 from ._autograd import Kernel, kernel_attention
 from ._graph import CSRGraph
 from ._launch import is_recording, launch
-from .triton_common import (EXACT_ROWS_LSE, acc_type, canonical, dot, empty_outputs, keep, load_scales,
-                            row_lse, row_stats, scalars, softmax_finish, softmax_step, upcast, work)
+from .triton_common import (
+    EXACT_ROWS_LSE,
+    acc_type,
+    canonical,
+    dot,
+    empty_outputs,
+    keep,
+    load_scales,
+    row_lse,
+    row_stats,
+    scalars,
+    softmax_finish,
+    softmax_step,
+    upcast,
+    work,
+)
 
 
 @triton.jit
@@ -52,11 +67,39 @@ def _position(EDGE_IDS, e, emask, REMAP: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csr_fwd(Q, K, V, BIAS, OUT, LSE, LSE_LO, START, END, MAP, SRC, SCALES, EDGE_IDS, SEED, THRESH,
-             stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
-             H, GROUP, D,
-             HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr, MAPPED: tl.constexpr,
-             BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _csr_fwd(
+    Q,
+    K,
+    V,
+    BIAS,
+    OUT,
+    LSE,
+    LSE_LO,
+    START,
+    END,
+    MAP,
+    SRC,
+    SCALES,
+    EDGE_IDS,
+    SEED,
+    THRESH,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_on,
+    stride_oh,
+    H,
+    GROUP,
+    D,
+    HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    REMAP: tl.constexpr,
+    MAPPED: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
     i, o, start, end = work(START, END, MAP, MAPPED)
     scale, keep_scale = load_scales(SCALES, ACC)
     h = tl.program_id(1)
@@ -96,9 +139,32 @@ def _csr_fwd(Q, K, V, BIAS, OUT, LSE, LSE_LO, START, END, MAP, SRC, SCALES, EDGE
 
 
 @triton.jit
-def _edge_block(q, do, K, V, BIAS, SRC, EDGE_IDS, SEED, THRESH, offs_e, emask, h, hk, offs_d, dmask,
-                stride_kn, stride_kh, H, scale, keep_scale, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-                REMAP: tl.constexpr, ACC: tl.constexpr):
+def _edge_block(
+    q,
+    do,
+    K,
+    V,
+    BIAS,
+    SRC,
+    EDGE_IDS,
+    SEED,
+    THRESH,
+    offs_e,
+    emask,
+    h,
+    hk,
+    offs_d,
+    dmask,
+    stride_kn,
+    stride_kh,
+    H,
+    scale,
+    keep_scale,
+    HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    REMAP: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """``(s, dp, k)`` of a block of edges ``offs_e`` of one row and head in the per-head backward
     kernels: scores ``s`` (``-inf`` off the edges), ``dp = dO . v`` (times the dropout scale, 0 for
     dropped edges) and the keys ``[BLOCK_E, D]``."""
@@ -117,11 +183,43 @@ def _edge_block(q, do, K, V, BIAS, SRC, EDGE_IDS, SEED, THRESH, offs_e, emask, h
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csr_bwd_rows(Q, K, V, BIAS, DO, OUT, DLSE, LSE, LSE_LO, DELTA, LSE_B, LO_B, ROWPTR, SRC, SCALES, EDGE_IDS,
-                  SEED, THRESH, stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
-                  H, GROUP, D, LIMIT,
-                  HAS_DLSE: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr,
-                  BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _csr_bwd_rows(
+    Q,
+    K,
+    V,
+    BIAS,
+    DO,
+    OUT,
+    DLSE,
+    LSE,
+    LSE_LO,
+    DELTA,
+    LSE_B,
+    LO_B,
+    ROWPTR,
+    SRC,
+    SCALES,
+    EDGE_IDS,
+    SEED,
+    THRESH,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_on,
+    stride_oh,
+    H,
+    GROUP,
+    D,
+    LIMIT,
+    HAS_DLSE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    REMAP: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """The row terms of the backward pass for target ``i`` and head ``h``: ``delta``, and the
     log-sum-exp ``(LSE_B, LO_B)`` the gradient kernels recompute the weights from. A row whose
     log-sum-exp stays below ``LIMIT`` takes ``delta_i = dO_i . O_i - dlse_i`` and the forward's
@@ -150,9 +248,32 @@ def _csr_bwd_rows(Q, K, V, BIAS, DO, OUT, DLSE, LSE, LSE_LO, DELTA, LSE_B, LO_B,
         for e0 in range(start, end, BLOCK_E):
             offs_e = e0 + tl.arange(0, BLOCK_E)
             emask = offs_e < end
-            s, dp, k = _edge_block(q, do, K, V, BIAS, SRC, EDGE_IDS, SEED, THRESH, offs_e, emask, h, hk, offs_d,
-                                   dmask, stride_kn, stride_kh, H, scale, keep_scale, HAS_BIAS, DROPOUT, REMAP,
-                                   ACC)
+            s, dp, k = _edge_block(
+                q,
+                do,
+                K,
+                V,
+                BIAS,
+                SRC,
+                EDGE_IDS,
+                SEED,
+                THRESH,
+                offs_e,
+                emask,
+                h,
+                hk,
+                offs_d,
+                dmask,
+                stride_kn,
+                stride_kh,
+                H,
+                scale,
+                keep_scale,
+                HAS_BIAS,
+                DROPOUT,
+                REMAP,
+                ACC,
+            )
             m_new = tl.maximum(m, tl.max(s, axis=0))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             corr = tl.exp(m - m_use)
@@ -172,11 +293,41 @@ def _csr_bwd_rows(Q, K, V, BIAS, DO, OUT, DLSE, LSE, LSE_LO, DELTA, LSE_B, LO_B,
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DQ, DBIAS, START, END, MAP, SRC, SCALES, EDGE_IDS, SEED,
-                THRESH, stride_qn, stride_qh, stride_kn, stride_kh,
-                H, GROUP, D,
-                HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr,
-                MAPPED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _csr_bwd_dq(
+    Q,
+    K,
+    V,
+    BIAS,
+    DO,
+    LSE,
+    LSE_LO,
+    DELTA,
+    DQ,
+    DBIAS,
+    START,
+    END,
+    MAP,
+    SRC,
+    SCALES,
+    EDGE_IDS,
+    SEED,
+    THRESH,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    H,
+    GROUP,
+    D,
+    HAS_BIAS: tl.constexpr,
+    WRITE_DBIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    REMAP: tl.constexpr,
+    MAPPED: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
     i, o, start, end = work(START, END, MAP, MAPPED)
     scale, keep_scale = load_scales(SCALES, ACC)
     h = tl.program_id(1)
@@ -191,8 +342,32 @@ def _csr_bwd_dq(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DQ, DBIAS, START, END, MA
     for e0 in range(start, end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
         emask = offs_e < end
-        s, dp, k = _edge_block(q, do, K, V, BIAS, SRC, EDGE_IDS, SEED, THRESH, offs_e, emask, h, hk, offs_d, dmask,
-                               stride_kn, stride_kh, H, scale, keep_scale, HAS_BIAS, DROPOUT, REMAP, ACC)
+        s, dp, k = _edge_block(
+            q,
+            do,
+            K,
+            V,
+            BIAS,
+            SRC,
+            EDGE_IDS,
+            SEED,
+            THRESH,
+            offs_e,
+            emask,
+            h,
+            hk,
+            offs_d,
+            dmask,
+            stride_kn,
+            stride_kh,
+            H,
+            scale,
+            keep_scale,
+            HAS_BIAS,
+            DROPOUT,
+            REMAP,
+            ACC,
+        )
         p = tl.exp((s - lse) - lo)  # padding lanes: exp(-inf) = 0
         ds = p * (dp - delta)  # [BLOCK_E]
         if WRITE_DBIAS:
@@ -216,8 +391,20 @@ def _group_rows(i, hk, GROUP, D, stride_qn, stride_qh, BLOCK_G: tl.constexpr, BL
 
 
 @triton.jit
-def _group_start(SCALES, START, END, MAP, GROUP, D, stride_qn, stride_qh, MAPPED: tl.constexpr,
-                 BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _group_start(
+    SCALES,
+    START,
+    END,
+    MAP,
+    GROUP,
+    D,
+    stride_qn,
+    stride_qh,
+    MAPPED: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """The prologue of the grouped kernels: target ``i`` (output row ``o``, see :func:`work`) and
     key/value head ``hk`` of this program, the scales, the edge range and the group's rows
     (:func:`_group_rows`)."""
@@ -229,8 +416,26 @@ def _group_start(SCALES, START, END, MAP, GROUP, D, stride_qn, stride_qh, MAPPED
 
 
 @triton.jit
-def _group_scores(q, K, BIAS, SRC, offs_e, emask, hk, h, gmask, offs_d, dmask, stride_kn, stride_kh, H, scale,
-                  HAS_BIAS: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+def _group_scores(
+    q,
+    K,
+    BIAS,
+    SRC,
+    offs_e,
+    emask,
+    hk,
+    h,
+    gmask,
+    offs_d,
+    dmask,
+    stride_kn,
+    stride_kh,
+    H,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Scores ``[BLOCK_G, BLOCK_E]`` of the group's query heads against a block of edges, with the
     key block's offsets, mask and keys: ``(s, kv, mask2, k)``; ``-inf`` off the edges."""
     j = tl.load(SRC + offs_e, mask=emask, other=0)
@@ -239,24 +444,53 @@ def _group_scores(q, K, BIAS, SRC, offs_e, emask, hk, h, gmask, offs_d, dmask, s
     k = tl.load(K + kv, mask=mask2, other=0.0)
     s = dot(q, tl.trans(k), ACC, UPCAST) * scale
     if HAS_BIAS:
-        s += tl.load(BIAS + offs_e[None, :] * H + h[:, None], mask=gmask[:, None] & emask[None, :],
-                     other=0.0).to(ACC)
+        s += tl.load(BIAS + offs_e[None, :] * H + h[:, None], mask=gmask[:, None] & emask[None, :], other=0.0).to(ACC)
     return tl.where(emask[None, :], s, float("-inf")), kv, mask2, k
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csr_fwd_grouped(Q, K, V, BIAS, OUT, LSE, LSE_LO, START, END, MAP, SRC, SCALES, EDGE_IDS, SEED, THRESH,
-                     stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
-                     H, GROUP, D,
-                     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr, MAPPED: tl.constexpr,
-                     BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-                     ACC: tl.constexpr, UPCAST: tl.constexpr):
+def _csr_fwd_grouped(
+    Q,
+    K,
+    V,
+    BIAS,
+    OUT,
+    LSE,
+    LSE_LO,
+    START,
+    END,
+    MAP,
+    SRC,
+    SCALES,
+    EDGE_IDS,
+    SEED,
+    THRESH,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_on,
+    stride_oh,
+    H,
+    GROUP,
+    D,
+    HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    REMAP: tl.constexpr,
+    MAPPED: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """:func:`_csr_fwd` for the ``GROUP`` query heads of one key/value head at once (grouped-query
     attention): one program per (target, key/value head) gathers each key and value row once for
     the whole group, and scores and weighted sums are ``tl.dot`` products of ``[BLOCK_G, .]``
     tiles (rows beyond ``GROUP`` masked)."""
     i, o, hk, scale, keep_scale, start, end, h, gmask, offs_d, dmask, qmask, rows = _group_start(
-        SCALES, START, END, MAP, GROUP, D, stride_qn, stride_qh, MAPPED, BLOCK_G, BLOCK_D, ACC)
+        SCALES, START, END, MAP, GROUP, D, stride_qn, stride_qh, MAPPED, BLOCK_G, BLOCK_D, ACC
+    )
     q = tl.load(Q + rows, mask=qmask, other=0.0)
     m = tl.full([BLOCK_G], float("-inf"), ACC)
     l = tl.zeros([BLOCK_G], ACC)
@@ -264,8 +498,26 @@ def _csr_fwd_grouped(Q, K, V, BIAS, OUT, LSE, LSE_LO, START, END, MAP, SRC, SCAL
     for e0 in range(start, end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
         emask = offs_e < end
-        s, kv, mask2, k = _group_scores(q, K, BIAS, SRC, offs_e, emask, hk, h, gmask, offs_d, dmask,
-                                        stride_kn, stride_kh, H, scale, HAS_BIAS, ACC, UPCAST)
+        s, kv, mask2, k = _group_scores(
+            q,
+            K,
+            BIAS,
+            SRC,
+            offs_e,
+            emask,
+            hk,
+            h,
+            gmask,
+            offs_d,
+            dmask,
+            stride_kn,
+            stride_kh,
+            H,
+            scale,
+            HAS_BIAS,
+            ACC,
+            UPCAST,
+        )
         m, l, corr, p = softmax_step(m, l, s)
         v = tl.load(V + kv, mask=mask2, other=0.0)
         if DROPOUT:  # the normalizer l keeps every weight; the output only the kept ones
@@ -273,23 +525,54 @@ def _csr_fwd_grouped(Q, K, V, BIAS, OUT, LSE, LSE_LO, START, END, MAP, SRC, SCAL
             p = tl.where(keep(SEED, position[None, :], h[:, None], THRESH), p * keep_scale, 0.0)
         acc = acc * corr[:, None] + dot(p.to(v.dtype), v, ACC, UPCAST)
     out, lse, lo = softmax_finish(m, l, acc)
-    tl.store(OUT + o * stride_on + h[:, None] * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty),
-             mask=qmask)
+    tl.store(OUT + o * stride_on + h[:, None] * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=qmask)
     tl.store(LSE + o * H + h, lse, mask=gmask)
     tl.store(LSE_LO + o * H + h, lo, mask=gmask)
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csr_bwd_dq_grouped(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DQ, DBIAS, START, END, MAP, SRC, SCALES, EDGE_IDS,
-                        SEED, THRESH, stride_qn, stride_qh, stride_kn, stride_kh,
-                        H, GROUP, D,
-                        HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr, DROPOUT: tl.constexpr,
-                        REMAP: tl.constexpr, MAPPED: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+def _csr_bwd_dq_grouped(
+    Q,
+    K,
+    V,
+    BIAS,
+    DO,
+    LSE,
+    LSE_LO,
+    DELTA,
+    DQ,
+    DBIAS,
+    START,
+    END,
+    MAP,
+    SRC,
+    SCALES,
+    EDGE_IDS,
+    SEED,
+    THRESH,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    H,
+    GROUP,
+    D,
+    HAS_BIAS: tl.constexpr,
+    WRITE_DBIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    REMAP: tl.constexpr,
+    MAPPED: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """:func:`_csr_bwd_dq` for the query heads of one key/value head at once (see
     :func:`_csr_fwd_grouped`)."""
     i, o, hk, scale, keep_scale, start, end, h, gmask, offs_d, dmask, qmask, rows = _group_start(
-        SCALES, START, END, MAP, GROUP, D, stride_qn, stride_qh, MAPPED, BLOCK_G, BLOCK_D, ACC)
+        SCALES, START, END, MAP, GROUP, D, stride_qn, stride_qh, MAPPED, BLOCK_G, BLOCK_D, ACC
+    )
     q = tl.load(Q + rows, mask=qmask, other=0.0)
     do = tl.load(DO + rows, mask=qmask, other=0.0)
     lse, lo, delta = row_stats(LSE, LSE_LO, DELTA, i * H + h, gmask, ACC)
@@ -297,8 +580,26 @@ def _csr_bwd_dq_grouped(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DQ, DBIAS, START,
     for e0 in range(start, end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
         emask = offs_e < end
-        s, kv, mask2, k = _group_scores(q, K, BIAS, SRC, offs_e, emask, hk, h, gmask, offs_d, dmask,
-                                        stride_kn, stride_kh, H, scale, HAS_BIAS, ACC, UPCAST)
+        s, kv, mask2, k = _group_scores(
+            q,
+            K,
+            BIAS,
+            SRC,
+            offs_e,
+            emask,
+            hk,
+            h,
+            gmask,
+            offs_d,
+            dmask,
+            stride_kn,
+            stride_kh,
+            H,
+            scale,
+            HAS_BIAS,
+            ACC,
+            UPCAST,
+        )
         v = tl.load(V + kv, mask=mask2, other=0.0)
         cell = gmask[:, None] & emask[None, :]
         p = tl.exp(tl.where(cell, (s - lse[:, None]) - lo[:, None], float("-inf")))  # [BLOCK_G, BLOCK_E]
@@ -314,11 +615,41 @@ def _csr_bwd_dq_grouped(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DQ, DBIAS, START,
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _csc_bwd_dkdv(Q, K, V, BIAS, DO, LSE, LSE_LO, DELTA, DK, DV, START, END, MAP, CSC_PERM, DST, SCALES, EDGE_IDS,
-                  SEED, THRESH, stride_qn, stride_qh, stride_kn, stride_kh,
-                  H, GROUP, D,
-                  HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, REMAP: tl.constexpr, MAPPED: tl.constexpr,
-                  BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+def _csc_bwd_dkdv(
+    Q,
+    K,
+    V,
+    BIAS,
+    DO,
+    LSE,
+    LSE_LO,
+    DELTA,
+    DK,
+    DV,
+    START,
+    END,
+    MAP,
+    CSC_PERM,
+    DST,
+    SCALES,
+    EDGE_IDS,
+    SEED,
+    THRESH,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    H,
+    GROUP,
+    D,
+    HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    REMAP: tl.constexpr,
+    MAPPED: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
     j, o, start, end = work(START, END, MAP, MAPPED)  # source j, output row o
     scale, keep_scale = load_scales(SCALES, ACC)
     hk = tl.program_id(1)
@@ -384,8 +715,15 @@ def _grid_heads(num_heads: int, num_kv: int, dim: int) -> int:
     return num_heads if _grouped(num_heads // num_kv, dim) is None else num_kv
 
 
-def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
-                scale: float, dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def csr_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    graph: CSRGraph,
+    scale: float,
+    dropout: tuple[float, int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(out [N_dst, H, D], lse [N_dst, H], lse_lo [N_dst, H])`` (see :mod:`._autograd`); ``bias``
     ``[E, H]`` in target-sorted edge order;
     ``dropout = (p, seed)`` drops attention weights (:mod:`._dropout`). Targets with far more edges
@@ -398,18 +736,57 @@ def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSR
         return out, lse, lse_lo
     bias_arg = bias.contiguous() if bias is not None else lse  # unused when HAS_BIAS is False
     scales, seed, thresh = scalars(scale, dropout, acc_dtype, q.device)
-    pieces = _pieces.cached_pieces(graph.extras, "rows", graph.rowptr, "csr", graph.num_edges,
-                                   _grid_heads(num_heads, k.size(1), dim))
+    pieces = _pieces.cached_pieces(
+        graph.extras, "rows", graph.rowptr, "csr", graph.num_edges, _grid_heads(num_heads, k.size(1), dim)
+    )
 
     def run(rows, out, lse, lse_lo, start, end, row_map, mapped):
-        args = (q, k, v, bias_arg, out, lse, lse_lo, start, end, row_map, graph.src, scales, _edge_ids(graph), seed,
-                thresh, q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
-                num_heads, group, dim)
-        flags = dict(HAS_BIAS=bias is not None, DROPOUT=dropout is not None, REMAP=graph.edge_ids is not None,
-                     MAPPED=mapped, BLOCK_E=BLOCK_E, ACC=acc_type(q.dtype))
+        args = (
+            q,
+            k,
+            v,
+            bias_arg,
+            out,
+            lse,
+            lse_lo,
+            start,
+            end,
+            row_map,
+            graph.src,
+            scales,
+            _edge_ids(graph),
+            seed,
+            thresh,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            out.stride(0),
+            out.stride(1),
+            num_heads,
+            group,
+            dim,
+        )
+        flags = dict(
+            HAS_BIAS=bias is not None,
+            DROPOUT=dropout is not None,
+            REMAP=graph.edge_ids is not None,
+            MAPPED=mapped,
+            BLOCK_E=BLOCK_E,
+            ACC=acc_type(q.dtype),
+        )
         # one program per (target, key/value head): each key and value row gathered once per group
-        _launch_heads("forward", q, rows, k.size(1), _csr_fwd_grouped, _csr_fwd, args, flags,
-                      dict(flags, BLOCK_D=triton.next_power_of_2(dim)))
+        _launch_heads(
+            "forward",
+            q,
+            rows,
+            k.size(1),
+            _csr_fwd_grouped,
+            _csr_fwd,
+            args,
+            flags,
+            dict(flags, BLOCK_D=triton.next_power_of_2(dim)),
+        )
 
     _pieces.launch_rows(run, graph.rowptr, pieces, (out, lse, lse_lo), acc_dtype, merge=True)
     return out, lse, lse_lo
@@ -418,8 +795,18 @@ def csr_forward(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSR
 _PER_HEAD: set = set()  # (pass, device, dtype, head dim, group): the GPU refused the grouped kernel
 
 
-def _launch_heads(what: str, q: Tensor, rows: int, num_kv: int, grouped_kernel, per_head_kernel, args: tuple,
-                  grouped_flags: dict, per_head_flags: dict, per_head: bool = False) -> None:
+def _launch_heads(
+    what: str,
+    q: Tensor,
+    rows: int,
+    num_kv: int,
+    grouped_kernel,
+    per_head_kernel,
+    args: tuple,
+    grouped_flags: dict,
+    per_head_flags: dict,
+    per_head: bool = False,
+) -> None:
     """The grouped kernel (grid ``(rows, H_kv)``) with several query heads per key/value head, else
     the per-head one (grid ``(rows, H)``): also where the GPU refuses the grouped launch for want of
     resources (its ``[BLOCK_G, D]`` tiles need more shared memory than GPUs below an H100 have for
@@ -439,8 +826,21 @@ def _launch_heads(what: str, q: Tensor, rows: int, num_kv: int, grouped_kernel, 
     launch(per_head_kernel, (rows, num_heads), *args, **per_head_flags)
 
 
-def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, lse_lo, dout, dlse, need_bias_grad,
-                 dropout: tuple[float, int] | None = None):
+def csr_backward(
+    q,
+    k,
+    v,
+    bias,
+    graph: CSRGraph,
+    scale,
+    out,
+    lse,
+    lse_lo,
+    dout,
+    dlse,
+    need_bias_grad,
+    dropout: tuple[float, int] | None = None,
+):
     """``(dq, dk, dv, dbias)``; ``dbias`` in target-sorted edge order. Targets and sources with far
     more edges than the rest run in pieces (:mod:`._pieces`)."""
     n_dst, num_heads, dim = q.shape
@@ -454,33 +854,107 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, lse_lo, dout, 
     bias_arg = bias.contiguous() if bias is not None else delta
     block_d = triton.next_power_of_2(dim)
     scales, seed, thresh = scalars(scale, dropout, acc_dtype, q.device)
-    flags = dict(HAS_BIAS=bias is not None, DROPOUT=dropout is not None, REMAP=graph.edge_ids is not None,
-                 BLOCK_E=BLOCK_E, BLOCK_D=block_d, ACC=acc_type(q.dtype))
+    flags = dict(
+        HAS_BIAS=bias is not None,
+        DROPOUT=dropout is not None,
+        REMAP=graph.edge_ids is not None,
+        BLOCK_E=BLOCK_E,
+        BLOCK_D=block_d,
+        ACC=acc_type(q.dtype),
+    )
     per_head = False
     if n_dst > 0:
         limit = EXACT_ROWS_LSE[acc_dtype]
         lse_b, lo_b = torch.empty_like(delta), torch.empty_like(delta)
         dlse_arg = dlse.to(acc_dtype).contiguous() if dlse is not None else delta
-        launch(_csr_bwd_rows, (n_dst, num_heads),
-               q, k, v, bias_arg, dout, out, dlse_arg, lse, lse_lo, delta, lse_b, lo_b, graph.rowptr, graph.src,
-               scales, _edge_ids(graph), seed, thresh, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-               out.stride(0), out.stride(1), num_heads, group, dim, limit, HAS_DLSE=dlse is not None, **flags)
+        launch(
+            _csr_bwd_rows,
+            (n_dst, num_heads),
+            q,
+            k,
+            v,
+            bias_arg,
+            dout,
+            out,
+            dlse_arg,
+            lse,
+            lse_lo,
+            delta,
+            lse_b,
+            lo_b,
+            graph.rowptr,
+            graph.src,
+            scales,
+            _edge_ids(graph),
+            seed,
+            thresh,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            out.stride(0),
+            out.stride(1),
+            num_heads,
+            group,
+            dim,
+            limit,
+            HAS_DLSE=dlse is not None,
+            **flags,
+        )
         # the grouped dQ kernel's scores are tl.dot products, not the per-edge sums the other kernels
         # use: rows renormalized above need the per-head kernel, whose scores are the same sums
-        per_head = (group > 1 and not is_recording()  # (recording: no kernel ran, lse is unset)
-                    and bool(((lse.abs() >= limit) & torch.isfinite(lse)).any()))
+        per_head = (
+            group > 1
+            and not is_recording()  # (recording: no kernel ran, lse is unset)
+            and bool(((lse.abs() >= limit) & torch.isfinite(lse)).any())
+        )
         lse, lse_lo = lse_b, lo_b
     if n_dst > 0:
-        pieces = _pieces.cached_pieces(graph.extras, "rows", graph.rowptr, "csr", graph.num_edges,
-                                       _grid_heads(num_heads, num_kv, dim))
+        pieces = _pieces.cached_pieces(
+            graph.extras, "rows", graph.rowptr, "csr", graph.num_edges, _grid_heads(num_heads, num_kv, dim)
+        )
 
         def run_dq(rows, dq, start, end, row_map, mapped):
-            args = (q, k, v, bias_arg, dout, lse, lse_lo, delta, dq, dbias if dbias is not None else delta,
-                    start, end, row_map, graph.src, scales, _edge_ids(graph), seed, thresh,
-                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), num_heads, group, dim)
+            args = (
+                q,
+                k,
+                v,
+                bias_arg,
+                dout,
+                lse,
+                lse_lo,
+                delta,
+                dq,
+                dbias if dbias is not None else delta,
+                start,
+                end,
+                row_map,
+                graph.src,
+                scales,
+                _edge_ids(graph),
+                seed,
+                thresh,
+                q.stride(0),
+                q.stride(1),
+                k.stride(0),
+                k.stride(1),
+                num_heads,
+                group,
+                dim,
+            )
             dq_flags = dict(flags, WRITE_DBIAS=dbias is not None, MAPPED=mapped)
-            _launch_heads("backward", q, rows, num_kv, _csr_bwd_dq_grouped, _csr_bwd_dq, args, dq_flags,
-                          dq_flags, per_head=per_head)
+            _launch_heads(
+                "backward",
+                q,
+                rows,
+                num_kv,
+                _csr_bwd_dq_grouped,
+                _csr_bwd_dq,
+                args,
+                dq_flags,
+                dq_flags,
+                per_head=per_head,
+            )
 
         _pieces.launch_rows(run_dq, graph.rowptr, pieces, (dq,), acc_dtype)
     if n_src > 0:
@@ -488,11 +962,38 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, lse_lo, dout, 
         pieces = _pieces.cached_pieces(graph.extras, "columns", colptr, "csr", graph.num_edges, num_kv)
 
         def run_dkdv(cols, dk, dv, start, end, col_map, mapped):
-            launch(_csc_bwd_dkdv, (cols, num_kv),
-                q, k, v, bias_arg, dout, lse, lse_lo, delta, dk, dv, start, end, col_map, csc_perm, graph.dst,
-                scales, _edge_ids(graph), seed, thresh,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                num_heads, group, dim, MAPPED=mapped, **flags)
+            launch(
+                _csc_bwd_dkdv,
+                (cols, num_kv),
+                q,
+                k,
+                v,
+                bias_arg,
+                dout,
+                lse,
+                lse_lo,
+                delta,
+                dk,
+                dv,
+                start,
+                end,
+                col_map,
+                csc_perm,
+                graph.dst,
+                scales,
+                _edge_ids(graph),
+                seed,
+                thresh,
+                q.stride(0),
+                q.stride(1),
+                k.stride(0),
+                k.stride(1),
+                num_heads,
+                group,
+                dim,
+                MAPPED=mapped,
+                **flags,
+            )
 
         _pieces.launch_rows(run_dkdv, colptr, pieces, (dk, dv), acc_dtype)
     return dq, dk, dv, dbias
@@ -502,8 +1003,14 @@ def csr_backward(q, k, v, bias, graph: CSRGraph, scale, out, lse, lse_lo, dout, 
 TRITON_CSR = Kernel(csr_forward, csr_backward, prepare=lambda graph, **_: graph.csc())
 
 
-def csr_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: CSRGraph,
-                  scale: float, dropout: tuple[float, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def csr_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    graph: CSRGraph,
+    scale: float,
+    dropout: tuple[float, int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Differentiable ``(out, lse, lse_lo)`` of the Triton CSR kernels; ``bias`` in target-sorted order."""
-    return kernel_attention(TRITON_CSR, canonical(q), canonical(k), canonical(v), bias,
-                            graph, scale, dropout=dropout)
+    return kernel_attention(TRITON_CSR, canonical(q), canonical(k), canonical(v), bias, graph, scale, dropout=dropout)

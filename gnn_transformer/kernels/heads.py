@@ -16,6 +16,7 @@ selectors of :mod:`gnn_transformer.topology.dynamic` return) are target-sorted a
 Notation: ``N_src`` / ``N_dst`` source / target tokens, ``H`` query heads, ``H_kv`` key/value heads,
 ``D`` head dimension, ``E`` edges.
 """
+
 from __future__ import annotations
 
 import threading
@@ -32,8 +33,9 @@ from .primitives import plain_tensor
 # the sizes, the relabelled edge_index); an entry disappears with its edge_head, and a write in
 # place through PyTorch (a new version) invalidates it. The relabelled tensor stays the same object
 # while its entry lives, so the kernels' graph cache (keyed by tensor identity) keeps its CSR and tiles.
-_CACHE: dict[int, tuple[weakref.ref[Tensor], weakref.ref[Tensor], tuple[int, int], tuple[int, int, int, int],
-                        Tensor]] = {}
+_CACHE: dict[
+    int, tuple[weakref.ref[Tensor], weakref.ref[Tensor], tuple[int, int], tuple[int, int, int, int], Tensor]
+] = {}
 _LOCK = threading.RLock()
 
 
@@ -47,8 +49,15 @@ def _dropper(key: int) -> Callable[[weakref.ref[Tensor]], None]:
     return lambda _ref: _drop(key)
 
 
-def check_edge_head(edge_head: object, num_edges: int, num_heads: int, device: torch.device,
-                    edge_index: Tensor | None = None, num_src: int = 0, num_dst: int = 0) -> Tensor:
+def check_edge_head(
+    edge_head: object,
+    num_edges: int,
+    num_heads: int,
+    device: torch.device,
+    edge_index: Tensor | None = None,
+    num_src: int = 0,
+    num_dst: int = 0,
+) -> Tensor:
     """``edge_head`` as a long tensor after checking it is ``[E]``, integer, on ``device``, with
     values in ``[0, num_heads)``; else a ``ValueError`` naming the argument and the value. With
     ``edge_index``, also its sources in ``[0, num_src)`` and targets in ``[0, num_dst)``, read back
@@ -57,15 +66,15 @@ def check_edge_head(edge_head: object, num_edges: int, num_heads: int, device: t
     if not isinstance(edge_head, Tensor):
         raise ValueError(f"Expected 'edge_head' to be a tensor (got {type(edge_head).__name__})")
     if edge_head.dim() != 1 or edge_head.size(0) != num_edges:
-        raise ValueError(f"Expected 'edge_head' of shape [E] = [{num_edges}], one query head per edge "
-                         f"(got {list(edge_head.shape)})")
+        raise ValueError(
+            f"Expected 'edge_head' of shape [E] = [{num_edges}], one query head per edge (got {list(edge_head.shape)})"
+        )
     if edge_head.dtype not in (torch.long, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise ValueError(f"Expected 'edge_head' to hold integers (got dtype {edge_head.dtype})")
     if num_edges == 0:
         return edge_head.to(device=device, dtype=torch.long)
     if edge_head.device != device:
-        raise ValueError(f"Expected 'edge_head' on the device of query/key/value, {device} "
-                         f"(got {edge_head.device})")
+        raise ValueError(f"Expected 'edge_head' on the device of query/key/value, {device} (got {edge_head.device})")
     if edge_head.device.type == "meta":
         raise ValueError("Expected 'edge_head' with values to check, not on the meta device")
     head = edge_head.long()
@@ -76,18 +85,17 @@ def check_edge_head(edge_head: object, num_edges: int, num_heads: int, device: t
     lo, hi, *rest = torch.cat(stats).tolist()
     if lo < 0 or hi >= num_heads:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"Found {bad} in 'edge_head' but there are {num_heads} query heads "
-                         f"(values 0..{num_heads - 1})")
+        raise ValueError(
+            f"Found {bad} in 'edge_head' but there are {num_heads} query heads (values 0..{num_heads - 1})"
+        )
     if rest:
         src_min, dst_min, src_max, dst_max = rest
         if min(src_min, dst_min) < 0:
             raise ValueError(f"Expected 'edge_index' to hold non-negative indices (found {min(src_min, dst_min)})")
         if src_max >= num_src:
-            raise ValueError(f"Found source index {src_max} in 'edge_index' but there are only {num_src} "
-                             "source nodes")
+            raise ValueError(f"Found source index {src_max} in 'edge_index' but there are only {num_src} source nodes")
         if dst_max >= num_dst:
-            raise ValueError(f"Found target index {dst_max} in 'edge_index' but there are only {num_dst} "
-                             "target nodes")
+            raise ValueError(f"Found target index {dst_max} in 'edge_index' but there are only {num_dst} target nodes")
     return head
 
 
@@ -95,12 +103,12 @@ def _relabel(edge_index: Tensor, edge_head: Tensor, num_src: int, num_dst: int, 
     plain = plain_tensor(edge_index)
     src, dst = plain[0].long(), plain[1].long()  # [E], [E]
     head = edge_head.long()  # [E]
-    return torch.stack([torch.div(head, group, rounding_mode="floor") * num_src + src,
-                        head * num_dst + dst])  # [2, E]
+    return torch.stack([torch.div(head, group, rounding_mode="floor") * num_src + src, head * num_dst + dst])  # [2, E]
 
 
-def head_graph(edge_index: Tensor, edge_head: Tensor, num_src: int, num_dst: int, num_heads: int,
-               num_kv_heads: int) -> Tensor:
+def head_graph(
+    edge_index: Tensor, edge_head: Tensor, num_src: int, num_dst: int, num_heads: int, num_kv_heads: int
+) -> Tensor:
     """The per-head graph as a one-head ``edge_index [2, E]`` on (head, token) nodes, columns in
     the given order; cached per ``edge_head`` tensor (both checked first, node and head ranges
     included: :func:`check_edge_head`)."""
@@ -112,11 +120,16 @@ def head_graph(edge_index: Tensor, edge_head: Tensor, num_src: int, num_dst: int
         hit = _CACHE.get(key)
     if hit is not None:
         head_ref, index_ref, versions, hit_sizes, relabelled = hit
-        if (head_ref() is edge_head and index_ref() is edge_index and hit_sizes == sizes
-                and versions == (edge_head._version, edge_index._version)):
+        if (
+            head_ref() is edge_head
+            and index_ref() is edge_index
+            and hit_sizes == sizes
+            and versions == (edge_head._version, edge_index._version)
+        ):
             return relabelled
-    edge_head = check_edge_head(edge_head, plain_tensor(edge_index).size(1), num_heads, device, edge_index,
-                                num_src, num_dst)
+    edge_head = check_edge_head(
+        edge_head, plain_tensor(edge_index).size(1), num_heads, device, edge_index, num_src, num_dst
+    )
     relabelled = _relabel(edge_index, edge_head, num_src, num_dst, group)
     if edge_head.is_inference() or edge_index.is_inference():  # no version counters: not cached
         return relabelled
@@ -150,19 +163,23 @@ def head_bias(edge_bias: Tensor, edge_head: Tensor, num_heads: int) -> Tensor:
         return edge_bias.unsqueeze(1)  # [E, 1]
     if edge_bias.shape == (num_edges, num_heads):
         return edge_bias.gather(1, edge_head.long().unsqueeze(1))  # [E, 1]
-    raise ValueError(f"Expected 'edge_bias' of shape [E] = [{num_edges}] or [E, H] = [{num_edges}, "
-                     f"{num_heads}] for a per-head graph (got {list(edge_bias.shape)})")
+    raise ValueError(
+        f"Expected 'edge_bias' of shape [E] = [{num_edges}] or [E, H] = [{num_edges}, "
+        f"{num_heads}] for a per-head graph (got {list(edge_bias.shape)})"
+    )
 
 
-def head_inputs(query: Tensor, key: Tensor, edge_index: Tensor, edge_head: Tensor,
-                edge_bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+def head_inputs(
+    query: Tensor, key: Tensor, edge_index: Tensor, edge_head: Tensor, edge_bias: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
     """The one-head ``edge_index`` and ``edge_bias [E, 1]`` of a per-head graph on the (head, token)
     nodes of :func:`heads_to_nodes` ``(query)`` and ``(key)`` (``query [N_dst, H, D]``, ``key
     [N_src, H_kv, D]``), after checking ``edge_index``, ``edge_head`` and ``edge_bias``."""
     check_edge_index(edge_index, key.size(0), query.size(0))
     if edge_index.numel() and edge_index.device != query.device:
-        raise ValueError(f"Expected 'edge_index' on the device of query/key/value (got {edge_index.device} "
-                         f"and {query.device})")
+        raise ValueError(
+            f"Expected 'edge_index' on the device of query/key/value (got {edge_index.device} and {query.device})"
+        )
     index = head_graph(edge_index, edge_head, key.size(0), query.size(0), query.size(1), key.size(1))
     if edge_bias is None:
         return index, None

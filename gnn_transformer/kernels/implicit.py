@@ -18,6 +18,7 @@ dropout read, stay empty):
 Notation: ``T`` tiles, ``Bq`` / ``Bk`` block sizes, ``NBq`` / ``NBk`` query / key blocks, ``H`` /
 ``H_kv`` query / key-value heads, ``D`` head dimension, ``R`` padded rows.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -110,8 +111,9 @@ def _sub_tiles(graph: BlockStructure, block: int) -> tuple[Tensor, Tensor, Tenso
     return q_block, k_block, mask_index, masks, head
 
 
-def block_tiles(graph: BlockStructure, block: int, num_heads: int, num_kv_heads: int
-                ) -> tuple[TileList, Tensor | None, Tensor | None]:
+def block_tiles(
+    graph: BlockStructure, block: int, num_heads: int, num_kv_heads: int
+) -> tuple[TileList, Tensor | None, Tensor | None]:
     """``(tiles, q_rows, k_rows)``: the tile list of ``graph`` in blocks of ``block`` (a divisor of
     its block sizes), and the padded row of each query / key token (``None``: row = token). For a
     per-head structure the tiles are on (head, padded row) nodes (module docstring). Cached per
@@ -142,8 +144,9 @@ def block_tiles(graph: BlockStructure, block: int, num_heads: int, num_kv_heads:
     cells = masks.sum((1, 2))  # [P]
     count = torch.where(mask_index >= 0, cells[mask_index.clamp(min=0)] if cells.numel() else 0, block * block)
     none = torch.empty(0, dtype=torch.long, device=q_block.device)
-    tiles = TileList(block, block, n_src, n_dst, q_block, k_block, tile_ptr, count, mask_index,
-                     masks.contiguous(), none, none)
+    tiles = TileList(
+        block, block, n_src, n_dst, q_block, k_block, tile_ptr, count, mask_index, masks.contiguous(), none, none
+    )
     per_graph[cache_key] = (tiles, q_rows, k_rows)
     return per_graph[cache_key]
 

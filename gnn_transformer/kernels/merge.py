@@ -7,6 +7,7 @@ If the edges of a target ``i`` are split into two sets ``A`` and ``B``, each par
 
 Rows empty in both parts stay empty: zero output, ``lse = -inf``, and finite gradients.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,9 @@ from ._autograd import lse_pair
 from .primitives import finite_or_zero
 
 
-def merge_partials(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
-                   lse_lo: tuple[Tensor, Tensor] | None = None):
+def merge_partials(
+    out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor, lse_lo: tuple[Tensor, Tensor] | None = None
+):
     """Merge ``(out [N, H, D], lse [N, H])`` pairs of two disjoint edge sets (differentiable).
 
     ``lse_lo = (lo_a, lo_b)``: what rounding each ``lse`` lost (the kernels' third result, see

@@ -8,6 +8,7 @@ cheapest of all edges fused, all tiles tiled, or the dense tiles tiled and the r
 Before that, a graph of exactly full or causal attention per sequence or document runs PyTorch's
 own attention kernels where nothing they lack is asked for (:func:`auto_kernel`, :mod:`.sdpa`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -66,11 +67,13 @@ def check_tiling(block_size, tile_cost) -> None:
     """Clear errors for the tiling arguments of :func:`attend`, :func:`choose_backend` and
     :func:`plan_costs` (a block of 0 would divide by zero, a negative cost tile everything, a
     block of ``B`` makes masks of ``B²`` cells per tile)."""
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
-                                   or not 1 <= block_size <= MAX_BLOCK_SIZE):
+    if block_size is not None and (
+        isinstance(block_size, bool) or not isinstance(block_size, int) or not 1 <= block_size <= MAX_BLOCK_SIZE
+    ):
         raise ValueError(f"Expected 'block_size' to be an int in [1, {MAX_BLOCK_SIZE}] (got {block_size!r})")
-    if tile_cost is not None and not (isinstance(tile_cost, (int, float)) and not isinstance(tile_cost, bool)
-                                      and 0 < tile_cost < float("inf")):
+    if tile_cost is not None and not (
+        isinstance(tile_cost, (int, float)) and not isinstance(tile_cost, bool) and 0 < tile_cost < float("inf")
+    ):
         raise ValueError(f"Expected 'tile_cost' to be a positive finite number (got {tile_cost!r})")
 
 
@@ -80,8 +83,9 @@ def _device_type(device) -> str:
     try:
         return torch.device(device).type
     except (RuntimeError, TypeError):
-        raise ValueError(f"Expected 'device' to be a torch.device or a device string such as 'cpu' or "
-                         f"'cuda' (got {device!r})") from None
+        raise ValueError(
+            f"Expected 'device' to be a torch.device or a device string such as 'cpu' or 'cuda' (got {device!r})"
+        ) from None
 
 
 def tile_size(graph: CSRGraph, device_type: str, dtype: torch.dtype | None, block_size: int | None) -> int:
@@ -154,8 +158,9 @@ def edge_parts(graph: CSRGraph, block: int, ratio: float | None) -> tuple[TileLi
     cache_key = ("parts", block, ratio)
     if cache_key not in graph.extras:
         copies = _copies(graph)
-        on_tiles = torch.ones(graph.num_edges, dtype=torch.bool, device=graph.src.device) if copies is None \
-            else ~copies  # [E]
+        on_tiles = (
+            torch.ones(graph.num_edges, dtype=torch.bool, device=graph.src.device) if copies is None else ~copies
+        )  # [E]
         if ratio is not None:
             on_tiles &= _dense_tiles(graph, block, ratio)[tile_stats(graph, block, block)[1]]
         # the copies are off the tiles (_copies): build_tiles need not look for repeats again
@@ -164,8 +169,11 @@ def edge_parts(graph: CSRGraph, block: int, ratio: float | None) -> tuple[TileLi
             parts = (build_tiles(graph, block, block, distinct=True), None, None)
         else:
             rest_ids = (~on_tiles).nonzero().flatten()
-            parts = (build_tiles(graph, block, block, on_tiles.nonzero().flatten(), distinct=True), rest_ids,
-                     sub_graph(graph, rest_ids))
+            parts = (
+                build_tiles(graph, block, block, on_tiles.nonzero().flatten(), distinct=True),
+                rest_ids,
+                sub_graph(graph, rest_ids),
+            )
         graph.extras[cache_key] = parts
     return graph.extras[cache_key]
 
@@ -180,15 +188,23 @@ def unit_costs(device_type: str, tile_cost: float | None, dropout: bool) -> tupl
     return cell, edge
 
 
-def planned_backend(graph: CSRGraph, device_type: str, block: int, tile_cost: float | None = None,
-          dropout: bool = False) -> str:
+def planned_backend(
+    graph: CSRGraph, device_type: str, block: int, tile_cost: float | None = None, dropout: bool = False
+) -> str:
     """``auto``'s backend by the cost model (``TILE_COST``, ``ROW_COST``, ``MERGE_COST`` and, under
     attention ``dropout``, ``DROPOUT_COST``); cached."""
     cell, edge = unit_costs(device_type, tile_cost, dropout)
     rows = ROW_COST.get(device_type, ROW_COST["cuda"])
     # every constant in the key: changing a cost at run time re-plans instead of reusing a stale plan
-    cache_key = ("plan", block, cell, edge, rows["fused"], rows["tiled"],
-                 MERGE_COST.get(device_type, MERGE_COST["cuda"]))
+    cache_key = (
+        "plan",
+        block,
+        cell,
+        edge,
+        rows["fused"],
+        rows["tiled"],
+        MERGE_COST.get(device_type, MERGE_COST["cuda"]),
+    )
     if cache_key not in graph.extras:
         graph.extras[cache_key] = _cheapest_backend(graph, device_type, block, cell, edge)
     return graph.extras[cache_key]
@@ -208,11 +224,18 @@ def _costs(graph: CSRGraph, device_type: str, block: int, cell: float, edge: flo
     copies = num_edges - int(distinct.sum())
     return dict(
         fused=num_edges * edge + rows["fused"] * n,
-        tiled=(distinct.numel() * cells * cell + copies * edge + rows["tiled"] * n
-               + ((rows["fused"] + merge) * n if copies else 0)),
-        split=(n_dense * cells * cell + (num_edges - edges_dense) * edge
-               + (rows["fused"] + rows["tiled"] + merge) * n),
-        edges=num_edges, tiles=distinct.numel(), dense_tiles=n_dense, dense_edges=edges_dense)
+        tiled=(
+            distinct.numel() * cells * cell
+            + copies * edge
+            + rows["tiled"] * n
+            + ((rows["fused"] + merge) * n if copies else 0)
+        ),
+        split=(n_dense * cells * cell + (num_edges - edges_dense) * edge + (rows["fused"] + rows["tiled"] + merge) * n),
+        edges=num_edges,
+        tiles=distinct.numel(),
+        dense_tiles=n_dense,
+        dense_edges=edges_dense,
+    )
 
 
 def _cheapest_backend(graph: CSRGraph, device_type: str, block: int, cell: float, edge: float) -> str:
@@ -227,9 +250,17 @@ def _cheapest_backend(graph: CSRGraph, device_type: str, block: int, cell: float
     return "split"  # some tiles dense (with none, split would cost more than fused)
 
 
-def plan_costs(edge_index: Tensor, device, *, block_size: int | None = None, tile_cost: float | None = None,
-               dropout: bool = False, num_src: int | None = None, num_dst: int | None = None,
-               dtype: torch.dtype | None = None) -> dict:
+def plan_costs(
+    edge_index: Tensor,
+    device,
+    *,
+    block_size: int | None = None,
+    tile_cost: float | None = None,
+    dropout: bool = False,
+    num_src: int | None = None,
+    num_dst: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict:
     """What :func:`choose_backend` weighs, for tuning and for curiosity: the estimated cost of
     ``"fused"``, ``"tiled"`` and ``"split"`` in edge-equivalents (one edge of the fused path), the
     number of edges, tiles, dense tiles (those ``split`` tiles) and edges in them, and ``"chosen"``.
@@ -245,13 +276,23 @@ def plan_costs(edge_index: Tensor, device, *, block_size: int | None = None, til
     device_type = _device_type(device)
     block = tile_size(graph, device_type, dtype, block_size)
     cell, edge = unit_costs(device_type, tile_cost, dropout)
-    return dict(_costs(graph, device_type, block, cell, edge),
-                chosen=planned_backend(graph, device_type, block, tile_cost, dropout))
+    return dict(
+        _costs(graph, device_type, block, cell, edge),
+        chosen=planned_backend(graph, device_type, block, tile_cost, dropout),
+    )
 
 
-def choose_backend(edge_index: Tensor, device, *, block_size: int | None = None,
-                   tile_cost: float | None = None, dropout: bool = False, num_src: int | None = None,
-                   num_dst: int | None = None, dtype: torch.dtype | None = None) -> str:
+def choose_backend(
+    edge_index: Tensor,
+    device,
+    *,
+    block_size: int | None = None,
+    tile_cost: float | None = None,
+    dropout: bool = False,
+    num_src: int | None = None,
+    num_dst: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> str:
     """The backend ``"auto"`` runs for this graph on ``device``: ``"fused"``, ``"tiled"`` or ``"split"``.
 
     A tile of ``B × B`` cells costs ``tile_cost · B²`` edge-equivalents whatever its fill; the
@@ -268,10 +309,20 @@ def choose_backend(edge_index: Tensor, device, *, block_size: int | None = None,
     return planned_backend(graph, device_type, tile_size(graph, device_type, dtype, block_size), tile_cost, dropout)
 
 
-def auto_kernel(edge_index: Tensor, device, *, edge_bias: bool = False, dropout: bool = False,
-                return_lse: bool = False, impl: str | None = None, block_size: int | None = None,
-                tile_cost: float | None = None, num_src: int | None = None, num_dst: int | None = None,
-                dtype: torch.dtype | None = None) -> str:
+def auto_kernel(
+    edge_index: Tensor,
+    device,
+    *,
+    edge_bias: bool = False,
+    dropout: bool = False,
+    return_lse: bool = False,
+    impl: str | None = None,
+    block_size: int | None = None,
+    tile_cost: float | None = None,
+    num_src: int | None = None,
+    num_dst: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> str:
     """The kernel ``attend(..., backend="auto")`` runs for this graph on ``device``: ``"sdpa"``
     (PyTorch's ``scaled_dot_product_attention`` kernels, for a graph of exactly full or causal
     attention per sequence or document, when ``edge_bias``, attention ``dropout``, ``impl="triton"``
@@ -297,8 +348,19 @@ def auto_kernel(edge_index: Tensor, device, *, edge_bias: bool = False, dropout:
                 heads = edge_index.num_heads or 1
                 edges = head_graph(edges[0], edges[1], n_src, n_dst, heads, heads)
                 n_src, n_dst = n_src * heads, n_dst * heads
-            return auto_kernel(edges, device, edge_bias=edge_bias, dropout=dropout, return_lse=return_lse, impl=impl,
-                               block_size=block_size, tile_cost=tile_cost, num_src=n_src, num_dst=n_dst, dtype=dtype)
+            return auto_kernel(
+                edges,
+                device,
+                edge_bias=edge_bias,
+                dropout=dropout,
+                return_lse=return_lse,
+                impl=impl,
+                block_size=block_size,
+                tile_cost=tile_cost,
+                num_src=n_src,
+                num_dst=n_dst,
+                dtype=dtype,
+            )
         dense = getattr(edge_index, "dense", None)
         pattern = None if dense is None else DensePattern(*dense)
         if impl != "triton" and runs_sdpa(pattern, device_type, edge_bias, dropout, return_lse):

@@ -1,4 +1,5 @@
 """Small tensor idioms every backend uses, written once."""
+
 from __future__ import annotations
 
 import contextlib
@@ -41,9 +42,14 @@ def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
     """``tensors`` as autocast gives them to ``scaled_dot_product_attention``: under autocast on
     their device, floating-point tensors other than float64 in autocast's dtype; unchanged otherwise."""
     device_type = next((x.device.type for x in tensors if isinstance(x, Tensor)), None)
-    if (device_type is None or not torch.amp.is_autocast_available(device_type)
-            or not torch.is_autocast_enabled(device_type)):
+    if (
+        device_type is None
+        or not torch.amp.is_autocast_available(device_type)
+        or not torch.is_autocast_enabled(device_type)
+    ):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != torch.float64
-                 else x for x in tensors)
+    return tuple(
+        x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != torch.float64 else x
+        for x in tensors
+    )

@@ -6,6 +6,7 @@ tests can compare each fast backend with it (and with a dense masked softmax).
 Notation: ``E`` edges, ``N_src`` / ``N_dst`` source / target nodes, ``H`` query heads, ``H_kv`` key /
 value heads, ``D`` head dimension.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,7 @@ from torch_geometric.utils import scatter, softmax
 from .primitives import finite_or_zero, plain_tensor
 
 
-def edge_softmax(score: Tensor, index: Tensor, ptr: Tensor | None = None,
-                 num_nodes: int | None = None) -> Tensor:
+def edge_softmax(score: Tensor, index: Tensor, ptr: Tensor | None = None, num_nodes: int | None = None) -> Tensor:
     """PyG's ``softmax`` of ``score [E, H]`` over the edges of each target ``index``, where a ``-inf``
     score removes its edge: a target whose edges are all removed is an empty row (zero weights and
     gradients, as on every backend), not ``exp(-inf - (-inf)) = NaN``. Only those rows are
@@ -32,9 +32,16 @@ def edge_softmax(score: Tensor, index: Tensor, ptr: Tensor | None = None,
     return softmax(score.masked_fill(dead, 0.0), index, ptr, num_nodes).masked_fill(dead, 0.0)
 
 
-def attend_reference(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *,
-                     scale: float, edge_bias: Tensor | None = None,
-                     return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def attend_reference(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    edge_index: Tensor,
+    *,
+    scale: float,
+    edge_bias: Tensor | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``out_i = sum_j softmax_j(scale * q_i . k_j + b_ji) v_j`` over the edges ``j -> i``."""
     num_dst, num_heads = query.size(0), query.size(1)
     group = num_heads // key.size(1)

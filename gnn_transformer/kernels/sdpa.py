@@ -15,6 +15,7 @@ inputs' dtype with its own autograd.
 Notation: ``N`` tokens, ``B`` documents of one length ``L``, ``H`` / ``H_kv`` query / key-value
 heads, ``D`` head dimension.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -145,8 +146,7 @@ def _flash_forward(q, k, v, bias, pattern: DensePattern, scale: float):
     return out, lse, torch.zeros_like(lse)
 
 
-def _flash_backward(q, k, v, bias, pattern: DensePattern, scale: float, out, lse, lse_lo, dout, dlse,
-                    need_bias: bool):
+def _flash_backward(q, k, v, bias, pattern: DensePattern, scale: float, out, lse, lse_lo, dout, dlse, need_bias: bool):
     """``(dq, dk, dv, None)`` by the fused CPU kernel's backward. A gradient of the log-sum-exp
     enters as one more channel: ``dO_i[D] = 1``, ``O_i[D] = -dlse_i``, ``q, k, v[D] = 0`` make the
     kernel's ``delta_i = dO_i . O_i`` equal ``dO_i . O_i - dlse_i`` and leave every product unchanged."""
@@ -158,6 +158,7 @@ def _flash_backward(q, k, v, bias, pattern: DensePattern, scale: float, out, lse
     def padded(x: Tensor, heads: int | None = None) -> Tensor:  # [N, H, D] -> [N, H, D + extra] in cd
         x = x.to(cd) if heads is None else x.to(cd).repeat_interleave(heads, dim=1)
         return torch.nn.functional.pad(x, (0, extra)) if extra else x
+
     qc, kc, vc, oc, doc = padded(q), padded(k, group), padded(v, group), padded(out), padded(dout)
     if extra:
         doc[..., dim] = 1.0
@@ -180,8 +181,9 @@ def _flash_backward(q, k, v, bias, pattern: DensePattern, scale: float, out, lse
 FLASH_CPU = Kernel(_flash_forward, _flash_backward)
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float
-                   ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def sdpa_attention(
+    q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(out [N, H, D], lse, lse_lo)`` of a recognized graph; on the CPU through the fused CPU kernel
     (differentiable in ``q``, ``k``, ``v``, with ``lse``), elsewhere through the public
     ``scaled_dot_product_attention`` (``lse`` and ``lse_lo`` ``None``)."""
@@ -195,8 +197,10 @@ def public_sdpa(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: f
     own autograd; the path off the CPU, on any device)."""
     # enable_gqa only when needed: torch 2.4's SDPA does not take it
     gqa: dict[str, Any] = {"enable_gqa": True} if k.size(1) != q.size(1) else {}
-    outs = [F.scaled_dot_product_attention(qd, kd, vd, is_causal=pattern.kind == "causal", scale=scale, **gqa)
-            for qd, kd, vd in zip(*(_documents(x, pattern) for x in (q, k, v)))]
+    outs = [
+        F.scaled_dot_product_attention(qd, kd, vd, is_causal=pattern.kind == "causal", scale=scale, **gqa)
+        for qd, kd, vd in zip(*(_documents(x, pattern) for x in (q, k, v)))
+    ]
     return _tokens(outs)
 
 

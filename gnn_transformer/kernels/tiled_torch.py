@@ -10,6 +10,7 @@ The same tile list drives the Triton kernels (:mod:`.tiled_triton`) on the GPU.
 Notation: ``M`` query blocks of a chunk, ``c`` tiles per query block, ``Bq`` / ``Bk`` block sizes,
 ``H`` heads (key / value heads are repeated to ``H`` here), ``D`` head dimension.
 """
+
 from __future__ import annotations
 
 import torch
@@ -85,8 +86,7 @@ def _mask_pool(tiles: TileList, dtype: torch.dtype) -> tuple[Tensor, Tensor] | N
     return cache[dtype]
 
 
-def _chunks(tiles: TileList, num_heads: int, max_cells: int
-            ) -> list[tuple[Tensor, Tensor, tuple[int, int] | None]]:
+def _chunks(tiles: TileList, num_heads: int, max_cells: int) -> list[tuple[Tensor, Tensor, tuple[int, int] | None]]:
     """``[(query blocks [M], tile ids [M, c], run)]``: query blocks with ``c`` tiles each, chunked.
     ``run = (first, step)`` when query block ``g`` of the chunk reads the consecutive key blocks
     ``first + g * step ...`` (causal and window chunks): then :func:`_key_blocks` reads them in
@@ -104,9 +104,10 @@ def _chunks(tiles: TileList, num_heads: int, max_cells: int
         blocks = (per_block == c).nonzero().flatten()  # [G_all]
         step = max(1, max_cells // (num_heads * tiles.block_q * tiles.block_k * c))
         for g0 in range(0, blocks.numel(), step):
-            qb = blocks[g0:g0 + step]
+            qb = blocks[g0 : g0 + step]
             tids = tiles.tile_ptr[qb.to(tiles.tile_ptr.device)].unsqueeze(1) + torch.arange(
-                c, device=tiles.tile_ptr.device)  # [M, c]
+                c, device=tiles.tile_ptr.device
+            )  # [M, c]
             out.append((qb.to(tiles.q_block.device), tids, _run(k_block[tids.cpu()])))
     cache[cache_key] = out
     return out
@@ -139,8 +140,7 @@ def _key_blocks(xB: Tensor, tiles: TileList, tids: Tensor, run: tuple[int, int] 
     if run is None:
         return xB[:, tiles.k_block[tids].flatten()].reshape(h, g, c * bk, d)
     first, step = run
-    return xB.as_strided((h, g, c * bk, d), (xB.stride(0), step * bk * d, d, 1),
-                         xB.storage_offset() + first * bk * d)
+    return xB.as_strided((h, g, c * bk, d), (xB.stride(0), step * bk * d, d, 1), xB.storage_offset() + first * bk * d)
 
 
 def _mask(tiles: TileList, tids: Tensor) -> Tensor | None:
@@ -190,8 +190,9 @@ def _unblocked(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     return x.reshape(h, -1, d)[:, :n].transpose(0, 1).to(dtype).contiguous()
 
 
-def _keep_scales(tiles: TileList, tids: Tensor, num_heads: int, dropout: tuple[float, int],
-                 dtype: torch.dtype) -> Tensor:
+def _keep_scales(
+    tiles: TileList, tids: Tensor, num_heads: int, dropout: tuple[float, int], dtype: torch.dtype
+) -> Tensor:
     """Dropout scales ``[H, M, Bq, c·Bk]`` of a chunk's cells: the hash of each cell's edge (its
     position in the graph's target-sorted order, as on the fused path), ``0`` where there is none."""
     p, seed = dropout
@@ -216,9 +217,16 @@ def _scores(qB, kB, tiles, tbias, qb, tids, run, scale):
     return q, k, s
 
 
-def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None, scale: float,
-                  max_cells: int = DEFAULT_MAX_CELLS, dropout: tuple[float, int] | None = None
-                  ) -> tuple[Tensor, Tensor, Tensor]:
+def tiled_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tiles: TileList,
+    tbias: Tensor | None,
+    scale: float,
+    max_cells: int = DEFAULT_MAX_CELLS,
+    dropout: tuple[float, int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(out [N_dst, H, D], lse [N_dst, H], lse_lo [N_dst, H])`` over the tiles; ``tbias`` is the
     edge bias ``[E_t, H]`` of the tiled edges (``tiles.edge_ids``) or ``None``."""
     cd = compute_dtype(q.dtype)
@@ -266,9 +274,22 @@ def tiled_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tenso
     return _unblocked(outB, n_dst, q.dtype), lse, lse_lo
 
 
-def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dout, dlse,
-                   need_bias_grad: bool, max_cells: int = DEFAULT_MAX_CELLS,
-                   dropout: tuple[float, int] | None = None):
+def tiled_backward(
+    q,
+    k,
+    v,
+    tiles: TileList,
+    tbias,
+    scale,
+    out,
+    lse,
+    lse_lo,
+    dout,
+    dlse,
+    need_bias_grad: bool,
+    max_cells: int = DEFAULT_MAX_CELLS,
+    dropout: tuple[float, int] | None = None,
+):
     """``(dq, dk, dv, dbias)`` from the saved ``out`` and ``lse`` (with ``lse_lo``); ``dbias`` has
     ``tbias``'s shape ``[E_t, H]``."""
     cd = compute_dtype(q.dtype)
@@ -310,9 +331,18 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dou
             vals = _key_blocks(vB, tiles, tids, run).transpose(0, 1)
             mask, _ = _flash_mask(tiles, tb, tids, cd)
             assert _FLASH_BWD is not None  # flash: _use_flash
-            dq, dk, dv = _FLASH_BWD(doB[:, qb].transpose(0, 1), qB[:, qb].transpose(0, 1), keys, vals,
-                                    outB[:, qb].transpose(0, 1), lseB[:, qb].squeeze(-1).transpose(0, 1),
-                                    0.0, False, attn_mask=mask, scale=scale)
+            dq, dk, dv = _FLASH_BWD(
+                doB[:, qb].transpose(0, 1),
+                qB[:, qb].transpose(0, 1),
+                keys,
+                vals,
+                outB[:, qb].transpose(0, 1),
+                lseB[:, qb].squeeze(-1).transpose(0, 1),
+                0.0,
+                False,
+                attn_mask=mask,
+                scale=scale,
+            )
             dqB[:, qb] = dq.transpose(0, 1)
             dkB.index_add_(1, kb, dk.transpose(0, 1).reshape(num_heads, g * c, tiles.block_k, -1))
             dvB.index_add_(1, kb, dv.transpose(0, 1).reshape(num_heads, g * c, tiles.block_k, -1))
@@ -355,12 +385,19 @@ def tiled_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dou
 # the edge bias comes before the tile list in the shared kernel signature
 TILED = Kernel(
     lambda q, k, v, tbias, tiles, scale, **o: tiled_forward(q, k, v, tiles, tbias, scale, **o),
-    lambda q, k, v, tbias, tiles, scale, *rest, **o: tiled_backward(q, k, v, tiles, tbias, scale,
-                                                                    *rest, **o))
+    lambda q, k, v, tbias, tiles, scale, *rest, **o: tiled_backward(q, k, v, tiles, tbias, scale, *rest, **o),
+)
 
 
-def tiled_attention(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None, scale: float,
-                    max_cells: int = DEFAULT_MAX_CELLS, dropout: tuple[float, int] | None = None
-                    ) -> tuple[Tensor, Tensor, Tensor]:
+def tiled_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tiles: TileList,
+    tbias: Tensor | None,
+    scale: float,
+    max_cells: int = DEFAULT_MAX_CELLS,
+    dropout: tuple[float, int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Differentiable ``(out, lse, lse_lo)`` of the plain-torch tiled path, ``dropout = (p, seed)``."""
     return kernel_attention(TILED, q, k, v, tbias, tiles, scale, max_cells=max_cells, dropout=dropout)

@@ -16,6 +16,7 @@ under ``TRITON_INTERPRET=1``.
 Notation: ``Bq`` / ``Bk`` block sizes, ``H`` / ``H_kv`` query / key-value heads, ``D`` head dimension,
 ``E_t`` tiled edges.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -30,14 +31,41 @@ from ._autograd import Kernel, kernel_attention
 from ._launch import launch
 from .tiled_torch import tiled_backward, tiled_forward
 from .tiling import TileList, triton_blocks
-from .triton_common import (EXACT_ROWS_LSE, acc_type, canonical, dot, empty_outputs, keep, load_scales,
-                            row_stats, scalars, softmax_finish, softmax_step, upcast, work)
+from .triton_common import (
+    EXACT_ROWS_LSE,
+    acc_type,
+    canonical,
+    dot,
+    empty_outputs,
+    keep,
+    load_scales,
+    row_stats,
+    scalars,
+    softmax_finish,
+    softmax_step,
+    upcast,
+    work,
+)
 
 
 @triton.jit
-def _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, H,
-                 BIAS: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
-                 UPCAST: tl.constexpr):
+def _tile_scores(
+    q,
+    k,
+    TBIAS,
+    MASKS,
+    MASK_INDEX,
+    CELL_EDGE,
+    t,
+    h,
+    scale,
+    H,
+    BIAS: tl.constexpr,
+    BQ: tl.constexpr,
+    BK: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Scores ``[Bq, Bk]`` of tile ``t`` for head ``h``: ``-inf`` where the tile has no edge.
     Without ``BIAS`` the tile's boolean mask (none for a full tile); with it, the edge bias ``[E_t,
     H]`` read through the edge of each cell (``CELL_EDGE [T, Bq, Bk]``, -1 where none)."""
@@ -49,8 +77,7 @@ def _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, H,
     else:
         mi = tl.load(MASK_INDEX + t)  # a partial tile's mask; -1: a full tile, whose load is masked off
         # (predicated, not branched around: fewer registers, and no spills in float32)
-        keep = tl.load(MASKS + tl.maximum(mi, 0) * BQ * BK + cells, mask=cells < tl.where(mi >= 0, BQ * BK, 0),
-                       other=1)
+        keep = tl.load(MASKS + tl.maximum(mi, 0) * BQ * BK + cells, mask=cells < tl.where(mi >= 0, BQ * BK, 0), other=1)
         s = tl.where(keep != 0, s, float("-inf"))
     return s
 
@@ -75,12 +102,45 @@ def _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ: tl.con
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])  # a seed of 1 is not a constant
-def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, LSE_LO, START, END, MAP, K_BLOCK, MASK_INDEX, SCALES,
-               EDGE_IDS, SEED, THRESH,
-               stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
-               N_DST, N_SRC, H, GROUP, D,
-               BIAS: tl.constexpr, DROPOUT: tl.constexpr, MAPPED: tl.constexpr, BQ: tl.constexpr,
-               BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+def _tiled_fwd(
+    Q,
+    K,
+    V,
+    TBIAS,
+    MASKS,
+    CELL_EDGE,
+    OUT,
+    LSE,
+    LSE_LO,
+    START,
+    END,
+    MAP,
+    K_BLOCK,
+    MASK_INDEX,
+    SCALES,
+    EDGE_IDS,
+    SEED,
+    THRESH,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_on,
+    stride_oh,
+    N_DST,
+    N_SRC,
+    H,
+    GROUP,
+    D,
+    BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    MAPPED: tl.constexpr,
+    BQ: tl.constexpr,
+    BK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     qb, ob, t0, t1 = work(START, END, MAP, MAPPED)  # query block qb, output block ob
     scale, keep_scale = load_scales(SCALES, ACC)
     h = tl.program_id(1)
@@ -95,8 +155,7 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, LSE_LO, START, END, M
     for t in range(t0, t1):
         kv, nmask = _key_block(K_BLOCK, t, hk, offs_d, N_SRC, D, stride_kn, stride_kh, BK)
         k = tl.load(K + kv, mask=nmask, other=0.0)
-        s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, H, BIAS, BQ, BK, ACC,
-                         UPCAST)
+        s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, H, BIAS, BQ, BK, ACC, UPCAST)
         m_i, l_i, corr, p = softmax_step(m_i, l_i, s)
         v = tl.load(V + kv, mask=nmask, other=0.0)
         if DROPOUT:  # the normalizer keeps every weight; the output only the kept ones
@@ -104,17 +163,45 @@ def _tiled_fwd(Q, K, V, TBIAS, MASKS, CELL_EDGE, OUT, LSE, LSE_LO, START, END, M
         acc = acc * corr[:, None] + dot(p.to(v.dtype), v, ACC, UPCAST)
     out, lse, lo = softmax_finish(m_i, l_i, acc)
     offs_o = ob * BQ + tl.arange(0, BQ)
-    tl.store(OUT + offs_o[:, None] * stride_on + h * stride_oh + offs_d[None, :],
-             out.to(OUT.dtype.element_ty), mask=mmask)
+    tl.store(
+        OUT + offs_o[:, None] * stride_on + h * stride_oh + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=mmask
+    )
     tl.store(LSE + offs_o * H + h, lse, mask=offs_m < N_DST)
     tl.store(LSE_LO + offs_o * H + h, lo, mask=offs_m < N_DST)
 
 
 @triton.jit
-def _tile_block(q, do, K, V, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, K_BLOCK, EDGE_IDS, SEED, THRESH, t, h, hk,
-                offs_d, N_SRC, D, stride_kn, stride_kh, H, scale, keep_scale, BIAS: tl.constexpr,
-                DROPOUT: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
-                UPCAST: tl.constexpr):
+def _tile_block(
+    q,
+    do,
+    K,
+    V,
+    TBIAS,
+    MASKS,
+    MASK_INDEX,
+    CELL_EDGE,
+    K_BLOCK,
+    EDGE_IDS,
+    SEED,
+    THRESH,
+    t,
+    h,
+    hk,
+    offs_d,
+    N_SRC,
+    D,
+    stride_kn,
+    stride_kh,
+    H,
+    scale,
+    keep_scale,
+    BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BQ: tl.constexpr,
+    BK: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """``(s, dp, k)`` of tile ``t`` for head ``h`` in the backward kernels over query blocks:
     scores ``[Bq, Bk]`` (``-inf`` off the edges), ``dp = dO v^T`` (times the dropout scales) and
     the key block."""
@@ -129,12 +216,49 @@ def _tile_block(q, do, K, V, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, K_BLOCK, EDGE_
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])
-def _tiled_bwd_rows(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, OUT, DLSE, LSE, LSE_LO, DELTA, LSE_B, LO_B, TILE_PTR,
-                    K_BLOCK, MASK_INDEX, SCALES, EDGE_IDS, SEED, THRESH,
-                    stride_qn, stride_qh, stride_kn, stride_kh, stride_on, stride_oh,
-                    N_DST, N_SRC, H, GROUP, D, LIMIT,
-                    HAS_DLSE: tl.constexpr, BIAS: tl.constexpr, DROPOUT: tl.constexpr, BQ: tl.constexpr,
-                    BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+def _tiled_bwd_rows(
+    Q,
+    K,
+    V,
+    TBIAS,
+    MASKS,
+    CELL_EDGE,
+    DO,
+    OUT,
+    DLSE,
+    LSE,
+    LSE_LO,
+    DELTA,
+    LSE_B,
+    LO_B,
+    TILE_PTR,
+    K_BLOCK,
+    MASK_INDEX,
+    SCALES,
+    EDGE_IDS,
+    SEED,
+    THRESH,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_on,
+    stride_oh,
+    N_DST,
+    N_SRC,
+    H,
+    GROUP,
+    D,
+    LIMIT,
+    HAS_DLSE: tl.constexpr,
+    BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BQ: tl.constexpr,
+    BK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """The row terms of the backward pass for query block ``qb`` and head ``h``: ``delta``, and the
     log-sum-exp ``(LSE_B, LO_B)`` the gradient kernels recompute the weights from. A block whose
     log-sum-exps stay below ``LIMIT`` takes ``delta_i = dO_i . O_i - dlse_i`` and the forward's
@@ -163,9 +287,37 @@ def _tiled_bwd_rows(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, OUT, DLSE, LSE, LSE_LO
         t0 = tl.load(TILE_PTR + qb)
         t1 = tl.load(TILE_PTR + qb + 1)
         for t in range(t0, t1):
-            s, dp, k = _tile_block(q, do, K, V, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, K_BLOCK, EDGE_IDS, SEED,
-                                   THRESH, t, h, hk, offs_d, N_SRC, D, stride_kn, stride_kh, H, scale, keep_scale,
-                                   BIAS, DROPOUT, BQ, BK, ACC, UPCAST)
+            s, dp, k = _tile_block(
+                q,
+                do,
+                K,
+                V,
+                TBIAS,
+                MASKS,
+                MASK_INDEX,
+                CELL_EDGE,
+                K_BLOCK,
+                EDGE_IDS,
+                SEED,
+                THRESH,
+                t,
+                h,
+                hk,
+                offs_d,
+                N_SRC,
+                D,
+                stride_kn,
+                stride_kh,
+                H,
+                scale,
+                keep_scale,
+                BIAS,
+                DROPOUT,
+                BQ,
+                BK,
+                ACC,
+                UPCAST,
+            )
             m_i, l_new, corr, p = softmax_step(m_i, l_i, s)
             l_i = l_new
             w_i = w_i * corr + tl.sum(p * dp, axis=1)
@@ -181,13 +333,47 @@ def _tiled_bwd_rows(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, OUT, DLSE, LSE, LSE_LO
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])
-def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DQ, DTBIAS, START, END, MAP, K_BLOCK,
-                  MASK_INDEX, SCALES, EDGE_IDS, SEED, THRESH,
-                  stride_qn, stride_qh, stride_kn, stride_kh,
-                  N_DST, N_SRC, H, GROUP, D,
-                  BIAS: tl.constexpr, WRITE_DTBIAS: tl.constexpr, DROPOUT: tl.constexpr, MAPPED: tl.constexpr,
-                  BQ: tl.constexpr, BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-                  UPCAST: tl.constexpr):
+def _tiled_bwd_dq(
+    Q,
+    K,
+    V,
+    TBIAS,
+    MASKS,
+    CELL_EDGE,
+    DO,
+    LSE,
+    LSE_LO,
+    DELTA,
+    DQ,
+    DTBIAS,
+    START,
+    END,
+    MAP,
+    K_BLOCK,
+    MASK_INDEX,
+    SCALES,
+    EDGE_IDS,
+    SEED,
+    THRESH,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    N_DST,
+    N_SRC,
+    H,
+    GROUP,
+    D,
+    BIAS: tl.constexpr,
+    WRITE_DTBIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    MAPPED: tl.constexpr,
+    BQ: tl.constexpr,
+    BK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     qb, ob, t0, t1 = work(START, END, MAP, MAPPED)  # query block qb, output block ob
     scale, keep_scale = load_scales(SCALES, ACC)
     h = tl.program_id(1)
@@ -203,9 +389,37 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DQ, 
     dq = tl.zeros([BQ, BLOCK_D], ACC)
     cells = tl.arange(0, BQ)[:, None] * BK + tl.arange(0, BK)[None, :]
     for t in range(t0, t1):
-        s, dp, k = _tile_block(q, do, K, V, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, K_BLOCK, EDGE_IDS, SEED, THRESH,
-                               t, h, hk, offs_d, N_SRC, D, stride_kn, stride_kh, H, scale, keep_scale, BIAS,
-                               DROPOUT, BQ, BK, ACC, UPCAST)
+        s, dp, k = _tile_block(
+            q,
+            do,
+            K,
+            V,
+            TBIAS,
+            MASKS,
+            MASK_INDEX,
+            CELL_EDGE,
+            K_BLOCK,
+            EDGE_IDS,
+            SEED,
+            THRESH,
+            t,
+            h,
+            hk,
+            offs_d,
+            N_SRC,
+            D,
+            stride_kn,
+            stride_kh,
+            H,
+            scale,
+            keep_scale,
+            BIAS,
+            DROPOUT,
+            BQ,
+            BK,
+            ACC,
+            UPCAST,
+        )
         p = tl.exp((s - lse[:, None]) - lo[:, None])  # [Bq, Bk], 0 where masked
         ds = p * (dp - delta[:, None])
         if WRITE_DTBIAS:
@@ -217,12 +431,47 @@ def _tiled_bwd_dq(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DQ, 
 
 
 @triton.jit(do_not_specialize=["SEED", "THRESH"])
-def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DK, DV, START, END, MAP, ORDER, Q_BLOCK,
-                    MASK_INDEX, SCALES, EDGE_IDS, SEED, THRESH,
-                    stride_qn, stride_qh, stride_kn, stride_kh,
-                    N_DST, N_SRC, H, GROUP, D,
-                    BIAS: tl.constexpr, DROPOUT: tl.constexpr, MAPPED: tl.constexpr, BQ: tl.constexpr,
-                    BK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+def _tiled_bwd_dkdv(
+    Q,
+    K,
+    V,
+    TBIAS,
+    MASKS,
+    CELL_EDGE,
+    DO,
+    LSE,
+    LSE_LO,
+    DELTA,
+    DK,
+    DV,
+    START,
+    END,
+    MAP,
+    ORDER,
+    Q_BLOCK,
+    MASK_INDEX,
+    SCALES,
+    EDGE_IDS,
+    SEED,
+    THRESH,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    N_DST,
+    N_SRC,
+    H,
+    GROUP,
+    D,
+    BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    MAPPED: tl.constexpr,
+    BQ: tl.constexpr,
+    BK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     kb, ob, i0, i1 = work(START, END, MAP, MAPPED)  # key block kb, output block ob
     scale, keep_scale = load_scales(SCALES, ACC)
     hk = tl.program_id(1)
@@ -246,8 +495,7 @@ def _tiled_bwd_dkdv(Q, K, V, TBIAS, MASKS, CELL_EDGE, DO, LSE, LSE_LO, DELTA, DK
             q = tl.load(Q + rows, mask=mmask, other=0.0)
             do = tl.load(DO + rows, mask=mmask, other=0.0)
             lse, lo, delta = row_stats(LSE, LSE_LO, DELTA, offs_m * H + h, rmask, ACC)
-            s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, H, BIAS, BQ, BK, ACC,
-                         UPCAST)
+            s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, H, BIAS, BQ, BK, ACC, UPCAST)
             p = tl.exp((s - lse[:, None]) - lo[:, None])  # [Bq, Bk]
             dp = dot(do, tl.trans(v), ACC, UPCAST)
             pd = p
@@ -280,30 +528,43 @@ def _options(dtype: torch.dtype, head_dim: int, lean: bool = False) -> dict:
 
 def _check_blocks(tiles: TileList) -> None:
     if not triton_blocks(tiles.block_q, tiles.block_k):
-        raise ValueError(f"The Triton tiled kernels need power-of-two blocks of at least 16 (got "
-                         f"block_q={tiles.block_q}, block_k={tiles.block_k}); impl=None runs other "
-                         "block sizes through the PyTorch tiled path")
+        raise ValueError(
+            f"The Triton tiled kernels need power-of-two blocks of at least 16 (got "
+            f"block_q={tiles.block_q}, block_k={tiles.block_k}); impl=None runs other "
+            "block sizes through the PyTorch tiled path"
+        )
 
 
 def _common(tiles: TileList, tbias: Tensor | None, dim: int, dropout: tuple[float, int] | None):
     """``(masks, cell edges, head-dim block)`` of a launch."""
-    masks = tiles.masks.view(torch.uint8) if tiles.masks.numel() else \
-        torch.ones(1, dtype=torch.uint8, device=tiles.masks.device)
+    masks = (
+        tiles.masks.view(torch.uint8)
+        if tiles.masks.numel()
+        else torch.ones(1, dtype=torch.uint8, device=tiles.masks.device)
+    )
     need_cells = tbias is not None or dropout is not None
     cell_edge = tiles.cell_edge() if need_cells else masks  # unused unless needed
     return masks, cell_edge, max(16, triton.next_power_of_2(dim))
 
 
-def _scalar_args(tiles: TileList, scale: float, dropout: tuple[float, int] | None, dtype: torch.dtype,
-                 device: torch.device) -> tuple:
+def _scalar_args(
+    tiles: TileList, scale: float, dropout: tuple[float, int] | None, dtype: torch.dtype, device: torch.device
+) -> tuple:
     """``(scales, edge ids, seed, threshold)`` kernel arguments (see :func:`.triton_common.scalars`)."""
     values, seed, thresh = scalars(scale, dropout, dtype, device)
     return values, tiles.edge_ids, seed, thresh
 
 
-def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None,
-                         scale: float, lean: bool = False, dropout: tuple[float, int] | None = None
-                         ) -> tuple[Tensor, Tensor, Tensor]:
+def tiled_triton_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tiles: TileList,
+    tbias: Tensor | None,
+    scale: float,
+    lean: bool = False,
+    dropout: tuple[float, int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(out [N_dst, H, D], lse [N_dst, H], lse_lo [N_dst, H])`` over the tiles (see
     :mod:`._autograd`); ``tbias`` is the edge bias ``[E_t, H]`` of the tiled edges, or ``None``."""
     _check_blocks(tiles)
@@ -318,20 +579,66 @@ def tiled_triton_forward(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias
     tb_arg = tbias if tbias is not None else lse  # unused without a bias
 
     def run(blocks, out, lse, lse_lo, start, end, block_map, mapped):
-        launch(_tiled_fwd, (blocks, num_heads),
-            q, k, v, tb_arg, masks, cell_edge, out, lse, lse_lo, start, end, block_map,
-            tiles.k_block, tiles.mask_index, *drop,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
-            n_dst, k.size(0), num_heads, num_heads // k.size(1), dim,
-            BIAS=tbias is not None, DROPOUT=dropout is not None, MAPPED=mapped, BQ=tiles.block_q, BK=tiles.block_k,
-            BLOCK_D=block_d, ACC=acc_type(q.dtype), UPCAST=upcast(q), **_options(q.dtype, dim, lean))
+        launch(
+            _tiled_fwd,
+            (blocks, num_heads),
+            q,
+            k,
+            v,
+            tb_arg,
+            masks,
+            cell_edge,
+            out,
+            lse,
+            lse_lo,
+            start,
+            end,
+            block_map,
+            tiles.k_block,
+            tiles.mask_index,
+            *drop,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            out.stride(0),
+            out.stride(1),
+            n_dst,
+            k.size(0),
+            num_heads,
+            num_heads // k.size(1),
+            dim,
+            BIAS=tbias is not None,
+            DROPOUT=dropout is not None,
+            MAPPED=mapped,
+            BQ=tiles.block_q,
+            BK=tiles.block_k,
+            BLOCK_D=block_d,
+            ACC=acc_type(q.dtype),
+            UPCAST=upcast(q),
+            **_options(q.dtype, dim, lean),
+        )
 
     _pieces.launch_rows(run, tiles.tile_ptr, pieces, (out, lse, lse_lo), acc_dtype, tiles.block_q, merge=True)
     return out, lse, lse_lo
 
 
-def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_lo, dout, dlse, need_bias_grad,
-                          lean: bool = False, dropout: tuple[float, int] | None = None):
+def tiled_triton_backward(
+    q,
+    k,
+    v,
+    tiles: TileList,
+    tbias,
+    scale,
+    out,
+    lse,
+    lse_lo,
+    dout,
+    dlse,
+    need_bias_grad,
+    lean: bool = False,
+    dropout: tuple[float, int] | None = None,
+):
     """``(dq, dk, dv, dbias)``, ``dbias`` of ``tbias``'s shape ``[E_t, H]``."""
     n_dst, num_heads, dim = q.shape
     n_src, num_kv = k.size(0), k.size(1)
@@ -343,29 +650,96 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_
     dtb = torch.zeros_like(tbias) if need_bias_grad else None
     delta = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)  # [N_dst, H]
     tb_arg = tbias if tbias is not None else delta
-    common = dict(BIAS=tbias is not None, DROPOUT=dropout is not None, BQ=tiles.block_q, BK=tiles.block_k,
-                  BLOCK_D=block_d, ACC=acc_type(q.dtype), UPCAST=upcast(q), **_options(q.dtype, dim, lean))
+    common = dict(
+        BIAS=tbias is not None,
+        DROPOUT=dropout is not None,
+        BQ=tiles.block_q,
+        BK=tiles.block_k,
+        BLOCK_D=block_d,
+        ACC=acc_type(q.dtype),
+        UPCAST=upcast(q),
+        **_options(q.dtype, dim, lean),
+    )
     if n_dst > 0:
         lse_b, lo_b = torch.empty_like(delta), torch.empty_like(delta)
         dlse_arg = dlse.to(acc_dtype).contiguous() if dlse is not None else delta
-        launch(_tiled_bwd_rows, (tiles.num_q_blocks, num_heads),
-               q, k, v, tb_arg, masks, cell_edge, dout, out, dlse_arg, lse, lse_lo, delta, lse_b, lo_b,
-               tiles.tile_ptr, tiles.k_block, tiles.mask_index, *drop,
-               q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
-               n_dst, n_src, num_heads, num_heads // num_kv, dim, EXACT_ROWS_LSE[acc_dtype],
-               HAS_DLSE=dlse is not None, **common)
+        launch(
+            _tiled_bwd_rows,
+            (tiles.num_q_blocks, num_heads),
+            q,
+            k,
+            v,
+            tb_arg,
+            masks,
+            cell_edge,
+            dout,
+            out,
+            dlse_arg,
+            lse,
+            lse_lo,
+            delta,
+            lse_b,
+            lo_b,
+            tiles.tile_ptr,
+            tiles.k_block,
+            tiles.mask_index,
+            *drop,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            out.stride(0),
+            out.stride(1),
+            n_dst,
+            n_src,
+            num_heads,
+            num_heads // num_kv,
+            dim,
+            EXACT_ROWS_LSE[acc_dtype],
+            HAS_DLSE=dlse is not None,
+            **common,
+        )
         lse, lse_lo = lse_b, lo_b
     if n_dst > 0:
-        pieces = _pieces.cached_pieces(tiles.launch_cache, "q_blocks", tiles.tile_ptr, "tiles", tiles.num_tiles,
-                                       num_heads)
+        pieces = _pieces.cached_pieces(
+            tiles.launch_cache, "q_blocks", tiles.tile_ptr, "tiles", tiles.num_tiles, num_heads
+        )
 
         def run_dq(blocks, dq, start, end, block_map, mapped):
-            launch(_tiled_bwd_dq, (blocks, num_heads),
-                q, k, v, tb_arg, masks, cell_edge, dout, lse, lse_lo, delta, dq, dtb if dtb is not None else delta,
-                start, end, block_map, tiles.k_block, tiles.mask_index, *drop,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                n_dst, n_src, num_heads, num_heads // num_kv, dim,
-                WRITE_DTBIAS=dtb is not None, MAPPED=mapped, **common)
+            launch(
+                _tiled_bwd_dq,
+                (blocks, num_heads),
+                q,
+                k,
+                v,
+                tb_arg,
+                masks,
+                cell_edge,
+                dout,
+                lse,
+                lse_lo,
+                delta,
+                dq,
+                dtb if dtb is not None else delta,
+                start,
+                end,
+                block_map,
+                tiles.k_block,
+                tiles.mask_index,
+                *drop,
+                q.stride(0),
+                q.stride(1),
+                k.stride(0),
+                k.stride(1),
+                n_dst,
+                n_src,
+                num_heads,
+                num_heads // num_kv,
+                dim,
+                WRITE_DTBIAS=dtb is not None,
+                MAPPED=mapped,
+                **common,
+            )
 
         _pieces.launch_rows(run_dq, tiles.tile_ptr, pieces, (dq,), acc_dtype, tiles.block_q)
     if n_src > 0:
@@ -373,11 +747,40 @@ def tiled_triton_backward(q, k, v, tiles: TileList, tbias, scale, out, lse, lse_
         pieces = _pieces.cached_pieces(tiles.launch_cache, "k_blocks", k_ptr, "tiles", tiles.num_tiles, num_kv)
 
         def run_dkdv(blocks, dk, dv, start, end, block_map, mapped):
-            launch(_tiled_bwd_dkdv, (blocks, num_kv),
-                q, k, v, tb_arg, masks, cell_edge, dout, lse, lse_lo, delta, dk, dv, start, end, block_map, order,
-                tiles.q_block, tiles.mask_index, *drop,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                n_dst, n_src, num_heads, num_heads // num_kv, dim, MAPPED=mapped, **common)
+            launch(
+                _tiled_bwd_dkdv,
+                (blocks, num_kv),
+                q,
+                k,
+                v,
+                tb_arg,
+                masks,
+                cell_edge,
+                dout,
+                lse,
+                lse_lo,
+                delta,
+                dk,
+                dv,
+                start,
+                end,
+                block_map,
+                order,
+                tiles.q_block,
+                tiles.mask_index,
+                *drop,
+                q.stride(0),
+                q.stride(1),
+                k.stride(0),
+                k.stride(1),
+                n_dst,
+                n_src,
+                num_heads,
+                num_heads // num_kv,
+                dim,
+                MAPPED=mapped,
+                **common,
+            )
 
         _pieces.launch_rows(run_dkdv, k_ptr, pieces, (dk, dv), acc_dtype, tiles.block_k)
     return dq, dk, dv, dtb
@@ -397,8 +800,16 @@ def _falling_back(triton_fn, torch_fn, what: str):
     from triton.runtime.errors import OutOfResources
 
     def run(q, k, v, tiles, tbias, *rest, dropout=None):
-        key = (what, q.device, q.dtype, q.size(-1), tbias is None, dropout is None,
-               tiles.block_q, tiles.block_k)  # shared memory grows with the blocks
+        key = (
+            what,
+            q.device,
+            q.dtype,
+            q.size(-1),
+            tbias is None,
+            dropout is None,
+            tiles.block_q,
+            tiles.block_k,
+        )  # shared memory grows with the blocks
         for level in range(_LEVEL.get(key, 0), 2):
             try:
                 result = triton_fn(q, k, v, tiles, tbias, *rest, lean=level == 1, dropout=dropout)
@@ -415,9 +826,14 @@ def _falling_back(triton_fn, torch_fn, what: str):
             return result
         if _LEVEL.get(key) != 2:
             _LEVEL[key] = 2
-            warnings.warn(f"The Triton tiled {what} kernels {reason} for head dim {q.size(-1)} in {q.dtype} "
-                          f"({detail}); running the PyTorch tiled path instead", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"The Triton tiled {what} kernels {reason} for head dim {q.size(-1)} in {q.dtype} "
+                f"({detail}); running the PyTorch tiled path instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return torch_fn(q, k, v, tiles, tbias, *rest, dropout=dropout)
+
     return run
 
 
@@ -427,13 +843,19 @@ _backward = _falling_back(tiled_triton_backward, tiled_backward, "backward")
 # the edge bias comes before the tile list in the shared kernel signature
 TRITON_TILED = Kernel(
     lambda q, k, v, tb, tiles, scale, **o: _forward(q, k, v, tiles, tb, scale, **o),
-    lambda q, k, v, tb, tiles, scale, *rest, **o: _backward(q, k, v, tiles, tb, scale, *rest, **o))
+    lambda q, k, v, tb, tiles, scale, *rest, **o: _backward(q, k, v, tiles, tb, scale, *rest, **o),
+)
 
 
-def tiled_triton_attention(q: Tensor, k: Tensor, v: Tensor, tiles: TileList, tbias: Tensor | None,
-                           scale: float, dropout: tuple[float, int] | None = None
-                           ) -> tuple[Tensor, Tensor, Tensor]:
+def tiled_triton_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tiles: TileList,
+    tbias: Tensor | None,
+    scale: float,
+    dropout: tuple[float, int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Differentiable ``(out, lse, lse_lo)`` of the Triton tiled kernels, ``dropout = (p, seed)``."""
     tb = None if tbias is None else tbias.contiguous()
-    return kernel_attention(TRITON_TILED, canonical(q), canonical(k), canonical(v), tb,
-                            tiles, scale, dropout=dropout)
+    return kernel_attention(TRITON_TILED, canonical(q), canonical(k), canonical(v), tb, tiles, scale, dropout=dropout)

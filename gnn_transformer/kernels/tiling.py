@@ -10,6 +10,7 @@ stays a message of its own, with its own bias and dropout mask.
 
 Notation: ``T`` tiles, ``P`` partial tiles, ``E`` edges, ``Bq`` / ``Bk`` block sizes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -58,9 +59,10 @@ class TileList:
         ``[T, H, Bq, Bk]`` bias tiles (``H`` times larger)."""
         if not hasattr(self, "_cell_edge"):
             # int32 halves the memory; past 2**31 - 1 tiled edges the ids need int64
-            ids = torch.int32 if self.edge_cell.numel() < 2 ** 31 else torch.int64
-            flat = torch.full((self.num_tiles * self.block_q * self.block_k,), -1, dtype=ids,
-                              device=self.edge_cell.device)
+            ids = torch.int32 if self.edge_cell.numel() < 2**31 else torch.int64
+            flat = torch.full(
+                (self.num_tiles * self.block_q * self.block_k,), -1, dtype=ids, device=self.edge_cell.device
+            )
             flat[self.edge_cell] = torch.arange(self.edge_cell.numel(), dtype=ids, device=flat.device)
             self._cell_edge = flat.view(self.num_tiles, self.block_q, self.block_k)
         return self._cell_edge
@@ -115,8 +117,9 @@ def tile_stats(graph: CSRGraph, block_q: int, block_k: int) -> tuple[Tensor, Ten
     return graph.extras[cache_key]
 
 
-def build_tiles(graph: CSRGraph, block_q: int, block_k: int, edge_ids: Tensor | None = None, *,
-                distinct: bool = False) -> TileList:
+def build_tiles(
+    graph: CSRGraph, block_q: int, block_k: int, edge_ids: Tensor | None = None, *, distinct: bool = False
+) -> TileList:
     """The tile list of the edges ``edge_ids`` (all edges if ``None``) of ``graph``; they must not
     repeat an edge ``j -> i`` (a cell holds one edge), which is checked unless the caller already
     knows it (``distinct``: ``attend``'s parts leave the copies out)."""
@@ -135,8 +138,10 @@ def build_tiles(graph: CSRGraph, block_q: int, block_k: int, edge_ids: Tensor | 
     q_block, k_block = uniq // num_k_blocks, uniq % num_k_blocks
     edge_cell = (tile * cells).add_((dst % block_q).mul_(block_k)).add_(src % block_k)  # [E_t]
     if not distinct and not sorted_unique(src, dst) and torch.unique(edge_cell).numel() < edge_cell.numel():
-        raise ValueError("build_tiles: 'edge_ids' repeat an edge j -> i; a tile cell holds one edge "
-                         "(tile one copy, run the others fused)")
+        raise ValueError(
+            "build_tiles: 'edge_ids' repeat an edge j -> i; a tile cell holds one edge "
+            "(tile one copy, run the others fused)"
+        )
     full = count == cells  # [T]
     mask_index = torch.full_like(uniq, -1)
     partial = (~full).nonzero().flatten()  # [P]
@@ -146,8 +151,20 @@ def build_tiles(graph: CSRGraph, block_q: int, block_k: int, edge_ids: Tensor | 
     masks[mask_index[tile[in_partial]] * cells + edge_cell[in_partial] % cells] = True
     tile_ptr = torch.zeros(num_q_blocks + 1, dtype=torch.long, device=device)
     tile_ptr[1:] = torch.bincount(q_block, minlength=num_q_blocks).cumsum(0)
-    return TileList(block_q, block_k, graph.num_src, graph.num_dst, q_block, k_block, tile_ptr,
-                    count, mask_index, masks.view(-1, block_q, block_k), edge_ids, edge_cell)
+    return TileList(
+        block_q,
+        block_k,
+        graph.num_src,
+        graph.num_dst,
+        q_block,
+        k_block,
+        tile_ptr,
+        count,
+        mask_index,
+        masks.view(-1, block_q, block_k),
+        edge_ids,
+        edge_cell,
+    )
 
 
 def triton_blocks(block_q: int, block_k: int) -> bool:

@@ -3,6 +3,7 @@
 ``softmax_finish``), the backward pass's row statistics, the dropout keep mask, IEEE ``tl.dot``, the
 program's rows, and the scalar arguments every launch passes. Importing this module needs Triton.
 """
+
 from __future__ import annotations
 
 import functools
@@ -123,7 +124,7 @@ def softmax_finish(m, l, acc):
 
 # The backward pass walks a row's edges once more, for exactly normalized weights and a delta made
 # of them (:func:`.fused_triton._csr_bwd_rows`), where the row's log-sum-exp is at least this large.
-EXACT_ROWS_LSE = {torch.float32: 128.0, torch.float64: 2.0 ** 19}
+EXACT_ROWS_LSE = {torch.float32: 128.0, torch.float64: 2.0**19}
 
 
 def upcast(q: Tensor) -> bool:
@@ -151,8 +152,9 @@ def canonical(x: Tensor) -> Tensor:
     return x if x.stride() == (h * d, d, 1) else x.clone(memory_format=torch.contiguous_format)
 
 
-def scalars(scale: float, dropout: tuple[float, int] | None, dtype: torch.dtype,
-            device: torch.device) -> tuple[Tensor, int, int]:
+def scalars(
+    scale: float, dropout: tuple[float, int] | None, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, int, int]:
     """``(scales, seed, threshold)`` kernel arguments: ``scales = [scale, 1 / (1 - p)]`` as a tensor in
     the accumulation ``dtype`` (Triton passes a Python float as float32, which float64 results would
     show), and the dropout seed and threshold (placeholders without dropout)."""

@@ -10,6 +10,7 @@ edge budget, :data:`DEFAULT_MAX_EDGES` unless raised (or lowered) with :func:`ma
 Windows, blocks and similar sizes are clamped to the sequence lengths before any tensor
 arithmetic, so no size near ``2**63`` overflows ``int64``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -23,7 +24,7 @@ from torch_geometric import EdgeIndex
 Lengths = int | Sequence[int]
 
 DEFAULT_MAX_EDGES = 2**32  # 64 GiB as an int64 edge_index: causal(65536) fits, full(10**6) does not
-SEED_MAX = 2**63 - 1       # seeds of torch.Generator.manual_seed and random.Random
+SEED_MAX = 2**63 - 1  # seeds of torch.Generator.manual_seed and random.Random
 INT64_MAX = 2**63 - 1
 _MAX_EDGES: ContextVar[int | None] = ContextVar("max_edges", default=DEFAULT_MAX_EDGES)
 
@@ -79,12 +80,12 @@ def check_edges(builder: str, edges: int, **sizes: list[int]) -> None:
     tokens = sum(sum(v) for v in sizes.values())  # per-token arrays, even without edges
     if edges > limit or tokens > limit:
         what = ", ".join(f"{name}={_describe(v)}" for name, v in sizes.items())
-        need = (f"would need {edges} edges" if edges > limit else
-                f"has {tokens} tokens ({edges} edges)")
+        need = f"would need {edges} edges" if edges > limit else f"has {tokens} tokens ({edges} edges)"
         raise ValueError(
             f"{builder}: {what} {need}, more than the edge budget max_edges={limit} "
             f"({16 * max(edges, tokens) / 2**30:.3g} GiB as an int64 edge_index); to build it anyway, "
-            f"call it inside 'with gnn_transformer.topology.max_edges({max(edges, tokens)}):' (None: no limit)")
+            f"call it inside 'with gnn_transformer.topology.max_edges({max(edges, tokens)}):' (None: no limit)"
+        )
 
 
 def as_lengths(n: Lengths | Tensor, name: str = "n") -> list[int]:
@@ -177,8 +178,9 @@ def check_seed(name: str, value: object) -> int:
 def check_keys(num_src: int, num_dst: int) -> None:
     """Refuse node counts whose edge keys ``dst * num_src + src`` would overflow int64."""
     if max(num_src, 1) * max(num_dst, 1) > INT64_MAX:
-        raise ValueError(f"Expected a graph of at most 2**63 - 1 node pairs (got {num_src} sources x "
-                         f"{num_dst} targets)")
+        raise ValueError(
+            f"Expected a graph of at most 2**63 - 1 node pairs (got {num_src} sources x {num_dst} targets)"
+        )
 
 
 def window_edges(L: int, window: int, causal: bool = False) -> int:

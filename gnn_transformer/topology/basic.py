@@ -3,6 +3,7 @@
 ``full(n)``: every token attends to every token of its sequence, ``j -> i`` for all ``i, j``.
 ``causal(n)``: token ``i`` attends to ``j <= i`` (GPT-style decoder).
 """
+
 from __future__ import annotations
 
 from typing import Literal, overload

@@ -12,19 +12,28 @@ reference implementation, split between both ends of the sequence (``global_at="
 One difference remains: the reference draws random blocks per head and layer, here one draw per
 call, fixed by ``seed``.
 """
+
 from __future__ import annotations
 
 import torch
 from torch_geometric import EdgeIndex
 
-from ._common import (Lengths, as_lengths, check_edges, check_int, check_seed, expand_ranges, local_positions,
-                      wrap_sorted)
+from ._common import (
+    Lengths,
+    as_lengths,
+    check_edges,
+    check_int,
+    check_seed,
+    expand_ranges,
+    local_positions,
+    wrap_sorted,
+)
 from .random_graphs import sample_distinct
 
 
-def _block_edges(lengths: list[int], block: int, window: int, num_global: int, num_random: int,
-                 seed: int, global_at: str = "start",
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _block_edges(
+    lengths: list[int], block: int, window: int, num_global: int, num_random: int, seed: int, global_at: str = "start"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block graph: (src block, dst block) global block ids, plus block start and size ``[NB]``."""
     nb = [-(-L // block) for L in lengths]  # blocks per sequence (last one may be short)
     bpos, boff, blen = local_positions(nb)  # [NB]: block index in its sequence, offset, count
@@ -74,8 +83,16 @@ def _max_edges(L: int, block: int, window: int, num_global: int, num_random: int
     return min(L * L, L * min(L, key_blocks * block) + global_queries * L)
 
 
-def bigbird(n: Lengths, *, block: int = 1, window: int = 1, num_global: int = 1, num_random: int = 1,
-            seed: int = 0, global_at: str = "start") -> EdgeIndex:
+def bigbird(
+    n: Lengths,
+    *,
+    block: int = 1,
+    window: int = 1,
+    num_global: int = 1,
+    num_random: int = 1,
+    seed: int = 0,
+    global_at: str = "start",
+) -> EdgeIndex:
     r"""BigBird: sliding window of blocks ∪ global blocks ∪ random blocks (seeded).
 
     Edge count (``block = 1``, ``L`` large): about ``L (2w + 1 + 2g + r)``; each query block gets
@@ -111,10 +128,8 @@ def bigbird(n: Lengths, *, block: int = 1, window: int = 1, num_global: int = 1,
     block = min(block, max(longest, 1))
     most_blocks = -(-longest // block)
     window, num_global = min(window, most_blocks), min(num_global, most_blocks)
-    check_edges("bigbird", sum(_max_edges(L, block, window, num_global, num_random) for L in lengths),
-                n=lengths)
-    bsrc, bdst, start, size = _block_edges(lengths, block, window, num_global, num_random, seed,
-                                           global_at)
+    check_edges("bigbird", sum(_max_edges(L, block, window, num_global, num_random) for L in lengths), n=lengths)
+    bsrc, bdst, start, size = _block_edges(lengths, block, window, num_global, num_random, seed, global_at)
     # Distinct block pairs, sorted by query block, then key block (the window, global and random
     # parts overlap): blocks are disjoint ranges of tokens in order, so their token pairs, expanded
     # query token by query token, are distinct and sorted by target, then source, with no sort of
@@ -131,8 +146,16 @@ def bigbird(n: Lengths, *, block: int = 1, window: int = 1, num_global: int = 1,
     return wrap_sorted(kj, qi[pair], sum(lengths))
 
 
-def bigbird_predicate(i: int, j: int, L: int | None = None, *, block: int = 1, window: int = 1,
-                      num_global: int = 1, global_at: str = "start") -> bool:
+def bigbird_predicate(
+    i: int,
+    j: int,
+    L: int | None = None,
+    *,
+    block: int = 1,
+    window: int = 1,
+    num_global: int = 1,
+    global_at: str = "start",
+) -> bool:
     """Predicate twin of the deterministic part of :func:`bigbird` (window and global blocks).
 
     ``L`` (the sequence length) is needed only for ``global_at="ends"``. The random blocks have no

@@ -5,6 +5,7 @@ where both do (causal ∩ window = causal sliding window), ``difference(a, b)`` 
 ``b`` does not. All operands must have the same ``sparse_size``; the result is sorted by target
 and has no duplicated edge.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -22,13 +23,19 @@ def shared_sizes(graphs: Sequence[Tensor], what: str) -> tuple[int, int]:
         raise ValueError(f"'{what}' needs at least one graph")
     sizes, high = set(), 0
     for g in graphs:
-        if (not isinstance(g, Tensor) or g.dim() != 2 or g.size(0) != 2 or g.is_floating_point()
-                or g.dtype == torch.bool):
-            raise ValueError(f"Expected each graph of '{what}' to be an integer edge_index [2, E] "
-                             f"(got {type(g).__name__} {list(getattr(g, 'shape', []))})")
+        if (
+            not isinstance(g, Tensor)
+            or g.dim() != 2
+            or g.size(0) != 2
+            or g.is_floating_point()
+            or g.dtype == torch.bool
+        ):
+            raise ValueError(
+                f"Expected each graph of '{what}' to be an integer edge_index [2, E] "
+                f"(got {type(g).__name__} {list(getattr(g, 'shape', []))})"
+            )
         if g.numel() and int(g.min()) < 0:
-            raise ValueError(f"Expected the graphs of '{what}' to have non-negative node indices "
-                             f"(got {int(g.min())})")
+            raise ValueError(f"Expected the graphs of '{what}' to have non-negative node indices (got {int(g.min())})")
         if isinstance(g, EdgeIndex) and None not in g.sparse_size():
             sizes.add(tuple(g.sparse_size()))
         elif g.numel():
@@ -100,8 +107,14 @@ def difference(a: Tensor, b: Tensor) -> EdgeIndex:
     return _from_keys(key[~torch.isin(key, _keys(b, num_src))], num_src, num_dst)
 
 
-def from_predicate(n: Lengths, fn: Callable[..., bool], *, src_lengths: Lengths | None = None,
-                   with_length: bool = False, max_pairs: int = 1_000_000) -> EdgeIndex:
+def from_predicate(
+    n: Lengths,
+    fn: Callable[..., bool],
+    *,
+    src_lengths: Lengths | None = None,
+    with_length: bool = False,
+    max_pairs: int = 1_000_000,
+) -> EdgeIndex:
     """Brute-force graph of a rule: ``j -> i`` iff ``fn(i, j)`` (local positions in each sequence).
 
     Calls ``fn`` once per pair, so it is for small graphs: tests, and prototyping a new pattern

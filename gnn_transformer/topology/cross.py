@@ -12,13 +12,13 @@ Modes, for decoder length ``L_q`` and encoder length ``L_k``:
   ``j < ceil((i + 1) L_k / L_q) + window`` (streaming, simultaneous translation; ``window`` is a
   lookahead).
 """
+
 from __future__ import annotations
 
 import torch
 from torch_geometric import EdgeIndex
 
-from ._common import (INT64_MAX, Lengths, as_lengths, check_edges, check_int, expand_ranges, local_positions,
-                      wrap_sorted)
+from ._common import INT64_MAX, Lengths, as_lengths, check_edges, check_int, expand_ranges, local_positions, wrap_sorted
 
 MODES = ("full", "window", "monotonic")
 
@@ -51,15 +51,15 @@ def cross(n_q: Lengths, n_k: Lengths, *, mode: str = "full", window: int = 0) ->
     """
     q_len, k_len = as_lengths(n_q, "n_q"), as_lengths(n_k, "n_k")
     if len(q_len) != len(k_len):
-        raise ValueError(f"Expected 'n_k' to have one length per sequence of 'n_q' "
-                         f"({len(q_len)}) (got {k_len})")
+        raise ValueError(f"Expected 'n_k' to have one length per sequence of 'n_q' ({len(q_len)}) (got {k_len})")
     if mode not in MODES:
         raise ValueError(f"Expected 'mode' in {MODES} (got {mode!r})")
     check_int("window", window)
     window = min(window, max(k_len, default=0))
     if 2 * max(q_len, default=0) * max(k_len, default=0) > INT64_MAX:  # (2i + 1) L_k below
-        raise ValueError(f"Expected 2 * n_q * n_k <= 2**63 - 1 for int64 positions (got "
-                         f"n_q={max(q_len)} and n_k={max(k_len)})")
+        raise ValueError(
+            f"Expected 2 * n_q * n_k <= 2**63 - 1 for int64 positions (got n_q={max(q_len)} and n_k={max(k_len)})"
+        )
     check_edges("cross", sum(_edges(a, b, mode, window) for a, b in zip(q_len, k_len)), n_q=q_len, n_k=k_len)
     pos, _, lq = local_positions(q_len)  # [N_q]
     seq = torch.repeat_interleave(torch.arange(len(q_len)), torch.tensor(q_len, dtype=torch.long))

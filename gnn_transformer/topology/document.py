@@ -4,6 +4,7 @@ Training pipelines pack short documents into one long row; attention must not cr
 boundaries, which makes the mask block-diagonal (causal inside each block for a decoder). As a
 graph this is simply the disjoint union of the documents.
 """
+
 from __future__ import annotations
 
 from bisect import bisect_right
@@ -30,8 +31,9 @@ def _documents(length: int, docs: object, where: str) -> list[int]:
         raise ValueError(f"Expected 'doc_lengths'{where} to be an int or a list of ints (got {docs!r})")
     out = as_lengths(list(docs), "doc_lengths")
     if sum(out) != length:
-        raise ValueError(f"Expected 'doc_lengths'{where} to sum to the sequence length {length} "
-                         f"(got {out}, sum {sum(out)})")
+        raise ValueError(
+            f"Expected 'doc_lengths'{where} to sum to the sequence length {length} (got {out}, sum {sum(out)})"
+        )
     return [d for d in out if d > 0]
 
 
@@ -48,8 +50,10 @@ def document_lengths(n: Lengths, doc_lengths: DocLengths) -> list[int]:
         elif nested and len(doc_lengths) == len(lengths):
             per_seq = list(doc_lengths)
         else:
-            raise ValueError(f"Expected 'doc_lengths' to be an int, a list of ints (one sequence) or "
-                             f"one list per sequence ({len(lengths)}) (got {doc_lengths!r})")
+            raise ValueError(
+                f"Expected 'doc_lengths' to be an int, a list of ints (one sequence) or "
+                f"one list per sequence ({len(lengths)}) (got {doc_lengths!r})"
+            )
     else:
         raise ValueError(f"Expected 'doc_lengths' to be an int or a list (got {doc_lengths!r})")
     flat: list[int] = []
@@ -59,18 +63,27 @@ def document_lengths(n: Lengths, doc_lengths: DocLengths) -> list[int]:
 
 
 @overload
-def document(n: Lengths, doc_lengths: DocLengths, *, causal: bool = ..., implicit: Literal[False] = ...,
-             block_size: int | None = ...) -> EdgeIndex: ...
+def document(
+    n: Lengths,
+    doc_lengths: DocLengths,
+    *,
+    causal: bool = ...,
+    implicit: Literal[False] = ...,
+    block_size: int | None = ...,
+) -> EdgeIndex: ...
 @overload
-def document(n: Lengths, doc_lengths: DocLengths, *, causal: bool = ..., implicit: Literal[True],
-             block_size: int | None = ...) -> BlockGraph: ...
+def document(
+    n: Lengths, doc_lengths: DocLengths, *, causal: bool = ..., implicit: Literal[True], block_size: int | None = ...
+) -> BlockGraph: ...
 @overload
-def document(n: Lengths, doc_lengths: DocLengths, *, causal: bool = ..., implicit: bool,
-             block_size: int | None = ...) -> EdgeIndex | BlockGraph: ...
+def document(
+    n: Lengths, doc_lengths: DocLengths, *, causal: bool = ..., implicit: bool, block_size: int | None = ...
+) -> EdgeIndex | BlockGraph: ...
 
 
-def document(n: Lengths, doc_lengths: DocLengths, *, causal: bool = False, implicit: bool = False,
-             block_size: int | None = None) -> EdgeIndex | BlockGraph:
+def document(
+    n: Lengths, doc_lengths: DocLengths, *, causal: bool = False, implicit: bool = False, block_size: int | None = None
+) -> EdgeIndex | BlockGraph:
     r"""Block-diagonal attention over packed documents: ``j -> i`` iff same document (and
     ``j <= i`` when ``causal``).
 
@@ -100,8 +113,9 @@ def document(n: Lengths, doc_lengths: DocLengths, *, causal: bool = False, impli
     if isinstance(doc_lengths, int) and not isinstance(doc_lengths, bool):  # count before listing them
         lengths = as_lengths(n)
         check_int("doc_lengths", doc_lengths, 1)
-        check_edges("document", sum(L // doc_lengths * edges(doc_lengths) + edges(L % doc_lengths)
-                                    for L in lengths), n=lengths)
+        check_edges(
+            "document", sum(L // doc_lengths * edges(doc_lengths) + edges(L % doc_lengths) for L in lengths), n=lengths
+        )
     flat = document_lengths(n, doc_lengths)
     check_edges("document", sum(edges(d) for d in flat), n=as_lengths(n))
     return _causal(flat) if causal else _full(flat)

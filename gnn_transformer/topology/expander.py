@@ -4,6 +4,7 @@ A random ``d``-regular graph is, with high probability, a good expander: sparse 
 yet every token reaches every other in ``O(log L)`` hops, and its spectrum approximates full
 attention's. Drawn with ``networkx.random_regular_graph``, one graph per sequence, both directions.
 """
+
 from __future__ import annotations
 
 import random as _random
@@ -39,10 +40,15 @@ def expander(n: Lengths, degree: int, *, seed: int = 0, self_loops: bool = False
     check_bool("self_loops", self_loops)
     odd = [L for L in lengths if L > degree and (L * degree) % 2]
     if odd:
-        raise ValueError(f"Expected 'degree' * length to be even for a regular graph (got "
-                         f"degree={degree} and length {odd[0]}); use an even degree")
-    check_edges("expander", sum((L * (L - 1) if L <= degree else L * degree) + (L if self_loops else 0)
-                                for L in lengths), n=lengths)
+        raise ValueError(
+            f"Expected 'degree' * length to be even for a regular graph (got "
+            f"degree={degree} and length {odd[0]}); use an even degree"
+        )
+    check_edges(
+        "expander",
+        sum((L * (L - 1) if L <= degree else L * degree) + (L if self_loops else 0) for L in lengths),
+        n=lengths,
+    )
     rng = _random.Random(seed)
     src, dst, offset = [], [], 0
     for L in lengths:  # one networkx draw per sequence (not per token)

@@ -7,6 +7,7 @@ edge set (``N^2 / 8`` bytes), in bitmaps of the partially filled blocks only, or
 keys (``O(E)``, eager only). A batch (disjoint union) is one long FlexAttention sequence of ``N``
 tokens; the ``BlockMask`` skips the blocks between sequences.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,8 +23,9 @@ from .masks import _check_edge_index, _check_range, _default_sizes
 MaskMod: TypeAlias = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
-def to_networkx(edge_index: Tensor, num_src: int | None = None, num_dst: int | None = None, *,
-                bipartite: bool | None = None) -> nx.DiGraph:
+def to_networkx(
+    edge_index: Tensor, num_src: int | None = None, num_dst: int | None = None, *, bipartite: bool | None = None
+) -> nx.DiGraph:
     """``networkx.DiGraph`` with an arc ``j -> i`` per edge (information flows along arcs).
 
     A self-attention graph has nodes ``0..N-1``. A bipartite one (cross attention; by default
@@ -60,8 +62,10 @@ def flex_attention_available() -> bool:
 
 def _require_flex() -> None:
     if not flex_attention_available():
-        raise RuntimeError(f"FlexAttention (torch.nn.attention.flex_attention) is not available in "
-                           f"torch {torch.__version__}; it needs torch >= 2.5")
+        raise RuntimeError(
+            f"FlexAttention (torch.nn.attention.flex_attention) is not available in "
+            f"torch {torch.__version__}; it needs torch >= 2.5"
+        )
 
 
 LOOKUPS = ("bits", "blocks", "search")
@@ -86,8 +90,7 @@ class _Blocks:
         blocks, inverse, counts = torch.unique(bkey, return_inverse=True, return_counts=True)  # [T]
         full = counts == block * block  # a boundary block is never full: its padding has no edges
         # table [Q_blocks, KV_blocks]: -1 empty, -2 full, else the row of the partial block's bitmap
-        self.table = torch.full((self.num_q_blocks * self.num_kv_blocks,), -1, dtype=torch.int32,
-                                device=device)
+        self.table = torch.full((self.num_q_blocks * self.num_kv_blocks,), -1, dtype=torch.int32, device=device)
         self.table[blocks[full]] = -2
         partial = ~full
         self.table[blocks[partial]] = torch.arange(int(partial.sum()), dtype=torch.int32, device=device)
@@ -154,8 +157,14 @@ def _search_mask_mod(src: Tensor, dst: Tensor, num_src: int) -> MaskMod:
     return mask_mod
 
 
-def to_flex_mask_mod(edge_index: Tensor, num_src: int | None = None, num_dst: int | None = None, *,
-                     lookup: str = "bits", block_size: int = 128) -> MaskMod:
+def to_flex_mask_mod(
+    edge_index: Tensor,
+    num_src: int | None = None,
+    num_dst: int | None = None,
+    *,
+    lookup: str = "bits",
+    block_size: int = 128,
+) -> MaskMod:
     """FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``: True iff edge ``kv_idx -> q_idx``.
 
     Args:
@@ -189,9 +198,15 @@ def to_flex_mask_mod(edge_index: Tensor, num_src: int | None = None, num_dst: in
     return _search_mask_mod(src, dst, num_src)
 
 
-def to_block_mask(edge_index: Tensor, num_src: int | None = None, num_dst: int | None = None, *,
-                  block_size: int = 128, device: str | torch.device | None = None,
-                  lookup: str = "blocks"):
+def to_block_mask(
+    edge_index: Tensor,
+    num_src: int | None = None,
+    num_dst: int | None = None,
+    *,
+    block_size: int = 128,
+    device: str | torch.device | None = None,
+    lookup: str = "blocks",
+):
     """FlexAttention ``BlockMask`` of the graph (``B = H = None``: shared by batch and heads).
 
     The blocks come from the edges (``BlockMask.from_kv_blocks``): a block holding every one of its
@@ -226,5 +241,6 @@ def to_block_mask(edge_index: Tensor, num_src: int | None = None, num_dst: int |
     else:
         mask_mod = to_flex_mask_mod(torch.stack([src, dst]), num_src, num_dst, lookup=lookup)
     (num, idx), (full_num, full_idx) = blocks._lists["partial"], blocks._lists["full"]
-    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod,
-                                    seq_lengths=(num_dst, num_src))
+    return BlockMask.from_kv_blocks(
+        num, idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(num_dst, num_src)
+    )

@@ -3,13 +3,22 @@
 The first ``num_global`` tokens of each sequence (``[CLS]``, a question) attend to every token and
 are attended by every token; optionally every token also sees a symmetric sliding window.
 """
+
 from __future__ import annotations
 
 import torch
 from torch_geometric import EdgeIndex
 
-from ._common import (Lengths, as_lengths, check_edges, check_int, coalesce_edges, expand_ranges, local_positions,
-                      window_edges)
+from ._common import (
+    Lengths,
+    as_lengths,
+    check_edges,
+    check_int,
+    coalesce_edges,
+    expand_ranges,
+    local_positions,
+    window_edges,
+)
 
 
 def _edges(L: int, num_global: int, window: int | None) -> int:

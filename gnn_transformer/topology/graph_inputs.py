@@ -6,6 +6,7 @@ Accepts a ``networkx`` graph (undirected edges become both directions; a ``DiGra
 list of them (a batch, disjoint union). Files in any format networkx reads are loaded by
 :func:`read_graph`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -61,12 +62,12 @@ def _edges(graph: GraphLike) -> tuple[Tensor, Tensor, int]:
         plain.add_edges_from(graph.edges)
         data = from_networkx(plain)  # undirected -> both directions
         return data.edge_index[0], data.edge_index[1], graph.number_of_nodes()
-    raise ValueError(f"Expected 'graph' to be a networkx graph or a torch_geometric Data "
-                     f"(got {type(graph).__name__})")
+    raise ValueError(f"Expected 'graph' to be a networkx graph or a torch_geometric Data (got {type(graph).__name__})")
 
 
-def from_graph(graph: GraphLike | Sequence[GraphLike], *, self_loops: bool = False,
-               virtual_node: bool = False) -> EdgeIndex:
+def from_graph(
+    graph: GraphLike | Sequence[GraphLike], *, self_loops: bool = False, virtual_node: bool = False
+) -> EdgeIndex:
     r"""Token graph of a graph-structured input: ``j -> i`` for each edge ``j -> i`` of ``graph``.
 
     Edges: ``E`` (directed edges, each undirected edge counted twice), ``+ N`` with
@@ -108,8 +109,9 @@ def from_graph(graph: GraphLike | Sequence[GraphLike], *, self_loops: bool = Fal
     return coalesce_edges(torch.cat(src) if src else empty, torch.cat(dst) if dst else empty, offset)
 
 
-def from_graph_predicate(graph: nx.Graph, *, self_loops: bool = False,
-                         virtual_node: bool = False) -> Callable[[int, int], bool]:
+def from_graph_predicate(
+    graph: nx.Graph, *, self_loops: bool = False, virtual_node: bool = False
+) -> Callable[[int, int], bool]:
     """Predicate twin of :func:`from_graph` for one networkx graph: ``(i, j) -> bool``."""
     nodes = list(graph.nodes)
     n = len(nodes)

@@ -15,6 +15,7 @@ edge_head=edge_head, num_heads=H)``, ``[H, N, N]``.
 - :func:`duo_attention`: DuoAttention's split of heads (Xiao et al., 2024, arXiv:2410.10819):
   retrieval heads attend causally to everything, streaming heads to sinks plus a window.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,8 +24,7 @@ import torch
 from torch import Tensor
 from torch_geometric import EdgeIndex
 
-from ._common import (Lengths, as_lengths, check_bool, check_edges, check_int, local_positions, window_edges,
-                      wrap_sorted)
+from ._common import Lengths, as_lengths, check_bool, check_edges, check_int, local_positions, window_edges, wrap_sorted
 from .basic import causal
 from .combinators import shared_sizes
 from .windows import dilated, dilated_edges
@@ -48,8 +48,10 @@ def per_head(graphs: Sequence[Tensor]) -> tuple[EdgeIndex, Tensor]:
         ([[0, 0, 1, 0, 1, 2, 0, 1, 2], [0, 1, 1, 2, 2, 2, 0, 1, 2]], [0, 0, 0, 0, 0, 0, 1, 1, 1])
     """
     if isinstance(graphs, Tensor) or not isinstance(graphs, Sequence) or len(graphs) == 0:
-        raise ValueError(f"Expected 'graphs' to be a non-empty list of edge_index tensors, one per head "
-                         f"(got {type(graphs).__name__})")
+        raise ValueError(
+            f"Expected 'graphs' to be a non-empty list of edge_index tensors, one per head "
+            f"(got {type(graphs).__name__})"
+        )
     num_src, num_dst = shared_sizes(graphs, "per_head")
     plains = [(g.as_tensor() if isinstance(g, EdgeIndex) else g).to(torch.long) for g in graphs]
     devices = {p.device for p in plains}
@@ -61,8 +63,9 @@ def per_head(graphs: Sequence[Tensor]) -> tuple[EdgeIndex, Tensor]:
     return EdgeIndex(edge_index, sparse_size=(num_src, num_dst)), edge_head
 
 
-def dilated_per_head(n: Lengths, window: int, dilations: Sequence[int], *,
-                     causal: bool = False) -> tuple[EdgeIndex, Tensor]:
+def dilated_per_head(
+    n: Lengths, window: int, dilations: Sequence[int], *, causal: bool = False
+) -> tuple[EdgeIndex, Tensor]:
     """Longformer's dilated sliding windows, one dilation per head: head ``h`` sees ``j`` with
     ``|i - j| = s * dilations[h]``, ``0 <= s <= window`` (``0 <= i - j`` when ``causal``), within
     each sequence. Longformer gives its lower heads no dilation (local context) and its upper heads
@@ -122,6 +125,7 @@ def streaming(n: Lengths, num_sinks: int, window: int) -> EdgeIndex:
         else:
             sink_edges = num_sinks * (num_sinks + 1) // 2 + (t - num_sinks) * num_sinks
         return window_edges(L, window, causal=True) + sink_edges
+
     check_edges("streaming", sum(count(L) for L in lengths), n=lengths)
     pos, offset, _ = local_positions(lengths)  # [N] each
     start = (pos - window).clamp(min=0)  # first key of the window
@@ -141,8 +145,9 @@ def streaming_predicate(i: int, j: int, *, num_sinks: int, window: int) -> bool:
     return j <= i and (j < num_sinks or i - j <= window)
 
 
-def duo_attention(n: Lengths, streaming_heads: Sequence[int], num_heads: int, *, num_sinks: int,
-                  window: int) -> tuple[EdgeIndex, Tensor]:
+def duo_attention(
+    n: Lengths, streaming_heads: Sequence[int], num_heads: int, *, num_sinks: int, window: int
+) -> tuple[EdgeIndex, Tensor]:
     """DuoAttention's per-head graph: the heads in ``streaming_heads`` attend to ``num_sinks`` sinks
     plus a causal window (:func:`streaming`), every other head ("retrieval heads") causally to all
     earlier tokens.

@@ -18,6 +18,7 @@ block selection cuts them).
 Notation: ``T`` tiles, ``P`` distinct masks, ``Bq`` / ``Bk`` block sizes, ``H`` query heads,
 ``N_dst`` / ``N_src`` target / source tokens.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,8 +50,10 @@ def _check_ptr(name: str, ptr: object, n: int, block: int, device: torch.device)
         raise ValueError(f"Expected '{name}' to run from 0 to the token count {n} (got {p.tolist()[:8]}...)")
     sizes = p.diff()
     if sizes.numel() and (int(sizes.min()) < 1 or int(sizes.max()) > block):
-        raise ValueError(f"Expected '{name}' to give blocks of 1 to {block} tokens (got sizes from "
-                         f"{int(sizes.min())} to {int(sizes.max())})")
+        raise ValueError(
+            f"Expected '{name}' to give blocks of 1 to {block} tokens (got sizes from "
+            f"{int(sizes.min())} to {int(sizes.max())})"
+        )
     return p
 
 
@@ -117,12 +120,21 @@ class BlockGraph:
         num_tiles = self.q_block.numel()
         for name in ("k_block", "mask_index"):
             if getattr(self, name).numel() != num_tiles:
-                raise ValueError(f"Expected '{name}' of shape [T] = [{num_tiles}] like 'q_block' (got "
-                                 f"{list(getattr(self, name).shape)})")
-        if (not isinstance(self.masks, Tensor) or self.masks.dtype != torch.bool or self.masks.dim() != 3
-                or tuple(self.masks.shape[1:]) != (self.block_q, self.block_k)):
-            got = (f"shape {list(self.masks.shape)}, dtype {self.masks.dtype}" if isinstance(self.masks, Tensor)
-                   else type(self.masks).__name__)
+                raise ValueError(
+                    f"Expected '{name}' of shape [T] = [{num_tiles}] like 'q_block' (got "
+                    f"{list(getattr(self, name).shape)})"
+                )
+        if (
+            not isinstance(self.masks, Tensor)
+            or self.masks.dtype != torch.bool
+            or self.masks.dim() != 3
+            or tuple(self.masks.shape[1:]) != (self.block_q, self.block_k)
+        ):
+            got = (
+                f"shape {list(self.masks.shape)}, dtype {self.masks.dtype}"
+                if isinstance(self.masks, Tensor)
+                else type(self.masks).__name__
+            )
             raise ValueError(f"Expected 'masks' to be a bool tensor [P, {self.block_q}, {self.block_k}] (got {got})")
         if self.masks.device != device:
             raise ValueError(f"Expected 'masks' on the device of 'q_block', {device} (got {self.masks.device})")
@@ -136,31 +148,44 @@ class BlockGraph:
             check_int("num_heads", self.num_heads, 1)
             self.tile_head = _long("tile_head", self.tile_head, device)
             if self.tile_head.numel() != num_tiles:
-                raise ValueError(f"Expected 'tile_head' of shape [T] = [{num_tiles}] (got "
-                                 f"{list(self.tile_head.shape)})")
+                raise ValueError(
+                    f"Expected 'tile_head' of shape [T] = [{num_tiles}] (got {list(self.tile_head.shape)})"
+                )
         if self.dense is not None:
             kind, bounds = self.dense
-            if (kind not in ("causal", "full") or len(bounds) < 2 or list(bounds) != sorted(set(bounds))
-                    or bounds[0] != 0 or bounds[-1] != self.num_dst):
-                raise ValueError(f"Expected 'dense' to be ('causal' | 'full', increasing bounds ending at "
-                                 f"{self.num_dst}) (got {self.dense!r})")
+            if (
+                kind not in ("causal", "full")
+                or len(bounds) < 2
+                or list(bounds) != sorted(set(bounds))
+                or bounds[0] != 0
+                or bounds[-1] != self.num_dst
+            ):
+                raise ValueError(
+                    f"Expected 'dense' to be ('causal' | 'full', increasing bounds ending at "
+                    f"{self.num_dst}) (got {self.dense!r})"
+                )
         if num_tiles == 0:
             return
         ranges: list[tuple[str, Tensor, int]] = [
-            ("q_block", self.q_block, self.num_q_blocks), ("k_block", self.k_block, self.num_k_blocks),
-            ("mask_index", self.mask_index + 1, self.masks.size(0) + 1)]
+            ("q_block", self.q_block, self.num_q_blocks),
+            ("k_block", self.k_block, self.num_k_blocks),
+            ("mask_index", self.mask_index + 1, self.masks.size(0) + 1),
+        ]
         if self.tile_head is not None and self.num_heads is not None:
             ranges.append(("tile_head", self.tile_head, self.num_heads))
         stats = torch.stack([torch.stack([x.min(), x.max()]) for _, x, _ in ranges]).tolist()
         for (name, _, size), (lo, hi) in zip(ranges, stats):
             if lo < 0 or hi >= size:
                 shift = 1 if name == "mask_index" else 0
-                raise ValueError(f"Expected '{name}' in [{-shift}, {size - shift}) (got values from {lo - shift} "
-                                 f"to {hi - shift})")
+                raise ValueError(
+                    f"Expected '{name}' in [{-shift}, {size - shift}) (got values from {lo - shift} to {hi - shift})"
+                )
         key = self._tile_key()
         if num_tiles > 1 and bool((key[1:] <= key[:-1]).any()):
-            raise ValueError("Expected the tiles sorted by (head, query block, key block), no tile twice "
-                             "('q_block', 'k_block', 'tile_head')")
+            raise ValueError(
+                "Expected the tiles sorted by (head, query block, key block), no tile twice "
+                "('q_block', 'k_block', 'tile_head')"
+            )
         self._check_ragged()
 
     def _tile_key(self) -> Tensor:
@@ -178,15 +203,20 @@ class BlockGraph:
         mi = self.mask_index[ragged]
         if bool((mi < 0).any()):
             t = int(ragged[mi < 0][0])
-            raise ValueError(f"Expected a mask for tile {t} ('mask_index' -1): its blocks hold {int(rows[t])} x "
-                             f"{int(cols[t])} tokens, less than block_q x block_k = {self.block_q} x {self.block_k}")
+            raise ValueError(
+                f"Expected a mask for tile {t} ('mask_index' -1): its blocks hold {int(rows[t])} x "
+                f"{int(cols[t])} tokens, less than block_q x block_k = {self.block_q} x {self.block_k}"
+            )
         for t0 in range(0, ragged.numel(), 1024):
-            part = ragged[t0:t0 + 1024]
-            inside = ((torch.arange(self.block_q, device=part.device) < rows[part, None])[:, :, None]
-                      & (torch.arange(self.block_k, device=part.device) < cols[part, None])[:, None, :])
+            part = ragged[t0 : t0 + 1024]
+            inside = (torch.arange(self.block_q, device=part.device) < rows[part, None])[:, :, None] & (
+                torch.arange(self.block_k, device=part.device) < cols[part, None]
+            )[:, None, :]
             if bool((self.masks[self.mask_index[part]] & ~inside).any()):
-                raise ValueError("Expected 'masks' without cells past the tokens of a tile's blocks (a short "
-                                 "last block, or a block of 'q_ptr' / 'k_ptr')")
+                raise ValueError(
+                    "Expected 'masks' without cells past the tokens of a tile's blocks (a short "
+                    "last block, or a block of 'q_ptr' / 'k_ptr')"
+                )
 
     # -- sizes --
     @property
@@ -211,11 +241,12 @@ class BlockGraph:
 
     def block_starts(self) -> tuple[Tensor, Tensor]:
         """``(q_ptr [NBq + 1], k_ptr [NBk + 1])``: first token of each block, then the token count."""
+
         def ptr(given, n, block):
             if given is not None:
                 return given
-            return torch.cat([torch.arange(0, n, block, device=self.device),
-                              torch.tensor([n], device=self.device)])
+            return torch.cat([torch.arange(0, n, block, device=self.device), torch.tensor([n], device=self.device)])
+
         return ptr(self.q_ptr, self.num_dst, self.block_q), ptr(self.k_ptr, self.num_src, self.block_k)
 
     def tile_sizes(self) -> tuple[Tensor, Tensor]:
@@ -228,8 +259,9 @@ class BlockGraph:
         """``[T]`` edges of each tile."""
         per_mask = self.masks.sum((1, 2))  # [P]
         full = torch.full_like(self.q_block, self.block_q * self.block_k)
-        return torch.where(self.mask_index >= 0, per_mask[self.mask_index.clamp(min=0)] if per_mask.numel()
-                           else full, full)
+        return torch.where(
+            self.mask_index >= 0, per_mask[self.mask_index.clamp(min=0)] if per_mask.numel() else full, full
+        )
 
     def num_edges(self) -> int:
         """The number of edges, counted from the tiles (nothing per edge is built)."""
@@ -261,8 +293,9 @@ class BlockGraph:
             t0, t1 = starts[i], starts[j]
             full = torch.ones(self.block_q, self.block_k, dtype=torch.bool, device=self.device)
             mi = self.mask_index[t0:t1]
-            m = torch.where((mi >= 0)[:, None, None], self.masks[mi.clamp(min=0)] if self.masks.numel()
-                            else full, full)  # [t, Bq, Bk]
+            m = torch.where(
+                (mi >= 0)[:, None, None], self.masks[mi.clamp(min=0)] if self.masks.numel() else full, full
+            )  # [t, Bq, Bk]
             t, r, c = m.nonzero(as_tuple=True)
             t = t + t0
             dst = q_ptr[self.q_block[t]] + r
@@ -279,8 +312,11 @@ class BlockGraph:
         empty = torch.empty(0, dtype=torch.long, device=self.device)
         src = torch.cat(srcs) if srcs else empty
         dst = torch.cat(dsts) if dsts else empty
-        edge_index = EdgeIndex(torch.stack([src, dst]), sparse_size=(self.num_src, self.num_dst),
-                               sort_order="col" if self.tile_head is None else None)
+        edge_index = EdgeIndex(
+            torch.stack([src, dst]),
+            sparse_size=(self.num_src, self.num_dst),
+            sort_order="col" if self.tile_head is None else None,
+        )
         if self.tile_head is None:
             return edge_index
         return edge_index, torch.cat(heads) if heads else empty
@@ -298,22 +334,38 @@ class BlockGraph:
             i0, j0 = int(q_ptr[self.q_block[t]]), int(k_ptr[self.k_block[t]])
             r, c = int(rows[t]), int(cols[t])
             mi = int(self.mask_index[t])
-            out[h, i0:i0 + r, j0:j0 + c] = True if mi < 0 else self.masks[mi, :r, :c]
+            out[h, i0 : i0 + r, j0 : j0 + c] = True if mi < 0 else self.masks[mi, :r, :c]
         return out if self.num_heads is not None else out[0]
 
     def to(self, device: torch.device | str) -> BlockGraph:
         """The same graph on ``device``."""
+
         def move(x):
             return None if x is None else x.to(device)
-        return BlockGraph(self.num_dst, self.num_src, self.block_q, self.block_k, move(self.q_block),
-                          move(self.k_block), move(self.mask_index), move(self.masks), move(self.tile_head),
-                          self.num_heads, move(self.q_ptr), move(self.k_ptr), self.dense)
+
+        return BlockGraph(
+            self.num_dst,
+            self.num_src,
+            self.block_q,
+            self.block_k,
+            move(self.q_block),
+            move(self.k_block),
+            move(self.mask_index),
+            move(self.masks),
+            move(self.tile_head),
+            self.num_heads,
+            move(self.q_ptr),
+            move(self.k_ptr),
+            self.dense,
+        )
 
     def __repr__(self) -> str:
         heads = "" if self.num_heads is None else f", num_heads={self.num_heads}"
         dense = "" if self.dense is None else f", dense={self.dense[0]!r}"
-        return (f"BlockGraph(num_dst={self.num_dst}, num_src={self.num_src}, block=({self.block_q}, "
-                f"{self.block_k}), tiles={self.num_tiles}, masks={self.masks.size(0)}{heads}{dense})")
+        return (
+            f"BlockGraph(num_dst={self.num_dst}, num_src={self.num_src}, block=({self.block_q}, "
+            f"{self.block_k}), tiles={self.num_tiles}, masks={self.masks.size(0)}{heads}{dense})"
+        )
 
 
 def block_size_for(n: int, block_size: int | None) -> int:
@@ -327,8 +379,9 @@ def block_size_for(n: int, block_size: int | None) -> int:
     return block_size
 
 
-def interval_graph(lo: Tensor, hi: Tensor, num_src: int, block_size: int,
-                   dense: tuple[str, tuple[int, ...]] | None = None) -> BlockGraph:
+def interval_graph(
+    lo: Tensor, hi: Tensor, num_src: int, block_size: int, dense: tuple[str, tuple[int, ...]] | None = None
+) -> BlockGraph:
     """The :class:`BlockGraph` of a graph where target ``i`` hears the sources ``lo[i] ... hi[i]``
     (``lo <= hi``, both non-decreasing in ``i``: causal, windows, documents), in uniform blocks of
     ``block_size``; built from the ``[N]`` bounds, never from edges. Full tiles need no mask; the
@@ -344,8 +397,9 @@ def interval_graph(lo: Tensor, hi: Tensor, num_src: int, block_size: int,
         raise ValueError("Expected 'lo' and 'hi' non-decreasing in the target")
     if n == 0:
         empty = torch.empty(0, dtype=torch.long, device=device)
-        return BlockGraph(0, num_src, block, block, empty, empty, empty,
-                          torch.zeros(0, block, block, dtype=torch.bool, device=device))
+        return BlockGraph(
+            0, num_src, block, block, empty, empty, empty, torch.zeros(0, block, block, dtype=torch.bool, device=device)
+        )
     nqb = -(-n // block)
     first = torch.arange(nqb, device=device) * block  # [NBq] first row of each query block
     last = torch.clamp(first + block, max=n) - 1  # [NBq]
@@ -353,10 +407,15 @@ def interval_graph(lo: Tensor, hi: Tensor, num_src: int, block_size: int,
     count = kb_hi - kb_lo + 1
     q_block = torch.repeat_interleave(torch.arange(nqb, device=device), count)  # [T]
     k_block = torch.repeat_interleave(kb_lo, count) + (
-        torch.arange(q_block.numel(), device=device) - torch.repeat_interleave(count.cumsum(0) - count, count))
+        torch.arange(q_block.numel(), device=device) - torch.repeat_interleave(count.cumsum(0) - count, count)
+    )
     j0 = k_block * block
-    full = ((lo[last[q_block]] <= j0) & (hi[first[q_block]] >= j0 + block - 1)
-            & (last[q_block] - first[q_block] + 1 == block) & (j0 + block <= num_src))
+    full = (
+        (lo[last[q_block]] <= j0)
+        & (hi[first[q_block]] >= j0 + block - 1)
+        & (last[q_block] - first[q_block] + 1 == block)
+        & (j0 + block <= num_src)
+    )
     partial = (~full).nonzero().flatten()  # [P]
     mask_index = torch.full_like(q_block, -1)
     mask_index[partial] = torch.arange(partial.numel(), device=device)
@@ -365,8 +424,12 @@ def interval_graph(lo: Tensor, hi: Tensor, num_src: int, block_size: int,
     j = j0[partial][:, None] + r  # [P, Bk]
     inside = i < n
     i = i.clamp(max=n - 1)
-    masks = ((j[:, None, :] >= lo[i][:, :, None]) & (j[:, None, :] <= hi[i][:, :, None])
-             & inside[:, :, None] & (j < num_src)[:, None, :])  # [P, Bq, Bk]
+    masks = (
+        (j[:, None, :] >= lo[i][:, :, None])
+        & (j[:, None, :] <= hi[i][:, :, None])
+        & inside[:, :, None]
+        & (j < num_src)[:, None, :]
+    )  # [P, Bq, Bk]
     return BlockGraph(n, num_src, block, block, q_block, k_block, mask_index, masks, dense=dense)
 
 
@@ -392,13 +455,13 @@ def implicit_window(n: Lengths, window: int | None, causal: bool, block_size: in
     lo = offset + (pos - w).clamp(min=0)
     hi = offset + (pos if causal else torch.minimum(pos + w, length - 1))
     spans_all = window is None or window >= max(lengths, default=0) - 1
-    dense = (("causal" if causal else "full", sequence_bounds(lengths))
-             if spans_all and total else None)
+    dense = ("causal" if causal else "full", sequence_bounds(lengths)) if spans_all and total else None
     return interval_graph(lo, hi, total, block, dense)
 
 
-def block_selection(head: Tensor, q_blocks: Tensor, k_blocks: Tensor, block_ptr: Tensor, block_size: int,
-                    num_heads: int, causal: bool) -> BlockGraph:
+def block_selection(
+    head: Tensor, q_blocks: Tensor, k_blocks: Tensor, block_ptr: Tensor, block_size: int, num_heads: int, causal: bool
+) -> BlockGraph:
     """The per-head :class:`BlockGraph` of block selection: head ``head[p]`` of query block
     ``q_blocks[p]`` hears every token of key block ``k_blocks[p]`` (with ``causal``, only ``j <= i``
     in its own block); blocks given by ``block_ptr [NB + 1]``, pairs sorted by (head, query block,
@@ -415,9 +478,11 @@ def block_selection(head: Tensor, q_blocks: Tensor, k_blocks: Tensor, block_ptr:
     mask_index[masked] = inverse
     k_rows, k_cols, k_diag = kinds // 2 // (block_size + 1), kinds // 2 % (block_size + 1), kinds % 2 == 1
     r = torch.arange(block_size, device=device)
-    masks = ((r[None, :, None] < k_rows[:, None, None]) & (r[None, None, :] < k_cols[:, None, None])
-             & (~k_diag[:, None, None] | (r[None, None, :] <= r[None, :, None])))  # [P, B, B]
+    masks = (
+        (r[None, :, None] < k_rows[:, None, None])
+        & (r[None, None, :] < k_cols[:, None, None])
+        & (~k_diag[:, None, None] | (r[None, None, :] <= r[None, :, None]))
+    )  # [P, B, B]
     uniform = bool((sizes[:-1] == block_size).all()) if sizes.numel() else True
     ptr = None if uniform else block_ptr
-    return BlockGraph(n, n, block_size, block_size, q_blocks, k_blocks, mask_index, masks, head, num_heads,
-                      ptr, ptr)
+    return BlockGraph(n, n, block_size, block_size, q_blocks, k_blocks, mask_index, masks, head, num_heads, ptr, ptr)

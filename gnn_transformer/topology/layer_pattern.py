@@ -1,4 +1,5 @@
 """The graphs of a per-layer spec: :class:`LayerPattern`, a callable ``layer -> graph``."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ class LayerPattern:
         >>> [pattern(layer).size(1) for layer in range(4)]
         [10, 10, 16, 10]
     """
+
     graphs: tuple
 
     @property

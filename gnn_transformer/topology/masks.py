@@ -9,6 +9,7 @@ Notation: ``N_src`` / ``N_dst`` nodes of the (batched) graph, ``B`` sequences, `
 ``to_dense_mask`` is for tests, references and pictures: it materializes ``N_dst x N_src`` (or
 ``B x T x T``) booleans, which the graph path never does.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -33,8 +34,9 @@ def _check_edge_index(edge_index: Tensor) -> tuple[Tensor, Tensor]:
     return plain[0], plain[1]
 
 
-def _default_sizes(edge_index: Tensor, src: Tensor, dst: Tensor, num_src: int | None,
-                   num_dst: int | None) -> tuple[int, int]:
+def _default_sizes(
+    edge_index: Tensor, src: Tensor, dst: Tensor, num_src: int | None, num_dst: int | None
+) -> tuple[int, int]:
     """Node counts: explicit arguments, else the ``EdgeIndex`` sparse size, else ``max + 1``."""
     if isinstance(edge_index, EdgeIndex):
         s, d = edge_index.sparse_size()
@@ -52,15 +54,18 @@ def _default_sizes(edge_index: Tensor, src: Tensor, dst: Tensor, num_src: int | 
 
 def _check_range(src: Tensor, dst: Tensor, num_src: int, num_dst: int) -> None:
     if src.numel() and (int(src.min()) < 0 or int(src.max()) >= num_src):
-        raise ValueError(f"Expected sources in [0, {num_src}) for 'num_src'={num_src} "
-                         f"(got range [{int(src.min())}, {int(src.max())}])")
+        raise ValueError(
+            f"Expected sources in [0, {num_src}) for 'num_src'={num_src} "
+            f"(got range [{int(src.min())}, {int(src.max())}])"
+        )
     if dst.numel() and (int(dst.min()) < 0 or int(dst.max()) >= num_dst):
-        raise ValueError(f"Expected targets in [0, {num_dst}) for 'num_dst'={num_dst} "
-                         f"(got range [{int(dst.min())}, {int(dst.max())}])")
+        raise ValueError(
+            f"Expected targets in [0, {num_dst}) for 'num_dst'={num_dst} "
+            f"(got range [{int(dst.min())}, {int(dst.max())}])"
+        )
 
 
-def _lengths_from(batch: Tensor | None, lengths: Sequence[int] | Tensor | int | None,
-                  name: str) -> list[int] | None:
+def _lengths_from(batch: Tensor | None, lengths: Sequence[int] | Tensor | int | None, name: str) -> list[int] | None:
     """Lengths from either a sorted PyG ``batch`` vector or a list of lengths."""
     if batch is not None and lengths is not None:
         raise ValueError(f"Give either 'batch' or '{name}', not both")
@@ -86,13 +91,16 @@ def _check_edge_head(edge_head: Tensor, num_edges: int, num_heads: object) -> tu
         raise ValueError(f"Expected 'edge_head' to hold integers (got dtype {edge_head.dtype})")
     head = edge_head.to(torch.long)
     if head.numel() and (int(head.min()) < 0 or int(head.max()) >= num_heads):
-        raise ValueError(f"Expected 'edge_head' in [0, {num_heads}) for num_heads={num_heads} "
-                         f"(got range [{int(head.min())}, {int(head.max())}])")
+        raise ValueError(
+            f"Expected 'edge_head' in [0, {num_heads}) for num_heads={num_heads} "
+            f"(got range [{int(head.min())}, {int(head.max())}])"
+        )
     return head, num_heads
 
 
-def _mask_lengths(batch: Tensor | None, lengths: Sequence[int] | Tensor | int | None,
-                  src_lengths: Sequence[int] | Tensor | int | None) -> tuple[list[int], list[int]] | None:
+def _mask_lengths(
+    batch: Tensor | None, lengths: Sequence[int] | Tensor | int | None, src_lengths: Sequence[int] | Tensor | int | None
+) -> tuple[list[int], list[int]] | None:
     """``(target lengths, source lengths)`` of a padded mask; ``None`` for one mask of the whole graph."""
     dst_lengths = _lengths_from(batch, lengths, "lengths")
     if src_lengths is None:
@@ -101,8 +109,9 @@ def _mask_lengths(batch: Tensor | None, lengths: Sequence[int] | Tensor | int | 
         raise ValueError("'src_lengths' needs 'lengths' or 'batch' for the targets")
     s_lengths = as_lengths(src_lengths, "src_lengths")
     if len(s_lengths) != len(dst_lengths):
-        raise ValueError(f"Expected 'src_lengths' to have {len(dst_lengths)} entries like "
-                         f"'lengths' (got {len(s_lengths)})")
+        raise ValueError(
+            f"Expected 'src_lengths' to have {len(dst_lengths)} entries like 'lengths' (got {len(s_lengths)})"
+        )
     return dst_lengths, s_lengths
 
 
@@ -119,11 +128,18 @@ def is_multigraph(edge_index: Tensor, num_src: int | None = None, *, edge_head: 
     return torch.unique(cell).numel() != src.numel()
 
 
-def to_dense_mask(edge_index: Tensor, num_src: int | None = None, num_dst: int | None = None, *,
-                  batch: Tensor | None = None, lengths: Sequence[int] | Tensor | int | None = None,
-                  src_lengths: Sequence[int] | Tensor | int | None = None,
-                  coalesce: bool = False, edge_head: Tensor | None = None,
-                  num_heads: int | None = None) -> Tensor:
+def to_dense_mask(
+    edge_index: Tensor,
+    num_src: int | None = None,
+    num_dst: int | None = None,
+    *,
+    batch: Tensor | None = None,
+    lengths: Sequence[int] | Tensor | int | None = None,
+    src_lengths: Sequence[int] | Tensor | int | None = None,
+    coalesce: bool = False,
+    edge_head: Tensor | None = None,
+    num_heads: int | None = None,
+) -> Tensor:
     """Dense boolean mask of a token graph: ``mask[i, j] = (j -> i) in E``.
 
     Without ``batch``/``lengths`` the result is ``[N_dst, N_src]`` over the whole (disjoint-union)
@@ -172,9 +188,11 @@ def to_dense_mask(edge_index: Tensor, num_src: int | None = None, num_dst: int |
     num_src, num_dst = _default_sizes(edge_index, src, dst, num_src, num_dst)
     _check_range(src, dst, num_src, num_dst)
     if not coalesce and is_multigraph(edge_index, num_src, edge_head=head):
-        raise ValueError("Expected a graph without duplicated edges in 'edge_index' (a duplicated "
-                         "edge is two messages and has no dense-mask equivalent); pass "
-                         "coalesce=True to merge them")
+        raise ValueError(
+            "Expected a graph without duplicated edges in 'edge_index' (a duplicated "
+            "edge is two messages and has no dense-mask equivalent); pass "
+            "coalesce=True to merge them"
+        )
 
     if padded is None:
         if head is not None:
@@ -200,8 +218,10 @@ def to_dense_mask(edge_index: Tensor, num_src: int | None = None, num_dst: int |
     s_ptr = torch.cat([s_len.new_zeros(1), s_len.cumsum(0)])
     b = d_batch[dst]  # [E]
     if bool((s_batch[src] != b).any()):
-        raise ValueError("Expected every edge to stay within one sequence for a padded mask "
-                         "(an edge of 'edge_index' joins two sequences of 'lengths')")
+        raise ValueError(
+            "Expected every edge to stay within one sequence for a padded mask "
+            "(an edge of 'edge_index' joins two sequences of 'lengths')"
+        )
     if head is not None:
         mask = torch.zeros(B, heads, t_dst, t_src, dtype=torch.bool, device=src.device)
         mask[b, head, dst - d_ptr[b], src - s_ptr[b]] = True
@@ -211,8 +231,12 @@ def to_dense_mask(edge_index: Tensor, num_src: int | None = None, num_dst: int |
     return mask
 
 
-def from_dense_mask(mask: Tensor, lengths: Sequence[int] | Tensor | int | None = None, *,
-                    src_lengths: Sequence[int] | Tensor | int | None = None) -> EdgeIndex:
+def from_dense_mask(
+    mask: Tensor,
+    lengths: Sequence[int] | Tensor | int | None = None,
+    *,
+    src_lengths: Sequence[int] | Tensor | int | None = None,
+) -> EdgeIndex:
     """Token graph of a dense boolean mask (inverse of :func:`to_dense_mask`).
 
     ``[T_q, T_k]`` gives a graph with ``T_k`` sources and ``T_q`` targets. ``[B, T_q, T_k]`` gives
@@ -226,16 +250,17 @@ def from_dense_mask(mask: Tensor, lengths: Sequence[int] | Tensor | int | None =
         [[0, 0, 1], [0, 1, 1]]
     """
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise ValueError(f"Expected 'mask' to be a bool tensor (got "
-                         f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__})")
+        raise ValueError(
+            f"Expected 'mask' to be a bool tensor (got "
+            f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__})"
+        )
     if mask.dim() == 2:
         if lengths is not None or src_lengths is not None:
             raise ValueError("'lengths' only applies to a batched mask [B, T_q, T_k]")
         dst, src = mask.nonzero(as_tuple=True)
         return finalize(src, dst, mask.size(1), mask.size(0))
     if mask.dim() != 3:
-        raise ValueError(f"Expected 'mask' of shape [T_q, T_k] or [B, T_q, T_k] "
-                         f"(got {list(mask.shape)})")
+        raise ValueError(f"Expected 'mask' of shape [T_q, T_k] or [B, T_q, T_k] (got {list(mask.shape)})")
     B, t_q, t_k = mask.shape
     q_len = [t_q] * B if lengths is None else as_lengths(lengths, "lengths")
     if src_lengths is not None:
@@ -251,8 +276,9 @@ def from_dense_mask(mask: Tensor, lengths: Sequence[int] | Tensor | int | None =
             raise ValueError(f"Expected '{name}' at most {t} (got {ls})")
     ql = torch.tensor(q_len, dtype=torch.long, device=mask.device)
     kl = torch.tensor(k_len, dtype=torch.long, device=mask.device)
-    valid = (torch.arange(t_q, device=mask.device)[None, :, None] < ql[:, None, None]) & \
-            (torch.arange(t_k, device=mask.device)[None, None, :] < kl[:, None, None])
+    valid = (torch.arange(t_q, device=mask.device)[None, :, None] < ql[:, None, None]) & (
+        torch.arange(t_k, device=mask.device)[None, None, :] < kl[:, None, None]
+    )
     b, i, j = (mask & valid).nonzero(as_tuple=True)
     q_ptr = torch.cat([ql.new_zeros(1), ql.cumsum(0)])
     k_ptr = torch.cat([kl.new_zeros(1), kl.cumsum(0)])

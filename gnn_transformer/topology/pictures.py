@@ -5,6 +5,7 @@ Figures are built with ``matplotlib.figure.Figure`` on an Agg canvas, never thro
 so no global state or display backend is touched. Every function returns the ``Figure`` and
 saves it when given ``path``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,11 +47,19 @@ def _layout(g: nx.DiGraph, bipartite: bool) -> dict:
     return nx.circular_layout(g) if g.number_of_nodes() > 2 else nx.spring_layout(g, seed=0)
 
 
-def draw_topology(edge_index: Tensor, *, title: str | None = None, path: str | Path | None = None,
-                  num_src: int | None = None, num_dst: int | None = None,
-                  lengths: Lengths | None = None, src_lengths: Lengths | None = None,
-                  bipartite: bool | None = None,
-                  figsize: tuple[float, float] = (8.0, 4.0), dpi: int = 100) -> Figure:
+def draw_topology(
+    edge_index: Tensor,
+    *,
+    title: str | None = None,
+    path: str | Path | None = None,
+    num_src: int | None = None,
+    num_dst: int | None = None,
+    lengths: Lengths | None = None,
+    src_lengths: Lengths | None = None,
+    bipartite: bool | None = None,
+    figsize: tuple[float, float] = (8.0, 4.0),
+    dpi: int = 100,
+) -> Figure:
     """Adjacency matrix (row = query ``i``, column = key ``j``, dark = edge ``j -> i``) beside a
     drawing of the graph (arrows ``j -> i``; self-loops shown only in the matrix). A bipartite
     (cross-attention) graph is drawn as keys ``k0, k1, …`` in a left column and queries ``q0, q1, …``
@@ -69,8 +78,9 @@ def draw_topology(edge_index: Tensor, *, title: str | None = None, path: str | P
         figsize, dpi: figure size in inches and resolution.
     """
     src, dst = _check_edge_index(edge_index)
-    stats = topology_stats(edge_index, lengths, src_lengths=src_lengths, num_src=num_src,
-                           num_dst=num_dst, bipartite=bipartite)
+    stats = topology_stats(
+        edge_index, lengths, src_lengths=src_lengths, num_src=num_src, num_dst=num_dst, bipartite=bipartite
+    )
     num_src, num_dst = stats.num_src, stats.num_dst
     bipartite = num_src != num_dst if bipartite is None else bipartite
     mask = to_dense_mask(edge_index, num_src, num_dst).cpu().numpy()
@@ -86,9 +96,19 @@ def draw_topology(edge_index: Tensor, *, title: str | None = None, path: str | P
     g = to_networkx(edge_index, num_src, num_dst, bipartite=bipartite)
     g.remove_edges_from(list(nx.selfloop_edges(g)))
     labels = {v: f"{v[0]}{v[1]}" for v in g.nodes} if bipartite else None
-    nx.draw_networkx(g, pos=_layout(g, bipartite), ax=ax_g, node_size=110, font_size=6,
-                     node_color="#9ec3e6", edge_color="#555555", width=0.5, arrowsize=6,
-                     labels=labels, connectionstyle="arc3,rad=0.1")
+    nx.draw_networkx(
+        g,
+        pos=_layout(g, bipartite),
+        ax=ax_g,
+        node_size=110,
+        font_size=6,
+        node_color="#9ec3e6",
+        edge_color="#555555",
+        width=0.5,
+        arrowsize=6,
+        labels=labels,
+        connectionstyle="arc3,rad=0.1",
+    )
     ax_g.set_axis_off()
     ax_g.set_title("graph (arrows j → i)", fontsize=9)
     info = f"{int(src.numel())} edges, density {stats.density:.2f}"
@@ -97,9 +117,16 @@ def draw_topology(edge_index: Tensor, *, title: str | None = None, path: str | P
     return _save(fig, path, dpi)
 
 
-def draw_receptive_field(edge_index: Tensor, num_layers: int, *, token: int | None = None,
-                         title: str | None = None, path: str | Path | None = None,
-                         figsize: tuple[float, float] = (8.0, 4.0), dpi: int = 100) -> Figure:
+def draw_receptive_field(
+    edge_index: Tensor,
+    num_layers: int,
+    *,
+    token: int | None = None,
+    title: str | None = None,
+    path: str | Path | None = None,
+    figsize: tuple[float, float] = (8.0, 4.0),
+    dpi: int = 100,
+) -> Figure:
     """Receptive field over layers: left, for each query ``i`` and key ``j``, the number of layers
     after which ``j`` reaches ``i`` (blank: not within ``num_layers``); right, the receptive-field
     size of ``token`` (default: the last) and the mean over tokens, per layer.
@@ -125,8 +152,7 @@ def draw_receptive_field(edge_index: Tensor, num_layers: int, *, token: int | No
     ax_m, ax_c = fig.subplots(1, 2)
     cmap = colormaps["viridis_r"].resampled(num_layers + 1)  # one colour per layer count
     im = ax_m.imshow(hops, cmap=cmap, vmin=-0.5, vmax=num_layers + 0.5, interpolation="nearest")
-    fig.colorbar(im, ax=ax_m, fraction=0.046, pad=0.04, ticks=range(num_layers + 1),
-                 label="layers until j reaches i")
+    fig.colorbar(im, ax=ax_m, fraction=0.046, pad=0.04, ticks=range(num_layers + 1), label="layers until j reaches i")
     ax_m.set_xlabel("key j")
     ax_m.set_ylabel("query i")
     layers = np.arange(num_layers + 1)
@@ -142,9 +168,19 @@ def draw_receptive_field(edge_index: Tensor, num_layers: int, *, token: int | No
     return _save(fig, path, dpi)
 
 
-def draw_per_head(edge_index: Tensor, edge_head: Tensor, num_heads: int, *, title: str | None = None,
-                  path: str | Path | None = None, num_src: int | None = None, num_dst: int | None = None,
-                  head_names: list[str] | None = None, columns: int = 4, dpi: int = 100) -> Figure:
+def draw_per_head(
+    edge_index: Tensor,
+    edge_head: Tensor,
+    num_heads: int,
+    *,
+    title: str | None = None,
+    path: str | Path | None = None,
+    num_src: int | None = None,
+    num_dst: int | None = None,
+    head_names: list[str] | None = None,
+    columns: int = 4,
+    dpi: int = 100,
+) -> Figure:
     """One adjacency matrix per head of a per-head graph (row = query ``i``, column = key ``j``,
     dark = edge ``j -> i`` of that head), each titled with its head and edge count.
 

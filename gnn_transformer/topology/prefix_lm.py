@@ -3,6 +3,7 @@
 The first ``prefix`` tokens (the input) see each other bidirectionally; the rest (the target) is
 generated causally and sees the whole prefix.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -35,8 +36,7 @@ def prefix_lm(n: Lengths, prefix: int | Sequence[int]) -> EdgeIndex:
         if len(prefixes) != len(lengths):
             raise ValueError(f"Expected one 'prefix' per sequence ({len(lengths)}) (got {prefixes})")
     prefixes = [min(p, L) for p, L in zip(prefixes, lengths)]  # no int64 overflow below
-    check_edges("prefix_lm", sum(L * (L + 1) // 2 + p * (p - 1) // 2 for p, L in zip(prefixes, lengths)),
-                n=lengths)
+    check_edges("prefix_lm", sum(L * (L + 1) // 2 + p * (p - 1) // 2 for p, L in zip(prefixes, lengths)), n=lengths)
     pos, offset, length = local_positions(lengths)
     seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long))
     p = torch.minimum(torch.tensor(prefixes, dtype=torch.long)[seq], length) if lengths else pos

@@ -4,6 +4,7 @@ Random patterns have no closed-form predicate; their predicate twin is the drawn
 (:func:`edge_set_predicate`), and tests check their structure (degrees, ranges, no duplicates)
 and that a seed always gives the same graph.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -12,12 +13,12 @@ import torch
 from torch import Tensor
 from torch_geometric import EdgeIndex
 
-from ._common import (Lengths, as_lengths, check_edges, check_int, check_seed, coalesce_edges, finalize,
-                      local_positions)
+from ._common import Lengths, as_lengths, check_edges, check_int, check_seed, coalesce_edges, finalize, local_positions
 
 
-def erdos_renyi(num_src: int, num_dst: int | None = None, p: float = 0.3, seed: int = 0,
-                min_in_degree: int = 0) -> EdgeIndex:
+def erdos_renyi(
+    num_src: int, num_dst: int | None = None, p: float = 0.3, seed: int = 0, min_in_degree: int = 0
+) -> EdgeIndex:
     """Each edge ``j -> i`` present independently with probability ``p`` (seeded).
 
     ``min_in_degree=1`` adds one random incoming edge to every target that drew none, so that

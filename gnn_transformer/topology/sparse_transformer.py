@@ -5,13 +5,23 @@ with a period, like image rows). ``fixed``: the query's own block plus the last 
 "summary" positions of every block (good for text). Both are the union of the paper's two heads
 ``A(1) ∪ A(2)`` in one head, causal by default as in the paper's autoregressive models.
 """
+
 from __future__ import annotations
 
 import torch
 from torch_geometric import EdgeIndex
 
-from ._common import (Lengths, as_lengths, check_bool, check_edges, check_int, coalesce_edges, expand_ranges,
-                      local_positions, window_edges)
+from ._common import (
+    Lengths,
+    as_lengths,
+    check_bool,
+    check_edges,
+    check_int,
+    coalesce_edges,
+    expand_ranges,
+    local_positions,
+    window_edges,
+)
 from .windows import dilated, dilated_edges, sliding_window
 
 
@@ -38,8 +48,11 @@ def strided(n: Lengths, stride: int, *, causal: bool = True) -> EdgeIndex:
     longest = max(lengths, default=0)
     stride = min(stride, max(longest, 1))  # a band of at least L keys is the whole sequence
     # the band and the periodic keys are built, then merged: both count against the budget
-    check_edges("strided", sum(window_edges(L, stride - 1, causal) + dilated_edges(L, longest, stride, causal)
-                               for L in lengths), n=lengths)
+    check_edges(
+        "strided",
+        sum(window_edges(L, stride - 1, causal) + dilated_edges(L, longest, stride, causal) for L in lengths),
+        n=lengths,
+    )
     local = sliding_window(lengths, stride - 1, causal=causal)
     periodic = dilated(lengths, longest, stride, causal=causal)
     src = torch.cat([local.as_tensor()[0], periodic.as_tensor()[0]])
@@ -65,9 +78,12 @@ def _fixed_edges(L: int, block: int, num_summary: int, causal: bool) -> int:
         return full_blocks * block * block + rest * rest + L * count
     own = full_blocks * block * (block + 1) // 2 + rest * (rest + 1) // 2
     # summary j is seen by the L - j queries i >= j: sum (L - j) over the summary positions j
-    total = (num_summary * block * full_blocks * (full_blocks - 1) // 2
-             + full_blocks * num_summary * (first + block - 1) // 2
-             + last * full_blocks * block + last * (first + rest - 1) // 2)
+    total = (
+        num_summary * block * full_blocks * (full_blocks - 1) // 2
+        + full_blocks * num_summary * (first + block - 1) // 2
+        + last * full_blocks * block
+        + last * (first + rest - 1) // 2
+    )
     return own + count * L - total
 
 

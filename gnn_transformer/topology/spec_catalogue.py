@@ -1,4 +1,5 @@
 """The ``graphs/`` catalogue of named specs, and the rule that tells a catalogue name from a file path."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,9 +31,10 @@ def resolve(path: str | Path) -> Path:
         named = catalogue()
         if path in named:
             return named[path]
-        raise ValueError(f"Unknown topology name 'path'={path!r} (catalogue: {sorted(named)}; "
-                         "a file path ends in .toml or contains a path separator)")
+        raise ValueError(
+            f"Unknown topology name 'path'={path!r} (catalogue: {sorted(named)}; "
+            "a file path ends in .toml or contains a path separator)"
+        )
     if not Path(path).is_file():
         raise ValueError(f"No spec file at 'path'={str(path)!r}")
     return Path(path)
-

@@ -4,6 +4,7 @@ into a :class:`Spec` (:func:`read_spec`); the format is described in :mod:`.spec
 A part is normalized to a dict: ``builder`` with ``params``, ``parts`` (union, intersection),
 ``heads`` (per_head) or ``layers`` (per_layer), and ``repeat`` for a head or a layer.
 """
+
 from __future__ import annotations
 
 import sys
@@ -19,8 +20,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-SMALL_N_MAX = 4096      # [small] n: toy scale (pictures, quick checks), not a real length
-MAX_DEPTH = 32          # levels of nested [[parts]]
+SMALL_N_MAX = 4096  # [small] n: toy scale (pictures, quick checks), not a real length
+MAX_DEPTH = 32  # levels of nested [[parts]]
 TOP_KEYS = {"name", "description", "source", "builder", "params", "parts", "heads", "layers", "small", "select"}
 PART_KEYS = {"builder", "params", "parts"}
 HEAD_KEYS = PART_KEYS | {"repeat"}
@@ -30,6 +31,7 @@ LAYER_KEYS = PART_KEYS | {"heads", "repeat"}
 @dataclass(frozen=True)
 class Spec:
     """A validated topology spec."""
+
     name: str
     builder: str
     params: dict = field(default_factory=dict)
@@ -110,38 +112,51 @@ def _check_part(part: dict, where: Where, allowed: set[str], depth: int = 0, con
         parts = _check_array(part, "parts", name, where)
         if depth >= MAX_DEPTH:
             raise (where / "parts").error(f"parts nested {depth + 1} levels deep, more than {MAX_DEPTH}")
-        return {"builder": name, **repeat, "parts": [
-            _check_part(_check_table(p, where / "parts" / k), where / "parts" / k, PART_KEYS, depth + 1, "part")
-            for k, p in enumerate(parts)]}
+        return {
+            "builder": name,
+            **repeat,
+            "parts": [
+                _check_part(_check_table(p, where / "parts" / k), where / "parts" / k, PART_KEYS, depth + 1, "part")
+                for k, p in enumerate(parts)
+            ],
+        }
     per_head_ok = context in ("top", "layer")
     if name == "per_head":
         if not per_head_ok:
             raise (where / "builder").error(f"a per-head graph is a whole spec or a layer, not one of [[{context}s]]")
-        heads = [_check_part(_check_table(h, where / "heads" / k), where / "heads" / k, HEAD_KEYS, depth + 1, "head")
-                 for k, h in enumerate(_check_array(part, "heads", name, where))]
+        heads = [
+            _check_part(_check_table(h, where / "heads" / k), where / "heads" / k, HEAD_KEYS, depth + 1, "head")
+            for k, h in enumerate(_check_array(part, "heads", name, where))
+        ]
         if sum(h["repeat"] for h in heads) > MAX_REPEAT:
             raise (where / "heads").error(f"{sum(h['repeat'] for h in heads)} heads in all, more than {MAX_REPEAT}")
         return {"builder": name, **repeat, "heads": heads}
     if name == "per_layer":
         if context != "top":
             raise (where / "builder").error("'per_layer' is a whole spec, not a part, head or layer")
-        layers = [_check_part(_check_table(g, where / "layers" / k), where / "layers" / k, LAYER_KEYS, depth + 1,
-                              "layer") for k, g in enumerate(_check_array(part, "layers", name, where))]
+        layers = [
+            _check_part(_check_table(g, where / "layers" / k), where / "layers" / k, LAYER_KEYS, depth + 1, "layer")
+            for k, g in enumerate(_check_array(part, "layers", name, where))
+        ]
         if sum(g["repeat"] for g in layers) > MAX_REPEAT:
-            raise (where / "layers").error(f"{sum(g['repeat'] for g in layers)} layers in a cycle, more than "
-                                           f"{MAX_REPEAT}")
+            raise (where / "layers").error(
+                f"{sum(g['repeat'] for g in layers)} layers in a cycle, more than {MAX_REPEAT}"
+            )
         layer_heads = {k: num_heads_of(g) for k, g in enumerate(layers) if num_heads_of(g) is not None}
         if len(set(layer_heads.values())) > 1:
-            raise (where / "layers").error("per-head layers of one spec need one number of heads (got "
-                                           + ", ".join(f"{h} in layers[{k}]" for k, h in layer_heads.items())
-                                           + ")")
+            raise (where / "layers").error(
+                "per-head layers of one spec need one number of heads (got "
+                + ", ".join(f"{h} in layers[{k}]" for k, h in layer_heads.items())
+                + ")"
+            )
         return {"builder": name, "layers": layers}
     if name not in BUILDERS:
         known = sorted(BUILDERS) + sorted(COMBINATORS) + sorted(STRUCTURES)
         raise (where / "builder").error(f"unknown builder {name!r} (known: {known})")
     if BUILDERS[name].per_head and not per_head_ok:
-        raise (where / "builder").error(f"{name!r} builds a per-head graph: a whole spec or a layer, not one of "
-                                        f"[[{context}s]]")
+        raise (where / "builder").error(
+            f"{name!r} builds a per-head graph: a whole spec or a layer, not one of [[{context}s]]"
+        )
     params = _check_table(part.get("params", {}), where / "params")
     return {"builder": name, **repeat, "params": validate_params(name, params, where / "params")}
 
@@ -164,8 +179,9 @@ def _check_select(value: Any, where: Where) -> str | dict:
     from .dynamic import selector
 
     if not isinstance(value, (str, dict)):
-        raise where.error(f"expected a selector like 'topk:num_keys=64' or a table with 'name' (got "
-                          f"{type(value).__name__} {value!r})")
+        raise where.error(
+            f"expected a selector like 'topk:num_keys=64' or a table with 'name' (got {type(value).__name__} {value!r})"
+        )
     try:
         selector(value, num_heads=1, head_dim=1)
     except ValueError as e:
@@ -198,16 +214,18 @@ def _check_small_params(part: dict, raw: dict, where: Where) -> dict:
     for key, value in raw.items():
         takers = [p["builder"] for p in plain if key in BUILDERS[p["builder"]].params]
         if not takers:
-            raise (where / key).error(f"no part of the spec takes this parameter (builders: "
-                                      f"{sorted({p['builder'] for p in plain})})")
+            raise (where / key).error(
+                f"no part of the spec takes this parameter (builders: {sorted({p['builder'] for p in plain})})"
+            )
         for b in takers:
             validate_params(b, {key: value}, where, partial=True)
     small = with_small(part, raw)
     for p in _plain_parts(small):
         validate_params(p["builder"], p["params"], where)  # the checks across parameters (duo_attention)
     if num_heads_of(small) != num_heads_of(part):
-        raise where.error(f"[small] params may not change the number of heads ({num_heads_of(part)} -> "
-                          f"{num_heads_of(small)})")
+        raise where.error(
+            f"[small] params may not change the number of heads ({num_heads_of(part)} -> {num_heads_of(small)})"
+        )
     return dict(raw)
 
 
@@ -221,8 +239,9 @@ def read_spec(path: str | Path) -> Spec:
     except tomllib.TOMLDecodeError as e:
         raise where.error(f"not valid TOML ({e})") from None
     except UnicodeDecodeError as e:
-        raise where.error(f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
-                          "TOML files are UTF-8") from None
+        raise where.error(
+            f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); TOML files are UTF-8"
+        ) from None
     except RecursionError:  # tomllib recurses once per level of inline arrays and tables
         raise where.error(f"nested too deeply to parse (parts may nest {MAX_DEPTH} levels)") from None
     part = _check_part(data, where, TOP_KEYS)
@@ -231,8 +250,10 @@ def read_spec(path: str | Path) -> Spec:
             raise (where / key).error(f"expected a string (got {data[key]!r})")
     select = _check_select(data["select"], where / "select") if "select" in data else None
     if select is not None and num_heads_of(part) is not None:
-        raise (where / "select").error(f"a selector chooses per-head graphs within a graph for every head, not "
-                                       f"within a per-head graph ({num_heads_of(part)} heads)")
+        raise (where / "select").error(
+            f"a selector chooses per-head graphs within a graph for every head, not "
+            f"within a per-head graph ({num_heads_of(part)} heads)"
+        )
     small_n, small_params, small_select = None, {}, None
     if "small" in data:
         small = _check_table(data["small"], where / "small")
@@ -240,8 +261,9 @@ def read_spec(path: str | Path) -> Spec:
         if unknown:
             raise (where / "small" / unknown[0]).error("unknown key (allowed: ['n', 'params', 'select'])")
         small_n = small.get("n")
-        if small_n is not None and (isinstance(small_n, bool) or not isinstance(small_n, int)
-                                    or not 1 <= small_n <= SMALL_N_MAX):
+        if small_n is not None and (
+            isinstance(small_n, bool) or not isinstance(small_n, int) or not 1 <= small_n <= SMALL_N_MAX
+        ):
             raise (where / "small" / "n").error(f"expected an integer >= 1 and <= {SMALL_N_MAX} (got {small_n!r})")
         raw = _check_table(small.get("params", {}), where / "small" / "params")
         small_params = _check_small_params(part, raw, where / "small" / "params") if raw else {}
@@ -249,8 +271,18 @@ def read_spec(path: str | Path) -> Spec:
             if select is None:
                 raise (where / "small" / "select").error("a [small] select needs a top-level 'select'")
             small_select = _check_select(small["select"], where / "small" / "select")
-    return Spec(name=data.get("name", file.stem), builder=part["builder"], params=part.get("params", {}),
-                parts=part.get("parts", []), description=data.get("description", ""),
-                source=data.get("source", ""), small_n=small_n, small_params=small_params, path=file,
-                heads=part.get("heads", []), layers=part.get("layers", []), select=select,
-                small_select=small_select)
+    return Spec(
+        name=data.get("name", file.stem),
+        builder=part["builder"],
+        params=part.get("params", {}),
+        parts=part.get("parts", []),
+        description=data.get("description", ""),
+        source=data.get("source", ""),
+        small_n=small_n,
+        small_params=small_params,
+        path=file,
+        heads=part.get("heads", []),
+        layers=part.get("layers", []),
+        select=select,
+        small_select=small_select,
+    )

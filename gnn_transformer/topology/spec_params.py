@@ -3,6 +3,7 @@ defaults, required keys), with the checks a spec file's ``params`` pass (:func:`
 
 A ``ValueError`` names the file (or the command-line spec) and the key path (:class:`Where`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from .windows import dilated, sliding_window
 @dataclass(frozen=True)
 class Param:
     """One builder parameter: type, bounds, default (``REQUIRED`` if none)."""
+
     kind: type
     minimum: int | None = None
     maximum: int | None = None
@@ -36,8 +38,8 @@ class Param:
     min_items: int = 0  # kind list: the fewest items
 
 
-INT_MAX = 2**31 - 1     # sizes, windows, blocks, counts: far beyond any sequence, no int overflow
-MAX_REPEAT = 4096       # items of an array parameter; repeat of one of [[heads]] / [[layers]]; heads or layers
+INT_MAX = 2**31 - 1  # sizes, windows, blocks, counts: far beyond any sequence, no int overflow
+MAX_REPEAT = 4096  # items of an array parameter; repeat of one of [[heads]] / [[layers]]; heads or layers
 
 
 def _int(minimum: int | None = 0, default: Any = None, required: bool = False, maximum: int | None = INT_MAX) -> Param:
@@ -63,6 +65,7 @@ def _choice(*choices: str) -> Param:
 @dataclass(frozen=True)
 class Builder:
     """A builder callable ``fn(n, **params)`` with the schema of its parameters."""
+
     fn: Any
     params: dict[str, Param] = field(default_factory=dict)
     per_head: bool = False  # builds (edge_index, edge_head): a whole spec or a layer, never a part
@@ -72,27 +75,42 @@ BUILDERS: dict[str, Builder] = {
     "full": Builder(full),
     "causal": Builder(causal),
     "sliding_window": Builder(sliding_window, {"window": _int(required=True), "causal": _bool(False)}),
-    "dilated": Builder(dilated, {"window": _int(required=True), "dilation": _int(1, 1),
-                                 "causal": _bool(False)}),
+    "dilated": Builder(dilated, {"window": _int(required=True), "dilation": _int(1, 1), "causal": _bool(False)}),
     "strided": Builder(strided, {"stride": _int(1, required=True), "causal": _bool(True)}),
-    "fixed": Builder(fixed, {"block": _int(1, required=True), "num_summary": _int(0, 1),
-                             "causal": _bool(True)}),
+    "fixed": Builder(fixed, {"block": _int(1, required=True), "num_summary": _int(0, 1), "causal": _bool(True)}),
     "global_tokens": Builder(global_tokens, {"num_global": _int(0, 1), "window": _int(0)}),
-    "bigbird": Builder(bigbird, {"block": _int(1, 1), "window": _int(0, 1), "num_global": _int(0, 1),
-                                 "num_random": _int(0, 1), "seed": _seed(),
-                                 "global_at": _choice("start", "ends")}),
+    "bigbird": Builder(
+        bigbird,
+        {
+            "block": _int(1, 1),
+            "window": _int(0, 1),
+            "num_global": _int(0, 1),
+            "num_random": _int(0, 1),
+            "seed": _seed(),
+            "global_at": _choice("start", "ends"),
+        },
+    ),
     "random": Builder(random, {"k": _int(0, required=True), "seed": _seed()}),
     "star": Builder(star, {"ring": _bool(True)}),
-    "expander": Builder(expander, {"degree": _int(0, required=True), "seed": _seed(),
-                                   "self_loops": _bool(False)}),
+    "expander": Builder(expander, {"degree": _int(0, required=True), "seed": _seed(), "self_loops": _bool(False)}),
     "document": Builder(document, {"doc_lengths": _int(1, required=True), "causal": _bool(False)}),
     "prefix_lm": Builder(prefix_lm, {"prefix": _int(0, required=True)}),
     "streaming": Builder(streaming, {"num_sinks": _int(required=True), "window": _int(required=True)}),
-    "dilated_per_head": Builder(dilated_per_head, {"window": _int(required=True), "dilations": _ints(1, 1),
-                                                   "causal": _bool(False)}, per_head=True),
-    "duo_attention": Builder(duo_attention, {"streaming_heads": _ints(0), "num_heads": _int(1, required=True),
-                                             "num_sinks": _int(required=True), "window": _int(required=True)},
-                             per_head=True),
+    "dilated_per_head": Builder(
+        dilated_per_head,
+        {"window": _int(required=True), "dilations": _ints(1, 1), "causal": _bool(False)},
+        per_head=True,
+    ),
+    "duo_attention": Builder(
+        duo_attention,
+        {
+            "streaming_heads": _ints(0),
+            "num_heads": _int(1, required=True),
+            "num_sinks": _int(required=True),
+            "window": _int(required=True),
+        },
+        per_head=True,
+    ),
 }
 COMBINATORS = {"union": union, "intersection": intersection}
 STRUCTURES = {"per_head": "heads", "per_layer": "layers"}  # builder -> its array of tables
@@ -157,8 +175,9 @@ def validate_params(name: str, params: dict, where: Where, partial: bool = False
         if name == "duo_attention":
             heads = out["streaming_heads"]
             if any(h >= out["num_heads"] for h in heads) or len(set(heads)) != len(heads):
-                raise (where / "streaming_heads").error(f"expected distinct heads < num_heads = {out['num_heads']} "
-                                                        f"(got {heads})")
+                raise (where / "streaming_heads").error(
+                    f"expected distinct heads < num_heads = {out['num_heads']} (got {heads})"
+                )
     return out
 
 

@@ -80,6 +80,7 @@ parameters in :mod:`.spec_params`, reading and checking a file into a :class:`Sp
 :mod:`.spec_files`, the catalogue and the name-or-path rule in :mod:`.spec_catalogue`, and the
 graphs of a per-layer spec in :mod:`.layer_pattern`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -89,14 +90,34 @@ from ._common import SEED_MAX, Lengths, as_lengths, check_edges
 from .heads import per_head
 from .layer_pattern import LayerPattern
 from .spec_catalogue import CATALOGUE_DIR, catalogue, is_path, resolve
-from .spec_files import (HEAD_KEYS, LAYER_KEYS, MAX_DEPTH, PART_KEYS, SMALL_N_MAX, TOP_KEYS, Spec, read_spec,
-                         with_small)
+from .spec_files import HEAD_KEYS, LAYER_KEYS, MAX_DEPTH, PART_KEYS, SMALL_N_MAX, TOP_KEYS, Spec, read_spec, with_small
 from .spec_params import BUILDERS, COMBINATORS, INT_MAX, MAX_REPEAT, STRUCTURES, Builder, Param, check_params
 
 __all__ = [
-    "load", "read_spec", "build_spec", "Spec", "LayerPattern", "catalogue", "is_path", "resolve", "CATALOGUE_DIR",
-    "BUILDERS", "Builder", "Param", "check_params", "COMBINATORS", "STRUCTURES",
-    "TOP_KEYS", "PART_KEYS", "HEAD_KEYS", "LAYER_KEYS", "INT_MAX", "SEED_MAX", "SMALL_N_MAX", "MAX_DEPTH", "MAX_REPEAT",
+    "load",
+    "read_spec",
+    "build_spec",
+    "Spec",
+    "LayerPattern",
+    "catalogue",
+    "is_path",
+    "resolve",
+    "CATALOGUE_DIR",
+    "BUILDERS",
+    "Builder",
+    "Param",
+    "check_params",
+    "COMBINATORS",
+    "STRUCTURES",
+    "TOP_KEYS",
+    "PART_KEYS",
+    "HEAD_KEYS",
+    "LAYER_KEYS",
+    "INT_MAX",
+    "SEED_MAX",
+    "SMALL_N_MAX",
+    "MAX_DEPTH",
+    "MAX_REPEAT",
 ]
 
 

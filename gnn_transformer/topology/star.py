@@ -4,6 +4,7 @@ The relay is the first token of each sequence (position 0, like ``[CLS]``); posi
 are satellites. A satellite attends to itself, its two ring neighbours and the relay; the relay
 attends to everything. Any two tokens are two hops apart, with ``O(L)`` edges.
 """
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@ edges (its *receptive field*). A sparse pattern "matches" full (or causal) atten
 number of layers that makes every allowed pair reachable: the largest shortest-path distance over
 those pairs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from .masks import _check_edge_index, _check_range, _default_sizes
 @dataclass(frozen=True)
 class DegreeStats:
     """Degree statistics over the nodes of one side (targets for in-degree, sources for out)."""
+
     min: int
     max: int
     mean: float
@@ -33,6 +35,7 @@ class DegreeStats:
 @dataclass(frozen=True)
 class TopologyStats:
     """Size and shape of a token graph."""
+
     num_src: int
     num_dst: int
     num_edges: int
@@ -48,17 +51,23 @@ def _degree_stats(deg: Tensor) -> DegreeStats:
     if deg.numel() == 0:
         return DegreeStats(0, 0, 0.0, 0.0)
     d = deg.double()
-    return DegreeStats(int(deg.min()), int(deg.max()), float(d.mean()),
-                       float(d.std(unbiased=False)))
+    return DegreeStats(int(deg.min()), int(deg.max()), float(d.mean()), float(d.std(unbiased=False)))
 
 
 def _sequence_of(lengths: list[int]) -> Tensor:
     return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long))
 
 
-def _graph_sizes(edge_index: Tensor, src: Tensor, dst: Tensor, num_src: int | None, num_dst: int | None,
-                 q_len: list[int] | None, k_len: list[int] | None, bipartite: bool | None
-                 ) -> tuple[int, int, bool]:
+def _graph_sizes(
+    edge_index: Tensor,
+    src: Tensor,
+    dst: Tensor,
+    num_src: int | None,
+    num_dst: int | None,
+    q_len: list[int] | None,
+    k_len: list[int] | None,
+    bipartite: bool | None,
+) -> tuple[int, int, bool]:
     """``(num_src, num_dst, bipartite)``: explicit sizes, else the ``EdgeIndex`` sparse size, else
     (a plain tensor) the lengths, else one node set of ``max + 1`` over both rows unless
     ``bipartite=True``. ``bipartite`` defaults to ``num_src != num_dst``."""
@@ -78,14 +87,21 @@ def _graph_sizes(edge_index: Tensor, src: Tensor, dst: Tensor, num_src: int | No
     num_src, num_dst = _default_sizes(edge_index, src, dst, num_src, num_dst)
     _check_range(src, dst, num_src, num_dst)
     if bipartite is False and num_src != num_dst:
-        raise ValueError(f"Expected a self-attention graph for 'bipartite'=False "
-                         f"(got num_src={num_src} != num_dst={num_dst})")
+        raise ValueError(
+            f"Expected a self-attention graph for 'bipartite'=False (got num_src={num_src} != num_dst={num_dst})"
+        )
     return num_src, num_dst, num_src != num_dst if bipartite is None else bipartite
 
 
-def topology_stats(edge_index: Tensor, lengths: Lengths | None = None, *,
-                   src_lengths: Lengths | None = None, num_src: int | None = None,
-                   num_dst: int | None = None, bipartite: bool | None = None) -> TopologyStats:
+def topology_stats(
+    edge_index: Tensor,
+    lengths: Lengths | None = None,
+    *,
+    src_lengths: Lengths | None = None,
+    num_src: int | None = None,
+    num_dst: int | None = None,
+    bipartite: bool | None = None,
+) -> TopologyStats:
     """Edges, density, degree statistics, self-loops, empty rows, causality.
 
     Args:
@@ -114,14 +130,18 @@ def topology_stats(edge_index: Tensor, lengths: Lengths | None = None, *,
     q_len = [num_dst] if q_len is None else q_len
     if k_len is None:
         if bipartite and len(q_len) > 1:
-            raise ValueError(f"Expected 'src_lengths' for a bipartite (cross) graph with a batch of "
-                             f"'lengths' {q_len} (got src_lengths=None)")
+            raise ValueError(
+                f"Expected 'src_lengths' for a bipartite (cross) graph with a batch of "
+                f"'lengths' {q_len} (got src_lengths=None)"
+            )
         k_len = [num_src] if bipartite else q_len
     if sum(q_len) != num_dst:
         raise ValueError(f"Expected 'lengths' to sum to the graph's targets ({num_dst}) (got {q_len})")
     if sum(k_len) != num_src or len(k_len) != len(q_len):
-        raise ValueError(f"Expected 'src_lengths' to sum to the graph's sources ({num_src}), one per "
-                         f"sequence of 'lengths' {q_len} (got {k_len})")
+        raise ValueError(
+            f"Expected 'src_lengths' to sum to the graph's sources ({num_src}), one per "
+            f"sequence of 'lengths' {q_len} (got {k_len})"
+        )
     full_edges = sum(a * b for a, b in zip(q_len, k_len))
     in_deg = torch.bincount(dst, minlength=num_dst)
     out_deg = torch.bincount(src, minlength=num_src)
@@ -130,11 +150,16 @@ def topology_stats(edge_index: Tensor, lengths: Lengths | None = None, *,
     seq = _sequence_of(q_len)[dst] if dst.numel() else dst
     is_causal = bool(((src - k_ptr[seq]) <= (dst - q_ptr[seq])).all()) if dst.numel() else True
     return TopologyStats(
-        num_src=num_src, num_dst=num_dst, num_edges=int(src.numel()),
+        num_src=num_src,
+        num_dst=num_dst,
+        num_edges=int(src.numel()),
         density=float(src.numel() / full_edges) if full_edges else 0.0,
-        in_degree=_degree_stats(in_deg), out_degree=_degree_stats(out_deg),
+        in_degree=_degree_stats(in_deg),
+        out_degree=_degree_stats(out_deg),
         self_loops=0 if bipartite else int((src == dst).sum()),
-        empty_rows=int((in_deg == 0).sum()), causal=is_causal)
+        empty_rows=int((in_deg == 0).sum()),
+        causal=is_causal,
+    )
 
 
 def _check_layers(value: int, name: str) -> None:
@@ -142,8 +167,9 @@ def _check_layers(value: int, name: str) -> None:
         raise ValueError(f"Expected '{name}' to be a non-negative int (got {value!r})")
 
 
-def hop_distances(edge_index: Tensor, num_nodes: int | None = None,
-                  cutoff: int | None = None) -> dict[int, dict[int, int]]:
+def hop_distances(
+    edge_index: Tensor, num_nodes: int | None = None, cutoff: int | None = None
+) -> dict[int, dict[int, int]]:
     """``{i: {j: d}}``: fewest edges on a path ``j -> ... -> i`` (``d(i, i) = 0``, the residual),
     for the ``j`` reaching ``i`` within ``cutoff`` edges. Breadth-first search per node (networkx)."""
     if cutoff is not None:
@@ -173,8 +199,7 @@ def receptive_field_sizes(edge_index: Tensor, max_layers: int, num_nodes: int | 
     return {L: [sum(1 for d in dist[i].values() if d <= L) for i in range(n)] for L in range(max_layers + 1)}
 
 
-def layers_to_match(edge_index: Tensor, lengths: Lengths | None = None, *,
-                    reference: str = "full") -> int | None:
+def layers_to_match(edge_index: Tensor, lengths: Lengths | None = None, *, reference: str = "full") -> int | None:
     """Layers after which every token has received information from every token it would see
     under ``reference`` attention (``"full"`` or ``"causal"``) within its sequence; ``None`` if
     some such pair is never connected.

@@ -5,6 +5,7 @@ keys away from the borders) or ``0 <= i - j <= window`` (causal, ``w + 1`` keys)
 by a total window size ``W`` (Longformer's ``attention_window=512``) has radius ``W // 2``; a causal
 window of ``W`` keys including the query itself (Mistral's ``sliding_window``) has radius ``W - 1``.
 """
+
 from __future__ import annotations
 
 from typing import Literal, overload
@@ -12,8 +13,17 @@ from typing import Literal, overload
 import torch
 from torch_geometric import EdgeIndex
 
-from ._common import (Lengths, as_lengths, check_bool, check_edges, check_int, expand_ranges, local_positions,
-                      window_edges, wrap_sorted)
+from ._common import (
+    Lengths,
+    as_lengths,
+    check_bool,
+    check_edges,
+    check_int,
+    expand_ranges,
+    local_positions,
+    window_edges,
+    wrap_sorted,
+)
 from .implicit import BlockGraph, implicit_window
 
 
@@ -27,18 +37,22 @@ def dilated_edges(L: int, window: int, dilation: int, causal: bool = False) -> i
 
 
 @overload
-def sliding_window(n: Lengths, window: int, *, causal: bool = ..., implicit: Literal[False] = ...,
-                   block_size: int | None = ...) -> EdgeIndex: ...
+def sliding_window(
+    n: Lengths, window: int, *, causal: bool = ..., implicit: Literal[False] = ..., block_size: int | None = ...
+) -> EdgeIndex: ...
 @overload
-def sliding_window(n: Lengths, window: int, *, causal: bool = ..., implicit: Literal[True],
-                   block_size: int | None = ...) -> BlockGraph: ...
+def sliding_window(
+    n: Lengths, window: int, *, causal: bool = ..., implicit: Literal[True], block_size: int | None = ...
+) -> BlockGraph: ...
 @overload
-def sliding_window(n: Lengths, window: int, *, causal: bool = ..., implicit: bool,
-                   block_size: int | None = ...) -> EdgeIndex | BlockGraph: ...
+def sliding_window(
+    n: Lengths, window: int, *, causal: bool = ..., implicit: bool, block_size: int | None = ...
+) -> EdgeIndex | BlockGraph: ...
 
 
-def sliding_window(n: Lengths, window: int, *, causal: bool = False, implicit: bool = False,
-                   block_size: int | None = None) -> EdgeIndex | BlockGraph:
+def sliding_window(
+    n: Lengths, window: int, *, causal: bool = False, implicit: bool = False, block_size: int | None = None
+) -> EdgeIndex | BlockGraph:
     r"""Sliding-window attention, ``j -> i`` iff ``|i - j| <= window`` (``0 <= i - j <= window``
     when ``causal``), within each sequence.
 

@@ -22,14 +22,27 @@ Example:
     >>> text.startswith("<!DOCTYPE html>") and "<script src" not in text
     True
 """
+
 from .model_view import attention_page, model_html, model_page, write_model_html
-from .page import (DEFAULT_MAX_EDGES, MAX_GRAPH_EDGES, MAX_TOKENS, Layer, Page, View, reduce_page, to_html,
-                   write_html)
+from .page import DEFAULT_MAX_EDGES, MAX_GRAPH_EDGES, MAX_TOKENS, Layer, Page, View, reduce_page, to_html, write_html
 from .topology_view import graph_page, topology_html, topology_page, write_topology_html
 
 __all__ = [
-    "Page", "Layer", "View", "to_html", "write_html", "reduce_page",
-    "DEFAULT_MAX_EDGES", "MAX_TOKENS", "MAX_GRAPH_EDGES",
-    "topology_page", "topology_html", "graph_page", "write_topology_html",
-    "attention_page", "model_page", "model_html", "write_model_html",
+    "Page",
+    "Layer",
+    "View",
+    "to_html",
+    "write_html",
+    "reduce_page",
+    "DEFAULT_MAX_EDGES",
+    "MAX_TOKENS",
+    "MAX_GRAPH_EDGES",
+    "topology_page",
+    "topology_html",
+    "graph_page",
+    "write_topology_html",
+    "attention_page",
+    "model_page",
+    "model_html",
+    "write_model_html",
 ]

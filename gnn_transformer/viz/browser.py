@@ -9,6 +9,7 @@ Usage::
 
     python -m gnn_transformer.viz.browser page.html shot.png --hover 10 --receptive 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,9 +19,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
 BINARIES = ("chromium", "chromium-browser", "google-chrome")
 
 
@@ -74,8 +83,11 @@ def open_page(driver: Any, path: str | Path, timeout: float = 10.0) -> list[dict
 
     driver.get(Path(path).resolve().as_uri())
     WebDriverWait(driver, timeout).until(
-        lambda d: d.execute_script("return document.body.getAttribute('data-ready')") == "1"
-        or any(e["level"] == "SEVERE" for e in d.get_log("browser")))
+        lambda d: (
+            d.execute_script("return document.body.getAttribute('data-ready')") == "1"
+            or any(e["level"] == "SEVERE" for e in d.get_log("browser"))
+        )
+    )
     return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
 
@@ -91,12 +103,20 @@ def hover(driver: Any, token: int) -> None:
 def set_receptive(driver: Any, layers: int) -> None:
     """Set the receptive-field slider to ``layers``."""
     driver.execute_script(
-        "var s = document.getElementById('rf-slider'); s.value = arguments[0];"
-        "s.dispatchEvent(new Event('input'));", str(layers))
+        "var s = document.getElementById('rf-slider'); s.value = arguments[0];s.dispatchEvent(new Event('input'));",
+        str(layers),
+    )
 
 
-def screenshot(page: str | Path, png: str | Path, *, hover_token: int | None = None, receptive: int = 0,
-               width: int = 1500, height: int = 950) -> Path:
+def screenshot(
+    page: str | Path,
+    png: str | Path,
+    *,
+    hover_token: int | None = None,
+    receptive: int = 0,
+    width: int = 1500,
+    height: int = 950,
+) -> Path:
     """Save a PNG of a viewer page as Chromium draws it (optionally with a token hovered and the
     receptive-field slider set); a ``RuntimeError`` when the page logs a JavaScript error."""
     driver = start_chromium(width, height)
@@ -124,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=950)
     args = parser.parse_args(argv)
     try:
-        out = screenshot(args.page, args.png, hover_token=args.hover, receptive=args.receptive,
-                         width=args.width, height=args.height)
+        out = screenshot(
+            args.page, args.png, hover_token=args.hover, receptive=args.receptive, width=args.width, height=args.height
+        )
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

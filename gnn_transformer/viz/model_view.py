@@ -18,6 +18,7 @@ Example:
     >>> [v.label for v in page.layers[0].views], page.layers[0].views[0].sinks
     (['head 0'], [0])
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -35,8 +36,15 @@ def _check_ratio(name: str, value: float, low: float) -> None:
         raise ValueError(f"Expected '{name}' to be a number >= {low} (got {value!r})")
 
 
-def _head_view(label: str, edge_index: torch.Tensor, w: torch.Tensor, labels: Sequence[str], n: int,
-               sink_threshold: float, hub_ratio: float) -> View:
+def _head_view(
+    label: str,
+    edge_index: torch.Tensor,
+    w: torch.Tensor,
+    labels: Sequence[str],
+    n: int,
+    sink_threshold: float,
+    hub_ratio: float,
+) -> View:
     """The view of one head's weights ``w`` ``[E]``."""
     w2 = w.unsqueeze(-1).double()  # [E, 1]
     sinks = find_sinks(edge_index, w2, n, threshold=sink_threshold)[:, 0].nonzero().flatten().tolist()
@@ -44,15 +52,24 @@ def _head_view(label: str, edge_index: torch.Tensor, w: torch.Tensor, labels: Se
     hubs = (rank >= hub_ratio / n).nonzero().flatten().tolist()
     top = int(rank.argmax())
     entropy = float(attention_entropy(edge_index, w2, n).mean())
-    stats = (f"{edge_index.size(1)} edges; sink score {float(sink_scores(edge_index, w2, num_src=n)[0]):.2f} "
-             f"(share of attention on token 0); mean entropy {entropy:.2f} nats per query; "
-             f"top PageRank {labels[top]!r} ({float(rank[top]):.2f})")
+    stats = (
+        f"{edge_index.size(1)} edges; sink score {float(sink_scores(edge_index, w2, num_src=n)[0]):.2f} "
+        f"(share of attention on token 0); mean entropy {entropy:.2f} nats per query; "
+        f"top PageRank {labels[top]!r} ({float(rank[top]):.2f})"
+    )
     return View(label, edge_index[0].tolist(), edge_index[1].tolist(), w.float().tolist(), sinks, hubs, stats)
 
 
-def attention_page(graphs: Sequence[AttentionGraph], labels: Sequence[str], *, title: str = "attention",
-                   mean_of_heads: bool = True, sink_threshold: float = 0.5, hub_ratio: float = 3.0,
-                   notes: Sequence[str] = ()) -> Page:
+def attention_page(
+    graphs: Sequence[AttentionGraph],
+    labels: Sequence[str],
+    *,
+    title: str = "attention",
+    mean_of_heads: bool = True,
+    sink_threshold: float = 0.5,
+    hub_ratio: float = 3.0,
+    notes: Sequence[str] = (),
+) -> Page:
     """The viewer page of recorded self-attention graphs of one sequence (one layer entry per graph).
 
     Args:
@@ -73,26 +90,47 @@ def attention_page(graphs: Sequence[AttentionGraph], labels: Sequence[str], *, t
     layers = []
     for k, g in enumerate(graphs):
         if g.cross or g.num_src != n or g.num_dst != n:
-            raise ValueError(f"Expected self-attention graphs of the {n} tokens of 'labels' (graph {k} "
-                             f"{g.name!r} has {g.num_src} keys and {g.num_dst} queries"
-                             f"{', cross-attention' if g.cross else ''})")
+            raise ValueError(
+                f"Expected self-attention graphs of the {n} tokens of 'labels' (graph {k} "
+                f"{g.name!r} has {g.num_src} keys and {g.num_dst} queries"
+                f"{', cross-attention' if g.cross else ''})"
+            )
         edge_index = g.edge_index.long().cpu()  # [2, E]
         weights = g.weights.detach().cpu()  # [E, H]
-        views = [_head_view(f"head {h}", edge_index, weights[:, h], labels, n, sink_threshold, hub_ratio)
-                 for h in range(g.num_heads)]
+        views = [
+            _head_view(f"head {h}", edge_index, weights[:, h], labels, n, sink_threshold, hub_ratio)
+            for h in range(g.num_heads)
+        ]
         if mean_of_heads and g.num_heads > 1:
-            views.append(_head_view("mean of heads", edge_index, weights.mean(dim=1), labels, n,
-                                    sink_threshold, hub_ratio))
+            views.append(
+                _head_view("mean of heads", edge_index, weights.mean(dim=1), labels, n, sink_threshold, hub_ratio)
+            )
         layers.append(Layer(f"layer {k}: {g.name}", views))
-    marks = (f"Sink: a key that draws on average more than {sink_threshold:g} of the attention of the queries "
-             f"that see it. Hub: a key whose attention PageRank is at least {hub_ratio:g} times the uniform "
-             f"1/{n}.")
-    return Page(title, "model", [str(t) for t in labels], layers, receptive_layers=len(layers), num_tokens=n,
-                notes=[*notes, marks])
+    marks = (
+        f"Sink: a key that draws on average more than {sink_threshold:g} of the attention of the queries "
+        f"that see it. Hub: a key whose attention PageRank is at least {hub_ratio:g} times the uniform "
+        f"1/{n}."
+    )
+    return Page(
+        title,
+        "model",
+        [str(t) for t in labels],
+        layers,
+        receptive_layers=len(layers),
+        num_tokens=n,
+        notes=[*notes, marks],
+    )
 
 
-def model_page(loaded: Any, tokens: Sequence[int], *, graph: str | None = None, backend: str | None = None,
-               title: str | None = None, **kwargs: Any) -> Page:
+def model_page(
+    loaded: Any,
+    tokens: Sequence[int],
+    *,
+    graph: str | None = None,
+    backend: str | None = None,
+    title: str | None = None,
+    **kwargs: Any,
+) -> Page:
     """Run a loaded model once on one sequence and make the viewer page of its attention.
 
     Args:

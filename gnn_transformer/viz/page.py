@@ -11,6 +11,7 @@ weight is their share of the ``|I| * |J|`` possible ones (a topology) or the att
 ``I`` pays to ``J`` on average (a model: each block's incoming weights sum to 1, as a token's do).
 The page says so.
 """
+
 from __future__ import annotations
 
 import html
@@ -103,8 +104,10 @@ def check_tokens(n: int, what: str = "the sequence") -> None:
     if n < 1:
         raise ValueError(f"Expected at least 2 tokens in {what} (got {n}): an empty graph has nothing to draw")
     if n == 1:
-        raise ValueError(f"Expected at least 2 tokens in {what} (got 1): a one-token sequence has only the "
-                         "edge from the token to itself, nothing to view")
+        raise ValueError(
+            f"Expected at least 2 tokens in {what} (got 1): a one-token sequence has only the "
+            "edge from the token to itself, nothing to view"
+        )
     if n > MAX_TOKENS:
         raise ValueError(f"Expected at most {MAX_TOKENS} tokens in {what}, what a viewer page draws (got {n})")
 
@@ -117,26 +120,32 @@ def check_max_edges(max_edges: int) -> None:
 def check_page(page: Page) -> None:
     """Refuse a page without layers, views or edges, and edges outside its nodes."""
     if not page.layers or not all(layer.views for layer in page.layers):
-        raise ValueError(f"Expected every layer of the page {page.title!r} to have a view (got "
-                         f"{[len(layer.views) for layer in page.layers]} views per layer)")
+        raise ValueError(
+            f"Expected every layer of the page {page.title!r} to have a view (got "
+            f"{[len(layer.views) for layer in page.layers]} views per layer)"
+        )
     if page.max_view_edges == 0:
         raise ValueError(f"The graph of {page.title!r} has no edges: nothing to draw")
     n = len(page.nodes)
     for layer in page.layers:
         for view in layer.views:
             if len(view.src) != len(view.dst) or (view.weights is not None and len(view.weights) != len(view.src)):
-                raise ValueError(f"Expected as many sources, targets and weights in view {view.label!r} "
-                                 f"(got {len(view.src)}, {len(view.dst)}, "
-                                 f"{None if view.weights is None else len(view.weights)})")
+                raise ValueError(
+                    f"Expected as many sources, targets and weights in view {view.label!r} "
+                    f"(got {len(view.src)}, {len(view.dst)}, "
+                    f"{None if view.weights is None else len(view.weights)})"
+                )
             for name, nodes in (("src", view.src), ("dst", view.dst), ("sinks", view.sinks), ("hubs", view.hubs)):
                 if nodes and not 0 <= min(nodes) <= max(nodes) < n:
-                    raise ValueError(f"Expected the '{name}' of view {view.label!r} in [0, {n}) (got "
-                                     f"{min(nodes)}..{max(nodes)})")
+                    raise ValueError(
+                        f"Expected the '{name}' of view {view.label!r} in [0, {n}) (got {min(nodes)}..{max(nodes)})"
+                    )
 
 
 # ------------------------------------------------------------------ reduction to blocks
-def _block_edges(src: Tensor, dst: Tensor, weights: Tensor | None, n: int, block: int,
-                 model: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _block_edges(
+    src: Tensor, dst: Tensor, weights: Tensor | None, n: int, block: int, model: bool
+) -> tuple[Tensor, Tensor, Tensor]:
     """The edges between blocks of ``block`` tokens and their weights (see the module docstring)."""
     nb = math.ceil(n / block)
     sizes = torch.full((nb,), block, dtype=torch.float64)  # [B] tokens per block
@@ -173,27 +182,50 @@ def reduce_page(page: Page, max_edges: int = DEFAULT_MAX_EDGES) -> Page:
     if page.max_view_edges <= max_edges or page.block != 1:
         return page
     n = len(page.nodes)
-    tensors = [[(torch.tensor(v.src, dtype=torch.long), torch.tensor(v.dst, dtype=torch.long),
-                 None if v.weights is None else torch.tensor(v.weights, dtype=torch.float64), v)
-                for v in layer.views] for layer in page.layers]
+    tensors = [
+        [
+            (
+                torch.tensor(v.src, dtype=torch.long),
+                torch.tensor(v.dst, dtype=torch.long),
+                None if v.weights is None else torch.tensor(v.weights, dtype=torch.float64),
+                v,
+            )
+            for v in layer.views
+        ]
+        for layer in page.layers
+    ]
     block = _block_for([(s, d) for views in tensors for s, d, _, _ in views], n, max_edges)
     layers = []
     for layer, views in zip(page.layers, tensors):
         reduced = []
         for src, dst, w, view in views:
             b_src, b_dst, b_w = _block_edges(src, dst, w, n, block, page.kind == "model")
-            reduced.append(replace(view, src=b_src.tolist(), dst=b_dst.tolist(), weights=b_w.tolist(),
-                                   sinks=sorted({i // block for i in view.sinks}),
-                                   hubs=sorted({i // block for i in view.hubs}),
-                                   stats=f"{view.stats}; drawn: {b_src.numel()} block edges"))
+            reduced.append(
+                replace(
+                    view,
+                    src=b_src.tolist(),
+                    dst=b_dst.tolist(),
+                    weights=b_w.tolist(),
+                    sinks=sorted({i // block for i in view.sinks}),
+                    hubs=sorted({i // block for i in view.hubs}),
+                    stats=f"{view.stats}; drawn: {b_src.numel()} block edges",
+                )
+            )
         layers.append(Layer(layer.label, reduced))
-    nodes = [f"{page.nodes[s]}..{page.nodes[min(s + block, n) - 1]}" if block > 1 else page.nodes[s]
-             for s in range(0, n, block)]
-    what = ("the share of token edges it stands for" if page.kind == "topology"
-            else "the mean attention a query of the target block pays to the source block")
-    note = (f"Aggregated: the largest view has {page.max_view_edges} edges, more than the {max_edges} a page "
-            f"draws at ease, so each node is a block of {block} consecutive tokens and an edge between "
-            f"blocks is drawn with {what}.")
+    nodes = [
+        f"{page.nodes[s]}..{page.nodes[min(s + block, n) - 1]}" if block > 1 else page.nodes[s]
+        for s in range(0, n, block)
+    ]
+    what = (
+        "the share of token edges it stands for"
+        if page.kind == "topology"
+        else "the mean attention a query of the target block pays to the source block"
+    )
+    note = (
+        f"Aggregated: the largest view has {page.max_view_edges} edges, more than the {max_edges} a page "
+        f"draws at ease, so each node is a block of {block} consecutive tokens and an edge between "
+        f"blocks is drawn with {what}."
+    )
     return replace(page, nodes=nodes, layers=layers, block=block, notes=[note, *page.notes])
 
 
@@ -230,7 +262,8 @@ def to_html(page: Page, *, max_edges: int = DEFAULT_MAX_EDGES) -> str:
         "<svg id=\"graph\"></svg></div>\n"
         "<div class=\"pane\" id=\"info\"></div>\n</div>\n"
         f"<script id=\"viewer-data\" type=\"application/json\">{_json_for_script(page)}</script>\n"
-        f"<script>\n{_asset('viewer.js')}</script>\n</body>\n</html>\n")
+        f"<script>\n{_asset('viewer.js')}</script>\n</body>\n</html>\n"
+    )
 
 
 def write_html(text: str, path: str | Path) -> Path:

@@ -12,6 +12,7 @@ Example:
     >>> page.layers[0].views[0].src, page.layers[0].views[0].dst
     ([0, 1, 0, 1, 2, 1, 2, 3, 2, 3], [0, 0, 1, 1, 1, 2, 2, 2, 3, 3])
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,9 +56,11 @@ def _stats(src: Tensor, dst: Tensor, n: int) -> str:
     """One line: edges, keys per query, queries without a key, causal or not."""
     keys = torch.bincount(dst, minlength=n)  # [N] in-degree
     causal = bool((src <= dst).all())
-    return (f"{src.numel()} edges, keys per query {int(keys.min())}..{int(keys.max())} "
-            f"(mean {src.numel() / n:.2f}), {int((keys == 0).sum())} queries with no key, "
-            f"{'causal' if causal else 'not causal'}")
+    return (
+        f"{src.numel()} edges, keys per query {int(keys.min())}..{int(keys.max())} "
+        f"(mean {src.numel() / n:.2f}), {int((keys == 0).sum())} queries with no key, "
+        f"{'causal' if causal else 'not causal'}"
+    )
 
 
 def _view(label_: str, edge_index: Tensor, n: int) -> View:
@@ -80,14 +83,22 @@ def _views(graph: Any, n: int, num_heads: int | None) -> list[View]:
         edge_head = edge_head.long().cpu()
         heads = num_heads if num_heads is not None else (int(edge_head.max()) + 1 if edge_head.numel() else 1)
         if edge_head.numel() and not 0 <= int(edge_head.min()) <= int(edge_head.max()) < heads:
-            raise ValueError(f"Expected 'edge_head' in [0, {heads}) (got {int(edge_head.min())}.."
-                             f"{int(edge_head.max())})")
+            raise ValueError(
+                f"Expected 'edge_head' in [0, {heads}) (got {int(edge_head.min())}..{int(edge_head.max())})"
+            )
         return [_view(f"head {h}", edge_index[:, edge_head == h], n) for h in range(heads)]
     return [_view("every head", _plain(graph, "graph"), n)]
 
 
-def graph_page(graph: Any, n: int | None = None, *, title: str = "token graph", num_heads: int | None = None,
-               layers: int | None = None, notes: list[str] | None = None) -> Page:
+def graph_page(
+    graph: Any,
+    n: int | None = None,
+    *,
+    title: str = "token graph",
+    num_heads: int | None = None,
+    layers: int | None = None,
+    notes: list[str] | None = None,
+) -> Page:
     """The viewer page of a built graph on one sequence of ``n`` tokens.
 
     Args:
@@ -105,20 +116,29 @@ def graph_page(graph: Any, n: int | None = None, *, title: str = "token graph", 
         raise ValueError(f"Expected 'n' to be an int (got {n!r})")
     check_tokens(n, f"'n' of {title!r}")
     if isinstance(graph, LayerPattern):
-        entries = [Layer(f"layer {k} (of every {graph.period})", _views(g, n, num_heads))
-                   for k, g in enumerate(graph.graphs)]
+        entries = [
+            Layer(f"layer {k} (of every {graph.period})", _views(g, n, num_heads)) for k, g in enumerate(graph.graphs)
+        ]
     else:
         entries = [Layer("every layer", _views(graph, n, num_heads))]
     default = max(DEFAULT_LAYERS, len(entries))
     layers = default if layers is None else layers
     if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
         raise ValueError(f"Expected 'layers' to be an int >= 1 (got {layers!r})")
-    return Page(title, "topology", [str(i) for i in range(n)], entries, receptive_layers=layers, num_tokens=n,
-                notes=list(notes or []))
+    return Page(
+        title,
+        "topology",
+        [str(i) for i in range(n)],
+        entries,
+        receptive_layers=layers,
+        num_tokens=n,
+        notes=list(notes or []),
+    )
 
 
-def topology_page(spec: Any, n: int | None = None, *, paper_scale: bool = False, layers: int | None = None,
-                  title: str | None = None) -> Page:
+def topology_page(
+    spec: Any, n: int | None = None, *, paper_scale: bool = False, layers: int | None = None, title: str | None = None
+) -> Page:
     """The viewer page of a topology on one sequence of ``n`` tokens.
 
     Args:
@@ -150,26 +170,34 @@ def topology_page(spec: Any, n: int | None = None, *, paper_scale: bool = False,
     except ValueError as err:
         if "edge budget" in str(err):
             reason = str(err).split("; to build it anyway")[0]
-            raise ValueError(f"{spec!r} on n = {n} is too large to view (at most {MAX_GRAPH_EDGES} edges): "
-                             f"{reason}") from None
+            raise ValueError(
+                f"{spec!r} on n = {n} is too large to view (at most {MAX_GRAPH_EDGES} edges): {reason}"
+            ) from None
         raise
     notes = []
     if source is not None and source.description:
         notes.append(source.description)
     if topo.select is not None:
-        notes.append(f"Each layer selects its per-head graph within this one with {topo.select!r}; "
-                     "shown: the allowed graph.")
+        notes.append(
+            f"Each layer selects its per-head graph within this one with {topo.select!r}; shown: the allowed graph."
+        )
     if source is not None and source.source:
         notes.append(f"Source: {source.source}")
     return graph_page(graph, n, title=title, num_heads=topo.num_heads, layers=layers, notes=notes)
 
 
-def topology_html(spec: Any, n: int | None = None, *, paper_scale: bool = False, layers: int | None = None,
-                  title: str | None = None, max_edges: int = DEFAULT_MAX_EDGES) -> str:
+def topology_html(
+    spec: Any,
+    n: int | None = None,
+    *,
+    paper_scale: bool = False,
+    layers: int | None = None,
+    title: str | None = None,
+    max_edges: int = DEFAULT_MAX_EDGES,
+) -> str:
     """The self-contained HTML page of :func:`topology_page` (blocks beyond ``max_edges`` edges per
     view)."""
-    return to_html(topology_page(spec, n, paper_scale=paper_scale, layers=layers, title=title),
-                   max_edges=max_edges)
+    return to_html(topology_page(spec, n, paper_scale=paper_scale, layers=layers, title=title), max_edges=max_edges)
 
 
 def write_topology_html(path: str | Path, spec: Any, n: int | None = None, **kwargs: Any) -> Path:

@@ -43,6 +43,7 @@ Words of this package:
 Notation: ``N`` tokens, ``H`` query heads, ``H_kv`` key heads, ``g = H // H_kv``, ``D`` head dim,
 ``E`` edges.
 """
+
 from .blocks import BLOCK_CHUNK, block_topk
 from .by_name import SELECTORS, selector
 from .lsh import lsh
@@ -50,5 +51,19 @@ from .routing import ASSIGN_CHUNK, routing
 from .selectors import LSH, BlockTopK, Routing, TopK, sequence_lengths
 from .topk import EDGES_PER_QUERY, topk
 
-__all__ = ["topk", "block_topk", "lsh", "routing", "sequence_lengths", "TopK", "BlockTopK", "LSH", "Routing",
-           "SELECTORS", "selector", "EDGES_PER_QUERY", "BLOCK_CHUNK", "ASSIGN_CHUNK"]
+__all__ = [
+    "topk",
+    "block_topk",
+    "lsh",
+    "routing",
+    "sequence_lengths",
+    "TopK",
+    "BlockTopK",
+    "LSH",
+    "Routing",
+    "SELECTORS",
+    "selector",
+    "EDGES_PER_QUERY",
+    "BLOCK_CHUNK",
+    "ASSIGN_CHUNK",
+]

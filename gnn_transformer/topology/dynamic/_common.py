@@ -1,4 +1,5 @@
 """Shared plumbing of the selectors: argument checks, sequences of a batch, token layout."""
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,9 @@ def check_qk(q: object, k: object) -> tuple[int, int]:
         if not x.is_floating_point():
             raise ValueError(f"Expected '{name}' to be a floating-point tensor (got dtype {x.dtype})")
         if x.size(1) < 1 or x.size(2) < 1:
-            raise ValueError(f"Expected '{name}' to have at least one head of head_dim >= 1 (got shape "
-                             f"{tuple(x.shape)})")
+            raise ValueError(
+                f"Expected '{name}' to have at least one head of head_dim >= 1 (got shape {tuple(x.shape)})"
+            )
     assert isinstance(q, Tensor) and isinstance(k, Tensor)
     if k.dtype != q.dtype:
         raise ValueError(f"Expected 'k' to have the dtype of 'q' ({q.dtype}) (got {k.dtype})")
@@ -41,15 +43,23 @@ def check_qk(q: object, k: object) -> tuple[int, int]:
     if k.size(2) != q.size(2):
         raise ValueError(f"Expected 'k' to have the head_dim of 'q' ({q.size(2)}) (got shape {tuple(k.shape)})")
     if q.size(1) % k.size(1):
-        raise ValueError(f"Expected the heads of 'q' ({q.size(1)}) to be a multiple of the heads of 'k' (got "
-                         f"shape {tuple(k.shape)}, {k.size(1)} heads)")
+        raise ValueError(
+            f"Expected the heads of 'q' ({q.size(1)}) to be a multiple of the heads of 'k' (got "
+            f"shape {tuple(k.shape)}, {k.size(1)} heads)"
+        )
     return q.size(1), q.size(1) // k.size(1)
 
 
 def check_real(name: str, value: object, lo: float, hi: float, *, open_lo: bool = False) -> float:
     """Validate a finite real number in ``[lo, hi]`` (``(lo, hi]`` when ``open_lo``)."""
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-            or value > hi or value < lo or (open_lo and value == lo)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value > hi
+        or value < lo
+        or (open_lo and value == lo)
+    ):
         where = f"{'(' if open_lo else '['}{lo}, {hi}]"
         raise ValueError(f"Expected '{name}' to be a real number in {where} (got {value!r})")
     return float(value)
@@ -57,8 +67,13 @@ def check_real(name: str, value: object, lo: float, hi: float, *, open_lo: bool 
 
 def _check_batch(name: str, batch: object, n: int, device: torch.device) -> Tensor:
     """Validate a PyG ``batch`` vector: 1-D integer, one entry per token, sorted, non-negative."""
-    if not isinstance(batch, Tensor) or batch.dim() != 1 or batch.is_floating_point() or batch.is_complex() \
-            or batch.dtype == torch.bool:
+    if (
+        not isinstance(batch, Tensor)
+        or batch.dim() != 1
+        or batch.is_floating_point()
+        or batch.is_complex()
+        or batch.dtype == torch.bool
+    ):
         raise ValueError(f"Expected '{name}' to be a 1-D integer tensor (got {batch!r})")
     if batch.numel() != n:
         raise ValueError(f"Expected '{name}' to have one entry per token ({n}) (got {batch.numel()} entries)")
@@ -73,33 +88,42 @@ def _check_batch(name: str, batch: object, n: int, device: torch.device) -> Tens
 
 def _is_pair(x: object) -> TypeGuard[tuple[Any, ...] | list[Any]]:
     """``(lengths_q, lengths_k)`` rather than one list of lengths."""
+
     def many(v: object) -> bool:
         return (isinstance(v, Tensor) and v.dim() == 1) or (isinstance(v, Sequence) and not isinstance(v, str))
+
     return isinstance(x, (tuple, list)) and len(x) == 2 and all(many(v) for v in x)
 
 
-def sequence_pairs(fn: str, q: Tensor, k: Tensor, batch: object, lengths: object, *,
-               bipartite: bool = False) -> tuple[list[int], list[int]]:
+def sequence_pairs(
+    fn: str, q: Tensor, k: Tensor, batch: object, lengths: object, *, bipartite: bool = False
+) -> tuple[list[int], list[int]]:
     """Lengths of the query sequences and of the key sequences (as many of each; sequence ``b`` of
     the queries reads sequence ``b`` of the keys)."""
     n_q, n_k = q.size(0), k.size(0)
     if not bipartite and n_q != n_k:
-        raise ValueError(f"{fn} is self-attention only: expected 'q' and 'k' with as many tokens (got "
-                         f"q.size(0)={n_q}, k.size(0)={n_k})")
+        raise ValueError(
+            f"{fn} is self-attention only: expected 'q' and 'k' with as many tokens (got "
+            f"q.size(0)={n_q}, k.size(0)={n_k})"
+        )
     if batch is not None and lengths is not None:
         raise ValueError(f"Expected one of 'batch' and 'lengths', not both (got lengths={lengths!r})")
     if batch is not None:
         if isinstance(batch, (tuple, list)):
             if not bipartite or len(batch) != 2:
-                raise ValueError(f"Expected 'batch' to be {'a pair (batch_q, batch_k) or ' if bipartite else ''}"
-                                 f"one vector (got a {type(batch).__name__} of {len(batch)})")
+                raise ValueError(
+                    f"Expected 'batch' to be {'a pair (batch_q, batch_k) or ' if bipartite else ''}"
+                    f"one vector (got a {type(batch).__name__} of {len(batch)})"
+                )
             bq = _check_batch("batch[0]", batch[0], n_q, q.device)
             bk = _check_batch("batch[1]", batch[1], n_k, q.device)
         else:
             bq = bk = _check_batch("batch", batch, n_q, q.device)
             if n_k != n_q:
-                raise ValueError(f"Expected a pair (batch_q, batch_k) as 'batch' for 'q' and 'k' of different "
-                                 f"lengths (got one vector, q.size(0)={n_q}, k.size(0)={n_k})")
+                raise ValueError(
+                    f"Expected a pair (batch_q, batch_k) as 'batch' for 'q' and 'k' of different "
+                    f"lengths (got one vector, q.size(0)={n_q}, k.size(0)={n_k})"
+                )
         ids = torch.unique(torch.cat([bq, bk]))  # sorted sequence ids, gaps removed
         lq = torch.bincount(torch.searchsorted(ids, bq), minlength=ids.numel()).tolist()
         lk = torch.bincount(torch.searchsorted(ids, bk), minlength=ids.numel()).tolist()

@@ -1,4 +1,5 @@
 """Block selection (MoBA, Lu et al., 2025, arXiv:2502.13189): query blocks pick their best key blocks."""
+
 from __future__ import annotations
 
 from typing import Literal, overload
@@ -12,26 +13,59 @@ from ._common import check_qk, detached_scores_dtype, no_edges, sequence_pairs, 
 from .topk import dense_topk
 
 
-BLOCK_CHUNK = 1024    # query blocks scored at a time by block_topk
+BLOCK_CHUNK = 1024  # query blocks scored at a time by block_topk
 
 
 @overload
-def block_topk(q: Tensor, k: Tensor, block_size: int, num_blocks: int, *, causal: bool = ...,
-               batch: Tensor | None = ..., lengths: Lengths | None = ...,
-               implicit: Literal[False] = ...) -> tuple[Tensor, Tensor]: ...
+def block_topk(
+    q: Tensor,
+    k: Tensor,
+    block_size: int,
+    num_blocks: int,
+    *,
+    causal: bool = ...,
+    batch: Tensor | None = ...,
+    lengths: Lengths | None = ...,
+    implicit: Literal[False] = ...,
+) -> tuple[Tensor, Tensor]: ...
 @overload
-def block_topk(q: Tensor, k: Tensor, block_size: int, num_blocks: int, *, causal: bool = ...,
-               batch: Tensor | None = ..., lengths: Lengths | None = ..., implicit: Literal[True]) -> BlockGraph: ...
+def block_topk(
+    q: Tensor,
+    k: Tensor,
+    block_size: int,
+    num_blocks: int,
+    *,
+    causal: bool = ...,
+    batch: Tensor | None = ...,
+    lengths: Lengths | None = ...,
+    implicit: Literal[True],
+) -> BlockGraph: ...
 @overload
-def block_topk(q: Tensor, k: Tensor, block_size: int, num_blocks: int, *, causal: bool = ...,
-               batch: Tensor | None = ..., lengths: Lengths | None = ...,
-               implicit: bool) -> tuple[Tensor, Tensor] | BlockGraph: ...
+def block_topk(
+    q: Tensor,
+    k: Tensor,
+    block_size: int,
+    num_blocks: int,
+    *,
+    causal: bool = ...,
+    batch: Tensor | None = ...,
+    lengths: Lengths | None = ...,
+    implicit: bool,
+) -> tuple[Tensor, Tensor] | BlockGraph: ...
 
 
 @torch.no_grad()
-def block_topk(q: Tensor, k: Tensor, block_size: int, num_blocks: int, *, causal: bool = False,
-               batch: Tensor | None = None, lengths: Lengths | None = None,
-               implicit: bool = False) -> tuple[Tensor, Tensor] | BlockGraph:
+def block_topk(
+    q: Tensor,
+    k: Tensor,
+    block_size: int,
+    num_blocks: int,
+    *,
+    causal: bool = False,
+    batch: Tensor | None = None,
+    lengths: Lengths | None = None,
+    implicit: bool = False,
+) -> tuple[Tensor, Tensor] | BlockGraph:
     r"""Block selection (MoBA, Lu et al. 2025): each query block keeps its best key blocks.
 
     Each sequence is cut into blocks of ``block_size`` positions (the last one possibly shorter);
@@ -85,8 +119,9 @@ def block_topk(q: Tensor, k: Tensor, block_size: int, num_blocks: int, *, causal
     if n == 0:
         if implicit:
             none = torch.empty(0, dtype=torch.long, device=device)
-            return block_selection(none, none, none, torch.zeros(1, dtype=torch.long, device=device),
-                                   block_size, H, causal)
+            return block_selection(
+                none, none, none, torch.zeros(1, dtype=torch.long, device=device), block_size, H, causal
+            )
         return no_edges(device)
     q, k = detached_scores_dtype(q), detached_scores_dtype(k)
     per_seq = [-(-L // block_size) for L in lens]  # blocks per sequence
@@ -100,8 +135,16 @@ def block_topk(q: Tensor, k: Tensor, block_size: int, num_blocks: int, *, causal
     k_mean = torch.zeros(NB, *k.shape[1:], dtype=k.dtype, device=device).index_add_(0, block, k)
     q_mean, k_mean = q_mean / size[:, None, None], k_mean / size[:, None, None]  # [NB, H, D], [NB, H_kv, D]
     # -- the kept blocks: the best others, then the own block --
-    hb, qb, kb = dense_topk(q_mean, k_mean, min(num_blocks, max(per_seq)), per_seq, per_seq, causal=causal,
-                             exclude_self=True, chunk=BLOCK_CHUNK)
+    hb, qb, kb = dense_topk(
+        q_mean,
+        k_mean,
+        min(num_blocks, max(per_seq)),
+        per_seq,
+        per_seq,
+        causal=causal,
+        exclude_self=True,
+        chunk=BLOCK_CHUNK,
+    )
     own = torch.arange(NB, device=device).repeat(H)
     hb = torch.cat([hb, torch.arange(H, device=device).repeat_interleave(NB)])
     qb, kb = torch.cat([qb, own]), torch.cat([kb, own])

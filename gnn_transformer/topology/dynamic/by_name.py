@@ -1,4 +1,5 @@
 """Selectors by name: ``"topk:num_keys=64"`` or a table ``{"name": "topk", "num_keys": 64}``."""
+
 from __future__ import annotations
 
 import re
@@ -16,8 +17,12 @@ _PARAMETERS: dict[str, dict[str, type]] = {  # the parameters a spec may give, w
     "lsh": {"num_buckets": int, "num_hashes": int, "chunk_size": int, "seed": int, "causal": bool},
     "routing": {"num_clusters": int, "decay": float, "seed": int, "causal": bool},
 }
-_REQUIRED = {"topk": ("num_keys",), "block_topk": ("block_size", "num_blocks"), "lsh": ("num_buckets",),
-             "routing": ("num_clusters",)}
+_REQUIRED = {
+    "topk": ("num_keys",),
+    "block_topk": ("block_size", "num_blocks"),
+    "lsh": ("num_buckets",),
+    "routing": ("num_clusters",),
+}
 _INT = re.compile(r"[+-]?\d+")
 _REAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _WANT = {bool: "a boolean (true or false)", int: "an integer", float: "a real number"}
@@ -33,17 +38,21 @@ def _parse(spec: object) -> tuple[str, dict[str, object], bool]:
             if not eq or not key or not text:
                 raise ValueError(f"selector spec {spec!r}: expected 'key=value' items after 'name:' (got {item!r})")
             if key in params:
-                raise ValueError(f"selector spec {spec!r}: parameter '{key}' given twice (got {key}={params[key]} "
-                                 f"and {key}={text})")
+                raise ValueError(
+                    f"selector spec {spec!r}: parameter '{key}' given twice (got {key}={params[key]} and {key}={text})"
+                )
             params[key] = text
         return name.strip(), params, True
     if isinstance(spec, Mapping):
         if "name" not in spec:
-            raise ValueError(f"selector spec {spec!r}: expected a 'name' key, one of {SELECTORS} (got keys "
-                             f"{list(spec)})")
+            raise ValueError(
+                f"selector spec {spec!r}: expected a 'name' key, one of {SELECTORS} (got keys {list(spec)})"
+            )
         return spec["name"], {key: v for key, v in spec.items() if key != "name"}, False
-    raise ValueError(f"Expected 'spec' to be a string such as 'topk:num_keys=64' or a mapping such as "
-                     f"{{'name': 'topk', 'num_keys': 64}} (got {spec!r})")
+    raise ValueError(
+        f"Expected 'spec' to be a string such as 'topk:num_keys=64' or a mapping such as "
+        f"{{'name': 'topk', 'num_keys': 64}} (got {spec!r})"
+    )
 
 
 def _typed(spec: object, key: str, value: object, kind: type, from_text: bool) -> object:
@@ -65,8 +74,9 @@ def _typed(spec: object, key: str, value: object, kind: type, from_text: bool) -
     raise ValueError(f"selector spec {spec!r}: expected '{key}' to be {_WANT[kind]} (got {key}={value!r})")
 
 
-def selector(spec: str | Mapping[str, object], *, num_heads: int | None = None,
-             head_dim: int | None = None) -> TopK | BlockTopK | LSH | Routing:
+def selector(
+    spec: str | Mapping[str, object], *, num_heads: int | None = None, head_dim: int | None = None
+) -> TopK | BlockTopK | LSH | Routing:
     r"""A selector object by name, from a spec string or a mapping (a TOML table, a model config).
 
     The string form is ``"name"`` or ``"name:key=value,key=value"``: integers in decimal, booleans
@@ -112,17 +122,23 @@ def selector(spec: str | Mapping[str, object], *, num_heads: int | None = None,
     params = {}
     for key, value in raw.items():
         if key not in types:
-            raise ValueError(f"selector spec {spec!r}: unknown parameter '{key}' of {name} (got {key}={value!r}); "
-                             f"its parameters: {', '.join(types)}")
+            raise ValueError(
+                f"selector spec {spec!r}: unknown parameter '{key}' of {name} (got {key}={value!r}); "
+                f"its parameters: {', '.join(types)}"
+            )
         params[key] = _typed(spec, key, value, types[key], from_text)
     missing = [key for key in _REQUIRED[name] if key not in params]
     if missing:
-        raise ValueError(f"selector spec {spec!r}: missing parameter '{missing[0]}' of {name} (required: "
-                         f"{', '.join(_REQUIRED[name])})")
+        raise ValueError(
+            f"selector spec {spec!r}: missing parameter '{missing[0]}' of {name} (required: "
+            f"{', '.join(_REQUIRED[name])})"
+        )
     if name == "routing":
         if num_heads is None or head_dim is None:
-            raise ValueError(f"selector spec {spec!r}: routing needs the layer's 'num_heads' and 'head_dim' for its "
-                             f"centroids (got num_heads={num_heads!r}, head_dim={head_dim!r})")
+            raise ValueError(
+                f"selector spec {spec!r}: routing needs the layer's 'num_heads' and 'head_dim' for its "
+                f"centroids (got num_heads={num_heads!r}, head_dim={head_dim!r})"
+            )
         params = {"num_heads": num_heads, "head_dim": head_dim, **params}
     try:
         return _CLASSES[name](**params)

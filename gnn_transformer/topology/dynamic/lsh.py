@@ -1,5 +1,6 @@
 """Angular LSH buckets (Reformer, Kitaev et al., 2020, arXiv:2001.04451): sorted chunks attend to their
 own and the previous chunk."""
+
 from __future__ import annotations
 
 
@@ -7,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._common import (Lengths, check_bool, check_edges, check_int, check_seed,
-                       expand_ranges)
+from .._common import Lengths, check_bool, check_edges, check_int, check_seed, expand_ranges
 from ._common import check_qk, detached_scores_dtype, no_edges, sequence_pairs, token_layout
 
 
@@ -20,8 +20,18 @@ def _bucket_order(x: Tensor, rotation: Tensor, seq: Tensor, num_buckets: int) ->
 
 
 @torch.no_grad()
-def lsh(q: Tensor, k: Tensor, num_buckets: int, *, num_hashes: int = 1, chunk_size: int = 64, seed: int = 0,
-        causal: bool = False, batch: Tensor | None = None, lengths: Lengths | None = None) -> tuple[Tensor, Tensor]:
+def lsh(
+    q: Tensor,
+    k: Tensor,
+    num_buckets: int,
+    *,
+    num_hashes: int = 1,
+    chunk_size: int = 64,
+    seed: int = 0,
+    causal: bool = False,
+    batch: Tensor | None = None,
+    lengths: Lengths | None = None,
+) -> tuple[Tensor, Tensor]:
     r"""LSH attention (Reformer, Kitaev et al. 2020): queries read keys that hash near them.
 
     Angular LSH: for hash round :math:`r` and key head :math:`x`, a random rotation
@@ -83,8 +93,9 @@ def lsh(q: Tensor, k: Tensor, num_buckets: int, *, num_hashes: int = 1, chunk_si
     lo = offset + (c - 1).clamp(min=0) * chunk_size
     hi = offset + torch.minimum((c + 1) * chunk_size, length)
     sorted_q, sorted_k = expand_ranges(lo, hi - lo)  # [M] sorted positions
-    key_order = [[_bucket_order(k[:, x], rotations[r, x], seq, num_buckets) for x in range(H_kv)]
-                 for r in range(num_hashes)]
+    key_order = [
+        [_bucket_order(k[:, x], rotations[r, x], seq, num_buckets) for x in range(H_kv)] for r in range(num_hashes)
+    ]
     heads, keys = [], []
     for h in range(H):
         codes = []

@@ -1,5 +1,6 @@
 """Routing attention (Routing Transformer, Roy et al., 2021, arXiv:2003.05997): attention within online
 k-means clusters."""
+
 from __future__ import annotations
 
 
@@ -11,13 +12,18 @@ from .._common import INT64_MAX, Lengths, check_bool, check_edges, expand_ranges
 from ._common import check_qk, check_real, detached_scores_dtype, sequence_pairs, token_layout
 
 
-ASSIGN_CHUNK = 4096   # tokens assigned to clusters at a time by routing (scores [ASSIGN_CHUNK, H, K])
+ASSIGN_CHUNK = 4096  # tokens assigned to clusters at a time by routing (scores [ASSIGN_CHUNK, H, K])
 
 
 def _check_centroids(centroids: object, H: int, D: int, device: torch.device) -> Tensor:
     """Validate ``centroids`` ``[H, K, D]``."""
-    if not isinstance(centroids, Tensor) or centroids.dim() != 3 or centroids.size(0) != H \
-            or centroids.size(2) != D or centroids.size(1) < 1:
+    if (
+        not isinstance(centroids, Tensor)
+        or centroids.dim() != 3
+        or centroids.size(0) != H
+        or centroids.size(2) != D
+        or centroids.size(1) < 1
+    ):
         shape = tuple(centroids.shape) if isinstance(centroids, Tensor) else type(centroids).__name__
         raise ValueError(f"Expected 'centroids' of shape [H={H}, K >= 1, D={D}] (got {shape})")
     if not centroids.is_floating_point():
@@ -29,8 +35,13 @@ def _check_centroids(centroids: object, H: int, D: int, device: torch.device) ->
 
 def _nearest(x: Tensor, centroids: Tensor) -> Tensor:
     """Cluster ``[N, H]`` of normalized ``x`` ``[N, H, D]`` under normalized centroids ``[H, K, D]``."""
-    return torch.cat([torch.einsum("nhd,hkd->nhk", x[s:s + ASSIGN_CHUNK], centroids).argmax(-1)
-                      for s in range(0, x.size(0), ASSIGN_CHUNK)] or [x.new_empty(0, x.size(1), dtype=torch.long)])
+    return torch.cat(
+        [
+            torch.einsum("nhd,hkd->nhk", x[s : s + ASSIGN_CHUNK], centroids).argmax(-1)
+            for s in range(0, x.size(0), ASSIGN_CHUNK)
+        ]
+        or [x.new_empty(0, x.size(1), dtype=torch.long)]
+    )
 
 
 def _update_centroids(centroids: Tensor, q: Tensor, k: Tensor, cq: Tensor, ck: Tensor, decay: float) -> None:
@@ -46,8 +57,17 @@ def _update_centroids(centroids: Tensor, q: Tensor, k: Tensor, cq: Tensor, ck: T
 
 
 @torch.no_grad()
-def routing(q: Tensor, k: Tensor, centroids: Tensor, *, causal: bool = False, batch: Tensor | None = None,
-            lengths: Lengths | None = None, update: bool = False, decay: float = 0.999) -> tuple[Tensor, Tensor]:
+def routing(
+    q: Tensor,
+    k: Tensor,
+    centroids: Tensor,
+    *,
+    causal: bool = False,
+    batch: Tensor | None = None,
+    lengths: Lengths | None = None,
+    update: bool = False,
+    decay: float = 0.999,
+) -> tuple[Tensor, Tensor]:
     r"""Routing attention (Routing Transformer, Roy et al. 2021): queries read the keys of their cluster.
 
     With normalized :math:`\hat v = v / \lVert v \rVert` and the normalized centroids
@@ -95,8 +115,9 @@ def routing(q: Tensor, k: Tensor, centroids: Tensor, *, causal: bool = False, ba
     lens, _ = sequence_pairs("routing", q, k, batch, lengths)
     device, n, K, B = q.device, q.size(0), centroids.size(1), max(len(lens), 1)
     if H * B * K * (n + 1) > INT64_MAX:
-        raise ValueError(f"Expected H * sequences * K * (N + 1) <= 2**63 - 1 (got {H} heads, {B} sequences, "
-                         f"K={K}, N={n})")
+        raise ValueError(
+            f"Expected H * sequences * K * (N + 1) <= 2**63 - 1 (got {H} heads, {B} sequences, K={K}, N={n})"
+        )
     q, k = F.normalize(detached_scores_dtype(q), dim=-1), F.normalize(detached_scores_dtype(k), dim=-1)
     k = k.repeat_interleave(g, dim=1)  # [N, H, D]: key head h // g under query head h
     mu = F.normalize(centroids.detach().to(q.dtype), dim=-1)  # [H, K, D]

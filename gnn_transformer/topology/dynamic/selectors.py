@@ -1,4 +1,5 @@
 """Selector objects for a layer's ``select=``: called with the allowed graph, they keep a subset of it."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -60,13 +61,16 @@ def sequence_lengths(edge_index: Tensor, num_nodes: int) -> list[int]:
     return _sequence_lengths(src, dst, num_nodes)
 
 
-def _allowed_graph(who: object, q: Tensor, k: Tensor, edge_index: object, *,
-                   self_attention: bool = True) -> tuple[Tensor, Tensor]:
+def _allowed_graph(
+    who: object, q: Tensor, k: Tensor, edge_index: object, *, self_attention: bool = True
+) -> tuple[Tensor, Tensor]:
     """Checked ``(src, dst)`` of the graph a selector is given (of self-attention unless told)."""
     check_qk(q, k)
     if self_attention and q.size(0) != k.size(0):
-        raise ValueError(f"{who!r} selects on a self-attention graph only: expected as many queries as keys (got "
-                         f"q.size(0)={q.size(0)}, k.size(0)={k.size(0)})")
+        raise ValueError(
+            f"{who!r} selects on a self-attention graph only: expected as many queries as keys (got "
+            f"q.size(0)={q.size(0)}, k.size(0)={k.size(0)})"
+        )
     check_keys(k.size(0), q.size(0))
     return checked_edge_list("edge_index", _materialized_graph(edge_index), k.size(0), q.size(0), q.device)
 
@@ -104,14 +108,16 @@ def _materialized_graph(edge_index: object) -> object:
     """An implicit graph's edge list (within the edge budget); any other graph as it is."""
     if isinstance(edge_index, BlockGraph):
         if edge_index.per_head:
-            raise ValueError(f"Expected a graph shared by every head as 'edge_index' to select in (got a per-head "
-                             f"{edge_index!r})")
+            raise ValueError(
+                f"Expected a graph shared by every head as 'edge_index' to select in (got a per-head {edge_index!r})"
+            )
         return edge_index.edges()
     return edge_index
 
 
-def _select_in_sequences(who: object, q: Tensor, k: Tensor, edge_index: object,
-                         select: Callable[[list[int]], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+def _select_in_sequences(
+    who: object, q: Tensor, k: Tensor, edge_index: object, select: Callable[[list[int]], tuple[Tensor, Tensor]]
+) -> tuple[Tensor, Tensor]:
     """``select(lengths)`` (a per-head graph) on the sequences of the given graph, then kept to that graph."""
     src, dst = _allowed_graph(who, q, k, edge_index)
     chosen_index, chosen_head = select(_sequence_lengths(src, dst, q.size(0)))
@@ -194,9 +200,11 @@ class BlockTopK:
 
     def __call__(self, q: Tensor, k: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
         """``(edge_index [2, E], edge_head [E])``, sorted by (head, target, source)."""
+
         def select(lengths: list[int]) -> tuple[Tensor, Tensor]:
             block_size = min(self.block_size, max(max(lengths), 1))  # a longer block holds the same positions
             return block_topk(q, k, block_size, self.num_blocks, causal=self.causal, lengths=lengths)
+
         return _select_in_sequences(self, q, k, edge_index, select)
 
     def implicit(self, q: Tensor, k: Tensor, edge_index: object) -> BlockGraph | None:
@@ -272,9 +280,19 @@ class LSH:
 
     def __call__(self, q: Tensor, k: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
         """``(edge_index [2, E], edge_head [E])``, sorted by (head, target, source)."""
+
         def select(lengths: list[int]) -> tuple[Tensor, Tensor]:
-            return lsh(q, k, self.num_buckets, num_hashes=self.num_hashes, chunk_size=self.chunk_size,
-                       seed=self.seed, causal=self.causal, lengths=lengths)
+            return lsh(
+                q,
+                k,
+                self.num_buckets,
+                num_hashes=self.num_hashes,
+                chunk_size=self.chunk_size,
+                seed=self.seed,
+                causal=self.causal,
+                lengths=lengths,
+            )
+
         return _select_in_sequences(self, q, k, edge_index, select)
 
 
@@ -318,8 +336,16 @@ class Routing(nn.Module):
 
     centroids: Tensor
 
-    def __init__(self, num_heads: int, head_dim: int, num_clusters: int, *, decay: float = 0.999,
-                 seed: int = 0, causal: bool = False) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        num_clusters: int,
+        *,
+        decay: float = 0.999,
+        seed: int = 0,
+        causal: bool = False,
+    ) -> None:
         super().__init__()
         check_int("num_heads", num_heads, 1)
         check_int("head_dim", head_dim, 1)
@@ -331,8 +357,16 @@ class Routing(nn.Module):
         centroids = torch.randn(num_heads, num_clusters, head_dim, generator=generator)
         self.register_buffer("centroids", F.normalize(centroids, dim=-1))
 
-    def forward(self, q: Tensor, k: Tensor, edge_index: Tensor | None = None, *, causal: bool | None = None,
-                batch: Tensor | None = None, lengths: Lengths | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        edge_index: Tensor | None = None,
+        *,
+        causal: bool | None = None,
+        batch: Tensor | None = None,
+        lengths: Lengths | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Select with :func:`routing` (within ``edge_index`` when given); update the centroids in
         training mode."""
         causal = self.causal if causal is None else causal
@@ -340,16 +374,22 @@ class Routing(nn.Module):
             return self._route(q, k, causal, batch=batch, lengths=lengths)
         if batch is not None or lengths is not None:
             given = "batch" if batch is not None else "lengths"
-            raise ValueError(f"Expected no '{given}' with 'edge_index': the sequences are those of the graph "
-                             f"(got {given}={batch if batch is not None else lengths!r})")
+            raise ValueError(
+                f"Expected no '{given}' with 'edge_index': the sequences are those of the graph "
+                f"(got {given}={batch if batch is not None else lengths!r})"
+            )
         return _select_in_sequences(self, q, k, edge_index, lambda lens: self._route(q, k, causal, lengths=lens))
 
-    def _route(self, q: Tensor, k: Tensor, causal: bool, *, batch: Tensor | None = None,
-               lengths: Lengths | None = None) -> tuple[Tensor, Tensor]:
-        return routing(q, k, self.centroids, causal=causal, batch=batch, lengths=lengths, update=self.training,
-                       decay=self.decay)
+    def _route(
+        self, q: Tensor, k: Tensor, causal: bool, *, batch: Tensor | None = None, lengths: Lengths | None = None
+    ) -> tuple[Tensor, Tensor]:
+        return routing(
+            q, k, self.centroids, causal=causal, batch=batch, lengths=lengths, update=self.training, decay=self.decay
+        )
 
     def extra_repr(self) -> str:
         H, K, D = self.centroids.shape
-        return (f"num_heads={H}, head_dim={D}, num_clusters={K}, decay={self.decay}, seed={self.seed}"
-                f"{', causal=True' if self.causal else ''}")
+        return (
+            f"num_heads={H}, head_dim={D}, num_clusters={K}, decay={self.decay}, seed={self.seed}"
+            f"{', causal=True' if self.causal else ''}"
+        )

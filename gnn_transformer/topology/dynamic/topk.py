@@ -1,4 +1,5 @@
 """Top-k attention: each query's highest-scoring keys per head, exactly, among all or the allowed keys."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,16 @@ from torch import Tensor
 from torch_geometric import EdgeIndex
 
 from .._common import INT64_MAX, check_bool, check_edges, check_int
-from ._common import (Batch, BatchLengths, check_qk, check_real, detached_scores_dtype, edge_sizes, sequence_pairs,
-                      token_layout)
+from ._common import (
+    Batch,
+    BatchLengths,
+    check_qk,
+    check_real,
+    detached_scores_dtype,
+    edge_sizes,
+    sequence_pairs,
+    token_layout,
+)
 
 
 EDGES_PER_QUERY = 64  # the allowed path of topk scores chunk * EDGES_PER_QUERY candidate edges at a time
@@ -45,8 +54,9 @@ def _best(scores: Tensor, ok: Tensor, num: int) -> tuple[Tensor, Tensor]:
     return cols, cols < span
 
 
-def dense_topk(q: Tensor, k: Tensor, num: int, lq: list[int], lk: list[int], *, causal: bool,
-                exclude_self: bool, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+def dense_topk(
+    q: Tensor, k: Tensor, num: int, lq: list[int], lk: list[int], *, causal: bool, exclude_self: bool, chunk: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """(head, query, key) of each query's ``num`` best keys of its sequence, sorted; scored
     ``chunk`` queries at a time against the keys of their sequences only."""
     device, (n_q, H, D), H_kv = q.device, q.shape, k.size(1)
@@ -84,15 +94,22 @@ def dense_topk(q: Tensor, k: Tensor, num: int, lq: list[int], lk: list[int], *, 
     return h[perm], i[perm], j[perm]
 
 
-def checked_edge_list(name: str, edge_index: object, n_src: int, n_dst: int, device: torch.device,
-               sizes: tuple[str, str] = ("k.size(0)", "q.size(0)")) -> tuple[Tensor, Tensor]:
+def checked_edge_list(
+    name: str,
+    edge_index: object,
+    n_src: int,
+    n_dst: int,
+    device: torch.device,
+    sizes: tuple[str, str] = ("k.size(0)", "q.size(0)"),
+) -> tuple[Tensor, Tensor]:
     """Validate an ``edge_index`` ``[2, E]`` (plain or ``EdgeIndex``) of sources in ``[0, n_src)``
     and targets in ``[0, n_dst)`` (named ``sizes`` in messages); return ``(src, dst)``, long."""
     if isinstance(edge_index, EdgeIndex):
         size = edge_index.sparse_size()
         if (size[0] is not None and size[0] != n_src) or (size[1] is not None and size[1] != n_dst):
-            raise ValueError(f"Expected '{name}' of sparse_size ({n_src}, {n_dst}) ({sizes[0]}, {sizes[1]}) "
-                             f"(got {size})")
+            raise ValueError(
+                f"Expected '{name}' of sparse_size ({n_src}, {n_dst}) ({sizes[0]}, {sizes[1]}) (got {size})"
+            )
         edge_index = edge_index.as_tensor()
     if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.size(0) != 2:
         shape = tuple(edge_index.shape) if isinstance(edge_index, Tensor) else type(edge_index).__name__
@@ -104,40 +121,64 @@ def checked_edge_list(name: str, edge_index: object, n_src: int, n_dst: int, dev
     src, dst = edge_index[0].long(), edge_index[1].long()
     for what, v, n, size_name in (("sources", src, n_src, sizes[0]), ("targets", dst, n_dst, sizes[1])):
         if v.numel() and (int(v.min()) < 0 or int(v.max()) >= n):
-            raise ValueError(f"Expected the {what} of '{name}' in [0, {size_name}={n}) (got values in "
-                             f"[{int(v.min())}, {int(v.max())}])")
+            raise ValueError(
+                f"Expected the {what} of '{name}' in [0, {size_name}={n}) (got values in "
+                f"[{int(v.min())}, {int(v.max())}])"
+            )
     return src, dst
 
 
-def _check_allowed(allowed: object, allowed_head: object, H: int, n_src: int, n_dst: int,
-                   device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+def _check_allowed(
+    allowed: object, allowed_head: object, H: int, n_src: int, n_dst: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Validate ``allowed`` (and ``allowed_head``); return ``(src, dst, head)``."""
     src, dst = checked_edge_list("allowed", allowed, n_src, n_dst, device)
     if allowed_head is None:
         return src, dst, None
-    if not isinstance(allowed_head, Tensor) or allowed_head.dim() != 1 or allowed_head.is_floating_point() \
-            or allowed_head.is_complex() or allowed_head.dtype == torch.bool:
+    if (
+        not isinstance(allowed_head, Tensor)
+        or allowed_head.dim() != 1
+        or allowed_head.is_floating_point()
+        or allowed_head.is_complex()
+        or allowed_head.dtype == torch.bool
+    ):
         raise ValueError(f"Expected 'allowed_head' to be a 1-D integer tensor (got {allowed_head!r})")
     if allowed_head.numel() != src.numel():
-        raise ValueError(f"Expected 'allowed_head' to have one entry per edge of 'allowed' ({src.numel()}) "
-                         f"(got {allowed_head.numel()})")
+        raise ValueError(
+            f"Expected 'allowed_head' to have one entry per edge of 'allowed' ({src.numel()}) "
+            f"(got {allowed_head.numel()})"
+        )
     if allowed_head.device != device:
         raise ValueError(f"Expected 'allowed_head' on the device of 'q' ({device}) (got {allowed_head.device})")
     head = allowed_head.long()
     if head.numel() and (int(head.min()) < 0 or int(head.max()) >= H):
-        raise ValueError(f"Expected 'allowed_head' in [0, {H}) (the heads of 'q') (got values in "
-                         f"[{int(head.min())}, {int(head.max())}])")
+        raise ValueError(
+            f"Expected 'allowed_head' in [0, {H}) (the heads of 'q') (got values in "
+            f"[{int(head.min())}, {int(head.max())}])"
+        )
     return src, dst, head
 
 
-def _allowed_topk(q: Tensor, k: Tensor, num: int, src: Tensor, dst: Tensor, head: Tensor | None,
-                  lq: list[int], lk: list[int], *, causal: bool, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+def _allowed_topk(
+    q: Tensor,
+    k: Tensor,
+    num: int,
+    src: Tensor,
+    dst: Tensor,
+    head: Tensor | None,
+    lq: list[int],
+    lk: list[int],
+    *,
+    causal: bool,
+    chunk: int,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(head, query, key) of each query's ``num`` best keys among its allowed edges, sorted."""
     device, (n_q, H, D), (n_k, H_kv, _) = q.device, q.shape, k.shape
     g = H // H_kv
     if H * max(n_q, 1) * max(n_k, 1) > INT64_MAX:
-        raise ValueError(f"Expected at most 2**63 - 1 (head, query, key) triples (got {H} heads, "
-                         f"q.size(0)={n_q}, k.size(0)={n_k})")
+        raise ValueError(
+            f"Expected at most 2**63 - 1 (head, query, key) triples (got {H} heads, q.size(0)={n_q}, k.size(0)={n_k})"
+        )
     if len(lq) > 1 or causal:  # keep the edges inside a sequence (and looking back)
         seq_q, pos_q, _, _ = token_layout(lq, device)
         seq_k, pos_k, _, _ = token_layout(lk, device)
@@ -161,8 +202,8 @@ def _allowed_topk(q: Tensor, k: Tensor, num: int, src: Tensor, dst: Tensor, head
     score = torch.empty(key.numel(), dtype=q.dtype, device=device)  # [E]
     step = chunk * EDGES_PER_QUERY
     for s in range(0, key.numel(), step):
-        hs = h[s:s + step]
-        score[s:s + step] = (q_flat[i[s:s + step] * H + hs] * k_flat[j[s:s + step] * H_kv + hs // g]).sum(-1)
+        hs = h[s : s + step]
+        score[s : s + step] = (q_flat[i[s : s + step] * H + hs] * k_flat[j[s : s + step] * H_kv + hs // g]).sum(-1)
     # -- rank within each (head, query) row: by score, ties to the lower key --
     row = h * n_q + i  # [E] non-decreasing
     order = torch.sort(score, descending=True, stable=True).indices  # ties keep (head, query, key) order
@@ -174,9 +215,19 @@ def _allowed_topk(q: Tensor, k: Tensor, num: int, src: Tensor, dst: Tensor, head
 
 
 @torch.no_grad()
-def topk(q: Tensor, k: Tensor, num_keys: int, *, allowed: Tensor | None = None, allowed_head: Tensor | None = None,
-         scale: float | None = None, batch: Batch | None = None, lengths: BatchLengths | None = None,
-         causal: bool = False, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+def topk(
+    q: Tensor,
+    k: Tensor,
+    num_keys: int,
+    *,
+    allowed: Tensor | None = None,
+    allowed_head: Tensor | None = None,
+    scale: float | None = None,
+    batch: Batch | None = None,
+    lengths: BatchLengths | None = None,
+    causal: bool = False,
+    chunk: int = 1024,
+) -> tuple[Tensor, Tensor]:
     r"""Top-k attention: every query head keeps its ``num_keys`` highest-scoring keys.
 
     For query head :math:`h` and query :math:`i`, the score of key :math:`j` is
@@ -233,8 +284,10 @@ def topk(q: Tensor, k: Tensor, num_keys: int, *, allowed: Tensor | None = None, 
     check_int("chunk", chunk, 1)
     lq, lk = sequence_pairs("topk", q, k, batch, lengths, bipartite=True)
     if allowed is None and allowed_head is not None:
-        raise ValueError(f"Expected 'allowed_head' only with 'allowed' (got allowed=None and allowed_head of "
-                         f"shape {tuple(allowed_head.shape) if isinstance(allowed_head, Tensor) else allowed_head})")
+        raise ValueError(
+            f"Expected 'allowed_head' only with 'allowed' (got allowed=None and allowed_head of "
+            f"shape {tuple(allowed_head.shape) if isinstance(allowed_head, Tensor) else allowed_head})"
+        )
     num = min(num_keys, max(lk, default=0))  # a row never has more keys than its sequence
     q, k = detached_scores_dtype(q), detached_scores_dtype(k)
     if allowed is None:
