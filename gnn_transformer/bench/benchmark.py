@@ -65,6 +65,11 @@ LINEAR = ("window", "bigbird", "random")  # edge count linear in N: also run at 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
+def _untimed(base: dict, pass_: str, note: str, build_ms: float | None = None) -> dict:
+    """A row of ``base`` for pass ``pass_`` that has no time, saying why in ``note``."""
+    return dict(base, **{"pass": pass_}, ms=None, peak_mb=None, max_err=None, build_ms=build_ms, note=note)
+
+
 def input_memory_budget(device) -> float:
     """Bytes the benchmark lets one run use on ``device`` (``run_benchmark``'s default
     ``memory_budget``): 80% of the GPU's memory, half of the machine's on the CPU."""
@@ -526,30 +531,12 @@ def _graph_rows(
             None if mode is None else mode[0],
         )
         if skip is not None:
-            emit(
-                [
-                    dict(base, **{"pass": p}, ms=None, peak_mb=None, max_err=None, build_ms=None, note=skip)
-                    for p in passes
-                ]
-            )
+            emit([_untimed(base, p, skip) for p in passes])
             continue
         try:
             fn, build_s = _make(backend, edge_index, src, dst, n, q, k, v, st.scale, st.block_size, mode, edge_head)
         except Exception as exc:  # a backend missing on this platform: report, go on
-            emit(
-                [
-                    dict(
-                        base,
-                        **{"pass": p},
-                        ms=None,
-                        peak_mb=None,
-                        max_err=None,
-                        build_ms=None,
-                        note=f"unavailable: {type(exc).__name__}: {exc}"[:120],
-                    )
-                    for p in passes
-                ]
-            )
+            emit([_untimed(base, p, f"unavailable: {type(exc).__name__}: {exc}"[:120]) for p in passes])
             continue
         build_ms = 1e3 * (build_s + t_graph)  # graph, then the kernels' structures or the mask
         note = ""
@@ -668,18 +655,7 @@ class _Case:
             t, peak = _measure(fwd, device, repeats)
         except Exception as exc:  # out of memory, a kernel the device refuses: report, go on
             _free(device)
-            return [
-                dict(
-                    base,
-                    **{"pass": p},
-                    ms=None,
-                    peak_mb=None,
-                    max_err=None,
-                    build_ms=build_ms,
-                    note=f"failed: {type(exc).__name__}: {exc}"[:120],
-                )
-                for p in passes
-            ]
+            return [_untimed(base, p, f"failed: {type(exc).__name__}: {exc}"[:120], build_ms=build_ms) for p in passes]
         note = getattr(fn, "note", "") or note
         rows = [
             dict(base, **{"pass": "fwd"}, ms=1e3 * t, peak_mb=peak / 2**20, max_err=err, build_ms=build_ms, note=note)
@@ -688,17 +664,7 @@ class _Case:
             return rows
         reason = getattr(fn, "no_backward", None)
         if reason:
-            rows.append(
-                dict(
-                    base,
-                    **{"pass": "fwd+bwd"},
-                    ms=None,
-                    peak_mb=None,
-                    max_err=None,
-                    build_ms=build_ms,
-                    note=f"unavailable: {reason}",
-                )
-            )
+            rows.append(_untimed(base, "fwd+bwd", f"unavailable: {reason}", build_ms=build_ms))
             return rows
         qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
 
@@ -724,17 +690,7 @@ class _Case:
             )
         except Exception as exc:
             _free(device)
-            rows.append(
-                dict(
-                    base,
-                    **{"pass": "fwd+bwd"},
-                    ms=None,
-                    peak_mb=None,
-                    max_err=None,
-                    build_ms=build_ms,
-                    note=f"failed: {type(exc).__name__}: {exc}"[:120],
-                )
-            )
+            rows.append(_untimed(base, "fwd+bwd", f"failed: {type(exc).__name__}: {exc}"[:120], build_ms=build_ms))
         return rows
 
 
@@ -824,17 +780,7 @@ def _flex_rows(
             grouped.setdefault(reason, []).append(v)
         why = "; ".join(f"{', '.join(vs)}: {reason}" for reason, vs in grouped.items())
         if not timed:
-            rows.append(
-                dict(
-                    base,
-                    **{"pass": p},
-                    ms=None,
-                    peak_mb=None,
-                    max_err=None,
-                    build_ms=None,
-                    note=("unavailable: " + why) if why else "unavailable",
-                )
-            )
+            rows.append(_untimed(base, p, ("unavailable: " + why) if why else "unavailable"))
             continue
         best = min(timed, key=lambda v: timed[v]["ms"])
         times = ", ".join(f"{v} {_cell('ms', r['ms'])}" for v, r in timed.items())

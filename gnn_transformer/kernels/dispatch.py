@@ -288,17 +288,7 @@ def _attend(
         )
         return _attend_per_head(query, key, value, edge_index, edge_head, edge_bias, options)
     check_tiling(block_size, tile_cost)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"Expected 'scale' to be a finite number (got {scale!r})")
-    scale = float(scale)  # a Fraction or NumPy scalar reaches the kernels as a Python float
-    if isinstance(dropout_p, Tensor) and dropout_p.numel() == 1 and dropout_p.is_floating_point():
-        dropout_p = float(dropout_p)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
-        raise ValueError(f"Expected 'dropout_p' in [0, 1) (got {dropout_p!r})")
-    for name, chunk in (("max_edges", max_edges), ("max_cells", max_cells)):
-        if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
-            raise ValueError(f"Expected '{name}' to be a positive int (got {chunk!r})")
-    max_edges, max_cells = int(max_edges), int(max_cells)  # a NumPy integer too
+    scale, dropout_p, max_edges, max_cells = _check_numbers(scale, dropout_p, max_edges, max_cells)
     if isinstance(edge_index, Tensor) and edge_index.device != query.device:
         if edge_index.numel():
             raise ValueError(
@@ -410,6 +400,21 @@ def _graph_block(graph, device_type: str, dtype: torch.dtype, block_size: int | 
     return block_size
 
 
+def _check_numbers(scale, dropout_p, max_edges, max_cells) -> tuple[float, float, int, int]:
+    """``scale``, ``dropout_p`` and the chunk bounds checked, as Python numbers (a Fraction, NumPy
+    scalar or one-element tensor reaches the kernels as a float or int)."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"Expected 'scale' to be a finite number (got {scale!r})")
+    if isinstance(dropout_p, Tensor) and dropout_p.numel() == 1 and dropout_p.is_floating_point():
+        dropout_p = float(dropout_p)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
+        raise ValueError(f"Expected 'dropout_p' in [0, 1) (got {dropout_p!r})")
+    for name, chunk in (("max_edges", max_edges), ("max_cells", max_cells)):
+        if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+            raise ValueError(f"Expected '{name}' to be a positive int (got {chunk!r})")
+    return float(scale), float(dropout_p), int(max_edges), int(max_cells)
+
+
 def _attend_blocks(
     query,
     key,
@@ -433,10 +438,7 @@ def _attend_blocks(
     (``fused``, ``split``, dropout) its materialized edges."""
     _check_block_graph(query, key, graph, edge_bias, edge_head)
     check_tiling(block_size, tile_cost)
-    if isinstance(dropout_p, Tensor) and dropout_p.numel() == 1 and dropout_p.is_floating_point():
-        dropout_p = float(dropout_p)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
-        raise ValueError(f"Expected 'dropout_p' in [0, 1) (got {dropout_p!r})")
+    scale, dropout_p, max_edges, max_cells = _check_numbers(scale, dropout_p, max_edges, max_cells)
     if backend in ("fused", "split") or dropout_p:
         edges = graph.edges()  # refused past the edge budget, before anything is allocated
         edge_index, heads = edges if isinstance(edges, tuple) else (edges, None)
@@ -458,12 +460,6 @@ def _attend_blocks(
             dropout_seed=dropout_seed,
             edge_head=heads,
         )
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"Expected 'scale' to be a finite number (got {scale!r})")
-    scale = float(scale)
-    for name, chunk in (("max_edges", max_edges), ("max_cells", max_cells)):
-        if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
-            raise ValueError(f"Expected '{name}' to be a positive int (got {chunk!r})")
     use_triton = _use_triton(query.device, impl)
     device_type = query.device.type
     block = _graph_block(graph, device_type, query.dtype, block_size)
@@ -479,7 +475,7 @@ def _attend_blocks(
     q = to_rows(query, q_rows, tiles.num_dst, per_head)
     k, v = (to_rows(x, k_rows, tiles.num_src, per_head) for x in (key, value))
     tiles_triton = use_triton and (impl == "triton" or triton_blocks(block, block))
-    out, lse, _ = _tiled(q, k, v, None, tiles, scale, tiles_triton, int(max_cells))
+    out, lse, _ = _tiled(q, k, v, None, tiles, scale, tiles_triton, max_cells)
     out = from_rows(out, q_rows, query.size(1), per_head).to(query.dtype)
     if not return_lse:
         return out
