@@ -407,7 +407,7 @@ def _check_numbers(scale, dropout_p, max_edges, max_cells) -> tuple[float, float
         raise ValueError(f"Expected 'scale' to be a finite number (got {scale!r})")
     if isinstance(dropout_p, Tensor) and dropout_p.numel() == 1 and dropout_p.is_floating_point():
         dropout_p = float(dropout_p)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= float(dropout_p) < 1:
         raise ValueError(f"Expected 'dropout_p' in [0, 1) (got {dropout_p!r})")
     for name, chunk in (("max_edges", max_edges), ("max_cells", max_cells)):
         if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
