@@ -573,35 +573,33 @@ class GraphMultiheadAttention(MessagePassing):
                 return_attention_weights=return_attention_weights,
                 backend=backend,
             )
-        if not self.project_kv:
-            raise ValueError(
-                f"Expected 'kv' (keys and values of the source nodes) for "
-                f"{type(self).__name__} built with project_kv=False (got None): it "
-                "has no key/value projection"
-            )
         x_src, x_dst, edge_bias = self._check_forward(x, edge_index, value, edge_bias, edge_head)
-
+        pos_src, pos_dst = self._positions(x, pos)
         query, key, value_h = self.project(x_dst, x_src, x_src if value is None else value)
-        if self.rotary is not None or pos is not None:
-            if isinstance(x, Tensor):
-                if isinstance(pos, (tuple, list)):
-                    raise ValueError(
-                        f"Expected 'pos' to hold one position per node, shape [{x.size(0)}] (got "
-                        "a pair: (pos_src, pos_dst) is for a bipartite input 'x' = (x_src, x_dst))"
-                    )
-                pos_src = pos_dst = pos
-            elif isinstance(pos, (tuple, list)) and len(pos) == 2:
-                pos_src, pos_dst = pos
-            else:
-                got = type(pos).__name__ if pos is None or not isinstance(pos, Tensor) else list(pos.shape)
-                raise ValueError(
-                    "Expected 'pos' to be a pair (pos_src, pos_dst) for a bipartite "
-                    f"input 'x' = (x_src, x_dst) (got {got})"
-                )
-            query = self.rotate(query, pos_dst, "pos" if isinstance(x, Tensor) else "pos[1]")
-            key = self.rotate(key, pos_src, "pos" if isinstance(x, Tensor) else "pos[0]")
+        bipartite = not isinstance(x, Tensor)
+        query = self.rotate(query, pos_dst, "pos[1]" if bipartite else "pos")
+        key = self.rotate(key, pos_src, "pos[0]" if bipartite else "pos")
         return self._attend_and_project(
             query, key, value_h, edge_index, edge_bias, edge_head, return_attention_weights, backend
+        )
+
+    def _positions(self, x, pos) -> tuple[Tensor | None, Tensor | None]:
+        """``(pos_src, pos_dst)`` of a ``forward`` without ``kv``: ``pos`` for both on one node set,
+        the pair's halves for a bipartite ``x = (x_src, x_dst)``."""
+        if self.rotary is None and pos is None:
+            return None, None
+        if isinstance(x, Tensor):
+            if isinstance(pos, (tuple, list)):
+                raise ValueError(
+                    f"Expected 'pos' to hold one position per node, shape [{x.size(0)}] (got "
+                    "a pair: (pos_src, pos_dst) is for a bipartite input 'x' = (x_src, x_dst))"
+                )
+            return pos, pos
+        if isinstance(pos, (tuple, list)) and len(pos) == 2:
+            return pos[0], pos[1]
+        got = type(pos).__name__ if pos is None or not isinstance(pos, Tensor) else list(pos.shape)
+        raise ValueError(
+            f"Expected 'pos' to be a pair (pos_src, pos_dst) for a bipartite input 'x' = (x_src, x_dst) (got {got})"
         )
 
     def _forward_kv(
@@ -633,6 +631,12 @@ class GraphMultiheadAttention(MessagePassing):
         self, x, edge_index: Tensor, value: Tensor | None, edge_bias: Tensor | None, edge_head: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Checked ``(x_src, x_dst, edge_bias)`` of a ``forward`` without ``kv``."""
+        if not self.project_kv:
+            raise ValueError(
+                f"Expected 'kv' (keys and values of the source nodes) for "
+                f"{type(self).__name__} built with project_kv=False (got None): it "
+                "has no key/value projection"
+            )
         if isinstance(x, Tensor):
             x_src = x_dst = x
         elif isinstance(x, (tuple, list)) and len(x) == 2:

@@ -4,7 +4,10 @@ A call goes :mod:`.dispatch` (checks, backend and implementation) -> one backend
 ``fused_triton.py`` / ``fused_torch.py`` (``fused``: the target-sorted CSR), ``tiled_triton.py`` /
 ``tiled_torch.py`` (``tiled``: tiles of the adjacency), both and :mod:`.merge` (``split``);
 :mod:`.planner` picks the backend under ``auto``, which runs full and causal graphs through
-PyTorch's own attention kernels (:mod:`.sdpa`).
+PyTorch's own attention kernels (:mod:`.sdpa`). Every backend file builds on three small shared
+modules, read once: :mod:`._graph` (an edge list's target-sorted CSR, cached per graph),
+:mod:`._autograd` (the one autograd function: a forward and a backward over a graph structure) and
+:mod:`.primitives` (dtype and empty-row helpers); the Triton files also share :mod:`.triton_common`.
 
 Glossary (each word has this one meaning in this package):
 

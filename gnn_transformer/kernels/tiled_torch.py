@@ -65,6 +65,9 @@ def _flash_mask(tiles: TileList, tb: Tensor | None, tids: Tensor, dtype) -> tupl
     return mask.unsqueeze(1), keep.any(-1).unsqueeze(1)
 
 
+# a chunk: its query blocks [M], tile ids [M, c] and run of consecutive key blocks (_chunks)
+Chunk = tuple[Tensor, Tensor, tuple[int, int] | None]
+
 # the largest mask pool (cells) of _mask_pool: tile lists with more distinct masks build each chunk's
 MAX_POOL_CELLS = 1 << 22
 
@@ -86,7 +89,7 @@ def _mask_pool(tiles: TileList, dtype: torch.dtype) -> tuple[Tensor, Tensor] | N
     return cache[dtype]
 
 
-def _chunks(tiles: TileList, num_heads: int, max_cells: int) -> list[tuple[Tensor, Tensor, tuple[int, int] | None]]:
+def _chunks(tiles: TileList, num_heads: int, max_cells: int) -> list[Chunk]:
     """``[(query blocks [M], tile ids [M, c], run)]``: query blocks with ``c`` tiles each, chunked.
     ``run = (first, step)`` when query block ``g`` of the chunk reads the consecutive key blocks
     ``first + g * step ...`` (causal and window chunks): then :func:`_key_blocks` reads them in
@@ -230,6 +233,89 @@ def tiled_forward(
     """``(out [N_dst, H, D], lse [N_dst, H], lse_lo [N_dst, H])`` over the tiles; ``tbias`` is the
     edge bias ``[E_t, H]`` of the tiled edges (``tiles.edge_ids``) or ``None``."""
     cd = compute_dtype(q.dtype)
+    tb = None if tbias is None else tbias.to(cd)
+    chunks = _chunks(tiles, q.size(1), max_cells)
+    if _use_flash(q.device, cd) and dropout is None:
+        out, lse, lse_lo, rest = _flash_forward(q, k, v, tiles, tb, scale, chunks)
+        if rest:  # chunks whose log-sum-exp the fused kernel cannot keep exactly
+            out_m, lse_m, lo_m = _matmul_forward(q, k, v, tiles, tb, scale, rest, None)
+            rows = torch.cat([_block_rows(blocks, tiles.block_q, q.size(0)) for blocks, _, _ in rest])
+            out[rows], lse[rows], lse_lo[rows] = out_m[rows], lse_m[rows], lo_m[rows]
+        return out, lse, lse_lo
+    return _matmul_forward(q, k, v, tiles, tb, scale, chunks, dropout)
+
+
+def _block_rows(blocks: Tensor, block: int, n: int) -> Tensor:
+    """The rows (below ``n``) of query blocks ``blocks [M]``."""
+    rows = (blocks.unsqueeze(1) * block + torch.arange(block, device=blocks.device)).flatten()
+    return rows[rows < n]
+
+
+def _token_blocks(x: Tensor, block: int, num_blocks: int, cd: torch.dtype, group: int = 1, extra: int = 0) -> Tensor:
+    """``x [N, H, D]`` as ``[num_blocks, block, H·group, D + extra]`` in ``cd`` (each head repeated
+    ``group`` times, ``extra`` zero channels after ``D``): a view of ``x`` when nothing changes,
+    else a zero-padded copy."""
+    if group > 1:
+        x = x.repeat_interleave(group, dim=1)
+    n, h, d = x.shape
+    if n == num_blocks * block and not extra and x.dtype == cd and x.is_contiguous():
+        return x.view(num_blocks, block, h, d)
+    out = torch.zeros(num_blocks * block, h, d + extra, dtype=cd, device=x.device)
+    out[:n, :, :d] = x
+    return out.view(num_blocks, block, h, d + extra)
+
+
+def _token_key_blocks(xT: Tensor, tiles: TileList, tids: Tensor, run: tuple[int, int] | None) -> Tensor:
+    """The key blocks of a chunk's tiles, ``[M, H, c·Bk, D]`` from ``xT [nkb, Bk, H, D]`` (contiguous):
+    a strided view for a ``run`` of consecutive blocks, else a gathered copy."""
+    _, bk, h, d = xT.shape
+    g, c = tids.shape
+    if run is None:
+        return xT[tiles.k_block[tids].flatten()].view(g, c * bk, h, d).transpose(1, 2)
+    first, step = run
+    view = xT.as_strided((g, c * bk, h, d), (step * bk * h * d, h * d, d, 1), xT.storage_offset() + first * bk * h * d)
+    return view.transpose(1, 2)
+
+
+def _flash_forward(q, k, v, tiles: TileList, tb: Tensor | None, scale: float, chunks):
+    """``(out, lse, lse_lo, rest)`` by PyTorch's fused CPU kernel, one call per chunk, in the
+    tokens' own layout (``[N, H, D]`` viewed as query and key blocks, the kernel's native layout:
+    no transposed copies); ``rest`` the chunks whose log-sum-exp reaches ``FLASH_LSE_LIMIT``,
+    left for the matmul path."""
+    n_dst, num_heads, dim = q.shape
+    cd = torch.float32
+    bq, nqb = tiles.block_q, tiles.num_q_blocks
+    qT = _token_blocks(q, bq, nqb, cd)  # [nqb, Bq, H, D]
+    group = num_heads // k.size(1)
+    kT = _token_blocks(k, tiles.block_k, tiles.num_k_blocks, cd, group)  # [nkb, Bk, H, D]
+    vT = _token_blocks(v, tiles.block_k, tiles.num_k_blocks, cd, group)  # [nkb, Bk, H, D]
+    covered = sum(blocks.numel() for blocks, _, _ in chunks) == nqb  # every query block has a tile
+    out = (torch.empty if covered else torch.zeros)(nqb * bq, num_heads, dim, dtype=cd, device=q.device)
+    lse = torch.full((nqb * bq, num_heads), float("-inf"), dtype=cd, device=q.device)
+    lse_lo = torch.zeros(n_dst, num_heads, dtype=cd, device=q.device)
+    outT, lseT = out.view(nqb, bq, num_heads, dim), lse.view(nqb, bq, num_heads)
+    rest: list[Chunk] = []
+    assert _FLASH is not None  # _use_flash
+    for blocks, tids, run in chunks:
+        qb = _as_slice(blocks)
+        mask, nonempty = _flash_mask(tiles, tb, tids, cd)
+        keys, vals = _token_key_blocks(kT, tiles, tids, run), _token_key_blocks(vT, tiles, tids, run)
+        o, lse_g = _FLASH(qT[qb].transpose(1, 2), keys, vals, attn_mask=mask, scale=scale)  # [M, H, Bq, D], [M, H, Bq]
+        if nonempty is not None:  # rows without an edge: lse = -inf (the kernel says 0)
+            lse_g = lse_g.masked_fill(~nonempty, float("-inf"))
+        if float(torch.nan_to_num(lse_g, neginf=0.0).abs().max()) >= FLASH_LSE_LIMIT:
+            rest.append((blocks, tids, run))
+            continue
+        outT[qb] = o.transpose(1, 2)
+        lseT[qb] = lse_g.transpose(1, 2)
+    out = out[:n_dst] if out.dtype == q.dtype else out[:n_dst].to(q.dtype)
+    return out, lse[:n_dst], lse_lo, rest
+
+
+def _matmul_forward(q, k, v, tiles: TileList, tb: Tensor | None, scale: float, chunks, dropout):
+    """``(out, lse, lse_lo)`` of ``chunks`` by batched matmuls and an explicit softmax (rows of the
+    query blocks of other chunks: no edges)."""
+    cd = compute_dtype(q.dtype)
     n_dst, num_heads, dim = q.shape
     group = num_heads // k.size(1)
     nqb, nkb = tiles.num_q_blocks, tiles.num_k_blocks
@@ -239,31 +325,15 @@ def tiled_forward(
     outB = torch.zeros_like(qB)  # [H, nqb, Bq, D]
     lseB = torch.full(qB.shape[:3], float("-inf"), dtype=cd, device=q.device)  # [H, nqb, Bq]
     loB = torch.zeros(qB.shape[:3], dtype=cd, device=q.device)  # [H, nqb, Bq]
-    tb = None if tbias is None else tbias.to(cd)
-    flash = _use_flash(q.device, cd) and dropout is None
-    for blocks, tids, run in _chunks(tiles, num_heads, max_cells):
+    for blocks, tids, run in chunks:
         qb = _as_slice(blocks)
-        if flash:  # [M, H, Bq, D] / [M, H, c·Bk, D] layout of the fused CPU kernel
-            keys = _key_blocks(kB, tiles, tids, run).transpose(0, 1)
-            vals = _key_blocks(vB, tiles, tids, run).transpose(0, 1)
-            mask, nonempty = _flash_mask(tiles, tb, tids, cd)
-            assert _FLASH is not None  # flash: _use_flash
-            o, lse_g = _FLASH(qB[:, qb].transpose(0, 1), keys, vals, attn_mask=mask, scale=scale)
-            if nonempty is not None:  # rows without an edge: lse = -inf (the kernel says 0)
-                lse_g = lse_g.masked_fill(~nonempty, float("-inf"))
-            if float(torch.nan_to_num(lse_g, neginf=0.0).abs().max()) < FLASH_LSE_LIMIT:
-                outB[:, qb] = o.transpose(0, 1)
-                lseB[:, qb] = lse_g.transpose(0, 1)
-                continue
         _, _, s = _scores(qB, kB, tiles, tb, qb, tids, run, scale)  # [H, M, Bq, c·Bk]
         top = s.amax(-1, keepdim=True)
         top = finite_or_zero(top)
         e = s.sub_(top).exp_()  # in place: the chunk's temporaries are its largest tensors
         total = e.sum(-1, keepdim=True)  # [H, M, Bq, 1]
-        nonempty = total > 0
-        safe = torch.where(nonempty, total, torch.ones_like(total))
         vals = _key_blocks(vB, tiles, tids, run)  # [H, M, c·Bk, D]
-        prob = e.div_(safe)  # [H, M, Bq, c·Bk]
+        prob = e.div_(total_or_one(total))  # [H, M, Bq, c·Bk]
         if dropout is not None:
             prob.mul_(_keep_scales(tiles, tids, num_heads, dropout, cd))
         outB[:, qb] = torch.matmul(prob, vals)  # [H, M, Bq, D]
@@ -293,68 +363,120 @@ def tiled_backward(
     """``(dq, dk, dv, dbias)`` from the saved ``out`` and ``lse`` (with ``lse_lo``); ``dbias`` has
     ``tbias``'s shape ``[E_t, H]``."""
     cd = compute_dtype(q.dtype)
+    tb = None if tbias is None else tbias.to(cd)
+    need_bias_grad = need_bias_grad and tb is not None
+    chunks = _chunks(tiles, q.size(1), max_cells)
+    if not (_use_flash(q.device, cd) and not need_bias_grad and dropout is None):
+        return _matmul_backward(
+            q, k, v, tiles, tb, tbias, scale, lse, lse_lo, dout, dlse, need_bias_grad, chunks, dropout
+        )
+    # chunks whose forward ran the matmul path (huge log-sum-exps) take it here too
+    top = finite_or_zero(lse).abs()  # [N_dst, H]
+    flash: list[Chunk] = []
+    rest: list[Chunk] = []
+    for chunk in chunks:
+        rows = _block_rows(chunk[0], tiles.block_q, q.size(0))
+        (flash if rows.numel() == 0 or float(top[rows].max()) < FLASH_LSE_LIMIT else rest).append(chunk)
+    dq, dk, dv = _flash_backward(q, k, v, tiles, tb, scale, out, lse, dout, dlse, flash, zero_rows=bool(rest))
+    if rest:
+        dq_m, dk_m, dv_m, _ = _matmul_backward(
+            q, k, v, tiles, tb, tbias, scale, lse, lse_lo, dout, dlse, False, rest, None
+        )
+        dq, dk, dv = dq + dq_m, dk + dk_m, dv + dv_m
+    return dq, dk, dv, None
+
+
+def _flash_backward(q, k, v, tiles: TileList, tb, scale, out, lse, dout, dlse, chunks, zero_rows: bool):
+    """``(dq, dk, dv)`` of ``chunks`` by PyTorch's fused CPU backward kernel, in the tokens' own layout
+    (rows of query blocks of other chunks: 0 when ``zero_rows`` or when a query block has no tile).
+
+    The kernel computes ``delta_i = dO_i . O_i`` itself. A gradient of the log-sum-exp (the split
+    path's merge) enters as one more channel: ``dO_i[D] = 1``, ``O_i[D] = -dlse_i`` and ``q``, ``k``,
+    ``v[D] = 0`` give ``delta_i = dO_i . O_i - dlse_i`` and leave every other product unchanged."""
+    cd = torch.float32
+    n_dst, num_heads, dim = q.shape
+    n_src, num_kv = k.size(0), k.size(1)
+    group = num_heads // num_kv
+    bq, bk, nqb, nkb = tiles.block_q, tiles.block_k, tiles.num_q_blocks, tiles.num_k_blocks
+    extra = 0 if dlse is None else 1
+    qT = _token_blocks(q, bq, nqb, cd, extra=extra)  # [nqb, Bq, H, D (+ 1)]
+    kT = _token_blocks(k, bk, nkb, cd, group, extra)  # [nkb, Bk, H, D (+ 1)]
+    vT = _token_blocks(v, bk, nkb, cd, group, extra)
+    doT = _token_blocks(dout, bq, nqb, cd, extra=extra)
+    oT = _token_blocks(out, bq, nqb, cd, extra=extra)
+    if extra:
+        doT[..., dim] = 1.0
+        oT.view(-1, num_heads, dim + 1)[:n_dst, :, dim] = -dlse.to(cd)
+    lseT = torch.zeros(nqb * bq, num_heads, dtype=cd, device=q.device)
+    lseT[:n_dst] = finite_or_zero(lse.to(cd))
+    lseT = lseT.view(nqb, bq, num_heads)
+    covered = sum(blocks.numel() for blocks, _, _ in chunks) == nqb
+    dqT = (torch.zeros if zero_rows or not covered else torch.empty)(qT.shape, dtype=cd, device=q.device)
+    dkT, dvT = torch.zeros_like(kT), torch.zeros_like(vT)
+    assert _FLASH_BWD is not None  # _use_flash
+    for blocks, tids, run in chunks:
+        qb = _as_slice(blocks)
+        g, c = tids.shape
+        mask, _ = _flash_mask(tiles, tb, tids, cd)
+        dq, dk, dv = _FLASH_BWD(
+            doT[qb].transpose(1, 2),
+            qT[qb].transpose(1, 2),
+            _token_key_blocks(kT, tiles, tids, run),
+            _token_key_blocks(vT, tiles, tids, run),
+            oT[qb].transpose(1, 2),
+            lseT[qb].transpose(1, 2),
+            0.0,
+            False,
+            attn_mask=mask,
+            scale=scale,
+        )  # [M, H, Bq, D (+ 1)], [M, H, c·Bk, D (+ 1)] twice
+        dqT[qb] = dq.transpose(1, 2)
+        kb = tiles.k_block[tids].flatten()  # [M·c]
+        dkT.index_add_(0, kb, dk.transpose(1, 2).reshape(g * c, bk, num_heads, -1))
+        dvT.index_add_(0, kb, dv.transpose(1, 2).reshape(g * c, bk, num_heads, -1))
+    dq = dqT.view(-1, num_heads, dim + extra)[:n_dst, :, :dim].to(q.dtype)
+    dk = _group_sum(dkT.view(-1, num_heads, dim + extra)[:n_src, :, :dim], num_kv).to(k.dtype)
+    dv = _group_sum(dvT.view(-1, num_heads, dim + extra)[:n_src, :, :dim], num_kv).to(v.dtype)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+def _group_sum(x: Tensor, num_kv: int) -> Tensor:
+    """Gradients ``[N, H, D]`` of the repeated key / value heads summed per key / value head,
+    ``[N, H_kv, D]`` (``x`` itself when every head has its own)."""
+    n, h, d = x.shape
+    return x if h == num_kv else x.reshape(n, num_kv, h // num_kv, d).sum(2)
+
+
+def _matmul_backward(
+    q, k, v, tiles: TileList, tb, tbias, scale, lse, lse_lo, dout, dlse, need_bias_grad, chunks, dropout
+):
+    """``(dq, dk, dv, dbias)`` of ``chunks`` by batched matmuls, recomputing the scores: ``delta_i``
+    is the sum of ``p · dp`` over the row's recomputed tiles, with ``p`` normalized per row (module
+    fused_torch's docstring says why)."""
+    cd = compute_dtype(q.dtype)
     n_dst, num_heads, dim = q.shape
     n_src, num_kv = k.size(0), k.size(1)
     group = num_heads // num_kv
     nqb, nkb = tiles.num_q_blocks, tiles.num_k_blocks
-    tb = None if tbias is None else tbias.to(cd)
-    need_bias_grad = need_bias_grad and tb is not None
-    flash = _use_flash(q.device, cd) and not need_bias_grad and dropout is None
-    # The fused CPU backward computes delta_i = dO_i . O_i itself. A gradient of the lse (the split
-    # path's merge) enters as one more channel: dO_i[D] = 1, O_i[D] = -dlse_i and q, k, v[D] = 0
-    # give delta_i = dO_i . O_i - dlse_i and leave every other product unchanged.
-    extra = 1 if (flash and dlse is not None) else 0
-    qB = _blocked(q, tiles.block_q, nqb, cd, extra)
-    kB = _blocked(k.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd, extra)
-    vB = _blocked(v.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd, extra)
-    doB = _blocked(dout, tiles.block_q, nqb, cd, extra)  # [H, nqb, Bq, D (+ 1)]
-    lseB = _blocked(lse.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
-    lseB = finite_or_zero(lseB)
+    qB = _blocked(q, tiles.block_q, nqb, cd)
+    kB = _blocked(k.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd)
+    vB = _blocked(v.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd)
+    doB = _blocked(dout, tiles.block_q, nqb, cd)  # [H, nqb, Bq, D]
+    lseB = finite_or_zero(_blocked(lse.unsqueeze(-1), tiles.block_q, nqb, cd))  # [H, nqb, Bq, 1]
     loB = _blocked(lse_lo.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
+    dlseB = None if dlse is None else _blocked(dlse.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
     dqB, dkB, dvB = torch.zeros_like(qB), torch.zeros_like(kB), torch.zeros_like(vB)
     dtb = torch.zeros_like(tb) if need_bias_grad and tb is not None else None
-    if flash:
-        outB = _blocked(out, tiles.block_q, nqb, cd, extra)  # [H, nqb, Bq, D (+ 1)]
-        if extra:
-            doB[..., dim] = 1.0
-            outB[..., dim] = -_blocked(dlse.unsqueeze(-1), tiles.block_q, nqb, cd)[..., 0]
-    # chunks off the fused CPU kernel take delta_i as the sum of p (dp) over the row's recomputed
-    # tiles, with p normalized per row (module fused_torch's docstring says why)
-    dlseB = None if dlse is None else _blocked(dlse.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
-    for blocks, tids, run in _chunks(tiles, num_heads, max_cells):
+    for blocks, tids, run in chunks:
         qb = _as_slice(blocks)
         g, c = tids.shape
         kb = tiles.k_block[tids].flatten()  # [M·c]
-        # chunks whose forward ran the matmul path (huge log-sum-exps) take it here too
-        if flash and float(lseB[:, qb].abs().max()) < FLASH_LSE_LIMIT:
-            keys = _key_blocks(kB, tiles, tids, run).transpose(0, 1)
-            vals = _key_blocks(vB, tiles, tids, run).transpose(0, 1)
-            mask, _ = _flash_mask(tiles, tb, tids, cd)
-            assert _FLASH_BWD is not None  # flash: _use_flash
-            dq, dk, dv = _FLASH_BWD(
-                doB[:, qb].transpose(0, 1),
-                qB[:, qb].transpose(0, 1),
-                keys,
-                vals,
-                outB[:, qb].transpose(0, 1),
-                lseB[:, qb].squeeze(-1).transpose(0, 1),
-                0.0,
-                False,
-                attn_mask=mask,
-                scale=scale,
-            )
-            dqB[:, qb] = dq.transpose(0, 1)
-            dkB.index_add_(1, kb, dk.transpose(0, 1).reshape(num_heads, g * c, tiles.block_k, -1))
-            dvB.index_add_(1, kb, dv.transpose(0, 1).reshape(num_heads, g * c, tiles.block_k, -1))
-            continue
         qg, kg, s = _scores(qB, kB, tiles, tb, qb, tids, run, scale)
-        if extra:  # the flash layout's extra channel is zero in q, k and v; leave it out
-            qg, kg = qg[..., :dim], kg[..., :dim]
         p = s.sub_(lseB[:, qb]).sub_(loB[:, qb]).exp_()  # [H, M, Bq, c·Bk], in place
         total = p.sum(-1, keepdim=True)  # [H, M, Bq, 1]
         p.div_(total_or_one(total))
-        dog = doB[:, qb][..., :dim]  # [H, M, Bq, D]
-        vals = _key_blocks(vB, tiles, tids, run)[..., :dim]  # [H, M, c·Bk, D]
+        dog = doB[:, qb]  # [H, M, Bq, D]
+        vals = _key_blocks(vB, tiles, tids, run)  # [H, M, c·Bk, D]
         dp = torch.matmul(dog, vals.transpose(-1, -2))  # [H, M, Bq, c·Bk]
         pd = p
         if dropout is not None:
@@ -365,18 +487,16 @@ def tiled_backward(
         if dlseB is not None:
             delta -= dlseB[:, qb]
         ds = dp.sub_(delta).mul_(p)  # p (dp - delta)
-        dqB[:, qb, :, :dim] = torch.matmul(ds, kg).mul_(scale)
+        dqB[:, qb] = torch.matmul(ds, kg).mul_(scale)
         dk = torch.matmul(ds.transpose(-1, -2), qg).mul_(scale).reshape(num_heads, g * c, tiles.block_k, dim)
         dv = torch.matmul(pd.transpose(-1, -2), dog).reshape(num_heads, g * c, tiles.block_k, dim)
-        dkB[..., :dim].index_add_(1, kb, dk)
-        dvB[..., :dim].index_add_(1, kb, dv)
+        dkB.index_add_(1, kb, dk)
+        dvB.index_add_(1, kb, dv)
         if dtb is not None:
             _bias_grad(tiles, dtb, ds, tids)
-    if extra:
-        dqB, dkB, dvB = dqB[..., :dim], dkB[..., :dim], dvB[..., :dim]
     dq = _unblocked(dqB, n_dst, q.dtype)
-    dk = _unblocked(dkB, n_src, cd).view(n_src, num_kv, group, dim).sum(2).to(k.dtype)
-    dv = _unblocked(dvB, n_src, cd).view(n_src, num_kv, group, dim).sum(2).to(v.dtype)
+    dk = _group_sum(_unblocked(dkB, n_src, cd), num_kv).to(k.dtype)
+    dv = _group_sum(_unblocked(dvB, n_src, cd), num_kv).to(v.dtype)
     if dtb is not None:
         dtb = dtb.to(tbias.dtype)
     return dq, dk, dv, dtb
