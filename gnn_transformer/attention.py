@@ -485,8 +485,31 @@ class GraphMultiheadAttention(MessagePassing):
         return (key if self.k_norm is None else self.k_norm(key)), value
 
     def project(self, x_query: Tensor, x_key: Tensor, x_value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-head queries ``[N_dst, H, D]``, keys and values ``[N_src, H_kv, D]``."""
-        return (self.project_query(x_query), *self.project_key_value(x_key, x_value))
+        """Per-head queries ``[N_dst, H, D]``, keys and values ``[N_src, H_kv, D]``. Self-attention
+        (one input for all three) with a packed ``in_proj_weight`` runs one matmul and splits it,
+        as ``nn.MultiheadAttention`` does."""
+        weight = self.in_proj_weight
+        packed = (
+            x_query is x_key
+            and x_key is x_value
+            and weight is not None
+            and self.project_kv
+            and type(self).project_query is GraphMultiheadAttention.project_query
+            and type(self).project_key_value is GraphMultiheadAttention.project_key_value
+        )
+        if not packed or weight is None:
+            return (self.project_query(x_query), *self.project_key_value(x_key, x_value))
+        kv_dim = self.num_kv_heads * self.head_dim
+        qkv = F.linear(x_query, weight, self.in_proj_bias)  # [N, C + 2 H_kv D]
+        q, k, v = qkv.split([self.q_dim, kv_dim, kv_dim], dim=-1)
+        query = q.view(-1, self.num_heads, self.head_dim)  # [N, H, D], rows strided
+        key = k.view(-1, self.num_kv_heads, self.head_dim)  # [N, H_kv, D]
+        value = v.view(-1, self.num_kv_heads, self.head_dim)  # [N, H_kv, D]
+        if self.q_norm is not None:
+            query = self.q_norm(query)
+        if self.k_norm is not None:
+            key = self.k_norm(key)
+        return query, key, value
 
     def rotate(self, heads: Tensor, pos: Tensor | None, name: str = "pos") -> Tensor:
         """Queries or keys ``[N, H, D]`` rotated by their node's position (identity without RoPE)."""

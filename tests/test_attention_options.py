@@ -5,7 +5,7 @@ references."""
 import pytest
 import torch
 
-from gnn_transformer import GraphMultiheadAttention
+from gnn_transformer import GraphMultiheadAttention, dense
 from gnn_transformer.mlp import FeedForward
 from gnn_transformer.norms import RMSNorm
 from gnn_transformer.position import RopeScaling, RotaryEmbedding, rope_inv_freq
@@ -16,19 +16,15 @@ TOL64 = dict(atol=1e-10, rtol=1e-10)
 
 
 def _dense(attn: GraphMultiheadAttention, x: torch.Tensor, mask: torch.Tensor, pos=None) -> torch.Tensor:
-    """The layer's math on a dense [N, N] mask (query i keeps key j), heads looped."""
+    """The layer on a dense [N, N] mask (query i keeps key j): its own projections, norms and
+    rotation, then the dense package's masked softmax."""
     q = attn.project_query(x)  # [N, H, D]
     k, v = attn.project_key_value(x, x)  # [N, H_kv, D]
     if attn.rotary is not None:
         q, k = attn.rotary(q, pos), attn.rotary(k, pos)
-    group = attn.num_heads // attn.num_kv_heads
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    scale = attn.scale if attn.scale is not None else attn.head_dim**-0.5
-    s = torch.einsum("ihd,jhd->hij", q, k) * scale  # [H, N, N]
-    if attn.softcap is not None:
-        s = torch.tanh(s / attn.softcap) * attn.softcap
-    s = s.masked_fill(~mask, float("-inf")).softmax(-1)
-    out = torch.einsum("hij,jhd->ihd", s, v).reshape(x.size(0), -1)  # [N, H D]
+    heads = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, H, N, D]
+    out, _ = dense.scaled_dot_product(*heads, mask, scale=attn.scale, softcap=attn.softcap)  # [1, H, N, D]
+    out = out[0].transpose(0, 1).reshape(x.size(0), -1)  # [N, H D]
     return attn.out_proj(out)
 
 

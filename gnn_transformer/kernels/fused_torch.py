@@ -16,7 +16,10 @@ where the transposed products walk each chunk's edges sorted by source. The back
 row's ``p`` to sum to 1, rather than ``dO_i . O_i`` from the saved output: where the scores are
 huge and a row's softmax is saturated (one weight 1, the rest 0), the true ``ds`` is 0, and only
 a ``delta`` made of the same ``p`` and ``dp`` gives 0 (``dO_i . O_i`` differs from ``dp_e`` by a
-rounding of ``|dO| |v|``, which ``dQ`` then multiplies by ``|K|``). Every product is a
+rounding of ``|dO| |v|``, which ``dQ`` then multiplies by ``|K|``). ``dp`` is first centred on its
+value at the row's largest score (``ds`` does not change: the ``p`` sum to 1), so that a nearly
+saturated row's ``dp_top - delta_i``, a tiny difference of two large numbers, is computed from
+the other edges' terms alone, without cancellation. Every product is a
 deterministic CSR kernel; half-precision inputs are computed in float32. With attention dropout,
 ``P`` is multiplied by the keep scales ``m_e`` of :mod:`._dropout` (regenerated in the backward pass):
 ``out = (P∘M) V``, ``dp_e = m_e dO_i . v_j``, ``dV = (P∘M)^T dO``; ``delta`` and ``lse`` are unchanged.
@@ -121,6 +124,13 @@ def _sampled(c: RowChunk, a: Tensor, b: Tensor, values: Tensor | None, alpha: fl
 def _scores(c: RowChunk, qT_h: Tensor, kT_h: Tensor, bias_h: Tensor | None, scale: float) -> Tensor:
     """``s_e = scale * q_i . k_j + b_e`` for the chunk's edges, ``[Ec]``."""
     return _sampled(c, qT_h, kT_h, bias_h, scale)
+
+
+def _pivot(c: RowChunk, s: Tensor, dp: Tensor) -> Tensor:
+    """``[Ec]``: each edge's row's ``dp`` at the row's largest score (the largest such ``dp`` on ties)."""
+    top = torch.segment_reduce(s, "max", offsets=c.crow)  # [R]
+    at_top = torch.where(s == top[c.row], dp, torch.full_like(dp, float("-inf")))  # [Ec]
+    return torch.segment_reduce(at_top, "max", offsets=c.crow)[c.row]
 
 
 def _row_sums(c: RowChunk, p: Tensor) -> Tensor:
@@ -233,6 +243,7 @@ def chunked_backward(
                 pd = p
                 if keep is not None:
                     dp, pd = dp * keep, p * keep
+                dp = dp - _pivot(c, s, dp)  # centred on the row's largest score (module docstring)
                 delta = torch.segment_reduce(p * dp, "sum", offsets=c.crow)  # [R]
                 if dlseT is not None:
                     delta = delta - dlseT[h, c.r0 : c.r1]

@@ -18,6 +18,7 @@ heads, ``D`` head dimension.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,7 @@ class DensePattern:
     kind: str
     bounds: tuple[int, ...]
 
-    @property
+    @functools.cached_property
     def lengths(self) -> list[int]:
         return [b - a for a, b in zip(self.bounds[:-1], self.bounds[1:])]
 
@@ -127,8 +128,10 @@ def _documents(x: Tensor, pattern: DensePattern) -> list[Tensor]:
 
 
 def _tokens(parts: list[Tensor]) -> Tensor:
-    """SDPA's ``[B, H, L, ...]`` batches back to ``[N, H, ...]`` (contiguous)."""
-    return torch.cat([p.transpose(1, 2).reshape(-1, *p.shape[1:2], *p.shape[3:]) for p in parts])
+    """SDPA's ``[B, H, L, ...]`` batches back to ``[N, H, ...]`` (contiguous; one batch in the
+    kernels' own ``[B, L, H, ...]`` memory comes back as a view, without a copy)."""
+    tokens = [p.transpose(1, 2).reshape(-1, *p.shape[1:2], *p.shape[3:]) for p in parts]
+    return tokens[0].contiguous() if len(tokens) == 1 else torch.cat(tokens)
 
 
 def _flash_forward(q, k, v, bias, pattern: DensePattern, scale: float):
@@ -156,7 +159,7 @@ def _flash_backward(q, k, v, bias, pattern: DensePattern, scale: float, out, lse
     extra = 0 if dlse is None else 1
 
     def padded(x: Tensor, heads: int | None = None) -> Tensor:  # [N, H, D] -> [N, H, D + extra] in cd
-        x = x.to(cd) if heads is None else x.to(cd).repeat_interleave(heads, dim=1)
+        x = x.to(cd) if heads is None or heads == 1 else x.to(cd).repeat_interleave(heads, dim=1)
         return torch.nn.functional.pad(x, (0, extra)) if extra else x
 
     qc, kc, vc, oc, doc = padded(q), padded(k, group), padded(v, group), padded(out), padded(dout)

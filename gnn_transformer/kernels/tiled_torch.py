@@ -451,8 +451,8 @@ def _matmul_backward(
     q, k, v, tiles: TileList, tb, tbias, scale, lse, lse_lo, dout, dlse, need_bias_grad, chunks, dropout
 ):
     """``(dq, dk, dv, dbias)`` of ``chunks`` by batched matmuls, recomputing the scores: ``delta_i``
-    is the sum of ``p · dp`` over the row's recomputed tiles, with ``p`` normalized per row (module
-    fused_torch's docstring says why)."""
+    is the sum of ``p · dp`` over the row's recomputed tiles, with ``p`` normalized per row and
+    ``dp`` centred on its value at the row's largest score (module fused_torch's docstring says why)."""
     cd = compute_dtype(q.dtype)
     n_dst, num_heads, dim = q.shape
     n_src, num_kv = k.size(0), k.size(1)
@@ -472,6 +472,7 @@ def _matmul_backward(
         g, c = tids.shape
         kb = tiles.k_block[tids].flatten()  # [M·c]
         qg, kg, s = _scores(qB, kB, tiles, tb, qb, tids, run, scale)
+        top = s.argmax(-1, keepdim=True)  # [H, M, Bq, 1]: each row's largest score
         p = s.sub_(lseB[:, qb]).sub_(loB[:, qb]).exp_()  # [H, M, Bq, c·Bk], in place
         total = p.sum(-1, keepdim=True)  # [H, M, Bq, 1]
         p.div_(total_or_one(total))
@@ -483,6 +484,7 @@ def _matmul_backward(
             scales = _keep_scales(tiles, tids, num_heads, dropout, cd)
             dp.mul_(scales)
             pd = p * scales
+        dp.sub_(dp.gather(-1, top))  # centred on the largest score: no cancellation in dp - delta
         delta = (p * dp).sum(-1, keepdim=True)  # [H, M, Bq, 1]
         if dlseB is not None:
             delta -= dlseB[:, qb]
