@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gnn_transformer.kernels import _graph, attend, auto_kernel, choose_backend, clear_cache
+from gnn_transformer.kernels import _graph, attend, auto_kernel, choose_backend, clear_cache, sdpa
 from gnn_transformer.kernels.sdpa import DensePattern, dense_pattern, public_sdpa
 from gnn_transformer.topology import causal, cross, document, full
 
@@ -105,6 +105,30 @@ def test_sdpa_path_matches_dense(name, build, n_src, n_dst, want, heads, kv_head
         heads=heads,
         kv_heads=kv_heads,
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (2, 2)], ids=["gqa", "mha"])
+@pytest.mark.parametrize("name,build,n_src,n_dst,want", RECOGNIZED, ids=[r[0] for r in RECOGNIZED])
+def test_sdpa_path_without_lse_matches_dense(name, build, n_src, n_dst, want, heads, kv_heads, dtype, monkeypatch):
+    """A call that returns no log-sum-exp runs the fused CPU kernel under PyTorch's own autograd
+    (no Python autograd function): outputs and gradients equal the dense reference."""
+    edge_index = build()
+    monkeypatch.setattr(sdpa, "kernel_attention", None)  # the Python autograd function must not run
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(n_dst, heads, 8, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    k, v = (
+        torch.randn(n_src, kv_heads, 8, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() for _ in "kv"
+    )
+    w = torch.randn(n_dst, heads, 8, generator=gen, dtype=torch.float64)
+    out = attend(q, k, v, edge_index, scale=0.45)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = dense_attention(qd, kd, vd, edge_index, 0.45)
+    torch.testing.assert_close(out, ref.to(dtype), **TOL[dtype])
+    got = torch.autograd.grad((out * w.to(dtype)).sum(), (q, k, v))
+    want_grads = torch.autograd.grad((ref * w).sum(), (qd, kd, vd))
+    for a, b in zip(got, want_grads):
+        torch.testing.assert_close(a, b.to(dtype), **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

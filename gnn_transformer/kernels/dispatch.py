@@ -330,7 +330,7 @@ def _attend(
     if backend == "auto":
         pattern = dense_pattern(graph)
         if impl != "triton" and runs_sdpa(pattern, device_type, bias is not None, dropout is not None, return_lse):
-            out, lse, _ = sdpa_attention(query, key, value, pattern, scale)
+            out, lse, _ = sdpa_attention(query, key, value, pattern, scale, lse_grad=return_lse)
             if lse_in_range(lse):  # else the project's kernels, which keep what rounding the lse lost
                 out = out.to(query.dtype)
                 return (out, lse.to(compute_dtype(query.dtype))) if return_lse else out
@@ -466,7 +466,7 @@ def _attend_blocks(
     if backend == "auto" and graph.dense is not None and impl != "triton":
         pattern = DensePattern(*graph.dense)
         if runs_sdpa(pattern, device_type, False, False, return_lse):
-            out, lse, _ = sdpa_attention(query, key, value, pattern, scale)
+            out, lse, _ = sdpa_attention(query, key, value, pattern, scale, lse_grad=return_lse)
             if lse_in_range(lse):
                 out = out.to(query.dtype)
                 return (out, lse.to(compute_dtype(query.dtype))) if return_lse else out

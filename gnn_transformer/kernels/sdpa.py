@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ._autograd import Kernel, kernel_attention
 from ._graph import CSRGraph
-from .primitives import compute_dtype
+from .primitives import compute_dtype, no_autocast
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -185,14 +185,35 @@ FLASH_CPU = Kernel(_flash_forward, _flash_backward)
 
 
 def sdpa_attention(
-    q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float
+    q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float, lse_grad: bool = True
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(out [N, H, D], lse, lse_lo)`` of a recognized graph; on the CPU through the fused CPU kernel
-    (differentiable in ``q``, ``k``, ``v``, with ``lse``), elsewhere through the public
+    (differentiable in ``q``, ``k``, ``v``; with ``lse_grad`` also in ``lse``, else ``lse`` is
+    detached and the kernel's own autograd runs), elsewhere through the public
     ``scaled_dot_product_attention`` (``lse`` and ``lse_lo`` ``None``)."""
     if q.device.type == "cpu":
+        if not lse_grad:
+            out, lse = _flash_autograd(q, k, v, pattern, scale)
+            return out, lse, None
         return kernel_attention(FLASH_CPU, q, k, v, None, pattern, scale)
     return public_sdpa(q, k, v, pattern, scale), None, None
+
+
+def _flash_autograd(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float) -> tuple[Tensor, Tensor]:
+    """``(out [N, H, D], lse [N, H] detached)`` by the fused CPU kernel under PyTorch's own autograd
+    (its backward is the one :data:`FLASH_CPU` runs without a log-sum-exp gradient), in the
+    accumulation dtype: for calls that return no log-sum-exp, without a Python autograd function."""
+    cd = compute_dtype(q.dtype)
+    group = q.size(1) // k.size(1)
+    assert _FLASH is not None  # runs_sdpa sends a CPU call here only with the fused CPU kernel
+    with no_autocast("cpu"):  # computed in cd, as every backend does
+        k, v = (x.to(cd).repeat_interleave(group, dim=1) if group > 1 else x.to(cd) for x in (k, v))  # [N, H, D]
+        outs, lses = [], []
+        for qd, kd, vd in zip(*(_documents(x, pattern) for x in (q.to(cd), k, v))):
+            o, lse = _FLASH(qd, kd, vd, is_causal=pattern.kind == "causal", scale=scale)  # [B, H, L, D], [B, H, L]
+            outs.append(o)
+            lses.append(lse.detach().unsqueeze(-1))
+    return _tokens(outs).to(q.dtype), _tokens(lses).squeeze(-1)
 
 
 def public_sdpa(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float) -> Tensor:
