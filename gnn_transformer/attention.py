@@ -471,8 +471,7 @@ class GraphMultiheadAttention(MessagePassing):
         """Per-head queries ``[N_dst, H, D]``."""
         w_q, _, _ = self.projection_weights()
         b_q, _, _ = self.projection_biases()
-        query = F.linear(x_query, w_q, b_q).view(-1, self.num_heads, self.head_dim)  # [N_dst, H, D]
-        return query if self.q_norm is None else self.q_norm(query)
+        return self._query_heads(F.linear(x_query, w_q, b_q))
 
     def project_key_value(self, x_key: Tensor, x_value: Tensor) -> tuple[Tensor, Tensor]:
         """Per-head keys and values ``[N_src, H_kv, D]``."""
@@ -480,9 +479,7 @@ class GraphMultiheadAttention(MessagePassing):
         _, w_k, w_v = self.projection_weights()
         _, b_k, b_v = self.projection_biases()
         assert w_k is not None and w_v is not None  # the layer has a key/value projection (checked above)
-        key = F.linear(x_key, w_k, b_k).view(-1, self.num_kv_heads, self.head_dim)  # [N_src, H_kv, D]
-        value = F.linear(x_value, w_v, b_v).view(-1, self.num_kv_heads, self.head_dim)  # [N_src, H_kv, D]
-        return (key if self.k_norm is None else self.k_norm(key)), value
+        return self._key_value_heads(F.linear(x_key, w_k, b_k), F.linear(x_value, w_v, b_v))
 
     def project(self, x_query: Tensor, x_key: Tensor, x_value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-head queries ``[N_dst, H, D]``, keys and values ``[N_src, H_kv, D]``. Self-attention
@@ -500,16 +497,19 @@ class GraphMultiheadAttention(MessagePassing):
         if not packed or weight is None:
             return (self.project_query(x_query), *self.project_key_value(x_key, x_value))
         kv_dim = self.num_kv_heads * self.head_dim
-        qkv = F.linear(x_query, weight, self.in_proj_bias)  # [N, C + 2 H_kv D]
-        q, k, v = qkv.split([self.q_dim, kv_dim, kv_dim], dim=-1)
-        query = q.view(-1, self.num_heads, self.head_dim)  # [N, H, D], rows strided
-        key = k.view(-1, self.num_kv_heads, self.head_dim)  # [N, H_kv, D]
-        value = v.view(-1, self.num_kv_heads, self.head_dim)  # [N, H_kv, D]
-        if self.q_norm is not None:
-            query = self.q_norm(query)
-        if self.k_norm is not None:
-            key = self.k_norm(key)
-        return query, key, value
+        q, k, v = F.linear(x_query, weight, self.in_proj_bias).split([self.q_dim, kv_dim, kv_dim], dim=-1)
+        return (self._query_heads(q), *self._key_value_heads(k, v))
+
+    def _query_heads(self, rows: Tensor) -> Tensor:
+        """Projected query rows ``[N, H·D]`` as heads ``[N, H, D]``, query-normed."""
+        query = rows.view(-1, self.num_heads, self.head_dim)
+        return query if self.q_norm is None else self.q_norm(query)
+
+    def _key_value_heads(self, key_rows: Tensor, value_rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Projected key and value rows ``[N, H_kv·D]`` as heads ``[N, H_kv, D]``, keys key-normed."""
+        key = key_rows.view(-1, self.num_kv_heads, self.head_dim)
+        value = value_rows.view(-1, self.num_kv_heads, self.head_dim)
+        return (key if self.k_norm is None else self.k_norm(key)), value
 
     def rotate(self, heads: Tensor, pos: Tensor | None, name: str = "pos") -> Tensor:
         """Queries or keys ``[N, H, D]`` rotated by their node's position (identity without RoPE)."""

@@ -53,3 +53,9 @@ def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
         x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != torch.float64 else x
         for x in tensors
     )
+
+
+def repeat_heads(x: Tensor, group: int) -> Tensor:
+    """``x [N, H_kv, D]`` with each key/value head repeated for its ``group`` query heads (``x``
+    itself when ``group`` is 1)."""
+    return x if group == 1 else x.repeat_interleave(group, dim=1)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ._autograd import Kernel, kernel_attention
 from ._graph import CSRGraph
-from .primitives import compute_dtype, no_autocast
+from .primitives import compute_dtype, no_autocast, repeat_heads
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -134,18 +134,25 @@ def _tokens(parts: list[Tensor]) -> Tensor:
     return tokens[0].contiguous() if len(tokens) == 1 else torch.cat(tokens)
 
 
-def _flash_forward(q, k, v, bias, pattern: DensePattern, scale: float):
-    """``(out [N, H, D], lse [N, H], lse_lo [N, H])`` by the fused CPU kernel, in the accumulation dtype."""
+def _flash(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float) -> tuple[Tensor, Tensor]:
+    """``(out [N, H, D] in q's dtype, lse [N, H] detached)`` by the fused CPU kernel, computed in the
+    accumulation dtype; differentiable in ``q``, ``k``, ``v`` through the kernel's own autograd."""
     cd = compute_dtype(q.dtype)
     group = q.size(1) // k.size(1)
-    k, v = (x.to(cd).repeat_interleave(group, dim=1) if group > 1 else x.to(cd) for x in (k, v))  # [N, H, D]
+    k, v = (repeat_heads(x.to(cd), group) for x in (k, v))  # [N, H, D]
     outs, lses = [], []
     assert _FLASH is not None  # runs_sdpa sends a CPU call here only with the fused CPU kernel
     for qd, kd, vd in zip(*(_documents(x, pattern) for x in (q.to(cd), k, v))):
         o, lse = _FLASH(qd, kd, vd, is_causal=pattern.kind == "causal", scale=scale)  # [B, H, L, D], [B, H, L]
         outs.append(o)
-        lses.append(lse.unsqueeze(-1))
-    out, lse = _tokens(outs).to(q.dtype), _tokens(lses).squeeze(-1).to(cd)  # [N, H, D], [N, H]
+        lses.append(lse.detach().unsqueeze(-1))
+    return _tokens(outs).to(q.dtype), _tokens(lses).squeeze(-1)  # [N, H, D], [N, H]
+
+
+def _flash_forward(q, k, v, bias, pattern: DensePattern, scale: float):
+    """``(out [N, H, D], lse [N, H], lse_lo [N, H])`` of :data:`FLASH_CPU` (``lse_lo`` 0: the kernel
+    rounds the log-sum-exp without keeping what rounding lost)."""
+    out, lse = _flash(q, k, v, pattern, scale)
     return out, lse, torch.zeros_like(lse)
 
 
@@ -159,7 +166,7 @@ def _flash_backward(q, k, v, bias, pattern: DensePattern, scale: float, out, lse
     extra = 0 if dlse is None else 1
 
     def padded(x: Tensor, heads: int | None = None) -> Tensor:  # [N, H, D] -> [N, H, D + extra] in cd
-        x = x.to(cd) if heads is None or heads == 1 else x.to(cd).repeat_interleave(heads, dim=1)
+        x = x.to(cd) if heads is None else repeat_heads(x.to(cd), heads)
         return torch.nn.functional.pad(x, (0, extra)) if extra else x
 
     qc, kc, vc, oc, doc = padded(q), padded(k, group), padded(v, group), padded(out), padded(dout)
@@ -192,28 +199,12 @@ def sdpa_attention(
     detached and the kernel's own autograd runs), elsewhere through the public
     ``scaled_dot_product_attention`` (``lse`` and ``lse_lo`` ``None``)."""
     if q.device.type == "cpu":
-        if not lse_grad:
-            out, lse = _flash_autograd(q, k, v, pattern, scale)
+        if not lse_grad:  # the kernel's own autograd, without a Python autograd function
+            with no_autocast("cpu"):  # computed in the accumulation dtype, as every backend does
+                out, lse = _flash(q, k, v, pattern, scale)
             return out, lse, None
         return kernel_attention(FLASH_CPU, q, k, v, None, pattern, scale)
     return public_sdpa(q, k, v, pattern, scale), None, None
-
-
-def _flash_autograd(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float) -> tuple[Tensor, Tensor]:
-    """``(out [N, H, D], lse [N, H] detached)`` by the fused CPU kernel under PyTorch's own autograd
-    (its backward is the one :data:`FLASH_CPU` runs without a log-sum-exp gradient), in the
-    accumulation dtype: for calls that return no log-sum-exp, without a Python autograd function."""
-    cd = compute_dtype(q.dtype)
-    group = q.size(1) // k.size(1)
-    assert _FLASH is not None  # runs_sdpa sends a CPU call here only with the fused CPU kernel
-    with no_autocast("cpu"):  # computed in cd, as every backend does
-        k, v = (x.to(cd).repeat_interleave(group, dim=1) if group > 1 else x.to(cd) for x in (k, v))  # [N, H, D]
-        outs, lses = [], []
-        for qd, kd, vd in zip(*(_documents(x, pattern) for x in (q.to(cd), k, v))):
-            o, lse = _FLASH(qd, kd, vd, is_causal=pattern.kind == "causal", scale=scale)  # [B, H, L, D], [B, H, L]
-            outs.append(o)
-            lses.append(lse.detach().unsqueeze(-1))
-    return _tokens(outs).to(q.dtype), _tokens(lses).squeeze(-1)
 
 
 def public_sdpa(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float) -> Tensor:

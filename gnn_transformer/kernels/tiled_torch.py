@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ._autograd import Kernel, kernel_attention, lse_pair
 from ._dropout import keep_scales
-from .primitives import compute_dtype, finite_or_zero, total_or_one
+from .primitives import compute_dtype, finite_or_zero, repeat_heads, total_or_one
 from .tiling import TileList
 
 DEFAULT_MAX_CELLS = 1 << 21  # score entries per chunk: 8 MiB of float32 (cache-sized temporaries)
@@ -251,12 +251,18 @@ def _block_rows(blocks: Tensor, block: int, n: int) -> Tensor:
     return rows[rows < n]
 
 
+def _query_rows(shape, chunks: list[Chunk], num_q_blocks: int, dtype, device, zero: bool = False) -> Tensor:
+    """A buffer of query rows the chunks fill: uninitialized when they write every query block
+    (and ``zero`` is not asked for), else zeros (rows of query blocks without a tile stay 0)."""
+    covered = sum(blocks.numel() for blocks, _, _ in chunks) == num_q_blocks
+    return (torch.empty if covered and not zero else torch.zeros)(shape, dtype=dtype, device=device)
+
+
 def _token_blocks(x: Tensor, block: int, num_blocks: int, cd: torch.dtype, group: int = 1, extra: int = 0) -> Tensor:
     """``x [N, H, D]`` as ``[num_blocks, block, H·group, D + extra]`` in ``cd`` (each head repeated
     ``group`` times, ``extra`` zero channels after ``D``): a view of ``x`` when nothing changes,
     else a zero-padded copy."""
-    if group > 1:
-        x = x.repeat_interleave(group, dim=1)
+    x = repeat_heads(x, group)
     n, h, d = x.shape
     if n == num_blocks * block and not extra and x.dtype == cd and x.is_contiguous():
         return x.view(num_blocks, block, h, d)
@@ -289,8 +295,7 @@ def _flash_forward(q, k, v, tiles: TileList, tb: Tensor | None, scale: float, ch
     group = num_heads // k.size(1)
     kT = _token_blocks(k, tiles.block_k, tiles.num_k_blocks, cd, group)  # [nkb, Bk, H, D]
     vT = _token_blocks(v, tiles.block_k, tiles.num_k_blocks, cd, group)  # [nkb, Bk, H, D]
-    covered = sum(blocks.numel() for blocks, _, _ in chunks) == nqb  # every query block has a tile
-    out = (torch.empty if covered else torch.zeros)(nqb * bq, num_heads, dim, dtype=cd, device=q.device)
+    out = _query_rows((nqb * bq, num_heads, dim), chunks, nqb, cd, q.device)
     lse = torch.full((nqb * bq, num_heads), float("-inf"), dtype=cd, device=q.device)
     lse_lo = torch.zeros(n_dst, num_heads, dtype=cd, device=q.device)
     outT, lseT = out.view(nqb, bq, num_heads, dim), lse.view(nqb, bq, num_heads)
@@ -320,8 +325,8 @@ def _matmul_forward(q, k, v, tiles: TileList, tb: Tensor | None, scale: float, c
     group = num_heads // k.size(1)
     nqb, nkb = tiles.num_q_blocks, tiles.num_k_blocks
     qB = _blocked(q, tiles.block_q, nqb, cd)  # [H, nqb, Bq, D]
-    kB = _blocked(k.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd)  # [H, nkb, Bk, D]
-    vB = _blocked(v.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd)  # [H, nkb, Bk, D]
+    kB = _blocked(repeat_heads(k, group), tiles.block_k, nkb, cd)  # [H, nkb, Bk, D]
+    vB = _blocked(repeat_heads(v, group), tiles.block_k, nkb, cd)  # [H, nkb, Bk, D]
     outB = torch.zeros_like(qB)  # [H, nqb, Bq, D]
     lseB = torch.full(qB.shape[:3], float("-inf"), dtype=cd, device=q.device)  # [H, nqb, Bq]
     loB = torch.zeros(qB.shape[:3], dtype=cd, device=q.device)  # [H, nqb, Bq]
@@ -410,8 +415,7 @@ def _flash_backward(q, k, v, tiles: TileList, tb, scale, out, lse, dout, dlse, c
     lseT = torch.zeros(nqb * bq, num_heads, dtype=cd, device=q.device)
     lseT[:n_dst] = finite_or_zero(lse.to(cd))
     lseT = lseT.view(nqb, bq, num_heads)
-    covered = sum(blocks.numel() for blocks, _, _ in chunks) == nqb
-    dqT = (torch.zeros if zero_rows or not covered else torch.empty)(qT.shape, dtype=cd, device=q.device)
+    dqT = _query_rows(qT.shape, chunks, nqb, cd, q.device, zero=zero_rows)
     dkT, dvT = torch.zeros_like(kT), torch.zeros_like(vT)
     assert _FLASH_BWD is not None  # _use_flash
     for blocks, tids, run in chunks:
@@ -459,8 +463,8 @@ def _matmul_backward(
     group = num_heads // num_kv
     nqb, nkb = tiles.num_q_blocks, tiles.num_k_blocks
     qB = _blocked(q, tiles.block_q, nqb, cd)
-    kB = _blocked(k.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd)
-    vB = _blocked(v.repeat_interleave(group, dim=1), tiles.block_k, nkb, cd)
+    kB = _blocked(repeat_heads(k, group), tiles.block_k, nkb, cd)
+    vB = _blocked(repeat_heads(v, group), tiles.block_k, nkb, cd)
     doB = _blocked(dout, tiles.block_q, nqb, cd)  # [H, nqb, Bq, D]
     lseB = finite_or_zero(_blocked(lse.unsqueeze(-1), tiles.block_q, nqb, cd))  # [H, nqb, Bq, 1]
     loB = _blocked(lse_lo.unsqueeze(-1), tiles.block_q, nqb, cd)  # [H, nqb, Bq, 1]
