@@ -916,17 +916,19 @@ class GraphMultiheadAttention(MessagePassing):
             return self._attend_implicit(query, key, value, edge_index, need_weights, backend)
         size = (key.size(0), query.size(0))
         requested = self.backend if backend is None else backend
-        backend = self.resolve_backend(
-            edge_index,
-            query.device,
-            backend,
-            size,
-            query.dtype,
-            edge_bias=edge_bias is not None,
-            need_weights=need_weights,
-        )
+        resolved = requested  # "auto": the kernels plan the call (SDPA is not a backend a caller names)
+        if requested != "auto" or self.softcap is not None:
+            resolved = self.resolve_backend(
+                edge_index,
+                query.device,
+                backend,
+                size,
+                query.dtype,
+                edge_bias=edge_bias is not None,
+                need_weights=need_weights,
+            )
         scale = 1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale
-        if backend == "pyg":
+        if resolved == "pyg":
             # half precision is computed in float32, as on every backend: bfloat16 scores of large
             # inputs round by far more than the gaps between them
             dtype = query.dtype
@@ -944,8 +946,6 @@ class GraphMultiheadAttention(MessagePassing):
             return out.to(dtype), (weights if need_weights else None)
 
         dropout_p = self.dropout if self.training else 0.0
-        # under "auto" the kernels choose again (the same answer, cached per graph): SDPA is not a
-        # backend a caller names
         result = kernels.attend(
             query,
             key,
@@ -953,7 +953,7 @@ class GraphMultiheadAttention(MessagePassing):
             edge_index,
             scale=scale,
             edge_bias=edge_bias,
-            backend="auto" if requested == "auto" else backend,
+            backend=resolved,
             num_dst=query.size(0),
             return_lse=need_weights,
             dropout_p=dropout_p,

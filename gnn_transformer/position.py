@@ -90,10 +90,10 @@ class LearnedPositionalEmbedding(nn.Embedding):
 
     def forward(self, pos: Tensor) -> Tensor:
         _check_pos(pos)
-        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= self.num_embeddings):
-            raise ValueError(
-                f"Expected 'pos' in [0, {self.num_embeddings}) (got values in [{int(pos.min())}, {int(pos.max())}])"
-            )
+        if pos.numel():
+            lo, hi = (int(v) for v in torch.aminmax(pos))  # one pass over the positions
+            if lo < 0 or hi >= self.num_embeddings:
+                raise ValueError(f"Expected 'pos' in [0, {self.num_embeddings}) (got values in [{lo}, {hi}])")
         return super().forward(pos)
 
 

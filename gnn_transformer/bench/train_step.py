@@ -4,8 +4,9 @@ The baseline is nanoGPT's model written out (pre-norm blocks, ``scaled_dot_produ
 with ``is_causal=True``, GELU MLP of width ``4C``, tied embedding, no biases), the same size as the
 ``GraphLM``: by default nanoGPT's CPU configuration (4 layers, 4 heads, width 128, batch 12,
 vocabulary 65). One step is forward, cross-entropy, backward and an AdamW update, timed as the
-median of ``repeats`` steps after one warm-up step. The GPT takes ``[B, T]`` token ids, the
-``GraphLM`` the same tokens as ``B·T`` nodes of one disjoint union of causal graphs.
+median of ``repeats`` steps after one warm-up step; the models take their steps in turn. The GPT
+takes ``[B, T]`` token ids, the ``GraphLM`` the same tokens as ``B·T`` nodes of one disjoint union
+of causal graphs.
 """
 
 from __future__ import annotations
@@ -70,18 +71,23 @@ class PlainGPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def _median_step(step: Callable[[], object], device, repeats: int) -> float:
-    step()
-    times = []
-    for _ in range(repeats):
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+def _median_steps(steps: Sequence[Callable[[], object]], device, repeats: int) -> list[float]:
+    """Median seconds of each step of ``steps``, timed round-robin (one step of each in turn, after
+    one warm-up step of each), so that a drift of the machine's speed reaches every model alike."""
+    cuda = torch.device(device).type == "cuda"
+    for step in steps:
         step()
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for step, spent in zip(steps, times):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            spent.append(time.perf_counter() - t0)
+    return [statistics.median(spent) for spent in times]
 
 
 def run_train_step_benchmark(
@@ -152,8 +158,8 @@ def run_train_step_benchmark(
                     f"layers run {resolved}",
                 )
             )
-        base_ms = None
-        for name, model, loss_fn, note in models:
+        steps = []
+        for _, model, loss_fn, _ in models:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
             def step(model=model, loss_fn=loss_fn, optimizer=optimizer):
@@ -164,14 +170,22 @@ def run_train_step_benchmark(
                 optimizer.step()
                 return loss
 
-            ms = 1e3 * _median_step(step, device, repeats)
-            base_ms = ms if base_ms is None else base_ms
+            steps.append(step)
+        seconds = _median_steps(steps, device, repeats)
+        for (name, model, _, note), sec in zip(models, seconds):
             params = sum(p.numel() for p in model.parameters())
-            rows.append(
-                dict(model=name, context=context, batch=batch_size, params=params, ms=ms, ratio=ms / base_ms, note=note)
+            row = dict(
+                model=name,
+                context=context,
+                batch=batch_size,
+                params=params,
+                ms=1e3 * sec,
+                ratio=sec / seconds[0],
+                note=note,
             )
+            rows.append(row)
             if log:
-                log(format_table(rows[-1:]).splitlines()[-1])
+                log(format_table([row]).splitlines()[-1])
     return rows
 
 

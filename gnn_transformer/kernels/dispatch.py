@@ -323,17 +323,18 @@ def _attend(
             raise ValueError(f"Expected 'dropout_seed' to be an int in [0, 2**31) (got {dropout_seed!r})")
         dropout = (float(dropout_p), seed)
     device_type = query.device.type
+    if backend == "auto" and impl != "triton":
+        pattern = dense_pattern(graph)
+        if runs_sdpa(pattern, device_type, bias is not None, dropout is not None, return_lse):
+            out, lse, _ = sdpa_attention(query, key, value, pattern, scale, lse_grad=return_lse)
+            if lse_in_range(lse):  # else the project's kernels, which keep what rounding the lse lost
+                out = out.to(query.dtype)
+                return (out, lse.to(compute_dtype(query.dtype))) if return_lse else out
     block = tile_size(graph, device_type, query.dtype, block_size)
     # tiles of a size the Triton kernels do not take run through the PyTorch tiled path, unless
     # Triton was asked for by name (then its ValueError says why)
     tiles_triton = use_triton and (impl == "triton" or triton_blocks(block, block))
     if backend == "auto":
-        pattern = dense_pattern(graph)
-        if impl != "triton" and runs_sdpa(pattern, device_type, bias is not None, dropout is not None, return_lse):
-            out, lse, _ = sdpa_attention(query, key, value, pattern, scale, lse_grad=return_lse)
-            if lse_in_range(lse):  # else the project's kernels, which keep what rounding the lse lost
-                out = out.to(query.dtype)
-                return (out, lse.to(compute_dtype(query.dtype))) if return_lse else out
         backend = planned_backend(graph, device_type, block, tile_cost, dropout is not None)
     if backend == "fused":
         out, lse, _ = _fused(query, key, value, bias, graph, scale, use_triton, max_edges, dropout)

@@ -33,7 +33,7 @@ def no_autocast(device_type: str):
     """A context without autocast on ``device_type``: the kernels choose their own accumulation
     dtype (:func:`compute_dtype`), and autocast would round their float32 products to half precision
     (or reach sparse products that have no half-precision kernel)."""
-    if not torch.amp.is_autocast_available(device_type):
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type, enabled=False)
 

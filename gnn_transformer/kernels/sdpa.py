@@ -55,6 +55,11 @@ class DensePattern:
     def lengths(self) -> list[int]:
         return [b - a for a, b in zip(self.bounds[:-1], self.bounds[1:])]
 
+    @functools.cached_property
+    def equal_lengths(self) -> bool:
+        """Whether every document has one length (one batched SDPA call runs them all)."""
+        return len(set(self.lengths)) == 1
+
 
 def dense_pattern(graph: CSRGraph) -> DensePattern | None:
     """The :class:`DensePattern` of ``graph``, or ``None`` (cached). Linear checks on the rows'
@@ -112,41 +117,45 @@ def runs_sdpa(pattern: DensePattern | None, device_type: str, bias: bool, dropou
         return False
     if device_type != "cpu" and lse:
         return False
-    lengths = pattern.lengths
-    return len(set(lengths)) == 1 or len(lengths) <= MAX_DOCUMENTS
+    return pattern.equal_lengths or len(pattern.lengths) <= MAX_DOCUMENTS
 
 
 def _documents(x: Tensor, pattern: DensePattern) -> list[Tensor]:
-    """``x [N, H, D]`` as SDPA's ``[B, H, L, D]`` batches: the whole sequence (also every key of a
-    bipartite graph), one batch of every document when they have one length, else one per document."""
+    """``x [N, H, D]`` as SDPA's ``[B, H, L, D]`` batches, views of ``x``: the whole sequence (also
+    every key of a bipartite graph), one batch of every document when they have one length, else
+    one per document."""
     lengths = pattern.lengths
     if len(lengths) == 1:
-        return [x.transpose(0, 1).unsqueeze(0)]  # [1, H, N, D]
-    if len(set(lengths)) == 1:
+        return [x.unsqueeze(0).transpose(1, 2)]  # [1, H, N, D]
+    if pattern.equal_lengths:
         return [x.view(len(lengths), lengths[0], *x.shape[1:]).transpose(1, 2)]  # [B, H, L, D]
-    return [x[a:b].transpose(0, 1).unsqueeze(0) for a, b in zip(pattern.bounds[:-1], pattern.bounds[1:])]
+    return [x[a:b].unsqueeze(0).transpose(1, 2) for a, b in zip(pattern.bounds[:-1], pattern.bounds[1:])]
 
 
 def _tokens(parts: list[Tensor]) -> Tensor:
-    """SDPA's ``[B, H, L, ...]`` batches back to ``[N, H, ...]`` (contiguous; one batch in the
+    """SDPA's ``[B, H, L, ...]`` batches back to ``[N, H, ...]``, contiguous (one batch in the
     kernels' own ``[B, L, H, ...]`` memory comes back as a view, without a copy)."""
-    tokens = [p.transpose(1, 2).reshape(-1, *p.shape[1:2], *p.shape[3:]) for p in parts]
+    tokens = [p.transpose(1, 2).flatten(0, 1) for p in parts]
     return tokens[0].contiguous() if len(tokens) == 1 else torch.cat(tokens)
 
 
 def _flash(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float) -> tuple[Tensor, Tensor]:
     """``(out [N, H, D] in q's dtype, lse [N, H] detached)`` by the fused CPU kernel, computed in the
     accumulation dtype; differentiable in ``q``, ``k``, ``v`` through the kernel's own autograd."""
-    cd = compute_dtype(q.dtype)
+    dtype, cd = q.dtype, compute_dtype(q.dtype)
+    if dtype != cd:
+        q, k, v = q.to(cd), k.to(cd), v.to(cd)
     group = q.size(1) // k.size(1)
-    k, v = (repeat_heads(x.to(cd), group) for x in (k, v))  # [N, H, D]
+    k, v = repeat_heads(k, group), repeat_heads(v, group)  # [N, H, D]
+    causal = pattern.kind == "causal"
     outs, lses = [], []
     assert _FLASH is not None  # runs_sdpa sends a CPU call here only with the fused CPU kernel
-    for qd, kd, vd in zip(*(_documents(x, pattern) for x in (q.to(cd), k, v))):
-        o, lse = _FLASH(qd, kd, vd, is_causal=pattern.kind == "causal", scale=scale)  # [B, H, L, D], [B, H, L]
+    for qd, kd, vd in zip(_documents(q, pattern), _documents(k, pattern), _documents(v, pattern)):
+        o, lse = _FLASH(qd, kd, vd, is_causal=causal, scale=scale)  # [B, H, L, D], [B, H, L]
         outs.append(o)
-        lses.append(lse.detach().unsqueeze(-1))
-    return _tokens(outs).to(q.dtype), _tokens(lses).squeeze(-1)  # [N, H, D], [N, H]
+        lses.append(lse.detach())
+    out = _tokens(outs)  # [N, H, D]
+    return (out if dtype == cd else out.to(dtype)), _tokens(lses)  # [N, H, D], [N, H]
 
 
 def _flash_forward(q, k, v, bias, pattern: DensePattern, scale: float):
@@ -221,4 +230,4 @@ def public_sdpa(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: f
 
 def lse_in_range(lse: Tensor | None) -> bool:
     """Whether the fused CPU kernel's log-sum-exp is exact enough (below :data:`LSE_LIMIT`)."""
-    return lse is None or lse.numel() == 0 or float(lse.detach().abs().max()) < LSE_LIMIT
+    return lse is None or lse.numel() == 0 or float(lse.detach().abs().amax()) < LSE_LIMIT
