@@ -19,7 +19,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 from torch_geometric import EdgeIndex  # noqa: E402
 
 from gnn_transformer import dense  # noqa: E402
-from gnn_transformer.kernels import _dropout, _graph, attend_reference, plan_costs  # noqa: E402
+from gnn_transformer.kernels import _dropout, planner, attend_reference, plan_costs  # noqa: E402
 from gnn_transformer.topology import causal  # noqa: E402
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
@@ -231,7 +231,7 @@ def dropout_reference(q, k, v, edge_index, scale, bias, p, seed):
     plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
     src, dst = plain[0], plain[1]
     num_edges = src.numel()
-    graph = _graph.prepare(edge_index, k.size(0), q.size(0))
+    graph = planner.prepare(edge_index, k.size(0), q.size(0))
     if graph.perm is None:  # sorted graphs: positions are columns
         assert bool((dst[1:] >= dst[:-1]).all())
         position = torch.arange(num_edges)

@@ -170,13 +170,13 @@ def test_chunk_transposes_are_built_by_the_forward_pass_when_gradients_follow(ma
     """The PyTorch fused path's source-sorted views (dK / dV) are built by a forward pass that will
     be differentiated, not for inference; the backward pass reuses them. One chunk of the whole
     graph uses the graph's CSC (an EdgeIndex's: PyG's own)."""
-    from gnn_transformer.kernels import _graph
+    from gnn_transformer.kernels import planner
     from gnn_transformer.kernels.fused_torch import row_chunks
     from gnn_transformer.topology import sliding_window
 
     for edge_index, n_src, n_dst in [graph_case("hub"), (sliding_window(20, 3), 20, 20)]:
         q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), bias=False)
-        graph = _graph.prepare(edge_index, n_src, n_dst)
+        graph = planner.prepare(edge_index, n_src, n_dst)
         with torch.no_grad():
             attend(q, k, v, edge_index, scale=0.3, backend="fused", max_edges=max_edges)
         chunks = row_chunks(graph, max_edges)
@@ -452,11 +452,11 @@ def test_inference_tensors_and_their_writes():
 def test_layer_plans_and_attends_on_one_cached_graph(monkeypatch):
     """choose_backend and attend build the graph once, also when the largest id + 1 is not N."""
     from gnn_transformer import GraphMultiheadAttention
-    from gnn_transformer.kernels import _graph
+    from gnn_transformer.kernels import planner
 
     builds = []
-    real = _graph._build
-    monkeypatch.setattr(_graph, "_build", lambda *a: builds.append(a[1:]) or real(*a))
+    real = planner._build
+    monkeypatch.setattr(planner, "_build", lambda *a: builds.append(a[1:]) or real(*a))
     layer = GraphMultiheadAttention(16, 4, backend="auto").eval()
     x = torch.randn(9, 16)
     edge_index = torch.tensor([[0, 1, 2, 3], [1, 2, 3, 4]])  # nodes 5..8 are neither source nor target

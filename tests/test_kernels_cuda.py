@@ -72,7 +72,7 @@ def test_cuda_matches_reference(name, backend, kw, dtype):
 def test_cuda_cuts_global_rows_into_pieces(backend, kw, dtype, monkeypatch):
     """A global token's row and column (its query and key blocks) are cut into pieces at the GPU's
     own piece length (kernels._pieces), and the result still equals the reference."""
-    from gnn_transformer.kernels import _graph, _pieces
+    from gnn_transformer.kernels import planner, _pieces
     from gnn_transformer.topology import global_tokens, union
 
     monkeypatch.setattr(_pieces, "LENGTH", None)  # the device's length
@@ -85,7 +85,7 @@ def test_cuda_cuts_global_rows_into_pieces(backend, kw, dtype, monkeypatch):
     out, lse = attend(
         q, k, v, edge_index, scale=0.125, edge_bias=b, backend=backend, return_lse=True, impl="triton", **kw
     )
-    graph = _graph.prepare(edge_index, n, n)
+    graph = planner.prepare(edge_index, n, n)
     cache = graph.extras if backend == "fused" else graph.extras[("parts", 64, None)][0].launch_cache
     w = torch.randn(out.shape, dtype=torch.float32, device=CUDA)
     grads = torch.autograd.grad((out.float() * w).sum(), (q, k, v, b))

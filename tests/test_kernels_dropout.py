@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gnn_transformer.kernels import _dropout, _graph, attend
+from gnn_transformer.kernels import _dropout, planner, attend
 from gnn_transformer.kernels.fused_torch import chunked_attention
 from gnn_transformer.kernels.tiled_torch import tiled_attention
 from gnn_transformer.kernels.tiling import build_tiles
@@ -145,7 +145,7 @@ def test_auto_with_dropout_picks_fused_or_tiled(monkeypatch):
     assert choose_backend(causal(256), "cpu", dropout=True) == "tiled"
     assert choose_backend(random(256, 8), "cpu", dropout=True) == "fused"
     # split drops the same weights too; dropout only adds the cost of hashing the mask
-    from gnn_transformer.kernels import DROPOUT_COST, _graph
+    from gnn_transformer.kernels import DROPOUT_COST, planner
 
     for graph in (
         bigbird(512, block=16, window=1, num_global=1, num_random=2),
@@ -153,7 +153,7 @@ def test_auto_with_dropout_picks_fused_or_tiled(monkeypatch):
     ):
         assert choose_backend(graph, "cpu", block_size=64) == "split"
         for extra, want in (({"fused": 0.0, "tiled": 0.0}, "split"), ({"fused": 0.0, "tiled": 10.0}, "fused")):
-            _graph.clear_cache()
+            planner.clear_cache()
             monkeypatch.setitem(DROPOUT_COST, "cpu", extra)
             assert choose_backend(graph, "cpu", block_size=64, dropout=True) == want
     multi = torch.cat([causal(128).as_tensor(), causal(128).as_tensor()[:, :5]], dim=1)
@@ -208,7 +208,7 @@ def test_gradcheck_with_dropout(backend):
         edge_index, n_src, n_dst = split_graph()
         assert_splits(edge_index, n_src, n_dst, block_size=4, tile_cost=0.3, dropout=True)
     q, k, v, b = make_inputs(9, 8, edge_index.size(1), heads=2, kv_heads=1, dim=3)
-    graph = _graph.prepare(edge_index, 9, 8)
+    graph = planner.prepare(edge_index, 9, 8)
 
     tiles = build_tiles(graph, 4, 4)
 

@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":  # CPU tensors need the interpreter (set in conftest)
     pytest.skip("TRITON_INTERPRET=1 is needed to run Triton kernels on CPU tensors", allow_module_level=True)
 
-from gnn_transformer.kernels import _graph, attend, attend_reference  # noqa: E402
+from gnn_transformer.kernels import planner, attend, attend_reference  # noqa: E402
 
 from .conftest import TOL, graph_case, make_inputs, small_graph, weighted_loss  # noqa: E402
 from .triton_helpers import (
@@ -51,7 +51,7 @@ def test_triton_gradcheck():
 
     edge_index, n_src, n_dst = small_graph("multigraph", seed=3)
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4)
-    graph = _graph.prepare(edge_index, n_src, n_dst)
+    graph = planner.prepare(edge_index, n_src, n_dst)
 
     def fn(q, k, v, b):
         out, lse, _ = csr_attention(q, k, v, b, graph, 0.4)
@@ -191,7 +191,7 @@ def test_csc_is_built_by_the_forward_pass_when_gradients_follow():
     be needed (off the backward's memory peak), and not at all for inference."""
     edge_index, n_src, n_dst = small_graph("hub", seed=3)
     q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=4, bias=False)
-    graph = _graph.prepare(edge_index, n_src, n_dst)
+    graph = planner.prepare(edge_index, n_src, n_dst)
     graph.extras.pop("csc", None)
     with torch.no_grad():
         attend(q, k, v, edge_index, scale=0.4, backend="fused", impl="triton")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gnn_transformer.kernels import _graph, attend
+from gnn_transformer.kernels import planner, attend
 from gnn_transformer.kernels.fused_torch import chunked_attention
 from gnn_transformer.kernels.merge import merge_partials
 from gnn_transformer.kernels.tiled_torch import tiled_attention
@@ -32,7 +32,7 @@ def _tiny(name):
 def test_gradcheck_chunked(name):
     edge_index, n_src, n_dst = _tiny(name)
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=3)
-    graph = _graph.prepare(edge_index, n_src, n_dst)
+    graph = planner.prepare(edge_index, n_src, n_dst)
     assert graph.perm is None
     for max_edges in (1 << 20, 3):
         assert torch.autograd.gradcheck(
@@ -72,7 +72,7 @@ def test_gradcheck_tiled_edge_bias(name):
     """An edge bias ``[E_t, H]`` read per cell (no bias tiles), its gradient written per edge."""
     edge_index, n_src, n_dst = _tiny(name)
     q, k, v, b = make_inputs(n_src, n_dst, edge_index.size(1), heads=2, kv_heads=1, dim=3)
-    graph = _graph.prepare(edge_index, n_src, n_dst)
+    graph = planner.prepare(edge_index, n_src, n_dst)
     tiles = build_tiles(graph, 4, 4)
 
     def fn(q, k, v, b):

@@ -211,7 +211,7 @@ def test_sorted_by_head_and_target_needs_no_sort():
     (head, token) nodes: the kernels' graph keeps the columns in place."""
     edge_index, edge_head, n_src, n_dst = per_head_case("causal")
     index = heads.head_graph(edge_index, edge_head, n_src, n_dst, HEADS, KV_HEADS)
-    graph = kernels._graph.prepare(index, KV_HEADS * n_src, HEADS * n_dst)
+    graph = kernels.planner.prepare(index, KV_HEADS * n_src, HEADS * n_dst)
     assert graph.perm is None and graph.num_edges == edge_index.size(1)
 
 

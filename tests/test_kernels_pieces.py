@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gnn_transformer.kernels import _pieces
-from gnn_transformer.kernels._autograd import lse_pair
+from gnn_transformer.kernels.primitives import lse_pair
 
 from .conftest import TOL, make_inputs
 
@@ -195,10 +195,10 @@ def _run(edge_index, backend, kw, dtype, heads, kv_heads, bias, length, monkeypa
 
 def _check_cut(edge_index, backend, length):
     """The graph's cached structures show rows cut into pieces (the test exercises them)."""
-    from gnn_transformer.kernels import _graph
+    from gnn_transformer.kernels import planner
 
     n = int(edge_index.max()) + 1
-    graph = _graph.prepare(edge_index, n, n)
+    graph = planner.prepare(edge_index, n, n)
     if backend == "fused":
         cache = graph.extras
     else:

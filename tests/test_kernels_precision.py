@@ -1,6 +1,6 @@
 """Rows whose scores are all huge (every edge of a row masked with a finite bias of -1e9): the
 log-sum-exp the backward passes, ``edge_weights`` and the merges reuse keeps what its rounding lost
-(``lse_lo``, see ``kernels._autograd``), so gradients and weights equal the reference's uniform
+(``lse_lo``, see ``kernels.primitives``), so gradients and weights equal the reference's uniform
 softmax instead of reading every weight of the row as 1."""
 
 from __future__ import annotations

@@ -7,15 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gnn_transformer.kernels import _graph, attend, auto_kernel, choose_backend, clear_cache, sdpa
-from gnn_transformer.kernels.sdpa import DensePattern, dense_pattern, public_sdpa
+from gnn_transformer.kernels import planner, attend, auto_kernel, choose_backend, clear_cache, sdpa
+from gnn_transformer.kernels.planner import DensePattern, dense_pattern
+from gnn_transformer.kernels.sdpa import public_sdpa
 from gnn_transformer.topology import causal, cross, document, full
 
 from .conftest import TOL, assert_matches_dense, dense_attention, weighted_loss
 
 
 def _pattern(edge_index, n_src, n_dst):
-    return dense_pattern(_graph.prepare(edge_index, n_src, n_dst))
+    return dense_pattern(planner.prepare(edge_index, n_src, n_dst))
 
 
 def _edges(edge_index):
@@ -242,16 +243,14 @@ def test_cpu_without_the_fused_backward_kernel_runs_the_projects_kernels(monkeyp
 def test_recognition_is_cached_per_edge_index():
     clear_cache()
     edge_index = causal(16)
-    graph = _graph.prepare(edge_index, 16, 16)
-    assert dense_pattern(graph) is dense_pattern(_graph.prepare(edge_index, 16, 16))
+    graph = planner.prepare(edge_index, 16, 16)
+    assert dense_pattern(graph) is dense_pattern(planner.prepare(edge_index, 16, 16))
     assert "dense_pattern" in graph.extras
 
 
 def test_recognition_compares_edges_in_chunks(monkeypatch):
     """Chunks of 7 edges (boundaries inside rows) give the same answers."""
-    from gnn_transformer.kernels import sdpa
-
-    monkeypatch.setattr(sdpa, "CHECK_CHUNK", 7)
+    monkeypatch.setattr(planner, "CHECK_CHUNK", 7)
     clear_cache()
     for name, build, n_src, n_dst, want in RECOGNIZED:
         assert _pattern(build(), n_src, n_dst) == want, name

@@ -101,7 +101,7 @@ def test_chunks_past_the_fused_kernels_range_take_the_matmul_path(monkeypatch):
 
 
 def _tiles(ei, n, block):
-    from gnn_transformer.kernels._graph import prepare
+    from gnn_transformer.kernels.planner import prepare
     from gnn_transformer.kernels.planner import edge_parts
 
     return edge_parts(prepare(ei, n, n), block, None)[0]

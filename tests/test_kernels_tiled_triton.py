@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1":  # CPU tensors need the interpreter (set in conftest)
     pytest.skip("TRITON_INTERPRET=1 is needed to run Triton kernels on CPU tensors", allow_module_level=True)
 
-from gnn_transformer.kernels import _graph, attend, attend_reference  # noqa: E402
+from gnn_transformer.kernels import planner, attend, attend_reference  # noqa: E402
 
 from .conftest import TOL, graph_case, make_inputs, small_graph, weighted_loss  # noqa: E402
 from .triton_helpers import (
@@ -274,7 +274,7 @@ def test_triton_tiled_full_tiles(backend, heads, kv_heads, dtype, monkeypatch):
         q, k, v, edge_index, scale=0.4, backend=backend, return_lse=True, impl="triton", block_size=16, tile_cost=0.25
     )
     check_float64(out, lse, [q, k, v], edge_index, 0.4, torch.randn(out.shape, dtype=torch.float64))
-    graph = _graph.prepare(edge_index, n_src, n_dst)
+    graph = planner.prepare(edge_index, n_src, n_dst)
     ((tiles, rest_ids, _),) = [v for key, v in graph.extras.items() if key[0] == "parts"]
     if backend == "tiled":
         assert rest_ids is None and tiles.edge_ids.numel() == graph.num_edges

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gnn_transformer.kernels import TILE_COST, _graph, attend, attend_reference, choose_backend
+from gnn_transformer.kernels import TILE_COST, planner, attend, attend_reference, choose_backend
 from gnn_transformer.kernels.tiling import build_tiles, sorted_unique, unique_keys
 from gnn_transformer.topology import causal
 
@@ -26,7 +26,7 @@ def _dense_from_tiles(tiles):
 
 
 def test_causal_tiles():
-    graph = _graph.prepare(causal(32), 32, 32)
+    graph = planner.prepare(causal(32), 32, 32)
     tiles = build_tiles(graph, 8, 8)
     assert tiles.num_tiles == 4 * 5 // 2  # lower triangle of 4 x 4 blocks
     full = tiles.mask_index < 0
@@ -42,7 +42,7 @@ def test_causal_tiles():
 
 def test_ragged_blocks_and_bipartite():
     edge_index, n_src, n_dst = graph_case("bipartite")
-    graph = _graph.prepare(edge_index, n_src, n_dst)
+    graph = planner.prepare(edge_index, n_src, n_dst)
     tiles = build_tiles(graph, 8, 16)
     dense = torch.zeros(n_dst, n_src, dtype=torch.bool)
     dense[graph.dst, graph.src] = True
@@ -53,7 +53,7 @@ def test_ragged_blocks_and_bipartite():
 def test_build_tiles_refuses_repeated_edges():
     """A tile cell holds one edge: a second copy of ``1 -> 0`` is an error that says so."""
     src, dst = torch.tensor([0, 1, 1, 1]), torch.tensor([0, 0, 0, 1])
-    graph = _graph.prepare(torch.stack([src, dst]), 2, 2)
+    graph = planner.prepare(torch.stack([src, dst]), 2, 2)
     with pytest.raises(ValueError, match="repeat an edge"):
         build_tiles(graph, 2, 2)
     assert build_tiles(graph, 2, 2, torch.tensor([0, 1, 3])).num_tiles == 1
@@ -101,7 +101,7 @@ def test_consecutive_key_blocks_are_read_in_place(graph, runs):
         "window": T.sliding_window(n, 5),
         "random": T.random(n, 3, seed=1),
     }[graph]
-    tiles = build_tiles(_graph.prepare(edge_index, n, n), block, block)
+    tiles = build_tiles(planner.prepare(edge_index, n, n), block, block)
     kB = _blocked(torch.randn(n, 3, 5, dtype=torch.float64), block, tiles.num_k_blocks, torch.float64)
     seen = set()
     for _, tids, run in _chunks(tiles, 3, max_cells=3 * block * block * 40):
@@ -122,13 +122,13 @@ def test_build_tiles_checks_unsorted_rows():
     """Rows whose sources are not sorted skip the linear-time test: a repeat is still found
     however far apart its copies are, and an unsorted graph without repeats tiles as sorted."""
     src, dst = torch.tensor([2, 0, 1, 3, 2, 0]), torch.tensor([0, 0, 0, 1, 1, 1])
-    graph = _graph.prepare(torch.stack([src, dst]), 4, 2)
+    graph = planner.prepare(torch.stack([src, dst]), 4, 2)
     tiles = build_tiles(graph, 2, 2)
     dense = torch.zeros(2, 4, dtype=torch.bool)
     dense[dst, src] = True
     assert torch.equal(_dense_from_tiles(tiles), dense) and int(tiles.count.sum()) == 6
     src = torch.tensor([2, 0, 2, 3])  # 2 -> 0 twice, one edge apart
-    graph = _graph.prepare(torch.stack([src, torch.tensor([0, 0, 0, 1])]), 4, 2)
+    graph = planner.prepare(torch.stack([src, torch.tensor([0, 0, 0, 1])]), 4, 2)
     with pytest.raises(ValueError, match="repeat an edge"):
         build_tiles(graph, 2, 2)
 
@@ -143,7 +143,7 @@ def test_repeated_copies_run_fused_beside_the_tiles(backend):
 
     plain = causal(64).as_tensor()
     repeated = torch.cat([plain, plain[:, :3], plain[:, :1]], dim=1)  # 0 -> 0 three times, 0 -> 1 and 1 -> 1 twice
-    graph = _graph.prepare(repeated, 64, 64)
+    graph = planner.prepare(repeated, 64, 64)
     key, _, count = tile_stats(graph, 8, 8)
     dense = _dense_tiles(graph, 8, 0.3)
     assert torch.equal(dense, count.double() - (key == 0).double() * 4 >= 0.3 * 64)  # distinct edges
@@ -164,14 +164,14 @@ def test_repeated_copies_run_fused_beside_the_tiles(backend):
 
 def test_graph_cache_is_reused_and_invalidated():
     edge_index = torch.tensor([[1, 0, 2], [2, 0, 1]])
-    g1 = _graph.prepare(edge_index, 3, 3)
-    assert _graph.prepare(edge_index, 3, 3) is g1
+    g1 = planner.prepare(edge_index, 3, 3)
+    assert planner.prepare(edge_index, 3, 3) is g1
     assert g1.perm.tolist() == [1, 2, 0] and g1.rowptr.tolist() == [0, 1, 2, 3]
     edge_index[0, 0] = 2  # in-place change: the structure is rebuilt
-    g2 = _graph.prepare(edge_index, 3, 3)
+    g2 = planner.prepare(edge_index, 3, 3)
     assert g2 is not g1 and g2.src.tolist() == [0, 2, 2]
     ei = causal(5)
-    graph = _graph.prepare(ei, 5, 5)
+    graph = planner.prepare(ei, 5, 5)
     assert graph.perm is None and "csc" not in graph.extras  # built when a backward pass asks
     colptr, perm = graph.csc()
     assert colptr.data_ptr() == ei.get_csr()[0][0].data_ptr()  # EdgeIndex: PyG's cached CSR is reused
@@ -186,16 +186,16 @@ def test_graph_cache_goes_with_its_edge_index(edge_head):
     import gc
 
     q, k, v, _ = make_inputs(16, 16, 0, bias=False)  # [N, H, D]
-    before = len(_graph._CACHE)
+    before = len(planner._CACHE)
     for seed in range(3):
         edge_index = torch.randint(0, 16, (2, 40), generator=torch.Generator().manual_seed(seed))
         edge_index = edge_index[:, torch.argsort(edge_index[1], stable=True)]  # sorted: the CSR views it
         extra = {"edge_head": torch.zeros(40, dtype=torch.long)} if edge_head else {}  # one head: still sorted
         attend(q, k, v, edge_index, scale=0.5, backend="fused", **extra)
-        assert len(_graph._CACHE) == before + 1
+        assert len(planner._CACHE) == before + 1
         del edge_index, extra
         gc.collect()
-        assert len(_graph._CACHE) == before
+        assert len(planner._CACHE) == before
 
 
 def test_layers_reuse_structures():
@@ -203,7 +203,7 @@ def test_layers_reuse_structures():
     edge_index, n_src, n_dst = graph_case("window")
     q, k, v, _ = make_inputs(n_src, n_dst, 0, bias=False)
     attend(q, k, v, edge_index, scale=0.5, backend="auto", block_size=8)
-    graph = _graph.prepare(edge_index, n_src, n_dst)
+    graph = planner.prepare(edge_index, n_src, n_dst)
     before = dict(graph.extras)
     attend(q, k, v, edge_index, scale=0.5, backend="auto", block_size=8)
     assert all(graph.extras[key] is value for key, value in before.items())

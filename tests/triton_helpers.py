@@ -132,12 +132,12 @@ def batch():
 def check_batch_and_unsorted(name, heads, kv_heads, backend, kw, dtype):
     """A batch of two disjoint graphs, and an edge_index in random order (a plain LongTensor that
     attend sorts, edge biases following their columns), forward and backward."""
-    from gnn_transformer.kernels import _graph
+    from gnn_transformer.kernels import planner
 
     edge_index, n_src, n_dst = batch() if name == "batch" else graph_case("unsorted", seed=3)
     assert type(edge_index) is torch.Tensor
     if name == "unsorted":
-        assert _graph.prepare(edge_index, n_src, n_dst).perm is not None  # really out of order
+        assert planner.prepare(edge_index, n_src, n_dst).perm is not None  # really out of order
     q, k, v, b = make_inputs(
         n_src, n_dst, edge_index.size(1), heads=heads, kv_heads=kv_heads, dim=4, dtype=dtype, seed=5
     )

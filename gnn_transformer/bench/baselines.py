@@ -34,8 +34,7 @@ from typing import Any, Protocol, cast
 import torch
 from torch import Tensor
 
-from ..kernels._graph import prepare
-from ..kernels.sdpa import dense_pattern
+from ..kernels.planner import dense_pattern, prepare
 
 FLEX_VARIANTS = ("predicate", "lookup", "blocks", "bitmap")
 # block sides a block table is tried with, largest first

@@ -52,7 +52,7 @@ from ..kernels import (
     merge_partials,
     nodes_to_heads,
 )
-from ..kernels._graph import prepare
+from ..kernels.planner import prepare
 from ..kernels.tiling import tile_stats
 from ..topology.specs import LayerPattern
 from .baselines import FLEX_VARIANTS, Unavailable, bhnd, flex_block_mask, make_sdpa, nhd, sdpa_mode

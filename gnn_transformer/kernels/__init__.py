@@ -3,11 +3,12 @@
 A call goes :mod:`.dispatch` (checks, backend and implementation) -> one backend file:
 ``fused_triton.py`` / ``fused_torch.py`` (``fused``: the target-sorted CSR), ``tiled_triton.py`` /
 ``tiled_torch.py`` (``tiled``: tiles of the adjacency), both and :mod:`.merge` (``split``);
-:mod:`.planner` picks the backend under ``auto``, which runs full and causal graphs through
-PyTorch's own attention kernels (:mod:`.sdpa`). Every backend file builds on three small shared
-modules, read once: :mod:`._graph` (an edge list's target-sorted CSR, cached per graph),
-:mod:`._autograd` (the one autograd function: a forward and a backward over a graph structure) and
-:mod:`.primitives` (dtype and empty-row helpers); the Triton files also share :mod:`.triton_common`.
+:mod:`.planner` turns an edge list into the graph the kernels read (its target-sorted CSR, cached
+per graph), recognizes what the graph is (an implicit graph; full or causal attention per document,
+which ``auto`` runs through PyTorch's own attention kernels, :mod:`.sdpa`) and picks the backend
+under ``auto``. Every backend file builds on :mod:`.primitives` (the one autograd function, a
+forward and a backward over a graph structure, and the small tensor idioms); the Triton files also
+share :mod:`.triton_common` (jit helpers), :mod:`._launch` and :mod:`._pieces`.
 
 Glossary (each word has this one meaning in this package):
 
@@ -28,10 +29,8 @@ Glossary (each word has this one meaning in this package):
 """
 
 from .dispatch import BACKENDS, IMPLS, attend, check_implicit_options, edge_weights, triton_available
-from ._graph import clear_cache
 from .fused_torch import DEFAULT_MAX_EDGES
 from .heads import head_inputs, heads_to_nodes, nodes_to_heads
-from .implicit import BlockStructure, is_block_structure
 from .merge import merge_partials
 from .planner import (
     BLOCK_SIZE,
@@ -41,9 +40,12 @@ from .planner import (
     MERGE_COST,
     ROW_COST,
     TILE_COST,
+    BlockStructure,
     auto_kernel,
     choose_backend,
+    clear_cache,
     default_block_size,
+    is_block_structure,
     plan_costs,
 )
 from .reference import attend_reference

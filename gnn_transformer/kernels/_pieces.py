@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ._autograd import lse_pair
-from ._graph import Extras
-from .primitives import finite_or_zero
+from .planner import Extras
+from .primitives import finite_or_zero, lse_pair
 
 # A piece length for every launch, on every device (0: never cut); None: by the device, as above.
 LENGTH: int | None = None
@@ -137,7 +136,7 @@ def merge_into(
     out: Tensor, lse: Tensor, lse_lo: Tensor, out_p: Tensor, lse_p: Tensor, lo_p: Tensor, pieces: Pieces, block: int = 1
 ) -> None:
     """Write the cut rows' results, merged from their pieces' ``(out_p [P * B, H, D], lse_p, lo_p
-    [P * B, H])`` through the log-sum-exps (``lse + lo``, see :mod:`._autograd`), into
+    [P * B, H])`` through the log-sum-exps (``lse + lo``, see :mod:`.primitives`), into
     ``out [N, H, D]``, ``lse`` and ``lse_lo [N, H]``; a row empty in every piece stays empty (zeros,
     ``-inf``, 0)."""
     heads, dim = out_p.shape[1:]

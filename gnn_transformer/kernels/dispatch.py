@@ -44,14 +44,27 @@ from torch import Tensor
 
 from . import _launch
 from ._dropout import threshold
-from ._graph import CSRGraph, check_edge_index, prepare
 from .fused_torch import DEFAULT_MAX_EDGES, chunked_attention
 from .heads import head_inputs, heads_to_nodes, nodes_to_heads
-from .implicit import block_tiles, from_rows, is_block_structure, to_rows
+from .implicit import block_tiles, from_rows, to_rows
 from .merge import merge_partials
-from .planner import check_tiling, default_block_size, edge_parts, planned_backend, tile_size, unit_costs
+from .planner import (
+    CSRGraph,
+    DensePattern,
+    check_edge_index,
+    check_tiling,
+    default_block_size,
+    dense_pattern,
+    edge_parts,
+    is_block_structure,
+    planned_backend,
+    prepare,
+    runs_sdpa,
+    tile_size,
+    unit_costs,
+)
 from .primitives import autocast_inputs, compute_dtype, no_autocast, plain_tensor
-from .sdpa import DensePattern, dense_pattern, lse_in_range, runs_sdpa, sdpa_attention
+from .sdpa import lse_in_range, sdpa_attention
 from .tiled_torch import DEFAULT_MAX_CELLS, tiled_attention
 from .tiling import TileList, triton_blocks
 

@@ -36,10 +36,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._autograd import Kernel, kernel_attention, lse_pair
 from ._dropout import keep_scale
-from ._graph import CSRGraph
-from .primitives import compute_dtype, finite_or_zero, total_or_one
+from .planner import CSRGraph
+from .primitives import Kernel, compute_dtype, finite_or_zero, kernel_attention, lse_pair, total_or_one
 
 DEFAULT_MAX_EDGES = 1 << 19  # edges per chunk and head: 2 MiB of float32 scores (cache-sized)
 
@@ -229,7 +228,7 @@ def chunked_backward(
         dlseT = None if dlse is None else dlse.to(cd).t()  # [H, N_dst]
         lse_safe = lse.to(cd).t()  # [H, N_dst]
         lse_safe = finite_or_zero(lse_safe)
-        loT = lse_lo.to(cd).t()  # [H, N_dst]: what rounding lse lost (module _autograd)
+        loT = lse_lo.to(cd).t()  # [H, N_dst]: what rounding lse lost (module primitives)
         for c in row_chunks(graph, max_edges):
             size, size_t = (c.r1 - c.r0, n_src), (n_src, c.r1 - c.r0)
             for h in range(num_heads):
@@ -259,7 +258,7 @@ def chunked_backward(
     dk = dkT.transpose(0, 1).to(k.dtype)
     dv = dvT.transpose(0, 1).to(v.dtype)
     if dbias is not None:
-        assert bias is not None  # a bias gradient is asked for only with a bias (module _autograd)
+        assert bias is not None  # a bias gradient is asked for only with a bias (module primitives)
         dbias = dbias.to(bias.dtype)
     return dq, dk, dv, dbias
 

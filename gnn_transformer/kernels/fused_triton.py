@@ -36,9 +36,9 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _pieces
-from ._autograd import Kernel, kernel_attention
-from ._graph import CSRGraph
 from ._launch import is_recording, launch
+from .planner import CSRGraph
+from .primitives import Kernel, kernel_attention
 from .triton_common import (
     EXACT_ROWS_LSE,
     acc_type,
@@ -724,7 +724,7 @@ def csr_forward(
     scale: float,
     dropout: tuple[float, int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(out [N_dst, H, D], lse [N_dst, H], lse_lo [N_dst, H])`` (see :mod:`._autograd`); ``bias``
+    """``(out [N_dst, H, D], lse [N_dst, H], lse_lo [N_dst, H])`` (see :mod:`.primitives`); ``bias``
     ``[E, H]`` in target-sorted edge order;
     ``dropout = (p, seed)`` drops attention weights (:mod:`._dropout`). Targets with far more edges
     than the rest run in pieces (:mod:`._pieces`)."""

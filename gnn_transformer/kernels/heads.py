@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._graph import check_edge_index
+from .planner import check_edge_index
 from .primitives import plain_tensor
 
 # relabelled graphs: id(edge_head) -> (weak refs to edge_head and edge_index, their versions,

@@ -22,44 +22,12 @@ Notation: ``T`` tiles, ``Bq`` / ``Bk`` block sizes, ``NBq`` / ``NBk`` query / ke
 from __future__ import annotations
 
 import weakref
-from typing import Protocol, TypeGuard, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from .planner import BlockStructure
 from .tiling import TileList
-
-
-@runtime_checkable
-class BlockStructure(Protocol):
-    """What the kernels read of an implicit graph (see :class:`gnn_transformer.topology.BlockGraph`)."""
-
-    num_dst: int
-    num_src: int
-    block_q: int
-    block_k: int
-    q_block: Tensor  # [T] sorted by (head, query block, key block)
-    k_block: Tensor  # [T]
-    mask_index: Tensor  # [T] -1 for a full tile
-    masks: Tensor  # [P, Bq, Bk] bool
-    tile_head: Tensor | None  # [T] or None
-    num_heads: int | None
-    q_ptr: Tensor | None  # [NBq + 1] or None (uniform blocks)
-    k_ptr: Tensor | None
-    dense: tuple[str, tuple[int, ...]] | None
-
-    @property
-    def num_q_blocks(self) -> int: ...
-
-    @property
-    def num_k_blocks(self) -> int: ...
-
-    def edges(self) -> Tensor | tuple[Tensor, Tensor]: ...
-
-
-def is_block_structure(graph: object) -> TypeGuard[BlockStructure]:
-    """Whether ``graph`` is an implicit graph (a :class:`BlockStructure`, not an edge list)."""
-    return not isinstance(graph, Tensor) and isinstance(graph, BlockStructure)
 
 
 # tile lists of block structures: structure -> {(block, heads, kv heads, device): (tiles, layout)}

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._autograd import lse_pair
-from .primitives import finite_or_zero
+from .primitives import finite_or_zero, lse_pair
 
 
 def merge_partials(
@@ -23,7 +22,7 @@ def merge_partials(
     """Merge ``(out [N, H, D], lse [N, H])`` pairs of two disjoint edge sets (differentiable).
 
     ``lse_lo = (lo_a, lo_b)``: what rounding each ``lse`` lost (the kernels' third result, see
-    :mod:`._autograd`); then the merged ``lse``'s own remainder is returned too,
+    :mod:`.primitives`); then the merged ``lse``'s own remainder is returned too,
     ``(out, lse, lse_lo)``, and huge log-sum-exps (all scores near ``-1e9``) merge exactly."""
     top = torch.maximum(lse_a, lse_b).detach()  # [N, H]; the result does not depend on it
     top = finite_or_zero(top)

@@ -1,25 +1,366 @@
-"""The plan of ``backend="auto"``: a cost model in edge-equivalents, the tile size, and the parts
-of a graph that ``tiled`` and ``split`` run (cached on the graph).
+"""From an edge list to a plan: the graph a call runs on, what it is, and which backend runs it.
 
-A tile of ``B x B`` cells costs ``TILE_COST * B²`` whatever its fill, an edge of the fused path
-costs 1, each call of a backend adds ``ROW_COST`` per target row and ``split``'s merge
-``MERGE_COST`` per row (``DROPOUT_COST`` under attention dropout); :func:`choose_backend` takes the
-cheapest of all edges fused, all tiles tiled, or the dense tiles tiled and the rest fused.
-Before that, a graph of exactly full or causal attention per sequence or document runs PyTorch's
-own attention kernels where nothing they lack is asked for (:func:`auto_kernel`, :mod:`.sdpa`).
+- **The graph** (:class:`CSRGraph`, :func:`prepare`): the edge list sorted by target (the CSR over
+  targets that forward passes and ``dQ`` walk) and, lazily, the source-sorted permutation (the CSC
+  that ``dK`` / ``dV`` walk), plus a dictionary for backend-specific structures (row chunks, tile
+  lists). :func:`prepare` returns the cached object for an ``edge_index`` tensor; the cache is keyed
+  by the tensor's identity and version, and an entry disappears with its tensor.
+- **What it is**: an implicit graph (:class:`BlockStructure`, a ``topology.BlockGraph``: tiles
+  without an edge list), or a graph of exactly full or causal attention per sequence or document
+  (:func:`dense_pattern`), which ``auto`` runs through PyTorch's own attention kernels
+  (:mod:`.sdpa`) where nothing they lack is asked for (:func:`runs_sdpa`).
+- **The plan of ``auto``** for the others: a cost model in edge-equivalents, the tile size, and the
+  parts of a graph that ``tiled`` and ``split`` run (cached on the graph). A tile of ``B x B`` cells
+  costs ``TILE_COST * B²`` whatever its fill, an edge of the fused path costs 1, each call of a
+  backend adds ``ROW_COST`` per target row and ``split``'s merge ``MERGE_COST`` per row
+  (``DROPOUT_COST`` under attention dropout); :func:`choose_backend` takes the cheapest of all edges
+  fused, all tiles tiled, or the dense tiles tiled and the rest fused.
+
+Notation: ``E`` edges, ``N_src`` source (key / value) nodes, ``N_dst`` target (query) nodes.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeAlias, TypeGuard, runtime_checkable
+
 import torch
 from torch import Tensor
+from torch_geometric import EdgeIndex
 
-from ._graph import CSRGraph, cached_sizes, prepare, sub_graph
-from .heads import head_graph
-from .implicit import is_block_structure
 from .primitives import plain_tensor
-from .sdpa import DensePattern, dense_pattern, runs_sdpa
+from .sdpa import has_cpu_flash
 from .tiling import TileList, build_tiles, sorted_unique, tile_stats
+
+# ---------------------------------------------------------------- the graph a call runs on
+
+# Backend-specific structures cached on a graph or a tile list, keyed by a name or a tuple of the
+# name and the parameters they were built for (``("row_chunks", max_edges)``)
+Extras: TypeAlias = dict[str | tuple[Any, ...], Any]
+
+
+@dataclass(eq=False)
+class CSRGraph:
+    """Target-sorted edge list with CSR pointers, and a lazily built source-sorted view."""
+
+    num_src: int
+    num_dst: int
+    src: Tensor  # [E] source j of each edge, edges sorted by target
+    dst: Tensor  # [E] target i of each edge, non-decreasing
+    rowptr: Tensor  # [N_dst + 1] edges of target i are rowptr[i]:rowptr[i + 1]
+    perm: Tensor | None  # [E] sorted position -> column of the edge_index as given (None: identity)
+    extras: Extras = field(default_factory=dict)  # row chunks, tile lists, CSC view, ...
+    # [E] for a part of a larger graph (split's fused part): each edge's position in that graph's
+    # target-sorted order, the key of its dropout mask; None: the positions 0..E-1 of this graph
+    edge_ids: Tensor | None = None
+    # the edge_index that src / dst are views of (weak: the cache must not keep it alive)
+    source: weakref.ref[Tensor] | None = None
+
+    @property
+    def num_edges(self) -> int:
+        return self.src.numel()
+
+    def guards(self) -> tuple[Tensor, ...]:
+        """The caller's ``edge_index`` when ``src`` / ``dst`` share its memory: a kernel saves it
+        for backward, so that writing it in place before the backward pass raises PyTorch's
+        "modified by an inplace operation" error instead of giving wrong gradients."""
+        source = None if self.source is None else self.source()
+        return () if source is None else (source,)
+
+    def csc(self) -> tuple[Tensor, Tensor]:
+        """``(colptr [N_src + 1], csc_perm [E])``: edges sorted by source (stable), as positions
+        in the target-sorted order."""
+        if "csc" not in self.extras:
+            index = self.extras.pop("edge_index", lambda: None)()
+            if index is not None:  # PyG caches the source-sorted view on the EdgeIndex itself: reuse it
+                (colptr, _), csc_perm = index.get_csr()  # pointers over sources, perm to columns
+                if csc_perm is None:
+                    csc_perm = torch.arange(self.num_edges, device=self.src.device)
+                self.extras["csc"] = (colptr.to(torch.long), csc_perm.to(torch.long))
+            else:
+                csc_perm = torch.argsort(self.src, stable=True)  # [E]
+                counts = torch.bincount(self.src, minlength=self.num_src)  # [N_src]
+                colptr = torch.zeros(self.num_src + 1, dtype=torch.long, device=self.src.device)
+                colptr[1:] = counts.cumsum(0)
+                self.extras["csc"] = (colptr, csc_perm)
+        return self.extras["csc"]
+
+
+# id(edge_index) -> (weak reference, version (:func:`_version`), stamp, graph)
+_CACHE: dict[int, tuple[weakref.ref[Tensor], int | Tensor, tuple[Any, ...], CSRGraph]] = {}
+# Re-entrant: a weakref callback (``_drop``) can run inside a locked section when garbage
+# collection frees another edge_index there.
+_LOCK = threading.RLock()
+
+
+def _drop(key: int) -> None:
+    with _LOCK:
+        _CACHE.pop(key, None)
+
+
+def _dropper(key: int) -> Callable[[weakref.ref[Tensor]], None]:
+    """The weak reference callback that forgets the cache entry ``key`` when its tensor dies."""
+    return lambda _ref: _drop(key)
+
+
+def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int) -> None:
+    if not isinstance(edge_index, Tensor):
+        raise ValueError(f"Expected 'edge_index' to be a tensor (got {type(edge_index).__name__})")
+    if edge_index.dim() != 2 or edge_index.size(0) != 2:
+        raise ValueError(f"Expected 'edge_index' of shape [2, E] (got {list(edge_index.shape)})")
+    if edge_index.dtype not in (torch.long, torch.int32):
+        raise ValueError(f"Expected 'edge_index' to hold integers (got {edge_index.dtype})")
+    sparse_size = getattr(edge_index, "sparse_size", None)
+    if callable(sparse_size):
+        s_src, s_dst = sparse_size()
+        if s_src is not None and s_src != num_src:
+            raise ValueError(f"'edge_index' has {s_src} source nodes but 'key' has {num_src} rows")
+        if s_dst is not None and s_dst != num_dst:
+            raise ValueError(f"'edge_index' has {s_dst} target nodes but 'query' has {num_dst} rows")
+
+
+def _build(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
+    # an alias of the same memory: views of it do not hold the caller's tensor object, so the cache
+    # entry keyed by that tensor's weak reference goes when the caller drops it
+    plain = plain_tensor(edge_index).detach()
+    # Views of a long edge_index (no copy); a backward pass that uses them checks they were not
+    # written in place since (CSRGraph.guards). An inference tensor cannot be saved for backward:
+    # copied.
+    copy = edge_index.is_inference()
+    src, dst = plain[0].to(torch.long, copy=copy), plain[1].to(torch.long, copy=copy)  # [E], [E]
+    if src.numel() > 0:
+        lo = min(int(src.min()), int(dst.min()))
+        if lo < 0:
+            raise ValueError(f"Expected 'edge_index' to hold non-negative node ids (got {lo})")
+        if int(src.max()) >= num_src:
+            raise ValueError(f"'edge_index' names source {int(src.max())} but 'key' has {num_src} rows")
+        if int(dst.max()) >= num_dst:
+            raise ValueError(f"'edge_index' names target {int(dst.max())} but 'query' has {num_dst} rows")
+    perm = None
+    if src.numel() > 1 and bool((dst[1:] < dst[:-1]).any()):
+        if getattr(edge_index, "is_sorted_by_col", False) is True:
+            raise ValueError(
+                "Expected 'edge_index' flagged sort_order='col' to have its targets "
+                "(row 1) in ascending order (they are not): build the EdgeIndex "
+                "without sort_order, or sort it with .sort_by('col')"
+            )
+        perm = torch.argsort(dst, stable=True)  # [E]
+        src, dst = src[perm], dst[perm]
+    counts = torch.bincount(dst, minlength=num_dst)  # [N_dst]
+    rowptr = torch.zeros(num_dst + 1, dtype=torch.long, device=dst.device)
+    rowptr[1:] = counts.cumsum(0)
+    graph = CSRGraph(num_src, num_dst, src.contiguous(), dst.contiguous(), rowptr, perm)
+    if src.numel() and (graph.src.data_ptr() == plain.data_ptr() or graph.dst.data_ptr() == plain[1].data_ptr()):
+        try:
+            graph.source = weakref.ref(edge_index)
+        except TypeError:  # not weak-referenceable: unguarded, as it is not cached either
+            pass
+    if perm is None and isinstance(edge_index, EdgeIndex) and edge_index.sparse_size() == (num_src, num_dst):
+        # csc() asks PyG for the source-sorted view, only when a backward pass needs it (tiled
+        # never does); weak: the cache must not keep the edge_index alive
+        graph.extras["edge_index"] = weakref.ref(edge_index)
+    return graph
+
+
+def _version(edge_index: Tensor) -> int | Tensor:
+    """What tells a later call that ``edge_index`` still holds the same edges: its version
+    counter, or for an inference tensor (which has none) a copy of its values."""
+    if edge_index.is_inference():
+        plain = plain_tensor(edge_index)
+        return plain.clone()
+    return edge_index._version
+
+
+def _same(old: int | Tensor, edge_index: Tensor) -> bool:
+    if isinstance(old, int):
+        return not edge_index.is_inference() and old == edge_index._version
+    plain = plain_tensor(edge_index)
+    return edge_index.is_inference() and torch.equal(old, plain)
+
+
+def _lookup(edge_index: Tensor) -> tuple[tuple[Any, ...], CSRGraph] | None:
+    """``(stamp, graph)`` of the valid cache entry of ``edge_index``, if any."""
+    with _LOCK:
+        hit = _CACHE.get(id(edge_index))
+    if hit is None:
+        return None
+    ref, version, stamp, graph = hit
+    if ref() is not edge_index or stamp[:3] != _stamp(edge_index) or not _same(version, edge_index):
+        return None
+    return stamp, graph
+
+
+def _stamp(edge_index: Tensor) -> tuple:
+    return edge_index.data_ptr(), tuple(edge_index.shape), edge_index.device
+
+
+def cached_sizes(edge_index: Tensor) -> tuple[int, int] | None:
+    """``(num_src, num_dst)`` that ``edge_index``'s cached graph was built for, if it has one."""
+    hit = _lookup(edge_index)
+    return None if hit is None else hit[0][3:]
+
+
+def prepare(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
+    """The cached :class:`CSRGraph` of ``edge_index`` (built and validated on first use).
+
+    The cache sees in-place writes through PyTorch (the tensor's version counter; for an inference
+    tensor, its values), not writes that bypass it (``.data``, a NumPy view): after those, call
+    :func:`clear_cache`.
+    """
+    check_edge_index(edge_index, num_src, num_dst)
+    stamp = (*_stamp(edge_index), num_src, num_dst)
+    hit = _lookup(edge_index)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    graph = _build(edge_index, num_src, num_dst)
+    key = id(edge_index)
+    try:
+        ref = weakref.ref(edge_index, _dropper(key))
+    except TypeError:  # not weak-referenceable: do not cache
+        return graph
+    with _LOCK:
+        _CACHE[key] = (ref, _version(edge_index), stamp, graph)
+    return graph
+
+
+def clear_cache() -> None:
+    """Forget every cached graph structure."""
+    with _LOCK:
+        _CACHE.clear()
+
+
+def sub_graph(graph: CSRGraph, edge_ids: Tensor) -> CSRGraph:
+    """The edges ``edge_ids`` (sorted positions) as a graph of their own, still target-sorted."""
+    src, dst = graph.src[edge_ids], graph.dst[edge_ids]
+    rowptr = torch.zeros(graph.num_dst + 1, dtype=torch.long, device=src.device)
+    rowptr[1:] = torch.bincount(dst, minlength=graph.num_dst).cumsum(0)
+    return CSRGraph(graph.num_src, graph.num_dst, src, dst, rowptr, None, edge_ids=edge_ids)
+
+
+# ---------------------------------------------------------------- what the graph is
+
+
+@runtime_checkable
+class BlockStructure(Protocol):
+    """What the kernels read of an implicit graph (see :class:`gnn_transformer.topology.BlockGraph`)."""
+
+    num_dst: int
+    num_src: int
+    block_q: int
+    block_k: int
+    q_block: Tensor  # [T] sorted by (head, query block, key block)
+    k_block: Tensor  # [T]
+    mask_index: Tensor  # [T] -1 for a full tile
+    masks: Tensor  # [P, Bq, Bk] bool
+    tile_head: Tensor | None  # [T] or None
+    num_heads: int | None
+    q_ptr: Tensor | None  # [NBq + 1] or None (uniform blocks)
+    k_ptr: Tensor | None
+    dense: tuple[str, tuple[int, ...]] | None
+
+    @property
+    def num_q_blocks(self) -> int: ...
+
+    @property
+    def num_k_blocks(self) -> int: ...
+
+    def edges(self) -> Tensor | tuple[Tensor, Tensor]: ...
+
+
+def is_block_structure(graph: object) -> TypeGuard[BlockStructure]:
+    """Whether ``graph`` is an implicit graph (a :class:`BlockStructure`, not an edge list)."""
+    return not isinstance(graph, Tensor) and isinstance(graph, BlockStructure)
+
+
+# Documents of unequal lengths run one call each: beyond this many, the tiled backend is cheaper
+MAX_DOCUMENTS = 64
+# Edges per chunk of the recognition's edge-by-edge comparison
+CHECK_CHUNK = 1 << 24
+
+
+@dataclass(frozen=True)
+class DensePattern:
+    """A graph SDPA runs without a mask: ``kind`` ``"full"`` or ``"causal"`` within each document,
+    ``bounds`` the documents' first tokens and the token count (one sequence: ``(0, N)``; a full
+    bipartite graph, ``N_src != N_dst``: ``(0, N_dst)`` with every key)."""
+
+    kind: str
+    bounds: tuple[int, ...]
+
+    @functools.cached_property
+    def lengths(self) -> list[int]:
+        return [b - a for a, b in zip(self.bounds[:-1], self.bounds[1:])]
+
+    @functools.cached_property
+    def equal_lengths(self) -> bool:
+        """Whether every document has one length (one batched SDPA call runs them all)."""
+        return len(set(self.lengths)) == 1
+
+
+def dense_pattern(graph: CSRGraph) -> DensePattern | None:
+    """The :class:`DensePattern` of ``graph``, or ``None`` (cached). Linear checks on the rows'
+    first sources and counts come first; only a graph that passes them has its edges compared
+    with the pattern's, one by one."""
+    if "dense_pattern" not in graph.extras:
+        graph.extras["dense_pattern"] = _recognize(graph)
+    return graph.extras["dense_pattern"]
+
+
+def _recognize(graph: CSRGraph) -> DensePattern | None:
+    n, n_src, num_edges = graph.num_dst, graph.num_src, graph.num_edges
+    if n == 0 or num_edges == 0:
+        return None
+    counts = graph.rowptr.diff()  # [N]
+    if bool((counts == 0).any()):  # an empty row: not full, not causal
+        return None
+    lo = graph.src[graph.rowptr[:-1]]  # [N] first source of each row
+    hi = lo + counts  # [N] one past the last source, if the row is a run lo, lo + 1, ...
+    pattern = None
+    if n_src != n:  # bipartite: every query sees every key
+        if bool((lo == 0).all()) and bool((hi == n_src).all()):
+            pattern = DensePattern("full", (0, n))
+    else:
+        i = torch.arange(n, device=lo.device)
+        first = lo == i  # [N] the first token of a document sees itself first
+        docs = first.cumsum(0) - 1  # [N] document of each token
+        starts = i[first]  # [B]
+        ends = torch.cat([starts[1:], starts.new_tensor([n])])  # [B]
+        if bool(first[0]) and bool((lo == starts[docs]).all()):
+            if bool((hi == i + 1).all()):
+                pattern = DensePattern("causal", tuple(starts.tolist()) + (n,))
+            elif bool((hi == ends[docs]).all()):
+                pattern = DensePattern("full", tuple(starts.tolist()) + (n,))
+    if pattern is None:
+        return None
+    # each row's sources must be exactly the run lo, lo + 1, ..., hi - 1 (sorted, no repeats);
+    # compared in chunks of edges, so that the check adds no per-edge array of the whole graph
+    first = lo - graph.rowptr[:-1]  # [N] source of the row's edge e is first[i] + e
+    for e0 in range(0, num_edges, CHECK_CHUNK):
+        e1 = min(e0 + CHECK_CHUNK, num_edges)
+        dst = graph.dst[e0:e1]
+        if not torch.equal(graph.src[e0:e1], first[dst] + torch.arange(e0, e1, device=lo.device)):
+            return None
+    return pattern
+
+
+def runs_sdpa(pattern: DensePattern | None, device_type: str, bias: bool, dropout: bool, lse: bool) -> bool:
+    """Whether ``auto`` runs ``pattern`` through SDPA: a recognized graph, no edge bias, no attention
+    dropout, few enough documents of unequal lengths, and on devices other than the CPU no
+    log-sum-exp (the public SDPA does not return it)."""
+    if pattern is None or bias or dropout:
+        return False
+    if device_type == "cpu" and not has_cpu_flash():
+        return False
+    if device_type != "cpu" and lse:
+        return False
+    return pattern.equal_lengths or len(pattern.lengths) <= MAX_DOCUMENTS
+
+
+# ---------------------------------------------------------------- the plan of auto
 
 # auto's cost model, in units of one edge of the fused path (per head and channel); measured with
 # `gnn-transformer bench --calibrate` (see docs/kernels.md); the CUDA values are still estimates.
@@ -345,6 +686,8 @@ def auto_kernel(
             edges = edge_index.edges()
             n_src, n_dst = edge_index.num_src, edge_index.num_dst
             if isinstance(edges, tuple):  # per-head: the (head, token) graph the kernels run
+                from .heads import head_graph  # heads imports this module
+
                 heads = edge_index.num_heads or 1
                 edges = head_graph(edges[0], edges[1], n_src, n_dst, heads, heads)
                 n_src, n_dst = n_src * heads, n_dst * heads

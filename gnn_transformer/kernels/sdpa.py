@@ -2,8 +2,8 @@
 
 A graph whose every target ``i`` has the incoming edges of exactly full or exactly causal attention
 (one sequence, or a block diagonal of documents: ``j`` in ``i``'s document, and ``j <= i`` for
-causal) is what SDPA's fused kernels run without a mask; :func:`dense_pattern` recognizes it from
-the target-sorted CSR (cached on the graph) and never answers for a graph that differs by one edge.
+causal) is what SDPA's fused kernels run without a mask; :func:`.planner.dense_pattern` recognizes it
+from the target-sorted CSR (cached on the graph) and never answers for a graph that differs by one edge.
 ``auto`` then runs it here when nothing SDPA lacks is asked for: no edge bias, no attention dropout
 (the project's dropout mask is its own hash), and, off the CPU, no log-sum-exp.
 
@@ -18,106 +18,23 @@ heads, ``D`` head dimension.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._autograd import Kernel, kernel_attention
-from ._graph import CSRGraph
-from .primitives import compute_dtype, no_autocast, repeat_heads
+from .primitives import Kernel, compute_dtype, kernel_attention, no_autocast, repeat_heads
+
+if TYPE_CHECKING:
+    from .planner import DensePattern
 
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
-# Documents of unequal lengths run one call each: beyond this many, the tiled backend is cheaper
-MAX_DOCUMENTS = 64
-# Edges per chunk of the recognition's edge-by-edge comparison
-CHECK_CHUNK = 1 << 24
 # The fused CPU kernel rounds the log-sum-exp to float32 without what rounding lost (module
-# _autograd); at or above this magnitude a call runs the project's kernels instead (as .tiled_torch)
+# primitives); at or above this magnitude a call runs the project's kernels instead (as .tiled_torch)
 LSE_LIMIT = 128.0
-
-
-@dataclass(frozen=True)
-class DensePattern:
-    """A graph SDPA runs without a mask: ``kind`` ``"full"`` or ``"causal"`` within each document,
-    ``bounds`` the documents' first tokens and the token count (one sequence: ``(0, N)``; a full
-    bipartite graph, ``N_src != N_dst``: ``(0, N_dst)`` with every key)."""
-
-    kind: str
-    bounds: tuple[int, ...]
-
-    @functools.cached_property
-    def lengths(self) -> list[int]:
-        return [b - a for a, b in zip(self.bounds[:-1], self.bounds[1:])]
-
-    @functools.cached_property
-    def equal_lengths(self) -> bool:
-        """Whether every document has one length (one batched SDPA call runs them all)."""
-        return len(set(self.lengths)) == 1
-
-
-def dense_pattern(graph: CSRGraph) -> DensePattern | None:
-    """The :class:`DensePattern` of ``graph``, or ``None`` (cached). Linear checks on the rows'
-    first sources and counts come first; only a graph that passes them has its edges compared
-    with the pattern's, one by one."""
-    if "dense_pattern" not in graph.extras:
-        graph.extras["dense_pattern"] = _recognize(graph)
-    return graph.extras["dense_pattern"]
-
-
-def _recognize(graph: CSRGraph) -> DensePattern | None:
-    n, n_src, num_edges = graph.num_dst, graph.num_src, graph.num_edges
-    if n == 0 or num_edges == 0:
-        return None
-    counts = graph.rowptr.diff()  # [N]
-    if bool((counts == 0).any()):  # an empty row: not full, not causal
-        return None
-    lo = graph.src[graph.rowptr[:-1]]  # [N] first source of each row
-    hi = lo + counts  # [N] one past the last source, if the row is a run lo, lo + 1, ...
-    pattern = None
-    if n_src != n:  # bipartite: every query sees every key
-        if bool((lo == 0).all()) and bool((hi == n_src).all()):
-            pattern = DensePattern("full", (0, n))
-    else:
-        i = torch.arange(n, device=lo.device)
-        first = lo == i  # [N] the first token of a document sees itself first
-        docs = first.cumsum(0) - 1  # [N] document of each token
-        starts = i[first]  # [B]
-        ends = torch.cat([starts[1:], starts.new_tensor([n])])  # [B]
-        if bool(first[0]) and bool((lo == starts[docs]).all()):
-            if bool((hi == i + 1).all()):
-                pattern = DensePattern("causal", tuple(starts.tolist()) + (n,))
-            elif bool((hi == ends[docs]).all()):
-                pattern = DensePattern("full", tuple(starts.tolist()) + (n,))
-    if pattern is None:
-        return None
-    # each row's sources must be exactly the run lo, lo + 1, ..., hi - 1 (sorted, no repeats);
-    # compared in chunks of edges, so that the check adds no per-edge array of the whole graph
-    first = lo - graph.rowptr[:-1]  # [N] source of the row's edge e is first[i] + e
-    for e0 in range(0, num_edges, CHECK_CHUNK):
-        e1 = min(e0 + CHECK_CHUNK, num_edges)
-        dst = graph.dst[e0:e1]
-        if not torch.equal(graph.src[e0:e1], first[dst] + torch.arange(e0, e1, device=lo.device)):
-            return None
-    return pattern
-
-
-def runs_sdpa(pattern: DensePattern | None, device_type: str, bias: bool, dropout: bool, lse: bool) -> bool:
-    """Whether ``auto`` runs ``pattern`` through SDPA: a recognized graph, no edge bias, no attention
-    dropout, few enough documents of unequal lengths, and on devices other than the CPU no
-    log-sum-exp (the public SDPA does not return it)."""
-    if pattern is None or bias or dropout:
-        return False
-    if device_type == "cpu" and (_FLASH is None or _FLASH_BWD is None):
-        return False
-    if device_type != "cpu" and lse:
-        return False
-    return pattern.equal_lengths or len(pattern.lengths) <= MAX_DOCUMENTS
 
 
 def _documents(x: Tensor, pattern: DensePattern) -> list[Tensor]:
@@ -226,6 +143,11 @@ def public_sdpa(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: f
         for qd, kd, vd in zip(*(_documents(x, pattern) for x in (q, k, v)))
     ]
     return _tokens(outs)
+
+
+def has_cpu_flash() -> bool:
+    """Whether this PyTorch has the fused CPU kernel and its backward (this module's CPU path)."""
+    return _FLASH is not None and _FLASH_BWD is not None
 
 
 def lse_in_range(lse: Tensor | None) -> bool:

@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._autograd import Kernel, kernel_attention, lse_pair
 from ._dropout import keep_scales
-from .primitives import compute_dtype, finite_or_zero, repeat_heads, total_or_one
+from .primitives import Kernel, compute_dtype, finite_or_zero, kernel_attention, lse_pair, repeat_heads, total_or_one
 from .tiling import TileList
 
 DEFAULT_MAX_CELLS = 1 << 21  # score entries per chunk: 8 MiB of float32 (cache-sized temporaries)
@@ -31,7 +30,7 @@ _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 # PyTorch's fused kernel returns the log-sum-exp rounded to float32, without what rounding lost;
 # below this magnitude that is under 8e-6 (half its rounding step), above it a chunk runs the
-# matmul path, which keeps the remainder (module _autograd).
+# matmul path, which keeps the remainder (module primitives).
 FLASH_LSE_LIMIT = 128.0
 
 

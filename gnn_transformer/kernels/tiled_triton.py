@@ -27,8 +27,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _pieces
-from ._autograd import Kernel, kernel_attention
 from ._launch import launch
+from .primitives import Kernel, kernel_attention
 from .tiled_torch import tiled_backward, tiled_forward
 from .tiling import TileList, triton_blocks
 from .triton_common import (
@@ -566,7 +566,7 @@ def tiled_triton_forward(
     dropout: tuple[float, int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(out [N_dst, H, D], lse [N_dst, H], lse_lo [N_dst, H])`` over the tiles (see
-    :mod:`._autograd`); ``tbias`` is the edge bias ``[E_t, H]`` of the tiled edges, or ``None``."""
+    :mod:`.primitives`); ``tbias`` is the edge bias ``[E_t, H]`` of the tiled edges, or ``None``."""
     _check_blocks(tiles)
     n_dst, num_heads, dim = q.shape
     out, lse, lse_lo = empty_outputs(q)

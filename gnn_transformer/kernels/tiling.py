@@ -14,11 +14,13 @@ Notation: ``T`` tiles, ``P`` partial tiles, ``E`` edges, ``Bq`` / ``Bk`` block s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from ._graph import CSRGraph, Extras
+if TYPE_CHECKING:
+    from .planner import CSRGraph, Extras
 
 
 @dataclass(eq=False)

@@ -43,7 +43,7 @@ def work(START, END, MAP, MAPPED: tl.constexpr):
 @triton.jit
 def _two_sum(m, log_l):
     """``(lse, lo)``: ``m + log_l`` rounded and what the rounding lost (Knuth's two-sum, exact;
-    see :mod:`._autograd`)."""
+    see :mod:`.primitives`)."""
     lse = m + log_l
     b = lse - m
     return lse, (m - (lse - b)) + (log_l - b)
