@@ -208,6 +208,41 @@ def test_huge_log_sum_exp_falls_back_to_the_projects_kernels():
         torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
+def _autograd_nodes(t: torch.Tensor) -> set[str]:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo.extend(f for f, _ in fn.next_functions)
+    return {type(fn).__name__ for fn in seen}
+
+
+def test_huge_log_sum_exp_without_lse_falls_back_too():
+    """Without ``return_lse`` the call runs under the fused CPU kernel's own autograd, whose backward
+    reads the rounded log-sum-exp: beyond the limit ``auto`` runs the project's kernels instead."""
+    edge_index = causal(24)
+    gen = torch.Generator().manual_seed(3)
+    q, k = ((torch.randn(24, 2, 4, generator=gen) * 0.1 + 10.0).requires_grad_() for _ in range(2))
+    v = torch.randn(24, 2, 4, generator=gen, requires_grad=True)
+    w = torch.randn(24, 2, 4, generator=gen)
+    results = []
+    for backend in ("auto", choose_backend(edge_index, "cpu")):
+        out = attend(q, k, v, edge_index, scale=0.75, backend=backend)
+        results.append((out, *torch.autograd.grad((out * w).sum(), (q, k, v))))
+    nodes = _autograd_nodes(results[0][0])
+    assert not any("FlashAttention" in name for name in nodes), nodes
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def test_moderate_scores_without_lse_run_the_fused_kernels_own_autograd():
+    edge_index = causal(24)
+    q, k, v = (torch.randn(24, 2, 4, requires_grad=True) for _ in range(3))
+    nodes = _autograd_nodes(attend(q, k, v, edge_index, scale=0.5))
+    assert any("FlashAttention" in name for name in nodes), nodes
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_on_the_sdpa_path(dtype):
     """Half-precision inputs are computed in float32: the result is the float32 result rounded."""

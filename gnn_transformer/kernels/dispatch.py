@@ -64,7 +64,7 @@ from .planner import (
     unit_costs,
 )
 from .primitives import autocast_inputs, compute_dtype, no_autocast, plain_tensor
-from .sdpa import lse_in_range, sdpa_attention
+from .sdpa import sdpa_attention
 from .tiled_torch import DEFAULT_MAX_CELLS, tiled_attention
 from .tiling import TileList, triton_blocks
 
@@ -339,10 +339,9 @@ def _attend(
     if backend == "auto" and impl != "triton":
         pattern = dense_pattern(graph)
         if runs_sdpa(pattern, device_type, bias is not None, dropout is not None, return_lse):
-            out, lse, _ = sdpa_attention(query, key, value, pattern, scale, lse_grad=return_lse)
-            if lse_in_range(lse):  # else the project's kernels, which keep what rounding the lse lost
-                out = out.to(query.dtype)
-                return (out, lse.to(compute_dtype(query.dtype))) if return_lse else out
+            result = _sdpa(query, key, value, pattern, scale, return_lse)
+            if result is not None:
+                return result
     block = tile_size(graph, device_type, query.dtype, block_size)
     # tiles of a size the Triton kernels do not take run through the PyTorch tiled path, unless
     # Triton was asked for by name (then its ValueError says why)
@@ -367,6 +366,20 @@ def _attend(
     out = out.to(query.dtype)
     if not return_lse:
         return out
+    return out, lse.to(compute_dtype(query.dtype))
+
+
+def _sdpa(query, key, value, pattern: DensePattern, scale: float, return_lse: bool):
+    """:func:`attend`'s result by PyTorch's own attention kernels, or ``None`` where the fused CPU
+    kernel's log-sum-exp is too large to keep exact (the project's kernels then run the call)."""
+    result = sdpa_attention(query, key, value, pattern, scale, return_lse)
+    if result is None:
+        return None
+    out, lse = result
+    out = out if out.dtype == query.dtype else out.to(query.dtype)
+    if not return_lse:
+        return out
+    assert lse is not None  # runs_sdpa sends a call that returns the lse only to the CPU path
     return out, lse.to(compute_dtype(query.dtype))
 
 
@@ -480,10 +493,9 @@ def _attend_blocks(
     if backend == "auto" and graph.dense is not None and impl != "triton":
         pattern = DensePattern(*graph.dense)
         if runs_sdpa(pattern, device_type, False, False, return_lse):
-            out, lse, _ = sdpa_attention(query, key, value, pattern, scale, lse_grad=return_lse)
-            if lse_in_range(lse):
-                out = out.to(query.dtype)
-                return (out, lse.to(compute_dtype(query.dtype))) if return_lse else out
+            result = _sdpa(query, key, value, pattern, scale, return_lse)
+            if result is not None:
+                return result
     tiles, q_rows, k_rows = block_tiles(graph, block, query.size(1), key.size(1))
     per_head = graph.num_heads is not None
     q = to_rows(query, q_rows, tiles.num_dst, per_head)

@@ -56,9 +56,10 @@ def _tokens(parts: list[Tensor]) -> Tensor:
     return tokens[0].contiguous() if len(tokens) == 1 else torch.cat(tokens)
 
 
-def _flash(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float) -> tuple[Tensor, Tensor]:
-    """``(out [N, H, D] in q's dtype, lse [N, H] detached)`` by the fused CPU kernel, computed in the
-    accumulation dtype; differentiable in ``q``, ``k``, ``v`` through the kernel's own autograd."""
+def _flash(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float) -> tuple[Tensor, list[Tensor]]:
+    """``(out [N, H, D] in q's dtype, lses)`` by the fused CPU kernel, computed in the accumulation
+    dtype; differentiable in ``q``, ``k``, ``v`` through the kernel's own autograd. ``lses``: the
+    detached log-sum-exp ``[B, H, L]`` of each SDPA batch (:func:`_tokens` makes them ``[N, H]``)."""
     dtype, cd = q.dtype, compute_dtype(q.dtype)
     if dtype != cd:
         q, k, v = q.to(cd), k.to(cd), v.to(cd)
@@ -72,13 +73,14 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float)
         outs.append(o)
         lses.append(lse.detach())
     out = _tokens(outs)  # [N, H, D]
-    return (out if dtype == cd else out.to(dtype)), _tokens(lses)  # [N, H, D], [N, H]
+    return (out if dtype == cd else out.to(dtype)), lses
 
 
 def _flash_forward(q, k, v, bias, pattern: DensePattern, scale: float):
     """``(out [N, H, D], lse [N, H], lse_lo [N, H])`` of :data:`FLASH_CPU` (``lse_lo`` 0: the kernel
     rounds the log-sum-exp without keeping what rounding lost)."""
-    out, lse = _flash(q, k, v, pattern, scale)
+    out, lses = _flash(q, k, v, pattern, scale)
+    lse = _tokens(lses)  # [N, H]
     return out, lse, torch.zeros_like(lse)
 
 
@@ -118,19 +120,22 @@ FLASH_CPU = Kernel(_flash_forward, _flash_backward)
 
 
 def sdpa_attention(
-    q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float, lse_grad: bool = True
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """``(out [N, H, D], lse, lse_lo)`` of a recognized graph; on the CPU through the fused CPU kernel
-    (differentiable in ``q``, ``k``, ``v``; with ``lse_grad`` also in ``lse``, else ``lse`` is
-    detached and the kernel's own autograd runs), elsewhere through the public
-    ``scaled_dot_product_attention`` (``lse`` and ``lse_lo`` ``None``)."""
+    q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float, return_lse: bool = False
+) -> tuple[Tensor, Tensor | None] | None:
+    """``(out [N, H, D], lse [N, H] or None)`` of a recognized graph, differentiable in ``q``, ``k``,
+    ``v`` (and ``lse``). On the CPU through the fused CPU kernel: under the kernel's own autograd, or
+    with ``return_lse`` under the project's autograd function (which takes a gradient of ``lse``);
+    ``None`` where its log-sum-exp reaches :data:`LSE_LIMIT` (the caller then runs the project's
+    kernels, which keep what rounding the log-sum-exp lost). Elsewhere through the public
+    ``scaled_dot_product_attention``, without ``lse``."""
     if q.device.type == "cpu":
-        if not lse_grad:  # the kernel's own autograd, without a Python autograd function
+        if not return_lse:  # the kernel's own autograd, without a Python autograd function
             with no_autocast("cpu"):  # computed in the accumulation dtype, as every backend does
-                out, lse = _flash(q, k, v, pattern, scale)
-            return out, lse, None
-        return kernel_attention(FLASH_CPU, q, k, v, None, pattern, scale)
-    return public_sdpa(q, k, v, pattern, scale), None, None
+                out, lses = _flash(q, k, v, pattern, scale)
+            return (out, None) if _in_range(lses) else None
+        out, lse, _ = kernel_attention(FLASH_CPU, q, k, v, None, pattern, scale)
+        return (out, lse) if _in_range([lse]) else None
+    return public_sdpa(q, k, v, pattern, scale), None
 
 
 def public_sdpa(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float) -> Tensor:
@@ -150,6 +155,6 @@ def has_cpu_flash() -> bool:
     return _FLASH is not None and _FLASH_BWD is not None
 
 
-def lse_in_range(lse: Tensor | None) -> bool:
-    """Whether the fused CPU kernel's log-sum-exp is exact enough (below :data:`LSE_LIMIT`)."""
-    return lse is None or lse.numel() == 0 or float(lse.detach().abs().amax()) < LSE_LIMIT
+def _in_range(lses: list[Tensor]) -> bool:
+    """Whether the fused CPU kernel's log-sum-exps are exact enough (below :data:`LSE_LIMIT`)."""
+    return all(x.numel() == 0 or float(x.detach().abs().amax()) < LSE_LIMIT for x in lses)
