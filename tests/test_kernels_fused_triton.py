@@ -91,7 +91,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 def test_triton_fused_grouped_query_heads(heads, kv_heads, grouped, dropout):
     """With several query heads per key/value head, the forward and dQ kernels run one program per
     (target, key/value head) with tl.dot over the group; both forms equal the masked reference."""
-    from gnn_transformer.kernels import _launch
+    from gnn_transformer.kernels import triton_common
 
     from .conftest import dropout_reference
 
@@ -110,7 +110,7 @@ def test_triton_fused_grouped_query_heads(heads, kv_heads, grouped, dropout):
     want = torch.autograd.grad(weighted_loss(ref, ref_lse, w), (q, k, v, b))
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, **TOL[torch.float64])
-    with _launch.recording() as launches:
+    with triton_common.recording() as launches:
         out, lse = attend(q, k, v, edge_index, impl="triton", **kw)
         weighted_loss(out, lse, w).backward()
     names = {

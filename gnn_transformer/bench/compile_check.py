@@ -4,8 +4,9 @@ The Triton interpreter that runs the kernels in the tests (``TRITON_INTERPRET=1`
 what only the GPU compiler checks: operand shapes ``tl.dot`` accepts on tensor cores, types that
 lower to PTX, registers, spills and shared memory. This module records the launches that
 :func:`gnn_transformer.kernels.attend` would make on a GPU (forward and backward, through the real
-wrappers; see :mod:`gnn_transformer.kernels._launch`), then compiles each one with Triton's compiler and ``ptxas`` for a
-target architecture (``sm_90``, the H100, by default). Nothing runs; no GPU or CUDA driver is needed.
+wrappers; see :func:`gnn_transformer.kernels.triton_common.recording`), then compiles each one with
+Triton's compiler and ``ptxas`` for a target architecture (``sm_90``, the H100, by default).
+Nothing runs; no GPU or CUDA driver is needed.
 
 Run it in a process without ``TRITON_INTERPRET=1`` (the interpreter replaces the kernels)::
 
@@ -161,7 +162,7 @@ def record_case(case: Case, num_tokens: int = 256, block_size: int | None = None
     GPU's; nothing runs), in tiles of ``block_size`` (default: what ``attend`` takes on CUDA for the
     case's dtype, :func:`~gnn_transformer.kernels.default_block_size`)."""
     from ..kernels import _pieces, attend, default_block_size
-    from ..kernels._launch import recording
+    from ..kernels.triton_common import recording
     from ..topology import global_tokens, random, sliding_window, union
 
     if case.dtype not in DTYPES:

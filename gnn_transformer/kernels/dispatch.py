@@ -42,7 +42,6 @@ import os
 import torch
 from torch import Tensor
 
-from . import _launch
 from ._dropout import threshold
 from .fused_torch import DEFAULT_MAX_EDGES, chunked_attention
 from .heads import head_inputs, heads_to_nodes, nodes_to_heads
@@ -85,17 +84,19 @@ def triton_available() -> bool:
     return True
 
 
+def _recording() -> bool:
+    """Whether Triton launches are being recorded, not run (:func:`.triton_common.recording`)."""
+    from .triton_common import is_recording  # needs Triton, which the callers checked
+
+    return is_recording()
+
+
 def _use_triton(device: torch.device, impl: str | None) -> bool:
     if impl is None:
         return device.type == "cuda" and triton_available()
     if impl == "triton" and not triton_available():
         raise ValueError("impl='triton' needs the 'triton' package (pip install triton)")
-    if (
-        impl == "triton"
-        and device.type == "cpu"
-        and os.environ.get("TRITON_INTERPRET") != "1"
-        and not _launch.is_recording()
-    ):
+    if impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" and not _recording():
         raise ValueError("impl='triton' on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1)")
     return impl == "triton"
 

@@ -36,7 +36,6 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _pieces
-from ._launch import is_recording, launch
 from .planner import CSRGraph
 from .primitives import Kernel, kernel_attention
 from .triton_common import (
@@ -45,7 +44,9 @@ from .triton_common import (
     canonical,
     dot,
     empty_outputs,
+    is_recording,
     keep,
+    launch,
     load_scales,
     row_lse,
     row_stats,

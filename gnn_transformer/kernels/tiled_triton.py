@@ -27,7 +27,6 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _pieces
-from ._launch import launch
 from .primitives import Kernel, kernel_attention
 from .tiled_torch import tiled_backward, tiled_forward
 from .tiling import TileList, triton_blocks
@@ -38,6 +37,7 @@ from .triton_common import (
     dot,
     empty_outputs,
     keep,
+    launch,
     load_scales,
     row_stats,
     scalars,

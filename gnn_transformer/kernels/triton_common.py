@@ -1,12 +1,19 @@
 """Triton helpers the ``fused`` and ``tiled`` kernels share (:mod:`.fused_triton`,
 :mod:`.tiled_triton`): the online softmax in ``m_i`` / ``l_i`` / ``acc`` (``softmax_step``,
 ``softmax_finish``), the backward pass's row statistics, the dropout keep mask, IEEE ``tl.dot``, the
-program's rows, and the scalar arguments every launch passes. Importing this module needs Triton.
+program's rows, and the scalar arguments every launch passes; and the one place where the kernels
+are launched (:func:`launch`), which inside :func:`recording` keeps each launch instead, so that
+:mod:`gnn_transformer.bench.compile_check` can compile exactly what the kernels' wrappers would
+launch, for a GPU, on a machine without one. Importing this module needs Triton.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -171,3 +178,46 @@ def empty_outputs(q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     out = torch.empty_like(q)
     lse = torch.empty(q.size(0), q.size(1), dtype=compute_dtype(q.dtype), device=q.device)
     return out, lse, torch.empty_like(lse)
+
+
+class Launch(NamedTuple):
+    """One kernel launch: the ``@triton.jit`` function, its grid, arguments and constexprs."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple
+    meta: dict[str, Any]
+
+
+_STATE = threading.local()
+
+
+def launch(kernel, grid: tuple[int, ...], *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)``, or the launch recorded inside :func:`recording`."""
+    record = getattr(_STATE, "record", None)
+    if record is not None:
+        record.append(Launch(kernel, tuple(grid), args, meta))
+        return
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    if device is not None and device.type == "cuda":
+        with torch.cuda.device(device):  # Triton launches on the current device: make it the tensors'
+            kernel[grid](*args, **meta)
+        return
+    kernel[grid](*args, **meta)
+
+
+def is_recording() -> bool:
+    """Whether this thread is inside :func:`recording` (no kernel runs, so CPU tensors may stand in
+    for GPU ones without the Triton interpreter)."""
+    return getattr(_STATE, "record", None) is not None
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Collect the launches of this thread into the yielded list instead of running them."""
+    previous = getattr(_STATE, "record", None)
+    _STATE.record = []
+    try:
+        yield _STATE.record
+    finally:
+        _STATE.record = previous
