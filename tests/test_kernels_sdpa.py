@@ -190,24 +190,6 @@ def test_dropout_keeps_the_projects_mask(backend):
     torch.testing.assert_close(out, other, **TOL[torch.float64])
 
 
-def test_huge_log_sum_exp_falls_back_to_the_projects_kernels():
-    """Scores near 300 put a float32 log-sum-exp beyond what the fused CPU kernel keeps (it drops
-    what rounding lost, which the backward pass needs): ``auto`` then runs the project's kernels,
-    and gives their results."""
-    edge_index = causal(24)
-    gen = torch.Generator().manual_seed(3)
-    q, k = ((torch.randn(24, 2, 4, generator=gen) * 0.1 + 10.0).requires_grad_() for _ in range(2))
-    v = torch.randn(24, 2, 4, generator=gen, requires_grad=True)
-    w = torch.randn(24, 2, 4, generator=gen)
-    results = []
-    for backend in ("auto", choose_backend(edge_index, "cpu")):
-        out, lse = attend(q, k, v, edge_index, scale=0.75, return_lse=True, backend=backend)
-        results.append((out, lse, *torch.autograd.grad(weighted_loss(out, lse, w), (q, k, v))))
-    assert float(results[0][1].detach().abs().min()) > 128
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, **TOL[torch.float32])
-
-
 def _autograd_nodes(t: torch.Tensor) -> set[str]:
     seen, todo = set(), [t.grad_fn]
     while todo:
@@ -218,9 +200,12 @@ def _autograd_nodes(t: torch.Tensor) -> set[str]:
     return {type(fn).__name__ for fn in seen}
 
 
-def test_huge_log_sum_exp_without_lse_falls_back_too():
-    """Without ``return_lse`` the call runs under the fused CPU kernel's own autograd, whose backward
-    reads the rounded log-sum-exp: beyond the limit ``auto`` runs the project's kernels instead."""
+@pytest.mark.parametrize("return_lse", [True, False])
+def test_huge_log_sum_exp_falls_back_to_the_projects_kernels(return_lse):
+    """Scores near 300 put a float32 log-sum-exp beyond what the fused CPU kernel keeps (it drops
+    what rounding lost, which the backward pass needs): ``auto`` then runs the project's kernels,
+    and gives their results. Without ``return_lse`` too, where the call would otherwise run under
+    the fused kernel's own autograd, whose backward reads the rounded log-sum-exp."""
     edge_index = causal(24)
     gen = torch.Generator().manual_seed(3)
     q, k = ((torch.randn(24, 2, 4, generator=gen) * 0.1 + 10.0).requires_grad_() for _ in range(2))
@@ -228,10 +213,13 @@ def test_huge_log_sum_exp_without_lse_falls_back_too():
     w = torch.randn(24, 2, 4, generator=gen)
     results = []
     for backend in ("auto", choose_backend(edge_index, "cpu")):
-        out = attend(q, k, v, edge_index, scale=0.75, backend=backend)
-        results.append((out, *torch.autograd.grad((out * w).sum(), (q, k, v))))
-    nodes = _autograd_nodes(results[0][0])
-    assert not any("FlashAttention" in name for name in nodes), nodes
+        out, lse = attend(q, k, v, edge_index, scale=0.75, return_lse=True, backend=backend)
+        if not return_lse:
+            out = attend(q, k, v, edge_index, scale=0.75, backend=backend)
+        loss = weighted_loss(out, lse, w) if return_lse else (out * w).sum()
+        results.append((out, lse, *torch.autograd.grad(loss, (q, k, v))))
+    assert float(results[0][1].detach().abs().min()) > 128
+    assert not any("FlashAttention" in name for name in _autograd_nodes(results[0][0]))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, **TOL[torch.float32])
 

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .planner import check_edge_index
-from .primitives import plain_tensor
+from .primitives import forgetter, plain_tensor
 
 # relabelled graphs: id(edge_head) -> (weak refs to edge_head and edge_index, their versions,
 # the sizes, the relabelled edge_index); an entry disappears with its edge_head, and a write in
@@ -37,16 +36,6 @@ _CACHE: dict[
     int, tuple[weakref.ref[Tensor], weakref.ref[Tensor], tuple[int, int], tuple[int, int, int, int], Tensor]
 ] = {}
 _LOCK = threading.RLock()
-
-
-def _drop(key: int) -> None:
-    with _LOCK:
-        _CACHE.pop(key, None)
-
-
-def _dropper(key: int) -> Callable[[weakref.ref[Tensor]], None]:
-    """The weak reference callback that forgets the cache entry ``key`` when its tensor dies."""
-    return lambda _ref: _drop(key)
 
 
 def check_edge_head(
@@ -134,7 +123,7 @@ def head_graph(
     if edge_head.is_inference() or edge_index.is_inference():  # no version counters: not cached
         return relabelled
     try:
-        head_ref = weakref.ref(edge_head, _dropper(key))
+        head_ref = weakref.ref(edge_head, forgetter(_CACHE, _LOCK, key))
         index_ref = weakref.ref(edge_index)
     except TypeError:
         return relabelled

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, TypeGuard, runtime_checkable
 
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor
 from torch_geometric import EdgeIndex
 
-from .primitives import plain_tensor
+from .primitives import forgetter, plain_tensor
 from .sdpa import has_cpu_flash
 from .tiling import TileList, build_tiles, sorted_unique, tile_stats
 
@@ -92,19 +91,9 @@ class CSRGraph:
 
 # id(edge_index) -> (weak reference, version (:func:`_version`), stamp, graph)
 _CACHE: dict[int, tuple[weakref.ref[Tensor], int | Tensor, tuple[Any, ...], CSRGraph]] = {}
-# Re-entrant: a weakref callback (``_drop``) can run inside a locked section when garbage
+# Re-entrant: a weakref callback (:func:`.primitives.forgetter`) can run inside a locked section when garbage
 # collection frees another edge_index there.
 _LOCK = threading.RLock()
-
-
-def _drop(key: int) -> None:
-    with _LOCK:
-        _CACHE.pop(key, None)
-
-
-def _dropper(key: int) -> Callable[[weakref.ref[Tensor]], None]:
-    """The weak reference callback that forgets the cache entry ``key`` when its tensor dies."""
-    return lambda _ref: _drop(key)
 
 
 def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int) -> None:
@@ -219,7 +208,7 @@ def prepare(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
     graph = _build(edge_index, num_src, num_dst)
     key = id(edge_index)
     try:
-        ref = weakref.ref(edge_index, _dropper(key))
+        ref = weakref.ref(edge_index, forgetter(_CACHE, _LOCK, key))
     except TypeError:  # not weak-referenceable: do not cache
         return graph
     with _LOCK:

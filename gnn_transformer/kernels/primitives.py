@@ -32,6 +32,17 @@ import torch
 from torch import Tensor
 
 
+def forgetter(cache: dict, lock: Any, key: Any) -> Callable[[Any], None]:
+    """The weak reference callback that forgets ``cache[key]`` (under ``lock``) when its tensor dies:
+    the entries of the kernels' caches disappear with the tensors they describe."""
+
+    def forget(_ref: Any) -> None:
+        with lock:
+            cache.pop(key, None)
+
+    return forget
+
+
 def plain_tensor(edge_index: Tensor) -> Tensor:
     """``edge_index`` as a plain tensor (the data of an ``EdgeIndex``, anything else as given)."""
     return edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
