@@ -489,7 +489,6 @@ class GraphMultiheadAttention(MessagePassing):
         packed = (
             x_query is x_key
             and x_key is x_value
-            and weight is not None
             and self.project_kv
             and type(self).project_query is GraphMultiheadAttention.project_query
             and type(self).project_key_value is GraphMultiheadAttention.project_key_value

@@ -128,7 +128,7 @@ def _scores(c: RowChunk, qT_h: Tensor, kT_h: Tensor, bias_h: Tensor | None, scal
 def _pivot(c: RowChunk, s: Tensor, dp: Tensor) -> Tensor:
     """``[Ec]``: each edge's row's ``dp`` at the row's largest score (the largest such ``dp`` on ties)."""
     top = torch.segment_reduce(s, "max", offsets=c.crow)  # [R]
-    at_top = torch.where(s == top[c.row], dp, torch.full_like(dp, float("-inf")))  # [Ec]
+    at_top = dp.masked_fill(s != top[c.row], float("-inf"))  # [Ec]
     return torch.segment_reduce(at_top, "max", offsets=c.crow)[c.row]
 
 
