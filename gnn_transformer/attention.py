@@ -43,18 +43,25 @@ def _materialized(graph) -> tuple[Tensor, Tensor | None]:
     return edges if isinstance(edges, tuple) else (edges, None)
 
 
-# edge_index tensors whose range was checked: id -> (weak reference, version, sizes); an entry
-# disappears with its tensor, and a write in place through PyTorch (a new version) invalidates it
-_RANGE_CHECKED: dict[int, tuple[weakref.ref, int, tuple[int, int]]] = {}
+# edge_index tensors that passed check_edge_index: id -> (weak reference, version, sizes, device);
+# an entry disappears with its tensor, and a write in place through PyTorch (a new version)
+# invalidates it
+_RANGE_CHECKED: dict[int, tuple[weakref.ref, int, tuple[int, int], torch.device]] = {}
 
 
-def _range_checked(edge_index: Tensor, num_src: int, num_dst: int) -> bool:
-    """Whether this very ``edge_index``, unchanged since, passed the range check for these sizes."""
+def _range_checked(edge_index: Tensor, num_src: int, num_dst: int, device: torch.device | None) -> bool:
+    """Whether this very ``edge_index``, unchanged since, passed :func:`check_edge_index` for these
+    sizes (and lies on ``device``)."""
     hit = _RANGE_CHECKED.get(id(edge_index))
     if hit is None:
         return False
-    ref, version, sizes = hit  # only tensors with a version counter are remembered
-    return ref() is edge_index and version == edge_index._version and sizes == (num_src, num_dst)
+    ref, version, sizes, on = hit  # only tensors with a version counter are remembered
+    return (
+        ref() is edge_index
+        and version == edge_index._version
+        and sizes == (num_src, num_dst)
+        and (device is None or device == on)
+    )
 
 
 def _remember_range(edge_index: Tensor, num_src: int, num_dst: int) -> None:
@@ -69,18 +76,20 @@ def _remember_range(edge_index: Tensor, num_src: int, num_dst: int) -> None:
         ref = weakref.ref(edge_index, forget)
     except TypeError:  # not weak-referenceable: checked on every call
         return
-    _RANGE_CHECKED[key] = (ref, edge_index._version, (num_src, num_dst))
+    _RANGE_CHECKED[key] = (ref, edge_index._version, (num_src, num_dst), edge_index.device)
 
 
 def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int, device: torch.device | None = None) -> None:
     """Validate ``edge_index`` at the public boundary (shape, dtype, device, range).
 
-    The range scan (one pass over the edges, one read back to the host) runs once per graph
-    object: a tensor or ``torch_geometric.EdgeIndex`` that passed it for ``(num_src, num_dst)``
-    is not scanned again until it is written in place (its version counter; writes that bypass
-    it, through ``.data`` or a NumPy view, are not seen, as in the kernels' graph cache).
+    The checks (with the range scan: one pass over the edges, one read back to the host) run once
+    per graph object: a tensor or ``torch_geometric.EdgeIndex`` that passed them for ``(num_src,
+    num_dst)`` is not checked again until it is written in place (its version counter; writes that
+    bypass it, through ``.data`` or a NumPy view, are not seen, as in the kernels' graph cache).
     ``device``: that of the node features, which an ``edge_index`` with edges must share.
     """
+    if _range_checked(edge_index, num_src, num_dst, device):
+        return
     if kernels.is_block_structure(edge_index):
         _check_block_graph(edge_index, num_src, num_dst, device)
         return
@@ -107,8 +116,6 @@ def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int, device: tor
         raise ValueError(
             f"Expected 'edge_index' with values to check, not on the meta device (got device {edge_index.device})"
         )
-    if _range_checked(edge_index, num_src, num_dst):
-        return
     plain = edge_index.as_tensor() if isinstance(edge_index, EdgeIndex) else edge_index
     stats = [plain.amin(1), plain.amax(1)]
     order = edge_index.sort_order if isinstance(edge_index, EdgeIndex) else None
@@ -197,6 +204,20 @@ def check_ids(ids: Tensor, size: int, name: str) -> None:
     bad = lo if lo < 0 else (hi if hi >= size else None)
     if bad is not None:
         raise ValueError(f"Found {bad} in '{name}' but the model's table has entries 0..{size - 1}")
+
+
+def embed_ids(embedding: nn.Embedding, ids: Tensor, name: str) -> Tensor:
+    """``embedding(ids)``, with :func:`check_ids`'s ``ValueError`` naming ``name`` for an id outside
+    the table. On the CPU the lookup's own bounds check finds one (no extra pass over ``ids``);
+    elsewhere an index out of range is an asynchronous device error, so ``ids`` are checked first."""
+    if ids.device.type != "cpu":
+        check_ids(ids, embedding.num_embeddings, name)
+        return embedding(ids)
+    try:
+        return embedding(ids)
+    except IndexError:
+        check_ids(ids, embedding.num_embeddings, name)
+        raise
 
 
 def check_positive_int(name: str, value: object) -> int:

@@ -103,6 +103,12 @@ def _check_args(
         raise ValueError(f"Expected 'attention' to be an attention class (got {attention!r})")
 
 
+def dropped(dropout: nn.Dropout, x: Tensor) -> Tensor:
+    """``dropout(x)``, or ``x`` itself without calling the module where it is the identity (``p`` 0,
+    or evaluation mode); forward hooks on such a module do not run."""
+    return dropout(x) if dropout.training and dropout.p > 0 else x
+
+
 class _FeedForward(nn.Module):
     """Shared constructor pieces of both layers (the feed-forward block, norms, dropouts)."""
 
@@ -129,7 +135,7 @@ class _FeedForward(nn.Module):
         self.activation = get_activation(activation)
 
     def _ff(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+        return self.linear2(dropped(self.dropout, self.activation(self.linear1(x))))
 
 
 class GraphTransformerEncoderLayer(_FeedForward):
@@ -250,10 +256,11 @@ class GraphTransformerEncoderLayer(_FeedForward):
         return x
 
     def _sa_block(self, x, edge_index, edge_bias, pos, kv, edge_head) -> Tensor:
-        return self.dropout1(self.self_attn(x, edge_index, edge_bias=edge_bias, pos=pos, kv=kv, edge_head=edge_head))
+        out = self.self_attn(x, edge_index, edge_bias=edge_bias, pos=pos, kv=kv, edge_head=edge_head)
+        return dropped(self.dropout1, out)
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        return self.dropout2(self._ff(x))
+        return dropped(self.dropout2, self._ff(x))
 
 
 class GraphTransformerDecoderLayer(_FeedForward):
@@ -376,16 +383,17 @@ class GraphTransformerDecoderLayer(_FeedForward):
         return x
 
     def _sa_block(self, x, edge_index, edge_bias, pos, kv, edge_head) -> Tensor:
-        return self.dropout1(self.self_attn(x, edge_index, edge_bias=edge_bias, pos=pos, kv=kv, edge_head=edge_head))
+        out = self.self_attn(x, edge_index, edge_bias=edge_bias, pos=pos, kv=kv, edge_head=edge_head)
+        return dropped(self.dropout1, out)
 
     def _mha_block(self, x, memory, memory_edge_index, memory_edge_bias, memory_edge_head) -> Tensor:
         out = self.multihead_attn(
             (memory, x), memory_edge_index, edge_bias=memory_edge_bias, edge_head=memory_edge_head
         )
-        return self.dropout2(out)
+        return dropped(self.dropout2, out)
 
     def _ff_block(self, x: Tensor) -> Tensor:
-        return self.dropout3(self._ff(x))
+        return dropped(self.dropout3, self._ff(x))
 
 
 def _describe(value: object) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from .attention import check_bool, check_dropout, check_positive_int
-from .layers import get_activation
+from .layers import dropped, get_activation
 
 
 class FeedForward(nn.Module):
@@ -66,7 +66,7 @@ class FeedForward(nn.Module):
             h = self.activation(self.up_proj(x))  # [N, F]
         else:
             h = self.activation(self.gate_proj(x)) * self.up_proj(x)  # [N, F]
-        return self.down_proj(self.dropout(h))  # [N, C]
+        return self.down_proj(dropped(self.dropout, h))  # [N, C]
 
 
 __all__ = ["FeedForward"]

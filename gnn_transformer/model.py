@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
-from .attention import BACKENDS, GraphMultiheadAttention, check_bool, check_dropout, check_ids, check_positive_int
+from .attention import BACKENDS, GraphMultiheadAttention, check_bool, check_dropout, check_positive_int, embed_ids
 from .layers import (
     GraphTransformerDecoder,
     GraphTransformerDecoderLayer,
@@ -37,6 +37,7 @@ from .layers import (
     LayerBiases,
     LayerGraphs,
     check_layer_norm_eps,
+    dropped,
     resolve_layer_biases,
     resolve_layer_graphs,
 )
@@ -410,9 +411,10 @@ class GraphEncoderModel(nn.Module):
             raise ValueError(f"Expected 'x' to be token ids [N] (got {x.dtype} of shape {list(x.shape)})")
         if c.input_dim is not None and (x.dim() != 2 or x.size(1) != c.input_dim):
             raise ValueError(f"Expected 'x' to have shape [N, {c.input_dim}] (got {list(x.shape)})")
-        if c.vocab_size is not None:
-            check_ids(x, c.vocab_size, "x")
-        h = self.embed(x)  # [N, C]
+        if isinstance(self.embed, nn.Embedding):  # vocab_size: token ids
+            h = embed_ids(self.embed, x, "x")  # [N, C]
+        else:
+            h = self.embed(x)  # [N, C]
         if c.position != "none" and (not isinstance(pos, Tensor) or pos.shape != (x.size(0),)):
             got = list(pos.shape) if isinstance(pos, Tensor) else pos
             raise ValueError(
@@ -422,7 +424,7 @@ class GraphEncoderModel(nn.Module):
             h = h + self.pos_embed(pos, h.dtype)
         elif self.pos_embed is not None:  # position="learned"
             h = h + self.pos_embed(pos)
-        return self.drop(h)
+        return dropped(self.drop, h)
 
     def forward(
         self,

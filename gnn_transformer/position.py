@@ -90,11 +90,20 @@ class LearnedPositionalEmbedding(nn.Embedding):
 
     def forward(self, pos: Tensor) -> Tensor:
         _check_pos(pos)
+        if pos.device.type != "cpu":  # an index out of range there is an asynchronous device error
+            self._check_range(pos)
+            return super().forward(pos)
+        try:
+            return super().forward(pos)
+        except IndexError:  # the CPU lookup's own bounds check: say which positions
+            self._check_range(pos)
+            raise
+
+    def _check_range(self, pos: Tensor) -> None:
         if pos.numel():
             lo, hi = (int(v) for v in torch.aminmax(pos))  # one pass over the positions
             if lo < 0 or hi >= self.num_embeddings:
                 raise ValueError(f"Expected 'pos' in [0, {self.num_embeddings}) (got values in [{lo}, {hi}])")
-        return super().forward(pos)
 
 
 def rotate_half(x: Tensor) -> Tensor:

@@ -279,3 +279,25 @@ def test_recognition_compares_edges_in_chunks(monkeypatch):
         assert _pattern(build(), n_src, n_dst) == want, name
     for name, edge_index in _near_causal().items():
         assert _pattern(edge_index, 12, 12) is None, name
+
+
+def test_huge_log_sum_exp_without_gradients_stays_on_the_fused_kernel():
+    """The rounded log-sum-exp reaches only the backward pass: without gradients and without
+    ``return_lse``, a huge one keeps the fused CPU kernel. Its output is then as close to the
+    float64 result as the project's kernels' (both round scores near 300 in float32)."""
+    edge_index = causal(24)
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(24, 2, 4, generator=gen) * 0.1 + 10.0 for _ in range(2))
+    v = torch.randn(24, 2, 4, generator=gen)
+    _, lse = attend(q, k, v, edge_index, scale=0.75, return_lse=True, backend="fused")
+    assert float(lse.abs().min()) > 128
+    fused_cpu = sdpa._flash(q, k, v, dense_pattern(planner.prepare(edge_index, 24, 24)), 0.75)[0]
+    exact = attend(q.double(), k.double(), v.double(), edge_index, scale=0.75, backend="fused")
+    ours = attend(q, k, v, edge_index, scale=0.75, backend=choose_backend(edge_index, "cpu"))
+    assert float((fused_cpu.double() - exact).abs().max()) <= 2 * float((ours.double() - exact).abs().max())
+    with torch.no_grad():
+        assert torch.equal(attend(q.requires_grad_(), k, v, edge_index, scale=0.75), fused_cpu)
+    assert torch.equal(attend(q.detach(), k, v, edge_index, scale=0.75), fused_cpu)  # no input needs a gradient
+    out = attend(q, k, v, edge_index, scale=0.75)  # a gradient: the project's kernels
+    assert not torch.equal(out.detach(), fused_cpu)
+    torch.testing.assert_close(out, ours, **TOL[torch.float32])

@@ -235,6 +235,23 @@ def test_training_mode_dropout_changes_output_and_eval_is_deterministic():
     torch.testing.assert_close(layer(x, ei), layer(x, ei))
 
 
+@pytest.mark.parametrize("name", ["dropout", "dropout1", "dropout2"])
+def test_each_residual_dropout_runs_when_its_own_p_is_set(name):
+    """A dropout module with ``p`` 0 or in evaluation mode is skipped, not called; one whose ``p``
+    is set later (or that alone is in training mode) still drops."""
+    layer = GraphTransformerEncoderLayer(8, 2, 16, dropout=0.0, backend="pyg").eval()
+    x, ei = torch.randn(5, 8), causal(5)
+    clean = layer(x, ei)
+    module = getattr(layer, name)
+    module.p = 0.5
+    torch.testing.assert_close(layer(x, ei), clean)  # evaluation mode: the identity
+    module.train()
+    torch.manual_seed(1)
+    assert not torch.allclose(layer(x, ei), clean)
+    module.p = 0.0
+    torch.testing.assert_close(layer(x, ei), clean)
+
+
 def test_empty_rows_and_isolated_tokens_are_finite():
     layer = GraphTransformerDecoderLayer(8, 2, 16, dropout=0.0, backend="pyg").eval()
     x, memory = torch.randn(4, 8), torch.randn(3, 8)

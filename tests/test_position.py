@@ -50,6 +50,8 @@ def test_learned_embedding_is_a_table_lookup():
     torch.testing.assert_close(emb(pos), emb.weight[pos])
     with pytest.raises(ValueError, match=r"'pos' in \[0, 8\).*\[0, 8\]"):
         emb(torch.tensor([0, 8]))
+    with pytest.raises(ValueError, match=r"'pos' in \[0, 8\).*\[-1, 3\]"):
+        emb(torch.tensor([3, -1]))
 
 
 @pytest.mark.parametrize("num_heads", [1, 2, 3, 4, 6, 8, 12, 16])

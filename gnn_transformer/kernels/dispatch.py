@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -62,7 +63,7 @@ from .planner import (
     tile_size,
     unit_costs,
 )
-from .primitives import autocast_inputs, compute_dtype, no_autocast, plain_tensor
+from .primitives import autocast_inputs, autocast_on, compute_dtype, plain_tensor
 from .sdpa import sdpa_attention
 from .tiled_torch import DEFAULT_MAX_CELLS, tiled_attention
 from .tiling import TileList, triton_blocks
@@ -225,9 +226,11 @@ def attend(
         >>> out.shape, lse.shape
         (torch.Size([4, 2, 8]), torch.Size([4, 2]))
     """
-    query, key, value = autocast_inputs(query, key, value)
+    autocast = isinstance(query, Tensor) and autocast_on(query.device.type)
+    if autocast:
+        query, key, value = autocast_inputs(query, key, value)
     _check_inputs(query, key, value, backend, num_dst, impl)
-    with no_autocast(query.device.type):
+    with torch.autocast(query.device.type, enabled=False) if autocast else contextlib.nullcontext():
         return _attend(
             query,
             key,
@@ -431,6 +434,17 @@ def _graph_block(graph, device_type: str, dtype: torch.dtype, block_size: int | 
 def _check_numbers(scale, dropout_p, max_edges, max_cells) -> tuple[float, float, int, int]:
     """``scale``, ``dropout_p`` and the chunk bounds checked, as Python numbers (a Fraction, NumPy
     scalar or one-element tensor reaches the kernels as a float or int)."""
+    if (
+        type(scale) is float
+        and type(dropout_p) is float
+        and type(max_edges) is int
+        and type(max_cells) is int
+        and math.isfinite(scale)
+        and 0.0 <= dropout_p < 1.0
+        and max_edges >= 1
+        and max_cells >= 1
+    ):  # the common call, as the layers make it
+        return scale, dropout_p, max_edges, max_cells
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"Expected 'scale' to be a finite number (got {scale!r})")
     if isinstance(dropout_p, Tensor) and dropout_p.numel() == 1 and dropout_p.is_floating_point():

@@ -173,12 +173,11 @@ def _same(old: int | Tensor, edge_index: Tensor) -> bool:
 
 def _lookup(edge_index: Tensor) -> tuple[tuple[Any, ...], CSRGraph] | None:
     """``(stamp, graph)`` of the valid cache entry of ``edge_index``, if any."""
-    with _LOCK:
-        hit = _CACHE.get(id(edge_index))
+    hit = _CACHE.get(id(edge_index))  # one dict read is atomic: the lock guards the writes
     if hit is None:
         return None
     ref, version, stamp, graph = hit
-    if ref() is not edge_index or stamp[:3] != _stamp(edge_index) or not _same(version, edge_index):
+    if ref() is not edge_index or not _same(version, edge_index) or stamp[:3] != _stamp(edge_index):
         return None
     return stamp, graph
 
@@ -200,11 +199,11 @@ def prepare(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
     tensor, its values), not writes that bypass it (``.data``, a NumPy view): after those, call
     :func:`clear_cache`.
     """
+    hit = _lookup(edge_index)  # this very tensor, unchanged since it was checked and cached
+    if hit is not None and hit[0][3:] == (num_src, num_dst):
+        return hit[1]
     check_edge_index(edge_index, num_src, num_dst)
     stamp = (*_stamp(edge_index), num_src, num_dst)
-    hit = _lookup(edge_index)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
     graph = _build(edge_index, num_src, num_dst)
     key = id(edge_index)
     try:
@@ -657,7 +656,8 @@ def auto_kernel(
     (PyTorch's ``scaled_dot_product_attention`` kernels, for a graph of exactly full or causal
     attention per sequence or document, when ``edge_bias``, attention ``dropout``, ``impl="triton"``
     and, off the CPU, ``return_lse`` are all absent), else :func:`choose_backend`'s answer. On the
-    CPU a call whose log-sum-exp reaches ``sdpa.LSE_LIMIT`` runs :func:`choose_backend`'s backend.
+    CPU a call whose log-sum-exp reaches ``sdpa.LSE_LIMIT`` and is returned or reaches a gradient
+    runs :func:`choose_backend`'s backend.
     For an implicit graph (a ``topology.BlockGraph``): ``"sdpa"`` when it says it is exactly causal
     or full per document (same conditions), else ``"tiled"``; with ``dropout`` the answer for its
     materialized edges, on which attention dropout runs (a per-head graph's on (head, token) nodes,

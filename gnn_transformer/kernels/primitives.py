@@ -64,24 +64,23 @@ def total_or_one(total: Tensor) -> Tensor:
     return torch.where(total > 0, total, torch.ones_like(total))
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (a device type autocast does not know: off)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def no_autocast(device_type: str):
     """A context without autocast on ``device_type``: the kernels choose their own accumulation
     dtype (:func:`compute_dtype`), and autocast would round their float32 products to half precision
     (or reach sparse products that have no half-precision kernel)."""
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, enabled=False) if autocast_on(device_type) else contextlib.nullcontext()
 
 
 def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
     """``tensors`` as autocast gives them to ``scaled_dot_product_attention``: under autocast on
     their device, floating-point tensors other than float64 in autocast's dtype; unchanged otherwise."""
     device_type = next((x.device.type for x in tensors if isinstance(x, Tensor)), None)
-    if (
-        device_type is None
-        or not torch.amp.is_autocast_available(device_type)
-        or not torch.is_autocast_enabled(device_type)
-    ):
+    if device_type is None or not autocast_on(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(

@@ -38,22 +38,21 @@ LSE_LIMIT = 128.0
 
 
 def _documents(x: Tensor, pattern: DensePattern) -> list[Tensor]:
-    """``x [N, H, D]`` as SDPA's ``[B, H, L, D]`` batches, views of ``x``: the whole sequence (also
-    every key of a bipartite graph), one batch of every document when they have one length, else
-    one per document."""
-    lengths = pattern.lengths
-    if len(lengths) == 1:
-        return [x.unsqueeze(0).transpose(1, 2)]  # [1, H, N, D]
+    """``x [N, H, D]`` as SDPA's ``[B, H, L, D]`` batches, views of ``x``: one batch of every
+    document when they have one length (one sequence: the whole of ``x``, also every key of a
+    bipartite graph), else one per document."""
     if pattern.equal_lengths:
-        return [x.view(len(lengths), lengths[0], *x.shape[1:]).transpose(1, 2)]  # [B, H, L, D]
+        batch = len(pattern.bounds) - 1
+        return [x.view(batch, x.size(0) // batch, x.size(1), x.size(2)).transpose(1, 2)]  # [B, H, L, D]
     return [x[a:b].unsqueeze(0).transpose(1, 2) for a, b in zip(pattern.bounds[:-1], pattern.bounds[1:])]
 
 
 def _tokens(parts: list[Tensor]) -> Tensor:
     """SDPA's ``[B, H, L, ...]`` batches back to ``[N, H, ...]``, contiguous (one batch in the
     kernels' own ``[B, L, H, ...]`` memory comes back as a view, without a copy)."""
-    tokens = [p.transpose(1, 2).flatten(0, 1) for p in parts]
-    return tokens[0].contiguous() if len(tokens) == 1 else torch.cat(tokens)
+    if len(parts) == 1:
+        return parts[0].transpose(1, 2).flatten(0, 1).contiguous()
+    return torch.cat([p.transpose(1, 2).flatten(0, 1) for p in parts])
 
 
 def _flash(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float) -> tuple[Tensor, list[Tensor]]:
@@ -66,12 +65,12 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float)
     group = q.size(1) // k.size(1)
     k, v = repeat_heads(k, group), repeat_heads(v, group)  # [N, H, D]
     causal = pattern.kind == "causal"
-    outs, lses = [], []
     assert _FLASH is not None  # runs_sdpa sends a CPU call here only with the fused CPU kernel
+    outs, lses = [], []
     for qd, kd, vd in zip(_documents(q, pattern), _documents(k, pattern), _documents(v, pattern)):
         o, lse = _FLASH(qd, kd, vd, is_causal=causal, scale=scale)  # [B, H, L, D], [B, H, L]
         outs.append(o)
-        lses.append(lse.detach())
+        lses.append(lse)  # not differentiable: the kernel's autograd takes no gradient of it
     out = _tokens(outs)  # [N, H, D]
     return (out if dtype == cd else out.to(dtype)), lses
 
@@ -125,14 +124,16 @@ def sdpa_attention(
     """``(out [N, H, D], lse [N, H] or None)`` of a recognized graph, differentiable in ``q``, ``k``,
     ``v`` (and ``lse``). On the CPU through the fused CPU kernel: under the kernel's own autograd, or
     with ``return_lse`` under the project's autograd function (which takes a gradient of ``lse``);
-    ``None`` where its log-sum-exp reaches :data:`LSE_LIMIT` (the caller then runs the project's
-    kernels, which keep what rounding the log-sum-exp lost). Elsewhere through the public
-    ``scaled_dot_product_attention``, without ``lse``."""
+    ``None`` where its log-sum-exp reaches :data:`LSE_LIMIT` and is returned or reaches a gradient
+    (the caller then runs the project's kernels, which keep what rounding the log-sum-exp lost).
+    Elsewhere through the public ``scaled_dot_product_attention``, without ``lse``."""
     if q.device.type == "cpu":
         if not return_lse:  # the kernel's own autograd, without a Python autograd function
             with no_autocast("cpu"):  # computed in the accumulation dtype, as every backend does
                 out, lses = _flash(q, k, v, pattern, scale)
-            return (out, None) if _in_range(lses) else None
+            # the rounded log-sum-exp reaches only the gradients: without them, any range runs here
+            grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            return (out, None) if not grads or _in_range(lses) else None
         out, lse, _ = kernel_attention(FLASH_CPU, q, k, v, None, pattern, scale)
         return (out, lse) if _in_range([lse]) else None
     return public_sdpa(q, k, v, pattern, scale), None
