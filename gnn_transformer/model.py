@@ -446,7 +446,8 @@ class GraphEncoderModel(nn.Module):
             if not isinstance(edge_index, Tensor) and not kernels.is_block_structure(edge_index):
                 # a callable is called once per layer and forward
                 edge_index = graphs
-        h = self.encoder(h, edge_index, edge_bias=edge_bias, pos=pos, cache=cache, edge_head=edge_head)
+        layer_pos = pos if self.config.position == "rope" else None  # the layers read positions only for RoPE
+        h = self.encoder(h, edge_index, edge_bias=edge_bias, pos=layer_pos, cache=cache, edge_head=edge_head)
         return h if self.head is None else self.head(h)
 
     def forward_graph(
