@@ -103,10 +103,13 @@ def _check_args(
         raise ValueError(f"Expected 'attention' to be an attention class (got {attention!r})")
 
 
-def dropped(dropout: nn.Dropout, x: Tensor) -> Tensor:
-    """``dropout(x)``, or ``x`` itself without calling the module where it is the identity (``p`` 0,
-    or evaluation mode); forward hooks on such a module do not run."""
-    return dropout(x) if dropout.training and dropout.p > 0 else x
+def dropped(dropout: nn.Module, x: Tensor) -> Tensor:
+    """``dropout(x)``, or ``x`` itself without calling the module where it is a plain ``nn.Dropout``
+    that is the identity (``p`` 0, or evaluation mode; forward hooks on it then do not run). Any
+    other module put in its place (a subclass, ``nn.Identity``, a custom dropout) is called."""
+    if type(dropout) is nn.Dropout and (dropout.p == 0 or not dropout.training):
+        return x
+    return dropout(x)
 
 
 class _FeedForward(nn.Module):

@@ -127,6 +127,15 @@ def test_sdpa_row_on_a_causal_graph_runs_is_causal():
     assert all(r["max_err"] < 1e-5 for r in rows)
 
 
+def test_train_step_paired_ratios_are_quartiles_of_the_rounds():
+    from gnn_transformer.bench.train_step import _paired, format_table
+
+    q1, median, q3 = _paired([2.0, 3.0, 4.0, 10.0, 6.0], [1.0, 1.0, 2.0, 2.0, 2.0])  # ratios 2 3 2 5 3
+    assert (q1, median, q3) == (2.0, 3.0, 3.0)
+    row = dict(model="m", context=8, batch=1, params=10, ms=1.0, ratio=1.0, paired=(q1, median, q3), note="")
+    assert "3.000× (2.000–3.000)" in format_table([row])
+
+
 def test_train_step_rows_compare_models_of_one_size():
     from gnn_transformer.bench.train_step import format_markdown, format_table, run_train_step_benchmark
 
@@ -142,6 +151,8 @@ def test_train_step_rows_compare_models_of_one_size():
     for gpt, graph in (rows[:2], rows[2:]):
         assert gpt["params"] == graph["params"] and gpt["ratio"] == 1.0
         assert graph["ratio"] == pytest.approx(graph["ms"] / gpt["ms"])
+        # one round: its one paired ratio is the ratio of the two medians
+        assert gpt["paired"] is None and graph["paired"] == pytest.approx((graph["ratio"],) * 3)
         assert graph["note"].startswith("layers run ")
     assert format_table(rows).count("\n") == len(rows) and format_markdown(rows).startswith("| model")
 

@@ -250,6 +250,15 @@ def test_each_residual_dropout_runs_when_its_own_p_is_set(name):
     assert not torch.allclose(layer(x, ei), clean)
     module.p = 0.0
     torch.testing.assert_close(layer(x, ei), clean)
+    setattr(layer, name, nn.Identity())  # any module put in its place is called
+    torch.testing.assert_close(layer(x, ei), clean)
+    setattr(layer, name, _Twice())
+    assert not torch.allclose(layer(x, ei), clean)
+
+
+class _Twice(nn.Module):
+    def forward(self, x):
+        return 2 * x
 
 
 def test_empty_rows_and_isolated_tokens_are_finite():

@@ -4,7 +4,8 @@ The baseline is nanoGPT's model written out (pre-norm blocks, ``scaled_dot_produ
 with ``is_causal=True``, GELU MLP of width ``4C``, tied embedding, no biases), the same size as the
 ``GraphLM``: by default nanoGPT's CPU configuration (4 layers, 4 heads, width 128, batch 12,
 vocabulary 65). One step is forward, cross-entropy, backward and an AdamW update, timed as the
-median of ``repeats`` steps after one warm-up step; the models take their steps in turn. The GPT
+median of ``repeats`` steps after one warm-up step; the models take their steps in turn, and each
+``GraphLM`` row also gives the quartiles of its per-round ratios to the GPT's step. The GPT
 takes ``[B, T]`` token ids, the ``GraphLM`` the same tokens as ``B·T`` nodes of one disjoint union
 of causal graphs.
 """
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-COLUMNS = ("model", "context", "batch", "params", "ms", "ratio", "note")
+COLUMNS = ("model", "context", "batch", "params", "ms", "ratio", "paired", "note")
 
 
 class _SelfAttention(nn.Module):
@@ -71,9 +72,10 @@ class PlainGPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def _median_steps(steps: Sequence[Callable[[], object]], device, repeats: int) -> list[float]:
-    """Median seconds of each step of ``steps``, timed round-robin (one step of each in turn, after
-    one warm-up step of each), so that a drift of the machine's speed reaches every model alike."""
+def _round_robin(steps: Sequence[Callable[[], object]], device, repeats: int) -> list[list[float]]:
+    """Seconds of ``repeats`` rounds of each step of ``steps``, timed round-robin (one step of each
+    in turn, after one warm-up step of each), so that a drift of the machine's speed reaches every
+    model alike; ``[model][round]``."""
     cuda = torch.device(device).type == "cuda"
     for step in steps:
         step()
@@ -87,7 +89,16 @@ def _median_steps(steps: Sequence[Callable[[], object]], device, repeats: int) -
             if cuda:
                 torch.cuda.synchronize()
             spent.append(time.perf_counter() - t0)
-    return [statistics.median(spent) for spent in times]
+    return times
+
+
+def _paired(times: Sequence[float], base: Sequence[float]) -> tuple[float, float, float]:
+    """Quartiles ``(q1, median, q3)`` of the per-round ratios ``times[r] / base[r]``."""
+    ratios = [t / b for t, b in zip(times, base)]
+    if len(ratios) == 1:
+        return ratios[0], ratios[0], ratios[0]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q1, median, q3
 
 
 def run_train_step_benchmark(
@@ -106,9 +117,11 @@ def run_train_step_benchmark(
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Time a training step of the plain GPT and of ``GraphLM`` (one row per attention backend of
-    ``backends``) at each context; ``ratio`` is a row's time over the GPT's (``gpt_sdpa``) at that
-    context. ``dtype`` (e.g. ``torch.bfloat16``) runs the steps under autocast. The ``GraphLM``
-    row's note names the backend its layers resolve to."""
+    ``backends``) at each context; ``ratio`` is a row's median time over the GPT's (``gpt_sdpa``)
+    at that context, ``paired`` the quartiles ``(q1, median, q3)`` of the ratios of the steps taken
+    in the same round (steps seconds apart, which the machine's drift reaches alike). ``dtype``
+    (e.g. ``torch.bfloat16``) runs the steps under autocast. The ``GraphLM`` row's note names the
+    backend its layers resolve to."""
     from .. import GraphLM, GraphMultiheadAttention, GraphTransformerConfig
     from ..topology import causal
 
@@ -171,8 +184,9 @@ def run_train_step_benchmark(
                 return loss
 
             steps.append(step)
-        seconds = _median_steps(steps, device, repeats)
-        for (name, model, _, note), sec in zip(models, seconds):
+        times = _round_robin(steps, device, repeats)
+        seconds = [statistics.median(spent) for spent in times]
+        for index, ((name, model, _, note), sec) in enumerate(zip(models, seconds)):
             params = sum(p.numel() for p in model.parameters())
             row = dict(
                 model=name,
@@ -181,6 +195,7 @@ def run_train_step_benchmark(
                 params=params,
                 ms=1e3 * sec,
                 ratio=sec / seconds[0],
+                paired=None if index == 0 else _paired(times[index], times[0]),
                 note=note,
             )
             rows.append(row)
@@ -196,6 +211,9 @@ def _cell(key: str, value) -> str:
         return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
     if key == "ratio":
         return f"{value:.2f}×"
+    if key == "paired":
+        q1, median, q3 = value
+        return f"{median:.3f}× ({q1:.3f}–{q3:.3f})"
     if key == "params":
         return f"{value / 1e6:.2f}M" if value >= 1e5 else str(value)
     return str(value)
