@@ -7,12 +7,12 @@ model's median phase times and, for the ``GraphLM`` models, the median over roun
 difference from the GPT's step of the same round.
 
 ``--other DIR`` adds a ``GraphLM`` from another copy of the package (a directory holding the
-``gnn_transformer`` package of another commit, renamed, e.g. ``/tmp/old/gnn_base``; the package's
+``gnn_transformer`` package of another commit, renamed, e.g. ``old/gnn_base``; the package's
 imports are relative, so it loads side by side), to compare two commits in one process.
 
 Usage:
     python benchmarks/train_step_phases.py                     # context 64, 400 rounds, 2 threads
-    python benchmarks/train_step_phases.py --other /tmp/old/gnn_base
+    python benchmarks/train_step_phases.py --other old/gnn_base
 """
 
 from __future__ import annotations
