@@ -135,7 +135,7 @@ def sdpa_attention(
             grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
             return (out, None) if not grads or _in_range(lses) else None
         out, lse, _ = kernel_attention(FLASH_CPU, q, k, v, None, pattern, scale)
-        return (out, lse) if _in_range([lse]) else None
+        return (out, lse) if _in_range([lse.detach()]) else None
     return public_sdpa(q, k, v, pattern, scale), None
 
 
@@ -157,5 +157,9 @@ def has_cpu_flash() -> bool:
 
 
 def _in_range(lses: list[Tensor]) -> bool:
-    """Whether the fused CPU kernel's log-sum-exps are exact enough (below :data:`LSE_LIMIT`)."""
-    return all(x.numel() == 0 or float(x.detach().abs().amax()) < LSE_LIMIT for x in lses)
+    """Whether the fused CPU kernel's log-sum-exps (not differentiable) are exact enough (below
+    :data:`LSE_LIMIT`; NaN is not)."""
+    for x in lses:
+        if x.numel() and not float(x.abs().amax()) < LSE_LIMIT:
+            return False
+    return True
