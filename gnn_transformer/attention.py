@@ -31,7 +31,7 @@ from torch_geometric.utils import softmax
 
 from . import kernels
 from .kernels.reference import edge_softmax
-from .position import RopeScaling, RotaryEmbedding, check_base
+from .position import RopeScaling, RotaryEmbedding, check_base, checked_lookup
 
 # the layer's backends: the per-edge message-passing path and every kernel backend
 BACKENDS = ("auto", "pyg", *(b for b in kernels.BACKENDS if b != "auto"))
@@ -46,13 +46,13 @@ def _materialized(graph) -> tuple[Tensor, Tensor | None]:
 # edge_index tensors that passed check_edge_index: id -> (weak reference, version, sizes, device);
 # an entry disappears with its tensor, and a write in place through PyTorch (a new version)
 # invalidates it
-_RANGE_CHECKED: dict[int, tuple[weakref.ref, int, tuple[int, int], torch.device]] = {}
+_CHECKED: dict[int, tuple[weakref.ref, int, tuple[int, int], torch.device]] = {}
 
 
-def _range_checked(edge_index: Tensor, num_src: int, num_dst: int, device: torch.device | None) -> bool:
+def _already_checked(edge_index: Tensor, num_src: int, num_dst: int, device: torch.device | None) -> bool:
     """Whether this very ``edge_index``, unchanged since, passed :func:`check_edge_index` for these
     sizes (and lies on ``device``)."""
-    hit = _RANGE_CHECKED.get(id(edge_index))
+    hit = _CHECKED.get(id(edge_index))
     if hit is None:
         return False
     ref, version, sizes, on = hit  # only tensors with a version counter are remembered
@@ -64,19 +64,19 @@ def _range_checked(edge_index: Tensor, num_src: int, num_dst: int, device: torch
     )
 
 
-def _remember_range(edge_index: Tensor, num_src: int, num_dst: int) -> None:
+def _remember_checked(edge_index: Tensor, num_src: int, num_dst: int) -> None:
     if edge_index.is_inference():  # no version counter: in-place writes could not be seen
         return
     key = id(edge_index)
 
     def forget(_ref: object) -> None:
-        _RANGE_CHECKED.pop(key, None)
+        _CHECKED.pop(key, None)
 
     try:
         ref = weakref.ref(edge_index, forget)
     except TypeError:  # not weak-referenceable: checked on every call
         return
-    _RANGE_CHECKED[key] = (ref, edge_index._version, (num_src, num_dst), edge_index.device)
+    _CHECKED[key] = (ref, edge_index._version, (num_src, num_dst), edge_index.device)
 
 
 def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int, device: torch.device | None = None) -> None:
@@ -88,7 +88,7 @@ def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int, device: tor
     bypass it, through ``.data`` or a NumPy view, are not seen, as in the kernels' graph cache).
     ``device``: that of the node features, which an ``edge_index`` with edges must share.
     """
-    if _range_checked(edge_index, num_src, num_dst, device):
+    if _already_checked(edge_index, num_src, num_dst, device):
         return
     if kernels.is_block_structure(edge_index):
         _check_block_graph(edge_index, num_src, num_dst, device)
@@ -137,7 +137,7 @@ def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int, device: tor
         raise ValueError(f"Found source index {src_max} in 'edge_index' but there are only {num_src} source nodes")
     if dst_max >= num_dst:
         raise ValueError(f"Found target index {dst_max} in 'edge_index' but there are only {num_dst} target nodes")
-    _remember_range(edge_index, num_src, num_dst)
+    _remember_checked(edge_index, num_src, num_dst)
 
 
 def _check_block_graph(graph, num_src: int, num_dst: int, device: torch.device | None) -> None:
@@ -208,16 +208,8 @@ def check_ids(ids: Tensor, size: int, name: str) -> None:
 
 def embed_ids(embedding: nn.Embedding, ids: Tensor, name: str) -> Tensor:
     """``embedding(ids)``, with :func:`check_ids`'s ``ValueError`` naming ``name`` for an id outside
-    the table. On the CPU the lookup's own bounds check finds one (no extra pass over ``ids``);
-    elsewhere an index out of range is an asynchronous device error, so ``ids`` are checked first."""
-    if ids.device.type != "cpu":
-        check_ids(ids, embedding.num_embeddings, name)
-        return embedding(ids)
-    try:
-        return embedding(ids)
-    except IndexError:
-        check_ids(ids, embedding.num_embeddings, name)
-        raise
+    the table (:func:`.position.checked_lookup`: no extra pass over valid ids on the CPU)."""
+    return checked_lookup(embedding, ids, lambda: check_ids(ids, embedding.num_embeddings, name))
 
 
 def check_positive_int(name: str, value: object) -> int:

@@ -21,6 +21,7 @@ Notation: ``N`` nodes, ``E`` edges, ``H`` heads, ``D`` head dimension, ``C`` fea
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,20 @@ class SinusoidalPositionalEmbedding(nn.Module):
         return sinusoidal_embedding(pos, self.dim, self.base, dtype)
 
 
+def checked_lookup(lookup: Callable[[Tensor], Tensor], ids: Tensor, check: Callable[[], None]) -> Tensor:
+    """``lookup(ids)`` of a table, with ``check()`` raising the clear error for an id outside it. On
+    the CPU it runs only when the lookup's own bounds check fails (valid ids cost no extra pass);
+    elsewhere first, as an index out of range there is an asynchronous device error."""
+    if ids.device.type != "cpu":
+        check()
+        return lookup(ids)
+    try:
+        return lookup(ids)
+    except IndexError:
+        check()
+        raise
+
+
 class LearnedPositionalEmbedding(nn.Embedding):
     """One learned vector per position, ``forward(pos [N]) -> [N, dim]`` (an ``nn.Embedding``).
 
@@ -90,14 +105,7 @@ class LearnedPositionalEmbedding(nn.Embedding):
 
     def forward(self, pos: Tensor) -> Tensor:
         _check_pos(pos)
-        if pos.device.type != "cpu":  # an index out of range there is an asynchronous device error
-            self._check_range(pos)
-            return super().forward(pos)
-        try:
-            return super().forward(pos)
-        except IndexError:  # the CPU lookup's own bounds check: say which positions
-            self._check_range(pos)
-            raise
+        return checked_lookup(super().forward, pos, lambda: self._check_range(pos))
 
     def _check_range(self, pos: Tensor) -> None:
         if pos.numel():

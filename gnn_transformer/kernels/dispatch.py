@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import os
@@ -63,7 +62,7 @@ from .planner import (
     tile_size,
     unit_costs,
 )
-from .primitives import autocast_inputs, autocast_on, compute_dtype, plain_tensor
+from .primitives import autocast_inputs, compute_dtype, no_autocast, plain_tensor
 from .sdpa import sdpa_attention
 from .tiled_torch import DEFAULT_MAX_CELLS, tiled_attention
 from .tiling import TileList, triton_blocks
@@ -226,11 +225,9 @@ def attend(
         >>> out.shape, lse.shape
         (torch.Size([4, 2, 8]), torch.Size([4, 2]))
     """
-    autocast = isinstance(query, Tensor) and autocast_on(query.device.type)
-    if autocast:
-        query, key, value = autocast_inputs(query, key, value)
+    query, key, value = autocast_inputs(query, key, value)
     _check_inputs(query, key, value, backend, num_dst, impl)
-    with torch.autocast(query.device.type, enabled=False) if autocast else contextlib.nullcontext():
+    with no_autocast(query.device.type):
         return _attend(
             query,
             key,
