@@ -62,7 +62,7 @@ from .planner import (
     tile_size,
     unit_costs,
 )
-from .primitives import autocast_inputs, compute_dtype, no_autocast, plain_tensor
+from .primitives import autocast_inputs, autocast_on, compute_dtype, plain_tensor
 from .sdpa import sdpa_attention
 from .tiled_torch import DEFAULT_MAX_CELLS, tiled_attention
 from .tiling import TileList, triton_blocks
@@ -225,27 +225,28 @@ def attend(
         >>> out.shape, lse.shape
         (torch.Size([4, 2, 8]), torch.Size([4, 2]))
     """
+    options = dict(
+        scale=scale,
+        edge_bias=edge_bias,
+        backend=backend,
+        return_lse=return_lse,
+        impl=impl,
+        block_size=block_size,
+        tile_cost=tile_cost,
+        max_edges=max_edges,
+        max_cells=max_cells,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        edge_head=edge_head,
+    )
+    device_type = query.device.type if isinstance(query, Tensor) else None
+    if device_type is None or not autocast_on(device_type):
+        _check_inputs(query, key, value, backend, num_dst, impl)
+        return _attend(query, key, value, edge_index, **options)
     query, key, value = autocast_inputs(query, key, value)
     _check_inputs(query, key, value, backend, num_dst, impl)
-    with no_autocast(query.device.type):
-        return _attend(
-            query,
-            key,
-            value,
-            edge_index,
-            scale=scale,
-            edge_bias=edge_bias,
-            backend=backend,
-            return_lse=return_lse,
-            impl=impl,
-            block_size=block_size,
-            tile_cost=tile_cost,
-            max_edges=max_edges,
-            max_cells=max_cells,
-            dropout_p=dropout_p,
-            dropout_seed=dropout_seed,
-            edge_head=edge_head,
-        )
+    with torch.autocast(device_type, enabled=False):  # the kernels choose their accumulation dtype
+        return _attend(query, key, value, edge_index, **options)
 
 
 def _attend(
@@ -313,6 +314,13 @@ def _attend(
         check_edge_index(edge_index, key.size(0), query.size(0))
         edge_index = torch.empty(2, 0, dtype=torch.long, device=query.device)
     graph = prepare(edge_index, key.size(0), query.size(0))
+    device_type = query.device.type
+    if backend == "auto" and edge_bias is None and not dropout_p and impl != "triton":
+        pattern = dense_pattern(graph)
+        if runs_sdpa(pattern, device_type, False, False, return_lse):
+            result = sdpa_attention(query, key, value, pattern, scale, return_lse)
+            if result is not None:
+                return result
     bias = None
     if edge_bias is not None:
         if not isinstance(edge_bias, Tensor) or not edge_bias.is_floating_point():
@@ -336,13 +344,6 @@ def _attend(
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
             raise ValueError(f"Expected 'dropout_seed' to be an int in [0, 2**31) (got {dropout_seed!r})")
         dropout = (float(dropout_p), seed)
-    device_type = query.device.type
-    if backend == "auto" and impl != "triton":
-        pattern = dense_pattern(graph)
-        if runs_sdpa(pattern, device_type, bias is not None, dropout is not None, return_lse):
-            result = _sdpa(query, key, value, pattern, scale, return_lse)
-            if result is not None:
-                return result
     block = tile_size(graph, device_type, query.dtype, block_size)
     # tiles of a size the Triton kernels do not take run through the PyTorch tiled path, unless
     # Triton was asked for by name (then its ValueError says why)
@@ -367,20 +368,6 @@ def _attend(
     out = out.to(query.dtype)
     if not return_lse:
         return out
-    return out, lse.to(compute_dtype(query.dtype))
-
-
-def _sdpa(query, key, value, pattern: DensePattern, scale: float, return_lse: bool):
-    """:func:`attend`'s result by PyTorch's own attention kernels, or ``None`` where the fused CPU
-    kernel's log-sum-exp is too large to keep exact (the project's kernels then run the call)."""
-    result = sdpa_attention(query, key, value, pattern, scale, return_lse)
-    if result is None:
-        return None
-    out, lse = result
-    out = out if out.dtype == query.dtype else out.to(query.dtype)
-    if not return_lse:
-        return out
-    assert lse is not None  # runs_sdpa sends a call that returns the lse only to the CPU path
     return out, lse.to(compute_dtype(query.dtype))
 
 
@@ -505,7 +492,7 @@ def _attend_blocks(
     if backend == "auto" and graph.dense is not None and impl != "triton":
         pattern = DensePattern(*graph.dense)
         if runs_sdpa(pattern, device_type, False, False, return_lse):
-            result = _sdpa(query, key, value, pattern, scale, return_lse)
+            result = sdpa_attention(query, key, value, pattern, scale, return_lse)
             if result is not None:
                 return result
     tiles, q_rows, k_rows = block_tiles(graph, block, query.size(1), key.size(1))
