@@ -681,7 +681,8 @@ class GraphMultiheadAttention(MessagePassing):
             raise TypeError(f"Expected 'x' to be node features [N, C] or a pair (x_src, x_dst) (got {got})")
         weight_dtype = self.out_proj.weight.dtype
         _check_features(x_dst, self.embed_dim, "x" if isinstance(x, Tensor) else "x[1]", weight_dtype)
-        _check_features(x_src, self.kdim, "x" if isinstance(x, Tensor) else "x[0]", weight_dtype)
+        if x_src is not x_dst or self.kdim != self.embed_dim:  # else checked just above
+            _check_features(x_src, self.kdim, "x" if isinstance(x, Tensor) else "x[0]", weight_dtype)
         if value is not None:
             _check_features(value, self.vdim, "value", weight_dtype)
             if value.size(0) != x_src.size(0):
@@ -743,6 +744,8 @@ class GraphMultiheadAttention(MessagePassing):
     ) -> Tensor | None:
         """Checked ``edge_bias``; a floating bias of another dtype than the heads is cast to the
         dtype the scores are computed in (float32; float64 for float64 heads), as the kernels do."""
+        if edge_bias is None and edge_head is None:  # nothing to check, on any graph
+            return None
         if kernels.is_block_structure(edge_index):
             kernels.check_implicit_options(edge_bias, edge_head)
             return None

@@ -70,13 +70,13 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float)
     k, v = repeat_heads(k, group), repeat_heads(v, group)  # [N, H, D]
     causal = pattern.kind == "causal"
     assert _FLASH is not None  # runs_sdpa sends a CPU call here only with the fused CPU kernel
-    outs, lses = [], []
-    for qd, kd, vd in zip(_documents(q, pattern), _documents(k, pattern), _documents(v, pattern)):
-        o, lse = _FLASH(qd, kd, vd, is_causal=causal, scale=scale)  # [B, H, L, D], [B, H, L]
-        outs.append(o)
-        lses.append(lse)  # not differentiable: the kernel's autograd takes no gradient of it
-    out = _tokens(outs)  # [N, H, D]
-    return (out if dtype == cd else out.to(dtype)), lses
+    # lse: not differentiable, the kernel's autograd takes no gradient of it
+    parts = [
+        _FLASH(qd, kd, vd, is_causal=causal, scale=scale)  # [B, H, L, D], [B, H, L]
+        for qd, kd, vd in zip(_documents(q, pattern), _documents(k, pattern), _documents(v, pattern))
+    ]
+    out = _tokens([o for o, _ in parts])  # [N, H, D]
+    return (out if dtype == cd else out.to(dtype)), [lse for _, lse in parts]
 
 
 def _flash_forward(q, k, v, bias, pattern: DensePattern, scale: float):
