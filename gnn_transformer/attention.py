@@ -226,6 +226,19 @@ def check_dropout(value: object, name: str = "dropout") -> float:
     return float(value)
 
 
+def _own_route(layer: GraphMultiheadAttention) -> bool:
+    """Whether ``layer`` reaches the kernels through :class:`GraphMultiheadAttention`'s own
+    ``_attend_and_project`` and ``attend``: neither replaced on its class nor on the instance (as a
+    wrapper that must see every call replaces it)."""
+    cls, own = type(layer), layer.__dict__
+    return (
+        cls.attend is GraphMultiheadAttention.attend
+        and cls._attend_and_project is GraphMultiheadAttention._attend_and_project
+        and "attend" not in own
+        and "_attend_and_project" not in own
+    )
+
+
 class GraphMultiheadAttention(MessagePassing):
     r"""Multi-head attention over the incoming edges of each node of a token graph.
 
@@ -597,6 +610,18 @@ class GraphMultiheadAttention(MessagePassing):
             ``out`` ``[N_dst, C]``, and ``alpha`` ``[E, H]`` (``[E]`` with ``edge_head``) when
             ``return_attention_weights``.
         """
+        if (
+            kv is None
+            and value is None
+            and edge_bias is None
+            and edge_head is None
+            and not return_attention_weights
+            and backend is None
+            and (pos is None or isinstance(pos, Tensor))
+        ):
+            out = self._forward_dense(x, edge_index, pos)
+            if out is not None:
+                return out
         if kv is not None:
             return self._forward_kv(
                 x,
@@ -617,6 +642,38 @@ class GraphMultiheadAttention(MessagePassing):
         return self._attend_and_project(
             query, key, value_h, edge_index, edge_bias, edge_head, return_attention_weights, backend
         )
+
+    def _forward_dense(self, x, edge_index: Tensor, pos: Tensor | None) -> Tensor | None:
+        """``forward(x, edge_index, pos=pos)`` in fewer steps where it is the commonest call:
+        self-attention of one tensor ``x`` that ``auto`` runs through PyTorch's attention kernels
+        (:func:`kernels.attend_dense`: a graph recognized as full or causal per document, no
+        autocast), in a layer that attends along the given graph with this class's own ``attend``
+        (no ``select``, softcap or active attention dropout; ``attend`` not replaced on the class or
+        the instance, so that a wrapper of it sees every call). The same checks of ``x``,
+        ``edge_index`` and ``pos``, the same projections and kernel as the general path, which
+        takes the call where this returns ``None``."""
+        if not (
+            isinstance(x, Tensor)
+            and isinstance(edge_index, Tensor)
+            and self.backend == "auto"
+            and self.select is None
+            and self.softcap is None
+            and not (self.training and self.dropout > 0.0)
+            and self.project_kv
+            and self.kdim == self.embed_dim == self.vdim
+            and _own_route(self)
+        ):
+            return None
+        _check_features(x, self.embed_dim, "x", self.out_proj.weight.dtype)
+        num_nodes = x.size(0)
+        check_edge_index(edge_index, num_nodes, num_nodes, x.device)
+        query, key, value = self.project(x, x, x)
+        query, key = self.rotate(query, pos), self.rotate(key, pos)
+        scale = 1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale
+        out = kernels.attend_dense(query, key, value, edge_index, scale=scale)
+        if out is None:  # not a graph SDPA runs: the general route, with these heads
+            return self._attend_and_project(query, key, value, edge_index, None, None, False, None)
+        return self.out_proj(out.reshape(num_nodes, self.q_dim))  # [N, C]
 
     def _positions(self, x, pos) -> tuple[Tensor | None, Tensor | None]:
         """``(pos_src, pos_dst)`` of a ``forward`` without ``kv``: ``pos`` for both on one node set,

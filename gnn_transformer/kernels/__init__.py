@@ -28,7 +28,7 @@ Glossary (each word has this one meaning in this package):
   of an ``edge_index``: its tiles run without an edge list (:mod:`.implicit`).
 """
 
-from .dispatch import BACKENDS, IMPLS, attend, check_implicit_options, edge_weights, triton_available
+from .dispatch import BACKENDS, IMPLS, attend, attend_dense, check_implicit_options, edge_weights, triton_available
 from .fused_torch import DEFAULT_MAX_EDGES
 from .heads import head_inputs, heads_to_nodes, nodes_to_heads
 from .merge import merge_partials
@@ -53,6 +53,7 @@ from .tiled_torch import DEFAULT_MAX_CELLS
 
 __all__ = [
     "attend",
+    "attend_dense",
     "edge_weights",
     "auto_kernel",
     "choose_backend",

@@ -62,7 +62,7 @@ from .planner import (
     tile_size,
     unit_costs,
 )
-from .primitives import autocast_inputs, autocast_on, compute_dtype, plain_tensor
+from .primitives import autocast_inputs, autocast_on, compute_dtype, no_autocast, plain_tensor
 from .sdpa import sdpa_attention
 from .tiled_torch import DEFAULT_MAX_CELLS, tiled_attention
 from .tiling import TileList, triton_blocks
@@ -225,28 +225,53 @@ def attend(
         >>> out.shape, lse.shape
         (torch.Size([4, 2, 8]), torch.Size([4, 2]))
     """
-    options = dict(
-        scale=scale,
-        edge_bias=edge_bias,
-        backend=backend,
-        return_lse=return_lse,
-        impl=impl,
-        block_size=block_size,
-        tile_cost=tile_cost,
-        max_edges=max_edges,
-        max_cells=max_cells,
-        dropout_p=dropout_p,
-        dropout_seed=dropout_seed,
-        edge_head=edge_head,
-    )
-    device_type = query.device.type if isinstance(query, Tensor) else None
-    if device_type is None or not autocast_on(device_type):
-        _check_inputs(query, key, value, backend, num_dst, impl)
-        return _attend(query, key, value, edge_index, **options)
     query, key, value = autocast_inputs(query, key, value)
     _check_inputs(query, key, value, backend, num_dst, impl)
-    with torch.autocast(device_type, enabled=False):  # the kernels choose their accumulation dtype
-        return _attend(query, key, value, edge_index, **options)
+    with no_autocast(query.device.type):
+        return _attend(
+            query,
+            key,
+            value,
+            edge_index,
+            scale=scale,
+            edge_bias=edge_bias,
+            backend=backend,
+            return_lse=return_lse,
+            impl=impl,
+            block_size=block_size,
+            tile_cost=tile_cost,
+            max_edges=max_edges,
+            max_cells=max_cells,
+            dropout_p=dropout_p,
+            dropout_seed=dropout_seed,
+            edge_head=edge_head,
+        )
+
+
+def attend_dense(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, scale: float) -> Tensor | None:
+    """``attend(query, key, value, edge_index, scale=scale)`` where ``auto`` runs it through
+    PyTorch's attention kernels (a graph recognized as full or causal per sequence or document,
+    without autocast), else ``None``, having run nothing.
+
+    The shortest route of the commonest call, for a layer's own heads: ``query``, ``key``,
+    ``value`` as a layer projects them (``[N, H, D]``, ``[N, H_kv, D]``, one dtype and device) and
+    an ``edge_index`` it has checked on their device. Where the fused CPU kernel's log-sum-exp
+    leaves its exact range (see :func:`.sdpa.sdpa_attention`) the call runs the backend ``auto``
+    plans for the graph, as :func:`attend` does.
+    """
+    device_type = query.device.type
+    if not isinstance(edge_index, Tensor) or autocast_on(device_type):
+        return None
+    graph = prepare(edge_index, key.size(0), query.size(0))
+    pattern = dense_pattern(graph)
+    if not runs_sdpa(pattern, device_type, False, False, False):
+        return None
+    assert pattern is not None  # runs_sdpa answers False for a graph it does not recognize
+    out = sdpa_attention(query, key, value, pattern, scale)
+    if isinstance(out, Tensor):
+        return out
+    backend = planned_backend(graph, device_type, tile_size(graph, device_type, query.dtype, None), None, False)
+    return attend(query, key, value, edge_index, scale=scale, backend=backend)
 
 
 def _attend(
