@@ -646,12 +646,12 @@ class GraphMultiheadAttention(MessagePassing):
     def _forward_dense(self, x, edge_index: Tensor, pos: Tensor | None) -> Tensor | None:
         """``forward(x, edge_index, pos=pos)`` in fewer steps where it is the commonest call:
         self-attention of one tensor ``x`` that ``auto`` runs through PyTorch's attention kernels
-        (:func:`kernels.attend_dense`: a graph recognized as full or causal per document, no
-        autocast), in a layer that attends along the given graph with this class's own ``attend``
-        (no ``select``, softcap or active attention dropout; ``attend`` not replaced on the class or
-        the instance, so that a wrapper of it sees every call). The same checks of ``x``,
-        ``edge_index`` and ``pos``, the same projections and kernel as the general path, which
-        takes the call where this returns ``None``."""
+        (:func:`kernels.attend_dense`: a graph recognized as full or causal per document), in a
+        layer that attends along the given graph with this class's own ``attend`` (no ``select``,
+        softcap or active attention dropout; ``attend`` not replaced on the class or the instance,
+        so that a wrapper of it sees every call). The same checks of ``x``, ``edge_index`` and
+        ``pos``, the same projections and kernel as the general path, which takes the call where
+        this returns ``None``."""
         if not (
             isinstance(x, Tensor)
             and isinstance(edge_index, Tensor)

@@ -185,17 +185,23 @@ def test_an_attend_replaced_on_the_class_or_the_instance_sees_every_call(monkeyp
     assert seen == [1] and calls.dense == 0
 
 
-def test_autocast_takes_the_general_path(monkeypatch):
-    """Under autocast ``attend_dense`` declines; the general path casts the heads as SDPA would."""
-    layer = _layer(torch.float32)
+@pytest.mark.parametrize("graph", ["causal", "batch-causal"])
+def test_autocast_on_the_short_route_equals_the_general_path(graph, monkeypatch):
+    """Under autocast the short route casts the heads as ``attend`` does: the general path's
+    bfloat16 output and gradients, bit for bit."""
+    build, n = GRAPHS[graph]
+    edge_index = build()
+    layer = _layer(torch.float32, num_kv_heads=2)
+    x = torch.randn(n, 16, requires_grad=True)
     calls = _Calls(monkeypatch)
-    x = torch.randn(16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = layer(x, causal(16))
-        general = layer(x, causal(16), backend="auto")
-    assert out.dtype == torch.bfloat16
-    assert (calls.dense, calls.general) == (1, 2)
+        out = layer(x, edge_index)
+        assert (calls.dense, calls.general) == (1, 0)
+        general = layer(x, edge_index, backend="auto")
+    assert out.dtype == general.dtype == torch.bfloat16
     assert torch.equal(out, general)
+    for got, want in zip(_grads(layer, x, out), _grads(layer, x, general)):
+        assert torch.equal(got, want)
 
 
 def test_a_huge_log_sum_exp_runs_the_backend_auto_plans(monkeypatch):

@@ -179,6 +179,26 @@ def test_cuda_layer_matches_pyg(backend):
         torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16-autocast"])
+def test_cuda_layer_short_route_matches_the_general_path(dtype):
+    """A layer's self-attention on a causal graph takes the short route (kernels.attend_dense); the
+    general path (a backend named for the call) runs the same SDPA call on the same heads."""
+    edge_index = causal([200, 120]).to(CUDA)
+    torch.manual_seed(0)
+    layer = GraphMultiheadAttention(96, 6, num_kv_heads=2).to(CUDA)
+    x = torch.randn(320, 96, device=CUDA, requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = layer(x, edge_index)
+        general = layer(x, edge_index, backend="auto")
+    assert out.dtype == general.dtype == dtype
+    torch.testing.assert_close(out, general, atol=0, rtol=0)
+    g = torch.autograd.grad(out.float().sum(), [x, *layer.parameters()])
+    g_general = torch.autograd.grad(general.float().sum(), [x, *layer.parameters()])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # SDPA's CUDA backward may add in another order
+    for a, c in zip(g, g_general):
+        torch.testing.assert_close(a, c, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("kv_heads", [16, 4], ids=["mha", "gqa"])
 def test_cuda_offsets_past_int32(kv_heads):
     """N·H·D above 2**31 elements: rows at the end of the tensors are read and written where they

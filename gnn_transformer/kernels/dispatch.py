@@ -250,8 +250,8 @@ def attend(
 
 def attend_dense(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, scale: float) -> Tensor | None:
     """``attend(query, key, value, edge_index, scale=scale)`` where ``auto`` runs it through
-    PyTorch's attention kernels (a graph recognized as full or causal per sequence or document,
-    without autocast), else ``None``, having run nothing.
+    PyTorch's attention kernels (a graph recognized as full or causal per sequence or document),
+    else ``None``, having run nothing. Under autocast the heads are cast as :func:`attend` casts them.
 
     The shortest route of the commonest call, for a layer's own heads: ``query``, ``key``,
     ``value`` as a layer projects them (``[N, H, D]``, ``[N, H_kv, D]``, one dtype and device) and
@@ -259,15 +259,20 @@ def attend_dense(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, 
     leaves its exact range (see :func:`.sdpa.sdpa_attention`) the call runs the backend ``auto``
     plans for the graph, as :func:`attend` does.
     """
-    device_type = query.device.type
-    if not isinstance(edge_index, Tensor) or autocast_on(device_type):
+    if not isinstance(edge_index, Tensor):
         return None
+    device_type = query.device.type
     graph = prepare(edge_index, key.size(0), query.size(0))
     pattern = dense_pattern(graph)
     if not runs_sdpa(pattern, device_type, False, False, False):
         return None
     assert pattern is not None  # runs_sdpa answers False for a graph it does not recognize
-    out = sdpa_attention(query, key, value, pattern, scale)
+    if autocast_on(device_type):  # as attend: the heads in autocast's dtype, the kernels without it
+        query, key, value = autocast_inputs(query, key, value)
+        with torch.autocast(device_type, enabled=False):
+            out = sdpa_attention(query, key, value, pattern, scale)
+    else:
+        out = sdpa_attention(query, key, value, pattern, scale)
     if isinstance(out, Tensor):
         return out
     backend = planned_backend(graph, device_type, tile_size(graph, device_type, query.dtype, None), None, False)
