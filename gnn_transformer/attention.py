@@ -536,6 +536,10 @@ class GraphMultiheadAttention(MessagePassing):
         value = value_rows.view(-1, self.num_kv_heads, self.head_dim)
         return (key if self.k_norm is None else self.k_norm(key)), value
 
+    def _score_scale(self) -> float:
+        """The factor of the scores ``<q_i, k_j>``: ``scale``, by default ``1 / sqrt(D)``."""
+        return 1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale
+
     def rotate(self, heads: Tensor, pos: Tensor | None, name: str = "pos") -> Tensor:
         """Queries or keys ``[N, H, D]`` rotated by their node's position (identity without RoPE)."""
         if self.rotary is None and pos is None:
@@ -669,7 +673,7 @@ class GraphMultiheadAttention(MessagePassing):
         check_edge_index(edge_index, num_nodes, num_nodes, x.device)
         query, key, value = self.project(x, x, x)
         query, key = self.rotate(query, pos), self.rotate(key, pos)
-        scale = 1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale
+        scale = self._score_scale()
         out = kernels.attend_dense(query, key, value, edge_index, scale=scale)
         if out is None:  # not a graph SDPA runs: the general route, with these heads
             return self._attend_and_project(query, key, value, edge_index, None, None, False, None)
@@ -999,7 +1003,7 @@ class GraphMultiheadAttention(MessagePassing):
                 edge_bias=edge_bias is not None,
                 need_weights=need_weights,
             )
-        scale = 1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale
+        scale = self._score_scale()
         if resolved == "pyg":
             # half precision is computed in float32, as on every backend: bfloat16 scores of large
             # inputs round by far more than the gaps between them
@@ -1050,7 +1054,7 @@ class GraphMultiheadAttention(MessagePassing):
             return self.attend(
                 query, key, value, edge_index, edge_head=edge_head, need_weights=need_weights, backend=backend
             )
-        scale = 1.0 / math.sqrt(self.head_dim) if self.scale is None else self.scale
+        scale = self._score_scale()
         out = kernels.attend(
             query,
             key,

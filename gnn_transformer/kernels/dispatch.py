@@ -62,7 +62,7 @@ from .planner import (
     tile_size,
     unit_costs,
 )
-from .primitives import autocast_inputs, autocast_on, compute_dtype, no_autocast, plain_tensor
+from .primitives import autocast_inputs, compute_dtype, no_autocast, plain_tensor
 from .sdpa import sdpa_attention
 from .tiled_torch import DEFAULT_MAX_CELLS, tiled_attention
 from .tiling import TileList, triton_blocks
@@ -267,11 +267,8 @@ def attend_dense(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, 
     if not runs_sdpa(pattern, device_type, False, False, False):
         return None
     assert pattern is not None  # runs_sdpa answers False for a graph it does not recognize
-    if autocast_on(device_type):  # as attend: the heads in autocast's dtype, the kernels without it
-        query, key, value = autocast_inputs(query, key, value)
-        with torch.autocast(device_type, enabled=False):
-            out = sdpa_attention(query, key, value, pattern, scale)
-    else:
+    query, key, value = autocast_inputs(query, key, value)  # as attend does
+    with no_autocast(device_type):
         out = sdpa_attention(query, key, value, pattern, scale)
     if isinstance(out, Tensor):
         return out

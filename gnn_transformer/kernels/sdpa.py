@@ -127,7 +127,7 @@ def sdpa_attention(
 ) -> Tensor | tuple[Tensor, Tensor] | None:
     """``out [N, H, D]`` in ``q``'s dtype (with ``return_lse`` also ``lse [N, H]`` in the
     accumulation dtype) of a recognized graph, differentiable in ``q``, ``k``, ``v`` (and ``lse``);
-    called without autocast (:func:`.dispatch.attend` turns it off).
+    called without autocast (:func:`.dispatch.attend` and :func:`.dispatch.attend_dense` turn it off).
 
     On the CPU through the fused CPU kernel: under the kernel's own autograd, or with ``return_lse``
     under the project's autograd function (which takes a gradient of ``lse``); ``None`` where its
