@@ -5,7 +5,9 @@ blocks of ``BLOCK_E``, gathers ``k_j`` / ``v_j`` by the source ids, and keeps an
 (running max ``m``, running sum ``l``, running weighted sum ``acc``); it writes ``out_i = acc / l`` and
 ``lse_i = m + log l`` (``-inf`` and zeros for a row without edges).
 
-Backward (``delta_i = dO_i . O_i - dlse_i``, ``p = exp((s - lse_i) - lse_lo_i)``, ``ds = p (dO_i . v_j - delta_i)``):
+Backward (``p = exp((s - lse_i) - lse_lo_i)``, ``ds = p ((dO_i . v_j - pivot_i) - delta_i)``, with
+``pivot_i = 0`` and ``delta_i = dO_i . O_i - dlse_i`` except on rows of huge log-sum-exp, see
+:func:`_csr_bwd_rows`):
 
 - ``dQ`` (and ``dbias = ds``): one program per (target, head) over the CSR, like the forward;
 - ``dK`` / ``dV``: one program per (source ``j``, key/value head) over the source-sorted CSC, summing
@@ -37,7 +39,7 @@ from torch import Tensor
 
 from . import _pieces
 from .planner import CSRGraph
-from .primitives import Kernel, kernel_attention
+from .primitives import Kernel, compute_dtype, kernel_attention
 from .triton_common import (
     EXACT_ROWS_LSE,
     acc_type,
@@ -49,10 +51,14 @@ from .triton_common import (
     launch,
     load_scales,
     row_lse,
+    row_lse_pair,
     row_stats,
+    row_terms,
+    pivot_step,
     scalars,
     softmax_finish,
     softmax_step,
+    store_row_terms,
     upcast,
     work,
 )
@@ -221,13 +227,15 @@ def _csr_bwd_rows(
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """The row terms of the backward pass for target ``i`` and head ``h``: ``delta``, and the
-    log-sum-exp ``(LSE_B, LO_B)`` the gradient kernels recompute the weights from. A row whose
-    log-sum-exp stays below ``LIMIT`` takes ``delta_i = dO_i . O_i - dlse_i`` and the forward's
-    log-sum-exp. A larger one walks its edges once more with the per-edge scores of the per-head
-    gradient kernels and recomputes both from them (an online softmax whose ``w`` sums ``p dp``):
-    the weights those kernels recompute then sum to 1, and a saturated row (one weight 1) gets
-    ``ds = 0`` exactly (module :mod:`.fused_torch` says why)."""
+    """The row terms of the backward pass for target ``i`` and head ``h``: ``(pivot, delta)``, and
+    the log-sum-exp ``(LSE_B, LO_B)`` the gradient kernels recompute the weights from. A row whose
+    log-sum-exp stays below ``LIMIT`` takes ``pivot = 0``, ``delta_i = dO_i . O_i - dlse_i`` and the
+    forward's log-sum-exp. A larger one walks its edges once more with the per-edge scores of the
+    per-head gradient kernels and recomputes them all (an online softmax whose ``w`` sums
+    ``p (dp - pivot)``, the pivot being ``dp`` at the largest score so far): the weights those
+    kernels recompute then sum to 1, a saturated row (one weight 1) gets ``ds = 0`` exactly, and a
+    nearly saturated one ``dp_top - delta`` without cancellation (module :mod:`.fused_torch` says
+    why)."""
     i = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // GROUP
@@ -237,15 +245,16 @@ def _csr_bwd_rows(
     row = i * stride_qn + h * stride_qh + offs_d
     do = tl.load(DO + row, mask=dmask, other=0.0).to(ACC)
     o = tl.load(OUT + i * stride_on + h * stride_oh + offs_d, mask=dmask, other=0.0).to(ACC)
-    lse, lo, _ = row_stats(LSE, LSE_LO, LSE, i * H + h, i >= 0, ACC)
+    lse, lo = row_lse_pair(LSE, LSE_LO, i * H + h, i >= 0, ACC)
     delta = tl.sum(do * o, axis=0)
+    pivot = tl.zeros([1], ACC)
     if tl.abs(lse) >= LIMIT:
         q = tl.load(Q + row, mask=dmask, other=0.0).to(ACC)
         start = tl.load(ROWPTR + i)
         end = tl.load(ROWPTR + i + 1)
         m = tl.full([1], float("-inf"), ACC)
         l = tl.zeros([1], ACC)
-        w = tl.zeros([1], ACC)
+        w = tl.zeros([1], ACC)  # sum of p (dp - pivot)
         for e0 in range(start, end, BLOCK_E):
             offs_e = e0 + tl.arange(0, BLOCK_E)
             emask = offs_e < end
@@ -275,20 +284,24 @@ def _csr_bwd_rows(
                 REMAP,
                 ACC,
             )
+            pivot_new = pivot_step(m, pivot, s, dp, 0)
             m_new = tl.maximum(m, tl.max(s, axis=0))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             corr = tl.exp(m - m_use)
             p = tl.exp(s - m_use)
+            # re-centred on the new pivot: the rows so far carry little weight where it moves far
+            w = (w + (pivot - pivot_new) * l) * corr + tl.sum(p * (dp - pivot_new), axis=0)
             l = l * corr + tl.sum(p, axis=0)
-            w = w * corr + tl.sum(p * dp, axis=0)
             m = m_new
+            pivot = pivot_new
         l_safe = tl.where(l > 0, l, 1.0)
         delta = tl.sum(w / l_safe, axis=0)
         lse = tl.sum(tl.where(m == float("-inf"), 0.0, m), axis=0)
         lo = tl.sum(tl.log(l_safe), axis=0)
     if HAS_DLSE:
         delta = delta - tl.load(DLSE + i * H + h).to(ACC)
-    tl.store(DELTA + i * H + h, delta)
+    idx = i * H + h + tl.arange(0, 1)
+    store_row_terms(DELTA, idx, pivot, delta, idx >= 0)
     tl.store(LSE_B + i * H + h, lse)
     tl.store(LO_B + i * H + h, lo)
 
@@ -338,7 +351,7 @@ def _csr_bwd_dq(
     row = i * stride_qn + h * stride_qh + offs_d  # q, dO and dQ (row o) share one layout
     q = tl.load(Q + row, mask=dmask, other=0.0).to(ACC)
     do = tl.load(DO + row, mask=dmask, other=0.0).to(ACC)
-    lse, lo, delta = row_stats(LSE, LSE_LO, DELTA, i * H + h, i >= 0, ACC)
+    lse, lo, pivot, delta = row_stats(LSE, LSE_LO, DELTA, i * H + h, i >= 0, ACC)
     dq = tl.zeros([BLOCK_D], ACC)
     for e0 in range(start, end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
@@ -370,7 +383,7 @@ def _csr_bwd_dq(
             ACC,
         )
         p = tl.exp((s - lse) - lo)  # padding lanes: exp(-inf) = 0
-        ds = p * (dp - delta)  # [BLOCK_E]
+        ds = p * ((dp - pivot) - delta)  # [BLOCK_E]
         if WRITE_DBIAS:
             tl.store(DBIAS + offs_e * H + h, ds.to(DBIAS.dtype.element_ty), mask=emask)
         dq += tl.sum(ds[:, None] * k, axis=0)
@@ -576,7 +589,7 @@ def _csr_bwd_dq_grouped(
     )
     q = tl.load(Q + rows, mask=qmask, other=0.0)
     do = tl.load(DO + rows, mask=qmask, other=0.0)
-    lse, lo, delta = row_stats(LSE, LSE_LO, DELTA, i * H + h, gmask, ACC)
+    lse, lo, pivot, delta = row_stats(LSE, LSE_LO, DELTA, i * H + h, gmask, ACC)
     dq = tl.zeros([BLOCK_G, BLOCK_D], ACC)
     for e0 in range(start, end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
@@ -608,7 +621,7 @@ def _csr_bwd_dq_grouped(
         if DROPOUT:
             position = _position(EDGE_IDS, offs_e, emask, REMAP)
             dp = tl.where(keep(SEED, position[None, :], h[:, None], THRESH), dp * keep_scale, 0.0)
-        ds = p * (dp - delta[:, None])
+        ds = p * ((dp - pivot[:, None]) - delta[:, None])
         if WRITE_DBIAS:
             tl.store(DBIAS + offs_e[None, :] * H + h[:, None], ds.to(DBIAS.dtype.element_ty), mask=cell)
         dq += dot(ds.to(k.dtype), k, ACC, UPCAST)
@@ -674,7 +687,7 @@ def _csc_bwd_dkdv(
             rows = i[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
             q = tl.load(Q + rows, mask=mask2, other=0.0).to(ACC)  # [BLOCK_E, D]
             do = tl.load(DO + rows, mask=mask2, other=0.0).to(ACC)
-            lse, lo, delta = row_stats(LSE, LSE_LO, DELTA, i * H + h, emask, ACC)
+            lse, lo, pivot, delta = row_stats(LSE, LSE_LO, DELTA, i * H + h, emask, ACC)
             s = tl.sum(q * k[None, :], axis=1) * scale
             if HAS_BIAS:
                 s += tl.load(BIAS + e * H + h, mask=emask, other=0.0).to(ACC)
@@ -686,7 +699,7 @@ def _csc_bwd_dkdv(
                 pd = tl.where(kept, p * keep_scale, 0.0)
             else:
                 pd = p
-            ds = p * (dp - delta)
+            ds = p * ((dp - pivot) - delta)
             dv += tl.sum(pd[:, None] * do, axis=0)
             dk += tl.sum(ds[:, None] * q, axis=0)
     out_col = col + (o - j) * stride_kn
@@ -827,6 +840,15 @@ def _launch_heads(
     launch(per_head_kernel, (rows, num_heads), *args, **per_head_flags)
 
 
+def _scores_cancel(q: Tensor, k: Tensor, scale: float, limit: float) -> bool:
+    """Whether a score's terms may reach ``limit`` (``scale · max |q_i| · max |k_j|``), for inputs in
+    the accumulation dtype (half-precision inputs round by far more than their scores do)."""
+    if k.numel() == 0 or compute_dtype(q.dtype) != q.dtype:
+        return False
+    bound = torch.linalg.vector_norm(q, dim=-1).amax() * torch.linalg.vector_norm(k, dim=-1).amax()
+    return bool(bound * abs(scale) >= limit)
+
+
 def csr_backward(
     q,
     k,
@@ -851,7 +873,7 @@ def csr_backward(
     dout, out = dout.contiguous(), out.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbias = torch.empty(graph.num_edges, num_heads, dtype=bias.dtype, device=q.device) if need_bias_grad else None
-    delta = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)  # [N_dst, H]
+    delta = row_terms(n_dst, num_heads, acc_dtype, q.device)  # [N_dst, H, 2]: (pivot, delta)
     bias_arg = bias.contiguous() if bias is not None else delta
     block_d = triton.next_power_of_2(dim)
     scales, seed, thresh = scalars(scale, dropout, acc_dtype, q.device)
@@ -866,7 +888,12 @@ def csr_backward(
     per_head = False
     if n_dst > 0:
         limit = EXACT_ROWS_LSE[acc_dtype]
-        lse_b, lo_b = torch.empty_like(delta), torch.empty_like(delta)
+        # grouped-query attention in full precision where scores may cancel: the grouped forward's
+        # tl.dot scores differ from the per-head sums below by rounding of |q| |k| (far more than
+        # of the score itself); every row's log-sum-exp is recomputed, and dQ runs per head
+        exact = group > 1 and not is_recording() and _scores_cancel(q, k, scale, limit)
+        lse_b = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)  # [N_dst, H]
+        lo_b = torch.empty_like(lse_b)
         dlse_arg = dlse.to(acc_dtype).contiguous() if dlse is not None else delta
         launch(
             _csr_bwd_rows,
@@ -898,13 +925,13 @@ def csr_backward(
             num_heads,
             group,
             dim,
-            limit,
+            0.0 if exact else limit,
             HAS_DLSE=dlse is not None,
             **flags,
         )
         # the grouped dQ kernel's scores are tl.dot products, not the per-edge sums the other kernels
         # use: rows renormalized above need the per-head kernel, whose scores are the same sums
-        per_head = (
+        per_head = exact or (
             group > 1
             and not is_recording()  # (recording: no kernel ran, lse is unset)
             and bool(((lse.abs() >= limit) & torch.isfinite(lse)).any())

@@ -39,7 +39,12 @@ from .triton_common import (
     keep,
     launch,
     load_scales,
+    pivot_step,
+    row_lse_pair,
     row_stats,
+    row_terms,
+    row_terms_at,
+    store_row_terms,
     scalars,
     softmax_finish,
     softmax_step,
@@ -259,13 +264,14 @@ def _tiled_bwd_rows(
     ACC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """The row terms of the backward pass for query block ``qb`` and head ``h``: ``delta``, and the
-    log-sum-exp ``(LSE_B, LO_B)`` the gradient kernels recompute the weights from. A block whose
-    log-sum-exps stay below ``LIMIT`` takes ``delta_i = dO_i . O_i - dlse_i`` and the forward's
-    log-sum-exp. A block with a larger one walks its tiles once more and recomputes both from the
-    scores the gradient kernels compute (an online softmax whose ``w`` sums ``p dp``): their weights
-    then sum to 1, and a saturated row (one weight 1) gets ``ds = 0`` exactly (module
-    :mod:`.fused_torch` says why)."""
+    """The row terms of the backward pass for query block ``qb`` and head ``h``: ``(pivot, delta)``,
+    and the log-sum-exp ``(LSE_B, LO_B)`` the gradient kernels recompute the weights from. A block
+    whose log-sum-exps stay below ``LIMIT`` takes ``pivot = 0``, ``delta_i = dO_i . O_i - dlse_i``
+    and the forward's log-sum-exp. A block with a larger one walks its tiles once more and
+    recomputes them all from the scores the gradient kernels compute (an online softmax whose ``w``
+    sums ``p (dp - pivot)``, the pivot being ``dp`` at each row's largest score so far): their
+    weights then sum to 1, a saturated row (one weight 1) gets ``ds = 0`` exactly, and a nearly
+    saturated one ``dp_top - delta`` without cancellation (module :mod:`.fused_torch` says why)."""
     qb = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // GROUP
@@ -277,13 +283,14 @@ def _tiled_bwd_rows(
     rows = offs_m[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
     do = tl.load(DO + rows, mask=mmask, other=0.0)
     o = tl.load(OUT + offs_m[:, None] * stride_on + h * stride_oh + offs_d[None, :], mask=mmask, other=0.0)
-    lse, lo, _ = row_stats(LSE, LSE_LO, LSE, offs_m * H + h, rmask, ACC)
+    lse, lo = row_lse_pair(LSE, LSE_LO, offs_m * H + h, rmask, ACC)
     delta = tl.sum(do.to(ACC) * o.to(ACC), axis=1)
+    pivot = tl.zeros([BQ], ACC)
     if tl.max(tl.where(rmask, tl.abs(lse), 0.0), axis=0) >= LIMIT:
         q = tl.load(Q + rows, mask=mmask, other=0.0)
         m_i = tl.full([BQ], float("-inf"), ACC)
         l_i = tl.zeros([BQ], ACC)
-        w_i = tl.zeros([BQ], ACC)
+        w_i = tl.zeros([BQ], ACC)  # sum of p (dp - pivot)
         t0 = tl.load(TILE_PTR + qb)
         t1 = tl.load(TILE_PTR + qb + 1)
         for t in range(t0, t1):
@@ -318,16 +325,19 @@ def _tiled_bwd_rows(
                 ACC,
                 UPCAST,
             )
+            pivot_new = pivot_step(m_i, pivot, s, dp, 1)
             m_i, l_new, corr, p = softmax_step(m_i, l_i, s)
+            # re-centred on the new pivot: the rows so far carry little weight where it moves far
+            w_i = (w_i + (pivot - pivot_new) * l_i) * corr + tl.sum(p * (dp - pivot_new[:, None]), axis=1)
             l_i = l_new
-            w_i = w_i * corr + tl.sum(p * dp, axis=1)
+            pivot = pivot_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         delta = w_i / l_safe
         lse = tl.where(m_i == float("-inf"), 0.0, m_i)
         lo = tl.log(l_safe)
     if HAS_DLSE:
         delta = delta - tl.load(DLSE + offs_m * H + h, mask=rmask, other=0.0).to(ACC)
-    tl.store(DELTA + offs_m * H + h, delta, mask=rmask)
+    store_row_terms(DELTA, offs_m * H + h, pivot, delta, rmask)
     tl.store(LSE_B + offs_m * H + h, lse, mask=rmask)
     tl.store(LO_B + offs_m * H + h, lo, mask=rmask)
 
@@ -385,7 +395,7 @@ def _tiled_bwd_dq(
     rows = offs_m[:, None] * stride_qn + h * stride_qh + offs_d[None, :]  # q, dO and dQ (block ob): one layout
     q = tl.load(Q + rows, mask=mmask, other=0.0)
     do = tl.load(DO + rows, mask=mmask, other=0.0)
-    lse, lo, delta = row_stats(LSE, LSE_LO, DELTA, offs_m * H + h, rmask, ACC)
+    lse, lo, pivot, delta = row_stats(LSE, LSE_LO, DELTA, offs_m * H + h, rmask, ACC)
     dq = tl.zeros([BQ, BLOCK_D], ACC)
     cells = tl.arange(0, BQ)[:, None] * BK + tl.arange(0, BK)[None, :]
     for t in range(t0, t1):
@@ -421,7 +431,7 @@ def _tiled_bwd_dq(
             UPCAST,
         )
         p = tl.exp((s - lse[:, None]) - lo[:, None])  # [Bq, Bk], 0 where masked
-        ds = p * (dp - delta[:, None])
+        ds = p * ((dp - pivot[:, None]) - delta[:, None])
         if WRITE_DTBIAS:
             # each edge owns one cell: its gradient is written once, no atomics
             edge = tl.load(CELL_EDGE + t * BQ * BK + cells).to(tl.int64)
@@ -494,7 +504,7 @@ def _tiled_bwd_dkdv(
             rows = offs_m[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
             q = tl.load(Q + rows, mask=mmask, other=0.0)
             do = tl.load(DO + rows, mask=mmask, other=0.0)
-            lse, lo, delta = row_stats(LSE, LSE_LO, DELTA, offs_m * H + h, rmask, ACC)
+            lse, lo = row_lse_pair(LSE, LSE_LO, offs_m * H + h, rmask, ACC)
             s = _tile_scores(q, k, TBIAS, MASKS, MASK_INDEX, CELL_EDGE, t, h, scale, H, BIAS, BQ, BK, ACC, UPCAST)
             p = tl.exp((s - lse[:, None]) - lo[:, None])  # [Bq, Bk]
             dp = dot(do, tl.trans(v), ACC, UPCAST)
@@ -503,8 +513,9 @@ def _tiled_bwd_dkdv(
                 scales = _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ, BK)
                 dp = dp * scales
                 pd = p * scales
-            ds = p * (dp - delta[:, None])
             dv += dot(tl.trans(pd.to(do.dtype)), do, ACC, UPCAST)
+            pivot, delta = row_terms_at(DELTA, offs_m * H + h, rmask, ACC)
+            ds = p * ((dp - pivot[:, None]) - delta[:, None])
             dk += dot(tl.trans(ds.to(q.dtype)), q, ACC, UPCAST)
     out_cols = cols + (ob - kb) * BK * stride_kn
     tl.store(DK + out_cols, (dk * scale).to(DK.dtype.element_ty), mask=nmask)
@@ -648,7 +659,7 @@ def tiled_triton_backward(
     drop = _scalar_args(tiles, scale, dropout, acc_dtype, q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dtb = torch.zeros_like(tbias) if need_bias_grad else None
-    delta = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)  # [N_dst, H]
+    delta = row_terms(n_dst, num_heads, acc_dtype, q.device)  # [N_dst, H, 2]: (pivot, delta)
     tb_arg = tbias if tbias is not None else delta
     common = dict(
         BIAS=tbias is not None,
@@ -661,7 +672,8 @@ def tiled_triton_backward(
         **_options(q.dtype, dim, lean),
     )
     if n_dst > 0:
-        lse_b, lo_b = torch.empty_like(delta), torch.empty_like(delta)
+        lse_b = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)  # [N_dst, H]
+        lo_b = torch.empty_like(lse_b)
         dlse_arg = dlse.to(acc_dtype).contiguous() if dlse is not None else delta
         launch(
             _tiled_bwd_rows,

@@ -67,14 +67,54 @@ def row_lse(m, l):
 
 
 @triton.jit
-def row_stats(LSE, LSE_LO, DELTA, idx, mask, ACC: tl.constexpr):
-    """``(lse, lse_lo, delta)`` of the backward pass at offsets ``idx`` (``row * H + head``) in
-    ``ACC``; an empty row's ``-inf`` lse reads as 0 (its weights are 0 all the same, and no NaN
-    appears). Weights are ``exp((s - lse) - lse_lo)``."""
+def row_lse_pair(LSE, LSE_LO, idx, mask, ACC: tl.constexpr):
+    """``(lse, lse_lo)`` of the forward pass at offsets ``idx`` (``row * H + head``) in ``ACC``; an
+    empty row's ``-inf`` lse reads as 0 (its weights are 0 all the same, and no NaN appears)."""
     lse = tl.load(LSE + idx, mask=mask, other=0.0).to(ACC)
     lse = tl.where(lse == float("-inf"), 0.0, lse)
-    lo = tl.load(LSE_LO + idx, mask=mask, other=0.0).to(ACC)
-    return lse, lo, tl.load(DELTA + idx, mask=mask, other=0.0).to(ACC)
+    return lse, tl.load(LSE_LO + idx, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def row_stats(LSE, LSE_LO, DELTA, idx, mask, ACC: tl.constexpr):
+    """``(lse, lse_lo, pivot, delta)`` of the backward pass at offsets ``idx`` (``row * H + head``)
+    in ``ACC``. Weights are ``exp((s - lse) - lse_lo)`` and ``ds = p ((dp - pivot) - delta)``;
+    ``DELTA`` holds ``[N_dst, H, 2]`` pairs ``(pivot, delta)`` (:func:`store_row_terms`)."""
+    lse, lo = row_lse_pair(LSE, LSE_LO, idx, mask, ACC)
+    pivot, delta = row_terms_at(DELTA, idx, mask, ACC)
+    return lse, lo, pivot, delta
+
+
+@triton.jit
+def row_terms_at(DELTA, idx, mask, ACC: tl.constexpr):
+    """``(pivot, delta)`` of :func:`row_stats` alone."""
+    pivot = tl.load(DELTA + 2 * idx, mask=mask, other=0.0).to(ACC)
+    return pivot, tl.load(DELTA + 2 * idx + 1, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def pivot_step(m, c, s, dp, AXIS: tl.constexpr):
+    """The pivot ``c`` of rows whose running largest score was ``m``, after a block of scores ``s``
+    and their ``dp`` (reduced along ``AXIS``): ``dp`` at the block's largest score (the largest such
+    ``dp`` on ties) where that score is a new maximum, else ``c``."""
+    top = tl.max(s, axis=AXIS)
+    if AXIS == 1:
+        at_top = tl.where(s == top[:, None], dp, float("-inf"))
+    else:
+        at_top = tl.where(s == top, dp, float("-inf"))
+    return tl.where(top > m, tl.max(at_top, axis=AXIS), c)
+
+
+@triton.jit
+def store_row_terms(DELTA, idx, pivot, delta, mask):
+    """Write the ``(pivot, delta)`` pairs :func:`row_stats` reads."""
+    tl.store(DELTA + 2 * idx, pivot, mask=mask)
+    tl.store(DELTA + 2 * idx + 1, delta, mask=mask)
+
+
+def row_terms(n_dst: int, num_heads: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Uninitialized ``[N_dst, H, 2]`` pairs ``(pivot, delta)`` of the backward's row kernels."""
+    return torch.empty(n_dst, num_heads, 2, dtype=dtype, device=device)
 
 
 @triton.jit
