@@ -193,3 +193,31 @@ def _check_random_graph(n, window, log_scale, backend, kv_heads, seed, impl):
     block = 8 if impl == "torch" else 16
     err = _error(_input_grads(kernels.attend, q, k, v, None, ei, g, backend=backend, impl=impl, block_size=block), want)
     assert err <= _bound(per_edge, want), (err, per_edge)
+
+
+@pytest.mark.parametrize("backend,impl", [(b, i) for b in ("fused", "tiled", "split") for i in ("torch", "triton")])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_float32_gradients_through_the_log_sum_exp_at_large_scores(backend, impl, dropout):
+    """A loss of the output and the returned log-sum-exp at input scale 1e2 (scores near 1e4): the
+    ``split`` merge's backward forms ``w_a w_b dO . (out_a - out_b)`` rather than autograd's
+    difference of two numbers of size ``|dO| |out|`` (which put dQ off by 2e-3 of 10)."""
+    n = 30
+    ei = topology.union(topology.sliding_window(n, 4), topology.random(n, 3, seed=3))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, 2, 8, generator=gen, dtype=torch.float64) * 1e2 for _ in range(3))
+    g = torch.randn(n, 2, 8, generator=gen, dtype=torch.float64)
+
+    def grads(dtype, **kw):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        attention = kw.pop("attention", kernels.attend)
+        out, lse = attention(*inputs, ei, scale=8**-0.5, return_lse=True, **kw)
+        ((out * g.to(dtype)).sum() + 0.1 * lse.nan_to_num(0).sum()).backward()
+        return torch.cat([t.grad.double().flatten() for t in inputs])
+
+    opts = dict(dropout_p=dropout, dropout_seed=5)
+    want = grads(torch.float64, backend="fused", impl="torch", **opts)
+    per_edge = _error(grads(torch.float32, backend="fused", impl="torch", **opts), want)
+    if not dropout:  # the per-edge path has no dropout: with it, the float32 fused path is the yardstick
+        per_edge = _error(grads(torch.float32, attention=kernels.attend_reference), want)
+    err = _error(grads(torch.float32, backend=backend, impl=impl, block_size=16, **opts), want)
+    assert err <= _bound(per_edge, want), (err, per_edge)

@@ -139,3 +139,20 @@ def test_gradcheck_merge_with_remainders():
     assert torch.autograd.gradcheck(lambda *x: _finite(merge_partials(*x, (lo_a, lo_b))), (out_a, lse_a, out_b, lse_b))
     _, lse, lo = merge_partials(out_a, lse_a, out_b, lse_b, (lo_a, lo_b))
     assert torch.isneginf(lse[0]).all() and (lo[0] == 0).all() and not lo.requires_grad
+
+
+def test_gradcheck_merge_with_remainders_that_need_gradients():
+    """A remainder passed with ``requires_grad`` gets its part's log-sum-exp gradient (it is part of
+    the same number), and gradcheck agrees; outputs in bfloat16 get bfloat16 gradients."""
+    g = torch.Generator().manual_seed(2)
+    out_a, out_b = (torch.randn(4, 2, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    lse_a, lse_b, lo_a, lo_b = (
+        torch.randn(4, 2, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(4)
+    )
+    assert torch.autograd.gradcheck(
+        lambda *x: _finite(merge_partials(*x[:4], (x[4], x[5]))), (out_a, lse_a, out_b, lse_b, lo_a, lo_b)
+    )
+    half_a, half_b = (x.detach().bfloat16().requires_grad_() for x in (out_a, out_b))
+    out, _ = merge_partials(half_a, lse_a.detach().float(), half_b, lse_b.detach().float())
+    out.float().sum().backward()
+    assert out.dtype == half_a.grad.dtype == half_b.grad.dtype == torch.bfloat16
