@@ -312,14 +312,19 @@ def test_cuda_float32_gradients_at_large_scores(backend, n, window, kv_heads, se
     g = torch.randn(n, 2, 8, generator=gen, dtype=torch.float64, device=CUDA)
     ei = ei.to(CUDA)
 
-    def grads(attention, dtype, **kw):
-        inputs = [x.detach().to(CUDA, dtype).requires_grad_() for x in (q, k, v)]
+    def grads(attention, dtype, perm=torch.arange(8), **kw):
+        inputs = [
+            x.detach()[..., p].to(CUDA, dtype).requires_grad_() for x, p in ((q, perm), (k, perm), (v, slice(None)))
+        ]
         out, lse = attention(*inputs, ei, scale=8**-0.5, return_lse=True, **kw)
         ((out * g.to(dtype)).sum() + 0.1 * lse.nan_to_num(0).sum()).backward()
-        return torch.cat([x.grad.double().flatten() for x in inputs])
+        inverse = torch.argsort(perm)
+        return torch.cat([x.grad.double()[..., p].flatten() for x, p in zip(inputs, (inverse, inverse, slice(None)))])
 
     want = grads(attend_reference, torch.float64)
-    per_edge = float((grads(attend_reference, torch.float32) - want).abs().max())
+    # the per-edge path's spread over three orders of summation (test_kernels_extreme_scores.py says why)
+    orders = [torch.arange(8), torch.arange(8).flip(0), torch.tensor([3, 6, 0, 7, 1, 5, 2, 4])]
+    per_edge = max(float((grads(attend_reference, torch.float32, o) - want).abs().max()) for o in orders)
     got = grads(attend, torch.float32, backend=backend, block_size=16)
     err = float((got - want).abs().max())
     assert err <= 10 * per_edge + 1e-6 * float(want.abs().max()), (err, per_edge)

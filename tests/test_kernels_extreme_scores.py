@@ -166,6 +166,8 @@ def test_random_graphs_float32_gradients_at_large_scores(n, window, log_scale, b
 # tl.dot scores and the per-head backward's sums differ by 1e-3
 @example(n=19, window=2, log_scale=2, backend="fused", kv_heads=1, seed=4321)
 @example(n=19, window=2, log_scale=2, backend="split", kv_heads=1, seed=4321)
+# two huge scores 2.2 apart: every order of summation has its own error (_per_edge_spread)
+@example(n=21, window=4, log_scale=2, backend="tiled", kv_heads=1, seed=46897)
 @given(
     n=st.integers(1, 40),
     window=st.integers(0, 12),
@@ -180,6 +182,25 @@ def test_random_graphs_float32_gradients_at_large_scores_triton(n, window, log_s
     _check_random_graph(n, window, log_scale, backend, kv_heads, seed, "triton")
 
 
+def _per_edge_spread(q, k, v, ei, g, want) -> float:
+    """The per-edge path's largest error over four summation orders of the head dimension
+    (natural, reversed, two fixed shuffles of q's and k's last dimension): the scores are the same
+    numbers, rounded differently. Where two huge scores lie close (1.5e4 and 1.5e4 - 2.2), the
+    order alone moves the result by 60x (6.7e-4 to 4.3e-2), so one order is luck, not a yardstick."""
+    d = q.size(-1)
+    orders = [torch.arange(d), torch.arange(d).flip(0)]
+    orders += [torch.randperm(d, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    worst = 0.0
+    for perm in orders:
+        inputs = [t.detach().clone().requires_grad_() for t in (q[..., perm], k[..., perm], v)]
+        out = kernels.attend_reference(*inputs, ei, scale=d**-0.5)
+        out.backward(g.to(out.dtype))
+        inverse = torch.argsort(perm)
+        grads = [inputs[0].grad[..., inverse], inputs[1].grad[..., inverse], inputs[2].grad]
+        worst = max(worst, _error(torch.cat([t.flatten() for t in grads]), want))
+    return worst
+
+
 def _check_random_graph(n, window, log_scale, backend, kv_heads, seed, impl):
     gen = torch.Generator().manual_seed(seed)
     ei = topology.union(topology.sliding_window(n, window), topology.random(n, min(3, n), seed=seed))
@@ -189,7 +210,7 @@ def _check_random_graph(n, window, log_scale, backend, kv_heads, seed, impl):
     v = torch.randn(n, kv_heads, 8, generator=gen) * scale
     g = torch.randn(n, 2, 8, generator=gen)
     want = _reference_grads(q, k, v, None, ei, g)
-    per_edge = _error(_per_edge_grads(q, k, v, None, ei, g), want)
+    per_edge = _per_edge_spread(q, k, v, ei, g, want)
     block = 8 if impl == "torch" else 16
     err = _error(_input_grads(kernels.attend, q, k, v, None, ei, g, backend=backend, impl=impl, block_size=block), want)
     assert err <= _bound(per_edge, want), (err, per_edge)
