@@ -139,9 +139,8 @@ def test_attend_float32_gradients_at_large_scores(scale, heads, kv_heads, with_b
     assert err <= _bound(per_edge, want), (err, per_edge)
 
 
-@settings(max_examples=25, deadline=None)
-@example(n=28, window=7, log_scale=2, backend="fused", kv_heads=2, seed=1020)  # a nearly saturated row
-@given(
+# random windows plus random extra edges at input scales 1, 1e2, 1e3 and 1e4
+RANDOM_GRAPHS = dict(
     n=st.integers(1, 40),
     window=st.integers(0, 12),
     log_scale=st.sampled_from([0, 2, 3, 4]),
@@ -149,6 +148,11 @@ def test_attend_float32_gradients_at_large_scores(scale, heads, kv_heads, with_b
     kv_heads=st.sampled_from([1, 2]),
     seed=st.integers(0, 2**16),
 )
+
+
+@settings(max_examples=25, deadline=None)
+@example(n=28, window=7, log_scale=2, backend="fused", kv_heads=2, seed=1020)  # a nearly saturated row
+@given(**RANDOM_GRAPHS)
 def test_random_graphs_float32_gradients_at_large_scores(n, window, log_scale, backend, kv_heads, seed):
     """Random windows plus random extra edges, at input scales 1, 1e2, 1e3 and 1e4: the PyTorch
     implementations stay within the bound of the per-edge path. (Between 1 and 1e2, where scores
@@ -168,14 +172,7 @@ def test_random_graphs_float32_gradients_at_large_scores(n, window, log_scale, b
 @example(n=19, window=2, log_scale=2, backend="split", kv_heads=1, seed=4321)
 # two huge scores 2.2 apart: every order of summation has its own error (_per_edge_spread)
 @example(n=21, window=4, log_scale=2, backend="tiled", kv_heads=1, seed=46897)
-@given(
-    n=st.integers(1, 40),
-    window=st.integers(0, 12),
-    log_scale=st.sampled_from([0, 2, 3, 4]),
-    backend=st.sampled_from(["fused", "tiled", "split"]),
-    kv_heads=st.sampled_from([1, 2]),
-    seed=st.integers(0, 2**16),
-)
+@given(**RANDOM_GRAPHS)
 def test_random_graphs_float32_gradients_at_large_scores_triton(n, window, log_scale, backend, kv_heads, seed):
     """The same on the Triton kernels (under the interpreter here): the row kernels centre ``dp``
     on huge-log-sum-exp rows, and grouped heads whose scores may cancel recompute every row."""
