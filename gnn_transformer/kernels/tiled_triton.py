@@ -513,9 +513,9 @@ def _tiled_bwd_dkdv(
                 scales = _keep_scales(CELL_EDGE, EDGE_IDS, t, h, SEED, THRESH, keep_scale, BQ, BK)
                 dp = dp * scales
                 pd = p * scales
-            dv += dot(tl.trans(pd.to(do.dtype)), do, ACC, UPCAST)
             pivot, delta = row_terms_at(DELTA, offs_m * H + h, rmask, ACC)
             ds = p * ((dp - pivot[:, None]) - delta[:, None])
+            dv += dot(tl.trans(pd.to(do.dtype)), do, ACC, UPCAST)
             dk += dot(tl.trans(ds.to(q.dtype)), q, ACC, UPCAST)
     out_cols = cols + (ob - kb) * BK * stride_kn
     tl.store(DK + out_cols, (dk * scale).to(DK.dtype.element_ty), mask=nmask)
