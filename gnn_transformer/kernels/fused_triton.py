@@ -54,6 +54,7 @@ from .triton_common import (
     row_lse_pair,
     row_stats,
     row_terms,
+    row_terms_at,
     pivot_step,
     scalars,
     softmax_finish,
@@ -687,7 +688,7 @@ def _csc_bwd_dkdv(
             rows = i[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
             q = tl.load(Q + rows, mask=mask2, other=0.0).to(ACC)  # [BLOCK_E, D]
             do = tl.load(DO + rows, mask=mask2, other=0.0).to(ACC)
-            lse, lo, pivot, delta = row_stats(LSE, LSE_LO, DELTA, i * H + h, emask, ACC)
+            lse, lo = row_lse_pair(LSE, LSE_LO, i * H + h, emask, ACC)
             s = tl.sum(q * k[None, :], axis=1) * scale
             if HAS_BIAS:
                 s += tl.load(BIAS + e * H + h, mask=emask, other=0.0).to(ACC)
@@ -699,6 +700,7 @@ def _csc_bwd_dkdv(
                 pd = tl.where(kept, p * keep_scale, 0.0)
             else:
                 pd = p
+            pivot, delta = row_terms_at(DELTA, i * H + h, emask, ACC)
             ds = p * ((dp - pivot) - delta)
             dv += tl.sum(pd[:, None] * do, axis=0)
             dk += tl.sum(ds[:, None] * q, axis=0)
