@@ -290,7 +290,7 @@ def _csr_bwd_rows(
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             corr = tl.exp(m - m_use)
             p = tl.exp(s - m_use)
-            # re-centred on the new pivot: the rows so far carry little weight where it moves far
+            # re-centred on the new pivot: the edges summed so far carry little weight where it moves far
             w = (w + (pivot - pivot_new) * l) * corr + tl.sum(p * (dp - pivot_new), axis=0)
             l = l * corr + tl.sum(p, axis=0)
             m = m_new

@@ -327,7 +327,7 @@ def _tiled_bwd_rows(
             )
             pivot_new = pivot_step(m_i, pivot, s, dp, 1)
             m_i, l_new, corr, p = softmax_step(m_i, l_i, s)
-            # re-centred on the new pivot: the rows so far carry little weight where it moves far
+            # re-centred on the new pivot: the edges summed so far carry little weight where it moves far
             w_i = (w_i + (pivot - pivot_new) * l_i) * corr + tl.sum(p * (dp - pivot_new[:, None]), axis=1)
             l_i = l_new
             pivot = pivot_new
