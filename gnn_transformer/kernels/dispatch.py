@@ -227,25 +227,23 @@ def attend(
     """
     query, key, value = autocast_inputs(query, key, value)
     _check_inputs(query, key, value, backend, num_dst, impl)
+    options = dict(
+        scale=scale,
+        edge_bias=edge_bias,
+        backend=backend,
+        return_lse=return_lse,
+        impl=impl,
+        block_size=block_size,
+        tile_cost=tile_cost,
+        max_edges=max_edges,
+        max_cells=max_cells,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        edge_head=edge_head,
+    )
+    run = _attend_blocks if is_block_structure(edge_index) else _attend
     with no_autocast(query.device.type):
-        return _attend(
-            query,
-            key,
-            value,
-            edge_index,
-            scale=scale,
-            edge_bias=edge_bias,
-            backend=backend,
-            return_lse=return_lse,
-            impl=impl,
-            block_size=block_size,
-            tile_cost=tile_cost,
-            max_edges=max_edges,
-            max_cells=max_cells,
-            dropout_p=dropout_p,
-            dropout_seed=dropout_seed,
-            edge_head=edge_head,
-        )
+        return run(query, key, value, edge_index, **options)
 
 
 def attend_dense(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, *, scale: float) -> Tensor | None:
@@ -295,26 +293,8 @@ def _attend(
     dropout_seed,
     edge_head,
 ):
-    """:func:`attend` after its tensor checks, without autocast."""
-    if is_block_structure(edge_index):
-        return _attend_blocks(
-            query,
-            key,
-            value,
-            edge_index,
-            scale=scale,
-            edge_bias=edge_bias,
-            backend=backend,
-            return_lse=return_lse,
-            impl=impl,
-            block_size=block_size,
-            tile_cost=tile_cost,
-            max_edges=max_edges,
-            max_cells=max_cells,
-            dropout_p=dropout_p,
-            dropout_seed=dropout_seed,
-            edge_head=edge_head,
-        )
+    """:func:`attend` on an edge set (not an implicit graph) after its tensor checks, without
+    autocast."""
     if edge_head is not None:
         options = dict(
             scale=scale,

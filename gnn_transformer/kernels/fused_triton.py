@@ -842,13 +842,22 @@ def _launch_heads(
     launch(per_head_kernel, (rows, num_heads), *args, **per_head_flags)
 
 
-def _scores_cancel(q: Tensor, k: Tensor, scale: float, limit: float) -> bool:
-    """Whether a score's terms may reach ``limit`` (``scale · max |q_i| · max |k_j|``), for inputs in
-    the accumulation dtype (half-precision inputs round by far more than their scores do)."""
-    if k.numel() == 0 or compute_dtype(q.dtype) != q.dtype:
-        return False
-    bound = torch.linalg.vector_norm(q, dim=-1).amax() * torch.linalg.vector_norm(k, dim=-1).amax()
-    return bool(bound * abs(scale) >= limit)
+def _grouped_rows(q: Tensor, k: Tensor, lse: Tensor, scale: float, limit: float) -> tuple[bool, bool]:
+    """``(every_row, per_head)`` of a grouped-query backward, in one host read. The grouped forward
+    scores with ``tl.dot``, the per-head kernels with per-edge sums, which differ in the last bits:
+    ``per_head`` where some row's log-sum-exp reaches ``limit`` (those rows are recomputed from the
+    per-head sums, which the grouped dQ kernel would not match); ``every_row`` (and so ``per_head``)
+    where, for inputs in the accumulation dtype, a score's terms may reach ``limit``
+    (``scale · max |q_i| · max |k_j|``): a cancelling score then differs between the two by a
+    rounding of ``|q| |k|``, so every row's log-sum-exp is recomputed. Half-precision inputs round
+    by far more than their scores do."""
+    checks = [((lse.abs() >= limit) & torch.isfinite(lse)).any()]
+    if k.numel() and compute_dtype(q.dtype) == q.dtype:
+        bound = torch.linalg.vector_norm(q, dim=-1).amax() * torch.linalg.vector_norm(k, dim=-1).amax()
+        checks.append(bound * abs(scale) >= limit)
+    huge_lse, *cancel = torch.stack(checks).tolist()
+    every_row = bool(cancel and cancel[0])
+    return every_row, every_row or bool(huge_lse)
 
 
 def csr_backward(
@@ -890,10 +899,9 @@ def csr_backward(
     per_head = False
     if n_dst > 0:
         limit = EXACT_ROWS_LSE[acc_dtype]
-        # grouped-query attention in full precision where scores may cancel: the grouped forward's
-        # tl.dot scores differ from the per-head sums below by rounding of |q| |k| (far more than
-        # of the score itself); every row's log-sum-exp is recomputed, and dQ runs per head
-        exact = group > 1 and not is_recording() and _scores_cancel(q, k, scale, limit)
+        every_row = False
+        if group > 1 and not is_recording():  # (recording: no kernel runs, lse is unset)
+            every_row, per_head = _grouped_rows(q, k, lse, scale, limit)
         lse_b = torch.empty(n_dst, num_heads, dtype=acc_dtype, device=q.device)  # [N_dst, H]
         lo_b = torch.empty_like(lse_b)
         dlse_arg = dlse.to(acc_dtype).contiguous() if dlse is not None else delta
@@ -927,18 +935,11 @@ def csr_backward(
             num_heads,
             group,
             dim,
-            0.0 if exact else limit,
+            0.0 if every_row else limit,
             HAS_DLSE=dlse is not None,
             **flags,
         )
-        # the grouped dQ kernel's scores are tl.dot products, not the per-edge sums the other kernels
-        # use: rows renormalized above need the per-head kernel, whose scores are the same sums
-        per_head = exact or (
-            group > 1
-            and not is_recording()  # (recording: no kernel ran, lse is unset)
-            and bool(((lse.abs() >= limit) & torch.isfinite(lse)).any())
-        )
-        lse, lse_lo = lse_b, lo_b
+        lse, lse_lo = lse_b, lo_b  # the row kernel's (recomputed rows: from the per-head sums)
     if n_dst > 0:
         pieces = _pieces.cached_pieces(
             graph.extras, "rows", graph.rowptr, "csr", graph.num_edges, _grid_heads(num_heads, num_kv, dim)
