@@ -16,6 +16,10 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # CPU tensors need the interprete
 
 from gnn_transformer.kernels import planner, attend, attend_reference  # noqa: E402
 
+# imported here, under the interpreter: Triton fixes a kernel's mode when the module defines it, and a
+# test below runs without TRITON_INTERPRET
+from gnn_transformer.kernels import fused_triton  # noqa: E402
+
 from .conftest import TOL, graph_case, make_inputs, small_graph, weighted_loss  # noqa: E402
 from .triton_helpers import (
     BATCH_CASES,
@@ -83,6 +87,30 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 @pytest.mark.parametrize(
+    "triton_version,numpy_version,refused",
+    [("3.6.0", "2.4.1", True), ("3.5.1", "2.5.0", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.1", False)],
+)
+def test_triton_interpreter_versions_that_cannot_run_are_refused(monkeypatch, triton_version, numpy_version, refused):
+    """Triton's interpreter before 3.7 turns one-element NumPy arrays into integers, which NumPy 2.4
+    rejects: that pair is refused with both versions named, before any kernel starts; other pairs
+    run (the kernels themselves are this machine's)."""
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    edge_index, n_src, n_dst = small_graph("empty_rows", seed=3)
+    q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), bias=False)
+    if refused:
+        message = f"Triton {triton_version} does not work with NumPy {numpy_version}.*numpy<2.4 or Triton >= 3.7"
+        with pytest.raises(RuntimeError, match=message):
+            attend(q, k, v, edge_index, scale=0.4, backend="fused", impl="triton")
+    else:
+        out = attend(q, k, v, edge_index, scale=0.4, backend="fused", impl="triton")
+        torch.testing.assert_close(out, attend_reference(q, k, v, edge_index, scale=0.4), **TOL[q.dtype])
+
+
+@pytest.mark.parametrize(
     "heads,kv_heads,grouped",
     [(2, 2, False), (3, 1, True), (4, 2, True), (6, 3, True)],
     ids=["mha", "g3", "g2x2", "g2x3"],
@@ -139,8 +167,6 @@ def test_grouped_csr_kernels_fall_back_per_head_where_the_gpu_refuses_them(monke
     """A grouped launch refused for want of shared memory (float64 or head dims from 128 on GPUs
     smaller than an H100) runs the per-head kernel, remembered for later calls, same results."""
     from triton.runtime.errors import OutOfResources
-
-    from gnn_transformer.kernels import fused_triton
 
     real, seen = fused_triton.launch, []
 

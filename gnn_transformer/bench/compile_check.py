@@ -17,7 +17,9 @@ Each row: the kernel, the case, registers per thread, spilled bytes (stores / lo
 (flagged when over the target's per-block limit: the GPU would refuse that launch, and ``attend``
 runs the PyTorch tiled path instead), warps, pipeline stages, and whether the code uses tensor
 cores (matrix instructions in the PTX). A kernel that does not compile raises with the compiler's
-reason and the case, and the command exits with 1.
+reason and the case; the command instead gives it a row that says so, goes on with the others, and
+exits with 1. (Triton 3.6 does not compile the float64 tiled kernels without an edge bias for
+``sm_90``; on the GPU ``attend`` runs the PyTorch tiled path there.)
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class Compiled:
     num_warps: int
     num_stages: int
     tensor_cores: bool  # the PTX holds matrix instructions (mma.sync, wgmma)
+    error: str = ""  # the compiler's reason where the kernel does not compile (``keep_going``)
 
     @property
     def fits(self) -> bool:
@@ -291,8 +294,9 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     )
 
 
-def compile_cases(cases: Iterable[Case], arch: int = 90) -> list[Compiled]:
-    """Compile every distinct launch of ``cases`` for ``sm_<arch>``; one row per specialization."""
+def compile_cases(cases: Iterable[Case], arch: int = 90, keep_going: bool = False) -> list[Compiled]:
+    """Compile every distinct launch of ``cases`` for ``sm_<arch>``; one row per specialization. A
+    launch that does not compile raises, or with ``keep_going`` gets a row holding the reason."""
     _check_environment()
     if arch not in SHARED_LIMIT:
         raise ValueError(f"Unknown 'arch' {arch}; expected one of {sorted(SHARED_LIMIT)}")
@@ -319,14 +323,21 @@ def compile_cases(cases: Iterable[Case], arch: int = 90) -> list[Compiled]:
                 continue
             seen.add(key)
             src = triton.compiler.ASTSource(fn=launch.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+            name = launch.kernel.__name__ + (" (pieces)" if meta.get("MAPPED") else "")  # the launch of pieces
             try:
                 compiled = triton.compile(src, target=target, options=options)
             except Exception as err:  # name the kernel and the case; keep the compiler's reason
-                raise RuntimeError(
-                    f"{launch.kernel.__name__} ({case}) does not compile for sm_{arch}: {_innermost(err)}"
-                ) from err
+                if not keep_going:
+                    raise RuntimeError(
+                        f"{launch.kernel.__name__} ({case}) does not compile for sm_{arch}: {_innermost(err)}"
+                    ) from err
+                warps, stages = options.get("num_warps", 4), options.get("num_stages", 3)
+                failed = Compiled(
+                    name, str(case), 0, 0, 0, 0, SHARED_LIMIT[arch], warps, stages, False, _innermost(err)
+                )
+                rows.append(failed)
+                continue
             registers, spill_stores, spill_loads = _ptxas_usage(compiled.asm["ptx"], arch)
-            name = launch.kernel.__name__ + (" (pieces)" if meta.get("MAPPED") else "")  # the launch of pieces
             rows.append(
                 Compiled(
                     name,
@@ -351,6 +362,12 @@ def format_rows(rows: Sequence[Compiled]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if r.error:
+            reason = " ".join(r.error.splitlines()[-1:]).replace("|", "/")[:120]
+            lines.append(
+                f"| {r.kernel} | {r.case} | **does not compile**: {reason} | | | {r.num_warps} | {r.num_stages} | |"
+            )
+            continue
         shared = f"{r.shared_bytes}" if r.fits else f"**{r.shared_bytes} > {r.shared_limit}**"
         lines.append(
             f"| {r.kernel} | {r.case} | {r.registers} | {r.spill_stores}/{r.spill_loads} | "
@@ -375,11 +392,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--head-dims", nargs="+", type=int, default=[64])
     args = parser.parse_args(argv)
     try:
-        rows = compile_cases(default_cases(args.dtypes, args.backends, args.head_dims), arch=args.arch)
+        rows = compile_cases(default_cases(args.dtypes, args.backends, args.head_dims), arch=args.arch, keep_going=True)
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(format_rows(rows))
+    failed = [r for r in rows if r.error]
+    for r in failed:
+        print(f"error: {r.kernel} ({r.case}) does not compile for sm_{args.arch}: {r.error}", file=sys.stderr)
     over = [r for r in rows if not r.fits]
     if over:
         print(
@@ -387,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"attend runs the PyTorch tiled path instead",
             file=sys.stderr,
         )
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

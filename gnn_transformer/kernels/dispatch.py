@@ -84,6 +84,22 @@ def triton_available() -> bool:
     return True
 
 
+def _check_interpreter() -> None:
+    """Refuse the Triton interpreter where it cannot run these kernels: before Triton 3.7 it turns
+    one-element NumPy arrays into Python integers (a loop bound loaded from memory, such as a row's
+    edge range), which NumPy 2.4 and later reject."""
+    import numpy
+    import triton
+    from torch.torch_version import TorchVersion  # compares version strings with tuples
+
+    if TorchVersion(triton.__version__) < "3.7" and TorchVersion(numpy.__version__) >= "2.4":
+        raise RuntimeError(
+            f"impl='triton' on CPU tensors runs Triton's interpreter, which in Triton {triton.__version__} "
+            f"does not work with NumPy {numpy.__version__} (it converts one-element arrays to Python "
+            "integers); install numpy<2.4 or Triton >= 3.7"
+        )
+
+
 def _recording() -> bool:
     """Whether Triton launches are being recorded, not run (:func:`.triton_common.recording`)."""
     from .triton_common import is_recording  # needs Triton, which the callers checked
@@ -96,8 +112,10 @@ def _use_triton(device: torch.device, impl: str | None) -> bool:
         return device.type == "cuda" and triton_available()
     if impl == "triton" and not triton_available():
         raise ValueError("impl='triton' needs the 'triton' package (pip install triton)")
-    if impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1" and not _recording():
-        raise ValueError("impl='triton' on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1)")
+    if impl == "triton" and device.type == "cpu" and not _recording():
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("impl='triton' on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1)")
+        _check_interpreter()
     return impl == "triton"
 
 
