@@ -720,6 +720,10 @@ def test_analyze_runs_on_a_train_run_checkpoint(tmp_path, capsys):
     assert torch.equal(recorded.cpu(), expected.as_tensor())
     assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--samples", "0", "--out", str(out)]) == 2
     assert "'--samples'" in capsys.readouterr().err
+    # more samples than memory holds: refused before any is drawn
+    too_many = ["analyze", "--checkpoint", str(run / "model.pt"), "--samples", str(10**13), "--out", str(out)]
+    assert cli.main(too_many) == 2
+    assert f"--samples: Expected 'samples' small enough to fit in memory (got {10**13})" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- per-head, per-layer and selected graphs

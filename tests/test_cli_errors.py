@@ -124,11 +124,32 @@ def test_verify_cuda_missing_is_usage_error(capsys):
         (["train", *STEP, "--task", "recall", "--pe-dim", "4"], "--pe-dim"),
         (["train", *STEP, "--task", "recall", "--virtual-node"], "--virtual-node"),
         (["train", *STEP, "--task", "recall", "--patch", "2"], "--patch"),
+        (["train", *STEP, "--task", "karate", "--eval-size", "8"], "--eval-size"),
+        (["train", *STEP, "--task", "digits", "--topology", "grid", "--eval-size", "8"], "--eval-size"),
     ],
 )
 def test_options_of_another_task_are_refused(argv, option, capsys):
     err = _usage_error(argv, option, capsys)
     assert "does not apply to task" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compare", *STEP, "--topology", "full"],
+        ["train", *STEP],
+        ["train", *STEP, "--task", "listops"],
+        ["train", *STEP, "--task", "shortest_path", "--topology", "full"],
+    ],
+    ids=["compare", "train", "listops", "shortest_path"],
+)
+def test_evaluation_sets_that_cannot_fit_are_refused_before_any_is_drawn(argv, capsys):
+    """An evaluation size whose sets need more than half of the machine's memory is refused at once,
+    with the size, the estimate and the budget (drawing 10**10 sequences would otherwise run for
+    hours before failing)."""
+    err = _usage_error([*argv, "--eval-size", str(10**10)], "--eval-size", capsys)
+    assert f"Expected 'eval_size' small enough to fit in memory (got {10**10}): 2 sets of {10**10}" in err
+    assert "more than half of this machine's memory" in err
 
 
 def test_options_of_the_task_are_accepted(tmp_path, capsys):

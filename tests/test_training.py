@@ -161,6 +161,18 @@ def test_run_training_every_kind(tmp_path, task, topology):
     assert payload["meta"]["run"]["task"] == task
 
 
+@pytest.mark.parametrize("eval_size", [1, 5, 40])
+def test_eval_size_sets_the_graphs_of_shortest_path_evaluation(eval_size):
+    """``eval_size`` is the number of graphs in each of shortest_path's two evaluation sets."""
+    from gnn_transformer.experiments.runs import build
+
+    workload, _ = build(RunConfig(task="shortest_path", topology="full", eval_size=eval_size, model=SMALL))
+    sets = workload.eval_sets()
+    assert set(sets) == {"test", "longer"}
+    for batches in sets.values():
+        assert sum(b.data.num_graphs for b in batches) == eval_size
+
+
 def test_run_training_rejects_bad_topology():
     with pytest.raises(ValueError, match="topology"):
         run_training(RunConfig(task="karate", topology="sliding_window:window=1"))

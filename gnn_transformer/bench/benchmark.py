@@ -75,7 +75,9 @@ def input_memory_budget(device) -> float:
     ``memory_budget``): 80% of the GPU's memory, half of the machine's on the CPU."""
     if torch.device(device).type == "cuda":
         return 0.8 * torch.cuda.get_device_properties(device).total_memory
-    return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    from ..experiments.tasks import host_memory_budget
+
+    return host_memory_budget()
 
 
 def check_block_size(block_size: int | None) -> None:

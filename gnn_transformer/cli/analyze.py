@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import EXIT_OK, EXIT_USAGE, error, check_out_dir
+from ._common import EXIT_OK, EXIT_USAGE, check_out_dir, error, name_option
 
 
 def add_parser(sub) -> None:
@@ -126,8 +126,8 @@ def run(args) -> int:
             min_magnitude=args.massive_magnitude,
             min_ratio=args.massive_ratio,
         )
-    except (FileNotFoundError, ValueError) as err:  # reported as they are, before any output
-        error(str(err))
+    except (FileNotFoundError, ValueError) as err:  # reported before any output, naming the option
+        error(name_option(str(err), args))
         return EXIT_USAGE
     print(f"{loaded.name}: {len(result.lengths)} sequence(s), {sum(result.lengths)} tokens, {result.graph} graph")
     for label, rows in result.rows.items():

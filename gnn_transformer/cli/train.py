@@ -302,7 +302,8 @@ def add_parser(sub) -> None:
         "--eval-size",
         type=int,
         default=256,
-        help="sequences per evaluation set (lm: validation windows; listops: expressions)",
+        action=Given,
+        help="sequences per evaluation set (lm: validation windows; listops: expressions; shortest_path: graphs)",
     )
     p.add_argument("--out", default="runs/train", help="output folder")
     p.add_argument(
@@ -318,7 +319,7 @@ def add_parser(sub) -> None:
 
 def _check_task_options(args) -> None:
     """Refuse the options given for another task than ``--task`` (their defaults never count)."""
-    from ..experiments.runs import GRAPH_TASKS, SIZED_TASKS, TEXT_TASKS, VISION_TASKS
+    from ..experiments.runs import EVAL_SIZE_TASKS, GRAPH_TASKS, SIZED_TASKS, TEXT_TASKS, VISION_TASKS
     from ..experiments.tasks import TASKS
 
     given = {
@@ -331,6 +332,7 @@ def _check_task_options(args) -> None:
         ("pe_dim", GRAPH_TASKS),
         ("virtual_node", GRAPH_TASKS),
         ("patch", VISION_TASKS),
+        ("eval_size", EVAL_SIZE_TASKS),
         ("position", tuple(TASKS) + TEXT_TASKS),
     ):
         if name in given and args.task not in tasks:

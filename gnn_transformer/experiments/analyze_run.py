@@ -49,9 +49,14 @@ from ..model import GraphEncoderModel, GraphLM, GraphTransformerConfig
 from ..topology import batch_vector
 from ..topology.dynamic import selector
 from ..topology.specs import LayerPattern
+from .tasks import check_set_fits
 from .topologies import per_length, resolve_topology
 
 CONFIG_NAMES = ("config.json", "model_config.json")
+
+
+# a drawn example's token: an int64 in a tensor, then an entry of a Python list (small ints are shared)
+_LISTED_TOKEN = 8 + 8
 
 
 @dataclass
@@ -333,6 +338,7 @@ def _load_task_run(path: Path, state: dict, run: dict, model_config: Any, max_le
         return model(ids, pos, graph)
 
     def examples(k: int) -> list[list]:
+        check_set_fits("samples", k, task.train_sizes[1], _LISTED_TOKEN)
         batch = sample_batch(task, k, task.train_sizes, torch.Generator().manual_seed(0))
         return [s.tolist() for s in batch.tokens.split(batch.lengths)]
 
@@ -392,6 +398,7 @@ def _load_lm_run(path: Path, state: dict, meta: dict, model_config: Any, max_len
         return call_with_graph(model, ids, graph, pos=pos)
 
     def examples(k: int) -> list[list]:
+        check_set_fits("samples", k, context, _LISTED_TOKEN)
         val = load_corpus(TextConfig(**run.get("text", {}))).val
         starts = torch.linspace(0, val.numel() - context - 1, k).long()  # evenly spaced windows
         return [val[s : s + context].tolist() for s in starts.tolist()]
@@ -432,6 +439,7 @@ def _load_listops_run(path: Path, state: dict, run: dict, model_config: Any, max
     seed = run.get("train", {}).get("seed", 0)
 
     def examples(k: int) -> list[list]:
+        check_set_fits("samples", k, config.lengths[1] + 1, _LISTED_TOKEN)
         return [encode(generate(config, f"listops/{seed}/val/{i}")[0], config.pool).tolist() for i in range(k)]
 
     prefix = [VOCAB.index(CLS)] if config.pool == "cls" else []

@@ -26,7 +26,7 @@ from torch_geometric.data import Batch, Data
 from torch_geometric.utils import add_self_loops, from_networkx
 
 from ..topology import full
-from .tasks import IGNORE
+from .tasks import IGNORE, check_set_fits
 
 GRAPH_TOPOLOGIES = ("graph", "full")
 
@@ -172,6 +172,9 @@ class ShortestPathWorkload(GraphWorkload):
         self.batch_size, self.train_sizes, self.test_sizes = batch_size, train_sizes, test_sizes
         self.max_distance = max_distance
         self.in_features, self.num_classes = 2, max_distance + 1
+        # per node of the two sets: features and encodings (float32), label, batch entry and the
+        # Watts-Strogatz graph's two edges each way (int64)
+        check_set_fits("eval_size", eval_size, test_sizes[1] + 1, 4 * (2 + pe_dim) + 8 * (2 + 2 * 2 * 2), sets=2)
         self._eval = {
             "test": self._fixed(eval_size, train_sizes, eval_seed),
             "longer": self._fixed(eval_size, test_sizes, eval_seed + 10**6),

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .tasks import SequenceBatch
+from .tasks import SequenceBatch, check_set_fits
 from .topologies import graph_to, per_length
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
@@ -188,6 +188,8 @@ class ListOpsWorkload:
         self.config, self.batch_size, self.seed = config, batch_size, seed
         self.topology = per_length(topology)
         self._cache: dict[tuple[str, int], tuple[Tensor, int]] = {}
+        # two sets, each token cached and batched (uint8) with its position (int64); [CLS] first
+        check_set_fits("eval_size", eval_size, config.lengths[1] + 1, 1 + 1 + 8, sets=2)
         self._eval = {
             split: [self._batch(split, list(range(i, min(i + 64, eval_size)))) for i in range(0, eval_size, 64)]
             for split in ("val", "test")

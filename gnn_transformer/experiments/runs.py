@@ -32,6 +32,7 @@ VISION_TASKS = ("digits",)
 TEXT_TASKS = ("lm", "listops")
 ALL_TASKS = tuple(TASKS) + TEXT_TASKS + GRAPH_TASKS + VISION_TASKS
 SIZED_TASKS = tuple(TASKS) + ("shortest_path",)  # the tasks that take train_sizes / test_sizes
+EVAL_SIZE_TASKS = SIZED_TASKS + TEXT_TASKS  # the tasks whose evaluation sets eval_size sizes
 # fields a resumed run may change: they do not alter the trajectory of the weights
 RESUME_FREE = frozenset(
     {
@@ -72,7 +73,7 @@ class RunConfig:
     text: TextConfig = field(default_factory=TextConfig)  # lm: the corpus, context and sample
     listops: ListOpsConfig = field(default_factory=ListOpsConfig)  # listops: lengths, sizes, pooling
     eval_size: int = 256  # sequence tasks: sequences per evaluation set; lm: validation windows;
-    # listops: expressions in each of the validation and test sets
+    # listops: expressions in each of the validation and test sets; shortest_path: graphs per set
     out: str | None = None  # folder for logs and checkpoints (None: save nothing)
     save_all_ranks: bool = False  # under DDP, every rank writes model_rank{r}.pt (to compare them)
     resume: str | None = None  # a last.pt, or a folder holding one: continue that run exactly
@@ -139,6 +140,7 @@ def build(config: RunConfig) -> tuple[Any, nn.Module]:
                 config.pe_dim,
                 config.virtual_node,
                 batch_size=bs,
+                eval_size=config.eval_size,
                 eval_seed=config.train.seed + 12345,
                 **sizes,
             )

@@ -16,6 +16,7 @@ Token ids: ``0 .. num_symbols - 1`` are data symbols; the special tokens follow 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -282,6 +283,27 @@ def sample_batch(task: Task, batch_size: int, sizes: tuple[int, int], generator:
     return SequenceBatch(torch.cat(tokens), torch.cat(targets), positions, lengths)
 
 
+def host_memory_budget() -> float:
+    """Bytes a fixed data set may take on the host: half of the machine's memory (also the
+    benchmarks' CPU budget)."""
+    return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_set_fits(name: str, count: int, max_tokens: int, bytes_per_token: int, sets: int = 1) -> None:
+    """Refuse, before anything is drawn, ``sets`` sets of ``count`` examples of up to ``max_tokens``
+    tokens at about ``bytes_per_token`` each that would not fit in :func:`host_memory_budget`: a
+    ``ValueError`` naming the argument ``name`` and its value."""
+    need = sets * count * max_tokens * bytes_per_token
+    budget = host_memory_budget()
+    if need > budget:
+        held = f"{sets} sets of {count}" if sets > 1 else f"{count}"
+        raise ValueError(
+            f"Expected '{name}' small enough to fit in memory (got {count}): {held} examples of up to "
+            f"{max_tokens} tokens need about {need / 2**30:.3g} GiB, more than half of this machine's "
+            f"memory ({budget / 2**30:.3g} GiB)"
+        )
+
+
 def fixed_batches(
     task: Task, num_sequences: int, batch_size: int, sizes: tuple[int, int], seed: int
 ) -> list[SequenceBatch]:
@@ -320,6 +342,8 @@ class SequenceWorkload:
         self.task = task
         self.topology = topology
         self.batch_size = batch_size
+        # two sets of tokens, targets and positions (int64), at the longer set's longest length
+        check_set_fits("eval_size", eval_size, max(task.train_sizes[1], task.test_sizes[1]), 3 * 8, sets=2)
         self._eval = {
             "test": fixed_batches(task, eval_size, 128, task.train_sizes, eval_seed),
             "longer": fixed_batches(task, eval_size, 128, task.test_sizes, eval_seed + 1),
