@@ -81,6 +81,11 @@ def _usage_error(argv, option, capsys) -> str:
         (["bench", *BENCH, "--threads", "0"], "--threads"),
         (["train", "--device", "tpu", *STEP], "--device"),
         (["train", *STEP, "--dropout", "2"], "--dropout"),
+        # models that cannot fit: refused from their parameter count, before any weight is allocated
+        (["train", *STEP, "--layers", str(10**7)], "--layers"),
+        (["compare", *STEP, "--topology", "full", "--d-model", str(10**6)], "--d-model"),
+        (["train", *STEP, "--task", "karate", "--ff", str(10**10)], "--ff"),
+        (["train", *STEP, "--d-model", str(10**11)], "--d-model"),
     ],
 )
 def test_bad_values(argv, option, capsys):

@@ -173,6 +173,37 @@ def test_eval_size_sets_the_graphs_of_shortest_path_evaluation(eval_size):
         assert sum(b.data.num_graphs for b in batches) == eval_size
 
 
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize(
+    "task,topology", [("recall", "full"), ("listops", "full"), ("shortest_path", "full"), ("karate", "graph")]
+)
+def test_a_model_that_cannot_fit_is_refused_before_it_is_built(task, topology, layers, monkeypatch):
+    """The parameter count behind the check (from one and two layers on the meta device) is the
+    built model's: a budget of exactly its training bytes builds it, one byte less refuses it and
+    names the sizes."""
+    from dataclasses import replace
+
+    from gnn_transformer.experiments import runs
+    from gnn_transformer.experiments.listops import ListOpsConfig
+
+    config = RunConfig(
+        task=task,
+        topology=topology,
+        model=replace(SMALL, num_layers=layers),
+        eval_size=2,
+        listops=ListOpsConfig(lengths=(20, 40)),
+    )
+    _, model = runs.build(config)
+    need = 16 * sum(p.numel() for p in model.parameters())  # weights, gradients, two AdamW moments
+    monkeypatch.setattr(runs, "host_memory_budget", lambda: need)
+    _, again = runs.build(config)
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)  # seeded as before the check
+    monkeypatch.setattr(runs, "host_memory_budget", lambda: need - 1)
+    with pytest.raises(ValueError, match=rf"Expected .*'num_layers' \({layers}\).* of a model that fits"):
+        runs.build(config)
+
+
 def test_run_training_rejects_bad_topology():
     with pytest.raises(ValueError, match="topology"):
         run_training(RunConfig(task="karate", topology="sliding_window:window=1"))

@@ -9,10 +9,12 @@ Tasks: the sequence tasks of :mod:`.tasks` (``copy``, ``reverse``, ``sort``, ``p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypedDict
 
+import torch
 from torch import nn
 
 from . import checkpoints, distributed
@@ -22,7 +24,7 @@ from .listops import ListOpsConfig, ListOpsWorkload
 from .listops import NUM_CLASSES as LISTOPS_CLASSES
 from .lm import LMWorkload, TextConfig, bits_per_char, generate, load_corpus
 from .models import EncoderConfig, NodeModel, PatchModel, SequenceClassifier, SequenceModel
-from .tasks import TASKS, SequenceWorkload, check_longer, get_task
+from .tasks import TASKS, SequenceWorkload, check_longer, get_task, host_memory_budget
 from .topologies import per_length, resolve_topology
 from .training import TrainConfig, TrainResult, resolve_device, save_checkpoint, seed_everything, train, write_logs
 from .vision_tasks import VISION_TOPOLOGIES, DigitsWorkload, check_patch
@@ -111,19 +113,21 @@ def build(config: RunConfig) -> tuple[Any, nn.Module]:
             corpus = load_corpus(config.text)
             workload = LMWorkload(corpus, topo.build, config.text.context, bs, config.eval_size)
             model_config = _room_for(model_config, config.text.context)
-            seed_everything(config.train.seed)
-            return workload, SequenceModel(corpus.vocab_size, corpus.vocab_size, model_config)
+            return workload, _fresh(
+                config, model_config, lambda mc: SequenceModel(corpus.vocab_size, corpus.vocab_size, mc)
+            )
         if name == "listops":
             workload = ListOpsWorkload(config.listops, topo.build, bs, config.eval_size, seed=config.train.seed)
             model_config = _room_for(model_config, config.listops.lengths[1] + 1)
-            seed_everything(config.train.seed)
-            return workload, SequenceClassifier(len(LISTOPS_VOCAB), LISTOPS_CLASSES, model_config, config.listops.pool)
+            pool = config.listops.pool
+            return workload, _fresh(
+                config, model_config, lambda mc: SequenceClassifier(len(LISTOPS_VOCAB), LISTOPS_CLASSES, mc, pool)
+            )
         task = get_task(name, config.train_sizes, config.test_sizes)
         workload = SequenceWorkload(
             task, per_length(topo.build), bs, config.eval_size, eval_seed=config.train.seed + 12345
         )
-        seed_everything(config.train.seed)
-        return workload, SequenceModel(task.vocab_size, task.num_classes, model_config)
+        return workload, _fresh(config, model_config, lambda mc: SequenceModel(task.vocab_size, task.num_classes, mc))
     if name in GRAPH_TASKS:
         if config.topology not in GRAPH_TOPOLOGIES:
             raise ValueError(f"Expected 'topology' in {GRAPH_TOPOLOGIES} for task {name!r} (got {config.topology!r})")
@@ -144,13 +148,52 @@ def build(config: RunConfig) -> tuple[Any, nn.Module]:
                 eval_seed=config.train.seed + 12345,
                 **sizes,
             )
-        seed_everything(config.train.seed)
-        return workload, NodeModel(workload.in_features, workload.num_classes, config.model, config.pe_dim)
+        nodes = workload
+        return nodes, _fresh(
+            config, config.model, lambda mc: NodeModel(nodes.in_features, nodes.num_classes, mc, config.pe_dim)
+        )
     if config.topology not in VISION_TOPOLOGIES:
         raise ValueError(f"Expected 'topology' in {VISION_TOPOLOGIES} for task 'digits' (got {config.topology!r})")
     workload = DigitsWorkload(config.topology, config.patch, bs, seed=config.train.seed)
-    seed_everything(config.train.seed)
-    return workload, PatchModel(workload.patch_dim, workload.num_patches, workload.num_classes, config.model)
+    digits = workload
+    return digits, _fresh(
+        config, config.model, lambda mc: PatchModel(digits.patch_dim, digits.num_patches, digits.num_classes, mc)
+    )
+
+
+# bytes per parameter of a training run: float32 weights, their gradients and AdamW's two moments
+_TRAINING_BYTES = 4 * 4
+
+
+def _fresh(config: RunConfig, model: EncoderConfig, make: Callable[[EncoderConfig], nn.Module]) -> nn.Module:
+    """``make(model)`` with the run's seed, once its size is known to fit: its parameters with
+    their gradients and optimizer state must fit in half of the host's memory, else a
+    ``ValueError`` names the model's sizes (the one furthest above its default first) before
+    anything is allocated. The count comes from one and two layers built on the meta device (no
+    memory): every layer of the stack has the same parameters."""
+    budget = host_memory_budget()
+    try:
+        with torch.device("meta"):
+            one, two = (sum(p.numel() for p in make(replace(model, num_layers=n)).parameters()) for n in (1, 2))
+        count = one + (model.num_layers - 1) * (two - one)
+    except RuntimeError as err:  # a weight whose byte count overflows 64 bits
+        if "overflow" not in str(err):
+            raise
+        got = "a weight too large for any tensor"
+    else:
+        need = count * _TRAINING_BYTES
+        if need <= budget:
+            seed_everything(config.train.seed)
+            return make(model)
+        got = f"{count:,} parameters: about {need / 2**30:.3g} GiB with their gradients and optimizer state"
+    sizes = {name: getattr(model, name) for name in ("d_model", "num_layers", "dim_feedforward")}
+    default = EncoderConfig()
+    named = sorted(sizes, key=lambda name: -sizes[name] / getattr(default, name))
+    raise ValueError(
+        "Expected "
+        + ", ".join(f"'{name}' ({sizes[name]})" for name in named)
+        + f" of a model that fits in half of this machine's memory, {budget / 2**30:.3g} GiB (got {got})"
+    )
 
 
 def _room_for(model: EncoderConfig, length: int) -> EncoderConfig:
