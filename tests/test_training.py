@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -179,10 +180,8 @@ def test_eval_size_sets_the_graphs_of_shortest_path_evaluation(eval_size):
 )
 def test_a_model_that_cannot_fit_is_refused_before_it_is_built(task, topology, layers, monkeypatch):
     """The parameter count behind the check (from one and two layers on the meta device) is the
-    built model's: a budget of exactly its training bytes builds it, one byte less refuses it and
-    names the sizes."""
-    from dataclasses import replace
-
+    built model's: a budget of exactly its training bytes on the CPU builds it, one byte less
+    refuses it and names the sizes."""
     from gnn_transformer.experiments import runs
     from gnn_transformer.experiments.listops import ListOpsConfig
 
@@ -201,6 +200,22 @@ def test_a_model_that_cannot_fit_is_refused_before_it_is_built(task, topology, l
         assert torch.equal(a, b)  # seeded as before the check
     monkeypatch.setattr(runs, "host_memory_budget", lambda: need - 1)
     with pytest.raises(ValueError, match=rf"Expected .*'num_layers' \({layers}\).* of a model that fits"):
+        runs.build(config)
+
+
+def test_a_gpu_run_checks_only_the_weights_built_on_the_host(monkeypatch):
+    """A GPU run builds its weights on the host and keeps gradients and optimizer state on the
+    GPU: the host check counts 4 bytes a parameter (nothing reaches a GPU here: the model is only
+    built)."""
+    from gnn_transformer.experiments import runs
+
+    config = RunConfig(task="recall", topology="full", model=SMALL, eval_size=2, train=TrainConfig(device="cuda"))
+    _, model = runs.build(replace(config, train=TrainConfig()))
+    weights = 4 * sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(runs, "host_memory_budget", lambda: weights)
+    assert next(runs.build(config)[1].parameters()).device.type == "cpu"
+    monkeypatch.setattr(runs, "host_memory_budget", lambda: weights - 1)
+    with pytest.raises(ValueError, match=r"fits in half of this machine's memory.*parameters: about [0-9.e+-]+ GiB\)$"):
         runs.build(config)
 
 

@@ -161,13 +161,15 @@ def build(config: RunConfig) -> tuple[Any, nn.Module]:
     )
 
 
-# bytes per parameter of a training run: float32 weights, their gradients and AdamW's two moments
-_TRAINING_BYTES = 4 * 4
+# host bytes per parameter of a training run on the CPU: float32 weights, their gradients and
+# AdamW's two moments; a GPU run builds the weights on the host and trains on the GPU (where
+# running out of memory raises torch.OutOfMemoryError, which the CLI reports)
+_TRAINING_BYTES = {"cpu": 4 * 4, "cuda": 4}
 
 
 def _fresh(config: RunConfig, model: EncoderConfig, make: Callable[[EncoderConfig], nn.Module]) -> nn.Module:
-    """``make(model)`` with the run's seed, once its size is known to fit: its parameters with
-    their gradients and optimizer state must fit in half of the host's memory, else a
+    """``make(model)`` with the run's seed, once its size is known to fit: its parameters (with
+    their gradients and optimizer state on the CPU) must fit in half of the host's memory, else a
     ``ValueError`` names the model's sizes (the one furthest above its default first) before
     anything is allocated. The count comes from one and two layers built on the meta device (no
     memory): every layer of the stack has the same parameters."""
@@ -181,11 +183,13 @@ def _fresh(config: RunConfig, model: EncoderConfig, make: Callable[[EncoderConfi
             raise
         got = "a weight too large for any tensor"
     else:
-        need = count * _TRAINING_BYTES
+        on_cpu = not str(config.train.device).startswith("cuda")
+        need = count * _TRAINING_BYTES["cpu" if on_cpu else "cuda"]
         if need <= budget:
             seed_everything(config.train.seed)
             return make(model)
-        got = f"{count:,} parameters: about {need / 2**30:.3g} GiB with their gradients and optimizer state"
+        held = " with their gradients and optimizer state" if on_cpu else ""
+        got = f"{count:,} parameters: about {need / 2**30:.3g} GiB{held}"
     sizes = {name: getattr(model, name) for name in ("d_model", "num_layers", "dim_feedforward")}
     default = EncoderConfig()
     named = sorted(sizes, key=lambda name: -sizes[name] / getattr(default, name))
