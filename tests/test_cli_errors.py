@@ -145,6 +145,27 @@ def test_options_of_another_task_are_refused(argv, option, capsys):
         ["train", *STEP],
         ["train", *STEP, "--task", "listops"],
         ["train", *STEP, "--task", "shortest_path", "--topology", "full"],
+        ["train", *STEP, "--task", "lm"],
+        ["train", *STEP, "--task", "digits", "--topology", "grid"],
+    ],
+    ids=["compare", "train", "listops", "shortest_path", "lm", "digits"],
+)
+def test_training_batches_that_cannot_fit_are_refused_before_any_is_drawn(argv, capsys):
+    """A batch size whose batches (ids and the layer inputs a training step keeps, a lower bound)
+    need more than half of the machine's memory is refused before the first step (10**9 recall
+    sequences a step would otherwise be drawn for minutes)."""
+    err = _usage_error([*argv, "--batch-size", str(10**9)], "--batch-size", capsys)
+    assert f"Expected 'batch_size' small enough to fit in memory (got {10**9}): {10**9} examples" in err
+    assert "with the activations a training step keeps (at least)" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compare", *STEP, "--topology", "full"],
+        ["train", *STEP],
+        ["train", *STEP, "--task", "listops"],
+        ["train", *STEP, "--task", "shortest_path", "--topology", "full"],
     ],
     ids=["compare", "train", "listops", "shortest_path"],
 )

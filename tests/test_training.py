@@ -203,6 +203,24 @@ def test_a_model_that_cannot_fit_is_refused_before_it_is_built(task, topology, l
         runs.build(config)
 
 
+def test_the_batch_check_counts_the_longest_training_example(monkeypatch):
+    """The training batch check sits exactly at batch_size x longest training example x (ids,
+    targets, positions and each layer's float32 input): at that budget the run builds, a byte
+    less refuses it (parity trains on lengths up to 12 here)."""
+    from gnn_transformer.experiments import runs, tasks
+
+    config = RunConfig(
+        task="parity", topology="causal", model=SMALL, eval_size=1, train_sizes=(4, 12), test_sizes=(13, 16)
+    )
+    batch = config.train.batch_size * 12 * (24 + 4 * SMALL.d_model * SMALL.num_layers)
+    monkeypatch.setattr(runs, "host_memory_budget", lambda: 1e18)  # the model check passes
+    monkeypatch.setattr(tasks, "host_memory_budget", lambda: batch)
+    runs.build(config)
+    monkeypatch.setattr(tasks, "host_memory_budget", lambda: batch - 1)
+    with pytest.raises(ValueError, match=r"Expected 'batch_size' small enough .* up to 12 tokens"):
+        runs.build(config)
+
+
 def test_a_gpu_run_checks_only_the_weights_built_on_the_host(monkeypatch):
     """A GPU run builds its weights on the host and keeps gradients and optimizer state on the
     GPU: the host check counts 4 bytes a parameter (nothing reaches a GPU here: the model is only

@@ -24,7 +24,7 @@ from .listops import ListOpsConfig, ListOpsWorkload
 from .listops import NUM_CLASSES as LISTOPS_CLASSES
 from .lm import LMWorkload, TextConfig, bits_per_char, generate, load_corpus
 from .models import EncoderConfig, NodeModel, PatchModel, SequenceClassifier, SequenceModel
-from .tasks import TASKS, SequenceWorkload, check_longer, get_task, host_memory_budget
+from .tasks import TASKS, SequenceWorkload, check_longer, check_set_fits, get_task, host_memory_budget
 from .topologies import per_length, resolve_topology
 from .training import TrainConfig, TrainResult, resolve_device, save_checkpoint, seed_everything, train, write_logs
 from .vision_tasks import VISION_TOPOLOGIES, DigitsWorkload, check_patch
@@ -114,20 +114,28 @@ def build(config: RunConfig) -> tuple[Any, nn.Module]:
             workload = LMWorkload(corpus, topo.build, config.text.context, bs, config.eval_size)
             model_config = _room_for(model_config, config.text.context)
             return workload, _fresh(
-                config, model_config, lambda mc: SequenceModel(corpus.vocab_size, corpus.vocab_size, mc)
+                config,
+                model_config,
+                lambda mc: SequenceModel(corpus.vocab_size, corpus.vocab_size, mc),
+                config.text.context,
             )
         if name == "listops":
             workload = ListOpsWorkload(config.listops, topo.build, bs, config.eval_size, seed=config.train.seed)
             model_config = _room_for(model_config, config.listops.lengths[1] + 1)
             pool = config.listops.pool
             return workload, _fresh(
-                config, model_config, lambda mc: SequenceClassifier(len(LISTOPS_VOCAB), LISTOPS_CLASSES, mc, pool)
+                config,
+                model_config,
+                lambda mc: SequenceClassifier(len(LISTOPS_VOCAB), LISTOPS_CLASSES, mc, pool),
+                config.listops.lengths[1] + 1,
             )
         task = get_task(name, config.train_sizes, config.test_sizes)
         workload = SequenceWorkload(
             task, per_length(topo.build), bs, config.eval_size, eval_seed=config.train.seed + 12345
         )
-        return workload, _fresh(config, model_config, lambda mc: SequenceModel(task.vocab_size, task.num_classes, mc))
+        return workload, _fresh(
+            config, model_config, lambda mc: SequenceModel(task.vocab_size, task.num_classes, mc), task.train_sizes[1]
+        )
     if name in GRAPH_TASKS:
         if config.topology not in GRAPH_TOPOLOGIES:
             raise ValueError(f"Expected 'topology' in {GRAPH_TOPOLOGIES} for task {name!r} (got {config.topology!r})")
@@ -149,15 +157,23 @@ def build(config: RunConfig) -> tuple[Any, nn.Module]:
                 **sizes,
             )
         nodes = workload
+        # the karate club is one fixed graph; shortest paths draw batches of graphs
+        nodes_per_example = nodes.train_sizes[1] + 1 if isinstance(nodes, ShortestPathWorkload) else None
         return nodes, _fresh(
-            config, config.model, lambda mc: NodeModel(nodes.in_features, nodes.num_classes, mc, config.pe_dim)
+            config,
+            config.model,
+            lambda mc: NodeModel(nodes.in_features, nodes.num_classes, mc, config.pe_dim),
+            nodes_per_example,
         )
     if config.topology not in VISION_TOPOLOGIES:
         raise ValueError(f"Expected 'topology' in {VISION_TOPOLOGIES} for task 'digits' (got {config.topology!r})")
     workload = DigitsWorkload(config.topology, config.patch, bs, seed=config.train.seed)
     digits = workload
     return digits, _fresh(
-        config, config.model, lambda mc: PatchModel(digits.patch_dim, digits.num_patches, digits.num_classes, mc)
+        config,
+        config.model,
+        lambda mc: PatchModel(digits.patch_dim, digits.num_patches, digits.num_classes, mc),
+        digits.num_patches + 1,
     )
 
 
@@ -167,12 +183,18 @@ def build(config: RunConfig) -> tuple[Any, nn.Module]:
 _TRAINING_BYTES = {"cpu": 4 * 4, "cuda": 4}
 
 
-def _fresh(config: RunConfig, model: EncoderConfig, make: Callable[[EncoderConfig], nn.Module]) -> nn.Module:
+def _fresh(
+    config: RunConfig, model: EncoderConfig, make: Callable[[EncoderConfig], nn.Module], tokens: int | None
+) -> nn.Module:
     """``make(model)`` with the run's seed, once its size is known to fit: its parameters (with
     their gradients and optimizer state on the CPU) must fit in half of the host's memory, else a
     ``ValueError`` names the model's sizes (the one furthest above its default first) before
     anything is allocated. The count comes from one and two layers built on the meta device (no
-    memory): every layer of the stack has the same parameters."""
+    memory): every layer of the stack has the same parameters. With ``tokens`` (the longest
+    example), a training batch must fit too: its ids, targets and positions, and each layer's
+    input that autograd keeps (a lower bound of a training step; on a GPU run only the drawn batch
+    is on the host)."""
+    on_cpu = not str(config.train.device).startswith("cuda")
     budget = host_memory_budget()
     try:
         with torch.device("meta"):
@@ -183,9 +205,12 @@ def _fresh(config: RunConfig, model: EncoderConfig, make: Callable[[EncoderConfi
             raise
         got = "a weight too large for any tensor"
     else:
-        on_cpu = not str(config.train.device).startswith("cuda")
         need = count * _TRAINING_BYTES["cpu" if on_cpu else "cuda"]
         if need <= budget:
+            if tokens is not None:
+                kept = 3 * 8 + (4 * model.d_model * model.num_layers if on_cpu else 0)
+                held = " with the activations a training step keeps (at least)" if on_cpu else ""
+                check_set_fits("batch_size", config.train.batch_size, tokens, kept, held=held)
             seed_everything(config.train.seed)
             return make(model)
         held = " with their gradients and optimizer state" if on_cpu else ""

@@ -289,18 +289,19 @@ def host_memory_budget() -> float:
     return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_set_fits(name: str, count: int, max_tokens: int, bytes_per_token: int, sets: int = 1) -> None:
+def check_set_fits(name: str, count: int, max_tokens: int, bytes_per_token: int, sets: int = 1, held: str = "") -> None:
     """Refuse, before anything is drawn, ``sets`` sets of ``count`` examples of up to ``max_tokens``
     tokens at about ``bytes_per_token`` each that would not fit in :func:`host_memory_budget`: a
-    ``ValueError`` naming the argument ``name`` and its value."""
+    ``ValueError`` naming the argument ``name`` and its value (``held``: what the bytes count,
+    for the message)."""
     need = sets * count * max_tokens * bytes_per_token
     budget = host_memory_budget()
     if need > budget:
-        held = f"{sets} sets of {count}" if sets > 1 else f"{count}"
+        examples = f"{sets} sets of {count}" if sets > 1 else f"{count}"
         raise ValueError(
-            f"Expected '{name}' small enough to fit in memory (got {count}): {held} examples of up to "
-            f"{max_tokens} tokens need about {need / 2**30:.3g} GiB, more than half of this machine's "
-            f"memory ({budget / 2**30:.3g} GiB)"
+            f"Expected '{name}' small enough to fit in memory (got {count}): {examples} examples of up to "
+            f"{max_tokens} tokens need about {need / 2**30:.3g} GiB{held}, more than half of this "
+            f"machine's memory ({budget / 2**30:.3g} GiB)"
         )
 
 
