@@ -24,7 +24,7 @@ from .listops import ListOpsConfig, ListOpsWorkload
 from .listops import NUM_CLASSES as LISTOPS_CLASSES
 from .lm import LMWorkload, TextConfig, bits_per_char, generate, load_corpus
 from .models import EncoderConfig, NodeModel, PatchModel, SequenceClassifier, SequenceModel
-from .tasks import TASKS, SequenceWorkload, check_longer, check_set_fits, get_task, host_memory_budget
+from .tasks import TASKS, TOKEN_BYTES, SequenceWorkload, check_longer, check_set_fits, get_task, host_memory_budget
 from .topologies import per_length, resolve_topology
 from .training import TrainConfig, TrainResult, resolve_device, save_checkpoint, seed_everything, train, write_logs
 from .vision_tasks import VISION_TOPOLOGIES, DigitsWorkload, check_patch
@@ -208,7 +208,7 @@ def _fresh(
         need = count * _TRAINING_BYTES["cpu" if on_cpu else "cuda"]
         if need <= budget:
             if tokens is not None:
-                kept = 3 * 8 + (4 * model.d_model * model.num_layers if on_cpu else 0)
+                kept = TOKEN_BYTES + (4 * model.d_model * model.num_layers if on_cpu else 0)
                 held = " with the activations a training step keeps (at least)" if on_cpu else ""
                 check_set_fits("batch_size", config.train.batch_size, tokens, kept, held=held)
             seed_everything(config.train.seed)

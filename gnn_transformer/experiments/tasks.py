@@ -283,6 +283,10 @@ def sample_batch(task: Task, batch_size: int, sizes: tuple[int, int], generator:
     return SequenceBatch(torch.cat(tokens), torch.cat(targets), positions, lengths)
 
 
+# bytes of one token of a drawn batch: its id, target and position (int64)
+TOKEN_BYTES = 3 * 8
+
+
 def host_memory_budget() -> float:
     """Bytes a fixed data set may take on the host: half of the machine's memory (also the
     benchmarks' CPU budget)."""
@@ -343,8 +347,8 @@ class SequenceWorkload:
         self.task = task
         self.topology = topology
         self.batch_size = batch_size
-        # two sets of tokens, targets and positions (int64), at the longer set's longest length
-        check_set_fits("eval_size", eval_size, max(task.train_sizes[1], task.test_sizes[1]), 3 * 8, sets=2)
+        # two sets, at the longer set's longest length
+        check_set_fits("eval_size", eval_size, max(task.train_sizes[1], task.test_sizes[1]), TOKEN_BYTES, sets=2)
         self._eval = {
             "test": fixed_batches(task, eval_size, 128, task.train_sizes, eval_seed),
             "longer": fixed_batches(task, eval_size, 128, task.test_sizes, eval_seed + 1),

@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -90,14 +91,20 @@ def _check_interpreter() -> None:
     edge range), which NumPy 2.4 and later reject."""
     import numpy
     import triton
-    from torch.torch_version import TorchVersion  # compares version strings with tuples
 
-    if TorchVersion(triton.__version__) < "3.7" and TorchVersion(numpy.__version__) >= "2.4":
+    if not _interpreter_runs(triton.__version__, numpy.__version__):
         raise RuntimeError(
             f"impl='triton' on CPU tensors runs Triton's interpreter, which in Triton {triton.__version__} "
             f"does not work with NumPy {numpy.__version__} (it converts one-element arrays to Python "
             "integers); install numpy<2.4 or Triton >= 3.7"
         )
+
+
+@functools.cache
+def _interpreter_runs(triton_version: str, numpy_version: str) -> bool:
+    from torch.torch_version import TorchVersion  # compares version strings with tuples
+
+    return not (TorchVersion(triton_version) < "3.7" and TorchVersion(numpy_version) >= "2.4")
 
 
 def _recording() -> bool:
@@ -112,10 +119,11 @@ def _use_triton(device: torch.device, impl: str | None) -> bool:
         return device.type == "cuda" and triton_available()
     if impl == "triton" and not triton_available():
         raise ValueError("impl='triton' needs the 'triton' package (pip install triton)")
-    if impl == "triton" and device.type == "cpu" and not _recording():
-        if os.environ.get("TRITON_INTERPRET") != "1":
+    if impl == "triton" and device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            _check_interpreter()
+        elif not _recording():
             raise ValueError("impl='triton' on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1)")
-        _check_interpreter()
     return impl == "triton"
 
 
