@@ -32,6 +32,8 @@ STEP = [
     "--backend",
     "pyg",
 ]
+_at = STEP.index("--batch-size")
+ONE_GRAPH = STEP[:_at] + STEP[_at + 2 :]  # karate trains on its one graph: no --batch-size
 BENCH = [
     "--topologies",
     "window",
@@ -72,8 +74,8 @@ def _usage_error(argv, option, capsys) -> str:
         (["train", *STEP, "--task", "digits", "--topology", "grid", "--patch", "0"], "--patch"),
         (["train", *STEP, "--task", "digits", "--topology", "grid", "--patch", "16"], "--patch"),
         (["train", *STEP, "--task", "digits", "--topology", "grid", "--patch", "-2"], "--patch"),
-        (["train", *STEP, "--task", "karate", "--pe-dim", "-1"], "--pe-dim"),
-        (["train", *STEP, "--task", "karate", "--pe-dim", "100"], "--pe-dim"),
+        (["train", *ONE_GRAPH, "--task", "karate", "--pe-dim", "-1"], "--pe-dim"),
+        (["train", *ONE_GRAPH, "--task", "karate", "--pe-dim", "100"], "--pe-dim"),
         (["compare", *STEP, "--topology", "full", "--eval-size", "0"], "--eval-size"),
         (["verify", "causal", "--lengths", "4", "--device", "tpu"], "--device"),
         (["bench", *BENCH[:-2], "--device", "tpu"], "--device"),
@@ -84,7 +86,7 @@ def _usage_error(argv, option, capsys) -> str:
         # models that cannot fit: refused from their parameter count, before any weight is allocated
         (["train", *STEP, "--layers", str(10**7)], "--layers"),
         (["compare", *STEP, "--topology", "full", "--d-model", str(10**6)], "--d-model"),
-        (["train", *STEP, "--task", "karate", "--ff", str(10**10)], "--ff"),
+        (["train", *ONE_GRAPH, "--task", "karate", "--ff", str(10**10)], "--ff"),
         (["train", *STEP, "--d-model", str(10**11)], "--d-model"),
     ],
 )
@@ -119,17 +121,18 @@ def test_verify_cuda_missing_is_usage_error(capsys):
 @pytest.mark.parametrize(
     "argv,option",
     [
-        (["train", *STEP, "--task", "karate", "--train-sizes", "5-10"], "--train-sizes"),
-        (["train", *STEP, "--task", "karate", "--test-sizes", "11-12"], "--test-sizes"),
-        (["train", *STEP, "--task", "karate", "--patch", "7"], "--patch"),
-        (["train", *STEP, "--task", "karate", "--position", "learned"], "--position"),
+        (["train", *ONE_GRAPH, "--task", "karate", "--train-sizes", "5-10"], "--train-sizes"),
+        (["train", *ONE_GRAPH, "--task", "karate", "--test-sizes", "11-12"], "--test-sizes"),
+        (["train", *ONE_GRAPH, "--task", "karate", "--patch", "7"], "--patch"),
+        (["train", *ONE_GRAPH, "--task", "karate", "--position", "learned"], "--position"),
         (["train", *STEP, "--task", "digits", "--topology", "grid", "--pe-dim", "1000"], "--pe-dim"),
         (["train", *STEP, "--task", "digits", "--topology", "grid", "--virtual-node"], "--virtual-node"),
         (["train", *STEP, "--task", "digits", "--topology", "grid", "--train-sizes", "5-10"], "--train-sizes"),
         (["train", *STEP, "--task", "recall", "--pe-dim", "4"], "--pe-dim"),
         (["train", *STEP, "--task", "recall", "--virtual-node"], "--virtual-node"),
         (["train", *STEP, "--task", "recall", "--patch", "2"], "--patch"),
-        (["train", *STEP, "--task", "karate", "--eval-size", "8"], "--eval-size"),
+        (["train", *ONE_GRAPH, "--task", "karate", "--eval-size", "8"], "--eval-size"),
+        (["train", *STEP, "--task", "karate"], "--batch-size"),
         (["train", *STEP, "--task", "digits", "--topology", "grid", "--eval-size", "8"], "--eval-size"),
     ],
 )
@@ -171,7 +174,9 @@ def test_evaluation_sets_that_cannot_fit_are_refused_before_any_is_drawn(run, ca
 
 def test_options_of_the_task_are_accepted(tmp_path, capsys):
     assert (
-        cli.main(["train", *STEP, "--task", "karate", "--pe-dim", "3", "--virtual-node", "--out", str(tmp_path / "k")])
+        cli.main(
+            ["train", *ONE_GRAPH, "--task", "karate", "--pe-dim", "3", "--virtual-node", "--out", str(tmp_path / "k")]
+        )
         == 0
     )
     assert (

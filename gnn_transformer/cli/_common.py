@@ -144,6 +144,7 @@ def add_train_args(p: argparse.ArgumentParser, defaults) -> None:
         "--batch-size",
         type=int,
         default=defaults.batch_size,
+        action=Given,
         help="sequences/graphs/images per step and process (default %(default)s)",
     )
     g.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default %(default)s)")

@@ -319,7 +319,7 @@ def add_parser(sub) -> None:
 
 def _check_task_options(args) -> None:
     """Refuse the options given for another task than ``--task`` (their defaults never count)."""
-    from ..experiments.runs import EVAL_SIZE_TASKS, GRAPH_TASKS, SIZED_TASKS, TEXT_TASKS, VISION_TASKS
+    from ..experiments.runs import BATCHED_TASKS, EVAL_SIZE_TASKS, GRAPH_TASKS, SIZED_TASKS, TEXT_TASKS, VISION_TASKS
     from ..experiments.tasks import TASKS
 
     given = {
@@ -333,6 +333,7 @@ def _check_task_options(args) -> None:
         ("virtual_node", GRAPH_TASKS),
         ("patch", VISION_TASKS),
         ("eval_size", EVAL_SIZE_TASKS),
+        ("batch_size", BATCHED_TASKS),
         ("position", tuple(TASKS) + TEXT_TASKS),
     ):
         if name in given and args.task not in tasks:

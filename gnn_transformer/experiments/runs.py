@@ -35,6 +35,7 @@ TEXT_TASKS = ("lm", "listops")
 ALL_TASKS = tuple(TASKS) + TEXT_TASKS + GRAPH_TASKS + VISION_TASKS
 SIZED_TASKS = tuple(TASKS) + ("shortest_path",)  # the tasks that take train_sizes / test_sizes
 EVAL_SIZE_TASKS = SIZED_TASKS + TEXT_TASKS  # the tasks whose evaluation sets eval_size sizes
+BATCHED_TASKS = tuple(t for t in ALL_TASKS if t != "karate")  # karate trains on its one graph
 # fields a resumed run may change: they do not alter the trajectory of the weights
 RESUME_FREE = frozenset(
     {
