@@ -662,7 +662,7 @@ def test_analyze_reports_a_missing_tokenizer_and_directory(tmp_path, capsys):
     assert "--hf-dir" in capsys.readouterr().err
 
 
-def test_analyze_runs_on_a_train_run_checkpoint(tmp_path, capsys):
+def test_analyze_runs_on_a_train_run_checkpoint(tmp_path, monkeypatch, capsys):
     """`gnn-transformer train` writes model.pt with its run config; analyze rebuilds the model,
     draws examples of the task, and runs on the topology the model was trained on."""
     from gnn_transformer import cli
@@ -708,6 +708,7 @@ def test_analyze_runs_on_a_train_run_checkpoint(tmp_path, capsys):
     assert "sliding_window:window=2 graph" in printed
     assert (out / "summary.json").is_file()
     # the recorded graph is the run's: a window of radius 2 gives exactly min(L, 5)-ish keys
+    from gnn_transformer.experiments import analyze_run
     from gnn_transformer.experiments.analyze_run import analyze, load_checkpoint_model
     from gnn_transformer.topology import sliding_window
 
@@ -724,6 +725,12 @@ def test_analyze_runs_on_a_train_run_checkpoint(tmp_path, capsys):
     too_many = ["analyze", "--checkpoint", str(run / "model.pt"), "--samples", str(10**13), "--out", str(out)]
     assert cli.main(too_many) == 2
     assert f"--samples: Expected 'samples' small enough to fit in memory (got {10**13})" in capsys.readouterr().err
+    # drawn, but their recording would not fit: refused before the model runs
+    monkeypatch.setattr(analyze_run, "host_memory_budget", lambda: 1)
+    assert cli.main(["analyze", "--checkpoint", str(run / "model.pt"), "--samples", "3", "--out", str(out)]) == 2
+    assert (
+        "--samples: Expected 'sequences' small enough to analyze in memory (got 3 sequences" in capsys.readouterr().err
+    )
 
 
 # ---------------------------------------------------------------- per-head, per-layer and selected graphs
@@ -842,6 +849,53 @@ def test_analyze_records_the_graph_each_layer_selects():
         within = torch.cat([torch.arange(11), torch.arange(6)]) + 1  # causal keys of each query
         assert torch.equal(per_query, within.clamp(max=2)[:, None].expand(17, 2))
         assert bool((g.edge_index[0] <= g.edge_index[1]).all())  # within the causal graph
+
+
+@pytest.mark.parametrize(
+    "graph", ["causal", "sliding_window:window=1", "dilated_per_head:window=1,dilations=1;3,causal=true", "gemma3"]
+)
+def test_recording_bytes_are_what_analyze_keeps(graph):
+    """The estimate checked before a run equals the attention weights and hidden states the
+    run records (a float64 model: 8 bytes each)."""
+    from gnn_transformer.experiments import analyze_run
+
+    _, loaded = _double_lm()
+    trace = analyze_run.analyze(loaded, SEQS, graph=graph).traces["model"]
+    kept = sum(g.weights.numel() * g.weights.element_size() for g in trace.attention)
+    kept += sum(s.numel() * s.element_size() for s in trace.hidden_states)
+    built, select = analyze_run.build_graph(loaded, graph, [len(s) for s in SEQS])
+    assert analyze_run.recording_bytes(loaded, built, select, 17) == kept
+    assert analyze_run.recording_bytes(loaded, built, select, 17, variants=3) == 3 * kept
+    # a selector's graphs are chosen during the run: only the hidden states are counted
+    trace = analyze_run.analyze(loaded, SEQS, graph="causal+topk:num_keys=2").traces["model"]
+    states = sum(s.numel() * s.element_size() for s in trace.hidden_states)
+    built, select = analyze_run.build_graph(loaded, "causal+topk:num_keys=2", [len(s) for s in SEQS])
+    assert analyze_run.recording_bytes(loaded, built, select, 17) == states
+
+
+def test_analyze_refuses_a_recording_that_cannot_fit(tmp_path, monkeypatch, capsys):
+    from gnn_transformer.experiments import analyze_run
+
+    _, loaded = _double_lm()
+    built, _ = analyze_run.build_graph(loaded, "causal", [11, 6])
+    need = analyze_run.recording_bytes(loaded, built, None, 17)
+    monkeypatch.setattr(analyze_run, "host_memory_budget", lambda: need)
+    analyze_run.analyze(loaded, SEQS)  # exactly at the budget: runs
+    with pytest.raises(ValueError, match=r"Expected 'sequences' small enough .* \(got 2 sequences, 17 tokens\)"):
+        analyze_run.analyze(loaded, SEQS, compare_norm=True)  # three runs' recordings
+    monkeypatch.setattr(analyze_run, "host_memory_budget", lambda: need - 1)
+    with pytest.raises(ValueError, match="more than half of this machine's memory"):
+        analyze_run.analyze(loaded, SEQS)
+    # the command names the option that gave the sequences, and writes nothing
+    path, _ = _tiny_lm_checkpoint(tmp_path)
+    tokens = tmp_path / "ids.txt"
+    tokens.write_text("1 2 3 4 5 6 7 8\n")
+    monkeypatch.setattr(analyze_run, "host_memory_budget", lambda: 1)
+    cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out", str(tmp_path / "o")])
+    assert cli.analyze.run(args) == 2
+    err = capsys.readouterr().err
+    assert "--tokens: Expected 'sequences' small enough to analyze in memory (got 1 sequence, 8 tokens)" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_analyze_refuses_a_per_head_graph_of_other_heads(tmp_path, capsys):

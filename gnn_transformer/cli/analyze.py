@@ -127,7 +127,11 @@ def run(args) -> int:
             min_ratio=args.massive_ratio,
         )
     except (FileNotFoundError, ValueError) as err:  # reported before any output, naming the option
-        error(name_option(str(err), args))
+        message = str(err)
+        if message.startswith("Expected 'sequences'"):  # the input as a whole: the option that gave it
+            source = "--tokens" if args.tokens is not None else "--text" if args.text is not None else "--samples"
+            message = f"{source}: {message}"
+        error(name_option(message, args))
         return EXIT_USAGE
     print(f"{loaded.name}: {len(result.lengths)} sequence(s), {sum(result.lengths)} tokens, {result.graph} graph")
     for label, rows in result.rows.items():

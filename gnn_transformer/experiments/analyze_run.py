@@ -49,7 +49,7 @@ from ..model import GraphEncoderModel, GraphLM, GraphTransformerConfig
 from ..topology import batch_vector
 from ..topology.dynamic import selector
 from ..topology.specs import LayerPattern
-from .tasks import check_set_fits
+from .tasks import check_set_fits, host_memory_budget
 from .topologies import per_length, resolve_topology
 
 CONFIG_NAMES = ("config.json", "model_config.json")
@@ -664,6 +664,44 @@ def build_graph(loaded: LoadedModel, spec: str, lengths: Sequence[int]) -> tuple
     return graph, topo.select
 
 
+def _num_edges(graph: Any) -> int:
+    """Edges of one layer's graph: an ``edge_index`` or a per-head pair ``(edge_index, edge_head)``."""
+    edge_index = graph[0] if isinstance(graph, tuple) else graph
+    return edge_index.size(1) if isinstance(edge_index, Tensor) else 0
+
+
+def recording_bytes(loaded: LoadedModel, built: Any, select: Any, num_tokens: int, variants: int = 1) -> int:
+    """A lower bound of the bytes :func:`analyze` keeps for a batch of ``num_tokens`` tokens on
+    the graph ``built`` (:func:`build_graph`): every attention layer's weights ``[E, H]`` and every
+    layer's hidden states ``[N, C]``, in the model's dtype, for each of ``variants`` runs. A
+    selector's graphs are not known before the run and count no edges."""
+    modules = attention_modules(loaded.model)
+    param = next(loaded.model.parameters(), None)
+    itemsize = param.element_size() if param is not None else 4
+    graphs = built if isinstance(built, list) else [built] * len(modules)
+    weights = 0 if select is not None else sum(_num_edges(g) * m.num_heads for m, g in zip(modules, graphs))
+    states = (len(modules) + 1) * num_tokens * max((m.embed_dim for m in modules), default=0)
+    return variants * (weights + states) * itemsize
+
+
+def check_recording_fits(
+    loaded: LoadedModel, built: Any, select: Any, lengths: Sequence[int], variants: int = 1
+) -> None:
+    """Refuse, before the model runs, a batch whose recording (:func:`recording_bytes`) would not
+    fit in half of the host memory: a ``ValueError`` naming ``'sequences'``."""
+    need = recording_bytes(loaded, built, select, sum(lengths), variants)
+    budget = host_memory_budget()
+    if need > budget:
+        runs = f" in each of {variants} runs" if variants > 1 else ""
+        count = f"{len(lengths)} sequence{'s' if len(lengths) != 1 else ''}"
+        raise ValueError(
+            f"Expected 'sequences' small enough to analyze in memory (got {count}, "
+            f"{sum(lengths)} tokens): recording every layer's attention weights and hidden states{runs} "
+            f"needs at least {need / 2**30:.3g} GiB, more than half of this machine's memory "
+            f"({budget / 2**30:.3g} GiB)"
+        )
+
+
 def analyze(
     loaded: LoadedModel,
     sequences: Sequence[Sequence[int]],
@@ -698,6 +736,7 @@ def analyze(
     ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long)  # [N] or [N, fields]
     pos = torch.cat([torch.arange(n) for n in lengths])  # [N] position within each sequence
     built, select = build_graph(loaded, graph, lengths)
+    check_recording_fits(loaded, built, select, lengths, variants=3 if compare_norm else 1)
     batch = batch_vector(lengths)
 
     def run_once() -> Trace:
