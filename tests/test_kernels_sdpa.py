@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gnn_transformer.kernels import planner, attend, auto_kernel, choose_backend, clear_cache, sdpa
+from gnn_transformer.kernels import planner, attend, attend_dense, auto_kernel, choose_backend, clear_cache, sdpa
 from gnn_transformer.kernels.planner import DensePattern, dense_pattern
 from gnn_transformer.kernels.sdpa import public_sdpa
 from gnn_transformer.topology import causal, cross, document, full
@@ -301,3 +301,67 @@ def test_huge_log_sum_exp_without_gradients_stays_on_the_fused_kernel():
     out = attend(q, k, v, edge_index, scale=0.75)  # a gradient: the project's kernels
     assert not torch.equal(out.detach(), fused_cpu)
     torch.testing.assert_close(out, ours, **TOL[torch.float32])
+
+
+def _strided(x: torch.Tensor) -> torch.Tensor:
+    """``x [N, H, D]`` as a view whose last dimension has stride 2 (same values, differentiable)."""
+    out = torch.stack([x, torch.zeros_like(x)], dim=-1).flatten(-2)[..., ::2]
+    assert out.stride(-1) == 2
+    return out
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name,build,n_src,n_dst,want", RECOGNIZED, ids=[r[0] for r in RECOGNIZED])
+def test_inputs_whose_last_dimension_is_strided(name, build, n_src, n_dst, want, dtype, return_lse):
+    """The fused CPU kernel reads each row of ``D`` values as contiguous: views with another last
+    stride (``x[..., ::2]``) give the dense reference's output and gradients, with or without
+    gradients and on the layers' short route."""
+    edge_index = build()
+
+    def strided_attend(q, k, v, b):
+        out, lse = attend(_strided(q), _strided(k), _strided(v), edge_index, scale=0.45, return_lse=True)
+        if not return_lse:  # the output of the kernel's own autograd, lse from the same call with it
+            out = attend(_strided(q), _strided(k), _strided(v), edge_index, scale=0.45)
+        return out, lse
+
+    assert_matches_dense(strided_attend, edge_index, n_src, n_dst, dtype, bias=False)
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(n_dst, 2, 4, generator=gen, dtype=dtype)
+    k, v = (torch.randn(n_src, 2, 4, generator=gen, dtype=dtype) for _ in "kv")
+    want_out = dense_attention(q, k, v, edge_index, 0.45)
+    with torch.no_grad():
+        for out in (
+            attend(_strided(q), _strided(k), _strided(v), edge_index, scale=0.45),
+            attend_dense(_strided(q), _strided(k), _strided(v), edge_index, scale=0.45),
+        ):
+            torch.testing.assert_close(out, want_out.to(dtype), **TOL[dtype])
+
+
+CAUSAL = [r for r in RECOGNIZED if r[4].kind == "causal"] + [
+    ("implicit-causal", lambda: causal(13, implicit=True), 13, 13, DensePattern("causal", (0, 13)))
+]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name,build,n_src,n_dst,want", CAUSAL, ids=[r[0] for r in CAUSAL])
+def test_negative_scale_on_causal_graphs(name, build, n_src, n_dst, want, dtype, grad):
+    """PyTorch's fused causal kernel returns NaN for a negative scale: ``auto`` runs the project's
+    kernels there, whose results equal the dense reference, with or without gradients."""
+    edge_index = build()
+    edges = edge_index.edges() if hasattr(edge_index, "edges") else edge_index  # an implicit graph's edges
+    assert_matches_dense(
+        lambda q, k, v, b: attend(q, k, v, edge_index, scale=-0.5, return_lse=True),
+        edges,
+        n_src,
+        n_dst,
+        dtype,
+        bias=False,
+        scale=-0.5,
+    )
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(n, 2, 4, generator=gen, dtype=dtype).requires_grad_(grad) for n in (n_dst, n_src, n_src))
+    want_out = dense_attention(q, k, v, edges, -0.5)
+    for out in (attend(q, k, v, edge_index, scale=-0.5), attend_dense(q, k, v, edges, scale=-0.5)):
+        torch.testing.assert_close(out, want_out.to(dtype), **TOL[dtype])

@@ -59,6 +59,13 @@ def _tokens(parts: list[Tensor]) -> Tensor:
     return torch.cat([p.transpose(1, 2).flatten(0, 1) for p in parts])
 
 
+def _unit_stride(x: Tensor) -> Tensor:
+    """``x`` itself where its last dimension is contiguous, else a contiguous copy: the fused CPU
+    kernel and its backward read rows of ``D`` values as if it were (any other stride of ``x`` is
+    theirs to follow)."""
+    return x if x.stride(-1) == 1 or x.size(-1) <= 1 else x.contiguous()
+
+
 def _flash(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float) -> tuple[Tensor, list[Tensor]]:
     """``(out [N, H, D] in q's dtype, lses)`` by the fused CPU kernel, computed in the accumulation
     dtype; differentiable in ``q``, ``k``, ``v`` through the kernel's own autograd. ``lses``: the
@@ -66,6 +73,7 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float)
     dtype, cd = q.dtype, compute_dtype(q.dtype)
     if dtype != cd:
         q, k, v = q.to(cd), k.to(cd), v.to(cd)
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     group = q.size(1) // k.size(1)
     k, v = repeat_heads(k, group), repeat_heads(v, group)  # [N, H, D]
     causal = pattern.kind == "causal"
@@ -98,7 +106,7 @@ def _flash_backward(q, k, v, bias, pattern: DensePattern, scale: float, out, lse
 
     def padded(x: Tensor, heads: int | None = None) -> Tensor:  # [N, H, D] -> [N, H, D + extra] in cd
         x = x.to(cd) if heads is None else repeat_heads(x.to(cd), heads)
-        return torch.nn.functional.pad(x, (0, extra)) if extra else x
+        return torch.nn.functional.pad(x, (0, extra)) if extra else _unit_stride(x)
 
     qc, kc, vc, oc, doc = padded(q), padded(k, group), padded(v, group), padded(out), padded(dout)
     if extra:
@@ -133,7 +141,12 @@ def sdpa_attention(
     under the project's autograd function (which takes a gradient of ``lse``); ``None`` where its
     log-sum-exp reaches :data:`LSE_LIMIT` and is returned or reaches a gradient (the caller then runs
     the project's kernels, which keep what rounding the log-sum-exp lost). Elsewhere through the
-    public ``scaled_dot_product_attention``, without ``lse``."""
+    public ``scaled_dot_product_attention``, without ``lse``. ``None`` on any device for a causal
+    graph with a negative ``scale``."""
+    if scale < 0 and pattern.kind == "causal":
+        # PyTorch's fused causal CPU kernel returns NaN for a negative scale (untested elsewhere);
+        # the project's kernels take any scale
+        return None
     if q.device.type != "cpu":
         return public_sdpa(q, k, v, pattern, scale)
     if return_lse:
