@@ -259,3 +259,66 @@ def test_builders_refuse(build, name):
 def test_interval_graph_refuses(lo, hi, name):
     with pytest.raises(ValueError, match=name):
         interval_graph(torch.tensor(lo), torch.tensor(hi), 3, 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 150), min_size=1, max_size=4).filter(lambda x: sum(x) > 0),
+    window=st.one_of(st.none(), st.integers(0, 160)),
+    causal=st.booleans(),
+    block=st.sampled_from([16, 32, 64]),
+)
+def test_window_tiles_counts_the_tiles_and_masks_before_building(lengths, window, causal, block):
+    """The budget check counts tiles and masks from the query blocks' bounds alone: the counts of
+    the graph built."""
+    from gnn_transformer.topology.implicit import window_tiles
+
+    if block > max(sum(lengths), 16):
+        return
+    if window is None:
+        graph = (T.causal if causal else T.full)(lengths, implicit=True, block_size=block)
+    else:
+        graph = T.sliding_window(lengths, window, causal=causal, implicit=True, block_size=block)
+    clamped = None if window is None else min(window, max(lengths))
+    assert window_tiles(lengths, clamped, causal, block) == (graph.num_tiles, graph.masks.size(0))
+
+
+@pytest.mark.parametrize(
+    "name,build",
+    [
+        ("full", lambda: T.full([50, 30], implicit=True)),
+        ("causal", lambda: T.causal(200, implicit=True)),
+        ("sliding_window", lambda: T.sliding_window(300, 20, implicit=True)),
+        ("document", lambda: T.document(120, [40, 80], causal=True, implicit=True)),
+    ],
+)
+def test_implicit_graphs_are_refused_past_the_budget(name, build):
+    """An implicit graph counts the bytes of its arrays (per token, per tile, a mask per partial
+    tile) against the edge budget's int64 edge_index, ``16 * max_edges`` bytes: built exactly at
+    the budget, refused one below, naming the builder."""
+    from gnn_transformer.topology.implicit import IMPLICIT_TILE_BYTES, IMPLICIT_TOKEN_BYTES
+
+    graph = build()
+    need = (
+        IMPLICIT_TOKEN_BYTES * graph.num_dst
+        + IMPLICIT_TILE_BYTES * graph.num_tiles
+        + graph.block_q * graph.block_k * graph.masks.size(0)
+    )
+    with T.max_edges(-(-need // 16)):
+        build()
+    with (
+        T.max_edges(-(-need // 16) - 1),
+        pytest.raises(ValueError, match=rf"^{name}: .* with implicit=True would hold"),
+    ):
+        build()
+    with T.max_edges(None):
+        build()
+
+
+def test_huge_implicit_graphs_are_refused_without_allocating():
+    """Counting takes O(N / B) memory a chunk at a time; a token count beyond the budget is refused
+    before counting."""
+    with pytest.raises(ValueError, match=r"full: n=10000000 with implicit=True would hold 24414062500 tiles"):
+        T.full(10**7, implicit=True)
+    with pytest.raises(ValueError, match=r"causal: n=1000000000000 with implicit=True would hold 1000000000000 tokens"):
+        T.causal(10**12, implicit=True)

@@ -62,6 +62,11 @@ def max_edges(limit: int | None) -> Iterator[None]:
         _MAX_EDGES.reset(token)
 
 
+def edge_budget() -> int | None:
+    """The edge budget in force (:func:`max_edges`; ``None``: no limit)."""
+    return _MAX_EDGES.get()
+
+
 def _describe(lengths: list[int]) -> str:
     """``n`` for a message: the length, a short list, or the first lengths and the totals."""
     if len(lengths) == 1:
@@ -69,6 +74,11 @@ def _describe(lengths: list[int]) -> str:
     if len(lengths) <= 4:
         return str(lengths)
     return f"[{lengths[0]}, {lengths[1]}, ..., {lengths[-1]}] ({len(lengths)} sequences, {sum(lengths)} tokens)"
+
+
+def describe_sizes(**sizes: list[int]) -> str:
+    """``n=5`` or ``n=[3, 4]``: a builder's sizes for a message."""
+    return ", ".join(f"{name}={_describe(v)}" for name, v in sizes.items())
 
 
 def check_edges(builder: str, edges: int, **sizes: list[int]) -> None:
@@ -79,7 +89,7 @@ def check_edges(builder: str, edges: int, **sizes: list[int]) -> None:
         return
     tokens = sum(sum(v) for v in sizes.values())  # per-token arrays, even without edges
     if edges > limit or tokens > limit:
-        what = ", ".join(f"{name}={_describe(v)}" for name, v in sizes.items())
+        what = describe_sizes(**sizes)
         need = f"would need {edges} edges" if edges > limit else f"has {tokens} tokens ({edges} edges)"
         raise ValueError(
             f"{builder}: {what} {need}, more than the edge budget max_edges={limit} "

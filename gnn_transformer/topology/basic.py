@@ -38,7 +38,7 @@ def full(n: Lengths, *, implicit: bool = False, block_size: int | None = None) -
     """
     lengths = as_lengths(n)
     if check_bool("implicit", implicit):
-        return implicit_window(lengths, None, False, block_size)
+        return implicit_window(lengths, None, False, block_size, "full")
     check_edges("full", sum(L * L for L in lengths), n=lengths)
     pos, offset, length = local_positions(lengths)  # [N] each
     dst = torch.repeat_interleave(torch.arange(pos.numel()), length)  # each target repeated L times
@@ -73,7 +73,7 @@ def causal(n: Lengths, *, implicit: bool = False, block_size: int | None = None)
     """
     lengths = as_lengths(n)
     if check_bool("implicit", implicit):
-        return implicit_window(lengths, None, True, block_size)
+        return implicit_window(lengths, None, True, block_size, "causal")
     check_edges("causal", sum(L * (L + 1) // 2 for L in lengths), n=lengths)
     pos, offset, _ = local_positions(lengths)
     count = pos + 1  # in-degree of each node

@@ -105,7 +105,7 @@ def document(
     """
     check_bool("causal", causal)
     if check_bool("implicit", implicit):
-        return implicit_window(document_lengths(n, doc_lengths), None, causal, block_size)
+        return implicit_window(document_lengths(n, doc_lengths), None, causal, block_size, "document", "documents")
 
     def edges(d: int) -> int:  # one document of d tokens
         return d * (d + 1) // 2 if causal else d * d

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths, as_lengths, check_edges, check_int, local_positions
+from ._common import Lengths, as_lengths, check_edges, check_int, describe_sizes, edge_budget, local_positions
 
 DEFAULT_BLOCK_SIZE = 64  # the tile side of the kernels' tiled backend on CPU and GPU
 MIN_BLOCK_SIZE = 16  # the smallest tile the GPU kernels take (tl.dot)
@@ -420,16 +420,20 @@ def interval_graph(
     mask_index = torch.full_like(q_block, -1)
     mask_index[partial] = torch.arange(partial.numel(), device=device)
     r = torch.arange(block, device=device)
-    i = first[q_block[partial]][:, None] + r  # [P, Bq]
-    j = j0[partial][:, None] + r  # [P, Bk]
-    inside = i < n
-    i = i.clamp(max=n - 1)
-    masks = (
-        (j[:, None, :] >= lo[i][:, :, None])
-        & (j[:, None, :] <= hi[i][:, :, None])
-        & inside[:, :, None]
-        & (j < num_src)[:, None, :]
-    )  # [P, Bq, Bk]
+    masks = torch.empty(partial.numel(), block, block, dtype=torch.bool, device=device)  # [P, Bq, Bk]
+    step = max(1, MASK_CHUNK_CELLS // (block * block))
+    for a in range(0, partial.numel(), step):  # a chunk of masks at a time: no [P, Bq, Bk] temporaries
+        some = partial[a : a + step]
+        i = first[q_block[some]][:, None] + r  # [p, Bq]
+        j = j0[some][:, None] + r  # [p, Bk]
+        inside = i < n
+        i = i.clamp(max=n - 1)
+        masks[a : a + step] = (
+            (j[:, None, :] >= lo[i][:, :, None])
+            & (j[:, None, :] <= hi[i][:, :, None])
+            & inside[:, :, None]
+            & (j < num_src)[:, None, :]
+        )
     return BlockGraph(n, num_src, block, block, q_block, k_block, mask_index, masks, dense=dense)
 
 
@@ -443,17 +447,80 @@ def sequence_bounds(lengths: list[int]) -> tuple[int, ...]:
     return tuple(bounds) + (offset,)
 
 
-def implicit_window(n: Lengths, window: int | None, causal: bool, block_size: int | None) -> BlockGraph:
+# bytes an implicit window graph holds per token (its [N] positions, offsets, lengths and bounds)
+# and per tile (query block, key block, mask index), besides a B x B mask per partial tile: what
+# the edge budget counts for it
+IMPLICIT_TOKEN_BYTES = 5 * 8
+IMPLICIT_TILE_BYTES = 3 * 8
+TILE_COUNT_CHUNK = 1 << 20  # query blocks counted at a time by window_tiles
+MASK_CHUNK_CELLS = 1 << 24  # tile mask cells interval_graph fills at a time
+
+
+def _window_bounds(pos: Tensor, offset: Tensor, length: Tensor, w: int, causal: bool) -> tuple[Tensor, Tensor]:
+    """``(lo, hi)``: the first and last source of targets at ``pos`` in sequences at ``offset`` of
+    ``length`` tokens, for a window of radius ``w`` (causal: only back)."""
+    lo = offset + (pos - w).clamp(min=0)
+    return lo, offset + (pos if causal else torch.minimum(pos + w, length - 1))
+
+
+def window_tiles(lengths: list[int], window: int | None, causal: bool, block: int) -> tuple[int, int]:
+    """``(tiles, masks)`` of :func:`implicit_window`'s graph: the tiles :func:`interval_graph` will
+    list and those of them that are not full (one mask each), counted from each query block's
+    first and last token alone (``O(N / B)`` memory)."""
+    total = sum(lengths)
+    lens = torch.tensor(lengths, dtype=torch.long)
+    ends = lens.cumsum(0)
+
+    def bounds(i: Tensor) -> tuple[Tensor, Tensor]:
+        seq = torch.searchsorted(ends, i, right=True)  # the (non-empty) sequence of each token
+        offset = ends[seq] - lens[seq]
+        return _window_bounds(i - offset, offset, lens[seq], total if window is None else window, causal)
+
+    tiles = full = 0
+    for start in range(0, total, block * TILE_COUNT_CHUNK):  # query blocks a chunk at a time
+        first = torch.arange(start, min(start + block * TILE_COUNT_CHUNK, total), block)  # [NBq]
+        last = (first + block).clamp(max=total) - 1
+        (lo_first, hi_first), (lo_last, hi_last) = bounds(first), bounds(last)
+        kb_lo, kb_hi = lo_first // block, hi_last // block
+        tiles += int((kb_hi - kb_lo + 1).sum())
+        # full: every row of a whole query block hears every key of a whole key block
+        lowest = torch.maximum(kb_lo, -(-lo_last // block))
+        highest = torch.minimum(torch.minimum(kb_hi, (hi_first + 1) // block - 1), torch.tensor(total // block - 1))
+        whole = last - first + 1 == block
+        full += int(torch.where(whole, (highest - lowest + 1).clamp(min=0), 0).sum())
+    return tiles, tiles - full
+
+
+def implicit_window(
+    n: Lengths, window: int | None, causal: bool, block_size: int | None, builder: str, name: str = "n"
+) -> BlockGraph:
     """The :class:`BlockGraph` of ``j -> i`` within each sequence of ``n`` for ``0 <= i - j`` (causal)
     or any ``i, j``, and ``|i - j| <= window`` (``None``: no window): what :func:`causal`,
-    :func:`full`, :func:`sliding_window` and :func:`document` build with ``implicit=True``."""
+    :func:`full`, :func:`sliding_window` and :func:`document` build with ``implicit=True``.
+
+    Its tiles and tokens are counted first: a graph whose arrays would hold more bytes than the edge
+    budget's int64 ``edge_index`` (``16 * max_edges``, see :func:`~gnn_transformer.topology.max_edges`)
+    is refused with a ``ValueError`` naming ``builder`` and its sizes (``name=...``)."""
     lengths = as_lengths(n)
     total = sum(lengths)
     block = block_size_for(total, block_size)
+    limit = edge_budget()
+    if limit is not None:
+        # the tokens first: counting the tiles takes a pass over the query blocks
+        counted = IMPLICIT_TOKEN_BYTES * total <= 16 * limit
+        tiles, masks = window_tiles(lengths, window, causal, block) if counted else (None, 0)
+        need = IMPLICIT_TOKEN_BYTES * total + IMPLICIT_TILE_BYTES * (tiles or 0) + block * block * masks
+        if need > 16 * limit:
+            held = f"{total} tokens" if tiles is None else f"{tiles} tiles of {block}x{block} tokens"
+            raise ValueError(
+                f"{builder}: {describe_sizes(**{name: lengths})} with implicit=True would hold {held} "
+                f"({need / 2**30:.3g} GiB with its masks and per-token bounds), more than the edge "
+                f"budget max_edges={limit} allows ({16 * limit / 2**30:.3g} GiB, that of an int64 edge_index); to "
+                f"build it anyway, call it inside 'with gnn_transformer.topology.max_edges({-(-need // 16)}):' "
+                "(None: no limit)"
+            )
     pos, offset, length = local_positions(lengths)  # [N] each
-    w = total if window is None else window
-    lo = offset + (pos - w).clamp(min=0)
-    hi = offset + (pos if causal else torch.minimum(pos + w, length - 1))
+    lo, hi = _window_bounds(pos, offset, length, total if window is None else window, causal)
     spans_all = window is None or window >= max(lengths, default=0) - 1
     dense = ("causal" if causal else "full", sequence_bounds(lengths)) if spans_all and total else None
     return interval_graph(lo, hi, total, block, dense)

@@ -79,7 +79,7 @@ def sliding_window(
     check_bool("causal", causal)
     window = min(window, max(lengths, default=0))  # a wider window sees the same keys
     if check_bool("implicit", implicit):
-        return implicit_window(lengths, window, causal, block_size)
+        return implicit_window(lengths, window, causal, block_size, "sliding_window")
     check_edges("sliding_window", sum(window_edges(L, window, causal) for L in lengths), n=lengths)
     pos, offset, length = local_positions(lengths)  # [N] each
     lo = (pos - window).clamp(min=0)
