@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .topology._common import check_cells
+
 
 def _lengths_tensor(lengths: Sequence[int] | Tensor, batch_size: int | None, max_len: int | None, device) -> Tensor:
     if isinstance(lengths, Tensor):
@@ -67,9 +69,17 @@ def _check_fill_value(fill_value: object, dtype: torch.dtype) -> None:
 
 
 def padding_mask(lengths: Sequence[int] | Tensor, max_len: int | None = None, device=None) -> Tensor:
-    """Boolean ``[B, T]``, ``True`` at real tokens (the opposite of ``key_padding_mask``)."""
+    """Boolean ``[B, T]``, ``True`` at real tokens (the opposite of ``key_padding_mask``). A mask
+    of more cells than the edge budget (:func:`gnn_transformer.topology.max_edges`) is refused
+    with a ``ValueError`` before it is allocated."""
     lengths = _lengths_tensor(lengths, None, max_len, device)
     t = int(lengths.max()) if max_len is None and lengths.numel() else (max_len or 0)
+    check_cells("padding_mask", (lengths.numel(), t))
+    return _mask(lengths, t)
+
+
+def _mask(lengths: Tensor, t: int) -> Tensor:
+    """:func:`padding_mask` of checked ``lengths`` and ``t`` positions."""
     return torch.arange(t, device=lengths.device) < lengths.unsqueeze(1)  # [B, T]
 
 
@@ -84,7 +94,7 @@ def from_padded(x: Tensor, lengths: Sequence[int] | Tensor) -> Tensor:
     _check_tensor(x)
     if x.dim() < 2:
         raise ValueError(f"Expected 'x' to be padded [B, T, ...] (got shape {list(x.shape)})")
-    mask = padding_mask(_lengths_tensor(lengths, x.size(0), x.size(1), x.device), x.size(1))
+    mask = _mask(_lengths_tensor(lengths, x.size(0), x.size(1), x.device), x.size(1))  # the size of x
     return x[mask]  # [N, ...], row-major: sequence after sequence
 
 

@@ -10,6 +10,8 @@ import torch
 from torch_geometric import EdgeIndex
 
 from gnn_transformer import topology as T
+from gnn_transformer.dense.attention import edge_values_to_dense
+from gnn_transformer.padding import padding_mask
 from gnn_transformer.topology import specs
 
 HUGE = [2**63 - 1, 2**63, 2**64, 2**100]
@@ -394,3 +396,39 @@ def test_deeply_nested_params_name_the_file(tmp_path):
     path = _write(tmp_path, 'builder = "sliding_window"\n[params]\nwindow = ' + "[" * 3000 + "]" * 3000 + "\n")
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: nested too deeply to parse"):
         T.read_spec(path)
+
+
+def _per_head_mask(n, **options):
+    edge_index, edge_head = T.dilated_per_head(n, 1, [1, 2])
+    return T.to_dense_mask(edge_index, edge_head=edge_head, num_heads=2, **options)
+
+
+DENSE = [
+    ("to_dense_mask", lambda: T.to_dense_mask(T.causal(5), 5, 7), 35),
+    ("to_dense_mask", lambda: _per_head_mask(6), 2 * 36),
+    ("to_dense_mask", lambda: T.to_dense_mask(T.causal([3, 5]), lengths=[3, 5]), 2 * 25),
+    ("to_dense_mask", lambda: _per_head_mask([3, 5], lengths=[3, 5]), 2 * 2 * 25),
+    ("BlockGraph.to_dense", lambda: T.causal(20, implicit=True).to_dense(), 400),
+    ("padding_mask", lambda: padding_mask([3, 9, 2]), 27),
+    ("edge_values_to_dense", lambda: edge_values_to_dense(T.causal([2, 4]), torch.ones(13, 3), [2, 4]), 2 * 16 * 3),
+]
+
+
+@pytest.mark.parametrize("name,build,cells", DENSE, ids=[f"{d[0]}-{i}" for i, d in enumerate(DENSE)])
+def test_dense_tensors_past_the_edge_budget_are_refused_before_allocating(name, build, cells):
+    """A dense mask or padded batch counts its cells against the edge budget: built exactly at it,
+    refused one below with the shape and the budget that would build it."""
+    with T.max_edges(cells):
+        assert build().numel() == cells
+    with (
+        T.max_edges(cells - 1),
+        pytest.raises(ValueError, match=rf"^{re.escape(name)}: a dense \[.*\] would have {cells} cells"),
+    ):
+        build()
+
+
+def test_huge_dense_masks_are_refused():
+    with pytest.raises(ValueError, match=r"to_dense_mask: a dense \[10000000000, 10000000000\]"):
+        T.to_dense_mask(torch.tensor([[0], [0]]), 10**10, 10**10)
+    with pytest.raises(ValueError, match=r"padding_mask: a dense \[1, 1000000000000\]"):
+        padding_mask([10**12])

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..topology._common import check_cells
+
 
 def scaled_dot_product(
     query: Tensor,
@@ -142,6 +144,7 @@ def edge_values_to_dense(
     i, j = dst - ptr_d[seq], src - ptr_s[seq]
     t_q = int(ld.max()) if ld.numel() else 0
     t_k = int(ls.max()) if ls.numel() else 0
+    check_cells("edge_values_to_dense", (len(ld), t_q, t_k, *values.shape[1:]))
     out = values.new_full((len(ld), t_q, t_k, *values.shape[1:]), fill_value)
     out[seq.to(values.device), i.to(values.device), j.to(values.device)] = values
     return out.movedim(tuple(range(3, out.dim())), tuple(range(1, out.dim() - 2)))

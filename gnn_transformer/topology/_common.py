@@ -76,6 +76,21 @@ def _describe(lengths: list[int]) -> str:
     return f"[{lengths[0]}, {lengths[1]}, ..., {lengths[-1]}] ({len(lengths)} sequences, {sum(lengths)} tokens)"
 
 
+def check_cells(what: str, shape: Sequence[int]) -> None:
+    """Refuse a dense tensor of ``shape`` (a mask, a padded batch) with more cells than the edge
+    budget (:func:`max_edges`) before it is allocated: a ``ValueError`` naming ``what``."""
+    limit = _MAX_EDGES.get()
+    cells = 1
+    for size in shape:
+        cells *= int(size)
+    if limit is not None and cells > limit:
+        raise ValueError(
+            f"{what}: a dense {list(shape)} would have {cells} cells, more than the edge budget "
+            f"max_edges={limit}; to build it anyway, call it inside "
+            f"'with gnn_transformer.topology.max_edges({cells}):' (None: no limit)"
+        )
+
+
 def describe_sizes(**sizes: list[int]) -> str:
     """``n=5`` or ``n=[3, 4]``: a builder's sizes for a message."""
     return ", ".join(f"{name}={_describe(v)}" for name, v in sizes.items())

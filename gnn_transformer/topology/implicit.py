@@ -27,7 +27,16 @@ import torch
 from torch import Tensor
 from torch_geometric import EdgeIndex
 
-from ._common import Lengths, as_lengths, check_edges, check_int, describe_sizes, edge_budget, local_positions
+from ._common import (
+    Lengths,
+    as_lengths,
+    check_cells,
+    check_edges,
+    check_int,
+    describe_sizes,
+    edge_budget,
+    local_positions,
+)
 
 DEFAULT_BLOCK_SIZE = 64  # the tile side of the kernels' tiled backend on CPU and GPU
 MIN_BLOCK_SIZE = 16  # the smallest tile the GPU kernels take (tl.dot)
@@ -326,6 +335,7 @@ class BlockGraph:
         i``), or ``[H, N_dst, N_src]`` for a per-head graph; what ``to_dense_mask`` gives for
         :meth:`edges`."""
         heads = 1 if self.num_heads is None else self.num_heads
+        check_cells("BlockGraph.to_dense", (heads, self.num_dst, self.num_src))
         out = torch.zeros(heads, self.num_dst, self.num_src, dtype=torch.bool, device=self.device)
         q_ptr, k_ptr = self.block_starts()
         rows, cols = self.tile_sizes()

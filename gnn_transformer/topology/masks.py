@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch_geometric import EdgeIndex
 
-from ._common import as_lengths, finalize
+from ._common import as_lengths, check_cells, finalize
 
 
 def _check_edge_index(edge_index: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,7 +148,8 @@ def to_dense_mask(
     ``src_lengths`` when given (cross attention), else the same lengths. Padding entries are False.
     A per-head graph (``edge_head`` with ``num_heads``) gives one mask per head:
     ``[H, N_dst, N_src]``, or ``[B, H, T_dst, T_src]`` per sequence (the layout of
-    ``scaled_dot_product_attention``'s mask).
+    ``scaled_dot_product_attention``'s mask). A mask of more cells than the edge budget
+    (:func:`max_edges`) is refused with a ``ValueError`` before it is allocated.
 
     Args:
         edge_index: ``[2, E]`` integer tensor (or ``EdgeIndex``), row 0 source, row 1 target.
@@ -195,6 +196,7 @@ def to_dense_mask(
         )
 
     if padded is None:
+        check_cells("to_dense_mask", (heads, num_dst, num_src) if head is not None else (num_dst, num_src))
         if head is not None:
             mask = torch.zeros(heads, num_dst, num_src, dtype=torch.bool, device=src.device)
             mask[head, dst, src] = True
@@ -210,6 +212,7 @@ def to_dense_mask(
         raise ValueError(f"Expected source lengths to sum to num_src={num_src} (got {sum(s_lengths)})")
     B = len(dst_lengths)
     t_dst, t_src = max(dst_lengths, default=0), max(s_lengths, default=0)
+    check_cells("to_dense_mask", (B, heads, t_dst, t_src) if head is not None else (B, t_dst, t_src))
     d_len = torch.tensor(dst_lengths, dtype=torch.long, device=src.device)
     s_len = torch.tensor(s_lengths, dtype=torch.long, device=src.device)
     d_batch = torch.repeat_interleave(torch.arange(B, device=src.device), d_len)  # [N_dst]
