@@ -360,10 +360,10 @@ class GraphMultiheadAttention(MessagePassing):
         check_base(rope_base, "rope_base")
         if backend not in BACKENDS:
             raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {backend!r})")
-        out_bias = bias if out_bias is None else out_bias
-        for name, value in (("project_kv", project_kv), ("rope", rope), ("out_bias", out_bias)):
-            if not isinstance(value, bool):
+        for name, value in (("project_kv", project_kv), ("rope", rope), ("bias", bias), ("out_bias", out_bias)):
+            if not isinstance(value, bool) and not (name == "out_bias" and value is None):
                 raise ValueError(f"Expected '{name}' to be a bool (got {value!r})")
+        out_bias = bias if out_bias is None else out_bias
         self.scale = None if scale is None else check_real("scale", scale, low=0.0, low_open=True)
         self.softcap = None if softcap is None else check_real("softcap", softcap, low=0.0, low_open=True)
         for name, norm in (("q_norm", q_norm), ("k_norm", k_norm)):
@@ -626,6 +626,8 @@ class GraphMultiheadAttention(MessagePassing):
             out = self._forward_dense(x, edge_index, pos)
             if out is not None:
                 return out
+        if not isinstance(return_attention_weights, bool):
+            raise ValueError(f"Expected 'return_attention_weights' to be a bool (got {return_attention_weights!r})")
         if kv is not None:
             return self._forward_kv(
                 x,

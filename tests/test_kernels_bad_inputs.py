@@ -76,3 +76,34 @@ def test_a_bad_block_size_is_refused(block_size, entry):
 def test_a_bad_device_is_named(device, entry):
     with pytest.raises(ValueError, match=f"'device'.*got {device!r}"):
         getattr(kernels, entry)(topology.causal(5), device)
+
+
+@pytest.mark.parametrize("num_dst", ["4", 4.0, True, 5, torch.tensor(4)])
+def test_num_dst_other_than_the_query_rows_is_refused(num_dst):
+    q = k = v = torch.randn(4, 1, 8)
+    with pytest.raises(ValueError, match=r"Expected 'num_dst' to be the number of rows of 'query', 4 \(got"):
+        kernels.attend(q, k, v, topology.causal(4), scale=0.5, num_dst=num_dst)
+
+
+@pytest.mark.parametrize("return_lse", ["no", 1, None])
+def test_return_lse_must_be_a_bool(return_lse):
+    q = k = v = torch.randn(4, 1, 8)
+    with pytest.raises(ValueError, match=r"Expected 'return_lse' to be a bool \(got"):
+        kernels.attend(q, k, v, topology.causal(4), scale=0.5, return_lse=return_lse)
+
+
+def test_flags_of_the_layer_are_checked_under_their_own_names():
+    with pytest.raises(ValueError, match=r"Expected 'bias' to be a bool \(got 'yes'\)"):
+        GraphMultiheadAttention(8, 2, bias="yes")
+    with pytest.raises(ValueError, match=r"Expected 'out_bias' to be a bool \(got 1\)"):
+        GraphMultiheadAttention(8, 2, out_bias=1)
+    attn = GraphMultiheadAttention(8, 2)
+    with pytest.raises(ValueError, match=r"Expected 'return_attention_weights' to be a bool \(got 'yes'\)"):
+        attn(torch.randn(3, 8), topology.causal(3), return_attention_weights="yes")
+
+
+def test_lengths_and_spec_flags_of_other_types_are_refused():
+    with pytest.raises(ValueError, match=r"Expected 'n' to be a 1-D integer tensor of lengths"):
+        topology.full(torch.tensor([True, True]))
+    with pytest.raises(ValueError, match=r"Expected 'small' to be a bool \(got 'yes'\)"):
+        topology.load("causal", 3, small="yes")

@@ -156,8 +156,10 @@ def _check_inputs(query, key, value, backend, num_dst, impl):
         raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {backend!r})")
     if impl not in IMPLS:
         raise ValueError(f"Expected 'impl' to be one of {IMPLS} (got {impl!r})")
-    if num_dst is not None and num_dst != query.size(0):
-        raise ValueError(f"'num_dst' is {num_dst} but 'query' has {query.size(0)} rows")
+    if num_dst is not None and (
+        isinstance(num_dst, bool) or not isinstance(num_dst, numbers.Integral) or num_dst != query.size(0)
+    ):
+        raise ValueError(f"Expected 'num_dst' to be the number of rows of 'query', {query.size(0)} (got {num_dst!r})")
 
 
 def _fused(q, k, v, bias, graph: CSRGraph, scale, use_triton, max_edges, dropout=None):
@@ -253,6 +255,8 @@ def attend(
     """
     query, key, value = autocast_inputs(query, key, value)
     _check_inputs(query, key, value, backend, num_dst, impl)
+    if not isinstance(return_lse, bool):
+        raise ValueError(f"Expected 'return_lse' to be a bool (got {return_lse!r})")
     options = dict(
         scale=scale,
         edge_bias=edge_bias,

@@ -121,7 +121,7 @@ def as_lengths(n: Lengths | Tensor, name: str = "n") -> list[int]:
     if isinstance(n, int):
         lengths = [n]
     elif isinstance(n, Tensor):
-        if n.dim() > 1 or n.is_floating_point():
+        if n.dim() > 1 or n.is_floating_point() or n.is_complex() or n.dtype == torch.bool:
             raise ValueError(f"Expected '{name}' to be a 1-D integer tensor of lengths (got {n!r})")
         lengths = [int(v) for v in n.reshape(-1).tolist()]
     elif isinstance(n, Sequence) and not isinstance(n, (str, bytes)):

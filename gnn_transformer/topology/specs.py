@@ -171,6 +171,8 @@ def load(path: str | Path, n: Lengths | None = None, *, small: bool = False) -> 
         >>> load("causal", 3).tolist()
         [[0, 0, 1, 0, 1, 2], [0, 1, 1, 2, 2, 2]]
     """
+    if not isinstance(small, bool):
+        raise ValueError(f"Expected 'small' to be a bool (got {small!r})")
     spec = read_spec(path)
     if n is None:
         if not (small and spec.small_n):
