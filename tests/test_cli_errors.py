@@ -81,6 +81,12 @@ def _usage_error(argv, option, capsys) -> str:
         (["bench", *BENCH[:-2], "--device", "tpu"], "--device"),
         (["bench", *BENCH, "--threads", "-1"], "--threads"),
         (["bench", *BENCH, "--threads", "0"], "--threads"),
+        (["bench", *BENCH, "--threads", "100000"], "--threads"),
+        (["train", *STEP, "--betas", "-0.1", "0.9"], "--betas"),
+        (["train", *STEP, "--betas", "0.9", "1.0"], "--betas"),
+        (["train", *STEP, "--betas", "nan", "0.9"], "--betas"),
+        (["train", *STEP, "--eps", "-1"], "--eps"),
+        (["train", *STEP, "--eps", "nan"], "--eps"),
         (["train", "--device", "tpu", *STEP], "--device"),
         (["train", *STEP, "--dropout", "2"], "--dropout"),
         # models that cannot fit: refused from their parameter count, before any weight is allocated
@@ -132,6 +138,8 @@ def test_verify_cuda_missing_is_usage_error(capsys):
         (["train", *STEP, "--task", "recall", "--virtual-node"], "--virtual-node"),
         (["train", *STEP, "--task", "recall", "--patch", "2"], "--patch"),
         (["train", *ONE_GRAPH, "--task", "karate", "--eval-size", "8"], "--eval-size"),
+        (["train", *STEP, "--task", "listops", "--tie-embeddings"], "--tie-embeddings"),
+        (["train", *ONE_GRAPH, "--task", "karate", "--tie-embeddings"], "--tie-embeddings"),
         (["train", *STEP, "--task", "karate"], "--batch-size"),
         (["train", *STEP, "--task", "digits", "--topology", "grid", "--eval-size", "8"], "--eval-size"),
     ],
@@ -385,3 +393,44 @@ def test_analyze_help_and_errors_agree_with_the_docs(capsys):
     assert "default: a `train` run's own topology, causal for language models and GPT-2, full otherwise" in docs
     assert cli.main(["analyze", "--checkpoint", "no_such_file.pt"]) == 2
     assert capsys.readouterr().err.startswith("gnn-transformer: error: ")
+
+
+@pytest.mark.parametrize(
+    "argv,option",
+    [
+        (["show", "full", "-n", "4", "--out", "{bad}/x.png"], "--out"),
+        (["view", "full", "-n", "4", "--out", "{bad}/x.html"], "--out"),
+        (["verify", "full", "--lengths", "3", "--json", "{bad}/x.json"], "--json"),
+        (["bench", *BENCH, "--markdown", "{bad}/x.md"], "--markdown"),
+        (["train", *STEP, "--out", "{bad}/run"], "--out"),
+        (["compare", *STEP, "--topology", "full", "--out", "{bad}/run"], "--out"),
+    ],
+)
+def test_unwritable_outputs_are_refused_before_any_work(argv, option, tmp_path, capsys):
+    """An output whose folder cannot be written to is refused at once, naming the option (the
+    folder here is read-only; as root, where permissions do not bind, the probe is skipped)."""
+    bad = tmp_path / "read-only"
+    bad.mkdir()
+    bad.chmod(0o500)
+    try:
+        if os.access(bad, os.W_OK):
+            pytest.skip("permissions do not bind for this user")
+        err = _usage_error([a.replace("{bad}", str(bad)) for a in argv], option, capsys)
+        assert "cannot write" in err
+    finally:
+        bad.chmod(0o700)
+
+
+def test_outputs_where_nothing_can_be_created_are_refused(capsys):
+    """/proc takes no new files, whoever asks."""
+    if not Path("/proc").is_dir():
+        pytest.skip("no /proc")
+    err = _usage_error(["show", "full", "-n", "4", "--out", "/proc/x.png"], "--out", capsys)
+    assert "cannot write '/proc/x.png'" in err
+
+
+def test_an_empty_resume_file_is_a_usage_error(tmp_path, capsys):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    err = _usage_error(["train", *STEP, "--out", str(tmp_path / "r"), "--resume", str(empty)], "--resume", capsys)
+    assert "empty or truncated file" in err

@@ -324,3 +324,21 @@ def test_compiled_model_trains_like_the_eager_one():
         for flag in (False, True)
     ]
     torch.testing.assert_close(results[1].history[-1]["loss"], results[0].history[-1]["loss"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["node", "patch"])
+def test_node_and_patch_models_honour_bias_and_gpt_init(kind):
+    """``--no-bias`` and ``--gpt-init`` reach the graph and vision models as they reach the
+    sequence models: no bias anywhere in the model, and GPT-2's normal(0, 0.02) weights."""
+    from gnn_transformer.experiments.models import EncoderConfig, NodeModel, PatchModel
+
+    def build(**options):
+        config = EncoderConfig(d_model=16, nhead=2, num_layers=2, dim_feedforward=32, **options)
+        torch.manual_seed(0)
+        return NodeModel(5, 3, config, pe_dim=2) if kind == "node" else PatchModel(4, 9, 3, config)
+
+    assert not [n for n, _ in build(bias=False).named_parameters() if n.endswith("bias") and "norm" not in n]
+    assert any(n.endswith("bias") and "norm" not in n for n, _ in build().named_parameters())
+    plain, gpt = build(), build(gpt_init=True)
+    assert abs(float(gpt.head.weight.std()) - 0.02) < 0.01 and float(plain.head.weight.std()) > 0.05
+    assert float(gpt.embed.bias.abs().max()) == 0.0

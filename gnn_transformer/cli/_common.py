@@ -4,8 +4,10 @@ and training options of ``compare`` and ``train``."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -84,22 +86,35 @@ class Given(argparse.Action):
         namespace.given = {*getattr(namespace, "given", ()), self.dest}
 
 
+def _check_writable(option: str, folder: Path, path: str) -> None:
+    """Refuse ``path`` when nothing can be created in ``folder`` (its folder or first existing
+    parent): one empty folder is made there and removed, before any work."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".gnn-transformer-", dir=folder))
+    except OSError as err:
+        raise UsageError(f"{option}: cannot write {path!r} ({err.strerror or err} in {str(folder)!r})") from None
+
+
 def check_out_dir(option: str, path: str) -> None:
-    """An output folder (created if missing): refuse it if it or a parent is not a folder."""
+    """An output folder (created if missing): refuse it if it or a parent is not a folder, or if
+    nothing can be written there."""
     for p in (Path(path), *Path(path).parents):
         if p.exists():
             if not p.is_dir():
                 raise UsageError(f"{option}: {str(p)!r} exists and is not a directory")
+            _check_writable(option, p, path)
             return
 
 
 def check_out_file(option: str, path: str) -> None:
-    """An output file: refuse a folder, or a file whose folder does not exist."""
+    """An output file: refuse a folder, a file whose folder does not exist, or a folder where
+    nothing can be written."""
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"{option}: {path!r} is a directory, expected a file path")
     if not p.parent.is_dir():
         raise UsageError(f"{option}: the directory {str(p.parent)!r} of {path!r} does not exist")
+    _check_writable(option, p.parent, path)
 
 
 def check_device(option: str, name: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ._common import EXIT_OK, EXIT_USAGE, UsageError, error, check_out_file, check_device
@@ -298,6 +299,8 @@ def run(args) -> int:
     for name in ("heads", "head_dim", "repeats", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if args.threads is not None and args.threads > (os.cpu_count() or 1):
+        raise UsageError(f"--threads must be at most this machine's {os.cpu_count() or 1} CPUs (got {args.threads})")
     if args.sizes is not None and min(args.sizes) < 1:
         raise UsageError(f"--sizes must be positive (got {args.sizes})")
     if args.kv_heads is not None and (args.kv_heads < 1 or (args.heads is not None and args.heads % args.kv_heads)):

@@ -324,7 +324,7 @@ def _check_task_options(args) -> None:
 
     given = {
         *getattr(args, "given", ()),  # options with defaults, see Given
-        *(name for name in ("train_sizes", "test_sizes", "virtual_node") if getattr(args, name)),
+        *(name for name in ("train_sizes", "test_sizes", "virtual_node", "tie_embeddings") if getattr(args, name)),
     }
     for name, tasks in (
         ("train_sizes", SIZED_TASKS),
@@ -334,6 +334,7 @@ def _check_task_options(args) -> None:
         ("patch", VISION_TASKS),
         ("eval_size", EVAL_SIZE_TASKS),
         ("batch_size", BATCHED_TASKS),
+        ("tie_embeddings", tuple(TASKS) + ("lm",)),  # an output layer over the input vocabulary
         ("position", tuple(TASKS) + TEXT_TASKS),
     ):
         if name in given and args.task not in tasks:

@@ -55,9 +55,10 @@ def read(path: str | Path, map_location: str | torch.device = "cpu", *, name: st
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated, not a torch file, or pickled code refused by weights_only
+        reason = (str(err).splitlines() or ["empty or truncated file"])[0][:200]  # EOFError has no text
         raise ValueError(
             f"Expected '{name}' to be a checkpoint written by gnn-transformer "
-            f"(got {str(path)!r}: {type(err).__name__}: {str(err).splitlines()[0][:200]})"
+            f"(got {str(path)!r}: {type(err).__name__}: {reason})"
         ) from None
     if not isinstance(payload, dict) or "model" not in payload:
         raise ValueError(f"Expected '{name}' to be a checkpoint written by save_checkpoint (got {str(path)!r})")

@@ -193,10 +193,12 @@ class NodeModel(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, config: EncoderConfig, pe_dim: int = 0) -> None:
         super().__init__()
-        self.embed = nn.Linear(in_features, config.d_model)
+        self.embed = nn.Linear(in_features, config.d_model, bias=config.bias)
         self.pe = nn.Linear(pe_dim, config.d_model, bias=False) if pe_dim else None
         self.encoder = make_encoder(config)
-        self.head = nn.Linear(config.d_model, num_classes)
+        self.head = nn.Linear(config.d_model, num_classes, bias=config.bias)
+        if config.gpt_init:
+            gpt_init(self, config.num_layers)
 
     def forward(self, x: Tensor, edge_index: Tensor, pe: Tensor | None = None) -> Tensor:
         h = self.embed(x)  # [N, C]
@@ -216,11 +218,13 @@ class PatchModel(nn.Module):
 
     def __init__(self, patch_dim: int, num_patches: int, num_classes: int, config: EncoderConfig) -> None:
         super().__init__()
-        self.embed = nn.Linear(patch_dim, config.d_model)
+        self.embed = nn.Linear(patch_dim, config.d_model, bias=config.bias)
         self.cls = nn.Parameter(torch.zeros(1, 1, config.d_model))
         self.pos = nn.Parameter(torch.randn(1, num_patches + 1, config.d_model) * 0.02)
         self.encoder = make_encoder(config)
-        self.head = nn.Linear(config.d_model, num_classes)
+        self.head = nn.Linear(config.d_model, num_classes, bias=config.bias)
+        if config.gpt_init:
+            gpt_init(self, config.num_layers)
 
     def forward(self, patches: Tensor, edge_index: Tensor) -> Tensor:
         b, p, _ = patches.shape

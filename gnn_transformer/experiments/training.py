@@ -119,6 +119,10 @@ class TrainConfig:
             raise ValueError(f"Expected 'betas' to be two numbers (got {self.betas!r})")
         beta1, beta2 = self.betas
         self.betas = (float(beta1), float(beta2))
+        if not all(0.0 <= b < 1.0 for b in self.betas):  # also refuses nan
+            raise ValueError(f"Expected 'betas' in [0, 1) (got {self.betas!r})")
+        if not (math.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f"Expected 'eps' to be finite and >= 0 (got {self.eps!r})")
 
 
 class Workload(Protocol):
