@@ -284,6 +284,7 @@ def test_out_of_memory_is_a_usage_error(monkeypatch, capsys):
     monkeypatch.setattr(verify, "verify_topologies", no_memory)
     err = _usage_error(["verify", "causal", "--lengths", "4"], capsys, "out of memory", "can't allocate")
     assert err.count("\n") == 1
+    assert err.rstrip().endswith("ask for less (--lengths, ...)")  # the options of the command that ran
 
 
 def test_other_runtime_errors_are_not_hidden(monkeypatch):

@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the options of the commands that size their work, in the order an out-of-memory error names them
+SIZE_OPTIONS = ("batch_size", "lengths", "n", "sizes", "samples", "eval_size", "d_model", "layers", "heads", "context")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -68,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         text = str(e)
         if isinstance(e, RuntimeError) and not ("out of memory" in text or "can't allocate memory" in text):
             raise
+        sizes = [f"--{name.replace('_', '-')}" for name in SIZE_OPTIONS if name in vars(args)]
         error(
-            f"out of memory ({text.splitlines()[0][:200] if text else type(e).__name__}): ask for less "
-            "(--batch-size, --d-model, --sizes, --heads, ...)"
+            f"out of memory ({text.splitlines()[0][:200] if text else type(e).__name__}): ask for less"
+            + (f" ({', '.join(sizes)}, ...)" if sizes else "")
         )
         return EXIT_USAGE
     except KeyboardInterrupt:
