@@ -24,6 +24,8 @@ def test_specs_on_the_command_line():
         "block_topk:block_size=4,num_blocks=1",
     )
     assert split_select("causal") == ("causal", None)
+    with pytest.raises(ValueError, match=r"Expected each key once .* \(got 'window' twice\)"):
+        parse_spec("sliding_window:window=1,window=5")  # not the last one silently
     t = resolve_topology("duo_attention:streaming_heads=1,num_heads=2,num_sinks=1,window=1")
     assert t.kind == "per_head" and t.num_heads == 2  # one item without ';'
     assert resolve_topology("duo_attention:streaming_heads=;,num_heads=2,num_sinks=1,window=1").num_heads == 2

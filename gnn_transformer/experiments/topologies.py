@@ -109,6 +109,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ValueError(f"Expected 'key=value' in topology spec {spec!r} (got {item!r})")
+        if key.strip() in kwargs:
+            raise ValueError(f"Expected each key once in topology spec {spec!r} (got {key.strip()!r} twice)")
         kwargs[key.strip()] = _value(value.strip())
     return name.strip(), kwargs
 
