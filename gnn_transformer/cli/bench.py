@@ -296,6 +296,13 @@ def run(args) -> int:
     from ..experiments.training import resolve_device
     from ..bench.benchmark import BLOCK_SIZES, LINEAR, format_markdown, format_table, run_benchmark
 
+    modes = [
+        f"--{m.replace('_', '-')}"
+        for m in ("calibrate", "selectors", "train_step")
+        if getattr(args, m) not in (None, False)
+    ]
+    if len(modes) > 1:
+        raise UsageError(f"{modes[0]} and {modes[1]} are separate runs: give one of them")
     for name in ("heads", "head_dim", "repeats", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")

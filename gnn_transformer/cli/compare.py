@@ -6,6 +6,7 @@ import argparse
 
 from ._common import (
     EXIT_OK,
+    UsageError,
     table,
     size_range,
     check_out_dir,
@@ -130,6 +131,9 @@ def run(args) -> int:
     from ..experiments.compare import CompareConfig, run_compare, save_compare
 
     check_workload_options(args)
+    if args.topologies and len(set(args.topologies)) != len(args.topologies):
+        again = sorted({t for t in args.topologies if args.topologies.count(t) > 1})
+        raise UsageError(f"--topology: each topology once (got {', '.join(map(repr, again))} more than once)")
     check_out_dir("--out", args.out)
     check_device("--device", args.device)
     check_seed(args.seed)
