@@ -231,8 +231,11 @@ def _stream(model, ids: Tensor, graph: Graphs, chunk: int) -> Iterator[tuple[Evi
             src, dst, head = g.chunk(start, stop)
             edge_index = torch.stack([index_of[src], dst - start]).to(device)
             step.append(edge_index if head is None else (edge_index, head.to(device)))
-        graphs = step[0] if shared else step
-        logits = model.forward_graph(ids[start:stop], graphs, pos=pos, cache=cache)  # [C, V]
+        if shared and isinstance(step[0], tuple):  # one per-head graph for every layer
+            logits = model.forward_graph(ids[start:stop], step[0][0], pos=pos, cache=cache, edge_head=step[0][1])
+        else:
+            graphs = step[0] if shared else step
+            logits = model.forward_graph(ids[start:stop], graphs, pos=pos, cache=cache)  # [C, V]
         yield cache, (start, logits)
         index_of[cached_pos] = -1
         cache.keep((last_use[cached_pos] >= stop).to(device))

@@ -59,6 +59,17 @@ def test_stream_per_layer_and_per_head_graphs_float32(backend):
     torch.testing.assert_close(got, _full(model, ids, graphs), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["fused", "tiled"])
+def test_stream_one_per_head_graph_for_every_layer(backend):
+    """A per-head pair ``(edge_index, edge_head)`` shared by every layer (``perplexity --topology
+    duo_attention:...``) streams as the whole graph computes."""
+    model = _lm(layers=2, kv_heads=2, backend=backend).float()
+    ids = torch.randint(0, 23, (37,))
+    heads = topology.duo_attention(37, [1, 3], 4, num_sinks=1, window=3)
+    got = torch.cat([logits for _, logits in stream_logits(model, ids, heads, chunk=5)])
+    torch.testing.assert_close(got, _full(model, ids, [heads, heads]), rtol=0, atol=1e-5)
+
+
 def test_perplexity_matches_whole_graph_and_cache_stays_bounded():
     model = _lm()
     ids = torch.randint(0, 23, (120,))
