@@ -82,6 +82,7 @@ def _usage_error(argv, option, capsys) -> str:
         (["bench", *BENCH, "--threads", "-1"], "--threads"),
         (["bench", *BENCH, "--threads", "0"], "--threads"),
         (["bench", *BENCH, "--threads", "100000"], "--threads"),
+        (["bench", *BENCH, "--kv-heads", "0"], "--kv-heads must be >= 1"),
         (["bench", *BENCH, "--selectors", "topk", "--train-step", "8"], "--selectors"),
         (["bench", *BENCH, "--calibrate", "--train-step"], "--calibrate"),
         (["compare", *STEP, "--topology", "full", "--topology", "full"], "--topology"),

@@ -224,6 +224,12 @@ def test_preset_sets_nanogpt_cpu_and_later_options_override(tmp_path, text_file,
     config = json.loads((tmp_path / "train.json").read_text())["config"]
     train, model = config["train"], config["model"]
     assert train["steps"] == 2 and model["d_model"] == 16  # given after the preset
+    # given before it, an option the preset sets would be overwritten: refused
+    before = ["train", "--d-model", "32", "--preset", "nanogpt-cpu", "--out", str(tmp_path / "b")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(before)
+    assert exit_info.value.code == 2
+    assert "--preset: give it before the options it sets (--d-model came first)" in capsys.readouterr().err
     assert (
         train["batch_size"],
         train["lr"],

@@ -310,7 +310,9 @@ def run(args) -> int:
         raise UsageError(f"--threads must be at most this machine's {os.cpu_count() or 1} CPUs (got {args.threads})")
     if args.sizes is not None and min(args.sizes) < 1:
         raise UsageError(f"--sizes must be positive (got {args.sizes})")
-    if args.kv_heads is not None and (args.kv_heads < 1 or (args.heads is not None and args.heads % args.kv_heads)):
+    if args.kv_heads is not None and args.kv_heads < 1:
+        raise UsageError(f"--kv-heads must be >= 1 (got {args.kv_heads})")
+    if args.kv_heads is not None and args.heads is not None and args.heads % args.kv_heads:
         raise UsageError(f"--kv-heads must divide --heads {args.heads} (got {args.kv_heads})")
     if args.block_size is not None:
         if args.block_size < 1 or args.block_size & (args.block_size - 1):

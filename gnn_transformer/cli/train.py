@@ -61,6 +61,10 @@ class _Preset(argparse.Action):
     """Set every option of a preset; options after ``--preset`` on the command line override it."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
+        earlier = [d for d in PRESETS[values] if getattr(namespace, d, None) != parser.get_default(d)]
+        if earlier:  # the preset would overwrite them without a word
+            given = ", ".join(f"--{d.replace('_', '-')}" for d in earlier)
+            raise argparse.ArgumentError(self, f"give it before the options it sets ({given} came first)")
         for dest, value in PRESETS[values].items():
             setattr(namespace, dest, value)
         namespace.given = {*getattr(namespace, "given", ()), "position"}
