@@ -107,11 +107,12 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     kwargs: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
         key, eq, value = item.partition("=")
-        if not eq or not key.strip():
+        key = key.strip()
+        if not eq or not key:
             raise ValueError(f"Expected 'key=value' in topology spec {spec!r} (got {item!r})")
-        if key.strip() in kwargs:
-            raise ValueError(f"Expected each key once in topology spec {spec!r} (got {key.strip()!r} twice)")
-        kwargs[key.strip()] = _value(value.strip())
+        if key in kwargs:
+            raise ValueError(f"Expected each key once in topology spec {spec!r} (got {key!r} twice)")
+        kwargs[key] = _value(value.strip())
     return name.strip(), kwargs
 
 

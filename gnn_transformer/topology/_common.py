@@ -79,7 +79,7 @@ def _describe(lengths: list[int]) -> str:
 def check_cells(what: str, shape: Sequence[int]) -> None:
     """Refuse a dense tensor of ``shape`` (a mask, a padded batch) with more cells than the edge
     budget (:func:`max_edges`) before it is allocated: a ``ValueError`` naming ``what``."""
-    limit = _MAX_EDGES.get()
+    limit = edge_budget()
     cells = 1
     for size in shape:
         cells *= int(size)
