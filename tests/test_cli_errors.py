@@ -121,6 +121,49 @@ def test_values_accepted_silently_before(argv, option, capsys):
     _usage_error(argv, option, capsys)
 
 
+@pytest.mark.parametrize(
+    "argv,option",
+    [
+        (["--train-step", "8", "--heads", "2"], "--heads"),
+        (["--train-step", "8", "--kv-heads", "1"], "--kv-heads"),
+        (["--train-step", "8", "--head-dim", "8"], "--head-dim"),
+        (["--train-step", "8", "--sizes", "64"], "--sizes"),
+        (["--train-step", "8", "--topologies", "window"], "--topologies"),
+        (["--train-step", "8", "--backends", "auto"], "--backends"),
+        (["--train-step", "8", "--flex-variants", "lookup"], "--flex-variants"),
+        (["--train-step", "8", "--no-backward"], "--no-backward"),
+        (["--train-step", "8", "--block-size", "16"], "--block-size"),
+        (["--batch-size", "3", "--topologies", "window", "--sizes", "64"], "--batch-size"),
+        (["--calibrate", "--batch-size", "3"], "--batch-size"),
+        (["--calibrate", "--backends", "auto"], "--backends"),
+        (["--calibrate", "--flex-variants", "lookup"], "--flex-variants"),
+        (["--selectors", "topk", "--topologies", "window"], "--topologies"),
+        (["--selectors", "topk", "--flex-variants", "lookup"], "--flex-variants"),
+        (["--selectors", "topk", "--block-size", "16"], "--block-size"),
+        (["--selectors", "topk", "--batch-size", "3"], "--batch-size"),
+    ],
+)
+def test_bench_options_that_a_run_does_not_read_are_refused(argv, option, capsys):
+    err = _usage_error(["bench", *argv, "--repeats", "1", "--device", "cpu"], option, capsys)
+    assert f"{option} does not apply to" in err and "it would be ignored (read by " in err
+
+
+def test_bench_selectors_refuse_backends_they_do_not_run(capsys):
+    argv = ["bench", "--selectors", "topk", "--backends", "fused", "flex", "--sizes", "64", "--device", "cpu"]
+    err = _usage_error(argv, "--backends fused", capsys)
+    assert "give --backends among auto flex sdpa" in err
+
+
+def test_bench_options_given_at_their_defaults_are_accepted(tmp_path, capsys):
+    """An option read by the run is accepted at its default value too (the refusal is for options
+    the run would ignore, never for defaults)."""
+    md = tmp_path / "step.md"
+    argv = ["bench", "--train-step", "8", "--batch-size", "12", "--repeats", "1", "--device", "cpu"]
+    assert cli.main([*argv, "--markdown", str(md)]) == 0, capsys.readouterr()
+    text = md.read_text()
+    assert "| gpt_sdpa | 8 | 12 |" in text and "| graph_lm (auto) | 8 | 12 |" in text
+
+
 def test_verify_cuda_missing_is_usage_error(capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA present")

@@ -6,7 +6,19 @@ import argparse
 import os
 from pathlib import Path
 
-from ._common import EXIT_OK, EXIT_USAGE, UsageError, error, check_out_file, check_device
+from ._common import EXIT_OK, EXIT_USAGE, Given, UsageError, error, check_out_file, check_device
+
+# the options each kind of run reads (the others are refused when given, never for their defaults)
+_TABLE = {"topologies", "sizes", "backends", "flex_variants", "device", "dtype", "heads", "kv_heads", "head_dim"}
+_TABLE |= {"repeats", "no_backward", "threads", "quick", "markdown", "block_size"}
+_READS = {
+    None: _TABLE,
+    "calibrate": _TABLE - {"backends", "flex_variants"},
+    "selectors": _TABLE - {"topologies", "flex_variants", "block_size"},
+    "train_step": {"batch_size", "device", "dtype", "repeats", "threads", "quick", "markdown"},
+}
+_MODES = ("calibrate", "selectors", "train_step")
+_WITH_DEFAULTS = ("topologies", "backends", "flex_variants", "batch_size", "head_dim")  # given: see Given
 
 
 def add_parser(sub) -> None:
@@ -27,6 +39,7 @@ def add_parser(sub) -> None:
         "--topologies",
         nargs="+",
         default=list(TOPOLOGIES),
+        action=Given,
         metavar="SPEC",
         help="the benchmark's graphs (causal; window: radius 128; bigbird: blocks of 64, "
         "3 window, 2 global, 3 random; random: 64 keys per query) or any topology "
@@ -48,6 +61,7 @@ def add_parser(sub) -> None:
         "--backends",
         nargs="+",
         default=list(BACKENDS),
+        action=Given,
         choices=BACKENDS,
         help="auto's note names the kernel that ran; sdpa is scaled_dot_product_attention as a user "
         "calls it for the graph (is_causal, no mask, per document, else a dense boolean mask); "
@@ -57,6 +71,7 @@ def add_parser(sub) -> None:
         "--flex-variants",
         nargs="+",
         default=list(FLEX_VARIANTS),
+        action=Given,
         choices=FLEX_VARIANTS,
         help="the mask_mods flex tries (its note names the fastest): predicate (the topology's "
         "predicate twin), lookup (a dense boolean [N, N] lookup where it fits), blocks (a table of "
@@ -72,7 +87,9 @@ def add_parser(sub) -> None:
         "(SDPA is_causal) of the same size: nanoGPT's CPU configuration (4 layers, 4 heads, "
         "width 128, batch 12, vocabulary 65, no bias) at these contexts (default 64 256)",
     )
-    p.add_argument("--batch-size", type=int, default=12, help="sequences per training step of --train-step")
+    p.add_argument(
+        "--batch-size", type=int, default=12, action=Given, help="sequences per training step of --train-step"
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (unset: cuda when available)")
     p.add_argument(
         "--dtype",
@@ -89,7 +106,7 @@ def add_parser(sub) -> None:
         default=None,
         help="key/value heads (grouped-query attention; must divide --heads; unset: --heads)",
     )
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--head-dim", type=int, default=64, action=Given)
     p.add_argument(
         "--repeats",
         type=int,
@@ -225,6 +242,33 @@ def _train_step(args, device, dtype) -> int:
     return EXIT_OK
 
 
+def _check_mode_options(args) -> None:
+    """Refuse options that the kind of run asked for (the table, ``--calibrate``, ``--selectors``,
+    ``--train-step``) does not read, when they were given: they would be ignored without a word."""
+    mode = next((m for m in _MODES if getattr(args, m) not in (None, False)), None)
+    given = set(getattr(args, "given", ()))
+    given |= {name for name in vars(args) if name not in _WITH_DEFAULTS and getattr(args, name) not in (None, False)}
+    options = {*_TABLE, *_READS["train_step"]}
+    ignored = sorted(name for name in given & options if name not in _READS[mode])
+    if ignored:
+
+        def run(m):
+            return "the benchmark table" if m is None else f"--{m.replace('_', '-')}"
+
+        name = ignored[0]
+        readers = ", ".join(run(m) for m in _READS if name in _READS[m])
+        raise UsageError(
+            f"--{name.replace('_', '-')} does not apply to {run(mode)}: it would be ignored (read by {readers})"
+        )
+    if mode == "selectors" and "backends" in given:
+        others = [b for b in args.backends if b not in ("auto", "flex", "sdpa")]
+        if others:
+            raise UsageError(
+                f"--backends {' '.join(others)}: --selectors times auto against the flex and sdpa baselines "
+                "(give --backends among auto flex sdpa)"
+            )
+
+
 def _check_bench_topologies(args, smallest: int) -> dict[str, int]:
     """Refuse unknown specs, selectors, per-head specs of another number of heads than ``--heads``
     and specs that cannot be built at the smallest of ``--sizes`` (before any timing, as
@@ -303,6 +347,7 @@ def run(args) -> int:
     ]
     if len(modes) > 1:
         raise UsageError(f"{modes[0]} and {modes[1]} are separate runs: give one of them")
+    _check_mode_options(args)
     for name in ("heads", "head_dim", "repeats", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
@@ -326,8 +371,9 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.markdown:
         check_out_file("--markdown", args.markdown)
-    heads = _check_bench_topologies(args, min(args.sizes or [4096]))
-    _check_bench_inputs(args, max(heads.values(), default=args.heads or 12), device, dtype)
+    if args.train_step is None:  # the training step's model is nanoGPT's, not these inputs
+        heads = {} if args.selectors else _check_bench_topologies(args, min(args.sizes or [4096]))
+        _check_bench_inputs(args, max(heads.values(), default=args.heads or 12), device, dtype)
     args.heads = args.heads or 12  # of --calibrate, --selectors and --train-step
     if args.threads is not None:
         torch.set_num_threads(args.threads)
