@@ -306,3 +306,30 @@ def test_resolve_device_refuses_what_cannot_run(name):
 
     with pytest.raises(ValueError, match=f"'device'.*{name!r}"):
         resolve_device(name)
+
+
+# ---------------------------------------------------------------- show --layers, --sample-chars
+def test_show_layers_beyond_the_longest_path_print_one_closing_line(capsys):
+    """A receptive field stops growing once a layer adds no token (at the latest after n - 1
+    layers): ``--layers 10**9`` prints the layers that change it and one line for the rest."""
+    assert cli.main(["show", "sliding_window:window=1", "-n", "6", "--layers", str(10**9)]) == 0
+    out = capsys.readouterr().out
+    means = [line.split("mean ")[1] for line in out.splitlines() if "receptive field after" in line and "mean" in line]
+    assert means == ["2.7 of 6 tokens", "4.0 of 6 tokens", "5.0 of 6 tokens", "5.7 of 6 tokens", "6.0 of 6 tokens"]
+    assert f"receptive field after 5 to {10**9} layers: the same" in out
+    assert cli.main(["show", "sliding_window:window=1", "-n", "6", "--layers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("receptive field after") == 2 and "the same" not in out
+
+
+def test_compare_has_no_sample_chars(capsys):
+    """compare generates no text: --sample-chars is not one of its options (it was accepted and ignored)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["compare", "--task", "lm", "--sample-chars", "5", *STEP])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --sample-chars 5" in capsys.readouterr().err
+
+
+def test_train_sample_chars_that_cannot_fit_are_refused(capsys):
+    _usage_error(["train", "--task", "lm", *STEP, "--sample-chars", str(10**15)], capsys, "--sample-chars", "GiB")
+    assert not Path("runs").exists() or not any(Path("runs").rglob("*.pt"))

@@ -267,3 +267,19 @@ def test_cli_bad_text_exits_2_and_writes_nothing(tmp_path, capsys, make, extra, 
 def test_lm_options_refused_for_other_tasks(capsys):
     assert main(["train", "--task", "recall", "--context", "8"]) == 2
     assert "--context does not apply" in capsys.readouterr().err
+
+
+def test_compare_runs_generate_no_sample():
+    """A comparison keeps no generated text, so its runs generate none (whatever its TextConfig)."""
+    from gnn_transformer.experiments.compare import CompareConfig
+
+    config = CompareConfig(task="lm", text=TextConfig(sample_chars=50))
+    assert config.run_config(config.specs[0], 0).text.sample_chars == 0
+
+
+def test_generate_shows_a_progress_bar_when_asked(text_file, capsys):
+    corpus = load_corpus(TextConfig(text=str(text_file), context=8))
+    w = LMWorkload(corpus, topology_fn("causal"), 8)
+    model = SequenceModel(corpus.vocab_size, corpus.vocab_size, TINY)
+    assert generate(model, w, 5, seed=0, progress=True) == generate(model, w, 5, seed=0)
+    assert "sample" in capsys.readouterr().err

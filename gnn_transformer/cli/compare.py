@@ -123,7 +123,7 @@ def add_parser(sub) -> None:
     add_model_args(p, d.model)
     add_train_args(p, d.train)
     add_run_args(p)
-    add_workload_args(p)
+    add_workload_args(p, sample=False)  # compare generates no text
     p.set_defaults(func=run, all_tasks=ALL_TASKS)
 
 

@@ -51,10 +51,17 @@ def _show_stats(topology, edge_index, n: int, layers: int, indent: str = "  ") -
         f"mean {stats.in_degree.mean:.2f}; self-loops {stats.self_loops}; "
         f"queries with no key {stats.empty_rows}"
     )
-    sizes = topology.receptive_field_sizes(edge_index, layers, n)
-    for k in range(1, layers + 1):
+    # a path has at most n - 1 edges: from there on (or once a layer adds nothing) it stays the same
+    sizes = topology.receptive_field_sizes(edge_index, min(layers, n), n)
+    for k in range(1, min(layers, n) + 1):
         s = sizes[k]
+        if k < layers and s == sizes[k - 1] and k > 1:
+            print(f"{indent}receptive field after {k - 1} to {layers} layers: the same")
+            break
         print(f"{indent}receptive field after {k} layer(s): mean {sum(s) / len(s):.1f} of {n} tokens")
+    else:
+        if layers > n:
+            print(f"{indent}receptive field after {n} to {layers} layers: the same")
 
 
 def _show_per_head(topology, graph, num_heads: int, n: int, title: str, out: Path, indent: str = "  ") -> None:

@@ -71,8 +71,9 @@ class _Preset(argparse.Action):
         namespace.preset = values
 
 
-def add_workload_args(p: argparse.ArgumentParser) -> None:
-    """Options of the ``lm`` and ``listops`` tasks."""
+def add_workload_args(p: argparse.ArgumentParser, sample: bool = True) -> None:
+    """Options of the ``lm`` and ``listops`` tasks (``sample``: with ``--sample-chars``, for a
+    command that prints the text its language model generates)."""
     from ..experiments.listops import ListOpsConfig
     from ..experiments.lm import TextConfig
 
@@ -88,13 +89,16 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--context", type=int, default=t.context, action=Given, help="characters the model reads (default %(default)s)"
     )
-    g.add_argument(
-        "--sample-chars",
-        type=nonnegative_int,
-        default=t.sample_chars,
-        action=Given,
-        help="characters generated and printed after training (default %(default)s)",
-    )
+    if sample:
+        g.add_argument(
+            "--sample-chars",
+            type=nonnegative_int,
+            default=t.sample_chars,
+            action=Given,
+            help="characters generated and printed after training (default %(default)s)",
+        )
+    else:
+        p.set_defaults(sample_chars=0)  # no text is generated
     g = p.add_argument_group("ListOps (--task listops)")
     g.add_argument(
         "--listops-lengths",

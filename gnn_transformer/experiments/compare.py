@@ -79,7 +79,7 @@ class CompareConfig:
         default_factory=lambda: TrainConfig(steps=800, batch_size=32, lr=2e-3, warmup=80, schedule="cosine")
     )
     eval_size: int = 256  # sequences per evaluation set (lm: validation windows)
-    text: TextConfig = field(default_factory=TextConfig)  # lm: the corpus and context
+    text: TextConfig = field(default_factory=TextConfig)  # lm: the corpus and context (no sample is generated)
     listops: ListOpsConfig = field(default_factory=ListOpsConfig)  # listops: the data
     seeds: int = 1  # runs per topology, seeds train.seed, train.seed + 1, ...
 
@@ -116,7 +116,7 @@ class CompareConfig:
             model=self.model,
             train=replace(self.train, seed=seed),
             eval_size=self.eval_size,
-            text=self.text,
+            text=replace(self.text, sample_chars=0),  # a comparison keeps no generated text
             listops=self.listops,
         )
 

@@ -28,12 +28,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch_geometric import EdgeIndex
+from tqdm.auto import tqdm
 
 from ..topology.specs import LayerPattern
 from .tasks import SequenceBatch
 from .topologies import graph_to, per_length
 
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+
+
+# bytes of one generated character while :func:`generate` runs: its id in a Python list (a pointer
+# and an int object) and the decoded text (up to 4 bytes, and a copy while joining)
+SAMPLE_CHAR_BYTES = 8 + 28 + 8
 
 
 @dataclass
@@ -51,8 +57,17 @@ class TextConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Expected '{name}' to be a positive int (got {value!r})")
-        if not isinstance(self.sample_chars, int) or self.sample_chars < 0:
+        if not isinstance(self.sample_chars, int) or isinstance(self.sample_chars, bool) or self.sample_chars < 0:
             raise ValueError(f"Expected 'sample_chars' to be an int >= 0 (got {self.sample_chars!r})")
+        from .tasks import host_memory_budget
+
+        need, budget = self.sample_chars * SAMPLE_CHAR_BYTES, host_memory_budget()
+        if need > budget:
+            raise ValueError(
+                f"Expected 'sample_chars' small enough to fit in memory (got {self.sample_chars}): the "
+                f"generated ids and text need about {need / 2**30:.3g} GiB, more than half of this machine's "
+                f"memory ({budget / 2**30:.3g} GiB)"
+            )
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"Expected 'val_fraction' in (0, 1) (got {self.val_fraction})")
 
@@ -279,10 +294,11 @@ def generate(
     top_k: int | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> str:
     """``prompt`` followed by ``num_chars`` characters sampled from ``model``, each from the last
     ``context`` characters (default prompt: a newline if the vocabulary has one, else its first
-    character). Returns the whole text."""
+    character); ``progress`` shows a progress bar. Returns the whole text."""
     if not temperature > 0:
         raise ValueError(f"Expected 'temperature' > 0 (got {temperature})")
     corpus, context = workload.corpus, workload.context
@@ -293,7 +309,7 @@ def generate(
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
-    for _ in range(num_chars):
+    for _ in tqdm(range(num_chars), desc="sample", unit="char", disable=not progress, leave=False):
         window = torch.tensor(ids[-context:], dtype=torch.long)
         n = window.numel()
         graph = graph_to(workload.topology([n]), device)

@@ -308,6 +308,7 @@ def run_training(config: RunConfig, *, progress: bool = False) -> tuple[TrainRes
                     config.text.sample_chars,
                     seed=config.train.seed,
                     device=device,
+                    progress=progress,
                 )
         if config.out is not None:
             out = Path(config.out)
