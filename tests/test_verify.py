@@ -31,3 +31,40 @@ def test_compare_layer_with_scale_and_softcap_agrees():
     layer = perturbed(GraphMultiheadAttention(16, 4, scale=0.9, softcap=1.5, dtype=torch.float64, backend="pyg"))
     out_err, grad_err = compare_layer(layer, torch.randn(8, 16, dtype=torch.float64), causal(LENGTHS), LENGTHS, "pyg")
     assert out_err <= 1e-10 and grad_err <= 1e-10
+
+
+def test_lengths_whose_dense_reference_cannot_fit_are_refused_before_building(monkeypatch):
+    """verify_topologies estimates the dense reference's [B, H, T, T] scores before it builds any
+    graph: lengths that cannot fit raise a ValueError naming 'lengths', sizes and GiB."""
+    from gnn_transformer.experiments import verify, tasks
+
+    import dataclasses
+
+    built, resolve = [], verify.resolve_topology
+    monkeypatch.setattr(
+        verify, "resolve_topology", lambda spec, **kw: dataclasses.replace(resolve(spec, **kw), build=built.append)
+    )
+    with pytest.raises(
+        ValueError, match=r"^Expected 'lengths' whose dense reference fits in memory \(got \[100000\]\)"
+    ):
+        verify.verify_topologies(["causal"], [100000])
+    assert built == []
+    # the estimate: 5 float64 copies and a boolean mask per cell and head, against the budget
+    monkeypatch.setattr(tasks, "host_memory_budget", lambda: 2 * 40 * 40 * 4 * (5 * 8 + 1))
+    verify.check_dense_fits([40, 40], 4, torch.float64, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"4 heads of \[2, 41, 41\] float64 scores need about"):
+        verify.check_dense_fits([41, 40], 4, torch.float64, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"2 layers of 4 heads"):
+        verify.check_dense_fits([40, 40], 4, torch.float64, torch.device("cpu"), layers=2)
+    verify.check_dense_fits([40, 40], 4, torch.float32, torch.device("cpu"), layers=1)
+
+
+def test_cli_verify_refuses_lengths_that_cannot_fit(capsys):
+    from gnn_transformer import cli
+
+    assert cli.main(["verify", "causal", "--lengths", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("gnn-transformer: error: --lengths: Expected 'lengths' whose dense reference fits")
+        and "GiB" in err
+    )

@@ -207,6 +207,38 @@ def _check_one(
     return (*compare_layer(layer, x, edge_index, lengths, backend, edge_head), edges)
 
 
+# bytes of one cell of a dense reference's ``[B, H, T, T]`` scores, per layer: the scores, the
+# masked scores, the softmax weights kept for the backward pass and two gradients, in the dtype
+DENSE_CELL_COPIES = 5
+
+
+def check_dense_fits(
+    lengths: Sequence[int], num_heads: int, dtype: torch.dtype, device: torch.device, layers: int = 1
+) -> None:
+    """Refuse, before anything is built, ``lengths`` whose dense reference (``layers`` layers of
+    ``num_heads`` heads on ``[B, H, T, T]`` scores, ``T`` the longest length, and one boolean mask
+    per layer) would not fit on ``device``: a ``ValueError`` naming ``lengths``. The budget is that
+    of the data sets on the CPU (:func:`~gnn_transformer.experiments.tasks.host_memory_budget`),
+    80% of the GPU's memory on CUDA."""
+    from .tasks import host_memory_budget
+
+    cells = len(lengths) * max(lengths) ** 2
+    elem = torch.tensor([], dtype=dtype).element_size()
+    need = cells * layers * (num_heads * DENSE_CELL_COPIES * elem + num_heads)
+    if device.type == "cuda":
+        budget, where = 0.8 * torch.cuda.get_device_properties(device).total_memory, "80% of the GPU's memory"
+    else:
+        budget, where = host_memory_budget(), "half of this machine's memory"
+    if need > budget:
+        layer_text = f"{layers} layers of " if layers > 1 else ""
+        kind = str(dtype).removeprefix("torch.")
+        raise ValueError(
+            f"Expected 'lengths' whose dense reference fits in memory (got {list(lengths)}): "
+            f"{layer_text}{num_heads} heads of [{len(lengths)}, {max(lengths)}, {max(lengths)}] {kind} scores "
+            f"need about {need / 2**30:.3g} GiB, more than {where} ({budget / 2**30:.3g} GiB)"
+        )
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The backends that run on ``device``: ``pyg`` always, the kernel backends when present."""
     backends = ["pyg"]
@@ -256,6 +288,7 @@ def verify_topologies(
     where = resolve_device(device)
     backends = list(backends) if backends is not None else available_backends(where)
     topologies = [resolve_topology(spec, small=small) for spec in specs]  # unknown specs fail here
+    check_dense_fits(lengths, max(t.num_heads or num_heads for t in topologies), dtype, where)
     rows = []
     for topo in topologies:
         try:
@@ -265,6 +298,8 @@ def verify_topologies(
                 raise
             on_error(topo.spec, err)
             continue
+        if isinstance(graph, LayerPattern):  # checked as a stack of one cycle and a layer
+            check_dense_fits(lengths, topo.num_heads or num_heads, dtype, where, graph.period + 1)
         graph = graph_to(graph, where)
         for backend in backends:
             out_err, grad_err, edges = _check_one(
