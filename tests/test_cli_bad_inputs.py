@@ -204,6 +204,37 @@ def test_analyze_names_a_config_it_cannot_read(tmp_path, content, message, capsy
     )
 
 
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ("missing.json", "'missing.json' does not exist: expected a JSON model config file"),
+        (".", "'.' is a directory"),
+        ("keys.json", "a JSON object with 'd_model' and 'nhead' (at its top or under 'model_config', 'model' or "),
+        ("list.json", "got list)"),
+    ],
+)
+def test_analyze_says_what_is_wrong_with_the_config_given(tmp_path, config, message, capsys):
+    """A --config that is missing, a folder or no model config is named as such (it was reported
+    as 'no config at' or as if --config had not been given)."""
+    torch.save({"a": torch.zeros(2)}, tmp_path / "sd.pt")
+    (tmp_path / "keys.json").write_text('{"a": 1}')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    _usage_error(["analyze", "--checkpoint", "sd.pt", "--config", config], capsys, "--config", message)
+
+
+def test_analyze_refuses_samples_with_an_input_file(tmp_path, capsys):
+    """--samples draws examples of a 'train' run's task: with --tokens or --text it was ignored."""
+    from gnn_transformer.model import GraphLM, GraphTransformerConfig
+
+    config = dict(vocab_size=10, d_model=8, nhead=2, num_layers=1, max_positions=16)
+    torch.save(GraphLM(GraphTransformerConfig(**config)).state_dict(), tmp_path / "lm.pt")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "ids.txt").write_text("1 2 3\n")
+    argv = ["analyze", "--checkpoint", "lm.pt", "--tokens", "ids.txt", "--no-plots"]
+    _usage_error([*argv, "--samples", "3"], capsys, "--samples", "does not apply with '--tokens'")
+    assert cli.main(argv) == 0
+
+
 def test_analyze_names_a_token_file_that_is_not_text(tmp_path, capsys):
     from gnn_transformer.model import GraphLM, GraphTransformerConfig
 

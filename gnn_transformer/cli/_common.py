@@ -201,7 +201,16 @@ def check_seed(seed: int) -> None:
 
 def model_config(args):
     from ..experiments.models import EncoderConfig
+    from ..experiments.runs import TEXT_TASKS
+    from ..experiments.tasks import TASKS
 
+    width, heads = args.d_model, args.heads
+    sequence = getattr(args, "task", None) in (*TASKS, *TEXT_TASKS)  # the tasks whose models have positions
+    if args.position == "rope" and sequence and heads >= 1 and width >= 1 and width % heads == 0 and width // heads % 2:
+        raise UsageError(
+            f"--position rope rotates pairs of channels: it needs an even head dimension (got --d-model "
+            f"{width} / --heads {heads} = {width // heads}); change --d-model or --heads, or give another --position"
+        )
     return EncoderConfig(
         d_model=args.d_model,
         nhead=args.heads,

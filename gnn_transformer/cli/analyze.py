@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import EXIT_OK, EXIT_USAGE, check_out_dir, error, name_option
+from ._common import EXIT_OK, EXIT_USAGE, Given, check_out_dir, error, name_option
 
 
 def add_parser(sub) -> None:
@@ -53,8 +53,9 @@ def add_parser(sub) -> None:
         "--samples",
         type=int,
         default=2,
+        action=Given,
         metavar="K",
-        help="with a 'train' run's checkpoint and no --tokens: K sequences of its task",
+        help="with a 'train' run's checkpoint and no --tokens or --text: K sequences of its task",
     )
     p.add_argument("--tokenizer", metavar="DIR", help="directory with a Hugging Face tokenizer (unset: --hf-dir)")
     p.add_argument("--out", metavar="DIR", default="analysis", help="directory for summary.json and the PNGs")
@@ -102,6 +103,9 @@ def run(args) -> int:
             loaded = analyze_run.load_hf_model(args.hf_dir, backend=args.backend)
         if args.tokenizer is not None:
             analyze_run.use_tokenizer(loaded, args.tokenizer)
+        if "samples" in getattr(args, "given", ()) and (args.tokens is not None or args.text is not None):
+            given = "--tokens" if args.tokens is not None else "--text"
+            raise ValueError(f"'--samples' draws examples of the run's task: it does not apply with '{given}'")
         if args.tokens is not None:
             sequences = analyze_run.read_token_file(args.tokens)
             analyze_run.check_sequences(loaded, sequences, f"'--tokens' {args.tokens!r}")

@@ -346,6 +346,12 @@ def _check_task_options(args) -> None:
         ("position", tuple(TASKS) + TEXT_TASKS),
     ):
         if name in given and args.task not in tasks:
+            preset = getattr(args, "preset", None)
+            if preset and name in PRESETS[preset]:  # set by the preset, not by an option the user gave
+                raise UsageError(
+                    f"--preset {preset} does not apply to task {args.task!r}: it sets "
+                    f"--{name.replace('_', '-')} (which applies only to {', '.join(tasks)})"
+                )
             raise UsageError(
                 f"--{name.replace('_', '-')} does not apply to task {args.task!r} (only to {', '.join(tasks)})"
             )

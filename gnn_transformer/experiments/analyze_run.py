@@ -231,10 +231,19 @@ def load_checkpoint_model(
             except json.JSONDecodeError as err:
                 raise ValueError(f"Expected JSON in {option}{str(candidate)!r} ({err})") from None
             values, source = _find_config(loaded), str(candidate)
+            if values is None and config is not None:
+                what = (
+                    f"an object with keys {sorted(loaded)[:8]}" if isinstance(loaded, dict) else type(loaded).__name__
+                )
+                raise ValueError(
+                    f"Expected a model config in '--config' {str(candidate)!r}: a JSON object with 'd_model' and "
+                    f"'nhead' (at its top or under 'model_config', 'model' or 'config'; got {what})"
+                )
             if values is not None and isinstance(loaded, dict) and "class" in loaded:
                 values = {**values, "class": loaded["class"]}
         elif config is not None:
-            raise FileNotFoundError(f"No config at '--config' {str(candidate)!r}")
+            missing = "is a directory" if candidate.is_dir() else "does not exist"
+            raise FileNotFoundError(f"'--config' {str(candidate)!r} {missing}: expected a JSON model config file")
     if values is None:
         raise ValueError(
             f"Found no model config for {str(path)!r}: pass '--config' or put "

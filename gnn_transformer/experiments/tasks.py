@@ -213,8 +213,8 @@ def recall_task(num_keys: int = 32, num_values: int = 16, train_sizes=(6, 12), t
     """
     if test_sizes[1] > num_keys:
         raise ValueError(
-            f"Expected 'num_keys' >= the largest test size {test_sizes[1]} "
-            f"(got {num_keys}): keys of one instance are distinct"
+            f"Expected 'test_sizes' of at most num_keys={num_keys} tokens (got {tuple(test_sizes)}): the "
+            "keys of one instance are distinct"
         )
     blank = num_keys + num_values
 
