@@ -486,3 +486,28 @@ def test_an_empty_resume_file_is_a_usage_error(tmp_path, capsys):
     empty.write_bytes(b"")
     err = _usage_error(["train", *STEP, "--out", str(tmp_path / "r"), "--resume", str(empty)], "--resume", capsys)
     assert "empty or truncated file" in err
+
+
+@pytest.mark.parametrize(
+    "argv,option",
+    [
+        (["show", "causal", "-n", "4", "--out", ""], "--out"),
+        (["show", ""], "SPEC"),
+        (["view", "causal", "-n", "4", "--out", ""], "--out"),
+        (["view", "causal", "-n", "4", "--title", ""], "--title"),
+        (["verify", "causal", "--lengths", "3", "--json", ""], "--json"),
+        (["verify", "", "causal", "--lengths", "3"], "SPEC"),
+        (["train", *STEP, "--topology", ""], "--topology"),
+        (["train", *STEP, "--out", ""], "--out"),
+        (["compare", *STEP, "--topology", ""], "--topology"),
+        (["bench", *BENCH, "--markdown", ""], "--markdown"),
+        (["bench", *BENCH[2:], "--topologies", "window", ""], "--topologies"),
+        (["analyze", "--checkpoint", "", "--tokens", "x.txt"], "--checkpoint"),
+    ],
+)
+def test_empty_strings_are_refused(argv, option, tmp_path, capsys):
+    """An empty path, spec or text was taken as not given (train --out '' wrote /model.pt's
+    files into the current folder and said 'wrote /model.pt'; show --out '' drew <name>.png)."""
+    err = _usage_error(argv, option, capsys)
+    assert f"{option}: expected a non-empty value (got '')" in err
+    assert not any(tmp_path.iterdir())

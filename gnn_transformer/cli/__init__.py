@@ -41,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
 SIZE_OPTIONS = ("batch_size", "lengths", "n", "sizes", "samples", "eval_size", "d_model", "layers", "heads", "context")
 
 
+def _refuse_empty(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse an empty string given to any option or argument of the command: a path, spec or
+    text of ``''`` was otherwise taken as not given (its default used) or as the current folder."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in commands.choices[args.command]._actions:
+        value = getattr(args, action.dest, None)
+        if value == "" or (isinstance(value, list) and "" in value):
+            name = "/".join(action.option_strings) or (action.metavar or action.dest).upper()
+            raise UsageError(f"{name}: expected a non-empty value (got '')")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -48,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        _refuse_empty(parser, args)
         code = args.func(args)
         sys.stdout.flush()  # a closed pipe (gnn-transformer show ... | head) shows here
         return code
