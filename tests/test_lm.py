@@ -283,3 +283,25 @@ def test_generate_shows_a_progress_bar_when_asked(text_file, capsys):
     model = SequenceModel(corpus.vocab_size, corpus.vocab_size, TINY)
     assert generate(model, w, 5, seed=0, progress=True) == generate(model, w, 5, seed=0)
     assert "sample" in capsys.readouterr().err
+
+
+def test_cli_says_when_the_validation_part_holds_fewer_windows_than_eval_size(tmp_path, text_file, capsys):
+    """--eval-size beyond the windows of the validation part evaluates on all of them, and says so
+    (it was capped without a word); train.json and results.json record the windows used."""
+    corpus = load_corpus(TextConfig(text=str(text_file), context=16))
+    windows = (corpus.val.numel() - 1) // 16
+    common = ["--task", "lm", "--text", str(text_file), "--context", "16", "--steps", "1", "--d-model", "16"]
+    common += ["--ff", "32", "--heads", "2", "--no-progress"]
+    assert main(["train", *common, "--eval-size", "1000", "--sample-chars", "0", "--out", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out
+    assert f"over {windows} windows" in printed
+    assert f"(--eval-size 1000: the validation part holds only {windows} windows of 16 characters)" in printed
+    assert json.loads((tmp_path / "a" / "train.json").read_text())["final"]["val_windows"] == windows
+    assert main(["train", *common, "--eval-size", "3", "--sample-chars", "0", "--out", str(tmp_path / "b")]) == 0
+    printed = capsys.readouterr().out
+    assert "over 3 windows" in printed and "holds only" not in printed
+    argv = ["compare", *common, "--topology", "causal", "--eval-size", "1000", "--out", str(tmp_path / "c")]
+    assert main(argv) == 0
+    assert f"holds only {windows} windows" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "c" / "results.json").read_text())["results"]
+    assert [r["val_windows"] for r in rows] == [windows]

@@ -412,8 +412,14 @@ def run(args) -> int:
         if config.task == "lm":
             print(
                 f"final loss {final['final_loss']:.4f}, val_loss {final['val_loss']:.4f} nats/char "
-                f"({bits_per_char(final['val_loss']):.3f} bits/char), step {final['step']}"
+                f"({bits_per_char(final['val_loss']):.3f} bits/char) over {final['val_windows']} windows, "
+                f"step {final['step']}"
             )
+            if final["val_windows"] < config.eval_size:
+                print(
+                    f"  (--eval-size {config.eval_size}: the validation part holds only {final['val_windows']} "
+                    f"windows of {config.text.context} characters)"
+                )
             if result.sample is not None:
                 print(f"sample:\n{result.sample}")
         else:

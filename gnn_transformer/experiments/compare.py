@@ -136,6 +136,7 @@ class TopologyResult:
     acc_test: float  # training sizes, unseen instances (listops: the test set; lm: next-character accuracy)
     acc_longer: float | None  # larger sizes than seen in training (sequence tasks only)
     val_loss: float | None  # lm: validation loss in nats per character
+    val_windows: int | None  # lm: validation windows (eval_size, or all the validation part holds)
     tokens_per_s: float
     memory_mib: float  # one training step, see training.step_memory
     train_seconds: float
@@ -228,6 +229,7 @@ def run_topology(
         acc_test=final["acc_test"] if "acc_test" in final else final["acc_val"],
         acc_longer=final.get("acc_longer"),
         val_loss=final.get("loss_val") if config.task == "lm" else None,
+        val_windows=workload.eval_windows if config.task == "lm" else None,
         tokens_per_s=result.tokens_per_s,
         memory_mib=memory / 2**20,
         train_seconds=result.train_seconds,

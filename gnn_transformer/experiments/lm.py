@@ -258,6 +258,7 @@ class LMWorkload:
         self.topology = per_length(causal_build(topology))
         available = (corpus.val.numel() - 1) // context
         count = min(eval_size, available)
+        self.eval_windows = count  # fewer than eval_size when the validation part holds fewer
         starts = (torch.arange(count) * (available // count)) * context  # evenly spaced windows
         self._eval = {"val": [window_batch(corpus.val, starts[i : i + 128], context) for i in range(0, count, 128)]}
 

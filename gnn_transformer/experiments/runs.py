@@ -301,6 +301,7 @@ def run_training(config: RunConfig, *, progress: bool = False) -> tuple[TrainRes
         if config.task == "lm":
             result.final["val_loss"] = result.final["loss_val"]
             result.final["val_bits_per_char"] = bits_per_char(result.final["loss_val"])
+            result.final["val_windows"] = workload.eval_windows
             if config.text.sample_chars and info.is_main:
                 result.sample = generate(
                     getattr(model, "module", model),
