@@ -2,6 +2,7 @@
 near 2**63 give the graph they saturate to, graphs over the edge budget are refused before any
 allocation, seeds follow one rule, and malformed spec files give a ValueError naming the file."""
 
+import os
 import re
 from functools import partial
 
@@ -10,6 +11,7 @@ import torch
 from torch_geometric import EdgeIndex
 
 from gnn_transformer import topology as T
+from gnn_transformer.topology import _common
 from gnn_transformer.dense.attention import edge_values_to_dense
 from gnn_transformer.padding import padding_mask
 from gnn_transformer.topology import specs
@@ -271,13 +273,25 @@ def test_many_tokens_without_edges_are_refused(build, name, n):
         build()
 
 
-def test_default_budget_keeps_the_benchmark_sizes():
+def test_budget_ceiling_keeps_the_benchmark_sizes():
     # bench's default sizes go up to 65536 tokens of causal (and full) attention
-    assert _needed(lambda: T.causal(65536)) <= T.DEFAULT_MAX_EDGES
-    assert _needed(lambda: T.full(65536)) <= T.DEFAULT_MAX_EDGES
-    assert _needed(lambda: T.sliding_window(2**20, 128)) <= T.DEFAULT_MAX_EDGES
-    assert _needed(lambda: T.bigbird(2**20, block=64, window=1, num_global=2, num_random=3)) <= T.DEFAULT_MAX_EDGES
-    assert _needed(lambda: T.causal(131072)) > T.DEFAULT_MAX_EDGES  # 137 GB as an edge list
+    ceiling = _common.EDGE_CEILING
+    assert _needed(lambda: T.causal(65536)) <= ceiling
+    assert _needed(lambda: T.full(65536)) <= ceiling
+    assert _needed(lambda: T.sliding_window(2**20, 128)) <= ceiling
+    assert _needed(lambda: T.bigbird(2**20, block=64, window=1, num_global=2, num_random=3)) <= ceiling
+    assert _needed(lambda: T.causal(131072)) > ceiling  # 137 GB as an edge list
+
+
+def test_default_budget_is_what_this_machine_can_build(monkeypatch):
+    """2**32 edges, or this machine's memory over 48 bytes an edge (a builder's peak): a graph the
+    machine cannot build is refused, not killed by the system."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert T.DEFAULT_MAX_EDGES == min(2**32, memory // 48)
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 2**20}[name])
+    assert _common._machine_edges() == 4 * 2**30 // 48  # 4 GiB
+    monkeypatch.setattr(os, "sysconf", lambda name: (_ for _ in ()).throw(ValueError(name)))
+    assert _common._machine_edges() == 2**32
 
 
 @pytest.mark.parametrize("limit", [-1, 1.5, "10", True])

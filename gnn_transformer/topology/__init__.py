@@ -3,7 +3,8 @@
 Every builder takes ``n`` (one sequence) or a list of lengths (a batch, disjoint union) and
 returns a ``torch_geometric.EdgeIndex`` sorted by target without duplicated edges; every builder
 has a brute-force ``*_predicate`` twin. A graph of more edges than the budget (:func:`max_edges`,
-``DEFAULT_MAX_EDGES = 2**32`` unless raised) is refused before anything is allocated. See
+``DEFAULT_MAX_EDGES``: ``2**32``, or what a smaller machine's memory can build, unless raised) is
+refused before anything is allocated. See
 ``docs/topology.md`` for the catalogue.
 """
 

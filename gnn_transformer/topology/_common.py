@@ -6,13 +6,16 @@ Every builder returns a ``torch_geometric.EdgeIndex`` of shape ``[2, E]`` with r
 
 Sizes are checked before anything is allocated: a builder first counts the edges its graph would
 have (exactly, or a tight upper bound, in Python integers) and refuses a graph of more than the
-edge budget, :data:`DEFAULT_MAX_EDGES` unless raised (or lowered) with :func:`max_edges`.
+edge budget, :data:`DEFAULT_MAX_EDGES` unless raised (or lowered) with :func:`max_edges`:
+``2**32`` edges (64 GiB as an int64 ``edge_index``), or on a machine with less memory than
+``48 * 2**32`` bytes (192 GiB) the edges its memory can build at 48 bytes each.
 Windows, blocks and similar sizes are clamped to the sequence lengths before any tensor
 arithmetic, so no size near ``2**63`` overflows ``int64``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -23,7 +26,24 @@ from torch_geometric import EdgeIndex
 
 Lengths = int | Sequence[int]
 
-DEFAULT_MAX_EDGES = 2**32  # 64 GiB as an int64 edge_index: causal(65536) fits, full(10**6) does not
+EDGE_CEILING = 2**32  # 64 GiB as an int64 edge_index: causal(65536) fits, full(10**6) does not
+# bytes of memory per edge while a builder runs: its int64 pair (16) and up to two more copies
+# (arange, cat and sort hold 2-3 times the final edge_index at their peak)
+EDGE_BUILD_BYTES = 48
+
+
+def _machine_edges() -> int:
+    """The edges a builder can make in this machine's physical memory (:data:`EDGE_BUILD_BYTES`
+    each); :data:`EDGE_CEILING` where the memory cannot be read."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # no sysconf (Windows)
+        return EDGE_CEILING
+    return memory // EDGE_BUILD_BYTES if memory > 0 else EDGE_CEILING
+
+
+# the default edge budget: 2**32 edges, or fewer on a machine whose memory cannot build them
+DEFAULT_MAX_EDGES = min(EDGE_CEILING, _machine_edges())
 SEED_MAX = 2**63 - 1  # seeds of torch.Generator.manual_seed and random.Random
 INT64_MAX = 2**63 - 1
 _MAX_EDGES: ContextVar[int | None] = ContextVar("max_edges", default=DEFAULT_MAX_EDGES)
@@ -35,7 +55,8 @@ def max_edges(limit: int | None) -> Iterator[None]:
 
     Every builder counts the edges of its graph before allocating anything and raises a
     ``ValueError`` when they (or its tokens) exceed the budget: :data:`DEFAULT_MAX_EDGES`
-    (``2**32``, 64 GiB as an int64 ``edge_index``) outside any ``with max_edges(...)`` block. The
+    (``2**32``, 64 GiB as an int64 ``edge_index``, or less on a machine with less than 192 GiB of
+    memory: its memory over 48 bytes an edge) outside any ``with max_edges(...)`` block. The
     previous budget is back when the block ends (the setting is a ``ContextVar``: threads and tasks
     each keep their own).
 
