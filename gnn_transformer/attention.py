@@ -1015,6 +1015,8 @@ class GraphMultiheadAttention(MessagePassing):
             query = query.to(cd)  # [N_dst, H, D]
             key = key.to(cd).repeat_interleave(group, dim=1)  # [N_src, H, D]
             value = value.to(cd).repeat_interleave(group, dim=1)  # [N_src, H, D]
+            if edge_index.dtype != torch.long:  # PyG's scatter takes int64 indices (the kernels take int32 too)
+                edge_index = edge_index.long()
             alpha = self.edge_updater(
                 edge_index, query=query, key=key, edge_bias=edge_bias, scale=scale, softcap=self.softcap, size=size
             )  # [E, H]

@@ -106,6 +106,27 @@ def _step_graph(seq: Tensor, pos: Tensor, num_new: int, window: Window) -> Tenso
     return _per_layer(window, lambda radius: step_edges(seq, pos, num_new, radius))
 
 
+def check_cache_selectors(model, instead: str) -> None:
+    """Refuse, before any step, a ``model`` with a layer whose ``select`` chooses on a
+    self-attention graph only (:class:`~gnn_transformer.topology.dynamic.BlockTopK`,
+    :class:`~gnn_transformer.topology.dynamic.LSH`, :class:`~gnn_transformer.topology.dynamic.Routing`:
+    as many queries as keys): under a key/value cache a step's queries are fewer than its keys.
+    ``instead`` says what runs such a model. :class:`~gnn_transformer.topology.dynamic.TopK`
+    selects under a cache (its ``causal`` rule aligns the queries with the cache's last keys)."""
+    from .attention import GraphMultiheadAttention
+    from .topology.dynamic import LSH, BlockTopK, Routing
+
+    if not isinstance(model, torch.nn.Module):
+        return
+    for module in model.modules():
+        if isinstance(module, GraphMultiheadAttention) and isinstance(module.select, (BlockTopK, LSH, Routing)):
+            raise ValueError(
+                f"Expected a 'model' whose attention can select under a key/value cache (got select="
+                f"{module.select!r}, which selects on a self-attention graph: as many queries as keys, "
+                f"while a cached step has fewer queries than keys); {instead}"
+            )
+
+
 def _forward(model, ids: Tensor, edge_index: Tensor | list[Tensor], pos: Tensor, cache: KVCache | None) -> Tensor:
     if not hasattr(model, "forward_graph"):
         raise ValueError(f"Expected 'model' with a forward_graph method (got {type(model).__name__})")
@@ -171,6 +192,9 @@ def _check_generate(
             "builds each step's graph from 'window'"
         )
     _check_int("max_new_tokens", max_new_tokens, 0)
+    check_bool("use_cache", use_cache)
+    if use_cache:
+        check_cache_selectors(model, "generate with use_cache=False (each step recomputes the whole graph)")
     if (
         not isinstance(input_ids, Tensor)
         or input_ids.dim() != 2

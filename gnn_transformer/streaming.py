@@ -34,7 +34,7 @@ from typing import TypeAlias, TypeGuard
 import torch
 from torch import Tensor
 
-from .decoding import KV, KVCache, _sample
+from .decoding import KV, KVCache, _sample, check_cache_selectors
 from .position import LENGTH_DEPENDENT
 
 Graph: TypeAlias = Tensor | tuple[Tensor, Tensor]  # edge_index, or (edge_index, edge_head) of a per-head graph
@@ -211,6 +211,7 @@ def stream_logits(model, ids: Tensor, graph: Graphs, *, chunk: int = 256) -> Ite
 @torch.no_grad()
 def _stream(model, ids: Tensor, graph: Graphs, chunk: int) -> Iterator[tuple[EvictingKVCache, tuple[int, Tensor]]]:
     _check_model(model)
+    check_cache_selectors(model, "run it on the whole graph (model.forward_graph) instead of streaming")
     ids = _check_ids(ids, "ids")
     chunk = _check_int("chunk", chunk, 1)
     layer_graphs, shared = _layer_graphs(graph)
@@ -398,6 +399,7 @@ def streaming_generate(
         ``[B, T + max_new_tokens]`` token ids (then the logits, then the stats, when asked for).
     """
     _check_model(model)
+    check_cache_selectors(model, "generate with decoding.generate(..., use_cache=False)")
     _check_prompts(input_ids)
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0)
     num_sinks = _check_int("num_sinks", num_sinks, 0)

@@ -134,8 +134,11 @@ class TopK:
 
     Args:
         num_keys: keys kept per query and head, ``>= 1``.
-        causal: only keys ``j <= i`` (node indices; within a sequence of a self-attention batch
-            graph, the same as local positions). Default ``False``.
+        causal: only keys ``j <= i + N_k - N_q`` (node indices, aligned at the end): in a
+            self-attention graph ``j <= i`` (within a sequence of a batch graph, the same as local
+            positions); under a key/value cache, whose ``N_k`` keys end with the step's ``N_q``
+            queries (:class:`~gnn_transformer.decoding.KVCache`), a query's own node and those
+            before it. Default ``False``.
 
     Example:
         >>> from gnn_transformer import topology as T
@@ -157,7 +160,10 @@ class TopK:
     def __call__(self, q: Tensor, k: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
         """``(edge_index [2, E], edge_head [E])``, sorted by (head, target, source)."""
         src, dst = _allowed_graph(self, q, k, edge_index, self_attention=False)
-        return topk(q, k, self.num_keys, allowed=torch.stack([src, dst]), causal=self.causal)
+        if self.causal:  # aligned at the end: a cache's keys end with the step's queries
+            keep = src <= dst + (k.size(0) - q.size(0))
+            src, dst = src[keep], dst[keep]
+        return topk(q, k, self.num_keys, allowed=torch.stack([src, dst]))
 
 
 @dataclass(frozen=True)
