@@ -476,6 +476,54 @@ def test_unsupported_configs_are_refused(family, field, value, match):
         hf.GraphDecoderLM(config)
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2"])
+def test_partial_rotary_factor_is_read_as_hugging_face_reads_it(family):
+    """Only Phi-3's Hugging Face model rotates part of each head; the other families' default RoPE
+    rotates every dimension whatever ``partial_rotary_factor`` says (the import rotated half, logits
+    off by 3-9), and their scaled RoPE cannot run a factor (refused)."""
+    params = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    if family.startswith("gemma"):  # head_dim 24 set by _config: rotating half of it is 12, even
+        params["rope_theta"] = 100.0
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config(family, rope_parameters=params)).eval()
+    graph = hf.from_hf(model, backend="pyg")
+    assert all(rope.rotary_dim == graph.spec.head_dim for rope in graph.spec.rope)
+    ids, mask = _batch(right_padding=True)
+    real = mask.bool()
+    torch.testing.assert_close(
+        graph(input_ids=ids, attention_mask=mask).logits[real],
+        model(input_ids=ids, attention_mask=mask).logits[real],
+        **TOL,
+    )
+    scaled = _config(family, rope_parameters={**params, "rope_type": "linear", "factor": 2.0})
+    with pytest.raises(ValueError, match=r"partial_rotary_factor'\]=0.5 .*cannot run a factor with rope_type 'linear'"):
+        hf.GraphDecoderLM(scaled)
+
+
+@pytest.mark.parametrize(
+    "family,fields",
+    [
+        ("llama", {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 3}),
+        ("mistral", {"attention_bias": True}),
+    ],
+)
+def test_fields_the_family_does_not_read_are_ignored_as_hugging_face_ignores_them(family, fields):
+    """Hugging Face's Llama has no sliding window (layer_types and sliding_window are not read;
+    the import put a window on layer 0, logits off by 10) and Mistral's projections have no bias
+    whatever attention_bias says (the import looked for bias weights and failed)."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config(family, num_hidden_layers=2, **fields)).eval()
+    graph = hf.from_hf(model, backend="pyg")
+    assert graph.spec.windows == [None, None] if family == "llama" else not graph.spec.qkv_bias
+    ids, mask = _batch(right_padding=True)
+    real = mask.bool()
+    torch.testing.assert_close(
+        graph(input_ids=ids, attention_mask=mask).logits[real],
+        model(input_ids=ids, attention_mask=mask).logits[real],
+        **TOL,
+    )
+
+
 def test_unhashable_model_type_is_refused():
     with pytest.raises(ValueError, match=r"model_type=\['llama'\]"):
         hf.decoder_config(SimpleNamespace(model_type=["llama"]))

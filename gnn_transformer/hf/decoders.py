@@ -64,6 +64,7 @@ FAMILIES = {
     "phi3": "phi3",
     "gpt_neo": "gpt_neo",
 }
+LAYER_TYPE_FAMILIES = ("qwen2", "qwen3", "gemma2", "gemma3")
 ACTIVATION_NAMES = {"swish": "silu"}  # Hugging Face's aliases of the project's activations
 
 
@@ -151,14 +152,28 @@ def _rope_params(config, layer_type: str | None) -> tuple[dict, str]:
     return dict(params), name
 
 
-def rope_config(config, layer_type: str | None, head_dim: int) -> RopeConfig:
+def rope_config(config, layer_type: str | None, head_dim: int, partial_rotary: bool = False) -> RopeConfig:
     """The :class:`RopeConfig` of the layers of ``layer_type`` (``None``: of every layer) of a
-    Hugging Face config, or a ``ValueError`` naming the field of an unsupported choice."""
+    Hugging Face config, or a ``ValueError`` naming the field of an unsupported choice.
+
+    ``partial_rotary``: the family's Hugging Face model rotates ``head_dim * partial_rotary_factor``
+    dimensions (Phi-3). The others (Llama, Mistral, Qwen, Gemma, ModernBERT) rotate every dimension
+    with the default RoPE whatever the factor, as here, and fail with a scaled one given a factor
+    below 1, which is refused."""
     params, name = _rope_params(config, layer_type)
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
         _refuse(f"{name}['rope_type']", kind, f"supported: {list(ROPE_TYPES)}")
     partial = params.get("partial_rotary_factor", _get(config, "partial_rotary_factor", 1.0))
+    if not partial_rotary and partial != 1.0:
+        if kind != "default":
+            _refuse(
+                f"{name}['partial_rotary_factor']",
+                partial,
+                f"this family's Hugging Face model rotates every dimension and cannot run a factor "
+                f"with rope_type {kind!r}: expected 1.0",
+            )
+        partial = 1.0  # Hugging Face's default RoPE of this family reads no factor
     rotary_dim = int(head_dim * partial)
     if rotary_dim <= 0 or rotary_dim % 2:
         _refuse(
@@ -265,16 +280,19 @@ def decoder_config(config) -> DecoderConfig:
     num_layers, heads = config.num_hidden_layers, config.num_attention_heads
     head_dim = _get(config, "head_dim", config.hidden_size // heads)
     gemma = family in ("gemma2", "gemma3")
-    types = _layer_types(config, num_layers)
+    # the families whose Hugging Face models read layer_types (Llama, Mistral and Phi-3 do not)
+    types = _layer_types(config, num_layers) if family in LAYER_TYPE_FAMILIES else ["full_attention"] * num_layers
     window = getattr(config, "sliding_window", None)
     if family in ("mistral", "phi3"):  # one window for every layer, when set
         windows = [None if window is None else _window_radius(window, "sliding_window")] * num_layers
+    elif family == "llama":  # Hugging Face's Llama has no sliding window
+        windows = [None] * num_layers
     else:
         windows = [_window_radius(window, "sliding_window") if kind == "sliding_attention" else None for kind in types]
     attention_bias = bool(_get(config, "attention_bias", False))
     if family == "qwen2":
         qkv_bias, out_bias = True, False
-    elif family == "phi3":
+    elif family in ("phi3", "mistral"):  # their projections have no bias, whatever attention_bias says
         qkv_bias = out_bias = False
     else:
         qkv_bias = out_bias = attention_bias
@@ -302,7 +320,7 @@ def decoder_config(config) -> DecoderConfig:
         qk_norm=family in ("qwen3", "gemma3"),
         sandwich_norms=gemma,
         embed_scale=config.hidden_size**0.5 if gemma else None,
-        rope=[rope_config(config, kind if family == "gemma3" else None, head_dim) for kind in types],
+        rope=[rope_config(config, kind if family == "gemma3" else None, head_dim, family == "phi3") for kind in types],
         scale=scale,
         softcap=None if softcap is None else float(softcap),
         final_softcap=(
