@@ -650,6 +650,55 @@ def test_analyze_runs_on_a_saved_hugging_face_model(tmp_path, capsys, kind):
     torch.testing.assert_close(g.dense(), ref.attentions[1][0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_analyze_runs_a_hugging_face_model_on_its_own_graphs(tmp_path, capsys, family):
+    """A model with sliding windows (Mistral's on every layer, Gemma 2's on every other) is
+    analysed on its own graphs by default ('native'), as Hugging Face computes it: the recorded
+    weights are its attention probabilities (on causal graphs everywhere they were not)."""
+    transformers = pytest.importorskip("transformers")
+    from gnn_transformer.experiments import analyze_run
+    from gnn_transformer.viz import model_view
+
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        sliding_window=3,
+        attn_implementation="eager",
+    )
+    if family == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
+    else:
+        config = transformers.Gemma2Config(**common, head_dim=8, query_pre_attn_scalar=8)
+        model = transformers.Gemma2ForCausalLM(config)
+    directory = tmp_path / family
+    model.eval().save_pretrained(directory)
+    loaded = analyze_run.load_hf_model(directory, backend="pyg")
+    assert loaded.graph == "native"
+    ids = [3, 5, 7, 11, 13, 17, 19, 23, 29, 31]
+    result = analyze_run.analyze(loaded, [ids])
+    assert result.graph == "native"
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]), output_attentions=True)
+    torch.testing.assert_close(result.traces["model"].output, ref.logits[0], atol=1e-4, rtol=1e-4)
+    for layer, weights in enumerate(ref.attentions):
+        got = result.traces["model"].attention[layer].dense()
+        torch.testing.assert_close(got, weights[0], atol=1e-5, rtol=1e-5)
+    edges = [g.edge_index.size(1) for g in result.traces["model"].attention]
+    windowed = sum(min(i, 2) + 1 for i in range(10))  # sliding_window=3: the token and 2 before it
+    assert edges == ([windowed, windowed] if family == "mistral" else [windowed, 55])
+    causal = analyze_run.analyze(loaded, [ids], graph="causal")  # asked for: every layer causal
+    assert [g.edge_index.size(1) for g in causal.traces["model"].attention] == [55, 55]
+    page = model_view.model_page(loaded, ids)  # the viewer draws the same graphs
+    assert "native graph" in page.title
+    assert [len(layer.views[-1].src) for layer in page.layers] == edges
+
+
 def test_analyze_reports_a_missing_tokenizer_and_directory(tmp_path, capsys):
     path, _ = _tiny_lm_checkpoint(tmp_path)
     text = tmp_path / "text.txt"

@@ -440,9 +440,9 @@ def test_analyze_help_and_errors_agree_with_the_docs(capsys):
         cli.main(["analyze", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "(default 2) (default: 2)" not in help_text and "(default: 2)" in help_text
-    assert "unset: a 'train' run's own topology, causal for language models and GPT-2, full otherwise" in help_text
+    assert "unset: a 'train' run's own topology; for a Hugging Face model 'native', each layer's own graph" in help_text
     docs = " ".join((ROOT / "docs" / "analysis.md").read_text().split())
-    assert "default: a `train` run's own topology, causal for language models and GPT-2, full otherwise" in docs
+    assert "default: a `train` run's own topology; for a Hugging Face model `native`, each layer's own graph" in docs
     assert cli.main(["analyze", "--checkpoint", "no_such_file.pt"]) == 2
     assert capsys.readouterr().err.startswith("gnn-transformer: error: ")
 

@@ -66,9 +66,10 @@ def add_parser(sub) -> None:
         "with arguments (sliding_window:window=3) or a spec file, per-head "
         "(duo_attention: each head's weights over its own edges), per-layer (gemma3: "
         "each layer on its graph) or with a selector (causal+topk:num_keys=8: the "
-        "graph each layer selects) (unset: a 'train' run's own topology, causal for "
-        "language models and GPT-2, full otherwise; an lm run's graphs are cut to their causal "
-        "part, as in its training)",
+        "graph each layer selects), or 'native' (unset: a 'train' run's own topology; for a Hugging "
+        "Face model 'native', each layer's own graph (causal, or its family's sliding window; "
+        "ModernBERT's local and global layers), causal for GPT-2, full for BERT; an lm run's graphs "
+        "are cut to their causal part, as in its training)",
     )
     p.add_argument("--compare-norm", action="store_true", help="also run the same weights pre-norm and post-norm")
     p.add_argument("--backend", choices=BACKENDS, help="attention backend while recording (unset: the model's)")

@@ -55,7 +55,10 @@ def add_parser(sub) -> None:
     )
     model.add_argument("--tokenizer", metavar="DIR", help="directory with a Hugging Face tokenizer (unset: --hf-dir)")
     model.add_argument(
-        "--graph", metavar="SPEC", help="token graph the model runs on (unset: its own: causal, full, or its run's)"
+        "--graph",
+        metavar="SPEC",
+        help="token graph the model runs on (unset: its own: 'native', each layer's graph, for a Hugging "
+        "Face model; its run's topology for a 'train' checkpoint)",
     )
     p.add_argument("-o", "--out", metavar="HTML", help="output file (default: <name>.html in the current directory)")
     p.add_argument(

@@ -68,8 +68,9 @@ class LoadedModel:
         forward: ``forward(ids [N], graph, pos [N]) -> output`` for a batch of sequences; ``graph``
             is an ``edge_index``, a per-head pair ``(edge_index, edge_head)`` or per-layer graphs
             (a ``LayerPattern`` or a list).
-        graph: the token graph it was trained on: ``"causal"``, ``"full"``, or the topology spec of
-            a training run (``"sliding_window:window=3"``, see :mod:`.topologies`).
+        graph: the token graph it was trained on: ``"causal"``, ``"full"``, the topology spec of
+            a training run (``"sliding_window:window=3"``, see :mod:`.topologies`), or
+            ``"native"``: each layer's own graph (``native``).
         tokenizer: a Hugging Face tokenizer, or the :class:`VocabularyTokenizer` of a training run.
         name: a short description for titles.
         examples: for a checkpoint of a training run, ``examples(k)`` draws ``k`` seeded sequences
@@ -83,6 +84,9 @@ class LoadedModel:
             in the training of an ``lm`` run.
         trained_length: the longest sequence it was trained on, when known (an ``lm`` run's
             context); positions beyond it are untrained.
+        native: for an imported Hugging Face model whose layers have graphs of their own (a
+            causal graph or a sliding window per layer, ModernBERT's local and global layers),
+            ``native(lengths)`` builds them, one per layer: the graph ``"native"``.
     """
 
     model: nn.Module
@@ -96,6 +100,25 @@ class LoadedModel:
     language_model: bool = False
     causal_graphs: bool = False
     trained_length: int | None = None
+    native: Callable[[list[int]], list[Any]] | None = None
+
+
+def native_builder(model: nn.Module) -> Callable[[list[int]], list[Any]] | None:
+    """``lengths -> [graph of layer 0, ...]`` from a model's ``native_topologies()`` (the Hugging
+    Face decoder families and ModernBERT), each distinct builder run once; ``None`` without them."""
+    native = getattr(model, "native_topologies", None)
+    if not callable(native):
+        return None
+    builders = native()
+
+    def build(lengths: list[int]) -> list[Any]:
+        built: dict[int, Any] = {}  # one graph per distinct builder (layers of one window share it)
+        for builder in builders:
+            if id(builder) not in built:
+                built[id(builder)] = builder(list(lengths))
+        return [built[id(builder)] for builder in builders]
+
+    return build
 
 
 @dataclass
@@ -467,8 +490,9 @@ def _load_listops_run(path: Path, state: dict, run: dict, model_config: Any, max
 def load_hf_model(directory: str | Path, *, backend: str | None = None) -> LoadedModel:
     """A Hugging Face model saved in a local directory (``save_pretrained``) of a family
     :func:`gnn_transformer.hf.from_pretrained` imports, with its tokenizer when the directory has one.
-    Encoders (BERT, ModernBERT) run on the full graph, decoders (GPT-2, Llama, Mistral, ...) on the
-    causal one by default."""
+    By default each layer runs on its own graph, as in Hugging Face's model (``"native"``: causal
+    or the family's sliding window per layer for the decoders, ModernBERT's local and global
+    layers); GPT-2 on the causal graph, BERT on the full one."""
     from .. import hf  # needs transformers: imported only when asked for
 
     directory = Path(directory)
@@ -505,10 +529,10 @@ def load_hf_model(directory: str | Path, *, backend: str | None = None) -> Loade
     if isinstance(model, hf.GraphGPT2LMHeadModel):
         graph, name, max_length = "causal", "GPT-2", config.n_positions
     elif isinstance(model, hf.GraphDecoderLM):  # RoPE families take any position; GPT-Neo has a table
-        graph, name = "causal", config.model_type
+        graph, name = "native", config.model_type
         max_length = model.spec.max_position_embeddings if model.embed_positions is not None else None
     elif isinstance(model, hf.GraphModernBertModel):
-        graph, name, max_length = "full", "ModernBERT", None
+        graph, name, max_length = "native", "ModernBERT", None
     else:
         graph, name, max_length = "full", "BERT", config.max_position_embeddings
 
@@ -524,6 +548,7 @@ def load_hf_model(directory: str | Path, *, backend: str | None = None) -> Loade
         vocab_size=config.vocab_size,
         max_length=max_length,
         language_model=isinstance(model, (hf.GraphGPT2LMHeadModel, hf.GraphDecoderLM)),
+        native=native_builder(model),
     )
 
 
@@ -655,7 +680,14 @@ def selecting(model: nn.Module, select: str | dict | None) -> Iterator[nn.Module
 def build_graph(loaded: LoadedModel, spec: str, lengths: Sequence[int]) -> tuple[Any, str | dict | None]:
     """The graph of ``spec`` on a batch of sequences of ``lengths`` for ``loaded``: an
     ``edge_index``, a per-head pair or per-layer graphs (a list), cut to its causal part when
-    ``loaded.causal_graphs``; and the spec's selector (``None`` without one)."""
+    ``loaded.causal_graphs``; and the spec's selector (``None`` without one). ``"native"`` is each
+    layer's own graph (``loaded.native``), or the graph ``loaded`` was trained on."""
+    if spec == "native":
+        if loaded.native is not None:
+            return loaded.native(list(lengths)), None
+        if loaded.graph != "native":
+            return build_graph(loaded, loaded.graph, lengths)
+        raise ValueError(f"Expected a 'graph' spec: {loaded.name} has no graphs of its own ('native')")
     topo = resolve_topology(spec)
     modules = attention_modules(loaded.model)
     if topo.num_heads is not None and modules and topo.num_heads != modules[0].num_heads:
