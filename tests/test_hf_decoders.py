@@ -273,6 +273,9 @@ def test_base_model_and_other_heads():
     model = _model("llama")
     base = hf.from_hf(model.model, backend="pyg")
     torch.testing.assert_close(base.lm_head.weight, model.model.embed_tokens.weight)
+    # tied, not a copy: training keeps them one (the config said untied: the base model has no head)
+    assert not model.config.tie_word_embeddings
+    assert base.lm_head.weight is base.embed_tokens.weight and base.spec.tie_word_embeddings
     ids, mask = _batch(right_padding=True)
     real = mask.bool()
     torch.testing.assert_close(

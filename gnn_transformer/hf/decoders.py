@@ -28,7 +28,7 @@ dimension, ``L`` layers, ``V`` vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
 import torch
@@ -641,6 +641,9 @@ class GraphDecoderLM(nn.Module):
         source = next(base.parameters())
         graph.to(device=source.device, dtype=source.dtype)
         graph.load_state_dict(state)
+        if head is None and not graph.spec.tie_word_embeddings:  # a base model: its head is the embedding
+            graph.lm_head.weight = graph.embed_tokens.weight
+            graph.spec = replace(graph.spec, tie_word_embeddings=True)
         return graph.train(base.training)
 
 
