@@ -550,6 +550,8 @@ class GraphMultiheadAttention(MessagePassing):
             raise ValueError(
                 f"Expected '{name}' to hold one position per node, shape [{heads.size(0)}] (got {got}){why}"
             )
+        if pos.dtype == torch.bool or pos.is_complex():  # a mask given for positions: read as 0 and 1
+            raise ValueError(f"Expected '{name}' to hold integer or real positions (got dtype {pos.dtype})")
         return heads if self.rotary is None else self.rotary(heads, pos)
 
     def key_value(

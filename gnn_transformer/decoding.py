@@ -65,6 +65,14 @@ class KVCache:
 
     def update(self, index: int, kv: KV) -> KV:
         """Append layer ``index``'s keys and values of the new nodes; return those of all nodes."""
+        before = self.layers[index][0].size(0) if index in self.layers else 0
+        registered = 0 if self.pos is None else self.pos.numel()
+        if before + kv[0].size(0) != registered:
+            raise ValueError(
+                f"Expected the keys of layer {index} for the {registered - before} nodes registered by "
+                f"add_nodes since its last update (got {kv[0].size(0)}): call add_nodes with the step's "
+                "new nodes before running the model"
+            )
         if index in self.layers:
             old_k, old_v = self.layers[index]
             kv = (torch.cat([old_k, kv[0]]), torch.cat([old_v, kv[1]]))
@@ -234,7 +242,24 @@ def _check_generate(
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(vocab_size, int) and not isinstance(vocab_size, bool):
         check_ids(input_ids[mask], vocab_size, "input_ids")  # padding may hold any id
+    table = _position_table(model)
+    last = int(lengths.max()) + max_new_tokens - 2  # the position of the last token a step reads
+    if table is not None and max_new_tokens > 0 and last >= table:
+        raise ValueError(
+            f"Expected 'max_new_tokens' small enough for the model's {table} learned positions (got "
+            f"{max_new_tokens} after a prompt of {int(lengths.max())} tokens: the last step reads position {last})"
+        )
     return mask, lengths
+
+
+def _position_table(model) -> int | None:
+    """The positions of a model's learned position table (``GraphLM``'s ``pos_embed``, GPT-2's
+    ``wpe``, GPT-Neo's ``embed_positions``); ``None`` for a model without one."""
+    for name in ("pos_embed", "wpe", "embed_positions"):
+        table = getattr(model, name, None)
+        if isinstance(table, torch.nn.Embedding):
+            return table.num_embeddings
+    return None
 
 
 @torch.no_grad()

@@ -437,6 +437,18 @@ class GraphEncoderModel(nn.Module):
         edge_head: Tensor | None = None,
     ) -> Tensor:
         h = self.embed_nodes(x, pos)
+        cached_pos = getattr(cache, "pos", None)  # a KVCache's positions (h2o's caches keep their own)
+        registered = None if cached_pos is None else cached_pos[-h.size(0) :]
+        if (cached_pos is not None or (cache is not None and self.config.position == "alibi")) and (
+            registered is None
+            or registered.shape != (h.size(0),)
+            or (pos is not None and not bool((registered == pos).all()))
+        ):
+            raise ValueError(
+                f"Expected the {h.size(0)} new nodes registered last in 'cache' (its add_nodes) with the "
+                f"positions 'pos' (got {None if registered is None else registered.tolist()[:8]} for "
+                f"{None if pos is None else pos.tolist()[:8]})"
+            )
         if self.config.position == "alibi":
             assert pos is not None  # embed_nodes refuses a missing 'pos' unless position="none"
             graphs = resolve_layer_graphs(edge_index, self.config.num_layers, "edge_index", edge_head=edge_head)

@@ -104,3 +104,40 @@ def test_pyg_takes_an_int32_edge_index():
     lm = _lm(None)
     ids = torch.randint(0, 17, (6,))
     torch.testing.assert_close(lm(ids, g.int(), pos=torch.arange(6)), lm(ids, g, pos=torch.arange(6)))
+
+
+def test_generate_refuses_steps_past_the_position_table_before_the_first():
+    """A learned position table of 8: a prompt of 5 and 4 new tokens reads positions up to 7 (the
+    last new token is not read); 5 new tokens would read position 8, refused before any step (it
+    ran 3 steps and then failed naming 'pos')."""
+    torch.manual_seed(0)
+    config = GraphTransformerConfig(vocab_size=17, d_model=16, nhead=2, num_layers=1, max_positions=8, backend="pyg")
+    lm = GraphLM(config).eval()
+    ids = torch.randint(0, 17, (1, 5))
+    assert generate(lm, ids, 4).shape == (1, 9)
+    with pytest.raises(
+        ValueError, match=r"^Expected 'max_new_tokens' small enough for the model's 8 learned positions"
+    ):
+        generate(lm, ids, 5)
+
+
+def test_rope_refuses_boolean_positions():
+    layer = GraphMultiheadAttention(16, 2, rope=True)
+    with pytest.raises(ValueError, match=r"Expected 'pos' to hold integer or real positions \(got dtype torch.bool\)"):
+        layer(torch.randn(3, 16), topology.causal(3), pos=torch.tensor([True, False, True]))
+
+
+@pytest.mark.parametrize("position", ["alibi", "rope"])
+def test_a_cache_that_disagrees_with_the_step_is_refused(position):
+    """The cache's last registered nodes must be the step's (add_nodes before the model runs): an
+    ALiBi model raised an IndexError, the others ran on misaligned keys."""
+    from gnn_transformer.decoding import KVCache
+
+    lm = _lm(None, position=position)
+    cache = KVCache()
+    cache.add_nodes(torch.zeros(2, dtype=torch.long), torch.arange(2))
+    with pytest.raises(ValueError, match=r"^Expected the 4 new nodes registered last in 'cache'"):
+        lm(torch.randint(0, 17, (4,)), topology.causal(4), pos=torch.arange(4), cache=cache)
+    cache = KVCache()  # nothing registered at all
+    with pytest.raises(ValueError, match=r"registered .*add_nodes"):
+        lm(torch.randint(0, 17, (4,)), topology.causal(4), pos=torch.arange(4), cache=cache)
