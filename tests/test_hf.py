@@ -420,8 +420,9 @@ def test_argument_shapes_and_positions():
         gpt2.forward_graph(ids[0], causal([5]), pos=torch.arange(20, 25))
     from gnn_transformer.decoding import generate
 
-    with pytest.raises(ValueError, match="'pos'.*n_positions=24"):
-        generate(gpt2, ids, 30)
+    with pytest.raises(ValueError, match="'max_new_tokens' small enough for the model's 24 learned positions"):
+        generate(gpt2, ids, 30)  # refused before the first step
+    assert generate(gpt2, ids, 24 - 5 + 1).shape == (ids.size(0), 25)  # reads positions up to 23
     # token ids and types outside the tables (torch's embedding raised a bare IndexError)
     with pytest.raises(ValueError, match="Found 99 in 'input_ids'.*0..60"):
         bert(input_ids=torch.tensor([[1, 2, 99]]))
