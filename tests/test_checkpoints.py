@@ -69,6 +69,54 @@ def test_stop_and_resume_equals_one_run(tmp_path):
     assert best["step"] == whole.best["step"]
 
 
+def test_a_stop_between_log_and_eval_steps_leaves_the_run_unchanged(tmp_path):
+    """A stop at a step that is not a logging step (log every 3, stop at 5) adds no row to the log
+    kept in last.pt (the resumed run's log and final loss were those of another run), and a stop
+    at an evaluation step is evaluated once (the stopped run listed it twice)."""
+    whole, _ = run_training(_config(tmp_path / "whole", steps=10, log_every=3, eval_every=5))
+    first, _ = run_training(_config(tmp_path / "split", steps=10, log_every=3, eval_every=5, stop_after=5))
+    assert [h["step"] for h in first.history] == [3, 5]  # the stop's row is reported, not kept
+    assert [e["step"] for e in first.evals] == [5]
+    rest, _ = run_training(
+        replace(_config(tmp_path / "split", steps=10, log_every=3, eval_every=5), resume=str(tmp_path / "split"))
+    )
+    assert [h["step"] for h in rest.history] == [h["step"] for h in whole.history] == [3, 6, 9, 10]
+    assert rest.history == [dict(h, seconds=r["seconds"]) for h, r in zip(whole.history, rest.history)]
+    assert rest.final["final_loss"] == whole.final["final_loss"]
+    assert [e["step"] for e in rest.evals] == [e["step"] for e in whole.evals] == [5, 10]
+
+
+def test_the_logged_learning_rate_is_the_one_the_step_took(tmp_path):
+    result, _ = run_training(_config(tmp_path / "lr", steps=6, warmup=4, lr=1e-3, log_every=1, eval_every=0))
+    assert [round(h["lr"], 12) for h in result.history[:4]] == [2.5e-4, 5e-4, 7.5e-4, 1e-3]  # warmup: s / 4
+
+
+def test_resuming_into_another_folder_carries_best_pt(tmp_path):
+    """best.pt is written only when a better evaluation comes: resumed into another --out, the
+    run's train.json named a best step whose weights were only in the first folder."""
+    run_training(_config(tmp_path / "first", stop_after=4))
+    rest, _ = run_training(replace(_config(tmp_path / "second"), resume=str(tmp_path / "first")))
+    best = checkpoints.read(tmp_path / "second" / "best.pt")
+    assert rest.best is not None and best["step"] == rest.best["step"]
+
+
+@pytest.mark.parametrize("task", ["karate", "shortest_path"])
+def test_graph_tasks_are_reproducible_with_their_seed(tmp_path, task):
+    """The Laplacian encodings draw their signs from torch's global generator: seeded before the
+    workload is built, two runs of one seed (and so a run and its resumption) are the same."""
+    config = RunConfig(
+        task=task,
+        topology="graph",
+        model=TINY,
+        train=TrainConfig(steps=3, batch_size=2, warmup=0, log_every=1),
+        eval_size=8,
+        pe_dim=4,
+    )
+    (a, model_a), (b, model_b) = run_training(config), run_training(config)
+    _same_weights(model_a.state_dict(), model_b.state_dict())
+    assert a.final == b.final
+
+
 def test_resume_from_another_configuration_is_refused_and_writes_nothing(tmp_path, capsys):
     run_training(_config(tmp_path, stop_after=2))
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}

@@ -160,7 +160,7 @@ def add_train_args(p: argparse.ArgumentParser, defaults) -> None:
         type=int,
         default=defaults.batch_size,
         action=Given,
-        help="sequences/graphs/images per step and process (default %(default)s)",
+        help="sequences/graphs/images per step and process (per micro-batch with --grad-accum; default %(default)s)",
     )
     g.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default %(default)s)")
     g.add_argument("--optimizer", choices=("adamw", "adam"), default=defaults.optimizer, help="default %(default)s")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+import shutil
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -105,6 +106,9 @@ def build(config: RunConfig) -> tuple[Any, nn.Module]:
     if name not in ALL_TASKS:
         raise ValueError(f"Unknown task {name!r}: expected one of {list(ALL_TASKS)}")
     bs = config.train.batch_size
+    # seeded before any workload: the graph tasks' Laplacian encodings draw their signs from torch's
+    # global generator (PyG's AddLaplacianEigenvectorPE), so a run and its resumption see the same
+    seed_everything(config.train.seed)
     workload: LMWorkload | ListOpsWorkload | SequenceWorkload | KarateWorkload | ShortestPathWorkload | DigitsWorkload
     if name in TASKS or name in TEXT_TASKS:
         topo = resolve_topology(config.topology)
@@ -233,6 +237,16 @@ def _room_for(model: EncoderConfig, length: int) -> EncoderConfig:
     return model
 
 
+def _carry_best(source: Path, out: Path) -> None:
+    """Copy the resumed run's ``best.pt`` into another ``out`` folder (it is written only when a
+    better evaluation comes, so without it the resumed run's ``train.json`` names a best step whose
+    weights are elsewhere); the copy is replaced if the resumed run finds a better one."""
+    best, target = source / "best.pt", out / "best.pt"
+    if best.is_file() and best.resolve() != target.resolve():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(best, target)
+
+
 def resume_path(path: str | Path) -> Path:
     """A checkpoint to resume from: the file, or ``last.pt`` in a folder."""
     p = Path(path)
@@ -279,6 +293,8 @@ def run_training(config: RunConfig, *, progress: bool = False) -> tuple[TrainRes
     payload = check_resume(config, info.world_size) if config.resume is not None else None
     workload, model = build(config)  # bad data (a missing text, an impossible length range) fails here
     device = distributed.setup(info, config.train.device)
+    if payload is not None and config.resume is not None and config.out is not None and info.is_main:
+        _carry_best(resume_path(config.resume).parent, Path(config.out))
     train_config = TrainConfig(**{**asdict(config.train), "device": device})
     meta = {"run": _plain(asdict(config)), "world_size": info.world_size}
     if config.task == "lm":  # the characters of the ids: the checkpoint is read without its text

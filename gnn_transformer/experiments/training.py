@@ -378,6 +378,7 @@ def train(
             else _grad_norm(model.parameters())
         )
         optimizer.step()
+        lr = scheduler.get_last_lr()[0]  # the rate this step took (scheduler.step() sets the next one's)
         scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -399,17 +400,16 @@ def train(
         state["tokens"] += step_tokens
         if not math.isfinite(last_loss):
             raise FloatingPointError(f"Training loss became {last_loss} at step {step}; try a lower learning rate")
-        if step % config.log_every == 0 or step == last:
-            state["history"].append(
-                {
-                    "step": step,
-                    "loss": last_loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "tokens": state["tokens"],
-                    "seconds": state["train_time"],
-                }
-            )
+        logged = {
+            "step": step,
+            "loss": last_loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": state["tokens"],
+            "seconds": state["train_time"],
+        }
+        if step % config.log_every == 0 or step == config.steps:  # a stop is not a row of the run's log
+            state["history"].append(logged)
         if config.eval_every and step % config.eval_every == 0 and step != config.steps:
             record_eval({"step": step, **evaluate(forward, workload, device, config.precision)})
         if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.stop_after:
@@ -420,15 +420,23 @@ def train(
                 bar.set_postfix(loss=f"{last_loss:.3f}")
     if bar is not None:
         bar.close()
-    final = {"step": last, **evaluate(forward, workload, device, config.precision)}
-    if last == config.steps:
-        record_eval(final)
-    else:  # stopped early: this evaluation is not part of the run's logs (last.pt holds them)
-        state["evals"] = [*state["evals"], final]
-    final = {**final, "final_loss": _smoothed_loss(state["history"])}
+    history = state["history"]
+    if last != config.steps and start_step < last and history[-1:] != [logged]:
+        history = [*history, logged]  # stopped early: the stop step's row, not kept in last.pt's log
+    evals = state["evals"]
+    if evals and evals[-1]["step"] == last:  # evaluated at this very step (eval_every divides it)
+        final = dict(evals[-1])
+    else:
+        final = {"step": last, **evaluate(forward, workload, device, config.precision)}
+        if last == config.steps:
+            record_eval(final)
+            evals = state["evals"]
+        else:  # stopped early: this evaluation is not part of the run's logs (last.pt holds them)
+            evals = [*evals, final]
+    final = {**final, "final_loss": _smoothed_loss(history)}
     return TrainResult(
-        state["history"],
-        state["evals"],
+        history,
+        evals,
         final,
         state["tokens"] / max(state["train_time"], 1e-9),
         state["train_time"],
