@@ -219,7 +219,7 @@ def _check_generate(
     _check_window(model, window)
     _check_int("eos_token_id", eos_token_id, optional=True)
     _check_int("pad_token_id", pad_token_id)
-    for name, value in (("greedy", greedy), ("use_cache", use_cache), ("return_logits", return_logits)):
+    for name, value in (("greedy", greedy), ("return_logits", return_logits)):
         check_bool(name, value)
     if input_ids.size(0) == 0:
         raise ValueError(f"Expected 'input_ids' to hold at least one prompt (got {list(input_ids.shape)})")

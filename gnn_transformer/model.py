@@ -437,17 +437,15 @@ class GraphEncoderModel(nn.Module):
         edge_head: Tensor | None = None,
     ) -> Tensor:
         h = self.embed_nodes(x, pos)
-        cached_pos = getattr(cache, "pos", None)  # a KVCache's positions (h2o's caches keep their own)
-        registered = None if cached_pos is None else cached_pos[-h.size(0) :]
+        # a KVCache registers the step's nodes (add_nodes) before the model runs; ALiBi reads their
+        # positions first, the layers' KVCache.update checks the count of every layer's keys
+        cached_pos = getattr(cache, "pos", None)  # (h2o's caches keep their own positions)
         if (cached_pos is not None or (cache is not None and self.config.position == "alibi")) and (
-            registered is None
-            or registered.shape != (h.size(0),)
-            or (pos is not None and not bool((registered == pos).all()))
+            cached_pos is None or cached_pos.numel() < h.size(0)
         ):
             raise ValueError(
-                f"Expected the {h.size(0)} new nodes registered last in 'cache' (its add_nodes) with the "
-                f"positions 'pos' (got {None if registered is None else registered.tolist()[:8]} for "
-                f"{None if pos is None else pos.tolist()[:8]})"
+                f"Expected the {h.size(0)} new nodes registered last in 'cache' (its add_nodes) "
+                f"(got {0 if cached_pos is None else cached_pos.numel()} registered in all)"
             )
         if self.config.position == "alibi":
             assert pos is not None  # embed_nodes refuses a missing 'pos' unless position="none"

@@ -199,6 +199,12 @@ def check_seed(seed: int) -> None:
         raise UsageError(f"--seed: expected an integer in [0, 2**63 - 1] (got {seed})")
 
 
+def print_eval_windows(eval_size: int, windows: int, context: int) -> None:
+    """Say that a language model was evaluated on fewer windows than ``--eval-size`` asked for."""
+    if windows < eval_size:
+        print(f"  (--eval-size {eval_size}: the validation part holds only {windows} windows of {context} characters)")
+
+
 def model_config(args):
     from ..experiments.models import EncoderConfig
     from ..experiments.runs import TEXT_TASKS

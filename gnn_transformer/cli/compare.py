@@ -6,6 +6,7 @@ import argparse
 
 from ._common import (
     EXIT_OK,
+    print_eval_windows,
     UsageError,
     table,
     size_range,
@@ -168,12 +169,9 @@ def run(args) -> int:
             )
 
     result = run_compare(config, progress=not args.no_progress, on_result=report)
-    windows = {r.val_windows for r in result.results if r.val_windows is not None}
-    if windows and min(windows) < config.eval_size:
-        print(
-            f"  (--eval-size {config.eval_size}: the validation part holds only {min(windows)} windows of "
-            f"{config.text.context} characters)"
-        )
+    windows = [r.val_windows for r in result.results if r.val_windows is not None]
+    if windows:
+        print_eval_windows(config.eval_size, min(windows), config.text.context)
     print()
     print(table(summary_rows(result, config.task), [(k, h, "") for k, h, _ in columns(config.task)]))
     paths = save_compare(result, args.out)

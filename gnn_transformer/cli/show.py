@@ -52,16 +52,15 @@ def _show_stats(topology, edge_index, n: int, layers: int, indent: str = "  ") -
         f"queries with no key {stats.empty_rows}"
     )
     # a path has at most n - 1 edges: from there on (or once a layer adds nothing) it stays the same
-    sizes = topology.receptive_field_sizes(edge_index, min(layers, n), n)
-    for k in range(1, min(layers, n) + 1):
-        s = sizes[k]
-        if k < layers and s == sizes[k - 1] and k > 1:
-            print(f"{indent}receptive field after {k - 1} to {layers} layers: the same")
+    last = min(layers, n)
+    sizes = topology.receptive_field_sizes(edge_index, last, n)
+    for k in range(1, last + 1):
+        if k > 1 and sizes[k] == sizes[k - 1]:
+            last = k - 1
             break
-        print(f"{indent}receptive field after {k} layer(s): mean {sum(s) / len(s):.1f} of {n} tokens")
-    else:
-        if layers > n:
-            print(f"{indent}receptive field after {n} to {layers} layers: the same")
+        print(f"{indent}receptive field after {k} layer(s): mean {sum(sizes[k]) / n:.1f} of {n} tokens")
+    if last < layers:
+        print(f"{indent}receptive field after {last} to {layers} layers: the same")
 
 
 def _show_per_head(topology, graph, num_heads: int, n: int, title: str, out: Path, indent: str = "  ") -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ._common import (
     EXIT_OK,
+    print_eval_windows,
     UsageError,
     nonnegative_int,
     size_range,
@@ -415,11 +416,7 @@ def run(args) -> int:
                 f"({bits_per_char(final['val_loss']):.3f} bits/char) over {final['val_windows']} windows, "
                 f"step {final['step']}"
             )
-            if final["val_windows"] < config.eval_size:
-                print(
-                    f"  (--eval-size {config.eval_size}: the validation part holds only {final['val_windows']} "
-                    f"windows of {config.text.context} characters)"
-                )
+            print_eval_windows(config.eval_size, int(final["val_windows"]), config.text.context)
             if result.sample is not None:
                 print(f"sample:\n{result.sample}")
         else:
