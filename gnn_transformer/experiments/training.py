@@ -4,8 +4,8 @@ Adam or AdamW (``betas=(0.9, 0.98)``, ``eps=1e-9``), a learning rate that warms 
 decays (cosine, inverse square root or linear, optionally to a floor ``min_lr``) through
 :class:`torch.optim.lr_scheduler.LambdaLR`, label smoothing in :class:`torch.nn.CrossEntropyLoss`,
 dropout inside the model, gradient clipping with :func:`torch.nn.utils.clip_grad_norm_`, gradient
-accumulation over micro-batches, bfloat16 autocast and ``torch.compile``. Seeds make runs
-reproducible; logs go to CSV/JSON.
+accumulation over micro-batches (exact: the loss of a step is the mean over all its labels),
+bfloat16 autocast and ``torch.compile``. Seeds make runs reproducible; logs go to CSV/JSON.
 
 Checkpoints (:mod:`.checkpoints`) are written atomically and read with ``weights_only=True``:
 ``last.pt`` every ``checkpoint_every`` steps holds the whole training state, and a run started
@@ -295,9 +295,11 @@ def train(
     The model must already sit on ``config.device`` (and may be wrapped in
     :class:`~torch.nn.parallel.DistributedDataParallel`). Under DDP every rank draws its own batches
     (generator seed ``1000 · seed + rank``) and gradients are averaged, so all ranks keep identical
-    weights; the logged loss is the mean over the ranks and the token count their sum. One step is
-    ``config.grad_accum`` micro-batches of ``config.batch_size``, their gradients summed with
-    weight ``1 / grad_accum``.
+    weights. One step is ``config.grad_accum`` micro-batches of ``config.batch_size`` on each rank,
+    and its loss is the mean over every label of the step, all micro-batches and ranks together:
+    the gradient and the logged loss equal those of one batch holding them all, whatever the number
+    of labels in each (micro-batches of sequences of different lengths weigh each label alike). The
+    token count is the sum over the ranks.
 
     Args:
         progress: show a tqdm progress bar (rank 0 only).
@@ -317,6 +319,10 @@ def train(
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     criterion = nn.CrossEntropyLoss(ignore_index=IGNORE, label_smoothing=config.label_smoothing)
+    # several micro-batches or ranks: each backward pass takes its micro-batch's summed loss and the
+    # step divides the gradients by the labels of all of them
+    pooled = config.grad_accum > 1 or world_size > 1
+    summed = nn.CrossEntropyLoss(ignore_index=IGNORE, label_smoothing=config.label_smoothing, reduction="sum")
     monitor, mode = _monitor(workload)
     state: dict[str, Any] = {"history": [], "evals": [], "tokens": 0, "train_time": 0.0, "best": None}
     start_step = 0
@@ -363,15 +369,20 @@ def train(
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=device)
+        step_labels = torch.zeros((), dtype=torch.long, device=device)
         for k, batch in enumerate(batches):
             # every micro-batch but the last skips DDP's gradient all-reduce
             last_micro = k == len(batches) - 1
             with model.no_sync() if not last_micro and isinstance(model, _NoSync) else contextlib.nullcontext():
                 with autocast(device, config.precision):
                     logits, labels = workload.logits(forward, batch, device)
-                    loss = criterion(logits.float(), labels)
-                (loss / config.grad_accum).backward()
-            step_loss += loss.detach() / config.grad_accum
+                    loss = (summed if pooled else criterion)(logits.float(), labels)
+                loss.backward()
+            step_loss += loss.detach()
+            step_labels += (labels != IGNORE).sum()
+        step_tokens = sum(workload.batch_tokens(b) for b in batches)
+        if pooled:
+            step_tokens, step_loss = _pool_step(model, step_tokens, step_loss, step_labels, world_size)
         grad_norm = (
             nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
             if config.clip_grad is not None
@@ -383,20 +394,7 @@ def train(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         state["train_time"] += time.perf_counter() - start
-        step_tokens, last_loss = sum(workload.batch_tokens(b) for b in batches), float(step_loss)
-        if world_size > 1:  # every rank's tokens and loss (the ranks' batches differ)
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                both = torch.tensor(
-                    [float(step_tokens), last_loss],
-                    dtype=torch.float64,
-                    device=device if dist.get_backend() == "nccl" else "cpu",
-                )
-                dist.all_reduce(both)
-                step_tokens, last_loss = int(both[0]), float(both[1]) / world_size
-            else:  # no process group to ask: this rank's count for each rank
-                step_tokens *= world_size
+        last_loss = float(step_loss)
         state["tokens"] += step_tokens
         if not math.isfinite(last_loss):
             raise FloatingPointError(f"Training loss became {last_loss} at step {step}; try a lower learning rate")
@@ -465,6 +463,29 @@ def _plain_graph(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_plain_graph(v) for v in value)
     return value
+
+
+def _pool_step(model: nn.Module, tokens: int, loss_sum: Tensor, labels: Tensor, world_size: int) -> tuple[int, Tensor]:
+    """The step's token count over every rank and its mean loss over every label, with the
+    gradients (of the summed losses, averaged over the ranks by DDP) divided to the mean's."""
+    ranks = 1  # the ranks whose gradients DDP averaged
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # every rank's batches differ
+            device = loss_sum.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            counts = torch.tensor([float(tokens), float(loss_sum), float(labels)], dtype=torch.float64, device=device)
+            dist.all_reduce(counts)
+            tokens = int(counts[0])
+            loss_sum, labels = counts[1].to(loss_sum), counts[2].to(labels)
+            ranks = world_size if isinstance(model, _NoSync) else 1
+        else:  # no process group to ask: this rank's count for each rank
+            tokens *= world_size
+    scale = ranks / labels
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            parameter.grad.mul_(scale.to(parameter.grad.dtype))
+    return tokens, loss_sum / labels
 
 
 def _grad_norm(parameters: Iterable[Tensor]) -> Tensor:
