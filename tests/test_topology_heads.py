@@ -115,6 +115,25 @@ def test_dilated_per_head_bad_input(dilations, match):
         dilated_per_head(5, 1, dilations)
 
 
+@pytest.mark.parametrize("streaming_heads", [[], [1], [0, 1, 2, 3]])
+def test_duo_attention_counts_every_head_against_the_budget(streaming_heads):
+    """The budget bounds the per-head graph, not one head's: num_heads copies of a graph that fits
+    alone are refused when they do not fit together (also through the catalogue)."""
+    edges = duo_attention(8, streaming_heads, 4, num_sinks=1, window=1)[0].size(1)
+    with max_edges(edges):
+        duo_attention(8, streaming_heads, 4, num_sinks=1, window=1)
+    with max_edges(edges - 1), pytest.raises(ValueError, match=f"duo_attention: n=8 would need {edges} edges"):
+        duo_attention(8, streaming_heads, 4, num_sinks=1, window=1)
+
+
+def test_duo_attention_catalogue_spec_keeps_the_budget():
+    from gnn_transformer.topology import load
+
+    edges = load("duo_attention", 16)[0].size(1)
+    with max_edges(edges - 1), pytest.raises(ValueError, match="duo_attention: n=16 would need"):
+        load("duo_attention", 16)
+
+
 def test_duo_attention_splits_heads():
     edge_index, edge_head = duo_attention([8, 5], [1, 3], 4, num_sinks=2, window=1)
     got, dup = _edges(edge_index, edge_head)

@@ -92,7 +92,8 @@ def build_graph(topology: str, n: int, seed: int = 0):
 
     ``topology`` is one of the benchmark's own graphs (:data:`TOPOLOGIES`: ``causal``, ``window``
     = radius 128, ``bigbird`` = blocks of 64 with 3 window, 2 global and 3 random blocks, ``random``
-    = 64 keys per query, ``document`` = 4 documents of ``n // 4`` tokens, causal inside each), or
+    = 64 keys per query, ``document`` = documents of ``n // 4`` tokens, causal inside each: 4 of them, and a
+    fifth of ``n % 4`` tokens when 4 does not divide ``n``), or
     any topology spec of the command line: a builder with arguments
     (``"dilated:window=256,dilation=4"``), a ``graphs/`` catalogue name (``"longformer"``) or the
     path of a TOML spec. The benchmark's names take precedence over catalogue specs of the same
@@ -106,7 +107,7 @@ def build_graph(topology: str, n: int, seed: int = 0):
         return topology_fn(topology)([n])
     if topology == "causal":
         return topo.causal(n)
-    if topology == "document":  # 4 documents, causal inside each
+    if topology == "document":  # documents of n // 4 tokens, causal inside each
         return topo.document(n, max(n // 4, 1), causal=True)
     if topology == "window":  # |i - j| <= 128: 257 keys per query, a window of 256
         return topo.sliding_window(n, 128)

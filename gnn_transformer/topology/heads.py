@@ -180,4 +180,6 @@ def duo_attention(
         graph = local if h in streaming_heads else full_graph
         assert graph is not None  # built above for the heads that have it
         graphs.append(graph)
+    # each graph is within the budget; their copies, one per head, must be too
+    check_edges("duo_attention", sum(int(g.size(1)) for g in graphs), n=lengths)
     return per_head(graphs)

@@ -78,7 +78,9 @@ def block_topk(
         K_h(b) = \{b\} \cup \operatorname{top}_{\mathrm{num\_blocks}}
         \{ \langle \bar q_b^h, \bar k_c^{\lfloor h/g \rfloor} \rangle : c \ne b \}
 
-    (ties to the lower block index; with ``causal`` only blocks :math:`c < b` compete). The own
+    (ties to the lower block index; ties of the scores as computed, so two blocks whose exact
+    scores tie can rank by the rounding of their means; with ``causal`` only blocks :math:`c < b`
+    compete). The own
     block is always kept and does not count toward ``num_blocks``, so ``num_blocks = 0`` is local
     block attention. The edges are all ``j -> i`` with ``j`` in a kept block of ``i``'s block (with
     ``causal``, only ``j <= i`` inside the own block). The gate is per query block (MoBA's is per
