@@ -511,6 +511,32 @@ def test_analyze_runs_on_a_saved_checkpoint(tmp_path, capsys):
         assert (out / name).stat().st_size > 1000, name
 
 
+def test_analyze_of_a_nan_model_warns_and_writes_strict_json(tmp_path, capsys):
+    """A NaN in the embedding makes the layers' attention and states NaN: the run says which
+    layers, the table shows nan (not a sink score of 0), and summary.json stays valid JSON."""
+    import json
+
+    path, model = _tiny_lm_checkpoint(tmp_path)
+    state = model.state_dict()
+    state["embed.weight"][2, 0] = float("nan")
+    torch.save({"model": state, "meta": {}}, path)
+    tokens = tmp_path / "ids.txt"
+    tokens.write_text("1 2 3 4\n")
+    out = tmp_path / "out"
+    cli, args = _parse(["--checkpoint", str(path), "--tokens", str(tokens), "--out", str(out), "--no-plots"])
+    assert cli.analyze.run(args) == 0
+    captured = capsys.readouterr()
+    assert (
+        "warning: NaN or infinite attention weights or hidden states in input, encoder.layers.0, encoder.layers.1"
+        in captured.err
+    )
+    assert "nan/nan" in captured.out
+    text = (out / "summary.json").read_text()
+    assert "NaN" not in text
+    rows = json.loads(text)["variants"]["model"]
+    assert rows[1]["sink"] == [None, None] and rows[1]["activations"]["median_abs"] is None
+
+
 def test_analyze_checkpoint_variants_and_errors(tmp_path, capsys):
     import json
 

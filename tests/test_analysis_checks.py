@@ -1,6 +1,8 @@
 """Argument checks of the analysis measures, the per-layer summary of a decoding loop, and the
 options of ``gnn-transformer analyze``."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -139,3 +141,66 @@ def test_analyze_options_are_checked_up_front(tmp_path, capsys, option, value):
     captured = capsys.readouterr()
     assert option in captured.err and value in captured.err and captured.out == ""
     assert not (tmp_path / "out").exists()
+
+
+def _per_head_causal(n=4):
+    """Both heads causal on ``n`` tokens, recorded as a per-head graph: each edge once per head,
+    its weight in its head's column. Head 0 puts everything on token 0; head 1 is uniform."""
+    from gnn_transformer.topology import per_head
+
+    edge_index, edge_head = per_head([causal(n), causal(n)])
+    src, dst = edge_index[0], edge_index[1]
+    weights = torch.zeros(edge_index.size(1), 2)
+    head0 = edge_head == 0
+    weights[head0, 0] = (src[head0] == 0).float()
+    weights[~head0, 1] = 1.0 / (dst[~head0] + 1).float()
+    return edge_index, edge_head, weights
+
+
+def test_per_head_graph_counts_each_key_s_queries_in_its_own_head():
+    edge_index, edge_head, weights = _per_head_causal(5)
+    mean = received_attention(edge_index, weights, normalize=True, edge_head=edge_head)
+    assert mean[:, 0].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]  # token 0 takes all of head 0's attention
+    uniform = [sum(1 / (i + 1) for i in range(j, 5)) / (5 - j) for j in range(5)]  # over the 5 - j readers
+    torch.testing.assert_close(mean[:, 1], torch.tensor(uniform))
+    sinks = find_sinks(edge_index, weights, edge_head=edge_head)
+    assert sinks[:, 0].tolist() == [True, False, False, False, False] and not bool(sinks[:, 1].any())
+    # without edge_head every head's copy of an edge counts: the sink halves and is missed
+    assert received_attention(edge_index, weights, normalize=True)[0, 0] == 0.5
+    assert not bool(find_sinks(edge_index, weights)[:, 0].any())
+
+
+def test_edge_head_is_checked():
+    edge_index, edge_head, weights = _per_head_causal()
+    with pytest.raises(ValueError, match="'edge_head'.*E=20.*\\[19\\]"):
+        find_sinks(edge_index, weights, edge_head=edge_head[:-1])
+    with pytest.raises(ValueError, match="'edge_head'.*float32"):
+        received_attention(edge_index, weights, normalize=True, edge_head=edge_head.float())
+    with pytest.raises(ValueError, match="'edge_head' in \\[0, 2\\).*\\[0, 2\\]"):
+        find_sinks(edge_index, weights, edge_head=edge_head * 2)
+
+
+def test_summary_entropy_averages_the_queries_that_read_a_key():
+    """A per-head graph whose head 1 leaves queries 0 and 1 without keys: those (query, head)
+    pairs are not averaged in as 0 nats."""
+    from gnn_transformer.analysis import AttentionGraph
+    from gnn_transformer.analysis.summary import _mean_entropy
+
+    edge_index = torch.tensor([[0, 0, 1, 0, 1, 1, 2], [0, 1, 1, 2, 2, 2, 2]])
+    edge_head = torch.tensor([0, 0, 0, 0, 0, 1, 1])
+    weights = torch.tensor([[1.0, 0], [0.5, 0], [0.5, 0], [0.5, 0], [0.5, 0], [0, 0.5], [0, 0.5]])
+    graph = AttentionGraph("g", 0, edge_index, weights, 3, 3, edge_head=edge_head)
+    # head 0: queries 0, 1, 2 with 0, log 2, log 2 nats; head 1: query 2 with log 2
+    assert _mean_entropy(graph) == pytest.approx(3 * math.log(2) / 4)
+
+
+def test_non_finite_weights_and_states_are_reported_as_such():
+    nan = torch.full((6, 1), float("nan"))
+    assert torch.isnan(sink_scores(causal(3), nan)).all()  # not 0.0 ("no sink")
+    assert sink_scores(causal(3), torch.zeros(6, 1)).tolist() == [0.0]  # no attention at all
+    h = torch.tensor([[1.0, float("nan")], [3.0, 4.0]])
+    stats = activation_stats(h)
+    assert np.isnan(stats.median_abs) and np.isnan(np.median(h.abs().numpy()))
+    assert np.isnan(stats.ratio) and np.isnan(stats.max_abs)
+    stats = activation_stats(torch.full((2, 2), float("nan")))
+    assert np.isnan(stats.ratio)  # was 1.0

@@ -13,6 +13,7 @@ Notation: ``N`` nodes (``N_src`` keys, ``N_dst`` queries), ``E`` edges, ``H`` he
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -62,9 +63,38 @@ def _check_float(weights: Tensor) -> None:
         raise ValueError(f"Expected floating-point 'weights' (got {weights.dtype})")
 
 
+def degree_per_head(nodes: Tensor, weights: Tensor, n: int, edge_head: Tensor | None = None) -> Tensor:
+    """Edges at each node per head, ``[n, H]``: ``nodes`` is a row of ``edge_index`` (row 0: the
+    queries reading each key; row 1: the keys each query reads). Every edge counts for every head
+    of ``weights`` ``[E, H]``, or with ``edge_head`` (a per-head graph) for its own head only."""
+    H = weights.size(1)
+    nodes = _plain(nodes).to(weights.device).long()
+    if edge_head is None:
+        return torch.bincount(nodes, minlength=n).unsqueeze(-1).expand(n, H)
+    bad = not isinstance(edge_head, Tensor) or edge_head.dim() != 1 or edge_head.size(0) != nodes.size(0)
+    if bad or edge_head.is_floating_point() or edge_head.is_complex() or edge_head.dtype == torch.bool:
+        got = (
+            f"{edge_head.dtype} {list(edge_head.shape)}" if isinstance(edge_head, Tensor) else type(edge_head).__name__
+        )
+        raise ValueError(f"Expected 'edge_head' to be an integer tensor [E] with E={nodes.size(0)} (got {got})")
+    edge_head = edge_head.to(weights.device).long()
+    if edge_head.numel() and not (0 <= int(edge_head.min()) and int(edge_head.max()) < H):
+        raise ValueError(
+            f"Expected 'edge_head' in [0, {H}) (the columns of 'weights'), got values in "
+            f"[{int(edge_head.min())}, {int(edge_head.max())}]"
+        )
+    degree = torch.zeros(n * H, dtype=torch.long, device=weights.device)
+    return degree.index_add_(0, nodes * H + edge_head, torch.ones_like(edge_head)).view(n, H)
+
+
 # ------------------------------------------------------------------ attention received, sinks
 def received_attention(
-    edge_index: Tensor, weights: Tensor, num_src: int | None = None, *, normalize: bool = False
+    edge_index: Tensor,
+    weights: Tensor,
+    num_src: int | None = None,
+    *,
+    normalize: bool = False,
+    edge_head: Tensor | None = None,
 ) -> Tensor:
     r"""Total attention each key receives, :math:`r_j^h = \sum_i \alpha_{ji}^h` (its out-strength).
 
@@ -74,6 +104,9 @@ def received_attention(
         num_src: number of key nodes (default: largest source index + 1).
         normalize: divide by the number of queries that may attend to each key (its out-degree),
             giving the mean attention a key receives from the queries that see it, in ``[0, 1]``.
+        edge_head: ``[E]``, the head of each edge of a per-head graph (its weight in that column,
+            0 in the others, as :class:`~gnn_transformer.analysis.AttentionGraph` records it): with
+            ``normalize``, a key's queries are counted per head, over that head's edges.
 
     Returns:
         ``[N_src, H]``; keys with no outgoing edge receive 0.
@@ -88,8 +121,7 @@ def received_attention(
     n = _num_nodes(edge_index, num_src, 0, "num_src")
     out = weights.new_zeros(n, weights.size(1)).index_add_(0, edge_index[0], weights)  # [N_src, H]
     if normalize:
-        degree = torch.bincount(edge_index[0], minlength=n).clamp(min=1).to(weights.dtype)  # [N_src]
-        out = out / degree.unsqueeze(-1)
+        out = out / degree_per_head(edge_index[0], weights, n, edge_head).clamp(min=1).to(weights.dtype)  # [N_src, H]
     return out
 
 
@@ -139,7 +171,7 @@ def sink_scores(
         num_src: number of key nodes (default from ``batch`` or ``edge_index``).
 
     Returns:
-        ``[H]`` in ``[0, 1]`` (0 for a graph without edges).
+        ``[H]`` in ``[0, 1]`` (0 for a graph without edges; NaN where the weights are not finite).
 
     Example:
         >>> from gnn_transformer.topology import full
@@ -160,21 +192,30 @@ def sink_scores(
     is_first = first_tokens(n, None if batch is None else batch.cpu()).to(weights.device)  # [N_src]
     on_first = weights[is_first[edge_index[0]]].sum(dim=0)  # [H]
     total = weights.sum(dim=0)  # [H]
-    return torch.where(total > 0, on_first / total.clamp(min=torch.finfo(weights.dtype).tiny), torch.zeros_like(total))
+    # a head without attention scores 0; non-finite weights give a non-finite score, never 0
+    return torch.where(total != 0, on_first / total, torch.zeros_like(total))
 
 
-def find_sinks(edge_index: Tensor, weights: Tensor, num_src: int | None = None, *, threshold: float = 0.5) -> Tensor:
+def find_sinks(
+    edge_index: Tensor,
+    weights: Tensor,
+    num_src: int | None = None,
+    *,
+    threshold: float = 0.5,
+    edge_head: Tensor | None = None,
+) -> Tensor:
     """Keys that draw, on average, more than ``threshold`` of the attention of the queries that see
-    them (``received_attention(..., normalize=True) > threshold``), as a boolean ``[N_src, H]``.
+    them (``received_attention(..., normalize=True) > threshold``), as a boolean ``[N_src, H]``;
+    on a per-head graph (``edge_head``, as in :func:`received_attention`) each head's queries are
+    those of its own edges.
 
     Keys seen by a single query (the last token of a causal graph, which only attends to itself
     there) are left out: drawing the attention of one query says nothing about sinks.
     """
     edge_index, weights = _check_graph(edge_index, weights)
     n = _num_nodes(edge_index, num_src, 0, "num_src")
-    mean = received_attention(edge_index, weights, n, normalize=True)  # [N_src, H]
-    degree = torch.bincount(edge_index[0], minlength=n).to(weights.device)  # [N_src]
-    return (mean > threshold) & (degree > 1).unsqueeze(-1)
+    mean = received_attention(edge_index, weights, n, normalize=True, edge_head=edge_head)  # [N_src, H]
+    return (mean > threshold) & (degree_per_head(edge_index[0], weights, n, edge_head) > 1)
 
 
 def attention_entropy(edge_index: Tensor, weights: Tensor, num_dst: int | None = None) -> Tensor:
@@ -324,7 +365,10 @@ def _as_rows(hidden: Tensor) -> Tensor:
 
 
 def _median(values: Tensor) -> float:
-    """Median of a 1-D tensor: the mean of the two middle values for an even count (``numpy.median``)."""
+    """Median of a 1-D tensor: the mean of the two middle values for an even count, NaN when any
+    value is NaN (``numpy.median``)."""
+    if bool(values.isnan().any()):
+        return float("nan")
     n = values.numel()
     low, high = values.kthvalue((n + 1) // 2).values, values.kthvalue(n // 2 + 1).values
     return (float(low) + float(high)) / 2
@@ -351,7 +395,10 @@ def activation_stats(hidden: Tensor, k: int = 3) -> ActivationStats:
     c = h.size(1)
     top = tuple((float(h.flatten()[f]), int(f) // c, int(f) % c) for f in flat.tolist())
     max_abs = float(values[0])
-    ratio = max_abs / median if median > 0 else (float("inf") if max_abs > 0 else 1.0)
+    if math.isnan(max_abs) or math.isnan(median):
+        ratio = math.nan
+    else:
+        ratio = max_abs / median if median > 0 else (math.inf if max_abs > 0 else 1.0)
     return ActivationStats(max_abs, median, ratio, top[0][1], top[0][2], top)
 
 

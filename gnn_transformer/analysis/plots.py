@@ -155,21 +155,20 @@ def plot_sink_scores(rows: Sequence[LayerSummary], title: str = "sink score") ->
     fig = Figure(figsize=(max(4.0, 0.6 * len(rows) + 2), 0.4 * heads + 1.8), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(mat, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto")
-    for k in range(len(rows)):
-        for h in range(heads):
-            if not np.isnan(mat[h, k]):
-                ax.text(
-                    k,
-                    h,
-                    f"{mat[h, k]:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if mat[h, k] < 0.6 else "black",
-                )
+    for k, r in enumerate(rows):
+        for h in range(len(r.sink)):  # a NaN score (non-finite weights) reads "nan"
+            ax.text(
+                k,
+                h,
+                f"{mat[h, k]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if mat[h, k] < 0.6 else "black",  # False for NaN: black on the blank cell
+            )
     ax.set_xticks(range(len(rows)), [r.name for r in rows], rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(heads), [f"head {h}" for h in range(heads)], fontsize=7)
-    fig.colorbar(image, ax=ax, label="share of attention on first token")
+    fig.colorbar(image, ax=ax).set_label("share on first token", fontsize=7)
     ax.set_title(title, fontsize=10)
     return fig
 

@@ -12,6 +12,7 @@ from .measures import (
     activation_stats,
     attention_entropy,
     attention_pagerank,
+    degree_per_head,
     massive_activations,
     received_attention,
     sink_scores,
@@ -30,7 +31,7 @@ class LayerSummary:
             attention), and ``top_key_share`` its share of all attention of the layer.
         pagerank_top: the node with the largest :func:`.attention_pagerank` (mean over heads),
             ``pagerank_max`` its value.
-        entropy: mean attention entropy per query, nats.
+        entropy: mean attention entropy, nats, over the queries (per head) that read a key.
         activations: magnitude profile of the layer's output (``None`` when not recorded).
         massive: massive activations of the output as ``(token, dim, value)``.
     """
@@ -63,8 +64,17 @@ def _attention_fields(graph: AttentionGraph, batch: Tensor | None) -> dict:
         top_key_share=float(received[top]) / total if top is not None and total > 0 else 0.0,
         pagerank_top=int(rank.argmax()) if rank is not None and rank.numel() else None,
         pagerank_max=float(rank.max()) if rank is not None and rank.numel() else 0.0,
-        entropy=float(attention_entropy(ei, w, graph.num_dst).mean()) if ei.numel() else 0.0,
+        entropy=_mean_entropy(graph),
     )
+
+
+def _mean_entropy(graph: AttentionGraph) -> float:
+    """Mean attention entropy over the (query, head) pairs that read at least one key."""
+    ei, w = graph.edge_index, graph.weights
+    reads = degree_per_head(ei[1], w, graph.num_dst, graph.edge_head) > 0  # [N_dst, H]
+    if not bool(reads.any()):
+        return 0.0
+    return float(attention_entropy(ei, w, graph.num_dst)[reads].mean())
 
 
 def _activation_fields(hidden: Tensor | None, min_magnitude: float, min_ratio: float) -> dict:

@@ -21,6 +21,10 @@ def error(message: str) -> None:
     print(f"gnn-transformer: error: {message}", file=sys.stderr)
 
 
+def warn(message: str) -> None:
+    print(f"gnn-transformer: warning: {message}", file=sys.stderr)
+
+
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     """Plain-text table: columns are (key, header, format)."""
     cells = [[h for _, h, _ in columns]]

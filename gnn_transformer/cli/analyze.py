@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import EXIT_OK, EXIT_USAGE, Given, check_out_dir, error, name_option
+from ._common import EXIT_OK, EXIT_USAGE, Given, check_out_dir, error, name_option, warn
 
 
 def add_parser(sub) -> None:
@@ -148,6 +148,14 @@ def run(args) -> int:
             first_layer = massive[0][0]
             dims = sorted({d for _, (_, d, _) in massive})
             print(f"massive activations from {first_layer}, dims {dims}")
+    for label, rows in result.rows.items():
+        broken = analyze_run.non_finite_layers(rows)
+        if broken:
+            where = "" if label == "model" else f" ({label})"
+            warn(
+                f"NaN or infinite attention weights or hidden states in {', '.join(broken)}{where}: "
+                "their measures are NaN (null in summary.json)"
+            )
     paths = analyze_run.save_outputs(result, args.out, pictures=not args.no_plots, max_tokens=args.max_tokens)
     print(f"\nwrote {len(paths)} file{'s' if len(paths) != 1 else ''} to {args.out}")
     return EXIT_OK

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -806,22 +807,42 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_") or "attention"
 
 
+def _json_values(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None`` (JSON has no such numbers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_values(v) for v in value]
+    return value
+
+
+def non_finite_layers(rows: Sequence[LayerSummary]) -> list[str]:
+    """The layers whose measures are NaN or infinite (non-finite attention weights or hidden states)."""
+    names = []
+    for row in rows:
+        values = [*row.sink, row.entropy, row.top_key_share, row.pagerank_max]
+        if row.activations is not None:
+            values += [row.activations.max_abs, row.activations.median_abs]
+        if not all(math.isfinite(v) for v in values):
+            names.append(row.name)
+    return names
+
+
 def write_summary(result: Analysis, out: str | Path) -> Path:
-    """Write the per-layer measures of every variant to ``out/summary.json``."""
+    """Write the per-layer measures of every variant to ``out/summary.json`` (strict JSON: a NaN
+    or infinite measure is written as ``null``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "summary.json"
-    path.write_text(
-        json.dumps(
-            {
-                "graph": result.graph,
-                "lengths": result.lengths,
-                "tokens": result.labels,
-                "variants": {k: [dataclasses.asdict(r) for r in rows] for k, rows in result.rows.items()},
-            },
-            indent=2,
-        )
-    )
+    summary = {
+        "graph": result.graph,
+        "lengths": result.lengths,
+        "tokens": result.labels,
+        "variants": {k: [dataclasses.asdict(r) for r in rows] for k, rows in result.rows.items()},
+    }
+    path.write_text(json.dumps(_json_values(summary), indent=2, allow_nan=False))
     return path
 
 
