@@ -291,3 +291,169 @@ def test_view_refuses_a_checkpoint_that_does_not_load(tmp_path, capsys):
     assert main(["view", "--checkpoint", str(path), "--tokens", str(one), "-o", str(out)]) == 2
     assert "one-token" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ids.txt", "model.pt", "one.txt", "out.html"]
+
+
+# ---------------------------------------------------------------- per-head graphs, limits, labels
+def _per_head_graph(n=5):
+    """Two heads on their own edges: head 0 causal with all its attention on token 0, head 1 a causal
+    window of one step with uniform attention (weights ``[E, 2]``, 0 in the other head's column)."""
+    from gnn_transformer.analysis import AttentionGraph
+
+    c = topology.causal(n).as_tensor()
+    w1 = topology.sliding_window(n, 1).as_tensor()
+    w1 = w1[:, w1[0] <= w1[1]]
+    edge_index = torch.cat([c, w1], dim=1)  # [2, E]
+    edge_head = torch.cat([torch.zeros(c.size(1)), torch.ones(w1.size(1))]).long()  # [E]
+    weights = torch.zeros(edge_index.size(1), 2, dtype=torch.float64)  # [E, H]
+    weights[: c.size(1), 0] = (c[0] == 0).double()
+    weights[c.size(1) :, 1] = 1.0 / torch.bincount(w1[1], minlength=n)[w1[1]].double()
+    return AttentionGraph("attn", 0, edge_index, weights, n, n, edge_head=edge_head), [c, w1]
+
+
+def test_each_head_of_a_per_head_graph_draws_its_own_edges():
+    g, heads = _per_head_graph()
+    views = viz.attention_page([g], list("abcde")).layers[0].views
+    assert [v.label for v in views] == ["head 0", "head 1", "mean of heads"]
+    for h, (view, edges) in enumerate(zip(views, heads)):
+        own = g.edge_head == h
+        assert _drawn(view) == _edges(edges) and view.stats.startswith(f"{edges.size(1)} edges;")
+        want = dict(zip(zip(g.edge_index[0, own].tolist(), g.edge_index[1, own].tolist()), g.weights[own, h].tolist()))
+        assert dict(zip(zip(view.src, view.dst), view.weights)) == pytest.approx(want, abs=1e-7)
+    assert views[0].sinks == [0]  # every query of head 0 reads token 0 only
+
+
+def test_the_mean_of_heads_of_a_per_head_graph_has_one_edge_per_pair():
+    g, heads = _per_head_graph()
+    n = g.num_dst
+    view = viz.attention_page([g], list("abcde")).layers[0].views[-1]
+    union = sorted(set(_edges(heads[0])) | set(_edges(heads[1])))
+    assert view.label == "mean of heads" and _drawn(view) == union and view.stats.startswith(f"{len(union)} edges;")
+    want = g.dense().mean(dim=0)  # [N_q, N_k], a head without the edge counts 0
+    got = torch.zeros(n, n, dtype=torch.float64)
+    got[view.dst, view.src] = torch.tensor(view.weights, dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)  # weights drawn in float32
+    entropy = float(-torch.special.xlogy(want, want).sum(dim=1).mean())
+    assert f"mean entropy {entropy:.2f} nats" in view.stats
+
+
+def test_a_model_page_on_a_per_head_graph_draws_each_head_on_its_edges(tmp_path):
+    from gnn_transformer.experiments.analyze_run import build_graph, load_checkpoint_model
+
+    spec, tokens = "dilated_per_head:window=1,dilations=1;2", [3, 1, 4, 1, 5, 9, 2, 6]
+    loaded = load_checkpoint_model(_tiny_lm_checkpoint(tmp_path)[0])
+    page = viz.model_page(loaded, tokens, graph=spec)
+    (edge_index, edge_head), _ = build_graph(loaded, spec, [len(tokens)])
+    for layer in page.layers:
+        for h in range(2):
+            view = layer.views[h]
+            assert _drawn(view) == _edges(edge_index[:, edge_head == h])
+            sums = torch.zeros(len(tokens)).index_add_(0, torch.tensor(view.dst), torch.tensor(view.weights))
+            torch.testing.assert_close(sums, torch.ones(len(tokens)), rtol=0, atol=1e-5)
+        assert _drawn(layer.views[2]) == sorted(set(_edges(edge_index)))
+
+
+def test_a_model_page_beyond_the_edge_limit_is_refused_before_the_model_runs(tmp_path, monkeypatch):
+    from gnn_transformer.experiments.analyze_run import load_checkpoint_model
+    from gnn_transformer.viz import model_view
+
+    loaded = load_checkpoint_model(_tiny_lm_checkpoint(tmp_path)[0])
+    tokens = [1, 2, 3, 4, 5, 6]  # causal: 21 edges; 2 layers x (2 heads + their mean) = 126 on the page
+    run = loaded.forward
+    monkeypatch.setattr(model_view, "MAX_GRAPH_EDGES", 125)
+    loaded.forward = lambda *args: pytest.fail("the model ran")
+    with pytest.raises(ValueError, match=r"too large to view \(at most 125 edges\).* 126 edges"):
+        viz.model_page(loaded, tokens)
+    monkeypatch.setattr(model_view, "MAX_GRAPH_EDGES", 20)  # the graph itself is over the limit
+    with pytest.raises(ValueError, match=r"too large to view \(at most 20 edges\).*21 edges"):
+        viz.model_page(loaded, tokens)
+    monkeypatch.setattr(model_view, "MAX_GRAPH_EDGES", 126)
+    loaded.forward = run
+    page = viz.model_page(loaded, tokens)
+    assert sum(v.num_edges for layer in page.layers for v in layer.views) == 126
+
+
+def test_an_attention_page_beyond_the_edge_limit_is_refused(monkeypatch):
+    from gnn_transformer.viz import model_view
+
+    g, _ = _per_head_graph()  # 15 + 9 edges: 24 in the head views, at most 24 in the mean
+    monkeypatch.setattr(model_view, "MAX_GRAPH_EDGES", 47)
+    with pytest.raises(ValueError, match=r"too large to view \(at most 47 edges\).* 48 edges"):
+        viz.attention_page([g], list("abcde"))
+    assert len(viz.attention_page([g], list("abcde"), mean_of_heads=False).layers[0].views) == 2
+
+
+def test_view_refuses_a_model_page_beyond_the_edge_limit(tmp_path, capsys, monkeypatch):
+    from gnn_transformer.viz import model_view
+
+    path, _ = _tiny_lm_checkpoint(tmp_path)
+    tokens = tmp_path / "ids.txt"
+    tokens.write_text("1 2 3 4 5 6\n")
+    out = tmp_path / "m.html"
+    monkeypatch.setattr(model_view, "MAX_GRAPH_EDGES", 100)
+    assert main(["view", "--checkpoint", str(path), "--tokens", str(tokens), "--graph", "full", "-o", str(out)]) == 2
+    assert "too large to view (at most 100 edges)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_model_page_on_blocks_labels_them_by_position_and_keeps_their_tokens():
+    from gnn_transformer.analysis import AttentionGraph
+
+    n = 12
+    labels = [str(t) for t in [5, 3, 9, 9, 2, 7, 1, 1, 4, 8, 6, 7]]  # token ids: strings that look like positions
+    ei = topology.causal(n).as_tensor()
+    w = 1.0 / (ei[1] + 1).double()
+    page = viz.reduce_page(viz.attention_page([AttentionGraph("attn", 0, ei, w[:, None], n, n)], labels), 20)
+    b = page.block
+    assert b > 1
+    starts = range(0, n, b)
+    assert page.nodes == [f"{s}..{min(s + b, n) - 1}" for s in starts]
+    assert page.node_tokens == [" ".join(labels[s : s + b]) for s in starts]
+    assert _page_data(viz.to_html(page))["node_tokens"] == page.node_tokens
+    topo = viz.reduce_page(viz.topology_page("full", 12), 20)
+    assert topo.nodes == [f"{s}..{min(s + topo.block, 12) - 1}" for s in range(0, 12, topo.block)]
+    assert topo.node_tokens == []
+
+
+def test_short_labels_are_cut_by_code_points():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("needs node (Node.js) to run viewer.js's short()")
+    js = (Path(viz.__file__).parent / "viewer.js").read_text(encoding="utf-8")
+    start = js.index("function short(")
+    depth, end = 0, start
+    for end in range(js.index("{", start), len(js)):  # the function's text, to its closing brace
+        depth += {"{": 1, "}": -1}.get(js[end], 0)
+        if depth == 0:
+            break
+    script = js[start : end + 1] + (
+        '\nconsole.log(JSON.stringify([short("\\u{1F600}".repeat(20), 14), short("\\u{1F600}".repeat(8), 14),'
+        ' short("abcdef", 4)]));'
+    )
+    out = subprocess.run([node, "-e", script], capture_output=True, text=True, check=True, timeout=60).stdout
+    long, fits, ascii_ = json.loads(out)
+    assert long == "\U0001f600" * 13 + "\u2026" and fits == "\U0001f600" * 8 and ascii_ == "abc\u2026"
+
+
+def test_mean_entropy_of_a_view_averages_the_queries_that_read_a_key():
+    """Query 2 reads no key: the stats line's mean entropy is over queries 0, 1 and 3 (as the
+    analysis summary's), not pulled down by a 0 for query 2."""
+    import math
+
+    from gnn_transformer.analysis import AttentionGraph
+
+    edge_index = torch.tensor([[0, 0, 1, 0, 1], [0, 1, 1, 3, 3]])
+    weights = torch.tensor([[1.0], [0.5], [0.5], [0.5], [0.5]])
+    g = AttentionGraph("g", 0, edge_index, weights, 4, 4)
+    view = viz.attention_page([g], list("abcd")).layers[0].views[0]
+    assert f"mean entropy {2 * math.log(2) / 3:.2f} nats per query with a key" in view.stats
+
+
+def test_a_catalogue_page_at_toy_scale_says_its_small_parameters():
+    notes = viz.topology_page("gemma3").notes
+    assert "per layer: 5 causal window 1024 : 1 causal global" in notes
+    assert any("toy scale" in note and "window = 3" in note for note in notes)
+    assert not any("toy scale" in note for note in viz.topology_page("gemma3", 16, paper_scale=True).notes)

@@ -9,6 +9,17 @@ Marks (the measures of :mod:`gnn_transformer.analysis.measures`, per head):
   ``hub_ratio`` times the uniform ``1 / N``: the walk that follows attention from queries to keys
   keeps coming back to it.
 
+On a per-head graph (an ``edge_head``) each head's view holds that head's edges only, and the mean
+of heads one edge per pair ``j -> i`` with the mean over heads of its weights (0 in a head without
+it).
+
+Size: the edges a page holds are, for every layer, those of each head's view and of the mean of
+heads: a graph shared by every head counts once per head and once more for the mean, a per-head
+graph its edges and as many again for the mean (at most that many distinct pairs). A page of more
+than :data:`~.page.MAX_GRAPH_EDGES` edges is refused with a ``ValueError``; :func:`model_page`
+refuses it before the model runs (a graph of more edges already while it is built; a selector's
+graphs, known only after the run, are counted before the page is made).
+
 Example:
     >>> import torch
     >>> from gnn_transformer.analysis import AttentionGraph
@@ -26,14 +37,45 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from .. import topology
 from ..analysis import AttentionGraph, attention_entropy, attention_pagerank, find_sinks, sink_scores
-from .page import DEFAULT_MAX_EDGES, Layer, Page, View, check_tokens, to_html, write_html
+from .page import DEFAULT_MAX_EDGES, MAX_GRAPH_EDGES, Layer, Page, View, check_tokens, to_html, write_html
 
 
 def _check_ratio(name: str, value: float, low: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
         raise ValueError(f"Expected '{name}' to be a number >= {low} (got {value!r})")
+
+
+def _layer_edges(num_edges: int, num_heads: int, per_head: bool, mean_of_heads: bool) -> int:
+    """Edges the views of one layer hold: each head's (a graph shared by every head: all of it per
+    head) and the mean of heads' (at most the graph's)."""
+    heads = num_edges if per_head else num_edges * num_heads
+    return heads + (num_edges if mean_of_heads and num_heads > 1 else 0)
+
+
+def _check_page_edges(what: str, layers: list[tuple[int, int, bool]], mean_of_heads: bool) -> None:
+    """Refuse a page whose layers ``(edges, heads, per_head)`` hold more than ``MAX_GRAPH_EDGES`` edges."""
+    total = sum(_layer_edges(e, h, per_head, mean_of_heads) for e, h, per_head in layers)
+    if total > MAX_GRAPH_EDGES:
+        heads = sorted({h for _, h, _ in layers})
+        mean = " and one for their mean" if mean_of_heads and max(heads) > 1 else ""
+        raise ValueError(
+            f"{what} is too large to view (at most {MAX_GRAPH_EDGES} edges): its {len(layers)} attention "
+            f"layer{'s' * (len(layers) != 1)} of {'/'.join(map(str, heads))} heads (a view per head{mean}), "
+            f"on graphs of up to {max(e for e, _, _ in layers)} edges, would hold {total} edges"
+        )
+
+
+def _graph_edges(graph: Any) -> tuple[int, bool]:
+    """``(edges, per_head)`` of one layer's built graph: an ``edge_index``, a per-head pair or a
+    ``BlockGraph``."""
+    if isinstance(graph, topology.BlockGraph):
+        return graph.num_edges(), graph.per_head
+    edge_index = graph[0] if isinstance(graph, tuple) else graph
+    return (edge_index.size(1) if isinstance(edge_index, Tensor) else 0), isinstance(graph, tuple)
 
 
 def _head_view(
@@ -51,13 +93,58 @@ def _head_view(
     rank = attention_pagerank(edge_index, w2, n)[:, 0]  # [N]
     hubs = (rank >= hub_ratio / n).nonzero().flatten().tolist()
     top = int(rank.argmax())
-    entropy = float(attention_entropy(edge_index, w2, n).mean())
+    reads = torch.bincount(edge_index[1], minlength=n) > 0  # [N] queries with a key
+    entropy = float(attention_entropy(edge_index, w2, n)[reads, 0].mean()) if bool(reads.any()) else 0.0
     stats = (
         f"{edge_index.size(1)} edges; sink score {float(sink_scores(edge_index, w2, num_src=n)[0]):.2f} "
-        f"(share of attention on token 0); mean entropy {entropy:.2f} nats per query; "
+        f"(share of attention on token 0); mean entropy {entropy:.2f} nats per query with a key; "
         f"top PageRank {labels[top]!r} ({float(rank[top]):.2f})"
     )
     return View(label, edge_index[0].tolist(), edge_index[1].tolist(), w.float().tolist(), sinks, hubs, stats)
+
+
+def _check_graph(k: int, g: AttentionGraph, n: int) -> None:
+    """Refuse a graph that is not self-attention on the ``n`` tokens, or a bad ``edge_head``."""
+    if g.cross or g.num_src != n or g.num_dst != n:
+        raise ValueError(
+            f"Expected self-attention graphs of the {n} tokens of 'labels' (graph {k} "
+            f"{g.name!r} has {g.num_src} keys and {g.num_dst} queries"
+            f"{', cross-attention' if g.cross else ''})"
+        )
+    if g.edge_head is not None:
+        e, h = g.edge_head, g.num_heads
+        if (
+            e.dim() != 1
+            or e.numel() != g.edge_index.size(1)
+            or (e.numel() and not 0 <= int(e.min()) <= int(e.max()) < h)
+        ):
+            raise ValueError(
+                f"Expected the 'edge_head' of graph {k} {g.name!r} to hold one head in [0, {h}) per edge "
+                f"(got shape {list(e.shape)} for {g.edge_index.size(1)} edges)"
+            )
+
+
+def _heads(g: AttentionGraph) -> list[tuple[Tensor, Tensor]]:
+    """``(edge_index [2, E_h], weights [E_h])`` of each head: on a per-head graph, its own edges."""
+    edge_index = g.edge_index.long().cpu()  # [2, E]
+    weights = g.weights.detach().cpu()  # [E, H]
+    if g.edge_head is None:
+        return [(edge_index, weights[:, h]) for h in range(g.num_heads)]
+    edge_head = g.edge_head.long().cpu()  # [E]
+    return [(edge_index[:, edge_head == h], weights[edge_head == h, h]) for h in range(g.num_heads)]
+
+
+def _mean_of_heads(g: AttentionGraph, n: int) -> tuple[Tensor, Tensor]:
+    """``(edge_index [2, P], weights [P])`` of the mean over heads: on a per-head graph one edge per
+    pair ``j -> i`` (sorted by target, then source), a head without it counting 0."""
+    edge_index = g.edge_index.long().cpu()  # [2, E]
+    weights = g.weights.detach().cpu()  # [E, H]
+    if g.edge_head is None:
+        return edge_index, weights.mean(dim=1)
+    own = weights.gather(1, g.edge_head.long().cpu()[:, None])[:, 0].double()  # [E] weight in its head
+    pairs, inverse = torch.unique(edge_index[1] * n + edge_index[0], return_inverse=True)  # [P]
+    total = torch.zeros(pairs.numel(), dtype=torch.float64).index_add_(0, inverse, own)  # [P]
+    return torch.stack([pairs % n, pairs // n]), total / g.num_heads
 
 
 def attention_page(
@@ -80,6 +167,9 @@ def attention_page(
         mean_of_heads: add a view of the mean weight over heads to every layer.
         sink_threshold, hub_ratio: the marks (see the module docstring).
         notes: lines shown under the title.
+
+    Raises:
+        ValueError: a page of more than ``MAX_GRAPH_EDGES`` edges (see the module docstring).
     """
     _check_ratio("sink_threshold", sink_threshold, 0.0)
     _check_ratio("hub_ratio", hub_ratio, 0.0)
@@ -87,24 +177,19 @@ def attention_page(
     check_tokens(n, "'labels'")
     if not graphs:
         raise ValueError("Expected at least one attention graph in 'graphs' (got none)")
+    for k, g in enumerate(graphs):
+        _check_graph(k, g, n)
+    sizes = [(g.edge_index.size(1), g.num_heads, g.edge_head is not None) for g in graphs]
+    _check_page_edges(f"The attention page {title!r} ({n} tokens)", sizes, mean_of_heads)
     layers = []
     for k, g in enumerate(graphs):
-        if g.cross or g.num_src != n or g.num_dst != n:
-            raise ValueError(
-                f"Expected self-attention graphs of the {n} tokens of 'labels' (graph {k} "
-                f"{g.name!r} has {g.num_src} keys and {g.num_dst} queries"
-                f"{', cross-attention' if g.cross else ''})"
-            )
-        edge_index = g.edge_index.long().cpu()  # [2, E]
-        weights = g.weights.detach().cpu()  # [E, H]
         views = [
-            _head_view(f"head {h}", edge_index, weights[:, h], labels, n, sink_threshold, hub_ratio)
-            for h in range(g.num_heads)
+            _head_view(f"head {h}", edge_index, w, labels, n, sink_threshold, hub_ratio)
+            for h, (edge_index, w) in enumerate(_heads(g))
         ]
         if mean_of_heads and g.num_heads > 1:
-            views.append(
-                _head_view("mean of heads", edge_index, weights.mean(dim=1), labels, n, sink_threshold, hub_ratio)
-            )
+            edge_index, w = _mean_of_heads(g, n)
+            views.append(_head_view("mean of heads", edge_index, w, labels, n, sink_threshold, hub_ratio))
         layers.append(Layer(f"layer {k}: {g.name}", views))
     marks = (
         f"Sink: a key that draws on average more than {sink_threshold:g} of the attention of the queries "
@@ -120,6 +205,30 @@ def attention_page(
         num_tokens=n,
         notes=[*notes, marks],
     )
+
+
+def _check_model_page_edges(loaded: Any, spec: str, n: int, kwargs: dict[str, Any]) -> None:
+    """Build the graph of ``spec`` on ``n`` tokens within ``MAX_GRAPH_EDGES`` edges and refuse a page
+    that would hold more (a selector's graphs, known only after the run, are not counted here)."""
+    from ..experiments.analyze_run import attention_modules, build_graph
+
+    what = f"The graph {spec!r} of {loaded.name} on {n} tokens"
+    try:
+        with topology.max_edges(MAX_GRAPH_EDGES):
+            built, select = build_graph(loaded, spec, [n])
+    except ValueError as err:
+        if "edge budget" not in str(err):
+            raise
+        reason = str(err).split("; to build it anyway")[0]
+        raise ValueError(f"{what} is too large to view (at most {MAX_GRAPH_EDGES} edges): {reason}") from None
+    if select is not None:
+        return
+    modules = attention_modules(loaded.model)
+    graphs = built if isinstance(built, list) else [built] * len(modules)
+    sizes = [_graph_edges(g) for g in graphs]  # (edges, per_head) per attention layer
+    layers = [(edges, m.num_heads, per_head) for m, (edges, per_head) in zip(modules, sizes)]
+    if layers:
+        _check_page_edges(what, layers, kwargs.get("mean_of_heads", True))
 
 
 def model_page(
@@ -142,11 +251,17 @@ def model_page(
         backend: attention backend while recording.
         title: the page's heading (default: the model's name).
         kwargs: of :func:`attention_page`.
+
+    Raises:
+        ValueError: before the model runs, a graph or a page of more than ``MAX_GRAPH_EDGES``
+            edges (see the module docstring; a selector's graphs are counted once selected).
     """
-    from ..experiments.analyze_run import analyze, token_labels
+    from ..experiments.analyze_run import analyze, check_sequences, token_labels
 
     tokens = list(tokens)
     check_tokens(len(tokens), "'tokens'")
+    check_sequences(loaded, [tokens], "'tokens'")
+    _check_model_page_edges(loaded, loaded.graph if graph is None else graph, len(tokens), kwargs)
     result = analyze(loaded, [tokens], graph=graph, backend=backend)
     graphs = result.traces["model"].self_attention()
     title = title or f"{loaded.name}, {result.graph} graph"

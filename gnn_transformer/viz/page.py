@@ -9,7 +9,8 @@ consecutive tokens (the smallest ``b`` that brings every view within the limit):
 between blocks stands for the token edges ``j -> i`` with ``j`` in ``J`` and ``i`` in ``I``; its
 weight is their share of the ``|I| * |J|`` possible ones (a topology) or the attention a query of
 ``I`` pays to ``J`` on average (a model: each block's incoming weights sum to 1, as a token's do).
-The page says so.
+A block is labelled with the positions of its first and last tokens (``"16..31"``); on a model page
+its token strings are kept in :attr:`Page.node_tokens`. The page says so.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import Tensor
 ASSETS = Path(__file__).resolve().parent
 DEFAULT_MAX_EDGES = 4096  # edges per view a browser draws and highlights at ease (SVG)
 MAX_TOKENS = 4096  # tokens of the largest page: beyond, even one node per block of 64 is unreadable
-MAX_GRAPH_EDGES = 2**22  # edges of the largest graph a page is built from (64 MiB as an int64 edge list)
+MAX_GRAPH_EDGES = 2**22  # edges of the largest graph a page is built from, and of a model page's views in all
 
 
 @dataclass
@@ -78,6 +79,8 @@ class Page:
         num_tokens: tokens of the sequence.
         block: tokens per drawn node (1: every token is a node).
         notes: lines shown under the title (what was reduced, what the marks mean).
+        node_tokens: the token strings of each node where its label does not show them (a model
+            page drawn on blocks: a block's tokens, joined by spaces), else empty.
     """
 
     title: str
@@ -88,6 +91,7 @@ class Page:
     num_tokens: int = 0
     block: int = 1
     notes: list[str] = field(default_factory=list)
+    node_tokens: list[str] = field(default_factory=list)
 
     @property
     def weighted(self) -> bool:
@@ -127,6 +131,8 @@ def check_page(page: Page) -> None:
     if page.max_view_edges == 0:
         raise ValueError(f"The graph of {page.title!r} has no edges: nothing to draw")
     n = len(page.nodes)
+    if page.node_tokens and len(page.node_tokens) != n:
+        raise ValueError(f"Expected no 'node_tokens' or one per node ({n}) (got {len(page.node_tokens)})")
     for layer in page.layers:
         for view in layer.views:
             if len(view.src) != len(view.dst) or (view.weights is not None and len(view.weights) != len(view.src)):
@@ -212,10 +218,9 @@ def reduce_page(page: Page, max_edges: int = DEFAULT_MAX_EDGES) -> Page:
                 )
             )
         layers.append(Layer(layer.label, reduced))
-    nodes = [
-        f"{page.nodes[s]}..{page.nodes[min(s + block, n) - 1]}" if block > 1 else page.nodes[s]
-        for s in range(0, n, block)
-    ]
+    starts = range(0, n, block)
+    nodes = [f"{s}..{min(s + block, n) - 1}" for s in starts]  # positions, whatever the tokens' labels
+    node_tokens = [" ".join(page.nodes[s : s + block]) for s in starts] if page.kind == "model" else []
     what = (
         "the share of token edges it stands for"
         if page.kind == "topology"
@@ -223,10 +228,11 @@ def reduce_page(page: Page, max_edges: int = DEFAULT_MAX_EDGES) -> Page:
     )
     note = (
         f"Aggregated: the largest view has {page.max_view_edges} edges, more than the {max_edges} a page "
-        f"draws at ease, so each node is a block of {block} consecutive tokens and an edge between "
-        f"blocks is drawn with {what}."
+        f"draws at ease, so each node is a block of {block} consecutive tokens, labelled by the positions "
+        f"of its first and last token (\"0..{block - 1}\"{'; its tokens show on hover' if node_tokens else ''}), "
+        f"and an edge between blocks is drawn with {what}."
     )
-    return replace(page, nodes=nodes, layers=layers, block=block, notes=[note, *page.notes])
+    return replace(page, nodes=nodes, node_tokens=node_tokens, layers=layers, block=block, notes=[note, *page.notes])
 
 
 # ------------------------------------------------------------------ HTML

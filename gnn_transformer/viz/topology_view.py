@@ -177,6 +177,14 @@ def topology_page(
     notes = []
     if source is not None and source.description:
         notes.append(source.description)
+    if source is not None and (source.small_params or source.small_select) and not paper_scale:
+        shrunk = [f"{k} = {v}" for k, v in source.small_params.items()]
+        if source.small_select:
+            shrunk.append(f"select = {source.small_select}")
+        notes.append(
+            f"Drawn at toy scale, with the spec's [small] {', '.join(shrunk)} in place of the parameters "
+            "above (paper_scale, --paper-scale on the command line, draws those)."
+        )
     if topo.select is not None:
         notes.append(
             f"Each layer selects its per-head graph within this one with {topo.select!r}; shown: the allowed graph."

@@ -3,7 +3,8 @@
    query i reads key j), and highlights what the hovered token reads.
 
    Data: {title, kind, nodes: [label], layers: [{label, views: [{label, src, dst, weights, sinks, hubs,
-   stats}]}], receptive_layers, num_tokens, block, notes, weighted}.
+   stats}]}], receptive_layers, num_tokens, block, notes, node_tokens: [text] (a model page on blocks:
+   each block's tokens; else empty), weighted}.
    Elements carry data-node (nodes, axis labels) and data-src / data-dst (edges, cells); highlighted
    ones get the classes hi (incoming edges of the focused token), src (the keys it reads),
    focus (itself) and rf (its receptive field). */
@@ -12,6 +13,7 @@
   var SVGNS = "http://www.w3.org/2000/svg";
   var data = JSON.parse(document.getElementById("viewer-data").textContent);
   var n = data.nodes.length;
+  var nodeTokens = data.node_tokens || [];
   var state = { layer: 0, head: 0, rf: 0, focus: -1, pinned: false };
   var view = null;                  // the view drawn now
   var maxWeight = 1;
@@ -38,7 +40,10 @@
     return e;
   }
   function clearChildren(e) { while (e.firstChild) { e.removeChild(e.firstChild); } }
-  function short(text, len) { text = String(text); return text.length > len ? text.slice(0, len - 1) + "\u2026" : text; }
+  function short(text, len) {  // at most len characters, cut by code points (never half a surrogate pair)
+    var chars = Array.from(String(text));
+    return chars.length > len ? chars.slice(0, len - 1).join("") + "\u2026" : chars.join("");
+  }
   var STOPS = [[254, 224, 139], [253, 174, 97], [244, 109, 67], [215, 48, 39], [165, 0, 38]];
   function colour(t) {  // t in [0, 1]: light yellow .. dark red
     t = Math.max(0, Math.min(1, t)) * (STOPS.length - 1);
@@ -172,7 +177,7 @@
       var circle = svg("circle", { "class": cls, cx: p[0].toFixed(1), cy: p[1].toFixed(1), r: r.toFixed(1),
                                    "data-node": String(i) }, nodesG);
       svg("title", {}, circle).textContent = i + ": " + data.nodes[i] + (sinks.has(i) ? " (sink)" : "") +
-        (hubs.has(i) ? " (hub)" : "");
+        (hubs.has(i) ? " (hub)" : "") + (nodeTokens.length ? "\n" + short(nodeTokens[i], 400) : "");
       nodeEls.push(circle);
       if (showLabels) {
         var lx = G.size / 2 + (G.radius + r + 6) * Math.cos(p[2]), ly = G.size / 2 + (G.radius + r + 6) * Math.sin(p[2]);
@@ -286,6 +291,7 @@
     var marks = [];
     if (view.sinks.indexOf(i) >= 0) { marks.push("sink"); }
     if (view.hubs.indexOf(i) >= 0) { marks.push("hub"); }
+    if (nodeTokens.length) { el("p", { "class": "tokens" }, "tokens: " + short(nodeTokens[i], 400), info); }
     if (marks.length) { el("p", {}, "marked: " + marks.join(", "), info); }
     var received = 0;
     outEdges[i].forEach(function (e) { received += weightOf(e); });
