@@ -457,3 +457,17 @@ def test_a_catalogue_page_at_toy_scale_says_its_small_parameters():
     assert "per layer: 5 causal window 1024 : 1 causal global" in notes
     assert any("toy scale" in note and "window = 3" in note for note in notes)
     assert not any("toy scale" in note for note in viz.topology_page("gemma3", 16, paper_scale=True).notes)
+
+
+def test_view_of_a_model_with_nan_weights_names_the_layer(tmp_path, capsys):
+    path, model = _tiny_lm_checkpoint(tmp_path)
+    state = model.state_dict()
+    state["embed.weight"][2, 0] = float("nan")
+    torch.save({"model": state, "meta": {}}, path)
+    tokens = tmp_path / "ids.txt"
+    tokens.write_text("1 2 3 4\n")
+    out = tmp_path / "page.html"
+    assert main(["view", "--checkpoint", str(path), "--tokens", str(tokens), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Graph 0 'encoder.layers.0.self_attn' has" in err and "NaN or infinite attention weights" in err
+    assert not out.exists()

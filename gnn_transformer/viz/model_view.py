@@ -104,7 +104,14 @@ def _head_view(
 
 
 def _check_graph(k: int, g: AttentionGraph, n: int) -> None:
-    """Refuse a graph that is not self-attention on the ``n`` tokens, or a bad ``edge_head``."""
+    """Refuse a graph that is not self-attention on the ``n`` tokens, a bad ``edge_head``, or
+    non-finite weights."""
+    if not bool(torch.isfinite(g.weights).all()):
+        bad = int((~torch.isfinite(g.weights)).sum())
+        raise ValueError(
+            f"Graph {k} {g.name!r} has {bad} NaN or infinite attention weights (the model's inputs or "
+            "weights are not finite there): there is no attention to draw"
+        )
     if g.cross or g.num_src != n or g.num_dst != n:
         raise ValueError(
             f"Expected self-attention graphs of the {n} tokens of 'labels' (graph {k} "
