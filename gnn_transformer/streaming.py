@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .decoding import KV, KVCache, _sample, check_cache_selectors
+from .kernels.primitives import plain_tensor
 from .position import LENGTH_DEPENDENT
 
 Graph: TypeAlias = Tensor | tuple[Tensor, Tensor]  # edge_index, or (edge_index, edge_head) of a per-head graph
@@ -135,7 +136,7 @@ def _layer_graphs(graph: Graphs) -> tuple[list[tuple[Tensor, Tensor | None]], bo
         if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.size(0) != 2:
             got = list(edge_index.shape) if isinstance(edge_index, Tensor) else type(edge_index).__name__
             raise ValueError(f"Expected each graph's edge_index of shape [2, E] (got {got})")
-        out.append((edge_index.as_subclass(Tensor).long(), edge_head))
+        out.append((plain_tensor(edge_index).long(), edge_head))
     return out, shared
 
 
@@ -801,7 +802,7 @@ def _prompt_graph(batch: int, length: int, device: torch.device) -> Tensor:
     """Causal attention within each prompt, the same for every layer and head."""
     from .topology import causal
 
-    return causal([length] * batch).as_subclass(Tensor).to(device)
+    return plain_tensor(causal([length] * batch)).to(device)
 
 
 def _track_peak(peak: dict, nodes: _LayerNodes, batch: int) -> None:

@@ -133,7 +133,7 @@ def _contexts(graph: Any, length: int) -> _Contexts:
     for index, g in enumerate(graphs):
         edge_index, head = g if isinstance(g, tuple) else (g, None)
         plain = edge_index.as_tensor() if isinstance(edge_index, EdgeIndex) else edge_index
-        src, dst = (row.as_subclass(Tensor) for row in plain.long().cpu())
+        src, dst = plain.long().cpu()
         check_stream_edges(index, src, dst, length)
         order = torch.argsort(dst * length + src)
         src, dst = src[order], dst[order]
