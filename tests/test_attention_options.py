@@ -193,3 +193,50 @@ def test_head_dim_state_dict_shapes():
     shapes = {k: list(v.shape) for k, v in attn.state_dict().items()}
     assert shapes == {"in_proj_weight": [12 + 2 * 6, 8], "in_proj_bias": [24], "out_proj.weight": [8, 12]}
     assert attn(torch.randn(3, 8), causal(3)).shape == (3, 8)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL32), (torch.float64, TOL64)])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(q_norm=RMSNorm(4), k_norm=RMSNorm(4, unit_offset=True)),
+        dict(q_norm=RMSNorm(4), k_norm=RMSNorm(4), rope=True, num_kv_heads=1),
+        dict(rope=True, rotary_dim=2),
+        dict(head_dim=3, num_kv_heads=1),
+        dict(head_dim=6, rope=True, rotary_dim=4, q_norm=RMSNorm(6), k_norm=RMSNorm(6)),
+    ],
+)
+def test_dense_layer_reference_takes_qk_norm_partial_rope_and_head_dim(options, dtype, tol):
+    """dense.attention, the padded twin the models' references use, computes these options itself
+    (it read plain RoPE only: qk-norm, rotary_dim were ignored, head_dim != C / H crashed)."""
+    torch.manual_seed(0)
+    layer = GraphMultiheadAttention(8, 2, backend="pyg", **options).to(dtype)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+    lengths = [5, 3]
+    x_pad = torch.randn(2, 5, 8, dtype=dtype)
+    pos = torch.arange(5).expand(2, 5)
+    mask = (
+        torch.ones(5, 5, dtype=torch.bool).tril().expand(2, 5, 5)
+        & (torch.arange(5) < torch.tensor(lengths)[:, None])[:, None, :]
+    )
+    kw = dict(pos_query=pos, pos_key=pos) if layer.rotary is not None else {}
+    want, _ = dense.attention(layer, x_pad, x_pad, mask, **kw)
+    x = torch.cat([x_pad[b, :n] for b, n in enumerate(lengths)])
+    flat_pos = torch.cat([torch.arange(n) for n in lengths])
+    got = layer(x, causal(lengths), pos=flat_pos if layer.rotary is not None else None)
+    torch.testing.assert_close(got, torch.cat([want[b, :n] for b, n in enumerate(lengths)]), **tol)
+
+
+def test_dense_references_refuse_what_they_do_not_compute():
+    x, mask, pos = torch.randn(1, 4, 8), torch.ones(1, 4, 4, dtype=torch.bool).tril(), torch.arange(4)[None]
+    scaled = GraphMultiheadAttention(8, 2, rope=True, rope_scaling=RopeScaling("linear", factor=4.0))
+    with pytest.raises(ValueError, match="plain RoPE frequencies.*'linear' rope_scaling"):
+        dense.attention(scaled, x, x, mask, pos_query=pos, pos_key=pos)
+    for layer, what in (
+        (GraphMultiheadAttention(8, 2, rope=True), "rope=True"),
+        (GraphMultiheadAttention(8, 2, q_norm=RMSNorm(4)), "a q_norm"),
+    ):
+        with pytest.raises(ValueError, match=f"built with {what}: use gnn_transformer.dense.attention"):
+            dense.multihead_attention(layer, x, x, mask[0])

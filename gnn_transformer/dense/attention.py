@@ -88,6 +88,13 @@ def multihead_attention(
     Returns:
         ``out`` ``[B, T_q, C]`` and weights ``[B, H, T_q, T_k]``.
     """
+    for name in ("rotary", "q_norm", "k_norm"):
+        if getattr(layer, name, None) is not None:
+            what = "rope=True" if name == "rotary" else f"a {name}"
+            raise ValueError(
+                f"multihead_attention takes no positions and no qk-norm; the layer was built with {what}: "
+                "use gnn_transformer.dense.attention(layer, ..., pos_query=, pos_key=)"
+            )
     x_value = x_key if x_value is None else x_value
     b, t_q, _ = x_query.shape
     t_k = x_key.size(1)

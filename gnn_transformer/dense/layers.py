@@ -1,7 +1,8 @@
 """Dense counterparts of the graph layers and models, on padded ``[B, T, C]`` tensors and masks.
 
 They read the parameters of the graph modules (same ``state_dict``) and redo the computation with
-padded matmuls: projections, RoPE (:mod:`.position`), the score function (softmax, sigmoid, linear;
+padded matmuls: projections, qk-norm (the layer's own norm modules), RoPE (:mod:`.position`, partial
+with ``rotary_dim``; a layer with ``rope_scaling`` is refused), the score function (softmax, sigmoid, linear;
 :mod:`.variants`), residuals and norms, cross-layer KV sharing, embeddings, ALiBi. Masks are
 boolean ``[B, T_q, T_k]``, or per head ``[B, H, T_q, T_k]`` (the twin of a per-head graph),
 ``True`` = may attend. Stacks and models take one mask for every layer or a sequence of one per
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -39,8 +41,31 @@ def _rope_positions(pos: Tensor | None, name: str) -> Tensor:
     return pos
 
 
+def _rotate(layer, x: Tensor, pos: Tensor | None, name: str) -> Tensor:
+    """``x`` ``[B, H, T, D]`` rotated by the layer's RoPE: the first ``rotary_dim`` dimensions of
+    each head, with plain frequencies."""
+    rotary = layer.rotary
+    if rotary is None:
+        return x
+    if rotary.scaling is not None:
+        raise ValueError(
+            f"The dense reference rotates with plain RoPE frequencies; {type(layer).__name__} was built "
+            f"with a {rotary.scaling.rope_type!r} rope_scaling (its frequencies are checked against "
+            "Hugging Face's)"
+        )
+    r = rotary.rotary_dim
+    turned = apply_rope(x[..., :r], _rope_positions(pos, name), rotary.base)
+    return turned if r == x.size(-1) else torch.cat([turned, x[..., r:]], dim=-1)
+
+
+def _norm(layer, name: str, x: Tensor) -> Tensor:
+    norm = getattr(layer, name, None)  # qk-norm (Qwen3, Gemma 3): per head, before RoPE
+    return x if norm is None else norm(x)
+
+
 def key_value(layer, x_key: Tensor, *, pos_key: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Keys (rotated with RoPE) and values ``[B, H_kv, T_k, D]`` of an attention layer."""
+    """Keys (normalized with ``k_norm`` and rotated with RoPE) and values ``[B, H_kv, T_k, D]`` of
+    an attention layer."""
     _, w_k, w_v = layer.projection_weights()
     _, b_k, b_v = layer.projection_biases()
     if w_k is None:
@@ -50,9 +75,7 @@ def key_value(layer, x_key: Tensor, *, pos_key: Tensor | None = None) -> tuple[T
         )
     key = _heads(F.linear(_mlp_in(layer, "k", x_key), w_k, b_k), layer.num_kv_heads, layer.head_dim)
     value = _heads(F.linear(_mlp_in(layer, "v", x_key), w_v, b_v), layer.num_kv_heads, layer.head_dim)
-    if layer.rotary is not None:
-        key = apply_rope(key, _rope_positions(pos_key, "pos_key"), layer.rotary.base)
-    return key, value
+    return _rotate(layer, _norm(layer, "k_norm", key), pos_key, "pos_key"), value
 
 
 def attention(
@@ -70,8 +93,7 @@ def attention(
     w_q, _, _ = layer.projection_weights()
     b_q, _, _ = layer.projection_biases()
     query = _heads(F.linear(_mlp_in(layer, "q", x_query), w_q, b_q), layer.num_heads, layer.head_dim)
-    if layer.rotary is not None:
-        query = apply_rope(query, _rope_positions(pos_query, "pos_query"), layer.rotary.base)
+    query = _rotate(layer, _norm(layer, "q_norm", query), pos_query, "pos_query")
     if kv is None:
         kv = key_value(layer, x_key, pos_key=pos_key)
     group = layer.num_heads // layer.num_kv_heads
@@ -87,7 +109,7 @@ def attention(
     else:
         out, _ = scaled_dot_product(query, key, value, mask, scale=scale, bias=bias, softcap=softcap)
     b, t_q = x_query.shape[:2]
-    out = out.transpose(1, 2).reshape(b, t_q, layer.embed_dim)  # [B, T_q, C]
+    out = out.transpose(1, 2).reshape(b, t_q, layer.num_heads * layer.head_dim)  # [B, T_q, H D]
     return layer.out_proj(out), kv
 
 
