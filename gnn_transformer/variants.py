@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.utils import degree, scatter
 
-from .attention import GraphMultiheadAttention, check_real
+from . import kernels
+from .attention import GraphMultiheadAttention, _materialized, check_real
 
 
 def _message_passing_only(layer: GraphMultiheadAttention, backend: str | None) -> None:
@@ -61,6 +62,9 @@ class _EdgeWeightAttention(GraphMultiheadAttention):
         edge_head: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         _message_passing_only(self, backend)
+        if kernels.is_block_structure(edge_index):  # an implicit graph: its edges, within the budget
+            kernels.check_implicit_options(edge_bias, edge_head)
+            edge_index, edge_head = _materialized(edge_index)
         if edge_head is not None:  # one head on (head, token) nodes
             return self._attend_per_head(query, key, value, edge_index, edge_head, edge_bias, need_weights, backend)
         size = (key.size(0), query.size(0))

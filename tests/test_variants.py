@@ -329,3 +329,30 @@ def test_sigmoid_attention_softcap_bounds_the_scores():
 def test_linear_attention_refuses_scale_and_softcap(name, value):
     with pytest.raises(ValueError, match=f"LinearAttention takes no '{name}'.*{name}={value}"):
         LinearAttention(8, 2, backend="pyg", **{name: value})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("attention", [SigmoidAttention, LinearAttention])
+def test_edge_weight_variants_run_an_implicit_graph_as_its_edges(attention, dtype):
+    """A BlockGraph (shared by the heads, or per head) runs as its materialized edges: outputs and
+    gradients equal the explicit graph's (it failed inside PyG's propagate)."""
+    from gnn_transformer.topology.dynamic import block_topk
+
+    torch.manual_seed(0)
+    layer = perturbed(attention(8, 2)).to(dtype)
+    x = torch.randn(6, 8, dtype=dtype)
+    q, k = torch.randn(6, 2, 4), torch.randn(6, 2, 4)  # a per-head selection of key blocks
+    selected = dict(causal=True, lengths=[4, 2])
+    for implicit, explicit in (
+        (causal([4, 2], implicit=True, block_size=2), (causal([4, 2]), None)),
+        (block_topk(q, k, 2, 1, implicit=True, **selected), block_topk(q, k, 2, 1, **selected)),
+    ):
+        got_x, want_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got = layer(got_x, implicit)
+        want = layer(want_x, explicit[0], edge_head=explicit[1])
+        torch.testing.assert_close(got, want, **TOL[dtype])
+        got.square().sum().backward()
+        want.square().sum().backward()
+        torch.testing.assert_close(got_x.grad, want_x.grad, **TOL[dtype])
+    with pytest.raises(ValueError, match="no 'edge_head' with an implicit graph"):
+        layer(x, causal([4, 2], implicit=True, block_size=2), edge_head=torch.zeros(0, dtype=torch.long))
