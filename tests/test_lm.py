@@ -115,6 +115,26 @@ def test_workload_targets_are_the_next_characters(text_file):
     assert bool((edges[0] <= edges[1]).all())  # "full" made causal
 
 
+@pytest.mark.parametrize("eval_size", [1, 7, 8, 11, 12, 100])
+def test_validation_windows_spread_over_the_whole_part(eval_size):
+    """12 windows fit in the validation part: eval_size of them are taken evenly spaced over all
+    of it, without overlap (7 of 12 were the first 7: the stride 12 // 7 was 1)."""
+    from gnn_transformer.experiments.lm import CharCorpus
+
+    context, available = 8, 12
+    text = "".join(chr(0x4E00 + i) for i in range(1000 + available * context + 1))
+    ids = torch.arange(len(text))
+    corpus = CharCorpus(text, ids[:1000], ids[1000:], "x")
+    w = LMWorkload(corpus, topology_fn("full"), context, eval_size=eval_size)
+    windows = torch.cat([b.tokens for b in w.eval_sets()["val"]]).view(-1, context)
+    first = (windows[:, 0] - 1000).tolist()  # where each window starts in the validation part
+    count = min(eval_size, available)
+    assert w.eval_windows == count and len(first) == count
+    assert first == sorted(set(first)) and all(s % context == 0 for s in first)  # whole, disjoint windows
+    assert first == [k * available // count * context for k in range(count)]
+    assert first[-1] // context >= available + available // -count  # within one stride of the end
+
+
 def test_a_model_cannot_see_the_future(text_file):
     """Changing a later character leaves the logits of every earlier position unchanged."""
     corpus = load_corpus(TextConfig(text=str(text_file), context=8))

@@ -236,8 +236,8 @@ class LMWorkload:
         topology: ``lengths -> graph`` (see :mod:`.topologies`); intersected with the causal graph.
         context: characters per window.
         batch_size: windows per training batch, drawn at uniform random offsets of the training part.
-        eval_size: windows of the validation set: evenly spaced, non-overlapping windows of the
-            validation part (all of them when it holds fewer).
+        eval_size: windows of the validation set: evenly spaced, non-overlapping windows over the
+            whole validation part (all of them when it holds fewer).
     """
 
     monitor = ("loss_val", "min")
@@ -259,7 +259,8 @@ class LMWorkload:
         available = (corpus.val.numel() - 1) // context
         count = min(eval_size, available)
         self.eval_windows = count  # fewer than eval_size when the validation part holds fewer
-        starts = (torch.arange(count) * (available // count)) * context  # evenly spaced windows
+        # evenly spaced over the whole part: window k of count starts at window floor(k * available / count)
+        starts = (torch.arange(count) * available // count) * context
         self._eval = {"val": [window_batch(corpus.val, starts[i : i + 128], context) for i in range(0, count, 128)]}
 
     def train_batch(self, generator: torch.Generator) -> SequenceBatch:
