@@ -103,6 +103,36 @@ def test_workload_batches_and_pooling():
     assert encode(["[MIN", "1", "]"], "mean").tolist() == [10, 1, 14]
 
 
+def test_splits_share_no_expression():
+    """At 4-8 tokens expressions repeat often: the test set holds distinct ones, the validation set
+    distinct ones none of which is the test set's, and no training expression is one of theirs."""
+    config = ListOpsConfig(lengths=(4, 8), max_depth=3, max_args=3)
+    w = ListOpsWorkload(config, topology_fn("full"), eval_size=300, seed=2)
+    held = {split: [tuple(w.example(split, i)[0].tolist()) for i in range(300)] for split in ("test", "val")}
+    assert all(len(set(rows)) == 300 for rows in held.values())
+    assert not set(held["test"]) & set(held["val"])
+    train = [tuple(w.example("train", i)[0].tolist()) for i in range(3000)]
+    assert not set(train) & (set(held["test"]) | set(held["val"]))
+    assert len(set(train)) > 100  # the training set is not emptied by it
+    for split, rows in held.items():  # what the evaluation batches hold
+        batches = w.eval_sets()[split]
+        assert sum(len(b.lengths) for b in batches) == 300
+    words, answer = generate(config, "listops/2/test/0")
+    assert held["test"][0] == tuple(encode(words).tolist())  # the first one of each seed is kept
+    assert w.example("test", 0)[1] == answer
+
+
+def test_too_narrow_lengths_for_distinct_evaluation_sets_are_refused():
+    with pytest.raises(ValueError, match="'lengths' \\(1-1\\) to hold enough distinct expressions"):
+        ListOpsWorkload(ListOpsConfig(lengths=(1, 1)), topology_fn("full"), eval_size=20)
+
+
+@pytest.mark.parametrize("lengths", [(1.5, 3.7), ("a", "b"), (True, 4), (4,), 5])
+def test_lengths_must_be_two_ints(lengths):
+    with pytest.raises(ValueError, match="'lengths' to be a range \\(lo, hi\\) of two ints"):
+        ListOpsConfig(lengths=lengths)
+
+
 def test_classifier_learns_short_expressions():
     config = RunConfig(
         task="listops",

@@ -8,13 +8,21 @@ A nested expression of the operators ``MIN``, ``MAX``, ``MED`` (median, rounded 
 The generator follows the LRA script (``lra_benchmarks/data/listops.py``): a node at depth ``d <
 max_depth`` is an operator with probability 0.25 (else a digit), an operator has 2 to
 ``max_args`` arguments, the root is at depth 1, the length counts digits, operators and closing
-brackets (the LRA tokenizer drops the parentheses of its TSV files), and expressions outside the
-length range are drawn again. The answer, one of 10 classes, is read from a ``[CLS]`` token put
-before the expression (or from the mean over the sequence). The paper's data: lengths 500-2000,
-depth up to 10, up to 10 arguments, 96,000 / 2,000 / 2,000 expressions.
+brackets as the script's does, and expressions outside the length range are drawn again. Two
+differences: the range is inclusive (the script keeps ``min < length < max``, 501-1999 by
+default), and the closing bracket is a token of the model's input (LRA's tokenizer keeps
+alphanumeric tokens only, so its model sees neither ``[`` nor ``]``; the S4 loader, like this one,
+keeps ``]``, which makes the nesting readable). The answer, one of 10 classes, is read from a
+``[CLS]`` token put before the expression (or from the mean over the sequence). The paper's data:
+lengths 500-2000, depth up to 10, up to 10 arguments, 96,000 / 2,000 / 2,000 expressions.
 
 Every expression is generated from its own seed (the run's seed, its split and its index), so the
-training set is fixed without being generated ahead: a training batch draws indices.
+training set is fixed without being generated ahead: a training batch draws indices. As in LRA,
+whose splits come from one set of distinct expressions, the splits do not share an expression: the
+test set's are distinct, the validation set's distinct and none of the test set's, and a training
+expression that is one of theirs is drawn again (from the seed with an attempt number added), which
+matters for short lengths only (at 4-20 tokens, a fifth of the test expressions were among the
+first 20,000 training ones).
 """
 
 from __future__ import annotations
@@ -35,23 +43,25 @@ END = "]"
 CLS = "[CLS]"
 VOCAB = tuple(str(d) for d in range(10)) + OPERATORS + (END, CLS)  # token id = index
 NUM_CLASSES = 10
-VALUE_P = 0.25  # probability of a digit at a node above the maximum depth
+VALUE_P = 0.25  # probability of an operator at a node above the maximum depth (else a digit)
 ATTEMPTS = 100_000  # draws per expression before a length range counts as impossible
+DISTINCT_ATTEMPTS = 1_000  # draws per expression before the splits count as unable to stay distinct
 
 
 @dataclass
 class ListOpsConfig:
     """The ListOps data of a run (defaults: the paper's)."""
 
-    lengths: tuple[int, int] = (500, 2000)  # inclusive range of expression tokens
+    lengths: tuple[int, int] = (500, 2000)  # inclusive range of expression tokens (LRA's: exclusive)
     max_depth: int = 10
     max_args: int = 10
     train_examples: int = 96_000  # the training set (drawn with replacement, each step)
     pool: str = "cls"  # "cls": read the answer at a [CLS] token; "mean": average over the sequence
 
     def __post_init__(self) -> None:
-        if len(self.lengths) != 2:
-            raise ValueError(f"Expected 'lengths' to be a range (lo, hi) (got {self.lengths!r})")
+        pair = isinstance(self.lengths, (tuple, list)) and len(self.lengths) == 2
+        if not pair or not all(isinstance(v, int) and not isinstance(v, bool) for v in self.lengths):
+            raise ValueError(f"Expected 'lengths' to be a range (lo, hi) of two ints (got {self.lengths!r})")
         self.lengths = (int(self.lengths[0]), int(self.lengths[1]))
         for name in ("max_depth", "train_examples"):
             value = getattr(self, name)
@@ -188,18 +198,37 @@ class ListOpsWorkload:
         self.config, self.batch_size, self.seed = config, batch_size, seed
         self.topology = per_length(topology)
         self._cache: dict[tuple[str, int], tuple[Tensor, int]] = {}
+        self._held_out: set[bytes] = set()  # the evaluation sets' expressions, which no other may repeat
         # two sets, each token cached and batched (uint8) with its position (int64); [CLS] first
         check_set_fits("eval_size", eval_size, config.lengths[1] + 1, 1 + 1 + 8, sets=2)
-        self._eval = {
+        held_out = {
             split: [self._batch(split, list(range(i, min(i + 64, eval_size)))) for i in range(0, eval_size, 64)]
-            for split in ("val", "test")
+            for split in ("test", "val")  # the test set first: the validation set avoids its expressions
         }
+        self._eval = {"val": held_out["val"], "test": held_out["test"]}
 
     def example(self, split: str, index: int) -> tuple[Tensor, int]:
+        """Expression ``index`` of ``split`` as token ids, with its answer; none of the evaluation
+        sets' expressions (see the module docstring)."""
         key = (split, index)
         if key not in self._cache:
-            words, answer = generate(self.config, f"listops/{self.seed}/{split}/{index}")
-            self._cache[key] = (encode(words, self.config.pool).to(torch.uint8), answer)  # ids < 256
+            for attempt in range(DISTINCT_ATTEMPTS):
+                seed = f"listops/{self.seed}/{split}/{index}" + (f"/{attempt}" if attempt else "")
+                words, answer = generate(self.config, seed)
+                ids = encode(words, self.config.pool).to(torch.uint8)  # ids < 256
+                if ids.numpy().tobytes() not in self._held_out:
+                    break
+            else:
+                lo, hi = self.config.lengths
+                raise ValueError(
+                    f"Expected 'lengths' ({lo}-{hi}) to hold enough distinct expressions for evaluation "
+                    f"sets of distinct expressions: {DISTINCT_ATTEMPTS} draws of {split} expression "
+                    f"{index} all repeated one of the {len(self._held_out)} held out (lower the "
+                    "evaluation size or widen the range)"
+                )
+            if split != "train":
+                self._held_out.add(ids.numpy().tobytes())
+            self._cache[key] = (ids, answer)
         ids, answer = self._cache[key]
         return ids.long(), answer
 
