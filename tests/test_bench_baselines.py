@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gnn_transformer.bench import baselines
-from gnn_transformer.bench.baselines import FLEX_VARIANTS, Unavailable, bhnd, make_sdpa, nhd, sdpa_mode
+from gnn_transformer.bench.baselines import FLEX_VARIANTS, Unavailable, make_sdpa, sdpa_mode
 from gnn_transformer.bench.benchmark import build_graph, run_benchmark
 from gnn_transformer.topology import causal, document, flex_attention_available, full, sliding_window
 
@@ -17,7 +17,9 @@ SDPA_CASES = [
     ("causal", lambda: causal(48), "causal"),
     ("full", lambda: full(32), "full"),
     ("documents-causal", lambda: document(48, [10, 30, 8], causal=True), "documents-causal"),
-    ("documents-full", lambda: document(48, 12), "documents-full"),
+    ("documents-full", lambda: document(48, [10, 30, 8]), "documents-full"),
+    ("equal-documents-causal", lambda: document(48, 12, causal=True), "documents-causal"),
+    ("equal-documents-full", lambda: document(48, 12), "documents-full"),
     ("window", lambda: sliding_window(48, 5), "mask"),
 ]
 
@@ -36,16 +38,25 @@ def test_sdpa_as_a_user_calls_it_matches_dense(name, build, mode):
     plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
     fn = make_sdpa(edge_index, plain[0], plain[1], n, 0.4, got_mode, bounds)
     q, k, v = _inputs(n)
-    assert fn.layout in ("bhnd", "nhd")
-    to, back = (bhnd, nhd) if fn.layout == "bhnd" else ((lambda x: x), (lambda x: x))
-    out = back(fn(to(q), to(k), to(v)))
-    ref = dense_attention(q, k, v, edge_index, 0.4)
+    assert fn.layout == ("docs" if name.startswith("equal") else "nhd" if fn.note.startswith("nested") else "bhnd")
+    to, back = baselines.layout_functions(fn)
+    qg, kg, vg = (to(x).requires_grad_() for x in (q, k, v))
+    out = back(fn(qg, kg, vg))
+    ref_inputs = [x.double().requires_grad_() for x in (q, k, v)]
+    ref = dense_attention(*ref_inputs, edge_index, 0.4)
     torch.testing.assert_close(out, ref.float(), **TOL[torch.float32])
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (qg, kg, vg), grad)
+    want = torch.autograd.grad(ref, ref_inputs, grad.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(back(g), w.float(), **TOL[torch.float32])
     assert fn.note
+    if name.startswith("equal"):  # documents of one length: one call with the documents as the batch
+        assert fn.note.startswith("one call, 4 documents as the batch")
 
 
 def test_causal_documents_say_why_they_are_not_nested():
-    fn = make_sdpa(*_edges(document(24, 8, causal=True)), 24, 1.0, "documents-causal", (0, 8, 16, 24))
+    fn = make_sdpa(*_edges(document(24, [8, 10, 6], causal=True)), 24, 1.0, "documents-causal", (0, 8, 18, 24))
     assert fn.note.startswith("3 calls, one per document, is_causal") or fn.note.startswith("nested jagged")
 
 

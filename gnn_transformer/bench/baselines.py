@@ -4,8 +4,9 @@ Each baseline takes its own layout, contiguous ``[B, H, N, D]`` (the project's k
 ``[N, H, D]``); the benchmark converts the inputs once, outside the timed calls.
 
 - ``sdpa``: ``scaled_dot_product_attention`` with ``is_causal=True`` on a causal graph, without a
-  mask on a full one, per document on nested (jagged) tensors for block-diagonal documents (where
-  torch offers it, else one call per document), and with a dense boolean mask ``[N, N]`` otherwise.
+  mask on a full one, per document for block-diagonal documents (documents of one length: one
+  call with the documents as the batch; else on nested (jagged) tensors where torch offers it, else
+  one call per document), and with a dense boolean mask ``[N, N]`` otherwise.
 - ``flex``: FlexAttention with the fastest of the ``mask_mod`` functions of :data:`FLEX_VARIANTS`:
 
   - ``predicate``: the topology's predicate twin as the ``mask_mod`` (``kv <= q``, ``|q - kv| <= w``,
@@ -47,7 +48,8 @@ class Unavailable(Exception):
 
 class Baseline(Protocol):
     """``fn(q, k, v) -> out`` of a baseline, with ``note`` (how it runs) and ``layout`` (of its
-    inputs and output: ``"bhnd"``, ``[1, H, N, D]``, or ``"nhd"``, the tokens' ``[N, H, D]``)."""
+    inputs and output: ``"bhnd"``, ``[1, H, N, D]``; ``"nhd"``, the tokens' ``[N, H, D]``; or
+    ``"docs"``, ``[docs, H, L, D]`` for documents of one length ``L``; see :func:`layout_functions`)."""
 
     note: str
     layout: str
@@ -70,6 +72,25 @@ def bhnd(x: Tensor) -> Tensor:
 def nhd(x: Tensor) -> Tensor:
     """``[1, H, N, D]`` -> ``[N, H, D]`` (a view)."""
     return x[0].transpose(0, 1)
+
+
+def layout_functions(fn: object) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """``(to, back)``: the tokens' ``[N, H, D]`` to the layout of ``fn`` (its ``layout``, default
+    ``"nhd"``; ``"docs"`` with ``fn.documents``, the number of equal documents) and back."""
+    layout = getattr(fn, "layout", "nhd")
+    if layout == "bhnd":
+        return bhnd, nhd
+    if layout == "docs":
+        docs = int(getattr(fn, "documents"))
+
+        def to(x: Tensor) -> Tensor:  # [N, H, D] -> contiguous [docs, H, L, D]
+            return x.reshape(docs, -1, *x.shape[1:]).transpose(1, 2).contiguous()
+
+        def back(x: Tensor) -> Tensor:  # [docs, H, L, D] -> [N, H, D]
+            return x.transpose(1, 2).reshape(-1, *x.shape[1:2], x.size(-1))
+
+        return to, back
+    return (lambda x: x), (lambda x: x)
 
 
 # ---------------------------------------------------------------- SDPA
@@ -120,7 +141,7 @@ def make_sdpa(
 
         return _baseline(sdpa, "is_causal" if mode == "causal" else "no mask")
     if mode.startswith("documents"):
-        return _sdpa_documents(scale, mode == "documents-causal", bounds)
+        return _sdpa_documents(scale, mode == "documents-causal", bounds, src.device)
     mask = torch.zeros(n, n, dtype=torch.bool, device=src.device)
     mask[dst, src] = True
 
@@ -130,19 +151,33 @@ def make_sdpa(
     return _baseline(masked, "dense bool mask")
 
 
-def _sdpa_documents(scale: float, causal: bool, bounds: tuple[int, ...]) -> Baseline:
-    """SDPA per document: on nested jagged tensors (whose layout is the tokens' ``[N, H, D]``)
-    where torch runs them, else one call per document on ``[1, H, N, D]``; ``note`` says which and why."""
+def _sdpa_documents(scale: float, causal: bool, bounds: tuple[int, ...], device: torch.device) -> Baseline:
+    """SDPA per document: documents of one length as one batched call on ``[docs, H, L, D]`` (what
+    a user writes: the batch dimension is the documents); documents of several lengths on nested
+    jagged tensors (whose layout is the tokens' ``[N, H, D]``) where torch runs them, else one call
+    per document on ``[1, H, N, D]``; ``note`` says which and why."""
     import torch.nn.functional as F
 
     docs = len(bounds) - 1
+    sizes = {b - a for a, b in zip(bounds[:-1], bounds[1:])}
+    if len(sizes) == 1:
 
-    def nested(q, k, v, offsets=torch.tensor(bounds)):
+        def batched(q, k, v):  # [docs, H, L, D]
+            gqa = {"enable_gqa": True} if k.size(1) != q.size(1) else {}
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, **gqa)
+
+        batched.documents = docs  # type: ignore[attr-defined]
+        note = f"one call, {docs} documents as the batch" + (", is_causal" if causal else "")
+        return _baseline(batched, note, "docs")
+
+    offsets_on = torch.tensor(bounds, device=device)  # once, not in the timed call
+
+    def nested(q, k, v, offsets=offsets_on):
         group = q.size(1) // k.size(1)
         if group > 1:  # nested SDPA takes no enable_gqa: the key/value heads repeated
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        # [N, H, D] -> jagged [docs, j, H, D] -> [docs, H, j, D]
-        parts = [torch.nested.nested_tensor_from_jagged(x, offsets.to(x.device)).transpose(1, 2) for x in (q, k, v)]
+        # [N, H, D] -> jagged [docs, j, H, D] -> [docs, H, j, D]: views, as a user of nested SDPA writes
+        parts = [torch.nested.nested_tensor_from_jagged(x, offsets).transpose(1, 2) for x in (q, k, v)]
         out = F.scaled_dot_product_attention(*parts, is_causal=causal, scale=scale)
         return out.transpose(1, 2).values()  # [N, H, D]
 
@@ -158,9 +193,9 @@ def _sdpa_documents(scale: float, causal: bool, bounds: tuple[int, ...]) -> Base
             dim=2,
         )
 
-    try:  # does torch run nested SDPA here? (two tokens per document)
-        probe = torch.randn(2 * docs, 1, 8)
-        nested(probe, probe, probe, torch.arange(0, 2 * docs + 1, 2))
+    try:  # does torch run nested SDPA on this device? (two tokens per document)
+        probe = torch.randn(2 * docs, 1, 8, device=device)
+        nested(probe, probe, probe, torch.arange(0, 2 * docs + 1, 2, device=device))
     except Exception as exc:  # torch refuses nested SDPA (is_causal, a version)
         why = "is_causal" if causal else str(exc).splitlines()[0][:60]
         return _baseline(

@@ -55,7 +55,7 @@ from ..kernels import (
 from ..kernels.planner import prepare
 from ..kernels.tiling import tile_stats
 from ..topology.specs import LayerPattern
-from .baselines import FLEX_VARIANTS, Unavailable, bhnd, flex_block_mask, make_sdpa, nhd, sdpa_mode
+from .baselines import FLEX_VARIANTS, Unavailable, bhnd, flex_block_mask, layout_functions, make_sdpa, sdpa_mode
 
 TOPOLOGIES = ("causal", "window", "bigbird", "random", "document")
 BACKENDS = ("pyg", "fused", "tiled", "auto", "sdpa", "flex")
@@ -638,11 +638,10 @@ class _Case:
         self.device, self.repeats, self.backward = device, repeats, backward
 
     def rows(self, base: dict, fn, build_ms, note: str = "") -> list[dict]:
-        """The ``fwd`` (and ``fwd+bwd``) rows of ``fn``: on ``[1, H, N, D]`` inputs made once
-        beforehand when ``fn.layout == "bhnd"``; ``fn.note`` (after its first call) overrides ``note``,
-        ``fn.no_backward`` says why a backward pass cannot run."""
-        layout = getattr(fn, "layout", "nhd")
-        to, back = (bhnd, nhd) if layout == "bhnd" else ((lambda x: x), (lambda x: x))
+        """The ``fwd`` (and ``fwd+bwd``) rows of ``fn``: on inputs laid out once beforehand as
+        ``fn.layout`` says (:func:`~.baselines.layout_functions`); ``fn.note`` (after its first
+        call) overrides ``note``, ``fn.no_backward`` says why a backward pass cannot run."""
+        to, back = layout_functions(fn)
         q, k, v, grad_out = (to(x) for x in (self.q, self.k, self.v, self.grad_out))
         device, repeats = self.device, self.repeats
 
