@@ -225,11 +225,15 @@ def _bench_selection(args, device, dtype) -> int:
 
 
 def _train_step(args, device, dtype) -> int:
+    import torch
+
     from ..bench.train_step import format_markdown, format_table, run_train_step_benchmark
 
     contexts = args.train_step or [64, 256]
     if min(contexts) < 1 or args.batch_size < 1:
         raise UsageError(f"--train-step contexts and --batch-size must be >= 1 (got {contexts}, {args.batch_size})")
+    if dtype is None and torch.device(device).type == "cuda":  # as --dtype's help says: bfloat16 (autocast)
+        dtype = torch.bfloat16
     rows = run_train_step_benchmark(
         contexts,
         batch_size=args.batch_size,
