@@ -87,7 +87,7 @@ def layout_functions(fn: object) -> tuple[Callable[[Tensor], Tensor], Callable[[
             return x.reshape(docs, -1, *x.shape[1:]).transpose(1, 2).contiguous()
 
         def back(x: Tensor) -> Tensor:  # [docs, H, L, D] -> [N, H, D]
-            return x.transpose(1, 2).reshape(-1, *x.shape[1:2], x.size(-1))
+            return x.transpose(1, 2).reshape(-1, x.size(1), x.size(-1))
 
         return to, back
     return (lambda x: x), (lambda x: x)

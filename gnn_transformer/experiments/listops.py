@@ -216,7 +216,8 @@ class ListOpsWorkload:
                 seed = f"listops/{self.seed}/{split}/{index}" + (f"/{attempt}" if attempt else "")
                 words, answer = generate(self.config, seed)
                 ids = encode(words, self.config.pool).to(torch.uint8)  # ids < 256
-                if ids.numpy().tobytes() not in self._held_out:
+                fingerprint = ids.numpy().tobytes()
+                if fingerprint not in self._held_out:
                     break
             else:
                 lo, hi = self.config.lengths
@@ -227,7 +228,7 @@ class ListOpsWorkload:
                     "evaluation size or widen the range)"
                 )
             if split != "train":
-                self._held_out.add(ids.numpy().tobytes())
+                self._held_out.add(fingerprint)
             self._cache[key] = (ids, answer)
         ids, answer = self._cache[key]
         return ids.long(), answer

@@ -481,10 +481,9 @@ def _pool_step(model: nn.Module, tokens: int, loss_sum: Tensor, labels: Tensor, 
             ranks = world_size if isinstance(model, _NoSync) else 1
         else:  # no process group to ask: this rank's count for each rank
             tokens *= world_size
-    scale = ranks / labels
-    for parameter in model.parameters():
-        if parameter.grad is not None:
-            parameter.grad.mul_(scale.to(parameter.grad.dtype))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads:  # one multiply for all of them, as clip_grad_norm_ scales them
+        torch._foreach_mul_(grads, float(ranks / labels))
     return tokens, loss_sum / labels
 
 

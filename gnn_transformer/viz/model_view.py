@@ -41,7 +41,17 @@ from torch import Tensor
 
 from .. import topology
 from ..analysis import AttentionGraph, attention_entropy, attention_pagerank, find_sinks, sink_scores
-from .page import DEFAULT_MAX_EDGES, MAX_GRAPH_EDGES, Layer, Page, View, check_tokens, to_html, write_html
+from .page import (
+    DEFAULT_MAX_EDGES,
+    MAX_GRAPH_EDGES,
+    Layer,
+    Page,
+    View,
+    check_tokens,
+    to_html,
+    within_graph_limit,
+    write_html,
+)
 
 
 def _check_ratio(name: str, value: float, low: float) -> None:
@@ -220,14 +230,8 @@ def _check_model_page_edges(loaded: Any, spec: str, n: int, kwargs: dict[str, An
     from ..experiments.analyze_run import attention_modules, build_graph
 
     what = f"The graph {spec!r} of {loaded.name} on {n} tokens"
-    try:
-        with topology.max_edges(MAX_GRAPH_EDGES):
-            built, select = build_graph(loaded, spec, [n])
-    except ValueError as err:
-        if "edge budget" not in str(err):
-            raise
-        reason = str(err).split("; to build it anyway")[0]
-        raise ValueError(f"{what} is too large to view (at most {MAX_GRAPH_EDGES} edges): {reason}") from None
+    with within_graph_limit(what):
+        built, select = build_graph(loaded, spec, [n])
     if select is not None:
         return
     modules = attention_modules(loaded.model)

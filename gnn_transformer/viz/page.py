@@ -20,6 +20,8 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -30,6 +32,22 @@ ASSETS = Path(__file__).resolve().parent
 DEFAULT_MAX_EDGES = 4096  # edges per view a browser draws and highlights at ease (SVG)
 MAX_TOKENS = 4096  # tokens of the largest page: beyond, even one node per block of 64 is unreadable
 MAX_GRAPH_EDGES = 2**22  # edges of the largest graph a page is built from, and of a model page's views in all
+
+
+@contextmanager
+def within_graph_limit(what: str) -> Iterator[None]:
+    """Build a page's graph within ``MAX_GRAPH_EDGES`` edges: a builder refused by that edge budget
+    is reported as ``what`` being too large to view."""
+    from .. import topology
+
+    try:
+        with topology.max_edges(MAX_GRAPH_EDGES):
+            yield
+    except ValueError as err:
+        if "edge budget" not in str(err):
+            raise
+        reason = str(err).split("; to build it anyway")[0]
+        raise ValueError(f"{what} is too large to view (at most {MAX_GRAPH_EDGES} edges): {reason}") from None
 
 
 @dataclass

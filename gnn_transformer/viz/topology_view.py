@@ -22,10 +22,9 @@ import torch
 from torch import Tensor
 from torch_geometric import EdgeIndex
 
-from .. import topology
 from ..experiments.topologies import label, resolve_topology, split_select
 from ..topology.specs import LayerPattern
-from .page import DEFAULT_MAX_EDGES, MAX_GRAPH_EDGES, Layer, Page, View, check_tokens, to_html, write_html
+from .page import DEFAULT_MAX_EDGES, Layer, Page, View, check_tokens, to_html, within_graph_limit, write_html
 
 DEFAULT_LAYERS = 3  # receptive field after 1 .. 3 layers (a per-layer cycle: at least its length)
 
@@ -164,16 +163,8 @@ def topology_page(
         if source is not None and split_select(spec)[1] is not None:
             title += f"+{split_select(spec)[1]}"
         title += f" on n = {n}"
-    try:
-        with topology.max_edges(MAX_GRAPH_EDGES):
-            graph = topo.build([n])
-    except ValueError as err:
-        if "edge budget" in str(err):
-            reason = str(err).split("; to build it anyway")[0]
-            raise ValueError(
-                f"{spec!r} on n = {n} is too large to view (at most {MAX_GRAPH_EDGES} edges): {reason}"
-            ) from None
-        raise
+    with within_graph_limit(f"{spec!r} on n = {n}"):
+        graph = topo.build([n])
     notes = []
     if source is not None and source.description:
         notes.append(source.description)
