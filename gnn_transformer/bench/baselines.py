@@ -369,13 +369,6 @@ def flex_block_mask(
         mask_mod = _lookup(src, dst, n, budget, edge_head, num_heads)
     else:
         mask_mod = _block_table(src, dst, n, edge_head, num_heads)
-    return create_block_mask(
-        mask_mod,
-        None,
-        None if edge_head is None else num_heads,
-        n,
-        n,
-        device=device,
-        BLOCK_SIZE=flex_block,
-        _compile=n > 16384,
-    )
+    # Above 16k tokens the eager build would hold an N x N mask: compile it, as PyTorch advises.
+    build = torch.compile(create_block_mask) if n > 16384 else create_block_mask
+    return build(mask_mod, None, None if edge_head is None else num_heads, n, n, device=device, BLOCK_SIZE=flex_block)
