@@ -30,6 +30,7 @@ from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import softmax
 
 from . import kernels
+from .kernels.primitives import versions
 from .kernels.reference import edge_softmax
 from .position import RopeScaling, RotaryEmbedding, check_base, checked_lookup
 
@@ -46,7 +47,7 @@ def _materialized(graph) -> tuple[Tensor, Tensor | None]:
 # edge_index tensors that passed check_edge_index: id -> (weak reference, version, sizes, device);
 # an entry disappears with its tensor, and a write in place through PyTorch (a new version)
 # invalidates it
-_CHECKED: dict[int, tuple[weakref.ref, int, tuple[int, int], torch.device]] = {}
+_CHECKED: dict[int, tuple[weakref.ref, tuple[int, int], tuple[int, int], torch.device]] = {}
 
 
 def _already_checked(edge_index: Tensor, num_src: int, num_dst: int, device: torch.device | None) -> bool:
@@ -58,7 +59,7 @@ def _already_checked(edge_index: Tensor, num_src: int, num_dst: int, device: tor
     ref, version, sizes, on = hit  # only tensors with a version counter are remembered
     return (
         ref() is edge_index
-        and version == edge_index._version
+        and version == versions(edge_index)
         and sizes == (num_src, num_dst)
         and (device is None or device == on)
     )
@@ -76,7 +77,7 @@ def _remember_checked(edge_index: Tensor, num_src: int, num_dst: int) -> None:
         ref = weakref.ref(edge_index, forget)
     except TypeError:  # not weak-referenceable: checked on every call
         return
-    _CHECKED[key] = (ref, edge_index._version, (num_src, num_dst), edge_index.device)
+    _CHECKED[key] = (ref, versions(edge_index), (num_src, num_dst), edge_index.device)
 
 
 def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int, device: torch.device | None = None) -> None:

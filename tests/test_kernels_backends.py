@@ -260,7 +260,25 @@ def test_an_empty_edge_set_on_another_device_is_no_error(backend):
             "'edge_index' has 4 source nodes but 'key' has 3 rows",
         ),
         (dict(scale=None), "'scale'.*None"),
-        (dict(scale=torch.tensor(0.5)), "'scale'.*tensor"),
+        (dict(scale=torch.tensor([0.5, 0.5])), "'scale'.*one-element.*shape \\[2\\]"),
+        (dict(scale=torch.tensor(0.5, requires_grad=True)), "'scale'.*without gradient.*requires_grad=True"),
+        (dict(scale=torch.tensor(2)), "'scale'.*dtype torch.int64"),
+        (
+            dict(
+                edge_index=torch.tensor([[0, 1], [1, 2]], device="meta"),
+                query=torch.zeros(3, 4, 8, device="meta"),
+                key=torch.zeros(3, 2, 8, device="meta"),
+            ),
+            "query, key and value with values to attend over, not on the meta device",
+        ),
+        (
+            dict(
+                edge_index=torch.empty(2, 0, dtype=torch.long, device="meta"),
+                query=torch.zeros(3, 4, 8, device="meta"),
+                key=torch.zeros(3, 2, 8, device="meta"),
+            ),
+            "query, key and value with values to attend over, not on the meta device",
+        ),
         (dict(scale=float("inf")), "'scale'.*inf"),
         (dict(query=torch.zeros(3, 0, 8)), "at least one head"),
         (dict(dropout_p="0.1"), "'dropout_p' in \\[0, 1\\) \\(got '0.1'\\)"),
@@ -408,11 +426,13 @@ def test_float32_constant_bias_through_cpu_flash_backward(name, backend, kw, use
 
 # ---------------------------------------------------------------- the graph cache and the outputs
 @pytest.mark.parametrize("backend,kw", BACKENDS, ids=IDS)
-@pytest.mark.parametrize("kind", ["tensor", "EdgeIndex"])
+@pytest.mark.parametrize("kind", ["tensor", "EdgeIndex", "EdgeIndex data"])
 def test_edge_index_written_between_forward_and_backward(backend, kw, kind):
     """Writing the edge_index in place before backward (reusing a buffer for the next batch) is
     never silently wrong: a backend whose backward reads the edges raises PyTorch's in-place
-    error (as the per-edge reference does), the others keep their own copies and stay exact."""
+    error (as the per-edge reference does), the others keep their own copies and stay exact.
+    An EdgeIndex is written through itself or through its data (``as_tensor()``), which moves
+    another version counter."""
     edge_index, n_src, n_dst = graph_case("causal")
     if kind == "tensor":
         edge_index = edge_index.as_tensor().clone()  # a plain LongTensor, sorted by target
@@ -421,7 +441,8 @@ def test_edge_index_written_between_forward_and_backward(backend, kw, kind):
         *attend(q, k, v, edge_index, scale=0.3, edge_bias=b, backend=backend, return_lse=True, **kw), (q, k, v, b)
     )
     out, lse = attend(q, k, v, edge_index, scale=0.3, edge_bias=b, backend=backend, return_lse=True, **kw)
-    edge_index[0] = edge_index[1]  # self-loops only, from now on
+    written = edge_index.as_tensor() if kind == "EdgeIndex data" else edge_index
+    written[0] = written[1]  # self-loops only, from now on
     try:
         got = _grads(out, lse, (q, k, v, b))
     except RuntimeError as err:
@@ -433,6 +454,28 @@ def test_edge_index_written_between_forward_and_backward(backend, kw, kind):
             torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
     loops, _ = attend(q, k, v, edge_index, scale=0.3, edge_bias=b, backend=backend, return_lse=True, **kw)
     torch.testing.assert_close(loops, attend_reference(q, k, v, edge_index, scale=0.3, edge_bias=b))
+
+
+@pytest.mark.parametrize("backend,kw", BACKENDS, ids=IDS)
+@pytest.mark.parametrize("sort_order", ["col", None])
+def test_edge_index_data_written_in_place_is_planned_again(backend, kw, sort_order):
+    """A write through an EdgeIndex's data (``as_tensor()``) moves the data's version counter, not
+    the wrapper's: the cached plan is dropped, the new edges run (sorted or not) and are checked
+    again, so an index past the keys is refused rather than read."""
+    gen = torch.Generator().manual_seed(3)
+    n = 12
+    src, dst = torch.randint(0, n, (2, 40), generator=gen)
+    if sort_order == "col":
+        dst = dst.sort().values
+    edge_index = EdgeIndex(torch.stack([src, dst]), sparse_size=(n, n), sort_order=sort_order)
+    q, k, v, _ = make_inputs(n, n, 40, bias=False)
+    attend(q, k, v, edge_index, scale=0.3, backend=backend, **kw)
+    edge_index.as_tensor()[0] = torch.randint(0, n, (40,), generator=gen)
+    out = attend(q, k, v, edge_index, scale=0.3, backend=backend, **kw)
+    torch.testing.assert_close(out, attend_reference(q, k, v, edge_index.as_tensor(), scale=0.3))
+    edge_index.as_tensor()[0, 5] = 10**7
+    with pytest.raises(ValueError, match="'edge_index' names source 10000000 but 'key' has 12 rows"):
+        attend(q, k, v, edge_index, scale=0.3, backend=backend, **kw)
 
 
 def test_inference_tensors_and_their_writes():
@@ -533,6 +576,15 @@ def test_numpy_chunk_sizes_and_a_tensor_dropout_p():
         dropout_seed=3,
     )
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_one_element_tensor_scale_is_a_float():
+    """A one-element floating-point tensor without gradient is a scale, as the docstring says."""
+    edge_index, n_src, n_dst = graph_case("window")
+    q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), bias=False)
+    for backend, kw in BACKENDS:
+        got = attend(q, k, v, edge_index, scale=torch.tensor([0.5], dtype=torch.float64), backend=backend, **kw)
+        torch.testing.assert_close(got, attend(q, k, v, edge_index, scale=0.5, backend=backend, **kw), rtol=0, atol=0)
 
 
 def test_a_rational_scale_is_a_float():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch_geometric import EdgeIndex
 
 from gnn_transformer import kernels
 from gnn_transformer.kernels import attend, edge_weights, fused_torch, heads
@@ -204,6 +205,33 @@ def test_relabelled_graph_is_cached_and_refreshed_after_a_write():
     edge_head[0] = (edge_head[0] + 1) % HEADS  # a write in place: a new version
     second = heads.head_graph(edge_index, edge_head, n_src, n_dst, HEADS, KV_HEADS)
     assert second is not first and int(second[1, 0]) == int(edge_head[0]) * n_dst + int(edge_index[1, 0])
+
+
+def test_relabelled_graph_is_refreshed_after_a_write_to_an_edge_index_data():
+    """A write through an EdgeIndex's data (``as_tensor()``) moves the data's version counter, not
+    the wrapper's: the relabelled graph is made again, and attention runs the new edges."""
+    edge_index, edge_head, n_src, n_dst = per_head_case("causal")
+    edge_index = EdgeIndex(edge_index.clone(), sparse_size=(n_src, n_dst))
+    shapes = ((n_dst, HEADS), (n_src, KV_HEADS), (n_src, KV_HEADS))
+    q, k, v = (torch.randn(n, h, 8, dtype=torch.float64) for n, h in shapes)
+    first = heads.head_graph(edge_index, edge_head, n_src, n_dst, HEADS, KV_HEADS)
+    edge_index.as_tensor()[0] = 0  # every edge now reads key 0
+    assert heads.head_graph(edge_index, edge_head, n_src, n_dst, HEADS, KV_HEADS) is not first
+    for backend in ("fused", "tiled", "auto"):
+        out = attend(q, k, v, edge_index, scale=0.3, edge_head=edge_head, backend=backend)
+        want = dense_attention(q, k, v, edge_index.as_tensor().clone(), 0.3, edge_head=edge_head)
+        torch.testing.assert_close(out, want, **TOL[torch.float64])
+
+
+def test_int32_edge_head_is_cached():
+    """An int32 edge_head is checked as a long copy; the cache keeps the caller's tensor, so the
+    second call reuses the relabelled graph (and with it the kernels' plan of it)."""
+    edge_index, edge_head, n_src, n_dst = per_head_case("causal")
+    head32 = edge_head.to(torch.int32)
+    first = heads.head_graph(edge_index, head32, n_src, n_dst, HEADS, KV_HEADS)
+    assert heads.head_graph(edge_index, head32, n_src, n_dst, HEADS, KV_HEADS) is first
+    head32[0] = (head32[0] + 1) % HEADS
+    assert heads.head_graph(edge_index, head32, n_src, n_dst, HEADS, KV_HEADS) is not first
 
 
 def test_sorted_by_head_and_target_needs_no_sort():

@@ -159,15 +159,23 @@ def test_edge_index_object_out_of_its_sparse_size(backend, edges, match):
     assert "'edge_index'" in str(err.value)
 
 
-@pytest.mark.parametrize("make", [lambda: causal(4), lambda: causal(4).as_tensor().clone()])
-def test_edge_index_written_in_place_after_a_check_is_checked_again(make):
+@pytest.mark.parametrize(
+    "make, written",
+    [
+        (lambda: causal(4), lambda ei: ei),
+        (lambda: causal(4), lambda ei: ei.as_tensor()),  # an EdgeIndex's data: another version counter
+        (lambda: causal(4).as_tensor().clone(), lambda ei: ei),
+    ],
+    ids=["EdgeIndex", "EdgeIndex data", "tensor"],
+)
+def test_edge_index_written_in_place_after_a_check_is_checked_again(make, written):
     """The range check runs once per graph object, and again after an in-place write."""
     layer, x = _layer(), torch.randn(4, 8)
     ei = make()
     layer(x, ei)
     layer(x, ei)  # checked once, remembered
     with torch.no_grad():
-        ei[0, 1] = 9
+        written(ei)[0, 1] = 9
     with pytest.raises(ValueError, match="source index 9 in 'edge_index'"):
         layer(x, ei)
 

@@ -202,6 +202,55 @@ def test_constructor_accepts_valid():
     graph = _tiles()
     assert torch.equal(graph.to_dense(), T.to_dense_mask(T.causal(8)))
     assert graph.edges().tolist() == T.causal(8).tolist()
+    assert _tiles(dense=("causal", (0, 8))).dense == ("causal", (0, 8))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda b: T.causal(37, implicit=True, block_size=b),
+        lambda b: T.causal([5, 0, 17, 16], implicit=True, block_size=b),
+        lambda b: T.full([9, 23], implicit=True, block_size=b),
+        lambda b: T.full(40, implicit=True, block_size=b),
+    ],
+)
+@pytest.mark.parametrize("block", [4, 16])
+def test_dense_claims_of_the_builders_hold_on_their_tiles(build, block):
+    """The builders' ``dense`` claims, checked on their bounds, hold on their tiles too: the same
+    tiles given to the constructor with the claim (checked there cell by cell) are accepted, and
+    with the other kind refused."""
+    graph = build(block)
+    assert graph.dense is not None
+    fields = dict(
+        num_dst=graph.num_dst,
+        num_src=graph.num_src,
+        block_q=graph.block_q,
+        block_k=graph.block_k,
+        q_block=graph.q_block,
+        k_block=graph.k_block,
+        mask_index=graph.mask_index,
+        masks=graph.masks,
+    )
+    assert BlockGraph(**fields, dense=graph.dense).dense == graph.dense
+    other = ("full" if graph.dense[0] == "causal" else "causal", graph.dense[1])
+    with pytest.raises(ValueError, match="as 'dense' says"):
+        BlockGraph(**fields, dense=other)
+
+
+@pytest.mark.parametrize(
+    "lo, hi, dense",
+    [
+        ([0, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5], ("causal", (0, 6))),  # a window of 2, claimed causal
+        ([0, 0, 0, 0, 0, 0], [0, 1, 2, 3, 4, 5], ("causal", (0, 3, 6))),  # causal, claimed in documents
+        ([0, 0, 0, 0, 0, 0], [0, 1, 2, 3, 4, 5], ("full", (0, 6))),
+    ],
+)
+def test_interval_graph_refuses_a_false_dense_claim(lo, hi, dense):
+    """``dense`` lets ``auto`` run PyTorch's own attention without reading an edge: a claim that
+    the bounds contradict is refused (it ran SDPA's causal kernel on a window before)."""
+    with pytest.raises(ValueError, match="as 'dense' says"):
+        interval_graph(torch.tensor(lo), torch.tensor(hi), 6, 2, dense=dense)
+    assert interval_graph(torch.tensor(lo), torch.tensor(hi), 6, 2).dense is None
 
 
 @pytest.mark.parametrize(
@@ -223,6 +272,10 @@ def test_constructor_accepts_valid():
         (dict(q_ptr=torch.tensor([0, 4, 9])), "q_ptr"),
         (dict(q_ptr=torch.tensor([0, 6, 8])), "q_ptr"),
         (dict(dense=("sparse", (0, 8))), "dense"),
+        (dict(dense=("full", (0, 8))), "full attention within the documents starting at \\[0\\], as 'dense' says"),
+        (dict(dense=("causal", (0, 4, 8))), "causal attention within the documents starting at \\[0, 4\\]"),
+        (dict(dense=("causal", (0, 8)), tile_head=torch.tensor([0, 0, 0]), num_heads=1), "shared by every head"),
+        (dict(dense=("causal", (0, 8)), num_src=9), "as many sources as targets"),
     ],
 )
 def test_constructor_refuses(change, name):

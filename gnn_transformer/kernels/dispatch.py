@@ -152,6 +152,8 @@ def _check_inputs(query, key, value, backend, num_dst, impl):
         raise ValueError(
             f"Expected query, key and value on one device (got {query.device}, {key.device}, {value.device})"
         )
+    if query.device.type == "meta":
+        raise ValueError("Expected query, key and value with values to attend over, not on the meta device")
     if backend not in BACKENDS:
         raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {backend!r})")
     if impl not in IMPLS:
@@ -466,6 +468,14 @@ def _check_numbers(scale, dropout_p, max_edges, max_cells) -> tuple[float, float
         and max_cells >= 1
     ):  # the common call, as the layers make it
         return scale, dropout_p, max_edges, max_cells
+    if isinstance(scale, Tensor):
+        if scale.numel() != 1 or not scale.is_floating_point() or scale.requires_grad:
+            raise ValueError(
+                f"Expected 'scale' to be a finite number or a one-element floating-point tensor without "
+                f"gradient (got a tensor of shape {list(scale.shape)}, dtype {scale.dtype}, "
+                f"requires_grad={scale.requires_grad}: the kernels take the scale as a constant)"
+            )
+        scale = float(scale)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"Expected 'scale' to be a finite number (got {scale!r})")
     if isinstance(dropout_p, Tensor) and dropout_p.numel() == 1 and dropout_p.is_floating_point():

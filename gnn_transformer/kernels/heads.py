@@ -27,13 +27,14 @@ from torch import Tensor
 
 from .planner import check_edge_index
 from .primitives import forgetter, plain_tensor
+from .primitives import versions as versions_of
 
 # relabelled graphs: id(edge_head) -> (weak refs to edge_head and edge_index, their versions,
 # the sizes, the relabelled edge_index); an entry disappears with its edge_head, and a write in
 # place through PyTorch (a new version) invalidates it. The relabelled tensor stays the same object
 # while its entry lives, so the kernels' graph cache (keyed by tensor identity) keeps its CSR and tiles.
 _CACHE: dict[
-    int, tuple[weakref.ref[Tensor], weakref.ref[Tensor], tuple[int, int], tuple[int, int, int, int], Tensor]
+    int, tuple[weakref.ref[Tensor], weakref.ref[Tensor], tuple[int, int, int], tuple[int, int, int, int], Tensor]
 ] = {}
 _LOCK = threading.RLock()
 
@@ -113,13 +114,14 @@ def head_graph(
             head_ref() is edge_head
             and index_ref() is edge_index
             and hit_sizes == sizes
-            and versions == (edge_head._version, edge_index._version)
+            and versions == (edge_head._version, *versions_of(edge_index))
         ):
             return relabelled
-    edge_head = check_edge_head(
+    # the caller's edge_head stays the cache's key (an int32 one is checked as a long copy)
+    checked = check_edge_head(
         edge_head, plain_tensor(edge_index).size(1), num_heads, device, edge_index, num_src, num_dst
     )
-    relabelled = _relabel(edge_index, edge_head, num_src, num_dst, group)
+    relabelled = _relabel(edge_index, checked, num_src, num_dst, group)
     if edge_head.is_inference() or edge_index.is_inference():  # no version counters: not cached
         return relabelled
     try:
@@ -128,7 +130,7 @@ def head_graph(
     except TypeError:
         return relabelled
     with _LOCK:
-        _CACHE[key] = (head_ref, index_ref, (edge_head._version, edge_index._version), sizes, relabelled)
+        _CACHE[key] = (head_ref, index_ref, (edge_head._version, *versions_of(edge_index)), sizes, relabelled)
     return relabelled
 
 

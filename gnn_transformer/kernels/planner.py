@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch_geometric import EdgeIndex
 
-from .primitives import forgetter, plain_tensor
+from .primitives import forgetter, plain_tensor, versions
 from .sdpa import has_cpu_flash
 from .tiling import TileList, build_tiles, sorted_unique, tile_stats
 
@@ -56,19 +56,21 @@ class CSRGraph:
     # [E] for a part of a larger graph (split's fused part): each edge's position in that graph's
     # target-sorted order, the key of its dropout mask; None: the positions 0..E-1 of this graph
     edge_ids: Tensor | None = None
-    # the edge_index that src / dst are views of (weak: the cache must not keep it alive)
-    source: weakref.ref[Tensor] | None = None
+    # the edge_index that src / dst are views of, and an EdgeIndex's data (weak: the cache must not
+    # keep them alive)
+    sources: tuple[weakref.ref[Tensor], ...] = ()
 
     @property
     def num_edges(self) -> int:
         return self.src.numel()
 
     def guards(self) -> tuple[Tensor, ...]:
-        """The caller's ``edge_index`` when ``src`` / ``dst`` share its memory: a kernel saves it
-        for backward, so that writing it in place before the backward pass raises PyTorch's
-        "modified by an inplace operation" error instead of giving wrong gradients."""
-        source = None if self.source is None else self.source()
-        return () if source is None else (source,)
+        """The caller's ``edge_index`` (and an ``EdgeIndex``'s data) when ``src`` / ``dst`` share
+        its memory: a kernel saves them for backward, so that writing either in place before the
+        backward pass raises PyTorch's "modified by an inplace operation" error instead of giving
+        wrong gradients."""
+        alive = (ref() for ref in self.sources)
+        return tuple(t for t in alive if t is not None)
 
     def csc(self) -> tuple[Tensor, Tensor]:
         """``(colptr [N_src + 1], csc_perm [E])``: edges sorted by source (stable), as positions
@@ -90,7 +92,7 @@ class CSRGraph:
 
 
 # id(edge_index) -> (weak reference, version (:func:`_version`), stamp, graph)
-_CACHE: dict[int, tuple[weakref.ref[Tensor], int | Tensor, tuple[Any, ...], CSRGraph]] = {}
+_CACHE: dict[int, tuple[weakref.ref[Tensor], tuple[int, int] | Tensor, tuple[Any, ...], CSRGraph]] = {}
 # Re-entrant: a weakref callback (:func:`.primitives.forgetter`) can run inside a locked section when garbage
 # collection frees another edge_index there.
 _LOCK = threading.RLock()
@@ -110,6 +112,8 @@ def check_edge_index(edge_index: Tensor, num_src: int, num_dst: int) -> None:
             raise ValueError(f"'edge_index' has {s_src} source nodes but 'key' has {num_src} rows")
         if s_dst is not None and s_dst != num_dst:
             raise ValueError(f"'edge_index' has {s_dst} target nodes but 'query' has {num_dst} rows")
+    if edge_index.device.type == "meta" and edge_index.numel():  # no edges hold no data: allowed
+        raise ValueError("Expected 'edge_index' with values to check, not on the meta device")
 
 
 def _build(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
@@ -145,7 +149,8 @@ def _build(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
     graph = CSRGraph(num_src, num_dst, src.contiguous(), dst.contiguous(), rowptr, perm)
     if src.numel() and (graph.src.data_ptr() == plain.data_ptr() or graph.dst.data_ptr() == plain[1].data_ptr()):
         try:
-            graph.source = weakref.ref(edge_index)
+            data = plain_tensor(edge_index)
+            graph.sources = (weakref.ref(edge_index),) + ((weakref.ref(data),) if data is not edge_index else ())
         except TypeError:  # not weak-referenceable: unguarded, as it is not cached either
             pass
     if perm is None and isinstance(edge_index, EdgeIndex) and edge_index.sparse_size() == (num_src, num_dst):
@@ -155,18 +160,19 @@ def _build(edge_index: Tensor, num_src: int, num_dst: int) -> CSRGraph:
     return graph
 
 
-def _version(edge_index: Tensor) -> int | Tensor:
+def _version(edge_index: Tensor) -> tuple[int, int] | Tensor:
     """What tells a later call that ``edge_index`` still holds the same edges: its version
-    counter, or for an inference tensor (which has none) a copy of its values."""
+    counters (:func:`.primitives.versions`), or for an inference tensor (which has none) a copy of
+    its values."""
     if edge_index.is_inference():
         plain = plain_tensor(edge_index)
         return plain.clone()
-    return edge_index._version
+    return versions(edge_index)
 
 
-def _same(old: int | Tensor, edge_index: Tensor) -> bool:
-    if isinstance(old, int):
-        return not edge_index.is_inference() and old == edge_index._version
+def _same(old: tuple[int, int] | Tensor, edge_index: Tensor) -> bool:
+    if isinstance(old, tuple):
+        return not edge_index.is_inference() and old == versions(edge_index)
     plain = plain_tensor(edge_index)
     return edge_index.is_inference() and torch.equal(old, plain)
 

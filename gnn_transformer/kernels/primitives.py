@@ -48,6 +48,13 @@ def plain_tensor(edge_index: Tensor) -> Tensor:
     return edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
 
 
+def versions(edge_index: Tensor) -> tuple[int, int]:
+    """The version counters that move when ``edge_index`` is written in place through PyTorch: its
+    own and its data's. They differ for an ``EdgeIndex``: a write through ``as_tensor()`` moves only
+    the data's counter, a write through the wrapper only the wrapper's."""
+    return edge_index._version, plain_tensor(edge_index)._version
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype of inputs of ``dtype``: float64 stays float64, the others use float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -161,18 +161,7 @@ class BlockGraph:
                     f"Expected 'tile_head' of shape [T] = [{num_tiles}] (got {list(self.tile_head.shape)})"
                 )
         if self.dense is not None:
-            kind, bounds = self.dense
-            if (
-                kind not in ("causal", "full")
-                or len(bounds) < 2
-                or list(bounds) != sorted(set(bounds))
-                or bounds[0] != 0
-                or bounds[-1] != self.num_dst
-            ):
-                raise ValueError(
-                    f"Expected 'dense' to be ('causal' | 'full', increasing bounds ending at "
-                    f"{self.num_dst}) (got {self.dense!r})"
-                )
+            _dense_intervals(self.dense, self.num_dst, device)  # its form, before the tiles
         if num_tiles == 0:
             return
         ranges: list[tuple[str, Tensor, int]] = [
@@ -196,6 +185,8 @@ class BlockGraph:
                 "('q_block', 'k_block', 'tile_head')"
             )
         self._check_ragged()
+        if self.dense is not None:
+            self._check_dense()
 
     def _tile_key(self) -> Tensor:
         key = self.q_block * max(self.num_k_blocks, 1) + self.k_block
@@ -226,6 +217,48 @@ class BlockGraph:
                     "Expected 'masks' without cells past the tokens of a tile's blocks (a short "
                     "last block, or a block of 'q_ptr' / 'k_ptr')"
                 )
+
+    def _check_dense(self) -> None:
+        """The tiles hold exactly the graph ``dense`` names: the kernels run PyTorch's own
+        attention on that claim without reading a tile. Each target's claimed keys are one interval
+        ``[lo, hi]``; the tiles' cells must lie inside the intervals and count as many (the tiles
+        and their cells are distinct, so the two sets are then equal)."""
+        assert self.dense is not None
+        kind, bounds = self.dense
+        if self.tile_head is not None or self.num_src != self.num_dst:
+            raise ValueError(
+                f"Expected 'dense' only on a graph shared by every head with as many sources as targets "
+                f"(got dense={kind!r}, num_src={self.num_src}, num_dst={self.num_dst}, "
+                f"{'per-head tiles' if self.tile_head is not None else 'no tile_head'})"
+            )
+        n, device = self.num_dst, self.device
+        lo, hi = _dense_intervals(self.dense, n, device)
+        rows, cols = self.tile_sizes()
+        q_ptr, k_ptr = self.block_starts()
+        qs, ks = q_ptr[self.q_block], k_ptr[self.k_block]  # [T] first target / source of each tile
+        full = self.mask_index < 0
+        per_mask = torch.cat([self.masks.sum((1, 2)), rows.new_zeros(1)])  # [P + 1], -1 reads the 0
+        cells = torch.where(full, rows * cols, per_mask[self.mask_index])
+        # lo and hi are non-decreasing: a full tile lies inside if its last row's lo and its first
+        # row's hi allow every column
+        outside = full & ((lo[qs + rows - 1] > ks) | (hi[qs] < ks + cols - 1))
+        wrong = bool((cells.sum() != (hi - lo + 1).sum()) | outside.any())
+        partial = (~full).nonzero().flatten()
+        rq, rk = torch.arange(self.block_q, device=device), torch.arange(self.block_k, device=device)
+        step = max(1, MASK_CHUNK_CELLS // (self.block_q * self.block_k))
+        for a in range(0, partial.numel() if not wrong else 0, step):
+            some = partial[a : a + step]
+            r = (qs[some, None] + rq).clamp(max=n - 1)  # [p, Bq] (cells past a short block are unset)
+            c = ks[some, None] + rk  # [p, Bk]
+            allowed = (c[:, None, :] >= lo[r][:, :, None]) & (c[:, None, :] <= hi[r][:, :, None])
+            wrong = bool((self.masks[self.mask_index[some]] & ~allowed).any())
+            if wrong:
+                break
+        if wrong:
+            raise ValueError(
+                f"Expected the tiles to hold {kind} attention within the documents starting at "
+                f"{list(bounds[:-1])[:8]}, as 'dense' says (they hold another graph)"
+            )
 
     # -- sizes --
     @property
@@ -389,6 +422,30 @@ def block_size_for(n: int, block_size: int | None) -> int:
     return block_size
 
 
+def _dense_intervals(dense: object, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(lo [N], hi [N])``: the keys ``lo[i] ... hi[i]`` of each target under the claim ``dense``
+    of :class:`BlockGraph`, after checking its form."""
+    if (
+        not isinstance(dense, tuple)
+        or len(dense) != 2
+        or dense[0] not in ("causal", "full")
+        or not isinstance(dense[1], tuple)
+        or len(dense[1]) < 2
+        or not all(isinstance(b, int) and not isinstance(b, bool) for b in dense[1])
+        or list(dense[1]) != sorted(set(dense[1]))
+        or dense[1][0] != 0
+        or dense[1][-1] != n
+    ):
+        raise ValueError(
+            f"Expected 'dense' to be ('causal' | 'full', increasing bounds from 0 ending at {n}) (got {dense!r})"
+        )
+    kind, bounds = dense
+    starts = torch.tensor(bounds, device=device)
+    i = torch.arange(n, device=device)
+    doc = torch.bucketize(i, starts[1:], right=True)  # bounds[doc] <= i < bounds[doc + 1]
+    return starts[doc], (i if kind == "causal" else starts[doc + 1] - 1)
+
+
 def interval_graph(
     lo: Tensor, hi: Tensor, num_src: int, block_size: int, dense: tuple[str, tuple[int, ...]] | None = None
 ) -> BlockGraph:
@@ -444,7 +501,16 @@ def interval_graph(
             & inside[:, :, None]
             & (j < num_src)[:, None, :]
         )
-    return BlockGraph(n, num_src, block, block, q_block, k_block, mask_index, masks, dense=dense)
+    graph = BlockGraph(n, num_src, block, block, q_block, k_block, mask_index, masks)
+    if dense is not None:  # the claim checked on the bounds (O(N)), not on the tiles they were cut from
+        claim_lo, claim_hi = _dense_intervals(dense, n, device)
+        if num_src != n or not (torch.equal(lo, claim_lo) and torch.equal(hi, claim_hi)):
+            raise ValueError(
+                f"Expected 'lo' and 'hi' to give {dense[0]} attention within the documents starting at "
+                f"{list(dense[1][:-1])[:8]}, as 'dense' says (they give another graph)"
+            )
+        graph.dense = dense
+    return graph
 
 
 def sequence_bounds(lengths: list[int]) -> tuple[int, ...]:
