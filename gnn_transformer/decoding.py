@@ -175,6 +175,17 @@ def _check_window(model, window: object) -> None:
         )
 
 
+def check_sampling(greedy: object, temperature: object, top_k: object, generator: object) -> None:
+    """The sampling arguments of :func:`generate` (and of the streaming generators), checked before
+    any step: a ``ValueError`` naming the argument and the value."""
+    check_bool("greedy", greedy)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0.0 < temperature < math.inf:
+        raise ValueError(f"Expected 'temperature' to be a positive finite number (got {temperature!r})")
+    _check_int("top_k", top_k, 1, optional=True)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"Expected 'generator' to be a torch.Generator or None (got {generator!r})")
+
+
 def _check_generate(
     model,
     input_ids,
@@ -219,15 +230,10 @@ def _check_generate(
     _check_window(model, window)
     _check_int("eos_token_id", eos_token_id, optional=True)
     _check_int("pad_token_id", pad_token_id)
-    for name, value in (("greedy", greedy), ("return_logits", return_logits)):
-        check_bool(name, value)
+    check_bool("return_logits", return_logits)
     if input_ids.size(0) == 0:
         raise ValueError(f"Expected 'input_ids' to hold at least one prompt (got {list(input_ids.shape)})")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0.0 < temperature < math.inf:
-        raise ValueError(f"Expected 'temperature' to be a positive finite number (got {temperature!r})")
-    _check_int("top_k", top_k, 1, optional=True)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"Expected 'generator' to be a torch.Generator or None (got {generator!r})")
+    check_sampling(greedy, temperature, top_k, generator)
     if attention_mask is not None and (
         not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape
     ):
@@ -250,6 +256,16 @@ def _check_generate(
             f"{max_new_tokens} after a prompt of {int(lengths.max())} tokens: the last step reads position {last})"
         )
     return mask, lengths
+
+
+def position_embedding(model) -> str | None:
+    """The name of ``model``'s position embedding added to the token embeddings (``pos_embed``,
+    ``wpe``, ``embed_positions``: learned or sinusoidal), ``None`` for a model without one (RoPE,
+    ALiBi, no positions)."""
+    for name in ("pos_embed", "wpe", "embed_positions"):
+        if isinstance(getattr(model, name, None), torch.nn.Module):
+            return name
+    return None
 
 
 def _position_table(model) -> int | None:

@@ -13,7 +13,8 @@ fed in order, every next token predicted), with perplexity per position bucket.
 :func:`streaming_generate` generates thousands of tokens under the sinks-plus-window graph with a
 cache of at most ``num_sinks + window + 1`` nodes. With ``positions="cache"`` the positions are the
 ones StreamingLLM assigns inside its cache: a node's position is its index in the cache, so a query
-sees the sinks just before its window (RoPE and learned positions alike); with
+sees the sinks just before its window (for rotary positions, whose cached keys are rotated to their
+new index; a model that adds its positions to the embeddings is refused); with
 ``positions="absolute"`` (default) they are the tokens' places in the stream.
 :func:`h2o_generate` lets the attention choose the cache graph (H2O's heavy hitters): every layer
 keeps the most recent tokens and those that received the most attention so far, so each layer, and
@@ -34,7 +35,8 @@ from typing import TypeAlias, TypeGuard
 import torch
 from torch import Tensor
 
-from .decoding import KV, KVCache, _sample, check_cache_selectors
+from .attention import check_bool
+from .decoding import KV, KVCache, _position_table, _sample, check_cache_selectors, check_sampling, position_embedding
 from .kernels.primitives import plain_tensor
 from .position import LENGTH_DEPENDENT
 
@@ -76,7 +78,7 @@ def _check_model(model) -> None:
         raise ValueError(f"Expected 'model' with a forward_graph method (got {type(model).__name__})")
 
 
-def _check_ids(ids: object, name: str) -> Tensor:
+def check_stream_ids(ids: object, name: str) -> Tensor:
     if (
         not isinstance(ids, Tensor)
         or ids.dim() != 1
@@ -118,8 +120,10 @@ def _check_prompts(input_ids: object) -> None:
         raise ValueError(f"Expected 'input_ids' to be a non-empty integer tensor [B, T] (got {got})")
 
 
-def _layer_graphs(graph: Graphs) -> tuple[list[tuple[Tensor, Tensor | None]], bool]:
-    """``(edge_index, edge_head)`` per given graph, and whether one graph serves every layer."""
+def layer_graphs(graph: Graphs, num_tokens: int | None = None) -> tuple[list[tuple[Tensor, Tensor | None]], bool]:
+    """``(edge_index, edge_head)`` per given graph, and whether one graph serves every layer. With
+    ``num_tokens``, an ``EdgeIndex`` that knows its size must be a graph on that many tokens (one
+    built for fewer would leave the last tokens without keys)."""
     graphs: list[Graph]
     if _is_graph(graph):
         graphs, shared = [graph], True
@@ -130,12 +134,19 @@ def _layer_graphs(graph: Graphs) -> tuple[list[tuple[Tensor, Tensor | None]], bo
             "Expected 'graph' to be an edge_index [2, E], an (edge_index, edge_head) pair, or a "
             f"non-empty sequence of them, one per layer (got {type(graph).__name__})"
         )
-    out = []
+    out: list[tuple[Tensor, Tensor | None]] = []
     for g in graphs:
         edge_index, edge_head = g if isinstance(g, tuple) else (g, None)
         if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.size(0) != 2:
             got = list(edge_index.shape) if isinstance(edge_index, Tensor) else type(edge_index).__name__
             raise ValueError(f"Expected each graph's edge_index of shape [2, E] (got {got})")
+        sparse_size = getattr(edge_index, "sparse_size", None)
+        sizes = sparse_size() if callable(sparse_size) else None
+        if num_tokens is not None and sizes is not None and any(n is not None and n != num_tokens for n in sizes):
+            raise ValueError(
+                f"Expected graph {len(out)} on the {num_tokens} tokens of 'ids' (got an EdgeIndex of sparse "
+                f"size {tuple(sizes)})"
+            )
         out.append((plain_tensor(edge_index).long(), edge_head))
     return out, shared
 
@@ -213,11 +224,17 @@ def stream_logits(model, ids: Tensor, graph: Graphs, *, chunk: int = 256) -> Ite
 def _stream(model, ids: Tensor, graph: Graphs, chunk: int) -> Iterator[tuple[EvictingKVCache, tuple[int, Tensor]]]:
     _check_model(model)
     check_cache_selectors(model, "run it on the whole graph (model.forward_graph) instead of streaming")
-    ids = _check_ids(ids, "ids")
+    ids = check_stream_ids(ids, "ids")
     chunk = _check_int("chunk", chunk, 1)
-    layer_graphs, shared = _layer_graphs(graph)
     num_tokens = ids.numel()
-    sorted_graphs, last_use = _prepare(layer_graphs, num_tokens)
+    graphs, shared = layer_graphs(graph, num_tokens)
+    table = _position_table(model)
+    if table is not None and num_tokens > table:
+        raise ValueError(
+            f"Expected 'ids' of at most {table} tokens for the model's {table} learned positions (got "
+            f"{num_tokens}): a stream reads its tokens at their places 0 .. T - 1"
+        )
+    sorted_graphs, last_use = _prepare(graphs, num_tokens)
     device = ids.device
     cache = EvictingKVCache()
     index_of = torch.full((num_tokens,), -1, dtype=torch.long)  # cache slot of each token
@@ -236,8 +253,7 @@ def _stream(model, ids: Tensor, graph: Graphs, chunk: int) -> Iterator[tuple[Evi
         if shared and isinstance(step[0], tuple):  # one per-head graph for every layer
             logits = model.forward_graph(ids[start:stop], step[0][0], pos=pos, cache=cache, edge_head=step[0][1])
         else:
-            graphs = step[0] if shared else step
-            logits = model.forward_graph(ids[start:stop], graphs, pos=pos, cache=cache)  # [C, V]
+            logits = model.forward_graph(ids[start:stop], step[0] if shared else step, pos=pos, cache=cache)  # [C, V]
         yield cache, (start, logits)
         index_of[cached_pos] = -1
         cache.keep((last_use[cached_pos] >= stop).to(device))
@@ -268,7 +284,7 @@ def perplexity(
     :func:`stream_logits`): every token from the second is predicted from the ones before it that the
     graph lets it read; ``buckets`` hold the perplexity per ``bucket_size`` positions (by the position
     of the predicted token)."""
-    ids = _check_ids(ids, "ids")
+    ids = check_stream_ids(ids, "ids")
     if ids.numel() < 2:
         raise ValueError(f"Expected 'ids' to hold at least 2 tokens for a perplexity (got {ids.numel()})")
     bucket_size = _check_int("bucket_size", bucket_size, 1)
@@ -390,8 +406,10 @@ def streaming_generate(
             a full forward pass over the sinks-plus-window graph of the whole sequence) or
             ``"cache"`` (StreamingLLM: each node at its index in its sequence's cache; when nodes
             leave, the ones after them move down and their rotary keys are rotated to their new
-            index, so a query's position never exceeds ``num_sinks + window`` and the sinks sit just
-            before the window).
+            index, so after the prompt (read at positions ``0 .. T - 1``) a query's position never
+            exceeds ``num_sinks + window`` and the sinks sit just before the window). Only rotary
+            keys can move: a model that adds its positions to the token embeddings (learned or
+            sinusoidal, GPT-2's ``wpe``) is refused.
         greedy, temperature, top_k, generator: as in :func:`gnn_transformer.decoding.generate`.
         return_logits: also return the logits of every step, ``[max_new_tokens, B, V]``.
         return_stats: also return ``{"peak_cache": nodes}``, the most nodes the cache held.
@@ -407,7 +425,23 @@ def streaming_generate(
     window = _check_int("window", window, 0)
     if positions not in ("absolute", "cache"):
         raise ValueError(f"Expected 'positions' to be 'absolute' or 'cache' (got {positions!r})")
+    check_sampling(greedy, temperature, top_k, generator)
+    check_bool("return_logits", return_logits)
+    check_bool("return_stats", return_stats)
     batch, length = input_ids.shape
+    if positions == "cache":
+        added = position_embedding(model)
+        if added is not None:
+            raise ValueError(
+                f"positions='cache' moves each cached node to its index by rotating its rotary keys; "
+                f"'model' adds its positions to the token embeddings ({added}), which stay in the cached "
+                "keys and values at the index they were computed at: use positions='absolute'"
+            )
+        _rotaries(model, 0)  # refuses length-dependent RoPE scaling before the prompt runs
+    last_read = length + max_new_tokens - 2  # the position the last step reads
+    if positions == "cache":
+        last_read = max(length - 1, min(last_read, num_sinks + window))
+    _check_table(model, max_new_tokens, length, last_read)
     device = input_ids.device
     cache = _StreamCache()
     rotaries: list | None = None
@@ -421,8 +455,14 @@ def streaming_generate(
             pos = torch.bincount(cache.seq, minlength=batch)[seq]
         else:
             pos = stream_pos
-        cache.add_stream_nodes(seq, pos, stream_pos)
-        edge_index = _streaming_edges(cache, seq.numel(), num_sinks, window)
+        if cache.seq is None:  # the prompt: the builder's graph of B sequences, no [BT, BT] matrix
+            from .topology import streaming
+
+            edge_index = plain_tensor(streaming([length] * batch, num_sinks, window)).to(device)
+            cache.add_stream_nodes(seq, pos, stream_pos)
+        else:
+            cache.add_stream_nodes(seq, pos, stream_pos)
+            edge_index = _streaming_edges(cache, seq.numel(), num_sinks, window)
         logits = model.forward_graph(ids, edge_index, pos=pos, cache=cache)[last]  # [B, V]
         step_logits.append(logits)
         token = _sample(logits, greedy, temperature, top_k, generator)  # [B]
@@ -448,6 +488,24 @@ def streaming_generate(
     if return_stats:
         result += ({"peak_cache": cache.peak},)
     return result if len(result) > 1 else result[0]
+
+
+def _check_table(model, max_new_tokens: int, length: int, last_read: int) -> None:
+    """Refuse, before the prompt runs, a generation whose positions pass ``model``'s learned
+    position table (``last_read``: the largest position a step reads)."""
+    table = _position_table(model)
+    if table is None or max_new_tokens == 0:
+        return
+    if length > table:
+        raise ValueError(
+            f"Expected 'input_ids' of at most {table} tokens for the model's {table} learned positions "
+            f"(got prompts of {length}: the prompt is read at positions 0 .. T - 1)"
+        )
+    if last_read >= table:
+        raise ValueError(
+            f"Expected 'max_new_tokens' small enough for the model's {table} learned positions (got "
+            f"{max_new_tokens} after a prompt of {length} tokens: the last step reads position {last_read})"
+        )
 
 
 def _cache_indices(seq: Tensor, batch: int) -> Tensor:
@@ -657,6 +715,9 @@ def _check_h2o_model(model) -> tuple[int, int]:
     return heads[0]
 
 
+MAX_KEPT_CELLS = 1 << 32  # the largest kept-set trace h2o_generate(return_kept=True) builds (bools)
+
+
 @torch.no_grad()
 def h2o_generate(
     model,
@@ -718,7 +779,8 @@ def h2o_generate(
         return_kept: also return the kept sets after every step, ``[max_new_tokens, L, B, H, S]``
             bool over the ``S = T + max_new_tokens`` tokens, per query head (the nodes the next
             token reads, besides itself; a key/value head's group alike with ``per_head``, all heads
-            alike without).
+            alike without). Its size grows with the square of the generated length: a trace of
+            more than ``MAX_KEPT_CELLS`` cells (4 GiB) is refused before the prompt runs.
 
     Returns:
         ``[B, T + max_new_tokens]`` token ids (then the logits, the stats and the kept sets, when
@@ -740,10 +802,27 @@ def h2o_generate(
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0)
     heavy = _check_int("heavy", heavy, 0)
     recent = _check_int("recent", recent, 0)
-    for name, value in (("per_head", per_head), ("return_kept", return_kept)):
-        if not isinstance(value, bool):
-            raise ValueError(f"Expected '{name}' to be a bool (got {value!r})")
+    for name, value in (
+        ("per_head", per_head),
+        ("return_logits", return_logits),
+        ("return_stats", return_stats),
+        ("return_kept", return_kept),
+    ):
+        check_bool(name, value)
+    check_sampling(greedy, temperature, top_k, generator)
     batch, length = input_ids.shape
+    _check_table(model, max_new_tokens, length, length + max_new_tokens - 2)
+    if return_kept:
+        from .attention import GraphMultiheadAttention
+
+        layers = sum(isinstance(m, GraphMultiheadAttention) for m in model.modules())
+        cells = max_new_tokens * layers * batch * num_heads * (length + max_new_tokens)
+        if cells > MAX_KEPT_CELLS:
+            raise ValueError(
+                f"Expected a kept-set trace of at most {MAX_KEPT_CELLS} cells for return_kept=True (got "
+                f"{max_new_tokens} steps x {layers} layers x {batch} prompts x {num_heads} heads x "
+                f"{length + max_new_tokens} tokens = {cells}): generate fewer tokens, or without return_kept"
+            )
     device = input_ids.device
     total = length + max_new_tokens
     cache = HeavyHitterCache(num_heads, num_kv_heads)

@@ -529,7 +529,41 @@ def test_context_perplexity_checks_its_arguments():
     for kwargs, message in ((dict(chunk=0), "'chunk'.*>= 1.*0"), (dict(bucket_size=True), "'bucket_size'.*True")):
         with pytest.raises(ValueError, match=message):
             context_perplexity(lm, ids, topology.causal(4), **kwargs)
-    with pytest.raises(ValueError, match="'ids'.*T >= 2.*float32"):
+    with pytest.raises(ValueError, match=r"'ids' to be an integer tensor \[T\].*float32"):
         context_perplexity(lm, torch.ones(4), topology.causal(4))
+    with pytest.raises(ValueError, match=r"'ids' to be an integer tensor \[T\].*torch.bool"):
+        context_perplexity(lm, ids.bool(), topology.causal(4))
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        context_perplexity(lm, ids[:1], topology.causal(1))
+    with pytest.raises(ValueError, match="non-empty sequence of them"):
+        context_perplexity(lm, ids, [])
+    with pytest.raises(
+        ValueError, match=r"graph 0 on the 4 tokens of 'ids' \(got an EdgeIndex of sparse size \(3, 3\)\)"
+    ):
+        context_perplexity(lm, ids, topology.causal(3))
     with pytest.raises(ValueError, match=r"nodes in \[0, 4\).*0\.\.4"):
         context_perplexity(lm, ids, torch.tensor([[0, 1, 4], [0, 1, 4]]))
+
+
+def test_context_perplexity_takes_layer_graphs_as_a_tuple_or_a_list():
+    """One graph per layer, as a tuple or a list, as perplexity takes them (a tuple of two layer
+    graphs was read as one (edge_index, edge_head) pair and failed inside)."""
+    from gnn_transformer.experiments.perplexity import context_perplexity
+
+    torch.manual_seed(0)
+    lm = GraphLM(GraphTransformerConfig(vocab_size=7, d_model=8, nhead=2, num_layers=2, backend="pyg")).eval()
+    ids = torch.randint(0, 7, (12,))
+    layers = [topology.streaming(12, 1, 2), topology.causal(12)]
+    want = context_perplexity(lm, ids, layers, chunk=5).nll
+    torch.testing.assert_close(context_perplexity(lm, ids, tuple(layers), chunk=5).nll, want, rtol=0, atol=0)
+
+
+def test_density_of_a_per_head_graph_is_per_head(tmp_path):
+    """A per-head graph's edges are summed over its heads; its density is per head, at most 1."""
+    _, model, tokens = _checkpoint(tmp_path)
+    ids = torch.tensor([int(t) for t in tokens.read_text().split()])[:40]
+    spec = "duo_attention:streaming_heads=1,num_heads=2,num_sinks=2,window=3"
+    (row,) = run_perplexity(model, ids, [spec], num_layers=2)
+    edge_index, _ = build_graph(spec, 40, 2)
+    assert row.edges == edge_index.size(1)
+    assert row.density == pytest.approx(edge_index.size(1) / 2 / (40 * 41 / 2)) and row.density <= 1.0

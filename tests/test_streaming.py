@@ -155,7 +155,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="causal graph.*edge 1 -> 0"):
         list(stream_logits(model, ids, topology.full(10)))
     with pytest.raises(ValueError, match="nodes in \\[0, 10\\)"):
-        list(stream_logits(model, ids, topology.causal(12)))
+        list(stream_logits(model, ids, topology.causal(12).as_tensor()))
     with pytest.raises(ValueError, match="'chunk' to be an int >= 1"):
         list(stream_logits(model, ids, topology.causal(10), chunk=0))
     with pytest.raises(ValueError, match="forward_graph"):
@@ -458,3 +458,110 @@ def test_perplexity_of_a_saved_hugging_face_model_equals_its_own_logits(tmp_path
     torch.testing.assert_close(result.nll, nll, rtol=0, atol=1e-5)
     assert math.isclose(result.perplexity, math.exp(float(nll.mean())), rel_tol=1e-5)
     assert result.peak_cache == 3 + 7  # the keys the window still reads before a chunk, and the chunk
+
+
+@pytest.mark.parametrize("position", ["learned", "sinusoidal"])
+def test_cache_positions_refuse_positions_added_to_the_embeddings(position):
+    """positions='cache' moves nodes by rotating their rotary keys; an added position embedding
+    stays in the cached keys and values at the index a node was computed at, so it is refused."""
+    model = _lm(position, layers=1)
+    prompt = torch.randint(0, 23, (1, 5))
+    with pytest.raises(
+        ValueError, match=r"positions='cache'.*adds its positions to the token embeddings \(pos_embed\)"
+    ):
+        streaming_generate(model, prompt, 4, num_sinks=1, window=2, positions="cache")
+    assert streaming_generate(model, prompt, 4, num_sinks=1, window=2).shape == (1, 9)
+
+
+def _forward_calls(monkeypatch, model) -> list:
+    calls: list = []
+    real = model.forward_graph
+    monkeypatch.setattr(model, "forward_graph", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(greedy=False, temperature=-0.5), "'temperature' to be a positive finite number \\(got -0.5\\)"),
+        (dict(greedy=False, temperature=0), "'temperature'.*got 0"),
+        (dict(greedy="no"), "'greedy' to be a bool \\(got 'no'\\)"),
+        (dict(greedy=False, top_k=0), "'top_k' to be a positive int or None \\(got 0\\)"),
+        (dict(greedy=False, top_k=2.5), "'top_k'.*2.5"),
+        (dict(greedy=False, generator=0), "'generator' to be a torch.Generator or None \\(got 0\\)"),
+        (dict(return_logits="yes"), "'return_logits' to be a bool"),
+        (dict(return_stats=1), "'return_stats' to be a bool"),
+    ],
+)
+@pytest.mark.parametrize("which", ["streaming", "h2o"])
+def test_generators_check_sampling_before_the_prompt_runs(which, kwargs, message, monkeypatch):
+    model = _lm()
+    calls = _forward_calls(monkeypatch, model)
+    prompt = torch.randint(0, 23, (1, 4))
+    with pytest.raises(ValueError, match=message):
+        if which == "streaming":
+            streaming_generate(model, prompt, 3, num_sinks=1, window=2, **kwargs)
+        else:
+            h2o_generate(model, prompt, 3, heavy=1, recent=2, **kwargs)
+    assert calls == []
+
+
+def test_learned_position_table_is_checked_before_the_prompt_runs(monkeypatch):
+    torch.manual_seed(0)
+    config = GraphTransformerConfig(vocab_size=23, d_model=16, nhead=4, num_layers=1, max_positions=16, backend="pyg")
+    model = GraphLM(config).eval()
+    calls = _forward_calls(monkeypatch, model)
+    prompt = torch.randint(0, 23, (1, 8))
+    table = "for the model's 16 learned positions"
+    with pytest.raises(ValueError, match=f"'max_new_tokens' small enough {table}.*reads position 17"):
+        streaming_generate(model, prompt, 11, num_sinks=1, window=2)
+    with pytest.raises(ValueError, match=f"'max_new_tokens' small enough {table}.*reads position 17"):
+        h2o_generate(model, prompt, 11, heavy=1, recent=2)
+    with pytest.raises(ValueError, match=f"'ids' of at most 16 tokens {table} \\(got 17\\)"):
+        perplexity(model, torch.randint(0, 23, (17,)), topology.causal(17))
+    assert calls == []
+    assert streaming_generate(model, prompt, 9, num_sinks=1, window=2).shape == (1, 17)  # position 15 fits
+
+
+def test_prompt_step_builds_no_dense_matrix(monkeypatch):
+    """The prompt's edges come from the streaming builder; the [cached, new] matrix of
+    _streaming_edges is only built for one new token per sequence."""
+    from gnn_transformer import streaming
+
+    sizes = []
+    real = streaming._streaming_edges
+    monkeypatch.setattr(streaming, "_streaming_edges", lambda c, n, s, w: sizes.append(n) or real(c, n, s, w))
+    model = _lm("rope", layers=2)
+    prompt = torch.randint(0, 23, (2, 9))
+    out, logits = streaming_generate(model, prompt, 5, num_sinks=2, window=3, return_logits=True)
+    assert sizes == [2] * 4
+    whole = topology.streaming([13, 13], 2, 3)  # the prompt and the 4 tokens fed back
+    ids = out[:, :-1].reshape(-1)
+    with torch.no_grad():
+        full = model(ids, whole, pos=torch.arange(13).repeat(2)).view(2, 13, -1)
+    torch.testing.assert_close(logits, full[:, 8:].transpose(0, 1), rtol=0, atol=1e-10)
+
+
+def test_stream_refuses_a_graph_built_for_fewer_tokens():
+    model = _lm()
+    ids = torch.randint(0, 23, (30,))
+    with pytest.raises(
+        ValueError, match=r"graph 0 on the 30 tokens of 'ids' \(got an EdgeIndex of sparse size \(20, 20\)\)"
+    ):
+        perplexity(model, ids, topology.causal(20))
+    with pytest.raises(ValueError, match="graph 1 on the 30 tokens"):
+        perplexity(model, ids, [topology.causal(30), topology.causal(20)])
+
+
+def test_h2o_kept_trace_is_refused_past_its_budget(monkeypatch):
+    from gnn_transformer import streaming
+
+    monkeypatch.setattr(streaming, "MAX_KEPT_CELLS", 1000)
+    model = _lm()
+    prompt = torch.randint(0, 23, (1, 4))
+    with pytest.raises(
+        ValueError,
+        match="kept-set trace of at most 1000 cells.*20 steps x 2 layers x 1 prompts x 4 heads x 24 tokens = 3840",
+    ):
+        h2o_generate(model, prompt, 20, heavy=1, recent=2, return_kept=True)
+    assert h2o_generate(model, prompt, 5, heavy=1, recent=2, return_kept=True)[1].shape == (5, 2, 1, 4, 9)

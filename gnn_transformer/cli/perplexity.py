@@ -62,7 +62,7 @@ def add_parser(sub) -> None:
         metavar="SPEC",
         help="token graph, repeatable: 'native' (the model's own graphs), a catalogue name or a "
         "builder with arguments, e.g. 'streaming:num_sinks=4,window=256' (default: native, "
-        "streaming:num_sinks=4,window=252 and sliding_window:window=255,causal=true)",
+        "streaming:num_sinks=4,window=251 and sliding_window:window=255,causal=true: 256 keys each)",
     )
     p.add_argument(
         "--start",
@@ -93,7 +93,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-DEFAULT_TOPOLOGIES = ("native", "streaming:num_sinks=4,window=252", "sliding_window:window=255,causal=true")
+DEFAULT_TOPOLOGIES = ("native", "streaming:num_sinks=4,window=251", "sliding_window:window=255,causal=true")
 
 
 def run(args) -> int:

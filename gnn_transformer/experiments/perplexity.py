@@ -34,9 +34,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch_geometric import EdgeIndex
 
-from ..streaming import PerplexityResult, check_stream_edges, perplexity
+from ..streaming import PerplexityResult, check_stream_edges, check_stream_ids, layer_graphs, perplexity
 from .analyze_run import call_with_graph
 from .topologies import label, resolve_topology
 
@@ -52,8 +51,8 @@ class PerplexityRow:
     tokens: int
     perplexity: float
     nll: float  # mean nats per predicted token
-    edges: int  # of the widest layer's graph
-    density: float  # edges / (T (T + 1) / 2), of the causal graph's edges
+    edges: int  # of the widest layer's graph (a per-head graph's summed over its heads)
+    density: float  # edges / (T (T + 1) / 2), of the causal graph's edges (per head on a per-head graph)
     peak_cache: int  # the most nodes held at once: the cache's peak, or the largest context
     seconds: float
     positions: str = "absolute"  # the protocol: "absolute" or "context"
@@ -63,10 +62,14 @@ class PerplexityRow:
         return {k: v for k, v in asdict(self).items() if k != "buckets"}
 
 
-def _edges(graph: Any) -> int:
+def _edges(graph: Any, num_heads: int) -> tuple[int, float]:
+    """``(edges, edges per head)`` of the widest layer's graph: a per-head graph's edges are summed
+    over its ``num_heads`` heads, a shared graph's serve every head."""
     if isinstance(graph, list):
-        return max(_edges(g) for g in graph)
-    return int((graph[0] if isinstance(graph, tuple) else graph).size(1))
+        return max(_edges(g, num_heads) for g in graph)
+    if isinstance(graph, tuple):
+        return int(graph[0].size(1)), graph[0].size(1) / num_heads
+    return int(graph.size(1)), float(graph.size(1))
 
 
 def build_graph(spec: str, length: int, num_layers: int, native: Callable[[int], Any] | None = None) -> Any:
@@ -128,12 +131,10 @@ class _Contexts:
 def _contexts(graph: Any, length: int) -> _Contexts:
     """The contexts of the ``length`` tokens of ``graph`` (an ``edge_index``, a per-head pair or
     one graph per layer), refusing an edge from a later token to an earlier one."""
-    graphs = graph if isinstance(graph, list) else [graph]
+    graphs, shared = layer_graphs(graph, length)
     layers, ptrs, keys = [], [], [torch.arange(length) * (length + 1)]  # every token is in its context
-    for index, g in enumerate(graphs):
-        edge_index, head = g if isinstance(g, tuple) else (g, None)
-        plain = edge_index.as_tensor() if isinstance(edge_index, EdgeIndex) else edge_index
-        src, dst = plain.long().cpu()
+    for index, (edge_index, head) in enumerate(graphs):
+        src, dst = edge_index.cpu()
         check_stream_edges(index, src, dst, length)
         order = torch.argsort(dst * length + src)
         src, dst = src[order], dst[order]
@@ -142,7 +143,7 @@ def _contexts(graph: Any, length: int) -> _Contexts:
         keys.append(dst * length + src)
     pairs = torch.unique(torch.cat(keys))  # sorted by (token, context node), one entry per pair
     counts = torch.bincount(pairs // length, minlength=length)
-    return _Contexts(layers, ptrs, list((pairs % length).split(counts.tolist())), len(graphs) == 1)
+    return _Contexts(layers, ptrs, list((pairs % length).split(counts.tolist())), shared)
 
 
 def _check_sizes(chunk: object, bucket_size: object) -> None:
@@ -183,9 +184,9 @@ def context_perplexity(
         graph: a causal graph on the ``T`` tokens: an ``edge_index``, a per-head pair
             ``(edge_index, edge_head)`` or a list of one graph per layer.
     """
-    if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.numel() < 2 or ids.is_floating_point():
-        got = f"{ids.dtype} of shape {list(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
-        raise ValueError(f"Expected 'ids' to be token ids [T] with T >= 2 (got {got})")
+    ids = check_stream_ids(ids, "ids")
+    if ids.numel() < 2:
+        raise ValueError(f"Expected 'ids' to hold at least 2 tokens for a perplexity (got {ids.numel()})")
     _check_sizes(chunk, bucket_size)
     return _context_perplexity(model, ids, _contexts(graph, ids.numel()), chunk, bucket_size, progress)
 
@@ -257,6 +258,9 @@ def run_perplexity(
             f"{max_positions} learned positions (got positions='absolute' and a stream of {length} "
             f"tokens; or cut the stream to {max_positions} tokens)"
         )
+    from ..attention import GraphMultiheadAttention
+
+    num_heads = max((m.num_heads for m in model.modules() if isinstance(m, GraphMultiheadAttention)), default=1)
     graphs = []
     for spec in specs:
         graph = build_graph(spec, length, num_layers, native)
@@ -278,14 +282,14 @@ def run_perplexity(
             result = perplexity(model, ids, graph, chunk=chunk, bucket_size=bucket_size, progress=progress)
         else:
             result = _context_perplexity(model, ids, contexts, chunk, bucket_size, progress)
-        edges = _edges(graph)
+        edges, per_head = _edges(graph, num_heads)
         row = PerplexityRow(
             topology=spec if spec == NATIVE else label(spec),
             tokens=length,
             perplexity=result.perplexity,
             nll=result.mean_nll,
             edges=edges,
-            density=edges / (length * (length + 1) / 2),
+            density=per_head / (length * (length + 1) / 2),
             peak_cache=result.peak_cache,
             seconds=time.perf_counter() - start,
             positions=positions,
