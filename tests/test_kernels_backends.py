@@ -597,3 +597,29 @@ def test_a_rational_scale_is_a_float():
     for backend, kw in BACKENDS:
         got = attend(q, k, v, edge_index, scale=fractions.Fraction(1, 2), backend=backend, **kw)
         torch.testing.assert_close(got, attend(q, k, v, edge_index, scale=0.5, backend=backend, **kw), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "backend,kw", [b for b in BACKENDS if b[0] != "tiled"], ids=[i for i in IDS if "tiled" not in i]
+)
+def test_a_nan_reaches_exactly_the_rows_that_read_it(backend, kw):
+    """A NaN in one token's key: the rows that read it get a NaN output and a NaN log-sum-exp (so
+    their attention weights are NaN, as on the per-edge path), the others stay exact (their
+    log-sum-exp was -inf before: the weights of a NaN row read 0). The tiled path computes whole
+    tiles, where 0 * NaN reaches rows of the tile that do not read the token, as dense masked
+    attention does."""
+    edge_index, n_src, n_dst = graph_case("empty_rows")
+    plain = edge_index.as_tensor() if hasattr(edge_index, "as_tensor") else edge_index
+    q, k, v, _ = make_inputs(n_src, n_dst, plain.size(1), bias=False)
+    k = k.detach().clone()
+    bad = int(plain[0, 0])
+    k[bad, :, 0] = float("nan")  # every key/value head
+    out, lse = attend(q, k, v, edge_index, scale=0.3, backend=backend, return_lse=True, **kw)
+    reads = torch.zeros(n_dst, dtype=torch.bool)
+    reads[plain[1][plain[0] == bad]] = True
+    assert torch.equal(out.isnan().any(-1).any(-1), reads)
+    assert torch.equal(lse.isnan().all(-1), reads) and not lse[~reads].isnan().any()
+    want = attend_reference(q, k, v, edge_index, scale=0.3)
+    torch.testing.assert_close(out[~reads], want[~reads])
+    weights = edge_weights(q, k, edge_index, lse, scale=0.3)
+    assert torch.equal(weights.isnan().any(-1), reads[plain[1]])

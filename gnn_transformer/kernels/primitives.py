@@ -113,8 +113,9 @@ class Kernel(NamedTuple):
 def lse_pair(top: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
     """``(lse, lse_lo)`` of rows with largest score ``top`` (0 on empty rows) and ``total`` the sum
     of ``exp(s - top)``: ``top + log total`` rounded and its rounding error, exactly (Knuth's
-    two-sum); ``(-inf, 0)`` where ``total`` is 0 (an empty row). Differentiable in ``lse``."""
-    nonempty = total > 0
+    two-sum); ``(-inf, 0)`` where ``total`` is 0 (an empty row), NaN where it is (a row that read a
+    NaN, whose output is NaN too). Differentiable in ``lse``."""
+    nonempty = total != 0
     log_l = torch.log(torch.where(nonempty, total, torch.ones_like(total)))
     lse = top + log_l
     b = (lse - top).detach()
