@@ -623,3 +623,18 @@ def test_a_nan_reaches_exactly_the_rows_that_read_it(backend, kw):
     torch.testing.assert_close(out[~reads], want[~reads])
     weights = edge_weights(q, k, edge_index, lse, scale=0.3)
     assert torch.equal(weights.isnan().any(-1), reads[plain[1]])
+
+
+@pytest.mark.parametrize("backend,kw", BACKENDS, ids=IDS)
+def test_one_edge_index_on_inputs_of_other_sizes(backend, kw):
+    """The graph cache is keyed by the tensor *and* the sizes it was built for: one plain
+    edge_index on more keys and queries (a growing memory) is planned again, and on fewer keys
+    than it names it is checked again and refused, never read out of range."""
+    edge_index = torch.tensor([[0, 1, 2, 3, 5], [1, 2, 3, 4, 4]])
+    for n_src, n_dst in ((6, 5), (9, 7), (6, 5)):
+        q, k, v, _ = make_inputs(n_src, n_dst, 0, bias=False)
+        out = attend(q, k, v, edge_index, scale=0.3, backend=backend, **kw)
+        torch.testing.assert_close(out, attend_reference(q, k, v, edge_index, scale=0.3), **TOL[torch.float64])
+    q, k, v, _ = make_inputs(4, 5, 0, bias=False)
+    with pytest.raises(ValueError, match="'edge_index' names source 5 but 'key' has 4 rows"):
+        attend(q, k, v, edge_index, scale=0.3, backend=backend, **kw)

@@ -279,3 +279,13 @@ def test_alibi_refuses_implicit_graph():
     )
     with pytest.raises(ValueError, match="alibi"):
         lm(torch.randint(0, 11, (20,)), T.causal(20, implicit=True), pos=torch.arange(20))
+
+
+def test_one_per_head_graph_under_other_head_groups():
+    """The tile list of a per-head BlockGraph is cached per (block, query heads, key/value heads):
+    one selection run by layers with other key/value head groups (MHA, GQA, MQA: layers that
+    share a graph) maps every query head to its own key/value head each time."""
+    (q, k, v), graph = _selection(64, 4, 2, None, True)
+    for kv_heads in (4, 2, 1):
+        _, k, v = _inputs(64, 4, kv_heads, dim=16)
+        _check(q, k, v, graph, torch.float64, backend="tiled", impl="torch")

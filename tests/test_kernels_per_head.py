@@ -343,3 +343,24 @@ def test_random_per_head_graphs_match_dense(case):
         edge_head=edge_head,
         bias_shape=(edge_index.size(1),),
     )
+
+
+@pytest.mark.parametrize("backend", ["fused", "tiled", "auto"])
+def test_one_per_head_graph_on_other_sizes_and_head_groups(backend):
+    """The relabelled graph is cached per edge_head *and* the sizes it was made for: the same
+    (edge_index, edge_head) under other key/value head groups (a GQA layer next to an MHA one)
+    or on more keys (a growing memory) is relabelled again and equals the dense reference."""
+    edge_index, edge_head, n_src, n_dst = per_head_case("bipartite")
+    for kv_heads, extra_keys in ((HEADS, 0), (KV_HEADS, 0), (1, 0), (KV_HEADS, 5)):
+        assert_matches_dense(
+            lambda q, k, v, b: attend(
+                q, k, v, edge_index, scale=0.45, edge_bias=b, backend=backend, return_lse=True, edge_head=edge_head
+            ),
+            edge_index,
+            n_src + extra_keys,
+            n_dst,
+            torch.float64,
+            kv_heads=kv_heads,
+            edge_head=edge_head,
+            bias_shape=(edge_index.size(1),),
+        )

@@ -365,3 +365,49 @@ def test_negative_scale_on_causal_graphs(name, build, n_src, n_dst, want, dtype,
     want_out = dense_attention(q, k, v, edges, -0.5)
     for out in (attend(q, k, v, edge_index, scale=-0.5), attend_dense(q, k, v, edges, scale=-0.5)):
         torch.testing.assert_close(out, want_out.to(dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("drop", ["one-query-misses-the-last-key", "every-query-misses-the-last-key"])
+def test_never_recognizes_a_bipartite_graph_short_of_full(drop):
+    """A bipartite graph (N_src != N_dst) is full only if every query hears *every* key: one
+    whose rows stop short of the last key is not run by SDPA over all the keys."""
+    n_dst, n_src = 5, 8
+    src, dst = _edges(cross(n_dst, n_src))
+    last = src == n_src - 1
+    keep = ~last if drop.startswith("every") else ~(last & (dst == 2))
+    edge_index = torch.stack([src[keep], dst[keep]])
+    assert _pattern(edge_index, n_src, n_dst) is None
+    assert auto_kernel(edge_index, "cpu", num_src=n_src, num_dst=n_dst) == choose_backend(
+        edge_index, "cpu", num_src=n_src, num_dst=n_dst
+    )
+    assert_matches_dense(
+        lambda q, k, v, b: attend(q, k, v, edge_index, scale=0.45, return_lse=True),
+        edge_index,
+        n_src,
+        n_dst,
+        torch.float64,
+        bias=False,
+    )
+
+
+@pytest.mark.parametrize("return_lse", [True, False])
+def test_huge_negative_log_sum_exp_falls_back_to_the_projects_kernels(return_lse):
+    """The fused CPU kernel's rounded log-sum-exp is as inexact near -300 as near +300 (it is
+    the magnitude that counts): scores near -300 run the project's kernels too."""
+    edge_index = causal(24)
+    gen = torch.Generator().manual_seed(3)
+    q = (torch.randn(24, 2, 4, generator=gen) * 0.1 + 10.0).requires_grad_()
+    k = (torch.randn(24, 2, 4, generator=gen) * 0.1 - 10.0).requires_grad_()
+    v = torch.randn(24, 2, 4, generator=gen, requires_grad=True)
+    w = torch.randn(24, 2, 4, generator=gen)
+    results = []
+    for backend in ("auto", choose_backend(edge_index, "cpu")):
+        out, lse = attend(q, k, v, edge_index, scale=0.75, return_lse=True, backend=backend)
+        if not return_lse:
+            out = attend(q, k, v, edge_index, scale=0.75, backend=backend)
+        loss = weighted_loss(out, lse, w) if return_lse else (out * w).sum()
+        results.append((out, lse, *torch.autograd.grad(loss, (q, k, v))))
+    assert float(results[0][1].detach().max()) < -128
+    assert not any("FlashAttention" in name for name in _autograd_nodes(results[0][0]))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
