@@ -459,3 +459,21 @@ def test_auto_runs_sdpa_on_a_causal_graph_with_the_same_result():
     ref, ref_alpha = layer(x, graph, return_attention_weights=True)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(alpha, ref_alpha, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["pyg", "fused", "tiled"])
+def test_attention_weights_are_returned_before_dropout(backend):
+    """``return_attention_weights`` gives the softmax before attention dropout (documented in
+    ``forward``): in training mode with ``dropout=0.5`` they are the weights of evaluation mode,
+    summing to 1 over each target's edges, while the output itself is dropped."""
+    torch.manual_seed(0)
+    layer = GraphMultiheadAttention(8, 2, dropout=0.5, backend=backend)
+    x, ei = torch.randn(6, 8), full(6)
+    torch.manual_seed(1)
+    out, alpha = layer(x, ei, return_attention_weights=True)
+    layer.eval()
+    clean, clean_alpha = layer(x, ei, return_attention_weights=True)
+    assert not torch.allclose(out, clean)  # dropout did act on the output
+    torch.testing.assert_close(alpha, clean_alpha, **TOL[torch.float32])
+    sums = torch.zeros(6, 2).index_add_(0, ei.as_tensor()[1], alpha)
+    torch.testing.assert_close(sums, torch.ones(6, 2), **TOL[torch.float32])

@@ -165,3 +165,34 @@ def test_eos_stops_a_sequence(use_cache):
     assert out.size(1) == max(int(lengths[b]) + stops[b] for b in range(3))
     with pytest.raises(ValueError, match="'eos_token_id'.*'x'"):
         generate(model, ids, 2, eos_token_id="x")
+
+
+def test_top_k_sampling_draws_among_the_k_best_and_not_only_the_best():
+    """``top_k=3``: every sampled token is one of the 3 highest logits of its step, and over a few
+    seeds not always the highest (sampling, not argmax)."""
+    torch.manual_seed(0)
+    model = _lm(position="learned")
+    ids = torch.randint(0, 17, (2, 4))
+    argmax_only = True
+    for seed in range(10):
+        gen = torch.Generator().manual_seed(seed)
+        out, logits = generate(model, ids, 4, greedy=False, top_k=3, generator=gen, return_logits=True)
+        new = out[:, 4:]  # [B, steps]
+        for step in range(4):
+            top = logits[step].topk(3, dim=-1).indices  # [B, 3]
+            assert (top == new[:, step : step + 1]).any(-1).all()
+            argmax_only &= bool((top[:, 0] == new[:, step]).all())
+    assert not argmax_only
+
+
+def test_temperature_divides_the_logits():
+    """A temperature near 0 samples the argmax (greedy); a large one flattens the distribution,
+    so the sampled tokens leave the greedy ones."""
+    torch.manual_seed(0)
+    model = _lm(position="learned")
+    ids = torch.randint(0, 17, (3, 4))
+    greedy = generate(model, ids, 6)
+    cold = generate(model, ids, 6, greedy=False, temperature=1e-6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cold, greedy)
+    hot = generate(model, ids, 6, greedy=False, temperature=1e3, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(hot, greedy)

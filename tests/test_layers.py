@@ -348,3 +348,19 @@ def test_kv_sharing_needs_layers_with_self_kv():
     stack = GraphTransformerEncoder(_NoSelfKV(), 2, kv_share_every=2)
     with pytest.raises(TypeError, match=r"layer 0 to have a method self_kv.*kv_share_every=2.*_NoSelfKV"):
         stack(torch.randn(3, 8), causal(3))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_feedforward_dropout_sits_where_torch_puts_it(norm_first):
+    """``dropout`` acts on the hidden activations of the feed-forward block, between ``activation``
+    and ``linear2`` (``nn.TransformerEncoderLayer``'s ``_ff_block``): a module put in its place
+    in both layers gives the same outputs."""
+    ref = _perturb(nn.TransformerEncoderLayer(16, 4, 24, dropout=0.0, batch_first=True, norm_first=norm_first))
+    layer = _load(GraphTransformerEncoderLayer(16, 4, 24, dropout=0.0, norm_first=norm_first, backend="pyg"), ref)
+    ref.eval()
+    ref.dropout, layer.dropout = _Twice(), _Twice()
+    x, x_ref = _inputs(SRC_LENGTHS, 16, torch.float32)
+    t = max(SRC_LENGTHS)
+    out = layer(x, causal(SRC_LENGTHS))
+    out_ref = ref(x_ref, src_mask=_causal_mask(t), src_key_padding_mask=_key_padding(SRC_LENGTHS, t))
+    torch.testing.assert_close(out, from_padded(out_ref, SRC_LENGTHS), **TOL[torch.float32])

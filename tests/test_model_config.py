@@ -77,3 +77,33 @@ def test_bool_and_integer_valued_floats_accepted():
         GraphTransformerConfig(**BASE, bias=False, norm_first=False, tie_weights=False, layer_norm_eps=1, dropout=0)
     )
     assert model.encoder.layers[0].linear1.bias is None and model.head.weight is not model.embed.weight
+
+
+def test_tied_head_is_the_token_embedding_and_trains_as_one():
+    """``tie_weights`` (the default) shares one parameter between the token embedding and the
+    head: one entry in ``parameters()``, and a training step moves both alike."""
+    model = GraphLM(GraphTransformerConfig(**BASE, dropout=0.0))
+    assert model.head.weight is model.embed.weight
+    assert sum(p is model.embed.weight for p in model.parameters()) == 1
+    ids = torch.randint(0, 20, (6,))
+    loss = model(ids, causal(6), pos=torch.arange(6))[:-1].log_softmax(-1).gather(1, ids[1:, None]).mean().neg()
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    torch.testing.assert_close(model.head.weight, model.embed.weight, rtol=0, atol=0)
+    untied = GraphLM(GraphTransformerConfig(**BASE, tie_weights=False))
+    assert untied.head.weight is not untied.embed.weight
+    assert sum(p.numel() for p in untied.parameters()) == sum(p.numel() for p in model.parameters()) + 20 * 16
+
+
+def test_embedding_dropout_acts_on_the_input_embeddings():
+    """``drop`` (the config's dropout) acts on the token plus position embeddings: in training mode
+    with ``p`` set it changes the output, in evaluation mode it is the identity."""
+    model = GraphLM(GraphTransformerConfig(**BASE, dropout=0.0, position="learned", max_positions=8)).eval()
+    ids, ei, pos = torch.randint(0, 20, (6,)), causal(6), torch.arange(6)
+    clean = model(ids, ei, pos=pos)
+    model.drop.p = 0.5
+    model.drop.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(model(ids, ei, pos=pos), clean)
+    model.drop.eval()
+    torch.testing.assert_close(model(ids, ei, pos=pos), clean)

@@ -455,3 +455,17 @@ def test_generate_refuses_bad_windows_per_layer(window, match):
     model = lm(torch.float32, num_layers=3)
     with pytest.raises(ValueError, match=match):
         generate(model, torch.randint(0, 23, (1, 4)), 2, window=window)
+
+
+def test_alibi_on_per_layer_per_head_graphs_sharing_one_edge_index():
+    """Layers whose per-head graphs share one edge_index tensor but not its edge_head each get ALiBi
+    with their own edges' head slopes: the same logits as with a copy of edge_index per layer."""
+    torch.manual_seed(0)
+    model = lm(torch.float64, num_layers=2, position="alibi").eval()
+    edge_index = CAUSAL.as_tensor()
+    g = torch.Generator().manual_seed(0)
+    heads = [torch.randint(0, HEADS, (edge_index.size(1),), generator=g) for _ in range(2)]
+    ids, pos = torch.randint(0, 23, (sum(LENGTHS),)), positions(LENGTHS)
+    shared = model(ids, [(edge_index, heads[0]), (edge_index, heads[1])], pos=pos)
+    copies = model(ids, [(edge_index.clone(), heads[0]), (edge_index.clone(), heads[1])], pos=pos)
+    torch.testing.assert_close(shared, copies, **TOL[torch.float64])

@@ -207,3 +207,20 @@ def test_feature_input_model_and_errors():
         GraphEncoderModel(GraphTransformerConfig())
     with pytest.raises(ValueError, match="'dim'.*5"):
         SinusoidalPositionalEmbedding(5)
+
+
+def test_rope_bipartite_rotates_queries_by_pos_dst_and_keys_by_pos_src():
+    """With ``x = (x_src, x_dst)`` and ``pos = (pos_src, pos_dst)`` the queries turn by ``pos_dst``
+    and the keys by ``pos_src``, even when both node sets have the same size: the same as keys
+    given through ``kv``, unchanged by a shift of both, changed by a shift of the targets only."""
+    torch.manual_seed(0)
+    layer = GraphMultiheadAttention(8, 2, rope=True, backend="pyg").eval()
+    x_src, x_dst = torch.randn(3, 8), torch.randn(3, 8)
+    ei = full(3)
+    pos_src, pos_dst = torch.arange(3), torch.tensor([5, 9, 2])
+    out = layer((x_src, x_dst), ei, pos=(pos_src, pos_dst))
+    kv = layer.key_value(x_src, pos=pos_src)
+    torch.testing.assert_close(out, layer(x_dst, ei, kv=kv, pos=pos_dst), **TOL[torch.float32])
+    shifted = layer((x_src, x_dst), ei, pos=(pos_src + 7, pos_dst + 7))
+    torch.testing.assert_close(out, shifted, **TOL[torch.float32])
+    assert not torch.allclose(out, layer((x_src, x_dst), ei, pos=(pos_src, pos_dst + 3)), atol=1e-4)

@@ -565,3 +565,46 @@ def test_h2o_kept_trace_is_refused_past_its_budget(monkeypatch):
     ):
         h2o_generate(model, prompt, 20, heavy=1, recent=2, return_kept=True)
     assert h2o_generate(model, prompt, 5, heavy=1, recent=2, return_kept=True)[1].shape == (5, 2, 1, 4, 9)
+
+
+def test_heavy_hitters_break_ties_toward_the_earlier_token():
+    """H2O keeps the ``heavy`` candidates of largest accumulated attention per sequence and column;
+    equal scores go to the earlier token (h2o_generate's docstring). Rows interleave two
+    sequences, as the cache appends one token per sequence and step; column 1 has other scores."""
+    from gnn_transformer.streaming import _heavy_hitters
+
+    seq = torch.tensor([0, 1, 0, 1, 0, 1])
+    score = torch.tensor([[1.0, 5.0], [1.0, 1.0], [1.0, 5.0], [3.0, 1.0], [2.0, 5.0], [1.0, 1.0]])
+    candidate = torch.ones(6, 2, dtype=torch.bool)
+    chosen = _heavy_hitters(score, candidate, seq, 2, 2)
+    # column 0: sequence 0 keeps row 4 (2.0) and row 0 (tied at 1.0 with row 2, earlier);
+    #           sequence 1 keeps row 3 (3.0) and row 1 (tied with row 5, earlier)
+    # column 1: sequence 0 has three rows at 5.0: rows 0 and 2; sequence 1 three at 1.0: rows 1 and 3
+    expected = torch.tensor([[1, 1], [1, 1], [0, 1], [1, 1], [1, 0], [0, 0]], dtype=torch.bool)
+    assert torch.equal(chosen, expected)
+    # a row that is no candidate is never chosen, even when it would win the tie
+    candidate[0, 0] = False
+    chosen = _heavy_hitters(score, candidate, seq, 2, 2)
+    assert chosen[:, 0].tolist() == [False, True, True, True, True, False]
+
+
+def test_h2o_scores_sum_each_key_value_heads_own_query_heads():
+    """The attention a slot received is summed over the query heads of its key/value head's group
+    (query head ``h`` reads key/value head ``h // group``), on a per-head graph as on a shared one."""
+    from gnn_transformer.streaming import _accumulate, _LayerNodes
+
+    def nodes():  # two slots of one sequence, two key/value heads (four query heads, groups of two)
+        return _LayerNodes(
+            torch.zeros(2, dtype=torch.long),
+            torch.zeros(2, 2, dtype=torch.long),
+            torch.zeros(2, 2, dtype=torch.float64),
+            torch.ones(2, 2, dtype=torch.bool),
+        )
+
+    w = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64)  # query heads 0..3 read slot 0
+    per_head = nodes()
+    _accumulate(per_head, (torch.zeros(2, 4, dtype=torch.long), torch.arange(4)), w, 2)
+    shared = nodes()
+    _accumulate(shared, torch.zeros(2, 1, dtype=torch.long), w.view(1, 4), 2)
+    for result in (per_head, shared):
+        assert result.score.tolist() == [[3.0, 12.0], [0.0, 0.0]]
