@@ -218,3 +218,12 @@ def test_killed_while_writing_leaves_the_last_good_checkpoint(tmp_path):
     _, resumed = run_training(replace(config, out=str(out), resume=str(out / "last.pt")))
     _, whole = run_training(replace(config, out=str(tmp_path / "whole")))
     _same_weights(resumed.state_dict(), whole.state_dict())
+
+
+def test_a_checkpoint_holding_pickled_objects_is_refused(tmp_path):
+    """weights_only=True: a checkpoint that pickles an arbitrary Python object is refused."""
+    import fractions
+
+    torch.save({"model": {"w": torch.zeros(1)}, "meta": {"x": fractions.Fraction(1, 3)}}, tmp_path / "obj.pt")
+    with pytest.raises(ValueError, match="checkpoint"):
+        checkpoints.read(tmp_path / "obj.pt")

@@ -511,3 +511,16 @@ def test_empty_strings_are_refused(argv, option, tmp_path, capsys):
     err = _usage_error(argv, option, capsys)
     assert f"{option}: expected a non-empty value (got '')" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_diverged_training_run_exits_1(monkeypatch, capsys):
+    """A training loss that becomes nan or inf (FloatingPointError) is a failed run: exit code 1
+    and one error line, not 0."""
+    from gnn_transformer.experiments import runs
+
+    def diverge(*args, **kwargs):
+        raise FloatingPointError("Training loss became nan at step 1; try a lower learning rate")
+
+    monkeypatch.setattr(runs, "run_training", diverge)
+    assert cli.main(["train", *STEP]) == 1
+    assert "Training loss became nan" in capsys.readouterr().err

@@ -213,3 +213,17 @@ def test_cli_compare_listops_table_and_bad_range(tmp_path, capsys):
     )
     assert capsys.readouterr().err.startswith("gnn-transformer: error: --listops-lengths")
     assert not bad.exists()
+
+
+def test_training_batches_hold_no_evaluation_expression():
+    """Training batches are drawn from the training split (as many expressions as the test set
+    here, so that a batch drawn from the test split would be all test expressions)."""
+    config = ListOpsConfig(lengths=(4, 8), max_depth=3, max_args=3, train_examples=300)
+    w = ListOpsWorkload(config, topology_fn("full"), batch_size=64, eval_size=300, seed=2)
+    held = {tuple(w.example(split, i)[0].tolist()) for split in ("test", "val") for i in range(300)}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        batch = w.train_batch(g)
+        ptr = batch.ptr.tolist()
+        rows = {tuple(batch.tokens[a:b].tolist()) for a, b in zip(ptr, ptr[1:])}
+        assert not rows & held

@@ -152,3 +152,17 @@ def test_digits_patches_and_grid_graph():
     assert deg[6] == 9 + 1  # inner patch: 3x3 neighbourhood + CLS
     w = DigitsWorkload("grid", batch_size=4)
     assert len(w.train_y) == 1797 - 360
+
+
+def test_sample_batch_draws_both_ends_of_the_size_range():
+    task = get_task("parity", train_sizes=(3, 5), test_sizes=(6, 8))
+    batch = sample_batch(task, 200, task.train_sizes, torch.Generator().manual_seed(0))
+    assert set(batch.lengths) == {3, 4, 5}
+
+
+def test_check_longer_refuses_test_sizes_that_start_at_the_longest_training_size():
+    from gnn_transformer.experiments.tasks import check_longer
+
+    check_longer(get_task("parity", train_sizes=(3, 5), test_sizes=(6, 8)))
+    with pytest.raises(ValueError, match="test_sizes"):
+        check_longer(get_task("parity", train_sizes=(3, 5), test_sizes=(5, 8)))

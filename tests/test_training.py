@@ -348,3 +348,69 @@ def test_node_and_patch_models_honour_bias_and_gpt_init(kind):
     plain, gpt = build(), build(gpt_init=True)
     assert abs(float(gpt.head.weight.std()) - 0.02) < 0.01 and float(plain.head.weight.std()) > 0.05
     assert float(gpt.embed.bias.abs().max()) == 0.0
+
+
+def test_linear_decays_to_min_lr():
+    f = lr_lambda(TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr=1e-4, schedule="linear"))
+    assert f(9) == pytest.approx(1.0) and f(99) == pytest.approx(0.1)
+    assert min(f(s) for s in range(100)) >= 0.1 - 1e-12
+
+
+def test_gradients_are_clipped_before_the_optimizer_step():
+    """With eps=1 the first Adam step moves each weight by about lr * grad: a gradient clipped to
+    a norm of 1e-6 before the step moves the weights by at most lr * 1e-6 in all."""
+    task, workload = _recall()
+    model = _model(task)
+    before = [p.detach().clone() for p in model.parameters()]
+    config = TrainConfig(
+        steps=1, batch_size=8, lr=1e-3, warmup=0, schedule="constant", eps=1.0, weight_decay=0.0, clip_grad=1e-6
+    )
+    train(model, workload, config)
+    moved = torch.stack([(p.detach() - q).norm() for p, q in zip(model.parameters(), before)]).norm()
+    assert 0 < float(moved) <= 1e-3 * 1e-6 * 1.01
+
+
+def test_optimizer_takes_betas_eps_and_decays_only_matrices():
+    from gnn_transformer.experiments.training import make_optimizer
+
+    task = get_task("recall", train_sizes=(3, 5), test_sizes=(6, 8))
+    model = _model(task)
+    opt = make_optimizer(model, TrainConfig(betas=(0.5, 0.6), eps=1e-3, weight_decay=0.2))
+    assert all(g["betas"] == (0.5, 0.6) and g["eps"] == 1e-3 for g in opt.param_groups)
+    dims = {(p.dim() >= 2, g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    assert dims == {(True, 0.2), (False, 0.0)}  # biases and norms: no weight decay
+
+
+def test_gradient_accumulation_counts_only_labelled_positions():
+    """Recall labels only its queries (the memory positions are IGNORE): two micro-batches give
+    the loss and gradients of their union, the mean over labels, not over positions."""
+    task, base = _recall()
+    micro = [base.train_batch(torch.Generator().manual_seed(seed)) for seed in (3, 4)]
+    a, b = micro
+    assert bool((a.targets == IGNORE).any())
+    whole = SequenceBatch(
+        torch.cat([a.tokens, b.tokens]),
+        torch.cat([a.targets, b.targets]),
+        torch.cat([a.positions, b.positions]),
+        a.lengths + b.lengths,
+    )
+    rows, grads = [], []
+    for batches, accum in (([whole], 1), (micro, 2)):
+        model = _model(task)
+        config = TrainConfig(steps=1, batch_size=16, grad_accum=accum, warmup=1)
+        rows.append(train(model, _Queue(base, batches), config).history[-1])
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_best_is_the_highest_accuracy_of_the_evaluations():
+    task, workload = _recall()
+    model = _model(task)
+    config = TrainConfig(steps=40, batch_size=16, lr=3e-3, warmup=5, eval_every=4)
+    result = train(model, workload, config)
+    accs = [e["acc_test"] for e in result.evals]
+    assert len(set(accs)) > 1  # the evaluations differ, so the choice matters
+    assert result.best["acc_test"] == max(accs)
+    assert result.best["step"] == result.evals[accs.index(max(accs))]["step"]  # the first of the best

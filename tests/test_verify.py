@@ -68,3 +68,38 @@ def test_cli_verify_refuses_lengths_that_cannot_fit(capsys):
         err.startswith("gnn-transformer: error: --lengths: Expected 'lengths' whose dense reference fits")
         and "GiB" in err
     )
+
+
+def test_compare_layer_and_model_dense_error_see_a_wrong_output():
+    """A graph path 1e-3 away from the dense reference (a forward hook shifts one output) is
+    reported: by compare_layer, and by model_dense_error also when it is the model's last
+    attention call; and a float32 check does not pass it (its tolerance is 1e-5)."""
+    from gnn_transformer.experiments.models import EncoderConfig, SequenceModel
+    from gnn_transformer.experiments.verify import VerifyRow, model_dense_error, verify_topologies
+
+    def shift(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        out = out + 1e-3
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    layer = perturbed(GraphMultiheadAttention(16, 4, dtype=torch.float64, backend="pyg"))
+    handle = layer.register_forward_hook(shift)
+    out_err, _ = compare_layer(layer, torch.randn(8, 16, dtype=torch.float64), causal(LENGTHS), LENGTHS, "pyg")
+    handle.remove()
+    assert out_err == pytest.approx(1e-3, rel=1e-3)
+
+    model = SequenceModel(10, 4, EncoderConfig(d_model=16, nhead=2, num_layers=2, dim_feedforward=32, backend="pyg"))
+    model.eval()
+    attentions = [m for m in model.modules() if isinstance(m, GraphMultiheadAttention)]
+    handle = attentions[-1].register_forward_hook(shift)
+    tokens = torch.randint(0, 10, (sum(LENGTHS),))
+    positions = torch.cat([torch.arange(n) for n in LENGTHS])
+    try:
+        err = model_dense_error(model, lambda: model(tokens, positions, causal(LENGTHS)), LENGTHS)
+    finally:
+        handle.remove()
+    assert err > 5e-4
+
+    row = verify_topologies(["causal"], lengths=[5], backends=["pyg"], dtype=torch.float32)[0]
+    assert row.tolerance <= 1e-5
+    assert not VerifyRow("x", "pyg", 5, 15, 1e-4, 0.0, row.tolerance).ok
