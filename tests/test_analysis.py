@@ -1183,3 +1183,16 @@ def test_record_keeps_a_per_head_graph_once_with_its_heads(backend):
     expected[torch.arange(alpha.numel()), edge_head] = alpha
     torch.testing.assert_close(g.weights, expected, atol=1e-12, rtol=0)
     torch.testing.assert_close(g.dense().sum(-1), torch.ones(4, 10, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_networkx_export_without_a_head_is_the_mean_of_heads():
+    attn = GraphMultiheadAttention(C, H, backend="pyg")
+    x, ei = torch.randn(4, C), causal(4)
+    g = extract(attn, x, ei).attention[0]
+    mean = g.to_networkx()  # head=None: the mean over heads
+    alpha = g.weights.mean(dim=1)
+    assert mean.number_of_edges() == ei.size(1)
+    for e, (j, i) in enumerate(ei.t().tolist()):
+        assert mean[j][i]["weight"] == pytest.approx(float(alpha[e]), abs=1e-6)
+    for i in range(4):  # each query's weights still sum to 1
+        assert sum(mean[j][i]["weight"] for j in mean.predecessors(i)) == pytest.approx(1.0, abs=1e-5)

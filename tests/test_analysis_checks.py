@@ -204,3 +204,24 @@ def test_non_finite_weights_and_states_are_reported_as_such():
     assert np.isnan(stats.ratio) and np.isnan(stats.max_abs)
     stats = activation_stats(torch.full((2, 2), float("nan")))
     assert np.isnan(stats.ratio)  # was 1.0
+
+
+def test_find_sinks_leaves_out_keys_seen_by_a_single_query():
+    # causal(3) edges (key, query): (0,0) (0,1) (1,1) (0,2) (1,2) (2,2); the last token attends
+    # only to itself: key 2 draws all the attention of its single query, which says nothing about sinks
+    weights = torch.tensor([[1.0], [0.5], [0.5], [0.0], [0.0], [1.0]])
+    torch.testing.assert_close(received_attention(causal(3), weights, normalize=True)[2], torch.tensor([1.0]))
+    assert find_sinks(causal(3), weights).flatten().tolist() == [False, False, False]
+    # a key seen by two queries that both put everything on it is a sink
+    weights = torch.tensor([[1.0], [1.0], [0.0], [1.0], [0.0], [0.0]])
+    assert find_sinks(causal(3), weights).flatten().tolist() == [True, False, False]
+
+
+def test_massive_activation_thresholds_are_strict():
+    # |h| > min_magnitude and |h| > min_ratio * median, both strict (Sun et al., 2024)
+    h = torch.ones(10, 10)
+    h[3, 7] = -1000.0  # median |h| is 1: exactly min_ratio * median
+    assert massive_activations(h, min_magnitude=100.0, min_ratio=1000.0) == []
+    assert massive_activations(h, min_magnitude=100.0, min_ratio=999.0) == [(3, 7, -1000.0)]
+    assert massive_activations(h, min_magnitude=1000.0, min_ratio=10.0) == []
+    assert massive_activations(h, min_magnitude=999.0, min_ratio=10.0) == [(3, 7, -1000.0)]

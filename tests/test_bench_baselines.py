@@ -180,3 +180,65 @@ def test_plain_gpt_is_causal():
     a, b = model(idx), model(other)
     torch.testing.assert_close(a[:, :5], b[:, :5])
     assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_block_table_takes_the_partial_blocks_at_the_end_of_a_length_the_block_does_not_divide():
+    """n = 200 on blocks of 128: the boundary blocks are 128 x 72, 72 x 128 and 72 x 72 cells, full
+    on a full graph; with one edge missing no block size is made of whole blocks."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    n = 200
+    edge_index = full(n)
+    plain = edge_index.as_tensor()
+    src, dst = plain[0], plain[1]
+    mask = baselines.flex_block_mask("blocks", "full", edge_index, src, dst, n, "cpu", 128, 1e12)
+    qi, ki = torch.arange(n)[:, None].expand(n, n), torch.arange(n)[None, :].expand(n, n)
+    zero = torch.zeros((), dtype=torch.long)
+    assert bool(mask.mask_mod(zero, zero, qi, ki).all())
+    keep = ~((dst == 150) & (src == 3))  # a cell of the 72 x 128 block of the last query rows
+    with pytest.raises(Unavailable, match="not made of whole blocks"):
+        baselines.flex_block_mask("blocks", "full", edge_index, src[keep], dst[keep], n, "cpu", 128, 1e12)
+
+
+def test_plain_gpt_computes_what_graph_lm_computes_with_its_weights():
+    """The training-step baseline is the same model as GraphLM (pre-norm blocks, GELU MLP of width
+    4C, no biases, tied head) on causal graphs: same weights, same logits."""
+    from gnn_transformer import GraphLM, GraphTransformerConfig
+    from gnn_transformer.bench.train_step import PlainGPT
+
+    torch.manual_seed(0)
+    vocab, context, layers, heads, width, batch = 11, 8, 2, 2, 16, 3
+    gpt = PlainGPT(vocab, context, layers, heads, width)
+    with torch.no_grad():
+        for p in gpt.parameters():  # LayerNorm weights away from 1
+            p.add_(0.1 * torch.randn_like(p))
+    config = GraphTransformerConfig(
+        vocab_size=vocab,
+        d_model=width,
+        nhead=heads,
+        num_layers=layers,
+        bias=False,
+        max_positions=context,
+        backend="pyg",
+    )
+    lm = GraphLM(config)
+    names = {"wte.weight": "embed.weight", "wpe.weight": "pos_embed.weight", "ln_f.weight": "encoder.norm.weight"}
+    for i in range(layers):
+        src, dst = f"blocks.{i}.", f"encoder.layers.{i}."
+        names.update(
+            {
+                src + "ln_1.weight": dst + "norm1.weight",
+                src + "attn.c_attn.weight": dst + "self_attn.in_proj_weight",
+                src + "attn.c_proj.weight": dst + "self_attn.out_proj.weight",
+                src + "ln_2.weight": dst + "norm2.weight",
+                src + "mlp.0.weight": dst + "linear1.weight",
+                src + "mlp.2.weight": dst + "linear2.weight",
+            }
+        )
+    state = {names[k]: v for k, v in gpt.state_dict().items() if k in names}
+    state["head.weight"] = state["embed.weight"]
+    lm.load_state_dict(state)
+    idx = torch.randint(0, vocab, (batch, context))
+    pos = torch.arange(context).repeat(batch)
+    want = gpt(idx)  # [B, T, V]
+    got = lm(idx.view(-1), causal([context] * batch), pos=pos)  # [B T, V]
+    torch.testing.assert_close(got, want.reshape(-1, vocab), **TOL[torch.float32])

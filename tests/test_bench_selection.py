@@ -56,3 +56,31 @@ def test_rows_agree_with_the_library():
         if r["max_err"] is not None:
             assert r["max_err"] < 1e-5
     assert format_markdown(rows).count("\n") == len(rows) + 1
+
+
+def test_block_table_with_grouped_key_heads():
+    """4 query heads on 2 key/value heads: query heads 0, 1 read key head 0 and 2, 3 key head 1."""
+    n, block, num_blocks, heads, kv_heads = 512, 64, 3, 4, 2
+    torch.manual_seed(0)
+    q, k = torch.randn(n, heads, 16), torch.randn(n, kv_heads, 16)
+    counts, indices = _block_table(q, k, block, num_blocks)
+    edge_index, edge_head = dynamic.block_topk(q, k, block, num_blocks, causal=True)
+    want = torch.zeros(heads, n // block, n // block, dtype=torch.bool)
+    want[edge_head, edge_index[1] // block, edge_index[0] // block] = True
+    got = torch.zeros_like(want)
+    for h in range(heads):
+        for qb in range(n // block):
+            got[h, qb, indices[0, h, qb, : counts[0, h, qb]].long()] = True
+    assert torch.equal(got, want)
+
+
+def test_a_row_that_computes_the_wrong_attention_has_a_large_max_err(monkeypatch):
+    from gnn_transformer.bench import selection
+
+    monkeypatch.setattr(selection, "_dense_mask", lambda ei, eh, heads, n: torch.ones(heads, n, n, dtype=torch.bool))
+    rows = run_selection_benchmark(
+        ["topk"], [128], heads=2, head_dim=16, repeats=1, backward=False, baselines=("sdpa",)
+    )
+    by_row = {r["row"]: r for r in rows}
+    assert by_row["auto"]["max_err"] < 1e-5
+    assert by_row["sdpa"]["max_err"] > 1e-3  # full attention instead of the top-64 selection

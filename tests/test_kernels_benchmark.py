@@ -362,3 +362,74 @@ def test_times_under_ten_ms_keep_three_significant_digits():
 
     assert [_cell("ms", x) for x in (0.31234, 2.5, 172.44)] == ["0.312", "2.50", "172.4"]
     assert _cell("build_ms", 0.0) == "0.000" and _cell("ms", None) == "—"
+
+
+def test_median_seconds_is_the_median_of_the_repeats_after_a_warm_up(monkeypatch):
+    import types
+
+    from gnn_transformer.bench import benchmark
+
+    now = [0.0]
+    durations = iter([100.0, 1.0, 5.0, 3.0, 9.0, 4.0])  # warm-up, then 5 timed calls
+
+    def fn():
+        now[0] += next(durations)
+
+    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    assert benchmark.median_seconds(fn, "cpu", 5) == 4.0  # not the min 1, the mean 4.4 or the warm-up
+
+
+def test_max_err_is_the_row_output_against_the_dense_reference():
+    from gnn_transformer.bench.baselines import bhnd
+    from gnn_transformer.bench.benchmark import _Case
+
+    q = torch.randn(8, 2, 4)
+    case = _Case(q, q, q, torch.ones_like(q), q.float(), None, "cpu", 1, False)
+
+    def wrong(q, k, v):  # [N, H, D]: off by 0.25 everywhere
+        return q + 0.25
+
+    assert case.rows({}, wrong, 0.0)[0]["max_err"] == pytest.approx(0.25)
+
+    def right(q, k, v):  # [1, H, N, D], laid out and back as its layout says
+        return q.clone()
+
+    right.layout = "bhnd"
+    assert case.rows({}, right, 0.0)[0]["max_err"] == 0.0
+    assert bhnd(q).shape == (1, 2, 8, 4)
+
+
+def test_flex_row_is_the_fastest_variant(monkeypatch):
+    from gnn_transformer.bench import benchmark
+
+    ms = {"predicate": 3.0, "lookup": 1.0, "bitmap": 2.0}
+
+    called = []  # the variant of the last call
+
+    def fake_flex(block_mask, q, k, v, scale, backward=True):
+        def fn(q, k, v):
+            called.append(block_mask)
+            return q.clone()
+
+        fn.layout, fn.note = "bhnd", ""
+        return fn
+
+    def measure(fn, device, repeats):
+        fn()
+        return ms[called[-1]] / 1e3, 0.0
+
+    monkeypatch.setattr(benchmark, "flex_block_mask", lambda variant, *args: variant)
+    monkeypatch.setattr(benchmark, "_flex", fake_flex)
+    monkeypatch.setattr(benchmark, "_measure", measure)
+    rows = run_benchmark(
+        ["window"],
+        [64],
+        ["flex"],
+        device="cpu",
+        heads=2,
+        head_dim=8,
+        repeats=1,
+        backward=False,
+        flex_variants=["predicate", "lookup", "bitmap"],
+    )
+    assert rows[0]["note"].startswith("lookup fastest (") and rows[0]["ms"] == pytest.approx(1.0)

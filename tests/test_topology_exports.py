@@ -199,3 +199,26 @@ def test_block_mask_of_random_graphs(n_dst, n_src, p, block, seed):
     assert torch.equal(bm.full_kv_num_blocks, ref.full_kv_num_blocks)
     q, kv = torch.arange(n_dst).repeat_interleave(n_src), torch.arange(n_src).repeat(n_dst)
     assert torch.equal(bm.mask_mod(q, q, q, kv).view(n_dst, n_src), mask)
+
+
+@requires_flex
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile.*")
+def test_block_mask_of_a_cross_graph_has_the_query_and_key_lengths():
+    """A bipartite graph of 20 queries on 45 keys: the BlockMask is [20 queries, 45 keys] (seq_lengths
+    (num_dst, num_src), as create_block_mask's Q_LEN, KV_LEN) and FlexAttention on it is the masked SDPA."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    n_dst, n_src = 20, 45
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(n_dst, n_src, generator=g) < 0.4
+    mask[:, 0] = True  # every query reads a key
+    dst, src = mask.nonzero(as_tuple=True)
+    ei = torch.stack([src, dst])
+    bm = T.to_block_mask(ei, n_src, n_dst, block_size=16)
+    ref = create_block_mask(T.to_flex_mask_mod(ei, n_src, n_dst), None, None, n_dst, n_src, device="cpu", BLOCK_SIZE=16)
+    assert bm.seq_lengths == ref.seq_lengths == (n_dst, n_src)
+    assert bm.shape[-2:] == (n_dst, n_src)
+    q = torch.randn(1, 2, n_dst, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, n_src, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=bm), want, atol=1e-10, rtol=1e-10)

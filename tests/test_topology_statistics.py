@@ -182,3 +182,19 @@ def test_draw_topology_sizes_lengths_and_bipartite():
     labels = {t.get_text() for t in fig.axes[1].texts}
     assert {"k0", "k3", "q0", "q3"} <= labels and "0" not in labels
     assert "0" in {t.get_text() for t in pictures.draw_topology(T.cross(4, 4)).axes[1].texts}
+
+
+def test_topology_stats_causal_by_local_positions_of_a_batched_cross_graph():
+    # 2 sequences of 3 queries on 2 keys each: queries 0-2 and 3-5, keys 0-1 and 2-3
+    ok = torch.tensor([[0, 1, 2, 3], [0, 1, 3, 4]])  # local key j -> local query j
+    assert statistics.topology_stats(ok, [3, 3], src_lengths=[2, 2]).causal
+    # key 3 (second key of sequence 1) -> query 3 (first query of sequence 1): global 3 <= 3 but
+    # local 1 > 0, not causal
+    bad = torch.tensor([[0, 1, 2, 3, 3], [0, 1, 3, 4, 3]])
+    assert not statistics.topology_stats(bad, [3, 3], src_lengths=[2, 2]).causal
+
+
+def test_degree_std_is_the_population_std():
+    s = statistics.topology_stats(T.causal(4))  # in-degrees 1, 2, 3, 4
+    assert s.in_degree.mean == pytest.approx(2.5)
+    assert s.in_degree.std == pytest.approx(math.sqrt(1.25))  # numpy.std, not the sample std 1.29

@@ -471,3 +471,31 @@ def test_view_of_a_model_with_nan_weights_names_the_layer(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Graph 0 'encoder.layers.0.self_attn' has" in err and "NaN or infinite attention weights" in err
     assert not out.exists()
+
+
+def test_blocks_of_a_length_that_the_block_size_does_not_divide():
+    # the last block holds fewer tokens: weights are divided by the real sizes of the target
+    # (attention) or of both blocks (topology), not by the block size
+    from gnn_transformer.analysis import AttentionGraph
+
+    n, limit = 31, 40
+    ei = topology.full(n).as_tensor()
+    scores = torch.randn(n, n, dtype=torch.float64).softmax(dim=-1)  # [N_q, N_k], rows sum to 1
+    g = AttentionGraph("attn", 0, ei, scores[ei[1], ei[0]][:, None], n, n)
+    page = viz.reduce_page(viz.attention_page([g], [str(i) for i in range(n)]), limit)
+    b, view = page.block, page.layers[0].views[0]
+    assert n % b != 0
+    nb = -(-n // b)
+    padded = torch.zeros(nb * b, nb * b, dtype=torch.float64)
+    padded[:n, :n] = scores
+    sizes = torch.tensor([min(b, n - k * b) for k in range(nb)], dtype=torch.float64)
+    want = padded.reshape(nb, b, nb, b).sum(dim=(1, 3)) / sizes[:, None]  # mean over the target block's queries
+    got = torch.zeros(nb, nb, dtype=torch.float64)
+    got[view.dst, view.src] = torch.tensor(view.weights, dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.sum(dim=1), torch.ones(nb, dtype=torch.float64), rtol=0, atol=1e-6)
+    # a topology: the share of the |I| * |J| possible token edges, 1 everywhere on a full graph
+    page = viz.reduce_page(viz.graph_page(topology.full(n), n), limit)
+    b, view = page.block, page.layers[0].views[0]
+    assert n % b != 0
+    assert view.weights == pytest.approx([1.0] * len(view.weights), abs=1e-12)
