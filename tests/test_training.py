@@ -414,3 +414,13 @@ def test_best_is_the_highest_accuracy_of_the_evaluations():
     assert len(set(accs)) > 1  # the evaluations differ, so the choice matters
     assert result.best["acc_test"] == max(accs)
     assert result.best["step"] == result.evals[accs.index(max(accs))]["step"]  # the first of the best
+
+
+def test_the_best_evaluation_is_the_lowest_under_min_and_the_highest_under_max():
+    """``monitor`` picks best.pt: the language model's validation loss is best lowest ("min"), an
+    accuracy highest ("max"); the first evaluation is always the best so far, ties keep the older."""
+    from gnn_transformer.experiments.training import _better
+
+    assert _better(1.0, None, "min") and _better(1.0, None, "max")
+    assert _better(0.5, 1.0, "min") and not _better(1.5, 1.0, "min") and not _better(1.0, 1.0, "min")
+    assert _better(1.5, 1.0, "max") and not _better(0.5, 1.0, "max") and not _better(1.0, 1.0, "max")
