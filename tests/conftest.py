@@ -319,3 +319,25 @@ def assert_matches_dense(
     for name, x, y in zip("qkvb", got, want):
         assert x.dtype == dtype
         torch.testing.assert_close(x, y.to(dtype), **tol, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def tiny_lm_checkpoint(tmp_path, *, wrapped=True, norm_first=True, nan=False):
+    """``(path, model)``: a 2-layer ``GraphLM`` (vocabulary 13, width 16, 2 heads) saved as
+    ``tmp_path/ckpt/model.pt`` with its ``config.json``, as ``train`` writes one (``wrapped``: in
+    ``{"model": ..., "meta": {}}``); ``nan``: token 2's embedding holds a NaN, so every layer that
+    reads it computes NaN attention and states."""
+    import dataclasses
+    import json
+
+    from gnn_transformer.model import GraphLM, GraphTransformerConfig
+
+    cfg = GraphTransformerConfig(vocab_size=13, d_model=16, nhead=2, num_layers=2, norm_first=norm_first, backend="pyg")
+    model = GraphLM(cfg)
+    state = model.state_dict()
+    if nan:
+        state["embed.weight"][2, 0] = float("nan")
+    path = tmp_path / "ckpt" / "model.pt"
+    path.parent.mkdir()
+    torch.save({"model": state, "meta": {}} if wrapped else state, path)
+    (path.parent / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    return path, model

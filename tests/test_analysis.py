@@ -29,7 +29,7 @@ from gnn_transformer.analysis import (
 from gnn_transformer.analysis.summary import format_table
 from gnn_transformer.topology import batch_vector, causal, erdos_renyi, full, to_dense_mask
 
-from .conftest import TOL, perturbed
+from .conftest import TOL, perturbed, tiny_lm_checkpoint
 
 C, H = 16, 2
 
@@ -468,25 +468,10 @@ def _parse(argv):
     return cli, cli.build_parser().parse_args(["analyze", *argv])
 
 
-def _tiny_lm_checkpoint(tmp_path, *, wrapped=True, norm_first=True):
-    import dataclasses
-    import json
-
-    from gnn_transformer.model import GraphLM, GraphTransformerConfig
-
-    cfg = GraphTransformerConfig(vocab_size=13, d_model=16, nhead=2, num_layers=2, norm_first=norm_first, backend="pyg")
-    model = GraphLM(cfg)
-    path = tmp_path / "ckpt" / "model.pt"
-    path.parent.mkdir()
-    torch.save({"model": model.state_dict(), "meta": {}} if wrapped else model.state_dict(), path)
-    (path.parent / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    return path, model
-
-
 def test_analyze_runs_on_a_saved_checkpoint(tmp_path, capsys):
     import json
 
-    path, _ = _tiny_lm_checkpoint(tmp_path)
+    path, _ = tiny_lm_checkpoint(tmp_path)
     tokens = tmp_path / "ids.txt"
     tokens.write_text("1 2 3 4 5 6\n7 8 9\n")
     out = tmp_path / "out"
@@ -516,10 +501,7 @@ def test_analyze_of_a_nan_model_warns_and_writes_strict_json(tmp_path, capsys):
     layers, the table shows nan (not a sink score of 0), and summary.json stays valid JSON."""
     import json
 
-    path, model = _tiny_lm_checkpoint(tmp_path)
-    state = model.state_dict()
-    state["embed.weight"][2, 0] = float("nan")
-    torch.save({"model": state, "meta": {}}, path)
+    path, _ = tiny_lm_checkpoint(tmp_path, nan=True)
     tokens = tmp_path / "ids.txt"
     tokens.write_text("1 2 3 4\n")
     out = tmp_path / "out"
@@ -540,7 +522,7 @@ def test_analyze_of_a_nan_model_warns_and_writes_strict_json(tmp_path, capsys):
 def test_analyze_checkpoint_variants_and_errors(tmp_path, capsys):
     import json
 
-    path, model = _tiny_lm_checkpoint(tmp_path, wrapped=False, norm_first=False)
+    path, model = tiny_lm_checkpoint(tmp_path, wrapped=False, norm_first=False)
     config = tmp_path / "elsewhere.json"
     config.write_text(json.dumps({"model_config": json.loads((path.parent / "config.json").read_text())}))
     (path.parent / "config.json").unlink()
@@ -592,7 +574,7 @@ def test_analyze_checkpoint_variants_and_errors(tmp_path, capsys):
 def test_analyze_on_a_catalogue_topology_and_unknown_graph(tmp_path, capsys):
     import json
 
-    path, _ = _tiny_lm_checkpoint(tmp_path)
+    path, _ = tiny_lm_checkpoint(tmp_path)
     tokens = tmp_path / "ids.txt"
     tokens.write_text("1 2 3 4 5 6 7 8 9 10\n")
     cli, args = _parse(
@@ -726,7 +708,7 @@ def test_analyze_runs_a_hugging_face_model_on_its_own_graphs(tmp_path, capsys, f
 
 
 def test_analyze_reports_a_missing_tokenizer_and_directory(tmp_path, capsys):
-    path, _ = _tiny_lm_checkpoint(tmp_path)
+    path, _ = tiny_lm_checkpoint(tmp_path)
     text = tmp_path / "text.txt"
     text.write_text("the cat\n")
     cli, args = _parse(["--checkpoint", str(path), "--text", str(text)])
@@ -891,7 +873,7 @@ def test_analyze_runs_each_layer_on_its_own_graph(tmp_path, capsys):
         expected = model(ids, [sliding_window([11, 6], 1, causal=True), causal_graph([11, 6])], pos=pos)
     torch.testing.assert_close(result.traces["model"].output, expected, **TOL[torch.float64])
     # the command, with the catalogue's per-layer and per-head specs
-    path, _ = _tiny_lm_checkpoint(tmp_path)
+    path, _ = tiny_lm_checkpoint(tmp_path)
     tokens = tmp_path / "ids.txt"
     tokens.write_text("1 2 3 4 5 6 7 8\n")
     for graph in (str(spec), "gemma3", "modernbert"):
@@ -962,7 +944,7 @@ def test_analyze_refuses_a_recording_that_cannot_fit(tmp_path, monkeypatch, caps
     with pytest.raises(ValueError, match="more than half of this machine's memory"):
         analyze_run.analyze(loaded, SEQS)
     # the command names the option that gave the sequences, and writes nothing
-    path, _ = _tiny_lm_checkpoint(tmp_path)
+    path, _ = tiny_lm_checkpoint(tmp_path)
     tokens = tmp_path / "ids.txt"
     tokens.write_text("1 2 3 4 5 6 7 8\n")
     monkeypatch.setattr(analyze_run, "host_memory_budget", lambda: 1)
@@ -974,7 +956,7 @@ def test_analyze_refuses_a_recording_that_cannot_fit(tmp_path, monkeypatch, caps
 
 
 def test_analyze_refuses_a_per_head_graph_of_other_heads(tmp_path, capsys):
-    path, _ = _tiny_lm_checkpoint(tmp_path)
+    path, _ = tiny_lm_checkpoint(tmp_path)
     tokens = tmp_path / "ids.txt"
     tokens.write_text("1 2 3 4 5 6 7 8\n")
     cli, args = _parse(

@@ -12,6 +12,7 @@ from gnn_transformer import topology, viz
 from gnn_transformer.cli import main
 from gnn_transformer.experiments.topologies import resolve_topology
 from gnn_transformer.topology.specs import LayerPattern
+from tests.conftest import tiny_lm_checkpoint
 
 
 def _edges(edge_index):
@@ -134,25 +135,11 @@ def test_a_page_within_the_limit_is_drawn_token_by_token():
 
 
 # ---------------------------------------------------------------- model pages
-def _tiny_lm_checkpoint(tmp_path):
-    import dataclasses
-
-    from gnn_transformer.model import GraphLM, GraphTransformerConfig
-
-    cfg = GraphTransformerConfig(vocab_size=13, d_model=16, nhead=2, num_layers=2, backend="pyg")
-    model = GraphLM(cfg)
-    path = tmp_path / "ckpt" / "model.pt"
-    path.parent.mkdir()
-    torch.save({"model": model.state_dict(), "meta": {}}, path)
-    (path.parent / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    return path, model
-
-
 def test_model_page_draws_the_attention_of_every_layer_and_head(tmp_path):
     from gnn_transformer.analysis import find_sinks
     from gnn_transformer.experiments.analyze_run import load_checkpoint_model
 
-    path, model = _tiny_lm_checkpoint(tmp_path)
+    path, model = tiny_lm_checkpoint(tmp_path)
     loaded = load_checkpoint_model(path)
     tokens = [3, 1, 4, 1, 5, 9]
     page = viz.model_page(loaded, tokens)
@@ -245,7 +232,7 @@ def test_view_says_when_it_draws_blocks(tmp_path, capsys):
 
 
 def test_view_writes_a_model_page(tmp_path, capsys):
-    path, _ = _tiny_lm_checkpoint(tmp_path)
+    path, _ = tiny_lm_checkpoint(tmp_path)
     tokens = tmp_path / "ids.txt"
     tokens.write_text("1 2 3 4 5\n6 7\n")
     out = tmp_path / "m.html"
@@ -285,7 +272,7 @@ def test_view_refuses_a_checkpoint_that_does_not_load(tmp_path, capsys):
     assert out.read_text() == "previous page"
     assert main(["view", "--checkpoint", str(tmp_path / "missing.pt"), "--tokens", str(tokens), "-o", str(out)]) == 2
     assert "No checkpoint" in capsys.readouterr().err
-    path, _ = _tiny_lm_checkpoint(tmp_path)
+    path, _ = tiny_lm_checkpoint(tmp_path)
     one = tmp_path / "one.txt"
     one.write_text("4\n")
     assert main(["view", "--checkpoint", str(path), "--tokens", str(one), "-o", str(out)]) == 2
@@ -340,7 +327,7 @@ def test_a_model_page_on_a_per_head_graph_draws_each_head_on_its_edges(tmp_path)
     from gnn_transformer.experiments.analyze_run import build_graph, load_checkpoint_model
 
     spec, tokens = "dilated_per_head:window=1,dilations=1;2", [3, 1, 4, 1, 5, 9, 2, 6]
-    loaded = load_checkpoint_model(_tiny_lm_checkpoint(tmp_path)[0])
+    loaded = load_checkpoint_model(tiny_lm_checkpoint(tmp_path)[0])
     page = viz.model_page(loaded, tokens, graph=spec)
     (edge_index, edge_head), _ = build_graph(loaded, spec, [len(tokens)])
     for layer in page.layers:
@@ -356,7 +343,7 @@ def test_a_model_page_beyond_the_edge_limit_is_refused_before_the_model_runs(tmp
     from gnn_transformer.experiments.analyze_run import load_checkpoint_model
     from gnn_transformer.viz import model_view
 
-    loaded = load_checkpoint_model(_tiny_lm_checkpoint(tmp_path)[0])
+    loaded = load_checkpoint_model(tiny_lm_checkpoint(tmp_path)[0])
     tokens = [1, 2, 3, 4, 5, 6]  # causal: 21 edges; 2 layers x (2 heads + their mean) = 126 on the page
     run = loaded.forward
     monkeypatch.setattr(model_view, "MAX_GRAPH_EDGES", 125)
@@ -385,7 +372,7 @@ def test_an_attention_page_beyond_the_edge_limit_is_refused(monkeypatch):
 def test_view_refuses_a_model_page_beyond_the_edge_limit(tmp_path, capsys, monkeypatch):
     from gnn_transformer.viz import model_view
 
-    path, _ = _tiny_lm_checkpoint(tmp_path)
+    path, _ = tiny_lm_checkpoint(tmp_path)
     tokens = tmp_path / "ids.txt"
     tokens.write_text("1 2 3 4 5 6\n")
     out = tmp_path / "m.html"
@@ -460,10 +447,7 @@ def test_a_catalogue_page_at_toy_scale_says_its_small_parameters():
 
 
 def test_view_of_a_model_with_nan_weights_names_the_layer(tmp_path, capsys):
-    path, model = _tiny_lm_checkpoint(tmp_path)
-    state = model.state_dict()
-    state["embed.weight"][2, 0] = float("nan")
-    torch.save({"model": state, "meta": {}}, path)
+    path, _ = tiny_lm_checkpoint(tmp_path, nan=True)
     tokens = tmp_path / "ids.txt"
     tokens.write_text("1 2 3 4\n")
     out = tmp_path / "page.html"
