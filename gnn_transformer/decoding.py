@@ -271,11 +271,9 @@ def position_embedding(model) -> str | None:
 def _position_table(model) -> int | None:
     """The positions of a model's learned position table (``GraphLM``'s ``pos_embed``, GPT-2's
     ``wpe``, GPT-Neo's ``embed_positions``); ``None`` for a model without one."""
-    for name in ("pos_embed", "wpe", "embed_positions"):
-        table = getattr(model, name, None)
-        if isinstance(table, torch.nn.Embedding):
-            return table.num_embeddings
-    return None
+    name = position_embedding(model)
+    table = None if name is None else getattr(model, name)
+    return table.num_embeddings if isinstance(table, torch.nn.Embedding) else None
 
 
 @torch.no_grad()

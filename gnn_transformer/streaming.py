@@ -39,6 +39,7 @@ from .attention import check_bool
 from .decoding import KV, KVCache, _position_table, _sample, check_cache_selectors, check_sampling, position_embedding
 from .kernels.primitives import plain_tensor
 from .position import LENGTH_DEPENDENT
+from .topology import streaming as streaming_graph
 
 Graph: TypeAlias = Tensor | tuple[Tensor, Tensor]  # edge_index, or (edge_index, edge_head) of a per-head graph
 Graphs: TypeAlias = Graph | Sequence[Graph]  # one graph for every layer, or one per layer
@@ -344,17 +345,13 @@ def _streaming_edges(cache: _StreamCache, num_new: int, num_sinks: int, window: 
     return torch.stack([src, dst])
 
 
-def _rotaries(model, layers: int) -> list:
+def _rotaries(model) -> list:
     """The rotary embedding (or ``None``) of the self-attention of each layer of ``model``'s stack,
-    in order: the attention modules of a decoder-only model, one per layer."""
+    in order: the attention modules of a decoder-only model, one per layer; refuses rotations that
+    cannot be moved to another position (length-dependent scalings)."""
     from .attention import GraphMultiheadAttention
 
     rotaries = [m.rotary for m in model.modules() if isinstance(m, GraphMultiheadAttention)]
-    if len(rotaries) < layers:
-        raise ValueError(
-            "Expected 'model' with one GraphMultiheadAttention per cached layer for "
-            f"positions='cache' (found {len(rotaries)} for {layers} layers)"
-        )
     for rotary in rotaries:
         if rotary is not None and rotary.scaling is not None and rotary.scaling.rope_type in LENGTH_DEPENDENT:
             raise ValueError(
@@ -437,14 +434,13 @@ def streaming_generate(
                 f"'model' adds its positions to the token embeddings ({added}), which stay in the cached "
                 "keys and values at the index they were computed at: use positions='absolute'"
             )
-        _rotaries(model, 0)  # refuses length-dependent RoPE scaling before the prompt runs
+    rotaries = _rotaries(model) if positions == "cache" else []  # checked before the prompt runs
     last_read = length + max_new_tokens - 2  # the position the last step reads
     if positions == "cache":
         last_read = max(length - 1, min(last_read, num_sinks + window))
     _check_table(model, max_new_tokens, length, last_read)
     device = input_ids.device
     cache = _StreamCache()
-    rotaries: list | None = None
     out, step_logits = [input_ids], []
     ids = input_ids.reshape(-1)  # [B * T] sequence after sequence
     seq = torch.arange(batch, device=device).repeat_interleave(length)
@@ -455,13 +451,11 @@ def streaming_generate(
             pos = torch.bincount(cache.seq, minlength=batch)[seq]
         else:
             pos = stream_pos
-        if cache.seq is None:  # the prompt: the builder's graph of B sequences, no [BT, BT] matrix
-            from .topology import streaming
-
-            edge_index = plain_tensor(streaming([length] * batch, num_sinks, window)).to(device)
-            cache.add_stream_nodes(seq, pos, stream_pos)
+        prompt = cache.seq is None
+        cache.add_stream_nodes(seq, pos, stream_pos)
+        if prompt:  # the builder's graph of the B prompts, not a [BT, BT] matrix
+            edge_index = plain_tensor(streaming_graph([length] * batch, num_sinks, window)).to(device)
         else:
-            cache.add_stream_nodes(seq, pos, stream_pos)
             edge_index = _streaming_edges(cache, seq.numel(), num_sinks, window)
         logits = model.forward_graph(ids, edge_index, pos=pos, cache=cache)[last]  # [B, V]
         step_logits.append(logits)
@@ -474,8 +468,11 @@ def streaming_generate(
         cache.keep(keep)
         if positions == "cache":  # the nodes left move down to their new index in the cache
             old, new = cache.pos, _cache_indices(cache.seq, batch)
-            if rotaries is None:
-                rotaries = _rotaries(model, max(cache.layers, default=-1) + 1)
+            if len(rotaries) <= max(cache.layers, default=-1):
+                raise ValueError(
+                    "Expected 'model' with one GraphMultiheadAttention per cached layer for "
+                    f"positions='cache' (found {len(rotaries)} for {len(cache.layers)} layers)"
+                )
             for index, (k, v) in cache.layers.items():
                 if rotaries[index] is not None:
                     cache.layers[index] = (_move_keys(k, rotaries[index], old, new), v)
@@ -680,9 +677,9 @@ def _heavy_hitters(score: Tensor, candidate: Tensor, seq: Tensor, batch: int, he
     return chosen & candidate
 
 
-def _check_h2o_model(model) -> tuple[int, int]:
-    """The query and key/value heads of ``model``'s attention, or a ``ValueError`` for a model H2O
-    cannot run."""
+def _check_h2o_model(model) -> tuple[int, int, int]:
+    """The query and key/value heads of ``model``'s attention and its attention layers, or a
+    ``ValueError`` for a model H2O cannot run."""
     _check_model(model)
     from .attention import GraphMultiheadAttention
 
@@ -712,7 +709,7 @@ def _check_h2o_model(model) -> tuple[int, int]:
         raise ValueError(
             f"Expected 'model' with the same numbers of query and key/value heads in every layer (got {heads})"
         )
-    return heads[0]
+    return (*heads[0], len(attention))
 
 
 MAX_KEPT_CELLS = 1 << 32  # the largest kept-set trace h2o_generate(return_kept=True) builds (bools)
@@ -797,7 +794,7 @@ def h2o_generate(
     """
     from .hf._common import attention_weights  # the weights of every attention call
 
-    num_heads, num_kv_heads = _check_h2o_model(model)
+    num_heads, num_kv_heads, layers = _check_h2o_model(model)
     _check_prompts(input_ids)
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0)
     heavy = _check_int("heavy", heavy, 0)
@@ -813,9 +810,6 @@ def h2o_generate(
     batch, length = input_ids.shape
     _check_table(model, max_new_tokens, length, length + max_new_tokens - 2)
     if return_kept:
-        from .attention import GraphMultiheadAttention
-
-        layers = sum(isinstance(m, GraphMultiheadAttention) for m in model.modules())
         cells = max_new_tokens * layers * batch * num_heads * (length + max_new_tokens)
         if cells > MAX_KEPT_CELLS:
             raise ValueError(

@@ -26,8 +26,7 @@ import torch
 from torch import Tensor
 
 from .planner import check_edge_index
-from .primitives import forgetter, plain_tensor
-from .primitives import versions as versions_of
+from .primitives import forgetter, plain_tensor, versions
 
 # relabelled graphs: id(edge_head) -> (weak refs to edge_head and edge_index, their versions,
 # the sizes, the relabelled edge_index); an entry disappears with its edge_head, and a write in
@@ -109,12 +108,12 @@ def head_graph(
     with _LOCK:
         hit = _CACHE.get(key)
     if hit is not None:
-        head_ref, index_ref, versions, hit_sizes, relabelled = hit
+        head_ref, index_ref, seen, hit_sizes, relabelled = hit
         if (
             head_ref() is edge_head
             and index_ref() is edge_index
             and hit_sizes == sizes
-            and versions == (edge_head._version, *versions_of(edge_index))
+            and seen == (edge_head._version, *versions(edge_index))
         ):
             return relabelled
     # the caller's edge_head stays the cache's key (an int32 one is checked as a long copy)
@@ -130,7 +129,7 @@ def head_graph(
     except TypeError:
         return relabelled
     with _LOCK:
-        _CACHE[key] = (head_ref, index_ref, (edge_head._version, *versions_of(edge_index)), sizes, relabelled)
+        _CACHE[key] = (head_ref, index_ref, (edge_head._version, *versions(edge_index)), sizes, relabelled)
     return relabelled
 
 
