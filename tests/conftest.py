@@ -321,6 +321,53 @@ def assert_matches_dense(
         torch.testing.assert_close(x, y.to(dtype), **tol, msg=lambda m, name=name: f"d{name}: {m}")
 
 
+# Second derivatives in float32 round through about twice the operations of the first: PyTorch's own
+# float32 dense attention, differentiated twice by autograd, is up to 1.1e-5 (relative) off the
+# float64 values on the test graphs of assert_second_order_equal; the kernels up to 1.2e-5
+SECOND_ORDER_TOL = {torch.float32: dict(atol=3e-5, rtol=3e-5), torch.float64: TOL[torch.float64]}
+
+
+def _grads(loss, inputs, **kw):
+    """``torch.autograd.grad`` of ``loss`` in ``inputs``, zeros where it does not depend on one
+    (or on none: a graph without edges)."""
+    if not loss.requires_grad:
+        return [torch.zeros_like(x) for x in inputs]
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True, **kw)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+
+
+def assert_second_order_equal(fn, reference, inputs, seed=0):
+    """``fn(*inputs) -> (out, lse)`` has the first and second derivatives of ``reference`` (the same
+    function in float64, on float64 copies of ``inputs``): the gradients ``g`` of a loss on both
+    results, taken with ``create_graph=True``, and the gradients of a loss on ``g`` that is not
+    linear in it (``sum(r . g + g . g / 2)``): first derivatives at 1e-10 in float64 and 1e-5 in
+    float32, second derivatives at 1e-10 and :data:`SECOND_ORDER_TOL` in float32."""
+    dtype = inputs[0].dtype
+    tol = TOL[dtype]
+    up = [x.detach().double().requires_grad_() for x in inputs]
+    out, lse = fn(*inputs)
+    ref, ref_lse = reference(*up)
+    g = torch.Generator().manual_seed(seed + 1)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    r = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in inputs]
+
+    def loss(o, l):
+        return (o * w.to(o.dtype)).sum() + 0.3 * l.masked_fill(torch.isinf(l), 0.0).sum()
+
+    def loss2(grads):
+        return sum(((d * c.to(d.dtype)).sum() + 0.5 * (d * d).sum() for d, c in zip(grads, r)), torch.zeros(()))
+
+    got = _grads(loss(out, lse), inputs, create_graph=True)
+    want = _grads(loss(ref, ref_lse), up, create_graph=True)
+    for name, x, y in zip("qkvb", got, want):
+        torch.testing.assert_close(x, y.to(dtype), **tol, msg=lambda m, name=name: f"d{name}: {m}")
+    for name, x, y in zip("qkvb", _grads(loss2(got), inputs), _grads(loss2(want), up)):
+        assert x.dtype == dtype
+        torch.testing.assert_close(
+            x, y.to(dtype), **SECOND_ORDER_TOL[dtype], msg=lambda m, name=name: f"second order, {name}: {m}"
+        )
+
+
 def tiny_lm_checkpoint(tmp_path, *, wrapped=True, norm_first=True, nan=False):
     """``(path, model)``: a 2-layer ``GraphLM`` (vocabulary 13, width 16, 2 heads) saved as
     ``tmp_path/ckpt/model.pt`` with its ``config.json``, as ``train`` writes one (``wrapped``: in

@@ -8,7 +8,9 @@ per graph), recognizes what the graph is (an implicit graph; full or causal atte
 which ``auto`` runs through PyTorch's own attention kernels, :mod:`.sdpa`) and picks the backend
 under ``auto``. Every backend file builds on :mod:`.primitives` (the one autograd function, a
 forward and a backward over a graph structure, and the small tensor idioms); the Triton files also
-share :mod:`.triton_common` (jit helpers, launches) and :mod:`._pieces`.
+share :mod:`.triton_common` (jit helpers, launches) and :mod:`._pieces`. :mod:`.higher_order` gives
+that autograd function its backward pass under ``create_graph=True`` (gradients differentiated
+again), by recomputation per edge (:mod:`.reference`).
 
 Glossary (each word has this one meaning in this package):
 

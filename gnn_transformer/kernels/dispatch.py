@@ -245,7 +245,10 @@ def attend(
     Returns:
         ``out [N_dst, H, D]`` in ``query``'s dtype (under autocast: autocast's dtype, unless the
         inputs are float64), and ``lse`` when ``return_lse``.
-        Differentiable w.r.t. query, key, value and edge_bias; empty rows give zeros.
+        Differentiable w.r.t. query, key, value and edge_bias, to every order (a gradient taken
+        with ``create_graph=True`` is recomputed per edge, :mod:`.higher_order`; where ``auto``
+        runs SDPA, PyTorch's fused kernels have no double backward, as for SDPA itself); empty rows
+        give zeros.
 
     Example:
         >>> import torch

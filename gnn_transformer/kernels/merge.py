@@ -13,7 +13,8 @@ Autograd would form ``w_A (dout . out_A - (w_A dout . out_A + w_B dout . out_B))
 part holds nearly all the weight, that is a tiny difference of two numbers of size
 ``|dout| |out|``, and the part's backward pass multiplies its rounding by ``|K|`` (dQ off by 2e-3 of
 10 at scores near 1e4 in float32). ``w_A w_B`` is small exactly there, and ``out_A - out_B`` does
-not cancel.
+not cancel. Under ``create_graph=True`` (a gradient that is differentiated again) the weights are
+recomputed from the log-sum-exps in the backward pass, so that autograd records these formulas too.
 
 Rows empty in both parts stay empty: zero output, ``lse = -inf``, and finite gradients.
 """
@@ -47,13 +48,15 @@ class _Merge(torch.autograd.Function):
         wa3, wb3 = w_a.unsqueeze(-1), w_b.unsqueeze(-1)  # [N, H, 1]
         out = (out_a.to(w_a.dtype) * wa3 + out_b.to(w_b.dtype) * wb3).to(out_a.dtype)  # [N, H, D]
         ctx.mark_non_differentiable(lo)
-        ctx.save_for_backward(out_a, out_b, w_a, w_b)
+        ctx.save_for_backward(out_a, out_b, w_a, w_b, lse_a, lse_b, lo_a, lo_b)
         ctx.lo_grads = (lo_a is not None and lo_a.requires_grad, lo_b is not None and lo_b.requires_grad)
         return out, lse, lo
 
     @staticmethod
     def backward(ctx, dout, dlse, _dlo):
-        out_a, out_b, w_a, w_b = ctx.saved_tensors
+        out_a, out_b, w_a, w_b, lse_a, lse_b, lo_a, lo_b = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the weights as operations on the log-sum-exps
+            w_a, w_b, _, _ = _weights(lse_a, lse_b, lo_a, lo_b)
         cd = w_a.dtype
         grads: list[Tensor | None] = [None] * 6
         d_a = d_b = None

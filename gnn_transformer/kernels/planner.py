@@ -344,10 +344,13 @@ def _recognize(graph: CSRGraph) -> DensePattern | None:
 def runs_sdpa(pattern: DensePattern | None, device_type: str, bias: bool, dropout: bool, lse: bool) -> bool:
     """Whether ``auto`` runs ``pattern`` through SDPA: a recognized graph, no edge bias, no attention
     dropout, few enough documents of unequal lengths, and on devices other than the CPU no
-    log-sum-exp (the public SDPA does not return it)."""
+    log-sum-exp (the public SDPA does not return it). On the CPU only with PyTorch's fused CPU
+    kernel, and while it is enabled (``torch.nn.attention.sdpa_kernel`` without
+    ``SDPBackend.FLASH_ATTENTION`` turns it off, for SDPA and for ``auto`` alike: the project's
+    kernels then run, which have higher-order gradients, see :mod:`.higher_order`)."""
     if pattern is None or bias or dropout:
         return False
-    if device_type == "cpu" and not has_cpu_flash():
+    if device_type == "cpu" and not (has_cpu_flash() and torch.backends.cuda.flash_sdp_enabled()):
         return False
     if device_type != "cpu" and lse:
         return False

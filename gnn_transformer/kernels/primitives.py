@@ -25,6 +25,7 @@ grouped-query heads.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -53,6 +54,19 @@ def versions(edge_index: Tensor) -> tuple[int, int]:
     own and its data's. They differ for an ``EdgeIndex``: a write through ``as_tensor()`` moves only
     the data's counter, a write through the wrapper only the wrapper's."""
     return edge_index._version, plain_tensor(edge_index)._version
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes a computation may allocate on ``device``: the GPU's free memory, half of the host's
+    physical memory; ``None`` where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (AttributeError, OSError, ValueError):  # no sysconf (Windows)
+        return None
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -143,6 +157,13 @@ class KernelAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse, _dlse_lo):
         q, k, v, bias, out, lse, lse_lo = ctx.saved_tensors[:7]  # unpacking the guards checks their versions
+        if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
+            from .higher_order import differentiable_grads  # it imports this module
+
+            grads = differentiable_grads(
+                q, k, v, bias, ctx.structure, ctx.scale, ctx.options, out, dout, dlse, ctx.needs_input_grad[:4]
+            )
+            return *grads, None, None, None, None
         if dout is None:
             dout = torch.zeros_like(out)
         need_bias = bias is not None and ctx.needs_input_grad[3]

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch_geometric.utils import scatter, softmax
 
-from .primitives import finite_or_zero, plain_tensor
+from .primitives import finite_or_zero, plain_tensor, total_or_one
 
 
 def edge_softmax(score: Tensor, index: Tensor, ptr: Tensor | None = None, num_nodes: int | None = None) -> Tensor:
@@ -32,6 +32,46 @@ def edge_softmax(score: Tensor, index: Tensor, ptr: Tensor | None = None, num_no
     return softmax(score.masked_fill(dead, 0.0), index, ptr, num_nodes).masked_fill(dead, 0.0)
 
 
+def edge_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    src: Tensor,
+    dst: Tensor,
+    *,
+    scale: float,
+    edge_bias: Tensor | None = None,
+    edge_scale: Tensor | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``out [N_dst, H, D]`` over the edges ``src[e] -> dst[e]`` (with ``return_lse`` also ``lse
+    [N_dst, H]``, float32, float64 for float64 inputs, ``-inf`` on empty rows), per-edge messages
+    in operations autograd differentiates to every order; ``edge_scale [E, H]`` multiplies the
+    softmax weights (attention dropout's keep scales)."""
+    num_dst, num_heads = query.size(0), query.size(1)
+    group = num_heads // key.size(1)
+    query_i = query[dst]  # [E, H, D]
+    key_j = key[src].repeat_interleave(group, dim=1)  # [E, H, D]
+    value_j = value[src].repeat_interleave(group, dim=1)  # [E, H, D]
+    score = (query_i * key_j).sum(dim=-1) * scale  # [E, H]
+    if edge_bias is not None:
+        score = score + edge_bias
+    alpha = edge_softmax(score, dst, num_nodes=num_dst)  # [E, H]
+    if edge_scale is not None:
+        alpha = alpha * edge_scale
+    out = scatter(alpha.unsqueeze(-1) * value_j, dst, dim=0, dim_size=num_dst, reduce="sum")  # [N_dst, H, D]
+    if not return_lse:
+        return out
+    score = score.float() if score.dtype != torch.float64 else score
+    index = dst.unsqueeze(-1).expand_as(score)  # [E, H]
+    top = torch.full((num_dst, num_heads), float("-inf"), dtype=score.dtype, device=score.device)
+    top = finite_or_zero(top.scatter_reduce(0, index, score.detach(), reduce="amax"))  # [N_dst, H]
+    total = torch.zeros_like(top).index_add(0, dst, torch.exp(score - top[dst]))  # [N_dst, H]
+    # -inf on empty rows, differentiable elsewhere (``top`` cancels out)
+    lse = torch.where(total > 0, top + torch.log(total_or_one(total)), float("-inf"))
+    return out, lse
+
+
 def attend_reference(
     query: Tensor,
     key: Tensor,
@@ -43,25 +83,6 @@ def attend_reference(
     return_lse: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``out_i = sum_j softmax_j(scale * q_i . k_j + b_ji) v_j`` over the edges ``j -> i``."""
-    num_dst, num_heads = query.size(0), query.size(1)
-    group = num_heads // key.size(1)
     plain = plain_tensor(edge_index)
     src, dst = plain[0].long(), plain[1].long()  # [E], [E]
-    query_i = query[dst]  # [E, H, D]
-    key_j = key[src].repeat_interleave(group, dim=1)  # [E, H, D]
-    value_j = value[src].repeat_interleave(group, dim=1)  # [E, H, D]
-    score = (query_i * key_j).sum(dim=-1) * scale  # [E, H]
-    if edge_bias is not None:
-        score = score + edge_bias
-    alpha = edge_softmax(score, dst, num_nodes=num_dst)  # [E, H]
-    out = scatter(alpha.unsqueeze(-1) * value_j, dst, dim=0, dim_size=num_dst, reduce="sum")  # [N_dst, H, D]
-    if not return_lse:
-        return out
-    score = score.float() if score.dtype != torch.float64 else score
-    index = dst.unsqueeze(-1).expand_as(score)  # [E, H]
-    top = torch.full((num_dst, num_heads), float("-inf"), dtype=score.dtype, device=score.device)
-    top = top.scatter_reduce(0, index, score.detach(), reduce="amax")  # [N_dst, H]
-    safe = finite_or_zero(top)
-    total = torch.zeros_like(top).index_add_(0, dst, torch.exp(score - safe[dst]))  # [N_dst, H]
-    lse = safe + torch.log(total)  # -inf on empty rows (differentiable: ``top`` cancels out)
-    return out, lse  # float32 (float64 for float64 inputs)
+    return edge_attention(query, key, value, src, dst, scale=scale, edge_bias=edge_bias, return_lse=return_lse)
