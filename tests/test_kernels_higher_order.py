@@ -315,3 +315,21 @@ def test_second_order_bfloat16(backend):
     for x, y in zip(hvp(inputs), hvp(up)):
         assert x.dtype == torch.bfloat16
         torch.testing.assert_close(x.float(), y, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["fused", "tiled", "auto"])
+def test_torch_func_transforms_are_refused_by_name(backend):
+    """Inside ``torch.func.grad`` the kernels would read wrapped tensors without memory: refused
+    before anything runs, naming what to use instead."""
+    from torch.func import grad
+
+    edge_index, n_src, n_dst = graph_case("window")
+    q, k, v, _ = make_inputs(n_src, n_dst, edge_index.size(1), bias=False)
+    k, v = k.detach(), v.detach()
+    with pytest.raises(RuntimeError, match=r"torch.func transforms.*torch.autograd.grad"):
+        grad(lambda q: attend(q, k, v, edge_index, scale=SCALE, backend=backend).sum())(q.detach())
+    layer = GraphMultiheadAttention(16, 4, backend=backend)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    x = torch.randn(n_dst, 16)
+    with pytest.raises(RuntimeError, match="torch.func transforms"):
+        grad(lambda p: torch.func.functional_call(layer, p, (x, edge_index)).sum())(params)

@@ -127,7 +127,19 @@ def _use_triton(device: torch.device, impl: str | None) -> bool:
     return impl == "triton"
 
 
+def _check_no_transform() -> None:
+    """``RuntimeError`` inside a ``torch.func`` transform: the kernels and the graph caches read
+    tensors' memory, which the transforms' wrapped tensors do not have."""
+    if torch._C._functorch.maybe_current_level() is not None:
+        raise RuntimeError(
+            "attend does not run under torch.func transforms (grad, vmap, jacrev, jvp, ...): its kernels "
+            "and graph caches read tensors' memory directly. Take gradients with torch.autograd.grad "
+            "instead (with create_graph=True for higher orders)"
+        )
+
+
 def _check_inputs(query, key, value, backend, num_dst, impl):
+    _check_no_transform()
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not isinstance(x, Tensor) or x.dim() != 3:
             shape = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -294,6 +306,7 @@ def attend_dense(query: Tensor, key: Tensor, value: Tensor, edge_index: Tensor, 
     """
     if not isinstance(edge_index, Tensor):
         return None
+    _check_no_transform()
     device_type = query.device.type
     graph = prepare(edge_index, key.size(0), query.size(0))
     pattern = dense_pattern(graph)
