@@ -333,3 +333,15 @@ def test_torch_func_transforms_are_refused_by_name(backend):
     x = torch.randn(n_dst, 16)
     with pytest.raises(RuntimeError, match="torch.func transforms"):
         grad(lambda p: torch.func.functional_call(layer, p, (x, edge_index)).sum())(params)
+
+
+def test_dense_recomputation_that_does_not_fit_is_refused(monkeypatch):
+    """PyTorch's fused CPU attention (``auto`` with ``return_lse`` on a causal graph): the dense
+    per-document recomputation's scores are counted before they are allocated."""
+    from gnn_transformer.kernels import higher_order
+
+    monkeypatch.setattr(higher_order, "device_memory", lambda device: 1000)
+    q, k, v = _inputs(30, 30, 0, torch.float32, bias=False)
+    out, lse = attend(q, k, v, T.causal([10, 20]), scale=SCALE, return_lse=True)
+    with pytest.raises(RuntimeError, match=r"create_graph=True.*2000 scores of 4 heads, dense per document"):
+        torch.autograd.grad(out.square().sum() + lse.sum(), q, create_graph=True)

@@ -38,6 +38,9 @@ from .tiling import TileList
 # tensors of [E, H, D] the per-edge recomputation holds for the next backward pass: the gathered
 # query, key and value, their product and the weighted messages, and one more at its peak
 EDGE_TENSORS = 6
+# tensors of [H, L, L] scores per document of the dense recomputation: scores, their exponentials,
+# the weights, the mask, and one more at its peak
+DENSE_TENSORS = 5
 
 
 class EdgeForm(NamedTuple):
@@ -83,23 +86,31 @@ def edge_form(structure: CSRGraph | TileList) -> EdgeForm:
     return _tile_edges(structure)
 
 
-def _check_fits(num_edges: int, q: Tensor) -> None:
-    """``RuntimeError`` where the per-edge recomputation's ``[E, H, D]`` tensors do not fit."""
-    itemsize = torch.finfo(compute_dtype(q.dtype)).bits // 8
-    need = EDGE_TENSORS * num_edges * q.size(1) * q.size(2) * itemsize
+def _check_fits(values: int, q: Tensor, what: str) -> None:
+    """``RuntimeError`` where a recomputation that holds ``values`` numbers of the accumulation
+    dtype does not fit on ``q``'s device (``what`` says what they are)."""
+    need = values * (torch.finfo(compute_dtype(q.dtype)).bits // 8)
     have = device_memory(q.device)
     if have is not None and need > have:
         raise RuntimeError(
-            f"A higher-order gradient of attention (create_graph=True) recomputes its {num_edges} edges "
-            f"x {q.size(1)} heads x {q.size(2)} channels per edge: about {need / 2**30:.3g} GiB, more than "
-            f"the {have / 2**30:.3g} GiB available on {q.device} (take it on fewer edges or tokens)"
+            f"A higher-order gradient of attention (create_graph=True) recomputes {what}: about "
+            f"{need / 2**30:.3g} GiB, more than the {have / 2**30:.3g} GiB available on {q.device} "
+            "(take it on fewer edges or tokens)"
         )
+
+
+def _num_edges(structure: CSRGraph | TileList) -> int:
+    """The edges of a kernel's structure, counted without listing them."""
+    if isinstance(structure, CSRGraph):
+        return structure.num_edges
+    return int(structure.count.sum()) if structure.num_tiles else 0
 
 
 def _per_edge(q, k, v, bias, structure, scale, dropout) -> tuple[Tensor, Tensor]:
     """``(out, lse)`` of a CSR graph's or a tile list's edges, per edge, in the accumulation dtype."""
+    num_edges, heads, dim = _num_edges(structure), q.size(1), q.size(2)
+    _check_fits(EDGE_TENSORS * num_edges * heads * dim, q, f"{num_edges} edges x {heads} heads x {dim} channels")
     form = edge_form(structure)
-    _check_fits(form.src.numel(), q)
     cd = compute_dtype(q.dtype)
     edge_bias = None
     if bias is not None:
@@ -123,6 +134,8 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, pattern: DensePattern, scale: float)
     cd = compute_dtype(q.dtype)
     group = q.size(1) // k.size(1)
     bipartite = len(pattern.bounds) == 2  # one sequence: every key (also of a full bipartite graph)
+    cells = q.size(1) * (q.size(0) * k.size(0) if bipartite else sum(n * n for n in pattern.lengths))
+    _check_fits(DENSE_TENSORS * cells, q, f"{cells} scores of {q.size(1)} heads, dense per document")
     outs, lses = [], []
     for a, b in zip(pattern.bounds[:-1], pattern.bounds[1:]):
         keys = slice(None) if bipartite else slice(a, b)
