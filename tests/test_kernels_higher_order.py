@@ -345,3 +345,40 @@ def test_dense_recomputation_that_does_not_fit_is_refused(monkeypatch):
     out, lse = attend(q, k, v, T.causal([10, 20]), scale=SCALE, return_lse=True)
     with pytest.raises(RuntimeError, match=r"create_graph=True.*2000 scores of 4 heads, dense per document"):
         torch.autograd.grad(out.square().sum() + lse.sum(), q, create_graph=True)
+
+
+@pytest.mark.parametrize("graph", [T.causal(30), T.sliding_window(30, 4)], ids=["pytorch_fused_attention", "window"])
+@pytest.mark.parametrize("backend", ["fused", "tiled", "split", "auto"])
+@pytest.mark.parametrize("shared", ["kv", "qkv"])
+def test_second_order_of_one_tensor_passed_twice(shared, backend, graph):
+    """``attend(q, x, x)`` and ``attend(x, x, x)``: the gradient in ``x`` is the sum of its roles'
+    (the recomputation differentiates each role on its own view), to the second order."""
+    x, q = _inputs(30, 30, 0, bias=False, heads=2, kv_heads=2)[:2]
+
+    def fn(x, q=None):
+        return attend(x if q is None else q, x, x, graph, scale=SCALE, backend=backend, return_lse=True)
+
+    def ref(x, q=None):
+        return dense_attention(x if q is None else q, x, x, graph, SCALE, return_lse=True)
+
+    inputs = [x] if shared == "qkv" else [x, q]
+    assert_second_order_equal(fn, ref, inputs)
+
+
+def test_second_order_under_autocast_runs_without_it():
+    """Under bfloat16 autocast the recomputation (here PyTorch's fused CPU attention's dense one)
+    runs in float32 as the kernels do: a Hessian-vector product within 2e-2 of float32's."""
+    graph = T.causal(40)
+    q, k, v = _inputs(40, 40, 0, torch.float32, bias=False, dim=16)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(40, 4, 16, generator=g)
+    r = [torch.randn(x.shape, generator=g) for x in (q, k, v)]
+
+    def hvp(autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, lse = attend(q, k, v, graph, scale=0.25, return_lse=True)
+            grads = torch.autograd.grad((out.float() * w).sum() + 0.3 * lse.sum(), (q, k, v), create_graph=True)
+            return torch.autograd.grad(sum((d.float() * c).sum() for d, c in zip(grads, r)), (q, k, v))
+
+    for x, y in zip(hvp(True), hvp(False)):
+        torch.testing.assert_close(x, y, atol=2e-2, rtol=2e-2)

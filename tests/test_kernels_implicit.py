@@ -101,6 +101,17 @@ def test_per_head_selection_sub_tiles():
     _check(q, k, v, graph, torch.float64, backend="tiled", block_size=16)
 
 
+@pytest.mark.parametrize(
+    "n,block,block_size,backend",
+    [(40, 16, 8, "tiled"), (40, 16, None, "tiled"), (192, 128, None, "auto"), (150, 64, 32, "tiled")],
+)
+def test_per_head_selection_with_a_short_last_block_in_sub_tiles(n, block, block_size, backend):
+    """One sequence whose last block is short (40 tokens in blocks of 16): each head's rows are
+    padded to whole blocks of the structure, also when sub-tiles divide the tokens (blocks of 8)."""
+    (q, k, v), graph = _selection(n, 4, 2, None, True, block=block)
+    _check(q, k, v, graph, torch.float64, backend=backend, block_size=block_size)
+
+
 @settings(max_examples=20, deadline=None)
 @given(
     lengths=st.lists(st.integers(1, 40), min_size=1, max_size=3),

@@ -170,8 +170,12 @@ def differentiable_grads(
     """``(dq, dk, dv, dbias)`` of a kernel's ``(out, lse)`` for ``(dout, dlse)``, as operations
     autograd records (module docstring); ``None`` where ``needs`` (``ctx.needs_input_grad``) says
     no gradient is wanted. Called inside a backward pass run with ``create_graph=True``."""
-    inputs = [(i, x) for i, (x, need) in enumerate(zip((q, k, v, bias), needs)) if need and x is not None]
     with torch.enable_grad():
+        # views of their own: with q, k, v one tensor (attend(x, x, x)) a gradient in it would
+        # otherwise be the sum of all three in each slot
+        q, k, v = (x.view_as(x) for x in (q, k, v))
+        bias = None if bias is None else bias.view_as(bias)
+        inputs = [(i, x) for i, (x, need) in enumerate(zip((q, k, v, bias), needs)) if need and x is not None]
         if isinstance(structure, DensePattern):
             out_r, lse_r = _dense(q, k, v, structure, scale)
         else:

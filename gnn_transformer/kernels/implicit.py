@@ -98,9 +98,11 @@ def block_tiles(
     n_dst = graph.num_dst if q_rows is None else nqb * block
     n_src = graph.num_src if k_rows is None else nkb * block
     if head is not None:  # one head on (head, padded row) nodes; a short last block pads each head's rows
-        if q_rows is None and graph.num_dst % block:
+        # (the structure's last block, which sub-tiles do not change: 40 tokens in blocks of 16 pad
+        # each head to 48 rows even in sub-tiles of 8)
+        if q_rows is None and graph.num_dst != nqb * block:
             q_rows = torch.arange(graph.num_dst, device=q_block.device)
-        if k_rows is None and graph.num_src % block:
+        if k_rows is None and graph.num_src != nkb * block:
             k_rows = torch.arange(graph.num_src, device=q_block.device)
         group = num_heads // num_kv_heads
         q_block = head * nqb + q_block

@@ -160,9 +160,10 @@ class KernelAttention(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
             from .higher_order import differentiable_grads  # it imports this module
 
-            grads = differentiable_grads(
-                q, k, v, bias, ctx.structure, ctx.scale, ctx.options, out, dout, dlse, ctx.needs_input_grad[:4]
-            )
+            with no_autocast(q.device.type):
+                grads = differentiable_grads(
+                    q, k, v, bias, ctx.structure, ctx.scale, ctx.options, out, dout, dlse, ctx.needs_input_grad[:4]
+                )
             return *grads, None, None, None, None
         if dout is None:
             dout = torch.zeros_like(out)
