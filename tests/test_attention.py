@@ -477,3 +477,98 @@ def test_attention_weights_are_returned_before_dropout(backend):
     torch.testing.assert_close(alpha, clean_alpha, **TOL[torch.float32])
     sums = torch.zeros(6, 2).index_add_(0, ei.as_tensor()[1], alpha)
     torch.testing.assert_close(sums, torch.ones(6, 2), **TOL[torch.float32])
+
+
+# ---------------------------------------------------------------- dense reference
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 3), (3, 2), (2, 4)])
+def test_dense_scaled_dot_product_refuses_query_heads_not_a_multiple_of_key_heads(num_heads, num_kv_heads):
+    q = torch.randn(1, num_heads, 3, 4)
+    kv = torch.randn(1, num_kv_heads, 3, 4)
+    with pytest.raises(ValueError, match="divisible by key heads"):
+        dense.scaled_dot_product(q, kv, kv, torch.ones(3, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.uint8, torch.long])
+def test_dense_scaled_dot_product_refuses_a_non_boolean_mask(mask_dtype):
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="'mask' to be boolean"):
+        dense.scaled_dot_product(q, q, q, torch.ones(3, 3, dtype=mask_dtype))
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_scaled_dot_product_drops_weights_in_training_only(p, dtype):
+    """``out`` is ``dropout(weights) @ value`` (torch's dropout, same seed) in training and
+    ``weights @ value`` otherwise; the returned weights are the ones before dropout."""
+    q, k, v = (torch.randn(2, 2, 5, 4, dtype=dtype) for _ in range(3))
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()
+    torch.manual_seed(3)
+    out, weights = dense.scaled_dot_product(q, k, v, mask, dropout_p=p, training=True)
+    torch.manual_seed(3)
+    expected = torch.nn.functional.dropout(weights, p=p, training=True) @ v
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+    assert not torch.allclose(out, weights @ v)  # some weight was dropped
+    eval_out, eval_weights = dense.scaled_dot_product(q, k, v, mask, dropout_p=p, training=False)
+    torch.testing.assert_close(eval_weights, weights, **TOL[dtype])
+    torch.testing.assert_close(eval_out, weights @ v, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_multihead_attention_drops_weights_when_the_layer_trains(dtype):
+    """The dense reference follows ``layer.training`` for attention dropout: the same as
+    :func:`dense.scaled_dot_product` with ``dropout_p=layer.dropout, training=True`` on the layer's
+    own projections, under the same seed."""
+    layer = GraphMultiheadAttention(8, 2, dropout=0.5, dtype=dtype).train()
+    x = torch.randn(1, 6, 8, dtype=dtype)
+    mask = torch.ones(6, 6, dtype=torch.bool)
+    w_q, w_k, w_v = layer.projection_weights()
+    b_q, b_k, b_v = layer.projection_biases()
+    q, k, v = (
+        torch.nn.functional.linear(x, w, b).view(1, 6, 2, 4).transpose(1, 2)
+        for w, b in ((w_q, b_q), (w_k, b_k), (w_v, b_v))
+    )
+    torch.manual_seed(5)
+    out, _ = dense.multihead_attention(layer, x, x, mask)
+    torch.manual_seed(5)
+    heads, _ = dense.scaled_dot_product(q, k, v, mask, dropout_p=0.5, training=True)
+    expected = layer.out_proj(heads.transpose(1, 2).reshape(1, 6, 8))
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+    eval_out, _ = dense.multihead_attention(layer.eval(), x, x, mask)
+    assert not torch.allclose(out, eval_out)
+
+
+@pytest.mark.parametrize("kdim, vdim", [(16, 16), (6, 10)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_multihead_attention_takes_separate_values_like_torch(kdim, vdim, dtype):
+    torch_mha, layer = _mha_pair(16, 2, dtype=dtype, kdim=kdim, vdim=vdim)
+    x_q = torch.randn(2, 3, 16, dtype=dtype)
+    x_k, x_v = torch.randn(2, 5, kdim, dtype=dtype), torch.randn(2, 5, vdim, dtype=dtype)
+    ref, ref_w = torch_mha(x_q.transpose(0, 1), x_k.transpose(0, 1), x_v.transpose(0, 1), average_attn_weights=False)
+    out, weights = dense.multihead_attention(layer, x_q, x_k, torch.ones(3, 5, dtype=torch.bool), x_value=x_v)
+    torch.testing.assert_close(out, ref.transpose(0, 1), **TOL[dtype])
+    torch.testing.assert_close(weights, ref_w, **TOL[dtype])
+
+
+@pytest.mark.parametrize("fill_value", [0.0, -1.5, float("-inf")])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_edge_values_to_dense_fills_the_missing_cells_with_fill_value(fill_value, dtype):
+    """Sequences of 2 and 3 tokens, edges 0 -> 1 (first) and 4 -> 2 (second: local 2 -> 0), values
+    [E, H=2]: every other cell of the padded [B, H, 3, 3] holds ``fill_value``."""
+    edge_index = torch.tensor([[0, 4], [1, 2]])
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=dtype)
+    out = dense.edge_values_to_dense(edge_index, values, [2, 3], fill_value=fill_value)
+    expected = torch.full((2, 2, 3, 3), fill_value, dtype=dtype)
+    expected[0, :, 1, 0] = values[0]
+    expected[1, :, 0, 2] = values[1]
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("edge", [(1, 2), (2, 1), (4, 0)])
+def test_edge_values_to_dense_refuses_an_edge_between_two_sequences(edge):
+    """Sequences of 2 and 3 tokens (nodes 0-1 and 2-4): an edge src -> dst across them is refused
+    (it would otherwise land at a wrapped-around local index of the target's sequence)."""
+    edge_index = torch.tensor([[0, edge[0]], [1, edge[1]]])
+    with pytest.raises(ValueError, match="between two different sequences"):
+        dense.edge_values_to_dense(edge_index, torch.ones(2, 2), [2, 3])

@@ -240,3 +240,111 @@ def test_dense_references_refuse_what_they_do_not_compute():
     ):
         with pytest.raises(ValueError, match=f"built with {what}: use gnn_transformer.dense.attention"):
             dense.multihead_attention(layer, x, x, mask[0])
+
+
+# ---------------------------------------------------------------- dense reference
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL32), (torch.float64, TOL64)])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(head_dim=6, rope=True, rotary_dim=4, k_norm=RMSNorm(6), num_kv_heads=1),
+        dict(rope=True, rotary_dim=2),
+        dict(rope=True),
+    ],
+)
+def test_dense_key_value_are_the_layers_normed_and_rotated_keys(options, dtype, tol):
+    """dense.key_value returns the keys the graph path attends with (k_norm, then RoPE on the first
+    rotary_dim dimensions, the rest passed through in place) and the plain values, [B, H_kv, T, D]."""
+    torch.manual_seed(0)
+    layer = GraphMultiheadAttention(8, 2, backend="pyg", **options).to(dtype)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+    x_pad = torch.randn(2, 5, 8, dtype=dtype)
+    pos = torch.tensor([[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]])
+    key, value = dense.key_value(layer, x_pad, pos_key=pos)
+    k, v = layer.project_key_value(x_pad.reshape(10, 8), x_pad.reshape(10, 8))  # [N, H_kv, D]
+    k = layer.rotary(k, pos.reshape(10))
+    h_kv, d = layer.num_kv_heads, layer.head_dim
+    torch.testing.assert_close(key, k.view(2, 5, h_kv, d).transpose(1, 2), **tol)
+    torch.testing.assert_close(value, v.view(2, 5, h_kv, d).transpose(1, 2), **tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL32), (torch.float64, TOL64)])
+@pytest.mark.parametrize("unit_offset", [False, True])
+def test_rms_norm_default_eps_and_initial_gain(unit_offset, dtype, tol):
+    """Default ``eps`` 1e-6 (it shows on inputs of mean square about 1e-6) and a gain of one at
+    initialization in both conventions (weight ones, or zeros with unit_offset)."""
+    norm = RMSNorm(8, unit_offset=unit_offset).to(dtype)
+    assert norm.eps == 1e-6
+    x = torch.randn(3, 8, dtype=dtype) * 1e-3
+    want = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(norm(x), want, **tol)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(eps=0.0), r"'eps' to be a finite number > 0.0 \(got 0.0\)"),
+        (dict(eps=-1e-6), r"'eps' to be a finite number > 0.0"),
+        (dict(unit_offset=1), r"'unit_offset' to be a bool \(got 1\)"),
+        (dict(unit_offset="yes"), r"'unit_offset' to be a bool"),
+    ],
+)
+def test_rms_norm_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        RMSNorm(4, **kw)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, TOL32), (torch.float64, TOL64)])
+def test_feed_forward_defaults_are_swiglu_without_biases(dtype, tol):
+    """FeedForward(C, F) is Llama's SwiGLU: SiLU gate, no biases, no dropout."""
+    torch.manual_seed(0)
+    mlp = FeedForward(4, 6, dtype=dtype)
+    assert sorted(mlp.state_dict()) == ["down_proj.weight", "gate_proj.weight", "up_proj.weight"]
+    x = torch.randn(5, 4, dtype=dtype)
+    gate, up = x @ mlp.gate_proj.weight.T, x @ mlp.up_proj.weight.T
+    want = (gate * torch.sigmoid(gate) * up) @ mlp.down_proj.weight.T
+    torch.testing.assert_close(mlp(x), want, **tol)
+    torch.testing.assert_close(mlp.train()(x), want, **tol)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_feed_forward_bias_puts_a_bias_in_every_projection(gated):
+    mlp = FeedForward(4, 6, gated=gated, bias=True)
+    names = ["down_proj.bias", "down_proj.weight", "up_proj.bias", "up_proj.weight"]
+    names += ["gate_proj.bias", "gate_proj.weight"] if gated else []
+    assert sorted(mlp.state_dict()) == sorted(names)
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5])
+@pytest.mark.parametrize("gated", [False, True])
+def test_feed_forward_dropout_before_down_proj_in_training_only(gated, p):
+    torch.manual_seed(0)
+    mlp = FeedForward(4, 6, "gelu", gated=gated, bias=True, dropout=p, dtype=torch.float64)
+    x = torch.randn(7, 4, dtype=torch.float64)
+    gelu = torch.nn.functional.gelu
+    up = gelu(mlp.gate_proj(x)) * mlp.up_proj(x) if gated else gelu(mlp.up_proj(x))
+    torch.manual_seed(1)
+    out = mlp.train()(x)
+    torch.manual_seed(1)
+    want = mlp.down_proj(torch.nn.functional.dropout(up, p=p, training=True))
+    torch.testing.assert_close(out, want, **TOL64)
+    assert not torch.allclose(out, mlp.down_proj(up))  # it dropped something
+    torch.testing.assert_close(mlp.eval()(x), mlp.down_proj(up), **TOL64)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(gated=1), r"'gated' to be a bool \(got 1\)"),
+        (dict(gated="no"), r"'gated' to be a bool"),
+        (dict(bias=0), r"'bias' to be a bool \(got 0\)"),
+        (dict(dropout=1.5), r"'dropout' to be a number in \[0, 1\)"),
+    ],
+)
+def test_feed_forward_bad_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        FeedForward(4, 6, **kw)

@@ -556,3 +556,29 @@ def test_modernbert_masked_lm_loss_matches_hf(right_padding):
         graph(input_ids=ids, attention_mask=mask, labels=labels[:, :3])
     with pytest.raises(ValueError, match="'labels' for a ModernBERT without the masked-LM head"):
         hf.from_hf(_modernbert(False))(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("unit_offset", [False, True])
+def test_rms_norm_rounds_exactly_as_hugging_face(unit_offset, dtype):
+    """RMSNorm reproduces Llama's (normalize in float32, cast, multiply by the gain in the input
+    dtype) and Gemma's (``1 + weight`` multiplied in float32, then cast) conventions bit for bit,
+    default eps included."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from gnn_transformer.norms import RMSNorm
+
+    torch.manual_seed(0)
+    ours = RMSNorm(64, unit_offset=unit_offset).to(dtype)
+    theirs = (GemmaRMSNorm(64) if unit_offset else LlamaRMSNorm(64)).to(dtype)
+    with torch.no_grad():
+        ours.weight.normal_()
+        theirs.weight.copy_(ours.weight)
+    x = (torch.randn(16, 64) * 3).to(dtype)
+    out = ours(x)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, theirs(x), atol=0, rtol=0)

@@ -512,3 +512,68 @@ def test_from_hf_token_ids_outside_the_vocabulary(make):
     graph = hf.from_hf(make(), backend="pyg")
     with pytest.raises(ValueError, match="Found 31 in 'input_ids'.*0..30"):
         graph(input_ids=torch.tensor([[1, 31]]))
+
+
+# ---------------------------------------------------------------- padding helpers
+
+
+@pytest.mark.parametrize(
+    "lengths, max_len, expected",
+    [
+        ([2, 0, 3], None, [[1, 1, 0], [0, 0, 0], [1, 1, 1]]),
+        ([0, 0], None, [[], []]),
+        ([0, 1], 3, [[0, 0, 0], [1, 0, 0]]),
+        ([], None, []),
+        (torch.tensor([1, 0]), None, [[1], [0]]),
+    ],
+)
+def test_padding_mask_of_empty_sequences_and_batches(lengths, max_len, expected):
+    from gnn_transformer.padding import padding_mask
+
+    mask = padding_mask(lengths, max_len)
+    want = torch.tensor(expected, dtype=torch.bool).reshape(len(expected), -1 if expected and expected[0] else 0)
+    assert mask.dtype == torch.bool
+    assert torch.equal(mask, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_to_padded_and_from_padded_with_empty_sequences_round_trip(dtype):
+    x = torch.arange(1.0, 6.0, dtype=dtype)[:, None].expand(5, 2)  # rows 1..5
+    out = to_padded(x, [2, 0, 3], fill_value=-1.0)
+    want = torch.tensor([[1, 2, -1], [-1, -1, -1], [3, 4, 5]], dtype=dtype)[..., None].expand(3, 3, 2)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    torch.testing.assert_close(from_padded(out, [2, 0, 3]), x, atol=0, rtol=0)
+    empty = to_padded(torch.empty(0, 2, dtype=dtype), [])
+    assert empty.shape == (0, 0, 2)
+    assert to_padded(torch.empty(0, 2, dtype=dtype), [0, 0]).shape == (2, 0, 2)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: to_padded(torch.zeros(3), [4, -1]), r"'lengths' to be non-negative \(got \[4, -1\]\)"),
+        (lambda: from_padded(torch.zeros(2, 3), [-1, 1]), r"'lengths' to be non-negative"),
+        (lambda: from_padded(torch.zeros(2, 3), [1]), r"Expected 2 entries in 'lengths', one per sequence \(got 1\)"),
+        (lambda: from_padded(torch.zeros(2, 3), [1, 1, 1]), r"Expected 2 entries in 'lengths'.*\(got 3\)"),
+        (lambda: from_padded(torch.zeros(2, 3), torch.tensor([True, False])), r"'lengths' to hold.*torch.bool"),
+        (lambda: to_padded(torch.zeros(1), torch.tensor([True])), r"'lengths' to hold integers.*torch.bool"),
+        (lambda: to_padded(torch.zeros(3), [2, 2]), r"'x' to have sum\(lengths\) = 4 rows \(got 3\)"),
+        (lambda: to_padded(torch.zeros(5), [2, 2]), r"'x' to have sum\(lengths\) = 4 rows \(got 5\)"),
+        (lambda: from_padded(torch.zeros(3), [1, 1, 1]), r"'x' to be padded \[B, T, ...\] \(got shape \[3\]\)"),
+        (lambda: from_padded(torch.tensor(1.0), [1]), r"'x' to be padded \[B, T, ...\] \(got shape \[\]\)"),
+    ],
+)
+def test_padding_helpers_bad_lengths(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("fill_value", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.long, torch.int32])
+def test_to_padded_bool_fill_value_only_for_bool_tensors(dtype, fill_value):
+    """A bool is no number of a numeric dtype (as in the existing fill-value checks); it fills a
+    bool tensor."""
+    with pytest.raises(ValueError, match=f"'fill_value'.*{dtype}"):
+        to_padded(torch.zeros(3, dtype=dtype), [2, 1], fill_value=fill_value)
+    out = to_padded(torch.zeros(3, dtype=torch.bool), [2, 1], fill_value=fill_value)
+    assert out[1, 1].item() is fill_value

@@ -469,3 +469,48 @@ def test_alibi_on_per_layer_per_head_graphs_sharing_one_edge_index():
     shared = model(ids, [(edge_index, heads[0]), (edge_index, heads[1])], pos=pos)
     copies = model(ids, [(edge_index.clone(), heads[0]), (edge_index.clone(), heads[1])], pos=pos)
     torch.testing.assert_close(shared, copies, **TOL[torch.float64])
+
+
+# ---------------------------------------------------------------- dense reference
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_decoder_stack_memory_biases_match_dense(per_layer, dtype):
+    """``memory_edge_bias`` of a decoder stack (one for every layer, or one per layer with a None)
+    reaches the cross-attention of each layer, and dense.decoder's ``memory_bias`` does the same."""
+    layer = GraphTransformerDecoderLayer(16, HEADS, 24, dropout=0.0, norm_first=True, dtype=dtype, backend="pyg")
+    stack = perturbed(GraphTransformerDecoder(layer, 3))
+    memory_graph = cross(LENGTHS, SRC_LENGTHS)
+    num_edges = memory_graph.size(1)
+    if per_layer:
+        biases = [torch.randn(num_edges, HEADS, dtype=dtype, requires_grad=True), None, None]
+        biases[2] = torch.randn(num_edges, HEADS, dtype=dtype, requires_grad=True)
+    else:
+        biases = torch.randn(num_edges, HEADS, dtype=dtype, requires_grad=True)
+    to_dense = lambda b: None if b is None else dense.edge_values_to_dense(memory_graph, b, SRC_LENGTHS, LENGTHS)  # noqa: E731
+    dense_biases = [to_dense(b) for b in biases] if per_layer else to_dense(biases)
+    x, memory = nodes(LENGTHS, 16, dtype), nodes(SRC_LENGTHS, 16, dtype)
+    out = stack(x, CAUSAL, memory, memory_graph, memory_edge_bias=biases)
+    ref = dense_layers.decoder(
+        stack,
+        to_padded(x, LENGTHS),
+        to_padded(memory, SRC_LENGTHS),
+        dense_mask(CAUSAL),
+        dense_mask(memory_graph, src_lengths=SRC_LENGTHS),
+        memory_bias=dense_biases,
+    )
+    leaves = [x, memory, *(b for b in (biases if per_layer else [biases]) if b is not None), *stack.parameters()]
+    assert_matches(out, from_padded(ref, LENGTHS), leaves, dtype)
+
+
+@pytest.mark.parametrize("length", [2, 5])
+@pytest.mark.parametrize("argument", ["mask", "bias"])
+def test_dense_stack_refuses_a_sequence_of_the_wrong_length(argument, length):
+    stack = encoder_stack(torch.float32, num_layers=3)
+    x = to_padded(torch.randn(sum(LENGTHS), 16), LENGTHS)
+    mask = dense_mask(WINDOW)
+    kw = dict(mask=[mask] * length) if argument == "mask" else dict(mask=mask, bias=[None] * length)
+    match = rf"'{argument}' to hold one entry per layer, 3 \(got a sequence of length {length}\)"
+    with pytest.raises(ValueError, match=match):
+        dense.encoder(stack, x, pos=padded_positions(LENGTHS), **kw)

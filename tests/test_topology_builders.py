@@ -358,3 +358,49 @@ def test_bigbird_more_random_blocks_than_there_are():
         every.as_tensor(), T.bigbird(40, block=2, window=1, num_global=1, num_random=20, seed=1).as_tensor()
     )
     assert torch.equal(every.as_tensor(), T.full(40).as_tensor())  # every block reachable
+
+
+# ---------------------------------------------------------------- from_predicate
+
+
+@pytest.mark.parametrize("q_len, k_len", [([3], [5]), ([2, 4], [3, 1]), ([1], [4])])
+def test_from_predicate_bipartite_passes_query_then_key_length(q_len, k_len):
+    """With ``with_length``, a bipartite rule is called ``fn(i, j, L_q, L_k)``; the graph is
+    ``(num_src, num_dst) = (sum L_k, sum L_q)``: here every query but the last of its sequence
+    attends to the last key of its sequence."""
+    calls = set()
+
+    def fn(i, j, lq, lk):
+        calls.add((lq, lk))
+        return j == lk - 1 and i < lq - 1
+
+    out = T.from_predicate(q_len, fn, src_lengths=k_len, with_length=True)
+    assert calls == set(zip(q_len, k_len))
+    assert out.sparse_size() == (sum(k_len), sum(q_len))
+    src, dst, q_off, k_off = [], [], 0, 0
+    for lq, lk in zip(q_len, k_len):
+        for i in range(lq - 1):
+            src.append(k_off + lk - 1)
+            dst.append(q_off + i)
+        q_off, k_off = q_off + lq, k_off + lk
+    assert out.tolist() == [src, dst]
+
+
+@pytest.mark.parametrize("n, max_pairs", [(2, 4), ([2, 3], 13), (0, 0)])
+def test_from_predicate_builds_exactly_at_max_pairs(n, max_pairs):
+    """``max_pairs`` is the largest number of candidate pairs allowed: at it the graph is built,
+    one below it is refused."""
+    out = T.from_predicate(n, lambda i, j: True, max_pairs=max_pairs)
+    assert out.size(1) == max_pairs
+    if max_pairs:
+        with pytest.raises(ValueError, match=rf"{max_pairs} pairs exceed 'max_pairs'={max_pairs - 1}"):
+            T.from_predicate(n, lambda i, j: True, max_pairs=max_pairs - 1)
+
+
+def test_from_predicate_refuses_mismatched_src_lengths_and_non_callables():
+    with pytest.raises(ValueError, match=r"'src_lengths' to have 2 entries \(got 1\)"):
+        T.from_predicate([2, 3], lambda i, j: True, src_lengths=[4])
+    with pytest.raises(ValueError, match=r"'src_lengths' to have 1 entries \(got 2\)"):
+        T.from_predicate([2], lambda i, j: True, src_lengths=[4, 1])
+    with pytest.raises(ValueError, match="'fn' to be callable"):
+        T.from_predicate(3, "j <= i")

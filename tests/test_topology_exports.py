@@ -222,3 +222,46 @@ def test_block_mask_of_a_cross_graph_has_the_query_and_key_lengths():
     k, v = (torch.randn(1, 2, n_src, 8, generator=g, dtype=torch.float64) for _ in range(2))
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(flex_attention(q, k, v, block_mask=bm), want, atol=1e-10, rtol=1e-10)
+
+
+# ---------------------------------------------------------------- combinators
+
+
+@pytest.mark.parametrize("q_len, k_len", [(3, 5), (5, 2), (1, 4)])
+def test_combinators_on_bipartite_graphs_keep_the_sparse_size(q_len, k_len):
+    """Cross-attention graphs (``num_src != num_dst``): each set operation keeps ``(num_src,
+    num_dst)`` and gives the set operation of the dense masks."""
+    ga = T.cross(q_len, k_len, mode="window", window=1)
+    gb = T.from_predicate(q_len, lambda i, j: (i + j) % 2 == 0, src_lengths=k_len)
+    assert ga.sparse_size() == gb.sparse_size() == (k_len, q_len)
+    ma, mb = T.to_dense_mask(ga), T.to_dense_mask(gb)
+    for op, expected in ((T.union, ma | mb), (T.intersection, ma & mb), (T.difference, ma & ~mb)):
+        out = op(ga, gb)
+        assert out.sparse_size() == (k_len, q_len), op.__name__
+        assert out.is_sorted_by_col and not T.is_multigraph(out)
+        assert torch.equal(T.to_dense_mask(out), expected), op.__name__
+
+
+@pytest.mark.parametrize("op", [T.union, T.intersection])
+def test_combinators_of_plain_tensors_size_the_graph_by_the_largest_node(op):
+    """Plain ``[2, E]`` operands give ``sparse_size = (max + 1, max + 1)``: the largest node is kept."""
+    plain = torch.tensor([[0, 2, 1], [1, 2, 0]])
+    out = op(plain, plain)
+    assert out.sparse_size() == (3, 3)
+    assert out.tolist() == [[1, 0, 2], [0, 1, 2]]
+
+
+@pytest.mark.parametrize(
+    "plain",
+    [
+        torch.tensor([[3], [0]]),  # source node == num_src
+        torch.tensor([[0], [2]]),  # target node == num_dst
+        torch.tensor([[4], [0]]),  # source node past num_src
+    ],
+)
+def test_combinators_refuse_plain_nodes_at_or_past_the_sparse_size(plain):
+    """A plain operand with a node at index ``num_src`` / ``num_dst`` of the EdgeIndex operands (one
+    past the last) is refused, also when ``num_src != num_dst``."""
+    bipartite = T.cross(2, 3)  # sparse_size (3, 2)
+    with pytest.raises(ValueError, match=r"nodes outside sparse_size \(3, 2\)"):
+        T.union(bipartite, plain)

@@ -220,3 +220,19 @@ def test_draw_per_head_bad_input(kw, match):
     edge_index, edge_head = duo_attention(4, [1], 3, num_sinks=1, window=1)
     with pytest.raises(ValueError, match=match):
         draw_per_head(edge_index, edge_head, 3, **kw)
+
+
+# ---------------------------------------------------------------- per_head dtypes
+
+
+@pytest.mark.parametrize("dtypes", [(torch.int32, torch.int32), (torch.int32, torch.long), (torch.int16, torch.uint8)])
+def test_per_head_of_narrow_integer_graphs_is_long(dtypes):
+    """Graphs of any integer dtype stack into a long edge_index (what the kernels index with), same
+    edges."""
+    graphs = [causal(4).as_tensor().to(dtypes[0]), sliding_window(4, 1).as_tensor().to(dtypes[1])]
+    edge_index, edge_head = per_head(graphs)
+    assert edge_index.dtype == torch.long and edge_head.dtype == torch.long
+    assert edge_index.sparse_size() == (4, 4)
+    got, _ = _edges(edge_index, edge_head)
+    want = {(h, i, j) for h, g in enumerate(graphs) for j, i in g.long().t().tolist()}
+    assert got == want

@@ -252,3 +252,40 @@ def test_per_head_edge_budget_counts_every_head(tmp_path):
     with T.max_edges(30):  # one head: 10 edges, four: 40
         with pytest.raises(ValueError, match=re.escape(str(p)) + ".*per_head.*40 edges"):
             T.load(p, 4)
+
+
+# ---------------------------------------------------------------- LayerPattern
+
+
+@pytest.mark.parametrize("layer", [True, False, -1, 1.0, "0", None])
+def test_layer_pattern_refuses_a_layer_that_is_no_non_negative_int(layer):
+    pattern = specs.LayerPattern((T.causal(3), T.full(3)))
+    with pytest.raises(ValueError, match=r"'layer' to be a non-negative int"):
+        pattern(layer)
+
+
+def test_layer_pattern_to_moves_every_tensor_and_keeps_shared_graphs_shared():
+    pair = T.per_head([T.causal(3), T.full(3)])
+    window = T.sliding_window(3, 1)
+    pattern = specs.LayerPattern((pair, pair, window, window))
+    moved = pattern.to("meta")
+    assert moved.period == 4
+    assert moved.graphs[0] is moved.graphs[1] and moved.graphs[2] is moved.graphs[3]
+    assert all(t.device.type == "meta" for t in moved.graphs[0]) and moved.graphs[2].device.type == "meta"
+    assert [layers for layers, _ in pattern.to("cpu").distinct()] == [[0, 1], [2, 3]]
+
+
+def test_layer_pattern_distinct_tells_a_per_head_pair_from_its_edge_index():
+    """A per-head pair ``(edge_index, edge_head)`` and its bare ``edge_index`` are different graphs
+    (the second is shared by all heads), even though their edge_index is equal."""
+    pair = T.per_head([T.causal(3), T.causal(3)])
+    pattern = specs.LayerPattern((pair[0], pair, pair[0]))
+    assert [layers for layers, _ in pattern.distinct()] == [[0, 2], [1]]
+
+
+def test_layer_patterns_compare_by_identity():
+    """Patterns hold tensors: ``==`` is identity (no elementwise tensor comparison), and a pattern is
+    hashable."""
+    a, b = specs.LayerPattern((T.causal(3), T.full(3))), specs.LayerPattern((T.causal(3), T.full(3)))
+    assert a == a and a != b
+    assert {a: 1, b: 2}[a] == 1

@@ -356,3 +356,46 @@ def test_edge_weight_variants_run_an_implicit_graph_as_its_edges(attention, dtyp
         torch.testing.assert_close(got_x.grad, want_x.grad, **TOL[dtype])
     with pytest.raises(ValueError, match="no 'edge_head' with an implicit graph"):
         layer(x, causal([4, 2], implicit=True, block_size=2), edge_head=torch.zeros(0, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- dense reference
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["full", "random"])
+@pytest.mark.parametrize("eps", [0.01, 0.5, 3.0])
+def test_linear_attention_eps_matches_dense(eps, kind, dtype):
+    """The dense reference normalizes with the layer's own ``eps``, not the default ``1e-6``."""
+    layer = perturbed(LinearAttention(16, 4, num_kv_heads=2, eps=eps, dtype=dtype, backend="pyg"))
+    _check_attention(layer, kind, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_linear_attention_default_eps_is_the_layers(dtype):
+    """Called without ``eps``, dense.linear_attention normalizes with LinearAttention's default;
+    scores kept small (phi(x) = elu(x) + 1 of x near -4) so that eps shows in the weights."""
+    q, k, v = (torch.randn(2, 2, 4, 3, dtype=dtype) - 4 for _ in range(3))
+    mask = torch.ones(4, 4, dtype=torch.bool).tril().expand(2, 4, 4)
+    out, weights = dense.linear_attention(q, k, v, mask)
+    eps = LinearAttention(8, 2).eps
+    assert eps == 1e-6
+    kernel = ((torch.nn.functional.elu(q) + 1) @ (torch.nn.functional.elu(k) + 1).transpose(-1, -2)) * mask[:, None]
+    want = kernel / (kernel.sum(-1, keepdim=True) + eps)
+    torch.testing.assert_close(weights, want, **TOL[dtype])
+    torch.testing.assert_close(out, want @ v, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_sigmoid_attention_minus_inf_bias_off_the_mask_changes_nothing(dtype):
+    """An additive bias of -inf where the mask forbids (the other spelling of a mask) gives the
+    hand-computed ``sigmoid(q k^T / sqrt(D) - log n_i) * mask``, zeros in a row without keys."""
+    q, k, v = (torch.randn(2, 2, 4, 3, dtype=dtype) for _ in range(3))
+    mask = torch.ones(2, 4, 4, dtype=torch.bool).tril()
+    mask[:, 1] = False  # row 1: no key
+    bias = torch.zeros(2, 1, 4, 4, dtype=dtype).masked_fill(~mask[:, None], float("-inf"))
+    out, weights = dense.sigmoid_attention(q, k, v, mask, bias=bias)
+    count = mask.sum(-1, keepdim=True).clamp(min=1)[:, None].to(dtype)  # [B, 1, T, 1]
+    want = torch.sigmoid(q @ k.transpose(-1, -2) / 3**0.5 - count.log()) * mask[:, None]
+    torch.testing.assert_close(weights, want, **TOL[dtype])
+    torch.testing.assert_close(out, want @ v, **TOL[dtype])
+    assert (out[:, :, 1] == 0).all()
