@@ -119,13 +119,22 @@ def test_per_head_selection_with_a_short_last_block_in_sub_tiles(n, block, block
     num_blocks=st.integers(0, 3),
     causal=st.booleans(),
     heads=st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+    one_sequence=st.booleans(),
+    sub_tiles=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_random_selections_equal_dense(lengths, block, num_blocks, causal, heads, seed):
+def test_random_selections_equal_dense(lengths, block, num_blocks, causal, heads, one_sequence, sub_tiles, seed):
+    """Random block selections (batches, or one sequence: uniform blocks, the last one short), in
+    the structure's tiles or in sub-tiles (the largest of 4, 2, 1 smaller than the blocks and dividing them)."""
     torch.manual_seed(seed)
     block = min(block, max(lengths))
-    (q, k, v), graph = _selection(sum(lengths), *heads, lengths, causal, block=block, num_blocks=num_blocks)
-    _check(q, k, v, graph, torch.float64, backend="tiled")
+    if one_sequence:
+        lengths = [sum(lengths)]
+    (q, k, v), graph = _selection(
+        sum(lengths), *heads, None if one_sequence else lengths, causal, block=block, num_blocks=num_blocks
+    )
+    block_size = max(b for b in (1, 2, 4) if block % b == 0 and b < block) if sub_tiles and block > 1 else None
+    _check(q, k, v, graph, torch.float64, backend="tiled", block_size=block_size)
 
 
 def _no_edges(monkeypatch):
