@@ -382,3 +382,16 @@ def test_second_order_under_autocast_runs_without_it():
 
     for x, y in zip(hvp(True), hvp(False)):
         torch.testing.assert_close(x, y, atol=2e-2, rtol=2e-2)
+
+
+def test_device_memory(monkeypatch):
+    """What a recomputation may allocate: half of the host's memory; on a GPU its free memory and
+    what PyTorch's allocator holds unused (checked here on stand-ins for the CUDA queries)."""
+    from gnn_transformer.kernels.primitives import device_memory
+
+    assert device_memory(torch.device("cpu")) == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    assert device_memory(torch.device("meta")) is None
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000, 8000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 300)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 200)
+    assert device_memory(torch.device("cuda", 0)) == 1100

@@ -57,10 +57,11 @@ def versions(edge_index: Tensor) -> tuple[int, int]:
 
 
 def device_memory(device: torch.device) -> int | None:
-    """Bytes a computation may allocate on ``device``: the GPU's free memory, half of the host's
-    physical memory; ``None`` where it cannot be read."""
+    """Bytes a computation may allocate on ``device``: the GPU's free memory (with what PyTorch's
+    allocator holds unused), half of the host's physical memory; ``None`` where it cannot be read."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     if device.type != "cpu":
         return None
     try:
