@@ -348,14 +348,15 @@ def assert_second_order_equal(fn, reference, inputs, seed=0):
     out, lse = fn(*inputs)
     ref, ref_lse = reference(*up)
     g = torch.Generator().manual_seed(seed + 1)
-    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    r = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in inputs]
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)
+    r = [torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.device) for x in inputs]
 
     def loss(o, l):
         return (o * w.to(o.dtype)).sum() + 0.3 * l.masked_fill(torch.isinf(l), 0.0).sum()
 
     def loss2(grads):
-        return sum(((d * c.to(d.dtype)).sum() + 0.5 * (d * d).sum() for d, c in zip(grads, r)), torch.zeros(()))
+        zero = torch.zeros((), device=grads[0].device)
+        return sum(((d * c.to(d.dtype)).sum() + 0.5 * (d * d).sum() for d, c in zip(grads, r)), zero)
 
     got = _grads(loss(out, lse), inputs, create_graph=True)
     want = _grads(loss(ref, ref_lse), up, create_graph=True)
