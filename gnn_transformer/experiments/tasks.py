@@ -16,13 +16,14 @@ Token ids: ``0 .. num_symbols - 1`` are data symbols; the special tokens follow 
 
 from __future__ import annotations
 
-import os
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from ..kernels.primitives import device_memory
 from .topologies import graph_to
 
 IGNORE = -100
@@ -288,9 +289,11 @@ TOKEN_BYTES = 3 * 8
 
 
 def host_memory_budget() -> float:
-    """Bytes a fixed data set may take on the host: half of the machine's memory (also the
-    benchmarks' CPU budget)."""
-    return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """Bytes a fixed data set may take on the host: half of the machine's memory, as the kernels
+    budget their own recomputations (:func:`~gnn_transformer.kernels.primitives.device_memory`;
+    also the benchmarks' CPU budget); unbounded where the memory cannot be read."""
+    budget = device_memory(torch.device("cpu"))
+    return math.inf if budget is None else float(budget)
 
 
 def check_set_fits(name: str, count: int, max_tokens: int, bytes_per_token: int, sets: int = 1, held: str = "") -> None:

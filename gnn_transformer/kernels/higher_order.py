@@ -161,15 +161,16 @@ def differentiable_grads(
     bias: Tensor | None,
     structure: Any,
     scale: float,
-    options: dict,
-    out: Tensor,
+    dropout: tuple[float, int] | None,
+    out_dtype: torch.dtype,
     dout: Tensor | None,
     dlse: Tensor | None,
     needs: tuple[bool, ...],
 ) -> tuple[Tensor | None, ...]:
     """``(dq, dk, dv, dbias)`` of a kernel's ``(out, lse)`` for ``(dout, dlse)``, as operations
     autograd records (module docstring); ``None`` where ``needs`` (``ctx.needs_input_grad``) says
-    no gradient is wanted. Called inside a backward pass run with ``create_graph=True``."""
+    no gradient is wanted. ``dropout``: the kernel's ``(p, seed)``; ``out_dtype``: that of its
+    output. Called inside a backward pass run with ``create_graph=True``."""
     with torch.enable_grad():
         # views of their own: with q, k, v one tensor (attend(x, x, x)) a gradient in it would
         # otherwise be the sum of all three in each slot
@@ -179,9 +180,9 @@ def differentiable_grads(
         if isinstance(structure, DensePattern):
             out_r, lse_r = _dense(q, k, v, structure, scale)
         else:
-            out_r, lse_r = _per_edge(q, k, v, bias, structure, scale, options.get("dropout"))
+            out_r, lse_r = _per_edge(q, k, v, bias, structure, scale, dropout)
         # the results that carry a gradient and depend on an input that wants one
-        pairs = [(y, g) for y, g in ((out_r.to(out.dtype), dout), (lse_r, dlse)) if g is not None and y.requires_grad]
+        pairs = [(y, g) for y, g in ((out_r.to(out_dtype), dout), (lse_r, dlse)) if g is not None and y.requires_grad]
         grads: tuple[Tensor | None, ...] = (None,) * len(inputs)
         if pairs and inputs:
             grads = torch.autograd.grad(

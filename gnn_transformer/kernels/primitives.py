@@ -162,8 +162,9 @@ class KernelAttention(torch.autograd.Function):
             from .higher_order import differentiable_grads  # it imports this module
 
             with no_autocast(q.device.type):
+                dropout = ctx.options.get("dropout")
                 grads = differentiable_grads(
-                    q, k, v, bias, ctx.structure, ctx.scale, ctx.options, out, dout, dlse, ctx.needs_input_grad[:4]
+                    q, k, v, bias, ctx.structure, ctx.scale, dropout, out.dtype, dout, dlse, ctx.needs_input_grad[:4]
                 )
             return *grads, None, None, None, None
         if dout is None:
