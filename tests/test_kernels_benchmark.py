@@ -278,6 +278,14 @@ def _flex_compile(monkeypatch, refuse):
     return tried
 
 
+def _window_flex_rows(variants):
+    """The benchmark's forward rows of ``flex`` on a window of 64 tokens (2 heads of 8, one
+    repeat), trying ``variants``."""
+    return run_benchmark(
+        ["window"], [64], ["flex"], device="cpu", heads=2, head_dim=8, repeats=1, backward=False, flex_variants=variants
+    )
+
+
 def test_flex_is_compiled_again_with_fewer_stages_when_its_kernels_do_not_fit(monkeypatch):
     """torch 2.11's FlexAttention asks an H100 for more shared memory than it has (bfloat16, head dim
     64): the benchmark compiles it again with the next kernel options and says so in the note."""
@@ -288,17 +296,7 @@ def test_flex_is_compiled_again_with_fewer_stages_when_its_kernels_do_not_fit(mo
         "triton_tem_fused_flex_attention_0 Required: 247808 Hardware limit:232448"
     )
     tried = _flex_compile(monkeypatch, lambda options: oom if options is None else None)
-    rows = run_benchmark(
-        ["window"],
-        [64],
-        ["flex"],
-        device="cpu",
-        heads=2,
-        head_dim=8,
-        repeats=1,
-        backward=False,
-        flex_variants=["bitmap"],
-    )
+    rows = _window_flex_rows(["bitmap"])
     assert tried[:2] == [None, FLEX_OPTIONS[1]]
     assert rows[0]["note"].startswith("bitmap fastest (bitmap ") and rows[0]["ms"] is not None
     assert rows[0]["note"].endswith(f"; kernel_options={FLEX_OPTIONS[1]}")
@@ -307,17 +305,7 @@ def test_flex_is_compiled_again_with_fewer_stages_when_its_kernels_do_not_fit(mo
 
 def test_flex_errors_other_than_resources_are_reported_not_retried(monkeypatch):
     tried = _flex_compile(monkeypatch, lambda options: ValueError("bad mask"))
-    rows = run_benchmark(
-        ["window"],
-        [64],
-        ["flex"],
-        device="cpu",
-        heads=2,
-        head_dim=8,
-        repeats=1,
-        backward=False,
-        flex_variants=["bitmap"],
-    )
+    rows = _window_flex_rows(["bitmap"])
     assert tried == [None]
     assert rows[0]["ms"] is None and rows[0]["note"] == "unavailable: bitmap: ValueError: bad mask"
 
@@ -326,17 +314,7 @@ def test_flex_that_never_fits_reports_the_last_refusal(monkeypatch):
     from gnn_transformer.bench.benchmark import FLEX_OPTIONS
 
     tried = _flex_compile(monkeypatch, lambda options: RuntimeError(f"out of resource with {options}"))
-    rows = run_benchmark(
-        ["window"],
-        [64],
-        ["flex"],
-        device="cpu",
-        heads=2,
-        head_dim=8,
-        repeats=1,
-        backward=False,
-        flex_variants=["bitmap"],
-    )
+    rows = _window_flex_rows(["bitmap"])
     assert tried == list(FLEX_OPTIONS)
     assert rows[0]["ms"] is None and "out of resource with {'BLOCK_M': 64" in rows[0]["note"]
 
@@ -421,15 +399,5 @@ def test_flex_row_is_the_fastest_variant(monkeypatch):
     monkeypatch.setattr(benchmark, "flex_block_mask", lambda variant, *args: variant)
     monkeypatch.setattr(benchmark, "_flex", fake_flex)
     monkeypatch.setattr(benchmark, "_measure", measure)
-    rows = run_benchmark(
-        ["window"],
-        [64],
-        ["flex"],
-        device="cpu",
-        heads=2,
-        head_dim=8,
-        repeats=1,
-        backward=False,
-        flex_variants=["predicate", "lookup", "bitmap"],
-    )
+    rows = _window_flex_rows(["predicate", "lookup", "bitmap"])
     assert rows[0]["note"].startswith("lookup fastest (") and rows[0]["ms"] == pytest.approx(1.0)
