@@ -25,12 +25,18 @@ EDGES_PER_QUERY = 64  # the allowed path of topk scores chunk * EDGES_PER_QUERY 
 
 
 def _best(scores: Tensor, ok: Tensor, num: int) -> tuple[Tensor, Tensor]:
-    """``(columns, valid)`` ``[..., num]`` of each row's ``num`` best allowed scores, columns ascending
-    (``valid`` False past a row's allowed count), ties to the lower column. Exact: ``topk`` gives the
-    ``num``-th best score, the threshold; a row whose allowed scores at the threshold do not all fit
-    is decided from the left. ``scores`` is overwritten."""
+    """``(columns, valid)`` ``[c, H, num]`` of the ``num`` best allowed scores of each row of
+    ``scores [c, H, span]`` (``ok [c, span]``: the allowed columns of each query, every head's),
+    columns ascending (``valid`` False past a row's allowed count), ties to the lower column. Exact:
+    ``topk`` gives the ``num``-th best score, the threshold; a row whose allowed scores at the
+    threshold do not all fit is decided from the left. ``scores`` is overwritten."""
     span = scores.size(-1)
-    masked = scores.masked_fill_(~ok, -math.inf)
+    barred = (~ok).any(0).nonzero()  # columns some query may not read: only those are masked
+    if barred.numel():
+        a, b = int(barred[0]), int(barred[-1]) + 1
+        scores[..., a:b].masked_fill_(~ok[:, None, a:b], -math.inf)
+    ok = ok[:, None, :]  # [c, 1, span]
+    masked = scores
     values, cols = masked.topk(min(num + 1, span), dim=-1)  # one more: is the num-th best tied past num?
     threshold = values[..., num - 1]
     taken_ok = ok.expand_as(masked).gather(-1, cols[..., :num])  # [..., num]
@@ -58,23 +64,29 @@ def dense_topk(
     q: Tensor, k: Tensor, num: int, lq: list[int], lk: list[int], *, causal: bool, exclude_self: bool, chunk: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(head, query, key) of each query's ``num`` best keys of its sequence, sorted; scored
-    ``chunk`` queries at a time against the keys of their sequences only."""
+    ``chunk`` queries at a time against the keys of their sequences only (``causal``: only up to
+    the chunk's last query's position; scores are masked only in the columns some query of the
+    chunk may not read)."""
     device, (n_q, H, D), H_kv = q.device, q.shape, k.size(1)
     g = H // H_kv
-    out: list[tuple[Tensor, Tensor, Tensor]] = []
     none = torch.empty(0, dtype=torch.long, device=device)
     if num < 1 or n_q == 0 or k.size(0) == 0:
         return none, none, none
     seq_cpu = torch.repeat_interleave(torch.arange(len(lq)), torch.tensor(lq, dtype=torch.long))
     seq_q, pos_q, _, _ = token_layout(lq, device)
     seq_k, pos_k, _, _ = token_layout(lk, device)
-    ptr_k = [0]
-    for L in lk:
-        ptr_k.append(ptr_k[-1] + L)
+    ptr_q, ptr_k = [0], [0]
+    for a, b in zip(lq, lk):
+        ptr_q.append(ptr_q[-1] + a)
+        ptr_k.append(ptr_k[-1] + b)
+    out: list[tuple[Tensor, Tensor, Tensor]] = []
     for s in range(0, n_q, chunk):
         e = min(s + chunk, n_q)
-        lo, hi = ptr_k[int(seq_cpu[s])], ptr_k[int(seq_cpu[e - 1]) + 1]  # keys of the chunk's sequences
-        if hi == lo:
+        last = int(seq_cpu[e - 1])
+        lo, hi = ptr_k[int(seq_cpu[s])], ptr_k[last + 1]  # keys of the chunk's sequences
+        if causal:  # no query of the chunk reads past the last one's position
+            hi = min(hi, ptr_k[last] + (e - 1 - ptr_q[last]) + 1)
+        if hi <= lo:
             continue
         # -- compute qk --
         scores = torch.einsum("cxgd,jxd->cxgj", q[s:e].reshape(e - s, H_kv, g, D), k[lo:hi])
@@ -84,14 +96,23 @@ def dense_topk(
             ok &= pos_k[None, lo:hi] <= pos_q[s:e, None]
         if exclude_self:
             ok &= pos_k[None, lo:hi] != pos_q[s:e, None]
-        cols, valid = _best(scores, ok[:, None, :], min(num, hi - lo))  # [c, H, num] each
+        cols, valid = _best(scores, ok, min(num, hi - lo))  # [c, H, width] each
         h, i, slot = valid.transpose(0, 1).nonzero(as_tuple=True)  # sorted by (head, query, key) in the chunk
         out.append((h, i + s, cols[i, h, slot] + lo))
     if not out:
         return none, none, none
-    h, i, j = (torch.cat(t) for t in zip(*out))
-    perm = torch.argsort(h, stable=True)  # chunks are in query order: (head, query, key)
-    return h[perm], i[perm], j[perm]
+    # the chunks are in query order: each chunk's entries of head h go after those of the chunks
+    # before it, all of them after the entries of the heads before h
+    counts = torch.stack([torch.bincount(h, minlength=H) for h, _, _ in out])  # [chunks, H]
+    before = counts.cumsum(0) - counts  # [chunks, H]: entries of earlier chunks, per head
+    head_start = counts.sum(0).cumsum(0) - counts.sum(0)  # [H]
+    total = int(counts.sum())
+    h_all, i_all, j_all = (torch.empty(total, dtype=torch.long, device=device) for _ in range(3))
+    for c, (h, i, j) in enumerate(out):
+        first = counts[c].cumsum(0) - counts[c]  # [H]: first entry of each head in the chunk
+        place = head_start[h] + before[c, h] + torch.arange(h.numel(), device=device) - first[h]
+        h_all[place], i_all[place], j_all[place] = h, i, j
+    return h_all, i_all, j_all
 
 
 def checked_edge_list(
