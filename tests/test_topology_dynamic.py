@@ -4,6 +4,7 @@ per-head edges, and refuses bad arguments with a ValueError naming the argument 
 selector objects (a layer's ``select``) equal the functions on the graph's sequences, kept to the
 graph; ``sequence_lengths`` equals its rule written plainly; ``selector(spec)`` builds them by name."""
 
+import importlib
 import math
 import re
 
@@ -27,6 +28,8 @@ from gnn_transformer.topology.dynamic import (
     sequence_lengths,
     topk,
 )
+
+TOPK_MODULE = importlib.import_module("gnn_transformer.topology.dynamic.topk")  # the package exports the function
 
 
 # ---------------------------------------------------------------- helpers
@@ -280,6 +283,46 @@ def test_topk_result_does_not_depend_on_the_chunk(allowed, dtype):
 def test_topk_float_inputs_equal_brute_force():
     q, k = _randn(10, 2, 4), _randn(10, 2, 4, seed=1)
     assert _triples(*topk(q, k, 3, scale=0.1)) == brute_topk(q, k, 3, [10], [10])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("values", ["ties", "randn"])
+def test_topk_wide_rows_ranked_through_groups_equal_brute_force(causal, values):
+    # rows at least GROUPED_WIDTH times wider than the keys kept are ranked among the columns of
+    # their best groups; small integers tie at every group boundary
+    lengths, num = [48, 33], 4
+    assert max(lengths) >= TOPK_MODULE.GROUPED_WIDTH * num
+    if values == "ties":
+        q, k = _ints(81, 4, 2, seed=8), _ints(81, 2, 2, seed=9)
+    else:
+        q, k = _randn(81, 4, 3, seed=8), _randn(81, 2, 3, seed=9)
+    edge_index, edge_head = topk(q, k, num, lengths=lengths, causal=causal, chunk=16)
+    assert _triples(edge_index, edge_head) == brute_topk(q, k, num, lengths, lengths, causal=causal)
+
+
+def test_topk_tie_at_the_groups_boundary_goes_to_the_lower_key():
+    # 16 keys, 2 kept: groups of 2 columns (g, g + 8); key 10 (group 2) is best, keys 1 (group 1)
+    # and 12 (group 4) tie for second place with their groups' maxima: key 1 is kept
+    scores = torch.zeros(16, dtype=torch.float64)
+    scores[10], scores[1], scores[12] = 5.0, 3.0, 3.0
+    q, k = torch.ones(1, 1, 1, dtype=torch.float64), scores.view(16, 1, 1)
+    for order in (scores, scores.flip(0)):  # the tied key outside the first groups, then inside
+        edge_index, _ = topk(q, order.view(16, 1, 1), 2)
+        expected = brute_topk(q, order.view(16, 1, 1), 2, [1], [16])
+        assert _triples(edge_index, torch.zeros(2, dtype=torch.long)) == expected
+    assert topk(q, k, 2)[0].tolist() == [[1, 10], [0, 0]]
+
+
+def test_topk_keeps_keys_of_infinitely_low_score_when_nothing_better_is_left():
+    # a row keeps num_keys of its keys whatever their scores: -inf scores (here from an infinite
+    # key) are kept, in key order, where no finite score is left
+    k = torch.full((32, 1, 1), -math.inf)  # wide enough to be ranked through groups
+    k[5] = 1.0
+    q = torch.ones(1, 1, 1)
+    assert 32 >= TOPK_MODULE.GROUPED_WIDTH * 3
+    assert topk(q, k, 1)[0].tolist() == [[5], [0]]
+    assert topk(q, k, 3)[0].tolist() == [[0, 1, 5], [0, 0, 0]]
+    assert topk(q, k, 3)[0].tolist() == [[j for _, _, j in brute_topk(q, k, 3, [1], [32])], [0, 0, 0]]
 
 
 def test_topk_is_not_differentiated():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric import EdgeIndex
 
@@ -24,40 +25,89 @@ from ._common import (
 EDGES_PER_QUERY = 64  # the allowed path of topk scores chunk * EDGES_PER_QUERY candidate edges at a time
 
 
-def _best(scores: Tensor, ok: Tensor, num: int) -> tuple[Tensor, Tensor]:
-    """``(columns, valid)`` ``[c, H, num]`` of the ``num`` best allowed scores of each row of
-    ``scores [c, H, span]`` (``ok [c, span]``: the allowed columns of each query, every head's),
-    columns ascending (``valid`` False past a row's allowed count), ties to the lower column. Exact:
-    ``topk`` gives the ``num``-th best score, the threshold; a row whose allowed scores at the
-    threshold do not all fit is decided from the left. ``scores`` is overwritten."""
+# A row is ranked through groups of columns when it is at least this many times wider than the
+# keys it keeps (below, one top-k over the whole row costs about as much)
+GROUPED_WIDTH = 8
+
+
+def _rank(scores: Tensor, ok: Tensor, num: int) -> Tensor:
+    """Columns ``[..., num]`` (ascending; ``span`` past a row's allowed count) of the ``num`` best
+    allowed scores of each row of ``scores [..., span]`` (disallowed ones already ``-inf``;
+    ``ok`` broadcasts to ``scores``), ties to the lower column. Exact: ``topk`` gives the
+    ``num``-th best score, the threshold; a row whose allowed scores at the threshold do not all
+    fit is decided from the left."""
     span = scores.size(-1)
-    barred = (~ok).any(0).nonzero()  # columns some query may not read: only those are masked
-    if barred.numel():
-        a, b = int(barred[0]), int(barred[-1]) + 1
-        scores[..., a:b].masked_fill_(~ok[:, None, a:b], -math.inf)
-    ok = ok[:, None, :]  # [c, 1, span]
-    masked = scores
-    values, cols = masked.topk(min(num + 1, span), dim=-1)  # one more: is the num-th best tied past num?
+    allowed = ok.sum(-1)  # before broadcasting: [c] for a mask shared by the heads
+    ok = ok.expand_as(scores)
+    values, cols = scores.topk(min(num + 1, span), dim=-1)  # one more: is the num-th best tied past num?
     threshold = values[..., num - 1]
-    taken_ok = ok.expand_as(masked).gather(-1, cols[..., :num])  # [..., num]
+    taken_ok = ok.gather(-1, cols[..., :num])  # [..., num]
     # decided unless the next best ties with the threshold while allowed scores are left out
     if values.size(-1) > num:
         tied_past = values[..., num] == threshold
     else:  # every column taken
         tied_past = torch.zeros_like(threshold, dtype=torch.bool)
-    short = taken_ok.sum(-1) < ok.sum(-1)  # [...]: allowed scores left out
+    short = taken_ok.sum(-1) < allowed  # [...]: allowed scores left out
     cols = torch.where(taken_ok, cols[..., :num], span)
     threshold = threshold.unsqueeze(-1)
     unsure = (tied_past & short).nonzero(as_tuple=True)  # rows with more ties than places
     if unsure[0].numel():
-        rows, row_ok, t = masked[unsure], ok.expand_as(masked)[unsure], threshold[unsure]  # [R, span], [R, 1]
+        rows, row_ok, t = scores[unsure], ok[unsure], threshold[unsure]  # [R, span], [R, 1]
         above = row_ok & (rows > t)
         tie = row_ok & (rows == t)
         keep = above | (tie & (tie.cumsum(-1) <= num - above.sum(-1, keepdim=True)))
         column = torch.arange(span, device=scores.device)
         cols[unsure] = torch.sort(torch.where(keep, column, span), dim=-1).values[..., :num]
-    cols = torch.sort(cols, dim=-1).values
-    return cols, cols < span
+    return torch.sort(cols, dim=-1).values
+
+
+def _grouped_rank(scores: Tensor, num: int, size: int) -> Tensor:
+    """:func:`_rank` of ``scores [H, c, span]`` (finite where allowed, ``-inf`` elsewhere) through
+    groups of ``size`` columns (group ``g`` of ``G``: columns ``g, g + G, g + 2G, ...``): the
+    ``num`` groups of the highest maxima hold every score above the ``num``-th best (a score
+    outside them is at most the ``num``-th highest maximum, and each chosen group holds a score at
+    least that high), so the row is ranked among those groups' columns. A row where a group left
+    out ties the lowest chosen maximum (finite) is ranked whole: the tie may reach past them."""
+    H, c, span = scores.shape
+    groups = -(-span // size)
+    padded = scores if span == groups * size else F.pad(scores, (0, groups * size - span), value=-math.inf)
+    top, picked = padded.view(H, c, size, groups).amax(-2).topk(num + 1, dim=-1)  # [H, c, num + 1]
+    whole = (top[..., num - 1] == top[..., num]) & (top[..., num - 1] > -math.inf)
+    picked = picked[..., :num].sort(dim=-1).values  # [H, c, num]
+    # the candidates [H, c, size, num]: the s-th column (s * G + g) of every chosen group g, which
+    # is column order when flattened (g < G)
+    values = padded.view(H, c, size, groups).gather(-1, picked[:, :, None, :].expand(H, c, size, num)).flatten(-2)
+    slots = _rank(values, values > -math.inf, num)  # [H, c, num], size * num past the count
+    taken, slots = slots < size * num, slots.clamp(max=size * num - 1)
+    cols = torch.where(taken, slots // num * groups + picked.gather(-1, slots % num), span)
+    redo = whole.nonzero(as_tuple=True)
+    if redo[0].numel():
+        rows = scores[redo]
+        cols[redo] = _rank(rows, rows > -math.inf, num)
+    return cols
+
+
+def _best(scores: Tensor, ok: Tensor, num: int, finite: bool) -> Tensor:
+    """Columns ``[H, c, num]`` of the ``num`` best allowed scores of each row of ``scores [H, c,
+    span]`` (``ok [c, span]``: the allowed columns of each query, every head's), ascending,
+    ``span`` past a row's allowed count; ties to the lower column (see :func:`_rank`; with
+    ``finite`` scores, wide rows through groups, :func:`_grouped_rank`). ``scores`` is overwritten."""
+    span = scores.size(-1)
+    barred = (~ok).any(0).nonzero()  # columns some query may not read: only those are masked
+    if barred.numel():
+        a, b = int(barred[0]), int(barred[-1]) + 1
+        scores[..., a:b].masked_fill_(~ok[:, a:b], -math.inf)
+    if finite and span >= GROUPED_WIDTH * num:
+        return _grouped_rank(scores, num, max(2, math.isqrt(span // num)))
+    return _rank(scores, ok, num)
+
+
+def _in_order(parts: list[tuple[Tensor, Tensor, Tensor]], H: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The (head, query, key) lists of chunks in query order, each sorted, as one sorted list: the
+    entries of head ``h`` are those of every chunk in turn, after the entries of the heads before."""
+    pieces = [[x.split(torch.bincount(p[0], minlength=H).tolist()) for x in p] for p in parts]
+    h, i, j = (torch.cat([piece[x][head] for head in range(H) for piece in pieces]) for x in range(3))
+    return h, i, j
 
 
 def dense_topk(
@@ -79,6 +129,10 @@ def dense_topk(
     for a, b in zip(lq, lk):
         ptr_q.append(ptr_q[-1] + a)
         ptr_k.append(ptr_k[-1] + b)
+    # every score finite: finite inputs whose largest norms multiply to less than the dtype's range
+    bound = math.prod(float(x.norm(dim=-1).amax()) for x in (q, k))
+    finite = bound < torch.finfo(q.dtype).max / 2  # False for inf and NaN
+    k_heads = k.permute(1, 2, 0)  # [H_kv, D, N_src]
     out: list[tuple[Tensor, Tensor, Tensor]] = []
     for s in range(0, n_q, chunk):
         e = min(s + chunk, n_q)
@@ -88,31 +142,27 @@ def dense_topk(
             hi = min(hi, ptr_k[last] + (e - 1 - ptr_q[last]) + 1)
         if hi <= lo:
             continue
-        # -- compute qk --
-        scores = torch.einsum("cxgd,jxd->cxgj", q[s:e].reshape(e - s, H_kv, g, D), k[lo:hi])
-        scores = scores.reshape(e - s, H, hi - lo)  # [c, H, span]
+        # -- compute qk -- head-major: query head h = x * g + y reads key head x
+        q_heads = q[s:e].reshape(e - s, H_kv, g * D).transpose(0, 1).reshape(H_kv, e - s, g, D)
+        q_heads = q_heads.transpose(1, 2).reshape(H_kv, g * (e - s), D)  # [H_kv, g * c, D]
+        scores = torch.bmm(q_heads, k_heads[:, :, lo:hi]).view(H, e - s, hi - lo)  # [H, c, span]
         ok = seq_k[None, lo:hi] == seq_q[s:e, None]  # [c, span]
         if causal:
             ok &= pos_k[None, lo:hi] <= pos_q[s:e, None]
         if exclude_self:
             ok &= pos_k[None, lo:hi] != pos_q[s:e, None]
-        cols, valid = _best(scores, ok, min(num, hi - lo))  # [c, H, width] each
-        h, i, slot = valid.transpose(0, 1).nonzero(as_tuple=True)  # sorted by (head, query, key) in the chunk
-        out.append((h, i + s, cols[i, h, slot] + lo))
+        cols = _best(scores, ok, min(num, hi - lo), finite)  # [H, c, width]
+        valid = cols < hi - lo
+        if bool(valid.all()):  # every row full: (head, query, slot) in order
+            h = torch.arange(H, device=device).repeat_interleave(valid[0].numel())
+            i = torch.arange(s, e, device=device).repeat_interleave(valid.size(2)).repeat(H)
+            out.append((h, i, cols.reshape(-1) + lo))
+        else:
+            h, i, _ = valid.nonzero(as_tuple=True)  # sorted by (head, query, key) in the chunk
+            out.append((h, i + s, cols[valid] + lo))
     if not out:
         return none, none, none
-    # the chunks are in query order: each chunk's entries of head h go after those of the chunks
-    # before it, all of them after the entries of the heads before h
-    counts = torch.stack([torch.bincount(h, minlength=H) for h, _, _ in out])  # [chunks, H]
-    before = counts.cumsum(0) - counts  # [chunks, H]: entries of earlier chunks, per head
-    head_start = counts.sum(0).cumsum(0) - counts.sum(0)  # [H]
-    total = int(counts.sum())
-    h_all, i_all, j_all = (torch.empty(total, dtype=torch.long, device=device) for _ in range(3))
-    for c, (h, i, j) in enumerate(out):
-        first = counts[c].cumsum(0) - counts[c]  # [H]: first entry of each head in the chunk
-        place = head_start[h] + before[c, h] + torch.arange(h.numel(), device=device) - first[h]
-        h_all[place], i_all[place], j_all[place] = h, i, j
-    return h_all, i_all, j_all
+    return _in_order(out, H)
 
 
 def checked_edge_list(
