@@ -275,7 +275,7 @@ def test_topk_result_does_not_depend_on_the_chunk(allowed, dtype):
     lengths = [7, 12, 5]
     q, k = _randn(24, 4, 8, dtype=dtype), _randn(24, 2, 8, seed=1, dtype=dtype)
     kw = {"allowed": _allowed(24, 24, 200, seed=2)[0]} if allowed else {}
-    results = [topk(q, k, 3, lengths=lengths, causal=True, chunk=c, **kw) for c in (1, 5, 1024)]
+    results = [topk(q, k, 3, lengths=lengths, causal=True, chunk=c, **kw) for c in (1, 5, 1024, None)]
     for edge_index, edge_head in results[1:]:
         assert torch.equal(edge_index, results[0][0]) and torch.equal(edge_head, results[0][1])
 
