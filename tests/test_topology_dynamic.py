@@ -741,6 +741,7 @@ OBJECTS = {  # name: (selector object, its reference on the graph's lengths: the
 }
 GRAPHS = {  # name: (graph on 12 nodes, its sequences)
     "causal": (T.causal([5, 7]).as_tensor(), [5, 7]),
+    "full": (T.full([5, 7]).as_tensor(), [5, 7]),
     "window": (T.sliding_window([5, 7], 2).as_tensor(), [5, 7]),
     "causal_window": (T.sliding_window(12, 1, causal=True).as_tensor(), [12]),
     "isolated_node": (
@@ -798,6 +799,30 @@ def test_topk_object_takes_a_bipartite_graph():
     graph = _allowed(7, 5, 20, seed=2)[0]
     edge_index, edge_head = TopK(2)(q, k, graph)
     assert _triples(edge_index, edge_head) == brute_topk(q, k, 2, [5], [7], allowed=graph)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kind", ["full", "causal"])
+def test_topk_object_scores_full_and_causal_sequences_by_blocks_of_queries(monkeypatch, kind, causal):
+    # a graph of exactly full or causal attention per sequence (an edge list, or an implicit graph
+    # that says so) is scored as topk(lengths=...) is, never per edge; one edge less is scored per edge
+    lengths = [6, 1, 9]
+    q, k = _ints(16, 4, 2, seed=10), _ints(16, 2, 2, seed=11)
+    build = T.full if kind == "full" else T.causal
+    plain = build(lengths).as_tensor()
+    expected = brute_topk(q, k, 3, lengths, lengths, causal=causal, allowed=plain)
+    per_edge = TOPK_MODULE._allowed_topk
+    with monkeypatch.context() as m:
+        m.setattr(TOPK_MODULE, "_allowed_topk", lambda *a, **kw: pytest.fail("scored per edge"))
+        for graph in (plain, build(lengths), build(lengths, implicit=True)):
+            assert _triples(*TopK(3, causal=causal)(q, k, graph)) == expected
+    calls = []
+    monkeypatch.setattr(TOPK_MODULE, "_allowed_topk", lambda *a, **kw: calls.append(1) or per_edge(*a, **kw))
+    fewer = plain[:, 1:]
+    assert _triples(*TopK(3, causal=causal)(q, k, fewer)) == brute_topk(
+        q, k, 3, lengths, lengths, causal=causal, allowed=fewer
+    )
+    assert calls == [1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -104,6 +104,24 @@ def _dense_kind(src: Tensor, dst: Tensor, lengths: list[int]) -> str | None:
     return "causal" if bool((src <= dst).all()) else None
 
 
+def _dense_graph(
+    who: object, q: Tensor, k: Tensor, edge_index: object
+) -> tuple[str | None, list[int], tuple[Tensor, Tensor] | None]:
+    """``(kind, lengths, edges)`` of the self-attention graph a selector is given: ``kind``
+    ``"full"`` / ``"causal"`` when it is exactly that attention within each of the sequences
+    ``lengths`` (a :class:`BlockGraph` that says so, or an edge list of exactly those pairs), else
+    ``None``; ``edges``: the checked ``(src, dst)`` of an edge list (``None`` for a ``BlockGraph``)."""
+    if isinstance(edge_index, BlockGraph):
+        check_qk(q, k)
+        if edge_index.dense is None or (edge_index.num_dst, edge_index.num_src) != (q.size(0), k.size(0)):
+            return None, [], None
+        kind, bounds = edge_index.dense
+        return kind, [b - a for a, b in zip(bounds[:-1], bounds[1:])], None
+    src, dst = _allowed_graph(who, q, k, edge_index)
+    lengths = _sequence_lengths(src, dst, q.size(0))
+    return _dense_kind(src, dst, lengths), lengths, (src, dst)
+
+
 def _materialized_graph(edge_index: object) -> object:
     """An implicit graph's edge list (within the edge budget); any other graph as it is."""
     if isinstance(edge_index, BlockGraph):
@@ -158,8 +176,15 @@ class TopK:
         check_bool("causal", self.causal)
 
     def __call__(self, q: Tensor, k: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
-        """``(edge_index [2, E], edge_head [E])``, sorted by (head, target, source)."""
-        src, dst = _allowed_graph(self, q, k, edge_index, self_attention=False)
+        """``(edge_index [2, E], edge_head [E])``, sorted by (head, target, source). A
+        self-attention graph of exactly full or causal sequences is scored by blocks of queries
+        (:func:`topk` with ``lengths``), without a score per edge of the graph."""
+        edges = None
+        if q.size(0) == k.size(0) and q.size(0) > 0:
+            kind, lengths, edges = _dense_graph(self, q, k, edge_index)
+            if kind is not None:
+                return topk(q, k, self.num_keys, lengths=lengths, causal=self.causal or kind == "causal")
+        src, dst = edges if edges is not None else _allowed_graph(self, q, k, edge_index, self_attention=False)
         if self.causal:  # aligned at the end: a cache's keys end with the step's queries
             keep = src <= dst + (k.size(0) - q.size(0))
             src, dst = src[keep], dst[keep]
@@ -226,17 +251,7 @@ class BlockTopK:
             >>> g.edges()[0].tolist() == BlockTopK(2, 0, causal=True)(q, k, T.causal([2, 4]))[0].tolist()
             True
         """
-        kind: str | None
-        if isinstance(edge_index, BlockGraph):
-            check_qk(q, k)
-            if edge_index.dense is None or (edge_index.num_dst, edge_index.num_src) != (q.size(0), k.size(0)):
-                return None
-            kind, bounds = edge_index.dense
-            lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-        else:
-            src, dst = _allowed_graph(self, q, k, edge_index)
-            lengths = _sequence_lengths(src, dst, q.size(0))
-            kind = _dense_kind(src, dst, lengths)
+        kind, lengths, _ = _dense_graph(self, q, k, edge_index)
         if kind is None or (kind == "causal" and not self.causal) or q.size(0) == 0:
             return None
         block_size = min(self.block_size, max(max(lengths), 1))
