@@ -240,6 +240,34 @@ def test_topk_within_allowed_equals_brute_force(lq, lk, how, heads, per_head, nu
     assert_format(edge_index, edge_head, H, lq, lk)
 
 
+@pytest.mark.parametrize("route", ["default", "gathered", "sorted"])
+@pytest.mark.parametrize("graph", ["window", "step", "per_head_window", "random"])
+def test_topk_within_allowed_routes_equal_brute_force(monkeypatch, route, graph):
+    # rows of an allowed graph are ranked in a padded table (a narrow range of keys scored as a
+    # range, or the keys gathered) or, for irregular graphs, by sorting every edge: all exact
+    if route == "gathered":
+        monkeypatch.setattr(TOPK_MODULE, "BAND", 0)
+    if route == "sorted":
+        monkeypatch.setattr(TOPK_MODULE, "PADDING", 0)
+    monkeypatch.setattr(TOPK_MODULE, "SCORES_PER_CHUNK", 160)  # blocks of rows, gathered in parts
+    lq, lk, head = [11, 9], [11, 9], None
+    if graph == "step":  # a decoding step: 2 queries read every key of their sequence
+        lq, lk = [1, 1], [11, 9]
+        allowed = torch.stack([torch.arange(20), torch.tensor([0] * 11 + [1] * 9)])
+    elif graph == "random":
+        allowed = _allowed(20, 20, 80, seed=12)[0]
+    else:
+        allowed = T.sliding_window([11, 9], 2).as_tensor()
+        if graph == "per_head_window":  # a window of its own per head
+            allowed, head = T.heads.per_head([T.sliding_window([11, 9], r) for r in (1, 2, 2, 3)])
+    q, k = _ints(sum(lq), 4, 4, seed=14), _ints(sum(lk), 2, 4, seed=15)
+    for causal in (False, True):
+        got = topk(q, k, 3, allowed=allowed, allowed_head=head, lengths=(lq, lk), causal=causal)
+        want = brute_topk(q, k, 3, lq, lk, causal=causal, allowed=allowed, allowed_head=head)
+        assert _triples(*got) == want
+        assert_format(*got, 4, lq, lk)
+
+
 def test_topk_takes_an_edge_index_as_allowed():
     q, k = _ints(6, 2, 2, seed=0), _ints(6, 1, 2, seed=1)
     ei = T.sliding_window(6, 1)

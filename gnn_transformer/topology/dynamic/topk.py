@@ -235,6 +235,104 @@ def _check_allowed(
     return src, dst, head
 
 
+# The allowed path ranks the keys of each row in a padded table of its widest row's keys when that
+# table holds at most PADDING cells per allowed edge (else in two sorts of every edge). A block of
+# shared rows whose keys lie in a range of at most BAND cells per edge is scored against that range
+# (one matrix product, no gathered keys: windows, a decoding step's cache).
+PADDING = 2
+BAND = 4
+SCORES_PER_CHUNK = 1 << 22  # scores, or gathered key values, per block of rows
+
+
+def _regular(row: Tensor, num_rows: int, num_edges: int) -> bool:
+    """Whether rows of the widest one's length hold at most ``PADDING`` cells per edge."""
+    return num_rows * int(torch.bincount(row, minlength=num_rows).max()) <= PADDING * num_edges
+
+
+def _shared_rows(
+    q: Tensor, k: Tensor, keys: Tensor, s: int, num: int, finite: bool, gathered: int
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """(head, query, key) lists of the ``num`` best keys of the queries ``s, s + 1, ...`` whose
+    keys (ascending, ``-1`` past them) are the rows of ``keys [c, width]`` (every head reads the
+    same keys), in query order, each in (head, query, key) order: against the range of their keys,
+    or from their keys gathered for ``gathered`` rows at a time."""
+    (c, width), (_, H, D), H_kv = keys.shape, q.shape, k.size(1)
+    g = H // H_kv
+    ok = keys >= 0
+    present = keys[ok]
+    if present.numel() == 0:
+        return []
+    lo, hi = int(present.min()), int(present.max()) + 1
+    if c * (hi - lo) <= BAND * present.numel():  # against the range of keys: [H, c, span]
+        q_heads = q[s : s + c].reshape(c, H_kv, g * D).transpose(0, 1).reshape(H_kv, c, g, D)
+        q_heads = q_heads.transpose(1, 2).reshape(H_kv, g * c, D)  # [H_kv, g * c, D]
+        scores = torch.bmm(q_heads, k[lo:hi].permute(1, 2, 0)).view(H, c, hi - lo)
+        allowed = torch.zeros(c, hi - lo + 1, dtype=torch.bool, device=q.device)
+        allowed.scatter_(1, torch.where(ok, keys - lo, hi - lo), True)  # past a row's keys: the extra column
+        cols = _best(scores, allowed[:, :-1], min(num, hi - lo), finite)  # [H, c, num]
+        valid = cols < hi - lo
+        h, i, _ = valid.nonzero(as_tuple=True)
+        return [(h, i + s, cols[valid] + lo)]
+    out = []
+    for t in range(0, c, gathered):
+        part, part_ok = keys[t : t + gathered], ok[t : t + gathered]
+        kk = k[part.clamp(min=0)]  # [c', width, H_kv, D]: the keys of each row
+        qq = q[s + t : s + t + part.size(0)].reshape(part.size(0), H_kv, g, D)
+        scores = torch.einsum("cxyd,cwxd->xycw", qq, kk).reshape(H, part.size(0), width)
+        scores.masked_fill_(~part_ok, -math.inf)
+        cols = _rank(scores, part_ok, min(num, width))  # [H, c', num]
+        valid = cols < width
+        taken = part.expand(H, -1, -1).gather(-1, cols.clamp(max=width - 1))
+        h, i, _ = valid.nonzero(as_tuple=True)
+        out.append((h, i + s + t, taken[valid]))
+    return out
+
+
+def _padded_topk(
+    q: Tensor, k: Tensor, num: int, row: Tensor, col: Tensor, n_q: int, *, shared: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(head, query, key) of the ``num`` best keys of each row, sorted; ``row`` / ``col``: the
+    distinct allowed pairs sorted by (row, key), a row being a query (``shared``: every head's) or
+    a (head, query) pair ``head * n_q + query``. Each row's keys fill a row of a padded table, in
+    key order, and are scored and ranked there (:func:`_rank`: ties to the lower key); blocks of
+    shared rows within a narrow range of keys are scored against that range (:func:`_best`)."""
+    device, (_, H, D), H_kv = q.device, q.shape, k.size(1)
+    g = H // H_kv
+    num_rows = n_q if shared else H * n_q
+    counts = torch.bincount(row, minlength=num_rows)
+    width = int(counts.max())
+    slot = torch.arange(row.numel(), device=device) - (counts.cumsum(0) - counts)[row]
+    table = torch.full((num_rows, width), -1, dtype=torch.long, device=device)  # keys of each row, -1 past them
+    table[row, slot] = col
+    out: list[tuple[Tensor, Tensor, Tensor]] = []
+    if shared:
+        bound = math.prod(float(x.norm(dim=-1).amax()) for x in (q, k))
+        finite = bound < torch.finfo(q.dtype).max / 2  # as in dense_topk
+        gathered = max(1, SCORES_PER_CHUNK // (width * H_kv * D))  # rows whose keys are gathered at a time
+        step = max(gathered, SCORES_PER_CHUNK // (width * H))  # rows scored at a time
+        for s in range(0, num_rows, step):
+            out += _shared_rows(q, k, table[s : s + step], s, num, finite, gathered)
+        return _in_order(out, H) if out else (row[:0], row[:0], row[:0])
+    keep = min(num, width)
+    step = max(1, SCORES_PER_CHUNK // (width * D))
+    for s in range(0, num_rows, step):
+        e = min(s + step, num_rows)
+        keys = table[s:e]  # [c, width]
+        ok = keys >= 0
+        r = torch.arange(s, e, device=device)  # row r: head r // n_q, query r % n_q
+        hr, ir = r // n_q, r % n_q
+        kk = k[keys.clamp(min=0), (hr // g)[:, None]]  # [c, width, D]
+        scores = torch.bmm(kk, q[ir, hr].unsqueeze(-1)).squeeze(-1)  # [c, width]
+        scores.masked_fill_(~ok, -math.inf)
+        cols = _rank(scores, ok, keep)  # [c, keep]
+        valid = cols < width
+        taken = keys.gather(-1, cols.clamp(max=width - 1))
+        rows, _ = valid.nonzero(as_tuple=True)
+        out.append((hr[rows], ir[rows], taken[valid]))
+    h, i, j = (torch.cat(x) for x in zip(*out))
+    return h, i, j
+
+
 def _allowed_topk(
     q: Tensor,
     k: Tensor,
@@ -266,10 +364,14 @@ def _allowed_topk(
     if head is None:  # one allowed graph for every head
         key = torch.unique(dst * n_k + src)  # [E] sorted by (target, source), distinct
         check_edges("topk", H * key.numel(), **edge_sizes(lq, lk))
+        if key.numel() and _regular(key // n_k, n_q, key.numel()):
+            return _padded_topk(q, k, num, key // n_k, key % n_k, n_q, shared=True)
         key = (torch.arange(H, device=device)[:, None] * pairs + key[None]).reshape(-1)  # [H * E]
     else:
         check_edges("topk", src.numel(), **edge_sizes(lq, lk))
         key = torch.unique((head * n_q + dst) * n_k + src)  # [E] sorted by (head, target, source)
+        if key.numel() and _regular(key // n_k, H * n_q, key.numel()):
+            return _padded_topk(q, k, num, key // n_k, key % n_k, n_q, shared=False)
     if key.numel() == 0:
         return key, key, key
     h, i, j = key // pairs, key % pairs // n_k, key % n_k
