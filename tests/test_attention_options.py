@@ -348,3 +348,88 @@ def test_feed_forward_dropout_before_down_proj_in_training_only(gated, p):
 def test_feed_forward_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         FeedForward(4, 6, **kw)
+
+
+@pytest.mark.parametrize(
+    "kind,extra,seq_len",
+    [
+        ("dynamic", {"factor": 2.0}, 10),  # a call shorter than max_position_embeddings: the base is kept
+        ("yarn", {"factor": 4.0, "original_max_position_embeddings": 16, "mscale": 1.0}, None),  # no mscale_all_dim
+        ("yarn", {"factor": 4.0, "original_max_position_embeddings": 16, "attention_factor": 0.8}, None),
+        # both ramp bounds clamp to dimension 0 (beta_slow's correction dimension is below 0): a zero-width
+        # ramp, widened as Hugging Face does
+        ("yarn", {"factor": 4.0, "original_max_position_embeddings": 16, "beta_slow": 4.0}, None),
+    ],
+)
+def test_rope_inv_freq_matches_hf_on_edge_cases(kind, extra, seq_len):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        rope_parameters={"rope_type": kind, "rope_theta": 1000.0, **extra},
+    )
+    ours, factor = rope_inv_freq(16, 1000.0, RopeScaling(kind, max_position_embeddings=32, **extra), seq_len)
+    ref, ref_factor = ROPE_INIT_FUNCTIONS[kind](config, None, seq_len=seq_len)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, ref, atol=0, rtol=1e-6)
+    assert factor == pytest.approx(ref_factor)
+
+
+def test_dynamic_rope_below_its_length_is_the_default_rotation():
+    """Dynamic NTK only grows the base past ``max_position_embeddings``: shorter calls rotate as
+    unscaled RoPE (b' = b (s L / M - (s - 1))^(d / (d - 2)) with L = max(max(pos) + 1, M))."""
+    default, _ = rope_inv_freq(16, 1000.0)
+    dynamic = RopeScaling("dynamic", factor=2.0, max_position_embeddings=32)
+    for seq_len in (1, 10, 32):
+        torch.testing.assert_close(rope_inv_freq(16, 1000.0, dynamic, seq_len)[0], default, atol=0, rtol=1e-6)
+    grown = 1000.0 * (2.0 * 64 / 32 - 1.0) ** (16 / 14)
+    want = 1.0 / grown ** (torch.arange(0, 16, 2).float() / 16)
+    torch.testing.assert_close(rope_inv_freq(16, 1000.0, dynamic, 64)[0], want, atol=0, rtol=1e-5)
+
+
+def test_longrope_attention_factor_is_one_without_extension():
+    """LongRoPE's default attention factor: sqrt(1 + ln s / ln M0) for s > 1, else 1."""
+    import math
+
+    short, long = (1.0, 1.5, 2.0, 3.0), (2.0, 3.0, 4.0, 6.0)
+    for factor, want in ((0.5, 1.0), (1.0, 1.0), (4.0, math.sqrt(1 + math.log(4.0) / math.log(16)))):
+        scaling = RopeScaling(
+            "longrope", factor=factor, original_max_position_embeddings=16, short_factor=short, long_factor=long
+        )
+        assert rope_inv_freq(8, 100.0, scaling)[1] == pytest.approx(want)
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        RopeScaling("dynamic", factor=2.0, max_position_embeddings=8),
+        RopeScaling("longrope", original_max_position_embeddings=8, short_factor=(1.0, 2.0), long_factor=(3.0, 4.0)),
+    ],
+)
+def test_length_dependent_rotary_embedding_of_no_nodes(scaling):
+    """A call without nodes (no new token in a step) has no longest position: nothing to rotate."""
+    rope = RotaryEmbedding(4, scaling=scaling)
+    assert rope(torch.randn(0, 2, 4), torch.zeros(0, dtype=torch.long)).shape == (0, 2, 4)
+
+
+@pytest.mark.parametrize("base", [1.0, 0.5])
+def test_rotary_and_sinusoidal_bases_must_exceed_one(base):
+    """A base of 1 gives every dimension the same frequency (and below 1 they grow): refused."""
+    from gnn_transformer.position import SinusoidalPositionalEmbedding
+
+    with pytest.raises(ValueError, match=f"'base' to be a finite number > 1 \\(got {base}\\)"):
+        RotaryEmbedding(8, base=base)
+    with pytest.raises(ValueError, match=f"'base' to be a finite number > 1 \\(got {base}\\)"):
+        SinusoidalPositionalEmbedding(8, base=base)
+
+
+@pytest.mark.parametrize("low,high", [(4.0, 4.0), (4.0, 1.0)])
+def test_llama3_scaling_refuses_low_freq_factor_not_below_high(low, high):
+    """Llama 3's smooth band divides by high_freq_factor - low_freq_factor: it must be positive."""
+    with pytest.raises(ValueError, match="'low_freq_factor' < 'high_freq_factor'"):
+        RopeScaling(
+            "llama3", factor=8.0, original_max_position_embeddings=16, low_freq_factor=low, high_freq_factor=high
+        )

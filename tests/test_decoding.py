@@ -196,3 +196,84 @@ def test_temperature_divides_the_logits():
     assert torch.equal(cold, greedy)
     hot = generate(model, ids, 6, greedy=False, temperature=1e3, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(hot, greedy)
+
+
+def test_top_k_samples_exactly_among_the_k_best_tokens():
+    """``top_k=3`` with a flat temperature over 64 copies of one prompt draws every one of the 3
+    highest logits (the k-th included) and nothing else; ``top_k=1`` is the argmax."""
+    torch.manual_seed(0)
+    model = _lm(position="learned")
+    ids = torch.randint(0, 17, (1, 4)).expand(64, -1).contiguous()
+    out, logits = generate(
+        model,
+        ids,
+        1,
+        greedy=False,
+        top_k=3,
+        temperature=1e3,
+        generator=torch.Generator().manual_seed(0),
+        return_logits=True,
+    )
+    best3 = set(logits[0, 0].topk(3).indices.tolist())
+    assert set(out[:, -1].tolist()) == best3
+    one = generate(model, ids[:3], 5, greedy=False, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(one, generate(model, ids[:3], 5))
+
+
+@pytest.mark.parametrize("top_k", [17, 100])
+def test_top_k_of_the_whole_vocabulary_or_more_masks_nothing(top_k):
+    """``top_k`` at or past the vocabulary size (17) keeps every token: the same draws as plain sampling."""
+    torch.manual_seed(0)
+    model = _lm(position="learned")
+    ids = torch.randint(0, 17, (3, 4))
+    plain = generate(model, ids, 5, greedy=False, generator=torch.Generator().manual_seed(3))
+    same = generate(model, ids, 5, greedy=False, top_k=top_k, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(same, plain)
+
+
+class _NextId:
+    """A stub LM whose next token is always ``id + 1 (mod V)``: the tokens of each row follow from
+    its last prompt token alone, whatever the graph, the cache or the other rows."""
+
+    def forward_graph(self, ids, edge_index, *, pos, cache):
+        return 10.0 * torch.nn.functional.one_hot((ids + 1) % 8, 8).float()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_eos_stops_the_sequence_that_produced_it_after_others_stopped(use_cache):
+    """Row 0 stops at the first step; then row 2 (second of the rows still growing) reaches EOS
+    before row 1: row 2 must stop, and row 1 go on to its own EOS, where generation ends."""
+    ids = torch.tensor([[0, 4], [0, 1], [0, 3]])
+    out, logits = generate(_NextId(), ids, 6, eos_token_id=5, pad_token_id=-1, use_cache=use_cache, return_logits=True)
+    assert out.tolist() == [[0, 4, 5, -1, -1, -1], [0, 1, 2, 3, 4, 5], [0, 3, 4, 5, -1, -1]]
+    # generation ends with the last row's EOS (4 steps, not 6); a stopped row's logits are NaN
+    assert logits.shape == (4, 3, 8)
+    assert torch.isnan(logits[1:, 0]).all() and torch.isnan(logits[2:, 2]).all()
+    assert not torch.isnan(logits[:, 1]).any() and not torch.isnan(logits[:2, 2]).any()
+
+
+def test_no_new_tokens_runs_no_step_so_the_position_table_does_not_limit_the_prompt():
+    """``max_new_tokens=0`` reads no position (no step runs): a prompt longer than the learned
+    table comes back as it is, while one new token after it is refused."""
+    model = _lm(position="learned", max_positions=8)
+    ids = torch.randint(0, 17, (2, 12))
+    assert torch.equal(generate(model, ids, 0), ids)
+    with pytest.raises(ValueError, match="'max_new_tokens' small enough"):
+        generate(model, ids, 1)
+
+
+def test_generate_refuses_a_model_with_its_own_topology_before_any_step():
+    """``decoding.generate`` builds each step's graph from ``window``: an imported decoder given its
+    own ``topology`` is refused (not only by its ``.generate`` method), before the prompt runs."""
+    transformers = pytest.importorskip("transformers")
+    from gnn_transformer import hf
+    from gnn_transformer.topology import full
+
+    config = transformers.GPT2Config(vocab_size=29, n_embd=16, n_layer=1, n_head=4, n_positions=32)
+    model = hf.from_hf(transformers.GPT2LMHeadModel(config).eval(), backend="pyg", topology=full)
+    calls = []
+    real = model.forward_graph
+    model.forward_graph = lambda *a, **k: calls.append(1) or real(*a, **k)
+    with pytest.raises(ValueError, match="without 'topology'"):
+        generate(model, torch.randint(0, 29, (1, 4)), 2)
+    assert calls == []

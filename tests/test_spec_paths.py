@@ -71,3 +71,19 @@ def test_build_errors_name_the_spec(tmp_path):
     catalogue_file = str(T.catalogue()["random"])
     with pytest.raises(ValueError, match=re.escape(catalogue_file) + ".*'k'"):
         topology_fn("random", small=True)([2])
+
+
+@pytest.mark.parametrize("spec", ["graphs\\causal", ".\\full", "sub/causal", "./full", "causal.toml"])
+def test_a_separator_or_toml_suffix_makes_a_path_never_a_catalogue_name(spec):
+    from gnn_transformer.topology.specs import is_path
+
+    assert is_path(spec)
+    with pytest.raises(ValueError, match="No spec file"):  # looked up as a file, not in the catalogue
+        T.read_spec(spec)
+
+
+def test_a_bare_name_is_a_catalogue_name():
+    from gnn_transformer.topology.specs import is_path
+
+    assert not is_path("causal")
+    assert T.read_spec("causal").path == T.catalogue()["causal"]

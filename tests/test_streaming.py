@@ -608,3 +608,66 @@ def test_h2o_scores_sum_each_key_value_heads_own_query_heads():
     _accumulate(shared, torch.zeros(2, 1, dtype=torch.long), w.view(1, 4), 2)
     for result in (per_head, shared):
         assert result.score.tolist() == [[3.0, 12.0], [0.0, 0.0]]
+
+
+def test_cache_positions_refuse_dynamic_ntk():
+    # dynamic NTK's frequencies depend on the length of the call that rotated a key, as LongRoPE's
+    pytest.importorskip("transformers")
+    from gnn_transformer import hf
+    from tests.test_hf_decoders import _model
+
+    rope = {"rope_theta": 500.0, "rope_type": "dynamic", "factor": 2.0}
+    model = hf.from_hf(_model("llama", max_position_embeddings=8, rope_parameters=rope))
+    ids = torch.randint(2, 50, (1, 6))
+    with pytest.raises(ValueError, match="positions='cache'.*'dynamic' RoPE scaling changes the frequencies"):
+        streaming_generate(model, ids, 4, num_sinks=1, window=2, positions="cache")
+    assert streaming_generate(model, ids, 4, num_sinks=1, window=2).shape == (1, 10)
+
+
+def test_streaming_generate_cache_positions_move_yarn_keys_exactly():
+    """YaRN scales cos and sin by its attention factor; keys moved to their new cache index equal
+    keys computed afresh there (one layer: a key depends on its token and position only)."""
+    pytest.importorskip("transformers")
+    from gnn_transformer import hf
+    from tests.test_hf_decoders import _model
+
+    rope = {"rope_theta": 500.0, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4}
+    model = hf.from_hf(_model("llama", num_hidden_layers=1, rope_parameters=rope), backend="pyg").double()
+    prompt = torch.randint(2, 50, (1, 5))
+    num_sinks, window = 2, 3
+    out, logits = streaming_generate(
+        model, prompt, 12, num_sinks=num_sinks, window=window, positions="cache", return_logits=True
+    )
+    row = out[0]
+    for step, t in enumerate(range(4, row.numel() - 1)):  # token t + 1 was predicted by token t
+        kept = [j for j in range(t + 1) if j < num_sinks or j >= t - window]
+        with torch.no_grad():
+            fresh = model.forward_graph(row[kept], topology.causal(len(kept)), pos=torch.arange(len(kept)))[-1]
+        torch.testing.assert_close(logits[step, 0], fresh, rtol=0, atol=1e-10)
+
+
+def test_generators_take_a_prompt_that_fills_the_position_table():
+    """A prompt of exactly the table's 16 positions reads positions 0 .. 15: one new token fits;
+    with no new token nothing is read, so even a longer prompt comes back as it is."""
+    torch.manual_seed(0)
+    config = GraphTransformerConfig(vocab_size=23, d_model=16, nhead=4, num_layers=1, max_positions=16, backend="pyg")
+    model = GraphLM(config).eval()
+    prompt = torch.randint(0, 23, (1, 16))
+    out, logits = streaming_generate(model, prompt, 1, num_sinks=1, window=2, return_logits=True)
+    with torch.no_grad():
+        full = model(prompt[0], topology.streaming(16, 1, 2), pos=torch.arange(16))
+    torch.testing.assert_close(logits[0, 0], full[-1], rtol=0, atol=1e-6)
+    assert h2o_generate(model, prompt, 1, heavy=1, recent=2).shape == (1, 17)
+    longer = torch.randint(0, 23, (2, 20))
+    assert torch.equal(streaming_generate(model, longer, 0, num_sinks=1, window=2), longer)
+    assert torch.equal(h2o_generate(model, longer, 0, heavy=1, recent=2), longer)
+
+
+def test_stream_takes_per_layer_graphs_as_a_tuple():
+    """A tuple of two edge_index tensors is one graph per layer (not an (edge_index, edge_head)
+    pair, whose edge_head is 1-D): it streams as the list of the same graphs, as the whole graph."""
+    model = _lm(layers=2)
+    ids = torch.randint(0, 23, (20,))
+    graphs = (topology.sliding_window(20, 2, causal=True), topology.causal(20))
+    got = torch.cat([logits for _, logits in stream_logits(model, ids, graphs, chunk=6)])
+    torch.testing.assert_close(got, _full(model, ids, list(graphs)), rtol=0, atol=1e-10)

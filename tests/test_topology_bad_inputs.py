@@ -446,3 +446,35 @@ def test_huge_dense_masks_are_refused():
         T.to_dense_mask(torch.tensor([[0], [0]]), 10**10, 10**10)
     with pytest.raises(ValueError, match=r"padding_mask: a dense \[1, 1000000000000\]"):
         padding_mask([10**12])
+
+
+@pytest.mark.parametrize(
+    "n",
+    [
+        True,
+        False,
+        [2, True],
+        torch.tensor([2.0, 3.0]),
+        torch.tensor([2.5]),
+        torch.tensor([True, False]),
+        torch.tensor([[2, 3]]),
+        "5",
+        2.0,
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize(
+    "build",
+    [T.causal, T.full, lambda n: T.sliding_window(n, 1), lambda n: T.expander(n, 2), T.batch_vector, T.ptr_vector],
+    ids=["causal", "full", "window", "expander", "batch_vector", "ptr_vector"],
+)
+def test_lengths_that_are_no_ints_are_refused(build, n):
+    """A bool is not a length (True would read as 1), nor is a float, bool or 2-D tensor of them
+    (expander and the batch vectors read the lengths once, with no later check to catch them)."""
+    with pytest.raises(ValueError, match="'n'"):
+        build(n)
+
+
+def test_lengths_as_an_integer_tensor_are_accepted():
+    _same(T.causal(torch.tensor([2, 0, 3])), T.causal([2, 0, 3]))
+    _same(T.full(torch.tensor([4], dtype=torch.int32)), T.full(4))

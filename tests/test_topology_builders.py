@@ -404,3 +404,54 @@ def test_from_predicate_refuses_mismatched_src_lengths_and_non_callables():
         T.from_predicate([2], lambda i, j: True, src_lengths=[4, 1])
     with pytest.raises(ValueError, match="'fn' to be callable"):
         T.from_predicate(3, "j <= i")
+
+
+def test_from_graph_of_pyg_data_keeps_the_direction_of_its_edges():
+    """A PyG edge_index row 0 is the source: Data edge 0 -> 1 lets node 1 attend to node 0."""
+    from torch_geometric.data import Data
+
+    data = Data(edge_index=torch.tensor([[0, 2], [1, 1]]), num_nodes=3)  # 0 -> 1, 2 -> 1
+    ei = T.from_graph(data)
+    assert ei.tolist() == [[0, 2], [1, 1]]
+    assert T.to_dense_mask(ei)[1, 0] and not T.to_dense_mask(ei)[0, 1]
+    # the same graph as a networkx DiGraph gives the same token graph
+    assert torch.equal(T.from_graph(nx.DiGraph([(0, 1), (2, 1)])).as_tensor(), ei.as_tensor())
+
+
+@pytest.mark.parametrize("edge_index", [[[0], [2]], [[2], [0]], [[-1], [0]], [[0], [-1]]], ids=str)
+def test_from_graph_refuses_pyg_edges_outside_its_nodes(edge_index):
+    from torch_geometric.data import Data
+
+    with pytest.raises(ValueError, match=r"in \[0, 2\)"):
+        T.from_graph(Data(edge_index=torch.tensor(edge_index), num_nodes=2))
+
+
+@pytest.mark.parametrize("suffix", [".edgelist", ".adjlist"])
+def test_read_graph_reads_the_directed_header(tmp_path, suffix):
+    """An .edgelist / .adjlist file that starts with '# directed' is a DiGraph; without it the
+    edges are undirected (both directions in the token graph)."""
+    lines = "0 1\n1 2\n2\n" if suffix == ".adjlist" else "0 1\n1 2\n"
+    directed, undirected = tmp_path / f"d{suffix}", tmp_path / f"u{suffix}"
+    directed.write_text("# directed\n" + lines)
+    undirected.write_text(lines)
+    d, u = T.read_graph(directed), T.read_graph(undirected)
+    assert d.is_directed() and set(d.edges) == {(0, 1), (1, 2)}
+    assert not u.is_directed() and {frozenset(e) for e in u.edges} == {frozenset((0, 1)), frozenset((1, 2))}
+    assert T.from_graph(d).tolist() == [[0, 1], [1, 2]]  # 1 hears 0, 2 hears 1, not back
+    assert T.from_graph(u).size(1) == 4
+
+
+def test_read_graph_other_formats_and_bad_paths(tmp_path):
+    nx.write_gml(nx.path_graph(3), tmp_path / "p.gml")
+    nx.write_graphml(nx.cycle_graph(4), tmp_path / "c.graphml")
+    assert T.read_graph(tmp_path / "p.gml").number_of_edges() == 2
+    assert T.read_graph(str(tmp_path / "c.graphml")).number_of_edges() == 4
+    with pytest.raises(ValueError, match="'path' with a suffix"):
+        T.read_graph(tmp_path / "g.txt")
+    with pytest.raises(ValueError, match="No graph file"):
+        T.read_graph(tmp_path / "missing.edgelist")
+
+
+def test_prefix_lm_refuses_more_prefixes_than_sequences():
+    with pytest.raises(ValueError, match="one 'prefix' per sequence"):
+        T.prefix_lm([5, 2], [1, 2, 3])

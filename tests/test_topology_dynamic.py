@@ -1061,3 +1061,59 @@ def test_selector_refuses_a_spec_of_another_type(spec):
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         selector(spec)
+
+
+def test_topk_cross_attention_batch_with_a_sequence_of_keys_only():
+    # key sequence 1 has no query: query sequence 2 still reads the keys of sequence 2 only
+    bq, bk = torch.tensor([0, 0, 2, 2]), torch.tensor([0, 1, 1, 2, 2])
+    q, k = _ints(4, 2, 2, seed=3), _ints(5, 1, 2, seed=4)
+    edge_index, edge_head = topk(q, k, 3, batch=(bq, bk))
+    assert _triples(edge_index, edge_head) == brute_topk(q, k, 3, [2, 0, 2], [1, 2, 2])
+    assert_format(edge_index, edge_head, 2, [2, 0, 2], [1, 2, 2])
+
+
+@pytest.mark.parametrize(
+    "name, param",
+    [("topk", "num_keys"), ("block_topk", "block_size"), ("lsh", "num_buckets"), ("routing", "num_clusters")],
+)
+@pytest.mark.parametrize("as_mapping", [False, True])
+def test_selector_without_its_required_parameter_is_a_value_error(name, param, as_mapping):
+    spec = {"name": name} if as_mapping else name
+    with pytest.raises(ValueError) as info:
+        selector(spec, num_heads=2, head_dim=4)
+    assert repr(spec) in str(info.value) and f"missing parameter '{param}'" in str(info.value)
+
+
+@pytest.mark.parametrize("decay", [True, False])
+def test_selector_decay_is_no_boolean(decay):
+    spec = {"name": "routing", "num_clusters": 2, "decay": decay}
+    with pytest.raises(ValueError) as info:
+        selector(spec, num_heads=2, head_dim=4)
+    assert "'decay'" in str(info.value) and f"decay={decay}" in str(info.value)
+
+
+def test_routing_module_centroids_are_the_seeded_normal_normalized():
+    for seed in (0, 7):
+        want = torch.nn.functional.normalize(
+            torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(seed)), dim=-1
+        )
+        assert torch.equal(Routing(2, 4, 3, seed=seed).centroids, want)
+    assert not torch.equal(Routing(2, 4, 3, seed=0).centroids, Routing(2, 4, 3, seed=7).centroids)
+
+
+@pytest.mark.parametrize("lengths", [([4], [3]), ([4], [5]), ([2, 2], [1, 2])], ids=str)
+def test_topk_refuses_key_lengths_that_do_not_sum_to_the_keys(lengths):
+    q, k = _randn(4, 2, 2), _randn(4, 1, 2, seed=1)
+    with pytest.raises(ValueError) as info:
+        topk(q, k, 1, lengths=lengths)
+    assert "'lengths'" in str(info.value) and "k.size(0)=4" in str(info.value)
+
+
+def test_routing_object_call_overrides_its_causal_default():
+    q, k = _randn(9, 4, 4), _randn(9, 2, 4, seed=1)
+    for default in (False, True):
+        router = Routing(4, 4, 3, causal=default).double().eval()
+        for causal in (False, True):
+            want = routing(q, k, router.centroids, causal=causal, lengths=[4, 5])
+            for got in (router(q, k, causal=causal, lengths=[4, 5]), router(q, k, T.full([4, 5]), causal=causal)):
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

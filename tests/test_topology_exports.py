@@ -265,3 +265,34 @@ def test_combinators_refuse_plain_nodes_at_or_past_the_sparse_size(plain):
     bipartite = T.cross(2, 3)  # sparse_size (3, 2)
     with pytest.raises(ValueError, match=r"nodes outside sparse_size \(3, 2\)"):
         T.union(bipartite, plain)
+
+
+def test_to_networkx_bipartite_argument_overrides_the_sizes():
+    """bipartite=True splits even a square graph into key and query nodes; bipartite=False keeps
+    one node set, as large as the larger side, even for a cross graph."""
+    ei = T.causal(3)
+    g = T.to_networkx(ei, bipartite=True)
+    assert sorted(g.nodes) == sorted([("k", j) for j in range(3)] + [("q", i) for i in range(3)])
+    assert set(g.edges) == {(("k", j), ("q", i)) for j, i in zip(ei[0].tolist(), ei[1].tolist())}
+    assert {g.nodes[("k", 0)]["bipartite"], g.nodes[("q", 0)]["bipartite"]} == {0, 1}
+    c = T.cross(2, 5)  # 5 keys, 2 queries
+    h = T.to_networkx(c, bipartite=False)
+    assert sorted(h.nodes) == list(range(5))
+    assert set(h.edges) == set(zip(c[0].tolist(), c[1].tolist()))
+    lone = torch.tensor([[0], [0]])  # 1 key, 3 queries, only query 0 hears it: nodes for the others too
+    h = T.to_networkx(lone, 1, 3, bipartite=False)
+    assert sorted(h.nodes) == [0, 1, 2] and list(h.edges) == [(0, 0)]
+
+
+@pytest.mark.parametrize("lookup", ["bits", "blocks", "search"])
+def test_flex_mask_mod_of_a_graph_without_edges_is_false_everywhere(lookup):
+    mm = T.to_flex_mask_mod(torch.empty(2, 0, dtype=torch.long), 3, 3, lookup=lookup, block_size=2)
+    q, kv = torch.arange(3).repeat_interleave(3), torch.arange(3).repeat(3)
+    z = torch.zeros_like(q)
+    assert not mm(z, z, q, kv).any()
+
+
+@pytest.mark.parametrize("block_size", [0, -2, 1.5, True])
+def test_flex_mask_mod_blocks_refuses_a_bad_block_size(block_size):
+    with pytest.raises(ValueError, match="block_size"):
+        T.to_flex_mask_mod(T.causal(3), lookup="blocks", block_size=block_size)

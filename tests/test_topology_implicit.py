@@ -375,3 +375,107 @@ def test_huge_implicit_graphs_are_refused_without_allocating():
         T.full(10**7, implicit=True)
     with pytest.raises(ValueError, match=r"causal: n=1000000000000 with implicit=True would hold 1000000000000 tokens"):
         T.causal(10**12, implicit=True)
+
+
+@pytest.mark.parametrize(
+    "n, block",
+    [
+        (0, 16),
+        (1, 16),
+        (15, 16),
+        (16, 16),
+        (17, 32),
+        (32, 32),
+        (33, 64),
+        (64, 64),
+        (65, 64),
+        ([10, 6], 16),
+        ([10, 7], 32),
+    ],
+    ids=str,
+)
+def test_default_block_is_the_smallest_power_of_two_that_covers_the_tokens(n, block):
+    """Without block_size, the tile side is 64 shrunk to the smallest power of two (at least 16)
+    that holds every token: a graph of exactly 16 or 32 tokens is one tile, not a quarter of one."""
+    total = n if isinstance(n, int) else sum(n)
+    expected = min(64, max(16, 1 << max(total - 1, 0).bit_length()))
+    assert expected == block  # the rule, spelled out by hand above
+    for g in (T.causal(n, implicit=True), T.full(n, implicit=True), T.sliding_window(n, 2, implicit=True)):
+        assert (g.block_q, g.block_k) == (block, block)
+
+
+def test_constructor_refuses_a_tile_twice_and_an_empty_block():
+    """The same (query block, key block) tile twice would count its edges twice; a block of
+    q_ptr / k_ptr holds at least one token."""
+    with pytest.raises(ValueError, match="no tile twice"):
+        _tiles(k_block=torch.tensor([0, 0, 0]))
+    with pytest.raises(ValueError, match="q_ptr"):  # blocks 0, 1 (empty), 2; the tiles skip block 1
+        _tiles(q_ptr=torch.tensor([0, 4, 4, 8]), q_block=torch.tensor([0, 2, 2]))
+
+
+def test_tiles_of_unequal_sides_count_their_edges():
+    """A full tile of block_q x block_k holds block_q * block_k edges, also when the sides differ."""
+    graph = BlockGraph(
+        num_dst=4,
+        num_src=6,
+        block_q=4,
+        block_k=2,
+        q_block=torch.tensor([0, 0, 0]),
+        k_block=torch.tensor([0, 1, 2]),
+        mask_index=torch.tensor([-1, 0, -1]),
+        masks=torch.tensor([[[True, False]] * 4]),
+    )
+    dense = graph.to_dense()
+    want = torch.ones(4, 6, dtype=torch.bool)
+    want[:, 3] = False  # the masked tile (keys 2, 3) keeps key 2 only
+    assert torch.equal(dense, want)
+    assert graph.num_edges() == int(want.sum()) == graph.edges().size(1) == 20
+    assert graph.tile_edges().tolist() == [8, 4, 8]
+
+
+@pytest.mark.parametrize(
+    "lo,hi,name",
+    [
+        ([0, 0, 0], [2, 1, 2], "non-decreasing"),  # lo non-decreasing, hi not
+        ([0, 1], [1, 3], "num_src"),  # hi == num_src: one past the last source
+    ],
+)
+def test_interval_graph_refuses_bad_upper_bounds(lo, hi, name):
+    with pytest.raises(ValueError, match=name):
+        interval_graph(torch.tensor(lo), torch.tensor(hi), 3, 2)
+
+
+def test_interval_graph_refuses_a_dense_claim_with_more_sources_than_targets():
+    """causal within (0, 3) over 3 targets, but 5 sources: not the square graph 'dense' promises."""
+    lo, hi = torch.tensor([0, 0, 0]), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="as 'dense' says"):
+        interval_graph(lo, hi, 5, 2, dense=("causal", (0, 3)))
+    assert interval_graph(lo, hi, 3, 2, dense=("causal", (0, 3))).dense == ("causal", (0, 3))
+
+
+@pytest.mark.parametrize("build", [lambda: T.causal([5, 0, 17], implicit=True, block_size=4), lambda: _tiles()])
+def test_to_keeps_every_field_and_the_dense_claim(build):
+    graph = build()
+    moved = graph.to("cpu")
+    assert moved.dense == graph.dense
+    assert (moved.num_dst, moved.num_src, moved.block_q, moved.block_k) == (
+        graph.num_dst,
+        graph.num_src,
+        graph.block_q,
+        graph.block_k,
+    )
+    for name in ("q_block", "k_block", "mask_index", "masks"):
+        assert torch.equal(getattr(moved, name), getattr(graph, name))
+    assert torch.equal(moved.to_dense(), graph.to_dense())
+
+
+def test_selector_implicit_declines_graphs_that_only_count_like_full_or_causal():
+    q, k = torch.randn(8, 2, 4), torch.randn(8, 2, 4)
+    full = T.full(8).as_tensor()
+    twice = torch.cat([full[:, :-1], full[:, :1]], dim=1)  # as many edges as full: one pair twice, (7, 7) missing
+    assert BlockTopK(2, 1).implicit(q, k, twice) is None
+    causal = T.causal(8).as_tensor()
+    back = (causal[0] < causal[1]).nonzero()[0, 0]
+    flipped = causal.clone()
+    flipped[:, back] = causal[:, back].flip(0)  # as many edges as causal, one of them j > i
+    assert BlockTopK(2, 1, causal=True).implicit(q, k, flipped) is None

@@ -132,3 +132,61 @@ def test_round_trip_batched(lengths, seed):
     ei = from_dense_mask(m, lengths)
     assert ei.sparse_size() == (sum(lengths), sum(lengths))
     assert torch.equal(to_dense_mask(ei, lengths=lengths), m)
+
+
+def test_bool_edge_index_is_refused():
+    """A boolean [2, E] tensor is not a list of node ids (True would silently read as node 1)."""
+    with pytest.raises(ValueError, match="integers"):
+        to_dense_mask(torch.tensor([[True, False], [True, True]]))
+    with pytest.raises(ValueError, match="integers"):
+        is_multigraph(torch.ones(2, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(batch=torch.tensor([0, 1, 0])), "sorted"),
+        (dict(batch=torch.tensor([-1, 0, 0])), "non-negative"),
+        (dict(batch=torch.tensor([0, 0, 1]), lengths=[2, 1]), "not both"),
+    ],
+)
+def test_bad_batch_vectors_are_refused(kwargs, match):
+    ei = torch.tensor([[0, 1, 2], [0, 1, 2]])  # self-loops, fine for any batch
+    with pytest.raises(ValueError, match=match):
+        to_dense_mask(ei, **kwargs)
+
+
+def test_source_lengths_must_sum_to_num_src():
+    with pytest.raises(ValueError, match="num_src=3"):
+        to_dense_mask(torch.tensor([[0], [0]]), 3, 1, lengths=[1], src_lengths=[2])
+
+
+def test_is_multigraph_of_two_edges_and_of_sizes_taken_from_the_edges():
+    assert is_multigraph(torch.tensor([[0, 0], [1, 1]]))  # one edge twice
+    assert not is_multigraph(torch.tensor([[1, 0], [0, 1]]))  # 1 -> 0 and 0 -> 1 are two edges
+    assert not is_multigraph(torch.tensor([[2, 0], [0, 1]]))
+    assert is_multigraph(torch.tensor([[0, 1, 0], [1, 1, 1]]), 2)
+
+
+def test_from_dense_mask_of_a_batched_cross_mask_keeps_every_key_by_default():
+    """lengths cut the queries; the keys of a [B, T_q, T_k] mask with T_q != T_k are not the
+    queries, so without src_lengths all T_k of them stay."""
+    m = torch.ones(2, 2, 3, dtype=torch.bool)
+    ei = from_dense_mask(m, [1, 2])
+    assert ei.sparse_size() == (6, 3)
+    want = from_dense_mask(m, [1, 2], src_lengths=[3, 3])
+    assert torch.equal(ei.as_tensor(), want.as_tensor()) and ei.size(1) == 1 * 3 + 2 * 3
+
+
+def test_from_dense_mask_refuses_lengths_past_the_mask():
+    with pytest.raises(ValueError, match="at most 2"):
+        from_dense_mask(torch.ones(1, 2, 2, dtype=torch.bool), [3])
+    with pytest.raises(ValueError, match="at most 3"):
+        from_dense_mask(torch.ones(1, 2, 3, dtype=torch.bool), [2], src_lengths=[4])
+
+
+@pytest.mark.parametrize("edge_index, name", [([[3], [0]], "num_src"), ([[0], [3]], "num_dst")])
+def test_node_equal_to_the_node_count_is_out_of_range(edge_index, name):
+    """Node ids run 0 .. n - 1: an id equal to n is one past the end (not an IndexError later)."""
+    with pytest.raises(ValueError, match=name):
+        to_dense_mask(torch.tensor(edge_index), 3, 3)

@@ -115,3 +115,36 @@ def test_expander_is_connected_with_small_diameter():
     assert nx.is_strongly_connected(g)
     assert nx.diameter(g) <= 8  # ~ log_3(200) + slack; a ring of 200 would need 100
     assert not torch.equal(ei.as_tensor(), T.expander(200, 4, seed=1).as_tensor())
+
+
+@pytest.mark.parametrize("num_src, num_dst", [(1, 6), (3, 5), (7, 7), (0, 4)])
+@pytest.mark.parametrize("p", [0.0, 0.15])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_erdos_renyi_min_in_degree_gives_every_empty_target_one_key(num_src, num_dst, p, seed):
+    """min_in_degree=1 keeps the drawn edges and adds exactly one key to each target that drew none
+    (a graph without sources has nothing to add)."""
+    base = T.to_dense_mask(T.erdos_renyi(num_src, num_dst, p=p, seed=seed), num_src, num_dst)  # [N_dst, N_src]
+    ei = T.erdos_renyi(num_src, num_dst, p=p, seed=seed, min_in_degree=1)
+    assert ei.sparse_size() == (num_src, num_dst) and not T.is_multigraph(ei)
+    mask = T.to_dense_mask(ei, num_src, num_dst)
+    assert torch.equal(mask & base, base)  # the drawn edges stay
+    drew = base.sum(1)
+    expected = torch.where(drew > 0, drew, 1) if num_src > 0 else drew
+    assert torch.equal(mask.sum(1), expected)
+
+
+def test_erdos_renyi_and_bigbird_seed_changes_the_graph():
+    a, b = T.erdos_renyi(12, p=0.5, seed=0), T.erdos_renyi(12, p=0.5, seed=1)
+    assert not torch.equal(a.as_tensor(), b.as_tensor())
+    kw = dict(block=2, window=1, num_global=1, num_random=2)
+    a, b = T.bigbird(64, seed=0, **kw), T.bigbird(64, seed=1, **kw)
+    assert not torch.equal(a.as_tensor(), b.as_tensor())
+
+
+@pytest.mark.parametrize(
+    "kw, arg",
+    [(dict(p=1.5), "'p'"), (dict(p=-0.1), "'p'"), (dict(p=True), "'p'"), (dict(min_in_degree=2), "min_in_degree")],
+)
+def test_erdos_renyi_bad_arguments_name_the_argument(kw, arg):
+    with pytest.raises(ValueError, match=arg):
+        T.erdos_renyi(4, **kw)

@@ -174,3 +174,51 @@ def test_specs_are_data_nothing_executed(tmp_path):
     with pytest.raises(ValueError, match="unknown builder"):
         T.load(p, 3)
     assert set(specs.BUILDERS) >= {"full", "causal", "bigbird", "expander"}
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('builder = "sliding_window"\n[params]\nwindow = true\n', "params.window"),  # a bool is no integer
+        ('builder = "bigbird"\n[params]\nseed = false\n', "params.seed"),
+    ],
+)
+def test_bool_is_not_an_integer_parameter(tmp_path, text, key):
+    p = _write(tmp_path, text)
+    with pytest.raises(ValueError) as info:
+        T.read_spec(p)
+    assert f"key '{key}'" in str(info.value) and "integer" in str(info.value)
+
+
+def test_intersection_spec_equals_the_intersection_builder(tmp_path):
+    text = (
+        'builder = "intersection"\n[[parts]]\nbuilder = "sliding_window"\nparams = { window = 2 }\n'
+        '[[parts]]\nbuilder = "causal"\n'
+    )
+    p = _write(tmp_path, text)
+    for n in (8, [3, 6]):
+        want = T.intersection(T.sliding_window(n, 2), T.causal(n)).as_tensor()
+        assert torch.equal(T.load(p, n).as_tensor(), want)
+        assert not torch.equal(want, T.union(T.sliding_window(n, 2), T.causal(n)).as_tensor())
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('builder = "document"\n[params]\ndoc_lengths = 0\n', "params.doc_lengths"),
+        ('builder = "dilated"\n[params]\nwindow = 2\ndilation = 0\n', "params.dilation"),
+    ],
+)
+def test_lower_bounds_are_checked_when_the_spec_is_read(tmp_path, text, key):
+    p = _write(tmp_path, text)
+    with pytest.raises(ValueError) as info:
+        T.read_spec(p)  # not only when built: every key is checked on reading
+    assert str(p) in str(info.value) and f"key '{key}'" in str(info.value) and ">= 1" in str(info.value)
+
+
+def test_array_parameters_hold_at_most_max_repeat_items(tmp_path):
+    dilations = ", ".join(["1"] * (specs.MAX_REPEAT + 1))
+    p = _write(tmp_path, f'builder = "dilated_per_head"\n[params]\nwindow = 1\ndilations = [{dilations}]\n')
+    with pytest.raises(ValueError) as info:
+        T.read_spec(p)
+    assert "key 'params.dilations'" in str(info.value) and f"at most {specs.MAX_REPEAT} items" in str(info.value)

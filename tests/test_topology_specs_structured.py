@@ -289,3 +289,13 @@ def test_layer_patterns_compare_by_identity():
     a, b = specs.LayerPattern((T.causal(3), T.full(3))), specs.LayerPattern((T.causal(3), T.full(3)))
     assert a == a and a != b
     assert {a: 1, b: 2}[a] == 1
+
+
+def test_small_params_are_checked_against_the_other_parameters(tmp_path):
+    text = (
+        'builder = "duo_attention"\n[params]\nstreaming_heads = [1]\nnum_heads = 4\nnum_sinks = 1\nwindow = 1\n'
+        "[small]\nparams = { streaming_heads = [5] }\n"
+    )
+    p = _write(tmp_path, text)
+    with pytest.raises(ValueError, match=re.escape(f"{p}: key 'small.params.streaming_heads'") + ".*< num_heads = 4"):
+        T.read_spec(p)

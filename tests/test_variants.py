@@ -399,3 +399,41 @@ def test_dense_sigmoid_attention_minus_inf_bias_off_the_mask_changes_nothing(dty
     torch.testing.assert_close(weights, want, **TOL[dtype])
     torch.testing.assert_close(out, want @ v, **TOL[dtype])
     assert (out[:, :, 1] == 0).all()
+
+
+@pytest.mark.parametrize("attention", [SigmoidAttention, LinearAttention])
+def test_edge_weight_variants_drop_weights_in_training_only_and_return_them_undropped(attention):
+    """Attention dropout acts in training only, and the returned weights are those before dropout
+    (as ``GraphMultiheadAttention`` documents for ``return_attention_weights``)."""
+    torch.manual_seed(0)
+    layer = perturbed(attention(16, 4, dropout=0.5, backend="pyg"))  # eval mode
+    x, edge_index = torch.randn(9, 16), causal([5, 4])
+    out_eval, w_eval = layer(x, edge_index, return_attention_weights=True)
+    layer.train()
+    torch.manual_seed(1)
+    out_a, w_a = layer(x, edge_index, return_attention_weights=True)
+    torch.manual_seed(1)
+    out_b, _ = layer(x, edge_index, return_attention_weights=True)
+    torch.testing.assert_close(w_a, w_eval)  # the weights before dropout
+    torch.testing.assert_close(out_a, out_b)  # one seed, one dropout mask
+    assert not torch.allclose(out_a, out_eval, atol=1e-4)  # dropout changed the output
+    layer.eval()
+    torch.testing.assert_close(layer(x, edge_index), out_eval)  # back in eval: no dropout
+
+
+@pytest.mark.parametrize("attention", [SigmoidAttention, LinearAttention])
+@pytest.mark.parametrize("backend", ["fused", "tiled"])
+def test_edge_weight_variants_refuse_a_kernel_backend_at_construction(attention, backend):
+    """The variants run on message passing only: a softmax-only kernel backend is refused when the
+    layer is built, not at its first call."""
+    with pytest.raises(ValueError, match=f"runs on message passing only.*'{backend}'"):
+        attention(8, 2, backend=backend)
+
+
+def test_mlp_projection_hidden_layers_follow_the_layers_bias():
+    """``bias=False`` removes every bias, the hidden layers' included (as nn.MultiheadAttention's ``bias``)."""
+    layer = MLPProjectionAttention(8, 2, bias=False, backend="pyg")
+    assert all(getattr(layer, name).bias is None for name in ("q_hidden", "k_hidden", "v_hidden"))
+    assert not any(name.endswith("bias") for name, _ in layer.named_parameters())
+    with_bias = MLPProjectionAttention(8, 2, backend="pyg")
+    assert all(getattr(with_bias, name).bias is not None for name in ("q_hidden", "k_hidden", "v_hidden"))
