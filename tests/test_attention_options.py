@@ -101,6 +101,21 @@ def test_partial_rope_passes_the_rest():
         RotaryEmbedding(6, rotary_dim=3)
 
 
+def _hf_rope(kind, extra):
+    """A Llama config of 4 heads of 16 channels, 32 positions and rope base 1000 with Hugging Face's
+    rope parameters ``kind`` / ``extra``, and Hugging Face's rope initializers."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        rope_parameters={"rope_type": kind, "rope_theta": 1000.0, **extra},
+    )
+    return config, ROPE_INIT_FUNCTIONS
+
+
 @pytest.mark.parametrize(
     "kind,extra",
     [
@@ -127,22 +142,14 @@ def test_partial_rope_passes_the_rest():
     ],
 )
 def test_rope_inv_freq_matches_hf(kind, extra):
-    transformers = pytest.importorskip("transformers")
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        num_attention_heads=4,
-        max_position_embeddings=32,
-        rope_parameters={"rope_type": kind, "rope_theta": 1000.0, **extra},
-    )
+    config, rope_init = _hf_rope(kind, extra)
     scaling = RopeScaling(kind, max_position_embeddings=32, **extra)
     for seq_len in (None, 50):
         ours, factor = rope_inv_freq(16, 1000.0, scaling, seq_len)
         if kind == "default":
             ref, ref_factor = 1.0 / (1000.0 ** (torch.arange(0, 16, 2).float() / 16)), 1.0
         else:
-            ref, ref_factor = ROPE_INIT_FUNCTIONS[kind](config, None, seq_len=seq_len)
+            ref, ref_factor = rope_init[kind](config, None, seq_len=seq_len)
         torch.testing.assert_close(ours, ref, atol=0, rtol=1e-6)
         assert factor == pytest.approx(ref_factor)
 
@@ -362,17 +369,9 @@ def test_feed_forward_bad_arguments(kw, match):
     ],
 )
 def test_rope_inv_freq_matches_hf_on_edge_cases(kind, extra, seq_len):
-    transformers = pytest.importorskip("transformers")
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        num_attention_heads=4,
-        max_position_embeddings=32,
-        rope_parameters={"rope_type": kind, "rope_theta": 1000.0, **extra},
-    )
+    config, rope_init = _hf_rope(kind, extra)
     ours, factor = rope_inv_freq(16, 1000.0, RopeScaling(kind, max_position_embeddings=32, **extra), seq_len)
-    ref, ref_factor = ROPE_INIT_FUNCTIONS[kind](config, None, seq_len=seq_len)
+    ref, ref_factor = rope_init[kind](config, None, seq_len=seq_len)
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours, ref, atol=0, rtol=1e-6)
     assert factor == pytest.approx(ref_factor)
