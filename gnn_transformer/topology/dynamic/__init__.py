@@ -49,7 +49,7 @@ from .by_name import SELECTORS, selector
 from .lsh import lsh
 from .routing import ASSIGN_CHUNK, routing
 from .selectors import LSH, BlockTopK, Routing, TopK, sequence_lengths
-from .topk import EDGES_PER_QUERY, topk
+from .topk import topk
 
 __all__ = [
     "topk",
@@ -63,7 +63,6 @@ __all__ = [
     "Routing",
     "SELECTORS",
     "selector",
-    "EDGES_PER_QUERY",
     "BLOCK_CHUNK",
     "ASSIGN_CHUNK",
 ]

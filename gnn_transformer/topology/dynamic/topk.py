@@ -22,7 +22,6 @@ from ._common import (
 )
 
 
-EDGES_PER_QUERY = 64  # the allowed path of topk scores chunk * EDGES_PER_QUERY candidate edges at a time
 # topk's default chunk: queries scored at a time without an allowed graph, by device type (smaller
 # blocks of scores stay in the CPU's caches and waste less past a causal chunk's last query), and
 # with one
@@ -235,36 +234,28 @@ def _check_allowed(
     return src, dst, head
 
 
-# The allowed path ranks the keys of each row in a padded table of its widest row's keys when that
-# table holds at most PADDING cells per allowed edge (else in two sorts of every edge). A block of
-# shared rows whose keys lie in a range of at most BAND cells per edge is scored against that range
-# (one matrix product, no gathered keys: windows, a decoding step's cache).
-PADDING = 2
+# The allowed path ranks the keys of each row in padded tables: rows of 2^(b-1) < width <= 2^b keys
+# share table b (at most two cells per edge). A block of shared rows whose keys lie in a range of
+# at most BAND cells per edge is scored against that range (one matrix product, no gathered keys:
+# windows, a decoding step's cache, rows that read every key).
 BAND = 4
 SCORES_PER_CHUNK = 1 << 22  # scores, or gathered key values, per block of rows
 
 
-def _regular(row: Tensor, num_rows: int, num_edges: int) -> bool:
-    """Whether rows of the widest one's length hold at most ``PADDING`` cells per edge."""
-    return num_rows * int(torch.bincount(row, minlength=num_rows).max()) <= PADDING * num_edges
-
-
 def _shared_rows(
-    q: Tensor, k: Tensor, keys: Tensor, s: int, num: int, finite: bool, gathered: int
+    q: Tensor, k: Tensor, keys: Tensor, queries: Tensor, num: int, finite: bool, gathered: int
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """(head, query, key) lists of the ``num`` best keys of the queries ``s, s + 1, ...`` whose
-    keys (ascending, ``-1`` past them) are the rows of ``keys [c, width]`` (every head reads the
-    same keys), in query order, each in (head, query, key) order: against the range of their keys,
-    or from their keys gathered for ``gathered`` rows at a time."""
+    """(head, query, key) lists of the ``num`` best keys of the ``queries`` (ascending) whose keys
+    (ascending, ``-1`` past them) are the rows of ``keys [c, width]`` (every head reads the same
+    keys), in query order, each in (head, query, key) order: against the range of their keys, or
+    from their keys gathered for ``gathered`` rows at a time."""
     (c, width), (_, H, D), H_kv = keys.shape, q.shape, k.size(1)
     g = H // H_kv
     ok = keys >= 0
     present = keys[ok]
-    if present.numel() == 0:
-        return []
     lo, hi = int(present.min()), int(present.max()) + 1
     if c * (hi - lo) <= BAND * present.numel():  # against the range of keys: [H, c, span]
-        q_heads = q[s : s + c].reshape(c, H_kv, g * D).transpose(0, 1).reshape(H_kv, c, g, D)
+        q_heads = q[queries].reshape(c, H_kv, g * D).transpose(0, 1).reshape(H_kv, c, g, D)
         q_heads = q_heads.transpose(1, 2).reshape(H_kv, g * c, D)  # [H_kv, g * c, D]
         scores = torch.bmm(q_heads, k[lo:hi].permute(1, 2, 0)).view(H, c, hi - lo)
         allowed = torch.zeros(c, hi - lo + 1, dtype=torch.bool, device=q.device)
@@ -272,65 +263,81 @@ def _shared_rows(
         cols = _best(scores, allowed[:, :-1], min(num, hi - lo), finite)  # [H, c, num]
         valid = cols < hi - lo
         h, i, _ = valid.nonzero(as_tuple=True)
-        return [(h, i + s, cols[valid] + lo)]
+        return [(h, queries[i], cols[valid] + lo)]
     out = []
     for t in range(0, c, gathered):
         part, part_ok = keys[t : t + gathered], ok[t : t + gathered]
         kk = k[part.clamp(min=0)]  # [c', width, H_kv, D]: the keys of each row
-        qq = q[s + t : s + t + part.size(0)].reshape(part.size(0), H_kv, g, D)
+        qq = q[queries[t : t + gathered]].reshape(part.size(0), H_kv, g, D)
         scores = torch.einsum("cxyd,cwxd->xycw", qq, kk).reshape(H, part.size(0), width)
         scores.masked_fill_(~part_ok, -math.inf)
         cols = _rank(scores, part_ok, min(num, width))  # [H, c', num]
         valid = cols < width
         taken = part.expand(H, -1, -1).gather(-1, cols.clamp(max=width - 1))
         h, i, _ = valid.nonzero(as_tuple=True)
-        out.append((h, i + s + t, taken[valid]))
+        out.append((h, queries[t + i], taken[valid]))
     return out
 
 
+def _head_rows(q: Tensor, k: Tensor, keys: Tensor, rows: Tensor, n_q: int, num: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(head, query, key) of the ``num`` best keys of the (head, query) ``rows`` (``head * n_q +
+    query``, ascending) whose keys (ascending, ``-1`` past them) are the rows of ``keys [c,
+    width]``, in (head, query, key) order."""
+    width, g = keys.size(1), q.size(1) // k.size(1)
+    ok = keys >= 0
+    hr, ir = rows // n_q, rows % n_q
+    kk = k[keys.clamp(min=0), (hr // g)[:, None]]  # [c, width, D]
+    scores = torch.bmm(kk, q[ir, hr].unsqueeze(-1)).squeeze(-1)  # [c, width]
+    scores.masked_fill_(~ok, -math.inf)
+    cols = _rank(scores, ok, min(num, width))  # [c, num]
+    valid = cols < width
+    taken = keys.gather(-1, cols.clamp(max=width - 1))
+    r, _ = valid.nonzero(as_tuple=True)
+    return hr[r], ir[r], taken[valid]
+
+
 def _padded_topk(
-    q: Tensor, k: Tensor, num: int, row: Tensor, col: Tensor, n_q: int, *, shared: bool
+    q: Tensor, k: Tensor, num: int, row: Tensor, col: Tensor, n_q: int, *, shared: bool, chunk: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(head, query, key) of the ``num`` best keys of each row, sorted; ``row`` / ``col``: the
     distinct allowed pairs sorted by (row, key), a row being a query (``shared``: every head's) or
-    a (head, query) pair ``head * n_q + query``. Each row's keys fill a row of a padded table, in
-    key order, and are scored and ranked there (:func:`_rank`: ties to the lower key); blocks of
-    shared rows within a narrow range of keys are scored against that range (:func:`_best`)."""
+    a (head, query) pair ``head * n_q + query``. Each row's keys fill a row of the padded table of
+    its width, in key order, and are scored and ranked there (:func:`_rank`: ties to the lower
+    key), at most ``chunk`` rows at a time; blocks of shared rows within a narrow range of keys are
+    scored against that range (:func:`_best`)."""
     device, (_, H, D), H_kv = q.device, q.shape, k.size(1)
-    g = H // H_kv
     num_rows = n_q if shared else H * n_q
     counts = torch.bincount(row, minlength=num_rows)
-    width = int(counts.max())
     slot = torch.arange(row.numel(), device=device) - (counts.cumsum(0) - counts)[row]
-    table = torch.full((num_rows, width), -1, dtype=torch.long, device=device)  # keys of each row, -1 past them
-    table[row, slot] = col
+    # table b: rows of 2^(b-1) < width <= 2^b keys
+    table_of = torch.where(counts > 0, torch.ceil(torch.log2(counts.clamp(min=1).double())).long(), -1)
+    finite = shared and math.prod(float(x.norm(dim=-1).amax()) for x in (q, k)) < torch.finfo(q.dtype).max / 2
     out: list[tuple[Tensor, Tensor, Tensor]] = []
-    if shared:
-        bound = math.prod(float(x.norm(dim=-1).amax()) for x in (q, k))
-        finite = bound < torch.finfo(q.dtype).max / 2  # as in dense_topk
-        gathered = max(1, SCORES_PER_CHUNK // (width * H_kv * D))  # rows whose keys are gathered at a time
-        step = max(gathered, SCORES_PER_CHUNK // (width * H))  # rows scored at a time
-        for s in range(0, num_rows, step):
-            out += _shared_rows(q, k, table[s : s + step], s, num, finite, gathered)
-        return _in_order(out, H) if out else (row[:0], row[:0], row[:0])
-    keep = min(num, width)
-    step = max(1, SCORES_PER_CHUNK // (width * D))
-    for s in range(0, num_rows, step):
-        e = min(s + step, num_rows)
-        keys = table[s:e]  # [c, width]
-        ok = keys >= 0
-        r = torch.arange(s, e, device=device)  # row r: head r // n_q, query r % n_q
-        hr, ir = r // n_q, r % n_q
-        kk = k[keys.clamp(min=0), (hr // g)[:, None]]  # [c, width, D]
-        scores = torch.bmm(kk, q[ir, hr].unsqueeze(-1)).squeeze(-1)  # [c, width]
-        scores.masked_fill_(~ok, -math.inf)
-        cols = _rank(scores, ok, keep)  # [c, keep]
-        valid = cols < width
-        taken = keys.gather(-1, cols.clamp(max=width - 1))
-        rows, _ = valid.nonzero(as_tuple=True)
-        out.append((hr[rows], ir[rows], taken[valid]))
+    tables = torch.unique(table_of[table_of >= 0]).tolist()
+    for b in tables:
+        rows = (table_of == b).nonzero().reshape(-1)  # [R] ascending
+        width = int(counts[rows].max())
+        position = torch.full((num_rows,), -1, dtype=torch.long, device=device)
+        position[rows] = torch.arange(rows.numel(), device=device)
+        mine = table_of[row] == b
+        table = torch.full((rows.numel(), width), -1, dtype=torch.long, device=device)  # -1 past a row's keys
+        table[position[row[mine]], slot[mine]] = col[mine]
+        if shared:
+            gathered = max(1, min(chunk, SCORES_PER_CHUNK // (width * H_kv * D)))  # rows gathered at a time
+            step = max(gathered, min(chunk, SCORES_PER_CHUNK // (width * H)))  # rows scored at a time
+            for s in range(0, rows.numel(), step):
+                out += _shared_rows(q, k, table[s : s + step], rows[s : s + step], num, finite, gathered)
+        else:
+            step = max(1, min(chunk, SCORES_PER_CHUNK // (width * D)))
+            for s in range(0, rows.numel(), step):
+                out.append(_head_rows(q, k, table[s : s + step], rows[s : s + step], n_q, num))
+    if not out:
+        return row[:0], row[:0], row[:0]
+    if len(tables) == 1:  # the blocks are in row order
+        return _in_order(out, H) if shared else tuple(torch.cat(x) for x in zip(*out))  # type: ignore[return-value]
     h, i, j = (torch.cat(x) for x in zip(*out))
-    return h, i, j
+    order = torch.argsort(h * n_q + i, stable=True)  # a row's keys stay in order: they come from one block
+    return h[order], i[order], j[order]
 
 
 def _allowed_topk(
@@ -347,8 +354,7 @@ def _allowed_topk(
     chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(head, query, key) of each query's ``num`` best keys among its allowed edges, sorted."""
-    device, (n_q, H, D), (n_k, H_kv, _) = q.device, q.shape, k.shape
-    g = H // H_kv
+    device, (n_q, H, _), n_k = q.device, q.shape, k.size(0)
     if H * max(n_q, 1) * max(n_k, 1) > INT64_MAX:
         raise ValueError(
             f"Expected at most 2**63 - 1 (head, query, key) triples (got {H} heads, q.size(0)={n_q}, k.size(0)={n_k})"
@@ -360,36 +366,15 @@ def _allowed_topk(
         if causal:
             keep &= pos_k[src] <= pos_q[dst]
         src, dst, head = src[keep], dst[keep], (None if head is None else head[keep])
-    pairs = n_q * n_k
     if head is None:  # one allowed graph for every head
         key = torch.unique(dst * n_k + src)  # [E] sorted by (target, source), distinct
         check_edges("topk", H * key.numel(), **edge_sizes(lq, lk))
-        if key.numel() and _regular(key // n_k, n_q, key.numel()):
-            return _padded_topk(q, k, num, key // n_k, key % n_k, n_q, shared=True)
-        key = (torch.arange(H, device=device)[:, None] * pairs + key[None]).reshape(-1)  # [H * E]
     else:
         check_edges("topk", src.numel(), **edge_sizes(lq, lk))
         key = torch.unique((head * n_q + dst) * n_k + src)  # [E] sorted by (head, target, source)
-        if key.numel() and _regular(key // n_k, H * n_q, key.numel()):
-            return _padded_topk(q, k, num, key // n_k, key % n_k, n_q, shared=False)
     if key.numel() == 0:
         return key, key, key
-    h, i, j = key // pairs, key % pairs // n_k, key % n_k
-    # -- compute qk --, EDGES_PER_QUERY * chunk edges at a time
-    q_flat, k_flat = q.reshape(n_q * H, D), k.reshape(n_k * H_kv, D)
-    score = torch.empty(key.numel(), dtype=q.dtype, device=device)  # [E]
-    step = chunk * EDGES_PER_QUERY
-    for s in range(0, key.numel(), step):
-        hs = h[s : s + step]
-        score[s : s + step] = (q_flat[i[s : s + step] * H + hs] * k_flat[j[s : s + step] * H_kv + hs // g]).sum(-1)
-    # -- rank within each (head, query) row: by score, ties to the lower key --
-    row = h * n_q + i  # [E] non-decreasing
-    order = torch.sort(score, descending=True, stable=True).indices  # ties keep (head, query, key) order
-    order = order[torch.argsort(row[order], stable=True)]  # by (row, -score, key)
-    _, counts = torch.unique_consecutive(row, return_counts=True)
-    rank = torch.arange(key.numel(), device=device) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-    chosen = order[rank < num].sort().values  # back to (head, query, key)
-    return h[chosen], i[chosen], j[chosen]
+    return _padded_topk(q, k, num, key // n_k, key % n_k, n_q, shared=head is None, chunk=chunk)
 
 
 @torch.no_grad()
@@ -441,8 +426,8 @@ def topk(
         causal: only keys at local positions ``j <= i``.
         chunk: queries scored at a time without ``allowed`` (a score block is
             ``[chunk, H, N_src]`` at most; default 256 on the CPU, 1024 elsewhere); with
-            ``allowed``, ``64 * chunk`` candidate edges (default ``chunk`` 1024). The selection
-            does not depend on it.
+            ``allowed``, at most ``chunk`` queries (per-head: (head, query) rows) at a time
+            (default 1024). The selection does not depend on it.
 
     Returns:
         ``(edge_index [2, E], edge_head [E])``, sorted by (head, target, source).
