@@ -314,10 +314,10 @@ def _padded_topk(
     finite = shared and math.prod(float(x.norm(dim=-1).amax()) for x in (q, k)) < torch.finfo(q.dtype).max / 2
     out: list[tuple[Tensor, Tensor, Tensor]] = []
     tables = torch.unique(table_of[table_of >= 0]).tolist()
+    position = torch.empty(num_rows, dtype=torch.long, device=device)  # of each row in its table
     for b in tables:
         rows = (table_of == b).nonzero().reshape(-1)  # [R] ascending
         width = int(counts[rows].max())
-        position = torch.full((num_rows,), -1, dtype=torch.long, device=device)
         position[rows] = torch.arange(rows.numel(), device=device)
         mine = table_of[row] == b
         table = torch.full((rows.numel(), width), -1, dtype=torch.long, device=device)  # -1 past a row's keys
