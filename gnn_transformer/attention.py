@@ -991,9 +991,12 @@ class GraphMultiheadAttention(MessagePassing):
         The one hook between the readable message-passing path and the fused kernels. A per-head
         graph runs as a one-head graph on (head, token) nodes on every backend, ``pyg`` included.
         """
+        implicit = kernels.is_block_structure(edge_index)
+        if implicit:  # refused here too: attend is called without forward's checks (variants, tests)
+            kernels.check_implicit_options(edge_bias, edge_head)
         if edge_head is not None:
             return self._attend_per_head(query, key, value, edge_index, edge_head, edge_bias, need_weights, backend)
-        if kernels.is_block_structure(edge_index):
+        if implicit:
             return self._attend_implicit(query, key, value, edge_index, need_weights, backend)
         size = (key.size(0), query.size(0))
         requested = self.backend if backend is None else backend

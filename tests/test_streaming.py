@@ -671,3 +671,62 @@ def test_stream_takes_per_layer_graphs_as_a_tuple():
     graphs = (topology.sliding_window(20, 2, causal=True), topology.causal(20))
     got = torch.cat([logits for _, logits in stream_logits(model, ids, graphs, chunk=6)])
     torch.testing.assert_close(got, _full(model, ids, list(graphs)), rtol=0, atol=1e-10)
+
+
+def test_h2o_refuses_a_model_whose_attention_selects_its_own_graph():
+    """The heavy hitters decide the graph each step: a model whose attention picks its own keys is
+    refused before the prompt runs."""
+    torch.manual_seed(0)
+    config = GraphTransformerConfig(
+        vocab_size=23,
+        d_model=16,
+        nhead=4,
+        num_layers=2,
+        position="rope",
+        backend="pyg",
+        select="block_topk:block_size=2,num_blocks=1,causal=true",
+    )
+    model = GraphLM(config).double().eval()
+    ids = torch.randint(0, 23, (1, 6))
+    with pytest.raises(ValueError, match="attention does not select its own graph.*heavy hitters decide the graph"):
+        h2o_generate(model, ids, 3, heavy=1, recent=2)
+
+
+def test_h2o_refuses_layers_with_different_numbers_of_heads():
+    """Every layer's heavy-hitter cache has one layout of heads: a layer with other numbers of query
+    and key/value heads than the others is refused."""
+    from gnn_transformer import GraphMultiheadAttention
+
+    model = _lm("rope", layers=2)  # 4 heads per layer
+    model.encoder.layers[1].self_attn = GraphMultiheadAttention(16, 2, rope=True, backend="pyg").double()
+    ids = torch.randint(0, 23, (1, 6))
+    heads = r"same numbers of query and key/value heads in every layer \(got \[\(2, 2\), \(4, 4\)\]\)"
+    with pytest.raises(ValueError, match=heads):
+        h2o_generate(model, ids, 3, heavy=1, recent=2)
+
+
+class _OneMoreCachedLayer(torch.nn.Module):
+    """A one-layer LM that also caches a second layer (its first layer's new keys and values again),
+    with a single GraphMultiheadAttention."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward_graph(self, ids, edge_index, pos=None, cache=None):
+        out = self.lm.forward_graph(ids, edge_index, pos=pos, cache=cache)
+        k, v = cache.layers[0]
+        new = ids.numel()
+        cache.update(1, (k[-new:].clone(), v[-new:].clone()))
+        return out
+
+
+def test_cache_positions_refuse_more_cached_layers_than_attention_modules():
+    """positions='cache' re-rotates every cached layer's keys with that layer's rotary embedding: a
+    cache with a layer no GraphMultiheadAttention owns is refused with a ValueError (absolute
+    positions move nothing and run)."""
+    model = _OneMoreCachedLayer(_lm("rope", layers=1))
+    ids = torch.randint(0, 23, (1, 6))
+    assert streaming_generate(model, ids, 3, num_sinks=1, window=2).shape == (1, 9)
+    with pytest.raises(ValueError, match=r"one GraphMultiheadAttention per cached layer.*found 1 for 2 layers"):
+        streaming_generate(model, ids, 3, num_sinks=1, window=2, positions="cache")

@@ -437,3 +437,43 @@ def test_mlp_projection_hidden_layers_follow_the_layers_bias():
     assert not any(name.endswith("bias") for name, _ in layer.named_parameters())
     with_bias = MLPProjectionAttention(8, 2, backend="pyg")
     assert all(getattr(with_bias, name).bias is not None for name in ("q_hidden", "k_hidden", "v_hidden"))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(edge_head=torch.zeros(0, dtype=torch.long)), dict(edge_bias=torch.zeros(8, 2, dtype=torch.float64))],
+    ids=["edge_head", "edge_bias"],
+)
+def test_sigmoid_attention_attend_refuses_what_an_implicit_graph_cannot_take(options):
+    """Called directly on projected heads, SigmoidAttention.attend refuses an edge_head (a BlockGraph
+    carries its heads) or an edge_bias (a BlockGraph has no edge order) with an implicit graph,
+    instead of replacing or misaligning them."""
+    torch.manual_seed(0)
+    layer = SigmoidAttention(8, 2).double()
+    q = torch.randn(6, 2, 4, dtype=torch.float64)
+    graph = causal([4, 2], implicit=True, block_size=2)  # 8 edges
+    name = next(iter(options))
+    with pytest.raises(ValueError, match=f"no '{name}' with an implicit graph"):
+        layer.attend(q, q, q, graph, **options)
+
+
+@pytest.mark.parametrize("layer_type", ["GraphMultiheadAttention", "MLPProjectionAttention"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(edge_head=torch.zeros(8, dtype=torch.long)), dict(edge_bias=torch.zeros(8, 2, dtype=torch.float64))],
+    ids=["edge_head", "edge_bias"],
+)
+def test_attend_refuses_what_an_implicit_graph_cannot_take(layer_type, options):
+    """Called directly, the base layer's attend (which MLPProjectionAttention uses) refuses an
+    edge_head or an edge_bias with an implicit graph, as forward does, instead of dropping the bias
+    or failing elsewhere."""
+    from gnn_transformer import GraphMultiheadAttention
+
+    layer = {"GraphMultiheadAttention": GraphMultiheadAttention, "MLPProjectionAttention": MLPProjectionAttention}[
+        layer_type
+    ](8, 2).double()
+    q = torch.randn(6, 2, 4, dtype=torch.float64)
+    graph = causal([4, 2], implicit=True, block_size=2)  # 8 edges
+    name = next(iter(options))
+    with pytest.raises(ValueError, match=f"no '{name}' with an implicit graph"):
+        layer.attend(q, q, q, graph, **options)
