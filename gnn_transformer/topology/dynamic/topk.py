@@ -106,6 +106,20 @@ def _best(scores: Tensor, ok: Tensor, num: int, finite: bool) -> Tensor:
     return _rank(scores, ok, num)
 
 
+def _finite(q: Tensor, k: Tensor) -> bool:
+    """Whether every score is finite: finite inputs whose largest norms multiply to less than the
+    dtype's range (False for inf and NaN)."""
+    return math.prod(float(x.norm(dim=-1).amax()) for x in (q, k)) < torch.finfo(q.dtype).max / 2
+
+
+def _range_scores(q: Tensor, k: Tensor) -> Tensor:
+    """Scores ``[H, c, span]`` of queries ``q [c, H, D]`` against keys ``k [span, H_kv, D]``, one
+    matrix product per key head (query head ``x * g + y`` reads key head ``x``)."""
+    (c, H, D), (span, H_kv, _) = q.shape, k.shape
+    q_heads = q.reshape(c, H_kv, H // H_kv, D).permute(1, 2, 0, 3).reshape(H_kv, H // H_kv * c, D)
+    return torch.bmm(q_heads, k.permute(1, 2, 0)).view(H, c, span)
+
+
 def _in_order(parts: list[tuple[Tensor, Tensor, Tensor]], H: int) -> tuple[Tensor, Tensor, Tensor]:
     """The (head, query, key) lists of chunks in query order, each sorted, as one sorted list: the
     entries of head ``h`` are those of every chunk in turn, after the entries of the heads before."""
@@ -121,8 +135,7 @@ def dense_topk(
     ``chunk`` queries at a time against the keys of their sequences only (``causal``: only up to
     the chunk's last query's position; scores are masked only in the columns some query of the
     chunk may not read)."""
-    device, (n_q, H, D), H_kv = q.device, q.shape, k.size(1)
-    g = H // H_kv
+    device, (n_q, H, _) = q.device, q.shape
     none = torch.empty(0, dtype=torch.long, device=device)
     if num < 1 or n_q == 0 or k.size(0) == 0:
         return none, none, none
@@ -133,10 +146,7 @@ def dense_topk(
     for a, b in zip(lq, lk):
         ptr_q.append(ptr_q[-1] + a)
         ptr_k.append(ptr_k[-1] + b)
-    # every score finite: finite inputs whose largest norms multiply to less than the dtype's range
-    bound = math.prod(float(x.norm(dim=-1).amax()) for x in (q, k))
-    finite = bound < torch.finfo(q.dtype).max / 2  # False for inf and NaN
-    k_heads = k.permute(1, 2, 0)  # [H_kv, D, N_src]
+    finite = _finite(q, k)
     out: list[tuple[Tensor, Tensor, Tensor]] = []
     for s in range(0, n_q, chunk):
         e = min(s + chunk, n_q)
@@ -147,9 +157,7 @@ def dense_topk(
         if hi <= lo:
             continue
         # -- compute qk -- head-major: query head h = x * g + y reads key head x
-        q_heads = q[s:e].reshape(e - s, H_kv, g * D).transpose(0, 1).reshape(H_kv, e - s, g, D)
-        q_heads = q_heads.transpose(1, 2).reshape(H_kv, g * (e - s), D)  # [H_kv, g * c, D]
-        scores = torch.bmm(q_heads, k_heads[:, :, lo:hi]).view(H, e - s, hi - lo)  # [H, c, span]
+        scores = _range_scores(q[s:e], k[lo:hi])  # [H, c, span]
         ok = seq_k[None, lo:hi] == seq_q[s:e, None]  # [c, span]
         if causal:
             ok &= pos_k[None, lo:hi] <= pos_q[s:e, None]
@@ -255,9 +263,7 @@ def _shared_rows(
     present = keys[ok]
     lo, hi = int(present.min()), int(present.max()) + 1
     if c * (hi - lo) <= BAND * present.numel():  # against the range of keys: [H, c, span]
-        q_heads = q[queries].reshape(c, H_kv, g * D).transpose(0, 1).reshape(H_kv, c, g, D)
-        q_heads = q_heads.transpose(1, 2).reshape(H_kv, g * c, D)  # [H_kv, g * c, D]
-        scores = torch.bmm(q_heads, k[lo:hi].permute(1, 2, 0)).view(H, c, hi - lo)
+        scores = _range_scores(q[queries], k[lo:hi])  # [H, c, span]
         allowed = torch.zeros(c, hi - lo + 1, dtype=torch.bool, device=q.device)
         allowed.scatter_(1, torch.where(ok, keys - lo, hi - lo), True)  # past a row's keys: the extra column
         cols = _best(scores, allowed[:, :-1], min(num, hi - lo), finite)  # [H, c, num]
@@ -311,7 +317,7 @@ def _padded_topk(
     slot = torch.arange(row.numel(), device=device) - (counts.cumsum(0) - counts)[row]
     # table b: rows of 2^(b-1) < width <= 2^b keys
     table_of = torch.where(counts > 0, torch.ceil(torch.log2(counts.clamp(min=1).double())).long(), -1)
-    finite = shared and math.prod(float(x.norm(dim=-1).amax()) for x in (q, k)) < torch.finfo(q.dtype).max / 2
+    finite = shared and _finite(q, k)
     out: list[tuple[Tensor, Tensor, Tensor]] = []
     tables = torch.unique(table_of[table_of >= 0]).tolist()
     position = torch.empty(num_rows, dtype=torch.long, device=device)  # of each row in its table
