@@ -3,7 +3,7 @@
 # (the package from the working tree); results go to ${OUT:-gpu-results}/.
 #
 #   bash benchmarks/gpu_check.sh table   # the whole GPU table in at most 8 minutes (the steps' limits add
-#                                        # up to 440 s): versions, CUDA kernel tests, 16k bf16 (fwd,
+#                                        # up to 480 s): versions, CUDA kernel tests, 16k bf16 (fwd,
 #                                        # fwd+bwd) of every topology against SDPA and every FlexAttention
 #                                        # mask_mod that can run on it, the GraphLM training step against a
 #                                        # plain GPT (bf16 autocast), causal at 64k and 128k (implicit
@@ -100,24 +100,24 @@ case "$stage" in
       echo "- versions: $(python -c "import sys, torch, triton, torch_geometric as g; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'pyg', g.__version__)")"
       echo "- command: bash benchmarks/gpu_check.sh table"
     } > "$out/table.md"
-    step 90 cuda_tests python -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py tests/test_kernels_sdpa.py
+    step 110 cuda_tests python -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py tests/test_kernels_sdpa.py
     # 16k, bfloat16, 12 heads x 64: each topology against SDPA and every Flex mask_mod variant (those
     # that cannot run on a graph say why in the flex row)
     step 55 bench_16k_causal bench --sizes 16384 --topologies causal --backends fused tiled auto sdpa flex \
       --repeats 3 --markdown "$out/bench_16k_causal.md"
     step 50 bench_16k_document bench --sizes 16384 --topologies document --backends tiled auto sdpa flex \
       --repeats 3 --markdown "$out/bench_16k_document.md"
-    step 55 bench_16k_window bench --sizes 16384 --topologies window --backends fused tiled auto sdpa flex \
+    step 70 bench_16k_window bench --sizes 16384 --topologies window --backends fused tiled auto sdpa flex \
       --repeats 3 --markdown "$out/bench_16k_window.md"
     step 50 bench_16k_bigbird bench --sizes 16384 --topologies bigbird --backends fused tiled auto sdpa flex \
       --repeats 3 --markdown "$out/bench_16k_bigbird.md"
-    step 45 bench_16k_random bench --sizes 16384 --topologies random --backends fused tiled auto sdpa flex \
+    step 40 bench_16k_random bench --sizes 16384 --topologies random --backends fused tiled auto sdpa flex \
       --repeats 3 --markdown "$out/bench_16k_random.md"
     step 30 train_step bench --train-step 64 256 --repeats 5 --markdown "$out/train_step.md"
     # causal at 64k and 128k as implicit graphs (an edge list of 2.1e9 / 8.6e9 edges is past the
     # edge budget or too slow to build), window and random at 1M (auto only)
     step 40 implicit_causal implicit_causal "$out/implicit_causal.md"
-    step 25 linear_1m bench --sizes 1048576 --topologies window random --backends auto --repeats 3 --no-backward \
+    step 35 linear_1m bench --sizes 1048576 --topologies window random --backends auto --repeats 3 --no-backward \
       --markdown "$out/linear_1m.md"
     echo "- took $(( $(date +%s) - start )) s" >> "$out/table.md"
     cat "$out/table.md"

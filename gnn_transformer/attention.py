@@ -945,7 +945,8 @@ class GraphMultiheadAttention(MessagePassing):
         and ``dtype`` that of the projected heads, which sets the default tile size. Under
         ``"auto"`` it is :func:`gnn_transformer.kernels.auto_kernel`'s answer: ``"sdpa"`` for a graph
         of exactly full or causal attention per sequence or document (without an edge bias or
-        dropout), else the cheapest of the project's backends."""
+        dropout), ``"flex"`` for a long interval graph such as a sliding window on the GPU, else the
+        cheapest of the project's backends."""
         backend = self.backend if backend is None else backend
         if backend not in BACKENDS:
             raise ValueError(f"Expected 'backend' to be one of {BACKENDS} (got {backend!r})")
@@ -970,6 +971,7 @@ class GraphMultiheadAttention(MessagePassing):
                 num_src=num_src,
                 num_dst=num_dst,
                 dtype=dtype,
+                head_dim=self.head_dim,
             )
         return backend
 

@@ -52,6 +52,7 @@ from ..kernels import (
     merge_partials,
     nodes_to_heads,
 )
+from ..kernels.flex import FLEX_OPTIONS, out_of_resources
 from ..kernels.planner import prepare
 from ..kernels.tiling import tile_stats
 from ..topology.specs import LayerPattern
@@ -551,13 +552,14 @@ def _graph_rows(
 def _auto_kernel(edge_index, edge_head, q, k, block_size) -> str:
     """The kernel ``attend(..., backend="auto")`` runs (on a per-head graph: for its (head, token) nodes)."""
     if edge_head is None:
-        return auto_kernel(edge_index, q.device, block_size=block_size, dtype=q.dtype)
+        return auto_kernel(edge_index, q.device, block_size=block_size, dtype=q.dtype, head_dim=q.size(-1))
     index, _ = head_inputs(q, k, edge_index, edge_head)
     return auto_kernel(
         index,
         q.device,
         block_size=block_size,
         dtype=q.dtype,
+        head_dim=q.size(-1),
         num_src=k.size(0) * k.size(1),
         num_dst=q.size(0) * q.size(1),
     )
@@ -792,22 +794,6 @@ def _flex_rows(
     return rows
 
 
-# FlexAttention's kernel options, tried in turn while Inductor finds no configuration of its
-# kernels that fits the GPU (an ``out of resource`` error): its defaults, then fewer stages (torch
-# 2.11's bfloat16 forward for head dim 64 on an H100 asks for 242 KB of shared memory, 227 KB fit),
-# then smaller blocks
-FLEX_OPTIONS = (
-    None,
-    {"num_stages": 2},
-    {"num_stages": 1},
-    {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 1, "BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32},
-)
-
-
-def _out_of_resources(exc: BaseException) -> bool:
-    return "out of resource" in str(exc).lower()
-
-
 def _flex(block_mask, q, k, v, scale, backward=True):
     """Compiled FlexAttention ``fn(q, k, v)`` on ``block_mask`` and ``[1, H, N, D]`` inputs, its
     kernels compiled here by one forward pass and, with ``backward`` (on CUDA), one forward +
@@ -832,7 +818,7 @@ def _flex(block_mask, q, k, v, scale, backward=True):
                 grads = [x.detach().requires_grad_() for x in (q, k, v)]
                 flex(*grads).sum().backward()
         except Exception as exc:
-            if not _out_of_resources(exc):
+            if not out_of_resources(exc):
                 raise
             failure = exc
             continue

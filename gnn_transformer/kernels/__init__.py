@@ -5,8 +5,9 @@ A call goes :mod:`.dispatch` (checks, backend and implementation) -> one backend
 ``tiled_torch.py`` (``tiled``: tiles of the adjacency), both and :mod:`.merge` (``split``);
 :mod:`.planner` turns an edge list into the graph the kernels read (its target-sorted CSR, cached
 per graph), recognizes what the graph is (an implicit graph; full or causal attention per document,
-which ``auto`` runs through PyTorch's own attention kernels, :mod:`.sdpa`) and picks the backend
-under ``auto``. Every backend file builds on :mod:`.primitives` (the one autograd function, a
+which ``auto`` runs through PyTorch's own attention kernels, :mod:`.sdpa`; on the GPU an interval
+graph such as a sliding window, which it runs through FlexAttention, :mod:`.flex`) and picks the
+backend under ``auto``. Every backend file builds on :mod:`.primitives` (the one autograd function, a
 forward and a backward over a graph structure, and the small tensor idioms); the Triton files also
 share :mod:`.triton_common` (jit helpers, launches) and :mod:`._pieces`. :mod:`.higher_order` gives
 that autograd function its backward pass under ``create_graph=True`` (gradients differentiated

@@ -18,7 +18,9 @@ and ``out_i = 0``, ``lse_i = -inf`` for a target without edges. Backends:
   merged exactly through their log-sum-exps (:mod:`.merge`).
 - ``"auto"``: one of the above by device and block fill (:func:`.planner.choose_backend`), or, for a
   graph of exactly full or causal attention per sequence or document without edge bias or dropout,
-  PyTorch's own ``scaled_dot_product_attention`` kernels (:mod:`.sdpa`, :func:`.planner.auto_kernel`).
+  PyTorch's own ``scaled_dot_product_attention`` kernels (:mod:`.sdpa`), or, on the GPU, for a long
+  interval graph (each target hears one run of sources: windows, prefix-LM) compiled
+  FlexAttention (:mod:`.flex`); :func:`.planner.auto_kernel` says which.
 
 Under autocast, query, key and value are cast as autocast casts them for
 ``scaled_dot_product_attention`` (float32 to the autocast dtype); the kernels then run without
@@ -44,6 +46,7 @@ import torch
 from torch import Tensor
 
 from ._dropout import threshold
+from .flex import flex_interval_attention
 from .fused_torch import DEFAULT_MAX_EDGES, chunked_attention
 from .heads import head_inputs, heads_to_nodes, nodes_to_heads
 from .implicit import block_tiles, from_rows, to_rows
@@ -51,14 +54,17 @@ from .merge import merge_partials
 from .planner import (
     CSRGraph,
     DensePattern,
+    block_intervals,
     check_edge_index,
     check_tiling,
     default_block_size,
     dense_pattern,
     edge_parts,
+    interval_pattern,
     is_block_structure,
     planned_backend,
     prepare,
+    runs_flex,
     runs_sdpa,
     tile_size,
     unit_costs,
@@ -176,6 +182,16 @@ def _check_inputs(query, key, value, backend, num_dst, impl):
         raise ValueError(f"Expected 'num_dst' to be the number of rows of 'query', {query.size(0)} (got {num_dst!r})")
 
 
+def _flex(q, k, v, intervals, scale: float, return_lse: bool) -> Tensor | None:
+    """``auto``'s FlexAttention route (:mod:`.flex`) for a graph without edge bias or dropout:
+    ``out`` where :func:`.planner.runs_flex` allows it, ``intervals()`` recognizes an interval
+    graph and FlexAttention runs here, else ``None``."""
+    if not runs_flex(q.size(0), k.size(0), q.device.type, q.dtype, q.size(-1), False, False, return_lse):
+        return None
+    pattern = intervals()
+    return None if pattern is None else flex_interval_attention(q, k, v, pattern, scale)
+
+
 def _fused(q, k, v, bias, graph: CSRGraph, scale, use_triton, max_edges, dropout=None):
     if use_triton:
         from .fused_triton import csr_attention
@@ -222,8 +238,9 @@ def attend(
             sorted by column, or any ``LongTensor`` (sorted here; the sort is cached per tensor).
             Or an implicit graph, :class:`gnn_transformer.topology.BlockGraph` (a builder's
             ``implicit=True``, block selection): its tiles run ``tiled`` without an edge list
-            (``auto``: SDPA when the graph says it is exactly causal or full per document, else
-            ``tiled``). ``fused``, ``split`` and attention dropout need edges and run on its
+            (``auto``: SDPA when the graph says it is exactly causal or full per document,
+            FlexAttention on the GPU when it carries its bounds, else ``tiled``). ``fused``,
+            ``split`` and attention dropout need edges and run on its
             :meth:`~gnn_transformer.topology.BlockGraph.edges`, refused past the edge budget
             (:func:`gnn_transformer.topology.max_edges`); an ``edge_bias`` (aligned to an edge
             order) needs the materialized graph passed instead.
@@ -376,6 +393,9 @@ def _attend(
             result = sdpa_attention(query, key, value, pattern, scale, return_lse)
             if result is not None:
                 return result
+        out = _flex(query, key, value, lambda: interval_pattern(graph), scale, return_lse)
+        if out is not None:
+            return out
     bias = None
     if edge_bias is not None:
         if not isinstance(edge_bias, Tensor) or not edge_bias.is_floating_point():
@@ -558,6 +578,10 @@ def _attend_blocks(
             result = sdpa_attention(query, key, value, pattern, scale, return_lse)
             if result is not None:
                 return result
+    if backend == "auto" and impl != "triton":
+        out = _flex(query, key, value, lambda: block_intervals(graph), scale, return_lse)
+        if out is not None:
+            return out
     tiles, q_rows, k_rows = block_tiles(graph, block, query.size(1), key.size(1))
     per_head = graph.num_heads is not None
     q = to_rows(query, q_rows, tiles.num_dst, per_head)

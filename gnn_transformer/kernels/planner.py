@@ -8,7 +8,9 @@
 - **What it is**: an implicit graph (:class:`BlockStructure`, a ``topology.BlockGraph``: tiles
   without an edge list), or a graph of exactly full or causal attention per sequence or document
   (:func:`dense_pattern`), which ``auto`` runs through PyTorch's own attention kernels
-  (:mod:`.sdpa`) where nothing they lack is asked for (:func:`runs_sdpa`).
+  (:mod:`.sdpa`) where nothing they lack is asked for (:func:`runs_sdpa`), or an interval graph
+  (:func:`interval_pattern`), which ``auto`` runs through FlexAttention on the GPU (:mod:`.flex`,
+  :func:`runs_flex`).
 - **The plan of ``auto``** for the others: a cost model in edge-equivalents, the tile size, and the
   parts of a graph that ``tiled`` and ``split`` run (cached on the graph). A tile of ``B x B`` cells
   costs ``TILE_COST * B²`` whatever its fill, an edge of the fused path costs 1, each call of a
@@ -32,6 +34,8 @@ from torch import Tensor
 from torch_geometric import EdgeIndex
 
 from .primitives import forgetter, plain_tensor, versions
+from .flex import BLOCK as FLEX_BLOCK
+from .flex import failed, flex_available
 from .sdpa import has_cpu_flash
 from .tiling import TileList, build_tiles, sorted_unique, tile_stats
 
@@ -328,17 +332,75 @@ def _recognize(graph: CSRGraph) -> DensePattern | None:
                 pattern = DensePattern("causal", tuple(starts.tolist()) + (n,))
             elif bool((hi == ends[docs]).all()):
                 pattern = DensePattern("full", tuple(starts.tolist()) + (n,))
-    if pattern is None:
+    if pattern is None or not _rows_are_runs(graph, lo):
         return None
-    # each row's sources must be exactly the run lo, lo + 1, ..., hi - 1 (sorted, no repeats);
-    # compared in chunks of edges, so that the check adds no per-edge array of the whole graph
+    return pattern
+
+
+def _rows_are_runs(graph: CSRGraph, lo: Tensor) -> bool:
+    """Whether each row's sources are exactly the run ``lo[i], lo[i] + 1, ...`` (sorted, no
+    repeats), compared in chunks of edges, so that the check adds no per-edge array of the whole
+    graph."""
     first = lo - graph.rowptr[:-1]  # [N] source of the row's edge e is first[i] + e
-    for e0 in range(0, num_edges, CHECK_CHUNK):
-        e1 = min(e0 + CHECK_CHUNK, num_edges)
+    for e0 in range(0, graph.num_edges, CHECK_CHUNK):
+        e1 = min(e0 + CHECK_CHUNK, graph.num_edges)
         dst = graph.dst[e0:e1]
         if not torch.equal(graph.src[e0:e1], first[dst] + torch.arange(e0, e1, device=lo.device)):
-            return None
+            return False
+    return True
+
+
+@dataclass(eq=False)
+class IntervalPattern:
+    """A graph shared by every head where each target ``i`` hears exactly the sources ``lo[i] ...
+    hi[i]`` (none where ``hi[i] < lo[i]``): sliding windows, prefix-LM, windows within documents.
+    FlexAttention runs it with the ``mask_mod`` ``lo[q] <= kv <= hi[q]`` (:mod:`.flex`, which keeps
+    its ``BlockMask`` in ``extras``)."""
+
+    lo: Tensor  # [N_dst] int64
+    hi: Tensor  # [N_dst] int64, inclusive
+    num_src: int
+    extras: Extras = field(default_factory=dict)
+
+
+def interval_pattern(graph: CSRGraph) -> IntervalPattern | None:
+    """The :class:`IntervalPattern` of ``graph``, or ``None`` (cached; a graph without edges has
+    none). A linear check of each row's first and last source against its count comes first; only
+    a graph that passes it has its edges compared with the runs, one by one."""
+    if "intervals" not in graph.extras:
+        graph.extras["intervals"] = _intervals(graph)
+    return graph.extras["intervals"]
+
+
+def _intervals(graph: CSRGraph) -> IntervalPattern | None:
+    if graph.num_edges == 0:
+        return None
+    counts = graph.rowptr.diff()  # [N]
+    some = counts > 0
+    last = graph.num_edges - 1
+    lo = torch.where(some, graph.src[graph.rowptr[:-1].clamp(max=last)], 0)  # [N]
+    hi = torch.where(some, graph.src[(graph.rowptr[1:] - 1).clamp(min=0)], -1)  # [N]
+    if not bool((hi - lo + 1 == counts).all()) or not _rows_are_runs(graph, lo):
+        return None
+    return IntervalPattern(lo, hi, graph.num_src)
+
+
+def block_intervals(graph: BlockStructure) -> IntervalPattern | None:
+    """The :class:`IntervalPattern` of an implicit graph that carries its bounds (``intervals``: a
+    ``topology.BlockGraph`` built by ``topology.interval_graph``, shared by every head), or
+    ``None``; cached per graph."""
+    bounds = getattr(graph, "intervals", None)
+    if bounds is None or getattr(graph, "tile_head", None) is not None:
+        return None
+    with _LOCK:
+        pattern = _BLOCK_INTERVALS.get(graph)
+        if pattern is None:
+            pattern = _BLOCK_INTERVALS[graph] = IntervalPattern(bounds[0], bounds[1], graph.num_src)
     return pattern
+
+
+# implicit graph -> its IntervalPattern (and so its FlexAttention BlockMask)
+_BLOCK_INTERVALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def runs_sdpa(pattern: DensePattern | None, device_type: str, bias: bool, dropout: bool, lse: bool) -> bool:
@@ -355,6 +417,51 @@ def runs_sdpa(pattern: DensePattern | None, device_type: str, bias: bool, dropou
     if device_type != "cpu" and lse:
         return False
     return pattern.equal_lengths or len(pattern.lengths) <= MAX_DOCUMENTS
+
+
+# Devices where auto runs interval graphs through FlexAttention, and from how many targets: below
+# that a graph is small enough for the project's kernels, and compiling FlexAttention's kernels for
+# one more shape would cost more than the call. Not the CPU: the project's CPU kernels are faster
+# than compiled FlexAttention there, which has no CPU backward pass (docs/benchmarks.md).
+FLEX_DEVICES: tuple[str, ...] = ("cuda",)
+FLEX_MIN_TARGETS = 4096
+# FlexAttention's BlockMask lists key blocks per query block in [NBq, NBk] tables (four of them,
+# int32): up to this many entries (1M tokens in blocks of 128), beyond it the project's kernels,
+# whose memory follows the tiles that exist
+FLEX_MAX_BLOCKS = 1 << 26
+# what FlexAttention's GPU kernels take: these dtypes, head dimensions of at least 16 (tl.dot)
+FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLEX_MIN_HEAD_DIM = 16
+
+
+def _flex_runs(device, dtype: torch.dtype | None, head_dim: int | None) -> bool:
+    """Whether no earlier call found that FlexAttention cannot run such heads on this device."""
+    return not failed(_device_type(device), dtype, head_dim)
+
+
+def runs_flex(
+    num_dst: int,
+    num_src: int,
+    device_type: str,
+    dtype: torch.dtype | None,
+    head_dim: int | None,
+    bias: bool,
+    dropout: bool,
+    lse: bool,
+) -> bool:
+    """Whether ``auto`` runs an interval graph (:class:`IntervalPattern`) of ``num_dst`` targets
+    and ``num_src`` sources through FlexAttention (:mod:`.flex`): on a device of
+    :data:`FLEX_DEVICES`, from :data:`FLEX_MIN_TARGETS` targets, up to :data:`FLEX_MAX_BLOCKS`
+    (query block, key block) pairs, inputs of :data:`FLEX_DTYPES` with heads of at least
+    :data:`FLEX_MIN_HEAD_DIM` (``None``: not checked), no edge bias, no attention dropout, no
+    log-sum-exp, and FlexAttention and Triton installed. Checked before the graph is recognized."""
+    if bias or dropout or lse or device_type not in FLEX_DEVICES or num_dst < FLEX_MIN_TARGETS:
+        return False
+    if -(-num_dst // FLEX_BLOCK) * -(-num_src // FLEX_BLOCK) > FLEX_MAX_BLOCKS:
+        return False
+    if (dtype is not None and dtype not in FLEX_DTYPES) or (head_dim is not None and head_dim < FLEX_MIN_HEAD_DIM):
+        return False
+    return flex_available()
 
 
 # ---------------------------------------------------------------- the plan of auto
@@ -660,17 +767,22 @@ def auto_kernel(
     num_src: int | None = None,
     num_dst: int | None = None,
     dtype: torch.dtype | None = None,
+    head_dim: int | None = None,
 ) -> str:
     """The kernel ``attend(..., backend="auto")`` runs for this graph on ``device``: ``"sdpa"``
     (PyTorch's ``scaled_dot_product_attention`` kernels, for a graph of exactly full or causal
     attention per sequence or document, when ``edge_bias``, attention ``dropout``, ``impl="triton"``
-    and, off the CPU, ``return_lse`` are all absent), else :func:`choose_backend`'s answer. On the
-    CPU a call whose log-sum-exp reaches ``sdpa.LSE_LIMIT`` and is returned or reaches a gradient
-    runs :func:`choose_backend`'s backend.
+    and, off the CPU, ``return_lse`` are all absent), ``"flex"`` (FlexAttention, for an interval
+    graph such as a sliding window under :func:`runs_flex`'s conditions, with ``dtype`` and
+    ``head_dim`` those of the heads), else :func:`choose_backend`'s answer. On the CPU a call whose
+    log-sum-exp reaches ``sdpa.LSE_LIMIT`` and is returned or reaches a gradient runs
+    :func:`choose_backend`'s backend; where FlexAttention turned out not to run for such heads on
+    the GPU (:func:`.flex.failure`), so does an interval graph.
     For an implicit graph (a ``topology.BlockGraph``): ``"sdpa"`` when it says it is exactly causal
-    or full per document (same conditions), else ``"tiled"``; with ``dropout`` the answer for its
-    materialized edges, on which attention dropout runs (a per-head graph's on (head, token) nodes,
-    one key/value head per query head).
+    or full per document (same conditions), ``"flex"`` when it carries its bounds (same
+    conditions), else ``"tiled"``; with ``dropout`` the answer for its materialized edges, on which
+    attention dropout runs (a per-head graph's on (head, token) nodes, one key/value head per query
+    head).
 
     Example:
         >>> from gnn_transformer.topology import causal
@@ -706,9 +818,19 @@ def auto_kernel(
         pattern = None if dense is None else DensePattern(*dense)
         if impl != "triton" and runs_sdpa(pattern, device_type, edge_bias, dropout, return_lse):
             return "sdpa"
+        flex = impl != "triton" and runs_flex(
+            edge_index.num_dst, edge_index.num_src, device_type, dtype, head_dim, edge_bias, False, return_lse
+        )
+        if flex and block_intervals(edge_index) is not None:
+            return "flex" if _flex_runs(device, dtype, head_dim) else "tiled"
         return "tiled"
     graph = prepare(edge_index, *_sizes(edge_index, num_src, num_dst))
     device_type = _device_type(device)
     if impl != "triton" and runs_sdpa(dense_pattern(graph), device_type, edge_bias, dropout, return_lse):
         return "sdpa"
+    flex = impl != "triton" and runs_flex(
+        graph.num_dst, graph.num_src, device_type, dtype, head_dim, edge_bias, dropout, return_lse
+    )
+    if flex and interval_pattern(graph) is not None and _flex_runs(device, dtype, head_dim):
+        return "flex"
     return planned_backend(graph, device_type, tile_size(graph, device_type, dtype, block_size), tile_cost, dropout)

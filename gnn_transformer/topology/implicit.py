@@ -21,7 +21,7 @@ Notation: ``T`` tiles, ``P`` distinct masks, ``Bq`` / ``Bk`` block sizes, ``H`` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -110,6 +110,8 @@ class BlockGraph:
     q_ptr: Tensor | None = None
     k_ptr: Tensor | None = None
     dense: tuple[str, tuple[int, ...]] | None = None
+    # (lo, hi) of a graph built by interval_graph from them (the intervals property)
+    _intervals: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._check()
@@ -262,6 +264,13 @@ class BlockGraph:
 
     # -- sizes --
     @property
+    def intervals(self) -> tuple[Tensor, Tensor] | None:
+        """``(lo [N_dst], hi [N_dst])`` of a graph built by :func:`interval_graph` (target ``i`` hears
+        the sources ``lo[i] ... hi[i]``), else ``None``: what lets ``auto`` run FlexAttention on it
+        without reading a tile (:func:`gnn_transformer.kernels.auto_kernel`)."""
+        return self._intervals
+
+    @property
     def num_tiles(self) -> int:
         return self.q_block.numel()
 
@@ -386,7 +395,7 @@ class BlockGraph:
         def move(x):
             return None if x is None else x.to(device)
 
-        return BlockGraph(
+        moved = BlockGraph(
             self.num_dst,
             self.num_src,
             self.block_q,
@@ -401,6 +410,9 @@ class BlockGraph:
             move(self.k_ptr),
             self.dense,
         )
+        if self._intervals is not None:
+            moved._intervals = (move(self._intervals[0]), move(self._intervals[1]))
+        return moved
 
     def __repr__(self) -> str:
         heads = "" if self.num_heads is None else f", num_heads={self.num_heads}"
@@ -510,6 +522,7 @@ def interval_graph(
                 f"{list(dense[1][:-1])[:8]}, as 'dense' says (they give another graph)"
             )
         graph.dense = dense
+    graph._intervals = (lo.long(), hi.long())
     return graph
 
 
