@@ -92,8 +92,11 @@ def _not_intervals():
     src, dst = sliding_window(20, 3)
     keep = torch.ones(src.numel(), dtype=torch.bool)
     keep[(dst == 7) & (src == 7)] = False  # a hole inside row 7's run
+    twice = src.clone()
+    twice[(dst == 7) & (src == 7)] = 6  # row 7 hears 6 twice and not 7: first, last and count as a run's
     cases = {
         "hole": torch.stack([src[keep], dst[keep]]),
+        "hole-and-repeat": torch.stack([twice, dst]),
         "duplicate": torch.stack([torch.cat([src, src[5:6]]), torch.cat([dst, dst[5:6]])]),
         "dilated": dilated(20, 3, 2),
         "random": random(20, 4, seed=1),
@@ -124,8 +127,13 @@ def test_recognition_on_random_graphs(data):
     hi = torch.where(width < 0, -1, hi)
     lo = torch.where(width < 0, 0, lo)
     src, dst = _edges(lo, hi)
-    change = data.draw(st.sampled_from(["none", "add", "remove"]))
-    if change == "remove" and src.numel():
+    change = data.draw(st.sampled_from(["none", "add", "remove", "repeat"]))
+    if change == "repeat" and src.numel() > 1:  # an edge's source becomes its predecessor's in the row
+        e = data.draw(st.integers(1, src.numel() - 1))
+        if dst[e] == dst[e - 1]:
+            src = src.clone()
+            src[e] = src[e - 1]
+    elif change == "remove" and src.numel():
         e = data.draw(st.integers(0, src.numel() - 1))
         src, dst = torch.cat([src[:e], src[e + 1 :]]), torch.cat([dst[:e], dst[e + 1 :]])
     elif change == "add":
@@ -218,7 +226,7 @@ def test_route_matches_dense(name, build, n_src, n_dst, heads, kv_heads, dtype):
     q, k, v = _inputs(n_src, n_dst, heads, kv_heads, 16, dtype)
     out = flex.flex_interval_attention(q, k, v, _pattern(edge_index, n_src, n_dst), 0.4)
     ref = dense_attention(q, k, v, edge_index, 0.4)
-    assert out.dtype == dtype and out.shape == q.shape
+    assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
     torch.testing.assert_close(out, ref.to(dtype), **TOL[dtype])
 
 
@@ -342,6 +350,9 @@ def test_a_configuration_flex_cannot_run_falls_back_with_one_warning(flex_on_cpu
     monkeypatch.setitem(flex._CHOSEN, key, "OutOfResources: out of resource: shared memory")
     monkeypatch.setattr(flex, "_WARNED", set())
     assert auto_kernel(edge_index, "cpu", dtype=torch.float32, head_dim=16) == choose_backend(edge_index, "cpu")
+    implicit = sliding_window(64, 5, implicit=True, block_size=16)
+    assert auto_kernel(implicit, "cpu", dtype=torch.float32, head_dim=16) == "tiled"
+    assert auto_kernel(implicit, "cpu", dtype=torch.float64, head_dim=16) == "flex"  # another dtype
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="FlexAttention does not run here"):
         out = attend(q, k, v, edge_index, scale=0.5)
     torch.testing.assert_close(out, dense_attention(q, k, v, edge_index, 0.5).float(), **TOL[torch.float32])
