@@ -351,6 +351,7 @@ def test_cuda_second_order_matches_dense(name, backend, kw, dtype):
     assert_second_order_equal(run, reference, inputs)
 
 
+@pytest.mark.filterwarnings("error:flex_attention called without torch.compile")  # never the dense fallback
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("implicit", [False, True], ids=["edges", "implicit"])
 def test_cuda_flex_route_matches_reference(implicit, dtype):

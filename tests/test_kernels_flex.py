@@ -249,11 +249,13 @@ def test_route_on_random_interval_graphs(data):
 
 @pytest.fixture
 def flex_on_cpu(monkeypatch):
-    """The route taken on CPU tensors (FlexAttention's reference), from one target, in every dtype;
-    counts the calls that reached FlexAttention."""
+    """The route taken on CPU tensors (FlexAttention's reference), from one target, in float32 and
+    float64, with nothing decided yet; counts the calls that reached FlexAttention."""
     monkeypatch.setattr(planner, "FLEX_DEVICES", ("cpu",))
     monkeypatch.setattr(planner, "FLEX_MIN_TARGETS", 1)
     monkeypatch.setattr(planner, "FLEX_DTYPES", (torch.float32, torch.float64))
+    monkeypatch.setattr(flex, "_CHOSEN", {})  # what earlier calls decided, and warned
+    monkeypatch.setattr(flex, "_WARNED", set())
     calls = []
     route = dispatch.flex_interval_attention
 
@@ -344,23 +346,145 @@ def test_gpu_decision_without_a_gpu():
 
 
 def test_a_configuration_flex_cannot_run_falls_back_with_one_warning(flex_on_cpu, monkeypatch):
+    """A failure recorded for one configuration of heads (here: one key/value head per query head,
+    without gradients) keeps every call with heads of that dtype and dimension off the route, as
+    ``auto_kernel`` says, whatever their grouping; other dtypes stay on it."""
     edge_index = sliding_window(64, 5)
     q, k, v = _inputs(64, 64, 2, 2, 16, torch.float32)
-    key = ("cpu", torch.float32, 16, 1, False)
-    monkeypatch.setitem(flex._CHOSEN, key, "OutOfResources: out of resource: shared memory")
-    monkeypatch.setattr(flex, "_WARNED", set())
+    monkeypatch.setitem(flex._CHOSEN, ("cpu", torch.float32, 16, 1, False), "OutOfResources: out of resource: shared")
     assert auto_kernel(edge_index, "cpu", dtype=torch.float32, head_dim=16) == choose_backend(edge_index, "cpu")
     implicit = sliding_window(64, 5, implicit=True, block_size=16)
     assert auto_kernel(implicit, "cpu", dtype=torch.float32, head_dim=16) == "tiled"
     assert auto_kernel(implicit, "cpu", dtype=torch.float64, head_dim=16) == "flex"  # another dtype
-    with torch.no_grad(), pytest.warns(RuntimeWarning, match="FlexAttention does not run here"):
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="FlexAttention does not run torch.float32 heads of 16"):
         out = attend(q, k, v, edge_index, scale=0.5)
     torch.testing.assert_close(out, dense_attention(q, k, v, edge_index, 0.5).float(), **TOL[torch.float32])
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
         attend(q, k, v, edge_index, scale=0.5)  # said once
+    grouped = _inputs(64, 64, 4, 1, 16, torch.float32)  # another grouping: off the route as well
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="out of resource"):
+        out = attend(*grouped, edge_index, scale=0.5)
+    torch.testing.assert_close(out, dense_attention(*grouped, edge_index, 0.5).float(), **TOL[torch.float32])
+    assert flex_on_cpu == [] or all(p is not None for p in flex_on_cpu)  # reached, and declined
     assert flex.failure(q, k, False).startswith("OutOfResources")
-    assert flex.failure(q, k, True) is None  # another configuration: with gradients
+    assert flex.failure(q, k, True) is None  # what failed is one configuration; the others are not recorded
+    q64, k64, v64 = (x.double() for x in (q, k, v))
+    with torch.no_grad():
+        attend(q64, k64, v64, edge_index, scale=0.5)
+    assert flex._CHOSEN[("cpu", torch.float64, 16, 1, False)] == 0  # float64 ran the route
+
+
+def test_the_recompile_limit_falls_back(flex_on_cpu, monkeypatch):
+    """Past ``torch.compile``'s recompile limit the compiled call raises (``fullgraph``) instead of
+    running FlexAttention uncompiled; ``auto`` then runs the project's kernels, warned once."""
+    monkeypatch.setattr(flex, "COMPILED_DEVICES", ("cpu",))
+
+    def limit(*args, **kwargs):
+        raise flex._RECOMPILE_LIMIT("Hard failure due to fullgraph=True")
+
+    monkeypatch.setattr(flex, "_compiled_call", lambda: limit)
+    monkeypatch.setitem(flex._CHOSEN, ("cpu", torch.float32, 16, 1, False), 0)  # options known: no probe
+    edge_index = sliding_window(64, 5)
+    q, k, v = _inputs(64, 64, 2, 2, 16, torch.float32)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="recompile limit"):
+        out = attend(q, k, v, edge_index, scale=0.5)
+    torch.testing.assert_close(out, dense_attention(q, k, v, edge_index, 0.5).float(), **TOL[torch.float32])
+    assert "fullgraph" in flex.failure(q, k, False)
+    assert auto_kernel(edge_index, "cpu", dtype=torch.float32, head_dim=16) == choose_backend(edge_index, "cpu")
+
+
+def test_compile_disabled_keeps_calls_off_the_route(flex_on_cpu, monkeypatch):
+    monkeypatch.setattr(flex, "COMPILED_DEVICES", ("cpu",))
+    edge_index = sliding_window(64, 5)
+    with torch._dynamo.config.patch(disable=True):
+        assert auto_kernel(edge_index, "cpu", head_dim=16) == choose_backend(edge_index, "cpu")
+    assert auto_kernel(edge_index, "cpu", head_dim=16) == "flex"
+
+
+def test_a_probe_out_of_memory_decides_nothing(flex_on_cpu, monkeypatch):
+    monkeypatch.setattr(flex, "COMPILED_DEVICES", ("cpu",))
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(flex, "_compiled_call", lambda: oom)
+    edge_index = sliding_window(64, 5)
+    q, k, v = _inputs(64, 64, 2, 2, 16, torch.float32)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="ran out of memory"):
+        out = attend(q, k, v, edge_index, scale=0.5)
+    torch.testing.assert_close(out, dense_attention(q, k, v, edge_index, 0.5).float(), **TOL[torch.float32])
+    assert ("cpu", torch.float32, 16, 1, False) not in flex._CHOSEN  # a later call tries again
+    assert auto_kernel(edge_index, "cpu", dtype=torch.float32, head_dim=16) == "flex"
+
+
+def test_the_probe_runs_in_the_callers_gradient_mode(flex_on_cpu, monkeypatch):
+    """Inputs without gradients under grad mode: the probe compiles what the call then runs (no
+    second compile), with the kernels FlexAttention compiles for the CPU."""
+    monkeypatch.setattr(flex, "COMPILED_DEVICES", ("cpu",))
+    torch._dynamo.reset()
+    edge_index = sliding_window(300, 7)
+    q, k, v = _inputs(300, 300, 2, 2, 16, torch.float32)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = attend(q, k, v, edge_index, scale=0.5)  # grad mode on, nothing requires grad
+    assert flex._CHOSEN == {("cpu", torch.float32, 16, 1, False): 0}
+    torch.testing.assert_close(out, dense_attention(q, k, v, edge_index, 0.5).float(), **TOL[torch.float32])
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.data())
+def test_compiled_route_reads_the_block_tables(data):
+    """FlexAttention's compiled CPU kernels read the block tables (the uncompiled reference does
+    not): on random interval graphs, sizes off the block size, bipartite, empty rows, the compiled
+    route equals the dense reference."""
+    n_dst = data.draw(st.sampled_from([200, 333]))
+    n_src = data.draw(st.sampled_from([200, 333, 129]))
+    i = torch.arange(n_dst) * n_src // n_dst
+    w = data.draw(st.integers(0, 150))
+    lo = (i - data.draw(st.integers(0, w))).clamp(min=0)
+    hi = (i + data.draw(st.integers(-w, w))).clamp(max=n_src - 1)
+    lo, hi = torch.where(hi < lo, 0, lo), torch.where(hi < lo, -1, hi)
+    edge_index = _edges(lo, hi)
+    if edge_index.size(1) == 0:
+        return
+    q, k, v = _inputs(n_src, n_dst, 2, 1, 16, torch.float32, seed=data.draw(st.integers(0, 9)))
+    x = [t.unsqueeze(0).transpose(1, 2) for t in (q, k, v)]
+    # blocks of 32 as well: full blocks between partial ones, on both sides
+    mask = flex.block_mask(_pattern(edge_index, n_src, n_dst), data.draw(st.sampled_from([32, flex.BLOCK])))
+    out = flex._compiled_call()(x[0], x[1], x[2], mask, 0.25, True, None)[0].transpose(0, 1)
+    torch.testing.assert_close(out, dense_attention(q, k, v, edge_index, 0.25).float(), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("block", [32, 128])
+@pytest.mark.parametrize("n_src,n_dst,w", [(333, 333, 150), (333, 200, 100), (129, 333, 70)])
+def test_compiled_route_on_wide_windows(n_src, n_dst, w, block):
+    """Windows wide enough for full blocks between partial ones, on both sides, through the
+    compiled kernels: every listed block read where the tables say."""
+    i = torch.arange(n_dst) * n_src // n_dst
+    lo, hi = (i - w).clamp(min=0), (i + w).clamp(max=n_src - 1)
+    edge_index = _edges(lo, hi)
+    mask = flex.block_mask(_pattern(edge_index, n_src, n_dst), block)
+    assert block == flex.BLOCK or int(mask.full_kv_num_blocks.sum()) > 0
+    q, k, v = _inputs(n_src, n_dst, 2, 1, 16, torch.float32)
+    x = [t.unsqueeze(0).transpose(1, 2) for t in (q, k, v)]
+    out = flex._compiled_call()(x[0], x[1], x[2], mask, 0.25, True, None)[0].transpose(0, 1)
+    torch.testing.assert_close(out, dense_attention(q, k, v, edge_index, 0.25).float(), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_per_head_windows_take_the_route(flex_on_cpu, dtype):
+    """A per-head graph runs as one head on (head, token) nodes: per-head windows of different
+    widths are one interval graph there, and the route's result equals the dense reference."""
+    from gnn_transformer.topology import per_head
+
+    n, widths = 90, [2, 5, 9, 0]
+    edge_index, edge_head = per_head([sliding_window(n, w) for w in widths])
+    q, k, v = _inputs(n, n, 4, 2, 16, dtype)
+    with torch.no_grad():
+        out = attend(q, k, v, edge_index, scale=0.3, edge_head=edge_head)
+    assert len(flex_on_cpu) == 1
+    ref = dense_attention(q, k, v, edge_index, 0.3, edge_head=edge_head)
+    torch.testing.assert_close(out, ref.to(dtype), **TOL[dtype])
 
 
 def test_a_new_graph_of_the_same_sizes_is_not_compiled_again():
@@ -372,9 +496,9 @@ def test_a_new_graph_of_the_same_sizes_is_not_compiled_again():
     first = IntervalPattern((i - 10).clamp(min=0), i, n)
     second = IntervalPattern((i - 30).clamp(min=0), (i + 5).clamp(max=n - 1), n)
     q = torch.randn(1, 2, n, 16)
-    fn = flex._function(True)
+    fn = flex._compiled_call()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        outs = [fn(q, q, q, block_mask=flex.block_mask(p), scale=0.25) for p in (first, second)]
+        outs = [fn(q, q, q, flex.block_mask(p), 0.25, False, None) for p in (first, second)]
     for p, out in zip((first, second), outs):
         edge_index = _edges(p.lo, p.hi)
         x = q[0].transpose(0, 1)

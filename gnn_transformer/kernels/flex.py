@@ -29,6 +29,7 @@ as ``[N, H, D]``. Notation: ``B`` the block size of the mask, ``NBq`` / ``NBk`` 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import warnings
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from .planner import IntervalPattern
 
 BLOCK = 128  # FlexAttention's default block size
+# devices where FlexAttention runs compiled (its GPU kernels); elsewhere its uncompiled reference
+COMPILED_DEVICES: tuple[str, ...] = ("cuda",)
 
 # kernel_options tried in order while Inductor finds no configuration of FlexAttention's kernels
 # that fits the GPU (an "out of resource" error): the defaults, then fewer pipeline stages (torch
@@ -75,12 +78,27 @@ def out_of_resources(exc: BaseException) -> bool:
     return "out of resource" in str(exc).lower()
 
 
-@functools.cache
-def _function(compiled: bool):
-    """``flex_attention``, compiled (the GPU kernels) or as it is (the CPU reference)."""
+def _flex_call(q: Tensor, k: Tensor, v: Tensor, mask, scale: float, gqa: bool, options) -> Tensor:
+    """``flex_attention`` on ``[1, H, N, D]`` inputs: the function this module compiles, so that its
+    compiled code has a cache of its own (not shared with other compiled ``flex_attention`` calls
+    of the process, whose recompiles would count against this one's limit)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention) if compiled else flex_attention
+    return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=gqa, kernel_options=options)
+
+
+@functools.cache
+def _compiled_call():
+    # fullgraph: past the recompile limit (or at a graph break) dynamo raises instead of running
+    # flex_attention uncompiled, which would materialize every score
+    return torch.compile(_flex_call, fullgraph=True)
+
+
+def runs_compiled(device_type: str) -> bool:
+    """Whether FlexAttention can run on this kind of device here: compiled on
+    :data:`COMPILED_DEVICES` while ``torch.compile`` is enabled (``TORCH_COMPILE_DISABLE=1`` turns
+    it off, and compiled calls then run uncompiled, every score materialized), uncompiled elsewhere."""
+    return device_type not in COMPILED_DEVICES or not torch._dynamo.config.disable
 
 
 def _mask_mod(lo: Tensor, hi: Tensor):
@@ -161,65 +179,106 @@ def failed(device_type: str, dtype: torch.dtype | None, head_dim: int | None) ->
 
 
 def _call(q: Tensor, k: Tensor, v: Tensor, mask, scale: float, options) -> Tensor:
-    """``[1, H, N_dst, D]``: FlexAttention on ``[N, H, D]`` inputs seen as ``[1, H, N, D]``."""
-    fn = _function(q.device.type == "cuda")
+    """``[1, H, N_dst, D]``: FlexAttention on ``[N, H, D]`` inputs seen as ``[1, H, N, D]``,
+    compiled on :data:`COMPILED_DEVICES`, elsewhere uncompiled (the reference)."""
     bhnd = [x.unsqueeze(0).transpose(1, 2) for x in (q, k, v)]
-    return fn(*bhnd, block_mask=mask, scale=scale, enable_gqa=k.size(1) != q.size(1), kernel_options=options)
+    fn = _compiled_call() if q.device.type in COMPILED_DEVICES else _flex_call
+    return fn(bhnd[0], bhnd[1], bhnd[2], mask, scale, k.size(1) != q.size(1), options)
 
 
-def _options(q: Tensor, k: Tensor, v: Tensor, mask, scale: float, grad: bool):
-    """The kernel options for calls like this one (module docstring), or ``None`` where none runs."""
+def _options(q: Tensor, k: Tensor, v: Tensor, mask, scale: float, grad: bool) -> tuple[bool, Any]:
+    """``(decided, options)``: the kernel options for calls like this one (module docstring), or
+    ``(True, None)`` with the failure recorded where none runs, or ``(False, None)`` where the
+    probe itself ran out of memory (nothing recorded: a later call tries again)."""
     key = _key(q, k, grad)
     with _LOCK:
         chosen = _CHOSEN.get(key)
     if isinstance(chosen, int):
-        return FLEX_OPTIONS[chosen]
+        return True, FLEX_OPTIONS[chosen]
     if chosen is not None:
-        return None
-    if q.device.type != "cuda":  # the uncompiled reference takes no kernel options
+        return True, None
+    if q.device.type not in COMPILED_DEVICES:  # the uncompiled reference takes no kernel options
         with _LOCK:
             _CHOSEN[key] = 0
-        return None
+        return True, None
     reason = ""
     for i, options in enumerate(FLEX_OPTIONS):
         probe = [x.detach().requires_grad_(grad) for x in (q, k, v)]
         try:
-            with torch.enable_grad() if grad else torch.no_grad():
+            # in the caller's gradient mode: the real call then finds the probe's compiled code
+            with torch.enable_grad() if grad else contextlib.nullcontext():
                 out = _call(probe[0], probe[1], probe[2], mask, scale, options)
                 if grad:
                     out.sum().backward()
+        except torch.cuda.OutOfMemoryError:
+            return False, None
         except Exception as exc:  # noqa: BLE001 - a kernel that does not compile or fit: try the next
             reason = f"{type(exc).__name__}: {exc}"
             if out_of_resources(exc):
                 continue
-            break
+            break  # not a matter of tile sizes: the other options would fail alike
+        finally:
+            del probe
         with _LOCK:
             _CHOSEN[key] = i
-        return options
+        return True, options
+    _record(key, reason)
+    return True, None
+
+
+# what dynamo raises past the recompile limit of a fullgraph call (older PyTorch: nothing to catch)
+_RECOMPILE_LIMIT: type[BaseException] = getattr(
+    torch._dynamo.exc, "FailOnRecompileLimitHit", type("_Never", (Exception,), {})
+)
+
+
+def _record(key: tuple[Any, ...], reason: str) -> None:
     with _LOCK:
-        _CHOSEN[key] = reason[:500]
-    return None
+        _CHOSEN[key] = reason[:500] or "no kernel options ran"
+
+
+def _warn(key: tuple[Any, ...], message: str) -> None:
+    with _LOCK:
+        if key in _WARNED:
+            return
+        _WARNED.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=5)
 
 
 def flex_interval_attention(q: Tensor, k: Tensor, v: Tensor, pattern: IntervalPattern, scale: float) -> Tensor | None:
     """``out [N_dst, H, D]`` in ``q``'s dtype of the interval graph ``pattern`` by FlexAttention,
     differentiable in ``q``, ``k``, ``v`` through its own autograd (on CUDA; its CPU reference has
-    no backward pass); ``None`` where FlexAttention cannot run calls like this one on this GPU
-    (warned once; :func:`failure` says why), having run nothing the caller sees."""
+    no backward pass). ``None``, having run nothing the caller sees, where FlexAttention does not
+    run such heads on this device (an earlier call found so: :func:`failed`, which ``auto_kernel``
+    reads too), where its compiled call reached ``torch.compile``'s recompile limit, or where
+    trying its kernel options ran out of memory: each said once per configuration by a
+    ``RuntimeWarning``; the caller then runs the project's kernels. (:func:`.planner.runs_flex`
+    sends no call here while ``torch.compile`` is disabled.)"""
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    mask = block_mask(pattern)
-    options = _options(q, k, v, mask, scale, grad)
-    reason = failure(q, k, grad)
-    if reason is not None:
-        key = _key(q, k, grad)
-        if key not in _WARNED:
-            _WARNED.add(key)
-            warnings.warn(
-                f"FlexAttention does not run here ({reason}); auto runs the project's kernels for "
-                f"{q.dtype} heads of {q.size(-1)} on {q.device}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+    key = _key(q, k, grad)
+    where = f"{q.dtype} heads of {q.size(-1)} on {q.device}"
+    if not failed(q.device.type, q.dtype, q.size(-1)):
+        mask = block_mask(pattern)
+        decided, options = _options(q, k, v, mask, scale, grad)
+        if not decided:
+            _warn(key + ("memory",), f"trying FlexAttention's kernel options ran out of memory; {where} ran elsewhere")
+            return None
+    if failed(q.device.type, q.dtype, q.size(-1)):
+        _warn(key, f"FlexAttention does not run {where} ({_reason(q)}); auto runs the project's kernels for them")
         return None
-    out = _call(q, k, v, mask, scale, options)  # [1, H, N, D]
+    try:
+        out = _call(q, k, v, mask, scale, options)  # [1, H, N, D]
+    except _RECOMPILE_LIMIT as exc:
+        _record(key, f"{type(exc).__name__}: {exc}")
+        _warn(key, f"FlexAttention's compiled call reached torch.compile's recompile limit; {where} run elsewhere")
+        return None
     return out[0].transpose(0, 1).contiguous()  # [N, H, D]
+
+
+def _reason(q: Tensor) -> str:
+    """The first failure recorded for heads like ``q``'s."""
+    with _LOCK:
+        for key, chosen in _CHOSEN.items():
+            if isinstance(chosen, str) and key[:3] == (q.device.type, q.dtype, q.size(-1)):
+                return chosen
+    return ""

@@ -35,7 +35,7 @@ from torch_geometric import EdgeIndex
 
 from .primitives import forgetter, plain_tensor, versions
 from .flex import BLOCK as FLEX_BLOCK
-from .flex import failed, flex_available
+from .flex import failed, flex_available, runs_compiled
 from .sdpa import has_cpu_flash
 from .tiling import TileList, build_tiles, sorted_unique, tile_stats
 
@@ -454,14 +454,16 @@ def runs_flex(
     :data:`FLEX_DEVICES`, from :data:`FLEX_MIN_TARGETS` targets, up to :data:`FLEX_MAX_BLOCKS`
     (query block, key block) pairs, inputs of :data:`FLEX_DTYPES` with heads of at least
     :data:`FLEX_MIN_HEAD_DIM` (``None``: not checked), no edge bias, no attention dropout, no
-    log-sum-exp, and FlexAttention and Triton installed. Checked before the graph is recognized."""
+    log-sum-exp, FlexAttention and Triton installed, and ``torch.compile`` enabled (without it
+    FlexAttention runs uncompiled, every score materialized). Checked before the graph is
+    recognized."""
     if bias or dropout or lse or device_type not in FLEX_DEVICES or num_dst < FLEX_MIN_TARGETS:
         return False
     if -(-num_dst // FLEX_BLOCK) * -(-num_src // FLEX_BLOCK) > FLEX_MAX_BLOCKS:
         return False
     if (dtype is not None and dtype not in FLEX_DTYPES) or (head_dim is not None and head_dim < FLEX_MIN_HEAD_DIM):
         return False
-    return flex_available()
+    return flex_available() and runs_compiled(device_type)
 
 
 # ---------------------------------------------------------------- the plan of auto
