@@ -11,17 +11,22 @@ nobody else runs well (unstructured, per-head, data-dependent).
 - **The block mask** is built from the bounds (:func:`block_mask`), never by evaluating the
   ``mask_mod`` on ``N_dst x N_src`` cells: query block ``r`` lists the key blocks its rows reach,
   those every row hears whole as *full* (no ``mask_mod`` there), the others as partial. Rows of a
-  padded last block hear nothing (``lo = 0``, ``hi = -1``), so the ``mask_mod`` reads the bounds
-  only inside them. Cached on the pattern, per device.
+  padded last block hear nothing (``lo = 0``, ``hi = -1``). Cached on the pattern.
+- **Compiled, or not at all**: uncompiled, FlexAttention materializes every score. This module
+  compiles a function of its own (:func:`_flex_call`, ``fullgraph=True``): its cache and recompile
+  limit are its own, and past the limit dynamo raises instead of running it uncompiled; that call
+  then returns ``None`` and the caller runs the project's kernels.
 - **Kernel options**: the first of :data:`FLEX_OPTIONS` whose kernels the GPU can hold (PyTorch
   2.11's default bfloat16 tiles for head dimension 64 ask an H100 for more shared memory than it
   has) is found once per (device, dtype, head dimension, group, gradients) by running the call on
-  detached copies of its inputs, forward and, when gradients are needed, backward. Where none runs,
-  the reason is kept (:func:`failure`), a warning says it once, and ``auto`` runs the project's
-  kernels for that configuration from then on.
+  detached copies of its inputs in the caller's gradient mode, forward and, when gradients are
+  needed, backward. Where none runs, the reason is kept (:func:`failure`), a warning says it once,
+  and ``auto`` runs the project's kernels for heads of that dtype and dimension from then on
+  (:func:`failed`, which ``auto_kernel`` reads as well).
 - On the CPU FlexAttention runs uncompiled (its reference, which materializes the scores, forward
-  only): what the tests use; ``auto`` does not route CPU calls here (the project's CPU kernels
-  are faster, docs/benchmarks.md).
+  only, and does not read the block tables): what the tests use, with the compiled CPU kernels for
+  the tables; ``auto`` does not route CPU calls here (the project's CPU kernels are faster,
+  docs/benchmarks.md).
 
 Layouts: ``[N, H, D]`` inputs are passed as ``[1, H, N, D]`` views (no copy); the output comes back
 as ``[N, H, D]``. Notation: ``B`` the block size of the mask, ``NBq`` / ``NBk`` query / key blocks.
