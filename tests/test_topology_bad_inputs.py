@@ -478,3 +478,16 @@ def test_lengths_that_are_no_ints_are_refused(build, n):
 def test_lengths_as_an_integer_tensor_are_accepted():
     _same(T.causal(torch.tensor([2, 0, 3])), T.causal([2, 0, 3]))
     _same(T.full(torch.tensor([4], dtype=torch.int32)), T.full(4))
+
+
+def test_edge_keys_just_past_int64_are_refused_and_just_below_are_kept():
+    n = 3037000500  # n * n just past 2**63 - 1: the largest edge key n * n - 1 does not fit in int64
+    assert (n - 1) ** 2 <= 2**63 - 1 < n * n
+    big = torch.tensor([[n - 1], [n - 1]])
+    for combine in (T.union, T.intersection):
+        with pytest.raises(ValueError, match=rf"{n} sources x {n} targets"):
+            combine(big)
+    fits = EdgeIndex(torch.tensor([[2**31 - 1], [2**32 - 2]]), sparse_size=(2**31, 2**32 - 1))  # 2**63 - 2**31 pairs
+    for combine in (T.union, T.intersection):
+        out = combine(fits)
+        assert out.tolist() == [[2**31 - 1], [2**32 - 2]] and out.sparse_size() == (2**31, 2**32 - 1)

@@ -455,3 +455,11 @@ def test_read_graph_other_formats_and_bad_paths(tmp_path):
 def test_prefix_lm_refuses_more_prefixes_than_sequences():
     with pytest.raises(ValueError, match="one 'prefix' per sequence"):
         T.prefix_lm([5, 2], [1, 2, 3])
+
+
+@pytest.mark.parametrize("n, block, window, num_global", [(12, 1, 1, 2), (24, 2, 1, 2), (30, 3, 2, 3), (13, 2, 2, 4)])
+def test_bigbird_global_at_ends_with_every_random_block_is_full(n, block, window, num_global):
+    """With global blocks at both ends, a query block whose window reaches the last global blocks
+    can still draw every other non-global block: enough random blocks give full attention."""
+    every = T.bigbird(n, block=block, window=window, num_global=num_global, num_random=n, seed=0, global_at="ends")
+    assert torch.equal(every.as_tensor(), T.full(n).as_tensor())

@@ -479,3 +479,23 @@ def test_selector_implicit_declines_graphs_that_only_count_like_full_or_causal()
     flipped = causal.clone()
     flipped[:, back] = causal[:, back].flip(0)  # as many edges as causal, one of them j > i
     assert BlockTopK(2, 1, causal=True).implicit(q, k, flipped) is None
+
+
+@pytest.mark.parametrize("n", [10, [], [4, 6]])
+@pytest.mark.parametrize("implicit", [False, True])
+def test_document_refuses_a_document_length_of_zero(implicit, n):
+    with pytest.raises(ValueError, match="'doc_lengths' >= 1"):
+        T.document(n, 0, implicit=implicit)
+
+
+def test_constructor_refuses_a_causal_claim_with_a_full_tile_above_the_diagonal():
+    """Tiles with as many cells as causal attention over 8 tokens, but one full tile above the
+    diagonal instead of below it: the claim 'causal' is false and refused; without it the same tiles
+    are a valid (non-causal) graph."""
+    upper = dict(q_block=torch.tensor([0, 0, 1]), k_block=torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match="as 'dense' says"):
+        _tiles(**upper, dense=("causal", (0, 8)))
+    graph = _tiles(**upper)
+    assert graph.dense is None
+    assert graph.num_edges() == T.causal(8).size(1)
+    assert not torch.equal(graph.to_dense(), T.to_dense_mask(T.causal(8)))

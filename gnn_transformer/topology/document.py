@@ -42,6 +42,7 @@ def document_lengths(n: Lengths, doc_lengths: DocLengths) -> list[int]:
     lengths = as_lengths(n)
     per_seq: list[object]  # per sequence: a document length or a list of them
     if isinstance(doc_lengths, int) and not isinstance(doc_lengths, bool):
+        check_int("doc_lengths", doc_lengths, 1)  # also for an empty batch
         per_seq = [doc_lengths] * len(lengths)
     elif isinstance(doc_lengths, Sequence) and not isinstance(doc_lengths, (str, bytes)):
         nested = len(doc_lengths) > 0 and all(isinstance(d, Sequence) for d in doc_lengths)
