@@ -121,15 +121,21 @@ def test_streaming_generate_cache_positions_one_layer_matches_recompute():
     # one layer: a node's keys depend on its token and position only, so the cache's moved keys
     # equal keys computed afresh at the new cache indices
     model = _lm("rope", layers=1)
-    prompt = torch.randint(0, 23, (1, 5))
+    _assert_cache_positions_match_recompute(model, torch.randint(0, 23, (1, 5)), 25, model)
+
+
+def _assert_cache_positions_match_recompute(model, prompt, steps, forward):
+    """Each step's logits of ``streaming_generate(positions="cache")`` (2 sinks, a window of 3)
+    equal ``forward`` on the kept tokens at their cache indices, computed afresh."""
     num_sinks, window = 2, 3
     out, logits = streaming_generate(
-        model, prompt, 25, num_sinks=num_sinks, window=window, positions="cache", return_logits=True
+        model, prompt, steps, num_sinks=num_sinks, window=window, positions="cache", return_logits=True
     )
     row = out[0]
-    for step, t in enumerate(range(4, row.numel() - 1)):  # token t + 1 was predicted by token t
+    for step, t in enumerate(range(prompt.size(1) - 1, row.numel() - 1)):  # token t + 1 was predicted by token t
         kept = [j for j in range(t + 1) if j < num_sinks or j >= t - window]
-        fresh = model(row[kept], topology.causal(len(kept)), pos=torch.arange(len(kept)))[-1]
+        with torch.no_grad():
+            fresh = forward(row[kept], topology.causal(len(kept)), pos=torch.arange(len(kept)))[-1]
         torch.testing.assert_close(logits[step, 0], fresh, rtol=0, atol=1e-10)
 
 
@@ -633,17 +639,7 @@ def test_streaming_generate_cache_positions_move_yarn_keys_exactly():
 
     rope = {"rope_theta": 500.0, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4}
     model = hf.from_hf(_model("llama", num_hidden_layers=1, rope_parameters=rope), backend="pyg").double()
-    prompt = torch.randint(2, 50, (1, 5))
-    num_sinks, window = 2, 3
-    out, logits = streaming_generate(
-        model, prompt, 12, num_sinks=num_sinks, window=window, positions="cache", return_logits=True
-    )
-    row = out[0]
-    for step, t in enumerate(range(4, row.numel() - 1)):  # token t + 1 was predicted by token t
-        kept = [j for j in range(t + 1) if j < num_sinks or j >= t - window]
-        with torch.no_grad():
-            fresh = model.forward_graph(row[kept], topology.causal(len(kept)), pos=torch.arange(len(kept)))[-1]
-        torch.testing.assert_close(logits[step, 0], fresh, rtol=0, atol=1e-10)
+    _assert_cache_positions_match_recompute(model, torch.randint(2, 50, (1, 5)), 12, model.forward_graph)
 
 
 def test_generators_take_a_prompt_that_fills_the_position_table():

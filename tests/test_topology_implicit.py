@@ -415,10 +415,9 @@ def test_constructor_refuses_a_tile_twice_and_an_empty_block():
 
 def test_tiles_of_unequal_sides_count_their_edges():
     """A full tile of block_q x block_k holds block_q * block_k edges, also when the sides differ."""
-    graph = BlockGraph(
+    graph = _tiles(
         num_dst=4,
         num_src=6,
-        block_q=4,
         block_k=2,
         q_block=torch.tensor([0, 0, 0]),
         k_block=torch.tensor([0, 1, 2]),
