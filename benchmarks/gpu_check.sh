@@ -44,51 +44,7 @@ step() {
   fi
 }
 bench() { python -m gnn_transformer.cli bench --device cuda "$@"; }
-# causal graphs of 64k and 128k tokens as implicit graphs (8.6e9 edges at 128k: 137 GB as an int64
-# edge list); bf16, 12 heads x 64; markdown rows to the file given as the first argument
-implicit_causal() {
-  python - "$@" <<'PY'
-import contextlib, sys, time
-import torch
-import torch.nn.functional as F
-from gnn_transformer import kernels
-from gnn_transformer.topology import causal
-out = sys.argv[1]
-rows = ["| n | edges | tiles | graph s | backend | pass | ms | peak GiB | max_err vs sdpa |", "|" + " --- |" * 9]
-for n in (65536, 131072):
-    t = time.perf_counter()
-    graph = causal(n, implicit=True).to("cuda")
-    built = time.perf_counter() - t
-    q, k, v = (torch.randn(n, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    with torch.no_grad():  # SDPA's own causal kernel on [1, H, N, D]
-        bhnd = [x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)]
-        ref = F.scaled_dot_product_attention(*bhnd, is_causal=True, scale=0.125)[0].transpose(0, 1).float()
-        del bhnd
-    for backend in ("tiled", "auto"):
-        for pas in ("fwd", "fwd+bwd"):
-            def call():
-                with torch.no_grad() if pas == "fwd" else contextlib.nullcontext():
-                    o = kernels.attend(q, k, v, graph, scale=0.125, backend=backend)
-                if pas == "fwd+bwd":
-                    o.sum().backward()
-                return o
-            out_t = call()
-            err = float((out_t.detach().float() - ref).abs().max())
-            torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-            times = []
-            for _ in range(3):
-                torch.cuda.synchronize(); t = time.perf_counter(); call(); torch.cuda.synchronize()
-                times.append(time.perf_counter() - t)
-            peak = torch.cuda.max_memory_allocated() / 2 ** 30
-            rows.append(f"| {n} | {graph.num_edges()} | {graph.num_tiles} | {built:.2f} | {backend} | {pas} | "
-                        f"{1e3 * sorted(times)[1]:.1f} | {peak:.1f} | {err:.1e} |")
-            print(rows[-1], flush=True)
-    del q, k, v, ref, graph
-    torch.cuda.empty_cache()
-open(out, "w").write("\n".join(rows) + "\n")
-PY
-}
-export -f bench implicit_causal
+export -f bench
 case "$stage" in
   table)
     start=$(date +%s)
@@ -116,7 +72,7 @@ case "$stage" in
     step 30 train_step bench --train-step 64 256 --repeats 5 --markdown "$out/train_step.md"
     # causal at 64k and 128k as implicit graphs (an edge list of 2.1e9 / 8.6e9 edges is past the
     # edge budget or too slow to build), window and random at 1M (auto only)
-    step 40 implicit_causal implicit_causal "$out/implicit_causal.md"
+    step 40 implicit_causal python benchmarks/implicit_causal.py --markdown "$out/implicit_causal.md"
     step 35 linear_1m bench --sizes 1048576 --topologies window random --backends auto --repeats 3 --no-backward \
       --markdown "$out/linear_1m.md"
     echo "- took $(( $(date +%s) - start )) s" >> "$out/table.md"
@@ -168,7 +124,7 @@ PY
       --markdown "$out/bench_select_16k.md" 2>&1 | tee "$out/bench_select_16k.txt"
     ;;
   implicit)
-    implicit_causal "$out/implicit_causal.md" 2>&1 | tee "$out/implicit_causal.txt"
+    python benchmarks/implicit_causal.py --markdown "$out/implicit_causal.md" 2>&1 | tee "$out/implicit_causal.txt"
     ;;
   large)
     python -m gnn_transformer.cli bench --device cuda --sizes 65536 --repeats 3 \

@@ -4,11 +4,13 @@ and the time limits of the table's steps add up to at most 8 minutes."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from gnn_transformer.cli import build_parser
 
@@ -64,3 +66,35 @@ def test_the_table_fits_in_eight_minutes():
     limits = [int(words[1]) for words in (line.split() for line in _lines()) if words[0] == "step"]
     assert len(limits) >= 9
     assert sum(limits) <= 480
+
+
+def test_named_scripts_exist():
+    root = SCRIPT.parents[1]
+    named = set(re.findall(r"benchmarks/[\w/]+\.py", SCRIPT.read_text()))
+    assert "benchmarks/implicit_causal.py" in named
+    for path in named:
+        assert (root / path).is_file(), path
+
+
+def test_embedded_python_programs_compile():
+    programs = re.findall(r"<<'PY'[^\n]*\n(.*?)\nPY\n", SCRIPT.read_text(), flags=re.S)
+    assert programs  # the pieces stage's wrapper
+    for program in programs:
+        compile(program, str(SCRIPT), "exec")
+
+
+def test_implicit_causal_rows_match_sdpa_on_the_cpu():
+    """The table's implicit-causal step, run on the CPU at small sizes (one of them not a multiple of
+    the tile size): every backend and pass gives a row, the edge count is the causal graph's and the
+    output is SDPA's."""
+    spec = importlib.util.spec_from_file_location("implicit_causal", SCRIPT.parent / "implicit_causal.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = list(module.rows([256, 640], device="cpu", dtype=torch.float32, heads=2, dim=16, repeats=1))
+    assert len(rows) == 2 * 2 * 2
+    for row in rows:
+        n, edges, _, _, backend, pas, ms, peak, err = (cell.strip() for cell in row.strip("|").split("|"))
+        assert int(edges) == int(n) * (int(n) + 1) // 2
+        assert backend in ("tiled", "auto") and pas in ("fwd", "fwd+bwd")
+        assert float(ms) > 0 and peak == "—"
+        assert float(err) < 1e-5
