@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import time
 from collections.abc import Sequence
 
@@ -24,14 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from gnn_transformer import kernels
+from gnn_transformer.bench.benchmark import median_seconds
 from gnn_transformer.topology import causal
 
 HEADER = ["| n | edges | tiles | graph s | backend | pass | ms | peak GiB | max_err vs sdpa |", "|" + " --- |" * 9]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _rows_of_size(n, device, dtype, heads, dim, repeats, backends, gen):
@@ -54,21 +49,14 @@ def _rows_of_size(n, device, dtype, heads, dim, repeats, backends, gen):
                     out.sum().backward()
                 return out
 
-            err = float((call().detach().float() - ref).abs().max())  # also the warm-up
-            _sync(device)
+            err = float((call().detach().float() - ref).abs().max())
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            times = []
-            for _ in range(repeats):
-                _sync(device)
-                t0 = time.perf_counter()
-                call()
-                _sync(device)
-                times.append(time.perf_counter() - t0)
+            seconds = median_seconds(call, device, repeats)
             peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "—"
             yield (
                 f"| {n} | {graph.num_edges()} | {graph.num_tiles} | {built:.2f} | {backend} | {pas} | "
-                f"{1e3 * statistics.median(times):.1f} | {peak} | {err:.1e} |"
+                f"{1e3 * seconds:.1f} | {peak} | {err:.1e} |"
             )
 
 

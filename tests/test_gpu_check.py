@@ -54,10 +54,11 @@ def test_every_bench_command_parses(command):
     build_parser().parse_args(command)  # argparse exits on an unknown option or a value out of its choices
 
 
-def test_named_test_files_exist():
+@pytest.mark.parametrize("folder,example", [("tests", "test_kernels_cuda.py"), ("benchmarks", "implicit_causal.py")])
+def test_named_files_exist(folder, example):
     root = SCRIPT.parents[1]
-    named = set(re.findall(r"tests/[\w/]+\.py", SCRIPT.read_text()))
-    assert "tests/test_kernels_cuda.py" in named
+    named = set(re.findall(folder + r"/[\w/]+\.py", SCRIPT.read_text()))
+    assert f"{folder}/{example}" in named
     for path in named:
         assert (root / path).is_file(), path
 
@@ -66,14 +67,6 @@ def test_the_table_fits_in_eight_minutes():
     limits = [int(words[1]) for words in (line.split() for line in _lines()) if words[0] == "step"]
     assert len(limits) >= 9
     assert sum(limits) <= 480
-
-
-def test_named_scripts_exist():
-    root = SCRIPT.parents[1]
-    named = set(re.findall(r"benchmarks/[\w/]+\.py", SCRIPT.read_text()))
-    assert "benchmarks/implicit_causal.py" in named
-    for path in named:
-        assert (root / path).is_file(), path
 
 
 def test_embedded_python_programs_compile():
