@@ -37,3 +37,42 @@ def test_tutorial_pictures_exist():
     text = (ROOT / "docs" / "tutorial.md").read_text()
     for name in re.findall(r"\(img/(tutorial_[a-z_]+\.png)\)", text):
         assert (ROOT / "docs" / "img" / name).is_file(), name
+
+
+def _cli_commands() -> list[tuple[str, str]]:
+    """``(file, command)`` for every ``gnn-transformer`` command the README and docs show: lines of
+    code blocks (continuations joined) and inline code spans (which may wrap). Usage synopses (with
+    ``[optional]`` parts or ``...``) are not commands."""
+    found = []
+    for path in FILES:
+        text = path.read_text()
+        spans = [" ".join(s.split()) for s in re.findall(r"(?<!`)`([^`]+)`(?!`)", BLOCK.sub("", text))]
+        for block in re.findall(r"^```[a-z]*\n(.*?)^```", re.sub(r"\\\n\s*", " ", text), re.S | re.M):
+            spans += [line.strip().removeprefix("$ ") for line in block.splitlines()]
+        for span in spans:
+            if span.startswith("gnn-transformer ") and "[" not in span and "..." not in span:
+                found.append((path.name, span.split(" #")[0].split(" | ")[0].split(" && ")[0].split(" > ")[0]))
+    return sorted(set(found))
+
+
+def test_docs_show_cli_commands():
+    commands = _cli_commands()
+    assert len(commands) >= 40
+    assert {name for name, _ in commands} >= {"README.md", "cli.md", "workloads.md", "viewer.md"}
+
+
+@pytest.mark.parametrize("name,command", _cli_commands(), ids=lambda x: x if isinstance(x, str) else None)
+def test_every_cli_command_in_the_docs_parses(name, command, capsys):
+    """A renamed or removed option, or a value out of its choices, fails here, not for a reader. A
+    bare ``gnn-transformer <command>`` is a name in the text: its command must exist."""
+    import shlex
+
+    from gnn_transformer.cli import build_parser
+
+    words = shlex.split(command)[1:]
+    if len(words) == 1:
+        words.append("--help")  # a name: only the command is checked
+    try:
+        build_parser().parse_args(words)
+    except SystemExit as exit:  # --help exits 0; an unknown option or a bad value exits 2
+        assert exit.code == 0, f"{name}: {command}: {capsys.readouterr().err}"
