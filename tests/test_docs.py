@@ -76,3 +76,12 @@ def test_every_cli_command_in_the_docs_parses(name, command, capsys):
         build_parser().parse_args(words)
     except SystemExit as exit:  # --help exits 0; an unknown option or a bad value exits 2
         assert exit.code == 0, f"{name}: {command}: {capsys.readouterr().err}"
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.name) for p in FILES if p.exists()])
+def test_relative_links_resolve(path):
+    """Every relative markdown link (``[text](file#anchor)``) names a file of the repository."""
+    for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+        file = target.split("#")[0]
+        if file and not target.startswith(("http://", "https://", "mailto:")):
+            assert (path.parent / file).exists(), f"{path.name}: {target}"
