@@ -45,6 +45,7 @@ step() {
 }
 bench() { python -m gnn_transformer.cli bench --device cuda "$@"; }
 export -f bench
+xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 4")
 case "$stage" in
   table)
     start=$(date +%s)
@@ -56,7 +57,9 @@ case "$stage" in
       echo "- versions: $(python -c "import sys, torch, triton, torch_geometric as g; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'pyg', g.__version__)")"
       echo "- command: bash benchmarks/gpu_check.sh table"
     } > "$out/table.md"
-    step 110 cuda_tests python -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py tests/test_kernels_sdpa.py
+    # every failure listed (no -x: the script runs once); 4 workers where pytest-xdist is installed,
+    # since compiling the kernels (CPU) takes most of this step
+    step 110 cuda_tests python -m pytest -q -p no:cacheprovider $xdist tests/test_kernels_cuda.py tests/test_kernels_sdpa.py
     # 16k, bfloat16, 12 heads x 64: each topology against SDPA and every Flex mask_mod variant (those
     # that cannot run on a graph say why in the flex row)
     step 55 bench_16k_causal bench --sizes 16384 --topologies causal --backends fused tiled auto sdpa flex \
@@ -83,7 +86,7 @@ case "$stage" in
     python -c "import sys, torch, triton, torch_geometric as g; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'pyg', g.__version__)" | tee -a "$out/gpu.txt"
     arch=$(python -c "import torch; a, b = torch.cuda.get_device_capability(); print(10 * a + b)")
     python -m gnn_transformer.bench.compile_check --arch "$arch" 2>&1 | tee "$out/compile_check.md"
-    python -m pytest -q -x -p no:cacheprovider tests/test_kernels_cuda.py 2>&1 | tee "$out/cuda_tests.txt"
+    python -m pytest -q -p no:cacheprovider $xdist tests/test_kernels_cuda.py 2>&1 | tee "$out/cuda_tests.txt"
     ;;
   bench)
     python -m gnn_transformer.cli bench --device cuda --calibrate --sizes 16384 --markdown "$out/calibrate.md" \
