@@ -45,7 +45,7 @@ step() {
 }
 bench() { python -m gnn_transformer.cli bench --device cuda "$@"; }
 export -f bench
-xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 4")
+xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadgroup")
 case "$stage" in
   table)
     start=$(date +%s)
@@ -58,7 +58,7 @@ case "$stage" in
       echo "- command: bash benchmarks/gpu_check.sh table"
     } > "$out/table.md"
     # every failure listed (no -x: the script runs once); 4 workers where pytest-xdist is installed,
-    # since compiling the kernels (CPU) takes most of this step
+    # since compiling the kernels (CPU) takes most of this step (tests marked xdist_group share one)
     step 110 cuda_tests python -m pytest -q -p no:cacheprovider $xdist tests/test_kernels_cuda.py tests/test_kernels_sdpa.py
     # 16k, bfloat16, 12 heads x 64: each topology against SDPA and every Flex mask_mod variant (those
     # that cannot run on a graph say why in the flex row)
