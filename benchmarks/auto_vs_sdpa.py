@@ -4,10 +4,12 @@ side in its own layout (``[N, H, D]`` and contiguous ``[1, H, N, D]``).
 
 Usage:
     python benchmarks/auto_vs_sdpa.py            # 4096 tokens, 12 heads x 64, float32, 2 threads
+    python benchmarks/auto_vs_sdpa.py --tokens 16384 --threads 4 --repeats 5
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -61,4 +63,9 @@ def main(n: int = 4096, heads: int = 12, dim: int = 64, threads: int = 2, repeat
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    main(n=args.tokens, threads=args.threads, repeats=args.repeats)

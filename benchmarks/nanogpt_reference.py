@@ -15,7 +15,7 @@ Validation loss (nats per character) after the last step is reported two ways:
 - ``nanogpt``: nanoGPT's estimate with ``--eval_iters=20``, 20 random batches of 12 windows.
 
 Usage:
-    python benchmarks/nanogpt_reference.py TEXT [--seeds 0 1 2] [--threads 2]
+    python benchmarks/nanogpt_reference.py TEXT [--seeds 0 1 2] [--threads 2] [--steps 2000]
 """
 
 from __future__ import annotations
@@ -44,11 +44,12 @@ def gpt2_init(model: nn.Module, layers: int) -> None:
             nn.init.normal_(module.weight, 0.0, 0.02 / math.sqrt(2 * layers) if residual else 0.02)
 
 
-def lr_at(step: int) -> float:
-    """nanoGPT's ``get_lr``: linear warmup, then cosine from ``LR`` to ``MIN_LR`` over ``STEPS``."""
+def lr_at(step: int, steps: int = STEPS) -> float:
+    """nanoGPT's ``get_lr``: linear warmup, then cosine from ``LR`` to ``MIN_LR`` over ``steps``
+    (its ``lr_decay_iters``, the run's length)."""
     if step < WARMUP:
         return LR * (step + 1) / (WARMUP + 1)
-    ratio = (step - WARMUP) / (STEPS - WARMUP)
+    ratio = (step - WARMUP) / max(steps - WARMUP, 1)
     return MIN_LR + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (LR - MIN_LR)
 
 
@@ -67,7 +68,7 @@ def mean_loss(model: nn.Module, data: Tensor, starts: Tensor, chunk: int = 256) 
     return total / (starts.numel() * CONTEXT)
 
 
-def run(train: Tensor, val: Tensor, vocab: int, seed: int) -> dict:
+def run(train: Tensor, val: Tensor, vocab: int, seed: int, steps: int = STEPS) -> dict:
     torch.manual_seed(seed)
     model = PlainGPT(vocab, CONTEXT, LAYERS, HEADS, WIDTH)
     gpt2_init(model, LAYERS)
@@ -81,9 +82,9 @@ def run(train: Tensor, val: Tensor, vocab: int, seed: int) -> dict:
         betas=(0.9, 0.99),
     )
     t0 = time.perf_counter()
-    for step in range(STEPS):
+    for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = lr_at(step, steps)
         x, y = windows(train, torch.randint(train.numel() - CONTEXT, (BATCH,)))
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         optimizer.zero_grad(set_to_none=True)
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("text", help="UTF-8 text file (e.g. tinyshakespeare)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=STEPS, help=f"training steps (default {STEPS}, nanoGPT's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with open(args.text, encoding="utf-8") as f:
@@ -115,7 +117,7 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     rows = []
     for seed in args.seeds:
-        row = run(train, val, len(chars), seed)
+        row = run(train, val, len(chars), seed, args.steps)
         rows.append(row)
         print(f"| {seed} | {row['full']:.4f} | {row['nanogpt']:.4f} | {row['seconds']:.0f} |", flush=True)
     if len(rows) > 1:
