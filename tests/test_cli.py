@@ -227,8 +227,21 @@ def test_bench_runs_a_tiny_benchmark(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fused" in out and "sdpa" in out
     assert md.read_text().count("| window |") >= 4  # pyg, fused, sdpa rows; fwd and fwd+bwd
+    assert "against the fastest baseline" not in out  # no auto row: nothing to compare
     assert cli.main(["bench", "--heads", "0"]) == 2
     assert "--heads" in capsys.readouterr().err
+
+
+def test_bench_compares_auto_with_the_fastest_baseline(tmp_path, capsys):
+    md = tmp_path / "bench.md"
+    argv = ["bench", "--topologies", "causal", "--sizes", "64", "--backends", "auto", "sdpa", "--heads", "2"]
+    assert cli.main([*argv, "--head-dim", "8", "--repeats", "1", "--device", "cpu", "--markdown", str(md)]) == 0
+    out = capsys.readouterr().out
+    assert "`auto` against the fastest baseline of this run" in out and "SDPA (is_causal)" in out
+    text = md.read_text()
+    rows, against = text.split("`auto` against the fastest baseline of this run")
+    assert rows.count("| causal |") == 4 and against.count("| causal | 64 |") == 2
+    assert "| topology | n | pass | auto_ms | kernel | fastest_baseline |" in against
 
 
 def test_bench_calibrate(tmp_path, capsys):

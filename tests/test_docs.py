@@ -85,3 +85,25 @@ def test_relative_links_resolve(path):
         file = target.split("#")[0]
         if file and not target.startswith(("http://", "https://", "mailto:")):
             assert (path.parent / file).exists(), f"{path.name}: {target}"
+
+
+def test_benchmarks_ratios_are_the_rows_ratios():
+    """The "Against the baselines" table of docs/benchmarks.md is what ``against_baselines`` makes of
+    the CPU rows above it: no ratio is worked out by hand."""
+    from gnn_transformer.bench.benchmark import AGAINST_COLUMNS, against_baselines, format_markdown
+
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    section = text[text.index("## CPU (float32)") : text.index("### Against the baselines of this run")]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 10 or not line.startswith("| ") or cells[0] in ("topology", "---"):
+            continue
+        number = None if cells[5] == "—" else float(cells[5]), None if cells[6] == "—" else float(cells[6])
+        variant = cells[9].split(" fastest")[0] if " fastest" in cells[9] else None
+        rows.append(
+            dict(topology=cells[0], n=int(cells[1]), backend=cells[3], ms=number[0], peak_mb=number[1])
+            | {"pass": cells[4], "note": cells[9], "variant": variant}
+        )
+    assert len(rows) == 30
+    assert format_markdown(against_baselines(rows), AGAINST_COLUMNS) in text

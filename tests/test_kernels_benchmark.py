@@ -401,3 +401,60 @@ def test_flex_row_is_the_fastest_variant(monkeypatch):
     monkeypatch.setattr(benchmark, "_measure", measure)
     rows = _window_flex_rows(["predicate", "lookup", "bitmap"])
     assert rows[0]["note"].startswith("lookup fastest (") and rows[0]["ms"] == pytest.approx(1.0)
+
+
+def _row(backend, pass_, ms, peak=None, note="", **extra):
+    return dict(topology="window", n=4096, backend=backend, **{"pass": pass_}, ms=ms, peak_mb=peak, note=note, **extra)
+
+
+def test_against_baselines_takes_the_fastest_baseline_not_the_projects_own_backends():
+    from gnn_transformer.bench.benchmark import against_baselines
+
+    rows = [
+        _row("fused", "fwd", 5.0),  # faster than auto, but not a baseline
+        _row("auto", "fwd", 10.0, 40.0, "ran tiled"),
+        _row("sdpa", "fwd", 30.0, 100.0, "dense bool mask"),
+        _row("flex", "fwd", 15.0, 20.0, "predicate fastest (predicate 15.0, lookup 16.0)", variant="predicate"),
+        _row("auto", "fwd+bwd", 40.0, 80.0, "ran tiled"),
+        _row("sdpa", "fwd+bwd", 20.0, 90.0, "dense bool mask"),
+        _row("flex", "fwd+bwd", None, note="unavailable: FlexAttention has no backward pass on cpu"),
+    ]
+    fwd, bwd = against_baselines(rows)
+    assert fwd["pass"] == "fwd" and fwd["kernel"] == "tiled" and fwd["auto_ms"] == 10.0
+    assert fwd["fastest_baseline"] == "Flex (predicate)" and fwd["baseline_ms"] == 15.0
+    assert fwd["baseline_over_auto"] == pytest.approx(1.5) and fwd["flex_over_auto"] == pytest.approx(1.5)
+    assert fwd["flex_variant"] == "predicate" and fwd["auto_peak_over_flex"] == pytest.approx(2.0)
+    assert bwd["fastest_baseline"] == "SDPA (dense bool mask)" and bwd["baseline_over_auto"] == pytest.approx(0.5)
+    assert bwd["flex_over_auto"] is None and bwd["flex_variant"] is None and bwd["auto_peak_over_flex"] is None
+
+
+def test_against_baselines_without_a_timed_auto_or_baseline():
+    from gnn_transformer.bench.benchmark import AGAINST_COLUMNS, against_baselines, format_markdown
+
+    rows = [
+        _row("auto", "fwd", None, note="unavailable: ..."),
+        _row("sdpa", "fwd", 3.0),
+        _row("auto", "fwd+bwd", 7.0, note="ran fused"),
+        _row("sdpa", "fwd+bwd", None, note="skipped: needs 9 GiB"),
+    ]
+    (only,) = against_baselines(rows)  # no auto time, no row
+    assert only["pass"] == "fwd+bwd" and only["fastest_baseline"] == "none ran"
+    assert only["baseline_over_auto"] is None and only["baseline_ms"] is None
+    assert "| window | 4096 | fwd+bwd | 7.00 | fused | none ran | — | — | — | — | — |" in format_markdown(
+        [only], AGAINST_COLUMNS
+    )
+    assert against_baselines([_row("sdpa", "fwd", 3.0)]) == []
+
+
+def test_against_baselines_of_a_real_run_and_its_cells():
+    from gnn_transformer.bench.benchmark import AGAINST_COLUMNS, against_baselines, format_table
+
+    rows = run_benchmark(["causal"], [96], ["fused", "auto", "sdpa"], device="cpu", heads=2, head_dim=8, repeats=1)
+    summary = against_baselines(rows)
+    assert [s["pass"] for s in summary] == ["fwd", "fwd+bwd"]
+    for s in summary:
+        auto, sdpa = (next(r for r in rows if r["backend"] == b and r["pass"] == s["pass"]) for b in ("auto", "sdpa"))
+        assert s["fastest_baseline"] == "SDPA (is_causal)" and s["kernel"] == "sdpa"
+        assert s["baseline_over_auto"] == pytest.approx(sdpa["ms"] / auto["ms"])
+    table = format_table(summary, AGAINST_COLUMNS)
+    assert table.count("\n") == 2 and "×" in table

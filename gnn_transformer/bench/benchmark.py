@@ -790,7 +790,7 @@ def _flex_rows(
         times = ", ".join(f"{v} {_cell('ms', r['ms'])}" for v, r in timed.items())
         extra = timed[best]["note"]
         note = f"{best} fastest ({times})" + (f"; {extra}" if extra else "") + (f"; {why}" if why else "")
-        rows.append(dict(timed[best], note=note))
+        rows.append(dict(timed[best], note=note, variant=best))
     return rows
 
 
@@ -1089,6 +1089,10 @@ def _cell(key, value):
         return f"{value:.1e}"
     if key == "ratio":
         return f"{value:.3f}"
+    if key.endswith("_over_auto") or key.endswith("_over_flex"):
+        return f"{value:.2f}×" if value < 10 else f"{value:.1f}×"
+    if key in ("auto_ms", "baseline_ms"):
+        return _cell("ms", value)
     return str(value)
 
 
@@ -1103,6 +1107,67 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
     widths = {c: max([11, len(c)] + [len(_cell(c, r.get(c))) for r in rows]) for c in columns}
     head = "  ".join(f"{c:>{widths[c]}}" for c in columns if c != "note") + ("  note" if "note" in columns else "")
     return "\n".join([head] + [_format_row(r, columns, widths) for r in rows])
+
+
+BASELINES = ("sdpa", "flex")  # what a user would run instead; the project's own backends are not baselines
+AGAINST_COLUMNS = (
+    "topology",
+    "n",
+    "pass",
+    "auto_ms",
+    "kernel",
+    "fastest_baseline",
+    "baseline_ms",
+    "baseline_over_auto",
+    "flex_over_auto",
+    "flex_variant",
+    "auto_peak_over_flex",
+)
+
+
+def _baseline_name(row: dict) -> str:
+    """``"Flex (<variant>)"`` or ``"SDPA (<how it was called>)"``, from a timed baseline row."""
+    if row["backend"] == "flex":
+        return f"Flex ({row.get('variant') or str(row['note']).split(' fastest')[0]})"
+    how = str(row.get("note") or "").split(";")[0].strip()
+    return f"SDPA ({how})" if how else "SDPA"
+
+
+def against_baselines(rows: Sequence[dict]) -> list[dict]:
+    """``auto``'s time against the baselines of the same run: per topology, size and pass with a
+    timed ``auto`` row, the fastest timed baseline (:data:`BASELINES`: SDPA as a user calls it, the
+    fastest FlexAttention variant), named, and the ratios ``baseline ms / auto ms`` (above 1: ``auto``
+    is faster), ``Flex ms / auto ms`` (with the variant that won), and ``auto``'s peak memory over
+    Flex's. A ratio without the rows it needs is ``None``; the rows' notes say why a baseline did
+    not run. The CLI prints it after the rows, and appends it to ``--markdown``."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["topology"], row["n"], row["pass"]), []).append(row)
+    out = []
+    for (topology, n, pass_), group in groups.items():
+        auto = next((r for r in group if r["backend"] == "auto" and r.get("ms") is not None), None)
+        if auto is None:
+            continue
+        timed = [r for r in group if r["backend"] in BASELINES and r.get("ms") is not None]
+        fastest = min(timed, key=lambda r: r["ms"], default=None)
+        flex = next((r for r in timed if r["backend"] == "flex"), None)
+        auto_peak, flex_peak = auto.get("peak_mb"), flex.get("peak_mb") if flex else None
+        out.append(
+            {
+                "topology": topology,
+                "n": n,
+                "pass": pass_,
+                "auto_ms": auto["ms"],
+                "kernel": str(auto.get("note") or "").removeprefix("ran ") or None,
+                "fastest_baseline": _baseline_name(fastest) if fastest else "none ran",
+                "baseline_ms": fastest["ms"] if fastest else None,
+                "baseline_over_auto": fastest["ms"] / auto["ms"] if fastest else None,
+                "flex_over_auto": flex["ms"] / auto["ms"] if flex else None,
+                "flex_variant": flex.get("variant") if flex else None,
+                "auto_peak_over_flex": auto_peak / flex_peak if auto_peak is not None and flex_peak else None,
+            }
+        )
+    return out
 
 
 def format_markdown(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:

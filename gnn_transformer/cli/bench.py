@@ -342,7 +342,15 @@ def run(args) -> int:
     import torch
 
     from ..experiments.training import resolve_device
-    from ..bench.benchmark import BLOCK_SIZES, LINEAR, format_markdown, format_table, run_benchmark
+    from ..bench.benchmark import (
+        AGAINST_COLUMNS,
+        BLOCK_SIZES,
+        LINEAR,
+        against_baselines,
+        format_markdown,
+        format_table,
+        run_benchmark,
+    )
 
     modes = [
         f"--{m.replace('_', '-')}"
@@ -413,12 +421,25 @@ def run(args) -> int:
             flex_variants=args.flex_variants,
             log=print,
         )
-    _print_rows(rows, format_table, format_markdown, args.markdown)
+    print()
+    print(format_table(rows))
+    text = format_markdown(rows) + "\n"
+    against = against_baselines(rows)
+    if against:  # auto against the fastest baseline of this run, per topology, size and pass
+        print(f"\n{AGAINST}\n")
+        print(format_table(against, AGAINST_COLUMNS))
+        text += f"\n{AGAINST}\n\n" + format_markdown(against, AGAINST_COLUMNS) + "\n"
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+        print(f"Wrote {args.markdown}")
     unbuilt = [f"{r['topology']} at n = {r['n']}" for r in rows if str(r["note"]).startswith("not built")]
     if unbuilt:  # as verify: the other rows are measured, the exit code says some are missing
         error(f"{len(unbuilt)} of the --topologies cannot be built at some --sizes: " + ", ".join(unbuilt))
         return EXIT_USAGE
     return EXIT_OK
+
+
+AGAINST = "`auto` against the fastest baseline of this run (`baseline_over_auto` above 1: `auto` is faster):"
 
 
 def _print_rows(rows: list, format_table, format_markdown, markdown: str | None) -> None:
