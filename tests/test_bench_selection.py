@@ -84,3 +84,40 @@ def test_a_row_that_computes_the_wrong_attention_has_a_large_max_err(monkeypatch
     by_row = {r["row"]: r for r in rows}
     assert by_row["auto"]["max_err"] < 1e-5
     assert by_row["sdpa"]["max_err"] > 1e-3  # full attention instead of the top-64 selection
+
+
+def test_against_baselines_compares_every_baseline_with_auto_forward():
+    from gnn_transformer.bench.selection import AGAINST_COLUMNS, against_baselines
+
+    def row(label, pas, ms, note=""):
+        return dict(selector="block_topk", n=4096, edges=9, row=label, **{"pass": pas}, ms=ms, max_err=None, note=note)
+
+    rows = [
+        row("select", "fwd", 4.0),  # not a baseline: its time is inside every other row
+        row("auto", "fwd", 80.0),
+        row("auto", "fwd+bwd", 240.0),  # the baselines have no backward row here
+        row("sdpa", "fwd", 1600.0, "select + dense bool mask [1, H, N, N]"),
+        row("flex", "fwd", 1200.0, "select + dense lookup + compiled create_block_mask per call"),
+        row("flex", "fwd", 64.0, "own block table (from_kv_blocks) per call"),
+    ]
+    sdpa, lookup, table = against_baselines(rows)
+    assert sdpa["baseline"] == "SDPA (select + dense bool mask [1, H, N, N])"
+    assert sdpa["baseline_over_auto"] == pytest.approx(20.0) and lookup["baseline_over_auto"] == pytest.approx(15.0)
+    assert table["baseline_over_auto"] == pytest.approx(0.8) and table["auto_ms"] == 80.0
+    assert [r["fastest"] for r in (sdpa, lookup, table)] == ["", "", "yes"]
+    md = format_markdown([sdpa, lookup, table], AGAINST_COLUMNS)
+    assert "| block_topk | 4096 | Flex (own block table (from_kv_blocks) per call) | 64.0 | 80.0 | 0.80× | yes |" in md
+    assert against_baselines(rows[:3]) == []  # no baseline ran
+
+
+def test_cli_selection_writes_both_tables(tmp_path, capsys):
+    from gnn_transformer import cli
+
+    md = tmp_path / "select.md"
+    argv = ["bench", "--selectors", "topk", "--sizes", "64", "--heads", "2", "--head-dim", "8", "--repeats", "1"]
+    assert cli.main([*argv, "--backends", "auto", "sdpa", "--device", "cpu", "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert "`auto` against each baseline of this run" in capsys.readouterr().out
+    rows, against = text.split("`auto` against each baseline of this run")
+    assert rows.count("| topk | 64 |") == 4  # select, auto fwd, auto fwd+bwd, sdpa
+    assert against.count("| topk | 64 | SDPA (select + dense bool mask") == 1

@@ -107,3 +107,22 @@ def test_benchmarks_ratios_are_the_rows_ratios():
         )
     assert len(rows) == 30
     assert format_markdown(against_baselines(rows), AGAINST_COLUMNS) in text
+
+
+def test_benchmarks_selection_ratios_are_the_rows_ratios():
+    """The same for the selection section: its ratio table is ``selection.against_baselines`` of its rows."""
+    from gnn_transformer.bench.selection import AGAINST_COLUMNS, against_baselines, format_markdown
+
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    section = text[text.index("## Graphs chosen from the data") :]
+    section = section[: section.index("`auto` against each baseline")]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 8 or not line.startswith("| ") or cells[0] in ("selector", "---"):
+            continue
+        selector, n, edges, row, pass_, ms, _, note = cells
+        rows.append(dict(selector=selector, n=int(n), edges=int(edges), row=row, ms=float(ms), note=note, max_err=None))
+        rows[-1]["pass"] = pass_
+    assert len(rows) == 11
+    assert format_markdown(against_baselines(rows), AGAINST_COLUMNS) in text

@@ -201,28 +201,62 @@ def run_selection_benchmark(
     return rows
 
 
+AGAINST_COLUMNS = ("selector", "n", "baseline", "baseline_ms", "auto_ms", "baseline_over_auto", "fastest")
+
+
+def against_baselines(rows: Sequence[dict]) -> list[dict]:
+    """The forward rows of each baseline (SDPA, FlexAttention as a user builds its mask) against the
+    ``auto`` forward row of the same selector and size, selection included on both sides: the
+    baseline (its row and note), both times, ``baseline ms / auto ms`` (above 1: ``auto`` is faster),
+    and ``fastest`` marking the fastest baseline of the selector and size."""
+    out: list[dict] = []
+    keys = dict.fromkeys((r["selector"], r["n"]) for r in rows)
+    for selector, n in keys:
+        mine = [r for r in rows if (r["selector"], r["n"], r["pass"]) == (selector, n, "fwd")]
+        auto = next((r for r in mine if r["row"] == "auto" and r.get("ms") is not None), None)
+        baselines = [r for r in mine if r["row"] in ("sdpa", "flex") and r.get("ms") is not None]
+        if auto is None or not baselines:
+            continue
+        fastest = min(baselines, key=lambda r: r["ms"])
+        for r in baselines:
+            out.append(
+                {
+                    "selector": selector,
+                    "n": n,
+                    "baseline": f"{'SDPA' if r['row'] == 'sdpa' else 'Flex'} ({r['note']})",
+                    "baseline_ms": r["ms"],
+                    "auto_ms": auto["ms"],
+                    "baseline_over_auto": r["ms"] / auto["ms"],
+                    "fastest": "yes" if r is fastest else "",
+                }
+            )
+    return out
+
+
 def _cell(key: str, value) -> str:
     if value is None:
         return "-"
-    if key == "ms":
+    if key in ("ms", "baseline_ms", "auto_ms"):
         return f"{value:.1f}"
+    if key == "baseline_over_auto":
+        return f"{value:.2f}×" if value < 10 else f"{value:.1f}×"
     if key == "max_err":
         return f"{value:.1e}"
     return str(value)
 
 
-def format_table(rows: Sequence[dict]) -> str:
-    cells = [[_cell(c, r.get(c)) for c in COLUMNS] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths))]
+def format_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
+    cells = [[_cell(c, r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
 
 
-def format_markdown(rows: Sequence[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+def format_markdown(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(c, r.get(c)) for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(c, r.get(c)) for c in columns) + " |")
     return "\n".join(lines)
 
 

@@ -204,7 +204,13 @@ def _calibrate(args, device, dtype) -> int:
 def _bench_selection(args, device, dtype) -> int:
     import torch
 
-    from ..bench.selection import format_markdown, format_table, run_selection_benchmark
+    from ..bench.selection import (
+        AGAINST_COLUMNS,
+        against_baselines,
+        format_markdown,
+        format_table,
+        run_selection_benchmark,
+    )
 
     baselines = [b for b in ("flex", "sdpa") if b in args.backends]
     rows = run_selection_benchmark(
@@ -220,7 +226,11 @@ def _bench_selection(args, device, dtype) -> int:
         baselines=baselines,
         log=print,
     )
-    _print_rows(rows, format_table, format_markdown, args.markdown)
+    against = against_baselines(rows)
+    tables = [(format_table(rows), format_markdown(rows))]
+    if against:
+        tables.append((format_table(against, AGAINST_COLUMNS), format_markdown(against, AGAINST_COLUMNS)))
+    _print_tables(tables, args.markdown, SELECTION_AGAINST)
     return EXIT_OK
 
 
@@ -242,7 +252,7 @@ def _train_step(args, device, dtype) -> int:
         repeats=args.repeats or (3 if args.quick else 5),
         log=print,
     )
-    _print_rows(rows, format_table, format_markdown, args.markdown)
+    _print_tables([(format_table(rows), format_markdown(rows))], args.markdown, "")
     return EXIT_OK
 
 
@@ -421,17 +431,11 @@ def run(args) -> int:
             flex_variants=args.flex_variants,
             log=print,
         )
-    print()
-    print(format_table(rows))
-    text = format_markdown(rows) + "\n"
-    against = against_baselines(rows)
-    if against:  # auto against the fastest baseline of this run, per topology, size and pass
-        print(f"\n{AGAINST}\n")
-        print(format_table(against, AGAINST_COLUMNS))
-        text += f"\n{AGAINST}\n\n" + format_markdown(against, AGAINST_COLUMNS) + "\n"
-    if args.markdown:
-        Path(args.markdown).write_text(text)
-        print(f"Wrote {args.markdown}")
+    against = against_baselines(rows)  # auto against the fastest baseline of this run
+    tables = [(format_table(rows), format_markdown(rows))]
+    if against:
+        tables.append((format_table(against, AGAINST_COLUMNS), format_markdown(against, AGAINST_COLUMNS)))
+    _print_tables(tables, args.markdown, AGAINST)
     unbuilt = [f"{r['topology']} at n = {r['n']}" for r in rows if str(r["note"]).startswith("not built")]
     if unbuilt:  # as verify: the other rows are measured, the exit code says some are missing
         error(f"{len(unbuilt)} of the --topologies cannot be built at some --sizes: " + ", ".join(unbuilt))
@@ -440,12 +444,19 @@ def run(args) -> int:
 
 
 AGAINST = "`auto` against the fastest baseline of this run (`baseline_over_auto` above 1: `auto` is faster):"
+SELECTION_AGAINST = (
+    "`auto` against each baseline of this run, selection included (`baseline_over_auto` above 1: `auto` is faster):"
+)
 
 
-def _print_rows(rows: list, format_table, format_markdown, markdown: str | None) -> None:
-    """Print the table of ``rows``; with ``--markdown``, also write it there."""
-    print()
-    print(format_table(rows))
+def _print_tables(tables: list[tuple[str, str]], markdown: str | None, caption: str) -> None:
+    """Print the rows' table (text, markdown) and, after ``caption``, a second one if there is one;
+    with ``--markdown``, write both there."""
+    text = ""
+    for i, (plain, md) in enumerate(tables):
+        print(f"\n{caption}\n" if i else "")
+        print(plain)
+        text += (f"\n{caption}\n\n" if i else "") + md + "\n"
     if markdown:
-        Path(markdown).write_text(format_markdown(rows) + "\n")
+        Path(markdown).write_text(text)
         print(f"Wrote {markdown}")
