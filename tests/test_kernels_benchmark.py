@@ -444,6 +444,9 @@ def test_against_baselines_without_a_timed_auto_or_baseline():
         [only], AGAINST_COLUMNS
     )
     assert against_baselines([_row("sdpa", "fwd", 3.0)]) == []
+    total = "sum over layers: 6 x layers 0-5"  # a per-layer spec's total rows name no kernel
+    (summed,) = against_baselines([_row("auto", "fwd", 2.0, note=total), _row("sdpa", "fwd", 1.0, note=total)])
+    assert summed["kernel"] is None and summed["baseline_over_auto"] == pytest.approx(0.5)
 
 
 def test_against_baselines_of_a_real_run_and_its_cells():

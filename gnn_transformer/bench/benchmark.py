@@ -1158,7 +1158,7 @@ def against_baselines(rows: Sequence[dict]) -> list[dict]:
                 "n": n,
                 "pass": pass_,
                 "auto_ms": auto["ms"],
-                "kernel": str(auto.get("note") or "").removeprefix("ran ") or None,
+                "kernel": note[4:] if (note := str(auto.get("note") or "")).startswith("ran ") else None,
                 "fastest_baseline": _baseline_name(fastest) if fastest else "none ran",
                 "baseline_ms": fastest["ms"] if fastest else None,
                 "baseline_over_auto": fastest["ms"] / auto["ms"] if fastest else None,
