@@ -1076,6 +1076,11 @@ def current_costs(device: str) -> tuple[float, dict[str, float], float, dict[str
 COLUMNS = ("topology", "n", "density", "backend", "pass", "ms", "peak_mb", "max_err", "build_ms", "note")
 
 
+def ratio_cell(value: float) -> str:
+    """A ratio of two times or peaks as the tables print it: ``1.57×``, ``23.2×``."""
+    return f"{value:.2f}×" if value < 10 else f"{value:.1f}×"
+
+
 def _cell(key, value):
     if value is None:
         return "—"
@@ -1090,7 +1095,7 @@ def _cell(key, value):
     if key == "ratio":
         return f"{value:.3f}"
     if key.endswith("_over_auto") or key.endswith("_over_flex"):
-        return f"{value:.2f}×" if value < 10 else f"{value:.1f}×"
+        return ratio_cell(value)
     if key in ("auto_ms", "baseline_ms"):
         return _cell("ms", value)
     return str(value)

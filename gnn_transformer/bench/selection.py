@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .. import kernels
 from ..topology import dynamic
-from .benchmark import median_seconds
+from .benchmark import median_seconds, ratio_cell
 
 SELECTIONS: dict[str, Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = {
     "topk": lambda q, k: dynamic.topk(q, k, 64, causal=True),
@@ -239,7 +239,7 @@ def _cell(key: str, value) -> str:
     if key in ("ms", "baseline_ms", "auto_ms"):
         return f"{value:.1f}"
     if key == "baseline_over_auto":
-        return f"{value:.2f}×" if value < 10 else f"{value:.1f}×"
+        return ratio_cell(value)
     if key == "max_err":
         return f"{value:.1e}"
     return str(value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from ._common import EXIT_OK, EXIT_USAGE, Given, UsageError, error, check_out_file, check_device
@@ -227,10 +228,7 @@ def _bench_selection(args, device, dtype) -> int:
         log=print,
     )
     against = against_baselines(rows)
-    tables = [(format_table(rows), format_markdown(rows))]
-    if against:
-        tables.append((format_table(against, AGAINST_COLUMNS), format_markdown(against, AGAINST_COLUMNS)))
-    _print_tables(tables, args.markdown, SELECTION_AGAINST)
+    _print_rows(rows, format_table, format_markdown, args.markdown, against, AGAINST_COLUMNS, SELECTION_AGAINST)
     return EXIT_OK
 
 
@@ -252,7 +250,7 @@ def _train_step(args, device, dtype) -> int:
         repeats=args.repeats or (3 if args.quick else 5),
         log=print,
     )
-    _print_tables([(format_table(rows), format_markdown(rows))], args.markdown, "")
+    _print_rows(rows, format_table, format_markdown, args.markdown)
     return EXIT_OK
 
 
@@ -432,10 +430,7 @@ def run(args) -> int:
             log=print,
         )
     against = against_baselines(rows)  # auto against the fastest baseline of this run
-    tables = [(format_table(rows), format_markdown(rows))]
-    if against:
-        tables.append((format_table(against, AGAINST_COLUMNS), format_markdown(against, AGAINST_COLUMNS)))
-    _print_tables(tables, args.markdown, AGAINST)
+    _print_rows(rows, format_table, format_markdown, args.markdown, against, AGAINST_COLUMNS, AGAINST)
     unbuilt = [f"{r['topology']} at n = {r['n']}" for r in rows if str(r["note"]).startswith("not built")]
     if unbuilt:  # as verify: the other rows are measured, the exit code says some are missing
         error(f"{len(unbuilt)} of the --topologies cannot be built at some --sizes: " + ", ".join(unbuilt))
@@ -443,20 +438,31 @@ def run(args) -> int:
     return EXIT_OK
 
 
+def _print_rows(
+    rows: list,
+    format_table,
+    format_markdown,
+    markdown: str | None,
+    against: Sequence[dict] = (),
+    against_columns: Sequence[str] = (),
+    caption: str = "",
+) -> None:
+    """Print the table of ``rows`` and, where there are any, the rows ``against`` (``auto`` against
+    the baselines of the run, in ``against_columns``) after ``caption``; with ``--markdown``, write
+    both there."""
+    print()
+    print(format_table(rows))
+    text = format_markdown(rows) + "\n"
+    if against:
+        print(f"\n{caption}\n")
+        print(format_table(against, against_columns))
+        text += f"\n{caption}\n\n" + format_markdown(against, against_columns) + "\n"
+    if markdown:
+        Path(markdown).write_text(text)
+        print(f"Wrote {markdown}")
+
+
 AGAINST = "`auto` against the fastest baseline of this run (`baseline_over_auto` above 1: `auto` is faster):"
 SELECTION_AGAINST = (
     "`auto` against each baseline of this run, selection included (`baseline_over_auto` above 1: `auto` is faster):"
 )
-
-
-def _print_tables(tables: list[tuple[str, str]], markdown: str | None, caption: str) -> None:
-    """Print the rows' table (text, markdown) and, after ``caption``, a second one if there is one;
-    with ``--markdown``, write both there."""
-    text = ""
-    for i, (plain, md) in enumerate(tables):
-        print(f"\n{caption}\n" if i else "")
-        print(plain)
-        text += (f"\n{caption}\n\n" if i else "") + md + "\n"
-    if markdown:
-        Path(markdown).write_text(text)
-        print(f"Wrote {markdown}")
