@@ -87,6 +87,28 @@ def test_relative_links_resolve(path):
             assert (path.parent / file).exists(), f"{path.name}: {target}"
 
 
+def _table_rows(section: str) -> list[dict]:
+    """The rows of the markdown tables in ``section`` whose header starts like the first table's,
+    as dicts keyed by its column names; ``n`` and ``edges`` as integers, ``ms`` and ``peak_mb`` as
+    numbers (``None`` for a dash), the rest as text."""
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = []
+    for line in lines[1:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != len(header) or cells[0] == header[0] or set(cells[0]) <= {"-"}:
+            continue
+        row = dict(zip(header, cells))
+        for key in ("n", "edges"):
+            if key in row:
+                row[key] = int(row[key])
+        for key in ("ms", "peak_mb"):
+            if key in row:
+                row[key] = None if row[key] in ("—", "-") else float(row[key])
+        rows.append(row)
+    return rows
+
+
 def test_benchmarks_ratios_are_the_rows_ratios():
     """The "Against the baselines" table of docs/benchmarks.md is what ``against_baselines`` makes of
     the CPU rows above it: no ratio is worked out by hand."""
@@ -94,17 +116,9 @@ def test_benchmarks_ratios_are_the_rows_ratios():
 
     text = (ROOT / "docs" / "benchmarks.md").read_text()
     section = text[text.index("## CPU (float32)") : text.index("### Against the baselines of this run")]
-    rows = []
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 10 or not line.startswith("| ") or cells[0] in ("topology", "---"):
-            continue
-        number = None if cells[5] == "—" else float(cells[5]), None if cells[6] == "—" else float(cells[6])
-        variant = cells[9].split(" fastest")[0] if " fastest" in cells[9] else None
-        rows.append(
-            dict(topology=cells[0], n=int(cells[1]), backend=cells[3], ms=number[0], peak_mb=number[1])
-            | {"pass": cells[4], "note": cells[9], "variant": variant}
-        )
+    rows = _table_rows(section)
+    for row in rows:  # a flex row's note names the variant that won
+        row["variant"] = row["note"].split(" fastest")[0] if " fastest" in row["note"] else None
     assert len(rows) == 30
     assert format_markdown(against_baselines(rows), AGAINST_COLUMNS) in text
 
@@ -116,13 +130,6 @@ def test_benchmarks_selection_ratios_are_the_rows_ratios():
     text = (ROOT / "docs" / "benchmarks.md").read_text()
     section = text[text.index("## Graphs chosen from the data") :]
     section = section[: section.index("`auto` against each baseline")]
-    rows = []
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 8 or not line.startswith("| ") or cells[0] in ("selector", "---"):
-            continue
-        selector, n, edges, row, pass_, ms, _, note = cells
-        rows.append(dict(selector=selector, n=int(n), edges=int(edges), row=row, ms=float(ms), note=note, max_err=None))
-        rows[-1]["pass"] = pass_
+    rows = _table_rows(section)
     assert len(rows) == 11
     assert format_markdown(against_baselines(rows), AGAINST_COLUMNS) in text
